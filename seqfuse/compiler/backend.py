@@ -1,0 +1,53 @@
+"""The ``torch.compile`` backend entry point: ``backend="seqfuse"``."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.fx
+
+from seqfuse.compiler.options import Options
+from seqfuse.compiler.pipeline import run_pipeline
+from seqfuse.compiler.report import GraphReport, publish
+from seqfuse.compiler.verify import verifying
+
+
+def _strict() -> bool:
+    """SEQFUSE_STRICT=1 makes pipeline errors raise (tests set it) instead of compiling unchanged."""
+    return os.environ.get("SEQFUSE_STRICT", "") not in ("", "0")
+
+
+def compile_downstream(gm: torch.fx.GraphModule, example_inputs, downstream: str, mode: str | None = None):
+    """Compile the rewritten graph with the downstream compiler named by ``downstream``."""
+    if downstream == "eager":
+        return gm.forward
+    if downstream == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+
+def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """Compile one Dynamo graph: find mixers, lift them to IR ops, lower them, compile the rest.
+
+    ``options`` as in :class:`seqfuse.compiler.options.Options`; ``mode`` is
+    forwarded to inductor.  If the pipeline itself fails on a graph, that graph
+    is compiled unchanged with a warning (and the failure is in the report),
+    unless SEQFUSE_STRICT=1.
+    """
+    opts = Options.from_dict(options)
+    report = GraphReport()
+    try:
+        rewritten = run_pipeline(gm, example_inputs, opts, report)
+    except Exception as exc:
+        if _strict():
+            raise
+        warnings.warn(f"seqfuse: pipeline failed on a graph ({type(exc).__name__}: {exc}); compiling it unchanged")
+        report.add_near_miss("pipeline", f"{type(exc).__name__}: {exc}")
+        rewritten = gm
+    publish(report)
+    compiled = compile_downstream(rewritten, example_inputs, opts.downstream, mode)
+    return verifying(compiled, gm) if opts.verify else compiled

@@ -1,0 +1,245 @@
+"""Canonicalization: Dynamo's FX graph -> pre-dispatch ATen -> one spelling per concept.
+
+1. ``trace_pre_dispatch``: re-trace the Dynamo graph with ``make_fx(pre_dispatch=True)``
+   under Dynamo's own fake mode, so symbolic (dynamic) shapes survive, autograd
+   is not yet applied, and every node keeps the user's source location.
+2. ``normalize_contractions``: matmul / bmm / mm / baddbmm(beta=0) / einsum /
+   broadcast-multiply + sum become ``aten.einsum`` with transposes, permutes,
+   unsqueezes and broadcasts of the operands folded into the equation.
+3. ``normalize_masks``: masked_fill and every ``where`` spelling with a constant
+   fill become ``aten.where.ScalarOther(keep, scores, fill)`` (keep = True where
+   the score survives).
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+import torch.fx
+import torch.fx.traceback as fx_traceback
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from seqfuse.passes.pattern import arg, axis_view, constant_value, copy_meta, is_op, is_scalar, rank, val
+
+aten = torch.ops.aten
+
+
+def fake_inputs(gm: torch.fx.GraphModule, example_inputs) -> tuple[list, FakeTensorMode]:
+    """The placeholders' fake values from Dynamo (``meta["example_value"]``) and their fake mode.
+
+    Outside Dynamo (no example values), the real example inputs are converted
+    with a fresh fake mode (static shapes).
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
+    modes = [v.fake_mode for v in values if isinstance(v, FakeTensor)]
+    if modes and len(values) == len(example_inputs) and all(v is not None for v in values):
+        return values, modes[0]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs], mode
+
+
+def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
+    """Re-trace ``gm`` to pre-dispatch ATen, keeping symbolic shapes and source locations."""
+    values, mode = fake_inputs(gm, example_inputs)
+    with mode, fx_traceback.preserve_node_meta():
+        traced = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*values)
+    # keep Dynamo's input names (l_q_, l_self_modules_...): they are what users recognise
+    old = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    new = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    for o, n in zip(old, new):
+        if o.name not in traced.graph._graph_namespace._used_names:
+            n._rename(o.name)
+    traced.recompile()
+    return traced
+
+
+# --- contractions ------------------------------------------------------------
+
+_LETTERS = string.ascii_letters
+
+
+def _matmul_letters(ra: int, rb: int, kind: str) -> tuple[str, str, str] | None:
+    """Einsum letters of a matmul-family op for operand ranks ra, rb."""
+    if ra < 2 or rb < 2:
+        return None  # vector products keep their own op
+    nb = max(ra, rb) - 2
+    batch = _LETTERS[:nb]
+    i, k, j = _LETTERS[nb:nb + 3]
+    return batch[nb - (ra - 2):] + i + k, batch[nb - (rb - 2):] + k + j, batch + i + j
+
+
+def _parse_equation(eq: str) -> tuple[list[str], str] | None:
+    eq = eq.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    return lhs.split(","), out
+
+
+def _rename_letters(ins: list[str], out: str) -> str:
+    """Deterministic equation text: letters renamed in order of first appearance."""
+    mapping: dict[str, str] = {}
+    for ch in "".join(ins) + out:
+        if ch not in mapping:
+            mapping[ch] = _LETTERS[len(mapping)]
+    tr = lambda s: "".join(mapping[c] for c in s)  # noqa: E731
+    return ",".join(tr(s) for s in ins) + "->" + tr(out)
+
+
+def _fold(operand: torch.fx.Node, letters: str, fresh: list[str]) -> tuple[torch.fx.Node, str]:
+    """Fold the view chain of one operand into its letters (see ``axis_view``)."""
+    base, axes = axis_view(operand)
+    if base is operand:
+        return operand, letters
+    base_letters = [None] * rank(base)
+    for view_axis, b in enumerate(axes):
+        if b is not None:
+            base_letters[b] = letters[view_axis]
+    base_letters = [c if c is not None else fresh.pop() for c in base_letters]
+    return base, "".join(base_letters)
+
+
+def _shape_matches(expected, got) -> bool:
+    return len(expected) == len(got) and all(statically_known_true(a == b) for a, b in zip(expected, got))
+
+
+def _einsum_for(node: torch.fx.Node):
+    """(operands, letters per operand, output letters, extra scale) of a contraction node, or None."""
+    if is_op(node, aten.matmul, aten.bmm, aten.mm):
+        a, b = node.args[0], node.args[1]
+        letters = _matmul_letters(rank(a), rank(b), "matmul")
+        if letters is None:
+            return None
+        return [a, b], list(letters[:2]), letters[2], 1
+    if is_op(node, aten.baddbmm):
+        beta, alpha = arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1)
+        if constant_value(beta) != 0 or not is_scalar(alpha):
+            return None
+        a, b = node.args[1], node.args[2]
+        letters = _matmul_letters(3, 3, "bmm")
+        return [a, b], list(letters[:2]), letters[2], alpha
+    if is_op(node, aten.einsum):
+        parsed = _parse_equation(node.args[0])
+        if parsed is None or len(node.args[1]) != 2:
+            return None
+        return list(node.args[1]), parsed[0], parsed[1], 1
+    if is_op(node, aten.sum) and node.target is aten.sum.dim_IntList and not arg(node, 2, "keepdim", False) \
+            and arg(node, 3, "dtype") is None:
+        prod = node.args[0]
+        if not is_op(prod, aten.mul) or len(prod.users) != 1 or prod.target is not aten.mul.Tensor:
+            return None
+        a, b = prod.args
+        if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)) or rank(a) is None or rank(b) is None:
+            return None
+        r = rank(prod)
+        dims = {d % r for d in node.args[1]}
+        full = _LETTERS[:r]
+        la, lb = full[r - rank(a):], full[r - rank(b):]
+        return [a, b], [la, lb], "".join(c for i, c in enumerate(full) if i not in dims), 1
+    return None
+
+
+def normalize_contractions(gm: torch.fx.GraphModule) -> int:
+    """Rewrite every contraction to ``aten.einsum`` on the operands' base tensors; returns the count."""
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        spec = _einsum_for(node)
+        if spec is None:
+            continue
+        operands, letters, out, alpha = spec
+        if any(val(o) is None for o in operands) or val(node) is None:
+            continue
+        used = set("".join(letters) + out)
+        fresh = [c for c in _LETTERS if c not in used]
+        best = (operands, letters)
+        # try folding both operands' view chains, then each alone
+        for mask in ((True, True), (True, False), (False, True)):
+            cand = [(_fold(o, l, fresh) if m else (o, l)) for o, l, m in zip(operands, letters, mask)]
+            ops, lets = [c[0] for c in cand], [c[1] for c in cand]
+            if ops == operands or not set(out) <= set("".join(lets)):
+                continue
+            mode = val(node).fake_mode
+            try:
+                with mode:
+                    got = torch.einsum(",".join(lets) + "->" + out, *[val(o) for o in ops])
+            except Exception:
+                continue
+            if _shape_matches(val(node).shape, got.shape) and got.dtype == val(node).dtype:
+                best = (ops, lets)
+                break
+        ops, lets = best
+        equation = _rename_letters(lets, out)
+        if is_op(node, aten.einsum) and ops == list(node.args[1]) and equation == node.args[0]:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.einsum.default, (equation, list(ops)))
+            copy_meta(new, node, with_val=True)
+            if constant_value(alpha) != 1:
+                new = graph.call_function(aten.mul.Tensor, (new, alpha))
+                copy_meta(new, node, with_val=True)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        n += 1
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return n
+
+
+# --- masks -------------------------------------------------------------------
+
+def _negate(graph: torch.fx.Graph, cond: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
+    if is_op(cond, aten.logical_not, aten.bitwise_not) and val(cond.args[0]).dtype == torch.bool:
+        return cond.args[0]
+    with graph.inserting_before(before):
+        neg = graph.call_function(aten.logical_not.default, (cond,))
+    copy_meta(neg, cond)
+    neg.meta["val"] = val(cond)
+    return neg
+
+
+def normalize_masks(gm: torch.fx.GraphModule) -> int:
+    """Rewrite masked_fill / where spellings with a constant fill into
+    ``where.ScalarOther(keep, x, fill)``; returns how many were rewritten."""
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        keep = x = fill = None
+        if is_op(node, aten.masked_fill):
+            x, cond, value = node.args[:3]
+            fill = constant_value(value, gm)
+            if fill is not None and isinstance(cond, torch.fx.Node):
+                keep = _negate(graph, cond, node)
+        elif node.target is aten.where.self:
+            cond, a, b = node.args
+            fa, fb = constant_value(a, gm), constant_value(b, gm)
+            if fb is not None and fa is None:
+                keep, x, fill = cond, a, fb
+            elif fa is not None and fb is None:
+                keep, x, fill = _negate(graph, cond, node), b, fa
+        elif node.target is aten.where.ScalarSelf:
+            cond, value, b = node.args
+            keep, x, fill = _negate(graph, cond, node), b, value
+        if keep is None or fill is None or not isinstance(x, torch.fx.Node) or not val(x).is_floating_point():
+            continue
+        if not _shape_matches(val(node).shape, val(x).shape) or val(node).dtype != val(x).dtype:
+            continue  # the where broadcasts x or promotes its dtype: keep the original
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.where.ScalarOther, (keep, x, float(fill)))
+        copy_meta(new, node, with_val=True)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        n += 1
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return n
+
+
+def canonicalize(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
+    """Trace to pre-dispatch ATen, then normalize contractions and masks (in that order:
+    mask normalization reads scores that are already einsums)."""
+    traced = trace_pre_dispatch(gm, example_inputs)
+    normalize_contractions(traced)
+    normalize_masks(traced)
+    return traced

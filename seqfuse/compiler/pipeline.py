@@ -1,0 +1,81 @@
+"""The seqfuse pipeline: every stage, in order, with why the order matters."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.fx
+
+from seqfuse.compiler.canonicalize import normalize_contractions, normalize_masks, trace_pre_dispatch
+from seqfuse.compiler.options import Options
+from seqfuse.compiler.report import GraphReport
+from seqfuse.ir import format_graph, format_op, ir_of, verify_graph
+from seqfuse.lowering import lower_graph
+from seqfuse.passes import PassContext, SelectPass, enabled_passes
+
+
+class _Dumper:
+    """Writes the graph after each stage to ``dump_dir`` (nothing when dump_dir is None)."""
+
+    def __init__(self, dump_dir: str | None, report: GraphReport):
+        self.dir, self.report, self.step = dump_dir, report, 0
+        if dump_dir:
+            os.makedirs(dump_dir, exist_ok=True)
+            taken = {f.split("_")[0] for f in os.listdir(dump_dir) if f.startswith("g")}
+            n = 0
+            while f"g{n}" in taken:
+                n += 1
+            self.prefix = f"g{n}"
+
+    def __call__(self, stage: str, text: str | torch.fx.Graph) -> None:
+        if not self.dir:
+            return
+        if isinstance(text, torch.fx.Graph):
+            text = format_graph(text)
+        path = os.path.join(self.dir, f"{self.prefix}_{self.step:02d}_{stage}.txt")
+        with open(path, "w") as f:
+            f.write(text)
+        self.report.dumps.append(path)
+        self.step += 1
+
+
+def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
+                 report: GraphReport) -> torch.fx.GraphModule:
+    """Turn Dynamo's graph into an executable graph whose mixers are seqfuse custom ops."""
+    dump = _Dumper(options.dump_dir, report)
+    dump("dynamo", gm.print_readable(print_output=False))
+    # 1. Pre-dispatch ATen: canonical op names, symbolic shapes kept, autograd not yet
+    #    applied, so a replaced region keeps training through the custom op's backward.
+    canon = trace_pre_dispatch(gm, example_inputs)
+    dump("pre_dispatch", canon.graph)
+    # 2. Contractions before masks: mask normalization and all recognizers read
+    #    scores as einsums with views folded in.
+    normalize_contractions(canon)
+    dump("contractions", canon.graph)
+    normalize_masks(canon)
+    dump("masks", canon.graph)
+    # 3. Recognizers in registration order (built-in first, users' after, so a user
+    #    pass can build on the IR ops the built-ins produced).
+    for p in enabled_passes(options.passes):
+        p.run(PassContext(canon, report, options))
+        canon.graph.lint()
+        dump(p.name, canon.graph)
+    # 4. Select after every recognizer: the cost model sees all IR ops and their shapes.
+    SelectPass().run(PassContext(canon, report, options))
+    # 5. Verify before anything executes: a malformed op is a recognizer bug.
+    verify_graph(canon.graph)
+    ir_lines = []
+    for node in canon.graph.nodes:
+        op = ir_of(node)
+        if op is not None:
+            text = format_op(op, node.name)
+            report.add_rewrite(op.kind, text, node, op.algorithm)
+            ir_lines.append(text)
+    dump("ir", "\n".join(ir_lines) + "\n")
+    # 6. Lower last: IR nodes become calls of the seqfuse custom ops, with the
+    #    runtime path choice baked in as an argument.
+    lower_graph(canon, options.runtime)
+    canon.graph.eliminate_dead_code()
+    canon.recompile()
+    dump("lowered", canon.graph)
+    return canon

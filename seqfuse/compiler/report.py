@@ -1,0 +1,151 @@
+"""What a compile found: rewrites, near misses, and the runtime paths that ran.
+
+The backend fills one :class:`GraphReport` per captured graph; every
+:class:`Report` collecting at that moment (``seqfuse.explain`` opens one)
+receives it.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch.fx
+
+from seqfuse.ir.ops import KINDS
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One region replaced by an IR op (or by a user pass's op)."""
+
+    kind: str
+    ir: str
+    location: str
+    algorithm: str
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    """A region that looked like a mixer but was left alone, and why."""
+
+    kind: str
+    reason: str
+    location: str
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def location_of(node: torch.fx.Node | None) -> str:
+    """`file.py:line in function` of the user code that produced ``node`` ('?' if unknown)."""
+    trace = node.meta.get("stack_trace") if node is not None else None
+    if not trace:
+        return "?"
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return "?"
+    path, line, fn = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}"
+
+
+@dataclass
+class GraphReport:
+    """Findings for one captured graph; passes write into it through their context."""
+
+    graph_id: int = 0
+    rewrites: list[Rewrite] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    dumps: list[str] = field(default_factory=list)
+
+    def add_rewrite(self, kind: str, ir: str, node: torch.fx.Node | None = None, algorithm: str = "-") -> None:
+        """Record a rewrite of kind ``kind``, printed as ``ir``, at ``node``'s source location."""
+        self.rewrites.append(Rewrite(kind, ir, location_of(node), algorithm))
+
+    def add_near_miss(self, kind: str, reason: str, node: torch.fx.Node | None = None) -> None:
+        """Record that a ``kind`` candidate at ``node`` was left alone because of ``reason``."""
+        self.near_misses.append(NearMiss(kind, reason, location_of(node)))
+
+
+class Report:
+    """Everything seqfuse did while it was collecting (see ``seqfuse.explain``).
+
+    ``rewrites`` and ``near_misses`` list what every compiled graph found;
+    ``count(kind)`` counts rewrites of one kind; ``runtime`` holds the calls per
+    runtime path made while collecting, and ``fallbacks`` why faster paths were skipped.
+    """
+
+    def __init__(self):
+        self.graphs: list[GraphReport] = []
+        self.runtime: dict[str, dict[str, int]] = {}
+        self.fallbacks: dict[str, dict[str, int]] = {}
+
+    @property
+    def rewrites(self) -> list[Rewrite]:
+        return [r for g in self.graphs for r in g.rewrites]
+
+    @property
+    def near_misses(self) -> list[NearMiss]:
+        return [m for g in self.graphs for m in g.near_misses]
+
+    @property
+    def dumps(self) -> list[str]:
+        """Paths of files written under ``dump_dir``."""
+        return [d for g in self.graphs for d in g.dumps]
+
+    def count(self, kind: str) -> int:
+        """How many rewrites of ``kind`` ("attention", "ssd", "scan", "long_conv", or a user pass's kind)."""
+        if not isinstance(kind, str):
+            raise TypeError(f"count(kind): kind must be a string such as {KINDS}, got {kind!r}")
+        return sum(r.kind == kind for r in self.rewrites)
+
+    def __str__(self) -> str:
+        lines = [f"seqfuse report: {len(self.graphs)} graph(s), {len(self.rewrites)} rewrite(s), "
+                 f"{len(self.near_misses)} near miss(es)"]
+        if self.rewrites:
+            lines.append("rewrites:")
+            lines += _table(["kind", "algorithm", "location", "ir"],
+                            [[r.kind, r.algorithm, r.location, r.ir] for r in self.rewrites])
+        if self.near_misses:
+            lines.append("near misses:")
+            lines += _table(["kind", "location", "reason"],
+                            [[m.kind, m.location, m.reason] for m in self.near_misses])
+        if self.runtime:
+            lines.append("runtime calls:")
+            lines += _table(["op", "triton", "aten", "eager"],
+                            [[k, str(v.get("triton", 0)), str(v.get("aten", 0)), str(v.get("eager", 0))]
+                             for k, v in self.runtime.items()])
+        if self.fallbacks:
+            lines.append("paths not taken:")
+            lines += _table(["op", "calls", "reason"],
+                            [[k, str(n), r] for k, rs in self.fallbacks.items() for r, n in rs.items()])
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    widths[-1] = 0  # the last column is free-form
+    fmt = lambda r: "  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [fmt(header)] + [fmt(r) for r in rows]
+
+
+_COLLECTORS: list[Report] = []
+
+
+@contextmanager
+def collecting(report: Report):
+    """Within this block, every graph the backend compiles is added to ``report``."""
+    _COLLECTORS.append(report)
+    try:
+        yield report
+    finally:
+        _COLLECTORS.remove(report)
+
+
+def publish(graph_report: GraphReport) -> None:
+    """Hand a finished graph's findings to the active collectors."""
+    for r in _COLLECTORS:
+        graph_report.graph_id = len(r.graphs)
+        r.graphs.append(graph_report)

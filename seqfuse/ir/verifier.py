@@ -1,0 +1,103 @@
+"""Structural checks of IR ops against their operands' (fake) tensor metadata.
+
+A recognizer that builds an op the verifier rejects has a bug: the pipeline
+raises :class:`IRVerificationError` naming the op and the broken rule instead
+of running a wrong program.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+
+from seqfuse.ir.ops import Attention, IROp, LongConv, Scan, SSD
+
+
+class IRVerificationError(ValueError):
+    """An IR op whose operands or attributes break the op's contract."""
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _check(cond, op: IROp, msg: str) -> None:
+    if not cond:
+        raise IRVerificationError(f"seqfuse.{op.kind}: {msg}")
+
+
+def _same(a, b) -> bool:
+    """Static equality of two sizes; unknown (symbolic, undecided) counts as equal."""
+    try:
+        return bool(a == b)
+    except Exception:  # data-dependent symbolic comparison
+        return True
+
+
+def _verify_attention(op: Attention) -> None:
+    q, k, v = _val(op.q), _val(op.k), _val(op.v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(t, torch.Tensor), op, f"operand {name} has no tensor metadata")
+        _check(t.dim() >= 3, op, f"operand {name} must have rank >= 3 (*batch, L, D), got {tuple(t.shape)}")
+    _check(q.dim() == k.dim() == v.dim(), op, f"q, k, v ranks differ: {q.dim()}, {k.dim()}, {v.dim()}")
+    _check(_same(q.shape[-1], k.shape[-1]), op, f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    _check(_same(k.shape[-2], v.shape[-2]), op, f"k and v lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+    _check(q.is_floating_point(), op, f"q must be floating point, got {q.dtype}")
+    _check(op.mask in ("none", "causal", "window"), op, f"mask must be none|causal|window, got {op.mask!r}")
+    _check(isinstance(op.diag, int), op, f"diag must be an int, got {op.diag!r}")
+    if op.mask == "window":
+        _check(isinstance(op.window, int) and op.window > 0, op, f"window must be a positive int, got {op.window!r}")
+    _check(isinstance(op.gqa_groups, int) and op.gqa_groups >= 1, op, f"gqa_groups must be >= 1, got {op.gqa_groups!r}")
+    if op.gqa_groups > 1:
+        _check(_same(q.shape[-3], k.shape[-3] * op.gqa_groups), op,
+               f"gqa_groups={op.gqa_groups} but q has {q.shape[-3]} heads and k has {k.shape[-3]}")
+    _check(0.0 <= op.dropout < 1.0, op, f"dropout must be in [0, 1), got {op.dropout!r}")
+    _check(isinstance(op.fill, float) and not math.isnan(op.fill), op, f"fill must be a float, got {op.fill!r}")
+    _check(op.softcap is None or op.softcap > 0, op, f"softcap must be positive, got {op.softcap!r}")
+    if op.keep is not None:
+        _check(_val(op.keep).dtype == torch.bool, op, f"keep mask must be bool, got {_val(op.keep).dtype}")
+    if op.bias is not None:
+        _check(_val(op.bias).is_floating_point(), op, f"bias must be floating point, got {_val(op.bias).dtype}")
+
+
+def _verify_operands_are_tensors(op: IROp) -> None:
+    for name, node in op.operands():
+        if node is not None:
+            _check(isinstance(_val(node), torch.Tensor), op, f"operand {name} has no tensor metadata")
+
+
+def _verify_scan(op: Scan) -> None:
+    a, b = _val(op.a), _val(op.b)
+    _check(a.dim() == b.dim(), op, f"a and b ranks differ: {a.dim()} vs {b.dim()}")
+    _check(-b.dim() <= op.dim < b.dim(), op, f"dim {op.dim} out of range for rank {b.dim()}")
+    _check(op.state == "diagonal", op, f"state must be 'diagonal', got {op.state!r}")
+
+
+def _verify_ssd(op: SSD) -> None:
+    _check(op.decay in ("none", "constant", "scalar_per_head", "vector"), op, f"unknown decay kind {op.decay!r}")
+    _check(isinstance(op.chunk, int) and op.chunk > 0, op, f"chunk must be a positive int, got {op.chunk!r}")
+
+
+def _verify_long_conv(op: LongConv) -> None:
+    _check(isinstance(op.fft_size, int) and op.fft_size >= 0, op, f"fft_size must be an int >= 0, got {op.fft_size!r}")
+
+
+_RULES = {Attention: _verify_attention, Scan: _verify_scan, SSD: _verify_ssd, LongConv: _verify_long_conv}
+
+
+def verify_op(op: IROp) -> None:
+    """Raise IRVerificationError if ``op`` breaks its contract; return None otherwise."""
+    _verify_operands_are_tensors(op)
+    _RULES[type(op)](op)
+
+
+def verify_graph(graph: torch.fx.Graph) -> int:
+    """Verify every IR op in ``graph``; returns how many were checked."""
+    n = 0
+    for node in graph.nodes:
+        op = node.meta.get("seqfuse_ir")
+        if op is not None:
+            verify_op(op)
+            n += 1
+    return n

@@ -1,0 +1,9 @@
+"""Lowering: IR ops as torch.library custom ops with fake impls and autograd, and their implementations.
+
+- ``reference/``: readable eager implementations (fallback and test oracle)
+- ``aten/``: implementations on ATen fused kernels where the attributes fit
+- ``triton/``: generated Triton kernels (next issues)
+"""
+from seqfuse.lowering.lower import lower_graph
+
+__all__ = ["lower_graph"]

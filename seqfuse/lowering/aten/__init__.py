@@ -1,0 +1,1 @@
+"""Lowerings onto ATen fused kernels."""

@@ -1,0 +1,156 @@
+"""seqfuse::attention as a torch.library custom op: fake impl, autograd, runtime dispatch.
+
+    seqfuse::attention(q, k, v, bias?, keep?, <attributes>, runtime) -> (out, rng_state)
+    seqfuse::attention_backward(grad_out, q, k, v, bias?, keep?, rng_state, <attributes>,
+                                runtime, need_dbias) -> (dq, dk, dv, dbias)
+
+``rng_state`` is the generator state captured before dropout (empty when
+dropout is 0), so the backward regenerates the same dropout mask.  The
+backward recomputes the forward under autograd on the path the dispatcher
+picks; dbias is an empty tensor unless requested.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._C import DispatchKey, DispatchKeySet
+
+from seqfuse.lowering.aten import attention as aten_attention
+from seqfuse.lowering.reference.attention import attention_reference
+from seqfuse.runtime import Impl, register_impl, run
+
+ATTR_NAMES = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout")
+
+
+def _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout) -> dict:
+    return dict(scale=scale, mask=mask, diag=diag, window=window, fill=fill, bias_after_mask=bias_after_mask,
+                gqa_groups=gqa_groups, softcap=softcap, dropout=dropout)
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _rng_numel(device: torch.device) -> int:
+    return 16 if device.type == "cuda" else torch.get_rng_state().numel()
+
+
+def _out_shape(q: Tensor, v: Tensor) -> list:
+    return [*q.shape[:-1], v.shape[-1]]
+
+
+@torch.library.custom_op("seqfuse::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Optional[Tensor],
+              scale: Optional[float], mask: str, diag: int, window: int, fill: float, bias_after_mask: bool,
+              gqa_groups: int, softcap: Optional[float], dropout: float, runtime: str) -> tuple[Tensor, Tensor]:
+    """Fused attention; see seqfuse.ir.ops.Attention for the math.  Returns (out, rng_state)."""
+    a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout)
+    rng = _rng_state(q.device) if dropout > 0.0 else torch.empty(0, dtype=torch.uint8)
+    t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
+    out = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
+    return out.contiguous(), rng  # the layout the fake implementation promises
+
+
+@attention.register_fake
+def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, runtime):
+    n = _rng_numel(q.device) if dropout > 0.0 else 0
+    return q.new_empty(_out_shape(q, v), dtype=v.dtype), torch.empty(n, dtype=torch.uint8)
+
+
+@torch.library.custom_op("seqfuse::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                       keep: Optional[Tensor], rng_state: Tensor, scale: Optional[float], mask: str, diag: int,
+                       window: int, fill: float, bias_after_mask: bool, gqa_groups: int, softcap: Optional[float],
+                       dropout: float, runtime: str, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of seqfuse::attention; dbias is empty unless need_dbias."""
+    a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout)
+    a["need_dbias"] = need_dbias
+    t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
+    dq, dk, dv, dbias = run("attention", "backward", runtime, t, a, grad_out, q, k, v, bias, keep, rng_state, a)
+    # gradients in the layouts the fake implementation promises (those of the inputs)
+    like = lambda x, g: torch.empty_like(x).copy_(g)  # noqa: E731
+    return like(q, dq), like(k, dk), like(v, dv), (like(bias, dbias) if dbias.numel() else dbias)
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, bias, keep, rng_state, scale, mask, diag, window, fill, bias_after_mask, gqa_groups,
+      softcap, dropout, runtime, need_dbias):
+    dbias = torch.empty_like(bias) if (need_dbias and bias is not None) else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, keep, *attrs, runtime = inputs
+    ctx.attrs = attrs
+    ctx.runtime = runtime
+    ctx.save_for_backward(q, k, v, bias, keep, output[1])
+
+
+def _backward(ctx, grad_out, grad_rng):
+    q, k, v, bias, keep, rng = ctx.saved_tensors
+    need_dbias = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.seqfuse.attention_backward(
+        grad_out.contiguous(), q, k, v, bias, keep, rng, *ctx.attrs, ctx.runtime, need_dbias)
+    return dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 1))
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- implementations, one per runtime path ---------------------------------
+
+def _forward_with(fn):
+    def forward(q, k, v, bias, keep, a):
+        return fn(q, k, v, bias, keep, **{n: a[n] for n in ATTR_NAMES})
+    return forward
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Re-enable autograd inside a custom op's kernel (the dispatcher runs kernels below
+    autograd), so a backward can be computed by differentiating the forward again."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    autograd = DispatchKeySet(DispatchKey.AutogradFunctionality) | DispatchKeySet(DispatchKey.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded - autograd), \
+            torch.enable_grad():
+        yield
+
+
+def _backward_with(fn):
+    """Backward by recomputation: rerun ``fn`` under autograd with the forward's RNG state."""
+    def backward(grad_out, q, k, v, bias, keep, rng_state, a):
+        need_dbias = a["need_dbias"]
+        with _autograd_inside_op():
+            q_, k_, v_ = (x.detach().requires_grad_(True) for x in (q, k, v))
+            b_ = bias.detach().requires_grad_(need_dbias) if bias is not None else None
+            devices = [q.device] if q.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, enabled=a["dropout"] > 0.0):
+                if a["dropout"] > 0.0:
+                    if q.device.type == "cuda":
+                        torch.cuda.set_rng_state(rng_state, q.device)
+                    else:
+                        torch.set_rng_state(rng_state)
+                out = fn(q_, k_, v_, b_, keep, **{n: a[n] for n in ATTR_NAMES})
+            inputs = [q_, k_, v_] + ([b_] if need_dbias else [])
+            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+        dbias = grads[3] if need_dbias else q.new_empty(0)
+        return grads[0], grads[1], grads[2], dbias
+    return backward
+
+
+def _aten_supports(t: dict, a: dict) -> str | None:
+    if a.get("need_dbias"):
+        return "bias gradient runs on the reference"
+    return aten_attention.supports(t, a)
+
+
+register_impl("attention", Impl("eager", lambda t, a: None, _forward_with(attention_reference),
+                                _backward_with(attention_reference)))
+register_impl("attention", Impl("aten", _aten_supports, _forward_with(aten_attention.attention_sdpa),
+                                _backward_with(aten_attention.attention_sdpa)))

@@ -1,0 +1,43 @@
+"""Lower IR nodes of a canonical graph to calls of the seqfuse custom ops."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from seqfuse.ir.ops import Attention, IROp, ir_marker, ir_of
+from seqfuse.lowering import attention_op  # noqa: F401  (registers seqfuse::attention)
+
+
+def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, runtime: str) -> torch.fx.Node:
+    args = (op.q, op.k, op.v, op.bias, op.keep, op.scale, op.mask, op.diag, op.window, float(op.fill),
+            op.bias_after_mask, op.gqa_groups, op.softcap, float(op.dropout), runtime)
+    with graph.inserting_before(node):
+        call = graph.call_function(torch.ops.seqfuse.attention.default, args)
+        out = graph.call_function(operator.getitem, (call, 0))
+    call.meta.update(node.meta)
+    out.meta.update({k: v for k, v in node.meta.items() if k != "seqfuse_ir"})
+    return out
+
+
+_LOWERINGS = {Attention: _lower_attention}
+
+
+def lower_graph(gm: torch.fx.GraphModule, runtime: str = "auto") -> int:
+    """Replace every IR node in ``gm`` by its custom-op call; returns how many were lowered."""
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        op: IROp | None = ir_of(node)
+        if op is None or node.op != "call_function" or node.target is not ir_marker:
+            continue
+        lowering = _LOWERINGS.get(type(op))
+        if lowering is None:
+            raise NotImplementedError(f"seqfuse: no lowering for IR op {op.kind!r} yet")
+        new = lowering(graph, node, op, runtime)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        n += 1
+    gm.recompile()
+    return n
+

@@ -1,0 +1,47 @@
+"""Reference implementation of seqfuse.attention: the eager fallback and the test oracle."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from seqfuse.ir.masks import position_mask
+
+
+def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none", diag=0, window=0,
+                        fill=-math.inf, bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0):
+    """softmax(masked(scale·q·kᵀ + bias))·v computed in fp32.
+
+    Shapes: q (*B, Lq, D); k (*Bkv, Lk, D); v (*Bkv, Lk, Dv); bias and keep
+    broadcastable to (*B, Lq, Lk).  Returns out (*B, Lq, Dv) in v's dtype.
+    Dropout draws from the global RNG exactly as ``F.dropout`` on the
+    probabilities does in the user's program.
+    """
+    # 1. GQA: query head h reads key/value head h // gqa_groups
+    if gqa_groups > 1:
+        k = k.repeat_interleave(gqa_groups, dim=-3)
+        v = v.repeat_interleave(gqa_groups, dim=-3)
+    # 2. scores s[i, j] = scale · Σ_d q[i, d] k[j, d], in fp32
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    # 3. logit soft-capping
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    # 4. additive bias, then masked positions replaced by `fill` (or the other order)
+    if bias is not None and not bias_after_mask:
+        s = s + bias.float()
+    allowed = position_mask(q.shape[-2], k.shape[-2], mask, diag, window, q.device)
+    if keep is not None:
+        allowed = keep if allowed is None else allowed & keep
+    if allowed is not None:
+        s = s.masked_fill(~allowed, fill)
+    if bias is not None and bias_after_mask:
+        s = s + bias.float()
+    # 5. probabilities over keys, in fp32
+    p = torch.softmax(s, dim=-1)
+    # 6. dropout on the probabilities
+    if dropout > 0.0:
+        p = F.dropout(p, dropout, training=True)
+    # 7. out[i, e] = Σ_j p[i, j] v[j, e]
+    return torch.matmul(p, v.float()).to(v.dtype)

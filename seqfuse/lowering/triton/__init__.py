@@ -1,0 +1,1 @@
+"""Generated Triton kernels, one module per IR op (attention arrives with the kernel issue)."""

@@ -1,0 +1,510 @@
+"""Attention recognizer: softmax(mask(scale·q·kᵀ + bias))·v -> seqfuse.attention.
+
+Works on the canonical graph, where every contraction is an ``aten.einsum``
+and every constant-fill mask is ``aten.where.ScalarOther(keep, s, fill)``.
+Starting from each softmax it proves, in order:
+
+1. values side: the probabilities (through casts and one dropout) feed only a
+   contraction that sums over the softmax axis;       # Σ_j p[i, j]·v[j, e]
+2. scores side: the softmax input is the contraction of q and k over one
+   axis, followed only by scalings, one soft-cap, additive biases and
+   masks that do not read the scores;                 # s = scale·Σ_d q[i, d]·k[j, d]
+3. masks that depend only on sizes are evaluated and classified as causal /
+   sliding window (with diagonal offset); others stay tensors;
+4. GQA: k and v repeated per head (repeat_interleave, or expand + reshape)
+   are replaced by the unrepeated tensors.             # k[h] = k0[h // g]
+
+Anything else is left as it was, and recorded as a near miss with its reason
+when the region looked like attention.  ``F.scaled_dot_product_attention``
+calls are lifted directly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from seqfuse.ir.masks import classify_mask
+from seqfuse.ir.ops import Attention
+from seqfuse.passes.pattern import (CASTS, arg, constant_value, copy_meta, depends_on, evaluate_shape_only, is_op,
+                                    is_scalar, is_shape_only, only_user, rank, sym_product, val)
+from seqfuse.passes.registry import Pass, PassContext
+
+aten = torch.ops.aten
+
+
+class NoMatch(Exception):
+    """Raised inside the matcher with the reason a candidate is not attention."""
+
+
+@dataclass
+class _Scores:
+    """What the scores side of a candidate proved."""
+
+    einsum: torch.fx.Node
+    factors: list = field(default_factory=list)      # (value, invert) scale factors
+    softcap: float | None = None
+    biases: list = field(default_factory=list)
+    bias_after_mask: bool = False
+    keeps: list = field(default_factory=list)        # bool tensors, True = keep
+    fill: float = -math.inf
+
+
+def _einsum_parts(node: torch.fx.Node) -> tuple[list[str], str]:
+    lhs, out = node.args[0].split("->")
+    return lhs.split(","), out
+
+
+def _op_name(node) -> str:
+    t = getattr(node, "target", node)
+    return str(getattr(t, "_name", getattr(t, "__name__", t))).replace("::", ".")
+
+
+# --- step 1: values side -----------------------------------------------------
+
+def _match_values(softmax: torch.fx.Node):
+    """(pv einsum, p operand node, dropout probability); NoMatch if the probabilities go elsewhere."""
+    cur, dropout = softmax, 0.0
+    while True:
+        user = only_user(cur)
+        if user is None:
+            raise NoMatch(f"the probabilities are used {len(cur.users)} times (returned or reused), "
+                          "not only by the contraction with the values")
+        if is_op(user, *CASTS):
+            cur = user
+            continue
+        if is_op(user, aten.dropout):
+            prob, train = constant_value(arg(user, 1, "p")), constant_value(arg(user, 2, "train"))
+            if prob is None or train is None:
+                raise NoMatch("dropout with a probability or training flag not known at compile time")
+            if train and prob > 0:
+                if dropout:
+                    raise NoMatch("two dropouts on the probabilities")
+                dropout = float(prob)
+            cur = user
+            continue
+        if is_op(user, aten.einsum) and len(user.args[1]) == 2:
+            ops = list(user.args[1])
+            if ops.count(cur) != 1:
+                raise NoMatch("the probabilities are contracted with themselves")
+            return user, cur, dropout
+        raise NoMatch(f"the probabilities feed {_op_name(user)}, not a contraction with the values")
+
+
+# --- step 2: scores side -----------------------------------------------------
+
+def _softcap_input(node: torch.fx.Node):
+    """If node = c·tanh(x / c) with constant c: (c, x), else None."""
+    if node.target is not aten.mul.Tensor:
+        return None
+    a, b = node.args
+    th, c = (a, b) if is_op(a, aten.tanh) else (b, a)
+    c = constant_value(c)
+    if not is_op(th, aten.tanh) or c is None:
+        return None
+    inner = th.args[0]
+    if is_op(inner, aten.div) and constant_value(inner.args[1]) == c:
+        return float(c), inner.args[0]
+    if is_op(inner, aten.mul) and constant_value(inner.args[1]) is not None and \
+            math.isclose(constant_value(inner.args[1]), 1.0 / c, rel_tol=1e-6):
+        return float(c), inner.args[0]
+    return None
+
+
+def _walk_scores(gm, node: torch.fx.Node, steps: list):
+    """Walk from the softmax input back to the q·kᵀ contraction, collecting the steps
+    (in reverse program order).  Returns the contraction node."""
+    if is_op(node, aten.einsum):
+        if len(node.args[1]) != 2:
+            raise NoMatch("the scores come from a contraction of more than two tensors")
+        return node
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        raise NoMatch("the softmax input is not computed from a q·kᵀ contraction")
+    if is_op(node, *CASTS):
+        if not val(node).is_floating_point():
+            raise NoMatch("the scores are cast to a non-float dtype")
+        return _walk_scores(gm, node.args[0], steps)
+    sc = _softcap_input(node)
+    if sc is not None:
+        steps.append(("softcap", sc[0]))
+        return _walk_scores(gm, sc[1], steps)
+    if is_op(node, aten.mul, aten.div):
+        a, b = node.args[0], node.args[1]
+        invert = is_op(node, aten.div)
+        if is_scalar(b, gm) and isinstance(a, torch.fx.Node):
+            factor, nxt = b, a
+        elif not invert and is_scalar(a, gm) and isinstance(b, torch.fx.Node):
+            factor, nxt = a, b
+        else:
+            raise NoMatch(f"the scores are {'divided' if invert else 'multiplied'} by a tensor")
+        c = constant_value(factor, gm)
+        steps.append(("scale", (c if c is not None else factor, invert)))
+        return _walk_scores(gm, nxt, steps)
+    if node.target is aten.add.Tensor and arg(node, 2, "alpha", 1) == 1:
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+            raise NoMatch("a scalar is added to the scores")
+        for s_side, bias in ((a, b), (b, a)):
+            try:
+                sub: list = []
+                einsum = _walk_scores(gm, s_side, sub)
+            except NoMatch:
+                continue
+            if depends_on(bias, [einsum]):
+                raise NoMatch("the additive mask depends on the attention scores")
+            steps.append(("bias", bias))
+            steps.extend(sub)
+            return einsum
+        raise NoMatch("neither addend of the scores comes from a q·kᵀ contraction")
+    if node.target is aten.where.ScalarOther:
+        keep, s, fill = node.args
+        steps.append(("mask", (keep, float(fill))))
+        einsum = _walk_scores(gm, s, steps)
+        if depends_on(keep, [einsum]):
+            raise NoMatch("the mask depends on the attention scores")
+        return einsum
+    if is_op(node, aten.where, aten.masked_fill):
+        raise NoMatch("a mask whose fill value is not a compile-time constant")
+    raise NoMatch(f"{_op_name(node)} between the scores and the softmax")
+
+
+def _match_scores(gm, x: torch.fx.Node) -> _Scores:
+    steps: list = []
+    einsum = _walk_scores(gm, x, steps)
+    sc = _Scores(einsum)
+    biases_after: list = []
+    for kind, data in reversed(steps):  # program order
+        if kind == "scale":
+            if sc.biases or biases_after:
+                raise NoMatch("the scores are scaled after a bias was added")
+            if sc.softcap is not None:
+                raise NoMatch("the scores are scaled after the soft-cap")
+            if sc.keeps:
+                c = data[0]
+                if sc.fill != -math.inf or not isinstance(c, (int, float)) or c <= 0:
+                    raise NoMatch("the scores are scaled after a mask with a finite fill or by a non-positive factor")
+            sc.factors.append(data)
+        elif kind == "softcap":
+            if sc.softcap is not None or sc.biases or sc.keeps:
+                raise NoMatch("a soft-cap after a bias, a mask or another soft-cap")
+            sc.softcap = data
+        elif kind == "bias":
+            if sc.keeps and sc.fill != -math.inf:
+                biases_after.append(data)
+            else:
+                sc.biases.append(data)
+        elif kind == "mask":
+            keep, fill = data
+            if biases_after:
+                raise NoMatch("a mask after a bias that follows another mask")
+            if sc.keeps and fill != sc.fill:
+                raise NoMatch(f"two masks with different fill values ({sc.fill} and {fill})")
+            sc.keeps.append(keep)
+            sc.fill = fill
+    if biases_after:
+        if sc.biases:
+            raise NoMatch("biases both before and after a finite-fill mask")
+        sc.biases, sc.bias_after_mask = biases_after, True
+    return sc
+
+
+# --- step 3: structural masks --------------------------------------------------
+
+MAX_MASK_ELEMENTS = 1 << 26
+
+
+def _size_variants(gm: torch.fx.GraphModule) -> list[dict | None]:
+    """Size assignments to evaluate a shape-only mask at: the example sizes and, for a
+    graph with symbolic sizes, two more, so a classification holds beyond one length."""
+    syms = sorted({str(val(n).node.expr) for n in gm.graph.nodes
+                   if n.op == "placeholder" and isinstance(val(n), torch.SymInt)})
+    if not syms:
+        return [None]
+    return [None, {s: 5 + 3 * i for i, s in enumerate(syms)}, {s: 11 + 2 * i for i, s in enumerate(syms)}]
+
+
+def _allowed_matrix(gm, nodes: list, sizes) -> torch.Tensor | None:
+    """AND of the shape-only masks (bool keep, or additive 0/-inf) as a bool (Lq, Lk) matrix."""
+    total = None
+    for node, is_bias in nodes:
+        m = evaluate_shape_only(gm, node, sizes)
+        if m.numel() > MAX_MASK_ELEMENTS:
+            return None
+        if is_bias:
+            if not bool(((m == 0) | (m == -math.inf)).all()):
+                return None
+            m = m == 0
+        while m.dim() > 2:
+            if m.shape[0] != 1:
+                return None
+            m = m[0]
+        if m.dim() != 2:
+            return None
+        total = m if total is None else total & m
+    return total
+
+
+def _structural(gm, nodes: list) -> tuple[str, int, int] | None:
+    """Classify the shape-only masks at every size variant; None unless all agree."""
+    if not nodes:
+        return ("none", 0, 0)
+    found = None
+    for sizes in _size_variants(gm):
+        try:
+            m = _allowed_matrix(gm, nodes, sizes)
+        except Exception:
+            return None
+        c = classify_mask(m) if m is not None else None
+        if c is None or (found is not None and c != found):
+            return None
+        found = c
+    return found
+
+
+# --- step 4: GQA ---------------------------------------------------------------
+
+def _unrepeat(node: torch.fx.Node) -> tuple[torch.fx.Node, int, int] | None:
+    """If node repeats each head of x g times along axis a: (x, a, g)."""
+    if is_op(node, aten.repeat_interleave) and node.target is aten.repeat_interleave.self_int:
+        g, dim = node.args[1], arg(node, 2, "dim")
+        if isinstance(g, int) and dim is not None:
+            return node.args[0], dim % rank(node), g
+        return None
+    if is_op(node, aten.reshape, aten.view, aten._unsafe_view) and is_op(node.args[0], aten.expand):
+        exp = node.args[0]
+        uns = exp.args[0]
+        if not is_op(uns, aten.unsqueeze):
+            return None
+        x = uns.args[0]
+        a = uns.args[1] % (rank(x) + 1)          # the new axis, right after the head axis a - 1
+        xs, es, rs = list(val(x).shape), list(val(exp).shape), list(val(node).shape)
+        g = es[a]
+        if a == 0 or not isinstance(g, int) or len(rs) != len(xs):
+            return None
+        expect = xs[:a - 1] + [xs[a - 1] * g] + xs[a:]
+        if es[:a] + es[a + 1:] != xs or rs != expect:
+            return None
+        return x, a - 1, g
+    return None
+
+
+# --- building the op -----------------------------------------------------------
+
+def _emit(graph: torch.fx.Graph, before: torch.fx.Node, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
+    """Insert ``target(*args)`` before ``before`` with its fake value computed."""
+    with graph.inserting_before(before):
+        node = graph.call_function(target, args)
+    fake_args = tuple(val(a) if isinstance(a, torch.fx.Node) else a for a in args)
+    node.meta["val"] = target(*fake_args)
+    return copy_meta(node, like)
+
+
+def _to_layout(graph, before, node, letters: str, target: str, like) -> torch.fx.Node:
+    """Permute ``node`` (axes named by ``letters``) to the axis order ``target``,
+    inserting size-1 axes for letters it lacks."""
+    extra = [c for c in letters if c not in target]
+    if extra:
+        raise NoMatch(f"operand axes {extra} are neither batch, sequence nor feature axes")
+    present = [c for c in target if c in letters]
+    perm = [letters.index(c) for c in present]
+    if perm != list(range(len(perm))):
+        node = _emit(graph, before, aten.permute.default, (node, perm), like)
+    for pos, c in enumerate(target):
+        if c not in letters:
+            node = _emit(graph, before, aten.unsqueeze.default, (node, pos), like)
+    return node
+
+
+def _static_equal(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+class AttentionPass(Pass):
+    """Find softmax attention in every common spelling and lift it to ``seqfuse.attention``."""
+
+    name = "attention"
+
+    def run(self, ctx: PassContext) -> None:
+        for node in list(ctx.graph.nodes):
+            if node.graph is not ctx.graph:
+                continue
+            if is_op(node, aten.softmax, aten._softmax):
+                self._softmax(ctx, node)
+            elif node.target is aten.scaled_dot_product_attention.default:
+                self._sdpa(ctx, node)
+        ctx.graph.eliminate_dead_code()
+        ctx.gm.recompile()
+
+    # softmax(q·kᵀ·s + mask)·v -> attention
+    def _softmax(self, ctx: PassContext, sm: torch.fx.Node) -> None:
+        gm = ctx.gm
+        x = sm.args[0]
+        values = scores = None
+        try:
+            values = _match_values(sm)
+        except NoMatch as e:
+            values_err = str(e)
+        try:
+            scores = _match_scores(gm, x)
+        except NoMatch as e:
+            scores_err = str(e)
+        if values is None and scores is None:
+            return  # a softmax that is not attention (a router, a classifier head...)
+        if values is None or scores is None:
+            ctx.report.add_near_miss("attention", values_err if values is None else scores_err, sm)
+            return
+        try:
+            self._rewrite(ctx, sm, values, scores)
+        except NoMatch as e:
+            ctx.report.add_near_miss("attention", str(e), sm)
+
+    def _rewrite(self, ctx: PassContext, sm, values, sc: _Scores) -> None:
+        gm, graph = ctx.gm, ctx.graph
+        pv, p_node, dropout = values
+        dim = sm.args[1] % rank(sm)
+        # letters of the scores contraction: q·kᵀ summed over exactly one axis d
+        (la, lb), lo = _einsum_parts(sc.einsum)
+        a, b = sc.einsum.args[1]
+        contracted = (set(la) & set(lb)) - set(lo)
+        if len(contracted) != 1 or len(lo) < 2:
+            raise NoMatch(f"the scores sum over {len(contracted)} axes, not one feature axis")
+        d = contracted.pop()
+        j = lo[dim]
+        if dim < len(lo) - 2:
+            raise NoMatch("the softmax runs over a batch axis of the scores")
+        i = lo[-1] if dim == len(lo) - 2 else lo[-2]
+        if (j in la) == (j in lb) or (i in la) == (i in lb):
+            raise NoMatch("the softmax axis is shared by both operands of the scores, not a key axis")
+        (q, lq), (k, lk) = ((a, la), (b, lb)) if j in lb else ((b, lb), (a, la))
+        batch = [c for c in lo if c not in (i, j)]
+        # the values contraction must sum over the softmax axis
+        (p_l, v_l), o_l = _einsum_parts(pv)
+        if pv.args[1][1] is p_node:
+            p_l, v_l = v_l, p_l
+            v = pv.args[1][0]
+        else:
+            v = pv.args[1][1]
+        if len(p_l) != len(lo):
+            raise NoMatch("the probabilities change rank before the value contraction")
+        rename = dict(zip(p_l, lo))            # letters of p in pv -> letters of the scores
+        taken = set(la) | set(lb) | set(lo)
+        fresh = (c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in taken)
+        for c in v_l + o_l:
+            if c not in rename:
+                rename[c] = next(fresh)            # value-only letters must not collide
+        jv = p_l[dim]
+        if jv in o_l or jv not in v_l:
+            raise NoMatch("the value contraction does not sum over the softmax axis")
+        e_letters = [c for c in v_l if c not in p_l]
+        if len(e_letters) != 1 or any(c not in o_l for c in p_l if c != jv):
+            raise NoMatch("the value contraction is not p·v over the key axis")
+        e = rename[e_letters[0]]
+        v_l = "".join(rename.get(c, c) for c in v_l)
+        o_l = "".join(rename.get(c, c) for c in o_l)
+        # scale factors on q or k themselves (pre-scaled queries or keys)
+        factors = list(sc.factors)
+        for which in ("q", "k"):
+            node = q if which == "q" else k
+            while is_op(node, aten.mul, aten.div) and is_scalar(node.args[1], gm) and \
+                    isinstance(node.args[0], torch.fx.Node):
+                c = constant_value(node.args[1], gm)
+                factors.append((c if c is not None else node.args[1], is_op(node, aten.div)))
+                node = node.args[0]
+            if which == "q":
+                q = node
+            else:
+                k = node
+        # masks: shape-only ones become the structural attribute, others stay tensors
+        shape_only = [(m, False) for m in sc.keeps if is_shape_only(m)]
+        tensor_keeps = [m for m in sc.keeps if not is_shape_only(m)]
+        biases = list(sc.biases)
+        if not sc.bias_after_mask:
+            shape_only += [(b_, True) for b_ in biases if is_shape_only(b_) and
+                           val(b_).dtype.is_floating_point and _structural(gm, [(b_, True)]) is not None]
+            biases = [b_ for b_ in biases if (b_, True) not in shape_only]
+        structural = _structural(gm, shape_only)
+        if structural is None:
+            tensor_keeps += [m for m, is_bias in shape_only if not is_bias]
+            biases += [m for m, is_bias in shape_only if is_bias]
+            structural = ("none", 0, 0)
+        mask_kind, diag, window = structural
+        # GQA: unrepeated k and v when both repeat the last batch axis the same way
+        gqa = 1
+        rk, rv = _unrepeat(k), _unrepeat(v)
+        if rk and rv and rk[2] == rv[2] and batch and \
+                lk[rk[1]] == batch[-1] and v_l[rv[1]] == batch[-1]:
+            k, v, gqa = rk[0], rv[0], rk[2]
+        # layouts: q (*B, i, d), k (*B, j, d), v (*B, j, e); output back in pv's order
+        before = pv
+        qc = _to_layout(graph, before, q, lq, "".join(batch) + i + d, sm)
+        kc = _to_layout(graph, before, k, lk, "".join(batch) + j + d, sm)
+        vc = _to_layout(graph, before, v, v_l, "".join(batch) + j + e, sm)
+        keep = None
+        for m in tensor_keeps:
+            keep = m if keep is None else _emit(graph, before, aten.logical_and.default, (keep, m), sm)
+        bias = None
+        for b_ in biases:
+            bias = b_ if bias is None else _emit(graph, before, aten.add.Tensor, (bias, b_), sm)
+        scale = sym_product(graph, factors, before)
+        op = Attention(q=qc, k=kc, v=vc, bias=bias, keep=keep, scale=scale, mask=mask_kind, diag=diag,
+                       window=window, fill=sc.fill if (sc.keeps or mask_kind != "none") else -math.inf,
+                       bias_after_mask=sc.bias_after_mask, gqa_groups=gqa, softcap=sc.softcap,
+                       dropout=dropout, algorithm="fused")
+        out_letters = "".join(batch) + i + e
+        shape = [*val(qc).shape[:-1], val(vc).shape[-1]]
+        fake_out = val(vc).new_empty(shape)
+        ir = ctx.insert_ir(op, before, sm)
+        ir.meta["val"] = fake_out
+        if set(o_l) != set(out_letters):
+            raise NoMatch("the attention output has axes the op cannot produce")
+        out = _to_layout(graph, before, ir, out_letters, o_l, sm) if o_l != out_letters else ir
+        if val(out).dtype != val(pv).dtype:
+            out = _emit(graph, before, aten.to.dtype, (out, val(pv).dtype), sm)
+        if not _static_equal(val(out).shape, val(pv).shape):
+            raise NoMatch(f"output shape {tuple(val(out).shape)} differs from the program's {tuple(val(pv).shape)}")
+        pv.replace_all_uses_with(out)
+
+    # F.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, gqa) -> attention
+    def _sdpa(self, ctx: PassContext, node: torch.fx.Node) -> None:
+        gm = ctx.gm
+        q, k, v = node.args[:3]
+        attn_mask = arg(node, 3, "attn_mask")
+        dropout = constant_value(arg(node, 4, "dropout_p", 0.0))
+        is_causal = constant_value(arg(node, 5, "is_causal", False))
+        scale = arg(node, 6, "scale")
+        enable_gqa = constant_value(arg(node, 7, "enable_gqa", False))
+        if dropout is None or is_causal is None or enable_gqa is None:
+            ctx.report.add_near_miss("attention", "SDPA flags not known at compile time", node)
+            return
+        if scale is not None and constant_value(scale) is None and not is_scalar(scale):
+            ctx.report.add_near_miss("attention", "SDPA scale is not a scalar", node)
+            return
+        if rank(q) < 3 or not (rank(q) == rank(k) == rank(v)):
+            ctx.report.add_near_miss("attention", "SDPA inputs of rank < 3 or of different ranks", node)
+            return
+        gqa = 1
+        if enable_gqa:
+            hq, hk = val(q).shape[-3], val(k).shape[-3]
+            if not (isinstance(hq, int) and isinstance(hk, int)) or hq % hk:
+                ctx.report.add_near_miss("attention", "SDPA enable_gqa with head counts unknown at compile time", node)
+                return
+            gqa = hq // hk
+        mask_kind, diag, window = ("causal", 0, 0) if is_causal else ("none", 0, 0)
+        keep = bias = None
+        if attn_mask is not None:
+            is_bool = val(attn_mask).dtype == torch.bool
+            structural = _structural(gm, [(attn_mask, not is_bool)]) if is_shape_only(attn_mask) else None
+            if structural is not None and not is_causal:
+                mask_kind, diag, window = structural
+            elif is_bool:
+                keep = attn_mask
+            else:
+                bias = attn_mask
+        op = Attention(q=q, k=k, v=v, bias=bias, keep=keep, scale=constant_value(scale) if scale is not None
+                       and constant_value(scale) is not None else scale, mask=mask_kind, diag=diag, window=window,
+                       gqa_groups=gqa, dropout=float(dropout), algorithm="fused")
+        ir = ctx.insert_ir(op, node, node)
+        node.replace_all_uses_with(ir)

@@ -1,0 +1,271 @@
+"""Pattern helpers shared by the built-in recognizers and users' passes.
+
+They read the canonical graph (pre-dispatch ATen, contractions as
+``aten.einsum``, masks as ``aten.where``): what an argument is, whether a value
+is a compile-time constant, whether it depends only on tensor sizes, how a
+view chain maps axes back to its base tensor.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+# Ops that only cast: the value is the same number in another dtype.
+CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default)
+# Ops that return their input unchanged (as a new tensor or view).
+IDENTITIES = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+              aten.lift_fresh_copy.default, aten.detach_.default)
+
+
+def is_op(node: Any, *targets) -> bool:
+    """Whether ``node`` is a call of one of ``targets`` (OpOverloads or OpOverloadPackets)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    t = node.target
+    packet = getattr(t, "overloadpacket", None)
+    return any(t is x or packet is x for x in targets)
+
+
+def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` (or keyword ``name``) of ``node``, else ``default``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def val(node: Any) -> Any:
+    """The (fake) value a node computes, or the literal itself."""
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+
+
+def rank(node: torch.fx.Node) -> int | None:
+    v = val(node)
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The single user of ``node``, or None when it has zero or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def constant_value(x: Any, gm: torch.fx.GraphModule | None = None) -> float | int | bool | None:
+    """The Python number ``x`` stands for, if it is known at compile time.
+
+    Literals, 0-dim constant tensors (``torch.tensor(c)``, ``torch.full([], c)``,
+    ``scalar_tensor``), and casts/copies of those.  Symbolic sizes are not constants.
+    """
+    if isinstance(x, bool) or isinstance(x, (int, float)):
+        return x
+    if not isinstance(x, torch.fx.Node):
+        return None
+    if x.op == "get_attr" and gm is not None:
+        t = getattr(gm, x.target, None)
+        return t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else None
+    if is_op(x, *IDENTITIES, *CASTS):
+        return constant_value(x.args[0], gm)
+    if is_op(x, aten.scalar_tensor):
+        return constant_value(x.args[0], gm)
+    if is_op(x, aten.full) and len(x.args[0]) == 0:
+        return constant_value(x.args[1], gm)
+    return None
+
+
+def is_scalar(x: Any, gm: torch.fx.GraphModule | None = None) -> bool:
+    """A Python number, a symbolic scalar, or a one-element constant tensor."""
+    if isinstance(x, (int, float)):
+        return True
+    v = val(x)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, int, float)):
+        return True
+    return constant_value(x, gm) is not None
+
+
+def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """Every node ``node`` transitively reads (itself excluded)."""
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def depends_on(node: Any, targets: Iterable[torch.fx.Node]) -> bool:
+    """Whether ``node`` reads any of ``targets``."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    targets = set(targets)
+    return node in targets or bool(ancestors(node) & targets)
+
+
+def is_shape_only(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value follows from tensor sizes and constants alone
+    (no tensor input, parameter or buffer is read): masks built from arange/ones/triu."""
+    for n in [node, *ancestors(node)]:
+        v = val(n)
+        if n.op == "placeholder" and isinstance(v, torch.Tensor):
+            return False
+        if n.op == "get_attr":
+            return False
+        if is_op(n, aten.rand, aten.randn, aten.randint, aten.bernoulli, aten.dropout, aten.empty,
+                 aten.empty_like, aten.rand_like, aten.randn_like):
+            return False
+    return True
+
+
+def evaluate_shape_only(gm: torch.fx.GraphModule, node: torch.fx.Node, sizes: dict | None = None) -> torch.Tensor:
+    """Run the subgraph computing ``node`` (which must be shape-only) on real tensors.
+
+    Symbolic sizes are replaced by ``sizes[symbol_name]`` when given, else by their
+    hints (the sizes of the example inputs); no shape guard is added.
+    """
+    needed = ancestors(node) | {node}
+    env: dict[torch.fx.Node, Any] = {}
+
+    def concrete(x):
+        if isinstance(x, torch.fx.Node):
+            return env[x]
+        if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return concrete_sym(x, sizes)
+        if isinstance(x, (list, tuple)):
+            return type(x)(concrete(e) for e in x)
+        return x
+
+    for n in gm.graph.nodes:
+        if n not in needed:
+            continue
+        if n.op == "placeholder":
+            env[n] = concrete(val(n))
+        elif n.op == "call_function":
+            args = concrete(n.args)
+            kwargs = {k: concrete(v) for k, v in n.kwargs.items()}
+            env[n] = n.target(*args, **kwargs)
+        else:
+            raise ValueError(f"evaluate_shape_only: {n.format_node()} is not shape-only")
+    return env[node]
+
+
+def concrete_sym(x, sizes: dict | None = None):
+    """The value of a symbolic scalar with its symbols set to ``sizes[name]`` where given,
+    else to their example values (hints).  Adds no guard."""
+    node = x.node
+    env = node.shape_env
+    expr = node.expr
+    subs = {}
+    for sym in expr.free_symbols:
+        name = str(sym)
+        if sizes and name in sizes:
+            subs[sym] = sizes[name]
+        else:
+            subs[sym] = env.var_to_val[sym]
+    value = expr.xreplace(subs)
+    if isinstance(x, torch.SymInt):
+        return int(value)
+    if isinstance(x, torch.SymBool):
+        return bool(value)
+    return float(value)
+
+
+def _same(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
+
+
+def axis_view(node: torch.fx.Node) -> tuple[torch.fx.Node, list[int | None]]:
+    """Follow a chain of pure axis moves back to its base tensor.
+
+    Returns (base, axes) where ``axes[i]`` is the axis of ``base`` that axis ``i``
+    of ``node`` reads, or None for an axis the chain created (size 1, or
+    broadcast by ``expand``).  Folds transpose, permute, unsqueeze, expand,
+    identity copies, and view/reshape that only add or drop size-1 axes.
+    """
+    base, axes = node, list(range(rank(node) or 0))
+    while isinstance(base, torch.fx.Node) and base.op == "call_function":
+        src = base.args[0] if base.args else None
+        r = rank(src) if isinstance(src, torch.fx.Node) else None
+        if r is None:
+            break
+        if is_op(base, aten.transpose, aten.swapaxes):
+            d0, d1 = base.args[1] % r, base.args[2] % r
+            perm = list(range(r))
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+        elif is_op(base, aten.permute):
+            perm = [d % r for d in base.args[1]]
+        elif is_op(base, aten.t):
+            perm = list(range(r))[::-1]
+        elif is_op(base, aten.unsqueeze):
+            d = base.args[1] % (r + 1)
+            perm = list(range(d)) + [None] + list(range(d, r))
+        elif is_op(base, aten.expand):
+            new = len(base.args[1]) - r
+            src_shape = val(src).shape
+            perm = [None] * new + [None if (not _same(src_shape[i], val(base).shape[new + i]) and _same(src_shape[i], 1))
+                                   else i for i in range(r)]
+            if any(p is None and not _same(src_shape[i - new], 1) for i, p in enumerate(perm) if i >= new):
+                break
+        elif is_op(base, *IDENTITIES) and not is_op(base, aten.lift_fresh_copy):
+            perm = list(range(r))
+        elif is_op(base, aten.view, aten.reshape, aten._unsafe_view):
+            perm = _unit_axis_map(val(src).shape, val(base).shape)
+            if perm is None:
+                break
+        else:
+            break
+        axes = [None if a is None else perm[a] for a in axes]
+        base = src
+    return base, axes
+
+
+def _unit_axis_map(src_shape, dst_shape) -> list[int | None] | None:
+    """For a reshape that only inserts/removes size-1 axes: dst axis -> src axis (None if new)."""
+    out, i = [], 0
+    for d in dst_shape:
+        while i < len(src_shape) and _same(src_shape[i], 1) and not _same(d, 1):
+            i += 1  # a dropped size-1 source axis
+        if i < len(src_shape) and _same(src_shape[i], d):
+            out.append(i)
+            i += 1
+        elif _same(d, 1):
+            out.append(None)
+        else:
+            return None
+    while i < len(src_shape) and _same(src_shape[i], 1):
+        i += 1
+    return out if i == len(src_shape) else None
+
+
+def copy_meta(dst: torch.fx.Node, src: torch.fx.Node, with_val: bool = False) -> torch.fx.Node:
+    """Give ``dst`` the source location (and optionally value) metadata of ``src``."""
+    for k in ("stack_trace", "nn_module_stack", "source_fn_stack") + (("val",) if with_val else ()):
+        if k in src.meta:
+            dst.meta[k] = src.meta[k]
+    return dst
+
+
+def sym_product(graph: torch.fx.Graph, factors: list, before: torch.fx.Node):
+    """Multiply scale factors: numbers fold to a float; symbolic ones become graph nodes.
+
+    Each factor is (value, invert) where value is a number or a node holding a
+    symbolic scalar.  Returns a float, or a node computing the product.
+    """
+    const, nodes = 1.0, []
+    for value, invert in factors:
+        if isinstance(value, torch.fx.Node):
+            nodes.append((value, invert))
+        else:
+            const = const / value if invert else const * value
+    if not nodes:
+        return const
+    with graph.inserting_before(before):
+        acc = const
+        for node, invert in nodes:
+            acc = graph.call_function(operator.truediv if invert else operator.mul, (acc, node))
+            a, b = (val(acc.args[0]), val(node))
+            acc.meta["val"] = (a / b) if invert else (a * b)
+    return acc

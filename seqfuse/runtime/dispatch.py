@@ -1,0 +1,87 @@
+"""Per-call choice of the implementation that runs an IR op.
+
+Lowering registers, for each IR op kind, its implementations in order of
+preference ("triton", then "aten", then "eager").  Each implementation says
+whether it supports a call (returning None, or the reason it does not), and
+the dispatcher runs the first one that does.  The eager reference is always
+last and always supports the call.  A fast path that raises falls back to
+the eager reference with a warning naming the op and the reason; nothing is
+retried silently.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from seqfuse.runtime.counters import count_call, count_fallback
+
+PATHS = ("triton", "aten", "eager")
+RUNTIME_CHOICES = ("auto", "triton", "aten", "eager")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an IR op kind on one path."""
+
+    path: str
+    #: (tensors, attrs) -> None if this implementation can run the call, else the reason it can't
+    supports: Callable[[dict, dict], str | None]
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+
+
+_IMPLS: dict[str, dict[str, Impl]] = {}
+
+
+def register_impl(kind: str, impl: Impl) -> None:
+    """Register ``impl`` for IR op ``kind`` (replacing one on the same path)."""
+    if impl.path not in PATHS:
+        raise ValueError(f"register_impl: path must be one of {PATHS}, got {impl.path!r}")
+    _IMPLS.setdefault(kind, {})[impl.path] = impl
+
+
+def choose(kind: str, runtime: str, tensors: dict, attrs: dict) -> Impl:
+    """The implementation to run for this call; records skipped paths' reasons."""
+    if runtime not in RUNTIME_CHOICES:
+        raise ValueError(f"runtime must be one of {RUNTIME_CHOICES}, got {runtime!r}")
+    impls = _IMPLS.get(kind)
+    if not impls or "eager" not in impls:
+        raise RuntimeError(f"seqfuse: no eager implementation registered for IR op {kind!r}")
+    order = [p for p in PATHS if p in impls] if runtime == "auto" else [runtime, "eager"]
+    for path in order:
+        impl = impls.get(path)
+        if impl is None:
+            count_fallback(kind, f"{path}: not available")
+            continue
+        reason = impl.supports(tensors, attrs)
+        if reason is None:
+            return impl
+        count_fallback(kind, f"{path}: {reason}")
+        if runtime == path:
+            warnings.warn(f"seqfuse.{kind}: runtime={runtime!r} requested but {reason}; running the eager reference")
+    return impls["eager"]
+
+
+def run(kind: str, which: str, runtime: str, tensors: dict, attrs: dict, *args):
+    """Run the forward (``which="forward"``) or backward of ``kind`` on the chosen path.
+
+    ``tensors`` and ``attrs`` describe the call (used by ``supports``); ``args``
+    are passed to the implementation.  Falls back to eager if a fast path raises.
+    """
+    impl = choose(kind, runtime, tensors, attrs)
+    label = kind if which == "forward" else f"{kind}_backward"
+    fn = getattr(impl, which)
+    if impl.path == "eager":
+        count_call(label, "eager")
+        return fn(*args)
+    try:
+        result = fn(*args)
+    except Exception as exc:  # a fast path failing must never fail the model
+        reason = f"{impl.path} raised {type(exc).__name__}: {exc}"
+        warnings.warn(f"seqfuse.{kind}: {reason}; falling back to the eager reference")
+        count_fallback(kind, reason)
+        count_call(label, "eager")
+        return getattr(_IMPLS[kind]["eager"], which)(*args)
+    count_call(label, impl.path)
+    return result
