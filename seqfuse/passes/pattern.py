@@ -157,13 +157,14 @@ def concrete_sym(x, sizes: dict | None = None):
     node = x.node
     env = node.shape_env
     expr = node.expr
+    hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
     subs = {}
     for sym in expr.free_symbols:
         name = str(sym)
         if sizes and name in sizes:
             subs[sym] = sizes[name]
         else:
-            subs[sym] = env.var_to_val[sym]
+            subs[sym] = hints[sym]
     value = expr.xreplace(subs)
     if isinstance(x, torch.SymInt):
         return int(value)

@@ -1,0 +1,69 @@
+"""Shared helpers for golden tests: compile with seqfuse, compare with eager (outputs and gradients)."""
+from __future__ import annotations
+
+import torch
+
+import seqfuse
+
+# relative RMS error bounds per dtype (outputs and gradients vs eager)
+BOUND = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative RMS error ‖out - ref‖ / ‖ref‖ in fp64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    den = ref.norm().item()
+    return (out - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().clone().requires_grad_(x.requires_grad)
+    return x
+
+
+def _flat(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for e in x for t in _flat(e)]
+    return []
+
+
+def check_against_eager(fn, *inputs, options=None, dynamic=None, grads=True, bound=None, **kwargs):
+    """Run ``fn`` eagerly and through ``seqfuse.explain``; assert outputs and gradients
+    (of every input that requires grad, and of module parameters) agree.  Returns the report.
+
+    Inputs that should get gradients must have ``requires_grad=True``.
+    """
+    ref_in = [_clone(x) for x in inputs]
+    cmp_in = [_clone(x) for x in inputs]
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    torch.manual_seed(1234)
+    ref = fn(*ref_in, **kwargs)
+    ref_grads = None
+    ref_outs = _flat(ref)
+    if grads:
+        g = [torch.randn_like(o) for o in ref_outs]
+        leaves = [x for x in ref_in if isinstance(x, torch.Tensor) and x.requires_grad] + params
+        ref_grads = torch.autograd.grad(ref_outs, leaves, g, allow_unused=True)
+    torch.manual_seed(1234)
+    report = seqfuse.explain(fn, *cmp_in, options=options, dynamic=dynamic, **kwargs)
+    outs = _flat(report.output)
+    assert len(outs) == len(ref_outs)
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        b = bound or BOUND.get(r.dtype, 1e-5)
+        assert o.shape == r.shape, f"output {i}: shape {tuple(o.shape)} vs eager {tuple(r.shape)}"
+        e = rel_err(o, r)
+        assert e < b, f"output {i}: relative error {e:.3g} >= {b:g}"
+    if grads:
+        leaves = [x for x in cmp_in if isinstance(x, torch.Tensor) and x.requires_grad] + params
+        got = torch.autograd.grad(outs, leaves, g, allow_unused=True)
+        for i, (a, r) in enumerate(zip(got, ref_grads)):
+            if r is None:
+                assert a is None or not a.abs().any(), f"gradient {i}: eager has none, seqfuse has one"
+                continue
+            b = bound or BOUND.get(r.dtype, 1e-5)
+            e = rel_err(a, r)
+            assert e < b, f"gradient {i}: relative error {e:.3g} >= {b:g}"
+    return report
