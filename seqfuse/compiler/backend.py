@@ -18,6 +18,37 @@ def _strict() -> bool:
     return os.environ.get("SEQFUSE_STRICT", "") not in ("", "0")
 
 
+def _cache_key() -> str:
+    """A hash of the seqfuse custom ops' schemas and version.  Inductor's on-disk caches key
+    compiled graphs by op names, not schemas: without this, a cached graph compiled against an
+    older seqfuse could call an op with the wrong arguments."""
+    import hashlib
+
+    import seqfuse
+    schemas = sorted(str(getattr(torch.ops.seqfuse, name).default._schema)
+                     for name in ("attention", "attention_backward"))
+    return hashlib.sha256("\n".join([seqfuse.__version__, *schemas]).encode()).hexdigest()
+
+
+def _inductor_patches(mode: str | None) -> dict:
+    from torch._inductor import config, list_mode_options
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class SeqfuseCacheKey(CustomGraphPass):
+        """A no-op post-grad pass whose uuid puts seqfuse's op schemas into inductor's cache key."""
+
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return _cache_key()
+
+    patches = dict(list_mode_options(mode)) if mode else {}
+    if config.post_grad_custom_pre_pass is None:
+        patches["post_grad_custom_pre_pass"] = SeqfuseCacheKey()
+    return patches
+
+
 def compile_downstream(gm: torch.fx.GraphModule, example_inputs, downstream: str, mode: str | None = None):
     """Compile the rewritten graph with the downstream compiler named by ``downstream``."""
     if downstream == "eager":
@@ -25,9 +56,8 @@ def compile_downstream(gm: torch.fx.GraphModule, example_inputs, downstream: str
     if downstream == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode))
 
 
 def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):

@@ -1,6 +1,7 @@
 """Options of the seqfuse backend, as given to ``torch.compile(..., options={...})``."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -39,16 +40,38 @@ class Options:
         runtime = options.get("runtime", "auto")
         if runtime not in RUNTIMES:
             raise ValueError(f"seqfuse: option 'runtime' must be one of {RUNTIMES}, got {runtime!r}")
-        passes = options.get("passes", {})
-        if isinstance(passes, (list, tuple)):
-            passes = {"__only__": list(passes)}
-        elif not isinstance(passes, dict) or not all(isinstance(v, bool) for v in passes.values()):
-            raise ValueError("seqfuse: option 'passes' must be a dict {pass name: bool} or a list of pass "
-                             f"names to run, got {passes!r}")
+        passes = _validate_passes(options.get("passes", {}))
         dump_dir = options.get("dump_dir")
+        if isinstance(dump_dir, os.PathLike):
+            dump_dir = os.fspath(dump_dir)
         if dump_dir is not None and not isinstance(dump_dir, str):
-            raise ValueError(f"seqfuse: option 'dump_dir' must be a path string or None, got {dump_dir!r}")
+            raise ValueError(f"seqfuse: option 'dump_dir' must be a path (str or os.PathLike) or None, "
+                             f"got {dump_dir!r}")
         verify = options.get("verify", False)
         if not isinstance(verify, bool):
             raise ValueError(f"seqfuse: option 'verify' must be a bool, got {verify!r}")
         return cls(downstream=downstream, passes=passes, dump_dir=dump_dir, verify=verify, runtime=runtime)
+
+
+def _validate_passes(passes: Any) -> dict:
+    """Normalize option 'passes' to {name: bool} or {"__only__": [names]}, checking every name
+    against the pass registry now, so that a misspelt pass name is an option error raised at
+    compile time (and by ``seqfuse.explain`` up front) rather than a pipeline failure that
+    non-strict mode would turn into a warning and an unchanged graph."""
+    if isinstance(passes, (list, tuple)):
+        names = list(passes)
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError(f"seqfuse: option 'passes' as a list must hold pass names (str), got {passes!r}")
+        normalized = {"__only__": names}
+    elif isinstance(passes, dict) and all(isinstance(n, str) for n in passes) and \
+            all(isinstance(v, bool) for v in passes.values()):
+        names, normalized = list(passes), dict(passes)
+    else:
+        raise ValueError("seqfuse: option 'passes' must be a dict {pass name: bool} or a list of pass "
+                         f"names to run, got {passes!r}")
+    from seqfuse.passes import registered_passes  # the package import registers the built-ins
+    known = sorted(p.name for p in registered_passes())
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"seqfuse: option 'passes' names unknown pass(es) {unknown}; registered: {known}")
+    return normalized

@@ -35,6 +35,11 @@ def _same(a, b) -> bool:
         return True
 
 
+def _is_number(x) -> bool:
+    """A real Python number (bools excluded), so range checks compare numbers, never raise TypeError."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _verify_attention(op: Attention) -> None:
     q, k, v = _val(op.q), _val(op.k), _val(op.v)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -52,9 +57,14 @@ def _verify_attention(op: Attention) -> None:
     if op.gqa_groups > 1:
         _check(_same(q.shape[-3], k.shape[-3] * op.gqa_groups), op,
                f"gqa_groups={op.gqa_groups} but q has {q.shape[-3]} heads and k has {k.shape[-3]}")
-    _check(0.0 <= op.dropout < 1.0, op, f"dropout must be in [0, 1), got {op.dropout!r}")
+        _check(_same(k.shape[-3], v.shape[-3]), op,
+               f"gqa_groups={op.gqa_groups} but k has {k.shape[-3]} heads and v has {v.shape[-3]}")
+    _check(op.scale is None or _is_number(op.scale) or isinstance(op.scale, torch.fx.Node), op,
+           f"scale must be None, a number or a graph value, got {op.scale!r}")
+    _check(_is_number(op.dropout) and 0.0 <= op.dropout < 1.0, op, f"dropout must be in [0, 1), got {op.dropout!r}")
     _check(isinstance(op.fill, float) and not math.isnan(op.fill), op, f"fill must be a float, got {op.fill!r}")
-    _check(op.softcap is None or op.softcap > 0, op, f"softcap must be positive, got {op.softcap!r}")
+    _check(op.softcap is None or (_is_number(op.softcap) and op.softcap > 0), op,
+           f"softcap must be None or a positive number, got {op.softcap!r}")
     if op.keep is not None:
         _check(_val(op.keep).dtype == torch.bool, op, f"keep mask must be bool, got {_val(op.keep).dtype}")
     if op.bias is not None:

@@ -1,13 +1,17 @@
 """seqfuse::attention as a torch.library custom op: fake impl, autograd, runtime dispatch.
 
-    seqfuse::attention(q, k, v, bias?, keep?, <attributes>, runtime) -> (out, rng_state)
-    seqfuse::attention_backward(grad_out, q, k, v, bias?, keep?, rng_state, <attributes>,
+    seqfuse::attention(q, k, v, bias?, keep?, <attributes>, runtime) -> (out, lse, rng_state)
+    seqfuse::attention_backward(grad_out, q, k, v, bias?, keep?, out, lse, rng_state, <attributes>,
                                 runtime, need_dbias) -> (dq, dk, dv, dbias)
 
-``rng_state`` is the generator state captured before dropout (empty when
-dropout is 0), so the backward regenerates the same dropout mask.  The
-backward recomputes the forward under autograd on the path the dispatcher
-picks; dbias is an empty tensor unless requested.
+``lse`` (*B, Lq, fp32) is the log-sum-exp of each row of final scores, kept for
+the backward.  ``rng_state`` is the generator state captured before dropout
+(empty when dropout is 0), so the backward regenerates the same dropout mask.
+dbias is an empty tensor unless requested.
+
+Implementations, one per runtime path, are registered with the dispatcher:
+``forward(q, k, v, bias, keep, attrs) -> (out, lse)`` and
+``backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, attrs) -> (dq, dk, dv, dbias)``.
 """
 from __future__ import annotations
 
@@ -40,46 +44,48 @@ def _rng_numel(device: torch.device) -> int:
     return 16 if device.type == "cuda" else torch.get_rng_state().numel()
 
 
-def _out_shape(q: Tensor, v: Tensor) -> list:
-    return [*q.shape[:-1], v.shape[-1]]
-
-
 @torch.library.custom_op("seqfuse::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Optional[Tensor],
               scale: Optional[float], mask: str, diag: int, window: int, fill: float, bias_after_mask: bool,
-              gqa_groups: int, softcap: Optional[float], dropout: float, runtime: str) -> tuple[Tensor, Tensor]:
-    """Fused attention; see seqfuse.ir.ops.Attention for the math.  Returns (out, rng_state)."""
+              gqa_groups: int, softcap: Optional[float], dropout: float,
+              runtime: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused attention; see seqfuse.ir.ops.Attention for the math.  Returns (out, lse, rng_state)."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout)
     rng = _rng_state(q.device) if dropout > 0.0 else torch.empty(0, dtype=torch.uint8)
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
-    out = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
-    return out.contiguous(), rng  # the layout the fake implementation promises
+    out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
+    # the layouts the fake implementation promises
+    return out.to(v.dtype).contiguous(), lse.float().contiguous(), rng
 
 
 @attention.register_fake
 def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, runtime):
     n = _rng_numel(q.device) if dropout > 0.0 else 0
-    return q.new_empty(_out_shape(q, v), dtype=v.dtype), torch.empty(n, dtype=torch.uint8)
+    out = q.new_empty([*q.shape[:-1], v.shape[-1]], dtype=v.dtype)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, lse, torch.empty(n, dtype=torch.uint8)
 
 
 @torch.library.custom_op("seqfuse::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                       keep: Optional[Tensor], rng_state: Tensor, scale: Optional[float], mask: str, diag: int,
-                       window: int, fill: float, bias_after_mask: bool, gqa_groups: int, softcap: Optional[float],
-                       dropout: float, runtime: str, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       keep: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor, scale: Optional[float],
+                       mask: str, diag: int, window: int, fill: float, bias_after_mask: bool, gqa_groups: int,
+                       softcap: Optional[float], dropout: float, runtime: str,
+                       need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias) of seqfuse::attention; dbias is empty unless need_dbias."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout)
     a["need_dbias"] = need_dbias
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
-    dq, dk, dv, dbias = run("attention", "backward", runtime, t, a, grad_out, q, k, v, bias, keep, rng_state, a)
+    dq, dk, dv, dbias = run("attention", "backward", runtime, t, a, grad_out, q, k, v, bias, keep, out, lse,
+                            rng_state, a)
     # gradients in the layouts the fake implementation promises (those of the inputs)
     like = lambda x, g: torch.empty_like(x).copy_(g)  # noqa: E731
-    return like(q, dq), like(k, dk), like(v, dv), (like(bias, dbias) if dbias.numel() else dbias)
+    return like(q, dq), like(k, dk), like(v, dv), (like(bias, dbias) if need_dbias else q.new_empty(0))
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, bias, keep, rng_state, scale, mask, diag, window, fill, bias_after_mask, gqa_groups,
-      softcap, dropout, runtime, need_dbias):
+def _(grad_out, q, k, v, bias, keep, out, lse, rng_state, scale, mask, diag, window, fill, bias_after_mask,
+      gqa_groups, softcap, dropout, runtime, need_dbias):
     dbias = torch.empty_like(bias) if (need_dbias and bias is not None) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
@@ -88,14 +94,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, bias, keep, *attrs, runtime = inputs
     ctx.attrs = attrs
     ctx.runtime = runtime
-    ctx.save_for_backward(q, k, v, bias, keep, output[1])
+    ctx.save_for_backward(q, k, v, bias, keep, output[0], output[1], output[2])
 
 
-def _backward(ctx, grad_out, grad_rng):
-    q, k, v, bias, keep, rng = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_rng):
+    q, k, v, bias, keep, out, lse, rng = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.seqfuse.attention_backward(
-        grad_out.contiguous(), q, k, v, bias, keep, rng, *ctx.attrs, ctx.runtime, need_dbias)
+        grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias)
     return dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 1))
 
 
@@ -103,12 +109,6 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- implementations, one per runtime path ---------------------------------
-
-def _forward_with(fn):
-    def forward(q, k, v, bias, keep, a):
-        return fn(q, k, v, bias, keep, **{n: a[n] for n in ATTR_NAMES})
-    return forward
-
 
 @contextlib.contextmanager
 def _autograd_inside_op():
@@ -121,9 +121,14 @@ def _autograd_inside_op():
         yield
 
 
-def _backward_with(fn):
-    """Backward by recomputation: rerun ``fn`` under autograd with the forward's RNG state."""
-    def backward(grad_out, q, k, v, bias, keep, rng_state, a):
+def _reference_forward(q, k, v, bias, keep, a):
+    return attention_reference(q, k, v, bias, keep, return_lse=True, **{n: a[n] for n in ATTR_NAMES})
+
+
+def _recompute_backward(fn):
+    """Backward by recomputation: rerun ``fn`` (out-only contract) under autograd with the
+    forward's RNG state, then differentiate."""
+    def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
         need_dbias = a["need_dbias"]
         with _autograd_inside_op():
             q_, k_, v_ = (x.detach().requires_grad_(True) for x in (q, k, v))
@@ -135,13 +140,23 @@ def _backward_with(fn):
                         torch.cuda.set_rng_state(rng_state, q.device)
                     else:
                         torch.set_rng_state(rng_state)
-                out = fn(q_, k_, v_, b_, keep, **{n: a[n] for n in ATTR_NAMES})
+                recomputed = fn(q_, k_, v_, b_, keep, **{n: a[n] for n in ATTR_NAMES})
             inputs = [q_, k_, v_] + ([b_] if need_dbias else [])
-            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+            grads = torch.autograd.grad(recomputed, inputs, grad_out, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
         dbias = grads[3] if need_dbias else q.new_empty(0)
         return grads[0], grads[1], grads[2], dbias
     return backward
+
+
+_aten_recompute = _recompute_backward(aten_attention.attention_sdpa)
+
+
+def _aten_backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
+    fused = aten_attention.backward(grad_out, q, k, v, bias, keep, out, lse, a)
+    if fused is None:
+        return _aten_recompute(grad_out, q, k, v, bias, keep, out, lse, rng_state, a)
+    return (*fused, q.new_empty(0))
 
 
 def _aten_supports(t: dict, a: dict) -> str | None:
@@ -150,7 +165,6 @@ def _aten_supports(t: dict, a: dict) -> str | None:
     return aten_attention.supports(t, a)
 
 
-register_impl("attention", Impl("eager", lambda t, a: None, _forward_with(attention_reference),
-                                _backward_with(attention_reference)))
-register_impl("attention", Impl("aten", _aten_supports, _forward_with(aten_attention.attention_sdpa),
-                                _backward_with(aten_attention.attention_sdpa)))
+register_impl("attention", Impl("eager", lambda t, a: None, _reference_forward,
+                                _recompute_backward(attention_reference)))
+register_impl("attention", Impl("aten", _aten_supports, aten_attention.forward, _aten_backward))

@@ -28,8 +28,9 @@ import torch.fx
 
 from seqfuse.ir.masks import classify_mask
 from seqfuse.ir.ops import Attention
-from seqfuse.passes.pattern import (CASTS, arg, constant_value, copy_meta, depends_on, evaluate_shape_only, is_op,
-                                    is_scalar, is_shape_only, only_user, rank, sym_product, val)
+from seqfuse.passes.pattern import (CASTS, arg, concrete_sym, constant_value, copy_meta, depends_on,
+                                    evaluate_shape_only, is_op, is_scalar, is_shape_only, only_user, rank, sym_product,
+                                    val)
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -46,7 +47,7 @@ class _Scores:
     einsum: torch.fx.Node
     factors: list = field(default_factory=list)      # (value, invert) scale factors
     softcap: float | None = None
-    biases: list = field(default_factory=list)
+    biases: list = field(default_factory=list)      # (tensor, negated, dtype of the sum) additive terms
     bias_after_mask: bool = False
     keeps: list = field(default_factory=list)        # bool tensors, True = keep
     fill: float = -math.inf
@@ -142,11 +143,13 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
         c = constant_value(factor, gm)
         steps.append(("scale", (c if c is not None else factor, invert)))
         return _walk_scores(gm, nxt, steps)
-    if node.target is aten.add.Tensor and arg(node, 2, "alpha", 1) == 1:
+    if node.target in (aten.add.Tensor, aten.sub.Tensor) and arg(node, 2, "alpha", 1) == 1:
         a, b = node.args[0], node.args[1]
+        negate = node.target is aten.sub.Tensor
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
-            raise NoMatch("a scalar is added to the scores")
-        for s_side, bias in ((a, b), (b, a)):
+            raise NoMatch(f"a scalar is {'subtracted from' if negate else 'added to'} the scores")
+        # s + b and b + s -> bias b;  s - b -> bias -b  (b - s negates the scores: not attention)
+        for s_side, bias in ((a, b),) if negate else ((a, b), (b, a)):
             try:
                 sub: list = []
                 einsum = _walk_scores(gm, s_side, sub)
@@ -154,10 +157,11 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
                 continue
             if depends_on(bias, [einsum]):
                 raise NoMatch("the additive mask depends on the attention scores")
-            steps.append(("bias", bias))
+            steps.append(("bias", (bias, negate, val(node).dtype)))
             steps.extend(sub)
             return einsum
-        raise NoMatch("neither addend of the scores comes from a q·kᵀ contraction")
+        raise NoMatch("neither addend of the scores comes from a q·kᵀ contraction" if not negate else
+                      "the scores are subtracted from a tensor, not a tensor from the scores")
     if node.target is aten.where.ScalarOther:
         keep, s, fill = node.args
         steps.append(("mask", (keep, float(fill))))
@@ -225,35 +229,53 @@ def _size_variants(gm: torch.fx.GraphModule) -> list[dict | None]:
     return [None, {s: 5 + 3 * i for i, s in enumerate(syms)}, {s: 11 + 2 * i for i, s in enumerate(syms)}]
 
 
-def _allowed_matrix(gm, nodes: list, sizes) -> torch.Tensor | None:
-    """AND of the shape-only masks (bool keep, or additive 0/-inf) as a bool (Lq, Lk) matrix."""
+@dataclass
+class _Layout:
+    """Where the op's (*batch, i, j) axes are in the scores: masks and biases are
+    broadcastable to the scores' shape, in the scores' own axis order."""
+
+    shape: list                                      # sizes of the scores (ints or symbolic)
+    perm: list                                       # scores axis of each op axis (*batch, i, j)
+
+    def identity(self) -> bool:
+        return self.perm == list(range(len(self.shape)))
+
+
+def _allowed_matrix(gm, nodes: list, sizes, layout: _Layout) -> torch.Tensor | None:
+    """AND of the shape-only masks (bool keep, or additive 0/-inf) as a bool (Lq, Lk) matrix,
+    each broadcast to the full (Lq, Lk) first; None when one varies along a batch axis."""
+    shape = [concrete_sym(n, sizes) if isinstance(n, torch.SymInt) else int(n) for n in layout.shape]
+    lq, lk = shape[layout.perm[-2]], shape[layout.perm[-1]]
+    if lq * lk > MAX_MASK_ELEMENTS:
+        return None
     total = None
     for node, is_bias in nodes:
         m = evaluate_shape_only(gm, node, sizes)
-        if m.numel() > MAX_MASK_ELEMENTS:
+        if m.numel() > MAX_MASK_ELEMENTS or m.dim() > len(shape):
             return None
         if is_bias:
             if not bool(((m == 0) | (m == -math.inf)).all()):
                 return None
             m = m == 0
-        while m.dim() > 2:
-            if m.shape[0] != 1:
-                return None
-            m = m[0]
-        if m.dim() != 2:
+        if m.dtype != torch.bool:
             return None
+        # scores' axis order -> (*batch, i, j); a (1, Lk) key mask is the same for every query row
+        m = m.reshape((1,) * (len(shape) - m.dim()) + tuple(m.shape)).permute(layout.perm)
+        if any(n != 1 for n in m.shape[:-2]):
+            return None
+        m = torch.broadcast_to(m.reshape(m.shape[-2:]), (lq, lk))
         total = m if total is None else total & m
     return total
 
 
-def _structural(gm, nodes: list) -> tuple[str, int, int] | None:
+def _structural(gm, nodes: list, layout: _Layout) -> tuple[str, int, int] | None:
     """Classify the shape-only masks at every size variant; None unless all agree."""
     if not nodes:
         return ("none", 0, 0)
     found = None
     for sizes in _size_variants(gm):
         try:
-            m = _allowed_matrix(gm, nodes, sizes)
+            m = _allowed_matrix(gm, nodes, sizes, layout)
         except Exception:
             return None
         c = classify_mask(m) if m is not None else None

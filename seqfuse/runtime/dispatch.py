@@ -53,6 +53,9 @@ def choose(kind: str, runtime: str, tensors: dict, attrs: dict) -> Impl:
         impl = impls.get(path)
         if impl is None:
             count_fallback(kind, f"{path}: not available")
+            if runtime == path:  # an explicit request is never dropped silently
+                warnings.warn(f"seqfuse.{kind}: runtime={runtime!r} requested but no {path} implementation "
+                              "is available; running the eager reference")
             continue
         reason = impl.supports(tensors, attrs)
         if reason is None:

@@ -10,11 +10,13 @@ from seqfuse.ir.masks import position_mask
 
 
 def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none", diag=0, window=0,
-                        fill=-math.inf, bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0):
+                        fill=-math.inf, bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0,
+                        return_lse=False):
     """softmax(masked(scale·q·kᵀ + bias))·v computed in fp32.
 
     Shapes: q (*B, Lq, D); k (*Bkv, Lk, D); v (*Bkv, Lk, Dv); bias and keep
-    broadcastable to (*B, Lq, Lk).  Returns out (*B, Lq, Dv) in v's dtype.
+    broadcastable to (*B, Lq, Lk).  Returns out (*B, Lq, Dv) in v's dtype, and with
+    ``return_lse`` also lse (*B, Lq) fp32, the log-sum-exp of each row's final scores.
     Dropout draws from the global RNG exactly as ``F.dropout`` on the
     probabilities does in the user's program.
     """
@@ -40,8 +42,10 @@ def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none
         s = s + bias.float()
     # 5. probabilities over keys, in fp32
     p = torch.softmax(s, dim=-1)
+    lse = torch.logsumexp(s, dim=-1) if return_lse else None
     # 6. dropout on the probabilities
     if dropout > 0.0:
         p = F.dropout(p, dropout, training=True)
     # 7. out[i, e] = Σ_j p[i, j] v[j, e]
-    return torch.matmul(p, v.float()).to(v.dtype)
+    out = torch.matmul(p, v.float()).to(v.dtype)
+    return (out, lse) if return_lse else out
