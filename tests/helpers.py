@@ -34,8 +34,12 @@ def check_against_eager(fn, *inputs, options=None, dynamic=None, grads=True, bou
     """Run ``fn`` eagerly and through ``seqfuse.explain``; assert outputs and gradients
     (of every input that requires grad, and of module parameters) agree.  Returns the report.
 
-    Inputs that should get gradients must have ``requires_grad=True``.
+    Inputs that should get gradients must have ``requires_grad=True``.  Without an explicit
+    ``downstream`` option the rest of the graph runs on "aot_eager" (fast to compile, the same
+    autograd path as inductor); tests that want inductor ask for it.
     """
+    options = dict(options or {})
+    options.setdefault("downstream", "aot_eager")
     ref_in = [_clone(x) for x in inputs]
     cmp_in = [_clone(x) for x in inputs]
     params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
