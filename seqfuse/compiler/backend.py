@@ -11,6 +11,7 @@ from seqfuse.compiler.options import Options
 from seqfuse.compiler.pipeline import run_pipeline
 from seqfuse.compiler.report import GraphReport, publish
 from seqfuse.compiler.verify import verifying
+from seqfuse.passes import enabled_passes
 
 
 def _strict() -> bool:
@@ -26,7 +27,7 @@ def _cache_key() -> str:
 
     import seqfuse
     schemas = sorted(str(getattr(torch.ops.seqfuse, name).default._schema)
-                     for name in ("attention", "attention_backward"))
+                     for name in ("attention", "attention_backward", "long_conv", "long_conv_backward"))
     return hashlib.sha256("\n".join([seqfuse.__version__, *schemas]).encode()).hexdigest()
 
 
@@ -69,6 +70,7 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     unless SEQFUSE_STRICT=1.
     """
     opts = Options.from_dict(options)
+    enabled_passes(opts.passes)  # unknown pass names are the user's error: raise, don't fall back
     report = GraphReport()
     try:
         rewritten = run_pipeline(gm, example_inputs, opts, report)

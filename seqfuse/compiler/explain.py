@@ -8,6 +8,7 @@ import torch
 from seqfuse.compiler.backend import seqfuse_backend
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.report import Report, collecting
+from seqfuse.passes import enabled_passes
 from seqfuse.runtime.counters import counters, fallbacks
 
 
@@ -31,7 +32,7 @@ def explain(fn, *args, options: dict | None = None, dynamic: bool | None = None,
     """
     if not callable(fn):
         raise TypeError(f"explain(fn, ...): fn must be a function or nn.Module, got {type(fn).__name__}")
-    Options.from_dict(options)  # fail early, with the option's name
+    enabled_passes(Options.from_dict(options).passes)  # fail early, naming the bad option or pass
     backend = functools.partial(seqfuse_backend, options=options)
     compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
     report = Report()

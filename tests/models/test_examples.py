@@ -60,4 +60,18 @@ def test_gpt2_training_step_matches_eager():
 
 
 def test_writing_a_pass_example_runs():
-    load("writing_a_pass").main()
+    import seqfuse
+    try:
+        load("writing_a_pass").main()
+    finally:
+        if any(p.name == "causal_mean" for p in seqfuse.registered_passes()):
+            seqfuse.unregister_pass("causal_mean")
+
+
+def test_writing_a_pass_doc_shows_the_example_verbatim():
+    """docs/writing_a_pass.md walks through exactly the code CI runs."""
+    import re
+    doc = (EXAMPLES.parent / "docs" / "writing_a_pass.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    code = (EXAMPLES / "writing_a_pass.py").read_text()
+    assert "\n\n".join(blocks) == code
