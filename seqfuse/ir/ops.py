@@ -144,17 +144,28 @@ class Scan(IROp):
 
 @dataclass
 class LongConv(IROp):
-    """y = (u * k)[:L] along the last axis, causal or circular, optional D skip (declared).
+    """y = act(scale·(u ⊛ k)[..., :L] + d·u) · gate: a long (or short) convolution along the last axis.
 
-    Operands: u (B, H, L); k (H, Lk) or (B, H, Lk); optional d (H,).
+    Operands: u (*B, L); k broadcastable to (*B, Lk) (per channel, shared, or per batch);
+    optional ``d`` (skip, broadcastable to u) and ``gate`` (broadcastable to y).
+
+    Attributes:
+      causal      True: y[t] = Σ_{s<=t} k[s]·u[t-s] (linear convolution, any FFT size ≥ L+Lk-1
+                  or the direct algorithm computes it); False: circular convolution of size fft_size
+      fft_size    the program's FFT length N (0 when it was written as a direct convolution)
+      scale       constant factor of the program's normalization (1.0 for a plain convolution)
+      activation  "none" | "silu", applied after the skip, before the gate
     """
 
     kind: ClassVar[str] = "long_conv"
     u: torch.fx.Node = operand()
     k: torch.fx.Node = operand()
     d: torch.fx.Node | None = operand(optional=True)
+    gate: torch.fx.Node | None = operand(optional=True)
     causal: bool = attr(True)
-    fft_size: int = attr(0)
+    fft_size: Any = attr(0)
+    scale: float = attr(1.0)
+    activation: str = attr("none")
 
 
 OP_CLASSES: dict[str, type[IROp]] = {c.kind: c for c in (Attention, SSD, Scan, LongConv)}

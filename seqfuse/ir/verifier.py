@@ -90,7 +90,15 @@ def _verify_ssd(op: SSD) -> None:
 
 
 def _verify_long_conv(op: LongConv) -> None:
-    _check(isinstance(op.fft_size, int) and op.fft_size >= 0, op, f"fft_size must be an int >= 0, got {op.fft_size!r}")
+    u, k = _val(op.u), _val(op.k)
+    _check(u.dim() >= 1 and k.dim() >= 1, op, "u and k need a sequence axis")
+    _check(k.dim() <= u.dim(), op, f"k (rank {k.dim()}) has more axes than u (rank {u.dim()})")
+    _check(u.is_floating_point() and k.is_floating_point(), op, f"u and k must be real floating point, got {u.dtype}, {k.dtype}")
+    _check(isinstance(op.causal, bool), op, f"causal must be a bool, got {op.causal!r}")
+    _check(op.causal or not isinstance(op.fft_size, int) or op.fft_size > 0, op,
+           "a circular convolution needs its fft_size")
+    _check(op.activation in ("none", "silu"), op, f"activation must be none|silu, got {op.activation!r}")
+    _check(isinstance(op.scale, float), op, f"scale must be a float, got {op.scale!r}")
 
 
 _RULES = {Attention: _verify_attention, Scan: _verify_scan, SSD: _verify_ssd, LongConv: _verify_long_conv}

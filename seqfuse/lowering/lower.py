@@ -6,8 +6,8 @@ import operator
 import torch
 import torch.fx
 
-from seqfuse.ir.ops import Attention, IROp, ir_marker, ir_of
-from seqfuse.lowering import attention_op  # noqa: F401  (registers seqfuse::attention)
+from seqfuse.ir.ops import Attention, IROp, LongConv, ir_marker, ir_of
+from seqfuse.lowering import attention_op, long_conv_op  # noqa: F401  (register the custom ops)
 
 
 def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, runtime: str) -> torch.fx.Node:
@@ -21,7 +21,15 @@ def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, 
     return out
 
 
-_LOWERINGS = {Attention: _lower_attention}
+def _lower_long_conv(graph: torch.fx.Graph, node: torch.fx.Node, op: LongConv, runtime: str) -> torch.fx.Node:
+    args = (op.u, op.k, op.d, op.gate, op.causal, op.fft_size, float(op.scale), op.activation, op.algorithm, runtime)
+    with graph.inserting_before(node):
+        call = graph.call_function(torch.ops.seqfuse.long_conv.default, args)
+    call.meta.update({k: v for k, v in node.meta.items() if k != "seqfuse_ir"})
+    return call
+
+
+_LOWERINGS = {Attention: _lower_attention, LongConv: _lower_long_conv}
 
 
 def lower_graph(gm: torch.fx.GraphModule, runtime: str = "auto") -> int:

@@ -1,0 +1,37 @@
+"""Autograd helpers for custom-op implementations."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch._C import DispatchKey, DispatchKeySet
+
+
+@contextlib.contextmanager
+def autograd_inside_op():
+    """Re-enable autograd inside a custom op's kernel (the dispatcher runs kernels below
+    autograd), so a backward can be computed by differentiating the forward again."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    autograd = DispatchKeySet(DispatchKey.AutogradFunctionality) | DispatchKeySet(DispatchKey.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded - autograd), \
+            torch.enable_grad():
+        yield
+
+
+def recompute_grads(fn, grad_out, inputs: list, needs: list[bool]):
+    """Gradients of ``fn(*inputs)`` for the inputs whose ``needs`` is True (others: None),
+    by running ``fn`` again under autograd."""
+    with autograd_inside_op():
+        leaves = [x.detach().requires_grad_(n) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                  for x, n in zip(inputs, needs)]
+        out = fn(*leaves)
+        wanted = [x for x, n in zip(leaves, needs) if n]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())
+        result = []
+        for x, n in zip(leaves, needs):
+            if not n:
+                result.append(None)
+                continue
+            g = next(grads)
+            result.append(torch.zeros_like(x) if g is None else g)
+    return result

@@ -1,0 +1,63 @@
+"""Reference implementation of seqfuse.long_conv: the eager fallback and the test oracle."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fft_size_for(length: int, kernel_length: int) -> int:
+    """The smallest power of two N ≥ L + Lk - 1: an FFT of that size computes the
+    causal (linear) convolution without wrap-around."""
+    n = 1
+    while n < length + kernel_length - 1:
+        n *= 2
+    return n
+
+
+def _conv_fft(u, k, n):
+    # y = IFFT(FFT(u) · FFT(k)), both zero-padded to n, first L samples
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :u.shape[-1]]
+
+
+def _conv_direct(u, k):
+    # y[t] = Σ_s k[s]·u[t-s]: a depthwise conv1d over the left-padded input with the kernel flipped
+    length, lk = u.shape[-1], k.shape[-1]
+    lead = torch.broadcast_shapes(u.shape[:-1], k.shape[:-1])
+    u = u.expand(*lead, length).reshape(-1, 1, length)
+    k = k.expand(*lead, lk).reshape(-1, 1, lk)
+    y = F.conv1d(F.pad(u, (lk - 1, 0)).reshape(1, -1, length + lk - 1), k.flip(-1), groups=k.shape[0])
+    return y.reshape(*lead, length)
+
+
+def long_conv_reference(u, k, d=None, gate=None, *, causal=True, fft_size=0, scale=1.0, activation="none",
+                        algorithm="fft"):
+    """y = act(scale·(u ⊛ k)[..., :L] + d·u) · gate, computed in fp32.
+
+    Shapes: u (*B, L); k broadcastable to (*B, Lk); d broadcastable to u; gate
+    broadcastable to y.  causal: linear convolution (``algorithm`` "fft" or
+    "direct"); otherwise circular convolution of size ``fft_size``.  Returns y
+    in the dtype of u (promoted with k, d and gate).
+    """
+    dtype = torch.promote_types(u.dtype, k.dtype)
+    uf, kf = u.float(), k.float()
+    # 1. the convolution
+    if not causal:
+        y = _conv_fft(uf, kf, int(fft_size))
+    elif algorithm == "direct":
+        y = _conv_direct(uf, kf)
+    else:
+        y = _conv_fft(uf, kf, fft_size_for(u.shape[-1], min(k.shape[-1], u.shape[-1])))
+    # 2. the program's normalization
+    if scale != 1.0:
+        y = y * scale
+    # 3. skip connection
+    if d is not None:
+        y = y + uf * d.float()
+        dtype = torch.promote_types(dtype, d.dtype)
+    # 4. activation, then gate
+    if activation == "silu":
+        y = F.silu(y)
+    if gate is not None:
+        y = y * gate.float()
+        dtype = torch.promote_types(dtype, gate.dtype)
+    return y.to(dtype)

@@ -1,0 +1,218 @@
+"""Long convolutions in the spellings papers and libraries use: each compiled with seqfuse
+equals eager (outputs and gradients) and the report shows one seqfuse.long_conv with the
+expected attributes; near misses are left alone with their reason."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import check_against_eager
+
+B, H, L = 2, 4, 16
+
+
+def inputs(*shapes):
+    return [torch.randn(*s, requires_grad=True) for s in shapes]
+
+
+# --- FFT convolutions ------------------------------------------------------------
+
+def fft_kernel_side_scale(u, k):
+    n = 2 * u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * (torch.fft.rfft(k, n=n) / n), n=n, norm="forward")[..., :u.shape[-1]]
+
+
+def fft_output_side_scale(u, k):
+    n = 2 * u.shape[-1]
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n, norm="forward") / n
+    return y[..., :u.shape[-1]]
+
+
+def fft_default_norm(u, k):
+    n = 2 * u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :u.shape[-1]]
+
+
+def fft_ortho(u, k):
+    n = 2 * u.shape[-1]
+    uf, kf = torch.fft.rfft(u, n=n, norm="ortho"), torch.fft.rfft(k, n=n, norm="ortho")
+    return torch.fft.irfft(uf * kf, n=n, norm="ortho")[..., :u.shape[-1]] * math.sqrt(n)
+
+
+def fft_complex(u, k):
+    n = 2 * u.shape[-1]
+    return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n)).real[..., :u.shape[-1]]
+
+
+def fft_next_pow2(u, k):
+    n = 1 << (2 * u.shape[-1] - 2).bit_length()     # next power of two ≥ L + Lk - 1
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :u.shape[-1]]
+
+
+def fft_exact_size(u, k):
+    n = u.shape[-1] + k.shape[-1] - 1                 # the smallest size without wrap-around
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :u.shape[-1]]
+
+
+def fft_shared_kernel(u, k1):
+    n = 2 * u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k1, n=n), n=n)[..., :u.shape[-1]]
+
+
+@pytest.mark.parametrize("fn,kshape", [
+    (fft_kernel_side_scale, (H, L)), (fft_output_side_scale, (H, L)), (fft_default_norm, (H, L)),
+    (fft_ortho, (H, L)), (fft_complex, (H, L)), (fft_next_pow2, (H, L)), (fft_exact_size, (H, L)),
+    (fft_shared_kernel, (L,)), (fft_default_norm, (B, H, L)), (fft_default_norm, (H, 5)),
+])
+def test_fft_convolution_spellings(fn, kshape):
+    u, k = inputs((B, H, L), kshape)
+    report = check_against_eager(fn, u, k)
+    assert report.count("long_conv") == 1, str(report)
+    ir = report.rewrites[0].ir
+    assert "causal=true" in ir and "scale=1.0" in ir, ir
+
+
+def hyena_operator(u, k, D, v):
+    """Hyena order-2 step as its reference code writes it: gated FFT conv with D skip."""
+    seqlen = u.shape[-1]
+    fft_size = 2 * seqlen
+    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+    y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
+    out = y + u * D.unsqueeze(-1)
+    return (v * out).to(dtype=u.dtype)
+
+
+def test_hyena_gated_conv_folds_skip_and_gate():
+    u, k, D, v = inputs((B, H, L), (H, L), (H,), (B, H, L))
+    report = check_against_eager(hyena_operator, u, k, D, v)
+    assert report.count("long_conv") == 1
+    ir = report.rewrites[0].ir
+    assert "d=%" in ir and "gate=%" in ir, ir
+
+
+def s4d_kernel(log_dt, A_re, A_im, C, length):
+    """S4D's Vandermonde kernel K[h, l] = 2·Re(Σ_n C·(exp(dtA)-1)/A · exp(dtA·l)), computed in the graph."""
+    dt = torch.exp(log_dt)
+    A = torch.complex(-torch.exp(A_re), A_im)
+    dtA = A * dt.unsqueeze(-1)
+    Cc = C * (torch.exp(dtA) - 1.0) / A
+    vand = dtA.unsqueeze(-1) * torch.arange(length)
+    return 2 * torch.einsum("hn,hnl->hl", Cc, torch.exp(vand)).real
+
+
+def s4d_layer(u, log_dt, A_re, A_im, C_re, C_im, D):
+    length = u.shape[-1]
+    k = s4d_kernel(log_dt, A_re, A_im, torch.complex(C_re, C_im), length)
+    k_f = torch.fft.rfft(k, n=2 * length)
+    u_f = torch.fft.rfft(u, n=2 * length)
+    y = torch.fft.irfft(u_f * k_f, n=2 * length)[..., :length]
+    return y + u * D.unsqueeze(-1)
+
+
+def test_s4d_convolution_mode_keeps_kernel_generation_in_graph():
+    N = 4
+    u, log_dt, A_re, A_im, C_re, C_im, D = inputs((B, H, L), (H,), (H, N), (H, N), (H, N), (H, N), (H,))
+    report = check_against_eager(s4d_layer, u, log_dt, A_re, A_im, C_re, C_im, D)
+    assert report.count("long_conv") == 1
+    assert "d=%" in report.rewrites[0].ir
+
+
+def circular(u, k):
+    n = u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+
+
+def test_circular_convolution():
+    u, k = inputs((B, H, L), (H, L))
+    report = check_against_eager(circular, u, k)
+    assert report.count("long_conv") == 1
+    assert "causal=false" in report.rewrites[0].ir and "algo=fft" in report.rewrites[0].ir
+
+
+def test_dynamic_length_no_recompile():
+    from torch._dynamo.utils import counters
+    counters.clear()
+    f = torch.compile(fft_kernel_side_scale, backend="seqfuse", dynamic=True)
+    for length in (16, 24, 40):
+        u, k = torch.randn(B, H, length), torch.randn(H, length)
+        torch.testing.assert_close(f(u, k), fft_kernel_side_scale(u, k), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# --- direct convolutions ------------------------------------------------------
+
+class MambaConv(torch.nn.Module):
+    """Mamba's causal depthwise conv1d: padding K-1 on both sides, sliced back to L, then SiLU."""
+
+    def __init__(self, channels=H, kernel=4, bias=True):
+        super().__init__()
+        self.conv1d = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1, bias=bias)
+
+    def forward(self, x):
+        return F.silu(self.conv1d(x)[..., :x.shape[-1]])
+
+
+class LeftPadConv(torch.nn.Module):
+    """Causal conv written as an explicit left pad, then a valid depthwise conv1d."""
+
+    def __init__(self, channels=H, kernel=8):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(channels, 1, kernel))
+
+    def forward(self, x, gate):
+        return F.silu(F.conv1d(F.pad(x, (self.w.shape[-1] - 1, 0)), self.w, groups=x.shape[1])) * gate
+
+
+def test_mamba_short_conv_is_direct():
+    (x,) = inputs((B, H, L))
+    report = check_against_eager(MambaConv(), x)
+    assert report.count("long_conv") == 1
+    assert "algo=direct" in report.rewrites[0].ir
+
+
+def test_left_pad_long_conv_folds_activation_and_gate():
+    x, gate = inputs((B, H, L), (B, H, L))
+    report = check_against_eager(LeftPadConv(), x, gate)
+    ir = report.rewrites[0].ir
+    assert report.count("long_conv") == 1 and "activation=silu" in ir and "gate=%" in ir, ir
+
+
+def test_cost_model_picks_fft_for_long_kernels():
+    u, k = torch.randn(1, 2, 1024), torch.randn(2, 1024)
+    report = check_against_eager(fft_default_norm, u, k, grads=False)
+    assert "algo=fft" in report.rewrites[0].ir
+
+
+# --- near misses: left alone, still equal to eager -------------------------------
+
+def fft_truncating(u, k):
+    # an FFT shorter than the signal truncates it: not a convolution of u
+    n = u.shape[-1] // 2
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+
+
+def spectrum_times_parameter(u, kf):
+    # the kernel is given as a spectrum, not as a signal: the IR takes signals
+    n = 2 * u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * kf, n=n)[..., :u.shape[-1]]
+
+
+def conv_not_sliced(x, w):
+    # padding on both sides without the slice: a centred (non-causal) convolution
+    return F.conv1d(x, w, padding=w.shape[-1] - 1, groups=x.shape[1])
+
+
+@pytest.mark.parametrize("fn,shapes,reason", [
+    (fft_truncating, ((B, H, L), (H, L)), "smaller than the signal"),
+    (spectrum_times_parameter, ((B, H, L), (H, L + 1)), "not an"),
+    (conv_not_sliced, ((B, H, L), (H, 1, 4)), "not sliced back to causal"),
+])
+def test_near_misses(fn, shapes, reason):
+    args = inputs(*shapes)
+    if fn is spectrum_times_parameter:
+        args[1] = torch.randn(H, L + 1, dtype=torch.complex64, requires_grad=True)
+    report = check_against_eager(fn, *args)
+    assert report.count("long_conv") == 0
+    assert any(reason in m.reason for m in report.near_misses), [m.reason for m in report.near_misses]
