@@ -72,8 +72,47 @@ def llama_workload(quick, device):
     )
 
 
+def hyena_gated_fft_conv(u, k, D, v):
+    """Hyena's gated FFT convolution as its reference code writes it: (B, H, L) -> (B, H, L)."""
+    seqlen = u.shape[-1]
+    fft_size = 2 * seqlen
+    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+    y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
+    return (v * (y + u * D.unsqueeze(-1))).to(dtype=u.dtype)
+
+
+def hyena_workload(quick, device):
+    B, H, L = (2, 8, 256) if quick else (4, 256, 8192)
+    torch.manual_seed(0)
+    u, v = (torch.randn(B, H, L, device=device) for _ in range(2))
+    k, D = torch.randn(H, L, device=device), torch.randn(H, device=device)
+    return Workload(hyena_gated_fft_conv, (u, k, D, v), f"B={B} H={H} L={L} fp32")
+
+
+def s4d_conv(u, log_dt, A_re, A_im, C, D):
+    """An S4D layer in convolution mode: the Vandermonde kernel, then an FFT convolution with D skip."""
+    length = u.shape[-1]
+    dtA = torch.complex(-torch.exp(A_re), A_im) * torch.exp(log_dt).unsqueeze(-1)
+    Cc = C * (torch.exp(dtA) - 1.0) / torch.complex(-torch.exp(A_re), A_im)
+    k = 2 * torch.einsum("hn,hnl->hl", Cc, torch.exp(dtA.unsqueeze(-1) * torch.arange(length, device=u.device))).real
+    y = torch.fft.irfft(torch.fft.rfft(u, n=2 * length) * torch.fft.rfft(k, n=2 * length), n=2 * length)
+    return y[..., :length] + u * D.unsqueeze(-1)
+
+
+def s4d_workload(quick, device):
+    B, H, L, N = (2, 8, 256, 8) if quick else (4, 256, 4096, 32)
+    torch.manual_seed(0)
+    args = (torch.randn(B, H, L, device=device), torch.rand(H, device=device).log(),
+            torch.randn(H, N, device=device) * 0.1, torch.randn(H, N, device=device),
+            torch.randn(H, N, dtype=torch.complex64, device=device), torch.randn(H, device=device))
+    return Workload(s4d_conv, args, f"B={B} H={H} L={L} N={N} fp32")
+
+
 WORKLOADS = {
     "naive_causal_attention": attention_workload,  # the headline
     "gpt2": gpt2_workload,
     "llama": llama_workload,
+    "hyena_gated_fft_conv": hyena_workload,
+    "s4d_conv": s4d_workload,
 }

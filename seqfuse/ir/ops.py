@@ -176,6 +176,23 @@ def ir_marker(*args, **kwargs):
     raise RuntimeError("seqfuse: an IR node reached execution without being lowered")
 
 
+def graph_values(op: IROp) -> list[tuple[str, torch.fx.Node]]:
+    """(field, node) for every graph value the op reads (operands, then symbolic attributes),
+    in the order they are the arguments of the op's node."""
+    return [(k, v) for k, v in op.operands() + op.attributes() if isinstance(v, torch.fx.Node)]
+
+
 def ir_of(node: torch.fx.Node) -> IROp | None:
-    """The IR op a graph node carries, or None."""
-    return node.meta.get("seqfuse_ir")
+    """The IR op a graph node carries, or None.
+
+    The node's arguments are the source of truth for the values it reads (passes may
+    replace them, e.g. when an operand is itself rewritten into an IR op): the op's
+    fields are brought up to date from them before the op is returned.
+    """
+    op = node.meta.get("seqfuse_ir")
+    if op is not None and node.target is ir_marker:
+        values = graph_values(op)
+        if len(values) == len(node.args):
+            for (name, _), arg in zip(values, node.args):
+                setattr(op, name, arg)
+    return op

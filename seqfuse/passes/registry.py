@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch.fx
 
-from seqfuse.ir.ops import IROp, ir_marker
+from seqfuse.ir.ops import IROp, graph_values, ir_marker
 
 
 class ReportSink(Protocol):
@@ -41,7 +41,7 @@ class PassContext:
         and source location (``like`` is the node whose value the op computes)."""
         with self.graph.inserting_before(before):
             # every graph value the op reads is an argument, so dependencies and DCE see it
-            values = [v for _, v in op.operands() + op.attributes() if isinstance(v, torch.fx.Node)]
+            values = [v for _, v in graph_values(op)]
             node = self.graph.create_node("call_function", ir_marker, tuple(values), name=op.kind)
         node.meta.update({k: v for k, v in like.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
         node.meta["seqfuse_ir"] = op

@@ -216,3 +216,55 @@ def test_near_misses(fn, shapes, reason):
     report = check_against_eager(fn, *args)
     assert report.count("long_conv") == 0
     assert any(reason in m.reason for m in report.near_misses), [m.reason for m in report.near_misses]
+
+
+def fftconv_ref(u, k, D):
+    """H3's reference fftconv (without its optional gelu and dropout)."""
+    seqlen = u.shape[-1]
+    fft_size = 2 * seqlen
+    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+    y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
+    out = y + u * D.unsqueeze(-1)
+    return out.to(dtype=u.dtype)
+
+
+class H3Layer(torch.nn.Module):
+    """H3: q·SSM_diag(SSM_shift(k)·v), both SSMs in convolution mode."""
+
+    def __init__(self, d_model=H, length=L, n_state=4):
+        super().__init__()
+        self.in_proj = torch.nn.Linear(d_model, 3 * d_model)
+        self.out_proj = torch.nn.Linear(d_model, d_model)
+        self.shift_kernel = torch.nn.Parameter(torch.randn(d_model, n_state) / n_state)  # a short shift SSM
+        self.log_dt = torch.nn.Parameter(torch.rand(d_model).log())
+        self.A_re = torch.nn.Parameter(torch.randn(d_model, n_state) * 0.1)
+        self.A_im = torch.nn.Parameter(torch.randn(d_model, n_state))
+        self.C_re = torch.nn.Parameter(torch.randn(d_model, n_state))
+        self.C_im = torch.nn.Parameter(torch.randn(d_model, n_state))
+        self.D_shift = torch.nn.Parameter(torch.randn(d_model))
+        self.D_diag = torch.nn.Parameter(torch.randn(d_model))
+
+    def forward(self, x):  # x: (B, L, d) -> (B, L, d)
+        q, k, v = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)
+        length = x.shape[1]
+        shift = F.pad(self.shift_kernel, (0, length - self.shift_kernel.shape[-1]))
+        k = fftconv_ref(k, shift, self.D_shift)
+        diag = s4d_kernel(self.log_dt, self.A_re, self.A_im, torch.complex(self.C_re, self.C_im), length)
+        y = q * fftconv_ref(k * v, diag, self.D_diag)
+        return self.out_proj(y.transpose(1, 2))
+
+
+def test_h3_layer_has_two_long_convs():
+    (x,) = inputs((B, L, H))
+    report = check_against_eager(H3Layer(), x)
+    assert report.count("long_conv") == 2, str(report)
+    assert "gate=%" in report.rewrites[1].ir
+
+
+def test_cost_model_threshold():
+    from seqfuse.passes.select import DIRECT_MAX_KERNEL
+    u = torch.randn(1, 2, 4 * DIRECT_MAX_KERNEL)
+    short = check_against_eager(fft_default_norm, u, torch.randn(2, DIRECT_MAX_KERNEL), grads=False)
+    long = check_against_eager(fft_default_norm, u, torch.randn(2, DIRECT_MAX_KERNEL + 1), grads=False)
+    assert "algo=direct" in short.rewrites[0].ir and "algo=fft" in long.rewrites[0].ir
