@@ -50,17 +50,16 @@ def compare(outs, refs) -> None:
 def verifying(compiled, original):
     """Wrap ``compiled`` so its first call is checked against ``original`` run eagerly
     (same inputs, same RNG state)."""
-    boxed = getattr(compiled, "_boxed_call", False)
     state = {"checked": False}
 
-    def run(*args):
+    def run(*args):  # Dynamo calls a backend's result with positional inputs
         if state["checked"]:
             return compiled(*args)
         state["checked"] = True
-        inputs = list(args[0]) if boxed else list(args)
+        inputs = list(args)
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        out = compiled(*args)
+        out = compiled(*inputs)
         after = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda_rng is not None else None)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -73,5 +72,4 @@ def verifying(compiled, original):
         compare(out, ref)
         return out
 
-    run._boxed_call = boxed
     return run

@@ -95,6 +95,7 @@ def _verify_long_conv(op: LongConv) -> None:
     _check(k.dim() <= u.dim(), op, f"k (rank {k.dim()}) has more axes than u (rank {u.dim()})")
     _check(u.is_floating_point() and k.is_floating_point(), op, f"u and k must be real floating point, got {u.dtype}, {k.dtype}")
     _check(isinstance(op.causal, bool), op, f"causal must be a bool, got {op.causal!r}")
+    _check(not isinstance(op.fft_size, int) or op.fft_size >= 0, op, f"fft_size must be >= 0, got {op.fft_size!r}")
     _check(op.causal or not isinstance(op.fft_size, int) or op.fft_size > 0, op,
            "a circular convolution needs its fft_size")
     _check(op.activation in ("none", "silu"), op, f"activation must be none|silu, got {op.activation!r}")

@@ -82,7 +82,8 @@ def run(kind: str, which: str, runtime: str, tensors: dict, attrs: dict, *args):
         result = fn(*args)
     except Exception as exc:  # a fast path failing must never fail the model
         reason = f"{impl.path} raised {type(exc).__name__}: {exc}"
-        warnings.warn(f"seqfuse.{kind}: {reason}; falling back to the eager reference")
+        # the warning names the function that failed (``attention_backward`` for a backward)
+        warnings.warn(f"seqfuse.{label}: {reason}; falling back to the eager reference")
         count_fallback(kind, reason)
         count_call(label, "eager")
         return getattr(_IMPLS[kind]["eager"], which)(*args)

@@ -46,6 +46,10 @@ def supports(t: dict, a: dict) -> str | None:
             return f"fill={a['fill']} with a mask that may empty a row"
     if not _rows_nonempty(q.shape[-2], k.shape[-2], a["mask"], a["diag"], a["window"]):
         return "a structural mask that leaves rows empty"
+    if q.device.type == "cpu" and t["v"].shape[-1] != q.shape[-1]:
+        return "value head dim differs from the query head dim (the CPU flash kernel needs them equal)"
+    if _tensor_mask_empties_a_row(q, k, t["bias"], t["keep"], a):
+        return "a mask tensor leaves a row empty (the fused kernels return 0 there, the program NaN)"
     if a["gqa_groups"] > 1 and q.dim() != 4:
         return "GQA needs rank-4 inputs"
     kv_batch = list(k.shape[:-2])
@@ -54,6 +58,19 @@ def supports(t: dict, a: dict) -> str | None:
     if kv_batch != list(q.shape[:-2]) or t["v"].shape[:-2] != k.shape[:-2]:
         return "k/v batch axes broadcast against q's"
     return None
+
+
+def _tensor_mask_empties_a_row(q, k, bias, keep, a) -> bool:
+    """Whether the keep / bias tensors (with the structural mask) mask every key of some query."""
+    if keep is None and bias is None:
+        return False
+    allowed = _cached_position_mask(q.shape[-2], k.shape[-2], a["mask"], a["diag"], a["window"], q.device)
+    if keep is not None:
+        allowed = keep if allowed is None else allowed & keep
+    if bias is not None:
+        finite = bias > -math.inf
+        allowed = finite if allowed is None else allowed & finite
+    return not bool(allowed.any(dim=-1).all())
 
 
 _MASK_CACHE: dict = {}

@@ -1,0 +1,156 @@
+"""Canonicalization: every contraction spelling becomes one aten.einsum on the base tensors,
+every constant-fill mask spelling becomes where.ScalarOther(keep, x, fill); values unchanged."""
+import pytest
+import torch
+
+from seqfuse.compiler.canonicalize import canonicalize, normalize_contractions, normalize_masks, trace_pre_dispatch
+from seqfuse.ir import format_graph
+
+aten = torch.ops.aten
+
+
+def capture(fn, *args):
+    """Dynamo's graph of ``fn`` and its example inputs (in the graph's placeholder order)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def run(gm, inputs):
+    out = gm(*inputs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def placeholders(gm):
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+q4, k4 = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4)
+q3, k3 = torch.randn(6, 5, 4), torch.randn(6, 6, 4)
+
+# name -> (function, inputs, expected equation on (q, k) in that order)
+CONTRACTIONS = {
+    "matmul_operator": (lambda q, k: q @ k.transpose(-2, -1), (q4, k4), "abcd,abed->abce"),
+    "bmm": (lambda q, k: torch.bmm(q, k.transpose(1, 2)), (q3, k3), "abc,adc->abd"),
+    "mm": (lambda q, k: torch.mm(q, k.t()), (q3[0], k3[0]), "ab,cb->ac"),
+    "einsum": (lambda q, k: torch.einsum("bhid,bhjd->bhij", q, k), (q4, k4), "abcd,abed->abce"),
+    "broadcast_mul_sum": (lambda q, k: (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1), (q4, k4), "abcd,abed->abce"),
+    "permuted_operands": (lambda q, k: q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1),
+                          (q4.transpose(1, 2).contiguous(), k4.transpose(1, 2).contiguous()), "abcd,aecd->acbe"),
+}
+
+
+PARAMS = sorted(CONTRACTIONS)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_contractions_become_one_einsum(name):
+    fn, (q, k), equation = CONTRACTIONS[name]
+    gm, inputs = capture(fn, q, k)
+    traced = trace_pre_dispatch(gm, inputs)
+    normalize_contractions(traced)
+    einsums = [n for n in traced.graph.nodes if n.target is aten.einsum.default]
+    assert len(einsums) == 1, format_graph(traced.graph)
+    (node,) = einsums
+    by_name = {p.name: p for p in placeholders(traced)}
+    # the view chains are folded into the equation: the operands are the inputs themselves
+    assert node.args[1] == [by_name["l_q_"], by_name["l_k_"]], format_graph(traced.graph)
+    assert node.args[0] == equation
+    assert not any(t in targets(traced) for t in (aten.matmul.default, aten.bmm.default, aten.mm.default,
+                                                  aten.transpose.int, aten.permute.default, aten.sum.dim_IntList))
+    torch.testing.assert_close(run(traced, inputs), fn(q, k), rtol=1e-6, atol=1e-6)
+
+
+def test_baddbmm_with_zero_beta_keeps_alpha_as_a_scale():
+    def fn(q, k):
+        return torch.baddbmm(torch.zeros(6, 5, 6), q, k.transpose(1, 2), beta=0, alpha=0.5)
+
+    gm, inputs = capture(fn, q3, k3)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_contractions(traced) == 1
+    text = format_graph(traced.graph)
+    assert "aten.einsum(abc,adc->abd, [%l_q_, %l_k_])" in text and "aten.mul.Tensor(%einsum_default, 0.5)" in text
+    torch.testing.assert_close(run(traced, inputs), fn(q3, k3))
+
+
+def test_contraction_count_and_idempotence():
+    def fn(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+
+    gm, inputs = capture(fn, q4, k4, torch.randn(2, 3, 6, 7))
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_contractions(traced) == 2
+    first = format_graph(traced.graph)
+    assert normalize_contractions(traced) == 0  # already canonical
+    assert format_graph(traced.graph) == first
+
+
+def test_vector_products_are_left_alone():
+    gm, inputs = capture(lambda a, b: torch.matmul(a, b), torch.randn(4), torch.randn(4, 3))
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_contractions(traced) == 0
+
+
+s4 = torch.randn(2, 3, 5, 5)
+m2 = torch.rand(5, 5) > 0.5
+
+# name -> (function, keep is the mask itself (True) or its negation (False), fill)
+MASKS = {
+    "masked_fill": (lambda s, m: s.masked_fill(m, float("-inf")), False, float("-inf")),
+    "masked_fill_of_negation": (lambda s, m: s.masked_fill(~m, -1e4), True, -1e4),
+    "where_x_fill": (lambda s, m: torch.where(m, s, float("-inf")), True, float("-inf")),
+    "where_fill_x": (lambda s, m: torch.where(m, -1e4, s), False, -1e4),
+    "where_tensor_fill": (lambda s, m: torch.where(m, s, torch.tensor(float("-inf"))), True, float("-inf")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_masks_become_where_scalar_other(name):
+    fn, keep_is_mask, fill = MASKS[name]
+    gm, inputs = capture(fn, s4, m2)
+    traced = trace_pre_dispatch(gm, inputs)
+    normalize_masks(traced)
+    wheres = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is not aten.logical_not.default
+              and "where" in str(n.target) or "masked_fill" in str(n.target)]
+    assert [n.target for n in wheres] == [aten.where.ScalarOther], format_graph(traced.graph)
+    keep, x, got_fill = wheres[0].args
+    mask = next(p for p in placeholders(traced) if p.name == "l_m_")
+    if keep_is_mask:
+        assert keep is mask
+    else:
+        assert keep.target is aten.logical_not.default and keep.args[0] is mask
+    assert x.name == "l_s_" and got_fill == fill and isinstance(got_fill, float)
+    assert torch.equal(run(traced, inputs), fn(s4, m2))
+
+
+def test_canonicalize_runs_both_normalizations():
+    def fn(q, k, m):
+        return (q @ k.transpose(-2, -1)).masked_fill(m, float("-inf"))
+
+    m = torch.rand(5, 6) > 0.5
+    gm, inputs = capture(fn, q4, k4, m)
+    canon = canonicalize(gm, inputs)
+    assert aten.einsum.default in targets(canon) and aten.where.ScalarOther in targets(canon)
+    assert aten.masked_fill.Scalar not in targets(canon) and aten.matmul.default not in targets(canon)
+    torch.testing.assert_close(run(canon, inputs), fn(q4, k4, m))
+
+
+def test_source_locations_survive_tracing():
+    def fn(q, k):
+        return q @ k.transpose(-2, -1)
+
+    gm, inputs = capture(fn, q4, k4)
+    traced = trace_pre_dispatch(gm, inputs)
+    normalize_contractions(traced)
+    (node,) = [n for n in traced.graph.nodes if n.target is aten.einsum.default]
+    assert "test_canonicalize.py" in node.meta.get("stack_trace", "")
