@@ -75,3 +75,11 @@ def test_writing_a_pass_doc_shows_the_example_verbatim():
     blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
     code = (EXAMPLES / "writing_a_pass.py").read_text()
     assert "\n\n".join(blocks) == code
+
+
+def test_hyena_operator_matches_eager_with_two_long_convs():
+    op, x = load("hyena").build()
+    report = check_against_eager(op, x.requires_grad_(True), bound=1e-5)
+    assert report.count("long_conv") == 2, str(report)
+    fft = [r for r in report.rewrites if "fft_size=0" not in r.ir]
+    assert len(fft) == 1 and "d=%" in fft[0].ir and "gate=%" in fft[0].ir, fft
