@@ -5,7 +5,9 @@
    is not yet applied, and every node keeps the user's source location.
 2. ``normalize_contractions``: matmul / bmm / mm / baddbmm(beta=0) / einsum /
    broadcast-multiply + sum become ``aten.einsum`` with transposes, permutes,
-   unsqueezes and broadcasts of the operands folded into the equation.
+   unsqueezes and broadcasts of the operands folded into the equation; a fold
+   is kept only if every letter keeps its size (a sum over n broadcast copies
+   must not become a sum over the one stored).
 3. ``normalize_masks``: masked_fill and every ``where`` spelling with a constant
    fill become ``aten.where.ScalarOther(keep, scores, fill)`` (keep = True where
    the score survives).
@@ -90,8 +92,12 @@ def _rename_letters(ins: list[str], out: str) -> str:
 
 
 def _fold(operand: torch.fx.Node, letters: str, fresh: list[str]) -> tuple[torch.fx.Node, str]:
-    """Fold the view chain of one operand into its letters (see ``axis_view``)."""
-    base, axes = axis_view(operand)
+    """Fold the view chain of one operand into its letters (see ``axis_view``).
+
+    An axis ``expand`` broadcasts from size 1 keeps its letter on the size-1 base
+    axis (einsum broadcasts it back); ``_letter_sizes`` checks that another operand
+    still gives that letter its full size."""
+    base, axes = axis_view(operand, broadcast=True)
     if base is operand:
         return operand, letters
     base_letters = [None] * rank(base)
@@ -100,6 +106,16 @@ def _fold(operand: torch.fx.Node, letters: str, fresh: list[str]) -> tuple[torch
             base_letters[b] = letters[view_axis]
     base_letters = [c if c is not None else fresh.pop() for c in base_letters]
     return base, "".join(base_letters)
+
+
+def _letter_sizes(operands, letters) -> dict:
+    """Size of each einsum letter: the largest over the operands (size-1 axes broadcast)."""
+    sizes: dict = {}
+    for op, lets in zip(operands, letters):
+        for c, n in zip(lets, val(op).shape):
+            if c not in sizes or statically_known_true(sizes[c] == 1):
+                sizes[c] = n
+    return sizes
 
 
 def _shape_matches(expected, got) -> bool:
@@ -166,6 +182,11 @@ def normalize_contractions(gm: torch.fx.GraphModule) -> int:
                 with mode:
                     got = torch.einsum(",".join(lets) + "->" + out, *[val(o) for o in ops])
             except Exception:
+                continue
+            # every letter keeps its size: a broadcast letter that no operand has at full
+            # size any more (or that is gone) would be summed over 1 element instead of n
+            was, now = _letter_sizes(operands, letters), _letter_sizes(ops, lets)
+            if not all(statically_known_true(now.get(c, 1) == n) for c, n in was.items()):
                 continue
             if _shape_matches(val(node).shape, got.shape) and got.dtype == val(node).dtype:
                 best = (ops, lets)

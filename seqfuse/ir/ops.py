@@ -85,6 +85,8 @@ class Attention(IROp):
       gqa_groups  query heads per key/value head
       softcap     c·tanh(s/c) applied to the scaled scores, or None
       dropout     dropout probability applied to the probabilities
+      empty_rows  what a query whose every key is masked gets: "nan" (the softmax of all -inf,
+                  as hand-written attention gives) or "zero" (F.scaled_dot_product_attention's rule)
     """
 
     kind: ClassVar[str] = "attention"
@@ -102,6 +104,7 @@ class Attention(IROp):
     gqa_groups: int = attr(1)
     softcap: float | None = attr(None)
     dropout: float = attr(0.0)
+    empty_rows: str = attr("nan")
 
 
 @dataclass

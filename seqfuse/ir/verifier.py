@@ -61,6 +61,7 @@ def _verify_attention(op: Attention) -> None:
                f"gqa_groups={op.gqa_groups} but k has {k.shape[-3]} heads and v has {v.shape[-3]}")
     _check(op.scale is None or _is_number(op.scale) or isinstance(op.scale, torch.fx.Node), op,
            f"scale must be None, a number or a graph value, got {op.scale!r}")
+    _check(op.empty_rows in ("nan", "zero"), op, f"empty_rows must be nan|zero, got {op.empty_rows!r}")
     _check(_is_number(op.dropout) and 0.0 <= op.dropout < 1.0, op, f"dropout must be in [0, 1), got {op.dropout!r}")
     _check(isinstance(op.fill, float) and not math.isnan(op.fill), op, f"fill must be a float, got {op.fill!r}")
     _check(op.softcap is None or (_is_number(op.softcap) and op.softcap > 0), op,

@@ -1,10 +1,12 @@
 """seqfuse::attention as a torch.library custom op: fake impl, autograd, runtime dispatch.
 
-    seqfuse::attention(q, k, v, bias?, keep?, <attributes>, runtime) -> (out, lse, rng_state)
+    seqfuse::attention(q, k, v, bias?, keep?, <attributes>, nonce, runtime) -> (out, lse, rng_state)
     seqfuse::attention_backward(grad_out, q, k, v, bias?, keep?, out, lse, rng_state, <attributes>,
                                 runtime, need_dbias) -> (dq, dk, dv, dbias)
 
-``lse`` (*B, Lq, fp32) is the log-sum-exp of each row of final scores, kept for
+``nonce`` differs between the dropout calls of one graph, so common-subexpression
+elimination (which knows ATen's random ops, not ours) cannot merge two of them into
+one dropout mask.  ``lse`` (*B, Lq, fp32) is the log-sum-exp of each row of final scores, kept for
 the backward.  ``rng_state`` is the generator state captured before dropout
 (empty when dropout is 0), so the backward regenerates the same dropout mask.
 dbias is an empty tensor unless requested.
@@ -15,23 +17,23 @@ Implementations, one per runtime path, are registered with the dispatcher:
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._C import DispatchKey, DispatchKeySet
 
 from seqfuse.lowering.aten import attention as aten_attention
+from seqfuse.lowering.autograd import autograd_inside_op
 from seqfuse.lowering.reference.attention import attention_reference
 from seqfuse.runtime import Impl, register_impl, run
 
-ATTR_NAMES = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout")
+ATTR_NAMES = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout",
+              "empty_rows")
 
 
-def _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout) -> dict:
+def _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows) -> dict:
     return dict(scale=scale, mask=mask, diag=diag, window=window, fill=fill, bias_after_mask=bias_after_mask,
-                gqa_groups=gqa_groups, softcap=softcap, dropout=dropout)
+                gqa_groups=gqa_groups, softcap=softcap, dropout=dropout, empty_rows=empty_rows)
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -47,10 +49,10 @@ def _rng_numel(device: torch.device) -> int:
 @torch.library.custom_op("seqfuse::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Optional[Tensor],
               scale: Optional[float], mask: str, diag: int, window: int, fill: float, bias_after_mask: bool,
-              gqa_groups: int, softcap: Optional[float], dropout: float,
+              gqa_groups: int, softcap: Optional[float], dropout: float, empty_rows: str, nonce: int,
               runtime: str) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention; see seqfuse.ir.ops.Attention for the math.  Returns (out, lse, rng_state)."""
-    a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout)
+    a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
     rng = _rng_state(q.device) if dropout > 0.0 else torch.empty(0, dtype=torch.uint8)
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
     out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
@@ -59,7 +61,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Opt
 
 
 @attention.register_fake
-def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, runtime):
+def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout,
+      empty_rows, nonce, runtime):
     n = _rng_numel(q.device) if dropout > 0.0 else 0
     out = q.new_empty([*q.shape[:-1], v.shape[-1]], dtype=v.dtype)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -70,10 +73,10 @@ def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
                        keep: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor, scale: Optional[float],
                        mask: str, diag: int, window: int, fill: float, bias_after_mask: bool, gqa_groups: int,
-                       softcap: Optional[float], dropout: float, runtime: str,
+                       softcap: Optional[float], dropout: float, empty_rows: str, runtime: str,
                        need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias) of seqfuse::attention; dbias is empty unless need_dbias."""
-    a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout)
+    a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
     a["need_dbias"] = need_dbias
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
     dq, dk, dv, dbias = run("attention", "backward", runtime, t, a, grad_out, q, k, v, bias, keep, out, lse,
@@ -85,13 +88,13 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, bias, keep, out, lse, rng_state, scale, mask, diag, window, fill, bias_after_mask,
-      gqa_groups, softcap, dropout, runtime, need_dbias):
+      gqa_groups, softcap, dropout, empty_rows, runtime, need_dbias):
     dbias = torch.empty_like(bias) if (need_dbias and bias is not None) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, keep, *attrs, runtime = inputs
+    q, k, v, bias, keep, *attrs, nonce, runtime = inputs
     ctx.attrs = attrs
     ctx.runtime = runtime
     ctx.save_for_backward(q, k, v, bias, keep, output[0], output[1], output[2])
@@ -102,24 +105,13 @@ def _backward(ctx, grad_out, grad_lse, grad_rng):
     need_dbias = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.seqfuse.attention_backward(
         grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias)
-    return dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 1))
+    return dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 2))
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- implementations, one per runtime path ---------------------------------
-
-@contextlib.contextmanager
-def _autograd_inside_op():
-    """Re-enable autograd inside a custom op's kernel (the dispatcher runs kernels below
-    autograd), so a backward can be computed by differentiating the forward again."""
-    excluded = torch._C._dispatch_tls_local_exclude_set()
-    autograd = DispatchKeySet(DispatchKey.AutogradFunctionality) | DispatchKeySet(DispatchKey.ADInplaceOrView)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded - autograd), \
-            torch.enable_grad():
-        yield
-
 
 def _reference_forward(q, k, v, bias, keep, a):
     return attention_reference(q, k, v, bias, keep, return_lse=True, **{n: a[n] for n in ATTR_NAMES})
@@ -130,7 +122,7 @@ def _recompute_backward(fn):
     forward's RNG state, then differentiate."""
     def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
         need_dbias = a["need_dbias"]
-        with _autograd_inside_op():
+        with autograd_inside_op():
             q_, k_, v_ = (x.detach().requires_grad_(True) for x in (q, k, v))
             b_ = bias.detach().requires_grad_(need_dbias) if bias is not None else None
             devices = [q.device] if q.device.type == "cuda" else []
@@ -168,3 +160,8 @@ def _aten_supports(t: dict, a: dict) -> str | None:
 register_impl("attention", Impl("eager", lambda t, a: None, _reference_forward,
                                 _recompute_backward(attention_reference)))
 register_impl("attention", Impl("aten", _aten_supports, aten_attention.forward, _aten_backward))
+
+# the generated Triton kernels, tried first (its ``supports`` refuses when triton cannot run the call)
+from seqfuse.lowering.triton import attention as triton_attention  # noqa: E402
+
+triton_attention.register()

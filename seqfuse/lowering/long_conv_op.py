@@ -95,3 +95,4 @@ def _reference_backward(grad, u, k, d, gate, a):
 
 
 register_impl("long_conv", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
+from seqfuse.lowering.triton import long_conv as triton_long_conv; triton_long_conv.register()  # noqa: E402,E702

@@ -11,8 +11,10 @@ from seqfuse.lowering import attention_op, long_conv_op  # noqa: F401  (register
 
 
 def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, runtime: str) -> torch.fx.Node:
+    # a distinct nonce per dropout call keeps CSE from merging two calls into one mask
+    nonce = sum(1 for n in graph.nodes if n.target is torch.ops.seqfuse.attention.default) if op.dropout else 0
     args = (op.q, op.k, op.v, op.bias, op.keep, op.scale, op.mask, op.diag, op.window, float(op.fill),
-            op.bias_after_mask, op.gqa_groups, op.softcap, float(op.dropout), runtime)
+            op.bias_after_mask, op.gqa_groups, op.softcap, float(op.dropout), op.empty_rows, nonce, runtime)
     with graph.inserting_before(node):
         call = graph.call_function(torch.ops.seqfuse.attention.default, args)
         out = graph.call_function(operator.getitem, (call, 0))

@@ -10,9 +10,12 @@ Starting from each softmax it proves, in order:
    axis, followed only by scalings, one soft-cap, additive biases and
    masks that do not read the scores;                 # s = scale·Σ_d q[i, d]·k[j, d]
 3. masks that depend only on sizes are evaluated and classified as causal /
-   sliding window (with diagonal offset); others stay tensors;
+   sliding window (with diagonal offset); others stay tensors.  Masks and
+   biases are read in the scores' own axis order (keys-first scores, a
+   (B, Lq, H, Lk) layout) and moved to the op's (*batch, Lq, Lk);
 4. GQA: k and v repeated per head (repeat_interleave, or expand + reshape)
-   are replaced by the unrepeated tensors.             # k[h] = k0[h // g]
+   are replaced by the unrepeated tensors;             # k[h] = k0[h // g]
+   MQA: k and v with one head broadcast over q's heads.  # k[h] = k0[0]
 
 Anything else is left as it was, and recorded as a near miss with its reason
 when the region looked like attention.  ``F.scaled_dot_product_attention``
@@ -261,11 +264,20 @@ def _allowed_matrix(gm, nodes: list, sizes, layout: _Layout) -> torch.Tensor | N
             return None
         # scores' axis order -> (*batch, i, j); a (1, Lk) key mask is the same for every query row
         m = m.reshape((1,) * (len(shape) - m.dim()) + tuple(m.shape)).permute(layout.perm)
-        if any(n != 1 for n in m.shape[:-2]):
-            return None
-        m = torch.broadcast_to(m.reshape(m.shape[-2:]), (lq, lk))
+        m = m.reshape(-1, *m.shape[-2:])
+        if not bool((m == m[:1]).all()):
+            return None  # differs between batch entries (heads): not one positional mask
+        m = torch.broadcast_to(m[0], (lq, lk))
         total = m if total is None else total & m
     return total
+
+
+def _is_inf_mask(gm, node: torch.fx.Node, layout: _Layout) -> bool:
+    """Whether a shape-only additive mask is 0/-inf (the same for every batch index) at every size variant."""
+    try:
+        return all(_allowed_matrix(gm, [(node, True)], sizes, layout) is not None for sizes in _size_variants(gm))
+    except Exception:
+        return False
 
 
 def _structural(gm, nodes: list, layout: _Layout) -> tuple[str, int, int] | None:
@@ -339,6 +351,27 @@ def _to_layout(graph, before, node, letters: str, target: str, like) -> torch.fx
     return node
 
 
+def _to_scores_layout(graph, before, node, layout: _Layout, like) -> torch.fx.Node:
+    """A mask or bias broadcastable to the scores, moved to the op's (*batch, i, j) axis order."""
+    if layout.identity():
+        return node
+    for _ in range(len(layout.shape) - rank(node)):
+        node = _emit(graph, before, aten.unsqueeze.default, (node, 0), like)
+    return _emit(graph, before, aten.permute.default, (node, layout.perm), like)
+
+
+def _permuted(shape, letters: str, target: str) -> list:
+    return [shape[letters.index(c)] for c in target]
+
+
+def _one_head(q, lq: str, k, lk: str, v, lv: str, h: str) -> bool:
+    """Whether k and v have one head (the axis is absent or of size 1) that q's static head count reads."""
+    hq = val(q).shape[lq.index(h)]
+    size = lambda x, lx: val(x).shape[lx.index(h)] if h in lx else 1  # noqa: E731
+    return isinstance(hq, int) and hq > 1 and all(isinstance(size(x, lx), int) and size(x, lx) == 1
+                                                  for x, lx in ((k, lk), (v, lv)))
+
+
 def _static_equal(a, b) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
@@ -394,14 +427,21 @@ class AttentionPass(Pass):
         if len(contracted) != 1 or len(lo) < 2:
             raise NoMatch(f"the scores sum over {len(contracted)} axes, not one feature axis")
         d = contracted.pop()
+        # the key axis j is the softmax axis (an axis of one operand only: k); the query axis i
+        # is an axis of the other operand only (q); every other axis is a batch axis of both
         j = lo[dim]
-        if dim < len(lo) - 2:
-            raise NoMatch("the softmax runs over a batch axis of the scores")
-        i = lo[-1] if dim == len(lo) - 2 else lo[-2]
-        if (j in la) == (j in lb) or (i in la) == (i in lb):
+        if (j in la) == (j in lb):
             raise NoMatch("the softmax axis is shared by both operands of the scores, not a key axis")
         (q, lq), (k, lk) = ((a, la), (b, lb)) if j in lb else ((b, lb), (a, la))
+        if any(c not in lq for c in lo if c != j):
+            raise NoMatch("the keys have a batch axis the queries lack (queries broadcast over it)")
+        q_only = [c for c in lo if c not in lk]
+        if not q_only:
+            raise NoMatch("the scores have no query axis")
+        i = q_only[-1]
         batch = [c for c in lo if c not in (i, j)]
+        # masks and biases read the scores' axis order; the op reads (*batch, i, j)
+        layout = _Layout(list(val(sc.einsum).shape), [lo.index(c) for c in batch + [i, j]])
         # the values contraction must sum over the softmax axis
         (p_l, v_l), o_l = _einsum_parts(pv)
         if pv.args[1][1] is p_node:
@@ -426,6 +466,9 @@ class AttentionPass(Pass):
         e = rename[e_letters[0]]
         v_l = "".join(rename.get(c, c) for c in v_l)
         o_l = "".join(rename.get(c, c) for c in o_l)
+        out_letters = "".join(batch) + i + e
+        if set(o_l) != set(out_letters):
+            raise NoMatch("the attention output has axes the op cannot produce")
         # scale factors on q or k themselves (pre-scaled queries or keys)
         factors = list(sc.factors)
         for which in ("q", "k"):
@@ -439,18 +482,27 @@ class AttentionPass(Pass):
                 q = node
             else:
                 k = node
-        # masks: shape-only ones become the structural attribute, others stay tensors
-        shape_only = [(m, False) for m in sc.keeps if is_shape_only(m)]
+        # masks: shape-only ones become the structural attribute, others stay tensors.
+        # Additive 0/-inf masks join them only when masked scores are -inf anyway: with a
+        # finite fill, s + (-inf) and the fill differ on a fully masked row.
+        shape_keeps = [m for m in sc.keeps if is_shape_only(m)]
         tensor_keeps = [m for m in sc.keeps if not is_shape_only(m)]
-        biases = list(sc.biases)
-        if not sc.bias_after_mask:
-            shape_only += [(b_, True) for b_ in biases if is_shape_only(b_) and
-                           val(b_).dtype.is_floating_point and _structural(gm, [(b_, True)]) is not None]
-            biases = [b_ for b_ in biases if (b_, True) not in shape_only]
-        structural = _structural(gm, shape_only)
+        inf_biases = []
+        if not sc.bias_after_mask and sc.fill == -math.inf:
+            inf_biases = [b_ for b_ in sc.biases if not b_[1] and val(b_[0]).dtype.is_floating_point and
+                          is_shape_only(b_[0]) and _is_inf_mask(gm, b_[0], layout)]
+        biases = [b_ for b_ in sc.biases if b_ not in inf_biases]
+        # all of them together (a window from triu + tril), else the biases that classify alone
+        structural = None
+        for joined in (inf_biases, [b_ for b_ in inf_biases if _structural(gm, [(b_[0], True)], layout)]):
+            structural = _structural(gm, [(m, False) for m in shape_keeps] + [(b_[0], True) for b_ in joined],
+                                     layout)
+            if structural is not None:
+                biases += [b_ for b_ in inf_biases if b_ not in joined]
+                break
         if structural is None:
-            tensor_keeps += [m for m, is_bias in shape_only if not is_bias]
-            biases += [m for m, is_bias in shape_only if is_bias]
+            tensor_keeps += shape_keeps
+            biases += inf_biases
             structural = ("none", 0, 0)
         mask_kind, diag, window = structural
         # GQA: unrepeated k and v when both repeat the last batch axis the same way
@@ -459,6 +511,8 @@ class AttentionPass(Pass):
         if rk and rv and rk[2] == rv[2] and batch and \
                 lk[rk[1]] == batch[-1] and v_l[rv[1]] == batch[-1]:
             k, v, gqa = rk[0], rv[0], rk[2]
+        elif batch and _one_head(q, lq, k, lk, v, v_l, batch[-1]):
+            gqa = val(q).shape[lq.index(batch[-1])]  # MQA: k and v broadcast one head to all
         # layouts: q (*B, i, d), k (*B, j, d), v (*B, j, e); output back in pv's order
         before = pv
         qc = _to_layout(graph, before, q, lq, "".join(batch) + i + d, sm)
@@ -466,27 +520,30 @@ class AttentionPass(Pass):
         vc = _to_layout(graph, before, v, v_l, "".join(batch) + j + e, sm)
         keep = None
         for m in tensor_keeps:
+            m = _to_scores_layout(graph, before, m, layout, sm)
             keep = m if keep is None else _emit(graph, before, aten.logical_and.default, (keep, m), sm)
         bias = None
-        for b_ in biases:
+        for b_, negate, dtype in biases:
+            if not val(b_).dtype.is_floating_point:
+                b_ = _emit(graph, before, aten.to.dtype, (b_, dtype), sm)  # s + int/bool mask promotes it
+            if negate:
+                b_ = _emit(graph, before, aten.neg.default, (b_,), sm)
+            b_ = _to_scores_layout(graph, before, b_, layout, sm)
             bias = b_ if bias is None else _emit(graph, before, aten.add.Tensor, (bias, b_), sm)
+        fake_out = val(vc).new_empty([*val(qc).shape[:-1], val(vc).shape[-1]])
+        if not _static_equal(_permuted(fake_out.shape, out_letters, o_l), val(pv).shape):
+            raise NoMatch(f"output shape {tuple(_permuted(fake_out.shape, out_letters, o_l))} differs from the "
+                          f"program's {tuple(val(pv).shape)}")
         scale = sym_product(graph, factors, before)
         op = Attention(q=qc, k=kc, v=vc, bias=bias, keep=keep, scale=scale, mask=mask_kind, diag=diag,
                        window=window, fill=sc.fill if (sc.keeps or mask_kind != "none") else -math.inf,
                        bias_after_mask=sc.bias_after_mask, gqa_groups=gqa, softcap=sc.softcap,
                        dropout=dropout, algorithm="fused")
-        out_letters = "".join(batch) + i + e
-        shape = [*val(qc).shape[:-1], val(vc).shape[-1]]
-        fake_out = val(vc).new_empty(shape)
         ir = ctx.insert_ir(op, before, sm)
         ir.meta["val"] = fake_out
-        if set(o_l) != set(out_letters):
-            raise NoMatch("the attention output has axes the op cannot produce")
         out = _to_layout(graph, before, ir, out_letters, o_l, sm) if o_l != out_letters else ir
         if val(out).dtype != val(pv).dtype:
             out = _emit(graph, before, aten.to.dtype, (out, val(pv).dtype), sm)
-        if not _static_equal(val(out).shape, val(pv).shape):
-            raise NoMatch(f"output shape {tuple(val(out).shape)} differs from the program's {tuple(val(pv).shape)}")
         pv.replace_all_uses_with(out)
 
     # F.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, gqa) -> attention
@@ -518,7 +575,8 @@ class AttentionPass(Pass):
         keep = bias = None
         if attn_mask is not None:
             is_bool = val(attn_mask).dtype == torch.bool
-            structural = _structural(gm, [(attn_mask, not is_bool)]) if is_shape_only(attn_mask) else None
+            layout = _Layout([*val(q).shape[:-1], val(k).shape[-2]], list(range(rank(q))))
+            structural = _structural(gm, [(attn_mask, not is_bool)], layout) if is_shape_only(attn_mask) else None
             if structural is not None and not is_causal:
                 mask_kind, diag, window = structural
             elif is_bool:
@@ -527,6 +585,6 @@ class AttentionPass(Pass):
                 bias = attn_mask
         op = Attention(q=q, k=k, v=v, bias=bias, keep=keep, scale=constant_value(scale) if scale is not None
                        and constant_value(scale) is not None else scale, mask=mask_kind, diag=diag, window=window,
-                       gqa_groups=gqa, dropout=float(dropout), algorithm="fused")
+                       gqa_groups=gqa, dropout=float(dropout), empty_rows="zero", algorithm="fused")
         ir = ctx.insert_ir(op, node, node)
         node.replace_all_uses_with(ir)

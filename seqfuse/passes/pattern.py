@@ -178,13 +178,16 @@ def _same(a, b) -> bool:
     return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
 
 
-def axis_view(node: torch.fx.Node) -> tuple[torch.fx.Node, list[int | None]]:
+def axis_view(node: torch.fx.Node, broadcast: bool = False) -> tuple[torch.fx.Node, list[int | None]]:
     """Follow a chain of pure axis moves back to its base tensor.
 
     Returns (base, axes) where ``axes[i]`` is the axis of ``base`` that axis ``i``
     of ``node`` reads, or None for an axis the chain created (size 1, or
-    broadcast by ``expand``).  Folds transpose, permute, unsqueeze, expand,
-    identity copies, and view/reshape that only add or drop size-1 axes.
+    broadcast by ``expand``).  With ``broadcast=True`` an axis that ``expand``
+    broadcasts from a size-1 axis of the base maps to that axis (it reads
+    element 0 of it) instead of None.  Folds transpose, permute, mT, movedim,
+    unsqueeze, expand, identity copies, and view/reshape that only add or drop
+    size-1 axes.
     """
     base, axes = node, list(range(rank(node) or 0))
     while isinstance(base, torch.fx.Node) and base.op == "call_function":
@@ -200,14 +203,19 @@ def axis_view(node: torch.fx.Node) -> tuple[torch.fx.Node, list[int | None]]:
             perm = [d % r for d in base.args[1]]
         elif is_op(base, aten.t):
             perm = list(range(r))[::-1]
+        elif (is_op(base, aten.mT) or (is_op(base, aten.mH, aten.adjoint) and not val(src).is_complex())) and r >= 2:
+            perm = list(range(r - 2)) + [r - 1, r - 2]
+        elif base.target is aten.movedim.int:
+            perm = [d for d in range(r) if d != base.args[1] % r]
+            perm.insert(base.args[2] % r, base.args[1] % r)
         elif is_op(base, aten.unsqueeze):
             d = base.args[1] % (r + 1)
             perm = list(range(d)) + [None] + list(range(d, r))
         elif is_op(base, aten.expand):
             new = len(base.args[1]) - r
             src_shape = val(src).shape
-            perm = [None] * new + [None if (not _same(src_shape[i], val(base).shape[new + i]) and _same(src_shape[i], 1))
-                                   else i for i in range(r)]
+            perm = [None] * new + [None if (not broadcast and not _same(src_shape[i], val(base).shape[new + i])
+                                            and _same(src_shape[i], 1)) else i for i in range(r)]
             if any(p is None and not _same(src_shape[i - new], 1) for i, p in enumerate(perm) if i >= new):
                 break
         elif is_op(base, *IDENTITIES) and not is_op(base, aten.lift_fresh_copy):

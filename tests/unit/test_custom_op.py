@@ -11,9 +11,11 @@ from helpers import rel_err
 from seqfuse.lowering.aten.attention import supports
 from seqfuse.lowering.reference.attention import attention_reference
 
-ATTRS = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout")
+ATTRS = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout",
+         "empty_rows")
 DEFAULTS = dict(scale=None, mask="none", diag=0, window=0, fill=-math.inf, bias_after_mask=False, gqa_groups=1,
-                softcap=None, dropout=0.0)
+                softcap=None, dropout=0.0, empty_rows="nan")
+NONCE = 0  # the forward op's CSE guard argument (see seqfuse/lowering/attention_op.py)
 
 
 def attrs_tuple(**over):
@@ -23,7 +25,7 @@ def attrs_tuple(**over):
 
 def call(q, k, v, bias=None, keep=None, runtime="auto", **attrs):
     """seqfuse::attention with the attributes by name; returns (out, lse, rng_state)."""
-    return torch.ops.seqfuse.attention(q, k, v, bias, keep, *attrs_tuple(**attrs), runtime)
+    return torch.ops.seqfuse.attention(q, k, v, bias, keep, *attrs_tuple(**attrs), NONCE, runtime)
 
 
 def make(b=2, h=4, hkv=None, lq=8, lk=8, d=8, dv=8, bias_shape=None, keep_shape=None, grad=True):
@@ -52,7 +54,7 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("kw, attrs", OPCHECK_CASES)
 def test_opcheck_attention(kw, attrs):
     q, k, v, bias, keep = make(**kw)
-    args = (q, k, v, bias, keep, *attrs_tuple(**attrs), "auto")
+    args = (q, k, v, bias, keep, *attrs_tuple(**attrs), NONCE, "auto")
     torch.library.opcheck(torch.ops.seqfuse.attention.default, args)
 
 

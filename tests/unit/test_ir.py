@@ -47,7 +47,7 @@ def attention(g, **attrs):
 # --- printer -------------------------------------------------------------------------
 
 CAUSAL = ("%o = seqfuse.attention(%q, %k, %v) {scale=0.125, mask=causal, diag=0, window=0, fill=-inf, "
-          "bias_after_mask=false, gqa_groups=1, softcap=none, dropout=0.0, algo=fused}")
+          "bias_after_mask=false, gqa_groups=1, softcap=none, dropout=0.0, empty_rows=nan, algo=fused}")
 
 
 def test_format_op_golden():
@@ -63,7 +63,7 @@ def test_format_op_optional_operands_and_all_attributes():
                    fill=-10000.0, bias_after_mask=True, gqa_groups=2, softcap=30.0, dropout=0.1)
     assert format_op(op) == (
         "%out = seqfuse.attention(%q, %k, %v, bias=%b, keep=%m) {scale=none, mask=window, diag=-2, window=4, "
-        "fill=-10000.0, bias_after_mask=true, gqa_groups=2, softcap=30.0, dropout=0.1, algo=auto}")
+        "fill=-10000.0, bias_after_mask=true, gqa_groups=2, softcap=30.0, dropout=0.1, empty_rows=nan, algo=auto}")
     # an absent optional operand is not printed at all
     op2 = Attention(q=g.q, k=g.k, v=g.v, keep=g.m)
     assert "bias=" not in format_op(op2) and "(%q, %k, %v, keep=%m)" in format_op(op2)
@@ -108,7 +108,7 @@ GOLDEN_GRAPH = """\
 graph(%q: f32[2, 4, 16, 8], %k: f32[2, 4, 16, 8], %v: f32[2, 4, 16, 8]):
   %mul_tensor = aten.mul.Tensor(%q, 2.0) : f32[2, 4, 16, 8]
   %attention = seqfuse.attention(%mul_tensor, %k, %v) {scale=0.125, mask=causal, diag=0, window=0, fill=-inf, \
-bias_after_mask=false, gqa_groups=1, softcap=none, dropout=0.0, algo=fused} : f32[2, 4, 16, 8]
+bias_after_mask=false, gqa_groups=1, softcap=none, dropout=0.0, empty_rows=nan, algo=fused} : f32[2, 4, 16, 8]
   return (%attention)
 """
 
@@ -139,7 +139,7 @@ def test_printed_ir_is_deterministic_through_compile(tmp_path):
     assert texts[0] == texts[1]
     ir, stages = texts[0]
     assert ir == ("%attention = seqfuse.attention(%l_q_, %l_k_, %l_v_) {scale=0.25, mask=causal, diag=0, window=0, "
-                  "fill=-inf, bias_after_mask=false, gqa_groups=1, softcap=none, dropout=0.0, algo=fused}")
+                  "fill=-inf, bias_after_mask=false, gqa_groups=1, softcap=none, dropout=0.0, empty_rows=nan, algo=fused}")
     assert stages["ir"] == ir + "\n"
     assert "aten.einsum" in stages["contractions"]
     assert "aten.where.ScalarOther" in stages["masks"]

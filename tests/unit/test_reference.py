@@ -224,3 +224,16 @@ def test_sdpa_refuses_a_row_emptied_by_a_mask_tensor():
     assert "leaves a row empty" in supports(_tensors(q, k, v, bias, None), DEFAULTS)
     keep[3] = True
     assert supports(_tensors(q, k, v, None, keep), DEFAULTS) is None
+
+
+def test_long_conv_reference_kernel_longer_than_signal():
+    """Causal: taps at lags ≥ L never reach the first L outputs, on both algorithms."""
+    from seqfuse.lowering.reference.long_conv import long_conv_reference
+    u, k = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64)
+    t = torch.arange(16)
+    lag = t[:, None] - t[None, :]
+    toeplitz = torch.where(lag >= 0, k[:, lag.clamp(min=0)], torch.zeros((), dtype=k.dtype))  # (3, 16, 16)
+    want = torch.einsum("hts,bhs->bht", toeplitz, u)
+    for algorithm in ("fft", "direct"):
+        got = long_conv_reference(u, k, algorithm=algorithm)
+        assert (got - want).abs().max() < 1e-10, algorithm

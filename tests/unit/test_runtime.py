@@ -12,10 +12,11 @@ from seqfuse.lowering.reference.attention import attention_reference
 from seqfuse.runtime import dispatch
 
 ATTRS = (None, "causal", 0, 0, -math.inf, False, 1, None, 0.0)  # scale ... dropout
+EMPTY_ROWS, NONCE = "nan", 0  # the op's last attribute and its CSE guard argument
 
 
 def call(q, k, v, runtime="auto", attrs=ATTRS, bias=None):
-    return torch.ops.seqfuse.attention(q, k, v, bias, None, *attrs, runtime)
+    return torch.ops.seqfuse.attention(q, k, v, bias, None, *attrs, EMPTY_ROWS, NONCE, runtime)
 
 
 def causal(q, k, v):

@@ -44,11 +44,14 @@ def supports(t: dict, a: dict) -> str | None:
     if a["fill"] != -math.inf:
         if a["fill"] > _FILL_AS_NEG_INF or t["keep"] is not None:
             return f"fill={a['fill']} with a mask that may empty a row"
-    if not _rows_nonempty(q.shape[-2], k.shape[-2], a["mask"], a["diag"], a["window"]):
+        if t["bias"] is not None:
+            return f"fill={a['fill']} with a bias that can bring allowed scores down to the fill"
+    zero_rows = a.get("empty_rows") == "zero"  # the fused kernels' own rule for rows with no key
+    if not zero_rows and not _rows_nonempty(q.shape[-2], k.shape[-2], a["mask"], a["diag"], a["window"]):
         return "a structural mask that leaves rows empty"
     if q.device.type == "cpu" and t["v"].shape[-1] != q.shape[-1]:
         return "value head dim differs from the query head dim (the CPU flash kernel needs them equal)"
-    if _tensor_mask_empties_a_row(q, k, t["bias"], t["keep"], a):
+    if not zero_rows and _tensor_mask_empties_a_row(q, k, t["bias"], t["keep"], a):
         return "a mask tensor leaves a row empty (the fused kernels return 0 there, the program NaN)"
     if a["gqa_groups"] > 1 and q.dim() != 4:
         return "GQA needs rank-4 inputs"
@@ -106,7 +109,8 @@ def _to4d(x):
 
 
 def attention_sdpa(q, k, v, bias=None, keep=None, *, scale=None, mask="none", diag=0, window=0,
-                   fill=-math.inf, bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0):
+                   fill=-math.inf, bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0,
+                   empty_rows="nan"):
     """Same contract as ``attention_reference`` (out only), restricted to what ``supports`` accepts."""
     is_causal, attn_mask = _sdpa_mask(q, k, bias, keep, mask, diag, window)
     squeeze = q.dim() == 3
@@ -138,7 +142,8 @@ def forward(q, k, v, bias, keep, a):
         return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
     # other devices: SDPA for the output; the log-sum-exp from the scores (interim, O(Lq·Lk) memory)
     from seqfuse.lowering.reference.attention import attention_reference
-    names = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout")
+    names = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout",
+             "empty_rows")
     out = attention_sdpa(q, k, v, bias, keep, **{n: a[n] for n in names})
     _, lse = attention_reference(q, k, v, bias, keep, return_lse=True, **{n: a[n] for n in names})
     return out, lse

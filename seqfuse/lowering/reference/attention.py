@@ -11,12 +11,13 @@ from seqfuse.ir.masks import position_mask
 
 def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none", diag=0, window=0,
                         fill=-math.inf, bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0,
-                        return_lse=False):
-    """softmax(masked(scale·q·kᵀ + bias))·v computed in fp32.
+                        empty_rows="nan", return_lse=False):
+    """softmax(masked(scale·q·kᵀ + bias))·v computed in fp32 (fp64 for fp64 inputs).
 
     Shapes: q (*B, Lq, D); k (*Bkv, Lk, D); v (*Bkv, Lk, Dv); bias and keep
     broadcastable to (*B, Lq, Lk).  Returns out (*B, Lq, Dv) in v's dtype, and with
     ``return_lse`` also lse (*B, Lq) fp32, the log-sum-exp of each row's final scores.
+    A row whose every score is -inf gives NaN (``empty_rows="nan"``) or 0 (``"zero"``).
     Dropout draws from the global RNG exactly as ``F.dropout`` on the
     probabilities does in the user's program.
     """
@@ -24,28 +25,33 @@ def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none
     if gqa_groups > 1:
         k = k.repeat_interleave(gqa_groups, dim=-3)
         v = v.repeat_interleave(gqa_groups, dim=-3)
-    # 2. scores s[i, j] = scale · Σ_d q[i, d] k[j, d], in fp32
+    # 2. scores s[i, j] = scale · Σ_d q[i, d] k[j, d], accumulated in at least fp32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
     # 3. logit soft-capping
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     # 4. additive bias, then masked positions replaced by `fill` (or the other order)
     if bias is not None and not bias_after_mask:
-        s = s + bias.float()
+        s = s + bias.to(acc)
     allowed = position_mask(q.shape[-2], k.shape[-2], mask, diag, window, q.device)
     if keep is not None:
         allowed = keep if allowed is None else allowed & keep
     if allowed is not None:
         s = s.masked_fill(~allowed, fill)
     if bias is not None and bias_after_mask:
-        s = s + bias.float()
-    # 5. probabilities over keys, in fp32
-    p = torch.softmax(s, dim=-1)
+        s = s + bias.to(acc)
+    # 5. probabilities over keys, in fp32 (rows with no key left: NaN, or zero without NaN gradients)
     lse = torch.logsumexp(s, dim=-1) if return_lse else None
+    if empty_rows == "zero":
+        empty = (s == -math.inf).all(dim=-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    else:
+        p = torch.softmax(s, dim=-1)
     # 6. dropout on the probabilities
     if dropout > 0.0:
         p = F.dropout(p, dropout, training=True)
     # 7. out[i, e] = Σ_j p[i, j] v[j, e]
-    out = torch.matmul(p, v.float()).to(v.dtype)
+    out = torch.matmul(p, v.to(acc)).to(v.dtype)
     return (out, lse) if return_lse else out

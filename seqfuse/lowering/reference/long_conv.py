@@ -31,7 +31,7 @@ def _conv_direct(u, k):
 
 def long_conv_reference(u, k, d=None, gate=None, *, causal=True, fft_size=0, scale=1.0, activation="none",
                         algorithm="fft"):
-    """y = act(scale·(u ⊛ k)[..., :L] + d·u) · gate, computed in fp32.
+    """y = act(scale·(u ⊛ k)[..., :L] + d·u) · gate, computed in fp32 (fp64 for fp64 inputs).
 
     Shapes: u (*B, L); k broadcastable to (*B, Lk); d broadcastable to u; gate
     broadcastable to y.  causal: linear convolution (``algorithm`` "fft" or
@@ -39,25 +39,27 @@ def long_conv_reference(u, k, d=None, gate=None, *, causal=True, fft_size=0, sca
     in the dtype of u (promoted with k, d and gate).
     """
     dtype = torch.promote_types(u.dtype, k.dtype)
-    uf, kf = u.float(), k.float()
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
+    uf, kf = u.to(acc), k.to(acc)
     # 1. the convolution
     if not causal:
         y = _conv_fft(uf, kf, int(fft_size))
     elif algorithm == "direct":
         y = _conv_direct(uf, kf)
     else:
-        y = _conv_fft(uf, kf, fft_size_for(u.shape[-1], min(k.shape[-1], u.shape[-1])))
+        kf = kf[..., :u.shape[-1]]  # taps at lags ≥ L never reach the first L outputs
+        y = _conv_fft(uf, kf, fft_size_for(u.shape[-1], kf.shape[-1]))
     # 2. the program's normalization
     if scale != 1.0:
         y = y * scale
     # 3. skip connection
     if d is not None:
-        y = y + uf * d.float()
+        y = y + uf * d.to(acc)
         dtype = torch.promote_types(dtype, d.dtype)
     # 4. activation, then gate
     if activation == "silu":
         y = F.silu(y)
     if gate is not None:
-        y = y * gate.float()
+        y = y * gate.to(acc)
         dtype = torch.promote_types(dtype, gate.dtype)
     return y.to(dtype)
