@@ -46,10 +46,10 @@ def seqfuse_op(program: str, algorithm: str):
 
     if program == "hyena":
         def fn(u, k, D, v):
-            return torch.ops.seqfuse.long_conv(u, k, D.unsqueeze(-1), v, True, 0, 1.0, "none", algorithm, "triton")
+            return torch.ops.seqfuse.long_conv(u, k, D.unsqueeze(-1), v, None, True, 0, 1.0, "none", algorithm, "triton")
     else:
         def fn(u, k, D):
-            return torch.ops.seqfuse.long_conv(u, k, D.unsqueeze(-1), None, True, 0, 1.0, "none", algorithm,
+            return torch.ops.seqfuse.long_conv(u, k, D.unsqueeze(-1), None, None, True, 0, 1.0, "none", algorithm,
                                                "triton")
     return fn
 

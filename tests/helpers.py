@@ -10,8 +10,9 @@ BOUND = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.b
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative RMS error ‖out - ref‖ / ‖ref‖ in fp64."""
-    out, ref = out.detach().double(), ref.detach().double()
+    """Relative RMS error ‖out - ref‖ / ‖ref‖ in fp64 (complex128 for complex tensors)."""
+    wide = torch.complex128 if (out.is_complex() or ref.is_complex()) else torch.float64
+    out, ref = out.detach().to(wide), ref.detach().to(wide)
     den = ref.norm().item()
     return (out - ref).norm().item() / (den if den > 0 else 1.0)
 

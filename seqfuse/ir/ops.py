@@ -147,10 +147,11 @@ class Scan(IROp):
 
 @dataclass
 class LongConv(IROp):
-    """y = act(scale·(u ⊛ k)[..., :L] + d·u) · gate: a long (or short) convolution along the last axis.
+    """y = act(scale·(u ⊛ k)[..., :L] + bias + d·u) · gate: a long (or short) convolution along the last axis.
 
     Operands: u (*B, L); k broadcastable to (*B, Lk) (per channel, shared, or per batch);
-    optional ``d`` (skip, broadcastable to u) and ``gate`` (broadcastable to y).
+    optional ``d`` (skip, broadcastable to u), ``gate`` (broadcastable to y) and ``bias``
+    (a conv1d's per-channel bias, broadcastable to y, e.g. (C, 1)).
 
     Attributes:
       causal      True: y[t] = Σ_{s<=t} k[s]·u[t-s] (linear convolution, any FFT size ≥ L+Lk-1
@@ -165,6 +166,7 @@ class LongConv(IROp):
     k: torch.fx.Node = operand()
     d: torch.fx.Node | None = operand(optional=True)
     gate: torch.fx.Node | None = operand(optional=True)
+    bias: torch.fx.Node | None = operand(optional=True)
     causal: bool = attr(True)
     fft_size: Any = attr(0)
     scale: float = attr(1.0)

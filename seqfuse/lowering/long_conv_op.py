@@ -1,10 +1,15 @@
 """seqfuse::long_conv as a torch.library custom op: fake impl, autograd, runtime dispatch.
 
-    seqfuse::long_conv(u, k, d?, gate?, causal, fft_size, scale, activation, algorithm, runtime) -> y
-    seqfuse::long_conv_backward(grad_y, u, k, d?, gate?, <attributes>, runtime, needs) -> (du, dk, dd, dgate)
+    seqfuse::long_conv(u, k, d?, gate?, bias?, causal, fft_size, scale, activation, algorithm, runtime) -> y
+    seqfuse::long_conv_backward(grad_y, u, k, d?, gate?, bias?, <attributes>, runtime, needs)
+        -> (du, dk, dd, dgate, dbias)
 
-Implementations register with the dispatcher; today the eager reference
-(torch.fft, or conv1d for the direct algorithm) runs on every device.
+Implementations see the optional conv ``bias`` as ``attrs["bias"]``; one that does not
+fuse it refuses calls that have one in its ``supports`` (the Triton kernels do).
+
+Implementations register with the dispatcher: the Triton kernels (CUDA), the ATen
+path (torch.fft / conv1d with the epilogue in place; the CPU fast path) and the
+eager reference.
 Gradients the caller does not need come back as empty tensors.
 """
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from seqfuse.lowering.aten import long_conv as aten_long_conv
 from seqfuse.lowering.autograd import recompute_grads
 from seqfuse.lowering.reference.long_conv import long_conv_reference
 from seqfuse.runtime import Impl, register_impl, run
@@ -21,64 +27,67 @@ from seqfuse.runtime import Impl, register_impl, run
 ATTR_NAMES = ("causal", "fft_size", "scale", "activation", "algorithm")
 
 
-def _out_dtype(u, k, d, gate):
+def _out_dtype(u, k, d, gate, bias=None):
     dtype = torch.promote_types(u.dtype, k.dtype)
-    for x in (d, gate):
+    for x in (d, gate, bias):
         if x is not None:
             dtype = torch.promote_types(dtype, x.dtype)
     return dtype
 
 
-def _out_shape(u, k, d, gate):
+def _out_shape(u, k, d, gate, bias=None):
     shape = torch.broadcast_shapes(u.shape, (*k.shape[:-1], u.shape[-1]))
-    for x in (d, gate):
+    for x in (d, gate, bias):
         if x is not None:
             shape = torch.broadcast_shapes(shape, x.shape)
     return shape
 
 
 @torch.library.custom_op("seqfuse::long_conv", mutates_args=())
-def long_conv(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor], causal: bool, fft_size: int,
-              scale: float, activation: str, algorithm: str, runtime: str) -> Tensor:
-    """Long convolution with skip, activation and gate; see seqfuse.ir.ops.LongConv."""
-    a = dict(causal=causal, fft_size=fft_size, scale=scale, activation=activation, algorithm=algorithm)
-    y = run("long_conv", "forward", runtime, dict(u=u, k=k, d=d, gate=gate), a, u, k, d, gate, a)
-    return y.expand(_out_shape(u, k, d, gate)).contiguous()
+def long_conv(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor], bias: Optional[Tensor],
+              causal: bool, fft_size: int, scale: float, activation: str, algorithm: str, runtime: str) -> Tensor:
+    """Long convolution with bias, skip, activation and gate; see seqfuse.ir.ops.LongConv."""
+    a = dict(causal=causal, fft_size=fft_size, scale=scale, activation=activation, algorithm=algorithm, bias=bias)
+    y = run("long_conv", "forward", runtime, dict(u=u, k=k, d=d, gate=gate, bias=bias), a, u, k, d, gate, a)
+    return y.expand(_out_shape(u, k, d, gate, bias)).contiguous()
 
 
 @long_conv.register_fake
-def _(u, k, d, gate, causal, fft_size, scale, activation, algorithm, runtime):
-    return u.new_empty(_out_shape(u, k, d, gate), dtype=_out_dtype(u, k, d, gate))
+def _(u, k, d, gate, bias, causal, fft_size, scale, activation, algorithm, runtime):
+    return u.new_empty(_out_shape(u, k, d, gate, bias), dtype=_out_dtype(u, k, d, gate, bias))
 
 
 @torch.library.custom_op("seqfuse::long_conv_backward", mutates_args=())
 def long_conv_backward(grad: Tensor, u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor],
-                       causal: bool, fft_size: int, scale: float, activation: str, algorithm: str, runtime: str,
-                       needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (du, dk, dd, dgate) of seqfuse::long_conv; empty where ``needs`` is False."""
+                       bias: Optional[Tensor], causal: bool, fft_size: int, scale: float, activation: str, algorithm: str, runtime: str,
+                       needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (du, dk, dd, dgate, dbias) of seqfuse::long_conv; empty where ``needs`` is False."""
     a = dict(causal=causal, fft_size=fft_size, scale=scale, activation=activation, algorithm=algorithm,
-             needs=list(needs))
-    grads = run("long_conv", "backward", runtime, dict(u=u, k=k, d=d, gate=gate), a, grad, u, k, d, gate, a)
+             needs=list(needs), bias=bias)
+    grads = list(run("long_conv", "backward", runtime, dict(u=u, k=k, d=d, gate=gate, bias=bias), a,
+                     grad, u, k, d, gate, a))
+    grads += [None] * (5 - len(grads))  # implementations without a bias return four gradients
     like = lambda x, g: torch.empty_like(x).copy_(g) if g is not None else u.new_empty(0)  # noqa: E731
-    return tuple(like(x, g) for x, g in zip((u, k, d, gate), grads))
+    return tuple(like(x, g) for x, g in zip((u, k, d, gate, bias), grads))
 
 
 @long_conv_backward.register_fake
-def _(grad, u, k, d, gate, causal, fft_size, scale, activation, algorithm, runtime, needs):
+def _(grad, u, k, d, gate, bias, causal, fft_size, scale, activation, algorithm, runtime, needs):
     return tuple(torch.empty_like(x) if (n and x is not None) else u.new_empty(0)
-                 for x, n in zip((u, k, d, gate), needs))
+                 for x, n in zip((u, k, d, gate, bias), needs))
 
 
 def _setup_context(ctx, inputs, output):
-    u, k, d, gate, *attrs, runtime = inputs
+    u, k, d, gate, bias, *attrs, runtime = inputs
     ctx.attrs, ctx.runtime = attrs, runtime
-    ctx.save_for_backward(u, k, d, gate)
+    ctx.save_for_backward(u, k, d, gate, bias)
 
 
 def _backward(ctx, grad):
-    u, k, d, gate = ctx.saved_tensors
-    needs = [bool(ctx.needs_input_grad[i]) and x is not None for i, x in enumerate((u, k, d, gate))]
-    grads = torch.ops.seqfuse.long_conv_backward(grad.contiguous(), u, k, d, gate, *ctx.attrs, ctx.runtime, needs)
+    u, k, d, gate, bias = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) and x is not None for i, x in enumerate((u, k, d, gate, bias))]
+    grads = torch.ops.seqfuse.long_conv_backward(grad.contiguous(), u, k, d, gate, bias, *ctx.attrs, ctx.runtime,
+                                                 needs)
     return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
 
 
@@ -86,13 +95,18 @@ long_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _reference_forward(u, k, d, gate, a):
-    return long_conv_reference(u, k, d, gate, **{n: a[n] for n in ATTR_NAMES})
+    return long_conv_reference(u, k, d, gate, bias=a["bias"], **{n: a[n] for n in ATTR_NAMES})
 
 
 def _reference_backward(grad, u, k, d, gate, a):
-    fn = lambda u_, k_, d_, g_: long_conv_reference(u_, k_, d_, g_, **{n: a[n] for n in ATTR_NAMES})  # noqa: E731
-    return recompute_grads(fn, grad, [u, k, d, gate], a["needs"])
+    def fn(u_, k_, d_, g_, b_):
+        return long_conv_reference(u_, k_, d_, g_, bias=b_, **{n: a[n] for n in ATTR_NAMES})
+    return recompute_grads(fn, grad, [u, k, d, gate, a["bias"]], a["needs"])
 
 
 register_impl("long_conv", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
-from seqfuse.lowering.triton import long_conv as triton_long_conv; triton_long_conv.register()  # noqa: E402,E702
+register_impl("long_conv", Impl("aten", aten_long_conv.supports, aten_long_conv.forward, _reference_backward))
+# the generated Triton kernels, tried first (its ``supports`` refuses when triton cannot run the call)
+from seqfuse.lowering.triton import long_conv as triton_long_conv  # noqa: E402
+
+triton_long_conv.register()

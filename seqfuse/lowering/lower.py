@@ -24,7 +24,7 @@ def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, 
 
 
 def _lower_long_conv(graph: torch.fx.Graph, node: torch.fx.Node, op: LongConv, runtime: str) -> torch.fx.Node:
-    args = (op.u, op.k, op.d, op.gate, op.causal, op.fft_size, float(op.scale), op.activation, op.algorithm, runtime)
+    args = (op.u, op.k, op.d, op.gate, op.bias, op.causal, op.fft_size, float(op.scale), op.activation, op.algorithm, runtime)
     with graph.inserting_before(node):
         call = graph.call_function(torch.ops.seqfuse.long_conv.default, args)
     call.meta.update({k: v for k, v in node.meta.items() if k != "seqfuse_ir"})

@@ -220,19 +220,19 @@ class LongConvPass(Pass):
         k.meta["val"] = val(k2).flip(-1)
         copy_meta(k2, conv), copy_meta(k, conv)
         op = LongConv(u=u, k=k, causal=True, fft_size=0, algorithm="auto")
-        if bias is not None:
-            # the bias is added after the convolution: keep the epilogue outside the op
-            self._finish(ctx, op, y, conv, absorb=False, bias=bias)
-        else:
-            self._finish(ctx, op, y, conv)
+        if bias is not None:  # conv1d's per-channel bias: + b[c] on every step
+            with graph.inserting_before(conv):
+                op.bias = graph.call_function(aten.unsqueeze.default, (bias, -1))
+            op.bias.meta["val"] = val(bias).unsqueeze(-1)
+            copy_meta(op.bias, conv)
+        self._finish(ctx, op, y, conv)
 
-    def _finish(self, ctx: PassContext, op: LongConv, y: torch.fx.Node, anchor: torch.fx.Node,
-                absorb: bool = True, bias: torch.fx.Node | None = None) -> None:
+    def _finish(self, ctx: PassContext, op: LongConv, y: torch.fx.Node, anchor: torch.fx.Node) -> None:
         """Fold the epilogue into ``op`` and replace the last folded node by the op's result."""
         gm, graph = ctx.gm, ctx.graph
         stage, last = 0, y                   # stages: 0 scale, 1 skip, 2 activation, 3 gate
         base_u = _strip_casts(op.u)
-        while absorb:
+        while True:
             user = only_user(last)
             if user is None:
                 break
@@ -269,12 +269,6 @@ class LongConvPass(Pass):
         ir = ctx.insert_ir(op, last, anchor)
         ir.meta["val"] = _fake_out(op)
         out = ir
-        if bias is not None:
-            with graph.inserting_before(last):
-                b = graph.call_function(aten.unsqueeze.default, (bias, -1))
-                out = graph.call_function(aten.add.Tensor, (ir, b))
-            b.meta["val"] = val(bias).unsqueeze(-1)
-            out.meta["val"] = val(ir) + val(b)
         if val(out).dtype != val(last).dtype:
             with graph.inserting_before(last):
                 out = graph.call_function(aten.to.dtype, (out, val(last).dtype))
@@ -286,7 +280,7 @@ def _fake_out(op: LongConv):
     u, k = val(op.u), val(op.k)
     dtype = torch.promote_types(u.dtype, k.dtype)
     shape = torch.broadcast_shapes(u.shape, (*k.shape[:-1], u.shape[-1]))
-    for x in (op.d, op.gate):
+    for x in (op.d, op.gate, op.bias):
         if x is not None:
             dtype = torch.promote_types(dtype, val(x).dtype)
             shape = torch.broadcast_shapes(shape, val(x).shape)

@@ -165,11 +165,12 @@ class LeftPadConv(torch.nn.Module):
         return F.silu(F.conv1d(F.pad(x, (self.w.shape[-1] - 1, 0)), self.w, groups=x.shape[1])) * gate
 
 
-def test_mamba_short_conv_is_direct():
+def test_mamba_short_conv_is_direct_with_bias_and_activation():
     (x,) = inputs((B, H, L))
     report = check_against_eager(MambaConv(), x)
     assert report.count("long_conv") == 1
-    assert "algo=direct" in report.rewrites[0].ir
+    ir = report.rewrites[0].ir
+    assert "algo=direct" in ir and "bias=%" in ir and "activation=silu" in ir, ir
 
 
 def test_left_pad_long_conv_folds_activation_and_gate():

@@ -29,9 +29,9 @@ def _conv_direct(u, k):
     return y.reshape(*lead, length)
 
 
-def long_conv_reference(u, k, d=None, gate=None, *, causal=True, fft_size=0, scale=1.0, activation="none",
-                        algorithm="fft"):
-    """y = act(scale·(u ⊛ k)[..., :L] + d·u) · gate, computed in fp32 (fp64 for fp64 inputs).
+def long_conv_reference(u, k, d=None, gate=None, *, bias=None, causal=True, fft_size=0, scale=1.0,
+                        activation="none", algorithm="fft"):
+    """y = act(scale·(u ⊛ k)[..., :L] + bias + d·u) · gate, computed in fp32 (fp64 for fp64 inputs).
 
     Shapes: u (*B, L); k broadcastable to (*B, Lk); d broadcastable to u; gate
     broadcastable to y.  causal: linear convolution (``algorithm`` "fft" or
@@ -52,7 +52,10 @@ def long_conv_reference(u, k, d=None, gate=None, *, causal=True, fft_size=0, sca
     # 2. the program's normalization
     if scale != 1.0:
         y = y * scale
-    # 3. skip connection
+    # 3. bias, skip connection
+    if bias is not None:
+        y = y + bias.to(acc)
+        dtype = torch.promote_types(dtype, bias.dtype)
     if d is not None:
         y = y + uf * d.to(acc)
         dtype = torch.promote_types(dtype, d.dtype)

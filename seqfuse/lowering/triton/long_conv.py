@@ -124,6 +124,8 @@ def supports(t: dict, a: dict) -> str | None:
     reason = _availability(u.device)
     if reason:
         return reason
+    if t.get("bias") is not None:
+        return "a conv bias is not fused into the triton kernels yet"
     if not a.get("causal", True):
         return "circular (non-causal) convolution: the triton kernels compute causal convolutions only"
     if a.get("activation", "none") not in ACTIVATIONS:
