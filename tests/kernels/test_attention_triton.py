@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 import seqfuse  # noqa: E402
 from seqfuse.lowering.reference.attention import attention_reference  # noqa: E402
 from seqfuse.lowering.triton import attention as ta  # noqa: E402
+from seqfuse.lowering.triton import common as triton_common  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative RMS error bounds of one kernel against the fp32 reference (never widened to pass)
@@ -350,14 +351,14 @@ def test_supports_refusals(case, expected):
 
 
 def test_supports_without_triton(monkeypatch):
-    monkeypatch.setattr(ta, "_triton_installed", lambda: False)
+    monkeypatch.setattr(triton_common, "triton_installed", lambda: False)
     assert _reason() == "triton is not installed"
 
 
 def test_supports_interpreter_that_cannot_run(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("compiled kernels on CUDA do not use the interpreter")
-    monkeypatch.setattr(ta, "_interpreter_problem", lambda: "the triton 3.6 interpreter needs numpy < 2.4")
+    monkeypatch.setattr(triton_common, "interpreter_problem", lambda: "the triton 3.6 interpreter needs numpy < 2.4")
     assert _reason() == "the triton 3.6 interpreter needs numpy < 2.4"
 
 

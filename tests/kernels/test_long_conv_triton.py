@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 import seqfuse  # noqa: E402
 from seqfuse.lowering.reference.long_conv import long_conv_reference  # noqa: E402
 from seqfuse.lowering.triton import long_conv as tlc  # noqa: E402
+from seqfuse.lowering.triton import common as triton_common  # noqa: E402
 
 # the interpreter's numpy: exp overflow in sigmoid of large |z| (the result is exact), and its scalar casts
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -210,7 +211,7 @@ def test_supports_refusals(monkeypatch):
     assert "exceeds 32768" in reason(big, rnd(1, 20000))
     assert reason(big, rnd(1, 20000), algorithm="direct") is None  # the direct kernel has no size limit
     assert reason(big, rnd(1, 3)) is None  # N = next_pow2(L + 2) = 32768
-    monkeypatch.setattr(tlc, "_triton_installed", lambda: False)
+    monkeypatch.setattr(triton_common, "triton_installed", lambda: False)
     assert reason(u, k) == "triton is not installed"
 
 

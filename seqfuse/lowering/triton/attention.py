@@ -19,15 +19,12 @@ k/v hold H / gqa_groups heads, and query head h reads kv head h // gqa_groups.
 """
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import importlib.util
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 
+from seqfuse.lowering.triton.common import availability
 from seqfuse.runtime import Impl, register_impl
 from seqfuse.runtime.cache import ConfigCache, autotune, make_key, time_cuda
 
@@ -49,36 +46,6 @@ _CACHE = ConfigCache("attention-configs")
 
 # --- availability ------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreter_problem() -> str | None:
-    """Why the Triton interpreter cannot run here, or None."""
-    if importlib.util.find_spec("numpy") is None:
-        return "TRITON_INTERPRET is set but the triton interpreter needs numpy, which is not installed"
-    numpy_v, triton_v = _release("numpy"), _release("triton")
-    if numpy_v >= (2, 4) and triton_v <= (3, 6):
-        # numpy 2.4 made int() of a 1-element array an error; triton 3.6's interpreter relies on it
-        return f"the triton {'.'.join(map(str, triton_v))} interpreter needs numpy < 2.4"
-    return None
-
-
-def _release(dist: str) -> tuple[int, ...]:
-    """(major, minor) of an installed distribution, (0, 0) if unknown."""
-    try:
-        parts = importlib.metadata.version(dist).split(".")[:2]
-        return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return (0, 0)
-
-
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 _kernels_module = None
 
 
@@ -92,19 +59,7 @@ def _kernels():
 
 
 def _availability(device: torch.device) -> str | None:
-    if not _triton_installed():
-        return "triton is not installed"
-    interpret = _interpret_requested()
-    if device.type == "cpu" and not interpret:
-        return "tensors are on cpu and TRITON_INTERPRET is not set"
-    if device.type not in ("cpu", "cuda"):
-        return f"tensors are on {device.type}"
-    if interpret and _interpreter_problem():
-        return _interpreter_problem()
-    if _kernels_module is not None and _kernels_module.INTERPRETED != interpret:
-        built = "the interpreter" if _kernels_module.INTERPRETED else "compilation"
-        return f"the triton kernels were built for {built} before TRITON_INTERPRET changed"
-    return None
+    return availability(device, _kernels_module)
 
 
 # --- the generator: attributes -> compile-time specialization ----------------------

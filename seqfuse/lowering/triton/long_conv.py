@@ -39,13 +39,12 @@ products).  DFT matrices and twiddles are computed in fp64 and stored in fp32.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from seqfuse.lowering.triton.common import availability
 from seqfuse.runtime import Impl, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,14 +68,6 @@ INTERPRETER_CONFIG = {"direct": {"BLOCK_A": 16, "M": 16, "num_warps": 4},
 
 # --- availability ------------------------------------------------------------
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 _kernels_module = None
 
 
@@ -90,19 +81,7 @@ def _kernels():
 
 
 def _availability(device: torch.device) -> str | None:
-    if not _triton_installed():
-        return "triton is not installed"
-    interpret = _interpret_requested()
-    if device.type == "cpu" and not interpret:
-        return "tensors are on cpu and TRITON_INTERPRET is not set"
-    if device.type not in ("cpu", "cuda"):
-        return f"tensors are on {device.type}"
-    if interpret and importlib.util.find_spec("numpy") is None:
-        return "TRITON_INTERPRET is set but the triton interpreter needs numpy, which is not installed"
-    if _kernels_module is not None and _kernels_module.INTERPRETED != interpret:
-        built = "the interpreter" if _kernels_module.INTERPRETED else "compilation"
-        return f"the triton kernels were built for {built} before TRITON_INTERPRET changed"
-    return None
+    return availability(device, _kernels_module)
 
 
 def fft_size(length: int, kernel_length: int) -> int:
