@@ -171,7 +171,8 @@ class LongConvPass(Pass):
         if not total.is_number:
             raise NoMatch(f"the normalization {total} depends on the sequence length")
         length, lk = val(u).shape[-1], val(k).shape[-1]
-        if not statically_known_true(n_expr_ge(n, length)):
+        n_val = val(n) if isinstance(n, torch.fx.Node) else n   # the FFT size as an int or SymInt
+        if not statically_known_true(n_val >= length):
             raise NoMatch("the FFT size is smaller than the signal (the FFT truncates it)")
         # the output: all N samples (circular, N = L) or the first L
         sl = only_user(y)
@@ -181,8 +182,8 @@ class LongConvPass(Pass):
             y = sl
         elif not statically_known_true(val(y).shape[-1] == length):
             raise NoMatch("the convolution output is not sliced to the signal length")
-        kl = lk if statically_known_true(lk <= n_expr_sym(n)) else n
-        causal = bool(statically_known_true(n_expr_ge(n, length + kl - 1)))
+        kl = lk if statically_known_true(lk <= n_val) else n_val   # rfft(k, n) keeps at most n taps
+        causal = bool(statically_known_true(n_val >= length + kl - 1))
         op = LongConv(u=u, k=k, causal=causal, fft_size=n if isinstance(n, (int, torch.fx.Node)) else int(n),
                       scale=float(total), algorithm="auto")
         self._finish(ctx, op, y, result)
@@ -286,10 +287,3 @@ def _fake_out(op: LongConv):
             shape = torch.broadcast_shapes(shape, val(x).shape)
     return u.new_empty(shape, dtype=dtype)
 
-
-def n_expr_sym(n):
-    return val(n) if isinstance(n, torch.fx.Node) else n
-
-
-def n_expr_ge(n, x):
-    return n_expr_sym(n) >= x
