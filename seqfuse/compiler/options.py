@@ -7,6 +7,9 @@ from typing import Any
 
 DOWNSTREAMS = ("inductor", "aot_eager", "eager")
 RUNTIMES = ("auto", "triton", "aten", "eager")
+#: the algorithms a user may force per IR op kind with ``options={"algorithm": {kind: name}}``
+ALGORITHMS = {"attention": ("fused",), "long_conv": ("fft", "direct"),
+              "ssd": ("quadratic", "chunked", "recurrent"), "scan": ("recurrent", "chunked")}
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,8 @@ class Options:
     dump_dir:   directory to write the graph before/after each pass and the IR into, or None.
     verify:     run the original graph eagerly on the first call and compare outputs.
     runtime:    path for IR ops: "auto" (best available), "triton", "aten" or "eager".
+    algorithm:  {IR op kind: algorithm} forcing the cost model's choice, e.g.
+                {"ssd": "chunked", "scan": "recurrent"}; see ALGORITHMS for the names.
     """
 
     downstream: str = "inductor"
@@ -25,6 +30,7 @@ class Options:
     dump_dir: str | None = None
     verify: bool = False
     runtime: str = "auto"
+    algorithm: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "Options":
@@ -50,7 +56,18 @@ class Options:
         verify = options.get("verify", False)
         if not isinstance(verify, bool):
             raise ValueError(f"seqfuse: option 'verify' must be a bool, got {verify!r}")
-        return cls(downstream=downstream, passes=passes, dump_dir=dump_dir, verify=verify, runtime=runtime)
+        algorithm = options.get("algorithm", {})
+        if not isinstance(algorithm, dict):
+            raise ValueError(f"seqfuse: option 'algorithm' must be a dict {{op kind: algorithm}}, got {algorithm!r}")
+        for kind, name in algorithm.items():
+            if kind not in ALGORITHMS:
+                raise ValueError(f"seqfuse: option 'algorithm' names unknown op kind {kind!r}; "
+                                 f"kinds: {sorted(ALGORITHMS)}")
+            if name not in ALGORITHMS[kind]:
+                raise ValueError(f"seqfuse: option 'algorithm' for {kind!r} must be one of {ALGORITHMS[kind]}, "
+                                 f"got {name!r}")
+        return cls(downstream=downstream, passes=passes, dump_dir=dump_dir, verify=verify, runtime=runtime,
+                   algorithm=dict(algorithm))
 
 
 def _validate_passes(passes: Any) -> dict:

@@ -109,39 +109,61 @@ class Attention(IROp):
 
 @dataclass
 class SSD(IROp):
-    """y = (L ∘ C·Bᵀ)·X, the structured-state-space-duality family (declared; recognized in a later issue).
+    """A linear recurrence with a matrix state (the structured-state-space-duality family).
 
-    Operands: x (B, T, H, P); a (B, T, H) log-decay per step (or (B, T, H, N) for
-    vector gates); b (B, T, H, N); c (B, T, H, N); optional d (H,) skip and
-    initial state h0 (B, H, P, N).  Results: y (B, T, H, P) and the final state.
+    Per batch b and head h, with the state S_t a (P, N) matrix::
+
+        S_t = exp(a_t) ⊙ S_{t-1} + x_t ⊗ b_t        (S_{-1} = h0, or 0)
+        y_t = S_t · c_t  (+ d ⊙ x_t)
+
+    which is also y = (L ∘ C·Bᵀ)·X with L the 1-semiseparable decay mask
+    L[t, s] = exp(a_{s+1} + … + a_t) for s <= t (DESIGN.md §2).
+
+    Operands (printed in this order): x (B, T, H, P); b, c (B, T, H, N); a the log-decay: (B, T, H) for ``decay="scalar"`` (Mamba-2,
+    RetNet, simple GLA), (B, T, H, N) for ``decay="vector"`` (GLA: a gate per key dim,
+    multiplying S along N), or None for ``decay="none"`` (linear attention);
+    optional d (H,) skip and h0 (B, H, P, N).
+    Results (the IR node's value is the pair): y (B, T, H, P) and the final state (B, H, P, N),
+    both in the promoted dtype of x, b, c.
+
+    Attributes: ``decay`` (must agree with a's shape), ``chunk`` (chunk length of the chunked
+    algorithm; set by passes/select).  Algorithms: "quadratic", "chunked", "recurrent".
     """
 
     kind: ClassVar[str] = "ssd"
     results: ClassVar[tuple[str, ...]] = ("y", "h")
     x: torch.fx.Node = operand()
-    a: torch.fx.Node = operand()
     b: torch.fx.Node = operand()
     c: torch.fx.Node = operand()
+    a: torch.fx.Node | None = operand(optional=True)
     d: torch.fx.Node | None = operand(optional=True)
     h0: torch.fx.Node | None = operand(optional=True)
-    decay: str = attr("scalar_per_head")
+    decay: str = attr("scalar")
     chunk: int = attr(64)
 
 
 @dataclass
 class Scan(IROp):
-    """h_t = a_t ⊙ h_{t-1} + b_t along ``dim``, with optional readout y_t = Σ_n c_t·h_t (declared).
+    """A diagonal (elementwise) linear recurrence along the time axis, which is axis -2::
 
-    Operands: a, b of the same shape (…, T, …); optional c (readout) and h0.
+        h_t = a_t ⊙ h_{t-1} + b_t                  h_t: (*R, N), h_{-1} = h0 or 0
+        y_t = Σ_n c_t[n] · h_t[n]   with a readout c, else y_t = h_t
+
+    Operands: a, b broadcastable to (*R, T, N) (a may be complex: LRU); optional c
+    broadcastable to (*R, T, N) (Mamba-1's C, shared over channels through an expand) and
+    h0 (*R, N).  Results (the IR node's value is the pair): y, (*R, T) with a readout, else
+    (*R, T, N); and the final state h (*R, N) (the state at t = 0 when ``reverse``).
+
+    Attributes: ``reverse`` runs t = T-1 … 0.  Algorithms: "recurrent" (sequential; a
+    generated C kernel on CPU), "chunked" (log-depth scan within chunks, a pass over chunks).
     """
 
     kind: ClassVar[str] = "scan"
+    results: ClassVar[tuple[str, ...]] = ("y", "h")
     a: torch.fx.Node = operand()
     b: torch.fx.Node = operand()
     c: torch.fx.Node | None = operand(optional=True)
     h0: torch.fx.Node | None = operand(optional=True)
-    dim: int = attr(1)
-    state: str = attr("diagonal")
     reverse: bool = attr(False)
 
 

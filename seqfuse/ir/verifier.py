@@ -80,14 +80,23 @@ def _verify_operands_are_tensors(op: IROp) -> None:
 
 def _verify_scan(op: Scan) -> None:
     a, b = _val(op.a), _val(op.b)
-    _check(a.dim() == b.dim(), op, f"a and b ranks differ: {a.dim()} vs {b.dim()}")
-    _check(-b.dim() <= op.dim < b.dim(), op, f"dim {op.dim} out of range for rank {b.dim()}")
-    _check(op.state == "diagonal", op, f"state must be 'diagonal', got {op.state!r}")
+    _check(a.dim() >= 2 and b.dim() >= 2, op, f"a and b need (…, T, N) axes, got ranks {a.dim()} and {b.dim()}")
+    _check(a.shape[-2] == b.shape[-2] or a.shape[-2] == 1, op,
+           f"a and b differ on the time axis (-2): {tuple(a.shape)} vs {tuple(b.shape)}")
+    if op.c is not None:
+        _check(_val(op.c).dim() >= 2, op, f"c needs (…, T, N) axes, got rank {_val(op.c).dim()}")
+    _check(isinstance(op.reverse, bool), op, f"reverse must be a bool, got {op.reverse!r}")
 
 
 def _verify_ssd(op: SSD) -> None:
-    _check(op.decay in ("none", "constant", "scalar_per_head", "vector"), op, f"unknown decay kind {op.decay!r}")
+    _check(op.decay in ("none", "scalar", "vector"), op, f"unknown decay kind {op.decay!r}")
     _check(isinstance(op.chunk, int) and op.chunk > 0, op, f"chunk must be a positive int, got {op.chunk!r}")
+    x, b, c = _val(op.x), _val(op.b), _val(op.c)
+    _check(x.dim() == 4 and b.dim() == 4 and c.dim() == 4, op,
+           f"x, b, c must be (B, T, H, P|N), got ranks {x.dim()}, {b.dim()}, {c.dim()}")
+    want = {"none": None, "scalar": 3, "vector": 4}[op.decay]
+    got = None if op.a is None else _val(op.a).dim()
+    _check(got == want, op, f"decay={op.decay} needs a of rank {want}, got {got}")
 
 
 def _verify_long_conv(op: LongConv) -> None:

@@ -4,12 +4,19 @@ Built-in recognizers are registered here, in the order they run.
 """
 from seqfuse.passes.attention import AttentionPass
 from seqfuse.passes.long_conv import LongConvPass
+from seqfuse.passes.loops import LoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
                                      unregister_pass)
 from seqfuse.passes.select import SelectPass
+from seqfuse.passes.ssd_forms import SSDFormsPass
 
+# Loops first: re-rolling an unrolled time loop must see the loop body before any other
+# recognizer rewrites a piece of one step (a step's readout is an einsum, for instance).
+register_pass(LoopPass())
 register_pass(AttentionPass())
 register_pass(LongConvPass())
+# After attention: a softmax-free (q·kᵀ ∘ M)·v is only an ssd once attention has declined it.
+register_pass(SSDFormsPass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "LongConvPass", "SelectPass"]
+           "AttentionPass", "LongConvPass", "LoopPass", "SSDFormsPass", "SelectPass"]

@@ -77,12 +77,12 @@ def test_format_op_symbolic_scale_prints_as_a_value():
 def test_format_other_ops():
     g = G(a=(2, 16, 4), b=(2, 16, 4), c=(2, 16, 4), x=(2, 16, 3, 8), u=(2, 3, 32), kk=(3, 32), d=(3,))
     assert format_op(Scan(a=g.a, b=g.b, c=g.c), "y") == \
-        "%y = seqfuse.scan(%a, %b, c=%c) {dim=1, state=diagonal, reverse=false, algo=auto}"
+        "%y = seqfuse.scan(%a, %b, c=%c) {reverse=false, algo=auto}"
     long_conv = format_op(LongConv(u=g.u, k=g.kk, d=g.d, fft_size=64, algorithm="fft"), "y")
     assert long_conv.startswith("%y = seqfuse.long_conv(%u, %kk, d=%d) {causal=true, fft_size=64")
     assert long_conv.endswith(", algo=fft}")
     assert format_op(SSD(x=g.x, a=g.a, b=g.b, c=g.c, chunk=16), "y").startswith(
-        "%y = seqfuse.ssd(%x, %a, %b, %c) {decay=scalar_per_head, chunk=16, algo=auto}")
+        "%y = seqfuse.ssd(%x, %b, %c, a=%a) {decay=scalar, chunk=16, algo=auto}")
 
 
 def test_format_value_and_type():
@@ -217,13 +217,18 @@ def test_operand_without_metadata_is_rejected():
 
 
 def test_other_ops_rules():
-    g = G(a=(2, 16, 4), b=(2, 16, 4), a2=(2, 16), x=(2, 16, 3, 8), u=(2, 3, 32), kk=(3, 32))
-    verify_op(Scan(a=g.a, b=g.b, dim=-2))
-    for op, field in [(Scan(a=g.a2, b=g.b), "a and b ranks differ"),
-                      (Scan(a=g.a, b=g.b, dim=3), "dim 3 out of range"),
-                      (Scan(a=g.a, b=g.b, state="dense"), "state must be 'diagonal'"),
-                      (SSD(x=g.x, a=g.a, b=g.b, c=g.b, decay="exp"), "unknown decay kind 'exp'"),
-                      (SSD(x=g.x, a=g.a, b=g.b, c=g.b, chunk=0), "chunk must be a positive int"),
+    g = G(a=(2, 16, 4), b=(2, 16, 4), a2=(2, 16), a3=(2, 15, 4), x=(2, 16, 3, 8), bn=(2, 16, 3, 4),
+          u=(2, 3, 32), kk=(3, 32), g3=(2, 16, 3))
+    verify_op(Scan(a=g.a, b=g.b))
+    verify_op(SSD(x=g.x, a=g.g3, b=g.bn, c=g.bn))
+    verify_op(SSD(x=g.x, a=g.bn, b=g.bn, c=g.bn, decay="vector"))
+    verify_op(SSD(x=g.x, a=None, b=g.bn, c=g.bn, decay="none"))
+    for op, field in [(Scan(a=g.a3, b=g.b), "differ on the time axis"),
+                      (Scan(a=g.a, b=g.b, reverse=1), "reverse must be a bool"),
+                      (SSD(x=g.x, a=g.g3, b=g.bn, c=g.bn, decay="exp"), "unknown decay kind 'exp'"),
+                      (SSD(x=g.x, a=g.g3, b=g.bn, c=g.bn, chunk=0), "chunk must be a positive int"),
+                      (SSD(x=g.x, a=g.g3, b=g.bn, c=g.bn, decay="vector"), "decay=vector needs a of rank 4"),
+                      (SSD(x=g.x, a=g.g3, b=g.b, c=g.bn), "x, b, c must be (B, T, H, P|N)"),
                       (LongConv(u=g.u, k=g.a2, causal="yes"), "causal must be a bool")]:
         with pytest.raises(IRVerificationError) as info:
             verify_op(op)

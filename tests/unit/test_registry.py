@@ -64,7 +64,7 @@ def qkv():
 
 def test_builtins_are_registered_first():
     names = [p.name for p in registered_passes()]
-    assert names[0] == "attention"
+    assert names[:4] == ["loops", "attention", "long_conv", "ssd_forms"]
     assert all(isinstance(p, seqfuse.Pass) for p in registered_passes())
 
 
@@ -89,7 +89,7 @@ def test_register_errors():
 
     with pytest.raises(ValueError, match="a pass named 'attention' is already registered"):
         seqfuse.register_pass(Shadow())
-    assert type(registered_passes()[0]).__name__ == "AttentionPass"  # the built-in is untouched
+    assert type(registered_passes()[1]).__name__ == "AttentionPass"  # the built-in is untouched
     with pytest.raises(KeyError, match="no pass named 'nope'"):
         seqfuse.unregister_pass("nope")
 
