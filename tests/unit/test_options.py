@@ -9,7 +9,7 @@ import seqfuse
 from seqfuse.compiler.options import Options
 from helpers import check_against_eager
 
-VALID = ["downstream", "passes", "dump_dir", "verify", "runtime"]
+VALID = ["downstream", "passes", "dump_dir", "verify", "runtime", "algorithm"]
 
 
 def attn(q, k, v):
@@ -36,6 +36,19 @@ def test_valid_values_are_kept():
     assert (o.downstream, o.runtime, o.passes, o.dump_dir, o.verify) == \
         ("aot_eager", "eager", {"attention": False}, "/tmp/x", True)
     assert Options.from_dict({"passes": ["attention"]}).passes == {"__only__": ["attention"]}
+
+
+def test_algorithm_option():
+    o = Options.from_dict({"algorithm": {"ssd": "chunked", "scan": "recurrent", "long_conv": "direct"}})
+    assert o.algorithm == {"ssd": "chunked", "scan": "recurrent", "long_conv": "direct"}
+    assert Options.from_dict({}).algorithm == {}
+    with pytest.raises(ValueError, match=r"'algorithm' must be a dict"):
+        Options.from_dict({"algorithm": "chunked"})
+    with pytest.raises(ValueError, match=r"'algorithm' names unknown op kind 'mamba'"):
+        Options.from_dict({"algorithm": {"mamba": "chunked"}})
+    with pytest.raises(ValueError, match=r"'algorithm' for 'ssd' must be one of \('quadratic', 'chunked', "
+                                         r"'recurrent'\), got 'fft'"):
+        Options.from_dict({"algorithm": {"ssd": "fft"}})
 
 
 def test_dump_dir_accepts_a_pathlike(tmp_path):
