@@ -6,8 +6,8 @@ import operator
 import torch
 import torch.fx
 
-from seqfuse.ir.ops import Attention, IROp, LongConv, ir_marker, ir_of
-from seqfuse.lowering import attention_op, long_conv_op  # noqa: F401  (register the custom ops)
+from seqfuse.ir.ops import SSD, Attention, IROp, LongConv, Scan, ir_marker, ir_of
+from seqfuse.lowering import attention_op, long_conv_op, scan_op, ssd_op  # noqa: F401  (register the custom ops)
 
 
 def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, runtime: str) -> torch.fx.Node:
@@ -31,7 +31,35 @@ def _lower_long_conv(graph: torch.fx.Graph, node: torch.fx.Node, op: LongConv, r
     return call
 
 
-_LOWERINGS = {Attention: _lower_attention, LongConv: _lower_long_conv}
+#: the algorithm an op still at "auto" runs (only when passes/select was turned off): the one
+#: that is never slow to the point of uselessness at any length
+_UNSELECTED = {"ssd": "chunked", "scan": "recurrent"}
+
+
+def _algorithm(op: IROp) -> str:
+    return _UNSELECTED[op.kind] if op.algorithm == "auto" else op.algorithm
+
+
+def _lower_pair(graph: torch.fx.Graph, node: torch.fx.Node, target, args) -> torch.fx.Node:
+    """An op whose value is the pair (y, h): its users are getitem(node, 0|1) and keep working
+    on the custom op's tuple."""
+    with graph.inserting_before(node):
+        call = graph.call_function(target, args)
+    call.meta.update({k: v for k, v in node.meta.items() if k != "seqfuse_ir"})
+    return call
+
+
+def _lower_ssd(graph: torch.fx.Graph, node: torch.fx.Node, op: SSD, runtime: str) -> torch.fx.Node:
+    args = (op.x, op.b, op.c, op.a, op.d, op.h0, op.decay, int(op.chunk), _algorithm(op), runtime)
+    return _lower_pair(graph, node, torch.ops.seqfuse.ssd.default, args)
+
+
+def _lower_scan(graph: torch.fx.Graph, node: torch.fx.Node, op: Scan, runtime: str) -> torch.fx.Node:
+    args = (op.a, op.b, op.c, op.h0, bool(op.reverse), _algorithm(op), runtime)
+    return _lower_pair(graph, node, torch.ops.seqfuse.scan.default, args)
+
+
+_LOWERINGS = {Attention: _lower_attention, LongConv: _lower_long_conv, SSD: _lower_ssd, Scan: _lower_scan}
 
 
 def lower_graph(gm: torch.fx.GraphModule, runtime: str = "auto") -> int:

@@ -1,0 +1,118 @@
+"""seqfuse::scan as a torch.library custom op: fake impl, autograd, runtime dispatch.
+
+    seqfuse::scan(a, b, c?, h0?, reverse, algorithm, runtime) -> (y, h)
+    seqfuse::scan_backward(grad_y, grad_h, a, b, c?, h0?, reverse, algorithm, runtime, needs)
+        -> (da, db, dc, dh0)
+
+a, b, c are broadcastable to (*R, T, N) (stride-0 views welcome), h0 to (*R, N); a, b, h0
+may be complex (then y and h are complex).  y is (*R, T) with a readout c, else (*R, T, N);
+h (*R, N) is the last state computed.  The algorithm ("recurrent", "chunked") is set by
+passes/select; "auto" is refused.
+
+Implementations register with the dispatcher (seqfuse.runtime) as
+``Impl(path, supports, forward, backward)`` with
+``forward(a, b, c, h0, attrs) -> (y, h)`` and
+``backward(grad_y, grad_h, a, b, c, h0, attrs) -> (da, db, dc, dh0)``,
+attrs = {"reverse", "algorithm"} (+ "needs": four bools, for the backward).  Gradients come in
+the operand's own shape and dtype (or None where not needed).  Complex gradients follow
+PyTorch's convention (conjugate Wirtinger): for h = a·h' + b, da = dh·conj(h').
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from seqfuse.lowering.reference.scan import ALGORITHMS, out_dtype, scan_backward_reference, scan_reference, \
+    scan_shape
+from seqfuse.runtime import Impl, register_impl, run
+
+
+def _check(a, b, c, h0, reverse, algorithm):
+    scan_shape(a, b, c, h0)  # raises naming the operands that do not broadcast
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"seqfuse.scan: algorithm must be one of {ALGORITHMS} (passes/select sets it), "
+                         f"got {algorithm!r}")
+    if not isinstance(reverse, bool):
+        raise ValueError(f"seqfuse.scan: reverse must be a bool, got {reverse!r}")
+
+
+def _empty_results(a, b, c, h0):
+    full = scan_shape(a, b, c, h0)
+    dtype = out_dtype(a, b, c, h0)
+    y_shape = full[:-1] if c is not None else full
+    return a.new_empty(y_shape, dtype=dtype), a.new_empty((*full[:-2], full[-1]), dtype=dtype)
+
+
+@torch.library.custom_op("seqfuse::scan", mutates_args=())
+def scan(a: Tensor, b: Tensor, c: Optional[Tensor], h0: Optional[Tensor], reverse: bool, algorithm: str,
+         runtime: str) -> tuple[Tensor, Tensor]:
+    """A diagonal linear recurrence along axis -2; see seqfuse.ir.ops.Scan.  Returns (y, final state)."""
+    _check(a, b, c, h0, reverse, algorithm)
+    attrs = dict(reverse=reverse, algorithm=algorithm)
+    y, h = run("scan", "forward", runtime, dict(a=a, b=b, c=c, h0=h0), attrs, a, b, c, h0, attrs)
+    ey, eh = _empty_results(a, b, c, h0)
+    return ey.copy_(y), eh.copy_(h)
+
+
+@scan.register_fake
+def _(a, b, c, h0, reverse, algorithm, runtime):
+    _check(a, b, c, h0, reverse, algorithm)
+    return _empty_results(a, b, c, h0)
+
+
+@torch.library.custom_op("seqfuse::scan_backward", mutates_args=())
+def scan_backward(grad_y: Tensor, grad_h: Tensor, a: Tensor, b: Tensor, c: Optional[Tensor], h0: Optional[Tensor],
+                  reverse: bool, algorithm: str, runtime: str,
+                  needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (da, db, dc, dh0) of seqfuse::scan given the gradients of y and of the final state;
+    empty where ``needs`` is False."""
+    attrs = dict(reverse=reverse, algorithm=algorithm, needs=list(needs))
+    grads = run("scan", "backward", runtime, dict(a=a, b=b, c=c, h0=h0), attrs, grad_y, grad_h, a, b, c, h0, attrs)
+    out = []
+    for t, g, n in zip((a, b, c, h0), grads, needs):
+        if not n or t is None:
+            out.append(a.new_empty(0))
+        elif g is None:
+            out.append(torch.zeros_like(t))
+        else:
+            out.append(torch.empty_like(t).copy_(g if t.is_complex() or not g.is_complex() else g.real))
+    return tuple(out)
+
+
+@scan_backward.register_fake
+def _(grad_y, grad_h, a, b, c, h0, reverse, algorithm, runtime, needs):
+    return tuple(torch.empty_like(t) if (n and t is not None) else a.new_empty(0)
+                 for t, n in zip((a, b, c, h0), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, c, h0, *attrs, runtime = inputs
+    ctx.attrs, ctx.runtime = attrs, runtime
+    ctx.save_for_backward(a, b, c, h0)
+
+
+def _backward(ctx, grad_y, grad_h):
+    a, b, c, h0 = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate((a, b, c, h0))]
+    y_like, h_like = _empty_results(a, b, c, h0)
+    grad_y = torch.zeros_like(y_like) if grad_y is None else grad_y.contiguous()
+    grad_h = torch.zeros_like(h_like) if grad_h is None else grad_h.contiguous()
+    grads = torch.ops.seqfuse.scan_backward(grad_y, grad_h, a, b, c, h0, *ctx.attrs, ctx.runtime, needs)
+    return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
+
+
+scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(a, b, c, h0, attrs):
+    return scan_reference(a, b, c, h0, reverse=attrs["reverse"], algorithm=attrs["algorithm"])
+
+
+def _reference_backward(grad_y, grad_h, a, b, c, h0, attrs):
+    return scan_backward_reference(grad_y, grad_h, a, b, c, h0, reverse=attrs["reverse"],
+                                   algorithm=attrs["algorithm"], needs=attrs["needs"])
+
+
+register_impl("scan", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))

@@ -1,0 +1,118 @@
+"""seqfuse::ssd as a torch.library custom op: fake impl, autograd, runtime dispatch.
+
+    seqfuse::ssd(x, b, c, a?, d?, h0?, decay, chunk, algorithm, runtime) -> (y, h)
+    seqfuse::ssd_backward(grad_y, grad_h, x, b, c, a?, d?, h0?, decay, chunk, algorithm, runtime, needs)
+        -> (dx, db, dc, da, dd, dh0)
+
+Both results carry gradients: y (B, T, H, P) and the final state h (B, H, P, N).  The
+algorithm ("recurrent", "quadratic", "chunked") is set by passes/select; "auto" is refused.
+
+Implementations register with the dispatcher (seqfuse.runtime) as
+``Impl(path, supports, forward, backward)`` with
+``forward(x, b, c, a, d, h0, attrs) -> (y, h)`` and
+``backward(grad_y, grad_h, x, b, c, a, d, h0, attrs) -> (dx, db, dc, da, dd, dh0)``,
+attrs = {"decay", "chunk", "algorithm"} (+ "needs": six bools, for the backward).
+Gradients the caller does not need may be None; the op returns them as empty tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from seqfuse.lowering.autograd import recompute_grads
+from seqfuse.lowering.reference.ssd import ALGORITHMS, check_ssd_args, out_dtype, ssd_reference, ssd_shapes
+from seqfuse.runtime import Impl, register_impl, run
+
+
+def _check(x, b, c, a, d, h0, decay, chunk, algorithm):
+    check_ssd_args(x, b, c, a, d, h0, decay)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"seqfuse.ssd: algorithm must be one of {ALGORITHMS} (passes/select sets it), "
+                         f"got {algorithm!r}")
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"seqfuse.ssd: chunk must be a positive int, got {chunk!r}")
+
+
+def _attrs(decay, chunk, algorithm, **more):
+    return dict(decay=decay, chunk=chunk, algorithm=algorithm, **more)
+
+
+def _empty_results(x, b, c, h0):
+    B, T, H, P, N = ssd_shapes(x, b, c, h0)
+    dtype = out_dtype(x, b, c)
+    return x.new_empty((B, T, H, P), dtype=dtype), x.new_empty((B, H, P, N), dtype=dtype)
+
+
+@torch.library.custom_op("seqfuse::ssd", mutates_args=())
+def ssd(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], d: Optional[Tensor], h0: Optional[Tensor],
+        decay: str, chunk: int, algorithm: str, runtime: str) -> tuple[Tensor, Tensor]:
+    """A matrix-state linear recurrence; see seqfuse.ir.ops.SSD.  Returns (y, final state)."""
+    _check(x, b, c, a, d, h0, decay, chunk, algorithm)
+    attrs = _attrs(decay, chunk, algorithm)
+    y, h = run("ssd", "forward", runtime, dict(x=x, b=b, c=c, a=a, d=d, h0=h0), attrs, x, b, c, a, d, h0, attrs)
+    ey, eh = _empty_results(x, b, c, h0)
+    return ey.copy_(y), eh.copy_(h)
+
+
+@ssd.register_fake
+def _(x, b, c, a, d, h0, decay, chunk, algorithm, runtime):
+    _check(x, b, c, a, d, h0, decay, chunk, algorithm)
+    return _empty_results(x, b, c, h0)
+
+
+_OPERANDS = ("x", "b", "c", "a", "d", "h0")
+
+
+@torch.library.custom_op("seqfuse::ssd_backward", mutates_args=())
+def ssd_backward(grad_y: Tensor, grad_h: Tensor, x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor],
+                 d: Optional[Tensor], h0: Optional[Tensor], decay: str, chunk: int, algorithm: str, runtime: str,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, db, dc, da, dd, dh0) of seqfuse::ssd given the gradients of y and of the final
+    state; empty where ``needs`` is False."""
+    attrs = _attrs(decay, chunk, algorithm, needs=list(needs))
+    tensors = dict(zip(_OPERANDS, (x, b, c, a, d, h0)))
+    grads = run("ssd", "backward", runtime, tensors, attrs, grad_y, grad_h, x, b, c, a, d, h0, attrs)
+    return tuple(torch.empty_like(t).copy_(g) if (n and t is not None and g is not None) else
+                 (torch.zeros_like(t) if (n and t is not None) else x.new_empty(0))
+                 for t, g, n in zip((x, b, c, a, d, h0), grads, needs))
+
+
+@ssd_backward.register_fake
+def _(grad_y, grad_h, x, b, c, a, d, h0, decay, chunk, algorithm, runtime, needs):
+    return tuple(torch.empty_like(t) if (n and t is not None) else x.new_empty(0)
+                 for t, n in zip((x, b, c, a, d, h0), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, b, c, a, d, h0, *attrs, runtime = inputs
+    ctx.attrs, ctx.runtime = attrs, runtime
+    ctx.save_for_backward(x, b, c, a, d, h0)
+
+
+def _backward(ctx, grad_y, grad_h):
+    x, b, c, a, d, h0 = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate((x, b, c, a, d, h0))]
+    y_like, h_like = _empty_results(x, b, c, h0)
+    grad_y = torch.zeros_like(y_like) if grad_y is None else grad_y.contiguous()
+    grad_h = torch.zeros_like(h_like) if grad_h is None else grad_h.contiguous()
+    grads = torch.ops.seqfuse.ssd_backward(grad_y, grad_h, x, b, c, a, d, h0, *ctx.attrs, ctx.runtime, needs)
+    return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
+
+
+ssd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(x, b, c, a, d, h0, attrs):
+    return ssd_reference(x, b, c, a, d, h0, decay=attrs["decay"], chunk=attrs["chunk"], algorithm=attrs["algorithm"])
+
+
+def _reference_backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
+    # the adjoint by differentiating the reference of the same algorithm again
+    def fn(*operands):
+        return ssd_reference(*operands, decay=attrs["decay"], chunk=attrs["chunk"], algorithm=attrs["algorithm"])
+    return recompute_grads(fn, (grad_y, grad_h), [x, b, c, a, d, h0], attrs["needs"])
+
+
+register_impl("ssd", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
