@@ -100,6 +100,113 @@ def ssd_recurrent(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64)
     return y.to(dtype), S.to(dtype)
 
 
+def _masked_exp(seg, causal):
+    """exp(seg) where ``causal`` (s <= t), else 0: the mask goes on the exponent *before* exp (-inf
+    above the diagonal), so the positive sums of the upper triangle are never exponentiated."""
+    return torch.exp(torch.where(causal, seg, torch.full_like(seg, -torch.inf)))
+
+
+def ssd_quadratic(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
+    """y = (L ∘ C·Bᵀ)·X over the whole sequence, L[t, s] = exp(a_{s+1} + … + a_t) for s <= t.
+    Memory O(T²·H) (O(T²·H·N) for vector decay): the choice for short sequences."""
+    x, b, c, a, h0, dtype = _prepare(x, b, c, a, d, h0, decay)
+    B, T, H, P = x.shape
+    vector = decay == "vector"
+    if a is None:
+        a = x.new_zeros(B, T, H)
+    # 1. inclusive cumulative log-decay cum_t = a_0 + … + a_t, (B, T, H[, N]); summed in fp64 so that
+    #    a difference of two large sums keeps its digits (cast back to the working dtype after step 2)
+    cum = a.double().cumsum(1)
+    # 2. segment sums seg[t, s] = cum_t - cum_s = a_{s+1} + … + a_t, masked above the diagonal, then exp
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    if vector:  # (B, T, S, H, N): the exponent per key dim, inside the contraction
+        L = _masked_exp((cum[:, :, None] - cum[:, None, :]).to(x.dtype), causal[:, :, None, None])
+        scores = torch.einsum("bthn,bshn,btshn->bhts", c, b, L)
+    else:  # (B, T, S, H)
+        L = _masked_exp((cum[:, :, None] - cum[:, None, :]).to(x.dtype), causal[:, :, None])
+        scores = torch.einsum("bthn,bshn->bhts", c, b) * L.permute(0, 3, 1, 2)
+    # 3. y_t = Σ_{s<=t} scores[t, s]·x_s
+    y = torch.einsum("bhts,bshp->bthp", scores, x)
+    # 4. the final state: every input decayed to the end, w_s = exp(cum_{T-1} - cum_s)
+    last = cum[:, -1:]
+    w = torch.exp((last - cum).to(x.dtype))  # (B, T, H[, N]), exponents <= 0 for decays <= 0
+    h = torch.einsum("bshp,bshn->bhpn", x, b * w) if vector else torch.einsum("bshp,bshn,bsh->bhpn", x, b, w)
+    # 5. the initial state, decayed to every step: y_t += exp(cum_t)·(h0 · c_t); h += exp(cum_{T-1})·h0
+    if h0 is not None:
+        decay_t, decay_end = torch.exp(cum.to(x.dtype)), torch.exp(last[:, 0].to(x.dtype))
+        if vector:
+            y = y + torch.einsum("bhpn,bthn->bthp", h0, c * decay_t)
+            h = h + h0 * decay_end[:, :, None, :]
+        else:
+            y = y + torch.einsum("bhpn,bthn->bthp", h0, c) * decay_t[..., None]
+            h = h + h0 * decay_end[:, :, None, None]
+    y = _skip(y, x, d)
+    return y.to(dtype), h.to(dtype)
+
+
+def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
+    """The chunked (Mamba-2 SSD) algorithm: the quadratic form inside chunks of ``chunk`` steps,
+    the recurrence between them.  Matmul-bound, O(T·Q) memory; every exponent is a sum of
+    log-decays relative to a chunk start, so it stays stable for long sequences."""
+    x, b, c, a, h0, dtype = _prepare(x, b, c, a, d, h0, decay)
+    B, T, H, P = x.shape
+    N = b.shape[-1]
+    vector = decay == "vector"
+    if a is None:
+        a = x.new_zeros(B, T, H)
+    if T == 0:
+        h = h0 if h0 is not None else x.new_zeros(B, H, P, N)
+        return _skip(x.new_zeros(B, 0, H, P), x, d).to(dtype), h.to(dtype)
+    Q = max(1, min(int(chunk), T))
+    K = -(-T // Q)
+    # 1. pad T to K·Q with steps that change nothing (x = b = c = 0, a = 0), split into chunks:
+    #    (B, K, Q, H, ·) with k the chunk and l / s the position inside it
+    def split(t):
+        pad = K * Q - T
+        if pad:
+            t = torch.cat([t, t.new_zeros(B, pad, *t.shape[2:])], dim=1)
+        return t.reshape(B, K, Q, *t.shape[2:])
+    xs, bs, cs, As = split(x), split(b), split(c), split(a)
+    # 2. cumulative log-decay from each chunk's start, cum[k, l] = a_{kQ} + … + a_{kQ+l}, and the
+    #    decay of a whole chunk, last[k] = cum[k, Q-1]
+    cum = As.cumsum(2)                     # (B, K, Q, H[, N])
+    last = cum[:, :, -1]                   # (B, K, H[, N])
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    # 3. inside each chunk: y_diag[l] = Σ_{s<=l} (c_l · L[l, s] · b_s)·x_s, L = exp(cum_l - cum_s)
+    seg = cum[:, :, :, None] - cum[:, :, None, :]               # (B, K, L, S, H[, N])
+    if vector:  # the pairwise exponent on (Q, Q, N) tiles
+        L = _masked_exp(seg, causal[:, :, None, None])
+        scores = torch.einsum("bklhn,bkshn,bklshn->bkhls", cs, bs, L)
+    else:
+        L = _masked_exp(seg, causal[:, :, None])
+        scores = torch.einsum("bklhn,bkshn->bkhls", cs, bs) * L.permute(0, 1, 4, 2, 3)
+    y_diag = torch.einsum("bkhls,bkshp->bklhp", scores, xs)
+    # 4. what each chunk adds to the state, decayed to the chunk's end: w_s = exp(last - cum_s)
+    w = torch.exp(last[:, :, None] - cum)  # (B, K, Q, H[, N])
+    if vector:
+        states = torch.einsum("bkshp,bkshn->bkhpn", xs, bs * w)
+    else:
+        states = torch.einsum("bkshp,bkshn,bksh->bkhpn", xs, bs, w)
+    # 5. pass the state across chunks (the one loop): S_in[k] enters chunk k, S_in[0] = h0
+    chunk_decay = torch.exp(last)          # (B, K, H[, N])
+    S = h0 if h0 is not None else x.new_zeros(B, H, P, N)
+    entering = []
+    for k in range(K):
+        entering.append(S)
+        g = chunk_decay[:, k, :, None, :] if vector else chunk_decay[:, k, :, None, None]
+        S = g * S + states[:, k]
+    S_in = torch.stack(entering, dim=1)    # (B, K, H, P, N)
+    # 6. the entering state read out inside the chunk: y_off[l] = exp(cum_l)·(S_in · c_l)
+    if vector:
+        y_off = torch.einsum("bklhn,bkhpn->bklhp", cs * torch.exp(cum), S_in)
+    else:
+        y_off = torch.einsum("bklhn,bkhpn->bklhp", cs, S_in) * torch.exp(cum)[..., None]
+    # 7. y = intra + inter, without the padding; the skip
+    y = (y_diag + y_off).reshape(B, K * Q, H, P)[:, :T]
+    y = _skip(y, x, d)
+    return y.to(dtype), S.to(dtype)
+
+
 def ssd_reference(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64, algorithm="chunked"):
     """(y, h) of seqfuse.ssd computed by ``algorithm`` ("recurrent", "quadratic" or "chunked")."""
     fn = _BY_NAME.get(algorithm)
@@ -108,4 +215,4 @@ def ssd_reference(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64,
     return fn(x, b, c, a, d, h0, decay=decay, chunk=chunk)
 
 
-_BY_NAME = {"recurrent": ssd_recurrent, "quadratic": ssd_recurrent, "chunked": ssd_recurrent}
+_BY_NAME = {"recurrent": ssd_recurrent, "quadratic": ssd_quadratic, "chunked": ssd_chunked}
