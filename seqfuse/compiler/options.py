@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 DOWNSTREAMS = ("inductor", "aot_eager", "eager")
-RUNTIMES = ("auto", "triton", "aten", "eager")
+RUNTIMES = ("auto", "triton", "cpu", "aten", "eager")
 #: the algorithms a user may force per IR op kind with ``options={"algorithm": {kind: name}}``
 ALGORITHMS = {"attention": ("fused",), "long_conv": ("fft", "direct"),
               "ssd": ("quadratic", "chunked", "recurrent"), "scan": ("recurrent", "chunked")}
@@ -20,7 +20,7 @@ class Options:
     passes:     {pass name: enabled}; passes not named keep their default (built-ins on).
     dump_dir:   directory to write the graph before/after each pass and the IR into, or None.
     verify:     run the original graph eagerly on the first call and compare outputs.
-    runtime:    path for IR ops: "auto" (best available), "triton", "aten" or "eager".
+    runtime:    path for IR ops: "auto" (best available), "triton", "cpu" (generated C kernels), "aten" or "eager".
     algorithm:  {IR op kind: algorithm} forcing the cost model's choice, e.g.
                 {"ssd": "chunked", "scan": "recurrent"}; see ALGORITHMS for the names.
     """

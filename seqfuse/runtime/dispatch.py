@@ -1,7 +1,8 @@
 """Per-call choice of the implementation that runs an IR op.
 
 Lowering registers, for each IR op kind, its implementations in order of
-preference ("triton", then "aten", then "eager").  Each implementation says
+preference ("triton", then "cpu" -- generated C kernels for sequential recurrences
+on CPU --, then "aten", then "eager").  Each implementation says
 whether it supports a call (returning None, or the reason it does not), and
 the dispatcher runs the first one that does.  The eager reference is always
 last and always supports the call.  A fast path that raises falls back to
@@ -16,8 +17,8 @@ from typing import Any, Callable
 
 from seqfuse.runtime.counters import count_call, count_fallback
 
-PATHS = ("triton", "aten", "eager")
-RUNTIME_CHOICES = ("auto", "triton", "aten", "eager")
+PATHS = ("triton", "cpu", "aten", "eager")
+RUNTIME_CHOICES = ("auto", "triton", "cpu", "aten", "eager")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""Build, cache and load the generated C kernels of the CPU path.
+
+A kernel module is plain C (no torch headers, so a build takes a fraction of a second),
+compiled with the system C compiler -- the one inductor already needs on CPU -- into a
+shared library and loaded with ctypes.  The library is named by a content hash of
+everything that decides the machine code: the source, the compiler (resolved path, size
+and mtime, so an upgraded compiler rebuilds without being run to ask its version), the
+flags and the machine architecture.
+It lives in ``<cache_dir>/cpu_kernels/`` (``cache_dir`` of seqfuse/runtime/cache.py:
+``$SEQFUSE_CACHE_DIR`` or ``~/.cache/seqfuse``), written atomically (temp file +
+``os.replace``), so a second process, or the second build of the same source in this
+one, loads it without invoking the compiler.
+
+OpenMP: the flags first try ``-fopenmp``; a compiler without it builds the serial
+variant (the kernels' pragmas are then ignored).  torch's own libgomp (SONAME
+libgomp.so.1) is already loaded, so the kernels share its thread pool.
+
+Failures never raise out of :func:`load`'s callers in the dispatcher: :func:`try_load`
+returns the reason (no compiler, build error) that the Impl's ``supports`` reports.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from seqfuse.runtime.cache import cache_dir
+
+#: the C compiler: ``$CC`` if set, else ``cc``.  Tests monkeypatch this name.
+COMPILER = os.environ.get("CC", "cc")
+
+#: ``-O3`` for the compiler's default target (x86-64 baseline SSE2, aarch64 NEON): no
+#: ``-march=native``.  Measured on the 2-core AVX2 dev/CI machine, native made no
+#: difference (the kernels are memory-bound: ~3 loads per multiply-add), while a
+#: portable library can be shared by every machine that mounts the same cache (a shared
+#: home, a restored CI cache) without the risk of an illegal instruction on an older CPU;
+#: the key still holds the architecture (platform.machine()).  Never ``-ffast-math``:
+#: results keep IEEE semantics (the readout sums are reassociated only through
+#: ``#pragma omp simd reduction``).
+BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno")
+#: flag sets tried in order: parallel (OpenMP), then serial
+FLAG_VARIANTS = (("-fopenmp",), ("-fopenmp-simd",), ())
+
+#: bump when the way a library is built or named changes
+BUILD_VERSION = 1
+
+_LOCK = threading.Lock()
+#: key (hash) -> loaded library; (module name, compiler, source) -> the library, or the reason
+#: it cannot be built (the per-call fast path: no file system access once loaded)
+_LOADED: dict[str, ctypes.CDLL] = {}
+_BY_SOURCE: dict[tuple, ctypes.CDLL] = {}
+_FAILED: dict[tuple, str] = {}
+#: number of compiler invocations in this process (tests check that the disk cache is reused)
+compile_count = 0
+
+
+class BuildError(RuntimeError):
+    """The kernel could not be built or loaded; the message is the reason."""
+
+
+def _compiler_identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def kernel_dir() -> Path:
+    """Directory of the built libraries: ``<seqfuse cache dir>/cpu_kernels``."""
+    return cache_dir() / "cpu_kernels"
+
+
+def _key(source: str, compiler_id: str, flags: tuple[str, ...]) -> str:
+    text = "\n".join([f"v{BUILD_VERSION}", compiler_id, " ".join(flags), platform.machine(), source])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _compile(compiler: str, flags: tuple[str, ...], source: str, out: Path, name: str) -> None:
+    """Compile ``source`` into the shared library ``out`` (atomically); raises BuildError."""
+    global compile_count
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"seqfuse: building C kernel {name!r} ({compiler} {' '.join(flags)}) into {out.parent} "
+          "(once per source and machine)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="seqfuse-cc-", dir=out.parent) as tmp:
+        src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        compile_count += 1
+        try:
+            proc = subprocess.run([compiler, *flags, str(src), "-o", str(lib), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BuildError(f"C compiler {compiler!r} failed to run: {exc}") from exc
+        if proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).strip().splitlines()
+            raise BuildError(f"C compiler {compiler!r} failed ({' '.join(flags)}): " + (err[0] if err else "no output"))
+        os.replace(lib, out)
+
+
+def load(name: str, source: str) -> ctypes.CDLL:
+    """The library built from ``source`` (from memory, the disk cache, or compiled now).
+
+    Raises BuildError with the reason when no C compiler is found or every flag
+    variant fails to build."""
+    compiler = COMPILER
+    memo = (name, compiler, source)
+    lib = _BY_SOURCE.get(memo)
+    if lib is not None:
+        return lib
+    with _LOCK:
+        failed = _FAILED.get(memo)
+        if failed is not None:
+            raise BuildError(failed)
+        path = shutil.which(compiler)
+        if path is None:
+            reason = f"no C compiler: {compiler!r} not found on PATH"
+            _FAILED[memo] = reason
+            raise BuildError(reason)
+        compiler_id = _compiler_identity(path)
+        errors = []
+        for extra in FLAG_VARIANTS:
+            flags = BASE_FLAGS + extra
+            key = _key(source, compiler_id, flags)
+            lib = _LOADED.get(key)
+            if lib is not None:
+                _BY_SOURCE[memo] = lib
+                return lib
+            out = kernel_dir() / f"{name}-{key}.so"
+            try:
+                if not out.exists():
+                    _compile(path, flags, source, out, name)
+                lib = ctypes.CDLL(str(out))
+            except (BuildError, OSError) as exc:
+                errors.append(str(exc))
+                continue
+            _LOADED[key] = _BY_SOURCE[memo] = lib
+            return lib
+        reason = f"C kernel {name!r} did not build: " + "; ".join(errors)
+        _FAILED[memo] = reason
+        raise BuildError(reason)
+
+
+def try_load(name: str, source: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None), or (None, the reason it is unavailable)."""
+    try:
+        return load(name, source), None
+    except BuildError as exc:
+        return None, str(exc)
+
+
+def forget() -> None:
+    """Drop the in-memory libraries and failure memos (the disk cache stays); for tests."""
+    with _LOCK:
+        _LOADED.clear()
+        _BY_SOURCE.clear()
+        _FAILED.clear()

@@ -1,0 +1,78 @@
+"""Helpers shared by the CPU kernels' Python wrappers: dtypes, strides, pointers, threads."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+#: dtypes the C kernels compute in (fp16 / bf16 operands are upcast to fp32 and cast back)
+KERNEL_DTYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
+UPCAST = (torch.float16, torch.bfloat16)
+#: below this many state updates a call runs on one thread (thread wake-up costs more)
+PARALLEL_MIN_WORK = 1 << 15
+
+I64 = ctypes.c_int64
+PTR = ctypes.c_void_p
+
+
+def check_tensors(tensors: dict) -> str | None:
+    """None if every given tensor is a real floating CPU tensor the kernels take, else the reason."""
+    for name, t in tensors.items():
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        if t.device.type != "cpu":
+            return f"operand {name} is on {t.device.type}, the C kernels run on CPU"
+        if t.is_complex():
+            return f"operand {name} is complex ({t.dtype}); the C kernels are real"
+        if not t.is_floating_point():
+            return f"operand {name} has dtype {t.dtype}, not floating point"
+        if t.dtype not in KERNEL_DTYPES and t.dtype not in UPCAST:
+            return f"operand {name} has dtype {t.dtype}"
+    return None
+
+
+def compute_dtype(*tensors) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype the kernel computes in, dtype of the results): the promoted dtype of the
+    operands; fp16/bf16 compute in fp32."""
+    out = None
+    for t in tensors:
+        if t is not None:
+            out = t.dtype if out is None else torch.promote_types(out, t.dtype)
+    return (torch.float32 if out in UPCAST else out), out
+
+
+def i64_array(values) -> ctypes.Array:
+    values = [int(v) for v in values]
+    return (I64 * max(1, len(values)))(*values)
+
+
+def pointer(t: torch.Tensor | None, elem_offset: int = 0) -> PTR:
+    """Address of ``t``'s first element (plus ``elem_offset`` elements), or NULL."""
+    if t is None:
+        return PTR(None)
+    return PTR(t.data_ptr() + elem_offset * t.element_size())
+
+
+def threads_for(work: int) -> int:
+    """OpenMP threads for a call of ``work`` element updates: torch's intra-op thread count,
+    or 1 for small calls."""
+    return 1 if work < PARALLEL_MIN_WORK else max(1, torch.get_num_threads())
+
+
+def merge_row_dims(sizes: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Drop size-1 row dims and merge adjacent row dims that every buffer walks as one
+    (stride[d] == stride[d+1]·size[d+1] in all of them), so the kernel's per-row offset
+    arithmetic is short; the rows' order is unchanged."""
+    keep = [d for d, s in enumerate(sizes) if s != 1]
+    sizes = [sizes[d] for d in keep]
+    strides = [[st[d] for d in keep] for st in strides]
+    d = len(sizes) - 2
+    while d >= 0:
+        if all(st[d] == st[d + 1] * sizes[d + 1] for st in strides):
+            for st in strides:
+                st[d] = st[d + 1]
+                del st[d + 1]
+            sizes[d] *= sizes[d + 1]
+            del sizes[d + 1]
+        d -= 1
+    return sizes, strides

@@ -1,0 +1,330 @@
+"""The generated C kernels of the "cpu" path (seqfuse/lowering/cpu) against fp64 Python loops
+written here, and against the eager references through the custom ops; the disk cache of
+built libraries; the fallback when no C compiler is found.
+
+Skipped (with the reason) only on a machine without a C compiler.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from seqfuse.lowering import scan_op, ssd_op  # noqa: F401  (register the custom ops)
+from seqfuse.lowering.cpu import build
+from seqfuse.lowering.cpu import scan as cpu_scan
+from seqfuse.lowering.cpu import ssd as cpu_ssd
+from seqfuse.lowering.cpu.common import PARALLEL_MIN_WORK
+from seqfuse.runtime import choose, fallbacks, reset_counters
+
+if shutil.which(build.COMPILER) is None:
+    pytest.skip(f"no C compiler ({build.COMPILER!r} not on PATH)", allow_module_level=True)
+
+#: relative error bounds (Frobenius norm) against the fp64 loops
+BOUND = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# oracles: plain fp64 loops over time
+
+
+def scan_loop(a, b, c=None, h0=None, reverse=False):
+    """(y, h) of h_t = a_t·h_{t-1} + b_t, y_t = Σ_n c_t·h_t (or h_t), one step at a time, in fp64."""
+    shapes = [a.shape, b.shape] + ([c.shape] if c is not None else [])
+    full = torch.broadcast_shapes(*shapes, *([(*h0.shape[:-1], 1, h0.shape[-1])] if h0 is not None else []))
+    a, b = a.double().expand(full), b.double().expand(full)
+    c = c.double().expand(full) if c is not None else None
+    h = h0.double().expand(*full[:-2], full[-1]) if h0 is not None else torch.zeros(*full[:-2], full[-1],
+                                                                                     dtype=torch.float64)
+    T = full[-2]
+    ys = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h = a[..., t, :] * h + b[..., t, :]
+        ys[t] = (h * c[..., t, :]).sum(-1) if c is not None else h
+    return torch.stack(ys, -1 if c is not None else -2), h
+
+
+def ssd_loop(x, b, c, a, d, h0, decay):
+    """(y, h) of S_t = exp(a_t)⊙S_{t-1} + x_t⊗b_t, y_t = S_t·c_t + d·x_t, one step at a time, in fp64."""
+    B, T, H, P = x.shape
+    N = b.shape[-1]
+    S = h0.double() if h0 is not None else torch.zeros(B, H, P, N, dtype=torch.float64)
+    ys = []
+    for t in range(T):
+        if decay == "scalar":
+            S = a[:, t].double().exp()[..., None, None] * S
+        elif decay == "vector":
+            S = a[:, t].double().exp()[:, :, None, :] * S
+        S = S + x[:, t].double()[..., :, None] * b[:, t].double()[..., None, :]
+        y = (S * c[:, t].double()[:, :, None, :]).sum(-1)
+        if d is not None:
+            y = y + (d.double()[:, None] if d.dim() == 1 else d.double()) * x[:, t].double()
+        ys.append(y)
+    return torch.stack(ys, 1), S
+
+
+def loop_grads(fn, operands, grad_y, grad_h):
+    """Gradients of <fn(operands), (grad_y, grad_h)> w.r.t. the given operands, by autograd in fp64."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in operands]
+    y, h = fn(*leaves)
+    used = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad((y * grad_y.double()).sum() + (h * grad_h.double()).sum(), used))
+    return [next(grads) if t is not None else None for t in leaves]
+
+
+# ---------------------------------------------------------------------------------------------
+# scan
+
+
+def _scan_case(case, dtype, gen):
+    """Operands (a, b, c, h0) of one layout case; R=(2, 3) rows, T=37, N=5 unless stated."""
+    B, D, T, N = 2, 3, 37, 5
+    r = lambda *s: torch.randn(*s, dtype=dtype, generator=gen)  # noqa: E731
+    decay = lambda *s: torch.rand(*s, dtype=dtype, generator=gen) * 0.6 + 0.4  # noqa: E731
+    if case == "readout_expand_c_const_a":  # Mamba-1/S4D: c shared over channels, a constant over T
+        return decay(D, 1, N), r(B, D, T, N), r(B, 1, T, N).expand(B, D, T, N), r(D, N)
+    if case == "states_full":  # no readout, every operand full, no h0
+        return decay(B, D, T, N), r(B, D, T, N), None, None
+    if case == "rows_3":  # R = 3, one row dim
+        return decay(3, T, N), r(3, T, N), r(3, T, N), r(3, N)
+    if case == "strided":  # b stored (T, R, N), c stored (R, N, T), a broadcast over n, h0 over channels
+        return decay(B, D, T, 1), r(T, B, D, N).permute(1, 2, 0, 3), r(B, D, N, T).transpose(-1, -2), r(B, 1, N)
+    if case == "t1":  # a single step
+        return decay(B, 1, N), r(B, 1, N), None, r(B, N)
+    raise ValueError(case)
+
+
+SCAN_CASES = ["readout_expand_c_const_a", "states_full", "rows_3", "strided", "t1"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_scan_forward_backward_match_loop(case, reverse, dtype):
+    gen = torch.Generator().manual_seed(SCAN_CASES.index(case) * 2 + reverse)
+    a, b, c, h0 = _scan_case(case, dtype, gen)
+    y, h = cpu_scan.scan_forward(a, b, c, h0, reverse=reverse)
+    y_ref, h_ref = scan_loop(a, b, c, h0, reverse)
+    assert y.shape == y_ref.shape and h.shape == h_ref.shape and y.dtype == dtype
+    assert rel(y, y_ref) < BOUND[dtype] and rel(h, h_ref) < BOUND[dtype]
+    grad_y = torch.randn(y.shape, dtype=dtype, generator=gen)
+    grad_h = torch.randn(h.shape, dtype=dtype, generator=gen)
+    grads = cpu_scan.scan_backward(grad_y, grad_h, a, b, c, h0, reverse=reverse)
+    refs = loop_grads(lambda *o: scan_loop(*o, reverse=reverse), (a, b, c, h0), grad_y, grad_h)
+    for name, g, ref, op in zip("a b c h0".split(), grads, refs, (a, b, c, h0)):
+        if op is None:
+            assert g is None, name
+            continue
+        assert g.shape == op.shape and g.dtype == op.dtype, name
+        assert rel(g, ref) < BOUND[dtype], (name, rel(g, ref))
+
+
+def test_scan_backward_needs_and_no_final_grad():
+    gen = torch.Generator().manual_seed(1)
+    a, b, c, h0 = _scan_case("readout_expand_c_const_a", torch.float64, gen)
+    grad_y = torch.randn(2, 3, 37, dtype=torch.float64, generator=gen)
+    da, db, dc, dh0 = cpu_scan.scan_backward(grad_y, None, a, b, c, h0, needs=(True, False, False, True))
+    assert db is None and dc is None
+    ref = loop_grads(scan_loop, (a, b, c, h0), grad_y, torch.zeros(3 * 2 * 5, dtype=torch.float64).view(2, 3, 5))
+    assert rel(da, ref[0]) < 1e-12 and rel(dh0, ref[3]) < 1e-12
+
+
+def test_scan_multithreaded_rows():
+    """Enough work for the OpenMP path (the unit tests otherwise run one thread)."""
+    gen = torch.Generator().manual_seed(2)
+    R, T, N = 64, 64, 9
+    assert R * T * N >= PARALLEL_MIN_WORK
+    a = torch.rand(R, T, N, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+    b, c = torch.randn(R, T, N, generator=gen, dtype=torch.float64), torch.randn(1, T, N, generator=gen,
+                                                                                  dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, h = cpu_scan.scan_forward(a, b, c)
+        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        grads = cpu_scan.scan_backward(gy, torch.zeros_like(h), a, b, c)
+    finally:
+        torch.set_num_threads(before)
+    y_ref, _ = scan_loop(a, b, c)
+    assert rel(y, y_ref) < 1e-12
+    refs = loop_grads(scan_loop, (a, b, c), gy, torch.zeros_like(h))
+    assert all(rel(g, r) < 1e-12 for g, r in zip(grads, refs))
+
+
+def test_scan_half_upcast():
+    """bf16 operands are computed in fp32 and the results cast back."""
+    gen = torch.Generator().manual_seed(3)
+    a = (torch.rand(4, 20, 6, generator=gen) * 0.5 + 0.5).bfloat16()
+    b = torch.randn(4, 20, 6, generator=gen).bfloat16()
+    y, h = cpu_scan.scan_forward(a, b)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.bfloat16
+    y_ref, _ = scan_loop(a, b)
+    assert rel(y, y_ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# ssd (recurrent)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", ["plain", "d_h0", "dP_bshared"])
+@pytest.mark.parametrize("decay", ["none", "scalar", "vector"])
+def test_ssd_forward_backward_match_loop(decay, extras, dtype):
+    gen = torch.Generator().manual_seed(len(decay) * 10 + len(extras))
+    B, T, H, P, N = 2, 37, 3, 5, 7
+    r = lambda *s: torch.randn(*s, dtype=dtype, generator=gen)  # noqa: E731
+    x, c = r(B, T, H, P), r(B, T, H, N)
+    b = r(B, T, 1, N).expand(B, T, H, N) if extras == "dP_bshared" else r(B, T, H, N)
+    a = {"none": None, "scalar": -torch.rand(B, T, H, dtype=dtype, generator=gen),
+         "vector": -torch.rand(B, T, H, N, dtype=dtype, generator=gen)}[decay]
+    d = {"plain": None, "d_h0": r(H), "dP_bshared": r(H, P)}[extras]
+    h0 = r(B, H, P, N) if extras == "d_h0" else None
+    y, h = cpu_ssd.ssd_forward(x, b, c, a, d, h0, decay=decay)
+    y_ref, h_ref = ssd_loop(x, b, c, a, d, h0, decay)
+    assert y.shape == (B, T, H, P) and h.shape == (B, H, P, N) and y.dtype == dtype
+    assert rel(y, y_ref) < BOUND[dtype] and rel(h, h_ref) < BOUND[dtype]
+    grad_y, grad_h = r(B, T, H, P), r(B, H, P, N)
+    operands = (x, b, c, a, d, h0)
+    grads = cpu_ssd.ssd_backward(grad_y, grad_h, *operands, decay=decay)
+    refs = loop_grads(lambda *o: ssd_loop(*o, decay), operands, grad_y, grad_h)
+    for name, g, ref, op in zip("x b c a d h0".split(), grads, refs, operands):
+        if op is None:
+            assert g is None, name
+            continue
+        assert g.shape == op.shape and g.dtype == op.dtype, name
+        assert rel(g, ref) < BOUND[dtype], (name, rel(g, ref))
+
+
+def test_ssd_multithreaded_heads():
+    gen = torch.Generator().manual_seed(4)
+    B, T, H, P, N = 2, 40, 4, 16, 16
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    x, b, c, a = r(B, T, H, P), r(B, T, H, N), r(B, T, H, N), -torch.rand(B, T, H, N, dtype=torch.float64,
+                                                                          generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, h = cpu_ssd.ssd_forward(x, b, c, a, None, None, decay="vector")
+        gy, gh = r(B, T, H, P), r(B, H, P, N)
+        grads = cpu_ssd.ssd_backward(gy, gh, x, b, c, a, None, None, decay="vector")
+    finally:
+        torch.set_num_threads(before)
+    y_ref, h_ref = ssd_loop(x, b, c, a, None, None, "vector")
+    assert rel(y, y_ref) < 1e-12 and rel(h, h_ref) < 1e-12
+    refs = loop_grads(lambda *o: ssd_loop(*o, "vector"), (x, b, c, a, None, None), gy, gh)
+    assert all(rel(g, ref) < 1e-12 for g, ref in zip(grads[:4], refs[:4]))
+
+
+# ---------------------------------------------------------------------------------------------
+# through the custom ops: the "cpu" path agrees with the eager reference
+
+
+def test_ops_cpu_path_matches_eager_reference():
+    gen = torch.Generator().manual_seed(5)
+    a, b, c, h0 = _scan_case("readout_expand_c_const_a", torch.float32, gen)
+    t = dict(a=a, b=b, c=c, h0=h0)
+    assert choose("scan", "auto", t, dict(reverse=True, algorithm="recurrent")).path == "cpu"
+    results = {}
+    for runtime in ("cpu", "eager"):
+        leaves = [x.detach().requires_grad_() for x in (a, b, c, h0)]
+        y, h = torch.ops.seqfuse.scan(*leaves, True, "recurrent", runtime)
+        grads = torch.autograd.grad((y * y).sum() + h.sum(), leaves)
+        results[runtime] = (y, h, *grads)
+    assert all(rel(u, v) < 1e-5 for u, v in zip(results["cpu"], results["eager"]))
+
+    B, T, H, P, N = 2, 30, 4, 8, 8
+    x, bb, cc = (torch.randn(B, T, H, k, generator=gen) for k in (P, N, N))
+    la = -torch.rand(B, T, H, generator=gen)
+    d, s0 = torch.randn(H, generator=gen), torch.randn(B, H, P, N, generator=gen)
+    t = dict(x=x, b=bb, c=cc, a=la, d=d, h0=s0)
+    assert choose("ssd", "auto", t, dict(decay="scalar", chunk=16, algorithm="recurrent")).path == "cpu"
+    for runtime in ("cpu", "eager"):
+        leaves = [v.detach().requires_grad_() for v in (x, bb, cc, la, d, s0)]
+        y, h = torch.ops.seqfuse.ssd(*leaves, "scalar", 16, "recurrent", runtime)
+        grads = torch.autograd.grad((y * y).sum() + h.sum(), leaves)
+        results[runtime] = (y, h, *grads)
+    assert all(rel(u, v) < 1e-5 for u, v in zip(results["cpu"], results["eager"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# supports(): refusals with reasons
+
+
+def test_supports_refuses_with_reasons():
+    a, b = torch.rand(2, 8, 4), torch.randn(2, 8, 4)
+    attrs = dict(reverse=False, algorithm="recurrent")
+    assert cpu_scan.supports(dict(a=a, b=b, c=None, h0=None), attrs) is None
+    reason = cpu_scan.supports(dict(a=a.to(torch.complex64), b=b, c=None, h0=None), attrs)
+    assert reason and "complex" in reason
+    big = torch.rand(1, 4, cpu_scan.MAX_N + 1)
+    assert "N=" in cpu_scan.supports(dict(a=big, b=big, c=None, h0=None), attrs)
+    assert "chunked" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None), dict(attrs, algorithm="chunked"))
+    assert "meta" in cpu_scan.supports(dict(a=a.to("meta"), b=b, c=None, h0=None), attrs)
+    x, bc = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 5)
+    ssd_attrs = dict(decay="none", chunk=16, algorithm="recurrent")
+    assert cpu_ssd.supports(dict(x=x, b=bc, c=bc, a=None, d=None, h0=None), ssd_attrs) is None
+    assert "quadratic" in cpu_ssd.supports(dict(x=x, b=bc, c=bc, a=None, d=None, h0=None),
+                                           dict(ssd_attrs, algorithm="quadratic"))
+
+
+# ---------------------------------------------------------------------------------------------
+# build: disk cache, missing compiler
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty kernel cache directory and no library loaded in this process."""
+    monkeypatch.setenv("SEQFUSE_CACHE_DIR", str(tmp_path))
+    build.forget()
+    yield tmp_path
+    build.forget()
+
+
+PROBE = "int seqfuse_probe(int x) { return 3 * x; }\n"  # a tiny source: the cache, not a kernel, is tested
+
+
+def test_disk_cache_is_reused(fresh_cache, capsys):
+    before = build.compile_count
+    lib = build.load("probe", PROBE)
+    assert lib.seqfuse_probe(5) == 15
+    assert build.compile_count == before + 1
+    built = list((fresh_cache / "cpu_kernels").glob("probe-*.so"))
+    assert len(built) == 1
+    assert "seqfuse: building C kernel 'probe'" in capsys.readouterr().err
+    mtime = built[0].stat().st_mtime_ns
+    assert build.load("probe", PROBE) is lib and build.compile_count == before + 1  # in memory
+    build.forget()  # as in a new process: nothing in memory, the library on disk
+    assert build.load("probe", PROBE).seqfuse_probe(2) == 6
+    assert build.compile_count == before + 1  # no compiler run
+    assert built[0].stat().st_mtime_ns == mtime
+    assert capsys.readouterr().err == ""
+    # another source is another library
+    build.load("probe", PROBE + "/* another */\n")
+    assert build.compile_count == before + 2
+    assert len(list((fresh_cache / "cpu_kernels").glob("probe-*.so"))) == 2
+
+
+def test_build_error_is_a_reason(fresh_cache):
+    lib, reason = build.try_load("broken", "this is not C;\n")
+    assert lib is None and "did not build" in reason and "broken" in reason
+
+
+def test_missing_compiler_falls_back_with_reason(fresh_cache, monkeypatch):
+    monkeypatch.setattr(build, "COMPILER", "seqfuse-no-such-cc")
+    a, b = torch.rand(2, 8, 4), torch.randn(2, 8, 4)
+    tensors, attrs = dict(a=a, b=b, c=None, h0=None), dict(reverse=False, algorithm="recurrent")
+    reason = cpu_scan.supports(tensors, attrs)
+    assert reason is not None and "seqfuse-no-such-cc" in reason
+    reset_counters()
+    assert choose("scan", "auto", tensors, attrs).path == "eager"
+    assert any("seqfuse-no-such-cc" in r for r in fallbacks()["scan"])
+    y, h = torch.ops.seqfuse.scan(a, b, None, None, False, "recurrent", "auto")
+    y_ref, h_ref = scan_loop(a, b)
+    assert rel(y, y_ref) < 1e-5
+    reset_counters()
