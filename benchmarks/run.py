@@ -56,15 +56,22 @@ def timed_call(fn, args, device):
     return out, time.perf_counter() - start
 
 
-def measure(backend, workload, repeats, warmup, device):
+def progress(msg):
+    """A line on stderr, so a long compile is not a silent wait (the table goes to stdout)."""
+    print(f"  {datetime.datetime.now().strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def measure(backend, workload, repeats, warmup, device, name=""):
     """-> (compile seconds or None, median run ms, output of the first call)."""
     fn = workload.fn
     if backend != "eager":
         torch._dynamo.reset()
         torch._inductor.utils.clear_inductor_caches()  # in-memory kernel caches; the disk ones stay
         fn = torch.compile(fn, backend=backend)
+    progress(f"[{name}] {backend}: first call{' (compiles)' if backend != 'eager' else ''} ...")
     with torch.no_grad():
         out, first = timed_call(fn, workload.args, device)
+        progress(f"[{name}] {backend}: first call took {first:.1f} s; timing {repeats} calls")
         for _ in range(warmup):
             fn(*workload.args)
         times = [timed_call(fn, workload.args, device)[1] for _ in range(repeats)]
@@ -72,8 +79,21 @@ def measure(backend, workload, repeats, warmup, device):
     return compile_s, 1e3 * statistics.median(times), out
 
 
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for e in x for t in _tensors(e)]
+    if hasattr(x, "values") and callable(x.values):  # dict-like model outputs
+        return [t for e in x.values() for t in _tensors(e)]
+    return []
+
+
 def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    """Largest relative error over the output tensors (a workload may return a tuple)."""
+    pairs = list(zip(_tensors(a), _tensors(b)))
+    assert pairs and len(_tensors(a)) == len(_tensors(b)), "outputs differ in structure"
+    return max(((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in pairs)
 
 
 def seqfuse_paths():
@@ -90,33 +110,42 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def warm_up_compilers(device):
+def warm_up_compilers(device, backends=BACKENDS):
     """Compile the tiny attention workload once per backend, so the first measured
     compile does not also pay for importing and initializing the compiler stack."""
     tiny = WORKLOADS["naive_causal_attention"](True, device)
-    for backend in BACKENDS[1:]:
+    for backend in [b for b in BACKENDS[1:] if b in backends]:
         torch._dynamo.reset()
         with torch.no_grad():
             torch.compile(tiny.fn, backend=backend)(*tiny.args)
 
 
 def run_workload(name, args):
-    workload = WORKLOADS[name](args.quick, args.device)
+    progress(f"[{name}] building")
+    try:
+        workload = WORKLOADS[name](args.quick, args.device)
+    except ImportError as e:  # transformers / flash-linear-attention are optional
+        print(f"[{name}] skipped: {e}", file=sys.stderr)
+        return {"workload": name, "shape": f"skipped ({e})", "failed": True, "paths": "-",
+                **{f"{b}_{k}": None for b in BACKENDS for k in ("compile_s", "ms")}}
     row = {"workload": name, "shape": workload.shape}
     outputs = {}
     for backend in BACKENDS:
+        if backend not in args.backend:
+            row[f"{backend}_compile_s"] = row[f"{backend}_ms"] = None
+            continue
         if backend == "seqfuse":
             seqfuse.reset_counters()
         try:
             row[f"{backend}_compile_s"], row[f"{backend}_ms"], outputs[backend] = measure(
-                backend, workload, args.repeats, args.warmup, args.device
+                backend, workload, args.repeats, args.warmup, args.device, name
             )
         except Exception:
             print(f"[{name}] {backend} failed:", file=sys.stderr)
             traceback.print_exc()
             row["failed"] = True
             row[f"{backend}_compile_s"] = row[f"{backend}_ms"] = None
-    row["paths"] = seqfuse_paths()
+    row["paths"] = seqfuse_paths() if "seqfuse" in args.backend else "-"
     if "seqfuse" in outputs and "eager" in outputs:
         row["err"] = rel_err(outputs["seqfuse"], outputs["eager"])
     return row
@@ -151,9 +180,12 @@ def main(argv=None):
     p.add_argument("--workload", action="append", choices=list(WORKLOADS), help="repeatable; default: all")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per backend (default 10, --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls after the first (default 2, --quick 1)")
+    p.add_argument("--backend", action="append", choices=BACKENDS,
+                   help="repeatable; default: all three (ratios need all three in one run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.backend = args.backend or list(BACKENDS)
     args.repeats = args.repeats or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     torch._inductor.config.fx_graph_cache = False
@@ -168,7 +200,7 @@ def main(argv=None):
     print(f"median of {args.repeats} calls after {args.warmup} warmup, torch.no_grad()"
           f"{'  (--quick: tiny shapes, ratios mean little)' if args.quick else ''}\n")
 
-    warm_up_compilers(args.device)
+    warm_up_compilers(args.device, args.backend)
     rows = [run_workload(name, args) for name in args.workload or WORKLOADS]
     print_table(rows)
     return 1 if any(r.get("failed") for r in rows) else 0

@@ -109,10 +109,57 @@ def s4d_workload(quick, device):
     return Workload(s4d_conv, args, f"B={B} H={H} L={L} N={N} fp32")
 
 
+def tiny_mamba(hidden=64, layers=2, state=16, vocab=256, associative_scan=False, seed=0):
+    """A random-weight Hugging Face MambaModel; on CPU (no mamba_ssm / causal_conv1d kernels)
+    its mixers run the torch path: depthwise conv1d, then mamba_selective_scan's Python loop
+    over time (or torch's associative_scan with ``associative_scan=True`` under torch.compile)."""
+    from transformers import MambaConfig, MambaModel
+
+    torch.manual_seed(seed)
+    cfg = MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=state,
+                      expand=2, conv_kernel=4, use_cache=False, use_associative_scan=associative_scan)
+    return MambaModel(cfg).eval()
+
+
+class MambaHidden(torch.nn.Module):
+    """input_ids (B, L) -> last hidden state (B, L, hidden), without a cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids, use_cache=False).last_hidden_state
+
+
+def mamba_loop_workload(quick, device):
+    L = 16 if quick else 512
+    model = MambaHidden(tiny_mamba()).to(device)
+    ids = torch.randint(0, model.model.config.vocab_size, (1, L), device=device)
+    return Workload(model, (ids,), f"HF MambaModel B=1 L={L} layers=2 d=64 state=16, Python-loop path")
+
+
+def gla_recurrent_workload(quick, device):
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    def gla_recurrent(q, k, v, gk):
+        """fla's recurrent GLA reference: q, k, v, gk (B, T, H, K) -> (o (B, T, H, V), state (B, H, K, V))."""
+        return naive_recurrent_gla(q, k, v, gk, output_final_state=True)
+
+    B, T, H, K = (2, 16, 4, 32) if quick else (2, 256, 4, 32)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, K, device=device) for _ in range(3))
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=device))
+    return Workload(gla_recurrent, (q, k, v, gk), f"fla naive_recurrent_gla B={B} T={T} H={H} K=V={K} fp32")
+
+
 WORKLOADS = {
     "naive_causal_attention": attention_workload,  # the headline
     "gpt2": gpt2_workload,
     "llama": llama_workload,
     "hyena_gated_fft_conv": hyena_workload,
     "s4d_conv": s4d_workload,
+    # linear recurrences written as Python loops over time (transformers / fla are optional)
+    "mamba_loop": mamba_loop_workload,
+    "gla_recurrent": gla_recurrent_workload,
 }

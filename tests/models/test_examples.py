@@ -1,6 +1,6 @@
-"""The hand-written GPT-2 and Llama examples: compiled with seqfuse they equal eager
+"""The hand-written GPT-2, Llama and Mamba examples: compiled with seqfuse they equal eager
 (fp32 relative error < 1e-5, outputs and all parameter gradients) and the report counts one
-attention per layer.  The writing-a-pass example runs as documented."""
+attention (Mamba: one scan) per layer.  The writing-a-pass example runs as documented."""
 import importlib.util
 import pathlib
 
@@ -83,3 +83,14 @@ def test_hyena_operator_matches_eager_with_two_long_convs():
     assert report.count("long_conv") == 2, str(report)
     fft = [r for r in report.rewrites if "fft_size=0" not in r.ir]
     assert len(fft) == 1 and "d=%" in fft[0].ir and "gate=%" in fft[0].ir, fft
+
+
+@pytest.mark.parametrize("scratch", [True, False], ids=["scratch", "transformers"])
+def test_mamba_example_matches_eager_with_one_scan_per_layer(scratch):
+    """examples/mamba.py: the selective-scan loop of each layer is one scan, its conv one long_conv."""
+    if not scratch:
+        pytest.importorskip("transformers")
+    model, tokens = load("mamba").build(scratch=scratch)
+    report = check_against_eager(model, tokens, bound=1e-5)
+    assert report.count("scan") == model.n_layers, str(report)
+    assert report.count("long_conv") == model.n_layers, str(report)

@@ -1,0 +1,315 @@
+"""Real linear-recurrence code from libraries, compiled with seqfuse.
+
+- Hugging Face ``transformers``: Mamba (its torch path: a Python loop over time in
+  ``mamba_selective_scan``, or ``torch.associative_scan`` with ``use_associative_scan``) and
+  Mamba-2 (its torch path: the chunked SSD form of ``mamba2_chunk_scan``), built from tiny
+  configs with random weights.
+- ``flash-linear-attention``'s reference functions (``fla/ops/*/naive.py``): recurrent,
+  chunked and parallel references of GLA, simple GLA, linear attention, retention and HGRN.
+
+Each compiled program must equal eager (outputs, final states and the gradients of every
+input and parameter, fp32 relative RMS error < tests/helpers.py BOUND) and the report must
+count the expected ``ssd`` / ``scan`` ops.  Both libraries are optional test dependencies
+(the ``test`` extra installs them); the tests skip only when one cannot be imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import check_against_eager
+
+RECURRENCES = ("ssd", "scan")
+
+
+def runtime_calls(report, kind):
+    """Calls of the ``kind`` custom op made while the report collected (any runtime path)."""
+    return sum(report.runtime.get(kind, {}).values())
+
+
+def assert_recurrences(report, kind, n):
+    """Exactly ``n`` rewrites of ``kind``, none of the other recurrence kind, and the op ran."""
+    assert report.count(kind) == n, str(report)
+    for other in RECURRENCES:
+        if other != kind:
+            assert report.count(other) == 0, str(report)
+    assert runtime_calls(report, kind) >= n, str(report)
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face Mamba (Mamba-1): selective scan, a Python loop over time on CPU
+# --------------------------------------------------------------------------------------
+
+class Logits(torch.nn.Module):
+    """input_ids (B, L) -> logits (B, L, vocab) of a causal LM, without a cache."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids, use_cache=False).logits
+
+
+def tiny_mamba(layers=2, associative_scan=False):
+    """A random-weight MambaForCausalLM: hidden 32, state 8, expand 2 (128 channels), vocab 64.
+
+    On CPU, without the mamba_ssm / causal_conv1d kernels, each mixer runs the torch path:
+    a depthwise conv1d + SiLU, then ``mamba_selective_scan``'s loop
+    ``h = exp(Δ·A) ⊙ h + Δ·B·x;  y = h · C`` over time (or torch's associative_scan when
+    ``use_associative_scan`` is set and Dynamo is tracing).
+    """
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, state_size=8,
+                                   expand=2, conv_kernel=4, use_cache=False,
+                                   use_associative_scan=associative_scan)
+    model = transformers.MambaForCausalLM(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    return Logits(model), tokens
+
+
+def mamba_mixers_run_the_torch_path():
+    """The loop is only in the graph when the fused CUDA kernels are not used."""
+    from transformers.models.mamba import modeling_mamba
+
+    return modeling_mamba.mamba_inner_fn(*([None] * 8)) is None
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_mamba_loop_matches_eager_with_one_scan_per_layer(mode):
+    model, tokens = tiny_mamba()
+    assert mamba_mixers_run_the_torch_path()
+    model.train(mode == "train")
+    report = check_against_eager(model, tokens, options={"downstream": "aot_eager"})
+    layers = model.lm.config.num_hidden_layers
+    assert_recurrences(report, "scan", layers)
+    scans = [r for r in report.rewrites if r.kind == "scan"]
+    for r in scans:
+        # the readout y_t = h_t · C_t is part of the op (Mamba-1's C, shared over channels)
+        assert "c=%" in r.ir and "reverse=false" in r.ir, r.ir
+        assert "modeling_mamba.py" in r.location, r.location
+    # the depthwise conv1d + SiLU in front of each scan is one long_conv op
+    assert report.count("long_conv") == layers, str(report)
+    assert "scan" in str(report)
+
+
+def test_mamba_loop_with_inductor_downstream():
+    model, tokens = tiny_mamba()
+    report = check_against_eager(model.eval(), tokens, options={"downstream": "inductor"})
+    assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
+
+
+def test_mamba_associative_scan_matches_eager_with_one_scan_per_layer():
+    model, tokens = tiny_mamba(associative_scan=True)
+    report = check_against_eager(model.eval(), tokens, options={"downstream": "aot_eager"})
+    assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
+
+
+def test_mamba_training_steps_follow_eager():
+    """A few SGD steps of the compiled model follow the eager trajectory."""
+    ref, tokens = tiny_mamba()
+    cmp, _ = tiny_mamba()
+    cmp.load_state_dict(ref.state_dict())
+    ref.train(), cmp.train()
+    compiled = torch.compile(cmp, backend="seqfuse", options={"downstream": "aot_eager"})
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, cmp)]
+    for _ in range(3):
+        losses = []
+        for fn, opt in ((ref, opts[0]), (compiled, opts[1])):
+            opt.zero_grad()
+            logits = fn(tokens)
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), losses
+    assert sum(seqfuse_counts("scan").values()) > 0
+
+
+def seqfuse_counts(kind):
+    import seqfuse
+
+    return seqfuse.counters().get(kind, {})
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face Mamba-2: the chunked SSD form (segment_sum, einsums, inter-chunk recurrence)
+# --------------------------------------------------------------------------------------
+
+def tiny_mamba2(seq_len):
+    """A random-weight Mamba2ForCausalLM: hidden 32, 4 heads of 16, 2 groups, state 16, chunk 16."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4,
+                                    head_dim=16, expand=2, n_groups=2, state_size=16, chunk_size=16,
+                                    conv_kernel=4, use_cache=False)
+    model = transformers.Mamba2ForCausalLM(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, seq_len))
+    return Logits(model), tokens
+
+
+@pytest.mark.parametrize("seq_len", [32, 24], ids=["two_chunks", "padded"])
+def test_mamba2_chunked_matches_eager_with_one_ssd_per_layer(seq_len):
+    model, tokens = tiny_mamba2(seq_len)
+    report = check_against_eager(model.eval(), tokens, options={"downstream": "aot_eager"})
+    layers = model.lm.config.num_hidden_layers
+    assert_recurrences(report, "ssd", layers)
+    for r in report.rewrites:
+        if r.kind == "ssd":
+            # one log-decay per head and step (A·Δ)
+            assert "decay=scalar" in r.ir and "a=%" in r.ir, r.ir
+            assert "modeling_mamba2.py" in r.location, r.location
+    assert report.count("long_conv") == layers, str(report)
+
+
+# --------------------------------------------------------------------------------------
+# flash-linear-attention reference functions
+# --------------------------------------------------------------------------------------
+
+def fla(module):
+    """fla.ops.<module>.naive, or skip when flash-linear-attention is not installed."""
+    pytest.importorskip("fla")
+    return pytest.importorskip(f"fla.ops.{module}.naive")
+
+
+def _randn(*shape, scale=1.0):
+    return (scale * torch.randn(*shape)).requires_grad_(True)
+
+
+def _gate(*shape):
+    """A log-decay in (-inf, 0): log σ(N(0, 1)), as GLA / HGRN gates are parametrized."""
+    return F.logsigmoid(torch.randn(*shape)).requires_grad_(True)
+
+
+@dataclasses.dataclass
+class Case:
+    build: object       # () -> (fn, args)
+    kind: str           # "ssd" or "scan"
+    ir: tuple = ()      # substrings every rewrite of that kind must print
+
+
+def gla_recurrent():
+    naive = fla("gla")
+    B, T, H, K, V = 2, 32, 2, 16, 16
+
+    def fn(q, k, v, gk, h0):
+        return naive.naive_recurrent_gla(q, k, v, gk, initial_state=h0, output_final_state=True)
+
+    return fn, (_randn(B, T, H, K), _randn(B, T, H, K), _randn(B, T, H, V), _gate(B, T, H, K),
+                _randn(B, H, K, V, scale=0.5))
+
+
+def simple_gla_recurrent():
+    naive = fla("simple_gla")
+    B, T, H, K, V = 2, 32, 2, 16, 16
+
+    def fn(q, k, v, g, h0):
+        return naive.naive_recurrent_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+
+    return fn, (_randn(B, T, H, K), _randn(B, T, H, K), _randn(B, T, H, V), _gate(B, T, H),
+                _randn(B, H, K, V, scale=0.5))
+
+
+def simple_gla_chunk():
+    naive = fla("simple_gla")
+    B, T, H, K, V = 2, 64, 2, 16, 16
+
+    def fn(q, k, v, g, h0):
+        return naive.naive_chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                                            chunk_size=16)
+
+    return fn, (_randn(B, T, H, K), _randn(B, T, H, K), _randn(B, T, H, V), _gate(B, T, H),
+                _randn(B, H, K, V, scale=0.5))
+
+
+def simple_gla_parallel():
+    naive = fla("simple_gla")
+    B, T, H, K, V = 2, 64, 2, 16, 16
+
+    def fn(q, k, v, g):
+        # the reference also returns the (T, T) decayed score matrix; a caller that keeps only
+        # the output lets the quadratic form go
+        return naive.naive_parallel_simple_gla(q, k, v, g)[0]
+
+    return fn, (_randn(B, T, H, K), _randn(B, T, H, K), _randn(B, T, H, V), _gate(B, T, H))
+
+
+def linear_attn_recurrent():
+    naive = fla("linear_attn")
+    B, T, H, K, V = 2, 32, 2, 16, 16
+
+    def fn(q, k, v, h0):
+        return naive.naive_recurrent_linear_attn(q, k, v, initial_state=h0, output_final_state=True)
+
+    return fn, (_randn(B, T, H, K), _randn(B, T, H, K), _randn(B, T, H, V), _randn(B, H, K, V, scale=0.5))
+
+
+def linear_attn_chunk():
+    naive = fla("linear_attn")
+    B, T, H, K, V = 1, 128, 2, 16, 16  # the reference's chunk size is fixed at 64: two chunks
+
+    def fn(q, k, v):
+        return naive.naive_chunk_linear_attn(q, k, v)
+
+    return fn, (_randn(B, T, H, K), _randn(B, T, H, K), _randn(B, T, H, V))
+
+
+def retention_parallel():
+    naive = fla("retention")
+    B, H, T, D = 2, 4, 64, 16  # (B, H, T, D) layout; a constant decay 1 - 2^(-5-h) per head
+
+    def fn(q, k, v):
+        return naive.naive_retention(q, k, v)
+
+    return fn, (_randn(B, H, T, D), _randn(B, H, T, D), _randn(B, H, T, D))
+
+
+def hgrn_recurrent():
+    naive = fla("hgrn")
+    B, T, D = 2, 64, 32
+
+    def fn(x, g, h0):
+        return naive.naive_recurrent_hgrn(x, g, initial_state=h0, output_final_state=True)
+
+    return fn, (_randn(B, T, D), _gate(B, T, D), _randn(B, D))
+
+
+def hgrn_chunk():
+    naive = fla("hgrn")
+    # fla's naive_chunk_hgrn reshapes g to (B, chunk_size, D), so it runs only for T == chunk_size
+    B, T, D = 2, 32, 32
+
+    def fn(x, g, h0):
+        return naive.naive_chunk_hgrn(x, g, initial_state=h0, output_final_state=True, chunk_size=T)
+
+    return fn, (_randn(B, T, D), _gate(B, T, D), _randn(B, D))
+
+
+FLA_CASES = {
+    "gla_recurrent": Case(gla_recurrent, "ssd", ("decay=vector", "h0=%")),
+    "simple_gla_recurrent": Case(simple_gla_recurrent, "ssd", ("decay=scalar", "h0=%")),
+    "simple_gla_chunk": Case(simple_gla_chunk, "ssd", ("decay=scalar", "h0=%")),
+    "simple_gla_parallel": Case(simple_gla_parallel, "ssd", ("decay=scalar",)),
+    "linear_attn_recurrent": Case(linear_attn_recurrent, "ssd", ("decay=none", "h0=%")),
+    "linear_attn_chunk": Case(linear_attn_chunk, "ssd", ("decay=none",)),
+    "retention_parallel": Case(retention_parallel, "ssd", ("decay=scalar",)),
+    "hgrn_recurrent": Case(hgrn_recurrent, "scan", ("h0=%",)),
+    "hgrn_chunk": Case(hgrn_chunk, "scan", ()),
+}
+
+
+@pytest.mark.parametrize("name", list(FLA_CASES))
+def test_fla_reference_matches_eager_with_one_recurrence(name):
+    case = FLA_CASES[name]
+    fn, args = case.build()
+    report = check_against_eager(fn, *args, options={"downstream": "aot_eager"})
+    assert_recurrences(report, case.kind, 1)
+    assert report.count("attention") == 0, str(report)
+    for r in report.rewrites:
+        if r.kind == case.kind:
+            for s in case.ir:
+                assert s in r.ir, (s, r.ir)
