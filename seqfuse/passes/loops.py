@@ -1,10 +1,41 @@
-"""Re-roll Dynamo-unrolled Python loops over time and lift linear ones to scan / ssd.
+"""Re-roll Dynamo-unrolled Python loops over time and lift the linear ones to scan / ssd.
 
-(Under construction: the recurrence issue fills this in.)
+Dynamo unrolls ``for t in range(T)``: T copies of the body in one flat graph.  This pass
+finds them, proves the carried update linear, and replaces the whole loop by one IR op,
+in time linear in the graph size (see loop_reroll for how the steps are found):
+
+- ``h = a_t ⊙ h + b_t`` (any elementwise factors and terms, casts of h)      -> seqfuse.scan
+  with the readout ``y_t = Σ_n c_t[n]·h_t[n]`` folded in when it is the state's only use;
+- ``S = g_t ⊙ S + k_t ⊗ v_t`` read out as ``q_t · S`` (g scalar per head or a vector
+  along the contracted axis, written exp(·), sigmoid(·) or a positive constant)  -> seqfuse.ssd;
+- per-step outputs collected by ``stack`` / ``cat`` or written into a buffer with
+  ``copy_(select(buf, d, t), ·)`` become the op's stacked results; everything else the body
+  computes is vectorized over time on whole tensors (loop_vectorize).
+
+Coupled or nonlinear updates (LSTM, GRU, tanh of the state, h·h) are near misses and stay as
+they are.
 """
 from __future__ import annotations
 
+import math
+import operator
+
+import torch
+import torch.fx
+
+from seqfuse.ir.ops import SSD, Scan
+from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
+from seqfuse.passes.loop_reroll import Loop, NoLoop, find_runs, group_loops, reroll
+from seqfuse.passes.loop_vectorize import Vectorizer, can_vectorize
+from seqfuse.passes.pattern import axis_view, constant_value, is_op, val
 from seqfuse.passes.registry import Pass, PassContext
+
+aten = torch.ops.aten
+
+#: loops at least this long are reported when their steps cannot be matched
+REPORT_MIN_STEPS = 4
+_ZEROS = (aten.zeros, aten.zeros_like, aten.new_zeros)
+_FULLS = (aten.full, aten.full_like, aten.new_full)
 
 
 class LoopPass(Pass):
@@ -13,4 +44,622 @@ class LoopPass(Pass):
     name = "loops"
 
     def run(self, ctx: PassContext) -> None:
+        graph = ctx.graph
+        runs = find_runs(graph)
+        if not runs:
+            return
+        pos = _positions(graph)
+        changed = False
+        for group in group_loops(runs, pos):
+            if changed:
+                pos = _positions(graph)
+            if any(n not in pos for r in group for n in r.nodes):
+                continue
+            try:
+                loop = reroll(graph, group, pos)
+            except NoLoop as e:
+                if max(len(r.nodes) for r in group) >= REPORT_MIN_STEPS:
+                    ctx.report.add_near_miss("scan", f"unrolled loop not re-rolled: {e}", group[0].nodes[0])
+                continue
+            if not loop.carried:
+                continue  # independent steps: no recurrence
+            try:
+                _Rewrite(ctx, loop, pos).run()
+                changed = True
+            except NoLoop as e:
+                ctx.report.add_near_miss("scan", str(e), _where(loop))
+        if changed:
+            graph.eliminate_dead_code()
+            ctx.gm.recompile()
+
+
+def _positions(graph):
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def _where(loop: Loop):
+    return next((n for n, r in zip(loop.template, loop.roles) if r is not None), loop.template[0])
+
+
+def _is_zero(x) -> bool:
+    """Whether an initial value is known to be zero."""
+    if x is None:
+        return True
+    if not isinstance(x, torch.fx.Node):
+        return x == 0
+    if is_op(x, *_ZEROS):
+        return True
+    if is_op(x, *_FULLS):
+        v = x.args[1] if not is_op(x, aten.new_full) else x.args[2]
+        return constant_value(v) == 0
+    return constant_value(x) == 0
+
+
+def _einsum_parts(node):
+    eq = node.args[0].replace(" ", "")
+    if "." in eq or "->" not in eq:
         return None
+    ins, out = eq.split("->")
+    return ins.split(","), out
+
+
+class _Rewrite:
+    """Checks a re-rolled loop, then replaces it (nothing is touched until every check passed)."""
+
+    def __init__(self, ctx: PassContext, loop: Loop, pos):
+        self.ctx, self.loop, self.pos, self.graph = ctx, loop, pos, ctx.graph
+        self.an = Analysis(loop)
+        self.tindex = {n: j for j, n in enumerate(loop.template)}
+
+    # 1. checks ----------------------------------------------------------------------
+    def run(self):
+        loop, an = self.loop, self.an
+        lins = {k: an.update(k) for k in loop.carried}
+        body = loop.body()
+        self.body = set(body)
+        last = max(body, key=self.pos.__getitem__)
+        self.first = min(self.pos[n] for n in body)
+        self.last = self.pos[last]
+        self.anchor = last.next
+        writes = self._buffer_writes()
+        uses = self._outside_uses()
+        readouts = {k: self._readout(k) for k in loop.carried}
+        readouts = {k: v for k, v in readouts.items() if v is not None}
+        roots = self._roots(uses, writes)
+        # a readout is folded only when nothing else needs the states
+        while True:
+            states = self._closure(roots, readouts, lins)
+            drop = [k for k in readouts if k in states]
+            if not drop:
+                break
+            for k in drop:
+                del readouts[k]
+        # 2. the rewrite
+        vec = self.vec = Vectorizer(self.graph, loop, self.anchor, an.deps)
+        finals = {}
+        for k in loop.carried:
+            plan = self._ssd_plan(k, lins[k], readouts.get(k)) if k in readouts else None
+            if plan is not None:
+                finals[k] = self._emit_ssd(vec, k, plan)
+            else:
+                finals[k] = self._emit_scan(vec, k, lins[k], readouts.get(k), k in states)
+        self._replace(vec, uses, writes, finals)
+        for n in sorted(body, key=self.pos.__getitem__, reverse=True):
+            if not n.users:
+                self.graph.erase_node(n)
+
+    def _buffer_writes(self):
+        """Template copy_ entries writing every step's result into a slice of one buffer: [(j, seed j, src role)]."""
+        loop, writes = self.loop, []
+        written = set()
+        for j, node in enumerate(loop.template):
+            t = node.target
+            if not (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable):
+                continue
+            args = loop.roles[j][0][2] if loop.roles[j] else ()
+            if not (node.target is aten.copy_.default and args[0][0] == "L" and loop.roles[args[0][1]] is None):
+                raise NoLoop(f"the loop body mutates a tensor with {t} (only per-step buffer writes are re-rolled)")
+            if any(loop.inst[s][j].users for s in loop.steps):
+                raise NoLoop("the result of a per-step buffer write is read")
+            writes.append((j, args[0][1], args[1]))
+            written.add(args[0][1])
+        for j, roles in enumerate(loop.roles):   # the buffer's slices are only written
+            if roles is None:
+                continue
+            for w, (r, _) in enumerate(zip(roles[0][2], range(99))):
+                if r[0] == "L" and r[1] in written and not (loop.template[j].target is aten.copy_.default and w == 0):
+                    raise NoLoop("the loop reads the buffer it writes its outputs into")
+        for _, s, _ in writes:
+            buf = loop.template[s].args[0]
+            for u in buf.users:
+                if u not in self.body and self.first < self.pos[u] < self.last:
+                    raise NoLoop("the output buffer is used inside the loop by code outside the loop body")
+        return writes
+
+    def _outside_uses(self):
+        """{(step, j): [users outside the body]} (they must all come after the loop)."""
+        loop, uses = self.loop, {}
+        for s in loop.steps:
+            for j, n in enumerate(loop.inst[s]):
+                outs = [u for u in n.users if u not in self.body]
+                if not outs:
+                    continue
+                if any(self.pos[u] <= self.last for u in outs):
+                    raise NoLoop("a value of the loop body is used inside the loop by code outside the body")
+                uses[(s, j)] = outs
+        return uses
+
+    def _roots(self, uses, writes):
+        roots, final_only = set(), set()
+        for (s, j), _ in uses.items():
+            if j in self.loop.carried and s == self.loop.hi:
+                final_only.add(j)
+            else:
+                roots.add(("L", j))
+        for _, _, src in writes:
+            if src[0] not in ("L", "P"):
+                raise NoLoop("a buffer write of an invariant value")
+            roots.add(src)
+        return roots
+
+    def _closure(self, roots, readouts, lins):
+        """The carried values whose states at every step are needed (raises if a state-dependent entry
+        cannot be vectorized)."""
+        loop, an = self.loop, self.an
+        readout_of = {v[0]: k for k, v in readouts.items()}
+        states, seen = set(), set()
+        stack = list(roots)
+        for k, lin in lins.items():   # the op's operands
+            for f, _ in lin.coef + [f for _, fs in lin.terms for f in fs]:
+                stack.append(f)
+            if k in readouts:
+                stack.append(readouts[k][2])
+        while stack:
+            r = stack.pop()
+            if r[0] == "P":
+                states.add(r[1])
+                continue
+            if r[0] != "L" or r[1] in seen:
+                continue
+            j = r[1]
+            seen.add(j)
+            if j in readout_of:
+                continue
+            if j in loop.carried:
+                states.add(j)
+                continue
+            if loop.roles[j] is None:
+                continue
+            if not can_vectorize(loop.template[j]):
+                if an.deps[j]:
+                    raise NoLoop(f"cannot vectorize {loop.template[j].target} applied to the state")
+                continue   # stacked from its per-step nodes
+            stack.extend(leaves(loop.roles[j]))
+        return states
+
+    # readouts ------------------------------------------------------------------------
+    def _state_operand(self, role, k) -> bool:
+        """Whether a role is carried value k itself or a cast / copy of it."""
+        loop = self.loop
+        while role[0] == "L":
+            if role[1] == k:
+                return True
+            node = loop.template[role[1]]
+            if loop.roles[role[1]] is None or not is_op(node, *PASS_THROUGH):
+                return False
+            role = loop.roles[role[1]][0][2][0]
+        return False
+
+    def _readout(self, k):
+        """(j, state operand position, c role, letters) of an einsum reading state k once and
+        contracting it with a constant operand, or None."""
+        loop, an = self.loop, self.an
+        for j, node in enumerate(loop.template):
+            if loop.roles[j] is None or not is_op(node, aten.einsum) or an.deps[j] != {k}:
+                continue
+            ops = loop.roles[j][0][2][1]
+            parts = _einsum_parts(node)
+            if ops[0] != "T" or len(ops[2]) != 2 or parts is None:
+                continue
+            for i in (0, 1):
+                if self._state_operand(ops[2][i], k) and an.const(ops[2][1 - i]):
+                    ins, out = parts
+                    return j, i, ops[2][1 - i], ins[i], ins[1 - i], out
+        return None
+
+    # 2. scan ----------------------------------------------------------------------
+    def _product(self, vec, factors, r):
+        """Π factors as a vectorized (T'|1, ...) node of rank r + 1 (None if all are numbers), and the number."""
+        acc, num = None, 1
+        for f, p in factors:
+            if f[0] == "C":
+                if not isinstance(f[1], (int, float, complex)) or (p < 0 and f[1] == 0):
+                    raise NoLoop("a coefficient of the state is not a number")
+                num = num * f[1] if p > 0 else num / f[1]
+                continue
+            if f[0] == "L":
+                x = vec.vec(f[1])
+                if val(x).dim() > r + 1:
+                    raise NoLoop("a coefficient broadcasts the state to a larger shape")
+                x = vec.pad(x, r + 1)
+            elif f[0] == "I":
+                x = f[1]
+                if val(x).dim() > r:
+                    raise NoLoop("a coefficient broadcasts the state to a larger shape")
+                x = vec.timed_invariant(x, r)
+            else:
+                raise NoLoop("a coefficient of the state is a list")
+            if p < 0:
+                x = vec.emit(aten.reciprocal.default, (x,))
+            acc = x if acc is None else vec.emit(aten.mul.Tensor, (acc, x))
+        return acc, num
+
+    def _coefficient(self, vec, factors, r, like):
+        acc, num = self._product(vec, factors, r)
+        if acc is None:
+            return vec.emit(aten.full.default, ([1] * (r + 1), num),
+                            {"dtype": torch.complex64 if isinstance(num, complex) else val(like).dtype,
+                             "device": val(like).device})
+        return acc if num == 1 else vec.emit(aten.mul.Tensor, (acc, num))
+
+    def _sum(self, vec, terms, r, like):
+        total = None
+        for sign, fs in terms:
+            x = self._coefficient(vec, fs, r, like)
+            if total is None:
+                total = x if sign > 0 else vec.emit(aten.neg.default, (x,))
+            else:
+                total = vec.emit(aten.add.Tensor if sign > 0 else aten.sub.Tensor, (total, x))
+        return total
+
+    def _init(self, vec, k, shape, dtype):
+        init = self.loop.init.get(k)
+        if _is_zero(init):
+            return None
+        if not isinstance(init, torch.fx.Node):
+            return vec.emit(aten.full.default, (list(shape), init), {"dtype": dtype, "device": val(self.loop.template[k]).device})
+        x = init
+        if tuple(val(x).shape) != tuple(shape):
+            x = vec.emit(aten.expand.default, (x, list(shape)))
+        return vec.cast(x, dtype)
+
+    def _emit_scan(self, vec, k, lin: Lin, readout, all_states):
+        loop = self.loop
+        tmpl = loop.template[k]
+        S, D = tuple(val(tmpl).shape), val(tmpl).dtype
+        r = len(S)
+        if r == 0:
+            raise NoLoop("the carried value is a scalar")
+        a = self._coefficient(vec, lin.coef, r, tmpl)
+        b = self._sum(vec, lin.terms, r, tmpl) if lin.terms else vec.emit(aten.mul.Tensor, (a, 0))
+        for x in (a, b):
+            if tuple(torch.broadcast_shapes(val(x).shape[1:], S)) != S:
+                raise NoLoop("a coefficient broadcasts the state to a larger shape")
+        a = vec.emit(aten.movedim.int, (a, 0, -2))
+        b = vec.emit(aten.movedim.int, (vec.cast(b, torch.promote_types(val(b).dtype, D)), 0, -2))
+        full = [*S[:-1], vec.count, S[-1]]
+        if list(val(b).shape) != full:
+            if not all(isinstance(s, int) for s in full):
+                raise NoLoop("the state shape is symbolic and the input term does not cover it")
+            b = vec.emit(aten.expand.default, (b, full))
+        h0 = self._init(vec, k, S, D)
+        c = None
+        if readout is not None and not all_states:
+            j, _, c_role, sl, cl, out = readout
+            if not self._scan_readout_ok(sl, cl, out, val(loop.template[j])):
+                readout = None
+            else:
+                cv, is_vec = vec.role(c_role)
+                c = vec.align(cv, is_vec, cl, sl)
+                c = vec.emit(aten.movedim.int, (c, 0, -2)) if is_vec else vec.emit(aten.unsqueeze.default, (c, -2))
+        else:
+            readout = None
+        op = Scan(a=a, b=b, c=c, h0=h0, reverse=loop.reverse)
+        fake = torch.ops.seqfuse.scan.default(val(a), val(b), val(c) if c is not None else None,
+                                              val(h0) if h0 is not None else None, loop.reverse, "recurrent", "auto")
+        ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][k])
+        ir.meta["val"] = fake
+        y = vec.emit(operator.getitem, (ir, 0))
+        h = vec.cast(vec.emit(operator.getitem, (ir, 1)), D)
+        if readout is not None:
+            j = readout[0]
+            rv = vec.emit(aten.movedim.int, (y, -1, 0))
+            shape = [vec.count, *val(loop.template[j]).shape]
+            vec.memo[j] = vec.cast(vec.emit(aten.reshape.default, (rv, shape)), val(loop.template[j]).dtype)
+        else:
+            vec.states[k] = vec.cast(vec.emit(aten.movedim.int, (y, -2, 0)), D)
+        return h
+
+    @staticmethod
+    def _scan_readout_ok(sl, cl, out, out_val) -> bool:
+        # y = Σ_n c[n]·h[n]: the state's last letter is the only one contracted
+        if len(set(sl)) != len(sl) or sl[-1] not in cl or sl[-1] in out:
+            return False
+        extras = [c for c in out if c not in sl]
+        if any(c not in cl for c in extras) or any(c not in sl and c not in out for c in cl):
+            return False
+        sizes = {c: out_val.shape[i] for i, c in enumerate(out)}
+        if any(sizes[c] != 1 for c in extras):
+            return False
+        return "".join(c for c in out if c in sl) == sl[:-1]
+
+    # 3. ssd ----------------------------------------------------------------------
+    def _ssd_plan(self, k, lin: Lin, readout):
+        """The SSD reading of state k, or None (then it is a scan)."""
+        loop = self.loop
+        tmpl = loop.template[k]
+        S = tuple(val(tmpl).shape)
+        r = len(S)
+        j, _, c_role, sl, cl, out = readout
+        if r < 2 or len(lin.terms) != 1 or len(set(sl)) != len(sl):
+            return None
+        contracted = [c for c in sl if c not in out]
+        if len(contracted) != 1 or contracted[0] not in sl[-2:] or any(c not in sl[:-2] + contracted[0] for c in cl):
+            return None
+        n_ax = sl.index(contracted[0])
+        p_ax = 2 * r - 3 - n_ax          # the other of the last two axes
+        out_val = val(loop.template[j])
+        keep = "".join(c for c in out if c in sl)
+        if keep != sl[:-2] + sl[p_ax] or any(out_val.shape[i] != 1 for i, c in enumerate(out) if c not in sl):
+            return None
+        factors = self._flatten(lin.terms[0][1])
+        if factors is None or lin.terms[0][0] < 0:
+            return None
+        xs, bs = [], []
+        for f in factors:
+            shp = self._factor_shape(f, r)
+            if shp is None:
+                return None
+            if shp[n_ax] == 1:
+                xs.append(f)
+            elif shp[p_ax] == 1:
+                bs.append(f)
+            else:
+                return None
+        if not bs:
+            return None
+        logs = []
+        vector = False
+        for f, p in lin.coef:
+            shp = self._factor_shape((f, p), r)
+            if shp is None or shp[p_ax] != 1:
+                return None
+            vector |= shp[n_ax] != 1
+            lg = self._log(f, p)
+            if lg is None:
+                return None
+            logs.append(lg)
+        decay = "none" if not lin.coef else ("vector" if vector else "scalar")
+        return dict(n_ax=n_ax, p_ax=p_ax, xs=xs, bs=bs, logs=logs, decay=decay, readout=readout)
+
+    def _flatten(self, factors):
+        """Factors with constant products and outer-product einsums split into their operands."""
+        loop, outl = self.loop, []
+        for f, p in factors:
+            if f[0] == "L" and p == 1 and loop.roles[f[1]] is not None:
+                node = loop.template[f[1]]
+                a = loop.roles[f[1]][0][2]
+                if node.target is aten.mul.Tensor:
+                    sub = self._flatten([(a[0], 1), (a[1], 1)])
+                    if sub is None:
+                        return None
+                    outl += sub
+                    continue
+                parts = _einsum_parts(node) if is_op(node, aten.einsum) else None
+                if parts is not None and a[1][0] == "T" and len(a[1][2]) == 2:
+                    ins, out = parts
+                    if all(set(s) <= set(out) for s in ins) and len(set(out)) == len(out) \
+                            and set(ins[0]) | set(ins[1]) == set(out):
+                        outl += [(("E", a[1][2][i], ins[i], out), 1) for i in (0, 1)]
+                        continue
+            outl.append((f, p))
+        return outl
+
+    def _factor_shape(self, fp, r):
+        """Per-step shape of a factor padded to rank r (None if it is bigger)."""
+        f = fp[0]
+        if f[0] == "C":
+            return (1,) * r
+        if f[0] == "E":
+            node_shape = {}
+            src = self._role_val(f[1])
+            if src is None:
+                return None
+            for c, s in zip(f[2], src.shape):
+                node_shape[c] = s
+            shp = tuple(node_shape.get(c, 1) for c in f[3])
+        else:
+            v = self._role_val(f)
+            if v is None:
+                return None
+            shp = tuple(v.shape)
+        if len(shp) > r:
+            return None
+        return (1,) * (r - len(shp)) + shp
+
+    def _role_val(self, role):
+        if role[0] == "L":
+            return val(self.loop.template[role[1]])
+        if role[0] == "I":
+            return val(role[1]) if isinstance(val(role[1]), torch.Tensor) else None
+        return None
+
+    def _log(self, f, p):
+        """log(f^p) when f is provably positive, as ("num", value) or (kind, p, role of g, axes):
+        f is a chain of unsqueeze/expand views of exp(g) (log = g) or sigmoid(g) (log = logsigmoid(g))."""
+        loop = self.loop
+        if f[0] == "C":
+            return ("num", p * math.log(f[1])) if isinstance(f[1], (int, float)) and f[1] > 0 else None
+        node = loop.template[f[1]] if f[0] == "L" else f[1]
+        base, axes = axis_view(node)
+        if not is_op(base, aten.exp, aten.sigmoid) or not isinstance(base, torch.fx.Node):
+            return None
+        kept = [a for a in axes if a is not None]
+        if kept != list(range(val(base).dim())):
+            return None
+        j = self.tindex.get(base)
+        if j is not None:
+            if loop.roles[j] is None:
+                return None
+            inner = loop.roles[j][0][2][0]
+        else:   # outside the step's template: an invariant
+            inner = ("I", base.args[0])
+        return ("exp" if is_op(base, aten.exp) else "sigmoid", p, inner, axes)
+
+    def _emit_ssd(self, vec, k, plan):
+        loop = self.loop
+        tmpl = loop.template[k]
+        S, D = tuple(val(tmpl).shape), val(tmpl).dtype
+        r = len(S)
+        n_ax, p_ax = plan["n_ax"], plan["p_ax"]
+        batch = list(S[:-2])
+        if not all(isinstance(s, int) for s in S):
+            raise NoLoop("the matrix state has a symbolic shape")
+        P, N = S[p_ax], S[n_ax]
+
+        def fac(f):
+            if f[0] == "E":
+                xv, is_vec = vec.role(f[1])
+                x = vec.align(xv, is_vec, f[2], f[3])
+                return x if is_vec else vec.emit(aten.unsqueeze.default, (x, 0))
+            return None
+
+        def prod(fs):
+            plain = [(f, p) for f, p in fs if f[0] != "E"]
+            acc, num = self._product(vec, plain, r)
+            for f, _ in fs:
+                if f[0] == "E":
+                    x = vec.pad(fac(f), r + 1)
+                    acc = x if acc is None else vec.emit(aten.mul.Tensor, (acc, x))
+            if acc is None:
+                acc = vec.emit(aten.full.default, ([1] * (r + 1), 1.0), {"dtype": D, "device": val(tmpl).device})
+            return acc if num == 1 else vec.emit(aten.mul.Tensor, (acc, num))
+
+        def layout(x, tail):
+            # (T'|1, *batch', *tail') -> (B, T', H, *tail)
+            shape = [vec.count, *batch, *tail]
+            if list(val(x).shape) != shape:
+                x = vec.emit(aten.expand.default, (x, shape))
+            nb = len(batch)
+            if nb == 0:
+                x = vec.emit(aten.unsqueeze.default, (vec.emit(aten.unsqueeze.default, (x, 1)), 1))
+            elif nb == 1:
+                x = vec.emit(aten.unsqueeze.default, (x, 2))
+            elif nb > 2:
+                x = vec.emit(aten.reshape.default, (x, [vec.count, math.prod(batch[:-1]), batch[-1], *tail]))
+            return vec.emit(aten.movedim.int, (x, 0, 1))
+
+        # x: the factors constant along N (select N = 0); b: those constant along P
+        xv = vec.emit(aten.select.int, (prod(plan["xs"]), n_ax + 1, 0))
+        xv = layout(xv, [P])
+        bv = vec.emit(aten.select.int, (prod(plan["bs"]), p_ax + 1, 0))
+        bv = layout(bv, [N])
+        j, _, c_role, sl, cl, out = plan["readout"]
+        cv, is_vec = vec.role(c_role)
+        target = sl[:-2] + sl[n_ax]
+        cv = vec.align(cv, is_vec, cl, target)
+        if not is_vec:
+            cv = vec.emit(aten.unsqueeze.default, (cv, 0))
+        cv = layout(cv, [N])
+        a = None
+        if plan["decay"] != "none":
+            total = None
+            for lg in plan["logs"]:
+                if lg[0] == "num":
+                    continue
+                kind, p, role, axes = lg
+                g, is_vec = vec.role(role)
+                for i, ax in enumerate(axes):   # the view chain's unit axes
+                    if ax is None:
+                        g = vec.emit(aten.unsqueeze.default, (g, i + (1 if is_vec else 0)))
+                g = vec.pad(g, r + 1) if is_vec else vec.timed_invariant(g, r)
+                if kind == "sigmoid":
+                    g = vec.emit(aten.log_sigmoid.default, (g,))
+                if p != 1:
+                    g = vec.emit(aten.mul.Tensor, (g, p))
+                total = g if total is None else vec.emit(aten.add.Tensor, (total, g))
+            nums = sum(lg[1] for lg in plan["logs"] if lg[0] == "num")
+            if total is None:
+                total = vec.emit(aten.full.default, ([1] * (r + 1), nums), {"dtype": D, "device": val(tmpl).device})
+            elif nums:
+                total = vec.emit(aten.add.Tensor, (total, nums))
+            total = vec.emit(aten.select.int, (total, p_ax + 1, 0))      # (T', *batch', N|1)
+            if plan["decay"] == "scalar":
+                total = vec.emit(aten.select.int, (total, -1, 0))
+                a = layout(total, [])
+            else:
+                a = layout(total, [N])
+        h0 = self._init(vec, k, S, D)
+        if h0 is not None:
+            if p_ax == r - 1:
+                h0 = vec.emit(aten.transpose.int, (h0, -1, -2))
+            h0 = vec.emit(aten.reshape.default, (h0, [val(xv).shape[0], val(xv).shape[2], P, N]))
+        if loop.reverse:   # ssd runs forward: flip time in and out
+            xv, bv, cv = (vec.emit(aten.flip.default, (t, [1])) for t in (xv, bv, cv))
+            a = vec.emit(aten.flip.default, (a, [1])) if a is not None else None
+        op = SSD(x=xv, b=bv, c=cv, a=a, h0=h0, decay=plan["decay"])
+        fake = torch.ops.seqfuse.ssd.default(val(xv), val(bv), val(cv), val(a) if a is not None else None, None,
+                                             val(h0) if h0 is not None else None, plan["decay"], 64, "recurrent", "auto")
+        ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][k])
+        ir.meta["val"] = fake
+        y = vec.emit(operator.getitem, (ir, 0))       # (B, T', H, P)
+        if loop.reverse:
+            y = vec.emit(aten.flip.default, (y, [1]))
+        y = vec.emit(aten.movedim.int, (y, 1, 0))
+        ro = loop.template[j]
+        vec.memo[j] = vec.cast(vec.emit(aten.reshape.default, (y, [vec.count, *val(ro).shape])), val(ro).dtype)
+        h = vec.emit(operator.getitem, (ir, 1))       # (B, H, P, N)
+        h = vec.emit(aten.reshape.default, (h, [*batch, P, N]))
+        if p_ax == r - 1:
+            h = vec.emit(aten.transpose.int, (h, -1, -2))
+        return vec.cast(h, D)
+
+    # 4. outside uses -----------------------------------------------------------
+    def _replace(self, vec, uses, writes, finals):
+        loop = self.loop
+        done = set()
+        for (s, j), users in uses.items():
+            for u in users:
+                if u in done:
+                    continue
+                if j in loop.carried and s == loop.hi and j in finals:
+                    u.replace_input_with(loop.inst[s][j], finals[j])
+                    continue
+                whole = self._collection(u, j)
+                if whole is not None:
+                    u.replace_all_uses_with(whole)
+                    done.add(u)
+                    continue
+                x = vec.emit(aten.select.int, (vec.vec(j), 0, loop.index(s) - vec.start))
+                u.replace_input_with(loop.inst[s][j], x)
+        for j, seed, src in writes:
+            node = loop.template[seed]
+            buf, d = node.args[0], node.args[1] % val(node.args[0]).dim()
+            value, _ = vec.role(src)
+            dest = vec.emit(aten.slice.Tensor, (buf, d, vec.start, vec.start + vec.count))
+            rank = val(buf).dim() if node.target is aten.slice.Tensor else val(buf).dim() - 1
+            value = vec.emit(aten.movedim.int, (vec.pad(value, rank + 1), 0, d))
+            if node.target is aten.slice.Tensor:
+                value = vec.emit(aten.squeeze.dim, (value, d + 1))
+            vec.emit(aten.copy_.default, (dest, value))
+
+    def _collection(self, u, j):
+        """The whole of ``stack(list)`` / ``cat(list)`` when the list is entry j at every step, in step order."""
+        loop = self.loop
+        if not is_op(u, aten.stack, aten.cat) or not isinstance(u.args[0], (list, tuple)):
+            return None
+        items = list(u.args[0])
+        want = [loop.inst[s][j] for s in loop.steps]
+        if items != want:
+            return None
+        v = self.vec.vec(j)
+        d = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+        if loop.reverse:   # the list is in step order: decreasing index
+            v = self.vec.emit(aten.flip.default, (v, [0]))
+        r = val(loop.template[j]).dim()
+        if is_op(u, aten.stack):
+            out = self.vec.emit(aten.movedim.int, (v, 0, d % (r + 1)))
+        else:
+            d = d % r
+            out = self.vec.emit(aten.flatten.using_ints, (self.vec.emit(aten.movedim.int, (v, 0, d)), d, d + 1))
+        return self.vec.cast(out, val(u).dtype)

@@ -1,0 +1,416 @@
+"""Re-rolling Dynamo-unrolled time loops: find the steps, build the body template, match every step.
+
+All of it runs in time linear in the graph size:
+
+1. *Slice families*: ``select.int(X, d, i)`` and ``slice(X, d, i, i+1)`` nodes grouped by
+   (X, d, form); within a family, members in graph order form *runs* of consecutive indices
+   i, i±1, i±2, … (the per-step inputs of one loop).  Runs that overlap in the graph and go
+   the same way form one loop; step s reads index s (forward) or imax - s (reversed).
+2. *Labels*: one topological pass gives each node the largest step of the seeds it reads
+   (-1: loop-invariant).  Loop-invariant nodes recomputed at every step are hash-consed, so
+   ``A.exp()`` written inside the loop is the same invariant at every step.
+3. *Template*: the nodes of a middle step m, in order, with their arguments as roles:
+   ("L", k) the step's own node k, ("P", k) node k of the previous step (a carried value),
+   ("I", node) an invariant, ("C", value) a constant, ("S", family, form) a seed.
+4. *Matching*: each step t is instantiated from the template by looking among the users of
+   an argument already mapped (never a deep walk); the first step binds the carried roles to
+   whatever it reads there (the initial values).  The loop is the longest run of steps that
+   match.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from seqfuse.passes.pattern import is_op, val
+
+aten = torch.ops.aten
+
+#: runs of a family still open for extension (a run is closed when a later one takes its place)
+_OPEN_RUNS = 8
+#: the fewest steps a re-rolled loop has
+MIN_STEPS = 3
+
+
+class NoLoop(Exception):
+    """A candidate loop could not be re-rolled (the message is the near miss's reason)."""
+
+
+@dataclass
+class Run:
+    """Seeds of one family read at consecutive indices, in graph order."""
+
+    family: tuple            # (X, dim, form)
+    nodes: list              # seed nodes, in graph order
+    indices: list            # their indices
+    step: int = 0            # +1 forward, -1 reversed, 0 unknown (one element)
+
+    def start(self, pos):
+        return pos[self.nodes[0]]
+
+    def end(self, pos):
+        return pos[self.nodes[-1]]
+
+
+def _seed_key(node: torch.fx.Node):
+    """(X, dim, form, index) when ``node`` is a per-step slice of a graph value, else None."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    x = node.args[0]
+    r = val(x).dim() if isinstance(val(x), torch.Tensor) else None
+    if r is None or r == 0:
+        return None
+    if node.target is aten.select.int:
+        d, i = node.args[1], node.args[2]
+        if isinstance(d, int) and isinstance(i, int) and i >= 0:
+            return (x, d % r, "select", i)
+    elif node.target is aten.slice.Tensor:
+        d = node.args[1] if len(node.args) > 1 else 0
+        s = node.args[2] if len(node.args) > 2 else None
+        e = node.args[3] if len(node.args) > 3 else None
+        st = node.args[4] if len(node.args) > 4 else 1
+        if isinstance(d, int) and isinstance(s, int) and isinstance(e, int) and s >= 0 and e == s + 1 and st == 1:
+            return (x, d % r, "slice", s)
+    return None
+
+
+def find_runs(graph: torch.fx.Graph) -> list[Run]:
+    """Every run of at least MIN_STEPS seeds, in graph order of their first seed."""
+    open_runs: dict[tuple, list[Run]] = {}
+    done: list[Run] = []
+    for node in graph.nodes:
+        key = _seed_key(node)
+        if key is None:
+            continue
+        fam, i = key[:3], key[3]
+        runs = open_runs.setdefault(fam, [])
+        for run in runs:
+            last = run.indices[-1]
+            if (run.step in (0, 1) and i == last + 1) or (run.step in (0, -1) and i == last - 1):
+                run.step = i - last
+                run.nodes.append(node)
+                run.indices.append(i)
+                break
+        else:
+            runs.append(Run(fam, [node], [i]))
+            if len(runs) > _OPEN_RUNS:
+                done.append(runs.pop(0))
+    for runs in open_runs.values():
+        done.extend(runs)
+    return [r for r in done if len(r.nodes) >= MIN_STEPS]
+
+
+def group_loops(runs: list[Run], pos: dict) -> list[list[Run]]:
+    """Runs whose graph spans overlap belong to one loop."""
+    runs = sorted(runs, key=lambda r: r.start(pos))
+    groups: list[list[Run]] = []
+    end = -1
+    for r in runs:
+        if groups and r.start(pos) <= end:
+            groups[-1].append(r)
+            end = max(end, r.end(pos))
+        else:
+            groups.append([r])
+            end = r.end(pos)
+    return groups
+
+
+# --- hash-consing of invariants ------------------------------------------------------
+
+def _hashable(x):
+    """A hashable stand-in for an argument (nodes by identity, symbolic sizes by expression)."""
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__,) + tuple(_hashable(e) for e in x)
+    if isinstance(x, dict):
+        return ("dict",) + tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", str(x.node.expr))
+    if isinstance(x, float):
+        return ("float", repr(x))
+    hash(x)
+    return x
+
+
+def same_value(a, b) -> bool:
+    """Equality of two non-node arguments without guarding on symbolic sizes."""
+    try:
+        return _hashable(a) == _hashable(b)
+    except TypeError:
+        return a is b
+
+
+def _pure(node: torch.fx.Node) -> bool:
+    t = node.target
+    if node.op != "call_function":
+        return False
+    if isinstance(t, torch._ops.OpOverload):
+        return not t._schema.is_mutable and torch.Tag.nondeterministic_seeded not in t.tags
+    return t is operator.getitem
+
+
+# --- the loop --------------------------------------------------------------------------
+
+@dataclass
+class Loop:
+    """A re-rolled loop: the template and, per matched step, the node of every template entry."""
+
+    runs: list[Run]
+    reverse: bool
+    imin: int
+    imax: int
+    template: list[torch.fx.Node] = field(default_factory=list)   # the nodes of step m
+    roles: list[tuple] = field(default_factory=list)               # per template node: (args, kwargs) roles
+    inst: dict[int, list[torch.fx.Node]] = field(default_factory=dict)  # step -> nodes
+    init: dict[int, Any] = field(default_factory=dict)             # carried k -> initial value (node / number)
+    lo: int = 0
+    hi: int = 0
+    carried: list[int] = field(default_factory=list)               # template indices read by the next step
+
+    def index(self, s: int) -> int:
+        """The tensor index step s reads."""
+        return self.imax - s if self.reverse else self.imin + s
+
+    @property
+    def steps(self) -> range:
+        return range(self.lo, self.hi + 1)
+
+    def body(self) -> list[torch.fx.Node]:
+        return [n for s in self.steps for n in self.inst[s]]
+
+    def vec_range(self) -> tuple[int, int]:
+        """(first index, count) of the matched steps along the time axis of a vectorized value."""
+        a, b = self.index(self.lo), self.index(self.hi)
+        return min(a, b), abs(b - a) + 1
+
+
+def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
+    """Label, build the template at a middle step, match every step: the loop, or NoLoop."""
+    steps = {r.step for r in runs if r.step}
+    if len(steps) != 1:
+        raise NoLoop("the loop reads time both forward and reversed (a bidirectional loop body)")
+    reverse = steps.pop() < 0
+    imin = min(min(r.indices) for r in runs)
+    imax = max(max(r.indices) for r in runs)
+    loop = Loop(runs, reverse, imin, imax)
+    T = imax - imin + 1
+    if T < MIN_STEPS:
+        raise NoLoop("too few steps")
+    step_of_seed = {}
+    for r in runs:
+        for n, i in zip(r.nodes, r.indices):
+            step_of_seed[n] = (imax - i) if reverse else (i - imin)
+    # 2. labels and hash-consed invariants, from the first seed on
+    label: dict[torch.fx.Node, int] = {}
+    canon: dict[torch.fx.Node, torch.fx.Node] = {}
+    table: dict[Any, torch.fx.Node] = {}
+    by_step: dict[int, list[torch.fx.Node]] = {}
+    node = min((r.nodes[0] for r in runs), key=pos.__getitem__)
+    while node is not None and node.op != "output":
+        if node in step_of_seed:
+            s = step_of_seed[node]
+        else:
+            s = max((label.get(a, -1) for a in node.all_input_nodes), default=-1)
+        if s >= 0:
+            label[node] = s
+            by_step.setdefault(s, []).append(node)
+        elif _pure(node):
+            try:
+                key = (node.target, _hashable(_canon_args(node.args, canon)),
+                       _hashable(_canon_args(node.kwargs, canon)))
+                canon[node] = table.setdefault(key, node)
+            except TypeError:
+                pass
+        node = node.next
+    m = T // 2
+    if m - 1 not in by_step or m not in by_step:
+        raise NoLoop("the middle steps of the loop compute nothing")
+    # 3. the template: roles of the arguments of step m's nodes
+    prev_index = {n: k for k, n in enumerate(by_step[m - 1])}
+    here_index = {n: k for k, n in enumerate(by_step[m])}
+
+    def role(a):
+        if isinstance(a, (list, tuple)):
+            return ("T", type(a), tuple(role(e) for e in a))
+        if isinstance(a, torch.fx.Node):
+            if a in here_index:
+                return ("L", here_index[a])
+            if a in prev_index:
+                return ("P", prev_index[a])
+            if a in label:
+                raise NoLoop("a step reads a value computed two or more steps before (not a first-order recurrence)")
+            return ("I", canon.get(a, a))
+        return ("C", a)
+
+    loop.template = by_step[m]
+    for n in loop.template:
+        if n in step_of_seed:
+            loop.roles.append(None)
+        else:
+            loop.roles.append((role(tuple(n.args)), {k: role(v) for k, v in n.kwargs.items()}))
+    loop.carried = sorted({r[1] for n_roles in loop.roles if n_roles for r in _walk_roles(n_roles) if r[0] == "P"})
+    # 4. match steps from the first on; the loop is the longest run of matching steps
+    seeds = {}
+    for r in runs:
+        for n, i in zip(r.nodes, r.indices):
+            seeds.setdefault((r.family, i), []).append(n)
+    ctx = _Match(loop, seeds, canon, label)
+    lo = None
+    for start in range(0, min(3, m)):
+        if ctx.step(start, first=True):
+            lo = start
+            break
+    if lo is None:
+        raise NoLoop("no step of the loop body matches its middle step (the body differs between steps)")
+    hi = lo
+    while hi + 1 < T and ctx.step(hi + 1, first=False):
+        hi += 1
+    if hi < m:
+        raise NoLoop(f"step {hi + 1} of the loop body differs from the others")
+    loop.lo, loop.hi = lo, hi
+    return loop
+
+
+def _walk_roles(r):
+    args, kwargs = r
+    stack = [args, *kwargs.values()]
+    while stack:
+        x = stack.pop()
+        if x[0] == "T":
+            stack.extend(x[2])
+        else:
+            yield x
+
+
+def _canon_args(x, canon):
+    if isinstance(x, (list, tuple)):
+        return type(x)(_canon_args(e, canon) for e in x)
+    if isinstance(x, dict):
+        return {k: _canon_args(v, canon) for k, v in x.items()}
+    if isinstance(x, torch.fx.Node):
+        if x not in canon:
+            raise TypeError("not hash-consed")
+        return canon[x]
+    return x
+
+
+class _Match:
+    """Instantiates the template at one step at a time (binding carried roles at the first)."""
+
+    def __init__(self, loop: Loop, seeds, canon, label):
+        self.loop, self.seeds, self.canon, self.label = loop, seeds, canon, label
+
+    def step(self, t: int, first: bool) -> bool:
+        loop = self.loop
+        self._t = t
+        nodes: list = [None] * len(loop.template)
+        claimed: set = set()
+        init: dict[int, Any] = {}
+        prev = None if first else loop.inst[t - 1]
+        pending = list(range(len(loop.template)))
+        for _ in range(2):  # a node reading only unbound carried roles waits for one pass
+            waiting = []
+            for j in pending:
+                got = self._one(j, t, nodes, prev, init, claimed)
+                if got is None:
+                    return False
+                if got is False:
+                    waiting.append(j)
+            pending = waiting
+            if not pending:
+                break
+        if pending:
+            return False
+        loop.inst[t] = nodes
+        if first:
+            loop.init = init
+        return True
+
+    def _one(self, j, t, nodes, prev, init, claimed):
+        """The node of template entry j at step t; None if there is none, False if it must wait."""
+        loop = self.loop
+        tmpl = loop.template[j]
+        if loop.roles[j] is None:  # a seed
+            x, d, form, i = _seed_key(tmpl)
+            for r in loop.runs:
+                if r.family == (x, d, form):
+                    cands = self.seeds.get((r.family, loop.index(t)), [])
+                    break
+            else:
+                return None
+            for c in cands:
+                if c not in claimed:
+                    claimed.add(c)
+                    nodes[j] = c
+                    return c
+            return None
+        args_r, kwargs_r = loop.roles[j]
+        # an argument already known at this step whose users hold the candidate
+        anchor = self._known(args_r, nodes, prev, init)
+        if anchor is None:
+            anchor = self._known_kw(kwargs_r, nodes, prev, init)
+        if anchor is None:
+            return False
+        for cand in anchor.users:
+            if cand in claimed or cand.target is not tmpl.target or len(cand.args) != len(tmpl.args) \
+                    or cand.kwargs.keys() != tmpl.kwargs.keys():
+                continue
+            if self.label.get(cand, -1) != t:
+                continue
+            trial = dict(init)
+            if self._same(args_r, tuple(cand.args), nodes, prev, trial) and \
+                    all(self._same(kwargs_r[k], cand.kwargs[k], nodes, prev, trial) for k in kwargs_r):
+                init.update(trial)
+                claimed.add(cand)
+                nodes[j] = cand
+                return cand
+        return None
+
+    def _known(self, r, nodes, prev, init):
+        kind = r[0]
+        if kind == "T":
+            for e in r[2]:
+                a = self._known(e, nodes, prev, init)
+                if a is not None:
+                    return a
+            return None
+        if kind == "L":
+            return nodes[r[1]]
+        if kind == "P":
+            if prev is not None:
+                return prev[r[1]]
+            v = init.get(r[1])
+            return v if isinstance(v, torch.fx.Node) else None
+        return None
+
+    def _known_kw(self, kwargs_r, nodes, prev, init):
+        for r in kwargs_r.values():
+            a = self._known(r, nodes, prev, init)
+            if a is not None:
+                return a
+        return None
+
+    def _same(self, r, a, nodes, prev, init) -> bool:
+        kind = r[0]
+        if kind == "T":
+            return isinstance(a, (list, tuple)) and len(a) == len(r[2]) and \
+                all(self._same(e, x, nodes, prev, init) for e, x in zip(r[2], a))
+        if kind == "L":
+            return a is nodes[r[1]]
+        if kind == "P":
+            if prev is not None:
+                return a is prev[r[1]]
+            if isinstance(a, torch.fx.Node) and self.label.get(a, -1) >= self._t:
+                return False  # an initial value comes from before the step
+            if r[1] in init:
+                b = init[r[1]]
+                return a is b if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node) else same_value(a, b)
+            init[r[1]] = a
+            return True
+        if kind == "I":
+            return isinstance(a, torch.fx.Node) and self.canon.get(a, a) is r[1]
+        return not isinstance(a, torch.fx.Node) and same_value(a, r[1])
+

@@ -1,0 +1,248 @@
+"""Vectorizing a re-rolled loop body over time.
+
+``Vectorizer.vec(j)`` builds, once and on whole tensors, the value of template entry j at
+every matched step, stacked along a new leading time axis in index order:
+shape (T', *shape_j).  Seeds ``select(X, d, i)`` become ``X`` with axis d moved to the
+front; elementwise ops get their time-carrying operands padded with unit axes so that
+broadcasting is unchanged; axis arguments of views, reductions and einsums shift by one (an
+einsum gains a time letter).  Carried values come from the IR op that replaced the loop.
+A constant entry that has no rule is stacked from its per-step nodes (correct, larger).
+"""
+from __future__ import annotations
+
+import operator
+import string
+
+import torch
+import torch.fx
+
+from seqfuse.passes.loop_reroll import Loop, NoLoop
+from seqfuse.passes.loop_linear import PASS_THROUGH
+from seqfuse.passes.pattern import copy_meta, is_op, val
+
+aten = torch.ops.aten
+
+_EXTRA_POINTWISE = (aten.real, aten.imag, aten.conj, aten.conj_physical, aten.view_as_real, aten.view_as_complex)
+_DIM1 = (aten.unsqueeze, aten.select, aten.slice, aten.narrow)
+_REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.prod)
+_MULTI = (aten.chunk, aten.split, aten.split_with_sizes, aten.unbind)
+
+
+def _pointwise(node) -> bool:
+    t = node.target
+    return (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags) or \
+        is_op(node, *PASS_THROUGH, *_EXTRA_POINTWISE)
+
+
+def can_vectorize(node: torch.fx.Node) -> bool:
+    """Whether ``node`` has a vectorization rule (checked before the graph is touched)."""
+    if node.target is operator.getitem:
+        return is_op(node.args[0], *_MULTI)
+    if is_op(node, aten.view_as_real, aten.view_as_complex):
+        return True
+    if _pointwise(node):
+        return True
+    if is_op(node, *_DIM1, aten.squeeze, aten.permute, aten.transpose, aten.expand, aten.view, aten.reshape,
+             aten._unsafe_view, aten.einsum, aten.movedim, *_MULTI):
+        return not (is_op(node, aten.squeeze) and node.target is aten.squeeze.default)
+    if is_op(node, *_REDUCTIONS):
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return d is not None and not (isinstance(d, (list, tuple)) and len(d) == 0)
+    return False
+
+
+class Vectorizer:
+    """Builds vectorized values before ``anchor``; ``states[k]`` / ``prev[k]`` are provided by the caller."""
+
+    def __init__(self, graph: torch.fx.Graph, loop: Loop, anchor: torch.fx.Node, deps):
+        self.graph, self.loop, self.anchor, self.deps = graph, loop, anchor, deps
+        self.memo: dict[int, torch.fx.Node] = {}
+        self.states: dict[int, torch.fx.Node] = {}     # carried k -> (T', *S) all states
+        self.prev_memo: dict[int, torch.fx.Node] = {}
+        self.start, self.count = loop.vec_range()
+        self.where = loop.template[0]
+
+    # --- emitting -----------------------------------------------------------------
+    def emit(self, target, args, kwargs=None) -> torch.fx.Node:
+        """A new node before the anchor, with its fake value computed from its arguments'."""
+        kwargs = kwargs or {}
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, tuple(args), kwargs)
+        fake = lambda x: val(x) if isinstance(x, torch.fx.Node) else x  # noqa: E731
+        tmap = lambda x: type(x)(tmap(e) for e in x) if isinstance(x, (list, tuple)) else fake(x)  # noqa: E731
+        node.meta["val"] = target(*tmap(tuple(args)), **{k: tmap(v) for k, v in kwargs.items()})
+        copy_meta(node, self.where)
+        return node
+
+    def pad(self, x: torch.fx.Node, rank: int, at: int = 1) -> torch.fx.Node:
+        """Unit axes inserted at ``at`` until ``x`` has ``rank`` axes."""
+        while val(x).dim() < rank:
+            x = self.emit(aten.unsqueeze.default, (x, at))
+        return x
+
+    def cast(self, x: torch.fx.Node, dtype) -> torch.fx.Node:
+        return x if val(x).dtype == dtype else self.emit(aten.to.dtype, (x, dtype))
+
+    def timed_invariant(self, x, rank: int) -> torch.fx.Node:
+        """An invariant per-step value as a (1, ...) vectorized one of per-step rank ``rank``."""
+        return self.emit(aten.unsqueeze.default, (self.pad(x, rank, 0), 0))
+
+    # --- roles ----------------------------------------------------------------------
+    def role(self, r):
+        """(value, vectorized?) of an argument role."""
+        kind = r[0]
+        if kind == "T":
+            items = [self.role(e) for e in r[2]]
+            if any(v for _, v in items):
+                raise NoLoop("a list argument of a step mixes steps")
+            return r[1](x for x, _ in items), False
+        if kind == "L":
+            return self.vec(r[1]), True
+        if kind == "P":
+            return self.prev(r[1]), True
+        return r[1], False
+
+    def prev(self, k: int) -> torch.fx.Node:
+        """The carried value k as read by each step: the state of the step before, in index order."""
+        if k in self.prev_memo:
+            return self.prev_memo[k]
+        states = self.states[k]
+        n = self.count
+        init = self.loop.init.get(k)
+        tmpl = self.loop.template[k]
+        first = self.emit(aten.select.int, (states, 0, 0))
+        if isinstance(init, torch.fx.Node):
+            h0 = self.cast(self.emit(aten.expand.default, (init, list(val(first).shape))), val(first).dtype)
+        elif init is None or init == 0:
+            h0 = self.emit(aten.zeros_like.default, (first,))
+        else:
+            h0 = self.emit(aten.full_like.default, (first, init))
+        h0 = self.emit(aten.unsqueeze.default, (h0, 0))
+        if self.loop.reverse:  # index i reads the state of index i + 1
+            rest = self.emit(aten.slice.Tensor, (states, 0, 1, n))
+            out = self.emit(aten.cat.default, ([rest, h0], 0))
+        else:
+            rest = self.emit(aten.slice.Tensor, (states, 0, 0, n - 1))
+            out = self.emit(aten.cat.default, ([h0, rest], 0))
+        del tmpl
+        self.prev_memo[k] = out
+        return out
+
+    # --- entries ----------------------------------------------------------------------
+    def vec(self, j: int) -> torch.fx.Node:
+        if j in self.memo:
+            return self.memo[j]
+        loop = self.loop
+        node = loop.template[j]
+        if j in self.states:
+            out = self.states[j]
+        elif loop.roles[j] is None:
+            out = self._seed(node)
+        else:
+            out = self._rule(j, node) if can_vectorize(node) else None
+            if out is None:
+                if self.deps[j]:
+                    raise NoLoop(f"cannot vectorize {node.target} applied to the state")
+                out = self._stacked(j)
+        self.memo[j] = out
+        return out
+
+    def _seed(self, node):
+        x, d = node.args[0], node.args[1] % val(node.args[0]).dim()
+        out = self.emit(aten.movedim.int, (x, d, 0)) if d else x
+        if self.start != 0 or self.count != val(x).shape[d]:
+            out = self.emit(aten.slice.Tensor, (out, 0, self.start, self.start + self.count))
+        if node.target is aten.slice.Tensor:
+            out = self.emit(aten.unsqueeze.default, (out, d + 1))
+        return out
+
+    def _stacked(self, j):
+        loop = self.loop
+        nodes = [loop.inst[s][j] for s in loop.steps]
+        if loop.reverse:
+            nodes.reverse()
+        return self.emit(aten.stack.default, (nodes, 0))
+
+    def _rule(self, j, node):
+        loop = self.loop
+        args_r, kwargs_r = loop.roles[j]
+        if is_op(node, aten.einsum):
+            eq = node.args[0]
+            if "." in eq or args_r[2][1][0] != "T":
+                return None
+            ins, out = eq.replace(" ", "").split("->")
+            t = next(c for c in string.ascii_letters if c not in eq)
+            ops = [self.role(r) for r in args_r[2][1][2]]
+            ins = [t + s if v else s for s, (_, v) in zip(ins.split(","), ops)]
+            return self.emit(node.target, (",".join(ins) + "->" + t + out, [x for x, _ in ops]))
+        items = [self.role(r) for r in args_r[2]]
+        kw = {k: self.role(r)[0] for k, r in kwargs_r.items()}
+        args = [x for x, _ in items]
+        out_val = val(node)
+        if node.target is operator.getitem:
+            return self.emit(operator.getitem, (args[0], args[1]))
+        rank_in = lambda i: val(node.args[i]).dim()  # noqa: E731
+        if _pointwise(node):
+            r = out_val.dim() if isinstance(out_val, torch.Tensor) else 0
+            args = [self.pad(x, r + 1) if v else x for x, v in items]
+            if is_op(node, aten.view_as_real):
+                return self.emit(node.target, tuple(args), kw)
+            if is_op(node, aten.view_as_complex):
+                return self.emit(node.target, tuple(args), kw)
+            return self.emit(node.target, tuple(args), kw)
+        x = args[0]
+        if is_op(node, aten.unsqueeze):
+            return self.emit(node.target, (x, args[1] % out_val.dim() + 1))
+        if is_op(node, aten.select, aten.slice, aten.narrow, aten.squeeze) and node.target is not aten.squeeze.dims:
+            rest = list(args[1:])
+            rest[0] = rest[0] % rank_in(0) + 1
+            return self.emit(node.target, (x, *rest), kw)
+        if node.target is aten.squeeze.dims:
+            return self.emit(node.target, (x, [d % rank_in(0) + 1 for d in args[1]]))
+        if is_op(node, aten.movedim):
+            r = rank_in(0)
+            return self.emit(node.target, (x, args[1] % r + 1, args[2] % r + 1))
+        if is_op(node, aten.permute):
+            return self.emit(node.target, (x, [0] + [d % rank_in(0) + 1 for d in args[1]]))
+        if is_op(node, aten.transpose):
+            r = rank_in(0)
+            return self.emit(node.target, (x, args[1] % r + 1, args[2] % r + 1))
+        if is_op(node, aten.expand):
+            sizes = list(args[1])
+            x = self.pad(x, len(sizes) + 1)
+            return self.emit(node.target, (x, [-1] + sizes))
+        if is_op(node, aten.view, aten.reshape, aten._unsafe_view):
+            shape = list(out_val.shape)
+            if not all(isinstance(s, int) for s in shape):
+                if any(isinstance(s, int) and s == -1 for s in args[1]):
+                    return None
+                shape = list(args[1])
+            return self.emit(aten.reshape.default, (x, [self.count] + shape))
+        if is_op(node, *_REDUCTIONS):
+            r = rank_in(0)
+            d = args[1]
+            dims = [e % r + 1 for e in d] if isinstance(d, (list, tuple)) else d % r + 1
+            return self.emit(node.target, (x, dims, *args[2:]), kw)
+        if is_op(node, *_MULTI):
+            r = rank_in(0)
+            if is_op(node, aten.unbind):
+                return self.emit(node.target, (x, args[1] % r + 1 if len(args) > 1 else 1))
+            d = args[2] if len(args) > 2 else kw.pop("dim", 0)
+            return self.emit(node.target, (x, args[1], d % r + 1), kw)
+        return None
+
+    def align(self, x, vectorized: bool, letters: str, target: str) -> torch.fx.Node:
+        """A per-step operand with einsum ``letters`` as a value broadcastable to ``target`` letters
+        (summing size-1 letters not in target, inserting unit axes), vectorized (T', ...) if ``vectorized``."""
+        present = "".join(c for c in target if c in letters)
+        if vectorized:
+            t = next(c for c in string.ascii_letters if c not in letters + target)
+            if letters != present:
+                x = self.emit(aten.einsum.default, (f"{t}{letters}->{t}{present}", [x]))
+        elif letters != present:
+            x = self.emit(aten.einsum.default, (f"{letters}->{present}", [x]))
+        off = 1 if vectorized else 0
+        for i, c in enumerate(target):
+            if c not in letters:
+                x = self.emit(aten.unsqueeze.default, (x, i + off))
+        return x
