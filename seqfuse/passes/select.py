@@ -2,15 +2,17 @@
 
 Runs after every recognizer (it needs all IR ops) and before lowering.  For
 attention there is one algorithm, "fused" (online softmax, no (Lq, Lk) matrix in
-memory on the fast paths); long convolutions choose FFT or direct by cost; the
-recurrence issue adds quadratic / chunked / recurrent here.
-Users force a choice with ``options={"algorithm": {...}}`` once those exist.
+memory on the fast paths); long convolutions choose FFT or direct by cost; ssd
+chooses recurrent / quadratic / chunked (and the chunk length); scan chooses
+recurrent or chunked.
+Users force a choice with ``options={"algorithm": {kind: name}}``: it wins over the
+cost model and over a choice a recognizer made.
 """
 from __future__ import annotations
 
 import torch
 
-from seqfuse.ir.ops import Attention, LongConv, ir_of
+from seqfuse.ir.ops import SSD, Attention, LongConv, Scan, ir_of
 from seqfuse.passes.pattern import val
 from seqfuse.passes.registry import Pass, PassContext
 
@@ -45,15 +47,107 @@ def choose_long_conv(op: LongConv) -> str:
     return "direct" if lk <= DIRECT_MAX_KERNEL else "fft"
 
 
+def _static(x) -> int | None:
+    """The size ``x`` if it is static, None if it is symbolic (a dynamic dimension)."""
+    if isinstance(x, torch.SymInt):
+        if x.node.expr.free_symbols:
+            return None
+        return _hint(x)
+    return int(x)
+
+
+# --- ssd ---------------------------------------------------------------------------------
+#
+# Measured with the eager references on this CPU (2 shared cores, 1 intra-op thread, best of 7-15
+# runs, forward only; `python bench.py` timing ssd_reference per algorithm), in ms:
+#   B=2 H=8 P=N=64, h0 given     T=1: recurrent 0.32 quadratic 0.41 chunked 0.57
+#                                T=2: 0.71 / 0.45 / 0.50        T=4: 1.02 / 0.45 / 0.52
+#   B=2 H=4 P=N=32 scalar decay  T=16: recurrent 1.9 quadratic 0.3 chunked16 0.5
+#                                T=64: 16.7 / 0.8 / chunked32-64 0.9      T=128: 35.5 / 1.9 / chunked32 1.3
+#                                T=256: 79.9 / 16.4 / chunked16 2.3, 32 1.7, 64 2.4, 128 8.4
+#                                T=1024: - / 784 / chunked16 16.2, 32 16.0, 64 17.6, 128 39.9
+#   B=1 H=8 P=64 N=128 scalar    T=64: quadratic 1.11 chunked64 1.47;  T=1024: chunked32 57 64 63 128 63
+#   vector decay (GLA), B=2 H=4 P=N=32: T=16: quadratic 0.9 chunked16 1.2;  T=64: recurrent 16.3
+#                                quadratic 22.2 chunked8 1.6, 16 2.3, 32 8.8;  T=1024: chunked4 132,
+#                                8 149, 16 179, 32 471, 64 1051 (the (Q, Q, N) exponent tile dominates)
+# So: the loop only for a single step (decoding); the whole-sequence quadratic form while T²
+# is small (T <= 64 for a scalar decay; T <= 16 for vector decay, whose T²·N exponent grows
+# fast); else chunked with Q = 64 (scalar: 32-64 within the noise, 64 halves the chunk loop of
+# long sequences) or Q = 8 (vector).  A dynamic T gets chunked: safe at every length.
+SSD_ALGORITHMS = ("recurrent", "quadratic", "chunked")
+SSD_RECURRENT_MAX_T = 1
+SSD_QUADRATIC_MAX_T = {"none": 64, "scalar": 64, "vector": 16}
+SSD_CHUNK = {"none": 64, "scalar": 64, "vector": 8}
+
+
+def choose_ssd(op: SSD, options=None) -> str:
+    """The ssd algorithm for ``op``'s shapes (the user's ``options.algorithm["ssd"]`` wins); sets
+    ``op.chunk`` whenever the result is "chunked"."""
+    forced = _forced("ssd", options)
+    T = _static(val(op.x).shape[1])
+    if forced is not None:
+        algorithm = forced
+    elif T is None:
+        algorithm = "chunked"
+    elif T <= SSD_RECURRENT_MAX_T:
+        algorithm = "recurrent"
+    elif T <= SSD_QUADRATIC_MAX_T[op.decay]:
+        algorithm = "quadratic"
+    else:
+        algorithm = "chunked"
+    if algorithm == "chunked":
+        op.chunk = SSD_CHUNK[op.decay]
+    return algorithm
+
+
+# --- scan --------------------------------------------------------------------------------
+#
+# Measured with the eager references on this CPU (1 thread, best of 7, forward, c an expand), ms:
+#   (R.., T, N) = (1, 128, 512, 16):  recurrent 31.7   chunked16 59.8  32 56.9  128 62.7
+#                 (2, 256, 1024, 16): recurrent 320    chunked16 793   32 1318
+#                 (4, 64, 64, 16):    recurrent 2.1    chunked16 2.1
+#                 (1, 64, 4096, 16):  recurrent 248    chunked16 272   64 361
+# The log-depth scan does log2(Q) full passes over (*R, T, N): on CPU it never beats the
+# sequential loop (whose generated C kernel, seqfuse/lowering/cpu, is faster still).  On CUDA
+# the sequential loop is 2·T kernel launches, the chunked scan ~2·log2(Q) + 2·T/Q: chunked there
+# (not measured: no GPU here).
+SCAN_ALGORITHMS = ("recurrent", "chunked")
+
+
+def choose_scan(op: Scan, options=None) -> str:
+    """The scan algorithm for ``op`` (the user's ``options.algorithm["scan"]`` wins)."""
+    forced = _forced("scan", options)
+    if forced is not None:
+        return forced
+    return "chunked" if val(op.a).device.type == "cuda" else "recurrent"
+
+
+def _forced(kind: str, options) -> str | None:
+    """The algorithm the user forced for ``kind`` (``options.algorithm``), or None."""
+    algorithms = getattr(options, "algorithm", None) or {}
+    return algorithms.get(kind)
+
+
 class SelectPass(Pass):
-    """Set ``algorithm`` on every IR op left at "auto"."""
+    """Set ``algorithm`` on every IR op left at "auto", and on every op of a kind whose algorithm
+    the user forced (``options={"algorithm": {kind: name}}``)."""
 
     name = "select"
 
     def run(self, ctx: PassContext) -> None:
+        options = ctx.options
         for node in ctx.graph.nodes:
             op = ir_of(node)
-            if isinstance(op, Attention) and op.algorithm == "auto":
+            if op is None:
+                continue
+            forced = _forced(op.kind, options)
+            if isinstance(op, SSD) and (op.algorithm == "auto" or forced):
+                op.algorithm = choose_ssd(op, options)
+            elif isinstance(op, Scan) and (op.algorithm == "auto" or forced):
+                op.algorithm = choose_scan(op, options)
+            elif forced is not None:
+                op.algorithm = forced
+            elif isinstance(op, Attention) and op.algorithm == "auto":
                 op.algorithm = choose_attention(op)
             elif isinstance(op, LongConv) and op.algorithm == "auto":
                 op.algorithm = choose_long_conv(op)

@@ -46,3 +46,94 @@ def test_compiled_attention_reports_the_selected_algorithm():
     (rewrite,) = report.rewrites
     assert rewrite.algorithm in ATTENTION_ALGORITHMS and rewrite.algorithm != "auto"
     assert rewrite.ir.endswith(f"algo={rewrite.algorithm}}}")
+
+
+# --- ssd, scan, and the user's override ------------------------------------------------------
+
+from seqfuse.compiler.options import Options  # noqa: E402
+from seqfuse.ir import SSD, LongConv, Scan  # noqa: E402
+from seqfuse.passes.select import (SCAN_ALGORITHMS, SSD_ALGORITHMS, SSD_CHUNK, choose_scan,  # noqa: E402
+                                   choose_ssd)
+
+
+def ir_graph(make_op, **shapes):
+    """A graph of placeholders with meta values (a tensor, or a shape) and one IR node."""
+    g = torch.fx.Graph()
+    nodes = {}
+    for name, spec in shapes.items():
+        nodes[name] = g.placeholder(name)
+        nodes[name].meta["val"] = spec if isinstance(spec, torch.Tensor) else torch.empty(spec, device="meta")
+    op = make_op(nodes)
+    node = g.call_function(seqfuse.ir.ir_marker, tuple(v for _, v in seqfuse.ir.ops.graph_values(op)))
+    node.meta["seqfuse_ir"] = op
+    g.output(node)
+    return torch.fx.GraphModule(torch.nn.Module(), g), op
+
+
+def ssd_op(T, decay="scalar", algorithm="auto", x=None):
+    a_shape = {"scalar": (2, T, 4), "vector": (2, T, 4, 16)}.get(decay)
+    shapes = dict(x=x if x is not None else (2, T, 4, 32), b=(2, T, 4, 16), c=(2, T, 4, 16))
+    if a_shape:
+        shapes["a"] = a_shape
+    return ir_graph(lambda n: SSD(x=n["x"], b=n["b"], c=n["c"], a=n.get("a"), decay=decay, chunk=999,
+                                  algorithm=algorithm), **shapes)
+
+
+def test_choose_ssd_by_sequence_length_and_decay():
+    for T, decay, want in [(1, "scalar", "recurrent"), (2, "scalar", "quadratic"), (64, "scalar", "quadratic"),
+                           (65, "scalar", "chunked"), (4096, "none", "chunked"), (16, "vector", "quadratic"),
+                           (17, "vector", "chunked")]:
+        _, op = ssd_op(T, decay)
+        assert choose_ssd(op) == want, (T, decay)
+        assert op.chunk == (SSD_CHUNK[decay] if want == "chunked" else 999)  # chunk only set for chunked
+    _, op = ssd_op(1024, "vector")
+    choose_ssd(op)
+    assert op.chunk == 8 < SSD_CHUNK["scalar"]  # the (Q, Q, N) exponent tile wants short chunks
+
+
+def test_choose_ssd_with_a_dynamic_length_is_chunked():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dims = [DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC]
+    x = mode.from_tensor(torch.empty(2, 2, 4, 32), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+    _, op = ssd_op(2, x=x)  # the example length is short, but the next call may be long
+    assert choose_ssd(op) == "chunked"
+
+
+def scan_op(device="meta", algorithm="auto"):
+    return ir_graph(lambda n: Scan(a=n["a"], b=n["b"], c=n["c"], algorithm=algorithm),
+                    a=torch.empty(1, 128, 512, 16, device=device), b=(1, 128, 512, 16), c=(1, 1, 512, 16))
+
+
+def test_choose_scan_is_sequential_on_cpu():
+    _, op = scan_op("cpu")
+    assert choose_scan(op) == "recurrent"
+    assert set(SCAN_ALGORITHMS) == {"recurrent", "chunked"} and set(SSD_ALGORITHMS) == {
+        "recurrent", "quadratic", "chunked"}
+
+
+def test_select_honors_the_user_algorithm_for_every_kind():
+    options = Options.from_dict({"algorithm": {"ssd": "recurrent", "scan": "chunked", "attention": "fused",
+                                               "long_conv": "direct"}})
+    ssd_gm, ssd = ssd_op(4096)
+    scan_gm, scan = scan_op("cpu")
+    att_gm, (att,) = graph_with_attention("custom")  # even over a recognizer's choice
+    conv_gm, conv = ir_graph(lambda n: LongConv(u=n["u"], k=n["k"], fft_size=1024), u=(2, 512), k=(2, 512))
+    for gm in (ssd_gm, scan_gm, att_gm, conv_gm):
+        SelectPass().run(PassContext(gm, GraphReport(), options))
+    assert (ssd.algorithm, scan.algorithm, ir_of(att).algorithm, conv.algorithm) == \
+        ("recurrent", "chunked", "fused", "direct")
+    # forcing "chunked" still gets the chunk length from the cost model
+    forced_gm, forced = ssd_op(4096, "vector")
+    SelectPass().run(PassContext(forced_gm, GraphReport(), Options.from_dict({"algorithm": {"ssd": "chunked"}})))
+    assert forced.algorithm == "chunked" and forced.chunk == SSD_CHUNK["vector"]
+
+
+def test_select_without_options_fills_ssd_and_scan():
+    ssd_gm, ssd = ssd_op(4096)
+    scan_gm, scan = scan_op("cpu")
+    for gm in (ssd_gm, scan_gm):
+        SelectPass().run(PassContext(gm, GraphReport()))  # ctx.options is None in unit tests
+    assert ssd.algorithm == "chunked" and scan.algorithm == "recurrent"
+    assert format_op(ssd).endswith("{decay=scalar, chunk=64, algo=chunked}")

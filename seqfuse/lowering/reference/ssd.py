@@ -106,104 +106,115 @@ def _masked_exp(seg, causal):
     return torch.exp(torch.where(causal, seg, torch.full_like(seg, -torch.inf)))
 
 
+def _heads_first(x, b, c, a):
+    """(B, T, H, ·) -> (B, H, T, ·) contiguous, so that every contraction below is a batched
+    matmul over (B, H[, K]) with no hidden copies; a (B, T, H) -> (B, H, T)."""
+    x, b, c = (t.transpose(1, 2).contiguous() for t in (x, b, c))
+    a = a.transpose(1, 2).contiguous() if a is not None else x.new_zeros(x.shape[:3])
+    return x, b, c, a
+
+
 def ssd_quadratic(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     """y = (L ∘ C·Bᵀ)·X over the whole sequence, L[t, s] = exp(a_{s+1} + … + a_t) for s <= t.
     Memory O(T²·H) (O(T²·H·N) for vector decay): the choice for short sequences."""
+    x_in = x
     x, b, c, a, h0, dtype = _prepare(x, b, c, a, d, h0, decay)
-    B, T, H, P = x.shape
     vector = decay == "vector"
-    if a is None:
-        a = x.new_zeros(B, T, H)
-    # 1. inclusive cumulative log-decay cum_t = a_0 + … + a_t, (B, T, H[, N]); summed in fp64 so that
-    #    a difference of two large sums keeps its digits (cast back to the working dtype after step 2)
-    cum = a.double().cumsum(1)
-    # 2. segment sums seg[t, s] = cum_t - cum_s = a_{s+1} + … + a_t, masked above the diagonal, then exp
+    x, b, c, a = _heads_first(x, b, c, a)      # x (B, H, T, P); b, c (B, H, T, N); a (B, H, T[, N])
+    T = x.shape[2]
+    # 1. inclusive cumulative log-decay cum_t = a_0 + … + a_t, summed in fp64 so that the difference
+    #    of two large sums keeps its digits (cast to the working dtype after step 2)
+    cum = a.double().cumsum(2)
+    # 2. segment sums seg[t, s] = cum_t - cum_s = a_{s+1} + … + a_t; the mask (s <= t) on the exponent,
+    #    then L = exp(seg): (B, H, T, S), or (B, H, T, S, N) for vector decay
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    if vector:  # (B, T, S, H, N): the exponent per key dim, inside the contraction
-        L = _masked_exp((cum[:, :, None] - cum[:, None, :]).to(x.dtype), causal[:, :, None, None])
-        scores = torch.einsum("bthn,bshn,btshn->bhts", c, b, L)
-    else:  # (B, T, S, H)
-        L = _masked_exp((cum[:, :, None] - cum[:, None, :]).to(x.dtype), causal[:, :, None])
-        scores = torch.einsum("bthn,bshn->bhts", c, b) * L.permute(0, 3, 1, 2)
-    # 3. y_t = Σ_{s<=t} scores[t, s]·x_s
-    y = torch.einsum("bhts,bshp->bthp", scores, x)
-    # 4. the final state: every input decayed to the end, w_s = exp(cum_{T-1} - cum_s)
-    last = cum[:, -1:]
-    w = torch.exp((last - cum).to(x.dtype))  # (B, T, H[, N]), exponents <= 0 for decays <= 0
-    h = torch.einsum("bshp,bshn->bhpn", x, b * w) if vector else torch.einsum("bshp,bshn,bsh->bhpn", x, b, w)
-    # 5. the initial state, decayed to every step: y_t += exp(cum_t)·(h0 · c_t); h += exp(cum_{T-1})·h0
+    if vector:
+        L = _masked_exp((cum[:, :, :, None] - cum[:, :, None, :]).to(x.dtype), causal[:, :, None])
+        # 3. scores[t, s] = Σ_n c_t[n]·L[t, s, n]·b_s[n]  (the exponent per key dim, inside the contraction)
+        scores = (c[:, :, :, None] * L * b[:, :, None, :]).sum(-1)
+    else:
+        L = _masked_exp((cum[:, :, :, None] - cum[:, :, None, :]).to(x.dtype), causal)
+        # 3. scores[t, s] = (c_t · b_s)·L[t, s]
+        scores = (c @ b.transpose(-1, -2)) * L
+    # 4. y_t = Σ_{s<=t} scores[t, s]·x_s                                    (B, H, T, P)
+    y = scores @ x
+    # 5. the final state: every input decayed to the end, w_s = exp(cum_{T-1} - cum_s) (<= 1 for decays)
+    last = cum[:, :, -1:]
+    w = torch.exp((last - cum).to(x.dtype))
+    h = (x * w[..., None] if not vector else x).transpose(-1, -2) @ (b * w if vector else b)   # (B, H, P, N)
+    # 6. the initial state decayed to every step: y_t += exp(cum_t)·(h0 · c_t); h += exp(cum_{T-1})·h0
     if h0 is not None:
-        decay_t, decay_end = torch.exp(cum.to(x.dtype)), torch.exp(last[:, 0].to(x.dtype))
+        decay_t, decay_end = torch.exp(cum.to(x.dtype)), torch.exp(last.to(x.dtype))  # (B, H, T[, N]), (B, H, 1[, N])
         if vector:
-            y = y + torch.einsum("bhpn,bthn->bthp", h0, c * decay_t)
-            h = h + h0 * decay_end[:, :, None, :]
+            y = y + (c * decay_t) @ h0.transpose(-1, -2)
+            h = h + h0 * decay_end
         else:
-            y = y + torch.einsum("bhpn,bthn->bthp", h0, c) * decay_t[..., None]
-            h = h + h0 * decay_end[:, :, None, None]
-    y = _skip(y, x, d)
+            y = y + (c @ h0.transpose(-1, -2)) * decay_t[..., None]
+            h = h + h0 * decay_end[..., None]
+    y = _skip(y.transpose(1, 2), x_in.to(y.dtype).expand(y.transpose(1, 2).shape), d)
     return y.to(dtype), h.to(dtype)
 
 
 def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     """The chunked (Mamba-2 SSD) algorithm: the quadratic form inside chunks of ``chunk`` steps,
-    the recurrence between them.  Matmul-bound, O(T·Q) memory; every exponent is a sum of
-    log-decays relative to a chunk start, so it stays stable for long sequences."""
+    the recurrence between them.  Matmul-bound, O(T·Q) memory (O(T·Q·N) for vector decay); every
+    exponent is a sum of log-decays relative to a chunk start, so it stays stable for long
+    sequences."""
+    x_in = x
     x, b, c, a, h0, dtype = _prepare(x, b, c, a, d, h0, decay)
-    B, T, H, P = x.shape
-    N = b.shape[-1]
     vector = decay == "vector"
-    if a is None:
-        a = x.new_zeros(B, T, H)
+    x, b, c, a = _heads_first(x, b, c, a)      # x (B, H, T, P); b, c (B, H, T, N); a (B, H, T[, N])
+    B, H, T, P = x.shape
+    N = b.shape[-1]
     if T == 0:
         h = h0 if h0 is not None else x.new_zeros(B, H, P, N)
-        return _skip(x.new_zeros(B, 0, H, P), x, d).to(dtype), h.to(dtype)
+        return x_in.new_zeros(B, 0, H, P, dtype=dtype), h.to(dtype)
     Q = max(1, min(int(chunk), T))
     K = -(-T // Q)
-    # 1. pad T to K·Q with steps that change nothing (x = b = c = 0, a = 0), split into chunks:
-    #    (B, K, Q, H, ·) with k the chunk and l / s the position inside it
+
+    # 1. pad T to K·Q with steps that change nothing (x = b = c = 0, a = 0) and split it into
+    #    chunks: (B, H, K, Q, ·) with k the chunk and l (query) / s (key) the step inside it
     def split(t):
         pad = K * Q - T
         if pad:
-            t = torch.cat([t, t.new_zeros(B, pad, *t.shape[2:])], dim=1)
-        return t.reshape(B, K, Q, *t.shape[2:])
+            t = torch.cat([t, t.new_zeros(B, H, pad, *t.shape[3:])], dim=2)
+        return t.reshape(B, H, K, Q, *t.shape[3:])
     xs, bs, cs, As = split(x), split(b), split(c), split(a)
     # 2. cumulative log-decay from each chunk's start, cum[k, l] = a_{kQ} + … + a_{kQ+l}, and the
-    #    decay of a whole chunk, last[k] = cum[k, Q-1]
-    cum = As.cumsum(2)                     # (B, K, Q, H[, N])
-    last = cum[:, :, -1]                   # (B, K, H[, N])
+    #    decay over a whole chunk, last[k] = cum[k, Q-1]
+    cum = As.cumsum(3)                         # (B, H, K, Q[, N])
+    last = cum[:, :, :, -1:]                   # (B, H, K, 1[, N])
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    # 3. inside each chunk: y_diag[l] = Σ_{s<=l} (c_l · L[l, s] · b_s)·x_s, L = exp(cum_l - cum_s)
-    seg = cum[:, :, :, None] - cum[:, :, None, :]               # (B, K, L, S, H[, N])
+    # 3. inside each chunk, the quadratic form: y_diag[l] = Σ_{s<=l} (c_l · L[l, s] · b_s)·x_s with
+    #    L[l, s] = exp(cum_l - cum_s), masked on the exponent
     if vector:  # the pairwise exponent on (Q, Q, N) tiles
-        L = _masked_exp(seg, causal[:, :, None, None])
-        scores = torch.einsum("bklhn,bkshn,bklshn->bkhls", cs, bs, L)
+        L = _masked_exp(cum[:, :, :, :, None] - cum[:, :, :, None, :], causal[:, :, None])
+        scores = (cs[:, :, :, :, None] * L * bs[:, :, :, None, :]).sum(-1)      # (B, H, K, L, S)
     else:
-        L = _masked_exp(seg, causal[:, :, None])
-        scores = torch.einsum("bklhn,bkshn->bkhls", cs, bs) * L.permute(0, 1, 4, 2, 3)
-    y_diag = torch.einsum("bkhls,bkshp->bklhp", scores, xs)
-    # 4. what each chunk adds to the state, decayed to the chunk's end: w_s = exp(last - cum_s)
-    w = torch.exp(last[:, :, None] - cum)  # (B, K, Q, H[, N])
-    if vector:
-        states = torch.einsum("bkshp,bkshn->bkhpn", xs, bs * w)
-    else:
-        states = torch.einsum("bkshp,bkshn,bksh->bkhpn", xs, bs, w)
+        L = _masked_exp(cum[..., :, None] - cum[..., None, :], causal)
+        scores = (cs @ bs.transpose(-1, -2)) * L                                # (B, H, K, L, S)
+    y_diag = scores @ xs                                                        # (B, H, K, L, P)
+    # 4. what each chunk adds to the state, decayed to the chunk's end, w_s = exp(last - cum_s):
+    #    states[k] = Σ_s x_s ⊗ (w_s·b_s)                                          (B, H, K, P, N)
+    w = torch.exp(last - cum)
+    states = xs.transpose(-1, -2) @ (bs * w) if vector else (xs * w[..., None]).transpose(-1, -2) @ bs
     # 5. pass the state across chunks (the one loop): S_in[k] enters chunk k, S_in[0] = h0
-    chunk_decay = torch.exp(last)          # (B, K, H[, N])
+    chunk_decay = torch.exp(last)              # (B, H, K, 1[, N])
     S = h0 if h0 is not None else x.new_zeros(B, H, P, N)
     entering = []
     for k in range(K):
         entering.append(S)
-        g = chunk_decay[:, k, :, None, :] if vector else chunk_decay[:, k, :, None, None]
-        S = g * S + states[:, k]
-    S_in = torch.stack(entering, dim=1)    # (B, K, H, P, N)
+        g = chunk_decay[:, :, k] if vector else chunk_decay[:, :, k, :, None]
+        S = g * S + states[:, :, k]
+    S_in = torch.stack(entering, dim=2)        # (B, H, K, P, N)
     # 6. the entering state read out inside the chunk: y_off[l] = exp(cum_l)·(S_in · c_l)
     if vector:
-        y_off = torch.einsum("bklhn,bkhpn->bklhp", cs * torch.exp(cum), S_in)
+        y_off = (cs * torch.exp(cum)) @ S_in.transpose(-1, -2)
     else:
-        y_off = torch.einsum("bklhn,bkhpn->bklhp", cs, S_in) * torch.exp(cum)[..., None]
-    # 7. y = intra + inter, without the padding; the skip
-    y = (y_diag + y_off).reshape(B, K * Q, H, P)[:, :T]
-    y = _skip(y, x, d)
+        y_off = (cs @ S_in.transpose(-1, -2)) * torch.exp(cum)[..., None]
+    # 7. y = intra + inter, without the padding, back to (B, T, H, P); the skip
+    y = (y_diag + y_off).reshape(B, H, K * Q, P)[:, :, :T].transpose(1, 2)
+    y = _skip(y, x_in.to(y.dtype).expand(y.shape), d)
     return y.to(dtype), S.to(dtype)
 
 
