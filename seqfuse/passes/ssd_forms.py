@@ -1,16 +1,486 @@
-"""Loop-free faces of linear recurrences (cumsum, chunked, quadratic masked, associative_scan) -> ssd / scan.
+"""Loop-free faces of linear recurrences -> seqfuse.ssd.
 
-(Under construction: the recurrence issue fills this in.)
+Quadratic masked forms (the attention-like face of the SSD duality).  From every
+contraction the pass flattens the product term it computes: contractions
+(any number of operands), products with position factors, ``tril`` and zero-fill
+masks, and scalar scalings of the scores are expanded while each step is used
+only once.  The term must read
+
+    y[.., i, p] = s · Σ_j Σ_n c[.., i, n]·b[.., j, n] · M[.., i, j] · x[.., j, p]
+
+with M a product of position factors proven (seqfuse.passes.ssd_decay) to be
+
+    [j ≤ i]                          # (c·bᵀ ∘ tril)·x            -> ssd(decay=none)
+    [j ≤ i]·exp(G_i - G_j), G=cumsum a  # (c·bᵀ ∘ exp(segsum a))·x -> ssd(decay=scalar, a)
+    [j ≤ i]·exp(w·(i - j))           # (c·bᵀ ∘ γ^(i-j)[i≥j])·x    -> ssd(decay=scalar, a=w=log γ)
+
+and becomes one ``seqfuse.ssd`` with x (B, T, H, P), b/c (B, T, H, N), a (B, T, H)
+(leading batch axes are flattened into B, the last batch axis is H); its y is
+permuted back to the contraction's layout.  Masks are evaluated (they depend on
+sizes only) at several sizes and must be exactly the inclusive lower triangle.
 """
 from __future__ import annotations
 
-from seqfuse.passes.registry import Pass, PassContext
+import itertools
+import operator
+import string
 
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from seqfuse.ir.masks import classify_mask, position_mask
+from seqfuse.ir.ops import SSD
+from seqfuse.passes.pattern import CASTS, arg, concrete_sym, constant_value, copy_meta, is_op, is_scalar, rank, \
+    sym_product, val
+from seqfuse.passes.registry import Pass, PassContext
+from seqfuse.passes.ssd_decay import UNIT, Analyzer, Coef, NoMatch, aligned, base_letters, evaluable, evaluate
+
+aten = torch.ops.aten
+MAX_MASK_ELEMENTS = 1 << 24
+
+
+class _Silent(Exception):
+    """Not the shape of a quadratic form at all: no near miss."""
+
+
+# --- flattening a product term ---------------------------------------------------------
+
+class _Term:
+    """Σ over the letters not in ``out`` of Π leaves · Π masks · Π scalars."""
+
+    def __init__(self, out: str, strict: bool):
+        self.out, self.strict = out, strict
+        self.leaves: list = []       # (node, letters)
+        self.masks: list = []        # ("tril", r, c, d) | ("keep", node, letters)
+        self.scalars: list = []      # (value, invert)
+        self.consumed: list = []     # expanded nodes (each used once)
+        self.blocked = False
+        self._fresh = (c for c in string.ascii_letters + "αβγδεζηθικλμνξοπρστυφχψω" if c not in out)
+
+    def fresh(self, taken) -> str:
+        for c in self._fresh:
+            if c not in taken:
+                return c
+        raise _Silent()
+
+
+def _einsum_parts(node):
+    lhs, out = node.args[0].split("->")
+    return lhs.split(","), out
+
+
+def _reaches_contraction(node) -> bool:
+    """Whether ``node`` is a scores chain: scalings, products, tril and zero-fill masks of a contraction."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if is_op(node, aten.einsum) and len(node.args[1]) >= 2:
+        return True
+    if is_op(node, aten.tril) or (node.target is aten.where.ScalarOther and node.args[2] == 0.0):
+        return _reaches_contraction(node.args[0] if is_op(node, aten.tril) else node.args[1])
+    if is_op(node, aten.mul, aten.div) and node.target in (aten.mul.Tensor, aten.div.Tensor):
+        return any(_reaches_contraction(a) for a in node.args[:1 if is_op(node, aten.div) else 2])
+    return False
+
+
+def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
+    if not root and _reaches_contraction(node):
+        if len(node.users) > 1:
+            term.blocked = True
+            if term.strict:
+                term.leaves.append((node, letters))
+                return
+        term.consumed.append(node)
+        if is_op(node, aten.einsum):
+            ins, out = _einsum_parts(node)
+            names = dict(zip(out, letters))
+            taken = set(letters) | set("".join(ins))
+            for c in "".join(ins):
+                if c not in names:
+                    names[c] = term.fresh(taken | set(names.values()))
+            for op, l in zip(node.args[1], ins):
+                _flatten(gm, op, [names[c] for c in l], term)
+            return
+        if is_op(node, aten.tril):
+            term.masks.append(("tril", letters[-2], letters[-1], arg(node, 1, "diagonal", 0)))
+            return _flatten(gm, node.args[0], letters, term)
+        if node.target is aten.where.ScalarOther:
+            term.masks.append(("keep", node.args[0], aligned(node.args[0], letters, node)))
+            return _flatten(gm, node.args[1], letters, term)
+        a, b = node.args[0], node.args[1]
+        if is_op(node, aten.div):                       # s / c: c a scalar
+            if not is_scalar(b, gm):
+                raise _Silent()
+            c = constant_value(b, gm)
+            term.scalars.append((c if c is not None else b, True))
+            return _flatten(gm, a, letters, term)
+        for x in (a, b):
+            if is_scalar(x, gm) and not (isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor)
+                                         and constant_value(x, gm) is None):
+                c = constant_value(x, gm)
+                term.scalars.append((c if c is not None else x, False))
+            else:
+                _flatten(gm, x, aligned(x, letters, node), term)
+        return
+    if root:
+        ins, out = _einsum_parts(node)
+        names = dict(zip(out, letters))
+        for c in "".join(ins):
+            if c not in names:
+                names[c] = term.fresh(set(names.values()) | set("".join(ins)))
+        for op, l in zip(node.args[1], ins):
+            _flatten(gm, op, [names[c] for c in l], term)
+        return
+    if isinstance(node, torch.fx.Node) and isinstance(val(node), torch.Tensor):
+        if not (val(node).is_floating_point() or val(node).dtype == torch.bool):
+            raise _Silent()
+        term.leaves.append(base_letters(node, letters))
+        return
+    if is_scalar(node, gm):
+        c = constant_value(node, gm)
+        term.scalars.append((c if c is not None else node, False))
+        return
+    raise _Silent()
+
+
+# --- roles -----------------------------------------------------------------------------
+
+class _Roles:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _letters_of(leaf) -> set:
+    return {c for c in leaf[1] if c != UNIT}
+
+
+def _classify(term: _Term) -> _Roles:
+    """Which leaf is c, b, x, and which are position factors; raises _Silent otherwise."""
+    out = term.out
+    every = set().union(*(_letters_of(l) for l in term.leaves)) if term.leaves else set()
+    summed = every - set(out)
+    if len(summed) != 2:
+        raise _Silent()
+    for j, n in itertools.permutations(sorted(summed)):
+        with_n = [l for l in term.leaves if n in _letters_of(l)]
+        cs = [l for l in with_n if j not in _letters_of(l)]
+        bs = [l for l in with_n if j in _letters_of(l)]
+        if len(cs) != 1 or len(bs) != 1 or len(with_n) != 2:
+            continue
+        rest = [l for l in term.leaves if n not in _letters_of(l)]
+        c, b = cs[0], bs[0]
+        lc, lb = _letters_of(c), _letters_of(b)
+        # x: the leaf with j and an output letter p that only it has
+        for x in [l for l in rest if j in _letters_of(l)]:
+            pos = [l for l in rest if l is not x]
+            others = lc | lb | set().union(*(_letters_of(l) for l in pos)) if pos else lc | lb
+            ps = [ch for ch in out if ch in _letters_of(x) and ch not in others]
+            if not ps:
+                continue
+            p = ps[-1]
+            cand_i = [ch for ch in out if ch in lc and ch not in lb and ch not in _letters_of(x)]
+            if len(cand_i) > 1:
+                near = set().union(*(_letters_of(l) for l in pos)) if pos else set()
+                near |= {m[1] for m in term.masks if m[0] == "tril"} | {m[2] for m in term.masks if m[0] == "tril"}
+                cand_i = [ch for ch in cand_i if ch in near]
+            if len(cand_i) != 1:
+                continue
+            i = cand_i[0]
+            batch = [ch for ch in out if ch not in (i, p)]
+            ok = (lc <= set(batch) | {i, n} and lb <= set(batch) | {j, n} and _letters_of(x) <= set(batch) | {j, p}
+                  and all(_letters_of(l) <= set(batch) | {i, j} for l in pos))
+            if ok:
+                return _Roles(i=i, j=j, n=n, p=p, batch=batch, c=c, b=b, x=x, pos=pos)
+    raise _Silent()
+
+
+# --- masks -----------------------------------------------------------------------------
+
+def _mask_matrix(gm, spec, roles, sizes, t: int) -> torch.Tensor:
+    """A mask spec as a bool (T, T) matrix over (i, j) at the given sizes."""
+    i, j = roles.i, roles.j
+    if spec[0] == "tril":
+        _, r, c, d = spec
+        if (r, c) == (i, j):
+            return position_mask(t, t, "causal", d)
+        if (r, c) == (j, i):
+            return position_mask(t, t, "causal", d).T
+        raise NoMatch("a tril over axes other than the two time axes")
+    _, node, letters = spec
+    if not evaluable(node):
+        raise NoMatch("a mask that depends on tensor values, not only on positions")
+    m = evaluate(gm, node, sizes)
+    if m.numel() > MAX_MASK_ELEMENTS:
+        raise NoMatch("the mask is too large to check")
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise NoMatch("a mask factor with values other than 0 and 1")
+        m = m != 0
+    keep = []
+    for k, ch in enumerate(letters):
+        if ch == UNIT or ch not in (i, j):
+            if ch not in (UNIT, *roles.batch):
+                raise NoMatch("a mask over an axis that is not a time or batch axis")
+            first = m.narrow(k, 0, 1)
+            if not bool((m == first).all()):
+                raise NoMatch("the mask differs between batch entries (heads): not one positional mask")
+    idx = [0 if (ch == UNIT or ch not in (i, j)) else slice(None) for ch in letters]
+    m = m[tuple(idx)]
+    present = [ch for ch in letters if ch in (i, j)]
+    if present == [j, i]:
+        m = m.T
+    elif present == [i]:
+        m = m[:, None]
+    elif present == [j]:
+        m = m[None, :]
+    elif not present:
+        m = m.reshape(1, 1)
+    return torch.broadcast_to(m, (t, t))
+
+
+def _size_variants(gm):
+    from seqfuse.passes.attention import _size_variants as variants
+    return variants(gm)
+
+
+# --- the pass --------------------------------------------------------------------------
 
 class SSDFormsPass(Pass):
-    """Recognize the closed forms of linear recurrences."""
+    """Recognize the closed (loop-free) forms of linear recurrences."""
 
     name = "ssd_forms"
 
     def run(self, ctx: PassContext) -> None:
-        return None
+        for node in list(ctx.graph.nodes):
+            if node.graph is not ctx.graph or not node.users or not is_op(node, aten.einsum):
+                continue
+            try:
+                self._quadratic(ctx, node)
+            except _Silent:
+                pass
+            except NoMatch as e:
+                ctx.report.add_near_miss("ssd", str(e), node)
+        ctx.graph.eliminate_dead_code()
+        ctx.gm.recompile()
+
+    # (c·bᵀ ∘ M)·x -> ssd
+    def _quadratic(self, ctx: PassContext, root: torch.fx.Node) -> None:
+        gm = ctx.gm
+        out = _einsum_parts(root)[1]
+        term = _Term(out, strict=True)
+        _flatten(gm, root, list(out), term, root=True)
+        if not term.consumed and not term.blocked and len(root.args[1]) == 2:
+            raise _Silent()                     # a single contraction: nothing masked in it
+        try:
+            roles = _classify(term)
+        except _Silent:
+            if term.blocked:
+                loose = _Term(out, strict=False)
+                _flatten(gm, root, list(out), loose, root=True)
+                try:
+                    r = _classify(loose)
+                except _Silent:
+                    raise _Silent() from None
+                if loose.masks or r.pos:
+                    raise NoMatch("the scores (or masked scores) are also returned or used elsewhere, "
+                                  "so the quadratic form cannot be replaced") from None
+            raise
+        if not term.masks and not roles.pos:
+            raise _Silent()                     # (c·bᵀ)·x without a mask: two matmuls
+        sizes_i = val(roles.c[0]).shape[roles.c[1].index(roles.i)]
+        sizes_j = val(roles.x[0]).shape[roles.x[1].index(roles.j)]
+        if not statically_known_true(sizes_i == sizes_j):
+            raise NoMatch("the query and key lengths differ (not one sequence)")
+        an = Analyzer(gm, roles.i, roles.j, roles.batch)
+        masks, logs = list(term.masks), []
+        for leaf in roles.pos:
+            if any(is_op(n, aten.softmax, aten._softmax) for n in [leaf[0]]):
+                raise _Silent()
+            p = an.position(*leaf)
+            masks += p.masks
+            if p.log is not None:
+                logs.append(p.log)
+        log = None
+        for lg in logs:
+            log = lg if log is None else log.plus(lg)
+        if log is not None:
+            masks += log.zero
+        decay = self._check(gm, roles, masks, log, sizes_i)
+        self._build(ctx, root, roles, term, decay)
+
+    def _check(self, gm, roles, masks, log, t_size):
+        """Prove M = [j <= i]·exp(E) at every size variant; returns the decay (None or (Coef, seq factor))."""
+        decay = self._resolve(log, roles) if log is not None else None
+        for sizes in _size_variants(gm):
+            t = concrete_sym(t_size, sizes) if isinstance(t_size, torch.SymInt) else int(t_size)
+            if t * t > MAX_MASK_ELEMENTS:
+                raise NoMatch("the sequence is too long to check the mask")
+            total = torch.ones(t, t, dtype=torch.bool)
+            for spec in masks:
+                total &= _mask_matrix(gm, spec, roles, sizes, t)
+            kind = classify_mask(total)
+            if kind is None or (kind[0] == "none" and log is None):
+                if kind is not None:
+                    raise _Silent()             # a full mask: plain matmuls
+                raise NoMatch("the mask is not a structural causal mask")
+            if kind != ("causal", 0, 0):
+                what = "strictly lower triangular" if kind == ("causal", -1, 0) else \
+                    f"{kind[0]} with diagonal {kind[1]}" + (f" and window {kind[2]}" if kind[0] == "window" else "")
+                raise NoMatch(f"the mask is {what}, not the inclusive lower triangle [j <= i] of a recurrence")
+            if log is not None:
+                for spec in log.valid:
+                    v = _mask_matrix(gm, spec, roles, sizes, t)
+                    if bool((total & ~v).any()):
+                        raise NoMatch("the decay exponent is altered inside the causal triangle")
+                for spec, want in log.req:
+                    if classify_mask(_mask_matrix(gm, spec, roles, sizes, t)) != want:
+                        raise NoMatch("the segment sum's inner mask is not the strict lower triangle")
+                for atom, _ in log.terms:
+                    if atom[0] == "pos":
+                        v = evaluate(gm, atom[2], sizes).reshape(-1)
+                        if not torch.equal(v.double(), torch.arange(v.numel(), dtype=torch.float64)):
+                            raise NoMatch("a position index in the decay that is not arange(T)")
+        return decay
+
+    def _resolve(self, log, roles):
+        """E -> (Coef, (seq node, letters) or None): a = coef·seq (per step) or coef (constant in t)."""
+        i, j = roles.i, roles.j
+        groups: dict = {}
+        for atom, coef in log.terms:
+            key = (atom[0], id(atom[1]) if atom[0] != "pos" else atom[1],
+                   atom[2] if atom[0] != "pos" else None, coef.key())
+            if key in groups:
+                groups[key] = (atom, Coef(groups[key][1].const + coef.const, coef.factors))
+            else:
+                groups[key] = (atom, coef)
+        terms = [(a, c) for a, c in groups.values() if c.const != 0]
+        kinds = sorted(a[0] for a, _ in terms)
+        if kinds == ["seg"]:                          # Σ_{j<x≤i} A_x
+            (atom, coef), = terms
+            return coef, (atom[1], list(atom[2]))
+        if kinds == ["g", "g"]:                       # G_i - G_j, G = cumsum(a)
+            (a1, k1), (a2, k2) = terms
+            if a1[1] is a2[1] and k1.key() == k2.key() and k1.const == -k2.const:
+                g, l1, l2 = a1[1], list(a1[2]), list(a2[2])
+                d = g.args[1] % rank(g)
+                if l1[d] == j:
+                    l1, l2, k1 = l2, l1, k2
+                same = all(x == y for k, (x, y) in enumerate(zip(l1, l2)) if k != d)
+                if same and l1[d] == i and l2[d] == j:
+                    return k1, base_letters(g.args[0], l1)
+            raise NoMatch("the decay exponent is not a segment sum G_i - G_j of one cumulative sum")
+        if kinds == ["pos", "pos"]:                   # w·(i - j)
+            (a1, k1), (a2, k2) = terms
+            if {a1[1], a2[1]} == {i, j} and k1.key() == k2.key() and k1.const == -k2.const:
+                return (k1 if a1[1] == i else k2), None
+            raise NoMatch("the decay exponent is not w·(i - j)")
+        raise NoMatch("the decay exponent is neither a segment sum G_i - G_j nor w·(i - j) (a power γ^(i-j))")
+
+    # --- building --------------------------------------------------------------------
+    def _emit(self, graph, before, target, args, like):
+        with graph.inserting_before(before):
+            node = graph.call_function(target, args)
+
+        def fake(x):
+            if isinstance(x, torch.fx.Node):
+                return val(x)
+            if isinstance(x, (list, tuple)):
+                return type(x)(fake(e) for e in x)
+            return x
+        node.meta["val"] = target(*fake(args))
+        return copy_meta(node, like)
+
+    def _size(self, graph, before, roles, letter, like):
+        for node, letters in [roles.c, roles.b, roles.x, *roles.pos]:
+            if letter in letters:
+                k = letters.index(letter)
+                s = val(node).shape[k]
+                if isinstance(s, int):
+                    return s
+                return self._emit(graph, before, aten.sym_size.int, (node, k), like)
+        return 1
+
+    def _layout(self, graph, before, roles, node, letters, seq, feat, like):
+        """node (axes ``letters``) -> (B', T, H[, F]) with T = ``seq``, F = ``feat``."""
+        lead, head = roles.batch[:-1], roles.batch[-1:]
+        target = lead + [seq] + head + ([feat] if feat else [])
+        units = [k for k, c in enumerate(letters) if c == UNIT]
+        if units:
+            node = self._emit(graph, before, aten.squeeze.dims, (node, units), like)
+            letters = [c for c in letters if c != UNIT]
+        extra = [c for c in letters if c not in target]
+        if extra:
+            raise NoMatch(f"an operand has axes {extra} outside the recurrence's layout")
+        present = [c for c in target if c in letters]
+        perm = [letters.index(c) for c in present]
+        if perm != list(range(len(perm))):
+            node = self._emit(graph, before, aten.permute.default, (node, perm), like)
+        missing = False
+        for pos, c in enumerate(target):
+            if c not in letters:
+                node = self._emit(graph, before, aten.unsqueeze.default, (node, pos), like)
+                missing = True
+        if missing:
+            full = [(-1 if c in letters else self._size(graph, before, roles, c, like)) for c in target]
+            node = self._emit(graph, before, aten.expand.default, (node, full), like)
+        if len(lead) == 0:
+            node = self._emit(graph, before, aten.unsqueeze.default, (node, 0), like)
+        elif len(lead) > 1:
+            node = self._emit(graph, before, aten.flatten.using_ints, (node, 0, len(lead) - 1), like)
+        if not head:
+            node = self._emit(graph, before, aten.unsqueeze.default, (node, 2), like)
+        return node
+
+    def _build(self, ctx: PassContext, root, roles, term, decay) -> None:
+        graph = ctx.graph
+        i, j = roles.i, roles.j
+        x = self._layout(graph, root, roles, *roles.x, j, roles.p, root)
+        b = self._layout(graph, root, roles, *roles.b, j, roles.n, root)
+        c = self._layout(graph, root, roles, *roles.c, i, roles.n, root)
+        scale = sym_product(graph, term.scalars, root)
+        if isinstance(scale, torch.fx.Node) or scale != 1.0:     # s·(c·bᵀ ∘ M)·x = ((s·c)·bᵀ ∘ M)·x
+            c = self._emit(graph, root, aten.mul.Tensor, (c, scale), root)
+        a = None
+        if decay is not None:
+            coef, seq = decay
+            factors = [] if seq is None else [seq]
+            for f in coef.factors:
+                kind, node, letters = f
+                if kind == "log":
+                    node = self._emit(graph, root, aten.log.default, (node,), root)
+                factors.append((node, list(letters)))
+            if not factors:
+                raise NoMatch("a constant decay without a per-head factor")
+            for node, letters in factors:
+                if not val(node).is_floating_point():
+                    raise NoMatch("a decay factor that is not floating point")
+                f = self._layout(graph, root, roles, node, [i if ch == j else ch for ch in letters], i, None, root)
+                a = f if a is None else self._emit(graph, root, aten.mul.Tensor, (a, f), root)
+            if seq is None:   # constant in t: broadcast over the time axis
+                a = self._emit(graph, root, aten.expand.default,
+                               (a, [-1, self._size(graph, root, roles, i, root), -1]), root)
+            if coef.const != 1.0:
+                a = self._emit(graph, root, aten.mul.Tensor, (a, float(coef.const)), root)
+        op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "scalar")
+        ir = ctx.insert_ir(op, root, root)
+        xv, bv, cv = val(x), val(b), val(c)
+        dtype = torch.promote_types(torch.promote_types(xv.dtype, bv.dtype), cv.dtype)
+        bs, t, h, p = xv.shape
+        ir.meta["val"] = (xv.new_empty((bs, t, h, p), dtype=dtype), xv.new_empty((bs, h, p, bv.shape[-1]), dtype=dtype))
+        y = self._emit(graph, root, operator.getitem, (ir, 0), root)
+        # (B', T, H, P) -> lead + [i] + head + [p] -> the contraction's layout
+        lead, head = roles.batch[:-1], roles.batch[-1:]
+        if not head:
+            y = self._emit(graph, root, aten.squeeze.dims, (y, [2]), root)
+        if len(lead) == 0:
+            y = self._emit(graph, root, aten.squeeze.dims, (y, [0]), root)
+        elif len(lead) > 1:
+            sizes = [self._size(graph, root, roles, ch, root) for ch in lead]
+            y = self._emit(graph, root, aten.unflatten.int, (y, 0, sizes), root)
+        order = lead + [i] + head + [roles.p]
+        perm = [order.index(ch) for ch in term.out]
+        if perm != list(range(len(perm))):
+            y = self._emit(graph, root, aten.permute.default, (y, perm), root)
+        if val(y).dtype != val(root).dtype:
+            y = self._emit(graph, root, aten.to.dtype, (y, val(root).dtype), root)
+        root.replace_all_uses_with(y)

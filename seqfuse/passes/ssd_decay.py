@@ -1,0 +1,291 @@
+"""Proving what a position factor of a quadratic form is: a causal mask times a decay.
+
+A *position factor* is a tensor of the product term of ``(c·bᵀ ∘ M)·x`` whose axes are
+batch axes and the two time axes i (query) and j (key).  ``analyze_position`` reads
+its subgraph and returns it as
+
+    M[i, j] = Π masks(i, j) · exp(E[i, j])      with E exact on the ``valid`` regions
+
+where each mask is a size-only (or constant) bool/0-1 tensor or a ``tril`` of the
+scores, and E is a linear form over three kinds of atoms:
+
+- ``("g", G, letters)``: a tensor G read at i or j (G = cumsum(a) gives a segment sum);
+- ``("seg", A, letters)``: cumsum_i(where(j < i, A_i, 0)) = Σ_{j<x≤i} A_x (HF segment_sum);
+- ``("pos", letter)``: the position index i or j (an arange), for γ^(i-j) decays.
+
+Coefficients are a constant times a product of per-batch tensors (a per-head log γ).
+Nothing is evaluated numerically except size-only masks and constants, at several
+sizes (the caller checks them); every other step is read off the graph's structure.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from seqfuse.passes.pattern import CASTS, IDENTITIES, ancestors, arg, axis_view, concrete_sym, constant_value, \
+    is_op, is_scalar, rank, val
+
+aten = torch.ops.aten
+UNIT = "."          # the letter of a size-1 (broadcast) axis
+
+
+class NoMatch(Exception):
+    """Raised with the reason a candidate is not (or not provably) an ssd."""
+
+
+# --- letters through views ----------------------------------------------------------
+
+def _is_one(n) -> bool:
+    return statically_known_true(n == 1) if isinstance(n, torch.SymInt) else n == 1
+
+
+def is_full_slice(node) -> bool:
+    if not (isinstance(node, torch.fx.Node) and node.target is aten.slice.Tensor):
+        return False
+    src = node.args[0]
+    d = arg(node, 1, "dim", 0) % rank(src)
+    start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
+    size = val(src).shape[d]
+    return start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and end >= 2 ** 62)
+                                                  or statically_known_true(val(node).shape[d] == size))
+
+
+def base_letters(node, letters: list) -> tuple[torch.fx.Node, list]:
+    """Follow view chains (and full slices) back to their base; letters of the base's axes
+    (UNIT for an axis of size 1)."""
+    letters = list(letters)
+    while isinstance(node, torch.fx.Node):
+        if is_full_slice(node):
+            node = node.args[0]
+            continue
+        b, axes = axis_view(node, broadcast=True)
+        if b is node:
+            break
+        new = [UNIT] * rank(b)
+        for k, ax in enumerate(axes):
+            if ax is not None and letters[k] != UNIT:
+                new[ax] = letters[k]
+        node, letters = b, new
+    if isinstance(node, torch.fx.Node) and isinstance(val(node), torch.Tensor):
+        letters = [UNIT if _is_one(s) else c for s, c in zip(val(node).shape, letters)]
+    return node, letters
+
+
+def aligned(operand, letters: list, result) -> list:
+    """Letters of a broadcasting operand of an elementwise op whose result has ``letters``."""
+    r = rank(operand) or 0
+    out = list(letters[len(letters) - r:]) if r else []
+    shape, rshape = val(operand).shape, val(result).shape
+    for k in range(r):
+        if _is_one(shape[k]) and not _is_one(rshape[len(rshape) - r + k]):
+            out[k] = UNIT
+    return out
+
+
+# --- evaluation of size-only / constant subgraphs -------------------------------------
+
+_RANDOM = (aten.rand, aten.randn, aten.randint, aten.bernoulli, aten.dropout, aten.empty, aten.empty_like,
+           aten.rand_like, aten.randn_like, aten.normal)
+
+
+def evaluable(node) -> bool:
+    """Whether ``node``'s value follows from sizes and graph constants alone."""
+    if not isinstance(node, torch.fx.Node) or not isinstance(val(node), torch.Tensor):
+        return False
+    for n in [node, *ancestors(node)]:
+        if n.op == "placeholder" and isinstance(val(n), torch.Tensor):
+            return False
+        if n.op not in ("placeholder", "get_attr", "call_function") or is_op(n, *_RANDOM):
+            return False
+    return True
+
+
+def evaluate(gm, node, sizes) -> torch.Tensor:
+    """Run the subgraph of an ``evaluable`` node on real tensors (symbols set to ``sizes``)."""
+    needed = ancestors(node) | {node}
+    env: dict = {}
+
+    def conc(x):
+        if isinstance(x, torch.fx.Node):
+            return env[x]
+        if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return concrete_sym(x, sizes)
+        if isinstance(x, (list, tuple)):
+            return type(x)(conc(e) for e in x)
+        return x
+
+    for n in gm.graph.nodes:
+        if n not in needed:
+            continue
+        if n.op == "placeholder":
+            env[n] = conc(val(n))
+        elif n.op == "get_attr":
+            env[n] = getattr(gm, n.target)
+        else:
+            env[n] = n.target(*conc(n.args), **{k: conc(v) for k, v in n.kwargs.items()})
+    return env[node]
+
+
+# --- the analysis result ---------------------------------------------------------------
+
+@dataclass
+class Coef:
+    """const · Π factors, each factor a (node, letters) tensor over batch axes only."""
+
+    const: float = 1.0
+    factors: tuple = ()
+
+    def key(self):
+        return tuple((k, id(n), tuple(l)) for k, n, l in self.factors)
+
+    def scaled(self, c: float) -> "Coef":
+        return Coef(self.const * c, self.factors)
+
+
+@dataclass
+class Lin:
+    """E = Σ coef·atom, exact where every ``valid`` mask holds; exp(E) is 0 outside ``zero`` masks;
+    ``req`` lists (mask, expected classification) a form relies on."""
+
+    terms: list = field(default_factory=list)       # (atom, Coef)
+    valid: list = field(default_factory=list)
+    zero: list = field(default_factory=list)
+    req: list = field(default_factory=list)
+
+    def scaled(self, c: float, factor=None) -> "Lin":
+        terms = [(a, Coef(k.const * c, k.factors + ((factor,) if factor else ()))) for a, k in self.terms]
+        return Lin(terms, self.valid, self.zero, self.req)
+
+    def plus(self, other: "Lin") -> "Lin":
+        return Lin(self.terms + other.terms, self.valid + other.valid, self.zero + other.zero, self.req + other.req)
+
+
+@dataclass
+class Position:
+    """Π masks · exp(log) (log None: no decay)."""
+
+    masks: list = field(default_factory=list)       # ("tril", row, col, diag) | ("keep", node, letters)
+    log: Lin | None = None
+    nodes: list = field(default_factory=list)       # nodes read (for diagnostics)
+
+
+def _op_name(node) -> str:
+    t = getattr(node, "target", node)
+    return str(getattr(t, "__name__", t))
+
+
+class Analyzer:
+    """Reads position factors; ``i`` and ``j`` are the query and key letters."""
+
+    def __init__(self, gm, i: str, j: str, batch: list):
+        self.gm, self.i, self.j, self.batch = gm, i, j, set(batch)
+
+    def _is_01(self, node) -> bool:
+        v = evaluate(self.gm, node, None)
+        return v.dtype == torch.bool or bool(((v == 0) | (v == 1)).all())
+
+    # M = Π masks · exp(E)
+    def position(self, node, letters) -> Position:
+        node, letters = base_letters(node, letters)
+        if is_op(node, *CASTS, *IDENTITIES) and val(node.args[0]).is_floating_point() == val(node).is_floating_point():
+            return self.position(node.args[0], letters)
+        if evaluable(node) and (val(node).dtype == torch.bool or self._is_01(node)):
+            return Position(masks=[("keep", node, letters)])   # [size-only 0/1 matrix]
+        if is_op(node, aten.tril) and not evaluable(node):
+            p = self.position(node.args[0], letters)
+            p.masks.append(("tril", letters[-2], letters[-1], arg(node, 1, "diagonal", 0)))
+            return p
+        if node.target is aten.where.ScalarOther and node.args[2] == 0.0:
+            keep, x = node.args[0], node.args[1]
+            p = self.position(x, letters)
+            p.masks.append(("keep", keep, aligned(keep, letters, node)))
+            return p
+        if node.target is aten.mul.Tensor and all(isinstance(a, torch.fx.Node) for a in node.args):
+            a, b = (self.position(x, aligned(x, letters, node)) for x in node.args)
+            log = a.log if b.log is None else b.log if a.log is None else a.log.plus(b.log)
+            return Position(a.masks + b.masks, log)
+        if is_op(node, aten.exp):                          # exp(E)
+            return Position(log=self.lin(node.args[0], letters))
+        if is_op(node, aten.exp2):                         # 2^E = exp(E·ln 2)
+            return Position(log=self.lin(node.args[0], letters).scaled(math.log(2.0)))
+        if node.target is aten.pow.Tensor_Tensor:          # γ^E = exp(E·log γ), γ proven in (0, 1]
+            base, e = node.args
+            bl = aligned(base, letters, node)
+            if any(c in (self.i, self.j) for c in bl):
+                raise NoMatch("a power whose base varies with position")
+            self._prove_unit_interval(base)
+            return Position(log=self.lin(e, aligned(e, letters, node)).scaled(1.0, ("log", base, bl)))
+        raise NoMatch(f"{_op_name(node)} in the decay mask (not a mask, exp of a segment sum or a power γ^(i-j))")
+
+    def _prove_unit_interval(self, base) -> None:
+        if evaluable(base):
+            from seqfuse.passes.attention import _size_variants
+            for sizes in _size_variants(self.gm):
+                v = evaluate(self.gm, base, sizes)
+                if not bool(((v > 0) & (v <= 1)).all()):
+                    raise NoMatch("the decay base γ is not in (0, 1]")
+            return
+        raise NoMatch("the decay base γ is not proven to lie in (0, 1] (log γ would be undefined for γ <= 0)")
+
+    # E as a linear form
+    def lin(self, node, letters) -> Lin:
+        i, j = self.i, self.j
+        node, letters = base_letters(node, letters)
+        if is_op(node, *CASTS, *IDENTITIES) and val(node.args[0]).is_floating_point():
+            return self.lin(node.args[0], letters)
+        t = node.target if isinstance(node, torch.fx.Node) else None
+        if t in (aten.sub.Tensor, aten.add.Tensor) and arg(node, 2, "alpha", 1) == 1:
+            x, y = node.args
+            if not (isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node)):
+                raise NoMatch("a constant offset in the decay exponent")
+            lx, ly = self.lin(x, aligned(x, letters, node)), self.lin(y, aligned(y, letters, node))
+            return lx.plus(ly.scaled(-1.0 if t is aten.sub.Tensor else 1.0))
+        if is_op(node, aten.neg):
+            return self.lin(node.args[0], letters).scaled(-1.0)
+        if is_op(node, aten.mul, aten.div):
+            x, y = node.args[0], node.args[1]
+            if is_scalar(y, self.gm) and constant_value(y, self.gm) is not None and isinstance(x, torch.fx.Node):
+                c = float(constant_value(y, self.gm))
+                return self.lin(x, letters).scaled(1.0 / c if is_op(node, aten.div) else c)
+            if is_op(node, aten.mul) and is_scalar(x, self.gm) and constant_value(x, self.gm) is not None:
+                return self.lin(y, letters).scaled(float(constant_value(x, self.gm)))
+            if node.target is aten.mul.Tensor and isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node):
+                # E·w with w a per-batch tensor (a per-head log γ)
+                for e, w in ((x, y), (y, x)):
+                    wl = aligned(w, letters, node)
+                    if not any(c in (i, j) for c in wl) and val(w).is_floating_point():
+                        return self.lin(e, aligned(e, letters, node)).scaled(1.0, ("t", w, wl))
+            raise NoMatch("the decay exponent is multiplied by a tensor that varies with position")
+        if node.target is aten.where.ScalarOther:
+            keep, x, fill = node.args
+            out = self.lin(x, letters)
+            mask = ("keep", keep, aligned(keep, letters, node))
+            if fill == -math.inf:
+                return Lin(out.terms, out.valid, out.zero + [mask], out.req)
+            return Lin(out.terms, out.valid + [mask], out.zero, out.req)
+        if is_op(node, aten.tril):
+            out = self.lin(node.args[0], letters)
+            return Lin(out.terms, out.valid + [("tril", letters[-2], letters[-1], arg(node, 1, "diagonal", 0))],
+                       out.zero, out.req)
+        if is_op(node, aten.cumsum):
+            d = node.args[1] % rank(node)
+            src = node.args[0]
+            if d < len(letters) and letters[d] == i and src.target is aten.where.ScalarOther and src.args[2] == 0.0:
+                # cumsum_i(where(j < i, A_i, 0)) = Σ_{j<x≤i} A_x  (HF Mamba-2 segment_sum)
+                keep, y = src.args[0], src.args[1]
+                yb, yl = base_letters(y, letters)
+                if i in yl and j not in yl:
+                    mask = ("keep", keep, aligned(keep, letters, src))
+                    return Lin([(("seg", yb, tuple(yl)), Coef())], valid=[("tril", i, j, 0)], req=[(mask, ("causal", -1, 0))])
+            if d < len(letters) and letters[d] in (i, j):
+                return Lin([(("g", node, tuple(letters)), Coef())])
+            raise NoMatch("a cumulative sum in the decay that is not along the time axis")
+        if evaluable(node):
+            used = [c for c in letters if c != UNIT]
+            if len(used) == 1 and used[0] in (i, j):
+                return Lin([(("pos", used[0], node, tuple(letters)), Coef())])
+        raise NoMatch(f"{_op_name(node)} in the decay exponent")

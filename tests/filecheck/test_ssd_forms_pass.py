@@ -1,0 +1,119 @@
+"""FileCheck on the graph right after the ssd_forms pass (dump stage "ssd_forms")."""
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+import seqfuse
+from fc import run_filecheck
+
+
+def after_pass(fn, *args, tmp_path, stage="ssd_forms", dynamic=None):
+    report = seqfuse.explain(fn, *args, dynamic=dynamic, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
+    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
+    return pathlib.Path(path).read_text()
+
+
+def causal_linear_attention(q, k, v):
+    return (q @ k.mT).tril() @ v
+
+
+def test_causal_linear_attention_bhtd(tmp_path):
+    # (B, H, T, D) -> the ssd layout (B, T, H, ·) and back; the scores and the mask are gone
+    text = after_pass(causal_linear_attention, *[torch.randn(2, 3, 8, 4) for _ in range(3)], tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %[[X:[a-z_0-9]+]] = aten.permute(%l_v_, [0, 2, 1, 3])
+        CHECK: %[[B:[a-z_0-9]+]] = aten.permute(%l_k_, [0, 2, 1, 3])
+        CHECK: %[[C:[a-z_0-9]+]] = aten.permute(%l_q_, [0, 2, 1, 3])
+        CHECK: %ssd = seqfuse.ssd(%[[X]], %[[B]], %[[C]]) {decay=none, chunk=64, algo=auto} : (f32[2, 8, 3, 4], f32[2, 3, 4, 4])
+        CHECK: %[[Y:[a-z_0-9]+]] = getitem(%ssd, 0)
+        CHECK: %[[O:[a-z_0-9]+]] = aten.permute(%[[Y]], [0, 2, 1, 3]) : f32[2, 3, 8, 4]
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.tril
+        CHECK: return (%[[O]])
+    """)
+
+
+def mamba2_attention_form(C, Bm, x, A):
+    # (b, l, h, n) operands are already in the ssd layout: no permute of x, b, c
+    t = A.shape[-1]
+    Acs = A.cumsum(-1)
+    L = torch.exp((Acs[..., :, None] - Acs[..., None, :]).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), -torch.inf))
+    M = torch.einsum("blhn,bshn->blsh", C, Bm) * L.permute(0, 2, 3, 1)
+    return torch.einsum("blsh,bshp->blhp", M, x)
+
+
+def test_mamba2_segsum_is_scalar_decay_with_a(tmp_path):
+    args = (torch.randn(2, 8, 3, 4), torch.randn(2, 8, 3, 4), torch.randn(2, 8, 3, 5), -torch.rand(2, 3, 8))
+    text = after_pass(mamba2_attention_form, *args, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %[[A:[a-z_0-9]+]] = aten.permute(%l_a_, [0, 2, 1]) : f32[2, 8, 3]
+        CHECK: %ssd = seqfuse.ssd(%l_x_, %l_bm_, %l_c_, a=%[[A]]) {decay=scalar
+        CHECK-NOT: aten.exp
+        CHECK-NOT: aten.cumsum
+        CHECK: return (%getitem)
+    """)
+
+
+def simple_gla(q, k, v, g):
+    from fla.ops.simple_gla.naive import naive_parallel_simple_gla
+    return naive_parallel_simple_gla(q, k, v, g)[0]
+
+
+def test_simple_gla_dynamic_folds_the_scale_into_c(tmp_path):
+    # dynamic shapes: the 1/sqrt(D) scale is symbolic and multiplies c; a is the (permuted) gate
+    args = [torch.randn(2, 8, 3, 4) for _ in range(3)] + [F.logsigmoid(torch.randn(2, 8, 3))]
+    text = after_pass(simple_gla, *args, tmp_path=tmp_path, dynamic=True)
+    run_filecheck(text, """
+        CHECK: %[[S:[a-z_0-9]+]] = mul(1.0, %truediv) : sym
+        CHECK: %[[C:[a-z_0-9]+]] = aten.mul.Tensor(%{{[a-z_0-9]+}}, %[[S]])
+        CHECK: seqfuse.ssd(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, %[[C]], a=%{{[a-z_0-9]+}}) {decay=scalar
+        CHECK-SAME: : (f32[s{{[0-9]+}}, s{{[0-9]+}}, s{{[0-9]+}}, s{{[0-9]+}}]
+        CHECK-NOT: aten.exp
+    """)
+
+
+def retention(q, k, v):
+    from fla.ops.retention.naive import naive_retention
+    return naive_retention(q, k, v)
+
+
+def test_retention_a_is_log_gamma(tmp_path):
+    # exp2((n_i - n_j)·log2 γ)·[i >= j]: a = log2 γ · ln 2, broadcast over batch and time
+    text = after_pass(retention, *[torch.randn(2, 3, 8, 4) for _ in range(3)], tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %log2 = aten.log2
+        CHECK: aten.expand(%{{[a-z_0-9]+}}, [2, 8, -1])
+        CHECK: %[[A:[a-z_0-9]+]] = aten.mul.Tensor(%{{[a-z_0-9]+}}, 0.69314
+        CHECK: seqfuse.ssd({{.*}}, a=%[[A]]) {decay=scalar
+        CHECK-NOT: aten.exp2
+    """)
+
+
+def strictly_lower(q, k, v):
+    # must not match: [j < i] drops the diagonal, which a recurrence's readout always includes
+    return (q @ k.mT).tril(-1) @ v
+
+
+def test_strictly_lower_is_left_alone(tmp_path):
+    text = after_pass(strictly_lower, *[torch.randn(2, 3, 8, 4) for _ in range(3)], tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-NOT: seqfuse.ssd
+        CHECK: aten.tril(%{{[a-z_0-9]+}}, -1)
+        CHECK: aten.einsum
+    """)
+
+
+def causal_softmax(q, k, v):
+    # must not match: a softmax makes it attention (taken by the attention pass before this one)
+    t = q.shape[-2]
+    return (q @ k.mT).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ v
+
+
+def test_softmax_attention_is_not_an_ssd(tmp_path):
+    text = after_pass(causal_softmax, *[torch.randn(2, 3, 8, 4) for _ in range(3)], tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: seqfuse.attention
+        CHECK-NOT: seqfuse.ssd
+    """)

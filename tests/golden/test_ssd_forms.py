@@ -1,0 +1,276 @@
+"""Loop-free faces of linear recurrences: each compiled with seqfuse equals eager (outputs and
+gradients) and the report shows one seqfuse.ssd with the expected decay; near misses are left
+alone with their reason."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import check_against_eager
+
+B, H, T, D = 2, 3, 8, 4
+
+
+def inputs(*shapes):
+    return [torch.randn(*s, requires_grad=True) for s in shapes]
+
+
+def log_gates(*shape):
+    return F.logsigmoid(torch.randn(*shape)).requires_grad_()
+
+
+def assert_one_ssd(report, decay):
+    assert report.count("ssd") == 1, str(report)
+    ir = report.rewrites[0].ir
+    assert f"decay={decay}" in ir, ir
+    return ir
+
+
+# --- 1. causal linear attention, quadratic form: (q·kᵀ ∘ [j<=i])·v -------------------
+
+def tril_ones_matmul(q, k, v):
+    t = q.shape[-2]
+    return (q @ k.transpose(-1, -2) * torch.tril(torch.ones(t, t))) @ v
+
+
+def scores_tril(q, k, v):
+    return torch.einsum("bhid,bhjd->bhij", q, k).tril() @ v
+
+
+def masked_fill_upper(q, k, v):
+    t = q.shape[-2]
+    s = q @ k.transpose(-1, -2)
+    return s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), 0.0) @ v
+
+
+def where_keep(q, k, v):
+    t = q.shape[-2]
+    keep = torch.arange(t)[:, None] >= torch.arange(t)[None, :]
+    s = torch.where(keep, q @ k.mT, 0.0)
+    return torch.einsum("bhij,bhjd->bhid", s, v)
+
+
+def scaled_q_bthd(q, k, v):
+    # (B, T, H, D) layout, scale on q, einsum spelling
+    t = q.shape[1]
+    s = torch.einsum("bihd,bjhd->bhij", q * q.shape[-1] ** -0.5, k)
+    return torch.einsum("bhij,bjhd->bihd", s * torch.tril(torch.ones(t, t)), v)
+
+
+def scaled_scores(q, k, v):
+    return ((q @ k.mT) / math.sqrt(q.shape[-1])).tril() @ v
+
+
+@pytest.mark.parametrize("fn,layout", [
+    (tril_ones_matmul, "bhtd"), (scores_tril, "bhtd"), (masked_fill_upper, "bhtd"), (where_keep, "bhtd"),
+    (scaled_q_bthd, "bthd"), (scaled_scores, "bhtd"),
+])
+def test_causal_linear_attention_spellings(fn, layout):
+    shape = (B, H, T, D) if layout == "bhtd" else (B, T, H, D)
+    report = check_against_eager(fn, *inputs(shape, shape, shape))
+    assert_one_ssd(report, "none")
+
+
+def normalized_linear_attention(q, k, v):
+    # o = (q·kᵀ ∘ tril)·v / (q·cumsum(k)): the numerator is the ssd, the normalizer stays
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    num = (q @ k.mT).tril() @ v
+    den = (q * k.cumsum(-2)).sum(-1, keepdim=True)
+    return num / den
+
+
+def test_normalized_linear_attention_numerator():
+    report = check_against_eager(normalized_linear_attention, *inputs(*[(B, H, T, D)] * 3))
+    assert_one_ssd(report, "none")
+
+
+# --- RetNet: γ^(i-j)·[i>=j] with a constant γ per head -> decay=scalar, a = log γ ------
+
+def test_fla_naive_retention():
+    from fla.ops.retention.naive import naive_retention
+    report = check_against_eager(naive_retention, *inputs(*[(B, H, T, D)] * 3))
+    assert_one_ssd(report, "scalar")
+
+
+def retention_pow(q, k, v):
+    h, t = q.shape[1], q.shape[2]
+    gamma = 1 - 2.0 ** (-5.0 - torch.arange(h, dtype=torch.float32))
+    n = torch.arange(t, dtype=torch.float32)
+    decay = torch.pow(gamma.view(-1, 1, 1), n[:, None] - n[None, :]) * (n[:, None] >= n[None, :])
+    return (q @ k.mT * decay) @ v
+
+
+def retention_learned_log_decay(q, k, v, log_gamma):
+    # exp(w·(i - j)) with w a learned per-head log-decay: any real w is a valid log γ
+    t = q.shape[2]
+    n = torch.arange(t, dtype=q.dtype)
+    decay = torch.exp(log_gamma.view(-1, 1, 1) * (n[:, None] - n[None, :])).tril()
+    return (q @ k.mT * decay) @ v
+
+
+def test_retention_pow_spelling():
+    report = check_against_eager(retention_pow, *inputs(*[(B, H, T, D)] * 3))
+    assert_one_ssd(report, "scalar")
+
+
+def test_retention_learned_log_decay():
+    q, k, v = inputs(*[(B, H, T, D)] * 3)
+    log_gamma = (-torch.rand(H)).requires_grad_()
+    report = check_against_eager(retention_learned_log_decay, q, k, v, log_gamma)
+    assert_one_ssd(report, "scalar")
+
+
+# --- exp(segsum(a)): simple GLA, Mamba-2 attention form -> decay=scalar, a = per-step log decay
+
+def fla_simple_gla_o(q, k, v, g):
+    from fla.ops.simple_gla.naive import naive_parallel_simple_gla
+    return naive_parallel_simple_gla(q, k, v, g)[0]
+
+
+def test_fla_naive_parallel_simple_gla():
+    q, k, v = inputs(*[(B, T, H, D)] * 3)
+    report = check_against_eager(fla_simple_gla_o, q, k, v, log_gates(B, T, H))
+    assert_one_ssd(report, "scalar")
+
+
+def hf_mamba2_attention_form(C, Bm, x, A):
+    """The quadratic (diagonal-block) term of transformers' Mamba-2 torch_forward, on one chunk."""
+    from transformers.models.mamba2.modeling_mamba2 import segment_sum
+    L = torch.exp(segment_sum(A))                                   # (b, h, l, s)
+    G = torch.einsum("blhn,bshn->blsh", C, Bm)
+    M = G * L.permute(0, 2, 3, 1)
+    return torch.einsum("blsh,bshp->blhp", M, x)
+
+
+def test_hf_mamba2_segment_sum_form():
+    C, Bm, x = inputs((B, T, H, D), (B, T, H, D), (B, T, H, 5))
+    A = (-torch.rand(B, H, T)).requires_grad_()
+    report = check_against_eager(hf_mamba2_attention_form, C, Bm, x, A)
+    assert_one_ssd(report, "scalar")
+
+
+def segsum(x):
+    t = x.size(-1)
+    x_cumsum = torch.cumsum(x, dim=-1)
+    x_segsum = x_cumsum[..., :, None] - x_cumsum[..., None, :]
+    mask = torch.tril(torch.ones(t, t, dtype=torch.bool), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+def ssd_minimal_quadratic(X, A, Bm, C):
+    """The SSD paper's listing, one chunk: Y = einsum(C, B, L = exp(segsum(A)), X) in one 4-operand einsum."""
+    L = torch.exp(segsum(A.permute(0, 2, 1)))
+    return torch.einsum("blhn,bshn,bhls,bshp->blhp", C, Bm, L, X)
+
+
+def test_ssd_minimal_four_operand_einsum():
+    X, Bm, C = inputs((B, T, H, 5), (B, T, H, D), (B, T, H, D))
+    A = (-torch.rand(B, T, H)).requires_grad_()
+    report = check_against_eager(ssd_minimal_quadratic, X, A, Bm, C)
+    assert_one_ssd(report, "scalar")
+
+
+def chunked_intra_chunk(X, A, Bm, C, chunk=4):
+    """The diagonal blocks of the chunked SSD: the chunk index becomes a batch axis of the ssd."""
+    X, A, Bm, C = (t.reshape(t.shape[0], -1, chunk, *t.shape[2:]) for t in (X, A, Bm, C))
+    L = torch.exp(segsum(A.permute(0, 3, 1, 2)))                    # (b, h, c, l, s)
+    return torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, Bm, L, X)
+
+
+def test_chunked_intra_chunk_term_is_an_ssd_over_chunks():
+    X, Bm, C = inputs((B, T, H, 5), (B, T, H, D), (B, T, H, D))
+    A = (-torch.rand(B, T, H)).requires_grad_()
+    report = check_against_eager(chunked_intra_chunk, X, A, Bm, C)
+    assert_one_ssd(report, "scalar")
+
+
+# --- dynamic length: one graph for three lengths ---------------------------------------
+
+@pytest.mark.parametrize("fn,layout", [(scores_tril, "bhtd"), (fla_simple_gla_o, "bthd")])
+def test_dynamic_length_one_graph(fn, layout):
+    from torch._dynamo.utils import counters
+    import seqfuse
+    counters.clear()
+    f = torch.compile(fn, backend="seqfuse", dynamic=True, options={"downstream": "aot_eager"})
+    for t in (8, 13, 21):
+        shape = (B, H, t, D) if layout == "bhtd" else (B, t, H, D)
+        args = [torch.randn(shape) for _ in range(3)] + ([F.logsigmoid(torch.randn(B, t, H))] if layout == "bthd" else [])
+        torch.testing.assert_close(f(*args), fn(*args), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+    report = seqfuse.explain(fn, *args, dynamic=True, options={"downstream": "aot_eager"})
+    assert report.count("ssd") == 1, str(report)
+
+
+# --- near misses and non-matches: left alone, still equal to eager ----------------------
+
+def strictly_lower(q, k, v):
+    return (q @ k.mT).tril(-1) @ v
+
+
+def sliding_window(q, k, v):
+    t = q.shape[-2]
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    return (q @ k.mT * ((j <= i) & (j > i - 3))) @ v
+
+
+def scores_returned(q, k, v):
+    s = (q @ k.mT).tril()
+    return s @ v, s
+
+
+def fla_simple_gla_with_scores(q, k, v, g):
+    from fla.ops.simple_gla.naive import naive_parallel_simple_gla
+    return naive_parallel_simple_gla(q, k, v, g)
+
+
+def unproven_decay_base(q, k, v, gamma):
+    t = q.shape[2]
+    n = torch.arange(t, dtype=q.dtype)
+    decay = torch.pow(gamma.view(-1, 1, 1), n[:, None] - n[None, :]).tril()
+    return (q @ k.mT * decay) @ v
+
+
+@pytest.mark.parametrize("fn,extra,reason", [
+    (strictly_lower, None, "strictly lower"),
+    (sliding_window, None, "window"),
+    (scores_returned, None, "also returned"),
+    (fla_simple_gla_with_scores, "gla", "also returned"),
+    (unproven_decay_base, "gamma", "not proven"),
+])
+def test_near_misses(fn, extra, reason):
+    shape = (B, T, H, D) if extra == "gla" else (B, H, T, D)
+    args = inputs(shape, shape, shape)
+    if extra == "gla":
+        args.append(log_gates(B, T, H))
+    elif extra == "gamma":
+        args.append(torch.rand(H).requires_grad_())
+    report = check_against_eager(fn, *args)
+    assert report.count("ssd") == 0, str(report)
+    assert any(reason in m.reason for m in report.near_misses if m.kind == "ssd"), \
+        [m.reason for m in report.near_misses]
+
+
+def softmax_attention(q, k, v):
+    t = q.shape[-2]
+    s = (q @ k.mT).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def non_causal(q, k, v):
+    return (q @ k.mT) @ v
+
+
+def full_ones_mask(q, k, v):
+    t = q.shape[-2]
+    return (q @ k.mT * torch.ones(t, t)) @ v
+
+
+@pytest.mark.parametrize("fn", [softmax_attention, non_causal, full_ones_mask])
+def test_not_a_recurrence_is_left_alone_silently(fn):
+    report = check_against_eager(fn, *inputs(*[(B, H, T, D)] * 3))
+    assert report.count("ssd") == 0, str(report)
+    assert not [m for m in report.near_misses if m.kind == "ssd"], [m.reason for m in report.near_misses]
+    if fn is softmax_attention:
+        assert report.count("attention") == 1
