@@ -47,6 +47,8 @@ def scan_loop(a, b, c=None, h0=None, reverse=False):
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         h = a[..., t, :] * h + b[..., t, :]
         ys[t] = (h * c[..., t, :]).sum(-1) if c is not None else h
+    if T == 0:
+        return torch.zeros(full[:-1] if c is not None else full, dtype=torch.float64), h
     return torch.stack(ys, -1 if c is not None else -2), h
 
 
@@ -133,6 +135,28 @@ def test_scan_backward_needs_and_no_final_grad():
     assert db is None and dc is None
     ref = loop_grads(scan_loop, (a, b, c, h0), grad_y, torch.zeros(3 * 2 * 5, dtype=torch.float64).view(2, 3, 5))
     assert rel(da, ref[0]) < 1e-12 and rel(dh0, ref[3]) < 1e-12
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (5, 1), (2, 0, 3), (0, 5, 3)])
+def test_scan_edge_shapes(shape):
+    """No row dims, N = 1, T = 0 (the final state is h0; only h0 gets a gradient), no rows."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.rand(*shape, dtype=torch.float64, generator=gen)
+    b, c = torch.randn(*shape, dtype=torch.float64, generator=gen), torch.randn(*shape, dtype=torch.float64,
+                                                                              generator=gen)
+    h0 = torch.randn(*shape[:-2], shape[-1], dtype=torch.float64, generator=gen)
+    y, h = cpu_scan.scan_forward(a, b, c, h0)
+    y_ref, h_ref = scan_loop(a, b, c, h0)
+    assert y.shape == y_ref.shape and torch.allclose(y, y_ref) and torch.allclose(h, h_ref)
+    gy, gh = torch.randn(y.shape, dtype=torch.float64, generator=gen), torch.randn(h.shape, dtype=torch.float64,
+                                                                                    generator=gen)
+    grads = cpu_scan.scan_backward(gy, gh, a, b, c, h0)
+    if shape[-2] == 0:
+        assert all(g.shape == op.shape and not g.any() for g, op in zip(grads[:3], (a, b, c)))
+        assert torch.equal(grads[3], gh)
+    elif shape[0] > 0:
+        refs = loop_grads(scan_loop, (a, b, c, h0), gy, gh)
+        assert all(rel(g, r) < 1e-12 for g, r in zip(grads, refs))
 
 
 def test_scan_multithreaded_rows():

@@ -41,6 +41,14 @@ def compute_dtype(*tensors) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float32 if out in UPCAST else out), out
 
 
+def check_status(status: int, op: str, which: str) -> None:
+    """Raise for a kernel's non-zero return code (1: out of memory, 2: N > MAX_N)."""
+    if status == 1:
+        raise MemoryError(f"seqfuse.{op} (cpu): the {which} kernel could not allocate its scratch")
+    if status != 0:
+        raise RuntimeError(f"seqfuse.{op} (cpu): the {which} kernel refused the call (status {status})")
+
+
 def i64_array(values) -> ctypes.Array:
     values = [int(v) for v in values]
     return (I64 * max(1, len(values)))(*values)

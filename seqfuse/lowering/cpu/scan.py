@@ -27,7 +27,7 @@ import math
 import torch
 
 from seqfuse.lowering.cpu import build
-from seqfuse.lowering.cpu.common import (KERNEL_DTYPES, I64, check_tensors, compute_dtype, i64_array,
+from seqfuse.lowering.cpu.common import (KERNEL_DTYPES, I64, check_status, check_tensors, compute_dtype, i64_array,
                                          merge_row_dims, pointer, threads_for)
 from seqfuse.runtime.dispatch import Impl, register_impl
 
@@ -90,13 +90,15 @@ static inline __attribute__((always_inline)) void fwd_row_SUFFIX(
 }
 
 /* Forward over all rows.  Every buffer comes with NDIM+2 element strides over (row dims…, T, N)
-   (T stride 0 for H0 / HT); C, H0, HT may be NULL.  Y is (rows, T) with C, else (rows, T, N). */
-void scan_fwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *SB,
+   (T stride 0 for H0 / HT); C, H0, HT may be NULL.  Y is (rows, T) with C, else (rows, T, N).
+   Returns 0, or 2 if N > MAX_N (nothing written). */
+int scan_fwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *SB,
                      const SCALAR *C, const i64 *SC, const SCALAR *H0, const i64 *SH0,
                      SCALAR *Y, const i64 *SY, SCALAR *HT, const i64 *SHT,
                      int ndim, const i64 *sizes, i64 rows, i64 T, i64 N, int nthreads) {
     const int TD = ndim, ND = ndim + 1;
     const int UNIT = SA[ND] == 1 && SB[ND] == 1 && (!C || SC[ND] == 1);
+    if (N > MAX_N) return 2;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
     for (i64 r = 0; r < rows; ++r) {
         const SCALAR *a = A + row_offset_SUFFIX(r, ndim, sizes, SA);
@@ -112,6 +114,7 @@ void scan_fwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 
             fwd_row_SUFFIX(a, b, c, h0, y, ht, T, N, SA[TD], SA[ND], SB[TD], SB[ND], sct, C ? SC[ND] : 0,
                            sh0, SY[TD], SY[ND], sht);
     }
+    return 0;
 }
 
 /* Backward of one row: dy/c/a/b n strides (1 in the specialized copy); gradients' n stride is GN. */
@@ -165,7 +168,7 @@ static inline __attribute__((always_inline)) void bwd_row_SUFFIX(
     if (dh0) for (i64 n = 0; n < N; ++n) dh0[n * sdh0] = g[n];
 }
 
-/* Backward over all rows (strides as in the forward); returns 0, or 1 if out of memory.
+/* Backward over all rows (strides as in the forward); returns 0, 1 if out of memory, 2 if N > MAX_N.
    DY is (rows, T) with C, else (rows, T, N); DHT (grad of the final state) may be NULL; DA, DB, DC,
    DH0 are written where not NULL, and DA, DB, DC must share their n stride. */
 int scan_bwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *SB,
@@ -179,6 +182,7 @@ int scan_bwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *
     const i64 GN = DA ? SDA[ND] : DB ? SDB[ND] : DC ? SDC[ND] : 1;
     const int UNIT = SA[ND] == 1 && SB[ND] == 1 && (C ? SC[ND] == 1 : SDY[ND] == 1) && GN == 1;
     int failed = 0;
+    if (N > MAX_N) return 2;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
         /* per thread: the state entering each chunk, and the states of one chunk */
@@ -294,14 +298,18 @@ def scan_forward(a, b, c=None, h0=None, reverse: bool = False):
         raise ValueError(f"seqfuse.scan (cpu): state size N={N} exceeds MAX_N={MAX_N}")
     y = torch.empty((*rshape, T) if c is not None else full, dtype=cdtype)
     h = torch.empty((*rshape, N), dtype=cdtype)
+    if T == 0:  # no step: the final state is h0 (a view over T = 0 has no address to pass)
+        h = h0.to(cdtype).expand(h.shape).clone() if h0 is not None else h.zero_()
+        return y.to(odtype), h.to(odtype)
     views = dict(a=_as_full(a, full, cdtype), b=_as_full(b, full, cdtype), c=_as_full(c, full, cdtype),
                  h0=_as_full(h0, full, cdtype, state=True),
                  y=y.unsqueeze(-1).expand(full) if c is not None else y, h=_as_full(h, full, cdtype, state=True))
     sizes, p = _buffers(views, full, reverse)
     rows = math.prod(rshape)
-    _fn("fwd", cdtype)(*p["a"], *p["b"], *p["c"], *p["h0"], *p["y"], *p["h"],
-                       ctypes_int(len(sizes)), i64_array(sizes), I64(rows), I64(T), I64(N),
-                       ctypes_int(threads_for(rows * T * N)))
+    status = _fn("fwd", cdtype)(*p["a"], *p["b"], *p["c"], *p["h0"], *p["y"], *p["h"],
+                                ctypes_int(len(sizes)), i64_array(sizes), I64(rows), I64(T), I64(N),
+                                ctypes_int(threads_for(rows * T * N)))
+    check_status(status, "scan", "forward")
     return y.to(odtype), h.to(odtype)
 
 
@@ -323,6 +331,10 @@ def scan_backward(grad_y, grad_h, a, b, c=None, h0=None, reverse: bool = False, 
     if N > MAX_N:
         raise ValueError(f"seqfuse.scan (cpu): state size N={N} exceeds MAX_N={MAX_N}")
     need_a, need_b, need_c, need_h0 = (bool(n) and t is not None for n, t in zip(needs, (a, b, c, h0)))
+    if T == 0:  # no step: only h0 has a gradient, the final state's
+        dh0 = grad_h.to(cdtype).expand(*rshape, N) if grad_h is not None else torch.zeros(*rshape, N, dtype=cdtype)
+        return (a.new_zeros(a.shape) if need_a else None, b.new_zeros(b.shape) if need_b else None,
+                c.new_zeros(c.shape) if need_c else None, _reduce_to(dh0, h0) if need_h0 else None)
     gy = grad_y.to(cdtype)
     gy = gy.unsqueeze(-1).expand(full) if c is not None else gy.expand(full)
     gh = grad_h.to(cdtype) if grad_h is not None else None
@@ -340,8 +352,7 @@ def scan_backward(grad_y, grad_h, a, b, c=None, h0=None, reverse: bool = False, 
                                 *p["da"], *p["db"], *p["dc"], *p["dh0"],
                                 ctypes_int(len(sizes)), i64_array(sizes), I64(rows), I64(T), I64(N), I64(chunk),
                                 ctypes_int(threads_for(2 * rows * T * N)))
-    if status != 0:
-        raise MemoryError("seqfuse.scan (cpu): the backward kernel could not allocate its scratch")
+    check_status(status, "scan", "backward")
     return (_reduce_to(da, a) if need_a else None, _reduce_to(db, b) if need_b else None,
             _reduce_to(dc, c) if need_c else None, _reduce_to(dh0, h0) if need_h0 else None)
 

@@ -31,7 +31,7 @@ import math
 import torch
 
 from seqfuse.lowering.cpu import build
-from seqfuse.lowering.cpu.common import KERNEL_DTYPES, I64, check_tensors, compute_dtype, i64_array, pointer, \
+from seqfuse.lowering.cpu.common import KERNEL_DTYPES, I64, check_status, check_tensors, i64_array, pointer, \
     threads_for
 from seqfuse.runtime.dispatch import Impl, register_impl
 
@@ -77,12 +77,13 @@ static inline void advance_SUFFIX(SCALAR *restrict S, const SCALAR *x_t, i64 sxp
 
 /* Forward.  Strides are element strides: X, Y (B, T, H, P); Bm, Cm (B, T, H, N); A (B, T, H, N) with
    n stride 0 for a scalar decay (DECAY 0 none: A NULL, 1 scalar, 2 vector); D (H, P); H0, HT (B, H, P, N).
-   A, D, H0, HT may be NULL.  Returns 0, or 1 if a thread could not allocate its state. */
+   A, D, H0, HT may be NULL.  Returns 0, 1 if a thread could not allocate its state, 2 if N > MAX_N. */
 int ssd_fwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *SB, const SCALAR *Cm, const i64 *SC,
                    const SCALAR *A, const i64 *SA, int decay, const SCALAR *D, const i64 *SD,
                    const SCALAR *H0, const i64 *SH0, SCALAR *Y, const i64 *SY, SCALAR *HT, const i64 *SHT,
                    i64 NB, i64 T, i64 NH, i64 P, i64 N, int nthreads) {
     int failed = 0;
+    if (N > MAX_N) return 2;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
         SCALAR *S = (SCALAR *)malloc(sizeof(SCALAR) * (size_t)(P * N + 1));
@@ -129,7 +130,8 @@ int ssd_fwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
 
 /* Backward (strides as in the forward): DY (B, T, H, P), DHT (B, H, P, N) (NULL: zero) in; DX (B, T, H, P),
    DB, DC (B, T, H, N), DA (B, T, H, N) with n stride 0 for a scalar decay, DH0 (B, H, P, N) out where not
-   NULL.  CHUNK: steps between checkpoints.  Returns 0, or 1 if a thread could not allocate its scratch. */
+   NULL.  CHUNK: steps between checkpoints.  Returns 0, 1 if a thread could not allocate its scratch,
+   2 if N > MAX_N. */
 int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *SB, const SCALAR *Cm, const i64 *SC,
                    const SCALAR *A, const i64 *SA, int decay, const SCALAR *D, const i64 *SD,
                    const SCALAR *H0, const i64 *SH0, const SCALAR *DY, const i64 *SDY, const SCALAR *DHT,
@@ -138,6 +140,7 @@ int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
                    i64 NB, i64 T, i64 NH, i64 P, i64 N, i64 CHUNK, int nthreads) {
     const i64 NCHUNKS = (T + CHUNK - 1) / CHUNK, PN = P * N;
     int failed = 0;
+    if (N > MAX_N) return 2;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
         /* per thread: the adjoint G, the state entering each chunk, the states of one chunk */
@@ -336,8 +339,7 @@ def ssd_forward(x, b, c, a=None, d=None, h0=None, decay: str = "scalar"):
     status = _fn("fwd", cdtype)(*_arg(xv), *_arg(bv), *_arg(cv), *_arg(av), ctypes.c_int(DECAY_CODES[decay]),
                                 *_arg(dv), *_arg(h0v), *_arg(y), *_arg(h), I64(B), I64(T), I64(H), I64(P), I64(N),
                                 ctypes.c_int(threads_for(B * T * H * P * N)))
-    if status != 0:
-        raise MemoryError("seqfuse.ssd (cpu): the forward kernel could not allocate its state")
+    check_status(status, "ssd", "forward")
     return y.to(odtype), h.to(odtype)
 
 
@@ -371,8 +373,7 @@ def ssd_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, decay: str = 
                                 *_arg(dv), *_arg(h0v), *_arg(gy), *_arg(gh), *_arg(dx), *_arg(db), *_arg(dc),
                                 *_arg(da), *_arg(dh0), I64(B), I64(T), I64(H), I64(P), I64(N), I64(chunk),
                                 ctypes.c_int(threads_for(3 * B * T * H * P * N)))
-    if status != 0:
-        raise MemoryError("seqfuse.ssd (cpu): the backward kernel could not allocate its scratch")
+    check_status(status, "ssd", "backward")
     dd = None
     if need[4]:
         dd = (gy * xv).sum((0, 1))  # (H, P)
