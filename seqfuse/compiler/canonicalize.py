@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from seqfuse.compiler import replay as _replay
 from seqfuse.passes.pattern import arg, axis_view, constant_value, copy_meta, is_op, is_scalar, rank, val
 
 aten = torch.ops.aten
@@ -43,11 +44,24 @@ def fake_inputs(gm: torch.fx.GraphModule, example_inputs) -> tuple[list, FakeTen
     return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs], mode
 
 
-def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
-    """Re-trace ``gm`` to pre-dispatch ATen, keeping symbolic shapes and source locations."""
+def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | None = None) -> torch.fx.GraphModule:
+    """Re-trace ``gm`` to pre-dispatch ATen, keeping symbolic shapes and source locations.
+
+    Large repetitive graphs (unrolled time loops) are traced by replay
+    (:mod:`seqfuse.compiler.replay`: each distinct call traced once); ``replay`` forces
+    (True) or forbids (False) that path, None decides by :func:`replay.eligible`.
+    """
     values, mode = fake_inputs(gm, example_inputs)
-    with mode, fx_traceback.preserve_node_meta():
-        traced = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*values)
+    traced = None
+    if replay if replay is not None else _replay.eligible(gm):
+        try:
+            traced = _replay.trace_by_replay(gm, values, mode)
+        except _replay.Unsupported:
+            if replay:
+                raise
+    if traced is None:
+        with mode, fx_traceback.preserve_node_meta():
+            traced = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*values)
     # keep Dynamo's input names (l_q_, l_self_modules_...): they are what users recognise
     old = [n for n in gm.graph.nodes if n.op == "placeholder"]
     new = [n for n in traced.graph.nodes if n.op == "placeholder"]
