@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from seqfuse.lowering.autograd import recompute_grads
-from seqfuse.lowering.reference.ssd import ALGORITHMS, check_ssd_args, out_dtype, ssd_reference, ssd_shapes
+from seqfuse.lowering.reference.ssd import ALGORITHMS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_reference, \
+    ssd_shapes
 from seqfuse.runtime import Impl, register_impl, run
 
 
@@ -109,7 +110,11 @@ def _reference_forward(x, b, c, a, d, h0, attrs):
 
 
 def _reference_backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
-    # the adjoint by differentiating the reference of the same algorithm again
+    if attrs["algorithm"] == "chunked":  # the chunked algorithm's own adjoint, written out
+        return ssd_chunked_backward(grad_y, grad_h, x, b, c, a, d, h0, decay=attrs["decay"], chunk=attrs["chunk"],
+                                    needs=attrs["needs"])
+
+    # the others (short sequences): the adjoint by differentiating the reference again
     def fn(*operands):
         return ssd_reference(*operands, decay=attrs["decay"], chunk=attrs["chunk"], algorithm=attrs["algorithm"])
     return recompute_grads(fn, (grad_y, grad_h), [x, b, c, a, d, h0], attrs["needs"])

@@ -218,6 +218,127 @@ def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     return y.to(dtype), S.to(dtype)
 
 
+def _reduce_to(grad, like):
+    """The gradient of an operand that ``_prepare`` broadcast, summed back to its shape and dtype."""
+    if grad is None or like is None:
+        return None
+    return grad.sum_to_size(like.shape).to(like.dtype)
+
+
+def ssd_chunked_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64,
+                         needs=(True,) * 6):
+    """Gradients (dx, db, dc, da, dd, dh0) of ``ssd_chunked`` given those of y (B, T, H, P) and of
+    the final state (B, H, P, N), each in its operand's shape and dtype (None where ``needs`` is
+    False or the operand is absent).  The forward's steps in reverse order; the pass over chunks
+    becomes the adjoint recurrence dS_in[k] = readout_k + exp(last_k)·dS_in[k+1]."""
+    operands = (x, b, c, a, d, h0)
+    x_, b_, c_, a_, h0_, _ = _prepare(x, b, c, a, d, h0, decay)
+    vector = decay == "vector"
+    B, T, H, P = x_.shape
+    N = b_.shape[-1]
+    dy = grad_y.to(x_.dtype).expand(B, T, H, P)
+    xs, bs, cs, As = _heads_first(x_, b_, c_, a_)
+    dys = dy.transpose(1, 2).contiguous()
+    Q = max(1, min(int(chunk), max(T, 1)))
+    K = -(-T // Q)
+
+    def split(t):
+        pad = K * Q - T
+        if pad:
+            t = torch.cat([t, t.new_zeros(B, H, pad, *t.shape[3:])], dim=2)
+        return t.reshape(B, H, K, Q, *t.shape[3:])
+    xs, bs, cs, As, dys = (split(t) for t in (xs, bs, cs, As, dys))
+    # forward steps 2-6 again (the cheap parts; nothing (T, T)-sized is kept)
+    cum = As.cumsum(3)
+    last = cum[:, :, :, -1:]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x_.device).tril()
+    w, E, chunk_decay = torch.exp(last - cum), torch.exp(cum), torch.exp(last)
+    if vector:
+        L = _masked_exp(cum[:, :, :, :, None] - cum[:, :, :, None, :], causal[:, :, None])
+        scores = (cs[:, :, :, :, None] * L * bs[:, :, :, None, :]).sum(-1)
+        states = xs.transpose(-1, -2) @ (bs * w)
+    else:
+        L = _masked_exp(cum[..., :, None] - cum[..., None, :], causal)
+        G = cs @ bs.transpose(-1, -2)
+        scores = G * L
+        states = (xs * w[..., None]).transpose(-1, -2) @ bs
+    S = h0_ if h0_ is not None else x_.new_zeros(B, H, P, N)
+    entering = []
+    for k in range(K):
+        entering.append(S)
+        g = chunk_decay[:, :, k] if vector else chunk_decay[:, :, k, :, None]
+        S = g * S + states[:, :, k]
+    S_in = torch.stack(entering, dim=2)        # (B, H, K, P, N)
+
+    # 6'. the carried state's readout, y_off = (c ⊙ E)·S_inᵀ (vector) or (c·S_inᵀ) ⊙ E (scalar)
+    if vector:
+        dcE = dys @ S_in                                          # (B, H, K, Q, N)
+        dS_read = dys.transpose(-1, -2) @ (cs * E)                # (B, H, K, P, N)
+        dcs = dcE * E
+        dcum = dcE * cs * E
+    else:
+        Z = cs @ S_in.transpose(-1, -2)                           # (B, H, K, Q, P)
+        dZ = dys * E[..., None]
+        dcs = dZ @ S_in
+        dS_read = dZ.transpose(-1, -2) @ cs
+        dcum = (dys * Z).sum(-1) * E
+    # 3'. inside the chunks, y_diag = scores·x
+    dscores = dys @ xs.transpose(-1, -2)                          # (B, H, K, L, S)
+    dxs = scores.transpose(-1, -2) @ dys
+    if vector:
+        T1 = dscores[..., None] * L                               # (B, H, K, L, S, N)
+        dcs = dcs + (T1 * bs[:, :, :, None, :]).sum(-2)
+        dbs = (T1 * cs[:, :, :, :, None]).sum(-3)
+        dseg = T1 * cs[:, :, :, :, None] * bs[:, :, :, None, :]
+    else:
+        dG = dscores * L
+        dcs = dcs + dG @ bs
+        dbs = dG.transpose(-1, -2) @ cs
+        dseg = dscores * G * L                                    # zero above the diagonal (L = 0 there)
+    dcum = dcum + dseg.sum(4) - dseg.sum(3)                       # seg[l, s] = cum_l - cum_s
+    # 5'. the pass over chunks, backwards: dS enters chunk k+1; grad_h is the state after the last
+    dS = grad_h.to(x_.dtype).expand(B, H, P, N)
+    dstates, dlast_decay = [None] * K, [None] * K
+    for k in reversed(range(K)):
+        dstates[k] = dS
+        g = chunk_decay[:, :, k] if vector else chunk_decay[:, :, k, :, None]
+        dlast_decay[k] = (dS * S_in[:, :, k]).sum(-2, keepdim=True) if vector else \
+            (dS * S_in[:, :, k]).sum((-1, -2))[..., None]
+        dS = dS_read[:, :, k] + g * dS
+    dh0 = dS
+    dstates = torch.stack(dstates, dim=2)                         # (B, H, K, P, N)
+    dlast = torch.stack(dlast_decay, dim=2) * chunk_decay         # (B, H, K, 1[, N])
+    # 4'. the chunk states, states = xᵀ·(b ⊙ w) (vector) or (x ⊙ w)ᵀ·b (scalar)
+    if vector:
+        bw = bs * w
+        dxs = dxs + bw @ dstates.transpose(-1, -2)
+        dbw = xs @ dstates                                        # (B, H, K, Q, N)
+        dbs = dbs + dbw * w
+        dw = dbw * bs
+    else:
+        dxw = bs @ dstates.transpose(-1, -2)                      # (B, H, K, Q, P)
+        dbs = dbs + (xs * w[..., None]) @ dstates
+        dxs = dxs + dxw * w[..., None]
+        dw = (dxw * xs).sum(-1)
+    dlast = dlast + (dw * w).sum(3, keepdim=True)                # w = exp(last - cum)
+    dcum = dcum - dw * w
+    # 2'. last = cum[Q-1]; cum = cumsum(a): da is the reversed cumulative sum of dcum
+    dcum = torch.cat([dcum[:, :, :, :-1], dcum[:, :, :, -1:] + dlast], dim=3)
+    dA = dcum.flip(3).cumsum(3).flip(3)
+
+    # 1'. unpad, back to (B, T, H, ·); the skip
+    def unsplit(t):
+        return t.reshape(B, H, K * Q, *t.shape[4:])[:, :, :T].transpose(1, 2)
+    dx, db, dc, da = unsplit(dxs), unsplit(dbs), unsplit(dcs), unsplit(dA)
+    dd = None
+    if d is not None:
+        dd_full = (dy * x_).sum((0, 1))                           # (H, P)
+        dd = dd_full.sum(-1) if d.dim() == 1 else dd_full
+        dx = dx + dy * (d.to(dx.dtype)[:, None] if d.dim() == 1 else d.to(dx.dtype))
+    grads = (dx, db, dc, da if a is not None else None, dd, dh0 if h0 is not None else None)
+    return tuple(_reduce_to(g, t) if n else None for g, t, n in zip(grads, operands, needs))
+
+
 def ssd_reference(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64, algorithm="chunked"):
     """(y, h) of seqfuse.ssd computed by ``algorithm`` ("recurrent", "quadratic" or "chunked")."""
     fn = _BY_NAME.get(algorithm)
