@@ -1,8 +1,9 @@
 """Lowering: IR ops as torch.library custom ops with fake impls and autograd, and their implementations.
 
+- ``attention_op``, ``long_conv_op``, ``ssd_op``, ``scan_op``: the custom ops (``torch.ops.seqfuse.*``)
 - ``reference/``: readable eager implementations (fallback and test oracle)
 - ``aten/``: implementations on ATen fused kernels where the attributes fit
-- ``triton/``: generated Triton kernels (next issues)
+- ``triton/``: generated Triton kernels
 """
 from seqfuse.lowering.lower import lower_graph
 
