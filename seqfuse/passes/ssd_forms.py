@@ -76,6 +76,8 @@ def _reaches_contraction(node) -> bool:
         return False
     if is_op(node, aten.einsum) and len(node.args[1]) >= 2:
         return True
+    if is_op(node, aten.cumsum) and arg(node, 2, "dtype") is None and val(node).is_floating_point():
+        return True
     if is_op(node, aten.tril) or (node.target is aten.where.ScalarOther and node.args[2] == 0.0):
         return _reaches_contraction(node.args[0] if is_op(node, aten.tril) else node.args[1])
     if is_op(node, aten.mul, aten.div) and node.target in (aten.mul.Tensor, aten.div.Tensor):
@@ -91,6 +93,23 @@ def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
                 term.leaves.append((node, letters))
                 return
         term.consumed.append(node)
+        if is_op(node, aten.cumsum):
+            # cumsum_t(S)[t] = Σ_s [s <= t]·S[s]: a fresh summed letter s and a causal mask
+            d = node.args[1] % rank(node)
+            t = letters[d]
+            if t == UNIT:
+                raise _Silent()
+            s = term.fresh(set(letters))
+            term.masks.append(("tril", t, s, 0))
+            inner = letters[:d] + [s] + letters[d + 1:]
+            src = node.args[0]
+            if src.target is aten.mul.Tensor and len(src.users) == 1 and \
+                    all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) for x in src.args):
+                term.consumed.append(src)          # an outer product k ⊗ v
+                for x in src.args:
+                    _flatten(gm, x, aligned(x, inner, src), term)
+                return
+            return _flatten(gm, src, inner, term)
         if is_op(node, aten.einsum):
             ins, out = _einsum_parts(node)
             names = dict(zip(out, letters))
@@ -161,6 +180,7 @@ def _classify(term: _Term) -> _Roles:
     summed = every - set(out)
     if len(summed) != 2:
         raise _Silent()
+    found = []
     for j, n in itertools.permutations(sorted(summed)):
         with_n = [l for l in term.leaves if n in _letters_of(l)]
         cs = [l for l in with_n if j not in _letters_of(l)]
@@ -190,7 +210,13 @@ def _classify(term: _Term) -> _Roles:
             ok = (lc <= set(batch) | {i, n} and lb <= set(batch) | {j, n} and _letters_of(x) <= set(batch) | {j, p}
                   and all(_letters_of(l) <= set(batch) | {i, j} for l in pos))
             if ok:
-                return _Roles(i=i, j=j, n=n, p=p, batch=batch, c=c, b=b, x=x, pos=pos)
+                found.append(_Roles(i=i, j=j, n=n, p=p, batch=batch, c=c, b=b, x=x, pos=pos))
+    # the term is symmetric under reading x·bᵀ·c backwards: take the reading whose masks are over (i, j)
+    for r in found:
+        if all({m[1], m[2]} == {r.i, r.j} for m in term.masks if m[0] == "tril"):
+            return r
+    if found:
+        return found[0]
     raise _Silent()
 
 

@@ -117,3 +117,32 @@ def test_softmax_attention_is_not_an_ssd(tmp_path):
         CHECK: seqfuse.attention
         CHECK-NOT: seqfuse.ssd
     """)
+
+
+def cumsum_linear_attention(q, k, v):
+    # Σ_{s<=t} k_s ⊗ v_s read out by q_t: the (B, T, H, N, P) state tensor is never built
+    S = torch.einsum("bthn,bthp->bthnp", k, v).cumsum(1)
+    return torch.einsum("bthn,bthnp->bthp", q, S)
+
+
+def test_cumsum_form_drops_the_state_tensor(tmp_path):
+    text = after_pass(cumsum_linear_attention, *[torch.randn(2, 8, 3, 4) for _ in range(3)], tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %ssd = seqfuse.ssd(%l_v_, %l_k_, %l_q_) {decay=none
+        CHECK-NOT: aten.cumsum
+        CHECK-NOT: aten.einsum
+        CHECK: return (%getitem)
+    """)
+
+
+def plain_cumsum(x):
+    # must not match: a cumsum alone is a trivial scan, cheaper as it is
+    return x.cumsum(1)
+
+
+def test_plain_cumsum_is_left_alone(tmp_path):
+    text = after_pass(plain_cumsum, torch.randn(2, 8, 3), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-NOT: seqfuse
+        CHECK: aten.cumsum
+    """)

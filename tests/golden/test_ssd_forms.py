@@ -185,9 +185,48 @@ def test_chunked_intra_chunk_term_is_an_ssd_over_chunks():
     assert_one_ssd(report, "scalar")
 
 
+# --- 2. cumulative-sum forms: y_t = q_t · Σ_{s<=t} k_s ⊗ v_s -------------------------
+
+def cumsum_broadcast(q, k, v):
+    return (q[..., None] * (k[..., :, None] * v[..., None, :]).cumsum(2)).sum(-2)
+
+
+def cumsum_einsum_bthd(q, k, v):
+    S = torch.einsum("bthn,bthp->bthnp", k, v).cumsum(1)
+    return torch.einsum("bthn,bthnp->bthp", q, S)
+
+
+def cumsum_factored_exp_decay(q, k, v, g):
+    # exp(G_t)·exp(-G_s) stays factored into c and b: ssd(decay=none) on those operands equals eager
+    # exactly (extracting a = g would differ where exp(-G) overflows)
+    G = g.cumsum(2)
+    qe, ke = q * G.exp()[..., None], k * (-G).exp()[..., None]
+    return (qe[..., None] * (ke[..., :, None] * v[..., None, :]).cumsum(2)).sum(-2)
+
+
+@pytest.mark.parametrize("fn,layout", [(cumsum_broadcast, "bhtd"), (cumsum_einsum_bthd, "bthd"),
+                                       (cumsum_factored_exp_decay, "gated")])
+def test_cumsum_forms(fn, layout):
+    shape = (B, T, H, D) if layout == "bthd" else (B, H, T, D)
+    args = inputs(shape, shape, shape)
+    if layout == "gated":
+        args.append(F.logsigmoid(torch.randn(B, H, T)).requires_grad_())
+    report = check_against_eager(fn, *args)
+    assert_one_ssd(report, "none")
+
+
+def plain_cumsum(x):
+    return x.cumsum(1) * 2
+
+
+def test_plain_cumsum_is_left_alone():
+    report = check_against_eager(plain_cumsum, *inputs((B, T, H)))
+    assert report.count("ssd") == 0 and not report.near_misses, str(report)
+
+
 # --- dynamic length: one graph for three lengths ---------------------------------------
 
-@pytest.mark.parametrize("fn,layout", [(scores_tril, "bhtd"), (fla_simple_gla_o, "bthd")])
+@pytest.mark.parametrize("fn,layout", [(cumsum_broadcast, "bhtd"), (fla_simple_gla_o, "bthd")])
 def test_dynamic_length_one_graph(fn, layout):
     from torch._dynamo.utils import counters
     import seqfuse
