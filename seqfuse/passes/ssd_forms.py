@@ -30,7 +30,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.masks import classify_mask, position_mask
-from seqfuse.ir.ops import SSD
+from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.pattern import CASTS, arg, concrete_sym, constant_value, copy_meta, is_op, is_scalar, rank, \
     sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
@@ -269,6 +269,42 @@ def _size_variants(gm):
     return variants(gm)
 
 
+# --- scan higher-order op ----------------------------------------------------------------
+
+_SCAN_HOP = getattr(torch.ops.higher_order, "scan", None)
+_ZEROS = (aten.zeros_like, aten.zeros, aten.new_zeros)
+
+
+def _is_zero(node) -> bool:
+    """Whether a scan's initial carry is all zeros (then the op starts from h0 = 0)."""
+    if is_op(node, *_ZEROS):
+        return True
+    if is_op(node, aten.full, aten.full_like, aten.new_full):
+        return constant_value(node.args[-1]) == 0
+    return False
+
+
+def linear_scan_body(body: torch.fx.GraphModule, n_carry: int = 1):
+    """For a scan body (h, x0, x1) -> (h', y): the indices (of a, b among the xs) when
+    h' = a·h + b and y = h'; None otherwise.         # h_t = a_t ⊙ h_{t-1} + b_t"""
+    ph = [n for n in body.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in body.graph.nodes if n.op == "output").args[0]
+    if len(ph) != n_carry + 2 or len(out) != 2 or n_carry != 1:
+        return None
+    h, xs = ph[0], ph[1:]
+    new, y = out
+    while is_op(y, aten.clone, aten.alias, aten.view_as) and y is not new:
+        y = y.args[0]
+    if y is not new or new.target is not aten.add.Tensor or arg(new, 2, "alpha", 1) != 1:
+        return None
+    for prod, bias in (new.args, new.args[::-1]):
+        if isinstance(prod, torch.fx.Node) and prod.target is aten.mul.Tensor and bias in xs:
+            others = [x for x in prod.args if x is not h]
+            if len(others) == 1 and h in prod.args and others[0] in xs and others[0] is not bias:
+                return xs.index(others[0]), xs.index(bias)
+    return None
+
+
 # --- the pass --------------------------------------------------------------------------
 
 class SSDFormsPass(Pass):
@@ -278,7 +314,15 @@ class SSDFormsPass(Pass):
 
     def run(self, ctx: PassContext) -> None:
         for node in list(ctx.graph.nodes):
-            if node.graph is not ctx.graph or not node.users or not is_op(node, aten.einsum):
+            if node.graph is not ctx.graph or not node.users:
+                continue
+            if node.target is _SCAN_HOP:
+                try:
+                    self._scan_hop(ctx, node)
+                except NoMatch as e:
+                    ctx.report.add_near_miss("scan", str(e), node)
+                continue
+            if not is_op(node, aten.einsum):
                 continue
             try:
                 self._quadratic(ctx, node)
@@ -288,6 +332,44 @@ class SSDFormsPass(Pass):
                 ctx.report.add_near_miss("ssd", str(e), node)
         ctx.graph.eliminate_dead_code()
         ctx.gm.recompile()
+
+    # scan(h' = a·h + b, init, (a, b)) -> scan
+    def _scan_hop(self, ctx: PassContext, node: torch.fx.Node) -> None:
+        gm, graph = ctx.gm, ctx.graph
+        body_node, init, xs, extra = node.args[:4]
+        body = getattr(gm, body_node.target, None) if body_node.op == "get_attr" else None
+        if not isinstance(body, torch.fx.GraphModule) or len(init) != 1 or len(xs) != 2 or len(extra):
+            raise NoMatch("a scan whose body is not one carry updated from two scanned inputs")
+        ab = linear_scan_body(body)
+        if ab is None:
+            raise NoMatch("the scan body is not the linear recurrence h' = a·h + b with output h'")
+        a, b = xs[ab[0]], xs[ab[1]]
+        h0 = init[0]
+        va, vb, vh = val(a), val(b), val(h0)
+        if not (list(va.shape) == list(vb.shape) and list(va.shape[1:]) == list(vh.shape)) or \
+                not (va.dtype == vb.dtype == vh.dtype and va.is_floating_point()):
+            raise NoMatch("the scanned inputs and the carry differ in shape or dtype")
+        r = va.dim()
+        if r < 2:
+            raise NoMatch("a scan of scalars (no state axis)")
+        perm = list(range(1, r - 1)) + [0, r - 1]       # (T, *R, N) -> (*R, T, N)
+        a = self._emit(graph, node, aten.permute.default, (a, perm), node)
+        b = self._emit(graph, node, aten.permute.default, (b, perm), node)
+        op = Scan(a=a, b=b, h0=None if _is_zero(h0) else h0)
+        ir = ctx.insert_ir(op, node, node)
+        ir.meta["val"] = (val(a).new_empty(val(a).shape), vh.new_empty(vh.shape))
+        back = list(range(r))
+        back = [r - 2] + list(range(r - 2)) + [r - 1]    # (*R, T, N) -> (T, *R, N)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise NoMatch("the scan's result tuple is used whole")
+        for user in list(node.users):
+            if user.args[1] == 0:
+                new = self._emit(graph, user, operator.getitem, (ir, 1), user)
+            else:
+                y = self._emit(graph, user, operator.getitem, (ir, 0), user)
+                new = self._emit(graph, user, aten.permute.default, (y, back), user)
+            user.replace_all_uses_with(new)
 
     # (c·bᵀ ∘ M)·x -> ssd
     def _quadratic(self, ctx: PassContext, root: torch.fx.Node) -> None:

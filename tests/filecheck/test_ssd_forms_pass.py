@@ -146,3 +146,27 @@ def test_plain_cumsum_is_left_alone(tmp_path):
         CHECK-NOT: seqfuse
         CHECK: aten.cumsum
     """)
+
+
+def _linear_body(h, xs):
+    a, b = xs
+    h = a * h + b
+    return h, h.clone()
+
+
+def hop_scan(a, b):
+    from torch._higher_order_ops.scan import scan
+    return scan(_linear_body, torch.zeros_like(b[0]), (a, b))[1]
+
+
+def test_hop_scan_moves_time_to_axis_minus_2(tmp_path):
+    # (T, B, N) scanned over axis 0 -> seqfuse.scan on (B, T, N), zero initial carry dropped, and back
+    text = after_pass(hop_scan, torch.rand(8, 2, 4), torch.randn(8, 2, 4), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %[[A:[a-z_0-9]+]] = aten.permute(%l_a_, [1, 0, 2]) : f32[2, 8, 4]
+        CHECK: %[[B:[a-z_0-9]+]] = aten.permute(%l_b_, [1, 0, 2]) : f32[2, 8, 4]
+        CHECK: %scan_1 = seqfuse.scan(%[[A]], %[[B]]) {reverse=false
+        CHECK: %[[Y:[a-z_0-9]+]] = getitem(%scan_1, 0)
+        CHECK: aten.permute(%[[Y]], [1, 0, 2]) : f32[8, 2, 4]
+        CHECK-NOT: = scan(
+    """)

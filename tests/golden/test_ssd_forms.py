@@ -224,6 +224,57 @@ def test_plain_cumsum_is_left_alone():
     assert report.count("ssd") == 0 and not report.near_misses, str(report)
 
 
+# --- 3. higher-order scans: torch._higher_order_ops.scan with a linear body -> seqfuse.scan
+
+def _linear_body(h, xs):
+    a, b = xs
+    h = a * h + b                                    # h_t = a_t ⊙ h_{t-1} + b_t
+    return h, h.clone()
+
+
+def hop_scan(a, b):
+    from torch._higher_order_ops.scan import scan
+    _, hs = scan(_linear_body, torch.zeros_like(b[0]), (a, b))
+    return hs
+
+
+def hop_scan_with_h0_and_final(a, b, h0):
+    from torch._higher_order_ops.scan import scan
+    hT, hs = scan(_linear_body, h0, (a, b))
+    return hs, hT
+
+
+def _tanh_body(h, xs):
+    a, b = xs
+    h = torch.tanh(a * h + b)
+    return h, h.clone()
+
+
+def hop_scan_nonlinear(a, b):
+    from torch._higher_order_ops.scan import scan
+    return scan(_tanh_body, torch.zeros_like(b[0]), (a, b))[1]
+
+
+def test_hop_scan_linear_body():
+    a, b = torch.rand(T, B, H, D, requires_grad=True), torch.randn(T, B, H, D, requires_grad=True)
+    report = check_against_eager(hop_scan, a, b)
+    assert report.count("scan") == 1, str(report)
+    assert "h0=" not in report.rewrites[0].ir
+
+
+def test_hop_scan_initial_state_and_final_state():
+    a, b = torch.rand(T, B, D, requires_grad=True), torch.randn(T, B, D, requires_grad=True)
+    report = check_against_eager(hop_scan_with_h0_and_final, a, b, torch.randn(B, D, requires_grad=True))
+    assert report.count("scan") == 1 and "h0=" in report.rewrites[0].ir, str(report)
+
+
+def test_hop_scan_nonlinear_body_is_a_near_miss():
+    a, b = torch.rand(T, B, D, requires_grad=True), torch.randn(T, B, D, requires_grad=True)
+    report = check_against_eager(hop_scan_nonlinear, a, b)
+    assert report.count("scan") == 0
+    assert any("not the linear recurrence" in m.reason for m in report.near_misses), str(report)
+
+
 # --- dynamic length: one graph for three lengths ---------------------------------------
 
 @pytest.mark.parametrize("fn,layout", [(cumsum_broadcast, "bhtd"), (fla_simple_gla_o, "bthd")])
