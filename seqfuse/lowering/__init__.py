@@ -6,5 +6,6 @@
 - ``triton/``: generated Triton kernels
 """
 from seqfuse.lowering.lower import lower_graph
+from seqfuse.lowering import cpu  # noqa: F401,E402  (registers the generated C kernels: the "cpu" path of scan / ssd)
 
 __all__ = ["lower_graph"]
