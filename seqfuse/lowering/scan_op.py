@@ -116,3 +116,6 @@ def _reference_backward(grad_y, grad_h, a, b, c, h0, attrs):
 
 
 register_impl("scan", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
+# the generated C kernels ("cpu" path: the recurrent algorithm), tried before the eager reference;
+# their ``supports`` refuses a call they cannot run (no C compiler, a state too large, ...)
+import seqfuse.lowering.cpu  # noqa: E402,F401

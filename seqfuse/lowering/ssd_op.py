@@ -121,3 +121,6 @@ def _reference_backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
 
 
 register_impl("ssd", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
+# the generated C kernels ("cpu" path: the recurrent algorithm), tried before the eager reference;
+# their ``supports`` refuses a call they cannot run (no C compiler, a state too large, ...)
+import seqfuse.lowering.cpu  # noqa: E402,F401

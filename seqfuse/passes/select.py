@@ -58,8 +58,9 @@ def _static(x) -> int | None:
 
 # --- ssd ---------------------------------------------------------------------------------
 #
-# Measured with the eager references on this CPU (2 shared cores, 1 intra-op thread, best of 7-15
-# runs, forward only; `python bench.py` timing ssd_reference per algorithm), in ms:
+# Measured with the eager references on this CPU (2 cores shared with other jobs, load ≈ 6, so
+# ±30%; 1 intra-op thread, best of 7-15 runs, forward only, time.perf_counter around
+# ssd_reference(..., algorithm=...)), in ms:
 #   B=2 H=8 P=N=64, h0 given     T=1: recurrent 0.32 quadratic 0.41 chunked 0.57
 #                                T=2: 0.71 / 0.45 / 0.50        T=4: 1.02 / 0.45 / 0.52
 #   B=2 H=4 P=N=32 scalar decay  T=16: recurrent 1.9 quadratic 0.3 chunked16 0.5
@@ -70,23 +71,55 @@ def _static(x) -> int | None:
 #   vector decay (GLA), B=2 H=4 P=N=32: T=16: quadratic 0.9 chunked16 1.2;  T=64: recurrent 16.3
 #                                quadratic 22.2 chunked8 1.6, 16 2.3, 32 8.8;  T=1024: chunked4 132,
 #                                8 149, 16 179, 32 471, 64 1051 (the (Q, Q, N) exponent tile dominates)
-# So: the loop only for a single step (decoding); the whole-sequence quadratic form while T²
-# is small (T <= 64 for a scalar decay; T <= 16 for vector decay, whose T²·N exponent grows
-# fast); else chunked with Q = 64 (scalar: 32-64 within the noise, 64 halves the chunk loop of
-# long sequences) or Q = 8 (vector).  A dynamic T gets chunked: safe at every length.
+# So, for the eager references (CUDA tensors until a Triton kernel exists, or any device
+# without the C kernels): the loop only for a single step (decoding); the whole-sequence
+# quadratic form while T² is small (T <= 64 for a scalar decay; T <= 16 for vector decay, whose
+# T²·N exponent grows fast); else chunked with Q = 64 (scalar: 32-64 within the noise, 64 halves
+# the chunk loop of long sequences) or Q = 8 (vector).  A dynamic T gets chunked: safe at every length.
+#
+# On CPU the recurrent algorithm runs as a generated C kernel (seqfuse/lowering/cpu, N <= 256).
+# Measured through the op (runtime "auto", 1 thread, best of 5; fwd / fwd+bwd, ms):
+#   scalar (B, T, H, P, N) = (2, 64, 4, 32, 32):    C recurrent 0.56        quadratic 1.48  chunked 1.64
+#          (2, 1024, 4, 32, 32):                    C recurrent 11.2        chunked 24.9
+#          (2, 4096, 4, 32, 32):                    C recurrent 67 / 355    chunked 129 / 441
+#          (1, 4096, 8, 64, 128):                   C recurrent 342 / 1930  chunked 292 / 1191
+#          (1, 2048, 24, 64, 128):                  C recurrent 418 / 2117  chunked 414 / 1774
+#   vector (2, 1024, 4, 32, 32):                    C recurrent 18          chunked 64
+#          (2, 4096, 4, 64, 64):                    C recurrent 317 / 1317  chunked 788 / 3622
+# The loop does P·N work per step and head with no matmul; the chunked form's matmuls catch up
+# once the state is large (P·N = 8192 for Mamba-2's 64 × 128 heads).  So on CPU: recurrent for
+# vector decay and for states of P·N <= 4096; the rules above otherwise.  (Without a C compiler the
+# recurrent call runs the eager loop, 2-5x slower than chunked at T >= 256: force
+# {"ssd": "chunked"} there.)
 SSD_ALGORITHMS = ("recurrent", "quadratic", "chunked")
 SSD_RECURRENT_MAX_T = 1
 SSD_QUADRATIC_MAX_T = {"none": 64, "scalar": 64, "vector": 16}
 SSD_CHUNK = {"none": 64, "scalar": 64, "vector": 8}
+#: the C kernel's largest state dim (seqfuse/lowering/cpu MAX_N), and the largest P·N it is chosen for
+CPU_KERNEL_MAX_N = 256
+CPU_RECURRENT_MAX_STATE = 4096
+
+
+def _cpu_recurrent(op: SSD) -> bool:
+    """Whether the C kernel's sequential loop is the fastest way to run ``op`` on CPU."""
+    x = val(op.x)
+    if x.device.type != "cpu" or x.is_complex():
+        return False
+    P, N = _static(x.shape[-1]), _static(val(op.b).shape[-1])
+    if P is None or N is None or N > CPU_KERNEL_MAX_N:
+        return False
+    return op.decay == "vector" or P * N <= CPU_RECURRENT_MAX_STATE
 
 
 def choose_ssd(op: SSD, options=None) -> str:
-    """The ssd algorithm for ``op``'s shapes (the user's ``options.algorithm["ssd"]`` wins); sets
-    ``op.chunk`` whenever the result is "chunked"."""
+    """The ssd algorithm for ``op``'s shapes and device (the user's ``options.algorithm["ssd"]``
+    wins); sets ``op.chunk`` whenever the result is "chunked"."""
     forced = _forced("ssd", options)
     T = _static(val(op.x).shape[1])
     if forced is not None:
         algorithm = forced
+    elif _cpu_recurrent(op):
+        algorithm = "recurrent"
     elif T is None:
         algorithm = "chunked"
     elif T <= SSD_RECURRENT_MAX_T:

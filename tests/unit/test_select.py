@@ -70,9 +70,10 @@ def ir_graph(make_op, **shapes):
     return torch.fx.GraphModule(torch.nn.Module(), g), op
 
 
-def ssd_op(T, decay="scalar", algorithm="auto", x=None):
-    a_shape = {"scalar": (2, T, 4), "vector": (2, T, 4, 16)}.get(decay)
-    shapes = dict(x=x if x is not None else (2, T, 4, 32), b=(2, T, 4, 16), c=(2, T, 4, 16))
+def ssd_op(T, decay="scalar", algorithm="auto", x=None, P=32, N=16):
+    """An ssd op on meta tensors (the eager references' rules), or on CPU with ``x`` given."""
+    a_shape = {"scalar": (2, T, 4), "vector": (2, T, 4, N)}.get(decay)
+    shapes = dict(x=x if x is not None else (2, T, 4, P), b=(2, T, 4, N), c=(2, T, 4, N))
     if a_shape:
         shapes["a"] = a_shape
     return ir_graph(lambda n: SSD(x=n["x"], b=n["b"], c=n["c"], a=n.get("a"), decay=decay, chunk=999,
@@ -91,13 +92,23 @@ def test_choose_ssd_by_sequence_length_and_decay():
     assert op.chunk == 8 < SSD_CHUNK["scalar"]  # the (Q, Q, N) exponent tile wants short chunks
 
 
+def test_choose_ssd_on_cpu_runs_the_c_kernel_for_states_it_is_fastest_on():
+    def cpu(T, P, N, decay="scalar"):
+        _, op = ssd_op(T, decay, x=torch.empty(2, T, 4, P), P=P, N=N)
+        return choose_ssd(op)
+    assert cpu(4096, 32, 32) == "recurrent" and cpu(64, 64, 64) == "recurrent"
+    assert cpu(4096, 64, 128) == "chunked"                     # Mamba-2's heads: the matmuls win
+    assert cpu(4096, 64, 128, "vector") == "recurrent"         # the (Q, Q, N) tiles lose to the loop
+    assert cpu(4096, 8, 512, "vector") == "chunked"            # N beyond the C kernel's local state
+
+
 def test_choose_ssd_with_a_dynamic_length_is_chunked():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     mode = FakeTensorMode(shape_env=ShapeEnv())
     dims = [DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC]
-    x = mode.from_tensor(torch.empty(2, 2, 4, 32), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
-    _, op = ssd_op(2, x=x)  # the example length is short, but the next call may be long
+    x = mode.from_tensor(torch.empty(2, 2, 4, 32, device="meta"), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+    _, op = ssd_op(2, x=x)  # short example length, but the next call may be long (the eager rules: not CPU)
     assert choose_ssd(op) == "chunked"
 
 

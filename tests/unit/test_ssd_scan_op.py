@@ -16,11 +16,12 @@ from seqfuse.lowering.reference.ssd import ALGORITHMS as SSD_ALGORITHMS
 F64 = torch.float64
 
 
-def ssd_op(x, b, c, a=None, d=None, h0=None, decay="scalar", chunk=4, algorithm="recurrent", runtime="auto"):
+# runtime "eager": the references behind the op; "auto" also tries the C kernels (recurrent algorithm)
+def ssd_op(x, b, c, a=None, d=None, h0=None, decay="scalar", chunk=4, algorithm="recurrent", runtime="eager"):
     return torch.ops.seqfuse.ssd(x, b, c, a, d, h0, decay, chunk, algorithm, runtime)
 
 
-def scan_op(a, b, c=None, h0=None, reverse=False, algorithm="recurrent", runtime="auto"):
+def scan_op(a, b, c=None, h0=None, reverse=False, algorithm="recurrent", runtime="eager"):
     return torch.ops.seqfuse.scan(a, b, c, h0, reverse, algorithm, runtime)
 
 
@@ -60,11 +61,12 @@ def ssd_inputs(B=2, T=7, H=3, P=4, N=5, decay="scalar", d=True, h0=True, dtype=t
 
 # --- ssd ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("runtime", ["eager", "auto"])
 @pytest.mark.parametrize("algorithm", SSD_ALGORITHMS)
 @pytest.mark.parametrize("decay", ["none", "scalar", "vector"])
-def test_ssd_matches_the_loop(decay, algorithm):
+def test_ssd_matches_the_loop(decay, algorithm, runtime):
     x, b, c, a, d, h0 = ssd_inputs(decay=decay)
-    y, h = ssd_op(x, b, c, a, d, h0, decay=decay, chunk=3, algorithm=algorithm)
+    y, h = ssd_op(x, b, c, a, d, h0, decay=decay, chunk=3, algorithm=algorithm, runtime=runtime)
     y_ref, h_ref = ssd_loop(x, b, c, a, d, h0, decay)
     assert y.dtype == torch.float32 and h.dtype == torch.float32
     assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
@@ -154,12 +156,13 @@ SCAN_CASES = [dict(), dict(c=None), dict(c="expand"), dict(complex_=True), dict(
               dict(h0=False), dict(shape=(1, 65, 3))]
 
 
+@pytest.mark.parametrize("runtime", ["eager", "auto"])
 @pytest.mark.parametrize("algorithm", SCAN_ALGORITHMS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("case", SCAN_CASES)
-def test_scan_matches_the_loop(case, reverse, algorithm):
+def test_scan_matches_the_loop(case, reverse, algorithm, runtime):
     a, b, c, h0 = scan_inputs(**case)
-    y, h = scan_op(a, b, c, h0, reverse=reverse, algorithm=algorithm)
+    y, h = scan_op(a, b, c, h0, reverse=reverse, algorithm=algorithm, runtime=runtime)
     y_ref, h_ref = scan_loop(a, b, c, h0, reverse)
     assert y.shape == y_ref.shape and h.shape == h_ref.shape
     assert y.dtype == (torch.complex64 if case.get("complex_") else torch.float32)
