@@ -107,7 +107,8 @@ def test_choose_ssd_with_a_dynamic_length_is_chunked():
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     mode = FakeTensorMode(shape_env=ShapeEnv())
     dims = [DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC]
-    x = mode.from_tensor(torch.empty(2, 2, 4, 32, device="meta"), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+    x = mode.from_tensor(torch.empty(2, 2, 4, 32, device="meta"),
+                         symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
     _, op = ssd_op(2, x=x)  # short example length, but the next call may be long (the eager rules: not CPU)
     assert choose_ssd(op) == "chunked"
 

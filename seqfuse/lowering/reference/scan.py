@@ -13,7 +13,6 @@ the promoted dtype of a, b, c (and h0), computed in fp32 / complex64 at least (f
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 ALGORITHMS = ("recurrent", "chunked")
 

@@ -15,8 +15,6 @@ Einsum dims: b batch, t/s time (query/key), h head, p value dim, n state (key) d
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 ALGORITHMS = ("recurrent", "quadratic", "chunked")
 DECAYS = ("none", "scalar", "vector")
 
@@ -117,9 +115,9 @@ def _heads_first(x, b, c, a):
 def ssd_quadratic(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     """y = (L ∘ C·Bᵀ)·X over the whole sequence, L[t, s] = exp(a_{s+1} + … + a_t) for s <= t.
     Memory O(T²·H) (O(T²·H·N) for vector decay): the choice for short sequences."""
-    x_in = x
     x, b, c, a, h0, dtype = _prepare(x, b, c, a, d, h0, decay)
     vector = decay == "vector"
+    x_skip = x                                 # (B, T, H, P), for the skip
     x, b, c, a = _heads_first(x, b, c, a)      # x (B, H, T, P); b, c (B, H, T, N); a (B, H, T[, N])
     T = x.shape[2]
     # 1. inclusive cumulative log-decay cum_t = a_0 + … + a_t, summed in fp64 so that the difference
@@ -151,7 +149,7 @@ def ssd_quadratic(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64)
         else:
             y = y + (c @ h0.transpose(-1, -2)) * decay_t[..., None]
             h = h + h0 * decay_end[..., None]
-    y = _skip(y.transpose(1, 2), x_in.to(y.dtype).expand(y.transpose(1, 2).shape), d)
+    y = _skip(y.transpose(1, 2), x_skip, d)
     return y.to(dtype), h.to(dtype)
 
 
@@ -160,15 +158,15 @@ def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     the recurrence between them.  Matmul-bound, O(T·Q) memory (O(T·Q·N) for vector decay); every
     exponent is a sum of log-decays relative to a chunk start, so it stays stable for long
     sequences."""
-    x_in = x
     x, b, c, a, h0, dtype = _prepare(x, b, c, a, d, h0, decay)
     vector = decay == "vector"
+    x_skip = x                                 # (B, T, H, P), for the skip
     x, b, c, a = _heads_first(x, b, c, a)      # x (B, H, T, P); b, c (B, H, T, N); a (B, H, T[, N])
     B, H, T, P = x.shape
     N = b.shape[-1]
     if T == 0:
         h = h0 if h0 is not None else x.new_zeros(B, H, P, N)
-        return x_in.new_zeros(B, 0, H, P, dtype=dtype), h.to(dtype)
+        return x_skip.new_zeros(B, 0, H, P, dtype=dtype), h.to(dtype)
     Q = max(1, min(int(chunk), T))
     K = -(-T // Q)
 
@@ -214,7 +212,7 @@ def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
         y_off = (cs @ S_in.transpose(-1, -2)) * torch.exp(cum)[..., None]
     # 7. y = intra + inter, without the padding, back to (B, T, H, P); the skip
     y = (y_diag + y_off).reshape(B, H, K * Q, P)[:, :, :T].transpose(1, 2)
-    y = _skip(y, x_in.to(y.dtype).expand(y.shape), d)
+    y = _skip(y, x_skip, d)
     return y.to(dtype), S.to(dtype)
 
 
