@@ -275,6 +275,33 @@ _SCAN_HOP = getattr(torch.ops.higher_order, "scan", None)
 _ZEROS = (aten.zeros_like, aten.zeros, aten.new_zeros)
 
 
+_ASSOC_SCAN_HOP = getattr(torch.ops.higher_order, "associative_scan", None)
+
+
+def _commutes(node, target, x, y) -> bool:
+    """Whether node = target(x, y) or target(y, x) (add with alpha 1)."""
+    return isinstance(node, torch.fx.Node) and node.target is target and arg(node, 2, "alpha", 1) == 1 \
+        and set(node.args[:2]) == {x, y} and len(node.args[:2]) == 2 and x is not y
+
+
+def linear_combine(combine: torch.fx.GraphModule) -> bool:
+    """Whether an associative_scan combine graph ((a_l, b_l), (a_r, b_r)) -> (a_l·a_r, a_r·b_l + b_r):
+    the composition of two steps h -> a·h + b, left (earlier) first."""
+    ph = [n for n in combine.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in combine.graph.nodes if n.op == "output").args[0]
+    if len(ph) != 4 or len(out) != 2:
+        return False
+    a_l, b_l, a_r, b_r = ph
+    prod, acc = out
+    if not _commutes(prod, aten.mul.Tensor, a_l, a_r) or acc.target is not aten.add.Tensor or \
+            arg(acc, 2, "alpha", 1) != 1:
+        return False
+    for m, bias in (acc.args[:2], acc.args[1::-1]):
+        if bias is b_r and _commutes(m, aten.mul.Tensor, a_r, b_l):
+            return True
+    return False
+
+
 def _is_zero(node) -> bool:
     """Whether a scan's initial carry is all zeros (then the op starts from h0 = 0)."""
     if is_op(node, *_ZEROS):
@@ -316,9 +343,9 @@ class SSDFormsPass(Pass):
         for node in list(ctx.graph.nodes):
             if node.graph is not ctx.graph or not node.users:
                 continue
-            if node.target is _SCAN_HOP:
+            if node.target in (_SCAN_HOP, _ASSOC_SCAN_HOP) and node.target is not None:
                 try:
-                    self._scan_hop(ctx, node)
+                    (self._scan_hop if node.target is _SCAN_HOP else self._assoc_scan_hop)(ctx, node)
                 except NoMatch as e:
                     ctx.report.add_near_miss("scan", str(e), node)
                 continue
@@ -345,26 +372,46 @@ class SSDFormsPass(Pass):
             raise NoMatch("the scan body is not the linear recurrence h' = a·h + b with output h'")
         a, b = xs[ab[0]], xs[ab[1]]
         h0 = init[0]
-        va, vb, vh = val(a), val(b), val(h0)
-        if not (list(va.shape) == list(vb.shape) and list(va.shape[1:]) == list(vh.shape)) or \
-                not (va.dtype == vb.dtype == vh.dtype and va.is_floating_point()):
+        vh = val(h0)
+        if list(val(a).shape[1:]) != list(vh.shape) or val(a).dtype != vh.dtype:
             raise NoMatch("the scanned inputs and the carry differ in shape or dtype")
+        self._emit_scan(ctx, node, a, b, None if _is_zero(h0) else h0, {0: "h", 1: "y"})
+
+    # associative_scan((a_l·a_r, a_r·b_l + b_r), (a, b)) -> scan      (all states h_t, h_{-1} = 0)
+    def _assoc_scan_hop(self, ctx: PassContext, node: torch.fx.Node) -> None:
+        gm = ctx.gm
+        combine_node, xs, extra = node.args[:3]
+        combine = getattr(gm, combine_node.target, None) if combine_node.op == "get_attr" else None
+        if not isinstance(combine, torch.fx.GraphModule) or len(xs) != 2 or len(extra):
+            raise NoMatch("an associative_scan over other than the pair (a, b)")
+        if not linear_combine(combine):
+            raise NoMatch("the associative_scan combine_fn is not (a_l·a_r, a_r·b_l + b_r), "
+                          "the composition of two linear recurrence steps")
+        self._emit_scan(ctx, node, xs[0], xs[1], None, {1: "y"})
+
+    def _emit_scan(self, ctx, node, a, b, h0, results: dict) -> None:
+        """Replace a HOP scanning axis 0 by seqfuse.scan; ``results`` maps the HOP's result
+        indices to "y" (all states, (T, *R, N)) or "h" (the final state)."""
+        graph = ctx.graph
+        va, vb = val(a), val(b)
+        if list(va.shape) != list(vb.shape) or va.dtype != vb.dtype or not va.is_floating_point():
+            raise NoMatch("the scanned a and b differ in shape or dtype")
+        for user in node.users:
+            if user.target is not operator.getitem or user.args[1] not in results:
+                raise NoMatch("a result of the scan that the recurrence does not give is used "
+                              "(the cumulative product of a, or the whole tuple)")
         r = va.dim()
         if r < 2:
             raise NoMatch("a scan of scalars (no state axis)")
         perm = list(range(1, r - 1)) + [0, r - 1]       # (T, *R, N) -> (*R, T, N)
         a = self._emit(graph, node, aten.permute.default, (a, perm), node)
         b = self._emit(graph, node, aten.permute.default, (b, perm), node)
-        op = Scan(a=a, b=b, h0=None if _is_zero(h0) else h0)
+        op = Scan(a=a, b=b, h0=h0)
         ir = ctx.insert_ir(op, node, node)
-        ir.meta["val"] = (val(a).new_empty(val(a).shape), vh.new_empty(vh.shape))
-        back = list(range(r))
+        ir.meta["val"] = (val(a).new_empty(val(a).shape), va.new_empty((*va.shape[1:],)))
         back = [r - 2] + list(range(r - 2)) + [r - 1]    # (*R, T, N) -> (T, *R, N)
         for user in list(node.users):
-            if user.target is not operator.getitem:
-                raise NoMatch("the scan's result tuple is used whole")
-        for user in list(node.users):
-            if user.args[1] == 0:
+            if results[user.args[1]] == "h":
                 new = self._emit(graph, user, operator.getitem, (ir, 1), user)
             else:
                 y = self._emit(graph, user, operator.getitem, (ir, 0), user)

@@ -170,3 +170,22 @@ def test_hop_scan_moves_time_to_axis_minus_2(tmp_path):
         CHECK: aten.permute(%[[Y]], [1, 0, 2]) : f32[8, 2, 4]
         CHECK-NOT: = scan(
     """)
+
+
+def _linear_combine(a_left, b_left, a_right, b_right):
+    return a_left * a_right, a_right * b_left + b_right
+
+
+def assoc_scan(a, b):
+    from torch._higher_order_ops.associative_scan import associative_scan_op
+    return associative_scan_op(_linear_combine, (a.movedim(2, 0), b.movedim(2, 0)), ())[1].movedim(0, 2)
+
+
+def test_associative_scan_hop_becomes_scan(tmp_path):
+    # (a_l·a_r, a_r·b_l + b_r) is the linear recurrence's combine: all states = seqfuse.scan's y
+    text = after_pass(assoc_scan, torch.rand(2, 3, 8, 4), torch.randn(2, 3, 8, 4), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: seqfuse.scan(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}) {reverse=false
+        CHECK-SAME: (f32[2, 3, 8, 4], f32[2, 3, 4])
+        CHECK-NOT: = associative_scan(
+    """)

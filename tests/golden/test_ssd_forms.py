@@ -275,6 +275,53 @@ def test_hop_scan_nonlinear_body_is_a_near_miss():
     assert any("not the linear recurrence" in m.reason for m in report.near_misses), str(report)
 
 
+def _linear_combine(a_left, b_left, a_right, b_right):
+    return a_left * a_right, a_right * b_left + b_right      # two steps h -> a·h + b, left first
+
+
+def _reversed_combine(a_left, b_left, a_right, b_right):
+    return a_left * a_right, a_left * b_right + b_left       # the composition in the other order
+
+
+def assoc_scan_hop(a, b, combine=_linear_combine):
+    # what associative_scan(combine_fn, (a, b), dim=2, combine_mode="pointwise") (HF Mamba's CUDA path)
+    # hands to Dynamo: the scanned axis moved to 0, then the higher-order op.  On CPU the "generic"
+    # mode is inlined by Dynamo instead (a vmapped odd/even recursion, no higher-order op).
+    from torch._higher_order_ops.associative_scan import associative_scan_op
+    _, h = associative_scan_op(combine, (a.movedim(2, 0), b.movedim(2, 0)), ())
+    return h.movedim(0, 2)
+
+
+def _loop(a, b):
+    h, out = torch.zeros_like(b[:, :, 0]), []
+    for t in range(a.shape[2]):
+        h = a[:, :, t] * h + b[:, :, t]
+        out.append(h)
+    return torch.stack(out, 2)
+
+
+def test_associative_scan_hop_linear_combine():
+    a, b = torch.rand(B, H, T, D, requires_grad=True), torch.randn(B, H, T, D, requires_grad=True)
+    report = check_against_eager(assoc_scan_hop, a, b, grads=False)
+    assert report.count("scan") == 1, str(report)
+    # gradients against the loop: torch 2.13's eager autograd of the bare associative_scan_op
+    # disagrees with the loop on da, so eager is not the oracle here
+    torch._dynamo.reset()
+    f = torch.compile(assoc_scan_hop, backend="seqfuse", options={"downstream": "aot_eager"})
+    g = torch.randn(B, H, T, D)
+    got = torch.autograd.grad(f(a, b), (a, b), g)
+    want = torch.autograd.grad(_loop(a, b), (a, b), g)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_associative_scan_hop_reversed_combine_is_a_near_miss():
+    a, b = torch.rand(B, H, T, D), torch.randn(B, H, T, D)
+    report = check_against_eager(lambda a, b: assoc_scan_hop(a, b, _reversed_combine), a, b, grads=False)
+    assert report.count("scan") == 0
+    assert any("combine_fn is not" in m.reason for m in report.near_misses), str(report)
+
+
 # --- dynamic length: one graph for three lengths ---------------------------------------
 
 @pytest.mark.parametrize("fn,layout", [(cumsum_broadcast, "bhtd"), (fla_simple_gla_o, "bthd")])
