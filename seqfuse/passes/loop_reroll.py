@@ -207,6 +207,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
     label: dict[torch.fx.Node, int] = {}
     canon: dict[torch.fx.Node, torch.fx.Node] = {}
     table: dict[Any, torch.fx.Node] = {}
+    members: dict[torch.fx.Node, list] = {}    # representative -> every hash-consed copy
     by_step: dict[int, list[torch.fx.Node]] = {}
     node = min((r.nodes[0] for r in runs), key=pos.__getitem__)
     while node is not None and node.op != "output":
@@ -222,9 +223,21 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
                 key = (node.target, _hashable(_canon_args(node.args, canon)),
                        _hashable(_canon_args(node.kwargs, canon)))
                 canon[node] = table.setdefault(key, node)
+                members.setdefault(canon[node], []).append(node)
             except TypeError:
                 pass
         node = node.next
+    # a node whose users all belong to the next step starts that step (``S = γ·S + …`` computes
+    # γ·S right after the previous step's last use of S): it moves there, so that the carried
+    # value is the state the step reads out
+    labeled = [n for s in sorted(by_step) for n in by_step[s]]
+    for n in reversed(labeled):
+        s = label[n]
+        if n not in step_of_seed and n.users and all(label.get(u, -2) == s + 1 for u in n.users):
+            label[n] = s + 1
+    by_step = {}
+    for n in sorted(labeled, key=pos.__getitem__):
+        by_step.setdefault(label[n], []).append(n)
     m = T // 2
     if m - 1 not in by_step or m not in by_step:
         raise NoLoop("the middle steps of the loop compute nothing")
@@ -257,7 +270,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
     for r in runs:
         for n, i in zip(r.nodes, r.indices):
             seeds.setdefault((r.family, i), []).append(n)
-    ctx = _Match(loop, seeds, canon, label)
+    ctx = _Match(loop, seeds, canon, label, members)
     lo = None
     for start in range(0, min(3, m)):
         if ctx.step(start, first=True):
@@ -291,30 +304,28 @@ def _canon_args(x, canon):
     if isinstance(x, dict):
         return {k: _canon_args(v, canon) for k, v in x.items()}
     if isinstance(x, torch.fx.Node):
-        if x not in canon:
-            raise TypeError("not hash-consed")
-        return canon[x]
+        return canon.get(x, x)   # nodes before the loop stand for themselves
     return x
 
 
 class _Match:
     """Instantiates the template at one step at a time (binding carried roles at the first)."""
 
-    def __init__(self, loop: Loop, seeds, canon, label):
-        self.loop, self.seeds, self.canon, self.label = loop, seeds, canon, label
+    def __init__(self, loop: Loop, seeds, canon, label, members):
+        self.loop, self.seeds, self.canon, self.label, self.members = loop, seeds, canon, label, members
 
     def step(self, t: int, first: bool) -> bool:
         loop = self.loop
-        self._t = t
+        self._t, self._first = t, first
         nodes: list = [None] * len(loop.template)
         claimed: set = set()
         init: dict[int, Any] = {}
         prev = None if first else loop.inst[t - 1]
         pending = list(range(len(loop.template)))
-        for _ in range(2):  # a node reading only unbound carried roles waits for one pass
+        for attempt in range(3):  # a node reading only unbound carried roles waits for one pass
             waiting = []
             for j in pending:
-                got = self._one(j, t, nodes, prev, init, claimed)
+                got = self._one(j, t, nodes, prev, init, claimed, attempt == 2)
                 if got is None:
                     return False
                 if got is False:
@@ -322,15 +333,18 @@ class _Match:
             pending = waiting
             if not pending:
                 break
-        if pending:
-            return False
+        for j in reversed(pending):   # found through a matched user (users before producers) (first step: reads only unbound carried values)
+            cand = init.get(("L", j))
+            if cand is None or self._among(j, t, [cand], nodes, prev, init, claimed) is None:
+                return False
         loop.inst[t] = nodes
         if first:
-            loop.init = init
+            loop.init = {k: v for k, v in init.items() if isinstance(k, int)}
         return True
 
-    def _one(self, j, t, nodes, prev, init, claimed):
-        """The node of template entry j at step t; None if there is none, False if it must wait."""
+    def _one(self, j, t, nodes, prev, init, claimed, via_invariants=False):
+        """The node of template entry j at step t; None if there is none, False if it must wait.
+        ``via_invariants``: look among the users of its invariant arguments (the first step only)."""
         loop = self.loop
         tmpl = loop.template[j]
         if loop.roles[j] is None:  # a seed
@@ -352,13 +366,27 @@ class _Match:
         anchor = self._known(args_r, nodes, prev, init)
         if anchor is None:
             anchor = self._known_kw(kwargs_r, nodes, prev, init)
+        if anchor is None and via_invariants:
+            inv = next((r[1] for r in _walk_roles(loop.roles[j]) if r[0] == "I"), None)
+            if inv is not None:
+                return self._among(j, t, [u for m in self.members.get(inv, [inv]) for u in m.users],
+                                   nodes, prev, init, claimed)
         if anchor is None:
             return False
-        for cand in anchor.users:
+        return self._among(j, t, anchor.users, nodes, prev, init, claimed)
+
+    def _among(self, j, t, cands, nodes, prev, init, claimed):
+        loop = self.loop
+        tmpl = loop.template[j]
+        args_r, kwargs_r = loop.roles[j]
+        for cand in cands:
             if cand in claimed or cand.target is not tmpl.target or len(cand.args) != len(tmpl.args) \
                     or cand.kwargs.keys() != tmpl.kwargs.keys():
                 continue
-            if self.label.get(cand, -1) != t:
+            if init.get(("L", j), cand) is not cand:
+                continue   # a matched user already read another node here
+            lab = self.label.get(cand, -1)
+            if lab != t and not (lab == -1 and self._first):   # the first step may read only initial values
                 continue
             trial = dict(init)
             if self._same(args_r, tuple(cand.args), nodes, prev, trial) and \
@@ -399,6 +427,14 @@ class _Match:
             return isinstance(a, (list, tuple)) and len(a) == len(r[2]) and \
                 all(self._same(e, x, nodes, prev, init) for e, x in zip(r[2], a))
         if kind == "L":
+            if nodes[r[1]] is None:   # not matched yet (first step): bind tentatively, verified later
+                key = ("L", r[1])
+                if key in init:
+                    return a is init[key]
+                if not isinstance(a, torch.fx.Node) or self.label.get(a, -1) not in (self._t, -1):
+                    return False
+                init[key] = a
+                return True
             return a is nodes[r[1]]
         if kind == "P":
             if prev is not None:

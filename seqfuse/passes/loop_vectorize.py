@@ -61,6 +61,7 @@ class Vectorizer:
         self.prev_memo: dict[int, torch.fx.Node] = {}
         self.start, self.count = loop.vec_range()
         self.where = loop.template[0]
+        self.fake_mode = val(self.where).fake_mode
 
     # --- emitting -----------------------------------------------------------------
     def emit(self, target, args, kwargs=None) -> torch.fx.Node:
@@ -70,7 +71,8 @@ class Vectorizer:
             node = self.graph.call_function(target, tuple(args), kwargs)
         fake = lambda x: val(x) if isinstance(x, torch.fx.Node) else x  # noqa: E731
         tmap = lambda x: type(x)(tmap(e) for e in x) if isinstance(x, (list, tuple)) else fake(x)  # noqa: E731
-        node.meta["val"] = target(*tmap(tuple(args)), **{k: tmap(v) for k, v in kwargs.items()})
+        with self.fake_mode:
+            node.meta["val"] = target(*tmap(tuple(args)), **{k: tmap(v) for k, v in kwargs.items()})
         copy_meta(node, self.where)
         return node
 
@@ -100,6 +102,8 @@ class Vectorizer:
             return self.vec(r[1]), True
         if kind == "P":
             return self.prev(r[1]), True
+        if kind == "X":    # ("X", base, dim, form): base sliced like a seed, vectorized
+            return self._slices(r[1], r[2], r[3]), True
         return r[1], False
 
     def prev(self, k: int) -> torch.fx.Node:
@@ -149,10 +153,13 @@ class Vectorizer:
 
     def _seed(self, node):
         x, d = node.args[0], node.args[1] % val(node.args[0]).dim()
+        return self._slices(x, d, "slice" if node.target is aten.slice.Tensor else "select")
+
+    def _slices(self, x, d, form):
         out = self.emit(aten.movedim.int, (x, d, 0)) if d else x
         if self.start != 0 or self.count != val(x).shape[d]:
             out = self.emit(aten.slice.Tensor, (out, 0, self.start, self.start + self.count))
-        if node.target is aten.slice.Tensor:
+        if form == "slice":
             out = self.emit(aten.unsqueeze.default, (out, d + 1))
         return out
 

@@ -25,9 +25,9 @@ import torch.fx
 
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
-from seqfuse.passes.loop_reroll import Loop, NoLoop, find_runs, group_loops, reroll
+from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, can_vectorize
-from seqfuse.passes.pattern import axis_view, constant_value, is_op, val
+from seqfuse.passes.pattern import axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -492,12 +492,19 @@ class _Rewrite:
             return ("num", p * math.log(f[1])) if isinstance(f[1], (int, float)) and f[1] > 0 else None
         node = loop.template[f[1]] if f[0] == "L" else f[1]
         base, axes = axis_view(node)
-        if not is_op(base, aten.exp, aten.sigmoid) or not isinstance(base, torch.fx.Node):
-            return None
         kept = [a for a in axes if a is not None]
-        if kept != list(range(val(base).dim())):
+        if not isinstance(base, torch.fx.Node) or kept != list(range(val(base).dim())):
             return None
         j = self.tindex.get(base)
+        if j is not None and loop.roles[j] is None:   # a seed slice of exp(g): the same slice of g
+            x, d, form, _ = _seed_key(base)
+            if not is_op(x, aten.exp, aten.sigmoid):
+                return None
+            return ("exp" if is_op(x, aten.exp) else "sigmoid", p, ("X", x.args[0], d, form), axes)
+        if j is None and f[0] == "I" and self._positive_constant(base):
+            return ("log", p, ("I", base), axes)   # a positive constant: its log
+        if not is_op(base, aten.exp, aten.sigmoid):
+            return None
         if j is not None:
             if loop.roles[j] is None:
                 return None
@@ -505,6 +512,15 @@ class _Rewrite:
         else:   # outside the step's template: an invariant
             inner = ("I", base.args[0])
         return ("exp" if is_op(base, aten.exp) else "sigmoid", p, inner, axes)
+
+    def _positive_constant(self, node) -> bool:
+        """A value computed from sizes and constants only whose every element is > 0."""
+        if not is_shape_only(node):
+            return False
+        try:
+            return bool((evaluate_shape_only(self.ctx.gm, node) > 0).all())
+        except Exception:
+            return False
 
     def _emit_ssd(self, vec, k, plan):
         loop = self.loop
@@ -575,6 +591,8 @@ class _Rewrite:
                 g = vec.pad(g, r + 1) if is_vec else vec.timed_invariant(g, r)
                 if kind == "sigmoid":
                     g = vec.emit(aten.log_sigmoid.default, (g,))
+                elif kind == "log":
+                    g = vec.emit(aten.log.default, (g,))
                 if p != 1:
                     g = vec.emit(aten.mul.Tensor, (g, p))
                 total = g if total is None else vec.emit(aten.add.Tensor, (total, g))

@@ -1,0 +1,396 @@
+"""Unrolled recurrence loops as libraries and papers write them: compiled with seqfuse each
+becomes one seqfuse.scan / seqfuse.ssd and equals eager (outputs, final states, gradients);
+nonlinear or coupled cells (LSTM, GRU, tanh, h·h) are near misses and left alone."""
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfuse
+from helpers import check_against_eager
+
+T = 12
+
+
+def rand(*shape, scale=1.0, positive=False):
+    x = torch.rand(*shape) if positive else torch.randn(*shape)
+    return (x * scale).requires_grad_()
+
+
+def only(report, kind, n=1):
+    assert report.count(kind) == n, str(report)
+    assert report.count("scan") + report.count("ssd") == n, str(report)
+    return [r.ir for r in report.rewrites if r.kind == kind]
+
+
+# --- Mamba-1 (diagonal state, readout folded) -------------------------------------------
+
+def hf_mamba_slow(hidden, dt, A, B, C, D, z):
+    """transformers' MambaMixer.slow_forward after the convolution (hidden, dt, z: (b, d, l))."""
+    batch, dim, seq_len = hidden.shape
+    dtype = hidden.dtype
+    discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+    deltaB_u = dt[:, :, :, None] * B[:, None, :, :].float() * hidden[:, :, :, None].float()
+    ssm_state = torch.zeros(batch, dim, A.shape[1], dtype=dtype)
+    scan_outputs = []
+    for i in range(seq_len):
+        ssm_state = discrete_A[:, :, i, :] * ssm_state + deltaB_u[:, :, i, :]
+        scan_output = torch.matmul(ssm_state.to(dtype), C[:, i, :].unsqueeze(-1))
+        scan_outputs.append(scan_output[:, :, 0])
+    scan_output = torch.stack(scan_outputs, dim=-1)
+    scan_output = scan_output + (hidden * D[None, :, None])
+    scan_output = scan_output * F.silu(z)
+    return scan_output, ssm_state
+
+
+def test_hf_mamba_slow_path():
+    b, d, n = 2, 6, 4
+    args = (rand(b, d, T), F.softplus(torch.randn(b, d, T)).requires_grad_(), -rand(d, n, positive=True),
+            rand(b, T, n), rand(b, T, n), rand(d), rand(b, d, T))
+    report = check_against_eager(hf_mamba_slow, *args)
+    (ir,) = only(report, "scan")
+    assert "c=%" in ir, ir
+
+
+def selective_scan_ref(u, delta, A, B, C, D, z):
+    """mamba_ssm's selective_scan_ref loop (u, delta, z: (b, d, l); B, C: (b, n, l))."""
+    batch, dim, dstate = u.shape[0], A.shape[0], A.shape[1]
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    x = A.new_zeros((batch, dim, dstate))
+    ys = []
+    for i in range(u.shape[2]):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        y = torch.einsum("bdn,bn->bd", x, C[:, :, i])
+        ys.append(y)
+    y = torch.stack(ys, dim=2)
+    out = y + u * D[:, None]
+    out = out * F.silu(z)
+    return out, x
+
+
+def test_mamba_ssm_selective_scan_ref():
+    b, d, n = 2, 6, 4
+    args = (rand(b, d, T), F.softplus(torch.randn(b, d, T)).requires_grad_(), -rand(d, n, positive=True),
+            rand(b, n, T), rand(b, n, T), rand(d), rand(b, d, T))
+    report = check_against_eager(selective_scan_ref, *args)
+    (ir,) = only(report, "scan")
+    assert "c=%" in ir, ir
+
+
+# --- gated RNNs with a diagonal state --------------------------------------------------
+
+def hgrn(x, g):
+    """fla's naive HGRN: h = exp(g_t)·h + x_t, o[:, t] = h."""
+    B, L, D = x.shape
+    h = torch.zeros(B, D)
+    o = torch.zeros_like(x)
+    for i in range(L):
+        h = g[:, i].exp() * h + x[:, i]
+        o[:, i] = h
+    return o, h
+
+
+def test_hgrn():
+    report = check_against_eager(hgrn, rand(2, T, 8), -rand(2, T, 8, positive=True))
+    only(report, "scan")
+
+
+def hgrn_h0_reversed(x, g, h0):
+    h = h0
+    o = torch.zeros_like(x)
+    for i in range(x.shape[1] - 1, -1, -1):
+        h = g[:, i].exp() * h + x[:, i]
+        o[:, i] = h
+    return o, h
+
+
+def test_initial_state_and_reversed_loop():
+    report = check_against_eager(hgrn_h0_reversed, rand(2, T, 8), -rand(2, T, 8, positive=True), rand(2, 8))
+    (ir,) = only(report, "scan")
+    assert "reverse=true" in ir and "h0=%" in ir, ir
+
+
+def lru(u, nu_log, theta_log, B_re, B_im, C_re, C_im):
+    """LRU: complex diagonal decay lam = exp(-exp(nu) + i·exp(theta)); y_t = Re(C h_t)."""
+    lam = torch.exp(torch.complex(-torch.exp(nu_log), torch.exp(theta_log)))
+    Bu = torch.einsum("nd,btd->btn", torch.complex(B_re, B_im), u.to(torch.complex64))
+    C = torch.complex(C_re, C_im)
+    h = torch.zeros(u.shape[0], lam.shape[0], dtype=torch.complex64)
+    ys = []
+    for t in range(u.shape[1]):
+        h = lam * h + Bu[:, t]
+        ys.append((h @ C).real)
+    return torch.stack(ys, 1)
+
+
+def test_lru_complex_decay():
+    n, d = 6, 4
+    report = check_against_eager(lru, rand(2, T, d), rand(n, scale=0.5), rand(n, scale=0.5), rand(n, d), rand(n, d),
+                                 rand(n, d), rand(n, d))
+    only(report, "scan")
+
+
+def s4d_recurrent(u, log_dt, A_re, A_im, B_re, B_im, C_re, C_im):
+    """S4D in recurrent mode: ZOH-discretized complex diagonal A, constant over time."""
+    dt = torch.exp(log_dt)[:, None]                       # (H, 1)
+    A = torch.complex(-torch.exp(A_re), A_im)             # (H, N)
+    dA = torch.exp(dt * A)
+    dB = (dA - 1) / A * torch.complex(B_re, B_im)
+    C = torch.complex(C_re, C_im)
+    h = torch.zeros(u.shape[0], A.shape[0], A.shape[1], dtype=torch.complex64)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = dA * h + dB * u[:, :, t, None]
+        ys.append(2 * (C * h).sum(-1).real)
+    return torch.stack(ys, -1)
+
+
+def test_s4d_recurrent_mode():
+    H, N = 4, 3
+    args = (rand(2, H, T), rand(H, scale=0.1), rand(H, N), rand(H, N), rand(H, N), rand(H, N), rand(H, N), rand(H, N))
+    report = check_against_eager(s4d_recurrent, *args)
+    only(report, "scan")
+
+
+# --- matrix states: SSD ------------------------------------------------------------------
+
+def naive_recurrent_gla(q, k, v, gk, scale=None):
+    """fla's naive_recurrent_gla ((B, H, T, K) layout, fp32 state, outputs in a preallocated buffer)."""
+    dtype = q.dtype
+    q, k, v, gk = map(lambda x: x.float(), (q, k, v, gk))
+    B, H, L, K, V = *q.shape, v.shape[-1]
+    o = torch.zeros_like(v)
+    scale = K ** -0.5 if scale is None else scale
+    h = q.new_zeros(B, H, K, V, dtype=torch.float32)
+    for i in range(L):
+        q_i = q[:, :, i] * scale
+        k_i = k[:, :, i]
+        v_i = v[:, :, i]
+        gk_i = gk[:, :, i].exp()
+        kv_i = k_i[..., None] * v_i[..., None, :]
+        h = h * gk_i[..., None] + kv_i
+        o_i = (q_i[..., None] * h).sum(-2)
+        o[:, :, i] = o_i
+    return o.to(dtype), h
+
+
+def test_naive_recurrent_gla():
+    q, k, v = rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5)
+    gk = F.logsigmoid(torch.randn(2, 3, T, 4)).requires_grad_()
+    report = check_against_eager(naive_recurrent_gla, q, k, v, gk)
+    (ir,) = only(report, "ssd")
+    assert "decay=vector" in ir, ir
+
+
+def naive_recurrent_simple_gla(q, k, v, g, h0):
+    """Simple GLA: one gate per head (scalar decay), initial state given."""
+    B, H, L, K = q.shape
+    o = torch.zeros_like(v)
+    h = h0
+    for i in range(L):
+        h = h * g[:, :, i].exp()[..., None, None] + k[:, :, i, :, None] * v[:, :, i, None, :]
+        o[:, :, i] = torch.einsum("bhk,bhkv->bhv", q[:, :, i] * K ** -0.5, h)
+    return o, h
+
+
+def test_naive_recurrent_simple_gla_with_h0():
+    q, k, v = rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5)
+    g = F.logsigmoid(torch.randn(2, 3, T)).requires_grad_()
+    report = check_against_eager(naive_recurrent_simple_gla, q, k, v, g, rand(2, 3, 4, 5))
+    (ir,) = only(report, "ssd")
+    assert "decay=scalar" in ir and "h0=%" in ir, ir
+
+
+def naive_recurrent_linear_attn(q, k, v):
+    """Linear attention, (B, T, H, D) layout, einsum outer product and readout, empty_like buffer."""
+    B, L, H, K = q.shape
+    o = torch.empty_like(v)
+    S = torch.zeros(B, H, K, v.shape[-1])
+    for t in range(L):
+        S = S + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S)
+    return o, S
+
+
+def test_naive_recurrent_linear_attn():
+    report = check_against_eager(naive_recurrent_linear_attn, rand(2, T, 3, 4), rand(2, T, 3, 4), rand(2, T, 3, 5))
+    (ir,) = only(report, "ssd")
+    assert "decay=none" in ir, ir
+
+
+def retnet_recurrent(q, k, v):
+    """RetNet's recurrent form: a constant decay gamma per head, S = γ·S + kᵀv, o = q·S."""
+    B, H, L, K = q.shape
+    gamma = 1 - 2 ** (-5 - torch.arange(H, dtype=torch.float32))
+    S = torch.zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(L):
+        S = gamma[None, :, None, None] * S + k[:, :, t].unsqueeze(-1) * v[:, :, t].unsqueeze(-2)
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+    return torch.stack(outs, 2), S
+
+
+def test_retnet_recurrent():
+    report = check_against_eager(retnet_recurrent, rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5))
+    (ir,) = only(report, "ssd")
+    assert "decay=scalar" in ir, ir
+
+
+def mamba2_recurrent(x, dt, A, B, C):
+    """Mamba-2's recurrent step: h = exp(dt·A)·h + x ⊗ B (B, C shared by heads), y = h·C."""
+    batch, L, H, P = x.shape
+    dA = torch.exp(dt * A)                      # (b, L, H)
+    h = torch.zeros(batch, H, P, B.shape[-1])
+    ys = []
+    for t in range(L):
+        h = h * dA[:, t, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None, :]
+        ys.append(torch.einsum("bhpn,bn->bhp", h, C[:, t]))
+    return torch.stack(ys, 1), h
+
+
+def test_mamba2_recurrent():
+    args = (rand(2, T, 3, 4), F.softplus(torch.randn(2, T, 3)).requires_grad_(), -rand(3, positive=True),
+            rand(2, T, 5), rand(2, T, 5))
+    report = check_against_eager(mamba2_recurrent, *args)
+    (ir,) = only(report, "ssd")
+    assert "decay=scalar" in ir, ir
+
+
+def reversed_linear_attn(q, k, v):
+    o = torch.zeros_like(v)
+    S = torch.zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    for t in range(q.shape[2] - 1, -1, -1):
+        S = 0.9 * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        o[:, :, t] = torch.einsum("bhk,bhkv->bhv", q[:, :, t], S)
+    return o, S
+
+
+def test_reversed_matrix_state():
+    report = check_against_eager(reversed_linear_attn, rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5))
+    only(report, "ssd")
+
+
+# --- several carried values, bidirectional ---------------------------------------------
+
+def two_scans(x, a1, a2):
+    h1 = torch.zeros(x.shape[0], x.shape[2])
+    h2 = torch.zeros(x.shape[0], x.shape[2])
+    ys = []
+    for t in range(x.shape[1]):
+        h1 = torch.sigmoid(a1[:, t]) * h1 + x[:, t]
+        h2 = torch.sigmoid(a2[:, t]) * h2 - 0.5 * x[:, t]
+        ys.append(h1 * h2)
+    return torch.stack(ys, 1), h1, h2
+
+
+def test_two_carried_values():
+    report = check_against_eager(two_scans, rand(2, T, 5), rand(2, T, 5), rand(2, T, 5))
+    only(report, "scan", 2)
+
+
+def bidirectional(x, g):
+    """Hydra/Caduceus style: a forward and a reversed scan over the same sequence."""
+    hf = torch.zeros(x.shape[0], x.shape[2])
+    hb = torch.zeros(x.shape[0], x.shape[2])
+    fw, bw = [], []
+    for t in range(x.shape[1]):
+        hf = torch.sigmoid(g[:, t]) * hf + x[:, t]
+        fw.append(hf)
+    for t in range(x.shape[1] - 1, -1, -1):
+        hb = torch.sigmoid(g[:, t]) * hb + x[:, t]
+        bw.append(hb)
+    return torch.stack(fw, 1) + torch.stack(bw[::-1], 1)
+
+
+def test_bidirectional_pair():
+    report = check_against_eager(bidirectional, rand(2, T, 5), rand(2, T, 5))
+    irs = only(report, "scan", 2)
+    assert sum("reverse=true" in ir for ir in irs) == 1, irs
+
+
+# --- negatives: nonlinear or coupled cells stay as they are ---------------------------------
+
+def lstm_cell_loop(x, W, U, b):
+    h = torch.zeros(x.shape[0], U.shape[0])
+    c = torch.zeros(x.shape[0], U.shape[0])
+    outs = []
+    for t in range(x.shape[1]):
+        i, f, g, o = (x[:, t] @ W + h @ U + b).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs, 1), h, c
+
+
+def gru_cell_loop(x, W, U):
+    h = torch.zeros(x.shape[0], U.shape[0])
+    outs = []
+    for t in range(x.shape[1]):
+        xr, xz, xn = (x[:, t] @ W).chunk(3, -1)
+        hr, hz, hn = (h @ U).chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+def tanh_rnn(x, a):
+    h = torch.zeros(x.shape[0], x.shape[2])
+    outs = []
+    for t in range(x.shape[1]):
+        h = torch.tanh(a * h + x[:, t])
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+def square_rnn(x):
+    h = torch.zeros(x.shape[0], x.shape[2])
+    outs = []
+    for t in range(x.shape[1]):
+        h = h * h * 0.1 + x[:, t]
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("fn,args,reason", [
+    (lstm_cell_loop, lambda: (rand(2, T, 3), rand(3, 16), rand(4, 16), rand(16)), "coupled"),
+    (gru_cell_loop, lambda: (rand(2, T, 3), rand(3, 12), rand(4, 12)), "not"),
+    (tanh_rnn, lambda: (rand(2, T, 4), rand(4)), "tanh"),
+    (square_rnn, lambda: (rand(2, T, 4, scale=0.3),), "multiplied by itself"),
+])
+def test_nonlinear_cells_are_near_misses(fn, args, reason):
+    report = check_against_eager(fn, *args())
+    assert report.count("scan") == 0 and report.count("ssd") == 0, str(report)
+    misses = [m for m in report.near_misses if m.kind == "scan"]
+    assert misses and reason in misses[0].reason, str(report)
+    assert misses[0].location != "?", str(report)
+
+
+# --- linear compile time --------------------------------------------------------------
+
+def test_long_loop_is_one_op_and_pass_is_fast():
+    """T = 512 unrolled steps (~5k nodes) become one op; the pass's own time is printed."""
+    from seqfuse.passes.loops import LoopPass
+    spent = []
+    run = LoopPass.run
+
+    def timed(self, ctx):
+        t0 = time.perf_counter()
+        run(self, ctx)
+        spent.append(time.perf_counter() - t0)
+
+    LoopPass.run = timed
+    try:
+        x, g = torch.randn(1, 512, 4), -torch.rand(1, 512, 4)
+        report = seqfuse.explain(hgrn, x, g, options={"downstream": "eager"})
+    finally:
+        LoopPass.run = run
+    assert report.count("scan") == 1, str(report)
+    print(f"loops pass at T=512: {spent[0] * 1e3:.1f} ms")
+    ref = hgrn(x, g)
+    for a, b in zip(report.output, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
