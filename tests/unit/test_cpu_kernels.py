@@ -7,6 +7,7 @@ Skipped (with the reason) only on a machine without a C compiler.
 from __future__ import annotations
 
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -332,6 +333,33 @@ def test_disk_cache_is_reused(fresh_cache, capsys):
     build.load("probe", PROBE + "/* another */\n")
     assert build.compile_count == before + 2
     assert len(list((fresh_cache / "cpu_kernels").glob("probe-*.so"))) == 2
+
+
+def test_corrupt_library_is_rebuilt(fresh_cache):
+    """A file that does not load (say truncated by a full disk) is rebuilt.  (A source never
+    loaded in this process: the dynamic loader would hand back a loaded library by its name.)"""
+    source = PROBE + "/* corrupt-file test */\n"
+    compiler = build._compiler_identity(shutil.which(build.COMPILER))
+    key = build._key(source, compiler, build.BASE_FLAGS + build.FLAG_VARIANTS[0])
+    (fresh_cache / "cpu_kernels").mkdir()
+    (fresh_cache / "cpu_kernels" / f"probe-{key}.so").write_bytes(b"not a shared library")
+    before = build.compile_count
+    assert build.load("probe", source).seqfuse_probe(1) == 3
+    assert build.compile_count > before  # rebuilt (more than once where -fopenmp is refused)
+
+
+def test_unwritable_cache_dir_builds_in_temp_dir(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("SEQFUSE_CACHE_DIR", str(blocker / "cache"))  # under a file: mkdir fails
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    build.forget()
+    try:
+        assert build.load("probe", PROBE).seqfuse_probe(4) == 12
+        assert list((tmp_path / "tmp").glob("seqfuse-*/cpu_kernels/probe-*.so"))
+    finally:
+        build.forget()
 
 
 def test_build_error_is_a_reason(fresh_cache):

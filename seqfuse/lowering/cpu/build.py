@@ -75,6 +75,35 @@ def kernel_dir() -> Path:
     return cache_dir() / "cpu_kernels"
 
 
+def _kernel_dirs() -> list[Path]:
+    """Where a library is looked for and built: the cache, then (a read-only cache dir, e.g. a
+    read-only home on CI) a per-user directory under the system temp dir."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [kernel_dir(), Path(tempfile.gettempdir()) / f"seqfuse-{uid}" / "cpu_kernels"]
+
+
+def _load_or_build(compiler: str, flags: tuple[str, ...], source: str, name: str, key: str) -> ctypes.CDLL:
+    """Load ``<dir>/<name>-<key>.so`` from the first kernel dir that has it (a file that does not
+    load, e.g. truncated by a full disk, is rebuilt), else build it into the first writable one.
+    Raises BuildError (the compiler failed) or OSError (no directory usable)."""
+    last: OSError | None = None
+    for directory in _kernel_dirs():
+        out = directory / f"{name}-{key}.so"
+        if out.exists():
+            try:
+                return ctypes.CDLL(str(out))
+            except OSError:
+                pass  # not a loadable library: rebuild it below
+        try:
+            _compile(compiler, flags, source, out, name)
+            return ctypes.CDLL(str(out))
+        except BuildError:
+            raise  # the source or flags fail; another directory would not help
+        except OSError as exc:
+            last = exc
+    raise last if last is not None else OSError("no kernel directory")
+
+
 def _key(source: str, compiler_id: str, flags: tuple[str, ...]) -> str:
     text = "\n".join([f"v{BUILD_VERSION}", compiler_id, " ".join(flags), platform.machine(), source])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -129,11 +158,8 @@ def load(name: str, source: str) -> ctypes.CDLL:
             if lib is not None:
                 _BY_SOURCE[memo] = lib
                 return lib
-            out = kernel_dir() / f"{name}-{key}.so"
             try:
-                if not out.exists():
-                    _compile(path, flags, source, out, name)
-                lib = ctypes.CDLL(str(out))
+                lib = _load_or_build(path, flags, source, name, key)
             except (BuildError, OSError) as exc:
                 errors.append(str(exc))
                 continue
