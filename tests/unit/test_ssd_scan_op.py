@@ -252,3 +252,17 @@ def test_lowering_a_scan_node_keeps_its_getitem_users():
     y, h = gm(a, b, c)
     y_ref, h_ref = scan_loop(a, b, c, None, True)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+
+
+def test_lowering_an_unselected_op_never_passes_auto_to_the_custom_op():
+    # only when the user turned passes/select off: the op still runs, on an algorithm safe at any length
+    x, b, c, a, d, h0 = ssd_inputs(decay="none", d=False, h0=False)
+    g, n = _graph(x=x, b=b, c=c)
+    _ir_node(g, SSD(x=n["x"], b=n["b"], c=n["c"], decay="none"), [n["x"], n["b"], n["c"]], (x, None))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    lower_graph(gm)
+    (call,) = [node for node in gm.graph.nodes if node.target is torch.ops.seqfuse.ssd.default]
+    assert call.args[8] == "chunked"
+    y, h = gm(x, b, c)
+    y_ref, h_ref = ssd_loop(x, b, c, None, None, None, "none")
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
