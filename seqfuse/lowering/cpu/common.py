@@ -31,6 +31,25 @@ def check_tensors(tensors: dict) -> str | None:
     return None
 
 
+def broadcast_shape(*shapes) -> tuple[int, ...]:
+    """The broadcast of ``shapes`` (torch's rules; raises ValueError naming them when they do not
+    broadcast).  Plain tuples: much cheaper per call than torch.broadcast_shapes."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, n in enumerate(shape, ndim - len(shape)):
+            if n != 1:
+                if out[i] != 1 and out[i] != n:
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = n
+    return tuple(out)
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (itself when it already is)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def compute_dtype(*tensors) -> tuple[torch.dtype, torch.dtype]:
     """(dtype the kernel computes in, dtype of the results): the promoted dtype of the
     operands; fp16/bf16 compute in fp32."""

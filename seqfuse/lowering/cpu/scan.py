@@ -27,8 +27,8 @@ import math
 import torch
 
 from seqfuse.lowering.cpu import build
-from seqfuse.lowering.cpu.common import (KERNEL_DTYPES, I64, check_status, check_tensors, compute_dtype, i64_array,
-                                         merge_row_dims, pointer, threads_for)
+from seqfuse.lowering.cpu.common import (KERNEL_DTYPES, I64, broadcast_shape, cast, check_status, check_tensors,
+                                         compute_dtype, i64_array, merge_row_dims, pointer, threads_for)
 from seqfuse.runtime.dispatch import Impl, register_impl
 
 ctypes_int = ctypes.c_int
@@ -240,40 +240,56 @@ def available() -> str | None:
 # Python side: layouts, calls, gradients' reduction, the dispatcher's Impl
 
 
-def _full_shape(a, b, c, h0) -> torch.Size:
+def _full_shape(a, b, c, h0) -> tuple[int, ...]:
     shapes = [a.shape, b.shape] + ([c.shape] if c is not None else [])
     if h0 is not None:
+        if h0.dim() < 1:
+            raise ValueError("seqfuse.scan (cpu): h0 needs an N axis")
         shapes.append((*h0.shape[:-1], 1, h0.shape[-1]))
-    full = torch.broadcast_shapes(*shapes)
+    full = broadcast_shape(*shapes)
     if len(full) < 2:
         raise ValueError(f"seqfuse.scan (cpu): operands need (…, T, N) axes, got shape {tuple(full)}")
     return full
 
 
-def _as_full(t: torch.Tensor | None, full, dtype, state: bool = False) -> torch.Tensor | None:
-    """``t`` in ``dtype`` as a (*R, T, N) view (a state (*R, N) gets a stride-0 T axis); no copy
-    of a broadcast operand unless its dtype changes."""
+def _as_full(t: torch.Tensor | None, full, dtype, state: bool = False, readout: bool = False):
+    """(``t`` in ``dtype``, its element strides over the (*R, T, N) shape ``full``), or None: the
+    strides of ``t`` broadcast to ``full`` (0 on broadcast axes), computed without making a view.
+    A state (*R, N) (``state``) gets a stride-0 T axis, a readout (*R, T) (``readout``) a stride-0
+    N axis.  No copy of a broadcast operand unless its dtype changes."""
     if t is None:
         return None
-    t = t.to(dtype)
-    return (t.unsqueeze(-2) if state else t).expand(full)
+    t = cast(t, dtype)
+    shape, strides = list(t.shape), list(t.stride())
+    if state:
+        shape.insert(len(shape) - 1, 1)
+        strides.insert(len(strides) - 1, 0)
+    if readout:
+        shape.append(1)
+        strides.append(0)
+    lead = len(full) - len(shape)
+    if lead < 0 or any(n not in (1, f) for n, f in zip(shape, full[lead:])):
+        raise ValueError(f"seqfuse.scan (cpu): a buffer of shape {tuple(t.shape)} does not broadcast to "
+                         f"{tuple(full)}")
+    return t, [0] * lead + [st if n != 1 else 0 for n, st in zip(shape, strides)]
 
 
 def _buffers(views: dict, full, reverse: bool):
-    """Row sizes (merged) and, per buffer, (pointer, strides over (row dims…, T, N)) for the kernel.
+    """Row sizes (merged) and, per buffer, (pointer, strides over (row dims…, T, N)) for the kernel;
+    ``views`` maps names to :func:`_as_full` pairs or None.
 
     ``reverse`` starts every buffer with a T axis at its last step and negates its T stride."""
     rdims, T = len(full) - 2, full[-2]
     names = [n for n, v in views.items() if v is not None]
-    sizes, row_strides = merge_row_dims(list(full[:rdims]), [list(views[n].stride()[:rdims]) for n in names])
+    sizes, row_strides = merge_row_dims(list(full[:rdims]), [list(views[n][1][:rdims]) for n in names])
     args = {}
     for name, rs in zip(names, row_strides):
-        v = views[name]
-        st, sn = v.stride()[-2], v.stride()[-1]
+        t, strides = views[name]
+        st, sn = strides[-2], strides[-1]
         off = 0
         if reverse and T > 0 and st != 0:
             off, st = (T - 1) * st, -st
-        args[name] = (pointer(v, off), i64_array(rs + [st, sn]))
+        args[name] = (pointer(t, off), i64_array(rs + [st, sn]))
     for name, v in views.items():
         if v is None:
             args[name] = (pointer(None), i64_array([0] * (len(sizes) + 2)))
@@ -299,23 +315,23 @@ def scan_forward(a, b, c=None, h0=None, reverse: bool = False):
     y = torch.empty((*rshape, T) if c is not None else full, dtype=cdtype)
     h = torch.empty((*rshape, N), dtype=cdtype)
     if T == 0:  # no step: the final state is h0 (a view over T = 0 has no address to pass)
-        h = h0.to(cdtype).expand(h.shape).clone() if h0 is not None else h.zero_()
-        return y.to(odtype), h.to(odtype)
+        h = cast(h0, cdtype).expand(h.shape).clone() if h0 is not None else h.zero_()
+        return cast(y, odtype), cast(h, odtype)
     views = dict(a=_as_full(a, full, cdtype), b=_as_full(b, full, cdtype), c=_as_full(c, full, cdtype),
-                 h0=_as_full(h0, full, cdtype, state=True),
-                 y=y.unsqueeze(-1).expand(full) if c is not None else y, h=_as_full(h, full, cdtype, state=True))
+                 h0=_as_full(h0, full, cdtype, state=True), y=_as_full(y, full, cdtype, readout=c is not None),
+                 h=_as_full(h, full, cdtype, state=True))
     sizes, p = _buffers(views, full, reverse)
     rows = math.prod(rshape)
     status = _fn("fwd", cdtype)(*p["a"], *p["b"], *p["c"], *p["h0"], *p["y"], *p["h"],
                                 ctypes_int(len(sizes)), i64_array(sizes), I64(rows), I64(T), I64(N),
                                 ctypes_int(threads_for(rows * T * N)))
     check_status(status, "scan", "forward")
-    return y.to(odtype), h.to(odtype)
+    return cast(y, odtype), cast(h, odtype)
 
 
 def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The gradient of a broadcast operand: summed back to its shape, in its dtype."""
-    return grad.sum_to_size(like.shape).to(like.dtype)
+    return cast(grad.sum_to_size(like.shape), like.dtype)
 
 
 def scan_backward(grad_y, grad_h, a, b, c=None, h0=None, reverse: bool = False, needs=(True, True, True, True)):
@@ -332,19 +348,20 @@ def scan_backward(grad_y, grad_h, a, b, c=None, h0=None, reverse: bool = False, 
         raise ValueError(f"seqfuse.scan (cpu): state size N={N} exceeds MAX_N={MAX_N}")
     need_a, need_b, need_c, need_h0 = (bool(n) and t is not None for n, t in zip(needs, (a, b, c, h0)))
     if T == 0:  # no step: only h0 has a gradient, the final state's
-        dh0 = grad_h.to(cdtype).expand(*rshape, N) if grad_h is not None else torch.zeros(*rshape, N, dtype=cdtype)
+        dh0 = cast(grad_h, cdtype).expand(*rshape, N).clone() if grad_h is not None else \
+            torch.zeros(*rshape, N, dtype=cdtype)
         return (a.new_zeros(a.shape) if need_a else None, b.new_zeros(b.shape) if need_b else None,
                 c.new_zeros(c.shape) if need_c else None, _reduce_to(dh0, h0) if need_h0 else None)
-    gy = grad_y.to(cdtype)
-    gy = gy.unsqueeze(-1).expand(full) if c is not None else gy.expand(full)
-    gh = grad_h.to(cdtype) if grad_h is not None else None
+    gy = _as_full(grad_y, full, cdtype, readout=c is not None)
+    gh = _as_full(grad_h, full, cdtype, state=True)
     da = torch.empty(full, dtype=cdtype) if need_a else None
     db = torch.empty(full, dtype=cdtype) if need_b else None
     dc = torch.empty(full, dtype=cdtype) if need_c else None
     dh0 = torch.empty((*rshape, N), dtype=cdtype) if need_h0 else None
     views = dict(a=_as_full(a, full, cdtype), b=_as_full(b, full, cdtype), c=_as_full(c, full, cdtype),
-                 h0=_as_full(h0, full, cdtype, state=True), dy=gy, dh=_as_full(gh, full, cdtype, state=True),
-                 da=da, db=db, dc=dc, dh0=_as_full(dh0, full, cdtype, state=True))
+                 h0=_as_full(h0, full, cdtype, state=True), dy=gy, dh=gh, da=_as_full(da, full, cdtype),
+                 db=_as_full(db, full, cdtype), dc=_as_full(dc, full, cdtype),
+                 dh0=_as_full(dh0, full, cdtype, state=True))
     sizes, p = _buffers(views, full, reverse)
     rows = math.prod(rshape)
     chunk = max(1, math.isqrt(max(T, 1) - 1) + 1)  # ⌈√T⌉: checkpoints + one chunk of states per thread

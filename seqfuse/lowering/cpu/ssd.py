@@ -31,8 +31,8 @@ import math
 import torch
 
 from seqfuse.lowering.cpu import build
-from seqfuse.lowering.cpu.common import KERNEL_DTYPES, I64, check_status, check_tensors, i64_array, pointer, \
-    threads_for
+from seqfuse.lowering.cpu.common import KERNEL_DTYPES, I64, broadcast_shape, cast, check_status, check_tensors, \
+    i64_array, pointer, threads_for
 from seqfuse.runtime.dispatch import Impl, register_impl
 
 #: the largest state (key) size N: the kernel's per-step local arrays
@@ -272,10 +272,10 @@ def _shapes(x, b, c, h0):
     if x.dim() != 4 or b.dim() != 4 or c.dim() != 4:
         raise ValueError(f"seqfuse.ssd (cpu): x, b, c must be 4-d, got {tuple(x.shape)}, {tuple(b.shape)}, "
                          f"{tuple(c.shape)}")
-    B, T, H = torch.broadcast_shapes(x.shape[:3], b.shape[:3], c.shape[:3])
-    N = torch.broadcast_shapes(b.shape[3:], c.shape[3:])[0]
+    B, T, H = broadcast_shape(x.shape[:3], b.shape[:3], c.shape[:3])
+    N = broadcast_shape(b.shape[3:], c.shape[3:])[0]
     if h0 is not None:
-        B, H = torch.broadcast_shapes((B, H), h0.shape[:2])
+        B, H = broadcast_shape((B, H), h0.shape[:2])
     return B, T, H, x.shape[3], N
 
 
@@ -294,18 +294,18 @@ def _arg(t: torch.Tensor | None):
 
 def _views(x, b, c, a, d, h0, decay, dims, dtype):
     B, T, H, P, N = dims
-    xv = x.to(dtype).expand(B, T, H, P)
-    bv, cv = b.to(dtype).expand(B, T, H, N), c.to(dtype).expand(B, T, H, N)
+    xv = cast(x, dtype).expand(B, T, H, P)
+    bv, cv = cast(b, dtype).expand(B, T, H, N), cast(c, dtype).expand(B, T, H, N)
     av = None
     if decay == "scalar":
-        av = a.to(dtype).expand(B, T, H).unsqueeze(-1).expand(B, T, H, N)  # n stride 0: one factor per step
+        av = cast(a, dtype).expand(B, T, H).unsqueeze(-1).expand(B, T, H, N)  # n stride 0: one factor per step
     elif decay == "vector":
-        av = a.to(dtype).expand(B, T, H, N)
+        av = cast(a, dtype).expand(B, T, H, N)
     dv = None
     if d is not None:
-        dv = d.to(dtype)
+        dv = cast(d, dtype)
         dv = (dv.unsqueeze(-1) if dv.dim() == 1 else dv).expand(H, P)
-    h0v = h0.to(dtype).expand(B, H, P, N) if h0 is not None else None
+    h0v = cast(h0, dtype).expand(B, H, P, N) if h0 is not None else None
     return xv, bv, cv, av, dv, h0v
 
 
@@ -340,7 +340,7 @@ def ssd_forward(x, b, c, a=None, d=None, h0=None, decay: str = "scalar"):
                                 *_arg(dv), *_arg(h0v), *_arg(y), *_arg(h), I64(B), I64(T), I64(H), I64(P), I64(N),
                                 ctypes.c_int(threads_for(B * T * H * P * N)))
     check_status(status, "ssd", "forward")
-    return y.to(odtype), h.to(odtype)
+    return cast(y, odtype), cast(h, odtype)
 
 
 def ssd_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, decay: str = "scalar",
@@ -358,8 +358,8 @@ def ssd_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, decay: str = 
     cdtype, _ = _dtypes(x, b, c)
     need = [bool(n) and t is not None for n, t in zip(needs, (x, b, c, a, d, h0))]
     xv, bv, cv, av, dv, h0v = _views(x, b, c, a, d, h0, decay, dims, cdtype)
-    gy = grad_y.to(cdtype).expand(B, T, H, P)
-    gh = grad_h.to(cdtype).expand(B, H, P, N) if grad_h is not None else None
+    gy = cast(grad_y, cdtype).expand(B, T, H, P)
+    gh = cast(grad_h, cdtype).expand(B, H, P, N) if grad_h is not None else None
     dx = torch.empty(B, T, H, P, dtype=cdtype) if need[0] else None
     db = torch.empty(B, T, H, N, dtype=cdtype) if need[1] else None
     dc = torch.empty(B, T, H, N, dtype=cdtype) if need[2] else None
@@ -382,7 +382,7 @@ def ssd_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, decay: str = 
     if da is not None and decay == "scalar":
         da = da[..., 0]
     grads = (dx, db, dc, da, dd, dh0)
-    return tuple(g.sum_to_size(t.shape).to(t.dtype) if g is not None else None
+    return tuple(cast(g.sum_to_size(t.shape), t.dtype) if g is not None else None
                  for g, t in zip(grads, (x, b, c, a, d, h0)))
 
 
