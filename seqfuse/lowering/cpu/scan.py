@@ -4,7 +4,8 @@
     y_t = Σ_n c_t[n]·h_t[n]  with a readout c, else y_t = h_t
 
 One row (an index of the leading dims R) is one independent sequential recurrence:
-the kernel runs rows in parallel (OpenMP) and keeps the row's state h (N ≤ MAX_N) in a
+the kernel runs rows in parallel (OpenMP, guided schedule: on a busy machine a thread that
+is descheduled does not hold a fixed share of the rows) and keeps the row's state h (N ≤ MAX_N) in a
 local array whose update over n vectorizes.  Operands keep their layout: each buffer is
 passed as a pointer with element strides over (row dims…, T, N), so a ``c`` expanded over
 channels (stride 0) or an ``a`` broadcast over T is never copied.  ``reverse`` is a
@@ -99,7 +100,7 @@ int scan_fwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *
     const int TD = ndim, ND = ndim + 1;
     const int UNIT = SA[ND] == 1 && SB[ND] == 1 && (!C || SC[ND] == 1);
     if (N > MAX_N) return 2;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
+    #pragma omp parallel for schedule(guided) num_threads(nthreads) if(nthreads > 1)
     for (i64 r = 0; r < rows; ++r) {
         const SCALAR *a = A + row_offset_SUFFIX(r, ndim, sizes, SA);
         const SCALAR *b = B + row_offset_SUFFIX(r, ndim, sizes, SB);
@@ -192,7 +193,7 @@ int scan_bwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(guided)
         for (i64 r = 0; r < rows; ++r) {
             if (!ckpt) continue;
             #define ROW(P, S) (P ? P + row_offset_SUFFIX(r, ndim, sizes, S) : 0)

@@ -91,7 +91,7 @@ int ssd_fwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(guided)
         for (i64 bh = 0; bh < NB * NH; ++bh) {
             if (!S) continue;
             const i64 ib = bh / NH, ih = bh % NH;
@@ -150,7 +150,7 @@ int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(guided)
         for (i64 bh = 0; bh < NB * NH; ++bh) {
             if (!G) continue;
             const i64 ib = bh / NH, ih = bh % NH;
