@@ -592,7 +592,12 @@ class SSDFormsPass(Pass):
         x = self._layout(graph, root, roles, *roles.x, j, roles.p, root)
         b = self._layout(graph, root, roles, *roles.b, j, roles.n, root)
         c = self._layout(graph, root, roles, *roles.c, i, roles.n, root)
-        scale = sym_product(graph, term.scalars, root)
+        syms = [f for f in term.scalars if isinstance(f[0], torch.fx.Node)]
+        consts = [f for f in term.scalars if not isinstance(f[0], torch.fx.Node)]
+        if len(syms) == 1 and not syms[0][1] and all(float(v) == 1.0 for v, _ in consts):
+            scale = syms[0][0]                    # one symbolic factor: no `1.0 * s` node
+        else:
+            scale = sym_product(graph, term.scalars, root)
         if isinstance(scale, torch.fx.Node) or scale != 1.0:     # s·(c·bᵀ ∘ M)·x = ((s·c)·bᵀ ∘ M)·x
             c = self._emit(graph, root, aten.mul.Tensor, (c, scale), root)
         a = None

@@ -3,9 +3,14 @@ import pathlib
 
 import torch
 import torch.nn.functional as F
+from torch._higher_order_ops.associative_scan import associative_scan_op
+from torch._higher_order_ops.scan import scan
 
+import pytest
 import seqfuse
 from fc import run_filecheck
+
+fla_retention = pytest.importorskip("fla.ops.retention.naive")
 
 
 def after_pass(fn, *args, tmp_path, stage="ssd_forms", dynamic=None):
@@ -56,27 +61,30 @@ def test_mamba2_segsum_is_scalar_decay_with_a(tmp_path):
     """)
 
 
-def simple_gla(q, k, v, g):
-    from fla.ops.simple_gla.naive import naive_parallel_simple_gla
-    return naive_parallel_simple_gla(q, k, v, g)[0]
+def simple_gla_bhtd(q, k, v, g):
+    # fla's naive_parallel_simple_gla in (B, H, T, D) with its 1/sqrt(D) scale on the scores
+    A = q @ k.mT * q.shape[-1] ** -0.5
+    G = g.cumsum(-1)
+    return (A * (G[..., :, None] - G[..., None, :]).tril().exp().tril()) @ v
 
 
 def test_simple_gla_dynamic_folds_the_scale_into_c(tmp_path):
-    # dynamic shapes: the 1/sqrt(D) scale is symbolic and multiplies c; a is the (permuted) gate
-    args = [torch.randn(2, 8, 3, 4) for _ in range(3)] + [F.logsigmoid(torch.randn(2, 8, 3))]
-    text = after_pass(simple_gla, *args, tmp_path=tmp_path, dynamic=True)
+    # dynamic shapes: the scale is symbolic and multiplies c; a is the gate, moved to (B, T, H)
+    args = [torch.randn(2, 3, 8, 4) for _ in range(3)] + [F.logsigmoid(torch.randn(2, 3, 8))]
+    text = after_pass(simple_gla_bhtd, *args, tmp_path=tmp_path, dynamic=True)
     run_filecheck(text, """
-        CHECK: %[[S:[a-z_0-9]+]] = mul(1.0, %truediv) : sym
+        CHECK: %[[S:[a-z_0-9]+]] = pow(%{{[a-z_0-9]+}}, -0.5) : sym
         CHECK: %[[C:[a-z_0-9]+]] = aten.mul.Tensor(%{{[a-z_0-9]+}}, %[[S]])
-        CHECK: seqfuse.ssd(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, %[[C]], a=%{{[a-z_0-9]+}}) {decay=scalar
+        CHECK: %[[A:[a-z_0-9]+]] = aten.permute(%l_g_, [0, 2, 1])
+        CHECK: seqfuse.ssd(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, %[[C]], a=%[[A]]) {decay=scalar
         CHECK-SAME: : (f32[s{{[0-9]+}}, s{{[0-9]+}}, s{{[0-9]+}}, s{{[0-9]+}}]
         CHECK-NOT: aten.exp
+        CHECK-NOT: aten.cumsum
     """)
 
 
 def retention(q, k, v):
-    from fla.ops.retention.naive import naive_retention
-    return naive_retention(q, k, v)
+    return fla_retention.naive_retention(q, k, v)
 
 
 def test_retention_a_is_log_gamma(tmp_path):
@@ -155,7 +163,6 @@ def _linear_body(h, xs):
 
 
 def hop_scan(a, b):
-    from torch._higher_order_ops.scan import scan
     return scan(_linear_body, torch.zeros_like(b[0]), (a, b))[1]
 
 
@@ -177,7 +184,6 @@ def _linear_combine(a_left, b_left, a_right, b_right):
 
 
 def assoc_scan(a, b):
-    from torch._higher_order_ops.associative_scan import associative_scan_op
     return associative_scan_op(_linear_combine, (a.movedim(2, 0), b.movedim(2, 0)), ())[1].movedim(0, 2)
 
 
