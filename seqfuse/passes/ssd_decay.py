@@ -266,6 +266,8 @@ class Analyzer:
             mask = ("keep", keep, aligned(keep, letters, node))
             if fill == -math.inf:
                 return Lin(out.terms, out.valid, out.zero + [mask], out.req)
+            if not math.isfinite(fill):
+                raise NoMatch("the decay exponent is filled with +inf or nan outside a mask")
             return Lin(out.terms, out.valid + [mask], out.zero, out.req)
         if is_op(node, aten.tril):
             out = self.lin(node.args[0], letters)

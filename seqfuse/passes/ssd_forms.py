@@ -66,8 +66,14 @@ class _Term:
 
 
 def _einsum_parts(node):
-    lhs, out = node.args[0].split("->")
-    return lhs.split(","), out
+    eq = node.args[0]
+    if "->" not in eq or "." in eq or " " in eq:
+        raise _Silent()                       # implicit output, ellipsis: not a canonical contraction
+    lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if any(len(set(p)) != len(p) for p in parts) or len(set(out)) != len(out):
+        raise _Silent()                       # a repeated letter takes a diagonal
+    return parts, out
 
 
 def _reaches_contraction(node) -> bool:
