@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 
 import torch
 import torch.fx
@@ -39,6 +41,15 @@ class _Dumper:
         self.step += 1
 
 
+@contextmanager
+def _timed(report: GraphReport, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.seconds[stage] = report.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
 def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
                  report: GraphReport) -> torch.fx.GraphModule:
     """Turn Dynamo's graph into an executable graph whose mixers are seqfuse custom ops."""
@@ -46,22 +57,26 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     dump("dynamo", gm.print_readable(print_output=False))
     # 1. Pre-dispatch ATen: canonical op names, symbolic shapes kept, autograd not yet
     #    applied, so a replaced region keeps training through the custom op's backward.
-    canon = trace_pre_dispatch(gm, example_inputs)
+    with _timed(report, "trace"):
+        canon = trace_pre_dispatch(gm, example_inputs)
     dump("pre_dispatch", canon.graph)
     # 2. Contractions before masks: mask normalization and all recognizers read
     #    scores as einsums with views folded in.
-    normalize_contractions(canon)
-    dump("contractions", canon.graph)
-    normalize_masks(canon)
+    with _timed(report, "canonicalize"):
+        normalize_contractions(canon)
+        dump("contractions", canon.graph)
+        normalize_masks(canon)
     dump("masks", canon.graph)
     # 3. Recognizers in registration order (built-in first, users' after, so a user
     #    pass can build on the IR ops the built-ins produced).
     for p in enabled_passes(options.passes):
-        p.run(PassContext(canon, report, options))
-        canon.graph.lint()
+        with _timed(report, p.name):
+            p.run(PassContext(canon, report, options))
+            canon.graph.lint()
         dump(p.name, canon.graph)
     # 4. Select after every recognizer: the cost model sees all IR ops and their shapes.
-    SelectPass().run(PassContext(canon, report, options))
+    with _timed(report, "select"):
+        SelectPass().run(PassContext(canon, report, options))
     # 5. Verify before anything executes: a malformed op is a recognizer bug.
     verify_graph(canon.graph)
     ir_lines = []
@@ -74,8 +89,9 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     dump("ir", "\n".join(ir_lines) + "\n")
     # 6. Lower last: IR nodes become calls of the seqfuse custom ops, with the
     #    runtime path choice baked in as an argument.
-    lower_graph(canon, options.runtime)
-    canon.graph.eliminate_dead_code()
-    canon.recompile()
+    with _timed(report, "lower"):
+        lower_graph(canon, options.runtime)
+        canon.graph.eliminate_dead_code()
+        canon.recompile()
     dump("lowered", canon.graph)
     return canon

@@ -128,6 +128,11 @@ def _plain_target(node: torch.fx.Node) -> bool:
                 or module.startswith("torch._higher_order_ops") or module.startswith("torch.amp"))
 
 
+def _structural(node: torch.fx.Node, values: dict) -> bool:
+    """``node`` picks an element of a tuple/list result (split, chunk, unbind): no op of its own."""
+    return node.target is operator.getitem and not isinstance(values[node.args[0]], torch.Tensor)
+
+
 def eligible(gm: torch.fx.GraphModule) -> bool:
     """Whether ``gm`` is large, repetitive and plain enough for replay (cheap: metadata only)."""
     calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -141,7 +146,8 @@ def eligible(gm: torch.fx.GraphModule) -> bool:
     keys = set()
     try:
         for n in calls:
-            keys.add(_key(n, values)[0])
+            if not _structural(n, values):
+                keys.add(_key(n, values)[0])
     except Unsupported:
         return False
     return len(keys) <= MAX_DISTINCT * len(calls)
@@ -285,8 +291,7 @@ def trace_by_replay(gm: torch.fx.GraphModule, values: list, mode: FakeTensorMode
             continue
         if not _plain_target(node):
             raise Unsupported(f"{node.name}: {node.op} {node.target}")
-        if node.target is operator.getitem and not isinstance(fake[node.args[0]], torch.Tensor):
-            # indexing a tuple/list result (split, chunk, unbind): structural, no op
+        if _structural(node, fake):
             env[node] = env[node.args[0]][node.args[1]]
             fake[node] = fake[node.args[0]][node.args[1]]
             continue

@@ -57,6 +57,8 @@ class GraphReport:
     rewrites: list[Rewrite] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
     dumps: list[str] = field(default_factory=list)
+    #: seconds spent in each pipeline stage (trace, each pass, select, lower), in order
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def add_rewrite(self, kind: str, ir: str, node: torch.fx.Node | None = None, algorithm: str = "-") -> None:
         """Record a rewrite of kind ``kind``, printed as ``ir``, at ``node``'s source location."""
@@ -93,6 +95,15 @@ class Report:
         """Paths of files written under ``dump_dir``."""
         return [d for g in self.graphs for d in g.dumps]
 
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per pipeline stage, summed over the graphs (where compile time goes)."""
+        total: dict[str, float] = {}
+        for g in self.graphs:
+            for stage, t in g.seconds.items():
+                total[stage] = total.get(stage, 0.0) + t
+        return total
+
     def count(self, kind: str) -> int:
         """How many rewrites of ``kind`` ("attention", "ssd", "scan", "long_conv", or a user pass's kind)."""
         if not isinstance(kind, str):
@@ -111,14 +122,17 @@ class Report:
             lines += _table(["kind", "location", "reason"],
                             [[m.kind, m.location, m.reason] for m in self.near_misses])
         if self.runtime:
+            from seqfuse.runtime.dispatch import PATHS
             lines.append("runtime calls:")
-            lines += _table(["op", "triton", "aten", "eager"],
-                            [[k, str(v.get("triton", 0)), str(v.get("aten", 0)), str(v.get("eager", 0))]
-                             for k, v in self.runtime.items()])
+            lines += _table(["op", *PATHS], [[k, *(str(v.get(p, 0)) for p in PATHS)] for k, v in self.runtime.items()])
         if self.fallbacks:
             lines.append("paths not taken:")
             lines += _table(["op", "calls", "reason"],
                             [[k, str(n), r] for k, rs in self.fallbacks.items() for r, n in rs.items()])
+        seconds = self.seconds
+        if seconds:
+            lines.append(f"pipeline seconds: {sum(seconds.values()):.2f} (" +
+                         ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()) + ")")
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -10,7 +10,7 @@ _FALLBACKS: dict[str, Counter] = defaultdict(Counter)
 
 
 def count_call(kind: str, path: str) -> None:
-    """Record that one call of IR op ``kind`` ran on ``path`` ("triton", "aten", "eager")."""
+    """Record that one call of IR op ``kind`` ran on ``path`` ("triton", "cpu", "aten", "eager")."""
     _CALLS[kind][path] += 1
 
 
@@ -21,8 +21,9 @@ def count_fallback(kind: str, reason: str) -> None:
 
 def counters() -> dict[str, dict[str, int]]:
     """Calls per IR op kind and runtime path since the last reset, e.g.
-    ``{"attention": {"aten": 4, "eager": 0, "triton": 0}}``."""
-    return {k: {"triton": c["triton"], "aten": c["aten"], "eager": c["eager"]} for k, c in sorted(_CALLS.items())}
+    ``{"attention": {"triton": 0, "cpu": 0, "aten": 4, "eager": 0}}`` (every path listed)."""
+    from seqfuse.runtime.dispatch import PATHS  # dispatch imports this module
+    return {k: {p: c[p] for p in PATHS} for k, c in sorted(_CALLS.items())}
 
 
 def fallbacks() -> dict[str, dict[str, int]]:

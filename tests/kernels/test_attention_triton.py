@@ -378,7 +378,7 @@ def test_auto_runtime_picks_triton_and_counts_it():
     t, a = dict(q=q, k=k, v=v, bias=None, keep=None), attrs(mask="causal")
     assert dispatch.choose("attention", "auto", t, a).path == "triton"
     out, lse = dispatch.run("attention", "forward", "auto", t, a, q, k, v, None, None, a)
-    assert seqfuse.counters()["attention"] == {"triton": 1, "aten": 0, "eager": 0}
+    assert seqfuse.counters()["attention"] == {"triton": 1, "cpu": 0, "aten": 0, "eager": 0}
     assert rel_err(out, attention_reference(q, k, v, mask="causal")) < KBOUND[torch.float32]
     # a call the kernels refuse goes on to the next path, with the reason recorded
     a = attrs(mask="causal", dropout=0.5)
@@ -426,7 +426,7 @@ def test_kernel_compile_error_falls_back_to_eager_with_a_warning(monkeypatch):
     assert any(m.startswith("seqfuse.attention: triton raised CompilationError") and "injected" in m
                and "falling back to the eager reference" in m for m in messages), messages
     c = seqfuse.counters()
-    assert c["attention"] == {"triton": 0, "aten": 0, "eager": 1}
+    assert c["attention"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 1}
     # the backward kernels still compile: they ran (on the eager forward's out and lse)
     assert c["attention_backward"]["triton"] == 1
     assert any("triton raised CompilationError" in r for r in seqfuse.fallbacks()["attention"])

@@ -79,7 +79,7 @@ def test_forward_returns_the_log_sum_exp():
         ref, ref_lse = attention_reference(q, k, v, bias, keep, return_lse=True, **{**DEFAULTS, **a})
         assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1] and rng.numel() == 0
         assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5, runtime
-    assert seqfuse.counters()["attention"] == {"triton": 0, "aten": 1, "eager": 1}
+    assert seqfuse.counters()["attention"] == {"triton": 0, "cpu": 0, "aten": 1, "eager": 1}
 
 
 # --- gradients through the op vs autograd through the reference ---------------------------
@@ -144,7 +144,7 @@ def test_dropout_forward_is_F_dropout_with_the_same_seed():
     torch.manual_seed(8)
     other, _, _ = call(q, k, v, mask="causal", dropout=0.3)
     assert rel_err(other, expected) > 1e-2
-    assert seqfuse.counters()["attention"] == {"triton": 0, "aten": 0, "eager": 2}
+    assert seqfuse.counters()["attention"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 2}
 
 
 @pytest.mark.parametrize("kw, attrs", [(dict(), dict(dropout=0.4)),

@@ -50,7 +50,7 @@ def test_report_of_two_attentions():
     assert first.location == f"test_report.py:{line_of(two_attentions, 'ATTN-1')} in two_attentions"
     assert second.location == f"test_report.py:{line_of(two_attentions, 'ATTN-2')} in two_attentions"
     assert report.near_misses == []  # the gate softmax is not mistaken for attention
-    assert report.runtime == {"attention": {"triton": 0, "aten": 2, "eager": 0}}
+    assert report.runtime == {"attention": {"triton": 0, "cpu": 0, "aten": 2, "eager": 0}}
     assert all(r.startswith("triton") for rs in report.fallbacks.values() for r in rs)  # aten took both
 
 
@@ -84,8 +84,11 @@ def test_str_has_the_tables():
     assert all(r.split()[:2] == ["attention", "fused"] and "test_report.py:" in r and "seqfuse.attention(" in r
                for r in rows)
     runtime = lines.index("runtime calls:")
-    assert lines[runtime + 1].split() == ["op", "triton", "aten", "eager"]
-    assert lines[runtime + 2].split() == ["attention", "0", "2", "0"]
+    assert lines[runtime + 1].split() == ["op", "triton", "cpu", "aten", "eager"]
+    assert lines[runtime + 2].split() == ["attention", "0", "0", "2", "0"]
+    assert lines[-1].startswith("pipeline seconds: ") and "trace " in lines[-1] and "attention " in lines[-1]
+    assert set(report.seconds) >= {"trace", "canonicalize", "loops", "attention", "select", "lower"}
+    assert all(t >= 0 for t in report.seconds.values())
     assert repr(report) == text
     miss = str(seqfuse.explain(returns_probabilities, *inputs()[:3], options=EAGER))
     assert "near misses:" in miss and "the probabilities are used 2 times" in miss

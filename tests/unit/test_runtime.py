@@ -47,7 +47,7 @@ def test_counters_count_each_path():
     call(q, k, v)
     call(q, k, v)
     call(q, k, v, runtime="eager")
-    assert seqfuse.counters() == {"attention": {"triton": 0, "aten": 2, "eager": 1}}
+    assert seqfuse.counters() == {"attention": {"triton": 0, "cpu": 0, "aten": 2, "eager": 1}}
     assert not_triton(seqfuse.fallbacks()) == {}
     seqfuse.reset_counters()
     assert seqfuse.counters() == {} and seqfuse.fallbacks() == {}
@@ -66,7 +66,7 @@ def test_unsupported_call_runs_eager_and_counts_the_reason():
     softcap = ATTRS[:7] + (5.0, 0.0)
     out, _, _ = call(q, k, v, attrs=softcap)
     assert rel_err(out, attention_reference(q, k, v, mask="causal", softcap=5.0)) < 1e-6
-    assert seqfuse.counters()["attention"] == {"triton": 0, "aten": 0, "eager": 1}
+    assert seqfuse.counters()["attention"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 1}
     reasons = not_triton(seqfuse.fallbacks())["attention"]
     assert reasons == {"aten: softcap is not supported by scaled_dot_product_attention": 1}
 
@@ -75,12 +75,12 @@ def test_runtime_option_eager_forces_the_eager_path():
     q, k, v = qkv(grad=True)
     report = check_against_eager(causal, q, k, v, options={"downstream": "eager", "runtime": "eager"})
     assert report.count("attention") == 1
-    assert report.runtime["attention"] == {"triton": 0, "aten": 0, "eager": 1}
+    assert report.runtime["attention"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 1}
     # the backward ran after explain returned: it is in the process-wide counters
-    assert seqfuse.counters()["attention_backward"] == {"triton": 0, "aten": 0, "eager": 1}
+    assert seqfuse.counters()["attention_backward"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 1}
     torch._dynamo.reset()
     report = check_against_eager(causal, *qkv(), options={"downstream": "eager"}, grads=False)
-    assert report.runtime["attention"] == {"triton": 0, "aten": 1, "eager": 0}  # the default would use aten
+    assert report.runtime["attention"] == {"triton": 0, "cpu": 0, "aten": 1, "eager": 0}  # the default would use aten
 
 
 def test_requested_path_that_cannot_run_warns():
@@ -124,7 +124,7 @@ def test_fault_in_aten_falls_back_to_eager_with_a_warning(broken_aten):
     assert any("seqfuse.attention: aten raised RuntimeError: injected fault" in m and "eager" in m
                for m in messages), messages
     assert rel_err(out, ref(q, k, v)) < 1e-6
-    assert seqfuse.counters()["attention"] == {"triton": 0, "aten": 0, "eager": 1}
+    assert seqfuse.counters()["attention"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 1}
     assert not_triton(seqfuse.fallbacks())["attention"] == {"aten raised RuntimeError: injected fault": 1}
 
 
@@ -133,11 +133,11 @@ def test_fault_in_compiled_model_falls_back_and_stays_correct(broken_aten):
     with pytest.warns(UserWarning, match="aten raised RuntimeError: injected fault") as record:
         report = check_against_eager(causal, q, k, v, options={"downstream": "eager"})
     assert any("seqfuse.attention_backward: aten raised" in str(w.message) for w in record)
-    assert report.runtime["attention"] == {"triton": 0, "aten": 0, "eager": 1}
+    assert report.runtime["attention"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 1}
     assert not_triton(report.fallbacks)["attention"] == {"aten raised RuntimeError: injected fault": 1}
     assert "aten raised RuntimeError: injected fault" in str(report)  # the "paths not taken" table
     # the backward ran after explain returned, and fell back too
-    assert seqfuse.counters()["attention_backward"] == {"triton": 0, "aten": 0, "eager": 1}
+    assert seqfuse.counters()["attention_backward"] == {"triton": 0, "cpu": 0, "aten": 0, "eager": 1}
     assert not_triton(seqfuse.fallbacks())["attention"] == {"aten raised RuntimeError: injected fault": 2}
 
 
