@@ -35,3 +35,16 @@ def recompute_grads(fn, grad_out, inputs: list, needs: list[bool]):
             g = next(grads)
             result.append(torch.zeros_like(x) if g is None else g)
     return result
+
+
+def as_result(value: torch.Tensor, like: torch.Tensor, inputs) -> torch.Tensor:
+    """``value`` as a custom op's result laid out like the fake impl's ``like`` (same shape, dtype
+    and strides) and sharing no storage with ``inputs`` (a custom op's outputs may not alias
+    its inputs).  Returned as is when it already is one — the common case for kernels that
+    write fresh buffers — else copied into ``like``."""
+    if (value.shape == like.shape and value.dtype == like.dtype and value.stride() == like.stride()
+            and value.device == like.device):
+        ptr = value.untyped_storage().data_ptr()
+        if not any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr for t in inputs):
+            return value
+    return like.copy_(value)

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from seqfuse.lowering.autograd import as_result
 from seqfuse.lowering.reference.scan import ALGORITHMS, out_dtype, scan_backward_reference, scan_reference, \
     scan_shape
 from seqfuse.runtime import Impl, register_impl, run
@@ -53,7 +54,7 @@ def scan(a: Tensor, b: Tensor, c: Optional[Tensor], h0: Optional[Tensor], revers
     attrs = dict(reverse=reverse, algorithm=algorithm)
     y, h = run("scan", "forward", runtime, dict(a=a, b=b, c=c, h0=h0), attrs, a, b, c, h0, attrs)
     ey, eh = _empty_results(a, b, c, h0)
-    return ey.copy_(y), eh.copy_(h)
+    return as_result(y, ey, (a, b, c, h0)), as_result(h, eh, (a, b, c, h0))
 
 
 @scan.register_fake
@@ -77,7 +78,8 @@ def scan_backward(grad_y: Tensor, grad_h: Tensor, a: Tensor, b: Tensor, c: Optio
         elif g is None:
             out.append(torch.zeros_like(t))
         else:
-            out.append(torch.empty_like(t).copy_(g if t.is_complex() or not g.is_complex() else g.real))
+            out.append(as_result(g if t.is_complex() or not g.is_complex() else g.real, torch.empty_like(t),
+                                 (grad_y, grad_h, a, b, c, h0)))
     return tuple(out)
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from seqfuse.lowering.autograd import recompute_grads
+from seqfuse.lowering.autograd import as_result, recompute_grads
 from seqfuse.lowering.reference.ssd import ALGORITHMS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_reference, \
     ssd_shapes
 from seqfuse.runtime import Impl, register_impl, run
@@ -54,7 +54,7 @@ def ssd(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], d: Optional[Tensor
     attrs = _attrs(decay, chunk, algorithm)
     y, h = run("ssd", "forward", runtime, dict(x=x, b=b, c=c, a=a, d=d, h0=h0), attrs, x, b, c, a, d, h0, attrs)
     ey, eh = _empty_results(x, b, c, h0)
-    return ey.copy_(y), eh.copy_(h)
+    return as_result(y, ey, (x, b, c, a, d, h0)), as_result(h, eh, (x, b, c, a, d, h0))
 
 
 @ssd.register_fake
@@ -75,7 +75,8 @@ def ssd_backward(grad_y: Tensor, grad_h: Tensor, x: Tensor, b: Tensor, c: Tensor
     attrs = _attrs(decay, chunk, algorithm, needs=list(needs))
     tensors = dict(zip(_OPERANDS, (x, b, c, a, d, h0)))
     grads = run("ssd", "backward", runtime, tensors, attrs, grad_y, grad_h, x, b, c, a, d, h0, attrs)
-    return tuple(torch.empty_like(t).copy_(g) if (n and t is not None and g is not None) else
+    inputs = (grad_y, grad_h, x, b, c, a, d, h0)
+    return tuple(as_result(g, torch.empty_like(t), inputs) if (n and t is not None and g is not None) else
                  (torch.zeros_like(t) if (n and t is not None) else x.new_empty(0))
                  for t, g, n in zip((x, b, c, a, d, h0), grads, needs))
 
