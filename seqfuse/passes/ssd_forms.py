@@ -1,23 +1,31 @@
-"""Loop-free faces of linear recurrences -> seqfuse.ssd.
+"""Loop-free faces of linear recurrences -> seqfuse.ssd / seqfuse.scan.
 
-Quadratic masked forms (the attention-like face of the SSD duality).  From every
-contraction the pass flattens the product term it computes: contractions
-(any number of operands), products with position factors, ``tril`` and zero-fill
-masks, and scalar scalings of the scores are expanded while each step is used
-only once.  The term must read
+1. Quadratic masked forms (the attention-like face of the SSD duality).  From every
+   contraction the pass flattens the product term it computes: contractions (any number
+   of operands), products with position factors, ``tril`` and zero-fill masks, scalar
+   scalings of the scores, and cumulative sums are expanded while each step is used only
+   once.  The term must read
 
-    y[.., i, p] = s · Σ_j Σ_n c[.., i, n]·b[.., j, n] · M[.., i, j] · x[.., j, p]
+       y[.., i, p] = s · Σ_j Σ_n c[.., i, n]·b[.., j, n] · M[.., i, j] · x[.., j, p]
 
-with M a product of position factors proven (seqfuse.passes.ssd_decay) to be
+   with M a product of position factors proven (seqfuse.passes.ssd_decay) to be
 
-    [j ≤ i]                          # (c·bᵀ ∘ tril)·x            -> ssd(decay=none)
-    [j ≤ i]·exp(G_i - G_j), G=cumsum a  # (c·bᵀ ∘ exp(segsum a))·x -> ssd(decay=scalar, a)
-    [j ≤ i]·exp(w·(i - j))           # (c·bᵀ ∘ γ^(i-j)[i≥j])·x    -> ssd(decay=scalar, a=w=log γ)
+       [j ≤ i]                              # (c·bᵀ ∘ tril)·x             -> ssd(decay=none)
+       [j ≤ i]·exp(G_i - G_j), G = cumsum a # (c·bᵀ ∘ exp(segsum a))·x    -> ssd(decay=scalar, a)
+       [j ≤ i]·exp(w·(i - j))               # (c·bᵀ ∘ γ^(i-j)[i≥j])·x     -> ssd(decay=scalar, a=w=log γ)
 
-and becomes one ``seqfuse.ssd`` with x (B, T, H, P), b/c (B, T, H, N), a (B, T, H)
-(leading batch axes are flattened into B, the last batch axis is H); its y is
-permuted back to the contraction's layout.  Masks are evaluated (they depend on
-sizes only) at several sizes and must be exactly the inclusive lower triangle.
+   Masks depend on sizes only; they are evaluated at several sizes and must be exactly
+   the inclusive lower triangle (strictly lower, windows: near misses).
+2. Cumulative-sum forms are the same term:   # cumsum_t(S)[t] = Σ_s [s ≤ t]·S[s]
+   ``q_t · cumsum_t(k ⊗ v)`` flattens to Σ_{n,s} q[t,n]·k[s,n]·[s ≤ t]·v[s,p].
+   A decay factored into the operands (q·exp(G), k·exp(-G); q·P, k/P with P a cumprod) stays
+   in c and b with decay=none: that equals eager; extracting a would not be provably equal.
+3. Higher-order ops: ``torch.ops.higher_order.scan`` whose body is h' = a·h + b with output h',
+   and ``associative_scan`` whose combine is (a_l·a_r, a_r·b_l + b_r)    -> scan(a, b)
+   (the scanned axis 0 moves to -2).
+
+The ssd takes x (B, T, H, P), b/c (B, T, H, N), a (B, T, H): leading batch axes are
+flattened into B, the last batch axis is H; y is permuted back to the contraction's layout.
 """
 from __future__ import annotations
 

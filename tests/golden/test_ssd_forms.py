@@ -70,11 +70,12 @@ def scaled_scores(q, k, v):
 
 @pytest.mark.parametrize("fn,layout", [
     (tril_ones_matmul, "bhtd"), (scores_tril, "bhtd"), (masked_fill_upper, "bhtd"), (where_keep, "bhtd"),
-    (scaled_q_bthd, "bthd"), (scaled_scores, "bhtd"),
+    (scaled_q_bthd, "bthd"), (scaled_scores, "bhtd"), (scores_tril, "shared_k"), (tril_ones_matmul, "td"),
 ])
 def test_causal_linear_attention_spellings(fn, layout):
-    shape = (B, H, T, D) if layout == "bhtd" else (B, T, H, D)
-    report = check_against_eager(fn, *inputs(shape, shape, shape))
+    shape = (B, T, H, D) if layout == "bthd" else (T, D) if layout == "td" else (B, H, T, D)
+    kshape = (B, 1, T, D) if layout == "shared_k" else shape     # one key head shared by every query head
+    report = check_against_eager(fn, *inputs(shape, kshape, shape))
     assert_one_ssd(report, "none")
 
 
@@ -207,13 +208,22 @@ def cumsum_factored_exp_decay(q, k, v, g):
     return (qe[..., None] * (ke[..., :, None] * v[..., None, :]).cumsum(2)).sum(-2)
 
 
+def cumsum_factored_cumprod(q, k, v, g):
+    # q_t·P_t and k_s / P_s (P = cumprod of gates): kept factored, as eager computes it; a scalar
+    # decay a = log g would not be provably equal (k / P overflows once P underflows)
+    P = g.cumprod(2)
+    return (q[..., None] * P[..., None, None] * ((k / P[..., None])[..., :, None] * v[..., None, :]).cumsum(2)).sum(-2)
+
+
 @pytest.mark.parametrize("fn,layout", [(cumsum_broadcast, "bhtd"), (cumsum_einsum_bthd, "bthd"),
-                                       (cumsum_factored_exp_decay, "gated")])
+                                       (cumsum_factored_exp_decay, "gated"), (cumsum_factored_cumprod, "gates")])
 def test_cumsum_forms(fn, layout):
     shape = (B, T, H, D) if layout == "bthd" else (B, H, T, D)
     args = inputs(shape, shape, shape)
     if layout == "gated":
         args.append(F.logsigmoid(torch.randn(B, H, T)).requires_grad_())
+    elif layout == "gates":
+        args.append((0.5 + 0.5 * torch.rand(B, H, T)).requires_grad_())
     report = check_against_eager(fn, *args)
     assert_one_ssd(report, "none")
 
