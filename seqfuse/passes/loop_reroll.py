@@ -58,7 +58,8 @@ class Run:
 
 def _seed_key(node: torch.fx.Node):
     """(X, dim, form, index) when ``node`` is a per-step slice of a graph value, else None."""
-    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+    if (node.target is not aten.select.int and node.target is not aten.slice.Tensor) \
+            or not isinstance(node.args[0], torch.fx.Node):
         return None
     x = node.args[0]
     r = val(x).dim() if isinstance(val(x), torch.Tensor) else None
@@ -209,7 +210,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
     table: dict[Any, torch.fx.Node] = {}
     members: dict[torch.fx.Node, list] = {}    # representative -> every hash-consed copy
     by_step: dict[int, list[torch.fx.Node]] = {}
-    node = min((r.nodes[0] for r in runs), key=pos.__getitem__)
+    node = next(iter(graph.nodes))   # from the top: invariants before the loop are hash-consed too
     while node is not None and node.op != "output":
         if node in step_of_seed:
             s = step_of_seed[node]
@@ -233,7 +234,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
     labeled = [n for s in sorted(by_step) for n in by_step[s]]
     for n in reversed(labeled):
         s = label[n]
-        if n not in step_of_seed and n.users and all(label.get(u, -2) == s + 1 for u in n.users):
+        if n not in step_of_seed and n.users and all(_starts(u, s + 1, label) for u in n.users):
             label[n] = s + 1
     by_step = {}
     for n in sorted(labeled, key=pos.__getitem__):
@@ -285,6 +286,11 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
         raise NoLoop(f"step {hi + 1} of the loop body differs from the others")
     loop.lo, loop.hi = lo, hi
     return loop
+
+
+def _starts(u, s, label) -> bool:
+    """Whether ``u`` is computed in step s from steps s-1 and s only (not a collector of all steps)."""
+    return label.get(u, -2) == s and all(label.get(a, s) >= s - 1 for a in u.all_input_nodes)
 
 
 def _walk_roles(r):

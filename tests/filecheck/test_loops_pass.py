@@ -1,0 +1,178 @@
+"""FileCheck on the graph right after the loops pass (dump stage "loops"): an unrolled loop
+becomes one seqfuse.scan / seqfuse.ssd and no per-step node is left."""
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+import seqfuse
+from fc import run_filecheck
+
+T = 6
+
+
+def after_pass(fn, *args, tmp_path, stage="loops"):
+    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
+    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
+    return pathlib.Path(path).read_text()
+
+
+def hgrn(x, g):
+    h = torch.zeros(x.shape[0], x.shape[2])
+    o = torch.zeros_like(x)
+    for i in range(x.shape[1]):
+        h = g[:, i].exp() * h + x[:, i]
+        o[:, i] = h
+    return o, h
+
+
+def test_hgrn_buffer_writes_become_one_copy(tmp_path):
+    text = after_pass(hgrn, torch.randn(2, T, 4), -torch.rand(2, T, 4), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %[[BUF:[a-z_0-9]+]] = aten.zeros_like(%l_x_
+        CHECK: %[[G:[a-z_0-9]+]] = aten.movedim.int(%l_g_, 1, 0) : f32[6, 2, 4]
+        CHECK: aten.exp(%[[G]])
+        CHECK: %scan = seqfuse.scan(%{{.*}}, %{{.*}}) {reverse=false, algo=auto} : (f32[2, 6, 4], f32[2, 4])
+        CHECK-NOT: aten.select.int
+        CHECK: %[[H:[a-z_0-9]+]] = getitem(%scan, 1)
+        CHECK: aten.slice.Tensor(%[[BUF]], 1, 0, 6)
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+        CHECK: return (%[[BUF]], %[[H]])
+    """)
+
+
+def hf_mamba(hidden, dt, A, B, C):
+    dtype = hidden.dtype
+    discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+    deltaB_u = dt[:, :, :, None] * B[:, None, :, :].float() * hidden[:, :, :, None].float()
+    ssm_state = torch.zeros(hidden.shape[0], hidden.shape[1], A.shape[1], dtype=dtype)
+    ys = []
+    for i in range(hidden.shape[2]):
+        ssm_state = discrete_A[:, :, i, :] * ssm_state + deltaB_u[:, :, i, :]
+        ys.append(torch.matmul(ssm_state.to(dtype), C[:, i, :].unsqueeze(-1))[:, :, 0])
+    return torch.stack(ys, dim=-1), ssm_state
+
+
+def test_hf_mamba_readout_is_folded_and_stack_replaced(tmp_path):
+    text = after_pass(hf_mamba, torch.randn(2, 3, T), torch.rand(2, 3, T), -torch.rand(3, 4), torch.randn(2, T, 4),
+                      torch.randn(2, T, 4), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %scan = seqfuse.scan(%{{.*}}, %{{.*}}, c=%{{.*}}) {reverse=false, algo=auto} : (f32[2, 3, 6], f32[2, 3, 4])
+        CHECK-NOT: aten.stack
+        CHECK-NOT: aten.einsum
+        CHECK: return
+    """)
+
+
+def gla(q, k, v, gk):
+    o = torch.zeros_like(v)
+    h = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    for i in range(q.shape[2]):
+        kv = k[:, :, i, :, None] * v[:, :, i, None, :]
+        h = h * gk[:, :, i].exp()[..., None] + kv
+        o[:, :, i] = (q[:, :, i, :, None] * h).sum(-2)
+    return o, h
+
+
+def test_gla_becomes_ssd_with_vector_decay(tmp_path):
+    text = after_pass(gla, torch.randn(1, 2, T, 4), torch.randn(1, 2, T, 4), torch.randn(1, 2, T, 5),
+                      torch.randn(1, 2, T, 4), tmp_path=tmp_path)
+    # the log-decay is gk itself (the exp is dropped); the (K, V) state is SSD's (P, N) transposed
+    run_filecheck(text, """
+        CHECK: aten.movedim.int(%l_gk_, 2, 0)
+        CHECK-NOT: aten.exp
+        CHECK: %ssd = seqfuse.ssd(%{{.*}}, %{{.*}}, %{{.*}}, a=%{{.*}}) {decay=vector, chunk=64, algo=auto} : (f32[1, 6, 2, 5], f32[1, 2, 5, 4])
+        CHECK: %[[H:[a-z_0-9]+]] = aten.transpose.int(%{{.*}}, -1, -2) : f32[1, 2, 4, 5]
+        CHECK-NOT: aten.select.int(%l_
+        CHECK: return (%{{.*}}, %[[H]])
+    """)
+
+
+def linear_attn(q, k, v):
+    o = torch.empty_like(v)
+    S = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    for t in range(q.shape[1]):
+        S = S + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t], S)
+    return o
+
+
+def test_linear_attention_becomes_ssd_without_decay(tmp_path):
+    text = after_pass(linear_attn, torch.randn(2, T, 3, 4), torch.randn(2, T, 3, 4), torch.randn(2, T, 3, 5),
+                      tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %ssd = seqfuse.ssd(%{{.*}}, %{{.*}}, %{{.*}}) {decay=none, chunk=64, algo=auto}
+        CHECK-NOT: aten.einsum
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+    """)
+
+
+def reversed_scan(x, a, h0):
+    h = h0
+    ys = []
+    for t in range(x.shape[1] - 1, -1, -1):
+        h = torch.sigmoid(a[:, t]) * h + x[:, t]
+        ys.append(h)
+    return torch.stack(ys[::-1], 1), h
+
+
+def test_reversed_loop_with_initial_state(tmp_path):
+    text = after_pass(reversed_scan, torch.randn(2, T, 4), torch.randn(2, T, 4), torch.randn(2, 4), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: aten.sigmoid(%{{.*}}) : f32[6, 2, 4]
+        CHECK: %scan = seqfuse.scan(%{{.*}}, %{{.*}}, h0=%l_h0_) {reverse=true, algo=auto}
+        CHECK-NOT: aten.sigmoid
+    """)
+
+
+def lstm(x, W, U, b):
+    # must not match: the cell state is multiplied by a gate computed from h (coupled, nonlinear)
+    h = torch.zeros(x.shape[0], U.shape[0])
+    c = torch.zeros(x.shape[0], U.shape[0])
+    for t in range(x.shape[1]):
+        i, f, g, o = (x[:, t] @ W + h @ U + b).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+    return h
+
+
+def test_lstm_is_left_alone(tmp_path):
+    text = after_pass(lstm, torch.randn(2, T, 3), torch.randn(3, 16), torch.randn(4, 16), torch.randn(16),
+                      tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-NOT: seqfuse.scan
+        CHECK-NOT: seqfuse.ssd
+        CHECK: aten.tanh
+    """)
+
+
+def tanh_rnn(x, a):
+    # must not match: tanh of the state is not linear
+    h = torch.zeros(x.shape[0], x.shape[2])
+    for t in range(x.shape[1]):
+        h = torch.tanh(a * h + x[:, t])
+    return h
+
+
+def test_tanh_rnn_is_left_alone(tmp_path):
+    text = after_pass(tanh_rnn, torch.randn(2, T, 4), torch.randn(4), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-NOT: seqfuse.scan
+        CHECK: aten.tanh
+    """)
+
+
+def silu_gate_unused(x):
+    # not a recurrence: independent steps (no carried value) are not rewritten by this pass
+    return torch.stack([F.silu(x[:, t]) for t in range(x.shape[1])], 1)
+
+
+def test_independent_steps_are_not_a_recurrence(tmp_path):
+    text = after_pass(silu_gate_unused, torch.randn(2, T, 4), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-NOT: seqfuse.scan
+        CHECK: aten.stack
+    """)
