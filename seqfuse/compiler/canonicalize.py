@@ -65,10 +65,13 @@ def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | 
     # keep Dynamo's input names (l_q_, l_self_modules_...): they are what users recognise
     old = [n for n in gm.graph.nodes if n.op == "placeholder"]
     new = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    renamed = False
     for o, n in zip(old, new):
-        if o.name not in traced.graph._graph_namespace._used_names:
+        if n.name != o.name and o.name not in traced.graph._graph_namespace._used_names:
             n._rename(o.name)
-    traced.recompile()
+            renamed = True
+    if renamed:
+        traced.recompile()
     return traced
 
 
@@ -175,6 +178,7 @@ def _einsum_for(node: torch.fx.Node):
 def normalize_contractions(gm: torch.fx.GraphModule) -> int:
     """Rewrite every contraction to ``aten.einsum`` on the operands' base tensors; returns the count."""
     graph, n = gm.graph, 0
+    checked: dict = {}   # (equation, operand metadata) -> result (shape, dtype): an unrolled loop asks the same
     for node in list(graph.nodes):
         spec = _einsum_for(node)
         if spec is None:
@@ -191,18 +195,15 @@ def normalize_contractions(gm: torch.fx.GraphModule) -> int:
             ops, lets = [c[0] for c in cand], [c[1] for c in cand]
             if ops == operands or not set(out) <= set("".join(lets)):
                 continue
-            mode = val(node).fake_mode
-            try:
-                with mode:
-                    got = torch.einsum(",".join(lets) + "->" + out, *[val(o) for o in ops])
-            except Exception:
+            got = _fake_einsum(",".join(lets) + "->" + out, [val(o) for o in ops], val(node).fake_mode, checked)
+            if got is None:
                 continue
             # every letter keeps its size: a broadcast letter that no operand has at full
             # size any more (or that is gone) would be summed over 1 element instead of n
             was, now = _letter_sizes(operands, letters), _letter_sizes(ops, lets)
             if not all(statically_known_true(now.get(c, 1) == n) for c, n in was.items()):
                 continue
-            if _shape_matches(val(node).shape, got.shape) and got.dtype == val(node).dtype:
+            if _shape_matches(val(node).shape, got[0]) and got[1] == val(node).dtype:
                 best = (ops, lets)
                 break
         ops, lets = best
@@ -218,9 +219,29 @@ def normalize_contractions(gm: torch.fx.GraphModule) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         n += 1
-    graph.eliminate_dead_code()
-    gm.recompile()
+    if n:
+        graph.eliminate_dead_code()
+        gm.recompile()
     return n
+
+
+def _fake_einsum(equation: str, operands: list, mode, memo: dict):
+    """(shape, dtype) of einsum(equation, operands) on fake tensors, None if it raises; memoized
+    on static shapes (symbolic sizes are not hashable)."""
+    key = None
+    if all(not isinstance(s, torch.SymInt) for o in operands for s in (*o.shape, *o.stride())):
+        key = (equation, tuple((tuple(o.shape), tuple(o.stride()), o.dtype) for o in operands))
+        if key in memo:
+            return memo[key]
+    try:
+        with mode:
+            got = torch.einsum(equation, *operands)
+        result = (got.shape, got.dtype)
+    except Exception:
+        result = None
+    if key is not None:
+        memo[key] = result
+    return result
 
 
 # --- masks -------------------------------------------------------------------
@@ -266,8 +287,9 @@ def normalize_masks(gm: torch.fx.GraphModule) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         n += 1
-    graph.eliminate_dead_code()
-    gm.recompile()
+    if n:
+        graph.eliminate_dead_code()
+        gm.recompile()
     return n
 
 

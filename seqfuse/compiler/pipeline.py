@@ -66,6 +66,9 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         normalize_contractions(canon)
         dump("contractions", canon.graph)
         normalize_masks(canon)
+        # values the program computes but never uses would count as users in the
+        # recognizers' single-use checks
+        canon.graph.eliminate_dead_code()
     dump("masks", canon.graph)
     # 3. Recognizers in registration order (built-in first, users' after, so a user
     #    pass can build on the IR ops the built-ins produced).
