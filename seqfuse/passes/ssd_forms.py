@@ -479,6 +479,14 @@ class SSDFormsPass(Pass):
 
     def _check(self, gm, roles, masks, log, t_size):
         """Prove M = [j <= i]·exp(E) at every size variant; returns the decay (None or (Coef, seq factor))."""
+        try:
+            return self._check_sizes(gm, roles, masks, log, t_size)
+        except (NoMatch, _Silent):
+            raise
+        except Exception as e:      # a mask subgraph that cannot run at a size variant
+            raise NoMatch(f"the mask could not be evaluated at every length ({type(e).__name__})") from None
+
+    def _check_sizes(self, gm, roles, masks, log, t_size):
         decay = self._resolve(log, roles) if log is not None else None
         for sizes in _size_variants(gm):
             t = concrete_sym(t_size, sizes) if isinstance(t_size, torch.SymInt) else int(t_size)
