@@ -84,6 +84,14 @@ def _einsum_parts(node):
     return parts, out
 
 
+def _inplace_zero_fill(node) -> bool:
+    """x.masked_fill_(drop, 0) on a temporary x read by nothing else (canonicalization leaves
+    the in-place spelling alone): the same value as where(~drop, x, 0)."""
+    return isinstance(node, torch.fx.Node) and node.target is aten.masked_fill_.Scalar and \
+        constant_value(node.args[2]) == 0 and isinstance(node.args[0], torch.fx.Node) and \
+        len(node.args[0].users) == 1 and node.args[0].op == "call_function"
+
+
 def _reaches_contraction(node) -> bool:
     """Whether ``node`` is a scores chain: scalings, products, tril and zero-fill masks of a contraction."""
     if not isinstance(node, torch.fx.Node):
@@ -94,6 +102,8 @@ def _reaches_contraction(node) -> bool:
         return True
     if is_op(node, aten.tril) or (node.target is aten.where.ScalarOther and node.args[2] == 0.0):
         return _reaches_contraction(node.args[0] if is_op(node, aten.tril) else node.args[1])
+    if _inplace_zero_fill(node):
+        return _reaches_contraction(node.args[0])
     if is_op(node, aten.mul, aten.div) and node.target in (aten.mul.Tensor, aten.div.Tensor):
         return any(_reaches_contraction(a) for a in node.args[:1 if is_op(node, aten.div) else 2])
     return False
@@ -140,6 +150,9 @@ def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
         if node.target is aten.where.ScalarOther:
             term.masks.append(("keep", node.args[0], aligned(node.args[0], letters, node)))
             return _flatten(gm, node.args[1], letters, term)
+        if _inplace_zero_fill(node):
+            term.masks.append(("drop", node.args[1], aligned(node.args[1], letters, node)))
+            return _flatten(gm, node.args[0], letters, term)
         a, b = node.args[0], node.args[1]
         if is_op(node, aten.div):                       # s / c: c a scalar
             if not is_scalar(b, gm):
@@ -246,7 +259,7 @@ def _mask_matrix(gm, spec, roles, sizes, t: int) -> torch.Tensor:
         if (r, c) == (j, i):
             return position_mask(t, t, "causal", d).T
         raise NoMatch("a tril over axes other than the two time axes")
-    _, node, letters = spec
+    kind, node, letters = spec
     if not evaluable(node):
         raise NoMatch("a mask that depends on tensor values, not only on positions")
     m = evaluate(gm, node, sizes)
@@ -256,7 +269,8 @@ def _mask_matrix(gm, spec, roles, sizes, t: int) -> torch.Tensor:
         if not bool(((m == 0) | (m == 1)).all()):
             raise NoMatch("a mask factor with values other than 0 and 1")
         m = m != 0
-    keep = []
+    if kind == "drop":
+        m = ~m
     for k, ch in enumerate(letters):
         if ch == UNIT or ch not in (i, j):
             if ch not in (UNIT, *roles.batch):

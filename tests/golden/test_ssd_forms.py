@@ -13,6 +13,7 @@ from helpers import check_against_eager
 
 fla_retention = pytest.importorskip("fla.ops.retention.naive")
 fla_simple_gla = pytest.importorskip("fla.ops.simple_gla.naive")
+fla_linear_attn = pytest.importorskip("fla.ops.linear_attn.naive")
 hf_mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
 
 B, H, T, D = 2, 3, 8, 4
@@ -187,6 +188,14 @@ def test_chunked_intra_chunk_term_is_an_ssd_over_chunks():
     A = (-torch.rand(B, T, H)).requires_grad_()
     report = check_against_eager(chunked_intra_chunk, X, A, Bm, C)
     assert_one_ssd(report, "scalar")
+
+
+def test_fla_naive_chunk_linear_attn_intra_chunk_term():
+    # the intra-chunk (q·kᵀ).masked_fill_(triu(1), 0)·v is an ssd over (b, h, chunk); the inter-chunk
+    # term (a cumsum of per-chunk states shifted by one chunk with a cat) stays as it is
+    args = inputs(*[(1, 64, 2, D)] * 3)
+    report = check_against_eager(fla_linear_attn.naive_chunk_linear_attn, *args)
+    assert_one_ssd(report, "none")
 
 
 # --- 2. cumulative-sum forms: y_t = q_t · Σ_{s<=t} k_s ⊗ v_s -------------------------
