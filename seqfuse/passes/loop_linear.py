@@ -111,6 +111,9 @@ class Analysis:
             raise NoLoop("the state is combined with another carried value (coupled states, e.g. an LSTM/GRU cell)")
         if is_op(node, *PASS_THROUGH) and len(a) >= 1:
             # a cast or copy of a·h + b is a·h + b
+            dtype = getattr(node.meta.get("val"), "dtype", None)
+            if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
+                raise NoLoop(f"the state is cast to {dtype} (not linear)")
             if any(not self.const(r) for r in a[1:]):
                 raise NoLoop(f"the state passes through {_name(node)} with a state-dependent argument")
             return self.lin(a[0])

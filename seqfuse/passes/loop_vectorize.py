@@ -42,8 +42,10 @@ def can_vectorize(node: torch.fx.Node) -> bool:
         return True
     if _pointwise(node):
         return True
+    if node.target is aten.movedim.int:
+        return True
     if is_op(node, *_DIM1, aten.squeeze, aten.permute, aten.transpose, aten.expand, aten.view, aten.reshape,
-             aten._unsafe_view, aten.einsum, aten.movedim, *_MULTI):
+             aten._unsafe_view, aten.einsum, *_MULTI):
         return not (is_op(node, aten.squeeze) and node.target is aten.squeeze.default)
     if is_op(node, *_REDUCTIONS):
         d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -206,7 +208,7 @@ class Vectorizer:
             return self.emit(node.target, (x, *rest), kw)
         if node.target is aten.squeeze.dims:
             return self.emit(node.target, (x, [d % rank_in(0) + 1 for d in args[1]]))
-        if is_op(node, aten.movedim):
+        if node.target is aten.movedim.int:
             r = rank_in(0)
             return self.emit(node.target, (x, args[1] % r + 1, args[2] % r + 1))
         if is_op(node, aten.permute):

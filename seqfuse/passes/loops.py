@@ -115,6 +115,10 @@ class _Rewrite:
     def run(self):
         loop, an = self.loop, self.an
         lins = {k: an.update(k) for k in loop.carried}
+        for n in loop.template:   # the rewrite spells shapes as numbers
+            v = val(n)
+            if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+                raise NoLoop("the loop body has symbolic shapes (dynamic=True): not re-rolled yet")
         body = loop.body()
         self.body = set(body)
         last = max(body, key=self.pos.__getitem__)
@@ -427,6 +431,8 @@ class _Rewrite:
             vector |= shp[n_ax] != 1
             lg = self._log(f, p)
             if lg is None:
+                self.ctx.report.add_near_miss("ssd", "gate sign unknown (a decay that is not exp, sigmoid or a positive "
+                                              "constant): lifted to a scan over the whole state instead", tmpl)
                 return None
             logs.append(lg)
         decay = "none" if not lin.coef else ("vector" if vector else "scalar")
@@ -647,6 +653,7 @@ class _Rewrite:
                 if whole is not None:
                     u.replace_all_uses_with(whole)
                     done.add(u)
+                    self.graph.erase_node(u)
                     continue
                 x = vec.emit(aten.select.int, (vec.vec(j), 0, loop.index(s) - vec.start))
                 u.replace_input_with(loop.inst[s][j], x)
@@ -668,11 +675,11 @@ class _Rewrite:
             return None
         items = list(u.args[0])
         want = [loop.inst[s][j] for s in loop.steps]
-        if items != want:
+        if items != want and items != want[::-1]:
             return None
         v = self.vec.vec(j)
         d = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
-        if loop.reverse:   # the list is in step order: decreasing index
+        if loop.reverse == (items == want):   # the list runs by decreasing index
             v = self.vec.emit(aten.flip.default, (v, [0]))
         r = val(loop.template[j]).dim()
         if is_op(u, aten.stack):

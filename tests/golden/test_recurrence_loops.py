@@ -394,3 +394,27 @@ def test_long_loop_is_one_op_and_pass_is_fast():
     ref = hgrn(x, g)
     for a, b in zip(report.output, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def retnet_learned_decay(q, k, v, gamma):
+    S = torch.zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    outs = []
+    for t in range(q.shape[2]):
+        S = gamma[None, :, None, None] * S + k[:, :, t].unsqueeze(-1) * v[:, :, t].unsqueeze(-2)
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+    return torch.stack(outs, 2), S
+
+
+def test_unknown_gate_sign_is_a_scan_and_a_near_miss():
+    # gamma is a plain input: its log is not known to exist, so no ssd; the scan over the whole
+    # (K, V) state is still exact
+    report = check_against_eager(retnet_learned_decay, rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5),
+                                 rand(3, positive=True))
+    only(report, "scan")
+    assert any("gate sign unknown" in m.reason for m in report.near_misses), str(report)
+
+
+def test_dynamic_shapes_stay_correct():
+    # symbolic sizes: not re-rolled yet (the loop stays unrolled); the compiled graph equals eager
+    report = check_against_eager(hgrn, rand(3, T, 8), -rand(3, T, 8, positive=True), dynamic=True)
+    assert report.count("ssd") == 0, str(report)
