@@ -1,0 +1,164 @@
+"""The triton selective-scan kernels (seqfuse.scan) against the eager reference: forward and every
+gradient, with and without a readout, c shared through an expand (stride 0), h0, reverse, odd T
+(several blocks plus a partial one), fp32 / fp16 / bf16; what ``supports`` refuses; and a
+deliberately wrong kernel config that the checks must catch.
+
+Without CUDA the kernels run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1,
+set per test by conftest.py) at tiny shapes; the ``gpu`` test runs compiled kernels at real shapes.
+Errors are relative RMS errors against the fp32 reference with fixed per-dtype bounds.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from seqfuse.lowering.reference.scan import scan_reference  # noqa: E402
+from seqfuse.lowering.triton import scan as tscan  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# relative RMS error bounds against the fp32 reference (never widened to pass)
+BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "non-finite output"
+    den = ref.norm().item()
+    assert den > 0, "the reference is all zeros: the comparison would prove nothing"
+    return (out - ref).norm().item() / den
+
+
+def make(R, T, N, dtype, *, readout=True, shared_c=False, h0=False):
+    """Mamba-1-like operands: a = exp(Δ·A) in (0, 1), b, c, h0; c shared over the last row dim."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.exp(-torch.rand(*R, T, N, generator=g) * 0.5).to(DEVICE, dtype)
+    b = torch.randn(*R, T, N, generator=g).to(DEVICE, dtype)
+    c = None
+    if readout:
+        if shared_c:  # (B, 1, T, N) expanded over channels: stride 0
+            c = torch.randn(R[0], 1, T, N, generator=g).to(DEVICE, dtype).expand(*R, T, N)
+        else:
+            c = torch.randn(*R, T, N, generator=g).to(DEVICE, dtype)
+    h = torch.randn(*R, N, generator=g).to(DEVICE, dtype) if h0 else None
+    return a, b, c, h
+
+
+def check(a, b, c, h0, reverse=False, grads=True, bound=None):
+    attrs = dict(reverse=reverse, algorithm="chunked")
+    t = dict(a=a, b=b, c=c, h0=h0)
+    reason = tscan.supports(t, attrs)
+    assert reason is None, reason
+    dtype = a.dtype
+    bound = bound or BOUND[dtype]
+    ops = [a, b, c, h0]
+    leaves = [x.detach().float().requires_grad_(True) if x is not None else None for x in ops]
+    ry, rh = scan_reference(*leaves, reverse=reverse)
+    y, h = tscan.forward(a, b, c, h0, attrs)
+    assert y.dtype == dtype and h.dtype == dtype
+    for name, got, ref in (("y", y, ry), ("h", h, rh)):
+        e = rel_err(got, ref)
+        assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+    if not grads:
+        return
+    gy = torch.randn_like(ry).to(dtype)
+    gh = torch.randn_like(rh).to(dtype)
+    needs = [x is not None for x in ops]
+    wanted = [x for x in leaves if x is not None]
+    ref_grads = iter(torch.autograd.grad((ry, rh), wanted, (gy.float(), gh.float())))
+    got = tscan.backward(gy, gh, a, b, c, h0, dict(attrs, needs=needs))
+    for name, x, gx in zip(("da", "db", "dc", "dh0"), ops, got):
+        if x is None:
+            assert gx is None
+            continue
+        r = next(ref_grads)
+        assert gx.shape == x.shape and gx.dtype == x.dtype, f"{name}: {gx.shape} {gx.dtype}"
+        e = rel_err(gx, r)
+        assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+
+
+@pytest.mark.parametrize("readout,shared_c,h0,reverse", [
+    (True, False, False, False),
+    (True, True, True, False),
+    (True, True, True, True),
+    (False, False, True, False),
+    (False, False, False, True),
+])
+def test_scan_fp32(readout, shared_c, h0, reverse):
+    # T = 37: four full blocks of the interpreter's 8 steps and a partial one; N = 12: a partial N block
+    check(*make((1, 2), 37, 12, torch.float32, readout=readout, shared_c=shared_c, h0=h0), reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scan_low_precision(dtype):
+    check(*make((1, 2), 21, 8, dtype, readout=True, shared_c=True, h0=True), reverse=False)
+
+
+def test_scan_broadcast_a_over_batch():
+    # a shared by the batch (Δ·A with Δ per channel only): the stride-0 gradient is summed back
+    a, b, c, h0 = make((2, 2), 13, 5, torch.float32, h0=True)
+    check(a[:1].expand_as(b), b, c, h0)
+    check(a[:1], b, c, h0)
+
+
+def test_scan_detects_a_wrong_kernel(monkeypatch):
+    # a kernel that drops the state carried across blocks must fail the same check
+    kern = tscan._kernels()
+    orig = kern.scan_fwd_kernel
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(A, B, C, H0, Y, HT, T, *args, **kw):
+                return orig[grid](A, B, C, H0, Y, HT, min(T, kw["BLOCK_T"]), *args, **kw)
+            return launch
+    monkeypatch.setattr(kern, "scan_fwd_kernel", Broken())
+    with pytest.raises(AssertionError, match="relative error|non-finite"):
+        check(*make((1, 2), 20, 4, torch.float32), grads=False)
+
+
+def test_scan_supports_refusals():
+    a, b, c, h0 = make((1, 2), 5, 4, torch.float32)
+    attrs = dict(reverse=False, algorithm="recurrent")
+    assert tscan.supports(dict(a=a, b=b, c=c, h0=None), attrs) is None
+    ac = torch.complex(a.float(), a.float())
+    assert "complex" in tscan.supports(dict(a=ac, b=b, c=None, h0=None), attrs)
+    assert "float64" in tscan.supports(dict(a=a.double(), b=b, c=None, h0=None), attrs)
+    big = torch.zeros(1, 2, 5, tscan.MAX_N_READOUT + 1, device=DEVICE)
+    assert "N=" in tscan.supports(dict(a=big, b=big, c=big, h0=None), attrs)
+
+
+def test_scan_refused_without_interpreter(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA tensors run compiled kernels")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    a, b, c, h0 = make((1, 2), 5, 4, torch.float32)
+    assert "TRITON_INTERPRET" in tscan.supports(dict(a=a, b=b, c=c, h0=None), dict(reverse=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real shapes, compiled kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_gpu_mamba_shapes(dtype):
+    # Mamba-1 130m-like: (B, D) rows, T = 2048, N = 16, C shared over channels
+    check(*make((2, 768), 2048, 16, dtype, readout=True, shared_c=True, h0=True))
+    check(*make((2, 64), 1000, 80, dtype, readout=False, h0=True), reverse=True)
+
+
+def test_scan_custom_op_runs_triton_path():
+    # through torch.ops.seqfuse.scan with runtime="triton": a refusal would warn (turned into an error)
+    import warnings
+
+    import seqfuse.lowering.scan_op  # noqa: F401  (registers the op and its paths)
+    a, b, c, h0 = make((1, 2), 11, 4, torch.float32, shared_c=True, h0=True)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (a, b, h0)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="seqfuse")
+        y, h = torch.ops.seqfuse.scan(leaves[0], leaves[1], c, leaves[2], False, "chunked", "triton")
+        (y.square().sum() + h.sum()).backward()
+    ref = [x.detach().clone().requires_grad_(True) for x in (a, b, h0)]
+    ry, rh = scan_reference(ref[0], ref[1], c, ref[2])
+    (ry.square().sum() + rh.sum()).backward()
+    assert rel_err(y, ry) < BOUND[torch.float32] and rel_err(h, rh) < BOUND[torch.float32]
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad, want.grad) < BOUND[torch.float32]
