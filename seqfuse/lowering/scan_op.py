@@ -121,3 +121,4 @@ register_impl("scan", Impl("eager", lambda t, a: None, _reference_forward, _refe
 # the generated C kernels ("cpu" path: the recurrent algorithm), tried before the eager reference;
 # their ``supports`` refuses a call they cannot run (no C compiler, a state too large, ...)
 import seqfuse.lowering.cpu  # noqa: E402,F401
+from seqfuse.lowering.triton import scan as _triton_scan  # noqa: E402,F401  (registers the "triton" path; its supports() refuses what it cannot run)
