@@ -125,3 +125,4 @@ register_impl("ssd", Impl("eager", lambda t, a: None, _reference_forward, _refer
 # the generated C kernels ("cpu" path: the recurrent algorithm), tried before the eager reference;
 # their ``supports`` refuses a call they cannot run (no C compiler, a state too large, ...)
 import seqfuse.lowering.cpu  # noqa: E402,F401
+from seqfuse.lowering.triton import ssd as _triton_ssd  # noqa: E402,F401  (registers the "triton" path: the chunked forward kernel; its supports() refuses what it cannot run)

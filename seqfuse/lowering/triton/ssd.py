@@ -1,0 +1,157 @@
+"""seqfuse.ssd on Triton kernels (the "triton" runtime path): the chunked algorithm.
+
+Contract (see :mod:`seqfuse.lowering.ssd_op`):
+
+    supports(t, a) -> None | reason
+    forward(x, b, c, a, d, h0, attrs) -> (y, h)
+    backward(grad_y, grad_h, x, b, c, a, d, h0, attrs) -> (dx, db, dc, da, dd, dh0)
+
+Shapes: x (B, T, H, P); b, c (B, T, H, N) (or broadcasting to it: a b shared by all heads is a
+stride-0 view, never copied); a (B, T, H) for decay="scalar", (B, T, H, N) for "vector", None for
+"none"; d (H,) or (H, P); h0 (B, H, P, N).  y (B, T, H, P) and the final state (B, H, P, N) in
+the promoted dtype of x, b, c.
+
+Forward: one fused kernel (:mod:`seqfuse.lowering.triton.ssd_kernels`), one program per
+(b, h, block of P), the chunks walked in order with the state in fp32 registers.  Its chunk
+length is the kernel's tile (BLOCK_T: 64 for none/scalar decay on a GPU, 16 for vector decay),
+not ``attrs["chunk"]``: every chunk length computes the same function.
+
+Backward: NOT a kernel yet.  It recomputes through the chunked reference's written-out adjoint
+(:func:`seqfuse.lowering.reference.ssd.ssd_chunked_backward`, torch ops on the call's device with
+``attrs["chunk"]``), so training runs the triton forward and an eager backward.
+
+Refused (the next path runs the call): no triton / not allowed on this device (common.py), an
+algorithm other than "chunked", complex or fp64 operands, N > MAX_N (MAX_N_VECTOR for vector
+decay: its scores are a (BLOCK_T, BLOCK_T, N) tile), tensors of 2**31 elements or more.
+"""
+from __future__ import annotations
+
+import torch
+
+from seqfuse.lowering.reference.ssd import DECAYS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_shapes
+from seqfuse.lowering.triton.common import availability
+from seqfuse.runtime import Impl, register_impl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: the state block (BLOCK_P, N) of a program lives in registers
+MAX_N = 128
+MAX_N_VECTOR = 64
+#: tl.dot input precision for the fp32 tiles on a GPU ("ieee" is exact but off the tensor cores)
+FP32_DOT_PRECISION = "tf32x3"
+#: launch configs per decay kind: BLOCK_T steps per chunk, BLOCK_P value dims per program.  The
+#: interpreter's are small so that tests at T ≤ 40, P ≤ 16 cross several chunks and P blocks.
+GPU_CONFIG = {"none": {"BLOCK_T": 64, "BLOCK_P": 64, "num_warps": 4},
+              "scalar": {"BLOCK_T": 64, "BLOCK_P": 64, "num_warps": 4},
+              "vector": {"BLOCK_T": 16, "BLOCK_P": 32, "num_warps": 4}}
+INTERPRETER_CONFIG = {"none": {"BLOCK_T": 8, "BLOCK_P": 8, "num_warps": 4},
+                      "scalar": {"BLOCK_T": 8, "BLOCK_P": 8, "num_warps": 4},
+                      "vector": {"BLOCK_T": 8, "BLOCK_P": 8, "num_warps": 4}}
+_DECAY_CODE = {"none": 0, "scalar": 1, "vector": 2}
+
+_kernels_module = None
+
+
+def _kernels():
+    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
+    global _kernels_module
+    if _kernels_module is None:
+        from seqfuse.lowering.triton import ssd_kernels
+        _kernels_module = ssd_kernels
+    return _kernels_module
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def supports(t: dict, a: dict) -> str | None:
+    """None when the triton kernels compute exactly this call, else the reason they do not."""
+    x = t["x"]
+    reason = availability(x.device, _kernels_module)
+    if reason:
+        return reason
+    if a.get("algorithm") != "chunked":
+        return f"algorithm {a.get('algorithm')!r} (the triton kernel implements 'chunked')"
+    decay = a.get("decay")
+    if decay not in DECAYS:
+        return f"decay {decay!r}"
+    named = [(n, t.get(n)) for n in ("x", "b", "c", "a", "d", "h0")]
+    for name, v in named:
+        if v is None:
+            continue
+        if v.is_complex():
+            return f"{name} is complex (the kernel is real)"
+        if v.dtype not in _DTYPES:
+            return f"{name} dtype {v.dtype} (the kernel takes float32, float16, bfloat16)"
+        if v.device != x.device:
+            return "inputs on different devices"
+        if v.numel() >= 2 ** 31:
+            return f"{name} has 2**31 elements or more (int32 offsets inside a sequence)"
+    try:
+        check_ssd_args(*(v for _, v in named), decay)
+        B, T, H, P, N = ssd_shapes(t["x"], t["b"], t["c"], t.get("h0"))
+    except (ValueError, RuntimeError) as exc:
+        return f"shapes: {exc}"
+    limit = MAX_N_VECTOR if decay == "vector" else MAX_N
+    if N > limit:
+        return f"state size N={N} > {limit} for decay={decay!r} (a program's state block lives in registers)"
+    if B * T * H * max(P, N) >= 2 ** 31:
+        return "2**31 elements or more"
+    return None
+
+
+def _config(decay: str) -> dict:
+    return dict((INTERPRETER_CONFIG if _kernels().INTERPRETED else GPU_CONFIG)[decay])
+
+
+def forward(x, b, c, a, d, h0, attrs):
+    """(y (B, T, H, P), h (B, H, P, N)) of the chunked SSD on the triton kernel."""
+    decay = attrs["decay"]
+    B, T, H, P, N = ssd_shapes(x, b, c, h0)
+    dtype = out_dtype(x, b, c)
+    dev = x.device
+    y = torch.empty(B, T, H, P, device=dev, dtype=dtype)
+    h = torch.empty(B, H, P, N, device=dev, dtype=dtype)
+    if y.numel() == 0 and h.numel() == 0:
+        return y, h
+    # strided views of the full shapes (stride 0 where an operand broadcasts)
+    xv = x.expand(B, T, H, P)
+    bv, cv = b.expand(B, T, H, N), c.expand(B, T, H, N)
+    av = None
+    if a is not None:
+        av = a.expand((B, T, H) if decay == "scalar" else (B, T, H, N))
+    dv = None
+    if d is not None:
+        dv = (d[:, None] if d.dim() == 1 else d).expand(H, P)
+    hv = h0.expand(B, H, P, N) if h0 is not None else None
+    cfg = _config(decay)
+    gpu = not _kernels().INTERPRETED
+    block_n = max(16 if gpu else 2, _next_pow2(N))
+    block_p = min(cfg["BLOCK_P"], max(16 if gpu else 2, _next_pow2(P)))
+    a_st = (0, 0, 0, 0) if av is None else (*av.stride()[:3], av.stride(3) if decay == "vector" else 0)
+    dummy = xv
+    grid = (B * H, -(-P // block_p))
+    _kernels().ssd_chunked_fwd_kernel[grid](
+        xv, bv, cv, av if av is not None else dummy, dv if dv is not None else dummy,
+        hv if hv is not None else dummy, y, h,
+        T, H, P, N,
+        *xv.stride(), *bv.stride(), *cv.stride(), *a_st,
+        *(dv.stride() if dv is not None else (0, 0)), *(hv.stride() if hv is not None else (0, 0, 0, 0)),
+        DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None,
+        PRECISION="ieee" if not gpu else FP32_DOT_PRECISION,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_P=block_p, BLOCK_N=block_n, num_warps=cfg["num_warps"])
+    return y, h
+
+
+def backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
+    """(dx, db, dc, da, dd, dh0): the chunked reference's adjoint (torch ops, no triton kernel yet)."""
+    return ssd_chunked_backward(grad_y, grad_h, x, b, c, a, d, h0, decay=attrs["decay"],
+                                chunk=attrs["chunk"], needs=attrs["needs"])
+
+
+def register() -> None:
+    """Register the triton implementation of seqfuse.ssd with the runtime dispatcher."""
+    register_impl("ssd", Impl("triton", supports, forward, backward))
+
+
+register()  # importing this module (ssd_op.py does) adds the "triton" path, tried before "cpu"

@@ -1,0 +1,139 @@
+"""Triton kernels of seqfuse.ssd; the host side is :mod:`seqfuse.lowering.triton.ssd`.
+
+``ssd_chunked_fwd_kernel`` runs the chunked (Mamba-2 SSD) algorithm fused in one launch: one
+program per (batch b, head h, block of BLOCK_P value dims) walks the chunks of BLOCK_T steps in
+order, keeping the state S (BLOCK_P, N) in fp32 registers.  Per chunk, with cum the inclusive
+cumulative log-decay from the chunk's start (``tl.associative_scan``) and last = cum at its end:
+
+    intra   y[l]  = Σ_{s<=l} (c_l · L[l, s] · b_s)·x_s,   L[l, s] = exp(cum_l - cum_s)
+    inter   y[l] += exp(cum_l) ⊙ (S · c_l)                (the state entering the chunk)
+    skip    y[l] += d ⊙ x_l
+    state   S     = exp(last) ⊙ S + Σ_s x_s ⊗ (exp(last - cum_s) ⊙ b_s)
+
+Every exponent is a difference cum_l - cum_s with s <= l inside one chunk (masked to -inf above
+the diagonal *before* exp), cum_l itself, or last - cum_s: for decays (a <= 0) all are <= 0,
+so nothing overflows however strong the decay.  The decay kinds (``DECAY``):
+
+* 0, none (linear attention): L = 1 on and below the diagonal;
+* 1, scalar (a (B, T, H), Mamba-2 / RetNet): L is a (BLOCK_T, BLOCK_T) tile, scores = (C·Bᵀ) ∘ L
+  with one ``tl.dot``;
+* 2, vector (a (B, T, H, N), GLA): L differs per key dim n, so the scores are an exact
+  (BLOCK_T, BLOCK_T, N) product reduced over n (no q·exp(cum) / k·exp(-cum) factoring, whose
+  exp(-cum) overflows for strong gates); the chunk is kept short (BLOCK_T = 16 on a GPU).
+
+The products with x and with the state are ``tl.dot`` in fp32 (``PRECISION``: "ieee" in the
+interpreter, fp32-accurate "tf32x3" on a GPU).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: True when ``@triton.jit`` below built interpreted kernels (TRITON_INTERPRET=1 at import)
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+# No function of triton's standard library (tl.sum, tl.zeros, tl.cumsum, ...) is called: those are
+# @triton.jit functions jitted for one mode when triton.language is first imported, and an
+# interpreted kernel cannot call a compiled one (tl.reduce / tl.associative_scan with the combine
+# function below and tl.full stand in for them).
+
+
+@triton.jit
+def _sum_combine(x, y):
+    return x + y
+
+
+@triton.jit
+def ssd_chunked_fwd_kernel(
+        X, Bm, Cm, A, D, H0, Y, HT,
+        T, H, P, N,
+        SXB, SXT, SXH, SXP,
+        SBB, SBT, SBH, SBN,
+        SCB, SCT, SCH, SCN,
+        SAB, SAT, SAH, SAN,
+        SDH, SDP,
+        SHB, SHH, SHP, SHN,
+        DECAY: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x (B, T, H, P), b, c (B, T, H, N), a (B, T, H[, N]), d (H, P), h0 (B, H, P, N): strided views.
+    Y (B, T, H, P) and HT (B, H, P, N): contiguous, in their own dtype."""
+    pid = tl.program_id(0)
+    bi = (pid // H).to(tl.int64)
+    hi = (pid % H).to(tl.int64)
+    p0 = tl.program_id(1) * BLOCK_P
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_T)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    causal = offs_l[:, None] >= offs_l[None, :]                       # (l, s): s <= l
+    x_ptr = X + bi * SXB + hi * SXH
+    b_ptr = Bm + bi * SBB + hi * SBH
+    c_ptr = Cm + bi * SCB + hi * SCH
+    a_ptr = A + bi * SAB + hi * SAH
+
+    # phase 0: the state entering the first chunk, (BLOCK_P, BLOCK_N) fp32; the skip's d
+    if HAS_H0:
+        h0_ptr = H0 + bi * SHB + hi * SHH
+        S = tl.load(h0_ptr + offs_p[:, None] * SHP + offs_n[None, :] * SHN,
+                    mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    else:
+        S = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)
+    if HAS_D:
+        dvec = tl.load(D + hi * SDH + offs_p * SDP, mask=mask_p, other=0.0).to(tl.float32)
+
+    for t0 in range(0, T, BLOCK_T):
+        # phase 1: the chunk's x (l, p), b and c (l, n); padded steps are zero (they change nothing)
+        t = t0 + offs_l
+        mask_t = t < T
+        mtn = mask_t[:, None] & mask_n[None, :]
+        mtp = mask_t[:, None] & mask_p[None, :]
+        x = tl.load(x_ptr + t[:, None] * SXT + offs_p[None, :] * SXP, mask=mtp, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + t[:, None] * SBT + offs_n[None, :] * SBN, mask=mtn, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + t[:, None] * SCT + offs_n[None, :] * SCN, mask=mtn, other=0.0).to(tl.float32)
+
+        if DECAY == 0:
+            # phase 2 (none): scores = (C·Bᵀ) on and below the diagonal
+            scores = tl.dot(c, tl.trans(b), input_precision=PRECISION)
+            scores = tl.where(causal, scores, 0.0)
+            # phase 3: intra-chunk output + the entering state read out
+            y = tl.dot(scores, x, input_precision=PRECISION)
+            y += tl.dot(c, tl.trans(S), input_precision=PRECISION)
+            # phase 4: the state after the chunk
+            S += tl.dot(tl.trans(x), b, input_precision=PRECISION)
+        elif DECAY == 1:
+            # phase 2 (scalar): cumulative log-decay from the chunk start, and over the whole chunk
+            a = tl.load(a_ptr + t * SAT, mask=mask_t, other=0.0).to(tl.float32)
+            cum = tl.associative_scan(a, 0, _sum_combine)                # (l,)
+            last = tl.reduce(a, 0, _sum_combine)
+            seg = tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))
+            scores = tl.dot(c, tl.trans(b), input_precision=PRECISION) * tl.exp(seg)
+            # phase 3: intra-chunk output + the entering state read out, decayed to step l
+            y = tl.dot(scores, x, input_precision=PRECISION)
+            y += tl.dot(c, tl.trans(S), input_precision=PRECISION) * tl.exp(cum)[:, None]
+            # phase 4: the state after the chunk: inputs decayed to the chunk's end
+            w = tl.exp(last - cum)
+            S = S * tl.exp(last) + tl.dot(tl.trans(x * w[:, None]), b, input_precision=PRECISION)
+        else:
+            # phase 2 (vector): cum (l, n) per key dim; scores by the exact (l, s, n) product
+            a = tl.load(a_ptr + t[:, None] * SAT + offs_n[None, :] * SAN, mask=mtn, other=0.0).to(tl.float32)
+            cum = tl.associative_scan(a, 0, _sum_combine)                # (l, n)
+            last = tl.reduce(a, 0, _sum_combine)                         # (n,)
+            seg = tl.where(causal[:, :, None], cum[:, None, :] - cum[None, :, :], float("-inf"))
+            scores = tl.reduce(c[:, None, :] * tl.exp(seg) * b[None, :, :], 2, _sum_combine)
+            # phase 3: intra-chunk output + the entering state read out with c ⊙ exp(cum)
+            y = tl.dot(scores, x, input_precision=PRECISION)
+            y += tl.dot(c * tl.exp(cum), tl.trans(S), input_precision=PRECISION)
+            # phase 4: the state after the chunk, decayed per key dim
+            S = S * tl.exp(last)[None, :] + tl.dot(tl.trans(x), b * tl.exp(last[None, :] - cum),
+                                                   input_precision=PRECISION)
+
+        # phase 5: the skip, and the chunk's output
+        if HAS_D:
+            y += x * dvec[None, :]
+        y_ptr = Y + ((bi * T + t[:, None]) * H + hi) * P + offs_p[None, :]
+        tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=mtp)
+
+    # phase 6: the final state
+    ht_ptr = HT + ((bi * H + hi) * P + offs_p[:, None]) * N + offs_n[None, :]
+    tl.store(ht_ptr, S.to(HT.dtype.element_ty), mask=mask_p[:, None] & mask_n[None, :])
