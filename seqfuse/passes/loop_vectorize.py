@@ -69,6 +69,9 @@ class Vectorizer:
     def emit(self, target, args, kwargs=None) -> torch.fx.Node:
         """A new node before the anchor, with its fake value computed from its arguments'."""
         kwargs = kwargs or {}
+        same = self._fold(target, args)
+        if same is not None:
+            return same
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, tuple(args), kwargs)
         fake = lambda x: val(x) if isinstance(x, torch.fx.Node) else x  # noqa: E731
@@ -77,6 +80,26 @@ class Vectorizer:
             node.meta["val"] = target(*tmap(tuple(args)), **{k: tmap(v) for k, v in kwargs.items()})
         copy_meta(node, self.where)
         return node
+
+    @staticmethod
+    def _fold(target, args):
+        """The argument itself for a move that undoes the one before it (keeps the graph readable)."""
+        x = args[0] if args else None
+        if not isinstance(x, torch.fx.Node) or not isinstance(val(x), torch.Tensor):
+            return None
+        r = val(x).dim()
+        if target is aten.reshape.default and list(val(x).shape) == list(args[1]):
+            return x                                       # reshape to its own shape
+        if target is aten.movedim.int:
+            a, b = args[1] % r, args[2] % r
+            if a == b:
+                return x
+            if x.target is aten.movedim.int and x.args[1] % r == b and x.args[2] % r == a:
+                return x.args[0]                           # movedim(movedim(y, a, b), b, a) = y
+        if target is aten.select.int and x.target is aten.unsqueeze.default and args[2] == 0 \
+                and x.args[1] % r == args[1] % r:
+            return x.args[0]                               # select(unsqueeze(y, d), d, 0) = y
+        return None
 
     def pad(self, x: torch.fx.Node, rank: int, at: int = 1) -> torch.fx.Node:
         """Unit axes inserted at ``at`` until ``x`` has ``rank`` axes."""
