@@ -162,3 +162,24 @@ def test_scan_custom_op_runs_triton_path():
     assert rel_err(y, ry) < BOUND[torch.float32] and rel_err(h, rh) < BOUND[torch.float32]
     for got, want in zip(leaves, ref):
         assert rel_err(got.grad, want.grad) < BOUND[torch.float32]
+
+
+def test_scan_layouts():
+    # four row dims that do not coalesce (a permuted a), h0 broadcast over rows, a shared over time
+    g = torch.Generator().manual_seed(1)
+    R = (2, 2, 2, 2)
+    b = torch.randn(*R, 6, 3, generator=g).to(DEVICE)
+    a = torch.rand(*R, 6, 3, generator=g).to(DEVICE).permute(3, 2, 1, 0, 4, 5)   # row strides reversed
+    assert not tscan._Rows(R, [a, b]).ok
+    h0 = torch.randn(3, generator=g).to(DEVICE)
+    check(a, b, None, h0)
+    a_t = torch.rand(*R, 1, 3, generator=g).to(DEVICE)          # stride 0 along T after the expand
+    c = torch.randn(*R, 6, 3, generator=g).to(DEVICE)
+    check(a_t, b, c, h0, reverse=True)
+
+
+def test_scan_empty_time():
+    a = torch.rand(2, 0, 4, device=DEVICE)
+    h0 = torch.randn(2, 4, device=DEVICE)
+    y, h = tscan.forward(a, a, None, h0, dict(reverse=False))
+    assert y.shape == (2, 0, 4) and torch.equal(h, h0)

@@ -154,3 +154,11 @@ def test_ssd_supports_refusals():
 def test_ssd_gpu_shapes(decay, dtype):
     # Mamba-2-like: T = 1000 (partial last chunk), H = 8, P = 64, N = 64 (vector: GLA-like)
     check(*make(2, 1000, 8, 64, 64, decay, dtype, d=True, h0=True), decay)
+
+
+def test_ssd_forward_layouts():
+    # x a transposed view, b shared by the batch (stride 0), d per (H, P), scalar decay
+    x, b, c, a, _, h0 = make(2, 11, 3, 5, 4, "scalar", torch.float32, h0=True)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    d = torch.randn(3, 5, device=DEVICE)
+    check(xt, b[:1], c, a, d, h0, "scalar")
