@@ -8,6 +8,7 @@ import torch
 import torch.fx
 
 from seqfuse.compiler.options import Options
+from seqfuse.compiler.canonicalize import Untraceable
 from seqfuse.compiler.pipeline import run_pipeline
 from seqfuse.compiler.report import GraphReport, publish
 from seqfuse.compiler.verify import verifying
@@ -68,13 +69,17 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     ``options`` as in :class:`seqfuse.compiler.options.Options`; ``mode`` is
     forwarded to inductor.  If the pipeline itself fails on a graph, that graph
     is compiled unchanged with a warning (and the failure is in the report),
-    unless SEQFUSE_STRICT=1.
+    unless SEQFUSE_STRICT=1.  A graph seqfuse does not re-trace (torch.func transforms
+    inlined by Dynamo) is compiled unchanged with a near miss saying so, strict or not.
     """
     opts = Options.from_dict(options)
     enabled_passes(opts.passes)  # unknown pass names are the user's error: raise, don't fall back
     report = GraphReport()
     try:
         rewritten = run_pipeline(gm, example_inputs, opts, report)
+    except Untraceable as exc:
+        report.add_near_miss("graph", str(exc), exc.node)
+        rewritten = gm
     except Exception as exc:
         if _strict():
             raise

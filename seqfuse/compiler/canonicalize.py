@@ -44,6 +44,20 @@ def fake_inputs(gm: torch.fx.GraphModule, example_inputs) -> tuple[list, FakeTen
     return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs], mode
 
 
+class Untraceable(Exception):
+    """The Dynamo graph holds something seqfuse does not re-trace faithfully; the backend then
+    compiles it unchanged and reports why (a designed refusal, not a failure)."""
+
+    def __init__(self, reason: str, node: torch.fx.Node | None = None):
+        super().__init__(reason)
+        self.node = node
+
+
+def _functorch_call(node: torch.fx.Node) -> bool:
+    module = getattr(node.target, "__module__", "") or ""
+    return node.op == "call_function" and (module.startswith("torch._functorch") or module.startswith("torch._C._functorch"))
+
+
 def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | None = None) -> torch.fx.GraphModule:
     """Re-trace ``gm`` to pre-dispatch ATen, keeping symbolic shapes and source locations.
 
@@ -51,6 +65,13 @@ def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | 
     (:mod:`seqfuse.compiler.replay`: each distinct call traced once); ``replay`` forces
     (True) or forbids (False) that path, None decides by :func:`replay.eligible`.
     """
+    bad = next((n for n in gm.graph.nodes if _functorch_call(n)), None)
+    if bad is not None:
+        # make_fx re-runs vmap levels on fake tensors and bakes their intermediates into the
+        # graph as constants (seen with associative_scan(combine_mode="generic"), which Dynamo
+        # inlines as vmapped odd/even steps): refuse rather than build a graph that can't run
+        raise Untraceable(f"the graph uses torch.func transforms ({bad.target.__name__}, e.g. vmap or "
+                          "associative_scan with combine_mode='generic'); seqfuse leaves it to the downstream compiler", bad)
     values, mode = fake_inputs(gm, example_inputs)
     traced = None
     if replay if replay is not None else _replay.eligible(gm):

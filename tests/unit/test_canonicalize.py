@@ -3,6 +3,7 @@ every constant-fill mask spelling becomes where.ScalarOther(keep, x, fill); valu
 import pytest
 import torch
 
+import seqfuse
 from seqfuse.compiler.canonicalize import canonicalize, normalize_contractions, normalize_masks, trace_pre_dispatch
 from seqfuse.ir import format_graph
 
@@ -154,3 +155,23 @@ def test_source_locations_survive_tracing():
     normalize_contractions(traced)
     (node,) = [n for n in traced.graph.nodes if n.target is aten.einsum.default]
     assert "test_canonicalize.py" in node.meta.get("stack_trace", "")
+
+
+def test_vmapped_graph_is_left_unchanged_with_a_near_miss():
+    # Dynamo inlines associative_scan(combine_mode="generic") as vmapped odd/even steps;
+    # re-tracing those would bake vmap intermediates into the graph, so the graph is refused
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+
+    def fn(a, b):
+        return associative_scan(combine, (a, b), dim=1, combine_mode="generic")[1].sum(-1)
+
+    a, b = torch.rand(2, 8, 3), torch.randn(2, 8, 3)
+    report = seqfuse.explain(fn, a, b, options={"downstream": "aot_eager"})
+    assert report.count("scan") == 0 and [m.kind for m in report.near_misses] == ["graph"]
+    assert "torch.func transforms" in report.near_misses[0].reason
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="seqfuse", options={"downstream": "aot_eager"})(a, b)
+    torch.testing.assert_close(out, fn(a, b))
