@@ -319,6 +319,7 @@ class _Match:
 
     def __init__(self, loop: Loop, seeds, canon, label, members):
         self.loop, self.seeds, self.canon, self.label, self.members = loop, seeds, canon, label, members
+        self.family: dict[int, tuple] = {}
 
     def step(self, t: int, first: bool) -> bool:
         loop = self.loop
@@ -354,13 +355,10 @@ class _Match:
         loop = self.loop
         tmpl = loop.template[j]
         if loop.roles[j] is None:  # a seed
-            x, d, form, i = _seed_key(tmpl)
-            for r in loop.runs:
-                if r.family == (x, d, form):
-                    cands = self.seeds.get((r.family, loop.index(t)), [])
-                    break
-            else:
-                return None
+            fam = self.family.get(j)
+            if fam is None:
+                fam = self.family[j] = _seed_key(tmpl)[:3]
+            cands = self.seeds.get((fam, loop.index(t)), [])
             for c in cands:
                 if c not in claimed:
                     claimed.add(c)
