@@ -13,7 +13,10 @@ in time linear in the graph size (see loop_reroll for how the steps are found):
   computes is vectorized over time on whole tensors (loop_vectorize).
 
 Coupled or nonlinear updates (LSTM, GRU, tanh of the state, h·h) are near misses and stay as
-they are.
+they are.  Not re-rolled yet (near misses): bodies with symbolic shapes (dynamic=True), a body
+that reads time both forward and reversed, second-order recurrences (h_{t-2}).  A step that
+differs from the others ends the loop there; the steps outside stay unrolled and read the op's
+final state.
 """
 from __future__ import annotations
 
