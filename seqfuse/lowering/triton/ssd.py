@@ -13,8 +13,8 @@ the promoted dtype of x, b, c.
 
 Forward: one fused kernel (:mod:`seqfuse.lowering.triton.ssd_kernels`), one program per
 (b, h, block of P), the chunks walked in order with the state in fp32 registers.  Its chunk
-length is the kernel's tile (BLOCK_T: 64 for none/scalar decay on a GPU, 16 for vector decay),
-not ``attrs["chunk"]``: every chunk length computes the same function.
+length is the kernel's tile (BLOCK_T: 32 or 16 on a GPU, see GPU_CONFIG), not
+``attrs["chunk"]``: every chunk length computes the same function.
 
 Backward: NOT a kernel yet.  It recomputes through the chunked reference's written-out adjoint
 (:func:`seqfuse.lowering.reference.ssd.ssd_chunked_backward`, torch ops on the call's device with
@@ -36,16 +36,18 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the state block (BLOCK_P, N) of a program lives in registers
 MAX_N = 128
 MAX_N_VECTOR = 64
-#: tl.dot input precision for the fp32 tiles on a GPU ("ieee" is exact but off the tensor cores)
+#: tl.dot input precision of the fp32 tiles on a GPU: fp32-accurate "tf32x3" for fp32 operands,
+#: one-pass "tf32" (10-bit mantissa, finer than the operands' own) for fp16 / bf16 operands
 FP32_DOT_PRECISION = "tf32x3"
-#: launch configs per decay kind: BLOCK_T steps per chunk, BLOCK_P value dims per program.  The
-#: interpreter's are small so that tests at T ≤ 40, P ≤ 16 cross several chunks and P blocks.
-GPU_CONFIG = {"none": {"BLOCK_T": 64, "BLOCK_P": 64, "num_warps": 4},
-              "scalar": {"BLOCK_T": 64, "BLOCK_P": 64, "num_warps": 4},
-              "vector": {"BLOCK_T": 16, "BLOCK_P": 32, "num_warps": 4}}
-INTERPRETER_CONFIG = {"none": {"BLOCK_T": 8, "BLOCK_P": 8, "num_warps": 4},
-                      "scalar": {"BLOCK_T": 8, "BLOCK_P": 8, "num_warps": 4},
-                      "vector": {"BLOCK_T": 8, "BLOCK_P": 8, "num_warps": 4}}
+LOWP_DOT_PRECISION = "tf32"
+#: launch configs per decay kind and largest N: (N_max, BLOCK_T steps per chunk, BLOCK_P value dims
+#: per program, num_warps).  On a GPU chosen from ptxas -v for sm_90 (no or small register spills;
+#: checked offline, not timed).  The interpreter's are small so that tests at T ≤ 40, P ≤ 16 cross
+#: several chunks and P blocks.
+GPU_CONFIG = {"none": [(64, 32, 32, 8), (128, 16, 16, 4)],
+              "scalar": [(64, 32, 32, 8), (128, 16, 16, 4)],
+              "vector": [(64, 16, 32, 8)]}
+INTERPRETER_CONFIG = {"none": [(MAX_N, 8, 8, 4)], "scalar": [(MAX_N, 8, 8, 4)], "vector": [(MAX_N, 8, 8, 4)]}
 _DECAY_CODE = {"none": 0, "scalar": 1, "vector": 2}
 
 _kernels_module = None
@@ -100,8 +102,13 @@ def supports(t: dict, a: dict) -> str | None:
     return None
 
 
-def _config(decay: str) -> dict:
-    return dict((INTERPRETER_CONFIG if _kernels().INTERPRETED else GPU_CONFIG)[decay])
+def _launch(decay: str, N: int, dtype: torch.dtype) -> dict:
+    """BLOCK_T, BLOCK_P, num_warps and the dot precision for a state of size N."""
+    interpreted = _kernels().INTERPRETED
+    table = (INTERPRETER_CONFIG if interpreted else GPU_CONFIG)[decay]
+    _, block_t, block_p, warps = next((row for row in table if N <= row[0]), table[-1])
+    precision = "ieee" if interpreted else (FP32_DOT_PRECISION if dtype == torch.float32 else LOWP_DOT_PRECISION)
+    return dict(BLOCK_T=block_t, BLOCK_P=block_p, num_warps=warps, PRECISION=precision)
 
 
 def forward(x, b, c, a, d, h0, attrs):
@@ -124,10 +131,10 @@ def forward(x, b, c, a, d, h0, attrs):
     if d is not None:
         dv = (d[:, None] if d.dim() == 1 else d).expand(H, P)
     hv = h0.expand(B, H, P, N) if h0 is not None else None
-    cfg = _config(decay)
+    cfg = _launch(decay, N, dtype)
     gpu = not _kernels().INTERPRETED
-    block_n = max(16 if gpu else 2, _next_pow2(N))
-    block_p = min(cfg["BLOCK_P"], max(16 if gpu else 2, _next_pow2(P)))
+    block_n = max(16 if gpu else 2, _next_pow2(N))   # tl.dot's smallest tile on a GPU is 16
+    block_p = min(cfg.pop("BLOCK_P"), max(16 if gpu else 2, _next_pow2(P)))
     a_st = (0, 0, 0, 0) if av is None else (*av.stride()[:3], av.stride(3) if decay == "vector" else 0)
     dummy = xv
     grid = (B * H, -(-P // block_p))
@@ -137,9 +144,8 @@ def forward(x, b, c, a, d, h0, attrs):
         T, H, P, N,
         *xv.stride(), *bv.stride(), *cv.stride(), *a_st,
         *(dv.stride() if dv is not None else (0, 0)), *(hv.stride() if hv is not None else (0, 0, 0, 0)),
-        DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None,
-        PRECISION="ieee" if not gpu else FP32_DOT_PRECISION,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_P=block_p, BLOCK_N=block_n, num_warps=cfg["num_warps"])
+        DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None, BLOCK_P=block_p, BLOCK_N=block_n,
+        **cfg)
     return y, h
 
 

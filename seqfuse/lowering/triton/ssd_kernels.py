@@ -19,10 +19,11 @@ so nothing overflows however strong the decay.  The decay kinds (``DECAY``):
   with one ``tl.dot``;
 * 2, vector (a (B, T, H, N), GLA): L differs per key dim n, so the scores are an exact
   (BLOCK_T, BLOCK_T, N) product reduced over n (no q·exp(cum) / k·exp(-cum) factoring, whose
-  exp(-cum) overflows for strong gates); the chunk is kept short (BLOCK_T = 16 on a GPU).
+  exp(-cum) overflows for strong gates); the chunk is kept short (BLOCK_T = 16 on a GPU; see ssd.py GPU_CONFIG).
 
-The products with x and with the state are ``tl.dot`` in fp32 (``PRECISION``: "ieee" in the
-interpreter, fp32-accurate "tf32x3" on a GPU).
+The products with x and with the state are ``tl.dot`` on fp32 tiles with fp32 accumulation
+(``PRECISION``: "ieee" in the interpreter; on a GPU fp32-accurate "tf32x3" for fp32 operands,
+"tf32" for fp16 / bf16 operands).
 """
 from __future__ import annotations
 
