@@ -143,6 +143,8 @@ def test_scan_gpu_mamba_shapes(dtype):
     # Mamba-1 130m-like: (B, D) rows, T = 2048, N = 16, C shared over channels
     check(*make((2, 768), 2048, 16, dtype, readout=True, shared_c=True, h0=True))
     check(*make((2, 64), 1000, 80, dtype, readout=False, h0=True), reverse=True)
+    # a readout over a large state (one program per row: 16x256 tiles, 8 warps)
+    check(*make((1, 32), 777, 256, dtype, readout=True, h0=True), reverse=True)
 
 
 def test_scan_custom_op_runs_triton_path():

@@ -154,6 +154,8 @@ def test_ssd_supports_refusals():
 def test_ssd_gpu_shapes(decay, dtype):
     # Mamba-2-like: T = 1000 (partial last chunk), H = 8, P = 64, N = 64 (vector: GLA-like)
     check(*make(2, 1000, 8, 64, 64, decay, dtype, d=True, h0=True), decay)
+    if decay != "vector":  # the N <= 128 config (16x16 tiles); P = 80: a partial P block
+        check(*make(1, 333, 4, 80, 128, decay, dtype, h0=True), decay)
 
 
 def test_ssd_forward_layouts():
