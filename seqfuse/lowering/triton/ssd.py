@@ -16,9 +16,11 @@ Forward: one fused kernel (:mod:`seqfuse.lowering.triton.ssd_kernels`), one prog
 length is the kernel's tile (BLOCK_T: 32 or 16 on a GPU, see GPU_CONFIG), not
 ``attrs["chunk"]``: every chunk length computes the same function.
 
-Backward: NOT a kernel yet.  It recomputes through the chunked reference's written-out adjoint
-(:func:`seqfuse.lowering.reference.ssd.ssd_chunked_backward`, torch ops on the call's device with
-``attrs["chunk"]``), so training runs the triton forward and an eager backward.
+Backward: for decay none / scalar with P, N <= MAX_PN_BACKWARD, ``ssd_chunked_bwd_kernel`` (one
+program per (b, h); the chunked algorithm's adjoint, states recomputed by a forward sweep).
+Otherwise (vector decay, larger P or N) it recomputes through the chunked reference's written-out
+adjoint (:func:`seqfuse.lowering.reference.ssd.ssd_chunked_backward`, torch ops on the call's
+device with ``attrs["chunk"]``).
 
 Refused (the next path runs the call): no triton / not allowed on this device (common.py), an
 algorithm other than "chunked", complex or fp64 operands, N > MAX_N (MAX_N_VECTOR for vector
@@ -149,10 +151,68 @@ def forward(x, b, c, a, d, h0, attrs):
     return y, h
 
 
+#: the backward kernel holds all of P and N of a (b, h) in one program (decay none / scalar)
+MAX_PN_BACKWARD = 64
+
+
+def backward_kernel_reason(x, b, c, h0, decay) -> str | None:
+    """None when the backward kernel runs this call, else why the chunked reference's adjoint does."""
+    B, T, H, P, N = ssd_shapes(x, b, c, h0)
+    if decay == "vector":
+        return "vector decay (no backward kernel yet)"
+    if max(P, N) > MAX_PN_BACKWARD:
+        return f"P={P} or N={N} > {MAX_PN_BACKWARD}"
+    return None
+
+
 def backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
-    """(dx, db, dc, da, dd, dh0): the chunked reference's adjoint (torch ops, no triton kernel yet)."""
-    return ssd_chunked_backward(grad_y, grad_h, x, b, c, a, d, h0, decay=attrs["decay"],
-                                chunk=attrs["chunk"], needs=attrs["needs"])
+    """(dx, db, dc, da, dd, dh0), each in its operand's shape and dtype (None where not needed).
+
+    Decay none / scalar with P, N <= MAX_PN_BACKWARD: ``ssd_chunked_bwd_kernel`` (one program per
+    (b, h): a forward sweep storing the state entering each chunk, then the chunks last to first).
+    Otherwise (vector decay, larger P or N): the chunked reference's adjoint in torch ops."""
+    decay = attrs["decay"]
+    needs = attrs["needs"]
+    if backward_kernel_reason(x, b, c, h0, decay) is not None:
+        return ssd_chunked_backward(grad_y, grad_h, x, b, c, a, d, h0, decay=decay, chunk=attrs["chunk"],
+                                    needs=needs)
+    B, T, H, P, N = ssd_shapes(x, b, c, h0)
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    xv = x.expand(B, T, H, P)
+    bv, cv = b.expand(B, T, H, N), c.expand(B, T, H, N)
+    av = a.expand(B, T, H) if a is not None else None
+    dv = (d[:, None] if d.dim() == 1 else d).expand(H, P) if d is not None else None
+    hv = h0.expand(B, H, P, N) if h0 is not None else None
+    dy = grad_y.expand(B, T, H, P).contiguous()
+    dht = (grad_h if grad_h is not None else torch.zeros(B, H, P, N, **f32)).expand(B, H, P, N).contiguous()
+    cfg = _launch(decay, N, out_dtype(x, b, c))
+    cfg.pop("BLOCK_P")
+    interpreted = _kernels().INTERPRETED
+    block_t = cfg.pop("BLOCK_T") if interpreted else 16   # ptxas -v, sm_90: ~1 KB spills at P = N = 64
+    low = 2 if interpreted else 16
+    nchunk = -(-T // block_t)
+    ckpt = torch.empty(B * H, max(nchunk, 1), P, N, **f32)
+    dx, dB, dC = torch.empty(B, T, H, P, **f32), torch.empty(B, T, H, N, **f32), torch.empty(B, T, H, N, **f32)
+    da = torch.empty(B, T, H, **f32) if a is not None else dx
+    dd = torch.empty(B, H, P, **f32)
+    dh0 = torch.empty(B, H, P, N, **f32)
+    dummy = xv
+    _kernels().ssd_chunked_bwd_kernel[(B * H,)](
+        xv, bv, cv, av if av is not None else dummy, dv if dv is not None else dummy,
+        hv if hv is not None else dummy, dy, dht, ckpt, dx, dB, dC, da, dd, dh0,
+        T, H, P, N, nchunk,
+        *xv.stride(), *bv.stride(), *cv.stride(), *(av.stride() if av is not None else (0, 0, 0)),
+        *(dv.stride() if dv is not None else (0, 0)), *(hv.stride() if hv is not None else (0, 0, 0, 0)),
+        DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None,
+        BLOCK_T=block_t, BLOCK_P=max(low, _next_pow2(P)), BLOCK_N=max(low, _next_pow2(N)),
+        num_warps=4 if interpreted else 8, PRECISION=cfg["PRECISION"])
+    dd_hp = dd.sum(0) if d is not None else None
+    if d is not None and d.dim() == 1:
+        dd_hp = dd_hp.sum(-1)
+    grads = (dx, dB, dC, da if a is not None else None, dd_hp, dh0 if h0 is not None else None)
+    return tuple(g.sum_to_size(t.shape).to(t.dtype) if (n and t is not None) else None
+                 for g, t, n in zip(grads, (x, b, c, a, d, h0), needs))
 
 
 def register() -> None:

@@ -1,5 +1,9 @@
 """Triton kernels of seqfuse.ssd; the host side is :mod:`seqfuse.lowering.triton.ssd`.
 
+``ssd_chunked_bwd_kernel`` (decay none / scalar; at the end of this file) is the adjoint of the
+forward below, one program per (b, h) with all of P and N: a forward sweep stores the state
+entering each chunk, then the chunks are taken last to first carrying ∂L/∂S backwards.
+
 ``ssd_chunked_fwd_kernel`` runs the chunked (Mamba-2 SSD) algorithm fused in one launch: one
 program per (batch b, head h, block of BLOCK_P value dims) walks the chunks of BLOCK_T steps in
 order, keeping the state S (BLOCK_P, N) in fp32 registers.  Per chunk, with cum the inclusive
@@ -138,3 +142,138 @@ def ssd_chunked_fwd_kernel(
     # phase 6: the final state
     ht_ptr = HT + ((bi * H + hi) * P + offs_p[:, None]) * N + offs_n[None, :]
     tl.store(ht_ptr, S.to(HT.dtype.element_ty), mask=mask_p[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def ssd_chunked_bwd_kernel(
+        X, Bm, Cm, A, D, H0, DY, DHT, CKPT,
+        DX, DB, DC, DA, DD, DH0,
+        T, H, P, N, NCHUNK,
+        SXB, SXT, SXH, SXP,
+        SBB, SBT, SBH, SBN,
+        SCB, SCT, SCH, SCN,
+        SAB, SAT, SAH,
+        SDH, SDP,
+        SHB, SHH, SHP, SHN,
+        DECAY: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The adjoint of ``ssd_chunked_fwd_kernel`` for decay none (0) / scalar (1); one program per
+    (b, h) holding all of P and N.  DY (B, T, H, P), DHT (B, H, P, N) contiguous; CKPT (B, H, NCHUNK,
+    P, N) fp32 scratch; fp32 contiguous outputs DX (B, T, H, P), DB, DC (B, T, H, N), DA (B, T, H),
+    DD (B, H, P) (per (b, h) partial sums of dy ⊙ x), DH0 (B, H, P, N)."""
+    pid = tl.program_id(0)
+    bi = (pid // H).to(tl.int64)
+    hi = (pid % H).to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_T)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mpn = mask_p[:, None] & mask_n[None, :]
+    causal = offs_l[:, None] >= offs_l[None, :]
+    x_ptr = X + bi * SXB + hi * SXH
+    b_ptr = Bm + bi * SBB + hi * SBH
+    c_ptr = Cm + bi * SCB + hi * SCH
+    a_ptr = A + bi * SAB + hi * SAH
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    ck_ptr = CKPT + pid.to(tl.int64) * NCHUNK * P * N + pn
+    if HAS_D:
+        dvec = tl.load(D + hi * SDH + offs_p * SDP, mask=mask_p, other=0.0).to(tl.float32)
+
+    # phase 1: forward sweep over the chunks, storing the state entering each one
+    if HAS_H0:
+        S = tl.load(H0 + bi * SHB + hi * SHH + offs_p[:, None] * SHP + offs_n[None, :] * SHN,
+                    mask=mpn, other=0.0).to(tl.float32)
+    else:
+        S = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)
+    for k in range(0, NCHUNK):
+        tl.store(ck_ptr + k * P * N, S, mask=mpn)
+        t = k * BLOCK_T + offs_l
+        mask_t = t < T
+        x = tl.load(x_ptr + t[:, None] * SXT + offs_p[None, :] * SXP, mask=mask_t[:, None] & mask_p[None, :],
+                    other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + t[:, None] * SBT + offs_n[None, :] * SBN, mask=mask_t[:, None] & mask_n[None, :],
+                    other=0.0).to(tl.float32)
+        if DECAY == 1:
+            a = tl.load(a_ptr + t * SAT, mask=mask_t, other=0.0).to(tl.float32)
+            cum = tl.associative_scan(a, 0, _sum_combine)
+            last = tl.reduce(a, 0, _sum_combine)
+            w = tl.exp(last - cum)
+            S = S * tl.exp(last) + tl.dot(tl.trans(x * w[:, None]), b, input_precision=PRECISION)
+        else:
+            S += tl.dot(tl.trans(x), b, input_precision=PRECISION)
+    tl.debug_barrier()  # the checkpoints are read back below
+
+    # phase 2: chunks last to first; dS is ∂L/∂(state after the chunk)
+    dS = tl.load(DHT + pid.to(tl.int64) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    dd = tl.full((BLOCK_P,), 0.0, tl.float32)
+    for kk in range(0, NCHUNK):
+        k = NCHUNK - 1 - kk
+        t = k * BLOCK_T + offs_l
+        mask_t = t < T
+        mtp = mask_t[:, None] & mask_p[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]
+        x = tl.load(x_ptr + t[:, None] * SXT + offs_p[None, :] * SXP, mask=mtp, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + t[:, None] * SBT + offs_n[None, :] * SBN, mask=mtn, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + t[:, None] * SCT + offs_n[None, :] * SCN, mask=mtn, other=0.0).to(tl.float32)
+        dy_off = ((bi * T + t[:, None]) * H + hi) * P + offs_p[None, :]
+        dy = tl.load(DY + dy_off, mask=mtp, other=0.0).to(tl.float32)
+        S_in = tl.load(ck_ptr + k * P * N, mask=mpn, other=0.0)
+        # phase 2a: the chunk's decays (ones without decay)
+        if DECAY == 1:
+            a = tl.load(a_ptr + t * SAT, mask=mask_t, other=0.0).to(tl.float32)
+            cum = tl.associative_scan(a, 0, _sum_combine)
+            last = tl.reduce(a, 0, _sum_combine)
+            Lm = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+            E = tl.exp(cum)
+            w = tl.exp(last - cum)
+            g_last = tl.exp(last)
+        else:
+            Lm = tl.where(causal, 1.0, 0.0)
+            E = tl.full((BLOCK_T,), 1.0, tl.float32)
+            w = tl.full((BLOCK_T,), 1.0, tl.float32)
+            g_last = 1.0
+        # phase 2b: the entering state's readout y_off = (c·S_inᵀ) ⊙ E
+        dZ = dy * E[:, None]                                                     # (l, p)
+        dc = tl.dot(dZ, S_in, input_precision=PRECISION)                         # (l, n)
+        dS_read = tl.dot(tl.trans(dZ), c, input_precision=PRECISION)             # (p, n)
+        Z = tl.dot(c, tl.trans(S_in), input_precision=PRECISION)                 # (l, p)
+        dcum = tl.reduce(dy * Z, 1, _sum_combine) * E
+        # phase 2c: inside the chunk, y_diag = ((c·bᵀ) ⊙ L)·x
+        G = tl.dot(c, tl.trans(b), input_precision=PRECISION)                    # (l, s)
+        dscores = tl.dot(dy, tl.trans(x), input_precision=PRECISION)             # (l, s)
+        dx = tl.dot(tl.trans(G * Lm), dy, input_precision=PRECISION)             # (s, p)
+        dG = dscores * Lm
+        dc += tl.dot(dG, b, input_precision=PRECISION)
+        db = tl.dot(tl.trans(dG), c, input_precision=PRECISION)                  # (s, n)
+        dseg = dG * G
+        dcum += tl.reduce(dseg, 1, _sum_combine) - tl.reduce(dseg, 0, _sum_combine)
+        # phase 2d: what the chunk adds to the state, (x ⊙ w)ᵀ·b
+        dxw = tl.dot(b, tl.trans(dS), input_precision=PRECISION)                 # (s, p)
+        db += tl.dot(x * w[:, None], dS, input_precision=PRECISION)
+        dx += dxw * w[:, None]
+        dw = tl.reduce(dxw * x, 1, _sum_combine) * w
+        dcum -= dw
+        # phase 2e: the decay over the whole chunk, S_out = exp(last)·S_in + ...: ∂last, and dS moves
+        # to the state entering the chunk
+        dlast = tl.reduce(dw, 0, _sum_combine) + g_last * tl.reduce(tl.reduce(dS * S_in, 1, _sum_combine), 0,
+                                                                     _sum_combine)
+        dS = dS_read + g_last * dS
+        # phase 2f: da = reversed cumulative sum of ∂cum (last = cum at the chunk's end)
+        if DECAY == 1:
+            dcum += tl.where(offs_l == BLOCK_T - 1, dlast, 0.0)
+            da = tl.associative_scan(dcum, 0, _sum_combine, reverse=True)
+            tl.store(DA + (bi * T + t) * H + hi, da, mask=mask_t)
+        # phase 2g: the skip, and the chunk's gradients
+        if HAS_D:
+            dx += dy * dvec[None, :]
+            dd += tl.reduce(dy * x, 0, _sum_combine)
+        tl.store(DX + dy_off, dx, mask=mtp)
+        bn_off = ((bi * T + t[:, None]) * H + hi) * N + offs_n[None, :]
+        tl.store(DB + bn_off, db, mask=mtn)
+        tl.store(DC + bn_off, dc, mask=mtn)
+
+    # phase 3: the initial state's gradient and the skip's per-(b, h) partial sums
+    tl.store(DH0 + pid.to(tl.int64) * P * N + pn, dS, mask=mpn)
+    if HAS_D:
+        tl.store(DD + pid.to(tl.int64) * P + offs_p, dd, mask=mask_p)
