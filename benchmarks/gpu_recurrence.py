@@ -19,8 +19,9 @@ Rows (milliseconds per call, triton.testing.do_bench; "-" where a peer failed or
 
 The seqfuse columns call the custom ops with runtime="triton" directly (a refusal or a failing
 kernel warns and would time the eager reference: warnings are printed).  Ratios are
-seqfuse / peer (above 1: seqfuse faster).  Backward: the seqfuse ssd backward is the chunked
-reference's adjoint (torch ops), not a kernel yet.  Needs a CUDA GPU; prints why and exits 1
+seqfuse / peer (above 1: seqfuse faster).  Backward: the seqfuse ssd backward is a
+kernel for decay none / scalar with P, N <= 64, the chunked reference's adjoint (torch ops)
+otherwise (vector decay here).  Needs a CUDA GPU; prints why and exits 1
 otherwise.  No numbers are committed with this script: run it on the machine you care about.
 """
 from __future__ import annotations

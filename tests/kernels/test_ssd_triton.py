@@ -1,8 +1,8 @@
 """The triton chunked-SSD kernel (seqfuse.ssd) against the eager reference: forward for each decay
 kind (none / scalar / vector), with the d skip, h0, the final state, odd T (several chunks plus a
-partial one), b shared by all heads (stride 0), fp32 / fp16 / bf16; the backward (the chunked
-reference's adjoint on the triton path) through the custom op; what ``supports`` refuses; and a
-deliberately wrong launch that the checks must catch.
+partial one), b shared by all heads (stride 0), fp32 / fp16 / bf16; the backward kernel (decay
+none / scalar) directly and through the custom op; what ``supports`` refuses; and deliberately
+wrong launches (forward and backward) that the checks must catch.
 
 Without CUDA the kernel runs on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1,
 set per test by conftest.py) at tiny shapes; the ``gpu`` tests run it compiled at real shapes.
@@ -112,8 +112,8 @@ def test_ssd_detects_a_wrong_kernel(monkeypatch):
 
 
 def test_ssd_custom_op_forward_and_backward():
-    # through torch.ops.seqfuse.ssd with runtime="triton": forward on the kernel, backward by the
-    # chunked reference's adjoint; a refusal or a failing kernel would warn (turned into an error)
+    # through torch.ops.seqfuse.ssd with runtime="triton": forward and backward kernels; a refusal
+    # or a failing kernel would warn (turned into an error)
     import warnings
 
     import seqfuse.lowering.ssd_op  # noqa: F401  (registers the op and its paths)
