@@ -112,8 +112,10 @@ def build(batch=2, seq_len=32, scratch=False, seed=0):
         if scratch:
             raise ImportError
         from transformers import MambaConfig, MambaForCausalLM
+        # use_associative_scan=False: the Python loop over time (on CPU the associative-scan path is
+        # torch's generic vmapped scan, which seqfuse leaves to the downstream compiler)
         cfg = MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2,
-                          conv_kernel=4, use_cache=False)
+                          conv_kernel=4, use_cache=False, use_associative_scan=False)
         model = HFLogits(MambaForCausalLM(cfg))
     except ImportError:
         model = MambaLM()

@@ -85,18 +85,14 @@ def test_hyena_operator_matches_eager_with_two_long_convs():
     assert len(fft) == 1 and "d=%" in fft[0].ir and "gate=%" in fft[0].ir, fft
 
 
-@pytest.mark.parametrize("scratch", [
-    pytest.param(True, id="scratch", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "backward raises 'view size is not compatible with input tensor's size and stride' "
-        "(the stride issue of canonicalize's normalize_contractions, as HF Mamba's backward)"))),
-    pytest.param(False, id="transformers", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "at L=32 with d_model 64 the HF Mamba loop is left unrolled: 0 scan rewrites, one near miss"))),
-])
+@pytest.mark.parametrize("scratch", [True, False], ids=["scratch", "transformers"])
 def test_mamba_example_matches_eager_with_one_scan_per_layer(scratch):
     """examples/mamba.py: the selective-scan loop of each layer is one scan, its conv one long_conv."""
     if not scratch:
         pytest.importorskip("transformers")
     model, tokens = load("mamba").build(scratch=scratch)
-    report = check_against_eager(model, tokens, bound=1e-5)
+    # inductor downstream: under aot_eager PyTorch's own backward of this model fails
+    # (see tests/models/test_recurrent_models.py)
+    report = check_against_eager(model, tokens, bound=1e-5, options={"downstream": "inductor"})
     assert report.count("scan") == model.n_layers, str(report)
     assert report.count("long_conv") == model.n_layers, str(report)
