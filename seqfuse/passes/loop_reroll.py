@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from seqfuse.passes.pattern import is_op, val
+from seqfuse.passes.pattern import val
 
 aten = torch.ops.aten
 

@@ -39,7 +39,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.masks import classify_mask, position_mask
 from seqfuse.ir.ops import SSD, Scan
-from seqfuse.passes.pattern import CASTS, arg, concrete_sym, constant_value, copy_meta, is_op, is_scalar, rank, \
+from seqfuse.passes.pattern import arg, concrete_sym, constant_value, copy_meta, is_op, is_scalar, rank, \
     sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, Coef, NoMatch, aligned, base_letters, evaluable, evaluate
@@ -390,7 +390,7 @@ class SSDFormsPass(Pass):
 
     # scan(h' = a·h + b, init, (a, b)) -> scan
     def _scan_hop(self, ctx: PassContext, node: torch.fx.Node) -> None:
-        gm, graph = ctx.gm, ctx.graph
+        gm = ctx.gm
         body_node, init, xs, extra = node.args[:4]
         body = getattr(gm, body_node.target, None) if body_node.op == "get_attr" else None
         if not isinstance(body, torch.fx.GraphModule) or len(init) != 1 or len(xs) != 2 or len(extra):

@@ -1,7 +1,6 @@
 """Unrolled recurrence loops as libraries and papers write them: compiled with seqfuse each
 becomes one seqfuse.scan / seqfuse.ssd and equals eager (outputs, final states, gradients);
 nonlinear or coupled cells (LSTM, GRU, tanh, h·h) are near misses and left alone."""
-import math
 import time
 
 import pytest
