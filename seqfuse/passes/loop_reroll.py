@@ -413,7 +413,7 @@ class _Match:
             return nodes[r[1]]
         if kind == "P":
             if prev is not None:
-                return prev[r[1]]
+                return prev[r[1]] if r[1] < len(prev) else None
             v = init.get(r[1])
             return v if isinstance(v, torch.fx.Node) else None
         return None
@@ -441,8 +441,8 @@ class _Match:
                 return True
             return a is nodes[r[1]]
         if kind == "P":
-            if prev is not None:
-                return a is prev[r[1]]
+            if prev is not None:   # a step shorter than the template carries fewer values: no match
+                return r[1] < len(prev) and a is prev[r[1]]
             if isinstance(a, torch.fx.Node) and self.label.get(a, -1) >= self._t:
                 return False  # an initial value comes from before the step
             if r[1] in init:

@@ -417,3 +417,31 @@ def test_dynamic_shapes_stay_correct():
     # symbolic sizes: not re-rolled yet (the loop stays unrolled); the compiled graph equals eager
     report = check_against_eager(hgrn, rand(3, T, 8), -rand(3, T, 8, positive=True), dynamic=True)
     assert report.count("ssd") == 0, str(report)
+
+
+def chunked_simple_gla(q, k, v, g, chunk=16):
+    """A chunked simple-GLA program as fla's naive_chunk_simple_gla writes it (BHTD, T a
+    multiple of ``chunk``): a loop over chunks carrying the state S."""
+    B, H, T, K = q.shape
+    q, k, v, g = (x.reshape(B, H, T // chunk, chunk, -1) for x in (q, k, v, g.unsqueeze(-1)))
+    decay = g.squeeze(-1).cumsum(-1)
+    L = (decay.unsqueeze(-1) - decay.unsqueeze(-2)).tril().exp().tril()
+    S = k.new_zeros(B, H, K, v.shape[-1])
+    o = torch.zeros_like(v)
+    for i in range(T // chunk):
+        q_i, k_i, v_i = q[:, :, i], k[:, :, i], v[:, :, i]
+        attn = q_i @ k_i.transpose(-1, -2) * L[:, :, i]
+        o[:, :, i] = (q_i * decay[:, :, i, :, None].exp()) @ S + attn @ v_i
+        S = S * decay[:, :, i, -1, None, None].exp() + \
+            (k_i * (decay[:, :, i, -1, None] - decay[:, :, i]).exp()[..., None]).transpose(-1, -2) @ v_i
+    return o.reshape(B, H, T, -1), S
+
+
+def test_chunk_loop_with_a_partial_last_step_is_left_alone():
+    # 8 chunks: the re-roller once indexed past a shorter step's carried values (IndexError,
+    # a pipeline failure); the loop is not recognized yet, so it must stay unrolled and equal eager
+    q, k, v = (torch.randn(1, 2, 128, 8, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(1, 2, 128)).requires_grad_()
+    report = check_against_eager(chunked_simple_gla, q, k, v, g)
+    assert not any(m.kind == "pipeline" for m in report.near_misses), str(report)
+    assert any(m.kind == "scan" and "not re-rolled" in m.reason for m in report.near_misses), str(report)
