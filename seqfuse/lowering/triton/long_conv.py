@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.common import Rows as _Rows, availability
 from seqfuse.runtime import Impl, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -155,44 +155,6 @@ def _out_dtype(u, k, d, gate) -> torch.dtype:
         if x is not None:
             dtype = torch.promote_types(dtype, x.dtype)
     return dtype
-
-
-class _Rows:
-    """The batch dims ``lead`` of a call, coalesced to at most three (S0, S1, S2).
-
-    Adjacent dims merge when every operand in ``views`` (each expanded to (*lead, T),
-    stride 0 on broadcast dims) steps through them as one; ``strides(x)`` gives an
-    operand's three row strides.  A contiguous (*lead, T) buffer fits any coalescing."""
-
-    def __init__(self, lead, views):
-        self.lead = tuple(lead)
-        self.count = math.prod(self.lead)
-        groups: list[list[int]] = []
-        for i, n in enumerate(self.lead):
-            if n == 1:
-                continue
-            if groups and all(v.stride(groups[-1][-1]) == v.stride(i) * n for v in views):
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        self.groups = groups
-
-    @property
-    def ok(self) -> bool:
-        return len(self.groups) <= 3
-
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        s = [math.prod(self.lead[i] for i in g) for g in self.groups]
-        return tuple([1] * (3 - len(s)) + s)
-
-    def strides(self, x: torch.Tensor) -> tuple[int, int, int]:
-        st = []
-        for g in self.groups:
-            for i, j in zip(g, g[1:]):
-                assert x.stride(i) == x.stride(j) * self.lead[j], "operand does not fit the row coalescing"
-            st.append(x.stride(g[-1]))
-        return tuple([0] * (3 - len(st)) + st)
 
 
 def _expand(x, lead, last=None):

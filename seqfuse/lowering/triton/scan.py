@@ -29,7 +29,7 @@ import math
 import torch
 
 from seqfuse.lowering.reference.scan import out_dtype, scan_shape
-from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.common import Rows as _Rows, availability
 from seqfuse.runtime import Impl, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,38 +94,6 @@ def supports(t: dict, a: dict) -> str | None:
 
 
 # --- row layout -------------------------------------------------------------------------
-
-class _Rows:
-    """The row dims ``lead`` of a call coalesced to at most three (S0, S1, S2): adjacent dims
-    merge when every view in ``views`` steps through them as one; ``strides(x)`` gives an
-    operand's three row strides."""
-
-    def __init__(self, lead, views):
-        self.lead = tuple(lead)
-        self.count = math.prod(self.lead)
-        groups: list[list[int]] = []
-        for i, n in enumerate(self.lead):
-            if n == 1:
-                continue
-            if groups and all(v.stride(groups[-1][-1]) == v.stride(i) * n for v in views):
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        self.groups = groups
-
-    @property
-    def ok(self) -> bool:
-        return len(self.groups) <= 3
-
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        s = [math.prod(self.lead[i] for i in g) for g in self.groups]
-        return tuple([1] * (3 - len(s)) + s)
-
-    def strides(self, x) -> tuple[int, int, int]:
-        st = [x.stride(g[-1]) for g in self.groups]
-        return tuple([0] * (3 - len(st)) + st)
-
 
 def _views(a, b, c, h0):
     """a, b, c as (*R, T, N) views and h0 as (*R, N), with their coalesced row layout."""
