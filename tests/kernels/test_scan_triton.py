@@ -12,23 +12,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from kernel_checks import BOUND, DEVICE, IGNORE_NDIM_WARNING, assert_close, rel_err  # noqa: E402
 from seqfuse.lowering.reference.scan import scan_reference  # noqa: E402
 from seqfuse.lowering.triton import scan as tscan  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# relative RMS error bounds against the fp32 reference (never widened to pass)
-BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), "non-finite output"
-    den = ref.norm().item()
-    assert den > 0, "the reference is all zeros: the comparison would prove nothing"
-    return (out - ref).norm().item() / den
+pytestmark = [IGNORE_NDIM_WARNING]
 
 
 def make(R, T, N, dtype, *, readout=True, shared_c=False, h0=False):
@@ -59,8 +47,7 @@ def check(a, b, c, h0, reverse=False, grads=True, bound=None):
     y, h = tscan.forward(a, b, c, h0, attrs)
     assert y.dtype == dtype and h.dtype == dtype
     for name, got, ref in (("y", y, ry), ("h", h, rh)):
-        e = rel_err(got, ref)
-        assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+        assert_close(name, got, ref, bound)
     if not grads:
         return
     gy = torch.randn_like(ry).to(dtype)
@@ -75,8 +62,7 @@ def check(a, b, c, h0, reverse=False, grads=True, bound=None):
             continue
         r = next(ref_grads)
         assert gx.shape == x.shape and gx.dtype == x.dtype, f"{name}: {gx.shape} {gx.dtype}"
-        e = rel_err(gx, r)
-        assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+        assert_close(name, gx, r, bound)
 
 
 @pytest.mark.parametrize("readout,shared_c,h0,reverse", [
@@ -149,9 +135,10 @@ def test_scan_gpu_mamba_shapes(dtype):
 
 def test_scan_custom_op_runs_triton_path():
     # through torch.ops.seqfuse.scan with runtime="triton": a refusal would warn (turned into an error)
+    import importlib
     import warnings
 
-    import seqfuse.lowering.scan_op  # noqa: F401  (registers the op and its paths)
+    importlib.import_module("seqfuse.lowering.scan_op")  # registers the op and its paths
     a, b, c, h0 = make((1, 2), 11, 4, torch.float32, shared_c=True, h0=True)
     leaves = [x.detach().clone().requires_grad_(True) for x in (a, b, h0)]
     with warnings.catch_warnings():

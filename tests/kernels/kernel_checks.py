@@ -1,0 +1,35 @@
+"""Error measures shared by the kernel tests (``from kernel_checks import ...``).
+
+Importable because pytest (default "prepend" import mode) puts the rootdir of a test file without
+an ``__init__.py``, here tests/kernels, on sys.path, as it does for this directory's conftest.py.
+
+Errors are relative RMS errors in fp64 against an fp32 reference, with fixed per-dtype bounds that
+are never widened to make a test pass.
+"""
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: relative RMS error bounds against the fp32 reference (a test file may only tighten or document
+#: its own fp32 bound, never widen one to pass)
+BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+#: numpy's ndim-conversion warning, raised inside the Triton interpreter
+IGNORE_NDIM_WARNING = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+def rel_err(out, ref):
+    """‖out - ref‖ / ‖ref‖ in fp64 on the CPU; fails on a shape mismatch, a non-finite output or an
+    all-zero reference (which would prove nothing)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "non-finite output"
+    den = ref.norm().item()
+    assert den > 0, "the reference is all zeros: the comparison would prove nothing"
+    return (out - ref).norm().item() / den
+
+
+def assert_close(name, out, ref, bound):
+    """Assert rel_err(out, ref) < bound, naming the result; returns the error."""
+    e = rel_err(out, ref)
+    assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+    return e
