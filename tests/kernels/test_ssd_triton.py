@@ -1,36 +1,29 @@
 """The triton chunked-SSD kernel (seqfuse.ssd) against the eager reference: forward for each decay
 kind (none / scalar / vector), with the d skip, h0, the final state, odd T (several chunks plus a
-partial one), b shared by all heads (stride 0), fp32 / fp16 / bf16; the backward kernel (decay
-none / scalar) directly and through the custom op; what ``supports`` refuses; and deliberately
-wrong launches (forward and backward) that the checks must catch.
+partial one), b shared by all heads (stride 0), fp32 / fp16 / bf16; the backward kernels (decay
+none / scalar, and vector) directly and through the custom op; what ``supports`` refuses; and
+deliberately wrong launches (forward and backward) that the checks must catch.
 
 Without CUDA the kernel runs on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1,
 set per test by conftest.py) at tiny shapes; the ``gpu`` tests run it compiled at real shapes.
-Errors are relative RMS errors against the fp32 recurrent reference with fixed per-dtype bounds.
+Errors are relative RMS errors against the fp32 recurrent reference with fixed per-dtype bounds
+(kernel_checks.py).
 """
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+import kernel_checks  # noqa: E402
+from kernel_checks import DEVICE, IGNORE_NDIM_WARNING, assert_close, rel_err  # noqa: E402
 from seqfuse.lowering.reference.ssd import ssd_recurrent  # noqa: E402
 from seqfuse.lowering.triton import ssd as tssd  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")]
+pytestmark = [IGNORE_NDIM_WARNING]
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# relative RMS error bounds against the fp32 reference (never widened to pass); on a GPU, fp32 tiles
-# go through tf32x3 dots (fp32-accurate)
-BOUND = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), "non-finite output"
-    den = ref.norm().item()
-    assert den > 0, "the reference is all zeros: the comparison would prove nothing"
-    return (out - ref).norm().item() / den
+# this file's fp32 bound is 2e-5 (fp32 tiles go through tf32x3 dots on a GPU, fp32-accurate); the
+# fp16 / bf16 bounds are the shared ones
+BOUND = {**kernel_checks.BOUND, torch.float32: 2e-5}
 
 
 def make(B, T, H, P, N, decay, dtype, *, d=False, h0=False, shared_b=False, strong=False):
@@ -65,8 +58,7 @@ def check(x, b, c, a, d, h0, decay, bound=None):
     y, h = tssd.forward(x, b, c, a, d, h0, attrs)
     assert y.dtype == dtype and h.dtype == dtype
     for name, got, ref in (("y", y, ry), ("h", h, rh)):
-        e = rel_err(got, ref)
-        assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+        assert_close(name, got, ref, bound)
 
 
 @pytest.mark.parametrize("decay,d,h0", [
@@ -114,9 +106,10 @@ def test_ssd_detects_a_wrong_kernel(monkeypatch):
 def test_ssd_custom_op_forward_and_backward():
     # through torch.ops.seqfuse.ssd with runtime="triton": forward and backward kernels; a refusal
     # or a failing kernel would warn (turned into an error)
+    import importlib
     import warnings
 
-    import seqfuse.lowering.ssd_op  # noqa: F401  (registers the op and its paths)
+    importlib.import_module("seqfuse.lowering.ssd_op")  # registers the op and its paths
     from seqfuse.runtime import counters, reset_counters
     x, b, c, a, d, h0 = make(1, 13, 2, 4, 4, "scalar", torch.float32, d=True, h0=True)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, b, c, a, d, h0)]
@@ -141,11 +134,16 @@ def test_ssd_supports_refusals():
     t = dict(x=x, b=b, c=c, a=a, d=None, h0=None)
     ok = dict(decay="scalar", chunk=8, algorithm="chunked")
     assert tssd.supports(t, ok) is None
-    assert "algorithm" in tssd.supports(t, dict(ok, algorithm="recurrent"))
+    assert "algorithm" in tssd.supports(t, dict(ok, algorithm="quadratic"))
     assert "float64" in tssd.supports(dict(t, x=x.double()), ok)
     assert "complex" in tssd.supports(dict(t, x=torch.complex(x, x)), ok)
     big = torch.zeros(1, 5, 1, tssd.MAX_N_VECTOR + 1, device=DEVICE)
     assert "N=" in tssd.supports(dict(t, b=big, c=big, a=big), dict(ok, decay="vector"))
+    # the backward kernels: vector decay up to MAX_N_VECTOR (any P); the others up to MAX_PN_BACKWARD
+    assert "N=" in tssd.backward_kernel_reason(x, big, big, None, "vector")
+    wide = torch.zeros(1, 5, 1, tssd.MAX_PN_BACKWARD + 1, device=DEVICE)
+    assert tssd.backward_kernel_reason(wide, b, c, None, "vector") is None
+    assert "P=" in tssd.backward_kernel_reason(wide, b, c, None, "scalar")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real shapes, compiled kernel)")
@@ -183,8 +181,7 @@ def check_backward(x, b, c, a, d, h0, decay, bound=None):
             assert g is None
             continue
         assert g.shape == t.shape and g.dtype == t.dtype, f"{name}: {g.shape} {g.dtype}"
-        e = rel_err(g, next(ref))
-        assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+        assert_close(name, g, next(ref), bound)
 
 
 @pytest.mark.parametrize("decay,d,h0", [("none", True, True), ("scalar", False, False), ("scalar", True, True)])
@@ -216,3 +213,149 @@ def test_ssd_backward_detects_a_wrong_kernel(monkeypatch):
     with pytest.raises(AssertionError, match="relative error"):
         check_backward(*make(1, 20, 1, 4, 4, "scalar", torch.float32), "scalar")
     assert launches
+
+
+# --- vector decay (GLA): ssd_vector_bwd_kernel -------------------------------------------
+
+def spy_vector_bwd(monkeypatch, edit=None):
+    """Wrap the vector backward kernel: record each launch's grid; ``edit(grid, args, kw)`` may
+    return a changed (grid, args) to launch instead (a deliberately wrong kernel)."""
+    kern = tssd._kernels()
+    orig = kern.ssd_vector_bwd_kernel
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(grid)
+                g, a = (grid, list(args)) if edit is None else edit(grid, list(args), kw)
+                return orig[g](*a, **kw)
+            return launch
+    monkeypatch.setattr(kern, "ssd_vector_bwd_kernel", Spy())
+    return launches
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp32_strong_shared_b", "fp16", "bf16_strong"])
+def test_ssd_backward_kernel_vector(case, monkeypatch):
+    launches = spy_vector_bwd(monkeypatch)
+    if case == "fp32":
+        # T = 37: four chunks of the interpreter's 8 steps and a partial one; P = 12 and N = 6: two
+        # P blocks (of 8) and two N blocks (of 4), so the host's sums over blocks are exercised
+        check_backward(*make(1, 37, 2, 12, 6, "vector", torch.float32, d=True, h0=True), "vector")
+    elif case == "fp32_strong_shared_b":
+        # log-decays down to -30 per step (a q·exp(cum) / k·exp(-cum) factoring would overflow);
+        # b shared by the heads (stride 0, its gradient summed back); no d
+        check_backward(*make(2, 19, 2, 4, 5, "vector", torch.float32, h0=True, shared_b=True, strong=True),
+                       "vector")
+    else:
+        # a in the operands' dtype too; d per (H, P)
+        dtype = torch.float16 if case == "fp16" else torch.bfloat16
+        x, b, c, a, _, h0 = make(1, 21, 2, 8, 8, "vector", dtype, h0=True, strong=case == "bf16_strong")
+        d = torch.randn(2, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+        check_backward(x, b, c, a.to(dtype), d, h0, "vector")
+    assert launches, "the vector backward kernel did not run"
+
+
+@pytest.mark.parametrize("bug", ["drops_grad_h", "one_p_block"])
+def test_ssd_vector_backward_detects_a_wrong_kernel(bug, monkeypatch):
+    # a launch that ignores ∂L/∂(final state), or that runs only the first P block (so the sums of
+    # db, dc, da over the P blocks miss one; outputs zeroed first, so nothing depends on garbage),
+    # must fail the same check
+    def edit(grid, args, kw):
+        if bug == "drops_grad_h":
+            args[7] = torch.zeros_like(args[7])          # DHT
+            return grid, args
+        for out in args[9:15]:                           # DX, DB, DC, DA, DD, DH0
+            out.zero_()
+        return (grid[0], 1, grid[2]), args
+    launches = spy_vector_bwd(monkeypatch, edit)
+    with pytest.raises(AssertionError, match="relative error"):
+        check_backward(*make(1, 20, 1, 12, 4, "vector", torch.float32, d=True, h0=True), "vector")
+    assert launches
+
+
+def test_ssd_custom_op_vector_backward_runs_the_kernel(monkeypatch):
+    # through torch.ops.seqfuse.ssd with runtime="triton" and decay="vector": the backward must be
+    # the triton kernel (launched, and counted on the triton path), not the reference's adjoint
+    import importlib
+    import warnings
+
+    importlib.import_module("seqfuse.lowering.ssd_op")  # registers the op and its paths
+    from seqfuse.runtime import counters, reset_counters
+    launches = spy_vector_bwd(monkeypatch)
+    x, b, c, a, d, h0 = make(1, 13, 2, 4, 4, "vector", torch.float32, d=True, h0=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, b, c, a, d, h0)]
+    ref = [t.detach().clone().requires_grad_(True) for t in (x, b, c, a, d, h0)]
+    reset_counters()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="seqfuse")
+        y, h = torch.ops.seqfuse.ssd(*leaves, "vector", 8, "chunked", "triton")
+        (y.square().sum() + h.sum()).backward()
+    calls = counters()
+    assert calls["ssd"]["triton"] >= 1 and calls["ssd_backward"]["triton"] >= 1, calls
+    assert len(launches) == 1, launches
+    ry, rh = ssd_recurrent(*ref, decay="vector")
+    (ry.square().sum() + rh.sum()).backward()
+    for name, got, want in zip(("x", "b", "c", "a", "d", "h0"), leaves, ref):
+        assert_close("d" + name, got.grad, want.grad, BOUND[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real shapes, compiled kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssd_gpu_vector_backward(dtype):
+    # GLA-like: T = 1000 (partial last chunk), P = N = 64; then P = 80 (a partial P block), N = 48
+    check_backward(*make(2, 1000, 4, 64, 64, "vector", dtype, d=True, h0=True), "vector")
+    check_backward(*make(1, 333, 2, 80, 48, "vector", dtype, h0=True), "vector")
+
+
+_OFFLINE_COMPILE = r"""
+import os, re, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from seqfuse.lowering.triton import ssd as S, ssd_kernels as K
+assert not K.INTERPRETED
+fn = K.ssd_vector_bwd_kernel
+block_t, block_p, block_n, warps = S.VECTOR_BWD_GPU_CONFIG
+consts = dict(HAS_D=True, HAS_H0=True, PRECISION=S.FP32_DOT_PRECISION, BLOCK_T=block_t, BLOCK_P=block_p,
+              BLOCK_N=block_n)
+ptr = {"X", "Bm", "Cm", "A", "D", "H0", "DY", "DHT", "CKPT", "DX", "DB", "DC", "DA", "DD", "DH0"}
+sig = {n: "constexpr" if n in consts else "*fp32" if n in ptr else "i64" if n.startswith("SPLIT") else "i32"
+       for n in fn.arg_names}
+kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                 options=dict(num_warps=warps))
+assert ".entry " + fn.__name__ in kernel.asm["ptx"]
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+if os.path.exists(ptxas):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                         text=True).stderr
+    print("spill stores", re.search(r"(\d+) bytes spill stores", out).group(1))
+print("compiled")
+"""
+
+
+def test_ssd_vector_backward_compiles_for_a_gpu_without_one(tmp_path):
+    """The interpreter runs the kernel as Python; this compiles the vector backward (fp32 operands,
+    tf32x3 dots, d and h0: its largest variant) at the GPU launch config for sm_90 down to PTX, and
+    with ptxas (bundled with triton) checks its register spills stay small."""
+    import os
+    import re
+    import subprocess
+    import sys
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests run the compiled kernels")
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _OFFLINE_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    spills = re.search(r"spill stores (\d+)", proc.stdout)
+    # ptxas -v, sm_90, this triton: 348 bytes at (16, 64, 32, 8 warps); BLOCK_N = 64 spills over 1 KB
+    assert spills is None or int(spills.group(1)) <= 512, proc.stdout
+

@@ -16,11 +16,15 @@ Forward: one fused kernel (:mod:`seqfuse.lowering.triton.ssd_kernels`), one prog
 length is the kernel's tile (BLOCK_T: 32 or 16 on a GPU, see GPU_CONFIG), not
 ``attrs["chunk"]``: every chunk length computes the same function.
 
-Backward: for decay none / scalar with P, N <= MAX_PN_BACKWARD, ``ssd_chunked_bwd_kernel`` (one
-program per (b, h); the chunked algorithm's adjoint, states recomputed by a forward sweep).
-Otherwise (vector decay, larger P or N) it recomputes through the chunked reference's written-out
-adjoint (:func:`seqfuse.lowering.reference.ssd.ssd_chunked_backward`, torch ops on the call's
-device with ``attrs["chunk"]``).
+Backward: the chunked algorithm's adjoint, states recomputed by a forward sweep and stored per
+chunk.  Decay none / scalar with P, N <= MAX_PN_BACKWARD: ``ssd_chunked_bwd_kernel`` (one program
+per (b, h)).  Decay vector (N <= MAX_N_VECTOR, any P): ``ssd_vector_bwd_kernel``, one program per
+(b, h, block of P, block of N) (a vector decay keeps the state's columns independent too), with the
+exact (BLOCK_T, BLOCK_T, BLOCK_N) decay tile of the forward; db, dc, da are summed over the P
+blocks and dx over the N blocks on the host.  Otherwise (decay none / scalar with larger P or N)
+it recomputes through the chunked reference's written-out adjoint
+(:func:`seqfuse.lowering.reference.ssd.ssd_chunked_backward`, torch ops on the call's device with
+``attrs["chunk"]``).
 
 Refused (the next path runs the call): no triton / not allowed on this device (common.py), an
 algorithm other than "chunked", complex or fp64 operands, N > MAX_N (MAX_N_VECTOR for vector
@@ -153,16 +157,59 @@ def forward(x, b, c, a, d, h0, attrs):
 
 #: the backward kernel holds all of P and N of a (b, h) in one program (decay none / scalar)
 MAX_PN_BACKWARD = 64
+#: vector decay's backward kernel: (BLOCK_T, BLOCK_P, BLOCK_N, num_warps); a program owns a
+#: (BLOCK_P, BLOCK_N) tile of the state and a (BLOCK_T, BLOCK_T, BLOCK_N) tile of decays.  On a GPU
+#: chosen from ptxas -v for sm_90 (checked offline, not timed): 255 registers, spills of ~90 B (bf16
+#: operands, tf32 dots) and ~350 B (fp32, tf32x3) at BLOCK_P = 64; none at BLOCK_P = 16, ~400-800 B
+#: at BLOCK_P = 32 (P = 17 … 32); BLOCK_N = 64 spills ~1 KB.  The interpreter's split the tests'
+#: P = 12, N = 6 into two blocks each, so the host's sums over blocks are exercised.
+VECTOR_BWD_GPU_CONFIG = (16, 64, 32, 8)
+VECTOR_BWD_INTERPRETER_CONFIG = (8, 8, 4, 4)
 
 
 def backward_kernel_reason(x, b, c, h0, decay) -> str | None:
-    """None when the backward kernel runs this call, else why the chunked reference's adjoint does."""
+    """None when a backward kernel runs this call, else why the chunked reference's adjoint does."""
     B, T, H, P, N = ssd_shapes(x, b, c, h0)
     if decay == "vector":
-        return "vector decay (no backward kernel yet)"
+        if N > MAX_N_VECTOR:
+            return f"N={N} > {MAX_N_VECTOR} for decay='vector'"
+        return None
     if max(P, N) > MAX_PN_BACKWARD:
         return f"P={P} or N={N} > {MAX_PN_BACKWARD}"
     return None
+
+
+def _vector_grads(dy, dht, x, b, c, a, d, h0, dtype):
+    """fp32 (dx, db, dc, da, dd, dh0) in full shapes from ``ssd_vector_bwd_kernel`` (dd per (b, h, p)).
+
+    Grid (b·h, P blocks, N blocks): the state's rows and (vector decay) columns evolve independently;
+    db, dc, da are summed here over the P blocks and dx over the N blocks."""
+    B, T, H, P, N = ssd_shapes(x, b, c, h0)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    xv = x.expand(B, T, H, P)
+    bv, cv, av = b.expand(B, T, H, N), c.expand(B, T, H, N), a.expand(B, T, H, N)
+    dv = (d[:, None] if d.dim() == 1 else d).expand(H, P) if d is not None else None
+    hv = h0.expand(B, H, P, N) if h0 is not None else None
+    interpreted = _kernels().INTERPRETED
+    block_t, block_p, block_n, warps = VECTOR_BWD_INTERPRETER_CONFIG if interpreted else VECTOR_BWD_GPU_CONFIG
+    low = 2 if interpreted else 16   # tl.dot's smallest tile on a GPU is 16
+    block_p, block_n = min(block_p, max(low, _next_pow2(P))), min(block_n, max(low, _next_pow2(N)))
+    npb, nnb, nchunk = -(-P // block_p), -(-N // block_n), -(-T // block_t)
+    ckpt = torch.empty(B * H, max(nchunk, 1), P, N, **f32)
+    dx = torch.empty(nnb, B, T, H, P, **f32)
+    dB, dC, dA = (torch.empty(npb, B, T, H, N, **f32) for _ in range(3))
+    dd = torch.empty(B, H, P, **f32)
+    dh0 = torch.empty(B, H, P, N, **f32)
+    dummy = xv
+    _kernels().ssd_vector_bwd_kernel[(B * H, npb, nnb)](
+        xv, bv, cv, av, dv if dv is not None else dummy, hv if hv is not None else dummy, dy, dht, ckpt,
+        dx, dB, dC, dA, dd, dh0,
+        T, H, P, N, nchunk, B * T * H * N, B * T * H * P,
+        *xv.stride(), *bv.stride(), *cv.stride(), *av.stride(),
+        *(dv.stride() if dv is not None else (0, 0)), *(hv.stride() if hv is not None else (0, 0, 0, 0)),
+        HAS_D=d is not None, HAS_H0=h0 is not None, PRECISION=_launch("vector", N, dtype)["PRECISION"],
+        BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+    return dx.sum(0), dB.sum(0), dC.sum(0), dA.sum(0), dd, dh0
 
 
 def backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
@@ -170,7 +217,8 @@ def backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
 
     Decay none / scalar with P, N <= MAX_PN_BACKWARD: ``ssd_chunked_bwd_kernel`` (one program per
     (b, h): a forward sweep storing the state entering each chunk, then the chunks last to first).
-    Otherwise (vector decay, larger P or N): the chunked reference's adjoint in torch ops."""
+    Decay vector (N <= MAX_N_VECTOR): ``ssd_vector_bwd_kernel`` the same way, per tile of the state
+    (:func:`_vector_grads`).  Otherwise (larger P or N): the chunked reference's adjoint in torch ops."""
     decay = attrs["decay"]
     needs = attrs["needs"]
     if backward_kernel_reason(x, b, c, h0, decay) is not None:
@@ -179,13 +227,16 @@ def backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
     B, T, H, P, N = ssd_shapes(x, b, c, h0)
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
+    dy = grad_y.expand(B, T, H, P).contiguous()
+    dht = (grad_h if grad_h is not None else torch.zeros(B, H, P, N, **f32)).expand(B, H, P, N).contiguous()
+    if decay == "vector":
+        grads = _vector_grads(dy, dht, x, b, c, a, d, h0, out_dtype(x, b, c))
+        return _operand_grads(grads, (x, b, c, a, d, h0), needs)
     xv = x.expand(B, T, H, P)
     bv, cv = b.expand(B, T, H, N), c.expand(B, T, H, N)
     av = a.expand(B, T, H) if a is not None else None
     dv = (d[:, None] if d.dim() == 1 else d).expand(H, P) if d is not None else None
     hv = h0.expand(B, H, P, N) if h0 is not None else None
-    dy = grad_y.expand(B, T, H, P).contiguous()
-    dht = (grad_h if grad_h is not None else torch.zeros(B, H, P, N, **f32)).expand(B, H, P, N).contiguous()
     cfg = _launch(decay, N, out_dtype(x, b, c))
     cfg.pop("BLOCK_P")
     interpreted = _kernels().INTERPRETED
@@ -207,12 +258,20 @@ def backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
         DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None,
         BLOCK_T=block_t, BLOCK_P=max(low, _next_pow2(P)), BLOCK_N=max(low, _next_pow2(N)),
         num_warps=4 if interpreted else 8, PRECISION=cfg["PRECISION"])
+    return _operand_grads((dx, dB, dC, da, dd, dh0), (x, b, c, a, d, h0), needs)
+
+
+def _operand_grads(grads, operands, needs):
+    """The kernels' fp32 gradients in full shapes (dd per (b, h, p)) summed back to each operand's
+    shape (broadcast operands) and cast to its dtype; None where not needed or absent."""
+    dx, dB, dC, da, dd, dh0 = grads
+    x, b, c, a, d, h0 = operands
     dd_hp = dd.sum(0) if d is not None else None
     if d is not None and d.dim() == 1:
         dd_hp = dd_hp.sum(-1)
     grads = (dx, dB, dC, da if a is not None else None, dd_hp, dh0 if h0 is not None else None)
     return tuple(g.sum_to_size(t.shape).to(t.dtype) if (n and t is not None) else None
-                 for g, t, n in zip(grads, (x, b, c, a, d, h0), needs))
+                 for g, t, n in zip(grads, operands, needs))
 
 
 def register() -> None:

@@ -1,8 +1,10 @@
 """Triton kernels of seqfuse.ssd; the host side is :mod:`seqfuse.lowering.triton.ssd`.
 
-``ssd_chunked_bwd_kernel`` (decay none / scalar; at the end of this file) is the adjoint of the
+``ssd_chunked_bwd_kernel`` (decay none / scalar; after the forward) is the adjoint of the
 forward below, one program per (b, h) with all of P and N: a forward sweep stores the state
 entering each chunk, then the chunks are taken last to first carrying ∂L/∂S backwards.
+``ssd_vector_bwd_kernel`` (decay vector; at the end of this file) does the same per
+(BLOCK_P, BLOCK_N) tile of the state, with the exact (BLOCK_T, BLOCK_T, BLOCK_N) decay tile.
 
 ``ssd_chunked_fwd_kernel`` runs the chunked (Mamba-2 SSD) algorithm fused in one launch: one
 program per (batch b, head h, block of BLOCK_P value dims) walks the chunks of BLOCK_T steps in
@@ -277,3 +279,136 @@ def ssd_chunked_bwd_kernel(
     tl.store(DH0 + pid.to(tl.int64) * P * N + pn, dS, mask=mpn)
     if HAS_D:
         tl.store(DD + pid.to(tl.int64) * P + offs_p, dd, mask=mask_p)
+
+
+@triton.jit
+def ssd_vector_bwd_kernel(
+        X, Bm, Cm, A, D, H0, DY, DHT, CKPT,
+        DX, DB, DC, DA, DD, DH0,
+        T, H, P, N, NCHUNK, SPLIT_P, SPLIT_N,
+        SXB, SXT, SXH, SXP,
+        SBB, SBT, SBH, SBN,
+        SCB, SCT, SCH, SCN,
+        SAB, SAT, SAH, SAN,
+        SDH, SDP,
+        SHB, SHH, SHP, SHN,
+        HAS_D: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The adjoint of ``ssd_chunked_fwd_kernel`` for decay vector (2); one program per (b, h, block of
+    BLOCK_P value dims, block of BLOCK_N key dims): the state's rows p and, for a vector decay, its
+    columns n evolve independently, so a program owns a (BLOCK_P, BLOCK_N) tile of it.
+
+    What sums over p (db, dc, da) or over n (dx) is written per block and summed by the host:
+    DB, DC, DA (NPB, B, T, H, N) with SPLIT_P = B·T·H·N between the P blocks; DX (NNB, B, T, H, P)
+    with SPLIT_N = B·T·H·P between the N blocks; all fp32 contiguous.  DY (B, T, H, P) and DHT
+    (B, H, P, N) contiguous; CKPT (B, H, NCHUNK, P, N) fp32 scratch; DD (B, H, P) (per (b, h)
+    partial sums of dy ⊙ x, from the first N block), DH0 (B, H, P, N).
+
+    Per chunk, with cum (l, n) the inclusive cumulative log-decay, E = exp(cum), w = exp(last - cum),
+    g = exp(last) and L[l, s, n] = exp(cum_l - cum_s) (s <= l), the forward was
+        y = scores·x + (c ⊙ E)·S_inᵀ,   scores[l, s] = Σ_n c_l[n]·L[l, s, n]·b_s[n]
+        S_out = g ⊙ S_in + xᵀ·(b ⊙ w)
+    and ∂cum collapses to c ⊙ dc - b ⊙ db (every term with c_l or b_s carries exp(±cum) of the
+    same step), plus ∂last from the state terms."""
+    pid = tl.program_id(0)
+    bi = (pid // H).to(tl.int64)
+    hi = (pid % H).to(tl.int64)
+    pb = tl.program_id(1)
+    nb = tl.program_id(2)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_T)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mpn = mask_p[:, None] & mask_n[None, :]
+    causal = offs_l[:, None] >= offs_l[None, :]
+    x_ptr = X + bi * SXB + hi * SXH
+    b_ptr = Bm + bi * SBB + hi * SBH
+    c_ptr = Cm + bi * SCB + hi * SCH
+    a_ptr = A + bi * SAB + hi * SAH
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    ck_ptr = CKPT + pid.to(tl.int64) * NCHUNK * P * N + pn
+    if HAS_D:
+        dvec = tl.load(D + hi * SDH + offs_p * SDP, mask=mask_p, other=0.0).to(tl.float32)
+
+    # phase 1: forward sweep over the chunks, storing the state tile entering each one
+    if HAS_H0:
+        S = tl.load(H0 + bi * SHB + hi * SHH + offs_p[:, None] * SHP + offs_n[None, :] * SHN,
+                    mask=mpn, other=0.0).to(tl.float32)
+    else:
+        S = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)
+    for k in range(0, NCHUNK):
+        tl.store(ck_ptr + k * P * N, S, mask=mpn)
+        t = k * BLOCK_T + offs_l
+        mask_t = t < T
+        mtn = mask_t[:, None] & mask_n[None, :]
+        x = tl.load(x_ptr + t[:, None] * SXT + offs_p[None, :] * SXP, mask=mask_t[:, None] & mask_p[None, :],
+                    other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + t[:, None] * SBT + offs_n[None, :] * SBN, mask=mtn, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + t[:, None] * SAT + offs_n[None, :] * SAN, mask=mtn, other=0.0).to(tl.float32)
+        cum = tl.associative_scan(a, 0, _sum_combine)                    # (l, n)
+        last = tl.reduce(a, 0, _sum_combine)                             # (n,)
+        S = S * tl.exp(last)[None, :] + tl.dot(tl.trans(x), b * tl.exp(last[None, :] - cum),
+                                               input_precision=PRECISION)
+    tl.debug_barrier()  # the checkpoints are read back below
+
+    # phase 2: chunks last to first; dS is ∂L/∂(state tile after the chunk)
+    dS = tl.load(DHT + pid.to(tl.int64) * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+    dd = tl.full((BLOCK_P,), 0.0, tl.float32)
+    for kk in range(0, NCHUNK):
+        k = NCHUNK - 1 - kk
+        t = k * BLOCK_T + offs_l
+        mask_t = t < T
+        mtp = mask_t[:, None] & mask_p[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]
+        x = tl.load(x_ptr + t[:, None] * SXT + offs_p[None, :] * SXP, mask=mtp, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + t[:, None] * SBT + offs_n[None, :] * SBN, mask=mtn, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + t[:, None] * SCT + offs_n[None, :] * SCN, mask=mtn, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + t[:, None] * SAT + offs_n[None, :] * SAN, mask=mtn, other=0.0).to(tl.float32)
+        dy_off = ((bi * T + t[:, None]) * H + hi) * P + offs_p[None, :]
+        dy = tl.load(DY + dy_off, mask=mtp, other=0.0).to(tl.float32)
+        S_in = tl.load(ck_ptr + k * P * N, mask=mpn, other=0.0)
+        # phase 2a: the chunk's decays, every exponent <= 0 (L masked on the exponent before exp)
+        cum = tl.associative_scan(a, 0, _sum_combine)                    # (l, n)
+        last = tl.reduce(a, 0, _sum_combine)                             # (n,)
+        E = tl.exp(cum)
+        w = tl.exp(last[None, :] - cum)
+        g_last = tl.exp(last)
+        Lm = tl.exp(tl.where(causal[:, :, None], cum[:, None, :] - cum[None, :, :], float("-inf")))  # (l, s, n)
+        # phase 2b: the entering state's readout y_off = (c ⊙ E)·S_inᵀ
+        dc = tl.dot(dy, S_in, input_precision=PRECISION) * E                  # (l, n)
+        dS_read = tl.dot(tl.trans(dy), c * E, input_precision=PRECISION)      # (p, n)
+        # phase 2c: inside the chunk, y_diag = scores·x (this N block's part of the scores)
+        scores = tl.reduce(c[:, None, :] * Lm * b[None, :, :], 2, _sum_combine)     # (l, s)
+        dx = tl.dot(tl.trans(scores), dy, input_precision=PRECISION)          # (s, p)
+        dscores = tl.dot(dy, tl.trans(x), input_precision=PRECISION)          # (l, s), this P block's part
+        dL = dscores[:, :, None] * Lm                                          # (l, s, n)
+        dc += tl.reduce(dL * b[None, :, :], 1, _sum_combine)
+        db = tl.reduce(dL * c[:, None, :], 0, _sum_combine)                    # (s, n)
+        dcum = c * dc - b * db                                                 # ∂cum of the readout and the scores
+        # phase 2d: what the chunk adds to the state, xᵀ·(b ⊙ w)
+        db_state = tl.dot(x, dS, input_precision=PRECISION) * w               # (s, n)
+        dx += tl.dot(b * w, tl.trans(dS), input_precision=PRECISION)          # (s, p)
+        db += db_state
+        bdw = b * db_state                                                     # ∂w ⊙ w
+        dcum -= bdw
+        # phase 2e: S_out = g ⊙ S_in + ...: ∂last, and dS moves to the state entering the chunk
+        dlast = tl.reduce(bdw, 0, _sum_combine) + g_last * tl.reduce(dS * S_in, 0, _sum_combine)   # (n,)
+        dS = dS_read + g_last[None, :] * dS
+        # phase 2f: da = reversed cumulative sum of ∂cum (last = cum at the chunk's end)
+        dcum += tl.where(offs_l[:, None] == BLOCK_T - 1, dlast[None, :], 0.0)
+        da = tl.associative_scan(dcum, 0, _sum_combine, reverse=True)
+        # phase 2g: the skip (once, from the first N block), and the chunk's partial gradients
+        if HAS_D:
+            dx += tl.where(nb == 0, dy * dvec[None, :], 0.0)
+            dd += tl.reduce(dy * x, 0, _sum_combine)
+        tl.store(DX + nb.to(tl.int64) * SPLIT_N + dy_off, dx, mask=mtp)
+        bn_off = pb.to(tl.int64) * SPLIT_P + ((bi * T + t[:, None]) * H + hi) * N + offs_n[None, :]
+        tl.store(DB + bn_off, db, mask=mtn)
+        tl.store(DC + bn_off, dc, mask=mtn)
+        tl.store(DA + bn_off, da, mask=mtn)
+
+    # phase 3: the initial state's gradient tile and the skip's per-(b, h) partial sums
+    tl.store(DH0 + pid.to(tl.int64) * P * N + pn, dS, mask=mpn)
+    if HAS_D:
+        tl.store(DD + pid.to(tl.int64) * P + offs_p, dd, mask=mask_p & (nb == 0))
