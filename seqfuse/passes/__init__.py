@@ -8,6 +8,7 @@ from seqfuse.passes.loops import LoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
                                      unregister_pass)
 from seqfuse.passes.select import SelectPass
+from seqfuse.passes.ssd_chunks import ChunkedSSDPass
 from seqfuse.passes.ssd_forms import SSDFormsPass
 
 # Loops first: re-rolling an unrolled time loop must see the loop body before any other
@@ -16,7 +17,9 @@ register_pass(LoopPass())
 register_pass(AttentionPass())
 register_pass(LongConvPass())
 # After attention: a softmax-free (q·kᵀ ∘ M)·v is only an ssd once attention has declined it.
+# Whole chunked programs first: ssd_forms would otherwise lift their intra-chunk term alone.
+register_pass(ChunkedSSDPass())
 register_pass(SSDFormsPass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "LongConvPass", "LoopPass", "SSDFormsPass", "SelectPass"]
+           "AttentionPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "SelectPass"]

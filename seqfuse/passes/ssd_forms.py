@@ -448,7 +448,13 @@ class SSDFormsPass(Pass):
 
     # (c·bᵀ ∘ M)·x -> ssd
     def _quadratic(self, ctx: PassContext, root: torch.fx.Node) -> None:
-        gm = ctx.gm
+        term, roles, decay = self.analyze_quadratic(ctx.gm, root)
+        self._build(ctx, root, roles, term, decay)
+
+    def analyze_quadratic(self, gm, root: torch.fx.Node):
+        """Read the einsum ``root`` as s·(c·bᵀ ∘ M)·x with M proven [j <= i]·exp(E): returns
+        (term, roles, decay), decay None or (Coef, (seq node, letters) or None).  Raises
+        _Silent when it is not such a form, NoMatch (with the reason) when it nearly is."""
         out = _einsum_parts(root)[1]
         term = _Term(out, strict=True)
         _flatten(gm, root, list(out), term, root=True)
@@ -489,7 +495,7 @@ class SSDFormsPass(Pass):
         if log is not None:
             masks += log.zero
         decay = self._check(gm, roles, masks, log, sizes_i)
-        self._build(ctx, root, roles, term, decay)
+        return term, roles, decay
 
     def _check(self, gm, roles, masks, log, t_size):
         """Prove M = [j <= i]·exp(E) at every size variant; returns the decay (None or (Coef, seq factor))."""

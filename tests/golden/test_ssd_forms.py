@@ -191,8 +191,8 @@ def test_chunked_intra_chunk_term_is_an_ssd_over_chunks():
 
 
 def test_fla_naive_chunk_linear_attn_intra_chunk_term():
-    # the intra-chunk (q·kᵀ).masked_fill_(triu(1), 0)·v is an ssd over (b, h, chunk); the inter-chunk
-    # term (a cumsum of per-chunk states shifted by one chunk with a cat) stays as it is
+    # T = 64 is one chunk of the reference's 64: the intra-chunk (q·kᵀ).masked_fill_(triu(1), 0)·v is
+    # an ssd over (b, h, chunk) (with several chunks the whole program is one ssd: test_ssd_chunks.py)
     args = inputs(*[(1, 64, 2, D)] * 3)
     report = check_against_eager(fla_linear_attn.naive_chunk_linear_attn, *args)
     assert_one_ssd(report, "none")

@@ -1,0 +1,533 @@
+"""Chunked programs of a linear recurrence -> one seqfuse.ssd over the whole sequence.
+
+The chunked (Mamba-2 "SSD") algorithm splits time into chunks, t = z·Q + l, and writes
+
+    Y = Y_diag + Y_off
+    Y_diag[z, l] = Σ_{s ≤ l} (c_{z,l}·b_{z,s}) exp(G_{z,l} - G_{z,s}) x_{z,s}     # G = cumsum_l a
+    S[z]         = Σ_s exp(G_{z,Q-1} - G_{z,s}) b_{z,s} ⊗ x_{z,s}                   # chunk states
+    H[z]         = state entering chunk z: H[0] = h0, H[z+1] = exp(G_{z,Q-1})·H[z] + S[z]
+    Y_off[z, l]  = exp(G_{z,l}) · c_{z,l} · H[z]
+
+which is the recurrence S_t = exp(a_t)·S_{t-1} + x_t ⊗ b_t, y_t = S_t·c_t over t (the
+chunked algorithm's correctness).  This pass proves each piece of a program against that
+listing and replaces Y (and the final state H[n], when the program returns it) by one ssd
+over the sequence, t = z·Q + l (padding included: a padded step has a = 0, x = b = c = 0, so
+it leaves the state alone and its output is 0, as in the chunked program).
+
+Pieces, each read with the product-term machinery of :mod:`seqfuse.passes.ssd_forms`:
+
+- Y_diag: a quadratic masked form over (l, s) whose batch axes include the chunk axis z
+  (``SSDFormsPass.analyze_quadratic``); decay none or exp of a segment sum of a.
+- Y_off: Σ_n c[z, l, n]·H[z, p, n]·exp(cumsum_l a) with the same c, a (and scale) as Y_diag.
+- H, two spellings:
+  (a) the SSD listing / transformers Mamba-2: H = NS[:-1], NS = Σ_{w ≤ z} exp(segsum(A'))[z, w]·St[w]
+      with A' = pad(G[..., Q-1], (1, 0)) and St = cat([h0 or zeros, S]); the final state is NS[-1];
+  (b) decay none (flash-linear-attention's chunked linear attention): H = cat([zeros, cumsum_z(S)[:-1]]).
+- S: Σ_s b[z, s, n]·x[z, s, p]·exp(G[z, Q-1] - G[z, s]) with the same b, x, a.
+
+Anything else (a chunk recursion in a Python loop, decays other than a per-step log decay,
+a single chunk) stays as it is; ssd_forms then lifts the intra-chunk term alone.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from seqfuse.ir.ops import SSD
+from seqfuse.passes.pattern import arg, is_op, rank, sym_product, val
+from seqfuse.passes.registry import Pass, PassContext
+from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters
+from seqfuse.passes.ssd_forms import SSDFormsPass, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
+
+aten = torch.ops.aten
+
+
+def _same_int(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return statically_known_true(a == b)
+    return a == b
+
+
+def _expand_products(gm, term: _Term) -> None:
+    """Split leaves that are elementwise products of tensors into their factors (a product
+    of leaves is a product term either way)."""
+    out, todo = [], list(term.leaves)
+    while todo:
+        node, letters = todo.pop()
+        if isinstance(node, torch.fx.Node) and node.target is aten.mul.Tensor and \
+                all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) for x in node.args):
+            for x in node.args:
+                todo.append(base_letters(x, aligned(x, letters, node)))
+            continue
+        out.append((node, letters))
+    term.leaves = out[::-1]
+
+
+def _letters(leaf) -> set:
+    return {c for c in leaf[1] if c != UNIT}
+
+
+def _scalars_key(term: _Term):
+    """The product of a term's scalar factors as (constant, sorted symbolic factors)."""
+    const, syms = 1.0, []
+    for v, inv in term.scalars:
+        if isinstance(v, torch.fx.Node):
+            syms.append((id(v), inv))
+        else:
+            const = const / float(v) if inv else const * float(v)
+    return round(const, 12), sorted(syms)
+
+
+def _product_term(gm, node, letters: list) -> _Term:
+    """Flatten ``node`` (an einsum, or products/scalings of one) as a product term over ``letters``."""
+    term = _Term("".join(letters), strict=True)
+    if is_op(node, aten.einsum):
+        _einsum_parts(node)
+        _flatten(gm, node, list(letters), term, root=True)
+    else:
+        _flatten(gm, node, list(letters), term)
+        if not term.consumed:
+            raise NoMatch(f"{node} is not a contraction")
+    if term.masks:
+        raise NoMatch("a mask inside a term of the chunked form")
+    _expand_products(gm, term)
+    return term
+
+
+def _slice_parts(node):
+    """(src, dim, start, end, step) of an aten.slice."""
+    src = node.args[0]
+    return src, arg(node, 1, "dim", 0) % rank(src), arg(node, 2, "start", None), arg(node, 3, "end", None), \
+        arg(node, 4, "step", 1)
+
+
+def _is_last(node, d, size) -> bool:
+    """Whether ``node`` reads only the last entry of axis ``d`` (select or a keepdim slice)."""
+    if node.target is aten.select.int:
+        i = node.args[2]
+        return i == -1 or _same_int(i, size - 1)
+    if is_op(node, aten.slice):
+        _, _, start, end, step = _slice_parts(node)
+        return step == 1 and (start == -1 or _same_int(start, size - 1)) and \
+            (end is None or (isinstance(end, int) and end >= 2 ** 62) or _same_int(end, size))
+    return False
+
+
+def _is_drop_last(node, d, size) -> bool:
+    """node = src[..., :-1, ...] along axis d."""
+    if not is_op(node, aten.slice):
+        return False
+    _, dim, start, end, step = _slice_parts(node)
+    return dim == d and step == 1 and start in (0, None) and (end == -1 or _same_int(end, size - 1))
+
+
+class _Chunked:
+    """What Y_diag says: the roles of its quadratic form, the chunk letter, the log decay."""
+
+    def __init__(self, term, roles, decay):
+        self.term, self.roles = term, roles
+        self.decay_seq = None               # (A node, letters with i): a per-step log decay
+        if decay is not None:
+            coef, seq = decay
+            if seq is None or coef.const != 1.0 or coef.factors:
+                raise NoMatch("a chunked form whose decay is not exp of a segment sum of a per-step "
+                              "log decay")
+            self.decay_seq = (seq[0], list(seq[1]))
+        self.z = None
+
+
+class ChunkedSSDPass(Pass):
+    """Recognize chunked programs of linear recurrences as one ssd over the sequence."""
+
+    name = "ssd_chunks"
+
+    def run(self, ctx: PassContext) -> None:
+        forms = SSDFormsPass()
+        for node in list(ctx.graph.nodes):
+            if node.graph is not ctx.graph or node.target is not aten.add.Tensor or arg(node, 2, "alpha", 1) != 1:
+                continue
+            if not all(isinstance(a, torch.fx.Node) and is_op(a, aten.einsum, aten.mul) for a in node.args[:2]):
+                continue
+            for yd, yo in (node.args[:2], node.args[1::-1]):
+                if not is_op(yd, aten.einsum) or list(val(yd).shape) != list(val(node).shape) or \
+                        list(val(yo).shape) != list(val(node).shape):
+                    continue
+                try:
+                    term, roles, decay = forms.analyze_quadratic(ctx.gm, yd)
+                except (_Silent, NoMatch):
+                    continue
+                try:
+                    self._match(ctx, forms, node, _Chunked(term, roles, decay), yo)
+                    break
+                except _Silent:
+                    continue
+                except NoMatch as e:
+                    ctx.report.add_near_miss("ssd", f"chunked form not fused into one ssd: {e}", node)
+                    break
+        ctx.graph.eliminate_dead_code()
+        ctx.gm.recompile()
+
+    # --- matching ---------------------------------------------------------------------
+    def _match(self, ctx, forms, add, ch: _Chunked, yo) -> None:
+        gm, r = ctx.gm, ch.roles
+        t_o = _product_term(gm, yo, list(ch.term.out))
+        if _scalars_key(t_o) != _scalars_key(ch.term):
+            raise NoMatch("the inter-chunk term is scaled differently from the intra-chunk term")
+        every = set().union(*(_letters(lf) for lf in t_o.leaves)) if t_o.leaves else set()
+        summed = every - set(ch.term.out)
+        cs = [lf for lf in t_o.leaves if lf[0] is r.c[0]]
+        if len(summed) != 1 or len(cs) != 1:
+            raise _Silent()
+        (n_o,), c_leaf = summed, cs[0]
+        rename = {n_o: r.n}
+        if [rename.get(x, x) for x in c_leaf[1]] != list(r.c[1]):
+            raise NoMatch("the inter-chunk term reads c at other positions than the intra-chunk term")
+        rest = [lf for lf in t_o.leaves if lf is not c_leaf]
+        hs = [lf for lf in rest if n_o in _letters(lf) and r.p in _letters(lf)]
+        if len(hs) != 1 or r.i in _letters(hs[0]):
+            raise NoMatch("the inter-chunk term is not c · (state entering the chunk)")
+        h_node, h_letters = hs[0][0], [rename.get(x, x) for x in hs[0][1]]
+        factors = [lf for lf in rest if lf is not hs[0]]
+        self._check_entry_decay(gm, ch, factors)
+        entry = self._states(ctx, forms, ch, h_node, h_letters)
+        self._build(ctx, add, ch, entry)
+
+    def _check_entry_decay(self, gm, ch, factors) -> None:
+        """Y_off's position factors must be exp(cumsum_l a) (nothing for decay none)."""
+        r = ch.roles
+        if ch.decay_seq is None:
+            if factors:
+                raise NoMatch("the inter-chunk term has a decay factor but the intra-chunk term none")
+            return
+        if len(factors) != 1:
+            raise NoMatch("the inter-chunk term's decay is not one factor exp(cumsum a)")
+        node, letters = factors[0]
+        if not _letters(factors[0]) <= set(r.batch) | {r.i}:
+            raise NoMatch("the inter-chunk decay varies along other axes than the chunk position")
+        p = Analyzer(gm, r.i, "\0", r.batch).position(node, letters)
+        if p.masks or p.log is None or len(p.log.terms) != 1 or p.log.valid or p.log.zero:
+            raise NoMatch("the inter-chunk decay is not exp(cumsum a)")
+        (atom, coef), = p.log.terms
+        if atom[0] != "g" or coef.const != 1.0 or coef.factors:
+            raise NoMatch("the inter-chunk decay is not exp(cumsum a)")
+        self._same_cumsum(atom[1], list(atom[2]), r.i, ch)
+
+    def _same_cumsum(self, g, letters, axis_letter, ch) -> None:
+        """g (axes ``letters``) = cumsum of the decay's a along the axis named ``axis_letter``."""
+        g, letters = base_letters(g, letters)
+        if not is_op(g, aten.cumsum) or arg(g, 2, "dtype") is not None:
+            raise NoMatch("a decay read from something else than the cumulative sum of a")
+        d = g.args[1] % rank(g)
+        if letters[d] != axis_letter:
+            raise NoMatch("a cumulative sum of a along another axis than the chunk position")
+        node, lt = base_letters(g.args[0], letters)
+        a_node, a_letters = ch.decay_seq
+        want = [axis_letter if x == ch.roles.i else x for x in a_letters]
+        if node is not a_node or list(lt) != want:
+            raise NoMatch("the chunk decays are cumulative sums of another tensor than the intra-chunk decay's")
+
+    def _states(self, ctx, forms, ch, h_node, h_letters) -> dict:
+        """Prove H (axes ``h_letters``) is the state entering each chunk; returns what the build
+        needs: h0 (node, letters) or None, the final-state nodes, their letters."""
+        h_node, h_letters = base_letters(h_node, h_letters)
+        if is_op(h_node, aten.slice):                   # (a) H = NS[:, :-1]
+            ns, d = h_node.args[0], _slice_parts(h_node)[1]
+            z = h_letters[d]
+            if z == UNIT or z not in ch.roles.batch or not _is_drop_last(h_node, d, val(ns).shape[d]):
+                raise NoMatch("the state entering a chunk is a slice other than all but the last chunk")
+            ch.z = z
+            return self._states_quadratic(ctx, forms, ch, ns, h_letters, d)
+        if is_op(h_node, aten.cat):                     # (b) H = cat([0, cumsum(S)[:-1]])
+            return self._states_cumsum(ctx, ch, h_node, h_letters)
+        raise NoMatch("the state entering a chunk is neither NS[:-1] of a recursion over chunks nor "
+                      "an exclusive cumulative sum of chunk states")
+
+    def _states_quadratic(self, ctx, forms, ch, ns, letters, d) -> dict:
+        gm, r, z = ctx.gm, ch.roles, ch.z
+        if ch.decay_seq is None:
+            raise NoMatch("a chunk recursion with decays but an intra-chunk term without")
+        if not is_op(ns, aten.einsum):
+            raise NoMatch("the recursion over chunks is not a contraction")
+        term = _product_term(gm, ns, letters)
+        if term.scalars:
+            raise NoMatch("a scaled recursion over chunks")
+        every = set().union(*(_letters(lf) for lf in term.leaves))
+        summed = every - set(letters)
+        if len(summed) != 1:
+            raise NoMatch("the recursion over chunks does not sum over one chunk axis")
+        (w,) = summed
+        sts = [lf for lf in term.leaves if r.p in _letters(lf)]
+        if len(sts) != 1:
+            raise NoMatch("the recursion over chunks does not read one tensor of states")
+        st, st_letters = sts[0]
+        pos = [lf for lf in term.leaves if lf is not sts[0]]
+        if [z if x == w else x for x in st_letters] != list(letters):
+            raise NoMatch("the recursion over chunks mixes state axes")
+        roles = _Roles(i=z, j=w, batch=[x for x in r.batch if x != z], c=None, b=None, x=None, pos=pos)
+        an = Analyzer(gm, z, w, roles.batch)
+        masks, log = [], None
+        for leaf in pos:
+            if not _letters(leaf) <= set(roles.batch) | {z, w}:
+                raise NoMatch("a chunk decay over other axes than the chunks")
+            p = an.position(*leaf)
+            masks += p.masks
+            if p.log is not None:
+                log = p.log if log is None else log.plus(p.log)
+        if log is None:
+            raise NoMatch("the recursion over chunks has no decay")
+        masks += log.zero
+        coef, seq = forms._check(gm, roles, masks, log, val(ns).shape[d])
+        if seq is None or coef.const != 1.0 or coef.factors:
+            raise NoMatch("the chunk decay is not exp of a segment sum")
+        self._check_padded_last(ch, *seq)
+        # St = cat([h0 or 0, S]) along the chunk axis
+        st, st_letters = base_letters(st, [z if x == w else x for x in st_letters])
+        if not is_op(st, aten.cat) or len(st.args[0]) != 2 or \
+                arg(st, 1, "dim", 0) % rank(st) != st_letters.index(z):
+            raise NoMatch("the chunk states are not cat([initial state, states]) along the chunks")
+        first, states = st.args[0]
+        dz = st_letters.index(z)
+        if not _same_int(val(first).shape[dz], 1):
+            raise NoMatch("more than one initial state in front of the chunk states")
+        h0 = None if _is_zero(first) else base_letters(first, [UNIT if x == z else x for x in st_letters])
+        self._chunk_states(ctx, ch, states, st_letters)
+        finals = [u for u in ns.users if u.target is aten.select.int and u.args[1] % rank(ns) == d
+                  and _is_last(u, d, val(ns).shape[d])]
+        return {"h0": h0, "final": finals, "final_letters": [x for x in letters if x != z]}
+
+    def _check_padded_last(self, ch, apad, letters) -> None:
+        """A' = pad(G[..., Q-1], (1, 0)) along the chunk axis (the chunk-end cumulative decays)."""
+        z = ch.z
+        if is_op(apad, aten.constant_pad_nd):
+            pad, value = apad.args[1], arg(apad, 2, "value", 0)
+        elif is_op(apad, aten.pad):
+            pad, value = apad.args[1], arg(apad, 3, "value", None)
+            if arg(apad, 2, "mode", "constant") != "constant":
+                raise NoMatch("the chunk decays are padded in a non-constant mode")
+        else:
+            raise NoMatch("the chunk decays are not padded with one zero in front")
+        if list(pad) != [1, 0] or (value is not None and value != 0) or letters[-1] != z:
+            raise NoMatch("the chunk decays are not padded with one zero in front of the chunk axis")
+        last = apad.args[0]
+        if last.target is not aten.select.int:
+            raise NoMatch("the chunk decays are not the last entries of a cumulative sum")
+        g = last.args[0]
+        d = last.args[1] % rank(g)
+        gl = list(letters[:d]) + [ch.roles.i] + list(letters[d:])
+        if not _is_last(last, d, val(g).shape[d]):
+            raise NoMatch("the chunk decays read another entry than the chunk's last")
+        self._same_cumsum(g, gl, ch.roles.i, ch)
+
+    def _chunk_states(self, ctx, ch, s_node, s_letters) -> None:
+        """S[z] = Σ_s b[z, s]⊗x[z, s]·exp(G[z, Q-1] - G[z, s]) with Y_diag's b, x, a."""
+        gm, r = ctx.gm, ch.roles
+        s_node, s_letters = base_letters(s_node, s_letters)
+        if not is_op(s_node, aten.einsum):
+            raise NoMatch("the chunk states are not a contraction")
+        term = _product_term(gm, s_node, s_letters)
+        if term.scalars:
+            raise NoMatch("scaled chunk states")
+        every = set().union(*(_letters(lf) for lf in term.leaves))
+        summed = every - set(s_letters)
+        if len(summed) != 1:
+            raise NoMatch("the chunk states do not sum over the chunk positions")
+        (s,) = summed
+        rename = {s: r.j}
+        bs = [lf for lf in term.leaves if lf[0] is r.b[0] and [rename.get(x, x) for x in lf[1]] == list(r.b[1])]
+        xs = [lf for lf in term.leaves if lf[0] is r.x[0] and [rename.get(x, x) for x in lf[1]] == list(r.x[1])]
+        if len(bs) != 1 or len(xs) != 1 or bs[0] is xs[0]:
+            raise NoMatch("the chunk states are not built from the intra-chunk term's b and x")
+        factors = [lf for lf in term.leaves if lf is not bs[0] and lf is not xs[0]]
+        if ch.decay_seq is None:
+            if factors:
+                raise NoMatch("decayed chunk states but an intra-chunk term without decay")
+            return
+        if len(factors) != 1:
+            raise NoMatch("the chunk states' decay is not one factor exp(G_last - G)")
+        node, letters = factors[0]
+        if not is_op(node, aten.exp) or node.args[0].target is not aten.sub.Tensor:
+            raise NoMatch("the chunk states' decay is not exp(G_last - G)")
+        sub = node.args[0]
+        hi, lo = sub.args
+        lo_b, lo_l = base_letters(lo, aligned(lo, letters, sub))
+        self._same_cumsum(lo_b, lo_l, s, ch)
+        hi_b, hi_l = base_letters(hi, aligned(hi, letters, sub))
+        if is_op(hi_b, aten.slice):
+            g, dim = hi_b.args[0], _slice_parts(hi_b)[1]
+            gl = list(hi_l)
+            gl[dim] = s
+        elif hi_b.target is aten.select.int:
+            g, dim = hi_b.args[0], hi_b.args[1] % rank(hi_b.args[0])
+            gl = list(hi_l[:dim]) + [s] + list(hi_l[dim:])
+        else:
+            raise NoMatch("the chunk states' decay does not read the chunk's last cumulative decay")
+        if not _is_last(hi_b, dim, val(g).shape[dim]):
+            raise NoMatch("the chunk states' decay does not read the chunk's last cumulative decay")
+        self._same_cumsum(g, gl, s, ch)
+
+    def _states_cumsum(self, ctx, ch, cat, letters) -> dict:
+        """(b) decay none: H = cat([zeros, cumsum_z(S)[:-1]]) along the chunk axis z."""
+        if ch.decay_seq is not None:
+            raise NoMatch("an exclusive cumulative sum of chunk states with a decaying intra-chunk term")
+        if len(cat.args[0]) != 2:
+            raise NoMatch("the state entering a chunk is a cat of more than two parts")
+        dz = arg(cat, 1, "dim", 0) % rank(cat)
+        z = letters[dz]
+        if z == UNIT or z not in ch.roles.batch:
+            raise NoMatch("the state entering a chunk is concatenated along a non-chunk axis")
+        ch.z = z
+        first, rest = cat.args[0]
+        if not _is_zero(first) or not _same_int(val(first).shape[dz], 1):
+            raise NoMatch("the first chunk's entering state is not zero")
+        if not _is_drop_last(rest, dz, val(rest.args[0]).shape[dz]):
+            raise NoMatch("the entering states are not the cumulative states shifted by one chunk")
+        cs = rest.args[0]
+        if not is_op(cs, aten.cumsum) or cs.args[1] % rank(cs) != dz or arg(cs, 2, "dtype") is not None:
+            raise NoMatch("the entering states are not a cumulative sum over the chunks")
+        self._chunk_states(ctx, ch, cs.args[0], letters)
+        finals = []
+        return {"h0": None, "final": finals, "final_letters": [x for x in letters if x != z]}
+
+    # --- building ---------------------------------------------------------------------
+    def _unchunk(self, graph, before, node, letters, z, l, t, like):
+        """(node, letters) with chunk axis z and position axis l -> the sequence axis t = z·Q + l."""
+        letters = list(letters)
+        if z not in letters or l not in letters:
+            raise NoMatch("an operand is broadcast over the chunks or the chunk positions")
+        emit = SSDFormsPass()._emit
+        order = [x for x in letters if x != l]
+        order.insert(order.index(z) + 1, l)
+        if order != letters:
+            node = emit(graph, before, aten.permute.default, (node, [letters.index(x) for x in order]), like)
+            letters = order
+        k = letters.index(z)
+        node = emit(graph, before, aten.flatten.using_ints, (node, k, k + 1), like)
+        return node, letters[:k] + [t] + letters[k + 2:]
+
+    def _build(self, ctx, add, ch: _Chunked, entry: dict) -> None:
+        graph, r, z = ctx.graph, ch.roles, ch.z
+        forms = SSDFormsPass()
+        emit = forms._emit
+        finals = entry["final"]
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        before = min([add, *[u for f in finals for u in f.users]], key=order.__getitem__)
+        t = "\1"
+        sources = [r.c[0], r.b[0], r.x[0]] + ([ch.decay_seq[0]] if ch.decay_seq else []) + \
+            ([entry["h0"][0]] if entry["h0"] is not None else [])
+        if any(order[s] > order[before] for s in sources if isinstance(s, torch.fx.Node)):
+            raise NoMatch("an operand is computed after the chunked form's result is used")
+        c, cl = self._unchunk(graph, before, *r.c, z, r.i, t, add)
+        b, bl = self._unchunk(graph, before, *r.b, z, r.j, t, add)
+        x, xl = self._unchunk(graph, before, *r.x, z, r.j, t, add)
+        a = None
+        if ch.decay_seq is not None:
+            a, al = self._unchunk(graph, before, *ch.decay_seq, z, r.i, t, add)
+        batch = [e for e in r.batch if e != z]
+        full = _Roles(i=t, j=t, n=r.n, p=r.p, batch=batch, c=(c, cl), b=(b, bl), x=(x, xl), pos=[])
+        if a is not None:
+            full.pos = [(a, al)]
+        x = forms._layout(graph, before, full, x, xl, t, r.p, add)
+        b = forms._layout(graph, before, full, b, bl, t, r.n, add)
+        c = forms._layout(graph, before, full, c, cl, t, r.n, add)
+        if a is not None:
+            a = forms._layout(graph, before, full, a, al, t, None, add)
+        scale = _scalar_product(graph, ch.term, before)
+        if scale is not None:
+            c = emit(graph, before, aten.mul.Tensor, (c, scale), add)
+        h0 = None
+        if entry["h0"] is not None:
+            h0 = self._state_layout(graph, before, full, *entry["h0"], add)
+        op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="none" if a is None else "scalar")
+        ir = ctx.insert_ir(op, before, add)
+        xv, bv, cv = val(x), val(b), val(c)
+        dtype = torch.promote_types(torch.promote_types(xv.dtype, bv.dtype), cv.dtype)
+        bs, tt, h, p = xv.shape
+        ir.meta["val"] = (xv.new_empty((bs, tt, h, p), dtype=dtype),
+                          xv.new_empty((bs, h, p, bv.shape[-1]), dtype=dtype))
+        y = emit(graph, before, operator.getitem, (ir, 0), add)
+        lead, head = batch[:-1], batch[-1:]
+        y = self._from_layout(graph, before, full, y, lead, 2, add)
+        ylet = lead + [t] + head + [r.p]
+        k = ylet.index(t)
+        sizes = [self._size_of(graph, before, r, z, add), self._size_of(graph, before, r, r.i, add)]
+        y = emit(graph, before, aten.unflatten.int, (y, k, sizes), add)
+        ylet = ylet[:k] + [z, r.i] + ylet[k + 1:]
+        perm = [ylet.index(e) for e in ch.term.out]
+        if perm != list(range(len(perm))):
+            y = emit(graph, before, aten.permute.default, (y, perm), add)
+        if val(y).dtype != val(add).dtype:
+            y = emit(graph, before, aten.to.dtype, (y, val(add).dtype), add)
+        add.replace_all_uses_with(y)
+        for f in finals:
+            hn = emit(graph, before, operator.getitem, (ir, 1), f)
+            hn = self._from_layout(graph, before, full, hn, lead, 1, f)
+            hl = lead + head + [r.p, r.n]
+            perm = [hl.index(e) for e in entry["final_letters"]]
+            if perm != list(range(len(perm))):
+                hn = emit(graph, before, aten.permute.default, (hn, perm), f)
+            if val(hn).dtype != val(f).dtype:
+                hn = emit(graph, before, aten.to.dtype, (hn, val(f).dtype), f)
+            f.replace_all_uses_with(hn)
+
+    def _size_of(self, graph, before, roles, letter, like):
+        return SSDFormsPass()._size(graph, before, roles, letter, like)
+
+    def _from_layout(self, graph, before, full, node, lead, head_axis, like):
+        """(B', ...) with B' the flattened ``lead`` -> (*lead, ...); the head axis (at ``head_axis``)
+        dropped when the form has no head axis."""
+        emit = SSDFormsPass()._emit
+        if not full.batch[-1:]:
+            node = emit(graph, before, aten.squeeze.dims, (node, [head_axis]), like)
+        if len(lead) == 0:
+            node = emit(graph, before, aten.squeeze.dims, (node, [0]), like)
+        elif len(lead) > 1:
+            sizes = [SSDFormsPass()._size(graph, before, full, e, like) for e in lead]
+            node = emit(graph, before, aten.unflatten.int, (node, 0, sizes), like)
+        return node
+
+    def _state_layout(self, graph, before, full, node, letters, like):
+        """An initial state (axes ``letters``: batch, p, n, UNIT) -> (B', H, P, N)."""
+        emit = SSDFormsPass()._emit
+        lead, head = full.batch[:-1], full.batch[-1:]
+        target = lead + head + [full.p, full.n]
+        units = [k for k, e in enumerate(letters) if e == UNIT]
+        if units:
+            node = emit(graph, before, aten.squeeze.dims, (node, units), like)
+            letters = [e for e in letters if e != UNIT]
+        if set(letters) - set(target):
+            raise NoMatch("the initial state has axes outside the state's layout")
+        present = [e for e in target if e in letters]
+        perm = [letters.index(e) for e in present]
+        if perm != list(range(len(perm))):
+            node = emit(graph, before, aten.permute.default, (node, perm), like)
+        missing = False
+        for k, e in enumerate(target):
+            if e not in letters:
+                node = emit(graph, before, aten.unsqueeze.default, (node, k), like)
+                missing = True
+        if missing:
+            sizes = [-1 if e in letters else SSDFormsPass()._size(graph, before, full, e, like) for e in target]
+            node = emit(graph, before, aten.expand.default, (node, sizes), like)
+        if len(lead) == 0:
+            node = emit(graph, before, aten.unsqueeze.default, (node, 0), like)
+        elif len(lead) > 1:
+            node = emit(graph, before, aten.flatten.using_ints, (node, 0, len(lead) - 1), like)
+        if not head:
+            node = emit(graph, before, aten.unsqueeze.default, (node, 1), like)
+        return node
+
+
+def _scalar_product(graph, term, before):
+    """The term's scalar factor as a graph value or float, None when it is 1."""
+    if not term.scalars:
+        return None
+    if all(not isinstance(v, torch.fx.Node) for v, _ in term.scalars):
+        s = 1.0
+        for v, inv in term.scalars:
+            s = s / float(v) if inv else s * float(v)
+        return None if s == 1.0 else s
+    return sym_product(graph, term.scalars, before)
+

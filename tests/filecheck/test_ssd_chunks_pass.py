@@ -1,0 +1,47 @@
+"""FileCheck on the graph right after the ssd_chunks pass (dump stage "ssd_chunks"): a whole
+chunked SSD program is one seqfuse.ssd over the sequence, nothing of the chunked algorithm left."""
+import pathlib
+
+import torch
+
+import seqfuse
+from fc import run_filecheck
+from golden.test_ssd_chunks import chunked_linear_attention, ssd_inputs, ssd_listing
+
+
+def after_pass(fn, *args, tmp_path, stage="ssd_chunks"):
+    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
+    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
+    return pathlib.Path(path).read_text()
+
+
+def test_ssd_listing_is_one_ssd_with_initial_and_final_state(tmp_path):
+    args = [z.detach() for z in ssd_inputs()]
+    text = after_pass(ssd_listing, *args, tmp_path=tmp_path)
+    # chunks (b, z, Q, ...) flatten back to the sequence (b, z·Q, ...); the final state is the op's
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-DAG: %[[X:[a-z_0-9]+]] = aten.flatten.using_ints(%{{[a-z_0-9]+}}, 1, 2) : f32[2, 32, 2, 4]
+        CHECK-DAG: %[[A:[a-z_0-9]+]] = aten.flatten.using_ints(%{{[a-z_0-9]+}}, 1, 2) : f32[2, 32, 2]
+        CHECK: %ssd = seqfuse.ssd(%[[X]], %{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, a=%[[A]], h0=%l_h0_) {decay=scalar
+        CHECK-SAME: : (f32[2, 32, 2, 4], f32[2, 2, 4, 3])
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.cumsum
+        CHECK-NOT: aten.exp
+        CHECK-NOT: aten.cat
+        CHECK: %[[H:[a-z_0-9]+]] = getitem(%ssd, 1)
+        CHECK: return (%{{[a-z_0-9]+}}, %[[H]])
+    """)
+
+
+def test_chunked_linear_attention_is_one_ssd(tmp_path):
+    q, k, v = (torch.randn(2, 3, 32, 4) for _ in range(3))
+    text = after_pass(chunked_linear_attention, q, k, v, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %ssd = seqfuse.ssd(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}) {decay=none
+        CHECK-SAME: : (f32[2, 32, 3, 4], f32[2, 3, 4, 4])
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.cumsum
+        CHECK-NOT: aten.cat
+        CHECK: return
+    """)

@@ -1,0 +1,176 @@
+"""Chunked programs of linear recurrences (the Mamba-2 SSD algorithm and chunked linear attention)
+become one seqfuse.ssd over the whole sequence: each equals eager (outputs, the final state and
+all gradients); the report shows exactly one ssd (not the intra-chunk term alone) with the
+expected decay and initial state.  Programs that are almost chunked forms (a wrong shift, other
+operands in the chunk states, a wrongly padded chunk decay) are not fused: a near miss says why,
+the intra-chunk term alone becomes an ssd, and the result still equals eager."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import check_against_eager
+
+Q = 8          # chunk length of the test programs
+CHUNKED = "chunked form not fused"
+
+
+def segsum(x):
+    """Σ_{j<s<=i} x_s over the last axis, -inf above the diagonal (the SSD listing's stable form)."""
+    t = x.size(-1)
+    cs = torch.cumsum(x, dim=-1)
+    seg = cs[..., :, None] - cs[..., None, :]
+    return seg.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), -torch.inf)
+
+
+def ssd_listing(X, A, Bm, C, h0=None, *, shift="ok", states_x=None, pad=(1, 0), order="h0_first"):
+    """The chunked SSD of the Mamba-2 paper: X (b, t, h, p), A (b, t, h), Bm / C (b, t, h, n).
+    The keyword arguments break one step each (for the negatives)."""
+    b, t = X.shape[:2]
+    X, A, Bm, C = (z.reshape(b, t // Q, Q, *z.shape[2:]) for z in (X, A, Bm, C))
+    A = A.permute(0, 3, 1, 2)                                   # (b, h, chunks, Q)
+    A_cumsum = torch.cumsum(A, dim=-1)
+    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, Bm, torch.exp(segsum(A)), X)
+    decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bm, decay_states, X if states_x is None else X * states_x)
+    first = torch.zeros_like(states[:, :1]) if h0 is None else h0[:, None]
+    states = torch.cat([first, states] if order == "h0_first" else [states, first], dim=1)
+    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[:, :, :, -1], pad)))
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    entering = new_states[:, :-1] if shift == "ok" else new_states[:, 1:]
+    final = new_states[:, -1]
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(A_cumsum))
+    return (Y_diag + Y_off).reshape(b, t, *Y_off.shape[3:]), final
+
+
+def broadcast_sum_form(x, dt_A, Bm, C):
+    """The same algorithm written as transformers' Mamba-2 torch path writes it: padding to a
+    multiple of the chunk, broadcast-multiply + sum instead of einsum, a masked-cumsum segment sum."""
+    b, t, h, p = x.shape
+    pad = (Q - t % Q) % Q
+
+    def chunks(z):
+        z = F.pad(z, (0, 0) * (z.dim() - 2) + (0, pad))
+        return z.reshape(b, -1, Q, *z.shape[2:])
+
+    def segment_sum(a):
+        q = a.size(-1)
+        a = a[..., None].expand(*a.size(), q).masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool), -1), 0)
+        return torch.cumsum(a, dim=-2).masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool)), -torch.inf)
+
+    x, A, Bm, C = chunks(x), chunks(dt_A).permute(0, 3, 1, 2), chunks(Bm), chunks(C)
+    A_cumsum = torch.cumsum(A, dim=-1)
+    L = torch.exp(segment_sum(A))
+    G = (C[:, :, :, None, :, :] * Bm[:, :, None, :, :, :]).sum(-1)
+    M = (G[..., None] * L.permute(0, 2, 3, 4, 1)[..., None]).sum(-1)
+    Y_diag = (M[..., None] * x[:, :, None]).sum(3)
+    decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)
+    B_decay = Bm * decay_states.permute(0, -2, -1, 1)[..., None]
+    states = (B_decay[..., None, :] * x[..., None]).sum(dim=2)
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    decay_chunk = torch.exp(segment_sum(F.pad(A_cumsum[:, :, :, -1], (1, 0)))).transpose(1, 3)
+    new_states = (decay_chunk[..., None, None] * states[:, :, None, ...]).sum(dim=1)
+    states, final = new_states[:, :-1], new_states[:, -1]
+    Y_off = (C[..., None, :] * states[:, :, None, ...]).sum(-1) * torch.exp(A_cumsum).permute(0, 2, 3, 1)[..., None]
+    y = (Y_diag + Y_off).reshape(b, -1, h, p)[:, :t]
+    return y, final
+
+
+def chunked_linear_attention(q, k, v):
+    """Causal linear attention by chunks (b, h, t, d): per-chunk kᵀv, an exclusive cumulative sum
+    over the chunks, plus the masked intra-chunk product."""
+    b, h, t, d = q.shape
+    q, k, v = (z.reshape(b, h, t // Q, Q, d) for z in (q * d ** -0.5, k, v))
+    kv = (k.transpose(-1, -2) @ v).cumsum(2)
+    kv = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2)
+    intra = (q @ k.transpose(-1, -2)).masked_fill(torch.triu(torch.ones(Q, Q, dtype=torch.bool), 1), 0) @ v
+    return (q @ kv + intra).reshape(b, h, t, d)
+
+
+def ssd_inputs(t=32, b=2, h=2, p=4, n=3, h0=True):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(b, t, h, p, generator=g)
+    A = -torch.rand(b, t, h, generator=g) * 2       # strong enough that the chunk decays matter
+    Bm, C = torch.randn(b, t, h, n, generator=g), torch.randn(b, t, h, n, generator=g)
+    out = [X, A, Bm, C] + ([torch.randn(b, h, p, n, generator=g)] if h0 else [])
+    return [z.requires_grad_() for z in out]
+
+
+def line_of(fn, text):
+    """The source line number of ``text`` in ``fn``."""
+    import inspect
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(k for k, line in enumerate(lines) if text in line)
+
+
+def one_whole_sequence_ssd(report, decay, fn, sum_text):
+    """Exactly one ssd, fused (no near miss), located at the program's Y_diag + Y_off."""
+    assert report.count("ssd") == 1, str(report)
+    assert not [m for m in report.near_misses if m.kind == "ssd"], str(report)
+    r = next(r for r in report.rewrites if r.kind == "ssd")
+    assert f"decay={decay}" in r.ir, r.ir
+    assert f"test_ssd_chunks.py:{line_of(fn, sum_text)}" in r.location, (r.location, line_of(fn, sum_text))
+    return r.ir
+
+
+def test_ssd_listing_with_initial_state_is_one_ssd():
+    report = check_against_eager(ssd_listing, *ssd_inputs())
+    ir = one_whole_sequence_ssd(report, "scalar", ssd_listing, "(Y_diag + Y_off)")
+    assert "h0=%l_h0_" in ir and "a=%" in ir, ir
+
+
+def test_ssd_listing_zero_initial_state():
+    report = check_against_eager(ssd_listing, *ssd_inputs(h0=False))
+    ir = one_whole_sequence_ssd(report, "scalar", ssd_listing, "(Y_diag + Y_off)")
+    assert "h0=" not in ir, ir
+
+
+@pytest.mark.parametrize("t", [32, 27], ids=["multiple", "padded"])
+def test_broadcast_sum_spelling_with_padding(t):
+    X, A, Bm, C = ssd_inputs(t=t, h0=False)
+    report = check_against_eager(broadcast_sum_form, X, A, Bm, C)
+    one_whole_sequence_ssd(report, "scalar", broadcast_sum_form, "(Y_diag + Y_off)")
+
+
+def test_chunked_linear_attention_is_one_ssd():
+    q, k, v = (torch.randn(2, 3, 32, 4, requires_grad=True) for _ in range(3))
+    report = check_against_eager(chunked_linear_attention, q, k, v)
+    one_whole_sequence_ssd(report, "none", chunked_linear_attention, "q @ kv + intra")
+
+
+def test_dynamic_length_one_graph():
+    """No Python loop: one graph serves several numbers of chunks, each call runs one ssd."""
+    from torch._dynamo.utils import counters
+    import seqfuse
+    counters.clear()
+    seqfuse.reset_counters()
+    f = torch.compile(ssd_listing, backend="seqfuse", dynamic=True, options={"downstream": "aot_eager"})
+    for t in (16, 24, 40):
+        args = [z.detach() for z in ssd_inputs(t=t)]
+        for got, want in zip(f(*args), ssd_listing(*args)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(seqfuse.counters().get("ssd", {}).values()) == 3, seqfuse.counters()
+
+
+@pytest.mark.parametrize("broken,reason", [
+    (dict(shift="wrong"), "all but the last chunk"),
+    (dict(states_x=2.0), "b and x"),
+    (dict(pad=(0, 1)), "one zero in front"),
+    (dict(order="h0_last"), "initial state"),
+], ids=["entering_shifted_the_wrong_way", "states_of_other_x", "decay_padded_behind", "h0_after_the_states"])
+def test_almost_chunked_forms_are_not_fused(broken, reason):
+    def fn(X, A, Bm, C, h0):
+        return ssd_listing(X, A, Bm, C, h0, **broken)
+
+    report = check_against_eager(fn, *ssd_inputs())
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert any(CHUNKED in r and reason in r for r in misses), misses
+    # only the intra-chunk term became an ssd: over the chunks as a batch, without h0
+    assert report.count("ssd") == 1, str(report)
+    assert "h0=" not in report.rewrites[0].ir
+
+
+def test_single_chunk_is_left_to_the_intra_chunk_term():
+    """One chunk (t == Q): the chunk axis has size 1; the program still equals eager."""
+    report = check_against_eager(ssd_listing, *ssd_inputs(t=Q))
+    assert report.count("ssd") >= 1, str(report)
