@@ -153,6 +153,31 @@ def gla_recurrent_workload(quick, device):
     return Workload(gla_recurrent, (q, k, v, gk), f"fla naive_recurrent_gla B={B} T={T} H={H} K=V={K} fp32")
 
 
+class Mamba2Hidden(torch.nn.Module):
+    """input_ids (B, L) -> last hidden state of a Hugging Face Mamba2Model, without a cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids, use_cache=False).last_hidden_state
+
+
+def mamba2_chunked_workload(quick, device):
+    """HF Mamba-2 on its torch path (no mamba_ssm kernels): the chunked SSD program per layer."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16,
+                                    expand=2, n_groups=1, state_size=64, chunk_size=64, conv_kernel=4,
+                                    use_cache=False)
+    model = Mamba2Hidden(transformers.Mamba2Model(cfg)).to(device).eval()
+    L = 128 if quick else 1024
+    ids = torch.randint(0, cfg.vocab_size, (2, L), device=device)
+    return Workload(model, (ids,), f"HF Mamba2Model B=2 L={L} layers=2 d=64 heads=8x16 state=64 chunk=64, torch path")
+
+
 WORKLOADS = {
     "naive_causal_attention": attention_workload,  # the headline
     "gpt2": gpt2_workload,
@@ -162,4 +187,6 @@ WORKLOADS = {
     # linear recurrences written as Python loops over time (transformers / fla are optional)
     "mamba_loop": mamba_loop_workload,
     "gla_recurrent": gla_recurrent_workload,
+    # a chunked (loop-free) SSD program
+    "mamba2_chunked": mamba2_chunked_workload,
 }
