@@ -10,6 +10,8 @@ cost model and over a choice a recognizer made.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from seqfuse.ir.ops import SSD, Attention, LongConv, Scan, ir_of
@@ -100,6 +102,26 @@ CPU_KERNEL_MAX_N = 256
 CPU_RECURRENT_MAX_STATE = 4096
 
 
+# --- the recurrent (decode) form on CUDA ----------------------------------------------------
+#
+# With CUDA values and triton installed, an ssd or scan call whose T is static and at most
+# DECODE_MAX_T runs "recurrent": the triton decode kernels (seqfuse/lowering/triton/decode.py),
+# one launch that walks the T steps with the state in fp32 registers.  Chosen by construction, not
+# measured (no GPU here): a decode step (T = 1, the state carried between calls) is bound by
+# reading and writing the state once, and one step needs none of the chunk machinery; the chunked
+# kernels pad T up to their tile (16-64 steps) and add the (Q, Q) score tiles and cumulative sums,
+# and the eager "quadratic" form the T-rules below would pick runs as a dozen torch launches.
+# DECODE_MAX_T = 16 is the chunked ssd kernel's smallest tile: up to it a chunk would be mostly
+# padding.  Without triton the T-rules stay (the eager recurrent loop is ~4 launches per step).
+DECODE_MAX_T = 16
+
+
+def _cuda_decode(x, T) -> bool:
+    """Whether a call on ``x``'s device with length ``T`` (None: dynamic) runs the triton decode kernels."""
+    return (T is not None and T <= DECODE_MAX_T and x.device.type == "cuda" and not x.is_complex()
+            and importlib.util.find_spec("triton") is not None)
+
+
 def _cpu_recurrent(op: SSD) -> bool:
     """Whether the C kernel's sequential loop is the fastest way to run ``op`` on CPU."""
     x = val(op.x)
@@ -118,7 +140,7 @@ def choose_ssd(op: SSD, options=None) -> str:
     T = _static(val(op.x).shape[1])
     if forced is not None:
         algorithm = forced
-    elif _cpu_recurrent(op):
+    elif _cpu_recurrent(op) or _cuda_decode(val(op.x), T):
         algorithm = "recurrent"
     elif T is None:
         algorithm = "chunked"
@@ -143,8 +165,15 @@ def choose_ssd(op: SSD, options=None) -> str:
 # The log-depth scan does log2(Q) full passes over (*R, T, N): on CPU it never beats the
 # sequential loop (whose generated C kernel, seqfuse/lowering/cpu, is faster still).  On CUDA
 # the sequential loop is 2·T kernel launches, the chunked scan ~2·log2(Q) + 2·T/Q: chunked there
-# (not measured: no GPU here).
+# (not measured: no GPU here), except for decoding (a static T <= DECODE_MAX_T with triton, see
+# above): the triton decode kernel walks the few steps in one launch.
 SCAN_ALGORITHMS = ("recurrent", "chunked")
+
+
+def _scan_length(op: Scan) -> int | None:
+    """The scan's static T (a and b broadcast along axis -2), None if dynamic."""
+    sizes = [_static(val(v).shape[-2]) for v in (op.a, op.b)]
+    return None if None in sizes else max(sizes)
 
 
 def choose_scan(op: Scan, options=None) -> str:
@@ -152,7 +181,10 @@ def choose_scan(op: Scan, options=None) -> str:
     forced = _forced("scan", options)
     if forced is not None:
         return forced
-    return "chunked" if val(op.a).device.type == "cuda" else "recurrent"
+    a = val(op.a)
+    if a.device.type != "cuda":
+        return "recurrent"
+    return "recurrent" if _cuda_decode(a, _scan_length(op)) else "chunked"
 
 
 def _forced(kind: str, options) -> str | None:

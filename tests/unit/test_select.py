@@ -149,3 +149,64 @@ def test_select_without_options_fills_ssd_and_scan():
         SelectPass().run(PassContext(gm, GraphReport()))  # ctx.options is None in unit tests
     assert ssd.algorithm == "chunked" and scan.algorithm == "recurrent"
     assert format_op(ssd).endswith("{decay=scalar, chunk=64, algo=chunked}")
+
+
+# --- the recurrent (decode) form on CUDA -------------------------------------------------------
+
+from seqfuse.passes.select import DECODE_MAX_T  # noqa: E402
+
+
+def fake_cuda(*shape, dynamic_dim=None):
+    """A fake CUDA tensor (no GPU needed); ``dynamic_dim`` makes that dimension symbolic."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    env = ShapeEnv()
+    shape = list(shape)
+    if dynamic_dim is not None:
+        n = shape[dynamic_dim]
+        sym = env.create_symbol(n, source=ConstantSource("T"), dynamic_dim=DimDynamic.DYNAMIC)
+        shape[dynamic_dim] = env.create_symintnode(sym, hint=n)
+    with FakeTensorMode(shape_env=env):
+        return torch.empty(*shape, device="cuda")
+
+
+def test_choose_ssd_on_cuda_decodes_short_static_lengths():
+    def cuda(T, decay, **kw):
+        _, op = ssd_op(T, decay, x=fake_cuda(2, T, 4, 32, **kw))
+        return choose_ssd(op), op.chunk
+    for decay in ("none", "scalar", "vector"):
+        for T in (1, 3, DECODE_MAX_T):
+            assert cuda(T, decay) == ("recurrent", 999), (T, decay)   # no chunk set for the decode form
+    assert cuda(DECODE_MAX_T + 1, "scalar") == ("quadratic", 999)     # past the threshold: the T-rules
+    assert cuda(DECODE_MAX_T + 1, "vector") == ("chunked", SSD_CHUNK["vector"])
+    assert cuda(4096, "none") == ("chunked", SSD_CHUNK["none"])
+    assert cuda(2, "scalar", dynamic_dim=1)[0] == "chunked"            # a dynamic T may be long next call
+    # forcing still wins
+    _, op = ssd_op(1, "scalar", x=fake_cuda(2, 1, 4, 32))
+    assert choose_ssd(op, Options.from_dict({"algorithm": {"ssd": "chunked"}})) == "chunked"
+
+
+def test_choose_ssd_on_cuda_without_triton_keeps_the_length_rules(monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    _, op = ssd_op(3, "scalar", x=fake_cuda(2, 3, 4, 32))
+    assert choose_ssd(op) == "quadratic"                               # the eager loop would be ~12 launches
+    _, op = ssd_op(1, "scalar", x=fake_cuda(2, 1, 4, 32))
+    assert choose_ssd(op) == "recurrent"                               # the eager rule for one step
+
+
+def fake_scan_op(T_a, T_b, **kw):
+    return ir_graph(lambda n: Scan(a=n["a"], b=n["b"], algorithm="auto"),
+                    a=fake_cuda(2, 64, T_a, 16, **kw), b=fake_cuda(2, 64, T_b, 16, **kw))
+
+
+def test_choose_scan_on_cuda_decodes_short_static_lengths():
+    for T in (1, 3, DECODE_MAX_T):
+        assert choose_scan(fake_scan_op(T, T)[1]) == "recurrent", T
+    assert choose_scan(fake_scan_op(DECODE_MAX_T + 1, DECODE_MAX_T + 1)[1]) == "chunked"
+    assert choose_scan(fake_scan_op(1, 512)[1]) == "chunked"            # a broadcast along T: T is b's
+    assert choose_scan(fake_scan_op(2, 2, dynamic_dim=2)[1]) == "chunked"
+    _, op = scan_op("cpu")
+    assert choose_scan(op) == "recurrent"                              # CPU unchanged

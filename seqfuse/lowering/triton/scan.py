@@ -8,9 +8,12 @@ Contract (see :mod:`seqfuse.lowering.scan_op`):
 
 Shapes: a, b, c broadcastable to (*R, T, N), h0 to (*R, N); y is (*R, T) with a readout c, else
 (*R, T, N); h (*R, N) the last state computed (t = 0 when ``reverse``).  Both algorithms
-("recurrent", "chunked") compute the same function; the kernels (in
-:mod:`seqfuse.lowering.triton.scan_kernels`) run one: blocks of BLOCK_T steps scanned in log
-depth with ``tl.associative_scan``, the state carried across blocks in fp32.
+("recurrent", "chunked") compute the same function.  "chunked" runs the kernels of
+:mod:`seqfuse.lowering.triton.scan_kernels`: blocks of BLOCK_T steps scanned in log depth with
+``tl.associative_scan``, the state carried across blocks in fp32.  "recurrent" (chosen by
+passes/select for decoding: a static T <= DECODE_MAX_T on CUDA) runs the step-by-step decode
+kernel of :mod:`seqfuse.lowering.triton.decode`; the backward is the blocked backward kernel
+below for either algorithm.
 
 Broadcast operands keep their layout (stride 0; no copy): each operand is an expanded
 (*R, T, N) view whose row dims are coalesced to at most three.  With a readout the whole N of a
@@ -29,6 +32,7 @@ import math
 import torch
 
 from seqfuse.lowering.reference.scan import out_dtype, scan_shape
+from seqfuse.lowering.triton import decode
 from seqfuse.lowering.triton.common import Rows as _Rows, availability
 from seqfuse.runtime import Impl, register_impl
 
@@ -70,6 +74,8 @@ def supports(t: dict, a: dict) -> str | None:
     ops = [(n, t.get(n)) for n in ("a", "b", "c", "h0")]
     first = t["a"]
     reason = availability(first.device, _kernels_module)
+    if not reason and a.get("algorithm") == "recurrent":   # the forward runs decode.py's kernel
+        reason = availability(first.device, decode._kernels_module)
     if reason:
         return reason
     for name, x in ops:
@@ -117,7 +123,9 @@ def _st(rows: _Rows, x, state=False) -> tuple:
 
 def forward(a, b, c, h0, attrs):
     """(y, h) of seqfuse.scan on the triton kernels; y (*R, T) with a readout else (*R, T, N), h (*R, N),
-    in the promoted dtype of the operands."""
+    in the promoted dtype of the operands.  "recurrent": the decode kernel (decode.py)."""
+    if attrs.get("algorithm") == "recurrent":
+        return decode.scan_forward(a, b, c, h0, attrs)
     full, (av, bv, cv, hv), rows = _views(a, b, c, h0)
     *R, T, N = full
     dtype = out_dtype(a, b, c, h0)

@@ -78,8 +78,11 @@ def supports(t: dict, a: dict) -> str | None:
     reason = availability(x.device, _kernels_module)
     if reason:
         return reason
+    if a.get("algorithm") == "recurrent":  # the decode kernel (decode.py); the backward as for "chunked"
+        from seqfuse.lowering.triton import decode
+        return decode.ssd_supports(t, a)
     if a.get("algorithm") != "chunked":
-        return f"algorithm {a.get('algorithm')!r} (the triton kernel implements 'chunked')"
+        return f"algorithm {a.get('algorithm')!r} (the triton kernels implement 'chunked' and 'recurrent')"
     decay = a.get("decay")
     if decay not in DECAYS:
         return f"decay {decay!r}"
@@ -118,7 +121,10 @@ def _launch(decay: str, N: int, dtype: torch.dtype) -> dict:
 
 
 def forward(x, b, c, a, d, h0, attrs):
-    """(y (B, T, H, P), h (B, H, P, N)) of the chunked SSD on the triton kernel."""
+    """(y (B, T, H, P), h (B, H, P, N)) of the chunked SSD on the triton kernel ("recurrent": decode.py)."""
+    if attrs.get("algorithm") == "recurrent":
+        from seqfuse.lowering.triton import decode
+        return decode.ssd_forward(x, b, c, a, d, h0, attrs)
     decay = attrs["decay"]
     B, T, H, P, N = ssd_shapes(x, b, c, h0)
     dtype = out_dtype(x, b, c)
