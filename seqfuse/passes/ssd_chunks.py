@@ -236,6 +236,8 @@ class ChunkedSSDPass(Pass):
         if is_op(h_node, aten.slice):                   # (a) H = NS[:, :-1]
             ns, d = h_node.args[0], _slice_parts(h_node)[1]
             z = h_letters[d]
+            if z == UNIT and _same_int(val(ns).shape[d], 2):
+                raise NoMatch("a single chunk (its chunk axis has size 1): only the intra-chunk term is lifted")
             if z == UNIT or z not in ch.roles.batch or not _is_drop_last(h_node, d, val(ns).shape[d]):
                 raise NoMatch("the state entering a chunk is a slice other than all but the last chunk")
             ch.z = z

@@ -173,4 +173,5 @@ def test_almost_chunked_forms_are_not_fused(broken, reason):
 def test_single_chunk_is_left_to_the_intra_chunk_term():
     """One chunk (t == Q): the chunk axis has size 1; the program still equals eager."""
     report = check_against_eager(ssd_listing, *ssd_inputs(t=Q))
-    assert report.count("ssd") >= 1, str(report)
+    assert report.count("ssd") == 1 and "h0=" not in report.rewrites[0].ir, str(report)
+    assert any("single chunk" in m.reason for m in report.near_misses), str(report)
