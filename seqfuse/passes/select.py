@@ -73,7 +73,7 @@ def _static(x) -> int | None:
 #   vector decay (GLA), B=2 H=4 P=N=32: T=16: quadratic 0.9 chunked16 1.2;  T=64: recurrent 16.3
 #                                quadratic 22.2 chunked8 1.6, 16 2.3, 32 8.8;  T=1024: chunked4 132,
 #                                8 149, 16 179, 32 471, 64 1051 (the (Q, Q, N) exponent tile dominates)
-# So, for the eager references (CUDA tensors until a Triton kernel exists, or any device
+# So, for the eager references (CUDA without triton, or any device
 # without the C kernels): the loop only for a single step (decoding); the whole-sequence
 # quadratic form while T² is small (T <= 64 for a scalar decay; T <= 16 for vector decay, whose
 # T²·N exponent grows fast); else chunked with Q = 64 (scalar: 32-64 within the noise, 64 halves
@@ -116,10 +116,14 @@ CPU_RECURRENT_MAX_STATE = 4096
 DECODE_MAX_T = 16
 
 
+def _cuda_triton(x) -> bool:
+    """Whether a call on ``x``'s device runs on the triton kernels (CUDA, real values, triton installed)."""
+    return x.device.type == "cuda" and not x.is_complex() and importlib.util.find_spec("triton") is not None
+
+
 def _cuda_decode(x, T) -> bool:
     """Whether a call on ``x``'s device with length ``T`` (None: dynamic) runs the triton decode kernels."""
-    return (T is not None and T <= DECODE_MAX_T and x.device.type == "cuda" and not x.is_complex()
-            and importlib.util.find_spec("triton") is not None)
+    return T is not None and T <= DECODE_MAX_T and _cuda_triton(x)
 
 
 def _cpu_recurrent(op: SSD) -> bool:
@@ -142,7 +146,9 @@ def choose_ssd(op: SSD, options=None) -> str:
         algorithm = forced
     elif _cpu_recurrent(op) or _cuda_decode(val(op.x), T):
         algorithm = "recurrent"
-    elif T is None:
+    elif T is None or _cuda_triton(val(op.x)):
+        # longer sequences on CUDA: the triton path runs "chunked" (one fused kernel); a
+        # "quadratic" choice there would fall through to the eager reference
         algorithm = "chunked"
     elif T <= SSD_RECURRENT_MAX_T:
         algorithm = "recurrent"

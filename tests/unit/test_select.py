@@ -178,7 +178,8 @@ def test_choose_ssd_on_cuda_decodes_short_static_lengths():
     for decay in ("none", "scalar", "vector"):
         for T in (1, 3, DECODE_MAX_T):
             assert cuda(T, decay) == ("recurrent", 999), (T, decay)   # no chunk set for the decode form
-    assert cuda(DECODE_MAX_T + 1, "scalar") == ("quadratic", 999)     # past the threshold: the T-rules
+    # past the threshold: the triton path's chunked kernel (its "quadratic" would run the eager reference)
+    assert cuda(DECODE_MAX_T + 1, "scalar") == ("chunked", SSD_CHUNK["scalar"])
     assert cuda(DECODE_MAX_T + 1, "vector") == ("chunked", SSD_CHUNK["vector"])
     assert cuda(4096, "none") == ("chunked", SSD_CHUNK["none"])
     assert cuda(2, "scalar", dynamic_dim=1)[0] == "chunked"            # a dynamic T may be long next call

@@ -1,4 +1,5 @@
-"""seqfuse.ssd on Triton kernels (the "triton" runtime path): the chunked algorithm.
+"""seqfuse.ssd on Triton kernels (the "triton" runtime path): the chunked algorithm, and the
+recurrent (decode) form through :mod:`seqfuse.lowering.triton.decode`.
 
 Contract (see :mod:`seqfuse.lowering.ssd_op`):
 
@@ -27,7 +28,7 @@ it recomputes through the chunked reference's written-out adjoint
 ``attrs["chunk"]``).
 
 Refused (the next path runs the call): no triton / not allowed on this device (common.py), an
-algorithm other than "chunked", complex or fp64 operands, N > MAX_N (MAX_N_VECTOR for vector
+algorithm other than "chunked" or "recurrent", complex or fp64 operands, N > MAX_N (MAX_N_VECTOR for vector
 decay: its scores are a (BLOCK_T, BLOCK_T, N) tile), tensors of 2**31 elements or more.
 """
 from __future__ import annotations
