@@ -2,7 +2,9 @@
 
 1. ``trace_pre_dispatch``: re-trace the Dynamo graph with ``make_fx(pre_dispatch=True)``
    under Dynamo's own fake mode, so symbolic (dynamic) shapes survive, autograd
-   is not yet applied, and every node keeps the user's source location.
+   is not yet applied, and every node keeps the user's source location.  vmap levels
+   that are provably no-ops (an elementwise function, seqfuse.compiler.vmap) are removed
+   first; any other torch.func transform makes the graph ``Untraceable``.
 2. ``normalize_contractions``: matmul / bmm / mm / baddbmm(beta=0) / einsum /
    broadcast-multiply + sum become ``aten.einsum`` with transposes, permutes,
    unsqueezes and broadcasts of the operands folded into the equation; a fold
@@ -24,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.compiler import replay as _replay
+from seqfuse.compiler import vmap as _vmap
 from seqfuse.passes.pattern import arg, axis_view, constant_value, copy_meta, is_op, is_scalar, rank, val
 
 aten = torch.ops.aten
@@ -65,6 +68,14 @@ def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | 
     (:mod:`seqfuse.compiler.replay`: each distinct call traced once); ``replay`` forces
     (True) or forbids (False) that path, None decides by :func:`replay.eligible`.
     """
+    if _vmap.has_vmap(gm):
+        # e.g. associative_scan(combine_mode="generic"): Dynamo inlines each combine call as a
+        # vmap level; an elementwise combine's levels are no-ops and are removed (a copy of gm)
+        try:
+            gm = _vmap.remove_noop_vmaps(gm)
+        except _vmap.NotNoOp as e:
+            raise Untraceable(f"the graph uses torch.func transforms (vmap: {e}); seqfuse leaves it to the "
+                              "downstream compiler", e.node) from None
     bad = next((n for n in gm.graph.nodes if _functorch_call(n)), None)
     if bad is not None:
         # make_fx re-runs vmap levels on fake tensors and bakes their intermediates into the

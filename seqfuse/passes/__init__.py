@@ -7,6 +7,7 @@ from seqfuse.passes.long_conv import LongConvPass
 from seqfuse.passes.loops import LoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
                                      unregister_pass)
+from seqfuse.passes.scan_tree import ScanTreePass
 from seqfuse.passes.select import SelectPass
 from seqfuse.passes.ssd_chunks import ChunkedSSDPass
 from seqfuse.passes.ssd_forms import SSDFormsPass
@@ -20,6 +21,10 @@ register_pass(LongConvPass())
 # Whole chunked programs first: ssd_forms would otherwise lift their intra-chunk term alone.
 register_pass(ChunkedSSDPass())
 register_pass(SSDFormsPass())
+# Last: generic associative_scan's tree (step-2 slices, pointwise combines, cat, interleave) holds
+# no einsum, softmax, conv, cumsum or HOP, so no recognizer above matches inside it; and the tree
+# is proven node for node, so a piece rewritten by another pass would be a near miss, never wrong.
+register_pass(ScanTreePass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "SelectPass"]
+           "AttentionPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass", "SelectPass"]

@@ -119,13 +119,18 @@ def test_mamba_loop_with_inductor_downstream():
     assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
 
 
-@pytest.mark.xfail(strict=True, raises=MissingRewrite, reason=(
-    "outputs and gradients match, but HF Mamba's associative_scan (generic combine mode, inside the model) "
-    "is not recognized yet: no scan rewrite"))
 def test_mamba_associative_scan_matches_eager_with_one_scan_per_layer():
+    # On CPU HF Mamba calls associative_scan(combine_mode="generic"): its vmapped tree becomes one
+    # scan per layer (seqfuse.passes.scan_tree).  Downstream "eager": aot_eager's backward hits
+    # the softplus_backward stride bug of the loop test above once the scan is rewritten (inductor
+    # passes too, at ~7x the compile time)
     model, tokens = tiny_mamba(associative_scan=True)
-    report = check_against_eager(model.eval(), tokens, options={"downstream": "aot_eager"})
+    report = check_against_eager(model.eval(), tokens, options={"downstream": "eager"})
     assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
+    for r in report.rewrites:
+        if r.kind == "scan":
+            assert "modeling_mamba.py" in r.location, r.location
+    assert not [m for m in report.near_misses if m.kind in ("scan", "graph")], str(report)
 
 
 def test_mamba_training_steps_follow_eager():

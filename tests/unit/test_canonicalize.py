@@ -157,21 +157,49 @@ def test_source_locations_survive_tracing():
     assert "test_canonicalize.py" in node.meta.get("stack_trace", "")
 
 
-def test_vmapped_graph_is_left_unchanged_with_a_near_miss():
-    # Dynamo inlines associative_scan(combine_mode="generic") as vmapped odd/even steps;
-    # re-tracing those would bake vmap intermediates into the graph, so the graph is refused
+def _generic_scan(a, b):
     from torch._higher_order_ops.associative_scan import associative_scan
 
     def combine(left, right):
         return left[0] * right[0], right[0] * left[1] + right[1]
 
-    def fn(a, b):
-        return associative_scan(combine, (a, b), dim=1, combine_mode="generic")[1].sum(-1)
+    return associative_scan(combine, (a, b), dim=1, combine_mode="generic")[1].sum(-1)
 
+
+def _functorch_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "functorch" in (n.target.__module__ or "")]
+
+
+def test_noop_vmaps_are_removed_before_tracing():
+    # Dynamo inlines associative_scan(combine_mode="generic") as vmapped odd/even steps of an
+    # elementwise combine at one batch axis: batching is the identity, so the levels are removed
     a, b = torch.rand(2, 8, 3), torch.randn(2, 8, 3)
-    report = seqfuse.explain(fn, a, b, options={"downstream": "aot_eager"})
-    assert report.count("scan") == 0 and [m.kind for m in report.near_misses] == ["graph"]
-    assert "torch.func transforms" in report.near_misses[0].reason
-    torch._dynamo.reset()
-    out = torch.compile(fn, backend="seqfuse", options={"downstream": "aot_eager"})(a, b)
-    torch.testing.assert_close(out, fn(a, b))
+    gm, inputs = capture(_generic_scan, a, b)
+    before = len(gm.graph.nodes)
+    assert _functorch_calls(gm)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert not _functorch_calls(traced) and not [n for n in traced.graph.nodes if n.op == "get_attr"]
+    torch.testing.assert_close(run(traced, [a, b]), _generic_scan(a, b), rtol=0, atol=0)
+    assert len(gm.graph.nodes) == before and _functorch_calls(gm)     # Dynamo's graph is not changed
+
+
+@pytest.mark.parametrize("name", ["matmul", "broadcast", "captured", "out_dim"])
+def test_other_vmaps_stay_untraceable(name):
+    from seqfuse.compiler.canonicalize import Untraceable
+
+    w, v0 = torch.randn(4, 4), torch.randn(3, 4)
+    x, y = torch.randn(5, 3, 4), torch.randn(5, 4)
+    fn, args, reason = {
+        "matmul": (lambda x: torch.vmap(lambda r: r @ w)(x), (x,), "not elementwise"),
+        "broadcast": (lambda x, y: torch.vmap(lambda u, v: u * v)(x, y), (x, y), "differ in shape"),
+        # a captured (unbatched) tensor: refused even where broadcasting would agree
+        "captured": (lambda x: torch.vmap(lambda u: u * v0)(x), (x,), "not batched"),
+        "out_dim": (lambda x: torch.vmap(lambda u: u + 1, out_dims=1)(x), (x,), "batch axis"),
+    }[name]
+    gm, inputs = capture(fn, *args)
+    with pytest.raises(Untraceable, match="torch.func transforms") as info:
+        trace_pre_dispatch(gm, inputs)
+    assert reason in str(info.value)
+    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager"})
+    assert [m.kind for m in report.near_misses] == ["graph"], str(report)
+    torch.testing.assert_close(report.output, fn(*args))
