@@ -188,8 +188,13 @@ class Loop:
         return min(a, b), abs(b - a) + 1
 
 
-def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
-    """Label, build the template at a middle step, match every step: the loop, or NoLoop."""
+def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool = True) -> Loop:
+    """Label, build the template at a middle step, match every step: the loop, or NoLoop.
+
+    ``move_updates``: a chain of nodes whose users all belong to the next step starts that step
+    (``S = γ·S + …`` with an invariant γ).  Without it, every node stays in the step of the
+    seeds it reads (``S = S·exp(g_i[-1]) + k_iᵀ·v_i`` updates the state from step i's own
+    slices, after step i's readout: moving it would make step i+1 read step i's slices)."""
     steps = {r.step for r in runs if r.step}
     if len(steps) != 1:
         raise NoLoop("the loop reads time both forward and reversed (a bidirectional loop body)")
@@ -232,7 +237,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict) -> Loop:
     # γ·S right after the previous step's last use of S): it moves there, so that the carried
     # value is the state the step reads out
     labeled = [n for s in sorted(by_step) for n in by_step[s]]
-    for n in reversed(labeled):
+    for n in reversed(labeled if move_updates else []):
         s = label[n]
         if n not in step_of_seed and n.users and all(_starts(u, s + 1, label) for u in n.users):
             label[n] = s + 1

@@ -168,11 +168,15 @@ class Vectorizer:
         elif loop.roles[j] is None:
             out = self._seed(node)
         else:
-            out = self._rule(j, node) if can_vectorize(node) else None
-            if out is None:
-                if self.deps[j]:
-                    raise NoLoop(f"cannot vectorize {node.target} applied to the state")
-                out = self._stacked(j)
+            where, self.where = self.where, node   # the vectorized nodes keep the entry's source line
+            try:
+                out = self._rule(j, node) if can_vectorize(node) else None
+                if out is None:
+                    if self.deps[j]:
+                        raise NoLoop(f"cannot vectorize {node.target} applied to the state")
+                    out = self._stacked(j)
+            finally:
+                self.where = where
         self.memo[j] = out
         return out
 

@@ -12,6 +12,11 @@ in time linear in the graph size (see loop_reroll for how the steps are found):
   ``copy_(select(buf, d, t), ·)`` become the op's stacked results; everything else the body
   computes is vectorized over time on whole tensors (loop_vectorize).
 
+A loop over chunks (``S = S·g_i + k_iᵀ·v_i`` from step i's own slices, after step i's readout;
+a slice read in several expressions of the body) is read with every node in the step of its
+slices: its state is a scan over the chunks, which ssd_chunks fuses with the rest of the chunked
+program into one ssd.
+
 Coupled or nonlinear updates (LSTM, GRU, tanh of the state, h·h) are near misses and stay as
 they are.  Not re-rolled yet (near misses): bodies with symbolic shapes (dynamic=True), a body
 that reads time both forward and reversed, second-order recurrences (h_{t-2}).  A step that
@@ -52,14 +57,17 @@ class LoopPass(Pass):
         if not runs:
             return
         pos = _positions(graph)
-        changed = False
+        changed = touched = False
         for group in group_loops(runs, pos):
             if changed:
                 pos = _positions(graph)
             if any(n not in pos for r in group for n in r.nodes):
                 continue
+            merged = _merge_duplicate_runs(graph, group)
+            touched |= len(merged) < len(group)
+            group = merged
             try:
-                loop = reroll(graph, group, pos)
+                loop = _reroll(graph, group, pos)
             except NoLoop as e:
                 if max(len(r.nodes) for r in group) >= REPORT_MIN_STEPS:
                     ctx.report.add_near_miss("scan", f"unrolled loop not re-rolled: {e}", group[0].nodes[0])
@@ -73,7 +81,59 @@ class LoopPass(Pass):
                 ctx.report.add_near_miss("scan", str(e), _where(loop))
         if changed:
             graph.eliminate_dead_code()
+        if changed or touched:
             ctx.gm.recompile()
+
+
+def _reroll(graph, group, pos) -> Loop:
+    """The loop read with updates moved to the step that reads them (``S = γ·S + …``); when its
+    steps do not match, or a step would read the previous step's input slices (the update
+    belongs to the step of the slices it reads), the loop read with every node in the step of
+    its seeds.  The first reading's reason is the near miss when neither matches."""
+    try:
+        loop = reroll(graph, group, pos)
+        if not any(loop.roles[k] is None for k in loop.carried):
+            return loop
+        first = NoLoop("a step reads the previous step's input slice (a lag, not a recurrence)")
+    except NoLoop as e:
+        first = e
+    try:
+        loop = reroll(graph, group, pos, move_updates=False)
+    except NoLoop:
+        raise first from None
+    if any(loop.roles[k] is None for k in loop.carried):
+        raise first
+    return loop
+
+
+def _merge_duplicate_runs(graph: torch.fx.Graph, group: list) -> list:
+    """One run per per-step slice of a loop: ``decay[:, :, i]`` read in three expressions of the body
+    is three runs of ``select(decay, 2, i)`` with the same indices in the same loop; each later copy
+    is the same view of the same tensor as the first, so its uses move to the first and the run goes.
+    Runs that are written through (the destinations of per-step buffer writes) are left alone."""
+    kept: dict = {}
+    out = []
+    for run in group:
+        key = (run.family, tuple(run.indices), tuple(n.target for n in run.nodes))
+        keep = kept.get(key)
+        if keep is None or any(_written(n) for n in run.nodes + keep.nodes) or \
+                any(n.args != m.args or n.kwargs != m.kwargs for n, m in zip(run.nodes, keep.nodes)):
+            kept.setdefault(key, run)
+            out.append(run)
+            continue
+        for n, m in zip(run.nodes, keep.nodes):
+            n.replace_all_uses_with(m)
+            graph.erase_node(n)
+    return out
+
+
+def _written(node) -> bool:
+    """Whether a user of ``node`` mutates it (its first argument of a mutable op)."""
+    for u in node.users:
+        t = u.target
+        if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable and u.args and u.args[0] is node:
+            return True
+    return False
 
 
 def _positions(graph):

@@ -22,11 +22,15 @@ Pieces, each read with the product-term machinery of :mod:`seqfuse.passes.ssd_fo
 - H, two spellings:
   (a) the SSD listing / transformers Mamba-2: H = NS[:-1], NS = Σ_{w ≤ z} exp(segsum(A'))[z, w]·St[w]
       with A' = pad(G[..., Q-1], (1, 0)) and St = cat([h0 or zeros, S]); the final state is NS[-1];
-  (b) decay none (flash-linear-attention's chunked linear attention): H = cat([zeros, cumsum_z(S)[:-1]]).
+  (b) decay none (flash-linear-attention's chunked linear attention): H = cat([zeros, cumsum_z(S)[:-1]]);
+  (c) a Python loop over chunks (fla's naive_chunk_simple_gla), re-rolled by the loops pass into
+      ``seqfuse.scan`` over the chunk axis: H = cat([h0, Hs[:-1]]) with Hs the scan's states,
+      h0 the scan's own initial state (or zero without one), its decay exp(G[z, Q-1]) the same
+      along the state axes, its input S; the final state is the scan's.
 - S: Σ_s b[z, s, n]·x[z, s, p]·exp(G[z, Q-1] - G[z, s]) with the same b, x, a.
 
-Anything else (a chunk recursion in a Python loop, decays other than a per-step log decay,
-a single chunk) stays as it is; ssd_forms then lifts the intra-chunk term alone.
+Anything else (decays other than a per-step log decay, a single chunk, a loop that reads the
+state after the chunk's update) stays as it is; ssd_forms then lifts the intra-chunk term alone.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from seqfuse.ir.ops import SSD
+from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.pattern import arg, is_op, rank, sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters
@@ -137,6 +141,7 @@ class _Chunked:
                               "log decay")
             self.decay_seq = (seq[0], list(seq[1]))
         self.z = None
+        self.add = None                     # the node Y_diag + Y_off
 
 
 class ChunkedSSDPass(Pass):
@@ -192,6 +197,7 @@ class ChunkedSSDPass(Pass):
         h_node, h_letters = hs[0][0], [rename.get(x, x) for x in hs[0][1]]
         factors = [lf for lf in rest if lf is not hs[0]]
         self._check_entry_decay(gm, ch, factors)
+        ch.add = add
         entry = self._states(ctx, forms, ch, h_node, h_letters)
         self._build(ctx, add, ch, entry)
 
@@ -242,10 +248,12 @@ class ChunkedSSDPass(Pass):
                 raise NoMatch("the state entering a chunk is a slice other than all but the last chunk")
             ch.z = z
             return self._states_quadratic(ctx, forms, ch, ns, h_letters, d)
+        if is_op(h_node, aten.cat) and _scan_source(h_node) is not None:   # (c) H = cat([h0, scan(...)[:-1]])
+            return self._states_scan(ctx, ch, h_node, h_letters)
         if is_op(h_node, aten.cat):                     # (b) H = cat([0, cumsum(S)[:-1]])
             return self._states_cumsum(ctx, ch, h_node, h_letters)
-        raise NoMatch("the state entering a chunk is neither NS[:-1] of a recursion over chunks nor "
-                      "an exclusive cumulative sum of chunk states")
+        raise NoMatch("the state entering a chunk is neither NS[:-1] of a recursion over chunks, "
+                      "an exclusive cumulative sum of chunk states nor the states of a scan over chunks")
 
     def _states_quadratic(self, ctx, forms, ch, ns, letters, d) -> dict:
         gm, r, z = ctx.gm, ch.roles, ch.z
@@ -393,6 +401,74 @@ class ChunkedSSDPass(Pass):
         finals = []
         return {"h0": None, "final": finals, "final_letters": [x for x in letters if x != z]}
 
+    def _states_scan(self, ctx, ch, cat, letters) -> dict:
+        """(c) a chunk loop re-rolled by the loops pass: H = cat([h0, Hs[:-1]]) along the chunk axis z,
+        Hs the states of ``seqfuse.scan`` over the chunks, h_z = a_z·h_{z-1} + b_z from the scan's
+        own h0, with a_z = exp(G[z, Q-1]) (one number per chunk and batch entry) and b_z = S[z]."""
+        r = ch.roles
+        if ch.decay_seq is None:
+            raise NoMatch("a scan over chunks with an intra-chunk term without decay")
+        if len(cat.args[0]) != 2:
+            raise NoMatch("the state entering a chunk is a cat of more than two parts")
+        dz = arg(cat, 1, "dim", 0) % rank(cat)
+        z = letters[dz]
+        if z == UNIT or z not in r.batch:
+            raise NoMatch("the state entering a chunk is concatenated along a non-chunk axis")
+        ch.z = z
+        first, rest = cat.args[0]
+        if not _same_int(val(first).shape[dz], 1):
+            raise NoMatch("more than one initial state in front of the scan's states")
+        if not _is_drop_last(rest, dz, val(rest.args[0]).shape[dz]):
+            raise NoMatch("the entering states are not the scan's states shifted by one chunk")
+        ys, yl = base_letters(rest.args[0], letters)
+        scan = _scan_source(cat)
+        op = scan.meta["seqfuse_ir"]
+        if op.reverse or op.c is not None:
+            raise NoMatch("the scan over chunks runs reversed or has a readout")
+        if ys.args[1] != 0 or sorted(yl) != sorted(letters) or yl[-2] != z:
+            raise NoMatch("the entering states are not the scan's states along the chunk axis")
+        hl = yl[:-2] + yl[-1:]
+        # H[0]: the scan's own initial state (the same view of the same tensor), or zero without one
+        fb = base_letters(first, [UNIT if x == z else x for x in letters])
+        if op.h0 is None:
+            if not (_is_zero(first) or _is_zero(fb[0])):
+                raise NoMatch("the first chunk's entering state is not the scan's initial state")
+            h0 = None
+        else:
+            h0 = base_letters(op.h0, hl)
+            if fb[0] is not h0[0] or list(fb[1]) != list(h0[1]):
+                raise NoMatch("the first chunk's entering state is not the scan's initial state")
+        # a_z = exp(G[z, Q-1]): the chunk's last cumulative decay, the same along the state axes
+        a_node, a_l = base_letters(op.a, aligned(op.a, yl, ys))
+        if not set(a_l) - {UNIT} <= set(r.batch) or z not in a_l:
+            raise NoMatch("the scan's decay over chunks varies along the state or is not per chunk")
+        if not is_op(a_node, aten.exp):
+            raise NoMatch("the scan's decay over chunks is not exp(G_last)")
+        last, ll = base_letters(a_node.args[0], aligned(a_node.args[0], a_l, a_node))
+        if last.target is not aten.select.int:
+            raise NoMatch("the scan's decay over chunks is not the chunk's last cumulative decay")
+        g = last.args[0]
+        d = last.args[1] % rank(g)
+        if not _is_last(last, d, val(g).shape[d]):
+            raise NoMatch("the scan's decay over chunks reads another entry than the chunk's last")
+        self._same_cumsum(g, list(ll[:d]) + [r.i] + list(ll[d:]), r.i, ch)
+        # b_z = S[z] = Σ_s b⊗x·exp(G_last - G_s)
+        self._chunk_states(ctx, ch, op.b, aligned(op.b, yl, ys))
+        finals = [u for u in scan.users if u.target is operator.getitem and u.args[1] == 1]
+        return {"h0": h0, "final": finals, "final_letters": self._unit_batch(ch, hl)}
+
+    @staticmethod
+    def _unit_batch(ch, hl):
+        """Final-state letters with each size-1 axis (UNIT) named by a batch letter of size 1 that
+        is missing (size-1 axes are interchangeable, so any order is the same tensor)."""
+        out_shape = val(ch.add).shape
+        missing = [e for e in ch.roles.batch if e != ch.z and e not in hl]
+        if hl.count(UNIT) != len(missing) or \
+                any(not _same_int(out_shape[ch.term.out.index(e)], 1) for e in missing):
+            raise NoMatch("the final state is broadcast over a batch axis")
+        fill = iter(missing)
+        return [next(fill) if e == UNIT else e for e in hl]
+
     # --- building ---------------------------------------------------------------------
     def _unchunk(self, graph, before, node, letters, z, l, t, like):
         """(node, letters) with chunk axis z and position axis l -> the sequence axis t = z·Q + l."""
@@ -520,6 +596,21 @@ class ChunkedSSDPass(Pass):
         if not head:
             node = emit(graph, before, aten.unsqueeze.default, (node, 1), like)
         return node
+
+
+def _scan_source(cat):
+    """The seqfuse.scan node whose states (result 0) the second part of ``cat`` reads through
+    a slice and views, or None."""
+    parts = cat.args[0]
+    if len(parts) != 2 or not isinstance(parts[1], torch.fx.Node) or not is_op(parts[1], aten.slice):
+        return None
+    ys, _ = base_letters(parts[1].args[0], [UNIT] * rank(parts[1].args[0]))
+    if not isinstance(ys, torch.fx.Node) or ys.target is not operator.getitem:
+        return None
+    src = ys.args[0]
+    if isinstance(src, torch.fx.Node) and isinstance(src.meta.get("seqfuse_ir"), Scan):
+        return src
+    return None
 
 
 def _scalar_product(graph, term, before):

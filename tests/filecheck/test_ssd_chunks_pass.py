@@ -45,3 +45,35 @@ def test_chunked_linear_attention_is_one_ssd(tmp_path):
         CHECK-NOT: aten.cat
         CHECK: return
     """)
+
+
+def test_chunk_loop_becomes_a_scan_over_chunks_then_one_ssd(tmp_path):
+    """(c) a Python loop over chunks carrying the state: the loops pass re-rolls it into one scan over
+    the chunks (state (dk, dv) per chunk, h0 the loop's initial state) with the intra-chunk term
+    vectorized over the chunks; ssd_chunks then proves the whole program one ssd over the sequence."""
+    from golden.test_ssd_chunks import chunk_loop_gla, gla_inputs
+    args = [z.detach() for z in gla_inputs()]
+    text = after_pass(chunk_loop_gla, *args, tmp_path=tmp_path, stage="loops")
+    # 4 chunks of Q = 8: decay (b, h, 1, z, 1), chunk states (b, h, dk, z, dv)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %scan = seqfuse.scan(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, h0=%l_h0_) {reverse=false
+        CHECK-SAME: : (f32[2, 2, 4, 4, 3], f32[2, 2, 4, 3])
+        CHECK-NOT: seqfuse.scan
+        CHECK-NOT: aten.select.int(%{{[a-z_0-9]+}}, 2, 1)
+        CHECK: aten.cat(
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+        CHECK: return
+    """)
+    text = after_pass(chunk_loop_gla, *args, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %ssd = seqfuse.ssd(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, a=%{{[a-z_0-9]+}}, h0=%{{[a-z_0-9]+}}) {decay=scalar
+        CHECK-SAME: : (f32[2, 32, 2, 3], f32[2, 2, 3, 4])
+        CHECK-NOT: seqfuse.scan
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.cat
+        CHECK: %[[H:[a-z_0-9]+]] = getitem(%ssd, 1)
+        CHECK: return
+    """)

@@ -175,3 +175,76 @@ def test_single_chunk_is_left_to_the_intra_chunk_term():
     report = check_against_eager(ssd_listing, *ssd_inputs(t=Q))
     assert report.count("ssd") == 1 and "h0=" not in report.rewrites[0].ir, str(report)
     assert any("single chunk" in m.reason for m in report.near_misses), str(report)
+
+
+def chunk_loop_gla(q, k, v, g, h0=None, *, read_after_update=False, state_decay=-1):
+    """Simple GLA by chunks in a Python loop: q, k (b, h, t, dk), v (b, h, t, dv), g (b, h, t) log
+    decays, h0 (b, h, dk, dv).  The state S (dk, dv) entering chunk i is read out, then updated
+    S <- S·exp(G_last) + Σ_s exp(G_last - G_s) k_s ⊗ v_s.  t is padded to a multiple of Q (zero
+    q, k, v and log decay in the padding).  ``read_after_update`` reads the state after the update,
+    ``state_decay=0`` decays the state by the chunk's first cumulative decay (other programs: the
+    negatives)."""
+    b, h, t, dk = q.shape
+    pad = (Q - t % Q) % Q
+    q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+    n = (t + pad) // Q
+    q, k, v = (z.reshape(b, h, n, Q, z.shape[-1]) for z in (q, k, v))
+    G = F.pad(g, (0, pad)).reshape(b, h, n, Q).cumsum(-1)
+    L = torch.exp((G[..., :, None] - G[..., None, :]).tril()).tril()
+    S = q.new_zeros(b, h, dk, v.shape[-1]) if h0 is None else h0
+    o = torch.zeros_like(v)
+    for i in range(n):
+        qi, ki, vi, Gi = q[:, :, i], k[:, :, i], v[:, :, i], G[:, :, i]
+        if read_after_update:
+            S = S * Gi[..., -1, None, None].exp() + (ki * (Gi[..., -1:] - Gi).exp()[..., None]).transpose(-1, -2) @ vi
+        o[:, :, i] = (qi * Gi[..., None].exp()) @ S + (qi @ ki.transpose(-1, -2) * L[:, :, i]) @ vi
+        if not read_after_update:
+            S = S * Gi[..., state_decay, None, None].exp() + \
+                (ki * (Gi[..., -1:] - Gi).exp()[..., None]).transpose(-1, -2) @ vi
+    return o.reshape(b, h, n * Q, -1)[:, :, :t], S
+
+
+def gla_inputs(t=32, b=2, h=2, dk=4, dv=3, h0=True):
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(b, h, t, dk, generator=gen), torch.randn(b, h, t, dk, generator=gen)
+    v = torch.randn(b, h, t, dv, generator=gen)
+    g = -torch.rand(b, h, t, generator=gen)
+    out = [q, k, v, g] + ([torch.randn(b, h, dk, dv, generator=gen)] if h0 else [])
+    return [z.requires_grad_() for z in out]
+
+
+@pytest.mark.parametrize("t", [32, 29], ids=["multiple", "padded"])
+@pytest.mark.parametrize("h0", [True, False], ids=["h0", "zero_h0"])
+def test_chunk_loop_is_one_ssd(t, h0):
+    """The loop over chunks is re-rolled (a scan over the chunks of the flattened state), then
+    the program (intra-chunk term + the scan's entering states) is one ssd over the sequence."""
+    report = check_against_eager(chunk_loop_gla, *gla_inputs(t=t, h0=h0))
+    ir = one_whole_sequence_ssd(report, "scalar", chunk_loop_gla, "o[:, :, i] = ")
+    assert report.count("scan") == 0, str(report)
+    assert ("h0=%" in ir) == h0, ir   # h0 (dk, dv) is the ssd's (p, n) = (dv, dk): a permute of it
+
+
+def test_chunk_loop_reading_the_updated_state_is_not_fused():
+    """Reading the state after the chunk's update is another program (each chunk sees its own
+    keys twice): the loop is a scan over the chunks, its intra-chunk term an ssd, a near miss says
+    why they are not one ssd, and the result still equals eager."""
+    def fn(q, k, v, g, h0):
+        return chunk_loop_gla(q, k, v, g, h0, read_after_update=True)
+
+    report = check_against_eager(fn, *gla_inputs())
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert any(CHUNKED in r and "state entering a chunk" in r for r in misses), misses
+    assert report.count("scan") == 1 and report.count("ssd") == 1, str(report)
+    assert "h0=" not in next(r.ir for r in report.rewrites if r.kind == "ssd")
+
+
+def test_chunk_loop_decaying_the_state_by_the_first_position_is_not_fused():
+    """S·exp(G[first]) instead of S·exp(G[last]): the scan's decay over the chunks is not the one the
+    chunked algorithm needs; a near miss says so, and the result still equals eager."""
+    def fn(q, k, v, g, h0):
+        return chunk_loop_gla(q, k, v, g, h0, state_decay=0)
+
+    report = check_against_eager(fn, *gla_inputs())
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert any(CHUNKED in r and "another entry than the chunk's last" in r for r in misses), misses
+    assert report.count("scan") == 1 and report.count("ssd") == 1, str(report)

@@ -323,9 +323,8 @@ def hgrn_chunk():
 FLA_CASES = {
     "gla_recurrent": Case(gla_recurrent, "ssd", ("decay=vector", "h0=%")),
     "simple_gla_recurrent": Case(simple_gla_recurrent, "ssd", ("decay=scalar", "h0=%")),
-    "simple_gla_chunk": Case(simple_gla_chunk, "ssd", ("decay=scalar", "h0=%"), pending=(
-        "the chunk loop of fla's naive_chunk_simple_gla is not re-rolled and its intra-chunk mask (built per "
-        "chunk with select) is a near miss ('select.int in the decay mask')")),
+    "simple_gla_chunk": Case(simple_gla_chunk, "ssd", ("decay=scalar", "h0=%"),
+                             at=("simple_gla", "o_inter + attn @ v_i")),
     "simple_gla_parallel": Case(simple_gla_parallel, "ssd", ("decay=scalar",)),
     "linear_attn_recurrent": Case(linear_attn_recurrent, "ssd", ("decay=none", "h0=%")),
     "linear_attn_chunk": Case(linear_attn_chunk, "ssd", ("decay=none",), at=("linear_attn", "inter + intra")),

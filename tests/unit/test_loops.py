@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "golden"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import test_recurrence_loops as forms  # noqa: E402
 from seqfuse.compiler.canonicalize import canonicalize  # noqa: E402
@@ -91,3 +92,51 @@ def test_qkv_unbind_is_not_a_loop():
         return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
     found = loops_of(attn, r(3, 2, 8, 4))
     assert all(isinstance(x, NoLoop) or not x.carried for x in found)
+
+
+def _chunk_loop(fn, *args):
+    """(reroll with updates moved, the duplicate runs merged, the loop read by the loops pass) of
+    ``fn``'s one loop."""
+    from seqfuse.passes.loops import _merge_duplicate_runs, _reroll
+    found = []
+
+    def backend(gm, example_inputs):
+        graph = canonicalize(gm, example_inputs).graph
+        pos = {n: i for i, n in enumerate(graph.nodes)}
+        (group,) = group_loops(find_runs(graph), pos)
+        try:
+            moved = reroll(graph, group, pos)
+        except NoLoop as e:
+            moved = e
+        merged = _merge_duplicate_runs(graph, group)
+        found.append((moved, len(group) - len(merged), _reroll(graph, merged, {n: i for i, n in enumerate(graph.nodes)})))
+        return gm.forward
+
+    torch.compile(fn, backend=backend)(*args)
+    return found[0]
+
+
+def test_chunk_loop_updating_from_its_own_slices():
+    """A loop over chunks that updates the state from step i's own slices after step i's readout:
+    read with the update moved to the next step, step i+1 would read step i's slices (no match);
+    with every node kept in the step of its slices, each chunk is one step with one linear state."""
+    from golden.test_ssd_chunks import chunk_loop_gla, gla_inputs
+    moved, merged, loop = _chunk_loop(chunk_loop_gla, *[z.detach() for z in gla_inputs(t=40)])
+    assert isinstance(moved, NoLoop) and merged == 0, moved
+    assert (loop.lo, loop.hi) == (0, 4) and len(loop.carried) == 1
+    lin = Analysis(loop).update(loop.carried[0])
+    assert len(lin.coef) == 1 and len(lin.terms) == 1
+
+
+def test_fla_chunk_loop_duplicate_slices_are_merged():
+    """fla's naive_chunk_simple_gla reads ``decay[:, :, i]`` in four expressions of the body: four
+    runs of the same slices, merged into one before the steps are matched."""
+    naive = pytest.importorskip("fla.ops.simple_gla.naive")
+
+    def fn(q, k, v, g, h0):
+        return naive.naive_chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=8)
+
+    moved, merged, loop = _chunk_loop(fn, r(1, 32, 2, 4), r(1, 32, 2, 4), r(1, 32, 2, 3), -torch.rand(1, 32, 2),
+                                      r(1, 2, 4, 3))
+    assert isinstance(moved, NoLoop) and merged == 3, (moved, merged)
+    assert (loop.lo, loop.hi) == (0, 3) and len(loop.carried) == 1
