@@ -139,6 +139,15 @@ def mamba_loop_workload(quick, device):
     return Workload(model, (ids,), f"HF MambaModel B=1 L={L} layers=2 d=64 state=16, Python-loop path")
 
 
+def mamba_assoc_scan_workload(quick, device):
+    """HF Mamba with ``use_associative_scan=True``: under torch.compile on CPU each mixer runs
+    torch's associative_scan(combine_mode="generic") over all states, then reads them out with C."""
+    L = 16 if quick else 512
+    model = MambaHidden(tiny_mamba(associative_scan=True)).to(device)
+    ids = torch.randint(0, model.model.config.vocab_size, (1, L), device=device)
+    return Workload(model, (ids,), f"HF MambaModel B=1 L={L} layers=2 d=64 state=16, associative_scan path")
+
+
 def gla_recurrent_workload(quick, device):
     from fla.ops.gla.naive import naive_recurrent_gla
 
@@ -186,6 +195,7 @@ WORKLOADS = {
     "s4d_conv": s4d_workload,
     # linear recurrences written as Python loops over time (transformers / fla are optional)
     "mamba_loop": mamba_loop_workload,
+    "mamba_assoc_scan": mamba_assoc_scan_workload,
     "gla_recurrent": gla_recurrent_workload,
     # a chunked (loop-free) SSD program
     "mamba2_chunked": mamba2_chunked_workload,

@@ -7,6 +7,7 @@ from seqfuse.passes.long_conv import LongConvPass
 from seqfuse.passes.loops import LoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
                                      unregister_pass)
+from seqfuse.passes.scan_readout import ScanReadoutPass
 from seqfuse.passes.scan_tree import ScanTreePass
 from seqfuse.passes.select import SelectPass
 from seqfuse.passes.ssd_chunks import ChunkedSSDPass
@@ -25,6 +26,10 @@ register_pass(SSDFormsPass())
 # no einsum, softmax, conv, cumsum or HOP, so no recognizer above matches inside it; and the tree
 # is proven node for node, so a piece rewritten by another pass would be a near miss, never wrong.
 register_pass(ScanTreePass())
+# After every scan producer (loops, ssd_forms' HOPs, scan_tree): a scan that returns all its states
+# only for them to be contracted with c (and its last one read) takes c as its readout.
+register_pass(ScanReadoutPass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass", "SelectPass"]
+           "AttentionPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
+           "ScanReadoutPass", "SelectPass"]

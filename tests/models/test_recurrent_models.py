@@ -130,6 +130,8 @@ def test_mamba_associative_scan_matches_eager_with_one_scan_per_layer():
     for r in report.rewrites:
         if r.kind == "scan":
             assert "modeling_mamba.py" in r.location, r.location
+            # the matmul with C and all_states[:, :, -1] fold into the scan (seqfuse.passes.scan_readout)
+            assert "c=%" in r.ir, r.ir
     assert not [m for m in report.near_misses if m.kind in ("scan", "graph")], str(report)
 
 

@@ -64,7 +64,7 @@ def qkv():
 
 def test_builtins_are_registered_first():
     names = [p.name for p in registered_passes()]
-    assert names[:6] == ["loops", "attention", "long_conv", "ssd_chunks", "ssd_forms", "scan_tree"]
+    assert names[:7] == ["loops", "attention", "long_conv", "ssd_chunks", "ssd_forms", "scan_tree", "scan_readout"]
     assert all(isinstance(p, seqfuse.Pass) for p in registered_passes())
 
 
