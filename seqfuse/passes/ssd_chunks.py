@@ -306,7 +306,7 @@ class ChunkedSSDPass(Pass):
         self._chunk_states(ctx, ch, states, st_letters)
         finals = [u for u in ns.users if u.target is aten.select.int and u.args[1] % rank(ns) == d
                   and _is_last(u, d, val(ns).shape[d])]
-        return {"h0": h0, "final": finals, "final_letters": [x for x in letters if x != z]}
+        return {"h0": h0, "final": finals, "final_letters": self._unit_batch(ch, [x for x in letters if x != z])}
 
     def _check_padded_last(self, ch, apad, letters) -> None:
         """A' = pad(G[..., Q-1], (1, 0)) along the chunk axis (the chunk-end cumulative decays)."""

@@ -118,6 +118,13 @@ def test_ssd_listing_with_initial_state_is_one_ssd():
     assert "h0=%l_h0_" in ir and "a=%" in ir, ir
 
 
+def test_ssd_listing_batch_of_one():
+    """A batch of one: the final state's size-1 batch axis is named like the program's (it once
+    failed the build: a pipeline error, the program left unchanged)."""
+    report = check_against_eager(ssd_listing, *ssd_inputs(b=1))
+    one_whole_sequence_ssd(report, "scalar", ssd_listing, "(Y_diag + Y_off)")
+
+
 def test_ssd_listing_zero_initial_state():
     report = check_against_eager(ssd_listing, *ssd_inputs(h0=False))
     ir = one_whole_sequence_ssd(report, "scalar", ssd_listing, "(Y_diag + Y_off)")
@@ -222,6 +229,11 @@ def test_chunk_loop_is_one_ssd(t, h0):
     ir = one_whole_sequence_ssd(report, "scalar", chunk_loop_gla, "o[:, :, i] = ")
     assert report.count("scan") == 0, str(report)
     assert ("h0=%" in ir) == h0, ir   # h0 (dk, dv) is the ssd's (p, n) = (dv, dk): a permute of it
+
+
+def test_chunk_loop_batch_of_one():
+    report = check_against_eager(chunk_loop_gla, *gla_inputs(b=1))
+    one_whole_sequence_ssd(report, "scalar", chunk_loop_gla, "o[:, :, i] = ")
 
 
 def test_chunk_loop_reading_the_updated_state_is_not_fused():
