@@ -17,9 +17,10 @@ aten = torch.ops.aten
 
 # Ops that only cast: the value is the same number in another dtype.
 CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default)
-# Ops that return their input unchanged (as a new tensor or view).
-IDENTITIES = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-              aten.lift_fresh_copy.default, aten.detach_.default)
+# Ops that return their input unchanged (as a new tensor or view), gradients included.  Not
+# ``detach``: the same value, but no gradient flows through it, so a rewrite that looked through
+# it would give the detached tensor a gradient (a silent wrong answer in training).
+IDENTITIES = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default)
 
 
 def is_op(node: Any, *targets) -> bool:
@@ -66,7 +67,7 @@ def constant_value(x: Any, gm: torch.fx.GraphModule | None = None) -> float | in
     if x.op == "get_attr" and gm is not None:
         t = getattr(gm, x.target, None)
         return t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else None
-    if is_op(x, *IDENTITIES, *CASTS):
+    if is_op(x, *IDENTITIES, *CASTS, aten.detach, aten.detach_):    # a constant has no gradient
         return constant_value(x.args[0], gm)
     if is_op(x, aten.scalar_tensor):
         return constant_value(x.args[0], gm)

@@ -168,10 +168,6 @@ def test_several_readouts_per_step_are_refused():
                 readout=False)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "not this pass: contraction canonicalization folds a detach feeding an einsum as an identity view "
-    "(pattern.IDENTITIES), so the compiled einsum(x.detach(), w) gives x a gradient with or without any "
-    "scan; scan_readout's own refusal of detach is checked on a graph in tests/filecheck"))
 def test_detached_states_are_refused():
     def fn(a, b, C):
         return torch.einsum("bdtn,btn->bdt", all_states(a, b).detach(), C)
