@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 
 from seqfuse.lowering.reference import scan as scan_ref
-from seqfuse.lowering.reference.ssd import DECAYS, check_ssd_args, out_dtype, ssd_shapes
+from seqfuse.lowering.reference.ssd import out_dtype, ssd_shapes
 from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.ssd import operand_reason
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: a program's state block (BLOCK_P, N) lives in registers, the whole N of a head in one program
@@ -70,26 +71,10 @@ def ssd_supports(t: dict, a: dict) -> str | None:
     reason = availability(x.device, _kernels_module)
     if reason:
         return reason
-    decay = a.get("decay")
-    if decay not in DECAYS:
-        return f"decay {decay!r}"
-    named = [(n, t.get(n)) for n in ("x", "b", "c", "a", "d", "h0")]
-    for name, v in named:
-        if v is None:
-            continue
-        if v.is_complex():
-            return f"{name} is complex (the kernel is real)"
-        if v.dtype not in _DTYPES:
-            return f"{name} dtype {v.dtype} (the kernel takes float32, float16, bfloat16)"
-        if v.device != x.device:
-            return "inputs on different devices"
-        if v.numel() >= 2 ** 31:
-            return f"{name} has 2**31 elements or more (int32 offsets inside a sequence)"
-    try:
-        check_ssd_args(*(v for _, v in named), decay)
-        B, T, H, P, N = ssd_shapes(t["x"], t["b"], t["c"], t.get("h0"))
-    except (ValueError, RuntimeError) as exc:
-        return f"shapes: {exc}"
+    reason, shapes = operand_reason(t, a.get("decay"))
+    if reason:
+        return reason
+    B, T, H, P, N = shapes
     if N > MAX_N:
         return f"state size N={N} > {MAX_N} (the recurrent kernel holds a head's whole N in registers)"
     if B * T * H * max(P, N) >= 2 ** 31:

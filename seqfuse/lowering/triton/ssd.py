@@ -73,6 +73,30 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def operand_reason(t: dict, decay) -> tuple[str | None, tuple | None]:
+    """(reason, None) when an ssd call's operands are not for any triton ssd kernel (decay kind,
+    dtype, device, int32 offsets, shapes); else (None, (B, T, H, P, N))."""
+    if decay not in DECAYS:
+        return f"decay {decay!r}", None
+    named = [(n, t.get(n)) for n in ("x", "b", "c", "a", "d", "h0")]
+    for name, v in named:
+        if v is None:
+            continue
+        if v.is_complex():
+            return f"{name} is complex (the kernel is real)", None
+        if v.dtype not in _DTYPES:
+            return f"{name} dtype {v.dtype} (the kernel takes float32, float16, bfloat16)", None
+        if v.device != t["x"].device:
+            return "inputs on different devices", None
+        if v.numel() >= 2 ** 31:
+            return f"{name} has 2**31 elements or more (int32 offsets inside a sequence)", None
+    try:
+        check_ssd_args(*(v for _, v in named), decay)
+        return None, ssd_shapes(t["x"], t["b"], t["c"], t.get("h0"))
+    except (ValueError, RuntimeError) as exc:
+        return f"shapes: {exc}", None
+
+
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
     x = t["x"]
@@ -85,25 +109,10 @@ def supports(t: dict, a: dict) -> str | None:
     if a.get("algorithm") != "chunked":
         return f"algorithm {a.get('algorithm')!r} (the triton kernels implement 'chunked' and 'recurrent')"
     decay = a.get("decay")
-    if decay not in DECAYS:
-        return f"decay {decay!r}"
-    named = [(n, t.get(n)) for n in ("x", "b", "c", "a", "d", "h0")]
-    for name, v in named:
-        if v is None:
-            continue
-        if v.is_complex():
-            return f"{name} is complex (the kernel is real)"
-        if v.dtype not in _DTYPES:
-            return f"{name} dtype {v.dtype} (the kernel takes float32, float16, bfloat16)"
-        if v.device != x.device:
-            return "inputs on different devices"
-        if v.numel() >= 2 ** 31:
-            return f"{name} has 2**31 elements or more (int32 offsets inside a sequence)"
-    try:
-        check_ssd_args(*(v for _, v in named), decay)
-        B, T, H, P, N = ssd_shapes(t["x"], t["b"], t["c"], t.get("h0"))
-    except (ValueError, RuntimeError) as exc:
-        return f"shapes: {exc}"
+    reason, shapes = operand_reason(t, decay)
+    if reason:
+        return reason
+    B, T, H, P, N = shapes
     limit = MAX_N_VECTOR if decay == "vector" else MAX_N
     if N > limit:
         return f"state size N={N} > {limit} for decay={decay!r} (a program's state block lives in registers)"
