@@ -33,3 +33,22 @@ def assert_close(name, out, ref, bound):
     e = rel_err(out, ref)
     assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
     return e
+
+
+def compile_offline(script: str, tmp_path) -> str:
+    """Run ``script`` (it compiles kernels for sm_90 with triton's compiler and prints "compiled") in a
+    fresh interpreter without TRITON_INTERPRET, caching into ``tmp_path``; returns its stdout.  Skips
+    where a GPU runs the compiled kernels anyway, or where this triton has no NVIDIA backend."""
+    import os
+    import subprocess
+    import sys
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests run the compiled kernels")
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    return proc.stdout

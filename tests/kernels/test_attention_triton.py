@@ -17,6 +17,7 @@ import seqfuse  # noqa: E402
 from seqfuse.lowering.reference.attention import attention_reference  # noqa: E402
 from seqfuse.lowering.triton import attention as ta  # noqa: E402
 from seqfuse.lowering.triton import common as triton_common  # noqa: E402
+from kernel_checks import compile_offline  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative RMS error bounds of one kernel against the fp32 reference (never widened to pass)
@@ -463,19 +464,7 @@ print("compiled")
 def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     """The interpreter runs the kernels as Python; this compiles them (every optional flag on) for
     sm_90 down to a cubin, which needs no GPU, so compiled-mode errors show up in CI too."""
-    import os
-    import subprocess
-    import sys
-    if torch.cuda.is_available():
-        pytest.skip("the GPU tests run the compiled kernels")
-    import triton.backends
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _OFFLINE_COMPILE], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    compile_offline(_OFFLINE_COMPILE, tmp_path)
 
 
 # --- real shapes on a GPU ----------------------------------------------------------

@@ -17,23 +17,15 @@ import seqfuse  # noqa: E402
 from seqfuse.lowering.reference.long_conv import long_conv_reference  # noqa: E402
 from seqfuse.lowering.triton import long_conv as tlc  # noqa: E402
 from seqfuse.lowering.triton import common as triton_common  # noqa: E402
+from kernel_checks import DEVICE, rel_err  # noqa: E402
 
 # the interpreter's numpy: exp overflow in sigmoid of large |z| (the result is exact), and its scalar casts
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")]
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# relative RMS error bounds of the kernels against the fp32 reference (never widened to pass)
+# relative RMS error bounds of the kernels against the fp32 reference (never widened to pass); fp16
+# tighter than kernel_checks.BOUND
 KBOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), "non-finite output"
-    den = ref.norm().item()
-    assert den > 0, "the reference is all zeros: the comparison would prove nothing"
-    return (out - ref).norm().item() / den
 
 
 def attrs(algorithm, scale=1.0, activation="none", causal=True):

@@ -15,7 +15,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import kernel_checks  # noqa: E402
-from kernel_checks import DEVICE, IGNORE_NDIM_WARNING, assert_close, rel_err  # noqa: E402
+from kernel_checks import DEVICE, IGNORE_NDIM_WARNING, assert_close, compile_offline, rel_err  # noqa: E402
 from seqfuse.lowering.reference.ssd import ssd_recurrent  # noqa: E402
 from seqfuse.lowering.triton import ssd as tssd  # noqa: E402
 
@@ -341,21 +341,9 @@ def test_ssd_vector_backward_compiles_for_a_gpu_without_one(tmp_path):
     """The interpreter runs the kernel as Python; this compiles the vector backward (fp32 operands,
     tf32x3 dots, d and h0: its largest variant) at the GPU launch config for sm_90 down to PTX, and
     with ptxas (bundled with triton) checks its register spills stay small."""
-    import os
     import re
-    import subprocess
-    import sys
-    if torch.cuda.is_available():
-        pytest.skip("the GPU tests run the compiled kernels")
-    import triton.backends
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _OFFLINE_COMPILE], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
-    spills = re.search(r"spill stores (\d+)", proc.stdout)
+    out = compile_offline(_OFFLINE_COMPILE, tmp_path)
+    spills = re.search(r"spill stores (\d+)", out)
     # ptxas -v, sm_90, this triton: 348 bytes at (16, 64, 32, 8 warps); BLOCK_N = 64 spills over 1 KB
-    assert spills is None or int(spills.group(1)) <= 512, proc.stdout
+    assert spills is None or int(spills.group(1)) <= 512, out
 
