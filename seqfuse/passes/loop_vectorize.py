@@ -28,6 +28,29 @@ _REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.prod)
 _MULTI = (aten.chunk, aten.split, aten.split_with_sizes, aten.unbind)
 
 
+def known_eq(a, b) -> bool:
+    """Whether two sizes are equal for every value of their symbols (never guards: a symbolic
+    size that is not provably equal counts as different)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        return bool(statically_known_true(a == b))
+    return a == b
+
+
+def same_shape(a, b) -> bool:
+    """Whether two shapes are provably equal, axis by axis."""
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(known_eq(x, y) for x, y in zip(a, b))
+
+
+def broadcasts_to(shape, target) -> bool:
+    """Whether ``shape`` provably broadcasts to exactly ``target`` (each axis 1 or equal)."""
+    shape, target = list(shape), list(target)
+    if len(shape) > len(target):
+        return False
+    return all(known_eq(s, 1) or known_eq(s, t) for s, t in zip(shape[::-1], target[::-1]))
+
+
 def _pointwise(node) -> bool:
     t = node.target
     return (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags) or \
@@ -64,6 +87,47 @@ class Vectorizer:
         self.start, self.count = loop.vec_range()
         self.where = loop.template[0]
         self.fake_mode = val(self.where).fake_mode
+        self.sizes: dict | None = None     # symbolic expression -> a sym_size node that holds it
+
+    # --- symbolic sizes -------------------------------------------------------------
+    def size(self, s):
+        """``s`` as a graph argument: an int as is; a symbolic size as ``aten.sym_size.int(x, d)`` of
+        a tensor outside the loop body, before the anchor, whose axis d has exactly that expression
+        (NoLoop if none has)."""
+        if not isinstance(s, torch.SymInt):
+            return s
+        expr = s.node.expr
+        if expr.is_number:
+            return int(expr)
+        if self.sizes is None:
+            self.sizes = {}
+            body = set(self.loop.body())    # erased by the rewrite: never a size's source
+            for node in self.graph.nodes:
+                if node is self.anchor:
+                    break
+                v = val(node)
+                if node in body:
+                    continue
+                if not isinstance(v, torch.Tensor):
+                    continue
+                for d, e in enumerate(v.shape):
+                    if isinstance(e, torch.SymInt):
+                        self.sizes.setdefault(e.node.expr, (node, d))
+        found = self.sizes.get(expr)
+        if found is None:
+            raise NoLoop(f"a size of the rewrite is the symbolic expression {expr}, not the size of a tensor axis")
+        if isinstance(found, tuple):
+            with self.graph.inserting_before(self.anchor):
+                node = self.graph.call_function(aten.sym_size.int, found)
+            node.meta["val"] = val(found[0]).shape[found[1]]
+            copy_meta(node, self.where)
+            self.sizes[expr] = found = node
+        return found
+
+    def _sizes(self, x):
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._sizes(e) for e in x)
+        return self.size(x)
 
     # --- emitting -----------------------------------------------------------------
     def emit(self, target, args, kwargs=None) -> torch.fx.Node:
@@ -72,6 +136,7 @@ class Vectorizer:
         same = self._fold(target, args)
         if same is not None:
             return same
+        args, kwargs = self._sizes(tuple(args)), {k: self._sizes(v) for k, v in kwargs.items()}
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, tuple(args), kwargs)
         fake = lambda x: val(x) if isinstance(x, torch.fx.Node) else x  # noqa: E731
@@ -88,7 +153,7 @@ class Vectorizer:
         if not isinstance(x, torch.fx.Node) or not isinstance(val(x), torch.Tensor):
             return None
         r = val(x).dim()
-        if target is aten.reshape.default and list(val(x).shape) == list(args[1]):
+        if target is aten.reshape.default and same_shape(val(x).shape, args[1]):
             return x                                       # reshape to its own shape
         if target is aten.movedim.int:
             a, b = args[1] % r, args[2] % r
@@ -186,7 +251,7 @@ class Vectorizer:
 
     def _slices(self, x, d, form):
         out = self.emit(aten.movedim.int, (x, d, 0)) if d else x
-        if self.start != 0 or self.count != val(x).shape[d]:
+        if self.start != 0 or not known_eq(self.count, val(x).shape[d]):
             out = self.emit(aten.slice.Tensor, (out, 0, self.start, self.start + self.count))
         if form == "slice":
             out = self.emit(aten.unsqueeze.default, (out, d + 1))

@@ -18,8 +18,16 @@ slices: its state is a scan over the chunks, which ssd_chunks fuses with the res
 program into one ssd.
 
 Coupled or nonlinear updates (LSTM, GRU, tanh of the state, h·h) are near misses and stay as
-they are.  Not re-rolled yet (near misses): bodies with symbolic shapes (dynamic=True), a body
-that reads time both forward and reversed, second-order recurrences (h_{t-2}).  A step that
+they are.  Not re-rolled yet (near misses): a body that reads time both forward and reversed,
+second-order recurrences (h_{t-2}).
+
+With dynamic=True the number of steps is still a Python int (Dynamo unrolls the loop), while
+batch / head / channel sizes are symbols.  Steps match when their size arguments are the same
+expressions; a size check of the rewrite holds only when it is provably true for every value of
+the symbols (statically_known_true, never a guard on the hints), else the loop stays unrolled
+with the reason as a near miss; sizes the emitted nodes need are ``aten.sym_size.int`` of an
+input or invariant tensor (loop_vectorize.Vectorizer.size).  make_fx keeps the whole slices
+``x[:]`` that ``x[:, t]`` traces through with symbolic sizes; they are folded first.  A step that
 differs from the others ends the loop there; the steps outside stay unrolled and read the op's
 final state.
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 
 import torch
 import torch.fx
@@ -34,7 +43,7 @@ import torch.fx
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
 from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, find_runs, group_loops, reroll
-from seqfuse.passes.loop_vectorize import Vectorizer, can_vectorize
+from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
 from seqfuse.passes.pattern import axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, val
 from seqfuse.passes.registry import Pass, PassContext
 
@@ -53,11 +62,14 @@ class LoopPass(Pass):
 
     def run(self, ctx: PassContext) -> None:
         graph = ctx.graph
+        folded = _fold_full_slices(graph)
         runs = find_runs(graph)
         if not runs:
+            if folded:
+                ctx.gm.recompile()
             return
         pos = _positions(graph)
-        changed = touched = False
+        changed, touched = False, folded
         for group in group_loops(runs, pos):
             if changed:
                 pos = _positions(graph)
@@ -83,6 +95,53 @@ class LoopPass(Pass):
             graph.eliminate_dead_code()
         if changed or touched:
             ctx.gm.recompile()
+
+
+def _full_slice(node) -> bool:
+    """Whether ``node`` is ``slice(x, d, 0, end)`` with end provably past the size of axis d (the whole of
+    x; with dynamic=True make_fx keeps these, e.g. ``x[:, t]`` traces to select(slice(x, 0, 0, max), 1, t))."""
+    if node.target is not aten.slice.Tensor or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    x = val(node.args[0])
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return False
+    args = list(node.args[1:]) + [None] * (4 - len(node.args[1:]))
+    d, start, end, step = args[0] if args[0] is not None else 0, args[1], args[2], args[3]
+    if not isinstance(d, int) or node.kwargs or not (start is None or (isinstance(start, int) and start == 0)) \
+            or not (step is None or (isinstance(step, int) and step == 1)):
+        return False
+    if end is None:
+        return True
+    if not isinstance(end, int):
+        return False
+    if end >= sys.maxsize:      # ``x[:]``: the end Python slicing writes for None
+        return True
+    size = x.shape[d]
+    if isinstance(size, int):
+        return end >= size
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return statically_known_true(size <= end)
+
+
+def _fold_full_slices(graph: torch.fx.Graph) -> bool:
+    """Replace whole-tensor slices of tensors with symbolic sizes by the tensor itself (the same memory,
+    shape and strides: a view that changes nothing), so that the steps of a loop read one base.  With
+    static sizes make_fx already drops them; with dynamic=True it keeps one per ``x[:, t]``."""
+    done = False
+    for node in list(graph.nodes):
+        if not _full_slice(node):
+            continue
+        base = node.args[0]
+        vb, vn = val(base), val(node)
+        if all(isinstance(d, int) for d in vb.shape) or not isinstance(vn, torch.Tensor):
+            continue
+        if not same_shape(vb.shape, vn.shape) or not same_shape(vb.stride(), vn.stride()) or \
+                not known_eq(vb.storage_offset(), vn.storage_offset()):
+            continue
+        node.replace_all_uses_with(base)
+        graph.erase_node(node)
+        done = True
+    return done
 
 
 def _reroll(graph, group, pos) -> Loop:
@@ -178,10 +237,6 @@ class _Rewrite:
     def run(self):
         loop, an = self.loop, self.an
         lins = {k: an.update(k) for k in loop.carried}
-        for n in loop.template:   # the rewrite spells shapes as numbers
-            v = val(n)
-            if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
-                raise NoLoop("the loop body has symbolic shapes (dynamic=True): not re-rolled yet")
         body = loop.body()
         self.body = set(body)
         last = max(body, key=self.pos.__getitem__)
@@ -386,7 +441,9 @@ class _Rewrite:
         if not isinstance(init, torch.fx.Node):
             return vec.emit(aten.full.default, (list(shape), init), {"dtype": dtype, "device": val(self.loop.template[k]).device})
         x = init
-        if tuple(val(x).shape) != tuple(shape):
+        if not same_shape(val(x).shape, shape):
+            if not broadcasts_to(val(x).shape, shape):
+                raise NoLoop("the initial state does not provably broadcast to the state's shape")
             x = vec.emit(aten.expand.default, (x, list(shape)))
         return vec.cast(x, dtype)
 
@@ -400,14 +457,13 @@ class _Rewrite:
         a = self._coefficient(vec, lin.coef, r, tmpl)
         b = self._sum(vec, lin.terms, r, tmpl) if lin.terms else vec.emit(aten.mul.Tensor, (a, 0))
         for x in (a, b):
-            if tuple(torch.broadcast_shapes(val(x).shape[1:], S)) != S:
-                raise NoLoop("a coefficient broadcasts the state to a larger shape")
+            if not broadcasts_to(val(x).shape[1:], S):
+                raise NoLoop("a coefficient broadcasts the state to a larger shape (or a symbolic size of it "
+                             "is not provably the state's)")
         a = vec.emit(aten.movedim.int, (a, 0, -2))
         b = vec.emit(aten.movedim.int, (vec.cast(b, torch.promote_types(val(b).dtype, D)), 0, -2))
         full = [*S[:-1], vec.count, S[-1]]
-        if list(val(b).shape) != full:
-            if not all(isinstance(s, int) for s in full):
-                raise NoLoop("the state shape is symbolic and the input term does not cover it")
+        if not same_shape(val(b).shape, full):
             b = vec.emit(aten.expand.default, (b, full))
         h0 = self._init(vec, k, S, D)
         c = None
@@ -446,7 +502,7 @@ class _Rewrite:
         if any(c not in cl for c in extras) or any(c not in sl and c not in out for c in cl):
             return False
         sizes = {c: out_val.shape[i] for i, c in enumerate(out)}
-        if any(sizes[c] != 1 for c in extras):
+        if any(not known_eq(sizes[c], 1) for c in extras):
             return False
         return "".join(c for c in out if c in sl) == sl[:-1]
 
@@ -467,7 +523,7 @@ class _Rewrite:
         p_ax = 2 * r - 3 - n_ax          # the other of the last two axes
         out_val = val(loop.template[j])
         keep = "".join(c for c in out if c in sl)
-        if keep != sl[:-2] + sl[p_ax] or any(out_val.shape[i] != 1 for i, c in enumerate(out) if c not in sl):
+        if keep != sl[:-2] + sl[p_ax] or any(not known_eq(out_val.shape[i], 1) for i, c in enumerate(out) if c not in sl):
             return None
         factors = self._flatten(lin.terms[0][1])
         if factors is None or lin.terms[0][0] < 0:
@@ -477,9 +533,9 @@ class _Rewrite:
             shp = self._factor_shape(f, r)
             if shp is None:
                 return None
-            if shp[n_ax] == 1:
+            if known_eq(shp[n_ax], 1):
                 xs.append(f)
-            elif shp[p_ax] == 1:
+            elif known_eq(shp[p_ax], 1):
                 bs.append(f)
             else:
                 return None
@@ -489,9 +545,9 @@ class _Rewrite:
         vector = False
         for f, p in lin.coef:
             shp = self._factor_shape((f, p), r)
-            if shp is None or shp[p_ax] != 1:
+            if shp is None or not known_eq(shp[p_ax], 1):
                 return None
-            vector |= shp[n_ax] != 1
+            vector |= not known_eq(shp[n_ax], 1)
             lg = self._log(f, p)
             if lg is None:
                 self.ctx.report.add_near_miss("ssd", "gate sign unknown (a decay that is not exp, sigmoid or a positive "
@@ -598,8 +654,6 @@ class _Rewrite:
         r = len(S)
         n_ax, p_ax = plan["n_ax"], plan["p_ax"]
         batch = list(S[:-2])
-        if not all(isinstance(s, int) for s in S):
-            raise NoLoop("the matrix state has a symbolic shape")
         P, N = S[p_ax], S[n_ax]
 
         def fac(f):
@@ -623,7 +677,9 @@ class _Rewrite:
         def layout(x, tail):
             # (T'|1, *batch', *tail') -> (B, T', H, *tail)
             shape = [vec.count, *batch, *tail]
-            if list(val(x).shape) != shape:
+            if not same_shape(val(x).shape, shape):
+                if not broadcasts_to(val(x).shape, shape):
+                    raise NoLoop("an operand of the ssd does not provably broadcast to the state's layout")
                 x = vec.emit(aten.expand.default, (x, shape))
             nb = len(batch)
             if nb == 0:
@@ -631,7 +687,9 @@ class _Rewrite:
             elif nb == 1:
                 x = vec.emit(aten.unsqueeze.default, (x, 2))
             elif nb > 2:
-                x = vec.emit(aten.reshape.default, (x, [vec.count, math.prod(batch[:-1]), batch[-1], *tail]))
+                lead = math.prod(batch[:-1])
+                lead = lead if isinstance(lead, int) else -1   # a product of symbols: inferred
+                x = vec.emit(aten.reshape.default, (x, [vec.count, lead, batch[-1], *tail]))
             return vec.emit(aten.movedim.int, (x, 0, 1))
 
         # x: the factors constant along N (select N = 0); b: those constant along P
@@ -680,7 +738,9 @@ class _Rewrite:
         if h0 is not None:
             if p_ax == r - 1:
                 h0 = vec.emit(aten.transpose.int, (h0, -1, -2))
-            h0 = vec.emit(aten.reshape.default, (h0, [val(xv).shape[0], val(xv).shape[2], P, N]))
+            lead = val(xv).shape[0]
+            lead = lead if isinstance(lead, int) else -1
+            h0 = vec.emit(aten.reshape.default, (h0, [lead, val(xv).shape[2], P, N]))
         if loop.reverse:   # ssd runs forward: flip time in and out
             xv, bv, cv = (vec.emit(aten.flip.default, (t, [1])) for t in (xv, bv, cv))
             a = vec.emit(aten.flip.default, (a, [1])) if a is not None else None

@@ -11,8 +11,8 @@ from fc import run_filecheck
 T = 6
 
 
-def after_pass(fn, *args, tmp_path, stage="loops"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
+def after_pass(fn, *args, tmp_path, stage="loops", dynamic=None):
+    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)}, dynamic=dynamic)
     path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
     return pathlib.Path(path).read_text()
 
@@ -175,4 +175,47 @@ def test_independent_steps_are_not_a_recurrence(tmp_path):
     run_filecheck(text, """
         CHECK-NOT: seqfuse.scan
         CHECK: aten.stack
+    """)
+
+
+def outer_gate(x, a):
+    # the gate (B, 1, N) and the input (B, D, 1) each cover part of the (B, D, N) state
+    h = torch.zeros(x.shape[0], x.shape[2], a.shape[-1])
+    for t in range(x.shape[1]):
+        h = a[:, t, None, :].exp() * h + x[:, t, :, None]
+    return h
+
+
+def test_dynamic_sizes_reach_the_scan_as_sym_size_nodes(tmp_path):
+    # dynamic=True: batch, D and N are symbols (T = 6 is unrolled); the input term is expanded to
+    # the whole state with sizes read from the inputs by aten.sym_size.int (never raw SymInts)
+    text = after_pass(outer_gate, torch.randn(2, T, 3), -torch.rand(2, T, 4), tmp_path=tmp_path, dynamic=True)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-SAME: %l_x_: f32[[[B:s[0-9]+]], 6, [[D:s[0-9]+]]]
+        CHECK-SAME: %l_a_: f32[[[B]], 6, [[N:s[0-9]+]]]
+        CHECK-NOT: aten.select.int
+        CHECK-DAG: %[[SB:[a-z_0-9]+]] = aten.sym_size.int(%l_x_, 0) : sym
+        CHECK-DAG: %[[SD:[a-z_0-9]+]] = aten.sym_size.int(%l_x_, 2) : sym
+        CHECK-DAG: %[[SN:[a-z_0-9]+]] = aten.sym_size.int(%l_a_, 2) : sym
+        CHECK: %[[X:[a-z_0-9]+]] = aten.expand(%{{.*}}, [%[[SB]], %[[SD]], 6, %[[SN]]]) : f32[[[B]], [[D]], 6, [[N]]]
+        CHECK: %scan = seqfuse.scan(%{{.*}}, %[[X]]) {reverse=false, algo=auto} : (f32[[[B]], [[D]], 6, [[N]]], f32[[[B]], [[D]], [[N]]])
+        CHECK-NOT: aten.select.int
+        CHECK: return
+    """)
+
+
+def test_dynamic_hf_mamba_readout_reshape_uses_sym_size(tmp_path):
+    # the folded readout y (B, D, T) is reshaped back to the per-step (B, D, 1) layout with
+    # symbolic sizes taken from an input
+    text = after_pass(hf_mamba, torch.randn(2, 3, T), torch.rand(2, 3, T), -torch.rand(3, 4), torch.randn(2, T, 4),
+                      torch.randn(2, T, 4), tmp_path=tmp_path, dynamic=True)
+    run_filecheck(text, """
+        CHECK: %scan = seqfuse.scan(%{{.*}}, %{{.*}}, c=%{{.*}}) {reverse=false, algo=auto} : (f32[[[B:s[0-9]+]], [[D:s[0-9]+]], 6], f32[[[B]], [[D]], [[N:s[0-9]+]]])
+        CHECK: %[[SB:[a-z_0-9]+]] = aten.sym_size.int(%l_hidden_, 0) : sym
+        CHECK: %[[SD:[a-z_0-9]+]] = aten.sym_size.int(%l_hidden_, 1) : sym
+        CHECK: aten.reshape(%{{.*}}, [6, %[[SB]], %[[SD]], 1])
+        CHECK-NOT: aten.stack
+        CHECK-NOT: aten.einsum
+        CHECK: return
     """)

@@ -413,10 +413,67 @@ def test_unknown_gate_sign_is_a_scan_and_a_near_miss():
     assert any("gate sign unknown" in m.reason for m in report.near_misses), str(report)
 
 
-def test_dynamic_shapes_stay_correct():
-    # symbolic sizes: not re-rolled yet (the loop stays unrolled); the compiled graph equals eager
-    report = check_against_eager(hgrn, rand(3, T, 8), -rand(3, T, 8, positive=True), dynamic=True)
-    assert report.count("ssd") == 0, str(report)
+# --- dynamic=True: symbolic batch / channel sizes, T specialized by Dynamo's unrolling ----------
+
+DYNAMIC_CASES = {
+    "hf_mamba_slow": (hf_mamba_slow, lambda: (
+        rand(2, 6, T), F.softplus(torch.randn(2, 6, T)).requires_grad_(), -rand(6, 4, positive=True),
+        rand(2, T, 4), rand(2, T, 4), rand(6), rand(2, 6, T)), "scan", 1, ["c=%"]),
+    "gla": (naive_recurrent_gla, lambda: (
+        rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5),
+        F.logsigmoid(torch.randn(2, 3, T, 4)).requires_grad_()), "ssd", 1, ["decay=vector"]),
+    "linear_attn": (naive_recurrent_linear_attn, lambda: (
+        rand(2, T, 3, 4), rand(2, T, 3, 4), rand(2, T, 3, 5)), "ssd", 1, ["decay=none"]),
+    "simple_gla_h0": (naive_recurrent_simple_gla, lambda: (
+        rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5), F.logsigmoid(torch.randn(2, 3, T)).requires_grad_(),
+        rand(2, 3, 4, 5)), "ssd", 1, ["decay=scalar", "h0=%"]),
+    "mamba2": (mamba2_recurrent, lambda: (
+        rand(2, T, 3, 4), F.softplus(torch.randn(2, T, 3)).requires_grad_(), -rand(3, positive=True),
+        rand(2, T, 5), rand(2, T, 5)), "ssd", 1, ["decay=scalar"]),
+    "two_carried": (two_scans, lambda: (rand(2, T, 5), rand(2, T, 5), rand(2, T, 5)), "scan", 2, []),
+    "reversed": (reversed_linear_attn, lambda: (
+        rand(2, 3, T, 4), rand(2, 3, T, 4), rand(2, 3, T, 5)), "ssd", 1, []),
+    "hgrn_h0_reversed": (hgrn_h0_reversed, lambda: (
+        rand(2, T, 4), -rand(2, T, 4, positive=True), rand(2, 4)), "scan", 1, ["reverse=true"]),
+}
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC_CASES))
+def test_dynamic_shapes_same_rewrite_as_static(name):
+    # with dynamic=True the batch / head / channel sizes are symbols (T is a Python int: Dynamo
+    # unrolls the loop); the loop is re-rolled to the same op as with static shapes, and outputs,
+    # final states and gradients equal eager
+    fn, make, kind, n, attrs = DYNAMIC_CASES[name]
+    static = seqfuse.explain(fn, *make(), options={"downstream": "eager"})
+    report = check_against_eager(fn, *make(), dynamic=True)
+    assert report.count(kind) == static.count(kind) == n, (str(static), str(report))
+    assert report.count("scan") + report.count("ssd") == n, str(report)
+    assert not [m for m in report.near_misses if m.kind in ("scan", "ssd")], str(report)
+    for ir in [r.ir for r in report.rewrites if r.kind == kind]:
+        for a in attrs:
+            assert a in ir, (a, ir)
+
+
+@pytest.mark.parametrize("fn,shapes,kind", [
+    (hgrn, [(T, 8), (T, 8)], "scan"),
+    (naive_recurrent_gla, [(3, T, 4), (3, T, 4), (3, T, 5), (3, T, 4)], "ssd"),
+], ids=["hgrn_scan", "gla_ssd"])
+def test_dynamic_loop_is_one_graph_for_two_batch_sizes(fn, shapes, kind):
+    # one compiled graph serves both batch sizes (the rewrite adds no guard on the symbols), and
+    # the IR op, not the unrolled loop, runs at each call
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    seqfuse.reset_counters()
+    compiled = torch.compile(fn, backend="seqfuse", dynamic=True, options={"downstream": "eager"})
+    for calls, batch in enumerate((2, 7), 1):   # sizes no other axis has (duck sizing would tie them)
+        args = [torch.randn(batch, *s) for s in shapes]
+        args[-1] = -args[-1].abs()          # a decay: exp of a non-positive gate
+        for got, want in zip(compiled(*args), fn(*args)):
+            torch.testing.assert_close(got, want)
+        assert sum(seqfuse.counters().get(kind, {}).values()) == calls, seqfuse.counters()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def chunked_simple_gla(q, k, v, g, chunk=16):

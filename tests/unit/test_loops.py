@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+import seqfuse
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "golden"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -140,3 +142,40 @@ def test_fla_chunk_loop_duplicate_slices_are_merged():
                                       r(1, 2, 4, 3))
     assert isinstance(moved, NoLoop) and merged == 3, (moved, merged)
     assert (loop.lo, loop.hi) == (0, 3) and len(loop.carried) == 1
+
+
+def _symbols(*hints):
+    """Backed SymInts of a fresh ShapeEnv (one symbol per hint)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    out = []
+    for i, h in enumerate(hints):
+        src = ConstantSource(f"s_{i}")
+        sym = env.create_symbol(h, src, dynamic_dim=DimDynamic.DYNAMIC)
+        out.append(env.create_symintnode(sym, hint=h, source=src))
+    return env, out
+
+
+def test_symbolic_sizes_equal_only_when_provably_equal():
+    # two symbols with the same hint are not provably equal: the rewrite treats them as different
+    # (no guard is added: the hints are never consulted)
+    from seqfuse.passes.loop_vectorize import broadcasts_to, known_eq, same_shape
+
+    env, (b, d, n) = _symbols(4, 4, 5)
+    assert known_eq(b, b) and known_eq(2 * b, b + b) and known_eq(7, 7)
+    assert not known_eq(b, d) and not known_eq(b, 4) and not known_eq(b, 1)
+    assert same_shape((b, 6, d), [b, 6, d]) and not same_shape((b, 6, d), (d, 6, b))
+    assert broadcasts_to((1, d), (b, 6, d)) and broadcasts_to((6, 1), (b, 6, d))
+    assert not broadcasts_to((b,), (b, 6, d)) and not broadcasts_to((n, 6, d), (b, 6, d))
+    assert not env.guards
+
+
+def test_dynamic_loop_is_rerolled_with_symbolic_sizes():
+    # with dynamic=True the per-step slices x[:, t] read through whole slices x[:] that make_fx
+    # keeps; the loop pass folds those, so every step is found and the scan replaces them
+    report = seqfuse.explain(forms.hgrn, torch.randn(3, T, 8), -torch.rand(3, T, 8),
+                             options={"downstream": "eager"}, dynamic=True)
+    assert report.count("scan") == 1, str(report)
+    assert not report.near_misses, str(report)
