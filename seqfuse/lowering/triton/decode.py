@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 
 from seqfuse.lowering.reference import scan as scan_ref
-from seqfuse.lowering.reference.ssd import out_dtype, ssd_shapes
 from seqfuse.lowering.triton.common import availability
-from seqfuse.lowering.triton.ssd import operand_reason
+from seqfuse.lowering.triton.ssd import forward_launch, operand_reason
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: a program's state block (BLOCK_P, N) lives in registers, the whole N of a head in one program
@@ -41,7 +40,6 @@ MAX_N = 256
 #: at P, N, rows ≤ 12 cross several blocks.
 GPU_CONFIG = {"TILE": 1024, "SCAN_BLOCK_N": 64, "num_warps": 4}
 INTERPRETER_CONFIG = {"TILE": 16, "SCAN_BLOCK_N": 4, "num_warps": 1}
-_DECAY_CODE = {"none": 0, "scalar": 1, "vector": 2}
 
 _kernels_module = None
 
@@ -92,34 +90,12 @@ def _ssd_launch(P: int, N: int) -> tuple[int, int, int]:
 
 def ssd_forward(x, b, c, a, d, h0, attrs):
     """(y (B, T, H, P), h (B, H, P, N)) of seqfuse.ssd by the recurrence, on the decode kernel."""
-    decay = attrs["decay"]
-    B, T, H, P, N = ssd_shapes(x, b, c, h0)
-    dtype = out_dtype(x, b, c)
-    dev = x.device
-    y = torch.empty(B, T, H, P, device=dev, dtype=dtype)
-    h = torch.empty(B, H, P, N, device=dev, dtype=dtype)
-    if y.numel() == 0 and h.numel() == 0:
+    (B, T, H, P, N), y, h, args, flags = forward_launch(x, b, c, a, d, h0, attrs["decay"])
+    if args is None:
         return y, h
-    # strided views of the full shapes (stride 0 where an operand broadcasts: never copied)
-    xv = x.expand(B, T, H, P)
-    bv, cv = b.expand(B, T, H, N), c.expand(B, T, H, N)
-    av = None
-    if a is not None:
-        av = a.expand((B, T, H) if decay == "scalar" else (B, T, H, N))
-    dv = (d[:, None] if d.dim() == 1 else d).expand(H, P) if d is not None else None
-    hv = h0.expand(B, H, P, N) if h0 is not None else None
     block_p, block_n, warps = _ssd_launch(P, N)
-    a_st = (0, 0, 0, 0) if av is None else (*av.stride()[:3], av.stride(3) if decay == "vector" else 0)
-    dummy = xv
     grid = (B * H, -(-P // block_p))
-    _kernels().ssd_decode_kernel[grid](
-        xv, bv, cv, av if av is not None else dummy, dv if dv is not None else dummy,
-        hv if hv is not None else dummy, y, h,
-        T, H, P, N,
-        *xv.stride(), *bv.stride(), *cv.stride(), *a_st,
-        *(dv.stride() if dv is not None else (0, 0)), *(hv.stride() if hv is not None else (0, 0, 0, 0)),
-        DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None,
-        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+    _kernels().ssd_decode_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
     return y, h
 
 

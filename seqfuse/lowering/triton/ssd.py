@@ -130,44 +130,49 @@ def _launch(decay: str, N: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_P=block_p, num_warps=warps, PRECISION=precision)
 
 
+def forward_launch(x, b, c, a, d, h0, decay):
+    """What the ssd forward kernels (chunked here, decode in decode.py: the same leading signature)
+    share: ((B, T, H, P, N), y, h, args, flags) with y (B, T, H, P) and h (B, H, P, N) fresh outputs
+    in the promoted dtype, args the operands as strided views of their full shapes (stride 0 where
+    one broadcasts: never copied), the outputs, the sizes and the strides, and flags the DECAY /
+    HAS_D / HAS_H0 constexprs.  args is None when there is nothing to compute."""
+    B, T, H, P, N = ssd_shapes(x, b, c, h0)
+    dtype = out_dtype(x, b, c)
+    y = torch.empty(B, T, H, P, device=x.device, dtype=dtype)
+    h = torch.empty(B, H, P, N, device=x.device, dtype=dtype)
+    if y.numel() == 0 and h.numel() == 0:
+        return (B, T, H, P, N), y, h, None, None
+    xv = x.expand(B, T, H, P)
+    bv, cv = b.expand(B, T, H, N), c.expand(B, T, H, N)
+    av = None if a is None else a.expand((B, T, H) if decay == "scalar" else (B, T, H, N))
+    dv = None if d is None else (d[:, None] if d.dim() == 1 else d).expand(H, P)
+    hv = h0.expand(B, H, P, N) if h0 is not None else None
+    a_st = (0, 0, 0, 0) if av is None else (*av.stride()[:3], av.stride(3) if decay == "vector" else 0)
+    dummy = xv
+    args = (xv, bv, cv, av if av is not None else dummy, dv if dv is not None else dummy,
+            hv if hv is not None else dummy, y, h,
+            T, H, P, N,
+            *xv.stride(), *bv.stride(), *cv.stride(), *a_st,
+            *(dv.stride() if dv is not None else (0, 0)), *(hv.stride() if hv is not None else (0, 0, 0, 0)))
+    flags = dict(DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None)
+    return (B, T, H, P, N), y, h, args, flags
+
+
 def forward(x, b, c, a, d, h0, attrs):
     """(y (B, T, H, P), h (B, H, P, N)) of the chunked SSD on the triton kernel ("recurrent": decode.py)."""
     if attrs.get("algorithm") == "recurrent":
         from seqfuse.lowering.triton import decode
         return decode.ssd_forward(x, b, c, a, d, h0, attrs)
     decay = attrs["decay"]
-    B, T, H, P, N = ssd_shapes(x, b, c, h0)
-    dtype = out_dtype(x, b, c)
-    dev = x.device
-    y = torch.empty(B, T, H, P, device=dev, dtype=dtype)
-    h = torch.empty(B, H, P, N, device=dev, dtype=dtype)
-    if y.numel() == 0 and h.numel() == 0:
+    (B, T, H, P, N), y, h, args, flags = forward_launch(x, b, c, a, d, h0, decay)
+    if args is None:
         return y, h
-    # strided views of the full shapes (stride 0 where an operand broadcasts)
-    xv = x.expand(B, T, H, P)
-    bv, cv = b.expand(B, T, H, N), c.expand(B, T, H, N)
-    av = None
-    if a is not None:
-        av = a.expand((B, T, H) if decay == "scalar" else (B, T, H, N))
-    dv = None
-    if d is not None:
-        dv = (d[:, None] if d.dim() == 1 else d).expand(H, P)
-    hv = h0.expand(B, H, P, N) if h0 is not None else None
-    cfg = _launch(decay, N, dtype)
+    cfg = _launch(decay, N, y.dtype)
     gpu = not _kernels().INTERPRETED
     block_n = max(16 if gpu else 2, _next_pow2(N))   # tl.dot's smallest tile on a GPU is 16
     block_p = min(cfg.pop("BLOCK_P"), max(16 if gpu else 2, _next_pow2(P)))
-    a_st = (0, 0, 0, 0) if av is None else (*av.stride()[:3], av.stride(3) if decay == "vector" else 0)
-    dummy = xv
     grid = (B * H, -(-P // block_p))
-    _kernels().ssd_chunked_fwd_kernel[grid](
-        xv, bv, cv, av if av is not None else dummy, dv if dv is not None else dummy,
-        hv if hv is not None else dummy, y, h,
-        T, H, P, N,
-        *xv.stride(), *bv.stride(), *cv.stride(), *a_st,
-        *(dv.stride() if dv is not None else (0, 0)), *(hv.stride() if hv is not None else (0, 0, 0, 0)),
-        DECAY=_DECAY_CODE[decay], HAS_D=d is not None, HAS_H0=h0 is not None, BLOCK_P=block_p, BLOCK_N=block_n,
-        **cfg)
+    _kernels().ssd_chunked_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_N=block_n, **cfg)
     return y, h
 
 
