@@ -101,6 +101,20 @@ def _product_term(gm, node, letters: list) -> _Term:
     return term
 
 
+def _summing_one_axis(gm, node, letters: list, what: str, axis: str):
+    """(term, summed letter) of ``node``, an unscaled einsum over ``letters`` that sums exactly one
+    axis; NoMatch naming ``what`` (the piece) and ``axis`` (the axis it should sum) otherwise."""
+    if not is_op(node, aten.einsum):
+        raise NoMatch(f"{what}: not a contraction")
+    term = _product_term(gm, node, letters)
+    if term.scalars:
+        raise NoMatch(f"{what}: scaled by a constant or symbol")
+    summed = set().union(*(_letters(lf) for lf in term.leaves)) - set(letters)
+    if len(summed) != 1:
+        raise NoMatch(f"{what}: not a sum over {axis} alone")
+    return term, next(iter(summed))
+
+
 def _slice_parts(node):
     """(src, dim, start, end, step) of an aten.slice."""
     src = node.args[0]
@@ -259,16 +273,7 @@ class ChunkedSSDPass(Pass):
         gm, r, z = ctx.gm, ch.roles, ch.z
         if ch.decay_seq is None:
             raise NoMatch("a chunk recursion with decays but an intra-chunk term without")
-        if not is_op(ns, aten.einsum):
-            raise NoMatch("the recursion over chunks is not a contraction")
-        term = _product_term(gm, ns, letters)
-        if term.scalars:
-            raise NoMatch("a scaled recursion over chunks")
-        every = set().union(*(_letters(lf) for lf in term.leaves))
-        summed = every - set(letters)
-        if len(summed) != 1:
-            raise NoMatch("the recursion over chunks does not sum over one chunk axis")
-        (w,) = summed
+        term, w = _summing_one_axis(gm, ns, letters, "the recursion over chunks", "one chunk axis")
         sts = [lf for lf in term.leaves if r.p in _letters(lf)]
         if len(sts) != 1:
             raise NoMatch("the recursion over chunks does not read one tensor of states")
@@ -335,16 +340,7 @@ class ChunkedSSDPass(Pass):
         """S[z] = Σ_s b[z, s]⊗x[z, s]·exp(G[z, Q-1] - G[z, s]) with Y_diag's b, x, a."""
         gm, r = ctx.gm, ch.roles
         s_node, s_letters = base_letters(s_node, s_letters)
-        if not is_op(s_node, aten.einsum):
-            raise NoMatch("the chunk states are not a contraction")
-        term = _product_term(gm, s_node, s_letters)
-        if term.scalars:
-            raise NoMatch("scaled chunk states")
-        every = set().union(*(_letters(lf) for lf in term.leaves))
-        summed = every - set(s_letters)
-        if len(summed) != 1:
-            raise NoMatch("the chunk states do not sum over the chunk positions")
-        (s,) = summed
+        term, s = _summing_one_axis(gm, s_node, s_letters, "the chunk states", "the chunk positions")
         rename = {s: r.j}
         bs = [lf for lf in term.leaves if lf[0] is r.b[0] and [rename.get(x, x) for x in lf[1]] == list(r.b[1])]
         xs = [lf for lf in term.leaves if lf[0] is r.x[0] and [rename.get(x, x) for x in lf[1]] == list(r.x[1])]
