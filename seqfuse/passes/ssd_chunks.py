@@ -47,6 +47,8 @@ from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_lett
 from seqfuse.passes.ssd_forms import SSDFormsPass, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
 
 aten = torch.ops.aten
+#: ssd_forms' analysis and graph-building helpers (stateless), shared by every match
+_FORMS = SSDFormsPass()
 
 
 def _same_int(a, b) -> bool:
@@ -164,7 +166,7 @@ class ChunkedSSDPass(Pass):
     name = "ssd_chunks"
 
     def run(self, ctx: PassContext) -> None:
-        forms = SSDFormsPass()
+        forms = _FORMS
         for node in list(ctx.graph.nodes):
             if node.graph is not ctx.graph or node.target is not aten.add.Tensor or arg(node, 2, "alpha", 1) != 1:
                 continue
@@ -471,7 +473,7 @@ class ChunkedSSDPass(Pass):
         letters = list(letters)
         if z not in letters or l not in letters:
             raise NoMatch("an operand is broadcast over the chunks or the chunk positions")
-        emit = SSDFormsPass()._emit
+        emit = _FORMS._emit
         order = [x for x in letters if x != l]
         order.insert(order.index(z) + 1, l)
         if order != letters:
@@ -483,7 +485,7 @@ class ChunkedSSDPass(Pass):
 
     def _build(self, ctx, add, ch: _Chunked, entry: dict) -> None:
         graph, r, z = ctx.graph, ch.roles, ch.z
-        forms = SSDFormsPass()
+        forms = _FORMS
         emit = forms._emit
         finals = entry["final"]
         order = {n: k for k, n in enumerate(graph.nodes)}
@@ -526,7 +528,7 @@ class ChunkedSSDPass(Pass):
         y = self._from_layout(graph, before, full, y, lead, 2, add)
         ylet = lead + [t] + head + [r.p]
         k = ylet.index(t)
-        sizes = [self._size_of(graph, before, r, z, add), self._size_of(graph, before, r, r.i, add)]
+        sizes = [_FORMS._size(graph, before, r, z, add), _FORMS._size(graph, before, r, r.i, add)]
         y = emit(graph, before, aten.unflatten.int, (y, k, sizes), add)
         ylet = ylet[:k] + [z, r.i] + ylet[k + 1:]
         perm = [ylet.index(e) for e in ch.term.out]
@@ -546,25 +548,22 @@ class ChunkedSSDPass(Pass):
                 hn = emit(graph, before, aten.to.dtype, (hn, val(f).dtype), f)
             f.replace_all_uses_with(hn)
 
-    def _size_of(self, graph, before, roles, letter, like):
-        return SSDFormsPass()._size(graph, before, roles, letter, like)
-
     def _from_layout(self, graph, before, full, node, lead, head_axis, like):
         """(B', ...) with B' the flattened ``lead`` -> (*lead, ...); the head axis (at ``head_axis``)
         dropped when the form has no head axis."""
-        emit = SSDFormsPass()._emit
+        emit = _FORMS._emit
         if not full.batch[-1:]:
             node = emit(graph, before, aten.squeeze.dims, (node, [head_axis]), like)
         if len(lead) == 0:
             node = emit(graph, before, aten.squeeze.dims, (node, [0]), like)
         elif len(lead) > 1:
-            sizes = [SSDFormsPass()._size(graph, before, full, e, like) for e in lead]
+            sizes = [_FORMS._size(graph, before, full, e, like) for e in lead]
             node = emit(graph, before, aten.unflatten.int, (node, 0, sizes), like)
         return node
 
     def _state_layout(self, graph, before, full, node, letters, like):
         """An initial state (axes ``letters``: batch, p, n, UNIT) -> (B', H, P, N)."""
-        emit = SSDFormsPass()._emit
+        emit = _FORMS._emit
         lead, head = full.batch[:-1], full.batch[-1:]
         target = lead + head + [full.p, full.n]
         units = [k for k, e in enumerate(letters) if e == UNIT]
@@ -583,7 +582,7 @@ class ChunkedSSDPass(Pass):
                 node = emit(graph, before, aten.unsqueeze.default, (node, k), like)
                 missing = True
         if missing:
-            sizes = [-1 if e in letters else SSDFormsPass()._size(graph, before, full, e, like) for e in target]
+            sizes = [-1 if e in letters else _FORMS._size(graph, before, full, e, like) for e in target]
             node = emit(graph, before, aten.expand.default, (node, sizes), like)
         if len(lead) == 0:
             node = emit(graph, before, aten.unsqueeze.default, (node, 0), like)
