@@ -515,7 +515,7 @@ class ChunkedSSDPass(Pass):
             c = emit(graph, before, aten.mul.Tensor, (c, scale), add)
         h0 = None
         if entry["h0"] is not None:
-            h0 = self._state_layout(graph, before, full, *entry["h0"], add)
+            h0 = _FORMS.to_layout(graph, before, full, *entry["h0"], [], [r.p, r.n], add)   # (B', H, P, N)
         op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="none" if a is None else "scalar")
         ir = ctx.insert_ir(op, before, add)
         xv, bv, cv = val(x), val(b), val(c)
@@ -559,37 +559,6 @@ class ChunkedSSDPass(Pass):
         elif len(lead) > 1:
             sizes = [_FORMS._size(graph, before, full, e, like) for e in lead]
             node = emit(graph, before, aten.unflatten.int, (node, 0, sizes), like)
-        return node
-
-    def _state_layout(self, graph, before, full, node, letters, like):
-        """An initial state (axes ``letters``: batch, p, n, UNIT) -> (B', H, P, N)."""
-        emit = _FORMS._emit
-        lead, head = full.batch[:-1], full.batch[-1:]
-        target = lead + head + [full.p, full.n]
-        units = [k for k, e in enumerate(letters) if e == UNIT]
-        if units:
-            node = emit(graph, before, aten.squeeze.dims, (node, units), like)
-            letters = [e for e in letters if e != UNIT]
-        if set(letters) - set(target):
-            raise NoMatch("the initial state has axes outside the state's layout")
-        present = [e for e in target if e in letters]
-        perm = [letters.index(e) for e in present]
-        if perm != list(range(len(perm))):
-            node = emit(graph, before, aten.permute.default, (node, perm), like)
-        missing = False
-        for k, e in enumerate(target):
-            if e not in letters:
-                node = emit(graph, before, aten.unsqueeze.default, (node, k), like)
-                missing = True
-        if missing:
-            sizes = [-1 if e in letters else _FORMS._size(graph, before, full, e, like) for e in target]
-            node = emit(graph, before, aten.expand.default, (node, sizes), like)
-        if len(lead) == 0:
-            node = emit(graph, before, aten.unsqueeze.default, (node, 0), like)
-        elif len(lead) > 1:
-            node = emit(graph, before, aten.flatten.using_ints, (node, 0, len(lead) - 1), like)
-        if not head:
-            node = emit(graph, before, aten.unsqueeze.default, (node, 1), like)
         return node
 
 

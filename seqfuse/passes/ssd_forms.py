@@ -599,8 +599,14 @@ class SSDFormsPass(Pass):
 
     def _layout(self, graph, before, roles, node, letters, seq, feat, like):
         """node (axes ``letters``) -> (B', T, H[, F]) with T = ``seq``, F = ``feat``."""
+        return self.to_layout(graph, before, roles, node, letters, [seq], [feat] if feat else [], like)
+
+    def to_layout(self, graph, before, roles, node, letters, mid, tail, like):
+        """node (axes ``letters``) -> (B', *mid, H, *tail): the leading batch axes of ``roles``
+        flattened into B' (a unit axis when there are none), H its last batch axis (a unit axis
+        when the form has none); axes it lacks are broadcast (expand), unit axes dropped."""
         lead, head = roles.batch[:-1], roles.batch[-1:]
-        target = lead + [seq] + head + ([feat] if feat else [])
+        target = lead + list(mid) + head + list(tail)
         units = [k for k, c in enumerate(letters) if c == UNIT]
         if units:
             node = self._emit(graph, before, aten.squeeze.dims, (node, units), like)
@@ -625,7 +631,7 @@ class SSDFormsPass(Pass):
         elif len(lead) > 1:
             node = self._emit(graph, before, aten.flatten.using_ints, (node, 0, len(lead) - 1), like)
         if not head:
-            node = self._emit(graph, before, aten.unsqueeze.default, (node, 2), like)
+            node = self._emit(graph, before, aten.unsqueeze.default, (node, 1 + len(mid)), like)
         return node
 
     def _build(self, ctx: PassContext, root, roles, term, decay) -> None:
