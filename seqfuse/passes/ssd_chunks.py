@@ -525,7 +525,7 @@ class ChunkedSSDPass(Pass):
                           xv.new_empty((bs, h, p, bv.shape[-1]), dtype=dtype))
         y = emit(graph, before, operator.getitem, (ir, 0), add)
         lead, head = batch[:-1], batch[-1:]
-        y = self._from_layout(graph, before, full, y, lead, 2, add)
+        y = _FORMS.from_layout(graph, before, full, y, 2, add)
         ylet = lead + [t] + head + [r.p]
         k = ylet.index(t)
         sizes = [_FORMS._size(graph, before, r, z, add), _FORMS._size(graph, before, r, r.i, add)]
@@ -539,7 +539,7 @@ class ChunkedSSDPass(Pass):
         add.replace_all_uses_with(y)
         for f in finals:
             hn = emit(graph, before, operator.getitem, (ir, 1), f)
-            hn = self._from_layout(graph, before, full, hn, lead, 1, f)
+            hn = _FORMS.from_layout(graph, before, full, hn, 1, f)
             hl = lead + head + [r.p, r.n]
             perm = [hl.index(e) for e in entry["final_letters"]]
             if perm != list(range(len(perm))):
@@ -547,19 +547,6 @@ class ChunkedSSDPass(Pass):
             if val(hn).dtype != val(f).dtype:
                 hn = emit(graph, before, aten.to.dtype, (hn, val(f).dtype), f)
             f.replace_all_uses_with(hn)
-
-    def _from_layout(self, graph, before, full, node, lead, head_axis, like):
-        """(B', ...) with B' the flattened ``lead`` -> (*lead, ...); the head axis (at ``head_axis``)
-        dropped when the form has no head axis."""
-        emit = _FORMS._emit
-        if not full.batch[-1:]:
-            node = emit(graph, before, aten.squeeze.dims, (node, [head_axis]), like)
-        if len(lead) == 0:
-            node = emit(graph, before, aten.squeeze.dims, (node, [0]), like)
-        elif len(lead) > 1:
-            sizes = [_FORMS._size(graph, before, full, e, like) for e in lead]
-            node = emit(graph, before, aten.unflatten.int, (node, 0, sizes), like)
-        return node
 
 
 def _scan_source(cat):

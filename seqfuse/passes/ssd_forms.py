@@ -601,6 +601,20 @@ class SSDFormsPass(Pass):
         """node (axes ``letters``) -> (B', T, H[, F]) with T = ``seq``, F = ``feat``."""
         return self.to_layout(graph, before, roles, node, letters, [seq], [feat] if feat else [], like)
 
+    def from_layout(self, graph, before, roles, node, head_axis, like):
+        """The inverse of ``to_layout`` on a result (B', ..., H at ``head_axis``, ...): B' unflattened
+        into the leading batch axes of ``roles`` (dropped when there are none), the head axis
+        dropped when the form has none."""
+        lead, head = roles.batch[:-1], roles.batch[-1:]
+        if not head:
+            node = self._emit(graph, before, aten.squeeze.dims, (node, [head_axis]), like)
+        if len(lead) == 0:
+            node = self._emit(graph, before, aten.squeeze.dims, (node, [0]), like)
+        elif len(lead) > 1:
+            sizes = [self._size(graph, before, roles, ch, like) for ch in lead]
+            node = self._emit(graph, before, aten.unflatten.int, (node, 0, sizes), like)
+        return node
+
     def to_layout(self, graph, before, roles, node, letters, mid, tail, like):
         """node (axes ``letters``) -> (B', *mid, H, *tail): the leading batch axes of ``roles``
         flattened into B' (a unit axis when there are none), H its last batch axis (a unit axis
@@ -678,13 +692,7 @@ class SSDFormsPass(Pass):
         y = self._emit(graph, root, operator.getitem, (ir, 0), root)
         # (B', T, H, P) -> lead + [i] + head + [p] -> the contraction's layout
         lead, head = roles.batch[:-1], roles.batch[-1:]
-        if not head:
-            y = self._emit(graph, root, aten.squeeze.dims, (y, [2]), root)
-        if len(lead) == 0:
-            y = self._emit(graph, root, aten.squeeze.dims, (y, [0]), root)
-        elif len(lead) > 1:
-            sizes = [self._size(graph, root, roles, ch, root) for ch in lead]
-            y = self._emit(graph, root, aten.unflatten.int, (y, 0, sizes), root)
+        y = self.from_layout(graph, root, roles, y, 2, root)
         order = lead + [i] + head + [roles.p]
         perm = [order.index(ch) for ch in term.out]
         if perm != list(range(len(perm))):
