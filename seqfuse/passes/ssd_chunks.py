@@ -44,7 +44,7 @@ from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.pattern import arg, is_op, rank, sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters
-from seqfuse.passes.ssd_forms import SSDFormsPass, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
+from seqfuse.passes.ssd_forms import SSDFormsPass, ssd_value, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
 
 aten = torch.ops.aten
 #: ssd_forms' analysis and graph-building helpers (stateless), shared by every match
@@ -518,11 +518,7 @@ class ChunkedSSDPass(Pass):
             h0 = _FORMS.to_layout(graph, before, full, *entry["h0"], [], [r.p, r.n], add)   # (B', H, P, N)
         op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="none" if a is None else "scalar")
         ir = ctx.insert_ir(op, before, add)
-        xv, bv, cv = val(x), val(b), val(c)
-        dtype = torch.promote_types(torch.promote_types(xv.dtype, bv.dtype), cv.dtype)
-        bs, tt, h, p = xv.shape
-        ir.meta["val"] = (xv.new_empty((bs, tt, h, p), dtype=dtype),
-                          xv.new_empty((bs, h, p, bv.shape[-1]), dtype=dtype))
+        ir.meta["val"] = ssd_value(x, b, c)
         y = emit(graph, before, operator.getitem, (ir, 0), add)
         lead, head = batch[:-1], batch[-1:]
         y = _FORMS.from_layout(graph, before, full, y, 2, add)

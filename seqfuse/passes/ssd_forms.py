@@ -360,6 +360,15 @@ def linear_scan_body(body: torch.fx.GraphModule, n_carry: int = 1):
     return None
 
 
+def ssd_value(x, b, c) -> tuple:
+    """The fake (y (B, T, H, P), h (B, H, P, N)) of an ssd on the (B, T, H, ·) operands x, b, c:
+    both in the promoted dtype of the three."""
+    xv, bv, cv = val(x), val(b), val(c)
+    dtype = torch.promote_types(torch.promote_types(xv.dtype, bv.dtype), cv.dtype)
+    bs, t, h, p = xv.shape
+    return xv.new_empty((bs, t, h, p), dtype=dtype), xv.new_empty((bs, h, p, bv.shape[-1]), dtype=dtype)
+
+
 # --- the pass --------------------------------------------------------------------------
 
 class SSDFormsPass(Pass):
@@ -685,10 +694,7 @@ class SSDFormsPass(Pass):
                 a = self._emit(graph, root, aten.mul.Tensor, (a, float(coef.const)), root)
         op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "scalar")
         ir = ctx.insert_ir(op, root, root)
-        xv, bv, cv = val(x), val(b), val(c)
-        dtype = torch.promote_types(torch.promote_types(xv.dtype, bv.dtype), cv.dtype)
-        bs, t, h, p = xv.shape
-        ir.meta["val"] = (xv.new_empty((bs, t, h, p), dtype=dtype), xv.new_empty((bs, h, p, bv.shape[-1]), dtype=dtype))
+        ir.meta["val"] = ssd_value(x, b, c)
         y = self._emit(graph, root, operator.getitem, (ir, 0), root)
         # (B', T, H, P) -> lead + [i] + head + [p] -> the contraction's layout
         lead, head = roles.batch[:-1], roles.batch[-1:]
