@@ -154,6 +154,16 @@ class Scan(IROp):
     h0 (*R, N).  Results (the IR node's value is the pair): y, (*R, T) with a readout, else
     (*R, T, N); and the final state h (*R, N) (the state at t = 0 when ``reverse``).
 
+    The *discretized* (selective-scan) form keeps the (*R, T, N) decays and inputs factored:
+    with the optional real operands dt and u (broadcastable to (*R, T, N)) the step's decay and
+    input are::
+
+        a_t ← exp(dt_t ⊙ a_t)    when dt is given (a then holds log-decays: Mamba's A)
+        b_t ← b_t ⊙ dt_t ⊙ u_t   (a missing factor is 1)
+
+    so Mamba-1's exp(Δ·A) and Δ·B·x are formed inside the kernels from (B, D, T), (D, N) and
+    (B, T, N) operands instead of being materialized at (B, D, T, N) (passes/scan_discretize).
+
     Attributes: ``reverse`` runs t = T-1 … 0.  Algorithms: "recurrent" (sequential; a
     generated C kernel on CPU), "chunked" (log-depth scan within chunks, a pass over chunks).
     """
@@ -164,6 +174,8 @@ class Scan(IROp):
     b: torch.fx.Node = operand()
     c: torch.fx.Node | None = operand(optional=True)
     h0: torch.fx.Node | None = operand(optional=True)
+    dt: torch.fx.Node | None = operand(optional=True)
+    u: torch.fx.Node | None = operand(optional=True)
     reverse: bool = attr(False)
 
 

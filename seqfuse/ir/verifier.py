@@ -85,6 +85,13 @@ def _verify_scan(op: Scan) -> None:
            f"a and b differ on the time axis (-2): {tuple(a.shape)} vs {tuple(b.shape)}")
     if op.c is not None:
         _check(_val(op.c).dim() >= 2, op, f"c needs (…, T, N) axes, got rank {_val(op.c).dim()}")
+    for name, node in (("dt", op.dt), ("u", op.u)):
+        if node is not None:
+            t = _val(node)
+            _check(t.dim() >= 2, op, f"{name} needs (…, T, N) axes, got rank {t.dim()}")
+            _check(not t.is_complex(), op, f"{name} must be real, got {t.dtype}")
+    if op.dt is not None:
+        _check(not a.is_complex(), op, f"with dt, a holds real log-decays; got {a.dtype}")
     _check(isinstance(op.reverse, bool), op, f"reverse must be a bool, got {op.reverse!r}")
 
 

@@ -1,21 +1,25 @@
 """seqfuse::scan as a torch.library custom op: fake impl, autograd, runtime dispatch.
 
-    seqfuse::scan(a, b, c?, h0?, reverse, algorithm, runtime) -> (y, h)
-    seqfuse::scan_backward(grad_y, grad_h, a, b, c?, h0?, reverse, algorithm, runtime, needs)
-        -> (da, db, dc, dh0)
+    seqfuse::scan(a, b, c?, h0?, reverse, algorithm, runtime, dt?, u?) -> (y, h)
+    seqfuse::scan_backward(grad_y, grad_h, a, b, c?, h0?, reverse, algorithm, runtime, needs, dt?, u?)
+        -> (da, db, dc, dh0, ddt, du)
 
-a, b, c are broadcastable to (*R, T, N) (stride-0 views welcome), h0 to (*R, N); a, b, h0
-may be complex (then y and h are complex).  y is (*R, T) with a readout c, else (*R, T, N);
-h (*R, N) is the last state computed.  The algorithm ("recurrent", "chunked") is set by
-passes/select; "auto" is refused.
+a, b, c, dt, u are broadcastable to (*R, T, N) (stride-0 views welcome), h0 to (*R, N); a, b,
+h0 may be complex (then y and h are complex).  With dt and/or u the call is the discretized
+form: the step's decay is exp(dt ⊙ a) (when dt is given) and its input b ⊙ dt ⊙ u (see
+seqfuse.ir.ops.Scan).  y is (*R, T) with a readout c, else (*R, T, N); h (*R, N) is the last
+state computed.  The algorithm ("recurrent", "chunked") is set by passes/select; "auto" is
+refused.
 
 Implementations register with the dispatcher (seqfuse.runtime) as
 ``Impl(path, supports, forward, backward)`` with
-``forward(a, b, c, h0, attrs) -> (y, h)`` and
-``backward(grad_y, grad_h, a, b, c, h0, attrs) -> (da, db, dc, dh0)``,
-attrs = {"reverse", "algorithm"} (+ "needs": four bools, for the backward).  Gradients come in
-the operand's own shape and dtype (or None where not needed).  Complex gradients follow
-PyTorch's convention (conjugate Wirtinger): for h = a·h' + b, da = dh·conj(h').
+``forward(a, b, c, h0, dt, u, attrs) -> (y, h)`` and
+``backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs) -> (da, db, dc, dh0, ddt, du)``,
+attrs = {"reverse", "algorithm"} (+ "needs": six bools, for the backward).  A path whose kernels
+only run the plain recurrence lifts them with
+:func:`seqfuse.lowering.reference.scan.with_discretization` (which materializes the factors).
+Gradients come in the operand's own shape and dtype (or None where not needed).  Complex
+gradients follow PyTorch's convention (conjugate Wirtinger): for h = a·h' + b, da = dh·conj(h').
 """
 from __future__ import annotations
 
@@ -25,13 +29,17 @@ import torch
 from torch import Tensor
 
 from seqfuse.lowering.autograd import as_result
-from seqfuse.lowering.reference.scan import ALGORITHMS, out_dtype, scan_backward_reference, scan_reference, \
-    scan_shape
+from seqfuse.lowering.reference.scan import ALGORITHMS, check_discretization, out_dtype, scan_backward_reference, \
+    scan_reference, scan_shape, with_discretization
 from seqfuse.runtime import Impl, register_impl, run
 
 
-def _check(a, b, c, h0, reverse, algorithm):
-    scan_shape(a, b, c, h0)  # raises naming the operands that do not broadcast
+_OPERANDS = ("a", "b", "c", "h0", "dt", "u")
+
+
+def _check(a, b, c, h0, dt, u, reverse, algorithm):
+    scan_shape(a, b, c, h0, dt, u)  # raises naming the operands that do not broadcast
+    check_discretization(a, dt, u)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"seqfuse.scan: algorithm must be one of {ALGORITHMS} (passes/select sets it), "
                          f"got {algorithm!r}")
@@ -39,70 +47,78 @@ def _check(a, b, c, h0, reverse, algorithm):
         raise ValueError(f"seqfuse.scan: reverse must be a bool, got {reverse!r}")
 
 
-def _empty_results(a, b, c, h0):
-    full = scan_shape(a, b, c, h0)
-    dtype = out_dtype(a, b, c, h0)
+def _empty_results(a, b, c, h0, dt=None, u=None):
+    full = scan_shape(a, b, c, h0, dt, u)
+    dtype = out_dtype(a, b, c, h0, dt, u)
     y_shape = full[:-1] if c is not None else full
     return a.new_empty(y_shape, dtype=dtype), a.new_empty((*full[:-2], full[-1]), dtype=dtype)
 
 
 @torch.library.custom_op("seqfuse::scan", mutates_args=())
 def scan(a: Tensor, b: Tensor, c: Optional[Tensor], h0: Optional[Tensor], reverse: bool, algorithm: str,
-         runtime: str) -> tuple[Tensor, Tensor]:
+         runtime: str, dt: Optional[Tensor] = None, u: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """A diagonal linear recurrence along axis -2; see seqfuse.ir.ops.Scan.  Returns (y, final state)."""
-    _check(a, b, c, h0, reverse, algorithm)
+    _check(a, b, c, h0, dt, u, reverse, algorithm)
     attrs = dict(reverse=reverse, algorithm=algorithm)
-    y, h = run("scan", "forward", runtime, dict(a=a, b=b, c=c, h0=h0), attrs, a, b, c, h0, attrs)
-    ey, eh = _empty_results(a, b, c, h0)
-    return as_result(y, ey, (a, b, c, h0)), as_result(h, eh, (a, b, c, h0))
+    ops = (a, b, c, h0, dt, u)
+    y, h = run("scan", "forward", runtime, dict(zip(_OPERANDS, ops)), attrs, *ops, attrs)
+    ey, eh = _empty_results(*ops)
+    return as_result(y, ey, ops), as_result(h, eh, ops)
 
 
 @scan.register_fake
-def _(a, b, c, h0, reverse, algorithm, runtime):
-    _check(a, b, c, h0, reverse, algorithm)
-    return _empty_results(a, b, c, h0)
+def _(a, b, c, h0, reverse, algorithm, runtime, dt=None, u=None):
+    _check(a, b, c, h0, dt, u, reverse, algorithm)
+    return _empty_results(a, b, c, h0, dt, u)
 
 
 @torch.library.custom_op("seqfuse::scan_backward", mutates_args=())
 def scan_backward(grad_y: Tensor, grad_h: Tensor, a: Tensor, b: Tensor, c: Optional[Tensor], h0: Optional[Tensor],
-                  reverse: bool, algorithm: str, runtime: str,
-                  needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (da, db, dc, dh0) of seqfuse::scan given the gradients of y and of the final state;
-    empty where ``needs`` is False."""
+                  reverse: bool, algorithm: str, runtime: str, needs: list[bool], dt: Optional[Tensor] = None,
+                  u: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (da, db, dc, dh0, ddt, du) of seqfuse::scan given the gradients of y and of the final
+    state; empty where ``needs`` (six bools) is False."""
     attrs = dict(reverse=reverse, algorithm=algorithm, needs=list(needs))
-    grads = run("scan", "backward", runtime, dict(a=a, b=b, c=c, h0=h0), attrs, grad_y, grad_h, a, b, c, h0, attrs)
+    ops = (a, b, c, h0, dt, u)
+    grads = run("scan", "backward", runtime, dict(zip(_OPERANDS, ops)), attrs, grad_y, grad_h, *ops, attrs)
     out = []
-    for t, g, n in zip((a, b, c, h0), grads, needs):
+    for t, g, n in zip(ops, grads, needs):
         if not n or t is None:
             out.append(a.new_empty(0))
         elif g is None:
             out.append(torch.zeros_like(t))
         else:
             out.append(as_result(g if t.is_complex() or not g.is_complex() else g.real, torch.empty_like(t),
-                                 (grad_y, grad_h, a, b, c, h0)))
+                                 (grad_y, grad_h, *ops)))
     return tuple(out)
 
 
 @scan_backward.register_fake
-def _(grad_y, grad_h, a, b, c, h0, reverse, algorithm, runtime, needs):
+def _(grad_y, grad_h, a, b, c, h0, reverse, algorithm, runtime, needs, dt=None, u=None):
     return tuple(torch.empty_like(t) if (n and t is not None) else a.new_empty(0)
-                 for t, n in zip((a, b, c, h0), needs))
+                 for t, n in zip((a, b, c, h0, dt, u), needs))
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, c, h0, *attrs, runtime = inputs
-    ctx.attrs, ctx.runtime = attrs, runtime
-    ctx.save_for_backward(a, b, c, h0)
+    a, b, c, h0, reverse, algorithm, runtime, dt, u = inputs
+    ctx.attrs, ctx.runtime = (reverse, algorithm), runtime
+    ctx.save_for_backward(a, b, c, h0, dt, u)
+
+
+#: the positions of a, b, c, h0, dt, u among seqfuse::scan's inputs (for needs_input_grad)
+_INPUT_INDEX = (0, 1, 2, 3, 7, 8)
 
 
 def _backward(ctx, grad_y, grad_h):
-    a, b, c, h0 = ctx.saved_tensors
-    needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate((a, b, c, h0))]
-    y_like, h_like = _empty_results(a, b, c, h0)
+    a, b, c, h0, dt, u = ops = ctx.saved_tensors
+    given = len(ctx.needs_input_grad)  # dt and u count only when the caller passed them
+    needs = [i < given and bool(ctx.needs_input_grad[i]) and t is not None for i, t in zip(_INPUT_INDEX, ops)]
+    y_like, h_like = _empty_results(*ops)
     grad_y = torch.zeros_like(y_like) if grad_y is None else grad_y.contiguous()
     grad_h = torch.zeros_like(h_like) if grad_h is None else grad_h.contiguous()
-    grads = torch.ops.seqfuse.scan_backward(grad_y, grad_h, a, b, c, h0, *ctx.attrs, ctx.runtime, needs)
-    return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
+    grads = torch.ops.seqfuse.scan_backward(grad_y, grad_h, a, b, c, h0, *ctx.attrs, ctx.runtime, needs, dt, u)
+    da, db, dc, dh0, ddt, du = (g if n else None for g, n in zip(grads, needs))
+    return (da, db, dc, dh0, None, None, None, ddt, du)[:given]
 
 
 scan.register_autograd(_backward, setup_context=_setup_context)
@@ -117,7 +133,7 @@ def _reference_backward(grad_y, grad_h, a, b, c, h0, attrs):
                                    algorithm=attrs["algorithm"], needs=attrs["needs"])
 
 
-register_impl("scan", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
+register_impl("scan", Impl("eager", lambda t, a: None, *with_discretization(_reference_forward, _reference_backward)))
 # the generated C kernels ("cpu" path: the recurrent algorithm), tried before the eager reference;
 # their ``supports`` refuses a call they cannot run (no C compiler, a state too large, ...)
 import seqfuse.lowering.cpu  # noqa: E402,F401

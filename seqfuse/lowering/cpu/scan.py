@@ -30,6 +30,7 @@ import torch
 from seqfuse.lowering.cpu import build
 from seqfuse.lowering.cpu.common import (KERNEL_DTYPES, I64, broadcast_shape, cast, check_status, check_tensors,
                                          compute_dtype, i64_array, merge_row_dims, pointer, threads_for)
+from seqfuse.lowering.reference.scan import with_discretization
 from seqfuse.runtime.dispatch import Impl, register_impl
 
 ctypes_int = ctypes.c_int
@@ -399,7 +400,7 @@ def _impl_backward(grad_y, grad_h, a, b, c, h0, attrs):
     return scan_backward(grad_y, grad_h, a, b, c, h0, reverse=attrs["reverse"], needs=attrs["needs"])
 
 
-IMPL = Impl("cpu", supports, _impl_forward, _impl_backward)
+IMPL = Impl("cpu", supports, *with_discretization(_impl_forward, _impl_backward))
 
 
 def register() -> None:

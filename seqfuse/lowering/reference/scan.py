@@ -8,7 +8,14 @@ A diagonal linear recurrence along the time axis (axis -2), see seqfuse.ir.ops.S
 Shapes: a, b, c broadcastable to (*R, T, N) (stride-0 views such as an ``expand`` are fine);
 h0 broadcastable to (*R, N).  a, b, h0 may be complex (LRU).  Returns (y, h): y (*R, T) with a
 readout, else (*R, T, N); h (*R, N), the last state computed (t = 0 when ``reverse``); both in
-the promoted dtype of a, b, c (and h0), computed in fp32 / complex64 at least (fp64 stays fp64).
+the promoted dtype of a, b, c (and h0, dt, u), computed in fp32 / complex64 at least (fp64
+stays fp64).
+
+The discretized form (optional real dt, u broadcastable to (*R, T, N)) is the recurrence with
+a_t ← exp(dt_t ⊙ a_t) (when dt is given) and b_t ← b_t ⊙ dt_t ⊙ u_t: :func:`discretize` forms
+those factors, :func:`discretize_backward` takes their gradients back to a, b, dt, u, and
+:func:`with_discretization` lifts an implementation of the plain recurrence to the whole
+contract by materializing them (the paths whose kernels do not form them in registers).
 """
 from __future__ import annotations
 
@@ -17,16 +24,17 @@ import torch
 ALGORITHMS = ("recurrent", "chunked")
 
 
-def scan_shape(a, b, c=None, h0=None):
+def scan_shape(a, b, c=None, h0=None, dt=None, u=None):
     """The full (*R, T, N) shape of a scan call."""
     if a.dim() < 2 or b.dim() < 2:
         raise ValueError(f"seqfuse.scan: a and b need (…, T, N) axes, got shapes {tuple(a.shape)}, "
                          f"{tuple(b.shape)}")
     shapes = [a.shape, b.shape]
-    if c is not None:
-        if c.dim() < 2:
-            raise ValueError(f"seqfuse.scan: c needs (…, T, N) axes, got shape {tuple(c.shape)}")
-        shapes.append(c.shape)
+    for name, t in (("c", c), ("dt", dt), ("u", u)):
+        if t is not None:
+            if t.dim() < 2:
+                raise ValueError(f"seqfuse.scan: {name} needs (…, T, N) axes, got shape {tuple(t.shape)}")
+            shapes.append(t.shape)
     try:
         full = torch.broadcast_shapes(*shapes)
         if h0 is not None:
@@ -34,19 +42,114 @@ def scan_shape(a, b, c=None, h0=None):
                 raise RuntimeError("h0 has no state axis")
             full = torch.broadcast_shapes(full, (*h0.shape[:-1], 1, h0.shape[-1]))
     except RuntimeError as exc:
-        raise ValueError(f"seqfuse.scan: a {tuple(a.shape)}, b {tuple(b.shape)}, "
-                         f"c {None if c is None else tuple(c.shape)}, h0 {None if h0 is None else tuple(h0.shape)} "
-                         f"do not broadcast to (*R, T, N): {exc}") from None
+        shown = ", ".join(f"{n} {None if t is None else tuple(t.shape)}"
+                          for n, t in (("a", a), ("b", b), ("c", c), ("h0", h0), ("dt", dt), ("u", u))
+                          if t is not None or n in ("c", "h0"))
+        raise ValueError(f"seqfuse.scan: {shown} do not broadcast to (*R, T, N): {exc}") from None
     return full
 
 
-def out_dtype(a, b, c=None, h0=None) -> torch.dtype:
-    """The promoted dtype of a, b, c (and h0: a complex initial state makes complex results)."""
+def out_dtype(a, b, c=None, h0=None, dt=None, u=None) -> torch.dtype:
+    """The promoted dtype of the operands (a complex a, b or h0 makes complex results)."""
     dtype = torch.promote_types(a.dtype, b.dtype)
-    for t in (c, h0):
+    for t in (c, h0, dt, u):
         if t is not None:
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def check_discretization(a, dt, u) -> None:
+    """Raise ValueError unless dt and u are real and, with dt, a (the log-decays) is real."""
+    for name, t in (("dt", dt), ("u", u)):
+        if t is not None and t.is_complex():
+            raise ValueError(f"seqfuse.scan: {name} must be real, got {t.dtype}")
+    if dt is not None and a.is_complex():
+        raise ValueError(f"seqfuse.scan: with dt, a holds real log-decays; got {a.dtype}")
+
+
+def discretize(a, b, dt=None, u=None):
+    """The plain recurrence's (decay, input) of a discretized call: (exp(dt ⊙ a) or a, b ⊙ dt ⊙ u),
+    broadcast products (not expanded), in fp32 at least (the dtype the kernels compute in)."""
+    if dt is None and u is None:
+        return a, b
+    acc = _acc_dtype(a, b, dt, u)
+    if dt is not None:
+        a = torch.exp(a.to(acc) * dt.to(acc))
+    b = b.to(acc)
+    for f in (dt, u):
+        if f is not None:
+            b = b * f.to(acc)
+    return a, b
+
+
+def discretize_backward(d_decay, d_input, a, b, dt, u, needs):
+    """Gradients (da, db, ddt, du) (None where ``needs`` (four bools) is False) of
+    :func:`discretize` given those of the decay and the input (either may be None: zero), each
+    summed to its operand's shape, in its dtype."""
+    acc = _acc_dtype(a, b, dt, u)
+    a_, b_ = a.to(acc), b.to(acc)
+    dt_ = dt.to(acc) if dt is not None else None
+    u_ = u.to(acc) if u is not None else None
+    decay = torch.exp(a_ * dt_) if (dt is not None and d_decay is not None) else None
+
+    def prod(*fs):
+        out = None
+        for f in fs:
+            if f is not None:
+                out = f if out is None else out * f
+        return out
+
+    da = db = ddt = du = None
+    if needs[0] and d_decay is not None:
+        da = d_decay.to(acc) * decay * dt_ if dt is not None else d_decay.to(acc)
+    if needs[1] and d_input is not None:
+        db = prod(d_input.to(acc), dt_, u_)
+    if needs[2] and dt is not None:
+        parts = []
+        if d_decay is not None:
+            parts.append(d_decay.to(acc) * decay * a_)
+        if d_input is not None:
+            parts.append(prod(d_input.to(acc), b_, u_))
+        ddt = sum(parts[1:], parts[0]) if parts else None
+    if needs[3] and u is not None and d_input is not None:
+        du = prod(d_input.to(acc), b_, dt_)
+    out = []
+    for g, like, n in zip((da, db, ddt, du), (a, b, dt, u), needs):
+        if not n or like is None:
+            out.append(None)
+        elif g is None:
+            out.append(torch.zeros_like(like))
+        else:
+            out.append(_reduce_to(g, like))
+    return tuple(out)
+
+
+def with_discretization(forward, backward):
+    """(forward6, backward6) of the whole scan contract from an implementation of the plain one:
+    ``forward(a, b, c, h0, attrs)`` and ``backward(grad_y, grad_h, a, b, c, h0, attrs) -> (da, db,
+    dc, dh0)`` (attrs["needs"]: four bools).  With dt or u the decays and inputs are materialized
+    by :func:`discretize` (full (*R, T, N) products) and their gradients taken back by
+    :func:`discretize_backward`; without them the calls pass straight through."""
+
+    def forward6(a, b, c, h0, dt, u, attrs):
+        a2, b2 = discretize(a, b, dt, u)
+        return forward(a2, b2, c, h0, attrs)
+
+    def backward6(grad_y, grad_h, a, b, c, h0, dt, u, attrs):
+        needs = list(attrs["needs"]) + [False] * (6 - len(attrs["needs"]))
+        if dt is None and u is None:
+            da, db, dc, dh0 = backward(grad_y, grad_h, a, b, c, h0, dict(attrs, needs=needs[:4]))
+            return da, db, dc, dh0, None, None
+        a2, b2 = discretize(a, b, dt, u)
+        need_decay = needs[0] or (needs[4] and dt is not None)
+        need_input = needs[1] or needs[4] or needs[5]
+        d_decay, d_input, dc, dh0 = backward(grad_y, grad_h, a2, b2, c, h0,
+                                             dict(attrs, needs=[need_decay, need_input, needs[2], needs[3]]))
+        da, db, ddt, du = discretize_backward(d_decay, d_input, a, b, dt, u,
+                                              (needs[0], needs[1], needs[4], needs[5]))
+        return da, db, dc, dh0, ddt, du
+
+    return forward6, backward6
 
 
 def _acc_dtype(*tensors) -> torch.dtype:
@@ -85,11 +188,14 @@ def scan_states_recurrent(a, b, h0):
     return torch.stack(hs, dim=-2) if hs else a.new_zeros(a.shape)
 
 
-def scan_reference(a, b, c=None, h0=None, *, reverse=False, algorithm="recurrent", chunk=64):
-    """(y, h) of seqfuse.scan computed by ``algorithm`` ("recurrent" or "chunked")."""
+def scan_reference(a, b, c=None, h0=None, *, dt=None, u=None, reverse=False, algorithm="recurrent", chunk=64):
+    """(y, h) of seqfuse.scan computed by ``algorithm`` ("recurrent" or "chunked"); with dt / u the
+    discretized form (:func:`discretize`)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"seqfuse.scan: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    dtype = out_dtype(a, b, c, h0)
+    check_discretization(a, dt, u)
+    dtype = out_dtype(a, b, c, h0, dt, u)
+    a, b = discretize(a, b, dt, u)
     a_, b_, h0_ = _prepare(a, b, c, h0)
     if reverse:  # a reverse scan is the forward scan of the time-flipped sequence
         a_, b_ = a_.flip(-2), b_.flip(-2)

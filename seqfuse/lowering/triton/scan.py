@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from seqfuse.lowering.reference.scan import out_dtype, scan_shape
+from seqfuse.lowering.reference.scan import out_dtype, scan_shape, with_discretization
 from seqfuse.lowering.triton import decode
 from seqfuse.lowering.triton.common import Rows as _Rows, availability
 from seqfuse.runtime import Impl, register_impl
@@ -195,7 +195,7 @@ def triton_next_pow2(n: int) -> int:
 
 def register() -> None:
     """Register the triton implementation of seqfuse.scan with the runtime dispatcher."""
-    register_impl("scan", Impl("triton", supports, forward, backward))
+    register_impl("scan", Impl("triton", supports, *with_discretization(forward, backward)))
 
 
 register()  # importing this module (scan_op.py does) adds the "triton" path, tried before "cpu"
