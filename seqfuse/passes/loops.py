@@ -42,7 +42,7 @@ import torch.fx
 
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
-from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, find_runs, group_loops, reroll
+from seqfuse.passes.loop_reroll import Loop, NoLoop, _canon_args, _hashable, _seed_key, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
 from seqfuse.passes.pattern import axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, val
 from seqfuse.passes.registry import Pass, PassContext
@@ -63,6 +63,7 @@ class LoopPass(Pass):
     def run(self, ctx: PassContext) -> None:
         graph = ctx.graph
         folded = _fold_full_slices(graph)
+        folded |= _share_slice_sources(graph)
         runs = find_runs(graph)
         if not runs:
             if folded:
@@ -95,6 +96,37 @@ class LoopPass(Pass):
             graph.eliminate_dead_code()
         if changed or touched:
             ctx.gm.recompile()
+
+
+#: ops whose result aliases their first argument (a view taken at any point reads the same memory)
+_VIEWS = (aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.expand, aten.view, aten.movedim,
+          aten.t, aten.alias, aten.select, aten.slice, aten.diagonal, aten.unflatten)
+
+
+def _share_slice_sources(graph: torch.fx.Graph) -> bool:
+    """Per-step slices of one view recomputed at every step read the first copy of that view.
+
+    Dynamo unrolls ``C[:, None, i]`` into ``select(unsqueeze(C, 1), 2, i)`` with a new
+    ``unsqueeze(C, 1)`` per step, so each step's slice would be a family of its own.  Equal chains
+    of views of one tensor (same ops, same arguments) alias the same memory wherever they are
+    taken, so every slice can read the first one.  Returns whether a slice was changed."""
+    table: dict = {}
+    canon: dict = {}
+    changed = False
+    for node in graph.nodes:
+        if node.op == "call_function" and is_op(node, *_VIEWS):
+            try:
+                key = (node.target, _hashable(_canon_args(node.args, canon)), _hashable(_canon_args(node.kwargs, canon)))
+            except TypeError:
+                continue
+            canon[node] = table.setdefault(key, node)
+        if _seed_key(node) is not None:
+            x = node.args[0]
+            first = canon.get(x, x)
+            if first is not x:
+                node.replace_input_with(x, first)
+                changed = True
+    return changed
 
 
 def _full_slice(node) -> bool:

@@ -503,3 +503,20 @@ def test_chunk_loop_with_a_partial_last_step_is_one_ssd():
     report = check_against_eager(chunked_simple_gla, q, k, v, g)
     assert not report.near_misses, str(report)
     assert report.count("ssd") == 1 and report.count("scan") == 0, str(report)
+
+
+def readout_through_a_view_per_step(a, b, C):
+    # ``C[:, None, i]``: Dynamo unrolls it into a new unsqueeze(C, 1) at every step, then the select
+    h = torch.zeros_like(b[:, :, 0])
+    ys = []
+    for i in range(b.shape[2]):
+        h = a[:, :, i] * h + b[:, :, i]
+        ys.append((h * C[:, None, i]).sum(-1))
+    return torch.stack(ys, dim=-1), h
+
+
+def test_slices_of_a_view_recomputed_per_step():
+    report = check_against_eager(readout_through_a_view_per_step, rand(2, 3, T, 4, positive=True),
+                                 rand(2, 3, T, 4), rand(2, T, 4))
+    (ir,) = only(report, "scan")
+    assert "c=%" in ir, ir
