@@ -7,6 +7,7 @@ from seqfuse.passes.long_conv import LongConvPass
 from seqfuse.passes.loops import LoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
                                      unregister_pass)
+from seqfuse.passes.scan_discretize import ScanDiscretizePass
 from seqfuse.passes.scan_readout import ScanReadoutPass
 from seqfuse.passes.scan_tree import ScanTreePass
 from seqfuse.passes.select import SelectPass
@@ -29,7 +30,10 @@ register_pass(ScanTreePass())
 # After every scan producer (loops, ssd_forms' HOPs, scan_tree): a scan that returns all its states
 # only for them to be contracted with c (and its last one read) takes c as its readout.
 register_pass(ScanReadoutPass())
+# Last of all: a scan from any producer whose decays exp(Δ·A) and inputs Δ·B·x are products only it
+# reads keeps them factored (dt, u), so they are formed in the kernels, never at the state's size.
+register_pass(ScanDiscretizePass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
            "AttentionPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
-           "ScanReadoutPass", "SelectPass"]
+           "ScanReadoutPass", "ScanDiscretizePass", "SelectPass"]

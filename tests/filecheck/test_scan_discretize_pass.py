@@ -1,0 +1,66 @@
+"""FileCheck on the graph right after the scan_discretize pass (dump stage "scan_discretize"): a scan
+whose decays are exp(Δ·A) and whose inputs are Δ·B·x takes the factors as operands (a = A, b = B,
+dt = Δ, u = x as broadcastable views), and no (B, D, T, N) product is left in the graph."""
+import pathlib
+
+import torch
+
+import seqfuse
+from fc import run_filecheck
+
+
+def after_pass(fn, *args, tmp_path, stage="scan_discretize"):
+    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
+    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
+    return pathlib.Path(path).read_text()
+
+
+def selective_scan_ref(x, dt, A, Bm, Cm):
+    dA = torch.exp(torch.einsum("bdl,dn->bdln", dt, A))
+    dBu = torch.einsum("bdl,bnl,bdl->bdln", dt, Bm, x)
+    h = A.new_zeros((2, 5, 3))
+    ys = []
+    for i in range(x.shape[2]):
+        h = dA[:, :, i] * h + dBu[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", h, Cm[:, :, i]))
+    return torch.stack(ys, dim=2), h
+
+
+def test_einsum_products_become_factor_views(tmp_path):
+    # x, Δ (2, 5, 7), A (5, 3), B, C (2, 3, 7): A -> (5, 1, 3); B (b, n, l) -> permuted to (b, l, n),
+    # then (2, 1, 7, 3); Δ and x -> (2, 5, 7, 1)
+    text = after_pass(selective_scan_ref, torch.randn(2, 5, 7), torch.rand(2, 5, 7), -torch.rand(5, 3),
+                      torch.randn(2, 3, 7), torch.randn(2, 3, 7), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-DAG: %[[A:[a-z_0-9]+]] = aten.unsqueeze(%l_a_, 1) : f32[5, 1, 3]
+        CHECK-DAG: %[[BP:[a-z_0-9]+]] = aten.permute(%l_bm_, [0, 2, 1]) : f32[2, 7, 3]
+        CHECK-DAG: %[[B:[a-z_0-9]+]] = aten.unsqueeze(%[[BP]], 1) : f32[2, 1, 7, 3]
+        CHECK-DAG: %[[DT:[a-z_0-9]+]] = aten.unsqueeze(%l_dt_, 3) : f32[2, 5, 7, 1]
+        CHECK-DAG: %[[U:[a-z_0-9]+]] = aten.unsqueeze(%l_x_, 3) : f32[2, 5, 7, 1]
+        CHECK: seqfuse.scan(%[[A]], %[[B]], c=%{{[a-z_0-9]+}}, dt=%[[DT]], u=%[[U]]) {reverse=false, algo=auto} : (f32[2, 5, 7], f32[2, 5, 3])
+        CHECK-NOT: f32[2, 5, 7, 3]
+        CHECK-NOT: aten.exp
+    """)
+
+
+def test_decays_read_elsewhere_are_left(tmp_path):
+    def fn(x, dt, A, Bm, Cm):
+        dA = torch.exp(torch.einsum("bdl,dn->bdln", dt, A))
+        dBu = torch.einsum("bdl,bnl,bdl->bdln", dt, Bm, x)
+        h = A.new_zeros((2, 5, 3))
+        ys = []
+        for i in range(x.shape[2]):
+            h = dA[:, :, i] * h + dBu[:, :, i]
+            ys.append(torch.einsum("bdn,bn->bd", h, Cm[:, :, i]))
+        return torch.stack(ys, dim=2), h, dA
+
+    # dA is returned: it is materialized anyway, so the scan keeps reading it; Δ·B·x has three
+    # factors and no Δ shared with the decays to take out, so it stays too
+    text = after_pass(fn, torch.randn(2, 5, 7), torch.rand(2, 5, 7), -torch.rand(5, 3),
+                      torch.randn(2, 3, 7), torch.randn(2, 3, 7), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %[[E:[a-z_0-9]+]] = aten.exp(%{{[a-z_0-9]+}}) : f32[2, 5, 7, 3]
+        CHECK: %[[P:[a-z_0-9]+]] = aten.einsum(bdl,bnl,bdl->bdln, {{.*}}) : f32[2, 5, 7, 3]
+        CHECK: seqfuse.scan(%[[E]], %[[P]], c=%{{[a-z_0-9]+}}) {reverse=false
+    """)
