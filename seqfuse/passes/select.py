@@ -177,8 +177,8 @@ SCAN_ALGORITHMS = ("recurrent", "chunked")
 
 
 def _scan_length(op: Scan) -> int | None:
-    """The scan's static T (a and b broadcast along axis -2), None if dynamic."""
-    sizes = [_static(val(v).shape[-2]) for v in (op.a, op.b)]
+    """The scan's static T (its operands broadcast along axis -2), None if dynamic."""
+    sizes = [_static(val(v).shape[-2]) for v in (op.a, op.b, op.c, op.dt, op.u) if v is not None]
     return None if None in sizes else max(sizes)
 
 

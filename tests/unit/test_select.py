@@ -211,3 +211,15 @@ def test_choose_scan_on_cuda_decodes_short_static_lengths():
     assert choose_scan(fake_scan_op(2, 2, dynamic_dim=2)[1]) == "chunked"
     _, op = scan_op("cpu")
     assert choose_scan(op) == "recurrent"                              # CPU unchanged
+
+
+def test_choose_scan_reads_the_length_of_the_discretization_factors():
+    # the discretized form: a = A (64, 1, 16) and b = B (2, 1, 1, 16) broadcast along T; only dt and
+    # u carry it
+    def op(T):
+        return ir_graph(lambda n: Scan(a=n["a"], b=n["b"], dt=n["dt"], u=n["u"], algorithm="auto"),
+                        a=fake_cuda(64, 1, 16), b=fake_cuda(2, 1, 1, 16), dt=fake_cuda(2, 64, T, 1),
+                        u=fake_cuda(2, 64, T, 1))[1]
+
+    assert choose_scan(op(DECODE_MAX_T)) == "recurrent"
+    assert choose_scan(op(512)) == "chunked"

@@ -211,6 +211,72 @@ def test_opcheck_scan(case):
     torch.library.opcheck(torch.ops.seqfuse.scan.default, (a, b, c, h0, True, "chunked", "auto"))
 
 
+# --- the discretized form: decay exp(dt·a), input b·dt·u -------------------------------------
+
+def discretized_inputs(B=2, D=3, T=7, N=4, dtype=F64):
+    """Mamba-1's factors: A (D, 1, N) log-decays, B (B, 1, T, N), C (B, 1, T, N), Δ and x (B, D, T, 1)."""
+    torch.manual_seed(3)
+    A = (-torch.rand(D, 1, N, dtype=dtype) - 0.2).requires_grad_()
+    Bm = torch.randn(B, 1, T, N, dtype=dtype, requires_grad=True)
+    Cm = torch.randn(B, 1, T, N, dtype=dtype, requires_grad=True)
+    dt = torch.rand(B, D, T, 1, dtype=dtype).add(0.1).requires_grad_()
+    x = torch.randn(B, D, T, 1, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(B, D, N, dtype=dtype, requires_grad=True)
+    return A, Bm, Cm, h0, dt, x
+
+
+@pytest.mark.parametrize("runtime, algorithm", [("eager", "recurrent"), ("eager", "chunked"), ("cpu", "recurrent")])
+@pytest.mark.parametrize("factors", ["dt+u", "dt", "u"])
+def test_discretized_scan_matches_the_materialized_products(runtime, algorithm, factors):
+    A, Bm, Cm, h0, dt, x = discretized_inputs()
+    dt_, u_ = (dt if "dt" in factors else None), (x if "u" in factors else None)
+    leaves = [t for t in (A, Bm, Cm, h0, dt_, u_) if t is not None]
+    y, h = torch.ops.seqfuse.scan(A if dt_ is not None else A.exp(), Bm, Cm, h0, False, algorithm, runtime,
+                                  dt_, u_)
+    got = torch.autograd.grad(y.square().sum() + h.sum(), leaves)
+    a_ref = torch.exp(A * dt) if dt_ is not None else A.exp()
+    b_ref = Bm * (dt if dt_ is not None else 1) * (x if u_ is not None else 1)
+    y_ref, h_ref = scan_loop(a_ref, b_ref, Cm, h0, False)
+    want = torch.autograd.grad(y_ref.square().sum() + h_ref.sum(), leaves)
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(h, h_ref) < 1e-12
+    for g, w, t in zip(got, want, leaves):
+        assert g.shape == t.shape and rel_err(g, w) < 1e-10
+
+
+def test_discretized_scan_gradcheck():
+    A, Bm, Cm, h0, dt, x = discretized_inputs(B=1, D=2, T=5, N=3)
+    fn = lambda A, Bm, Cm, h0, dt, x: torch.ops.seqfuse.scan(A, Bm, Cm, h0, True, "recurrent", "eager", dt, x)
+    assert torch.autograd.gradcheck(fn, (A, Bm, Cm, h0, dt, x), fast_mode=True)
+
+
+def test_discretized_scan_gradient_of_dt_alone():
+    # only Δ requires grad: its two uses (decay and input) are both differentiated
+    A, Bm, Cm, h0, dt, x = (t.detach() for t in discretized_inputs())
+    dt.requires_grad_()
+    y, h = torch.ops.seqfuse.scan(A, Bm, Cm, h0, False, "recurrent", "eager", dt, x)
+    (g,) = torch.autograd.grad(y.sum(), [dt])
+    dt2 = dt.detach().requires_grad_()
+    y2, _ = scan_loop(torch.exp(A * dt2), Bm * dt2 * x, Cm, h0, False)
+    (w,) = torch.autograd.grad(y2.sum(), [dt2])
+    assert rel_err(g, w) < 1e-10
+
+
+def test_discretized_scan_bad_arguments_are_named():
+    A, Bm, Cm, h0, dt, x = (t.detach() for t in discretized_inputs(dtype=torch.float32))
+    with pytest.raises(ValueError, match="dt must be real"):
+        torch.ops.seqfuse.scan(A, Bm, Cm, h0, False, "recurrent", "eager", dt.to(torch.complex64), x)
+    with pytest.raises(ValueError, match="with dt, a holds real log-decays"):
+        torch.ops.seqfuse.scan(A.to(torch.complex64), Bm, Cm, h0, False, "recurrent", "eager", dt, x)
+    with pytest.raises(ValueError, match=r"u \(2, 3, 6, 1\)"):
+        torch.ops.seqfuse.scan(A, Bm, Cm, h0, False, "recurrent", "eager", dt, x[..., :6, :])
+
+
+def test_opcheck_discretized_scan():
+    A, Bm, Cm, h0, dt, x = discretized_inputs(dtype=torch.float32)
+    torch.library.opcheck(torch.ops.seqfuse.scan.default, (A, Bm, Cm, h0, False, "chunked", "auto"),
+                          {"dt": dt, "u": x})
+
+
 # --- lowering ----------------------------------------------------------------------------
 
 def _graph(**specs):
