@@ -3,6 +3,7 @@
     python benchmarks/run.py                              # every workload, full size
     python benchmarks/run.py --quick                      # tiny shapes, a smoke test (< 60 s on CPU)
     python benchmarks/run.py --workload naive_causal_attention --repeats 20
+    python benchmarks/run.py --workload mamba_loop --seqfuse-options '{"passes": {"scan_discretize": false}}'
 
 For each workload and each of eager, torch.compile (inductor) and
 torch.compile(backend="seqfuse"): compile seconds (wall time of the first
@@ -24,6 +25,7 @@ mean little: the header prints the load average.
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -61,13 +63,14 @@ def progress(msg):
     print(f"  {datetime.datetime.now().strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
-def measure(backend, workload, repeats, warmup, device, name=""):
-    """-> (compile seconds or None, median run ms, output of the first call)."""
+def measure(backend, workload, repeats, warmup, device, name="", options=None):
+    """-> (compile seconds or None, median run ms, output of the first call); ``options`` are
+    seqfuse's (docs/options.md), for the seqfuse backend only."""
     fn = workload.fn
     if backend != "eager":
         torch._dynamo.reset()
         torch._inductor.utils.clear_inductor_caches()  # in-memory kernel caches; the disk ones stay
-        fn = torch.compile(fn, backend=backend)
+        fn = torch.compile(fn, backend=backend, options=options if backend == "seqfuse" and options else None)
     progress(f"[{name}] {backend}: first call{' (compiles)' if backend != 'eager' else ''} ...")
     with torch.no_grad():
         out, first = timed_call(fn, workload.args, device)
@@ -138,7 +141,7 @@ def run_workload(name, args):
             seqfuse.reset_counters()
         try:
             row[f"{backend}_compile_s"], row[f"{backend}_ms"], outputs[backend] = measure(
-                backend, workload, args.repeats, args.warmup, args.device, name
+                backend, workload, args.repeats, args.warmup, args.device, name, args.seqfuse_options
             )
         except Exception:
             print(f"[{name}] {backend} failed:", file=sys.stderr)
@@ -184,7 +187,11 @@ def main(argv=None):
                    help="repeatable; default: all three (ratios need all three in one run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seqfuse-options", type=json.loads, default=None, metavar="JSON",
+                   help="seqfuse's options as a JSON object (docs/options.md), e.g. to turn a pass off")
     args = p.parse_args(argv)
+    if args.seqfuse_options is not None and not isinstance(args.seqfuse_options, dict):
+        p.error(f"--seqfuse-options must be a JSON object, got {args.seqfuse_options!r}")
     args.backend = args.backend or list(BACKENDS)
     args.repeats = args.repeats or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -198,7 +205,8 @@ def main(argv=None):
         f"{platform.machine()} {platform.processor() or ''}".rstrip()
     )
     print(f"median of {args.repeats} calls after {args.warmup} warmup, torch.no_grad()"
-          f"{'  (--quick: tiny shapes, ratios mean little)' if args.quick else ''}\n")
+          f"{'  (--quick: tiny shapes, ratios mean little)' if args.quick else ''}"
+          f"{f'  seqfuse options {json.dumps(args.seqfuse_options)}' if args.seqfuse_options else ''}\n")
 
     warm_up_compilers(args.device, args.backend)
     rows = [run_workload(name, args) for name in args.workload or WORKLOADS]
