@@ -12,10 +12,10 @@ Rows (milliseconds per call, triton.testing.do_bench; "-" where a peer failed or
   - vector: fla's ``chunk_gla``;  none: fla's ``chunk_linear_attn``;
   - eager: seqfuse's chunked reference (torch ops).
   Shapes: B = 2, H = 8, P = N = 64 (vector: N = 64 too).
-* scan: seqfuse::scan (Mamba-1 selective scan with a readout, C shared over channels) vs
-  mamba_ssm's ``selective_scan_fn`` (which also fuses the discretization exp(Δ·A), Δ·B·u, that
-  seqfuse receives as materialized a, b: not the same amount of work) vs the eager reference.
-  Shapes: B = 2, D = 512, N = 16.
+* scan: seqfuse::scan in its discretized form (Mamba-1's selective scan: decay exp(Δ·A) and
+  input Δ·B·u formed in the kernel from A (D, 1, N), B (B, 1, T, N), Δ and u (B, D, T, 1), with
+  the readout C shared over channels), the same work as mamba_ssm's ``selective_scan_fn``, vs
+  that and the eager reference (which materializes the products).  Shapes: B = 2, D = 512, N = 16.
 
 The seqfuse columns call the custom ops with runtime="triton" directly (a refusal or a failing
 kernel warns and would time the eager reference: warnings are printed).  Ratios are
@@ -123,12 +123,15 @@ def scan_row(T, dtype, backward, peers, B=2, D=512, N=16):
     u = torch.randn(B, D, T, device=dev, dtype=dtype)
     Bm = torch.randn(B, N, T, device=dev, dtype=dtype)
     Cm = torch.randn(B, N, T, device=dev, dtype=dtype)
-    # seqfuse's operands: a = exp(Δ·A), b = Δ·B·u (B, D, T, N), c = C shared over D (stride 0)
-    a = torch.exp(delta[..., None] * A[:, None, :]).to(dtype).requires_grad_(backward)
-    bb = (delta[..., None] * Bm.transpose(1, 2)[:, None] * u[..., None]).to(dtype).requires_grad_(backward)
-    c = Cm.transpose(1, 2)[:, None].expand(B, D, T, N)
-    out = {"seqfuse": timed(lambda: torch.ops.seqfuse.scan(a, bb, c, None, False, "chunked", "triton"), backward),
-           "eager": timed(lambda: scan_reference(a, bb, c, algorithm="chunked"), backward)}
+    # seqfuse's operands: the factors as broadcastable views (stride 0 where they broadcast)
+    A_ = A[:, None, :].requires_grad_(backward)                               # (D, 1, N) log-decays
+    dt = delta[..., None].to(dtype).requires_grad_(backward)                  # (B, D, T, 1)
+    uu = u[..., None].clone().requires_grad_(backward)                        # (B, D, T, 1)
+    b_ = Bm.transpose(1, 2)[:, None].clone().requires_grad_(backward)         # (B, 1, T, N)
+    c = Cm.transpose(1, 2)[:, None]                                           # (B, 1, T, N)
+    out = {"seqfuse": timed(lambda: torch.ops.seqfuse.scan(A_, b_, c, None, False, "chunked", "triton", dt, uu),
+                            backward),
+           "eager": timed(lambda: scan_reference(A_, b_, c, dt=dt, u=uu, algorithm="chunked"), backward)}
     if peers["mamba_scan"] is not None:
         args = [t.requires_grad_(backward) for t in (u.clone(), delta.to(dtype), A.clone(), Bm.clone(), Cm.clone())]
         out["mamba_ssm"] = timed(lambda: peers["mamba_scan"](*args), backward)
