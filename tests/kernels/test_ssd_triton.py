@@ -189,6 +189,16 @@ def test_ssd_backward_kernel_fp32(decay, d, h0):
     check_backward(*make(1, 37, 2, 12, 6, decay, torch.float32, d=d, h0=h0), decay)
 
 
+def test_ssd_constant_decay_per_head_retnet():
+    # RetNet: one decay γ_h per head, the log-decay an expand of (H,) over batch and time (stride 0,
+    # never materialized); forward and the backward kernel, whose da sums back to the (H,) base
+    x, b, c, _, _, h0 = make(2, 23, 3, 6, 5, "scalar", torch.float32, h0=True)
+    gamma = torch.tensor([0.9, 0.97, 0.995], device=DEVICE)
+    a = gamma.log().expand(2, 23, 3)
+    check(x, b, c, a, None, h0, "scalar")
+    check_backward(x, b, c, a, None, h0, "scalar")
+
+
 def test_ssd_backward_kernel_shared_b_bf16():
     check_backward(*make(2, 19, 2, 4, 5, "scalar", torch.float32, h0=True, shared_b=True), "scalar")
     check_backward(*make(1, 21, 1, 8, 8, "scalar", torch.bfloat16, d=True, h0=True), "scalar")
