@@ -1,11 +1,13 @@
 """The triton selective-scan kernels (seqfuse.scan) against the eager reference: forward and every
 gradient, with and without a readout, c shared through an expand (stride 0), h0, reverse, odd T
-(several blocks plus a partial one), fp32 / fp16 / bf16; what ``supports`` refuses; and a
-deliberately wrong kernel config that the checks must catch.
+(several blocks plus a partial one), fp32 / fp16 / bf16; the discretized form (decay exp(dt·a),
+input b·dt·u, formed in the kernels) at Mamba-1's broadcast shapes and others, against an oracle
+that materializes them in torch; what ``supports`` refuses; and a deliberately wrong kernel config
+that the checks must catch.
 
 Without CUDA the kernels run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1,
 set per test by conftest.py) at tiny shapes; the ``gpu`` test runs compiled kernels at real shapes.
-Errors are relative RMS errors against the fp32 reference with fixed per-dtype bounds.
+Errors are relative RMS errors against an fp64 reference with fixed per-dtype bounds.
 """
 import pytest
 import torch
@@ -34,35 +36,48 @@ def make(R, T, N, dtype, *, readout=True, shared_c=False, h0=False):
     return a, b, c, h
 
 
-def check(a, b, c, h0, reverse=False, grads=True, bound=None):
+def oracle(a, b, c, h0, dt=None, u=None, reverse=False):
+    """(y, h) of the call in torch autograd: the decays exp(a·dt) and inputs b·dt·u materialized."""
+    if dt is not None:
+        a = torch.exp(a * dt)
+    for f in (dt, u):
+        if f is not None:
+            b = b * f
+    return scan_reference(a, b, c, h0, reverse=reverse)
+
+
+def check(a, b, c, h0, reverse=False, grads=True, bound=None, dt=None, u=None):
+    """The triton forward and backward (every gradient) of one call against :func:`oracle` on fp64
+    copies of the operands."""
     attrs = dict(reverse=reverse, algorithm="chunked")
-    t = dict(a=a, b=b, c=c, h0=h0)
-    reason = tscan.supports(t, attrs)
+    ops = [a, b, c, h0, dt, u]
+    names = ("a", "b", "c", "h0", "dt", "u")
+    reason = tscan.supports(dict(zip(names, ops)), attrs)
     assert reason is None, reason
     dtype = a.dtype
     bound = bound or BOUND[dtype]
-    ops = [a, b, c, h0]
-    leaves = [x.detach().float().requires_grad_(True) if x is not None else None for x in ops]
-    ry, rh = scan_reference(*leaves, reverse=reverse)
-    y, h = tscan.forward(a, b, c, h0, attrs)
+    leaves = [x.detach().double().requires_grad_(True) if x is not None else None for x in ops]
+    ry, rh = oracle(*leaves, reverse=reverse)
+    y, h = tscan.forward(a, b, c, h0, dt, u, attrs)
     assert y.dtype == dtype and h.dtype == dtype
     for name, got, ref in (("y", y, ry), ("h", h, rh)):
         assert_close(name, got, ref, bound)
     if not grads:
         return
-    gy = torch.randn_like(ry).to(dtype)
-    gh = torch.randn_like(rh).to(dtype)
+    gy = torch.randn(ry.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    gh = torch.randn(rh.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     needs = [x is not None for x in ops]
     wanted = [x for x in leaves if x is not None]
-    ref_grads = iter(torch.autograd.grad((ry, rh), wanted, (gy.float(), gh.float())))
-    got = tscan.backward(gy, gh, a, b, c, h0, dict(attrs, needs=needs))
-    for name, x, gx in zip(("da", "db", "dc", "dh0"), ops, got):
+    ref_grads = iter(torch.autograd.grad((ry, rh), wanted, (gy.double(), gh.double())))
+    got = tscan.backward(gy, gh, a, b, c, h0, dt, u, dict(attrs, needs=needs))
+    assert len(got) == 6
+    for name, x, gx in zip(names, ops, got):
         if x is None:
-            assert gx is None
+            assert gx is None, name
             continue
         r = next(ref_grads)
-        assert gx.shape == x.shape and gx.dtype == x.dtype, f"{name}: {gx.shape} {gx.dtype}"
-        assert_close(name, gx, r, bound)
+        assert gx.shape == x.shape and gx.dtype == x.dtype, f"d{name}: {gx.shape} {gx.dtype}"
+        assert_close("d" + name, gx, r, bound)
 
 
 @pytest.mark.parametrize("readout,shared_c,h0,reverse", [
@@ -96,8 +111,8 @@ def test_scan_detects_a_wrong_kernel(monkeypatch):
 
     class Broken:
         def __getitem__(self, grid):
-            def launch(A, B, C, H0, Y, HT, T, *args, **kw):
-                return orig[grid](A, B, C, H0, Y, HT, min(T, kw["BLOCK_T"]), *args, **kw)
+            def launch(A, B, C, H0, DT, U, Y, HT, T, *args, **kw):
+                return orig[grid](A, B, C, H0, DT, U, Y, HT, min(T, kw["BLOCK_T"]), *args, **kw)
             return launch
     monkeypatch.setattr(kern, "scan_fwd_kernel", Broken())
     with pytest.raises(AssertionError, match="relative error|non-finite"):
@@ -170,5 +185,122 @@ def test_scan_layouts():
 def test_scan_empty_time():
     a = torch.rand(2, 0, 4, device=DEVICE)
     h0 = torch.randn(2, 4, device=DEVICE)
-    y, h = tscan.forward(a, a, None, h0, dict(reverse=False))
+    y, h = tscan.forward(a, a, None, h0, None, None, dict(reverse=False))
     assert y.shape == (2, 0, 4) and torch.equal(h, h0)
+
+
+# --- the discretized form: decay exp(dt·a), input b·dt·u, formed in the kernels ----------------
+
+def make_mamba(Bt, D, T, N, dtype, *, readout=True, h0=False, dt_shape=None, u=True, seed=0):
+    """Mamba-1's selective-scan operands: a = A (D, 1, N) log-decays (< 0), dt (B, D, T, 1) > 0,
+    b = B (B, 1, T, N), u = x (B, D, T, 1), c = C (B, 1, T, N), h0 (B, D, N); ``dt_shape`` another
+    shape for dt (None: no dt), ``u`` False: no u."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, lo=None, hi=None):
+        x = torch.randn(*shape, generator=g) if lo is None else lo + (hi - lo) * torch.rand(*shape, generator=g)
+        return x.to(DEVICE, dtype)
+
+    a = rand(D, 1, N, lo=-1.5, hi=-0.1)
+    dt = rand(*dt_shape, lo=0.05, hi=0.6) if dt_shape is not None else None
+    b = rand(Bt, 1, T, N)
+    x = rand(Bt, D, T, 1) if u else None
+    c = rand(Bt, 1, T, N) if readout else None
+    h = rand(Bt, D, N) if h0 else None
+    return dict(a=a, b=b, c=c, h0=h, dt=dt, u=x)
+
+
+def check_mamba(ops, reverse=False, bound=None):
+    check(ops["a"], ops["b"], ops["c"], ops["h0"], reverse=reverse, bound=bound, dt=ops["dt"], u=ops["u"])
+
+
+@pytest.mark.parametrize("T,readout,h0,reverse", [
+    (37, True, False, False),       # four full blocks of the interpreter's 8 steps and a partial one
+    (11, True, True, True),
+    (11, False, True, False),
+])
+def test_scan_discretized_mamba_shapes(T, readout, h0, reverse):
+    # N = 12: two N blocks in the backward (dt and x's gradients summed per block, then by the host)
+    Bt, D, N = 2, 3, 12
+    check_mamba(make_mamba(Bt, D, T, N, torch.float32, readout=readout, h0=h0, dt_shape=(Bt, D, T, 1)),
+                reverse=reverse)
+
+
+@pytest.mark.parametrize("case", ["dt_full", "only_u", "only_dt", "dt_per_channel"])
+def test_scan_discretized_other_shapes(case):
+    Bt, D, T, N = 2, 2, 11, 5
+    if case == "dt_full":           # dt per state entry too: no broadcast to sum in the kernel
+        ops = make_mamba(Bt, D, T, N, torch.float32, h0=True, dt_shape=(Bt, D, T, N))
+    elif case == "only_u":          # a plain decay in (0, 1), shared over time, with an input factor
+        ops = make_mamba(Bt, D, T, N, torch.float32, readout=False, dt_shape=None)
+        ops["a"] = torch.exp(ops["a"])
+    elif case == "only_dt":         # exp(dt·a), input b·dt with a full b
+        ops = make_mamba(Bt, D, T, N, torch.float32, h0=True, dt_shape=(Bt, D, T, 1), u=False)
+        ops["b"] = ops["b"].expand(Bt, D, T, N).contiguous()
+    else:                           # dt one per (batch, channel): summed over T and N in the kernel
+        ops = make_mamba(Bt, D, T, N, torch.float32, dt_shape=(Bt, D, 1, 1))
+    check_mamba(ops, reverse=case == "only_u")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scan_discretized_low_precision(dtype):
+    check_mamba(make_mamba(2, 2, 21, 8, dtype, h0=True, dt_shape=(2, 2, 21, 1)))
+
+
+def test_scan_discretized_is_not_materialized(monkeypatch):
+    # the chunked path must form exp(dt·a) and b·dt·u in the kernels, never through discretize()
+    def refuse(*args, **kwargs):
+        raise AssertionError("the chunked triton path materialized the discretized operands")
+    monkeypatch.setattr(tscan, "discretize", refuse)
+    check_mamba(make_mamba(1, 2, 9, 4, torch.float32, h0=True, dt_shape=(1, 2, 9, 1)))
+
+
+def test_scan_discretized_custom_op_runs_triton_path():
+    # torch.ops.seqfuse.scan with dt and u, forward and backward on the triton path, no fallback
+    import importlib
+    import warnings
+
+    import seqfuse
+    importlib.import_module("seqfuse.lowering.scan_op")
+    ops = make_mamba(2, 3, 13, 6, torch.float32, h0=True, dt_shape=(2, 3, 13, 1))
+    order = ("a", "b", "c", "h0", "dt", "u")
+    for reverse in (False, True):
+        seqfuse.reset_counters()
+        leaves = {k: ops[k].detach().clone().requires_grad_(True) for k in order}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="seqfuse")
+            y, h = torch.ops.seqfuse.scan(leaves["a"], leaves["b"], leaves["c"], leaves["h0"], reverse, "chunked",
+                                          "triton", leaves["dt"], leaves["u"])
+            (y.square().sum() + h.sum()).backward()
+        calls = seqfuse.counters()
+        assert calls["scan"]["triton"] == 1 and calls["scan_backward"]["triton"] == 1, calls
+        assert not seqfuse.fallbacks().get("scan"), seqfuse.fallbacks()
+        ref = {k: ops[k].detach().double().requires_grad_(True) for k in order}
+        ry, rh = oracle(*(ref[k] for k in order), reverse=reverse)
+        (ry.square().sum() + rh.sum()).backward()
+        assert_close("y", y, ry, BOUND[torch.float32])
+        assert_close("h", h, rh, BOUND[torch.float32])
+        for k in order:
+            assert leaves[k].grad.shape == ops[k].shape
+            assert_close("d" + k, leaves[k].grad, ref[k].grad, BOUND[torch.float32])
+
+
+def test_scan_discretized_recurrent_forward():
+    # "recurrent" runs the decode kernel on materialized decays and inputs, in the promoted dtype
+    ops = make_mamba(2, 3, 3, 5, torch.bfloat16, h0=True, dt_shape=(2, 3, 3, 1))
+    attrs = dict(reverse=False, algorithm="recurrent")
+    assert tscan.supports(ops, attrs) is None
+    y, h = tscan.forward(*(ops[k] for k in ("a", "b", "c", "h0", "dt", "u")), attrs)
+    ry, rh = oracle(*(ops[k].double() if ops[k] is not None else None for k in ("a", "b", "c", "h0", "dt", "u")))
+    assert y.dtype == h.dtype == torch.bfloat16
+    assert_close("y", y, ry, BOUND[torch.bfloat16])
+    assert_close("h", h, rh, BOUND[torch.bfloat16])
+
+
+def test_scan_discretized_supports():
+    ops = make_mamba(1, 2, 5, 4, torch.float32, dt_shape=(1, 2, 5, 1))
+    attrs = dict(reverse=False, algorithm="chunked")
+    assert tscan.supports(ops, attrs) is None
+    assert "float64" in tscan.supports(dict(ops, dt=ops["dt"].double()), attrs)
+    assert "complex" in tscan.supports(dict(ops, u=torch.complex(ops["u"], ops["u"])), attrs)
+    assert "broadcast" in tscan.supports(dict(ops, dt=ops["dt"][..., :3, :]), attrs)

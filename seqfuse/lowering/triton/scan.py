@@ -3,24 +3,28 @@
 Contract (see :mod:`seqfuse.lowering.scan_op`):
 
     supports(t, a) -> None | reason
-    forward(a, b, c, h0, attrs) -> (y, h)
-    backward(grad_y, grad_h, a, b, c, h0, attrs) -> (da, db, dc, dh0)   (None where not needed)
+    forward(a, b, c, h0, dt, u, attrs) -> (y, h)
+    backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs) -> (da, db, dc, dh0, ddt, du)   (None where not needed)
 
-Shapes: a, b, c broadcastable to (*R, T, N), h0 to (*R, N); y is (*R, T) with a readout c, else
-(*R, T, N); h (*R, N) the last state computed (t = 0 when ``reverse``).  Both algorithms
-("recurrent", "chunked") compute the same function.  "chunked" runs the kernels of
-:mod:`seqfuse.lowering.triton.scan_kernels`: blocks of BLOCK_T steps scanned in log depth with
+Shapes: a, b, c, dt, u broadcastable to (*R, T, N), h0 to (*R, N); y is (*R, T) with a readout
+c, else (*R, T, N); h (*R, N) the last state computed (t = 0 when ``reverse``).  The step is
+h_t = decay_t ⊙ h_{t-1} + input_t with decay_t = exp(dt_t ⊙ a_t) when dt is given (a holds
+log-decays: Mamba-1's A) else a_t, and input_t = b_t ⊙ dt_t ⊙ u_t (a missing factor is 1).
+Both algorithms ("recurrent", "chunked") compute the same function.  "chunked" runs the kernels
+of :mod:`seqfuse.lowering.triton.scan_kernels`, which form the decays and inputs in registers
+(never a (*R, T, N) product in memory): blocks of BLOCK_T steps scanned in log depth with
 ``tl.associative_scan``, the state carried across blocks in fp32.  "recurrent" (chosen by
 passes/select for decoding: a static T <= DECODE_MAX_T on CUDA) runs the step-by-step decode
-kernel of :mod:`seqfuse.lowering.triton.decode`; the backward is the blocked backward kernel
-below for either algorithm.
+kernel of :mod:`seqfuse.lowering.triton.decode` on materialized decays and inputs (T is a few
+steps there); the backward is the blocked backward kernel below for either algorithm.
 
 Broadcast operands keep their layout (stride 0; no copy): each operand is an expanded
 (*R, T, N) view whose row dims are coalesced to at most three.  With a readout the whole N of a
 row is one program (N ≤ MAX_N_READOUT), so y_t = Σ_n c_t[n]·h_t[n] is a plain in-program
-reduction (no atomics); without one N is split in blocks of BLOCK_N.  The backward writes the
-per-element gradients in (rows, T, N) fp32 buffers and sums them to the operands' shapes in
-torch.
+reduction (no atomics); without one N is split in blocks of BLOCK_N.  The backward writes each
+operand's gradient to an fp32 buffer per row, already summed over the axes along which the
+operand is broadcast within (T, N) (Mamba's A (D, 1, N): (rows, 1, N); its dt and x (B, D, T, 1):
+(rows, T, N blocks)), else per element (rows, T, N); torch sums the rest (N blocks, row dims).
 
 Refused (the next path runs the call): no triton / not allowed on this device (common.py),
 complex or fp64 operands, N > MAX_N_READOUT with a readout, more than 2**31 rows or steps.
@@ -31,11 +35,12 @@ import math
 
 import torch
 
-from seqfuse.lowering.reference.scan import out_dtype, scan_shape, with_discretization
+from seqfuse.lowering.reference.scan import discretize, out_dtype, scan_shape
 from seqfuse.lowering.triton import decode
 from seqfuse.lowering.triton.common import Rows as _Rows, availability
 from seqfuse.runtime import Impl, register_impl
 
+_OPERANDS = ("a", "b", "c", "h0", "dt", "u")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: with a readout one program holds a row's whole state (the readout reduces over N in registers)
 MAX_N_READOUT = 256
@@ -71,7 +76,7 @@ def _launch(N: int, readout: bool) -> dict:
 
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
-    ops = [(n, t.get(n)) for n in ("a", "b", "c", "h0")]
+    ops = [(n, t.get(n)) for n in _OPERANDS]
     first = t["a"]
     reason = availability(first.device, _kernels_module)
     if not reason and a.get("algorithm") == "recurrent":   # the forward runs decode.py's kernel
@@ -88,7 +93,7 @@ def supports(t: dict, a: dict) -> str | None:
         if x.device != first.device:
             return "inputs on different devices"
     try:
-        full = scan_shape(t["a"], t["b"], t.get("c"), t.get("h0"))
+        full = scan_shape(*(t.get(n) for n in _OPERANDS))
     except ValueError as exc:
         return str(exc)
     *R, T, N = full
@@ -101,12 +106,12 @@ def supports(t: dict, a: dict) -> str | None:
 
 # --- row layout -------------------------------------------------------------------------
 
-def _views(a, b, c, h0):
-    """a, b, c as (*R, T, N) views and h0 as (*R, N), with their coalesced row layout."""
-    full = scan_shape(a, b, c, h0)
+def _views(*ops):
+    """The operands (a, b, c, h0[, dt, u]) as (*R, T, N) views (h0 as (*R, N); None stays None), with
+    their coalesced row layout: (full shape, views, rows)."""
+    full = scan_shape(*ops)
     R, N = full[:-2], full[-1]
-    views = [a.expand(full), b.expand(full), None if c is None else c.expand(full),
-             None if h0 is None else h0.expand(*R, N)]
+    views = [None if x is None else x.expand(*R, N) if i == 3 else x.expand(full) for i, x in enumerate(ops)]
     rows = _Rows(R, [v for v in views if v is not None])
     if not rows.ok:  # more than three row dims that do not merge: materialize the broadcasts
         views = [None if v is None else v.contiguous() for v in views]
@@ -121,14 +126,27 @@ def _st(rows: _Rows, x, state=False) -> tuple:
     return (*rows.strides(x), x.stride(-1)) if state else (*rows.strides(x), x.stride(-2), x.stride(-1))
 
 
-def forward(a, b, c, h0, attrs):
+def _strides(rows: _Rows, av, bv, cv, hv, dv, uv) -> tuple:
+    """The kernels' stride arguments: a, b, c, h0 (a state), dt, u."""
+    return (*_st(rows, av), *_st(rows, bv), *_st(rows, cv), *_st(rows, hv, state=True), *_st(rows, dv),
+            *_st(rows, uv))
+
+
+def forward(a, b, c, h0, dt, u=None, attrs=None):
     """(y, h) of seqfuse.scan on the triton kernels; y (*R, T) with a readout else (*R, T, N), h (*R, N),
-    in the promoted dtype of the operands.  "recurrent": the decode kernel (decode.py)."""
+    in the promoted dtype of the operands.  The decays exp(dt·a) and inputs b·dt·u of a discretized
+    call are formed in the kernel, except for "recurrent" (the decode kernel of decode.py, on
+    materialized ones: T is a few steps there).  ``forward(a, b, c, h0, attrs)`` (the contract
+    before dt and u) still runs the plain recurrence."""
+    if attrs is None:
+        dt, attrs = None, dt
+    dtype = out_dtype(a, b, c, h0, dt, u)
     if attrs.get("algorithm") == "recurrent":
-        return decode.scan_forward(a, b, c, h0, attrs)
-    full, (av, bv, cv, hv), rows = _views(a, b, c, h0)
+        decay, inp = discretize(a, b, dt, u)
+        y, h = decode.scan_forward(decay, inp, c, h0, attrs)
+        return y.to(dtype), h.to(dtype)
+    full, (av, bv, cv, hv, dv, uv), rows = _views(a, b, c, h0, dt, u)
     *R, T, N = full
-    dtype = out_dtype(a, b, c, h0)
     y = torch.empty((*R, T) if c is not None else full, device=a.device, dtype=dtype)
     h = torch.empty((*R, N), device=a.device, dtype=dtype)
     if rows.count == 0 or N == 0:
@@ -138,55 +156,78 @@ def forward(a, b, c, h0, attrs):
         return y, h
     cfg = _launch(N, c is not None)
     grid = (rows.count, -(-N // cfg["BLOCK_N"]))
-    dummy = av
     _kernels().scan_fwd_kernel[grid](
-        av, bv, cv if cv is not None else dummy, hv if hv is not None else dummy, y, h,
-        T, N, rows.sizes[1], rows.sizes[2],
-        *_st(rows, av), *_st(rows, bv), *_st(rows, cv), *_st(rows, hv, state=True),
-        HAS_C=c is not None, HAS_H0=h0 is not None, REVERSE=bool(attrs.get("reverse", False)), **cfg)
+        *(x if x is not None else av for x in (av, bv, cv, hv, dv, uv)), y, h,
+        T, N, rows.sizes[1], rows.sizes[2], *_strides(rows, av, bv, cv, hv, dv, uv),
+        HAS_C=c is not None, HAS_H0=h0 is not None, HAS_DT=dt is not None, HAS_U=u is not None,
+        REVERSE=bool(attrs.get("reverse", False)), **cfg)
     return y, h
 
 
-def _reduce(g, like):
-    """A per-element gradient (full shape, fp32) summed over ``like``'s broadcast dims, in its dtype."""
+def _summed(x, T: int, N: int) -> int:
+    """The kernel's SUM_* of an operand's gradient: the axes (T, N) along which ``x`` is broadcast,
+    summed in the kernel (scan_kernels.SUM_T, SUM_N bits)."""
+    K = _kernels()
+    return (K.SUM_T if x.shape[-2] == 1 < T else 0) | (K.SUM_N if x.shape[-1] == 1 < N else 0)
+
+
+def _grad_buffer(rows: _Rows, T: int, N: int, n_blocks: int, summed: int, **f32):
+    """The fp32 buffer the backward kernel writes an operand's gradient to (see scan_kernels'
+    _grad_tile): (rows, T or 1, N or its N blocks)."""
+    K = _kernels()
+    return torch.empty(rows.count, 1 if summed & K.SUM_T else T, n_blocks if summed & K.SUM_N else N, **f32)
+
+
+def _reduce(g, like, R):
+    """A gradient buffer (rows, T', N') or a state's (rows, N), fp32, summed to ``like``'s shape and
+    dtype: over the N blocks the kernel left, then over the broadcast dims."""
+    g = g.reshape(*R, *g.shape[1:])
+    if g.dim() == len(R) + 2 and g.shape[-1] > 1 and like.shape[-1] == 1:
+        g = g.sum(-1, keepdim=True)
     if tuple(g.shape) != tuple(like.shape):
         g = g.sum_to_size(like.shape)
     return g.to(like.dtype)
 
 
-def backward(grad_y, grad_h, a, b, c, h0, attrs):
-    """(da, db, dc, dh0) of :func:`forward` given the gradients of y and of the final state, each in
-    its operand's shape and dtype (None where ``attrs["needs"]`` is False or the operand is absent)."""
-    needs = [bool(n) and x is not None for n, x in zip(attrs["needs"], (a, b, c, h0))]
+def backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs):
+    """(da, db, dc, dh0, ddt, du) of :func:`forward` given the gradients of y and of the final state,
+    each in its operand's shape and dtype (None where ``attrs["needs"]`` (six bools) is False or the
+    operand is absent).  Both algorithms run the blocked backward kernel, the discretized form
+    without materializing its decays and inputs; the gradients of operands broadcast along T or N
+    are summed over those axes in the kernel."""
+    ops = (a, b, c, h0, dt, u)
+    needs = [bool(n) and x is not None for n, x in zip(list(attrs["needs"]) + [False] * 2, ops)]
     if not any(needs):
-        return (None,) * 4
-    full, (av, bv, cv, hv), rows = _views(a, b, c, h0)
+        return (None,) * 6
+    full, views, rows = _views(*ops)
     *R, T, N = full
     f32 = dict(device=a.device, dtype=torch.float32)
     if rows.count == 0 or N == 0 or T == 0:
-        zero = [torch.zeros_like(x) if n else None for x, n in zip((a, b, c, h0), needs)]
+        zero = [torch.zeros_like(x) if n else None for x, n in zip(ops, needs)]
         if needs[3] and T == 0:
             zero[3] = grad_h.expand(*R, N).sum_to_size(h0.shape).to(h0.dtype)
         return tuple(zero)
     cfg = _launch(N, False)   # no reduction over N in the backward: N is split in blocks
     block_t, block_n = cfg["BLOCK_T"], cfg["BLOCK_N"]
-    nblk = -(-T // block_t)
+    nblk, n_blocks = -(-T // block_t), -(-N // block_n)
     dy = grad_y.expand((*R, T) if c is not None else full).contiguous()
     dht = (grad_h if grad_h is not None else torch.zeros(*R, N, **f32)).expand(*R, N).contiguous()
     ckpt = torch.empty(rows.count, nblk, N, **f32)
-    da, db, dc = (torch.empty(full, **f32) if n else None for n in needs[:3])
-    dh0 = torch.empty(*R, N, **f32) if needs[3] else None
-    dummy = ckpt
-    grid = (rows.count, -(-N // block_n))
-    _kernels().scan_bwd_kernel[grid](
-        av, bv, cv if cv is not None else dummy, hv if hv is not None else dummy, dy, dht, ckpt,
-        *(x if x is not None else dummy for x in (da, db, dc, dh0)),
-        T, N, nblk, rows.sizes[1], rows.sizes[2],
-        *_st(rows, av), *_st(rows, bv), *_st(rows, cv), *_st(rows, hv, state=True),
-        HAS_C=c is not None, HAS_H0=h0 is not None, REVERSE=bool(attrs.get("reverse", False)),
-        NEED_DA=needs[0], NEED_DB=needs[1], NEED_DC=needs[2], NEED_DH0=needs[3],
+    summed = [0 if x is None or i == 3 else _summed(x, T, N) for i, x in enumerate(ops)]
+    grads = [None if not n else torch.empty(rows.count, N, **f32) if i == 3 else _grad_buffer(rows, T, N, n_blocks, s, **f32)
+             for i, (n, s) in enumerate(zip(needs, summed))]
+    av = views[0]
+    _kernels().scan_bwd_kernel[(rows.count, n_blocks)](
+        *(x if x is not None else av for x in views), dy, dht, ckpt,
+        *(x if x is not None else ckpt for x in grads),
+        T, N, nblk, rows.sizes[1], rows.sizes[2], *_strides(rows, *views),
+        HAS_C=c is not None, HAS_H0=h0 is not None, HAS_DT=dt is not None, HAS_U=u is not None,
+        REVERSE=bool(attrs.get("reverse", False)),
+        NEED_DA=needs[0], NEED_DB=needs[1], NEED_DC=needs[2], NEED_DH0=needs[3], NEED_DDT=needs[4],
+        NEED_DU=needs[5],
+        SUM_A=summed[0], SUM_B=summed[1], SUM_C=summed[2], SUM_DT=summed[4], SUM_U=summed[5],
         **cfg)
-    return tuple(_reduce(g, x) if n else None for g, x, n in zip((da, db, dc, dh0), (a, b, c, h0), needs))
+    return tuple(_reduce(g, x, R) if n else None for g, x, n in zip(grads, ops, needs))
 
 
 def triton_next_pow2(n: int) -> int:
@@ -195,7 +236,7 @@ def triton_next_pow2(n: int) -> int:
 
 def register() -> None:
     """Register the triton implementation of seqfuse.scan with the runtime dispatcher."""
-    register_impl("scan", Impl("triton", supports, *with_discretization(forward, backward)))
+    register_impl("scan", Impl("triton", supports, forward, backward))
 
 
 register()  # importing this module (scan_op.py does) adds the "triton" path, tried before "cpu"
