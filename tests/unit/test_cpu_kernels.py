@@ -1,6 +1,7 @@
 """The generated C kernels of the "cpu" path (seqfuse/lowering/cpu) against fp64 Python loops
-written here, and against the eager references through the custom ops; the disk cache of
-built libraries; the fallback when no C compiler is found.
+written here (the scan's discretized form against the reference run on exp(dt·a), b·dt·u
+materialized in torch), and against the eager references through the custom ops; the disk cache
+of built libraries; the fallback when no C compiler is found.
 
 Skipped (with the reason) only on a machine without a C compiler.
 """
@@ -17,7 +18,9 @@ from seqfuse.lowering.cpu import build
 from seqfuse.lowering.cpu import scan as cpu_scan
 from seqfuse.lowering.cpu import ssd as cpu_ssd
 from seqfuse.lowering.cpu.common import PARALLEL_MIN_WORK
-from seqfuse.runtime import choose, fallbacks, reset_counters
+from seqfuse.lowering.reference import scan as reference_scan
+from seqfuse.lowering.reference.scan import scan_reference
+from seqfuse.runtime import choose, counters, fallbacks, reset_counters
 
 if shutil.which(build.COMPILER) is None:
     pytest.skip(f"no C compiler ({build.COMPILER!r} not on PATH)", allow_module_level=True)
@@ -194,6 +197,147 @@ def test_scan_half_upcast():
 
 
 # ---------------------------------------------------------------------------------------------
+# scan, discretized form (dt, u): decay exp(dt·a), input b·dt·u formed inside the kernel
+
+
+def disc_oracle(a, b, c, h0, dt, u, reverse=False):
+    """The discretized scan with its factors materialized in torch, on the plain-form reference."""
+    decay = torch.exp(a * dt) if dt is not None else a
+    inp = b
+    for f in (dt, u):
+        if f is not None:
+            inp = inp * f
+    return scan_reference(decay, inp, c, h0, reverse=reverse)
+
+
+def _disc_case(case, dtype, gen):
+    """Operands (a, b, c, h0, dt, u) of one discretized layout; B=2, D=3 channels, T=37 (odd), N=5."""
+    B, D, T, N = 2, 3, 37, 5
+    r = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
+    pos = lambda *s: (torch.rand(*s, generator=gen) * 0.5 + 0.05).to(dtype)  # noqa: E731  (dt > 0)
+    logdecay = lambda *s: (-torch.rand(*s, generator=gen) * 2).to(dtype)  # noqa: E731  (Mamba's A < 0)
+    if case == "mamba":  # A (D,1,N), dt and u (B,D,T,1), B and C shared over channels (B,1,T,N)
+        return logdecay(D, 1, N), r(B, 1, T, N), r(B, 1, T, N), None, pos(B, D, T, 1), r(B, D, T, 1)
+    if case == "mamba_h0_no_readout":  # as Mamba, no readout (every state out), an initial state
+        return logdecay(D, 1, N), r(B, 1, T, N), None, r(B, D, N), pos(B, D, T, 1), r(B, D, T, 1)
+    if case == "dt_full":  # dt over every (t, n), a full, u per channel
+        return logdecay(B, D, T, N), r(B, D, T, N), r(B, D, T, N), r(D, N), pos(B, D, T, N), r(B, D, T, 1)
+    if case == "only_u":  # decays a given directly (no dt), input b·u
+        return (torch.rand(D, 1, N, generator=gen) * 0.6 + 0.4).to(dtype), r(B, 1, T, N), r(B, 1, T, N), None, \
+            None, r(B, D, T, 1)
+    if case == "only_dt":  # input b·dt, b full
+        return logdecay(D, 1, N), r(B, D, T, N), r(B, 1, T, N), r(B, D, N), pos(B, D, T, 1), None
+    if case == "u_full_strided":  # u over every n, b stored (T, N)-transposed: the general kernel copy
+        return logdecay(D, 1, N), r(B, D, N, T).transpose(-1, -2), r(B, 1, T, N), None, pos(B, D, T, 1), \
+            r(B, D, T, N)
+    raise ValueError(case)
+
+
+DISC_CASES = ["mamba", "mamba_h0_no_readout", "dt_full", "only_u", "only_dt", "u_full_strided"]
+#: bf16 operands (computed in fp32, results rounded to bf16): the bound test_scan_half_upcast uses
+DISC_BOUND = {**BOUND, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", DISC_CASES)
+def test_scan_discretized_matches_materialized_oracle(case, reverse, dtype):
+    gen = torch.Generator().manual_seed(100 + DISC_CASES.index(case) * 2 + reverse)
+    ops = _disc_case(case, dtype, gen)
+    a, b, c, h0, dt, u = ops
+    y, h = cpu_scan.scan_forward(a, b, c, h0, reverse=reverse, dt=dt, u=u)
+    y_ref, h_ref = disc_oracle(*(t.double() if t is not None else None for t in ops), reverse=reverse)
+    assert y.shape == y_ref.shape and h.shape == h_ref.shape and y.dtype == dtype and h.dtype == dtype
+    assert rel(y, y_ref) < DISC_BOUND[dtype] and rel(h, h_ref) < DISC_BOUND[dtype]
+    grad_y = torch.randn(y.shape, generator=gen).to(dtype)
+    grad_h = torch.randn(h.shape, generator=gen).to(dtype)
+    grads = cpu_scan.scan_backward(grad_y, grad_h, a, b, c, h0, reverse=reverse, dt=dt, u=u)
+    refs = loop_grads(lambda *o: disc_oracle(*o, reverse=reverse), ops, grad_y, grad_h)
+    assert len(grads) == 6
+    for name, g, ref, op in zip("a b c h0 dt u".split(), grads, refs, ops):
+        if op is None:
+            assert g is None, name
+            continue
+        assert g.shape == op.shape and g.dtype == op.dtype, name
+        assert rel(g, ref) < DISC_BOUND[dtype], (name, rel(g, ref))
+
+
+def test_scan_discretized_backward_needs_subsets():
+    """Each gradient alone (the adjoint runs the same; only the requested buffers are written)."""
+    gen = torch.Generator().manual_seed(7)
+    ops = _disc_case("mamba", torch.float64, gen)
+    a, b, c, h0, dt, u = ops
+    y, h = cpu_scan.scan_forward(a, b, c, h0, dt=dt, u=u)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    refs = loop_grads(disc_oracle, ops, gy, torch.zeros_like(h))
+    for i in (0, 1, 2, 4, 5):
+        needs = [j == i for j in range(6)]
+        grads = cpu_scan.scan_backward(gy, None, a, b, c, h0, needs=needs, dt=dt, u=u)
+        assert all(g is None for j, g in enumerate(grads) if j != i)
+        assert rel(grads[i], refs[i]) < 1e-12, i
+    # the old four-entry needs: (da, db, dc, dh0), dt and u get none
+    assert len(cpu_scan.scan_backward(gy, None, a, b, c, h0, needs=(True,) * 4, dt=dt, u=u)) == 4
+
+
+def test_scan_discretized_multithreaded_and_extreme_decays():
+    """Enough rows for the OpenMP path; dt·a down to -200 (decays that underflow to 0 in fp32)."""
+    gen = torch.Generator().manual_seed(8)
+    B, D, T, N = 2, 32, 64, 16
+    assert B * D * T * N >= PARALLEL_MIN_WORK
+    a = -torch.rand(D, 1, N, generator=gen, dtype=torch.float64) * 20
+    dt = torch.rand(B, D, T, 1, generator=gen, dtype=torch.float64) * 10
+    b, c = (torch.randn(B, 1, T, N, generator=gen, dtype=torch.float64) for _ in range(2))
+    u = torch.randn(B, D, T, 1, generator=gen, dtype=torch.float64)
+    ops = (a, b, c, None, dt, u)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, h = cpu_scan.scan_forward(a, b, c, dt=dt, u=u)
+        y32, _ = cpu_scan.scan_forward(*(t.float() for t in (a, b, c)), dt=dt.float(), u=u.float())
+        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        grads = cpu_scan.scan_backward(gy, None, a, b, c, dt=dt, u=u)
+    finally:
+        torch.set_num_threads(before)
+    y_ref, _ = disc_oracle(*ops)
+    assert rel(y, y_ref) < 1e-12 and rel(y32, y_ref) < BOUND[torch.float32]
+    refs = loop_grads(disc_oracle, ops, gy, torch.zeros_like(h))
+    assert all(rel(g, r) < 1e-12 for g, r in zip(grads, refs) if r is not None)
+
+
+def test_ops_cpu_path_runs_discretized_natively(monkeypatch):
+    """Through torch.ops.seqfuse.scan on the "cpu" path: matches the oracle, and the factors are
+    never materialized (the reference's discretize / discretize_backward would raise)."""
+    gen = torch.Generator().manual_seed(9)
+    ops = _disc_case("mamba", torch.float32, gen)
+    a, b, c, h0, dt, u = ops
+    attrs = dict(reverse=False, algorithm="recurrent")
+    assert choose("scan", "auto", dict(a=a, b=b, c=c, h0=h0, dt=dt, u=u), attrs).path == "cpu"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cpu path materialized exp(dt·a) / b·dt·u")
+
+    monkeypatch.setattr(reference_scan, "discretize", refuse)
+    monkeypatch.setattr(reference_scan, "discretize_backward", refuse)
+    assert cpu_scan.IMPL.forward is cpu_scan._impl_forward and cpu_scan.IMPL.backward is cpu_scan._impl_backward
+    reset_counters()
+    leaves = [t.detach().requires_grad_() for t in (a, b, c, dt, u)]
+    la, lb, lc, ldt, lu = leaves
+    y, h = torch.ops.seqfuse.scan(la, lb, lc, None, True, "recurrent", "cpu", ldt, lu)
+    gy, gh = torch.randn(y.shape, generator=gen), torch.randn(h.shape, generator=gen)
+    grads = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), leaves)
+    calls = counters()
+    assert calls["scan"]["cpu"] == 1 and calls["scan"]["eager"] == 0, calls
+    assert calls["scan_backward"]["cpu"] == 1 and calls["scan_backward"]["eager"] == 0, calls
+    monkeypatch.undo()
+    reset_counters()
+    y_ref, h_ref = disc_oracle(*(t.double() if t is not None else None for t in ops), reverse=True)
+    refs = loop_grads(lambda *o: disc_oracle(*o, reverse=True), (a, b, c, None, dt, u), gy, gh)
+    assert rel(y, y_ref) < BOUND[torch.float32] and rel(h, h_ref) < BOUND[torch.float32]
+    for g, ref in zip(grads, [refs[i] for i in (0, 1, 2, 4, 5)]):
+        assert rel(g, ref) < BOUND[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
 # ssd (recurrent)
 
 
@@ -291,6 +435,11 @@ def test_supports_refuses_with_reasons():
     assert "N=" in cpu_scan.supports(dict(a=big, b=big, c=None, h0=None), attrs)
     assert "chunked" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None), dict(attrs, algorithm="chunked"))
     assert "meta" in cpu_scan.supports(dict(a=a.to("meta"), b=b, c=None, h0=None), attrs)
+    dt, u = torch.rand(2, 8, 1), torch.randn(2, 8, 1)
+    assert cpu_scan.supports(dict(a=a, b=b, c=None, h0=None, dt=dt, u=u), attrs) is None
+    assert "complex" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None, dt=dt.to(torch.complex64), u=u), attrs)
+    assert "meta" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None, dt=dt, u=u.to("meta")), attrs)
+    assert "broadcast" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None, dt=torch.rand(3, 8, 1), u=None), attrs)
     x, bc = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 5)
     ssd_attrs = dict(decay="none", chunk=16, algorithm="recurrent")
     assert cpu_ssd.supports(dict(x=x, b=bc, c=bc, a=None, d=None, h0=None), ssd_attrs) is None
