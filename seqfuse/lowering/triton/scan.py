@@ -46,11 +46,15 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_N_READOUT = 256
 #: launch configs: BLOCK_N state entries per program (without a readout; with one, all of N), and
 #: BLOCK_T steps per associative scan.  On a GPU the (BLOCK_T, BLOCK_N) tile is kept near TILE
-#: elements (TILE_WARPS8 and up: 8 warps): ptxas -v for sm_90 shows no spills with these for
-#: N = 16 … 256 (forward and backward; checked offline, not timed).  The interpreter's are small so
-#: that tests at T ≤ 40 cross several blocks.
-GPU_CONFIG = {"BLOCK_T": 64, "MIN_BLOCK_T": 16, "BLOCK_N": 32, "TILE": 1024, "TILE_WARPS8": 4096}
-INTERPRETER_CONFIG = {"BLOCK_T": 8, "MIN_BLOCK_T": 8, "BLOCK_N": 8, "TILE": 1 << 30, "TILE_WARPS8": 1 << 30}
+#: elements (TILE_WARPS8 and up: 8 warps; the backward of a discretized call, which holds the
+#: factors a, b, dt, u of a tile besides its maps, from TILE_WARPS8_DISCRETIZED_BWD): ptxas -v for
+#: sm_90 shows no spills with these for N = 16 … 256 (forward and backward, with and without dt
+#: and u; checked offline, not timed).  The interpreter's are small so that tests at T ≤ 40 cross
+#: several blocks.
+GPU_CONFIG = {"BLOCK_T": 64, "MIN_BLOCK_T": 16, "BLOCK_N": 32, "TILE": 1024, "TILE_WARPS8": 4096,
+              "TILE_WARPS8_DISCRETIZED_BWD": 1024}
+INTERPRETER_CONFIG = {"BLOCK_T": 8, "MIN_BLOCK_T": 8, "BLOCK_N": 8, "TILE": 1 << 30, "TILE_WARPS8": 1 << 30,
+                      "TILE_WARPS8_DISCRETIZED_BWD": 1 << 30}
 
 _kernels_module = None
 
@@ -64,14 +68,15 @@ def _kernels():
     return _kernels_module
 
 
-def _launch(N: int, readout: bool) -> dict:
+def _launch(N: int, readout: bool, discretized_backward: bool = False) -> dict:
     """BLOCK_T, BLOCK_N and num_warps for a state of size N (the whole N in one program with a readout)."""
     cfg = INTERPRETER_CONFIG if _kernels().INTERPRETED else GPU_CONFIG
     block_n = max(2, triton_next_pow2(N))
     if not readout:
         block_n = min(cfg["BLOCK_N"], block_n)
     block_t = max(cfg["MIN_BLOCK_T"], min(cfg["BLOCK_T"], cfg["TILE"] // block_n))
-    return dict(BLOCK_T=block_t, BLOCK_N=block_n, num_warps=8 if block_t * block_n >= cfg["TILE_WARPS8"] else 4)
+    warps8 = cfg["TILE_WARPS8_DISCRETIZED_BWD" if discretized_backward else "TILE_WARPS8"]
+    return dict(BLOCK_T=block_t, BLOCK_N=block_n, num_warps=8 if block_t * block_n >= warps8 else 4)
 
 
 def supports(t: dict, a: dict) -> str | None:
@@ -171,18 +176,20 @@ def _summed(x, T: int, N: int) -> int:
     return (K.SUM_T if x.shape[-2] == 1 < T else 0) | (K.SUM_N if x.shape[-1] == 1 < N else 0)
 
 
-def _grad_buffer(rows: _Rows, T: int, N: int, n_blocks: int, summed: int, **f32):
+def _grad_buffer(rows: _Rows, T: int, N: int, n_blocks: int, summed: int, state: bool, **f32):
     """The fp32 buffer the backward kernel writes an operand's gradient to (see scan_kernels'
-    _grad_tile): (rows, T or 1, N or its N blocks)."""
+    _grad_tile): (rows, T or 1, N or its N blocks) by ``summed``; a state's (rows, N)."""
     K = _kernels()
+    if state:
+        return torch.empty(rows.count, N, **f32)
     return torch.empty(rows.count, 1 if summed & K.SUM_T else T, n_blocks if summed & K.SUM_N else N, **f32)
 
 
-def _reduce(g, like, R):
-    """A gradient buffer (rows, T', N') or a state's (rows, N), fp32, summed to ``like``'s shape and
-    dtype: over the N blocks the kernel left, then over the broadcast dims."""
+def _reduce(g, like, R, summed: int):
+    """A gradient buffer of :func:`_grad_buffer`, summed to ``like``'s shape and dtype: over the N
+    blocks the kernel left (when it summed over N), then over the broadcast dims."""
     g = g.reshape(*R, *g.shape[1:])
-    if g.dim() == len(R) + 2 and g.shape[-1] > 1 and like.shape[-1] == 1:
+    if summed & _kernels().SUM_N and g.shape[-1] > 1:
         g = g.sum(-1, keepdim=True)
     if tuple(g.shape) != tuple(like.shape):
         g = g.sum_to_size(like.shape)
@@ -207,14 +214,15 @@ def backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs):
         if needs[3] and T == 0:
             zero[3] = grad_h.expand(*R, N).sum_to_size(h0.shape).to(h0.dtype)
         return tuple(zero)
-    cfg = _launch(N, False)   # no reduction over N in the backward: N is split in blocks
+    # no reduction over N in the backward: N is split in blocks
+    cfg = _launch(N, False, discretized_backward=dt is not None or u is not None)
     block_t, block_n = cfg["BLOCK_T"], cfg["BLOCK_N"]
     nblk, n_blocks = -(-T // block_t), -(-N // block_n)
     dy = grad_y.expand((*R, T) if c is not None else full).contiguous()
     dht = (grad_h if grad_h is not None else torch.zeros(*R, N, **f32)).expand(*R, N).contiguous()
     ckpt = torch.empty(rows.count, nblk, N, **f32)
-    summed = [0 if x is None or i == 3 else _summed(x, T, N) for i, x in enumerate(ops)]
-    grads = [None if not n else torch.empty(rows.count, N, **f32) if i == 3 else _grad_buffer(rows, T, N, n_blocks, s, **f32)
+    summed = [_summed(x, T, N) if x is not None and i != 3 else 0 for i, x in enumerate(ops)]
+    grads = [_grad_buffer(rows, T, N, n_blocks, s, i == 3, **f32) if n else None
              for i, (n, s) in enumerate(zip(needs, summed))]
     av = views[0]
     _kernels().scan_bwd_kernel[(rows.count, n_blocks)](
@@ -227,7 +235,7 @@ def backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs):
         NEED_DU=needs[5],
         SUM_A=summed[0], SUM_B=summed[1], SUM_C=summed[2], SUM_DT=summed[4], SUM_U=summed[5],
         **cfg)
-    return tuple(_reduce(g, x, R) if n else None for g, x, n in zip(grads, ops, needs))
+    return tuple(_reduce(g, x, R, s) if n else None for g, x, n, s in zip(grads, ops, needs, summed))
 
 
 def triton_next_pow2(n: int) -> int:
