@@ -137,14 +137,11 @@ def _strides(rows: _Rows, av, bv, cv, hv, dv, uv) -> tuple:
             *_st(rows, uv))
 
 
-def forward(a, b, c, h0, dt, u=None, attrs=None):
+def forward(a, b, c, h0, dt, u, attrs):
     """(y, h) of seqfuse.scan on the triton kernels; y (*R, T) with a readout else (*R, T, N), h (*R, N),
     in the promoted dtype of the operands.  The decays exp(dt·a) and inputs b·dt·u of a discretized
     call are formed in the kernel, except for "recurrent" (the decode kernel of decode.py, on
-    materialized ones: T is a few steps there).  ``forward(a, b, c, h0, attrs)`` (the contract
-    before dt and u) still runs the plain recurrence."""
-    if attrs is None:
-        dt, attrs = None, dt
+    materialized ones: T is a few steps there)."""
     dtype = out_dtype(a, b, c, h0, dt, u)
     if attrs.get("algorithm") == "recurrent":
         decay, inp = discretize(a, b, dt, u)
