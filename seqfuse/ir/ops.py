@@ -32,9 +32,10 @@ def operand(optional: bool = False):
     return field(metadata={"role": "operand", "optional": False})
 
 
-def attr(default: Any):
-    """Declare a dataclass field as an attribute with a default value."""
-    return field(default=default, metadata={"role": "attr"})
+def attr(default: Any, omit_none: bool = False):
+    """Declare a dataclass field as an attribute with a default value (``omit_none``: not printed
+    while it is None, for an attribute that only some ops of a kind carry)."""
+    return field(default=default, metadata={"role": "attr", "omit_none": omit_none})
 
 
 @dataclass
@@ -142,6 +143,10 @@ class SSD(IROp):
     chunk: int = attr(64)
 
 
+#: the dtypes a scan's states may be rounded to before its readout (Scan.readout_dtype)
+READOUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 @dataclass
 class Scan(IROp):
     """A diagonal (elementwise) linear recurrence along the time axis, which is axis -2::
@@ -164,6 +169,11 @@ class Scan(IROp):
     so Mamba-1's exp(Δ·A) and Δ·B·x are formed inside the kernels from (B, D, T), (D, N) and
     (B, T, N) operands instead of being materialized at (B, D, T, N) (passes/scan_discretize).
 
+    ``readout_dtype`` (with a readout only; printed when set): the program rounds the states to
+    this dtype before reading them out (transformers' Mamba in bf16: ``h.to(bf16) @ C``), so
+    y_t = Σ_n c_t[n]·round(h_t[n]), accumulated in fp32, and y is in promote(readout_dtype,
+    c.dtype); the final state keeps the promoted dtype of the operands.
+
     Attributes: ``reverse`` runs t = T-1 … 0.  Algorithms: "recurrent" (sequential; a
     generated C kernel on CPU), "chunked" (log-depth scan within chunks, a pass over chunks).
     """
@@ -177,6 +187,7 @@ class Scan(IROp):
     dt: torch.fx.Node | None = operand(optional=True)
     u: torch.fx.Node | None = operand(optional=True)
     reverse: bool = attr(False)
+    readout_dtype: torch.dtype | None = attr(None, omit_none=True)
 
 
 @dataclass

@@ -10,6 +10,7 @@ Value names are the FX node names, which are stable for a given program.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -69,7 +70,8 @@ def format_op(op: IROp, result: str = "out") -> str:
                 optional.append(f"{f.name}={format_value(v)}")
         else:
             required.append(format_value(v))
-    attrs = [f"{k}={format_value(v)}" for k, v in op.attributes()]
+    omit = {f.name for f in dataclasses.fields(op) if f.metadata.get("omit_none")}
+    attrs = [f"{k}={format_value(v)}" for k, v in op.attributes() if not (v is None and k in omit)]
     attrs.append(f"algo={op.algorithm}")
     args = ", ".join(required + optional)
     return f"%{result} = seqfuse.{op.kind}({args}) {{{', '.join(attrs)}}}"

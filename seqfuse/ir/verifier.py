@@ -11,7 +11,7 @@ import math
 import torch
 import torch.fx
 
-from seqfuse.ir.ops import Attention, IROp, LongConv, Scan, SSD
+from seqfuse.ir.ops import READOUT_DTYPES, Attention, IROp, LongConv, Scan, SSD
 
 
 class IRVerificationError(ValueError):
@@ -92,6 +92,10 @@ def _verify_scan(op: Scan) -> None:
             _check(not t.is_complex(), op, f"{name} must be real, got {t.dtype}")
     if op.dt is not None:
         _check(not a.is_complex(), op, f"with dt, a holds real log-decays; got {a.dtype}")
+    if op.readout_dtype is not None:
+        _check(op.c is not None, op, "readout_dtype needs a readout c")
+        _check(op.readout_dtype in READOUT_DTYPES, op,
+               f"readout_dtype must be one of {READOUT_DTYPES}, got {op.readout_dtype!r}")
     _check(isinstance(op.reverse, bool), op, f"reverse must be a bool, got {op.reverse!r}")
 
 

@@ -56,8 +56,8 @@ def _lower_ssd(graph: torch.fx.Graph, node: torch.fx.Node, op: SSD, runtime: str
 
 def _lower_scan(graph: torch.fx.Graph, node: torch.fx.Node, op: Scan, runtime: str) -> torch.fx.Node:
     args = (op.a, op.b, op.c, op.h0, bool(op.reverse), _algorithm(op), runtime)
-    if op.dt is not None or op.u is not None:
-        args = (*args, op.dt, op.u)
+    if op.dt is not None or op.u is not None or op.readout_dtype is not None:
+        args = (*args, op.dt, op.u, op.readout_dtype)
     return _lower_pair(graph, node, torch.ops.seqfuse.scan.default, args)
 
 

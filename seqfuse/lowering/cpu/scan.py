@@ -563,6 +563,8 @@ def scan_backward(grad_y, grad_h, a, b, c=None, h0=None, reverse: bool = False, 
 def supports(tensors: dict, attrs: dict) -> str | None:
     """None if the C kernel runs this seqfuse::scan call (the plain or the discretized form), else
     the reason it does not."""
+    if attrs.get("readout_dtype") is not None:
+        return "readout_dtype (states rounded before the readout) is not in the C kernel yet"
     reason = check_tensors(tensors)  # every operand, dt and u included: real, CPU, a kernel dtype
     if reason is not None:
         return reason

@@ -170,12 +170,26 @@ def _prepare(a, b, c, h0):
     return a, b, h0
 
 
-def _readout(hs, c, dtype):
-    """y = Σ_n c·h (or h itself), in the output dtype."""
+def y_dtype(dtype: torch.dtype, c=None, readout_dtype=None) -> torch.dtype:
+    """The dtype of y: the operands' promoted ``dtype``, or with states rounded to
+    ``readout_dtype`` before the readout, promote(readout_dtype, c.dtype)."""
+    if readout_dtype is None or c is None:
+        return dtype
+    return torch.promote_types(readout_dtype, c.dtype)
+
+
+def rounded(hs, readout_dtype):
+    """The states as the readout reads them: rounded to ``readout_dtype`` (None: as they are), in
+    their own dtype again."""
+    return hs if readout_dtype is None else hs.to(readout_dtype).to(hs.dtype)
+
+
+def _readout(hs, c, dtype, readout_dtype=None):
+    """y = Σ_n c·round(h) (or h itself), in y's dtype."""
     if c is None:
         return hs.to(dtype)
     acc = torch.promote_types(hs.dtype, c.dtype)
-    return (hs.to(acc) * c.to(acc)).sum(-1).to(dtype)
+    return (rounded(hs, readout_dtype).to(acc) * c.to(acc)).sum(-1).to(y_dtype(dtype, c, readout_dtype))
 
 
 def scan_states_recurrent(a, b, h0):
@@ -188,9 +202,11 @@ def scan_states_recurrent(a, b, h0):
     return torch.stack(hs, dim=-2) if hs else a.new_zeros(a.shape)
 
 
-def scan_reference(a, b, c=None, h0=None, *, dt=None, u=None, reverse=False, algorithm="recurrent", chunk=64):
+def scan_reference(a, b, c=None, h0=None, *, dt=None, u=None, reverse=False, algorithm="recurrent", chunk=64,
+                   readout_dtype=None):
     """(y, h) of seqfuse.scan computed by ``algorithm`` ("recurrent" or "chunked"); with dt / u the
-    discretized form (:func:`discretize`)."""
+    discretized form (:func:`discretize`); with ``readout_dtype`` the states are rounded to it
+    before the readout (:func:`rounded`, :func:`y_dtype`)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"seqfuse.scan: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     check_discretization(a, dt, u)
@@ -203,7 +219,7 @@ def scan_reference(a, b, c=None, h0=None, *, dt=None, u=None, reverse=False, alg
     h = hs[..., -1, :] if hs.shape[-2] > 0 else h0_
     if reverse:
         hs = hs.flip(-2)
-    return _readout(hs, c, dtype), h.to(dtype)
+    return _readout(hs, c, dtype, readout_dtype), h.to(dtype)
 
 
 def scan_states_chunked(a, b, h0, chunk=64):
@@ -255,13 +271,14 @@ def _reduce_to(grad, like):
 
 
 def scan_backward_reference(grad_y, grad_h, a, b, c=None, h0=None, *, reverse=False, algorithm="recurrent",
-                            chunk=64, needs=(True, True, True, True)):
+                            chunk=64, needs=(True, True, True, True), readout_dtype=None):
     """Gradients (da, db, dc, dh0) of scan_reference, each in its operand's shape and dtype (None
     where ``needs`` is False), by the adjoint recurrence: the reverse scan
 
         g_t = ∂y_t/∂h_t·grad_y_t + conj(a_{t+1})·g_{t+1},   g_{T-1} also gets grad_h
 
-    then da_t = g_t·conj(h_{t-1}), db_t = g_t, dh0 = conj(a_0)·g_0, dc_t = grad_y_t·conj(h_t).
+    then da_t = g_t·conj(h_{t-1}), db_t = g_t, dh0 = conj(a_0)·g_0, dc_t = grad_y_t·conj(h_t)
+    (h_t rounded to ``readout_dtype`` when given: what the readout read).
     """
     a_, b_, h0_ = _prepare(a, b, c, h0)
     T = a_.shape[-2]
@@ -275,7 +292,7 @@ def scan_backward_reference(grad_y, grad_h, a, b, c=None, h0=None, *, reverse=Fa
     hs = scan_states(a_, b_, h0_, algorithm, chunk)
     h_prev = torch.cat([h0_.unsqueeze(-2).to(hs.dtype), hs[..., :-1, :]], dim=-2)
     # 2. the gradient reaching each h_t through its own readout
-    direct = gy.unsqueeze(-1) * c_.conj() if c_ is not None else gy
+    direct = gy.unsqueeze(-1).to(hs.dtype) * c_.conj().to(hs.dtype) if c_ is not None else gy
     direct = direct.expand(hs.shape)
     # 3. the adjoint: a reverse scan with the conjugated decays shifted by one step
     a_next = torch.cat([a_[..., 1:, :].conj(), a_.new_ones(*a_.shape[:-2], 1, a_.shape[-1])], dim=-2)
@@ -283,7 +300,7 @@ def scan_backward_reference(grad_y, grad_h, a, b, c=None, h0=None, *, reverse=Fa
     # 4. the operands' gradients
     da = g * h_prev.conj() if needs[0] else None
     db = g if needs[1] else None
-    dc = gy.unsqueeze(-1) * hs.conj() if (c is not None and needs[2]) else None
+    dc = gy.unsqueeze(-1) * rounded(hs, readout_dtype).conj() if (c is not None and needs[2]) else None
     dh0 = None
     if h0 is not None and needs[3]:
         dh0 = a_[..., 0, :].conj() * g[..., 0, :] if T > 0 else grad_h

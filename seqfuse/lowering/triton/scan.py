@@ -81,6 +81,8 @@ def _launch(N: int, readout: bool, discretized_backward: bool = False) -> dict:
 
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
+    if a.get("readout_dtype") is not None:
+        return "readout_dtype (states rounded before the readout) is not in the triton kernels yet"
     ops = [(n, t.get(n)) for n in _OPERANDS]
     first = t["a"]
     reason = availability(first.device, _kernels_module)
