@@ -147,6 +147,14 @@ class SSD(IROp):
 READOUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def scan_y_dtype(dtype: torch.dtype, c_dtype: torch.dtype | None, readout_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of a scan's y: the operands' promoted ``dtype``, or, with a readout c whose
+    states are rounded to ``readout_dtype`` first, promote(readout_dtype, c's dtype)."""
+    if readout_dtype is None or c_dtype is None:
+        return dtype
+    return torch.promote_types(readout_dtype, c_dtype)
+
+
 @dataclass
 class Scan(IROp):
     """A diagonal (elementwise) linear recurrence along the time axis, which is axis -2::

@@ -44,7 +44,8 @@ from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
 from seqfuse.passes.loop_reroll import Loop, NoLoop, _canon_args, _hashable, _seed_key, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
-from seqfuse.passes.pattern import axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, val
+from seqfuse.passes.pattern import CASTS, axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, \
+    readout_rounding, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -404,6 +405,17 @@ class _Rewrite:
             role = loop.roles[role[1]][0][2][0]
         return False
 
+    def _state_casts(self, role, k) -> tuple:
+        """The dtypes of the casts on the way from carried value k to a readout's state operand
+        ``role`` (one that :meth:`_state_operand` accepts), in the order they apply."""
+        loop, out = self.loop, []
+        while role[0] == "L" and role[1] != k:
+            node = loop.template[role[1]]
+            if is_op(node, *CASTS):
+                out.append(val(node).dtype)
+            role = loop.roles[role[1]][0][2][0]
+        return tuple(reversed(out))
+
     def _readout(self, k):
         """(j, state operand position, c role, letters) of an einsum reading state k once and
         contracting it with a constant operand, or None."""
@@ -499,19 +511,28 @@ class _Rewrite:
             b = vec.emit(aten.expand.default, (b, full))
         h0 = self._init(vec, k, S, D)
         c = None
+        rounding = None
         if readout is not None and not all_states:
-            j, _, c_role, sl, cl, out = readout
-            if not self._scan_readout_ok(sl, cl, out, val(loop.template[j])):
+            j, i, c_role, sl, cl, out = readout
+            state_role = loop.roles[j][0][2][1][2][i]
+            try:
+                # the program may round the states before reading them out (h.to(bf16) @ C)
+                rounding = readout_rounding(D, self._state_casts(state_role, k))
+            except ValueError:
                 readout = None
-            else:
+            if readout is not None and not self._scan_readout_ok(sl, cl, out, val(loop.template[j])):
+                readout = None
+            elif readout is not None:
                 cv, is_vec = vec.role(c_role)
                 c = vec.align(cv, is_vec, cl, sl)
                 c = vec.emit(aten.movedim.int, (c, 0, -2)) if is_vec else vec.emit(aten.unsqueeze.default, (c, -2))
         else:
             readout = None
-        op = Scan(a=a, b=b, c=c, h0=h0, reverse=loop.reverse)
+        rounding = rounding if c is not None else None
+        op = Scan(a=a, b=b, c=c, h0=h0, reverse=loop.reverse, readout_dtype=rounding)
         fake = torch.ops.seqfuse.scan.default(val(a), val(b), val(c) if c is not None else None,
-                                              val(h0) if h0 is not None else None, loop.reverse, "recurrent", "auto")
+                                              val(h0) if h0 is not None else None, loop.reverse, "recurrent", "auto",
+                                              None, None, rounding)
         ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][k])
         ir.meta["val"] = fake
         y = vec.emit(operator.getitem, (ir, 0))

@@ -279,3 +279,28 @@ def sym_product(graph: torch.fx.Graph, factors: list, before: torch.fx.Node):
             a, b = (val(acc.args[0]), val(node))
             acc.meta["val"] = (a / b) if invert else (a * b)
     return acc
+
+
+def readout_rounding(state_dtype: torch.dtype, chain) -> torch.dtype | None:
+    """The one dtype that casts ``chain`` (the dtypes a value of ``state_dtype`` is cast to, in
+    order) round it to, or None when none narrows it: what a scan's ``readout_dtype`` must be for
+    its readout to read the states as the program does.  Raises ValueError when the casts round
+    in a way one rounding cannot stand for (two narrower dtypes such as fp16 then bf16, or a state
+    that is not fp32 / fp64)."""
+    def bits(d):
+        return torch.finfo(d).bits if d.is_floating_point else None
+
+    narrow = []
+    for d in chain:
+        if d == state_dtype:
+            continue
+        if bits(d) is None or bits(state_dtype) is None:
+            raise ValueError(f"a cast of the {state_dtype} states to {d}")
+        if bits(d) <= bits(state_dtype):  # fewer bits, or as many in another format
+            narrow.append(d)
+    if not narrow:
+        return None
+    if len(set(narrow)) > 1 or state_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the {state_dtype} states are rounded to {' then '.join(map(str, narrow))} "
+                         f"(not one rounding)")
+    return narrow[0]

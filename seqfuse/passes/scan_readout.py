@@ -12,8 +12,13 @@ use of the states is followed structurally, from the scan's y through
 - views that only move, add or drop size-1 axes (``seqfuse.passes.pattern.axis_view``: permute,
   transpose, movedim, unsqueeze, expand of a unit axis, unit reshapes, identity copies; never
   ``detach``, which would change the gradients), keeping for each axis the axis of y it reads;
-- casts that leave the dtype as it is (a cast that changes it rounds the states before the
-  contraction: refused, a near miss when the rest is a readout);
+- casts.  A cast to a narrower dtype rounds the states before the contraction (transformers'
+  Mamba in bf16: ``h.to(bf16) @ C``): the scan then takes that dtype as its ``readout_dtype``
+  and rounds them the same way (and, as autograd through the cast does, the gradient that
+  reaches them through the readout); every readout must read them through the same casts, and
+  casts that one rounding cannot stand for (fp16 then bf16) are a near miss.  A last-state read
+  through widening casts gets the same casts on the final state; one through a narrowing cast
+  leaves the graph as is (the program sums the two reads' gradients in the narrow dtype);
 - ``flip`` of the time axis (torch's ``associative_scan(reverse=True)`` scans the flipped inputs
   and flips the states back): it reverses which position is the last state, and a readout through
   it reads c and writes its result time-reversed;
@@ -43,8 +48,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from seqfuse.ir.ops import Scan, ir_of
-from seqfuse.passes.pattern import CASTS, ancestors, arg, axis_view, copy_meta, is_op, rank, val
+from seqfuse.ir.ops import Scan, ir_of, scan_y_dtype
+from seqfuse.passes.pattern import CASTS, ancestors, arg, axis_view, copy_meta, is_op, rank, readout_rounding, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -87,24 +92,28 @@ def _einsum_letters(node) -> tuple[list[str], str]:
 class _View:
     """A node that reads the states: ``axes[k]`` is the axis of y that its axis k reads (None: a
     size-1 axis the views added); ``flipped``: its time axis runs backwards; ``anchor``: the
-    nearest node (y, a cast or a flip) from which ``axis_view`` reaches it."""
+    nearest node (y, a cast or a flip) from which ``axis_view`` reaches it; ``dtypes``: the
+    dtypes of the casts on the way from y, in order."""
 
     anchor: torch.fx.Node
     anchor_axes: list
     axes: list
     flipped: bool
+    dtypes: tuple = ()
 
 
 @dataclasses.dataclass
 class _Readout:
     """One einsum E = Σ_n states·c: c's axis for each axis of y (None: c broadcasts), and the axis
-    of the scan's y (*R, T) each output axis of E reads (None: a size-1 axis)."""
+    of the scan's y (*R, T) each output axis of E reads (None: a size-1 axis); ``dtypes``: the
+    casts of the states on the way to it."""
 
     node: torch.fx.Node
     c: torch.fx.Node
     c_axes: tuple
     out_axes: list
     flipped: bool
+    dtypes: tuple = ()
 
 
 class ScanReadoutPass(Pass):
@@ -144,7 +153,7 @@ class ScanReadoutPass(Pass):
         self.r, self.T, self.y_shape = r, y_val.shape[-2], y_val.shape
         self.near = []
         self.reverse = bool(op.reverse)
-        readouts, lasts, cast = [], [], False
+        readouts, lasts = [], []
         views: dict = {}
         stack = []
         for y in ys:
@@ -158,10 +167,6 @@ class ScanReadoutPass(Pass):
                     continue
                 kind, new = self._use(scan, x, v, u)
                 if kind == "view":
-                    views[u] = new
-                    stack.append(u)
-                elif kind == "cast":
-                    cast = True
                     views[u] = new
                     stack.append(u)
                 elif kind == "readout":
@@ -178,11 +183,22 @@ class ScanReadoutPass(Pass):
                 raise NotReadout("two readouts of the states with different c")
         if first.c in views or scan in ancestors(first.c):
             raise NotReadout("c depends on the scan")
-        if cast:
-            raise NearReadout("the states are cast to another dtype before their readout (folding it would "
-                              "contract states that were not rounded to that dtype)")
-        if val(first.c).dtype != y_val.dtype or any(val(ro.node).dtype != y_val.dtype for ro in readouts):
+        if any(ro.dtypes != first.dtypes for ro in readouts):
+            raise NearReadout("the readouts read the states through different casts")
+        try:
+            rounding = readout_rounding(y_val.dtype, first.dtypes)
+        except ValueError as e:
+            raise NearReadout(f"{e}: the readout cannot round the states that way") from None
+        read_dtype = first.dtypes[-1] if first.dtypes else y_val.dtype    # the einsum's states operand
+        want = torch.promote_types(read_dtype, val(first.c).dtype)
+        if want != scan_y_dtype(y_val.dtype, val(first.c).dtype, rounding) or any(val(ro.node).dtype != want for ro in readouts):
             raise NotReadout("the readout is computed in another dtype")
+        for node, _, dtypes in lasts:
+            # a last state read after a narrowing cast too: the program's gradient of the states sums
+            # both reads in that dtype (one more rounding than the folded op's), so the states stay
+            if readout_rounding(y_val.dtype, dtypes) is not None:
+                raise NotReadout("the last state is read rounded too")
+        self.rounding = rounding
         move = self._movable(ctx, scan, first.c)
         self._rewrite(ctx, scan, op, ys, hs, readouts, lasts, move)
         return True
@@ -205,8 +221,8 @@ class ScanReadoutPass(Pass):
             if u.target is aten._to_copy.default and set(u.kwargs) - {"dtype", "memory_format"}:
                 raise NotReadout("a copy to another device or layout")
             if uv.dtype == val(x).dtype:
-                return "view", _View(u, v.axes, list(v.axes), v.flipped)
-            return "cast", _View(u, v.axes, list(v.axes), v.flipped)
+                return "view", _View(u, v.axes, list(v.axes), v.flipped, v.dtypes)
+            return "view", _View(u, v.axes, list(v.axes), v.flipped, v.dtypes + (uv.dtype,))
         if is_op(u, aten.flip):
             dims = [d % rank(x) for d in u.args[1]]
             toggles = 0
@@ -215,7 +231,7 @@ class ScanReadoutPass(Pass):
                     toggles += 1
                 elif not _one(val(x).shape[d]):
                     raise NotReadout("a flip of another axis than time")
-            return "view", _View(u, v.axes, list(v.axes), v.flipped ^ (toggles % 2 == 1))
+            return "view", _View(u, v.axes, list(v.axes), v.flipped ^ (toggles % 2 == 1), v.dtypes)
         if is_op(u, aten.select, aten.slice) and u.target in (aten.select.int, aten.slice.Tensor):
             return "last", self._last(x, v, u)
         if is_op(u, aten.detach, aten.detach_, aten.lift_fresh_copy):
@@ -227,7 +243,7 @@ class ScanReadoutPass(Pass):
         shape = val(u).shape
         if any(m is None and not _one(shape[k]) for k, m in enumerate(new)):
             raise NotReadout("the states broadcast to a larger shape")
-        return "view", _View(v.anchor, v.anchor_axes, new, v.flipped)
+        return "view", _View(v.anchor, v.anchor_axes, new, v.flipped, v.dtypes)
 
     def _position(self, v: _View, index):
         """Whether time index ``index`` of a view is the last computed state."""
@@ -256,7 +272,7 @@ class ScanReadoutPass(Pass):
                 raise NotReadout("a slice other than the last state")
             axes = v.axes[:d] + [None] + v.axes[d + 1:]
         # the scan's h (*R, N): y axis i < r-2 is h axis i, y's N (r-1) is h axis r-2
-        return u, [None if m is None else (m if m < r - 2 else r - 2) for m in axes]
+        return u, [None if m is None else (m if m < r - 2 else r - 2) for m in axes], v.dtypes
 
     def _readout(self, x, v: _View, u) -> _Readout:
         r = self.r
@@ -303,7 +319,7 @@ class ScanReadoutPass(Pass):
         oshape = val(u).shape
         if any(m is None and not _one(oshape[k]) for k, m in enumerate(out_axes)):
             raise NotReadout("an output axis of size > 1 that is not the states'")
-        return _Readout(u, c, tuple(c_axes), out_axes, v.flipped)
+        return _Readout(u, c, tuple(c_axes), out_axes, v.flipped, v.dtypes)
 
     @staticmethod
     def _movable(ctx: PassContext, scan, c) -> list:
@@ -339,20 +355,24 @@ class ScanReadoutPass(Pass):
         c = self._layout(emit, first.c, list(first.c_axes), rank(first.c))
         if first.flipped and first.c_axes[r - 2] is not None and not _one(val(c).shape[r - 2]):
             c = emit(aten.flip.default, (c, [r - 2]))
-        new_op = dataclasses.replace(op, c=c)
+        new_op = dataclasses.replace(op, c=c, readout_dtype=self.rounding)
         ir = ctx.insert_ir(new_op, scan, scan)
         va, vb, vc = val(op.a), val(op.b), val(c)
         full = torch.broadcast_shapes(va.shape, vb.shape, vc.shape)
         y_like = val(ys[0])
-        ir.meta["val"] = (y_like.new_empty(tuple(full[:-1])), y_like.new_empty((*full[:-2], full[-1])))
+        ir.meta["val"] = (y_like.new_empty(tuple(full[:-1]), dtype=scan_y_dtype(y_like.dtype, vc.dtype, self.rounding)),
+                          y_like.new_empty((*full[:-2], full[-1])))
         y = emit(operator.getitem, (ir, 0))
         h = emit(operator.getitem, (ir, 1))
         if first.flipped and not _one(full[-2]):
             y = emit(aten.flip.default, (y, [r - 2]))
         for ro in readouts:
             ro.node.replace_all_uses_with(self._layout(emit, y, ro.out_axes, r - 1, like=ro.node))
-        for node, axes in lasts:
-            node.replace_all_uses_with(self._layout(emit, h, axes, r - 1, like=node))
+        for node, axes, dtypes in lasts:
+            last = h
+            for d in dtypes:   # the casts the program applied on the way to this read
+                last = emit(aten.to.dtype, (last, d), like=node)
+            node.replace_all_uses_with(self._layout(emit, last, axes, r - 1, like=node))
         for old in hs:
             old.replace_all_uses_with(h)
 

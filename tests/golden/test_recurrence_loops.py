@@ -520,3 +520,25 @@ def test_slices_of_a_view_recomputed_per_step():
                                  rand(2, 3, T, 4), rand(2, T, 4))
     (ir,) = only(report, "scan")
     assert "c=%" in ir, ir
+
+
+def test_hf_mamba_slow_path_in_bf16_rounds_the_states_for_the_readout(monkeypatch):
+    # a bf16 model: fp32 states (A and the .float() casts), matmul(h.to(bf16), C_t): the scan takes
+    # readout_dtype=bf16 and rounds the states as the program does
+    b, d, n = 2, 6, 4
+    bf = torch.bfloat16
+    args = (rand(b, d, T).to(bf), F.softplus(torch.randn(b, d, T)).to(bf).requires_grad_(),
+            -rand(d, n, positive=True), rand(b, T, n).to(bf), rand(b, T, n).to(bf).requires_grad_(), rand(d),
+            rand(b, d, T).to(bf))
+    report = check_against_eager(hf_mamba_slow, *args)
+    (ir,) = only(report, "scan")
+    assert "readout_dtype=bf16" in ir and "c=%" in ir, ir
+    # the rounding is what makes the outputs agree: the same fold without it is measurably further
+    with torch.no_grad():
+        ref = hf_mamba_slow(*args)[0].double()
+        got = torch.compile(hf_mamba_slow, backend="seqfuse", options={"downstream": "eager"})(*args)[0]
+        torch._dynamo.reset()
+        monkeypatch.setattr("seqfuse.passes.loops.readout_rounding", lambda *a: None)
+        plain = torch.compile(hf_mamba_slow, backend="seqfuse", options={"downstream": "eager"})(*args)[0]
+        torch._dynamo.reset()
+    assert (plain.double() - ref).abs().max() > 4 * (got.double() - ref).abs().max()

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import check_against_eager
+from helpers import BOUND, check_against_eager
 
 RECURRENCES = ("ssd", "scan")
 
@@ -132,6 +132,21 @@ def test_mamba_associative_scan_matches_eager_with_one_scan_per_layer():
             # the matmul with C and all_states[:, :, -1] fold into the scan (seqfuse.passes.scan_readout)
             assert "c=%" in r.ir, r.ir
             assert "dt=%" in r.ir and "u=%" in r.ir, r.ir
+    assert not [m for m in report.near_misses if m.kind in ("scan", "graph")], str(report)
+
+
+@pytest.mark.parametrize("associative_scan", [False, True])
+def test_mamba_in_bf16_rounds_the_states_for_the_readout(associative_scan):
+    # a bf16 model keeps fp32 states (A_log.float(), B.float(), x.float()) and reads them out as
+    # h.to(bf16) @ C: one scan per layer with readout_dtype=bf16 and the discretization folded
+    model, tokens = tiny_mamba(associative_scan=associative_scan)
+    model = model.to(torch.bfloat16).eval()
+    # the logits are fp32 casts of bf16 values: bf16's bound (inductor differs from eager by 3.1e-3)
+    report = check_against_eager(model, tokens, options={"downstream": "aot_eager"}, bound=BOUND[torch.bfloat16])
+    assert_recurrences(report, "scan", model.lm.config.num_hidden_layers)
+    for r in report.rewrites:
+        if r.kind == "scan":
+            assert "readout_dtype=bf16" in r.ir and "dt=%" in r.ir and "c=%" in r.ir, r.ir
     assert not [m for m in report.near_misses if m.kind in ("scan", "graph")], str(report)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from seqfuse.ir.ops import scan_y_dtype
+
 ALGORITHMS = ("recurrent", "chunked")
 
 
@@ -173,9 +175,7 @@ def _prepare(a, b, c, h0):
 def y_dtype(dtype: torch.dtype, c=None, readout_dtype=None) -> torch.dtype:
     """The dtype of y: the operands' promoted ``dtype``, or with states rounded to
     ``readout_dtype`` before the readout, promote(readout_dtype, c.dtype)."""
-    if readout_dtype is None or c is None:
-        return dtype
-    return torch.promote_types(readout_dtype, c.dtype)
+    return scan_y_dtype(dtype, None if c is None else c.dtype, readout_dtype)
 
 
 def rounded(hs, readout_dtype):
@@ -277,8 +277,10 @@ def scan_backward_reference(grad_y, grad_h, a, b, c=None, h0=None, *, reverse=Fa
 
         g_t = ∂y_t/∂h_t·grad_y_t + conj(a_{t+1})·g_{t+1},   g_{T-1} also gets grad_h
 
-    then da_t = g_t·conj(h_{t-1}), db_t = g_t, dh0 = conj(a_0)·g_0, dc_t = grad_y_t·conj(h_t)
-    (h_t rounded to ``readout_dtype`` when given: what the readout read).
+    then da_t = g_t·conj(h_{t-1}), db_t = g_t, dh0 = conj(a_0)·g_0, dc_t = grad_y_t·conj(h_t).
+    With ``readout_dtype`` the program's readout read the states rounded to it, so as autograd
+    through its cast would: dc_t uses the rounded h_t, and the gradient reaching h_t through the
+    readout, grad_y_t·c_t, is rounded to ``readout_dtype`` too.
     """
     a_, b_, h0_ = _prepare(a, b, c, h0)
     T = a_.shape[-2]
@@ -293,6 +295,8 @@ def scan_backward_reference(grad_y, grad_h, a, b, c=None, h0=None, *, reverse=Fa
     h_prev = torch.cat([h0_.unsqueeze(-2).to(hs.dtype), hs[..., :-1, :]], dim=-2)
     # 2. the gradient reaching each h_t through its own readout
     direct = gy.unsqueeze(-1).to(hs.dtype) * c_.conj().to(hs.dtype) if c_ is not None else gy
+    if c_ is not None:   # the program's readout read rounded states: their gradient is rounded too
+        direct = rounded(direct, readout_dtype)
     direct = direct.expand(hs.shape)
     # 3. the adjoint: a reverse scan with the conjugated decays shifted by one step
     a_next = torch.cat([a_[..., 1:, :].conj(), a_.new_ones(*a_.shape[:-2], 1, a_.shape[-1])], dim=-2)
