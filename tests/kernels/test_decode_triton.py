@@ -2,7 +2,8 @@
 steps) against the fp32 recurrent references: ssd for every decay kind (none / scalar / vector) ×
 fp32 / fp16 / bf16 × with and without d and h0 × T ∈ {1, 3}, mixed dtypes (the final state in the
 promoted dtype of x, b, c), broadcast and strided operands; scan with and without a readout,
-reverse, h0, broadcast operands; deliberately wrong launches the checks must catch; and both
+reverse, h0, broadcast operands, states rounded to bf16 / fp16 before the readout (readout_dtype);
+deliberately wrong launches the checks must catch; and both
 custom ops run with algorithm "recurrent" on the triton path, the decode kernel launched (forward)
 and the gradients right (backward: the ssd / scan triton backward, shared with "chunked").
 
@@ -235,6 +236,60 @@ def test_scan_custom_op_runs_the_decode_kernel(monkeypatch):
     assert len(launches.grids) == 1
     ry, rh = scan_reference(ref[0], ref[1], c, ref[2])
     (ry.square().sum() + rh.sum()).backward()
+    assert rel_err(y, ry) < BOUND[torch.float32] and rel_err(h, rh) < BOUND[torch.float32]
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad, want.grad) < BOUND[torch.float32]
+
+
+@pytest.mark.parametrize("readout_dtype,c_dtype", [
+    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+], ids=str)
+def test_scan_decode_rounded_readout(readout_dtype, c_dtype):
+    # the readout reads the states rounded to readout_dtype (h.to(bf16) @ C): against the reference
+    # with readout_dtype, y in promote(readout_dtype, c); fp32 a, b, h0 (and dt, u: the discretized
+    # form, materialized for the decode kernel), reverse, h0, several row blocks
+    g = torch.Generator().manual_seed(1)
+    for reverse, disc in ((False, False), (True, True)):
+        a, b, c, h0 = make_scan((2, 3), 3, 5, torch.float32, h0=True)
+        c = c.to(c_dtype)
+        dt = (0.05 + torch.rand(2, 3, 3, 1, generator=g)).to(DEVICE) if disc else None
+        u = torch.randn(2, 3, 3, 1, generator=g).to(DEVICE) if disc else None
+        if disc:
+            a = -torch.rand(3, 1, 5, generator=g).to(DEVICE)      # log-decays, Mamba's A (D, 1, N)
+        attrs = dict(reverse=reverse, algorithm="recurrent", readout_dtype=readout_dtype)
+        assert tscan.supports(dict(a=a, b=b, c=c, h0=h0, dt=dt, u=u), attrs) is None
+        y, h = tscan.forward(a, b, c, h0, dt, u, attrs)
+        assert y.dtype == torch.promote_types(readout_dtype, c_dtype) and h.dtype == torch.float32
+        ry, rh = scan_reference(a, b, f32(c), h0, dt=dt, u=u, reverse=reverse, readout_dtype=readout_dtype)
+        py, _ = scan_reference(a, b, f32(c), h0, dt=dt, u=u, reverse=reverse)
+        assert_close("y", y, ry, BOUND[y.dtype])
+        assert_close("h", h, rh, BOUND[torch.float32])
+        if y.dtype == torch.float32:   # a kernel that skipped the rounding would fail
+            assert rel_err(py, ry) > BOUND[torch.float32]
+
+
+def test_scan_custom_op_runs_the_decode_kernel_rounded(monkeypatch):
+    # torch.ops.seqfuse.scan(..., "recurrent", "triton", readout_dtype=bf16): the decode kernel runs
+    # the forward, the blocked backward kernel the gradients, against the reference with readout_dtype
+    importlib.import_module("seqfuse.lowering.scan_op")
+    from seqfuse.runtime import counters, reset_counters
+    kern = decode._kernels()
+    launches = Launches(kern.scan_decode_kernel)
+    monkeypatch.setattr(kern, "scan_decode_kernel", launches)
+    a, b, c, h0 = make_scan((1, 2), 2, 4, torch.float32, shared_c=True, h0=True)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (a, b, c, h0)]
+    ref = [x.detach().clone().requires_grad_(True) for x in (a, b, c, h0)]
+    reset_counters()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="seqfuse")
+        y, h = torch.ops.seqfuse.scan(*leaves, False, "recurrent", "triton", None, None, torch.bfloat16)
+        (y.square().sum() + h.sum()).backward()
+    calls = counters()
+    assert calls["scan"]["triton"] == 1 and calls["scan_backward"]["triton"] == 1, calls
+    assert len(launches.grids) == 1
+    ry, rh = scan_reference(*ref, readout_dtype=torch.bfloat16)
+    (ry.square().sum() + rh.sum()).backward()
+    assert y.dtype == torch.float32
     assert rel_err(y, ry) < BOUND[torch.float32] and rel_err(h, rh) < BOUND[torch.float32]
     for got, want in zip(leaves, ref):
         assert rel_err(got.grad, want.grad) < BOUND[torch.float32]

@@ -2,8 +2,9 @@
 gradient, with and without a readout, c shared through an expand (stride 0), h0, reverse, odd T
 (several blocks plus a partial one), fp32 / fp16 / bf16; the discretized form (decay exp(dt·a),
 input b·dt·u, formed in the kernels) at Mamba-1's broadcast shapes and others, against an oracle
-that materializes them in torch; what ``supports`` refuses; and a deliberately wrong kernel config
-that the checks must catch.
+that materializes them in torch; states rounded to bf16 / fp16 before the readout (readout_dtype,
+transformers' Mamba in bf16: h.to(bf16) @ C) against the reference and the eager program; what
+``supports`` refuses; and a deliberately wrong kernel config that the checks must catch.
 
 Without CUDA the kernels run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1,
 set per test by conftest.py) at tiny shapes; the ``gpu`` test runs compiled kernels at real shapes.
@@ -15,7 +16,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from kernel_checks import BOUND, DEVICE, IGNORE_NDIM_WARNING, assert_close, compile_offline, rel_err  # noqa: E402
-from seqfuse.lowering.reference.scan import scan_reference  # noqa: E402
+from seqfuse.lowering.reference.scan import out_dtype, scan_backward_reference, scan_reference  # noqa: E402
 from seqfuse.lowering.triton import scan as tscan  # noqa: E402
 
 pytestmark = [IGNORE_NDIM_WARNING]
@@ -308,6 +309,170 @@ def test_scan_discretized_supports():
     assert "broadcast" in tscan.supports(dict(ops, dt=ops["dt"][..., :3, :]), attrs)
 
 
+# --- states rounded before the readout: readout_dtype (transformers' Mamba in bf16: h.to(bf16) @ C) ----
+
+ORDER = ("a", "b", "c", "h0", "dt", "u")
+
+
+def eager_rounded(ops, readout_dtype, reverse=False):
+    """(y, h) of the program a readout_dtype stands for, in torch autograd: every state (the scan
+    without a readout), rounded ``.to(readout_dtype)``, then a matmul with C in
+    promote(readout_dtype, c) (bf16 @ bf16 for a bf16 c)."""
+    hs, h = scan_reference(ops["a"], ops["b"], None, ops.get("h0"), dt=ops.get("dt"), u=ops.get("u"), reverse=reverse)
+    ydt = torch.promote_types(readout_dtype, ops["c"].dtype)
+    y = torch.matmul(hs.to(readout_dtype).to(ydt).unsqueeze(-2), ops["c"].to(ydt).unsqueeze(-1))
+    return y[..., 0, 0], h
+
+
+def check_rounded(ops, readout_dtype, reverse=False):
+    """The triton forward and backward of a call whose readout reads the states rounded to
+    ``readout_dtype``, against the reference (scan_reference with readout_dtype and autograd through
+    it; scan_backward_reference without dt, u) on fp32 copies and against :func:`eager_rounded` (c
+    in its own dtype), each result within the bound of its dtype.  Returns the names of the results
+    where the check can tell a kernel that does not round: the unrounded reference is off by more
+    than the bound."""
+    attrs = dict(reverse=reverse, algorithm="chunked", readout_dtype=readout_dtype)
+    args = [ops.get(k) for k in ORDER]
+    assert tscan.supports(dict(zip(ORDER, args)), attrs) is None
+    y, h = tscan.forward(*args, attrs)
+    assert y.dtype == torch.promote_types(readout_dtype, ops["c"].dtype) and h.dtype == out_dtype(*args)
+    g = torch.Generator().manual_seed(2)
+    gy = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
+    gh = torch.randn(h.shape, generator=g).to(DEVICE, h.dtype)
+    grads = tscan.backward(gy, gh, *args, dict(attrs, needs=[x is not None for x in args]))
+    got = {"y": y, "h": h, **{"d" + k: gx for k, gx in zip(ORDER, grads) if ops.get(k) is not None}}
+
+    def run(program, own_c=False):
+        leaves = {k: ops[k].detach().to(ops[k].dtype if own_c and k == "c" else torch.float32).requires_grad_(True)
+                  for k in ORDER if ops.get(k) is not None}
+        ry, rh = program(leaves)
+        dl = torch.autograd.grad((ry, rh), list(leaves.values()), (gy.to(ry.dtype), gh.to(rh.dtype)))
+        return {"y": ry, "h": rh, **{"d" + k: d for k, d in zip(leaves, dl)}}
+
+    def reference(rd):
+        return lambda L: scan_reference(L["a"], L["b"], L["c"], L.get("h0"), dt=L.get("dt"), u=L.get("u"),
+                                        reverse=reverse, readout_dtype=rd)
+    ref = run(reference(readout_dtype))
+    eager = run(lambda L: eager_rounded(L, readout_dtype, reverse), own_c=True)
+    plain = run(reference(None))
+    if ops.get("dt") is None and ops.get("u") is None:
+        f32 = [x.float() if x is not None else None for x in args[:4]]
+        written = scan_backward_reference(gy, gh, *f32, reverse=reverse, readout_dtype=readout_dtype)
+        ref.update({"d" + k: d for k, d in zip(ORDER, written) if d is not None})
+    matters = set()
+    for name, x in got.items():
+        bound = BOUND[x.dtype]
+        assert_close(name, x, ref[name], bound)
+        assert_close(name + " vs eager", x, eager[name], bound)
+        if rel_err(plain[name], ref[name]) > bound:
+            matters.add(name)
+    return matters
+
+
+def fp32_ops(R, T, N, c_dtype, h0=True):
+    a, b, c, hh = make(R, T, N, torch.float32, h0=h0)
+    return dict(a=a, b=b, c=c.to(c_dtype), h0=hh)
+
+
+@pytest.mark.parametrize("readout_dtype,c_dtype,reverse", [
+    (torch.bfloat16, torch.float32, False),
+    (torch.bfloat16, torch.bfloat16, True),
+    (torch.float16, torch.float32, True),
+], ids=str)
+def test_scan_rounded_readout(readout_dtype, c_dtype, reverse):
+    # fp32 operands, T = 21: two full blocks of 8 and a partial one
+    matters = check_rounded(fp32_ops((1, 2), 21, 8, c_dtype), readout_dtype, reverse=reverse)
+    # a kernel that skipped the rounding would fail: y (fp32 with an fp32 c) and dc from the states,
+    # da, db, dh0 from the rounded gradient reaching them through the readout
+    assert {"da", "db", "dh0"} <= matters, matters
+    if c_dtype == torch.float32:
+        assert {"y", "dc"} <= matters, matters
+
+
+@pytest.mark.parametrize("readout_dtype,dtype,T,reverse", [
+    (torch.bfloat16, torch.float32, 37, True),      # four full blocks and a partial one
+    (torch.float16, torch.float32, 13, False),
+    (torch.bfloat16, torch.bfloat16, 13, False),    # transformers' Mamba in bf16
+], ids=str)
+def test_scan_rounded_readout_discretized(readout_dtype, dtype, T, reverse):
+    ops = make_mamba(2, 3, T, 4, dtype, h0=True, dt_shape=(2, 3, T, 1))
+    if dtype == torch.float32:
+        ops["c"] = ops["c"].to(torch.bfloat16)          # Mamba's C in bf16, the rest in fp32
+    matters = check_rounded(ops, readout_dtype, reverse=reverse)
+    if dtype == torch.float32:
+        assert {"da", "db", "ddt", "du", "dh0"} <= matters, matters
+
+
+def test_scan_rounded_readout_fp32_is_unrounded():
+    # fp32 states rounded to fp32: the plain readout (the kernels' ROUND 0)
+    assert tscan.round_code(torch.float32) == tscan.round_code(None) == 0
+    a, b, c, h0 = make((1, 2), 9, 4, torch.float32, h0=True)
+    y, _ = tscan.forward(a, b, c, h0, None, None, dict(reverse=False, readout_dtype=torch.float32))
+    assert_close("y", y, scan_reference(a, b, c, h0)[0], BOUND[torch.float32])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")   # 3e38, 7e4 to fp16: inf
+def test_scan_round_matches_torch(monkeypatch):
+    # the kernels' rounding (bf16 on the bits, fp16 by a cast) against torch's casts, ties, specials
+    import sys
+
+    import triton.language as tl
+    from seqfuse.lowering.triton import scan_kernels as K
+    monkeypatch.setattr(sys.modules[__name__], "K", K, raising=False)   # the interpreted kernel's global
+
+    @triton.jit
+    def round_kernel(X, Y, n, ROUND: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < n, other=0.0)
+        tl.store(Y + offs, K._round(x, ROUND), mask=offs < n)
+
+    one = 1.0
+    x = torch.tensor([one + 2 ** -8, one + 3 * 2 ** -8, -(one + 2 ** -8), one + 2 ** -8 + 2 ** -20, 3.0e38, 7.0e4,
+                      -0.0, 1e-40, 1e-7, float("inf"), -float("inf"), float("nan")], device=DEVICE)
+    x = torch.cat([x, torch.randn(52, generator=torch.Generator().manual_seed(4)).to(DEVICE) * 100])
+    for code, dtype in ((K.ROUND_BF16, torch.bfloat16), (K.ROUND_FP16, torch.float16)):
+        y = torch.empty_like(x)
+        round_kernel[(1,)](x, y, x.numel(), ROUND=code, BLOCK=64)
+        want = x.to(dtype).float()
+        assert torch.equal(y.isnan(), want.isnan()), dtype
+        assert torch.equal(y[~want.isnan()], want[~want.isnan()]), (dtype, y, want)
+
+
+def test_scan_rounded_readout_custom_op_runs_triton_path():
+    # torch.ops.seqfuse.scan(..., readout_dtype=bf16) with dt and u: forward and backward on the
+    # triton path (no fallback), against the eager program h.to(bf16) @ C
+    import importlib
+    import warnings
+
+    import seqfuse
+    importlib.import_module("seqfuse.lowering.scan_op")
+    ops = make_mamba(2, 3, 11, 4, torch.float32, h0=True, dt_shape=(2, 3, 11, 1))
+    ops["c"] = ops["c"].to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    wy, wh = torch.randn(2, 3, 11, generator=g).to(DEVICE), torch.randn(2, 3, 4, generator=g).to(DEVICE)
+
+    def loss(y, h):   # linear in y: the same gradient reaches both programs (a square's would differ
+        return (y.float() * wy).sum() + (h * wh).sum()   # where their bf16 y do by an ulp)
+    seqfuse.reset_counters()
+    leaves = {k: ops[k].detach().clone().requires_grad_(True) for k in ORDER}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="seqfuse")
+        y, h = torch.ops.seqfuse.scan(leaves["a"], leaves["b"], leaves["c"], leaves["h0"], False, "chunked", "triton",
+                                      leaves["dt"], leaves["u"], torch.bfloat16)
+        loss(y, h).backward()
+    calls = seqfuse.counters()
+    assert calls["scan"]["triton"] == 1 and calls["scan_backward"]["triton"] == 1, calls
+    assert not seqfuse.fallbacks().get("scan"), seqfuse.fallbacks()
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    ref = {k: ops[k].detach().clone().requires_grad_(True) for k in ORDER}
+    ry, rh = eager_rounded(ref, torch.bfloat16)
+    loss(ry, rh).backward()
+    assert_close("y", y, ry, BOUND[torch.bfloat16])
+    assert_close("h", h, rh, BOUND[torch.float32])
+    for k in ORDER:
+        assert_close("d" + k, leaves[k].grad, ref[k].grad, BOUND[ops[k].dtype])
+
+
 _OFFLINE_COMPILE = r"""
 import os, re, subprocess, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
@@ -336,14 +501,29 @@ for has in (False, True):
     disc = dict(HAS_DT=has, HAS_U=has)
     for N in ((16, 256) if has else ()):                # with a readout: all of N in one program
         cfg = S._launch(N, True)
-        build(K.scan_fwd_kernel, dict(flags, **disc, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"]), cfg["num_warps"])
+        build(K.scan_fwd_kernel, dict(flags, **disc, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
+                                      ROUND=K.ROUND_NONE), cfg["num_warps"])
     needs = dict(NEED_DA=True, NEED_DB=True, NEED_DC=True, NEED_DH0=True, NEED_DDT=has, NEED_DU=has)
     # Mamba's A summed over time, dt over N, u over both (a gradient to every buffer layout)
     sums = dict(SUM_A=K.SUM_T, SUM_B=0, SUM_C=0, SUM_DT=K.SUM_N, SUM_U=K.SUM_N | K.SUM_T)
     for N in (16, 32):
         cfg = S._launch(N, False, discretized_backward=has)
         build(K.scan_bwd_kernel, dict(flags, **disc, **needs, **sums, BLOCK_T=cfg["BLOCK_T"],
-                                      BLOCK_N=cfg["BLOCK_N"]), cfg["num_warps"])
+                                      BLOCK_N=cfg["BLOCK_N"], ROUND=K.ROUND_NONE), cfg["num_warps"])
+# states rounded before the readout (readout_dtype): bf16 on the bits, fp16 by a cast
+disc = dict(HAS_DT=True, HAS_U=True)
+needs = dict(NEED_DA=True, NEED_DB=True, NEED_DC=True, NEED_DH0=True, NEED_DDT=True, NEED_DU=True)
+for rnd in (K.ROUND_BF16, K.ROUND_FP16):
+    cfg = S._launch(16, True)
+    build(K.scan_fwd_kernel, dict(flags, **disc, ROUND=rnd, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"]),
+          cfg["num_warps"])
+    cfg = S._launch(16, False, discretized_backward=True)
+    build(K.scan_bwd_kernel, dict(flags, **disc, **needs, **sums, ROUND=rnd, BLOCK_T=cfg["BLOCK_T"],
+                                  BLOCK_N=cfg["BLOCK_N"]), cfg["num_warps"])
+from seqfuse.lowering.triton import decode as D, decode_kernels as DK
+block_r, block_n, warps = D._scan_launch(4096, 16, True)
+build(DK.scan_decode_kernel, dict(HAS_C=True, HAS_H0=True, REVERSE=False, ROUND=K.ROUND_BF16, BLOCK_R=block_r,
+                                  BLOCK_N=block_n), warps)
 print("compiled")
 """
 
@@ -351,7 +531,8 @@ print("compiled")
 def test_scan_kernels_compile_for_a_gpu_without_one(tmp_path):
     """The interpreter runs the kernels as Python; this compiles them for sm_90 (the discretized
     forward at N = 16 and 256 with a readout, the backward with and without dt and u, every gradient
-    and every summed layout, at the GPU launch configs) down to PTX, and with ptxas (bundled with
+    and every summed layout, at the GPU launch configs; both with the states rounded to bf16 and fp16
+    before the readout, and the decode kernel with bf16 rounding) down to PTX, and with ptxas (bundled with
     triton) checks that they do not spill registers."""
     import re
     out = compile_offline(_OFFLINE_COMPILE, tmp_path)

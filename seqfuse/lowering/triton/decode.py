@@ -8,7 +8,8 @@ walk time sequentially, so they are correct at every length but only parallel ov
 / rows and state blocks).  Kernels: :mod:`seqfuse.lowering.triton.decode_kernels`.
 
     ssd_supports(t, a) -> None | reason        ssd_forward(x, b, c, a, d, h0, attrs) -> (y, h)
-    scan_forward(a, b, c, h0, attrs) -> (y, h)    (refusals: scan.supports, which covers it)
+    scan_forward(a, b, c, h0, attrs) -> (y, h)    (refusals: scan.supports, which covers it;
+                                                  attrs["readout_dtype"] rounds the readout's states)
 
 Shapes and dtypes are the ops' contracts: ssd y (B, T, H, P) and final state (B, H, P, N) in the
 promoted dtype of x, b, c; scan y (*R, T) with a readout else (*R, T, N), h (*R, N) in the
@@ -114,12 +115,14 @@ def _scan_launch(rows: int, N: int, readout: bool) -> tuple[int, int, int]:
 
 def scan_forward(a, b, c, h0, attrs):
     """(y, h) of seqfuse.scan by the recurrence, on the decode kernel; y (*R, T) with a readout
-    else (*R, T, N), h (*R, N) (the state at t = 0 when ``reverse``), in the promoted dtype."""
-    from seqfuse.lowering.triton.scan import _st, _views   # scan.py routes here (imports this lazily)
+    else (*R, T, N), h (*R, N) (the state at t = 0 when ``reverse``), in the promoted dtype (y in
+    promote(readout_dtype, c) when ``attrs["readout_dtype"]`` rounds the states the readout reads)."""
+    from seqfuse.lowering.triton.scan import _st, _views, round_code   # scan.py routes here (lazily)
     full, (av, bv, cv, hv), rows = _views(a, b, c, h0)
     *R, T, N = full
     dtype = scan_ref.out_dtype(a, b, c, h0)
-    y = torch.empty((*R, T) if c is not None else full, device=a.device, dtype=dtype)
+    ydtype = scan_ref.y_dtype(dtype, c, attrs.get("readout_dtype"))
+    y = torch.empty((*R, T) if c is not None else full, device=a.device, dtype=ydtype)
     h = torch.empty((*R, N), device=a.device, dtype=dtype)
     if rows.count == 0 or N == 0:
         return y, h
@@ -131,5 +134,5 @@ def scan_forward(a, b, c, h0, attrs):
         T, N, rows.count, rows.sizes[1], rows.sizes[2],
         *_st(rows, av), *_st(rows, bv), *_st(rows, cv), *_st(rows, hv, state=True),
         HAS_C=c is not None, HAS_H0=h0 is not None, REVERSE=bool(attrs.get("reverse", False)),
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
+        ROUND=round_code(attrs.get("readout_dtype")), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
     return y, h

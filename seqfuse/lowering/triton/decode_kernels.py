@@ -17,7 +17,8 @@ element-wise products and one reduction; no ``tl.dot``, no cumulative sums, no c
 * ``scan_decode_kernel``, grid (row blocks, N blocks): one program per block of BLOCK_R rows and
   BLOCK_N state entries (with a readout the whole N, so y_t = Σ_n c_t[n]·h_t[n] is an in-program
   reduction) holds h (BLOCK_R, BLOCK_N) and per scan position i (time i, or T-1-i when
-  ``REVERSE``) computes h = a_t ⊙ h + b_t.  A row index is split into three coalesced batch
+  ``REVERSE``) computes h = a_t ⊙ h + b_t; the readout reads h rounded to bf16 / fp16 when
+  ``ROUND`` says so (seqfuse.scan's readout_dtype).  A row index is split into three coalesced batch
   indices as in :mod:`seqfuse.lowering.triton.scan_kernels` (each operand finds its row by its own
   strides: broadcast operands stay stride-0 views).
 
@@ -41,6 +42,22 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 @triton.jit
 def _sum_combine(x, y):
     return x + y
+
+
+@triton.jit
+def _round(x, ROUND: tl.constexpr):
+    """``x`` (fp32) rounded to bf16 (ROUND 1) or fp16 (ROUND 2), to nearest even, and back; for
+    ROUND 0 ``x`` itself (no instruction: the branches are resolved when the kernel is compiled).
+    bf16 is rounded on the bits (add half an ulp of bf16, less one unless the kept last bit is odd;
+    clear the dropped 16 bits; NaN kept), the same as the GPU's cvt.rn: the interpreter's
+    fp32 -> bf16 cast truncates."""
+    if ROUND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -119,10 +136,11 @@ def scan_decode_kernel(
         SB0, SB1, SB2, SBT, SBN,
         SC0, SC1, SC2, SCT, SCN,
         SH0, SH1, SH2, SHN,
-        HAS_C: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_C: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ROUND: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """a, b, c (rows, T, N), h0 (rows, N): strided, rows coalesced to three dims (S0, S1, S2).
-    Y (rows, T) with HAS_C (else (rows, T, N)) and HT (rows, N): contiguous, own dtype."""
+    Y (rows, T) with HAS_C (else (rows, T, N)) and HT (rows, N): contiguous, own dtype.  The
+    readout reads the states rounded by ROUND (seqfuse.scan's readout_dtype; see _round)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = r < ROWS
@@ -153,7 +171,7 @@ def scan_decode_kernel(
         # phase 3: the readout y_t = Σ_n c_t[n]·h_t[n] (the whole N in this program), or the state
         if HAS_C:
             c = tl.load(c_ptr + t * SCT, mask=m2, other=0.0).to(tl.float32)
-            y = tl.reduce(c * h, 1, _sum_combine)
+            y = tl.reduce(c * _round(h, ROUND), 1, _sum_combine)
             tl.store(Y + r64 * T + t, y.to(Y.dtype.element_ty), mask=mask_r)
         else:
             tl.store(Y + (r64[:, None] * T + t) * N + offs_n[None, :], h.to(Y.dtype.element_ty), mask=m2)

@@ -26,6 +26,12 @@ operand's gradient to an fp32 buffer per row, already summed over the axes along
 operand is broadcast within (T, N) (Mamba's A (D, 1, N): (rows, 1, N); its dt and x (B, D, T, 1):
 (rows, T, N blocks)), else per element (rows, T, N); torch sums the rest (N blocks, row dims).
 
+With ``attrs["readout_dtype"]`` bf16 or fp16 the readout reads the states rounded to it (the
+kernels' ROUND constexpr, :func:`round_code`; bf16 rounded to nearest even on the bits, as the GPU's
+cast, since the interpreter's truncates) and y is in promote(readout_dtype, c); the backward's dc
+reads the rounded states and the gradient reaching h_t through the readout, dy_t·c_t, is rounded
+as autograd through the program's cast rounds it.  The final state is not rounded.
+
 Refused (the next path runs the call): no triton / not allowed on this device (common.py),
 complex or fp64 operands, N > MAX_N_READOUT with a readout, more than 2**31 rows or steps.
 """
@@ -35,7 +41,7 @@ import math
 
 import torch
 
-from seqfuse.lowering.reference.scan import discretize, out_dtype, scan_shape
+from seqfuse.lowering.reference.scan import discretize, out_dtype, scan_shape, y_dtype
 from seqfuse.lowering.triton import decode
 from seqfuse.lowering.triton.common import Rows as _Rows, availability
 from seqfuse.runtime import Impl, register_impl
@@ -79,10 +85,14 @@ def _launch(N: int, readout: bool, discretized_backward: bool = False) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_N=block_n, num_warps=8 if block_t * block_n >= warps8 else 4)
 
 
+def round_code(readout_dtype) -> int:
+    """The kernels' ROUND constexpr for ``attrs["readout_dtype"]`` (scan_kernels.ROUND_*): the
+    states are fp32 in the kernels, so an fp32 (or no) readout_dtype rounds nothing."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(readout_dtype, 0)
+
+
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
-    if a.get("readout_dtype") is not None:
-        return "readout_dtype (states rounded before the readout) is not in the triton kernels yet"
     ops = [(n, t.get(n)) for n in _OPERANDS]
     first = t["a"]
     reason = availability(first.device, _kernels_module)
@@ -141,17 +151,19 @@ def _strides(rows: _Rows, av, bv, cv, hv, dv, uv) -> tuple:
 
 def forward(a, b, c, h0, dt, u, attrs):
     """(y, h) of seqfuse.scan on the triton kernels; y (*R, T) with a readout else (*R, T, N), h (*R, N),
-    in the promoted dtype of the operands.  The decays exp(dt·a) and inputs b·dt·u of a discretized
+    in the promoted dtype of the operands (y: promote(readout_dtype, c) when ``attrs["readout_dtype"]``
+    rounds the states the readout reads).  The decays exp(dt·a) and inputs b·dt·u of a discretized
     call are formed in the kernel, except for "recurrent" (the decode kernel of decode.py, on
     materialized ones: T is a few steps there)."""
     dtype = out_dtype(a, b, c, h0, dt, u)
+    ydtype = y_dtype(dtype, c, attrs.get("readout_dtype"))
     if attrs.get("algorithm") == "recurrent":
         decay, inp = discretize(a, b, dt, u)
         y, h = decode.scan_forward(decay, inp, c, h0, attrs)
-        return y.to(dtype), h.to(dtype)
+        return y.to(ydtype), h.to(dtype)
     full, (av, bv, cv, hv, dv, uv), rows = _views(a, b, c, h0, dt, u)
     *R, T, N = full
-    y = torch.empty((*R, T) if c is not None else full, device=a.device, dtype=dtype)
+    y = torch.empty((*R, T) if c is not None else full, device=a.device, dtype=ydtype)
     h = torch.empty((*R, N), device=a.device, dtype=dtype)
     if rows.count == 0 or N == 0:
         return y, h
@@ -164,7 +176,7 @@ def forward(a, b, c, h0, dt, u, attrs):
         *(x if x is not None else av for x in (av, bv, cv, hv, dv, uv)), y, h,
         T, N, rows.sizes[1], rows.sizes[2], *_strides(rows, av, bv, cv, hv, dv, uv),
         HAS_C=c is not None, HAS_H0=h0 is not None, HAS_DT=dt is not None, HAS_U=u is not None,
-        REVERSE=bool(attrs.get("reverse", False)), **cfg)
+        REVERSE=bool(attrs.get("reverse", False)), ROUND=round_code(attrs.get("readout_dtype")), **cfg)
     return y, h
 
 
@@ -200,7 +212,9 @@ def backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs):
     each in its operand's shape and dtype (None where ``attrs["needs"]`` (six bools) is False or the
     operand is absent).  Both algorithms run the blocked backward kernel, the discretized form
     without materializing its decays and inputs; the gradients of operands broadcast along T or N
-    are summed over those axes in the kernel."""
+    are summed over those axes in the kernel.  With ``attrs["readout_dtype"]`` dc takes the rounded
+    states and the gradient reaching them through the readout is rounded (as autograd through the
+    program's cast)."""
     ops = (a, b, c, h0, dt, u)
     needs = [bool(n) and x is not None for n, x in zip(list(attrs["needs"]) + [False] * 2, ops)]
     if not any(needs):
@@ -229,7 +243,7 @@ def backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs):
         *(x if x is not None else ckpt for x in grads),
         T, N, nblk, rows.sizes[1], rows.sizes[2], *_strides(rows, *views),
         HAS_C=c is not None, HAS_H0=h0 is not None, HAS_DT=dt is not None, HAS_U=u is not None,
-        REVERSE=bool(attrs.get("reverse", False)),
+        REVERSE=bool(attrs.get("reverse", False)), ROUND=round_code(attrs.get("readout_dtype")),
         NEED_DA=needs[0], NEED_DB=needs[1], NEED_DC=needs[2], NEED_DH0=needs[3], NEED_DDT=needs[4],
         NEED_DU=needs[5],
         SUM_A=summed[0], SUM_B=summed[1], SUM_C=summed[2], SUM_DT=summed[4], SUM_U=summed[5],

@@ -29,6 +29,10 @@ is the forward scan of the flipped sequence), so both directions share one code 
       ddt = g_decay·decay·a + g_input·b·u                  du = g_input·b·dt
       dc  = dy·h_t                                         dh0 = decay_0·g_0
 
+  With states rounded before the readout (``ROUND``, seqfuse.scan's readout_dtype: y_t =
+  Σ_n c_t[n]·round(h_t[n])), dc takes the rounded h_t and dy_t·c_t, the gradient reaching h_t
+  through the readout, is rounded too (autograd through the program's cast rounds it).
+
   Each operand's gradient goes to an fp32 buffer per row, summed in the kernel over the axes
   along which the operand is broadcast (``SUM_*``, set by the host from the operand's shape):
   over T in registers across the block loop (an a of shape (…, 1, N), Mamba's A: the buffer is
@@ -45,6 +49,12 @@ import triton.language as tl
 
 #: True when ``@triton.jit`` below built interpreted kernels (TRITON_INTERPRET=1 at import)
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+#: the kernels' ``ROUND`` constexpr: the states the readout reads, as they are (ROUND_NONE) or rounded
+#: to bf16 / fp16 and back (the program's ``h.to(bf16) @ C``: seqfuse.scan's readout_dtype)
+ROUND_NONE = 0
+ROUND_BF16 = 1
+ROUND_FP16 = 2
 
 #: a gradient's ``SUM_*`` constexpr (the kernels spell the values out): 0 per element, else the sum
 #: of these bits: over this program's N block (SUM_N), over time (SUM_T)
@@ -69,6 +79,22 @@ def _sum_combine(x, y):
 def _affine_combine(a1, b1, a2, b2):
     """(a1, b1) then (a2, b2): h -> a2·(a1·h + b1) + b2."""
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _round(x, ROUND: tl.constexpr):
+    """``x`` (fp32) rounded to bf16 (ROUND 1) or fp16 (ROUND 2), to nearest even, and back; for
+    ROUND 0 ``x`` itself (no instruction: the branches are resolved when the kernel is compiled).
+    bf16 is rounded on the bits (add half an ulp of bf16, less one unless the kept last bit is odd;
+    clear the dropped 16 bits; NaN kept), the same as the GPU's cvt.rn: the interpreter's
+    fp32 -> bf16 cast truncates."""
+    if ROUND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -173,8 +199,9 @@ def scan_fwd_kernel(
         SD0, SD1, SD2, SDT, SDN,
         SU0, SU1, SU2, SUT, SUN,
         HAS_C: tl.constexpr, HAS_H0: tl.constexpr, HAS_DT: tl.constexpr, HAS_U: tl.constexpr,
-        REVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Y (rows, T) with HAS_C (else (rows, T, N)) and HT (rows, N), both contiguous, in Y's dtype."""
+        REVERSE: tl.constexpr, ROUND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Y (rows, T) with HAS_C (else (rows, T, N)) and HT (rows, N), both contiguous, each in its own
+    dtype; the readout reads the states rounded by ROUND (see _round)."""
     r = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -206,7 +233,7 @@ def scan_fwd_kernel(
         # phase 4: the readout y_t = Σ_n c_t[n]·h_t[n] (the whole N in this program), or every state
         if HAS_C:
             c = _load(c_op, t[:, None], offs_n[None, :], m2, 0.0)
-            y = tl.reduce(c * hs, 1, _sum_combine)
+            y = tl.reduce(c * _round(hs, ROUND), 1, _sum_combine)
             tl.store(Y + r64 * T + t, y.to(Y.dtype.element_ty), mask=mask_t)
         else:
             tl.store(Y + (r64 * T + t[:, None]) * N + offs_n[None, :], hs.to(Y.dtype.element_ty), mask=m2)
@@ -228,7 +255,7 @@ def scan_bwd_kernel(
         SD0, SD1, SD2, SDT, SDN,
         SU0, SU1, SU2, SUT, SUN,
         HAS_C: tl.constexpr, HAS_H0: tl.constexpr, HAS_DT: tl.constexpr, HAS_U: tl.constexpr,
-        REVERSE: tl.constexpr,
+        REVERSE: tl.constexpr, ROUND: tl.constexpr,
         NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, NEED_DC: tl.constexpr, NEED_DH0: tl.constexpr,
         NEED_DDT: tl.constexpr, NEED_DU: tl.constexpr,
         SUM_A: tl.constexpr, SUM_B: tl.constexpr, SUM_C: tl.constexpr, SUM_DT: tl.constexpr,
@@ -236,7 +263,9 @@ def scan_bwd_kernel(
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """DY (rows, T) with HAS_C (else (rows, T, N)), DHT (rows, N) contiguous; CKPT (rows, NBLK, N)
     fp32 scratch; DA, DB, DC, DDT, DU contiguous fp32 outputs laid out by their SUM_* (see
-    _grad_tile, _grad_flush), DH0 (rows, N) contiguous fp32."""
+    _grad_tile, _grad_flush), DH0 (rows, N) contiguous fp32.  With ROUND the forward's readout read
+    rounded states (see _round): dc takes them, and the gradient reaching h_t through the readout,
+    dy_t·c_t, is rounded as autograd through the program's cast rounds it."""
     r = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -302,7 +331,7 @@ def scan_bwd_kernel(
         # phase 2c: what reaches h_t directly: dy_t·c_t with a readout, else dy_t
         if HAS_C:
             dy = tl.load(DY + r64 * T + t, mask=mask_t, other=0.0).to(tl.float32)
-            direct = dy[:, None] * _load(c_op, tt, nn, m2, 0.0)
+            direct = _round(dy[:, None] * _load(c_op, tt, nn, m2, 0.0), ROUND)
         else:
             direct = tl.load(DY + (r64 * T + tt) * N + nn, mask=m2, other=0.0).to(tl.float32)
         # phase 2d: the adjoint g_t = direct_t + decay_{t+1}·g_{t+1}: a reverse scan of
@@ -323,7 +352,8 @@ def scan_bwd_kernel(
         if NEED_DB:
             acc_b = _grad_tile(DB, gs * dt_f * u_f, acc_b, r64, t, offs_n, mask_t, mask_n, T, N, SUM_B)
         if NEED_DC:
-            acc_c = _grad_tile(DC, dy[:, None] * hs, acc_c, r64, t, offs_n, mask_t, mask_n, T, N, SUM_C)
+            acc_c = _grad_tile(DC, dy[:, None] * _round(hs, ROUND), acc_c, r64, t, offs_n, mask_t, mask_n, T, N,
+                               SUM_C)
         if NEED_DDT:
             ddt = g_decay * a * a_f + gs * b_f * u_f
             acc_dt = _grad_tile(DDT, ddt, acc_dt, r64, t, offs_n, mask_t, mask_n, T, N, SUM_DT)
