@@ -338,6 +338,173 @@ def test_ops_cpu_path_runs_discretized_natively(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# scan with readout_dtype: the readout reads the states rounded (h.to(bf16) @ C)
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
+def test_scan_readout_rounding_is_bit_exact():
+    """With a = 0, c = 1, N = 1 and T = 1 (one row per value) the readout is round(b): the kernel's bf16 (bit pattern), fp16
+    (_Float16) and fp32 rounding against torch's casts, bit for bit, over ties, subnormals,
+    overflow, inf and NaN, from fp32 and fp64 states (fp64 goes through float, as torch's does)."""
+    gen = torch.Generator().manual_seed(21)
+    special = [0.0, -0.0, 1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8 + 2 ** -40,
+               1 + 2 ** -11 + 2 ** -40, 65504.0, 65519.0, 65520.0, 1e5, -1e5, 6e-8, 2.9e-8, 3e-8, 1e-6, -4e-6,
+               3.3895e38, 3.4e38, -3.4e38, 1e-40, float("inf"), float("-inf"), float("nan")]
+    for dtype in (torch.float32, torch.float64):
+        vals = torch.cat([torch.tensor(special, dtype=torch.float64),
+                          torch.randn(4000, generator=gen, dtype=torch.float64)
+                          * torch.logspace(-30, 30, 4000, dtype=torch.float64)]).to(dtype)
+        b = vals.view(-1, 1, 1)
+        a, c = torch.zeros_like(b), torch.ones_like(b)
+        for rd in (BF16, F16, F32):
+            y, h = cpu_scan.scan_forward(a, b, c, readout_dtype=rd)
+            assert y.dtype == dtype and h.dtype == dtype
+            want = vals.to(rd).to(dtype)
+            assert torch.equal(y[:, 0].isnan(), want.isnan()), rd
+            same = (y[:, 0] == want) | want.isnan()
+            assert bool(same.all()), (dtype, rd, vals[~same][:5], y[:, 0][~same][:5], want[~same][:5])
+            assert torch.equal(h.nan_to_num(), b[:, -1].nan_to_num())  # the final state is not rounded
+
+
+def _readout_case(c_dtype, disc, h0, gen, B=2, D=3, T=13, N=16):
+    """Mamba-1 layouts (A (D, 1, N), dt and u (B, D, T, 1), B and C (B, 1, T, N)) with states large
+    enough that rounding them changes y; c in ``c_dtype``."""
+    if disc:
+        a = -torch.rand(D, 1, N, generator=gen) - 0.2
+        dt = torch.rand(B, D, T, 1, generator=gen) * 0.5 + 0.05
+        u = torch.randn(B, D, T, 1, generator=gen) * 3
+    else:
+        a, dt, u = torch.rand(B, D, T, N, generator=gen) * 0.4 + 0.6, None, None
+    b = torch.randn(B, 1, T, N, generator=gen) * 3
+    c = torch.randn(B, 1, T, N, generator=gen).to(c_dtype)
+    h0 = torch.randn(B, D, N, generator=gen) * 3 if h0 else None
+    return a, b, c, h0, dt, u
+
+
+def _eager_program(a, b, c, h0, dt, u, rd, reverse):
+    """The program the rounded readout stands for, in torch with autograd: the states (fp32), then
+    y = h.to(rd) @ c in promote(rd, c.dtype) (``h.to(bf16) @ C`` when both are bf16)."""
+    if dt is not None:
+        a = torch.exp(a * dt)
+        b = b * dt * u
+    full = torch.broadcast_shapes(a.shape, b.shape, c.shape)
+    a, b = a.expand(full), b.expand(full)
+    h = h0 if h0 is not None else torch.zeros(*full[:-2], full[-1])
+    hs = [None] * full[-2]
+    for t in (range(full[-2] - 1, -1, -1) if reverse else range(full[-2])):
+        h = a[..., t, :] * h + b[..., t, :]
+        hs[t] = h
+    states = torch.stack(hs, -2)
+    p = torch.promote_types(rd, c.dtype)
+    y = (states.to(rd).to(p).unsqueeze(-2) @ c.to(p).unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    return y, h
+
+
+def _ulps(x, ref):
+    """|x - ref| in units of ref's dtype spacing at ref."""
+    ref64 = ref.double()
+    ulp = (torch.nextafter(ref.float().abs(), torch.tensor(float("inf"))).to(ref.dtype).double() - ref64.abs())
+    if ref.dtype == torch.bfloat16:  # bf16 spacing: the next representable bf16
+        ulp = 2.0 ** (torch.floor(torch.log2(ref64.abs().clamp_min(1e-30))) - 7)
+    return ((x.double() - ref64).abs() / ulp.clamp_min(1e-300)).max().item()
+
+
+@pytest.mark.parametrize("rd", [BF16, F16, F32])
+@pytest.mark.parametrize("c_dtype", [BF16, F32])
+@pytest.mark.parametrize("disc", [False, True])
+@pytest.mark.parametrize("reverse,h0", [(False, False), (True, True)])
+def test_scan_readout_dtype_matches_reference_and_eager(rd, c_dtype, disc, reverse, h0):
+    gen = torch.Generator().manual_seed(31)
+    a, b, c, h0, dt, u = _readout_case(c_dtype, disc, h0, gen)
+    y, h = cpu_scan.scan_forward(a, b, c, h0, reverse, dt=dt, u=u, readout_dtype=rd)
+    y_ref, h_ref = scan_reference(a, b, c, h0, dt=dt, u=u, reverse=reverse, readout_dtype=rd)
+    assert y.dtype == y_ref.dtype == reference_scan.y_dtype(torch.float32, c, rd) and h.dtype == torch.float32
+    torch.testing.assert_close(h, h_ref, rtol=2e-5, atol=1e-5)
+    scale = (c.float().abs() * 10).sum(-1).expand(y.shape)  # |y| up to Σ|c·h|: the sum's own rounding
+    if y.dtype == torch.float32:
+        assert ((y - y_ref).abs() <= 1e-6 * scale).all()
+    else:
+        assert _ulps(y, y_ref) <= 1, _ulps(y, y_ref)
+    y_plain, _ = cpu_scan.scan_forward(a, b, c, h0, reverse, dt=dt, u=u)
+    if rd != F32:  # the rounding shows: the unrounded readout is measurably different
+        assert (y.float() - y_plain.float()).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(y, y_plain.to(y.dtype), rtol=1e-6, atol=1e-5)
+
+    # backward: the reference (the plain one lifted to the discretized form) and eager autograd
+    gen2 = torch.Generator().manual_seed(32)
+    gy, gh = torch.randn(y.shape, generator=gen2).to(y.dtype), torch.randn(h.shape, generator=gen2)
+    grads = cpu_scan.scan_backward(gy, gh, a, b, c, h0, reverse, dt=dt, u=u, readout_dtype=rd)
+    _, backward6 = reference_scan.with_discretization(scan_op._reference_forward, scan_op._reference_backward)
+    attrs = dict(reverse=reverse, algorithm="recurrent", readout_dtype=rd, needs=[True] * 6)
+    refs = backward6(gy, gh, a, b, c, h0, dt, u, attrs)
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (a, b, c, h0, dt, u)]
+    ye, he = _eager_program(*leaves, rd, reverse)
+    assert ye.dtype == y.dtype
+    assert _ulps(y, ye) <= 1 if y.dtype != torch.float32 else ((y - ye).abs() <= 1e-6 * scale).all()
+    given = [t for t in leaves if t is not None]
+    eager = iter(torch.autograd.grad((ye.float() * gy.float()).sum() + (he * gh).sum(), given))
+    eager = [next(eager) if t is not None else None for t in leaves]
+    for name, g, r, e, t in zip(("a", "b", "c", "h0", "dt", "u"), grads, refs, eager, leaves):
+        if t is None:
+            assert g is None
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        bound = 1e-5 if t.dtype == torch.float32 else 1e-2
+        assert rel(g, r) < bound, (name, rel(g, r))
+        assert rel(g, e) < bound, (name, rel(g, e))
+    if rd != F32:  # dc read the rounded states
+        dc_plain = cpu_scan.scan_backward(gy, gh, a, b, c, h0, reverse, dt=dt, u=u)[2]
+        assert rel(grads[2], dc_plain) > 1e-4
+
+
+def test_scan_readout_dtype_fp64_states():
+    """fp64 states rounded to fp32 / bf16 (through float, as torch) for the readout: y in fp64."""
+    gen = torch.Generator().manual_seed(41)
+    a, b, c, h0, dt, u = (t.double() if t is not None else None for t in _readout_case(F32, True, True, gen))
+    for rd in (BF16, F16, F32):
+        y, h = cpu_scan.scan_forward(a, b, c, h0, dt=dt, u=u, readout_dtype=rd)
+        y_ref, h_ref = scan_reference(a, b, c, h0, dt=dt, u=u, readout_dtype=rd)
+        assert y.dtype == h.dtype == torch.float64
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        grads = cpu_scan.scan_backward(gy, None, a, b, c, h0, dt=dt, u=u, readout_dtype=rd)
+        _, backward6 = reference_scan.with_discretization(scan_op._reference_forward, scan_op._reference_backward)
+        refs = backward6(gy, torch.zeros_like(h), a, b, c, h0, dt, u,
+                         dict(reverse=False, algorithm="recurrent", readout_dtype=rd, needs=[True] * 6))
+        assert all(rel(g, r) < 1e-12 for g, r in zip(grads, refs))
+
+
+def test_ops_cpu_path_runs_readout_dtype():
+    """torch.ops.seqfuse.scan(..., "cpu", dt, u, torch.bfloat16), forward and backward, on the C
+    kernel (no eager fallback), against the reference."""
+    gen = torch.Generator().manual_seed(51)
+    a, b, c, h0, dt, u = _readout_case(BF16, True, True, gen)
+    attrs = dict(reverse=False, algorithm="recurrent", readout_dtype=BF16)
+    assert cpu_scan.supports(dict(a=a, b=b, c=c, h0=h0, dt=dt, u=u), attrs) is None
+    reset_counters()
+    leaves = [t.detach().requires_grad_() for t in (a, b, c, h0, dt, u)]
+    la, lb, lc, lh0, ldt, lu = leaves
+    y, h = torch.ops.seqfuse.scan(la, lb, lc, lh0, False, "recurrent", "cpu", ldt, lu, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    gy, gh = torch.randn(y.shape, generator=gen).to(y.dtype), torch.randn(h.shape, generator=gen)
+    grads = torch.autograd.grad((y.float() * gy.float()).sum() + (h * gh).sum(), leaves)
+    calls = counters()
+    assert calls["scan"]["cpu"] == 1 and calls["scan"]["eager"] == 0, calls
+    assert calls["scan_backward"]["cpu"] == 1 and calls["scan_backward"]["eager"] == 0, calls
+    reset_counters()
+    y_ref, h_ref = scan_reference(a, b, c, h0, dt=dt, u=u, readout_dtype=BF16)
+    assert _ulps(y, y_ref) <= 1
+    torch.testing.assert_close(h, h_ref, rtol=2e-5, atol=1e-5)
+    _, backward6 = reference_scan.with_discretization(scan_op._reference_forward, scan_op._reference_backward)
+    refs = backward6(gy, gh, a, b, c, h0, dt, u, dict(attrs, needs=[True] * 6))
+    for g, r in zip(grads, refs):
+        assert rel(g, r) < (1e-5 if g.dtype == torch.float32 else 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
 # ssd (recurrent)
 
 
@@ -425,7 +592,7 @@ def test_ops_cpu_path_matches_eager_reference():
 # supports(): refusals with reasons
 
 
-def test_supports_refuses_with_reasons():
+def test_supports_refuses_with_reasons(monkeypatch):
     a, b = torch.rand(2, 8, 4), torch.randn(2, 8, 4)
     attrs = dict(reverse=False, algorithm="recurrent")
     assert cpu_scan.supports(dict(a=a, b=b, c=None, h0=None), attrs) is None
@@ -440,6 +607,13 @@ def test_supports_refuses_with_reasons():
     assert "complex" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None, dt=dt.to(torch.complex64), u=u), attrs)
     assert "meta" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None, dt=dt, u=u.to("meta")), attrs)
     assert "broadcast" in cpu_scan.supports(dict(a=a, b=b, c=None, h0=None, dt=torch.rand(3, 8, 1), u=None), attrs)
+    for rd in (torch.bfloat16, torch.float16, torch.float32):  # states rounded for the readout
+        assert cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=rd)) is None
+    assert "readout_dtype" in cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=torch.int8))
+    no_f16 = type("Lib", (), {"scan_round_modes": staticmethod(lambda: 0b1011)})  # a build without _Float16
+    monkeypatch.setattr(cpu_scan, "library", lambda: no_f16)
+    assert "_Float16" in cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=torch.float16))
+    assert cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=torch.bfloat16)) is None
     x, bc = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 5)
     ssd_attrs = dict(decay="none", chunk=16, algorithm="recurrent")
     assert cpu_ssd.supports(dict(x=x, b=bc, c=bc, a=None, d=None, h0=None), ssd_attrs) is None
