@@ -16,8 +16,9 @@ Implementations register with the dispatcher (seqfuse.runtime) as
 ``Impl(path, supports, forward, backward)`` with
 ``forward(a, b, c, h0, dt, u, attrs) -> (y, h)`` and
 ``backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs) -> (da, db, dc, dh0, ddt, du)``,
-attrs = {"reverse", "algorithm", "readout_dtype"} (+ "needs": six bools, for the backward); a path
-that cannot round the states for the readout refuses a call with a readout_dtype in ``supports``.  A path whose kernels
+attrs = {"reverse", "algorithm", "readout_dtype"} (+ "needs": six bools, for the backward).  Every
+path rounds the states for the readout (the C kernel refuses fp16 where the compiler has no
+_Float16; the eager reference then runs the call).  A path whose kernels
 only run the plain recurrence lifts them with
 :func:`seqfuse.lowering.reference.scan.with_discretization` (which materializes the factors).
 Gradients come in the operand's own shape and dtype (or None where not needed).  Complex
