@@ -663,7 +663,7 @@ def test_corrupt_library_is_rebuilt(fresh_cache):
     loaded in this process: the dynamic loader would hand back a loaded library by its name.)"""
     source = PROBE + "/* corrupt-file test */\n"
     compiler = build._compiler_identity(shutil.which(build.COMPILER))
-    key = build._key(source, compiler, build.BASE_FLAGS + build.FLAG_VARIANTS[0])
+    key = build._key(source, compiler, build.BASE_FLAGS + build.CPU_FLAGS + build.FLAG_VARIANTS[0])
     (fresh_cache / "cpu_kernels").mkdir()
     (fresh_cache / "cpu_kernels" / f"probe-{key}.so").write_bytes(b"not a shared library")
     before = build.compile_count
@@ -703,3 +703,16 @@ def test_missing_compiler_falls_back_with_reason(fresh_cache, monkeypatch):
     y_ref, h_ref = scan_loop(a, b)
     assert rel(y, y_ref) < 1e-5
     reset_counters()
+
+
+@pytest.mark.parametrize("flags, want", [("fpu sse2 avx avx2 fma bmi2", True), ("fpu sse2 avx fma", False),
+                                         ("fpu sse2", False)])
+def test_avx2_flags_only_where_the_cpu_lists_avx2_and_fma(tmp_path, monkeypatch, flags, want):
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("SEQFUSE_CPU_BASELINE", raising=False)
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert build._cpu_flags(str(info)) == (build.AVX2_FLAGS if want else ())
+    monkeypatch.setenv("SEQFUSE_CPU_BASELINE", "1")
+    assert build._cpu_flags(str(info)) == ()
+    assert build._cpu_flags(str(tmp_path / "missing")) == ()
