@@ -8,7 +8,8 @@
 For each workload and each of eager, torch.compile (inductor) and
 torch.compile(backend="seqfuse"): compile seconds (wall time of the first
 call, which includes that call's run) and run milliseconds (median of
---repeats calls after warmup, under torch.no_grad()).
+--repeats calls after warmup, under torch.no_grad(); with --train, forward and backward
+of the sum of the outputs).
 
 Compiles are cold-ish: before each, torch._dynamo.reset() and inductor's
 in-memory caches are cleared, and its whole-graph caches (FX graph cache, AOT
@@ -63,16 +64,29 @@ def progress(msg):
     print(f"  {datetime.datetime.now().strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
-def measure(backend, workload, repeats, warmup, device, name="", options=None):
+def training_step(fn):
+    """fn, then the backward of the sum of its floating outputs (parameters get gradients)."""
+    def step(*args):
+        out = fn(*args)
+        loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
+        loss.backward()
+        return out
+    return step
+
+
+def measure(backend, workload, repeats, warmup, device, name="", options=None, train=False):
     """-> (compile seconds or None, median run ms, output of the first call); ``options`` are
-    seqfuse's (docs/options.md), for the seqfuse backend only."""
+    seqfuse's (docs/options.md), for the seqfuse backend only; ``train``: forward and backward
+    (else forward under torch.no_grad())."""
     fn = workload.fn
     if backend != "eager":
         torch._dynamo.reset()
         torch._inductor.utils.clear_inductor_caches()  # in-memory kernel caches; the disk ones stay
         fn = torch.compile(fn, backend=backend, options=options if backend == "seqfuse" and options else None)
     progress(f"[{name}] {backend}: first call{' (compiles)' if backend != 'eager' else ''} ...")
-    with torch.no_grad():
+    if train:
+        fn = training_step(fn)
+    with (torch.enable_grad() if train else torch.no_grad()):
         out, first = timed_call(fn, workload.args, device)
         progress(f"[{name}] {backend}: first call took {first:.1f} s; timing {repeats} calls")
         for _ in range(warmup):
@@ -141,7 +155,7 @@ def run_workload(name, args):
             seqfuse.reset_counters()
         try:
             row[f"{backend}_compile_s"], row[f"{backend}_ms"], outputs[backend] = measure(
-                backend, workload, args.repeats, args.warmup, args.device, name, args.seqfuse_options
+                backend, workload, args.repeats, args.warmup, args.device, name, args.seqfuse_options, args.train
             )
         except Exception:
             print(f"[{name}] {backend} failed:", file=sys.stderr)
@@ -187,6 +201,7 @@ def main(argv=None):
                    help="repeatable; default: all three (ratios need all three in one run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--train", action="store_true", help="time forward + backward (default: forward, no_grad)")
     p.add_argument("--seqfuse-options", type=json.loads, default=None, metavar="JSON",
                    help="seqfuse's options as a JSON object (docs/options.md), e.g. to turn a pass off")
     args = p.parse_args(argv)
@@ -204,7 +219,8 @@ def main(argv=None):
         f"load avg {os.getloadavg()[0]:.1f}/{os.cpu_count()} cores  device {args.device}  "
         f"{platform.machine()} {platform.processor() or ''}".rstrip()
     )
-    print(f"median of {args.repeats} calls after {args.warmup} warmup, torch.no_grad()"
+    print(f"median of {args.repeats} calls after {args.warmup} warmup, "
+          f"{'forward + backward' if args.train else 'torch.no_grad()'}"
           f"{'  (--quick: tiny shapes, ratios mean little)' if args.quick else ''}"
           f"{f'  seqfuse options {json.dumps(args.seqfuse_options)}' if args.seqfuse_options else ''}\n")
 
