@@ -59,6 +59,9 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     #    applied, so a replaced region keeps training through the custom op's backward.
     with _timed(report, "trace"):
         canon = trace_pre_dispatch(gm, example_inputs)
+    # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh
+    canon.meta["seqfuse_training"] = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     dump("pre_dispatch", canon.graph)
     # 2. Contractions before masks: mask normalization and all recognizers read
     #    scores as einsums with views folded in.

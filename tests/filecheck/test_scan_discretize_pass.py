@@ -29,8 +29,9 @@ def selective_scan_ref(x, dt, A, Bm, Cm):
 def test_einsum_products_become_factor_views(tmp_path):
     # x, Δ (2, 5, 7), A (5, 3), B, C (2, 3, 7): A -> (5, 1, 3); B (b, n, l) -> permuted to (b, l, n),
     # then (2, 1, 7, 3); Δ and x -> (2, 5, 7, 1)
-    text = after_pass(selective_scan_ref, torch.randn(2, 5, 7), torch.rand(2, 5, 7), -torch.rand(5, 3),
-                      torch.randn(2, 3, 7), torch.randn(2, 3, 7), tmp_path=tmp_path)
+    # (inputs that require grad: on CPU the pass folds a graph that is differentiated)
+    text = after_pass(selective_scan_ref, torch.randn(2, 5, 7, requires_grad=True), torch.rand(2, 5, 7),
+                      -torch.rand(5, 3), torch.randn(2, 3, 7), torch.randn(2, 3, 7), tmp_path=tmp_path)
     run_filecheck(text, """
         CHECK-LABEL: graph(
         CHECK-DAG: %[[A:[a-z_0-9]+]] = aten.unsqueeze(%l_a_, 1) : f32[5, 1, 3]
@@ -57,10 +58,22 @@ def test_decays_read_elsewhere_are_left(tmp_path):
 
     # dA is returned: it is materialized anyway, so the scan keeps reading it; Δ·B·x has three
     # factors and no Δ shared with the decays to take out, so it stays too
-    text = after_pass(fn, torch.randn(2, 5, 7), torch.rand(2, 5, 7), -torch.rand(5, 3),
+    text = after_pass(fn, torch.randn(2, 5, 7, requires_grad=True), torch.rand(2, 5, 7), -torch.rand(5, 3),
                       torch.randn(2, 3, 7), torch.randn(2, 3, 7), tmp_path=tmp_path)
     run_filecheck(text, """
         CHECK: %[[E:[a-z_0-9]+]] = aten.exp(%{{[a-z_0-9]+}}) : f32[2, 5, 7, 3]
         CHECK: %[[P:[a-z_0-9]+]] = aten.einsum(bdl,bnl,bdl->bdln, {{.*}}) : f32[2, 5, 7, 3]
         CHECK: seqfuse.scan(%[[E]], %[[P]], c=%{{[a-z_0-9]+}}) {reverse=false
+    """)
+
+
+def test_cpu_inference_keeps_the_products(tmp_path):
+    # on CPU without a backward, the downstream compiler's vectorized products beat forming
+    # exp(Δ·A) in the C kernel's step loop (scan_discretize._worth_it): the scan reads them
+    args = (torch.randn(2, 5, 7), torch.rand(2, 5, 7), -torch.rand(5, 3), torch.randn(2, 3, 7), torch.randn(2, 3, 7))
+    with torch.no_grad():
+        text = after_pass(selective_scan_ref, *args, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %[[E:[a-z_0-9]+]] = aten.exp(%{{[a-z_0-9]+}}) : f32[2, 5, 7, 3]
+        CHECK: seqfuse.scan(%[[E]], %{{[a-z_0-9]+}}, c=%{{[a-z_0-9]+}}) {reverse=false
     """)
