@@ -31,7 +31,7 @@ import torch.fx
 
 from seqfuse.ir.masks import classify_mask
 from seqfuse.ir.ops import Attention
-from seqfuse.passes.pattern import (CASTS, arg, concrete_sym, constant_value, copy_meta, depends_on,
+from seqfuse.passes.pattern import (CASTS, arg, concrete_sym, constant_value, depends_on, emit_before,
                                     evaluate_shape_only, is_op, is_scalar, is_shape_only, only_user, rank, sym_product,
                                     val)
 from seqfuse.passes.registry import Pass, PassContext
@@ -326,13 +326,7 @@ def _unrepeat(node: torch.fx.Node) -> tuple[torch.fx.Node, int, int] | None:
 
 # --- building the op -----------------------------------------------------------
 
-def _emit(graph: torch.fx.Graph, before: torch.fx.Node, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
-    """Insert ``target(*args)`` before ``before`` with its fake value computed."""
-    with graph.inserting_before(before):
-        node = graph.call_function(target, args)
-    fake_args = tuple(val(a) if isinstance(a, torch.fx.Node) else a for a in args)
-    node.meta["val"] = target(*fake_args)
-    return copy_meta(node, like)
+_emit = emit_before
 
 
 def _to_layout(graph, before, node, letters: str, target: str, like) -> torch.fx.Node:

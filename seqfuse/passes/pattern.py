@@ -258,6 +258,23 @@ def copy_meta(dst: torch.fx.Node, src: torch.fx.Node, with_val: bool = False) ->
     return dst
 
 
+def emit_before(graph: torch.fx.Graph, before: torch.fx.Node, target, args: tuple,
+                like: torch.fx.Node) -> torch.fx.Node:
+    """Insert ``target(*args)`` before ``before``, its fake value computed from the arguments'
+    (nodes inside lists included), with ``like``'s source location."""
+    with graph.inserting_before(before):
+        node = graph.call_function(target, args)
+
+    def fake(x):
+        if isinstance(x, torch.fx.Node):
+            return val(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(fake(e) for e in x)
+        return x
+    node.meta["val"] = target(*fake(args))
+    return copy_meta(node, like)
+
+
 def sym_product(graph: torch.fx.Graph, factors: list, before: torch.fx.Node):
     """Multiply scale factors: numbers fold to a float; symbolic ones become graph nodes.
 

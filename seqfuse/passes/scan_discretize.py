@@ -42,7 +42,7 @@ import torch
 import torch.fx
 
 from seqfuse.ir.ops import Scan, ir_of
-from seqfuse.passes.pattern import axis_view, copy_meta, is_op, rank, val
+from seqfuse.passes.pattern import axis_view, emit_before, is_op, rank, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -238,10 +238,7 @@ class _Emitter:
         self.graph, self.before = graph, before
 
     def _emit(self, target, args) -> torch.fx.Node:
-        with self.graph.inserting_before(self.before):
-            node = self.graph.call_function(target, args)
-        node.meta["val"] = target(*[val(a) if isinstance(a, torch.fx.Node) else a for a in args])
-        return copy_meta(node, self.before)
+        return emit_before(self.graph, self.before, target, args, self.before)
 
     def view(self, f: _Factor) -> torch.fx.Node:
         """``f.node`` laid out to broadcast against the product (right-aligned): its axes permuted

@@ -49,7 +49,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.ops import Scan, ir_of, scan_y_dtype
-from seqfuse.passes.pattern import CASTS, ancestors, arg, axis_view, copy_meta, is_op, rank, readout_rounding, val
+from seqfuse.passes.pattern import CASTS, ancestors, arg, axis_view, emit_before, is_op, rank, readout_rounding, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -345,11 +345,7 @@ class ScanReadoutPass(Pass):
             scan.prepend(n)
 
         def emit(target, args, like=scan):
-            with graph.inserting_before(scan):
-                node = graph.call_function(target, args)
-            fakes = [val(a) if isinstance(a, torch.fx.Node) else a for a in args]
-            node.meta["val"] = target(*fakes)
-            return copy_meta(node, like)
+            return emit_before(graph, scan, target, args, like)
 
         first = readouts[0]
         c = self._layout(emit, first.c, list(first.c_axes), rank(first.c))

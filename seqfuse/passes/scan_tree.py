@@ -38,7 +38,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.operator_schemas import normalize_function
 
 from seqfuse.ir.ops import Scan
-from seqfuse.passes.pattern import copy_meta, val
+from seqfuse.passes.pattern import emit_before, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_forms import linear_combine
 
@@ -325,11 +325,7 @@ class ScanTreePass(Pass):
         r = va.dim()
 
         def emit(target, args):
-            with graph.inserting_before(first):
-                node = graph.call_function(target, args)
-            fakes = [val(x) if isinstance(x, torch.fx.Node) else x for x in args]
-            node.meta["val"] = target(*fakes)
-            return copy_meta(node, first)
+            return emit_before(graph, first, target, args, first)
 
         if r == 1:                              # (T,) -> (T, 1): a single state
             a, b = emit(aten.unsqueeze.default, (a, -1)), emit(aten.unsqueeze.default, (b, -1))

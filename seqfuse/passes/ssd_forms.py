@@ -39,7 +39,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.masks import classify_mask, position_mask
 from seqfuse.ir.ops import SSD, Scan
-from seqfuse.passes.pattern import arg, concrete_sym, constant_value, copy_meta, is_op, is_scalar, rank, \
+from seqfuse.passes.pattern import arg, concrete_sym, constant_value, emit_before, is_op, is_scalar, rank, \
     sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, Coef, NoMatch, aligned, base_letters, evaluable, evaluate
@@ -584,17 +584,7 @@ class SSDFormsPass(Pass):
 
     # --- building --------------------------------------------------------------------
     def _emit(self, graph, before, target, args, like):
-        with graph.inserting_before(before):
-            node = graph.call_function(target, args)
-
-        def fake(x):
-            if isinstance(x, torch.fx.Node):
-                return val(x)
-            if isinstance(x, (list, tuple)):
-                return type(x)(fake(e) for e in x)
-            return x
-        node.meta["val"] = target(*fake(args))
-        return copy_meta(node, like)
+        return emit_before(graph, before, target, args, like)
 
     def _size(self, graph, before, roles, letter, like):
         for node, letters in [roles.c, roles.b, roles.x, *roles.pos]:
