@@ -15,15 +15,22 @@ def after_pass(fn, *args, tmp_path, stage="scan_discretize"):
     return pathlib.Path(path).read_text()
 
 
-def selective_scan_ref(x, dt, A, Bm, Cm):
-    dA = torch.exp(torch.einsum("bdl,dn->bdln", dt, A))
-    dBu = torch.einsum("bdl,bnl,bdl->bdln", dt, Bm, x)
-    h = A.new_zeros((2, 5, 3))
+def discretized(x, dt, A, Bm):
+    """mamba_ssm's selective_scan_ref: exp(Δ·A) and Δ·B·x as outer-product einsums."""
+    return torch.exp(torch.einsum("bdl,dn->bdln", dt, A)), torch.einsum("bdl,bnl,bdl->bdln", dt, Bm, x)
+
+
+def scan_loop(dA, dBu, Cm):
+    h = dA.new_zeros((2, 5, 3))
     ys = []
-    for i in range(x.shape[2]):
+    for i in range(dA.shape[2]):
         h = dA[:, :, i] * h + dBu[:, :, i]
         ys.append(torch.einsum("bdn,bn->bd", h, Cm[:, :, i]))
     return torch.stack(ys, dim=2), h
+
+
+def selective_scan_ref(x, dt, A, Bm, Cm):
+    return scan_loop(*discretized(x, dt, A, Bm), Cm)
 
 
 def test_einsum_products_become_factor_views(tmp_path):
@@ -47,14 +54,8 @@ def test_einsum_products_become_factor_views(tmp_path):
 
 def test_decays_read_elsewhere_are_left(tmp_path):
     def fn(x, dt, A, Bm, Cm):
-        dA = torch.exp(torch.einsum("bdl,dn->bdln", dt, A))
-        dBu = torch.einsum("bdl,bnl,bdl->bdln", dt, Bm, x)
-        h = A.new_zeros((2, 5, 3))
-        ys = []
-        for i in range(x.shape[2]):
-            h = dA[:, :, i] * h + dBu[:, :, i]
-            ys.append(torch.einsum("bdn,bn->bd", h, Cm[:, :, i]))
-        return torch.stack(ys, dim=2), h, dA
+        dA, dBu = discretized(x, dt, A, Bm)
+        return (*scan_loop(dA, dBu, Cm), dA)
 
     # dA is returned: it is materialized anyway, so the scan keeps reading it; Δ·B·x has three
     # factors and no Δ shared with the decays to take out, so it stays too

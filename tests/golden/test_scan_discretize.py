@@ -70,6 +70,16 @@ def selective_scan_ref(x, dt, A, Bm, Cm):
     return torch.stack(ys, dim=2), h
 
 
+def scan_with_readout(dA, dBu, Cm):
+    """h_t = dA_t·h_{t-1} + dBu_t from zero, y_t = Σ_n h_t·C_t: the loop the spellings below feed."""
+    h = torch.zeros(B, D, N, dtype=dBu.dtype)
+    ys = []
+    for i in range(T):
+        h = dA[:, :, i] * h + dBu[:, :, i]
+        ys.append((h * Cm[:, None, i]).sum(-1))
+    return torch.stack(ys, dim=-1), h
+
+
 def linear(left, right):
     return left[0] * right[0], right[0] * left[1] + right[1]
 
@@ -132,13 +142,7 @@ def test_reverse_loop(tmp_path):
 def test_input_product_alone(tmp_path):
     # decays given as a tensor (no exp of a product): only b = B·x is kept factored
     def fn(a, x, Bm, Cm):
-        dBu = Bm[:, None, :, :] * x[:, :, :, None]
-        h = torch.zeros(B, D, N)
-        ys = []
-        for i in range(T):
-            h = a[:, :, i] * h + dBu[:, :, i]
-            ys.append((h * Cm[:, None, i]).sum(-1))
-        return torch.stack(ys, dim=-1), h
+        return scan_with_readout(a, Bm[:, None, :, :] * x[:, :, :, None], Cm)
 
     x, _, _, Bm, Cm = inputs()
     a = torch.rand(B, D, T, N).mul(0.5).add(0.5).requires_grad_()
@@ -161,12 +165,7 @@ def test_bf16_products_stay_materialized():
     def fn(x, dt, A, Bm, Cm):
         dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
         dBu = dt[:, :, :, None] * Bm[:, None, :, :] * x[:, :, :, None]
-        h = torch.zeros(B, D, N, dtype=x.dtype)
-        ys = []
-        for i in range(T):
-            h = dA[:, :, i] * h + dBu[:, :, i]
-            ys.append((h * Cm[:, None, i]).sum(-1))
-        return torch.stack(ys, dim=-1), h
+        return scan_with_readout(dA, dBu, Cm)
 
     report = check_against_eager(fn, *inputs(torch.bfloat16))
     ir = one_scan(report)
@@ -179,12 +178,7 @@ def test_decays_also_returned_stay_materialized():
     def fn(x, dt, A, Bm, Cm):
         dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
         dBu = dt[:, :, :, None] * Bm[:, None, :, :] * x[:, :, :, None]
-        h = torch.zeros(B, D, N)
-        ys = []
-        for i in range(T):
-            h = dA[:, :, i] * h + dBu[:, :, i]
-            ys.append((h * Cm[:, None, i]).sum(-1))
-        return torch.stack(ys, dim=-1), h, dA
+        return (*scan_with_readout(dA, dBu, Cm), dA)
 
     report = check_against_eager(fn, *inputs())
     ir = one_scan(report)
@@ -197,12 +191,7 @@ def test_scaled_input_is_not_a_plain_product():
     def fn(x, dt, A, Bm, Cm):
         dA = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
         dBu = (dt[:, :, :, None] * Bm[:, None, :, :]) * x[:, :, :, None] * 0.5
-        h = torch.zeros(B, D, N)
-        ys = []
-        for i in range(T):
-            h = dA[:, :, i] * h + dBu[:, :, i]
-            ys.append((h * Cm[:, None, i]).sum(-1))
-        return torch.stack(ys, dim=-1), h
+        return scan_with_readout(dA, dBu, Cm)
 
     report = check_against_eager(fn, *inputs())
     ir = one_scan(report)
@@ -213,12 +202,7 @@ def test_decay_of_a_sum_is_not_folded():
     def fn(x, dt, A, Bm, Cm):
         dA = torch.exp(A[None, :, None, :] + dt[:, :, :, None])
         dBu = dt[:, :, :, None] * Bm[:, None, :, :]
-        h = torch.zeros(B, D, N)
-        ys = []
-        for i in range(T):
-            h = dA[:, :, i] * h + dBu[:, :, i]
-            ys.append((h * Cm[:, None, i]).sum(-1))
-        return torch.stack(ys, dim=-1), h
+        return scan_with_readout(dA, dBu, Cm)
 
     x, dt, A, Bm, Cm = inputs()
     report = check_against_eager(fn, x, dt, A, Bm, Cm)
