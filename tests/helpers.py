@@ -68,6 +68,7 @@ def check_against_eager(fn, *inputs, options=None, dynamic=None, grads=True, bou
             if r is None:
                 assert a is None or not a.abs().any(), f"gradient {i}: eager has none, seqfuse has one"
                 continue
+            assert a is not None, f"gradient {i}: eager has one, seqfuse has none (grad=None)"
             b = bound or BOUND.get(r.dtype, 1e-5)
             e = rel_err(a, r)
             assert e < b, f"gradient {i}: relative error {e:.3g} >= {b:g}"

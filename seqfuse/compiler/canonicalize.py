@@ -4,7 +4,10 @@
    under Dynamo's own fake mode, so symbolic (dynamic) shapes survive, autograd
    is not yet applied, and every node keeps the user's source location.  vmap levels
    that are provably no-ops (an elementwise function, seqfuse.compiler.vmap) are removed
-   first; any other torch.func transform makes the graph ``Untraceable``.
+   first; any other torch.func transform makes the graph ``Untraceable``.  A custom
+   ``torch.autograd.Function`` (Dynamo's ``autograd_function_apply``) stays one opaque
+   node with its forward and backward bodies: make_fx would inline its forward and
+   lose the backward the user wrote.
 2. ``normalize_contractions``: matmul / bmm / mm / baddbmm(beta=0) / einsum /
    broadcast-multiply + sum become ``aten.einsum`` with transposes, permutes,
    unsqueezes and broadcasts of the operands folded into the equation; a fold
@@ -22,8 +25,9 @@ import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, make_fx, track_tensor_tree
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils import _pytree as pytree
 
 from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
@@ -61,6 +65,37 @@ def _functorch_call(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and (module.startswith("torch._functorch") or module.startswith("torch._C._functorch"))
 
 
+_AUTOGRAD_FUNCTION_APPLY = torch.ops.higher_order.autograd_function_apply
+
+
+class _Retrace(torch.fx.Interpreter):
+    """Runs Dynamo's graph under ``make_fx``; a custom autograd.Function call is recorded as
+    one ``autograd_function_apply`` node (forward and backward bodies kept as submodules)
+    instead of being traced through, so the user's backward survives the re-trace."""
+
+    def call_function(self, target, args, kwargs):
+        if target is not _AUTOGRAD_FUNCTION_APPLY:
+            return super().call_function(target, args, kwargs)
+        mode = get_proxy_mode()
+        if mode is None:
+            return super().call_function(target, args, kwargs)
+        # the outputs' fake values, computed with nothing recorded: no pre-dispatch key, no proxy
+        # mode, no torch-function modes (those record the body's grad-mode switches)
+        no_pre_dispatch = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.PreDispatch))
+        with torch._C.DisableTorchFunction(), no_pre_dispatch, disable_proxy_modes_tracing():
+            out = target(*args, **kwargs)
+        tracer = mode.tracer
+        for body, stem in zip(args[:2], ("autograd_fwd", "autograd_bwd")):
+            i = 0
+            while hasattr(tracer.root, f"{stem}_{i}"):
+                i += 1
+            tracer.root.register_module(f"{stem}_{i}", body)
+        proxy_args = pytree.tree_map(tracer.unwrap_proxy, args)
+        proxy_kwargs = pytree.tree_map(tracer.unwrap_proxy, kwargs)
+        proxy = tracer.create_proxy("call_function", target, proxy_args, proxy_kwargs)
+        return track_tensor_tree(out, proxy, constant=None, tracer=tracer)
+
+
 def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | None = None) -> torch.fx.GraphModule:
     """Re-trace ``gm`` to pre-dispatch ATen, keeping symbolic shapes and source locations.
 
@@ -93,7 +128,7 @@ def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | 
                 raise
     if traced is None:
         with mode, fx_traceback.preserve_node_meta():
-            traced = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*values)
+            traced = make_fx(_Retrace(gm).run, pre_dispatch=True)(*values)
     # keep Dynamo's input names (l_q_, l_self_modules_...): they are what users recognise
     old = [n for n in gm.graph.nodes if n.op == "placeholder"]
     new = [n for n in traced.graph.nodes if n.op == "placeholder"]
