@@ -253,6 +253,8 @@ def normalize_contractions(gm: torch.fx.GraphModule) -> int:
         operands, letters, out, alpha = spec
         if any(val(o) is None for o in operands) or val(node) is None:
             continue
+        if any(val(o).dtype != val(node).dtype for o in operands):
+            continue  # mul promotes mixed dtypes, einsum does not (it raises)
         used = set("".join(letters) + out)
         fresh = [c for c in _LETTERS if c not in used]
         best = (operands, letters)

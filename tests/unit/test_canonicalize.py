@@ -102,6 +102,23 @@ def test_vector_products_are_left_alone():
     assert normalize_contractions(traced) == 0
 
 
+@pytest.mark.parametrize("downstream", ["eager", "aot_eager", "inductor"])
+def test_mixed_dtype_broadcast_product_is_not_an_einsum(downstream):
+    """mul promotes fp32 * fp16 to fp32; aten.einsum does not (it raises): the sum of the
+    product keeps its own ops, and the compiled program gives eager's fp32 result."""
+    def fn(x, y):
+        return (x[:, :, None] * y[:, None]).sum(-1)
+
+    x, y = torch.randn(3, 4, 5), torch.randn(3, 6, 5, dtype=torch.float16)
+    gm, inputs = capture(fn, x, y)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_contractions(traced) == 0, format_graph(traced.graph)
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="seqfuse", options={"downstream": downstream})(x, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, fn(x, y))
+
+
 s4 = torch.randn(2, 3, 5, 5)
 m2 = torch.rand(5, 5) > 0.5
 
