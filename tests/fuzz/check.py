@@ -1,0 +1,382 @@
+"""One fuzz case, judged: the program run eagerly, through ``backend="seqfuse"``, and on fp64
+copies of its inputs (the oracle), outputs and gradients compared.
+
+``run_case(case)`` is the whole check; docs/reliability.md states the rules it implements:
+
+- If eager raises, the compiled program must raise too (else ``eager_error_mismatch``).
+- Outputs: same count, dtype and shape; NaN / +inf / -inf positions as the NaN rule of the
+  case's family says (``NAN_RULES``; the default is identical positions); values at the
+  positions where all three are finite judged against the fp64 oracle, so that precision is
+  told from bugs: seqfuse's error may exceed eager's by at most ``FACTOR`` plus a floor of
+  ``FLOOR[dtype]`` units of roundoff (relative RMS error, and max error relative to the
+  largest oracle value).  Without an oracle (the program fails on fp64 copies) seqfuse is
+  judged against eager with the floor alone.
+- Gradients: backward of ``sum(out * R)`` (R fixed random per output, from the case's seed)
+  for every input with ``requires_grad``, compared the same way, ``None`` vs a tensor included.
+
+Pipeline failures fall back (SEQFUSE_STRICT is unset while a case runs); their warnings,
+the near misses and the runtime paths not taken are recorded in ``Outcome.detail``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+#: seqfuse's error vs the oracle may be at most FACTOR x eager's ...
+FACTOR = 4.0
+#: ... plus FLOOR[dtype] x the unit roundoff of the result's dtype.  The floor stands for the
+#: reassociation of sums (recursive summation of n terms is off by up to n·u): fp64 / fp32
+#: programs are often as exact as their dtype allows, so their floor admits a different
+#: summation order over ~10³ / ~10² terms; fp16 / bf16 programs carry their own rounding at
+#: every step (eager's error is already many u) and seqfuse accumulates in fp32, so a floor
+#: of a few roundings of the result suffices.
+FLOOR = {torch.float64: 1024, torch.float32: 256, torch.bfloat16: 4, torch.float16: 4,
+         torch.complex128: 1024, torch.complex64: 256}
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
+                 torch.float16: 2.0 ** -11, torch.complex128: 2.0 ** -53, torch.complex64: 2.0 ** -24}
+
+FAILING = ("wrong", "crash", "eager_error_mismatch")
+
+
+@dataclass
+class Case:
+    family: str            # "attention" | "ssd" | "scan" | "long_conv"
+    name: str              # the spelling, e.g. "masked_fill_tril"
+    fn: Callable           # the program: fn(*inputs) -> Tensor or tuple of Tensors
+    inputs: tuple          # tensors (some with requires_grad) and Python scalars
+    expect: str | None     # IR op kind that should be found (e.g. "attention"), None if not required
+    options: dict          # seqfuse options, e.g. {"runtime": "triton"} or {}; downstream defaults to aot_eager
+    seed: int
+
+
+@dataclass
+class Outcome:
+    status: str            # "ok" | "both_raised" | "wrong" | "crash" | "eager_error_mismatch" | "not_rewritten"
+    detail: str
+    rewritten: bool
+    #: the failing comparisons, one line each (also in detail)
+    problems: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _copy(x, dtype_map=None):
+    """A fresh leaf copy of tensor ``x`` (same requires_grad), widened by ``dtype_map``."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    y = x.detach().clone()
+    if dtype_map is not None:
+        y = y.to(dtype_map(y.dtype))
+    if x.requires_grad:
+        y.requires_grad_(True)
+    return y
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:
+        return torch.complex128
+    if dtype.is_floating_point:
+        return torch.float64
+    return dtype
+
+
+def _flat(x) -> list:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for e in x for t in _flat(e)]
+    return []
+
+
+def _leaves(inputs) -> list:
+    return [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+
+def _weights(outs: list, seed: int) -> list:
+    """The fixed random R of each output (generated in fp64 from the case's seed)."""
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    rs = []
+    for o in outs:
+        if o.dtype.is_complex:
+            rs.append(torch.randn(o.shape, generator=g, dtype=torch.complex128))
+        else:
+            rs.append(torch.randn(o.shape, generator=g, dtype=torch.float64))
+    return rs
+
+
+def _grads(outs: list, leaves: list, seed: int):
+    """d/d leaves of sum(out * R); None for a leaf the outputs do not reach."""
+    if not leaves:
+        return []
+    rs = _weights(outs, seed)
+    loss = None
+    for o, r in zip(outs, rs):
+        if not (o.requires_grad and (o.is_floating_point() or o.is_complex())):
+            continue
+        term = (o * r.to(o.dtype)).sum()
+        term = term.real if term.is_complex() else term
+        loss = term if loss is None else loss + term.to(loss.dtype)
+    if loss is None:
+        return [None] * len(leaves)
+    return list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+
+@contextlib.contextmanager
+def _not_strict():
+    saved = os.environ.pop("SEQFUSE_STRICT", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["SEQFUSE_STRICT"] = saved
+
+
+def _run(fn, inputs, seed):
+    """(outputs, grads, exception) of the program on ``inputs``; grads None if forward raised."""
+    torch.manual_seed(seed)
+    try:
+        out = fn(*inputs)
+        outs = _flat(out)
+    except Exception as exc:  # noqa: BLE001 - the program's own error is data here
+        return None, None, exc
+    try:
+        grads = _grads(outs, _leaves(inputs), seed)
+    except Exception as exc:  # noqa: BLE001
+        return outs, None, exc
+    return outs, grads, None
+
+
+# --------------------------------------------------------------------------- comparison
+
+def _classes(t: torch.Tensor):
+    """(nan, +inf, -inf) masks of ``t`` (complex: NaN if either part is, inf if either part is)."""
+    if t.is_complex():
+        re, im = t.real, t.imag
+        nan = re.isnan() | im.isnan()
+        return nan, (re.isposinf() | im.isposinf()) & ~nan, (re.isneginf() | im.isneginf()) & ~nan
+    if not t.is_floating_point():
+        z = torch.zeros(t.shape, dtype=torch.bool)
+        return z, z, z
+    return t.isnan(), t.isposinf(), t.isneginf()
+
+
+def exact_nan_rule(got: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor | None, ctx: dict):
+    """The default rule: NaN, +inf and -inf at exactly the program's positions, except where the
+    program overflowed (eager non-finite where the fp64 oracle is finite and every input is
+    finite): there seqfuse may give a finite value (judged against the oracle) or the same class.
+
+    Returns (problem or None, mask of positions whose values are to be compared)."""
+    gn, gp, gm = _classes(got)
+    en, ep, em = _classes(eager)
+    g_bad, e_bad = gn | gp | gm, en | ep | em
+    overflow = torch.zeros_like(e_bad)
+    if oracle is not None and ctx.get("inputs_finite", True):
+        on, op, om = _classes(oracle)
+        overflow = e_bad & ~(on | op | om)
+    same = (gn == en) & (gp == ep) & (gm == em)
+    allowed = same | (overflow & ~g_bad)
+    bad = ~allowed
+    if bad.any():
+        return (f"non-finite positions differ at {int(bad.sum())} of {bad.numel()} elements "
+                f"(seqfuse NaN {int(gn.sum())} +inf {int(gp.sum())} -inf {int(gm.sum())}; "
+                f"eager NaN {int(en.sum())} +inf {int(ep.sum())} -inf {int(em.sum())})"), None
+    return None, ~g_bad & ~e_bad | (overflow & ~g_bad)
+
+
+#: family -> rule(got, eager, oracle, ctx) -> (problem or None, compare mask); see docs/reliability.md
+NAN_RULES: dict[str, Callable] = {}
+
+
+def _errors(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor):
+    """(relative RMS error, max error / max |ref|) of x vs ref over ``mask``."""
+    wide = torch.complex128 if (x.is_complex() or ref.is_complex()) else torch.float64
+    x = x.detach().to(wide)[mask]
+    ref = ref.detach().to(wide)[mask]
+    if ref.numel() == 0:
+        return 0.0, 0.0
+    diff = (x - ref).abs()
+    scale_rms = ref.abs().pow(2).mean().sqrt().item()
+    scale_max = ref.abs().max().item()
+    rms = diff.pow(2).mean().sqrt().item()
+    mx = diff.max().item()
+    return (rms / scale_rms if scale_rms > 0 else rms), (mx / scale_max if scale_max > 0 else mx)
+
+
+def _compare(label: str, got, eager, oracle, ctx: dict, rule: Callable) -> tuple[str | None, str]:
+    """Compare one output (or gradient); returns (problem or None, a short summary)."""
+    if eager is None or got is None:
+        if eager is None and got is None:
+            return None, f"{label}: None"
+        if eager is None and not (got.detach() != 0).any():
+            return None, f"{label}: None vs zeros"
+        return (f"{label}: eager gives {'None' if eager is None else 'a tensor'}, seqfuse gives "
+                f"{'None' if got is None else 'a tensor'}"), ""
+    if got.dtype != eager.dtype:
+        return f"{label}: dtype {got.dtype} vs eager {eager.dtype}", ""
+    if got.shape != eager.shape:
+        return f"{label}: shape {tuple(got.shape)} vs eager {tuple(eager.shape)}", ""
+    if not (got.is_floating_point() or got.is_complex()):
+        if not torch.equal(got, eager):
+            return f"{label}: {got.dtype} values differ from eager", ""
+        return None, f"{label}: equal"
+    if oracle is not None and oracle.shape != eager.shape:
+        oracle = None
+    problem, mask = rule(got.detach(), eager.detach(), None if oracle is None else oracle.detach(), ctx)
+    if problem:
+        return f"{label}: {problem}", ""
+    u = UNIT_ROUNDOFF.get(got.dtype, 2.0 ** -24)
+    floor = FLOOR.get(got.dtype, 256) * u
+    if oracle is not None:
+        omask = mask & ~torch.stack(_classes(oracle)).any(0)
+        es_rms, es_max = _errors(got, oracle, omask)
+        ee_rms, ee_max = _errors(eager, oracle, omask)
+        lim_rms, lim_max = FACTOR * ee_rms + floor, FACTOR * ee_max + floor
+        summary = (f"{label}: err {es_rms:.2g} (max {es_max:.2g}) vs eager's {ee_rms:.2g} (max {ee_max:.2g})")
+    else:
+        es_rms, es_max = _errors(got, eager, mask)
+        lim_rms = lim_max = floor
+        summary = f"{label}: err vs eager {es_rms:.2g} (max {es_max:.2g}), no oracle"
+    if not (es_rms <= lim_rms and es_max <= lim_max):
+        return (f"{summary}; allowed {lim_rms:.2g} (max {lim_max:.2g})"), summary
+    return None, summary
+
+
+def _finite(inputs) -> bool:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+            if not torch.isfinite(x.detach()).all():
+                return False
+    return True
+
+
+# --------------------------------------------------------------------------- the check
+
+def run_case(case: Case) -> Outcome:
+    """Run ``case`` eagerly, compiled with seqfuse, and on fp64 copies; judge the compiled run."""
+    import seqfuse
+    from seqfuse.runtime.counters import counters, fallbacks
+
+    torch._dynamo.reset()
+    seqfuse.reset_counters()
+    options = dict(case.options)
+    options.setdefault("downstream", "aot_eager")
+    notes: list[str] = []
+
+    eager_in = tuple(_copy(x) for x in case.inputs)
+    e_outs, e_grads, e_exc = _run(case.fn, eager_in, case.seed)
+
+    # the compiled program
+    sf_in = tuple(_copy(x) for x in case.inputs)
+    report = None
+    s_outs = s_grads = s_exc = None
+    with _not_strict(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = seqfuse.explain(case.fn, *sf_in, options=options)
+            torch.manual_seed(case.seed)
+            s_outs = _flat(report.output)
+        except Exception as exc:  # noqa: BLE001
+            s_exc = exc
+            s_tb = traceback.format_exc(limit=6)
+        if s_exc is None:
+            try:
+                s_grads = _grads(s_outs, _leaves(sf_in), case.seed)
+            except Exception as exc:  # noqa: BLE001
+                s_exc = exc
+                s_tb = traceback.format_exc(limit=6)
+    msgs = sorted({str(w.message).splitlines()[0][:200] for w in caught if "seqfuse" in str(w.message)})
+    notes += [f"warning: {m}" for m in msgs]
+    rewritten = False
+    if report is not None:
+        kinds = [r.kind for r in report.rewrites]
+        rewritten = (case.expect in kinds) if case.expect else bool(kinds)
+        notes.append(f"rewrites: {kinds or 'none'}; algorithms: {[r.algorithm for r in report.rewrites]}")
+        notes += [f"near miss ({m.kind}): {m.reason[:200]}" for m in report.near_misses]
+    runtime, fb = counters(), fallbacks()
+    ran = {k: {p: n for p, n in v.items() if n} for k, v in runtime.items()}
+    if ran:
+        notes.append(f"runtime: {ran}")
+    if fb:
+        notes.append(f"paths not taken: {fb}")
+
+    def outcome(status, problems=()):
+        head = "; ".join(problems) if problems else ""
+        return Outcome(status, "\n".join(([head] if head else []) + notes), rewritten, list(problems))
+
+    # errors: eager raised -> seqfuse must raise
+    if e_exc is not None:
+        where = "forward" if e_outs is None else "backward"
+        if s_exc is None:
+            return outcome("eager_error_mismatch",
+                           [f"eager raised in {where} ({type(e_exc).__name__}: {str(e_exc)[:200]}), seqfuse did not"])
+        notes.insert(0, f"both raised: eager {type(e_exc).__name__}: {str(e_exc)[:160]} | "
+                        f"seqfuse {type(s_exc).__name__}: {str(s_exc)[:160]}")
+        return outcome("both_raised")
+    if s_exc is not None:
+        return outcome("crash", [f"seqfuse raised {type(s_exc).__name__}: {str(s_exc)[:300]}\n{s_tb}"])
+
+    # the oracle: the same program on fp64 copies
+    o_outs = o_grads = None
+    o_in = tuple(_copy(x, _wide) for x in case.inputs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            o_outs, o_grads, o_exc = _run(case.fn, o_in, case.seed)
+        if o_exc is not None:
+            notes.append(f"no oracle: fp64 program raised {type(o_exc).__name__}: {str(o_exc)[:120]}")
+            o_outs = o_grads = None
+        elif len(o_outs) != len(e_outs):
+            o_outs = o_grads = None
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"no oracle: {type(exc).__name__}")
+        o_outs = o_grads = None
+
+    ctx = {"case": case, "inputs_finite": _finite(case.inputs), "inputs": case.inputs}
+    rule = NAN_RULES.get(case.family, exact_nan_rule)
+    problems, summaries = [], []
+    if len(s_outs) != len(e_outs):
+        problems.append(f"{len(s_outs)} outputs vs eager's {len(e_outs)}")
+    else:
+        for i, (s, e) in enumerate(zip(s_outs, e_outs)):
+            o = o_outs[i] if o_outs is not None else None
+            p, summ = _compare(f"output {i}", s, e, o, dict(ctx, what=("output", i)), rule)
+            (problems.append(p) if p else summaries.append(summ))
+        leaves = _leaves(case.inputs)
+        names = [i for i, x in enumerate(case.inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+        for j, (s, e) in enumerate(zip(s_grads, e_grads)):
+            o = o_grads[j] if o_grads is not None else None
+            p, summ = _compare(f"grad of input {names[j]}", s, e, o, dict(ctx, what=("grad", names[j])), rule)
+            (problems.append(p) if p else summaries.append(summ))
+        del leaves
+    notes.insert(0, "; ".join(s for s in summaries if s))
+    if problems:
+        return outcome("wrong", problems)
+    if case.expect and not rewritten:
+        return outcome("not_rewritten", [f"expected a {case.expect} rewrite"])
+    return outcome("ok")
+
+
+def describe(case: Case) -> str:
+    """One line naming the case and its inputs (shapes, dtypes, requires_grad, non-finite)."""
+    parts = []
+    for x in case.inputs:
+        if isinstance(x, torch.Tensor):
+            tag = f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
+            if x.requires_grad:
+                tag += "*"
+            if (x.is_floating_point() or x.is_complex()) and not torch.isfinite(x.detach()).all():
+                tag += "!nonfinite"
+            parts.append(tag)
+        else:
+            parts.append(repr(x))
+    return f"{case.family}/{case.name} seed={case.seed} options={case.options} inputs=({', '.join(parts)})"
+
+
+__all__ = ["Case", "Outcome", "run_case", "describe", "NAN_RULES", "exact_nan_rule", "FACTOR", "FLOOR",
+           "UNIT_ROUNDOFF", "FAILING"]
