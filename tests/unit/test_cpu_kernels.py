@@ -7,8 +7,12 @@ Skipped (with the reason) only on a machine without a C compiler.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -669,6 +673,81 @@ def test_corrupt_library_is_rebuilt(fresh_cache):
     before = build.compile_count
     assert build.load("probe", source).seqfuse_probe(1) == 3
     assert build.compile_count > before  # rebuilt (more than once where -fopenmp is refused)
+
+
+def _load_in_subprocess(cache: Path, source: str) -> subprocess.CompletedProcess:
+    """Load ``source``'s library in a fresh interpreter (a fault there kills only that process)."""
+    code = ("import sys; from seqfuse.lowering.cpu import build\n"
+            "lib = build.load('probe', sys.argv[1])\n"
+            "print(lib.seqfuse_probe(7), build.compile_count)\n")
+    env = dict(os.environ, SEQFUSE_CACHE_DIR=str(cache))
+    return subprocess.run([sys.executable, "-c", code, source], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "no_digest", "stale_digest"])
+def test_damaged_library_is_rebuilt_not_mapped(fresh_cache, damage):
+    """A library that is not the one the build wrote is never handed to the dynamic loader:
+    a shared object truncated to half its size (a full disk, a killed copy) used to be
+    mapped and kill the process with SIGBUS."""
+    source = PROBE + f"/* damaged-library test: {damage} */\n" + "int pad[4096] = {1};\n"
+    built = _load_in_subprocess(fresh_cache, source)
+    assert built.returncode == 0 and built.stdout.split() == ["21", "1"], built.stderr
+    (lib,) = (fresh_cache / "cpu_kernels").glob("probe-*.so")
+    digest = lib.with_name(lib.name + ".sha256")
+    data = lib.read_bytes()
+    if damage == "truncated":
+        lib.write_bytes(data[: len(data) // 2])
+    elif damage == "foreign":  # a whole library, but not this source's
+        other = _load_in_subprocess(fresh_cache / "other", PROBE + "/* foreign */\n")
+        assert other.returncode == 0, other.stderr
+        (foreign,) = (fresh_cache / "other" / "cpu_kernels").glob("probe-*.so")
+        lib.write_bytes(foreign.read_bytes())
+    elif damage == "no_digest":
+        digest.unlink()
+    else:
+        digest.write_text("12 " + "0" * 64 + "\n")
+    again = _load_in_subprocess(fresh_cache, source)
+    assert again.returncode == 0, f"the loading process died (rc {again.returncode}): {again.stderr[-500:]}"
+    assert again.stdout.split() == ["21", "1"], again.stdout  # rebuilt once, then loaded
+    assert lib.read_bytes() != data[: len(data) // 2] and build._verified(lib)
+    # and the rebuilt library is reused without the compiler
+    third = _load_in_subprocess(fresh_cache, source)
+    assert third.returncode == 0 and third.stdout.split() == ["21", "0"], third.stdout
+
+
+def test_read_only_cache_with_a_whole_library_loads_it(fresh_cache):
+    source = PROBE + "/* read-only cache test */\n"
+    assert _load_in_subprocess(fresh_cache, source).returncode == 0
+    kdir = fresh_cache / "cpu_kernels"
+    mode = kdir.stat().st_mode
+    kdir.chmod(0o555)
+    try:
+        got = _load_in_subprocess(fresh_cache, source)
+    finally:
+        kdir.chmod(mode)
+    assert got.returncode == 0 and got.stdout.split() == ["21", "0"], got.stderr
+
+
+def test_threads_loading_one_library_build_it_once(fresh_cache):
+    import threading
+    source = PROBE + "/* threads test */\n"
+    before = build.compile_count
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(build.load("probe", source).seqfuse_probe(3))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [9] * 4
+    assert build.compile_count == before + 1
 
 
 def test_unwritable_cache_dir_builds_in_temp_dir(tmp_path, monkeypatch):

@@ -9,7 +9,10 @@ flags and the machine architecture.
 It lives in ``<cache_dir>/cpu_kernels/`` (``cache_dir`` of seqfuse/runtime/cache.py:
 ``$SEQFUSE_CACHE_DIR`` or ``~/.cache/seqfuse``), written atomically (temp file +
 ``os.replace``), so a second process, or the second build of the same source in this
-one, loads it without invoking the compiler.
+one, loads it without invoking the compiler.  Beside each library a ``.sha256`` file,
+written after the library is in place, holds its size and hash; a library is only
+handed to the dynamic loader when it matches them.  A truncated or foreign file is
+rebuilt, never mapped: a truncated shared object kills the process with SIGBUS.
 
 OpenMP: the flags first try ``-fopenmp``; a compiler without it builds the serial
 variant (the kernels' pragmas are then ignored).  torch's own libgomp (SONAME
@@ -70,8 +73,8 @@ CPU_FLAGS = _cpu_flags()
 #: flag sets tried in order: parallel (OpenMP), then serial
 FLAG_VARIANTS = (("-fopenmp",), ("-fopenmp-simd",), ())
 
-#: bump when the way a library is built or named changes
-BUILD_VERSION = 1
+#: bump when the way a library is built or named changes (2: libraries carry a .sha256 file)
+BUILD_VERSION = 2
 
 _LOCK = threading.Lock()
 #: key (hash) -> loaded library; (module name, compiler, source) -> the library, or the reason
@@ -111,7 +114,7 @@ def _load_or_build(compiler: str, flags: tuple[str, ...], source: str, name: str
     last: OSError | None = None
     for directory in _kernel_dirs():
         out = directory / f"{name}-{key}.so"
-        if out.exists():
+        if out.exists() and _verified(out):
             try:
                 return ctypes.CDLL(str(out))
             except OSError:
@@ -124,6 +127,23 @@ def _load_or_build(compiler: str, flags: tuple[str, ...], source: str, name: str
         except OSError as exc:
             last = exc
     raise last if last is not None else OSError("no kernel directory")
+
+
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _digest(data: bytes) -> str:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _verified(lib: Path) -> bool:
+    """Whether ``lib`` is whole: its size and hash are those its ``.sha256`` file names
+    (written by :func:`_compile` after the library itself)."""
+    try:
+        return _digest_path(lib).read_text().strip() == _digest(lib.read_bytes())
+    except OSError:
+        return False
 
 
 def _key(source: str, compiler_id: str, flags: tuple[str, ...]) -> str:
@@ -149,7 +169,10 @@ def _compile(compiler: str, flags: tuple[str, ...], source: str, out: Path, name
         if proc.returncode != 0:
             err = (proc.stderr or proc.stdout).strip().splitlines()
             raise BuildError(f"C compiler {compiler!r} failed ({' '.join(flags)}): " + (err[0] if err else "no output"))
+        digest = Path(tmp) / "digest"
+        digest.write_text(_digest(lib.read_bytes()) + "\n")
         os.replace(lib, out)
+        os.replace(digest, _digest_path(out))  # last: a reader that sees it sees the whole library
 
 
 def load(name: str, source: str) -> ctypes.CDLL:
