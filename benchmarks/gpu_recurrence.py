@@ -59,12 +59,12 @@ def timed(fn, backward):
 
 
 def optional(module: str, name: str):
-    """A peer kernel, or None ("not installed" is printed once)."""
+    """A peer kernel, or None (why it does not import is printed: a broken install is not "not installed")."""
     try:
         mod = __import__(module, fromlist=[name])
         return getattr(mod, name)
-    except Exception:
-        print(f"{module}.{name}: not installed")
+    except Exception as exc:
+        print(f"{module}.{name}: unavailable ({type(exc).__name__}: {str(exc)[:160]})")
         return None
 
 
