@@ -1,0 +1,474 @@
+"""Random linear-recurrence programs in every spelling the docs claim (README "Recognized now",
+docs/ir.md): ``ssd_cases`` (matrix states) and ``scan_cases`` (diagonal states).
+
+Loops over time are kept short (T <= 24: Dynamo unrolls them); loop-free forms go longer, across
+the algorithms' thresholds and chunk sizes.  Sizes include 1, odd, and lengths that are not a
+multiple of any chunk; dtypes fp64 / fp32 / bf16 / fp16; random requires_grad subsets; NaN / inf
+inputs; initial states; reversed loops.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .check import Case
+from .common import DTYPES, Maker, poison, size, ssd_options
+
+
+def _case(family, name, fn, inputs, r, seed, triton, expect=None, tag=None, options=None):
+    if options is None:
+        options = ssd_options(r, triton, family)
+    if expect is None:
+        # a state with a key or value dim of 1 may be lifted as a scan
+        expect = "ssd|scan" if family == "ssd" else "scan"
+    return Case(family, name + (f"+{tag}" if tag else ""), fn, tuple(inputs), expect or None, options, seed)
+
+
+def _sizes(r, triton, loop):
+    """(T, batch, heads, key dim, value dim)."""
+    if triton:
+        hi = 12 if loop else 20
+        return size(r, 1, hi, (1, 7, 9)), size(r, 1, 2), size(r, 1, 2), size(r, 1, 4), size(r, 1, 4)
+    hi = 24 if loop else 80
+    return (size(r, 1, hi, (1, 7, 8, 9, 17, 63, 65)), size(r, 1, 3), size(r, 1, 3), size(r, 1, 6),
+            size(r, 1, 6))
+
+
+# ======================================================================== ssd: loops
+
+def ssd_loop(r, seed, triton):
+    """A matrix-state loop: S = decay ⊙ S + k ⊗ v, o_t = q_t · S, in one of several decay kinds,
+    layouts and output styles (stack / preallocated buffer), forward or reversed, h0 or zeros."""
+    T, B, H, K, V = _sizes(r, triton, loop=True)
+    dt = r.choice(DTYPES)
+    m = Maker(r, dt)
+    decay = r.choice(("none", "const", "scalar", "vector", "mamba2"))
+    reverse = r.random() < 0.2
+    use_h0 = r.random() < 0.35
+    buffer = r.random() < 0.4
+    einsum = r.random() < 0.5
+    q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+    extra = []
+    if decay in ("scalar", "mamba2"):
+        extra.append(m.log_decay(B, H, T))
+    elif decay == "vector":
+        extra.append(m.log_decay(B, H, T, K))
+    h0 = m.randn(B, H, K, V) if use_h0 else None
+    tag = poison(r, [q, k, v, *extra] + ([h0] if use_h0 else []))
+
+    def fn(q, k, v, *rest):
+        g = rest[0] if decay in ("scalar", "vector", "mamba2") else None
+        S = rest[-1] if use_h0 else q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+        o = torch.zeros_like(v) if buffer else None
+        outs = []
+        steps = range(q.shape[2] - 1, -1, -1) if reverse else range(q.shape[2])
+        for t in steps:
+            if einsum:
+                kv = torch.einsum("bhk,bhv->bhkv", k[:, :, t], v[:, :, t])
+            else:
+                kv = k[:, :, t, :, None] * v[:, :, t, None, :]
+            if decay == "none":
+                S = S + kv
+            elif decay == "const":
+                S = 0.9 * S + kv
+            elif decay == "scalar":
+                S = S * g[:, :, t].exp()[..., None, None] + kv
+            elif decay == "mamba2":
+                S = torch.exp(g[:, :, t])[:, :, None, None] * S + kv
+            else:
+                S = S * g[:, :, t].exp()[..., None] + kv
+            ot = torch.einsum("bhk,bhkv->bhv", q[:, :, t], S) if einsum else (q[:, :, t, :, None] * S).sum(-2)
+            if buffer:
+                o[:, :, t] = ot
+            else:
+                outs.append(ot)
+        if not buffer:
+            o = torch.stack(outs[::-1] if reverse else outs, 2)
+        return o, S
+
+    name = f"loop_{decay}" + ("_rev" if reverse else "") + ("_h0" if use_h0 else "")
+    return _case("ssd", name, fn, [q, k, v, *extra] + ([h0] if use_h0 else []), r, seed, triton, tag=tag)
+
+
+def ssd_loop_mamba2(r, seed, triton):
+    """Mamba-2's recurrent step (B, C shared by heads), (b, t, h, p) layout, dt = softplus."""
+    T, Bn, H, N, P = _sizes(r, triton, loop=True)
+    dt_ = r.choice(DTYPES)
+    m = Maker(r, dt_)
+    x = m.randn(Bn, T, H, P)
+    dt = m._finish(F.softplus(m.randn(Bn, T, H, grad=False).double()), None, None)
+    A = m.uniform(-2.0, -0.1, H)
+    Bm, C = m.randn(Bn, T, N), m.randn(Bn, T, N)
+    tag = poison(r, [x, dt, A, Bm, C])
+
+    def fn(x, dt, A, Bm, C):
+        dA = torch.exp(dt * A)
+        h = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], Bm.shape[-1])
+        ys = []
+        for t in range(x.shape[1]):
+            h = h * dA[:, t, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, None, None, :]
+            ys.append(torch.einsum("bhpn,bn->bhp", h, C[:, t]))
+        return torch.stack(ys, 1), h
+
+    return _case("ssd", "loop_mamba2", fn, [x, dt, A, Bm, C], r, seed, triton, tag=tag)
+
+
+# ======================================================================== ssd: loop-free
+
+def _segsum(x):
+    t = x.size(-1)
+    cs = torch.cumsum(x, dim=-1)
+    seg = cs[..., :, None] - cs[..., None, :]
+    return seg.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device)), -torch.inf)
+
+
+def ssd_quadratic(r, seed, triton):
+    """(q·kᵀ ∘ M)·v with a ones / γ^(i-j) / exp(segsum) mask in several spellings."""
+    T, B, H, K, V = _sizes(r, triton, loop=False)
+    dt = r.choice(DTYPES)
+    m = Maker(r, dt)
+    style = r.choice(("tril_ones", "tril_method", "masked_fill", "where", "einsum_bthd", "retention_pow",
+                      "log_gamma", "segsum4", "hf_segment_sum"))
+    extra = []
+    if style == "einsum_bthd":
+        q, k, v = m.randn(B, T, H, K), m.randn(B, T, H, K), m.randn(B, T, H, V)
+    elif style in ("segsum4", "hf_segment_sum"):
+        q, k, v = m.randn(B, T, H, K), m.randn(B, T, H, K), m.randn(B, T, H, V)
+        extra.append(m.log_decay(B, H, T, strength=r.choice((0.1, 1.0, 3.0))))
+    else:
+        q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+        if style == "log_gamma":
+            extra.append(m.uniform(-1.0, -0.01, H))
+    tag = poison(r, [q, k, v, *extra])
+
+    def fn(q, k, v, *rest):
+        if style == "tril_ones":
+            t = q.shape[-2]
+            return (q @ k.transpose(-1, -2) * torch.tril(torch.ones(t, t, dtype=q.dtype))) @ v
+        if style == "tril_method":
+            return torch.einsum("bhid,bhjd->bhij", q, k).tril() @ v
+        if style == "masked_fill":
+            t = q.shape[-2]
+            return (q @ k.mT).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), 0.0) @ v
+        if style == "where":
+            t = q.shape[-2]
+            keep = torch.arange(t)[:, None] >= torch.arange(t)[None, :]
+            return torch.einsum("bhij,bhjd->bhid", torch.where(keep, q @ k.mT, 0.0), v)
+        if style == "einsum_bthd":
+            t = q.shape[1]
+            s = torch.einsum("bihd,bjhd->bhij", q * q.shape[-1] ** -0.5, k)
+            return torch.einsum("bhij,bjhd->bihd", s * torch.tril(torch.ones(t, t, dtype=q.dtype)), v)
+        if style == "retention_pow":
+            h, t = q.shape[1], q.shape[2]
+            gamma = 1 - 2.0 ** (-5.0 - torch.arange(h, dtype=torch.float32))
+            n = torch.arange(t, dtype=torch.float32)
+            decay = torch.pow(gamma.view(-1, 1, 1), n[:, None] - n[None, :]) * (n[:, None] >= n[None, :])
+            return (q @ k.mT * decay.to(q.dtype)) @ v
+        if style == "log_gamma":
+            t = q.shape[2]
+            n = torch.arange(t, dtype=q.dtype)
+            decay = torch.exp(rest[0].view(-1, 1, 1) * (n[:, None] - n[None, :])).tril()
+            return (q @ k.mT * decay) @ v
+        if style == "segsum4":
+            L = torch.exp(_segsum(rest[0]))
+            return torch.einsum("blhn,bshn,bhls,bshp->blhp", q, k, L, v)
+        # transformers' Mamba-2 segment_sum (masked cumsum)
+        a = rest[0]
+        t = a.size(-1)
+        a = a[..., None].expand(*a.size(), t)
+        a = a.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool), -1), 0)
+        seg = torch.cumsum(a, dim=-2).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), -torch.inf)
+        G = torch.einsum("blhn,bshn->blsh", q, k)
+        M = G * torch.exp(seg).permute(0, 2, 3, 1)
+        return torch.einsum("blsh,bshp->blhp", M, v)
+
+    return _case("ssd", f"quadratic_{style}", fn, [q, k, v, *extra], r, seed, triton, tag=tag,
+                 expect="" if T == 1 else None)
+
+
+def ssd_cumsum(r, seed, triton):
+    """Cumulative sums of outer products: y_t = q_t · Σ_{s<=t} k_s ⊗ v_s."""
+    T, B, H, K, V = _sizes(r, triton, loop=False)
+    T = min(T, 40)
+    m = Maker(r, r.choice(DTYPES))
+    style = r.choice(("broadcast", "einsum_bthd"))
+    if style == "broadcast":
+        q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+    else:
+        q, k, v = m.randn(B, T, H, K), m.randn(B, T, H, K), m.randn(B, T, H, V)
+    tag = poison(r, [q, k, v])
+
+    def fn(q, k, v):
+        if style == "broadcast":
+            return (q[..., None] * (k[..., :, None] * v[..., None, :]).cumsum(2)).sum(-2)
+        S = torch.einsum("bthn,bthp->bthnp", k, v).cumsum(1)
+        return torch.einsum("bthn,bthnp->bthp", q, S)
+
+    return _case("ssd", f"cumsum_{style}", fn, [q, k, v], r, seed, triton, tag=tag, expect="" if T == 1 else None)
+
+
+def ssd_chunked_listing(r, seed, triton):
+    """The Mamba-2 paper's chunked SSD listing (T a multiple of the chunk Q), with or without h0."""
+    Q = r.choice((2, 4, 8))
+    nc = size(r, 1, 3 if triton else 6)
+    T = Q * nc
+    _, B, H, N, P = _sizes(r, triton, loop=False)
+    m = Maker(r, r.choice(DTYPES))
+    X, A = m.randn(B, T, H, P), m.log_decay(B, T, H, strength=r.choice((0.5, 2.0)))
+    Bm, C = m.randn(B, T, H, N), m.randn(B, T, H, N)
+    use_h0 = r.random() < 0.5
+    h0 = m.randn(B, H, P, N) if use_h0 else None
+    tag = poison(r, [X, A, Bm, C] + ([h0] if use_h0 else []))
+
+    def fn(X, A, Bm, C, *rest):
+        b, t = X.shape[:2]
+        X, A, Bm, C = (z.reshape(b, t // Q, Q, *z.shape[2:]) for z in (X, A, Bm, C))
+        A = A.permute(0, 3, 1, 2)
+        A_cumsum = torch.cumsum(A, dim=-1)
+        Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, Bm, torch.exp(_segsum(A)), X)
+        decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)
+        states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bm, decay_states, X)
+        first = torch.zeros_like(states[:, :1]) if not rest else rest[0][:, None]
+        states = torch.cat([first, states], dim=1)
+        decay_chunk = torch.exp(_segsum(F.pad(A_cumsum[:, :, :, -1], (1, 0))))
+        new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+        Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, new_states[:, :-1], torch.exp(A_cumsum))
+        return (Y_diag + Y_off).reshape(b, t, *Y_off.shape[3:]), new_states[:, -1]
+
+    return _case("ssd", "chunked_listing" + ("_h0" if use_h0 else ""), fn,
+                 [X, A, Bm, C] + ([h0] if use_h0 else []), r, seed, triton, tag=tag)
+
+
+def ssd_chunked_linear_attention(r, seed, triton):
+    """Causal linear attention by chunks: exclusive cumsum of per-chunk kᵀv plus the intra-chunk term."""
+    Q = r.choice((2, 4, 8))
+    T = Q * size(r, 2, 3 if triton else 6)
+    _, B, H, D, _ = _sizes(r, triton, loop=False)
+    m = Maker(r, r.choice(DTYPES))
+    q, k, v = m.randn(B, H, T, D), m.randn(B, H, T, D), m.randn(B, H, T, D)
+    tag = poison(r, [q, k, v])
+
+    def fn(q, k, v):
+        b, h, t, d = q.shape
+        q, k, v = (z.reshape(b, h, t // Q, Q, d) for z in (q * d ** -0.5, k, v))
+        kv = (k.transpose(-1, -2) @ v).cumsum(2)
+        kv = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2)
+        intra = (q @ k.transpose(-1, -2)).masked_fill(torch.triu(torch.ones(Q, Q, dtype=torch.bool), 1), 0) @ v
+        return (q @ kv + intra).reshape(b, h, t, d)
+
+    return _case("ssd", "chunked_linear_attention", fn, [q, k, v], r, seed, triton, tag=tag)
+
+
+SSD_SPELLINGS = ((ssd_loop, 4), (ssd_loop_mamba2, 1), (ssd_quadratic, 4), (ssd_cumsum, 1),
+                 (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1))
+
+
+# ======================================================================== scan
+
+def scan_loop(r, seed, triton):
+    """h = a_t ⊙ h + b_t over a diagonal state, (B, T, D) layout; gates by sigmoid / exp / given;
+    forward or reversed, h0, outputs stacked or written into a buffer, final state returned or not."""
+    T, B, _, D, _ = _sizes(r, triton, loop=True)
+    m = Maker(r, r.choice(DTYPES))
+    gate = r.choice(("given", "exp", "sigmoid"))
+    reverse, use_h0, buffer = r.random() < 0.25, r.random() < 0.35, r.random() < 0.4
+    ret_h = r.random() < 0.5
+    x = m.randn(B, T, D)
+    a = m.gate(B, T, D) if gate == "given" else m.log_decay(B, T, D) if gate == "exp" else m.randn(B, T, D)
+    h0 = m.randn(B, D) if use_h0 else None
+    tag = poison(r, [x, a] + ([h0] if use_h0 else []))
+
+    def fn(x, a, *rest):
+        h = rest[0] if use_h0 else x.new_zeros(x.shape[0], x.shape[2])
+        o = torch.zeros_like(x) if buffer else None
+        outs = []
+        steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+        for t in steps:
+            at = a[:, t] if gate == "given" else a[:, t].exp() if gate == "exp" else torch.sigmoid(a[:, t])
+            h = at * h + x[:, t]
+            if buffer:
+                o[:, t] = h
+            else:
+                outs.append(h)
+        if not buffer:
+            o = torch.stack(outs[::-1] if reverse else outs, 1)
+        return (o, h) if ret_h else o
+
+    name = f"loop_{gate}" + ("_rev" if reverse else "") + ("_h0" if use_h0 else "")
+    return _case("scan", name, fn, [x, a] + ([h0] if use_h0 else []), r, seed, triton, tag=tag)
+
+
+def scan_loop_mamba(r, seed, triton):
+    """Mamba-1's selective scan (transformers' slow path): exp(Δ·A), Δ·B·x, readout C, D skip, gate."""
+    T, Bn, _, N, _ = _sizes(r, triton, loop=True)
+    D = size(r, 1, 4 if triton else 6)
+    m = Maker(r, r.choice(DTYPES))
+    hidden = m.randn(Bn, D, T)
+    delta = m._finish(F.softplus(torch.randn(Bn, D, T, generator=m.g, dtype=torch.float64)), None, None)
+    A = m.uniform(-2.0, -0.05, D, N)
+    Bm, C, Dk, z = m.randn(Bn, T, N), m.randn(Bn, T, N), m.randn(D), m.randn(Bn, D, T)
+    tag = poison(r, [hidden, delta, A, Bm, C])
+    upcast = r.random() < 0.5
+
+    def fn(hidden, dt, A, B, C, Dk, z):
+        batch, dim, seq_len = hidden.shape
+        dtype = hidden.dtype
+        discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+        if upcast:
+            deltaB_u = dt[:, :, :, None] * B[:, None, :, :].float() * hidden[:, :, :, None].float()
+            state = torch.zeros(batch, dim, A.shape[1], dtype=torch.float32)
+        else:
+            deltaB_u = dt[:, :, :, None] * B[:, None, :, :] * hidden[:, :, :, None]
+            state = hidden.new_zeros(batch, dim, A.shape[1])
+        ys = []
+        for i in range(seq_len):
+            state = discrete_A[:, :, i, :] * state + deltaB_u[:, :, i, :]
+            ys.append(torch.matmul(state.to(dtype), C[:, i, :].unsqueeze(-1))[:, :, 0])
+        y = torch.stack(ys, dim=-1)
+        y = y + hidden * Dk[None, :, None]
+        return y * F.silu(z), state
+
+    return _case("scan", "loop_mamba" + ("_upcast" if upcast else ""), fn, [hidden, delta, A, Bm, C, Dk, z],
+                 r, seed, triton, tag=tag)
+
+
+def scan_loop_complex(r, seed, triton):
+    """LRU / S4D recurrent mode: a complex diagonal decay, real part read out."""
+    T, B, _, N, Din = _sizes(r, triton, loop=True)
+    m = Maker(r, r.choice((torch.float32, torch.float64)))
+    u = m.randn(B, T, Din)
+    nu, theta = m.randn(N, scale=0.5), m.randn(N, scale=0.5)
+    Bre, Bim, Cre, Cim = (m.randn(N, Din) for _ in range(4))
+    tag = poison(r, [u, Bre, Cre])
+
+    def fn(u, nu, theta, Bre, Bim, Cre, Cim):
+        lam = torch.exp(torch.complex(-torch.exp(nu), torch.exp(theta)))
+        cdt = lam.dtype
+        Bu = torch.einsum("nd,btd->btn", torch.complex(Bre, Bim), u.to(cdt))
+        Cc = torch.complex(Cre, Cim)
+        h = torch.zeros(u.shape[0], lam.shape[0], dtype=cdt)
+        ys = []
+        for t in range(u.shape[1]):
+            h = lam * h + Bu[:, t]
+            ys.append((h @ Cc).real)
+        return torch.stack(ys, 1)
+
+    return _case("scan", "loop_lru", fn, [u, nu, theta, Bre, Bim, Cre, Cim], r, seed, triton, tag=tag)
+
+
+def scan_bidirectional(r, seed, triton):
+    T, B, _, D, _ = _sizes(r, triton, loop=True)
+    T = min(T, 16)
+    m = Maker(r, r.choice(DTYPES))
+    x, g = m.randn(B, T, D), m.randn(B, T, D)
+    tag = poison(r, [x, g])
+
+    def fn(x, g):
+        hf = x.new_zeros(x.shape[0], x.shape[2])
+        hb = x.new_zeros(x.shape[0], x.shape[2])
+        fw, bw = [], []
+        for t in range(x.shape[1]):
+            hf = torch.sigmoid(g[:, t]) * hf + x[:, t]
+            fw.append(hf)
+        for t in range(x.shape[1] - 1, -1, -1):
+            hb = torch.sigmoid(g[:, t]) * hb + x[:, t]
+            bw.append(hb)
+        return torch.stack(fw, 1) + torch.stack(bw[::-1], 1)
+
+    return _case("scan", "loop_bidirectional", fn, [x, g], r, seed, triton, tag=tag)
+
+
+def _linear(left, right):
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
+
+
+def scan_associative(r, seed, triton):
+    """associative_scan(combine_mode="generic") of the linear combine, 1-D to 3-D, any dim, reverse."""
+    from torch._higher_order_ops.associative_scan import associative_scan
+    m = Maker(r, r.choice(DTYPES))
+    nd = r.choice((1, 2, 3))
+    T = size(r, 1, 12 if triton else 33, (1, 2, 3, 8, 13))
+    shape = [size(r, 1, 4) for _ in range(nd)]
+    dim = r.randrange(nd)
+    shape[dim] = T
+    reverse = r.random() < 0.25
+    a, b = m.gate(*shape), m.randn(*shape)
+    tag = poison(r, [a, b])
+
+    def fn(a, b):
+        return associative_scan(_linear, (a, b), dim=dim, reverse=reverse, combine_mode="generic")[1]
+
+    return _case("scan", f"associative_scan_{nd}d" + ("_rev" if reverse else ""), fn, [a, b], r, seed, triton,
+                 tag=tag, expect="" if T == 1 else None)
+
+
+def _linear_body(h, xs):
+    a, b = xs
+    h = a * h + b
+    return h, h.clone()
+
+
+def scan_hop(r, seed, triton):
+    """torch._higher_order_ops.scan with a linear body, a zero or given initial carry."""
+    from torch._higher_order_ops.scan import scan
+    T, B, _, D, _ = _sizes(r, triton, loop=False)
+    T = min(T, 40)
+    m = Maker(r, r.choice(DTYPES))
+    a, b = m.gate(T, B, D), m.randn(T, B, D)
+    use_h0 = r.random() < 0.5
+    h0 = m.randn(B, D) if use_h0 else None
+    tag = poison(r, [a, b] + ([h0] if use_h0 else []))
+
+    def fn(a, b, *rest):
+        init = rest[0] if rest else torch.zeros_like(b[0])
+        hT, hs = scan(_linear_body, init, (a, b))
+        return hs, hT
+
+    return _case("scan", "hop_scan" + ("_h0" if use_h0 else ""), fn, [a, b] + ([h0] if use_h0 else []),
+                 r, seed, triton, tag=tag, expect="" if T == 1 else None)
+
+
+SCAN_SPELLINGS = ((scan_loop, 4), (scan_loop_mamba, 2), (scan_loop_complex, 1), (scan_bidirectional, 1),
+                  (scan_associative, 2), (scan_hop, 1))
+
+
+# ======================================================================== generators
+
+def _pick(r, table):
+    total = sum(w for _, w in table)
+    x = r.random() * total
+    for fn, w in table:
+        x -= w
+        if x < 0:
+            return fn
+    return table[-1][0]
+
+
+def _cases(table, rng: random.Random, n: int, triton: bool) -> Iterator[Case]:
+    for _ in range(n):
+        seed = rng.randrange(2 ** 31)
+        r = random.Random(seed)
+        yield _pick(r, table)(r, seed, triton)
+
+
+def ssd_cases(rng: random.Random, n: int, triton: bool) -> Iterator[Case]:
+    return _cases(SSD_SPELLINGS, rng, n, triton)
+
+
+def scan_cases(rng: random.Random, n: int, triton: bool) -> Iterator[Case]:
+    return _cases(SCAN_SPELLINGS, rng, n, triton)
+
+
+def cases(rng: random.Random, n: int, triton: bool) -> Iterator[Case]:
+    """ssd and scan cases, alternating."""
+    a, b = ssd_cases(rng, (n + 1) // 2, triton), scan_cases(rng, n // 2, triton)
+    for x in a:
+        yield x
+        y = next(b, None)
+        if y is not None:
+            yield y
