@@ -72,7 +72,10 @@ def scan(a: Tensor, b: Tensor, c: Optional[Tensor], h0: Optional[Tensor], revers
     ops = (a, b, c, h0, dt, u)
     y, h = run("scan", "forward", runtime, dict(zip(_OPERANDS, ops)), attrs, *ops, attrs)
     ey, eh = _empty_results(*ops, readout_dtype)
-    return as_result(y, ey, ops), as_result(h, eh, ops)
+    y = as_result(y, ey, ops)
+    # the last state is often a view of the states (a 1-D / 2-D scan's y and h share a layout):
+    # outputs may alias neither the inputs nor each other
+    return y, as_result(h, eh, (*ops, y))
 
 
 @scan.register_fake
@@ -99,7 +102,7 @@ def scan_backward(grad_y: Tensor, grad_h: Tensor, a: Tensor, b: Tensor, c: Optio
             out.append(torch.zeros_like(t))
         else:
             out.append(as_result(g if t.is_complex() or not g.is_complex() else g.real, torch.empty_like(t),
-                                 (grad_y, grad_h, *ops)))
+                                 (grad_y, grad_h, *ops, *out)))
     return tuple(out)
 
 

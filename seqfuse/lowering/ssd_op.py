@@ -54,7 +54,8 @@ def ssd(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], d: Optional[Tensor
     attrs = _attrs(decay, chunk, algorithm)
     y, h = run("ssd", "forward", runtime, dict(x=x, b=b, c=c, a=a, d=d, h0=h0), attrs, x, b, c, a, d, h0, attrs)
     ey, eh = _empty_results(x, b, c, h0)
-    return as_result(y, ey, (x, b, c, a, d, h0)), as_result(h, eh, (x, b, c, a, d, h0))
+    y = as_result(y, ey, (x, b, c, a, d, h0))
+    return y, as_result(h, eh, (x, b, c, a, d, h0, y))  # outputs may not alias each other either
 
 
 @ssd.register_fake
@@ -75,10 +76,12 @@ def ssd_backward(grad_y: Tensor, grad_h: Tensor, x: Tensor, b: Tensor, c: Tensor
     attrs = _attrs(decay, chunk, algorithm, needs=list(needs))
     tensors = dict(zip(_OPERANDS, (x, b, c, a, d, h0)))
     grads = run("ssd", "backward", runtime, tensors, attrs, grad_y, grad_h, x, b, c, a, d, h0, attrs)
-    inputs = (grad_y, grad_h, x, b, c, a, d, h0)
-    return tuple(as_result(g, torch.empty_like(t), inputs) if (n and t is not None and g is not None) else
-                 (torch.zeros_like(t) if (n and t is not None) else x.new_empty(0))
-                 for t, g, n in zip((x, b, c, a, d, h0), grads, needs))
+    out = []
+    for t, g, n in zip((x, b, c, a, d, h0), grads, needs):   # results alias no input and no other result
+        out.append(as_result(g, torch.empty_like(t), (grad_y, grad_h, x, b, c, a, d, h0, *out))
+                   if (n and t is not None and g is not None) else
+                   (torch.zeros_like(t) if (n and t is not None) else x.new_empty(0)))
+    return tuple(out)
 
 
 @ssd_backward.register_fake

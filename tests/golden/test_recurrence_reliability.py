@@ -1,0 +1,37 @@
+"""Reliability regressions of the ssd / scan / long_conv ops found by the differential fuzzer
+(tests/fuzz): each compiled program equals eager (outputs, gradients, NaN / inf positions by
+the rule of docs/reliability.md) and the report shows the rewrite."""
+import math
+
+import pytest
+import torch
+from torch._higher_order_ops.associative_scan import associative_scan
+
+from helpers import check_against_eager
+
+
+def _linear(left, right):
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
+
+
+# --- issue 13 / defect 12: associative_scan 1-D / 2-D with algorithm={"scan": "chunked"} -------
+# The chunked (and the eager recurrent) reference returned the last state as a view of the
+# states: for a 1-D / 2-D scan the view has the result's own layout, so the custom op returned
+# two aliasing outputs (RuntimeError from torch.library's aliasing check).
+
+@pytest.mark.parametrize("shape,dim", [((11,), 0), ((3, 9), 1), ((9, 3), 0), ((1,), 0)])
+@pytest.mark.parametrize("options", [{"algorithm": {"scan": "chunked"}},
+                                     {"algorithm": {"scan": "recurrent"}, "runtime": "eager"}])
+def test_associative_scan_low_rank_forced_algorithm(shape, dim, options):
+    a = torch.rand(*shape).mul(0.5).add(0.5).requires_grad_()
+    b = torch.randn(*shape, requires_grad=True)
+
+    def fn(a, b):
+        return associative_scan(_linear, (a, b), dim=dim, combine_mode="generic")[1]
+
+    report = check_against_eager(fn, a, b, options=options)
+    if shape[dim] > 1:
+        assert report.count("scan") == 1, str(report)
+        assert f"algo={options['algorithm']['scan']}" in report.rewrites[0].ir, report.rewrites[0].ir
