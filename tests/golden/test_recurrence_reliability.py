@@ -35,3 +35,23 @@ def test_associative_scan_low_rank_forced_algorithm(shape, dim, options):
     if shape[dim] > 1:
         assert report.count("scan") == 1, str(report)
         assert f"algo={options['algorithm']['scan']}" in report.rewrites[0].ir, report.rewrites[0].ir
+
+
+# --- issue 13 / defect 11: an FFT conv with a fixed n on a length-0 signal -------------------
+# The program works (an empty result); the direct algorithm (chosen for kernels of at most 64
+# taps, here 0) reshaped an empty signal to (-1, 1, 0): "cannot reshape tensor of 0 elements".
+
+def fft_conv_fixed_n(u, k):
+    n = 8
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :u.shape[-1]]
+
+
+@pytest.mark.parametrize("L,Lk", [(0, 0), (0, 3), (5, 0)])
+@pytest.mark.parametrize("options", [{}, {"runtime": "eager"}, {"algorithm": {"long_conv": "direct"}},
+                                     {"algorithm": {"long_conv": "fft"}},
+                                     {"algorithm": {"long_conv": "direct"}, "runtime": "eager"}])
+def test_fft_conv_fixed_n_empty_signal_or_kernel(L, Lk, options):
+    u = torch.randn(2, 3, L, requires_grad=True)
+    k = torch.randn(3, Lk, requires_grad=True)
+    report = check_against_eager(fft_conv_fixed_n, u, k, options=options)
+    assert report.count("long_conv") == 1, str(report)

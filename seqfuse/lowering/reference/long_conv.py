@@ -9,7 +9,7 @@ def fft_size_for(length: int, kernel_length: int) -> int:
     """The smallest power of two N ≥ L + Lk - 1: an FFT of that size computes the
     causal (linear) convolution without wrap-around."""
     n = 1
-    while n < length + kernel_length - 1:
+    while n < max(length + kernel_length - 1, length):  # an empty kernel still needs L outputs
         n *= 2
     return n
 
@@ -23,6 +23,10 @@ def _conv_direct(u, k):
     # y[t] = Σ_s k[s]·u[t-s]: a depthwise conv1d over the left-padded input with the kernel flipped
     length, lk = u.shape[-1], k.shape[-1]
     lead = torch.broadcast_shapes(u.shape[:-1], k.shape[:-1])
+    if length == 0 or lk == 0 or 0 in lead:
+        # an empty signal or kernel: no term to sum (conv1d cannot take 0-sized axes); the empty
+        # sums keep the result differentiable (zero gradients)
+        return u.new_zeros(*lead, length) + (u[..., :0].sum() + k[..., :0].sum())
     u = u.expand(*lead, length).reshape(-1, 1, length)
     k = k.expand(*lead, lk).reshape(-1, 1, lk)
     y = F.conv1d(F.pad(u, (lk - 1, 0)).reshape(1, -1, length + lk - 1), k.flip(-1), groups=k.shape[0])
