@@ -28,7 +28,7 @@ def _cache_key() -> str:
 
     import seqfuse
     names = ("attention", "attention_backward", "long_conv", "long_conv_backward",
-             "ssd", "ssd_backward", "scan", "scan_backward")
+             "ssd", "ssd_backward", "scan", "scan_backward", "delta", "delta_backward")
     schemas = sorted(str(getattr(torch.ops.seqfuse, name).default._schema) for name in names)
     return hashlib.sha256("\n".join([seqfuse.__version__, *schemas]).encode()).hexdigest()
 

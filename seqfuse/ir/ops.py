@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch.fx
 
-KINDS = ("attention", "ssd", "scan", "long_conv")
+KINDS = ("attention", "ssd", "scan", "long_conv", "delta")
 
 
 def operand(optional: bool = False):
@@ -226,7 +226,41 @@ class LongConv(IROp):
     activation: str = attr("none")
 
 
-OP_CLASSES: dict[str, type[IROp]] = {c.kind: c for c in (Attention, SSD, Scan, LongConv)}
+@dataclass
+class Delta(IROp):
+    """The delta rule: a linear recurrence with a matrix state whose update is a rank-1 correction
+    (DeltaNet, Gated DeltaNet in Qwen3-Next / OLMo hybrids, KDA in Kimi Linear).
+
+    Per batch b and head h, with the state S_t a (K, V) matrix::
+
+        S_t = α_t ⊙ S_{t-1}                               α_t = exp(g_t) (gate), rows of S for a vector gate
+        S_t = S_t + k_t ⊗ β_t (v_t − S_tᵀ k_t)           = (I − β_t k_t k_tᵀ)·diag(α_t)·S_{t-1} + β_t k_t ⊗ v_t
+        y_t = scale · S_tᵀ q_t                            (S_{-1} = h0, or 0)
+
+    Operands (printed in this order): q, k (B, T, H, K); v (B, T, H, V); beta (B, T, H); g the log-decay:
+    (B, T, H) for ``gate="scalar"`` (Gated DeltaNet), (B, T, H, K) for ``gate="vector"`` (KDA), None for
+    ``gate="none"`` (DeltaNet); optional h0 (B, H, K, V).
+    Results (the IR node's value is the pair): y (B, T, H, V) and the final state (B, H, K, V), both in
+    the promoted dtype of the operands.
+
+    Attributes: ``gate`` (must agree with g's shape), ``scale`` (multiplies the readout), ``chunk``
+    (chunk length of the chunked algorithm; set by passes/select).  Algorithms: "recurrent", "chunked".
+    """
+
+    kind: ClassVar[str] = "delta"
+    results: ClassVar[tuple[str, ...]] = ("y", "h")
+    q: torch.fx.Node = operand()
+    k: torch.fx.Node = operand()
+    v: torch.fx.Node = operand()
+    beta: torch.fx.Node = operand()
+    g: torch.fx.Node | None = operand(optional=True)
+    h0: torch.fx.Node | None = operand(optional=True)
+    gate: str = attr("scalar")
+    scale: float = attr(1.0)
+    chunk: int = attr(64)
+
+
+OP_CLASSES: dict[str, type[IROp]] = {c.kind: c for c in (Attention, SSD, Scan, LongConv, Delta)}
 
 
 def ir_marker(*args, **kwargs):

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.fx
 
-from seqfuse.ir.ops import READOUT_DTYPES, Attention, IROp, LongConv, Scan, SSD
+from seqfuse.ir.ops import READOUT_DTYPES, Attention, Delta, IROp, LongConv, Scan, SSD
 
 
 class IRVerificationError(ValueError):
@@ -123,7 +123,30 @@ def _verify_long_conv(op: LongConv) -> None:
     _check(isinstance(op.scale, float), op, f"scale must be a float, got {op.scale!r}")
 
 
-_RULES = {Attention: _verify_attention, Scan: _verify_scan, SSD: _verify_ssd, LongConv: _verify_long_conv}
+def _verify_delta(op: Delta) -> None:
+    _check(op.gate in ("none", "scalar", "vector"), op, f"gate must be none|scalar|vector, got {op.gate!r}")
+    _check(isinstance(op.chunk, int) and op.chunk > 0, op, f"chunk must be a positive int, got {op.chunk!r}")
+    _check(_is_number(op.scale) and math.isfinite(op.scale), op, f"scale must be a finite number, got {op.scale!r}")
+    q, k, v, beta = _val(op.q), _val(op.k), _val(op.v), _val(op.beta)
+    _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, op,
+           f"q, k, v must be (B, T, H, K|V), got ranks {q.dim()}, {k.dim()}, {v.dim()}")
+    _check(all(_same(a, b) for a, b in zip(q.shape, k.shape)), op,
+           f"q and k must have one shape (B, T, H, K), got {tuple(q.shape)} and {tuple(k.shape)}")
+    _check(all(_same(a, b) for a, b in zip(v.shape[:3], k.shape[:3])), op,
+           f"v must be (B, T, H, V) with k's (B, T, H), got {tuple(v.shape)} and {tuple(k.shape)}")
+    _check(beta.dim() == 3 and all(_same(a, b) for a, b in zip(beta.shape, k.shape[:3])), op,
+           f"beta must be (B, T, H), got {tuple(beta.shape)}")
+    want = {"none": None, "scalar": 3, "vector": 4}[op.gate]
+    got = None if op.g is None else _val(op.g).dim()
+    _check(got == want, op, f"gate={op.gate} needs g of rank {want}, got {got}")
+    if op.h0 is not None:
+        _check(_val(op.h0).dim() == 4, op, f"h0 must be (B, H, K, V), got rank {_val(op.h0).dim()}")
+    for name, node in op.operands():
+        if node is not None:
+            _check(_val(node).is_floating_point(), op, f"{name} must be real floating point, got {_val(node).dtype}")
+
+
+_RULES = {Attention: _verify_attention, Scan: _verify_scan, SSD: _verify_ssd, LongConv: _verify_long_conv, Delta: _verify_delta}
 
 
 def verify_op(op: IROp) -> None:

@@ -6,8 +6,8 @@ import operator
 import torch
 import torch.fx
 
-from seqfuse.ir.ops import SSD, Attention, IROp, LongConv, Scan, ir_marker, ir_of
-from seqfuse.lowering import attention_op, long_conv_op, scan_op, ssd_op  # noqa: F401  (register the custom ops)
+from seqfuse.ir.ops import SSD, Attention, Delta, IROp, LongConv, Scan, ir_marker, ir_of
+from seqfuse.lowering import attention_op, delta_op, long_conv_op, scan_op, ssd_op  # noqa: F401  (register the custom ops)
 
 
 def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, runtime: str) -> torch.fx.Node:
@@ -33,7 +33,7 @@ def _lower_long_conv(graph: torch.fx.Graph, node: torch.fx.Node, op: LongConv, r
 
 #: the algorithm an op still at "auto" runs (only when passes/select was turned off): the one
 #: that is never slow to the point of uselessness at any length
-_UNSELECTED = {"ssd": "chunked", "scan": "recurrent"}
+_UNSELECTED = {"ssd": "chunked", "scan": "recurrent", "delta": "chunked"}
 
 
 def _algorithm(op: IROp) -> str:
@@ -61,7 +61,13 @@ def _lower_scan(graph: torch.fx.Graph, node: torch.fx.Node, op: Scan, runtime: s
     return _lower_pair(graph, node, torch.ops.seqfuse.scan.default, args)
 
 
-_LOWERINGS = {Attention: _lower_attention, LongConv: _lower_long_conv, SSD: _lower_ssd, Scan: _lower_scan}
+def _lower_delta(graph: torch.fx.Graph, node: torch.fx.Node, op: Delta, runtime: str) -> torch.fx.Node:
+    args = (op.q, op.k, op.v, op.beta, op.g, op.h0, op.gate, float(op.scale), int(op.chunk), _algorithm(op), runtime)
+    return _lower_pair(graph, node, torch.ops.seqfuse.delta.default, args)
+
+
+_LOWERINGS = {Attention: _lower_attention, LongConv: _lower_long_conv, SSD: _lower_ssd, Scan: _lower_scan,
+              Delta: _lower_delta}
 
 
 def lower_graph(gm: torch.fx.GraphModule, runtime: str = "auto") -> int:

@@ -14,7 +14,7 @@ import importlib.util
 
 import torch
 
-from seqfuse.ir.ops import SSD, Attention, LongConv, Scan, ir_of
+from seqfuse.ir.ops import SSD, Attention, Delta, LongConv, Scan, ir_of
 from seqfuse.passes.pattern import val
 from seqfuse.passes.registry import Pass, PassContext
 
@@ -193,6 +193,35 @@ def choose_scan(op: Scan, options=None) -> str:
     return "recurrent" if _cuda_decode(a, _scan_length(op)) else "chunked"
 
 
+# --- delta -------------------------------------------------------------------------------
+#
+# The delta rule (seqfuse/lowering/reference/delta.py) has two algorithms: the step loop
+# ("recurrent", T sequential rank-1 updates of a (K, V) state) and the chunked WY / UT form
+# ("chunked": one triangular solve and a few batched matmuls per chunk, a pass over T / C chunks).
+# The chunked form's exponent tile of a vector gate (KDA) is (C, C, K) per chunk, so its chunk is
+# shorter.  Recurrent for a single step or a few (decoding, the state carried through h0), chunked
+# otherwise and for a dynamic T.
+DELTA_ALGORITHMS = ("recurrent", "chunked")
+DELTA_RECURRENT_MAX_T = 16
+DELTA_CHUNK = {"none": 64, "scalar": 64, "vector": 16}
+
+
+def choose_delta(op: Delta, options=None) -> str:
+    """The delta algorithm for ``op``'s shapes (the user's ``options.algorithm["delta"]`` wins); sets
+    ``op.chunk`` whenever the result is "chunked"."""
+    forced = _forced("delta", options)
+    T = _static(val(op.k).shape[1])
+    if forced is not None:
+        algorithm = forced
+    elif T is not None and T <= DELTA_RECURRENT_MAX_T:
+        algorithm = "recurrent"
+    else:
+        algorithm = "chunked"
+    if algorithm == "chunked":
+        op.chunk = DELTA_CHUNK[op.gate]
+    return algorithm
+
+
 def _forced(kind: str, options) -> str | None:
     """The algorithm the user forced for ``kind`` (``options.algorithm``), or None."""
     algorithms = getattr(options, "algorithm", None) or {}
@@ -216,6 +245,8 @@ class SelectPass(Pass):
                 op.algorithm = choose_ssd(op, options)
             elif isinstance(op, Scan) and (op.algorithm == "auto" or forced):
                 op.algorithm = choose_scan(op, options)
+            elif isinstance(op, Delta) and (op.algorithm == "auto" or forced):
+                op.algorithm = choose_delta(op, options)
             elif forced is not None:
                 op.algorithm = forced
             elif isinstance(op, Attention) and op.algorithm == "auto":

@@ -1,0 +1,135 @@
+"""seqfuse::delta as a torch.library custom op: fake impl, autograd, runtime dispatch.
+
+    seqfuse::delta(q, k, v, beta, g?, h0?, gate, scale, chunk, algorithm, runtime) -> (y, h)
+    seqfuse::delta_backward(grad_y, grad_h, q, k, v, beta, g?, h0?, gate, scale, chunk, algorithm, runtime,
+                            needs) -> (dq, dk, dv, dbeta, dg, dh0)
+
+q, k (B, T, H, K); v (B, T, H, V); beta (B, T, H); g (B, T, H) for gate "scalar", (B, T, H, K) for
+"vector", None for "none"; h0 (B, H, K, V).  Both results carry gradients: y (B, T, H, V) and the
+final state h (B, H, K, V), in the promoted dtype of the operands.  The algorithm ("recurrent",
+"chunked") is set by passes/select; "auto" is refused.
+
+Implementations register with the dispatcher (seqfuse.runtime) as
+``Impl(path, supports, forward, backward)`` with
+``forward(q, k, v, beta, g, h0, attrs) -> (y, h)`` and
+``backward(grad_y, grad_h, q, k, v, beta, g, h0, attrs) -> (dq, dk, dv, dbeta, dg, dh0)``,
+attrs = {"gate", "scale", "chunk", "algorithm"} (+ "needs": six bools, for the backward).
+Gradients the caller does not need may be None; the op returns them as empty tensors.
+
+The eager backward differentiates the chunked reference again (inside the op, under
+``autograd_inside_op``): it computes the same function as the recurrent one, and its autograd
+graph holds O(T·(C + K + V)) values per head plus one state per chunk, where differentiating the
+step loop would keep T states.  Sequences of at most ``RECURRENT_BACKWARD_MAX_T`` steps
+differentiate the recurrence itself.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from seqfuse.lowering.autograd import as_result, recompute_grads
+from seqfuse.lowering.reference.delta import ALGORITHMS, check_delta_args, delta_reference, out_dtype
+from seqfuse.runtime import Impl, register_impl, run
+
+_OPERANDS = ("q", "k", "v", "beta", "g", "h0")
+#: up to this many steps the eager backward differentiates the step loop; beyond, the chunked form
+RECURRENT_BACKWARD_MAX_T = 16
+
+
+def _check(q, k, v, beta, g, h0, gate, scale, chunk, algorithm):
+    check_delta_args(q, k, v, beta, g, h0, gate)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"seqfuse.delta: algorithm must be one of {ALGORITHMS} (passes/select sets it), "
+                         f"got {algorithm!r}")
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"seqfuse.delta: chunk must be a positive int, got {chunk!r}")
+
+
+def _attrs(gate, scale, chunk, algorithm, **more):
+    return dict(gate=gate, scale=float(scale), chunk=chunk, algorithm=algorithm, **more)
+
+
+def _empty_results(q, k, v, beta, g, h0):
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    dtype = out_dtype(q, k, v, beta, g, h0)
+    return q.new_empty((B, T, H, V), dtype=dtype), q.new_empty((B, H, K, V), dtype=dtype)
+
+
+@torch.library.custom_op("seqfuse::delta", mutates_args=())
+def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Tensor], h0: Optional[Tensor], gate: str,
+          scale: float, chunk: int, algorithm: str, runtime: str) -> tuple[Tensor, Tensor]:
+    """The delta rule; see seqfuse.ir.ops.Delta.  Returns (y, final state)."""
+    _check(q, k, v, beta, g, h0, gate, scale, chunk, algorithm)
+    attrs = _attrs(gate, scale, chunk, algorithm)
+    ops = (q, k, v, beta, g, h0)
+    y, h = run("delta", "forward", runtime, dict(zip(_OPERANDS, ops)), attrs, *ops, attrs)
+    ey, eh = _empty_results(*ops)
+    return as_result(y, ey, ops), as_result(h, eh, ops)
+
+
+@delta.register_fake
+def _(q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runtime):
+    _check(q, k, v, beta, g, h0, gate, scale, chunk, algorithm)
+    return _empty_results(q, k, v, beta, g, h0)
+
+
+@torch.library.custom_op("seqfuse::delta_backward", mutates_args=())
+def delta_backward(grad_y: Tensor, grad_h: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
+                   g: Optional[Tensor], h0: Optional[Tensor], gate: str, scale: float, chunk: int, algorithm: str,
+                   runtime: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbeta, dg, dh0) of seqfuse::delta given the gradients of y and of the final
+    state; empty where ``needs`` is False."""
+    attrs = _attrs(gate, scale, chunk, algorithm, needs=list(needs))
+    ops = (q, k, v, beta, g, h0)
+    grads = run("delta", "backward", runtime, dict(zip(_OPERANDS, ops)), attrs, grad_y, grad_h, *ops, attrs)
+    inputs = (grad_y, grad_h, *ops)
+    return tuple(as_result(gr, torch.empty_like(t), inputs) if (n and t is not None and gr is not None) else
+                 (torch.zeros_like(t) if (n and t is not None) else q.new_empty(0))
+                 for t, gr, n in zip(ops, grads, needs))
+
+
+@delta_backward.register_fake
+def _(grad_y, grad_h, q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runtime, needs):
+    return tuple(torch.empty_like(t) if (n and t is not None) else q.new_empty(0)
+                 for t, n in zip((q, k, v, beta, g, h0), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, g, h0, *attrs, runtime = inputs
+    ctx.attrs, ctx.runtime = attrs, runtime
+    ctx.save_for_backward(q, k, v, beta, g, h0)
+
+
+def _backward(ctx, grad_y, grad_h):
+    ops = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in enumerate(ops)]
+    y_like, h_like = _empty_results(*ops)
+    grad_y = torch.zeros_like(y_like) if grad_y is None else grad_y.contiguous()
+    grad_h = torch.zeros_like(h_like) if grad_h is None else grad_h.contiguous()
+    grads = torch.ops.seqfuse.delta_backward(grad_y, grad_h, *ops, *ctx.attrs, ctx.runtime, needs)
+    return (*[gr if n else None for gr, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
+
+
+delta.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(q, k, v, beta, g, h0, attrs):
+    return delta_reference(q, k, v, beta, g, h0, gate=attrs["gate"], scale=attrs["scale"], chunk=attrs["chunk"],
+                           algorithm=attrs["algorithm"])
+
+
+def _reference_backward(grad_y, grad_h, q, k, v, beta, g, h0, attrs):
+    # the adjoint by differentiating a reference again: the step loop for short sequences, else the
+    # chunked form (the same function; its autograd graph does not keep a state per step)
+    algorithm = "recurrent" if k.shape[1] <= RECURRENT_BACKWARD_MAX_T else "chunked"
+
+    def fn(*operands):
+        return delta_reference(*operands, gate=attrs["gate"], scale=attrs["scale"], chunk=attrs["chunk"],
+                               algorithm=algorithm)
+    return recompute_grads(fn, (grad_y, grad_h), [q, k, v, beta, g, h0], attrs["needs"])
+
+
+register_impl("delta", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))

@@ -1,0 +1,194 @@
+"""seqfuse.delta: the IR op (printer, verifier), the references (recurrent, chunked WY form) and the
+custom op (fake impl, autograd, opcheck) against a plain Python loop oracle in fp64."""
+import pytest
+import torch
+import torch.fx
+
+from seqfuse.ir import IRVerificationError, format_op, verify_op
+from seqfuse.ir.ops import OP_CLASSES, Delta
+from seqfuse.lowering import delta_op  # noqa: F401  (registers seqfuse::delta)
+from seqfuse.lowering.reference.delta import delta_chunked, delta_recurrent
+from seqfuse.passes.select import choose_delta
+
+
+def oracle(q, k, v, beta, g, h0, gate, scale):
+    """The delta rule one (batch, head, step) at a time, as the papers write it:
+    S ← diag(α)·S, S ← S + k ⊗ β(v − Sᵀk), y = scale·Sᵀq."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    S = [[(h0[b, h].clone() if h0 is not None else torch.zeros(K, V, dtype=q.dtype)) for h in range(H)]
+         for b in range(B)]
+    y = torch.zeros(B, T, H, V, dtype=q.dtype)
+    for t in range(T):
+        for b in range(B):
+            for h in range(H):
+                s = S[b][h]
+                if gate == "scalar":
+                    s = s * g[b, t, h].exp()
+                elif gate == "vector":
+                    s = s * g[b, t, h].exp()[:, None]
+                kk = k[b, t, h]
+                s = s + torch.outer(kk, beta[b, t, h] * (v[b, t, h] - s.T @ kk))
+                S[b][h] = s
+                y[b, t, h] = scale * (s.T @ q[b, t, h])
+    return y, torch.stack([torch.stack(row) for row in S])
+
+
+def operands(B=2, T=7, H=3, K=4, V=5, gate="scalar", h0=True, dtype=torch.float64, grad=False):
+    q = torch.randn(B, T, H, K, dtype=dtype)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, V, dtype=dtype)
+    beta = torch.rand(B, T, H, dtype=dtype)
+    g = {"none": None, "scalar": -torch.rand(B, T, H, dtype=dtype),
+         "vector": -torch.rand(B, T, H, K, dtype=dtype)}[gate]
+    s = torch.randn(B, H, K, V, dtype=dtype) if h0 else None
+    out = [q, k, v, beta, g, s]
+    return [x.requires_grad_(grad) if x is not None else None for x in out]
+
+
+GATES = ["none", "scalar", "vector"]
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("fn,chunk", [(delta_recurrent, 64), (delta_chunked, 3), (delta_chunked, 64)])
+def test_references_equal_the_oracle(gate, fn, chunk):
+    ops = operands(gate=gate)
+    want = oracle(*ops, gate, 0.5)
+    got = fn(*ops, gate=gate, scale=0.5, chunk=chunk)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_is_exact_with_strong_decay_and_long_chunks():
+    # log-decays of -30 per step: exp of a cumulative sum relative to the chunk start overflows
+    # (e^{+γ}) in a naive form; the masked differences never do
+    q, k, v, beta, g, h0 = operands(T=40, gate="vector")
+    g = g * 30
+    y, h = delta_chunked(q, k, v, beta, g, h0, gate="vector", chunk=16)
+    yr, hr = delta_recurrent(q, k, v, beta, g, h0, gate="vector")
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, hr, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+def test_custom_op_outputs_and_gradients_equal_the_oracle(gate, algorithm):
+    ops = operands(T=9, gate=gate, grad=True)
+    y, h = torch.ops.seqfuse.delta(*ops, gate, 0.5, 4, algorithm, "eager")
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    leaves = [x for x in ops if x is not None]
+    got = torch.autograd.grad((y, h), leaves, (gy, gh))
+    ref = [x.detach().clone().requires_grad_() if x is not None else None for x in ops]
+    yr, hr = oracle(*ref, gate, 0.5)
+    want = torch.autograd.grad((yr, hr), [x for x in ref if x is not None], (gy, gh))
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, hr, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_backward_of_a_long_sequence_goes_through_the_chunked_form():
+    # T > RECURRENT_BACKWARD_MAX_T: the eager backward differentiates the chunked reference
+    ops = operands(B=1, T=40, H=2, gate="vector", grad=True)
+    y, h = torch.ops.seqfuse.delta(*ops, "vector", 1.0, 16, "recurrent", "eager")
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    got = torch.autograd.grad((y, h), ops, (gy, gh))
+    ref = [x.detach().clone().requires_grad_() for x in ops]
+    want = torch.autograd.grad(delta_recurrent(*ref, gate="vector"), ref, (gy, gh))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_gradcheck(gate):
+    ops = operands(B=1, T=4, H=1, K=2, V=3, gate=gate, grad=True)
+    idx = [i for i, x in enumerate(ops) if x is not None]
+
+    def fn(*xs):
+        full = list(ops)
+        for i, x in zip(idx, xs):
+            full[i] = x
+        return torch.ops.seqfuse.delta(*full, gate, 0.7, 2, "chunked", "eager")
+    assert torch.autograd.gradcheck(fn, [ops[i] for i in idx])
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_opcheck(gate):
+    ops = operands(B=1, T=5, H=2, gate=gate, dtype=torch.float32, grad=True)
+    torch.library.opcheck(torch.ops.seqfuse.delta.default, (*ops, gate, 1.0, 2, "chunked", "eager"))
+    ops[5] = None
+    torch.library.opcheck(torch.ops.seqfuse.delta.default, (*ops, gate, 1.0, 64, "recurrent", "eager"))
+
+
+def test_results_in_the_promoted_dtype_computed_in_fp32():
+    q, k, v, beta, g, h0 = operands(dtype=torch.float32)
+    y, h = torch.ops.seqfuse.delta(q.bfloat16(), k.bfloat16(), v.bfloat16(), beta.bfloat16(), g.bfloat16(), None,
+                                   "scalar", 1.0, 4, "chunked", "eager")
+    assert y.dtype == h.dtype == torch.bfloat16
+    y2, _ = torch.ops.seqfuse.delta(q, k, v, beta, g, None, "scalar", 1.0, 4, "chunked", "eager")
+    assert y2.dtype == torch.float32
+
+
+def test_bad_arguments_raise_naming_them():
+    q, k, v, beta, g, h0 = operands()
+    with pytest.raises(ValueError, match="beta must be"):
+        torch.ops.seqfuse.delta(q, k, v, beta[..., None], g, h0, "scalar", 1.0, 4, "chunked", "eager")
+    with pytest.raises(ValueError, match="gate='vector' needs g"):
+        torch.ops.seqfuse.delta(q, k, v, beta, g, h0, "vector", 1.0, 4, "chunked", "eager")
+    with pytest.raises(ValueError, match="algorithm"):
+        torch.ops.seqfuse.delta(q, k, v, beta, g, h0, "scalar", 1.0, 4, "auto", "eager")
+    with pytest.raises(ValueError, match="h0 must be"):
+        torch.ops.seqfuse.delta(q, k, v, beta, g, h0[:, :, :1], "scalar", 1.0, 4, "chunked", "eager")
+
+
+# --- the IR op ---------------------------------------------------------------------------
+
+def _nodes(**shapes):
+    g = torch.fx.Graph()
+    out = {}
+    for name, shape in shapes.items():
+        n = g.placeholder(name)
+        n.meta["val"] = torch.empty(shape) if shape is not None else None
+        out[name] = n
+    return out
+
+
+def test_ir_prints_and_verifies():
+    n = _nodes(q=(2, 8, 3, 4), k=(2, 8, 3, 4), v=(2, 8, 3, 5), beta=(2, 8, 3), g=(2, 8, 3), h0=(2, 3, 4, 5))
+    op = Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], g=n["g"], h0=n["h0"], gate="scalar")
+    assert OP_CLASSES["delta"] is Delta
+    verify_op(op)
+    assert format_op(op, "delta") == \
+        "%delta = seqfuse.delta(%q, %k, %v, %beta, g=%g, h0=%h0) {gate=scalar, scale=1.0, chunk=64, algo=auto}"
+    op2 = Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], gate="none", scale=0.5)
+    verify_op(op2)
+    assert format_op(op2, "d") == "%d = seqfuse.delta(%q, %k, %v, %beta) {gate=none, scale=0.5, chunk=64, algo=auto}"
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(gate="vector"), "gate=vector needs g of rank 4"),
+    (dict(gate="diag"), "gate must be"),
+    (dict(chunk=0), "chunk must be"),
+    (dict(beta="g_bad"), "beta must be"),
+    (dict(k="k_bad"), "q and k must have one shape"),
+])
+def test_verifier_rejects(change, match):
+    n = _nodes(q=(2, 8, 3, 4), k=(2, 8, 3, 4), v=(2, 8, 3, 5), beta=(2, 8, 3), g=(2, 8, 3),
+               g_bad=(2, 8, 3, 1), k_bad=(2, 8, 3, 6))
+    kw = dict(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], g=n["g"], gate="scalar")
+    for key, value in change.items():
+        kw[key] = n[value] if isinstance(value, str) and value in n else value
+    with pytest.raises(IRVerificationError, match=match):
+        verify_op(Delta(**kw))
+
+
+def test_select_chooses_recurrent_for_decoding_and_chunked_otherwise():
+    for T, gate, want, chunk in [(1, "scalar", "recurrent", None), (512, "scalar", "chunked", 64),
+                                 (512, "vector", "chunked", 16), (512, "none", "chunked", 64)]:
+        n = _nodes(q=(1, T, 2, 4), k=(1, T, 2, 4), v=(1, T, 2, 4), beta=(1, T, 2),
+                   g=(1, T, 2) if gate == "scalar" else (1, T, 2, 4))
+        op = Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], g=None if gate == "none" else n["g"], gate=gate)
+        assert choose_delta(op) == want
+        if chunk:
+            assert op.chunk == chunk
