@@ -118,10 +118,14 @@ def _reference_backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
         return ssd_chunked_backward(grad_y, grad_h, x, b, c, a, d, h0, decay=attrs["decay"], chunk=attrs["chunk"],
                                     needs=attrs["needs"])
 
-    # the others (short sequences): the adjoint by differentiating the reference again
+    # the others (short sequences): the adjoint by differentiating the reference again, through
+    # Σ <out, grad_out> over the results that depend on a wanted operand (the final state does not
+    # depend on c, nor on d: autograd.grad refuses a result without a graph)
     def fn(*operands):
-        return ssd_reference(*operands, decay=attrs["decay"], chunk=attrs["chunk"], algorithm=attrs["algorithm"])
-    return recompute_grads(fn, (grad_y, grad_h), [x, b, c, a, d, h0], attrs["needs"])
+        outs = ssd_reference(*operands, decay=attrs["decay"], chunk=attrs["chunk"], algorithm=attrs["algorithm"])
+        terms = [(o * g.to(o.dtype)).sum() for o, g in zip(outs, (grad_y, grad_h)) if o.requires_grad]
+        return sum(terms[1:], terms[0]) if terms else outs[0].sum()
+    return recompute_grads(fn, None, [x, b, c, a, d, h0], attrs["needs"])
 
 
 register_impl("ssd", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))

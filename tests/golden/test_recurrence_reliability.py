@@ -55,3 +55,22 @@ def test_fft_conv_fixed_n_empty_signal_or_kernel(L, Lk, options):
     k = torch.randn(3, Lk, requires_grad=True)
     report = check_against_eager(fft_conv_fixed_n, u, k, options=options)
     assert report.count("long_conv") == 1, str(report)
+
+
+# --- fuzzer finding: the eager ssd backward (quadratic / recurrent) when only c, or only d,
+# needs a gradient: the final state does not depend on it, and differentiating the reference
+# again through (y, h) raised "element 1 of tensors does not require grad".
+
+def masked_fill_linear_attention(q, k, v):
+    t = q.shape[-2]
+    return (q @ k.mT).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), 0.0) @ v
+
+
+@pytest.mark.parametrize("algo,runtime", [("quadratic", "auto"), ("recurrent", "eager")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssd_eager_backward_when_only_c_needs_a_gradient(algo, runtime, dtype):
+    q = torch.randn(1, 3, 9, 4, dtype=dtype, requires_grad=True)
+    k, v = torch.randn(1, 3, 9, 4, dtype=dtype), torch.randn(1, 3, 9, 5, dtype=dtype)
+    report = check_against_eager(masked_fill_linear_attention, q, k, v,
+                                 options={"algorithm": {"ssd": algo}, "runtime": runtime})
+    assert report.count("ssd") == 1 and f"algo={algo}" in report.rewrites[0].ir, str(report)
