@@ -318,8 +318,10 @@ def scan_loop_mamba(r, seed, triton):
         dtype = hidden.dtype
         discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
         if upcast:
-            deltaB_u = dt[:, :, :, None] * B[:, None, :, :].float() * hidden[:, :, :, None].float()
-            state = torch.zeros(batch, dim, A.shape[1], dtype=torch.float32)
+            # .float() as transformers writes it, but fp64 copies (the oracle) stay fp64
+            up = torch.promote_types(dtype, torch.float32)
+            deltaB_u = dt[:, :, :, None] * B[:, None, :, :].to(up) * hidden[:, :, :, None].to(up)
+            state = torch.zeros(batch, dim, A.shape[1], dtype=up)
         else:
             deltaB_u = dt[:, :, :, None] * B[:, None, :, :] * hidden[:, :, :, None]
             state = hidden.new_zeros(batch, dim, A.shape[1])

@@ -1,0 +1,127 @@
+"""The differential fuzzer in CI: a bounded, deterministic set of programs of every family
+(and a few with runtime="triton" through the interpreter) must give 0 wrong, 0 crash and 0
+eager_error_mismatch; the NaN rules and the runner are checked on their own."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .check import FAILING, Case, containment_nan_rule, describe, exact_nan_rule, run_case
+from .__main__ import FAMILIES, generator, iter_cases
+
+#: programs per family on the default runtime / with runtime="triton" (interpreted: slow)
+N_DEFAULT = {"attention": 20, "ssd": 30, "scan": 30, "long_conv": 30}
+N_TRITON = {"attention": 3, "ssd": 4, "scan": 4, "long_conv": 4}
+SEED = 2026
+
+
+def _run_family(family, n, triton):
+    if generator(family) is None:
+        pytest.skip(f"tests/fuzz/{FAMILIES[family][0]}.py is not present")
+    failures, statuses = [], {}
+    for i, case in enumerate(iter_cases(family, SEED, n, triton)):
+        o = run_case(case)
+        statuses[o.status] = statuses.get(o.status, 0) + 1
+        if o.status in FAILING:
+            failures.append(f"[{family} {i}] {o.status}: {describe(case)}\n{o.detail}")
+    assert not failures, "\n\n".join(failures)
+    assert sum(statuses.values()) == n, statuses
+    return statuses
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family(family, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _run_family(family, N_DEFAULT[family], triton=False)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_triton(family, triton_interpreter):
+    _run_family(family, N_TRITON[family], triton=True)
+
+
+# --- the checker itself ---------------------------------------------------------------------
+
+def _cumsum(x):
+    return x.cumsum(-1)
+
+
+def test_checker_flags_a_wrong_value(monkeypatch):
+    # a program whose compiled form differs from eager: run_case must say "wrong"
+    x = torch.randn(3, 5, requires_grad=True)
+    def fn(x):
+        # only the compiled run is off
+        return x * (1.001 if torch.compiler.is_compiling() else 1.0)
+
+    o = run_case(Case("scan", "off_by_1e-3", fn, (x,), None, {}, 0))
+    assert o.status == "wrong", o.detail
+    assert "output 0" in o.detail
+
+
+def test_checker_raise_for_raise():
+    def fn(x):
+        return x[10]
+    o = run_case(Case("scan", "index_error", fn, (torch.randn(2),), None, {}, 0))
+    assert o.status == "both_raised", o.detail
+
+
+def _rule_ctx(z0, z1, ze):
+    return {"inputs_finite": False, "replaced": (z0, z1, ze)}
+
+
+def test_containment_rule():
+    nan, inf = math.nan, math.inf
+    prog = torch.tensor([nan, nan, 3.0, nan])      # the program: NaN spread to 0, 1; element 3 reads it
+    z0 = torch.tensor([1.0, 2.0, 3.0, 4.0])        # ... with the non-finite input replaced by 0
+    z1 = torch.tensor([1.0, 2.0, 3.0, 5.0])        # ... and by 1: only element 3 reads it
+    ctx = _rule_ctx(z0.double(), z1.double(), z0)
+    # causal seqfuse: finite and correct where the element does not read the NaN
+    problem, mask, e_ref, o_ref = containment_nan_rule(torch.tensor([1.0, 2.0, 3.0, nan]), prog, prog.double(), ctx)
+    assert problem is None and mask.tolist() == [True, True, True, False]
+    assert o_ref[:3].tolist() == [1.0, 2.0, 3.0]
+    # a NaN that vanished from an element that reads it
+    problem, *_ = containment_nan_rule(torch.tensor([1.0, 2.0, 3.0, 4.0]), prog, prog.double(), ctx)
+    assert "vanished" in problem
+    # seqfuse NaN where the program is finite but does not read the NaN: spread, allowed
+    prog2 = torch.tensor([1.0, 2.0, 3.0, nan])
+    problem, *_ = containment_nan_rule(torch.tensor([nan, nan, nan, nan]), prog2, prog2.double(), ctx)
+    assert problem is None
+    # ... but not where the program computes a finite value from the non-finite input
+    prog3 = torch.tensor([1.0, 2.0, 3.0, 0.0])     # e.g. exp(-inf) = 0 reset the state
+    problem, *_ = containment_nan_rule(torch.tensor([1.0, 2.0, 3.0, nan]), prog3, prog3.double(), ctx)
+    assert "finite value from the non-finite input" in problem
+    # opposite infinities
+    prog4 = torch.tensor([1.0, 2.0, 3.0, inf])
+    problem, *_ = containment_nan_rule(torch.tensor([1.0, 2.0, 3.0, -inf]), prog4, prog4.double(), ctx)
+    assert "+inf vs -inf" in problem
+
+
+def test_exact_rule_allows_only_overflow():
+    inf = math.inf
+    prog = torch.tensor([1.0, inf], dtype=torch.float16)
+    oracle = torch.tensor([1.0, 70000.0], dtype=torch.float64)      # fp16 overflowed, fp64 did not
+    problem, mask, *_ = exact_nan_rule(torch.tensor([1.0, 65000.0], dtype=torch.float16), prog, oracle,
+                                       {"inputs_finite": True})
+    assert problem is None and mask.tolist() == [True, True]
+    problem, *_ = exact_nan_rule(torch.tensor([1.0, 2.0]), torch.tensor([1.0, math.nan]), None, {"inputs_finite": True})
+    assert "non-finite positions differ" in problem
+
+
+def test_runner_reports_a_summary(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "SEQFUSE_STRICT"}
+    p = subprocess.run([sys.executable, "-m", "tests.fuzz", "--family", "scan", "--n", "2", "--seed", "5",
+                        "--failures", str(tmp_path / "f.txt")], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "summary" in p.stdout and "2 programs" in p.stdout, p.stdout
+
+
+def test_cases_are_reproducible():
+    a = [describe(c) for c in iter_cases("ssd", 3, 5, False)]
+    b = [describe(c) for c in iter_cases("ssd", 3, 5, False)]
+    assert a == b
+
