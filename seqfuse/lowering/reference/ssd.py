@@ -104,6 +104,30 @@ def _masked_exp(seg, causal):
     return torch.exp(torch.where(causal, seg, torch.full_like(seg, -torch.inf)))
 
 
+class _Cum:
+    """Cumulative log-decays that keep a log-decay of -inf (exp(-inf) = 0: the state is reset, as a
+    program's loop computes it) exact: the sum of the finite ones and the count of the -inf ones,
+    so that a segment sum is -inf when a reset lies inside it instead of -inf - (-inf) = NaN."""
+
+    def __init__(self, a, dim):
+        neg = a == -torch.inf
+        self.fin = torch.where(neg, torch.zeros((), dtype=a.dtype, device=a.device), a).cumsum(dim)
+        self.cnt = neg.to(torch.int32).cumsum(dim)
+
+    def map(self, f):
+        out = _Cum.__new__(_Cum)
+        out.fin, out.cnt = f(self.fin), f(self.cnt)
+        return out
+
+    def total(self):
+        """the cumulative sums themselves (from the start)"""
+        return torch.where(self.cnt > 0, -torch.inf, self.fin)
+
+    def minus(self, other):
+        """self - other: the sum of the log-decays after ``other``'s position up to ``self``'s"""
+        return torch.where(self.cnt > other.cnt, -torch.inf, self.fin - other.fin)
+
+
 def _heads_first(x, b, c, a):
     """(B, T, H, ·) -> (B, H, T, ·) contiguous, so that every contraction below is a batched
     matmul over (B, H[, K]) with no hidden copies; a (B, T, H) -> (B, H, T)."""
@@ -122,27 +146,29 @@ def ssd_quadratic(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64)
     T = x.shape[2]
     # 1. inclusive cumulative log-decay cum_t = a_0 + … + a_t, summed in fp64 so that the difference
     #    of two large sums keeps its digits (cast to the working dtype after step 2)
-    cum = a.double().cumsum(2)
+    #    (a log-decay of -inf, a reset, kept exact by _Cum)
+    cum = _Cum(a.double(), 2)
     # 2. segment sums seg[t, s] = cum_t - cum_s = a_{s+1} + … + a_t; the mask (s <= t) on the exponent,
     #    then L = exp(seg): (B, H, T, S), or (B, H, T, S, N) for vector decay
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    seg = cum.map(lambda t: t[:, :, :, None]).minus(cum.map(lambda t: t[:, :, None, :])).to(x.dtype)
     if vector:
-        L = _masked_exp((cum[:, :, :, None] - cum[:, :, None, :]).to(x.dtype), causal[:, :, None])
+        L = _masked_exp(seg, causal[:, :, None])
         # 3. scores[t, s] = Σ_n c_t[n]·L[t, s, n]·b_s[n]  (the exponent per key dim, inside the contraction)
         scores = (c[:, :, :, None] * L * b[:, :, None, :]).sum(-1)
     else:
-        L = _masked_exp((cum[:, :, :, None] - cum[:, :, None, :]).to(x.dtype), causal)
+        L = _masked_exp(seg, causal)
         # 3. scores[t, s] = (c_t · b_s)·L[t, s]
         scores = (c @ b.transpose(-1, -2)) * L
     # 4. y_t = Σ_{s<=t} scores[t, s]·x_s                                    (B, H, T, P)
     y = scores @ x
     # 5. the final state: every input decayed to the end, w_s = exp(cum_{T-1} - cum_s) (<= 1 for decays)
-    last = cum[:, :, -1:]
-    w = torch.exp((last - cum).to(x.dtype))
+    last = cum.map(lambda t: t[:, :, -1:])
+    w = torch.exp(last.minus(cum).to(x.dtype))
     h = (x * w[..., None] if not vector else x).transpose(-1, -2) @ (b * w if vector else b)   # (B, H, P, N)
     # 6. the initial state decayed to every step: y_t += exp(cum_t)·(h0 · c_t); h += exp(cum_{T-1})·h0
     if h0 is not None:
-        decay_t, decay_end = torch.exp(cum.to(x.dtype)), torch.exp(last.to(x.dtype))  # (B, H, T[, N]), (B, H, 1[, N])
+        decay_t, decay_end = torch.exp(cum.total().to(x.dtype)), torch.exp(last.total().to(x.dtype))  # (B, H, T[, N]), (B, H, 1[, N])
         if vector:
             y = y + (c * decay_t) @ h0.transpose(-1, -2)
             h = h + h0 * decay_end
@@ -180,24 +206,26 @@ def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     xs, bs, cs, As = split(x), split(b), split(c), split(a)
     # 2. cumulative log-decay from each chunk's start, cum[k, l] = a_{kQ} + … + a_{kQ+l}, and the
     #    decay over a whole chunk, last[k] = cum[k, Q-1]
-    cum = As.cumsum(3)                         # (B, H, K, Q[, N])
-    last = cum[:, :, :, -1:]                   # (B, H, K, 1[, N])
+    #    (a log-decay of -inf, a reset, kept exact by _Cum)
+    cum = _Cum(As, 3)                          # (B, H, K, Q[, N])
+    last = cum.map(lambda t: t[:, :, :, -1:])  # (B, H, K, 1[, N])
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     # 3. inside each chunk, the quadratic form: y_diag[l] = Σ_{s<=l} (c_l · L[l, s] · b_s)·x_s with
     #    L[l, s] = exp(cum_l - cum_s), masked on the exponent
     if vector:  # the pairwise exponent on (Q, Q, N) tiles
-        L = _masked_exp(cum[:, :, :, :, None] - cum[:, :, :, None, :], causal[:, :, None])
+        L = _masked_exp(cum.map(lambda t: t[:, :, :, :, None]).minus(cum.map(lambda t: t[:, :, :, None, :])),
+                        causal[:, :, None])
         scores = (cs[:, :, :, :, None] * L * bs[:, :, :, None, :]).sum(-1)      # (B, H, K, L, S)
     else:
-        L = _masked_exp(cum[..., :, None] - cum[..., None, :], causal)
+        L = _masked_exp(cum.map(lambda t: t[..., :, None]).minus(cum.map(lambda t: t[..., None, :])), causal)
         scores = (cs @ bs.transpose(-1, -2)) * L                                # (B, H, K, L, S)
     y_diag = scores @ xs                                                        # (B, H, K, L, P)
     # 4. what each chunk adds to the state, decayed to the chunk's end, w_s = exp(last - cum_s):
     #    states[k] = Σ_s x_s ⊗ (w_s·b_s)                                          (B, H, K, P, N)
-    w = torch.exp(last - cum)
+    w = torch.exp(last.minus(cum))
     states = xs.transpose(-1, -2) @ (bs * w) if vector else (xs * w[..., None]).transpose(-1, -2) @ bs
     # 5. pass the state across chunks (the one loop): S_in[k] enters chunk k, S_in[0] = h0
-    chunk_decay = torch.exp(last)              # (B, H, K, 1[, N])
+    chunk_decay = torch.exp(last.total())      # (B, H, K, 1[, N])
     S = h0 if h0 is not None else x.new_zeros(B, H, P, N)
     entering = []
     for k in range(K):
@@ -207,9 +235,9 @@ def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     S_in = torch.stack(entering, dim=2)        # (B, H, K, P, N)
     # 6. the entering state read out inside the chunk: y_off[l] = exp(cum_l)·(S_in · c_l)
     if vector:
-        y_off = (cs * torch.exp(cum)) @ S_in.transpose(-1, -2)
+        y_off = (cs * torch.exp(cum.total())) @ S_in.transpose(-1, -2)
     else:
-        y_off = (cs @ S_in.transpose(-1, -2)) * torch.exp(cum)[..., None]
+        y_off = (cs @ S_in.transpose(-1, -2)) * torch.exp(cum.total())[..., None]
     # 7. y = intra + inter, without the padding, back to (B, T, H, P); the skip
     y = (y_diag + y_off).reshape(B, H, K * Q, P)[:, :, :T].transpose(1, 2)
     y = _skip(y, x_skip, d)
@@ -247,16 +275,17 @@ def ssd_chunked_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, *, de
         return t.reshape(B, H, K, Q, *t.shape[3:])
     xs, bs, cs, As, dys = (split(t) for t in (xs, bs, cs, As, dys))
     # forward steps 2-6 again (the cheap parts; nothing (T, T)-sized is kept)
-    cum = As.cumsum(3)
-    last = cum[:, :, :, -1:]
+    cum = _Cum(As, 3)
+    last = cum.map(lambda t: t[:, :, :, -1:])
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x_.device).tril()
-    w, E, chunk_decay = torch.exp(last - cum), torch.exp(cum), torch.exp(last)
+    w, E, chunk_decay = torch.exp(last.minus(cum)), torch.exp(cum.total()), torch.exp(last.total())
     if vector:
-        L = _masked_exp(cum[:, :, :, :, None] - cum[:, :, :, None, :], causal[:, :, None])
+        L = _masked_exp(cum.map(lambda t: t[:, :, :, :, None]).minus(cum.map(lambda t: t[:, :, :, None, :])),
+                        causal[:, :, None])
         scores = (cs[:, :, :, :, None] * L * bs[:, :, :, None, :]).sum(-1)
         states = xs.transpose(-1, -2) @ (bs * w)
     else:
-        L = _masked_exp(cum[..., :, None] - cum[..., None, :], causal)
+        L = _masked_exp(cum.map(lambda t: t[..., :, None]).minus(cum.map(lambda t: t[..., None, :])), causal)
         G = cs @ bs.transpose(-1, -2)
         scores = G * L
         states = (xs * w[..., None]).transpose(-1, -2) @ bs
