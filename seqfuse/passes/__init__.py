@@ -3,6 +3,7 @@
 Built-in recognizers are registered here, in the order they run.
 """
 from seqfuse.passes.attention import AttentionPass
+from seqfuse.passes.delta import DeltaPass
 from seqfuse.passes.long_conv import LongConvPass
 from seqfuse.passes.loops import LoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
@@ -14,6 +15,11 @@ from seqfuse.passes.select import SelectPass
 from seqfuse.passes.ssd_chunks import ChunkedSSDPass
 from seqfuse.passes.ssd_forms import SSDFormsPass
 
+# Delta-rule loops before loops: their update is linear but not elementwise (a rank-1 correction
+# read through a contraction with the key), which the loops pass would report as a near miss; this
+# pass claims exactly the loops whose update it proves to be the delta rule and leaves every other
+# loop (elementwise-linear or not delta-like) untouched for loops.
+register_pass(DeltaPass())
 # Loops first: re-rolling an unrolled time loop must see the loop body before any other
 # recognizer rewrites a piece of one step (a step's readout is an einsum, for instance).
 register_pass(LoopPass())
@@ -35,5 +41,5 @@ register_pass(ScanReadoutPass())
 register_pass(ScanDiscretizePass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
+           "AttentionPass", "DeltaPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
            "ScanReadoutPass", "ScanDiscretizePass", "SelectPass"]

@@ -1,0 +1,93 @@
+"""FileCheck on the graph right after the delta pass (dump stage "delta"): a delta-rule loop becomes one
+seqfuse.delta, its per-step outputs one buffer copy, and no per-step node is left; a loop whose update
+is not the delta rule is left as it was."""
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfuse
+from fc import run_filecheck
+
+fla_gdn = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+fla_kda = pytest.importorskip("fla.ops.kda.naive")
+
+T = 6
+
+
+def after_pass(fn, *args, tmp_path, stage="delta"):
+    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
+    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
+    return pathlib.Path(path).read_text(), report
+
+
+def operands(gate="scalar", B=1, H=2, K=4, V=5):
+    q, k, v = torch.randn(B, T, H, K), F.normalize(torch.randn(B, T, H, K), dim=-1), torch.randn(B, T, H, V)
+    g = -torch.rand(B, T, H, K) if gate == "vector" else -torch.rand(B, T, H)
+    return q, k, v, torch.rand(B, T, H), g, torch.randn(B, H, K, V)
+
+
+def gdn(q, k, v, beta, g, h0):
+    return fla_gdn.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True)
+
+
+def test_gated_delta_rule_loop_becomes_one_op(tmp_path):
+    text, _ = after_pass(gdn, *operands(), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %[[BUF:[a-z_0-9]+]] = aten.to.device(%zeros
+        CHECK: %[[H0:[a-z_0-9]+]] = aten.to.dtype(%l_h0_, f32)
+        CHECK-NOT: aten.einsum
+        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, h0=%[[H0]]) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 6, 2, 5], f32[1, 2, 4, 5])
+        CHECK-NOT: aten.select.int
+        CHECK-NOT: aten.einsum
+        CHECK: %[[H:[a-z_0-9]+]] = getitem(%delta, 1)
+        CHECK: aten.slice.Tensor(%[[BUF]], 2, 0, 6)
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+        CHECK: return ({{.*}}, %[[H]])
+    """)
+
+
+def kda(q, k, v, beta, g, h0):
+    return fla_kda.naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+
+def test_kda_loop_becomes_one_op_with_a_vector_gate(tmp_path):
+    text, _ = after_pass(kda, *operands("vector"), tmp_path=tmp_path)
+    # the gate exp(g_t) is read back as its exponent g_t: no exp is left for the op's operands
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.exp
+        CHECK: %delta = seqfuse.delta({{.*}}, g=%{{.*}}, h0=%{{.*}}) {gate=vector, scale=1.0, chunk=64, algo=auto} : (f32[1, 6, 2, 5], f32[1, 2, 4, 5])
+        CHECK-NOT: aten.select.int
+        CHECK-NOT: aten.exp
+        CHECK: return
+    """)
+
+
+def tanh_delta(q, k, v, beta, g, h0):
+    S = h0
+    o = torch.zeros_like(v)
+    for t in range(v.shape[1]):
+        S = S * g[:, t].exp()[..., None, None]
+        u = torch.tanh(v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t])) * beta[:, t, :, None]
+        S = S + k[:, t, ..., None] * u[..., None, :]
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+    return o, S
+
+
+def test_a_nonlinear_correction_is_left_unrolled(tmp_path):
+    # tanh of the correction: not linear in the state, so no op; every step's einsums stay
+    text, report = after_pass(tanh_delta, *operands(), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: seqfuse.delta
+        CHECK: aten.tanh
+        CHECK: aten.tanh
+        CHECK: aten.tanh
+        CHECK-NOT: seqfuse.delta
+        CHECK: return
+    """)
+    assert [m.kind for m in report.near_misses] == ["delta", "scan"], str(report)

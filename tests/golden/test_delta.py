@@ -1,0 +1,161 @@
+"""Delta-rule recurrences as the libraries write them (fla's naive recurrent DeltaNet / Gated DeltaNet /
+KDA, transformers' Qwen3-Next torch path) compiled with seqfuse: each loop becomes one seqfuse.delta
+and equals eager (outputs, final state, every gradient); updates that are not the delta rule are
+near misses naming the term, and run unchanged."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import check_against_eager
+
+fla_gdn = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+fla_kda = pytest.importorskip("fla.ops.kda.naive")
+fla_delta = pytest.importorskip("fla.ops.delta_rule.naive")
+qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+
+#: transformers' torch path under the hub-kernel wrapper (which dispatches to fla's triton kernels)
+torch_recurrent_gated_delta_rule = qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__
+
+
+def operands(B=2, T=7, H=3, K=4, V=5, gate="scalar", h0=True, HK=None):
+    HK = HK or H
+    q = torch.randn(B, T, HK, K)
+    k = F.normalize(torch.randn(B, T, HK, K), dim=-1)
+    v = torch.randn(B, T, H, V)
+    beta = torch.rand(B, T, H)
+    g = -torch.rand(B, T, H, K) if gate == "vector" else -torch.rand(B, T, H)
+    s = torch.randn(B, H, K, V) if h0 else None
+    return [x.requires_grad_() if x is not None else None for x in (q, k, v, beta, g, s)]
+
+
+def only_delta(report, gate):
+    assert report.count("delta") == 1, str(report)
+    assert report.count("scan") == report.count("ssd") == 0, str(report)
+    assert not [m for m in report.near_misses if m.kind in ("delta", "scan")], str(report)
+    (ir,) = [r.ir for r in report.rewrites if r.kind == "delta"]
+    assert f"gate={gate}" in ir, ir
+    return ir
+
+
+@pytest.mark.parametrize("T", [7, 40])   # the recurrent and the chunked algorithm
+def test_fla_naive_recurrent_gated_delta_rule(T):
+    def fn(q, k, v, beta, g, h0):
+        return fla_gdn.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True)
+    report = check_against_eager(fn, *operands(T=T))
+    ir = only_delta(report, "scalar")
+    assert "h0=%" in ir and f"algo={'recurrent' if T <= 16 else 'chunked'}" in ir, ir
+
+
+def test_fla_gated_delta_rule_without_initial_state():
+    def fn(q, k, v, beta, g):
+        return fla_gdn.naive_recurrent_gated_delta_rule(q, k, v, beta, g, output_final_state=True)
+    report = check_against_eager(fn, *operands(h0=False)[:5])
+    assert "h0=" not in only_delta(report, "scalar")
+
+
+def test_transformers_torch_recurrent_gated_delta_rule_with_l2norm_and_grouped_heads():
+    # Qwen3-Next's decode path: 2 value heads per key head (repeat_interleave), q/k L2-normalized in fp32
+    def fn(q, k, v, beta, g, h0):
+        return torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                use_qk_l2norm_in_kernel=True)
+    report = check_against_eager(fn, *operands(H=4, HK=2))
+    only_delta(report, "scalar")
+
+
+@pytest.mark.parametrize("T", [6, 20])
+def test_fla_naive_recurrent_kda(T):
+    # Kimi Linear: a decay per key dim, β on the key side of the outer product, grouped value heads
+    def fn(q, k, v, beta, g, h0):
+        return fla_kda.naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    report = check_against_eager(fn, *operands(T=T, H=4, HK=2, gate="vector"))
+    only_delta(report, "vector")
+
+
+def test_fla_delta_rule_recurrence():
+    # DeltaNet: no decay, (B, H, T, ·) layout, β broadcast by the program
+    def fn(q, k, v, beta, h0):
+        return fla_delta.delta_rule_recurrence(q, k, v, beta, initial_state=h0)
+    q, k, v, beta, _, h0 = operands()
+    t = lambda x: x.detach().transpose(1, 2).contiguous().requires_grad_()  # noqa: E731
+    report = check_against_eager(fn, t(q), t(k), t(v), t(beta), h0)
+    only_delta(report, "none")
+
+
+# --- other spellings of the same math ------------------------------------------------------
+
+def delta_rank1_terms(q, k, v, beta, g):
+    """S·diag(α)·(I − β k kᵀ) + β v kᵀ written with the state laid (V, K), the correction and the input
+    as separate terms, per-step outputs stacked."""
+    B, T, H, K = k.shape
+    S = q.new_zeros(B, H, v.shape[-1], K)
+    ys = []
+    for t in range(T):
+        k_t, b_t = k[:, t], beta[:, t, :, None, None]
+        S = S * torch.exp(g[:, t])[..., None, None]
+        Sk = torch.einsum("bhvk,bhk->bhv", S, k_t)
+        S = S - b_t * Sk[..., :, None] * k_t[..., None, :] + b_t * v[:, t, :, :, None] * k_t[..., None, :]
+        ys.append(S @ q[:, t, :, :, None])
+    return torch.stack(ys, dim=1)[..., 0], S
+
+
+def test_value_by_key_state_with_separate_correction_and_input_terms():
+    q, k, v, beta, g, _ = operands()
+    report = check_against_eager(delta_rank1_terms, q, k, v, beta, g)
+    only_delta(report, "scalar")
+
+
+def sigmoid_gate_reversed(q, k, v, beta, a):
+    """A sigmoid decay (a positive gate whose log is logsigmoid) and a loop run from the last step."""
+    B, T, H, K = k.shape
+    S = torch.zeros(B, H, K, v.shape[-1])
+    o = torch.zeros_like(v)
+    for t in reversed(range(T)):
+        S = S * torch.sigmoid(a[:, t])[..., None, None]
+        u = (v[:, t] - (S * k[:, t, ..., None]).sum(-2)) * beta[:, t, :, None]
+        S = S + k[:, t, ..., None] * u[..., None, :]
+        o[:, t] = (S * q[:, t, ..., None]).sum(-2)
+    return o, S
+
+
+def test_sigmoid_gate_and_reversed_loop():
+    q, k, v, beta, g, _ = operands()
+    report = check_against_eager(sigmoid_gate_reversed, q, k, v, beta, g.detach().neg().requires_grad_())
+    only_delta(report, "scalar")
+
+
+# --- near misses: not the delta rule, left as written ---------------------------------------
+
+def delta_variant(q, k, v, beta, g, variant):
+    B, T, H, K = k.shape
+    S = torch.zeros(B, H, K, v.shape[-1])
+    o = torch.zeros_like(v)
+    for t in range(T):
+        k_t, q_t, b_t = k[:, t], q[:, t], beta[:, t, :, None]
+        S = S * g[:, t].exp()[..., None, None]
+        kv = torch.einsum("bhkv,bhk->bhv", S, k_t)
+        if variant == "tanh":          # a nonlinear correction
+            u = torch.tanh(v[:, t] - kv) * b_t
+        elif variant == "two_betas":   # the input and the correction with different strengths
+            u = v[:, t] * b_t - kv * b_t * 0.5
+        else:
+            u = (v[:, t] - kv) * b_t
+        write = q_t if variant == "other_key" else k_t   # writes along another key than it reads with
+        S = S + write[..., None] * u[..., None, :]
+        if variant == "value_gate":    # a decay along the value axis
+            S = S * g[:, t].exp()[..., None, None] * torch.linspace(0.5, 1.0, S.shape[-1])
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q_t)
+    return o, S
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ("tanh", "applies aten.tanh"),
+    ("two_betas", "different write strengths"),
+    ("other_key", "another key"),
+    ("value_gate", "value axis"),
+])
+def test_near_misses_name_the_term(variant, reason):
+    q, k, v, beta, g, _ = operands()
+    report = check_against_eager(lambda *a: delta_variant(*a, variant), q, k, v, beta, g)
+    assert report.count("delta") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+    assert len(reasons) == 1 and reason in reasons[0], str(report)
