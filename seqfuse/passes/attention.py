@@ -117,6 +117,29 @@ def _softcap_input(node: torch.fx.Node):
     return None
 
 
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """``x`` as a ``dtype`` tensor holds it (±inf past its range), what a fill becomes in the program."""
+    return float(torch.tensor(x, dtype=torch.float64).to(dtype)) if dtype.is_floating_point else x
+
+
+#: float dtypes each one represents exactly (a cast to a dtype outside the set rounds or overflows)
+_HOLDS = {torch.float64: {torch.float64, torch.float32, torch.float16, torch.bfloat16},
+          torch.float32: {torch.float32, torch.float16, torch.bfloat16},
+          torch.float16: {torch.float16}, torch.bfloat16: {torch.bfloat16}}
+
+
+def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether a cast from ``src`` to ``dst`` can change a value (fp64 -> fp32, fp32 -> bf16, fp16 <-> bf16)."""
+    return src != dst and src.is_floating_point and dst.is_floating_point and src not in _HOLDS.get(dst, ())
+
+
+def _from_masked_fill(node: torch.fx.Node) -> bool:
+    """Whether a canonical ``where.ScalarOther`` was written as ``masked_fill`` (which raises for a
+    fill its tensor's dtype cannot hold; ``torch.where`` rounds it to ±inf)."""
+    stack = node.meta.get("source_fn_stack") or []
+    return bool(stack) and "masked_fill" in str(stack[-1][1])
+
+
 def _walk_scores(gm, node: torch.fx.Node, steps: list):
     """Walk from the softmax input back to the q·kᵀ contraction, collecting the steps
     (in reverse program order).  Returns the contraction node."""
@@ -129,7 +152,11 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
     if is_op(node, *CASTS):
         if not val(node).is_floating_point():
             raise NoMatch("the scores are cast to a non-float dtype")
-        return _walk_scores(gm, node.args[0], steps)
+        src = node.args[0]
+        if isinstance(src, torch.fx.Node) and _narrows(val(src).dtype, val(node).dtype):
+            raise NoMatch(f"the scores are narrowed from {val(src).dtype} to {val(node).dtype} before the "
+                          "softmax (the op computes them at the inputs' precision)")
+        return _walk_scores(gm, src, steps)
     sc = _softcap_input(node)
     if sc is not None:
         steps.append(("softcap", sc[0]))
@@ -167,11 +194,18 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
                       "the scores are subtracted from a tensor, not a tensor from the scores")
     if node.target is aten.where.ScalarOther:
         keep, s, fill = node.args
-        steps.append(("mask", (keep, float(fill))))
+        dtype = val(node).dtype
+        rounded = _rounded(float(fill), dtype)
+        if math.isfinite(float(fill)) and not math.isfinite(rounded) and _from_masked_fill(node):
+            raise NoMatch(f"masked_fill with {float(fill)!r}, which {dtype} cannot hold (the program raises)")
+        steps.append(("mask", (keep, rounded)))
         einsum = _walk_scores(gm, s, steps)
         if depends_on(keep, [einsum]):
             raise NoMatch("the mask depends on the attention scores")
         return einsum
+    if is_op(node, aten.masked_fill) and constant_value(node.args[2], gm) is not None:
+        raise NoMatch(f"masked_fill with {constant_value(node.args[2], gm)!r}, which {val(node).dtype} cannot "
+                      "hold (the program raises)")
     if is_op(node, aten.where, aten.masked_fill):
         raise NoMatch("a mask whose fill value is not a compile-time constant")
     raise NoMatch(f"{_op_name(node)} between the scores and the softmax")
@@ -198,7 +232,9 @@ def _match_scores(gm, x: torch.fx.Node) -> _Scores:
                 raise NoMatch("a soft-cap after a bias, a mask or another soft-cap")
             sc.softcap = data
         elif kind == "bias":
-            if sc.keeps and sc.fill != -math.inf:
+            # after a mask the order matters: with a finite fill, and with -inf where the bias is
+            # +inf or NaN (s + b then fill replaces it; fill then + b keeps it)
+            if sc.keeps:
                 biases_after.append(data)
             else:
                 sc.biases.append(data)
@@ -212,7 +248,7 @@ def _match_scores(gm, x: torch.fx.Node) -> _Scores:
             sc.fill = fill
     if biases_after:
         if sc.biases:
-            raise NoMatch("biases both before and after a finite-fill mask")
+            raise NoMatch("biases both before and after a mask")
         sc.biases, sc.bias_after_mask = biases_after, True
     return sc
 
@@ -371,12 +407,40 @@ def _static_equal(a, b) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
+def _restore_raising_fills(graph: torch.fx.Graph) -> None:
+    """A ``masked_fill`` whose fill its tensor's dtype cannot hold raises in the program (fp16 and
+    -1e9); canonicalization made it a ``where``, which rounds the fill to -inf instead.  Put the
+    ``masked_fill`` back so the compiled program raises as the program does."""
+    for node in list(graph.nodes):
+        if node.target is not aten.where.ScalarOther or not _from_masked_fill(node):
+            continue
+        keep, x, fill = node.args
+        if not isinstance(x, torch.fx.Node) or math.isfinite(_rounded(float(fill), val(node).dtype)) or \
+                not math.isfinite(float(fill)):
+            continue
+        drop = _emit(graph, node, aten.logical_not.default, (keep,), node)
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.masked_fill.Scalar, (x, drop, float(fill)))
+        new.meta.update({k: v for k, v in node.meta.items()})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def _match_scores_quietly(gm, x) -> bool:
+    try:
+        _match_scores(gm, x)
+        return True
+    except NoMatch:
+        return False
+
+
 class AttentionPass(Pass):
     """Find softmax attention in every common spelling and lift it to ``seqfuse.attention``."""
 
     name = "attention"
 
     def run(self, ctx: PassContext) -> None:
+        _restore_raising_fills(ctx.graph)
         for node in list(ctx.graph.nodes):
             if node.graph is not ctx.graph:
                 continue
@@ -391,6 +455,12 @@ class AttentionPass(Pass):
     def _softmax(self, ctx: PassContext, sm: torch.fx.Node) -> None:
         gm = ctx.gm
         x = sm.args[0]
+        if is_op(sm, aten.softmax) and isinstance(x, torch.fx.Node) and \
+                _narrows(val(x).dtype, val(sm).dtype):
+            if _match_scores_quietly(gm, x):
+                ctx.report.add_near_miss("attention", f"the softmax narrows the scores from {val(x).dtype} to "
+                                         f"{val(sm).dtype} (the op computes them at the inputs' precision)", sm)
+            return
         values = scores = None
         try:
             values = _match_values(sm)
@@ -477,15 +547,12 @@ class AttentionPass(Pass):
             else:
                 k = node
         # masks: shape-only ones become the structural attribute, others stay tensors.
-        # Additive 0/-inf masks join them only when masked scores are -inf anyway: with a
-        # finite fill, s + (-inf) and the fill differ on a fully masked row.
+        # Additive 0/-inf masks stay biases: s + (-inf) is NaN where the score is NaN or +inf
+        # (a NaN or inf in q or k), which a mask that replaces masked scores would hide.
         shape_keeps = [m for m in sc.keeps if is_shape_only(m)]
         tensor_keeps = [m for m in sc.keeps if not is_shape_only(m)]
         inf_biases = []
-        if not sc.bias_after_mask and sc.fill == -math.inf:
-            inf_biases = [b_ for b_ in sc.biases if not b_[1] and val(b_[0]).dtype.is_floating_point and
-                          is_shape_only(b_[0]) and _is_inf_mask(gm, b_[0], layout)]
-        biases = [b_ for b_ in sc.biases if b_ not in inf_biases]
+        biases = list(sc.biases)
         # all of them together (a window from triu + tril), else the biases that classify alone
         structural = None
         for joined in (inf_biases, [b_ for b_ in inf_biases if _structural(gm, [(b_[0], True)], layout)]):
@@ -517,9 +584,14 @@ class AttentionPass(Pass):
             m = _to_scores_layout(graph, before, m, layout, sm)
             keep = m if keep is None else _emit(graph, before, aten.logical_and.default, (keep, m), sm)
         bias = None
+        sums = {dtype for _, _, dtype in biases}
+        if len(sums) > 1 and sums & {torch.float16, torch.bfloat16}:
+            raise NoMatch(f"biases added to the scores in different dtypes ({sorted(map(str, sums))})")
         for b_, negate, dtype in biases:
-            if not val(b_).dtype.is_floating_point:
-                b_ = _emit(graph, before, aten.to.dtype, (b_, dtype), sm)  # s + int/bool mask promotes it
+            if val(b_).dtype != dtype:
+                # the op adds its bias in the bias's dtype (a 16-bit one rounds s + bias, docs/ir.md):
+                # the dtype the program summed in (s + int/bool mask promotes it, bf16 s + fp32 bias is fp32)
+                b_ = _emit(graph, before, aten.to.dtype, (b_, dtype), sm)
             if negate:
                 b_ = _emit(graph, before, aten.neg.default, (b_,), sm)
             b_ = _to_scores_layout(graph, before, b_, layout, sm)
@@ -577,6 +649,14 @@ class AttentionPass(Pass):
                 keep = attn_mask
             else:
                 bias = attn_mask
+                bdt, qdt = val(attn_mask).dtype, val(q).dtype
+                if bdt not in (torch.float32, qdt):
+                    # SDPA raises for it; left alone, the program still does
+                    ctx.report.add_near_miss("attention", f"SDPA attn_mask of dtype {bdt} with {qdt} queries", node)
+                    return
+                if bdt in (torch.float16, torch.bfloat16):
+                    # SDPA adds its mask to fp32 scores: the op's 16-bit bias would round the sum
+                    bias = _emit(ctx.graph, node, aten.to.dtype, (attn_mask, torch.float32), node)
         op = Attention(q=q, k=k, v=v, bias=bias, keep=keep, scale=constant_value(scale) if scale is not None
                        and constant_value(scale) is not None else scale, mask=mask_kind, diag=diag, window=window,
                        gqa_groups=gqa, dropout=float(dropout), empty_rows="zero", algorithm="fused")

@@ -262,11 +262,18 @@ def causal_finfo_min_fill(q, k, v):
 
 
 @pytest.mark.parametrize("fn", [causal_triu, causal_tril_eq0, causal_arange, causal_where_scalar, causal_where_tensor,
-                                causal_where_fill_first, causal_additive, causal_expanded], ids=lambda f: f.__name__)
+                                causal_where_fill_first, causal_expanded], ids=lambda f: f.__name__)
 def test_causal_mask_spellings(fn):
     report = check(fn, *qkv(), expect=["mask=causal", "diag=0", "fill=-inf"])
     ir = report.rewrites[0].ir
     assert "keep=" not in ir and "bias=" not in ir, ir  # structural, no tensor mask left
+
+
+def test_additive_causal_mask_stays_a_bias():
+    # s + (-inf) is NaN where a NaN or inf in q or k makes the score NaN or +inf; a structural mask
+    # replaces masked scores, so the additive mask stays the op's bias
+    report = check(causal_additive, *qkv(), expect=["mask=none", "fill=-inf"])
+    assert "bias=" in report.rewrites[0].ir
 
 
 def test_causal_with_finite_fill():
@@ -659,7 +666,8 @@ def dyn_window_triu(q, k, v):
     return s.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("fn,expect", [(dyn_causal, "mask=causal"), (dyn_window_triu, "mask=window")],
+# an additive -inf window stays the op's bias (NaN semantics of s + (-inf)), computed per length
+@pytest.mark.parametrize("fn,expect", [(dyn_causal, "mask=causal"), (dyn_window_triu, "bias=%")],
                          ids=["causal_arange", "window_additive"])
 def test_dynamic_sequence_length_compiles_once(fn, expect):
     graphs = []

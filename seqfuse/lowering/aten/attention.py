@@ -30,17 +30,93 @@ def _rows_nonempty(lq: int, lk: int, mask: str, diag: int, window: int) -> bool:
     return diag >= 0 and window >= 1 and (lq - 1 + diag - window + 1) <= lk - 1
 
 
+#: 16-bit dtypes: a bias in one of them was added to the scores in that dtype (docs/ir.md, "Rounded
+#: scores"); the fused kernels add it in fp32, which differs from the program's rounded sum by more
+#: than the program's own rounding error once the row's largest allowed bias is this large
+_ROUNDED_BIAS_LIMIT = {torch.bfloat16: 32.0, torch.float16: 256.0}
+
+
+def scale_of(q, a) -> float:
+    """The call's score scale as a Python float (1/√D when the op's scale is None)."""
+    return float(a["scale"]) if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def _max_row_norm(x: torch.Tensor) -> float:
+    """max over rows of ‖x[..., i, :]‖ in fp32: NaN or inf when x has a NaN or inf (or overflows)."""
+    return float(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).amax())
+
+
+def call_reason(t: dict, a: dict, fill_as_neg_inf: float | None = None, empty_rows_exact: bool = False) -> str | None:
+    """What every fused kernel (ATen's, seqfuse's Triton) assumes about one call's *values*, checked
+    against the op's semantics (docs/ir.md), or None when the call meets it.  The kernels skip tiles
+    the structural mask empties and add masks instead of replacing scores, so:
+
+    - a NaN / inf in q, k or v: the program propagates it (NaN rows, 0·inf products with masked
+      keys' values, inf + -inf at an additive mask); the kernels may drop it: refused (one fp32
+      norm per row of q and k and a sum of v: O(L·D) next to the kernels' O(L²·D));
+    - a NaN or +inf in the bias: refused for the same reason (-inf is a mask and fine);
+    - a finite ``fill`` that the kernel treats as -inf (``fill_as_neg_inf``): only when no allowed
+      score can come within exp-underflow of it, |s| <= |scale|·max‖q_i‖·max‖k_j‖;
+    - a bias added in a 16-bit dtype (the program rounds s + bias there): only while every row's
+      largest allowed bias is small enough for the rounding to stay at the program's own level;
+    - rows the keep / bias tensors empty: the kernels return 0 there, the program NaN
+      (unless ``empty_rows="zero"``, the rule of SDPA, or the kernel follows the op's rule:
+      ``empty_rows_exact``).
+    """
+    check_empty = a.get("empty_rows") != "zero" and not empty_rows_exact
+    q, k, v, bias, keep = t["q"], t["k"], t["v"], t["bias"], t["keep"]
+    qn, kn = _max_row_norm(q), _max_row_norm(k)
+    if not (math.isfinite(qn) and math.isfinite(kn) and math.isfinite(float(v.sum(dtype=torch.float32)))):
+        return "q, k or v holds a NaN or inf (the program propagates it; the kernels skip masked tiles)"
+    bound = abs(scale_of(q, a)) * qn * kn          # |s[i, j]| <= bound
+    if fill_as_neg_inf is not None and a["fill"] != -math.inf:
+        if a["fill"] + 2.0 * bound > -110.0:
+            return f"fill={a['fill']} is within exp-underflow range of the scores (|s| <= {bound:.3g})"
+    if bias is None and keep is None:
+        return None
+    allowed = _cached_position_mask(q.shape[-2], k.shape[-2], a["mask"], a["diag"], a["window"], q.device)
+    if keep is not None:
+        allowed = keep if allowed is None else allowed & keep
+    if bias is not None:
+        top = bias.amax() if bias.numel() else None
+        if top is not None and not bool(top < math.inf):
+            return "the bias holds a NaN or +inf"
+        b = bias if allowed is None else torch.where(allowed, bias, -math.inf)
+        row_max = b.amax(dim=-1) if b.shape[-1] else b.new_full(b.shape[:-1], -math.inf)
+        if check_empty and bool((row_max == -math.inf).any()):
+            return "a mask tensor leaves a row empty (the fused kernels return 0 there, the program NaN)"
+        limit = _ROUNDED_BIAS_LIMIT.get(bias.dtype)
+        if limit is not None:
+            finite = row_max[row_max > -math.inf]
+            if finite.numel() and float(finite.abs().amax()) > limit:
+                return (f"a {bias.dtype} bias up to {float(finite.abs().amax()):.3g} on a row's allowed keys: "
+                        "the program rounds s + bias to that dtype")
+    elif check_empty and not bool(allowed.any(dim=-1).all()):
+        return "a mask tensor leaves a row empty (the fused kernels return 0 there, the program NaN)"
+    return None
+
+
 def supports(t: dict, a: dict) -> str | None:
     """None if the ATen kernels compute exactly this call, else the reason they do not."""
-    q, k = t["q"], t["k"]
+    q, k, v = t["q"], t["k"], t["v"]
     if a["dropout"] > 0.0:
         return "dropout runs on the reference to follow the program's RNG stream"
     if a["softcap"] is not None:
         return "softcap is not supported by scaled_dot_product_attention"
     if q.dim() not in (3, 4):
         return f"rank {q.dim()} inputs"
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == t["v"].dtype):
-        return f"dtypes {q.dtype}/{k.dtype}/{t['v'].dtype}"
+    if k.dim() != q.dim() or v.dim() != q.dim():
+        return f"q, k, v of ranks {q.dim()}, {k.dim()}, {v.dim()}"
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}"
+    if t["bias"] is not None and t["bias"].dtype != q.dtype:
+        return f"bias dtype {t['bias'].dtype} differs from q's {q.dtype} (the kernel adds it in q's dtype)"
+    if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[-1] == 0 or v.shape[-1] == 0 or q.numel() == 0 \
+            or k.numel() == 0:
+        return "empty inputs (the CPU flash kernel divides by zero)"
+    if not isinstance(a["scale"], (int, float, type(None))) or scale_of(q, a) <= 0.0 or \
+            not math.isfinite(scale_of(q, a)):
+        return f"scale={a['scale']} is not positive (the flash kernel's causal tile skipping assumes it)"
     if a["fill"] != -math.inf:
         if a["fill"] > _FILL_AS_NEG_INF or t["keep"] is not None:
             return f"fill={a['fill']} with a mask that may empty a row"
@@ -51,8 +127,6 @@ def supports(t: dict, a: dict) -> str | None:
         return "a structural mask that leaves rows empty"
     if q.device.type == "cpu" and t["v"].shape[-1] != q.shape[-1]:
         return "value head dim differs from the query head dim (the CPU flash kernel needs them equal)"
-    if not zero_rows and _tensor_mask_empties_a_row(q, k, t["bias"], t["keep"], a):
-        return "a mask tensor leaves a row empty (the fused kernels return 0 there, the program NaN)"
     if a["gqa_groups"] > 1 and q.dim() != 4:
         return "GQA needs rank-4 inputs"
     kv_batch = list(k.shape[:-2])
@@ -60,20 +134,7 @@ def supports(t: dict, a: dict) -> str | None:
         kv_batch[-1] *= a["gqa_groups"]
     if kv_batch != list(q.shape[:-2]) or t["v"].shape[:-2] != k.shape[:-2]:
         return "k/v batch axes broadcast against q's"
-    return None
-
-
-def _tensor_mask_empties_a_row(q, k, bias, keep, a) -> bool:
-    """Whether the keep / bias tensors (with the structural mask) mask every key of some query."""
-    if keep is None and bias is None:
-        return False
-    allowed = _cached_position_mask(q.shape[-2], k.shape[-2], a["mask"], a["diag"], a["window"], q.device)
-    if keep is not None:
-        allowed = keep if allowed is None else allowed & keep
-    if bias is not None:
-        finite = bias > -math.inf
-        allowed = finite if allowed is None else allowed & finite
-    return not bool(allowed.any(dim=-1).all())
+    return call_reason(t, a, fill_as_neg_inf=_FILL_AS_NEG_INF)
 
 
 _MASK_CACHE: dict = {}
@@ -128,10 +189,21 @@ def _flash_inputs(q, k, v, bias, keep, a):
     if m is not None and m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, -math.inf)
     g = a["gqa_groups"]
-    q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
+    q4, k4, v4 = _to4d(_unit_last(q)), _to4d(_unit_last(k)), _to4d(_unit_last(v))
     if g > 1:
         k4, v4 = k4.repeat_interleave(g, dim=1), v4.repeat_interleave(g, dim=1)
-    return q4, k4, v4, is_causal, _to4d(m)
+    if m is not None:
+        # the kernel reads the mask's rows with unit stride: a strided or key-broadcast mask is copied
+        m = _to4d(m)
+        if m.shape[-1] != k.shape[-2] or m.stride(-1) != 1:
+            m = m.expand(*m.shape[:-1], k.shape[-2]).contiguous()
+    return q4, k4, v4, is_causal, m
+
+
+def _unit_last(x):
+    """``x`` with a unit stride on its last axis (the CPU flash kernels read rows contiguously and
+    return garbage for a sliced head dim such as ``x[..., ::2]``); a copy only when needed."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 def forward(q, k, v, bias, keep, a):
@@ -154,7 +226,7 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, a):
     if q.device.type != "cpu":
         return None
     q4, k4, v4, is_causal, m = _flash_inputs(q, k, v, bias, keep, a)
-    o4, g4 = _to4d(out.to(q.dtype)), _to4d(grad_out.to(q.dtype))
+    o4, g4 = _to4d(_unit_last(out.to(q.dtype))), _to4d(_unit_last(grad_out.to(q.dtype)))
     lse4 = lse.reshape(q4.shape[:-1])
     dq, dk, dv = _flash_cpu_backward(g4.contiguous(), q4, k4, v4, o4, lse4, 0.0, is_causal, attn_mask=m,
                                      scale=a["scale"])

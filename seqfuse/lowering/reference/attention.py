@@ -32,16 +32,23 @@ def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none
     # 3. logit soft-capping
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    # 4. additive bias, then masked positions replaced by `fill` (or the other order)
+    # 4. additive bias, then masked positions replaced by `fill` (or the other order).  A bias in a
+    #    16-bit dtype was added in that dtype by the program: the scores and each sum are rounded to
+    #    it (at -1e4 or finfo.min a bf16/fp16 sum keeps a few bits of s, or overflows to -inf)
+    low = bias.dtype if bias is not None and bias.dtype in (torch.float16, torch.bfloat16) else None
+    if low is not None:
+        s = s.to(low)
+        fill = float(torch.tensor(fill, dtype=torch.float64).to(low))  # as the program's fill (±inf past the range)
     if bias is not None and not bias_after_mask:
-        s = s + bias.to(acc)
+        s = s + bias.to(s.dtype)
     allowed = position_mask(q.shape[-2], k.shape[-2], mask, diag, window, q.device)
     if keep is not None:
         allowed = keep if allowed is None else allowed & keep
     if allowed is not None:
         s = s.masked_fill(~allowed, fill)
     if bias is not None and bias_after_mask:
-        s = s + bias.to(acc)
+        s = s + bias.to(s.dtype)
+    s = s.to(acc)
     # 5. probabilities over keys, in fp32 (rows with no key left: NaN, or zero without NaN gradients)
     lse = torch.logsumexp(s, dim=-1) if return_lse else None
     if empty_rows == "zero":

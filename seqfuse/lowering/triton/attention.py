@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from seqfuse.lowering.aten.attention import call_reason, scale_of
 from seqfuse.lowering.triton.common import availability
 from seqfuse.runtime import Impl, register_impl
 from seqfuse.runtime.cache import ConfigCache, autotune, make_key, time_cuda
@@ -225,7 +226,10 @@ def supports(t: dict, a: dict) -> str | None:
         return f"bias dtype {bias.dtype}"
     if keep is not None and keep.dtype != torch.bool:
         return f"keep dtype {keep.dtype}"
-    return None
+    if not isinstance(a["scale"], (int, float, type(None))) or not math.isfinite(scale_of(q, a)):
+        return f"scale={a['scale']!r}"
+    # the values: NaN / inf inputs, rounded 16-bit biases, rows a tensor mask empties
+    return call_reason(t, a, empty_rows_exact=True)
 
 
 # --- launch configs ------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Attention reliability: calls a fast path cannot compute exactly are refused (the reason is in
+``seqfuse.fallbacks()``), rewrites that cannot be proven equal to the program are near misses, and
+the compiled program gives eager's outputs, NaN positions, gradients and errors (issue 13).
+
+Each test compares with eager directly (values, NaN positions, dtypes, gradients) and checks the
+report: which path ran, or the near miss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqfuse
+from seqfuse.runtime.counters import counters, fallbacks
+
+BOUND = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().clone().requires_grad_(x.requires_grad)
+    return x
+
+
+def compare(fn, *inputs, options=None, bound=None):
+    """Run ``fn`` eagerly and through seqfuse; outputs and gradients must agree (NaN at the same
+    positions, values within ``bound`` relative RMS elsewhere).  Returns the report."""
+    options = dict(options or {})
+    options.setdefault("downstream", "aot_eager")
+    ref_in, cmp_in = [_clone(x) for x in inputs], [_clone(x) for x in inputs]
+    ref = fn(*ref_in)
+    report = seqfuse.explain(fn, *cmp_in, options=options)
+    out = report.output
+    pairs = [("output", out, ref)]
+    leaves = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if leaves:
+        g = torch.randn_like(ref, dtype=torch.float64).to(ref.dtype)
+        rg = torch.autograd.grad(ref, [ref_in[i] for i in leaves], g, allow_unused=True)
+        cg = torch.autograd.grad(out, [cmp_in[i] for i in leaves], g, allow_unused=True)
+        pairs += [(f"grad {i}", c, r) for i, c, r in zip(leaves, cg, rg)]
+    for name, got, want in pairs:
+        assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape)
+        assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN positions differ"
+        assert torch.equal(got.isinf(), want.isinf()), f"{name}: inf positions differ"
+        fin = want.isfinite()
+        if fin.any():
+            w, gt = want[fin].double(), got[fin].double()
+            err = (gt - w).norm().item() / max(w.norm().item(), 1e-30)
+            assert err <= (bound or BOUND[want.dtype]), f"{name}: relative error {err:.3g}"
+    return report
+
+
+def ran(path: str, kind: str = "attention") -> int:
+    return counters().get(kind, {}).get(path, 0)
+
+
+def refused(text: str) -> bool:
+    return any(text in reason for reason in fallbacks().get("attention", {}))
+
+
+def causal_attention(q, k, v):
+    L = q.shape[-2]
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.triu(torch.ones(L, k.shape[-2], dtype=torch.bool), 1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+# --- 1. a sliced head dim on the CPU flash kernel ------------------------------------------
+
+def sliced_inside(q, k, v):
+    # the op reads views whose last axis has stride 2
+    return causal_attention(q[..., ::2], k[..., ::2], v[..., ::2])
+
+
+def sliced_inside_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q[..., ::2], k[..., ::2], v[..., ::2], is_causal=True)
+
+
+@pytest.mark.parametrize("fn", [sliced_inside, sliced_inside_sdpa])
+def test_strided_head_dim_on_the_flash_kernel(fn):
+    q, k, v = (torch.randn(2, 3, 9, 16, requires_grad=True) for _ in range(3))
+    report = compare(fn, q, k, v)
+    assert report.count("attention") == 1
+    assert ran("aten") == 1 and ran("aten", "attention_backward") == 1
+
+
+def test_flash_inputs_get_unit_stride():
+    from seqfuse.lowering.aten import attention as aten_attention
+    q, k, v = (torch.randn(1, 2, 8, 8)[..., ::2] for _ in range(3))
+    a = dict(scale=None, mask="causal", diag=0, window=0, fill=-math.inf, bias_after_mask=False, gqa_groups=1,
+             softcap=None, dropout=0.0, empty_rows="nan")
+    out, _ = aten_attention.forward(q, k, v, None, None, a)
+    ref = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), is_causal=True)
+    torch.testing.assert_close(out, ref)
+
+
+# --- 2. causal attention with a scale <= 0 ----------------------------------------------------
+
+@pytest.mark.parametrize("c", [-0.5, 0.0])
+def test_causal_non_positive_scale(c):
+    def fn(q, k, v):
+        L = q.shape[-2]
+        s = (q @ k.mT) * c
+        return s.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool), 1), float("-inf")).softmax(-1) @ v
+    q, k, v = (torch.randn(1, 2, 6, 4, requires_grad=True) for _ in range(3))
+    report = compare(fn, q, k, v)
+    assert report.count("attention") == 1
+    assert refused("is not positive")
+
+
+# --- 3. 16-bit fills and biases round as in the program ---------------------------------------
+
+def bf16_fill_and_padding(q, k, v, m):
+    s = q @ k.mT * 0.5
+    L = q.shape[-2]
+    s = s.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool), 1), -1e4)
+    s = s + (1 - m[:, None, None, :].to(s.dtype)) * -1e4
+    return s.softmax(-1) @ v
+
+
+def fp16_finfo_padding(q, k, v, m):
+    s = q @ k.mT * 0.5
+    s = s + (1 - m[:, None, None, :]) * torch.finfo(torch.float16).min
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("runtime", ["auto", "eager"])
+def test_bf16_fill_and_padding_bias_round_as_the_program(runtime):
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 6, 4, dtype=torch.bfloat16) * 3 for _ in range(3))
+    m = torch.ones(2, 6, dtype=torch.bfloat16)
+    m[1, 3:] = 0
+    report = compare(bf16_fill_and_padding, q, k, v, m, options={"runtime": runtime})
+    assert report.count("attention") == 1
+    assert "fill=-9984.0" in report.rewrites[0].ir  # -1e4 as bf16 holds it
+
+
+@pytest.mark.parametrize("runtime", ["auto", "aten", "eager"])
+def test_fp16_finfo_min_padding_with_a_fully_padded_row(runtime):
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 6, 4, dtype=torch.float16) for _ in range(3))
+    m = torch.ones(2, 6, dtype=torch.float16)
+    m[1] = 0
+    report = compare(fp16_finfo_padding, q, k, v, m, options={"runtime": runtime})
+    assert report.count("attention") == 1
+    if runtime != "eager":
+        assert refused("the program rounds s + bias")
+
+
+def test_bf16_padding_bias_keeps_the_fast_path_on_ordinary_rows():
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.bfloat16) for _ in range(3))
+    m = torch.ones(2, 6, dtype=torch.bfloat16)
+    m[1, 4:] = 0
+
+    def fn(q, k, v, m):
+        s = q @ k.mT * 0.35
+        s = s + (1 - m[:, None, None, :]) * torch.finfo(torch.bfloat16).min
+        return s.softmax(-1) @ v
+    compare(fn, q, k, v, m)
+    assert ran("aten") == 1
+
+
+# --- 4 / 6. NaN and inf inputs -----------------------------------------------------------------
+
+def padded_attention(q, k, v, keep):
+    s = q @ k.mT * 0.5
+    return s.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("where", ["q", "k0", "v_masked"])
+def test_nan_propagates_as_in_the_program(where):
+    q, k, v = (torch.randn(1, 1, 4, 4) for _ in range(3))
+    if where == "q":
+        q[0, 0, 1, 2] = math.nan
+    elif where == "k0":
+        k[0, 0, 0, 1] = math.nan
+    else:
+        v[0, 0, 3, 0] = math.nan  # only row 3 attends key 3, but 0·NaN reaches every row's column 0
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    report = compare(causal_attention, q, k, v)
+    assert report.count("attention") == 1
+    assert refused("NaN or inf")
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_nonfinite_masked_out_key_does_not_poison(value):
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 4] = False
+    k[0, 1, 4, 0] = value
+    report = compare(padded_attention, q, k, v, keep)
+    assert report.count("attention") == 1
+    assert refused("NaN or inf")
+
+
+def additive_causal(q, k, v):
+    L = q.shape[-2]
+    s = q @ k.mT * 0.5
+    return (s + torch.full((L, L), float("-inf")).triu(1)).softmax(-1) @ v
+
+
+def test_additive_mask_propagates_nan_at_masked_keys():
+    # s + (-inf) is NaN where s is NaN: every row reads the NaN key through the additive mask
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    k[0, 0, 3, 1] = math.nan
+    report = compare(additive_causal, q, k, v)
+    assert report.count("attention") == 1
+
+
+def test_nan_bias_is_refused_by_the_fast_paths():
+    def fn(q, k, v, b):
+        return (q @ k.mT * 0.5 + b).softmax(-1) @ v
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    b = torch.zeros(5, 5)
+    b[2, 3] = math.nan
+    compare(fn, q, k, v, b)
+    assert refused("bias holds a NaN")
+
+
+# --- 5. fp64 programs that take the softmax in fp32 --------------------------------------------
+
+def fp64_softmax_in_fp32(q, k, v, m):
+    s = q @ k.mT * 0.5 + (1 - m[:, None, None, :]) * torch.finfo(torch.float64).min
+    return F.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def test_narrowing_softmax_dtype_is_a_near_miss():
+    q, k, v = (torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    m = torch.ones(2, 6, dtype=torch.float64)
+    m[1] = 0
+    report = compare(fp64_softmax_in_fp32, q, k, v, m)
+    assert report.count("attention") == 0
+    assert any("narrows the scores" in n.reason for n in report.near_misses)
+
+
+def test_narrowing_cast_of_the_scores_is_a_near_miss():
+    def fn(q, k, v):
+        s = (q @ k.mT * 0.5).float()
+        return s.softmax(-1).to(q.dtype) @ v
+    q, k, v = (torch.randn(2, 2, 6, 4, dtype=torch.float64) for _ in range(3))
+    report = compare(fn, q, k, v)
+    assert report.count("attention") == 0
+    assert any("narrowed" in n.reason for n in report.near_misses)
+
+
+def test_widening_softmax_dtype_is_still_attention():
+    def fn(q, k, v):
+        s = q @ k.mT * 0.5
+        return F.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.bfloat16) for _ in range(3))
+    report = compare(fn, q, k, v)
+    assert report.count("attention") == 1
+
+
+# --- 10. empty sequences ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lq,lk", [(0, 4), (3, 0), (0, 0)])
+@pytest.mark.parametrize("spelling", ["hand", "sdpa"])
+def test_empty_sequences(lq, lk, spelling):
+    q = torch.randn(1, 2, lq, 4, requires_grad=True)
+    k, v = (torch.randn(1, 2, lk, 4, requires_grad=True) for _ in range(2))
+
+    def hand(q, k, v):
+        return (q @ k.mT * 0.5).softmax(-1) @ v
+    fn = hand if spelling == "hand" else (lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    compare(fn, q, k, v)
+    assert ran("aten") == 0
+
+
+# --- 13. a fill the scores' dtype cannot hold -----------------------------------------------
+
+def test_fp16_masked_fill_that_overflows_still_raises():
+    def fn(q, k, v):
+        L = q.shape[-2]
+        s = q @ k.mT
+        return s.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool), 1), -1e9).softmax(-1) @ v
+    q, k, v = (torch.randn(1, 1, 4, 4, dtype=torch.float16) for _ in range(3))
+    with pytest.raises(Exception, match="cannot be converted"):
+        fn(q, k, v)
+    with pytest.raises(Exception, match="cannot be converted"):
+        seqfuse.explain(fn, q, k, v, options={"downstream": "aot_eager"})
+
+
+def test_fp16_where_with_an_overflowing_fill_is_minus_inf():
+    def fn(q, k, v):
+        L = q.shape[-2]
+        s = q @ k.mT
+        return torch.where(torch.tril(torch.ones(L, L, dtype=torch.bool)), s, -1e9).softmax(-1) @ v
+    q, k, v = (torch.randn(1, 1, 4, 4, dtype=torch.float16) for _ in range(3))
+    report = compare(fn, q, k, v)
+    assert report.count("attention") == 1
+    assert "fill=-inf" in report.rewrites[0].ir
