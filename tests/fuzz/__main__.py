@@ -6,7 +6,8 @@ For each family, ``--n`` programs on the default runtime and ``--triton`` progra
 ``runtime="triton"`` under TRITON_INTERPRET=1.  Cases run in worker subprocesses, a batch at a
 time, so a case that kills its process (a segfault in a kernel, an abort) is reported as a
 crash and the run goes on with the next case.  Prints progress, every failure with its detail,
-a summary table (statuses per family and spelling), writes the failing cases with the command
+a summary table (statuses per family and spelling; a "+nan" / "+inf" variant counts with its
+spelling), the near-miss reasons of the programs that were not rewritten, writes the failing cases with the command
 that reproduces each to ``--failures`` and exits 1 if any case is wrong, crashed, timed out or
 ran where the program raises.
 
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     table: dict[tuple, Counter] = defaultdict(Counter)
     failures: list[str] = []
     totals = Counter()
+    missed: Counter = Counter()
     t_start = time.time()
 
     for family in families:
@@ -211,7 +213,12 @@ def main(argv=None) -> int:
 
             def emit(rec, family=family, triton=triton, tag=tag, done=done, n=n):
                 status = rec["status"]
-                key = (family + (":triton" if triton else ""), rec.get("name", "?"))
+                key = (family + (":triton" if triton else ""), rec.get("name", "?").split("+")[0])
+                if status == "not_rewritten":
+                    reasons = [ln.split(": ", 1)[1][:110] for ln in rec.get("detail", "").splitlines()
+                               if ln.startswith("near miss")]
+                    for reason in reasons or ["(no near miss recorded)"]:
+                        missed[(family, reason)] += 1
                 table[key][status] += 1
                 done[status] += 1
                 totals[status] += 1
@@ -238,6 +245,10 @@ def main(argv=None) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if missed:
+        print("\nnot rewritten, by near-miss reason (a program can have several):")
+        for (fam, reason), c in missed.most_common(20):
+            print(f"  {c:5d}  {fam}: {reason}")
     print(f"{sum(totals.values())} programs in {time.time() - t_start:.0f}s")
     if failures:
         with open(args.failures, "w") as f:

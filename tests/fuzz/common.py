@@ -47,11 +47,11 @@ class Maker:
 def size(r: random.Random, lo: int, hi: int, special=(1,)) -> int:
     """A size in [lo, hi], often one of the edge values (1, odd, lo, hi)."""
     p = r.random()
-    if p < 0.15:
+    if p < 0.1:
         cands = [s for s in special if lo <= s <= hi]
         if cands:
             return r.choice(cands)
-    if p < 0.3:
+    if p < 0.18:
         return r.choice((lo, hi))
     return r.randint(lo, hi)
 
