@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.fx
@@ -423,6 +424,20 @@ def _is_zero(x) -> bool:
     return is_op(x, aten.zeros, aten.zeros_like, aten.new_zeros)
 
 
+def _reroll(graph, group, pos) -> Loop | None:
+    """The loop read with updates moved to the step that reads them (a step loop), else with every node
+    in the step of its slices (a loop over chunks, whose update reads the chunk's own slices after its
+    readout); None when neither reading matches (as the loops pass reads loops)."""
+    for move in (True, False):
+        try:
+            loop = reroll(graph, group, pos, move_updates=move)
+        except NoLoop:
+            continue
+        if not any(loop.roles[k] is None for k in loop.carried):
+            return loop
+    return None
+
+
 class DeltaPass(Pass):
     """Find unrolled time loops whose carried update is the delta rule; replace each by one seqfuse.delta."""
 
@@ -440,9 +455,8 @@ class DeltaPass(Pass):
                 pos = {n: i for i, n in enumerate(graph.nodes)}
             if any(n not in pos for r in group for n in r.nodes):
                 continue
-            try:
-                loop = reroll(graph, group, pos)
-            except NoLoop:
+            loop = _reroll(graph, group, pos)
+            if loop is None:
                 continue   # the loops pass reports loops that do not re-roll
             if len(loop.carried) != 1:
                 continue
@@ -458,11 +472,13 @@ class DeltaPass(Pass):
                 pass
             if not self._reads_state_through_contraction(loop, an, k):
                 continue       # not delta-like (tanh(h), h·h, ...): the loops pass reports it
+            rewrite = _ChunkRewrite if _ChunkRewrite.applies(loop) else _Rewrite
             try:
-                _Rewrite(ctx, loop, an, k, pos).run()
+                rewrite(ctx, loop, an, k, pos).run()
                 changed = True
             except (NotDelta, NoLoop) as e:
-                ctx.report.add_near_miss("delta", str(e), loop.template[k])
+                what = "chunked form not lifted: " if rewrite is _ChunkRewrite else ""
+                ctx.report.add_near_miss("delta", what + str(e), loop.template[k])
         if changed:
             graph.eliminate_dead_code()
             ctx.gm.recompile()
@@ -896,6 +912,406 @@ class _Rewrite:
             d = d % r
             out = self.vec.emit(aten.flatten.using_ints, (self.vec.emit(aten.movedim.int, (v, 0, d)), d, d + 1))
         return self.vec.cast(out, val(u).dtype)
+
+
+# --- the chunked WY form over the chunks --------------------------------------------------
+
+def _solve(node):
+    """Whether ``node`` is linalg_solve_triangular(A, B, upper=False, left=True, unitriangular=True)."""
+    if node is None or not is_op(node, aten.linalg_solve_triangular):
+        return False
+    a = dict(zip(("A", "B", "upper", "left", "unitriangular"), node.args))
+    a.update(node.kwargs)
+    return a.get("upper") is False and a.get("left", True) is True and a.get("unitriangular", False) is True
+
+
+def _strip(node):
+    """(base, axes) through pure axis moves (unsqueeze, expand, transpose, identity copies)."""
+    return axis_view(node)
+
+
+def _unsq_last(node, base_rank_plus=1):
+    """x when ``node`` is x with one trailing unit axis (x[..., None]), else None."""
+    base, axes = _strip(node)
+    r = val(node).dim()
+    if isinstance(base, torch.fx.Node) and val(base).dim() == r - 1 and axes == list(range(r - 1)) + [None]:
+        return base
+    return None
+
+
+def _mul_pair(node):
+    """The two operands of an elementwise aten.mul.Tensor, or None."""
+    if node is None or node.target is not aten.mul.Tensor or len(node.args) != 2 or node.kwargs:
+        return None
+    if not all(isinstance(a, torch.fx.Node) for a in node.args):
+        return None
+    return node.args
+
+
+class _ChunkRewrite(_Rewrite):
+    """transformers' torch_chunk_gated_delta_rule (Qwen3-Next): the WY / UT form, one loop over chunks of C
+    steps carrying the state S (B, H, K, V), with per-chunk tensors laid (B, H, N, C, ·)::
+
+        γ   = cumsum(g_c, -1)                                   (per chunk)
+        L   = exp(where(j <= i, γ_i − γ_j, −inf))
+        UT  = (kβ_c · k_cᵀ) ⊙ L            NV = solve_unit_lower(UT, vβ_c)   KC = solve_unit_lower(UT, kβ_c ⊙ e^γ)
+        IA  = (q_c · k_cᵀ) ⊙ L             Qd = q_c ⊙ e^γ                     Kd = k_c ⊙ e^{γ_C − γ}
+        loop:  U = NV_n − KC_n·S,   y_n = Qd_n·S + IA_n·U,   S = e^{γ_C,n}·S + Kd_nᵀ·U
+
+    with kβ_c, vβ_c the chunks of k ⊙ β, v ⊙ β and q_c, k_c those of q, k (reshapes of (B, H, T', ·) tensors).
+    That is the delta rule with a scalar gate g over the T' = N·C steps (padding steps included: the
+    chunked algorithm is exact for any step), so the loop and its readout become one seqfuse.delta on the
+    un-chunked q, k, v, β, g.  Every piece is checked; anything else is a near miss naming the piece."""
+
+    @staticmethod
+    def applies(loop) -> bool:
+        """A loop over chunks of a WY program: it slices the result of a unit lower-triangular solve."""
+        for node, roles in zip(loop.template, loop.roles):
+            if roles is None and _solve(_seed_key(node)[0]):
+                return True
+        return False
+
+    def run(self):
+        loop, k = self.loop, self.k
+        plan = self._chunk_plan()
+        body = loop.body()
+        self.body = set(body)
+        last = max(body, key=self.pos.__getitem__)
+        self.first = min(self.pos[n] for n in body)
+        self.last = self.pos[last]
+        self.anchor = last.next
+        writes = self._buffer_writes(plan)
+        uses = self._outside_uses(plan)
+        for j in range(len(loop.template)):
+            if self.an.deps[j] and j not in plan.allowed and j not in {w for w, _, _ in writes}:
+                raise NotDelta(f"the chunk loop computes {_name(loop.template[j])} of the state besides the WY update")
+        for j, _, src in writes:
+            if self.an.deps[j] and src != ("L", plan.readout):
+                raise NotDelta("the chunk loop writes a value computed from the state that is not its readout")
+        vec = self.vec = Vectorizer(self.graph, loop, self.anchor, self.an.deps)
+        final = self._emit_chunked(vec, plan)
+        buffers = [loop.template[seed].args[0] for _, seed, _ in writes]
+        self._replace(vec, uses, writes, final, plan)
+        for n in sorted(body, key=self.pos.__getitem__, reverse=True):
+            if not n.users:
+                self.graph.erase_node(n)
+        for buf in buffers:
+            self._detach_buffer(buf)
+
+    def _detach_buffer(self, buf):
+        """``zeros_like(NV)`` (the program's output buffer, shaped like the solve's result) as ``zeros(shape)``,
+        so the triangular solves and everything before them die with the loop."""
+        if not is_op(buf, aten.zeros_like) or not all(isinstance(d, int) for d in val(buf).shape):
+            return
+        v = val(buf)
+        with self.graph.inserting_before(buf):
+            z = self.graph.call_function(aten.zeros.default, (list(v.shape),), {"dtype": v.dtype, "device": v.device})
+        z.meta.update(buf.meta)
+        buf.replace_all_uses_with(z)
+        self.graph.erase_node(buf)
+
+    # -- the loop body ---------------------------------------------------------------
+    def _t(self, role):
+        return self.loop.template[role[1]] if role[0] == "L" else None
+
+    def _args(self, role):
+        if role[0] != "L" or self.loop.roles[role[1]] is None:
+            return None
+        return self.loop.roles[role[1]][0][2]
+
+    def _is_state(self, role) -> bool:
+        while role[0] == "L":
+            node = self._t(role)
+            if not is_op(node, aten.clone, aten.contiguous, aten.alias) or self.loop.roles[role[1]] is None:
+                return False
+            role = self._args(role)[0]
+        return role == ("P", self.k)
+
+    def _seed(self, role, what):
+        """(X, chunk axis) of a per-chunk slice X[:, :, n] (a template seed)."""
+        if role[0] != "L" or self.loop.roles[role[1]] is not None:
+            raise NotDelta(f"{what} is not a slice of a tensor over the chunks")
+        x, d, form, _ = _seed_key(self._t(role))
+        if form != "select":
+            raise NotDelta(f"{what} is not a slice of a tensor over the chunks")
+        return x, d
+
+    def _matmul(self, role, what):
+        """(A role, B role) of an einsum that is the batched matrix product A·B over the last two axes."""
+        node = self._t(role)
+        args = self._args(role)
+        if node is None or not is_op(node, aten.einsum) or args is None or args[1][0] != "T" or len(args[1][2]) != 2:
+            raise NotDelta(f"{what} is not a matrix product")
+        eq = node.args[0].replace(" ", "")
+        ins, out = eq.split("->")
+        la, lb = ins.split(",")
+        if not (len(la) == len(lb) == len(out) >= 2 and la[:-2] == lb[:-2] == out[:-2] and la[-1] == lb[-2]
+                and out[-2:] == la[-2] + lb[-1] and len(set(la[-2:] + lb[-1])) == 3):
+            raise NotDelta(f"{what} is not a matrix product over the last two axes ({eq})")
+        return args[1][2][0], args[1][2][1]
+
+    def _matmul_t(self, role, what):
+        """(A role, B role) of an einsum that is Aᵀ·B over the last two axes (contracting their rows)."""
+        node = self._t(role)
+        args = self._args(role)
+        if node is None or not is_op(node, aten.einsum) or args is None or args[1][0] != "T" or len(args[1][2]) != 2:
+            raise NotDelta(f"{what} is not a matrix product")
+        eq = node.args[0].replace(" ", "")
+        ins, out = eq.split("->")
+        la, lb = ins.split(",")
+        if not (len(la) == len(lb) == len(out) >= 2 and la[:-2] == lb[:-2] == out[:-2] and la[-2] == lb[-2]
+                and out[-2:] == la[-1] + lb[-1] and len(set(la[-2:] + lb[-1])) == 3):
+            raise NotDelta(f"{what} is not a transposed matrix product Aᵀ·B ({eq})")
+        return args[1][2][0], args[1][2][1]
+
+    def _chunk_plan(self):
+        loop, k = self.loop, self.k
+        S = val(loop.template[k])
+        if S.dim() != 4 or loop.reverse:
+            raise NotDelta("the chunk loop's state is not (B, H, K, V) or the loop runs backwards")
+        used = set()
+        # S' = S·cd_n + Kd_nᵀ·U
+        new = self._args(("L", k))
+        if not is_op(loop.template[k], aten.add) or new is None or len(new) != 2 or loop.template[k].kwargs:
+            raise NotDelta("the new state is not the decayed state plus a chunk's write")
+        for dec_r, wr_r in ((new[0], new[1]), (new[1], new[0])):
+            if is_op(self._t(dec_r), aten.mul):
+                break
+        else:
+            raise NotDelta("the new state is not the decayed state plus a chunk's write")
+        used |= {k, dec_r[1], wr_r[1]}
+        m = self._args(dec_r)
+        st = [i for i in (0, 1) if self._is_state(m[i])]
+        if len(st) != 1:
+            raise NotDelta("the chunk's decay does not multiply the state")
+        cd_x, zd = self._seed(m[1 - st[0]], "the chunk's decay")
+        kd_r, u_r = self._matmul_t(wr_r, "the chunk's write")
+        kd_x, d2 = self._seed(kd_r, "the chunk's write key")
+        # U = NV_n − KC_n·S
+        u = self._t(u_r)
+        ua = self._args(u_r)
+        if u is None or u.target is not aten.sub.Tensor or u.kwargs or ua is None:
+            raise NotDelta("the chunk's corrections are not NV − KC·S")
+        used.add(u_r[1])
+        nv_x, d3 = self._seed(ua[0], "the chunk's corrections")
+        kc_r, s_r = self._matmul(ua[1], "the chunk's state correction")
+        used.add(ua[1][1])
+        if not self._is_state(s_r):
+            raise NotDelta("the chunk's state correction does not read the state")
+        kc_x, d4 = self._seed(kc_r, "the chunk's state correction")
+        # the readout y_n = Qd_n·S + IA_n·U (written into a buffer per chunk)
+        ro = [j for j, n in enumerate(loop.template) if loop.roles[j] is not None and is_op(n, aten.add)
+              and j != k and self.an.deps[j]]
+        if len(ro) != 1:
+            raise NotDelta("the chunk loop does not read each chunk out once as Qd·S + IA·U")
+        ro_j = ro[0]
+        ra = self._args(("L", ro_j))
+        used.add(ro_j)
+        for a_r, b_r in ((ra[0], ra[1]), (ra[1], ra[0])):
+            try:
+                qd_r, s2 = self._matmul(a_r, "the chunk's read of the state")
+                ia_r, u2 = self._matmul(b_r, "the chunk's intra-chunk read")
+            except NotDelta:
+                continue
+            if self._is_state(s2) and u2 == u_r:
+                break
+        else:
+            raise NotDelta("the chunk's output is not Qd·S + IA·U")
+        used |= {a_r[1], b_r[1]}
+        qd_x, d5 = self._seed(qd_r, "the chunk's query")
+        ia_x, d6 = self._seed(ia_r, "the chunk's intra-chunk scores")
+        if len({zd, d2, d3, d4, d5, d6}) != 1:
+            raise NotDelta("the per-chunk tensors are sliced along different axes")
+        allowed = set(used)
+        # walk identity copies of the state the products read
+        for j, n in enumerate(loop.template):
+            if self.an.deps[j] and loop.roles[j] is not None and is_op(n, aten.clone, aten.contiguous, aten.alias) \
+                    and self._is_state(("L", j)):
+                allowed.add(j)
+        return self._prove_constants(dict(cd=cd_x, kd=kd_x, nv=nv_x, kc=kc_x, qd=qd_x, ia=ia_x), zd,
+                                     allowed, ro_j)
+
+    # -- the per-chunk tensors --------------------------------------------------------
+    def _prove_constants(self, x, zd, allowed, ro_j):
+        if zd != 2:
+            raise NotDelta("the chunk axis is not axis 2 of (B, H, N, C, ·) tensors")
+        for name in ("kd", "nv", "kc", "qd", "ia"):
+            if val(x[name]).dim() != 5:
+                raise NotDelta(f"the per-chunk tensor {name} is not (B, H, N, C, ·)")
+        # NV = solve(UT, vβ_c), KC = solve(UT, kβ_c ⊙ e^γ) with one UT
+        if not _solve(x["nv"]) or not _solve(x["kc"]):
+            raise NotDelta("the chunk's corrections are not unit lower-triangular solves")
+        ut, vb_c = x["nv"].args[0], x["nv"].args[1]
+        if x["kc"].args[0] is not ut:
+            raise NotDelta("the two triangular solves have different systems")
+        # UT = (kβ_c·k_cᵀ) ⊙ L,  IA = (q_c·k_cᵀ) ⊙ L
+        kb_c, k_c, L = self._scores(ut, "the UT system")
+        q_c, k_c2, L2 = self._scores(x["ia"], "the intra-chunk scores")
+        if k_c2 is not k_c or L2 is not L:
+            raise NotDelta("the intra-chunk scores use another key or decay mask than the UT system")
+        cum = self._pairwise(L)
+        # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ}
+        if self._times_exp(x["kc"].args[1], kb_c, cum, "cum") is None:
+            raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
+        if self._times_exp(x["qd"], q_c, cum, "cum") is None:
+            raise NotDelta("the chunk's query is not q ⊙ exp(cumsum g)")
+        if self._times_exp(x["kd"], k_c, cum, "rest") is None:
+            raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
+        if not self._chunk_decay(x["cd"], cum):
+            raise NotDelta("the chunk's decay is not exp(γ_last)")
+        # un-chunk: q_c, k_c = chunks of q, k; kβ_c, vβ_c = chunks of k ⊙ β, v ⊙ β; γ = cumsum of chunks of g
+        q = self._unchunk(q_c, "q")
+        kk = self._unchunk(k_c, "k")
+        g = self._unchunk(cum.args[0], "g")
+        kb, vb = self._unchunk(kb_c, "kβ"), self._unchunk(vb_c, "vβ")
+        k2, beta = self._times_beta(kb)
+        v, beta2 = self._times_beta(vb)
+        if k2 is not kk or beta2 is not beta or beta is None:
+            raise NotDelta("kβ and vβ are not the key and the values times one β")
+        C = val(q_c).shape[3]
+        for t, name in ((q, "q"), (kk, "k"), (v, "v")):
+            if val(t).dim() != 4:
+                raise NotDelta(f"{name} is not (B, H, T, ·) before chunking")
+        if val(beta).dim() != 3 or val(g).dim() != 3:
+            raise NotDelta("β or g is not (B, H, T) before chunking")
+        lead = val(kk).shape[:3]
+        if not all(same_shape(val(t).shape[:3], lead) for t in (q, v, beta, g)) or \
+                not same_shape(val(q).shape, val(kk).shape):
+            raise NotDelta("q, k, v, β, g are not laid over one (B, H, T) before chunking")
+        return SimpleNamespace(q=q, k=kk, v=v, beta=beta, g=g, C=C, allowed=allowed, readout=ro_j)
+
+    def _scores(self, node, what):
+        """(A, B, L) of (A·Bᵀ over the last axis) ⊙ L."""
+        pair = _mul_pair(node)
+        if pair is None:
+            raise NotDelta(f"{what} is not a product of scores and a decay mask")
+        for e, L in (pair, pair[::-1]):
+            if is_op(e, aten.einsum) and len(e.args[1]) == 2:
+                eq = e.args[0].replace(" ", "")
+                ins, out = eq.split("->")
+                la, lb = ins.split(",")
+                if len(la) == len(lb) == len(out) == 5 and la[:3] == lb[:3] == out[:3] and la[4] == lb[4] \
+                        and out[3:] == la[3] + lb[3] and len({la[3], lb[3], la[4]}) == 3:
+                    return e.args[1][0], e.args[1][1], L
+        raise NotDelta(f"{what} is not (A·Bᵀ) ⊙ L over the chunk positions")
+
+    def _pairwise(self, L):
+        """cum when L = exp(where(j <= i, cum_i − cum_j, −inf)) along the last axis of cum (B, H, N, C)."""
+        if not is_op(L, aten.exp) or L.args[0].target is not aten.where.ScalarOther:
+            raise NotDelta("the decay mask is not exp of a masked difference of cumulative decays")
+        keep, diff, fill = L.args[0].args
+        if fill != -math.inf:
+            raise NotDelta("the decay mask fills with another value than -inf")
+        if diff.target is not aten.sub.Tensor or diff.kwargs:
+            raise NotDelta("the decay mask is not a difference γ_i − γ_j")
+        a, b = diff.args
+        ba, axa = _strip(a)
+        bb, axb = _strip(b)
+        if ba is not bb or not is_op(ba, aten.cumsum) or val(ba).dim() != 4:
+            raise NotDelta("the decay mask is not a difference of one cumulative sum")
+        if axa != [0, 1, 2, 3, None] or axb != [0, 1, 2, None, 3]:
+            raise NotDelta("the decay mask's difference is not γ_i − γ_j (rows minus columns)")
+        if ba.args[1] % 4 != 3 or len(ba.args) > 2 or ba.kwargs:
+            raise NotDelta("the cumulative decay is not a sum over the chunk positions")
+        from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
+        C = val(ba).shape[3]
+        if not isinstance(keep, torch.fx.Node) or not is_shape_only(keep) or not isinstance(C, int):
+            raise NotDelta("the decay mask's causal mask is not a constant")
+        try:
+            m = evaluate_shape_only(self.ctx.gm, keep)
+        except Exception:
+            raise NotDelta("the decay mask's causal mask could not be evaluated") from None
+        want = torch.ones(C, C, dtype=torch.bool).tril()
+        if m.dtype != torch.bool or tuple(m.shape[-2:]) != (C, C) or not bool((m.reshape(-1, C, C) == want).all()):
+            raise NotDelta("the decay mask keeps other positions than j <= i")
+        return ba
+
+    def _times_exp(self, node, x, cum, kind):
+        """Whether node = x ⊙ exp(e)[..., None] with e = cum ("cum") or cum[..., -1:] − cum ("rest")."""
+        pair = _mul_pair(node)
+        if pair is None:
+            return None
+        for a, b in (pair, pair[::-1]):
+            if a is not x:
+                continue
+            e = _unsq_last(b)
+            if e is None or not is_op(e, aten.exp) or tuple(val(e).shape) != tuple(val(cum).shape):
+                continue
+            arg0 = e.args[0]
+            if kind == "cum" and arg0 is cum:
+                return True
+            if kind == "rest" and arg0.target is aten.sub.Tensor and not arg0.kwargs and arg0.args[1] is cum \
+                    and self._last(arg0.args[0], cum, keep=True):
+                return True
+        return None
+
+    def _last(self, node, cum, keep):
+        """node = cum[..., -1:] (keep) or cum[..., -1] (select)."""
+        if keep and is_op(node, aten.slice) and node.args[0] is cum:
+            a = list(node.args) + [None] * (5 - len(node.args))
+            d, start, end, step = a[1] % 4, a[2], a[3], a[4] if a[4] is not None else 1
+            C = val(cum).shape[3]
+            return d == 3 and step == 1 and start in (-1, C - 1) and (end is None or end >= C)
+        if not keep and node.target is aten.select.int and node.args[0] is cum:
+            return node.args[1] % 4 == 3 and node.args[2] in (-1, val(cum).shape[3] - 1)
+        return False
+
+    def _chunk_decay(self, cd, cum) -> bool:
+        """cd = exp(cum[..., -1]) laid (B, H, N, 1, 1)."""
+        base, axes = _strip(cd)
+        return is_op(base, aten.exp) and axes == [0, 1, 2, None, None] and self._last(base.args[0], cum, keep=False)
+
+    def _unchunk(self, node, what):
+        """x when ``node`` is x (B, H, T', ·) reshaped to (B, H, N, C, ·) (or (B, H, T') to (B, H, N, C))."""
+        if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
+            raise NotDelta(f"the chunks of {what} are not a reshape of a sequence")
+        src = node.args[0]
+        s, o = val(src).shape, val(node).shape
+        if len(o) != len(s) + 1 or not all(known_eq(a, b) for a, b in zip(s[:2], o[:2])) \
+                or not known_eq(s[2], o[2] * o[3]) or not all(known_eq(a, b) for a, b in zip(s[3:], o[4:])):
+            raise NotDelta(f"the chunks of {what} are not its time axis split into (N, C)")
+        return src
+
+    def _times_beta(self, node):
+        """(x, β) for node = x ⊙ β[..., None] (x (B, H, T, ·), β (B, H, T)), else (None, None)."""
+        pair = _mul_pair(node)
+        if pair is None:
+            return None, None
+        for a, b in (pair, pair[::-1]):
+            beta = _unsq_last(b)
+            if beta is not None and val(beta).dim() == 3 and val(a).dim() == 4:
+                return a, beta
+        return None, None
+
+    # -- emission --------------------------------------------------------------------
+    def _emit_chunked(self, vec, plan):
+        loop = self.loop
+        tmpl = loop.template[self.k]
+        D = val(tmpl).dtype
+        if loop.lo != 0 or not known_eq(vec.count * plan.C, val(plan.k).shape[2]) or vec.start != 0:
+            raise NotDelta("the chunk loop does not run over every chunk")
+        ops = {}
+        for name in ("q", "k", "v", "beta", "g"):
+            ops[name] = vec.cast(vec.emit(aten.transpose.int, (getattr(plan, name), 1, 2)), D)   # (B, T', H, ·)
+        h0 = None
+        init = loop.init.get(self.k)
+        if not _is_zero(init):
+            if not isinstance(init, torch.fx.Node) or not same_shape(val(init).shape, val(tmpl).shape):
+                raise NotDelta("the initial state is not a (B, H, K, V) tensor")
+            h0 = vec.cast(init, D)
+        op = Delta(q=ops["q"], k=ops["k"], v=ops["v"], beta=ops["beta"], g=ops["g"], h0=h0, gate="scalar")
+        fake = torch.ops.seqfuse.delta.default(*(val(ops[n]) for n in ("q", "k", "v", "beta", "g")),
+                                               val(h0) if h0 is not None else None, "scalar", 1.0, 64,
+                                               "recurrent", "auto")
+        ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][self.k])
+        ir.meta["val"] = fake
+        y = vec.emit(operator.getitem, (ir, 0))                                  # (B, T', H, V)
+        y = vec.emit(aten.transpose.int, (y, 1, 2))                              # (B, H, T', V)
+        B, H, Tp, V = val(y).shape
+        y = vec.emit(aten.reshape.default, (y, [B, H, vec.count, plan.C, V]))    # (B, H, N, C, V)
+        ro = loop.template[plan.readout]
+        vec.memo[plan.readout] = vec.cast(vec.emit(aten.movedim.int, (y, 2, 0)), val(ro).dtype)
+        return vec.cast(vec.emit(operator.getitem, (ir, 1)), D)
 
 
 def _one_step(node):

@@ -91,3 +91,29 @@ def test_a_nonlinear_correction_is_left_unrolled(tmp_path):
         CHECK: return
     """)
     assert [m.kind for m in report.near_misses] == ["delta", "scan"], str(report)
+
+
+qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+
+
+def chunked(q, k, v, beta, g, h0):
+    return qwen3_next.torch_chunk_gated_delta_rule.__wrapped__(q, k, v, g, beta, chunk_size=2, initial_state=h0,
+                                                                output_final_state=True)
+
+
+def test_chunked_wy_program_becomes_one_op_over_the_sequence(tmp_path):
+    # T = 6 in chunks of 2: the UT transform (two triangular solves), the decay mask and the loop over
+    # the 3 chunks all go; the op runs over the 6 steps on the un-chunked (B, T, H, ·) operands
+    text, _ = after_pass(chunked, *operands(), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.linalg_solve_triangular
+        CHECK-NOT: aten.cumsum
+        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 6, 2, 5], f32[1, 2, 4, 5])
+        CHECK-NOT: aten.linalg_solve_triangular
+        CHECK-NOT: aten.einsum
+        CHECK: aten.reshape({{.*}}, [1, 2, 3, 2, 5])
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+        CHECK: return
+    """)

@@ -159,3 +159,68 @@ def test_near_misses_name_the_term(variant, reason):
     assert report.count("delta") == 0, str(report)
     reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
     assert len(reasons) == 1 and reason in reasons[0], str(report)
+
+
+# --- the chunked WY form --------------------------------------------------------------------
+
+torch_chunk_gated_delta_rule = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__
+
+
+@pytest.mark.parametrize("T,h0,l2", [(20, True, True), (16, False, False)])   # padded to 5 chunks / 4 exact
+def test_transformers_torch_chunk_gated_delta_rule(T, h0, l2):
+    # Qwen3-Next's prefill / training path: the UT transform by triangular solves, a loop over chunks
+    def fn(q, k, v, beta, g, *h):
+        return torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4, initial_state=h[0] if h else None,
+                                            output_final_state=True, use_qk_l2norm_in_kernel=l2)
+    ops = operands(T=T, H=4, HK=2, h0=h0)
+    if not l2:   # without the normalization the keys must be small for the recurrence to stay bounded
+        ops[1] = (ops[1].detach() * 0.5).requires_grad_()
+    report = check_against_eager(fn, *[x for x in ops if x is not None])
+    ir = only_delta(report, "scalar")
+    assert ("h0=%" in ir) == h0, ir
+
+
+def chunk_variant(q, k, v, beta, g, variant):
+    """torch_chunk_gated_delta_rule's body (chunk 4, no padding) with one piece changed."""
+    B, T, H, K = k.shape
+    C = 4
+    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
+    q = q * K ** -0.5
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    q, k, k_beta, v_beta = (x.reshape(B, H, -1, C, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+    g = g.reshape(B, H, -1, C).cumsum(-1)
+    upper = torch.ones(C, C, dtype=torch.bool).triu(1 if variant != "mask" else 0)
+    L = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    ut = (k_beta @ k.transpose(-1, -2)) * L
+    new_values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
+    kd = k_beta * g.exp()[..., None] if variant != "no_decay" else k_beta
+    k_cumdecay = torch.linalg.solve_triangular(ut, kd, upper=False, unitriangular=True)
+    S = torch.zeros(B, H, K, v.shape[-1])
+    out = torch.zeros_like(new_values)
+    attn = (q @ k.transpose(-1, -2)) * L
+    q = q * g.exp()[..., None]
+    k = k * (g[..., -1:] - g).exp()[..., None]
+    chunk_decay = g[..., -1].exp()[..., None, None]
+    for i in range(T // C):
+        v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ S
+        out[:, :, i] = q[:, :, i] @ S + attn[:, :, i] @ v_new
+        S = S * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ v_new
+    return out.reshape(B, H, T, -1).transpose(1, 2), S
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ("mask", "keeps other positions than j <= i"),                    # the diagonal masked too
+    ("no_decay", "decayed keys of the UT transform"),                 # kβ not decayed by e^γ
+])
+def test_chunked_near_misses_name_the_piece(variant, reason):
+    q, k, v, beta, g, _ = operands(T=16)
+    report = check_against_eager(lambda *a: chunk_variant(*a, variant), q, k, v, beta, g)
+    assert report.count("delta") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+    assert len(reasons) == 1 and reason in reasons[0], str(report)
+
+
+def test_chunked_spelling_of_the_listing_is_lifted():
+    q, k, v, beta, g, _ = operands(T=16)
+    report = check_against_eager(lambda *a: chunk_variant(*a, "none"), q, k, v, beta, g)
+    only_delta(report, "scalar")
