@@ -637,6 +637,10 @@ class AttentionPass(Pass):
                 ctx.report.add_near_miss("attention", "SDPA enable_gqa with head counts unknown at compile time", node)
                 return
             gqa = hq // hk
+        if is_causal and not _static_equal([val(q).shape[-2]], [val(k).shape[-2]]):
+            # SDPA's is_causal with Lq != Lk follows its own kernels' rules (NaN rows on CPU)
+            ctx.report.add_near_miss("attention", "SDPA is_causal with query and key lengths that may differ", node)
+            return
         mask_kind, diag, window = ("causal", 0, 0) if is_causal else ("none", 0, 0)
         keep = bias = None
         if attn_mask is not None:

@@ -297,3 +297,15 @@ def test_fp16_where_with_an_overflowing_fill_is_minus_inf():
     report = compare(fn, q, k, v)
     assert report.count("attention") == 1
     assert "fill=-inf" in report.rewrites[0].ir
+
+
+# --- found by the fuzzer ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lq,lk", [(10, 7), (1, 22)])
+def test_sdpa_is_causal_with_different_lengths_is_left_to_sdpa(lq, lk):
+    # SDPA's is_causal with Lq != Lk follows its own kernels' rules (NaN rows on CPU for Lq > Lk)
+    q = torch.randn(2, 2, lq, 3, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, lk, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    report = compare(sdpa_causal, q, k, v)
+    assert report.count("attention") == 0
+    assert any("is_causal" in n.reason for n in report.near_misses)

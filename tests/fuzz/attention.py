@@ -1,0 +1,212 @@
+"""Random softmax-attention programs in every spelling the docs claim (README "Recognized now",
+docs/ir.md "attention"): ``q @ kᵀ``, ``matmul``, ``einsum``, ``bmm`` over reshaped heads,
+``baddbmm``; scale on the scores or on q, by multiplication or division, of either sign;
+``masked_fill`` / ``torch.where`` with ``tril`` / ``triu`` / ``arange`` masks, additive ``-inf`` and
+``finfo.min`` masks, key padding (bool and HF-style ``(1 - m) * min`` biases), sliding windows,
+fully masked rows; ``F.softmax(dtype=)`` and ``.float()`` / ``.to(q.dtype)`` round trips; SDPA calls
+(masks, ``is_causal``, ``enable_gqa``, scale); GQA through ``repeat_interleave`` / ``expand``;
+soft-capping; sizes 1, odd, non-multiples of the kernels' tiles; fp64 / fp32 / bf16 / fp16;
+strided views; random requires_grad subsets; NaN / inf inputs.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .check import Case
+from .common import DTYPES, Maker, poison, size
+
+SPELLINGS = ("matmul", "at", "einsum", "bmm", "baddbmm")
+MASKS = ("none", "causal_fill", "causal_where", "causal_additive", "causal_arange", "window", "padding_bool",
+         "padding_bias", "causal_padding", "finite_fill", "empty_rows", "kv_cache")
+
+
+def _sizes(r, triton):
+    if triton:
+        return size(r, 1, 2), size(r, 1, 2), size(r, 1, 20, (1, 7, 17)), size(r, 1, 20, (1, 5, 17)), \
+            r.choice((1, 4, 8, 16))
+    return (size(r, 1, 3), size(r, 1, 4), size(r, 1, 70, (1, 2, 7, 33, 64, 65)),
+            size(r, 1, 70, (1, 7, 33, 65)), r.choice((1, 3, 4, 8, 16, 32, 64)))
+
+
+def _scores(spelling, q, k, scale, scale_on_q, div):
+    """scale·q·kᵀ (B, H, Lq, Lk) in one of the spellings."""
+    if scale_on_q:
+        q = q / (1.0 / scale) if div else q * scale
+    if spelling == "matmul":
+        s = torch.matmul(q, k.transpose(-2, -1))
+    elif spelling == "at":
+        s = q @ k.mT
+    elif spelling == "einsum":
+        s = torch.einsum("bhid,bhjd->bhij", q, k)
+    elif spelling == "bmm":
+        b, h, lq, d = q.shape
+        s = torch.bmm(q.reshape(b * h, lq, d), k.reshape(b * h, k.shape[-2], d).transpose(1, 2))
+    else:
+        b, h, lq, d = q.shape
+        base = torch.zeros(b * h, lq, k.shape[-2], dtype=q.dtype)
+        s = torch.baddbmm(base, q.reshape(b * h, lq, d), k.reshape(b * h, k.shape[-2], d).transpose(1, 2))
+    if not scale_on_q:
+        s = s / (1.0 / scale) if div else s * scale
+    return s
+
+
+def hand_written(r, seed, triton):
+    B, H, Lq, Lk, D = _sizes(r, triton)
+    dt = r.choice(DTYPES)
+    m = Maker(r, dt)
+    spelling = r.choice(SPELLINGS)
+    mask = r.choice(MASKS)
+    if mask == "kv_cache":
+        Lk = max(Lk, Lq)
+    elif mask not in ("none", "padding_bool", "padding_bias"):
+        Lk = Lq if r.random() < 0.8 else Lk
+    gqa = r.choice((1, 1, 1, 2)) if H % 2 == 0 else 1
+    gqa_how = r.choice(("repeat_interleave", "expand"))
+    Hk = H // gqa
+    sign = r.random()
+    scale = D ** -0.5 if sign < 0.7 else (r.choice((-0.5, 0.0, 1.0, 2.0, 1e-3)))
+    scale_on_q, div = r.random() < 0.2, r.random() < 0.3
+    softcap = r.choice((None,) * 6 + (5.0, 30.0))
+    upcast = r.choice(("none", "none", "softmax_dtype", "float"))
+    window = size(r, 1, max(1, Lq), (1, 2, 3))
+    strided = r.random() < 0.15
+    Dv = D if r.random() < 0.8 else size(r, 1, 16)
+    if strided:
+        q = m.randn(B, H, Lq, 2 * D, grad=False)
+        k, v = m.randn(B, Hk, Lk, 2 * D, grad=False), m.randn(B, Hk, Lk, 2 * Dv, grad=False)
+    else:
+        q, k, v = m.randn(B, H, Lq, D), m.randn(B, Hk, Lk, D), m.randn(B, Hk, Lk, Dv)
+    if r.random() < 0.1:
+        q = (q.detach() * 30).requires_grad_(q.requires_grad)
+    keep = torch.ones(B, Lk, dtype=torch.bool)
+    for b in range(B):
+        n = r.randint(0 if mask == "empty_rows" else 1, Lk)
+        if r.random() < 0.5:
+            keep[b, n:] = False
+        else:
+            keep[b, :Lk - n] = False
+    pad = keep.to(dt)
+    extra = [keep] if mask in ("padding_bool", "causal_padding", "empty_rows") else \
+        [pad] if mask == "padding_bias" else []
+    fill_value = r.choice((-1e4, -1e9, torch.finfo(dt).min, -65504.0, -3e38)) if mask == "finite_fill" else None
+    tag = poison(r, [q, k, v])
+
+    three_d = spelling in ("bmm", "baddbmm")
+
+    def per_key(t):
+        \"\"\"A (B, Lk) key mask broadcast over the scores: (B, 1, 1, Lk), or (B·H, 1, Lk) for bmm.\"\"\"
+        return t.repeat_interleave(H, 0)[:, None, :] if three_d else t[:, None, None, :]
+
+    def fn(q, k, v, *rest):
+        if strided:
+            q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
+        lq, lk = q.shape[-2], k.shape[-2]
+        if gqa > 1:
+            if gqa_how == "repeat_interleave":
+                k, v = k.repeat_interleave(gqa, dim=1), v.repeat_interleave(gqa, dim=1)
+            else:
+                k = k[:, :, None].expand(k.shape[0], k.shape[1], gqa, lk, k.shape[-1]).reshape(
+                    k.shape[0], k.shape[1] * gqa, lk, k.shape[-1])
+                v = v[:, :, None].expand(v.shape[0], v.shape[1], gqa, lk, v.shape[-1]).reshape(
+                    v.shape[0], v.shape[1] * gqa, lk, v.shape[-1])
+        s = _scores(spelling, q, k, scale, scale_on_q, div)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        future = torch.triu(torch.ones(lq, lk, dtype=torch.bool), 1 + lk - lq)
+        if mask == "causal_fill":
+            s = s.masked_fill(future, float("-inf"))
+        elif mask == "causal_where":
+            s = torch.where(torch.tril(torch.ones(lq, lk, dtype=torch.bool), lk - lq), s, float("-inf"))
+        elif mask == "causal_additive":
+            s = s + torch.full((lq, lk), float("-inf")).triu(1 + lk - lq)
+        elif mask == "causal_arange":
+            i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+            s = s.masked_fill(j > i + (lk - lq), float("-inf"))
+        elif mask == "kv_cache":
+            s = s.masked_fill(future, float("-inf"))
+        elif mask == "window":
+            i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+            s = s.masked_fill((j > i) | (j <= i - window), float("-inf"))
+        elif mask in ("padding_bool", "empty_rows"):
+            s = s.masked_fill(~per_key(rest[0]), float("-inf"))
+        elif mask == "causal_padding":
+            s = s.masked_fill(future, float("-inf"))
+            s = s.masked_fill(~per_key(rest[0]), torch.finfo(s.dtype).min)
+        elif mask == "padding_bias":
+            s = s + (1 - per_key(rest[0])) * torch.finfo(s.dtype).min
+        elif mask == "finite_fill":
+            s = s.masked_fill(future, fill_value)
+        if upcast == "softmax_dtype":
+            p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        elif upcast == "float":
+            p = s.float().softmax(-1).to(q.dtype)
+        else:
+            p = s.softmax(dim=-1)
+        if spelling == "einsum":
+            return torch.einsum("bhij,bhjd->bhid", p, v)
+        if three_d:  # (B·H, Lq, Lk) probabilities, values reshaped the same way, heads split after
+            o = torch.bmm(p, v.reshape(-1, v.shape[-2], v.shape[-1]))
+            return o.reshape(q.shape[0], -1, lq, v.shape[-1])
+        return p @ v
+
+    name = f"{spelling}+{mask}" + (f"+gqa{gqa}" if gqa > 1 else "") + ("+softcap" if softcap else "") + \
+        ("+strided" if strided else "") + (f"+scale{scale}" if scale <= 0 else "") + \
+        (f"+{upcast}" if upcast != "none" else "")
+    expect = "attention"
+    if upcast != "none" and dt == torch.float64:
+        expect = None  # a narrowing cast of the scores: a near miss
+    if mask == "finite_fill" and not math.isfinite(float(torch.tensor(fill_value, dtype=torch.float64).to(dt))):
+        expect = None  # masked_fill raises
+    inputs = [q, k, v, *extra]
+    return Case("attention", name + (f"+{tag}" if tag else ""), fn, tuple(inputs), expect,
+                {"runtime": "triton"} if triton else _options(r), seed)
+
+
+def sdpa(r, seed, triton):
+    B, H, Lq, Lk, D = _sizes(r, triton)
+    dt = r.choice(DTYPES)
+    m = Maker(r, dt)
+    gqa = r.choice((1, 1, 2)) if H % 2 == 0 else 1
+    causal = r.random() < 0.4
+    kind = r.choice(("none", "bool", "float", "float32"))
+    scale = r.choice((None, None, 0.3, -0.2))
+    strided = r.random() < 0.15
+    Dv = D if r.random() < 0.8 else size(r, 1, 16)
+    if causal:
+        kind = "none"
+    q, k, v = m.randn(B, H, Lq, 2 * D if strided else D), m.randn(B, H // gqa, Lk, 2 * D if strided else D), \
+        m.randn(B, H // gqa, Lk, 2 * Dv if strided else Dv)
+    extra = []
+    if kind == "bool":
+        extra = [torch.rand(B, 1, Lq, Lk, generator=m.g) < 0.7]
+    elif kind in ("float", "float32"):
+        extra = [m.randn(B, 1, Lq, Lk, dtype=torch.float32 if kind == "float32" else dt, grad=r.random() < 0.3)]
+    tag = poison(r, [q, k, v])
+
+    def fn(q, k, v, *rest):
+        if strided:
+            q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=rest[0] if rest else None, is_causal=causal,
+                                              scale=scale, enable_gqa=gqa > 1)
+    name = f"sdpa+{kind}" + ("+causal" if causal else "") + (f"+gqa{gqa}" if gqa > 1 else "") + \
+        ("+strided" if strided else "")
+    return Case("attention", name + (f"+{tag}" if tag else ""), fn, (q, k, v, *extra), None,
+                {"runtime": "triton"} if triton else _options(r), seed)
+
+
+def _options(r):
+    return r.choice(({}, {}, {}, {"runtime": "aten"}, {"runtime": "eager"}))
+
+
+def cases(rng: random.Random, n: int, triton: bool) -> Iterator[Case]:
+    """``n`` random attention programs (tiny sizes and ``runtime="triton"`` when ``triton``)."""
+    for i in range(n):
+        seed = rng.randrange(2 ** 31)
+        r = random.Random(seed)
+        gen = hand_written if r.random() < 0.75 else sdpa
+        yield gen(r, seed, triton)
