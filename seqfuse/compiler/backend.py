@@ -12,6 +12,7 @@ from seqfuse.compiler.canonicalize import Untraceable
 from seqfuse.compiler.pipeline import run_pipeline
 from seqfuse.compiler.report import GraphReport, publish
 from seqfuse.compiler.verify import verifying
+from seqfuse.lowering.sequence_parallel import SequenceParallelUnsupported
 from seqfuse.passes import enabled_passes
 
 
@@ -79,7 +80,13 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         rewritten = run_pipeline(gm, example_inputs, opts, report)
     except Untraceable as exc:
         report.add_near_miss("graph", str(exc), exc.node)
+        if opts.sequence_parallel is not None:
+            raise SequenceParallelUnsupported(f"seqfuse: option 'sequence_parallel': a graph was left to the "
+                                              f"downstream compiler ({exc}); its recurrences would cover this "
+                                              "rank's slice only") from exc
         rewritten = gm
+    except SequenceParallelUnsupported:
+        raise  # compiling unchanged would run the recurrences on this rank's slice alone
     except Exception as exc:
         if _strict():
             raise

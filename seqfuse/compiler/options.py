@@ -23,6 +23,10 @@ class Options:
     runtime:    path for IR ops: "auto" (best available), "triton", "cpu" (generated C kernels), "aten" or "eager".
     algorithm:  {IR op kind: algorithm} forcing the cost model's choice, e.g.
                 {"ssd": "chunked", "scan": "recurrent"}; see ALGORITHMS for the names.
+    sequence_parallel: None, or {"group": a torch.distributed ProcessGroup, or None for the
+                default group}: each rank holds a contiguous slice of the sequence and the ssd / scan
+                ops compute the recurrence over the whole sequence (docs/distributed.md).  Stored as
+                the group's name.
     """
 
     downstream: str = "inductor"
@@ -31,6 +35,7 @@ class Options:
     verify: bool = False
     runtime: str = "auto"
     algorithm: dict = field(default_factory=dict)
+    sequence_parallel: str | None = None
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "Options":
@@ -67,7 +72,26 @@ class Options:
                 raise ValueError(f"seqfuse: option 'algorithm' for {kind!r} must be one of {ALGORITHMS[kind]}, "
                                  f"got {name!r}")
         return cls(downstream=downstream, passes=passes, dump_dir=dump_dir, verify=verify, runtime=runtime,
-                   algorithm=dict(algorithm))
+                   algorithm=dict(algorithm), sequence_parallel=_validate_sequence_parallel(options))
+
+
+def _validate_sequence_parallel(options: dict) -> str | None:
+    """Option 'sequence_parallel': None, or {"group": ProcessGroup | None} -> the group's name."""
+    sp = options.get("sequence_parallel")
+    if sp is None:
+        return None
+    if not isinstance(sp, dict) or set(sp) - {"group"}:
+        raise ValueError("seqfuse: option 'sequence_parallel' must be None or a dict {'group': ProcessGroup or None}, "
+                         f"got {sp!r}")
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("seqfuse: option 'sequence_parallel' needs torch.distributed initialized "
+                         "(torch.distributed.init_process_group) before compiling")
+    group = sp.get("group")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"seqfuse: option 'sequence_parallel' 'group' must be a ProcessGroup or None, got {group!r}")
+    from seqfuse.lowering.sequence_parallel import group_name_of
+    return group_name_of(group)
 
 
 def _validate_passes(passes: Any) -> dict:

@@ -97,6 +97,16 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     #    runtime path choice baked in as an argument.
     with _timed(report, "lower"):
         lower_graph(canon, options.runtime)
+        if options.sequence_parallel is not None:
+            # the ssd / scan calls become their sequence-parallel forms (one collective each)
+            from seqfuse.compiler.report import location_of
+            from seqfuse.lowering.sequence_parallel import SequenceParallelUnsupported, apply_sequence_parallel
+            missed = [m for m in report.near_misses if m.kind in ("ssd", "scan", "delta")]
+            if missed:  # left alone, it would compute over this rank's slice only
+                raise SequenceParallelUnsupported(
+                    "seqfuse: option 'sequence_parallel': a linear recurrence was not rewritten, so it would run on "
+                    "this rank's slice alone: " + "; ".join(f"{m.kind} at {m.location}: {m.reason}" for m in missed))
+            apply_sequence_parallel(canon, options.sequence_parallel, where=location_of)
         canon.graph.eliminate_dead_code()
         canon.recompile()
     dump("lowered", canon.graph)

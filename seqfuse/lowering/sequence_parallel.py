@@ -40,6 +40,10 @@ from seqfuse.lowering import scan_op, ssd_op  # noqa: F401  (register torch.ops.
 _BYTES = threading.local()
 
 
+class SequenceParallelUnsupported(ValueError):
+    """The graph holds a mixer that seqfuse cannot run over a split sequence."""
+
+
 def payload_bytes() -> int:
     """Bytes this thread has sent through the sequence-parallel collectives (forward and backward)."""
     return getattr(_BYTES, "n", 0)
@@ -123,8 +127,9 @@ def _rank_world(group_name: str) -> tuple[int, int]:
 def _zero_state(h_all: Tensor) -> Tensor:
     """A zero state that still depends on the gathered table: every rank's outputs then reach the
     all-gather, so every rank runs its backward collective (the first rank too, whose incoming
-    state is zero), and the ranks' collectives stay matched."""
-    return h_all[0] * 0
+    state is zero), and the ranks' collectives stay matched.  Exactly zero even where the table
+    holds inf or NaN (a select, not a product with 0)."""
+    return torch.where(torch.zeros((), dtype=torch.bool, device=h_all.device), h_all[0], 0)
 
 
 def _fold(h_all: Tensor, logA_all: Tensor, ranks) -> Tensor:
@@ -234,3 +239,85 @@ def scan_sequence_parallel(a: Tensor, b: Tensor, c: Optional[Tensor], h0: Option
         y = (y_loc.to(wide) + (c.to(wide) * states_corr).sum(-1)).to(y_loc.dtype)
     h = (A_all[rank] * S_in + h_loc.to(wide)).to(h_loc.dtype)
     return y, h
+
+
+# --- long_conv (causal) ---------------------------------------------------------------------
+
+def long_conv_sequence_parallel(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor],
+                                bias: Optional[Tensor], causal: bool, fft_size: int, scale: float, activation: str,
+                                algorithm: str, runtime: str, group_name: str = "") -> Tensor:
+    """A causal ``seqfuse.long_conv`` on this rank's slice of the time axis (-1) split over the group.
+
+    Output t of the slice reads inputs back to lag Lk-1, which may lie on earlier ranks: every rank
+    all-gathers the last min(Lk-1, L_r) steps of its u (a halo; the whole slice when the kernel is
+    longer than a slice), prepends the earlier ranks' part to its u, convolves, and drops the
+    halo's outputs.  Payload: O(min(Lk, L_r) · channels) per rank; slices must be of equal length.
+    Operands with a time axis (d, gate, bias of length L_r) are padded over the halo (its outputs
+    are dropped).  A circular convolution (``causal=False``) is refused.
+    """
+    if not causal:
+        raise SequenceParallelUnsupported("seqfuse: option 'sequence_parallel': a circular (non-causal) long_conv "
+                                          "wraps around the whole sequence; only causal convolutions are supported")
+    rank, world = _rank_world(group_name)
+    L, Lk = u.shape[-1], k.shape[-1]
+    halo = min(max(Lk - 1, 0), L)
+    if world == 1 or halo == 0:
+        return torch.ops.seqfuse.long_conv(u, k, d, gate, bias, causal, fft_size, scale, activation, algorithm,
+                                           runtime)
+    tails = torch.ops.seqfuse.sp_all_gather(u[..., L - halo:], group_name)            # (W, *B, halo)
+    # the earlier ranks' tails in time order; the rank's own (and later ones) through a zero weight, so
+    # that every rank's output depends on the gather (matched backward collectives, see _zero_state)
+    earlier = [tails[j] for j in range(rank)]
+    ext = torch.cat([*earlier, u + _zero_state(tails[rank:rank + 1, ..., :1]).to(u.dtype)], dim=-1)
+    need = min(Lk - 1, ext.shape[-1] - L)
+    ext = ext[..., ext.shape[-1] - L - need:]
+
+    def pad(t):
+        if t is None or t.dim() == 0 or t.shape[-1] != L or L == 1:
+            return t
+        return torch.cat([t.new_zeros((*t.shape[:-1], need)), t], dim=-1)
+    y = torch.ops.seqfuse.long_conv(ext, k, pad(d), pad(gate), pad(bias), causal, 0, scale, activation, algorithm,
+                                    runtime)
+    return y[..., need:]
+
+
+# --- in a compiled graph ---------------------------------------------------------------------
+
+def apply_sequence_parallel(gm: torch.fx.GraphModule, group_name: str, where=None) -> int:
+    """Turn the lowered ``seqfuse.ssd`` / ``seqfuse.scan`` calls of ``gm`` into their
+    sequence-parallel forms over the group ``group_name``; returns how many.
+
+    Causal ``seqfuse.long_conv`` calls gather the halo of inputs their kernel reaches back to.
+    Raises :class:`SequenceParallelUnsupported` naming the op and its source location for a mixer
+    whose result over a split sequence seqfuse does not compute (attention, delta; a circular
+    long_conv).  ``where(node)`` gives the location text."""
+    graph, n = gm.graph, 0
+    swap = {torch.ops.seqfuse.ssd.default: ssd_sequence_parallel,
+            torch.ops.seqfuse.scan.default: scan_sequence_parallel,
+            torch.ops.seqfuse.long_conv.default: long_conv_sequence_parallel}
+    unsupported = {torch.ops.seqfuse.attention.default: "attention"}
+    delta = getattr(torch.ops.seqfuse, "delta", None)
+    if delta is not None:
+        unsupported[delta.default] = "delta"
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in unsupported:
+            at = where(node) if where is not None else "?"
+            raise SequenceParallelUnsupported(
+                f"seqfuse: option 'sequence_parallel' supports the ssd, scan and causal long_conv ops; this graph "
+                f"has a {unsupported[node.target]} op at {at}, whose result on a split sequence needs every "
+                "earlier rank's keys; not supported yet. Compile that part without sequence_parallel.")
+        fn = swap.get(node.target)
+        if fn is None:
+            continue
+        if fn is long_conv_sequence_parallel and not node.args[5]:
+            at = where(node) if where is not None else "?"
+            raise SequenceParallelUnsupported(f"seqfuse: option 'sequence_parallel': the circular long_conv at {at} "
+                                              "wraps around the whole sequence; only causal convolutions are supported")
+        node.target = fn
+        node.kwargs = {**node.kwargs, "group_name": group_name}
+        n += 1
+    if n:
+        gm.recompile()
+    return n

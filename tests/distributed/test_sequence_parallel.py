@@ -1,7 +1,8 @@
-"""Sequence-parallel ssd and scan (seqfuse/lowering/sequence_parallel.py): one sequence of
-T = 4096 split evenly over 2 and 4 gloo ranks equals the single-device op on the whole sequence
-in its outputs, its final state and the gradients of every operand (fp32 relative error < 1e-5),
-with one collective forward and one backward whose payload is O(state), independent of T."""
+"""Sequence-parallel ssd, scan and causal long_conv (seqfuse/lowering/sequence_parallel.py): one
+sequence of T = 4096 (long_conv: 64 and 96) split evenly over 2 and 4 gloo ranks equals the
+single-device op on the whole sequence in its outputs, its final state and the gradients of every
+operand (fp32 relative error < 1e-5); the recurrences need one collective forward and one backward
+whose payload is O(state), independent of T."""
 from __future__ import annotations
 
 import pytest
@@ -114,14 +115,43 @@ def scan_rank(rank, world, T, kind, h0, reverse):
     return out
 
 
+def conv_rank(rank, world, T, Lk, algorithm):
+    """A causal long_conv with a per-channel kernel of Lk taps, a skip d (C, 1), a gate over time
+    and a bias, on 1/world of a length-T sequence."""
+    from seqfuse.lowering import sequence_parallel as sp
+    g = torch.Generator().manual_seed(3)
+    Bt, C = 2, 3
+    ops = dict(u=torch.randn(Bt, C, T, generator=g), k=torch.randn(C, Lk, generator=g) / Lk ** 0.5,
+               d=torch.randn(C, 1, generator=g), gate=torch.randn(Bt, C, T, generator=g),
+               bias=torch.randn(C, 1, generator=g))
+    Ry = torch.randn(Bt, C, T, generator=g)
+    n = T // world
+    sl = slice(rank * n, (rank + 1) * n)
+    mine = _leaves({k: (v[..., sl] if k in ("u", "gate") else v) for k, v in ops.items()})
+    y = sp.long_conv_sequence_parallel(mine["u"], mine["k"], mine["d"], mine["gate"], mine["bias"], True, 0, 1.0,
+                                       "silu", algorithm, "auto")
+    (y * Ry[..., sl]).sum().backward()
+    out = {"y": y.detach(), "h": torch.zeros(()), "grads": {k: v.grad for k, v in mine.items()}}
+    if rank == 0:
+        full = _leaves(ops)
+        yr = torch.ops.seqfuse.long_conv(full["u"], full["k"], full["d"], full["gate"], full["bias"], True, 0, 1.0,
+                                         "silu", algorithm, "auto")
+        (yr * Ry).sum().backward()
+        out["ref"] = {"y": yr.detach(), "h": torch.zeros(()), "grads": {k: v.grad for k, v in full.items()}}
+    return out
+
+
 def cases_rank(rank, world, cases):
     """Every case on this rank, in order (one process start for all of them)."""
-    fns = {"ssd": ssd_rank, "scan": scan_rank}
+    fns = {"ssd": ssd_rank, "scan": scan_rank, "conv": conv_rank}
     return [fns[kind](rank, world, *args) for kind, args in cases]
 
 
 SSD_CASES = [("scalar", True), ("vector", False), ("none", True)]
 SCAN_CASES = [("plain", True, False), ("readout", False, True), ("discretized", True, False)]
+# (T, kernel taps, algorithm): Mamba's short depthwise conv; a kernel longer than a slice (its
+# halo spans several earlier ranks), by FFT
+CONV_CASES = [(64, 4, "direct"), (96, 70, "fft")]
 B, H, P, N = 1, 2, 4, 8  # the ssd operands' sizes (_ssd_operands)
 
 
@@ -130,6 +160,7 @@ def test_sequence_parallel_equals_one_device(world):
     """T = 4096 split evenly: every ssd and scan case equals the op on the whole sequence."""
     cases = [("ssd", (4096, decay, h0)) for decay, h0 in SSD_CASES]
     cases += [("scan", (4096, kind, h0, reverse)) for kind, h0, reverse in SCAN_CASES]
+    cases += [("conv", (T, Lk, algo)) for T, Lk, algo in CONV_CASES]
     cases += [("ssd", (512, "scalar", False))]  # the payload at another length
     per_rank = spawn(cases_rank, world, cases)
     results = [[r[i] for r in per_rank] for i in range(len(cases))]
@@ -145,6 +176,88 @@ def test_sequence_parallel_equals_one_device(world):
         shared = {"h0"} | ({"a"} if kind == "discretized" else set())   # Mamba's A is (D, 1, N): no time axis
         # a reversed scan's final state (the state at t = 0) is the first rank's
         _check(res, world, timed, shared, final_rank=0 if reverse else -1)
+    conv_results = results[len(SSD_CASES) + len(SCAN_CASES):-1]
+    for (T, Lk, algo), res in zip(CONV_CASES, conv_results):
+        _check(res, world, dict(y=-1, u=-1, gate=-1), shared={"k", "d", "bias"})
     # the collectives' payload does not depend on the sequence length
     # (case 0 and the last case are both scalar-decay ssd, at T = 4096 and T = 512)
     assert results[-1][0]["bytes"] == results[0][0]["bytes"], (results[-1][0]["bytes"], results[0][0]["bytes"])
+
+
+def mamba2_rank(rank, world, T):
+    """transformers' Mamba-2 (its torch path) compiled with option sequence_parallel on this rank's
+    slice of the tokens; rank 0 also runs the whole sequence eagerly in one process."""
+    import seqfuse
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                    expand=2, n_groups=2, state_size=16, chunk_size=16, conv_kernel=4,
+                                    use_cache=False)
+    model = transformers.Mamba2ForCausalLM(cfg)
+    tokens = torch.randint(0, 64, (2, T))
+    R = torch.randn(2, T, 64)
+    n = T // world
+    sl = slice(rank * n, (rank + 1) * n)
+    out = {}
+    if rank == 0:
+        ref = model(tokens, use_cache=False).logits
+        (ref * R).sum().backward()
+        out["ref"] = {"y": ref.detach(), "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+        model.zero_grad(set_to_none=True)
+
+    def logits(ids):
+        return model(ids, use_cache=False).logits
+    report = seqfuse.explain(logits, tokens[:, sl], options={"downstream": "aot_eager",
+                                                             "sequence_parallel": {"group": None}})
+    (report.output * R[:, sl]).sum().backward()
+    out["y"] = report.output.detach()
+    out["grads"] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    out["counts"] = {kind: report.count(kind) for kind in ("ssd", "long_conv")}
+    return out
+
+
+def test_mamba2_sequence_parallel_equals_one_process():
+    """Each of 2 ranks holds half of the tokens; the compiled model's logits and the sum over ranks of
+    every parameter's gradient equal one process on the whole sequence (the causal conv1d reads
+    its halo from the previous rank, the SSD its incoming state)."""
+    pytest.importorskip("transformers")
+    results = spawn(mamba2_rank, 2, 64)   # two chunks of 16 per rank
+    ref = results[0]["ref"]
+    for r in results:
+        assert r["counts"] == {"ssd": 2, "long_conv": 2}, r["counts"]
+    assert rel(torch.cat([r["y"] for r in results], dim=1), ref["y"]) < 1e-5
+    for k, g in ref["grads"].items():
+        got = sum(r["grads"][k] for r in results)
+        assert rel(got, g) < 1e-5, f"gradient of {k}: relative error {rel(got, g):.3g}"
+
+
+def attention_rank(rank, world):
+    import seqfuse
+
+    def attend(q, k, v):
+        s = (q @ k.transpose(-2, -1)).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ v
+    q = torch.randn(1, 2, 8, 4)
+    try:
+        torch.compile(attend, backend="seqfuse", options={"sequence_parallel": {"group": None}})(q, q, q)
+    except Exception as exc:  # Dynamo wraps the backend's error
+        return f"{type(exc).__name__}: {exc}"
+    return "compiled"
+
+
+def test_attention_under_sequence_parallel_is_refused_clearly():
+    for message in spawn(attention_rank, 2):
+        assert "sequence_parallel" in message and "attention op at" in message and "not supported" in message, \
+            message
+
+
+def test_option_errors_name_the_problem():
+    from seqfuse.compiler.options import Options
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="init_process_group"):
+            Options.from_dict({"sequence_parallel": {"group": None}})
+    with pytest.raises(ValueError, match="'sequence_parallel' must be None or a dict"):
+        Options.from_dict({"sequence_parallel": {"grop": None}})
+    with pytest.raises(ValueError, match="'sequence_parallel' must be None or a dict"):
+        Options.from_dict({"sequence_parallel": True})
+    assert Options.from_dict({}).sequence_parallel is None
