@@ -99,7 +99,7 @@ def hand_written(r, seed, triton):
     three_d = spelling in ("bmm", "baddbmm")
 
     def per_key(t):
-        \"\"\"A (B, Lk) key mask broadcast over the scores: (B, 1, 1, Lk), or (B·H, 1, Lk) for bmm.\"\"\"
+        """A (B, Lk) key mask broadcast over the scores: (B, 1, 1, Lk), or (B·H, 1, Lk) for bmm."""
         return t.repeat_interleave(H, 0)[:, None, :] if three_d else t[:, None, None, :]
 
     def fn(q, k, v, *rest):
