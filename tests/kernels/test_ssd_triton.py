@@ -354,6 +354,7 @@ def test_ssd_vector_backward_compiles_for_a_gpu_without_one(tmp_path):
     import re
     out = compile_offline(_OFFLINE_COMPILE, tmp_path)
     spills = re.search(r"spill stores (\d+)", out)
-    # ptxas -v, sm_90, this triton: 348 bytes at (16, 64, 32, 8 warps); BLOCK_N = 64 spills over 1 KB
+    # ptxas -v, sm_90, this triton: 204 bytes at (16, 64, 16, 8 warps) (564 at BLOCK_N = 32 since the
+    # reset-exact log-decay counts; 348 before them); BLOCK_N = 64 spills over 1 KB
     assert spills is None or int(spills.group(1)) <= 512, out
 

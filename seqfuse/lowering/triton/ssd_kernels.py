@@ -51,6 +51,18 @@ def _sum_combine(x, y):
 
 
 @triton.jit
+def _log_cum(a):
+    """Cumulative log-decays along axis 0 that keep a log-decay of -inf (exp(-inf) = 0: a reset, as
+    the program's loop computes it) exact: (cum, last) sum the finite ones, (ncum, nlast) count the
+    -inf ones.  A segment sum is then -inf when a reset lies inside it, never -inf - (-inf) = NaN."""
+    neg = a == float("-inf")
+    fin = tl.where(neg, 0.0, a)
+    cnt = tl.where(neg, 1.0, 0.0)
+    return (tl.associative_scan(fin, 0, _sum_combine), tl.reduce(fin, 0, _sum_combine),
+            tl.associative_scan(cnt, 0, _sum_combine), tl.reduce(cnt, 0, _sum_combine))
+
+
+@triton.jit
 def ssd_chunked_fwd_kernel(
         X, Bm, Cm, A, D, H0, Y, HT,
         T, H, P, N,
@@ -111,29 +123,31 @@ def ssd_chunked_fwd_kernel(
         elif DECAY == 1:
             # phase 2 (scalar): cumulative log-decay from the chunk start, and over the whole chunk
             a = tl.load(a_ptr + t * SAT, mask=mask_t, other=0.0).to(tl.float32)
-            cum = tl.associative_scan(a, 0, _sum_combine)                # (l,)
-            last = tl.reduce(a, 0, _sum_combine)
-            seg = tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))
+            #          (a -inf log-decay, a reset, counted apart: _log_cum)
+            cum, last, ncum, nlast = _log_cum(a)                         # (l,), (), (l,), ()
+            seg = tl.where(causal & (ncum[:, None] == ncum[None, :]), cum[:, None] - cum[None, :], float("-inf"))
             scores = tl.dot(c, tl.trans(b), input_precision=PRECISION) * tl.exp(seg)
             # phase 3: intra-chunk output + the entering state read out, decayed to step l
             y = tl.dot(scores, x, input_precision=PRECISION)
-            y += tl.dot(c, tl.trans(S), input_precision=PRECISION) * tl.exp(cum)[:, None]
+            y += tl.dot(c, tl.trans(S), input_precision=PRECISION) * tl.exp(tl.where(ncum > 0, float("-inf"), cum))[:, None]
             # phase 4: the state after the chunk: inputs decayed to the chunk's end
-            w = tl.exp(last - cum)
-            S = S * tl.exp(last) + tl.dot(tl.trans(x * w[:, None]), b, input_precision=PRECISION)
+            w = tl.exp(tl.where(nlast > ncum, float("-inf"), last - cum))
+            S = S * tl.exp(tl.where(nlast > 0, float("-inf"), last)) + tl.dot(tl.trans(x * w[:, None]), b,
+                                                                              input_precision=PRECISION)
         else:
             # phase 2 (vector): cum (l, n) per key dim; scores by the exact (l, s, n) product
             a = tl.load(a_ptr + t[:, None] * SAT + offs_n[None, :] * SAN, mask=mtn, other=0.0).to(tl.float32)
-            cum = tl.associative_scan(a, 0, _sum_combine)                # (l, n)
-            last = tl.reduce(a, 0, _sum_combine)                         # (n,)
-            seg = tl.where(causal[:, :, None], cum[:, None, :] - cum[None, :, :], float("-inf"))
+            cum, last, ncum, nlast = _log_cum(a)                         # (l, n), (n,), (l, n), (n,)
+            seg = tl.where(causal[:, :, None] & (ncum[:, None, :] == ncum[None, :, :]),
+                           cum[:, None, :] - cum[None, :, :], float("-inf"))
             scores = tl.reduce(c[:, None, :] * tl.exp(seg) * b[None, :, :], 2, _sum_combine)
             # phase 3: intra-chunk output + the entering state read out with c ⊙ exp(cum)
             y = tl.dot(scores, x, input_precision=PRECISION)
-            y += tl.dot(c * tl.exp(cum), tl.trans(S), input_precision=PRECISION)
+            y += tl.dot(c * tl.exp(tl.where(ncum > 0, float("-inf"), cum)), tl.trans(S), input_precision=PRECISION)
             # phase 4: the state after the chunk, decayed per key dim
-            S = S * tl.exp(last)[None, :] + tl.dot(tl.trans(x), b * tl.exp(last[None, :] - cum),
-                                                   input_precision=PRECISION)
+            tail = tl.where(nlast[None, :] > ncum, float("-inf"), last[None, :] - cum)
+            S = S * tl.exp(tl.where(nlast > 0, float("-inf"), last))[None, :] + \
+                tl.dot(tl.trans(x), b * tl.exp(tail), input_precision=PRECISION)
 
         # phase 5: the skip, and the chunk's output
         if HAS_D:
@@ -198,10 +212,10 @@ def ssd_chunked_bwd_kernel(
                     other=0.0).to(tl.float32)
         if DECAY == 1:
             a = tl.load(a_ptr + t * SAT, mask=mask_t, other=0.0).to(tl.float32)
-            cum = tl.associative_scan(a, 0, _sum_combine)
-            last = tl.reduce(a, 0, _sum_combine)
-            w = tl.exp(last - cum)
-            S = S * tl.exp(last) + tl.dot(tl.trans(x * w[:, None]), b, input_precision=PRECISION)
+            cum, last, ncum, nlast = _log_cum(a)
+            w = tl.exp(tl.where(nlast > ncum, float("-inf"), last - cum))
+            S = S * tl.exp(tl.where(nlast > 0, float("-inf"), last)) + tl.dot(tl.trans(x * w[:, None]), b,
+                                                                              input_precision=PRECISION)
         else:
             S += tl.dot(tl.trans(x), b, input_precision=PRECISION)
     tl.debug_barrier()  # the checkpoints are read back below
@@ -224,12 +238,12 @@ def ssd_chunked_bwd_kernel(
         # phase 2a: the chunk's decays (ones without decay)
         if DECAY == 1:
             a = tl.load(a_ptr + t * SAT, mask=mask_t, other=0.0).to(tl.float32)
-            cum = tl.associative_scan(a, 0, _sum_combine)
-            last = tl.reduce(a, 0, _sum_combine)
-            Lm = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-            E = tl.exp(cum)
-            w = tl.exp(last - cum)
-            g_last = tl.exp(last)
+            cum, last, ncum, nlast = _log_cum(a)
+            Lm = tl.exp(tl.where(causal & (ncum[:, None] == ncum[None, :]), cum[:, None] - cum[None, :],
+                                 float("-inf")))
+            E = tl.exp(tl.where(ncum > 0, float("-inf"), cum))
+            w = tl.exp(tl.where(nlast > ncum, float("-inf"), last - cum))
+            g_last = tl.exp(tl.where(nlast > 0, float("-inf"), last))
         else:
             Lm = tl.where(causal, 1.0, 0.0)
             E = tl.full((BLOCK_T,), 1.0, tl.float32)
@@ -346,10 +360,10 @@ def ssd_vector_bwd_kernel(
                     other=0.0).to(tl.float32)
         b = tl.load(b_ptr + t[:, None] * SBT + offs_n[None, :] * SBN, mask=mtn, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + t[:, None] * SAT + offs_n[None, :] * SAN, mask=mtn, other=0.0).to(tl.float32)
-        cum = tl.associative_scan(a, 0, _sum_combine)                    # (l, n)
-        last = tl.reduce(a, 0, _sum_combine)                             # (n,)
-        S = S * tl.exp(last)[None, :] + tl.dot(tl.trans(x), b * tl.exp(last[None, :] - cum),
-                                               input_precision=PRECISION)
+        cum, last, ncum, nlast = _log_cum(a)                             # (l, n), (n,), (l, n), (n,)
+        tail = tl.where(nlast[None, :] > ncum, float("-inf"), last[None, :] - cum)
+        S = S * tl.exp(tl.where(nlast > 0, float("-inf"), last))[None, :] + \
+            tl.dot(tl.trans(x), b * tl.exp(tail), input_precision=PRECISION)
     tl.debug_barrier()  # the checkpoints are read back below
 
     # phase 2: chunks last to first; dS is ∂L/∂(state tile after the chunk)
@@ -369,12 +383,12 @@ def ssd_vector_bwd_kernel(
         dy = tl.load(DY + dy_off, mask=mtp, other=0.0).to(tl.float32)
         S_in = tl.load(ck_ptr + k * P * N, mask=mpn, other=0.0)
         # phase 2a: the chunk's decays, every exponent <= 0 (L masked on the exponent before exp)
-        cum = tl.associative_scan(a, 0, _sum_combine)                    # (l, n)
-        last = tl.reduce(a, 0, _sum_combine)                             # (n,)
-        E = tl.exp(cum)
-        w = tl.exp(last[None, :] - cum)
-        g_last = tl.exp(last)
-        Lm = tl.exp(tl.where(causal[:, :, None], cum[:, None, :] - cum[None, :, :], float("-inf")))  # (l, s, n)
+        cum, last, ncum, nlast = _log_cum(a)                             # (l, n), (n,), (l, n), (n,)
+        E = tl.exp(tl.where(ncum > 0, float("-inf"), cum))
+        w = tl.exp(tl.where(nlast[None, :] > ncum, float("-inf"), last[None, :] - cum))
+        g_last = tl.exp(tl.where(nlast > 0, float("-inf"), last))
+        Lm = tl.exp(tl.where(causal[:, :, None] & (ncum[:, None, :] == ncum[None, :, :]),
+                             cum[:, None, :] - cum[None, :, :], float("-inf")))  # (l, s, n)
         # phase 2b: the entering state's readout y_off = (c ⊙ E)·S_inᵀ
         dc = tl.dot(dy, S_in, input_precision=PRECISION) * E                  # (l, n)
         dS_read = tl.dot(tl.trans(dy), c * E, input_precision=PRECISION)      # (p, n)
