@@ -36,3 +36,97 @@ def test_backend_works_without_importing_seqfuse(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK")
+
+
+ISOLATED = textwrap.dedent("""
+    import importlib.metadata
+    import sys
+
+    import torch
+
+    # the installed distribution's metadata (and so its entry point) must not be what works here
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert "seqfuse" not in eps.names, eps
+    try:
+        importlib.metadata.version("seqfuse")
+        raise AssertionError("seqfuse's installed metadata is visible")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+
+    import seqfuse
+    assert seqfuse.__file__.startswith(sys.argv[1]), seqfuse.__file__   # the copy, not the checkout
+
+    def f(x, y):
+        return torch.softmax(x @ y.transpose(-2, -1), dim=-1) @ y
+
+    x, y = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)
+    out = torch.compile(f, backend="seqfuse", options={"downstream": "eager"})(x, y)
+    torch.testing.assert_close(out, f(x, y))
+    assert seqfuse.counters()["attention"]["aten"] == 1, seqfuse.counters()
+    # backend=seqfuse.backend is the same function
+    out = torch.compile(f, backend=seqfuse.backend, options={"downstream": "eager"})(x, y)
+    torch.testing.assert_close(out, f(x, y))
+    print("OK")
+""")
+
+
+def _isolated_env(tmp_path):
+    """A copy of seqfuse/ and a directory of links to site-packages' entries other than seqfuse's
+    (its dist-info with the entry point, its editable finder and .pth): with ``python -S`` (no site
+    processing) and these two on PYTHONPATH, seqfuse is a plain package on the path, as in a checkout
+    that was never pip-installed."""
+    import shutil
+    import site
+
+    import seqfuse
+    src = tmp_path / "src"
+    shutil.copytree(os.path.dirname(seqfuse.__file__), src / "seqfuse",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    farm = tmp_path / "site"
+    farm.mkdir()
+    for sp in site.getsitepackages():
+        for entry in os.listdir(sp):
+            if "seqfuse" in entry.lower() or entry.endswith(".pth") or (farm / entry).exists():
+                continue
+            (farm / entry).symlink_to(os.path.join(sp, entry))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONPATH=f"{src}{os.pathsep}{farm}", PYTHONNOUSERSITE="1", SEQFUSE_STRICT="1", OMP_NUM_THREADS="1")
+    return src, env
+
+
+def test_import_registers_the_backend_without_installed_metadata(tmp_path):
+    src, env = _isolated_env(tmp_path)
+    proc = subprocess.run([sys.executable, "-S", "-c", ISOLATED, str(src)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("OK")
+
+
+ORDERS = textwrap.dedent("""
+    import torch
+    import torch._dynamo
+
+    def f(x):
+        return x.sin()
+
+    x = torch.randn(3)
+    if sys.argv[1] == "discovered_first":   # Dynamo has read the entry points before seqfuse is imported
+        torch.compile(f, backend="eager")(x)
+        torch._dynamo.list_backends()
+    import seqfuse
+    import importlib
+    importlib.reload(seqfuse)                # a second registration is a no-op
+    out = torch.compile(f, backend="seqfuse", options={"downstream": "eager"})(x)
+    torch.testing.assert_close(out, x.sin())
+    assert "seqfuse" in torch._dynamo.list_backends()
+    print("OK")
+""")
+
+
+def test_import_registration_and_entry_point_do_not_clash(tmp_path):
+    env = {**os.environ, "SEQFUSE_STRICT": "1", "OMP_NUM_THREADS": "1"}
+    for order in ("imported_first", "discovered_first"):
+        proc = subprocess.run([sys.executable, "-c", "import sys\n" + ORDERS, order], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (order, proc.stderr[-3000:])
+        assert proc.stdout.strip().endswith("OK"), order
