@@ -114,9 +114,15 @@ def _reference_forward(x, b, c, a, d, h0, attrs):
 
 
 def _reference_backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
-    if attrs["algorithm"] == "chunked":  # the chunked algorithm's own adjoint, written out
+    finite = all(t is None or bool(torch.isfinite(t).all()) for t in (grad_y, grad_h, x, b, c, a, d, h0))
+    if attrs["algorithm"] == "chunked" and finite:  # the chunked algorithm's own adjoint, written out
         return ssd_chunked_backward(grad_y, grad_h, x, b, c, a, d, h0, decay=attrs["decay"], chunk=attrs["chunk"],
                                     needs=attrs["needs"])
+    if not finite:
+        # an inf input at a reset step (exp(-inf) = 0): the adjoints' cumulative sums meet inf - inf
+        # (NaN) where the program's loop has a finite gradient; the recurrence differentiated step
+        # by step keeps the program's NaN rules (docs/reliability.md, "NaN and inf")
+        attrs = dict(attrs, algorithm="recurrent")
 
     # the others (short sequences): the adjoint by differentiating the reference again, through
     # Σ <out, grad_out> over the results that depend on a wanted operand (the final state does not

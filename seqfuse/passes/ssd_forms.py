@@ -48,6 +48,28 @@ aten = torch.ops.aten
 MAX_MASK_ELEMENTS = 1 << 24
 
 
+
+def _check_mask_precision(roles) -> None:
+    """Refuse a decay mask computed in a narrower floating dtype than the product it weighs (an fp32
+    γ^(i-j) cast to fp64 for fp64 q, k, v): the program rounds the mask's values to that dtype, the
+    op computes the decays in the product's precision (a difference of ~1e-8 in an fp64 result)."""
+    dtype = torch.promote_types(torch.promote_types(val(roles.x[0]).dtype, val(roles.b[0]).dtype),
+                                val(roles.c[0]).dtype)
+    if not dtype.is_floating_point:
+        return
+    eps = torch.finfo(dtype).eps
+    seen, stack = set(), [leaf[0] for leaf in roles.pos]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and torch.finfo(v.dtype).eps > eps:
+            raise NoMatch(f"the decay mask is computed in {str(v.dtype).replace('torch.', '')}, narrower than the "
+                          f"product's {str(dtype).replace('torch.', '')}: the program rounds its values")
+        stack.extend(n.all_input_nodes)
+
 class _Silent(Exception):
     """Not the shape of a quadratic form at all: no near miss."""
 
@@ -504,6 +526,7 @@ class SSDFormsPass(Pass):
         if log is not None:
             masks += log.zero
         decay = self._check(gm, roles, masks, log, sizes_i)
+        _check_mask_precision(roles)
         return term, roles, decay
 
     def _check(self, gm, roles, masks, log, t_size):

@@ -220,3 +220,56 @@ def test_the_rule_refuses_a_vanished_nan():
     problem, *_ = containment_nan_rule(torch.tensor([1.0, 2.0, 3.0]), prog, prog.double(),
                                        {"inputs_finite": False, "replaced": (z0, z1, z0.float())})
     assert problem and "vanished" in problem
+
+
+# --- fuzzer finding: a decay mask computed in a narrower dtype than the product ------------------
+# RetNet's γ^(i-j) mask built in fp32 and cast to fp64 for fp64 q, k, v: the program's decays are
+# fp32-rounded, the lifted ssd computed them exactly (2e-8 off an fp64 result, where eager is exact).
+
+def retention_fp32_mask(q, k, v):
+    h, t = q.shape[1], q.shape[2]
+    gamma = 1 - 2.0 ** (-5.0 - torch.arange(h, dtype=torch.float32))
+    n = torch.arange(t, dtype=torch.float32)
+    decay = torch.pow(gamma.view(-1, 1, 1), n[:, None] - n[None, :]) * (n[:, None] >= n[None, :])
+    return (q @ k.mT * decay.to(q.dtype)) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_decay_mask_narrower_than_the_product_is_a_near_miss(dtype):
+    q, k, v = (torch.randn(2, 3, 30, 4, dtype=dtype, requires_grad=True) for _ in range(3))
+    bound = 1e-12 if dtype == torch.float64 else None
+    report = check_against_eager(retention_fp32_mask, q, k, v, bound=bound)
+    if dtype == torch.float64:
+        assert report.count("ssd") == 0, str(report)
+        assert any("narrower than the product" in m.reason for m in report.near_misses), str(report)
+    else:
+        assert report.count("ssd") == 1, str(report)
+
+
+# --- fuzzer finding: an infinite input at a reset step, through the chunked adjoint --------------
+# Mamba-2 with dt = +inf at one step: exp(dt·A) = 0 resets the state and dt·x is infinite there.
+# The program's gradients of dt at the other steps are finite; the chunked adjoint's cumulative
+# sums met inf - inf and made them NaN (docs/reliability.md, "NaN and inf", rule 3).
+
+def mamba2_recurrent(x, dt, A, Bm, C):
+    dA = torch.exp(dt * A)
+    h = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], Bm.shape[-1])
+    ys = []
+    for t in range(x.shape[1]):
+        h = h * dA[:, t, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, None, None, :]
+        ys.append(torch.einsum("bhpn,bn->bhp", h, C[:, t]))
+    return torch.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("algo,runtime", [("chunked", "auto"), ("quadratic", "auto"), ("recurrent", "eager")])
+def test_infinite_input_at_a_reset_step_keeps_finite_gradients(algo, runtime):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 11, 2, 5, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(1, 11, 2, generator=g))
+    dt[0, 6, 1] = torch.inf
+    A = -torch.rand(2, generator=g) - 0.1
+    Bm, C = torch.randn(1, 11, 6, generator=g), torch.randn(1, 11, 6, generator=g)
+    args = tuple(t.requires_grad_() for t in (x, dt, A, Bm, C))
+    o = run_case(Case("ssd", "mamba2_inf_dt", mamba2_recurrent, args, "ssd", {"algorithm": {"ssd": algo},
+                                                                            "runtime": runtime}, 0))
+    assert o.status == "ok", o.detail
