@@ -17,6 +17,7 @@ Implementations, one per runtime path, are registered with the dispatcher:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -113,8 +114,35 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 # --- implementations, one per runtime path ---------------------------------
 
+def _is_sdpa_call(q, k, v, bias, keep, scale=None, mask="none", diag=0, window=0, fill=-math.inf,
+                  bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0, empty_rows="nan") -> bool:
+    """Whether the op is a lifted ``F.scaled_dot_product_attention`` call that SDPA can run as written
+    (``empty_rows="zero"`` is set only by the lift, which keeps the program's mask tensor and is_causal)."""
+    return (empty_rows == "zero" and dropout == 0.0 and softcap is None and fill == -math.inf
+            and not bias_after_mask and mask in ("none", "causal") and diag == 0 and q.dim() >= 3
+            and q.dim() == k.dim() == v.dim() and (mask == "none" or (bias is None and keep is None)))
+
+
+def _nonfinite(q, k, v, bias) -> bool:
+    bad = lambda x: not bool(torch.isfinite(x).all())  # noqa: E731
+    return bad(q) or bad(k) or bad(v) or (bias is not None and bool((bias.isnan() | (bias == math.inf)).any()))
+
+
+def eager_attention(q, k, v, bias=None, keep=None, **attrs):
+    """The eager path (out only): the reference, except for a lifted SDPA call with a NaN or inf
+    input, which runs SDPA itself: the program's SDPA decides where such values reach (its CPU
+    kernels skip or add masked keys' scores), and no other formula reproduces that."""
+    if _is_sdpa_call(q, k, v, bias, keep, **attrs) and _nonfinite(q, k, v, bias):
+        return aten_attention.attention_sdpa(q, k, v, bias, keep, **attrs)
+    return attention_reference(q, k, v, bias, keep, **attrs)
+
+
 def _reference_forward(q, k, v, bias, keep, a):
-    return attention_reference(q, k, v, bias, keep, return_lse=True, **{n: a[n] for n in ATTR_NAMES})
+    attrs = {n: a[n] for n in ATTR_NAMES}
+    out, lse = attention_reference(q, k, v, bias, keep, return_lse=True, **attrs)
+    if _is_sdpa_call(q, k, v, bias, keep, **attrs) and _nonfinite(q, k, v, bias):
+        out = aten_attention.attention_sdpa(q, k, v, bias, keep, **attrs)
+    return out, lse
 
 
 def _recompute_backward(fn):
@@ -158,7 +186,7 @@ def _aten_supports(t: dict, a: dict) -> str | None:
 
 
 register_impl("attention", Impl("eager", lambda t, a: None, _reference_forward,
-                                _recompute_backward(attention_reference)))
+                                _recompute_backward(eager_attention)))
 register_impl("attention", Impl("aten", _aten_supports, aten_attention.forward, _aten_backward))
 
 # the generated Triton kernels, tried first (its ``supports`` refuses when triton cannot run the call)

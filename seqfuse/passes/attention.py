@@ -644,12 +644,10 @@ class AttentionPass(Pass):
         mask_kind, diag, window = ("causal", 0, 0) if is_causal else ("none", 0, 0)
         keep = bias = None
         if attn_mask is not None:
+            # the mask stays a tensor even when it depends only on sizes: SDPA adds it (a NaN or +inf
+            # score at a masked key stays NaN), which a structural mask that replaces scores would not
             is_bool = val(attn_mask).dtype == torch.bool
-            layout = _Layout([*val(q).shape[:-1], val(k).shape[-2]], list(range(rank(q))))
-            structural = _structural(gm, [(attn_mask, not is_bool)], layout) if is_shape_only(attn_mask) else None
-            if structural is not None and not is_causal:
-                mask_kind, diag, window = structural
-            elif is_bool:
+            if is_bool:
                 keep = attn_mask
             else:
                 bias = attn_mask

@@ -309,3 +309,45 @@ def test_sdpa_is_causal_with_different_lengths_is_left_to_sdpa(lq, lk):
     report = compare(sdpa_causal, q, k, v)
     assert report.count("attention") == 0
     assert any("is_causal" in n.reason for n in report.near_misses)
+
+
+def test_bf16_nan_rows_as_the_programs_gemm_spreads_them():
+    # CPU bf16 GEMMs spread a NaN row of p to the row packed with it: the program's NaN positions
+    # (outputs and gradients) are the contract, so with NaN inputs the reference multiplies in bf16
+    torch.manual_seed(11)
+    q, k = torch.randn(1, 1, 41, 8, dtype=torch.bfloat16), torch.randn(1, 1, 53, 8, dtype=torch.bfloat16)
+    v = torch.randn(1, 1, 53, 7, dtype=torch.bfloat16)
+    q[0, 0, 4, 5] = math.nan
+    keep = torch.zeros(1, 53, dtype=torch.bool)
+    keep[0, :20] = True
+
+    def fn(q, k, v, keep):
+        s = (q @ k.mT * 0.35).masked_fill(~keep[:, None, None, :], float("-inf"))
+        return F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    v.requires_grad_()
+    report = compare(fn, q, k, v, keep)
+    assert report.count("attention") == 1
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_sdpa_with_nonfinite_keys_follows_sdpa(value):
+    # SDPA's own kernels decide where a NaN / inf reaches (outputs and gradients): the eager path of
+    # a lifted SDPA call with such inputs runs SDPA
+    torch.manual_seed(12)
+    q = torch.randn(1, 4, 32, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 62, 8), torch.randn(1, 2, 62, 8, requires_grad=True)
+    k[0, 1, 7, 3] = value
+    k.requires_grad_()
+    report = compare(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), q, k, v)
+    assert report.count("attention") == 1
+    assert refused("NaN or inf")
+
+
+def test_sdpa_shape_only_mask_stays_a_tensor():
+    def fn(q, k, v):
+        l = q.shape[-2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(l, l, dtype=torch.bool).tril())
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    k[0, 0, 5, 0] = math.nan  # masked for rows 0..4 by SDPA's additive mask: NaN there anyway
+    report = compare(fn, q, k, v)
+    assert "keep=%" in report.rewrites[0].ir

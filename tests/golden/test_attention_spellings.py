@@ -624,7 +624,7 @@ def sdpa_scale(q, k, v):
     (sdpa_causal, False, ["mask=causal", "scale=none"]),
     (sdpa_bool_mask, True, ["keep=%", "mask=none"]),
     (sdpa_float_mask, True, ["bias=%", "mask=none"]),
-    (sdpa_shape_only_mask, False, ["mask=causal"]),
+    (sdpa_shape_only_mask, False, ["keep=%", "mask=none"]),  # SDPA adds its mask: NaN semantics
     (sdpa_scale, False, ["scale=0.2", "mask=none"]),
 ], ids=["is_causal", "bool_mask", "float_mask", "shape_only_mask", "scale"])
 def test_sdpa(fn, extra, expect):

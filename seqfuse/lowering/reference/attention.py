@@ -28,7 +28,15 @@ def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none
     # 2. scores s[i, j] = scale · Σ_d q[i, d] k[j, d], accumulated in at least fp32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
+    # with a NaN / inf among 16-bit inputs the two products run in their dtype, as the program's do:
+    # CPU GEMMs for bf16/fp16 spread a NaN row to the rows packed with it (forward and backward),
+    # and the program's NaN positions are the contract
+    as_program = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype and \
+        not bool(torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all())
+    if as_program:
+        s = torch.matmul(q, k.transpose(-2, -1)).to(acc) * scale
+    else:
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
     # 3. logit soft-capping
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
@@ -60,5 +68,8 @@ def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none
     if dropout > 0.0:
         p = F.dropout(p, dropout, training=True)
     # 7. out[i, e] = Σ_j p[i, j] v[j, e]
-    out = torch.matmul(p, v.to(acc)).to(v.dtype)
+    if as_program:
+        out = torch.matmul(p.to(v.dtype), v)
+    else:
+        out = torch.matmul(p, v.to(acc)).to(v.dtype)
     return (out, lse) if return_lse else out
