@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 from seqfuse import ir  # noqa: E402
 from seqfuse.compiler import (GraphReport, NearMiss, Options, Report, Rewrite, VerificationError,  # noqa: E402
                               explain, seqfuse_backend)
-from seqfuse.compiler import log as _log  # noqa: E402
+from seqfuse import log as _log  # noqa: E402
 from seqfuse.passes import Pass, PassContext, register_pass, registered_passes, unregister_pass  # noqa: E402
 from seqfuse.runtime import counters, fallbacks, reset_counters  # noqa: E402
 

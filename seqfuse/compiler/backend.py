@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
 import torch.fx
 
+from seqfuse import log
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.canonicalize import Untraceable
 from seqfuse.compiler.pipeline import run_pipeline
@@ -94,5 +96,10 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         report.add_near_miss("pipeline", f"{type(exc).__name__}: {exc}")
         rewritten = gm
     publish(report)
+    start = time.perf_counter()
     compiled = compile_downstream(rewritten, example_inputs, opts.downstream, mode)
+    report.downstream_seconds = time.perf_counter() - start
+    log.pipeline.debug("graph: %d rewrite(s), %d near miss(es); seqfuse %.3f s, downstream %s %.3f s",
+                       len(report.rewrites), len(report.near_misses), sum(report.seconds.values()),
+                       opts.downstream, report.downstream_seconds)
     return verifying(compiled, gm) if opts.verify else compiled

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.fx
 
+from seqfuse import log
 from seqfuse.compiler.canonicalize import normalize_contractions, normalize_masks, trace_pre_dispatch
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.report import GraphReport
@@ -29,7 +30,8 @@ class _Dumper:
                 n += 1
             self.prefix = f"g{n}"
 
-    def __call__(self, stage: str, text: str | torch.fx.Graph) -> None:
+    def __call__(self, stage: str, text: str | torch.fx.Graph, dot: torch.fx.Graph | None = None) -> None:
+        """Write ``<prefix>_<step>_<stage>.txt``; with ``dot``, also that graph as ``.dot`` beside it."""
         if not self.dir:
             return
         if isinstance(text, torch.fx.Graph):
@@ -38,7 +40,41 @@ class _Dumper:
         with open(path, "w") as f:
             f.write(text)
         self.report.dumps.append(path)
+        if dot is not None:
+            dot_path = path[:-len(".txt")] + ".dot"
+            with open(dot_path, "w") as f:
+                f.write(graph_to_dot(dot, name=f"{self.prefix}_{stage}"))
+            self.report.dumps.append(dot_path)
         self.step += 1
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def graph_to_dot(graph: torch.fx.Graph, name: str = "seqfuse") -> str:
+    """The graph as graphviz ``dot`` text (no graphviz needed to write it; render it with
+    ``dot -Tsvg file.dot -o file.svg``): one box per node, an edge per use, IR ops filled orange
+    with their kind and algorithm, inputs and outputs grey."""
+    lines = [f"digraph {_dot_quote(name)} {{", "  rankdir=TB;",
+             '  node [shape=box, fontname="monospace", fontsize=10, style=filled, fillcolor=white];']
+    ids = {node: f"n{i}" for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        op = ir_of(node)
+        if op is not None:
+            label = f"{node.name}\nseqfuse.{op.kind}\nalgo={op.algorithm}"
+            attrs = 'fillcolor="#f4a460", penwidth=2'
+        elif node.op in ("placeholder", "output", "get_attr"):
+            label, attrs = f"{node.op}: {node.name}", 'fillcolor="#dddddd"'
+        else:
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            label, attrs = f"{node.name}\n{target}", "fillcolor=white"
+        lines.append(f"  {ids[node]} [label={_dot_quote(label)}, {attrs}];")
+    for node in graph.nodes:
+        for user in node.users:
+            lines.append(f"  {ids[node]} -> {ids[user]};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 @contextmanager
@@ -47,7 +83,9 @@ def _timed(report: GraphReport, stage: str):
     try:
         yield
     finally:
-        report.seconds[stage] = report.seconds.get(stage, 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        report.seconds[stage] = report.seconds.get(stage, 0.0) + seconds
+        log.pipeline.debug("%s took %.3f s", stage, seconds)
 
 
 def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
@@ -90,9 +128,10 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         op = ir_of(node)
         if op is not None:
             text = format_op(op, node.name)
+            log.select.debug("%s %s: algorithm %s", op.kind, node.name, op.algorithm)
             report.add_rewrite(op.kind, text, node, op.algorithm)
             ir_lines.append(text)
-    dump("ir", "\n".join(ir_lines) + "\n")
+    dump("ir", "\n".join(ir_lines) + "\n", dot=canon.graph)
     # 6. Lower last: IR nodes become calls of the seqfuse custom ops, with the
     #    runtime path choice baked in as an argument.
     with _timed(report, "lower"):

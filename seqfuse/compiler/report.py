@@ -1,17 +1,20 @@
 """What a compile found: rewrites, near misses, and the runtime paths that ran.
 
 The backend fills one :class:`GraphReport` per captured graph; every
-:class:`Report` collecting at that moment (``seqfuse.explain`` opens one)
-receives it.
+:class:`Report` collecting at that moment in the same context (``seqfuse.explain``
+opens one) receives it.  Collection is context-local (a ``contextvars.ContextVar``):
+two ``explain`` calls in two threads (or asyncio tasks) each get only their own graphs.
 """
 from __future__ import annotations
 
+import contextvars
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch.fx
 
+from seqfuse import log
 from seqfuse.ir.ops import KINDS
 
 
@@ -59,14 +62,21 @@ class GraphReport:
     dumps: list[str] = field(default_factory=list)
     #: seconds spent in each pipeline stage (trace, each pass, select, lower), in order
     seconds: dict[str, float] = field(default_factory=dict)
+    #: seconds the downstream compiler (inductor, ...) took on the rewritten graph, as the backend
+    #: saw it (inductor may defer part of its work, e.g. the backward, to a later call)
+    downstream_seconds: float = 0.0
 
     def add_rewrite(self, kind: str, ir: str, node: torch.fx.Node | None = None, algorithm: str = "-") -> None:
         """Record a rewrite of kind ``kind``, printed as ``ir``, at ``node``'s source location."""
-        self.rewrites.append(Rewrite(kind, ir, location_of(node), algorithm))
+        rewrite = Rewrite(kind, ir, location_of(node), algorithm)
+        self.rewrites.append(rewrite)
+        log.passes.info("rewrote %s at %s (algorithm %s): %s", kind, rewrite.location, algorithm, ir)
 
     def add_near_miss(self, kind: str, reason: str, node: torch.fx.Node | None = None) -> None:
         """Record that a ``kind`` candidate at ``node`` was left alone because of ``reason``."""
-        self.near_misses.append(NearMiss(kind, reason, location_of(node)))
+        miss = NearMiss(kind, reason, location_of(node))
+        self.near_misses.append(miss)
+        log.passes.info("near miss: %s at %s left alone: %s", kind, miss.location, reason)
 
 
 class Report:
@@ -81,6 +91,11 @@ class Report:
         self.graphs: list[GraphReport] = []
         self.runtime: dict[str, dict[str, int]] = {}
         self.fallbacks: dict[str, dict[str, int]] = {}
+        #: where the first call's time went (filled by ``seqfuse.explain``): "first_call" (wall time of
+        #: the call that compiled), "dynamo" (capturing the graphs, guards, bytecode: Dynamo's
+        #: own share), "seqfuse" (the pipeline: sum of ``seconds``), "downstream" (inductor / aot_eager
+        #: / eager on the rewritten graphs); "dynamo" is None where torch does not report it
+        self.compile_seconds: dict[str, float | None] = {}
 
     @property
     def rewrites(self) -> list[Rewrite]:
@@ -129,6 +144,10 @@ class Report:
             lines.append("paths not taken:")
             lines += _table(["op", "calls", "reason"],
                             [[k, str(n), r] for k, rs in self.fallbacks.items() for r, n in rs.items()])
+        cs = self.compile_seconds
+        if cs:
+            lines.append("compile seconds: " + ", ".join(
+                f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in cs.items()))
         seconds = self.seconds
         if seconds:
             lines.append(f"pipeline seconds: {sum(seconds.values()):.2f} (" +
@@ -145,21 +164,24 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header)] + [fmt(r) for r in rows]
 
 
-_COLLECTORS: list[Report] = []
+#: the Reports collecting in this context (thread / task); a tuple, so a nested block never
+#: changes what an enclosing one sees
+_COLLECTORS: contextvars.ContextVar[tuple[Report, ...]] = contextvars.ContextVar("seqfuse_collectors", default=())
 
 
 @contextmanager
 def collecting(report: Report):
-    """Within this block, every graph the backend compiles is added to ``report``."""
-    _COLLECTORS.append(report)
+    """Within this block, every graph the backend compiles in this thread (or asyncio task)
+    is added to ``report``; compiles in other threads are not."""
+    token = _COLLECTORS.set(_COLLECTORS.get() + (report,))
     try:
         yield report
     finally:
-        _COLLECTORS.remove(report)
+        _COLLECTORS.reset(token)
 
 
 def publish(graph_report: GraphReport) -> None:
-    """Hand a finished graph's findings to the active collectors."""
-    for r in _COLLECTORS:
+    """Hand a finished graph's findings to the collectors active in this context."""
+    for r in _COLLECTORS.get():
         graph_report.graph_id = len(r.graphs)
         r.graphs.append(graph_report)

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from seqfuse import log
+
 #: bump when the meaning of a stored config changes; files of another version are ignored
 CACHE_VERSION = 1
 
@@ -82,6 +84,7 @@ class ConfigCache:
         except (OSError, ValueError):
             return {}
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+            log.cache.debug("%s: ignoring %s (not a version-%d cache file)", self.name, self.path, CACHE_VERSION)
             return {}
         entries = data.get("entries")
         if not isinstance(entries, dict):
@@ -102,8 +105,9 @@ class ConfigCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-        except OSError:
-            pass  # a read-only or full disk only costs a re-tune next process
+        except OSError as exc:
+            # a read-only or full disk only costs a re-tune next process
+            log.cache.debug("%s: could not write %s (%s)", self.name, path, exc)
 
     def get(self, key: str) -> dict | None:
         """The config stored for ``key`` (memory first, then disk), or None."""
@@ -113,6 +117,7 @@ class ConfigCache:
                 hit = self._read_disk().get(key)
                 if hit is not None:
                     self._memory[key] = hit
+                log.cache.debug("%s: %s %s", self.name, "disk hit" if hit is not None else "miss", key)
             return dict(hit) if hit is not None else None
 
     def put(self, key: str, config: dict, persist: bool = True) -> None:
@@ -148,6 +153,8 @@ def autotune(cache: ConfigCache, key: str, candidates: list[dict], bench: Callab
             best, best_t = config, t
     if best is None:
         raise RuntimeError("autotune: every candidate config failed: " + "; ".join(errors))
+    log.cache.debug("%s: tuned %s -> %s (%.3g ms; %d of %d candidates failed)", cache.name, key, best,
+                    1e3 * best_t, len(errors), len(candidates))
     cache.put(key, best)
     return dict(best)
 

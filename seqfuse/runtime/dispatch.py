@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from seqfuse import log
 from seqfuse.runtime.counters import count_call, count_fallback
 
 PATHS = ("triton", "cpu", "aten", "eager")
@@ -83,6 +84,7 @@ def run(kind: str, which: str, runtime: str, tensors: dict, attrs: dict, *args):
         result = fn(*args)
     except Exception as exc:  # a fast path failing must never fail the model
         reason = f"{impl.path} raised {type(exc).__name__}: {exc}"
+        log.runtime.debug("%s: the %s path raised; running the eager reference", label, impl.path, exc_info=True)
         # the warning names the function that failed (``attention_backward`` for a backward)
         warnings.warn(f"seqfuse.{label}: {reason}; falling back to the eager reference")
         count_fallback(kind, reason)

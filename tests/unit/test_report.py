@@ -102,10 +102,13 @@ def test_dump_dir_writes_every_stage(tmp_path):
     # (in run order), the IR listing, and the lowered graph
     stages = ["dynamo", "pre_dispatch", "contractions", "masks",
               *[p.name for p in seqfuse.registered_passes() if p.enabled_by_default], "ir", "lowered"]
-    assert names == [f"g0_{i:02d}_{stage}.txt" for i, stage in enumerate(stages)]
+    ir_step = stages.index("ir")
+    expected = [f"g0_{i:02d}_{stage}.txt" for i, stage in enumerate(stages)]
+    expected.insert(ir_step + 1, f"g0_{ir_step:02d}_ir.dot")  # the graph with its IR ops, for graphviz
+    assert names == expected
     assert sorted(os.listdir(tmp_path)) == sorted(names)  # every file written is listed, and only those
     assert all(os.path.dirname(p) == str(tmp_path) for p in report.dumps)
-    text = {n.split("_", 2)[2][:-4]: open(p).read() for n, p in zip(names, report.dumps)}
+    text = {n.split("_", 2)[2][:-4]: open(p).read() for n, p in zip(names, report.dumps) if n.endswith(".txt")}
     assert text["ir"] == "\n".join(r.ir for r in report.rewrites) + "\n"
     assert "aten.softmax" in text["masks"] and "aten.scaled_dot_product_attention" in text["masks"]
     assert "torch.ops.seqfuse.attention" in text["lowered"] or "seqfuse.attention(" in text["lowered"]
@@ -116,7 +119,24 @@ def test_dump_dir_writes_every_stage(tmp_path):
     torch._dynamo.reset()
     again = seqfuse.explain(two_attentions, *inputs(), options={**EAGER, "dump_dir": str(tmp_path)})
     assert [os.path.basename(p) for p in again.dumps][0] == "g1_00_dynamo.txt"
-    assert len(os.listdir(tmp_path)) == 2 * len(stages)
+    assert len(os.listdir(tmp_path)) == 2 * len(expected)
+
+
+def test_dump_dir_writes_the_graph_as_dot(tmp_path):
+    report = seqfuse.explain(two_attentions, *inputs(), options={**EAGER, "dump_dir": tmp_path})
+    [dot] = [p for p in report.dumps if p.endswith(".dot")]
+    text = open(dot).read()
+    assert text.startswith('digraph "g0_ir" {') and text.rstrip().endswith("}")
+    ir_nodes = [line for line in text.splitlines() if "seqfuse.attention" in line]
+    assert len(ir_nodes) == 2 and all('fillcolor="#f4a460"' in line for line in ir_nodes)  # highlighted
+    assert "algo=fused" in ir_nodes[0]
+    assert text.count('fillcolor="#f4a460"') == 2  # nothing else is
+    nodes = {line.split()[0] for line in text.splitlines() if "[label=" in line}
+    edges = [line.split() for line in text.splitlines() if " -> " in line]
+    assert edges and all(e[0] in nodes and e[2].rstrip(";") in nodes for e in edges)
+    assert text.count("[label=") == len(nodes)
+    # balanced quotes on every line: labels are escaped
+    assert all(line.replace('\\"', "").count('"') % 2 == 0 for line in text.splitlines())
 
 
 def test_no_dumps_without_dump_dir():
@@ -163,3 +183,15 @@ def test_chained_attentions():
     report = seqfuse.explain(chained, *args, options=EAGER)
     assert report.count("attention") == 2
     assert rel_err(report.output, chained(*args)) < 1e-5
+
+
+def test_explain_says_where_the_compile_time_went():
+    torch._dynamo.reset()
+    report = seqfuse.explain(two_attentions, *inputs(), options=EAGER)
+    cs = report.compile_seconds
+    assert list(cs) == ["first_call", "dynamo", "seqfuse", "downstream"]
+    assert cs["dynamo"] is not None and cs["dynamo"] > 0  # torch reports its frame compile times
+    assert cs["seqfuse"] == pytest.approx(sum(report.seconds.values()))
+    assert 0 <= cs["downstream"] and cs["dynamo"] + cs["seqfuse"] + cs["downstream"] <= cs["first_call"] * 1.05
+    line = next(s for s in str(report).splitlines() if s.startswith("compile seconds: "))
+    assert "dynamo" in line and "seqfuse" in line and "downstream" in line
