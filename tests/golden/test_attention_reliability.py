@@ -351,3 +351,27 @@ def test_sdpa_shape_only_mask_stays_a_tensor():
     k[0, 0, 5, 0] = math.nan  # masked for rows 0..4 by SDPA's additive mask: NaN there anyway
     report = compare(fn, q, k, v)
     assert "keep=%" in report.rewrites[0].ir
+
+
+def test_bf16_finite_fill_then_bias_on_a_fully_masked_row_on_triton():
+    # fill + bias rounds to bf16 on a row the causal mask empties (KV-cache offset < 0): every key
+    # sits at round(-9984 + b), which the triton kernels (fp32) would not reproduce: refused
+    pytest.importorskip("triton")
+    import os
+
+    def fn(q, k, v, b):
+        lq, lk = q.shape[-2], k.shape[-2]
+        s = (q @ k.mT * 0.5).masked_fill(torch.triu(torch.ones(lq, lk, dtype=torch.bool), -1), -1e4)
+        return (s + b).softmax(-1) @ v
+    torch.manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.bfloat16) for _ in range(3))
+    b = (torch.randn(5, 5) * 8).to(torch.bfloat16)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        compare(fn, q, k, v, b, options={"runtime": "triton"})
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved

@@ -86,6 +86,8 @@ def call_reason(t: dict, a: dict, fill_as_neg_inf: float | None = None, empty_ro
         if check_empty and bool((row_max == -math.inf).any()):
             return "a mask tensor leaves a row empty (the fused kernels return 0 there, the program NaN)"
         limit = _ROUNDED_BIAS_LIMIT.get(bias.dtype)
+        if limit is not None and a["fill"] != -math.inf:
+            return f"a finite fill with a {bias.dtype} bias (the program rounds the filled scores plus the bias)"
         if limit is not None:
             finite = row_max[row_max > -math.inf]
             if finite.numel() and float(finite.abs().amax()) > limit:
