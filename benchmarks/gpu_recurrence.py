@@ -68,8 +68,7 @@ def optional(module: str, name: str):
         return None
 
 
-def ssd_inputs(T, decay, dtype, backward, B=2, H=8, P=64, N=64):
-    dev = "cuda"
+def ssd_inputs(T, decay, dtype, backward, B=2, H=8, P=64, N=64, dev="cuda"):
     g = dict(device=dev, dtype=dtype, requires_grad=backward)
     x = torch.randn(B, T, H, P, **g)
     b = (torch.randn(B, T, H, N, device=dev) / N ** 0.5).to(dtype).requires_grad_(backward)

@@ -281,6 +281,7 @@ def stage_recurrence(suite: Suite) -> None:
     import seqfuse.lowering.ssd_op  # noqa: F401
     from seqfuse.lowering.reference.scan import scan_reference
     from seqfuse.lowering.reference.ssd import ssd_chunked
+    from gpu_recurrence import ssd_inputs
     dev, smoke = suite.device, suite.smoke
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     peers = {}
@@ -302,15 +303,7 @@ def stage_recurrence(suite: Suite) -> None:
                 print("  [recurrence] cut: the time box ran out", flush=True)
                 return
             for backward in (False, True):
-                g = dict(device=dev, requires_grad=backward)
-                x = torch.randn(B, T, H, P, device=dev, dtype=dtype).requires_grad_(backward)
-                b = (torch.randn(B, T, H, N, device=dev) / N ** 0.5).to(dtype).requires_grad_(backward)
-                c = (torch.randn(B, T, H, N, device=dev) / N ** 0.5).to(dtype).requires_grad_(backward)
-                a = None
-                if decay == "scalar":
-                    a = (-torch.rand(B, T, H, device=dev) * 0.1).requires_grad_(backward)
-                elif decay == "vector":
-                    a = (-torch.rand(B, T, H, N, device=dev) * 0.1).requires_grad_(backward)
+                x, b, c, a = ssd_inputs(T, decay, dtype, backward, B=B, H=H, P=P, N=N, dev=dev)
                 row = {"seqfuse": _try_ms(lambda: torch.ops.seqfuse.ssd(x, b, c, a, None, None, decay, chunk,
                                                                          "chunked", "triton"), suite, backward),
                        "eager": _try_ms(lambda: ssd_chunked(x, b, c, a, decay=decay, chunk=chunk), suite, backward)}

@@ -73,3 +73,30 @@ def check_against_eager(fn, *inputs, options=None, dynamic=None, grads=True, bou
             e = rel_err(a, r)
             assert e < b, f"gradient {i}: relative error {e:.3g} >= {b:g}"
     return report
+
+
+class Logits(torch.nn.Module):
+    """input_ids (B, L) -> logits (B, L, vocab) of a transformers causal LM, without a cache."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids, use_cache=False).logits
+
+
+def assert_training_follows_eager(ref: torch.nn.Module, compiled, params, tokens, steps: int = 3, lr: float = 0.1):
+    """``steps`` SGD steps of next-token cross-entropy on ``ref`` (eager) and ``compiled`` (whose
+    parameters are ``params``, starting equal to ref's) give the same losses (rel. 1e-5)."""
+    opts = [torch.optim.SGD(ref.parameters(), lr=lr), torch.optim.SGD(params, lr=lr)]
+    for _ in range(steps):
+        losses = []
+        for fn, opt in ((ref, opts[0]), (compiled, opts[1])):
+            opt.zero_grad()
+            logits = fn(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from distributed.harness import spawn
+from helpers import Logits
 
 pytest.importorskip("transformers")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -34,15 +35,6 @@ def _example(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids, use_cache=False).logits
 
 
 def build(name: str, world: int):

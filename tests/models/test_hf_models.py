@@ -15,21 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import check_against_eager
+from helpers import Logits, assert_training_follows_eager, check_against_eager
 
 transformers = pytest.importorskip("transformers")
 T = transformers
-
-
-class Logits(torch.nn.Module):
-    """input_ids (B, L) -> logits (B, L, vocab) of a causal LM, without a cache."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids, use_cache=False).logits
 
 
 def _gpt2():
@@ -101,16 +90,6 @@ def test_optimizer_steps_follow_eager_with_custom_functions(name):
     cmp.load_state_dict(ref.state_dict())
     compiled = torch.compile(cmp, backend="seqfuse", options={"downstream": "aot_eager"})
     tokens = torch.randint(0, 64, (2, 12))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, cmp)]
-    for _ in range(3):
-        losses = []
-        for fn, opt in ((ref, opts[0]), (compiled, opts[1])):
-            opt.zero_grad()
-            logits = fn(tokens)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses
+    assert_training_follows_eager(ref, compiled, list(cmp.parameters()), tokens, lr=0.5)
     for (n, a), b in zip(ref.named_parameters(), cmp.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
