@@ -57,11 +57,13 @@ def test_interpreter_makes_triton_available_on_cpu():
 
 def test_version_is_single_sourced():
     import importlib.metadata
-    import re
-    text = open(os.path.join(os.path.dirname(os.path.dirname(seqfuse.__file__)), "pyproject.toml")).read()
-    assert not re.search(r'^version\s*=', text, re.M), "pyproject.toml must not repeat the version"
-    assert re.search(r'dynamic\s*=\s*\[[^\]]*"version"', text)
-    assert 'version = {attr = "seqfuse.__version__"}' in text
+    import tomllib
+    with open(os.path.join(os.path.dirname(os.path.dirname(seqfuse.__file__)), "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert "version" not in project["project"], "pyproject.toml must not repeat the version"
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "seqfuse.__version__"}
+    assert project["project"]["license"] == "MIT" and project["project"]["authors"] == [{"name": "seqfuse developers"}]
     assert importlib.metadata.version("seqfuse") == seqfuse.__version__
     meta = importlib.metadata.metadata("seqfuse")
     assert meta["License-Expression"] == "MIT" or meta["License"] == "MIT", dict(meta)
