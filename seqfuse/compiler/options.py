@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any
 
 DOWNSTREAMS = ("inductor", "aot_eager", "eager")
@@ -40,7 +41,17 @@ class Options:
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "Options":
         """Validate a user's options dict; raises ValueError naming the bad option."""
+        if options is not None and not isinstance(options, Mapping):
+            hint = ""
+            if isinstance(options, (list, tuple, set)) and all(isinstance(o, str) for o in options):
+                hint = "; e.g. options={" + ", ".join(f"{o!r}: True" for o in options) + "}"
+            raise ValueError(f"seqfuse: argument 'options' must be a dict {{option name: value}} or None, got "
+                             f"{type(options).__name__} {options!r}{hint}; valid option names are "
+                             f"{[f.name for f in fields(cls)]}")
         options = dict(options or {})
+        bad_keys = [k for k in options if not isinstance(k, str)]
+        if bad_keys:
+            raise ValueError(f"seqfuse: argument 'options' must have option names (str) as keys, got {bad_keys!r}")
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:

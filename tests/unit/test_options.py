@@ -135,3 +135,23 @@ def test_passes_as_a_list_selects_the_passes_to_run():
     torch._dynamo.reset()
     report = check_against_eager(attn, *qkv(), options={"downstream": "eager", "passes": []}, grads=False)
     assert report.count("attention") == 0
+
+
+@pytest.mark.parametrize("options", [["verify"], ("verify", "dump_dir"), "verify", 3, {1: True}])
+def test_options_that_are_not_a_dict_name_the_argument(options):
+    with pytest.raises(ValueError, match="seqfuse: argument 'options' must"):
+        Options.from_dict(options)
+    with pytest.raises(ValueError, match="seqfuse: argument 'options' must"):
+        seqfuse.explain(lambda x: x + 1, torch.ones(2), options=options)
+
+
+def test_a_list_of_names_gets_a_dict_hint():
+    with pytest.raises(ValueError, match=r"options=\{'verify': True\}"):
+        Options.from_dict(["verify"])
+
+
+def test_torch_compile_with_a_list_of_options_says_so():
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + 1, backend="seqfuse", options=["verify"])
+    with pytest.raises(Exception, match="argument 'options' must be a dict"):
+        f(torch.ones(2))
