@@ -14,6 +14,7 @@ from seqfuse.passes.scan_tree import ScanTreePass
 from seqfuse.passes.select import SelectPass
 from seqfuse.passes.ssd_chunks import ChunkedSSDPass
 from seqfuse.passes.ssd_forms import SSDFormsPass
+from seqfuse.passes.toeplitz import ToeplitzPass
 
 # Delta-rule loops before loops: their update is linear but not elementwise (a rank-1 correction
 # read through a contraction with the key), which the loops pass would report as a near miss; this
@@ -25,6 +26,9 @@ register_pass(DeltaPass())
 register_pass(LoopPass())
 register_pass(AttentionPass())
 register_pass(LongConvPass())
+# After long_conv (its FFT and conv1d spellings are direct matches) and before the ssd passes,
+# which read causal masked products: a Toeplitz matrix built from a kernel is a convolution.
+register_pass(ToeplitzPass())
 # After attention: a softmax-free (q·kᵀ ∘ M)·v is only an ssd once attention has declined it.
 # Whole chunked programs first: ssd_forms would otherwise lift their intra-chunk term alone.
 register_pass(ChunkedSSDPass())
@@ -41,5 +45,5 @@ register_pass(ScanReadoutPass())
 register_pass(ScanDiscretizePass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "DeltaPass", "LongConvPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
+           "AttentionPass", "DeltaPass", "LongConvPass", "ToeplitzPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
            "ScanReadoutPass", "ScanDiscretizePass", "SelectPass"]

@@ -64,7 +64,8 @@ def qkv():
 
 def test_builtins_are_registered_first():
     names = [p.name for p in registered_passes()]
-    assert names[:7] == ["loops", "attention", "long_conv", "ssd_chunks", "ssd_forms", "scan_tree", "scan_readout"]
+    assert names[:10] == ["delta", "loops", "attention", "long_conv", "toeplitz", "ssd_chunks", "ssd_forms",
+                          "scan_tree", "scan_readout", "scan_discretize"]
     assert all(isinstance(p, seqfuse.Pass) for p in registered_passes())
 
 
