@@ -13,7 +13,7 @@ from .check import FAILING, Case, containment_nan_rule, describe, exact_nan_rule
 from .__main__ import FAMILIES, generator, iter_cases
 
 #: programs per family on the default runtime / with runtime="triton" (interpreted: slow)
-N_DEFAULT = {"attention": 20, "ssd": 30, "scan": 30, "long_conv": 30}
+N_DEFAULT = {"attention": 16, "ssd": 24, "scan": 24, "long_conv": 30}
 N_TRITON = {"attention": 3, "ssd": 4, "scan": 4, "long_conv": 4}
 SEED = 2026
 
