@@ -135,13 +135,28 @@ class ConfigCache:
             self._memory.clear()
 
 
+def autotune_enabled() -> bool:
+    """False when ``SEQFUSE_AUTOTUNE`` is 0 / false / off: kernels then take their heuristic
+    config (the first candidate each kernel lists) without timing any -- one compile per
+    kernel instead of one per candidate, for a faster first call."""
+    return os.environ.get("SEQFUSE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def autotune(cache: ConfigCache, key: str, candidates: list[dict], bench: Callable[[dict], float]) -> dict:
     """The config for ``key``: the cached one, else the fastest candidate by ``bench``
     (seconds; a candidate whose bench raises, e.g. out of shared memory, is skipped),
-    which is then cached.  Raises RuntimeError if every candidate fails."""
+    which is then cached.  Raises RuntimeError if every candidate fails.
+
+    With autotuning off (:func:`autotune_enabled`), a cached config is still used, and
+    otherwise the first candidate is returned untimed and not stored."""
+    if not candidates:
+        raise ValueError("autotune: no candidate configs")
     hit = cache.get(key)
     if hit is not None:
         return hit
+    if not autotune_enabled():
+        log.cache.debug("%s: SEQFUSE_AUTOTUNE off: heuristic config %s for %s", cache.name, candidates[0], key)
+        return dict(candidates[0])
     best, best_t, errors = None, float("inf"), []
     for config in candidates:
         try:

@@ -88,6 +88,25 @@ def test_autotune_picks_the_fastest_skips_failures_and_caches(cache_dir):
     assert timed == [16, 32, 64, 128]       # nor by a new process
 
 
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_autotune_off_takes_the_first_candidate_untimed_and_unstored(cache_dir, monkeypatch, value):
+    monkeypatch.setenv("SEQFUSE_AUTOTUNE", value)
+    c = cache.ConfigCache("t")
+    timed = []
+
+    def bench(config):
+        timed.append(config)
+        return 1.0
+    candidates = [{"BLOCK_M": 64}, {"BLOCK_M": 32}]
+    assert cache.autotune(c, "k", candidates, bench) == {"BLOCK_M": 64}
+    assert timed == [] and c.get("k") is None  # nothing timed, nothing stored
+    # a config tuned earlier (by a process with autotuning on) is still used
+    c.put("k2", {"BLOCK_M": 32})
+    assert cache.autotune(c, "k2", candidates, bench) == {"BLOCK_M": 32}
+    monkeypatch.setenv("SEQFUSE_AUTOTUNE", "1")
+    assert cache.autotune(c, "k", candidates, lambda cfg: {64: 2.0, 32: 1.0}[cfg["BLOCK_M"]]) == {"BLOCK_M": 32}
+
+
 def test_autotune_raises_when_every_candidate_fails(cache_dir):
     def bench(config):
         raise RuntimeError("nope")
