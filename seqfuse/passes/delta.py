@@ -1288,11 +1288,20 @@ class _ChunkRewrite(_Rewrite):
         loop = self.loop
         tmpl = loop.template[self.k]
         D = val(tmpl).dtype
-        if loop.lo != 0 or not known_eq(vec.count * plan.C, val(plan.k).shape[2]) or vec.start != 0:
-            raise NotDelta("the chunk loop does not run over every chunk")
+        # the loop covers chunks 0 … count-1 (a program that does not return the final state leaves the
+        # last chunk's state update dead: that chunk stays as written and reads the op's final state)
+        if loop.lo != 0 or vec.start != 0:
+            raise NotDelta("the chunk loop does not start at the first chunk")
+        steps = vec.count * plan.C
+        whole = known_eq(steps, val(plan.k).shape[2])
+        if not whole and not (isinstance(steps, int) and isinstance(val(plan.k).shape[2], int)):
+            raise NotDelta("the chunk loop covers a symbolic part of the chunks")
         ops = {}
         for name in ("q", "k", "v", "beta", "g"):
-            ops[name] = vec.cast(vec.emit(aten.transpose.int, (getattr(plan, name), 1, 2)), D)   # (B, T', H, ·)
+            x = getattr(plan, name)
+            if not whole:
+                x = vec.emit(aten.slice.Tensor, (x, 2, 0, steps))
+            ops[name] = vec.cast(vec.emit(aten.transpose.int, (x, 1, 2)), D)          # (B, T', H, ·)
         h0 = None
         init = loop.init.get(self.k)
         if not _is_zero(init):

@@ -224,3 +224,13 @@ def test_chunked_spelling_of_the_listing_is_lifted():
     q, k, v, beta, g, _ = operands(T=16)
     report = check_against_eager(lambda *a: chunk_variant(*a, "none"), q, k, v, beta, g)
     only_delta(report, "scalar")
+
+
+def test_chunked_without_the_final_state_leaves_the_last_chunk_reading_the_op_state():
+    # output_final_state=False: the last chunk's state update is dead, so the loop covers the chunks before
+    # it; the last chunk stays as written and reads the op's final state
+    def fn(q, k, v, beta, g, h0):
+        return torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4, initial_state=h0,
+                                            use_qk_l2norm_in_kernel=True)[0]
+    report = check_against_eager(fn, *operands(T=18))
+    only_delta(report, "scalar")
