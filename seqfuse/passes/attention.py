@@ -426,6 +426,16 @@ def _restore_raising_fills(graph: torch.fx.Graph) -> None:
         graph.erase_node(node)
 
 
+def _drop_unit_axes(graph, before, node, letters: str, others: str, like):
+    """``node`` without its static size-1 axes whose letter no other operand or the output has
+    (summing over them is the identity), and its remaining letters."""
+    shape = val(node).shape
+    drop = [i for i, c in enumerate(letters) if c not in others and isinstance(shape[i], int) and shape[i] == 1]
+    for i in reversed(drop):
+        node = _emit(graph, before, aten.squeeze.dim, (node, i), like)
+    return node, "".join(c for i, c in enumerate(letters) if i not in drop)
+
+
 def _match_scores_quietly(gm, x) -> bool:
     try:
         _match_scores(gm, x)
@@ -487,6 +497,9 @@ class AttentionPass(Pass):
         # letters of the scores contraction: q·kᵀ summed over exactly one axis d
         (la, lb), lo = _einsum_parts(sc.einsum)
         a, b = sc.einsum.args[1]
+        # size-1 axes summed away by one operand alone (a batch of 1 folded into a reshape) are dropped
+        a, la = _drop_unit_axes(graph, pv, a, la, lb + lo, sm)
+        b, lb = _drop_unit_axes(graph, pv, b, lb, la + lo, sm)
         contracted = (set(la) & set(lb)) - set(lo)
         if len(contracted) != 1 or len(lo) < 2:
             raise NoMatch(f"the scores sum over {len(contracted)} axes, not one feature axis")
@@ -513,6 +526,7 @@ class AttentionPass(Pass):
             v = pv.args[1][0]
         else:
             v = pv.args[1][1]
+        v, v_l = _drop_unit_axes(graph, pv, v, v_l, p_l + o_l, sm)
         if len(p_l) != len(lo):
             raise NoMatch("the probabilities change rank before the value contraction")
         rename = dict(zip(p_l, lo))            # letters of p in pv -> letters of the scores

@@ -22,7 +22,8 @@ from .common import DTYPES, Maker, poison, size
 
 SPELLINGS = ("matmul", "at", "einsum", "bmm", "baddbmm")
 MASKS = ("none", "causal_fill", "causal_where", "causal_additive", "causal_arange", "window", "padding_bool",
-         "padding_bias", "causal_padding", "finite_fill", "empty_rows", "kv_cache")
+         "padding_bias", "causal_padding", "finite_fill", "empty_rows", "kv_cache", "fill_and_padding_bias",
+         "bias_tensor", "alibi_causal")
 
 
 def _sizes(r, triton):
@@ -49,7 +50,9 @@ def _scores(spelling, q, k, scale, scale_on_q, div):
     else:
         b, h, lq, d = q.shape
         base = torch.zeros(b * h, lq, k.shape[-2], dtype=q.dtype)
-        s = torch.baddbmm(base, q.reshape(b * h, lq, d), k.reshape(b * h, k.shape[-2], d).transpose(1, 2))
+        # beta=0: the spelling canonicalization claims (beta=1 adds its input: Bloom's ALiBi, a near miss)
+        s = torch.baddbmm(base, q.reshape(b * h, lq, d), k.reshape(b * h, k.shape[-2], d).transpose(1, 2),
+                          beta=0.0)
     if not scale_on_q:
         s = s / (1.0 / scale) if div else s * scale
     return s
@@ -92,8 +95,14 @@ def hand_written(r, seed, triton):
             keep[b, :Lk - n] = False
     pad = keep.to(dt)
     extra = [keep] if mask in ("padding_bool", "causal_padding", "empty_rows") else \
-        [pad] if mask == "padding_bias" else []
-    fill_value = r.choice((-1e4, -1e9, torch.finfo(dt).min, -65504.0, -3e38)) if mask == "finite_fill" else None
+        [pad] if mask in ("padding_bias", "fill_and_padding_bias") else []
+    if mask == "bias_tensor":
+        extra = [m.randn(r.choice((1, H)), Lq, Lk, scale=r.choice((0.5, 3.0)), grad=r.random() < 0.4)]
+    elif mask == "alibi_causal":
+        slopes = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+        extra = [(slopes[:, None, None] * (torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None])).to(dt)]
+    fill_value = r.choice((-1e4, -1e9, torch.finfo(dt).min, -65504.0, -3e38)) \
+        if mask in ("finite_fill", "fill_and_padding_bias") else None
     tag = poison(r, [q, k, v])
 
     three_d = spelling in ("bmm", "baddbmm")
@@ -141,6 +150,14 @@ def hand_written(r, seed, triton):
             s = s + (1 - per_key(rest[0])) * torch.finfo(s.dtype).min
         elif mask == "finite_fill":
             s = s.masked_fill(future, fill_value)
+        elif mask == "fill_and_padding_bias":  # item 3 of issue 13: bf16 -1e4 fill, then a -1e4 padding bias
+            s = s.masked_fill(future, fill_value)
+            s = s + (1 - per_key(rest[0]).to(s.dtype)) * -1e4
+        elif mask == "bias_tensor":
+            s = s + (rest[0] if not three_d else rest[0].repeat(s.shape[0] // rest[0].shape[0], 1, 1))
+        elif mask == "alibi_causal":
+            b = rest[0] if not three_d else rest[0].repeat(s.shape[0] // rest[0].shape[0], 1, 1)
+            s = (s + b).masked_fill(future, float("-inf"))
         if upcast == "softmax_dtype":
             p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         elif upcast == "float":
@@ -160,7 +177,7 @@ def hand_written(r, seed, triton):
     expect = "attention"
     if upcast != "none" and dt == torch.float64:
         expect = None  # a narrowing cast of the scores: a near miss
-    if mask == "finite_fill" and not math.isfinite(float(torch.tensor(fill_value, dtype=torch.float64).to(dt))):
+    if fill_value is not None and not math.isfinite(float(torch.tensor(fill_value, dtype=torch.float64).to(dt))):
         expect = None  # masked_fill raises
     inputs = [q, k, v, *extra]
     return Case("attention", name + (f"+{tag}" if tag else ""), fn, tuple(inputs), expect,

@@ -375,3 +375,18 @@ def test_bf16_finite_fill_then_bias_on_a_fully_masked_row_on_triton():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+@pytest.mark.parametrize("b,d", [(1, 8), (2, 1)])
+def test_bmm_with_a_batch_or_head_dim_of_one(b, d):
+    # canonicalization folds a size-1 batch (or head dim) into the contraction as an axis summed by
+    # one operand alone: attention all the same (was a near miss: "the value contraction is not p·v")
+    def fn(q, k, v):
+        bb, h, lq, dd = q.shape
+        s = torch.bmm(q.reshape(bb * h, lq, dd), k.reshape(bb * h, k.shape[-2], dd).transpose(1, 2)) * 0.3
+        s = s.masked_fill(torch.triu(torch.ones(lq, lq, dtype=torch.bool), 1), float("-inf"))
+        o = torch.bmm(s.softmax(-1), v.reshape(-1, v.shape[-2], v.shape[-1]))
+        return o.reshape(q.shape[0], -1, lq, v.shape[-1])
+    q, k, v = (torch.randn(b, 4, 19, d, requires_grad=True) for _ in range(3))
+    report = compare(fn, q, k, v)
+    assert report.count("attention") == 1, report.near_misses
