@@ -72,7 +72,13 @@ def check(q, k, v, bias=None, keep=None, *, need_dbias=None, **kw):
     need_dbias = bias is not None and bias.is_floating_point() if need_dbias is None else need_dbias
     # reference, with autograd
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    rb = bias.detach().clone().requires_grad_(need_dbias) if bias is not None else None
+    # the kernels add a 16-bit bias to fp32 scores; the op's reference rounds s + bias to the bias's
+    # dtype as the program does (supports() bounds the difference): the kernels are checked against
+    # the computation they implement, the reference with the bias widened to fp32
+    rb = bias.detach().clone() if bias is not None else None
+    if rb is not None and rb.dtype in (torch.float16, torch.bfloat16):
+        rb = rb.float()
+    rb = rb.requires_grad_(need_dbias) if rb is not None else None
     ref_out, ref_lse = attention_reference(*leaves, rb, keep, return_lse=True, **a)
     # kernels
     out, lse = ta.forward(q, k, v, bias, keep, a)
