@@ -128,7 +128,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         op = ir_of(node)
         if op is not None:
             text = format_op(op, node.name)
-            log.select.debug("%s %s: algorithm %s", op.kind, node.name, op.algorithm)
+            log.select.debug("%s %%%s: algorithm %s", op.kind, node.name, op.algorithm)
             report.add_rewrite(op.kind, text, node, op.algorithm)
             ir_lines.append(text)
     dump("ir", "\n".join(ir_lines) + "\n", dot=canon.graph)

@@ -46,7 +46,7 @@ def test_debug_logs_every_decision():
     err = run("+seqfuse")
     assert "rewrote attention at" in err and "(algorithm fused)" in err, err[-3000:]  # seqfuse.passes, INFO
     assert "near miss: attention at" in err and "probabilities are used 2 times" in err, err[-3000:]
-    assert "attention attention: algorithm fused" in err, err[-3000:]           # seqfuse.select, DEBUG
+    assert "attention %attention: algorithm fused" in err, err[-3000:]           # seqfuse.select, DEBUG
     assert "attention runs on the aten path" in err, err[-3000:]                # seqfuse.runtime, DEBUG
     assert "attention: path not taken: triton:" in err, err[-3000:]             # fallback reasons
     assert "canonicalize took" in err and "downstream eager" in err, err[-3000:]  # seqfuse.pipeline, DEBUG
