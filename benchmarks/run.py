@@ -1,9 +1,10 @@
 """Speed and compile time of seqfuse against eager and inductor, in one run.
 
-    python benchmarks/run.py                              # every workload, full size
-    python benchmarks/run.py --quick                      # tiny shapes, a smoke test (< 60 s on CPU)
+    python benchmarks/run.py                              # every workload, full size (about an hour on 2 CPU cores)
+    python benchmarks/run.py --quick                      # tiny shapes, a smoke test (see README for its time)
     python benchmarks/run.py --workload naive_causal_attention --repeats 20
     python benchmarks/run.py --workload mamba_loop --seqfuse-options '{"passes": {"scan_discretize": false}}'
+    python benchmarks/run.py --quick --plot ratios.png    # also draw the ratios per workload (needs matplotlib)
 
 For each workload and each of eager, torch.compile (inductor) and
 torch.compile(backend="seqfuse"): compile seconds (wall time of the first
@@ -11,11 +12,14 @@ call, which includes that call's run) and run milliseconds (median of
 --repeats calls after warmup, under torch.no_grad(); with --train, forward and backward
 of the sum of the outputs).
 
-Compiles are cold-ish: before each, torch._dynamo.reset() and inductor's
-in-memory caches are cleared, and its whole-graph caches (FX graph cache, AOT
-autograd cache) are off, so every compile traces, lowers and generates code
-again. Built kernels stay cached on disk, so the first run on a machine also
-pays for building them: compile times are comparable from the second run on.
+Compiles are cold: each (workload, backend) pair runs in a fresh Python process, with
+empty inductor and seqfuse caches (TORCHINDUCTOR_CACHE_DIR and SEQFUSE_CACHE_DIR point at
+new temporary directories; inductor's FX graph and AOT autograd caches are off), so every
+compile traces, lowers, generates and builds its code as on a user's first run; imports of
+torch and seqfuse happen before the clock starts. The seqfuse compile is split into Dynamo's
+share and seqfuse's own pipeline (the "dynamo s" and "sf pipe s" columns: the rest is the
+downstream inductor compile and the first call's run). --warm-caches keeps the on-disk caches
+of this user instead (what a second run of the same program costs).
 
 The table gives ratios: run time eager/seqfuse and inductor/seqfuse (above 1
 means seqfuse is faster) and compile time seqfuse/inductor (above 1 means
@@ -30,7 +34,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -74,6 +80,12 @@ def training_step(fn):
     return step
 
 
+def _dynamo_seconds():
+    """Dynamo's frame-compile seconds so far, minus the time its backend calls took (its own share)."""
+    from torch._dynamo.utils import compilation_time_metrics as m
+    return sum(m.get("_compile.compile_inner", ())) - sum(m.get("OutputGraph.call_user_compiler", ()))
+
+
 def measure(backend, workload, repeats, warmup, device, name="", options=None, train=False):
     """-> (compile seconds or None, median run ms, output of the first call); ``options`` are
     seqfuse's (docs/options.md), for the seqfuse backend only; ``train``: forward and backward
@@ -81,7 +93,7 @@ def measure(backend, workload, repeats, warmup, device, name="", options=None, t
     fn = workload.fn
     if backend != "eager":
         torch._dynamo.reset()
-        torch._inductor.utils.clear_inductor_caches()  # in-memory kernel caches; the disk ones stay
+        torch._inductor.utils.clear_inductor_caches()  # in-memory kernel caches (a fresh process has none)
         fn = torch.compile(fn, backend=backend, options=options if backend == "seqfuse" and options else None)
     progress(f"[{name}] {backend}: first call{' (compiles)' if backend != 'eager' else ''} ...")
     if train:
@@ -127,42 +139,70 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def warm_up_compilers(device, backends=BACKENDS):
-    """Compile the tiny attention workload once per backend, so the first measured
-    compile does not also pay for importing and initializing the compiler stack."""
-    tiny = WORKLOADS["naive_causal_attention"](True, device)
-    for backend in [b for b in BACKENDS[1:] if b in backends]:
-        torch._dynamo.reset()
-        with torch.no_grad():
-            torch.compile(tiny.fn, backend=backend)(*tiny.args)
+def child_main(args):
+    """One (workload, backend) pair in this fresh process: print one RESULT line of JSON and save
+    the first call's output tensors to ``args.child_out`` (for the relative error)."""
+    name, backend = args.child
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    workload = WORKLOADS[name](args.quick, args.device)
+    dynamo_before = _dynamo_seconds()
+    report = seqfuse.Report()
+    from seqfuse.compiler.report import collecting
+    with collecting(report):
+        compile_s, ms, out = measure(backend, workload, args.repeats, args.warmup, args.device, name,
+                                     args.seqfuse_options, args.train)
+    result = {"compile_s": compile_s, "ms": ms, "shape": workload.shape,
+              "dynamo_s": None if backend == "eager" else _dynamo_seconds() - dynamo_before,
+              "pipeline_s": sum(report.seconds.values()) if backend == "seqfuse" else None,
+              "paths": seqfuse_paths() if backend == "seqfuse" else "-"}
+    torch.save([t.detach().cpu() for t in _tensors(out)], args.child_out)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
 
 
-def run_workload(name, args):
+def _child_command(name, backend, args, out_path):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, backend, "--child-out", out_path,
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
+    if args.quick:
+        cmd.append("--quick")
+    if args.train:
+        cmd.append("--train")
+    if args.seqfuse_options is not None:
+        cmd += ["--seqfuse-options", json.dumps(args.seqfuse_options)]
+    return cmd
+
+
+def run_workload(name, args, scratch):
+    """Each backend in its own fresh process (cold compiles); the rows' relative error compares
+    the outputs the processes saved."""
     progress(f"[{name}] building")
-    try:
-        workload = WORKLOADS[name](args.quick, args.device)
-    except ImportError as e:  # transformers / flash-linear-attention are optional
-        print(f"[{name}] skipped: {e}", file=sys.stderr)
-        return {"workload": name, "shape": f"skipped ({e})", "failed": True, "paths": "-",
-                **{f"{b}_{k}": None for b in BACKENDS for k in ("compile_s", "ms")}}
-    row = {"workload": name, "shape": workload.shape}
+    row = {"workload": name, "shape": "-"}
     outputs = {}
     for backend in BACKENDS:
+        row[f"{backend}_compile_s"] = row[f"{backend}_ms"] = None
         if backend not in args.backend:
-            row[f"{backend}_compile_s"] = row[f"{backend}_ms"] = None
             continue
-        if backend == "seqfuse":
-            seqfuse.reset_counters()
-        try:
-            row[f"{backend}_compile_s"], row[f"{backend}_ms"], outputs[backend] = measure(
-                backend, workload, args.repeats, args.warmup, args.device, name, args.seqfuse_options, args.train
-            )
-        except Exception:
-            print(f"[{name}] {backend} failed:", file=sys.stderr)
-            traceback.print_exc()
+        out_path = os.path.join(scratch, f"{name}.{backend}.pt")
+        env = dict(os.environ)
+        if not args.warm_caches:  # empty caches: a user's first compile
+            env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor.{name}.{backend}.", dir=scratch)
+            env["SEQFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"seqfuse.{name}.{backend}.", dir=scratch)
+        proc = subprocess.run(_child_command(name, backend, args, out_path), env=env, stdout=subprocess.PIPE,
+                              text=True, timeout=args.timeout)
+        result = next((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+                       if line.startswith("RESULT ")), None)
+        if proc.returncode != 0 or result is None:
+            # an ImportError of an optional library (transformers / fla) is reported by the child on stderr
+            print(f"[{name}] {backend} failed (exit {proc.returncode}); see its stderr above", file=sys.stderr)
             row["failed"] = True
-            row[f"{backend}_compile_s"] = row[f"{backend}_ms"] = None
-    row["paths"] = seqfuse_paths() if "seqfuse" in args.backend else "-"
+            continue
+        row["shape"] = result["shape"]
+        row[f"{backend}_compile_s"], row[f"{backend}_ms"] = result["compile_s"], result["ms"]
+        if backend == "seqfuse":
+            row["paths"], row["dynamo_s"], row["pipeline_s"] = result["paths"], result["dynamo_s"], result["pipeline_s"]
+        outputs[backend] = torch.load(out_path)
+    row.setdefault("paths", "-")
     if "seqfuse" in outputs and "eager" in outputs:
         row["err"] = rel_err(outputs["seqfuse"], outputs["eager"])
     return row
@@ -178,6 +218,8 @@ COLUMNS = [  # header, width, value of a row
     ("ind comp s", 11, lambda r: fmt(r["inductor_compile_s"], ".1f")),
     ("sf comp s", 10, lambda r: fmt(r["seqfuse_compile_s"], ".1f")),
     ("sf/ind comp", 12, lambda r: fmt(ratio(r["seqfuse_compile_s"], r["inductor_compile_s"]), ".2f")),
+    ("dynamo s", 9, lambda r: fmt(r.get("dynamo_s"), ".1f")),
+    ("sf pipe s", 10, lambda r: fmt(r.get("pipeline_s"), ".2f")),
     ("rel err", 9, lambda r: fmt(r.get("err"), ".1e")),
     ("seqfuse paths", 0, lambda r: r["paths"]),
 ]
@@ -192,6 +234,48 @@ def print_table(rows):
         print(f"{r['workload']}: {r['shape']}")
 
 
+PLOT_SERIES = (  # label, value of a row; drawn per workload, log scale, a line at 1
+    ("run: eager / seqfuse", lambda r: ratio(r.get("eager_ms"), r.get("seqfuse_ms"))),
+    ("run: inductor / seqfuse", lambda r: ratio(r.get("inductor_ms"), r.get("seqfuse_ms"))),
+    ("compile: inductor / seqfuse", lambda r: ratio(r.get("inductor_compile_s"), r.get("seqfuse_compile_s"))),
+)
+
+
+def matplotlib_problem():
+    """None if matplotlib can draw here, else what to do about it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib, which is not installed (pip install matplotlib)"
+    return None
+
+
+def plot_ratios(rows, path):
+    """Grouped bars per workload: the run-time ratios eager/seqfuse and inductor/seqfuse, and the
+    compile-time ratio inductor/seqfuse (above 1, seqfuse is faster), on a log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["workload"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
+    width = 0.8 / len(PLOT_SERIES)
+    for i, (label, value) in enumerate(PLOT_SERIES):
+        xs = [j + (i - (len(PLOT_SERIES) - 1) / 2) * width for j in range(len(rows))]
+        ys = [value(r) for r in rows]
+        ax.bar([x for x, y in zip(xs, ys) if y], [y for y in ys if y], width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("ratio (above 1: seqfuse faster)")
+    ax.set_title("seqfuse vs eager and inductor, per workload")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", action="append", choices=list(WORKLOADS), help="repeatable; default: all")
@@ -204,14 +288,23 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="time forward + backward (default: forward, no_grad)")
     p.add_argument("--seqfuse-options", type=json.loads, default=None, metavar="JSON",
                    help="seqfuse's options as a JSON object (docs/options.md), e.g. to turn a pass off")
+    p.add_argument("--plot", metavar="PNG", help="also draw the ratios per workload into this image (matplotlib)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--warm-caches", action="store_true",
+                   help="keep this user's inductor / seqfuse disk caches (default: empty ones, a first run)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per (workload, backend) process")
+    p.add_argument("--child", nargs=2, metavar=("WORKLOAD", "BACKEND"), help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.seqfuse_options is not None and not isinstance(args.seqfuse_options, dict):
         p.error(f"--seqfuse-options must be a JSON object, got {args.seqfuse_options!r}")
     args.backend = args.backend or list(BACKENDS)
     args.repeats = args.repeats or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
+    if args.child:
+        return child_main(args)
+    if args.plot and matplotlib_problem():
+        p.error(matplotlib_problem() + "; nothing was run")
 
     print(
         f"seqfuse benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}  "
@@ -224,9 +317,17 @@ def main(argv=None):
           f"{'  (--quick: tiny shapes, ratios mean little)' if args.quick else ''}"
           f"{f'  seqfuse options {json.dumps(args.seqfuse_options)}' if args.seqfuse_options else ''}\n")
 
-    warm_up_compilers(args.device, args.backend)
-    rows = [run_workload(name, args) for name in args.workload or WORKLOADS]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="seqfuse-bench.") as scratch:
+        rows = [run_workload(name, args, scratch) for name in args.workload or WORKLOADS]
     print_table(rows)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot_ratios(rows, args.plot)
+        print(f"plot: {args.plot}")
     return 1 if any(r.get("failed") for r in rows) else 0
 
 
