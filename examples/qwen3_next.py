@@ -3,8 +3,11 @@
 On CPU transformers runs each linear-attention layer on its torch path: the chunked WY / UT form
 of the gated delta rule (``torch_chunk_gated_delta_rule``: two triangular solves and a Python loop
 over chunks of 64 steps that Dynamo unrolls).  seqfuse proves that program is the delta rule over
-the sequence and replaces it by one ``seqfuse.delta`` op per layer; the logits and every parameter
-gradient equal eager.
+the sequence and replaces it by one ``seqfuse.delta`` op per layer (on CPU: the step loop in a
+generated C kernel); the logits and every parameter gradient equal eager.  The gradients of A_log and
+dt_bias reach the loss only through the log-decays, a sum of cancelling terms: any reordering of the
+fp32 work moves them by ~1e-5, so they are judged against an fp64 oracle (seqfuse's error at most 4x
+eager's own, the rule of tests/fuzz) where they differ from eager by more than 1e-5.
 
     python examples/qwen3_next.py                 # a tiny random-weight model, T = 256
     python examples/qwen3_next.py --seq-len 512
@@ -68,44 +71,59 @@ def build(seq_len=256, batch=1, linear_layers=2, hidden=32, seed=0):
     return model, torch.randint(0, cfg.vocab_size, (batch, seq_len))
 
 
-#: parameters whose gradients reach the loss only through the log-decays g: their fp32 gradient is a
-#: reverse cumulative sum of cancelling terms, and any re-ordering of the fp32 work moves it by 1e-5
-DECAY_PARAMS = ("linear_attn.A_log", "linear_attn.dt_bias")
+class _Float64Torch:
+    """``torch`` as modeling_qwen3_next sees it while the fp64 oracle runs: ``torch.float32`` is float64."""
+
+    def __getattr__(self, name):
+        return torch.float64 if name == "float32" else getattr(torch, name)
+
+
+def fp64_oracle(model, ids, grads_of):
+    """The logits and parameter gradients of ``model`` computed in fp64 throughout: a double copy, with
+    modeling_qwen3_next's casts to fp32 (``.to(torch.float32)``, ``.float()``) kept in fp64."""
+    import copy
+
+    import transformers.models.qwen3_next.modeling_qwen3_next as m
+    model64 = copy.deepcopy(model).double()
+    saved_torch, saved_float = m.torch, torch.Tensor.float
+    m.torch, torch.Tensor.float = _Float64Torch(), lambda self, *a, **k: self
+    try:
+        return grads_of(model64)
+    finally:
+        m.torch, torch.Tensor.float = saved_torch, saved_float
 
 
 def compare(model, ids, options):
-    """Compile ``model`` with seqfuse and compare with eager: (report, [(name, error, rewrite-free error)]),
-    the relative errors of the logits and of every parameter gradient against eager, beside those of the
-    same program compiled with no pass enabled (the fp32 re-ordering's own noise)."""
+    """Compile ``model`` with seqfuse and compare: (report, [(name, error vs eager, error vs fp64,
+    eager's error vs fp64)]) for the logits and every parameter gradient."""
     from seqfuse.compiler.report import Report, collecting
 
-    def logits_and_grads(fn):
-        model.zero_grad()
+    def grads_of(fn, params):
+        for p in params:
+            p.grad = None
         out = fn(ids)
         torch.manual_seed(7)
-        (out * torch.randn_like(out)).sum().backward()
-        return [out.detach()] + [p.grad.clone() for p in model.parameters()]
+        (out * torch.randn(out.shape, dtype=torch.float64).to(out.dtype)).sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in params]
 
     def err(a, e):
         return ((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-300)).item()
 
     torch._dynamo.reset()
-    expected = logits_and_grads(model)
+    params = list(model.parameters())
+    expected = grads_of(model, params)
+    truth = fp64_oracle(model, ids, lambda m64: grads_of(m64, list(m64.parameters())))
     report = Report()
     with collecting(report):
-        actual = logits_and_grads(torch.compile(model, backend="seqfuse", options=options))
-    torch._dynamo.reset()
-    plain = logits_and_grads(torch.compile(model, backend="seqfuse", options={**options, "passes": []}))
+        actual = grads_of(torch.compile(model, backend="seqfuse", options=options), params)
     names = ["logits"] + [n for n, _ in model.named_parameters()]
-    return report, [(n, err(a, e), err(p, e)) for n, a, e, p in zip(names, actual, expected, plain)]
+    return report, [(n, err(a, e), err(a, t), err(e, t)) for n, a, e, t in zip(names, actual, expected, truth)]
 
 
-def within(name, error, plain, tol=1e-5) -> bool:
-    """The check: ``tol`` of eager; the decay parameters may instead be within 4x the rewrite-free compile's
-    error (plus 1e-6)."""
-    if error < tol:
-        return True
-    return name.endswith(DECAY_PARAMS) and error <= 4 * plain + 1e-6
+def within(error, error64, eager64, tol=1e-5) -> bool:
+    """``tol`` of eager, or (for a value eager itself computes no better in fp32) at most 4x eager's own
+    error against the fp64 oracle plus a floor of a few fp32 roundoffs (the rule of tests/fuzz)."""
+    return error < tol or error64 <= 4 * eager64 + 4 * 2.0 ** -24
 
 
 def main(seq_len=256):
@@ -116,13 +134,11 @@ def main(seq_len=256):
         # torch itself (a view of a non-contiguous gradient), with or without seqfuse
         report, rows = compare(model, ids, {"downstream": "eager"})
         print(report)
-        worst = max((e, n) for n, e, _ in rows if not n.endswith(DECAY_PARAMS))
-        print(f"logits and {len(rows) - 1} parameter gradients: worst rel. error vs eager {worst[0]:.2e} ({worst[1]})")
-        for n, e, p in rows:
-            if n.endswith(DECAY_PARAMS):
-                print(f"  {n}: {e:.2e} (compiled without any pass: {p:.2e})")
+        print(f"logits and {len(rows) - 1} parameter gradients, rel. error vs eager (vs fp64; eager's vs fp64):")
+        for n, e, e64, eager64 in sorted(rows, key=lambda r: -r[1])[:4]:
+            print(f"  {n}: {e:.2e} ({e64:.2e}; {eager64:.2e})")
         layers = sum(1 for t in model.lm.config.layer_types if t == "linear_attention")
-        if report.count("delta") != layers or not all(within(*r) for r in rows):
+        if report.count("delta") != layers or not all(within(*r[1:]) for r in rows):
             raise SystemExit("FAIL")
         print("OK")
     finally:

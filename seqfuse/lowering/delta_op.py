@@ -133,3 +133,8 @@ def _reference_backward(grad_y, grad_h, q, k, v, beta, g, h0, attrs):
 
 
 register_impl("delta", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
+# the generated C kernel ("cpu" path: the recurrent algorithm), tried before the eager reference; its
+# ``supports`` refuses a call it cannot run (no C compiler, the chunked algorithm, K or V > MAX_D, ...)
+from seqfuse.lowering.cpu import delta as _cpu_delta  # noqa: E402
+
+_cpu_delta.register()

@@ -3,6 +3,7 @@ custom op (fake impl, autograd, opcheck) against a plain Python loop oracle in f
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from seqfuse.ir import IRVerificationError, format_op, verify_op
 from seqfuse.ir.ops import OP_CLASSES, Delta
@@ -183,12 +184,97 @@ def test_verifier_rejects(change, match):
         verify_op(Delta(**kw))
 
 
-def test_select_chooses_recurrent_for_decoding_and_chunked_otherwise():
-    for T, gate, want, chunk in [(1, "scalar", "recurrent", None), (512, "scalar", "chunked", 64),
-                                 (512, "vector", "chunked", 16), (512, "none", "chunked", 64)]:
-        n = _nodes(q=(1, T, 2, 4), k=(1, T, 2, 4), v=(1, T, 2, 4), beta=(1, T, 2),
-                   g=(1, T, 2) if gate == "scalar" else (1, T, 2, 4))
+def test_select_chooses_the_c_kernel_on_cpu_and_chunked_for_long_sequences_elsewhere():
+    # meta tensors stand for a device without the C kernel: recurrent only for a few steps
+    for device, T, gate, K, want, chunk in [("meta", 1, "scalar", 4, "recurrent", None),
+                                            ("meta", 512, "scalar", 4, "chunked", 64),
+                                            ("meta", 512, "vector", 4, "chunked", 16),
+                                            ("meta", 512, "none", 4, "chunked", 64),
+                                            ("cpu", 512, "vector", 4, "recurrent", None),
+                                            ("cpu", 512, "scalar", 300, "chunked", 64)]:   # K > the kernel's MAX_D
+        n = _nodes(q=(1, T, 2, K), k=(1, T, 2, K), v=(1, T, 2, 4), beta=(1, T, 2),
+                   g=(1, T, 2) if gate == "scalar" else (1, T, 2, K))
+        for node in n.values():
+            node.meta["val"] = node.meta["val"].to(device)
         op = Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], g=None if gate == "none" else n["g"], gate=gate)
-        assert choose_delta(op) == want
+        assert choose_delta(op) == want, (device, T, gate, K)
         if chunk:
             assert op.chunk == chunk
+
+
+# --- the C kernel (cpu path) ---------------------------------------------------------------
+
+cpu_delta = pytest.importorskip("seqfuse.lowering.cpu.delta")
+needs_cc = pytest.mark.skipif(cpu_delta.available() is not None, reason="no C compiler for the cpu kernels")
+
+
+@needs_cc
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_c_kernel_forward_and_backward_equal_the_reference(gate, dtype, tol):
+    # operands are strided views ((B, H, T, ·) tensors transposed), h0 given, T not a square
+    B, T, H, K, V = 2, 11, 3, 4, 5
+    q, k, v = torch.randn(B, H, T, K, dtype=dtype), torch.randn(B, H, T, K, dtype=dtype), torch.randn(B, H, T, V, dtype=dtype)
+    k = F.normalize(k, dim=-1)
+    beta = torch.rand(B, H, T, dtype=dtype)
+    g = {"none": None, "scalar": -torch.rand(B, H, T, dtype=dtype), "vector": -torch.rand(B, H, T, K, dtype=dtype)}[gate]
+    ops = [x.transpose(1, 2) if x is not None else None for x in (q, k, v, beta, g)] + \
+        [torch.randn(B, H, V, K, dtype=dtype).transpose(-1, -2)]
+    y, h = cpu_delta.delta_forward(*ops, gate=gate, scale=0.7)
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in ops]
+    yr, hr = delta_recurrent(*leaves, gate=gate, scale=0.7)
+    gy, gh = torch.randn_like(yr), torch.randn_like(hr)
+    want = torch.autograd.grad((yr, hr), [x for x in leaves if x is not None], (gy, gh))
+    got = [x for x in cpu_delta.delta_backward(gy, gh, *ops, gate=gate, scale=0.7) if x is not None]
+    torch.testing.assert_close(y, yr, rtol=tol, atol=tol)
+    torch.testing.assert_close(h, hr, rtol=tol, atol=tol)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@needs_cc
+def test_c_kernel_long_sequence_checkpoints_and_missing_gradients():
+    # T = 50: 8 checkpointed chunks of 7 steps; no h0, no final-state gradient, only dk and dg asked for
+    ops = operands(B=1, T=50, H=2, gate="vector", h0=False)
+    y, h = cpu_delta.delta_forward(*ops, gate="vector")
+    leaves = [x.clone().requires_grad_() if x is not None else None for x in ops]
+    yr, _ = delta_recurrent(*leaves, gate="vector")
+    gy = torch.randn_like(yr)
+    want = torch.autograd.grad(yr, [leaves[1], leaves[4]], gy)
+    got = cpu_delta.delta_backward(gy, None, *ops, gate="vector", needs=(False, True, False, False, True, False))
+    assert got[0] is None and got[2] is None and got[3] is None and got[5] is None
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    for a, b in zip((got[1], got[4]), want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@needs_cc
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_custom_op_runs_the_c_kernel_on_the_cpu_path(gate):
+    import seqfuse
+    ops = operands(B=1, T=9, H=2, gate=gate, grad=True)
+    y, h = torch.ops.seqfuse.delta(*ops, gate, 0.5, 64, "recurrent", "auto")
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    got = torch.autograd.grad((y, h), ops, (gy, gh))
+    counts = seqfuse.counters()
+    assert counts["delta"]["cpu"] == 1 and counts["delta_backward"]["cpu"] == 1, counts
+    ref = [x.detach().clone().requires_grad_() for x in ops]
+    want = torch.autograd.grad(oracle(*ref, gate, 0.5), ref, (gy, gh))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.library.opcheck(torch.ops.seqfuse.delta.default, (*ops, gate, 0.5, 64, "recurrent", "cpu"))
+
+
+def test_c_kernel_supports_refuses_what_it_does_not_compute():
+    q, k, v, beta, g, h0 = operands(dtype=torch.float32)
+    t = dict(q=q, k=k, v=v, beta=beta, g=g, h0=h0)
+    ok = dict(gate="scalar", scale=1.0, chunk=64, algorithm="recurrent")
+    assert "algorithm 'chunked'" in cpu_delta.supports(t, {**ok, "algorithm": "chunked"})
+    assert "complex" in cpu_delta.supports({**t, "v": v.to(torch.complex64)}, ok)
+    assert "gate 'vector' with g" not in (cpu_delta.supports(t, ok) or "")
+    big = dict(t, k=torch.randn(2, 7, 3, 300), q=torch.randn(2, 7, 3, 300))
+    assert "MAX_D" not in (cpu_delta.supports(t, ok) or "") and "> 256" in cpu_delta.supports(big, ok)
+    assert "gate 'none' with g given" in cpu_delta.supports(t, {**ok, "gate": "none"})
+    assert "not finite" in cpu_delta.supports(t, {**ok, "scale": float("inf")})
