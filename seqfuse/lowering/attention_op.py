@@ -79,7 +79,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
     """Gradients (dq, dk, dv, dbias) of seqfuse::attention; dbias is empty unless need_dbias."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
     a["need_dbias"] = need_dbias
-    t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
+    t = dict(q=q, k=k, v=v, bias=bias, keep=keep, lse=lse)
     dq, dk, dv, dbias = run("attention", "backward", runtime, t, a, grad_out, q, k, v, bias, keep, out, lse,
                             rng_state, a)
     # gradients in the layouts the fake implementation promises (those of the inputs)
@@ -179,9 +179,20 @@ def _aten_backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
     return (*fused, q.new_empty(0))
 
 
+#: largest |lse| the flash backward is trusted with: it recomputes P = exp(s - lse) from an fp32
+#: lse, whose rounding (up to 2^-24·|lse|) scales a whole row of P; at |lse| = 256 that is 2^-17,
+#: within the fp32 programs' own error, at 2500 (scores of 10³) ten times beyond it
+_LSE_LIMIT = {torch.float32: 256.0, torch.float16: 16384.0, torch.bfloat16: 16384.0}
+
+
 def _aten_supports(t: dict, a: dict) -> str | None:
     if a.get("need_dbias"):
         return "bias gradient runs on the reference"
+    lse = t.get("lse")
+    if lse is not None and lse.numel():
+        top = float(lse.abs().masked_fill(lse.isinf(), 0).amax())
+        if top > _LSE_LIMIT.get(t["q"].dtype, 256.0):
+            return f"row log-sum-exp up to {top:.3g}: the flash backward's P = exp(s - lse) would lose precision"
     return aten_attention.supports(t, a)
 
 

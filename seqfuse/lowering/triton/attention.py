@@ -20,7 +20,7 @@ k/v hold H / gqa_groups heads, and query head h reads kv head h // gqa_groups.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -43,6 +43,10 @@ INTERPRETER_CONFIGS = {
 }
 
 _CACHE = ConfigCache("attention-configs")
+
+#: |lse| beyond which the backward recomputes each row's max and sum (EXACT_STATS) instead of
+#: reading P = exp(s - lse) off the fp32 lse (its rounding, 2^-24·|lse|, scales a whole row of P)
+_EXACT_STATS_LSE = 256.0
 
 
 # --- availability ------------------------------------------------------------
@@ -315,6 +319,10 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
     kern = _kernels()
     need_dbias = bool(a.get("need_dbias")) and bias is not None
     q4, k4, v4, b4, c4, spec = _prepare(q, k, v, bias, keep, a)
+    if not spec.EXACT_STATS and lse.numel() and \
+            float(lse.abs().masked_fill(lse.isinf(), 0).amax()) > _EXACT_STATS_LSE:
+        # rows at a large magnitude: P = exp(s - lse) from the fp32 lse would be off by 2^-24·|lse|
+        spec = replace(spec, EXACT_STATS=True)
     z, h, lq, _ = q4.shape
     hk, lk = k4.shape[1], k4.shape[2]
     do4 = _as4d(grad_out.reshape(*q.shape[:-1], v.shape[-1]))
