@@ -1,0 +1,55 @@
+"""Benchmark workloads of the delta rule: name -> factory(quick, device) -> Workload (benchmarks/workloads.py).
+
+``qwen3_next_linear_attn``: a stack of transformers' Qwen3-Next Gated DeltaNet layers (the linear
+attention of Qwen3-Next, residual connections between them) on their torch path -- the chunked WY
+program ``torch_chunk_gated_delta_rule``, a Python loop over chunks of 64 steps that Dynamo unrolls --
+at B=1, T=2048.  seqfuse lifts each layer's program to one seqfuse.delta (the C kernel's step loop on
+CPU); eager and inductor run the chunked program as written.  Needs transformers.
+
+To run it with benchmarks/run.py, merge the table into its workloads::
+
+    from workloads_delta import WORKLOADS as DELTA_WORKLOADS
+    WORKLOADS.update(DELTA_WORKLOADS)
+
+then ``python benchmarks/run.py --workload qwen3_next_linear_attn [--train] [--quick]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from workloads import Workload, _example
+
+
+class GatedDeltaNetStack(torch.nn.Module):
+    """x (B, T, hidden) -> x + layer(x) through each Gated DeltaNet layer, without a cache."""
+
+    def __init__(self, config, layers):
+        super().__init__()
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+        self.layers = torch.nn.ModuleList(Qwen3NextGatedDeltaNet(config, i) for i in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def qwen3_next_linear_attn_workload(quick, device):
+    from transformers import Qwen3NextConfig
+    _example("qwen3_next").torch_path()   # the torch functions, not fla's GPU kernels (for this process)
+    if quick:
+        T, hidden, kh, vh, dk, layers = 256, 64, 2, 4, 16, 2
+    else:
+        T, hidden, kh, vh, dk, layers = 2048, 512, 4, 8, 64, 2
+    cfg = Qwen3NextConfig(hidden_size=hidden, linear_num_key_heads=kh, linear_num_value_heads=vh,
+                          linear_key_head_dim=dk, linear_value_head_dim=dk, linear_conv_kernel_dim=4,
+                          num_hidden_layers=layers, layer_types=["linear_attention"] * layers)
+    torch.manual_seed(0)
+    model = GatedDeltaNetStack(cfg, layers).to(device)
+    x = torch.randn(1, T, hidden, device=device)
+    return Workload(model, (x,), f"B=1 T={T} layers={layers} hidden={hidden} heads k{kh}/v{vh}x{dk} fp32")
+
+
+WORKLOADS = {
+    "qwen3_next_linear_attn": qwen3_next_linear_attn_workload,
+}
