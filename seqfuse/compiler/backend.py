@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 
@@ -66,6 +67,40 @@ def compile_downstream(gm: torch.fx.GraphModule, example_inputs, downstream: str
     return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode))
 
 
+#: IR op kind -> (module of its generated C kernels, the algorithms that run them)
+_CPU_KERNELS = {"scan": ("scan", None), "ssd": ("ssd", ("recurrent",)), "delta": ("delta", ("recurrent",))}
+
+
+def prefetch_cpu_kernels(report: GraphReport, example_inputs, runtime: str):
+    """Start building (or loading from the cache) the CPU path's C kernels this graph's IR ops will
+    call, in a background thread, so that a first build overlaps the downstream compile instead of
+    adding to the first call (a cold build of the scan library takes tens of seconds on a busy
+    2-core machine).  The dispatcher's own load waits for it (the build holds a lock); a build that
+    fails is reported there as before.  Returns the thread, or None when nothing is to be built."""
+    if runtime not in ("auto", "cpu"):
+        return None
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    if not tensors or any(x.device.type != "cpu" for x in tensors):
+        return None
+    modules = sorted({_CPU_KERNELS[r.kind][0] for r in report.rewrites if r.kind in _CPU_KERNELS
+                      and (_CPU_KERNELS[r.kind][1] is None or r.algorithm in _CPU_KERNELS[r.kind][1])})
+    if not modules:
+        return None
+
+    def build():
+        import importlib
+        for name in modules:
+            try:
+                reason = importlib.import_module(f"seqfuse.lowering.cpu.{name}").available()
+            except Exception as exc:  # noqa: BLE001 - the dispatcher reports it on the call
+                reason = f"{type(exc).__name__}: {exc}"
+            log.cache.debug("prefetched the %s C kernels: %s", name, reason or "ready")
+
+    thread = threading.Thread(target=build, name="seqfuse-cpu-kernels", daemon=True)
+    thread.start()
+    return thread
+
+
 def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """Compile one Dynamo graph: find mixers, lift them to IR ops, lower them, compile the rest.
 
@@ -96,6 +131,7 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         report.add_near_miss("pipeline", f"{type(exc).__name__}: {exc}")
         rewritten = gm
     publish(report)
+    prefetch_cpu_kernels(report, example_inputs, opts.runtime)
     start = time.perf_counter()
     compiled = compile_downstream(rewritten, example_inputs, opts.downstream, mode)
     report.downstream_seconds = time.perf_counter() - start

@@ -1,5 +1,6 @@
 """seqfuse.explain's report (rewrites, near misses, runtime), dump_dir files, and verify=True."""
 import dataclasses
+import threading
 import inspect
 import math
 import os
@@ -195,3 +196,62 @@ def test_explain_says_where_the_compile_time_went():
     assert 0 <= cs["downstream"] and cs["dynamo"] + cs["seqfuse"] + cs["downstream"] <= cs["first_call"] * 1.05
     line = next(s for s in str(report).splitlines() if s.startswith("compile seconds: "))
     assert "dynamo" in line and "seqfuse" in line and "downstream" in line
+
+
+def diagonal_scan(a, b):  # h_t = a_t * h_{t-1} + b_t over dim 1 -> seqfuse.scan
+    h = torch.zeros_like(b[:, 0])
+    out = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("runtime, prefetched", [("auto", True), ("cpu", True), ("eager", False)])
+def test_cpu_kernels_are_built_while_the_rest_compiles(monkeypatch, runtime, prefetched):
+    """A graph with a scan on CPU starts building the C kernels before the downstream compile,
+    in a background thread (so a cold build overlaps it), not at the first call."""
+    from seqfuse.compiler import backend
+    from seqfuse.lowering.cpu import scan as cpu_scan
+
+    events = []
+    real_available = cpu_scan.available
+    monkeypatch.setattr(cpu_scan, "available",
+                        lambda: events.append(("build", threading.current_thread().name)) or real_available())
+    real_downstream = backend.compile_downstream
+
+    def downstream(*args, **kwargs):
+        events.append(("downstream", threading.current_thread().name))
+        return real_downstream(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "compile_downstream", downstream)
+    started = []
+    real_prefetch = backend.prefetch_cpu_kernels
+    monkeypatch.setattr(backend, "prefetch_cpu_kernels",
+                        lambda *a: started.append(real_prefetch(*a)) or started[-1])
+    torch._dynamo.reset()
+    a, b = torch.rand(2, 6, 3), torch.randn(2, 6, 3)
+    report = seqfuse.explain(diagonal_scan, a, b, options={**EAGER, "runtime": runtime})
+    assert report.count("scan") == 1, str(report)
+    if not prefetched:
+        assert started == [None] and ("build", "seqfuse-cpu-kernels") not in events
+        return
+    [thread] = started
+    thread.join(timeout=300)
+    assert ("build", "seqfuse-cpu-kernels") in events, events
+    assert [e for e in events if e[0] == "downstream"] == [("downstream", threading.current_thread().name)]
+    assert report.runtime["scan"]["cpu"] == 1, report.runtime  # the prefetched library runs the call
+
+
+def test_no_prefetch_without_cpu_kernel_ops():
+    from seqfuse.compiler import backend
+    report = seqfuse.compiler.GraphReport()
+    report.add_rewrite("attention", "%a = ...", None, "fused")
+    report.add_rewrite("ssd", "%s = ...", None, "chunked")
+    assert backend.prefetch_cpu_kernels(report, [torch.ones(1)], "auto") is None
+    report.add_rewrite("ssd", "%t = ...", None, "recurrent")
+    assert backend.prefetch_cpu_kernels(report, [torch.ones(1), 3], "aten") is None
+    assert backend.prefetch_cpu_kernels(report, [torch.ones(1, device="meta")], "auto") is None
+    thread = backend.prefetch_cpu_kernels(report, [torch.ones(1), 3], "auto")
+    assert thread is not None and thread.name == "seqfuse-cpu-kernels"
+    thread.join(timeout=300)
