@@ -8,7 +8,7 @@
    ``torch.autograd.Function`` (Dynamo's ``autograd_function_apply``) stays one opaque
    node with its forward and backward bodies: make_fx would inline its forward and
    lose the backward the user wrote.
-2. ``normalize_contractions``: matmul / bmm / mm / baddbmm(beta=0) / einsum /
+2. ``normalize_contractions``: matmul / bmm / mm / baddbmm (its beta·input added back) / einsum /
    broadcast-multiply + sum become ``aten.einsum`` with transposes, permutes,
    unsqueezes and broadcasts of the operands folded into the equation; a fold
    is kept only if every letter keeps its size (a sum over n broadcast copies
@@ -215,8 +215,9 @@ def _einsum_for(node: torch.fx.Node):
             return None
         return [a, b], list(letters[:2]), letters[2], 1
     if is_op(node, aten.baddbmm):
+        # beta·input + alpha·(a @ b): the bias term (beta != 0, Bloom's ALiBi) is added back by the caller
         beta, alpha = arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1)
-        if constant_value(beta) != 0 or not is_scalar(alpha):
+        if not is_scalar(alpha) or constant_value(beta) is None:
             return None
         a, b = node.args[1], node.args[2]
         letters = _matmul_letters(3, 3, "bmm")
@@ -240,6 +241,22 @@ def _einsum_for(node: torch.fx.Node):
         la, lb = full[r - rank(a):], full[r - rank(b):]
         return [a, b], [la, lb], "".join(c for i, c in enumerate(full) if i not in dims), 1
     return None
+
+
+def _baddbmm_bias(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The term beta·input of a baddbmm ``node`` (None when beta is 0 or ``node`` is no baddbmm),
+    inserted before the insertion point."""
+    if not is_op(node, aten.baddbmm):
+        return None
+    beta, bias = arg(node, 3, "beta", 1), node.args[0]
+    if constant_value(beta) == 0:
+        return None
+    if constant_value(beta) == 1:
+        return bias
+    scaled = graph.call_function(aten.mul.Tensor, (bias, beta))
+    copy_meta(scaled, node)
+    scaled.meta["val"] = val(bias) * constant_value(beta)
+    return scaled
 
 
 def normalize_contractions(gm: torch.fx.GraphModule) -> int:
@@ -284,6 +301,10 @@ def normalize_contractions(gm: torch.fx.GraphModule) -> int:
             copy_meta(new, node, with_val=True)
             if constant_value(alpha) != 1:
                 new = graph.call_function(aten.mul.Tensor, (new, alpha))
+                copy_meta(new, node, with_val=True)
+            bias = _baddbmm_bias(graph, node)
+            if bias is not None:
+                new = graph.call_function(aten.add.Tensor, (new, bias))
                 copy_meta(new, node, with_val=True)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

@@ -84,6 +84,23 @@ def test_baddbmm_with_zero_beta_keeps_alpha_as_a_scale():
     torch.testing.assert_close(run(traced, inputs), fn(q3, k3))
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_baddbmm_with_a_bias_is_an_einsum_plus_the_bias(beta):
+    """Bloom's ALiBi scores, baddbmm(alibi, q, kᵀ, beta, alpha): the contraction becomes an einsum
+    (scaled by alpha) and beta·alibi an additive term the recognizers read as a bias."""
+    def fn(bias, q, k):
+        return torch.baddbmm(bias, q, k.transpose(1, 2), beta=beta, alpha=0.25)
+
+    bias = torch.randn(6, 1, 6)
+    gm, inputs = capture(fn, bias, q3, k3)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_contractions(traced) == 1
+    text = format_graph(traced.graph)
+    assert "aten.baddbmm" not in text and "aten.einsum(abc,adc->abd, [%l_q_, %l_k_])" in text, text
+    assert "aten.add.Tensor" in text, text
+    torch.testing.assert_close(run(traced, inputs), fn(bias, q3, k3))
+
+
 def test_contraction_count_and_idempotence():
     def fn(q, k, v):
         return torch.softmax(q @ k.transpose(-2, -1), -1) @ v
