@@ -988,10 +988,20 @@ class _ChunkRewrite(_Rewrite):
         for j, _, src in writes:
             if self.an.deps[j] and src != ("L", plan.readout):
                 raise NotDelta("the chunk loop writes a value computed from the state that is not its readout")
-        vec = self.vec = Vectorizer(self.graph, loop, self.anchor, self.an.deps)
-        final = self._emit_chunked(vec, plan)
         buffers = [loop.template[seed].args[0] for _, seed, _ in writes]
+        tail = self._tail(plan)
+        if tail is not None and (len(buffers) != 1 or tail["buf"] is not buffers[0]):
+            tail = None
+        vec = self.vec = Vectorizer(self.graph, loop, self.anchor, self.an.deps)
+        final = self._emit_chunked(vec, plan, extra=1 if tail is not None else 0)
         self._replace(vec, uses, writes, final, plan)
+        if tail is not None:   # the op ran over the last chunk too: its output goes to the buffer's slice
+            ys = self._all_chunks
+            last = val(ys).shape[2] - 1
+            dest = vec.emit(aten.select.int, (tail["buf"], 2, last))
+            vec.emit(aten.copy_.default, (dest, vec.emit(aten.select.int, (ys, 2, last))))
+            for n in tail["nodes"]:
+                self.graph.erase_node(n)
         for n in sorted(body, key=self.pos.__getitem__, reverse=True):
             if not n.users:
                 self.graph.erase_node(n)
@@ -1128,8 +1138,60 @@ class _ChunkRewrite(_Rewrite):
             if self.an.deps[j] and loop.roles[j] is not None and is_op(n, aten.clone, aten.contiguous, aten.alias) \
                     and self._is_state(("L", j)):
                 allowed.add(j)
-        return self._prove_constants(dict(cd=cd_x, kd=kd_x, nv=nv_x, kc=kc_x, qd=qd_x, ia=ia_x), zd,
-                                     allowed, ro_j)
+        x = dict(cd=cd_x, kd=kd_x, nv=nv_x, kc=kc_x, qd=qd_x, ia=ia_x)
+        plan = self._prove_constants(x, zd, allowed, ro_j)
+        plan.x, plan.entries = x, dict(e1=ua[1][1], u=u_r[1], e2=a_r[1], e3=b_r[1], y=ro_j)
+        return plan
+
+    def _tail(self, plan):
+        """The nodes of a last chunk left out of the loop because its state update is dead (a program that
+        does not return the final state): U = NV_N−1 − KC_N−1·S, y = Qd_N−1·S + IA_N−1·U written into the
+        buffer slice N−1, read from the loop's final state S and nothing else.  None when there is no such
+        chunk or it differs from the loop's body in any way (it then stays as written, reading the op's
+        final state)."""
+        loop, t = self.loop, self.loop.template
+        S = loop.inst[loop.hi][self.k]
+        n_chunks = val(plan.x["nv"]).shape[2]
+        last = loop.hi + 1
+        if not isinstance(n_chunks, int) or last != n_chunks - 1 or loop.reverse:
+            return None
+        outside = [u for u in S.users if u not in self.body]
+        if len(outside) != 2:
+            return None
+
+        def seed(node, name):
+            return node.target is aten.select.int and node.args[0] is plan.x[name] and node.args[1] == 2 \
+                and node.args[2] in (last, -1)
+
+        def same(node, j, a, b):
+            return is_op(node, aten.einsum) and node.args[0] == t[j].args[0] and list(node.args[1]) == [a, b]
+
+        e1 = next((u for u in outside if is_op(u, aten.einsum) and seed(u.args[1][0], "kc")), None)
+        e2 = next((u for u in outside if is_op(u, aten.einsum) and seed(u.args[1][0], "qd")), None)
+        e = plan.entries
+        if e1 is None or e2 is None or not same(e1, e["e1"], e1.args[1][0], S) or \
+                not same(e2, e["e2"], e2.args[1][0], S) or len(e1.users) != 1 or len(e2.users) != 1:
+            return None
+        u = next(iter(e1.users))
+        if u.target is not aten.sub.Tensor or u.kwargs or u.args[1] is not e1 or not seed(u.args[0], "nv") \
+                or len(u.users) != 1:
+            return None
+        e3 = next(iter(u.users))
+        if not is_op(e3, aten.einsum) or not seed(e3.args[1][0], "ia") or not same(e3, e["e3"], e3.args[1][0], u) \
+                or len(e3.users) != 1:
+            return None
+        y = next(iter(e2.users))
+        if y is not next(iter(e3.users)) or not is_op(y, aten.add) or y.kwargs or set(y.args) != {e2, e3} \
+                or len(y.users) != 1 or val(y).dtype != val(t[e["y"]]).dtype:
+            return None
+        copy = next(iter(y.users))
+        if copy.target is not aten.copy_.default or copy.args[1] is not y or copy.users:
+            return None
+        dest = copy.args[0]
+        if dest.target is not aten.select.int or dest.args[1] != 2 or dest.args[2] not in (last, -1) \
+                or len(dest.users) != 1:
+            return None
+        return dict(buf=dest.args[0], nodes=[copy, dest, y, e3, u, e2, e1])
 
     # -- the per-chunk tensors --------------------------------------------------------
     def _prove_constants(self, x, zd, allowed, ro_j):
@@ -1284,7 +1346,7 @@ class _ChunkRewrite(_Rewrite):
         return None, None
 
     # -- emission --------------------------------------------------------------------
-    def _emit_chunked(self, vec, plan):
+    def _emit_chunked(self, vec, plan, extra=0):
         loop = self.loop
         tmpl = loop.template[self.k]
         D = val(tmpl).dtype
@@ -1292,7 +1354,7 @@ class _ChunkRewrite(_Rewrite):
         # last chunk's state update dead: that chunk stays as written and reads the op's final state)
         if loop.lo != 0 or vec.start != 0:
             raise NotDelta("the chunk loop does not start at the first chunk")
-        steps = vec.count * plan.C
+        steps = (vec.count + extra) * plan.C
         whole = known_eq(steps, val(plan.k).shape[2])
         if not whole and not (isinstance(steps, int) and isinstance(val(plan.k).shape[2], int)):
             raise NotDelta("the chunk loop covers a symbolic part of the chunks")
@@ -1317,9 +1379,12 @@ class _ChunkRewrite(_Rewrite):
         y = vec.emit(operator.getitem, (ir, 0))                                  # (B, T', H, V)
         y = vec.emit(aten.transpose.int, (y, 1, 2))                              # (B, H, T', V)
         B, H, Tp, V = val(y).shape
-        y = vec.emit(aten.reshape.default, (y, [B, H, vec.count, plan.C, V]))    # (B, H, N, C, V)
+        y = vec.emit(aten.reshape.default, (y, [B, H, vec.count + extra, plan.C, V]))   # (B, H, N, C, V)
         ro = loop.template[plan.readout]
-        vec.memo[plan.readout] = vec.cast(vec.emit(aten.movedim.int, (y, 2, 0)), val(ro).dtype)
+        y = self._all_chunks = vec.cast(y, val(ro).dtype)
+        if extra:
+            y = vec.emit(aten.slice.Tensor, (y, 2, 0, vec.count))
+        vec.memo[plan.readout] = vec.emit(aten.movedim.int, (y, 2, 0))
         return vec.cast(vec.emit(operator.getitem, (ir, 1)), D)
 
 

@@ -117,3 +117,27 @@ def test_chunked_wy_program_becomes_one_op_over_the_sequence(tmp_path):
         CHECK-NOT: aten.copy_(
         CHECK: return
     """)
+
+
+def chunked_no_state(q, k, v, beta, g, h0):
+    return qwen3_next.torch_chunk_gated_delta_rule.__wrapped__(q, k, v, g, beta, chunk_size=2, initial_state=h0)[0]
+
+
+def test_chunked_program_without_its_final_state_is_one_op_over_every_chunk(tmp_path):
+    # T = 8 in 4 chunks: the last chunk's state update is dead, so the loop re-rolls over the first 3 chunks;
+    # the last chunk (its corrections and readout from the loop's final state) is proven to be one more step
+    # of the loop's body and the op covers all 8 steps, so nothing keeps the solves alive
+    q, k, v, beta, g, h0 = operands()
+    more = [torch.cat([x, x[:, :2]], 1) for x in (q, k, v, beta, g)]
+    text, _ = after_pass(chunked_no_state, *more, h0, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.linalg_solve_triangular
+        CHECK: %delta = seqfuse.delta({{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
+        CHECK-NOT: aten.linalg_solve_triangular
+        CHECK: aten.copy_(
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+        CHECK-NOT: aten.einsum
+        CHECK: return
+    """)

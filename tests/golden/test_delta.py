@@ -236,9 +236,9 @@ def test_chunked_spelling_of_the_listing_is_lifted():
     only_delta(report, "scalar")
 
 
-def test_chunked_without_the_final_state_leaves_the_last_chunk_reading_the_op_state():
-    # output_final_state=False: the last chunk's state update is dead, so the loop covers the chunks before
-    # it; the last chunk stays as written and reads the op's final state
+def test_chunked_without_the_final_state_is_one_op_over_every_chunk():
+    # output_final_state=False: the last chunk's state update is dead, so the loop re-rolls over the chunks
+    # before it; the last chunk is proven to be one more step of the loop and the op covers it too
     def fn(q, k, v, beta, g, h0):
         return torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4, initial_state=h0,
                                             use_qk_l2norm_in_kernel=True)[0]
