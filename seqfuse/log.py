@@ -5,7 +5,10 @@
                                               # runtime paths taken and why faster ones were not
     torch._logging.set_logs(modules={"seqfuse": logging.DEBUG})   # the same from Python
 
-The hierarchy (each logger can also be named on its own, e.g. ``TORCH_LOGS="+seqfuse.runtime"``):
+The hierarchy.  One component alone: ``TORCH_LOGS="seqfuse"`` and then
+``logging.getLogger("seqfuse.cache").setLevel(logging.DEBUG)``; in ``TORCH_LOGS`` itself, which
+torch reads before seqfuse registers anything, only the components that are also modules work
+alone (``"+seqfuse.passes"``, ``"+seqfuse.runtime"``):
 
 - ``seqfuse.passes``: what each recognizer rewrote, its near misses and their reasons
 - ``seqfuse.select``: the algorithm the cost model chose per IR op
@@ -39,6 +42,8 @@ def register_with_torch() -> bool:
         from torch._logging._internal import log_registry, register_log
     except ImportError:  # pragma: no cover - torch without the registry
         return False
+    # the root only: torch gives every registered name its own handler, so registering the
+    # components too would print each of their lines twice (once more through the root's)
     if not log_registry.is_log(ROOT):
         register_log(ROOT, [ROOT])
     return True

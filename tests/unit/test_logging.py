@@ -44,6 +44,7 @@ def run(torch_logs):
 
 def test_debug_logs_every_decision():
     err = run("+seqfuse")
+    assert err.count("rewrote attention at") == 2, err[-3000:]  # two explains of attention, each line once
     assert "rewrote attention at" in err and "(algorithm fused)" in err, err[-3000:]  # seqfuse.passes, INFO
     assert "near miss: attention at" in err and "probabilities are used 2 times" in err, err[-3000:]
     assert "attention %attention: algorithm fused" in err, err[-3000:]           # seqfuse.select, DEBUG
@@ -77,3 +78,20 @@ def test_seqfuse_is_a_registered_torch_log_name():
         {"seqfuse.passes", "seqfuse.select", "seqfuse.runtime", "seqfuse.cache"}
     assert all(lg.parent is seqfuse.log.root for lg in (seqfuse.log.passes, seqfuse.log.cache))
     assert torch._logging._internal._has_registered_parent("seqfuse.passes")
+
+
+def test_one_component_at_debug_and_each_line_once():
+    script = textwrap.dedent("""
+        import logging
+        import torch
+        import seqfuse
+        logging.getLogger("seqfuse.cache").setLevel(logging.DEBUG)
+        seqfuse.log.cache.debug("CACHE-LINE")
+        seqfuse.log.runtime.debug("RUNTIME-LINE")
+        seqfuse.log.passes.info("PASSES-LINE")
+    """)
+    env = {**{k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}, "TORCH_LOGS": "seqfuse"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("CACHE-LINE") == 1 and proc.stderr.count("PASSES-LINE") == 1, proc.stderr[-2000:]
+    assert "RUNTIME-LINE" not in proc.stderr, proc.stderr[-2000:]
