@@ -200,3 +200,9 @@ WORKLOADS = {
     # a chunked (loop-free) SSD program
     "mamba2_chunked": mamba2_chunked_workload,
 }
+
+# the delta-rule workloads live in benchmarks/workloads_delta.py (it imports Workload and _example
+# from here, which are defined by now)
+from workloads_delta import WORKLOADS as _DELTA_WORKLOADS  # noqa: E402
+
+WORKLOADS.update(_DELTA_WORKLOADS)
