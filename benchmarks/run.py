@@ -1,6 +1,6 @@
 """Speed and compile time of seqfuse against eager and inductor, in one run.
 
-    python benchmarks/run.py                              # every workload, full size (about an hour on 2 CPU cores)
+    python benchmarks/run.py                              # every workload, full size (hours on 2 CPU cores)
     python benchmarks/run.py --quick                      # tiny shapes, a smoke test (17 min for nine workloads on
                                                           # 2 busy CPU cores: a process per pair, compiles cold)
     python benchmarks/run.py --workload naive_causal_attention --repeats 20
