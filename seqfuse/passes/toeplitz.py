@@ -45,6 +45,12 @@ _MOVES = {
 }
 
 
+#: the data-movement ops that can lay a kernel out along two axes (a lag structure); a matrix
+#: moved out of a lower-rank tensor without one (an unsqueeze + expand) is no Toeplitz candidate
+_STRUCTURE = {aten.index.Tensor, aten.index_select.default, aten.gather.default, aten.unfold.default,
+              aten.as_strided.default}
+
+
 class _NotToeplitz(Exception):
     pass
 
@@ -181,11 +187,13 @@ class ToeplitzPass(Pass):
             if not set(batch_t) <= set(out):
                 continue
             try:
-                k, _ = _source(T)
+                k, path = _source(T)
             except _NotToeplitz:
                 continue  # not built from a kernel by data movement: an ordinary matrix product
-            if val(k).dim() >= val(T).dim():
-                continue  # the matrix is (a view of) a tensor of its own rank: an ordinary product
+            if val(k).dim() >= val(T).dim() or not any(n.target in _STRUCTURE for n in path):
+                continue  # a view or broadcast of a tensor, not a kernel laid out by lag: an ordinary product
+            if any(isinstance(s, int) and s == 1 for s in val(T).shape[-2:]):
+                continue  # a 1 x 1 (or 1-wide) matrix: nothing to convolve
             self._rewrite(ctx, node, T, u, k, lt, lu, out, i, j, batch_t)
             return
 
