@@ -26,7 +26,11 @@ def recompute_grads(fn, grad_out, inputs: list, needs: list[bool]):
                   for x, n in zip(inputs, needs)]
         out = fn(*leaves)
         wanted = [x for x, n in zip(leaves, needs) if n]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())
+        # outputs that depend on no wanted input (no graph) contribute nothing: autograd.grad would raise
+        outs, gouts = (list(out), list(grad_out)) if isinstance(out, (tuple, list)) else ([out], [grad_out])
+        pairs = [(o, g) for o, g in zip(outs, gouts) if isinstance(o, torch.Tensor) and o.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)) \
+            if wanted and pairs else iter([None] * len(wanted))
         result = []
         for x, n in zip(leaves, needs):
             if not n:

@@ -178,3 +178,16 @@ def test_fake_implementation_shapes():
     assert out.shape == (2, 4, 6, 3) and rng.numel() == 0
     assert lse.shape == (2, 4, 6) and lse.dtype == torch.float32
     assert out_d.shape == (2, 4, 6, 3) and rng_d.numel() == torch.get_rng_state().numel()
+
+
+def test_recompute_grads_skips_outputs_that_need_no_gradient():
+    """An output that depends on no wanted input (here: the second reads only y, which needs none)
+    adds nothing; autograd.grad used to raise "element 1 of tensors does not require grad"."""
+    from seqfuse.lowering.autograd import recompute_grads
+    x, y = torch.randn(3), torch.randn(3)
+    gx, gy = recompute_grads(lambda a, b: (a.sin() * 2, b.cos()), (torch.ones(3), torch.ones(3)), [x, y],
+                             [True, False])
+    torch.testing.assert_close(gx, 2 * x.cos())
+    assert gy is None
+    (gx,) = recompute_grads(lambda a: (a.detach() * 3,), (torch.ones(3),), [x], [True])
+    torch.testing.assert_close(gx, torch.zeros(3))  # no path to x at all: a zero gradient
