@@ -132,15 +132,26 @@ def eager_attention(q, k, v, bias=None, keep=None, **attrs):
     """The eager path (out only): the reference, except for a lifted SDPA call with a NaN or inf
     input, which runs SDPA itself: the program's SDPA decides where such values reach (its CPU
     kernels skip or add masked keys' scores), and no other formula reproduces that."""
-    if _is_sdpa_call(q, k, v, bias, keep, **attrs) and _nonfinite(q, k, v, bias):
+    if _sdpa_decides(q, k, v, bias, keep, attrs):
         return aten_attention.attention_sdpa(q, k, v, bias, keep, **attrs)
     return attention_reference(q, k, v, bias, keep, **attrs)
+
+
+def _sdpa_decides(q, k, v, bias, keep, attrs) -> bool:
+    """Whether a lifted SDPA call must run as SDPA itself: NaN / inf inputs, or is_causal with a
+    scale <= 0 (SDPA's CPU kernel gives NaN rows there; the program is what SDPA returns)."""
+    if not _is_sdpa_call(q, k, v, bias, keep, **attrs):
+        return False
+    scale = attrs["scale"]
+    if attrs["mask"] == "causal" and scale is not None and float(scale) <= 0.0:
+        return True
+    return _nonfinite(q, k, v, bias)
 
 
 def _reference_forward(q, k, v, bias, keep, a):
     attrs = {n: a[n] for n in ATTR_NAMES}
     out, lse = attention_reference(q, k, v, bias, keep, return_lse=True, **attrs)
-    if _is_sdpa_call(q, k, v, bias, keep, **attrs) and _nonfinite(q, k, v, bias):
+    if _sdpa_decides(q, k, v, bias, keep, attrs):
         out = aten_attention.attention_sdpa(q, k, v, bias, keep, **attrs)
     return out, lse
 

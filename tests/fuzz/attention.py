@@ -79,9 +79,9 @@ def hand_written(r, seed, triton):
     window = size(r, 1, max(1, Lq), (1, 2, 3))
     strided = r.random() < 0.15
     Dv = D if r.random() < 0.8 else size(r, 1, 16)
-    if strided:
-        q = m.randn(B, H, Lq, 2 * D, grad=False)
-        k, v = m.randn(B, Hk, Lk, 2 * D, grad=False), m.randn(B, Hk, Lk, 2 * Dv, grad=False)
+    if strided:  # the program slices the head dim (stride 2): the op reads the views
+        q = m.randn(B, H, Lq, 2 * D)
+        k, v = m.randn(B, Hk, Lk, 2 * D), m.randn(B, Hk, Lk, 2 * Dv)
     else:
         q, k, v = m.randn(B, H, Lq, D), m.randn(B, Hk, Lk, D), m.randn(B, Hk, Lk, Dv)
     if r.random() < 0.1:

@@ -418,3 +418,14 @@ def test_backward_with_scores_of_a_thousand(runtime, monkeypatch):
     assert outcome.status == "ok", outcome.detail
     if runtime == "auto":
         assert refused("row log-sum-exp")
+
+
+@pytest.mark.parametrize("scale", [-0.2, 0.0])
+def test_sdpa_is_causal_with_a_non_positive_scale_is_what_sdpa_returns(scale):
+    # SDPA's own CPU kernel gives NaN rows for is_causal with scale <= 0 (item 2's kernel defect):
+    # the program is what SDPA returns, so the lifted call runs SDPA itself there
+    q, k, v = (torch.randn(2, 4, 54, 8, requires_grad=True) for _ in range(3))
+    report = compare(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
+                     q, k, v, options={"runtime": "aten"})
+    assert report.count("attention") == 1
+    assert refused("is not positive")
