@@ -504,18 +504,20 @@ int scan_round_modes(void) {
     return bits;
 }
 """ % MAX_N
-SOURCE = _HEADER + "".join(_TEMPLATE.replace("SCALAR", ctype).replace("SUFFIX", suffix)
-                           for ctype, suffix in KERNEL_DTYPES.values())
+#: one library per compute dtype (fp32, fp64): a first call builds only the one it needs, about
+#: half the compile of both (the scan kernels' many specializations make this the longest build)
+SOURCES = {dtype: _HEADER + _TEMPLATE.replace("SCALAR", ctype).replace("SUFFIX", suffix)
+           for dtype, (ctype, suffix) in KERNEL_DTYPES.items()}
 
 
-def library():
-    """The built scan library (raises build.BuildError with the reason)."""
-    return build.load("scan", SOURCE)
+def library(dtype: torch.dtype = torch.float32):
+    """The built scan library of compute ``dtype`` (raises build.BuildError with the reason)."""
+    return build.load(f"scan_{KERNEL_DTYPES[dtype][1]}", SOURCES[dtype])
 
 
-def available() -> str | None:
-    """None if the scan kernels can be built and loaded here, else the reason."""
-    return build.try_load("scan", SOURCE)[1]
+def available(dtype: torch.dtype = torch.float32) -> str | None:
+    """None if the scan kernels of compute ``dtype`` can be built and loaded here, else the reason."""
+    return build.try_load(f"scan_{KERNEL_DTYPES[dtype][1]}", SOURCES[dtype])[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +597,7 @@ def _buffers(views: dict, full, reverse: bool):
 
 
 def _fn(kind: str, dtype: torch.dtype):
-    return getattr(library(), f"scan_{kind}_{KERNEL_DTYPES[dtype][1]}")
+    return getattr(library(dtype), f"scan_{kind}_{KERNEL_DTYPES[dtype][1]}")
 
 
 def scan_forward(a, b, c=None, h0=None, reverse: bool = False, dt=None, u=None, readout_dtype=None):
@@ -713,7 +715,7 @@ def supports(tensors: dict, attrs: dict) -> str | None:
         return f"operands do not broadcast: {exc}"
     if full[-1] > MAX_N:
         return f"state size N={full[-1]} > {MAX_N} (the kernel's local state array)"
-    reason = available()
+    reason = available(compute_dtype(*(tensors.get(k) for k in ("a", "b", "c", "h0", "dt", "u")))[0])
     if reason is None:
         try:
             round_mode(attrs.get("readout_dtype"), tensors.get("c"))
