@@ -1,6 +1,6 @@
 """Build, cache and load the generated C kernels of the CPU path.
 
-A kernel module is plain C (no torch headers, so a build takes a fraction of a second),
+A kernel module is plain C (no torch headers: a build takes one to ten seconds, the scan library the longest),
 compiled with the system C compiler -- the one inductor already needs on CPU -- into a
 shared library and loaded with ctypes.  The library is named by a content hash of
 everything that decides the machine code: the source, the compiler (resolved path, size
