@@ -10,7 +10,8 @@ DOWNSTREAMS = ("inductor", "aot_eager", "eager")
 RUNTIMES = ("auto", "triton", "cpu", "aten", "eager")
 #: the algorithms a user may force per IR op kind with ``options={"algorithm": {kind: name}}``
 ALGORITHMS = {"attention": ("fused",), "long_conv": ("fft", "direct"),
-              "ssd": ("quadratic", "chunked", "recurrent"), "scan": ("recurrent", "chunked")}
+              "ssd": ("quadratic", "chunked", "recurrent"), "scan": ("recurrent", "chunked"),
+              "delta": ("recurrent", "chunked")}
 
 
 @dataclass(frozen=True)
