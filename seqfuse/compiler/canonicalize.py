@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import math
 import string
 
 import torch
@@ -369,6 +370,9 @@ def normalize_masks(gm: torch.fx.GraphModule) -> int:
             keep, x, fill = _negate(graph, cond, node), b, value
         if keep is None or fill is None or not isinstance(x, torch.fx.Node) or not val(x).is_floating_point():
             continue
+        if is_op(node, aten.masked_fill) and math.isfinite(float(fill)) and not math.isfinite(
+                torch.tensor(float(fill), dtype=torch.float64).to(val(x).dtype).item()):
+            continue  # masked_fill raises on a fill its dtype cannot hold (fp16 -1e9); where would round it
         if not _shape_matches(val(node).shape, val(x).shape) or val(node).dtype != val(x).dtype:
             continue  # the where broadcasts x or promotes its dtype: keep the original
         with graph.inserting_before(node):

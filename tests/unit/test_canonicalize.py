@@ -237,3 +237,26 @@ def test_other_vmaps_stay_untraceable(name):
     report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager"})
     assert [m.kind for m in report.near_misses] == ["graph"], str(report)
     torch.testing.assert_close(report.output, fn(*args))
+
+
+def test_masked_fill_that_overflows_its_dtype_is_kept():
+    """fp16 masked_fill(-1e9) raises in eager ("cannot be converted to Half"); as a where it would
+    round the fill to -inf and return a tensor: the masked_fill stays, and so does the error."""
+    def fn(s, m):
+        return s.masked_fill(m, -1e9)
+
+    for dtype, kept in ((torch.float16, True), (torch.float32, False)):
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append((gm, example_inputs))
+            return gm.forward
+        try:
+            torch.compile(fn, backend=backend, fullgraph=True)(torch.randn(2, 4, 4, dtype=dtype), m2[:4, :4])
+        except RuntimeError as exc:  # the fp16 program raises when it runs; its graph is captured first
+            assert dtype == torch.float16 and "Half" in str(exc)
+        (gm, inputs), = graphs
+        traced = trace_pre_dispatch(gm, inputs)
+        assert normalize_masks(traced) == (0 if kept else 1)
+        assert (aten.masked_fill.Scalar in targets(traced)) == kept, format_graph(traced.graph)
