@@ -10,7 +10,11 @@ where each mask is a size-only (or constant) bool/0-1 tensor or a ``tril`` of th
 scores, and E is a linear form over three kinds of atoms:
 
 - ``("g", G, letters)``: a tensor G read at i or j (G = cumsum(a) gives a segment sum);
-- ``("seg", A, letters)``: cumsum_i(where(j < i, A_i, 0)) = Σ_{j<x≤i} A_x (HF segment_sum);
+- ``("seg", A, letters)``: cumsum_i(where(j < i, A_i, 0)) = Σ_{j<x≤i} A_x, the stable segsum of
+  mamba_ssm/modules/ssd_minimal.py and HF segment_sum (A_i broadcast along j by expand, einops.repeat
+  or Tensor.repeat of a size-1 axis; the inner mask is proven tril(-1) at every size variant, the
+  outer -inf mask makes the whole mask tril(0)).  It sums A over (j, i] directly, not as G_i - G_j:
+  the op's algorithms recompute the segment sums their own way (tests compare both with fp64);
 - ``("pos", letter)``: the position index i or j (an arange), for γ^(i-j) decays.
 
 Coefficients are a constant times a product of per-batch tensors (a per-head log γ).
@@ -73,6 +77,28 @@ def base_letters(node, letters: list) -> tuple[torch.fx.Node, list]:
     if isinstance(node, torch.fx.Node) and isinstance(val(node), torch.Tensor):
         letters = [UNIT if _is_one(s) else c for s, c in zip(val(node).shape, letters)]
     return node, letters
+
+
+def tile_as_broadcast(node, letters: list) -> tuple:
+    """``aten.repeat`` that tiles only size-1 axes (and prepends axes) is a broadcast (an
+    ``expand``): its source and the letters of the source's axes, UNIT on each tiled axis.
+    Any other node (or a repeat that really tiles an axis longer than 1) is returned as is."""
+    if not (isinstance(node, torch.fx.Node) and node.target is aten.repeat.default):
+        return node, letters
+    src, reps = node.args[0], list(node.args[1])
+    r = rank(src)
+    new = len(reps) - (r or 0)
+    if r is None or new < 0 or len(letters) != len(reps):
+        return node, letters
+    shape, out = val(src).shape, []
+    for k in range(r):
+        if _is_one(reps[new + k]):
+            out.append(letters[new + k])
+        elif _is_one(shape[k]):
+            out.append(UNIT)                        # r copies of one element: constant along the axis
+        else:
+            return node, letters
+    return src, out                                 # prepended axes: the value does not depend on them
 
 
 def aligned(operand, letters: list, result) -> list:
@@ -279,7 +305,12 @@ class Analyzer:
             if d < len(letters) and letters[d] == i and src.target is aten.where.ScalarOther and src.args[2] == 0.0:
                 # cumsum_i(where(j < i, A_i, 0)) = Σ_{j<x≤i} A_x  (HF Mamba-2 segment_sum)
                 keep, y = src.args[0], src.args[1]
-                yb, yl = base_letters(y, letters)
+                yb, yl = base_letters(y, aligned(y, letters, src))
+                while True:                 # x.unsqueeze(-1).repeat(..., T): a tiling of a size-1 axis
+                    tb, tl = tile_as_broadcast(yb, yl)
+                    if tb is yb:
+                        break
+                    yb, yl = base_letters(tb, tl)
                 if i in yl and j not in yl:
                     mask = ("keep", keep, aligned(keep, letters, src))
                     return Lin([(("seg", yb, tuple(yl)), Coef())], valid=[("tril", i, j, 0)], req=[(mask, ("causal", -1, 0))])

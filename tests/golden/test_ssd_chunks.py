@@ -15,7 +15,9 @@ CHUNKED = "chunked form not fused"
 
 
 def segsum(x):
-    """Σ_{j<s<=i} x_s over the last axis, -inf above the diagonal (the SSD listing's stable form)."""
+    """Σ_{j<s<=i} x_s over the last axis, -inf above the diagonal, as the difference cs_i - cs_j of one
+    cumulative sum (the naive, less stable form; the listing's stable masked-cumsum segsum of
+    mamba_ssm/modules/ssd_minimal.py is in test_ssd_stable_segsum.py)."""
     t = x.size(-1)
     cs = torch.cumsum(x, dim=-1)
     seg = cs[..., :, None] - cs[..., None, :]

@@ -156,6 +156,7 @@ def test_hf_mamba2_segment_sum_form():
 
 
 def segsum(x):
+    # the naive segment sum cs_i - cs_j (not the listing's stable masked-cumsum form: test_ssd_stable_segsum.py)
     t = x.size(-1)
     x_cumsum = torch.cumsum(x, dim=-1)
     x_segsum = x_cumsum[..., :, None] - x_cumsum[..., None, :]
@@ -164,7 +165,8 @@ def segsum(x):
 
 
 def ssd_minimal_quadratic(X, A, Bm, C):
-    """The SSD paper's listing, one chunk: Y = einsum(C, B, L = exp(segsum(A)), X) in one 4-operand einsum."""
+    """The SSD paper's listing, one chunk: Y = einsum(C, B, L = exp(segsum(A)), X) in one 4-operand einsum
+    (with the naive segsum above)."""
     L = torch.exp(segsum(A.permute(0, 2, 1)))
     return torch.einsum("blhn,bshn,bhls,bshp->blhp", C, Bm, L, X)
 
