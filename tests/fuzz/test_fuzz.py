@@ -125,3 +125,19 @@ def test_cases_are_reproducible():
     b = [describe(c) for c in iter_cases("ssd", 3, 5, False)]
     assert a == b
 
+
+
+def test_numerically_zero_values_are_judged_at_the_case_scale():
+    """A gradient the math makes 0 (Lk = 1 makes dq, dk exactly 0) holds only rounding noise in eager
+    and in its fp64 oracle: an exact 0 (or other noise) from seqfuse is right.  A small gradient that
+    is not zero keeps the relative measure: 2x off is wrong."""
+    from .check import _compare
+    noise = torch.full((4, 3), 1e-16, dtype=torch.float64)
+    ctx = {"case_scale": 8.0}
+    problem, summary = _compare("grad", torch.zeros_like(noise), noise, noise, ctx, exact_nan_rule)
+    assert problem is None and "numerically zero" in summary, summary
+    small = torch.full((4, 3), 1e-3, dtype=torch.float64)
+    problem, _ = _compare("grad", 2 * small, small, small, ctx, exact_nan_rule)
+    assert problem is not None
+    problem, _ = _compare("grad", torch.zeros_like(noise), noise, noise, {}, exact_nan_rule)
+    assert problem is not None  # without a case scale the relative measure stands
