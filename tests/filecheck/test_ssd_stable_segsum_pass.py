@@ -8,7 +8,7 @@ import torch
 
 import seqfuse
 from fc import run_filecheck
-from golden.test_ssd_stable_segsum import inputs, listing, make_segsum, ssd_quadratic
+from golden.test_ssd_stable_segsum import SEGSUMS, inputs, listing, make_segsum, ssd_quadratic
 
 
 def quadratic(segsum_):
@@ -27,7 +27,7 @@ def after_pass(fn, *args, tmp_path, stage):
 @pytest.mark.parametrize("spelling", ["einops", "expand", "repeat"])
 def test_quadratic_form_is_one_ssd_with_a(tmp_path, spelling):
     # rearrange(A, "b l h -> b h l") and the segsum are gone: a is the program's A itself
-    fn = quadratic(make_segsum(spelling))
+    fn = quadratic(SEGSUMS[spelling])
     text = after_pass(fn, *inputs(t=8), tmp_path=tmp_path, stage="ssd_forms")
     run_filecheck(text, """
         CHECK-LABEL: graph(

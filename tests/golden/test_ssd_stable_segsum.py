@@ -89,6 +89,31 @@ def ssd_quadratic(X, A, B, C, segsum=segsum):
 
 # --- other spellings of the repeat, and broken ones (for the negatives) --------------------
 
+def segsum_expand(x):
+    """The listing's segsum with the repeat spelled x[..., None].expand (as transformers' Mamba-2 does)."""
+    T = x.size(-1)
+    x = x[..., None].expand(*x.size(), T)
+    mask = torch.tril(torch.ones(T, T, device=x.device, dtype=bool), diagonal=-1)
+    x = x.masked_fill(~mask, 0)
+    x_segsum = torch.cumsum(x, dim=-2)
+    mask = torch.tril(torch.ones(T, T, device=x.device, dtype=bool), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+def segsum_repeat(x):
+    """The listing's segsum with the repeat spelled x.unsqueeze(-1).repeat(1, ..., 1, T)."""
+    T = x.size(-1)
+    x = x.unsqueeze(-1).repeat(*([1] * x.dim()), T)
+    mask = torch.tril(torch.ones(T, T, device=x.device, dtype=bool), diagonal=-1)
+    x = x.masked_fill(~mask, 0)
+    x_segsum = torch.cumsum(x, dim=-2)
+    mask = torch.tril(torch.ones(T, T, device=x.device, dtype=bool), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+SEGSUMS = {"einops": segsum, "expand": segsum_expand, "repeat": segsum_repeat}
+
+
 def make_segsum(spelling="einops", inner=-1, outer=0):
     """The stable segsum with the repeat spelled ``spelling`` and the two masks' diagonals."""
     def segsum_(x):
@@ -140,8 +165,18 @@ def one_ssd(report):
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_quadratic_form_is_one_ssd(spelling):
-    fn = functools.partial(ssd_quadratic, segsum=make_segsum(spelling)) if spelling != "einops" else ssd_quadratic
+    fn = functools.partial(ssd_quadratic, segsum=SEGSUMS[spelling]) if spelling != "einops" else ssd_quadratic
     report = check_against_eager(fn, *inputs())
+    one_ssd(report)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_quadratic_form_dynamic_length(spelling):
+    # a symbolic T: the repeat count and both masks' sizes are symbols, checked at every size variant
+    # (module-level segsums: make_segsum's closure diagonals would become symbols under dynamic=True,
+    # and a mask diagonal that is a graph input is rightly not proven)
+    report = check_against_eager(functools.partial(ssd_quadratic, segsum=SEGSUMS[spelling]), *inputs(t=12),
+                                 dynamic=True)
     one_ssd(report)
 
 
@@ -149,7 +184,7 @@ def test_quadratic_form_is_one_ssd(spelling):
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_ssd_minimal_discrete_is_one_ssd(spelling):
-    seg = segsum if spelling == "einops" else make_segsum(spelling)
+    seg = SEGSUMS[spelling]
     report = check_against_eager(listing(16, seg), *inputs(t=64))
     ir = one_ssd(report)
     assert "h0=" not in ir, ir
@@ -188,6 +223,15 @@ def test_wrong_segsum_is_a_near_miss(inner, outer, spelling, reason, form):
     assert report.count("ssd") == 0, str(report)
     misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
     assert any(reason in r for r in misses), misses
+
+
+def test_symbolic_mask_diagonal_is_a_near_miss():
+    # under dynamic=True the closure's diagonals (-1, 0) become graph inputs: the masks are not proven
+    # tril(-1) / tril(0) for every value, so the program stays as written
+    fn = functools.partial(ssd_quadratic, segsum=make_segsum("repeat"))
+    report = check_against_eager(fn, *inputs(t=12), dynamic=True)
+    assert report.count("ssd") == 0, str(report)
+    assert [m for m in report.near_misses if m.kind == "ssd"], str(report)
 
 
 # --- accuracy: the stable form sums x over (j, i] directly; the op computes the segment sums
