@@ -32,6 +32,11 @@ def _llama_gqa():
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
 
 
+def _llama_mqa():  # one kv head: the size-1 head axis after repeat_kv (issue 15)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1))
+
+
 def _mistral_window():
     return T.MistralForCausalLM(T.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                 num_hidden_layers=2, num_attention_heads=4,
@@ -61,6 +66,7 @@ def _recurrent_gemma():
 MODELS = {
     "gpt2": (_gpt2, {"attention": 2}),
     "llama_gqa": (_llama_gqa, {"attention": 2}),
+    "llama_mqa": (_llama_mqa, {"attention": 2}),
     "mistral_window": (_mistral_window, {"attention": 2}),
     "gemma2_softcap": (_gemma2_softcap, {"attention": 2}),
     # ALiBi through baddbmm is not recognized yet (issue 15): the test is about its gradients
