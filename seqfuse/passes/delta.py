@@ -524,7 +524,7 @@ class _Rewrite:
         # 2. the rewrite
         vec = self.vec = Vectorizer(self.graph, loop, self.anchor, self.an.deps)
         final = self._emit(vec, plan)
-        self._replace(vec, uses, writes, final, plan)
+        vec.replace_outside_uses(uses, writes, {self.k: final}, invariant_writes=False)
         for n in sorted(body, key=self.pos.__getitem__, reverse=True):
             if not n.users:
                 self.graph.erase_node(n)
@@ -860,59 +860,6 @@ class _Rewrite:
             h = vec.emit(aten.transpose.int, (h, -1, -2))
         return vec.cast(h, D)
 
-    # 3. outside uses ----------------------------------------------------------------
-    def _replace(self, vec, uses, writes, final, plan):
-        loop = self.loop
-        done = set()
-        for (s, j), users in uses.items():
-            for u in users:
-                if u in done:
-                    continue
-                if j == self.k and s == loop.hi:
-                    u.replace_input_with(loop.inst[s][j], final)
-                    continue
-                whole = self._collection(u, j)
-                if whole is not None:
-                    u.replace_all_uses_with(whole)
-                    done.add(u)
-                    self.graph.erase_node(u)
-                    continue
-                x = vec.emit(aten.select.int, (vec.vec(j), 0, loop.index(s) - vec.start))
-                u.replace_input_with(loop.inst[s][j], x)
-        for j, seed, src in writes:
-            node = loop.template[seed]
-            buf, d = node.args[0], node.args[1] % val(node.args[0]).dim()
-            value, is_vec = vec.role(src)
-            if not is_vec:
-                raise NoLoop("a buffer write of an invariant value")
-            dest = vec.emit(aten.slice.Tensor, (buf, d, vec.start, vec.start + vec.count))
-            rank = val(buf).dim() if node.target is aten.slice.Tensor else val(buf).dim() - 1
-            value = vec.emit(aten.movedim.int, (vec.pad(value, rank + 1), 0, d))
-            if node.target is aten.slice.Tensor:
-                value = vec.emit(aten.squeeze.dim, (value, d + 1))
-            vec.emit(aten.copy_.default, (dest, value))
-
-    def _collection(self, u, j):
-        """The whole of ``stack(list)`` / ``cat(list)`` when the list is entry j at every step, in step order."""
-        loop = self.loop
-        if not is_op(u, aten.stack, aten.cat) or not isinstance(u.args[0], (list, tuple)):
-            return None
-        items = list(u.args[0])
-        want = [loop.inst[s][j] for s in loop.steps]
-        if items != want and items != want[::-1]:
-            return None
-        v = self.vec.vec(j)
-        d = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
-        if loop.reverse == (items == want):
-            v = self.vec.emit(aten.flip.default, (v, [0]))
-        r = val(loop.template[j]).dim()
-        if is_op(u, aten.stack):
-            out = self.vec.emit(aten.movedim.int, (v, 0, d % (r + 1)))
-        else:
-            d = d % r
-            out = self.vec.emit(aten.flatten.using_ints, (self.vec.emit(aten.movedim.int, (v, 0, d)), d, d + 1))
-        return self.vec.cast(out, val(u).dtype)
-
 
 # --- the chunked WY form over the chunks --------------------------------------------------
 
@@ -994,7 +941,7 @@ class _ChunkRewrite(_Rewrite):
             tail = None
         vec = self.vec = Vectorizer(self.graph, loop, self.anchor, self.an.deps)
         final = self._emit_chunked(vec, plan, extra=1 if tail is not None else 0)
-        self._replace(vec, uses, writes, final, plan)
+        vec.replace_outside_uses(uses, writes, {self.k: final}, invariant_writes=False)
         if tail is not None:   # the op ran over the last chunk too: its output goes to the buffer's slice
             ys = self._all_chunks
             last = val(ys).shape[2] - 1

@@ -89,6 +89,63 @@ class Vectorizer:
         self.fake_mode = val(self.where).fake_mode
         self.sizes: dict | None = None     # symbolic expression -> a sym_size node that holds it
 
+    # --- the loop's values outside it -------------------------------------------------
+    def replace_outside_uses(self, uses: dict, writes: list, finals: dict, invariant_writes: bool = True) -> None:
+        """Rewire what outside the loop read its step values: the last step of a carried value in
+        ``finals`` reads that node (the op's final state), a ``stack`` / ``cat`` of every step
+        becomes the whole vector, any other read a ``select`` of it; each buffer write
+        ``buf[..., i] = value`` of ``writes`` becomes one copy into the slice of all steps.  With
+        ``invariant_writes`` False, a buffer write of a loop-invariant value is refused."""
+        loop, done = self.loop, set()
+        for (s, j), users in uses.items():
+            for u in users:
+                if u in done:
+                    continue
+                if j in loop.carried and s == loop.hi and j in finals:
+                    u.replace_input_with(loop.inst[s][j], finals[j])
+                    continue
+                whole = self.collection(u, j)
+                if whole is not None:
+                    u.replace_all_uses_with(whole)
+                    done.add(u)
+                    self.graph.erase_node(u)
+                    continue
+                x = self.emit(aten.select.int, (self.vec(j), 0, loop.index(s) - self.start))
+                u.replace_input_with(loop.inst[s][j], x)
+        for j, seed, src in writes:
+            node = loop.template[seed]
+            buf, d = node.args[0], node.args[1] % val(node.args[0]).dim()
+            value, is_vec = self.role(src)
+            if not is_vec and not invariant_writes:
+                raise NoLoop("a buffer write of an invariant value")
+            dest = self.emit(aten.slice.Tensor, (buf, d, self.start, self.start + self.count))
+            rank = val(buf).dim() if node.target is aten.slice.Tensor else val(buf).dim() - 1
+            value = self.emit(aten.movedim.int, (self.pad(value, rank + 1), 0, d))
+            if node.target is aten.slice.Tensor:
+                value = self.emit(aten.squeeze.dim, (value, d + 1))
+            self.emit(aten.copy_.default, (dest, value))
+
+    def collection(self, u, j):
+        """The whole of ``stack(list)`` / ``cat(list)`` when the list is entry j at every step, in step order."""
+        loop = self.loop
+        if not is_op(u, aten.stack, aten.cat) or not isinstance(u.args[0], (list, tuple)):
+            return None
+        items = list(u.args[0])
+        want = [loop.inst[s][j] for s in loop.steps]
+        if items != want and items != want[::-1]:
+            return None
+        v = self.vec(j)
+        d = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+        if loop.reverse == (items == want):   # the list runs by decreasing index
+            v = self.emit(aten.flip.default, (v, [0]))
+        r = val(loop.template[j]).dim()
+        if is_op(u, aten.stack):
+            out = self.emit(aten.movedim.int, (v, 0, d % (r + 1)))
+        else:
+            d = d % r
+            out = self.emit(aten.flatten.using_ints, (self.emit(aten.movedim.int, (v, 0, d)), d, d + 1))
+        return self.cast(out, val(u).dtype)
+
     # --- symbolic sizes -------------------------------------------------------------
     def size(self, s):
         """``s`` as a graph argument: an int as is; a symbolic size as ``aten.sym_size.int(x, d)`` of

@@ -298,7 +298,7 @@ class _Rewrite:
                 finals[k] = self._emit_ssd(vec, k, plan)
             else:
                 finals[k] = self._emit_scan(vec, k, lins[k], readouts.get(k), k in states)
-        self._replace(vec, uses, writes, finals)
+        vec.replace_outside_uses(uses, writes, finals)
         for n in sorted(body, key=self.pos.__getitem__, reverse=True):
             if not n.users:
                 self.graph.erase_node(n)
@@ -815,52 +815,3 @@ class _Rewrite:
         return vec.cast(h, D)
 
     # 4. outside uses -----------------------------------------------------------
-    def _replace(self, vec, uses, writes, finals):
-        loop = self.loop
-        done = set()
-        for (s, j), users in uses.items():
-            for u in users:
-                if u in done:
-                    continue
-                if j in loop.carried and s == loop.hi and j in finals:
-                    u.replace_input_with(loop.inst[s][j], finals[j])
-                    continue
-                whole = self._collection(u, j)
-                if whole is not None:
-                    u.replace_all_uses_with(whole)
-                    done.add(u)
-                    self.graph.erase_node(u)
-                    continue
-                x = vec.emit(aten.select.int, (vec.vec(j), 0, loop.index(s) - vec.start))
-                u.replace_input_with(loop.inst[s][j], x)
-        for j, seed, src in writes:
-            node = loop.template[seed]
-            buf, d = node.args[0], node.args[1] % val(node.args[0]).dim()
-            value, _ = vec.role(src)
-            dest = vec.emit(aten.slice.Tensor, (buf, d, vec.start, vec.start + vec.count))
-            rank = val(buf).dim() if node.target is aten.slice.Tensor else val(buf).dim() - 1
-            value = vec.emit(aten.movedim.int, (vec.pad(value, rank + 1), 0, d))
-            if node.target is aten.slice.Tensor:
-                value = vec.emit(aten.squeeze.dim, (value, d + 1))
-            vec.emit(aten.copy_.default, (dest, value))
-
-    def _collection(self, u, j):
-        """The whole of ``stack(list)`` / ``cat(list)`` when the list is entry j at every step, in step order."""
-        loop = self.loop
-        if not is_op(u, aten.stack, aten.cat) or not isinstance(u.args[0], (list, tuple)):
-            return None
-        items = list(u.args[0])
-        want = [loop.inst[s][j] for s in loop.steps]
-        if items != want and items != want[::-1]:
-            return None
-        v = self.vec.vec(j)
-        d = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
-        if loop.reverse == (items == want):   # the list runs by decreasing index
-            v = self.vec.emit(aten.flip.default, (v, [0]))
-        r = val(loop.template[j]).dim()
-        if is_op(u, aten.stack):
-            out = self.vec.emit(aten.movedim.int, (v, 0, d % (r + 1)))
-        else:
-            d = d % r
-            out = self.vec.emit(aten.flatten.using_ints, (self.vec.emit(aten.movedim.int, (v, 0, d)), d, d + 1))
-        return self.vec.cast(out, val(u).dtype)
