@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import torch
 
-from helpers import check_against_eager
+from helpers import assert_training_follows_eager, check_against_eager
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
@@ -48,17 +48,7 @@ def test_gpt2_training_step_matches_eager():
     ref, tokens = mod.build()
     cmp, _ = mod.build()
     compiled = torch.compile(cmp, backend="seqfuse")
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, cmp)]
-    for _ in range(3):
-        losses = []
-        for fn, opt in ((ref, opts[0]), (compiled, opts[1])):
-            opt.zero_grad()
-            logits = fn(tokens)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), losses
+    assert_training_follows_eager(ref, compiled, list(cmp.parameters()), tokens, lr=0.1)
 
 
 def test_writing_a_pass_example_runs():
