@@ -32,7 +32,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+from seqfuse import log
 
 from seqfuse.runtime.cache import cache_dir
 
@@ -84,6 +87,8 @@ _BY_SOURCE: dict[tuple, ctypes.CDLL] = {}
 _FAILED: dict[tuple, str] = {}
 #: number of compiler invocations in this process (tests check that the disk cache is reused)
 compile_count = 0
+#: wall seconds of those invocations (benchmarks/run.py reports them: a cold compile's C build share)
+compile_seconds = 0.0
 
 
 class BuildError(RuntimeError):
@@ -153,7 +158,7 @@ def _key(source: str, compiler_id: str, flags: tuple[str, ...]) -> str:
 
 def _compile(compiler: str, flags: tuple[str, ...], source: str, out: Path, name: str) -> None:
     """Compile ``source`` into the shared library ``out`` (atomically); raises BuildError."""
-    global compile_count
+    global compile_count, compile_seconds
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"seqfuse: building C kernel {name!r} ({compiler} {' '.join(flags)}) into {out.parent} "
           "(once per source and machine)", file=sys.stderr, flush=True)
@@ -161,11 +166,16 @@ def _compile(compiler: str, flags: tuple[str, ...], source: str, out: Path, name
         src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
         src.write_text(source)
         compile_count += 1
+        start = time.perf_counter()
         try:
             proc = subprocess.run([compiler, *flags, str(src), "-o", str(lib), "-lm"],
                                   capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as exc:
             raise BuildError(f"C compiler {compiler!r} failed to run: {exc}") from exc
+        finally:
+            seconds = time.perf_counter() - start
+            compile_seconds += seconds
+            log.cache.debug("C kernel %r: compiler ran %.2f s (%d bytes of C)", name, seconds, len(source))
         if proc.returncode != 0:
             err = (proc.stderr or proc.stdout).strip().splitlines()
             raise BuildError(f"C compiler {compiler!r} failed ({' '.join(flags)}): " + (err[0] if err else "no output"))
