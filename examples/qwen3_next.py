@@ -27,9 +27,18 @@ KERNELIZED = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"
               "causal_conv1d_update")
 
 
-def torch_path():
-    """Point modeling_qwen3_next at its reference PyTorch functions; returns {name: previous} to restore."""
-    import transformers.models.qwen3_next.modeling_qwen3_next as m
+MODELING = "transformers.models.qwen3_next.modeling_qwen3_next"
+
+
+def _modeling(module):
+    import importlib
+    return importlib.import_module(module or MODELING)
+
+
+def torch_path(module=None):
+    """Point a transformers modeling module (by name; default modeling_qwen3_next) at its reference PyTorch
+    functions; returns {name: previous} to restore."""
+    m = _modeling(module)
     previous = {}
     for name in KERNELIZED:
         fn = previous[name] = getattr(m, name)
@@ -39,8 +48,9 @@ def torch_path():
     return previous
 
 
-def restore(previous):
-    import transformers.models.qwen3_next.modeling_qwen3_next as m
+def restore(previous, module=None):
+    """Undo ``torch_path(module)``."""
+    m = _modeling(module)
     for name, fn in previous.items():
         setattr(m, name, fn)
 
@@ -78,12 +88,12 @@ class _Float64Torch:
         return torch.float64 if name == "float32" else getattr(torch, name)
 
 
-def fp64_oracle(model, ids, grads_of):
+def fp64_oracle(model, ids, grads_of, module=None):
     """The logits and parameter gradients of ``model`` computed in fp64 throughout: a double copy, with
-    modeling_qwen3_next's casts to fp32 (``.to(torch.float32)``, ``.float()``) kept in fp64."""
+    the modeling module's casts to fp32 (``.to(torch.float32)``, ``.float()``) kept in fp64."""
     import copy
 
-    import transformers.models.qwen3_next.modeling_qwen3_next as m
+    m = _modeling(module)
     model64 = copy.deepcopy(model).double()
     saved_torch, saved_float = m.torch, torch.Tensor.float
     m.torch, torch.Tensor.float = _Float64Torch(), lambda self, *a, **k: self
@@ -93,9 +103,10 @@ def fp64_oracle(model, ids, grads_of):
         m.torch, torch.Tensor.float = saved_torch, saved_float
 
 
-def compare(model, ids, options):
+def compare(model, ids, options, module=None):
     """Compile ``model`` with seqfuse and compare: (report, [(name, error vs eager, error vs fp64,
-    eager's error vs fp64)]) for the logits and every parameter gradient."""
+    eager's error vs fp64)]) for the logits and every parameter gradient (``module``: the model's
+    transformers modeling module, for the fp64 oracle; default modeling_qwen3_next)."""
     from seqfuse.compiler.report import Report, collecting
 
     def grads_of(fn, params):
@@ -112,7 +123,7 @@ def compare(model, ids, options):
     torch._dynamo.reset()
     params = list(model.parameters())
     expected = grads_of(model, params)
-    truth = fp64_oracle(model, ids, lambda m64: grads_of(m64, list(m64.parameters())))
+    truth = fp64_oracle(model, ids, lambda m64: grads_of(m64, list(m64.parameters())), module)
     report = Report()
     with collecting(report):
         actual = grads_of(torch.compile(model, backend="seqfuse", options=options), params)

@@ -54,3 +54,45 @@ def test_qwen3_next_one_delta_per_linear_attention_layer_and_gradients_equal_eag
             f"{name}: relative error {err:.3g} vs eager, {err64:.3g} vs fp64 (eager's {eager64:.3g})"
         if err >= 1e-5:
             assert name.endswith(("linear_attn.A_log", "linear_attn.dt_bias")), name
+
+
+OLMO_HYBRID = "transformers.models.olmo_hybrid.modeling_olmo_hybrid"
+
+
+def build_olmo_hybrid(seq_len=256, linear_layers=2, seed=0):
+    """A tiny random-weight OlmoHybridForCausalLM (``linear_layers`` Gated DeltaNet layers, then one attention
+    layer) and token ids (1, seq_len)."""
+    import torch
+    from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
+    torch.manual_seed(seed)
+    cfg = OlmoHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=linear_layers + 1,
+        num_attention_heads=4, num_key_value_heads=2,
+        layer_types=["linear_attention"] * linear_layers + ["full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        pad_token_id=0, eos_token_id=1)
+    return OlmoHybridForCausalLM(cfg), torch.randint(0, cfg.vocab_size, (1, seq_len))
+
+
+def test_olmo_hybrid_one_delta_per_linear_attention_layer_and_gradients_equal_eager():
+    # OLMo hybrid's Gated DeltaNet layers run transformers' torch_chunk_gated_delta_rule (the same WY program
+    # as Qwen3-Next, β scaled by 2 for negative eigenvalues): each becomes one seqfuse.delta; the logits and
+    # every parameter gradient equal eager to 1e-5 (or, for A_log / dt_bias, the fp64 rule above)
+    pytest.importorskip(OLMO_HYBRID)
+    ex = _example()
+    previous = ex.torch_path(OLMO_HYBRID)
+    try:
+        lm, ids = build_olmo_hybrid()
+        model = ex.Logits(lm)
+        report, rows = ex.compare(model, ids, {"downstream": "eager"}, OLMO_HYBRID)
+    finally:
+        ex.restore(previous, OLMO_HYBRID)
+    assert report.count("delta") == 2, str(report)
+    assert not [m for m in report.near_misses if m.kind in ("delta", "scan")], str(report)
+    assert all("gate=scalar" in r.ir for r in report.rewrites if r.kind == "delta")
+    assert len(rows) == 1 + len(list(model.parameters()))
+    for name, err, err64, eager64 in rows:
+        assert ex.within(err, err64, eager64), \
+            f"{name}: relative error {err:.3g} vs eager, {err64:.3g} vs fp64 (eager's {eager64:.3g})"
+        if err >= 1e-5:
+            assert name.endswith(("linear_attn.A_log", "linear_attn.dt_bias")), name
