@@ -429,3 +429,45 @@ def test_sdpa_is_causal_with_a_non_positive_scale_is_what_sdpa_returns(scale):
                      q, k, v, options={"runtime": "aten"})
     assert report.count("attention") == 1
     assert refused("is not positive")
+
+
+def _causal_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _softcap_finite_fill_fp32_softmax(q, k, v):
+    lq, lk = q.shape[-2], k.shape[-2]
+    s = 30.0 * torch.tanh((q @ k.mT) / 30.0)
+    s = s.masked_fill(torch.triu(torch.ones(lq, lk, dtype=torch.bool), 1 + lk - lq), -1e4)
+    return F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+_HEAD_DIM_ONE = {
+    # fuzzer seed 71, attention #24 (triton): dQ 0.045 vs eager's 0.0046
+    "bf16_causal": (_causal_sdpa, torch.bfloat16, 2103368691, (1, 1, 8, 1), (1, 1, 8, 1), [
+        [0.373, 0.6641, -0.7148, -0.6445, 1.4531, 2.3125, -0.2031, 1.0469],
+        [1.9141, 1.0, -0.3574, 0.6523, 0.8633, 0.5938, -1.2266, -1.0234],
+        [0.3145, -0.2812, 0.166, 1.9219, 1.0156, -0.9688, 1.0156, -0.207]]),
+    # fuzzer seed 31, attention #10 (triton): dK 0.023 vs eager's 0.00026
+    "fp16_softcap_fill": (_softcap_finite_fill_fp32_softmax, torch.float16, 301018820, (2, 1, 8, 1), (2, 1, 3, 1), [
+        [42.4375, 31.734375, 37.84375, -14.40625, -18.5, -25.125, 0.44775390625, 3.66015625, -25.25, 23.234375,
+         15.8203125, -23.015625, -9.734375, 12.4140625, -11.40625, 67.5625],
+        [1.03515625, -3.25390625, 1.0947265625, -0.218994140625, 0.76416015625, -0.314208984375],
+        [1.244140625, 1.40234375, -0.4453125, -0.5810546875, 0.61572265625, 0.1630859375]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HEAD_DIM_ONE))
+def test_triton_backward_with_head_dim_one_takes_delta_from_the_probabilities(name, monkeypatch):
+    # Δ = rowsum(dO ∘ O) off a 16-bit output carries O's rounding, and with one value channel nothing
+    # averages it: dQ / dK came out 10-90x eager's error.  The dQ kernel computes Δ = Σ_j P_ij dP_ij
+    # from the fp32 probabilities for value head dims below 16.
+    pytest.importorskip("triton")
+    from fuzz.check import Case, run_case
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fn, dtype, seed, qshape, kshape, values = _HEAD_DIM_ONE[name]
+    q, k, v = (torch.tensor(x, dtype=dtype).reshape(s).requires_grad_()
+               for x, s in zip(values, (qshape, kshape, kshape)))
+    outcome = run_case(Case("attention", name, fn, (q, k, v), "attention", {"runtime": "triton"}, seed))
+    assert outcome.status == "ok", outcome.detail
+    assert "'attention_backward': {'triton': 1}" in outcome.detail, outcome.detail

@@ -457,7 +457,8 @@ flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, GROUPS=2, MASK
              BIAS_AFTER_MASK=False, NEG_INF_FILL=True, SOFTCAP=True, EMPTY_ZERO=True, DOT_PRECISION="tf32",
              DOT_FP32=False)
 for fn, extra in [(K.attention_fwd, dict(BLOCK_M=128, BLOCK_N=64)),
-                  (K.attention_bwd_dq, dict(BLOCK_M=64, BLOCK_N=32, NEED_DBIAS=True, EXACT_STATS=True)),
+                  (K.attention_bwd_dq, dict(BLOCK_M=64, BLOCK_N=32, NEED_DBIAS=True, EXACT_STATS=True,
+                                            EXACT_DELTA=True)),
                   (K.attention_bwd_dkdv, dict(BLOCK_M=32, BLOCK_N=64, EXACT_STATS=True))]:
     consts = dict(flags, **extra)
     kernel = compile(ASTSource(fn=fn, signature=signature(fn, consts), constexprs=consts),

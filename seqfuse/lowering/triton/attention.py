@@ -88,6 +88,7 @@ class KernelSpec:
     DOT_PRECISION: str
     DOT_FP32: bool
     EXACT_STATS: bool
+    EXACT_DELTA: bool
     dtype: str
 
     def constexprs(self, kernel: str) -> dict:
@@ -96,6 +97,8 @@ class KernelSpec:
         d.pop("dtype")
         if kernel == "fwd":
             d.pop("EXACT_STATS")
+        if kernel != "dq":
+            d.pop("EXACT_DELTA")
         return d
 
 
@@ -132,6 +135,12 @@ def specialize(q: torch.Tensor, v: torch.Tensor, bias, keep, a: dict, groups: in
         # a bias or a finite fill can put a whole row at a magnitude where fp32 lse = m + log l
         # drops log l: the backward then recomputes each row's max and sum
         EXACT_STATS=bias is not None or fill != -math.inf,
+        # Δ = rowsum(dO ∘ O) read off a 16-bit output carries O's rounding (2^-9 relative in bf16), and
+        # dQ = Σ_j P_ij (dP_ij - Δ_i) k_j multiplies that error by the mean key where the exact terms
+        # cancel; a wide value head dim averages it out, a narrow one does not (fuzzer: head dim 1, dQ
+        # 10x eager's error).  Below 16 (where the tiles are padded to 16 anyway) the dQ kernel computes
+        # Δ = Σ_j P_ij dP_ij from the fp32 probabilities instead, at the cost of one more pass over keys.
+        EXACT_DELTA=q.dtype in (torch.float16, torch.bfloat16) and dv < 16,
         dtype=str(q.dtype).replace("torch.", ""),
     )
 
@@ -331,8 +340,12 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
     if spec.EMPTY_ZERO:
         # such a row has P = 0: exp(s - (+inf)) = 0 in the kernels (and out = 0, so Δ = 0)
         lse3 = lse3.masked_fill(empty, math.inf)
-    # Δ_i = Σ_e dO_ie · O_ie = Σ_j P_ij dP_ij, the softmax backward's row term
-    delta = (do4.float() * _as4d(out.reshape(*q.shape[:-1], v.shape[-1])).float()).sum(-1).contiguous()
+    # Δ_i = Σ_e dO_ie · O_ie = Σ_j P_ij dP_ij, the softmax backward's row term (with EXACT_DELTA the
+    # dQ kernel computes it from the probabilities and writes it here for the dK/dV kernel)
+    if spec.EXACT_DELTA:
+        delta = torch.empty((z, h, lq), dtype=torch.float32, device=q.device)
+    else:
+        delta = (do4.float() * _as4d(out.reshape(*q.shape[:-1], v.shape[-1])).float()).sum(-1).contiguous()
     scale, fill, softcap, diag, window = _runtime_args(q, a)
     # k/v gradients in the expanded (Z, H // g) layout; reduced to broadcast axes afterwards
     dq = torch.empty(q4.shape, dtype=q.dtype, device=q.device)
@@ -360,7 +373,7 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
             q4, k4, v4, bptr, cptr, do4, lse3, delta, stats, dk, dv, *common, *dk.stride(), *dv.stride(),
             h, hk, *scalars, **spec.constexprs("dkdv"), **_launch_opts(config))
 
-    # dQ first: with EXACT_STATS it writes the row statistics the dK/dV kernel reads
+    # dQ first: with EXACT_STATS / EXACT_DELTA it writes the row statistics / Δ the dK/dV kernel reads
     launch_dq(_config("dq" + ("_dbias" if need_dbias else ""), spec, q.device, lk, launch_dq))
     launch_dkdv(_config("dkdv", spec, q.device, lk, launch_dkdv))
 

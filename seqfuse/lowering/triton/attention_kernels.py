@@ -221,9 +221,12 @@ def attention_bwd_dq(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
         MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
         NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ZERO: tl.constexpr, NEED_DBIAS: tl.constexpr,
-        EXACT_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        EXACT_STATS: tl.constexpr, EXACT_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     """dQ of one query tile of one (batch, head).  Runs before the dK/dV kernel: with EXACT_STATS it
-    also writes each row's (max, 1/sum) into STATS (Z, H, 2, LQ); with NEED_DBIAS it writes dS into
+    also writes each row's (max, 1/sum) into STATS (Z, H, 2, LQ); with EXACT_DELTA it computes
+    Δ_i = Σ_j P_ij dP_ij from the fp32 probabilities and writes it into DELTA (instead of reading
+    Δ = rowsum(dO ∘ O) off the output rounded to its 16-bit dtype, whose error the dQ sum can
+    amplify when the head dim is too small to average it); with NEED_DBIAS it writes dS into
     DBIAS (Z, H, LQ, LK), fp32."""
     # -- phase 0: which tile; load Q, dO and Δ = rowsum(dO ∘ O) once
     pid_m = tl.program_id(0)
@@ -245,7 +248,8 @@ def attention_bwd_dq(
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    delta = tl.load(DELTA + pid_zh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+    if not EXACT_DELTA:
+        delta = tl.load(DELTA + pid_zh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
     # -- phase 1: the range of key tiles to visit (as in the forward)
@@ -263,12 +267,15 @@ def attention_bwd_dq(
     step_k, step_v = BLOCK_N * stride_kn, BLOCK_N * stride_vn
     step_b, step_c = BLOCK_N * stride_bn, BLOCK_N * stride_cn
 
-    # -- phase 2: each row's softmax statistics: P = exp(s - off) · inv
-    if EXACT_STATS:
+    # -- phase 2: each row's softmax statistics: P = exp(s - off) · inv [and Δ = Σ_j P_ij dP_ij]
+    if EXACT_STATS or EXACT_DELTA:
         # recomputed exactly, as the forward's online softmax does (the saved lse may have lost log l)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        d_i = tl.full([BLOCK_M], 0.0, tl.float32)
         kt_ptrs, b_ptrs, c_ptrs = kt_start, b_start, c_start
+        vt_ptrs = V + z * stride_vz + hk * stride_vh + (lo + offs_nb)[None, :] * stride_vn + \
+            offs_dv[:, None] * stride_vd
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + offs_nb
             in_n = offs_n < LK
@@ -281,13 +288,30 @@ def attention_bwd_dq(
                                     MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP)
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2((m_i - m_use) * _LOG2E) + tl.reduce(tl.exp2((s - m_use[:, None]) * _LOG2E), 1, _SUM)
+            alpha = tl.exp2((m_i - m_use) * _LOG2E)
+            e = tl.exp2((s - m_use[:, None]) * _LOG2E)
+            l_i = l_i * alpha + tl.reduce(e, 1, _SUM)
+            if EXACT_DELTA:
+                vt = tl.load(vt_ptrs, mask=in_n[None, :] & vd_ok, other=0.0)
+                if DOT_FP32:
+                    vt = vt.to(tl.float32)
+                dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+                # every key the row sees counts, masked-and-filled ones too: Δ = dO·O and O sums them all
+                d_i = d_i * alpha + tl.reduce(e * dp, 1, _SUM)
+                vt_ptrs += step_v
             m_i = m_new
             kt_ptrs += step_k
             if HAS_BIAS:
                 b_ptrs += step_b
             if HAS_KEEP:
                 c_ptrs += step_c
+    if EXACT_DELTA:
+        # an empty row: 0/0 = NaN as dO·O with O = NaN, or 0 with EMPTY_ZERO (O = 0)
+        delta = d_i / l_i
+        if EMPTY_ZERO:
+            delta = tl.where(l_i == 0.0, 0.0, delta)
+        tl.store(DELTA + pid_zh * LQ + offs_m, delta, mask=offs_m < LQ)
+    if EXACT_STATS:
         # an empty row keeps off = 0, inv = 1/0 = inf: P = 0·inf = NaN, as the reference's softmax;
         # with EMPTY_ZERO inv = 0, so P = 0 and no gradient flows through the row
         off = tl.where(m_i == float("-inf"), 0.0, m_i)
