@@ -179,6 +179,36 @@ def ssd_quadratic(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64)
     return y.to(dtype), h.to(dtype)
 
 
+def _chunk_decays(As, vector):
+    """The decays of the chunked algorithm from the chunked log-decays ``As`` (B, H, K, Q[, N]).
+
+    The cumulative sums from each chunk's start are summed in fp64 and every exponent (a difference
+    of two of them) is taken there too, then cast to the working dtype before exp: with strong
+    decays |cum| grows to hundreds inside a chunk and an fp32 difference cum_l - cum_s would lose
+    the digits of a short segment (the program's stable segsum sums (s, l] directly).  A log-decay of
+    -inf (a reset) is kept exact by _Cum.  Returns (cum, last, L, w, E, chunk_decay)::
+
+        cum[k, l] = a_{kQ} + … + a_{kQ+l} (a _Cum, fp64)    last[k] = cum[k, Q-1]
+        L[k, l, s] = exp(cum_l - cum_s) for s <= l, else 0   (B, H, K, L, S[, N])
+        w[k, s] = exp(last - cum_s)   E[k, l] = exp(cum_l)   chunk_decay[k] = exp(last)  (B, H, K, 1[, N])
+    """
+    dtype = As.dtype
+    Q = As.shape[3]
+    cum = _Cum(As.double(), 3)                 # (B, H, K, Q[, N])
+    last = cum.map(lambda t: t[:, :, :, -1:])  # (B, H, K, 1[, N])
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=As.device).tril()
+    if vector:
+        seg = cum.map(lambda t: t[:, :, :, :, None]).minus(cum.map(lambda t: t[:, :, :, None, :]))
+        L = _masked_exp(seg.to(dtype), causal[:, :, None])
+    else:
+        seg = cum.map(lambda t: t[..., :, None]).minus(cum.map(lambda t: t[..., None, :]))
+        L = _masked_exp(seg.to(dtype), causal)
+    w = torch.exp(last.minus(cum).to(dtype))
+    E = torch.exp(cum.total().to(dtype))
+    chunk_decay = torch.exp(last.total().to(dtype))
+    return cum, last, L, w, E, chunk_decay
+
+
 def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     """The chunked (Mamba-2 SSD) algorithm: the quadratic form inside chunks of ``chunk`` steps,
     the recurrence between them.  Matmul-bound, O(T·Q) memory (O(T·Q·N) for vector decay); every
@@ -205,27 +235,19 @@ def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
         return t.reshape(B, H, K, Q, *t.shape[3:])
     xs, bs, cs, As = split(x), split(b), split(c), split(a)
     # 2. cumulative log-decay from each chunk's start, cum[k, l] = a_{kQ} + … + a_{kQ+l}, and the
-    #    decay over a whole chunk, last[k] = cum[k, Q-1]
-    #    (a log-decay of -inf, a reset, kept exact by _Cum)
-    cum = _Cum(As, 3)                          # (B, H, K, Q[, N])
-    last = cum.map(lambda t: t[:, :, :, -1:])  # (B, H, K, 1[, N])
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    #    decay over a whole chunk, last[k] = cum[k, Q-1]; summed in fp64 (see _chunk_decays)
+    cum, last, L, w, E, chunk_decay = _chunk_decays(As, vector)
     # 3. inside each chunk, the quadratic form: y_diag[l] = Σ_{s<=l} (c_l · L[l, s] · b_s)·x_s with
     #    L[l, s] = exp(cum_l - cum_s), masked on the exponent
     if vector:  # the pairwise exponent on (Q, Q, N) tiles
-        L = _masked_exp(cum.map(lambda t: t[:, :, :, :, None]).minus(cum.map(lambda t: t[:, :, :, None, :])),
-                        causal[:, :, None])
         scores = (cs[:, :, :, :, None] * L * bs[:, :, :, None, :]).sum(-1)      # (B, H, K, L, S)
     else:
-        L = _masked_exp(cum.map(lambda t: t[..., :, None]).minus(cum.map(lambda t: t[..., None, :])), causal)
         scores = (cs @ bs.transpose(-1, -2)) * L                                # (B, H, K, L, S)
     y_diag = scores @ xs                                                        # (B, H, K, L, P)
     # 4. what each chunk adds to the state, decayed to the chunk's end, w_s = exp(last - cum_s):
     #    states[k] = Σ_s x_s ⊗ (w_s·b_s)                                          (B, H, K, P, N)
-    w = torch.exp(last.minus(cum))
     states = xs.transpose(-1, -2) @ (bs * w) if vector else (xs * w[..., None]).transpose(-1, -2) @ bs
     # 5. pass the state across chunks (the one loop): S_in[k] enters chunk k, S_in[0] = h0
-    chunk_decay = torch.exp(last.total())      # (B, H, K, 1[, N])
     S = h0 if h0 is not None else x.new_zeros(B, H, P, N)
     entering = []
     for k in range(K):
@@ -235,9 +257,9 @@ def ssd_chunked(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64):
     S_in = torch.stack(entering, dim=2)        # (B, H, K, P, N)
     # 6. the entering state read out inside the chunk: y_off[l] = exp(cum_l)·(S_in · c_l)
     if vector:
-        y_off = (cs * torch.exp(cum.total())) @ S_in.transpose(-1, -2)
+        y_off = (cs * E) @ S_in.transpose(-1, -2)
     else:
-        y_off = (cs @ S_in.transpose(-1, -2)) * torch.exp(cum.total())[..., None]
+        y_off = (cs @ S_in.transpose(-1, -2)) * E[..., None]
     # 7. y = intra + inter, without the padding, back to (B, T, H, P); the skip
     y = (y_diag + y_off).reshape(B, H, K * Q, P)[:, :, :T].transpose(1, 2)
     y = _skip(y, x_skip, d)
@@ -275,17 +297,11 @@ def ssd_chunked_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, *, de
         return t.reshape(B, H, K, Q, *t.shape[3:])
     xs, bs, cs, As, dys = (split(t) for t in (xs, bs, cs, As, dys))
     # forward steps 2-6 again (the cheap parts; nothing (T, T)-sized is kept)
-    cum = _Cum(As, 3)
-    last = cum.map(lambda t: t[:, :, :, -1:])
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x_.device).tril()
-    w, E, chunk_decay = torch.exp(last.minus(cum)), torch.exp(cum.total()), torch.exp(last.total())
+    _, _, L, w, E, chunk_decay = _chunk_decays(As, vector)
     if vector:
-        L = _masked_exp(cum.map(lambda t: t[:, :, :, :, None]).minus(cum.map(lambda t: t[:, :, :, None, :])),
-                        causal[:, :, None])
         scores = (cs[:, :, :, :, None] * L * bs[:, :, :, None, :]).sum(-1)
         states = xs.transpose(-1, -2) @ (bs * w)
     else:
-        L = _masked_exp(cum.map(lambda t: t[..., :, None]).minus(cum.map(lambda t: t[..., None, :])), causal)
         G = cs @ bs.transpose(-1, -2)
         scores = G * L
         states = (xs * w[..., None]).transpose(-1, -2) @ bs
@@ -309,6 +325,12 @@ def ssd_chunked_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, *, de
         dcs = dZ @ S_in
         dS_read = dZ.transpose(-1, -2) @ cs
         dcum = (dys * Z).sum(-1) * E
+    # the log-decay gradient gathers three kinds of terms (da_t for t inside chunk k):
+    #   dcum_l, the gradient of cum_l itself (E = exp(cum_l)): Σ_{l>=t} dcum_l
+    #   dlast, the gradient of last (chunk_decay):               dlast, at every t
+    #   the gradients of the differences last - cum_s (w) and cum_l - cum_s (L), which depend on
+    #   a_t for s < t (<= l): summed over exactly those (s, l) below, never as a difference of two
+    #   cumulative sums (with strong decays they are large and cancel to a small result)
     # 3'. inside the chunks, y_diag = scores·x
     dscores = dys @ xs.transpose(-1, -2)                          # (B, H, K, L, S)
     dxs = scores.transpose(-1, -2) @ dys
@@ -322,7 +344,15 @@ def ssd_chunked_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, *, de
         dcs = dcs + dG @ bs
         dbs = dG.transpose(-1, -2) @ cs
         dseg = dscores * G * L                                    # zero above the diagonal (L = 0 there)
-    dcum = dcum + dseg.sum(4) - dseg.sum(3)                       # seg[l, s] = cum_l - cum_s
+    # seg[l, s] = a_{s+1} + … + a_l: da_t += Σ_{l>=t} Σ_{s<t} dseg[l, s] (exclusive prefix over s,
+    # then the rows l >= t), in fp64 so that the sum of a whole tile keeps the small terms' digits
+    dseg = dseg.double()
+    if vector:
+        dseg = dseg.movedim(-1, 3)                                # (B, H, K, N, L, S)
+    before = dseg.cumsum(-1) - dseg                               # [l, t] = Σ_{s<t} dseg[l, s]
+    rows = torch.ones(Q, Q, dtype=torch.bool, device=x_.device).tril()   # [l, t]: l >= t
+    dA_seg = torch.where(rows, before, torch.zeros((), dtype=before.dtype, device=before.device)).sum(-2)
+    dA_seg = dA_seg.movedim(3, -1) if vector else dA_seg          # (B, H, K, Q[, N])
     # 5'. the pass over chunks, backwards: dS enters chunk k+1; grad_h is the state after the last
     dS = grad_h.to(x_.dtype).expand(B, H, P, N)
     dstates, dlast_decay = [None] * K, [None] * K
@@ -347,11 +377,12 @@ def ssd_chunked_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, *, de
         dbs = dbs + (xs * w[..., None]) @ dstates
         dxs = dxs + dxw * w[..., None]
         dw = (dxw * xs).sum(-1)
-    dlast = dlast + (dw * w).sum(3, keepdim=True)                # w = exp(last - cum)
-    dcum = dcum - dw * w
-    # 2'. last = cum[Q-1]; cum = cumsum(a): da is the reversed cumulative sum of dcum
-    dcum = torch.cat([dcum[:, :, :, :-1], dcum[:, :, :, -1:] + dlast], dim=3)
-    dA = dcum.flip(3).cumsum(3).flip(3)
+    # w_s = exp(a_{s+1} + … + a_{Q-1}): da_t += Σ_{s<t} dw_s·w_s (an exclusive prefix sum)
+    dww = (dw * w).double()
+    dA_w = dww.cumsum(3) - dww
+    # 2'. last = cum[Q-1]; cum = cumsum(a): da_t = Σ_{l>=t} dcum_l + dlast + the differences' terms
+    dA = dcum.double().flip(3).cumsum(3).flip(3) + dlast.double() + dA_w + dA_seg
+    dA = dA.to(dcum.dtype)
 
     # 1'. unpad, back to (B, T, H, ·); the skip
     def unsplit(t):
