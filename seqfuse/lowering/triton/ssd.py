@@ -103,6 +103,11 @@ def supports(t: dict, a: dict) -> str | None:
     reason = availability(x.device, _kernels_module)
     if reason:
         return reason
+    if "needs" in a and not all(v is None or bool(torch.isfinite(v).all()) for v in t.values()):
+        # a backward call (its attributes carry ``needs``): the chunked adjoint takes differences of
+        # cumulative sums, which meet inf - inf at an infinite input at a reset step where the
+        # program's gradient is finite; the recurrence differentiated step by step keeps its NaN rules
+        return "a NaN or inf operand in the backward (the chunked adjoint would meet inf - inf)"
     if a.get("algorithm") == "recurrent":  # the decode kernel (decode.py); the backward as for "chunked"
         from seqfuse.lowering.triton import decode
         return decode.ssd_supports(t, a)
