@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
 
 from seqfuse.ir.masks import classify_mask
 from seqfuse.ir.ops import Attention
-from seqfuse.passes.pattern import (CASTS, arg, concrete_sym, constant_value, depends_on, emit_before,
+from seqfuse.passes.pattern import (CASTS, ancestors, arg, concrete_sym, constant_value, depends_on, emit_before,
                                     evaluate_shape_only, is_op, is_scalar, is_shape_only, only_user, rank, sym_product,
                                     val)
 from seqfuse.passes.registry import Pass, PassContext
@@ -50,10 +51,24 @@ class _Scores:
     einsum: torch.fx.Node
     factors: list = field(default_factory=list)      # (value, invert) scale factors
     softcap: float | None = None
-    biases: list = field(default_factory=list)      # (tensor, negated, dtype of the sum) additive terms
+    biases: list = field(default_factory=list)      # _Bias additive terms
     bias_after_mask: bool = False
     keeps: list = field(default_factory=list)        # bool tensors, True = keep
+    keep_stages: list = field(default_factory=list)  # node whose shape each keep is broadcast against
     fill: float = -math.inf
+    inplace: list = field(default_factory=list)      # private in-place ops looked through (erased after a rewrite)
+
+
+@dataclass
+class _Bias:
+    """An additive term of the scores: ``mult · (±tensor)`` summed in ``dtype``, broadcast against
+    ``stage``'s shape (the scores as they were where it was added, before or after a batch reshape)."""
+
+    tensor: torch.fx.Node
+    negated: bool
+    dtype: torch.dtype
+    stage: torch.fx.Node
+    mult: float = 1.0
 
 
 def _einsum_parts(node: torch.fx.Node) -> tuple[list[str], str]:
@@ -88,6 +103,13 @@ def _match_values(softmax: torch.fx.Node):
                     raise NoMatch("two dropouts on the probabilities")
                 dropout = float(prob)
             cur = user
+            continue
+        if is_op(user, *_RESHAPES):
+            if not _batch_reshape(user):
+                raise NoMatch(f"{_op_name(user)} between the softmax and the value contraction moves entries "
+                              f"across the last two axes ({_shape_text(cur)} -> {_shape_text(user)}), not only "
+                              "the batch·head axes")
+            cur = user  # (B, H, L, S) -> (B·H, L, S): the same probabilities, batch index regrouped
             continue
         if is_op(user, aten.einsum) and len(user.args[1]) == 2:
             ops = list(user.args[1])
@@ -140,6 +162,80 @@ def _from_masked_fill(node: torch.fx.Node) -> bool:
     return bool(stack) and "masked_fill" in str(stack[-1][1])
 
 
+#: reshapes that keep the elements in row-major order (a view of a contiguous tensor, or a copy)
+_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
+
+
+def _known(cond) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return bool(statically_known_true(cond)) if not isinstance(cond, bool) else cond
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(_known(x == y) for x, y in zip(a, b))
+
+
+def _numel(shape):
+    n = 1
+    for x in shape:
+        n = n * x
+    return n
+
+
+def _batch_reshape(node: torch.fx.Node) -> bool:
+    """Whether the reshape ``node`` only regroups the axes before the last two:
+    (*A, X, Y) -> (*C, X, Y) with ∏A = ∏C (both provable from the sizes).  In row-major order the
+    flat index is a·X·Y + x·Y + y on both sides, so entry (a, x, y) stays entry (c(a), x, y): the
+    batch index is relabeled, the last two axes are untouched (B·H <-> (B, H) heads)."""
+    src = node.args[0]
+    if not isinstance(src, torch.fx.Node) or rank(src) is None or rank(node) is None:
+        return False
+    a, c = list(val(src).shape), list(val(node).shape)
+    if len(a) < 2 or len(c) < 2:
+        return False
+    return _same_shape(a[-2:], c[-2:]) and _known(_numel(a[:-2]) == _numel(c[:-2]))
+
+
+#: in-place arithmetic the eager code writes on the scores (``s /= c``, ``s *= c``, ``s += mask``)
+_INPLACE = {aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Tensor,
+            aten.div_.Tensor: aten.div.Tensor, aten.div_.Scalar: aten.div.Tensor,
+            aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Tensor,
+            aten.sub_.Tensor: aten.sub.Tensor, aten.sub_.Scalar: aten.sub.Tensor}
+
+
+def _fresh(node: Any) -> bool:
+    """Whether ``node`` is a tensor the program computed and nothing else reads: the result of a
+    functional op (not a view, input, parameter or buffer), or of a private in-place op on one."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or len(node.users) != 1:
+        return False
+    if node.target in _INPLACE:
+        return _fresh(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and not schema.is_mutable and len(schema.returns) >= 1 and \
+        all(r.alias_info is None for r in schema.returns)
+
+
+def _functional(node: torch.fx.Node):
+    """The functional target that ``node`` computes: an in-place ``s.op_(x)`` reads as ``s.op(x)``
+    when s is private to it (no view, input or other reader sees the mutation) and the result keeps
+    s's dtype; NoMatch for an in-place op that does not."""
+    t = _INPLACE.get(node.target)
+    if t is None:
+        return node.target
+    s, other = node.args[0], node.args[1]
+    if not _fresh(s):
+        raise NoMatch(f"{_op_name(node)} mutates scores that something else reads")
+    if isinstance(other, torch.fx.Node) and isinstance(val(other), torch.Tensor) and \
+            torch.result_type(val(s), val(other)) != val(s).dtype:
+        raise NoMatch(f"{_op_name(node)} rounds a {torch.result_type(val(s), val(other))} sum to the "
+                      f"{val(s).dtype} scores")
+    return t
+
+
+def _shape_text(node) -> str:
+    return "(" + ", ".join(str(x) for x in val(node).shape) + ")"
+
+
 def _walk_scores(gm, node: torch.fx.Node, steps: list):
     """Walk from the softmax input back to the q·kᵀ contraction, collecting the steps
     (in reverse program order).  Returns the contraction node."""
@@ -149,6 +245,9 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
         return node
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         raise NoMatch("the softmax input is not computed from a q·kᵀ contraction")
+    fn = _functional(node)
+    if fn is not node.target:
+        steps.append(("inplace", node))
     if is_op(node, *CASTS):
         if not val(node).is_floating_point():
             raise NoMatch("the scores are cast to a non-float dtype")
@@ -161,9 +260,9 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
     if sc is not None:
         steps.append(("softcap", sc[0]))
         return _walk_scores(gm, sc[1], steps)
-    if is_op(node, aten.mul, aten.div):
+    if fn in (aten.mul.Tensor, aten.div.Tensor) or is_op(node, aten.mul, aten.div):
         a, b = node.args[0], node.args[1]
-        invert = is_op(node, aten.div)
+        invert = fn is aten.div.Tensor or is_op(node, aten.div)
         if is_scalar(b, gm) and isinstance(a, torch.fx.Node):
             factor, nxt = b, a
         elif not invert and is_scalar(a, gm) and isinstance(b, torch.fx.Node):
@@ -173,9 +272,9 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
         c = constant_value(factor, gm)
         steps.append(("scale", (c if c is not None else factor, invert)))
         return _walk_scores(gm, nxt, steps)
-    if node.target in (aten.add.Tensor, aten.sub.Tensor) and arg(node, 2, "alpha", 1) == 1:
+    if fn in (aten.add.Tensor, aten.sub.Tensor) and arg(node, 2, "alpha", 1) == 1:
         a, b = node.args[0], node.args[1]
-        negate = node.target is aten.sub.Tensor
+        negate = fn is aten.sub.Tensor
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
             raise NoMatch(f"a scalar is {'subtracted from' if negate else 'added to'} the scores")
         # s + b and b + s -> bias b;  s - b -> bias -b  (b - s negates the scores: not attention)
@@ -187,7 +286,7 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
                 continue
             if depends_on(bias, [einsum]):
                 raise NoMatch("the additive mask depends on the attention scores")
-            steps.append(("bias", (bias, negate, val(node).dtype)))
+            steps.append(("bias", (bias, negate, val(node).dtype, node)))
             steps.extend(sub)
             return einsum
         raise NoMatch("neither addend of the scores comes from a q·kᵀ contraction" if not negate else
@@ -198,7 +297,7 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
         rounded = _rounded(float(fill), dtype)
         if math.isfinite(float(fill)) and not math.isfinite(rounded) and _from_masked_fill(node):
             raise NoMatch(f"masked_fill with {float(fill)!r}, which {dtype} cannot hold (the program raises)")
-        steps.append(("mask", (keep, rounded)))
+        steps.append(("mask", (keep, rounded, node)))
         einsum = _walk_scores(gm, s, steps)
         if depends_on(keep, [einsum]):
             raise NoMatch("the mask depends on the attention scores")
@@ -208,6 +307,14 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
                       "hold (the program raises)")
     if is_op(node, aten.where, aten.masked_fill):
         raise NoMatch("a mask whose fill value is not a compile-time constant")
+    if is_op(node, *_RESHAPES):
+        if not _batch_reshape(node):
+            raise NoMatch(f"{_op_name(node)} between the scores and the softmax moves entries across the "
+                          f"last two axes ({_shape_text(node.args[0])} -> {_shape_text(node)}), not only "
+                          "the batch·head axes")
+        # (B·H, L, S) <-> (B, H, L, S): the same scores, batch index regrouped
+        steps.append(("reshape", node))
+        return _walk_scores(gm, node.args[0], steps)
     raise NoMatch(f"{_op_name(node)} between the scores and the softmax")
 
 
@@ -216,10 +323,26 @@ def _match_scores(gm, x: torch.fx.Node) -> _Scores:
     einsum = _walk_scores(gm, x, steps)
     sc = _Scores(einsum)
     biases_after: list = []
+    shape = val(einsum).shape
     for kind, data in reversed(steps):  # program order
-        if kind == "scale":
-            if sc.biases or biases_after:
-                raise NoMatch("the scores are scaled after a bias was added")
+        if kind == "inplace":
+            sc.inplace.append(data)
+        elif kind == "reshape":
+            # a batch regroup: each bias and mask keeps the node it was broadcast against
+            if not _same_shape(val(data.args[0]).shape, shape):
+                raise NoMatch("a bias or mask broadcasts the scores to more axes or entries")
+            shape = val(data).shape
+        elif kind == "scale":
+            if biases_after:
+                raise NoMatch("the scores are scaled after a bias that follows a mask")
+            if sc.biases:
+                # c·(s + b) = c·s + c·b: the bias is scaled with the scores (Falcon's ALiBi)
+                c = data[0]
+                if not isinstance(c, (int, float)) or not math.isfinite(c) or c == 0:
+                    raise NoMatch("the scores are scaled after a bias was added, by a factor that is not a "
+                                  "finite nonzero constant")
+                for b_ in sc.biases:
+                    b_.mult = b_.mult / c if data[1] else b_.mult * c
             if sc.softcap is not None:
                 raise NoMatch("the scores are scaled after the soft-cap")
             if sc.keeps:
@@ -234,18 +357,22 @@ def _match_scores(gm, x: torch.fx.Node) -> _Scores:
         elif kind == "bias":
             # after a mask the order matters: with a finite fill, and with -inf where the bias is
             # +inf or NaN (s + b then fill replaces it; fill then + b keeps it)
+            bias = _Bias(data[0], data[1], data[2], data[3])
             if sc.keeps:
-                biases_after.append(data)
+                biases_after.append(bias)
             else:
-                sc.biases.append(data)
+                sc.biases.append(bias)
         elif kind == "mask":
-            keep, fill = data
+            keep, fill, stage = data
             if biases_after:
                 raise NoMatch("a mask after a bias that follows another mask")
             if sc.keeps and fill != sc.fill:
                 raise NoMatch(f"two masks with different fill values ({sc.fill} and {fill})")
             sc.keeps.append(keep)
+            sc.keep_stages.append(stage)
             sc.fill = fill
+    if not _same_shape(val(x).shape, shape):
+        raise NoMatch("a bias or mask broadcasts the scores to more axes or entries")
     if biases_after:
         if sc.biases:
             raise NoMatch("biases both before and after a mask")
@@ -390,6 +517,58 @@ def _to_scores_layout(graph, before, node, layout: _Layout, like) -> torch.fx.No
     return _emit(graph, before, aten.permute.default, (node, layout.perm), like)
 
 
+def _first_reshape(x: torch.fx.Node, p: torch.fx.Node, einsum: torch.fx.Node) -> Any:
+    """A reshape on the way from the scores contraction to the softmax input ``x`` or to the
+    probabilities ``p`` (for a near miss to name); "a reshape" when none is found."""
+    for end in (x, p):
+        for n in [end, *ancestors(end)]:
+            if is_op(n, *_RESHAPES) and depends_on(n, [einsum]):
+                return n
+    return "a reshape"
+
+
+def _sizes(graph, before, ref: torch.fx.Node, dims, like) -> list:
+    """The sizes of ``ref``'s axes ``dims``: ints where static, else ``sym_size`` nodes."""
+    out = []
+    for dim in dims:
+        n = val(ref).shape[dim]
+        out.append(n if isinstance(n, int) else _emit(graph, before, aten.sym_size.int, (ref, dim), like))
+    return out
+
+
+def _regroup(graph, before, node, src: torch.fx.Node, dst: torch.fx.Node, like, full: bool = False) -> torch.fx.Node:
+    """``node``, broadcastable to ``src``'s shape (*A, X, Y), with its batch axes regrouped to
+    ``dst``'s (*C, X, Y) (∏A = ∏C, proven by ``_batch_reshape`` along the chain between them):
+    size-1 batch axes broadcast to A first unless all are 1, then flatten A and unflatten to C,
+    the row-major regroup the program's reshapes made (``full``: broadcast batch axes are always
+    expanded, so the result has dst's batch sizes).  The last two axes are left as they are."""
+    a_rank, c_rank = rank(src) - 2, rank(dst) - 2
+    if _same_shape(val(src).shape[:-2], val(dst).shape[:-2]):
+        return node
+    if rank(node) > rank(src):
+        raise NoMatch("a bias or mask with more axes than the scores it is added to")
+    for _ in range(rank(src) - rank(node)):
+        node = _emit(graph, before, aten.unsqueeze.default, (node, 0), like)
+    lead = val(node).shape[:-2]
+    if all(_known(x == 1) for x in lead) and not full:
+        sizes = [1] * c_rank
+    else:
+        if not _same_shape(lead, val(src).shape[:-2]):
+            # (B, 1, L, S) added to (B, H, L, S) scores, later read as (B·H, L, S): copies per head
+            node = _emit(graph, before, aten.expand.default,
+                         (node, _sizes(graph, before, src, range(a_rank), like) + [-1, -1]), like)
+        sizes = _sizes(graph, before, dst, range(c_rank), like)
+    if a_rank == 0:
+        node = _emit(graph, before, aten.unsqueeze.default, (node, 0), like)
+    elif a_rank > 1:
+        node = _emit(graph, before, aten.flatten.using_ints, (node, 0, a_rank - 1), like)
+    if c_rank == 0:
+        return _emit(graph, before, aten.squeeze.dim, (node, 0), like)
+    if c_rank > 1:
+        node = _emit(graph, before, aten.unflatten.int, (node, 0, sizes), like)
+    return node
+
+
 def _permuted(shape, letters: str, target: str) -> list:
     return [shape[letters.index(c)] for c in target]
 
@@ -434,6 +613,19 @@ def _drop_unit_axes(graph, before, node, letters: str, others: str, like):
     for i in reversed(drop):
         node = _emit(graph, before, aten.squeeze.dim, (node, i), like)
     return node, "".join(c for i, c in enumerate(letters) if i not in drop)
+
+
+def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, private: set) -> None:
+    """Erase ``node`` and, transitively, its inputs once nothing reads them: pure ops, and the
+    ``private`` in-place ops (on scores nothing else reads) that dead-code elimination keeps."""
+    work = [node]
+    while work:
+        n = work.pop()
+        if getattr(n, "_erased", False) or n.graph is not graph or n.users or n.op != "call_function" or (n.is_impure() and n not in private):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        work.extend(inputs)
 
 
 def _match_scores_quietly(gm, x) -> bool:
@@ -493,7 +685,7 @@ class AttentionPass(Pass):
     def _rewrite(self, ctx: PassContext, sm, values, sc: _Scores) -> None:
         gm, graph = ctx.gm, ctx.graph
         pv, p_node, dropout = values
-        dim = sm.args[1] % rank(sm)
+        back = rank(sm) - sm.args[1] % rank(sm)  # the softmax axis, counted from the end
         # letters of the scores contraction: q·kᵀ summed over exactly one axis d
         (la, lb), lo = _einsum_parts(sc.einsum)
         a, b = sc.einsum.args[1]
@@ -504,9 +696,11 @@ class AttentionPass(Pass):
         if len(contracted) != 1 or len(lo) < 2:
             raise NoMatch(f"the scores sum over {len(contracted)} axes, not one feature axis")
         d = contracted.pop()
+        if back > len(lo):
+            raise NoMatch("the softmax axis is not an axis of the scores contraction")
         # the key axis j is the softmax axis (an axis of one operand only: k); the query axis i
         # is an axis of the other operand only (q); every other axis is a batch axis of both
-        j = lo[dim]
+        j = lo[len(lo) - back]
         if (j in la) == (j in lb):
             raise NoMatch("the softmax axis is shared by both operands of the scores, not a key axis")
         (q, lq), (k, lk) = ((a, la), (b, lb)) if j in lb else ((b, lb), (a, la))
@@ -517,6 +711,16 @@ class AttentionPass(Pass):
             raise NoMatch("the scores have no query axis")
         i = q_only[-1]
         batch = [c for c in lo if c not in (i, j)]
+        # batch reshapes between the scores and the values ((B·H, L, S) <-> (B, H, L, S), Bloom):
+        # every mask, bias and the values are brought to the contraction's own batch grouping
+        stages = [x for x in [sm.args[0], p_node, *sc.keep_stages, *(b_.stage for b_ in sc.biases)]
+                  if not _same_shape(val(x).shape, val(sc.einsum).shape)]
+        if stages and {i, j} != set(lo[-2:]):
+            raise NoMatch(f"{_op_name(_first_reshape(sm.args[0], p_node, sc.einsum))} between the scores and the "
+                          "values, and the query and key axes are not the last two axes of the scores")
+        sc.keeps = [_regroup(graph, pv, m, st, sc.einsum, sm) for m, st in zip(sc.keeps, sc.keep_stages)]
+        for b_ in sc.biases:
+            b_.tensor = _regroup(graph, pv, b_.tensor, b_.stage, sc.einsum, sm)
         # masks and biases read the scores' axis order; the op reads (*batch, i, j)
         layout = _Layout(list(val(sc.einsum).shape), [lo.index(c) for c in batch + [i, j]])
         # the values contraction must sum over the softmax axis
@@ -527,25 +731,41 @@ class AttentionPass(Pass):
         else:
             v = pv.args[1][1]
         v, v_l = _drop_unit_axes(graph, pv, v, v_l, p_l + o_l, sm)
-        if len(p_l) != len(lo):
-            raise NoMatch("the probabilities change rank before the value contraction")
-        rename = dict(zip(p_l, lo))            # letters of p in pv -> letters of the scores
         taken = set(la) | set(lb) | set(lo)
         fresh = (c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in taken)
-        for c in v_l + o_l:
-            if c not in rename:
-                rename[c] = next(fresh)            # value-only letters must not collide
-        jv = p_l[dim]
+        if back > len(p_l):
+            raise NoMatch("the probabilities change rank before the value contraction")
+        jv = p_l[len(p_l) - back]
         if jv in o_l or jv not in v_l:
             raise NoMatch("the value contraction does not sum over the softmax axis")
         e_letters = [c for c in v_l if c not in p_l]
         if len(e_letters) != 1 or any(c not in o_l for c in p_l if c != jv):
             raise NoMatch("the value contraction is not p·v over the key axis")
-        e = rename[e_letters[0]]
-        v_l = "".join(rename.get(c, c) for c in v_l)
-        o_l = "".join(rename.get(c, c) for c in o_l)
+        regroup_out = None
+        if not _same_shape(val(p_node).shape, val(sc.einsum).shape):
+            # p reaches the values regrouped (B·H, L, S): v joins the scores' grouping (*batch, j, e),
+            # the output goes back to p's, the letters pv names it with
+            iv = p_l[-1] if back == 2 else p_l[-2]
+            p_out = p_l[:-2] + iv + e_letters[0]
+            if set(o_l) != set(p_out):
+                raise NoMatch("the attention output has axes the op cannot produce")
+            v = _to_layout(graph, pv, v, v_l, p_l[:-2] + jv + e_letters[0], sm)
+            v = _regroup(graph, pv, v, p_node, sc.einsum, sm, full=True)
+            e = next(fresh)
+            v_l = "".join(lo[:-2]) + j + e
+            regroup_out = p_out
+        else:
+            if len(p_l) != len(lo):
+                raise NoMatch("the probabilities change rank before the value contraction")
+            rename = dict(zip(p_l, lo))            # letters of p in pv -> letters of the scores
+            for c in v_l + o_l:
+                if c not in rename:
+                    rename[c] = next(fresh)            # value-only letters must not collide
+            e = rename[e_letters[0]]
+            v_l = "".join(rename.get(c, c) for c in v_l)
+            o_l = "".join(rename.get(c, c) for c in o_l)
         out_letters = "".join(batch) + i + e
-        if set(o_l) != set(out_letters):
+        if regroup_out is None and set(o_l) != set(out_letters):
             raise NoMatch("the attention output has axes the op cannot produce")
         # scale factors on q or k themselves (pre-scaled queries or keys)
         factors = list(sc.factors)
@@ -569,8 +789,8 @@ class AttentionPass(Pass):
         biases = list(sc.biases)
         # all of them together (a window from triu + tril), else the biases that classify alone
         structural = None
-        for joined in (inf_biases, [b_ for b_ in inf_biases if _structural(gm, [(b_[0], True)], layout)]):
-            structural = _structural(gm, [(m, False) for m in shape_keeps] + [(b_[0], True) for b_ in joined],
+        for joined in (inf_biases, [b_ for b_ in inf_biases if _structural(gm, [(b_.tensor, True)], layout)]):
+            structural = _structural(gm, [(m, False) for m in shape_keeps] + [(b_.tensor, True) for b_ in joined],
                                      layout)
             if structural is not None:
                 biases += [b_ for b_ in inf_biases if b_ not in joined]
@@ -598,20 +818,23 @@ class AttentionPass(Pass):
             m = _to_scores_layout(graph, before, m, layout, sm)
             keep = m if keep is None else _emit(graph, before, aten.logical_and.default, (keep, m), sm)
         bias = None
-        sums = {dtype for _, _, dtype in biases}
+        sums = {b_.dtype for b_ in biases}
         if len(sums) > 1 and sums & {torch.float16, torch.bfloat16}:
             raise NoMatch(f"biases added to the scores in different dtypes ({sorted(map(str, sums))})")
-        for b_, negate, dtype in biases:
+        for term in biases:
+            b_, negate, dtype = term.tensor, term.negated, term.dtype
             if val(b_).dtype != dtype:
                 # the op adds its bias in the bias's dtype (a 16-bit one rounds s + bias, docs/ir.md):
                 # the dtype the program summed in (s + int/bool mask promotes it, bf16 s + fp32 bias is fp32)
                 b_ = _emit(graph, before, aten.to.dtype, (b_, dtype), sm)
             if negate:
                 b_ = _emit(graph, before, aten.neg.default, (b_,), sm)
+            if term.mult != 1.0:
+                b_ = _emit(graph, before, aten.mul.Tensor, (b_, term.mult), sm)
             b_ = _to_scores_layout(graph, before, b_, layout, sm)
             bias = b_ if bias is None else _emit(graph, before, aten.add.Tensor, (bias, b_), sm)
         fake_out = val(vc).new_empty([*val(qc).shape[:-1], val(vc).shape[-1]])
-        if not _static_equal(_permuted(fake_out.shape, out_letters, o_l), val(pv).shape):
+        if regroup_out is None and not _static_equal(_permuted(fake_out.shape, out_letters, o_l), val(pv).shape):
             raise NoMatch(f"output shape {tuple(_permuted(fake_out.shape, out_letters, o_l))} differs from the "
                           f"program's {tuple(val(pv).shape)}")
         scale = sym_product(graph, factors, before)
@@ -621,10 +844,17 @@ class AttentionPass(Pass):
                        dropout=dropout, algorithm="fused")
         ir = ctx.insert_ir(op, before, sm)
         ir.meta["val"] = fake_out
-        out = _to_layout(graph, before, ir, out_letters, o_l, sm) if o_l != out_letters else ir
+        if regroup_out is not None:
+            out = _regroup(graph, before, ir, sc.einsum, p_node, sm)
+            out = _to_layout(graph, before, out, regroup_out, o_l, sm) if o_l != regroup_out else out
+            if not _static_equal(val(out).shape, val(pv).shape):
+                raise NoMatch(f"output shape {tuple(val(out).shape)} differs from the program's {tuple(val(pv).shape)}")
+        else:
+            out = _to_layout(graph, before, ir, out_letters, o_l, sm) if o_l != out_letters else ir
         if val(out).dtype != val(pv).dtype:
             out = _emit(graph, before, aten.to.dtype, (out, val(pv).dtype), sm)
         pv.replace_all_uses_with(out)
+        _erase_unused(graph, pv, set(sc.inplace))
 
     # F.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, gqa) -> attention
     def _sdpa(self, ctx: PassContext, node: torch.fx.Node) -> None:
