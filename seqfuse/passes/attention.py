@@ -41,7 +41,13 @@ aten = torch.ops.aten
 
 
 class NoMatch(Exception):
-    """Raised inside the matcher with the reason a candidate is not attention."""
+    """Raised inside the matcher with the reason a candidate is not attention.  ``certain``: the
+    region is attention but for this one step (a reshape that mixes the query or key axis): a near
+    miss even when the other side of the softmax does not match either."""
+
+    def __init__(self, reason: str, certain: bool = False):
+        super().__init__(reason)
+        self.certain = certain
 
 
 @dataclass
@@ -232,6 +238,18 @@ def _functional(node: torch.fx.Node):
     return t
 
 
+def _scores_behind(gm, node) -> bool:
+    """Whether ``node`` is q·kᵀ scores as the scores walk accepts them, reshapes of any kind
+    allowed: attention whose scores side only a reshape breaks."""
+    while is_op(node, *_RESHAPES):
+        node = node.args[0]
+    try:
+        _walk_scores(gm, node, [])
+        return True
+    except NoMatch as e:
+        return e.certain
+
+
 def _shape_text(node) -> str:
     return "(" + ", ".join(str(x) for x in val(node).shape) + ")"
 
@@ -311,7 +329,7 @@ def _walk_scores(gm, node: torch.fx.Node, steps: list):
         if not _batch_reshape(node):
             raise NoMatch(f"{_op_name(node)} between the scores and the softmax moves entries across the "
                           f"last two axes ({_shape_text(node.args[0])} -> {_shape_text(node)}), not only "
-                          "the batch·head axes")
+                          "the batch·head axes", certain=_scores_behind(gm, node.args[0]))
         # (B·H, L, S) <-> (B, H, L, S): the same scores, batch index regrouped
         steps.append(("reshape", node))
         return _walk_scores(gm, node.args[0], steps)
@@ -671,9 +689,11 @@ class AttentionPass(Pass):
         try:
             scores = _match_scores(gm, x)
         except NoMatch as e:
-            scores_err = str(e)
+            scores_err, scores_exc = str(e), e
         if values is None and scores is None:
-            return  # a softmax that is not attention (a router, a classifier head...)
+            if scores_exc.certain:  # q·kᵀ scores but for a reshape that mixes the query or key axis
+                ctx.report.add_near_miss("attention", scores_err, sm)
+            return  # else a softmax that is not attention (a router, a classifier head...)
         if values is None or scores is None:
             ctx.report.add_near_miss("attention", values_err if values is None else scores_err, sm)
             return
