@@ -118,6 +118,58 @@ _RANDOM = (aten.rand, aten.randn, aten.randint, aten.bernoulli, aten.dropout, at
            aten.rand_like, aten.randn_like, aten.normal)
 
 
+def _guards_hold(env, sizes: dict) -> bool:
+    """Whether every guard and deferred runtime assert that Dynamo recorded on ``env`` holds with
+    its symbols set to ``sizes`` (the others to their hints): the compiled graph only ever runs
+    at such sizes.  False when one cannot be evaluated (a division by zero)."""
+    hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
+    exprs = [g.expr for g in getattr(env, "guards", ())]
+    exprs += [r.expr for rs in getattr(env, "deferred_runtime_asserts", {}).values() for r in rs]
+    for expr in exprs:
+        subs = {sym: sizes.get(str(sym), hints.get(sym)) for sym in expr.free_symbols}
+        if any(v is None for v in subs.values()):
+            return False
+        try:
+            if not bool(expr.xreplace(subs)):
+                return False
+        except (ZeroDivisionError, TypeError, ValueError):
+            return False
+    return True
+
+
+def size_variants(gm) -> list:
+    """Size assignments to evaluate a shape-only subgraph at: the example sizes (None) and, for a
+    graph with symbolic sizes, two more where every guard of the program holds.  The small
+    assignments of attention's ``_size_variants`` come first; when a guard rules them out (a
+    length that must be a multiple of a symbolic chunk size, T = K·Q with K = T // Q >= 2), the
+    example sizes scaled by 2, 3, 1/2 (every symbol at once, so T // Q keeps its value and
+    T % Q stays 0).  Only the example sizes when no other assignment satisfies the guards."""
+    from seqfuse.passes.attention import _size_variants
+    base = _size_variants(gm)
+    syms = [val(n) for n in gm.graph.nodes if n.op == "placeholder" and isinstance(val(n), torch.SymInt)]
+    if len(base) == 1 or not syms:
+        return base
+    env = syms[0].node.shape_env
+    hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
+    names = {str(s.node.expr): s.node.expr for s in syms}
+    example = {}
+    for name, expr in names.items():
+        if expr in hints:
+            example[name] = int(hints[expr])
+    candidates = list(base[1:])
+    if len(example) == len(names):
+        candidates += [{k: v * 2 for k, v in example.items()}, {k: v * 3 for k, v in example.items()}]
+        if all(v % 2 == 0 for v in example.values()):
+            candidates.append({k: v // 2 for k, v in example.items()})
+    out = [None]
+    for sizes in candidates:
+        if sizes != example and _guards_hold(env, sizes) and sizes not in out:
+            out.append(sizes)
+        if len(out) == len(base):
+            break
+    return out
+
+
 def evaluable(node) -> bool:
     """Whether ``node``'s value follows from sizes and graph constants alone."""
     if not isinstance(node, torch.fx.Node) or not isinstance(val(node), torch.Tensor):
@@ -249,8 +301,7 @@ class Analyzer:
 
     def _prove_unit_interval(self, base) -> None:
         if evaluable(base):
-            from seqfuse.passes.attention import _size_variants
-            for sizes in _size_variants(self.gm):
+            for sizes in size_variants(self.gm):
                 v = evaluate(self.gm, base, sizes)
                 if not bool(((v > 0) & (v <= 1)).all()):
                     raise NoMatch("the decay base γ is not in (0, 1]")

@@ -42,7 +42,8 @@ from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.pattern import arg, concrete_sym, constant_value, emit_before, is_op, is_scalar, rank, \
     sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
-from seqfuse.passes.ssd_decay import UNIT, Analyzer, Coef, NoMatch, aligned, base_letters, evaluable, evaluate
+from seqfuse.passes.ssd_decay import UNIT, Analyzer, Coef, NoMatch, aligned, base_letters, evaluable, evaluate, \
+    size_variants
 
 aten = torch.ops.aten
 MAX_MASK_ELEMENTS = 1 << 24
@@ -315,8 +316,8 @@ def _mask_matrix(gm, spec, roles, sizes, t: int) -> torch.Tensor:
 
 
 def _size_variants(gm):
-    from seqfuse.passes.attention import _size_variants as variants
-    return variants(gm)
+    """The sizes a mask is proven at (seqfuse.passes.ssd_decay.size_variants: the program's guards hold)."""
+    return size_variants(gm)
 
 
 # --- scan higher-order op ----------------------------------------------------------------

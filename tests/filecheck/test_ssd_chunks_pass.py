@@ -9,8 +9,9 @@ from fc import run_filecheck
 from golden.test_ssd_chunks import chunked_linear_attention, ssd_inputs, ssd_listing
 
 
-def after_pass(fn, *args, tmp_path, stage="ssd_chunks"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
+def after_pass(fn, *args, tmp_path, stage="ssd_chunks", dynamic=None):
+    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)},
+                             dynamic=dynamic)
     path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
     return pathlib.Path(path).read_text()
 
@@ -74,6 +75,24 @@ def test_chunk_loop_becomes_a_scan_over_chunks_then_one_ssd(tmp_path):
         CHECK-NOT: seqfuse.scan
         CHECK-NOT: aten.einsum
         CHECK-NOT: aten.cat
+        CHECK: %[[H:[a-z_0-9]+]] = getitem(%ssd, 1)
+        CHECK: return
+    """)
+
+
+def test_mamba2_listing_under_dynamic_shapes_is_one_ssd(tmp_path):
+    """The Mamba-2 paper's listing (mamba_ssm/modules/ssd_minimal.py, written out in
+    tests/golden/test_ssd_stable_segsum.py) under dynamic=True: T and block_len are symbols, the
+    chunks (b, T // Q, Q, ...) flatten back to the sequence, one ssd with h0 and its final state."""
+    from golden.test_ssd_stable_segsum import inputs, listing
+    args = [z.detach() for z in inputs(t=64, h0=True)]
+    text = after_pass(listing(16), *args, tmp_path=tmp_path, dynamic=True)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %ssd = seqfuse.ssd(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, a=%{{[a-z_0-9]+}}, h0=%{{[a-z_0-9]+}}) {decay=scalar
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.cumsum
+        CHECK-NOT: aten.exp
         CHECK: %[[H:[a-z_0-9]+]] = getitem(%ssd, 1)
         CHECK: return
     """)
