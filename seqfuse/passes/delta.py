@@ -47,7 +47,7 @@ from seqfuse.ir.ops import Delta
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, leaves
 from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
-from seqfuse.passes.pattern import CASTS, axis_view, is_op, val
+from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -677,6 +677,10 @@ class _Rewrite:
             if not (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable):
                 continue
             args = loop.roles[j][0][2] if loop.roles[j] else ()
+            if isinstance(self, _ChunkRewrite) and node.target is aten.masked_fill_.Scalar and args \
+                    and args[0][0] == "L" \
+                    and loop.roles[args[0][1]] is not None and len(node.args[0].users) == 1:
+                continue   # fills a temporary of the step in place (read as out of place by _Chunked)
             if not (node.target is aten.copy_.default and args[0][0] == "L" and loop.roles[args[0][1]] is None):
                 raise NoLoop(f"the loop body mutates a tensor with {t} (only per-step buffer writes are re-rolled)")
             if any(loop.inst[s][j].users for s in loop.steps):
@@ -895,6 +899,382 @@ def _mul_pair(node):
     return node.args
 
 
+# --- per-chunk values as canonical trees ------------------------------------------------
+
+_EXPR_OPS = {aten.mul.Tensor: "mul", aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.neg.default: "neg",
+             aten.exp.default: "exp"}
+
+
+def _canon_eq(ins: list[str], out: str) -> str:
+    """An einsum equation with its letters renamed in order of first appearance."""
+    names: dict[str, str] = {}
+    for c in "".join(ins) + out:
+        names.setdefault(c, chr(ord("a") + len(names)))
+    return ",".join("".join(names[c] for c in s) for s in ins) + "->" + "".join(names[c] for c in out)
+
+
+_MM = "abcd,abde->abce"     # A·B over the last two axes of (B, H, ·, ·) chunk values
+_MMT = "abcd,abed->abce"    # A·Bᵀ
+
+
+class _Chunked:
+    """One chunk's values of a loop over chunks as canonical trees in the chunk's frame (the chunk axis
+    removed), so that a piece of the WY form compares equal however it is spelled: computed over all chunks
+    before the loop and sliced per chunk (transformers), or computed in the loop from per-chunk slices (fla).
+
+    Trees: ("leaf", node) a tensor over all chunks (B, H, N, C, ·) taken as given (a reshape into chunks, a
+    cumulative sum); ("inv", node) a loop-invariant without a chunk axis (masks, eye); ("num", x);
+    (op, *children) for mul / add (children sorted) / sub / neg / exp; ("where", cond, x, fill);
+    ("tril", x, diagonal); ("not", cond); ("ax", x, axes, shape) a pure axis move of x (axes as in
+    pattern.axis_view, shape the result's sizes), moved outside exp; ("last", x) x at the last position of
+    its last axis; ("ein", equation, a, b) a two-operand einsum (letters canonical); ("utinv", M) the inverse
+    (I + strictly_lower(M))⁻¹, read from a unit lower-triangular solve or a forward substitution;
+    ("apply", U, b) = U·b.  Equal trees are equal values: each node's value follows from its children's."""
+
+    def __init__(self, ctx, loop, an, body):
+        self.ctx, self.loop, self.an, self.body = ctx, loop, an, body
+        self.tindex = {n: j for j, n in enumerate(loop.template)}
+        self.memo: dict = {}
+        self.inverses: list = []    # forward-substitution bases proven (erased with the loop when dead)
+
+    # -- entry points ------------------------------------------------------------------
+    def role(self, role, what):
+        """The tree of a state-independent role of the loop body (a template entry or an invariant)."""
+        if role[0] == "L":
+            return self.local(self.loop.template[role[1]], what)
+        if role[0] == "I":
+            return ("inv", role[1])
+        if role[0] == "C" and isinstance(role[1], (int, float)) and not isinstance(role[1], bool):
+            return ("num", float(role[1]))
+        raise NotDelta(f"{what} is not a tensor of the chunk")
+
+    def local(self, node, what):
+        """The tree of a template node (one chunk's value computed in the loop, or a per-chunk slice)."""
+        j = self.tindex.get(node)
+        if j is None:
+            if node in self.body:
+                raise NotDelta(f"{what} reads a value of another chunk")
+            return ("inv", node)
+        if self.an.deps[j]:
+            raise NotDelta(f"{what} depends on the state")
+        if self.loop.roles[j] is None:           # a per-chunk slice X[:, :, n] of a tensor over all chunks
+            key = _seed_key(node)
+            if key is None or key[2] != "select" or key[1] != 2:
+                raise NotDelta(f"{what} is not a slice of a tensor over the chunks along axis 2")
+            return self.whole(key[0], what)
+        return self._tree(node, False, what)
+
+    def whole(self, node, what):
+        """The tree of a tensor over all chunks (chunk axis 2), in one chunk's frame."""
+        if not isinstance(val(node), torch.Tensor) or val(node).dim() < 3:
+            raise NotDelta(f"{what} is not a tensor over the chunks")
+        if node not in self.memo:
+            self.memo[node] = self._tree(node, True, what)
+        return self.memo[node]
+
+    # -- building ------------------------------------------------------------------------
+    def _arg(self, x, chunked, out_rank, what):
+        if not isinstance(x, torch.fx.Node):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise NotDelta(f"{what} has a non-numeric argument")
+            return ("num", float(x))
+        v = val(x)
+        if not isinstance(v, torch.Tensor):
+            raise NotDelta(f"{what} has a symbolic argument")
+        pc_rank = out_rank - 1 if chunked else out_rank
+        if chunked:
+            if v.dim() == out_rank:
+                return self.whole(x, what)
+            if v.dim() <= pc_rank - 2:          # does not reach the chunk axis: the same value in every chunk
+                return ("inv", x)
+            raise NotDelta(f"{what} broadcasts a tensor against the chunk axis")
+        if x in self.tindex:
+            return self.local(x, what)
+        if x in self.body:
+            raise NotDelta(f"{what} reads a value of another chunk")
+        if v.dim() <= pc_rank - 2:
+            return ("inv", x)
+        raise NotDelta(f"{what} reads a loop invariant laid over the chunk's batch axes")
+
+    def _input(self, x, chunked, what):
+        """The tree of the input of a view or slice (any rank)."""
+        if chunked:
+            return self.whole(x, what)
+        if x in self.tindex:
+            return self.local(x, what)
+        if x in self.body:
+            raise NotDelta(f"{what} reads a value of another chunk")
+        return ("inv", x)
+
+    def _shape(self, node, chunked):
+        s = list(val(node).shape)
+        if chunked:
+            del s[2]
+        return tuple(str(d) for d in s)
+
+    def _tree(self, node, chunked, what):
+        R = val(node).dim()
+        arg = lambda x: self._arg(x, chunked, R, what)  # noqa: E731
+        if self._written(node):
+            raise NotDelta(f"{what} reads a tensor written in place")
+        if is_op(node, *IDENTITIES) or (is_op(node, *CASTS) and val(node).dtype == val(node.args[0]).dtype):
+            return arg(node.args[0])
+        name = _EXPR_OPS.get(node.target)
+        if name is not None:
+            if node.kwargs.get("alpha", 1) != 1:
+                raise NotDelta(f"{what} scales a term by alpha")
+            if name == "add" and self._is_eye(node.args[1]) and isinstance(node.args[0], torch.fx.Node) \
+                    and self._written(node.args[0]):
+                return self._forward_substitution(node.args[0], node.args[1], chunked, what)
+            kids = [arg(a) for a in node.args]
+            if name == "exp" and kids[0][0] == "ax":       # exp(x[..., None]) = exp(x)[..., None]
+                x, axes, shape = kids[0][1:]
+                return ("ax", ("exp", x), axes, shape)
+            if name in ("mul", "add"):
+                kids.sort(key=repr)
+            return (name, *kids)
+        if node.target is aten.where.ScalarOther:
+            return ("where", arg(node.args[0]), arg(node.args[1]), node.args[2])
+        if node.target in (aten.masked_fill.Scalar, aten.masked_fill_.Scalar):
+            # masked_fill_ only on a temporary of the loop body read by nothing else (it reads as out of place)
+            if node.target is aten.masked_fill_.Scalar and (chunked or len(node.args[0].users) != 1):
+                raise NotDelta(f"{what} fills a tensor in place that is read elsewhere")
+            return ("where", ("not", arg(node.args[1])), arg(node.args[0]), node.args[2])
+        if node.target is aten.logical_not.default:
+            return ("not", arg(node.args[0]))
+        if is_op(node, aten.tril):
+            d = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+            return ("tril", arg(node.args[0]), d)
+        if node.target is aten.select.int and isinstance(node.args[1], int):
+            rx = val(node.args[0]).dim()
+            if node.args[1] % rx == rx - 1 and not (chunked and rx - 1 <= 2) \
+                    and node.args[2] in (-1, val(node.args[0]).shape[-1] - 1):
+                return ("last", self._input(node.args[0], chunked, what))
+        if node.target is aten.slice.Tensor and self._keeps_last(node) and not (chunked and R - 1 <= 2):
+            axes = list(range(R - (1 if chunked else 0) - 1)) + [None]
+            return ("ax", ("last", self._input(node.args[0], chunked, what)), tuple(axes), self._shape(node, chunked))
+        if is_op(node, aten.einsum) and len(node.args[1]) == 2:
+            return self._einsum(node, chunked, what)
+        if _solve(node) and chunked:
+            return ("apply", ("utinv", self.whole(node.args[0], what)), self.whole(node.args[1], what))
+        base, axes = axis_view(node)
+        if base is not node and isinstance(base, torch.fx.Node) and isinstance(val(base), torch.Tensor):
+            b = val(base).dim()
+            if chunked:
+                if b < 3 or len(axes) < 3 or axes[2] != 2:
+                    raise NotDelta(f"{what} moves the chunk axis")
+                axes = [None if a is None else (a if a < 2 else a - 1) for a in axes[:2] + axes[3:]]
+                inner = self.whole(base, what)
+            else:
+                inner = self._input(base, False, what)
+            if inner[0] == "ax":                      # compose two axis moves
+                axes = [None if a is None else inner[2][a] for a in axes]
+                inner = inner[1]
+            shape = self._shape(node, chunked)
+            if axes == list(range(len(axes))) and len(axes) == (b - 1 if chunked else b):
+                return inner
+            return ("ax", inner, tuple(axes), shape)
+        if chunked:
+            return ("leaf", node)
+        raise NotDelta(f"{what} computes {_name(node)} in the loop (not a piece of the WY form)")
+
+    def _keeps_last(self, node) -> bool:
+        """node = x[..., -1:] along x's last axis."""
+        x = node.args[0]
+        a = list(node.args) + [None] * (5 - len(node.args))
+        r, C = val(x).dim(), val(x).shape[-1]
+        d, start, end, step = a[1] % r, a[2], a[3], a[4] if a[4] is not None else 1
+        return d == r - 1 and step == 1 and isinstance(C, int) and start in (-1, C - 1) \
+            and (end is None or (isinstance(end, int) and end >= C))
+
+    def _einsum(self, node, chunked, what):
+        eq = node.args[0].replace(" ", "")
+        if "." in eq or "->" not in eq:
+            raise NotDelta(f"{what} is an einsum with an ellipsis")
+        ins, out = eq.split("->")
+        ins = ins.split(",")
+        a, b = node.args[1]
+        if chunked:
+            if len(out) < 3 or any(len(s) < 3 or s[2] != out[2] for s in ins) or \
+                    any(val(x).dim() != len(s) for x, s in zip((a, b), ins)):
+                raise NotDelta(f"{what} is an einsum that mixes the chunks")
+            c = out[2]
+            if sum(s.count(c) for s in ins) != 2 or out.count(c) != 1:
+                raise NotDelta(f"{what} is an einsum that mixes the chunks")
+            ins, out = [s.replace(c, "") for s in ins], out.replace(c, "")
+            ta, tb = self.whole(a, what), self.whole(b, what)
+        else:
+            ta = self._arg(a, False, len(ins[0]), what)
+            tb = self._arg(b, False, len(ins[1]), what)
+        eq = _canon_eq(ins, out)
+        if eq == _MM and ta[0] == "utinv":
+            return ("apply", ta, tb)
+        return ("ein", eq, ta, tb)
+
+    @staticmethod
+    def _is_eye(x) -> bool:
+        return is_op(x, aten.eye) and val(x).dim() == 2 and val(x).dtype.is_floating_point
+
+    @staticmethod
+    def _written(node) -> bool:
+        """Whether a view of ``node`` (or node itself) is written by copy_."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            for u in n.users:
+                if u.target is aten.copy_.default and u.args[0] is n:
+                    return True
+                if is_op(u, aten.select, aten.slice, aten.unsqueeze, aten.view, aten.alias) and u.args[0] is n:
+                    stack.append(u)
+        return False
+
+    # -- the forward substitution ------------------------------------------------------------
+    def _forward_substitution(self, N, eye, chunked, what):
+        """("utinv", M) for T = N + I where N = −strictly_lower(M) (B, H, Nc, C, C) is then rewritten in place
+        row by row, for i = 1 … C−1 in program order,
+
+            N[..., i, :i] = N[..., i, :i] + Σ_j N[..., i, j] · N[..., j, :i]        (j < i, or every j: N[i, j≥i] = 0)
+
+        reading each row's old value before its write and the rows j < i after theirs: the forward
+        substitution of (I − N)·T = I, so T = (I + strictly_lower(M))⁻¹."""
+        if not chunked or val(N).dim() != 5:
+            raise NotDelta(f"{what}: the forward substitution is not over (B, H, N, C, C) chunks")
+        C = val(N).shape[-1]
+        if not isinstance(C, int) or not known_eq(val(N).shape[-2], C) or tuple(val(eye).shape) != (C, C):
+            raise NotDelta(f"{what}: the forward substitution's system is not C x C with the identity added")
+        # N = −strictly_lower(M): −where(j < i, M, 0) or −tril(M, −1)
+        if N.target is not aten.neg.default:
+            raise NotDelta(f"{what}: the forward-substituted system is not −strictly_lower(M)")
+        inner = N.args[0]
+        if is_op(inner, aten.tril) and (inner.args[1] if len(inner.args) > 1 else inner.kwargs.get("diagonal", 0)) == -1:
+            M = inner.args[0]
+        elif inner.target is aten.where.ScalarOther and inner.args[2] == 0 and \
+                _mask_is(self.ctx, ("inv", inner.args[0]), C, "strict_lower"):
+            M = inner.args[1]
+        else:
+            raise NotDelta(f"{what}: the forward-substituted system is not −strictly_lower(M)")
+        if not isinstance(M, torch.fx.Node) or val(M).dim() != 5:
+            raise NotDelta(f"{what}: the forward-substituted system is not (B, H, N, C, C)")
+        graph_pos = {n: i for i, n in enumerate(N.graph.nodes)}
+        # every use of N: views, the C−1 row writes, their reads, the final + I
+        views, consumers, stack = set(), [], [N]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u.target in (aten.select.int, aten.slice.Tensor) and u.args[0] is n:
+                    if u not in views:
+                        views.add(u)
+                        stack.append(u)
+                elif u not in consumers:
+                    consumers.append(u)
+        final = [u for u in consumers if u.target is aten.add.Tensor and u.args[0] is N and u.args[1] is eye]
+        copies = sorted((u for u in consumers if u.target is aten.copy_.default), key=graph_pos.__getitem__)
+        reads = [u for u in consumers if u not in final and u not in copies]
+        if len(final) != 1 or len(copies) != C - 1:
+            raise NotDelta(f"{what}: the in-place writes of the system are not one per row 1 … C−1")
+        prev = graph_pos[N]
+        used = set()
+        for i, cp in enumerate(copies, start=1):
+            dest, src = cp.args[0], cp.args[1]
+            if cp.users or self._region(dest, N) != (i, (0, i), (0, 1, 2, 4)):
+                raise NotDelta(f"{what}: write {i} of the forward substitution is not row {i}, columns :{i}")
+            if src.target is not aten.add.Tensor or src.kwargs or len(src.users) != 1:
+                raise NotDelta(f"{what}: row {i} is not its old value plus a sum over the rows before it")
+            for old, ein in (src.args, src.args[::-1]):
+                if is_op(ein, aten.einsum) and isinstance(old, torch.fx.Node):
+                    break
+            else:
+                raise NotDelta(f"{what}: row {i} is not its old value plus a sum over the rows before it")
+
+            def read(x):
+                """(region, nodes) of a view of N, or of a clone of one taken between the writes i−1 and i."""
+                if is_op(x, aten.clone) and prev < graph_pos[x] < graph_pos[cp]:
+                    return self._region(x.args[0], N), {x, x.args[0]}
+                return self._region(x, N), {x}
+            row_i = (i, (0, i), (0, 1, 2, 4))
+            r_old, n_old = read(old)
+            if r_old != row_i or not prev < graph_pos[old] < graph_pos[cp]:
+                raise NotDelta(f"{what}: row {i}'s old value is not read before its write")
+            eq = ein.args[0].replace(" ", "")
+            a, b = ein.args[1]
+            ins, out = eq.split("->")
+            if _canon_eq(ins.split(","), out) != "abcd,abcde->abce" or not prev < graph_pos[ein] < graph_pos[cp]:
+                raise NotDelta(f"{what}: row {i}'s update is not Σ_j N[i, j]·N[j, :{i}]")
+            (ra, n_a), (rb, n_b) = read(a), read(b)
+            J = ra[1][1] if ra and ra[0] == i and ra[1][0] == 0 and ra[2] == (0, 1, 2, 4) else None
+            if J not in (i, C) or rb != ((0, J), (0, i), (0, 1, 2, 3, 4)):
+                raise NotDelta(f"{what}: row {i}'s update is not Σ_j N[i, j]·N[j, :{i}]")
+            used |= {cp, src, ein, dest} | n_old | n_a | n_b
+            prev = graph_pos[cp]
+        if graph_pos[final[0]] < prev or any(r not in used for r in reads):
+            raise NotDelta(f"{what}: the forward substitution's system is read besides its row updates")
+        self.inverses.append((N, used | views | {final[0]}))
+        return ("utinv", self.whole(M, what))
+
+    @staticmethod
+    def _region(node, base):
+        """(row index, (column start, end), axes of base kept in order) of a chain of select / slice views
+        from ``base`` (B, H, N, C, C) over its last two axes ((row start, end) when the rows are sliced);
+        None for any other view."""
+        chain = []
+        while node is not base:
+            if not isinstance(node, torch.fx.Node) or node.target not in (aten.select.int, aten.slice.Tensor):
+                return None
+            chain.append(node)
+            node = node.args[0]
+        size = list(val(base).shape)
+        axes = list(range(5))
+        rng = {a: (0, size[a]) for a in range(5)}
+        fixed = {}
+        for n in reversed(chain):
+            r = len(axes)
+            d = n.args[1] % r
+            a = axes[d]
+            if n.target is aten.select.int:
+                i = n.args[2]
+                if not isinstance(i, int):
+                    return None
+                lo, hi = rng[a]
+                fixed[a] = lo + (i % (hi - lo))
+                del axes[d]
+            else:
+                s = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
+                e = n.args[3] if len(n.args) > 3 and n.args[3] is not None else rng[a][1] - rng[a][0]
+                st = n.args[4] if len(n.args) > 4 else 1
+                if st != 1 or not isinstance(s, int) or not isinstance(e, int) or s < 0:
+                    return None
+                lo, hi = rng[a]
+                rng[a] = (lo + s, min(hi, lo + e))
+        if any(a in fixed or rng[a] != (0, size[a]) for a in (0, 1, 2)) or 4 in fixed:
+            return None
+        if 3 in fixed:
+            return (fixed[3], rng[4], tuple(axes))
+        return (rng[3], rng[4], tuple(axes))
+
+
+def _mask_is(ctx, tree, C, kind) -> bool:
+    """Whether a mask tree (("inv", shape-only bool node), possibly under ("not", ·)) evaluates to the C x C
+    mask ``kind``: "lower" (j <= i), "strict_lower" (j < i)."""
+    from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
+    neg = False
+    while tree[0] == "not":
+        neg, tree = not neg, tree[1]
+    if tree[0] != "inv" or not isinstance(tree[1], torch.fx.Node) or not is_shape_only(tree[1]):
+        return False
+    try:
+        m = evaluate_shape_only(ctx.gm, tree[1])
+    except Exception:
+        return False
+    if m.dtype != torch.bool or m.dim() < 2 or tuple(m.shape[-2:]) != (C, C):
+        return False
+    m = ~m if neg else m
+    want = torch.ones(C, C, dtype=torch.bool).tril(0 if kind == "lower" else -1)
+    return bool((m.reshape(-1, C, C) == want).all())
+
+
 class _ChunkRewrite(_Rewrite):
     """transformers' torch_chunk_gated_delta_rule (Qwen3-Next): the WY / UT form, one loop over chunks of C
     steps carrying the state S (B, H, K, V), with per-chunk tensors laid (B, H, N, C, ·)::
@@ -912,10 +1292,19 @@ class _ChunkRewrite(_Rewrite):
 
     @staticmethod
     def applies(loop) -> bool:
-        """A loop over chunks of a WY program: it slices the result of a unit lower-triangular solve."""
+        """A loop over chunks of a WY program: it slices the result of a unit lower-triangular solve, or of a
+        product with the inverse built by forward substitution (T + I, T written in place)."""
         for node, roles in zip(loop.template, loop.roles):
-            if roles is None and _solve(_seed_key(node)[0]):
+            if roles is not None:
+                continue
+            x = (_seed_key(node) or (None,))[0]
+            if _solve(x):
                 return True
+            if is_op(x, aten.einsum) and len(x.args[1]) == 2:
+                a = x.args[1][0]
+                if a.target is aten.add.Tensor and _Chunked._is_eye(a.args[1]) and \
+                        isinstance(a.args[0], torch.fx.Node) and _Chunked._written(a.args[0]):
+                    return True
         return False
 
     def run(self):
@@ -954,6 +1343,28 @@ class _ChunkRewrite(_Rewrite):
                 self.graph.erase_node(n)
         for buf in buffers:
             self._detach_buffer(buf)
+        if self.cx.inverses:
+            self.graph.eliminate_dead_code()
+        for N, nodes in self.cx.inverses:
+            self._erase_dead_inverse(N, nodes)
+
+    def _erase_dead_inverse(self, N, nodes):
+        """Erase a forward substitution (``nodes``: N's row writes, their reads and views, T = N + I) once
+        nothing else reads N: its in-place writes would keep it, and everything before it, alive through
+        dead-code elimination."""
+        pos = {n: i for i, n in enumerate(self.graph.nodes)}
+        if N not in pos:
+            return
+        closure, stack = set(), [N]
+        while stack:
+            for u in stack.pop().users:
+                if u not in closure:
+                    closure.add(u)
+                    stack.append(u)
+        if not closure <= nodes:
+            return
+        for n in sorted(closure, key=pos.__getitem__, reverse=True):
+            self.graph.erase_node(n)
 
     def _detach_buffer(self, buf):
         """``zeros_like(NV)`` (the program's output buffer, shaped like the solve's result) as ``zeros(shape)``,
@@ -983,15 +1394,6 @@ class _ChunkRewrite(_Rewrite):
                 return False
             role = self._args(role)[0]
         return role == ("P", self.k)
-
-    def _seed(self, role, what):
-        """(X, chunk axis) of a per-chunk slice X[:, :, n] (a template seed)."""
-        if role[0] != "L" or self.loop.roles[role[1]] is not None:
-            raise NotDelta(f"{what} is not a slice of a tensor over the chunks")
-        x, d, form, _ = _seed_key(self._t(role))
-        if form != "select":
-            raise NotDelta(f"{what} is not a slice of a tensor over the chunks")
-        return x, d
 
     def _matmul(self, role, what):
         """(A role, B role) of an einsum that is the batched matrix product A·B over the last two axes."""
@@ -1027,35 +1429,52 @@ class _ChunkRewrite(_Rewrite):
         if S.dim() != 4 or loop.reverse:
             raise NotDelta("the chunk loop's state is not (B, H, K, V) or the loop runs backwards")
         used = set()
-        # S' = S·cd_n + Kd_nᵀ·U
+        cx = self.cx = _Chunked(self.ctx, loop, self.an, set(loop.body()))
+        seeds = {}
+
+        def piece(role, name, what):
+            """The tree of a per-chunk piece; the tensor over all chunks when the loop slices it (for _tail)."""
+            if role[0] == "L" and loop.roles[role[1]] is None:
+                key = _seed_key(self._t(role))
+                seeds[name] = key[0] if key is not None and key[1] == 2 and key[2] == "select" else None
+            else:
+                seeds[name] = None
+            return cx.role(role, what)
+        # S' = S·cd_n + Kd_nᵀ·U   (no decay: S' = S + Kd_nᵀ·U)
         new = self._args(("L", k))
         if not is_op(loop.template[k], aten.add) or new is None or len(new) != 2 or loop.template[k].kwargs:
             raise NotDelta("the new state is not the decayed state plus a chunk's write")
         for dec_r, wr_r in ((new[0], new[1]), (new[1], new[0])):
-            if is_op(self._t(dec_r), aten.mul):
+            if is_op(self._t(dec_r), aten.mul) or self._is_state(dec_r):
                 break
         else:
             raise NotDelta("the new state is not the decayed state plus a chunk's write")
-        used |= {k, dec_r[1], wr_r[1]}
-        m = self._args(dec_r)
-        st = [i for i in (0, 1) if self._is_state(m[i])]
-        if len(st) != 1:
-            raise NotDelta("the chunk's decay does not multiply the state")
-        cd_x, zd = self._seed(m[1 - st[0]], "the chunk's decay")
+        used |= {k, wr_r[1]}
+        if self._is_state(dec_r):
+            cd = None
+            if dec_r[0] == "L":
+                used.add(dec_r[1])
+        else:
+            used.add(dec_r[1])
+            m = self._args(dec_r)
+            st = [i for i in (0, 1) if self._is_state(m[i])]
+            if len(st) != 1:
+                raise NotDelta("the chunk's decay does not multiply the state")
+            cd = piece(m[1 - st[0]], "cd", "the chunk's decay")
         kd_r, u_r = self._matmul_t(wr_r, "the chunk's write")
-        kd_x, d2 = self._seed(kd_r, "the chunk's write key")
+        kd = piece(kd_r, "kd", "the chunk's write key")
         # U = NV_n − KC_n·S
         u = self._t(u_r)
         ua = self._args(u_r)
         if u is None or u.target is not aten.sub.Tensor or u.kwargs or ua is None:
             raise NotDelta("the chunk's corrections are not NV − KC·S")
         used.add(u_r[1])
-        nv_x, d3 = self._seed(ua[0], "the chunk's corrections")
+        nv = piece(ua[0], "nv", "the chunk's corrections")
         kc_r, s_r = self._matmul(ua[1], "the chunk's state correction")
         used.add(ua[1][1])
         if not self._is_state(s_r):
             raise NotDelta("the chunk's state correction does not read the state")
-        kc_x, d4 = self._seed(kc_r, "the chunk's state correction")
+        kc = piece(kc_r, "kc", "the chunk's state correction")
         # the readout y_n = Qd_n·S + IA_n·U (written into a buffer per chunk)
         ro = [j for j, n in enumerate(loop.template) if loop.roles[j] is not None and is_op(n, aten.add)
               and j != k and self.an.deps[j]]
@@ -1075,19 +1494,16 @@ class _ChunkRewrite(_Rewrite):
         else:
             raise NotDelta("the chunk's output is not Qd·S + IA·U")
         used |= {a_r[1], b_r[1]}
-        qd_x, d5 = self._seed(qd_r, "the chunk's query")
-        ia_x, d6 = self._seed(ia_r, "the chunk's intra-chunk scores")
-        if len({zd, d2, d3, d4, d5, d6}) != 1:
-            raise NotDelta("the per-chunk tensors are sliced along different axes")
+        qd = piece(qd_r, "qd", "the chunk's query")
+        ia = piece(ia_r, "ia", "the chunk's intra-chunk scores")
         allowed = set(used)
         # walk identity copies of the state the products read
         for j, n in enumerate(loop.template):
             if self.an.deps[j] and loop.roles[j] is not None and is_op(n, aten.clone, aten.contiguous, aten.alias) \
                     and self._is_state(("L", j)):
                 allowed.add(j)
-        x = dict(cd=cd_x, kd=kd_x, nv=nv_x, kc=kc_x, qd=qd_x, ia=ia_x)
-        plan = self._prove_constants(x, zd, allowed, ro_j)
-        plan.x, plan.entries = x, dict(e1=ua[1][1], u=u_r[1], e2=a_r[1], e3=b_r[1], y=ro_j)
+        plan = self._prove_wy(dict(cd=cd, kd=kd, nv=nv, kc=kc, qd=qd, ia=ia), allowed, ro_j)
+        plan.x, plan.entries = seeds, dict(e1=ua[1][1], u=u_r[1], e2=a_r[1], e3=b_r[1], y=ro_j)
         return plan
 
     def _tail(self, plan):
@@ -1097,6 +1513,8 @@ class _ChunkRewrite(_Rewrite):
         chunk or it differs from the loop's body in any way (it then stays as written, reading the op's
         final state)."""
         loop, t = self.loop, self.loop.template
+        if any(plan.x.get(n) is None for n in ("nv", "kc", "qd", "ia")):
+            return None     # a piece computed in the loop: the last chunk stays as written
         S = loop.inst[loop.hi][self.k]
         n_chunks = val(plan.x["nv"]).shape[2]
         last = loop.hi + 1
@@ -1141,134 +1559,168 @@ class _ChunkRewrite(_Rewrite):
         return dict(buf=dest.args[0], nodes=[copy, dest, y, e3, u, e2, e1])
 
     # -- the per-chunk tensors --------------------------------------------------------
-    def _prove_constants(self, x, zd, allowed, ro_j):
-        if zd != 2:
-            raise NotDelta("the chunk axis is not axis 2 of (B, H, N, C, ·) tensors")
-        for name in ("kd", "nv", "kc", "qd", "ia"):
-            if val(x[name]).dim() != 5:
-                raise NotDelta(f"the per-chunk tensor {name} is not (B, H, N, C, ·)")
-        # NV = solve(UT, vβ_c), KC = solve(UT, kβ_c ⊙ e^γ) with one UT
-        if not _solve(x["nv"]) or not _solve(x["kc"]):
-            raise NotDelta("the chunk's corrections are not unit lower-triangular solves")
-        ut, vb_c = x["nv"].args[0], x["nv"].args[1]
-        if x["kc"].args[0] is not ut:
+    def _prove_wy(self, x, allowed, ro_j):
+        """The per-chunk pieces (trees of _Chunked) are those of the WY / UT form of the delta rule; returns the
+        plan (q, k, v, β, g over (B, H, T'), the chunk size C).  ``x["cd"]`` None: no decay (DeltaNet)."""
+        nv, kc = x["nv"], x["kc"]
+        if nv[0] != "apply" or kc[0] != "apply":
+            raise NotDelta("the chunk's corrections are not products with the UT inverse "
+                           "(a unit lower-triangular solve or a forward substitution)")
+        U, vb_c = nv[1], nv[2]
+        if kc[1] != U:
             raise NotDelta("the two triangular solves have different systems")
-        # UT = (kβ_c·k_cᵀ) ⊙ L,  IA = (q_c·k_cᵀ) ⊙ L
-        kb_c, k_c, L = self._scores(ut, "the UT system")
-        q_c, k_c2, L2 = self._scores(x["ia"], "the intra-chunk scores")
-        if k_c2 is not k_c or L2 is not L:
+        M = U[1]
+        gated = x["cd"] is not None
+        # UT = (kβ_c·k_cᵀ) ⊙ L  (no decay: kβ_c·k_cᵀ)
+        cum = L = None
+        if gated:
+            sc, L = self._scores_tree(M, "the UT system")
+            cum = self._decay_mask(L)
+        else:
+            sc = M
+        kb_c, k_c = self._mmt(sc, "the UT system")
+        # IA = (q_c·k_cᵀ) ⊙ L, masked to j <= i (the mask optional after a decay mask, required without one)
+        ia, masked = x["ia"], False
+        if ia[0] == "where" and ia[3] == 0 and self._leaf_c(k_c) is not None and \
+                _mask_is(self.ctx, ia[1], self._leaf_c(k_c), "lower"):
+            ia, masked = ia[2], True
+        if gated:
+            sc2, L2 = self._scores_tree(ia, "the intra-chunk scores")
+            if L2 != L:
+                raise NotDelta("the intra-chunk scores use another key or decay mask than the UT system")
+        else:
+            if not masked:
+                raise NotDelta("the intra-chunk scores are not masked to j <= i")
+            sc2 = ia
+        q_c, k_c2 = self._mmt(sc2, "the intra-chunk scores")
+        if k_c2 != k_c:
             raise NotDelta("the intra-chunk scores use another key or decay mask than the UT system")
-        cum = self._pairwise(L)
-        # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ}
-        if self._times_exp(x["kc"].args[1], kb_c, cum, "cum") is None:
-            raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
-        if self._times_exp(x["qd"], q_c, cum, "cum") is None:
-            raise NotDelta("the chunk's query is not q ⊙ exp(cumsum g)")
-        if self._times_exp(x["kd"], k_c, cum, "rest") is None:
-            raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
-        if not self._chunk_decay(x["cd"], cum):
-            raise NotDelta("the chunk's decay is not exp(γ_last)")
+        if gated:
+            # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ} ; cd = e^{γ_C}
+            if not self._times_col(kc[2], kb_c, ("exp", cum)):
+                raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
+            if not self._times_col(x["qd"], q_c, ("exp", cum)):
+                raise NotDelta("the chunk's query is not q ⊙ exp(cumsum g)")
+            kd = x["kd"]
+            rest = [t for t in kd[1:] if t != k_c] if kd[0] == "mul" else []
+            e = rest[0] if len(rest) == 1 and rest[0][0] == "ax" and rest[0][2] == (0, 1, 2, None) else None
+            d = e[1][1] if e is not None and e[1][0] == "exp" else None
+            if d is None or d[0] != "sub" or d[2] != cum or d[1][:3] != ("ax", ("last", cum), (0, 1, None)):
+                raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
+            cd = x["cd"]
+            if cd[0] != "ax" or cd[1] != ("exp", ("last", cum)) or cd[2] != (0, 1, None, None):
+                raise NotDelta("the chunk's decay is not exp(γ_last)")
+        else:
+            if kc[2] != kb_c:
+                raise NotDelta("the keys of the UT transform are not kβ (without a decay)")
+            if x["qd"] != q_c:
+                raise NotDelta("the chunk's query is not the q of its scores (without a decay)")
+            if x["kd"] != k_c:
+                raise NotDelta("the chunk's write key is not the k of its scores (without a decay)")
         # un-chunk: q_c, k_c = chunks of q, k; kβ_c, vβ_c = chunks of k ⊙ β, v ⊙ β; γ = cumsum of chunks of g
-        q = self._unchunk(q_c, "q")
-        kk = self._unchunk(k_c, "k")
-        g = self._unchunk(cum.args[0], "g")
-        kb, vb = self._unchunk(kb_c, "kβ"), self._unchunk(vb_c, "vβ")
+        q = self._unchunk(self._leaf(q_c, "q"), "q")
+        kk = self._unchunk(self._leaf(k_c, "k"), "k")
+        kb = self._unchunk(self._leaf(kb_c, "kβ"), "kβ")
+        vb = self._unchunk(self._leaf(vb_c, "vβ"), "vβ")
+        g = None
+        if gated:
+            cs = self._leaf(cum, "the cumulative decay")
+            if not is_op(cs, aten.cumsum) or val(cs).dim() != 4 or cs.args[1] % 4 != 3 or len(cs.args) > 2 \
+                    or cs.kwargs:
+                raise NotDelta("the cumulative decay is not a sum over the chunk positions")
+            g = self._drop_unit(cs.args[0])
+            if g is None:
+                g = self._unchunk(cs.args[0], "g")
         k2, beta = self._times_beta(kb)
         v, beta2 = self._times_beta(vb)
         if k2 is not kk or beta2 is not beta or beta is None:
             raise NotDelta("kβ and vβ are not the key and the values times one β")
-        C = val(q_c).shape[3]
+        C = val(self._leaf(q_c, "q")).shape[3]
         for t, name in ((q, "q"), (kk, "k"), (v, "v")):
             if val(t).dim() != 4:
                 raise NotDelta(f"{name} is not (B, H, T, ·) before chunking")
-        if val(beta).dim() != 3 or val(g).dim() != 3:
+        if val(beta).dim() != 3 or (g is not None and val(g).dim() != 3):
             raise NotDelta("β or g is not (B, H, T) before chunking")
         lead = val(kk).shape[:3]
-        if not all(same_shape(val(t).shape[:3], lead) for t in (q, v, beta, g)) or \
-                not same_shape(val(q).shape, val(kk).shape):
+        if not all(same_shape(val(t).shape[:3], lead) for t in (q, v, beta) + ((g,) if g is not None else ())) \
+                or not same_shape(val(q).shape, val(kk).shape):
             raise NotDelta("q, k, v, β, g are not laid over one (B, H, T) before chunking")
         return SimpleNamespace(q=q, k=kk, v=v, beta=beta, g=g, C=C, allowed=allowed, readout=ro_j)
 
-    def _scores(self, node, what):
-        """(A, B, L) of (A·Bᵀ over the last axis) ⊙ L."""
-        pair = _mul_pair(node)
-        if pair is None:
-            raise NotDelta(f"{what} is not a product of scores and a decay mask")
-        for e, L in (pair, pair[::-1]):
-            if is_op(e, aten.einsum) and len(e.args[1]) == 2:
-                eq = e.args[0].replace(" ", "")
-                ins, out = eq.split("->")
-                la, lb = ins.split(",")
-                if len(la) == len(lb) == len(out) == 5 and la[:3] == lb[:3] == out[:3] and la[4] == lb[4] \
-                        and out[3:] == la[3] + lb[3] and len({la[3], lb[3], la[4]}) == 3:
-                    return e.args[1][0], e.args[1][1], L
-        raise NotDelta(f"{what} is not (A·Bᵀ) ⊙ L over the chunk positions")
+    @staticmethod
+    def _leaf(t, what):
+        if t[0] != "leaf":
+            raise NotDelta(f"the chunks of {what} are not a tensor over the chunks")
+        return t[1]
 
-    def _pairwise(self, L):
-        """cum when L = exp(where(j <= i, cum_i − cum_j, −inf)) along the last axis of cum (B, H, N, C)."""
-        if not is_op(L, aten.exp) or L.args[0].target is not aten.where.ScalarOther:
-            raise NotDelta("the decay mask is not exp of a masked difference of cumulative decays")
-        keep, diff, fill = L.args[0].args
-        if fill != -math.inf:
-            raise NotDelta("the decay mask fills with another value than -inf")
-        if diff.target is not aten.sub.Tensor or diff.kwargs:
-            raise NotDelta("the decay mask is not a difference γ_i − γ_j")
-        a, b = diff.args
-        ba, axa = _strip(a)
-        bb, axb = _strip(b)
-        if ba is not bb or not is_op(ba, aten.cumsum) or val(ba).dim() != 4:
-            raise NotDelta("the decay mask is not a difference of one cumulative sum")
-        if axa != [0, 1, 2, 3, None] or axb != [0, 1, 2, None, 3]:
-            raise NotDelta("the decay mask's difference is not γ_i − γ_j (rows minus columns)")
-        if ba.args[1] % 4 != 3 or len(ba.args) > 2 or ba.kwargs:
-            raise NotDelta("the cumulative decay is not a sum over the chunk positions")
-        from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
-        C = val(ba).shape[3]
-        if not isinstance(keep, torch.fx.Node) or not is_shape_only(keep) or not isinstance(C, int):
-            raise NotDelta("the decay mask's causal mask is not a constant")
-        try:
-            m = evaluate_shape_only(self.ctx.gm, keep)
-        except Exception:
-            raise NotDelta("the decay mask's causal mask could not be evaluated") from None
-        want = torch.ones(C, C, dtype=torch.bool).tril()
-        if m.dtype != torch.bool or tuple(m.shape[-2:]) != (C, C) or not bool((m.reshape(-1, C, C) == want).all()):
-            raise NotDelta("the decay mask keeps other positions than j <= i")
-        return ba
+    @staticmethod
+    def _leaf_c(t):
+        """The chunk size C of a leaf (B, H, N, C, ·), else None."""
+        return val(t[1]).shape[3] if t[0] == "leaf" and val(t[1]).dim() == 5 else None
 
-    def _times_exp(self, node, x, cum, kind):
-        """Whether node = x ⊙ exp(e)[..., None] with e = cum ("cum") or cum[..., -1:] − cum ("rest")."""
-        pair = _mul_pair(node)
-        if pair is None:
-            return None
-        for a, b in (pair, pair[::-1]):
-            if a is not x:
-                continue
-            e = _unsq_last(b)
-            if e is None or not is_op(e, aten.exp) or tuple(val(e).shape) != tuple(val(cum).shape):
-                continue
-            arg0 = e.args[0]
-            if kind == "cum" and arg0 is cum:
+    @staticmethod
+    def _scores_tree(t, what):
+        """(scores, L) of a tree (A·Bᵀ) ⊙ L."""
+        if t[0] == "mul":
+            for e, L in ((t[1], t[2]), (t[2], t[1])):
+                if e[0] == "ein" and e[1] == _MMT:
+                    return e, L
+        raise NotDelta(f"{what} is not a product of scores and a decay mask")
+
+    @staticmethod
+    def _mmt(t, what):
+        if t[0] != "ein" or t[1] != _MMT:
+            raise NotDelta(f"{what} is not (A·Bᵀ) over the chunk positions")
+        return t[2], t[3]
+
+    @staticmethod
+    def _times_col(t, x, inner) -> bool:
+        """Whether t = x ⊙ inner[..., None]."""
+        if t[0] != "mul":
+            return False
+        for a, b in ((t[1], t[2]), (t[2], t[1])):
+            if a == x and b[0] == "ax" and b[1] == inner and b[2] == (0, 1, 2, None):
                 return True
-            if kind == "rest" and arg0.target is aten.sub.Tensor and not arg0.kwargs and arg0.args[1] is cum \
-                    and self._last(arg0.args[0], cum, keep=True):
-                return True
-        return None
-
-    def _last(self, node, cum, keep):
-        """node = cum[..., -1:] (keep) or cum[..., -1] (select)."""
-        if keep and is_op(node, aten.slice) and node.args[0] is cum:
-            a = list(node.args) + [None] * (5 - len(node.args))
-            d, start, end, step = a[1] % 4, a[2], a[3], a[4] if a[4] is not None else 1
-            C = val(cum).shape[3]
-            return d == 3 and step == 1 and start in (-1, C - 1) and (end is None or end >= C)
-        if not keep and node.target is aten.select.int and node.args[0] is cum:
-            return node.args[1] % 4 == 3 and node.args[2] in (-1, val(cum).shape[3] - 1)
         return False
 
-    def _chunk_decay(self, cd, cum) -> bool:
-        """cd = exp(cum[..., -1]) laid (B, H, N, 1, 1)."""
-        base, axes = _strip(cd)
-        return is_op(base, aten.exp) and axes == [0, 1, 2, None, None] and self._last(base.args[0], cum, keep=False)
+    def _decay_mask(self, L):
+        """The cumulative decay γ (a leaf (B, H, N, C)) when L = exp(γ_i − γ_j) for j <= i, 0 above:
+        exp(where(j <= i, γ_i − γ_j, −inf)) or tril(exp(tril(γ_i − γ_j)))."""
+        if L[0] == "exp" and L[1][0] == "where" and L[1][3] == -math.inf:
+            diff, cond = L[1][2], L[1][1]
+        elif L[0] == "tril" and L[2] == 0 and L[1][0] == "exp" and L[1][1][0] == "tril" and L[1][1][2] == 0:
+            diff, cond = L[1][1][1], None
+        else:
+            raise NotDelta("the decay mask is not exp of a masked difference of cumulative decays")
+        if diff[0] != "sub" or diff[1][0] != "ax" or diff[2][0] != "ax" or diff[1][1] != diff[2][1]:
+            raise NotDelta("the decay mask is not a difference of one cumulative sum")
+        cum = diff[1][1]
+        if diff[1][2] != (0, 1, 2, None) or diff[2][2] != (0, 1, None, 2):
+            raise NotDelta("the decay mask's difference is not γ_i − γ_j (rows minus columns)")
+        if cum[0] != "leaf" or val(cum[1]).dim() != 4 or not isinstance(val(cum[1]).shape[3], int):
+            raise NotDelta("the decay mask is not a difference of one cumulative sum")
+        if cond is not None and not _mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower"):
+            raise NotDelta("the decay mask keeps other positions than j <= i")
+        return cum
+
+    def _drop_unit(self, node):
+        """g (B, H, T') when ``node`` is g's chunks spelled with a unit axis, squeeze(reshape(g[..., None],
+        (B, H, N, C, 1)), -1) (fla's rearrange of decay[..., None]); else None."""
+        if node.target in (aten.squeeze.dim, aten.squeeze.dims) and val(node.args[0]).dim() == 5 and \
+                [d % 5 for d in (node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]])] == [4]:
+            base, axes = node.args[0], [0, 1, 2, 3]
+        else:
+            base, axes = axis_view(node)
+        if base is node or not is_op(base, aten.reshape, aten.view, aten._unsafe_view) or val(base).dim() != 5 \
+                or axes != [0, 1, 2, 3] or not known_eq(val(base).shape[4], 1):
+            return None
+        src, sax = axis_view(base.args[0])
+        if val(base.args[0]).dim() != 4 or sax != [0, 1, 2, None] or val(src).dim() != 3:
+            return None
+        s, o = val(src).shape, val(base).shape
+        if not (known_eq(s[0], o[0]) and known_eq(s[1], o[1]) and known_eq(s[2], o[2] * o[3])):
+            return None
+        return src
 
     def _unchunk(self, node, what):
         """x when ``node`` is x (B, H, T', ·) reshaped to (B, H, N, C, ·) (or (B, H, T') to (B, H, N, C))."""
@@ -1305,9 +1757,11 @@ class _ChunkRewrite(_Rewrite):
         whole = known_eq(steps, val(plan.k).shape[2])
         if not whole and not (isinstance(steps, int) and isinstance(val(plan.k).shape[2], int)):
             raise NotDelta("the chunk loop covers a symbolic part of the chunks")
-        ops = {}
+        ops = {"g": None}
         for name in ("q", "k", "v", "beta", "g"):
             x = getattr(plan, name)
+            if x is None:
+                continue
             if not whole:
                 x = vec.emit(aten.slice.Tensor, (x, 2, 0, steps))
             ops[name] = vec.cast(vec.emit(aten.transpose.int, (x, 1, 2)), D)          # (B, T', H, ·)
@@ -1317,9 +1771,11 @@ class _ChunkRewrite(_Rewrite):
             if not isinstance(init, torch.fx.Node) or not same_shape(val(init).shape, val(tmpl).shape):
                 raise NotDelta("the initial state is not a (B, H, K, V) tensor")
             h0 = vec.cast(init, D)
-        op = Delta(q=ops["q"], k=ops["k"], v=ops["v"], beta=ops["beta"], g=ops["g"], h0=h0, gate="scalar")
-        fake = torch.ops.seqfuse.delta.default(*(val(ops[n]) for n in ("q", "k", "v", "beta", "g")),
-                                               val(h0) if h0 is not None else None, "scalar", 1.0, 64,
+        gate = "scalar" if ops["g"] is not None else "none"
+        op = Delta(q=ops["q"], k=ops["k"], v=ops["v"], beta=ops["beta"], g=ops["g"], h0=h0, gate=gate)
+        fake = torch.ops.seqfuse.delta.default(*(val(ops[n]) for n in ("q", "k", "v", "beta")),
+                                               val(ops["g"]) if ops["g"] is not None else None,
+                                               val(h0) if h0 is not None else None, gate, 1.0, 64,
                                                "recurrent", "auto")
         ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][self.k])
         ir.meta["val"] = fake
