@@ -633,6 +633,18 @@ def _drop_unit_axes(graph, before, node, letters: str, others: str, like):
     return node, "".join(c for i, c in enumerate(letters) if i not in drop)
 
 
+def _no_mutation_between(first: torch.fx.Node, last: torch.fx.Node, private: set) -> None:
+    """NoMatch if an op between ``first`` (the scores) and ``last`` (the value contraction), other
+    than the ``private`` in-place ops looked through, mutates a tensor: the program reads q, k,
+    masks and scores before it, the op (placed at ``last``) would read them after."""
+    n = first.next
+    while n is not last and n.op != "root":
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is not None and schema.is_mutable and n not in private:
+            raise NoMatch(f"{_op_name(n)} mutates a tensor between the scores and the value contraction")
+        n = n.next
+
+
 def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, private: set) -> None:
     """Erase ``node`` and, transitively, its inputs once nothing reads them: pure ops, and the
     ``private`` in-place ops (on scores nothing else reads) that dead-code elimination keeps."""
@@ -857,6 +869,7 @@ class AttentionPass(Pass):
         if regroup_out is None and not _static_equal(_permuted(fake_out.shape, out_letters, o_l), val(pv).shape):
             raise NoMatch(f"output shape {tuple(_permuted(fake_out.shape, out_letters, o_l))} differs from the "
                           f"program's {tuple(val(pv).shape)}")
+        _no_mutation_between(sc.einsum, pv, set(sc.inplace))
         scale = sym_product(graph, factors, before)
         op = Attention(q=qc, k=kc, v=vc, bias=bias, keep=keep, scale=scale, mask=mask_kind, diag=diag,
                        window=window, fill=sc.fill if (sc.keeps or mask_kind != "none") else -math.inf,
