@@ -183,7 +183,7 @@ def _fold(operand: torch.fx.Node, letters: str, fresh: list[str]) -> tuple[torch
     axis (einsum broadcasts it back); ``_letter_sizes`` checks that another operand
     still gives that letter its full size."""
     base, axes = axis_view(operand, broadcast=True)
-    if base is operand:
+    if base is operand or _clones_written(operand, base):
         return operand, letters
     base_letters = [None] * rank(base)
     for view_axis, b in enumerate(axes):
@@ -191,6 +191,37 @@ def _fold(operand: torch.fx.Node, letters: str, fresh: list[str]) -> tuple[torch
             base_letters[b] = letters[view_axis]
     base_letters = [c if c is not None else fresh.pop() for c in base_letters]
     return base, "".join(base_letters)
+
+
+def _clones_written(operand: torch.fx.Node, base: torch.fx.Node) -> bool:
+    """Whether the chain from ``base`` to ``operand`` holds a clone of a tensor some view of which is written
+    in place (copy_ or another mutating op): the clone keeps the value it had then, and the einsum must
+    read the clone (autograd saves it), not the base that is written after."""
+    chain, n = [], operand
+    while n is not base and isinstance(n, torch.fx.Node) and n.args:
+        chain.append(n)
+        n = n.args[0]
+    if not any(is_op(c, aten.clone) for c in chain):
+        return False
+    root = base
+    while isinstance(root, torch.fx.Node) and root.op == "call_function" and root.args and \
+            isinstance(root.args[0], torch.fx.Node) and is_op(root, aten.select, aten.slice, aten.view,
+                                                              aten.unsqueeze, aten.alias, aten.expand):
+        root = root.args[0]
+    stack, seen = [root], set()
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        for u in x.users:
+            t = u.target
+            if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable and u.args and u.args[0] is x:
+                return True
+            if is_op(u, aten.select, aten.slice, aten.view, aten.unsqueeze, aten.alias, aten.expand,
+                     aten.transpose, aten.permute):
+                stack.append(u)
+    return False
 
 
 def _letter_sizes(operands, letters) -> dict:

@@ -913,6 +913,8 @@ def _canon_eq(ins: list[str], out: str) -> str:
     return ",".join("".join(names[c] for c in s) for s in ins) + "->" + "".join(names[c] for c in out)
 
 
+#: the ops a forward substitution reads rows of its system through (views and copies of the time of reading)
+_FS_READS = (aten.select.int, aten.slice.Tensor, aten.unsqueeze.default, aten.clone.default)
 _MM = "abcd,abde->abce"     # A·B over the last two axes of (B, H, ·, ·) chunk values
 _MMT = "abcd,abed->abce"    # A·Bᵀ
 
@@ -936,6 +938,32 @@ class _Chunked:
         self.tindex = {n: j for j, n in enumerate(loop.template)}
         self.memo: dict = {}
         self.inverses: list = []    # forward-substitution bases proven (erased with the loop when dead)
+        self.tail = None            # (last chunk, node positions, loop start) while reading the last chunk
+
+    def after(self, node, last, pos, start, what):
+        """The tree of a value computed after the loop for its last chunk ``last`` (from slices X[:, :, last]
+        of tensors over all chunks and invariants defined before the loop), in the chunk's frame."""
+        saved, self.tail = self.tail, (last, pos, start)
+        try:
+            return self._after(node, what)
+        finally:
+            self.tail = saved
+
+    def _after(self, node, what):
+        last, pos, start = self.tail
+        if node.target is aten.select.int and isinstance(node.args[0], torch.fx.Node) \
+                and isinstance(val(node.args[0]), torch.Tensor) and val(node.args[0]).dim() >= 3 \
+                and node.args[1] % val(node.args[0]).dim() == 2 and node.args[2] in (last, -1):
+            if node.args[2] == -1 and val(node.args[0]).shape[2] != last + 1:
+                raise NotDelta(f"{what} slices another chunk")
+            return self.whole(node.args[0], what)
+        if node in self.body or node.op != "call_function":
+            if node in self.body:
+                raise NotDelta(f"{what} reads a value of the loop")
+            return ("inv", node)
+        if pos.get(node, -1) < start:
+            return ("inv", node)
+        return self._tree(node, False, what)
 
     # -- entry points ------------------------------------------------------------------
     def role(self, role, what):
@@ -988,9 +1016,12 @@ class _Chunked:
             if v.dim() <= pc_rank - 2:          # does not reach the chunk axis: the same value in every chunk
                 return ("inv", x)
             raise NotDelta(f"{what} broadcasts a tensor against the chunk axis")
-        if x in self.tindex:
+        t = self._after(x, what) if self.tail is not None else None
+        if t is not None and t[0] != "inv":
+            return t
+        if t is None and x in self.tindex:
             return self.local(x, what)
-        if x in self.body:
+        if t is None and x in self.body:
             raise NotDelta(f"{what} reads a value of another chunk")
         if v.dim() <= pc_rank - 2:
             return ("inv", x)
@@ -1000,6 +1031,8 @@ class _Chunked:
         """The tree of the input of a view or slice (any rank)."""
         if chunked:
             return self.whole(x, what)
+        if self.tail is not None:
+            return self._after(x, what)
         if x in self.tindex:
             return self.local(x, what)
         if x in self.body:
@@ -1164,7 +1197,7 @@ class _Chunked:
         while stack:
             n = stack.pop()
             for u in n.users:
-                if u.target in (aten.select.int, aten.slice.Tensor) and u.args[0] is n:
+                if u.target in (aten.select.int, aten.slice.Tensor, aten.unsqueeze.default) and u.args[0] is n:
                     if u not in views:
                         views.add(u)
                         stack.append(u)
@@ -1190,23 +1223,22 @@ class _Chunked:
                 raise NotDelta(f"{what}: row {i} is not its old value plus a sum over the rows before it")
 
             def read(x):
-                """(region, nodes) of a view of N, or of a clone of one taken between the writes i−1 and i."""
-                if is_op(x, aten.clone) and prev < graph_pos[x] < graph_pos[cp]:
-                    return self._region(x.args[0], N), {x, x.args[0]}
-                return self._region(x, N), {x}
+                """(region, nodes) of a chain of views of N and clones, the clones taken between the writes i−1
+                and i (so they hold the values of then)."""
+                nodes, n = set(), x
+                while isinstance(n, torch.fx.Node) and n is not N and n.target in _FS_READS:
+                    if n.target is aten.clone.default and not prev < graph_pos[n] < graph_pos[cp]:
+                        return None, nodes
+                    nodes.add(n)
+                    n = n.args[0]
+                return self._region(x, N), nodes
             row_i = (i, (0, i), (0, 1, 2, 4))
             r_old, n_old = read(old)
             if r_old != row_i or not prev < graph_pos[old] < graph_pos[cp]:
                 raise NotDelta(f"{what}: row {i}'s old value is not read before its write")
-            eq = ein.args[0].replace(" ", "")
-            a, b = ein.args[1]
-            ins, out = eq.split("->")
-            if _canon_eq(ins.split(","), out) != "abcd,abcde->abce" or not prev < graph_pos[ein] < graph_pos[cp]:
+            if not prev < graph_pos[ein] < graph_pos[cp] or not self._row_sum(ein, i, C, read):
                 raise NotDelta(f"{what}: row {i}'s update is not Σ_j N[i, j]·N[j, :{i}]")
-            (ra, n_a), (rb, n_b) = read(a), read(b)
-            J = ra[1][1] if ra and ra[0] == i and ra[1][0] == 0 and ra[2] == (0, 1, 2, 4) else None
-            if J not in (i, C) or rb != ((0, J), (0, i), (0, 1, 2, 3, 4)):
-                raise NotDelta(f"{what}: row {i}'s update is not Σ_j N[i, j]·N[j, :{i}]")
+            (_, n_a), (_, n_b) = read(ein.args[1][0]), read(ein.args[1][1])
             used |= {cp, src, ein, dest} | n_old | n_a | n_b
             prev = graph_pos[cp]
         if graph_pos[final[0]] < prev or any(r not in used for r in reads):
@@ -1215,13 +1247,46 @@ class _Chunked:
         return ("utinv", self.whole(M, what))
 
     @staticmethod
+    def _row_sum(ein, i, C, read) -> bool:
+        """Whether ``ein`` = Σ_j N[..., i, j] · N[..., j, :i] over j < J (J = i, or C: the row's entries j >= i
+        are the masked zeros), its operands read from N (or clones of reads) as ``read`` finds them."""
+        eq = ein.args[0].replace(" ", "")
+        if "->" not in eq or "." in eq or len(ein.args[1]) != 2:
+            return False
+        ins, out = eq.split("->")
+        ins = ins.split(",")
+        (ra, _), (rb, _) = read(ein.args[1][0]), read(ein.args[1][1])
+        for (r1, l1), (r2, l2) in ((((ra, ins[0]), (rb, ins[1]))), ((rb, ins[1]), (ra, ins[0]))):
+            if r1 is None or r2 is None or not isinstance(r1[0], int) or r1[0] != i or r1[1][0] != 0:
+                continue
+            J = r1[1][1]
+            if J not in (i, C) or r2[0] != (0, J) or r2[1] != (0, i):
+                continue
+            m1, m2 = dict(zip(l1, r1[2])), dict(zip(l2, r2[2]))
+            if len(m1) != len(l1) or len(m2) != len(l2):
+                continue
+            P = [next((c for c, a in m1.items() if a == d), None) for d in (0, 1, 2)]
+            if None in P or [next((c for c, a in m2.items() if a == d), None) for d in (0, 1, 2)] != P:
+                continue
+            j = next((c for c, a in m1.items() if a == 4), None)
+            c = next((x for x, a in m2.items() if a == 4), None)
+            if j is None or c is None or m2.get(j) != 3 or j in out or out != "".join(P) + c:
+                continue
+            if any(a is None and x != c and x in out for x, a in m1.items()) or \
+                    any(a is not None and x not in P + [j] for x, a in m1.items()) or \
+                    any(x not in P + [j, c] for x in m2):
+                continue
+            return True
+        return False
+
+    @staticmethod
     def _region(node, base):
         """(row index, (column start, end), axes of base kept in order) of a chain of select / slice views
         from ``base`` (B, H, N, C, C) over its last two axes ((row start, end) when the rows are sliced);
         None for any other view."""
         chain = []
         while node is not base:
-            if not isinstance(node, torch.fx.Node) or node.target not in (aten.select.int, aten.slice.Tensor):
+            if not isinstance(node, torch.fx.Node) or node.target not in _FS_READS:
                 return None
             chain.append(node)
             node = node.args[0]
@@ -1231,8 +1296,15 @@ class _Chunked:
         fixed = {}
         for n in reversed(chain):
             r = len(axes)
+            if n.target is aten.clone.default:
+                continue
+            if n.target is aten.unsqueeze.default:
+                axes.insert(n.args[1] % (r + 1), None)
+                continue
             d = n.args[1] % r
             a = axes[d]
+            if a is None:
+                return None
             if n.target is aten.select.int:
                 i = n.args[2]
                 if not isinstance(i, int):
@@ -1338,6 +1410,9 @@ class _ChunkRewrite(_Rewrite):
             vec.emit(aten.copy_.default, (dest, vec.emit(aten.select.int, (ys, 2, last))))
             for n in tail["nodes"]:
                 self.graph.erase_node(n)
+            ia = tail["ia"]     # the last chunk's scores masked in place (fla): impure, so erased here
+            if ia.target is aten.masked_fill_.Scalar and not ia.users:
+                self.graph.erase_node(ia)
         for n in sorted(body, key=self.pos.__getitem__, reverse=True):
             if not n.users:
                 self.graph.erase_node(n)
@@ -1504,6 +1579,7 @@ class _ChunkRewrite(_Rewrite):
                 allowed.add(j)
         plan = self._prove_wy(dict(cd=cd, kd=kd, nv=nv, kc=kc, qd=qd, ia=ia), allowed, ro_j)
         plan.x, plan.entries = seeds, dict(e1=ua[1][1], u=u_r[1], e2=a_r[1], e3=b_r[1], y=ro_j)
+        plan.trees = dict(nv=nv, kc=kc, qd=qd, ia=ia)
         return plan
 
     def _tail(self, plan):
@@ -1513,37 +1589,30 @@ class _ChunkRewrite(_Rewrite):
         chunk or it differs from the loop's body in any way (it then stays as written, reading the op's
         final state)."""
         loop, t = self.loop, self.loop.template
-        if any(plan.x.get(n) is None for n in ("nv", "kc", "qd", "ia")):
-            return None     # a piece computed in the loop: the last chunk stays as written
         S = loop.inst[loop.hi][self.k]
-        n_chunks = val(plan.x["nv"]).shape[2]
-        last = loop.hi + 1
-        if not isinstance(n_chunks, int) or last != n_chunks - 1 or loop.reverse:
+        Tp = val(plan.k).shape[2]
+        if not isinstance(Tp, int) or loop.reverse or loop.hi + 1 != Tp // plan.C - 1:
             return None
+        last = loop.hi + 1
         outside = [u for u in S.users if u not in self.body]
         if len(outside) != 2:
             return None
 
-        def seed(node, name):
-            return node.target is aten.select.int and node.args[0] is plan.x[name] and node.args[1] == 2 \
-                and node.args[2] in (last, -1)
+        def same(node, j, b):
+            return is_op(node, aten.einsum) and node.args[0] == t[j].args[0] and len(node.args[1]) == 2 \
+                and node.args[1][1] is b
 
-        def same(node, j, a, b):
-            return is_op(node, aten.einsum) and node.args[0] == t[j].args[0] and list(node.args[1]) == [a, b]
-
-        e1 = next((u for u in outside if is_op(u, aten.einsum) and seed(u.args[1][0], "kc")), None)
-        e2 = next((u for u in outside if is_op(u, aten.einsum) and seed(u.args[1][0], "qd")), None)
         e = plan.entries
-        if e1 is None or e2 is None or not same(e1, e["e1"], e1.args[1][0], S) or \
-                not same(e2, e["e2"], e2.args[1][0], S) or len(e1.users) != 1 or len(e2.users) != 1:
+        for e1, e2 in (outside, outside[::-1]):
+            if same(e1, e["e1"], S) and same(e2, e["e2"], S) and len(e1.users) == 1 and len(e2.users) == 1:
+                break
+        else:
             return None
         u = next(iter(e1.users))
-        if u.target is not aten.sub.Tensor or u.kwargs or u.args[1] is not e1 or not seed(u.args[0], "nv") \
-                or len(u.users) != 1:
+        if u.target is not aten.sub.Tensor or u.kwargs or u.args[1] is not e1 or len(u.users) != 1:
             return None
         e3 = next(iter(u.users))
-        if not is_op(e3, aten.einsum) or not seed(e3.args[1][0], "ia") or not same(e3, e["e3"], e3.args[1][0], u) \
-                or len(e3.users) != 1:
+        if not same(e3, e["e3"], u) or len(e3.users) != 1:
             return None
         y = next(iter(e2.users))
         if y is not next(iter(e3.users)) or not is_op(y, aten.add) or y.kwargs or set(y.args) != {e2, e3} \
@@ -1556,7 +1625,15 @@ class _ChunkRewrite(_Rewrite):
         if dest.target is not aten.select.int or dest.args[1] != 2 or dest.args[2] not in (last, -1) \
                 or len(dest.users) != 1:
             return None
-        return dict(buf=dest.args[0], nodes=[copy, dest, y, e3, u, e2, e1])
+        # the last chunk's pieces (sliced at `last` or computed after the loop) are the loop's pieces
+        pieces = dict(kc=e1.args[1][0], qd=e2.args[1][0], nv=u.args[0], ia=e3.args[1][0])
+        try:
+            for name, node in pieces.items():
+                if self.cx.after(node, last, self.pos, self.first, "the last chunk") != plan.trees[name]:
+                    return None
+        except NotDelta:
+            return None
+        return dict(buf=dest.args[0], nodes=[copy, dest, y, e3, u, e2, e1], ia=pieces["ia"])
 
     # -- the per-chunk tensors --------------------------------------------------------
     def _prove_wy(self, x, allowed, ro_j):

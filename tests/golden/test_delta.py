@@ -244,3 +244,77 @@ def test_chunked_without_the_final_state_is_one_op_over_every_chunk():
                                             use_qk_l2norm_in_kernel=True)[0]
     report = check_against_eager(fn, *operands(T=18))
     only_delta(report, "scalar")
+
+
+# --- fla's chunked naive functions: the UT inverse by forward substitution, pieces computed in the loop ----
+
+@pytest.mark.parametrize("T,h0,final", [(14, True, True), (16, False, False)])   # padded to 4 chunks / 4 exact
+def test_fla_naive_chunk_gated_delta_rule(T, h0, final):
+    # fla builds (I + strictly_lower(kβ·kᵀ ⊙ L))⁻¹ by forward substitution written in place row by row, its
+    # decay mask as tril(exp(tril(γ_i − γ_j))), and computes q ⊙ e^γ, the masked scores and the decayed write
+    # key inside the loop over chunks
+    def fn(q, k, v, beta, g, *s):
+        o, S = fla_gdn.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4, initial_state=s[0] if s else None,
+                                                    output_final_state=final)
+        return (o, S) if final else o
+    report = check_against_eager(fn, *[x for x in operands(T=T, h0=h0) if x is not None])
+    ir = only_delta(report, "scalar")
+    assert ("h0=%" in ir) == h0, ir
+
+
+def test_fla_delta_rule_chunkwise():
+    # DeltaNet's chunked form: no decay, (B, H, T, ·) layout, the forward substitution sums over whole rows
+    # (the entries j >= i are the masked zeros), the intra-chunk scores masked in place in the loop
+    def fn(q, k, v, beta):
+        return fla_delta.delta_rule_chunkwise(q, k, v, beta, chunk_size=4)
+    q, k, v, beta, _, _ = operands(T=16)
+    t = lambda x: x.detach().transpose(1, 2).contiguous().requires_grad_()  # noqa: E731
+    report = check_against_eager(fn, t(q), t(k), t(v), t(beta))
+    only_delta(report, "none")
+
+
+def forward_substitution_variant(q, k, v, beta, g, variant):
+    """chunk_variant's program with the UT inverse built as transformers' export branch of
+    torch_chunk_gated_delta_rule builds it: −tril(UT, −1), then each row updated from clones of the rows
+    before it, then + I and two products."""
+    B, T, H, K = k.shape
+    C = 4
+    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (q, k, v, beta, g))
+    q = q * K ** -0.5
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    q, k, k_beta, v_beta = (x.reshape(B, H, -1, C, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+    g = g.reshape(B, H, -1, C).cumsum(-1)
+    upper = torch.ones(C, C, dtype=torch.bool).triu(1)
+    L = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    ut = -((k_beta @ k.transpose(-1, -2)) * L).tril(-1)
+    for i in range(1, C):
+        row = ut[..., i, :i].clone()
+        sub = ut[..., :i, :i].clone()
+        ut[..., i, :i] = row + (row.unsqueeze(-1) * sub).sum(-2) if variant != "sign" else \
+            row - (row.unsqueeze(-1) * sub).sum(-2)
+    ut = ut + torch.eye(C)
+    new_values, k_cumdecay = ut @ v_beta, ut @ (k_beta * g.exp()[..., None])
+    S = torch.zeros(B, H, K, v.shape[-1])
+    out = torch.zeros_like(new_values)
+    attn = (q @ k.transpose(-1, -2)) * L
+    q = q * g.exp()[..., None]
+    k = k * (g[..., -1:] - g).exp()[..., None]
+    for i in range(T // C):
+        v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ S
+        out[:, :, i] = q[:, :, i] @ S + attn[:, :, i] @ v_new
+        S = S * g[:, :, i, -1].exp()[..., None, None] + k[:, :, i].transpose(-1, -2) @ v_new
+    return out.reshape(B, H, T, -1).transpose(1, 2), S
+
+
+def test_forward_substitution_with_cloned_rows_is_lifted():
+    report = check_against_eager(lambda *a: forward_substitution_variant(*a, "none"), *operands(T=16)[:5])
+    only_delta(report, "scalar")
+
+
+def test_forward_substitution_with_a_wrong_sign_is_a_near_miss():
+    # row − Σ instead of row + Σ: not the inverse of the unit lower-triangular system
+    report = check_against_eager(lambda *a: forward_substitution_variant(*a, "sign"), *operands(T=16)[:5],
+                                 options={"downstream": "eager"})
+    assert report.count("delta") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+    assert len(reasons) == 1 and "row 1 is not its old value plus a sum" in reasons[0], str(report)
