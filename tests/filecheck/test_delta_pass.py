@@ -141,3 +141,31 @@ def test_chunked_program_without_its_final_state_is_one_op_over_every_chunk(tmp_
         CHECK-NOT: aten.einsum
         CHECK: return
     """)
+
+
+def fla_chunked_no_state(q, k, v, beta, g, h0):
+    return fla_gdn.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=2, initial_state=h0)[0]
+
+
+def test_fla_chunked_program_with_a_forward_substitution_is_one_op_over_every_chunk(tmp_path):
+    # fla's naive chunked Gated DeltaNet, T = 8 in 4 chunks of 2, no final state: the forward substitution
+    # written in place (its row writes are copy_s into the system) is erased with the loop, the pieces it
+    # computes in the loop (q ⊙ e^γ, the masked scores) go, and the last chunk, left out of the loop, is
+    # proven to be one more step and covered: one copy_ of the op's chunks and one of the last chunk remain
+    q, k, v, beta, g, h0 = operands()
+    more = [torch.cat([x, x[:, :2]], 1) for x in (q, k, v, beta, g)]
+    text, _ = after_pass(fla_chunked_no_state, *more, h0, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.copy_
+        CHECK-NOT: aten.masked_fill_
+        CHECK: %delta = seqfuse.delta({{.*}}, g=%{{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.masked_fill_
+        CHECK: aten.copy_(
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.masked_fill_
+        CHECK: return
+    """)
