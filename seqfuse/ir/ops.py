@@ -73,7 +73,10 @@ class Attention(IROp):
 
     Operands: q (*B, Lq, D); k (*Bkv, Lk, D); v (*Bkv, Lk, Dv); optional
     ``bias`` (float, broadcastable to (*B, Lq, Lk)) and ``keep`` (bool, True =
-    attend, broadcastable to (*B, Lq, Lk)).  With ``gqa_groups = g`` the head
+    attend, broadcastable to (*B, Lq, Lk)); optional ``sink`` (float, broadcastable to
+    (*B, Lq)): attention sinks, one more logit per row in the softmax's denominator with no
+    value (gpt-oss: a learned logit per head), so a row's key probabilities sum to less than 1
+    and no row is empty.  With ``gqa_groups = g`` the head
     axis (the last batch axis) of k/v has H/g entries; q head h reads kv head h // g.
 
     Attributes:
@@ -96,6 +99,7 @@ class Attention(IROp):
     v: torch.fx.Node = operand()
     bias: torch.fx.Node | None = operand(optional=True)
     keep: torch.fx.Node | None = operand(optional=True)
+    sink: torch.fx.Node | None = operand(optional=True)
     scale: Any = attr(None)
     mask: str = attr("none")
     diag: int = attr(0)

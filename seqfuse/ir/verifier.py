@@ -70,6 +70,13 @@ def _verify_attention(op: Attention) -> None:
         _check(_val(op.keep).dtype == torch.bool, op, f"keep mask must be bool, got {_val(op.keep).dtype}")
     if op.bias is not None:
         _check(_val(op.bias).is_floating_point(), op, f"bias must be floating point, got {_val(op.bias).dtype}")
+    if op.sink is not None:
+        sink = _val(op.sink)
+        _check(sink.is_floating_point(), op, f"sink must be floating point, got {sink.dtype}")
+        rows = tuple(q.shape[:-1])
+        _check(sink.dim() <= len(rows) and all(_same(s, 1) or _same(s, r) for s, r in
+                                                 zip(reversed(sink.shape), reversed(rows))), op,
+               f"sink {tuple(sink.shape)} does not broadcast to the rows {rows}")
 
 
 def _verify_operands_are_tensors(op: IROp) -> None:

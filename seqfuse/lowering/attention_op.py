@@ -1,15 +1,19 @@
 """seqfuse::attention as a torch.library custom op: fake impl, autograd, runtime dispatch.
 
-    seqfuse::attention(q, k, v, bias?, keep?, <attributes>, nonce, runtime) -> (out, lse, rng_state)
+    seqfuse::attention(q, k, v, bias?, keep?, <attributes>, nonce, runtime, sink?) -> (out, lse, rng_state)
     seqfuse::attention_backward(grad_out, q, k, v, bias?, keep?, out, lse, rng_state, <attributes>,
-                                runtime, need_dbias) -> (dq, dk, dv, dbias)
+                                runtime, need_dbias, sink?) -> (dq, dk, dv, dbias, dsink)
 
 ``nonce`` differs between the dropout calls of one graph, so common-subexpression
 elimination (which knows ATen's random ops, not ours) cannot merge two of them into
 one dropout mask.  ``lse`` (*B, Lq, fp32) is the log-sum-exp of each row of final scores, kept for
 the backward.  ``rng_state`` is the generator state captured before dropout
 (empty when dropout is 0), so the backward regenerates the same dropout mask.
-dbias is an empty tensor unless requested.
+dbias is an empty tensor unless requested.  ``sink`` (per-row logits, broadcastable to (*B, Lq)) is
+one more term of each row's softmax denominator with no value (attention sinks); it comes last so
+that calls without it keep their arguments, reaches the implementations as ``attrs["sink"]``
+(``supports`` sees it in ``tensors``), and its gradient is computed here for every path:
+dsink = -Σ_rows exp(sink - lse)·Δ with Δ = rowsum(dO·O), since ∂p_ij/∂sink = -p_ij·p_sink.
 
 Implementations, one per runtime path, are registered with the dispatcher:
 ``forward(q, k, v, bias, keep, attrs) -> (out, lse)`` and
@@ -51,11 +55,12 @@ def _rng_numel(device: torch.device) -> int:
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Optional[Tensor],
               scale: Optional[float], mask: str, diag: int, window: int, fill: float, bias_after_mask: bool,
               gqa_groups: int, softcap: Optional[float], dropout: float, empty_rows: str, nonce: int,
-              runtime: str) -> tuple[Tensor, Tensor, Tensor]:
+              runtime: str, sink: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention; see seqfuse.ir.ops.Attention for the math.  Returns (out, lse, rng_state)."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
+    a["sink"] = sink
     rng = _rng_state(q.device) if dropout > 0.0 else torch.empty(0, dtype=torch.uint8)
-    t = dict(q=q, k=k, v=v, bias=bias, keep=keep)
+    t = dict(q=q, k=k, v=v, bias=bias, keep=keep, sink=sink)
     out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
     # the layouts the fake implementation promises
     return out.to(v.dtype).contiguous(), lse.float().contiguous(), rng
@@ -63,7 +68,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Opt
 
 @attention.register_fake
 def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout,
-      empty_rows, nonce, runtime):
+      empty_rows, nonce, runtime, sink=None):
     n = _rng_numel(q.device) if dropout > 0.0 else 0
     out = q.new_empty([*q.shape[:-1], v.shape[-1]], dtype=v.dtype)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -75,38 +80,55 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
                        keep: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor, scale: Optional[float],
                        mask: str, diag: int, window: int, fill: float, bias_after_mask: bool, gqa_groups: int,
                        softcap: Optional[float], dropout: float, empty_rows: str, runtime: str,
-                       need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dbias) of seqfuse::attention; dbias is empty unless need_dbias."""
+                       need_dbias: bool, sink: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias, dsink) of seqfuse::attention; dbias is empty unless need_dbias,
+    dsink empty without a sink."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
     a["need_dbias"] = need_dbias
-    t = dict(q=q, k=k, v=v, bias=bias, keep=keep, lse=lse)
+    a["sink"] = sink
+    t = dict(q=q, k=k, v=v, bias=bias, keep=keep, lse=lse, sink=sink)
     dq, dk, dv, dbias = run("attention", "backward", runtime, t, a, grad_out, q, k, v, bias, keep, out, lse,
                             rng_state, a)
     # gradients in the layouts the fake implementation promises (those of the inputs)
     like = lambda x, g: torch.empty_like(x).copy_(g)  # noqa: E731
-    return like(q, dq), like(k, dk), like(v, dv), (like(bias, dbias) if need_dbias else q.new_empty(0))
+    dsink = like(sink, sink_grad(grad_out, out, lse, sink, a["dropout"])) if sink is not None else q.new_empty(0)
+    return like(q, dq), like(k, dk), like(v, dv), (like(bias, dbias) if need_dbias else q.new_empty(0)), dsink
+
+
+def sink_grad(grad_out: Tensor, out: Tensor, lse: Tensor, sink: Tensor, dropout: float) -> Tensor:
+    """d loss / d sink = -Σ exp(sink - lse)·Δ over the rows each sink logit reaches, Δ = rowsum(dO·O)
+    in fp32 (fp64 for fp64); the probabilities of the keys are p_ij = exp(s_ij - lse_i), with the
+    sink inside lse_i, so ∂p_ij/∂sink_i = -p_ij·exp(sink_i - lse_i) and Σ_j p_ij·dP_ij = Δ_i.
+    With dropout, O is the dropped output and Δ = Σ_j (p_ij·keep_ij/(1-p))·dP_ij is still rowsum(dO·O)."""
+    acc = torch.promote_types(out.dtype, torch.float32)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+    p_sink = torch.exp(sink.to(acc).expand(lse.shape) - lse.to(acc))
+    return (-(p_sink * delta)).sum_to_size(sink.shape).to(sink.dtype)
 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, bias, keep, out, lse, rng_state, scale, mask, diag, window, fill, bias_after_mask,
-      gqa_groups, softcap, dropout, empty_rows, runtime, need_dbias):
+      gqa_groups, softcap, dropout, empty_rows, runtime, need_dbias, sink=None):
     dbias = torch.empty_like(bias) if (need_dbias and bias is not None) else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    dsink = torch.empty_like(sink) if sink is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsink
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, keep, *attrs, nonce, runtime = inputs
+    q, k, v, bias, keep, *attrs, nonce, runtime, sink = inputs
     ctx.attrs = attrs
     ctx.runtime = runtime
-    ctx.save_for_backward(q, k, v, bias, keep, output[0], output[1], output[2])
+    ctx.save_for_backward(q, k, v, bias, keep, output[0], output[1], output[2], sink)
 
 
 def _backward(ctx, grad_out, grad_lse, grad_rng):
-    q, k, v, bias, keep, out, lse, rng = ctx.saved_tensors
+    q, k, v, bias, keep, out, lse, rng, sink = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.seqfuse.attention_backward(
-        grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias)
-    return dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 2))
+    need_dsink = sink is not None and ctx.needs_input_grad[-1]
+    dq, dk, dv, dbias, dsink = torch.ops.seqfuse.attention_backward(
+        grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias, sink)
+    return (dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 2)),
+            dsink if need_dsink else None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -128,16 +150,16 @@ def _nonfinite(q, k, v, bias) -> bool:
     return bad(q) or bad(k) or bad(v) or (bias is not None and bool((bias.isnan() | (bias == math.inf)).any()))
 
 
-def eager_attention(q, k, v, bias=None, keep=None, **attrs):
+def eager_attention(q, k, v, bias=None, keep=None, sink=None, **attrs):
     """The eager path (out only): the reference, except for a lifted SDPA call with a NaN or inf
     input, which runs SDPA itself: the program's SDPA decides where such values reach (its CPU
     kernels skip or add masked keys' scores), and no other formula reproduces that."""
-    if _sdpa_decides(q, k, v, bias, keep, attrs):
+    if sink is None and sdpa_decides(q, k, v, bias, keep, attrs):
         return aten_attention.attention_sdpa(q, k, v, bias, keep, **attrs)
-    return attention_reference(q, k, v, bias, keep, **attrs)
+    return attention_reference(q, k, v, bias, keep, sink=sink, **attrs)
 
 
-def _sdpa_decides(q, k, v, bias, keep, attrs) -> bool:
+def sdpa_decides(q, k, v, bias, keep, attrs) -> bool:
     """Whether a lifted SDPA call must run as SDPA itself: NaN / inf inputs, or is_causal with a
     scale <= 0 (SDPA's CPU kernel gives NaN rows there; the program is what SDPA returns)."""
     if not _is_sdpa_call(q, k, v, bias, keep, **attrs):
@@ -150,8 +172,8 @@ def _sdpa_decides(q, k, v, bias, keep, attrs) -> bool:
 
 def _reference_forward(q, k, v, bias, keep, a):
     attrs = {n: a[n] for n in ATTR_NAMES}
-    out, lse = attention_reference(q, k, v, bias, keep, return_lse=True, **attrs)
-    if _sdpa_decides(q, k, v, bias, keep, attrs):
+    out, lse = attention_reference(q, k, v, bias, keep, return_lse=True, sink=a.get("sink"), **attrs)
+    if a.get("sink") is None and sdpa_decides(q, k, v, bias, keep, attrs):
         out = aten_attention.attention_sdpa(q, k, v, bias, keep, **attrs)
     return out, lse
 
@@ -171,7 +193,8 @@ def _recompute_backward(fn):
                         torch.cuda.set_rng_state(rng_state, q.device)
                     else:
                         torch.set_rng_state(rng_state)
-                recomputed = fn(q_, k_, v_, b_, keep, **{n: a[n] for n in ATTR_NAMES})
+                extra = {"sink": a["sink"]} if a.get("sink") is not None else {}
+                recomputed = fn(q_, k_, v_, b_, keep, **extra, **{n: a[n] for n in ATTR_NAMES})
             inputs = [q_, k_, v_] + ([b_] if need_dbias else [])
             grads = torch.autograd.grad(recomputed, inputs, grad_out, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
@@ -197,6 +220,8 @@ _LSE_LIMIT = {torch.float32: 256.0, torch.float16: 16384.0, torch.bfloat16: 1638
 
 
 def _aten_supports(t: dict, a: dict) -> str | None:
+    if t.get("sink") is not None:
+        return "attention sinks (ATen's fused kernels have no sink logit in the softmax)"
     if a.get("need_dbias"):
         return "bias gradient runs on the reference"
     lse = t.get("lse")

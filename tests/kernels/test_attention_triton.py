@@ -449,16 +449,16 @@ from triton.compiler import ASTSource, compile
 from seqfuse.lowering.triton import attention_kernels as K
 assert not K.INTERPRETED
 PTR = dict(Q="fp16", K="fp16", V="fp16", BIAS="fp32", KEEP="u8", OUT="fp16", LSE="fp32", DO="fp16",
-           DELTA="fp32", STATS="fp32", DQ="fp16", DK="fp16", DV="fp16", DBIAS="fp32")
+           DELTA="fp32", STATS="fp32", DQ="fp16", DK="fp16", DV="fp16", DBIAS="fp32", SINK="fp16")
 def signature(fn, consts):
     return {n: "constexpr" if n in consts else "*" + PTR[n] if n in PTR else
             "fp32" if n in ("scale", "fill", "softcap") else "i32" for n in fn.arg_names}
 flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, GROUPS=2, MASK=2, HAS_BIAS=True, HAS_KEEP=True,
              BIAS_AFTER_MASK=False, NEG_INF_FILL=True, SOFTCAP=True, EMPTY_ZERO=True, DOT_PRECISION="tf32",
              DOT_FP32=False)
-for fn, extra in [(K.attention_fwd, dict(BLOCK_M=128, BLOCK_N=64)),
+for fn, extra in [(K.attention_fwd, dict(BLOCK_M=128, BLOCK_N=64, HAS_SINK=True)),
                   (K.attention_bwd_dq, dict(BLOCK_M=64, BLOCK_N=32, NEED_DBIAS=True, EXACT_STATS=True,
-                                            EXACT_DELTA=True)),
+                                            EXACT_DELTA=True, HAS_SINK=True)),
                   (K.attention_bwd_dkdv, dict(BLOCK_M=32, BLOCK_N=64, EXACT_STATS=True))]:
     consts = dict(flags, **extra)
     kernel = compile(ASTSource(fn=fn, signature=signature(fn, consts), constexprs=consts),
@@ -528,3 +528,51 @@ def test_gpu_fp32_bias_keep_dbias(tmp_path, monkeypatch):
     keep[..., 0] = True
     check(q, k, v, bias=bias, keep=keep, mask="causal")
     check(q, k, v, bias=bias, mask="causal", fill=-1e4, bias_after_mask=True)
+
+
+# --- attention sinks -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,d,kw", [
+    (torch.float32, 16, dict(mask="causal")),
+    (torch.float32, 16, dict(mask="window", window=5, gqa_groups=2)),
+    (torch.float32, 16, dict(mask="causal", diag=-4)),            # rows with no key: the sink takes all
+    (torch.float32, 16, dict(mask="causal", fill=-1e4, bias=True)),  # EXACT_STATS recomputes with the sink
+    (torch.bfloat16, 8, dict(mask="causal")),                       # EXACT_DELTA recomputes with the sink
+    (torch.float16, 32, dict()),
+])
+def test_sinks(dtype, d, kw):
+    """A per-head sink logit in every row's softmax: out, lse, dq, dk, dv against the reference (the
+    sink as one more softmax column), and the sink's gradient from attention_op.sink_grad."""
+    from seqfuse.lowering.attention_op import sink_grad
+    kw = dict(kw)
+    use_bias = kw.pop("bias", False)
+    g = kw.get("gqa_groups", 1)
+    q = make((2, 4, 21, d), dtype)
+    k, v = make((2, 4 // g, 21, d), dtype), make((2, 4 // g, 21, d), dtype)
+    sink = (torch.randn(4, 1, device=DEVICE) * 2).to(dtype)
+    bias = torch.randn(21, 21, device=DEVICE) if use_bias else None
+    a = attrs(sink=sink, **kw)
+    assert ta.supports(dict(q=q, k=k, v=v, bias=bias, keep=None, sink=sink), a) is None
+    bound = KBOUND[dtype]
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, sink)]
+    ref_out, ref_lse = attention_reference(*leaves[:3], bias, None, return_lse=True, **{**a, "sink": leaves[3]})
+    out, lse = ta.forward(q, k, v, bias, None, a)
+    assert rel_err(out, ref_out) < bound
+    assert rel_err(lse, ref_lse) < KBOUND[torch.float32]
+    assert torch.isfinite(lse).all()  # no row is empty with a sink
+    go = torch.randn_like(ref_out)
+    ref_grads = torch.autograd.grad(ref_out, leaves, go)
+    got = ta.backward(go, q, k, v, bias, None, out, lse, None, dict(a, need_dbias=False))[:3]
+    got = (*got, sink_grad(go, out, lse, sink, 0.0))
+    for name, x, r, y in zip(["dq", "dk", "dv", "dsink"], (q, k, v, sink), ref_grads, got):
+        assert y.shape == x.shape, name
+        e = rel_err(y, r)
+        assert e < bound, f"{name}: relative error {e:.3g} >= {bound:g}"
+
+
+def test_sinks_are_refused_where_they_cannot_run():
+    q = make((1, 2, 5, 8), torch.float32)
+    t = dict(q=q, k=q, v=q, bias=None, keep=None, sink=torch.tensor([[math.nan], [0.0]]))
+    assert "NaN or inf sink" in ta.supports(t, attrs(sink=t["sink"]))
+    t["sink"] = torch.zeros(3, 1)
+    assert "does not broadcast" in ta.supports(t, attrs(sink=t["sink"]))

@@ -66,9 +66,31 @@ def test_opcheck_attention_backward(kw, attrs):
     need_dbias = bias is not None
     args = (grad_out, q, k, v, bias, keep, out, lse, rng, *attrs_tuple(**attrs), "auto", need_dbias)
     torch.library.opcheck(torch.ops.seqfuse.attention_backward.default, args)
-    dq, dk, dv, dbias = torch.ops.seqfuse.attention_backward(*args)
+    dq, dk, dv, dbias, dsink = torch.ops.seqfuse.attention_backward(*args)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dbias.shape == (bias.shape if need_dbias else (0,))
+    assert dsink.shape == (0,)
+
+
+def test_opcheck_attention_with_a_sink():
+    # the sink comes last (optional): forward, backward (its gradient the fifth result) and autograd
+    q, k, v, bias, keep = make(grad=False)
+    sink = torch.randn(q.shape[-3], 1)
+    attrs = dict(mask="causal")
+    args = (q, k, v, None, None, *attrs_tuple(**attrs), NONCE, "auto", sink)
+    torch.library.opcheck(torch.ops.seqfuse.attention.default, args)
+    out, lse, rng = torch.ops.seqfuse.attention(*args)
+    ref, ref_lse = attention_reference(q, k, v, return_lse=True, sink=sink, **{**DEFAULTS, **attrs})
+    assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+    grad_out = torch.randn_like(out)
+    bargs = (grad_out, q, k, v, None, None, out, lse, rng, *attrs_tuple(**attrs), "auto", False, sink)
+    torch.library.opcheck(torch.ops.seqfuse.attention_backward.default, bargs)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sink)]
+    ref = attention_reference(*leaves[:3], sink=leaves[3], **{**DEFAULTS, **attrs})
+    want = torch.autograd.grad(ref, leaves, grad_out)
+    got = torch.ops.seqfuse.attention_backward(*bargs)
+    for g, w in zip((*got[:3], got[4]), want):
+        assert rel_err(g, w) < 1e-5
 
 
 def test_forward_returns_the_log_sum_exp():

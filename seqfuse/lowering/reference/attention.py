@@ -11,13 +11,16 @@ from seqfuse.ir.masks import position_mask
 
 def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none", diag=0, window=0,
                         fill=-math.inf, bias_after_mask=False, gqa_groups=1, softcap=None, dropout=0.0,
-                        empty_rows="nan", return_lse=False):
+                        empty_rows="nan", sink=None, return_lse=False):
     """softmax(masked(scale·q·kᵀ + bias))·v computed in fp32 (fp64 for fp64 inputs).
 
     Shapes: q (*B, Lq, D); k (*Bkv, Lk, D); v (*Bkv, Lk, Dv); bias and keep
     broadcastable to (*B, Lq, Lk).  Returns out (*B, Lq, Dv) in v's dtype, and with
     ``return_lse`` also lse (*B, Lq) fp32, the log-sum-exp of each row's final scores.
     A row whose every score is -inf gives NaN (``empty_rows="nan"``) or 0 (``"zero"``).
+    ``sink`` (float, broadcastable to (*B, Lq)): one more logit per row in the softmax's
+    denominator, with no value (gpt-oss' attention sinks): the probabilities of the keys sum to
+    less than 1 and the lse includes it.
     Dropout draws from the global RNG exactly as ``F.dropout`` on the
     probabilities does in the user's program.
     """
@@ -57,7 +60,17 @@ def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none
     if bias is not None and bias_after_mask:
         s = s + bias.to(s.dtype)
     s = s.to(acc)
-    # 5. probabilities over keys, in fp32 (rows with no key left: NaN, or zero without NaN gradients)
+    # 5. probabilities over keys, in fp32 (rows with no key left: NaN, or zero without NaN gradients);
+    #    a sink is one more column of the softmax, dropped after it
+    if sink is not None:
+        column = sink.to(acc).unsqueeze(-1).expand(*s.shape[:-1], 1)
+        s_all = torch.cat([s, column], dim=-1)
+        lse = torch.logsumexp(s_all, dim=-1) if return_lse else None
+        p = torch.softmax(s_all, dim=-1)[..., :-1]
+        if dropout > 0.0:
+            p = F.dropout(p, dropout, training=True)
+        out = torch.matmul(p.to(v.dtype), v) if as_program else torch.matmul(p, v.to(acc)).to(v.dtype)
+        return (out, lse) if return_lse else out
     lse = torch.logsumexp(s, dim=-1) if return_lse else None
     if empty_rows == "zero":
         empty = (s == -math.inf).all(dim=-1, keepdim=True)

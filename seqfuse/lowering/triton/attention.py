@@ -89,6 +89,7 @@ class KernelSpec:
     DOT_FP32: bool
     EXACT_STATS: bool
     EXACT_DELTA: bool
+    HAS_SINK: bool
     dtype: str
 
     def constexprs(self, kernel: str) -> dict:
@@ -99,6 +100,8 @@ class KernelSpec:
             d.pop("EXACT_STATS")
         if kernel != "dq":
             d.pop("EXACT_DELTA")
+        if kernel == "dkdv":  # reads the row statistics (lse / STATS), which include the sink
+            d.pop("HAS_SINK")
         return d
 
 
@@ -141,6 +144,7 @@ def specialize(q: torch.Tensor, v: torch.Tensor, bias, keep, a: dict, groups: in
         # 10x eager's error).  Below 16 (where the tiles are padded to 16 anyway) the dQ kernel computes
         # Δ = Σ_j P_ij dP_ij from the fp32 probabilities instead, at the cost of one more pass over keys.
         EXACT_DELTA=q.dtype in (torch.float16, torch.bfloat16) and dv < 16,
+        HAS_SINK=a.get("sink") is not None,
         dtype=str(q.dtype).replace("torch.", ""),
     )
 
@@ -187,11 +191,28 @@ def _broadcast4(x: torch.Tensor, q: torch.Tensor, lk: int) -> torch.Tensor:
     return _as4d(x)
 
 
+def _rows3(sink: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The sink logits as a stride-0-broadcast (Z, H, Lq) view."""
+    if sink is None:
+        return None
+    rows = tuple(q.shape[:-1])
+    x = sink.reshape((1,) * (len(rows) - sink.dim()) + tuple(sink.shape)).expand(rows)
+    return x if x.dim() == 3 else x.unsqueeze(0)
+
+
+def _strides3(x: torch.Tensor | None) -> tuple:
+    return tuple(x.stride()) if x is not None else (0, 0, 0)
+
+
 def _strides(x: torch.Tensor | None) -> tuple:
     return tuple(x.stride()) if x is not None else (0, 0, 0, 0)
 
 
 # --- supports ----------------------------------------------------------------
+
+_SDPA_ATTRS = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout",
+               "empty_rows")
+
 
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
@@ -237,10 +258,22 @@ def supports(t: dict, a: dict) -> str | None:
             return f"{name} {tuple(x.shape)} does not broadcast to {target}"
     if bias is not None and not bias.is_floating_point():
         return f"bias dtype {bias.dtype}"
+    sink = t.get("sink")
+    if sink is not None:
+        rows = tuple(q.shape[:-1])
+        if not sink.is_floating_point() or sink.device != q.device:
+            return f"sink of dtype {sink.dtype} on {sink.device}"
+        if sink.dim() > len(rows) or any(s not in (1, e) for s, e in zip(reversed(sink.shape), reversed(rows))):
+            return f"sink {tuple(sink.shape)} does not broadcast to the rows {rows}"
+        if not bool(torch.isfinite(sink).all()):
+            return "a NaN or inf sink logit"
     if keep is not None and keep.dtype != torch.bool:
         return f"keep dtype {keep.dtype}"
     if not isinstance(a["scale"], (int, float, type(None))) or not math.isfinite(scale_of(q, a)):
         return f"scale={a['scale']!r}"
+    from seqfuse.lowering.attention_op import sdpa_decides  # (imported here: attention_op imports this module)
+    if t.get("sink") is None and sdpa_decides(q, k, v, bias, keep, {n: a[n] for n in _SDPA_ATTRS}):
+        return "a lifted SDPA call that SDPA itself must run (is_causal with scale <= 0: its NaN rows)"
     # the values: NaN / inf inputs, rounded 16-bit biases, rows a tensor mask empties
     return call_reason(t, a, empty_rows_exact=True)
 
@@ -303,6 +336,7 @@ def forward(q, k, v, bias, keep, a):
     """(out (*B, Lq, Dv) in v's dtype, lse (*B, Lq) fp32) of one call."""
     kern = _kernels()
     q4, k4, v4, b4, c4, spec = _prepare(q, k, v, bias, keep, a)
+    s3 = _rows3(a.get("sink"), q)
     z, h, lq, _ = q4.shape
     lk = k4.shape[2]
     out = torch.empty((z, h, lq, v.shape[-1]), dtype=v.dtype, device=q.device)
@@ -313,7 +347,8 @@ def forward(q, k, v, bias, keep, a):
         grid = (_cdiv(lq, config["BLOCK_M"]), z * h)
         kern.attention_fwd[grid](
             q4, k4, v4, b4 if b4 is not None else q4, c4 if c4 is not None else q4, out, lse,
-            *q4.stride(), *k4.stride(), *v4.stride(), *_strides(b4), *_strides(c4), *out.stride(),
+            s3 if s3 is not None else lse,
+            *q4.stride(), *k4.stride(), *v4.stride(), *_strides(b4), *_strides(c4), *out.stride(), *_strides3(s3),
             h, lq, lk, scale, fill, softcap, diag, window, **spec.constexprs("fwd"), **_launch_opts(config))
 
     launch(_config("fwd", spec, q.device, lk, launch))
@@ -328,6 +363,7 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
     kern = _kernels()
     need_dbias = bool(a.get("need_dbias")) and bias is not None
     q4, k4, v4, b4, c4, spec = _prepare(q, k, v, bias, keep, a)
+    s3 = _rows3(a.get("sink"), q)
     if not spec.EXACT_STATS and lse.numel() and \
             float(lse.abs().masked_fill(lse.isinf(), 0).amax()) > _EXACT_STATS_LSE:
         # rows at a large magnitude: P = exp(s - lse) from the fp32 lse would be off by 2^-24·|lse|
@@ -364,8 +400,8 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
     def launch_dq(config):
         grid = (_cdiv(lq, config["BLOCK_M"]), z * h)
         kern.attention_bwd_dq[grid](
-            q4, k4, v4, bptr, cptr, do4, lse3, delta, stats, dq, dbias, *common, *dq.stride(),
-            h, *scalars, **spec.constexprs("dq"), NEED_DBIAS=need_dbias, **_launch_opts(config))
+            q4, k4, v4, bptr, cptr, do4, lse3, delta, stats, dq, dbias, s3 if s3 is not None else lse3,
+            *common, *dq.stride(), *_strides3(s3), h, *scalars, **spec.constexprs("dq"), NEED_DBIAS=need_dbias, **_launch_opts(config))
 
     def launch_dkdv(config):
         grid = (_cdiv(lk, config["BLOCK_N"]), z * hk)

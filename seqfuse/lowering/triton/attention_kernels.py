@@ -26,6 +26,10 @@ generator in ``attention.py`` derives them from the op's attributes:
   EXACT_STATS     backward: recompute each row's max and sum instead of trusting the saved lse.
                   With a bias or a finite fill a whole row can sit at a huge magnitude (-1e4,
                   finfo.min), where fp32 lse = m + log l loses log l; set for those calls
+  EXACT_DELTA     dQ kernel: compute Δ = Σ_j P_ij dP_ij from the fp32 probabilities (and hand it
+                  to the dK/dV kernel) instead of reading rowsum(dO·O) off the rounded output
+  HAS_SINK        a per-row sink logit (attention sinks) starts each row's online softmax: one
+                  term exp(sink - m) of the sum with no value; the lse includes it
 
 Tensors are addressed as (Z, H, L, D) through four strides each, so BLHD and
 BHLD views and broadcast (stride-0) axes need no copy; batch/head offsets are
@@ -111,19 +115,20 @@ def _scores(qk, rows, cols, in_row, in_col, b_ptrs, c_ptrs, scale, fill, softcap
 
 @triton.jit
 def attention_fwd(
-        Q, K, V, BIAS, KEEP, OUT, LSE,
+        Q, K, V, BIAS, KEEP, OUT, LSE, SINK,
         stride_qz, stride_qh, stride_qm, stride_qd,
         stride_kz, stride_kh, stride_kn, stride_kd,
         stride_vz, stride_vh, stride_vn, stride_vd,
         stride_bz, stride_bh, stride_bm, stride_bn,
         stride_cz, stride_ch, stride_cm, stride_cn,
         stride_oz, stride_oh, stride_om, stride_od,
+        stride_sz, stride_sh, stride_sm,
         H, LQ, LK, scale, fill, softcap, diag, window,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
         MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
         NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ZERO: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr):
+        DOT_FP32: tl.constexpr, HAS_SINK: tl.constexpr):
     """out = softmax(scores)·V for one query tile of one (batch, head); lse = log Σ_j exp(scores)."""
     # -- phase 0: which tile; the kv head is the query head's group (GQA), never a copy
     pid_m = tl.program_id(0)
@@ -162,8 +167,14 @@ def attention_fwd(
     # -- phase 3: stream key/value tiles with an online softmax (running max m_i, running sum l_i)
     step_k, step_v = BLOCK_N * stride_kn, BLOCK_N * stride_vn
     step_b, step_c = BLOCK_N * stride_bn, BLOCK_N * stride_cn
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    #    (a sink logit starts the row: one term exp(sink - sink) = 1 of the sum, with no value)
+    if HAS_SINK:
+        m_i = tl.load(SINK + z * stride_sz + h * stride_sh + offs_m * stride_sm, mask=offs_m < LQ,
+                      other=0.0).to(tl.float32)
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + offs_nb
@@ -208,7 +219,7 @@ def attention_fwd(
 
 @triton.jit
 def attention_bwd_dq(
-        Q, K, V, BIAS, KEEP, DO, LSE, DELTA, STATS, DQ, DBIAS,
+        Q, K, V, BIAS, KEEP, DO, LSE, DELTA, STATS, DQ, DBIAS, SINK,
         stride_qz, stride_qh, stride_qm, stride_qd,
         stride_kz, stride_kh, stride_kn, stride_kd,
         stride_vz, stride_vh, stride_vn, stride_vd,
@@ -216,12 +227,14 @@ def attention_bwd_dq(
         stride_cz, stride_ch, stride_cm, stride_cn,
         stride_doz, stride_doh, stride_dom, stride_dod,
         stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+        stride_sz, stride_sh, stride_sm,
         H, LQ, LK, scale, fill, softcap, diag, window,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
         MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
         NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ZERO: tl.constexpr, NEED_DBIAS: tl.constexpr,
-        EXACT_STATS: tl.constexpr, EXACT_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        EXACT_STATS: tl.constexpr, EXACT_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        HAS_SINK: tl.constexpr):
     """dQ of one query tile of one (batch, head).  Runs before the dK/dV kernel: with EXACT_STATS it
     also writes each row's (max, 1/sum) into STATS (Z, H, 2, LQ); with EXACT_DELTA it computes
     Δ_i = Σ_j P_ij dP_ij from the fp32 probabilities and writes it into DELTA (instead of reading
@@ -270,8 +283,13 @@ def attention_bwd_dq(
     # -- phase 2: each row's softmax statistics: P = exp(s - off) · inv [and Δ = Σ_j P_ij dP_ij]
     if EXACT_STATS or EXACT_DELTA:
         # recomputed exactly, as the forward's online softmax does (the saved lse may have lost log l)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        if HAS_SINK:  # the sink's term of the sum, as in the forward (its value is 0: no term of Δ)
+            m_i = tl.load(SINK + z * stride_sz + h * stride_sh + offs_m * stride_sm, mask=offs_m < LQ,
+                          other=0.0).to(tl.float32)
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.full([BLOCK_M], 0.0, tl.float32)
         d_i = tl.full([BLOCK_M], 0.0, tl.float32)
         kt_ptrs, b_ptrs, c_ptrs = kt_start, b_start, c_start
         vt_ptrs = V + z * stride_vz + hk * stride_vh + (lo + offs_nb)[None, :] * stride_vn + \
