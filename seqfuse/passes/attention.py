@@ -587,8 +587,10 @@ def _regroup(graph, before, node, src: torch.fx.Node, dst: torch.fx.Node, like, 
     return node
 
 
-def _permuted(shape, letters: str, target: str) -> list:
-    return [shape[letters.index(c)] for c in target]
+def _permuted(shape, letters: str, target: str, extra: list = ()) -> list:
+    """``shape`` (axes named by ``letters``, then ``extra`` sizes for the letters past it) in ``target``'s order."""
+    shape = list(shape) + list(extra)
+    return [shape[letters.index(c)] if c in letters else None for c in target]
 
 
 def _one_head(q, lq: str, k, lk: str, v, lv: str, h: str) -> bool:
@@ -636,11 +638,12 @@ def _drop_unit_axes(graph, before, node, letters: str, others: str, like):
 def _no_mutation_between(first: torch.fx.Node, last: torch.fx.Node, private: set) -> None:
     """NoMatch if an op between ``first`` (the scores) and ``last`` (the value contraction), other
     than the ``private`` in-place ops looked through, mutates a tensor: the program reads q, k,
-    masks and scores before it, the op (placed at ``last``) would read them after."""
+    masks and scores before it, the op (placed at ``last``) would read them after.  ``detach_``
+    (a constant's autograd flag, not its values) does not count."""
     n = first.next
     while n is not last and n.op != "root":
         schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
-        if schema is not None and schema.is_mutable and n not in private:
+        if schema is not None and schema.is_mutable and n not in private and not is_op(n, aten.detach_):
             raise NoMatch(f"{_op_name(n)} mutates a tensor between the scores and the value contraction")
         n = n.next
 
@@ -771,6 +774,16 @@ class AttentionPass(Pass):
         if jv in o_l or jv not in v_l:
             raise NoMatch("the value contraction does not sum over the softmax axis")
         e_letters = [c for c in v_l if c not in p_l]
+        # size-1 axes of v that the output keeps and p lacks (a batch or head of 1 folded into the
+        # contraction around a reshape): squeezed from v, put back in the output
+        units = [c for c in e_letters if c in o_l and _known(val(v).shape[v_l.index(c)] == 1)]
+        if units and len(e_letters) - len(units) == 1:
+            for c in units:
+                v = _emit(graph, pv, aten.squeeze.dim, (v, v_l.index(c)), sm)
+                v_l = v_l.replace(c, "")
+            e_letters = [c for c in e_letters if c not in units]
+        else:
+            units = []
         if len(e_letters) != 1 or any(c not in o_l for c in p_l if c != jv):
             raise NoMatch("the value contraction is not p·v over the key axis")
         regroup_out = None
@@ -779,7 +792,7 @@ class AttentionPass(Pass):
             # the output goes back to p's, the letters pv names it with
             iv = p_l[-1] if back == 2 else p_l[-2]
             p_out = p_l[:-2] + iv + e_letters[0]
-            if set(o_l) != set(p_out):
+            if set(o_l) != set(p_out) | set(units):
                 raise NoMatch("the attention output has axes the op cannot produce")
             v = _to_layout(graph, pv, v, v_l, p_l[:-2] + jv + e_letters[0], sm)
             v = _regroup(graph, pv, v, p_node, sc.einsum, sm, full=True)
@@ -796,8 +809,9 @@ class AttentionPass(Pass):
             e = rename[e_letters[0]]
             v_l = "".join(rename.get(c, c) for c in v_l)
             o_l = "".join(rename.get(c, c) for c in o_l)
+            units = [rename[c] for c in units]
         out_letters = "".join(batch) + i + e
-        if regroup_out is None and set(o_l) != set(out_letters):
+        if regroup_out is None and set(o_l) != set(out_letters) | set(units):
             raise NoMatch("the attention output has axes the op cannot produce")
         # scale factors on q or k themselves (pre-scaled queries or keys)
         factors = list(sc.factors)
@@ -866,7 +880,8 @@ class AttentionPass(Pass):
             b_ = _to_scores_layout(graph, before, b_, layout, sm)
             bias = b_ if bias is None else _emit(graph, before, aten.add.Tensor, (bias, b_), sm)
         fake_out = val(vc).new_empty([*val(qc).shape[:-1], val(vc).shape[-1]])
-        if regroup_out is None and not _static_equal(_permuted(fake_out.shape, out_letters, o_l), val(pv).shape):
+        if regroup_out is None and not _static_equal(_permuted(fake_out.shape, out_letters + "".join(units), o_l,
+                                                               [1] * len(units)), val(pv).shape):
             raise NoMatch(f"output shape {tuple(_permuted(fake_out.shape, out_letters, o_l))} differs from the "
                           f"program's {tuple(val(pv).shape)}")
         _no_mutation_between(sc.einsum, pv, set(sc.inplace))

@@ -229,6 +229,25 @@ def test_softmax_on_merged_heads(tmp_path):
     """)
 
 
+def softmax_on_merged_heads_then_split(q, k, v):
+    """The softmax over flattened (B·H) heads, the probabilities viewed back to (B, H, L, S) for p @ v."""
+    b, h, l, d = q.shape
+    p = (q @ k.transpose(-1, -2) * d ** -0.5).flatten(0, 1).softmax(-1).view(b, h, l, -1)
+    return p @ v
+
+
+def test_softmax_on_merged_heads_batch_of_one(tmp_path):
+    # with B = 1 the contractions fold the size-1 batch of the views: p·v reads p as (H, L, S) and
+    # v as (1, H, S, E), a size-1 axis p lacks, squeezed from v and given back to the output
+    check(softmax_on_merged_heads_then_split, *qkv(b=1), tmp_path=tmp_path, rewrites=1, checks="""
+        CHECK-LABEL: graph(
+        CHECK: %[[V:[a-z_0-9]+]] = aten.squeeze.dim(%l_v_, 0) : f32[3, 10, 8]
+        CHECK: seqfuse.attention(%l_q_, %l_k_, %{{[a-z_0-9]+}}) {scale=0.35355339059327{{[0-9]*}}, mask=none,
+        CHECK-NOT: aten.softmax
+        CHECK: return
+    """)
+
+
 def falcon_spelling(q, k, v, alibi, mask):
     """Falcon's ALiBi path written out: in-place scale after the bias, one kv head broadcast."""
     b, h, l, d = q.shape
