@@ -71,12 +71,14 @@ def compile_downstream(gm: torch.fx.GraphModule, example_inputs, downstream: str
 _CPU_KERNELS = {"scan": ("scan", None), "ssd": ("ssd", ("recurrent",)), "delta": ("delta", ("recurrent",))}
 
 
-def prefetch_cpu_kernels(report: GraphReport, example_inputs, runtime: str):
+def prefetch_cpu_kernels(report: GraphReport, example_inputs, runtime: str, gm: torch.fx.GraphModule | None = None):
     """Start building (or loading from the cache) the CPU path's C kernels this graph's IR ops will
     call, in a background thread, so that a first build overlaps the downstream compile instead of
-    adding to the first call (a cold build of the scan library takes tens of seconds on a busy
-    2-core machine).  The dispatcher's own load waits for it (the build holds a lock); a build that
-    fails is reported there as before.  Returns the thread, or None when nothing is to be built."""
+    adding to the first call.  With the lowered graph ``gm``, exactly the kernel variants its ops
+    call (``seqfuse.lowering.cpu.graph_variants``: one small library each); without, each kernel
+    module's default check.  The dispatcher's own load waits for it (the build holds a lock); a
+    build that fails is reported there as before.  Returns the thread, or None when nothing is to
+    be built."""
     if runtime not in ("auto", "cpu"):
         return None
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
@@ -86,15 +88,26 @@ def prefetch_cpu_kernels(report: GraphReport, example_inputs, runtime: str):
                       and (_CPU_KERNELS[r.kind][1] is None or r.algorithm in _CPU_KERNELS[r.kind][1])})
     if not modules:
         return None
+    variants: dict = {}
+    if gm is not None:  # read now: the downstream compiler may change the graph while the thread runs
+        try:
+            from seqfuse.lowering.cpu import graph_variants
+            variants = graph_variants(gm, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - then each module's default check, as before
+            log.cache.debug("could not list the graph's C kernel variants: %s", exc)
 
     def build():
         import importlib
         for name in modules:
+            wanted = variants.get(name)
             try:
-                reason = importlib.import_module(f"seqfuse.lowering.cpu.{name}").available()
+                module = importlib.import_module(f"seqfuse.lowering.cpu.{name}")
+                reasons = [module.available()] if wanted is None else [module.available(v) for v in wanted]
+                reason = next((r for r in reasons if r), None)
             except Exception as exc:  # noqa: BLE001 - the dispatcher reports it on the call
                 reason = f"{type(exc).__name__}: {exc}"
-            log.cache.debug("prefetched the %s C kernels: %s", name, reason or "ready")
+            log.cache.debug("prefetched the %s C kernels%s: %s", name,
+                            "" if wanted is None else f" {[v.name for v in wanted]}", reason or "ready")
 
     thread = threading.Thread(target=build, name="seqfuse-cpu-kernels", daemon=True)
     thread.start()
@@ -131,7 +144,7 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         report.add_near_miss("pipeline", f"{type(exc).__name__}: {exc}")
         rewritten = gm
     publish(report)
-    prefetch_cpu_kernels(report, example_inputs, opts.runtime)
+    prefetch_cpu_kernels(report, example_inputs, opts.runtime, rewritten)
     start = time.perf_counter()
     compiled = compile_downstream(rewritten, example_inputs, opts.downstream, mode)
     report.downstream_seconds = time.perf_counter() - start

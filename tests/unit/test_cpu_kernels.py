@@ -7,6 +7,7 @@ Skipped (with the reason) only on a machine without a C compiler.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -596,7 +597,7 @@ def test_ops_cpu_path_matches_eager_reference():
 # supports(): refusals with reasons
 
 
-def test_supports_refuses_with_reasons(monkeypatch):
+def test_supports_refuses_with_reasons(monkeypatch, tmp_path):
     a, b = torch.rand(2, 8, 4), torch.randn(2, 8, 4)
     attrs = dict(reverse=False, algorithm="recurrent")
     assert cpu_scan.supports(dict(a=a, b=b, c=None, h0=None), attrs) is None
@@ -614,10 +615,17 @@ def test_supports_refuses_with_reasons(monkeypatch):
     for rd in (torch.bfloat16, torch.float16, torch.float32):  # states rounded for the readout
         assert cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=rd)) is None
     assert "readout_dtype" in cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=torch.int8))
-    no_f16 = type("Lib", (), {"scan_round_modes": staticmethod(lambda: 0b1011)})  # a build without _Float16
-    monkeypatch.setattr(cpu_scan, "library", lambda: no_f16)
+    # a compiler without _Float16 (the predefined macro that announces it removed): the fp16 rounding
+    # variant does not build, and says why; the others still do
+    cc = shutil.which(build.COMPILER)
+    no_f16 = tmp_path / "cc-no-f16"
+    no_f16.write_text(f'#!/bin/sh\nexec {cc} -U__FLT16_MAX__ "$@"\n')
+    no_f16.chmod(0o755)
+    monkeypatch.setattr(build, "COMPILER", str(no_f16))
+    monkeypatch.setenv("SEQFUSE_CACHE_DIR", str(tmp_path / "cache"))
     assert "_Float16" in cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=torch.float16))
     assert cpu_scan.supports(dict(a=a, b=b, c=b, h0=None), dict(attrs, readout_dtype=torch.bfloat16)) is None
+    monkeypatch.undo()
     x, bc = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 5)
     ssd_attrs = dict(decay="none", chunk=16, algorithm="recurrent")
     assert cpu_ssd.supports(dict(x=x, b=bc, c=bc, a=None, d=None, h0=None), ssd_attrs) is None
@@ -795,3 +803,122 @@ def test_avx2_flags_only_where_the_cpu_lists_avx2_and_fma(tmp_path, monkeypatch,
     monkeypatch.setenv("SEQFUSE_CPU_BASELINE", "1")
     assert build._cpu_flags(str(info)) == ()
     assert build._cpu_flags(str(tmp_path / "missing")) == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel variants: one small library per specialization a call needs
+
+
+def _variant_case(variant, gen):
+    """Operands (a, b, c, h0, dt, u) whose call is kernel ``variant``: 2×3 rows, T = 9, N = 4; the
+    strided (general) layout stores b (T, N)-transposed."""
+    B, D, T, N, dtype = 2, 3, 9, 4, variant.dtype
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+    disc, scaled = variant.form == "disc", variant.form != "plain"
+    a = -torch.rand(D, 1, N, generator=gen).to(dtype) if disc else (torch.rand(D, 1, N, generator=gen) * 0.6 + 0.4).to(dtype)
+    b = r(B, D, T, N) if variant.unit else r(B, D, N, T).transpose(-1, -2)
+    c = None if variant.readout is None else r(B, 1, T, N)
+    dt = (torch.rand(B, D, T, 1, generator=gen) * 0.5 + 0.05).to(dtype) if disc else None
+    u = r(B, D, T, 1) if scaled else None
+    return a, b, c, r(B, D, N), dt, u
+
+
+_RD = {None: None, 0: None, 1: BF16, 2: F16, 3: F32}
+VARIANTS = [cpu_scan.Variant(dtype, False, form, readout, unit) for dtype in cpu_scan.KERNEL_DTYPES
+            for form in cpu_scan.FORMS for readout in (None, 0, 1, 2, 3) for unit in (True, False)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_every_scan_variant_matches_the_reference(variant):
+    """Each variant's forward and backward library (what a call of that dtype, form, readout
+    rounding and layout builds and runs: the name says so) against the eager reference in the
+    same dtype: y, the final state and every operand's gradient."""
+    gen = torch.Generator().manual_seed(VARIANTS.index(variant))
+    ops = a, b, c, h0, dt, u = _variant_case(variant, gen)
+    rd = _RD[variant.readout]
+    views = {k: cpu_scan._as_full(t, cpu_scan._full_shape(a, b, c, h0, dt, u), variant.dtype)
+             for k, t in zip(("a", "b", "c", "dt", "u"), (a, b, c, dt, u))}
+    assert cpu_scan._unit_layout(views) == variant.unit
+    assert cpu_scan.call_variant(dict(zip(("a", "b", "c", "h0", "dt", "u"), ops)), dict(readout_dtype=rd)) == variant
+    tol = 1e-5 if variant.dtype == torch.float32 else 1e-11
+    for reverse in (False, True):
+        y, h = cpu_scan.scan_forward(a, b, c, h0, reverse, dt=dt, u=u, readout_dtype=rd)
+        y_ref, h_ref = scan_reference(a, b, c, h0, dt=dt, u=u, reverse=reverse, readout_dtype=rd)
+        assert y.dtype == y_ref.dtype and y.shape == y_ref.shape and h.dtype == h_ref.dtype
+        assert rel(y, y_ref) < tol and rel(h, h_ref) < tol, (rel(y, y_ref), rel(h, h_ref))
+        gy, gh = torch.randn(y.shape, generator=gen).to(y.dtype), torch.randn(h.shape, generator=gen).to(h.dtype)
+        grads = cpu_scan.scan_backward(gy, gh, a, b, c, h0, reverse, dt=dt, u=u, readout_dtype=rd)
+        _, backward6 = reference_scan.with_discretization(scan_op._reference_forward, scan_op._reference_backward)
+        refs = backward6(gy, gh, a, b, c, h0, dt, u,
+                         dict(reverse=reverse, algorithm="recurrent", readout_dtype=rd, needs=[True] * 6))
+        for name, g, r, t in zip(("a", "b", "c", "h0", "dt", "u"), grads, refs, ops):
+            assert (g is None) == (t is None), name
+            if t is not None:
+                assert g.dtype == t.dtype and g.shape == t.shape, name
+                assert rel(g, r) < tol, (name, rel(g, r))
+    loaded = {k[0] for k in build._BY_SOURCE}
+    assert variant.name in loaded and dataclasses.replace(variant, backward=True).name in loaded
+
+
+def test_a_call_builds_only_its_variant(fresh_cache):
+    """A first call compiles one small library, its variant's, forward then backward; a second call
+    of the same variant compiles nothing (and an ssd call builds its own one)."""
+    gen = torch.Generator().manual_seed(7)
+    variant = cpu_scan.Variant(torch.float32, False, "disc", 0)
+    a, b, c, h0, dt, u = _variant_case(variant, gen)
+    before = build.compile_count
+    y, _ = cpu_scan.scan_forward(a, b, c, None, dt=dt, u=u)
+    cpu_scan.scan_forward(a, b * 2, c, None, dt=dt, u=u, reverse=True)
+    assert build.compile_count == before + 1
+    built = lambda: sorted(p.name.split("-")[0] for p in (fresh_cache / "cpu_kernels").glob("*.so"))  # noqa: E731
+    assert built() == ["scan_f32_fwd_disc_readout"]
+    cpu_scan.scan_backward(torch.ones_like(y), None, a, b, c, None, dt=dt, u=u)
+    assert built() == ["scan_f32_bwd_disc_readout", "scan_f32_fwd_disc_readout"]
+    assert build.compile_count == before + 2
+    x, bc = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 5)
+    cpu_ssd.ssd_forward(x, bc, bc, None, None, None, decay="none")
+    assert built() == ["scan_f32_bwd_disc_readout", "scan_f32_fwd_disc_readout", "ssd_f32_fwd_none"]
+
+
+def _scan_with_readout(a, b, c):  # h_t = a_t·h_{t-1} + b_t, y_t = Σ_n c_t·h_t -> seqfuse.scan with a readout
+    h = torch.zeros_like(b[:, 0])
+    ys = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        ys.append((h * c[:, t]).sum(-1))
+    return torch.stack(ys, 1)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_compile_prefetches_exactly_the_graphs_variants(fresh_cache, grad):
+    """The backend builds, while the rest of the graph compiles, only the variants the lowered graph's
+    ops call (fp32, plain form, readout, unit layout; the backward too where an operand requires
+    grad) -- and the call then compiles nothing more."""
+    import seqfuse
+    from seqfuse.compiler import backend
+    from seqfuse.lowering.cpu import graph_variants
+
+    a, b, c = torch.rand(2, 6, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    a.requires_grad_(grad)
+    seen = []
+    real_prefetch = backend.prefetch_cpu_kernels
+
+    def prefetch(report, inputs, runtime, gm=None):
+        seen.append(graph_variants(gm, inputs))
+        thread = real_prefetch(report, inputs, runtime, gm)
+        thread.join(timeout=300)
+        return thread
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "prefetch_cpu_kernels", prefetch)
+        report = seqfuse.explain(_scan_with_readout, a, b, c, options={"downstream": "eager"})
+    assert report.count("scan") == 1, str(report)
+    fwd = cpu_scan.Variant(torch.float32, False, "plain", 0)
+    want = [fwd, dataclasses.replace(fwd, backward=True)] if grad else [fwd]
+    assert seen == [{"scan": want, "ssd": []}]
+    built = sorted(p.name.split("-")[0] for p in (fresh_cache / "cpu_kernels").glob("*.so"))
+    assert built == sorted(v.name for v in want)
+    assert report.runtime["scan"]["cpu"] == 1
+    torch._dynamo.reset()

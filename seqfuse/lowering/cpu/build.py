@@ -1,6 +1,7 @@
 """Build, cache and load the generated C kernels of the CPU path.
 
-A kernel module is plain C (no torch headers: a build takes one to ten seconds, the scan library the longest),
+A kernel module is plain C (no torch headers); the kernel modules generate one small source per
+kernel variant a call needs (scan.py, ssd.py: a fraction of a second to about two seconds each),
 compiled with the system C compiler -- the one inductor already needs on CPU -- into a
 shared library and loaded with ctypes.  The library is named by a content hash of
 everything that decides the machine code: the source, the compiler (resolved path, size
@@ -52,6 +53,9 @@ COMPILER = os.environ.get("CC", "cc")
 #: ``-ffast-math``, and ``-ffp-contract=off`` with FMA: results keep IEEE semantics (the
 #: readout sums are reassociated only through ``#pragma omp simd reduction``).
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno")
+#: the optimization levels a caller of :func:`load` may ask for instead of BASE_FLAGS' -O3 (the
+#: scan kernels build their runtime-strided variants at -O2: -O3 took 3-4x longer on them)
+OPT_LEVELS = ("-O1", "-O2", "-O3")
 #: what an x86-64 CPU with AVX2 and FMA adds to BASE_FLAGS
 AVX2_FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
 
@@ -185,13 +189,24 @@ def _compile(compiler: str, flags: tuple[str, ...], source: str, out: Path, name
         os.replace(digest, _digest_path(out))  # last: a reader that sees it sees the whole library
 
 
-def load(name: str, source: str) -> ctypes.CDLL:
-    """The library built from ``source`` (from memory, the disk cache, or compiled now).
+def _base_flags(opt: str | None) -> tuple[str, ...]:
+    if opt is None or opt == BASE_FLAGS[0]:
+        return BASE_FLAGS
+    if opt not in OPT_LEVELS:
+        raise ValueError(f"seqfuse: C kernel optimization level must be one of {OPT_LEVELS}, got {opt!r}")
+    return (opt, *BASE_FLAGS[1:])
+
+
+def load(name: str, source: str, opt: str | None = None) -> ctypes.CDLL:
+    """The library built from ``source`` (from memory, the disk cache, or compiled now), at
+    optimization level ``opt`` (one of OPT_LEVELS; default BASE_FLAGS' -O3), which is part of
+    the library's key.
 
     Raises BuildError with the reason when no C compiler is found or every flag
     variant fails to build."""
     compiler = COMPILER
-    memo = (name, compiler, source)
+    base = _base_flags(opt)
+    memo = (name, compiler, source, base[0])
     lib = _BY_SOURCE.get(memo)
     if lib is not None:
         return lib
@@ -207,7 +222,7 @@ def load(name: str, source: str) -> ctypes.CDLL:
         compiler_id = _compiler_identity(path)
         errors = []
         for extra in FLAG_VARIANTS:
-            flags = BASE_FLAGS + CPU_FLAGS + extra
+            flags = base + CPU_FLAGS + extra
             key = _key(source, compiler_id, flags)
             lib = _LOADED.get(key)
             if lib is not None:
@@ -225,10 +240,10 @@ def load(name: str, source: str) -> ctypes.CDLL:
         raise BuildError(reason)
 
 
-def try_load(name: str, source: str) -> tuple[ctypes.CDLL | None, str | None]:
-    """(library, None), or (None, the reason it is unavailable)."""
+def try_load(name: str, source: str, opt: str | None = None) -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None), or (None, the reason it is unavailable); ``opt`` as in :func:`load`."""
     try:
-        return load(name, source), None
+        return load(name, source, opt), None
     except BuildError as exc:
         return None, str(exc)
 

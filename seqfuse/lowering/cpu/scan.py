@@ -16,7 +16,7 @@ vectorized), fp16 the compiler's ``_Float16`` (a build without it refuses fp16; 
 x86-64 target the conversion is a libgcc call per element, so that mode is several times slower),
 fp32 a cast through float (the identity for fp32 states).  fp64 states go through float first,
 as torch's double -> bf16 / fp16 casts do.  Without a rounding the readout stays fused into the
-step's loop; with one it is a second loop over n, one copy per mode.
+step's loop; with one it is a second loop over n.
 
 One row (an index of the leading dims R) is one independent sequential recurrence:
 the kernel runs rows in parallel (OpenMP, guided schedule: on a busy machine a thread that
@@ -24,10 +24,15 @@ is descheduled does not hold a fixed share of the rows) and keeps the row's stat
 local array whose update over n vectorizes.  Operands keep their layout: each buffer is
 passed as a pointer with element strides over (row dims…, T, N), so a ``c`` expanded over
 channels (stride 0) or an ``a`` broadcast over T is never copied.  ``reverse`` is a
-negative T stride from the last step.  Specialized copies, with the n strides as constants,
-run the common layouts: a, b, c with unit n strides and dt, u constant over n (Mamba-1:
-A (D, 1, N), dt and x (B, D, T, 1), B and C (B, 1, T, N)), in the plain, the dt (and u) and
-the u-only form; any other layout runs the general copy.
+negative T stride from the last step.
+
+Each library is one :class:`Variant`: the compute dtype, forward or backward, the form (plain,
+u only, dt and u) and the readout (none, or its rounding mode) are compile-time constants of the
+generated C, so a call's first use compiles only the code it runs (a build of every form and mode
+took 8-9 s per dtype at -O3; one variant is under a second).  Inside a library a specialized copy,
+with the n strides as constants, runs the common layout: a, b, c with unit n strides and dt, u
+constant over n (Mamba-1: A (D, 1, N), dt and x (B, D, T, 1), B and C (B, 1, T, N)); any other
+layout runs the general copy.
 
 The backward recomputes the states instead of saving them (memory): one forward sweep
 keeps the state entering each chunk of ``CHUNK ≈ √T`` steps, then chunks are taken last
@@ -47,6 +52,8 @@ program's cast: dc_t = dy_t·round(h_t) and g_t gets round(dy_t·c_t) (the refer
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import math
 
 import torch
@@ -135,15 +142,15 @@ static inline __attribute__((always_inline)) SCALAR readout_SUFFIX(
     }
 }
 
-/* One step over n: h = decay·h + input, returning Σ c·round(h) when C_T is given (RMODE: the
+/* One step over n: h = decay·h + input, returning Σ c·round(h) with a readout (HAS_C; RMODE: the
    rounding, ROUND_NONE reads h as it is); the decays are kept in DEC when given (the backward's
    adjoint reuses them). */
 static inline __attribute__((always_inline)) SCALAR step_SUFFIX(
         SCALAR *restrict h, SCALAR *restrict dec, const SCALAR *restrict a_t, const SCALAR *restrict b_t,
         const SCALAR *restrict c_t, const SCALAR *restrict dt_t, const SCALAR *restrict u_t,
-        i64 n_size, i64 sa, i64 sb, i64 sc, i64 sdt, i64 su, int disc_a, int scaled, int rmode) {
+        i64 n_size, i64 sa, i64 sb, i64 sc, i64 sdt, i64 su, int disc_a, int scaled, int has_c, int rmode) {
     SCALAR acc = 0;
-    if (c_t && rmode == ROUND_NONE) {  /* the readout fused into the update */
+    if (has_c && rmode == ROUND_NONE) {  /* the readout fused into the update */
         #pragma omp simd reduction(+:acc)
         for (i64 n = 0; n < n_size; ++n) {
             SCALAR hn = decay_SUFFIX(a_t[n * sa], dt_t[n * sdt], disc_a) * h[n]
@@ -163,7 +170,7 @@ static inline __attribute__((always_inline)) SCALAR step_SUFFIX(
         for (i64 n = 0; n < n_size; ++n)
             h[n] = decay_SUFFIX(a_t[n * sa], dt_t[n * sdt], disc_a) * h[n]
                    + input_SUFFIX(b_t[n * sb], dt_t[n * sdt], u_t[n * su], scaled);
-        if (c_t) acc = readout_SUFFIX(h, c_t, n_size, sc, rmode);  /* the rounded states' readout */
+        if (has_c) acc = readout_SUFFIX(h, c_t, n_size, sc, rmode);  /* the rounded states' readout */
     }
     return acc;
 }
@@ -193,23 +200,23 @@ static inline __attribute__((always_inline)) void readout_grad_SUFFIX(
     }
 }
 
-/* The step of row operands at time t (C_T NULL without a readout). */
+/* The step of row operands at time t (WITH_C: with the readout; a constant). */
 #define STEP_AT_SUFFIX(h, dec, t, with_c) \
     step_SUFFIX(h, dec, a.p + (t) * a.t, b.p + (t) * b.t, (with_c) ? c.p + (t) * c.t : 0, dt.p + (t) * dt.t, \
-                u.p + (t) * u.t, N, a.n, b.n, c.n, dt.n, u.n, disc_a, scaled, rmode)
+                u.p + (t) * u.t, N, a.n, b.n, c.n, dt.n, u.n, disc_a, scaled, (with_c), rmode)
 
-/* Forward of one row (DISC_A, SCALED and the n strides are constants in the specialized copies;
-   RMODE rounds the states the readout reads). */
+/* Forward of one row (DISC_A, SCALED, HAS_C and RMODE are the variant's constants, the n strides
+   too in the unit-stride copy; RMODE rounds the states the readout reads). */
 static inline __attribute__((always_inline)) void fwd_row_SUFFIX(
         in_SUFFIX a, in_SUFFIX b, in_SUFFIX c, in_SUFFIX dt, in_SUFFIX u, in_SUFFIX h0, out_SUFFIX y, out_SUFFIX ht,
-        i64 T, i64 N, int disc_a, int scaled, int rmode) {
+        i64 T, i64 N, int disc_a, int scaled, int has_c, int rmode) {
     SCALAR h[MAX_N];
     /* phase 1: initial state */
     for (i64 n = 0; n < N; ++n) h[n] = h0.p ? h0.p[n * h0.n] : (SCALAR)0;
     /* phase 2: the recurrence over time, with the readout (or every state) written per step */
     for (i64 t = 0; t < T; ++t) {
-        SCALAR acc = STEP_AT_SUFFIX(h, 0, t, c.p != 0);
-        if (c.p) {
+        SCALAR acc = STEP_AT_SUFFIX(h, 0, t, has_c);
+        if (has_c) {
             y.p[t * y.t] = acc;
         } else {
             SCALAR *y_t = y.p + t * y.t;
@@ -220,19 +227,24 @@ static inline __attribute__((always_inline)) void fwd_row_SUFFIX(
     if (ht.p) for (i64 n = 0; n < N; ++n) ht.p[n * ht.n] = h[n];
 }
 
-/* Forward over all rows.  Every buffer comes with NDIM+2 element strides over (row dims…, T, N)
-   (T stride 0 for H0 / HT); C, DT, U, H0, HT may be NULL (then their strides are 0).  Y is (rows, T)
-   with C, else (rows, T, N); the readout reads the states rounded by RMODE (ROUND_*).  Returns 0,
-   2 if N > MAX_N, 3 if RMODE is not built here (ROUND_F16 without _Float16); nothing written then. */
+#if !V_BACKWARD
+/* Forward over all rows, for this library's variant: V_DISC_A (dt given), V_SCALED (dt or u given),
+   V_HAS_C (a readout c), V_RMODE (its rounding) and V_UNIT (the layout below) are constants; a
+   call of another variant is refused (4).  Every buffer comes with NDIM+2 element strides over (row dims…, T, N) (T stride 0
+   for H0 / HT); C, DT, U, H0, HT may be NULL (then their strides are 0).  Y is (rows, T) with C,
+   else (rows, T, N); the readout reads the states rounded by RMODE (ROUND_*).  Returns 0, 2 if
+   N > MAX_N, 4 if the call is not this variant's; nothing written then. */
 int scan_fwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *SB,
                     const SCALAR *C, const i64 *SC, const SCALAR *DT, const i64 *SDT, const SCALAR *U, const i64 *SU,
                     const SCALAR *H0, const i64 *SH0, SCALAR *Y, const i64 *SY, SCALAR *HT, const i64 *SHT,
                     int ndim, const i64 *sizes, i64 rows, i64 T, i64 N, int rmode, int nthreads) {
-    const int ND = ndim + 1, DISC_A = DT != 0, SCALED = DT || U;
-    /* the specialized layout: a, b, c with unit n strides, dt and u constant over n (Mamba-1) */
+    const int ND = ndim + 1;
+    /* the unit layout: a, b, c with unit n strides, dt and u constant over n (Mamba-1) */
     const int UNIT = SA[ND] == 1 && SB[ND] == 1 && (!C || SC[ND] == 1) && SDT[ND] == 0 && SU[ND] == 0;
     if (N > MAX_N) return 2;
-    if (!round_mode_built(rmode)) return 3;
+    if (rows > 0 && N > 0 && ((DT != 0) != V_DISC_A || (DT != 0 || U != 0) != V_SCALED || (C != 0) != V_HAS_C
+                              || rmode != V_RMODE || UNIT != V_UNIT))  /* (an empty buffer's pointer may be NULL) */
+        return 4;
     #pragma omp parallel for schedule(guided) num_threads(nthreads) if(nthreads > 1)
     for (i64 r = 0; r < rows; ++r) {
         in_SUFFIX a = in_row_SUFFIX(A, SA, r, ndim, sizes), b = in_row_SUFFIX(B, SB, r, ndim, sizes),
@@ -241,27 +253,25 @@ int scan_fwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *
         out_SUFFIX y = out_row_SUFFIX(Y, SY, r, ndim, sizes), ht = out_row_SUFFIX(HT, SHT, r, ndim, sizes);
         if (!dt.p) dt.p = &one_SUFFIX;
         if (!u.p) u.p = &one_SUFFIX;
-        if (UNIT) {  /* vectorized copies: the n strides (and the form) are constants */
-            a.n = b.n = c.n = 1;
-            dt.n = u.n = 0;
-            if (!SCALED) fwd_row_SUFFIX(a, b, c, dt, u, h0, y, ht, T, N, 0, 0, rmode);
-            else if (DISC_A) fwd_row_SUFFIX(a, b, c, dt, u, h0, y, ht, T, N, 1, 1, rmode);
-            else fwd_row_SUFFIX(a, b, c, dt, u, h0, y, ht, T, N, 0, 1, rmode);
-        } else {
-            fwd_row_SUFFIX(a, b, c, dt, u, h0, y, ht, T, N, DISC_A, SCALED, rmode);
-        }
+#if V_UNIT  /* the vectorized layout: the n strides are constants too */
+        a.n = b.n = c.n = 1;
+        dt.n = u.n = 0;
+#endif
+        fwd_row_SUFFIX(a, b, c, dt, u, h0, y, ht, T, N, V_DISC_A, V_SCALED, V_HAS_C, V_RMODE);
     }
     return 0;
 }
+#else  /* V_BACKWARD */
 
-/* Backward of one row (DISC_A, SCALED and the n strides are constants in the specialized copies).
+/* Backward of one row (DISC_A, SCALED, HAS_C and RMODE are the variant's constants, the n strides
+   too in the unit-stride copy).
    A gradient with T stride 0 (da of an a constant over T) is summed over the row's steps here;
    ddt and du with n stride 0 (dt, u constant over n) are summed over n. */
 static inline __attribute__((always_inline)) void bwd_row_SUFFIX(
         in_SUFFIX a, in_SUFFIX b, in_SUFFIX c, in_SUFFIX dt, in_SUFFIX u, in_SUFFIX h0, in_SUFFIX dy, in_SUFFIX dht,
         out_SUFFIX da, out_SUFFIX db, out_SUFFIX dc, out_SUFFIX ddt, out_SUFFIX du, out_SUFFIX dh0,
         SCALAR *restrict ckpt, SCALAR *restrict states, SCALAR *restrict decays,
-        i64 T, i64 N, i64 CHUNK, int disc_a, int scaled, int rmode) {
+        i64 T, i64 N, i64 CHUNK, int disc_a, int scaled, int has_c, int rmode) {
     const i64 NCHUNKS = (T + CHUNK - 1) / CHUNK;
     SCALAR h[MAX_N], g[MAX_N], da_sum[MAX_N];
     /* phase 1: forward sweep keeping the state entering each chunk */
@@ -297,7 +307,7 @@ static inline __attribute__((always_inline)) void bwd_row_SUFFIX(
             const SCALAR *restrict h_prev = t > t0 ? h_t - N : ckpt + k * N;
             const SCALAR *restrict dec_t = decays + (t - t0) * N;  /* with disc_a only */
             const SCALAR *a_t = a.p + t * a.t, *b_t = b.p + t * b.t, *dt_t = dt.p + t * dt.t, *u_t = u.p + t * u.t;
-            if (c.p) {
+            if (has_c) {
                 readout_grad_SUFFIX(g, dc.p ? dc.p + t * dc.t : 0, h_t, c.p + t * c.t, dy.p[t * dy.t], N, c.n, dc.n,
                                     rmode);
             } else {
@@ -348,8 +358,8 @@ static inline __attribute__((always_inline)) void bwd_row_SUFFIX(
     if (dh0.p) for (i64 n = 0; n < N; ++n) dh0.p[n * dh0.n] = g[n];
 }
 
-/* Backward over all rows (strides and RMODE as in the forward); returns 0, 1 if out of memory,
-   2 if N > MAX_N, 3 if RMODE is not built here.
+/* Backward over all rows (strides, RMODE and the variant as in the forward); returns 0, 1 if out of
+   memory, 2 if N > MAX_N, 4 if the call is not this variant's.
    DY is (rows, T) with C, else (rows, T, N); DHT (grad of the final state) may be NULL; DA, DB, DC,
    DDT, DU, DH0 are written where not NULL: DA with T stride 0 is summed over T, DDT and DU with
    n stride 0 over n (see bwd_row). */
@@ -359,15 +369,17 @@ int scan_bwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *
                     SCALAR *DA, const i64 *SDA, SCALAR *DB, const i64 *SDB, SCALAR *DC, const i64 *SDC,
                     SCALAR *DDT, const i64 *SDDT, SCALAR *DU, const i64 *SDU, SCALAR *DH0, const i64 *SDH0,
                     int ndim, const i64 *sizes, i64 rows, i64 T, i64 N, i64 CHUNK, int rmode, int nthreads) {
-    const int ND = ndim + 1, DISC_A = DT != 0, SCALED = DT || U;
+    const int ND = ndim + 1;
     const i64 NCHUNKS = (T + CHUNK - 1) / CHUNK;
-    /* the specialized layout (as in the forward; the gradients too) */
+    /* the unit layout (as in the forward; the gradients too) */
     const int UNIT = SA[ND] == 1 && SB[ND] == 1 && (C ? SC[ND] == 1 : SDY[ND] == 1) && SDT[ND] == 0 && SU[ND] == 0
                      && (!DA || SDA[ND] == 1) && (!DB || SDB[ND] == 1) && (!DC || SDC[ND] == 1)
                      && SDDT[ND] == 0 && SDU[ND] == 0;
     int failed = 0;
     if (N > MAX_N) return 2;
-    if (!round_mode_built(rmode)) return 3;
+    if (rows > 0 && N > 0 && ((DT != 0) != V_DISC_A || (DT != 0 || U != 0) != V_SCALED || (C != 0) != V_HAS_C
+                              || rmode != V_RMODE || UNIT != V_UNIT))  /* (an empty buffer's pointer may be NULL) */
+        return 4;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
         /* per thread: the state entering each chunk, the states and the decays of one chunk */
@@ -390,27 +402,18 @@ int scan_bwd_SUFFIX(const SCALAR *A, const i64 *SA, const SCALAR *B, const i64 *
             #undef OUT
             if (!dt.p) dt.p = &one_SUFFIX;
             if (!u.p) u.p = &one_SUFFIX;
-            if (UNIT) {  /* vectorized copies: the n strides (and the form) are constants */
-                a.n = b.n = c.n = dy.n = da.n = db.n = dc.n = 1;
-                dt.n = u.n = ddt.n = du.n = 0;
-                if (!SCALED)
-                    bwd_row_SUFFIX(a, b, c, dt, u, h0, dy, dht, da, db, dc, ddt, du, dh0, ckpt, states, decays, T, N,
-                                   CHUNK, 0, 0, rmode);
-                else if (DISC_A)
-                    bwd_row_SUFFIX(a, b, c, dt, u, h0, dy, dht, da, db, dc, ddt, du, dh0, ckpt, states, decays, T, N,
-                                   CHUNK, 1, 1, rmode);
-                else
-                    bwd_row_SUFFIX(a, b, c, dt, u, h0, dy, dht, da, db, dc, ddt, du, dh0, ckpt, states, decays, T, N,
-                                   CHUNK, 0, 1, rmode);
-            } else {
-                bwd_row_SUFFIX(a, b, c, dt, u, h0, dy, dht, da, db, dc, ddt, du, dh0, ckpt, states, decays, T, N,
-                               CHUNK, DISC_A, SCALED, rmode);
-            }
+#if V_UNIT  /* the vectorized layout: the n strides are constants too */
+            a.n = b.n = c.n = dy.n = da.n = db.n = dc.n = 1;
+            dt.n = u.n = ddt.n = du.n = 0;
+#endif
+            bwd_row_SUFFIX(a, b, c, dt, u, h0, dy, dht, da, db, dc, ddt, du, dh0, ckpt, states, decays, T, N,
+                           CHUNK, V_DISC_A, V_SCALED, V_HAS_C, V_RMODE);
         }
         free(ckpt);
     }
     return failed;  /* 1: a thread could not allocate its scratch (the caller raises) */
 }
+#endif  /* V_BACKWARD */
 """
 
 _HEADER = r"""
@@ -483,8 +486,8 @@ static inline __attribute__((always_inline)) float bf16_round(float x) {
 }
 
 /* x rounded to fp16 (kept in a float) by the compiler's _Float16 (IEEE round to nearest even,
-   subnormals, overflow to inf); where the compiler has no _Float16 the fp16 mode is not built
-   (scan_round_modes says so, the kernels refuse it). */
+   subnormals, overflow to inf); where the compiler has no _Float16 a variant with the fp16 mode
+   does not build (its #error is the reason the cpu path gives for refusing the call). */
 #ifdef __FLT16_MAX__
 #define HAVE_F16 1
 static inline __attribute__((always_inline)) float f16_round(float x) { return (float)(_Float16)x; }
@@ -493,31 +496,94 @@ static inline __attribute__((always_inline)) float f16_round(float x) { return (
 static inline __attribute__((always_inline)) float f16_round(float x) { return x; }  /* never run */
 #endif
 
-static inline int round_mode_built(int mode) {
-    return mode == ROUND_NONE || mode == ROUND_BF16 || mode == ROUND_F32 || (mode == ROUND_F16 && HAVE_F16);
-}
-
-/* The rounding modes this build runs, as bits 1 << mode. */
-int scan_round_modes(void) {
-    int bits = 0;
-    for (int m = ROUND_NONE; m <= ROUND_F32; ++m) bits |= round_mode_built(m) << m;
-    return bits;
-}
 """ % MAX_N
-#: one library per compute dtype (fp32, fp64): a first call builds only the one it needs, about
-#: half the compile of both (the scan kernels' many specializations make this the longest build)
-SOURCES = {dtype: _HEADER + _TEMPLATE.replace("SCALAR", ctype).replace("SUFFIX", suffix)
-           for dtype, (ctype, suffix) in KERNEL_DTYPES.items()}
+#: the step's forms: decay a and input b; a and b·u (u given, no dt); exp(dt·a) and b·dt·u (dt given)
+FORMS = ("plain", "scaled", "disc")
+_READOUT_NAMES = {None: "states", 0: "readout", 1: "readout_bf16", 2: "readout_f16", 3: "readout_f32"}
 
 
-def library(dtype: torch.dtype = torch.float32):
-    """The built scan library of compute ``dtype`` (raises build.BuildError with the reason)."""
-    return build.load(f"scan_{KERNEL_DTYPES[dtype][1]}", SOURCES[dtype])
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One specialization of the scan kernels, built as its own small library: what the generated
+    C takes as constants.  A call needs exactly one (:func:`variant_of`); a first call builds only
+    that one, and the disk cache keeps it per variant.  ``reverse`` needs no variant of its own
+    (a negative T stride).
+
+    dtype: the compute dtype (fp32, fp64); backward: the adjoint kernel (else the forward);
+    form: one of FORMS; readout: None without a readout c (y is every state), else the rounding
+    mode of the states it reads (ROUND_MODES' values, 0: not rounded); unit: the unit layout (a,
+    b, c and the gradients with unit n strides, dt and u constant over n: Mamba-1's), whose n
+    strides are constants (the loops over n vectorize), else any strides.  A unit variant builds
+    at -O3; a general one at -O2 (-O3 takes 3-4x longer on its runtime-strided loops)."""
+    dtype: torch.dtype
+    backward: bool
+    form: str
+    readout: int | None
+    unit: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in KERNEL_DTYPES or self.form not in FORMS or self.readout not in _READOUT_NAMES:
+            raise ValueError(f"seqfuse.scan (cpu): no kernel variant {self}")
+
+    @property
+    def name(self) -> str:
+        """The library's name, e.g. ``scan_f32_fwd_disc_readout``."""
+        return (f"scan_{KERNEL_DTYPES[self.dtype][1]}_{'bwd' if self.backward else 'fwd'}_{self.form}_"
+                f"{_READOUT_NAMES[self.readout]}{'' if self.unit else '_strided'}")
+
+    @property
+    def opt(self) -> str:
+        """The optimization level it builds at."""
+        return "-O3" if self.unit else "-O2"
+
+    @property
+    def symbol(self) -> str:
+        """The library's one exported kernel."""
+        return f"scan_{'bwd' if self.backward else 'fwd'}_{KERNEL_DTYPES[self.dtype][1]}"
 
 
-def available(dtype: torch.dtype = torch.float32) -> str | None:
-    """None if the scan kernels of compute ``dtype`` can be built and loaded here, else the reason."""
-    return build.try_load(f"scan_{KERNEL_DTYPES[dtype][1]}", SOURCES[dtype])[1]
+def _variant_header(v: Variant) -> str:
+    fp16_check = ("#ifndef __FLT16_MAX__\n#error \"rounding the scan's states to fp16 needs the C compiler's "
+                  "_Float16, which it lacks\"\n#endif\n") if v.readout == ROUND_MODES[torch.float16] else ""
+    return (f"/* variant {v.name} */\n#define V_BACKWARD {int(v.backward)}\n#define V_DISC_A {int(v.form == 'disc')}\n"
+            f"#define V_SCALED {int(v.form != 'plain')}\n#define V_HAS_C {int(v.readout is not None)}\n"
+            f"#define V_RMODE {v.readout or 0}\n#define V_UNIT {int(v.unit)}\n{fp16_check}")
+
+
+@functools.lru_cache(maxsize=None)
+def variant_source(v: Variant) -> str:
+    """The C source of one variant's library (the same object for equal variants, so the
+    per-call lookup in build.load hashes it once)."""
+    ctype, suffix = KERNEL_DTYPES[v.dtype]
+    return _HEADER + _variant_header(v) + _TEMPLATE.replace("SCALAR", ctype).replace("SUFFIX", suffix)
+
+
+def variant_of(cdtype: torch.dtype, backward: bool, c=None, dt=None, u=None, rmode: int = 0,
+               unit: bool = True) -> Variant:
+    """The kernel variant of a call computing in ``cdtype`` with these operands (None: absent)."""
+    form = "disc" if dt is not None else ("scaled" if u is not None else "plain")
+    return Variant(cdtype, bool(backward), form, None if c is None else int(rmode), bool(unit))
+
+
+#: the variant of library() / available() without arguments: the smallest, to check that the
+#: compiler builds the scan kernels here
+DEFAULT_VARIANT = Variant(torch.float32, False, "plain", None)
+
+
+def library(variant: Variant = DEFAULT_VARIANT):
+    """The built library of one kernel variant (raises build.BuildError with the reason)."""
+    return build.load(variant.name, variant_source(variant), opt=variant.opt)
+
+
+def kernel(variant: Variant):
+    """The C function of ``variant`` (loaded, or built now; raises build.BuildError)."""
+    return getattr(library(variant), variant.symbol)
+
+
+def available(variant: Variant = DEFAULT_VARIANT) -> str | None:
+    """None if the kernel ``variant`` can be built and loaded here (from memory, the disk cache, or
+    compiled now), else the reason."""
+    return build.try_load(variant.name, variant_source(variant), opt=variant.opt)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,18 +592,14 @@ def available(dtype: torch.dtype = torch.float32) -> str | None:
 
 def round_mode(readout_dtype, c=None) -> int:
     """The kernel's rounding mode for ``readout_dtype`` (0 without a readout c: nothing is read
-    out); raises ValueError for a dtype the kernel does not round to, or one this build lacks
-    (fp16 where the compiler has no _Float16)."""
+    out); raises ValueError for a dtype the kernel does not round to.  (Where the compiler has no
+    _Float16 the fp16 mode's variants do not build: :func:`supports` gives that reason.)"""
     if c is None or readout_dtype is None:
         return 0
     if readout_dtype not in ROUND_MODES:
         raise ValueError(f"seqfuse.scan (cpu): readout_dtype {readout_dtype} is not one of "
                          f"{[d for d in ROUND_MODES if d is not None]}")
-    mode = ROUND_MODES[readout_dtype]
-    if not library().scan_round_modes() >> mode & 1:
-        raise ValueError(f"seqfuse.scan (cpu): rounding the states to {readout_dtype} needs the C compiler's "
-                         "_Float16, which this build lacks")
-    return mode
+    return ROUND_MODES[readout_dtype]
 
 
 def _full_shape(a, b, c, h0, dt=None, u=None) -> tuple[int, ...]:
@@ -596,8 +658,31 @@ def _buffers(views: dict, full, reverse: bool):
     return sizes, args
 
 
-def _fn(kind: str, dtype: torch.dtype):
-    return getattr(library(dtype), f"scan_{kind}_{KERNEL_DTYPES[dtype][1]}")
+def _n(views: dict, name: str) -> int:
+    view = views.get(name)
+    return 0 if view is None else view[1][-1]
+
+
+def _unit_layout(views: dict, backward: bool = False) -> bool:
+    """Whether a call's buffers (:func:`_as_full` views by name) have the unit layout the C kernels
+    test as UNIT: a, b, c (and the gradients) with unit n strides, dt, u (and theirs) constant over n."""
+    unit = _n(views, "a") == 1 and _n(views, "b") == 1 and (views.get("c") is None or _n(views, "c") == 1) \
+        and _n(views, "dt") == 0 and _n(views, "u") == 0
+    if backward:
+        unit = unit and (views.get("c") is not None or _n(views, "dy") == 1) \
+            and all(views.get(k) is None or _n(views, k) == 1 for k in ("da", "db", "dc")) \
+            and _n(views, "ddt") == 0 and _n(views, "du") == 0
+    return unit
+
+
+def _operand_n_stride(t, cdtype) -> int:
+    """The n stride of operand ``t``'s :func:`_as_full` view, without casting ``t`` (a meta tensor
+    stands in for the cast, whose strides follow ``Tensor.to``'s rules)."""
+    if t is None or t.dim() == 0 or t.shape[-1] == 1:
+        return 0
+    if t.dtype != cdtype:
+        t = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").to(cdtype)
+    return t.stride(-1)
 
 
 def scan_forward(a, b, c=None, h0=None, reverse: bool = False, dt=None, u=None, readout_dtype=None):
@@ -629,7 +714,7 @@ def scan_forward(a, b, c=None, h0=None, reverse: bool = False, dt=None, u=None, 
                  h=_as_full(h, full, cdtype, state=True))
     sizes, p = _buffers(views, full, reverse)
     rows = math.prod(rshape)
-    status = _fn("fwd", cdtype)(*p["a"], *p["b"], *p["c"], *p["dt"], *p["u"], *p["h0"], *p["y"], *p["h"],
+    status = kernel(variant_of(cdtype, False, c, dt, u, rmode, _unit_layout(views)))(*p["a"], *p["b"], *p["c"], *p["dt"], *p["u"], *p["h0"], *p["y"], *p["h"],
                                 ctypes_int(len(sizes)), i64_array(sizes), I64(rows), I64(T), I64(N),
                                 ctypes_int(rmode), ctypes_int(threads_for(rows * T * N)))
     check_status(status, "scan", "forward")
@@ -692,7 +777,7 @@ def scan_backward(grad_y, grad_h, a, b, c=None, h0=None, reverse: bool = False, 
     sizes, p = _buffers(views, full, reverse)
     rows = math.prod(rshape)
     chunk = max(1, math.isqrt(max(T, 1) - 1) + 1)  # ⌈√T⌉: checkpoints + one chunk of states per thread
-    status = _fn("bwd", cdtype)(*p["a"], *p["b"], *p["c"], *p["dt"], *p["u"], *p["h0"], *p["dy"], *p["dh"],
+    status = kernel(variant_of(cdtype, True, c, dt, u, rmode, _unit_layout(views, backward=True)))(*p["a"], *p["b"], *p["c"], *p["dt"], *p["u"], *p["h0"], *p["dy"], *p["dh"],
                                 *p["da"], *p["db"], *p["dc"], *p["ddt"], *p["du"], *p["dh0"],
                                 ctypes_int(len(sizes)), i64_array(sizes), I64(rows), I64(T), I64(N), I64(chunk),
                                 ctypes_int(rmode), ctypes_int(threads_for(2 * rows * T * N)))
@@ -715,13 +800,22 @@ def supports(tensors: dict, attrs: dict) -> str | None:
         return f"operands do not broadcast: {exc}"
     if full[-1] > MAX_N:
         return f"state size N={full[-1]} > {MAX_N} (the kernel's local state array)"
-    reason = available(compute_dtype(*(tensors.get(k) for k in ("a", "b", "c", "h0", "dt", "u")))[0])
-    if reason is None:
-        try:
-            round_mode(attrs.get("readout_dtype"), tensors.get("c"))
-        except ValueError as exc:
-            return str(exc)
-    return reason
+    try:
+        return available(call_variant(tensors, attrs))
+    except ValueError as exc:
+        return str(exc)
+
+
+def call_variant(tensors: dict, attrs: dict) -> Variant:
+    """The kernel variant a seqfuse::scan call runs (its backward where ``attrs`` has "needs": the
+    op's backward passes a contiguous grad_y and fresh gradient buffers, so the operands decide the
+    layout there too); ``tensors`` the operands by name (real, fake or meta tensors: dtypes, which
+    are given, n strides).  Raises ValueError for a readout_dtype the kernels do not round to."""
+    c, dt, u = (tensors.get(k) for k in ("c", "dt", "u"))
+    cdtype = compute_dtype(*(tensors.get(k) for k in ("a", "b", "c", "h0", "dt", "u")))[0]
+    n = {k: _operand_n_stride(tensors.get(k), cdtype) for k in ("a", "b", "c", "dt", "u")}
+    unit = n["a"] == 1 and n["b"] == 1 and (c is None or n["c"] == 1) and n["dt"] == 0 and n["u"] == 0
+    return variant_of(cdtype, "needs" in attrs, c, dt, u, round_mode(attrs.get("readout_dtype"), c), unit)
 
 
 def _impl_forward(a, b, c, h0, dt, u, attrs):

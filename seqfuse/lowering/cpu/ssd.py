@@ -10,7 +10,9 @@ decay "none" (a is None), "scalar" (a (B, T, H): one factor per step) or "vector
 (b, h) pairs in parallel (OpenMP); per step it stages b_t, c_t and the decay factors in
 local arrays (N ≤ MAX_N) and sweeps the state row by row (p), the update and the readout
 fused in one vectorizable loop over n.  Operands are read through their element strides
-(an ``expand`` of b over heads is not copied).
+(an ``expand`` of b over heads is not copied).  Each library is one :class:`Variant` (compute
+dtype, forward or backward, decay kind: constants of the generated C), so a first call compiles
+only the kernel it runs.
 
 The backward recomputes the states (no memory from the forward): one forward sweep
 keeps the state entering each chunk of ≈√T steps; chunks are then taken last to first,
@@ -26,6 +28,8 @@ back to their shapes in torch.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import math
 
 import torch
@@ -75,15 +79,18 @@ static inline void advance_SUFFIX(SCALAR *restrict S, const SCALAR *x_t, i64 sxp
     }
 }
 
-/* Forward.  Strides are element strides: X, Y (B, T, H, P); Bm, Cm (B, T, H, N); A (B, T, H, N) with
+#if !V_BACKWARD
+/* Forward, for this library's decay kind V_DECAY (a call with another is refused: 4).  Strides are element strides: X, Y (B, T, H, P); Bm, Cm (B, T, H, N); A (B, T, H, N) with
    n stride 0 for a scalar decay (DECAY 0 none: A NULL, 1 scalar, 2 vector); D (H, P); H0, HT (B, H, P, N).
-   A, D, H0, HT may be NULL.  Returns 0, 1 if a thread could not allocate its state, 2 if N > MAX_N. */
+   A, D, H0, HT may be NULL.  Returns 0, 1 if a thread could not allocate its state, 2 if N > MAX_N,
+   4 if DECAY is not V_DECAY. */
 int ssd_fwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *SB, const SCALAR *Cm, const i64 *SC,
                    const SCALAR *A, const i64 *SA, int decay, const SCALAR *D, const i64 *SD,
                    const SCALAR *H0, const i64 *SH0, SCALAR *Y, const i64 *SY, SCALAR *HT, const i64 *SHT,
                    i64 NB, i64 T, i64 NH, i64 P, i64 N, int nthreads) {
     int failed = 0;
     if (N > MAX_N) return 2;
+    if (decay != V_DECAY) return 4;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
         SCALAR *S = (SCALAR *)malloc(sizeof(SCALAR) * (size_t)(P * N + 1));
@@ -102,7 +109,7 @@ int ssd_fwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
                     S[p * N + n] = H0 ? H0[ib * SH0[0] + ih * SH0[1] + p * SH0[2] + n * SH0[3]] : (SCALAR)0;
             /* phase 2: the recurrence; per step and state row p, update and readout in one pass over n */
             for (i64 t = 0; t < T; ++t) {
-                const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, decay, g, bl, cl);
+                const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, V_DECAY, g, bl, cl);
                 SCALAR *y_t = Y + ib * SY[0] + t * SY[1] + ih * SY[2];
                 for (i64 p = 0; p < P; ++p) {
                     const SCALAR xp = x_t[p * SX[3]];
@@ -128,10 +135,11 @@ int ssd_fwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
     return failed;
 }
 
-/* Backward (strides as in the forward): DY (B, T, H, P), DHT (B, H, P, N) (NULL: zero) in; DX (B, T, H, P),
+#else  /* V_BACKWARD */
+/* Backward (strides and V_DECAY as in the forward): DY (B, T, H, P), DHT (B, H, P, N) (NULL: zero) in; DX (B, T, H, P),
    DB, DC (B, T, H, N), DA (B, T, H, N) with n stride 0 for a scalar decay, DH0 (B, H, P, N) out where not
    NULL.  CHUNK: steps between checkpoints.  Returns 0, 1 if a thread could not allocate its scratch,
-   2 if N > MAX_N. */
+   2 if N > MAX_N, 4 if DECAY is not V_DECAY. */
 int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *SB, const SCALAR *Cm, const i64 *SC,
                    const SCALAR *A, const i64 *SA, int decay, const SCALAR *D, const i64 *SD,
                    const SCALAR *H0, const i64 *SH0, const SCALAR *DY, const i64 *SDY, const SCALAR *DHT,
@@ -141,6 +149,7 @@ int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
     const i64 NCHUNKS = (T + CHUNK - 1) / CHUNK, PN = P * N;
     int failed = 0;
     if (N > MAX_N) return 2;
+    if (decay != V_DECAY) return 4;
     #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
     {
         /* per thread: the adjoint G, the state entering each chunk, the states of one chunk */
@@ -164,7 +173,7 @@ int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
                 for (i64 i = 0; i < PN; ++i) ckpt[k * PN + i] = S[i];
                 const i64 t1 = (k + 1) * CHUNK < T ? (k + 1) * CHUNK : T;
                 for (i64 t = k * CHUNK; t < t1; ++t) {
-                    const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, decay, g, bl, cl);
+                    const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, V_DECAY, g, bl, cl);
                     advance_SUFFIX(S, x_t, SX[3], g, bl, P, N);
                 }
             }
@@ -179,12 +188,12 @@ int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
                     SCALAR *s_t = states + (t - t0) * PN;
                     const SCALAR *s_prev = t > t0 ? s_t - PN : ckpt + k * PN;
                     for (i64 i = 0; i < PN; ++i) s_t[i] = s_prev[i];
-                    const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, decay, g, bl, cl);
+                    const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, V_DECAY, g, bl, cl);
                     advance_SUFFIX(s_t, x_t, SX[3], g, bl, P, N);
                 }
                 /* phase 2b: the adjoint through the chunk, last step first */
                 for (i64 t = t1 - 1; t >= t0; --t) {
-                    const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, decay, g, bl, cl);
+                    const SCALAR *x_t = stage_SUFFIX(ib, ih, t, N, X, SX, Bm, SB, Cm, SC, A, SA, V_DECAY, g, bl, cl);
                     const SCALAR *dy_t = DY + ib * SDY[0] + t * SDY[1] + ih * SDY[2];
                     const SCALAR *s_t = states + (t - t0) * PN;
                     const SCALAR *s_prev = t > t0 ? s_t - PN : ckpt + k * PN;
@@ -216,9 +225,9 @@ int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
                         SCALAR *db_t = DB + ib * SDB[0] + t * SDB[1] + ih * SDB[2];
                         for (i64 n = 0; n < N; ++n) db_t[n * SDB[3]] = dbl[n];
                     }
-                    if (DA && decay != 0) {
+                    if (DA && V_DECAY != 0) {
                         SCALAR *da_t = DA + ib * SDA[0] + t * SDA[1] + ih * SDA[2];
-                        if (decay == 2) {
+                        if (V_DECAY == 2) {
                             for (i64 n = 0; n < N; ++n) da_t[n * SDA[3]] = g[n] * dal[n];
                         } else {
                             SCALAR acc = 0;
@@ -238,6 +247,7 @@ int ssd_bwd_SUFFIX(const SCALAR *X, const i64 *SX, const SCALAR *Bm, const i64 *
     }
     return failed;
 }
+#endif  /* V_BACKWARD */
 """
 
 _HEADER = r"""
@@ -248,19 +258,66 @@ typedef int64_t i64;
 #define MAX_N %d
 """ % MAX_N
 
-SOURCE = _HEADER + "".join(
-    _TEMPLATE.replace("SCALAR", ctype).replace("SUFFIX", suffix).replace("EXP", "expf" if ctype == "float" else "exp")
-    for ctype, suffix in KERNEL_DTYPES.values())
 
 
-def library():
-    """The built ssd library (raises build.BuildError with the reason)."""
-    return build.load("ssd", SOURCE)
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One specialization of the ssd kernels, built as its own small library (a first call builds
+    only the one it runs; the disk cache keeps each): the compute dtype (fp32, fp64), forward or
+    backward, and the decay kind (DECAY_CODES), which are constants of the generated C."""
+    dtype: torch.dtype
+    backward: bool
+    decay: str
+
+    def __post_init__(self):
+        if self.dtype not in KERNEL_DTYPES or self.decay not in DECAY_CODES:
+            raise ValueError(f"seqfuse.ssd (cpu): no kernel variant {self}")
+
+    @property
+    def name(self) -> str:
+        """The library's name, e.g. ``ssd_f32_fwd_vector``."""
+        return f"ssd_{KERNEL_DTYPES[self.dtype][1]}_{'bwd' if self.backward else 'fwd'}_{self.decay}"
+
+    @property
+    def symbol(self) -> str:
+        """The library's one exported kernel."""
+        return f"ssd_{'bwd' if self.backward else 'fwd'}_{KERNEL_DTYPES[self.dtype][1]}"
 
 
-def available() -> str | None:
-    """None if the ssd kernels can be built and loaded here, else the reason."""
-    return build.try_load("ssd", SOURCE)[1]
+@functools.lru_cache(maxsize=None)
+def variant_source(v: Variant) -> str:
+    """The C source of one variant's library (the same object for equal variants)."""
+    ctype, suffix = KERNEL_DTYPES[v.dtype]
+    return (_HEADER + f"/* variant {v.name} */\n#define V_BACKWARD {int(v.backward)}\n"
+            f"#define V_DECAY {DECAY_CODES[v.decay]}\n"
+            + _TEMPLATE.replace("SCALAR", ctype).replace("SUFFIX", suffix)
+            .replace("EXP", "expf" if ctype == "float" else "exp"))
+
+
+#: the variant of library() / available() without arguments (a check that the kernels build here)
+DEFAULT_VARIANT = Variant(torch.float32, False, "scalar")
+
+
+def library(variant: Variant = DEFAULT_VARIANT):
+    """The built library of one kernel variant (raises build.BuildError with the reason)."""
+    return build.load(variant.name, variant_source(variant))
+
+
+def kernel(variant: Variant):
+    """The C function of ``variant`` (loaded, or built now; raises build.BuildError)."""
+    return getattr(library(variant), variant.symbol)
+
+
+def available(variant: Variant = DEFAULT_VARIANT) -> str | None:
+    """None if the kernel ``variant`` can be built and loaded here, else the reason."""
+    return build.try_load(variant.name, variant_source(variant))[1]
+
+
+def call_variant(tensors: dict, attrs: dict) -> Variant:
+    """The kernel variant a seqfuse::ssd call runs (its backward where ``attrs`` has "needs");
+    ``tensors`` the operands by name (real, fake or meta: only the dtypes of x, b, c count)."""
+    cdtype, _ = _dtypes(tensors["x"], tensors["b"], tensors["c"])
+    return Variant(cdtype, "needs" in attrs, attrs["decay"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,10 +366,6 @@ def _views(x, b, c, a, d, h0, decay, dims, dtype):
     return xv, bv, cv, av, dv, h0v
 
 
-def _fn(kind: str, dtype: torch.dtype):
-    return getattr(library(), f"ssd_{kind}_{KERNEL_DTYPES[dtype][1]}")
-
-
 def _check_decay(a, decay):
     if decay not in DECAY_CODES:
         raise ValueError(f"seqfuse.ssd (cpu): decay must be one of {tuple(DECAY_CODES)}, got {decay!r}")
@@ -336,7 +389,7 @@ def ssd_forward(x, b, c, a=None, d=None, h0=None, decay: str = "scalar"):
     xv, bv, cv, av, dv, h0v = _views(x, b, c, a, d, h0, decay, dims, cdtype)
     y = torch.empty(B, T, H, P, dtype=cdtype)
     h = torch.empty(B, H, P, N, dtype=cdtype)
-    status = _fn("fwd", cdtype)(*_arg(xv), *_arg(bv), *_arg(cv), *_arg(av), ctypes.c_int(DECAY_CODES[decay]),
+    status = kernel(Variant(cdtype, False, decay))(*_arg(xv), *_arg(bv), *_arg(cv), *_arg(av), ctypes.c_int(DECAY_CODES[decay]),
                                 *_arg(dv), *_arg(h0v), *_arg(y), *_arg(h), I64(B), I64(T), I64(H), I64(P), I64(N),
                                 ctypes.c_int(threads_for(B * T * H * P * N)))
     check_status(status, "ssd", "forward")
@@ -369,7 +422,7 @@ def ssd_backward(grad_y, grad_h, x, b, c, a=None, d=None, h0=None, decay: str = 
             else torch.empty(B, T, H, N, dtype=cdtype)
     dh0 = torch.empty(B, H, P, N, dtype=cdtype) if need[5] else None
     chunk = max(1, math.isqrt(max(T, 1) - 1) + 1)  # ⌈√T⌉
-    status = _fn("bwd", cdtype)(*_arg(xv), *_arg(bv), *_arg(cv), *_arg(av), ctypes.c_int(DECAY_CODES[decay]),
+    status = kernel(Variant(cdtype, True, decay))(*_arg(xv), *_arg(bv), *_arg(cv), *_arg(av), ctypes.c_int(DECAY_CODES[decay]),
                                 *_arg(dv), *_arg(h0v), *_arg(gy), *_arg(gh), *_arg(dx), *_arg(db), *_arg(dc),
                                 *_arg(da), *_arg(dh0), I64(B), I64(T), I64(H), I64(P), I64(N), I64(chunk),
                                 ctypes.c_int(threads_for(3 * B * T * H * P * N)))
@@ -403,7 +456,7 @@ def supports(tensors: dict, attrs: dict) -> str | None:
         return f"operands do not fit: {exc}"
     if N > MAX_N:
         return f"state size N={N} > {MAX_N} (the kernel's local arrays)"
-    return available()
+    return available(call_variant(tensors, attrs))
 
 
 def _impl_forward(x, b, c, a, d, h0, attrs):
