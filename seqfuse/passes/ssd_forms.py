@@ -212,6 +212,73 @@ def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
     raise _Silent()
 
 
+# --- the gate: candidates rejected silently leave a near miss -------------------------
+
+#: ops a quadratic or cumulative-sum form is read through (layout moves, casts, products, masks)
+_READ_THROUGH = {"einsum", "mul", "div", "tril", "where", "masked_fill", "masked_fill_", "cumsum", "view", "reshape",
+                 "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "clone", "contiguous",
+                 "alias", "to", "_to_copy", "type_as", "slice", "select", "unflatten", "flatten", "neg", "detach",
+                 "lift_fresh_copy"}
+#: ops that make the scores attention-like (a normalization over the keys): the attention pass's
+#: candidates, not a recurrence's
+_ATTENTION_LIKE = {"softmax", "_softmax", "log_softmax", "_log_softmax", "exp", "amax", "max", "logsumexp",
+                   "sum", "mean", "sigmoid", "_safe_softmax"}
+#: how far back from an einsum the gate looks for a masked product of a contraction
+_GATE_DEPTH = 8
+
+
+def _packet(node) -> str:
+    t = node.target
+    return str(getattr(getattr(t, "overloadpacket", t), "__name__", t))
+
+
+def rejected_masked_product(root) -> str | None:
+    """For an einsum that ``analyze_quadratic`` left silently (no quadratic form): a near miss's
+    reason when one of its operands is a masked product of a contraction (a tril/triu, a position
+    mask or a cumulative sum on the data path back to another contraction) through an op the
+    recognizer does not read (triu, flip, relu, pow, sub, ...); None otherwise.  Paths through a
+    normalization over the keys (softmax, exp, max, sum) are attention's, not a recurrence's."""
+    memo: dict = {}
+
+    def reaches(n, depth) -> bool:           # n is on a data path back to a contraction
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function" or depth > _GATE_DEPTH:
+            return False
+        if n in memo:
+            return memo[n]
+        memo[n] = False
+        if is_op(n, aten.einsum) and len(n.args[1]) >= 2:
+            memo[n] = True
+        else:
+            memo[n] = any(reaches(a, depth + 1) for a in n.all_input_nodes
+                          if isinstance(val(a), torch.Tensor) and val(a).dim() >= 2)
+        return memo[n]
+
+    for operand in root.args[1]:
+        if not reaches(operand, 0):
+            continue
+        masked, unread, stack, seen = False, [], [operand], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or not memo.get(n):
+                continue
+            seen.add(n)
+            if is_op(n, aten.einsum):
+                continue                      # the contraction itself: the path ends there
+            name = _packet(n)
+            if name in _ATTENTION_LIKE:
+                unread = None
+                break
+            if name in ("tril", "triu", "where", "masked_fill", "masked_fill_", "cumsum"):
+                masked = True
+            if name not in _READ_THROUGH and name not in unread:
+                unread.append(name)
+            stack.extend(n.all_input_nodes)
+        if masked and unread:
+            return (f"a masked product of a contraction read through {', '.join(sorted(unread))}: not the "
+                    f"quadratic form (c·bᵀ ∘ M)·x of a forward recurrence nor a cumulative sum of one")
+    return None
+
+
 # --- roles -----------------------------------------------------------------------------
 
 class _Roles:
@@ -414,7 +481,9 @@ class SSDFormsPass(Pass):
             try:
                 self._quadratic(ctx, node)
             except _Silent:
-                pass
+                reason = rejected_masked_product(node)
+                if reason is not None:          # the gate: no candidate rejected without a reason
+                    ctx.report.add_near_miss("ssd", reason, node)
             except NoMatch as e:
                 ctx.report.add_near_miss("ssd", str(e), node)
         ctx.graph.eliminate_dead_code()

@@ -1,0 +1,133 @@
+"""The gate of issue 15: no candidate rejected without a near miss.  Small programs that contain an
+einsum chain, a tril-masked product, a cumulative sum or a time loop are each either rewritten
+(one seqfuse.ssd / seqfuse.scan) or leave a near miss that names its reason; the report is walked
+for every one of them, and each program equals eager (outputs and all gradients) either way.
+
+Programs: ``einsum(...).tril() @ v`` at T = 2 and 3 (rewritten), cumsum linear attention at
+T = 64 (einsum and broadcast spellings, rewritten), the chunked SSD listing at T = 40 (5 chunks of 8,
+rewritten), a Python loop h = a·h + x (a scan), and masked products that are not a forward
+recurrence (a strictly lower / upper triangle, a band, relu or a square of the scores, a reversed
+or exclusive cumulative sum: near misses; the last five were silent before)."""
+import pytest
+import torch
+
+from helpers import check_against_eager
+from golden.test_ssd_chunks import ssd_listing
+
+
+def tril_scores(q, k, v):
+    return torch.einsum("bhid,bhjd->bhij", q, k).tril() @ v
+
+
+def strict_scores(q, k, v):
+    return torch.einsum("bhid,bhjd->bhij", q, k).tril(-1) @ v
+
+
+def upper_scores(q, k, v):                       # anti-causal: the op runs forward in time
+    return torch.einsum("bhid,bhjd->bhij", q, k).triu() @ v
+
+
+def band_scores(q, k, v):                        # a window of two steps
+    return torch.einsum("bhid,bhjd->bhij", q, k).tril().triu(-1) @ v
+
+
+def relu_scores(q, k, v):                        # not linear in q·kᵀ
+    return torch.relu(torch.einsum("bhid,bhjd->bhij", q, k)).tril() @ v
+
+
+def squared_scores(q, k, v):
+    return (torch.einsum("bhid,bhjd->bhij", q, k) ** 2).tril() @ v
+
+
+def cumsum_linear_attention(q, k, v):
+    kv = torch.cumsum(torch.einsum("bhtd,bhte->bhtde", k, v), dim=2)
+    return torch.einsum("bhtd,bhtde->bhte", q, kv)
+
+
+def cumsum_linear_attention_broadcast(q, k, v):
+    kv = torch.cumsum(k[..., :, None] * v[..., None, :], dim=2)
+    return (q[..., :, None] * kv).sum(-2)
+
+
+def reversed_cumsum(q, k, v):                    # Σ_{s >= t}: a backward recurrence
+    kv = torch.cumsum(torch.einsum("bhtd,bhte->bhtde", k, v).flip(2), dim=2).flip(2)
+    return torch.einsum("bhtd,bhtde->bhte", q, kv)
+
+
+def exclusive_cumsum(q, k, v):                   # Σ_{s < t}
+    kv = torch.einsum("bhtd,bhte->bhtde", k, v)
+    return torch.einsum("bhtd,bhtde->bhte", q, torch.cumsum(kv, dim=2) - kv)
+
+
+def loop(a, x):
+    h = torch.zeros_like(x[:, 0])
+    ys = []
+    for t in range(x.shape[1]):
+        h = a[:, t] * h + x[:, t]
+        ys.append(h)
+    return torch.stack(ys, 1)
+
+
+def qkv(t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 2, t, 4, generator=g).requires_grad_() for _ in range(3)]
+
+
+def listing_inputs(t):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, t, 2, 4, generator=g).requires_grad_(), (-torch.rand(1, t, 2, generator=g)).requires_grad_(),
+            torch.randn(1, t, 2, 3, generator=g).requires_grad_(), torch.randn(1, t, 2, 3, generator=g).requires_grad_()]
+
+
+def loop_inputs():
+    g = torch.Generator().manual_seed(2)
+    return [torch.rand(2, 8, 3, generator=g).requires_grad_(), torch.randn(2, 8, 3, generator=g).requires_grad_()]
+
+
+# (program, inputs, the rewrite it must become, or None and a phrase of its near miss)
+PROGRAMS = {
+    "tril_T2": (tril_scores, lambda: qkv(2), "ssd", None),
+    "tril_T3": (tril_scores, lambda: qkv(3), "ssd", None),
+    "cumsum_T64": (cumsum_linear_attention, lambda: qkv(64), "ssd", None),
+    "cumsum_broadcast_T64": (cumsum_linear_attention_broadcast, lambda: qkv(64), "ssd", None),
+    "ssd_listing_T40": (ssd_listing, lambda: listing_inputs(40), "ssd", None),
+    "loop_T8": (loop, loop_inputs, "scan", None),
+    "strict_T3": (strict_scores, lambda: qkv(3), None, "strictly lower triangular"),
+    "upper_T3": (upper_scores, lambda: qkv(3), None, "triu"),
+    "band_T16": (band_scores, lambda: qkv(16), None, "triu"),
+    "relu_T16": (relu_scores, lambda: qkv(16), None, "relu"),
+    "square_T16": (squared_scores, lambda: qkv(16), None, "pow"),
+    "reversed_cumsum_T16": (reversed_cumsum, lambda: qkv(16), None, "flip"),
+    "exclusive_cumsum_T16": (exclusive_cumsum, lambda: qkv(16), None, "sub"),
+}
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_rewritten_or_a_near_miss_with_its_reason(name):
+    fn, make, kind, phrase = PROGRAMS[name]
+    report = check_against_eager(fn, *make())
+    misses = [m for m in report.near_misses if m.kind in ("ssd", "scan")]
+    # the walk: every candidate is rewritten or leaves a near miss with a reason
+    assert report.rewrites or misses, f"{name}: neither rewritten nor a near miss\n{report}"
+    assert all(m.reason.strip() for m in misses), str(report)
+    if kind is not None:
+        assert report.count(kind) == 1 and not misses, str(report)
+    else:
+        assert report.count("ssd") == 0 and report.count("scan") == 0, str(report)
+        assert any(phrase in m.reason for m in misses), [m.reason for m in misses]
+
+
+def test_single_step_product_is_not_a_candidate():
+    # T = 1: tril of a 1x1 score matrix keeps everything, the program is two matmuls (no recurrence,
+    # no near-miss noise)
+    report = check_against_eager(tril_scores, *qkv(1))
+    assert report.count("ssd") == 0 and not [m for m in report.near_misses if m.kind == "ssd"], str(report)
+
+
+def test_softmax_scores_are_attention_not_a_recurrence():
+    # a masked product through softmax is the attention pass's: the gate leaves no ssd near miss
+    def attn(q, k, v):
+        s = torch.einsum("bhid,bhjd->bhij", q, k).tril()
+        return torch.relu(torch.softmax(s, -1)) @ v
+    report = check_against_eager(attn, *qkv(8))
+    assert not [m for m in report.near_misses if m.kind == "ssd"], str(report)
