@@ -113,6 +113,10 @@ def check(q, k, v, bias=None, keep=None, *, need_dbias=None, **kw):
     ("window", 0, 5, 33, 33),
     ("window", 7, 16, 33, 40),
     ("window", -2, 3, 33, 33),       # empty rows at the top
+    # several tiles the mask allows whole (the forward's FULL runs) between edge and diagonal tiles
+    ("causal", 0, 0, 100, 100),
+    ("causal", 20, 0, 80, 100),
+    ("window", 0, 45, 100, 100),
 ])
 def test_structural_masks(mask, diag, window, lq, lk):
     q = make((1, 2, lq, 16), torch.float32)

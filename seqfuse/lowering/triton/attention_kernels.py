@@ -74,13 +74,14 @@ def _tanh(x):
 @triton.jit
 def _scores(qk, rows, cols, in_row, in_col, b_ptrs, c_ptrs, scale, fill, softcap, diag, window,
             MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
-            NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr):
+            NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, COLS_IN: tl.constexpr):
     """Scores the softmax sees for one tile, from the raw products ``qk`` (fp32, (BLOCK_M, BLOCK_N)).
 
     rows (BLOCK_M, 1) / cols (1, BLOCK_N) are query / key positions, in_row / in_col
     whether they exist; b_ptrs / c_ptrs address the tile of bias / keep.
     Returns (s, allowed, t): s with -inf on keys past the end; allowed where the raw
     score survives the masks (broadcastable to the tile); t = tanh(scale·qk / softcap).
+    COLS_IN: every key of the tile exists (no -inf for keys past the end).
     """
     # scale, then soft-cap
     s = qk * scale
@@ -108,9 +109,58 @@ def _scores(qk, rows, cols, in_row, in_col, b_ptrs, c_ptrs, scale, fill, softcap
         if BIAS_AFTER_MASK:
             s = s + b
     # keys past the end are not in the row at all (already -inf when fill is -inf)
-    if not (NEG_INF_FILL and (MASK != 0 or HAS_KEEP)):
+    if not (NEG_INF_FILL and (MASK != 0 or HAS_KEEP)) and not COLS_IN:
         s = tl.where(in_col, s, float("-inf"))
     return s, allowed, t
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, n_start, n_end,
+               rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+               LK, scale, fill, softcap, diag, window, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
+               NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               DOT_FP32: tl.constexpr, FULL: tl.constexpr):
+    """The online-softmax update of (acc, m_i, l_i) by the key tiles n_start, n_start + BLOCK_N, ...
+    below n_end.  FULL: every key of these tiles exists and the structural mask allows every
+    (row, key) pair of them, so neither is evaluated (a keep tensor still is)."""
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + offs_nb
+        in_n = offs_n < LK
+        if FULL:
+            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=kd_ok, other=0.0)
+        else:
+            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=in_n[None, :] & kd_ok, other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        b_ptrs = b_base + offs_n[None, :] * stride_bn
+        c_ptrs = c_base + offs_n[None, :] * stride_cn
+        if FULL:
+            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
+                                    scale, fill, softcap, diag, window,
+                                    0, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, True)
+        else:
+            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
+                                    scale, fill, softcap, diag, window,
+                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
+        # new running max; a row with nothing yet (max -inf) subtracts 0 so exp gives 0, not NaN
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2((s - m_use[:, None]) * _LOG2E)
+        alpha = tl.exp2((m_i - m_use) * _LOG2E)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        if FULL:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=vd_ok, other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=in_n[:, None] & vd_ok, other=0.0)
+        p_in = p.to(v.dtype)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+            p_in = p_in.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -130,8 +180,11 @@ def attention_fwd(
         NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, EMPTY_ZERO: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, HAS_SINK: tl.constexpr):
     """out = softmax(scores)·V for one query tile of one (batch, head); lse = log Σ_j exp(scores)."""
-    # -- phase 0: which tile; the kv head is the query head's group (GQA), never a copy
+    # -- phase 0: which tile; the kv head is the query head's group (GQA), never a copy.  Causal: the
+    #    last query tiles see the most keys, so they are launched first (less tail imbalance)
     pid_m = tl.program_id(0)
+    if MASK == 1 and NEG_INF_FILL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_zh = tl.program_id(1).to(tl.int64)
     z = pid_zh // H
     h = pid_zh % H
@@ -157,16 +210,14 @@ def attention_fwd(
                 mask=in_row & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    kt_ptrs = K + z * stride_kz + hk * stride_kh + (lo + offs_nb)[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = V + z * stride_vz + hk * stride_vh + (lo + offs_nb)[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    b_ptrs = BIAS + z * stride_bz + h * stride_bh + rows * stride_bm + (lo + offs_nb)[None, :] * stride_bn
-    c_ptrs = KEEP + z * stride_cz + h * stride_ch + rows * stride_cm + (lo + offs_nb)[None, :] * stride_cn
+    kt_base = K + z * stride_kz + hk * stride_kh + offs_d[:, None] * stride_kd
+    v_base = V + z * stride_vz + hk * stride_vh + offs_dv[None, :] * stride_vd
+    b_base = BIAS + z * stride_bz + h * stride_bh + rows * stride_bm
+    c_base = KEEP + z * stride_cz + h * stride_ch + rows * stride_cm
     kd_ok = offs_d[:, None] < HEAD_DIM
     vd_ok = offs_dv[None, :] < HEAD_DIM_V
 
     # -- phase 3: stream key/value tiles with an online softmax (running max m_i, running sum l_i)
-    step_k, step_v = BLOCK_N * stride_kn, BLOCK_N * stride_vn
-    step_b, step_c = BLOCK_N * stride_bn, BLOCK_N * stride_cn
     #    (a sink logit starts the row: one term exp(sink - sink) = 1 of the sum, with no value)
     if HAS_SINK:
         m_i = tl.load(SINK + z * stride_sz + h * stride_sh + offs_m * stride_sm, mask=offs_m < LQ,
@@ -176,35 +227,38 @@ def attention_fwd(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + offs_nb
-        in_n = offs_n < LK
-        kt = tl.load(kt_ptrs, mask=in_n[None, :] & kd_ok, other=0.0)
-        if DOT_FP32:
-            kt = kt.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
-                                scale, fill, softcap, diag, window,
-                                MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP)
-        # new running max; a row with nothing yet (max -inf) subtracts 0 so exp gives 0, not NaN
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2((s - m_use[:, None]) * _LOG2E)
-        alpha = tl.exp2((m_i - m_use) * _LOG2E)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-        v = tl.load(v_ptrs, mask=in_n[:, None] & vd_ok, other=0.0)
-        p_in = p.to(V.dtype.element_ty)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-            p_in = p_in.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
-        m_i = m_new
-        kt_ptrs += step_k
-        v_ptrs += step_v
-        if HAS_BIAS:
-            b_ptrs += step_b
-        if HAS_KEEP:
-            c_ptrs += step_c
+    if NEG_INF_FILL and MASK != 0:
+        # tiles [lo, hi) in three runs: the edge tiles the structural mask cuts (masked), the tiles it
+        # allows whole (FULL: no mask arithmetic, every key exists), the diagonal / last tiles (masked)
+        n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        t_hi = tl.maximum(tl.minimum(m0 + diag + 1 - lo, LK - lo), 0) // BLOCK_N  # tiles with j <= i + diag
+        t_lo = 0
+        if MASK == 2:                                                          # ... and j > i + diag - window
+            t_lo = (tl.maximum(m0 + BLOCK_M + diag - window - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        a = tl.minimum(t_lo, n_tiles)
+        b = tl.maximum(tl.minimum(t_hi, n_tiles), a)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo, lo + a * BLOCK_N,
+                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
+                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
+                                   DOT_PRECISION, DOT_FP32, False)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo + a * BLOCK_N,
+                                   lo + b * BLOCK_N,
+                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
+                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
+                                   DOT_PRECISION, DOT_FP32, True)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo + b * BLOCK_N, hi,
+                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
+                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
+                                   DOT_PRECISION, DOT_FP32, False)
+    else:
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo, hi,
+                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
+                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
+                                   DOT_PRECISION, DOT_FP32, False)
 
     # -- phase 4: normalize; write out and lse.  An empty row (every score -inf) has acc = 0, l = 0:
     #    out = 0/0 = NaN as the softmax gives, or 0 with EMPTY_ZERO; its lse is -inf either way
@@ -303,7 +357,7 @@ def attention_bwd_dq(
             qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
             s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
                                     scale, fill, softcap, diag, window,
-                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP)
+                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2((m_i - m_use) * _LOG2E)
@@ -358,7 +412,7 @@ def attention_bwd_dq(
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
         s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
                                 scale, fill, softcap, diag, window,
-                                MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP)
+                                MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
         p = tl.exp2((s - off[:, None]) * _LOG2E)
         if EXACT_STATS:
             p = p * inv[:, None]
@@ -475,7 +529,7 @@ def attention_bwd_dkdv(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s, allowed, t = _scores(qk, offs_m[:, None], cols, in_m[:, None], in_col, b_ptrs, c_ptrs,
                                     scale, fill, softcap, diag, window,
-                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP)
+                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
             p = tl.exp2((s - off[:, None]) * _LOG2E)
             if EXACT_STATS:
                 p = p * tl.load(off_ptrs + LQ, mask=in_m, other=0.0)[:, None]
