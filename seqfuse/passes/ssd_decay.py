@@ -297,6 +297,11 @@ class Analyzer:
                 raise NoMatch("a power whose base varies with position")
             self._prove_unit_interval(base)
             return Position(log=self.lin(e, aligned(e, letters, node)).scaled(1.0, ("log", base, bl)))
+        if is_op(node, aten.select):
+            # L[:, :, i] of a mask over all chunks: one step of a loop over chunks left unrolled (the
+            # loops pass re-rolls 3 steps or more; fla's naive_chunk_simple_gla at T = 2·chunk_size)
+            raise NoMatch("select.int in the decay mask: one chunk of a decay mask read by a constant index "
+                          "(a loop over chunks that was not re-rolled)")
         raise NoMatch(f"{_op_name(node)} in the decay mask (not a mask, exp of a segment sum or a power γ^(i-j))")
 
     def _prove_unit_interval(self, base) -> None:

@@ -1,0 +1,40 @@
+"""Linear recurrences as real libraries write them (issue 15), called through the libraries' own
+functions: flash-linear-attention's ``naive_chunk_simple_gla`` (fla.ops.simple_gla.naive) at its
+default chunk size 64.  Each program equals eager in outputs, the final state and every gradient;
+the report shows the rewrite, or the near miss with its reason where the program is not lifted."""
+import pytest
+import torch
+
+from helpers import check_against_eager
+
+naive = pytest.importorskip("fla.ops.simple_gla.naive")
+
+
+def simple_gla(q, k, v, g, h0):
+    """fla's chunked simple GLA at its default chunk_size (64), with an initial and a final state."""
+    return naive.naive_chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+
+
+def gla_inputs(t, b=1, h=2, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, t, h, d, generator=gen).requires_grad_() for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen)).requires_grad_()
+    h0 = (0.5 * torch.randn(b, h, d, d, generator=gen)).requires_grad_()
+    return q, k, v, g, h0
+
+
+def test_simple_gla_default_chunk_three_chunks_is_one_ssd():
+    # T = 192: three chunks of 64, the loop over chunks re-rolled into a scan, then one ssd over the
+    # sequence with the gate as its scalar decay and h0 / the final state as the op's
+    report = check_against_eager(simple_gla, *gla_inputs(192))
+    assert report.count("ssd") == 1 and not report.near_misses, str(report)
+    ir = report.rewrites[0].ir
+    assert "decay=scalar" in ir and "a=%" in ir and "h0=%" in ir, ir
+
+
+def test_simple_gla_default_chunk_two_chunks_is_a_near_miss_with_its_reason():
+    # T = 128: two chunks, a loop of two steps that the loops pass does not re-roll (it needs 3);
+    # each step's intra-chunk term reads L_mask[:, :, i]: a near miss that says so, equal to eager
+    report = check_against_eager(simple_gla, *gla_inputs(128))
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert misses and all("not re-rolled" in r for r in misses), str(report)
