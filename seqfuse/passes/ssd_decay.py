@@ -297,6 +297,12 @@ class Analyzer:
                 raise NoMatch("a power whose base varies with position")
             self._prove_unit_interval(base)
             return Position(log=self.lin(e, aligned(e, letters, node)).scaled(1.0, ("log", base, bl)))
+        if isinstance(node, torch.fx.Node) and node.op == "placeholder":
+            # MiniMax's lightning attention: diagonal_decay, a buffer exp(-rate_h·(i-j)) built in
+            # __init__; Dynamo lifts it as an input, so its values are the caller's at every call
+            raise NoMatch(f"the decay mask is a graph input ({node.name}: a module buffer or argument whose "
+                          f"values are not known when compiling; nothing proves it is exp of a segment sum "
+                          f"or a power γ^(i-j) on the lower triangle)")
         if is_op(node, aten.select):
             # L[:, :, i] of a mask over all chunks: one step of a loop over chunks left unrolled (the
             # loops pass re-rolls 3 steps or more; fla's naive_chunk_simple_gla at T = 2·chunk_size)
