@@ -272,6 +272,65 @@ def attention_fwd(
 
 
 @triton.jit
+def _dq_tiles(dq, q, do, off, inv, delta, kt_base, vt_base, b_base, c_base, db_base, n_start, n_end,
+              rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+              LK, scale, fill, softcap, diag, window, BLOCK_N: tl.constexpr,
+              MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
+              NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, EXACT_STATS: tl.constexpr,
+              NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, FULL: tl.constexpr):
+    """dQ += dS·K over the key tiles n_start, n_start + BLOCK_N, ... below n_end (and dS into DBIAS
+    with NEED_DBIAS).  FULL as in _fwd_tiles: no structural mask, every key exists."""
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + offs_nb
+        in_n = offs_n < LK
+        if FULL:
+            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=kd_ok, other=0.0)
+            vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=vd_ok, other=0.0)
+        else:
+            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=in_n[None, :] & kd_ok, other=0.0)
+            vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=in_n[None, :] & vd_ok, other=0.0)
+        k_dtype = kt.dtype
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        # -- phase 4: recompute P
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        b_ptrs = b_base + offs_n[None, :] * stride_bn
+        c_ptrs = c_base + offs_n[None, :] * stride_cn
+        if FULL:
+            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
+                                    scale, fill, softcap, diag, window,
+                                    0, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, True)
+        else:
+            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
+                                    scale, fill, softcap, diag, window,
+                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
+        p = tl.exp2((s - off[:, None]) * _LOG2E)
+        if EXACT_STATS:
+            p = p * inv[:, None]
+        # -- phase 5: dS = P ∘ (dO·Vᵀ − Δ)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        # -- phase 6: the bias gradient is dS wherever the bias reaches the softmax
+        if NEED_DBIAS:
+            db_ptrs = db_base + offs_n[None, :]
+            if BIAS_AFTER_MASK:
+                tl.store(db_ptrs, ds, mask=in_row & in_n[None, :])
+            else:
+                tl.store(db_ptrs, tl.where(allowed, ds, 0.0), mask=in_row & in_n[None, :])
+        # -- phase 7: zero where the mask replaced the score; softcap chain rule; dQ += dS·K
+        if (MASK != 0 and not FULL) or HAS_KEEP:
+            ds = tl.where(allowed, ds, 0.0)
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds_in = ds.to(k_dtype)
+        if DOT_FP32:
+            ds_in = ds_in.to(tl.float32)
+        dq += tl.dot(ds_in, tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def attention_bwd_dq(
         Q, K, V, BIAS, KEEP, DO, LSE, DELTA, STATS, DQ, DBIAS, SINK,
         stride_qz, stride_qh, stride_qm, stride_qd,
@@ -295,8 +354,10 @@ def attention_bwd_dq(
     Δ = rowsum(dO ∘ O) off the output rounded to its 16-bit dtype, whose error the dQ sum can
     amplify when the head dim is too small to average it); with NEED_DBIAS it writes dS into
     DBIAS (Z, H, LQ, LK), fp32."""
-    # -- phase 0: which tile; load Q, dO and Δ = rowsum(dO ∘ O) once
+    # -- phase 0: which tile (causal: longest rows first, as the forward); load Q, dO and Δ once
     pid_m = tl.program_id(0)
+    if MASK == 1 and NEG_INF_FILL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_zh = tl.program_id(1).to(tl.int64)
     z = pid_zh // H
     h = pid_zh % H
@@ -395,52 +456,40 @@ def attention_bwd_dq(
     else:
         # (with EMPTY_ZERO an empty row's lse arrives as +inf: P = exp(-inf) = 0)
         off = tl.load(LSE + pid_zh * LQ + offs_m, mask=offs_m < LQ, other=float("inf"))
+        inv = off  # unused without EXACT_STATS
 
-    # -- phase 3: stream the key/value tiles
-    kt_ptrs, b_ptrs, c_ptrs = kt_start, b_start, c_start
-    vt_ptrs = V + z * stride_vz + hk * stride_vh + (lo + offs_nb)[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-    db_ptrs = DBIAS + pid_zh * LQ * LK + rows * LK + (lo + offs_nb)[None, :]
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + offs_nb
-        in_n = offs_n < LK
-        kt = tl.load(kt_ptrs, mask=in_n[None, :] & kd_ok, other=0.0)
-        vt = tl.load(vt_ptrs, mask=in_n[None, :] & vd_ok, other=0.0)
-        if DOT_FP32:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        # -- phase 4: recompute P
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
-                                scale, fill, softcap, diag, window,
-                                MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
-        p = tl.exp2((s - off[:, None]) * _LOG2E)
-        if EXACT_STATS:
-            p = p * inv[:, None]
-        # -- phase 5: dS = P ∘ (dO·Vᵀ − Δ)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        # -- phase 6: the bias gradient is dS wherever the bias reaches the softmax
-        if NEED_DBIAS:
-            if BIAS_AFTER_MASK:
-                tl.store(db_ptrs, ds, mask=in_row & in_n[None, :])
-            else:
-                tl.store(db_ptrs, tl.where(allowed, ds, 0.0), mask=in_row & in_n[None, :])
-            db_ptrs += BLOCK_N
-        # -- phase 7: zero where the mask replaced the score; softcap chain rule; dQ += dS·K
-        if MASK != 0 or HAS_KEEP:
-            ds = tl.where(allowed, ds, 0.0)
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        ds_in = ds.to(K.dtype.element_ty)
-        if DOT_FP32:
-            ds_in = ds_in.to(tl.float32)
-        dq += tl.dot(ds_in, tl.trans(kt), input_precision=DOT_PRECISION)
-        kt_ptrs += step_k
-        vt_ptrs += step_v
-        if HAS_BIAS:
-            b_ptrs += step_b
-        if HAS_KEEP:
-            c_ptrs += step_c
+    # -- phase 3: stream the key/value tiles (causal / window: edge, whole and diagonal runs, as the forward)
+    kt_base = K + z * stride_kz + hk * stride_kh + offs_d[:, None] * stride_kd
+    vt_base = V + z * stride_vz + hk * stride_vh + offs_dv[:, None] * stride_vd
+    b_base = BIAS + z * stride_bz + h * stride_bh + rows * stride_bm
+    c_base = KEEP + z * stride_cz + h * stride_ch + rows * stride_cm
+    db_base = DBIAS + pid_zh * LQ * LK + rows * LK
+    a = 0
+    b = 0
+    if NEG_INF_FILL and MASK != 0:
+        n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        t_hi = tl.maximum(tl.minimum(m0 + diag + 1 - lo, LK - lo), 0) // BLOCK_N
+        t_lo = 0
+        if MASK == 2:
+            t_lo = (tl.maximum(m0 + BLOCK_M + diag - window - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        a = tl.minimum(t_lo, n_tiles)
+        b = tl.maximum(tl.minimum(t_hi, n_tiles), a)
+    dq = _dq_tiles(dq, q, do, off, inv, delta, kt_base, vt_base, b_base, c_base, db_base, lo, lo + a * BLOCK_N,
+                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                   LK, scale, fill, softcap, diag, window, BLOCK_N,
+                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, EXACT_STATS, NEED_DBIAS,
+                   DOT_PRECISION, DOT_FP32, False)
+    dq = _dq_tiles(dq, q, do, off, inv, delta, kt_base, vt_base, b_base, c_base, db_base, lo + a * BLOCK_N,
+                   lo + b * BLOCK_N,
+                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                   LK, scale, fill, softcap, diag, window, BLOCK_N,
+                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, EXACT_STATS, NEED_DBIAS,
+                   DOT_PRECISION, DOT_FP32, True)
+    dq = _dq_tiles(dq, q, do, off, inv, delta, kt_base, vt_base, b_base, c_base, db_base, lo + b * BLOCK_N, hi,
+                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                   LK, scale, fill, softcap, diag, window, BLOCK_N,
+                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, EXACT_STATS, NEED_DBIAS,
+                   DOT_PRECISION, DOT_FP32, False)
 
     # -- phase 8: write dQ in the output buffer's dtype
     dq = dq * scale
