@@ -245,7 +245,50 @@ class _Form:
             return self._view(node, self.lin(args[0]))
         if is_op(node, aten.einsum):
             return self._einsum(node, args)
+        if _Form.mul_sum(loop, self.an, j) is not None:
+            return self._sum_axis(node, args)
         raise NotDelta(f"the update applies {_name(node)} to a value read from the state (not the delta rule)")
+
+    @staticmethod
+    def mul_sum(loop, an, j):
+        """The summed axis when template entry j is sum(x ⊙ c, dim) of a state-derived x (3 or more axes) and a
+        constant c over one of x's last two axes (a contraction spelled as a product and a sum, as with
+        keepdim=True, which canonicalization leaves as written); else None."""
+        node = loop.template[j]
+        if node.target is not aten.sum.dim_IntList or loop.roles[j] is None or not an.deps[j]:
+            return None
+        x = node.args[0]
+        dims = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(x, torch.fx.Node) or x.target is not aten.mul.Tensor or not isinstance(dims, (list, tuple)) \
+                or len(dims) != 1 or node.kwargs.get("dtype") is not None or val(x).dim() < 3:
+            return None
+        d = dims[0] % val(x).dim()
+        return d if d >= val(x).dim() - 2 else None
+
+    def _sum_axis(self, node, args) -> LinVal:
+        """sum(x ⊙ c, d): a contraction of the (decayed) state over frame axis x.axes[d] with the factors of c."""
+        x = self.lin(args[0])
+        d = node.args[1][0] % len(x.axes)
+        keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+        ax = x.axes[d]
+        if self.kax is None:
+            if ax not in (self.r - 2, self.r - 1):
+                raise NotDelta("the update contracts the state over a batch axis")
+            self.kax = ax
+        elif ax != self.kax:
+            raise NotDelta("the update contracts the state over both of its last two axes")
+        terms = []
+        for t in x.terms:
+            if t.atom != "S":
+                raise NotDelta("the update contracts a term that is not the decayed state "
+                               "(a correction or an input read again through the key)")
+            inner = tuple(f for f in t.factors if ax in f.support)
+            if not inner:
+                raise NotDelta("the update sums the state over its key axis without a key")
+            outer = tuple(f for f in t.factors if ax not in f.support)
+            terms.append(Term(t.num, outer, ("R", inner)))
+        axes = x.axes if keep else x.axes[:d] + x.axes[d + 1:]
+        return LinVal(tuple(axes), terms)
 
     def _right(self, node, x: LinVal, arg_i: int) -> tuple:
         """x's axes as laid in ``node``'s result (right-aligned); the result must not add axes to x."""
@@ -459,6 +502,7 @@ class DeltaPass(Pass):
             if loop is None:
                 continue   # the loops pass reports loops that do not re-roll
             if len(loop.carried) != 1:
+                self._coupled_near_miss(ctx, loop)
                 continue
             k = loop.carried[0]
             if loop.roles[k] is None or not isinstance(val(loop.template[k]), torch.Tensor) \
@@ -483,6 +527,23 @@ class DeltaPass(Pass):
             graph.eliminate_dead_code()
             ctx.gm.recompile()
 
+    def _coupled_near_miss(self, ctx, loop):
+        """A loop carrying several values, one of them a (B, H, K, V)-like state whose update reads it through
+        a contraction (TTT's weights beside their bias, a state with a normalizer): not the delta rule, which
+        carries one state; the near miss names the first term that does not fit, or the coupling."""
+        an = Analysis(loop)
+        for k in loop.carried:
+            if loop.roles[k] is None or not isinstance(val(loop.template[k]), torch.Tensor) \
+                    or val(loop.template[k]).dim() < 3 or not self._reads_state_through_contraction(loop, an, k):
+                continue
+            reason = f"the loop carries {len(loop.carried)} values (the delta rule carries one state)"
+            try:
+                _Form(ctx, loop, an, k).lin(("L", k))
+            except NotDelta as e:
+                reason = str(e) + f"; the loop carries {len(loop.carried)} values (the delta rule carries one state)"
+            ctx.report.add_near_miss("delta", reason, loop.template[k])
+            return
+
     @staticmethod
     def _reads_state_through_contraction(loop, an, k) -> bool:
         """A delta-like loop: the carried update itself reads the state through an einsum (a contraction
@@ -496,7 +557,8 @@ class DeltaPass(Pass):
             for r in leaves(loop.roles[j]):
                 if r[0] == "L" and an.deps[r[1]]:
                     stack.append(r[1])
-        return any(is_op(loop.template[j], aten.einsum, aten.matmul, aten.bmm, aten.mm) for j in cone)
+        return any(is_op(loop.template[j], aten.einsum, aten.matmul, aten.bmm, aten.mm) or
+                   _Form.mul_sum(loop, an, j) is not None for j in cone)
 
 
 class _Rewrite:

@@ -318,3 +318,56 @@ def test_forward_substitution_with_a_wrong_sign_is_a_near_miss():
     assert report.count("delta") == 0, str(report)
     reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
     assert len(reasons) == 1 and "row 1 is not its old value plus a sum" in reasons[0], str(report)
+
+
+# --- fla's neighbours of the delta rule: near misses naming the term, run unchanged --------------------------
+
+def _comba():
+    # Comba reads the state with p and writes with k: S' = α S − β k ⊗ (Sᵀ p) + β k ⊗ v
+    comba = pytest.importorskip("fla.ops.comba.naive")
+    q, k, v, beta, g, h0 = operands()
+    p = F.normalize(torch.randn_like(k), dim=-1).requires_grad_()
+
+    def fn(q, k, v, p, beta, g, h0):
+        return comba.naive_recurrent_comba(q, k, v, p, beta, g, initial_state=h0, output_final_state=True)
+    return fn, (q, k, v, p, beta, g, h0)
+
+
+def _dplr():
+    # DPLR: S' = S ⊙ e^{g} + β ⊗ (Sᵀ α) + k ⊗ v with the low-rank term read from the undecayed state and free α, β
+    dplr = pytest.importorskip("fla.ops.generalized_delta_rule.dplr.naive")
+    B, H, T, K, V = 2, 3, 6, 4, 5
+    q, k = torch.randn(B, H, T, K), F.normalize(torch.randn(B, H, T, K), dim=-1)
+    a, b = -F.normalize(torch.randn(B, H, T, K), dim=-1), F.normalize(torch.randn(B, H, T, K), dim=-1) * 0.5
+    v, gk, h0 = torch.randn(B, H, T, V), -torch.rand(B, H, T, K), torch.randn(B, H, K, V)
+
+    def fn(q, k, v, a, b, gk, h0):
+        return dplr.dplr_recurrence(q, k, v, a, b, gk, initial_state=h0)
+    return fn, tuple(x.requires_grad_() for x in (q, k, v, a, b, gk, h0))
+
+
+def _ttt():
+    # TTT-Linear: weights and bias carried together, updated by the gradient of a layer-normed reconstruction
+    ttt = pytest.importorskip("fla.ops.ttt.naive")
+    B, H, D, BT = 2, 3, 4, 2
+    T = 3 * BT
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D) * 0.5, torch.randn(B, H, T, D)
+    w, b, eta = torch.randn(H, D), torch.randn(H, D), torch.rand(B, H, T) * 0.1
+    h0, hb0 = torch.randn(B, H, D, D) * 0.1, torch.randn(B, H, 1, D) * 0.1
+
+    def fn(q, k, v, w, b, eta, h0, hb0):
+        return ttt.ttt_linear(q.clone(), k, v, w, b, eta, 0.5, 1e-6, BT, h0, hb0, True)
+    return fn, tuple(x.requires_grad_() for x in (q, k, v, w, b, eta, h0, hb0))
+
+
+@pytest.mark.parametrize("case,reason", [
+    (_comba, "writes another key than the one it reads the state with"),
+    (_dplr, "reads the state before or without its decay"),
+    (_ttt, "the loop carries 2 values"),
+])
+def test_comba_dplr_ttt_are_near_misses_naming_the_term(case, reason):
+    fn, args = case()
+    report = check_against_eager(fn, *args)
+    assert report.count("delta") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+    assert len(reasons) == 1 and reason in reasons[0], str(report)
