@@ -17,6 +17,15 @@ Starting from each softmax it proves, in order:
    are replaced by the unrepeated tensors;             # k[h] = k0[h // g]
    MQA: k and v with one head broadcast over q's heads.  # k[h] = k0[0]
 
+Along the way the scores and probabilities may be reshaped when the reshape provably
+regroups only the batch axes ((B·H, L, S) <-> (B, H, L, S): the last two axes untouched,
+the same number of batch entries; Bloom's bmm over merged heads); masks, biases and the
+values added or read in another grouping are brought to the contraction's.  In-place
+``s /= c``, ``s *= c``, ``s += b`` on scores nothing else reads are their functional forms;
+a scale after a bias scales the bias too (c·(s + b) = c·s + c·b, Falcon's ALiBi).  A region
+in which anything else writes a tensor in place is left alone: the op, placed at the value
+contraction, would read what the program read earlier.
+
 Anything else is left as it was, and recorded as a near miss with its reason
 when the region looked like attention.  ``F.scaled_dot_product_attention``
 calls are lifted directly.
@@ -677,8 +686,8 @@ class AttentionPass(Pass):
     def run(self, ctx: PassContext) -> None:
         _restore_raising_fills(ctx.graph)
         for node in list(ctx.graph.nodes):
-            if node.graph is not ctx.graph:
-                continue
+            if getattr(node, "_erased", False) or node.graph is not ctx.graph:
+                continue  # erased with a region rewritten before it
             if is_op(node, aten.softmax, aten._softmax):
                 self._softmax(ctx, node)
             elif node.target is aten.scaled_dot_product_attention.default:
