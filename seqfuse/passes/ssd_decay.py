@@ -325,6 +325,10 @@ class Analyzer:
         node, letters = base_letters(node, letters)
         if is_op(node, *CASTS, *IDENTITIES) and val(node.args[0]).is_floating_point():
             return self.lin(node.args[0], letters)
+        if is_op(node, *CASTS) and val(node).is_floating_point() and evaluable(node.args[0]) and \
+                not val(node.args[0]).is_floating_point() and val(node.args[0]).dtype != torch.bool:
+            # (i - j).float(): integer positions cast exactly (the masks are checked at T <= 4096)
+            return self.lin(node.args[0], letters)
         t = node.target if isinstance(node, torch.fx.Node) else None
         if t in (aten.sub.Tensor, aten.add.Tensor) and arg(node, 2, "alpha", 1) == 1:
             x, y = node.args

@@ -38,3 +38,57 @@ def test_simple_gla_default_chunk_two_chunks_is_a_near_miss_with_its_reason():
     report = check_against_eager(simple_gla, *gla_inputs(128))
     misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
     assert misses and all("not re-rolled" in r for r in misses), str(report)
+
+
+# --- a per-head decay rate (a buffer or a parameter) -------------------------------------------
+# MiniMax's lightning attention (transformers models/minimax/modeling_minimax.py) decays the
+# scores by exp(-slope_h·(i - j)) on the lower triangle, slope_h a per-head rate.  It precomputes
+# the whole mask in __init__ as a buffer (diagonal_decay), which Dynamo lifts as an input whose
+# values nothing proves: a near miss (below).  Computed in forward from the per-head rate, with the
+# integer positions cast to float, it is an ssd whose a is -rate at every step (the op reads the
+# rate at run time: no value is assumed when compiling).
+
+class RateDecay(torch.nn.Module):
+    """(q·kᵀ ∘ exp(-rate_h·(i - j)).tril())·v with rate a (H, 1, 1) buffer or parameter."""
+
+    def __init__(self, learnable: bool, heads: int = 2):
+        super().__init__()
+        rate = (1 / 2 ** (8 / heads)) ** (torch.arange(heads) + 1.0)     # MiniMax's get_slope_rate
+        if learnable:
+            self.rate = torch.nn.Parameter(rate[:, None, None])
+        else:
+            self.rate = torch.nn.Buffer(rate[:, None, None])
+
+    def forward(self, q, k, v):
+        t = q.shape[2]
+        i = torch.arange(t, device=q.device)
+        dist = (i[:, None] - i[None, :]).to(q.dtype)
+        decay = torch.exp(-self.rate * dist).tril()
+        return (q @ k.transpose(-1, -2) * decay) @ v
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["buffer", "parameter"])
+def test_per_head_rate_decay_is_one_ssd(learnable):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 16, 4, generator=gen).requires_grad_() for _ in range(3))
+    report = check_against_eager(RateDecay(learnable), q, k, v)      # the rate's gradient included
+    assert report.count("ssd") == 1 and not report.near_misses, str(report)
+    assert "decay=scalar" in report.rewrites[0].ir, report.rewrites[0].ir
+
+
+def test_precomputed_decay_buffer_is_a_near_miss():
+    # the mask itself a buffer (MiniMax's diagonal_decay): its values are the caller's at every call
+    class Precomputed(RateDecay):
+        def __init__(self):
+            super().__init__(False)
+            i = torch.arange(16)
+            self.mask = torch.nn.Buffer(torch.exp(-self.rate * (i[:, None] - i[None, :])).tril())
+
+        def forward(self, q, k, v):
+            return (q @ k.transpose(-1, -2) * self.mask) @ v
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 16, 4, generator=gen).requires_grad_() for _ in range(3))
+    report = check_against_eager(Precomputed(), q, k, v)
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert report.count("ssd") == 0 and any("graph input" in r for r in misses), str(report)
