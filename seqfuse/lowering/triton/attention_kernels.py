@@ -498,6 +498,68 @@ def attention_bwd_dq(
 
 
 @triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, b_base, c_base, off_base, delta_base, m_start, m_end,
+                offs_mb, cols, in_col, d_ok, dv_ok, stride_qm, stride_dom, stride_bm, stride_cm,
+                LQ, scale, fill, softcap, diag, window, BLOCK_M: tl.constexpr,
+                MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
+                NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, EXACT_STATS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, FULL: tl.constexpr):
+    """dV += Pᵀ·dO and dK += dSᵀ·Q over the query tiles m_start, m_start + BLOCK_M, ... below m_end.
+    FULL: every row of these tiles and every key of this tile exists, and the structural mask
+    allows every pair (no mask arithmetic)."""
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + offs_mb
+        in_m = offs_m < LQ
+        if FULL:
+            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=d_ok, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=dv_ok, other=0.0)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=in_m[:, None] & d_ok, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=in_m[:, None] & dv_ok, other=0.0)
+        q_dtype = q.dtype
+        do_dtype = do.dtype
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # rows past the end get off = +inf, hence P = 0
+        off = tl.load(off_base + offs_m, mask=in_m, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
+        # recompute P = exp(s - off) [· inv]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        b_ptrs = b_base + offs_m[:, None] * stride_bm
+        c_ptrs = c_base + offs_m[:, None] * stride_cm
+        if FULL:
+            s, allowed, t = _scores(qk, offs_m[:, None], cols, in_m[:, None], in_col, b_ptrs, c_ptrs,
+                                    scale, fill, softcap, diag, window,
+                                    0, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, True)
+        else:
+            s, allowed, t = _scores(qk, offs_m[:, None], cols, in_m[:, None], in_col, b_ptrs, c_ptrs,
+                                    scale, fill, softcap, diag, window,
+                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
+        p = tl.exp2((s - off[:, None]) * _LOG2E)
+        if EXACT_STATS:
+            p = p * tl.load(off_base + LQ + offs_m, mask=in_m, other=0.0)[:, None]
+        # dV += Pᵀ·dO
+        p_in = p.to(do_dtype)
+        if DOT_FP32:
+            p_in = p_in.to(tl.float32)
+        dv += tl.dot(tl.trans(p_in), do, input_precision=DOT_PRECISION)
+        # dS = P ∘ (dO·Vᵀ − Δ), zero where the mask replaced the score; softcap chain rule
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if (MASK != 0 and not FULL) or HAS_KEEP:
+            ds = tl.where(allowed, ds, 0.0)
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        # dK += dSᵀ·Q (the scale is applied once at the end)
+        ds_in = ds.to(q_dtype)
+        if DOT_FP32:
+            ds_in = ds_in.to(tl.float32)
+        dk += tl.dot(tl.trans(ds_in), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def attention_bwd_dkdv(
         Q, K, V, BIAS, KEEP, DO, LSE, DELTA, STATS, DK, DV,
         stride_qz, stride_qh, stride_qm, stride_qd,
@@ -547,66 +609,48 @@ def attention_bwd_dkdv(
     if NEG_INF_FILL and MASK == 2:
         hi = tl.minimum(LQ, tl.minimum(n0 + BLOCK_N, LK) - 1 - diag + window)      # i < j - diag + window
 
-    # -- phase 2: for every query head of the group, stream its query tiles
-    step_q, step_do = BLOCK_M * stride_qm, BLOCK_M * stride_dom
-    step_b, step_c = BLOCK_M * stride_bm, BLOCK_M * stride_cm
+    # -- phase 2: the runs of query tiles: the diagonal tiles the mask cuts, the tiles it allows whole
+    #    (every row exists too), the window's far edge and the ragged last tile
+    a = 0
+    b = 0
+    if NEG_INF_FILL and MASK != 0:
+        n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
+        u_lo = (tl.maximum(n0 + BLOCK_N - 1 - diag - lo, 0) + BLOCK_M - 1) // BLOCK_M   # i >= j - diag
+        u_hi = tl.maximum(LQ - lo, 0) // BLOCK_M                                         # rows exist
+        if MASK == 2:                                                                    # i < j - diag + window
+            u_hi = tl.minimum(u_hi, (tl.maximum(n0 - BLOCK_M + 1 - diag + window - lo, 0) + BLOCK_M - 1) // BLOCK_M)
+        a = tl.minimum(u_lo, n_tiles)
+        b = tl.maximum(tl.minimum(u_hi, n_tiles), a)
+        b = tl.where(n0 + BLOCK_N <= LK, b, a)                                           # keys exist
+
+    # -- phase 3: for every query head of the group, stream its query tiles
     for g in range(GROUPS):
         h = hk * GROUPS + g
         zh = z * H + h
-        q_ptrs = Q + z * stride_qz + h * stride_qh + (lo + offs_mb)[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = DO + z * stride_doz + h * stride_doh + (lo + offs_mb)[:, None] * stride_dom + \
-            offs_dv[None, :] * stride_dod
-        b_ptrs = BIAS + z * stride_bz + h * stride_bh + (lo + offs_mb)[:, None] * stride_bm + cols * stride_bn
-        c_ptrs = KEEP + z * stride_cz + h * stride_ch + (lo + offs_mb)[:, None] * stride_cm + cols * stride_cn
+        q_base = Q + z * stride_qz + h * stride_qh + offs_d[None, :] * stride_qd
+        do_base = DO + z * stride_doz + h * stride_doh + offs_dv[None, :] * stride_dod
+        b_base = BIAS + z * stride_bz + h * stride_bh + cols * stride_bn
+        c_base = KEEP + z * stride_cz + h * stride_ch + cols * stride_cn
         if EXACT_STATS:
-            off_ptrs = STATS + zh * 2 * LQ + lo + offs_mb
+            off_base = STATS + zh * 2 * LQ
         else:
-            off_ptrs = LSE + zh * LQ + lo + offs_mb
-        delta_ptrs = DELTA + zh * LQ + lo + offs_mb
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + offs_mb
-            in_m = offs_m < LQ
-            q = tl.load(q_ptrs, mask=in_m[:, None] & d_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=in_m[:, None] & dv_ok, other=0.0)
-            if DOT_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            # rows past the end get off = +inf, hence P = 0
-            off = tl.load(off_ptrs, mask=in_m, other=float("inf"))
-            delta = tl.load(delta_ptrs, mask=in_m, other=0.0)
-            # -- phase 3: recompute P = exp(s - off) [· inv]
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s, allowed, t = _scores(qk, offs_m[:, None], cols, in_m[:, None], in_col, b_ptrs, c_ptrs,
-                                    scale, fill, softcap, diag, window,
-                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
-            p = tl.exp2((s - off[:, None]) * _LOG2E)
-            if EXACT_STATS:
-                p = p * tl.load(off_ptrs + LQ, mask=in_m, other=0.0)[:, None]
-            # -- phase 4: dV += Pᵀ·dO
-            p_in = p.to(DO.dtype.element_ty)
-            if DOT_FP32:
-                p_in = p_in.to(tl.float32)
-            dv += tl.dot(tl.trans(p_in), do, input_precision=DOT_PRECISION)
-            # -- phase 5: dS = P ∘ (dO·Vᵀ − Δ), zero where the mask replaced the score; softcap chain rule
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            if MASK != 0 or HAS_KEEP:
-                ds = tl.where(allowed, ds, 0.0)
-            if SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            # -- phase 6: dK += dSᵀ·Q (the scale is applied once at the end)
-            ds_in = ds.to(Q.dtype.element_ty)
-            if DOT_FP32:
-                ds_in = ds_in.to(tl.float32)
-            dk += tl.dot(tl.trans(ds_in), q, input_precision=DOT_PRECISION)
-            q_ptrs += step_q
-            do_ptrs += step_do
-            off_ptrs += BLOCK_M
-            delta_ptrs += BLOCK_M
-            if HAS_BIAS:
-                b_ptrs += step_b
-            if HAS_KEEP:
-                c_ptrs += step_c
+            off_base = LSE + zh * LQ
+        delta_base = DELTA + zh * LQ
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, b_base, c_base, off_base, delta_base, lo,
+                             lo + a * BLOCK_M, offs_mb, cols, in_col, d_ok, dv_ok,
+                             stride_qm, stride_dom, stride_bm, stride_cm, LQ, scale, fill, softcap, diag, window,
+                             BLOCK_M, MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, EXACT_STATS,
+                             DOT_PRECISION, DOT_FP32, False)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, b_base, c_base, off_base, delta_base,
+                             lo + a * BLOCK_M, lo + b * BLOCK_M, offs_mb, cols, in_col, d_ok, dv_ok,
+                             stride_qm, stride_dom, stride_bm, stride_cm, LQ, scale, fill, softcap, diag, window,
+                             BLOCK_M, MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, EXACT_STATS,
+                             DOT_PRECISION, DOT_FP32, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, b_base, c_base, off_base, delta_base,
+                             lo + b * BLOCK_M, hi, offs_mb, cols, in_col, d_ok, dv_ok,
+                             stride_qm, stride_dom, stride_bm, stride_cm, LQ, scale, fill, softcap, diag, window,
+                             BLOCK_M, MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, EXACT_STATS,
+                             DOT_PRECISION, DOT_FP32, False)
 
     # -- phase 7: write dK, dV in the output buffers' dtype
     dk = dk * scale
