@@ -115,3 +115,27 @@ def test_plot_draws_every_ratio_per_workload(run, monkeypatch, tmp_path):
     assert values["compile: inductor / seqfuse"] == [4.0]
     assert drawn["set_yscale"][0] == ("log",) and drawn["axhline"][0] == (1.0,)
     assert drawn["set_xticklabels"][0][0] == ["a", "b"]
+
+
+def test_trials_alternate_the_compiled_backends_and_keep_each_ones_fastest(run, monkeypatch, tmp_path):
+    compile_s = {"inductor": iter([30.0, 20.0, 25.0]), "seqfuse": iter([10.0, 40.0, 12.0])}
+    order = []
+
+    def fake_run(cmd, env, stdout, text, timeout):
+        backend = cmd[cmd.index("--child") + 2]
+        order.append(backend)
+        torch.save([torch.ones(2)], cmd[cmd.index("--child-out") + 1])
+        c = None if backend == "eager" else next(compile_s[backend])
+        result = {"compile_s": c, "ms": 100.0 if c is None else c / 10, "shape": "tiny", "dynamo_s": c,
+                  "pipeline_s": 0.25, "paths": "scan:cpu"}
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(result) + "\n")
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    args = run.argparse.Namespace(backend=list(run.BACKENDS), quick=True, train=False, repeats=3, warmup=1,
+                                  device="cpu", seqfuse_options=None, warm_caches=False, timeout=60, trials=3)
+    row = run.run_workload("mamba_loop", args, str(tmp_path))
+    assert order == ["eager", "inductor", "seqfuse", "seqfuse", "inductor", "inductor", "seqfuse"]
+    assert row["compile_trials"] == {"inductor": [30.0, 20.0, 25.0], "seqfuse": [10.0, 40.0, 12.0]}
+    assert row["inductor_compile_s"] == 20.0 and row["inductor_ms"] == 2.0  # the fastest trial's row
+    assert row["seqfuse_compile_s"] == 10.0 and row["dynamo_s"] == 10.0
+    assert run._schedule(["eager", "inductor"], 2) == ["eager", "inductor", "inductor"]
