@@ -1142,12 +1142,15 @@ class _Chunked:
             return ("tril", arg(node.args[0]), d)
         if node.target is aten.select.int and isinstance(node.args[1], int):
             rx = val(node.args[0]).dim()
-            if node.args[1] % rx == rx - 1 and not (chunked and rx - 1 <= 2) \
-                    and node.args[2] in (-1, val(node.args[0]).shape[-1] - 1):
-                return ("last", self._input(node.args[0], chunked, what))
-        if node.target is aten.slice.Tensor and self._keeps_last(node) and not (chunked and R - 1 <= 2):
-            axes = list(range(R - (1 if chunked else 0) - 1)) + [None]
-            return ("ax", ("last", self._input(node.args[0], chunked, what)), tuple(axes), self._shape(node, chunked))
+            d = node.args[1] % rx
+            if d >= rx - 2 and not (chunked and d <= 2) and node.args[2] in (-1, val(node.args[0]).shape[d] - 1):
+                return ("last" if d == rx - 1 else "last2", self._input(node.args[0], chunked, what))
+        keep = self._keeps_last(node) if node.target is aten.slice.Tensor else None
+        if keep is not None and not (chunked and keep <= 2):
+            axes = list(range(R - (1 if chunked else 0) - 1))
+            axes.insert(len(axes) if keep == R - 1 else len(axes) - 1, None)
+            return ("ax", ("last" if keep == R - 1 else "last2", self._input(node.args[0], chunked, what)),
+                    tuple(axes), self._shape(node, chunked))
         if is_op(node, aten.einsum) and len(node.args[1]) == 2:
             return self._einsum(node, chunked, what)
         if _solve(node) and chunked:
@@ -1173,14 +1176,16 @@ class _Chunked:
             return ("leaf", node)
         raise NotDelta(f"{what} computes {_name(node)} in the loop (not a piece of the WY form)")
 
-    def _keeps_last(self, node) -> bool:
-        """node = x[..., -1:] along x's last axis."""
+    def _keeps_last(self, node):
+        """The axis d when node = x[..., -1:] along one of x's last two axes d (keeping it), else None."""
         x = node.args[0]
         a = list(node.args) + [None] * (5 - len(node.args))
-        r, C = val(x).dim(), val(x).shape[-1]
+        r = val(x).dim()
         d, start, end, step = a[1] % r, a[2], a[3], a[4] if a[4] is not None else 1
-        return d == r - 1 and step == 1 and isinstance(C, int) and start in (-1, C - 1) \
+        C = val(x).shape[d]
+        ok = d >= r - 2 and step == 1 and isinstance(C, int) and start in (-1, C - 1) \
             and (end is None or (isinstance(end, int) and end >= C))
+        return d if ok else None
 
     def _einsum(self, node, chunked, what):
         eq = node.args[0].replace(" ", "")
@@ -1389,9 +1394,10 @@ class _Chunked:
         return (rng[3], rng[4], tuple(axes))
 
 
-def _mask_is(ctx, tree, C, kind) -> bool:
+def _mask_is(ctx, tree, C, kind, unit_last=False) -> bool:
     """Whether a mask tree (("inv", shape-only bool node), possibly under ("not", ·)) evaluates to the C x C
-    mask ``kind``: "lower" (j <= i), "strict_lower" (j < i)."""
+    mask ``kind``: "lower" (j <= i), "strict_lower" (j < i); ``unit_last``: laid (C, C, 1) (a mask of
+    per-channel decays (·, C, C, K))."""
     from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
     neg = False
     while tree[0] == "not":
@@ -1402,6 +1408,10 @@ def _mask_is(ctx, tree, C, kind) -> bool:
         m = evaluate_shape_only(ctx.gm, tree[1])
     except Exception:
         return False
+    if unit_last:
+        if m.dim() < 3 or m.shape[-1] != 1:
+            return False
+        m = m[..., 0]
     if m.dtype != torch.bool or m.dim() < 2 or tuple(m.shape[-2:]) != (C, C):
         return False
     m = ~m if neg else m
@@ -1712,29 +1722,53 @@ class _ChunkRewrite(_Rewrite):
         gated = x["cd"] is not None
         # UT = (kβ_c·k_cᵀ) ⊙ L  (no decay: kβ_c·k_cᵀ)
         cum = L = None
-        if gated:
-            sc, L = self._scores_tree(M, "the UT system")
-            cum = self._decay_mask(L)
+        vector = gated and self._vector_scores(M) is not None    # KDA: a decay per key channel
+        if vector:      # UT = Σ_K kβ_c,i ⊙ k_c,j ⊙ L_ij  with L (·, C, C, K)
+            kb_c, k_c, L = self._vector_scores(M)
+            cum = self._decay_mask(L, vector=True)
         else:
-            sc = M
-        kb_c, k_c = self._mmt(sc, "the UT system")
+            if gated:
+                sc, L = self._scores_tree(M, "the UT system")
+                cum = self._decay_mask(L)
+            else:
+                sc = M
+            kb_c, k_c = self._mmt(sc, "the UT system")
         # IA = (q_c·k_cᵀ) ⊙ L, masked to j <= i (the mask optional after a decay mask, required without one)
         ia, masked = x["ia"], False
         if ia[0] == "where" and ia[3] == 0 and self._leaf_c(k_c) is not None and \
                 _mask_is(self.ctx, ia[1], self._leaf_c(k_c), "lower"):
             ia, masked = ia[2], True
-        if gated:
+        if vector:
+            vs = self._vector_scores(ia)
+            if vs is None:
+                raise NotDelta("the intra-chunk scores are not Σ_K q_i ⊙ k_j ⊙ L_ij")
+            q_c, k_c2, L2 = vs
+        elif gated:
             sc2, L2 = self._scores_tree(ia, "the intra-chunk scores")
-            if L2 != L:
-                raise NotDelta("the intra-chunk scores use another key or decay mask than the UT system")
         else:
             if not masked:
                 raise NotDelta("the intra-chunk scores are not masked to j <= i")
-            sc2 = ia
-        q_c, k_c2 = self._mmt(sc2, "the intra-chunk scores")
-        if k_c2 != k_c:
+            sc2, L2 = ia, None
+        if not vector:
+            q_c, k_c2 = self._mmt(sc2, "the intra-chunk scores")
+        if k_c2 != k_c or L2 != L:
             raise NotDelta("the intra-chunk scores use another key or decay mask than the UT system")
-        if gated:
+        if vector:
+            # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ} ; cd = e^{γ_C} along K
+            e_cum = ("exp", cum)
+            if kc[2] != ("mul", *sorted([kb_c, e_cum], key=repr)):
+                raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
+            if x["qd"] != ("mul", *sorted([q_c, e_cum], key=repr)):
+                raise NotDelta("the chunk's query is not q ⊙ exp(cumsum g)")
+            kd = x["kd"]
+            rest = [t for t in kd[1:] if t != k_c] if kd[0] == "mul" else []
+            d = rest[0][1] if len(rest) == 1 and rest[0][0] == "exp" else None
+            if d is None or d[0] != "sub" or d[2] != cum or d[1][:3] != ("ax", ("last2", cum), (0, 1, None, 2)):
+                raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
+            cd = x["cd"]
+            if cd[0] != "ax" or cd[1] != ("exp", ("last2", cum)) or cd[2] != (0, 1, 2, None):
+                raise NotDelta("the chunk's decay is not exp(γ_last) along the key axis")
+        elif gated:
             # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ} ; cd = e^{γ_C}
             if not self._times_col(kc[2], kb_c, ("exp", cum)):
                 raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
@@ -1764,7 +1798,8 @@ class _ChunkRewrite(_Rewrite):
         g = None
         if gated:
             cs = self._leaf(cum, "the cumulative decay")
-            if not is_op(cs, aten.cumsum) or val(cs).dim() != 4 or cs.args[1] % 4 != 3 or len(cs.args) > 2 \
+            r = 5 if vector else 4
+            if not is_op(cs, aten.cumsum) or val(cs).dim() != r or cs.args[1] % r != 3 or len(cs.args) > 2 \
                     or cs.kwargs:
                 raise NotDelta("the cumulative decay is not a sum over the chunk positions")
             g = self._drop_unit(cs.args[0])
@@ -1778,13 +1813,16 @@ class _ChunkRewrite(_Rewrite):
         for t, name in ((q, "q"), (kk, "k"), (v, "v")):
             if val(t).dim() != 4:
                 raise NotDelta(f"{name} is not (B, H, T, ·) before chunking")
-        if val(beta).dim() != 3 or (g is not None and val(g).dim() != 3):
-            raise NotDelta("β or g is not (B, H, T) before chunking")
+        if val(beta).dim() != 3 or (g is not None and val(g).dim() != (4 if vector else 3)):
+            raise NotDelta("β or g is not (B, H, T) (g: (B, H, T, K) per key channel) before chunking")
+        if vector and not known_eq(val(g).shape[3], val(kk).shape[3]):
+            raise NotDelta("the per-channel decay does not span the key axis")
         lead = val(kk).shape[:3]
         if not all(same_shape(val(t).shape[:3], lead) for t in (q, v, beta) + ((g,) if g is not None else ())) \
                 or not same_shape(val(q).shape, val(kk).shape):
             raise NotDelta("q, k, v, β, g are not laid over one (B, H, T) before chunking")
-        return SimpleNamespace(q=q, k=kk, v=v, beta=beta, g=g, C=C, allowed=allowed, readout=ro_j)
+        gate = "vector" if vector else ("scalar" if gated else "none")
+        return SimpleNamespace(q=q, k=kk, v=v, beta=beta, g=g, C=C, allowed=allowed, readout=ro_j, gate=gate)
 
     @staticmethod
     def _leaf(t, what):
@@ -1822,9 +1860,37 @@ class _ChunkRewrite(_Rewrite):
                 return True
         return False
 
-    def _decay_mask(self, L):
-        """The cumulative decay γ (a leaf (B, H, N, C)) when L = exp(γ_i − γ_j) for j <= i, 0 above:
-        exp(where(j <= i, γ_i − γ_j, −inf)) or tril(exp(tril(γ_i − γ_j)))."""
+    @staticmethod
+    def _vector_scores(t):
+        """(A, B, L) of a tree Σ_K A_i ⊙ B_j ⊙ L_ij (an einsum of A[..., :, None, :] ⊙ B[..., None, :, :] with L
+        (·, C, C, K) over the last axis), else None."""
+        if t[0] != "ein" or t[1] != "abcde,abcde->abcd":
+            return None
+        for pair, L in ((t[2], t[3]), (t[3], t[2])):
+            if pair[0] != "mul":
+                continue
+            a = [x for x in pair[1:] if x[0] == "ax" and x[2] == (0, 1, 2, None, 3)]
+            b = [x for x in pair[1:] if x[0] == "ax" and x[2] == (0, 1, None, 2, 3)]
+            if len(a) == 1 and len(b) == 1:
+                return a[0][1], b[0][1], L
+        return None
+
+    def _decay_mask(self, L, vector=False):
+        """The cumulative decay γ (a leaf (B, H, N, C), or (B, H, N, C, K) for a ``vector`` decay) when
+        L = exp(γ_i − γ_j) for j <= i, 0 above: exp(where(j <= i, γ_i − γ_j, −inf)) or tril(exp(tril(γ_i − γ_j)))
+        (vector: exp(where(j <= i, γ_i − γ_j, −inf)) laid (·, C, C, K))."""
+        if vector:
+            if L[0] != "exp" or L[1][0] != "where" or L[1][3] != -math.inf:
+                raise NotDelta("the per-channel decay mask is not exp of a masked difference of cumulative decays")
+            diff, cond = L[1][2], L[1][1]
+            cum = diff[1][1] if diff[0] == "sub" and diff[1][0] == "ax" else None
+            if cum is None or diff[2][0] != "ax" or diff[2][1] != cum or diff[1][2] != (0, 1, 2, None, 3) \
+                    or diff[2][2] != (0, 1, None, 2, 3) or cum[0] != "leaf" or val(cum[1]).dim() != 5 \
+                    or not isinstance(val(cum[1]).shape[3], int):
+                raise NotDelta("the per-channel decay mask's difference is not γ_i − γ_j of one cumulative sum")
+            if not _mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower", unit_last=True):
+                raise NotDelta("the decay mask keeps other positions than j <= i")
+            return cum
         if L[0] == "exp" and L[1][0] == "where" and L[1][3] == -math.inf:
             diff, cond = L[1][2], L[1][1]
         elif L[0] == "tril" and L[2] == 0 and L[1][0] == "exp" and L[1][1][0] == "tril" and L[1][1][2] == 0:
@@ -1910,7 +1976,7 @@ class _ChunkRewrite(_Rewrite):
             if not isinstance(init, torch.fx.Node) or not same_shape(val(init).shape, val(tmpl).shape):
                 raise NotDelta("the initial state is not a (B, H, K, V) tensor")
             h0 = vec.cast(init, D)
-        gate = "scalar" if ops["g"] is not None else "none"
+        gate = plan.gate
         op = Delta(q=ops["q"], k=ops["k"], v=ops["v"], beta=ops["beta"], g=ops["g"], h0=h0, gate=gate)
         fake = torch.ops.seqfuse.delta.default(*(val(ops[n]) for n in ("q", "k", "v", "beta")),
                                                val(ops["g"]) if ops["g"] is not None else None,
