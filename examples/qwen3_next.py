@@ -35,12 +35,12 @@ def _modeling(module):
     return importlib.import_module(module or MODELING)
 
 
-def torch_path(module=None):
+def torch_path(module=None, names=KERNELIZED):
     """Point a transformers modeling module (by name; default modeling_qwen3_next) at its reference PyTorch
-    functions; returns {name: previous} to restore."""
+    functions ``names``; returns {name: previous} to restore."""
     m = _modeling(module)
     previous = {}
-    for name in KERNELIZED:
+    for name in names:
         fn = previous[name] = getattr(m, name)
         while hasattr(fn, "__wrapped__"):
             fn = fn.__wrapped__

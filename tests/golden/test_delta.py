@@ -371,3 +371,18 @@ def test_comba_dplr_ttt_are_near_misses_naming_the_term(case, reason):
     assert report.count("delta") == 0, str(report)
     reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
     assert len(reasons) == 1 and reason in reasons[0], str(report)
+
+
+def test_kimi_linear_chunked_kda():
+    # Kimi Linear's chunk_kimi_delta_attention (transformers): a decay per key channel, the UT system and the
+    # intra-chunk scores Σ_K kβ_i ⊙ k_j ⊙ L_ij with L (·, C, C, K), the forward substitution in place
+    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    f = kimi.chunk_kimi_delta_attention
+    while hasattr(f, "__wrapped__"):
+        f = f.__wrapped__
+
+    def fn(q, k, v, beta, g, h0):
+        return f(q, k, v, g, beta, chunk_size=4, initial_state=h0, output_final_state=True,
+                 use_qk_l2norm_in_kernel=True)
+    report = check_against_eager(fn, *operands(T=14, gate="vector"))
+    only_delta(report, "vector")

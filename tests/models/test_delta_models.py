@@ -96,3 +96,52 @@ def test_olmo_hybrid_one_delta_per_linear_attention_layer_and_gradients_equal_ea
             f"{name}: relative error {err:.3g} vs eager, {err64:.3g} vs fp64 (eager's {eager64:.3g})"
         if err >= 1e-5:
             assert name.endswith(("linear_attn.A_log", "linear_attn.dt_bias")), name
+
+
+KIMI_LINEAR = "transformers.models.kimi_linear.modeling_kimi_linear"
+KIMI_KERNELIZED = ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
+                   "causal_conv1d_update")
+
+
+def build_kimi_linear(seq_len=64, linear_layers=2, seed=0):
+    """A tiny random-weight KimiLinearForCausalLM (``linear_layers`` KDA layers, then one MLA attention layer;
+    dense MLPs) and token ids (1, seq_len)."""
+    import torch
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+    torch.manual_seed(seed)
+    n = linear_layers + 1
+    cfg = KimiLinearConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=2,
+        num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4,
+        v_head_dim=8, layer_types=["linear_attention"] * linear_layers + ["full_attention"],
+        mlp_layer_types=["dense"] * n, linear_head_dim=8, linear_num_heads=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    return KimiLinearForCausalLM(cfg), torch.randint(0, cfg.vocab_size, (1, seq_len))
+
+
+def test_kimi_linear_one_vector_gated_delta_per_kda_layer_and_gradients_equal_eager():
+    # Kimi Linear's KDA layers run transformers' chunk_kimi_delta_attention (a decay per key channel, the UT
+    # inverse by forward substitution written in place); chunks of 16 (the model's default is 64) keep the
+    # unrolled program small: T = 64 is 4 chunks.  Each layer becomes one seqfuse.delta {gate=vector}; the
+    # logits and every parameter gradient equal eager to 1e-5 (or, for the forget gate's A_log / dt_bias,
+    # the fp64 rule above)
+    import functools
+    m = pytest.importorskip(KIMI_LINEAR)
+    ex = _example()
+    previous = ex.torch_path(KIMI_LINEAR, KIMI_KERNELIZED)
+    m.chunk_kimi_delta_attention = functools.partial(m.chunk_kimi_delta_attention, chunk_size=16)
+    try:
+        lm, ids = build_kimi_linear()
+        model = ex.Logits(lm)
+        report, rows = ex.compare(model, ids, {"downstream": "eager"}, KIMI_LINEAR)
+    finally:
+        ex.restore(previous, KIMI_LINEAR)
+    assert report.count("delta") == 2, str(report)
+    assert not [m for m in report.near_misses if m.kind == "delta"], str(report)
+    assert all("gate=vector" in r.ir for r in report.rewrites if r.kind == "delta")
+    assert len(rows) == 1 + len(list(model.parameters()))
+    for name, err, err64, eager64 in rows:
+        assert ex.within(err, err64, eager64), \
+            f"{name}: relative error {err:.3g} vs eager, {err64:.3g} vs fp64 (eager's {eager64:.3g})"
+        if err >= 1e-5:
+            assert name.endswith(("forget_gate.A_log", "forget_gate.dt_bias")), name
