@@ -476,3 +476,29 @@ def test_triton_backward_with_head_dim_one_takes_delta_from_the_probabilities(na
     outcome = run_case(Case("attention", name, fn, (q, k, v), "attention", {"runtime": "triton"}, seed))
     assert outcome.status == "ok", outcome.detail
     assert "'attention_backward': {'triton': 1}" in outcome.detail, outcome.detail
+
+
+# --- inputs the CPU flash kernel takes once folded to 4-D (issue 15: 5-D GQA ran the reference) ----
+
+def _gqa_5d(q, k, v):
+    # (B, Hkv, G, L, D) queries against (B, Hkv, 1, L, D) keys / values broadcast over the group axis
+    b, h, lq, d = q.shape
+    q5 = q.reshape(b, 2, h // 2, lq, d)
+    s = q5 @ k[:, :, None].mT * 0.125
+    s = s.masked_fill(torch.ones(lq, k.shape[-2], dtype=torch.bool).triu(1), float("-inf"))
+    return (s.softmax(-1) @ v[:, :, None]).reshape(b, h, lq, v.shape[-1])
+
+
+def _kv_shared_by_the_batch(q, k, v):
+    s = q @ k.mT * 0.2
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn,kv_shape", [(_gqa_5d, (2, 2, 33, 16)), (_kv_shared_by_the_batch, (1, 4, 33, 16))])
+def test_cpu_flash_kernel_takes_folded_batch_axes(fn, kv_shape):
+    torch.manual_seed(14)
+    q = torch.randn(2, 4, 33, 16, requires_grad=True)
+    k, v = (torch.randn(kv_shape, requires_grad=True) for _ in range(2))
+    report = compare(fn, q, k, v)
+    assert report.count("attention") == 1
+    assert counters()["attention"]["aten"] == 1 and counters()["attention_backward"]["aten"] == 1, counters()

@@ -105,7 +105,7 @@ def supports(t: dict, a: dict) -> str | None:
         return "dropout runs on the reference to follow the program's RNG stream"
     if a["softcap"] is not None:
         return "softcap is not supported by scaled_dot_product_attention"
-    if q.dim() not in (3, 4):
+    if q.dim() < 3:
         return f"rank {q.dim()} inputs"
     if k.dim() != q.dim() or v.dim() != q.dim():
         return f"q, k, v of ranks {q.dim()}, {k.dim()}, {v.dim()}"
@@ -129,14 +129,43 @@ def supports(t: dict, a: dict) -> str | None:
         return "a structural mask that leaves rows empty"
     if q.device.type == "cpu" and t["v"].shape[-1] != q.shape[-1]:
         return "value head dim differs from the query head dim (the CPU flash kernel needs them equal)"
-    if a["gqa_groups"] > 1 and q.dim() != 4:
-        return "GQA needs rank-4 inputs"
-    kv_batch = list(k.shape[:-2])
-    if kv_batch:
-        kv_batch[-1] *= a["gqa_groups"]
-    if kv_batch != list(q.shape[:-2]) or t["v"].shape[:-2] != k.shape[:-2]:
-        return "k/v batch axes broadcast against q's"
+    if t["v"].shape[:-2] != k.shape[:-2]:
+        return "k and v batch axes differ"
+    if _kv_batch(q, k, a["gqa_groups"]) is None:
+        return "k/v batch axes do not broadcast to q's"
+    if q.device.type != "cpu" and _folded(q, k, a["gqa_groups"]):
+        return f"rank {q.dim()} or k/v broadcast over q's batch axes on {q.device.type} (folded for the CPU flash kernel only)"
     return call_reason(t, a, fill_as_neg_inf=_FILL_AS_NEG_INF)
+
+
+def _kv_batch(q: torch.Tensor, k: torch.Tensor, g: int):
+    """The batch axes k/v are expanded to for the flash kernels: q's, with the head axis divided by
+    the GQA group size; None where k's do not broadcast to them (each axis 1 or the target's)."""
+    target = list(q.shape[:-2])
+    if g > 1:
+        if q.dim() < 4 or target[-1] % g:
+            return None
+        target[-1] //= g
+        kb = list(k.shape[:-2])
+        if kb[-1] != target[-1]:  # the kv head axis is read by group, never broadcast
+            return None
+    kb = list(k.shape[:-2])
+    if len(kb) != len(target) or any(c not in (1, b) for c, b in zip(kb, target)):
+        return None
+    return tuple(target)
+
+
+def _fold(x: torch.Tensor, batch) -> torch.Tensor:
+    """``x`` (*b, L, D) expanded to the batch axes ``batch`` (a copy only where it broadcasts) and
+    viewed as the (N, H, L, D) the flash kernels take (5-D GQA programs, k/v broadcast over q's
+    batch axes)."""
+    x = x.expand(*batch, *x.shape[-2:])
+    return x.reshape(-1, batch[-1], *x.shape[-2:]) if len(batch) >= 2 else x.reshape(1, -1, *x.shape[-2:])
+
+
+def _folded(q: torch.Tensor, k: torch.Tensor, g: int) -> bool:
+    """Whether the inputs need folding (rank above 4, or k/v broadcast over q's batch axes)."""
+    return q.dim() > 4 or tuple(k.shape[:-2]) != _kv_batch(q, k, g)
 
 
 _MASK_CACHE: dict = {}
@@ -191,7 +220,16 @@ def _flash_inputs(q, k, v, bias, keep, a):
     if m is not None and m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, -math.inf)
     g = a["gqa_groups"]
-    q4, k4, v4 = _to4d(_unit_last(q)), _to4d(_unit_last(k)), _to4d(_unit_last(v))
+    if _folded(q, k, g):
+        kvb = _kv_batch(q, k, g)
+        q4 = _unit_last(_fold(q, q.shape[:-2]))
+        k4, v4 = _unit_last(_fold(k, kvb)), _unit_last(_fold(v, kvb))
+        if m is not None:
+            m = m.reshape((1,) * (q.dim() - m.dim()) + tuple(m.shape))
+            if m.dim() > 4:
+                m = m.expand(*q.shape[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+    else:
+        q4, k4, v4 = _to4d(_unit_last(q)), _to4d(_unit_last(k)), _to4d(_unit_last(v))
     if g > 1:
         k4, v4 = k4.repeat_interleave(g, dim=1), v4.repeat_interleave(g, dim=1)
     if m is not None:
@@ -228,7 +266,7 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, a):
     if q.device.type != "cpu":
         return None
     q4, k4, v4, is_causal, m = _flash_inputs(q, k, v, bias, keep, a)
-    o4, g4 = _to4d(_unit_last(out.to(q.dtype))), _to4d(_unit_last(grad_out.to(q.dtype)))
+    o4, g4 = (_unit_last(x.to(q.dtype)).reshape(*q4.shape[:-1], x.shape[-1]) for x in (out, grad_out))
     lse4 = lse.reshape(q4.shape[:-1])
     dq, dk, dv = _flash_cpu_backward(g4.contiguous(), q4, k4, v4, o4, lse4, 0.0, is_causal, attn_mask=m,
                                      scale=a["scale"])
@@ -236,4 +274,8 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, a):
     if g > 1:
         dk = dk.unflatten(1, (-1, g)).sum(2)
         dv = dv.unflatten(1, (-1, g)).sum(2)
+    if _folded(q, k, g):  # k/v were expanded to their target batch axes: sum back over the broadcast ones
+        kvb = _kv_batch(q, k, g)
+        dk = dk.reshape(*kvb, *k.shape[-2:]).sum_to_size(k.shape)
+        dv = dv.reshape(*kvb, *v.shape[-2:]).sum_to_size(v.shape)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
