@@ -539,7 +539,7 @@ class DeltaPass(Pass):
             reason = f"the loop carries {len(loop.carried)} values (the delta rule carries one state)"
             try:
                 _Form(ctx, loop, an, k).lin(("L", k))
-            except NotDelta as e:
+            except (NotDelta, NoLoop) as e:
                 reason = str(e) + f"; the loop carries {len(loop.carried)} values (the delta rule carries one state)"
             ctx.report.add_near_miss("delta", reason, loop.template[k])
             return
