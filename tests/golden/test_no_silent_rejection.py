@@ -3,7 +3,7 @@ einsum chain, a tril-masked product, a cumulative sum or a time loop are each ei
 (one seqfuse.ssd / seqfuse.scan) or leave a near miss that names its reason; the report is walked
 for every one of them, and each program equals eager (outputs and all gradients) either way.
 
-Programs: ``einsum(...).tril() @ v`` at T = 2 and 3 (rewritten), cumsum linear attention at
+Programs: ``einsum(...).tril() @ v`` at T = 2 (rewritten), cumsum linear attention at
 T = 64 (einsum and broadcast spellings, rewritten), the chunked SSD listing at T = 40 (5 chunks of 8,
 rewritten), a Python loop h = a·h + x (a scan), and masked products that are not a forward
 recurrence (a strictly lower / upper triangle, a band, relu or a square of the scores, a reversed
@@ -87,14 +87,13 @@ def loop_inputs():
 # (program, inputs, the rewrite it must become, or None and a phrase of its near miss)
 PROGRAMS = {
     "tril_T2": (tril_scores, lambda: qkv(2), "ssd", None),
-    "tril_T3": (tril_scores, lambda: qkv(3), "ssd", None),
     "cumsum_T64": (cumsum_linear_attention, lambda: qkv(64), "ssd", None),
     "cumsum_broadcast_T64": (cumsum_linear_attention_broadcast, lambda: qkv(64), "ssd", None),
     "ssd_listing_T40": (ssd_listing, lambda: listing_inputs(40), "ssd", None),
     "loop_T8": (loop, loop_inputs, "scan", None),
     "strict_T3": (strict_scores, lambda: qkv(3), None, "strictly lower triangular"),
     "upper_T3": (upper_scores, lambda: qkv(3), None, "triu"),
-    "band_T16": (band_scores, lambda: qkv(16), None, "triu"),
+    "band_T3": (band_scores, lambda: qkv(3), None, "triu"),
     "relu_T16": (relu_scores, lambda: qkv(16), None, "relu"),
     "square_T16": (squared_scores, lambda: qkv(16), None, "pow"),
     "reversed_cumsum_T16": (reversed_cumsum, lambda: qkv(16), None, "flip"),
