@@ -775,6 +775,13 @@ class AttentionPass(Pass):
         else:
             v = pv.args[1][1]
         v, v_l = _drop_unit_axes(graph, pv, v, v_l, p_l + o_l, sm)
+        # size-1 batch axes of p that p·v sums away alone (a batch of 1 folded into the contraction's
+        # view): p is read without them (a squeezed view stands for its shape)
+        drop = [n for n, c in enumerate(p_l[:-2]) if c not in v_l + o_l and _known(val(p_node).shape[n] == 1)]
+        if drop:
+            for n in reversed(drop):
+                p_node = _emit(graph, pv, aten.squeeze.dim, (p_node, n), sm)
+            p_l = "".join(c for n, c in enumerate(p_l) if n not in drop)
         taken = set(la) | set(lb) | set(lo)
         fresh = (c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in taken)
         if back > len(p_l):

@@ -248,6 +248,32 @@ def test_softmax_on_merged_heads_batch_of_one(tmp_path):
     """)
 
 
+def fused_qkv_attention(x, alibi):
+    """Bloom's layout: q, k, v split from one fused projection (B, L, H, 3, D), heads merged for baddbmm."""
+    b, l, _ = x.shape
+    h, d = H, D
+    fused = x.view(b, l, h, 3, d)
+    q, k, v = (fused[..., n, :].transpose(1, 2).reshape(b * h, l, d) for n in range(3))
+    s = alibi.baddbmm(batch1=q, batch2=k.transpose(-1, -2), beta=1.0, alpha=d ** -0.5)
+    p = torch.softmax(s.view(b, h, l, -1), dim=-1)
+    return torch.bmm(p.view(b * h, l, -1), v).view(b, h, l, d)
+
+
+def test_fused_qkv_batch_of_one(tmp_path):
+    # B = 1: the contractions fold the size-1 batch of the views, so p·v reads p as (1, H, L, S)
+    # and sums its size-1 batch away alone (was the near miss "the value contraction is not p·v
+    # over the key axis" of issue 15)
+    x = torch.randn(1, L, H * 3 * D, requires_grad=True)
+    alibi = torch.randn(H, 1, L, requires_grad=True)
+    check(fused_qkv_attention, x, alibi, tmp_path=tmp_path, rewrites=1, checks="""
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.softmax
+        CHECK: seqfuse.attention({{.*}}, bias=%{{[a-z_0-9]+}}) {scale=0.35355339059327{{[0-9]*}}, mask=none,
+        CHECK-NOT: aten.softmax
+        CHECK: return
+    """)
+
+
 def falcon_spelling(q, k, v, alibi, mask):
     """Falcon's ALiBi path written out: in-place scale after the bias, one kv head broadcast."""
     b, h, l, d = q.shape
