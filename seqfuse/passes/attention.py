@@ -663,7 +663,9 @@ def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, private: set) -> N
     work = [node]
     while work:
         n = work.pop()
-        if getattr(n, "_erased", False) or n.graph is not graph or n.users or n.op != "call_function" or (n.is_impure() and n not in private):
+        if getattr(n, "_erased", False) or n.graph is not graph or n.users or n.op != "call_function":
+            continue
+        if n.is_impure() and n not in private:
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
