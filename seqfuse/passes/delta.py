@@ -567,6 +567,7 @@ class _Rewrite:
     def __init__(self, ctx, loop: Loop, an: Analysis, k: int, pos):
         self.ctx, self.loop, self.an, self.k, self.pos = ctx, loop, an, k, pos
         self.graph = ctx.graph
+        self.post: set = set()     # template entries that only re-lay the readout (see _post_readout)
 
     # 1. checks ----------------------------------------------------------------------
     def run(self):
@@ -580,6 +581,7 @@ class _Rewrite:
         self.first = min(self.pos[n] for n in body)
         self.last = self.pos[last]
         self.anchor = last.next
+        self.post = self._post_readout(plan)
         writes = self._buffer_writes(plan)
         uses = self._outside_uses(plan)
         self._only_update_reads_state(plan, writes)
@@ -721,6 +723,12 @@ class _Rewrite:
                 if tuple(val(x.args[0]).shape) != tuple(val(x).shape):
                     return None
                 return ("exp" if is_op(x, aten.exp) else "sigmoid", ("X", x.args[0], d, form), f.fmap)
+            if is_op(node, aten.reshape, aten.view, aten._unsafe_view) and loop.roles[j][0][2][0][0] == "L":
+                # a reshape of exp(x) (a decay laid over merged batch axes): the same reshape of x
+                inner = self._log_role(Factor(f.key, loop.roles[j][0][2][0], f.power, f.fmap))
+                if inner is None or inner[1][0] == "RS":
+                    return None
+                return (inner[0], ("RS", inner[1], tuple(val(node).shape)), f.fmap)
             if not is_op(node, aten.exp, aten.sigmoid) or tuple(val(node.args[0]).shape) != tuple(val(node).shape):
                 return None
             return ("exp" if is_op(node, aten.exp) else "sigmoid", loop.roles[j][0][2][0], f.fmap)
@@ -771,16 +779,33 @@ class _Rewrite:
                     continue
                 if any(self.pos[u] <= self.last for u in outs):
                     raise NoLoop("a value of the loop body is used inside the loop by code outside the body")
-                if self.an.deps[j] and j != plan.readout and not (j == self.k and s == loop.hi):
+                if self.an.deps[j] and j != plan.readout and j not in self.post and not (j == self.k and s == loop.hi):
                     raise NotDelta("a value computed from the state inside the loop is used after it")
                 uses[(s, j)] = outs
         return uses
+
+    def _post_readout(self, plan) -> set:
+        """Template entries that only re-lay the readout (views, reshapes, copies and casts of it, other
+        arguments loop-constant): vectorized from the op's output when read after the loop."""
+        loop, post, grew = self.loop, set(), True
+        while grew:
+            grew = False
+            for j, node in enumerate(loop.template):
+                if j in post or loop.roles[j] is None or not self.an.deps[j] or \
+                        not is_op(node, *_VIEWS, aten.clone, aten.contiguous, aten.alias, *CASTS):
+                    continue
+                args = loop.roles[j][0][2]
+                if args and args[0][0] == "L" and (args[0][1] == plan.readout or args[0][1] in post) \
+                        and all(self.an.const(r) for r in args[1:]):
+                    post.add(j)
+                    grew = True
+        return post
 
     def _only_update_reads_state(self, plan, writes):
         """Every state-dependent entry of the body is part of the proven update, the readout (and the
         copies on its way), or a buffer write of the readout."""
         loop, an = self.loop, self.an
-        allowed = set(self.form.used) | {self.k, plan.readout} | {j for j, _, _ in writes}
+        allowed = set(self.form.used) | {self.k, plan.readout} | {j for j, _, _ in writes} | self.post
         role = loop.roles[plan.readout][0][2][1]
         for r in role[2]:
             while r[0] == "L" and r[1] != self.k and loop.roles[r[1]] is not None:
@@ -871,7 +896,11 @@ class _Rewrite:
             total = None
             for f in plan.gate:
                 kind, role, fmap = self._log_role(f)
-                x, is_vec = vec.role(role)
+                if role[0] == "RS":     # the exponent laid as the decay: reshape it the same way
+                    x, is_vec = vec.role(role[1])
+                    x = vec.emit(aten.reshape.default, (x, ([vec.count] if is_vec else []) + list(role[2])))
+                else:
+                    x, is_vec = vec.role(role)
                 x = self._to_frame(vec, x, is_vec, fmap)
                 if kind == "sigmoid":
                     x = vec.emit(aten.log_sigmoid.default, (x,))

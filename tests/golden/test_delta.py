@@ -386,3 +386,24 @@ def test_kimi_linear_chunked_kda():
                  use_qk_l2norm_in_kernel=True)
     report = check_against_eager(fn, *operands(T=14, gate="vector"))
     only_delta(report, "vector")
+
+
+def bmm_value_key_state(q, k, v, beta, g):
+    """The delta rule on a (B·H, V, K) state with torch.bmm, heads merged into the batch by reshapes (the
+    decay too: a reshape of exp(g)), each step's readout reshaped back before it is stacked."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    S = torch.zeros(B * H, V, K)
+    ys = []
+    for t in range(T):
+        kt, qt = k[:, t].reshape(-1, K, 1), q[:, t].reshape(-1, K, 1)
+        vt, bt, at = v[:, t].reshape(-1, V, 1), beta[:, t].reshape(-1, 1, 1), g[:, t].exp().reshape(-1, 1, 1)
+        S = S * at
+        S = S + torch.bmm(bt * (vt - torch.bmm(S, kt)), kt.transpose(1, 2))
+        ys.append(torch.bmm(S, qt).reshape(B, H, V))
+    return torch.stack(ys, 1), S
+
+
+def test_bmm_spelling_with_merged_heads():
+    report = check_against_eager(bmm_value_key_state, *operands()[:5])
+    only_delta(report, "scalar")
