@@ -502,3 +502,24 @@ def test_cpu_flash_kernel_takes_folded_batch_axes(fn, kv_shape):
     report = compare(fn, q, k, v)
     assert report.count("attention") == 1
     assert counters()["attention"]["aten"] == 1 and counters()["attention_backward"]["aten"] == 1, counters()
+
+
+def test_triton_fp32_backward_with_head_dim_one_runs_the_reference(monkeypatch):
+    # fuzzer seed 101 attention #21: a causal row with p = (5e-4, 0.9995) and one value channel;
+    # the flash backward's dP − Δ cancels in fp32 (dQ 4.2e-4 against eager's 1.5e-7)
+    pytest.importorskip("triton")
+    from fuzz.check import Case, run_case
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def fn(q, k, v):
+        lq, lk = q.shape[-2], k.shape[-2]
+        s = torch.matmul(q, k.mT).masked_fill(torch.triu(torch.ones(lq, lk, dtype=torch.bool), 1), -65504.0)
+        return F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    q = torch.tensor([-19.11688232421875, -46.06162643432617, -33.63309860229492, -14.181985855102539])
+    k = torch.tensor([-0.2933899760246277, -0.4573638141155243, -0.5734003782272339, 0.4496689438819885])
+    v = torch.tensor([0.42924150824546814, -0.8657845854759216, 1.6782853603363037, 0.08542138338088989])
+    q, k, v = (x.reshape(2, 1, 2, 1).requires_grad_() for x in (q, k, v))
+    outcome = run_case(Case("attention", "fp32_head_dim_one", fn, (q, k, v), "attention", {"runtime": "triton"},
+                            54152247))
+    assert outcome.status == "ok", outcome.detail
+    assert "'attention': {'triton': 1}" in outcome.detail and "'attention_backward': {'eager': 1}" in outcome.detail

@@ -271,6 +271,11 @@ def supports(t: dict, a: dict) -> str | None:
         return f"keep dtype {keep.dtype}"
     if not isinstance(a["scale"], (int, float, type(None))) or not math.isfinite(scale_of(q, a)):
         return f"scale={a['scale']!r}"
+    if "need_dbias" in a and q.dtype == torch.float32 and dv < 16:
+        # a backward call: dS = P·(dP − Δ) cancels in fp32 where a row is nearly one-hot, and fewer than
+        # 16 value channels average nothing (fuzzer seed 101 #21, head dim 1: dQ 2800x eager's error);
+        # the reference differentiates the program's own softmax there
+        return "fp32 backward with a value head dim below 16 (dP − Δ cancels on near one-hot rows)"
     from seqfuse.lowering.attention_op import sdpa_decides  # (imported here: attention_op imports this module)
     if t.get("sink") is None and sdpa_decides(q, k, v, bias, keep, {n: a[n] for n in _SDPA_ATTRS}):
         return "a lifted SDPA call that SDPA itself must run (is_causal with scale <= 0: its NaN rows)"
