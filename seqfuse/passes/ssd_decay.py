@@ -142,8 +142,9 @@ def size_variants(gm) -> list:
     graph with symbolic sizes, two more where every guard of the program holds.  The small
     assignments of attention's ``_size_variants`` come first; when a guard rules them out (a
     length that must be a multiple of a symbolic chunk size, T = K·Q with K = T // Q >= 2), the
-    example sizes scaled by 2, 3, 1/2 (every symbol at once, so T // Q keeps its value and
-    T % Q stays 0).  Only the example sizes when no other assignment satisfies the guards."""
+    example sizes scaled by 1/2, 2, 3 (every symbol at once, so T // Q keeps its value and
+    T % Q stays 0).  Never fewer assignments than attention's: its own fill in when too few
+    satisfy the guards."""
     from seqfuse.passes.attention import _size_variants
     base = _size_variants(gm)
     syms = [val(n) for n in gm.graph.nodes if n.op == "placeholder" and isinstance(val(n), torch.SymInt)]
@@ -158,16 +159,18 @@ def size_variants(gm) -> list:
             example[name] = int(hints[expr])
     candidates = list(base[1:])
     if len(example) == len(names):
-        candidates += [{k: v * 2 for k, v in example.items()}, {k: v * 3 for k, v in example.items()}]
-        if all(v % 2 == 0 for v in example.values()):
+        if all(v % 2 == 0 for v in example.values()):          # the smaller masks first
             candidates.append({k: v // 2 for k, v in example.items()})
+        candidates += [{k: v * 2 for k, v in example.items()}, {k: v * 3 for k, v in example.items()}]
     out = [None]
     for sizes in candidates:
         if sizes != example and _guards_hold(env, sizes) and sizes not in out:
             out.append(sizes)
         if len(out) == len(base):
-            break
-    return out
+            return out
+    # too few assignments satisfy the guards (or they cannot be read): attention's own variants
+    # as before, so a mask is never proven at fewer lengths (one that cannot run there is a near miss)
+    return out + [v for v in base[1:] if v not in out][:len(base) - len(out)]
 
 
 def evaluable(node) -> bool:
