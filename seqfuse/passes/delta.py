@@ -1016,7 +1016,8 @@ class _Chunked:
     before the loop and sliced per chunk (transformers), or computed in the loop from per-chunk slices (fla).
 
     Trees: ("leaf", node) a tensor over all chunks (B, H, N, C, ·) taken as given (a reshape into chunks, a
-    cumulative sum); ("inv", node) a loop-invariant without a chunk axis (masks, eye); ("num", x);
+    cumulative sum); ("inv", node) a loop-invariant without a chunk axis (eye); ("mask", shape, values) a
+    boolean mask built from sizes alone (its evaluated value, so equal masks compare equal); ("num", x);
     (op, *children) for mul / add (children sorted) / sub / neg / exp; ("where", cond, x, fill);
     ("tril", x, diagonal); ("not", cond); ("ax", x, axes, shape) a pure axis move of x (axes as in
     pattern.axis_view, shape the result's sizes), moved outside exp; ("last", x) x at the last position of
@@ -1030,6 +1031,7 @@ class _Chunked:
         self.memo: dict = {}
         self.inverses: list = []    # forward-substitution bases proven (erased with the loop when dead)
         self.tail = None            # (last chunk, node positions, loop start) while reading the last chunk
+        self.masks: dict = {}       # evaluated shape-only masks
 
     def after(self, node, last, pos, start, what):
         """The tree of a value computed after the loop for its last chunk ``last`` (from slices X[:, :, last]
@@ -1051,9 +1053,10 @@ class _Chunked:
         if node in self.body or node.op != "call_function":
             if node in self.body:
                 raise NotDelta(f"{what} reads a value of the loop")
-            return ("inv", node)
-        if pos.get(node, -1) < start:
-            return ("inv", node)
+            return self.inv(node)
+        from seqfuse.passes.pattern import is_shape_only
+        if pos.get(node, -1) < start or is_shape_only(node):
+            return self.inv(node)
         return self._tree(node, False, what)
 
     # -- entry points ------------------------------------------------------------------
@@ -1062,7 +1065,7 @@ class _Chunked:
         if role[0] == "L":
             return self.local(self.loop.template[role[1]], what)
         if role[0] == "I":
-            return ("inv", role[1])
+            return self.inv(role[1])
         if role[0] == "C" and isinstance(role[1], (int, float)) and not isinstance(role[1], bool):
             return ("num", float(role[1]))
         raise NotDelta(f"{what} is not a tensor of the chunk")
@@ -1073,7 +1076,7 @@ class _Chunked:
         if j is None:
             if node in self.body:
                 raise NotDelta(f"{what} reads a value of another chunk")
-            return ("inv", node)
+            return self.inv(node)
         if self.an.deps[j]:
             raise NotDelta(f"{what} depends on the state")
         if self.loop.roles[j] is None:           # a per-chunk slice X[:, :, n] of a tensor over all chunks
@@ -1091,6 +1094,22 @@ class _Chunked:
             self.memo[node] = self._tree(node, True, what)
         return self.memo[node]
 
+    def inv(self, node):
+        """The tree of a loop invariant: ("mask", shape, values) for a small boolean mask built from sizes
+        alone (evaluated), else ("inv", node)."""
+        from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
+        v = val(node) if isinstance(node, torch.fx.Node) else None
+        if isinstance(v, torch.Tensor) and v.dtype == torch.bool and all(isinstance(d, int) for d in v.shape) \
+                and v.numel() <= 1 << 16 and node.op == "call_function" and is_shape_only(node):
+            if node not in self.masks:
+                try:
+                    m = evaluate_shape_only(self.ctx.gm, node)
+                    self.masks[node] = ("mask", tuple(m.shape), tuple(bool(b) for b in m.reshape(-1).tolist()))
+                except Exception:
+                    self.masks[node] = ("inv", node)
+            return self.masks[node]
+        return ("inv", node)
+
     # -- building ------------------------------------------------------------------------
     def _arg(self, x, chunked, out_rank, what):
         if not isinstance(x, torch.fx.Node):
@@ -1105,7 +1124,7 @@ class _Chunked:
             if v.dim() == out_rank:
                 return self.whole(x, what)
             if v.dim() <= pc_rank - 2:          # does not reach the chunk axis: the same value in every chunk
-                return ("inv", x)
+                return self.inv(x)
             raise NotDelta(f"{what} broadcasts a tensor against the chunk axis")
         t = self._after(x, what) if self.tail is not None else None
         if t is not None and t[0] != "inv":
@@ -1115,7 +1134,7 @@ class _Chunked:
         if t is None and x in self.body:
             raise NotDelta(f"{what} reads a value of another chunk")
         if v.dim() <= pc_rank - 2:
-            return ("inv", x)
+            return self.inv(x)
         raise NotDelta(f"{what} reads a loop invariant laid over the chunk's batch axes")
 
     def _input(self, x, chunked, what):
@@ -1128,7 +1147,7 @@ class _Chunked:
             return self.local(x, what)
         if x in self.body:
             raise NotDelta(f"{what} reads a value of another chunk")
-        return ("inv", x)
+        return self.inv(x)
 
     def _shape(self, node, chunked):
         s = list(val(node).shape)
@@ -1163,9 +1182,14 @@ class _Chunked:
             # masked_fill_ only on a temporary of the loop body read by nothing else (it reads as out of place)
             if node.target is aten.masked_fill_.Scalar and (chunked or len(node.args[0].users) != 1):
                 raise NotDelta(f"{what} fills a tensor in place that is read elsewhere")
-            return ("where", ("not", arg(node.args[1])), arg(node.args[0]), node.args[2])
+            c = arg(node.args[1])
+            c = ("mask", c[1], tuple(not b for b in c[2])) if c[0] == "mask" else ("not", c)
+            return ("where", c, arg(node.args[0]), node.args[2])
         if node.target is aten.logical_not.default:
-            return ("not", arg(node.args[0]))
+            c = arg(node.args[0])
+            if c[0] == "mask":
+                return ("mask", c[1], tuple(not b for b in c[2]))
+            return ("not", c)
         if is_op(node, aten.tril):
             d = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
             return ("tril", arg(node.args[0]), d)
@@ -1281,7 +1305,7 @@ class _Chunked:
         if is_op(inner, aten.tril) and (inner.args[1] if len(inner.args) > 1 else inner.kwargs.get("diagonal", 0)) == -1:
             M = inner.args[0]
         elif inner.target is aten.where.ScalarOther and inner.args[2] == 0 and \
-                _mask_is(self.ctx, ("inv", inner.args[0]), C, "strict_lower"):
+                _mask_is(self.ctx, self.inv(inner.args[0]), C, "strict_lower"):
             M = inner.args[1]
         else:
             raise NotDelta(f"{what}: the forward-substituted system is not −strictly_lower(M)")
@@ -1431,11 +1455,14 @@ def _mask_is(ctx, tree, C, kind, unit_last=False) -> bool:
     neg = False
     while tree[0] == "not":
         neg, tree = not neg, tree[1]
-    if tree[0] != "inv" or not isinstance(tree[1], torch.fx.Node) or not is_shape_only(tree[1]):
-        return False
-    try:
-        m = evaluate_shape_only(ctx.gm, tree[1])
-    except Exception:
+    if tree[0] == "mask":
+        m = torch.tensor(tree[2], dtype=torch.bool).reshape(tree[1])
+    elif tree[0] == "inv" and isinstance(tree[1], torch.fx.Node) and is_shape_only(tree[1]):
+        try:
+            m = evaluate_shape_only(ctx.gm, tree[1])
+        except Exception:
+            return False
+    else:
         return False
     if unit_last:
         if m.dim() < 3 or m.shape[-1] != 1:
@@ -1705,7 +1732,8 @@ class _ChunkRewrite(_Rewrite):
 
         e = plan.entries
         for e1, e2 in (outside, outside[::-1]):
-            if same(e1, e["e1"], S) and same(e2, e["e2"], S) and len(e1.users) == 1 and len(e2.users) == 1:
+            if same(e1, e["e1"], S) and same(e2, e["e2"], S) and len(e1.users) == 1 and len(e2.users) == 1 \
+                    and next(iter(e1.users)).target is aten.sub.Tensor:    # e1: the correction KC·S
                 break
         else:
             return None

@@ -169,3 +169,31 @@ def test_fla_chunked_program_with_a_forward_substitution_is_one_op_over_every_ch
         CHECK-NOT: aten.masked_fill_
         CHECK: return
     """)
+
+
+def kimi_chunked_no_state(q, k, v, beta, g):
+    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    f = kimi.chunk_kimi_delta_attention
+    while hasattr(f, "__wrapped__"):
+        f = f.__wrapped__
+    return f(q, k, v, g, beta, chunk_size=2)[0]
+
+
+def test_kimi_chunked_kda_without_its_final_state_is_one_vector_gated_op_over_every_chunk(tmp_path):
+    # Kimi Linear's chunked KDA, T = 8 in 4 chunks of 2, no final state: one op {gate=vector} over all 8
+    # steps (the last chunk, computed after the loop with its own copy of the j <= i mask, is proven to be
+    # one more step), the per-channel decay mask, the forward substitution and every einsum gone
+    q, k, v, beta, g, _ = operands("vector")
+    more = [torch.cat([x, x[:, :2]], 1) for x in (q, k, v, beta, g)]
+    text, _ = after_pass(kimi_chunked_no_state, *more, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.copy_
+        CHECK: %delta = seqfuse.delta({{.*}}, g=%{{.*}}) {gate=vector, scale=1.0, chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
+        CHECK-NOT: aten.einsum
+        CHECK: aten.copy_(
+        CHECK: aten.copy_(
+        CHECK-NOT: aten.copy_(
+        CHECK-NOT: aten.einsum
+        CHECK: return
+    """)
