@@ -138,3 +138,9 @@ register_impl("delta", Impl("eager", lambda t, a: None, _reference_forward, _ref
 from seqfuse.lowering.cpu import delta as _cpu_delta  # noqa: E402
 
 _cpu_delta.register()
+
+# the Triton chunked forward (CUDA, or CPU under TRITON_INTERPRET=1); its backward is this module's
+# eager one.  Its ``supports`` refuses the recurrent algorithm, gate="vector", NaN / inf operands, ...
+from seqfuse.lowering.triton import delta as _triton_delta  # noqa: E402
+
+_triton_delta.register()

@@ -1,0 +1,114 @@
+"""seqfuse.delta on a Triton kernel (the "triton" runtime path): the chunked forward.
+
+Contract (see :mod:`seqfuse.lowering.delta_op`):
+
+    supports(t, a) -> None | reason
+    forward(q, k, v, beta, g, h0, attrs) -> (y, h)
+    backward(grad_y, grad_h, q, k, v, beta, g, h0, attrs) -> (dq, dk, dv, dbeta, dg, dh0)
+
+Forward: one kernel (:mod:`seqfuse.lowering.triton.delta_kernels`), one program per (batch, head,
+block of value dims), chunks of BLOCK_T steps walked in order with the state in fp32 registers;
+every chunk length computes the same function, so the kernel's tile, not ``attrs["chunk"]``, is
+the chunk.  Backward: the eager path's (the chunked reference differentiated again, torch ops on
+the call's device); a Triton backward kernel is not written yet.
+
+Refused (the next path runs the call): no triton / not allowed on this device (common.py), the
+"recurrent" algorithm (decode and short sequences run elsewhere), gate="vector" (its decay is a
+(BLOCK_T, BLOCK_T, K) tile: not written yet), dtypes other than fp32 / fp16 / bf16, head dims
+above MAX_DIM, tensors of 2**31 elements or more.
+"""
+from __future__ import annotations
+
+import torch
+
+from seqfuse.lowering.reference.delta import check_delta_args, out_dtype
+from seqfuse.lowering.triton.common import availability
+from seqfuse.runtime import Impl, register_impl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: the (BLOCK_K, BLOCK_V) state block and the (BLOCK_T, BLOCK_K) chunk tiles live in registers
+MAX_DIM = 128
+#: (BLOCK_T, BLOCK_V, num_warps): on a GPU (not tuned: no GPU measured it yet), and under the
+#: interpreter small enough that tests at T ≤ 40 cross several chunks and value blocks
+GPU_CONFIG = (32, 64, 4)
+INTERPRETER_CONFIG = (16, 16, 4)
+
+_kernels_module = None
+
+
+def _kernels():
+    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
+    global _kernels_module
+    if _kernels_module is None:
+        from seqfuse.lowering.triton import delta_kernels
+        _kernels_module = delta_kernels
+    return _kernels_module
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+def supports(t: dict, a: dict) -> str | None:
+    """None when the triton kernel computes exactly this call, else the reason it does not."""
+    q = t["q"]
+    reason = availability(q.device, _kernels_module)
+    if reason:
+        return reason
+    if a.get("algorithm") != "chunked":
+        return f"algorithm {a.get('algorithm')!r} (the triton kernel is the chunked one)"
+    if a.get("gate") not in ("none", "scalar"):
+        return f"gate={a.get('gate')!r} (the triton kernel takes none and scalar)"
+    named = [(n, t.get(n)) for n in ("q", "k", "v", "beta", "g", "h0")]
+    for name, x in named:
+        if x is None:
+            continue
+        if x.dtype not in _DTYPES:
+            return f"{name} dtype {x.dtype} (the kernel takes float32, float16, bfloat16)"
+        if x.device != q.device:
+            return "inputs on different devices"
+        if x.numel() >= 2 ** 31:
+            return f"{name} has 2**31 elements or more"
+    try:
+        check_delta_args(*(x for _, x in named), a["gate"])
+    except ValueError as exc:
+        return f"shapes: {exc}"
+    if q.shape[-1] > MAX_DIM or t["v"].shape[-1] > MAX_DIM:
+        return f"head dims K={q.shape[-1]}, V={t['v'].shape[-1]} above {MAX_DIM} (the state block lives in registers)"
+    if "needs" not in a and not all(x is None or bool(torch.isfinite(x).all()) for _, x in named):
+        return "a NaN or inf operand (the chunked form mixes every step of a chunk)"
+    return None
+
+
+def forward(q, k, v, beta, g, h0, a):
+    """(y (B, T, H, V), h (B, H, K, V)) in the operands' promoted dtype."""
+    kern = _kernels()
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dtype = out_dtype(q, k, v, beta, g, h0)
+    y = torch.empty((B, T, H, V), dtype=dtype, device=q.device)
+    h = torch.empty((B, H, K, V), dtype=dtype, device=q.device)
+    block_t, block_v, warps = INTERPRETER_CONFIG if kern.INTERPRETED else GPU_CONFIG
+    block_v = min(block_v, _pow2(V))
+    gate = 1 if a["gate"] == "scalar" else 0
+    gg = g if g is not None else beta
+    s0 = h0 if h0 is not None else h
+    grid = (-(-V // block_v), B * H)
+    kern.delta_chunked_fwd[grid](
+        q, k, v, beta, gg, s0, y, h,
+        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gg.stride()[:3], *s0.stride(), *y.stride(),
+        *h.stride(), T, H, K, V, float(a["scale"]),
+        GATE=gate, HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_K=_pow2(K), BLOCK_V=block_v,
+        DOT_PRECISION="ieee" if kern.INTERPRETED else "tf32x3", num_warps=warps)
+    return y, h
+
+
+def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
+    """The eager path's backward (the chunked reference differentiated again)."""
+    from seqfuse.lowering import delta_op
+    return delta_op._reference_backward(grad_y, grad_h, q, k, v, beta, g, h0, a)
+
+
+def register() -> None:
+    """Register the kernel as the "triton" implementation of seqfuse.delta."""
+    register_impl("delta", Impl("triton", supports, forward, backward))

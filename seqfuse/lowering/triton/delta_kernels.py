@@ -1,0 +1,119 @@
+"""Triton kernel of seqfuse.delta: the chunked WY / UT forward (gate none or scalar).
+
+Imported lazily by :mod:`seqfuse.lowering.triton.delta` on the first call that runs on the
+triton path (``@triton.jit`` fixes interpreted vs compiled mode when it runs).
+
+One program per (batch, head, block of BLOCK_V value dims): the delta rule's state columns are
+independent (S_t = (I − β_t k_t k_tᵀ)·α_t·S_{t-1} + β_t k_t ⊗ v_t acts on S from the left), so a
+program keeps its (BLOCK_K, BLOCK_V) block of the state in fp32 registers and walks the chunks of
+BLOCK_T steps in order.  Per chunk, with γ_i = g_0 + … + g_i the cumulative log-decay inside it
+and S0 the state entering it (the reference's ``delta_chunked``, written for one program)::
+
+    A[i, j]  = β_i (k_i·k_j) e^{γ_i − γ_j}                j < i      (strictly lower)
+    R        = β ⊙ V − (β e^γ ⊙ K)·S0
+    U        = (I + A)⁻¹ R                                 forward substitution, row by row
+    y_i      = e^{γ_i} (scale·q_i)·S0 + Σ_{j ≤ i} (scale·q_i·k_j) e^{γ_i − γ_j} u_j
+    S_C      = e^{γ_C} S0 + Σ_j e^{γ_C − γ_j} k_j ⊗ u_j
+
+Every exponent is a difference γ_i − γ_j with j ≤ i (masked to -inf above the diagonal before
+exp) or relative to the chunk start, so strong decays never overflow.  Steps past T load k = v =
+β = g = 0: their rows of A and U are 0 and they leave the state alone.
+
+Constexpr flags: GATE (0 none, 1 scalar), HAS_H0, BLOCK_T / BLOCK_K / BLOCK_V (powers of two, ≥ 16
+for tl.dot), DOT_PRECISION ("ieee" for fp32 products).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def delta_chunked_fwd(
+        Q, K, V, BETA, G, H0, Y, HT,
+        stride_qb, stride_qt, stride_qh, stride_qk,
+        stride_kb, stride_kt, stride_kh, stride_kk,
+        stride_vb, stride_vt, stride_vh, stride_vv,
+        stride_bb, stride_bt, stride_bh,
+        stride_gb, stride_gt, stride_gh,
+        stride_sb, stride_sh, stride_sk, stride_sv,
+        stride_yb, stride_yt, stride_yh, stride_yv,
+        stride_ob, stride_oh, stride_ok, stride_ov,
+        T, H, KD, VD, scale,
+        GATE: tl.constexpr, HAS_H0: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """y (B, T, H, V) and the final state (B, H, K, V) of one (batch, head, value block)."""
+    # -- phase 0: which program; offsets
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_ok = offs_k < KD
+    v_ok = offs_v < VD
+    rows = offs_t[:, None]
+    cols = offs_t[None, :]
+    strict = cols < rows             # j < i
+    causal = cols <= rows            # j <= i
+
+    # -- phase 1: the state entering the first chunk
+    if HAS_H0:
+        S = tl.load(H0 + b * stride_sb + h * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :] * stride_sv,
+                    mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
+
+    # -- phase 2: the chunks in order
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + offs_t
+        t_ok = ts < T
+        kc = tl.load(K + b * stride_kb + h * stride_kh + ts[:, None] * stride_kt + offs_k[None, :] * stride_kk,
+                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        qc = tl.load(Q + b * stride_qb + h * stride_qh + ts[:, None] * stride_qt + offs_k[None, :] * stride_qk,
+                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * scale
+        vc = tl.load(V + b * stride_vb + h * stride_vh + ts[:, None] * stride_vt + offs_v[None, :] * stride_vv,
+                     mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        beta = tl.load(BETA + b * stride_bb + h * stride_bh + ts * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
+        # 2a. cumulative log-decays γ (BLOCK_T,), the decay matrix e^{γ_i − γ_j} (j <= i)
+        if GATE == 1:
+            g = tl.load(G + b * stride_gb + h * stride_gh + ts * stride_gt, mask=t_ok, other=0.0).to(tl.float32)
+            gam = tl.cumsum(g, 0)
+            # γ_C is the cumsum's own last entry (steps past T add 0): a separately reduced sum would
+            # round differently, and e^{γ_C − γ_i} must be exactly 1 at the chunk's last step
+            gam_last = tl.sum(tl.where(offs_t == BLOCK_T - 1, gam, 0.0), 0)
+            decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+            eg = tl.exp(gam)
+            eg_rest = tl.exp(gam_last - gam)
+            carry = tl.exp(gam_last)
+        else:
+            decay = tl.where(causal, 1.0, 0.0)
+            eg = tl.full([BLOCK_T], 1.0, tl.float32)
+            eg_rest = tl.full([BLOCK_T], 1.0, tl.float32)
+            carry = 1.0
+        # 2b. A (strict) and the readout scores (j <= i)
+        kk = tl.dot(kc, tl.trans(kc), input_precision=DOT_PRECISION)
+        A = tl.where(strict, kk * decay, 0.0) * beta[:, None]
+        qk = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION) * decay
+        # 2c. R = β ⊙ V − (β e^γ ⊙ K)·S0, then U = (I + A)⁻¹ R by forward substitution
+        R = beta[:, None] * vc - tl.dot((beta * eg)[:, None] * kc, S, input_precision=DOT_PRECISION)
+        U = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+        for i in range(BLOCK_T):
+            pick = rows == i
+            a_i = tl.sum(tl.where(pick, A, 0.0), 0)                  # row i of A (zero for j >= i)
+            r_i = tl.sum(tl.where(pick, R, 0.0), 0)
+            u_i = r_i - tl.sum(a_i[:, None] * U, 0)                  # rows j < i of U are final
+            U = tl.where(pick, u_i[None, :], U)
+        # 2d. the readout, then the state leaving the chunk
+        y = tl.dot(eg[:, None] * qc, S, input_precision=DOT_PRECISION) + \
+            tl.dot(qk, U, input_precision=DOT_PRECISION)
+        tl.store(Y + b * stride_yb + h * stride_yh + ts[:, None] * stride_yt + offs_v[None, :] * stride_yv,
+                 y.to(Y.dtype.element_ty), mask=t_ok[:, None] & v_ok[None, :])
+        S = S * carry + tl.dot(tl.trans(eg_rest[:, None] * kc), U, input_precision=DOT_PRECISION)
+
+    # -- phase 3: the final state
+    tl.store(HT + b * stride_ob + h * stride_oh + offs_k[:, None] * stride_ok + offs_v[None, :] * stride_ov,
+             S.to(HT.dtype.element_ty), mask=k_ok[:, None] & v_ok[None, :])
