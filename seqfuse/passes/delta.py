@@ -488,8 +488,10 @@ class DeltaPass(Pass):
 
     def run(self, ctx: PassContext) -> None:
         graph = ctx.graph
+        self._reported = False     # a delta near miss was recorded for this graph
         runs = find_runs(graph)
         if not runs:
+            self._short_wy_near_miss(ctx)
             return
         pos = {n: i for i, n in enumerate(graph.nodes)}
         changed = False
@@ -523,9 +525,30 @@ class DeltaPass(Pass):
             except (NotDelta, NoLoop) as e:
                 what = "chunked form not lifted: " if rewrite is _ChunkRewrite else ""
                 ctx.report.add_near_miss("delta", what + str(e), loop.template[k])
+                self._reported = True
         if changed:
             graph.eliminate_dead_code()
             ctx.gm.recompile()
+        if not self._reported and not changed:
+            self._short_wy_near_miss(ctx)
+
+    @staticmethod
+    def _short_wy_near_miss(ctx):
+        """A UT system over chunks (B, H, N, C, C) still solved after the pass (a unit lower-triangular solve
+        or an in-place forward substitution) whose loop was neither lifted nor reported: a chunked WY
+        program over fewer than three chunks (the loop finder needs three steps), left as written."""
+        for node in ctx.graph.nodes:
+            if _solve(node):
+                system = node.args[0]
+            elif node.target is aten.add.Tensor and _Chunked._is_eye(node.args[1]) and \
+                    isinstance(node.args[0], torch.fx.Node) and _Chunked._written(node.args[0]):
+                system = node.args[0]
+            else:
+                continue
+            if isinstance(system, torch.fx.Node) and val(system).dim() == 5:
+                ctx.report.add_near_miss("delta", "chunked form not lifted: a WY program (a UT system over chunks) "
+                                         "whose loop over chunks has fewer than three steps is not re-rolled", node)
+                return
 
     def _coupled_near_miss(self, ctx, loop):
         """A loop carrying several values, one of them a (B, H, K, V)-like state whose update reads it through
@@ -542,6 +565,7 @@ class DeltaPass(Pass):
             except (NotDelta, NoLoop) as e:
                 reason = str(e) + f"; the loop carries {len(loop.carried)} values (the delta rule carries one state)"
             ctx.report.add_near_miss("delta", reason, loop.template[k])
+            self._reported = True
             return
 
     @staticmethod
