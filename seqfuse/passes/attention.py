@@ -33,6 +33,7 @@ calls are lifted directly.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,58 @@ def _match_values(softmax: torch.fx.Node):
                 raise NoMatch("the probabilities are contracted with themselves")
             return user, cur, dropout
         raise NoMatch(f"the probabilities feed {_op_name(user)}, not a contraction with the values")
+
+
+# --- attention sinks -------------------------------------------------------------
+
+@dataclass
+class _Sink:
+    """softmax(cat([s, sink], -1) [- row max])[..., :-1]: the scores s, the sink column (*, 1),
+    and the slice that drops the sink's probability (the values side starts there)."""
+    scores: torch.fx.Node
+    column: torch.fx.Node
+    drop: torch.fx.Node
+
+
+def _last_axis(node: torch.fx.Node, dim) -> bool:
+    d = constant_value(dim)
+    return isinstance(d, int) and d % rank(node) == rank(node) - 1
+
+
+def _without_row_max(x: torch.fx.Node) -> torch.fx.Node:
+    """``c`` for ``x = c - max(c, -1, keepdim=True)`` (or amax): a shift the softmax does not see
+    (gpt-oss subtracts it against bf16 overflow); ``x`` otherwise."""
+    if not is_op(x, aten.sub) or not isinstance(x.args[1], torch.fx.Node):
+        return x
+    c, m = x.args[0], x.args[1]
+    if m.target is operator.getitem and m.args[1] == 0 and is_op(m.args[0], aten.max) and \
+            len(m.args[0].args) >= 3 and m.args[0].args[0] is c and _last_axis(c, m.args[0].args[1]) and \
+            m.args[0].args[2] is True:
+        return c
+    if is_op(m, aten.amax) and m.args[0] is c and len(m.args) >= 3 and isinstance(m.args[1], (list, tuple)) \
+            and list(m.args[1]) in ([-1], [rank(c) - 1]) and m.args[2] is True:
+        return c
+    return x
+
+
+def _sink_split(sm: torch.fx.Node) -> _Sink | None:
+    """The attention-sink form of a softmax over the last axis (gpt-oss), or None."""
+    if not _last_axis(sm, sm.args[1]):
+        return None
+    c = _without_row_max(sm.args[0])
+    if not is_op(c, aten.cat) or not _last_axis(c, arg(c, 1, "dim", 0)) or len(c.args[0]) != 2:
+        return None
+    scores, column = c.args[0]
+    drop = only_user(sm)
+    if not isinstance(column, torch.fx.Node) or val(column).shape[-1] != 1 or drop is None or \
+            not is_op(drop, aten.slice) or not _last_axis(drop, drop.args[1]):
+        return None
+    n = val(scores).shape[-1]
+    start, end = constant_value(arg(drop, 2, "start", 0)), constant_value(arg(drop, 3, "end", None))
+    step = constant_value(arg(drop, 4, "step", 1))
+    if start not in (0, None) or step != 1 or not (end == -1 or (isinstance(end, int) and _known(end == n))):
+        return None
+    return _Sink(scores, column, drop)
 
 
 # --- step 2: scores side -----------------------------------------------------
@@ -707,9 +760,12 @@ class AttentionPass(Pass):
                 ctx.report.add_near_miss("attention", f"the softmax narrows the scores from {val(x).dtype} to "
                                          f"{val(sm).dtype} (the op computes them at the inputs' precision)", sm)
             return
+        sink = _sink_split(sm)
+        if sink is not None:  # the probabilities start at the slice that drops the sink's column
+            x = sink.scores
         values = scores = None
         try:
-            values = _match_values(sm)
+            values = _match_values(sink.drop if sink is not None else sm)
         except NoMatch as e:
             values_err = str(e)
         try:
@@ -724,13 +780,14 @@ class AttentionPass(Pass):
             ctx.report.add_near_miss("attention", values_err if values is None else scores_err, sm)
             return
         try:
-            self._rewrite(ctx, sm, values, scores)
+            self._rewrite(ctx, sm, values, scores, sink)
         except NoMatch as e:
             ctx.report.add_near_miss("attention", str(e), sm)
 
-    def _rewrite(self, ctx: PassContext, sm, values, sc: _Scores) -> None:
+    def _rewrite(self, ctx: PassContext, sm, values, sc: _Scores, sink: _Sink | None = None) -> None:
         gm, graph = ctx.gm, ctx.graph
         pv, p_node, dropout = values
+        x_in = sink.scores if sink is not None else sm.args[0]
         back = rank(sm) - sm.args[1] % rank(sm)  # the softmax axis, counted from the end
         # letters of the scores contraction: q·kᵀ summed over exactly one axis d
         (la, lb), lo = _einsum_parts(sc.einsum)
@@ -759,10 +816,12 @@ class AttentionPass(Pass):
         batch = [c for c in lo if c not in (i, j)]
         # batch reshapes between the scores and the values ((B·H, L, S) <-> (B, H, L, S), Bloom):
         # every mask, bias and the values are brought to the contraction's own batch grouping
-        stages = [x for x in [sm.args[0], p_node, *sc.keep_stages, *(b_.stage for b_ in sc.biases)]
+        stages = [x for x in [x_in, p_node, *sc.keep_stages, *(b_.stage for b_ in sc.biases)]
                   if not _same_shape(val(x).shape, val(sc.einsum).shape)]
+        if sink is not None and (stages or j != lo[-1]):
+            raise NoMatch("attention sinks on scores that are reshaped, or whose key axis is not the last axis")
         if stages and {i, j} != set(lo[-2:]):
-            raise NoMatch(f"{_op_name(_first_reshape(sm.args[0], p_node, sc.einsum))} between the scores and the "
+            raise NoMatch(f"{_op_name(_first_reshape(x_in, p_node, sc.einsum))} between the scores and the "
                           "values, and the query and key axes are not the last two axes of the scores")
         sc.keeps = [_regroup(graph, pv, m, st, sc.einsum, sm) for m, st in zip(sc.keeps, sc.keep_stages)]
         for b_ in sc.biases:
@@ -903,8 +962,13 @@ class AttentionPass(Pass):
             raise NoMatch(f"output shape {tuple(_permuted(fake_out.shape, out_letters, o_l))} differs from the "
                           f"program's {tuple(val(pv).shape)}")
         _no_mutation_between(sc.einsum, pv, set(sc.inplace))
+        sink_op = None
+        if sink is not None:
+            # the sink column (*scores axes but j, 1) -> (*batch, i): one logit per row
+            col = _emit(graph, before, aten.squeeze.dim, (sink.column, -1), sm)
+            sink_op = _to_layout(graph, before, col, "".join(c for c in lo if c != j), "".join(batch) + i, sm)
         scale = sym_product(graph, factors, before)
-        op = Attention(q=qc, k=kc, v=vc, bias=bias, keep=keep, scale=scale, mask=mask_kind, diag=diag,
+        op = Attention(q=qc, k=kc, v=vc, bias=bias, keep=keep, sink=sink_op, scale=scale, mask=mask_kind, diag=diag,
                        window=window, fill=sc.fill if (sc.keeps or mask_kind != "none") else -math.inf,
                        bias_after_mask=sc.bias_after_mask, gqa_groups=gqa, softcap=sc.softcap,
                        dropout=dropout, algorithm="fused")

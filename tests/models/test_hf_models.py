@@ -69,8 +69,8 @@ MODELS = {
     "llama_mqa": (_llama_mqa, {"attention": 2}),
     "mistral_window": (_mistral_window, {"attention": 2}),
     "gemma2_softcap": (_gemma2_softcap, {"attention": 2}),
-    # ALiBi through baddbmm is not recognized yet (issue 15): the test is about its gradients
-    "bloom": (_bloom, {}),
+    # ALiBi through baddbmm with the (B·H, L, S) <-> (B, H, L, S) views around the softmax (issue 15)
+    "bloom": (_bloom, {"attention": 2}),
     "recurrent_gemma": (_recurrent_gemma, {"scan": 2, "long_conv": 2, "attention": 1}),
 }
 
