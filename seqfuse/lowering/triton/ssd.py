@@ -97,16 +97,31 @@ def operand_reason(t: dict, decay) -> tuple[str | None, tuple | None]:
         return f"shapes: {exc}", None
 
 
+def _nonfinite_operand(t: dict) -> bool:
+    """A NaN or ±inf in any operand but the log-decay, or a NaN or +inf in the log-decay (-inf, a
+    reset of the state, is exact)."""
+    for name, v in t.items():
+        if v is None:
+            continue
+        if name == "a":
+            if bool((v.isnan() | (v == float("inf"))).any()):
+                return True
+        elif not bool(torch.isfinite(v).all()):
+            return True
+    return False
+
+
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
     x = t["x"]
     reason = availability(x.device, _kernels_module)
     if reason:
         return reason
-    if "needs" in a and not all(v is None or bool(torch.isfinite(v).all()) for v in t.values()):
+    if "needs" in a and _nonfinite_operand(t):
         # a backward call (its attributes carry ``needs``): the chunked adjoint takes differences of
         # cumulative sums, which meet inf - inf at an infinite input at a reset step where the
-        # program's gradient is finite; the recurrence differentiated step by step keeps its NaN rules
+        # program's gradient is finite; the recurrence differentiated step by step keeps its NaN rules.
+        # A log-decay of -inf alone (a reset) is exact in the kernels.
         return "a NaN or inf operand in the backward (the chunked adjoint would meet inf - inf)"
     if a.get("algorithm") == "recurrent":  # the decode kernel (decode.py); the backward as for "chunked"
         from seqfuse.lowering.triton import decode
