@@ -15,9 +15,10 @@ interrupted by an alarm at the end of its stage's box):
               naive program: D 64/128, causal and not, L 2k/8k, forward and forward+backward;
               TFLOP/s and seqfuse/flash.  seqfuse and flash first for every shape, then the
               peers that compile per shape (flex, inductor) while time remains
-  recurrence  ssd (decay none / scalar / vector) at Mamba-2 2.7B-like sizes (H=80, P=64, N=128)
-              and the discretized scan (Mamba-1's selective scan) vs mamba_ssm and fla when they
-              import (why not is printed when they don't) and the eager reference
+  recurrence  ssd (decay none / scalar / vector) at Mamba-2 2.7B-like sizes (H=80, P=64, N=128),
+              the gated delta rule (H=16, K=V=128) and the discretized scan (Mamba-1's selective
+              scan) vs mamba_ssm and fla when they import (why not is printed when they don't)
+              and the eager reference
   long_conv   seqfuse::long_conv (fft, direct) vs the torch.fft program eager and under
               inductor; low-precision inputs are upcast for torch.fft, as a user must
               (cuFFT has no bf16)
@@ -319,6 +320,9 @@ def stage_recurrence(suite: Suite) -> None:
                 _ratio_row(suite, "recurrence", dict(op=f"ssd/{decay}", T=T, B=B, H=H, P=P, N=N,
                                                      pass_="fwd+bwd" if backward else "fwd"), row)
                 del x, b, c, a
+        # Gated DeltaNet (Qwen3-Next-like heads: K = V = 128): the triton chunked forward, the eager
+        # backward (no triton delta backward yet), vs the chunked reference
+        _delta_rows(suite, T, dtype)
         # Mamba-1 selective scan, discretized in the kernel: D = 2·d_model channels, N = 16
         if suite.out_of_time():
             return
@@ -343,6 +347,35 @@ def stage_recurrence(suite: Suite) -> None:
                 row["mamba_ssm"] = _try_ms(lambda: peers["mamba_scan"](*args), suite, backward)
             _ratio_row(suite, "recurrence", dict(op="scan/selective", T=T, B=Bs, D=D, N=Ns,
                                                  pass_="fwd+bwd" if backward else "fwd"), row)
+
+
+def _delta_rows(suite: Suite, T: int, dtype) -> None:
+    import torch
+
+    import seqfuse.lowering.delta_op  # noqa: F401
+    from seqfuse.lowering.reference.delta import delta_chunked
+    dev, smoke = suite.device, suite.smoke
+    B, H, K, V = (1, 16, 128, 128) if not smoke else (1, 2, 8, 8)
+    fla, why = _peer("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")
+    if why:
+        print(f"  [recurrence] fla.ops.gated_delta_rule.chunk_gated_delta_rule unavailable: {why}", flush=True)
+    for backward in (False, True):
+        if suite.out_of_time():
+            print("  [recurrence] cut: the time box ran out", flush=True)
+            return
+        q = torch.randn(B, T, H, K, device=dev, dtype=dtype).requires_grad_(backward)
+        k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev), dim=-1).to(dtype).requires_grad_(backward)
+        v = torch.randn(B, T, H, V, device=dev, dtype=dtype).requires_grad_(backward)
+        beta = torch.rand(B, T, H, device=dev, dtype=dtype).requires_grad_(backward)
+        g = (-torch.rand(B, T, H, device=dev) * 0.1).requires_grad_(backward)
+        row = {"seqfuse": _try_ms(lambda: torch.ops.seqfuse.delta(q, k, v, beta, g, None, "scalar", K ** -0.5, 64,
+                                                                   "chunked", "triton")[0], suite, backward),
+               "eager": _try_ms(lambda: delta_chunked(q, k, v, beta, g, gate="scalar", scale=K ** -0.5)[0], suite,
+                                backward)}
+        if fla is not None:
+            row["fla"] = _try_ms(lambda: fla(q, k, v, g, beta, scale=K ** -0.5)[0], suite, backward)
+        _ratio_row(suite, "recurrence", dict(op="delta/scalar", T=T, B=B, H=H, K=K, V=V,
+                                             pass_="fwd+bwd" if backward else "fwd"), row)
 
 
 def _ratio_row(suite, stage, key, row):
