@@ -61,7 +61,8 @@ def compute_dtype(*tensors) -> tuple[torch.dtype, torch.dtype]:
 
 
 def check_status(status: int, op: str, which: str) -> None:
-    """Raise for a kernel's non-zero return code (1: out of memory, 2: N > MAX_N)."""
+    """Raise for a kernel's non-zero return code (1: out of memory, 2: N > MAX_N, 4: the call is not
+    the variant its library was built for: a bug in choosing the variant, never run as another)."""
     if status == 1:
         raise MemoryError(f"seqfuse.{op} (cpu): the {which} kernel could not allocate its scratch")
     if status != 0:
