@@ -84,7 +84,7 @@ def sliced_inside_sdpa(q, k, v):
 
 @pytest.mark.parametrize("fn", [sliced_inside, sliced_inside_sdpa])
 def test_strided_head_dim_on_the_flash_kernel(fn):
-    q, k, v = (torch.randn(2, 3, 9, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 9, 32, requires_grad=True) for _ in range(3))
     report = compare(fn, q, k, v)
     assert report.count("attention") == 1
     assert ran("aten") == 1 and ran("aten", "attention_backward") == 1
@@ -523,3 +523,32 @@ def test_triton_fp32_backward_with_head_dim_one_runs_the_reference(monkeypatch):
                             54152247))
     assert outcome.status == "ok", outcome.detail
     assert "'attention': {'triton': 1}" in outcome.detail and "'attention_backward': {'eager': 1}" in outcome.detail
+
+
+def test_cpu_fp32_flash_backward_with_head_dim_three_runs_the_reference():
+    # fuzzer seed 121 attention #188: a window of 2 over 3 positions with large queries (near one-hot
+    # rows) and 3 value channels: the flash backward's dP − Δ cancels (dk 1.9e-5 vs eager's 1.6e-6)
+    from fuzz.check import Case, run_case
+
+    def fn(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.5773502691896257
+        i, j = torch.arange(3)[:, None], torch.arange(3)[None, :]
+        return s.masked_fill((j > i) | (j <= i - 2), float("-inf")).softmax(-1) @ v
+    q = torch.tensor([18.588449478149414, 37.570465087890625, -24.29387855529785, 3.3913424015045166,
+                      -10.98724365234375, 34.46799087524414, -4.382644176483154, -54.21438980102539,
+                      8.844949722290039, 57.396705627441406, -4.911733150482178, -7.971248149871826,
+                      -22.629884719848633, -25.658079147338867, 36.34135818481445, 9.818921089172363,
+                      17.804656982421875, 27.77827262878418]).reshape(2, 1, 3, 3)
+    k = torch.tensor([0.33606719970703125, -0.7880393266677856, -0.2351764589548111, -0.3987824618816376,
+                      -0.338924378156662, -0.18219803273677826, -0.7910298705101013, -0.2712622880935669,
+                      -1.0302000045776367, -0.7441954612731934, -0.9725040197372437, 0.07779210805892944,
+                      1.6228301525115967, -1.023932933807373, 0.6983858346939087, 0.5915952920913696,
+                      -1.270911693572998, -0.3008372485637665]).reshape(2, 1, 3, 3).requires_grad_()
+    v = torch.tensor([-1.4141345024108887, 0.0659499391913414, -0.11072476953268051, -0.31580761075019836,
+                      -1.5018666982650757, -1.6462193727493286, -1.6401188373565674, 1.3499950170516968,
+                      0.9886354804039001, 0.35227712988853455, -0.2308603674173355, 0.9993019700050354,
+                      0.28180795907974243, 1.8757606744766235, -0.5429700016975403, -0.04324808344244957,
+                      0.5152457356452942, -0.07228325307369232]).reshape(2, 1, 3, 3).requires_grad_()
+    outcome = run_case(Case("attention", "window_head_dim_three", fn, (q, k, v), "attention", {}, 84928557))
+    assert outcome.status == "ok", outcome.detail
+    assert "'attention': {'aten': 1}" in outcome.detail and "'attention_backward': {'eager': 1}" in outcome.detail

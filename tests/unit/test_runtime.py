@@ -27,7 +27,7 @@ def causal(q, k, v):
 
 
 def qkv(grad=False):
-    return [torch.randn(2, 2, 8, 4, requires_grad=grad) for _ in range(3)]
+    return [torch.randn(2, 2, 8, 16, requires_grad=grad) for _ in range(3)]
 
 
 def not_triton(reasons: dict) -> dict:
