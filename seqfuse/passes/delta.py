@@ -536,7 +536,7 @@ class DeltaPass(Pass):
     def _short_wy_near_miss(ctx):
         """A UT system over chunks (B, H, N, C, C) still solved after the pass (a unit lower-triangular solve
         or an in-place forward substitution) whose loop was neither lifted nor reported: a chunked WY
-        program over fewer than three chunks (the loop finder needs three steps), left as written."""
+        program over too few chunks for the loop finder (one or two here), left as written."""
         for node in ctx.graph.nodes:
             if _solve(node):
                 system = node.args[0]
@@ -547,7 +547,7 @@ class DeltaPass(Pass):
                 continue
             if isinstance(system, torch.fx.Node) and val(system).dim() == 5:
                 ctx.report.add_near_miss("delta", "chunked form not lifted: a WY program (a UT system over chunks) "
-                                         "whose loop over chunks has fewer than three steps is not re-rolled", node)
+                                         "whose loop over chunks has too few steps to be re-rolled", node)
                 return
 
     def _coupled_near_miss(self, ctx, loop):

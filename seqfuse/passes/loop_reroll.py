@@ -33,7 +33,7 @@ aten = torch.ops.aten
 #: runs of a family still open for extension (a run is closed when a later one takes its place)
 _OPEN_RUNS = 8
 #: the fewest steps a re-rolled loop has
-MIN_STEPS = 3
+MIN_STEPS = 2
 
 
 class NoLoop(Exception):

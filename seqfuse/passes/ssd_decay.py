@@ -308,7 +308,7 @@ class Analyzer:
                           f"or a power γ^(i-j) on the lower triangle)")
         if is_op(node, aten.select):
             # L[:, :, i] of a mask over all chunks: one step of a loop over chunks left unrolled (the
-            # loops pass re-rolls 3 steps or more; fla's naive_chunk_simple_gla at T = 2·chunk_size)
+            # loops pass re-rolls 2 steps or more: a single chunk read at a constant index)
             raise NoMatch("select.int in the decay mask: one chunk of a decay mask read by a constant index "
                           "(a loop over chunks that was not re-rolled)")
         raise NoMatch(f"{_op_name(node)} in the decay mask (not a mask, exp of a segment sum or a power γ^(i-j))")
