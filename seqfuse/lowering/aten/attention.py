@@ -131,6 +131,8 @@ def supports(t: dict, a: dict) -> str | None:
         return "value head dim differs from the query head dim (the CPU flash kernel needs them equal)"
     if t["v"].shape[:-2] != k.shape[:-2]:
         return "k and v batch axes differ"
+    if a["gqa_groups"] > 1 and q.dim() < 4:
+        return "GQA needs inputs of rank 4 or more (a batch and a head axis)"
     if _kv_batch(q, k, a["gqa_groups"]) is None:
         return "k/v batch axes do not broadcast to q's"
     if q.device.type != "cpu" and _folded(q, k, a["gqa_groups"]):

@@ -29,6 +29,12 @@ import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
+# No function of triton's standard library (tl.sum, tl.zeros, tl.cumsum, ...) is called: those are
+# @triton.jit functions, jitted for one mode when triton.language is first imported, and an
+# interpreted kernel cannot call a compiled one (inductor imports triton early).  Sums name the
+# combine function tl.sum reduces with; tl.full replaces tl.zeros.
+_SUM = tl.standard._sum_combine
+
 
 @triton.jit
 def delta_chunked_fwd(
@@ -65,7 +71,7 @@ def delta_chunked_fwd(
         S = tl.load(H0 + b * stride_sb + h * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :] * stride_sv,
                     mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
     else:
-        S = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
+        S = tl.full([BLOCK_K, BLOCK_V], 0.0, tl.float32)
 
     # -- phase 2: the chunks in order
     for t0 in range(0, T, BLOCK_T):
@@ -81,10 +87,10 @@ def delta_chunked_fwd(
         # 2a. cumulative log-decays γ (BLOCK_T,), the decay matrix e^{γ_i − γ_j} (j <= i)
         if GATE == 1:
             g = tl.load(G + b * stride_gb + h * stride_gh + ts * stride_gt, mask=t_ok, other=0.0).to(tl.float32)
-            gam = tl.cumsum(g, 0)
+            gam = tl.associative_scan(g, 0, _SUM)
             # γ_C is the cumsum's own last entry (steps past T add 0): a separately reduced sum would
             # round differently, and e^{γ_C − γ_i} must be exactly 1 at the chunk's last step
-            gam_last = tl.sum(tl.where(offs_t == BLOCK_T - 1, gam, 0.0), 0)
+            gam_last = tl.reduce(tl.where(offs_t == BLOCK_T - 1, gam, 0.0), 0, _SUM)
             decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
             eg = tl.exp(gam)
             eg_rest = tl.exp(gam_last - gam)
@@ -100,12 +106,12 @@ def delta_chunked_fwd(
         qk = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION) * decay
         # 2c. R = β ⊙ V − (β e^γ ⊙ K)·S0, then U = (I + A)⁻¹ R by forward substitution
         R = beta[:, None] * vc - tl.dot((beta * eg)[:, None] * kc, S, input_precision=DOT_PRECISION)
-        U = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+        U = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
         for i in range(BLOCK_T):
             pick = rows == i
-            a_i = tl.sum(tl.where(pick, A, 0.0), 0)                  # row i of A (zero for j >= i)
-            r_i = tl.sum(tl.where(pick, R, 0.0), 0)
-            u_i = r_i - tl.sum(a_i[:, None] * U, 0)                  # rows j < i of U are final
+            a_i = tl.reduce(tl.where(pick, A, 0.0), 0, _SUM)                  # row i of A (zero for j >= i)
+            r_i = tl.reduce(tl.where(pick, R, 0.0), 0, _SUM)
+            u_i = r_i - tl.reduce(a_i[:, None] * U, 0, _SUM)                  # rows j < i of U are final
             U = tl.where(pick, u_i[None, :], U)
         # 2d. the readout, then the state leaving the chunk
         y = tl.dot(eg[:, None] * qc, S, input_precision=DOT_PRECISION) + \
