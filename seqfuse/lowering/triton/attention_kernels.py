@@ -74,14 +74,15 @@ def _tanh(x):
 @triton.jit
 def _scores(qk, rows, cols, in_row, in_col, b_ptrs, c_ptrs, scale, fill, softcap, diag, window,
             MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BIAS_AFTER_MASK: tl.constexpr,
-            NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, COLS_IN: tl.constexpr):
+            NEG_INF_FILL: tl.constexpr, SOFTCAP: tl.constexpr, FULL: tl.constexpr):
     """Scores the softmax sees for one tile, from the raw products ``qk`` (fp32, (BLOCK_M, BLOCK_N)).
 
     rows (BLOCK_M, 1) / cols (1, BLOCK_N) are query / key positions, in_row / in_col
     whether they exist; b_ptrs / c_ptrs address the tile of bias / keep.
     Returns (s, allowed, t): s with -inf on keys past the end; allowed where the raw
     score survives the masks (broadcastable to the tile); t = tanh(scale·qk / softcap).
-    COLS_IN: every key of the tile exists (no -inf for keys past the end).
+    FULL: the structural mask allows every (row, key) pair of the tile and every key exists, so
+    neither is evaluated (a keep tensor still is).
     """
     # scale, then soft-cap
     s = qk * scale
@@ -96,22 +97,41 @@ def _scores(qk, rows, cols, in_row, in_col, b_ptrs, c_ptrs, scale, fill, softcap
             s = s + b
     # structural and keep masks: a masked score is replaced by `fill`
     allowed = in_col
-    if MASK == 1:
+    if MASK == 1 and not FULL:
         allowed = allowed & (cols - rows <= diag)
-    if MASK == 2:
+    if MASK == 2 and not FULL:
         rel = cols - rows
         allowed = allowed & (rel <= diag) & (rel > diag - window)
     if HAS_KEEP:
         allowed = allowed & (tl.load(c_ptrs, mask=in_row & in_col, other=0) != 0)
-    if MASK != 0 or HAS_KEEP:
+    if (MASK != 0 and not FULL) or HAS_KEEP:
         s = tl.where(allowed, s, fill)
     if HAS_BIAS:
         if BIAS_AFTER_MASK:
             s = s + b
     # keys past the end are not in the row at all (already -inf when fill is -inf)
-    if not (NEG_INF_FILL and (MASK != 0 or HAS_KEEP)) and not COLS_IN:
+    if not (NEG_INF_FILL and (MASK != 0 or HAS_KEEP)) and not FULL:
         s = tl.where(in_col, s, float("-inf"))
     return s, allowed, t
+
+
+@triton.jit
+def _key_runs(m0, lo, hi, LK, diag, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+              NEG_INF_FILL: tl.constexpr):
+    """(a, b): of the key tiles lo, lo + BLOCK_N, ... below hi that the query tile at m0 visits, tiles
+    [a, b) are allowed whole by the structural mask and hold only existing keys; [0, a) and [b, ...)
+    are cut by it (window edge; diagonal, last).  (0, 0) without a structural mask or with a finite fill."""
+    a = 0
+    b = 0
+    if NEG_INF_FILL and MASK != 0:
+        n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        t_hi = tl.maximum(tl.minimum(m0 + diag + 1 - lo, LK - lo), 0) // BLOCK_N  # tiles with j <= i + diag
+        t_lo = 0
+        if MASK == 2:                                                          # ... and j > i + diag - window
+            t_lo = (tl.maximum(m0 + BLOCK_M + diag - window - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        a = tl.minimum(t_lo, n_tiles)
+        b = tl.maximum(tl.minimum(t_hi, n_tiles), a)
+    return a, b
 
 
 @triton.jit
@@ -136,14 +156,9 @@ def _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, n_start, n_end
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
         b_ptrs = b_base + offs_n[None, :] * stride_bn
         c_ptrs = c_base + offs_n[None, :] * stride_cn
-        if FULL:
-            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
-                                    scale, fill, softcap, diag, window,
-                                    0, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, True)
-        else:
-            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
-                                    scale, fill, softcap, diag, window,
-                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
+        s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
+                                scale, fill, softcap, diag, window,
+                                MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, FULL)
         # new running max; a row with nothing yet (max -inf) subtracts 0 so exp gives 0, not NaN
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -227,38 +242,25 @@ def attention_fwd(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
-    if NEG_INF_FILL and MASK != 0:
-        # tiles [lo, hi) in three runs: the edge tiles the structural mask cuts (masked), the tiles it
-        # allows whole (FULL: no mask arithmetic, every key exists), the diagonal / last tiles (masked)
-        n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
-        t_hi = tl.maximum(tl.minimum(m0 + diag + 1 - lo, LK - lo), 0) // BLOCK_N  # tiles with j <= i + diag
-        t_lo = 0
-        if MASK == 2:                                                          # ... and j > i + diag - window
-            t_lo = (tl.maximum(m0 + BLOCK_M + diag - window - lo, 0) + BLOCK_N - 1) // BLOCK_N
-        a = tl.minimum(t_lo, n_tiles)
-        b = tl.maximum(tl.minimum(t_hi, n_tiles), a)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo, lo + a * BLOCK_N,
-                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
-                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
-                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
-                                   DOT_PRECISION, DOT_FP32, False)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo + a * BLOCK_N,
-                                   lo + b * BLOCK_N,
-                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
-                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
-                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
-                                   DOT_PRECISION, DOT_FP32, True)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo + b * BLOCK_N, hi,
-                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
-                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
-                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
-                                   DOT_PRECISION, DOT_FP32, False)
-    else:
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo, hi,
-                                   rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
-                                   LK, scale, fill, softcap, diag, window, BLOCK_N,
-                                   MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
-                                   DOT_PRECISION, DOT_FP32, False)
+    # tiles [lo, hi) in three runs: the edge tiles the structural mask cuts (masked), the tiles it
+    # allows whole (FULL: no mask arithmetic, every key exists), the diagonal / last tiles (masked)
+    a, b = _key_runs(m0, lo, hi, LK, diag, window, BLOCK_M, BLOCK_N, MASK, NEG_INF_FILL)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo, lo + a * BLOCK_N,
+                               rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                               LK, scale, fill, softcap, diag, window, BLOCK_N,
+                               MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
+                               DOT_PRECISION, DOT_FP32, False)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo + a * BLOCK_N,
+                               lo + b * BLOCK_N,
+                               rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                               LK, scale, fill, softcap, diag, window, BLOCK_N,
+                               MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
+                               DOT_PRECISION, DOT_FP32, True)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kt_base, v_base, b_base, c_base, lo + b * BLOCK_N, hi,
+                               rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
+                               LK, scale, fill, softcap, diag, window, BLOCK_N,
+                               MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP,
+                               DOT_PRECISION, DOT_FP32, False)
 
     # -- phase 4: normalize; write out and lse.  An empty row (every score -inf) has acc = 0, l = 0:
     #    out = 0/0 = NaN as the softmax gives, or 0 with EMPTY_ZERO; its lse is -inf either way
@@ -297,14 +299,9 @@ def _dq_tiles(dq, q, do, off, inv, delta, kt_base, vt_base, b_base, c_base, db_b
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
         b_ptrs = b_base + offs_n[None, :] * stride_bn
         c_ptrs = c_base + offs_n[None, :] * stride_cn
-        if FULL:
-            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
-                                    scale, fill, softcap, diag, window,
-                                    0, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, True)
-        else:
-            s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
-                                    scale, fill, softcap, diag, window,
-                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
+        s, allowed, t = _scores(qk, rows, offs_n[None, :], in_row, in_n[None, :], b_ptrs, c_ptrs,
+                                scale, fill, softcap, diag, window,
+                                MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, FULL)
         p = tl.exp2((s - off[:, None]) * _LOG2E)
         if EXACT_STATS:
             p = p * inv[:, None]
@@ -464,16 +461,7 @@ def attention_bwd_dq(
     b_base = BIAS + z * stride_bz + h * stride_bh + rows * stride_bm
     c_base = KEEP + z * stride_cz + h * stride_ch + rows * stride_cm
     db_base = DBIAS + pid_zh * LQ * LK + rows * LK
-    a = 0
-    b = 0
-    if NEG_INF_FILL and MASK != 0:
-        n_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
-        t_hi = tl.maximum(tl.minimum(m0 + diag + 1 - lo, LK - lo), 0) // BLOCK_N
-        t_lo = 0
-        if MASK == 2:
-            t_lo = (tl.maximum(m0 + BLOCK_M + diag - window - lo, 0) + BLOCK_N - 1) // BLOCK_N
-        a = tl.minimum(t_lo, n_tiles)
-        b = tl.maximum(tl.minimum(t_hi, n_tiles), a)
+    a, b = _key_runs(m0, lo, hi, LK, diag, window, BLOCK_M, BLOCK_N, MASK, NEG_INF_FILL)
     dq = _dq_tiles(dq, q, do, off, inv, delta, kt_base, vt_base, b_base, c_base, db_base, lo, lo + a * BLOCK_N,
                    rows, in_row, offs_nb, kd_ok, vd_ok, stride_kn, stride_vn, stride_bn, stride_cn,
                    LK, scale, fill, softcap, diag, window, BLOCK_N,
@@ -528,14 +516,9 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, b_base, c_base, off_base, delta_b
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         b_ptrs = b_base + offs_m[:, None] * stride_bm
         c_ptrs = c_base + offs_m[:, None] * stride_cm
-        if FULL:
-            s, allowed, t = _scores(qk, offs_m[:, None], cols, in_m[:, None], in_col, b_ptrs, c_ptrs,
-                                    scale, fill, softcap, diag, window,
-                                    0, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, True)
-        else:
-            s, allowed, t = _scores(qk, offs_m[:, None], cols, in_m[:, None], in_col, b_ptrs, c_ptrs,
-                                    scale, fill, softcap, diag, window,
-                                    MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, False)
+        s, allowed, t = _scores(qk, offs_m[:, None], cols, in_m[:, None], in_col, b_ptrs, c_ptrs,
+                                scale, fill, softcap, diag, window,
+                                MASK, HAS_BIAS, HAS_KEEP, BIAS_AFTER_MASK, NEG_INF_FILL, SOFTCAP, FULL)
         p = tl.exp2((s - off[:, None]) * _LOG2E)
         if EXACT_STATS:
             p = p * tl.load(off_base + LQ + offs_m, mask=in_m, other=0.0)[:, None]
