@@ -210,10 +210,6 @@ def _strides(x: torch.Tensor | None) -> tuple:
 
 # --- supports ----------------------------------------------------------------
 
-_SDPA_ATTRS = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout",
-               "empty_rows")
-
-
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
     q, k, v, bias, keep = t["q"], t["k"], t["v"], t["bias"], t["keep"]
@@ -276,8 +272,8 @@ def supports(t: dict, a: dict) -> str | None:
         # 16 value channels average nothing (fuzzer seed 101 #21, head dim 1: dQ 2800x eager's error);
         # the reference differentiates the program's own softmax there
         return "fp32 backward with a value head dim below 16 (dP − Δ cancels on near one-hot rows)"
-    from seqfuse.lowering.attention_op import sdpa_decides  # (imported here: attention_op imports this module)
-    if t.get("sink") is None and sdpa_decides(q, k, v, bias, keep, {n: a[n] for n in _SDPA_ATTRS}):
+    from seqfuse.lowering.attention_op import ATTR_NAMES, sdpa_decides  # (here: attention_op imports this module)
+    if t.get("sink") is None and sdpa_decides(q, k, v, bias, keep, {n: a[n] for n in ATTR_NAMES}):
         return "a lifted SDPA call that SDPA itself must run (is_causal with scale <= 0: its NaN rows)"
     # the values: NaN / inf inputs, rounded 16-bit biases, rows a tensor mask empties
     return call_reason(t, a, empty_rows_exact=True)
