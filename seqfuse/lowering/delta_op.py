@@ -143,4 +143,4 @@ _cpu_delta.register()
 # eager one.  Its ``supports`` refuses the recurrent algorithm, gate="vector", NaN / inf operands, ...
 from seqfuse.lowering.triton import delta as _triton_delta  # noqa: E402
 
-_triton_delta.register()
+_triton_delta.register(backward=_reference_backward)

@@ -103,12 +103,7 @@ def forward(q, k, v, beta, g, h0, a):
     return y, h
 
 
-def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
-    """The eager path's backward (the chunked reference differentiated again)."""
-    from seqfuse.lowering import delta_op
-    return delta_op._reference_backward(grad_y, grad_h, q, k, v, beta, g, h0, a)
-
-
-def register() -> None:
-    """Register the kernel as the "triton" implementation of seqfuse.delta."""
+def register(backward) -> None:
+    """Register the kernel as the "triton" implementation of seqfuse.delta, with ``backward`` (the
+    eager path's, passed by delta_op) as its backward."""
     register_impl("delta", Impl("triton", supports, forward, backward))
