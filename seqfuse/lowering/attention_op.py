@@ -26,9 +26,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from seqfuse.lowering.aten import attention as aten_attention
-from seqfuse.lowering.autograd import autograd_inside_op
+from seqfuse.lowering.autograd import as_result, autograd_inside_op
 from seqfuse.lowering.reference.attention import attention_reference
 from seqfuse.runtime import Impl, register_impl, run
 
@@ -63,14 +64,27 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Opt
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep, sink=sink)
     out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
     # the layouts the fake implementation promises
-    return out.to(v.dtype).contiguous(), lse.float().contiguous(), rng
+    return as_result(out.to(v.dtype), empty_out(q, v), (q, k, v)), lse.float().contiguous(), rng
+
+
+def empty_out(q: Tensor, v: Tensor) -> Tensor:
+    """The output buffer every path returns (the fake implementation's promise), laid out like q: (*B, Lq, Dv), and when q is a (B, L, H, D) tensor seen as
+    (B, H, L, D) (the usual ``.transpose(1, 2)`` before attention), (B, L, H, Dv) memory seen the
+    same way, as ATen's flash kernels return it, so that the program's transpose back and reshape to
+    (B, L, H·Dv) is free instead of a copy kernel."""
+    shape = [*q.shape[:-1], v.shape[-1]]
+    if q.dim() == 4 and guard_or_false(q.stride(1) < q.stride(2)) and guard_or_false(q.shape[1] > 1) \
+            and guard_or_false(q.shape[2] > 1):
+        b, h, l, d = shape
+        return q.new_empty((b, l, h, d), dtype=v.dtype).transpose(1, 2)
+    return q.new_empty(shape, dtype=v.dtype)
 
 
 @attention.register_fake
 def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout,
       empty_rows, nonce, runtime, sink=None):
     n = _rng_numel(q.device) if dropout > 0.0 else 0
-    out = q.new_empty([*q.shape[:-1], v.shape[-1]], dtype=v.dtype)
+    out = empty_out(q, v)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse, torch.empty(n, dtype=torch.uint8)
 

@@ -213,3 +213,23 @@ def test_recompute_grads_skips_outputs_that_need_no_gradient():
     assert gy is None
     (gx,) = recompute_grads(lambda a: (a.detach() * 3,), (torch.ones(3),), [x], [True])
     torch.testing.assert_close(gx, torch.zeros(3))  # no path to x at all: a zero gradient
+
+
+@pytest.mark.parametrize("runtime", ["auto", "eager"])
+def test_output_is_laid_out_like_a_transposed_q_in_fake_and_real_calls(runtime):
+    # q seen as (B, H, L, D) over (B, L, H, D) memory: the output is (B, L, H, Dv) memory too (as
+    # ATen's flash kernels return it), so the program's transpose back and reshape need no copy;
+    # the fake implementation promises the same strides as every runtime path delivers
+    B, L, H, D, Dv = 2, 6, 3, 8, 4
+    q, k = (torch.randn(B, L, H, D).transpose(1, 2) for _ in range(2))
+    v = torch.randn(B, L, H, Dv).transpose(1, 2)
+    want = torch.empty(B, L, H, Dv).transpose(1, 2).stride()
+    out = call(q, k, v, runtime=runtime, mask="causal")[0]
+    assert out.stride() == want and out.transpose(1, 2).is_contiguous()
+    assert rel_err(out, attention_reference(q, k, v, **{**DEFAULTS, "mask": "causal"})) < 1e-5
+    with torch._subclasses.FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        assert call(fq, fk, fv, runtime=runtime, mask="causal")[0].stride() == want
+    # a contiguous q keeps a contiguous output
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    assert call(qc, kc, vc, runtime=runtime)[0].is_contiguous()

@@ -340,7 +340,8 @@ def forward(q, k, v, bias, keep, a):
     s3 = _rows3(a.get("sink"), q)
     z, h, lq, _ = q4.shape
     lk = k4.shape[2]
-    out = torch.empty((z, h, lq, v.shape[-1]), dtype=v.dtype, device=q.device)
+    from seqfuse.lowering.attention_op import empty_out  # (here: attention_op imports this module)
+    out = empty_out(q, v).view(z, h, lq, v.shape[-1])  # in the op's promised layout: no copy after
     lse = torch.empty((z, h, lq), dtype=torch.float32, device=q.device)
     scale, fill, softcap, diag, window = _runtime_args(q, a)
 
