@@ -99,6 +99,8 @@ def _product_term(gm, node, letters: list) -> _Term:
             raise NoMatch(f"{node} is not a contraction")
     if term.masks:
         raise NoMatch("a mask inside a term of the chunked form")
+    if term.divisors:
+        raise NoMatch("a term of the chunked form divided by a tensor")
     _expand_products(gm, term)
     return term
 
@@ -179,6 +181,8 @@ class ChunkedSSDPass(Pass):
                 try:
                     term, roles, decay = forms.analyze_quadratic(ctx.gm, yd)
                 except (_Silent, NoMatch):
+                    continue
+                if term.divisors:           # y / d: ssd_forms lifts the intra-chunk term alone
                     continue
                 try:
                     self._match(ctx, forms, node, _Chunked(term, roles, decay), yo)

@@ -20,7 +20,11 @@
    ``q_t · cumsum_t(k ⊗ v)`` flattens to Σ_{n,s} q[t,n]·k[s,n]·[s ≤ t]·v[s,p].
    A decay factored into the operands (q·exp(G), k·exp(-G); q·P, k/P with P a cumprod) stays
    in c and b with decay=none: that equals eager; extracting a would not be provably equal.
-3. Higher-order ops: ``torch.ops.higher_order.scan`` whose body is h' = a·h + b with output h',
+3. Polynomial kernels of the scores (Based's Taylor feature map):  # Σ_d w_d·(q·k)^d = φ_c(q)·φ_b(k)
+   ``(P(s) ∘ [j ≤ i])·x`` with s = c·bᵀ and P(s) = Σ_{d≤2} w_d·s^d is linear attention over the
+   features φ_c(c) = [w_0, w_1·c, w_2·vec(c⊗c)], φ_b(b) = [1, b, vec(b⊗b)]; its row sums Σ_j
+   (P(s) ∘ [j ≤ i]) (Based's normalizer) are one more column of ones in x      -> ssd(decay=none)
+4. Higher-order ops: ``torch.ops.higher_order.scan`` whose body is h' = a·h + b with output h',
    and ``associative_scan`` whose combine is (a_l·a_r, a_r·b_l + b_r)    -> scan(a, b)
    (the scanned axis 0 moves to -2).
 
@@ -87,6 +91,7 @@ class _Term:
         self.scalars: list = []      # (value, invert)
         self.consumed: list = []     # expanded nodes (each used once)
         self.blocked = False
+        self.divisors: list = []     # (node, letters): the term is divided by each (read off a div by a tensor)
         self._fresh = (c for c in string.ascii_letters + "αβγδεζηθικλμνξοπρστυφχψω" if c not in out)
 
     def fresh(self, taken) -> str:
@@ -96,11 +101,36 @@ class _Term:
         raise _Silent()
 
 
+def _expand_ellipsis(lhs: str, out: str, operands) -> tuple:
+    """``...`` spelled out with fresh letters (einsum aligns the broadcast axes it stands for on
+    the right, as broadcasting does): ('...d,...md', '...m') over (B, H, T, D), (B, H, T, M, D)
+    -> ('abcd,abcmd', 'abcm')."""
+    parts = lhs.split(",")
+    if len(parts) != len(operands) or any(p.count("...") > 1 or p.replace("...", "").count(".") for p in parts):
+        raise _Silent()
+    counts = []
+    for p, op in zip(parts, operands):
+        r = rank(op) if isinstance(op, torch.fx.Node) else None
+        if r is None:
+            raise _Silent()
+        counts.append(r - len(p.replace("...", "")) if "..." in p else 0)
+    if any(c < 0 for c in counts):
+        raise _Silent()
+    used = set(lhs + out)
+    fresh = [c for c in string.ascii_letters if c not in used][:max(counts)]
+    if len(fresh) < max(counts):
+        raise _Silent()
+    parts = [p.replace("...", "".join(fresh[len(fresh) - k:] if k else [])) for p, k in zip(parts, counts)]
+    return ",".join(parts), out.replace("...", "".join(fresh))
+
+
 def _einsum_parts(node):
     eq = node.args[0]
-    if "->" not in eq or "." in eq or " " in eq:
-        raise _Silent()                       # implicit output, ellipsis: not a canonical contraction
+    if "->" not in eq or " " in eq:
+        raise _Silent()                       # implicit output: not a canonical contraction
     lhs, out = eq.split("->")
+    if "." in eq:
+        lhs, out = _expand_ellipsis(lhs, out, node.args[1])
     parts = lhs.split(",")
     if any(len(set(p)) != len(p) for p in parts) or len(set(out)) != len(out):
         raise _Silent()                       # a repeated letter takes a diagonal
@@ -178,6 +208,13 @@ def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
             return _flatten(gm, node.args[0], letters, term)
         a, b = node.args[0], node.args[1]
         if is_op(node, aten.div):                       # s / c: c a scalar
+            if isinstance(b, torch.fx.Node) and isinstance(val(b), torch.Tensor) and not is_scalar(b, gm):
+                # (Σ ...) / d = Σ (... / d) when d does not vary with a summed letter (checked once the
+                # roles are known): naive_cumsum_abc's cumsum(s ⊗ k) / cumsum(s)
+                if node.target is not aten.div.Tensor or not val(b).is_floating_point():
+                    raise _Silent()
+                term.divisors.append(base_letters(b, aligned(b, letters, node)))
+                return _flatten(gm, a, letters, term)
             if not is_scalar(b, gm):
                 raise _Silent()
             c = constant_value(b, gm)
@@ -279,6 +316,102 @@ def rejected_masked_product(root) -> str | None:
     return None
 
 
+# --- polynomial kernels of the scores --------------------------------------------------
+
+#: the highest power of the scores read as features (degree d has N^d features)
+MAX_POLY_DEGREE = 2
+
+
+def _poly_add(p: dict, q: dict) -> dict:
+    out = dict(p)
+    for d, w in q.items():
+        out[d] = out.get(d, 0.0) + w
+    return out
+
+
+def _poly_mul(p: dict, q: dict) -> dict:
+    out: dict = {}
+    for d1, w1 in p.items():
+        for d2, w2 in q.items():
+            out[d1 + d2] = out.get(d1 + d2, 0.0) + w1 * w2
+    return out
+
+
+def _polynomial_of_scores(gm, node, nodes: set) -> tuple:
+    """``node`` as Σ_d w_d·s^d of one contraction s: ({d: w_d}, s); adds the nodes read to
+    ``nodes``.  Raises _Silent for anything else (a constant alone, two contractions)."""
+    def const(x):
+        if isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) and val(x).dim() > 0:
+            return None
+        c = constant_value(x, gm) if is_scalar(x, gm) else None
+        return None if c is None or isinstance(c, bool) else float(c)
+
+    base = []
+
+    def walk(n) -> dict:
+        if is_op(n, aten.einsum) and len(n.args[1]) == 2:
+            if base and base[0] is not n:
+                raise _Silent()
+            base[:] = [n]
+            nodes.add(n)
+            return {1: 1.0}
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+            raise _Silent()
+        nodes.add(n)
+        t = n.target
+        if t in (aten.add.Tensor, aten.sub.Tensor) and arg(n, 2, "alpha", 1) == 1:
+            x, y = n.args[:2]
+            sign = -1.0 if t is aten.sub.Tensor else 1.0
+            cx, cy = const(x), const(y)
+            px = {0: cx} if cx is not None else walk(x)
+            py = {0: cy} if cy is not None else walk(y)
+            return _poly_add(px, {d: sign * w for d, w in py.items()})
+        if t is aten.mul.Tensor:
+            x, y = n.args[:2]
+            cx, cy = const(x), const(y)
+            if cy is not None:
+                return {d: w * cy for d, w in walk(x).items()}
+            if cx is not None:
+                return {d: w * cx for d, w in walk(y).items()}
+            return _poly_mul(walk(x), walk(y))
+        if t is aten.div.Tensor and const(n.args[1]) not in (None, 0.0):
+            c = const(n.args[1])
+            return {d: w / c for d, w in walk(n.args[0]).items()}
+        if t is aten.neg.default:
+            return {d: -w for d, w in walk(n.args[0]).items()}
+        if t is aten.pow.Tensor_Scalar and isinstance(n.args[1], (int, float)) and float(n.args[1]).is_integer() \
+                and 1 <= n.args[1] <= 8:
+            p0 = walk(n.args[0])
+            out = p0
+            for _ in range(int(n.args[1]) - 1):
+                out = _poly_mul(out, p0)
+            return out
+        raise _Silent()
+
+    poly = walk(node)
+    if not base:
+        raise _Silent()
+    return {d: w for d, w in poly.items() if w != 0.0}, base[0]
+
+
+def _masked_scores(gm, node, letters: list, masks: list, nodes: set):
+    """Strip tril / zero-fill masks from ``node`` (recording them in ``masks``): the node below."""
+    while True:
+        if is_op(node, aten.tril):
+            masks.append(("tril", letters[-2], letters[-1], arg(node, 1, "diagonal", 0)))
+        elif node.target is aten.where.ScalarOther and node.args[2] == 0.0:
+            masks.append(("keep", node.args[0], aligned(node.args[0], letters, node)))
+            node = node.args[1]
+            nodes.add(node)
+            continue
+        elif _inplace_zero_fill(node) or (node.target is aten.masked_fill.Scalar and constant_value(node.args[2]) == 0):
+            masks.append(("drop", node.args[1], aligned(node.args[1], letters, node)))
+        else:
+            return node
+        node = node.args[0]
+        nodes.add(node)
+
+
 # --- roles -----------------------------------------------------------------------------
 
 class _Roles:
@@ -335,6 +468,23 @@ def _classify(term: _Term) -> _Roles:
     if found:
         return found[0]
     raise _Silent()
+
+
+def _place_divisors(term: _Term, roles) -> dict:
+    """Which operand each divisor of the term divides: {"y" | "c" | "x" | "b": [(node, letters)]}.
+    A divisor over batch axes, i and the output's p divides y after the sum (Σ_j f(j)/d_i =
+    (Σ_j f(j))/d_i); over batch axes, i and the key dim n it divides c; over j and p, x; over j and
+    n, b.  One that varies with both time axes (or with p and n together) is a near miss."""
+    axes = {"y": {roles.i, roles.p}, "c": {roles.i, roles.n}, "x": {roles.j, roles.p}, "b": {roles.j, roles.n}}
+    out = {k: [] for k in axes}
+    for leaf in term.divisors:
+        ls = _letters_of(leaf) - set(roles.batch)
+        where = next((k for k, a in axes.items() if ls <= a), None)
+        if where is None:
+            raise NoMatch("the product is divided by a tensor over both time axes (or over the key dim and the "
+                          "output dim together): the division is not a factor of one operand")
+        out[where].append(leaf)
+    return out
 
 
 # --- masks -----------------------------------------------------------------------------
@@ -479,7 +629,10 @@ class SSDFormsPass(Pass):
             if not is_op(node, aten.einsum):
                 continue
             try:
-                self._quadratic(ctx, node)
+                try:
+                    self._quadratic(ctx, node)
+                except _Silent:
+                    self._polynomial(ctx, node)
             except _Silent:
                 reason = rejected_masked_product(node)
                 if reason is not None:          # the gate: no candidate rejected without a reason
@@ -552,6 +705,136 @@ class SSDFormsPass(Pass):
         term, roles, decay = self.analyze_quadratic(ctx.gm, root)
         self._build(ctx, root, roles, term, decay)
 
+    # (P(c·bᵀ) ∘ [j <= i])·x -> ssd over polynomial features (Based)
+    def _polynomial(self, ctx: PassContext, root: torch.fx.Node) -> None:
+        """``root`` = einsum(A, x) with A a causally masked polynomial Σ_d w_d·s^d (degree <= 2, not
+        a plain multiple of s) of a contraction s = c·bᵀ; A read by root and at most one sum over
+        the keys (a normalizer).  Raises _Silent when root is not such a form, NoMatch with the
+        reason when it nearly is."""
+        gm, graph = ctx.gm, ctx.graph
+        if len(root.args[1]) != 2:
+            raise _Silent()
+        parts, out = _einsum_parts(root)
+        for ka in (0, 1):
+            la, lv = parts[ka], parts[1 - ka]
+            A, xv = root.args[1][ka], root.args[1][1 - ka]
+            summed = [ch for ch in la if ch in lv and ch not in out]
+            qs = [ch for ch in la if ch in out and ch not in lv]
+            ps = [ch for ch in lv if ch in out and ch not in la]
+            if len(summed) == 1 and len(qs) == 1 and len(ps) == 1 and isinstance(A, torch.fx.Node):
+                break
+        else:
+            raise _Silent()
+        i, j, p = qs[0], summed[0], ps[0]
+        batch = [ch for ch in out if ch not in (i, p)]
+        if set(la) != set(batch) | {i, j} or not set(lv) <= set(batch) | {j, p}:
+            raise _Silent()
+        la = list(la)
+        nodes, masks = set(), []
+        poly_node = _masked_scores(gm, A, la, masks, nodes)
+        poly, s = _polynomial_of_scores(gm, poly_node, nodes)
+        if not masks or set(poly) <= {1} or not poly:
+            raise _Silent()                        # no mask, or a plain (scaled) quadratic form
+        if max(poly) > MAX_POLY_DEGREE or min(poly) < 0:
+            raise NoMatch(f"a polynomial of the scores of degree {max(poly)} (features are formed up to "
+                          f"degree {MAX_POLY_DEGREE})")
+        if list(val(s).shape) != list(val(poly_node).shape):
+            raise NoMatch("the polynomial of the scores broadcasts them")
+        # s = σ·Σ_n c[i, n]·b[j, n]
+        term = _Term("".join(la), strict=True)
+        _flatten(gm, s, la, term, root=True)
+        every = set().union(*(_letters_of(leaf) for leaf in term.leaves)) if term.leaves else set()
+        if len(term.leaves) != 2 or term.masks or term.divisors or len(every - set(la)) != 1:
+            raise NoMatch("the scores under the polynomial are not one contraction c·bᵀ over a key dim")
+        n = next(iter(every - set(la)))
+        cs = [leaf for leaf in term.leaves if i in _letters_of(leaf) and j not in _letters_of(leaf)]
+        bs = [leaf for leaf in term.leaves if j in _letters_of(leaf) and i not in _letters_of(leaf)]
+        if len(cs) != 1 or len(bs) != 1 or not _letters_of(cs[0]) <= set(batch) | {i, n} or \
+                not _letters_of(bs[0]) <= set(batch) | {j, n}:
+            raise NoMatch("the scores under the polynomial are not c·bᵀ with c over the queries, b over the keys")
+        # who reads what: the polynomial's nodes only each other, A only root and one sum over the keys
+        norm = [u for u in A.users if u is not root]
+        for u in norm:
+            dims = arg(u, 1, "dim", None)
+            if not (u.target is aten.sum.dim_IntList and dims is not None and len(dims) == 1 and
+                    dims[0] % len(la) == la.index(j) and arg(u, 3, "dtype", None) is None and len(norm) == 1):
+                raise NoMatch("the masked polynomial scores are also used elsewhere than their product with x "
+                              "and one sum over the keys")
+        for nd in nodes | {A}:
+            extra = [u for u in nd.users if u not in nodes and u is not A and u is not root and u not in norm]
+            if extra:
+                raise NoMatch("the scores (or a power of them) are also returned or used elsewhere")
+        xl = base_letters(xv, list(lv))
+        roles = _Roles(i=i, j=j, n=n, p=p, batch=batch, c=cs[0], b=bs[0], x=xl, pos=[], a_letters=la)
+        dt = val(root).dtype
+        if any(val(leaf[0]).dtype != dt for leaf in (cs[0], bs[0], xl)) or not dt.is_floating_point:
+            raise NoMatch("the polynomial kernel's operands differ in dtype from its result")
+        self._check(gm, roles, masks, None, val(cs[0][0]).shape[cs[0][1].index(i)])
+        _check_mask_precision(roles)
+        self._build_polynomial(ctx, root, roles, term, poly, norm[0] if norm else None)
+
+    def _build_polynomial(self, ctx, root, roles, term, poly: dict, norm) -> None:
+        graph, i, j = ctx.graph, roles.i, roles.j
+        emit = self._emit
+        x = self._layout(graph, root, roles, *roles.x, j, roles.p, root)
+        b = self._layout(graph, root, roles, *roles.b, j, roles.n, root)
+        c = self._layout(graph, root, roles, *roles.c, i, roles.n, root)
+        scale = sym_product(graph, term.scalars, root) if term.scalars else 1.0
+        if isinstance(scale, torch.fx.Node) or scale != 1.0:
+            c = emit(graph, root, aten.mul.Tensor, (c, scale), root)
+
+        def features(u, weights: bool):
+            # φ(u) = [w_0, w_1·u, w_2·vec(u ⊗ u)] (weights) or [1, u, vec(u ⊗ u)]
+            parts = []
+            for d in sorted(poly):
+                w = poly[d] if weights else 1.0
+                if d == 0:
+                    one = emit(graph, root, aten.slice.Tensor, (u, -1, 0, 1), root)
+                    f = emit(graph, root, aten.full_like.default, (one, w), root)
+                else:
+                    f = u
+                    if d == 2:
+                        f = emit(graph, root, aten.mul.Tensor, (emit(graph, root, aten.unsqueeze.default, (u, -1), root),
+                                                                emit(graph, root, aten.unsqueeze.default, (u, -2), root)), root)
+                        f = emit(graph, root, aten.flatten.using_ints, (f, 3, 4), root)
+                    if w != 1.0:
+                        f = emit(graph, root, aten.mul.Tensor, (f, w), root)
+                parts.append(f)
+            return parts[0] if len(parts) == 1 else emit(graph, root, aten.cat.default, (parts, -1), root)
+
+        c, b = features(c, True), features(b, False)
+        p_size = self._size(graph, root, roles, roles.p, root)
+        if norm is not None:                        # Σ_j A[i, j] = (A·1)[i]: a column of ones in x
+            one = emit(graph, root, aten.slice.Tensor, (x, -1, 0, 1), root)
+            x = emit(graph, root, aten.cat.default, ([x, emit(graph, root, aten.full_like.default, (one, 1.0), root)], -1), root)
+        op = SSD(x=x, b=b, c=c, a=None, decay="none")
+        ir = ctx.insert_ir(op, root, root)
+        ir.meta["val"] = ssd_value(x, b, c)
+        y = emit(graph, root, operator.getitem, (ir, 0), root)
+        lead, head = roles.batch[:-1], roles.batch[-1:]
+        if norm is not None:
+            z = emit(graph, root, aten.select.int, (y, -1, p_size), root)
+            y = emit(graph, root, aten.slice.Tensor, (y, -1, 0, p_size), root)
+            z = self.from_layout(graph, root, roles, z, 2, root)
+            zl = lead + [i] + head
+            want = [ch for ch in roles.a_letters if ch != j]
+            perm = [zl.index(ch) for ch in want]
+            if perm != list(range(len(perm))):
+                z = emit(graph, root, aten.permute.default, (z, perm), root)
+            if arg(norm, 2, "keepdim", False):
+                z = emit(graph, root, aten.unsqueeze.default, (z, roles.a_letters.index(j)), root)
+            if val(z).dtype != val(norm).dtype:
+                z = emit(graph, root, aten.to.dtype, (z, val(norm).dtype), root)
+            norm.replace_all_uses_with(z)
+        y = self.from_layout(graph, root, roles, y, 2, root)
+        order = lead + [i] + head + [roles.p]
+        perm = [order.index(ch) for ch in _einsum_parts(root)[1]]
+        if perm != list(range(len(perm))):
+            y = emit(graph, root, aten.permute.default, (y, perm), root)
+        if val(y).dtype != val(root).dtype:
+            y = emit(graph, root, aten.to.dtype, (y, val(root).dtype), root)
+        root.replace_all_uses_with(y)
+
     def analyze_quadratic(self, gm, root: torch.fx.Node):
         """Read the einsum ``root`` as s·(c·bᵀ ∘ M)·x with M proven [j <= i]·exp(E): returns
         (term, roles, decay), decay None or (Coef, (seq node, letters) or None).  Raises
@@ -577,6 +860,7 @@ class SSDFormsPass(Pass):
             raise
         if not term.masks and not roles.pos:
             raise _Silent()                     # (c·bᵀ)·x without a mask: two matmuls
+        roles.divide = _place_divisors(term, roles)
         sizes_i = val(roles.c[0]).shape[roles.c[1].index(roles.i)]
         sizes_j = val(roles.x[0]).shape[roles.x[1].index(roles.j)]
         if not statically_known_true(sizes_i == sizes_j):
@@ -740,12 +1024,22 @@ class SSDFormsPass(Pass):
             node = self._emit(graph, before, aten.unsqueeze.default, (node, 1 + len(mid)), like)
         return node
 
+    def _divide(self, graph, root, roles, node, divisors, seq, feat):
+        """node (B', T, H, F) divided by each divisor, brought to the same layout (T = ``seq``)."""
+        for d, letters in divisors:
+            d = self._layout(graph, root, roles, d, letters, seq, feat, root)
+            node = self._emit(graph, root, aten.div.Tensor, (node, d), root)
+        return node
+
     def _build(self, ctx: PassContext, root, roles, term, decay) -> None:
         graph = ctx.graph
         i, j = roles.i, roles.j
         x = self._layout(graph, root, roles, *roles.x, j, roles.p, root)
         b = self._layout(graph, root, roles, *roles.b, j, roles.n, root)
         c = self._layout(graph, root, roles, *roles.c, i, roles.n, root)
+        divide = getattr(roles, "divide", {})
+        x, b, c = (self._divide(graph, root, roles, opnd, divide.get(k, ()), t, f)
+                   for opnd, k, t, f in ((x, "x", j, roles.p), (b, "b", j, roles.n), (c, "c", i, roles.n)))
         syms = [f for f in term.scalars if isinstance(f[0], torch.fx.Node)]
         consts = [f for f in term.scalars if not isinstance(f[0], torch.fx.Node)]
         if len(syms) == 1 and not syms[0][1] and all(float(v) == 1.0 for v, _ in consts):
@@ -779,6 +1073,7 @@ class SSDFormsPass(Pass):
         ir = ctx.insert_ir(op, root, root)
         ir.meta["val"] = ssd_value(x, b, c)
         y = self._emit(graph, root, operator.getitem, (ir, 0), root)
+        y = self._divide(graph, root, roles, y, divide.get("y", ()), i, roles.p)   # (Σ_j ...)/d_i
         # (B', T, H, P) -> lead + [i] + head + [p] -> the contraction's layout
         lead, head = roles.batch[:-1], roles.batch[-1:]
         y = self.from_layout(graph, root, roles, y, 2, root)

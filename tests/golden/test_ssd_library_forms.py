@@ -1,0 +1,98 @@
+"""Linear-recurrence spellings in real library code (issue 15), called through the libraries' own
+functions at tiny fp32 shapes.  Each lifted program equals eager in outputs and every gradient and
+the report shows its seqfuse.ssd ops; each program that is not lifted leaves a near miss naming
+the exact reason (and still equals eager)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import check_against_eager
+
+abc = pytest.importorskip("fla.ops.abc.naive")
+
+
+def randn(*shape, seed=0, grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).requires_grad_(grad)
+
+
+def ssd_misses(report):
+    return [m.reason for m in report.near_misses if m.kind in ("ssd", "scan")]
+
+
+# --- fla naive_cumsum_abc: two cumulative sums divided by a third --------------------------------
+# K = cumsum_t(s ⊗ k) / z, V = cumsum_t(s ⊗ v) / z with z = cumsum_t(s); o = softmax(q·K)·V.
+# The division by z[t, m] does not vary with the summed key position, so it leaves the sum:
+#   q·K   = ssd(x=s, b=k, c=q·scale) / z            (z over (t, m): the output axes)
+#   p·V   = ssd(x=v, b=s, c=p / z)                  (z over (t, m): the query and key-dim axes)
+# the softmax over slots between them is not part of either recurrence.
+
+def test_cumsum_abc_is_two_ssds():
+    b, h, t, d, m = 1, 2, 16, 4, 3
+    q, k, v, s = (randn(b, h, t, n, seed=i) for i, n in enumerate((d, d, d, m)))
+    report = check_against_eager(lambda *a: abc.naive_cumsum_abc(*a)[0], q, k, v, s)
+    assert report.count("ssd") == 2, str(report)
+    assert all("decay=none" in r.ir for r in report.rewrites), str(report)
+    assert not ssd_misses(report), str(report)
+
+
+def test_divisions_of_each_operand():
+    # a divisor over (t, d) of the cumulative state divides c (d is the summed key dim); one over the
+    # key positions of the quadratic form divides x; both are read off the graph, nothing assumed
+    def f(q, k, v, w, u):
+        kv = torch.einsum("bhtd,bhte->bhtde", k, v).cumsum(2)
+        o1 = torch.einsum("bhtd,bhtde->bhte", q, kv / w[..., None])
+        scores = (q @ k.transpose(-1, -2)).tril()
+        return o1, scores / u[:, :, None, :, 0] @ v
+    q, k, v = (randn(1, 2, 8, 4, seed=i) for i in range(3))
+    w, u = ((randn(1, 2, 8, 4, seed=s).detach().abs() + 1).requires_grad_() for s in (3, 4))
+    report = check_against_eager(f, q, k, v, w, u)
+    assert report.count("ssd") == 2 and not ssd_misses(report), str(report)
+
+
+def test_division_over_both_time_axes_is_a_near_miss():
+    def f(q, k, v, n):
+        return (q @ k.transpose(-1, -2)).tril() / n @ v       # n (T, T): not a factor of one operand
+    q, k, v = (randn(1, 2, 8, 4, seed=i) for i in range(3))
+    n = (randn(8, 8, seed=5).detach().abs() + 1).requires_grad_()
+    report = check_against_eager(f, q, k, v, n)
+    assert report.count("ssd") == 0, str(report)
+    assert any("divided by a tensor over both time axes" in r for r in ssd_misses(report)), str(report)
+
+
+# --- fla Based: the Taylor feature map 1 + s + s²/2 of the scores ------------------------------
+# naive_parallel_based: A = (1 + s + s²/2) ∘ [j <= i] with s = (q·scale)·kᵀ, o = A·v / (Σ_j A + eps).
+# Σ_d w_d·s^d = φ_c(q)·φ_b(k) with φ_c(q) = [1, q, vec(q⊗q)/2], φ_b(k) = [1, k, vec(k⊗k)]: linear
+# attention over 1 + D + D² features; the normalizer Σ_j A is the same sum with x = 1, one more
+# column of x: one ssd gives both.
+
+based = pytest.importorskip("fla.ops.based.naive")
+
+
+@pytest.mark.parametrize("use_norm", [True, False], ids=["norm", "no_norm"])
+def test_parallel_based_is_one_ssd(use_norm):
+    q, k, v = (randn(1, 2, 16, 4, seed=i) for i in range(3))
+    report = check_against_eager(lambda *a: based.naive_parallel_based(*a, use_norm=use_norm), q, k, v)
+    assert report.count("ssd") == 1 and not ssd_misses(report), str(report)
+    assert "decay=none" in report.rewrites[0].ir, report.rewrites[0].ir
+
+
+def test_polynomial_scores_used_elsewhere_is_a_near_miss():
+    def f(q, k, v):
+        s = q @ k.transpose(-1, -2)
+        a = (1 + s + 0.5 * s ** 2).tril()
+        return a @ v, a.amax(-1)                      # the masked kernel itself is read
+    q, k, v = (randn(1, 2, 8, 4, seed=i) for i in range(3))
+    report = check_against_eager(f, q, k, v)
+    assert report.count("ssd") == 0, str(report)
+    assert any("also used elsewhere" in r for r in ssd_misses(report)), str(report)
+
+
+def test_cubic_scores_are_a_near_miss():
+    def f(q, k, v):
+        s = q @ k.transpose(-1, -2)
+        return (1 + s ** 3).tril() @ v               # degree 3: D³ features, not formed
+    q, k, v = (randn(1, 2, 8, 4, seed=i) for i in range(3))
+    report = check_against_eager(f, q, k, v)
+    assert report.count("ssd") == 0, str(report)
+    assert any("degree 3" in r for r in ssd_misses(report)), str(report)
