@@ -39,6 +39,10 @@ def squared_scores(q, k, v):
     return (torch.einsum("bhid,bhjd->bhij", q, k) ** 2).tril() @ v
 
 
+def cubed_scores(q, k, v):
+    return (torch.einsum("bhid,bhjd->bhij", q, k) ** 3).tril() @ v
+
+
 def cumsum_linear_attention(q, k, v):
     kv = torch.cumsum(torch.einsum("bhtd,bhte->bhtde", k, v), dim=2)
     return torch.einsum("bhtd,bhtde->bhte", q, kv)
@@ -95,7 +99,8 @@ PROGRAMS = {
     "upper_T3": (upper_scores, lambda: qkv(3), None, "triu"),
     "band_T3": (band_scores, lambda: qkv(3), None, "triu"),
     "relu_T16": (relu_scores, lambda: qkv(16), None, "relu"),
-    "square_T16": (squared_scores, lambda: qkv(16), None, "pow"),
+    "square_T16": (squared_scores, lambda: qkv(16), "ssd", None),      # (q·k)² = vec(q⊗q)·vec(k⊗k)
+    "cube_T16": (cubed_scores, lambda: qkv(16), None, "degree 3"),
     "reversed_cumsum_T16": (reversed_cumsum, lambda: qkv(16), None, "flip"),
     "exclusive_cumsum_T16": (exclusive_cumsum, lambda: qkv(16), None, "sub"),
 }
