@@ -8,7 +8,8 @@
    ``torch.autograd.Function`` (Dynamo's ``autograd_function_apply``) stays one opaque
    node with its forward and backward bodies: make_fx would inline its forward and
    lose the backward the user wrote.
-2. ``normalize_contractions``: matmul / bmm / mm / baddbmm (its beta·input added back) / einsum /
+2. ``normalize_contractions``: matmul / bmm / mm / baddbmm (its beta·input added back; a symbolic
+   beta as ``where(beta != 0, beta·input, 0)``, which keeps beta = 0 ignoring the input) / einsum /
    broadcast-multiply + sum become ``aten.einsum`` with transposes, permutes,
    unsqueezes and broadcasts of the operands folded into the equation; a fold
    is kept only if every letter keeps its size (a sum over n broadcast copies
@@ -249,7 +250,7 @@ def _einsum_for(node: torch.fx.Node):
     if is_op(node, aten.baddbmm):
         # beta·input + alpha·(a @ b): the bias term (beta != 0, Bloom's ALiBi) is added back by the caller
         beta, alpha = arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1)
-        if not is_scalar(alpha) or constant_value(beta) is None:
+        if not (is_scalar(alpha) and is_scalar(beta)):
             return None
         a, b = node.args[1], node.args[2]
         letters = _matmul_letters(3, 3, "bmm")
@@ -281,14 +282,35 @@ def _baddbmm_bias(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node |
     if not is_op(node, aten.baddbmm):
         return None
     beta, bias = arg(node, 3, "beta", 1), node.args[0]
-    if constant_value(beta) == 0:
+    c = constant_value(beta)
+    if c == 0:
         return None
-    if constant_value(beta) == 1:
+    if c == 1:
         return bias
-    scaled = graph.call_function(aten.mul.Tensor, (bias, beta))
+    scaled = graph.call_function(aten.mul.Tensor, (bias, beta if c is None else c))
     copy_meta(scaled, node)
-    scaled.meta["val"] = val(bias) * constant_value(beta)
-    return scaled
+    if c is not None:
+        scaled.meta["val"] = val(bias) * c
+        return scaled
+    # a symbolic beta (Dynamo passes a float module attribute such as Bloom's as a graph input
+    # under dynamic=True): baddbmm ignores its input when beta is 0, NaN and inf included, which
+    # beta·input would not: where(beta != 0, beta·input, 0)
+    b, fake = val(beta), val(bias)
+    with fake.fake_mode:
+        scaled.meta["val"] = fake * b
+        flag = torch.ops.aten.scalar_tensor.default(b, dtype=fake.dtype)
+        nonzero = torch.ops.aten.ne.Scalar(flag, 0)
+        kept = torch.ops.aten.where.ScalarOther(nonzero, scaled.meta["val"], 0.0)
+    nodes = []
+    for target, args, kwargs, value in ((aten.scalar_tensor.default, (beta,), {"dtype": fake.dtype}, flag),
+                                        (aten.ne.Scalar, (None, 0), {}, nonzero),
+                                        (aten.where.ScalarOther, (None, scaled, 0.0), {}, kept)):
+        args = tuple(nodes[-1] if a is None else a for a in args)
+        n = graph.call_function(target, args, kwargs)
+        copy_meta(n, node)
+        n.meta["val"] = value
+        nodes.append(n)
+    return nodes[-1]
 
 
 def normalize_contractions(gm: torch.fx.GraphModule) -> int:

@@ -355,3 +355,52 @@ def bias_written_after_the_scores(q, k, v):
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_not_rewritten(fn, reason):
     check_near_miss(fn, *qkv(), reason=reason)
+
+
+class BloomScaled(torch.nn.Module):
+    """Bloom's baddbmm with beta and alpha read from float module attributes: under dynamic=True
+    torch 2.13's Dynamo passes them as graph inputs (symbolic floats, no guard on their value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta, self.alpha = 1.0, D ** -0.5
+
+    def forward(self, q, k, v, alibi):
+        b, h, l, d = q.shape
+        s = alibi.baddbmm(q.reshape(b * h, l, d), k.reshape(b * h, l, d).transpose(1, 2),
+                          beta=self.beta, alpha=self.alpha)
+        p = torch.softmax(s.view(b, h, l, -1), dim=-1)
+        return torch.bmm(p.view(b * h, l, -1), v.reshape(b * h, l, d)).view(b, h, l, d)
+
+
+def test_bloom_baddbmm_with_symbolic_beta_and_alpha_is_lifted_and_keeps_beta_zero_exact():
+    import seqfuse
+    from helpers import rel_err
+    from seqfuse.compiler.report import collecting
+    m = BloomScaled()
+    q, k, v = qkv()
+    alibi = torch.randn(B * H, 1, L, requires_grad=True)
+    report = seqfuse.Report()
+    compiled = torch.compile(m, backend="seqfuse", dynamic=True, options=AOT)
+    with collecting(report):
+        out = compiled(q, k, v, alibi)
+    # Dynamo may call the backend twice (a restart that specializes alpha): each graph is lifted,
+    # and in the one that runs beta is still symbolic: its bias is where(beta != 0, beta·alibi, 0)
+    assert report.graphs and all(g.rewrites and g.rewrites[0].kind == "attention" for g in report.graphs), str(report)
+    assert "bias=%where" in report.graphs[-1].rewrites[0].ir, str(report)
+    ref = m(q, k, v, alibi)
+    assert rel_err(out, ref) < 1e-5
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v, alibi), g)
+    want = torch.autograd.grad(ref, (q, k, v, alibi), g)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    # beta = 0: baddbmm ignores its input, inf and NaN included (beta·input would be NaN)
+    m.beta = 0.0
+    bad = alibi.detach().clone()
+    bad[0, 0, :3] = float("inf")
+    bad[1, 0, 4] = float("nan")
+    with torch.no_grad():
+        got, want = compiled(q, k, v, bad), m(q, k, v, bad)
+    assert not want.isnan().any() and not got.isnan().any()
+    assert rel_err(got, want) < 1e-5
