@@ -303,9 +303,12 @@ class Analyzer:
         if isinstance(node, torch.fx.Node) and node.op == "placeholder":
             # MiniMax's lightning attention: diagonal_decay, a buffer exp(-rate_h·(i-j)) built in
             # __init__; Dynamo lifts it as an input, so its values are the caller's at every call
+            # (reading the rate buffer instead would rest on an invariant of __init__ that nothing
+            # checks when the buffer is written later: that needs a run-time check in the op)
             raise NoMatch(f"the decay mask is a graph input ({node.name}: a module buffer or argument whose "
                           f"values are not known when compiling; nothing proves it is exp of a segment sum "
-                          f"or a power γ^(i-j) on the lower triangle)")
+                          f"or a power γ^(i-j) on the lower triangle, and the ssd op carries no run-time "
+                          f"check of a precomputed mask)")
         if is_op(node, aten.select):
             # L[:, :, i] of a mask over all chunks: one step of a loop over chunks left unrolled (the
             # loops pass re-rolls 2 steps or more: a single chunk read at a constant index)

@@ -96,3 +96,27 @@ def test_cubic_scores_are_a_near_miss():
     report = check_against_eager(f, q, k, v)
     assert report.count("ssd") == 0, str(report)
     assert any("degree 3" in r for r in ssd_misses(report)), str(report)
+
+
+# --- transformers MiniMax lightning attention: the decay mask is a buffer -----------------------
+# MiniMaxLightningAttention precomputes diagonal_decay = exp(-slope_h·(i - j)) below the diagonal
+# (and query_decay / key_decay) in __init__ as buffers; Dynamo passes them as graph inputs, so
+# their values are the caller's at every call.  Reading slope_rate instead would rest on an
+# invariant nothing checks once a buffer is written: each block's intra term stays a near miss
+# naming the buffer (the forward-computed spelling, test_ssd_real.py's RateDecay, is an ssd).
+
+minimax = pytest.importorskip("transformers.models.minimax.modeling_minimax")
+
+
+def test_minimax_lightning_attention_buffer_mask_is_a_near_miss():
+    from transformers import MiniMaxConfig
+    cfg = MiniMaxConfig(hidden_size=16, num_attention_heads=2, head_dim=8, num_hidden_layers=2, block_size=8,
+                        layer_types=["linear_attention", "full_attention"], num_key_value_heads=2,
+                        intermediate_size=16, vocab_size=32)
+    torch.manual_seed(0)
+    layer = minimax.MiniMaxLightningAttention(cfg, 0)
+    x = randn(1, 16, 16, seed=7)
+    report = check_against_eager(lambda h: layer(h, None, None)[0], x)
+    misses = ssd_misses(report)
+    assert report.count("ssd") == 0 and misses, str(report)
+    assert all("graph input" in r and "diagonal_decay" in r and "run-time check" in r for r in misses), misses
