@@ -15,7 +15,9 @@ scores, and E is a linear form over three kinds of atoms:
   or Tensor.repeat of a size-1 axis; the inner mask is proven tril(-1) at every size variant, the
   outer -inf mask makes the whole mask tril(0)).  It sums A over (j, i] directly, not as G_i - G_j:
   the op's algorithms recompute the segment sums their own way (tests compare both with fp64);
-- ``("pos", letter)``: the position index i or j (an arange), for γ^(i-j) decays.
+- ``("pos", letter)``: the position index i or j (an arange), for γ^(i-j) decays;
+- ``("q", T, letters)`` / ``("k", T, letters)``: any other tensor read along the query (key) axis only,
+  so that ``side_term_reason`` can name what the exponent holds (never lifted).
 
 Coefficients are a constant times a product of per-batch tensors (a per-head log γ).
 Nothing is evaluated numerically except size-only masks and constants, at several
@@ -393,4 +395,46 @@ class Analyzer:
             used = [c for c in letters if c != UNIT]
             if len(used) == 1 and used[0] in (i, j):
                 return Lin([(("pos", used[0], node, tuple(letters)), Coef())])
+        elif isinstance(node, torch.fx.Node) and isinstance(val(node), torch.Tensor) and \
+                val(node).is_floating_point():
+            time = {c for c in letters if c != UNIT} & {i, j}
+            if len(time) == 1:
+                # a tensor read along one time axis only: a per-query ("q") or per-key ("k") term of the
+                # exponent; never lifted, the caller names it (side_term_reason)
+                return Lin([(("q" if i in time else "k", node, tuple(letters)), Coef())])
         raise NoMatch(f"{_op_name(node)} in the decay exponent")
+
+
+def side_term_reason(terms: list) -> str | None:
+    """The near miss of an exponent holding per-query / per-key terms (atoms "q", "k"), or None.
+
+    G_i - G_j of a tensor G that is not a cumulative sum is a segment sum of G's first differences,
+    which the pass does not form; an unpaired per-key term I_j (an input gate) or per-query term m_i
+    (a stabilizer, mLSTM's exp(B_i - B_j + I_j - m_i)) is bounded only inside the program's sum:
+    moved into b or c as exp(I_j) or exp(-m_i) it can overflow where the program's exponent does not."""
+    side = [(a, c) for a, c in terms if a[0] in ("q", "k")]
+    if not side:
+        return None
+    names = {}
+    for a, c in side:
+        names.setdefault(id(a[1]), []).append((a, c))
+    paired, single_q, single_k = [], [], []
+    for group in names.values():
+        kinds = sorted(a[0] for a, _ in group)
+        if kinds == ["k", "q"] and group[0][1].key() == group[1][1].key() and group[0][1].const == -group[1][1].const:
+            paired.append(group[0][0][1].name)
+        else:
+            for a, _ in group:
+                (single_q if a[0] == "q" else single_k).append(a[1].name)
+    parts = []
+    if single_k:
+        parts.append(f"a per-key term ({', '.join(single_k)}: an input gate I_j)")
+    if single_q:
+        parts.append(f"a per-query term ({', '.join(single_q)}: a stabilizer m_i)")
+    if parts:
+        why = ("as in mLSTM's exp(B_i - B_j + I_j - m_i), the exponent is bounded only as a whole; split into "
+               "exp(I_j)·b or exp(-m_i)·c it can overflow where the program does not, and the ssd op has no "
+               "input log-gate or stabilizer operand")
+        return f"the decay exponent holds {' and '.join(parts)}: {why}"
+    return (f"the decay exponent is G_i - G_j of {', '.join(paired)}, which is not a cumulative sum "
+            f"(a segment sum of its first differences is not formed)")

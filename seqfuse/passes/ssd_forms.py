@@ -47,7 +47,7 @@ from seqfuse.passes.pattern import arg, concrete_sym, constant_value, emit_befor
     sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, Coef, NoMatch, aligned, base_letters, evaluable, evaluate, \
-    size_variants
+    side_term_reason, size_variants
 
 aten = torch.ops.aten
 MAX_MASK_ELEMENTS = 1 << 24
@@ -855,8 +855,10 @@ class SSDFormsPass(Pass):
                 except _Silent:
                     raise _Silent() from None
                 if loose.masks or r.pos:
-                    raise NoMatch("the scores (or masked scores) are also returned or used elsewhere, "
-                                  "so the quadratic form cannot be replaced") from None
+                    reason = "the scores (or masked scores) are also returned or used elsewhere, so the " \
+                             "quadratic form cannot be replaced"
+                    decay = self._decay_reason(gm, r)
+                    raise NoMatch(reason + (f"; and {decay}" if decay else "")) from None
             raise
         if not term.masks and not roles.pos:
             raise _Silent()                     # (c·bᵀ)·x without a mask: two matmuls
@@ -882,6 +884,24 @@ class SSDFormsPass(Pass):
         decay = self._check(gm, roles, masks, log, sizes_i)
         _check_mask_precision(roles)
         return term, roles, decay
+
+    def _decay_reason(self, gm, roles) -> str | None:
+        """Why the position factors of ``roles`` are not a decay the ssd takes, when the analysis of
+        their exponent says so (None when they are, or fail for another reason): a second reason
+        for a near miss that has one already."""
+        an, log = Analyzer(gm, roles.i, roles.j, roles.batch), None
+        try:
+            for leaf in roles.pos:
+                p = an.position(*leaf)
+                if p.log is not None:
+                    log = p.log if log is None else log.plus(p.log)
+            if log is not None:
+                self._resolve(log, roles)
+        except NoMatch as e:
+            return str(e)
+        except Exception:       # an analysis that cannot run: the first reason stands alone
+            return None
+        return None
 
     def _check(self, gm, roles, masks, log, t_size):
         """Prove M = [j <= i]·exp(E) at every size variant; returns the decay (None or (Coef, seq factor))."""
@@ -937,6 +957,9 @@ class SSDFormsPass(Pass):
             else:
                 groups[key] = (atom, coef)
         terms = [(a, c) for a, c in groups.values() if c.const != 0]
+        side = side_term_reason(terms)
+        if side is not None:
+            raise NoMatch(side)
         kinds = sorted(a[0] for a, _ in terms)
         if kinds == ["seg"]:                          # Σ_{j<x≤i} A_x
             (atom, coef), = terms

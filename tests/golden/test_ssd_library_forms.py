@@ -120,3 +120,30 @@ def test_minimax_lightning_attention_buffer_mask_is_a_near_miss():
     misses = ssd_misses(report)
     assert report.count("ssd") == 0 and misses, str(report)
     assert all("graph input" in r and "diagonal_decay" in r and "run-time check" in r for r in misses), misses
+
+
+# --- transformers xLSTM: mLSTM's chunkwise parallel part ----------------------------------------
+# mlstm_chunkwise_parallel_fw_H weighs the scores by D = exp(B_i - B_j + I_j - m_i): B the forget
+# gates' cumulative log, I the input gate, m_i = max(max_j(B_i - B_j + I_j), ...) a per-query
+# stabilizer that keeps every entry <= 1.  Only the whole exponent is bounded: moved into the
+# operands, exp(I_j)·k or exp(-m_i)·q overflows for large gates where the program does not, so
+# lifting needs an ssd with an input log-gate and a stabilizer (not one the IR has); the scores are
+# also summed (the normalizer).  A near miss naming both.
+
+xlstm = pytest.importorskip("transformers.models.xlstm.modeling_xlstm")
+
+
+@pytest.mark.skipif(not hasattr(xlstm, "mlstm_chunkwise_parallel_fw_H"), reason="the xlstm package's kernels")
+def test_mlstm_chunkwise_parallel_is_a_near_miss_naming_the_stabilizer():
+    b, h, nc, q_len, d = 1, 2, 2, 4, 4
+    q, k, v = (randn(b, h, nc * q_len, d, seed=i) for i in range(3))
+    c, n, m = randn(b, h, nc * d, d, seed=3), randn(b, h, nc * d, seed=4), randn(b, h, nc, seed=5)
+    i_gate = randn(b, h, nc, q_len, seed=6)
+    f_cum = F.logsigmoid(randn(b, h, nc, q_len, seed=7, grad=False)).cumsum(-1).requires_grad_()
+
+    def fw_h(*a):
+        return xlstm.mlstm_chunkwise_parallel_fw_H(*a, qk_scale=0.5, chunk_size=q_len, num_chunks=nc)
+    report = check_against_eager(fw_h, q, k, v, c, n, m, i_gate, f_cum)
+    misses = ssd_misses(report)
+    assert report.count("ssd") == 0 and len(misses) == 1, str(report)
+    assert "per-key term" in misses[0] and "per-query term" in misses[0] and "stabilizer" in misses[0], misses
