@@ -283,7 +283,8 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
             lo = start
             break
     if lo is None:
-        raise NoLoop("no step of the loop body matches its middle step (the body differs between steps)")
+        raise NoLoop("no step of the loop body matches its middle step (the body differs between steps"
+                     + _unmatched(getattr(ctx, "unmatched", None), label) + ")")
     hi = lo
     while hi + 1 < T and ctx.step(hi + 1, first=False):
         hi += 1
@@ -291,6 +292,20 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
         raise NoLoop(f"step {hi + 1} of the loop body differs from the others")
     loop.lo, loop.hi = lo, hi
     return loop
+
+
+def _unmatched(node, label) -> str:
+    """What the middle step computes that an earlier step does not: the op, and the values it
+    reads from outside the steps (each step reading another one: a mask or number built from the
+    Python loop index, as ``arange(C) < i``)."""
+    if node is None:
+        return ""
+    name = str(getattr(getattr(node.target, "overloadpacket", node.target), "__name__", node.target))
+    outside = [a.name for a in node.all_input_nodes if a not in label]
+    if not outside:
+        return f": no {name} like the middle step's"
+    return (f": no {name} like the middle step's reading {', '.join(outside)}, computed outside the steps; "
+            f"a value built from the Python loop index, as arange(C) < i, differs at every step")
 
 
 def _starts(u, s, label) -> bool:
@@ -339,6 +354,7 @@ class _Match:
             for j in pending:
                 got = self._one(j, t, nodes, prev, init, claimed, attempt == 2)
                 if got is None:
+                    self.unmatched = loop.template[j]     # for the near miss
                     return False
                 if got is False:
                     waiting.append(j)

@@ -147,3 +147,24 @@ def test_mlstm_chunkwise_parallel_is_a_near_miss_naming_the_stabilizer():
     misses = ssd_misses(report)
     assert report.count("ssd") == 0 and len(misses) == 1, str(report)
     assert "per-key term" in misses[0] and "per-query term" in misses[0] and "stabilizer" in misses[0], misses
+
+
+# --- fla naive_chunk_rwkv6 ----------------------------------------------------------------------
+# The intra-chunk part is a Python loop over the chunk's positions i whose mask arange(C) < i is a
+# different constant at every step: the loop is not re-rolled, and its near miss names the op that
+# reads it.  (Re-rolled, RWKV-6's decay exp(w_{s+1} + … + w_{t-1}) excludes the query's own step and
+# adds a bonus u on the diagonal: o_t = q_t·S_{t-1} + (q_t ⊙ u ⊙ k_t)·v_t.)  Eager's own backward
+# fails on the program's in-place write into wkv_new, so only outputs are compared.
+
+rwkv6 = pytest.importorskip("fla.ops.rwkv6.chunk_naive")
+
+
+def test_chunk_rwkv6_intra_loop_near_miss_names_the_step_mask():
+    b, h, t, d = 1, 2, 16, 4
+    q, k, v = (randn(b, h, t, d, seed=i, grad=False) for i in range(3))
+    w = F.logsigmoid(randn(b, h, t, d, seed=3, grad=False))
+    u = randn(h, d, seed=4, grad=False)
+    report = check_against_eager(lambda *a: rwkv6.naive_chunk_rwkv6(*a, chunk_size=8), q, k, v, w, u, grads=False)
+    misses = ssd_misses(report)
+    assert report.count("ssd") == 0 and misses, str(report)
+    assert any("masked_fill_" in r and "loop index" in r for r in misses), misses
