@@ -168,3 +168,20 @@ def test_chunk_rwkv6_intra_loop_near_miss_names_the_step_mask():
     misses = ssd_misses(report)
     assert report.count("ssd") == 0 and misses, str(report)
     assert any("masked_fill_" in r and "loop index" in r for r in misses), misses
+
+
+def test_parallel_based_dynamic_length():
+    q, k, v = (randn(1, 2, 12, 4, seed=i) for i in range(3))
+    report = check_against_eager(based.naive_parallel_based, q, k, v, dynamic=True)
+    assert report.count("ssd") == 1 and not ssd_misses(report), str(report)
+
+
+def test_chunk_based_intra_term_is_an_ssd():
+    # naive_chunk_based: the intra-chunk kernel s + s²/2 (no constant term) is an ssd per chunk; the
+    # inter-chunk sums are exclusive cumulative sums of k⊗k⊗v and k⊗v over chunks (cat([0, cumsum[:-1]])),
+    # which ssd_chunks does not fuse with polynomial features: near misses naming cat / zeros_like
+    q, k, v = (randn(1, 2, 16, 4, seed=i) for i in range(3))
+    report = check_against_eager(lambda *a: based.naive_chunk_based(*a, chunk_size=8), q, k, v)
+    assert report.count("ssd") == 1, str(report)
+    misses = ssd_misses(report)
+    assert len(misses) == 2 and all("cat, zeros_like" in r for r in misses), misses
