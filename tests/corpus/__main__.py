@@ -1,0 +1,198 @@
+"""A held-out corpus of real models: what seqfuse finds in code the project was not written against.
+
+    python -m tests.corpus                      # every model of the corpus
+    python -m tests.corpus --only qwen3 opt     # some of them
+    python -m tests.corpus --list
+
+The corpus is transformers 5 causal LMs that no test, example or benchmark of this repository
+builds (tests/models, tests/golden, benchmarks/workloads.py and examples/ use others), with tiny
+random configs, eager attention, fp32, in training mode without dropout.  Each model runs in its
+own subprocess (a crash is reported as one), compiled with ``backend="seqfuse"`` (downstream
+aot_eager) on one batch: the logits and the gradient of every parameter are compared with eager
+(relative RMS error; the bound is 1e-5; a gradient the math makes zero, where eager's own value is
+rounding noise, is judged against an fp64 copy of the model as the fuzzer does), and the report's rewrites (with the attention ops' mask
+attribute) and near misses are printed.  Exit status 1 when any model is wrong or crashed.
+
+It is a measurement, not a CI test: run it when the recognizers change, and keep its models out of
+the other tests so that it stays a check on code nobody tuned seqfuse for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+
+BOUND = 1e-5
+
+#: name -> (config class, model class, config overrides); sizes are filled in by _config
+CORPUS = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"rotary_dim": 4}),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", {"rotary_dim": 4}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"word_embed_proj_dim": 32}),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"multi_query": True}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {"sliding_window": 4}),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 4}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                            "moe_intermediate_size": 16,
+                                                            "shared_expert_intermediate_size": 16}),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", {}),
+    "glm": ("GlmConfig", "GlmForCausalLM", {}),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", {}),
+    "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM", {"state_size": 4, "conv_kernel": 4}),
+    "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", {"mamba_d_state": 4, "mamba_headdim": 8, "n_mamba_heads": 8,
+                                                      "num_hidden_layers": 2, "layers_block_type": ["mamba", "hybrid"],
+                                                      "hybrid_layer_ids": [1], "use_mem_rope": False, "head_dim": None,
+                                                      "num_key_value_heads": 4}),
+    "bamba": ("BambaConfig", "BambaForCausalLM", {"mamba_d_state": 4, "mamba_d_head": 8, "mamba_n_heads": 8,
+                                                   "attn_layer_indices": [1], "mamba_chunk_size": 4}),
+}
+
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4,
+             n_positions=64, ffn_dim=64, pad_token_id=0, d_model=32, attention_dropout=0.0, hidden_dropout=0.0,
+             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, dropout=0.0, tie_word_embeddings=False)
+
+
+def _config(cfg_cls, overrides):
+    """A tiny config: the SIZES keys the config class takes, then ``overrides``."""
+    import inspect
+    params = set(inspect.signature(cfg_cls.__init__).parameters)
+    kwargs = {k: v for k, v in SIZES.items() if k in params or hasattr(cfg_cls(), k)}
+    kwargs.update(overrides)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None in overrides: the config's default
+    cfg = cfg_cls(**kwargs)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def child(name: str) -> dict:
+    """One model in this process: build, compile, compare; the result as a dict."""
+    import torch
+    import transformers as T
+
+    import seqfuse
+    from seqfuse.compiler.report import collecting
+    cfg_name, model_name, overrides = CORPUS[name]
+    torch.manual_seed(0)
+    model = getattr(T, model_name)(_config(getattr(T, cfg_name), overrides)).train()
+    tokens = torch.randint(0, 64, (2, 12))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        logits = fn(tokens, use_cache=False).logits
+        g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+        logits.backward(g)
+        return logits.detach(), [None if p.grad is None else p.grad.clone() for p in params]
+
+    ref, ref_grads = run(model)
+    import copy
+    oracle_model = copy.deepcopy(model).double()
+    oracle_params = [p for p in oracle_model.parameters() if p.requires_grad]
+    oracle_model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    try:
+        logits64 = oracle_model(tokens, use_cache=False).logits
+        logits64.backward(torch.randn(logits64.shape, generator=torch.Generator().manual_seed(2)).double())
+        oracle_grads = [None if p.grad is None else p.grad for p in oracle_params]
+    except RuntimeError:  # a kernel without fp64 (grouped_mm of the MoE models): no oracle
+        oracle_grads = [None] * len(oracle_params)
+    report = seqfuse.Report()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="seqfuse", options={"downstream": "aot_eager"})
+    start = time.perf_counter()
+    with collecting(report):
+        out, grads = run(compiled)
+    seconds = time.perf_counter() - start
+
+    def err(a, b):
+        if a is None or b is None:
+            return 0.0 if a is None and b is None else float("inf")
+        den = b.double().norm().item()
+        return (a.double() - b.double()).norm().item() / (den if den > 0 else 1.0)
+
+    # a gradient the math makes (nearly) zero, e.g. of a key bias under softmax, is rounding noise in
+    # eager too: there seqfuse is held to the fuzzer's rule against the fp64 oracle instead (its
+    # distance to the oracle at most 4x eager's plus 256 fp32 roundings of the largest gradient)
+    scale = max((g.double().pow(2).mean().sqrt().item() for g in oracle_grads if g is not None), default=0.0)
+    no_oracle = all(g is None for g in oracle_grads)
+
+    def grad_err(g, r, o):
+        e = err(g, r)
+        if e < BOUND or g is None or o is None:
+            return e
+        ours, theirs = (g.double() - o).norm().item(), (r.double() - o).norm().item()
+        floor = 256 * 2.0 ** -24 * scale * o.numel() ** 0.5
+        return 0.0 if ours <= 4 * theirs + floor else e
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grad_errs = {n: grad_err(g, r, o) for n, g, r, o in zip(names, grads, ref_grads, oracle_grads)}
+    worst = max(grad_errs, key=grad_errs.get)
+    rewrites = [r.kind + (f"[{m.group(1)}]" if (m := re.search(r"mask=(\w+)", r.ir)) and r.kind == "attention"
+                          else "") for r in report.rewrites]
+    return {"model": name, "out_err": err(out, ref), "grad_err": grad_errs[worst], "worst_grad": worst,
+            "n_params": len(params), "oracle": not no_oracle, "rewrites": rewrites, "near_misses": sorted({f"{m.kind}: {m.reason}"
+                                                                                  for m in report.near_misses}),
+            "seconds": seconds}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=list(CORPUS), help="these models only")
+    p.add_argument("--list", action="store_true", help="print the corpus and exit")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per model")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child)), flush=True)
+        return 0
+    if args.list:
+        print("\n".join(f"{n}: transformers.{m}" for n, (_, m, _) in CORPUS.items()))
+        return 0
+    bad = 0
+    rows = []
+    for name in args.only or list(CORPUS):
+        print(f"  {name} ...", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "tests.corpus", "--child", name], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, timeout=args.timeout)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            res = json.loads(line[len("RESULT "):]) if line else {
+                "model": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        except subprocess.TimeoutExpired:
+            res = {"model": name, "error": f"timed out after {args.timeout:.0f} s"}
+        rows.append(res)
+        if "error" in res:
+            bad += 1
+            print(f"{name:14s} CRASH/ERROR  {res['error']}", flush=True)
+            continue
+        ok = res["out_err"] < BOUND and res["grad_err"] < BOUND
+        bad += not ok
+        found = ", ".join(f"{k} x{res['rewrites'].count(k)}" for k in sorted(set(res["rewrites"]))) or "nothing"
+        print(f"{name:14s} {'ok   ' if ok else 'WRONG'} logits {res['out_err']:.1e}  grads {res['grad_err']:.1e} "
+              f"(worst {res['worst_grad']}, {res['n_params']} params)  {res['seconds']:.1f} s  found: {found}",
+              flush=True)
+        for m in res["near_misses"]:
+            print(f"{'':14s}   near miss  {m}", flush=True)
+    print(f"\n{len(rows)} models, {bad} wrong or crashed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
