@@ -304,8 +304,9 @@ def _unmatched(node, label) -> str:
     outside = [a.name for a in node.all_input_nodes if a not in label]
     if not outside:
         return f": no {name} like the middle step's"
-    return (f": no {name} like the middle step's reading {', '.join(outside)}, computed outside the steps; "
-            f"a value built from the Python loop index, as arange(C) < i, differs at every step")
+    return (f": no {name} like the middle step's, which reads {', '.join(outside)} computed outside the steps; "
+            f"when each step reads its own such value, as a mask built from the Python loop index "
+            f"(arange(C) < i), the steps differ")
 
 
 def _starts(u, s, label) -> bool:
