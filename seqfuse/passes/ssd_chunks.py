@@ -182,7 +182,7 @@ class ChunkedSSDPass(Pass):
                     term, roles, decay = forms.analyze_quadratic(ctx.gm, yd)
                 except (_Silent, NoMatch):
                     continue
-                if term.divisors:           # y / d: ssd_forms lifts the intra-chunk term alone
+                if term.divisors or roles.norm is not None:    # ssd_forms lifts the intra-chunk term alone
                     continue
                 try:
                     self._match(ctx, forms, node, _Chunked(term, roles, decay), yo)

@@ -92,6 +92,8 @@ class _Term:
         self.consumed: list = []     # expanded nodes (each used once)
         self.blocked = False
         self.divisors: list = []     # (node, letters): the term is divided by each (read off a div by a tensor)
+        self.shared: set = set()     # nodes read elsewhere too, expanded anyway (a scores operand also summed)
+        self.root_names: dict = {}   # the root einsum's equation letters -> the term's letters
         self._fresh = (c for c in string.ascii_letters + "αβγδεζηθικλμνξοπρστυφχψω" if c not in out)
 
     def fresh(self, taken) -> str:
@@ -164,7 +166,7 @@ def _reaches_contraction(node) -> bool:
 
 def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
     if not root and _reaches_contraction(node):
-        if len(node.users) > 1:
+        if len(node.users) > 1 and node not in term.shared:
             term.blocked = True
             if term.strict:
                 term.leaves.append((node, letters))
@@ -234,6 +236,7 @@ def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
         for c in "".join(ins):
             if c not in names:
                 names[c] = term.fresh(set(names.values()) | set("".join(ins)))
+        term.root_names = names
         for op, l in zip(node.args[1], ins):
             _flatten(gm, op, [names[c] for c in l], term)
         return
@@ -410,6 +413,31 @@ def _masked_scores(gm, node, letters: list, masks: list, nodes: set):
             return node
         node = node.args[0]
         nodes.add(node)
+
+
+def _key_sum(root):
+    """(A, u, axis letter) when the einsum ``root`` has two operands and one of them, A, is read by
+    root and by one more node u = A.sum(axis) over an axis that root sums against the other operand
+    (a normalizer Σ_j A[i, j]); None otherwise."""
+    if not is_op(root, aten.einsum) or len(root.args[1]) != 2:
+        return None
+    try:
+        parts, out = _einsum_parts(root)
+    except _Silent:
+        return None
+    for k in (0, 1):
+        a = root.args[1][k]
+        if not isinstance(a, torch.fx.Node) or len(a.users) != 2 or root.args[1][1 - k] is a:
+            continue
+        u = next(x for x in a.users if x is not root)
+        dims = arg(u, 1, "dim", None)
+        if u.target is not aten.sum.dim_IntList or dims is None or len(dims) != 1 or \
+                arg(u, 3, "dtype", None) is not None or u.args[0] is not a:
+            continue
+        letter = parts[k][dims[0] % len(parts[k])]
+        if letter in parts[1 - k] and letter not in out:
+            return a, u, letter
+    return None
 
 
 # --- roles -----------------------------------------------------------------------------
@@ -803,29 +831,15 @@ class SSDFormsPass(Pass):
             return parts[0] if len(parts) == 1 else emit(graph, root, aten.cat.default, (parts, -1), root)
 
         c, b = features(c, True), features(b, False)
-        p_size = self._size(graph, root, roles, roles.p, root)
         if norm is not None:                        # Σ_j A[i, j] = (A·1)[i]: a column of ones in x
-            one = emit(graph, root, aten.slice.Tensor, (x, -1, 0, 1), root)
-            x = emit(graph, root, aten.cat.default, ([x, emit(graph, root, aten.full_like.default, (one, 1.0), root)], -1), root)
+            x = self._ones_column(graph, root, x)
         op = SSD(x=x, b=b, c=c, a=None, decay="none")
         ir = ctx.insert_ir(op, root, root)
         ir.meta["val"] = ssd_value(x, b, c)
         y = emit(graph, root, operator.getitem, (ir, 0), root)
         lead, head = roles.batch[:-1], roles.batch[-1:]
         if norm is not None:
-            z = emit(graph, root, aten.select.int, (y, -1, p_size), root)
-            y = emit(graph, root, aten.slice.Tensor, (y, -1, 0, p_size), root)
-            z = self.from_layout(graph, root, roles, z, 2, root)
-            zl = lead + [i] + head
-            want = [ch for ch in roles.a_letters if ch != j]
-            perm = [zl.index(ch) for ch in want]
-            if perm != list(range(len(perm))):
-                z = emit(graph, root, aten.permute.default, (z, perm), root)
-            if arg(norm, 2, "keepdim", False):
-                z = emit(graph, root, aten.unsqueeze.default, (z, roles.a_letters.index(j)), root)
-            if val(z).dtype != val(norm).dtype:
-                z = emit(graph, root, aten.to.dtype, (z, val(norm).dtype), root)
-            norm.replace_all_uses_with(z)
+            y = self._split_key_sum(graph, root, roles, y, norm, roles.a_letters)
         y = self.from_layout(graph, root, roles, y, 2, root)
         order = lead + [i] + head + [roles.p]
         perm = [order.index(ch) for ch in _einsum_parts(root)[1]]
@@ -841,6 +855,11 @@ class SSDFormsPass(Pass):
         _Silent when it is not such a form, NoMatch (with the reason) when it nearly is."""
         out = _einsum_parts(root)[1]
         term = _Term(out, strict=True)
+        key_sum = _key_sum(root)
+        if key_sum is not None and _reaches_contraction(key_sum[0]):
+            term.shared = {key_sum[0]}
+        else:
+            key_sum = None
         _flatten(gm, root, list(out), term, root=True)
         if not term.consumed and not term.blocked and len(root.args[1]) == 2:
             raise _Silent()                     # a single contraction: nothing masked in it
@@ -863,6 +882,7 @@ class SSDFormsPass(Pass):
         if not term.masks and not roles.pos:
             raise _Silent()                     # (c·bᵀ)·x without a mask: two matmuls
         roles.divide = _place_divisors(term, roles)
+        roles.norm = self._check_key_sum(root, term, roles, key_sum) if key_sum is not None else None
         sizes_i = val(roles.c[0]).shape[roles.c[1].index(roles.i)]
         sizes_j = val(roles.x[0]).shape[roles.x[1].index(roles.j)]
         if not statically_known_true(sizes_i == sizes_j):
@@ -884,6 +904,26 @@ class SSDFormsPass(Pass):
         decay = self._check(gm, roles, masks, log, sizes_i)
         _check_mask_precision(roles)
         return term, roles, decay
+
+    def _check_key_sum(self, root, term, roles, key_sum):
+        """The normalizer Σ_j A[.., i, j] of a scores operand A of ``root`` (``_key_sum``) is the same
+        form with x = 1 when A is all of the term but x (root's other operand is the x leaf), the sum
+        runs over j, and A has exactly the batch and time axes: (u, A's term letters); NoMatch else."""
+        a, u, letter = key_sum
+        names = term.root_names
+        parts = _einsum_parts(root)[0]
+        k = list(root.args[1]).index(a)
+        la = [names[c] for c in parts[k]]
+        other = root.args[1][1 - k]
+        xb = base_letters(other, [names[c] for c in parts[1 - k]])
+        if names[letter] != roles.j or xb[0] is not roles.x[0] or list(xb[1]) != list(roles.x[1]) or \
+                sorted(la) != sorted(set(roles.batch) | {roles.i, roles.j}):
+            raise NoMatch("the scores are also summed, but not as the form's normalizer Σ_j (c·bᵀ ∘ M)[i, j]")
+        sizes = dict(zip(term.out, val(root).shape))
+        sizes[roles.j] = sizes[roles.i]
+        if any(not statically_known_true(val(a).shape[n] == sizes[ch]) for n, ch in enumerate(la)):
+            raise NoMatch("the summed scores are broadcast over an axis of the result")
+        return u, la
 
     def _decay_reason(self, gm, roles) -> str | None:
         """Why the position factors of ``roles`` are not a decay the ssd takes, when the analysis of
@@ -1054,6 +1094,33 @@ class SSDFormsPass(Pass):
             node = self._emit(graph, root, aten.div.Tensor, (node, d), root)
         return node
 
+    def _ones_column(self, graph, root, x):
+        """x (B', T, H, P) -> (B', T, H, P + 1), the last column ones."""
+        one = self._emit(graph, root, aten.slice.Tensor, (x, -1, 0, 1), root)
+        return self._emit(graph, root, aten.cat.default,
+                          ([x, self._emit(graph, root, aten.full_like.default, (one, 1.0), root)], -1), root)
+
+    def _split_key_sum(self, graph, root, roles, y, norm, a_letters):
+        """y (B', T, H, P + 1) of a form with a ones column: replaces ``norm`` (Σ over the key axis of
+        the scores, axes ``a_letters``) by the last column; returns the first P columns."""
+        emit = self._emit
+        p_size = self._size(graph, root, roles, roles.p, root)
+        z = emit(graph, root, aten.select.int, (y, -1, p_size), root)
+        y = emit(graph, root, aten.slice.Tensor, (y, -1, 0, p_size), root)
+        z = self.from_layout(graph, root, roles, z, 2, root)
+        lead, head = roles.batch[:-1], roles.batch[-1:]
+        zl = lead + [roles.i] + head
+        want = [ch for ch in a_letters if ch != roles.j]
+        perm = [zl.index(ch) for ch in want]
+        if perm != list(range(len(perm))):
+            z = emit(graph, root, aten.permute.default, (z, perm), root)
+        if arg(norm, 2, "keepdim", False):
+            z = emit(graph, root, aten.unsqueeze.default, (z, a_letters.index(roles.j)), root)
+        if val(z).dtype != val(norm).dtype:
+            z = emit(graph, root, aten.to.dtype, (z, val(norm).dtype), root)
+        norm.replace_all_uses_with(z)
+        return y
+
     def _build(self, ctx: PassContext, root, roles, term, decay) -> None:
         graph = ctx.graph
         i, j = roles.i, roles.j
@@ -1063,6 +1130,9 @@ class SSDFormsPass(Pass):
         divide = getattr(roles, "divide", {})
         x, b, c = (self._divide(graph, root, roles, opnd, divide.get(k, ()), t, f)
                    for opnd, k, t, f in ((x, "x", j, roles.p), (b, "b", j, roles.n), (c, "c", i, roles.n)))
+        norm = getattr(roles, "norm", None)
+        if norm is not None:                  # Σ_j A[i, j] = (A·1)[i]: a column of ones in x
+            x = self._ones_column(graph, root, x)
         syms = [f for f in term.scalars if isinstance(f[0], torch.fx.Node)]
         consts = [f for f in term.scalars if not isinstance(f[0], torch.fx.Node)]
         if len(syms) == 1 and not syms[0][1] and all(float(v) == 1.0 for v, _ in consts):
@@ -1097,6 +1167,8 @@ class SSDFormsPass(Pass):
         ir.meta["val"] = ssd_value(x, b, c)
         y = self._emit(graph, root, operator.getitem, (ir, 0), root)
         y = self._divide(graph, root, roles, y, divide.get("y", ()), i, roles.p)   # (Σ_j ...)/d_i
+        if norm is not None:
+            y = self._split_key_sum(graph, root, roles, y, *norm)
         # (B', T, H, P) -> lead + [i] + head + [p] -> the contraction's layout
         lead, head = roles.batch[:-1], roles.batch[-1:]
         y = self.from_layout(graph, root, roles, y, 2, root)

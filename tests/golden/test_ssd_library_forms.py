@@ -127,8 +127,9 @@ def test_minimax_lightning_attention_buffer_mask_is_a_near_miss():
 # gates' cumulative log, I the input gate, m_i = max(max_j(B_i - B_j + I_j), ...) a per-query
 # stabilizer that keeps every entry <= 1.  Only the whole exponent is bounded: moved into the
 # operands, exp(I_j)·k or exp(-m_i)·q overflows for large gates where the program does not, so
-# lifting needs an ssd with an input log-gate and a stabilizer (not one the IR has); the scores are
-# also summed (the normalizer).  A near miss naming both.
+# lifting needs an ssd with an input log-gate and a stabilizer (not one the IR has).  The scores'
+# other use, their sum over the keys (the normalizer), would be one more column of x (below): the
+# near miss names the gate and the stabilizer.
 
 xlstm = pytest.importorskip("transformers.models.xlstm.modeling_xlstm")
 
@@ -185,3 +186,30 @@ def test_chunk_based_intra_term_is_an_ssd():
     assert report.count("ssd") == 1, str(report)
     misses = ssd_misses(report)
     assert len(misses) == 2 and all("cat, zeros_like" in r for r in misses), misses
+
+
+# --- a normalizer of the quadratic form ---------------------------------------------------------
+# A = s·(c·bᵀ ∘ M) read by A·x and by Σ_j A (the normalizer of normalized linear attention, and of
+# mLSTM above): the sum is the same form with x = 1, one more column of x.
+
+def test_normalized_decayed_form_is_one_ssd():
+    def f(q, k, v, g):
+        gc = g.cumsum(-1)
+        decay = torch.exp(gc[..., :, None] - gc[..., None, :]).tril()
+        a = (q @ k.transpose(-1, -2)) * 0.5 * decay
+        z = a.sum(-1, keepdim=True)
+        return a @ v / (z.abs() + 1.0), z
+    q, k, v = (randn(1, 2, 8, 4, seed=i) for i in range(3))
+    g = F.logsigmoid(randn(1, 2, 8, seed=3, grad=False)).requires_grad_()
+    report = check_against_eager(f, q, k, v, g)
+    assert report.count("ssd") == 1 and not ssd_misses(report), str(report)
+    assert "decay=scalar" in report.rewrites[0].ir, report.rewrites[0].ir
+
+
+def test_scores_summed_over_the_queries_is_a_near_miss():
+    def f(q, k, v):
+        a = (q @ k.transpose(-1, -2)).tril()
+        return a @ v, a.sum(-2)                       # a column sum: not the form's normalizer
+    q, k, v = (randn(1, 2, 8, 4, seed=i) for i in range(3))
+    report = check_against_eager(f, q, k, v)
+    assert report.count("ssd") == 0 and any("used elsewhere" in r for r in ssd_misses(report)), str(report)
