@@ -797,6 +797,10 @@ class SSDFormsPass(Pass):
         dt = val(root).dtype
         if any(val(leaf[0]).dtype != dt for leaf in (cs[0], bs[0], xl)) or not dt.is_floating_point:
             raise NoMatch("the polynomial kernel's operands differ in dtype from its result")
+        if max(poly) >= 2 and torch.finfo(dt).max < torch.finfo(torch.float32).max:
+            # c_a·c_b can overflow where (c·b)² does not (large q, small k): fp16's range is 65504
+            raise NoMatch(f"a square of the scores in {str(dt).replace('torch.', '')}: the features vec(c⊗c) can "
+                          f"overflow where the program's (c·b)² does not")
         self._check(gm, roles, masks, None, val(cs[0][0]).shape[cs[0][1].index(i)])
         _check_mask_precision(roles)
         self._build_polynomial(ctx, root, roles, term, poly, norm[0] if norm else None)

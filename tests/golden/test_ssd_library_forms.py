@@ -213,3 +213,11 @@ def test_scores_summed_over_the_queries_is_a_near_miss():
     q, k, v = (randn(1, 2, 8, 4, seed=i) for i in range(3))
     report = check_against_eager(f, q, k, v)
     assert report.count("ssd") == 0 and any("used elsewhere" in r for r in ssd_misses(report)), str(report)
+
+
+def test_parallel_based_fp16_is_a_near_miss():
+    # in fp16, q_a·q_b of the degree-2 features overflows (|q| > 256) where the program's (q·k)² may not
+    q, k, v = (randn(1, 2, 8, 4, seed=i, grad=False).half() for i in range(3))
+    report = check_against_eager(based.naive_parallel_based, q, k, v, grads=False)
+    assert report.count("ssd") == 0, str(report)
+    assert any("float16" in r and "overflow" in r for r in ssd_misses(report)), str(report)
