@@ -512,6 +512,12 @@ def _place_divisors(term: _Term, roles) -> dict:
             raise NoMatch("the product is divided by a tensor over both time axes (or over the key dim and the "
                           "output dim together): the division is not a factor of one operand")
         out[where].append(leaf)
+    dt = val(roles.x[0]).dtype
+    if any(out[k] for k in ("c", "x", "b")) and dt.is_floating_point and \
+            torch.finfo(dt).max < torch.finfo(torch.float32).max:
+        # c/d can overflow where the program's (Σ ...)/d does not (a small d): fp16's range is 65504
+        raise NoMatch(f"a division moved into an operand in {str(dt).replace('torch.', '')}: c/d or x/d can "
+                      f"overflow where the program's quotient does not")
     return out
 
 

@@ -50,6 +50,17 @@ def test_divisions_of_each_operand():
     assert report.count("ssd") == 2 and not ssd_misses(report), str(report)
 
 
+def test_division_moved_into_an_operand_in_fp16_is_a_near_miss():
+    def f(q, k, v, w):
+        kv = torch.einsum("bhtd,bhte->bhtde", k, v).cumsum(2)
+        return torch.einsum("bhtd,bhtde->bhte", q, kv / w[..., None])     # q/w: may overflow in fp16
+    q, k, v = (randn(1, 2, 8, 4, seed=i, grad=False).half() for i in range(3))
+    w = randn(1, 2, 8, 4, seed=3, grad=False).abs().half() + 1
+    report = check_against_eager(f, q, k, v, w, grads=False)
+    assert report.count("ssd") == 0, str(report)
+    assert any("float16" in r and "overflow" in r for r in ssd_misses(report)), str(report)
+
+
 def test_division_over_both_time_axes_is_a_near_miss():
     def f(q, k, v, n):
         return (q @ k.transpose(-1, -2)).tril() / n @ v       # n (T, T): not a factor of one operand
