@@ -1,4 +1,4 @@
-"""seqfuse.delta on a Triton kernel (the "triton" runtime path): the chunked forward.
+"""seqfuse.delta on a Triton kernel (the "triton" runtime path): the chunked forward (gate none, scalar, vector).
 
 Contract (see :mod:`seqfuse.lowering.delta_op`):
 
@@ -9,13 +9,14 @@ Contract (see :mod:`seqfuse.lowering.delta_op`):
 Forward: one kernel (:mod:`seqfuse.lowering.triton.delta_kernels`), one program per (batch, head,
 block of value dims), chunks of BLOCK_T steps walked in order with the state in fp32 registers;
 every chunk length computes the same function, so the kernel's tile, not ``attrs["chunk"]``, is
-the chunk.  Backward: the eager path's (the chunked reference differentiated again, torch ops on
+the chunk.  gate="vector" (KDA) builds the chunk's A and readout scores one row at a time (a
+(BLOCK_T, BLOCK_K) decay tile per row, exponents masked to j <= i before exp).  Backward: the eager path's (the chunked reference differentiated again, torch ops on
 the call's device); a Triton backward kernel is not written yet.
 
 Refused (the next path runs the call): no triton / not allowed on this device (common.py), the
-"recurrent" algorithm (decode and short sequences run elsewhere), gate="vector" (its decay is a
-(BLOCK_T, BLOCK_T, K) tile: not written yet), dtypes other than fp32 / fp16 / bf16, head dims
-above MAX_DIM, tensors of 2**31 elements or more.
+"recurrent" algorithm (decode and short sequences run elsewhere), dtypes other than fp32 / fp16 /
+bf16, head dims above MAX_DIM, tensors of 2**31 elements or more, NaN / inf operands in a forward
+call.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def supports(t: dict, a: dict) -> str | None:
         return reason
     if a.get("algorithm") != "chunked":
         return f"algorithm {a.get('algorithm')!r} (the triton kernel is the chunked one)"
-    if a.get("gate") not in ("none", "scalar"):
-        return f"gate={a.get('gate')!r} (the triton kernel takes none and scalar)"
+    if a.get("gate") not in ("none", "scalar", "vector"):
+        return f"gate={a.get('gate')!r} (the triton kernel takes none, scalar and vector)"
     named = [(n, t.get(n)) for n in ("q", "k", "v", "beta", "g", "h0")]
     for name, x in named:
         if x is None:
@@ -90,13 +91,14 @@ def forward(q, k, v, beta, g, h0, a):
     h = torch.empty((B, H, K, V), dtype=dtype, device=q.device)
     block_t, block_v, warps = INTERPRETER_CONFIG if kern.INTERPRETED else GPU_CONFIG
     block_v = min(block_v, _pow2(V))
-    gate = 1 if a["gate"] == "scalar" else 0
+    gate = {"none": 0, "scalar": 1, "vector": 2}[a["gate"]]
     gg = g if g is not None else beta
+    g_strides = (*gg.stride()[:3], gg.stride(3) if gate == 2 else 0)
     s0 = h0 if h0 is not None else h
     grid = (-(-V // block_v), B * H)
     kern.delta_chunked_fwd[grid](
         q, k, v, beta, gg, s0, y, h,
-        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gg.stride()[:3], *s0.stride(), *y.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *g_strides, *s0.stride(), *y.stride(),
         *h.stride(), T, H, K, V, float(a["scale"]),
         GATE=gate, HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_K=_pow2(K), BLOCK_V=block_v,
         DOT_PRECISION="ieee" if kern.INTERPRETED else "tf32x3", num_warps=warps)

@@ -1,4 +1,4 @@
-"""Triton kernel of seqfuse.delta: the chunked WY / UT forward (gate none or scalar).
+"""Triton kernel of seqfuse.delta: the chunked WY / UT forward (gate none, scalar or vector).
 
 Imported lazily by :mod:`seqfuse.lowering.triton.delta` on the first call that runs on the
 triton path (``@triton.jit`` fixes interpreted vs compiled mode when it runs).
@@ -19,7 +19,10 @@ Every exponent is a difference γ_i − γ_j with j ≤ i (masked to -inf above 
 exp) or relative to the chunk start, so strong decays never overflow.  Steps past T load k = v =
 β = g = 0: their rows of A and U are 0 and they leave the state alone.
 
-Constexpr flags: GATE (0 none, 1 scalar), HAS_H0, BLOCK_T / BLOCK_K / BLOCK_V (powers of two, ≥ 16
+With gate="vector" γ is (BLOCK_T, BLOCK_K), the e^γ factors multiply K / Q columnwise, and A and
+the scores are built one row i at a time from the (BLOCK_T, BLOCK_K) tile e^{γ_i − γ_j} (j <= i).
+
+Constexpr flags: GATE (0 none, 1 scalar, 2 vector), HAS_H0, BLOCK_T / BLOCK_K / BLOCK_V (powers of two, ≥ 16
 for tl.dot), DOT_PRECISION ("ieee" for fp32 products).
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ def delta_chunked_fwd(
         stride_kb, stride_kt, stride_kh, stride_kk,
         stride_vb, stride_vt, stride_vh, stride_vv,
         stride_bb, stride_bt, stride_bh,
-        stride_gb, stride_gt, stride_gh,
+        stride_gb, stride_gt, stride_gh, stride_gk,
         stride_sb, stride_sh, stride_sk, stride_sv,
         stride_yb, stride_yt, stride_yh, stride_yv,
         stride_ob, stride_oh, stride_ok, stride_ov,
@@ -84,8 +87,31 @@ def delta_chunked_fwd(
         vc = tl.load(V + b * stride_vb + h * stride_vh + ts[:, None] * stride_vt + offs_v[None, :] * stride_vv,
                      mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
         beta = tl.load(BETA + b * stride_bb + h * stride_bh + ts * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
-        # 2a. cumulative log-decays γ (BLOCK_T,), the decay matrix e^{γ_i − γ_j} (j <= i)
-        if GATE == 1:
+        # 2a. cumulative log-decays γ (BLOCK_T,) or (BLOCK_T, BLOCK_K), the decay matrix e^{γ_i − γ_j} (j <= i)
+        if GATE == 2:
+            g2 = tl.load(G + b * stride_gb + h * stride_gh + ts[:, None] * stride_gt + offs_k[None, :] * stride_gk,
+                         mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            gam2 = tl.associative_scan(g2, 0, _SUM)
+            gam2_last = tl.reduce(tl.where(rows == BLOCK_T - 1, gam2, 0.0), 0, _SUM)   # (BLOCK_K,)
+            eg2 = tl.exp(gam2)
+            eg2_rest = tl.exp(gam2_last[None, :] - gam2)
+            carry2 = tl.exp(gam2_last)
+            # A[i, j] = β_i Σ_k k_ik k_jk e^{γ_ik − γ_jk} and qk[i, j] = Σ_k q_ik k_jk e^{γ_ik − γ_jk}, one row i
+            # at a time: the decay of row i is a (BLOCK_T, BLOCK_K) tile, masked to j <= i before exp
+            A = tl.full([BLOCK_T, BLOCK_T], 0.0, tl.float32)
+            qk = tl.full([BLOCK_T, BLOCK_T], 0.0, tl.float32)
+            for i in range(BLOCK_T):
+                pick = rows == i
+                gam_i = tl.reduce(tl.where(pick, gam2, 0.0), 0, _SUM)
+                k_i = tl.reduce(tl.where(pick, kc, 0.0), 0, _SUM)
+                q_i = tl.reduce(tl.where(pick, qc, 0.0), 0, _SUM)
+                kdec = kc * tl.exp(tl.where(rows <= i, gam_i[None, :] - gam2, float("-inf")))
+                a_i = tl.reduce(k_i[None, :] * kdec, 1, _SUM)                   # over k: (BLOCK_T,) by j
+                s_i = tl.reduce(q_i[None, :] * kdec, 1, _SUM)
+                A = tl.where(pick & (cols < i), a_i[None, :], A)
+                qk = tl.where(pick, s_i[None, :], qk)
+            A = A * beta[:, None]
+        elif GATE == 1:
             g = tl.load(G + b * stride_gb + h * stride_gh + ts * stride_gt, mask=t_ok, other=0.0).to(tl.float32)
             gam = tl.associative_scan(g, 0, _SUM)
             # γ_C is the cumsum's own last entry (steps past T add 0): a separately reduced sum would
@@ -100,12 +126,16 @@ def delta_chunked_fwd(
             eg = tl.full([BLOCK_T], 1.0, tl.float32)
             eg_rest = tl.full([BLOCK_T], 1.0, tl.float32)
             carry = 1.0
-        # 2b. A (strict) and the readout scores (j <= i)
-        kk = tl.dot(kc, tl.trans(kc), input_precision=DOT_PRECISION)
-        A = tl.where(strict, kk * decay, 0.0) * beta[:, None]
-        qk = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION) * decay
+        # 2b. A (strict) and the readout scores (j <= i); gate="vector" built them in 2a
+        if GATE != 2:
+            kk = tl.dot(kc, tl.trans(kc), input_precision=DOT_PRECISION)
+            A = tl.where(strict, kk * decay, 0.0) * beta[:, None]
+            qk = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION) * decay
         # 2c. R = β ⊙ V − (β e^γ ⊙ K)·S0, then U = (I + A)⁻¹ R by forward substitution
-        R = beta[:, None] * vc - tl.dot((beta * eg)[:, None] * kc, S, input_precision=DOT_PRECISION)
+        if GATE == 2:
+            R = beta[:, None] * vc - tl.dot(beta[:, None] * eg2 * kc, S, input_precision=DOT_PRECISION)
+        else:
+            R = beta[:, None] * vc - tl.dot((beta * eg)[:, None] * kc, S, input_precision=DOT_PRECISION)
         U = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
         for i in range(BLOCK_T):
             pick = rows == i
@@ -114,11 +144,17 @@ def delta_chunked_fwd(
             u_i = r_i - tl.reduce(a_i[:, None] * U, 0, _SUM)                  # rows j < i of U are final
             U = tl.where(pick, u_i[None, :], U)
         # 2d. the readout, then the state leaving the chunk
-        y = tl.dot(eg[:, None] * qc, S, input_precision=DOT_PRECISION) + \
-            tl.dot(qk, U, input_precision=DOT_PRECISION)
+        if GATE == 2:
+            y = tl.dot(eg2 * qc, S, input_precision=DOT_PRECISION) + tl.dot(qk, U, input_precision=DOT_PRECISION)
+        else:
+            y = tl.dot(eg[:, None] * qc, S, input_precision=DOT_PRECISION) + \
+                tl.dot(qk, U, input_precision=DOT_PRECISION)
         tl.store(Y + b * stride_yb + h * stride_yh + ts[:, None] * stride_yt + offs_v[None, :] * stride_yv,
                  y.to(Y.dtype.element_ty), mask=t_ok[:, None] & v_ok[None, :])
-        S = S * carry + tl.dot(tl.trans(eg_rest[:, None] * kc), U, input_precision=DOT_PRECISION)
+        if GATE == 2:
+            S = carry2[:, None] * S + tl.dot(tl.trans(eg2_rest * kc), U, input_precision=DOT_PRECISION)
+        else:
+            S = S * carry + tl.dot(tl.trans(eg_rest[:, None] * kc), U, input_precision=DOT_PRECISION)
 
     # -- phase 3: the final state
     tl.store(HT + b * stride_ob + h * stride_oh + offs_k[:, None] * stride_ok + offs_v[None, :] * stride_ov,
