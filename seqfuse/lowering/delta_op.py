@@ -139,8 +139,8 @@ from seqfuse.lowering.cpu import delta as _cpu_delta  # noqa: E402
 
 _cpu_delta.register()
 
-# the Triton chunked forward (CUDA, or CPU under TRITON_INTERPRET=1); its backward is this module's
-# eager one.  Its ``supports`` refuses the recurrent algorithm, gate="vector", NaN / inf operands, ...
+# the Triton chunked forward and backward (CUDA, or CPU under TRITON_INTERPRET=1).  Its ``supports``
+# refuses the recurrent algorithm, gate="vector" in the backward, NaN / inf operands, ...
 from seqfuse.lowering.triton import delta as _triton_delta  # noqa: E402
 
-_triton_delta.register(backward=_reference_backward)
+_triton_delta.register()

@@ -76,13 +76,21 @@ def supports(t: dict, a: dict) -> str | None:
         return f"shapes: {exc}"
     if q.shape[-1] > MAX_DIM or t["v"].shape[-1] > MAX_DIM:
         return f"head dims K={q.shape[-1]}, V={t['v'].shape[-1]} above {MAX_DIM} (the state block lives in registers)"
-    if "needs" not in a and not all(x is None or bool(torch.isfinite(x).all()) for _, x in named):
+    if "needs" in a and a["gate"] == "vector":
+        return "gate='vector' backward (the triton backward kernel takes none and scalar)"
+    if not all(x is None or bool(torch.isfinite(x).all()) for _, x in named):
         return "a NaN or inf operand (the chunked form mixes every step of a chunk)"
     return None
 
 
 def forward(q, k, v, beta, g, h0, a):
     """(y (B, T, H, V), h (B, H, K, V)) in the operands' promoted dtype."""
+    return _forward(q, k, v, beta, g, h0, a, store_states=False)[:2]
+
+
+def _forward(q, k, v, beta, g, h0, a, store_states):
+    """(y, h, states, (block_t, block_k, block_v, warps)); states is the fp32 scratch
+    (B·H, NV, NT, BLOCK_K, BLOCK_V) of the states entering every chunk when ``store_states``."""
     kern = _kernels()
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -96,16 +104,51 @@ def forward(q, k, v, beta, g, h0, a):
     g_strides = (*gg.stride()[:3], gg.stride(3) if gate == 2 else 0)
     s0 = h0 if h0 is not None else h
     grid = (-(-V // block_v), B * H)
+    block_k = _pow2(K)
+    if store_states:
+        states = torch.empty((B * H, grid[0], -(-T // block_t), block_k, block_v), dtype=torch.float32,
+                             device=q.device)
+    else:
+        states = y
     kern.delta_chunked_fwd[grid](
-        q, k, v, beta, gg, s0, y, h,
+        q, k, v, beta, gg, s0, y, h, states,
         *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *g_strides, *s0.stride(), *y.stride(),
         *h.stride(), T, H, K, V, float(a["scale"]),
-        GATE=gate, HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_K=_pow2(K), BLOCK_V=block_v,
+        GATE=gate, HAS_H0=h0 is not None, STORE_STATES=store_states, BLOCK_T=block_t, BLOCK_K=block_k,
+        BLOCK_V=block_v, DOT_PRECISION="ieee" if kern.INTERPRETED else "tf32x3", num_warps=warps)
+    return y, h, states, (block_t, block_k, block_v, warps)
+
+
+def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
+    """(dq, dk, dv, dbeta, dg, dh0) of the chunked kernel, gate none or scalar, each in its operand's
+    dtype (None for an operand that is None or not in ``a["needs"]``): the forward kernel stores the
+    state entering every chunk, then delta_chunked_bwd walks the chunks backward carrying dS.
+    dq, dk, dbeta, dg are summed over the value blocks here."""
+    kern = _kernels()
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    needs = a.get("needs", [True] * 6)
+    _, _, states, (block_t, block_k, block_v, warps) = _forward(q, k, v, beta, g, h0, a, store_states=True)
+    nv = states.shape[1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.empty((nv, B, T, H, K), **f32)
+    dk = torch.empty((nv, B, T, H, K), **f32)
+    db = torch.empty((nv, B, T, H), **f32)
+    dg = torch.empty((nv, B, T, H), **f32)
+    dv = torch.empty((B, T, H, V), **f32)
+    dh0 = torch.empty((B, H, K, V), **f32)
+    gg = g if g is not None else beta
+    kern.delta_chunked_bwd[(nv, B * H)](
+        q, k, v, beta, gg, states, grad_y, grad_h, dq, dk, dv, db, dg, dh0,
+        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gg.stride()[:3], *grad_y.stride(),
+        *grad_h.stride(), B, T, H, K, V, float(a["scale"]),
+        GATE=1 if a["gate"] == "scalar" else 0, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_V=block_v,
         DOT_PRECISION="ieee" if kern.INTERPRETED else "tf32x3", num_warps=warps)
-    return y, h
+    grads = (dq.sum(0), dk.sum(0), dv, db.sum(0), dg.sum(0) if g is not None else None, dh0)
+    return tuple(None if (x is None or gr is None or not n) else gr.to(x.dtype)
+                 for x, gr, n in zip((q, k, v, beta, g, h0), grads, needs))
 
 
-def register(backward) -> None:
-    """Register the kernel as the "triton" implementation of seqfuse.delta, with ``backward`` (the
-    eager path's, passed by delta_op) as its backward."""
+def register() -> None:
+    """Register the kernels as the "triton" implementation of seqfuse.delta (forward and backward)."""
     register_impl("delta", Impl("triton", supports, forward, backward))

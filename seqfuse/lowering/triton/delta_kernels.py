@@ -41,7 +41,7 @@ _SUM = tl.standard._sum_combine
 
 @triton.jit
 def delta_chunked_fwd(
-        Q, K, V, BETA, G, H0, Y, HT,
+        Q, K, V, BETA, G, H0, Y, HT, ST,
         stride_qb, stride_qt, stride_qh, stride_qk,
         stride_kb, stride_kt, stride_kh, stride_kk,
         stride_vb, stride_vt, stride_vh, stride_vv,
@@ -51,9 +51,11 @@ def delta_chunked_fwd(
         stride_yb, stride_yt, stride_yh, stride_yv,
         stride_ob, stride_oh, stride_ok, stride_ov,
         T, H, KD, VD, scale,
-        GATE: tl.constexpr, HAS_H0: tl.constexpr,
+        GATE: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """y (B, T, H, V) and the final state (B, H, K, V) of one (batch, head, value block)."""
+    """y (B, T, H, V) and the final state (B, H, K, V) of one (batch, head, value block); with
+    STORE_STATES, also the state entering every chunk into ST (B·H, NV, NT, BLOCK_K, BLOCK_V) fp32,
+    for the backward kernel."""
     # -- phase 0: which program; offsets
     pid_v = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -77,9 +79,14 @@ def delta_chunked_fwd(
         S = tl.full([BLOCK_K, BLOCK_V], 0.0, tl.float32)
 
     # -- phase 2: the chunks in order
+    NT = (T + BLOCK_T - 1) // BLOCK_T
+    st_offs = offs_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    st_base = ST + (pid_bh * tl.num_programs(0) + pid_v) * NT * (BLOCK_K * BLOCK_V)
     for t0 in range(0, T, BLOCK_T):
         ts = t0 + offs_t
         t_ok = ts < T
+        if STORE_STATES:
+            tl.store(st_base + (t0 // BLOCK_T) * (BLOCK_K * BLOCK_V) + st_offs, S)
         kc = tl.load(K + b * stride_kb + h * stride_kh + ts[:, None] * stride_kt + offs_k[None, :] * stride_kk,
                      mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         qc = tl.load(Q + b * stride_qb + h * stride_qh + ts[:, None] * stride_qt + offs_k[None, :] * stride_qk,
@@ -159,3 +166,158 @@ def delta_chunked_fwd(
     # -- phase 3: the final state
     tl.store(HT + b * stride_ob + h * stride_oh + offs_k[:, None] * stride_ok + offs_v[None, :] * stride_ov,
              S.to(HT.dtype.element_ty), mask=k_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def delta_chunked_bwd(
+        Q, K, V, BETA, G, ST, DY, DHT,
+        DQ, DK, DV, DB, DG, DH0,
+        stride_qb, stride_qt, stride_qh, stride_qk,
+        stride_kb, stride_kt, stride_kh, stride_kk,
+        stride_vb, stride_vt, stride_vh, stride_vv,
+        stride_bb, stride_bt, stride_bh,
+        stride_gb, stride_gt, stride_gh,
+        stride_yb, stride_yt, stride_yh, stride_yv,
+        stride_ob, stride_oh, stride_ok, stride_ov,
+        B, T, H, KD, VD, scale,
+        GATE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The adjoint of delta_chunked_fwd for one (batch, head, value block), gate none or scalar.
+
+    Reads the chunk-entry states ST written by the forward (STORE_STATES) and walks the chunks
+    backward carrying dS (BLOCK_K, BLOCK_V), starting from grad_h.  Per chunk it recomputes the
+    forward's γ, A, U, then differentiates, in reverse order, S_C = e^{γ_C} S0 + (e^{γ_C−γ}⊙K)ᵀU,
+    y = (e^γ⊙Q)S0 + (QKᵀ∘D)U, U = (I + A)⁻¹R (dR = (I + A)⁻ᵀdU by back substitution,
+    dA = −dR·Uᵀ below the diagonal), A = β ⊙ (KKᵀ∘D), R = β⊙V − (βe^γ⊙K)S0, and D = e^{γ_i−γ_j}.
+    dv (B, T, H, V) and dh0 (B, H, K, V) are this block's own; dq, dk (NV, B, T, H, K) and dbeta,
+    dg (NV, B, T, H) are this value block's share of sums over the value dims (the host adds the
+    NV shares).  All outputs fp32 contiguous.
+    """
+    # -- phase 0: which program; offsets
+    pid_v = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_ok = offs_k < KD
+    v_ok = offs_v < VD
+    rows = offs_t[:, None]
+    cols = offs_t[None, :]
+    strict = cols < rows             # j < i
+    causal = cols <= rows            # j <= i
+    NT = (T + BLOCK_T - 1) // BLOCK_T
+    st_offs = offs_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    st_base = ST + (pid_bh * tl.num_programs(0) + pid_v) * NT * (BLOCK_K * BLOCK_V)
+
+    # -- phase 1: dS leaving the last chunk is grad_h
+    dS = tl.load(DHT + b * stride_ob + h * stride_oh + offs_k[:, None] * stride_ok + offs_v[None, :] * stride_ov,
+                 mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+
+    # -- phase 2: the chunks in reverse order
+    for cc in range(0, NT):
+        c = NT - 1 - cc
+        ts = c * BLOCK_T + offs_t
+        t_ok = ts < T
+        tk = t_ok[:, None] & k_ok[None, :]
+        tv = t_ok[:, None] & v_ok[None, :]
+        kc = tl.load(K + b * stride_kb + h * stride_kh + ts[:, None] * stride_kt + offs_k[None, :] * stride_kk,
+                     mask=tk, other=0.0).to(tl.float32)
+        qc = tl.load(Q + b * stride_qb + h * stride_qh + ts[:, None] * stride_qt + offs_k[None, :] * stride_qk,
+                     mask=tk, other=0.0).to(tl.float32) * scale
+        vc = tl.load(V + b * stride_vb + h * stride_vh + ts[:, None] * stride_vt + offs_v[None, :] * stride_vv,
+                     mask=tv, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b * stride_yb + h * stride_yh + ts[:, None] * stride_yt + offs_v[None, :] * stride_yv,
+                     mask=tv, other=0.0).to(tl.float32)
+        beta = tl.load(BETA + b * stride_bb + h * stride_bh + ts * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
+        S0 = tl.load(st_base + c * (BLOCK_K * BLOCK_V) + st_offs)
+        # 2a. recompute the forward's chunk: γ, D, A, scores, R, U
+        if GATE == 1:
+            g = tl.load(G + b * stride_gb + h * stride_gh + ts * stride_gt, mask=t_ok, other=0.0).to(tl.float32)
+            gam = tl.associative_scan(g, 0, _SUM)
+            gam_last = tl.reduce(tl.where(offs_t == BLOCK_T - 1, gam, 0.0), 0, _SUM)
+            decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+            eg = tl.exp(gam)
+            eg_rest = tl.exp(gam_last - gam)
+            carry = tl.exp(gam_last)
+        else:
+            decay = tl.where(causal, 1.0, 0.0)
+            eg = tl.full([BLOCK_T], 1.0, tl.float32)
+            eg_rest = tl.full([BLOCK_T], 1.0, tl.float32)
+            carry = 1.0
+        kk = tl.dot(kc, tl.trans(kc), input_precision=DOT_PRECISION)
+        kkd = tl.where(strict, kk * decay, 0.0)
+        A = kkd * beta[:, None]
+        qkraw = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
+        qk = qkraw * decay
+        ks = tl.dot(kc, S0, input_precision=DOT_PRECISION)
+        R = beta[:, None] * vc - (beta * eg)[:, None] * ks
+        U = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
+        for i in range(BLOCK_T):
+            pick = rows == i
+            a_i = tl.reduce(tl.where(pick, A, 0.0), 0, _SUM)
+            r_i = tl.reduce(tl.where(pick, R, 0.0), 0, _SUM)
+            u_i = r_i - tl.reduce(a_i[:, None] * U, 0, _SUM)
+            U = tl.where(pick, u_i[None, :], U)
+        # 2b. through S_C = carry·S0 + (e^{γ_C−γ}⊙K)ᵀU
+        kr = eg_rest[:, None] * kc
+        dU = tl.dot(tl.trans(qk), dy, input_precision=DOT_PRECISION) + tl.dot(kr, dS, input_precision=DOT_PRECISION)
+        dkr = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
+        dk = eg_rest[:, None] * dkr
+        w = eg_rest * tl.reduce(kc * dkr, 1, _SUM)
+        dgam = -w
+        dgam_last = tl.reduce(w, 0, _SUM) + carry * tl.reduce(tl.reduce(S0 * dS, 1, _SUM), 0, _SUM)
+        dS0 = carry * dS
+        # 2c. through y = (e^γ⊙Q)S0 + (QKᵀ∘D)U
+        deq = tl.dot(dy, tl.trans(S0), input_precision=DOT_PRECISION)
+        dq = eg[:, None] * deq
+        dgam += eg * tl.reduce(qc * deq, 1, _SUM)
+        dS0 += tl.dot(tl.trans(eg[:, None] * qc), dy, input_precision=DOT_PRECISION)
+        dqk = tl.where(causal, tl.dot(dy, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+        dqkd = dqk * decay
+        dq += tl.dot(dqkd, kc, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(dqkd), qc, input_precision=DOT_PRECISION)
+        ddec = dqk * qkraw
+        # 2d. through U = (I + A)⁻¹R: (I + A)ᵀ dR = dU, row i from the rows after it
+        dR = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
+        for ii in range(BLOCK_T):
+            i = BLOCK_T - 1 - ii
+            pick = rows == i
+            a_col = tl.reduce(tl.where(cols == i, A, 0.0), 1, _SUM)             # A[j, i], zero for j <= i
+            du_i = tl.reduce(tl.where(pick, dU, 0.0), 0, _SUM)
+            dr_i = du_i - tl.reduce(a_col[:, None] * dR, 0, _SUM)               # rows j > i of dR are final
+            dR = tl.where(pick, dr_i[None, :], dR)
+        dA = -tl.where(strict, tl.dot(dR, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+        # 2e. through A = β ⊙ (KKᵀ∘D) (strict)
+        db = tl.reduce(dA * kkd, 1, _SUM)
+        dkkd = dA * beta[:, None]
+        dkk = dkkd * decay
+        dk += tl.dot(dkk, kc, input_precision=DOT_PRECISION) + tl.dot(tl.trans(dkk), kc, input_precision=DOT_PRECISION)
+        ddec += dkkd * kk
+        # 2f. through R = β⊙V − (βe^γ⊙K)S0
+        dv = beta[:, None] * dR
+        drks = tl.reduce(dR * ks, 1, _SUM)
+        db += tl.reduce(dR * vc, 1, _SUM) - eg * drks
+        dw = -(beta * eg)[:, None] * dR
+        dk += tl.dot(dw, tl.trans(S0), input_precision=DOT_PRECISION)
+        dS0 += tl.dot(tl.trans(kc), dw, input_precision=DOT_PRECISION)
+        # 2g. stores; with a gate, D = e^{γ_i − γ_j} and the e^γ factors give dγ, then dg = reverse cumsum
+        out_k = (((pid_v * B + b) * T + ts[:, None]) * H + h) * KD + offs_k[None, :]
+        tl.store(DQ + out_k, dq * scale, mask=tk)
+        tl.store(DK + out_k, dk, mask=tk)
+        out_t = ((pid_v * B + b) * T + ts) * H + h
+        tl.store(DB + out_t, db, mask=t_ok)
+        tl.store(DV + ((b * T + ts[:, None]) * H + h) * VD + offs_v[None, :], dv, mask=tv)
+        if GATE == 1:
+            dgam += -(beta * eg) * drks
+            P = ddec * decay
+            dgam += tl.reduce(P, 1, _SUM) - tl.reduce(P, 0, _SUM)
+            dgam += tl.where(offs_t == BLOCK_T - 1, dgam_last, 0.0)
+            dg = tl.associative_scan(dgam, 0, _SUM, reverse=True)
+            tl.store(DG + out_t, dg, mask=t_ok)
+        dS = dS0
+
+    # -- phase 3: the gradient of h0
+    tl.store(DH0 + ((b * H + h) * KD + offs_k[:, None]) * VD + offs_v[None, :], dS,
+             mask=k_ok[:, None] & v_ok[None, :])
