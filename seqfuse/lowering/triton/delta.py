@@ -1,4 +1,5 @@
-"""seqfuse.delta on a Triton kernel (the "triton" runtime path): the chunked forward (gate none, scalar, vector).
+"""seqfuse.delta on Triton kernels (the "triton" runtime path): the chunked forward (gate none, scalar,
+vector) and backward (gate none, scalar).
 
 Contract (see :mod:`seqfuse.lowering.delta_op`):
 
@@ -10,13 +11,18 @@ Forward: one kernel (:mod:`seqfuse.lowering.triton.delta_kernels`), one program 
 block of value dims), chunks of BLOCK_T steps walked in order with the state in fp32 registers;
 every chunk length computes the same function, so the kernel's tile, not ``attrs["chunk"]``, is
 the chunk.  gate="vector" (KDA) builds the chunk's A and readout scores one row at a time (a
-(BLOCK_T, BLOCK_K) decay tile per row, exponents masked to j <= i before exp).  Backward: the eager path's (the chunked reference differentiated again, torch ops on
-the call's device); a Triton backward kernel is not written yet.
+(BLOCK_T, BLOCK_K) decay tile per row, exponents masked to j <= i before exp).
+
+Backward (gate none or scalar): the forward kernel, run again with STORE_STATES, keeps the state
+entering each chunk (fp32 scratch), then ``delta_chunked_bwd`` walks the chunks backward carrying
+dS in registers; dv and dh0 are per value block, dq / dk / dbeta / dg are summed
+over the value blocks' shares on the host.  A gate="vector" backward is refused (the eager
+reference runs it).
 
 Refused (the next path runs the call): no triton / not allowed on this device (common.py), the
 "recurrent" algorithm (decode and short sequences run elsewhere), dtypes other than fp32 / fp16 /
-bf16, head dims above MAX_DIM, tensors of 2**31 elements or more, NaN / inf operands in a forward
-call.
+bf16, head dims above MAX_DIM, tensors of 2**31 elements or more, NaN / inf operands, a gate="vector"
+backward.  (grad_y / grad_h are not seen by supports: a non-finite gradient is mixed over a chunk.)
 """
 from __future__ import annotations
 
