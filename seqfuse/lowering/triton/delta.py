@@ -1,5 +1,5 @@
-"""seqfuse.delta on Triton kernels (the "triton" runtime path): the chunked forward (gate none, scalar,
-vector) and backward (gate none, scalar).
+"""seqfuse.delta on Triton kernels (the "triton" runtime path): the chunked forward and backward
+(gate none, scalar, vector).
 
 Contract (see :mod:`seqfuse.lowering.delta_op`):
 
@@ -13,16 +13,15 @@ every chunk length computes the same function, so the kernel's tile, not ``attrs
 the chunk.  gate="vector" (KDA) builds the chunk's A and readout scores one row at a time (a
 (BLOCK_T, BLOCK_K) decay tile per row, exponents masked to j <= i before exp).
 
-Backward (gate none or scalar): the forward kernel, run again with STORE_STATES, keeps the state
-entering each chunk (fp32 scratch), then ``delta_chunked_bwd`` walks the chunks backward carrying
-dS in registers; dv and dh0 are per value block, dq / dk / dbeta / dg are summed
-over the value blocks' shares on the host.  A gate="vector" backward is refused (the eager
-reference runs it).
+Backward: the forward kernel, run again with STORE_STATES, keeps the state entering each chunk
+(fp32 scratch), then ``delta_chunked_bwd`` walks the chunks backward carrying dS in registers
+(gate="vector": the terms through A and the scores row by row, like the forward); dv and dh0 are
+per value block, dq / dk / dbeta / dg are summed over the value blocks' shares on the host.
 
 Refused (the next path runs the call): no triton / not allowed on this device (common.py), the
 "recurrent" algorithm (decode and short sequences run elsewhere), dtypes other than fp32 / fp16 /
-bf16, head dims above MAX_DIM, tensors of 2**31 elements or more, NaN / inf operands, a gate="vector"
-backward.  (grad_y / grad_h are not seen by supports: a non-finite gradient is mixed over a chunk.)
+bf16, head dims above MAX_DIM, tensors of 2**31 elements or more, NaN / inf operands.
+(grad_y / grad_h are not seen by supports: a non-finite gradient is mixed over a chunk.)
 """
 from __future__ import annotations
 
@@ -82,8 +81,6 @@ def supports(t: dict, a: dict) -> str | None:
         return f"shapes: {exc}"
     if q.shape[-1] > MAX_DIM or t["v"].shape[-1] > MAX_DIM:
         return f"head dims K={q.shape[-1]}, V={t['v'].shape[-1]} above {MAX_DIM} (the state block lives in registers)"
-    if "needs" in a and a["gate"] == "vector":
-        return "gate='vector' backward (the triton backward kernel takes none and scalar)"
     if not all(x is None or bool(torch.isfinite(x).all()) for _, x in named):
         return "a NaN or inf operand (the chunked form mixes every step of a chunk)"
     return None
@@ -126,7 +123,7 @@ def _forward(q, k, v, beta, g, h0, a, store_states):
 
 
 def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
-    """(dq, dk, dv, dbeta, dg, dh0) of the chunked kernel, gate none or scalar, each in its operand's
+    """(dq, dk, dv, dbeta, dg, dh0) of the chunked kernel (any gate), each in its operand's
     dtype (None for an operand that is None or not in ``a["needs"]``): the forward kernel stores the
     state entering every chunk, then delta_chunked_bwd walks the chunks backward carrying dS.
     dq, dk, dbeta, dg are summed over the value blocks here."""
@@ -140,15 +137,15 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
     dq = torch.empty((nv, B, T, H, K), **f32)
     dk = torch.empty((nv, B, T, H, K), **f32)
     db = torch.empty((nv, B, T, H), **f32)
-    dg = torch.empty((nv, B, T, H), **f32)
+    dg = torch.empty((nv, B, T, H, K) if a["gate"] == "vector" else (nv, B, T, H), **f32)
     dv = torch.empty((B, T, H, V), **f32)
     dh0 = torch.empty((B, H, K, V), **f32)
     gg = g if g is not None else beta
     kern.delta_chunked_bwd[(nv, B * H)](
         q, k, v, beta, gg, states, grad_y, grad_h, dq, dk, dv, db, dg, dh0,
-        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gg.stride()[:3], *grad_y.stride(),
-        *grad_h.stride(), B, T, H, K, V, float(a["scale"]),
-        GATE=1 if a["gate"] == "scalar" else 0, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_V=block_v,
+        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gg.stride()[:3],
+        gg.stride(3) if a["gate"] == "vector" else 0, *grad_y.stride(), *grad_h.stride(),
+        B, T, H, K, V, float(a["scale"]), GATE={"none": 0, "scalar": 1, "vector": 2}[a["gate"]], BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_V=block_v,
         DOT_PRECISION="ieee" if kern.INTERPRETED else "tf32x3", num_warps=warps)
     grads = (dq.sum(0), dk.sum(0), dv, db.sum(0), dg.sum(0) if g is not None else None, dh0)
     return tuple(None if (x is None or gr is None or not n) else gr.to(x.dtype)

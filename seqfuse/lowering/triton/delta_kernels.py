@@ -176,13 +176,13 @@ def delta_chunked_bwd(
         stride_kb, stride_kt, stride_kh, stride_kk,
         stride_vb, stride_vt, stride_vh, stride_vv,
         stride_bb, stride_bt, stride_bh,
-        stride_gb, stride_gt, stride_gh,
+        stride_gb, stride_gt, stride_gh, stride_gk,
         stride_yb, stride_yt, stride_yh, stride_yv,
         stride_ob, stride_oh, stride_ok, stride_ov,
         B, T, H, KD, VD, scale,
         GATE: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The adjoint of delta_chunked_fwd for one (batch, head, value block), gate none or scalar.
+    """The adjoint of delta_chunked_fwd for one (batch, head, value block), any gate.
 
     Reads the chunk-entry states ST written by the forward (STORE_STATES) and walks the chunks
     backward carrying dS (BLOCK_K, BLOCK_V), starting from grad_h.  Per chunk it recomputes the
@@ -191,7 +191,11 @@ def delta_chunked_bwd(
     dA = −dR·Uᵀ below the diagonal), A = β ⊙ (KKᵀ∘D), R = β⊙V − (βe^γ⊙K)S0, and D = e^{γ_i−γ_j}.
     dv (B, T, H, V) and dh0 (B, H, K, V) are this block's own; dq, dk (NV, B, T, H, K) and dbeta,
     dg (NV, B, T, H) are this value block's share of sums over the value dims (the host adds the
-    NV shares).  All outputs fp32 contiguous.
+    NV shares; dg is (NV, B, T, H, K) for gate="vector").  All outputs fp32 contiguous.
+
+    gate="vector": D is a (BLOCK_T, BLOCK_T, BLOCK_K) tensor, so the terms through the scores and A
+    run one row i at a time over the (BLOCK_T, BLOCK_K) tile e^{γ_i − γ_j} (j <= i), as in the
+    forward.
     """
     # -- phase 0: which program; offsets
     pid_v = tl.program_id(0).to(tl.int64)
@@ -232,76 +236,162 @@ def delta_chunked_bwd(
                      mask=tv, other=0.0).to(tl.float32)
         beta = tl.load(BETA + b * stride_bb + h * stride_bh + ts * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
         S0 = tl.load(st_base + c * (BLOCK_K * BLOCK_V) + st_offs)
-        # 2a. recompute the forward's chunk: γ, D, A, scores, R, U
-        if GATE == 1:
-            g = tl.load(G + b * stride_gb + h * stride_gh + ts * stride_gt, mask=t_ok, other=0.0).to(tl.float32)
-            gam = tl.associative_scan(g, 0, _SUM)
-            gam_last = tl.reduce(tl.where(offs_t == BLOCK_T - 1, gam, 0.0), 0, _SUM)
-            decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
-            eg = tl.exp(gam)
-            eg_rest = tl.exp(gam_last - gam)
-            carry = tl.exp(gam_last)
+        if GATE == 2:
+            # 2a. recompute the forward's chunk: γ (BLOCK_T, BLOCK_K), A and scores row by row, R, U
+            g2 = tl.load(G + b * stride_gb + h * stride_gh + ts[:, None] * stride_gt + offs_k[None, :] * stride_gk,
+                         mask=tk, other=0.0).to(tl.float32)
+            gam2 = tl.associative_scan(g2, 0, _SUM)
+            gam2_last = tl.reduce(tl.where(rows == BLOCK_T - 1, gam2, 0.0), 0, _SUM)
+            eg2 = tl.exp(gam2)
+            eg2_rest = tl.exp(gam2_last[None, :] - gam2)
+            carry2 = tl.exp(gam2_last)
+            kkd = tl.full([BLOCK_T, BLOCK_T], 0.0, tl.float32)
+            qk = tl.full([BLOCK_T, BLOCK_T], 0.0, tl.float32)
+            for i in range(BLOCK_T):
+                pick = rows == i
+                gam_i = tl.reduce(tl.where(pick, gam2, 0.0), 0, _SUM)
+                k_i = tl.reduce(tl.where(pick, kc, 0.0), 0, _SUM)
+                q_i = tl.reduce(tl.where(pick, qc, 0.0), 0, _SUM)
+                kdec = kc * tl.exp(tl.where(rows <= i, gam_i[None, :] - gam2, float("-inf")))
+                kkd = tl.where(pick & (cols < i), tl.reduce(k_i[None, :] * kdec, 1, _SUM)[None, :], kkd)
+                qk = tl.where(pick, tl.reduce(q_i[None, :] * kdec, 1, _SUM)[None, :], qk)
+            A = kkd * beta[:, None]
+            ke = eg2 * kc
+            kes = tl.dot(ke, S0, input_precision=DOT_PRECISION)
+            R = beta[:, None] * (vc - kes)
+            U = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
+            for i in range(BLOCK_T):
+                pick = rows == i
+                a_i = tl.reduce(tl.where(pick, A, 0.0), 0, _SUM)
+                r_i = tl.reduce(tl.where(pick, R, 0.0), 0, _SUM)
+                u_i = r_i - tl.reduce(a_i[:, None] * U, 0, _SUM)
+                U = tl.where(pick, u_i[None, :], U)
+            # 2b. through S_C = e^{γ_C}⊙S0 + (e^{γ_C−γ}⊙K)ᵀU
+            kr = eg2_rest * kc
+            dU = tl.dot(tl.trans(qk), dy, input_precision=DOT_PRECISION) + \
+                tl.dot(kr, dS, input_precision=DOT_PRECISION)
+            dkr = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
+            dk = eg2_rest * dkr
+            w2 = kr * dkr
+            dgam2 = -w2
+            dgam2_last = tl.reduce(w2, 0, _SUM) + carry2 * tl.reduce(S0 * dS, 1, _SUM)
+            dS0 = carry2[:, None] * dS
+            # 2c. through y = (e^γ⊙Q)S0 + scores·U
+            deq = tl.dot(dy, tl.trans(S0), input_precision=DOT_PRECISION)
+            dq = eg2 * deq
+            dgam2 += eg2 * qc * deq
+            dS0 += tl.dot(tl.trans(eg2 * qc), dy, input_precision=DOT_PRECISION)
+            dqk = tl.where(causal, tl.dot(dy, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+            # 2d. through U = (I + A)⁻¹R
+            dR = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
+            for ii in range(BLOCK_T):
+                i = BLOCK_T - 1 - ii
+                pick = rows == i
+                a_col = tl.reduce(tl.where(cols == i, A, 0.0), 1, _SUM)
+                du_i = tl.reduce(tl.where(pick, dU, 0.0), 0, _SUM)
+                dr_i = du_i - tl.reduce(a_col[:, None] * dR, 0, _SUM)
+                dR = tl.where(pick, dr_i[None, :], dR)
+            dA = -tl.where(strict, tl.dot(dR, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+            db = tl.reduce(dA * kkd, 1, _SUM)
+            dkkd = dA * beta[:, None]
+            # 2e. through the scores and A, row i: X_j = dqk_ij q_i + dkkd_ij k_i, times e^{γ_i − γ_j}
+            for i in range(BLOCK_T):
+                pick = rows == i
+                gam_i = tl.reduce(tl.where(pick, gam2, 0.0), 0, _SUM)
+                k_i = tl.reduce(tl.where(pick, kc, 0.0), 0, _SUM)
+                q_i = tl.reduce(tl.where(pick, qc, 0.0), 0, _SUM)
+                dec = tl.exp(tl.where(rows <= i, gam_i[None, :] - gam2, float("-inf")))
+                dqk_row = tl.reduce(tl.where(pick, dqk, 0.0), 0, _SUM)               # by j
+                dkkd_row = tl.reduce(tl.where(pick, dkkd, 0.0), 0, _SUM)
+                xd = (dqk_row[:, None] * q_i[None, :] + dkkd_row[:, None] * k_i[None, :]) * dec
+                z = xd * kc
+                kd = kc * dec
+                dq_i = tl.reduce(dqk_row[:, None] * kd, 0, _SUM)
+                dk_i = tl.reduce(dkkd_row[:, None] * kd, 0, _SUM)
+                dg_i = tl.reduce(z, 0, _SUM)
+                dk = dk + xd
+                dgam2 = dgam2 - z
+                dq = tl.where(pick, dq + dq_i[None, :], dq)
+                dk = tl.where(pick, dk + dk_i[None, :], dk)
+                dgam2 = tl.where(pick, dgam2 + dg_i[None, :], dgam2)
+            # 2f. through R = β⊙(V − (e^γ⊙K)S0)
+            dv = beta[:, None] * dR
+            db += tl.reduce(dR * (vc - kes), 1, _SUM)
+            dke = -tl.dot(beta[:, None] * dR, tl.trans(S0), input_precision=DOT_PRECISION)
+            dk += eg2 * dke
+            dgam2 += ke * dke
+            dS0 -= tl.dot(tl.trans(ke), beta[:, None] * dR, input_precision=DOT_PRECISION)
         else:
-            decay = tl.where(causal, 1.0, 0.0)
-            eg = tl.full([BLOCK_T], 1.0, tl.float32)
-            eg_rest = tl.full([BLOCK_T], 1.0, tl.float32)
-            carry = 1.0
-        kk = tl.dot(kc, tl.trans(kc), input_precision=DOT_PRECISION)
-        kkd = tl.where(strict, kk * decay, 0.0)
-        A = kkd * beta[:, None]
-        qkraw = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
-        qk = qkraw * decay
-        ks = tl.dot(kc, S0, input_precision=DOT_PRECISION)
-        R = beta[:, None] * vc - (beta * eg)[:, None] * ks
-        U = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
-        for i in range(BLOCK_T):
-            pick = rows == i
-            a_i = tl.reduce(tl.where(pick, A, 0.0), 0, _SUM)
-            r_i = tl.reduce(tl.where(pick, R, 0.0), 0, _SUM)
-            u_i = r_i - tl.reduce(a_i[:, None] * U, 0, _SUM)
-            U = tl.where(pick, u_i[None, :], U)
-        # 2b. through S_C = carry·S0 + (e^{γ_C−γ}⊙K)ᵀU
-        kr = eg_rest[:, None] * kc
-        dU = tl.dot(tl.trans(qk), dy, input_precision=DOT_PRECISION) + tl.dot(kr, dS, input_precision=DOT_PRECISION)
-        dkr = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
-        dk = eg_rest[:, None] * dkr
-        w = eg_rest * tl.reduce(kc * dkr, 1, _SUM)
-        dgam = -w
-        dgam_last = tl.reduce(w, 0, _SUM) + carry * tl.reduce(tl.reduce(S0 * dS, 1, _SUM), 0, _SUM)
-        dS0 = carry * dS
-        # 2c. through y = (e^γ⊙Q)S0 + (QKᵀ∘D)U
-        deq = tl.dot(dy, tl.trans(S0), input_precision=DOT_PRECISION)
-        dq = eg[:, None] * deq
-        dgam += eg * tl.reduce(qc * deq, 1, _SUM)
-        dS0 += tl.dot(tl.trans(eg[:, None] * qc), dy, input_precision=DOT_PRECISION)
-        dqk = tl.where(causal, tl.dot(dy, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
-        dqkd = dqk * decay
-        dq += tl.dot(dqkd, kc, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(dqkd), qc, input_precision=DOT_PRECISION)
-        ddec = dqk * qkraw
-        # 2d. through U = (I + A)⁻¹R: (I + A)ᵀ dR = dU, row i from the rows after it
-        dR = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
-        for ii in range(BLOCK_T):
-            i = BLOCK_T - 1 - ii
-            pick = rows == i
-            a_col = tl.reduce(tl.where(cols == i, A, 0.0), 1, _SUM)             # A[j, i], zero for j <= i
-            du_i = tl.reduce(tl.where(pick, dU, 0.0), 0, _SUM)
-            dr_i = du_i - tl.reduce(a_col[:, None] * dR, 0, _SUM)               # rows j > i of dR are final
-            dR = tl.where(pick, dr_i[None, :], dR)
-        dA = -tl.where(strict, tl.dot(dR, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
-        # 2e. through A = β ⊙ (KKᵀ∘D) (strict)
-        db = tl.reduce(dA * kkd, 1, _SUM)
-        dkkd = dA * beta[:, None]
-        dkk = dkkd * decay
-        dk += tl.dot(dkk, kc, input_precision=DOT_PRECISION) + tl.dot(tl.trans(dkk), kc, input_precision=DOT_PRECISION)
-        ddec += dkkd * kk
-        # 2f. through R = β⊙V − (βe^γ⊙K)S0
-        dv = beta[:, None] * dR
-        drks = tl.reduce(dR * ks, 1, _SUM)
-        db += tl.reduce(dR * vc, 1, _SUM) - eg * drks
-        dw = -(beta * eg)[:, None] * dR
-        dk += tl.dot(dw, tl.trans(S0), input_precision=DOT_PRECISION)
-        dS0 += tl.dot(tl.trans(kc), dw, input_precision=DOT_PRECISION)
+            # 2a. recompute the forward's chunk: γ, D, A, scores, R, U
+            if GATE == 1:
+                g = tl.load(G + b * stride_gb + h * stride_gh + ts * stride_gt, mask=t_ok, other=0.0).to(tl.float32)
+                gam = tl.associative_scan(g, 0, _SUM)
+                gam_last = tl.reduce(tl.where(offs_t == BLOCK_T - 1, gam, 0.0), 0, _SUM)
+                decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+                eg = tl.exp(gam)
+                eg_rest = tl.exp(gam_last - gam)
+                carry = tl.exp(gam_last)
+            else:
+                decay = tl.where(causal, 1.0, 0.0)
+                eg = tl.full([BLOCK_T], 1.0, tl.float32)
+                eg_rest = tl.full([BLOCK_T], 1.0, tl.float32)
+                carry = 1.0
+            kk = tl.dot(kc, tl.trans(kc), input_precision=DOT_PRECISION)
+            kkd = tl.where(strict, kk * decay, 0.0)
+            A = kkd * beta[:, None]
+            qkraw = tl.dot(qc, tl.trans(kc), input_precision=DOT_PRECISION)
+            qk = qkraw * decay
+            ks = tl.dot(kc, S0, input_precision=DOT_PRECISION)
+            R = beta[:, None] * vc - (beta * eg)[:, None] * ks
+            U = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
+            for i in range(BLOCK_T):
+                pick = rows == i
+                a_i = tl.reduce(tl.where(pick, A, 0.0), 0, _SUM)
+                r_i = tl.reduce(tl.where(pick, R, 0.0), 0, _SUM)
+                u_i = r_i - tl.reduce(a_i[:, None] * U, 0, _SUM)
+                U = tl.where(pick, u_i[None, :], U)
+            # 2b. through S_C = carry·S0 + (e^{γ_C−γ}⊙K)ᵀU
+            kr = eg_rest[:, None] * kc
+            dU = tl.dot(tl.trans(qk), dy, input_precision=DOT_PRECISION) + tl.dot(kr, dS, input_precision=DOT_PRECISION)
+            dkr = tl.dot(U, tl.trans(dS), input_precision=DOT_PRECISION)
+            dk = eg_rest[:, None] * dkr
+            w = eg_rest * tl.reduce(kc * dkr, 1, _SUM)
+            dgam = -w
+            dgam_last = tl.reduce(w, 0, _SUM) + carry * tl.reduce(tl.reduce(S0 * dS, 1, _SUM), 0, _SUM)
+            dS0 = carry * dS
+            # 2c. through y = (e^γ⊙Q)S0 + (QKᵀ∘D)U
+            deq = tl.dot(dy, tl.trans(S0), input_precision=DOT_PRECISION)
+            dq = eg[:, None] * deq
+            dgam += eg * tl.reduce(qc * deq, 1, _SUM)
+            dS0 += tl.dot(tl.trans(eg[:, None] * qc), dy, input_precision=DOT_PRECISION)
+            dqk = tl.where(causal, tl.dot(dy, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+            dqkd = dqk * decay
+            dq += tl.dot(dqkd, kc, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(dqkd), qc, input_precision=DOT_PRECISION)
+            ddec = dqk * qkraw
+            # 2d. through U = (I + A)⁻¹R: (I + A)ᵀ dR = dU, row i from the rows after it
+            dR = tl.full([BLOCK_T, BLOCK_V], 0.0, tl.float32)
+            for ii in range(BLOCK_T):
+                i = BLOCK_T - 1 - ii
+                pick = rows == i
+                a_col = tl.reduce(tl.where(cols == i, A, 0.0), 1, _SUM)             # A[j, i], zero for j <= i
+                du_i = tl.reduce(tl.where(pick, dU, 0.0), 0, _SUM)
+                dr_i = du_i - tl.reduce(a_col[:, None] * dR, 0, _SUM)               # rows j > i of dR are final
+                dR = tl.where(pick, dr_i[None, :], dR)
+            dA = -tl.where(strict, tl.dot(dR, tl.trans(U), input_precision=DOT_PRECISION), 0.0)
+            # 2e. through A = β ⊙ (KKᵀ∘D) (strict)
+            db = tl.reduce(dA * kkd, 1, _SUM)
+            dkkd = dA * beta[:, None]
+            dkk = dkkd * decay
+            dk += tl.dot(dkk, kc, input_precision=DOT_PRECISION) + tl.dot(tl.trans(dkk), kc, input_precision=DOT_PRECISION)
+            ddec += dkkd * kk
+            # 2f. through R = β⊙V − (βe^γ⊙K)S0
+            dv = beta[:, None] * dR
+            drks = tl.reduce(dR * ks, 1, _SUM)
+            db += tl.reduce(dR * vc, 1, _SUM) - eg * drks
+            dw = -(beta * eg)[:, None] * dR
+            dk += tl.dot(dw, tl.trans(S0), input_precision=DOT_PRECISION)
+            dS0 += tl.dot(tl.trans(kc), dw, input_precision=DOT_PRECISION)
         # 2g. stores; with a gate, D = e^{γ_i − γ_j} and the e^γ factors give dγ, then dg = reverse cumsum
         out_k = (((pid_v * B + b) * T + ts[:, None]) * H + h) * KD + offs_k[None, :]
         tl.store(DQ + out_k, dq * scale, mask=tk)
@@ -309,6 +399,9 @@ def delta_chunked_bwd(
         out_t = ((pid_v * B + b) * T + ts) * H + h
         tl.store(DB + out_t, db, mask=t_ok)
         tl.store(DV + ((b * T + ts[:, None]) * H + h) * VD + offs_v[None, :], dv, mask=tv)
+        if GATE == 2:
+            dgam2 += tl.where(rows == BLOCK_T - 1, dgam2_last[None, :], 0.0)
+            tl.store(DG + out_k, tl.associative_scan(dgam2, 0, _SUM, reverse=True), mask=tk)
         if GATE == 1:
             dgam += -(beta * eg) * drks
             P = ddec * decay
