@@ -86,7 +86,7 @@ def delta_chunked_fwd(
         ts = t0 + offs_t
         t_ok = ts < T
         if STORE_STATES:
-            tl.store(st_base + (t0 // BLOCK_T) * (BLOCK_K * BLOCK_V) + st_offs, S)
+            tl.store(st_base + tl.cast(t0 // BLOCK_T, tl.int64) * (BLOCK_K * BLOCK_V) + st_offs, S)
         kc = tl.load(K + b * stride_kb + h * stride_kh + ts[:, None] * stride_kt + offs_k[None, :] * stride_kk,
                      mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         qc = tl.load(Q + b * stride_qb + h * stride_qh + ts[:, None] * stride_qt + offs_k[None, :] * stride_qk,
@@ -235,7 +235,7 @@ def delta_chunked_bwd(
         dy = tl.load(DY + b * stride_yb + h * stride_yh + ts[:, None] * stride_yt + offs_v[None, :] * stride_yv,
                      mask=tv, other=0.0).to(tl.float32)
         beta = tl.load(BETA + b * stride_bb + h * stride_bh + ts * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
-        S0 = tl.load(st_base + c * (BLOCK_K * BLOCK_V) + st_offs)
+        S0 = tl.load(st_base + tl.cast(c, tl.int64) * (BLOCK_K * BLOCK_V) + st_offs)
         if GATE == 2:
             # 2a. recompute the forward's chunk: γ (BLOCK_T, BLOCK_K), A and scores row by row, R, U
             g2 = tl.load(G + b * stride_gb + h * stride_gh + ts[:, None] * stride_gt + offs_k[None, :] * stride_gk,
