@@ -1,4 +1,4 @@
-"""Triton kernel of seqfuse.delta: the chunked WY / UT forward (gate none, scalar or vector).
+"""Triton kernels of seqfuse.delta: the chunked WY / UT forward and its adjoint (gate none, scalar or vector).
 
 Imported lazily by :mod:`seqfuse.lowering.triton.delta` on the first call that runs on the
 triton path (``@triton.jit`` fixes interpreted vs compiled mode when it runs).
@@ -22,7 +22,11 @@ exp) or relative to the chunk start, so strong decays never overflow.  Steps pas
 With gate="vector" γ is (BLOCK_T, BLOCK_K), the e^γ factors multiply K / Q columnwise, and A and
 the scores are built one row i at a time from the (BLOCK_T, BLOCK_K) tile e^{γ_i − γ_j} (j <= i).
 
-Constexpr flags: GATE (0 none, 1 scalar, 2 vector), HAS_H0, BLOCK_T / BLOCK_K / BLOCK_V (powers of two, ≥ 16
+The backward (``delta_chunked_bwd``, same programs) reads the chunk-entry states the forward stores
+with STORE_STATES and walks the chunks in reverse, recomputing each chunk's γ, A, U and carrying
+dS (BLOCK_K, BLOCK_V) in registers; its docstring lists the adjoint's steps.
+
+Constexpr flags: GATE (0 none, 1 scalar, 2 vector), HAS_H0, STORE_STATES, BLOCK_T / BLOCK_K / BLOCK_V (powers of two, ≥ 16
 for tl.dot), DOT_PRECISION ("ieee" for fp32 products).
 """
 from __future__ import annotations
