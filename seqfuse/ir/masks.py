@@ -1,6 +1,8 @@
 """The structural masks an attention op's attributes describe (shared by passes and lowerings)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,4 +49,40 @@ def classify_mask(allowed: torch.Tensor) -> tuple[str, int, int] | None:
     window = last + diag - int(lo[last]) + 1
     if window >= 1 and torch.equal(allowed, position_mask(lq, lk, "window", diag, window)):
         return ("window", diag, window)
+    return None
+
+
+# exp(x) is exactly 0 in fp32 (the widest dtype a fused path accumulates softmax in)
+# for every x below this; fp16/bf16 exp underflows earlier.
+_EXP_ZERO_BELOW = -110.0
+
+
+def finite_fill_is_structural(scale: float, head_dim: int, q_absmax: float, k_absmax: float,
+                              fill: float, dtype: torch.dtype) -> str | None:
+    """Why an additive finite-fill mask (0 where kept, ``fill`` where masked, added to the
+    scores in ``dtype``) may NOT be replaced by a structural mask for one call; None when it may.
+
+    The program computes ``t = round_dtype(s + fill)`` at masked positions, not a replacement.
+    Given finite q and k with ``|s| <= B = |scale|·head_dim·q_absmax·k_absmax`` (Cauchy-Schwarz
+    per element), ``t <= fill + B + ulp(fill)`` (or ``-inf`` on overflow), and every kept score is
+    ``>= -B``; so ``t - rowmax <= fill + 2B + ulp`` and ``exp`` of it is exactly 0 when that is
+    below ``_EXP_ZERO_BELOW``.  This holds only for rows that keep at least one key: the caller
+    must also know no row is fully masked (a fully masked row is a uniform softmax in the program).
+
+    scale, fill: Python floats; head_dim: int; q_absmax, k_absmax: max |q|, max |k| of the call
+    (floats, NaN or inf when the operands are not finite); dtype: the dtype ``s + fill`` is summed in.
+    """
+    if not math.isfinite(fill) or fill >= 0:
+        return f"fill {fill!r} is not a finite negative number"
+    if not (math.isfinite(q_absmax) and math.isfinite(k_absmax) and math.isfinite(scale)):
+        return "q, k or the scale is not finite (s + fill keeps NaN / inf where a mask would drop it)"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return f"s + fill summed in {dtype}"
+    bound = abs(scale) * head_dim * q_absmax * k_absmax
+    info = torch.finfo(dtype)
+    if bound >= info.max / 4:
+        return f"scores bound {bound:.3g} may overflow {dtype}"
+    ulp = abs(fill) * info.eps  # spacing of dtype near |fill| (an upper bound)
+    if fill + 2 * bound + ulp >= _EXP_ZERO_BELOW:
+        return f"scores bound {bound:.3g} too close to |fill| {abs(fill):.3g} in {dtype}"
     return None
