@@ -320,8 +320,8 @@ def stage_recurrence(suite: Suite) -> None:
                 _ratio_row(suite, "recurrence", dict(op=f"ssd/{decay}", T=T, B=B, H=H, P=P, N=N,
                                                      pass_="fwd+bwd" if backward else "fwd"), row)
                 del x, b, c, a
-        # Gated DeltaNet (Qwen3-Next-like heads: K = V = 128): the triton chunked forward, the eager
-        # backward (no triton delta backward yet), vs the chunked reference
+        # Gated DeltaNet (Qwen3-Next-like heads: K = V = 128): the triton chunked forward and
+        # backward, vs the chunked reference
         _delta_rows(suite, T, dtype)
         # Mamba-1 selective scan, discretized in the kernel: D = 2·d_model channels, N = 16
         if suite.out_of_time():
