@@ -1,6 +1,7 @@
 """The ``torch.compile`` backend entry point: ``backend="seqfuse"``."""
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -24,17 +25,30 @@ def _strict() -> bool:
     return os.environ.get("SEQFUSE_STRICT", "") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
 def _cache_key() -> str:
-    """A hash of the seqfuse custom ops' schemas and version.  Inductor's on-disk caches key
-    compiled graphs by op names, not schemas: without this, a cached graph compiled against an
-    older seqfuse could call an op with the wrong arguments."""
+    """A hash of the seqfuse custom ops' schemas, version and defining sources (their fake
+    implementations, which fix the output layouts inductor plans for).  Inductor's on-disk caches
+    key compiled graphs by op names, not schemas: without this, a cached graph compiled against an
+    older seqfuse could call an op with the wrong arguments or expect other output strides."""
     import hashlib
+    import importlib
 
     import seqfuse
     names = ("attention", "attention_backward", "long_conv", "long_conv_backward",
              "ssd", "ssd_backward", "scan", "scan_backward", "delta", "delta_backward")
     schemas = sorted(str(getattr(torch.ops.seqfuse, name).default._schema) for name in names)
-    return hashlib.sha256("\n".join([seqfuse.__version__, *schemas]).encode()).hexdigest()
+    sources = []
+    for module in _OP_MODULES:
+        path = importlib.import_module(module).__file__
+        with open(path, "rb") as f:
+            sources.append(hashlib.sha256(f.read()).hexdigest())
+    return hashlib.sha256("\n".join([seqfuse.__version__, *schemas, *sources]).encode()).hexdigest()
+
+
+#: the modules that define seqfuse's custom ops and their fake implementations
+_OP_MODULES = ("seqfuse.lowering.attention_op", "seqfuse.lowering.long_conv_op", "seqfuse.lowering.ssd_op",
+               "seqfuse.lowering.scan_op", "seqfuse.lowering.delta_op", "seqfuse.lowering.autograd")
 
 
 def _inductor_patches(mode: str | None) -> dict:

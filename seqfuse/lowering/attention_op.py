@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from seqfuse.lowering.aten import attention as aten_attention
 from seqfuse.lowering.autograd import as_result, autograd_inside_op
@@ -68,16 +67,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Opt
 
 
 def empty_out(q: Tensor, v: Tensor) -> Tensor:
-    """The output buffer every path returns (the fake implementation's promise), laid out like q: (*B, Lq, Dv), and when q is a (B, L, H, D) tensor seen as
-    (B, H, L, D) (the usual ``.transpose(1, 2)`` before attention), (B, L, H, Dv) memory seen the
-    same way, as ATen's flash kernels return it, so that the program's transpose back and reshape to
-    (B, L, H·Dv) is free instead of a copy kernel."""
-    shape = [*q.shape[:-1], v.shape[-1]]
-    if q.dim() == 4 and guard_or_false(q.stride(1) < q.stride(2)) and guard_or_false(q.shape[1] > 1) \
-            and guard_or_false(q.shape[2] > 1):
-        b, h, l, d = shape
-        return q.new_empty((b, l, h, d), dtype=v.dtype).transpose(1, 2)
-    return q.new_empty(shape, dtype=v.dtype)
+    """The output buffer every path returns (the fake implementation's promise): (*B, Lq, Dv),
+    contiguous.  Contiguous as the program's ``p @ v`` returns it, not in q's layout as ATen's
+    flash kernels do: a consumer that draws random numbers in memory order (``F.dropout`` on the
+    output) must see the program's layout to draw the program's mask, and the layout may depend
+    on the shapes only (inductor may hand the op inputs with other strides than it traced)."""
+    return q.new_empty([*q.shape[:-1], v.shape[-1]], dtype=v.dtype)
 
 
 @attention.register_fake

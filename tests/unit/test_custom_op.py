@@ -216,20 +216,16 @@ def test_recompute_grads_skips_outputs_that_need_no_gradient():
 
 
 @pytest.mark.parametrize("runtime", ["auto", "eager"])
-def test_output_is_laid_out_like_a_transposed_q_in_fake_and_real_calls(runtime):
-    # q seen as (B, H, L, D) over (B, L, H, D) memory: the output is (B, L, H, Dv) memory too (as
-    # ATen's flash kernels return it), so the program's transpose back and reshape need no copy;
-    # the fake implementation promises the same strides as every runtime path delivers
+def test_output_is_contiguous_whatever_q_strides_in_fake_and_real_calls(runtime):
+    # the program's p @ v is contiguous, and a dropout after the attention draws its mask in memory
+    # order: a (B, L, H, D) q seen as (B, H, L, D) (ATen's flash kernel would follow it) still gives
+    # a contiguous output, in the fake implementation and on every path
     B, L, H, D, Dv = 2, 6, 3, 8, 4
     q, k = (torch.randn(B, L, H, D).transpose(1, 2) for _ in range(2))
     v = torch.randn(B, L, H, Dv).transpose(1, 2)
-    want = torch.empty(B, L, H, Dv).transpose(1, 2).stride()
     out = call(q, k, v, runtime=runtime, mask="causal")[0]
-    assert out.stride() == want and out.transpose(1, 2).is_contiguous()
+    assert out.is_contiguous()
     assert rel_err(out, attention_reference(q, k, v, **{**DEFAULTS, "mask": "causal"})) < 1e-5
     with torch._subclasses.FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        assert call(fq, fk, fv, runtime=runtime, mask="causal")[0].stride() == want
-    # a contiguous q keeps a contiguous output
-    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
-    assert call(qc, kc, vc, runtime=runtime)[0].is_contiguous()
+        assert call(fq, fk, fv, runtime=runtime, mask="causal")[0].is_contiguous()

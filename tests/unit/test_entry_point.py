@@ -130,3 +130,22 @@ def test_import_registration_and_entry_point_do_not_clash(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (order, proc.stderr[-3000:])
         assert proc.stdout.strip().endswith("OK"), order
+
+
+def test_inductor_cache_key_follows_the_op_sources(tmp_path, monkeypatch):
+    # inductor's FX graph cache must not serve a graph compiled against another seqfuse: the key
+    # hashes the sources that define the ops' fake implementations (their output layouts), so an
+    # edit of one of them (same version, same schemas) gives another key
+    import sys
+    from seqfuse.compiler import backend
+    mod = tmp_path / "sf_fake_op_module.py"
+    mod.write_text("LAYOUT = 'contiguous'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(backend, "_OP_MODULES", backend._OP_MODULES + ("sf_fake_op_module",))
+    backend._cache_key.cache_clear()
+    first = backend._cache_key()
+    mod.write_text("LAYOUT = 'blhd'\n")
+    backend._cache_key.cache_clear()
+    assert backend._cache_key() != first
+    sys.modules.pop("sf_fake_op_module", None)
+    backend._cache_key.cache_clear()
