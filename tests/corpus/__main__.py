@@ -1,7 +1,9 @@
 """A held-out corpus of real models: what seqfuse finds in code the project was not written against.
 
-    python -m tests.corpus                      # every model of the corpus
-    python -m tests.corpus --only qwen3 opt     # some of them
+    python -m tests.corpus                      # every case of the corpus (both families)
+    python -m tests.corpus --family attention   # the attention family only (the 25 LMs below)
+    python -m tests.corpus --family delta       # the delta-rule family only (tests/corpus/delta.py)
+    python -m tests.corpus --only qwen3 opt qwen3_next fla_kda_chunk_h0   # some cases, of either family
     python -m tests.corpus --list
 
 The corpus is transformers 5 causal LMs that no test, example or benchmark of this repository
@@ -12,6 +14,13 @@ aot_eager) on one batch: the logits and the gradient of every parameter are comp
 (relative RMS error; the bound is 1e-5; a gradient the math makes zero, where eager's own value is
 rounding noise, is judged against an fp64 copy of the model as the fuzzer does), and the report's rewrites (with the attention ops' mask
 attribute) and near misses are printed.  Exit status 1 when any model is wrong or crashed.
+
+The delta family (``--family delta``; tests/corpus/delta.py says what it runs and how it judges) is
+transformers models with linear-attention layers (Gated DeltaNet / KDA on their torch paths) and
+flash-linear-attention's PyTorch reference functions at held-out sizes: per case the number of
+``seqfuse.delta`` ops found against the number expected, the near misses, and the errors of the outputs
+and of every gradient; ``MISS`` marks a case that equals eager but where seqfuse found fewer delta ops
+than expected.  Exit status 1 when any case is wrong, crashed or missed.
 
 It is a measurement, not a CI test: run it when the recognizers change, and keep its models out of
 the other tests so that it stays a check on code nobody tuned seqfuse for.
@@ -24,6 +33,8 @@ import re
 import subprocess
 import sys
 import time
+
+from tests.corpus import delta
 
 BOUND = 1e-5
 
@@ -152,22 +163,72 @@ def child(name: str) -> dict:
             "seconds": seconds}
 
 
+def _run_delta(names, timeout) -> list[dict]:
+    """The delta cases ``names`` in one subprocess (its cases guarded one by one), results as they come;
+    a case the process did not report (it died or timed out) is a crash."""
+    import threading
+    proc = subprocess.Popen([sys.executable, "-m", "tests.corpus", "--child-delta", *names], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    stderr = []
+    drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+    drain.start()
+    got = {}
+    try:
+        for ln in proc.stdout:
+            if ln.startswith("RESULT "):
+                res = json.loads(ln[len("RESULT "):])
+                got[res["case"]] = res
+                for row in delta.line(res):
+                    print(row, flush=True)
+        proc.wait()
+    finally:
+        killer.cancel()
+    drain.join(1)
+    why = (f"timed out after {timeout:.0f} s" if proc.returncode and proc.returncode < 0 and not killer.is_alive()
+           else ([x.strip() for x in stderr if x.strip()] or ["process died, no output"])[-1][:200])
+    for name in names:
+        if name not in got:
+            got[name] = {"case": name, "error": why}
+            for row in delta.line(got[name]):
+                print(row, flush=True)
+    return [got[n] for n in names]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", nargs="+", choices=list(CORPUS), help="these models only")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "families: attention = the transformers LMs of CORPUS (one subprocess each); delta = delta-rule cases "
+        "(transformers linear-attention models and fla's reference functions, tests/corpus/delta.py): "
+        "per case delta ops found/expected, near misses, output and gradient errors, ok / MISS / WRONG / CRASH"))
+    p.add_argument("--only", nargs="+", choices=list(CORPUS) + delta.CASES, metavar="CASE",
+                   help="these cases only (see --list), of either family")
+    p.add_argument("--family", choices=["attention", "delta", "all"], default="all",
+                   help="which family to run (default all; ignored with --only)")
     p.add_argument("--list", action="store_true", help="print the corpus and exit")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per model")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per model / per delta case")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-delta", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(args.child)), flush=True)
         return 0
+    if args.child_delta:
+        for res in delta.child(args.child_delta):
+            print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    attention = [n for n in CORPUS if args.family in ("attention", "all")]
+    deltas = [n for n in delta.CASES if args.family in ("delta", "all")]
+    if args.only:
+        attention = [n for n in args.only if n in CORPUS]
+        deltas = [n for n in args.only if n in delta.CASES]
     if args.list:
-        print("\n".join(f"{n}: transformers.{m}" for n, (_, m, _) in CORPUS.items()))
+        print("\n".join([f"{n}: transformers.{CORPUS[n][1]}" for n in attention]
+                        + [f"{n}: {delta.describe(n)}" for n in deltas]))
         return 0
     bad = 0
     rows = []
-    for name in args.only or list(CORPUS):
+    for name in attention:
         print(f"  {name} ...", file=sys.stderr, flush=True)
         try:
             proc = subprocess.run([sys.executable, "-m", "tests.corpus", "--child", name], stdout=subprocess.PIPE,
@@ -190,7 +251,19 @@ def main(argv=None) -> int:
               flush=True)
         for m in res["near_misses"]:
             print(f"{'':14s}   near miss  {m}", flush=True)
-    print(f"\n{len(rows)} models, {bad} wrong or crashed")
+    if attention:
+        print(f"\n{len(rows)} models, {bad} wrong or crashed")
+    if deltas:
+        if attention:
+            print()
+        # the models in one process, the fla functions in another: one import of torch/seqfuse per group
+        results = []
+        for group in ([n for n in deltas if n in delta.MODELS], [n for n in deltas if n not in delta.MODELS]):
+            if group:
+                results += _run_delta(group, args.timeout * len(group))
+        counts = {s: sum(delta.status(r) == s for r in results) for s in ("ok", "MISS", "WRONG", "CRASH")}
+        print(f"\n{len(results)} delta cases: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        bad += len(results) - counts["ok"]
     return 1 if bad else 0
 
 

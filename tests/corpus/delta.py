@@ -1,0 +1,371 @@
+"""The delta family of the held-out corpus: delta-rule programs seqfuse should turn into ``seqfuse.delta``.
+
+    python -m tests.corpus --family delta               # every delta case
+    python -m tests.corpus --only qwen3_next fla_kda_chunk_h0
+
+Two kinds of case, each run in training mode, fp32, on CPU, compiled with ``backend="seqfuse"``
+(downstream ``eager``: aot_eager's own backward of transformers' delta-rule torch path fails in torch
+itself, a ``view`` of a non-contiguous gradient, with or without seqfuse):
+
+- transformers causal LMs with linear-attention layers (tiny random configs), on the torch paths
+  transformers falls back to without a GPU (``torch_chunk_gated_delta_rule`` /
+  ``chunk_kimi_delta_attention``; the hub / fla kernel wrappers are undone for the run): the logits and
+  the gradient of every parameter are compared with eager; one ``seqfuse.delta`` is expected per
+  linear-attention layer.  Configs, sequence lengths and batch sizes differ from those of tests/models.
+- flash-linear-attention 0.6.0's own PyTorch reference functions (``fla.ops.*.naive``, not the Triton
+  kernels), at sizes and chunk sizes other than those of tests/golden/test_delta.py (T = 48 / 90 / 96,
+  H = 3, K = 12 / 16, V = 16, chunks 16 / 32, with and without an initial state): the outputs (and the
+  final state where the function returns one) and the gradient of every input are compared with eager;
+  one ``seqfuse.delta`` is expected per call.
+
+Errors are relative RMS errors against eager with the corpus's bound (1e-5).  A gradient eager itself
+computes no better in fp32 (the log-decay parameters A_log / dt_bias, whose gradient is a sum of
+cancelling terms) is judged against an fp64 oracle instead: seqfuse's distance to it at most 4x eager's
+plus 256 fp32 roundings of the largest gradient (tests.corpus's rule).  The oracle runs the same program
+in fp64 with the library modules' casts to fp32 kept in fp64.
+
+A case is ``ok`` when it equals eager and shows the expected number of delta ops, ``MISS`` when it equals
+eager but seqfuse found fewer (or more) delta ops than expected (the near misses say why), ``WRONG`` when
+it differs from eager, ``CRASH`` when it did not run.  The cases run in two subprocesses (the models, the
+fla functions), each case guarded on its own; a process that dies reports its remaining cases as crashed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import time
+from typing import Iterator
+
+BOUND = 1e-5
+
+GDN_KERNELIZED = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                  "causal_conv1d_update")
+KDA_KERNELIZED = ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
+                  "causal_conv1d_update")
+
+_TINY = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0,
+             tie_word_embeddings=False)
+
+#: transformers models: name -> (modeling module, config class, model class, kernelized functions,
+#: config (layer_types: the linear-attention layers, expected one delta op each), (batch, seq_len))
+MODELS = {
+    # Qwen3-Next: Gated DeltaNet (torch_chunk_gated_delta_rule, chunks of 64); 3 key heads x 1 value head
+    # each, K=12, V=16, a ragged length (150 -> 3 chunks), batch 2, a sparse-MoE layer
+    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextForCausalLM", GDN_KERNELIZED, dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=16, linear_num_key_heads=3, linear_num_value_heads=3, linear_key_head_dim=12,
+        linear_value_head_dim=16, linear_conv_kernel_dim=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention"], mlp_only_layers=[0, 1],
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+        (2, 150)),
+    # OLMo hybrid: Gated DeltaNet with negative eigenvalues (beta x 2); grouped value heads (1 key head, 3
+    # value heads), T = 140 (3 chunks, ragged)
+    "olmo_hybrid": ("olmo_hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", GDN_KERNELIZED, dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3,
+        layer_types=["linear_attention", "linear_attention", "full_attention"], linear_num_key_heads=1,
+        linear_num_value_heads=3, linear_key_head_dim=16, linear_value_head_dim=12), (2, 140)),
+    # Kimi Linear: KDA (chunk_kimi_delta_attention at its default chunk of 64, a decay per key channel),
+    # 3 heads of 12, T = 130 (3 chunks, ragged), then an MLA layer
+    "kimi_linear": ("kimi_linear", "KimiLinearConfig", "KimiLinearForCausalLM", KDA_KERNELIZED, dict(
+        hidden_size=36, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
+        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+        layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "dense"],
+        linear_head_dim=12, linear_num_heads=3), (1, 130)),
+    # Qwen3.5 (text): Gated DeltaNet, a model no test of this repository builds
+    "qwen3_5": ("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", GDN_KERNELIZED, dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=16, linear_num_key_heads=3, linear_num_value_heads=3, linear_key_head_dim=16,
+        linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]), (1, 160)),
+    # Bailing hybrid: KDA layers beside MLA, a model no test of this repository builds
+    "bailing_hybrid": ("bailing_hybrid", "BailingHybridConfig", "BailingHybridForCausalLM", KDA_KERNELIZED, dict(
+        hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=3, head_dim=16, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=1, topk_group=1, num_mtp_layers=0,
+        layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "dense"]), (1, 130)),
+}
+
+
+def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layout="bthd", seed=0):
+    """Delta-rule operands as the fla reference functions take them: q, k (B, T, HK, K) (k L2-normalized),
+    v (B, T, H, V), beta (B, T, H) in (0, 1), g log-decays (B, T, H) or (B, T, H, K) for ``gate="vector"``
+    (logsigmoid of a normal: decays in (0, 1), a few of them strong), h0 (B, H, K, V) or None; ``layout
+    "bhtd"`` transposes T and H (fla.ops.delta_rule's head-first layout)."""
+    import torch
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(seed)
+    HK = HK or H
+    q = torch.randn(B, T, HK, K, generator=gen)
+    k = F.normalize(torch.randn(B, T, HK, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, *((K,) if gate == "vector" else ()), generator=gen) + 2)
+    s = torch.randn(B, H, K, V, generator=gen) if h0 else None
+    if layout == "bhtd":
+        q, k, v, beta = (x.transpose(1, 2).contiguous() for x in (q, k, v, beta))
+    xs = {"q": q, "k": k, "v": v, "beta": beta, "g": g, "h0": s}
+    return {n: x.requires_grad_() for n, x in xs.items() if x is not None}
+
+
+def _fla(module, name):
+    return getattr(importlib.import_module(module), name)
+
+
+_GDN = "fla.ops.gated_delta_rule.naive"
+_DR = "fla.ops.delta_rule.naive"
+_KDA = "fla.ops.kda.naive"
+
+#: fla reference functions: name -> (fla module, operands kwargs, call(fn, ops) -> tensors to compare,
+#: expected delta ops)
+FUNCTIONS = {
+    "fla_gdn_recurrent_h0": (_GDN, dict(T=48, K=12, V=16), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["beta"], o["g"], initial_state=o["h0"], output_final_state=True), 1),
+    "fla_gdn_recurrent": (_GDN, dict(T=96, K=16, V=16, h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["beta"], o["g"], scale=0.3)[:1], 1),
+    "fla_gdn_chunk_h0": (_GDN, dict(T=48, K=12, V=16), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=16, initial_state=o["h0"],
+        output_final_state=True), 1),
+    "fla_gdn_chunk_ragged": (_GDN, dict(T=90, K=16, V=12, h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=32, output_final_state=True), 1),
+    "fla_delta_recurrence_h0": (_DR, dict(T=48, K=12, V=16, gate="none", layout="bhtd"), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["beta"], initial_state=o["h0"]), 1),
+    "fla_delta_recurrence": (_DR, dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["beta"]), 1),
+    "fla_delta_chunkwise": (_DR, dict(T=48, K=12, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["beta"], chunk_size=16), 1),
+    "fla_delta_chunkwise_c32": (_DR, dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["beta"], chunk_size=32), 1),
+    "fla_delta_parallel": (_DR, dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["beta"], BM=48, BN=16)[:1], 1),
+    "fla_kda_recurrent_h0": (_KDA, dict(T=48, K=12, V=16, gate="vector"), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o["h0"], output_final_state=True), 1),
+    "fla_kda_recurrent_gva": (_KDA, dict(T=96, H=6, HK=3, K=16, V=12, gate="vector", h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], output_final_state=True), 1),
+    "fla_kda_chunk_h0": (_KDA, dict(T=48, K=12, V=16, gate="vector"), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o["h0"], output_final_state=True,
+        chunk_size=16), 1),
+    "fla_kda_chunk": (_KDA, dict(T=96, K=16, V=16, gate="vector", h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=32)[:1], 1),
+}
+
+#: the fla function each case calls (by its name in the module)
+FUNCTION_NAMES = {
+    "fla_gdn_recurrent_h0": "naive_recurrent_gated_delta_rule", "fla_gdn_recurrent": "naive_recurrent_gated_delta_rule",
+    "fla_gdn_chunk_h0": "naive_chunk_gated_delta_rule", "fla_gdn_chunk_ragged": "naive_chunk_gated_delta_rule",
+    "fla_delta_recurrence_h0": "delta_rule_recurrence", "fla_delta_recurrence": "delta_rule_recurrence",
+    "fla_delta_chunkwise": "delta_rule_chunkwise", "fla_delta_chunkwise_c32": "delta_rule_chunkwise",
+    "fla_delta_parallel": "delta_rule_parallel",
+    "fla_kda_recurrent_h0": "naive_recurrent_kda", "fla_kda_recurrent_gva": "naive_recurrent_kda",
+    "fla_kda_chunk_h0": "naive_chunk_kda", "fla_kda_chunk": "naive_chunk_kda",
+}
+
+CASES = list(MODELS) + list(FUNCTIONS)
+
+
+def describe(name: str) -> str:
+    """One line naming what case ``name`` runs (for ``--list``)."""
+    if name in MODELS:
+        _, _, model, _, cfg, (b, t) = MODELS[name]
+        n = cfg["layer_types"].count("linear_attention")
+        return f"transformers.{model} ({n} linear-attention layers, batch {b}, T={t})"
+    module, ops, _, expected = FUNCTIONS[name]
+    return f"{module}.{FUNCTION_NAMES[name]} ({', '.join(f'{k}={v}' for k, v in ops.items())})"
+
+
+class _Float64Torch:
+    """``torch`` as a library module sees it while the fp64 oracle runs: ``torch.float32`` / ``torch.float``
+    are float64."""
+
+    def __init__(self, torch):
+        self._torch = torch
+
+    def __getattr__(self, name):
+        return self._torch.float64 if name in ("float32", "float") else getattr(self._torch, name)
+
+
+@contextlib.contextmanager
+def _fp64(*module_names):
+    """Keep the casts to fp32 of the modules ``module_names`` (``.to(torch.float32)``, ``torch.float``,
+    ``.float()``) in fp64 while the oracle runs."""
+    import torch
+    mods = [importlib.import_module(m) for m in module_names]
+    saved = [m.torch for m in mods]
+    saved_float = torch.Tensor.float
+    for m in mods:
+        m.torch = _Float64Torch(torch)
+    torch.Tensor.float = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        for m, t in zip(mods, saved):
+            m.torch = t
+        torch.Tensor.float = saved_float
+
+
+@contextlib.contextmanager
+def _torch_path(module, names):
+    """Point a transformers modeling module at its reference PyTorch functions ``names`` (the hub / fla
+    kernel wrappers undone) for the duration."""
+    previous = {}
+    for name in names:
+        fn = previous[name] = getattr(module, name)
+        while hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in previous.items():
+            setattr(module, name, fn)
+
+
+def _err(a, b):
+    """Relative RMS error of ``a`` against ``b`` (0 when both are None, inf when only one is)."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    den = b.double().norm().item()
+    return (a.double() - b.double()).norm().item() / (den if den > 0 else 1.0)
+
+
+def _judge(outs, ref_outs, grads, ref_grads, oracle_grads, names):
+    """(worst output error, worst gradient error, name of the worst gradient) under the corpus's rule."""
+    out_err = max((_err(a, b) for a, b in zip(outs, ref_outs)), default=0.0)
+    scale = max((g.double().pow(2).mean().sqrt().item() for g in oracle_grads if g is not None), default=0.0)
+
+    def grad_err(g, r, o):
+        e = _err(g, r)
+        if e < BOUND or g is None or o is None:
+            return e
+        ours, theirs = (g.double() - o).norm().item(), (r.double() - o).norm().item()
+        floor = 256 * 2.0 ** -24 * scale * o.numel() ** 0.5
+        return 0.0 if ours <= 4 * theirs + floor else e
+
+    errs = {n: grad_err(g, r, o) for n, g, r, o in zip(names, grads, ref_grads, oracle_grads)}
+    worst = max(errs, key=errs.get) if errs else "-"
+    return out_err, errs.get(worst, 0.0), worst
+
+
+def _summary(report):
+    """(number of delta ops, rewrites by kind, sorted near-miss reasons) of a seqfuse report."""
+    kinds = [r.kind for r in report.rewrites]
+    misses = sorted({f"{m.kind}: {m.reason}" for m in report.near_misses})
+    return report.count("delta"), {k: kinds.count(k) for k in sorted(set(kinds))}, misses
+
+
+def _compiled(fn, run):
+    """Run ``run(compiled fn)`` under a fresh dynamo and a collecting seqfuse report: (result, report, s)."""
+    import torch
+
+    import seqfuse
+    from seqfuse.compiler.report import collecting
+    report = seqfuse.Report()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="seqfuse", options={"downstream": "eager"})
+    start = time.perf_counter()
+    with collecting(report):
+        result = run(compiled)
+    return result, report, time.perf_counter() - start
+
+
+def run_model(name: str) -> dict:
+    """One transformers model: build, run eager / fp64 / seqfuse, compare; the result as a dict."""
+    import torch
+    import transformers as T
+    module_name, cfg_name, model_name, kernelized, overrides, (batch, seq_len) = MODELS[name]
+    modeling = f"transformers.models.{module_name}.modeling_{module_name}"
+    mod = importlib.import_module(modeling)
+    cfg = getattr(T, cfg_name)(**{**_TINY, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(T, model_name)(cfg).train()
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(3))
+    expected = overrides["layer_types"].count("linear_attention")
+
+    def run(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        logits = m(tokens, use_cache=False).logits
+        g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        logits.backward(g.to(logits.dtype))
+        return [logits.detach()], [None if p.grad is None else p.grad.clone() for p in params]
+
+    with _torch_path(mod, kernelized):
+        ref, ref_grads = run(model)
+        model64 = copy.deepcopy(model).double()
+        with _fp64(modeling):
+            _, oracle_grads = run(model64)
+        (out, grads), report, seconds = _compiled(model, run)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out_err, grad_err, worst = _judge(out, ref, grads, ref_grads, oracle_grads, names)
+    n_delta, rewrites, misses = _summary(report)
+    return {"case": name, "expected": expected, "n_delta": n_delta, "rewrites": rewrites, "near_misses": misses,
+            "out_err": out_err, "grad_err": grad_err, "worst_grad": worst, "n_grads": len(names),
+            "seconds": seconds}
+
+
+def run_function(name: str) -> dict:
+    """One fla reference function: run eager / fp64 / seqfuse on held-out operands, compare; a dict."""
+    import torch
+    module, kwargs, call, expected = FUNCTIONS[name]
+    fn = _fla(module, FUNCTION_NAMES[name])
+    ops = _operands(**kwargs)
+    names = list(ops)
+    gen = torch.Generator().manual_seed(5)
+
+    def run(f, xs=ops):
+        for x in xs.values():
+            x.grad = None
+        outs = [o for o in call(f, xs) if o is not None]
+        loss = sum((o * torch.randn(o.shape, generator=gen.manual_seed(5 + i), dtype=torch.float64).to(o.dtype)).sum()
+                   for i, o in enumerate(outs))
+        loss.backward()
+        return [o.detach() for o in outs], [xs[n].grad for n in names]
+
+    ref, ref_grads = run(fn)
+    ops64 = {n: x.detach().double().requires_grad_() for n, x in ops.items()}
+    with _fp64(module):
+        _, oracle_grads = run(fn, ops64)
+    (out, grads), report, seconds = _compiled(fn, lambda f: run(f))
+    out_err, grad_err, worst = _judge(out, ref, grads, ref_grads, oracle_grads, names)
+    n_delta, rewrites, misses = _summary(report)
+    return {"case": name, "expected": expected, "n_delta": n_delta, "rewrites": rewrites, "near_misses": misses,
+            "out_err": out_err, "grad_err": grad_err, "worst_grad": worst, "n_grads": len(names),
+            "seconds": seconds}
+
+
+def child(names) -> Iterator[dict]:
+    """Run the cases ``names`` in this process, each guarded on its own; yields one result dict per case
+    (``error`` set where it raised)."""
+    import traceback
+    for name in names:
+        try:
+            yield run_model(name) if name in MODELS else run_function(name)
+        except Exception as e:  # noqa: BLE001 - a case that raises is reported, the others still run
+            tb = traceback.format_exc().strip().splitlines()
+            yield {"case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+                   "where": tb[-3][:200] if len(tb) >= 3 else ""}
+
+
+def status(res: dict) -> str:
+    """ok / MISS / WRONG / CRASH of one result."""
+    if "error" in res:
+        return "CRASH"
+    if not (res["out_err"] < BOUND and res["grad_err"] < BOUND):
+        return "WRONG"
+    return "ok" if res["n_delta"] == res["expected"] else "MISS"
+
+
+def line(res: dict) -> list[str]:
+    """The printed lines of one result: the case's row, then one line per near miss."""
+    name = res["case"]
+    st = status(res)
+    if st == "CRASH":
+        return [f"{name:24s} CRASH  {res['error']}" + (f"  [{res['where'].strip()}]" if res.get("where") else "")]
+    others = ", ".join(f"{k} x{n}" for k, n in res["rewrites"].items() if k != "delta")
+    rows = [f"{name:24s} {st:5s} delta {res['n_delta']}/{res['expected']}  out {res['out_err']:.1e}  "
+            f"grads {res['grad_err']:.1e} (worst {res['worst_grad']}, {res['n_grads']})  {res['seconds']:.1f} s"
+            + (f"  also: {others}" if others else "")]
+    rows += [f"{'':24s}   near miss  {m}" for m in res["near_misses"]]
+    return rows
