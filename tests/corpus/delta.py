@@ -84,6 +84,25 @@ MODELS = {
         qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2,
         n_shared_experts=1, n_group=1, topk_group=1, num_mtp_layers=0,
         layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "dense"]), (1, 130)),
+    # Lara mini: Gated DeltaNet beside sliding-window attention, sparse-MoE MLPs; unseen by this repository
+    "lara_mini": ("lara_mini", "LaraMiniConfig", "LaraMiniForCausalLM", GDN_KERNELIZED, dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+        linear_num_key_heads=3, linear_num_value_heads=3, linear_key_head_dim=12, linear_value_head_dim=12,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        layer_types=["linear_attention", "full_attention"]), (1, 140)),
+    # Qwen3.5-MoE (text): Gated DeltaNet, sparse-MoE MLPs; unseen by this repository
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", GDN_KERNELIZED, dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+        linear_num_key_heads=1, linear_num_value_heads=3, linear_key_head_dim=16, linear_value_head_dim=12,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        layer_types=["linear_attention", "full_attention"]), (1, 150)),
+    # Qwen4-exp (text): Gated DeltaNet in a model with hyper-connections and n-gram embeddings; unseen
+    "qwen4_exp": ("qwen4_exp", "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", GDN_KERNELIZED, dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+        linear_num_key_heads=3, linear_num_value_heads=3, linear_key_head_dim=12, linear_value_head_dim=16,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=32, indexer_compress_ratio=8,
+        layer_types=["linear_attention", "full_attention"]), (1, 140)),
 }
 
 
@@ -108,56 +127,80 @@ def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layou
     return {n: x.requires_grad_() for n, x in xs.items() if x is not None}
 
 
-def _fla(module, name):
-    return getattr(importlib.import_module(module), name)
+def _function(module, name):
+    """``module.name`` with its hub / fla kernel wrappers undone (transformers' torch path)."""
+    fn = getattr(importlib.import_module(module), name)
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
 
 
 _GDN = "fla.ops.gated_delta_rule.naive"
 _DR = "fla.ops.delta_rule.naive"
 _KDA = "fla.ops.kda.naive"
 
-#: fla reference functions: name -> (fla module, operands kwargs, call(fn, ops) -> tensors to compare,
-#: expected delta ops)
-FUNCTIONS = {
-    "fla_gdn_recurrent_h0": (_GDN, dict(T=48, K=12, V=16), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["beta"], o["g"], initial_state=o["h0"], output_final_state=True), 1),
-    "fla_gdn_recurrent": (_GDN, dict(T=96, K=16, V=16, h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["beta"], o["g"], scale=0.3)[:1], 1),
-    "fla_gdn_chunk_h0": (_GDN, dict(T=48, K=12, V=16), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=16, initial_state=o["h0"],
-        output_final_state=True), 1),
-    "fla_gdn_chunk_ragged": (_GDN, dict(T=90, K=16, V=12, h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=32, output_final_state=True), 1),
-    "fla_delta_recurrence_h0": (_DR, dict(T=48, K=12, V=16, gate="none", layout="bhtd"), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["beta"], initial_state=o["h0"]), 1),
-    "fla_delta_recurrence": (_DR, dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["beta"]), 1),
-    "fla_delta_chunkwise": (_DR, dict(T=48, K=12, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["beta"], chunk_size=16), 1),
-    "fla_delta_chunkwise_c32": (_DR, dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["beta"], chunk_size=32), 1),
-    "fla_delta_parallel": (_DR, dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["beta"], BM=48, BN=16)[:1], 1),
-    "fla_kda_recurrent_h0": (_KDA, dict(T=48, K=12, V=16, gate="vector"), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o["h0"], output_final_state=True), 1),
-    "fla_kda_recurrent_gva": (_KDA, dict(T=96, H=6, HK=3, K=16, V=12, gate="vector", h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["g"], o["beta"], output_final_state=True), 1),
-    "fla_kda_chunk_h0": (_KDA, dict(T=48, K=12, V=16, gate="vector"), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o["h0"], output_final_state=True,
-        chunk_size=16), 1),
-    "fla_kda_chunk": (_KDA, dict(T=96, K=16, V=16, gate="vector", h0=False), lambda f, o: f(
-        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=32)[:1], 1),
-}
+_QN = "transformers.models.qwen3_next.modeling_qwen3_next"
+_OH = "transformers.models.olmo_hybrid.modeling_olmo_hybrid"
+_Q35 = "transformers.models.qwen3_5.modeling_qwen3_5"
+_KL = "transformers.models.kimi_linear.modeling_kimi_linear"
+_BH = "transformers.models.bailing_hybrid.modeling_bailing_hybrid"
 
-#: the fla function each case calls (by its name in the module)
-FUNCTION_NAMES = {
-    "fla_gdn_recurrent_h0": "naive_recurrent_gated_delta_rule", "fla_gdn_recurrent": "naive_recurrent_gated_delta_rule",
-    "fla_gdn_chunk_h0": "naive_chunk_gated_delta_rule", "fla_gdn_chunk_ragged": "naive_chunk_gated_delta_rule",
-    "fla_delta_recurrence_h0": "delta_rule_recurrence", "fla_delta_recurrence": "delta_rule_recurrence",
-    "fla_delta_chunkwise": "delta_rule_chunkwise", "fla_delta_chunkwise_c32": "delta_rule_chunkwise",
-    "fla_delta_parallel": "delta_rule_parallel",
-    "fla_kda_recurrent_h0": "naive_recurrent_kda", "fla_kda_recurrent_gva": "naive_recurrent_kda",
-    "fla_kda_chunk_h0": "naive_chunk_kda", "fla_kda_chunk": "naive_chunk_kda",
+
+def _gdn(f, o):   # fla's gated delta rule argument order (beta before g)
+    return f(o["q"], o["k"], o["v"], o["beta"], o["g"], initial_state=o.get("h0"), output_final_state=True)
+
+
+def _hf(f, o, **kw):   # transformers' order (g before beta), its own L2 normalization of q and k
+    return f(o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o.get("h0"), output_final_state=True,
+             use_qk_l2norm_in_kernel=True, **kw)
+
+
+#: reference functions: name -> (module, function (its hub / fla wrapper undone), operands kwargs,
+#: call(fn, operands) -> the tensors compared, expected delta ops).  fla's naive functions are the point;
+#: transformers' own torch functions (the ones its models call) are called directly at other sizes too.
+FUNCTIONS = {
+    # fla.ops.gated_delta_rule.naive (Gated DeltaNet, gate=scalar)
+    "fla_gdn_recurrent_h0": (_GDN, "naive_recurrent_gated_delta_rule", dict(T=48, K=12, V=16), _gdn, 1),
+    "fla_gdn_recurrent": (_GDN, "naive_recurrent_gated_delta_rule", dict(T=96, K=16, V=16, h0=False),
+                          lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], o["g"], scale=0.3)[:1], 1),
+    "fla_gdn_chunk_h0": (_GDN, "naive_chunk_gated_delta_rule", dict(T=48, K=12, V=16), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=16, initial_state=o["h0"], output_final_state=True), 1),
+    "fla_gdn_chunk_ragged": (_GDN, "naive_chunk_gated_delta_rule", dict(T=90, K=16, V=12, h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=32, output_final_state=True), 1),
+    # fla.ops.delta_rule.naive (DeltaNet, gate=none; head-first layout)
+    "fla_delta_recurrence_h0": (_DR, "delta_rule_recurrence", dict(T=48, K=12, V=16, gate="none", layout="bhtd"),
+                                lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], initial_state=o["h0"]), 1),
+    "fla_delta_recurrence": (_DR, "delta_rule_recurrence", dict(T=96, K=16, V=16, gate="none", layout="bhtd",
+                                                               h0=False),
+                             lambda f, o: f(o["q"], o["k"], o["v"], o["beta"]), 1),
+    "fla_delta_chunkwise": (_DR, "delta_rule_chunkwise", dict(T=48, K=12, V=16, gate="none", layout="bhtd", h0=False),
+                            lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], chunk_size=16), 1),
+    "fla_delta_chunkwise_c32": (_DR, "delta_rule_chunkwise", dict(T=96, K=16, V=16, gate="none", layout="bhtd",
+                                                                 h0=False),
+                                lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], chunk_size=32), 1),
+    # the parallel (intra-block / inter-block) form: the outputs only (its second result is the attention matrix)
+    "fla_delta_parallel": (_DR, "delta_rule_parallel", dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False),
+                           lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], BM=48, BN=16)[:1], 1),
+    # fla.ops.kda.naive (KDA, gate=vector)
+    "fla_kda_recurrent_h0": (_KDA, "naive_recurrent_kda", dict(T=48, K=12, V=16, gate="vector"), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o["h0"], output_final_state=True), 1),
+    "fla_kda_recurrent_gva": (_KDA, "naive_recurrent_kda", dict(T=96, H=6, HK=3, K=16, V=12, gate="vector", h0=False),
+                              lambda f, o: f(o["q"], o["k"], o["v"], o["g"], o["beta"], output_final_state=True), 1),
+    "fla_kda_chunk_h0": (_KDA, "naive_chunk_kda", dict(T=48, K=12, V=16, gate="vector"), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o["h0"], output_final_state=True, chunk_size=16), 1),
+    "fla_kda_chunk": (_KDA, "naive_chunk_kda", dict(T=96, K=16, V=16, gate="vector", h0=False), lambda f, o: f(
+        o["q"], o["k"], o["v"], o["g"], o["beta"], chunk_size=32)[:1], 1),
+    # transformers' torch functions, called directly (grouped value heads, h0, other chunk sizes)
+    "hf_gdn_recurrent_gva_h0": (_QN, "torch_recurrent_gated_delta_rule", dict(T=48, H=6, HK=3, K=12, V=16), _hf, 1),
+    "hf_gdn_chunk_h0": (_OH, "torch_chunk_gated_delta_rule", dict(T=48, K=12, V=16),
+                        lambda f, o: _hf(f, o, chunk_size=16), 1),
+    "hf_gdn_chunk_c32_ragged": (_Q35, "torch_chunk_gated_delta_rule", dict(T=90, H=6, HK=3, K=16, V=12, h0=False),
+                                lambda f, o: _hf(f, o, chunk_size=32), 1),
+    "hf_kda_recurrent_h0": (_KL, "recurrent_kimi_delta_attention", dict(T=48, K=12, V=16, gate="vector"), _hf, 1),
+    "hf_kda_chunk_h0": (_KL, "chunk_kimi_delta_attention", dict(T=48, K=12, V=16, gate="vector"),
+                        lambda f, o: _hf(f, o, chunk_size=16), 1),
+    "hf_kda_chunk_c32_ragged": (_BH, "chunk_kimi_delta_attention", dict(T=90, K=16, V=12, gate="vector", h0=False),
+                                lambda f, o: _hf(f, o, chunk_size=32), 1),
 }
 
 CASES = list(MODELS) + list(FUNCTIONS)
@@ -169,8 +212,8 @@ def describe(name: str) -> str:
         _, _, model, _, cfg, (b, t) = MODELS[name]
         n = cfg["layer_types"].count("linear_attention")
         return f"transformers.{model} ({n} linear-attention layers, batch {b}, T={t})"
-    module, ops, _, expected = FUNCTIONS[name]
-    return f"{module}.{FUNCTION_NAMES[name]} ({', '.join(f'{k}={v}' for k, v in ops.items())})"
+    module, fn, ops, _, _ = FUNCTIONS[name]
+    return f"{module}.{fn} ({', '.join(f'{k}={v}' for k, v in ops.items())})"
 
 
 class _Float64Torch:
@@ -194,7 +237,7 @@ def _fp64(*module_names):
     saved_float = torch.Tensor.float
     for m in mods:
         m.torch = _Float64Torch(torch)
-    torch.Tensor.float = lambda self, *a, **k: self
+    torch.Tensor.float = lambda self, *a, **k: self if self.is_floating_point() else saved_float(self, *a, **k)
     try:
         yield
     finally:
@@ -277,6 +320,7 @@ def run_model(name: str) -> dict:
     mod = importlib.import_module(modeling)
     cfg = getattr(T, cfg_name)(**{**_TINY, **overrides})
     cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"   # MoE experts as a loop of matmuls: grouped_mm has no fp64 (oracle)
     torch.manual_seed(0)
     model = getattr(T, model_name)(cfg).train()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(3))
@@ -306,10 +350,10 @@ def run_model(name: str) -> dict:
 
 
 def run_function(name: str) -> dict:
-    """One fla reference function: run eager / fp64 / seqfuse on held-out operands, compare; a dict."""
+    """One reference function: run eager / fp64 / seqfuse on held-out operands, compare; a dict."""
     import torch
-    module, kwargs, call, expected = FUNCTIONS[name]
-    fn = _fla(module, FUNCTION_NAMES[name])
+    module, fn_name, kwargs, call, expected = FUNCTIONS[name]
+    fn = _function(module, fn_name)
     ops = _operands(**kwargs)
     names = list(ops)
     gen = torch.Generator().manual_seed(5)
