@@ -169,7 +169,8 @@ def _run_delta(names, timeout) -> list[dict]:
     import threading
     proc = subprocess.Popen([sys.executable, "-m", "tests.corpus", "--child-delta", *names], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    killer = threading.Timer(timeout, proc.kill)
+    timed_out = []
+    killer = threading.Timer(timeout, lambda: (timed_out.append(True), proc.kill()))
     killer.start()
     stderr = []
     drain = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
@@ -186,8 +187,8 @@ def _run_delta(names, timeout) -> list[dict]:
     finally:
         killer.cancel()
     drain.join(1)
-    why = (f"timed out after {timeout:.0f} s" if proc.returncode and proc.returncode < 0 and not killer.is_alive()
-           else ([x.strip() for x in stderr if x.strip()] or ["process died, no output"])[-1][:200])
+    why = (f"timed out after {timeout:.0f} s" if timed_out
+           else ([x.strip() for x in stderr if x.strip()] or [f"process died (status {proc.returncode})"])[-1][:200])
     for name in names:
         if name not in got:
             got[name] = {"case": name, "error": why}

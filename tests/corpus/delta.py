@@ -7,16 +7,21 @@ Two kinds of case, each run in training mode, fp32, on CPU, compiled with ``back
 (downstream ``eager``: aot_eager's own backward of transformers' delta-rule torch path fails in torch
 itself, a ``view`` of a non-contiguous gradient, with or without seqfuse):
 
-- transformers causal LMs with linear-attention layers (tiny random configs), on the torch paths
-  transformers falls back to without a GPU (``torch_chunk_gated_delta_rule`` /
-  ``chunk_kimi_delta_attention``; the hub / fla kernel wrappers are undone for the run): the logits and
-  the gradient of every parameter are compared with eager; one ``seqfuse.delta`` is expected per
-  linear-attention layer.  Configs, sequence lengths and batch sizes differ from those of tests/models.
-- flash-linear-attention 0.6.0's own PyTorch reference functions (``fla.ops.*.naive``, not the Triton
-  kernels), at sizes and chunk sizes other than those of tests/golden/test_delta.py (T = 48 / 90 / 96,
-  H = 3, K = 12 / 16, V = 16, chunks 16 / 32, with and without an initial state): the outputs (and the
-  final state where the function returns one) and the gradient of every input are compared with eager;
-  one ``seqfuse.delta`` is expected per call.
+- transformers causal LMs with linear-attention layers (tiny random configs, MoE experts run as
+  ``experts_implementation="eager"`` so that an fp64 oracle exists), on the torch paths transformers falls
+  back to without a GPU (``torch_chunk_gated_delta_rule`` / ``chunk_kimi_delta_attention``; the hub / fla
+  kernel wrappers are undone for the run): the logits and the gradient of every parameter are compared
+  with eager; one ``seqfuse.delta`` is expected per linear-attention layer.  Qwen3-Next, OLMo hybrid and
+  Kimi Linear are also built by tests/models (here with other head counts, head sizes, lengths, batch
+  and layer orders); Qwen3.5, Qwen3.5-MoE, Lara mini, Bailing hybrid and Qwen4-exp are built nowhere else.
+  (Glm5Next, also KDA, has no causal-LM class.)
+- PyTorch reference functions at sizes and chunk sizes other than those of tests/golden/test_delta.py
+  (T = 48 / 90 / 96, H = 3 or 6 value heads over 3 key heads, K = 12 / 16, V = 12 / 16, chunks 16 / 32,
+  ragged lengths, with and without an initial state): flash-linear-attention 0.6.0's own
+  (``fla.ops.{gated_delta_rule,delta_rule,kda}.naive``, not the Triton kernels; ``fla_*``), and
+  transformers' torch functions called directly (``hf_*``).  The outputs (and the final state where the
+  function returns one) and the gradient of every input are compared with eager; one ``seqfuse.delta``
+  is expected per call.
 
 Errors are relative RMS errors against eager with the corpus's bound (1e-5).  A gradient eager itself
 computes no better in fp32 (the log-decay parameters A_log / dt_bias, whose gradient is a sum of
