@@ -481,6 +481,88 @@ def _reroll(graph, group, pos) -> Loop | None:
     return None
 
 
+def _first_chunk_loop(graph, N: int) -> Loop:
+    """The first chunk of a chunked program over N = 1 or 2 chunks read as a loop of one step (the loop
+    finder needs two matching steps; with two chunks the second one's state update is dead when the final
+    state is not returned, so the steps differ).
+
+    Seeds are the slices X[:, :, 0] of tensors over the N chunks (axis 2); the step is every node that reads
+    one (transitively) and no slice X[:, :, 1] of the second chunk (which stays after the loop, as a longer
+    loop's last chunk does).  The carried value is the step's new state S' = D·S + W (a (B, H, K, V) sum),
+    and its previous value S the one value from before the step that S' adds or decays and that the step
+    also contracts; its reads become reads of the carried value, with S as the initial value.  With one
+    step that is exact whatever S is: what the step computes is proven on the template as for any loop.
+    Nodes after S' that read it (the program's final state, already after the loop) are not in the step."""
+    seeds = {}
+    for node in graph.nodes:
+        key = _seed_key(node)
+        if key is not None and key[1] == 2 and key[2] == "select" and key[3] < N and val(key[0]).dim() >= 3 \
+                and val(key[0]).shape[2] == N:
+            seeds[node] = key[3]
+    if not any(i == 0 for i in seeds.values()):
+        raise NoLoop("no slice of the first chunk")
+    label: dict = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            break
+        if node in seeds:
+            label[node] = seeds[node]
+        else:
+            s = max((label.get(a, -1) for a in node.all_input_nodes), default=-1)
+            if s >= 0:
+                label[node] = s
+    step = [n for n in graph.nodes if label.get(n) == 0]
+    inside = set(step)
+    # the new state: a (B, H, K, V) sum of the step, one of whose terms is S or S times a factor, with S from
+    # before the step, 4-d, of the sum's shape, and also contracted by the step (KC·S)
+    found = []
+    for n in step:
+        if n.target not in (aten.add.Tensor,) or n.kwargs or len(n.args) != 2 or not isinstance(val(n), torch.Tensor) \
+                or val(n).dim() != 4:
+            continue
+        for t in n.args:
+            cands = [t] if isinstance(t, torch.fx.Node) and t not in inside else \
+                [a for a in t.args if isinstance(a, torch.fx.Node) and a not in inside] \
+                if isinstance(t, torch.fx.Node) and t.target is aten.mul.Tensor else []
+            for S in cands:
+                if isinstance(val(S), torch.Tensor) and tuple(val(S).shape) == tuple(val(n).shape) and \
+                        any(u in inside and is_op(u, aten.einsum) for u in S.users):
+                    found.append((n, S))
+    if len({n for n, _ in found}) != 1 or len({S for _, S in found}) != 1:
+        raise NoLoop("no single new state D·S + W with S from before the chunk" if not found else
+                     "several candidates for the chunk's new state")
+    new, S = found[0]
+    after = {new}
+    for n in step[step.index(new) + 1:]:
+        if any(a in after for a in n.all_input_nodes):
+            after.add(n)
+    template = [n for n in step if n is new or n not in after]
+    index = {n: j for j, n in enumerate(template)}
+    k = index[new]
+
+    def role(a):
+        if isinstance(a, (list, tuple)):
+            return ("T", type(a), tuple(role(e) for e in a))
+        if isinstance(a, torch.fx.Node):
+            if a is S:
+                return ("P", k)
+            if a in index:
+                return ("L", index[a])
+            if a in label:
+                raise NoLoop("the first chunk reads a value of the second")
+            return ("I", a)
+        return ("C", a)
+    loop = Loop([], False, 0, 0)
+    loop.template = template
+    for n in template:
+        loop.roles.append(None if n in seeds else (role(tuple(n.args)), {kk: role(v) for kk, v in n.kwargs.items()}))
+    loop.inst = {0: template}
+    loop.init = {k: S}
+    loop.lo = loop.hi = 0
+    loop.carried = [k]
+    return loop
+
+
 class DeltaPass(Pass):
     """Find unrolled time loops whose carried update is the delta rule; replace each by one seqfuse.delta."""
 
@@ -491,7 +573,7 @@ class DeltaPass(Pass):
         self._reported = False     # a delta near miss was recorded for this graph
         runs = find_runs(graph)
         if not runs:
-            self._short_wy_near_miss(ctx)
+            self._short_wy(ctx)
             return
         pos = {n: i for i, n in enumerate(graph.nodes)}
         changed = False
@@ -530,13 +612,40 @@ class DeltaPass(Pass):
             graph.eliminate_dead_code()
             ctx.gm.recompile()
         if not self._reported and not changed:
-            self._short_wy_near_miss(ctx)
+            self._short_wy(ctx)
+
+    def _short_wy(self, ctx):
+        """A chunked WY program over one or two chunks, whose loop the loop finder does not re-roll (one
+        step; or two where the last chunk's state update is dead): its first chunk read as a loop of one step
+        (_first_chunk_loop) and lifted like a longer one, the second chunk, if any, as the tail that reads
+        the op's final state.  Otherwise (or when a piece does not fit) a near miss naming why."""
+        found = self._short_wy_system(ctx)
+        if found is None:
+            return
+        solve, system = found
+        why = "whose loop over chunks has too few steps to be re-rolled"
+        N = val(system).shape[2]
+        if isinstance(N, int) and N in (1, 2):
+            try:
+                loop = _first_chunk_loop(ctx.graph, N)
+                if not _ChunkRewrite.applies(loop):
+                    raise NotDelta("its first chunk does not read the UT system's solution")
+                pos = {n: i for i, n in enumerate(ctx.graph.nodes)}
+                _ChunkRewrite(ctx, loop, Analysis(loop), loop.carried[0], pos).run()
+            except (NotDelta, NoLoop) as e:
+                why = f"over {N} chunk(s), read as a loop of one chunk: {e}"
+            else:
+                ctx.graph.eliminate_dead_code()
+                ctx.gm.recompile()
+                return
+        ctx.report.add_near_miss("delta", "chunked form not lifted: a WY program (a UT system over chunks) "
+                                 + why, solve)
 
     @staticmethod
-    def _short_wy_near_miss(ctx):
+    def _short_wy_system(ctx):
         """A UT system over chunks (B, H, N, C, C) still solved after the pass (a unit lower-triangular solve
         or an in-place forward substitution) whose loop was neither lifted nor reported: a chunked WY
-        program over too few chunks for the loop finder (one or two here), left as written."""
+        program over too few chunks for the loop finder (one or two here).  (The solve's node, the system.)"""
         for node in ctx.graph.nodes:
             if _solve(node):
                 system = node.args[0]
@@ -546,9 +655,8 @@ class DeltaPass(Pass):
             else:
                 continue
             if isinstance(system, torch.fx.Node) and val(system).dim() == 5:
-                ctx.report.add_near_miss("delta", "chunked form not lifted: a WY program (a UT system over chunks) "
-                                         "whose loop over chunks has too few steps to be re-rolled", node)
-                return
+                return node, system
+        return None
 
     def _coupled_near_miss(self, ctx, loop):
         """A loop carrying several values, one of them a (B, H, K, V)-like state whose update reads it through
@@ -996,6 +1104,35 @@ def _strip(node):
     return axis_view(node)
 
 
+def _fold_moves(t, letters):
+    """(tree, letters) of an einsum operand: an ("ax", x, axes, shape) tree that only permutes x's axes
+    becomes x with the letters permuted (x's axis axes[i] carries letters[i]); else as is."""
+    if t[0] != "ax" or None in t[2] or sorted(t[2]) != list(range(len(letters))):
+        return t, letters
+    out = [""] * len(letters)
+    for i, a in enumerate(t[2]):
+        out[a] = letters[i]
+    return t[1], "".join(out)
+
+
+def _one_move(node) -> list | None:
+    """The axes of ``node``'s input that ``node`` reads (as pattern.axis_view, one op only) for a transpose,
+    permute or unsqueeze; None for anything else."""
+    src = node.args[0]
+    r = val(src).dim()
+    if node.target is aten.transpose.int:
+        perm = list(range(r))
+        d0, d1 = node.args[1] % r, node.args[2] % r
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+    if node.target is aten.permute.default:
+        return [d % r for d in node.args[1]]
+    if node.target is aten.unsqueeze.default:
+        d = node.args[1] % (r + 1)
+        return list(range(d)) + [None] + list(range(d, r))
+    return None
+
+
 def _unsq_last(node, base_rank_plus=1):
     """x when ``node`` is x with one trailing unit axis (x[..., None]), else None."""
     base, axes = _strip(node)
@@ -1233,10 +1370,17 @@ class _Chunked:
         if _solve(node) and chunked:
             return ("apply", ("utinv", self.whole(node.args[0], what)), self.whole(node.args[1], what))
         base, axes = axis_view(node)
+        if chunked and base is not node and (len(axes) < 3 or axes[2] is None) and R >= 3 \
+                and known_eq(val(node).shape[2], 1):
+            # one chunk: the reshape into chunks inserts a unit chunk axis, which the whole chain of axis moves
+            # reads as created; the reshape is the leaf, a move after it is read one step at a time
+            if is_op(node, aten.reshape, aten.view, aten._unsafe_view):
+                return ("leaf", node)
+            base, axes = node.args[0], _one_move(node)
         if base is not node and isinstance(base, torch.fx.Node) and isinstance(val(base), torch.Tensor):
             b = val(base).dim()
             if chunked:
-                if b < 3 or len(axes) < 3 or axes[2] != 2:
+                if b < 3 or axes is None or len(axes) < 3 or axes[2] != 2:
                     raise NotDelta(f"{what} moves the chunk axis")
                 axes = [None if a is None else (a if a < 2 else a - 1) for a in axes[:2] + axes[3:]]
                 inner = self.whole(base, what)
@@ -1271,6 +1415,8 @@ class _Chunked:
         ins, out = eq.split("->")
         ins = ins.split(",")
         a, b = node.args[1]
+        if chunked and len(out) >= 3 and known_eq(val(node).shape[2], 1):
+            (a, ins[0]), (b, ins[1]) = (self._unit_chunk(x, s, out) for x, s in ((a, ins[0]), (b, ins[1])))
         if chunked:
             if len(out) < 3 or any(len(s) < 3 or s[2] != out[2] for s in ins) or \
                     any(val(x).dim() != len(s) for x, s in zip((a, b), ins)):
@@ -1280,6 +1426,10 @@ class _Chunked:
                 raise NotDelta(f"{what} is an einsum that mixes the chunks")
             ins, out = [s.replace(c, "") for s in ins], out.replace(c, "")
             ta, tb = self.whole(a, what), self.whole(b, what)
+            if known_eq(val(node).shape[2], 1):
+                # one chunk: an operand's transpose the contraction normalizer left in place (it folded the
+                # unit chunk axis instead) folds into the operand's letters
+                (ta, ins[0]), (tb, ins[1]) = (_fold_moves(t, s_) for t, s_ in ((ta, ins[0]), (tb, ins[1])))
         else:
             ta = self._arg(a, False, len(ins[0]), what)
             tb = self._arg(b, False, len(ins[1]), what)
@@ -1287,6 +1437,20 @@ class _Chunked:
         if eq == _MM and ta[0] == "utinv":
             return ("apply", ta, tb)
         return ("ein", eq, ta, tb)
+
+    @staticmethod
+    def _unit_chunk(x, s, out):
+        """(operand, letters) of an einsum over one chunk whose operand ``x`` lost the unit chunk axis (the
+        contraction normalizer folds the reshape (B, H, C, ·) -> (B, H, 1, C, ·) into the einsum): the
+        program's own reshape of x that inserts the unit axis at 2, with the chunk letter at 2; else as is."""
+        c = out[2]
+        if c in s or len(s) < 2 or s[:2] != out[:2] or not isinstance(val(x), torch.Tensor) or val(x).dim() != len(s):
+            return x, s
+        want = list(val(x).shape[:2]) + [1] + list(val(x).shape[2:])
+        for u in x.users:
+            if is_op(u, aten.reshape, aten.view, aten._unsafe_view) and u.args[0] is x and same_shape(val(u).shape, want):
+                return u, s[:2] + c + s[2:]
+        return x, s
 
     @staticmethod
     def _is_eye(x) -> bool:

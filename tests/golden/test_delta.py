@@ -409,14 +409,26 @@ def test_bmm_spelling_with_merged_heads():
     only_delta(report, "scalar")
 
 
-@pytest.mark.parametrize("T", [8, 4])
-def test_a_chunked_program_over_fewer_than_three_chunks_is_a_near_miss(T):
-    # two chunks (or one) of 4: too few steps for the loop finder (the first chunk is specialized), so the
-    # loop over chunks is not re-rolled;
+@pytest.mark.parametrize("T,h0,final", [(8, False, False), (7, True, False), (8, True, True),   # 2 chunks of 4
+                                         (4, False, True), (3, True, True)])                     # 1 chunk
+def test_a_chunked_program_over_one_or_two_chunks_is_one_op(T, h0, final):
+    # too few chunks for the loop finder (two steps that differ when the last chunk's state update is dead; one
+    # step): the first chunk is read as a loop of one step, the second, if any, as the tail after it
+    def fn(q, k, v, beta, g, *s):
+        o, S = torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4, initial_state=s[0] if s else None,
+                                            output_final_state=final)
+        return (o, S) if final else o
+    report = check_against_eager(fn, *[x for x in operands(T=T, h0=h0) if x is not None])
+    ir = only_delta(report, "scalar")
+    assert ("h0=%" in ir) == h0, ir
+
+
+def test_a_chunked_program_over_one_chunk_without_the_final_state_is_a_near_miss():
+    # one chunk whose state update is dead: nothing carries a state to read as a loop of one step;
     # the program runs as written (equal to eager) and the report says why no op was found
     def fn(q, k, v, beta, g):
         return torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4)[0]
-    report = check_against_eager(fn, *operands(T=T)[:5])
+    report = check_against_eager(fn, *operands(T=4)[:5])
     assert report.count("delta") == 0, str(report)
     reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
-    assert len(reasons) == 1 and "too few steps" in reasons[0], str(report)
+    assert len(reasons) == 1 and "over 1 chunk(s)" in reasons[0] and "no single new state" in reasons[0], str(report)
