@@ -467,14 +467,17 @@ def _is_zero(x) -> bool:
     return is_op(x, aten.zeros, aten.zeros_like, aten.new_zeros)
 
 
-def _reroll(graph, group, pos) -> Loop | None:
+def _reroll(graph, group, pos, why: list | None = None) -> Loop | None:
     """The loop read with updates moved to the step that reads them (a step loop), else with every node
     in the step of its slices (a loop over chunks, whose update reads the chunk's own slices after its
-    readout); None when neither reading matches (as the loops pass reads loops)."""
+    readout); None when neither reading matches (as the loops pass reads loops).  ``why`` collects the
+    loop finder's reason for the second reading (the one that reads loops over chunks)."""
     for move in (True, False):
         try:
             loop = reroll(graph, group, pos, move_updates=move)
-        except NoLoop:
+        except NoLoop as e:
+            if why is not None and not move:
+                why.append(str(e))
             continue
         if not any(loop.roles[k] is None for k in loop.carried):
             return loop
@@ -571,6 +574,7 @@ class DeltaPass(Pass):
     def run(self, ctx: PassContext) -> None:
         graph = ctx.graph
         self._reported = False     # a delta near miss was recorded for this graph
+        self._unrolled = []        # (group of runs, the loop finder's reason) of loops that did not re-roll
         runs = find_runs(graph)
         if not runs:
             self._short_wy(ctx)
@@ -582,8 +586,10 @@ class DeltaPass(Pass):
                 pos = {n: i for i, n in enumerate(graph.nodes)}
             if any(n not in pos for r in group for n in r.nodes):
                 continue
-            loop = _reroll(graph, group, pos)
+            why = []
+            loop = _reroll(graph, group, pos, why)
             if loop is None:
+                self._unrolled.append((group, why[0] if why else "its steps differ"))
                 continue   # the loops pass reports loops that do not re-roll
             if len(loop.carried) != 1:
                 self._coupled_near_miss(ctx, loop)
@@ -625,6 +631,14 @@ class DeltaPass(Pass):
         solve, system = found
         why = "whose loop over chunks has too few steps to be re-rolled"
         N = val(system).shape[2]
+        if not isinstance(N, int):
+            why = "over a symbolic number of chunks (dynamic shapes), which the loop over chunks is not proven to cover"
+        elif N >= 3:
+            # the loop over chunks (slices X[:, :, n] of tensors over the N chunks) did not re-roll: say why
+            reasons = [r for group, r in self._unrolled if any(
+                run.family[1] == 2 and val(run.family[0]).dim() >= 4 and val(run.family[0]).shape[2] == N
+                for run in group)]
+            why = "whose loop over chunks was not re-rolled" + (f" ({reasons[0]})" if reasons else "")
         if isinstance(N, int) and N in (1, 2):
             try:
                 loop = _first_chunk_loop(ctx.graph, N)

@@ -432,3 +432,28 @@ def test_a_chunked_program_over_one_chunk_without_the_final_state_is_a_near_miss
     assert report.count("delta") == 0, str(report)
     reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
     assert len(reasons) == 1 and "over 1 chunk(s)" in reasons[0] and "no single new state" in reasons[0], str(report)
+
+
+def test_default_chunk_size_over_one_then_two_chunks_in_one_process():
+    # the probe of issue 16: Qwen3-Next's chunk size 64 at T = 64 then 128 compiled one after the other; the
+    # second compile of the same code is Dynamo's automatic-dynamic one (T symbolic). Each call equals eager
+    # (outputs, every gradient). downstream="eager": plain torch.compile(backend="aot_eager") itself fails on
+    # that recompile at T = 128 ("view size is not compatible ... Use .reshape"), without seqfuse
+    def fn(q, k, v, beta, g):
+        return torch_chunk_gated_delta_rule(q, k, v, g, beta)[0]
+    for T in (64, 128):   # (T = 100 after them: one more dynamic compile, 5 s, the same code path)
+        report = check_against_eager(fn, *operands(B=1, T=T, H=2, K=4, V=4)[:5], options={"downstream": "eager"})
+        reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+        assert report.count("delta") + len(reasons) == 1, str(report)
+
+
+def test_fla_naive_chunk_kda_is_a_near_miss():
+    # fla's chunked KDA builds the UT system column by column (exp(γ_c − γ_i) unmasked, then masked), folds β
+    # into the inverse as a column scale and builds each chunk's scores in a loop over columns nested in the
+    # loop over chunks: the loop over chunks does not re-roll; the program runs as written
+    def fn(q, k, v, beta, g, h0):
+        return fla_kda.naive_chunk_kda(q, k, v, g, beta, chunk_size=4, initial_state=h0, output_final_state=True)
+    report = check_against_eager(fn, *operands(B=1, T=12, H=1, K=2, V=2, gate="vector"))
+    assert report.count("delta") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+    assert len(reasons) == 1 and "loop over chunks was not re-rolled" in reasons[0], str(report)
