@@ -57,6 +57,12 @@ _VIEWS = (aten.unsqueeze, aten.squeeze, aten.transpose, aten.permute, aten.expan
           aten._unsafe_view, aten.movedim)
 
 
+#: the carried index of a loop of one chunk whose state update is dead (nothing carries; the state S is read)
+_NO_UPDATE = -1
+#: the write key and decay of such a chunk: not in the program, not checked (the readout does not read them)
+_DEAD = ("dead",)
+
+
 class NotDelta(Exception):
     """The loop has a matrix state read through a contraction, but its update is not the delta rule
     (the message names the term)."""
@@ -531,6 +537,8 @@ def _first_chunk_loop(graph, N: int) -> Loop:
                 if isinstance(val(S), torch.Tensor) and tuple(val(S).shape) == tuple(val(n).shape) and \
                         any(u in inside and is_op(u, aten.einsum) for u in S.users):
                     found.append((n, S))
+    if not found and N == 1:
+        return _read_only_chunk_loop(step, seeds, label)
     if len({n for n, _ in found}) != 1 or len({S for _, S in found}) != 1:
         raise NoLoop("no single new state D·S + W with S from before the chunk" if not found else
                      "several candidates for the chunk's new state")
@@ -563,6 +571,41 @@ def _first_chunk_loop(graph, N: int) -> Loop:
     loop.init = {k: S}
     loop.lo = loop.hi = 0
     loop.carried = [k]
+    return loop
+
+
+def _read_only_chunk_loop(step, seeds, label) -> Loop:
+    """One chunk whose state update is dead (the final state is not returned): a loop of one step that
+    carries nothing (carried index _NO_UPDATE) and reads the state S, the one 4-d value from before the
+    step that two matrix products of the step read (KC·S and Qd·S)."""
+    inside = set(step)
+    cands = {a for n in step if is_op(n, aten.einsum) and len(n.args[1]) == 2 for a in n.args[1]
+             if isinstance(a, torch.fx.Node) and a not in inside and isinstance(val(a), torch.Tensor)
+             and val(a).dim() == 4}
+    cands = {S for S in cands if sum(1 for u in S.users if u in inside and is_op(u, aten.einsum)) == 2}
+    if len(cands) != 1:
+        raise NoLoop("no single new state D·S + W with S from before the chunk, nor one state it only reads")
+    (S,) = cands
+    index = {n: j for j, n in enumerate(step)}
+
+    def role(a):
+        if isinstance(a, (list, tuple)):
+            return ("T", type(a), tuple(role(e) for e in a))
+        if isinstance(a, torch.fx.Node):
+            if a is S:
+                return ("P", _NO_UPDATE)
+            if a in index:
+                return ("L", index[a])
+            if a in label:
+                raise NoLoop("the chunk reads a value computed after it")
+            return ("I", a)
+        return ("C", a)
+    loop = Loop([], False, 0, 0)
+    loop.template = step
+    for n in step:
+        loop.roles.append(None if n in seeds else (role(tuple(n.args)), {kk: role(v) for kk, v in n.kwargs.items()}))
+    loop.inst = {0: step}
+    loop.init = {_NO_UPDATE: S}
     return loop
 
 
@@ -645,7 +688,8 @@ class DeltaPass(Pass):
                 if not _ChunkRewrite.applies(loop):
                     raise NotDelta("its first chunk does not read the UT system's solution")
                 pos = {n: i for i, n in enumerate(ctx.graph.nodes)}
-                _ChunkRewrite(ctx, loop, Analysis(loop), loop.carried[0], pos).run()
+                k = loop.carried[0] if loop.carried else _NO_UPDATE
+                _ChunkRewrite(ctx, loop, Analysis(loop), k, pos).run()
             except (NotDelta, NoLoop) as e:
                 why = f"over {N} chunk(s), read as a loop of one chunk: {e}"
             else:
@@ -1830,7 +1874,7 @@ class _ChunkRewrite(_Rewrite):
 
     def _chunk_plan(self):
         loop, k = self.loop, self.k
-        S = val(loop.template[k])
+        S = val(loop.template[k] if k != _NO_UPDATE else loop.init[k])
         if S.dim() != 4 or loop.reverse:
             raise NotDelta("the chunk loop's state is not (B, H, K, V) or the loop runs backwards")
         used = set()
@@ -1845,29 +1889,15 @@ class _ChunkRewrite(_Rewrite):
             else:
                 seeds[name] = None
             return cx.role(role, what)
-        # S' = S·cd_n + Kd_nᵀ·U   (no decay: S' = S + Kd_nᵀ·U)
-        new = self._args(("L", k))
-        if not is_op(loop.template[k], aten.add) or new is None or len(new) != 2 or loop.template[k].kwargs:
-            raise NotDelta("the new state is not the decayed state plus a chunk's write")
-        for dec_r, wr_r in ((new[0], new[1]), (new[1], new[0])):
-            if is_op(self._t(dec_r), aten.mul) or self._is_state(dec_r):
-                break
+        if k == _NO_UPDATE:   # one chunk whose state update is dead: U = NV − KC·S is the one difference
+            subs = [j for j, n in enumerate(loop.template) if loop.roles[j] is not None and self.an.deps[j]
+                    and n.target is aten.sub.Tensor]
+            if len(subs) != 1:
+                raise NotDelta("the chunk's corrections are not NV − KC·S")
+            cd = kd = _DEAD
+            u_r = ("L", subs[0])
         else:
-            raise NotDelta("the new state is not the decayed state plus a chunk's write")
-        used |= {k, wr_r[1]}
-        if self._is_state(dec_r):
-            cd = None
-            if dec_r[0] == "L":
-                used.add(dec_r[1])
-        else:
-            used.add(dec_r[1])
-            m = self._args(dec_r)
-            st = [i for i in (0, 1) if self._is_state(m[i])]
-            if len(st) != 1:
-                raise NotDelta("the chunk's decay does not multiply the state")
-            cd = piece(m[1 - st[0]], "cd", "the chunk's decay")
-        kd_r, u_r = self._matmul_t(wr_r, "the chunk's write")
-        kd = piece(kd_r, "kd", "the chunk's write key")
+            cd, kd, u_r = self._update_plan(piece, used)
         # U = NV_n − KC_n·S
         u = self._t(u_r)
         ua = self._args(u_r)
@@ -1912,6 +1942,33 @@ class _ChunkRewrite(_Rewrite):
         plan.trees = dict(nv=nv, kc=kc, qd=qd, ia=ia)
         return plan
 
+    def _update_plan(self, piece, used):
+        """(cd, kd, U's role) of the new state S' = S·cd_n + Kd_nᵀ·U (no decay: S' = S + Kd_nᵀ·U, cd None)."""
+        loop, k = self.loop, self.k
+        new = self._args(("L", k))
+        if not is_op(loop.template[k], aten.add) or new is None or len(new) != 2 or loop.template[k].kwargs:
+            raise NotDelta("the new state is not the decayed state plus a chunk's write")
+        for dec_r, wr_r in ((new[0], new[1]), (new[1], new[0])):
+            if is_op(self._t(dec_r), aten.mul) or self._is_state(dec_r):
+                break
+        else:
+            raise NotDelta("the new state is not the decayed state plus a chunk's write")
+        used |= {k, wr_r[1]}
+        if self._is_state(dec_r):
+            cd = None
+            if dec_r[0] == "L":
+                used.add(dec_r[1])
+        else:
+            used.add(dec_r[1])
+            m = self._args(dec_r)
+            st = [i for i in (0, 1) if self._is_state(m[i])]
+            if len(st) != 1:
+                raise NotDelta("the chunk's decay does not multiply the state")
+            cd = piece(m[1 - st[0]], "cd", "the chunk's decay")
+        kd_r, u_r = self._matmul_t(wr_r, "the chunk's write")
+        kd = piece(kd_r, "kd", "the chunk's write key")
+        return cd, kd, u_r
+
     def _tail(self, plan):
         """The nodes of a last chunk left out of the loop because its state update is dead (a program that
         does not return the final state): U = NV_N−1 − KC_N−1·S, y = Qd_N−1·S + IA_N−1·U written into the
@@ -1919,6 +1976,8 @@ class _ChunkRewrite(_Rewrite):
         chunk or it differs from the loop's body in any way (it then stays as written, reading the op's
         final state)."""
         loop, t = self.loop, self.loop.template
+        if self.k == _NO_UPDATE:
+            return None
         S = loop.inst[loop.hi][self.k]
         Tp = val(plan.k).shape[2]
         if not isinstance(Tp, int) or loop.reverse or loop.hi + 1 != Tp // plan.C - 1:
@@ -1978,7 +2037,8 @@ class _ChunkRewrite(_Rewrite):
         if kc[1] != U:
             raise NotDelta("the two triangular solves have different systems")
         M = U[1]
-        gated = x["cd"] is not None
+        dead = x["cd"] is _DEAD     # no state update: a decay shows in the system's mask alone
+        gated = x["cd"] is not None if not dead else (M[0] == "mul" or self._vector_scores(M) is not None)
         # UT = (kβ_c·k_cᵀ) ⊙ L  (no decay: kβ_c·k_cᵀ)
         cum = L = None
         vector = gated and self._vector_scores(M) is not None    # KDA: a decay per key channel
@@ -2022,10 +2082,11 @@ class _ChunkRewrite(_Rewrite):
             kd = x["kd"]
             rest = [t for t in kd[1:] if t != k_c] if kd[0] == "mul" else []
             d = rest[0][1] if len(rest) == 1 and rest[0][0] == "exp" else None
-            if d is None or d[0] != "sub" or d[2] != cum or d[1][:3] != ("ax", ("last2", cum), (0, 1, None, 2)):
+            if not dead and (d is None or d[0] != "sub" or d[2] != cum
+                             or d[1][:3] != ("ax", ("last2", cum), (0, 1, None, 2))):
                 raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
             cd = x["cd"]
-            if cd[0] != "ax" or cd[1] != ("exp", ("last2", cum)) or cd[2] != (0, 1, 2, None):
+            if not dead and (cd[0] != "ax" or cd[1] != ("exp", ("last2", cum)) or cd[2] != (0, 1, 2, None)):
                 raise NotDelta("the chunk's decay is not exp(γ_last) along the key axis")
         elif gated:
             # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ} ; cd = e^{γ_C}
@@ -2037,17 +2098,18 @@ class _ChunkRewrite(_Rewrite):
             rest = [t for t in kd[1:] if t != k_c] if kd[0] == "mul" else []
             e = rest[0] if len(rest) == 1 and rest[0][0] == "ax" and rest[0][2] == (0, 1, 2, None) else None
             d = e[1][1] if e is not None and e[1][0] == "exp" else None
-            if d is None or d[0] != "sub" or d[2] != cum or d[1][:3] != ("ax", ("last", cum), (0, 1, None)):
+            if not dead and (d is None or d[0] != "sub" or d[2] != cum
+                             or d[1][:3] != ("ax", ("last", cum), (0, 1, None))):
                 raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
             cd = x["cd"]
-            if cd[0] != "ax" or cd[1] != ("exp", ("last", cum)) or cd[2] != (0, 1, None, None):
+            if not dead and (cd[0] != "ax" or cd[1] != ("exp", ("last", cum)) or cd[2] != (0, 1, None, None)):
                 raise NotDelta("the chunk's decay is not exp(γ_last)")
         else:
             if kc[2] != kb_c:
                 raise NotDelta("the keys of the UT transform are not kβ (without a decay)")
             if x["qd"] != q_c:
                 raise NotDelta("the chunk's query is not the q of its scores (without a decay)")
-            if x["kd"] != k_c:
+            if not dead and x["kd"] != k_c:
                 raise NotDelta("the chunk's write key is not the k of its scores (without a decay)")
         # un-chunk: q_c, k_c = chunks of q, k; kβ_c, vβ_c = chunks of k ⊙ β, v ⊙ β; γ = cumsum of chunks of g
         q = self._unchunk(self._leaf(q_c, "q"), "q")
@@ -2211,8 +2273,17 @@ class _ChunkRewrite(_Rewrite):
     # -- emission --------------------------------------------------------------------
     def _emit_chunked(self, vec, plan, extra=0):
         loop = self.loop
-        tmpl = loop.template[self.k]
-        D = val(tmpl).dtype
+        if self.k == _NO_UPDATE:    # the state is only read: its dtype is the readout's, its shape (B, H, K, V)
+            tmpl = loop.template[plan.readout]
+            D = val(tmpl).dtype
+            kv = val(plan.k).shape[:2] + (val(plan.k).shape[3], val(plan.v).shape[3])
+            S0 = loop.init[self.k]
+            if not isinstance(S0, torch.fx.Node) or val(S0).dtype != D or not same_shape(val(S0).shape, kv):
+                raise NotDelta("the state the chunk reads is not a (B, H, K, V) tensor of the readout's dtype")
+        else:
+            tmpl = loop.template[self.k]
+            D = val(tmpl).dtype
+            kv = val(tmpl).shape
         # the loop covers chunks 0 … count-1 (a program that does not return the final state leaves the
         # last chunk's state update dead: that chunk stays as written and reads the op's final state)
         if loop.lo != 0 or vec.start != 0:
@@ -2232,7 +2303,7 @@ class _ChunkRewrite(_Rewrite):
         h0 = None
         init = loop.init.get(self.k)
         if not _is_zero(init):
-            if not isinstance(init, torch.fx.Node) or not same_shape(val(init).shape, val(tmpl).shape):
+            if not isinstance(init, torch.fx.Node) or not same_shape(val(init).shape, kv):
                 raise NotDelta("the initial state is not a (B, H, K, V) tensor")
             h0 = vec.cast(init, D)
         gate = plan.gate
@@ -2241,7 +2312,7 @@ class _ChunkRewrite(_Rewrite):
                                                val(ops["g"]) if ops["g"] is not None else None,
                                                val(h0) if h0 is not None else None, gate, 1.0, 64,
                                                "recurrent", "auto")
-        ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][self.k])
+        ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][self.k] if self.k != _NO_UPDATE else tmpl)
         ir.meta["val"] = fake
         y = vec.emit(operator.getitem, (ir, 0))                                  # (B, T', H, V)
         y = vec.emit(aten.transpose.int, (y, 1, 2))                              # (B, H, T', V)
