@@ -689,7 +689,13 @@ class DeltaPass(Pass):
                     raise NotDelta("its first chunk does not read the UT system's solution")
                 pos = {n: i for i, n in enumerate(ctx.graph.nodes)}
                 k = loop.carried[0] if loop.carried else _NO_UPDATE
-                _ChunkRewrite(ctx, loop, Analysis(loop), k, pos).run()
+                rewrite = _ChunkRewrite(ctx, loop, Analysis(loop), k, pos)
+                try:
+                    rewrite.run()
+                finally:
+                    for n in reversed(getattr(getattr(rewrite, "cx", None), "created", [])):
+                        if not getattr(n, "_erased", False) and not n.users:   # (dead-code elimination may
+                            ctx.graph.erase_node(n)                             # have taken it already)
             except (NotDelta, NoLoop) as e:
                 why = f"over {N} chunk(s), read as a loop of one chunk: {e}"
             else:
@@ -1251,6 +1257,7 @@ class _Chunked:
         self.inverses: list = []    # forward-substitution bases proven (erased with the loop when dead)
         self.tail = None            # (last chunk, node positions, loop start) while reading the last chunk
         self.masks: dict = {}       # evaluated shape-only masks
+        self.created: list = []     # unit-chunk reshapes inserted while reading one chunk (_unit_chunk)
 
     def after(self, node, last, pos, start, what):
         """The tree of a value computed after the loop for its last chunk ``last`` (from slices X[:, :, last]
@@ -1474,7 +1481,7 @@ class _Chunked:
         ins = ins.split(",")
         a, b = node.args[1]
         if chunked and len(out) >= 3 and known_eq(val(node).shape[2], 1):
-            (a, ins[0]), (b, ins[1]) = (self._unit_chunk(x, s, out) for x, s in ((a, ins[0]), (b, ins[1])))
+            (a, ins[0]), (b, ins[1]) = (self._unit_chunk(node, x, s, out) for x, s in ((a, ins[0]), (b, ins[1])))
         if chunked:
             if len(out) < 3 or any(len(s) < 3 or s[2] != out[2] for s in ins) or \
                     any(val(x).dim() != len(s) for x, s in zip((a, b), ins)):
@@ -1496,11 +1503,12 @@ class _Chunked:
             return ("apply", ta, tb)
         return ("ein", eq, ta, tb)
 
-    @staticmethod
-    def _unit_chunk(x, s, out):
-        """(operand, letters) of an einsum over one chunk whose operand ``x`` lost the unit chunk axis (the
-        contraction normalizer folds the reshape (B, H, C, ·) -> (B, H, 1, C, ·) into the einsum): the
-        program's own reshape of x that inserts the unit axis at 2, with the chunk letter at 2; else as is."""
+    def _unit_chunk(self, node, x, s, out):
+        """(operand, letters) of an einsum ``node`` over one chunk whose operand ``x`` lost the unit chunk axis
+        (the contraction normalizer folds the reshape (B, H, C, ·) -> (B, H, 1, C, ·) into the einsum): the
+        program's own reshape of x that inserts the unit axis at 2, with the chunk letter at 2; when the
+        normalizer left no such reshape, one inserted before ``node`` (in ``created``: erased by the caller
+        unless the rewrite reads it); else as is."""
         c = out[2]
         if c in s or len(s) < 2 or s[:2] != out[:2] or not isinstance(val(x), torch.Tensor) or val(x).dim() != len(s):
             return x, s
@@ -1508,7 +1516,15 @@ class _Chunked:
         for u in x.users:
             if is_op(u, aten.reshape, aten.view, aten._unsafe_view) and u.args[0] is x and same_shape(val(u).shape, want):
                 return u, s[:2] + c + s[2:]
-        return x, s
+        if not all(isinstance(d, int) for d in want):
+            return x, s
+        graph = self.ctx.graph
+        with graph.inserting_before(node):
+            u = graph.call_function(aten.reshape.default, (x, want))
+        with val(x).fake_mode:
+            u.meta["val"] = aten.reshape.default(val(x), want)
+        self.created.append(u)
+        return u, s[:2] + c + s[2:]
 
     @staticmethod
     def _is_eye(x) -> bool:

@@ -248,7 +248,8 @@ def test_chunked_without_the_final_state_is_one_op_over_every_chunk():
 
 # --- fla's chunked naive functions: the UT inverse by forward substitution, pieces computed in the loop ----
 
-@pytest.mark.parametrize("T,h0,final", [(14, True, True), (16, False, False)])   # padded to 4 chunks / 4 exact
+@pytest.mark.parametrize("T,h0,final", [(14, True, True), (16, False, False),   # padded to 4 chunks / 4 exact
+                                         (4, True, False)])                     # one chunk
 def test_fla_naive_chunk_gated_delta_rule(T, h0, final):
     # fla builds (I + strictly_lower(kβ·kᵀ ⊙ L))⁻¹ by forward substitution written in place row by row, its
     # decay mask as tril(exp(tril(γ_i − γ_j))), and computes q ⊙ e^γ, the masked scores and the decayed write
@@ -262,12 +263,13 @@ def test_fla_naive_chunk_gated_delta_rule(T, h0, final):
     assert ("h0=%" in ir) == h0, ir
 
 
-def test_fla_delta_rule_chunkwise():
+@pytest.mark.parametrize("T", [16, 4])
+def test_fla_delta_rule_chunkwise(T):
     # DeltaNet's chunked form: no decay, (B, H, T, ·) layout, the forward substitution sums over whole rows
     # (the entries j >= i are the masked zeros), the intra-chunk scores masked in place in the loop
     def fn(q, k, v, beta):
         return fla_delta.delta_rule_chunkwise(q, k, v, beta, chunk_size=4)
-    q, k, v, beta, _, _ = operands(T=16)
+    q, k, v, beta, _, _ = operands(T=T)
     t = lambda x: x.detach().transpose(1, 2).contiguous().requires_grad_()  # noqa: E731
     report = check_against_eager(fn, t(q), t(k), t(v), t(beta))
     only_delta(report, "none")
@@ -373,7 +375,8 @@ def test_comba_dplr_ttt_are_near_misses_naming_the_term(case, reason):
     assert len(reasons) == 1 and reason in reasons[0], str(report)
 
 
-def test_kimi_linear_chunked_kda():
+@pytest.mark.parametrize("T,final", [(14, True), (3, False)])   # padded to 4 chunks / 1 chunk
+def test_kimi_linear_chunked_kda(T, final):
     # Kimi Linear's chunk_kimi_delta_attention (transformers): a decay per key channel, the UT system and the
     # intra-chunk scores Σ_K kβ_i ⊙ k_j ⊙ L_ij with L (·, C, C, K), the forward substitution in place
     kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
@@ -382,9 +385,10 @@ def test_kimi_linear_chunked_kda():
         f = f.__wrapped__
 
     def fn(q, k, v, beta, g, h0):
-        return f(q, k, v, g, beta, chunk_size=4, initial_state=h0, output_final_state=True,
+        o, S = f(q, k, v, g, beta, chunk_size=4, initial_state=h0, output_final_state=final,
                  use_qk_l2norm_in_kernel=True)
-    report = check_against_eager(fn, *operands(T=14, gate="vector"))
+        return (o, S) if final else o
+    report = check_against_eager(fn, *operands(T=T, gate="vector"))
     only_delta(report, "vector")
 
 
