@@ -490,7 +490,7 @@ def _reroll(graph, group, pos, why: list | None = None) -> Loop | None:
     return None
 
 
-def _first_chunk_loop(graph, N: int) -> Loop:
+def _first_chunk_loop(graph, N: int, lo: int, hi: int, pos: dict) -> Loop:
     """The first chunk of a chunked program over N = 1 or 2 chunks read as a loop of one step (the loop
     finder needs two matching steps; with two chunks the second one's state update is dead when the final
     state is not returned, so the steps differ).
@@ -501,9 +501,12 @@ def _first_chunk_loop(graph, N: int) -> Loop:
     and its previous value S the one value from before the step that S' adds or decays and that the step
     also contracts; its reads become reads of the carried value, with S as the initial value.  With one
     step that is exact whatever S is: what the step computes is proven on the template as for any loop.
-    Nodes after S' that read it (the program's final state, already after the loop) are not in the step."""
+    Nodes after S' that read it (the program's final state, already after the loop) are not in the step.
+    Only nodes at graph positions in (lo, hi) belong to this program (its system's solve, the next one's)."""
     seeds = {}
     for node in graph.nodes:
+        if not lo < pos[node] < hi:
+            continue
         key = _seed_key(node)
         if key is not None and key[1] == 2 and key[2] == "select" and key[3] < N and val(key[0]).dim() >= 3 \
                 and val(key[0]).shape[2] == N:
@@ -520,7 +523,7 @@ def _first_chunk_loop(graph, N: int) -> Loop:
             s = max((label.get(a, -1) for a in node.all_input_nodes), default=-1)
             if s >= 0:
                 label[node] = s
-    step = [n for n in graph.nodes if label.get(n) == 0]
+    step = [n for n in graph.nodes if label.get(n) == 0 and pos[n] < hi]
     inside = set(step)
     # the new state: a (B, H, K, V) sum of the step, one of whose terms is S or S times a factor, with S from
     # before the step, 4-d, of the sum's shape, and also contracted by the step (KC·S)
@@ -668,10 +671,22 @@ class DeltaPass(Pass):
         step; or two where the last chunk's state update is dead): its first chunk read as a loop of one step
         (_first_chunk_loop) and lifted like a longer one, the second chunk, if any, as the tail that reads
         the op's final state.  Otherwise (or when a piece does not fit) a near miss naming why."""
-        found = self._short_wy_system(ctx)
-        if found is None:
-            return
-        solve, system = found
+        systems = self._short_wy_systems(ctx)
+        changed = False
+        for i, (solve, system) in enumerate(systems):
+            if getattr(solve, "_erased", False):
+                continue
+            # this program's chunks: after its system is solved, before the next program's is (each layer of a
+            # model is one chunked program; one chunk of each is read on its own)
+            end = next((n for n, _ in systems[i + 1:] if not getattr(n, "_erased", False)), None)
+            changed |= self._short_wy_one(ctx, solve, system, end)
+        if changed:
+            ctx.graph.eliminate_dead_code()
+            ctx.gm.recompile()
+
+    def _short_wy_one(self, ctx, solve, system, end) -> bool:
+        """_short_wy for the program whose system ``solve`` solves, its chunks before ``end`` (None: the
+        graph's end).  Whether it was lifted."""
         why = "whose loop over chunks has too few steps to be re-rolled"
         N = val(system).shape[2]
         if not isinstance(N, int):
@@ -684,10 +699,10 @@ class DeltaPass(Pass):
             why = "whose loop over chunks was not re-rolled" + (f" ({reasons[0]})" if reasons else "")
         if isinstance(N, int) and N in (1, 2):
             try:
-                loop = _first_chunk_loop(ctx.graph, N)
+                pos = {n: i for i, n in enumerate(ctx.graph.nodes)}
+                loop = _first_chunk_loop(ctx.graph, N, pos[solve], pos[end] if end is not None else len(pos), pos)
                 if not _ChunkRewrite.applies(loop):
                     raise NotDelta("its first chunk does not read the UT system's solution")
-                pos = {n: i for i, n in enumerate(ctx.graph.nodes)}
                 k = loop.carried[0] if loop.carried else _NO_UPDATE
                 rewrite = _ChunkRewrite(ctx, loop, Analysis(loop), k, pos)
                 try:
@@ -699,17 +714,18 @@ class DeltaPass(Pass):
             except (NotDelta, NoLoop) as e:
                 why = f"over {N} chunk(s), read as a loop of one chunk: {e}"
             else:
-                ctx.graph.eliminate_dead_code()
-                ctx.gm.recompile()
-                return
+                return True
         ctx.report.add_near_miss("delta", "chunked form not lifted: a WY program (a UT system over chunks) "
                                  + why, solve)
+        return False
 
     @staticmethod
-    def _short_wy_system(ctx):
-        """A UT system over chunks (B, H, N, C, C) still solved after the pass (a unit lower-triangular solve
-        or an in-place forward substitution) whose loop was neither lifted nor reported: a chunked WY
-        program over too few chunks for the loop finder (one or two here).  (The solve's node, the system.)"""
+    def _short_wy_systems(ctx) -> list:
+        """The UT systems over chunks (B, H, N, C, C) still solved after the pass (a unit lower-triangular solve
+        or an in-place forward substitution) whose loops were neither lifted nor reported: chunked WY
+        programs over too few chunks for the loop finder (one or two here).  [(the first solve of each
+        system, the system)] in graph order."""
+        found, seen = [], set()
         for node in ctx.graph.nodes:
             if _solve(node):
                 system = node.args[0]
@@ -718,9 +734,10 @@ class DeltaPass(Pass):
                 system = node.args[0]
             else:
                 continue
-            if isinstance(system, torch.fx.Node) and val(system).dim() == 5:
-                return node, system
-        return None
+            if isinstance(system, torch.fx.Node) and val(system).dim() == 5 and system not in seen:
+                seen.add(system)
+                found.append((node, system))
+        return found
 
     def _coupled_near_miss(self, ctx, loop):
         """A loop carrying several values, one of them a (B, H, K, V)-like state whose update reads it through
