@@ -1531,7 +1531,8 @@ class _Chunked:
             return x, s
         want = list(val(x).shape[:2]) + [1] + list(val(x).shape[2:])
         for u in x.users:
-            if is_op(u, aten.reshape, aten.view, aten._unsafe_view) and u.args[0] is x and same_shape(val(u).shape, want):
+            if is_op(u, aten.reshape, aten.view, aten._unsafe_view) and u.args[0] is x \
+                    and same_shape(val(u).shape, want):
                 return u, s[:2] + c + s[2:]
         if not all(isinstance(d, int) for d in want) or getattr(val(x), "fake_mode", None) is None:
             return x, s
