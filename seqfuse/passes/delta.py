@@ -663,7 +663,7 @@ class DeltaPass(Pass):
         if changed:
             graph.eliminate_dead_code()
             ctx.gm.recompile()
-        if not self._reported and not changed:
+        if not self._reported:     # (after the dead-code elimination: lifted programs' systems are gone)
             self._short_wy(ctx)
 
     def _short_wy(self, ctx):

@@ -429,13 +429,14 @@ def test_a_chunked_program_over_one_or_two_chunks_is_one_op(T, h0, final):
     assert ("h0=%" in ir) == h0, ir
 
 
-@pytest.mark.parametrize("T", [4, 8])
-def test_two_short_chunked_programs_in_one_graph_are_two_ops(T):
+@pytest.mark.parametrize("T,T2", [(4, 4), (8, 8), (12, 4)])
+def test_two_short_chunked_programs_in_one_graph_are_two_ops(T, T2):
     # two layers over one (two) chunks: each program's chunks are read on their own (between its system's
-    # solve and the next one's), so each is one op
+    # solve and the next one's), so each is one op; (12, 4): a loop over 3 chunks lifted, then one chunk
     def fn(q, k, v, beta, g):
         o = torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4)[0]
-        return torch_chunk_gated_delta_rule(q, k, o * 0.5, g, beta, chunk_size=4)[0]
+        return torch_chunk_gated_delta_rule(q[:, :T2], k[:, :T2], o[:, :T2] * 0.5, g[:, :T2], beta[:, :T2],
+                                            chunk_size=4)[0]
     report = check_against_eager(fn, *operands(T=T)[:5])
     assert report.count("delta") == 2 and not [m for m in report.near_misses if m.kind == "delta"], str(report)
 
