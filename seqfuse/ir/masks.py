@@ -72,13 +72,22 @@ def finite_fill_is_structural(scale: float, head_dim: int, q_absmax: float, k_ab
     scale, fill: Python floats; head_dim: int; q_absmax, k_absmax: max |q|, max |k| of the call
     (floats, NaN or inf when the operands are not finite); dtype: the dtype ``s + fill`` is summed in.
     """
+    if not (math.isfinite(q_absmax) and math.isfinite(k_absmax) and math.isfinite(scale)):
+        return "q, k or the scale is not finite (s + fill keeps NaN / inf where a mask would drop it)"
+    return fill_dominates(abs(scale) * head_dim * q_absmax * k_absmax, fill, dtype)
+
+
+def fill_dominates(bound: float, fill: float, dtype: torch.dtype) -> str | None:
+    """The rule of :func:`finite_fill_is_structural` for a known bound ``|s| <= bound`` on every
+    score of the call (any valid bound: ``|scale|·max_i‖q_i‖·max_j‖k_j‖`` is the tight one a runtime
+    check computes); None when ``exp(round_dtype(s + fill) - rowmax)`` is exactly 0 for every masked
+    score of every row that keeps a key, else the reason it may not be."""
     if not math.isfinite(fill) or fill >= 0:
         return f"fill {fill!r} is not a finite negative number"
-    if not (math.isfinite(q_absmax) and math.isfinite(k_absmax) and math.isfinite(scale)):
+    if not math.isfinite(bound):
         return "q, k or the scale is not finite (s + fill keeps NaN / inf where a mask would drop it)"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return f"s + fill summed in {dtype}"
-    bound = abs(scale) * head_dim * q_absmax * k_absmax
     info = torch.finfo(dtype)
     if bound >= info.max / 4:
         return f"scores bound {bound:.3g} may overflow {dtype}"

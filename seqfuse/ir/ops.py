@@ -32,10 +32,10 @@ def operand(optional: bool = False):
     return field(metadata={"role": "operand", "optional": False})
 
 
-def attr(default: Any, omit_none: bool = False):
-    """Declare a dataclass field as an attribute with a default value (``omit_none``: not printed
-    while it is None, for an attribute that only some ops of a kind carry)."""
-    return field(default=default, metadata={"role": "attr", "omit_none": omit_none})
+def attr(default: Any, omit_default: bool = False):
+    """Declare a dataclass field as an attribute with a default value (``omit_default``: not printed
+    while it has its default, for an attribute that only some ops of a kind carry)."""
+    return field(default=default, metadata={"role": "attr", "omit_default": omit_default})
 
 
 @dataclass
@@ -91,6 +91,10 @@ class Attention(IROp):
       dropout     dropout probability applied to the probabilities
       empty_rows  what a query whose every key is masked gets: "nan" (the softmax of all -inf,
                   as hand-written attention gives) or "zero" (F.scaled_dot_product_attention's rule)
+      bias_mask   the bias restates the mask: it is 0 where ``mask`` and ``keep`` allow and one finite
+                  negative fill elsewhere (transformers 5's eager ``where(keep, 0, finfo.min)``).  The op
+                  computes ``s + bias`` alone (mask and keep are not applied again); a call may run the
+                  mask instead of the bias where that is exact (docs/ir.md).  Printed only when true.
     """
 
     kind: ClassVar[str] = "attention"
@@ -110,6 +114,7 @@ class Attention(IROp):
     softcap: float | None = attr(None)
     dropout: float = attr(0.0)
     empty_rows: str = attr("nan")
+    bias_mask: bool = attr(False, omit_default=True)
 
 
 @dataclass
@@ -199,7 +204,7 @@ class Scan(IROp):
     dt: torch.fx.Node | None = operand(optional=True)
     u: torch.fx.Node | None = operand(optional=True)
     reverse: bool = attr(False)
-    readout_dtype: torch.dtype | None = attr(None, omit_none=True)
+    readout_dtype: torch.dtype | None = attr(None, omit_default=True)
 
 
 @dataclass

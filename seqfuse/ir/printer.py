@@ -70,8 +70,8 @@ def format_op(op: IROp, result: str = "out") -> str:
                 optional.append(f"{f.name}={format_value(v)}")
         else:
             required.append(format_value(v))
-    omit = {f.name for f in dataclasses.fields(op) if f.metadata.get("omit_none")}
-    attrs = [f"{k}={format_value(v)}" for k, v in op.attributes() if not (v is None and k in omit)]
+    omit = {f.name: f.default for f in dataclasses.fields(op) if f.metadata.get("omit_default")}
+    attrs = [f"{k}={format_value(v)}" for k, v in op.attributes() if not (k in omit and v == omit[k])]
     attrs.append(f"algo={op.algorithm}")
     args = ", ".join(required + optional)
     return f"%{result} = seqfuse.{op.kind}({args}) {{{', '.join(attrs)}}}"

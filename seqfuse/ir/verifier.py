@@ -66,6 +66,9 @@ def _verify_attention(op: Attention) -> None:
     _check(isinstance(op.fill, float) and not math.isnan(op.fill), op, f"fill must be a float, got {op.fill!r}")
     _check(op.softcap is None or (_is_number(op.softcap) and op.softcap > 0), op,
            f"softcap must be None or a positive number, got {op.softcap!r}")
+    if op.bias_mask:
+        _check(op.bias is not None and op.fill == -math.inf and not op.bias_after_mask, op,
+               "bias_mask needs a bias, fill=-inf and no bias_after_mask (the bias is the mask)")
     if op.keep is not None:
         _check(_val(op.keep).dtype == torch.bool, op, f"keep mask must be bool, got {_val(op.keep).dtype}")
     if op.bias is not None:

@@ -27,10 +27,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from seqfuse.ir.masks import fill_dominates
 from seqfuse.lowering.aten import attention as aten_attention
 from seqfuse.lowering.autograd import as_result, autograd_inside_op
 from seqfuse.lowering.reference.attention import attention_reference
 from seqfuse.runtime import Impl, register_impl, run
+from seqfuse.runtime.counters import count_fallback
 
 ATTR_NAMES = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout",
               "empty_rows")
@@ -55,10 +57,12 @@ def _rng_numel(device: torch.device) -> int:
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Optional[Tensor],
               scale: Optional[float], mask: str, diag: int, window: int, fill: float, bias_after_mask: bool,
               gqa_groups: int, softcap: Optional[float], dropout: float, empty_rows: str, nonce: int,
-              runtime: str, sink: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+              runtime: str, sink: Optional[Tensor] = None, bias_mask: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention; see seqfuse.ir.ops.Attention for the math.  Returns (out, lse, rng_state)."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
     a["sink"] = sink
+    if bias_mask:
+        bias, keep, a = resolve_bias_mask(q, k, bias, keep, a)
     rng = _rng_state(q.device) if dropout > 0.0 else torch.empty(0, dtype=torch.uint8)
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep, sink=sink)
     out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
@@ -77,7 +81,7 @@ def empty_out(q: Tensor, v: Tensor) -> Tensor:
 
 @attention.register_fake
 def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout,
-      empty_rows, nonce, runtime, sink=None):
+      empty_rows, nonce, runtime, sink=None, bias_mask=False):
     n = _rng_numel(q.device) if dropout > 0.0 else 0
     out = empty_out(q, v)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -89,10 +93,15 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
                        keep: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor, scale: Optional[float],
                        mask: str, diag: int, window: int, fill: float, bias_after_mask: bool, gqa_groups: int,
                        softcap: Optional[float], dropout: float, empty_rows: str, runtime: str,
-                       need_dbias: bool, sink: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       need_dbias: bool, sink: Optional[Tensor] = None,
+                       bias_mask: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsink) of seqfuse::attention; dbias is empty unless need_dbias,
     dsink empty without a sink."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
+    if bias_mask:
+        # decided again from the same tensors (the forward's choice unless the bias gradient is asked for)
+        bias_in = bias
+        bias, keep, a = resolve_bias_mask(q, k, bias, keep, a, need_dbias)
     a["need_dbias"] = need_dbias
     a["sink"] = sink
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep, lse=lse, sink=sink)
@@ -101,6 +110,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
     # gradients in the layouts the fake implementation promises (those of the inputs)
     like = lambda x, g: torch.empty_like(x).copy_(g)  # noqa: E731
     dsink = like(sink, sink_grad(grad_out, out, lse, sink, a["dropout"])) if sink is not None else q.new_empty(0)
+    if bias_mask:
+        bias = bias_in
     return like(q, dq), like(k, dk), like(v, dv), (like(bias, dbias) if need_dbias else q.new_empty(0)), dsink
 
 
@@ -117,30 +128,66 @@ def sink_grad(grad_out: Tensor, out: Tensor, lse: Tensor, sink: Tensor, dropout:
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, bias, keep, out, lse, rng_state, scale, mask, diag, window, fill, bias_after_mask,
-      gqa_groups, softcap, dropout, empty_rows, runtime, need_dbias, sink=None):
+      gqa_groups, softcap, dropout, empty_rows, runtime, need_dbias, sink=None, bias_mask=False):
     dbias = torch.empty_like(bias) if (need_dbias and bias is not None) else q.new_empty(0)
     dsink = torch.empty_like(sink) if sink is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsink
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, keep, *attrs, nonce, runtime, sink = inputs
+    q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask = inputs
     ctx.attrs = attrs
     ctx.runtime = runtime
+    ctx.bias_mask = bias_mask
     ctx.save_for_backward(q, k, v, bias, keep, output[0], output[1], output[2], sink)
 
 
 def _backward(ctx, grad_out, grad_lse, grad_rng):
     q, k, v, bias, keep, out, lse, rng, sink = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
-    need_dsink = sink is not None and ctx.needs_input_grad[-1]
+    # inputs: q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask (needs_input_grad covers the
+    # arguments the call passed, so count from the front)
+    need_dsink = sink is not None and ctx.needs_input_grad[7 + len(ctx.attrs)]
     dq, dk, dv, dbias, dsink = torch.ops.seqfuse.attention_backward(
-        grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias, sink)
+        grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias, sink,
+        ctx.bias_mask)
     return (dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 2)),
-            dsink if need_dsink else None)
+            dsink if need_dsink else None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- an additive mask that restates the structural mask (bias_mask) ------------
+
+def resolve_bias_mask(q: Tensor, k: Tensor, bias: Tensor, keep: Optional[Tensor], a: dict,
+                      need_dbias: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], dict]:
+    """The (bias, keep, attrs) one call of a ``bias_mask`` op runs with: the structural mask and keep
+    with no bias where that gives the program's numbers (then every path may skip masked tiles), else
+    the bias alone (``s + bias`` as the program adds it; mask and keep are restated by it).
+
+    The program adds ``where(allowed, 0, fill)`` to the scores.  Replacing it by the mask is exact for
+    this call when the masked probabilities are exactly 0 in the program (``ir.masks.fill_dominates``
+    with the bound ``|s| <= |scale|·max‖q_i‖·max‖k_j‖``, finite q and k) and no row is fully masked
+    (the program's softmax is uniform there).  The other case is counted in ``seqfuse.fallbacks()``."""
+    reason = "the bias gradient is requested" if need_dbias else _bias_mask_reason(q, k, bias, a)
+    if reason is None:
+        return None, keep, a
+    count_fallback("attention", f"mask: {reason}; the additive mask runs as a bias")
+    return bias, None, dict(a, mask="none", diag=0, window=0)
+
+
+def _bias_mask_reason(q: Tensor, k: Tensor, bias: Tensor, a: dict) -> str | None:
+    if bias.numel() == 0 or q.numel() == 0 or k.numel() == 0:
+        return "empty inputs"
+    bound = abs(aten_attention.scale_of(q, a)) * aten_attention.max_row_norm(q) * aten_attention.max_row_norm(k)
+    if a["softcap"] is not None and math.isfinite(bound):
+        bound = min(bound, abs(float(a["softcap"])))
+    # the bias is 0 where kept and one fill elsewhere (the pass proved it): its minimum is the fill
+    reason = fill_dominates(bound, float(bias.amin()), bias.dtype)
+    if reason is None and bool((bias.amax(dim=-1) < 0).any()):
+        reason = "a row keeps no key (the program's softmax is uniform over all keys there)"
+    return reason
 
 
 # --- implementations, one per runtime path ---------------------------------

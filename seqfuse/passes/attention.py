@@ -73,6 +73,7 @@ class _Scores:
     keep_stages: list = field(default_factory=list)  # node whose shape each keep is broadcast against
     fill: float = -math.inf
     inplace: list = field(default_factory=list)      # private in-place ops looked through (erased after a rewrite)
+    bias_mask: bool = False                          # the one bias is where(AND of keeps, 0, finite fill)
 
 
 @dataclass
@@ -457,7 +458,51 @@ def _match_scores(gm, x: torch.fx.Node) -> _Scores:
         if sc.biases:
             raise NoMatch("biases both before and after a mask")
         sc.biases, sc.bias_after_mask = biases_after, True
+    if steps and steps[0][0] == "bias" and len(sc.biases) == 1 and not sc.keeps and not sc.bias_after_mask:
+        term = sc.biases[0]
+        factors = None if term.negated or term.mult != 1.0 else _fill_mask_factors(gm, term.tensor)
+        if factors:
+            # the last step adds where(keep, 0, fill): the keep factors restate it (bias_mask)
+            sc.keeps, sc.keep_stages, sc.bias_mask = factors, [term.stage] * len(factors), True
     return sc
+
+
+_BOOL_AND = (aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)
+
+
+def _fill_mask_factors(gm, node: torch.fx.Node) -> list | None:
+    """The bool factors ``m_1 … m_n`` when ``node`` is ``where(m_1 & … & m_n, 0, fill)`` with a finite
+    negative constant fill (transformers 5's eager masks: ``where(mask, zeros(()), finfo.min)``, the
+    mask an ``&`` of position comparisons and a padding lookup, expanded to the scores); else None."""
+    if node.target is not aten.where.ScalarOther:
+        return None
+    cond, zero, fill = node.args
+    if not isinstance(fill, (int, float)) or not math.isfinite(fill) or fill >= 0 or \
+            not isinstance(zero, torch.fx.Node) or not _is_zero(gm, zero):
+        return None
+    factors, todo = [], [cond]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, torch.fx.Node) or val(n).dtype != torch.bool:
+            return None
+        if n.target in _BOOL_AND:
+            todo += n.args[:2]
+        elif is_op(n, aten.expand) or (is_op(n, *CASTS) and val(n.args[0]).dtype == torch.bool):
+            todo.append(n.args[0])         # broadcasting an & of factors = the & of the broadcast factors
+        else:
+            factors.append(n)
+    return factors
+
+
+def _is_zero(gm, node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a shape-only float tensor that is 0 everywhere (``zeros(())``)."""
+    if not is_op(node, aten.zeros, aten.zeros_like, aten.new_zeros, aten.full, aten.scalar_tensor) or \
+            not is_shape_only(node) or val(node).numel() > 1:
+        return False
+    try:
+        return bool((evaluate_shape_only(gm, node) == 0).all())
+    except Exception:
+        return False
 
 
 # --- step 3: structural masks --------------------------------------------------
@@ -923,6 +968,9 @@ class AttentionPass(Pass):
             biases += inf_biases
             structural = ("none", 0, 0)
         mask_kind, diag, window = structural
+        bias_mask = sc.bias_mask and mask_kind != "none"
+        if sc.bias_mask and not bias_mask:
+            tensor_keeps = []   # nothing structural to run instead: the mask stays the plain bias it is
         # GQA: unrepeated k and v when both repeat the last batch axis the same way
         gqa = 1
         rk, rv = _unrepeat(k), _unrepeat(v)
@@ -971,7 +1019,7 @@ class AttentionPass(Pass):
         op = Attention(q=qc, k=kc, v=vc, bias=bias, keep=keep, sink=sink_op, scale=scale, mask=mask_kind, diag=diag,
                        window=window, fill=sc.fill if (sc.keeps or mask_kind != "none") else -math.inf,
                        bias_after_mask=sc.bias_after_mask, gqa_groups=gqa, softcap=sc.softcap,
-                       dropout=dropout, algorithm="fused")
+                       dropout=dropout, bias_mask=bias_mask, algorithm="fused")
         ir = ctx.insert_ir(op, before, sm)
         ir.meta["val"] = fake_out
         if regroup_out is not None:

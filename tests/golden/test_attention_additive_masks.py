@@ -104,3 +104,132 @@ def test_small_fill_needs_the_margin_fp32():
     prog = torch.softmax(s + torch.where(keep, 0.0, -1e4), dim=-1)
     assert prog[0, 0, 0, 1] > 0.5 and _structural(q, k, 1.0, keep)[0, 0, 0, 1] == 0
     assert finite_fill_is_structural(1.0, 1, 5.0, 5.0, -1e4, torch.float32) is None
+
+
+# --- the attention pass: where(keep, 0, fill) restates the structural mask (bias_mask) -------------
+#
+# transformers 5's eager attention adds where(position comparisons & padding lookup, 0, finfo.min)
+# to the scores.  The op keeps that bias as its operand and records the mask it restates
+# (mask=causal|window, the padding lookup as keep, bias_mask=true); each call runs the structural
+# mask (no bias, masked tiles skipped) only where the rule above holds and no row is fully masked,
+# else the bias as the program adds it, counted in seqfuse.fallbacks().  Outputs and every
+# gradient equal eager either way.
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import seqfuse  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import check_against_eager  # noqa: E402
+
+_AS_BIAS = "the additive mask runs as a bias"
+
+
+class _LM(torch.nn.Module):
+    """(input_ids, attention_mask?) -> logits of a tiny transformers causal LM, eager attention."""
+
+    def __init__(self, arch: str, **extra):
+        super().__init__()
+        import transformers
+        cfg = getattr(transformers, f"{arch}Config")(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager", **extra)
+        self.lm = getattr(transformers, f"{arch}ForCausalLM")(cfg).train()
+
+    def forward(self, ids, attention_mask=None):
+        return self.lm(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _mask_run(model, *inputs, dynamic=None):
+    """check_against_eager (logits and every parameter gradient), one attention op whose printed IR
+    is returned, and the attention fallback reasons of the forward and backward calls."""
+    seqfuse.reset_counters()
+    report = check_against_eager(model, *inputs, dynamic=dynamic)
+    ops = [r.ir for r in report.rewrites if r.kind == "attention"]
+    assert len(ops) == 1, str(report)
+    return ops[0], list(seqfuse.fallbacks().get("attention", {}))
+
+
+def _ids(seed=0, B=2, L=12):
+    return torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_llama_causal_mask_runs_as_the_causal_mask():
+    torch.manual_seed(0)
+    ir, reasons = _mask_run(_LM("Llama"), _ids())
+    assert "bias=%" in ir and "mask=causal, diag=0" in ir and "bias_mask=true" in ir and "keep=" not in ir, ir
+    assert not [r for r in reasons if _AS_BIAS in r], reasons
+
+
+def test_mistral_sliding_window_is_recovered():
+    # transformers' sliding_window_overlay (kv > q - W) & causal: Mistral's window survives as window=4
+    torch.manual_seed(0)
+    ir, reasons = _mask_run(_LM("Mistral", sliding_window=4), _ids())
+    assert "mask=window, diag=0, window=4" in ir and "bias_mask=true" in ir, ir
+    assert not [r for r in reasons if _AS_BIAS in r], reasons
+
+
+def test_right_padding_becomes_a_key_mask():
+    torch.manual_seed(0)
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, 9:] = 0        # every row still keeps its first key
+    ir, reasons = _mask_run(_LM("Llama"), _ids(), am)
+    assert "mask=causal" in ir and "keep=%" in ir and "bias_mask=true" in ir, ir
+    assert not [r for r in reasons if _AS_BIAS in r], reasons
+
+
+def test_left_padding_fully_masked_rows_run_the_bias():
+    # rows 0-2 of the second sequence keep no key: the program's softmax of all-finfo.min scores is
+    # uniform over every key there (a structural mask would give NaN or 0), so those calls add the bias
+    torch.manual_seed(0)
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, :3] = 0
+    ir, reasons = _mask_run(_LM("Llama"), _ids(), am)
+    assert "bias_mask=true" in ir, ir
+    assert any("a row keeps no key" in r and _AS_BIAS in r for r in reasons), reasons
+
+
+def _fill_program(q, k, v, fill):
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    i = torch.arange(q.shape[-2])
+    causal = i[None, :] <= i[:, None]
+    s = s + torch.where(causal, torch.zeros(()), fill)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _qkv(scale=1.0, L=10):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(2, 3, L, 8, generator=g) * scale).requires_grad_() for _ in range(3)]
+
+
+@pytest.mark.parametrize("fill,scale,why", [
+    (-3.4028234663852886e+38, 1.0, None),     # finfo.min: the mask runs
+    (-60.0, 1.0, "too close to |fill|"),      # exp(s - 60 - rowmax) is not 0: the program keeps those keys
+    (-1e4, 30.0, "too close to |fill|"),      # scores of ~10^3 reach the fill
+])
+def test_fill_rule_decides_each_call(fill, scale, why):
+    report = check_against_eager(lambda q, k, v: _fill_program(q, k, v, fill), *_qkv(scale))
+    ir = [r.ir for r in report.rewrites if r.kind == "attention"]
+    assert len(ir) == 1 and "mask=causal" in ir[0] and "bias_mask=true" in ir[0], str(report)
+    reasons = [r for r in report.fallbacks.get("attention", {}) if _AS_BIAS in r]
+    assert (not reasons) if why is None else any(why in r for r in reasons), reasons
+
+
+def test_nan_in_q_keeps_the_program_nan_rows():
+    q, k, v = _qkv()
+    with torch.no_grad():
+        q[0, 1, 4, 2] = float("nan")
+    fn = lambda q, k, v: _fill_program(q, k, v, torch.finfo(torch.float32).min)  # noqa: E731
+    ref = fn(q, k, v)
+    report = seqfuse.explain(fn, q, k, v, options={"downstream": "aot_eager"})
+    assert torch.equal(torch.isnan(report.output), torch.isnan(ref))
+    assert torch.allclose(report.output.nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-6)
+    assert any("not finite" in r for r in report.fallbacks.get("attention", {})), str(report)
+
+
+def test_dynamic_lengths_keep_the_structure():
+    report = check_against_eager(lambda q, k, v: _fill_program(q, k, v, torch.finfo(torch.float32).min),
+                                 *_qkv(L=9), dynamic=True)
+    ir = [r.ir for r in report.rewrites if r.kind == "attention"]
+    assert len(ir) == 1 and "mask=causal, diag=0" in ir[0] and "bias_mask=true" in ir[0], str(report)

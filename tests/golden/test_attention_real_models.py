@@ -110,13 +110,17 @@ def test_falcon_eager_attention(tmp_path, alibi, multi_query):
     # multi_query: k and v with one head broadcast over the 4 query heads (gqa_groups=4).
     torch.manual_seed(0)
     model = Logits(_falcon(1, alibi, multi_query)).train()
+    # with ALiBi two biases are summed (alibi, then the mask): one bias operand; the mask alone is
+    # transformers' where(causal, 0, finfo.min), which restates the causal mask (bias_mask)
+    mask = "none" if alibi else "causal, diag=0, window=0, fill=-inf, bias_after_mask=false"
+    tail = "{{.*}}empty_rows=nan, algo=fused" if alibi else "{{.*}}empty_rows=nan, bias_mask=true, algo=fused"
     scaled_alibi = f"CHECK: aten.mul.Tensor(%{{{{[a-z_0-9]+}}}}, {SCALE}) : f32[2, 4, 1, 12]" if alibi else \
         "CHECK: aten.where.ScalarOther"
     check(model, _tokens(), tmp_path=tmp_path, rewrites=1, checks=f"""
         CHECK-LABEL: graph(
         {scaled_alibi}
         CHECK-NOT: aten.softmax
-        CHECK: seqfuse.attention({{{{.*}}}}, bias=%{{{{[a-z_0-9]+}}}}) {{scale={SCALE}, mask=none, {{{{.*}}}}gqa_groups={4 if multi_query else 1}, {{{{.*}}}}}} : f32[2, 4, 12, 8]
+        CHECK: seqfuse.attention({{{{.*}}}}, bias=%{{{{[a-z_0-9]+}}}}) {{scale={SCALE}, mask={mask}, {{{{.*}}}}gqa_groups={4 if multi_query else 1}, {tail}}} : f32[2, 4, 12, 8]
         CHECK-NOT: aten.softmax
         CHECK-NOT: aten.mul_.
         CHECK-NOT: aten.div_.

@@ -41,7 +41,7 @@ def scale_of(q, a) -> float:
     return float(a["scale"]) if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
-def _max_row_norm(x: torch.Tensor) -> float:
+def max_row_norm(x: torch.Tensor) -> float:
     """max over rows of ‖x[..., i, :]‖ in fp32: NaN or inf when x has a NaN or inf (or overflows)."""
     return float(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).amax())
 
@@ -65,7 +65,7 @@ def call_reason(t: dict, a: dict, fill_as_neg_inf: float | None = None, empty_ro
     """
     check_empty = a.get("empty_rows") != "zero" and not empty_rows_exact
     q, k, v, bias, keep = t["q"], t["k"], t["v"], t["bias"], t["keep"]
-    qn, kn = _max_row_norm(q), _max_row_norm(k)
+    qn, kn = max_row_norm(q), max_row_norm(k)
     if not (math.isfinite(qn) and math.isfinite(kn) and math.isfinite(float(v.sum(dtype=torch.float32)))):
         return "q, k or v holds a NaN or inf (the program propagates it; the kernels skip masked tiles)"
     bound = abs(scale_of(q, a)) * qn * kn          # |s[i, j]| <= bound
