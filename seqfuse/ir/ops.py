@@ -95,6 +95,9 @@ class Attention(IROp):
                   negative fill elsewhere (transformers 5's eager ``where(keep, 0, finfo.min)``).  The op
                   computes ``s + bias`` alone (mask and keep are not applied again); a call may run the
                   mask instead of the bias where that is exact (docs/ir.md).  Printed only when true.
+      out_transposed  the (B, H, Lq, Dv) result lies in (B, Lq, H, Dv) memory: set when the program
+                  only transposes it back and makes that contiguous (``.transpose(1, 2).reshape(B, Lq,
+                  H·Dv)``), which then costs no copy.  Printed only when true.
     """
 
     kind: ClassVar[str] = "attention"
@@ -115,6 +118,7 @@ class Attention(IROp):
     dropout: float = attr(0.0)
     empty_rows: str = attr("nan")
     bias_mask: bool = attr(False, omit_default=True)
+    out_transposed: bool = attr(False, omit_default=True)
 
 
 @dataclass

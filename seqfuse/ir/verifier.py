@@ -69,6 +69,8 @@ def _verify_attention(op: Attention) -> None:
     if op.bias_mask:
         _check(op.bias is not None and op.fill == -math.inf and not op.bias_after_mask, op,
                "bias_mask needs a bias, fill=-inf and no bias_after_mask (the bias is the mask)")
+    if op.out_transposed:
+        _check(len(_val(op.q).shape) == 4, op, "out_transposed needs a 4-D (B, H, L, D) q")
     if op.keep is not None:
         _check(_val(op.keep).dtype == torch.bool, op, f"keep mask must be bool, got {_val(op.keep).dtype}")
     if op.bias is not None:

@@ -57,33 +57,39 @@ def _rng_numel(device: torch.device) -> int:
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Optional[Tensor],
               scale: Optional[float], mask: str, diag: int, window: int, fill: float, bias_after_mask: bool,
               gqa_groups: int, softcap: Optional[float], dropout: float, empty_rows: str, nonce: int,
-              runtime: str, sink: Optional[Tensor] = None, bias_mask: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+              runtime: str, sink: Optional[Tensor] = None, bias_mask: bool = False,
+              out_transposed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention; see seqfuse.ir.ops.Attention for the math.  Returns (out, lse, rng_state)."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
     a["sink"] = sink
+    a["out_transposed"] = out_transposed
     if bias_mask:
         bias, keep, a = resolve_bias_mask(q, k, bias, keep, a)
     rng = _rng_state(q.device) if dropout > 0.0 else torch.empty(0, dtype=torch.uint8)
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep, sink=sink)
     out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
     # the layouts the fake implementation promises
-    return as_result(out.to(v.dtype), empty_out(q, v), (q, k, v)), lse.float().contiguous(), rng
+    return as_result(out.to(v.dtype), empty_out(q, v, out_transposed), (q, k, v)), lse.float().contiguous(), rng
 
 
-def empty_out(q: Tensor, v: Tensor) -> Tensor:
+def empty_out(q: Tensor, v: Tensor, transposed: bool = False) -> Tensor:
     """The output buffer every path returns (the fake implementation's promise): (*B, Lq, Dv),
-    contiguous.  Contiguous as the program's ``p @ v`` returns it, not in q's layout as ATen's
-    flash kernels do: a consumer that draws random numbers in memory order (``F.dropout`` on the
-    output) must see the program's layout to draw the program's mask, and the layout may depend
-    on the shapes only (inductor may hand the op inputs with other strides than it traced)."""
+    contiguous as the program's ``p @ v`` returns it; with ``transposed`` (the op's
+    ``out_transposed``, 4-D only), (B, Lq, H, Dv) memory seen as (B, H, Lq, Dv).  The layout depends
+    on the op's attributes only, never on the inputs' strides (inductor may hand the op inputs with
+    other strides than it traced), and is the program's wherever a consumer could see the memory
+    order (a ``F.dropout`` on the output draws its mask in memory order)."""
+    if transposed:
+        b, h, l, _ = q.shape
+        return q.new_empty((b, l, h, v.shape[-1]), dtype=v.dtype).transpose(1, 2)
     return q.new_empty([*q.shape[:-1], v.shape[-1]], dtype=v.dtype)
 
 
 @attention.register_fake
 def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout,
-      empty_rows, nonce, runtime, sink=None, bias_mask=False):
+      empty_rows, nonce, runtime, sink=None, bias_mask=False, out_transposed=False):
     n = _rng_numel(q.device) if dropout > 0.0 else 0
-    out = empty_out(q, v)
+    out = empty_out(q, v, out_transposed)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse, torch.empty(n, dtype=torch.uint8)
 
@@ -135,7 +141,7 @@ def _(grad_out, q, k, v, bias, keep, out, lse, rng_state, scale, mask, diag, win
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask = inputs
+    q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask, _out_transposed = inputs
     ctx.attrs = attrs
     ctx.runtime = runtime
     ctx.bias_mask = bias_mask
@@ -145,14 +151,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse, grad_rng):
     q, k, v, bias, keep, out, lse, rng, sink = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
-    # inputs: q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask (needs_input_grad covers the
+    # inputs: q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask, out_transposed (needs_input_grad covers the
     # arguments the call passed, so count from the front)
     need_dsink = sink is not None and ctx.needs_input_grad[7 + len(ctx.attrs)]
     dq, dk, dv, dbias, dsink = torch.ops.seqfuse.attention_backward(
         grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias, sink,
         ctx.bias_mask)
     return (dq, dk, dv, (dbias if need_dbias else None), None, *([None] * (len(ctx.attrs) + 2)),
-            dsink if need_dsink else None, None)
+            dsink if need_dsink else None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -15,9 +15,11 @@ def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, 
     nonce = sum(1 for n in graph.nodes if n.target is torch.ops.seqfuse.attention.default) if op.dropout else 0
     args = (op.q, op.k, op.v, op.bias, op.keep, op.scale, op.mask, op.diag, op.window, float(op.fill),
             op.bias_after_mask, op.gqa_groups, op.softcap, float(op.dropout), op.empty_rows, nonce, runtime)
-    if op.sink is not None or op.bias_mask:
+    if op.sink is not None or op.bias_mask or op.out_transposed:
         args = (*args, op.sink)
-    if op.bias_mask:
+    if op.bias_mask or op.out_transposed:
+        args = (*args, op.bias_mask)
+    if op.out_transposed:
         args = (*args, True)
     with graph.inserting_before(node):
         call = graph.call_function(torch.ops.seqfuse.attention.default, args)

@@ -755,6 +755,42 @@ def _no_mutation_between(first: torch.fx.Node, last: torch.fx.Node, private: set
         n = n.next
 
 
+def _transposed_output_is_free(node: torch.fx.Node) -> bool:
+    """Whether the op replacing ``node`` (a (B, H, L, Dv) attention output) may return it in (B, L, H, Dv)
+    memory (``out_transposed``) with no consumer seeing the difference: every use transposes axes 1
+    and 2 and every use of that makes it contiguous (``.contiguous()``, ``clone`` to contiguous format) or reshapes it
+    to (B, L, H·Dv) — results contiguous either way, so later memory-order consumers (dropout) draw as
+    the program does — and the program's own copy becomes free."""
+    if rank(node) != 4 or not node.users:
+        return False
+    for t in node.users:
+        if not ((is_op(t, aten.transpose) and sorted(d % 4 for d in t.args[1:3]) == [1, 2]) or
+                (is_op(t, aten.permute) and [d % 4 for d in t.args[1]] == [0, 2, 1, 3])) or not t.users:
+            return False
+        for u in t.users:
+            if is_op(u, aten.clone, aten.contiguous):
+                fmt = u.kwargs.get("memory_format", None if is_op(u, aten.clone) else torch.contiguous_format)
+                if fmt is not torch.contiguous_format:
+                    return False
+            elif is_op(u, aten.view, aten.reshape, aten._unsafe_view):
+                shape = val(u).shape
+                if len(shape) != 3 or not _static_equal(list(shape[:2]), list(val(t).shape[:2])):
+                    return False
+            else:
+                return False
+    return True
+
+
+def _blhd_memory(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s traced value is (B, H, L, D) over (B, L, H, D) memory (what ATen's flash
+    kernels return for transposed inputs: an SDPA call's output layout in the program)."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.dim() != 4:
+        return False
+    _, h, l, d = v.shape
+    return _static_equal(list(v.stride()), [l * h * d, d, h * d, 1])
+
+
 def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, private: set) -> None:
     """Erase ``node`` and, transitively, its inputs once nothing reads them: pure ops, and the
     ``private`` in-place ops (on scores nothing else reads) that dead-code elimination keeps."""
@@ -1019,7 +1055,9 @@ class AttentionPass(Pass):
         op = Attention(q=qc, k=kc, v=vc, bias=bias, keep=keep, sink=sink_op, scale=scale, mask=mask_kind, diag=diag,
                        window=window, fill=sc.fill if (sc.keeps or mask_kind != "none") else -math.inf,
                        bias_after_mask=sc.bias_after_mask, gqa_groups=gqa, softcap=sc.softcap,
-                       dropout=dropout, bias_mask=bias_mask, algorithm="fused")
+                       dropout=dropout, bias_mask=bias_mask, algorithm="fused",
+                       out_transposed=regroup_out is None and o_l == out_letters and
+                       val(vc).dtype == val(pv).dtype and _transposed_output_is_free(pv))
         ir = ctx.insert_ir(op, before, sm)
         ir.meta["val"] = fake_out
         if regroup_out is not None:
@@ -1083,6 +1121,7 @@ class AttentionPass(Pass):
                     bias = _emit(ctx.graph, node, aten.to.dtype, (attn_mask, torch.float32), node)
         op = Attention(q=q, k=k, v=v, bias=bias, keep=keep, scale=constant_value(scale) if scale is not None
                        and constant_value(scale) is not None else scale, mask=mask_kind, diag=diag, window=window,
-                       gqa_groups=gqa, dropout=float(dropout), empty_rows="zero", algorithm="fused")
+                       gqa_groups=gqa, dropout=float(dropout), empty_rows="zero", algorithm="fused",
+                       out_transposed=_blhd_memory(node) or _transposed_output_is_free(node))
         ir = ctx.insert_ir(op, node, node)
         node.replace_all_uses_with(ir)

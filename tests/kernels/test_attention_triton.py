@@ -307,6 +307,11 @@ def test_blhd_strides():
     from seqfuse.lowering.attention_op import empty_out
     out = ta.forward(q, k, v, None, None, attrs(mask="causal", diag=7))[0]
     assert out.stride() == empty_out(q, v).stride() and out.is_contiguous()
+    # with out_transposed (the program only transposes the output back): (B, L, H, D) memory, the
+    # same values
+    out_t = ta.forward(q, k, v, None, None, {**attrs(mask="causal", diag=7), "out_transposed": True})[0]
+    assert out_t.stride() == empty_out(q, v, True).stride() and out_t.transpose(1, 2).is_contiguous()
+    assert torch.equal(out_t, out)
 
 
 def test_rank3_inputs():

@@ -229,3 +229,30 @@ def test_output_is_contiguous_whatever_q_strides_in_fake_and_real_calls(runtime)
     with torch._subclasses.FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
         assert call(fq, fk, fv, runtime=runtime, mask="causal")[0].is_contiguous()
+
+
+@pytest.mark.parametrize("runtime", ["auto", "eager"])
+@pytest.mark.parametrize("q_layout", ["bhld", "blhd"])
+def test_out_transposed_gives_blhd_memory_in_fake_and_real_calls(runtime, q_layout):
+    # out_transposed=True (set by the pass when the program only transposes the output back and
+    # makes it contiguous): (B, L, H, Dv) memory seen as (B, H, L, Dv), whatever q's strides, in the
+    # fake implementation and on every path; the values and gradients are the reference's
+    B, L, H, D, Dv = 2, 6, 3, 8, 4
+    make = (lambda *s: torch.randn(*s)) if q_layout == "bhld" else \
+        (lambda b, h, l, d: torch.randn(b, l, h, d).transpose(1, 2))
+    q, k, v = make(B, H, L, D).requires_grad_(), make(B, H, L, D).requires_grad_(), make(B, H, L, Dv).requires_grad_()
+    want = torch.empty(B, L, H, Dv).transpose(1, 2).stride()
+    args = (q, k, v, None, None, *attrs_tuple(mask="causal"), NONCE, runtime, None, False, True)
+    out = torch.ops.seqfuse.attention(*args)[0]
+    assert out.stride() == want and out.transpose(1, 2).is_contiguous()
+    ref = attention_reference(q, k, v, **{**DEFAULTS, "mask": "causal"})
+    assert rel_err(out, ref) < 1e-5
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+    assert max(rel_err(a, b) for a, b in zip(grads, grads_ref)) < 1e-5
+    plain = [t.detach() for t in (q, k, v)]
+    with torch._subclasses.FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in plain)
+        fargs = (fq, fk, fv, *args[3:])
+        assert torch.ops.seqfuse.attention(*fargs)[0].stride() == want
