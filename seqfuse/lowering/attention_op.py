@@ -64,7 +64,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Opt
     a["sink"] = sink
     a["out_transposed"] = out_transposed
     if bias_mask:
-        bias, keep, a = resolve_bias_mask(q, k, bias, keep, a)
+        bias, keep, a = resolve_bias_mask(q, k, v, bias, keep, a)
     rng = _rng_state(q.device) if dropout > 0.0 else torch.empty(0, dtype=torch.uint8)
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep, sink=sink)
     out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
@@ -107,7 +107,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
     if bias_mask:
         # decided again from the same tensors (the forward's choice unless the bias gradient is asked for)
         bias_in = bias
-        bias, keep, a = resolve_bias_mask(q, k, bias, keep, a, need_dbias)
+        bias, keep, a = resolve_bias_mask(q, k, v, bias, keep, a, need_dbias, grad_out)
     a["need_dbias"] = need_dbias
     a["sink"] = sink
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep, lse=lse, sink=sink)
@@ -166,8 +166,9 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 # --- an additive mask that restates the structural mask (bias_mask) ------------
 
-def resolve_bias_mask(q: Tensor, k: Tensor, bias: Tensor, keep: Optional[Tensor], a: dict,
-                      need_dbias: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], dict]:
+def resolve_bias_mask(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, keep: Optional[Tensor], a: dict,
+                      need_dbias: bool = False,
+                      grad_out: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor], dict]:
     """The (bias, keep, attrs) one call of a ``bias_mask`` op runs with: the structural mask and keep
     with no bias where that gives the program's numbers (then every path may skip masked tiles), else
     the bias alone (``s + bias`` as the program adds it; mask and keep are restated by it).
@@ -175,17 +176,27 @@ def resolve_bias_mask(q: Tensor, k: Tensor, bias: Tensor, keep: Optional[Tensor]
     The program adds ``where(allowed, 0, fill)`` to the scores.  Replacing it by the mask is exact for
     this call when the masked probabilities are exactly 0 in the program (``ir.masks.fill_dominates``
     with the bound ``|s| <= |scale|·max‖q_i‖·max‖k_j‖``, finite q and k) and no row is fully masked
-    (the program's softmax is uniform there).  The other case is counted in ``seqfuse.fallbacks()``."""
-    reason = "the bias gradient is requested" if need_dbias else _bias_mask_reason(q, k, bias, a)
+    (the program's softmax is uniform there), and when no NaN could reach a masked position: v (the
+    program's ``0·inf`` at a masked key is NaN) and, in the backward, ``grad_out`` (its NaN reaches
+    the masked scores' gradient through the bias, not through a mask) must be finite.  The other
+    case is counted in ``seqfuse.fallbacks()``."""
+    reason = "the bias gradient is requested" if need_dbias else _bias_mask_reason(q, k, v, bias, a, grad_out)
     if reason is None:
         return None, keep, a
     count_fallback("attention", f"mask: {reason}; the additive mask runs as a bias")
     return bias, None, dict(a, mask="none", diag=0, window=0)
 
 
-def _bias_mask_reason(q: Tensor, k: Tensor, bias: Tensor, a: dict) -> str | None:
+def _finite(x: Tensor) -> bool:
+    return math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
+
+
+def _bias_mask_reason(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, a: dict,
+                      grad_out: Optional[Tensor]) -> str | None:
     if bias.numel() == 0 or q.numel() == 0 or k.numel() == 0:
         return "empty inputs"
+    if not _finite(v) or (grad_out is not None and not _finite(grad_out)):
+        return "v or the output gradient is not finite (the program's NaN reaches masked positions)"
     bound = abs(aten_attention.scale_of(q, a)) * aten_attention.max_row_norm(q) * aten_attention.max_row_norm(k)
     if a["softcap"] is not None and math.isfinite(bound):
         bound = min(bound, abs(float(a["softcap"])))

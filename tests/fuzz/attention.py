@@ -23,7 +23,7 @@ from .common import DTYPES, Maker, poison, size
 SPELLINGS = ("matmul", "at", "einsum", "bmm", "baddbmm")
 MASKS = ("none", "causal_fill", "causal_where", "causal_additive", "causal_arange", "window", "padding_bool",
          "padding_bias", "causal_padding", "finite_fill", "empty_rows", "kv_cache", "fill_and_padding_bias",
-         "bias_tensor", "alibi_causal")
+         "bias_tensor", "alibi_causal", "hf_causal", "hf_window", "hf_padding")
 
 
 def _sizes(r, triton):
@@ -66,7 +66,7 @@ def hand_written(r, seed, triton):
     mask = r.choice(MASKS)
     if mask == "kv_cache":
         Lk = max(Lk, Lq)
-    elif mask not in ("none", "padding_bool", "padding_bias"):
+    elif mask not in ("none", "padding_bool", "padding_bias", "hf_padding"):
         Lk = Lq if r.random() < 0.8 else Lk
     gqa = r.choice((1, 1, 1, 2)) if H % 2 == 0 else 1
     gqa_how = r.choice(("repeat_interleave", "expand"))
@@ -79,6 +79,7 @@ def hand_written(r, seed, triton):
     window = size(r, 1, max(1, Lq), (1, 2, 3))
     strided = r.random() < 0.15
     Dv = D if r.random() < 0.8 else size(r, 1, 16)
+    tail = r.choice(("none", "none", "blhd"))   # the output transposed back to (B, L, H·Dv), as models do
     if strided:  # the program slices the head dim (stride 2): the op reads the views
         q = m.randn(B, H, Lq, 2 * D)
         k, v = m.randn(B, Hk, Lk, 2 * D), m.randn(B, Hk, Lk, 2 * Dv)
@@ -94,7 +95,7 @@ def hand_written(r, seed, triton):
         else:
             keep[b, :Lk - n] = False
     pad = keep.to(dt)
-    extra = [keep] if mask in ("padding_bool", "causal_padding", "empty_rows") else \
+    extra = [keep] if mask in ("padding_bool", "causal_padding", "empty_rows", "hf_padding") else \
         [pad] if mask in ("padding_bias", "fill_and_padding_bias") else []
     if mask == "bias_tensor":
         extra = [m.randn(r.choice((1, H)), Lq, Lk, scale=r.choice((0.5, 3.0)), grad=r.random() < 0.4)]
@@ -158,6 +159,18 @@ def hand_written(r, seed, triton):
         elif mask == "alibi_causal":
             b = rest[0] if not three_d else rest[0].repeat(s.shape[0] // rest[0].shape[0], 1, 1)
             s = (s + b).masked_fill(future, float("-inf"))
+        elif mask in ("hf_causal", "hf_window", "hf_padding"):
+            # transformers 5's eager mask: where(AND of position / padding terms, 0, finfo.min), expanded
+            i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+            allowed = (j <= i + (lk - lq))[None, None]
+            if mask == "hf_window":
+                allowed = allowed & (j > i + (lk - lq) - window)[None, None]
+            if mask == "hf_padding":
+                allowed = allowed & rest[0][:, None, None, :]
+            allowed = allowed.expand(q.shape[0], 1, lq, lk)
+            bias = torch.where(allowed, torch.zeros((), dtype=s.dtype), torch.finfo(s.dtype).min)
+            s = s + (bias if not three_d else bias.expand(q.shape[0], s.shape[0] // q.shape[0], lq, lk).reshape(
+                s.shape[0], lq, lk))
         if upcast == "softmax_dtype":
             p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         elif upcast == "float":
@@ -165,15 +178,16 @@ def hand_written(r, seed, triton):
         else:
             p = s.softmax(dim=-1)
         if spelling == "einsum":
-            return torch.einsum("bhij,bhjd->bhid", p, v)
-        if three_d:  # (B·H, Lq, Lk) probabilities, values reshaped the same way, heads split after
-            o = torch.bmm(p, v.reshape(-1, v.shape[-2], v.shape[-1]))
-            return o.reshape(q.shape[0], -1, lq, v.shape[-1])
-        return p @ v
+            o = torch.einsum("bhij,bhjd->bhid", p, v)
+        elif three_d:  # (B·H, Lq, Lk) probabilities, values reshaped the same way, heads split after
+            o = torch.bmm(p, v.reshape(-1, v.shape[-2], v.shape[-1])).reshape(q.shape[0], -1, lq, v.shape[-1])
+        else:
+            o = p @ v
+        return o.transpose(1, 2).reshape(o.shape[0], lq, -1) if tail == "blhd" else o
 
     name = f"{spelling}+{mask}" + (f"+gqa{gqa}" if gqa > 1 else "") + ("+softcap" if softcap else "") + \
         ("+strided" if strided else "") + (f"+scale{scale}" if scale <= 0 else "") + \
-        (f"+{upcast}" if upcast != "none" else "")
+        (f"+{upcast}" if upcast != "none" else "") + ("+blhd_out" if tail == "blhd" else "")
     expect = "attention"
     if upcast != "none" and dt == torch.float64:
         expect = None  # a narrowing cast of the scores: a near miss

@@ -194,7 +194,7 @@ def _fill_program(q, k, v, fill):
     s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     i = torch.arange(q.shape[-2])
     causal = i[None, :] <= i[:, None]
-    s = s + torch.where(causal, torch.zeros(()), fill)
+    s = s + torch.where(causal, torch.zeros((), dtype=q.dtype), fill)
     return torch.softmax(s, dim=-1) @ v
 
 
@@ -233,3 +233,39 @@ def test_dynamic_lengths_keep_the_structure():
                                  *_qkv(L=9), dynamic=True)
     ir = [r.ir for r in report.rewrites if r.kind == "attention"]
     assert len(ir) == 1 and "mask=causal, diag=0" in ir[0] and "bias_mask=true" in ir[0], str(report)
+
+
+def test_fp64_program_runs_the_mask():
+    # fp64 scores: the call's row norms are taken in fp64 (an fp32 norm of fp64 rows raised; found by
+    # `python -m tests.fuzz --family attention --n 150 --seed 11`, case 101)
+    q, k, v = [t.detach().double().requires_grad_() for t in _qkv()]
+    report = check_against_eager(lambda q, k, v: _fill_program(q, k, v, torch.finfo(torch.float64).min), q, k, v)
+    ir = [r.ir for r in report.rewrites if r.kind == "attention"]
+    assert len(ir) == 1 and "bias_mask=true" in ir[0], str(report)
+    assert not [r for r in report.fallbacks.get("attention", {}) if _AS_BIAS in r], str(report)
+
+
+@pytest.mark.parametrize("where", ["v", "grad_out"])
+def test_non_finite_v_or_grad_keeps_the_programs_nan_gradients(where):
+    # an inf in a value row, or a NaN in the output gradient: the program's 0·inf / 0·NaN at masked
+    # scores reaches dk through the bias (NaN), where a structural mask would give 0 (found by
+    # `python -m tests.fuzz --family attention --n 400 --seed 12`, case 30): such a call runs the bias
+    q, k, v = _qkv()
+    g = torch.randn(2, 3, 10, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if where == "v":
+            v[1, 2, 9, 3] = float("inf")     # the last key: masked for every query but the last
+        else:
+            g[1, 2, 0, 3] = float("nan")     # the first query: every key but the first is masked
+    fn = lambda q, k, v: _fill_program(q, k, v, torch.finfo(torch.float32).min)  # noqa: E731
+    ref = fn(q, k, v)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    seqfuse.reset_counters()
+    report = seqfuse.explain(fn, q, k, v, options={"downstream": "aot_eager"})
+    got = torch.autograd.grad(report.output, (q, k, v), g)
+    assert "bias_mask=true" in report.rewrites[0].ir, str(report)
+    for x, y in zip((report.output, *got), (ref, *want)):
+        assert torch.equal(torch.isnan(x), torch.isnan(y)) and torch.equal(torch.isinf(x), torch.isinf(y))
+        assert torch.allclose(x.nan_to_num(0, 0, 0), y.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-6)
+    assert torch.isnan(want[1]).any()   # the case is the one it claims: NaN in dk from masked positions
+    assert any("not finite" in r for r in seqfuse.fallbacks().get("attention", {})), seqfuse.fallbacks()

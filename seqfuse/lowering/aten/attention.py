@@ -42,8 +42,10 @@ def scale_of(q, a) -> float:
 
 
 def max_row_norm(x: torch.Tensor) -> float:
-    """max over rows of ‖x[..., i, :]‖ in fp32: NaN or inf when x has a NaN or inf (or overflows)."""
-    return float(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).amax())
+    """max over rows of ‖x[..., i, :]‖ in fp32 (fp64 for an fp64 x): NaN or inf when x has a NaN or
+    inf (or overflows)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return float(torch.linalg.vector_norm(x, dim=-1, dtype=dtype).amax())
 
 
 def call_reason(t: dict, a: dict, fill_as_neg_inf: float | None = None, empty_rows_exact: bool = False) -> str | None:
