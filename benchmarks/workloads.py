@@ -187,10 +187,39 @@ def mamba2_chunked_workload(quick, device):
     return Workload(model, (ids,), f"HF Mamba2Model B=2 L={L} layers=2 d=64 heads=8x16 state=64 chunk=64, torch path")
 
 
+class HFLogits(torch.nn.Module):
+    """input_ids (B, L) -> logits of a Hugging Face causal LM, without a cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def hf_llama_workload(quick, device):
+    """transformers' LlamaForCausalLM with its eager attention: each layer adds transformers 5's
+    ``where(causal, 0, finfo.min)`` mask to the scores (seqfuse: mask=causal, bias_mask)."""
+    import transformers
+
+    torch.manual_seed(0)
+    d, layers, heads, kv = (64, 2, 4, 2) if quick else (256, 4, 8, 2)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                                   attn_implementation="eager")
+    model = HFLogits(transformers.LlamaForCausalLM(cfg)).to(device).eval()
+    L = 32 if quick else 1024
+    ids = torch.randint(0, cfg.vocab_size, (2, L), device=device)
+    return Workload(model, (ids,), f"HF LlamaForCausalLM eager attention B=2 L={L} layers={layers} d={d} "
+                                   f"heads={heads}/{kv} fp32")
+
+
 WORKLOADS = {
     "naive_causal_attention": attention_workload,  # the headline
     "gpt2": gpt2_workload,
     "llama": llama_workload,
+    "hf_llama": hf_llama_workload,   # transformers' own code: its additive masks
     "hyena_gated_fft_conv": hyena_workload,
     "s4d_conv": s4d_workload,
     # linear recurrences written as Python loops over time (transformers / fla are optional)
