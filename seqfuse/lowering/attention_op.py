@@ -105,8 +105,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
     dsink empty without a sink."""
     a = _attrs(scale, mask, diag, window, fill, bias_after_mask, gqa_groups, softcap, dropout, empty_rows)
     if bias_mask:
-        # decided again from the same tensors (the forward's choice unless the bias gradient is asked for)
-        bias_in = bias
+        # decided again from the same tensors (the forward's choice unless the bias gradient is asked
+        # for: then the bias is kept, so dbias below is laid out like the input bias)
         bias, keep, a = resolve_bias_mask(q, k, v, bias, keep, a, need_dbias, grad_out)
     a["need_dbias"] = need_dbias
     a["sink"] = sink
@@ -116,8 +116,6 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: 
     # gradients in the layouts the fake implementation promises (those of the inputs)
     like = lambda x, g: torch.empty_like(x).copy_(g)  # noqa: E731
     dsink = like(sink, sink_grad(grad_out, out, lse, sink, a["dropout"])) if sink is not None else q.new_empty(0)
-    if bias_mask:
-        bias = bias_in
     return like(q, dq), like(k, dk), like(v, dv), (like(bias, dbias) if need_dbias else q.new_empty(0)), dsink
 
 
@@ -151,8 +149,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse, grad_rng):
     q, k, v, bias, keep, out, lse, rng, sink = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
-    # inputs: q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask, out_transposed (needs_input_grad covers the
-    # arguments the call passed, so count from the front)
+    # inputs: q, k, v, bias, keep, *attrs, nonce, runtime, sink, bias_mask, out_transposed: sink is not
+    # the last input, so count from the front
     need_dsink = sink is not None and ctx.needs_input_grad[7 + len(ctx.attrs)]
     dq, dk, dv, dbias, dsink = torch.ops.seqfuse.attention_backward(
         grad_out.contiguous(), q, k, v, bias, keep, out, lse, rng, *ctx.attrs, ctx.runtime, need_dbias, sink,
@@ -187,15 +185,12 @@ def resolve_bias_mask(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, keep: Optio
     return bias, None, dict(a, mask="none", diag=0, window=0)
 
 
-def _finite(x: Tensor) -> bool:
-    return math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
-
-
 def _bias_mask_reason(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, a: dict,
                       grad_out: Optional[Tensor]) -> str | None:
     if bias.numel() == 0 or q.numel() == 0 or k.numel() == 0:
         return "empty inputs"
-    if not _finite(v) or (grad_out is not None and not _finite(grad_out)):
+    finite = aten_attention.finite_sum
+    if not finite(v) or (grad_out is not None and not finite(grad_out)):
         return "v or the output gradient is not finite (the program's NaN reaches masked positions)"
     bound = abs(aten_attention.scale_of(q, a)) * aten_attention.max_row_norm(q) * aten_attention.max_row_norm(k)
     if a["softcap"] is not None and math.isfinite(bound):

@@ -15,12 +15,10 @@ def _lower_attention(graph: torch.fx.Graph, node: torch.fx.Node, op: Attention, 
     nonce = sum(1 for n in graph.nodes if n.target is torch.ops.seqfuse.attention.default) if op.dropout else 0
     args = (op.q, op.k, op.v, op.bias, op.keep, op.scale, op.mask, op.diag, op.window, float(op.fill),
             op.bias_after_mask, op.gqa_groups, op.softcap, float(op.dropout), op.empty_rows, nonce, runtime)
-    if op.sink is not None or op.bias_mask or op.out_transposed:
-        args = (*args, op.sink)
-    if op.bias_mask or op.out_transposed:
-        args = (*args, op.bias_mask)
-    if op.out_transposed:
-        args = (*args, True)
+    tail = [op.sink, op.bias_mask, op.out_transposed]   # optional arguments: trailing defaults omitted
+    while tail and (tail[-1] is None or tail[-1] is False):
+        tail.pop()
+    args = (*args, *tail)
     with graph.inserting_before(node):
         call = graph.call_function(torch.ops.seqfuse.attention.default, args)
         out = graph.call_function(operator.getitem, (call, 0))

@@ -41,11 +41,21 @@ def scale_of(q, a) -> float:
     return float(a["scale"]) if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a check reduces ``x`` in: fp32, fp64 for an fp64 x (a narrowing reduction raises)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def max_row_norm(x: torch.Tensor) -> float:
     """max over rows of ‖x[..., i, :]‖ in fp32 (fp64 for an fp64 x): NaN or inf when x has a NaN or
     inf (or overflows)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return float(torch.linalg.vector_norm(x, dim=-1, dtype=dtype).amax())
+    return float(torch.linalg.vector_norm(x, dim=-1, dtype=_acc_dtype(x)).amax())
+
+
+def finite_sum(x: torch.Tensor) -> bool:
+    """Whether the sum of x (fp32, fp64 for an fp64 x) is finite: False when x has a NaN or inf (or
+    the sum overflows, a conservative answer)."""
+    return math.isfinite(float(x.sum(dtype=_acc_dtype(x))))
 
 
 def call_reason(t: dict, a: dict, fill_as_neg_inf: float | None = None, empty_rows_exact: bool = False) -> str | None:

@@ -341,7 +341,8 @@ def forward(q, k, v, bias, keep, a):
     z, h, lq, _ = q4.shape
     lk = k4.shape[2]
     from seqfuse.lowering.attention_op import empty_out  # (here: attention_op imports this module)
-    out = empty_out(q, v, a.get("out_transposed", False)).view(z, h, lq, v.shape[-1])  # in the op's promised layout: no copy after
+    # in the op's promised layout: no copy after
+    out = empty_out(q, v, a.get("out_transposed", False)).view(z, h, lq, v.shape[-1])
     lse = torch.empty((z, h, lq), dtype=torch.float32, device=q.device)
     scale, fill, softcap, diag, window = _runtime_args(q, a)
 
