@@ -6,6 +6,10 @@ program ``torch_chunk_gated_delta_rule``, a Python loop over chunks of 64 steps 
 at B=1, T=2048.  seqfuse lifts each layer's program to one seqfuse.delta (the C kernel's step loop on
 CPU); eager and inductor run the chunked program as written.  Needs transformers.
 
+``fla_kda_chunk``: flash-linear-attention's PyTorch reference ``naive_chunk_kda`` (B=1, T=256, 4 heads,
+K=V=64, chunks of 32).  Not lifted to a delta op; it measures loop_map (its column loops vectorized)
+and triangular (its UT inverse one solve).  Needs flash-linear-attention.
+
 To run it with benchmarks/run.py, merge the table into its workloads::
 
     from workloads_delta import WORKLOADS as DELTA_WORKLOADS
@@ -50,6 +54,35 @@ def qwen3_next_linear_attn_workload(quick, device):
     return Workload(model, (x,), f"B=1 T={T} layers={layers} hidden={hidden} heads k{kh}/v{vh}x{dk} fp32")
 
 
+class FlaChunkKDA(torch.nn.Module):
+    """(q, k, v, g, β) -> (o, final state) through flash-linear-attention's PyTorch reference
+    ``naive_chunk_kda``: column loops (its UT system, and each chunk's scores inside the loop over chunks)
+    and an in-place forward substitution, all unrolled by Dynamo.  seqfuse does not lift it to a delta op
+    (docs/ir.md says why); it vectorizes the column loops (loop_map) and solves the UT system in one
+    triangular solve (triangular): this workload measures those two passes."""
+
+    def __init__(self, chunk):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, q, k, v, g, beta):
+        from fla.ops.kda.naive import naive_chunk_kda
+        return naive_chunk_kda(q, k, v, g, beta, chunk_size=self.chunk, output_final_state=True)
+
+
+def fla_kda_chunk_workload(quick, device):
+    import torch.nn.functional as F
+    B, T, H, K, C = (1, 64, 2, 16, 16) if quick else (1, 256, 4, 64, 32)
+    torch.manual_seed(0)
+    q, v = torch.randn(B, T, H, K, device=device), torch.randn(B, T, H, K, device=device)
+    k = F.normalize(torch.randn(B, T, H, K, device=device), dim=-1)
+    g = F.logsigmoid(torch.randn(B, T, H, K, device=device)) * 0.1
+    beta = torch.rand(B, T, H, device=device)
+    args = tuple(x.requires_grad_() for x in (q, k, v, g, beta))     # (--train: the inputs get gradients)
+    return Workload(FlaChunkKDA(C), args, f"fla naive_chunk_kda B={B} T={T} H={H} K=V={K} chunk={C} fp32")
+
+
 WORKLOADS = {
     "qwen3_next_linear_attn": qwen3_next_linear_attn_workload,
+    "fla_kda_chunk": fla_kda_chunk_workload,   # needs flash-linear-attention (its PyTorch reference)
 }

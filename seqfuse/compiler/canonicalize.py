@@ -440,10 +440,60 @@ def normalize_masks(gm: torch.fx.GraphModule) -> int:
     return n
 
 
+#: in-place pointwise ops and the out-of-place op that computes the same value
+_OUT_OF_PLACE = {
+    aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Scalar,
+    aten.sub_.Tensor: aten.sub.Tensor, aten.sub_.Scalar: aten.sub.Scalar,
+    aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar,
+    aten.div_.Tensor: aten.div.Tensor, aten.div_.Scalar: aten.div.Scalar,
+    aten.masked_fill_.Scalar: aten.masked_fill.Scalar, aten.masked_fill_.Tensor: aten.masked_fill.Tensor,
+}
+
+
+def _fresh(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value is memory of its own: the result of an ATen op that neither mutates
+    nor may return an alias of an argument (views, ``to``, ``contiguous`` and ``reshape`` may)."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:
+        return False
+    return all(r.alias_info is None for r in t._schema.returns)
+
+
+def normalize_inplace(gm: torch.fx.GraphModule) -> int:
+    """Rewrite an in-place pointwise op (``S += x``, ``a.masked_fill_(m, 0)``) whose target is a
+    temporary nothing else reads (fresh memory, its one user the op) into the out-of-place op, when
+    that gives the same shape and dtype; returns how many were rewritten.  Nothing can observe the
+    difference: no alias of the temporary exists, and its later readers read the op's result."""
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        oop = _OUT_OF_PLACE.get(node.target)
+        x = node.args[0] if oop is not None and node.args else None
+        if not isinstance(x, torch.fx.Node) or not _fresh(x) or len(x.users) != 1:
+            continue
+        fake = lambda a: val(a) if isinstance(a, torch.fx.Node) else a  # noqa: E731
+        try:
+            with val(x).fake_mode:
+                out = oop(*[fake(a) for a in node.args], **{k: fake(v) for k, v in node.kwargs.items()})
+        except Exception:   # noqa: BLE001 - an op the out-of-place form refuses stays as it is
+            continue
+        if tuple(out.shape) != tuple(val(node).shape) or out.dtype != val(node).dtype:
+            continue    # the out-of-place op would broadcast or promote
+        with graph.inserting_before(node):
+            new = graph.call_function(oop, tuple(node.args), dict(node.kwargs))
+        copy_meta(new, node, with_val=True)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
 def canonicalize(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
-    """Trace to pre-dispatch ATen, then normalize contractions and masks (in that order:
-    mask normalization reads scores that are already einsums)."""
+    """Trace to pre-dispatch ATen, then make in-place ops on temporaries out of place and normalize
+    contractions and masks (in that order: mask normalization reads scores that are already einsums)."""
     traced = trace_pre_dispatch(gm, example_inputs)
+    normalize_inplace(traced)
     normalize_contractions(traced)
     normalize_masks(traced)
     return traced

@@ -5,6 +5,7 @@ Built-in recognizers are registered here, in the order they run.
 from seqfuse.passes.attention import AttentionPass
 from seqfuse.passes.delta import DeltaPass
 from seqfuse.passes.long_conv import LongConvPass
+from seqfuse.passes.loop_map import MapLoopPass
 from seqfuse.passes.loops import LoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
                                      unregister_pass)
@@ -15,12 +16,20 @@ from seqfuse.passes.select import SelectPass
 from seqfuse.passes.ssd_chunks import ChunkedSSDPass
 from seqfuse.passes.ssd_forms import SSDFormsPass
 from seqfuse.passes.toeplitz import ToeplitzPass
+from seqfuse.passes.triangular import TriangularPass
 
+# Map loops first (a buffer written slice by slice, nothing carried: fla builds its chunk matrices column
+# by column): vectorized, an inner loop no longer splits the steps of the loop around it, which
+# delta and loops then re-roll, and delta reads the matrices as whole-tensor expressions.
+register_pass(MapLoopPass())
 # Delta-rule loops before loops: their update is linear but not elementwise (a rank-1 correction
 # read through a contraction with the key), which the loops pass would report as a near miss; this
 # pass claims exactly the loops whose update it proves to be the delta rule and leaves every other
 # loop (elementwise-linear or not delta-like) untouched for loops.
 register_pass(DeltaPass())
+# Right after delta: a forward substitution (the UT inverse of a chunked WY program) that delta did not
+# lift with its program becomes one triangular solve.
+register_pass(TriangularPass())
 # Loops first: re-rolling an unrolled time loop must see the loop body before any other
 # recognizer rewrites a piece of one step (a step's readout is an einsum, for instance).
 register_pass(LoopPass())
@@ -45,5 +54,5 @@ register_pass(ScanReadoutPass())
 register_pass(ScanDiscretizePass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "DeltaPass", "LongConvPass", "ToeplitzPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
-           "ScanReadoutPass", "ScanDiscretizePass", "SelectPass"]
+           "AttentionPass", "DeltaPass", "MapLoopPass", "LongConvPass", "ToeplitzPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
+           "ScanReadoutPass", "ScanDiscretizePass", "SelectPass", "TriangularPass"]

@@ -47,8 +47,9 @@ from seqfuse.ir.ops import Delta
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, leaves
 from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
-from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, val
+from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, op_name, val
 from seqfuse.passes.registry import Pass, PassContext
+from seqfuse.passes.triangular import NotForwardSubstitution, is_eye, mask_is, prove, whole_write, written
 
 aten = torch.ops.aten
 
@@ -66,11 +67,6 @@ _DEAD = ("dead",)
 class NotDelta(Exception):
     """The loop has a matrix state read through a contraction, but its update is not the delta rule
     (the message names the term)."""
-
-
-def _name(node) -> str:
-    t = node.target
-    return f"aten.{t.__name__.split('.')[0]}" if isinstance(t, torch._ops.OpOverload) else str(getattr(t, "__name__", t))
 
 
 # --- the symbolic form -------------------------------------------------------------------
@@ -221,7 +217,7 @@ class _Form:
         out = val(node)
         if is_op(node, *PASS_THROUGH):
             if any(not self.an.const(r) for r in args[1:]):
-                raise NotDelta(f"the state passes through {_name(node)} with a state-dependent argument")
+                raise NotDelta(f"the state passes through {op_name(node)} with a state-dependent argument")
             x = self.lin(args[0])
             if is_op(node, *CASTS) and out.dtype != val(node.args[0]).dtype:
                 raise NotDelta(f"the update casts a value read from the state to {out.dtype}")
@@ -239,7 +235,7 @@ class _Form:
         if node.target in (aten.add.Tensor, aten.sub.Tensor):
             alpha = kwargs.get("alpha", ("C", 1))
             if alpha[0] != "C" or alpha[1] != 1:
-                raise NotDelta(f"the update's {_name(node)} scales a term by alpha")
+                raise NotDelta(f"the update's {op_name(node)} scales a term by alpha")
             sign = -1.0 if node.target is aten.sub.Tensor else 1.0
             return self._sum(node, [(args[0], 1.0), (args[1], sign)])
         if node.target is aten.neg.default:
@@ -247,13 +243,13 @@ class _Form:
             return LinVal(x.axes, [Term(-t.num, t.factors, t.atom) for t in x.terms])
         if is_op(node, *_VIEWS):
             if any(not self.an.const(r) for r in args[1:]):
-                raise NotDelta(f"the update's {_name(node)} has a state-dependent size")
+                raise NotDelta(f"the update's {op_name(node)} has a state-dependent size")
             return self._view(node, self.lin(args[0]))
         if is_op(node, aten.einsum):
             return self._einsum(node, args)
         if _Form.mul_sum(loop, self.an, j) is not None:
             return self._sum_axis(node, args)
-        raise NotDelta(f"the update applies {_name(node)} to a value read from the state (not the delta rule)")
+        raise NotDelta(f"the update applies {op_name(node)} to a value read from the state (not the delta rule)")
 
     @staticmethod
     def mul_sum(loop, an, j):
@@ -300,7 +296,7 @@ class _Form:
         """x's axes as laid in ``node``'s result (right-aligned); the result must not add axes to x."""
         out = val(node).dim()
         if out != len(x.axes):
-            raise NotDelta(f"the update's {_name(node)} broadcasts a value read from the state to more axes")
+            raise NotDelta(f"the update's {op_name(node)} broadcasts a value read from the state to more axes")
         return x.axes
 
     def _scale(self, node, args, x: LinVal, c_index: int, power: int) -> LinVal:
@@ -321,9 +317,9 @@ class _Form:
         for x, _, _ in lins:
             if x is not None:
                 if len(x.axes) != out:
-                    raise NotDelta(f"the update's {_name(node)} broadcasts a value read from the state")
+                    raise NotDelta(f"the update's {op_name(node)} broadcasts a value read from the state")
                 if axes is not None and axes != x.axes:
-                    raise NotDelta(f"the update's {_name(node)} adds values read from the state along different axes")
+                    raise NotDelta(f"the update's {op_name(node)} adds values read from the state along different axes")
                 axes = x.axes
         terms = []
         for (x, r, s), i in zip(lins, range(len(lins))):
@@ -350,19 +346,19 @@ class _Form:
             return LinVal(tuple(axes), x.terms)
         amap = _one_step(node)
         if amap is None:
-            raise NotDelta(f"the update reshapes a value read from the state with {_name(node)}")
+            raise NotDelta(f"the update reshapes a value read from the state with {op_name(node)}")
         axes = []
         for i, a in enumerate(amap):
             if a is None:
                 if not known_eq(out.shape[i], 1):
-                    raise NotDelta(f"the update broadcasts a value read from the state with {_name(node)}")
+                    raise NotDelta(f"the update broadcasts a value read from the state with {op_name(node)}")
                 axes.append(None)
             else:
                 axes.append(x.axes[a])
         kept = {a for a in amap if a is not None}
         for d in range(src.dim()):
             if d not in kept and not known_eq(src.shape[d], 1):
-                raise NotDelta(f"the update reshapes a value read from the state with {_name(node)}")
+                raise NotDelta(f"the update reshapes a value read from the state with {op_name(node)}")
         for i, a in enumerate(axes):
             if a is None:
                 axes[i] = self._infer(axes[:i] + axes[i + 1:], i)
@@ -729,8 +725,8 @@ class DeltaPass(Pass):
         for node in ctx.graph.nodes:
             if _solve(node):
                 system = node.args[0]
-            elif node.target is aten.add.Tensor and _Chunked._is_eye(node.args[1]) and \
-                    isinstance(node.args[0], torch.fx.Node) and _Chunked._written(node.args[0]):
+            elif node.target is aten.add.Tensor and is_eye(node.args[1]) and \
+                    isinstance(node.args[0], torch.fx.Node) and written(node.args[0]):
                 system = node.args[0]
             else:
                 continue
@@ -1029,7 +1025,7 @@ class _Rewrite:
                 raise NotDelta("the loop writes a value computed from the state that is not its readout")
         for j in range(len(loop.template)):
             if an.deps[j] and j not in allowed:
-                raise NotDelta(f"the loop computes {_name(loop.template[j])} of the state besides the update "
+                raise NotDelta(f"the loop computes {op_name(loop.template[j])} of the state besides the update "
                                "and its readout")
 
     # 2. emission --------------------------------------------------------------------
@@ -1247,7 +1243,6 @@ def _canon_eq(ins: list[str], out: str) -> str:
 
 
 #: the ops a forward substitution reads rows of its system through (views and copies of the time of reading)
-_FS_READS = (aten.select.int, aten.slice.Tensor, aten.unsqueeze.default, aten.clone.default)
 _MM = "abcd,abde->abce"     # A·B over the last two axes of (B, H, ·, ·) chunk values
 _MMT = "abcd,abed->abce"    # A·Bᵀ
 
@@ -1401,16 +1396,19 @@ class _Chunked:
     def _tree(self, node, chunked, what):
         R = val(node).dim()
         arg = lambda x: self._arg(x, chunked, R, what)  # noqa: E731
-        if self._written(node):
-            raise NotDelta(f"{what} reads a tensor written in place")
+        if written(node):
+            src = whole_write(node)
+            if src is None:
+                raise NotDelta(f"{what} reads a tensor written in place")
+            return self._tree(src, chunked, what)
         if is_op(node, *IDENTITIES) or (is_op(node, *CASTS) and val(node).dtype == val(node.args[0]).dtype):
             return arg(node.args[0])
         name = _EXPR_OPS.get(node.target)
         if name is not None:
             if node.kwargs.get("alpha", 1) != 1:
                 raise NotDelta(f"{what} scales a term by alpha")
-            if name == "add" and self._is_eye(node.args[1]) and isinstance(node.args[0], torch.fx.Node) \
-                    and self._written(node.args[0]):
+            if name == "add" and is_eye(node.args[1]) and isinstance(node.args[0], torch.fx.Node) \
+                    and written(node.args[0]):
                 return self._forward_substitution(node.args[0], node.args[1], chunked, what)
             kids = [arg(a) for a in node.args]
             if name == "exp" and kids[0][0] == "ax":       # exp(x[..., None]) = exp(x)[..., None]
@@ -1477,7 +1475,7 @@ class _Chunked:
             return ("ax", inner, tuple(axes), shape)
         if chunked:
             return ("leaf", node)
-        raise NotDelta(f"{what} computes {_name(node)} in the loop (not a piece of the WY form)")
+        raise NotDelta(f"{what} computes {op_name(node)} in the loop (not a piece of the WY form)")
 
     def _keeps_last(self, node):
         """The axis d when node = x[..., -1:] along one of x's last two axes d (keeping it), else None."""
@@ -1544,215 +1542,18 @@ class _Chunked:
         self.created.append(u)
         return u, s[:2] + c + s[2:]
 
-    @staticmethod
-    def _is_eye(x) -> bool:
-        return is_op(x, aten.eye) and val(x).dim() == 2 and val(x).dtype.is_floating_point
-
-    @staticmethod
-    def _written(node) -> bool:
-        """Whether a view of ``node`` (or node itself) is written by copy_."""
-        stack, seen = [node], set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            for u in n.users:
-                if u.target is aten.copy_.default and u.args[0] is n:
-                    return True
-                if is_op(u, aten.select, aten.slice, aten.unsqueeze, aten.view, aten.alias) and u.args[0] is n:
-                    stack.append(u)
-        return False
-
     # -- the forward substitution ------------------------------------------------------------
     def _forward_substitution(self, N, eye, chunked, what):
-        """("utinv", M) for T = N + I where N = −strictly_lower(M) (B, H, Nc, C, C) is then rewritten in place
-        row by row, for i = 1 … C−1 in program order,
-
-            N[..., i, :i] = N[..., i, :i] + Σ_j N[..., i, j] · N[..., j, :i]        (j < i, or every j: N[i, j≥i] = 0)
-
-        reading each row's old value before its write and the rows j < i after theirs: the forward
-        substitution of (I − N)·T = I, so T = (I + strictly_lower(M))⁻¹."""
+        """("utinv", M) for T = N + I, N = −strictly_lower(M) (B, H, Nc, C, C) rewritten in place row by row
+        (triangular.prove): T = (I + strictly_lower(M))⁻¹."""
         if not chunked or val(N).dim() != 5:
             raise NotDelta(f"{what}: the forward substitution is not over (B, H, N, C, C) chunks")
-        C = val(N).shape[-1]
-        if not isinstance(C, int) or not known_eq(val(N).shape[-2], C) or tuple(val(eye).shape) != (C, C):
-            raise NotDelta(f"{what}: the forward substitution's system is not C x C with the identity added")
-        # N = −strictly_lower(M): −where(j < i, M, 0) or −tril(M, −1)
-        if N.target is not aten.neg.default:
-            raise NotDelta(f"{what}: the forward-substituted system is not −strictly_lower(M)")
-        inner = N.args[0]
-        if is_op(inner, aten.tril) and (inner.args[1] if len(inner.args) > 1 else inner.kwargs.get("diagonal", 0)) == -1:
-            M = inner.args[0]
-        elif inner.target is aten.where.ScalarOther and inner.args[2] == 0 and \
-                _mask_is(self.ctx, self.inv(inner.args[0]), C, "strict_lower"):
-            M = inner.args[1]
-        else:
-            raise NotDelta(f"{what}: the forward-substituted system is not −strictly_lower(M)")
-        if not isinstance(M, torch.fx.Node) or val(M).dim() != 5:
-            raise NotDelta(f"{what}: the forward-substituted system is not (B, H, N, C, C)")
-        graph_pos = {n: i for i, n in enumerate(N.graph.nodes)}
-        # every use of N: views, the C−1 row writes, their reads, the final + I
-        views, consumers, stack = set(), [], [N]
-        while stack:
-            n = stack.pop()
-            for u in n.users:
-                if u.target in (aten.select.int, aten.slice.Tensor, aten.unsqueeze.default) and u.args[0] is n:
-                    if u not in views:
-                        views.add(u)
-                        stack.append(u)
-                elif u not in consumers:
-                    consumers.append(u)
-        final = [u for u in consumers if u.target is aten.add.Tensor and u.args[0] is N and u.args[1] is eye]
-        copies = sorted((u for u in consumers if u.target is aten.copy_.default), key=graph_pos.__getitem__)
-        reads = [u for u in consumers if u not in final and u not in copies]
-        if len(final) != 1 or len(copies) != C - 1:
-            raise NotDelta(f"{what}: the in-place writes of the system are not one per row 1 … C−1")
-        prev = graph_pos[N]
-        used = set()
-        for i, cp in enumerate(copies, start=1):
-            dest, src = cp.args[0], cp.args[1]
-            if cp.users or self._region(dest, N) != (i, (0, i), (0, 1, 2, 4)):
-                raise NotDelta(f"{what}: write {i} of the forward substitution is not row {i}, columns :{i}")
-            if src.target is not aten.add.Tensor or src.kwargs or len(src.users) != 1:
-                raise NotDelta(f"{what}: row {i} is not its old value plus a sum over the rows before it")
-            for old, ein in (src.args, src.args[::-1]):
-                if is_op(ein, aten.einsum) and isinstance(old, torch.fx.Node):
-                    break
-            else:
-                raise NotDelta(f"{what}: row {i} is not its old value plus a sum over the rows before it")
-
-            def read(x):
-                """(region, nodes) of a chain of views of N and clones, the clones taken between the writes i−1
-                and i (so they hold the values of then)."""
-                nodes, n = set(), x
-                while isinstance(n, torch.fx.Node) and n is not N and n.target in _FS_READS:
-                    if n.target is aten.clone.default and not prev < graph_pos[n] < graph_pos[cp]:
-                        return None, nodes
-                    nodes.add(n)
-                    n = n.args[0]
-                return self._region(x, N), nodes
-            row_i = (i, (0, i), (0, 1, 2, 4))
-            r_old, n_old = read(old)
-            if r_old != row_i or not prev < graph_pos[old] < graph_pos[cp]:
-                raise NotDelta(f"{what}: row {i}'s old value is not read before its write")
-            if not prev < graph_pos[ein] < graph_pos[cp] or not self._row_sum(ein, i, C, read):
-                raise NotDelta(f"{what}: row {i}'s update is not Σ_j N[i, j]·N[j, :{i}]")
-            (_, n_a), (_, n_b) = read(ein.args[1][0]), read(ein.args[1][1])
-            used |= {cp, src, ein, dest} | n_old | n_a | n_b
-            prev = graph_pos[cp]
-        if graph_pos[final[0]] < prev or any(r not in used for r in reads):
-            raise NotDelta(f"{what}: the forward substitution's system is read besides its row updates")
-        self.inverses.append((N, used | views | {final[0]}))
-        return ("utinv", self.whole(M, what))
-
-    @staticmethod
-    def _row_sum(ein, i, C, read) -> bool:
-        """Whether ``ein`` = Σ_j N[..., i, j] · N[..., j, :i] over j < J (J = i, or C: the row's entries j >= i
-        are the masked zeros), its operands read from N (or clones of reads) as ``read`` finds them."""
-        eq = ein.args[0].replace(" ", "")
-        if "->" not in eq or "." in eq or len(ein.args[1]) != 2:
-            return False
-        ins, out = eq.split("->")
-        ins = ins.split(",")
-        (ra, _), (rb, _) = read(ein.args[1][0]), read(ein.args[1][1])
-        for (r1, l1), (r2, l2) in ((((ra, ins[0]), (rb, ins[1]))), ((rb, ins[1]), (ra, ins[0]))):
-            if r1 is None or r2 is None or not isinstance(r1[0], int) or r1[0] != i or r1[1][0] != 0:
-                continue
-            J = r1[1][1]
-            if J not in (i, C) or r2[0] != (0, J) or r2[1] != (0, i):
-                continue
-            m1, m2 = dict(zip(l1, r1[2])), dict(zip(l2, r2[2]))
-            if len(m1) != len(l1) or len(m2) != len(l2):
-                continue
-            P = [next((c for c, a in m1.items() if a == d), None) for d in (0, 1, 2)]
-            if None in P or [next((c for c, a in m2.items() if a == d), None) for d in (0, 1, 2)] != P:
-                continue
-            j = next((c for c, a in m1.items() if a == 4), None)
-            c = next((x for x, a in m2.items() if a == 4), None)
-            if j is None or c is None or m2.get(j) != 3 or j in out or out != "".join(P) + c:
-                continue
-            if any(a is None and x != c and x in out for x, a in m1.items()) or \
-                    any(a is not None and x not in P + [j] for x, a in m1.items()) or \
-                    any(x not in P + [j, c] for x in m2):
-                continue
-            return True
-        return False
-
-    @staticmethod
-    def _region(node, base):
-        """(row index, (column start, end), axes of base kept in order) of a chain of select / slice views
-        from ``base`` (B, H, N, C, C) over its last two axes ((row start, end) when the rows are sliced);
-        None for any other view."""
-        chain = []
-        while node is not base:
-            if not isinstance(node, torch.fx.Node) or node.target not in _FS_READS:
-                return None
-            chain.append(node)
-            node = node.args[0]
-        size = list(val(base).shape)
-        axes = list(range(5))
-        rng = {a: (0, size[a]) for a in range(5)}
-        fixed = {}
-        for n in reversed(chain):
-            r = len(axes)
-            if n.target is aten.clone.default:
-                continue
-            if n.target is aten.unsqueeze.default:
-                axes.insert(n.args[1] % (r + 1), None)
-                continue
-            d = n.args[1] % r
-            a = axes[d]
-            if a is None:
-                return None
-            if n.target is aten.select.int:
-                i = n.args[2]
-                if not isinstance(i, int):
-                    return None
-                lo, hi = rng[a]
-                fixed[a] = lo + (i % (hi - lo))
-                del axes[d]
-            else:
-                s = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
-                e = n.args[3] if len(n.args) > 3 and n.args[3] is not None else rng[a][1] - rng[a][0]
-                st = n.args[4] if len(n.args) > 4 else 1
-                if st != 1 or not isinstance(s, int) or not isinstance(e, int) or s < 0:
-                    return None
-                lo, hi = rng[a]
-                rng[a] = (lo + s, min(hi, lo + e))
-        if any(a in fixed or rng[a] != (0, size[a]) for a in (0, 1, 2)) or 4 in fixed:
-            return None
-        if 3 in fixed:
-            return (fixed[3], rng[4], tuple(axes))
-        return (rng[3], rng[4], tuple(axes))
-
-
-def _mask_is(ctx, tree, C, kind, unit_last=False) -> bool:
-    """Whether a mask tree (("inv", shape-only bool node), possibly under ("not", ·)) evaluates to the C x C
-    mask ``kind``: "lower" (j <= i), "strict_lower" (j < i); ``unit_last``: laid (C, C, 1) (a mask of
-    per-channel decays (·, C, C, K))."""
-    from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
-    neg = False
-    while tree[0] == "not":
-        neg, tree = not neg, tree[1]
-    if tree[0] == "mask":
-        m = torch.tensor(tree[2], dtype=torch.bool).reshape(tree[1])
-    elif tree[0] == "inv" and isinstance(tree[1], torch.fx.Node) and is_shape_only(tree[1]):
         try:
-            m = evaluate_shape_only(ctx.gm, tree[1])
-        except Exception:
-            return False
-    else:
-        return False
-    if unit_last:
-        if m.dim() < 3 or m.shape[-1] != 1:
-            return False
-        m = m[..., 0]
-    if m.dtype != torch.bool or m.dim() < 2 or tuple(m.shape[-2:]) != (C, C):
-        return False
-    m = ~m if neg else m
-    want = torch.ones(C, C, dtype=torch.bool).tril(0 if kind == "lower" else -1)
-    return bool((m.reshape(-1, C, C) == want).all())
+            fs = prove(self.ctx, N, eye)
+        except NotForwardSubstitution as e:
+            raise NotDelta(f"{what}: {e}") from None
+        self.inverses.append((N, fs.nodes))
+        return ("utinv", self.whole(fs.M, what))
 
 
 class _ChunkRewrite(_Rewrite):
@@ -1782,8 +1583,10 @@ class _ChunkRewrite(_Rewrite):
                 return True
             if is_op(x, aten.einsum) and len(x.args[1]) == 2:
                 a = x.args[1][0]
-                if a.target is aten.add.Tensor and _Chunked._is_eye(a.args[1]) and \
-                        isinstance(a.args[0], torch.fx.Node) and _Chunked._written(a.args[0]):
+                if a.target is aten.mul.Tensor and isinstance(a.args[0], torch.fx.Node):
+                    a = a.args[0]      # (T + I)·diag(β): fla's β folded into the inverse as a column scale
+                if a.target is aten.add.Tensor and is_eye(a.args[1]) and \
+                        isinstance(a.args[0], torch.fx.Node) and written(a.args[0]):
                     return True
         return False
 
@@ -1800,7 +1603,7 @@ class _ChunkRewrite(_Rewrite):
         uses = self._outside_uses(plan)
         for j in range(len(loop.template)):
             if self.an.deps[j] and j not in plan.allowed and j not in {w for w, _, _ in writes}:
-                raise NotDelta(f"the chunk loop computes {_name(loop.template[j])} of the state besides the WY update")
+                raise NotDelta(f"the chunk loop computes {op_name(loop.template[j])} of the state besides the WY update")
         for j, _, src in writes:
             if self.an.deps[j] and src != ("L", plan.readout):
                 raise NotDelta("the chunk loop writes a value computed from the state that is not its readout")
@@ -2089,7 +1892,7 @@ class _ChunkRewrite(_Rewrite):
         # IA = (q_c·k_cᵀ) ⊙ L, masked to j <= i (the mask optional after a decay mask, required without one)
         ia, masked = x["ia"], False
         if ia[0] == "where" and ia[3] == 0 and self._leaf_c(k_c) is not None and \
-                _mask_is(self.ctx, ia[1], self._leaf_c(k_c), "lower"):
+                mask_is(self.ctx, ia[1], self._leaf_c(k_c), "lower"):
             ia, masked = ia[2], True
         if vector:
             vs = self._vector_scores(ia)
@@ -2243,7 +2046,7 @@ class _ChunkRewrite(_Rewrite):
                     or diff[2][2] != (0, 1, None, 2, 3) or cum[0] != "leaf" or val(cum[1]).dim() != 5 \
                     or not isinstance(val(cum[1]).shape[3], int):
                 raise NotDelta("the per-channel decay mask's difference is not γ_i − γ_j of one cumulative sum")
-            if not _mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower", unit_last=True):
+            if not mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower", unit_last=True):
                 raise NotDelta("the decay mask keeps other positions than j <= i")
             return cum
         if L[0] == "exp" and L[1][0] == "where" and L[1][3] == -math.inf:
@@ -2259,7 +2062,7 @@ class _ChunkRewrite(_Rewrite):
             raise NotDelta("the decay mask's difference is not γ_i − γ_j (rows minus columns)")
         if cum[0] != "leaf" or val(cum[1]).dim() != 4 or not isinstance(val(cum[1]).shape[3], int):
             raise NotDelta("the decay mask is not a difference of one cumulative sum")
-        if cond is not None and not _mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower"):
+        if cond is not None and not mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower"):
             raise NotDelta("the decay mask keeps other positions than j <= i")
         return cum
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seqfuse.passes.loop_reroll import Loop, NoLoop
-from seqfuse.passes.pattern import CASTS, IDENTITIES, arg, is_op
+from seqfuse.passes.pattern import CASTS, IDENTITIES, arg, is_op, op_name
 
 aten = torch.ops.aten
 
@@ -43,11 +43,6 @@ class Lin:
     def plus(self, factor, sign) -> "Lin":
         # (a·h + Σ b) ± c
         return Lin(self.state, list(self.coef), self.terms + [(sign, [(factor, 1)])])
-
-
-def _name(node) -> str:
-    t = node.target
-    return f"aten.{t.__name__.split('.')[0]}" if isinstance(t, torch._ops.OpOverload) else str(getattr(t, "__name__", t))
 
 
 class Analysis:
@@ -115,7 +110,7 @@ class Analysis:
             if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
                 raise NoLoop(f"the state is cast to {dtype} (not linear)")
             if any(not self.const(r) for r in a[1:]):
-                raise NoLoop(f"the state passes through {_name(node)} with a state-dependent argument")
+                raise NoLoop(f"the state passes through {op_name(node)} with a state-dependent argument")
             return self.lin(a[0])
         if is_op(node, aten.mul):
             x, y = self.lin(a[0]), self.lin(a[1])
@@ -153,8 +148,8 @@ class Analysis:
         if is_op(node, aten.neg):
             return self.lin(a[0]).negated()
         if is_op(node, aten.einsum, aten.matmul, aten.mm, aten.bmm):
-            raise NoLoop(f"the carried update contracts the state with {_name(node)} (not elementwise)")
-        raise NoLoop(f"the carried update applies {_name(node)} to the state (not linear)")
+            raise NoLoop(f"the carried update contracts the state with {op_name(node)} (not elementwise)")
+        raise NoLoop(f"the carried update applies {op_name(node)} to the state (not linear)")
 
 
 def _leaves(roles):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from seqfuse.passes.pattern import val
+from seqfuse.passes.pattern import is_op, val
 
 aten = torch.ops.aten
 
@@ -476,3 +476,49 @@ class _Match:
             return isinstance(a, torch.fx.Node) and self.canon.get(a, a) is r[1]
         return not isinstance(a, torch.fx.Node) and same_value(a, r[1])
 
+
+#: ops whose result aliases their first argument (a view taken at any point reads the same memory)
+_VIEWS = (aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.expand, aten.view, aten.movedim,
+          aten.t, aten.alias, aten.select, aten.slice, aten.diagonal, aten.unflatten)
+
+
+def share_slice_sources(graph: torch.fx.Graph) -> bool:
+    """Per-step slices of one view recomputed at every step read the first copy of that view.
+
+    Dynamo unrolls ``C[:, None, i]`` into ``select(unsqueeze(C, 1), 2, i)`` with a new
+    ``unsqueeze(C, 1)`` per step, so each step's slice would be a family of its own.  Equal chains
+    of views of one tensor (same ops, same arguments) alias the same memory wherever they are
+    taken, so every slice can read the first one.  Returns whether a slice was changed."""
+    table: dict = {}
+    canon: dict = {}
+    changed = False
+    for node in graph.nodes:
+        if node.op == "call_function" and is_op(node, *_VIEWS):
+            try:
+                key = (node.target, _hashable(_canon_args(node.args, canon)), _hashable(_canon_args(node.kwargs, canon)))
+            except TypeError:
+                continue
+            canon[node] = table.setdefault(key, node)
+        if _seed_key(node) is not None:
+            x = node.args[0]
+            first = canon.get(x, x)
+            if first is not x:
+                node.replace_input_with(x, first)
+                changed = True
+    return changed
+
+
+def aliases(node: torch.fx.Node) -> set:
+    """Every node that may share memory with ``node``: the base it is a view of (through the view ops
+    above) and every view taken of that base, at any depth."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and is_op(node, *_VIEWS) \
+            and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in out:
+            continue
+        out.add(n)
+        stack.extend(u for u in n.users if u.op == "call_function" and is_op(u, *_VIEWS) and u.args[0] is n)
+    return out

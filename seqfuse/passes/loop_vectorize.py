@@ -18,11 +18,12 @@ import torch.fx
 
 from seqfuse.passes.loop_reroll import Loop, NoLoop
 from seqfuse.passes.loop_linear import PASS_THROUGH
-from seqfuse.passes.pattern import copy_meta, is_op, val
+from seqfuse.passes.pattern import copy_meta, is_op, op_name, val
 
 aten = torch.ops.aten
 
-_EXTRA_POINTWISE = (aten.real, aten.imag, aten.conj, aten.conj_physical, aten.view_as_real, aten.view_as_complex)
+_EXTRA_POINTWISE = (aten.real, aten.imag, aten.conj, aten.conj_physical, aten.view_as_real, aten.view_as_complex,
+                    aten.where)
 _DIM1 = (aten.unsqueeze, aten.select, aten.slice, aten.narrow)
 _REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.prod)
 _MULTI = (aten.chunk, aten.split, aten.split_with_sizes, aten.unbind)
@@ -57,6 +58,31 @@ def _pointwise(node) -> bool:
         is_op(node, *PASS_THROUGH, *_EXTRA_POINTWISE)
 
 
+def explicit_equation(eq: str, ranks: list[int]) -> str | None:
+    """``eq`` with spaces dropped and each ``...`` spelled out in fresh letters, aligned from the right
+    as einsum broadcasts them (``'... c d, ... d -> ... c'`` over ranks (5, 4) is
+    ``'abecd,abed->abec'``-like); None for an implicit output or a malformed equation."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq:
+        return None
+    ins, out = eq.split("->")
+    ins = ins.split(",")
+    if len(ins) != len(ranks) or any(s.count("...") > 1 for s in ins + [out]):
+        return None
+    if "..." not in eq:
+        return eq
+    widths = [r - len(s.replace("...", "")) if "..." in s else 0 for s, r in zip(ins, ranks)]
+    if any(w < 0 for w in widths):
+        return None
+    fresh = [c for c in string.ascii_letters if c not in eq]
+    n = max(widths)
+    if n > len(fresh):
+        return None
+    ell = "".join(fresh[:n])
+    ins = [s.replace("...", ell[n - w:]) for s, w in zip(ins, widths)]
+    return ",".join(ins) + "->" + out.replace("...", ell)
+
+
 def can_vectorize(node: torch.fx.Node) -> bool:
     """Whether ``node`` has a vectorization rule (checked before the graph is touched)."""
     if node.target is operator.getitem:
@@ -88,6 +114,8 @@ class Vectorizer:
         self.where = loop.template[0]
         self.fake_mode = val(self.where).fake_mode
         self.sizes: dict | None = None     # symbolic expression -> a sym_size node that holds it
+        #: refuse (NoLoop) instead of stacking a value from its per-step nodes (a map loop gains nothing then)
+        self.strict = False
 
     # --- the loop's values outside it -------------------------------------------------
     def replace_outside_uses(self, uses: dict, writes: list, finals: dict, invariant_writes: bool = True) -> None:
@@ -316,6 +344,8 @@ class Vectorizer:
 
     def _stacked(self, j):
         loop = self.loop
+        if self.strict:
+            raise NoLoop(f"no vectorization rule for {op_name(loop.template[j])} in the loop body")
         nodes = [loop.inst[s][j] for s in loop.steps]
         if loop.reverse:
             nodes.reverse()
@@ -325,10 +355,12 @@ class Vectorizer:
         loop = self.loop
         args_r, kwargs_r = loop.roles[j]
         if is_op(node, aten.einsum):
-            eq = node.args[0]
-            if "." in eq or args_r[2][1][0] != "T":
+            if args_r[2][1][0] != "T":
                 return None
-            ins, out = eq.replace(" ", "").split("->")
+            eq = explicit_equation(node.args[0], [val(x).dim() for x in node.args[1]])
+            if eq is None:
+                return None
+            ins, out = eq.split("->")
             t = next(c for c in string.ascii_letters if c not in eq)
             ops = [self.role(r) for r in args_r[2][1][2]]
             ins = [t + s if v else s for s, (_, v) in zip(ins.split(","), ops)]

@@ -42,7 +42,7 @@ import torch.fx
 
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
-from seqfuse.passes.loop_reroll import Loop, NoLoop, _canon_args, _hashable, _seed_key, find_runs, group_loops, reroll
+from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, aliases, find_runs, group_loops, reroll, share_slice_sources
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, \
     readout_rounding, val
@@ -64,7 +64,7 @@ class LoopPass(Pass):
     def run(self, ctx: PassContext) -> None:
         graph = ctx.graph
         folded = _fold_full_slices(graph)
-        folded |= _share_slice_sources(graph)
+        folded |= share_slice_sources(graph)
         runs = find_runs(graph)
         if not runs:
             if folded:
@@ -97,37 +97,6 @@ class LoopPass(Pass):
             graph.eliminate_dead_code()
         if changed or touched:
             ctx.gm.recompile()
-
-
-#: ops whose result aliases their first argument (a view taken at any point reads the same memory)
-_VIEWS = (aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.expand, aten.view, aten.movedim,
-          aten.t, aten.alias, aten.select, aten.slice, aten.diagonal, aten.unflatten)
-
-
-def _share_slice_sources(graph: torch.fx.Graph) -> bool:
-    """Per-step slices of one view recomputed at every step read the first copy of that view.
-
-    Dynamo unrolls ``C[:, None, i]`` into ``select(unsqueeze(C, 1), 2, i)`` with a new
-    ``unsqueeze(C, 1)`` per step, so each step's slice would be a family of its own.  Equal chains
-    of views of one tensor (same ops, same arguments) alias the same memory wherever they are
-    taken, so every slice can read the first one.  Returns whether a slice was changed."""
-    table: dict = {}
-    canon: dict = {}
-    changed = False
-    for node in graph.nodes:
-        if node.op == "call_function" and is_op(node, *_VIEWS):
-            try:
-                key = (node.target, _hashable(_canon_args(node.args, canon)), _hashable(_canon_args(node.kwargs, canon)))
-            except TypeError:
-                continue
-            canon[node] = table.setdefault(key, node)
-        if _seed_key(node) is not None:
-            x = node.args[0]
-            first = canon.get(x, x)
-            if first is not x:
-                node.replace_input_with(x, first)
-                changed = True
-    return changed
 
 
 def _full_slice(node) -> bool:
@@ -261,8 +230,11 @@ def _einsum_parts(node):
 class _Rewrite:
     """Checks a re-rolled loop, then replaces it (nothing is touched until every check passed)."""
 
-    def __init__(self, ctx: PassContext, loop: Loop, pos):
-        self.ctx, self.loop, self.pos, self.graph = ctx, loop, pos, ctx.graph
+    def __init__(self, ctx: PassContext, loop: Loop, pos, strict: bool = False):
+        """``strict``: every value the rewrite needs must vectorize (none stacked from its per-step
+        nodes), else NoLoop before the graph is touched (a loop with nothing carried gains nothing
+        from a stack)."""
+        self.ctx, self.loop, self.pos, self.graph, self.strict = ctx, loop, pos, ctx.graph, strict
         self.an = Analysis(loop)
         self.tindex = {n: j for j, n in enumerate(loop.template)}
 
@@ -291,6 +263,10 @@ class _Rewrite:
                 del readouts[k]
         # 2. the rewrite
         vec = self.vec = Vectorizer(self.graph, loop, self.anchor, an.deps)
+        if self.strict:
+            vec.strict = True
+            for r in roots:     # NoLoop here leaves only dead new nodes behind
+                vec.role(r)
         finals = {}
         for k in loop.carried:
             plan = self._ssd_plan(k, lins[k], readouts.get(k)) if k in readouts else None
@@ -324,11 +300,17 @@ class _Rewrite:
             for w, (r, _) in enumerate(zip(roles[0][2], range(99))):
                 if r[0] == "L" and r[1] in written and not (loop.template[j].target is aten.copy_.default and w == 0):
                     raise NoLoop("the loop reads the buffer it writes its outputs into")
+        dests = {loop.inst[t][s] for _, s, _ in writes for t in loop.steps}
+        copies = {loop.inst[t][j] for j, _, _ in writes for t in loop.steps}
         for _, s, _ in writes:
-            buf = loop.template[s].args[0]
-            for u in buf.users:
-                if u not in self.body and self.first < self.pos[u] < self.last:
-                    raise NoLoop("the output buffer is used inside the loop by code outside the loop body")
+            for a in aliases(loop.template[s].args[0]):
+                if a in self.body and a not in dests:
+                    raise NoLoop("the loop reads the buffer it writes its outputs into")
+                for u in a.users:
+                    if u in self.body and u not in copies and a in dests:
+                        raise NoLoop("the loop reads the buffer it writes its outputs into")
+                    if u not in self.body and self.first < self.pos[u] < self.last:
+                        raise NoLoop("the output buffer is used inside the loop by code outside the loop body")
         return writes
 
     def _outside_uses(self):

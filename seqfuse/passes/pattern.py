@@ -32,6 +32,12 @@ def is_op(node: Any, *targets) -> bool:
     return any(t is x or packet is x for x in targets)
 
 
+def op_name(node: torch.fx.Node) -> str:
+    """``aten.<op>`` for an ATen call (no overload), else the target's name (for near-miss reasons)."""
+    t = node.target
+    return f"aten.{t.__name__.split('.')[0]}" if isinstance(t, torch._ops.OpOverload) else str(getattr(t, "__name__", t))
+
+
 def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Argument ``index`` (or keyword ``name``) of ``node``, else ``default``."""
     if len(node.args) > index:

@@ -30,7 +30,8 @@ import torch
 
 #: seqfuse's error vs the oracle may be at most FACTOR x eager's ...
 FACTOR = 4.0
-#: ... plus FLOOR[dtype] x the unit roundoff of the result's dtype.  The floor stands for the
+#: ... plus FLOOR[dtype] x the unit roundoff of the result's dtype (or of the least precise floating
+#: input's, where coarser: the dtype the program rounds in).  The floor stands for the
 #: reassociation of sums (recursive summation of n terms is off by up to n·u): fp64 / fp32
 #: programs are often as exact as their dtype allows, so their floor admits a different
 #: summation order over ~10³ / ~10² terms; fp16 / bf16 programs carry their own rounding at
@@ -46,7 +47,7 @@ FAILING = ("wrong", "crash", "eager_error_mismatch")
 
 @dataclass
 class Case:
-    family: str            # "attention" | "ssd" | "scan" | "long_conv"
+    family: str            # "attention" | "ssd" | "scan" | "long_conv" | "map" | "triangular"
     name: str              # the spelling, e.g. "masked_fill_tril"
     fn: Callable           # the program: fn(*inputs) -> Tensor or tuple of Tensors
     inputs: tuple          # tensors (some with requires_grad) and Python scalars
@@ -257,7 +258,7 @@ def containment_nan_rule(got: torch.Tensor, eager: torch.Tensor, oracle: torch.T
 
 #: family -> rule(got, eager, oracle, ctx) -> (problem, compare mask, eager ref, oracle ref)
 NAN_RULES: dict[str, Callable] = {"ssd": containment_nan_rule, "scan": containment_nan_rule,
-                                  "long_conv": containment_nan_rule}
+                                  "long_conv": containment_nan_rule, "triangular": containment_nan_rule}
 #: the rules that need the program run again with the non-finite inputs replaced
 NEEDS_REPLACED = {containment_nan_rule}
 
@@ -327,8 +328,13 @@ def _compare(label: str, got, eager, oracle, ctx: dict, rule: Callable) -> tuple
                                         ctx)
     if problem:
         return f"{label}: {problem}", ""
-    u = UNIT_ROUNDOFF.get(got.dtype, 2.0 ** -24)
-    floor = FLOOR.get(got.dtype, 256) * u
+    # the floor of the least precise dtype the program computes in: a result in fp64 written from bf16
+    # values (a bf16 program that accumulates into an fp64 buffer) carries bf16's rounding
+    dtypes = [got.dtype] + [x.dtype for x in ctx.get("inputs", ()) if isinstance(x, torch.Tensor)
+                            and (x.is_floating_point() or x.is_complex()) and x.dtype in UNIT_ROUNDOFF]
+    coarse = max(dtypes, key=lambda d: UNIT_ROUNDOFF.get(d, 2.0 ** -24))
+    u = UNIT_ROUNDOFF.get(coarse, 2.0 ** -24)
+    floor = FLOOR.get(coarse, 256) * u
     if oracle is not None:
         omask = mask & ~torch.stack(_classes(oracle)).any(0)
         es_rms, es_max = _errors(got, oracle, omask)

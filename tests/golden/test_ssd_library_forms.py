@@ -163,23 +163,32 @@ def test_mlstm_chunkwise_parallel_is_a_near_miss_naming_the_stabilizer():
 
 # --- fla naive_chunk_rwkv6 ----------------------------------------------------------------------
 # The intra-chunk part is a Python loop over the chunk's positions i whose mask arange(C) < i is a
-# different constant at every step: the loop is not re-rolled, and its near miss names the op that
-# reads it.  (Re-rolled, RWKV-6's decay exp(w_{s+1} + … + w_{t-1}) excludes the query's own step and
-# adds a bonus u on the diagonal: o_t = q_t·S_{t-1} + (q_t ⊙ u ⊙ k_t)·v_t.)  Eager's own backward
-# fails on the program's in-place write into wkv_new, so only outputs are compared.
+# different constant at every step; each step writes o_intra[..., i] (a map loop).  loop_map reads the
+# constant as the loop index and vectorizes the loop: one value over every position, one write, no
+# per-step mask left.  No ssd is lifted yet (RWKV-6's decay exp(w_{s+1} + … + w_{t-1}) excludes the
+# query's own step and adds a bonus u on the diagonal: o_t = q_t·S_{t-1} + (q_t ⊙ u ⊙ k_t)·v_t).
+# Eager's own backward fails on the program's in-place write into wkv_new, so only outputs are compared.
 
 rwkv6 = pytest.importorskip("fla.ops.rwkv6.chunk_naive")
 
 
-def test_chunk_rwkv6_intra_loop_near_miss_names_the_step_mask():
-    b, h, t, d = 1, 2, 16, 4
+@pytest.mark.parametrize("t", [16, 40])
+def test_chunk_rwkv6_intra_loop_is_vectorized(t, tmp_path):
+    import pathlib
+    b, h, d = 1, 2, 4
     q, k, v = (randn(b, h, t, d, seed=i, grad=False) for i in range(3))
     w = F.logsigmoid(randn(b, h, t, d, seed=3, grad=False))
     u = randn(h, d, seed=4, grad=False)
-    report = check_against_eager(lambda *a: rwkv6.naive_chunk_rwkv6(*a, chunk_size=8), q, k, v, w, u, grads=False)
-    misses = ssd_misses(report)
-    assert report.count("ssd") == 0 and misses, str(report)
-    assert any("masked_fill_" in r and "loop index" in r for r in misses), misses
+    fn = lambda *a: rwkv6.naive_chunk_rwkv6(*a, chunk_size=8)  # noqa: E731
+    report = check_against_eager(fn, q, k, v, w, u, grads=False,
+                                 options={"dump_dir": str(tmp_path)})
+    before, after = (pathlib.Path(next(p for p in report.dumps if p.endswith(f"_{s}.txt"))).read_text()
+                     for s in ("masks", "loop_map"))
+    assert before.count("aten.lt.Scalar(") == 8, before
+    # one comparison of the positions with the loop index (an index tensor), no per-step mask
+    assert after.count("aten.lt.Scalar(") == 0 and after.count("aten.lt.Tensor(") == 1, after
+    assert after.count("aten.arange.start(0, 8, dtype=i64") == 1, after
+    assert not [m for m in report.near_misses if "map loop" in m.reason], str(report)
 
 
 def test_parallel_based_dynamic_length():

@@ -260,3 +260,58 @@ def test_masked_fill_that_overflows_its_dtype_is_kept():
         traced = trace_pre_dispatch(gm, inputs)
         assert normalize_masks(traced) == (0 if kept else 1)
         assert (aten.masked_fill.Scalar in targets(traced)) == kept, format_graph(traced.graph)
+
+
+# --- in-place ops on temporaries ---------------------------------------------------------------------
+
+def _inplace_cases():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+
+    def temp_add(a, b):
+        s = a * 2
+        s += b.exp()
+        return s * 3
+
+    def temp_fill(a, b):
+        s = a * b
+        s.masked_fill_(b > 0, 0.0)
+        return s.sum(-1)
+
+    def view_add(a, b):            # the target is a view of a: a changes too
+        s = a * 2
+        v = s[0]
+        v += b[0]
+        return s
+
+    def read_twice(a, b):          # the temporary is read again after the write (through s itself)
+        s = a * 2
+        t = s + 1
+        s += b
+        return s, t
+
+    def promotes(a, b):            # fp32 += fp64 stays fp32 in place; out of place it would promote
+        s = a * 2
+        s += b.double()
+        return s
+
+    def input_add(a, b):           # an input is not a temporary
+        a += b
+        return a * 1
+    return a, b, [(temp_add, 1), (temp_fill, 1), (view_add, 0), (read_twice, 0), (promotes, 0), (input_add, 0)]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_inplace_on_a_temporary_becomes_out_of_place(case):
+    from seqfuse.compiler.canonicalize import normalize_inplace
+    a, b, cases = _inplace_cases()
+    fn, expected = cases[case]
+    gm, inputs = capture(fn, a.clone(), b.clone())
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_inplace(traced) == expected
+    mutating = [t for t in targets(traced) if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable]
+    assert bool(mutating) == (expected == 0), targets(traced)
+    ref = fn(*[x.clone() for x in inputs])     # (the capture ran fn on them: input_add changed its a)
+    got = traced(*[x.clone() for x in inputs])
+    ref, got = (ref if isinstance(ref, tuple) else (ref,)), (got if isinstance(got, (tuple, list)) else (got,))
+    for r, g in zip(ref, got):
+        assert r.dtype == g.dtype and torch.equal(r, g)

@@ -64,8 +64,8 @@ def qkv():
 
 def test_builtins_are_registered_first():
     names = [p.name for p in registered_passes()]
-    assert names[:10] == ["delta", "loops", "attention", "long_conv", "toeplitz", "ssd_chunks", "ssd_forms",
-                          "scan_tree", "scan_readout", "scan_discretize"]
+    assert names[:12] == ["loop_map", "delta", "triangular", "loops", "attention", "long_conv", "toeplitz",
+                          "ssd_chunks", "ssd_forms", "scan_tree", "scan_readout", "scan_discretize"]
     assert all(isinstance(p, seqfuse.Pass) for p in registered_passes())
 
 
