@@ -45,7 +45,7 @@ import torch.fx
 
 from seqfuse.ir.ops import Delta
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, leaves
-from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, find_runs, group_loops, reroll
+from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, op_name, val
 from seqfuse.passes.registry import Pass, PassContext
@@ -950,7 +950,6 @@ class _Rewrite:
     def _buffer_writes(self, plan):
         """Template copy_ entries writing each step's readout into a slice of one buffer: [(j, seed, src role)]."""
         loop, writes = self.loop, []
-        written = set()
         for j, node in enumerate(loop.template):
             t = node.target
             if not (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable):
@@ -965,18 +964,7 @@ class _Rewrite:
             if any(loop.inst[s][j].users for s in loop.steps):
                 raise NoLoop("the result of a per-step buffer write is read")
             writes.append((j, args[0][1], args[1]))
-            written.add(args[0][1])
-        for j, roles in enumerate(loop.roles):
-            if roles is None:
-                continue
-            for w, r in enumerate(roles[0][2]):
-                if r[0] == "L" and r[1] in written and not (loop.template[j].target is aten.copy_.default and w == 0):
-                    raise NoLoop("the loop reads the buffer it writes its outputs into")
-        for _, s, _ in writes:
-            buf = loop.template[s].args[0]
-            for u in buf.users:
-                if u not in self.body and self.first < self.pos[u] < self.last:
-                    raise NoLoop("the output buffer is used inside the loop by code outside the loop body")
+        check_buffer_reads(loop, writes, self.body, self.pos, self.first, self.last)
         return writes
 
     def _outside_uses(self, plan):

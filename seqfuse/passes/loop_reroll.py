@@ -522,3 +522,28 @@ def aliases(node: torch.fx.Node) -> set:
         out.add(n)
         stack.extend(u for u in n.users if u.op == "call_function" and is_op(u, *_VIEWS) and u.args[0] is n)
     return out
+
+
+def check_buffer_reads(loop: Loop, writes: list, body: set, pos: dict, first: int, last: int) -> None:
+    """NoLoop unless the buffers of the per-step writes ``writes`` ([(copy_ entry, destination seed entry,
+    source role)]) are only written by the loop: no entry of the body reads a destination (but its own
+    copy_), no node of the body reads the buffer through any other alias, and no code outside the body
+    reads it between the loop's first and last node (positions ``pos``)."""
+    dest_entries = {s for _, s, _ in writes}
+    for j, roles in enumerate(loop.roles):
+        if roles is None:
+            continue
+        for w, r in enumerate(roles[0][2]):
+            if r[0] == "L" and r[1] in dest_entries and not (loop.template[j].target is aten.copy_.default and w == 0):
+                raise NoLoop("the loop reads the buffer it writes its outputs into")
+    dests = {loop.inst[t][s] for _, s, _ in writes for t in loop.steps}
+    copies = {loop.inst[t][j] for j, _, _ in writes for t in loop.steps}
+    for _, s, _ in writes:
+        for a in aliases(loop.template[s].args[0]):
+            if a in body and a not in dests:
+                raise NoLoop("the loop reads the buffer it writes its outputs into")
+            for u in a.users:
+                if u in body and u not in copies and a in dests:
+                    raise NoLoop("the loop reads the buffer it writes its outputs into")
+                if u not in body and first < pos[u] < last:
+                    raise NoLoop("the output buffer is used inside the loop by code outside the loop body")

@@ -42,7 +42,8 @@ import torch.fx
 
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
-from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, aliases, find_runs, group_loops, reroll, share_slice_sources
+from seqfuse.passes.loop_reroll import (Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops, reroll,
+                                        share_slice_sources)
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, \
     readout_rounding, val
@@ -282,7 +283,6 @@ class _Rewrite:
     def _buffer_writes(self):
         """Template copy_ entries writing every step's result into a slice of one buffer: [(j, seed j, src role)]."""
         loop, writes = self.loop, []
-        written = set()
         for j, node in enumerate(loop.template):
             t = node.target
             if not (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable):
@@ -293,24 +293,7 @@ class _Rewrite:
             if any(loop.inst[s][j].users for s in loop.steps):
                 raise NoLoop("the result of a per-step buffer write is read")
             writes.append((j, args[0][1], args[1]))
-            written.add(args[0][1])
-        for j, roles in enumerate(loop.roles):   # the buffer's slices are only written
-            if roles is None:
-                continue
-            for w, (r, _) in enumerate(zip(roles[0][2], range(99))):
-                if r[0] == "L" and r[1] in written and not (loop.template[j].target is aten.copy_.default and w == 0):
-                    raise NoLoop("the loop reads the buffer it writes its outputs into")
-        dests = {loop.inst[t][s] for _, s, _ in writes for t in loop.steps}
-        copies = {loop.inst[t][j] for j, _, _ in writes for t in loop.steps}
-        for _, s, _ in writes:
-            for a in aliases(loop.template[s].args[0]):
-                if a in self.body and a not in dests:
-                    raise NoLoop("the loop reads the buffer it writes its outputs into")
-                for u in a.users:
-                    if u in self.body and u not in copies and a in dests:
-                        raise NoLoop("the loop reads the buffer it writes its outputs into")
-                    if u not in self.body and self.first < self.pos[u] < self.last:
-                        raise NoLoop("the output buffer is used inside the loop by code outside the loop body")
+        check_buffer_reads(loop, writes, self.body, self.pos, self.first, self.last)
         return writes
 
     def _outside_uses(self):
