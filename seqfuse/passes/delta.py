@@ -49,7 +49,8 @@ from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, check_buffer_rea
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, op_name, val
 from seqfuse.passes.registry import Pass, PassContext
-from seqfuse.passes.triangular import NotForwardSubstitution, is_eye, mask_is, prove, whole_write, written
+from seqfuse.passes.triangular import (NotForwardSubstitution, forward_whole_write, is_eye, mask_is, prove,
+                                      whole_write, written)
 
 aten = torch.ops.aten
 
@@ -649,10 +650,14 @@ class DeltaPass(Pass):
             if not self._reads_state_through_contraction(loop, an, k):
                 continue       # not delta-like (tanh(h), h·h, ...): the loops pass reports it
             rewrite = _ChunkRewrite if _ChunkRewrite.applies(loop) else _Rewrite
+            r = rewrite(ctx, loop, an, k, pos)
             try:
-                rewrite(ctx, loop, an, k, pos).run()
+                r.run()
                 changed = True
             except (NotDelta, NoLoop) as e:
+                for n in reversed(getattr(getattr(r, "cx", None), "created", [])):
+                    if not n.users:
+                        graph.erase_node(n)
                 what = "chunked form not lifted: " if rewrite is _ChunkRewrite else ""
                 ctx.report.add_near_miss("delta", what + str(e), loop.template[k])
                 self._reported = True
@@ -1283,7 +1288,7 @@ class _Chunked:
         from seqfuse.passes.pattern import is_shape_only
         if pos.get(node, -1) < start or is_shape_only(node):
             return self.inv(node)
-        return self._tree(node, False, what)
+        return self._tree(node, None, what)
 
     # -- entry points ------------------------------------------------------------------
     def role(self, role, what):
@@ -1310,15 +1315,16 @@ class _Chunked:
             if key is None or key[2] != "select" or key[1] != 2:
                 raise NotDelta(f"{what} is not a slice of a tensor over the chunks along axis 2")
             return self.whole(key[0], what)
-        return self._tree(node, False, what)
+        return self._tree(node, None, what)
 
-    def whole(self, node, what):
-        """The tree of a tensor over all chunks (chunk axis 2), in one chunk's frame."""
-        if not isinstance(val(node), torch.Tensor) or val(node).dim() < 3:
+    def whole(self, node, what, axis=2):
+        """The tree of a tensor over all chunks (chunk axis ``axis``, 2 unless a vectorized column build moved
+        it), in one chunk's frame (the tensor without its chunk axis)."""
+        if not isinstance(val(node), torch.Tensor) or val(node).dim() < max(3, axis + 1):
             raise NotDelta(f"{what} is not a tensor over the chunks")
-        if node not in self.memo:
-            self.memo[node] = self._tree(node, True, what)
-        return self.memo[node]
+        if (node, axis) not in self.memo:
+            self.memo[(node, axis)] = self._tree(node, axis, what)
+        return self.memo[(node, axis)]
 
     def inv(self, node):
         """The tree of a loop invariant: ("mask", shape, values) for a small boolean mask built from sizes
@@ -1337,7 +1343,9 @@ class _Chunked:
         return ("inv", node)
 
     # -- building ------------------------------------------------------------------------
-    def _arg(self, x, chunked, out_rank, what):
+    def _arg(self, x, chunked, out_rank, what, n=None):
+        """The tree of an argument ``x`` of an op whose result has rank ``out_rank``, chunk axis ``chunked``
+        (None: one chunk's value) of size ``n``."""
         if not isinstance(x, torch.fx.Node):
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 raise NotDelta(f"{what} has a non-numeric argument")
@@ -1345,13 +1353,15 @@ class _Chunked:
         v = val(x)
         if not isinstance(v, torch.Tensor):
             raise NotDelta(f"{what} has a symbolic argument")
-        pc_rank = out_rank - 1 if chunked else out_rank
-        if chunked:
-            if v.dim() == out_rank:
-                return self.whole(x, what)
-            if v.dim() <= pc_rank - 2:          # does not reach the chunk axis: the same value in every chunk
+        if chunked is not None:
+            lead = out_rank - v.dim()           # x's axes are the result's last v.dim() axes
+            if lead <= chunked and v.dim() > chunked - lead \
+                    and known_eq(v.shape[chunked - lead], n):
+                return self.whole(x, what, chunked - lead)
+            if lead > chunked:                  # does not reach the chunk axis: the same value in every chunk
                 return self.inv(x)
             raise NotDelta(f"{what} broadcasts a tensor against the chunk axis")
+        pc_rank = out_rank
         t = self._after(x, what) if self.tail is not None else None
         if t is not None and t[0] != "inv":
             return t
@@ -1364,9 +1374,9 @@ class _Chunked:
         raise NotDelta(f"{what} reads a loop invariant laid over the chunk's batch axes")
 
     def _input(self, x, chunked, what):
-        """The tree of the input of a view or slice (any rank)."""
-        if chunked:
-            return self.whole(x, what)
+        """The tree of the input of a view or slice (any rank) that keeps the chunk axis where it is."""
+        if chunked is not None:
+            return self.whole(x, what, chunked)
         if self.tail is not None:
             return self._after(x, what)
         if x in self.tindex:
@@ -1377,19 +1387,21 @@ class _Chunked:
 
     def _shape(self, node, chunked):
         s = list(val(node).shape)
-        if chunked:
-            del s[2]
+        if chunked is not None:
+            del s[chunked]
         return tuple(str(d) for d in s)
 
     def _tree(self, node, chunked, what):
         R = val(node).dim()
-        arg = lambda x: self._arg(x, chunked, R, what)  # noqa: E731
+        n = val(node).shape[chunked] if chunked is not None else None
+        arg = lambda x: self._arg(x, chunked, R, what, n)  # noqa: E731
         if written(node):
             src = whole_write(node)
             if src is None:
                 raise NotDelta(f"{what} reads a tensor written in place")
             return self._tree(src, chunked, what)
-        if is_op(node, *IDENTITIES) or (is_op(node, *CASTS) and val(node).dtype == val(node.args[0]).dtype):
+        if is_op(node, *IDENTITIES) or (is_op(node, *CASTS) and val(node).dtype == val(node.args[0]).dtype) \
+                or (node.target is aten.repeat_interleave.self_int and node.args[1] == 1):
             return arg(node.args[0])
         name = _EXPR_OPS.get(node.target)
         if name is not None:
@@ -1409,7 +1421,7 @@ class _Chunked:
             return ("where", arg(node.args[0]), arg(node.args[1]), node.args[2])
         if node.target in (aten.masked_fill.Scalar, aten.masked_fill_.Scalar):
             # masked_fill_ only on a temporary of the loop body read by nothing else (it reads as out of place)
-            if node.target is aten.masked_fill_.Scalar and (chunked or len(node.args[0].users) != 1):
+            if node.target is aten.masked_fill_.Scalar and (chunked is not None or len(node.args[0].users) != 1):
                 raise NotDelta(f"{what} fills a tensor in place that is read elsewhere")
             c = arg(node.args[1])
             c = ("mask", c[1], tuple(not b for b in c[2])) if c[0] == "mask" else ("not", c)
@@ -1425,20 +1437,21 @@ class _Chunked:
         if node.target is aten.select.int and isinstance(node.args[1], int):
             rx = val(node.args[0]).dim()
             d = node.args[1] % rx
-            if d >= rx - 2 and not (chunked and d <= 2) and node.args[2] in (-1, val(node.args[0]).shape[d] - 1):
+            if d >= rx - 2 and not (chunked is not None and d <= chunked) \
+                    and node.args[2] in (-1, val(node.args[0]).shape[d] - 1):
                 return ("last" if d == rx - 1 else "last2", self._input(node.args[0], chunked, what))
         keep = self._keeps_last(node) if node.target is aten.slice.Tensor else None
-        if keep is not None and not (chunked and keep <= 2):
-            axes = list(range(R - (1 if chunked else 0) - 1))
+        if keep is not None and not (chunked is not None and keep <= chunked):
+            axes = list(range(R - (0 if chunked is None else 1) - 1))
             axes.insert(len(axes) if keep == R - 1 else len(axes) - 1, None)
             return ("ax", ("last" if keep == R - 1 else "last2", self._input(node.args[0], chunked, what)),
                     tuple(axes), self._shape(node, chunked))
         if is_op(node, aten.einsum) and len(node.args[1]) == 2:
             return self._einsum(node, chunked, what)
-        if _solve(node) and chunked:
+        if _solve(node) and chunked == 2:
             return ("apply", ("utinv", self.whole(node.args[0], what)), self.whole(node.args[1], what))
         base, axes = axis_view(node)
-        if chunked and base is not node and (len(axes) < 3 or axes[2] is None) and R >= 3 \
+        if chunked == 2 and base is not node and (len(axes) < 3 or axes[2] is None) and R >= 3 \
                 and known_eq(val(node).shape[2], 1):
             # one chunk: the reshape into chunks inserts a unit chunk axis, which the whole chain of axis moves
             # reads as created; the reshape is the leaf, a move after it is read one step at a time
@@ -1447,22 +1460,30 @@ class _Chunked:
             base, axes = node.args[0], _one_move(node)
         if base is not node and isinstance(base, torch.fx.Node) and isinstance(val(base), torch.Tensor):
             b = val(base).dim()
-            if chunked:
-                if b < 3 or axes is None or len(axes) < 3 or axes[2] != 2:
+            if chunked is not None:
+                # the chunk axis may move (a vectorized column build lays the columns first): the base's
+                # tree with its own chunk axis, the frame's axes renumbered without it on both sides
+                src = axes[chunked] if axes is not None and len(axes) > chunked else None
+                if chunked == 2 and src is not None and src != 2 and is_op(base, aten.reshape, aten.view) \
+                        and val(base.args[0]).dim() < b:
+                    return ("leaf", node)     # chunks laid (B, N, C, H, ·) moved to (B, H, N, C, ·): _unchunk
+                if src is None:
                     raise NotDelta(f"{what} moves the chunk axis")
-                axes = [None if a is None else (a if a < 2 else a - 1) for a in axes[:2] + axes[3:]]
-                inner = self.whole(base, what)
+                axes = [None if a is None else (a if a < src else a - 1) for a in axes[:chunked] + axes[chunked + 1:]]
+                inner = self.whole(base, what, src)
             else:
-                inner = self._input(base, False, what)
+                inner = self._input(base, None, what)
             if inner[0] == "ax":                      # compose two axis moves
                 axes = [None if a is None else inner[2][a] for a in axes]
                 inner = inner[1]
             shape = self._shape(node, chunked)
-            if axes == list(range(len(axes))) and len(axes) == (b - 1 if chunked else b):
+            if axes == list(range(len(axes))) and len(axes) == (b if chunked is None else b - 1):
                 return inner
             return ("ax", inner, tuple(axes), shape)
-        if chunked:
+        if chunked == 2:
             return ("leaf", node)
+        if chunked is not None:
+            raise NotDelta(f"{what} moves the chunk axis (to {chunked}) around {op_name(node)}")
         raise NotDelta(f"{what} computes {op_name(node)} in the loop (not a piece of the WY form)")
 
     def _keeps_last(self, node):
@@ -1483,24 +1504,24 @@ class _Chunked:
         ins, out = eq.split("->")
         ins = ins.split(",")
         a, b = node.args[1]
-        if chunked and len(out) >= 3 and known_eq(val(node).shape[2], 1):
+        if chunked == 2 and len(out) >= 3 and known_eq(val(node).shape[2], 1):
             (a, ins[0]), (b, ins[1]) = (self._unit_chunk(node, x, s, out) for x, s in ((a, ins[0]), (b, ins[1])))
-        if chunked:
-            if len(out) < 3 or any(len(s) < 3 or s[2] != out[2] for s in ins) or \
+        if chunked is not None:
+            # the chunk letter is a batch letter of both operands (at any position: a vectorized column build
+            # lays it elsewhere), read with each operand's own chunk axis
+            c = out[chunked] if len(out) > chunked else None
+            if c is None or out.count(c) != 1 or any(s.count(c) != 1 for s in ins) or \
                     any(val(x).dim() != len(s) for x, s in zip((a, b), ins)):
                 raise NotDelta(f"{what} is an einsum that mixes the chunks")
-            c = out[2]
-            if sum(s.count(c) for s in ins) != 2 or out.count(c) != 1:
-                raise NotDelta(f"{what} is an einsum that mixes the chunks")
+            ta, tb = self.whole(a, what, ins[0].index(c)), self.whole(b, what, ins[1].index(c))
             ins, out = [s.replace(c, "") for s in ins], out.replace(c, "")
-            ta, tb = self.whole(a, what), self.whole(b, what)
-            if known_eq(val(node).shape[2], 1):
+            if chunked == 2 and known_eq(val(node).shape[2], 1):
                 # one chunk: an operand's transpose the contraction normalizer left in place (it folded the
                 # unit chunk axis instead) folds into the operand's letters
                 (ta, ins[0]), (tb, ins[1]) = (_fold_moves(t, s_) for t, s_ in ((ta, ins[0]), (tb, ins[1])))
         else:
-            ta = self._arg(a, False, len(ins[0]), what)
-            tb = self._arg(b, False, len(ins[1]), what)
+            ta = self._arg(a, None, len(ins[0]), what)
+            tb = self._arg(b, None, len(ins[1]), what)
         eq = _canon_eq(ins, out)
         if eq == _MM and ta[0] == "utinv":
             return ("apply", ta, tb)
@@ -1534,7 +1555,7 @@ class _Chunked:
     def _forward_substitution(self, N, eye, chunked, what):
         """("utinv", M) for T = N + I, N = −strictly_lower(M) (B, H, Nc, C, C) rewritten in place row by row
         (triangular.prove): T = (I + strictly_lower(M))⁻¹."""
-        if not chunked or val(N).dim() != 5:
+        if chunked != 2 or val(N).dim() != 5:
             raise NotDelta(f"{what}: the forward substitution is not over (B, H, N, C, C) chunks")
         try:
             fs = prove(self.ctx, N, eye)
@@ -1651,6 +1672,7 @@ class _ChunkRewrite(_Rewrite):
         z.meta.update(buf.meta)
         buf.replace_all_uses_with(z)
         self.graph.erase_node(buf)
+        forward_whole_write(self.graph, z)    # written over all of it by the op's output: read that instead
 
     # -- the loop body ---------------------------------------------------------------
     def _t(self, role):
@@ -1704,6 +1726,7 @@ class _ChunkRewrite(_Rewrite):
             raise NotDelta("the chunk loop's state is not (B, H, K, V) or the loop runs backwards")
         used = set()
         cx = self.cx = _Chunked(self.ctx, loop, self.an, set(loop.body()))
+        self._made = {}             # nodes _created inserts (in cx.created), by op and arguments
         seeds = {}
 
         def piece(role, name, what):
@@ -1855,6 +1878,8 @@ class _ChunkRewrite(_Rewrite):
         """The per-chunk pieces (trees of _Chunked) are those of the WY / UT form of the delta rule; returns the
         plan (q, k, v, β, g over (B, H, T'), the chunk size C).  ``x["cd"]`` None: no decay (DeltaNet)."""
         nv, kc = x["nv"], x["kc"]
+        if self._vector_system(nv) is not None:
+            return self._prove_vector(x, allowed, ro_j)
         if nv[0] != "apply" or kc[0] != "apply":
             raise NotDelta("the chunk's corrections are not products with the UT inverse "
                            "(a unit lower-triangular solve or a forward substitution)")
@@ -1863,57 +1888,30 @@ class _ChunkRewrite(_Rewrite):
             raise NotDelta("the two triangular solves have different systems")
         M = U[1]
         dead = x["cd"] is _DEAD     # no state update: a decay shows in the system's mask alone
-        gated = x["cd"] is not None if not dead else (M[0] == "mul" or self._vector_scores(M) is not None)
-        # UT = (kβ_c·k_cᵀ) ⊙ L  (no decay: kβ_c·k_cᵀ)
+        gated = x["cd"] is not None if not dead else M[0] == "mul"
+        # UT = (kβ_c·k_cᵀ) ⊙ L  (no decay: kβ_c·k_cᵀ); a decay per key channel went to _prove_vector
         cum = L = None
-        vector = gated and self._vector_scores(M) is not None    # KDA: a decay per key channel
-        if vector:      # UT = Σ_K kβ_c,i ⊙ k_c,j ⊙ L_ij  with L (·, C, C, K)
-            kb_c, k_c, L = self._vector_scores(M)
-            cum = self._decay_mask(L, vector=True)
+        if gated:
+            sc, L = self._scores_tree(M, "the UT system")
+            cum = self._decay_mask(L)
         else:
-            if gated:
-                sc, L = self._scores_tree(M, "the UT system")
-                cum = self._decay_mask(L)
-            else:
-                sc = M
-            kb_c, k_c = self._mmt(sc, "the UT system")
+            sc = M
+        kb_c, k_c = self._mmt(sc, "the UT system")
         # IA = (q_c·k_cᵀ) ⊙ L, masked to j <= i (the mask optional after a decay mask, required without one)
         ia, masked = x["ia"], False
         if ia[0] == "where" and ia[3] == 0 and self._leaf_c(k_c) is not None and \
                 mask_is(self.ctx, ia[1], self._leaf_c(k_c), "lower"):
             ia, masked = ia[2], True
-        if vector:
-            vs = self._vector_scores(ia)
-            if vs is None:
-                raise NotDelta("the intra-chunk scores are not Σ_K q_i ⊙ k_j ⊙ L_ij")
-            q_c, k_c2, L2 = vs
-        elif gated:
+        if gated:
             sc2, L2 = self._scores_tree(ia, "the intra-chunk scores")
         else:
             if not masked:
                 raise NotDelta("the intra-chunk scores are not masked to j <= i")
             sc2, L2 = ia, None
-        if not vector:
-            q_c, k_c2 = self._mmt(sc2, "the intra-chunk scores")
+        q_c, k_c2 = self._mmt(sc2, "the intra-chunk scores")
         if k_c2 != k_c or L2 != L:
             raise NotDelta("the intra-chunk scores use another key or decay mask than the UT system")
-        if vector:
-            # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ} ; cd = e^{γ_C} along K
-            e_cum = ("exp", cum)
-            if kc[2] != ("mul", *sorted([kb_c, e_cum], key=repr)):
-                raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
-            if x["qd"] != ("mul", *sorted([q_c, e_cum], key=repr)):
-                raise NotDelta("the chunk's query is not q ⊙ exp(cumsum g)")
-            kd = x["kd"]
-            rest = [t for t in kd[1:] if t != k_c] if kd[0] == "mul" else []
-            d = rest[0][1] if len(rest) == 1 and rest[0][0] == "exp" else None
-            if not dead and (d is None or d[0] != "sub" or d[2] != cum
-                             or d[1][:3] != ("ax", ("last2", cum), (0, 1, None, 2))):
-                raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
-            cd = x["cd"]
-            if not dead and (cd[0] != "ax" or cd[1] != ("exp", ("last2", cum)) or cd[2] != (0, 1, 2, None)):
-                raise NotDelta("the chunk's decay is not exp(γ_last) along the key axis")
-        elif gated:
+        if gated:
             # KC's right side: kβ_c ⊙ e^γ ; Qd = q_c ⊙ e^γ ; Kd = k_c ⊙ e^{γ_C − γ} ; cd = e^{γ_C}
             if not self._times_col(kc[2], kb_c, ("exp", cum)):
                 raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
@@ -1944,8 +1942,7 @@ class _ChunkRewrite(_Rewrite):
         g = None
         if gated:
             cs = self._leaf(cum, "the cumulative decay")
-            r = 5 if vector else 4
-            if not is_op(cs, aten.cumsum) or val(cs).dim() != r or cs.args[1] % r != 3 or len(cs.args) > 2 \
+            if not is_op(cs, aten.cumsum) or val(cs).dim() != 4 or cs.args[1] % 4 != 3 or len(cs.args) > 2 \
                     or cs.kwargs:
                 raise NotDelta("the cumulative decay is not a sum over the chunk positions")
             g = self._drop_unit(cs.args[0])
@@ -1959,16 +1956,179 @@ class _ChunkRewrite(_Rewrite):
         for t, name in ((q, "q"), (kk, "k"), (v, "v")):
             if val(t).dim() != 4:
                 raise NotDelta(f"{name} is not (B, H, T, ·) before chunking")
-        if val(beta).dim() != 3 or (g is not None and val(g).dim() != (4 if vector else 3)):
-            raise NotDelta("β or g is not (B, H, T) (g: (B, H, T, K) per key channel) before chunking")
-        if vector and not known_eq(val(g).shape[3], val(kk).shape[3]):
-            raise NotDelta("the per-channel decay does not span the key axis")
+        if val(beta).dim() != 3 or (g is not None and val(g).dim() != 3):
+            raise NotDelta("β or g is not (B, H, T) before chunking")
         lead = val(kk).shape[:3]
         if not all(same_shape(val(t).shape[:3], lead) for t in (q, v, beta) + ((g,) if g is not None else ())) \
                 or not same_shape(val(q).shape, val(kk).shape):
             raise NotDelta("q, k, v, β, g are not laid over one (B, H, T) before chunking")
-        gate = "vector" if vector else ("scalar" if gated else "none")
+        gate = "scalar" if gated else "none"
         return SimpleNamespace(q=q, k=kk, v=v, beta=beta, g=g, C=C, allowed=allowed, readout=ro_j, gate=gate)
+
+    # -- the per-channel (KDA) form, read through index forms -------------------------------------
+    @staticmethod
+    def _applied(t):
+        """(U, X, row scales) when the tree t is U·X with U = ("utinv", M) the UT inverse, possibly scaled by
+        columns, (U·diag(β))·X = U·(β ⊙ X) (fla folds β into the inverse): the row scales of X are those
+        (B, H, C) trees; else None."""
+        if t[0] == "apply" and t[1][0] == "utinv":
+            return t[1], t[2], ()
+        if t[0] != "ein" or t[1] != _MM:
+            return None
+        a, x = t[2], t[3]
+        if a[0] == "utinv":
+            return a, x, ()
+        if a[0] != "mul":
+            return None
+        us = [k for k in a[1:] if k[0] == "utinv"]
+        cols = [k for k in a[1:] if k[0] != "utinv"]
+        if len(us) != 1 or not all(k[0] == "ax" and k[2] == (0, 1, None, 2) for k in cols):
+            return None
+        return us[0], x, tuple(k[1] for k in cols)
+
+    def _vector_system(self, nv):
+        """The UT inverse U of a per-channel decay (its system's exponent indexed by the key channel), else None."""
+        from seqfuse.passes.index_form import NoForm, form
+        app = self._applied(nv)
+        if app is None:
+            return None
+        try:
+            p = form(self.ctx, app[0][1], ("b0", "b1", "i", "j"), "strict_lower")
+        except NoForm:
+            return None
+        per_channel = len(p.bound) == 1 and any(f[0] == "exp" and any(p.bound[0] in a[2] for a, _ in f[1][1])
+                                                for f in p.factors)
+        return app[0] if per_channel else None
+
+    def _scores_form(self, p, what):
+        """(γ leaf, k_c leaf, (coef, row factors)) of a product-sum Σ_d rows_i,d · k_j,d · exp(γ_i,d − γ_j,d),
+        the row factors indexed by (b0, b1, i, @0) or (b0, b1, i)."""
+        B = ("b0", "b1")
+        if len(p.bound) != 1:
+            raise NotDelta(f"{what} is not a sum over the key channels")
+        d = p.bound[0]
+        exps = [f for f in p.factors if f[0] == "exp"]
+        if len(exps) != 1 or exps[0][1][0] != 0.0 or len(exps[0][1][1]) != 2:
+            raise NotDelta(f"{what}: its decay is not exp(γ_i − γ_j) per key channel")
+        (a1, c1), (a2, c2) = exps[0][1][1]
+        if c1 < 0:
+            (a1, c1), (a2, c2) = (a2, c2), (a1, c1)
+        gamma = a1[1]
+        if (c1, c2) != (1.0, -1.0) or a2[1] != gamma or a1[2] != B + ("i", d) or a2[2] != B + ("j", d) \
+                or gamma[0] != "leaf" or val(gamma[1]).dim() != 5:
+            raise NotDelta(f"{what}: its decay is not exp(γ_i − γ_j) of one cumulative sum per key channel")
+        cols = [f for f in p.factors if f[0] == "at" and "j" in f[2]]
+        rows = [f for f in p.factors if f[0] == "at" and "j" not in f[2]]
+        if len(cols) + len(rows) + 1 != len(p.factors) or len(cols) != 1 or cols[0][2] != B + ("j", d) \
+                or cols[0][1][0] != "leaf" or not rows \
+                or not all(f[2] in (B + ("i", d), B + ("i",)) and f[1][0] == "leaf" for f in rows):
+            raise NotDelta(f"{what} is not Σ_K (row pieces)_i ⊙ k_j ⊙ exp(γ_i − γ_j)")
+        return gamma, cols[0][1], (p.coef, tuple(sorted(rows, key=repr)))
+
+    def _row_form(self, t, scales, what):
+        """The index form of a (B, H, C, ·) tree times row scales (B, H, C), indices (b0, b1, i, @0)."""
+        from seqfuse.passes.index_form import NoForm, P, _product, canonical, form
+        B = ("b0", "b1")
+        try:
+            p = form(self.ctx, t, B + ("i", "@0"))
+        except NoForm as e:
+            raise NotDelta(f"{what}: {e}") from None
+        extra = [P(1.0, (), (("at", sc, B + ("i",)),)) for sc in scales]
+        return canonical(_product([p] + extra))
+
+    def _pieces(self, coef_rows, what, k_leaf=None):
+        """(x, β) (B, H, T, ·), (B, H, T) before chunking of row pieces: the chunks of x ⊙ β[..., None] (one
+        leaf, coefficient 1) or a leaf x_c (``k_leaf`` when given) and a leaf β_c."""
+        coef, rows = coef_rows
+        if coef != 1.0:
+            raise NotDelta(f"{what} scales its rows by a number")
+        if not all(f[0] == "at" and f[1][0] == "leaf" and f[2] in (("b0", "b1", "i", "@0"), ("b0", "b1", "i"))
+                   for f in rows):
+            raise NotDelta(f"{what} are not chunks laid (B, H, N, C, ·) and (B, H, N, C)")
+        if len(rows) == 1 and len(rows[0][2]) == 4:
+            x, beta = self._times_beta(self._unchunk(rows[0][1][1], what))
+            if x is None:
+                raise NotDelta(f"{what} is not x ⊙ β")
+            return x, beta
+        xs = [f for f in rows if len(f[2]) == 4]
+        bs = [f for f in rows if len(f[2]) == 3]
+        if len(xs) != 1 or len(bs) != 1 or (k_leaf is not None and xs[0][1] != k_leaf):
+            raise NotDelta(f"{what} is not x ⊙ β")
+        return self._unchunk(xs[0][1][1], what), self._unchunk(bs[0][1][1], "β")
+
+    def _prove_vector(self, x, allowed, ro_j):
+        """The KDA plan (a decay per key channel) from index forms of the pieces: the UT system
+        Σ_K kβ_i ⊙ k_j ⊙ exp(γ_i − γ_j) below the diagonal, the scores Σ_K q_i ⊙ k_j ⊙ exp(γ_i − γ_j) on and
+        below it and zero above, KC = U·(kβ ⊙ e^γ), NV = U·vβ, Qd = q ⊙ e^γ, Kd, cd as in ``_prove_wy``; β as
+        a column scale of U is a row scale of its right side (fla), the query's scale a number."""
+        from seqfuse.passes.index_form import ZERO, NoForm, form
+        B = ("b0", "b1")
+        dead = x["cd"] is _DEAD
+        (U, X_nv, s_nv), kc = self._applied(x["nv"]), self._applied(x["kc"])
+        if kc is None or kc[0] != U:
+            raise NotDelta("the two triangular solves have different systems")
+        _, X_kc, s_kc = kc
+        try:
+            pm = form(self.ctx, U[1], B + ("i", "j"), "strict_lower")
+            upper = form(self.ctx, x["ia"], B + ("i", "j"), "strict_upper")
+            pi = form(self.ctx, x["ia"], B + ("i", "j"), "lower")
+        except NoForm as e:
+            raise NotDelta(f"the UT system or the intra-chunk scores: {e}") from None
+        gamma, k_c, kb_rows = self._scores_form(pm, "the UT system")
+        if upper != ZERO:
+            raise NotDelta("the intra-chunk scores are not zero above the diagonal")
+        gamma2, k_c2, q_rows = self._scores_form(pi, "the intra-chunk scores")
+        if gamma2 != gamma or k_c2 != k_c:
+            raise NotDelta("the intra-chunk scores use another key or decay mask than the UT system")
+        e_gamma = ("exp", (0.0, ((("at", gamma, B + ("i", "@0")), 1.0),)))
+        p_kc = self._row_form(X_kc, s_kc, "the decayed keys of the UT transform")
+        if p_kc.bound or p_kc.coef != kb_rows[0] or \
+                tuple(sorted(p_kc.factors, key=repr)) != tuple(sorted(kb_rows[1] + (e_gamma,), key=repr)):
+            raise NotDelta("the decayed keys of the UT transform are not kβ ⊙ exp(cumsum g)")
+        p_qd = self._row_form(x["qd"], (), "the chunk's query")
+        if p_qd.bound or p_qd.coef != q_rows[0] or \
+                tuple(sorted(p_qd.factors, key=repr)) != tuple(sorted(q_rows[1] + (e_gamma,), key=repr)):
+            raise NotDelta("the chunk's query is not q ⊙ exp(cumsum g)")
+        p_nv = self._row_form(X_nv, s_nv, "the chunk's values")
+        if p_nv.bound or any(f[0] != "at" for f in p_nv.factors):
+            raise NotDelta("the chunk's values are not vβ")
+        cum = gamma
+        kd = x["kd"]
+        rest = [t for t in kd[1:] if t != k_c] if kd[0] == "mul" else []
+        d = rest[0][1] if len(rest) == 1 and rest[0][0] == "exp" else None
+        if not dead and (d is None or d[0] != "sub" or d[2] != cum
+                         or d[1][:3] != ("ax", ("last2", cum), (0, 1, None, 2))):
+            raise NotDelta("the chunk's write key is not k ⊙ exp(γ_last − cumsum g)")
+        cd = x["cd"]
+        if not dead and (cd[0] != "ax" or cd[1] != ("exp", ("last2", cum)) or cd[2] != (0, 1, 2, None)):
+            raise NotDelta("the chunk's decay is not exp(γ_last) along the key axis")
+        kk = self._unchunk(k_c[1], "k")
+        k2, beta = self._pieces(kb_rows, "the UT system's rows", k_leaf=k_c)
+        v, beta2 = self._pieces((p_nv.coef, tuple(sorted(p_nv.factors, key=repr))), "the chunk's values")
+        if k2 is not kk or beta2 is not beta or beta is None:
+            raise NotDelta("kβ and vβ are not the key and the values times one β")
+        qs = list(q_rows[1])
+        if len(qs) != 1 or qs[0][2] != B + ("i", "@0"):
+            raise NotDelta("the intra-chunk scores' rows are not one query")
+        q = self._unchunk(qs[0][1][1], "q")
+        cs = cum[1]
+        if not is_op(cs, aten.cumsum) or cs.args[1] % 5 != 3 or len(cs.args) > 2 or cs.kwargs:
+            raise NotDelta("the cumulative decay is not a sum over the chunk positions")
+        g = self._unchunk(cs.args[0], "g")
+        C = val(k_c[1]).shape[3]
+        for t, name in ((q, "q"), (kk, "k"), (v, "v"), (g, "g")):
+            if val(t).dim() != 4:
+                raise NotDelta(f"{name} is not (B, H, T, ·) before chunking")
+        if val(beta).dim() != 3:
+            raise NotDelta("β is not (B, H, T) before chunking")
+        if not known_eq(val(g).shape[3], val(kk).shape[3]):
+            raise NotDelta("the per-channel decay does not span the key axis")
+        lead = val(kk).shape[:3]
+        if not all(same_shape(val(t).shape[:3], lead) for t in (q, v, beta, g)) \
+                or not same_shape(val(q).shape, val(kk).shape):
+            raise NotDelta("q, k, v, β, g are not laid over one (B, H, T) before chunking")
+        return SimpleNamespace(q=q, k=kk, v=v, beta=beta, g=g, C=C, allowed=allowed, readout=ro_j, gate="vector",
+                               q_scale=q_rows[0])
 
     @staticmethod
     def _leaf(t, what):
@@ -2006,37 +2166,9 @@ class _ChunkRewrite(_Rewrite):
                 return True
         return False
 
-    @staticmethod
-    def _vector_scores(t):
-        """(A, B, L) of a tree Σ_K A_i ⊙ B_j ⊙ L_ij (an einsum of A[..., :, None, :] ⊙ B[..., None, :, :] with L
-        (·, C, C, K) over the last axis), else None."""
-        if t[0] != "ein" or t[1] != "abcde,abcde->abcd":
-            return None
-        for pair, L in ((t[2], t[3]), (t[3], t[2])):
-            if pair[0] != "mul":
-                continue
-            a = [x for x in pair[1:] if x[0] == "ax" and x[2] == (0, 1, 2, None, 3)]
-            b = [x for x in pair[1:] if x[0] == "ax" and x[2] == (0, 1, None, 2, 3)]
-            if len(a) == 1 and len(b) == 1:
-                return a[0][1], b[0][1], L
-        return None
-
-    def _decay_mask(self, L, vector=False):
-        """The cumulative decay γ (a leaf (B, H, N, C), or (B, H, N, C, K) for a ``vector`` decay) when
-        L = exp(γ_i − γ_j) for j <= i, 0 above: exp(where(j <= i, γ_i − γ_j, −inf)) or tril(exp(tril(γ_i − γ_j)))
-        (vector: exp(where(j <= i, γ_i − γ_j, −inf)) laid (·, C, C, K))."""
-        if vector:
-            if L[0] != "exp" or L[1][0] != "where" or L[1][3] != -math.inf:
-                raise NotDelta("the per-channel decay mask is not exp of a masked difference of cumulative decays")
-            diff, cond = L[1][2], L[1][1]
-            cum = diff[1][1] if diff[0] == "sub" and diff[1][0] == "ax" else None
-            if cum is None or diff[2][0] != "ax" or diff[2][1] != cum or diff[1][2] != (0, 1, 2, None, 3) \
-                    or diff[2][2] != (0, 1, None, 2, 3) or cum[0] != "leaf" or val(cum[1]).dim() != 5 \
-                    or not isinstance(val(cum[1]).shape[3], int):
-                raise NotDelta("the per-channel decay mask's difference is not γ_i − γ_j of one cumulative sum")
-            if not mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower", unit_last=True):
-                raise NotDelta("the decay mask keeps other positions than j <= i")
-            return cum
+    def _decay_mask(self, L):
+        """The cumulative decay γ (a leaf (B, H, N, C)) when L = exp(γ_i − γ_j) for j <= i, 0 above:
+        exp(where(j <= i, γ_i − γ_j, −inf)) or tril(exp(tril(γ_i − γ_j)))."""
         if L[0] == "exp" and L[1][0] == "where" and L[1][3] == -math.inf:
             diff, cond = L[1][2], L[1][1]
         elif L[0] == "tril" and L[2] == 0 and L[1][0] == "exp" and L[1][1][0] == "tril" and L[1][1][2] == 0:
@@ -2074,7 +2206,25 @@ class _ChunkRewrite(_Rewrite):
         return src
 
     def _unchunk(self, node, what):
-        """x when ``node`` is x (B, H, T', ·) reshaped to (B, H, N, C, ·) (or (B, H, T') to (B, H, N, C))."""
+        """x when ``node`` is x (B, H, T', ·) reshaped to (B, H, N, C, ·) (or (B, H, T') to (B, H, N, C)); for
+        chunks of x (B, T', H, ·) laid (B, N, C, H, ·) and moved to (B, H, N, C, ·) (fla's rearrange
+        'b (n c) h ... -> b h n c ...'), x's transpose (B, H, T', ·), a node inserted here (in ``created``)."""
+        while is_op(node, *IDENTITIES) or (is_op(node, *CASTS) and val(node).dtype == val(node.args[0]).dtype):
+            node = node.args[0]
+        if is_op(node, aten.permute) and is_op(node.args[0], aten.reshape, aten.view):
+            r = val(node).dim()
+            src = node.args[0].args[0]
+            s, o = val(src).shape, val(node.args[0]).shape
+            if [d % r for d in node.args[1]] == [0, 3, 1, 2] + list(range(4, r)) and len(o) == len(s) + 1 \
+                    and known_eq(s[0], o[0]) and known_eq(s[1], o[1] * o[2]) \
+                    and all(known_eq(a, b) for a, b in zip(s[2:], o[3:])):
+                return self._created(aten.transpose.int, (src, 1, 2), node.args[0])
+            raise NotDelta(f"the chunks of {what} are not its time axis split into (N, C)")
+        if node.target is aten.repeat_interleave.self_int and len(node.args) == 3 and node.args[2] == 1 \
+                and isinstance(node.args[1], int) and not node.kwargs:
+            # query / key heads repeated for grouped value heads (fla's GVA): the same repeat before chunking
+            inner = self._unchunk(node.args[0], what)
+            return self._created(aten.repeat_interleave.self_int, (inner, node.args[1], 1), node)
         if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
             raise NotDelta(f"the chunks of {what} are not a reshape of a sequence")
         src = node.args[0]
@@ -2083,6 +2233,19 @@ class _ChunkRewrite(_Rewrite):
                 or not known_eq(s[2], o[2] * o[3]) or not all(known_eq(a, b) for a, b in zip(s[3:], o[4:])):
             raise NotDelta(f"the chunks of {what} are not its time axis split into (N, C)")
         return src
+
+    def _created(self, op, args, before):
+        """op(*args), inserted before ``before`` (once per op and args; erased when the rewrite fails)."""
+        memo = self._made
+        if (op, args) not in memo:
+            graph = self.ctx.graph
+            with graph.inserting_before(before):
+                t = graph.call_function(op, args)
+            with val(args[0]).fake_mode:
+                t.meta["val"] = op(val(args[0]), *args[1:])
+            self.cx.created.append(t)
+            memo[(op, args)] = t
+        return memo[(op, args)]
 
     def _times_beta(self, node):
         """(x, β) for node = x ⊙ β[..., None] (x (B, H, T, ·), β (B, H, T)), else (None, None)."""
@@ -2125,6 +2288,8 @@ class _ChunkRewrite(_Rewrite):
             if not whole:
                 x = vec.emit(aten.slice.Tensor, (x, 2, 0, steps))
             ops[name] = vec.cast(vec.emit(aten.transpose.int, (x, 1, 2)), D)          # (B, T', H, ·)
+        if getattr(plan, "q_scale", 1.0) != 1.0:      # the query's scale, applied where the program applies it
+            ops["q"] = vec.emit(aten.mul.Tensor, (ops["q"], plan.q_scale))
         h0 = None
         init = loop.init.get(self.k)
         if not _is_zero(init):

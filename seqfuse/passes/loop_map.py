@@ -36,6 +36,7 @@ from seqfuse.passes.loop_reroll import NoLoop, Run, find_runs, group_loops, rero
 from seqfuse.passes.loops import REPORT_MIN_STEPS, _Rewrite
 from seqfuse.passes.pattern import copy_meta, val
 from seqfuse.passes.registry import Pass, PassContext
+from seqfuse.passes.triangular import forward_whole_write
 
 aten = torch.ops.aten
 
@@ -181,7 +182,9 @@ class MapLoopPass(Pass):
                 if loop is None:
                     continue   # a recurrence: delta / loops lift it or report it
                 pos = {n: i for i, n in enumerate(graph.nodes)}
+                buf = w.nodes[0].args[0]
                 _Rewrite(ctx, loop, pos, strict=True).run()
+                forward_whole_write(graph, buf)
             except NoLoop as e:
                 if len(w.nodes) >= REPORT_MIN_STEPS:
                     ctx.report.add_near_miss("scan", f"map loop (a buffer written slice by slice) not vectorized: {e}",

@@ -16,6 +16,7 @@ instead of ~5·C, and a graph the downstream compiler handles in one node instea
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,26 @@ def is_eye(x) -> bool:
     return is_op(x, aten.eye) and val(x).dim() == 2 and val(x).dtype.is_floating_point
 
 
+def _alias_arg(u, n):
+    """The alias annotation of the argument through which op node ``u`` reads ``n`` (None: none, or ``n``
+    is not an argument of a schema op)."""
+    t = u.target
+    if u.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    for a, x in zip(t._schema.arguments, u.args):
+        if x is n and a.alias_info is not None:
+            return a.alias_info
+    return None
+
+
+def mutates(u, n) -> bool:
+    """Whether node ``u`` writes ``n`` in place (copy_, add_, masked_fill_, index_put_, …)."""
+    info = _alias_arg(u, n)
+    return info is not None and info.is_write
+
+
 def written(node) -> bool:
-    """Whether a view of ``node`` (or node itself) is written by copy_."""
+    """Whether ``node`` or a view of it (through any chain of views) is written in place by any op."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
@@ -49,10 +68,17 @@ def written(node) -> bool:
             continue
         seen.add(n)
         for u in n.users:
-            if u.target is aten.copy_.default and u.args[0] is n:
+            info = _alias_arg(u, n)
+            if info is None:
+                if u.target is aten._unsafe_view.default:
+                    stack.append(u)     # a view whose schema does not say so
+                elif u.op == "call_function" and not isinstance(u.target, torch._ops.OpOverload) \
+                        and u.target is not operator.getitem:
+                    return True         # an op without a schema reads it: it may write or alias it
+                continue
+            if info.is_write:
                 return True
-            if is_op(u, aten.select, aten.slice, aten.unsqueeze, aten.view, aten.alias) and u.args[0] is n:
-                stack.append(u)
+            stack.append(u)         # a view (select, slice, unsqueeze, view, permute, …): its writes count
     return False
 
 
@@ -89,9 +115,48 @@ def whole_write(buf):
         n = cp
         while n.op != "root" and n is not u:      # (the graph's node list ends at its root node)
             n = n.next
-        if n is not u or written(u):
+        if n is not u or mutates(u, buf) or written(u):
             return None
     return src
+
+
+#: readers that depend on the buffer's strides (or identity): they read a contiguous copy of the value
+_STRIDED = (aten.view.default, aten._unsafe_view.default, aten.as_strided.default)
+
+
+def forward_whole_write(graph, buf) -> bool:
+    """When a fresh buffer ``buf`` is written once over all of it before any read (``triangular.whole_write``:
+    a vectorized map loop's one ``copy_``), its readers read the written value instead, and the buffer,
+    the slice and the copy go: the value flows through the graph as a value, so the loop finder labels a
+    per-step buffer's readers with their step (a step-private ``zeros`` read after its write would
+    otherwise look like one loop invariant) and the recognizers read it without a write in between.
+    Readers that depend on the buffer's strides read ``contiguous(value)``.  Whether it did so."""
+    src = whole_write(buf)
+    if src is None:
+        return False
+    dests = [u for u in buf.users if u.target is aten.slice.Tensor and u.args[0] is buf
+             and any(c.target is aten.copy_.default and c.args[0] is u for c in u.users)]
+    copies = [c for d in dests + [buf] for c in d.users if c.target is aten.copy_.default and c.args[0] is d]
+    if len(copies) != 1 or copies[0].users:
+        return False
+    cp = copies[0]
+    readers = [u for u in buf.users if u is not cp and u not in dests]
+    contiguous = None
+    for u in readers:
+        x = src
+        if u.op != "call_function" or u.target in _STRIDED:
+            if contiguous is None:
+                with graph.inserting_after(cp):
+                    contiguous = graph.call_function(aten.contiguous.default, (src,))
+                contiguous.meta["val"] = val(buf)
+                copy_meta(contiguous, cp)
+            x = contiguous
+        u.replace_input_with(buf, x)
+    graph.erase_node(cp)
+    for d in dests:
+        graph.erase_node(d)
+    graph.erase_node(buf)
+    return True
 
 
 def mask_is(ctx, tree, C, kind, unit_last=False) -> bool:

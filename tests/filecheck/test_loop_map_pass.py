@@ -1,6 +1,7 @@
 """FileCheck on the graph right after the loop_map pass (dump stage "loop_map"): a loop that writes an
 independent value per step into a buffer becomes one vectorized value and one copy_ into the slice of
-all steps; loops that read their buffer, or whose steps differ, stay as they are.  Every case also
+all steps (a fresh buffer written over all of it is then read as that value); loops that read their
+buffer, or whose steps differ, stay as they are.  Every case also
 compares outputs and gradients with eager."""
 import pathlib
 
@@ -37,17 +38,61 @@ def test_column_loop_becomes_one_einsum_and_one_write(tmp_path):
     _, text = after_pass(columns, k, g, tmp_path=tmp_path)
     run_filecheck(text, """
         CHECK-LABEL: graph(
-        CHECK: %[[BUF:[a-z_0-9]+]] = aten.zeros([2, 3, 6, 6]
+        CHECK-NOT: aten.zeros(
         CHECK: %[[E:[a-z_0-9]+]] = aten.einsum({{[a-z]+}},{{[a-z]+}}->{{[a-z]+}}, {{.*}}) : f32[6, 2, 3, 6]
-        CHECK: %[[DEST:[a-z_0-9]+]] = aten.slice.Tensor(%[[BUF]], 3, 0, 6)
+        CHECK-NOT: aten.zeros(
         CHECK: %[[V:[a-z_0-9]+]] = aten.movedim.int(%[[E]], 0, 3)
-        CHECK: aten.copy_(%[[DEST]], %[[V]])
         CHECK-NOT: aten.select.int
         CHECK-NOT: aten.copy_
-        CHECK: aten.mul.Tensor(%[[BUF]], 2)
+        CHECK: aten.mul.Tensor(%[[V]], 2)
     """)
     report = check_against_eager(columns, k, g)
     assert not report.near_misses, str(report)
+
+
+def some_columns(k, g):
+    """The same loop over all columns but the last: the write covers part of the buffer."""
+    C = k.shape[-2]
+    A = torch.zeros(*k.shape[:-1], C)
+    for i in range(C - 1):
+        A[..., i] = torch.einsum('... c d, ... d -> ... c', k * (g - g[..., i:i + 1, :]).exp(), k[..., i, :])
+    return A * 2
+
+
+def strided_reader(k, g):
+    """The whole buffer written, then read by a view that needs its strides (a contiguous value)."""
+    C = k.shape[-2]
+    A = torch.zeros(*k.shape[:-1], C)
+    for i in range(C):
+        A[..., i] = (k * g[..., i:i + 1, :]).sum(-1) * k[..., i, 0:1]
+    return A.view(-1, C * C) + 1, A
+
+
+def test_a_buffer_written_in_part_keeps_its_write(tmp_path):
+    k, g = operands()
+    _, text = after_pass(some_columns, k, g, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %[[BUF:[a-z_0-9]+]] = aten.zeros([2, 3, 6, 6]
+        CHECK: %[[DEST:[a-z_0-9]+]] = aten.slice.Tensor(%[[BUF]], 3, 0, 5)
+        CHECK: aten.copy_(%[[DEST]],
+        CHECK: aten.mul.Tensor(%[[BUF]], 2)
+    """)
+    check_against_eager(some_columns, k, g)
+
+
+def test_a_whole_buffer_read_by_strides_reads_a_contiguous_value(tmp_path):
+    k, g = operands()
+    _, text = after_pass(strided_reader, k, g, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.copy_
+        CHECK: %[[V:[a-z_0-9]+]] = aten.movedim.int(%{{[a-z_0-9]+}}, 0, 3) : f32[2, 3, 6, 6]
+        CHECK-NEXT: %[[C:[a-z_0-9]+]] = aten.contiguous(%[[V]])
+        CHECK-NEXT: aten.view(%[[C]], [-1, 36])
+        CHECK: return ({{.*}}, %[[C]])
+    """)
+    check_against_eager(strided_reader, k, g)
 
 
 def reads_its_buffer(x):
@@ -105,8 +150,9 @@ def test_loop_index_constants_are_read_from_an_index_tensor(tmp_path):
         CHECK-NOT: aten.lt.Scalar
         CHECK: %[[U:[a-z_0-9]+]] = aten.unsqueeze(%[[IDX]], 1) : i64[6, 1]
         CHECK: aten.lt.Tensor(%{{[a-z_0-9]+}}, %[[U]]) : i1[6, 6]
-        CHECK: aten.copy_(
         CHECK-NOT: aten.copy_
+        CHECK: aten.contiguous(
+        CHECK: return
     """)
     check_against_eager(step_mask, x)
 

@@ -89,10 +89,11 @@ def test_half_precision_is_left_alone_with_a_near_miss(tmp_path):
 fla_kda = pytest.importorskip("fla.ops.kda.naive")
 
 
-def test_fla_naive_chunk_kda_columns_are_vectorized_and_the_inverse_is_a_solve(tmp_path):
-    # fla's chunked KDA is not lifted to a delta op (a near miss says why), but both its column loops (the UT
-    # system's, and the intra-chunk scores' inside every step of the loop over chunks) become one einsum each
-    # (loop_map), and its UT inverse one solve; the program equals eager
+def test_fla_naive_chunk_kda_columns_are_vectorized_and_the_program_is_one_delta(tmp_path):
+    # fla's chunked KDA: both its column loops (the UT system's, and the intra-chunk scores' inside every
+    # step of the loop over chunks) become one einsum each (loop_map), the buffers they fill are read as the
+    # values written, and delta lifts the whole program, forward substitution included (nothing is left
+    # for this pass); the program equals eager
     B, T, H, K, V = 1, 16, 2, 4, 3
     torch.manual_seed(0)
     q, k, v = torch.randn(B, T, H, K), F.normalize(torch.randn(B, T, H, K), dim=-1), torch.randn(B, T, H, V)
@@ -104,14 +105,22 @@ def test_fla_naive_chunk_kda_columns_are_vectorized_and_the_inverse_is_a_solve(t
     report, text = after_pass(fn, *args, tmp_path=tmp_path)
     columns = pathlib.Path(next(p for p in report.dumps if p.endswith("_loop_map.txt"))).read_text()
     C, N = 4, 4
-    # the forward substitution's C - 1 row writes, 1 write for A, one per chunk for Aqk and for o[:, :, i]
-    assert columns.count("aten.copy_(") == (C - 1) + 1 + N + N, columns
+    # the forward substitution's C - 1 row writes and one write per chunk into o[:, :, i]; the column
+    # buffers (A, each chunk's Aqk) are gone, their readers read the vectorized values
+    assert columns.count("aten.copy_(") == (C - 1) + N, columns
     run_filecheck(columns, """
         CHECK-LABEL: graph(
-        CHECK: aten.einsum({{[a-z]+}},{{[a-z]+}}->{{[a-z]+}}, {{.*}}) : f32[4, 1, 2, 4, 4]
-        CHECK: aten.copy_(
+        CHECK: %[[A:[a-z_0-9]+]] = aten.einsum({{[a-z]+}},{{[a-z]+}}->{{[a-z]+}}, {{.*}}) : f32[4, 1, 2, 4, 4]
+        CHECK: %[[AT:[a-z_0-9]+]] = aten.movedim.int(%[[A]], 0, 4) : f32[1, 2, 4, 4, 4]
+        CHECK: aten.mul.Tensor(%[[AT]],
         CHECK-COUNT-4: aten.einsum({{[a-z]+}},{{[a-z]+}}->{{[a-z]+}}, {{.*}}) : f32[4, 1, 2, 4]
     """)
-    assert text.count("aten.linalg_solve_triangular(") == 1 and text.count("aten.copy_(") == 1 + N + N, text
-    assert report.count("delta") == 0 and any(m.kind == "delta" for m in report.near_misses), str(report)
+    assert "aten.copy_(" not in text and "linalg_solve_triangular" not in text, text
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: seqfuse.delta({{.*}}) {gate=vector,
+        CHECK-NOT: aten.einsum
+        CHECK: return
+    """)
+    assert report.count("delta") == 1 and not report.near_misses, str(report)
     check_against_eager(fn, *args)
