@@ -2211,6 +2211,10 @@ class _ChunkRewrite(_Rewrite):
         'b (n c) h ... -> b h n c ...'), x's transpose (B, H, T', ·), a node inserted here (in ``created``)."""
         while is_op(node, *IDENTITIES) or (is_op(node, *CASTS) and val(node).dtype == val(node.args[0]).dtype):
             node = node.args[0]
+        if is_op(node, *CASTS) and val(node).device == val(node.args[0]).device:
+            # the chunks cast (fla's .to(torch.float)): the same cast of the sequence, elementwise, so exact
+            inner = self._unchunk(node.args[0], what)
+            return self._created(aten._to_copy.default, (inner,), node, {"dtype": val(node).dtype})
         if is_op(node, aten.permute) and is_op(node.args[0], aten.reshape, aten.view):
             r = val(node).dim()
             src = node.args[0].args[0]
@@ -2234,18 +2238,20 @@ class _ChunkRewrite(_Rewrite):
             raise NotDelta(f"the chunks of {what} are not its time axis split into (N, C)")
         return src
 
-    def _created(self, op, args, before):
-        """op(*args), inserted before ``before`` (once per op and args; erased when the rewrite fails)."""
-        memo = self._made
-        if (op, args) not in memo:
+    def _created(self, op, args, before, kwargs=None):
+        """op(*args, **kwargs), inserted before ``before`` (once per op and arguments; erased when the rewrite
+        fails)."""
+        memo, kwargs = self._made, kwargs or {}
+        key = (op, args, tuple(sorted(kwargs.items())))
+        if key not in memo:
             graph = self.ctx.graph
             with graph.inserting_before(before):
-                t = graph.call_function(op, args)
+                t = graph.call_function(op, args, kwargs)
             with val(args[0]).fake_mode:
-                t.meta["val"] = op(val(args[0]), *args[1:])
+                t.meta["val"] = op(val(args[0]), *args[1:], **kwargs)
             self.cx.created.append(t)
-            memo[(op, args)] = t
-        return memo[(op, args)]
+            memo[key] = t
+        return memo[key]
 
     def _times_beta(self, node):
         """(x, β) for node = x ⊙ β[..., None] (x (B, H, T, ·), β (B, H, T)), else (None, None)."""

@@ -472,19 +472,24 @@ def test_default_chunk_size_over_one_then_two_chunks_in_one_process():
                 str(report)
 
 
-@pytest.mark.parametrize("T,HK,h0,final", [(12, None, True, True), (16, None, False, False), (8, 1, True, True)],
-                         ids=["h0_final", "output_only", "gva"])
-def test_fla_naive_chunk_kda(T, HK, h0, final):
+@pytest.mark.parametrize("T,HK,h0,final,dtype", [(12, None, True, True, torch.float32),
+                                                  (16, None, False, False, torch.float32),
+                                                  (8, 1, True, True, torch.float32),
+                                                  (8, None, True, True, torch.bfloat16)],
+                         ids=["h0_final", "output_only", "gva", "bf16_inputs"])
+def test_fla_naive_chunk_kda(T, HK, h0, final, dtype):
     # fla's chunked KDA: the chunks laid (B, N, C, H, ·) by rearrange and moved to (B, H, N, C, ·); the UT
     # system built column by column (exp(γ_c − γ_i) unmasked, masked afterwards, β per row) and each chunk's
     # scores in a loop over columns nested in the loop over chunks (both vectorized by loop_map, the buffers
     # they fill read as values); β folded into the inverse as a column scale; the query's scale in its chunks;
-    # grouped value heads by repeat_interleave.  One delta op with the per-channel gate
+    # grouped value heads by repeat_interleave; inputs of another dtype cast to fp32 in the chunks (the op
+    # reads the sequence cast the same way).  One delta op with the per-channel gate
     def fn(q, k, v, beta, g, *s):
         o, S = fla_kda.naive_chunk_kda(q, k, v, g, beta, chunk_size=4, initial_state=s[0] if s else None,
                                        output_final_state=final)
         return (o, S) if final else o
-    ops = operands(B=1, T=T, H=2, K=3, V=2, gate="vector", HK=HK, h0=h0)
+    ops = [x if x is None else x.detach().to(dtype).requires_grad_()
+           for x in operands(B=1, T=T, H=2, K=3, V=2, gate="vector", HK=HK, h0=h0)]
     report = check_against_eager(fn, *[x for x in ops if x is not None])
     ir = only_delta(report, "vector")
     assert ("h0=%" in ir) == h0, ir
