@@ -288,6 +288,9 @@ def rejected_masked_product(root) -> str | None:
         memo[n] = False
         if is_op(n, aten.einsum) and len(n.args[1]) >= 2:
             memo[n] = True
+        elif is_op(n, aten.cumsum) and n.args[0].target is aten.mul.Tensor \
+                and all(isinstance(x, torch.fx.Node) for x in n.args[0].args):
+            memo[n] = memo[n.args[0]] = True     # a cumulative sum of an outer product k ⊗ v
         else:
             memo[n] = any(reaches(a, depth + 1) for a in n.all_input_nodes
                           if isinstance(val(a), torch.Tensor) and val(a).dim() >= 2)
@@ -308,7 +311,8 @@ def rejected_masked_product(root) -> str | None:
             if name in _ATTENTION_LIKE:
                 unread = None
                 break
-            if name in ("tril", "triu", "where", "masked_fill", "masked_fill_", "cumsum"):
+            if name in ("tril", "triu", "where", "masked_fill", "masked_fill_", "cumsum") or \
+                    any(_packet(a) in ("tril", "triu") for a in n.all_input_nodes):    # × tril(ones)
                 masked = True
             if name not in _READ_THROUGH and name not in unread:
                 unread.append(name)
@@ -316,7 +320,33 @@ def rejected_masked_product(root) -> str | None:
         if masked and unread:
             return (f"a masked product of a contraction read through {', '.join(sorted(unread))}: not the "
                     f"quadratic form (c·bᵀ ∘ M)·x of a forward recurrence nor a cumulative sum of one")
+        if masked and unread is not None and _unit_axis(root, seen):
+            return ("a masked product of a contraction with a size-1 feature axis (a key or value dim of 1 "
+                    "reads as a broadcast, so c, b and x are not told apart): not lifted")
     return None
+
+
+def _unit_axis(root, path) -> bool:
+    """Whether the masked product ``root`` (``path``: the nodes back to its contraction) runs over more than
+    one step and has a size-1 feature axis: a letter summed by ``root`` or by a contraction of ``path``
+    (the key dim; the masks' time axis is longer), or ``root``'s last output axis (the value dim)."""
+    masks = [m for n in path for m in [n, *n.all_input_nodes]
+             if _packet(m) in ("tril", "triu", "cumsum", "where", "masked_fill", "masked_fill_")]
+    lengths = [val(m).shape[m.args[1] % val(m).dim()] if _packet(m) == "cumsum" else val(m).shape[-1]
+               for m in masks if isinstance(val(m), torch.Tensor) and val(m).dim() >= 1]
+    if not any(isinstance(t, int) and t > 1 for t in lengths):
+        return False                                    # one step: not a recurrence at all
+    if isinstance(val(root).shape[-1], int) and val(root).shape[-1] == 1:
+        return True
+    for n in [root, *path]:
+        if not is_op(n, aten.einsum) or "->" not in n.args[0]:
+            continue
+        ins, out = n.args[0].replace(" ", "").split("->")
+        for letters, x in zip(ins.split(","), n.args[1]):
+            if isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) and len(letters) == val(x).dim():
+                if any(c not in out and isinstance(d, int) and d == 1 for c, d in zip(letters, val(x).shape)):
+                    return True
+    return False
 
 
 # --- polynomial kernels of the scores --------------------------------------------------

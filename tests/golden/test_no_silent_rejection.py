@@ -7,7 +7,8 @@ Programs: ``einsum(...).tril() @ v`` at T = 2 (rewritten), cumsum linear attenti
 T = 64 (einsum and broadcast spellings, rewritten), the chunked SSD listing at T = 40 (5 chunks of 8,
 rewritten), a Python loop h = a·h + x (a scan), and masked products that are not a forward
 recurrence (a strictly lower / upper triangle, a band, relu or a square of the scores, a reversed
-or exclusive cumulative sum: near misses; the last five were silent before)."""
+or exclusive cumulative sum: near misses; the last five were silent before; a key or value dim of 1,
+silent before too)."""
 import pytest
 import torch
 
@@ -119,6 +120,30 @@ def test_rewritten_or_a_near_miss_with_its_reason(name):
     else:
         assert report.count("ssd") == 0 and report.count("scan") == 0, str(report)
         assert any(phrase in m.reason for m in misses), [m.reason for m in misses]
+
+
+def tril_ones_scores(q, k, v):
+    t = q.shape[-2]
+    return (q @ k.transpose(-1, -2) * torch.tril(torch.ones(t, t, dtype=q.dtype))) @ v
+
+
+def masked_fill_scores(q, k, v):
+    t = q.shape[-2]
+    return (q @ k.mT).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), 0.0) @ v
+
+
+@pytest.mark.parametrize("K,V", [(1, 3), (3, 1)], ids=["key_dim_1", "value_dim_1"])
+@pytest.mark.parametrize("fn", [tril_ones_scores, masked_fill_scores, cumsum_linear_attention,
+                                cumsum_linear_attention_broadcast])
+def test_a_size_1_feature_axis_is_a_near_miss(fn, K, V):
+    # a key or value dim of 1 reads as a broadcast, so the recognizer cannot tell c, b and x apart: not
+    # lifted, and no longer silent (the fuzzer found 18 such programs in 120)
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 2, 12, K, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 12, V, generator=g).requires_grad_()
+    report = check_against_eager(fn, q, k, v)
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert report.count("ssd") == 0 and len(misses) == 1 and "size-1 feature axis" in misses[0], str(report)
 
 
 def test_single_step_product_is_not_a_candidate():
