@@ -7,8 +7,9 @@ at B=1, T=2048.  seqfuse lifts each layer's program to one seqfuse.delta (the C 
 CPU); eager and inductor run the chunked program as written.  Needs transformers.
 
 ``fla_kda_chunk``: flash-linear-attention's PyTorch reference ``naive_chunk_kda`` (B=1, T=256, 4 heads,
-K=V=64, chunks of 32).  Not lifted to a delta op; it measures loop_map (its column loops vectorized)
-and triangular (its UT inverse one solve).  Needs flash-linear-attention.
+K=V=64, chunks of 32).  Lifted to one seqfuse.delta (gate vector) since its column loops are vectorized
+(loop_map) and the per-channel WY form is proven on index forms; before that it measured loop_map and
+triangular alone.  Needs flash-linear-attention.
 
 To run it with benchmarks/run.py, merge the table into its workloads::
 
