@@ -697,6 +697,8 @@ class DeltaPass(Pass):
             reasons = [r for group, r in self._unrolled if any(
                 run.family[1] == 2 and val(run.family[0]).dim() >= 4 and val(run.family[0]).shape[2] == N
                 for run in group)]
+            if not reasons and not self._read_per_chunk(solve, N):
+                return False    # a solve over chunks that no loop reads chunk by chunk: not a WY program
             why = "whose loop over chunks was not re-rolled" + (f" ({reasons[0]})" if reasons else "")
         if isinstance(N, int) and N in (1, 2):
             try:
@@ -718,6 +720,25 @@ class DeltaPass(Pass):
                 return True
         ctx.report.add_near_miss("delta", "chunked form not lifted: a WY program (a UT system over chunks) "
                                  + why, solve)
+        return False
+
+    @staticmethod
+    def _read_per_chunk(solve, N, depth=8) -> bool:
+        """Whether a value computed from ``solve`` (within ``depth`` ops) is sliced one chunk at a time,
+        ``select(x, 2, n)`` of an (B, H, N, ·) tensor: the reads of a loop over the chunks."""
+        frontier, seen = [solve], {solve}
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                for u in n.users:
+                    if u in seen:
+                        continue
+                    seen.add(u)
+                    if u.target is aten.select.int and u.args[1] == 2 and isinstance(val(u.args[0]), torch.Tensor) \
+                            and val(u.args[0]).dim() >= 4 and val(u.args[0]).shape[2] == N:
+                        return True
+                    nxt.append(u)
+            frontier = nxt
         return False
 
     @staticmethod
