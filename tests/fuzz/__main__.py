@@ -1,6 +1,6 @@
 """Run the differential fuzzer.
 
-    python -m tests.fuzz --n 2000 [--family attention,ssd,scan,long_conv,map,triangular] [--triton N] [--seed S]
+    python -m tests.fuzz --n 2000 [--family attention,ssd,scan,long_conv,map,triangular,delta] [--triton N] [--seed S]
 
 For each family, ``--n`` programs on the default runtime and ``--triton`` programs with
 ``runtime="triton"`` under TRITON_INTERPRET=1.  Cases run in worker subprocesses, a batch at a
@@ -34,6 +34,7 @@ FAMILIES = {
     "long_conv": ("long_conv", "cases"),
     "map": ("map_loops", "cases"),
     "triangular": ("map_loops", "triangular_cases"),
+    "delta": ("delta", "cases"),
 }
 FAILING = ("wrong", "crash", "eager_error_mismatch", "timeout")
 
@@ -159,7 +160,7 @@ def run_batch(family, seed, n, triton, start, stop, case_timeout, emit):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="programs per family on the default runtime")
-    ap.add_argument("--family", default="attention,ssd,scan,long_conv,map,triangular", help="comma-separated families")
+    ap.add_argument("--family", default="attention,ssd,scan,long_conv,map,triangular,delta", help="comma-separated families")
     ap.add_argument("--triton", type=int, default=0, help="programs per family with runtime='triton' (interpreter)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=100, help="cases per worker process")

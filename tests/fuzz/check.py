@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: seqfuse's error vs the oracle may be at most FACTOR x eager's ...
 FACTOR = 4.0
@@ -47,7 +48,7 @@ FAILING = ("wrong", "crash", "eager_error_mismatch")
 
 @dataclass
 class Case:
-    family: str            # "attention" | "ssd" | "scan" | "long_conv" | "map" | "triangular"
+    family: str            # "attention" | "ssd" | "scan" | "long_conv" | "map" | "triangular" | "delta"
     name: str              # the spelling, e.g. "masked_fill_tril"
     fn: Callable           # the program: fn(*inputs) -> Tensor or tuple of Tensors
     inputs: tuple          # tensors (some with requires_grad) and Python scalars
@@ -136,6 +137,27 @@ def _not_strict():
     finally:
         if saved is not None:
             os.environ["SEQFUSE_STRICT"] = saved
+
+
+class _Dtypes(TorchDispatchMode):
+    """Records the dtypes that eager's run casts floating data down to (a program that casts its fp64 inputs
+    to fp32 inside, as flash-linear-attention's references do, rounds in fp32).  Only explicit casts count:
+    a float32 mask multiplied into fp64 values is promoted, and the program still computes in fp64.
+    Higher-order ops (scan, associative_scan) run as they are, unrecorded inside."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args and isinstance(args[0], torch.Tensor) \
+                and isinstance(out, torch.Tensor) and args[0].dtype in UNIT_ROUNDOFF and out.dtype in UNIT_ROUNDOFF \
+                and UNIT_ROUNDOFF[out.dtype] > UNIT_ROUNDOFF[args[0].dtype]:
+            self.seen.add(out.dtype)
+        return out
 
 
 def _run(fn, inputs, seed):
@@ -227,8 +249,10 @@ def containment_nan_rule(got: torch.Tensor, eager: torch.Tensor, oracle: torch.T
     ok = ~z0_bad & ~z1_bad
     scale = d0[ok].abs().pow(2).mean().sqrt().item() if ok.any() else 0.0
     diff = torch.where(ok, (d0 - d1).abs(), torch.zeros((), dtype=torch.float64))
-    # a program that computes in fp32 itself (x.float()) has fp32 rounding noise in its "fp64" result
-    tol = READS_TOLERANCE if z0.dtype in (torch.float64, torch.complex128) else 1e-4
+    # a program that computes in fp32 itself (x.float(), or fla's references' .to(torch.float) on fp64 copies)
+    # has fp32 rounding noise in its "fp64" result
+    fp64 = z0.dtype in (torch.float64, torch.complex128) and not ctx.get("fp64_downcasts")
+    tol = READS_TOLERANCE if fp64 else 1e-4
     reads = z0_bad | z1_bad | (diff > tol * max(scale, 1e-300))
     vanished = ~g_bad & e_bad & reads
     if vanished.any():
@@ -258,7 +282,8 @@ def containment_nan_rule(got: torch.Tensor, eager: torch.Tensor, oracle: torch.T
 
 #: family -> rule(got, eager, oracle, ctx) -> (problem, compare mask, eager ref, oracle ref)
 NAN_RULES: dict[str, Callable] = {"ssd": containment_nan_rule, "scan": containment_nan_rule,
-                                  "long_conv": containment_nan_rule, "triangular": containment_nan_rule}
+                                  "long_conv": containment_nan_rule, "triangular": containment_nan_rule,
+                                  "delta": containment_nan_rule}
 #: the rules that need the program run again with the non-finite inputs replaced
 NEEDS_REPLACED = {containment_nan_rule}
 
@@ -329,9 +354,11 @@ def _compare(label: str, got, eager, oracle, ctx: dict, rule: Callable) -> tuple
     if problem:
         return f"{label}: {problem}", ""
     # the floor of the least precise dtype the program computes in: a result in fp64 written from bf16
-    # values (a bf16 program that accumulates into an fp64 buffer) carries bf16's rounding
+    # values (a bf16 program that accumulates into an fp64 buffer) carries bf16's rounding, and so does one
+    # whose eager run computes any value in a coarser dtype than its inputs (fp64 inputs cast to fp32)
     dtypes = [got.dtype] + [x.dtype for x in ctx.get("inputs", ()) if isinstance(x, torch.Tensor)
-                            and (x.is_floating_point() or x.is_complex()) and x.dtype in UNIT_ROUNDOFF]
+                            and (x.is_floating_point() or x.is_complex()) and x.dtype in UNIT_ROUNDOFF] \
+        + sorted(ctx.get("computed", ()), key=str)
     coarse = max(dtypes, key=lambda d: UNIT_ROUNDOFF.get(d, 2.0 ** -24))
     u = UNIT_ROUNDOFF.get(coarse, 2.0 ** -24)
     floor = FLOOR.get(coarse, 256) * u
@@ -378,18 +405,23 @@ def _replace_nonfinite(x, value, dtype_map=None):
 
 
 def _replaced_runs(case: Case):
-    """((outs, grads) of the fp64 program with the non-finite inputs replaced by 0, by 1, and of the
-    program in its own dtypes with them replaced by 0) — None if any of them raises."""
-    runs = []
+    """([(outs, grads) of the fp64 program with the non-finite inputs replaced by 0, by 1, and of the
+    program in its own dtypes with them replaced by 0], the dtypes the fp64 runs cast floating data down
+    to) — None if any of them raises."""
+    runs, downcasts = [], set()
     for value, dmap in ((0.0, _wide), (1.0, _wide), (0.0, None)):
         inputs = tuple(_replace_nonfinite(x, value, dmap) for x in case.inputs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outs, grads, exc = _run(case.fn, inputs, case.seed)
+            casts = _Dtypes()
+            with casts if dmap is _wide else contextlib.nullcontext():
+                outs, grads, exc = _run(case.fn, inputs, case.seed)
         if exc is not None:
             return None
         runs.append((outs, grads))
-    return runs
+        if dmap is _wide:
+            downcasts |= casts.seen
+    return runs, downcasts
 
 
 def _finite(inputs) -> bool:
@@ -414,7 +446,9 @@ def run_case(case: Case) -> Outcome:
     notes: list[str] = []
 
     eager_in = tuple(_copy(x) for x in case.inputs)
-    e_outs, e_grads, e_exc = _run(case.fn, eager_in, case.seed)
+    computed = _Dtypes()
+    with computed:
+        e_outs, e_grads, e_exc = _run(case.fn, eager_in, case.seed)
 
     # the compiled program
     sf_in = tuple(_copy(x) for x in case.inputs)
@@ -482,12 +516,13 @@ def run_case(case: Case) -> Outcome:
         notes.append(f"no oracle: {type(exc).__name__}")
         o_outs = o_grads = None
 
-    ctx = {"case": case, "inputs_finite": _finite(case.inputs), "inputs": case.inputs,
+    ctx = {"case": case, "inputs_finite": _finite(case.inputs), "inputs": case.inputs, "computed": computed.seen,
            "case_scale": case_scale([*(o_outs or ()), *(o_grads or ())])}
     rule = NAN_RULES.get(case.family, exact_nan_rule)
     replaced = None
     if not ctx["inputs_finite"] and rule in NEEDS_REPLACED and o_outs is not None:
-        replaced = _replaced_runs(case)
+        got = _replaced_runs(case)
+        replaced, ctx["fp64_downcasts"] = got if got is not None else (None, set())
         if replaced is None:
             notes.append("the program with its non-finite inputs replaced raised: classes judged by the exact rule")
     problems, summaries = [], []

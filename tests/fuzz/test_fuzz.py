@@ -13,7 +13,7 @@ from .check import FAILING, Case, containment_nan_rule, describe, exact_nan_rule
 from .__main__ import FAMILIES, generator, iter_cases
 
 #: programs per family on the default runtime / with runtime="triton" (interpreted: slow)
-N_DEFAULT = {"attention": 16, "ssd": 24, "scan": 24, "long_conv": 30, "map": 16, "triangular": 12}
+N_DEFAULT = {"attention": 16, "ssd": 24, "scan": 24, "long_conv": 30, "map": 16, "triangular": 12, "delta": 10}
 N_TRITON = {"attention": 3, "ssd": 4, "scan": 4, "long_conv": 4}     # (map, triangular: no IR op, no kernel)
 SEED = 2026
 

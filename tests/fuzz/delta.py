@@ -1,0 +1,176 @@
+"""Random delta-rule programs as the libraries write them (the delta pass): flash-linear-attention's
+PyTorch references (recurrent and chunked Gated DeltaNet, KDA and DeltaNet) and transformers' Qwen3-Next
+torch path, called with random sizes (chunk sizes, one to several chunks, grouped value heads), dtypes,
+initial states, with or without the final state, weak or strong decays, β above 1, an optional NaN /
+inf, and forced algorithms and runtimes; and broken copies of a reference (one piece of its source
+changed) that must not become a delta op with the original's meaning.  Each program must equal eager
+(outputs, gradients, NaN positions); the faithful ones are expected to become one delta op.
+A function whose library is not installed is skipped (the family then draws from the others)."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import random
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .check import Case
+from .common import Maker, poison, size
+
+#: (name, module, function, kind): kind "gdn" (scalar gate g (B, T, H)), "kda" (g (B, T, H, K)), "delta"
+#: (no gate, fla's head-first (B, H, T, ·) layout); chunked ones take a chunk size
+FUNCTIONS = [
+    ("fla_gdn_recurrent", "fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", "gdn"),
+    ("fla_gdn_chunk", "fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule", "gdn"),
+    ("fla_kda_recurrent", "fla.ops.kda.naive", "naive_recurrent_kda", "kda"),
+    ("fla_kda_chunk", "fla.ops.kda.naive", "naive_chunk_kda", "kda"),
+    ("fla_delta_recurrence", "fla.ops.delta_rule.naive", "delta_rule_recurrence", "delta"),
+    ("fla_delta_chunkwise", "fla.ops.delta_rule.naive", "delta_rule_chunkwise", "delta"),
+    ("hf_gdn_chunk", "transformers.models.qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule", "gdn"),
+    ("hf_gdn_recurrent", "transformers.models.qwen3_next.modeling_qwen3_next", "torch_recurrent_gated_delta_rule",
+     "gdn"),
+]
+
+#: broken copies: (function name, source text, replacement) — each changes the recurrence's meaning
+BREAKS = [
+    ("fla_kda_chunk", "q_i * (g_i - g_j).exp()", "q_i * (g_j - g_i).exp()"),
+    ("fla_kda_chunk", "A = A * beta[..., None]", "A = A * beta[..., None] * 2"),
+    ("fla_gdn_chunk", "v = v * beta[..., None]", "v = v * beta[..., None] * beta[..., None]"),
+    ("fla_gdn_recurrent", "h = h * torch.exp(g[:, :, i])", "h = h * torch.exp(g[:, :, i]) * torch.exp(g[:, :, i])"),
+]
+
+
+def _import(module: str):
+    """``module``, imported with TRITON_INTERPRET set where there is no GPU: fla's import pulls in triton's
+    gluon, which asserts that triton.language's functions match the interpreter setting (tests/fuzz/
+    conftest.py imports triton.language through the interpreter)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module(module)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _load(module: str, name: str):
+    try:
+        f = getattr(_import(module), name)
+    except (ImportError, AttributeError):
+        return None
+    while hasattr(f, "__wrapped__"):      # transformers' hub-kernel wrapper: its torch path
+        f = f.__wrapped__
+    return f
+
+
+def _broken(module: str, name: str, old: str, new: str):
+    """The library function with ``old`` replaced by ``new`` in its source (None when it no longer reads so)."""
+    f = _load(module, name)
+    if f is None:
+        return None
+    src = inspect.getsource(f)
+    if old not in src:
+        return None
+    namespace = dict(vars(_import(module)))
+    exec(compile(src.replace(old, new), f"<broken {name}>", "exec"), namespace)   # noqa: S102
+    return namespace[name]
+
+
+def _program(r: random.Random, triton: bool):
+    """(name, fn, inputs, expect, options) of one random delta-rule case, or None when no library is there."""
+    entries = [e for e in FUNCTIONS if _load(e[1], e[2]) is not None]
+    if not entries:
+        return None
+    broken = None
+    if r.random() < 0.2:
+        cands = [b for b in BREAKS if any(e[0] == b[0] for e in entries)]
+        if cands:
+            broken = r.choice(cands)
+    name, module, fname, kind = next(e for e in entries if e[0] == broken[0]) if broken else r.choice(entries)
+    f = _broken(module, fname, broken[1], broken[2]) if broken else _load(module, fname)
+    if f is None:
+        return None
+    chunked = "chunk" in name
+    C = r.choice((2, 4, 8)) if chunked else None
+    T = C * r.choice((1, 1, 2, 3, 4)) if chunked else size(r, 1, 24, (1, 2, 3))
+    if chunked and name.startswith("hf") and r.random() < 0.3:
+        T = max(1, T - r.randint(1, C - 1))      # transformers pads the last chunk
+    B, HK, G = size(r, 1, 2), size(r, 1, 3), r.choice((1, 1, 2))
+    if kind == "delta" or name.startswith("fla_gdn") or name == "fla_kda_recurrent":
+        G = 1                                     # grouped value heads: KDA chunked and transformers only
+    H, K, V = HK * G, size(r, 1, 8, (1, 2, 3)), size(r, 1, 8, (1, 2, 3))
+    dtypes = (torch.float32, torch.float32, torch.float64, torch.bfloat16)
+    m = Maker(r, r.choice(dtypes[:3] if name == "fla_delta_chunkwise" else dtypes))   # (it raises on bf16)
+    head_first = kind == "delta"
+    shape = (lambda h, d: (B, h, T, d)) if head_first else (lambda h, d: (B, T, h, d))
+    q = m.randn(*shape(HK, K))
+    k = m.randn(*shape(HK, K), grad=False)
+    with torch.no_grad():
+        k = F.normalize(k.double(), dim=-1).to(k.dtype)
+    if r.random() < 0.7:
+        k.requires_grad_(True)
+    v = m.randn(*shape(H, V))
+    beta = m.uniform(0.0, r.choice((1.0, 1.0, 1.8)), *(shape(H, 1)[:-1]))
+    strength = r.choice((0.1, 1.0, 4.0))
+    g = None
+    if kind == "gdn":
+        g = m.log_decay(B, T, H, strength=strength)
+    elif kind == "kda":
+        g = m.log_decay(B, T, H, K, strength=strength)
+    h0 = m.randn(B, H, K, V) if r.random() < 0.5 and name != "fla_delta_chunkwise" else None
+    final = r.random() < 0.5
+    tag = poison(r, [x for x in (q, v, beta, g, h0) if x is not None], p=0.08)
+
+    def fn(*xs):
+        q, k, v, beta = xs[:4]
+        rest = list(xs[4:])
+        g = rest.pop(0) if kind != "delta" else None
+        s = rest.pop(0) if h0 is not None else None
+        if name == "fla_delta_recurrence":
+            o, S = f(q, k, v, beta, initial_state=s)
+            return (o, S) if final else o
+        if name == "fla_delta_chunkwise":
+            return f(q, k, v, beta, chunk_size=C)[0]
+        kw = dict(initial_state=s, output_final_state=final)
+        if chunked:
+            kw["chunk_size"] = C
+        if name.startswith("hf"):
+            o, S = f(q, k, v, g, beta, **kw)
+        elif name.startswith("fla_gdn_recurrent"):
+            o, S = f(q, k, v, beta, g, **kw)
+        else:
+            o, S = f(q, k, v, g, beta, **kw)
+        return (o, S) if final else o
+
+    inputs = tuple(x for x in (q, k, v, beta, g, h0) if x is not None)
+    opts: dict = {}
+    if triton:
+        opts["runtime"] = "triton"
+    elif r.random() < 0.4:
+        opts["runtime"] = r.choice(("eager", "cpu"))
+    if r.random() < 0.4:
+        opts["algorithm"] = {"delta": r.choice(("recurrent", "chunked"))}
+    what = f"{name}{'/broken:' + broken[2][:24] if broken else ''}/C{C}" + (f"/G{G}" if G > 1 else "") \
+        + ("/h0" if h0 is not None else "") + ("/final" if final else "") + (f"+{tag}" if tag else "")
+    expect = None if (broken or T == 1) else "delta"
+    return what, fn, inputs, expect, opts
+
+
+def cases(rng: random.Random, n: int, triton: bool) -> Iterator[Case]:
+    if not any(_load(e[1], e[2]) is not None for e in FUNCTIONS):
+        return                                   # neither fla nor transformers: no program to draw
+    made = 0
+    while made < n:
+        seed = rng.randrange(2 ** 31)
+        got = _program(random.Random(seed), triton)
+        if got is None:                          # a broken copy whose source no longer reads so: draw again
+            continue
+        what, fn, inputs, expect, opts = got
+        made += 1
+        yield Case("delta", what, fn, inputs, expect, opts, seed)
