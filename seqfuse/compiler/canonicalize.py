@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 
 from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
-from seqfuse.passes.pattern import arg, axis_view, constant_value, copy_meta, is_op, is_scalar, rank, val
+from seqfuse.passes.pattern import arg, axis_view, constant_value, copy_meta, is_op, is_scalar, rank, val, written
 
 aten = torch.ops.aten
 
@@ -209,20 +209,7 @@ def _clones_written(operand: torch.fx.Node, base: torch.fx.Node) -> bool:
             isinstance(root.args[0], torch.fx.Node) and is_op(root, aten.select, aten.slice, aten.view,
                                                               aten.unsqueeze, aten.alias, aten.expand):
         root = root.args[0]
-    stack, seen = [root], set()
-    while stack:
-        x = stack.pop()
-        if x in seen:
-            continue
-        seen.add(x)
-        for u in x.users:
-            t = u.target
-            if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable and u.args and u.args[0] is x:
-                return True
-            if is_op(u, aten.select, aten.slice, aten.view, aten.unsqueeze, aten.alias, aten.expand,
-                     aten.transpose, aten.permute):
-                stack.append(u)
-    return False
+    return written(root)
 
 
 def _letter_sizes(operands, letters) -> dict:

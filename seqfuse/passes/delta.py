@@ -47,10 +47,9 @@ from seqfuse.ir.ops import Delta
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, leaves
 from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
-from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, op_name, val
+from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, op_name, val, written
 from seqfuse.passes.registry import Pass, PassContext
-from seqfuse.passes.triangular import (NotForwardSubstitution, forward_whole_write, is_eye, mask_is, prove,
-                                      whole_write, written)
+from seqfuse.passes.triangular import NotForwardSubstitution, forward_whole_write, is_eye, mask_is, prove, whole_write
 
 aten = torch.ops.aten
 
@@ -609,6 +608,13 @@ def _read_only_chunk_loop(step, seeds, label) -> Loop:
     return loop
 
 
+def _erase_created(rewrite, graph) -> None:
+    """Erase the nodes a chunk proof inserted (``_Chunked.created``) that nothing reads."""
+    for n in reversed(getattr(getattr(rewrite, "cx", None), "created", [])):
+        if not getattr(n, "_erased", False) and not n.users:   # (dead-code elimination may have taken it)
+            graph.erase_node(n)
+
+
 class DeltaPass(Pass):
     """Find unrolled time loops whose carried update is the delta rule; replace each by one seqfuse.delta."""
 
@@ -655,9 +661,7 @@ class DeltaPass(Pass):
                 r.run()
                 changed = True
             except (NotDelta, NoLoop) as e:
-                for n in reversed(getattr(getattr(r, "cx", None), "created", [])):
-                    if not n.users:
-                        graph.erase_node(n)
+                _erase_created(r, graph)
                 what = "chunked form not lifted: " if rewrite is _ChunkRewrite else ""
                 ctx.report.add_near_miss("delta", what + str(e), loop.template[k])
                 self._reported = True
@@ -711,9 +715,7 @@ class DeltaPass(Pass):
                 try:
                     rewrite.run()
                 finally:
-                    for n in reversed(getattr(getattr(rewrite, "cx", None), "created", [])):
-                        if not getattr(n, "_erased", False) and not n.users:   # (dead-code elimination may
-                            ctx.graph.erase_node(n)                             # have taken it already)
+                    _erase_created(rewrite, ctx.graph)
             except (NotDelta, NoLoop) as e:
                 why = f"over {N} chunk(s), read as a loop of one chunk: {e}"
             else:
@@ -1256,9 +1258,10 @@ def _canon_eq(ins: list[str], out: str) -> str:
     return ",".join("".join(names[c] for c in s) for s in ins) + "->" + "".join(names[c] for c in out)
 
 
-#: the ops a forward substitution reads rows of its system through (views and copies of the time of reading)
 _MM = "abcd,abde->abce"     # A·B over the last two axes of (B, H, ·, ·) chunk values
 _MMT = "abcd,abed->abce"    # A·Bᵀ
+#: the batch indices (B, H) of one chunk's index forms (index_form)
+_B = ("b0", "b1")
 
 
 class _Chunked:
@@ -1382,7 +1385,6 @@ class _Chunked:
             if lead > chunked:                  # does not reach the chunk axis: the same value in every chunk
                 return self.inv(x)
             raise NotDelta(f"{what} broadcasts a tensor against the chunk axis")
-        pc_rank = out_rank
         t = self._after(x, what) if self.tail is not None else None
         if t is not None and t[0] != "inv":
             return t
@@ -1390,7 +1392,7 @@ class _Chunked:
             return self.local(x, what)
         if t is None and x in self.body:
             raise NotDelta(f"{what} reads a value of another chunk")
-        if v.dim() <= pc_rank - 2:
+        if v.dim() <= out_rank - 2:
             return self.inv(x)
         raise NotDelta(f"{what} reads a loop invariant laid over the chunk's batch axes")
 
@@ -1899,8 +1901,9 @@ class _ChunkRewrite(_Rewrite):
         """The per-chunk pieces (trees of _Chunked) are those of the WY / UT form of the delta rule; returns the
         plan (q, k, v, β, g over (B, H, T'), the chunk size C).  ``x["cd"]`` None: no decay (DeltaNet)."""
         nv, kc = x["nv"], x["kc"]
-        if self._vector_system(nv) is not None:
-            return self._prove_vector(x, allowed, ro_j)
+        vector = self._vector_system(nv)
+        if vector is not None:
+            return self._prove_vector(x, allowed, ro_j, *vector)
         if nv[0] != "apply" or kc[0] != "apply":
             raise NotDelta("the chunk's corrections are not products with the UT inverse "
                            "(a unit lower-triangular solve or a forward substitution)")
@@ -2008,23 +2011,24 @@ class _ChunkRewrite(_Rewrite):
         return us[0], x, tuple(k[1] for k in cols)
 
     def _vector_system(self, nv):
-        """The UT inverse U of a per-channel decay (its system's exponent indexed by the key channel), else None."""
+        """(``_applied(nv)``, the index form of its system below the diagonal) when the system has a
+        per-channel decay (its exponent indexed by the key channel), else None."""
         from seqfuse.passes.index_form import NoForm, form
         app = self._applied(nv)
         if app is None:
             return None
         try:
-            p = form(self.ctx, app[0][1], ("b0", "b1", "i", "j"), "strict_lower")
+            p = form(self.ctx, app[0][1], _B + ("i", "j"), "strict_lower")
         except NoForm:
             return None
         per_channel = len(p.bound) == 1 and any(f[0] == "exp" and any(p.bound[0] in a[2] for a, _ in f[1][1])
                                                 for f in p.factors)
-        return app[0] if per_channel else None
+        return (app, p) if per_channel else None
 
     def _scores_form(self, p, what):
         """(γ leaf, k_c leaf, (coef, row factors)) of a product-sum Σ_d rows_i,d · k_j,d · exp(γ_i,d − γ_j,d),
         the row factors indexed by (b0, b1, i, @0) or (b0, b1, i)."""
-        B = ("b0", "b1")
+        B = _B
         if len(p.bound) != 1:
             raise NotDelta(f"{what} is not a sum over the key channels")
         d = p.bound[0]
@@ -2048,14 +2052,14 @@ class _ChunkRewrite(_Rewrite):
 
     def _row_form(self, t, scales, what):
         """The index form of a (B, H, C, ·) tree times row scales (B, H, C), indices (b0, b1, i, @0)."""
-        from seqfuse.passes.index_form import NoForm, P, _product, canonical, form
-        B = ("b0", "b1")
+        from seqfuse.passes.index_form import NoForm, P, canonical, form, product
+        B = _B
         try:
             p = form(self.ctx, t, B + ("i", "@0"))
         except NoForm as e:
             raise NotDelta(f"{what}: {e}") from None
         extra = [P(1.0, (), (("at", sc, B + ("i",)),)) for sc in scales]
-        return canonical(_product([p] + extra))
+        return canonical(product([p] + extra))
 
     def _pieces(self, coef_rows, what, k_leaf=None):
         """(x, β) (B, H, T, ·), (B, H, T) before chunking of row pieces: the chunks of x ⊙ β[..., None] (one
@@ -2063,8 +2067,7 @@ class _ChunkRewrite(_Rewrite):
         coef, rows = coef_rows
         if coef != 1.0:
             raise NotDelta(f"{what} scales its rows by a number")
-        if not all(f[0] == "at" and f[1][0] == "leaf" and f[2] in (("b0", "b1", "i", "@0"), ("b0", "b1", "i"))
-                   for f in rows):
+        if not all(f[0] == "at" and f[1][0] == "leaf" and f[2] in (_B + ("i", "@0"), _B + ("i",)) for f in rows):
             raise NotDelta(f"{what} are not chunks laid (B, H, N, C, ·) and (B, H, N, C)")
         if len(rows) == 1 and len(rows[0][2]) == 4:
             x, beta = self._times_beta(self._unchunk(rows[0][1][1], what))
@@ -2077,20 +2080,20 @@ class _ChunkRewrite(_Rewrite):
             raise NotDelta(f"{what} is not x ⊙ β")
         return self._unchunk(xs[0][1][1], what), self._unchunk(bs[0][1][1], "β")
 
-    def _prove_vector(self, x, allowed, ro_j):
+    def _prove_vector(self, x, allowed, ro_j, applied, pm):
         """The KDA plan (a decay per key channel) from index forms of the pieces: the UT system
         Σ_K kβ_i ⊙ k_j ⊙ exp(γ_i − γ_j) below the diagonal, the scores Σ_K q_i ⊙ k_j ⊙ exp(γ_i − γ_j) on and
         below it and zero above, KC = U·(kβ ⊙ e^γ), NV = U·vβ, Qd = q ⊙ e^γ, Kd, cd as in ``_prove_wy``; β as
-        a column scale of U is a row scale of its right side (fla), the query's scale a number."""
+        a column scale of U is a row scale of its right side (fla), the query's scale a number.  ``applied``,
+        ``pm``: NV read by ``_applied`` and U's system below the diagonal (``_vector_system``)."""
         from seqfuse.passes.index_form import ZERO, NoForm, form
-        B = ("b0", "b1")
+        B = _B
         dead = x["cd"] is _DEAD
-        (U, X_nv, s_nv), kc = self._applied(x["nv"]), self._applied(x["kc"])
+        (U, X_nv, s_nv), kc = applied, self._applied(x["kc"])
         if kc is None or kc[0] != U:
             raise NotDelta("the two triangular solves have different systems")
         _, X_kc, s_kc = kc
         try:
-            pm = form(self.ctx, U[1], B + ("i", "j"), "strict_lower")
             upper = form(self.ctx, x["ia"], B + ("i", "j"), "strict_upper")
             pi = form(self.ctx, x["ia"], B + ("i", "j"), "lower")
         except NoForm as e:

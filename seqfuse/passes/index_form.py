@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from seqfuse.passes.pattern import val
+from seqfuse.passes.triangular import mask_value
 
 
 class NoForm(Exception):
@@ -122,7 +123,7 @@ class _Former:
             return P(-p.coef, p.bound, p.factors)
         if kind == "mul":
             s = shape(t)
-            return _product([self.form(k, self.letters_of(k, letters, s)) for k in t[1:]])
+            return product([self.form(k, self.letters_of(k, letters, s)) for k in t[1:]])
         if kind == "exp":
             lin = self.lin(t[1], letters)
             if lin[0] == -math.inf:
@@ -148,7 +149,7 @@ class _Former:
                 bound.append(names[c])
             pa = self.form(t[2], tuple(names[c] for c in a))
             pb = self.form(t[3], tuple(names[c] for c in b))
-            p = _product([pa, pb])
+            p = product([pa, pb])
             return P(p.coef, tuple(sorted(p.bound + tuple(bound))), p.factors)
         raise NoForm(f"a {kind} piece")
 
@@ -194,20 +195,8 @@ class _Former:
 
     def mask_on_region(self, cond, letters):
         """True / False when the position mask ``cond`` is that over the whole region, else None."""
-        from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
-        neg = False
-        while cond[0] == "not":
-            neg, cond = not neg, cond[1]
-        if cond[0] == "mask":
-            m = torch.tensor(cond[2], dtype=torch.bool).reshape(cond[1])
-        elif cond[0] == "inv" and isinstance(cond[1], torch.fx.Node) and is_shape_only(cond[1]):
-            try:
-                m = evaluate_shape_only(self.ctx.gm, cond[1])
-            except Exception:   # noqa: BLE001 - not evaluable: no form
-                return None
-        else:
-            return None
-        if self.region is None or m.dtype != torch.bool or len(letters) != m.dim():
+        m = mask_value(self.ctx, cond)
+        if m is None or self.region is None or len(letters) != m.dim():
             return None
         i, j = self.region_letters
         for d, c in enumerate(letters):       # a position mask: only the region's letters (and unit axes)
@@ -218,7 +207,6 @@ class _Former:
         m = m.reshape([m.shape[d] for d, c in enumerate(letters) if c in (i, j)])
         if [c for c in letters if c in (i, j)] == [j, i]:
             m = m.t()
-        m = ~m if neg else m
         C = m.shape[0]
         if m.dim() != 2 or m.shape[1] != C:
             return None
@@ -241,7 +229,8 @@ def _lin_sum(c1, t1, c2, t2):
     return (c1 + c2, tuple(sorted(((a, k) for a, k in acc.items() if k != 0.0), key=repr)))
 
 
-def _product(ps) -> P:
+def product(ps) -> P:
+    """The product of product-sums (bound indices kept apart by the caller; exponents merged)."""
     coef, bound, factors, lin = 1.0, [], [], None
     for p in ps:
         coef *= p.coef

@@ -180,6 +180,47 @@ def concrete_sym(x, sizes: dict | None = None):
     return float(value)
 
 
+def _alias_arg(u, n):
+    """The alias annotation of the argument through which op node ``u`` reads ``n`` (None: none, or ``n``
+    is not an argument of a schema op)."""
+    t = u.target
+    if u.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    for a, x in zip(t._schema.arguments, u.args):
+        if x is n and a.alias_info is not None:
+            return a.alias_info
+    return None
+
+
+def mutates(u, n) -> bool:
+    """Whether node ``u`` writes ``n`` in place (copy_, add_, masked_fill_, index_put_, …)."""
+    info = _alias_arg(u, n)
+    return info is not None and info.is_write
+
+
+def written(node) -> bool:
+    """Whether ``node`` or a view of it (through any chain of views) is written in place by any op."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            info = _alias_arg(u, n)
+            if info is None:
+                if u.target is aten._unsafe_view.default:
+                    stack.append(u)     # a view whose schema does not say so
+                elif u.op == "call_function" and not isinstance(u.target, torch._ops.OpOverload) \
+                        and u.target is not operator.getitem:
+                    return True         # an op without a schema reads it: it may write or alias it
+                continue
+            if info.is_write:
+                return True
+            stack.append(u)         # a view (select, slice, unsqueeze, view, permute, …): its writes count
+    return False
+
+
 def _same(a, b) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
     return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b

@@ -16,14 +16,13 @@ instead of ~5·C, and a graph the downstream compiler handles in one node instea
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from seqfuse.passes.loop_vectorize import known_eq
-from seqfuse.passes.pattern import copy_meta, is_op, val
+from seqfuse.passes.pattern import copy_meta, is_op, mutates, val, written
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -41,52 +40,17 @@ def is_eye(x) -> bool:
     return is_op(x, aten.eye) and val(x).dim() == 2 and val(x).dtype.is_floating_point
 
 
-def _alias_arg(u, n):
-    """The alias annotation of the argument through which op node ``u`` reads ``n`` (None: none, or ``n``
-    is not an argument of a schema op)."""
-    t = u.target
-    if u.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
-        return None
-    for a, x in zip(t._schema.arguments, u.args):
-        if x is n and a.alias_info is not None:
-            return a.alias_info
-    return None
-
-
-def mutates(u, n) -> bool:
-    """Whether node ``u`` writes ``n`` in place (copy_, add_, masked_fill_, index_put_, …)."""
-    info = _alias_arg(u, n)
-    return info is not None and info.is_write
-
-
-def written(node) -> bool:
-    """Whether ``node`` or a view of it (through any chain of views) is written in place by any op."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for u in n.users:
-            info = _alias_arg(u, n)
-            if info is None:
-                if u.target is aten._unsafe_view.default:
-                    stack.append(u)     # a view whose schema does not say so
-                elif u.op == "call_function" and not isinstance(u.target, torch._ops.OpOverload) \
-                        and u.target is not operator.getitem:
-                    return True         # an op without a schema reads it: it may write or alias it
-                continue
-            if info.is_write:
-                return True
-            stack.append(u)         # a view (select, slice, unsqueeze, view, permute, …): its writes count
-    return False
-
-
 def whole_write(buf):
     """The value ``src`` when ``buf`` is a fresh buffer (zeros, ones, empty, full) whose only write is one
     ``copy_(buf[..., 0:n], src)`` over all of it (n its size along that axis; ``src`` of exactly its shape
     and dtype: the copy neither broadcasts nor casts), made before anything else reads ``buf``: every
     later read sees ``src``'s values (loop_map writes a vectorized map loop so).  Else None."""
+    found = _whole_copy(buf)
+    return found[0] if found is not None else None
+
+
+def _whole_copy(buf):
+    """(src, the copy_, its destination slice or None) of ``whole_write``; None when there is none."""
     if not is_op(buf, aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like, aten.empty,
                  aten.empty_like, aten.new_empty, aten.full, aten.full_like, aten.new_full):
         return None
@@ -117,7 +81,7 @@ def whole_write(buf):
             n = n.next
         if n is not u or mutates(u, buf) or written(u):
             return None
-    return src
+    return src, cp, dest
 
 
 #: readers that depend on the buffer's strides (or identity): they read a contiguous copy of the value
@@ -131,16 +95,11 @@ def forward_whole_write(graph, buf) -> bool:
     per-step buffer's readers with their step (a step-private ``zeros`` read after its write would
     otherwise look like one loop invariant) and the recognizers read it without a write in between.
     Readers that depend on the buffer's strides read ``contiguous(value)``.  Whether it did so."""
-    src = whole_write(buf)
-    if src is None:
+    found = _whole_copy(buf)
+    if found is None or found[1].users:
         return False
-    dests = [u for u in buf.users if u.target is aten.slice.Tensor and u.args[0] is buf
-             and any(c.target is aten.copy_.default and c.args[0] is u for c in u.users)]
-    copies = [c for d in dests + [buf] for c in d.users if c.target is aten.copy_.default and c.args[0] is d]
-    if len(copies) != 1 or copies[0].users:
-        return False
-    cp = copies[0]
-    readers = [u for u in buf.users if u is not cp and u not in dests]
+    src, cp, dest = found
+    readers = [u for u in buf.users if u is not cp and u is not dest]
     contiguous = None
     for u in readers:
         x = src
@@ -153,16 +112,15 @@ def forward_whole_write(graph, buf) -> bool:
             x = contiguous
         u.replace_input_with(buf, x)
     graph.erase_node(cp)
-    for d in dests:
-        graph.erase_node(d)
+    if dest is not None:
+        graph.erase_node(dest)
     graph.erase_node(buf)
     return True
 
 
-def mask_is(ctx, tree, C, kind, unit_last=False) -> bool:
-    """Whether a mask tree (("inv", shape-only bool node) or an evaluated ("mask", shape, values), possibly
-    under ("not", ·)) evaluates to the C x C mask ``kind``: "lower" (j <= i), "strict_lower" (j < i);
-    ``unit_last``: laid (C, C, 1) (a mask of per-channel decays (·, C, C, K))."""
+def mask_value(ctx, tree) -> torch.Tensor | None:
+    """The boolean value of a mask tree: ("mask", shape, values) evaluated, or ("inv", shape-only node)
+    evaluated now, possibly under ("not", ·); None when it is neither or not boolean."""
     from seqfuse.passes.pattern import evaluate_shape_only, is_shape_only
     neg = False
     while tree[0] == "not":
@@ -172,17 +130,27 @@ def mask_is(ctx, tree, C, kind, unit_last=False) -> bool:
     elif tree[0] == "inv" and isinstance(tree[1], torch.fx.Node) and is_shape_only(tree[1]):
         try:
             m = evaluate_shape_only(ctx.gm, tree[1])
-        except Exception:
-            return False
+        except Exception:   # noqa: BLE001 - not evaluable here: no value
+            return None
     else:
+        return None
+    if m.dtype != torch.bool:
+        return None
+    return ~m if neg else m
+
+
+def mask_is(ctx, tree, C, kind, unit_last=False) -> bool:
+    """Whether a mask tree (``mask_value``) evaluates to the C x C mask ``kind``: "lower" (j <= i),
+    "strict_lower" (j < i); ``unit_last``: laid (C, C, 1) (a mask of per-channel decays (·, C, C, K))."""
+    m = mask_value(ctx, tree)
+    if m is None:
         return False
     if unit_last:
         if m.dim() < 3 or m.shape[-1] != 1:
             return False
         m = m[..., 0]
-    if m.dtype != torch.bool or m.dim() < 2 or tuple(m.shape[-2:]) != (C, C):
+    if m.dim() < 2 or tuple(m.shape[-2:]) != (C, C):
         return False
-    m = ~m if neg else m
     want = torch.ones(C, C, dtype=torch.bool).tril(0 if kind == "lower" else -1)
     return bool((m.reshape(-1, C, C) == want).all())
 
