@@ -15,7 +15,11 @@
        [j ≤ i]·exp(w·(i - j))               # (c·bᵀ ∘ γ^(i-j)[i≥j])·x     -> ssd(decay=scalar, a=w=log γ)
 
    Masks depend on sizes only; they are evaluated at several sizes and must be exactly
-   the inclusive lower triangle (strictly lower, windows: near misses).
+   the inclusive lower triangle, or the strict one [j < i] (a strictly causal form: y_t reads
+   S_{t-1}), which is the inclusive form of the keys and values one step later,
+   b'_s = b_{s-1}, x'_s = x_{s-1}·exp(a_s) (zero at s = 0).  With the strict mask the exponent
+   may also be RWKV's exclusive segment sum G_i - a_i - G_j = a_{j+1} + … + a_{i-1}: then a is
+   shifted too and x' takes no factor.  Windows and other diagonals are near misses.
 2. Cumulative-sum forms are the same term:   # cumsum_t(S)[t] = Σ_s [s ≤ t]·S[s]
    ``q_t · cumsum_t(k ⊗ v)`` flattens to Σ_{n,s} q[t,n]·k[s,n]·[s ≤ t]·v[s,p].
    A decay factored into the operands (q·exp(G), k·exp(-G); q·P, k/P with P a cumprod) stays
@@ -766,7 +770,7 @@ class SSDFormsPass(Pass):
 
     # (c·bᵀ ∘ M)·x -> ssd
     def _quadratic(self, ctx: PassContext, root: torch.fx.Node) -> None:
-        term, roles, decay = self.analyze_quadratic(ctx.gm, root)
+        term, roles, decay = self.analyze_quadratic(ctx.gm, root, strict_ok=True)
         self._build(ctx, root, roles, term, decay)
 
     # (P(c·bᵀ) ∘ [j <= i])·x -> ssd over polynomial features (Based)
@@ -889,10 +893,12 @@ class SSDFormsPass(Pass):
             y = emit(graph, root, aten.to.dtype, (y, val(root).dtype), root)
         root.replace_all_uses_with(y)
 
-    def analyze_quadratic(self, gm, root: torch.fx.Node):
+    def analyze_quadratic(self, gm, root: torch.fx.Node, strict_ok: bool = False):
         """Read the einsum ``root`` as s·(c·bᵀ ∘ M)·x with M proven [j <= i]·exp(E): returns
         (term, roles, decay), decay None or (Coef, (seq node, letters) or None).  Raises
-        _Silent when it is not such a form, NoMatch (with the reason) when it nearly is."""
+        _Silent when it is not such a form, NoMatch (with the reason) when it nearly is.
+        With ``strict_ok`` the strictly lower triangle [j < i] is accepted too (``roles.strict``:
+        a strictly causal form, which ``_build`` runs as an ssd of the inputs shifted by one step)."""
         out = _einsum_parts(root)[1]
         term = _Term(out, strict=True)
         key_sum = _key_sum(root)
@@ -941,7 +947,7 @@ class SSDFormsPass(Pass):
             log = lg if log is None else log.plus(lg)
         if log is not None:
             masks += log.zero
-        decay = self._check(gm, roles, masks, log, sizes_i)
+        decay = self._check(gm, roles, masks, log, sizes_i, strict_ok)
         _check_mask_precision(roles)
         return term, roles, decay
 
@@ -983,17 +989,20 @@ class SSDFormsPass(Pass):
             return None
         return None
 
-    def _check(self, gm, roles, masks, log, t_size):
-        """Prove M = [j <= i]·exp(E) at every size variant; returns the decay (None or (Coef, seq factor))."""
+    def _check(self, gm, roles, masks, log, t_size, strict_ok: bool = False):
+        """Prove M = [j <= i]·exp(E) (or, with ``strict_ok``, [j < i]·exp(E): then ``roles.strict``
+        is set) at every size variant; returns the decay (None or (Coef, seq factor))."""
+        roles.strict = False
         try:
-            return self._check_sizes(gm, roles, masks, log, t_size)
+            return self._check_sizes(gm, roles, masks, log, t_size, strict_ok)
         except (NoMatch, _Silent):
             raise
         except Exception as e:      # a mask subgraph that cannot run at a size variant
             raise NoMatch(f"the mask could not be evaluated at every length ({type(e).__name__})") from None
 
-    def _check_sizes(self, gm, roles, masks, log, t_size):
+    def _check_sizes(self, gm, roles, masks, log, t_size, strict_ok):
         decay = self._resolve(log, roles) if log is not None else None
+        kinds = set()
         for sizes in _size_variants(gm):
             t = concrete_sym(t_size, sizes) if isinstance(t_size, torch.SymInt) else int(t_size)
             if t * t > MAX_MASK_ELEMENTS:
@@ -1006,10 +1015,13 @@ class SSDFormsPass(Pass):
                 if kind is not None:
                     raise _Silent()             # a full mask: plain matmuls
                 raise NoMatch("the mask is not a structural causal mask")
-            if kind != ("causal", 0, 0):
+            kinds.add(kind)
+            if kind != ("causal", 0, 0) and not (strict_ok and kind == ("causal", -1, 0)):
                 what = "strictly lower triangular" if kind == ("causal", -1, 0) else \
                     f"{kind[0]} with diagonal {kind[1]}" + (f" and window {kind[2]}" if kind[0] == "window" else "")
                 raise NoMatch(f"the mask is {what}, not the inclusive lower triangle [j <= i] of a recurrence")
+            if len(kinds) > 1:
+                raise NoMatch("the mask is the inclusive lower triangle at some lengths and the strict one at others")
             if log is not None:
                 for spec in log.valid:
                     v = _mask_matrix(gm, spec, roles, sizes, t)
@@ -1023,6 +1035,10 @@ class SSDFormsPass(Pass):
                         v = evaluate(gm, atom[2], sizes).reshape(-1)
                         if not torch.equal(v.double(), torch.arange(v.numel(), dtype=torch.float64)):
                             raise NoMatch("a position index in the decay that is not arange(T)")
+        roles.strict = kinds == {("causal", -1, 0)}
+        if getattr(roles, "exclusive", False) and not roles.strict:
+            raise NoMatch("the decay exponent is the exclusive segment sum G_{i-1} - G_j but the mask keeps the "
+                          "diagonal (exp(-a_i) there: not a recurrence's decay)")
         return decay
 
     def _resolve(self, log, roles):
@@ -1037,30 +1053,46 @@ class SSDFormsPass(Pass):
             else:
                 groups[key] = (atom, coef)
         terms = [(a, c) for a, c in groups.values() if c.const != 0]
+        roles.exclusive = False
+        kinds = sorted(a[0] for a, _ in terms)
+        if kinds == ["g", "g", "q"]:                  # G_i - a_i - G_j = G_{i-1} - G_j (RWKV-6)
+            (qa, qc), = [(a, c) for a, c in terms if a[0] == "q"]
+            coef, seq = self._segment_sum([(a, c) for a, c in terms if a[0] == "g"], roles)
+            if qa[1] is seq[0] and list(qa[2]) == list(seq[1]) and qc.key() == coef.key() and \
+                    qc.const == -coef.const:
+                roles.exclusive = True          # Σ_{j<x<i} a_x: the query's own step left out
+                return coef, seq
+            raise NoMatch("the decay exponent is G_i - G_j plus a per-query term that is not the step "
+                          "-a_i of the same cumulative sum (the exclusive segment sum G_{i-1} - G_j)")
         side = side_term_reason(terms)
         if side is not None:
             raise NoMatch(side)
-        kinds = sorted(a[0] for a, _ in terms)
         if kinds == ["seg"]:                          # Σ_{j<x≤i} A_x
             (atom, coef), = terms
             return coef, (atom[1], list(atom[2]))
         if kinds == ["g", "g"]:                       # G_i - G_j, G = cumsum(a)
-            (a1, k1), (a2, k2) = terms
-            if a1[1] is a2[1] and k1.key() == k2.key() and k1.const == -k2.const:
-                g, l1, l2 = a1[1], list(a1[2]), list(a2[2])
-                d = g.args[1] % rank(g)
-                if l1[d] == j:
-                    l1, l2, k1 = l2, l1, k2
-                same = all(x == y for k, (x, y) in enumerate(zip(l1, l2)) if k != d)
-                if same and l1[d] == i and l2[d] == j:
-                    return k1, base_letters(g.args[0], l1)
-            raise NoMatch("the decay exponent is not a segment sum G_i - G_j of one cumulative sum")
+            return self._segment_sum(terms, roles)
         if kinds == ["pos", "pos"]:                   # w·(i - j)
             (a1, k1), (a2, k2) = terms
             if {a1[1], a2[1]} == {i, j} and k1.key() == k2.key() and k1.const == -k2.const:
                 return (k1 if a1[1] == i else k2), None
             raise NoMatch("the decay exponent is not w·(i - j)")
         raise NoMatch("the decay exponent is neither a segment sum G_i - G_j nor w·(i - j) (a power γ^(i-j))")
+
+    @staticmethod
+    def _segment_sum(terms, roles):
+        """The two "g" atoms of G_i - G_j with G = cumsum_i(a) -> (coefficient of G_i, (a, letters at i))."""
+        i, j = roles.i, roles.j
+        (a1, k1), (a2, k2) = terms
+        if a1[1] is a2[1] and is_op(a1[1], aten.cumsum) and k1.key() == k2.key() and k1.const == -k2.const:
+            g, l1, l2 = a1[1], list(a1[2]), list(a2[2])
+            d = g.args[1] % rank(g)
+            if l1[d] == j:
+                l1, l2, k1 = l2, l1, k2
+            same = all(x == y for k, (x, y) in enumerate(zip(l1, l2)) if k != d)
+            if same and l1[d] == i and l2[d] == j:
+                return k1, base_letters(g.args[0], l1)
+        raise NoMatch("the decay exponent is not a segment sum G_i - G_j of one cumulative sum")
 
     # --- building --------------------------------------------------------------------
     def _emit(self, graph, before, target, args, like):
@@ -1126,6 +1158,29 @@ class SSDFormsPass(Pass):
         if not head:
             node = self._emit(graph, before, aten.unsqueeze.default, (node, 1 + len(mid)), like)
         return node
+
+    def _strictly_causal(self, graph, root, x, b, a, exclusive: bool):
+        """(x', b', a') of the strictly causal form y_t = Σ_{s<t} L[t, s]·(c_t·b_s)·x_s as an inclusive
+        one: the keys and values one step later, b'_s = b_{s-1}, x'_s = x_{s-1} (zero at s = 0), so
+        that y_t = Σ_{s<=t} L'[t, s]·(c_t·b'_s)·x'_s with L'[t, s] = L[t, s - 1]:
+
+        - L[t, s] = exp(a_{s+1} + … + a_t) (the inclusive segment sum): L'[t, s] = exp(a_s)·exp(a_{s+1}
+          + … + a_t), so x'_s also takes the factor exp(a_s) and a' = a;
+        - L[t, s] = exp(a_{s+1} + … + a_{t-1}) (``exclusive``, RWKV's): a' = a one step later too.
+
+        Layouts (B', T, H, F); a (B', T, H)."""
+        def later(u):           # u one step later along T: zero at t = 0, u_{t-1} after
+            pad = [0, 0] * (rank(u) - 2) + [1, 0]
+            u = self._emit(graph, root, aten.slice.Tensor, (u, 1, 0, -1), root)
+            return self._emit(graph, root, aten.constant_pad_nd.default, (u, pad, 0.0), root)
+        x, b = later(x), later(b)
+        if a is not None and exclusive:
+            a = later(a)
+        elif a is not None:
+            step = self._emit(graph, root, aten.exp.default, (a,), root)
+            step = self._emit(graph, root, aten.unsqueeze.default, (step, -1), root)
+            x = self._emit(graph, root, aten.mul.Tensor, (x, step), root)
+        return x, b, a
 
     def _divide(self, graph, root, roles, node, divisors, seq, feat):
         """node (B', T, H, F) divided by each divisor, brought to the same layout (T = ``seq``)."""
@@ -1202,6 +1257,8 @@ class SSDFormsPass(Pass):
                                (a, [-1, self._size(graph, root, roles, i, root), -1]), root)
             if coef.const != 1.0:
                 a = self._emit(graph, root, aten.mul.Tensor, (a, float(coef.const)), root)
+        if getattr(roles, "strict", False):
+            x, b, a = self._strictly_causal(graph, root, x, b, a, getattr(roles, "exclusive", False))
         op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "scalar")
         ir = ctx.insert_ir(op, root, root)
         ir.meta["val"] = ssd_value(x, b, c)

@@ -104,12 +104,36 @@ def strictly_lower(q, k, v):
     return (q @ k.mT).tril(-1) @ v
 
 
-def test_strictly_lower_is_left_alone(tmp_path):
+def test_strictly_lower_is_the_ssd_of_the_keys_one_step_later(tmp_path):
+    # y_t = Σ_{s<t} (q_t·k_s) v_s: k and v shifted one step later along T (zero at t = 0), then inclusive
     text = after_pass(strictly_lower, *[torch.randn(2, 3, 8, 4) for _ in range(3)], tmp_path=tmp_path)
     run_filecheck(text, """
-        CHECK-NOT: seqfuse.ssd
-        CHECK: aten.tril(%{{[a-z_0-9]+}}, -1)
-        CHECK: aten.einsum
+        CHECK-NOT: aten.tril
+        CHECK: %[[XS:[a-z_0-9]+]] = aten.slice.Tensor(%{{[a-z_0-9]+}}, 1, 0, -1) : f32[2, 7, 3, 4]
+        CHECK: %[[X:[a-z_0-9]+]] = aten.constant_pad_nd(%[[XS]], [0, 0, 0, 0, 1, 0], 0.0) : f32[2, 8, 3, 4]
+        CHECK: %[[BS:[a-z_0-9]+]] = aten.slice.Tensor(%{{[a-z_0-9]+}}, 1, 0, -1) : f32[2, 7, 3, 4]
+        CHECK: %[[B:[a-z_0-9]+]] = aten.constant_pad_nd(%[[BS]], [0, 0, 0, 0, 1, 0], 0.0) : f32[2, 8, 3, 4]
+        CHECK: seqfuse.ssd(%[[X]], %[[B]], %{{[a-z_0-9]+}}) {decay=none,
+        CHECK-NOT: aten.tril
+        CHECK-NOT: aten.einsum
+    """)
+
+
+def rwkv_exclusive(q, k, v, w):
+    t = q.shape[-2]
+    wc = w.cumsum(-1)
+    decay = torch.exp(wc[..., :, None] - w[..., :, None] - wc[..., None, :])
+    return (q @ k.mT * decay.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(-1), 0.0)) @ v
+
+
+def test_exclusive_segment_sum_shifts_the_decay_too(tmp_path):
+    # exp(w_{j+1} + … + w_{i-1}), j < i: x, b and a all one step later; no exp(a) factor on x
+    text = after_pass(rwkv_exclusive, *[torch.randn(2, 3, 8, 4) for _ in range(3)], -torch.rand(2, 3, 8),
+                      tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %[[A:[a-z_0-9]+]] = aten.constant_pad_nd(%{{[a-z_0-9]+}}, [0, 0, 1, 0], 0.0) : f32[2, 8, 3]
+        CHECK-NOT: aten.exp
+        CHECK: seqfuse.ssd({{.*}}, a=%[[A]]) {decay=scalar,
     """)
 
 

@@ -126,15 +126,19 @@ def _segsum(x):
 
 
 def ssd_quadratic(r, seed, triton):
-    """(q·kᵀ ∘ M)·v with a ones / γ^(i-j) / exp(segsum) mask in several spellings."""
+    """(q·kᵀ ∘ M)·v with a ones / γ^(i-j) / exp(segsum) mask in several spellings; strictly causal
+    ones ([j < i], with or without an inclusive or RWKV's exclusive segment sum) too."""
     T, B, H, K, V = _sizes(r, triton, loop=False)
     dt = r.choice(DTYPES)
     m = Maker(r, dt)
     style = r.choice(("tril_ones", "tril_method", "masked_fill", "where", "einsum_bthd", "retention_pow",
-                      "log_gamma", "segsum4", "hf_segment_sum"))
+                      "log_gamma", "segsum4", "hf_segment_sum", "strict_tril", "strict_segsum", "exclusive_segsum"))
     extra = []
     if style == "einsum_bthd":
         q, k, v = m.randn(B, T, H, K), m.randn(B, T, H, K), m.randn(B, T, H, V)
+    elif style in ("strict_segsum", "exclusive_segsum"):
+        q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+        extra.append(m.log_decay(B, H, T, strength=r.choice((0.1, 1.0, 3.0))))
     elif style in ("segsum4", "hf_segment_sum"):
         q, k, v = m.randn(B, T, H, K), m.randn(B, T, H, K), m.randn(B, T, H, V)
         extra.append(m.log_decay(B, H, T, strength=r.choice((0.1, 1.0, 3.0))))
@@ -150,6 +154,16 @@ def ssd_quadratic(r, seed, triton):
             return (q @ k.transpose(-1, -2) * torch.tril(torch.ones(t, t, dtype=q.dtype))) @ v
         if style == "tril_method":
             return torch.einsum("bhid,bhjd->bhij", q, k).tril() @ v
+        if style == "strict_tril":
+            return torch.einsum("bhid,bhjd->bhij", q, k).tril(-1) @ v
+        if style in ("strict_segsum", "exclusive_segsum"):
+            t, g = q.shape[-2], rest[0]
+            gc = g.cumsum(-1)
+            e = gc[..., :, None] - gc[..., None, :]
+            if style == "exclusive_segsum":
+                e = e - g[..., :, None]
+            strict = torch.tril(torch.ones(t, t, dtype=torch.bool), -1)
+            return (q @ k.mT * torch.exp(e.masked_fill(~strict, -torch.inf))) @ v
         if style == "masked_fill":
             t = q.shape[-2]
             return (q @ k.mT).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), 0.0) @ v

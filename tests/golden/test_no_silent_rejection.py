@@ -5,10 +5,10 @@ for every one of them, and each program equals eager (outputs and all gradients)
 
 Programs: ``einsum(...).tril() @ v`` at T = 2 (rewritten), cumsum linear attention at
 T = 64 (einsum and broadcast spellings, rewritten), the chunked SSD listing at T = 40 (5 chunks of 8,
-rewritten), a Python loop h = a·h + x (a scan), and masked products that are not a forward
-recurrence (a strictly lower / upper triangle, a band, relu or a square of the scores, a reversed
-or exclusive cumulative sum: near misses; the last five were silent before; a key or value dim of 1,
-silent before too)."""
+rewritten), a Python loop h = a·h + x (a scan), the strictly lower triangle (rewritten: the keys and
+values one step later), and masked products that are not a forward recurrence (an upper triangle, a
+band, relu or a cube of the scores, a reversed or exclusive cumulative sum: near misses; some were
+silent before; a key or value dim of 1, silent before too)."""
 import pytest
 import torch
 
@@ -96,7 +96,7 @@ PROGRAMS = {
     "cumsum_broadcast_T64": (cumsum_linear_attention_broadcast, lambda: qkv(64), "ssd", None),
     "ssd_listing_T40": (ssd_listing, lambda: listing_inputs(40), "ssd", None),
     "loop_T8": (loop, loop_inputs, "scan", None),
-    "strict_T3": (strict_scores, lambda: qkv(3), None, "strictly lower triangular"),
+    "strict_T3": (strict_scores, lambda: qkv(3), "ssd", None),         # y_t reads S_{t-1}: keys one step later
     "upper_T3": (upper_scores, lambda: qkv(3), None, "triu"),
     "band_T3": (band_scores, lambda: qkv(3), None, "triu"),
     "relu_T16": (relu_scores, lambda: qkv(16), None, "relu"),

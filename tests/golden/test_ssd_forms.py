@@ -358,11 +358,71 @@ def test_dynamic_length_one_graph():
     assert sum(seqfuse.counters().get("ssd", {}).values()) == 3, seqfuse.counters()
 
 
-# --- near misses and non-matches: left alone, still equal to eager ----------------------
+# --- strictly causal forms: y_t reads the state before step t (S_{t-1}) ------------------
+# [j < i] is the inclusive form of the keys and values one step later (b'_s = b_{s-1}, x'_s = x_{s-1},
+# zero at s = 0); an inclusive segment sum exp(a_{j+1} + … + a_i) leaves the step a_{j+1} to x'
+# (x'_s = x_{s-1}·exp(a_s)); RWKV's exclusive exp(a_{j+1} + … + a_{i-1}) shifts a as well.
 
 def strictly_lower(q, k, v):
     return (q @ k.mT).tril(-1) @ v
 
+
+def strictly_lower_segsum(q, k, v, g):            # [j < i]·exp(G_i - G_j), (B, H, T) gates
+    t = q.shape[-2]
+    gc = g.cumsum(-1)
+    decay = torch.exp(gc[..., :, None] - gc[..., None, :])
+    return (q @ k.mT * decay.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(-1), 0.0)) @ v
+
+
+def strictly_lower_power(q, k, v):                # [j < i]·γ^(i-j), γ per head (retention's spelling)
+    t = q.shape[-2]
+    n = torch.arange(t, dtype=q.dtype)
+    gamma = 1 - 2.0 ** (-5 - torch.arange(q.shape[1], dtype=q.dtype))
+    decay = torch.exp(torch.log(gamma)[:, None, None] * (n[:, None] - n[None, :]))
+    return (q @ k.mT * decay.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(-1), 0.0)) @ v
+
+
+def exclusive_segsum(q, k, v, g):                 # RWKV-6's intra-chunk exponent G_i - g_i - G_j
+    t = q.shape[-2]
+    gc = g.cumsum(-1)
+    decay = torch.exp(gc[..., :, None] - g[..., :, None] - gc[..., None, :])
+    return (q @ k.mT * decay.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(-1), 0.0)) @ v
+
+
+def exclusive_segsum_inclusive_mask(q, k, v, g):  # exp(-g_i) on the diagonal: not a decay
+    t = q.shape[-2]
+    gc = g.cumsum(-1)
+    decay = torch.exp(gc[..., :, None] - g[..., :, None] - gc[..., None, :])
+    return (q @ k.mT * decay.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), 0.0)) @ v
+
+
+@pytest.mark.parametrize("fn,decay,gates", [(strictly_lower, "none", False), (strictly_lower_segsum, "scalar", True),
+                                            (strictly_lower_power, "scalar", False),
+                                            (exclusive_segsum, "scalar", True)])
+@pytest.mark.parametrize("t", [2, 9])
+def test_strictly_causal_forms(fn, decay, gates, t):
+    args = inputs((B, H, t, D), (B, H, t, D), (B, H, t, D))
+    if gates:
+        args.append(log_gates(B, H, t))
+    report = check_against_eager(fn, *args)
+    assert_one_ssd(report, decay)
+    assert not [m for m in report.near_misses if m.kind == "ssd"], str(report)
+
+
+def test_strictly_causal_dynamic_length_one_graph():
+    report = check_against_eager(exclusive_segsum, *inputs((B, H, 12, D), (B, H, 12, D), (B, H, 12, D)),
+                                 log_gates(B, H, 12), dynamic=True)
+    assert_one_ssd(report, "scalar")
+
+
+def test_exclusive_segsum_with_the_diagonal_is_a_near_miss():
+    report = check_against_eager(exclusive_segsum_inclusive_mask, *inputs((B, H, T, D), (B, H, T, D), (B, H, T, D)),
+                                 log_gates(B, H, T))
+    assert report.count("ssd") == 0, str(report)
+    assert any("exclusive segment sum" in m.reason for m in report.near_misses if m.kind == "ssd"), str(report)
+
+
+# --- near misses and non-matches: left alone, still equal to eager ----------------------
 
 def sliding_window(q, k, v):
     t = q.shape[-2]
@@ -387,7 +447,6 @@ def unproven_decay_base(q, k, v, gamma):
 
 
 @pytest.mark.parametrize("fn,extra,reason", [
-    (strictly_lower, None, "strictly lower"),
     (sliding_window, None, "window"),
     (scores_returned, None, "also returned"),
     (fla_simple_gla_with_scores, "gla", "also returned"),
