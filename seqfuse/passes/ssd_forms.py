@@ -21,7 +21,8 @@
    may also be RWKV's exclusive segment sum G_i - a_i - G_j = a_{j+1} + … + a_{i-1}: then a is
    shifted too and x' takes no factor.  Windows and other diagonals are near misses.
 2. Cumulative-sum forms are the same term:   # cumsum_t(S)[t] = Σ_s [s ≤ t]·S[s]
-   ``q_t · cumsum_t(k ⊗ v)`` flattens to Σ_{n,s} q[t,n]·k[s,n]·[s ≤ t]·v[s,p].
+   ``q_t · cumsum_t(k ⊗ v)`` flattens to Σ_{n,s} q[t,n]·k[s,n]·[s ≤ t]·v[s,p]; the exclusive
+   ``cumsum_t(S) - S`` to the same with [s < t] (the strictly causal form above).
    A decay factored into the operands (q·exp(G), k·exp(-G); q·P, k/P with P a cumprod) stays
    in c and b with decay=none: that equals eager; extracting a would not be provably equal.
 3. Polynomial kernels of the scores (Based's Taylor feature map):  # Σ_d w_d·(q·k)^d = φ_c(q)·φ_b(k)
@@ -163,9 +164,40 @@ def _reaches_contraction(node) -> bool:
         return _reaches_contraction(node.args[0] if is_op(node, aten.tril) else node.args[1])
     if _inplace_zero_fill(node):
         return _reaches_contraction(node.args[0])
+    if _exclusive_cumsum(node):
+        return _reaches_contraction(node.args[0])
     if is_op(node, aten.mul, aten.div) and node.target in (aten.mul.Tensor, aten.div.Tensor):
         return any(_reaches_contraction(a) for a in node.args[:1 if is_op(node, aten.div) else 2])
     return False
+
+
+def _exclusive_cumsum(node) -> bool:
+    """Whether ``node`` is cumsum_t(S) - S with the same S and shape (an exclusive cumulative sum)."""
+    if node.target is not aten.sub.Tensor or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+        return False
+    cs, x = node.args
+    return is_op(cs, aten.cumsum) and cs.args[0] is x and len(cs.users) == 1 and \
+        isinstance(val(x), torch.Tensor) and val(cs).shape == val(node).shape == val(x).shape
+
+
+def _flatten_cumsum(gm, node, letters: list, term: _Term, diagonal: int) -> None:
+    """cumsum_t(S)[t] = Σ_s [s - t <= diagonal]·S[s]: a fresh summed letter s and a causal mask
+    (diagonal 0 inclusive, -1 exclusive), then S at s."""
+    d = node.args[1] % rank(node)
+    t = letters[d]
+    if t == UNIT:
+        raise _Silent()
+    s = term.fresh(set(letters))
+    term.masks.append(("tril", t, s, diagonal))
+    inner = letters[:d] + [s] + letters[d + 1:]
+    src = node.args[0]
+    if src.target is aten.mul.Tensor and (len(src.users) == 1 or src in term.shared) and \
+            all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) for x in src.args):
+        term.consumed.append(src)          # an outer product k ⊗ v
+        for x in src.args:
+            _flatten(gm, x, aligned(x, inner, src), term)
+        return
+    return _flatten(gm, src, inner, term)
 
 
 def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
@@ -178,21 +210,12 @@ def _flatten(gm, node, letters: list, term: _Term, root: bool = False) -> None:
         term.consumed.append(node)
         if is_op(node, aten.cumsum):
             # cumsum_t(S)[t] = Σ_s [s <= t]·S[s]: a fresh summed letter s and a causal mask
-            d = node.args[1] % rank(node)
-            t = letters[d]
-            if t == UNIT:
-                raise _Silent()
-            s = term.fresh(set(letters))
-            term.masks.append(("tril", t, s, 0))
-            inner = letters[:d] + [s] + letters[d + 1:]
-            src = node.args[0]
-            if src.target is aten.mul.Tensor and len(src.users) == 1 and \
-                    all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) for x in src.args):
-                term.consumed.append(src)          # an outer product k ⊗ v
-                for x in src.args:
-                    _flatten(gm, x, aligned(x, inner, src), term)
-                return
-            return _flatten(gm, src, inner, term)
+            return _flatten_cumsum(gm, node, letters, term, 0)
+        if _exclusive_cumsum(node):
+            # cumsum_t(S)[t] - S[t] = Σ_s [s < t]·S[s]: the strict mask (S is read by both, once here)
+            term.consumed.append(node.args[0])
+            term.shared.add(node.args[1])
+            return _flatten_cumsum(gm, node.args[0], letters, term, -1)
         if is_op(node, aten.einsum):
             ins, out = _einsum_parts(node)
             names = dict(zip(out, letters))

@@ -167,6 +167,27 @@ def test_cumsum_form_drops_the_state_tensor(tmp_path):
     """)
 
 
+def exclusive_cumsum_linear_attention(q, k, v):
+    kv = torch.einsum("bthn,bthp->bthnp", k, v)
+    return torch.einsum("bthn,bthnp->bthp", q, kv.cumsum(1) - kv)
+
+
+def test_exclusive_cumsum_is_the_strictly_causal_form(tmp_path):
+    # cumsum(S) - S = Σ_{s<t} S_s: v and k one step later, no state tensor, no subtraction left
+    text = after_pass(exclusive_cumsum_linear_attention, *[torch.randn(2, 8, 3, 4) for _ in range(3)],
+                      tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK: %[[VS:[a-z_0-9]+]] = aten.slice.Tensor(%l_v_, 1, 0, -1) : f32[2, 7, 3, 4]
+        CHECK: %[[V:[a-z_0-9]+]] = aten.constant_pad_nd(%[[VS]], [0, 0, 0, 0, 1, 0], 0.0)
+        CHECK: %[[KS:[a-z_0-9]+]] = aten.slice.Tensor(%l_k_, 1, 0, -1) : f32[2, 7, 3, 4]
+        CHECK: %[[K:[a-z_0-9]+]] = aten.constant_pad_nd(%[[KS]], [0, 0, 0, 0, 1, 0], 0.0)
+        CHECK: seqfuse.ssd(%[[V]], %[[K]], %l_q_) {decay=none
+        CHECK-NOT: aten.cumsum
+        CHECK-NOT: aten.sub
+        CHECK-NOT: aten.einsum
+    """)
+
+
 def plain_cumsum(x):
     # must not match: a cumsum alone is a trivial scan, cheaper as it is
     return x.cumsum(1)

@@ -204,21 +204,24 @@ def ssd_quadratic(r, seed, triton):
 
 
 def ssd_cumsum(r, seed, triton):
-    """Cumulative sums of outer products: y_t = q_t · Σ_{s<=t} k_s ⊗ v_s."""
+    """Cumulative sums of outer products: y_t = q_t · Σ_{s<=t} k_s ⊗ v_s (or Σ_{s<t}: cumsum - the step)."""
     T, B, H, K, V = _sizes(r, triton, loop=False)
     T = min(T, 40)
     m = Maker(r, r.choice(DTYPES))
-    style = r.choice(("broadcast", "einsum_bthd"))
-    if style == "broadcast":
+    style = r.choice(("broadcast", "einsum_bthd", "exclusive_broadcast", "exclusive_einsum_bthd"))
+    if style.endswith("broadcast"):
         q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
     else:
         q, k, v = m.randn(B, T, H, K), m.randn(B, T, H, K), m.randn(B, T, H, V)
     tag = poison(r, [q, k, v])
 
     def fn(q, k, v):
-        if style == "broadcast":
-            return (q[..., None] * (k[..., :, None] * v[..., None, :]).cumsum(2)).sum(-2)
-        S = torch.einsum("bthn,bthp->bthnp", k, v).cumsum(1)
+        if style.endswith("broadcast"):
+            kv = k[..., :, None] * v[..., None, :]
+            S = kv.cumsum(2) - kv if style.startswith("exclusive") else kv.cumsum(2)
+            return (q[..., None] * S).sum(-2)
+        kv = torch.einsum("bthn,bthp->bthnp", k, v)
+        S = kv.cumsum(1) - kv if style.startswith("exclusive") else kv.cumsum(1)
         return torch.einsum("bthn,bthnp->bthp", q, S)
 
     return _case("ssd", f"cumsum_{style}", fn, [q, k, v], r, seed, triton, tag=tag, expect="" if T == 1 else None)

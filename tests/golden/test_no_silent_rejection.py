@@ -5,10 +5,10 @@ for every one of them, and each program equals eager (outputs and all gradients)
 
 Programs: ``einsum(...).tril() @ v`` at T = 2 (rewritten), cumsum linear attention at
 T = 64 (einsum and broadcast spellings, rewritten), the chunked SSD listing at T = 40 (5 chunks of 8,
-rewritten), a Python loop h = a·h + x (a scan), the strictly lower triangle (rewritten: the keys and
-values one step later), and masked products that are not a forward recurrence (an upper triangle, a
-band, relu or a cube of the scores, a reversed or exclusive cumulative sum: near misses; some were
-silent before; a key or value dim of 1, silent before too)."""
+rewritten), a Python loop h = a·h + x (a scan), the strictly lower triangle and the exclusive cumulative
+sum (rewritten: the keys and values one step later), and masked products that are not a forward
+recurrence (an upper triangle, a band, relu or a cube of the scores, a reversed cumulative sum: near
+misses; some were silent before; a key or value dim of 1, silent before too)."""
 import pytest
 import torch
 
@@ -103,7 +103,7 @@ PROGRAMS = {
     "square_T16": (squared_scores, lambda: qkv(16), "ssd", None),      # (q·k)² = vec(q⊗q)·vec(k⊗k)
     "cube_T16": (cubed_scores, lambda: qkv(16), None, "degree 3"),
     "reversed_cumsum_T16": (reversed_cumsum, lambda: qkv(16), None, "flip"),
-    "exclusive_cumsum_T16": (exclusive_cumsum, lambda: qkv(16), None, "sub"),
+    "exclusive_cumsum_T16": (exclusive_cumsum, lambda: qkv(16), "ssd", None),  # Σ_{s<t}: strictly causal
 }
 
 

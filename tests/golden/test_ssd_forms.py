@@ -226,8 +226,20 @@ def cumsum_factored_cumprod(q, k, v, g):
     return (q[..., None] * P[..., None, None] * ((k / P[..., None])[..., :, None] * v[..., None, :]).cumsum(2)).sum(-2)
 
 
+def exclusive_cumsum_broadcast(q, k, v):
+    # Σ_{s<t} k_s ⊗ v_s = cumsum(k ⊗ v) - k ⊗ v: the strictly causal form (keys and values one step later)
+    kv = k[..., :, None] * v[..., None, :]
+    return (q[..., None] * (kv.cumsum(2) - kv)).sum(-2)
+
+
+def exclusive_cumsum_einsum_bthd(q, k, v):
+    kv = torch.einsum("bthn,bthp->bthnp", k, v)
+    return torch.einsum("bthn,bthnp->bthp", q, torch.cumsum(kv, dim=1) - kv)
+
+
 @pytest.mark.parametrize("fn,layout", [(cumsum_broadcast, "bhtd"), (cumsum_einsum_bthd, "bthd"),
-                                       (cumsum_factored_exp_decay, "gated"), (cumsum_factored_cumprod, "gates")])
+                                       (cumsum_factored_exp_decay, "gated"), (cumsum_factored_cumprod, "gates"),
+                                       (exclusive_cumsum_broadcast, "bhtd"), (exclusive_cumsum_einsum_bthd, "bthd")])
 def test_cumsum_forms(fn, layout):
     shape = (B, T, H, D) if layout == "bthd" else (B, H, T, D)
     args = inputs(shape, shape, shape)
