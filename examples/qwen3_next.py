@@ -103,10 +103,11 @@ def fp64_oracle(model, ids, grads_of, module=None):
         m.torch, torch.Tensor.float = saved_torch, saved_float
 
 
-def compare(model, ids, options, module=None):
+def compare(model, ids, options, module=None, dynamic=None):
     """Compile ``model`` with seqfuse and compare: (report, [(name, error vs eager, error vs fp64,
     eager's error vs fp64)]) for the logits and every parameter gradient (``module``: the model's
-    transformers modeling module, for the fp64 oracle; default modeling_qwen3_next)."""
+    transformers modeling module, for the fp64 oracle; default modeling_qwen3_next; ``dynamic``:
+    torch.compile's, True for symbolic sequence lengths)."""
     from seqfuse.compiler.report import Report, collecting
 
     def grads_of(fn, params):
@@ -126,7 +127,7 @@ def compare(model, ids, options, module=None):
     truth = fp64_oracle(model, ids, lambda m64: grads_of(m64, list(m64.parameters())), module)
     report = Report()
     with collecting(report):
-        actual = grads_of(torch.compile(model, backend="seqfuse", options=options), params)
+        actual = grads_of(torch.compile(model, backend="seqfuse", options=options, dynamic=dynamic), params)
     names = ["logits"] + [n for n, _ in model.named_parameters()]
     return report, [(n, err(a, e), err(a, t), err(e, t)) for n, a, e, t in zip(names, actual, expected, truth)]
 

@@ -47,7 +47,7 @@ from seqfuse.ir.ops import Delta
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, leaves
 from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops, reroll
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
-from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, op_name, val, written
+from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, known_int, op_name, val, written
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.triangular import NotForwardSubstitution, forward_whole_write, is_eye, mask_is, prove, whole_write
 
@@ -615,6 +615,13 @@ def _erase_created(rewrite, graph) -> None:
             graph.erase_node(n)
 
 
+def _last_index(index, size) -> bool:
+    """Whether ``index`` (an int) is the last position of an axis of ``size`` (int, or symbolic but pinned by
+    the program's guards): -1 or size - 1.  Adds no guard."""
+    n = known_int(size)
+    return isinstance(index, int) and (index == -1 or (n is not None and index == n - 1))
+
+
 class DeltaPass(Pass):
     """Find unrolled time loops whose carried update is the delta rule; replace each by one seqfuse.delta."""
 
@@ -694,6 +701,8 @@ class DeltaPass(Pass):
         graph's end).  Whether it was lifted."""
         why = "whose loop over chunks has too few steps to be re-rolled"
         N = val(system).shape[2]
+        if known_int(N) is not None:    # symbolic, but pinned by the program's guards (Dynamo unrolled its loop)
+            N = known_int(N)
         if not isinstance(N, int):
             why = "over a symbolic number of chunks (dynamic shapes), which the loop over chunks is not proven to cover"
         elif N >= 3:
@@ -1461,7 +1470,7 @@ class _Chunked:
             rx = val(node.args[0]).dim()
             d = node.args[1] % rx
             if d >= rx - 2 and not (chunked is not None and d <= chunked) \
-                    and node.args[2] in (-1, val(node.args[0]).shape[d] - 1):
+                    and _last_index(node.args[2], val(node.args[0]).shape[d]):
                 return ("last" if d == rx - 1 else "last2", self._input(node.args[0], chunked, what))
         keep = self._keeps_last(node) if node.target is aten.slice.Tensor else None
         if keep is not None and not (chunked is not None and keep <= chunked):
@@ -1515,8 +1524,8 @@ class _Chunked:
         a = list(node.args) + [None] * (5 - len(node.args))
         r = val(x).dim()
         d, start, end, step = a[1] % r, a[2], a[3], a[4] if a[4] is not None else 1
-        C = val(x).shape[d]
-        ok = d >= r - 2 and step == 1 and isinstance(C, int) and start in (-1, C - 1) \
+        C = known_int(val(x).shape[d])
+        ok = d >= r - 2 and step == 1 and C is not None and _last_index(start, C) \
             and (end is None or (isinstance(end, int) and end >= C))
         return d if ok else None
 
@@ -1648,7 +1657,7 @@ class _ChunkRewrite(_Rewrite):
         vec.replace_outside_uses(uses, writes, {self.k: final}, invariant_writes=False)
         if tail is not None:   # the op ran over the last chunk too: its output goes to the buffer's slice
             ys = self._all_chunks
-            last = val(ys).shape[2] - 1
+            last = known_int(val(ys).shape[2]) - 1
             dest = vec.emit(aten.select.int, (tail["buf"], 2, last))
             vec.emit(aten.copy_.default, (dest, vec.emit(aten.select.int, (ys, 2, last))))
             for n in tail["nodes"]:
@@ -1687,11 +1696,12 @@ class _ChunkRewrite(_Rewrite):
     def _detach_buffer(self, buf):
         """``zeros_like(NV)`` (the program's output buffer, shaped like the solve's result) as ``zeros(shape)``,
         so the triangular solves and everything before them die with the loop."""
-        if not is_op(buf, aten.zeros_like) or not all(isinstance(d, int) for d in val(buf).shape):
+        shape = [known_int(d) for d in val(buf).shape] if is_op(buf, aten.zeros_like) else [None]
+        if None in shape:       # (sizes pinned by the guards under dynamic shapes count as ints)
             return
         v = val(buf)
         with self.graph.inserting_before(buf):
-            z = self.graph.call_function(aten.zeros.default, (list(v.shape),), {"dtype": v.dtype, "device": v.device})
+            z = self.graph.call_function(aten.zeros.default, (shape,), {"dtype": v.dtype, "device": v.device})
         z.meta.update(buf.meta)
         buf.replace_all_uses_with(z)
         self.graph.erase_node(buf)
@@ -1850,8 +1860,9 @@ class _ChunkRewrite(_Rewrite):
         if self.k == _NO_UPDATE:
             return None
         S = loop.inst[loop.hi][self.k]
-        Tp = val(plan.k).shape[2]
-        if not isinstance(Tp, int) or loop.reverse or loop.hi + 1 != Tp // plan.C - 1:
+        C = known_int(plan.C)       # under dynamic shapes both are pinned by the guards (the loop was unrolled)
+        n_chunks = known_int(val(plan.k).shape[2] // C) if C else None
+        if n_chunks is None or loop.reverse or loop.hi + 1 != n_chunks - 1:
             return None
         last = loop.hi + 1
         outside = [u for u in S.users if u not in self.body]
@@ -2204,9 +2215,9 @@ class _ChunkRewrite(_Rewrite):
         cum = diff[1][1]
         if diff[1][2] != (0, 1, 2, None) or diff[2][2] != (0, 1, None, 2):
             raise NotDelta("the decay mask's difference is not γ_i − γ_j (rows minus columns)")
-        if cum[0] != "leaf" or val(cum[1]).dim() != 4 or not isinstance(val(cum[1]).shape[3], int):
+        if cum[0] != "leaf" or val(cum[1]).dim() != 4 or known_int(val(cum[1]).shape[3]) is None:
             raise NotDelta("the decay mask is not a difference of one cumulative sum")
-        if cond is not None and not mask_is(self.ctx, cond, val(cum[1]).shape[3], "lower"):
+        if cond is not None and not mask_is(self.ctx, cond, known_int(val(cum[1]).shape[3]), "lower"):
             raise NotDelta("the decay mask keeps other positions than j <= i")
         return cum
 
@@ -2307,8 +2318,11 @@ class _ChunkRewrite(_Rewrite):
         if loop.lo != 0 or vec.start != 0:
             raise NotDelta("the chunk loop does not start at the first chunk")
         steps = (vec.count + extra) * plan.C
+        # under dynamic shapes Dynamo unrolled the loop for the guarded chunk count, so the chunk size, and
+        # the steps the loop covers, are pinned to one value even where the padded length stays symbolic
+        steps = known_int(steps) if known_int(steps) is not None else steps
         whole = known_eq(steps, val(plan.k).shape[2])
-        if not whole and not (isinstance(steps, int) and isinstance(val(plan.k).shape[2], int)):
+        if not whole and not isinstance(steps, int):
             raise NotDelta("the chunk loop covers a symbolic part of the chunks")
         ops = {"g": None}
         for name in ("q", "k", "v", "beta", "g"):

@@ -158,6 +158,20 @@ def evaluate_shape_only(gm: torch.fx.GraphModule, node: torch.fx.Node, sizes: di
     return env[node]
 
 
+def known_int(x) -> int | None:
+    """``x`` as an int when it is one, or a symbolic size the program's guards pin to one value
+    (Dynamo specialized it, e.g. the chunk size read back from a reshape of a padded sequence);
+    None otherwise.  Adds no guard."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        hint = x.node.hint
+        if isinstance(hint, int) and statically_known_true(x == hint):
+            return hint
+    return None
+
+
 def concrete_sym(x, sizes: dict | None = None):
     """The value of a symbolic scalar with its symbols set to ``sizes[name]`` where given,
     else to their example values (hints).  Adds no guard."""

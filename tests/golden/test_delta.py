@@ -465,10 +465,12 @@ def test_default_chunk_size_over_one_then_two_chunks_in_one_process():
     for T in (64, 128):   # (T = 100 after them: one more dynamic compile, 5 s, the same code path)
         report = check_against_eager(fn, *operands(B=1, T=T, H=2, K=4, V=4)[:5], options={"downstream": "eager"})
         reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
-        if T == 64:   # one chunk, static: one op; at 128 the chunk count is symbolic: a near miss says so
+        if T == 64:   # one chunk, static: one op.  At 128 the chunk count is pinned by Dynamo's guards, but each
+            # of the five inputs has its own symbolic length, and the program does not tie them together (a
+            # model's q, k, v, β, g come from one hidden state: tests/models/test_delta_models.py): a near miss
             only_delta(report, "scalar")
         else:
-            assert report.count("delta") == 0 and len(reasons) == 1 and "symbolic number of chunks" in reasons[0], \
+            assert report.count("delta") == 0 and len(reasons) == 1 and "not laid over one (B, H, T)" in reasons[0], \
                 str(report)
 
 
