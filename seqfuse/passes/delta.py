@@ -505,7 +505,7 @@ def _first_chunk_loop(graph, N: int, lo: int, hi: int, pos: dict) -> Loop:
             continue
         key = _seed_key(node)
         if key is not None and key[1] == 2 and key[2] == "select" and key[3] < N and val(key[0]).dim() >= 3 \
-                and val(key[0]).shape[2] == N:
+                and known_eq(val(key[0]).shape[2], N):
             seeds[node] = key[3]
     if not any(i == 0 for i in seeds.values()):
         raise NoLoop("no slice of the first chunk")
@@ -708,7 +708,7 @@ class DeltaPass(Pass):
         elif N >= 3:
             # the loop over chunks (slices X[:, :, n] of tensors over the N chunks) did not re-roll: say why
             reasons = [r for group, r in self._unrolled if any(
-                run.family[1] == 2 and val(run.family[0]).dim() >= 4 and val(run.family[0]).shape[2] == N
+                run.family[1] == 2 and val(run.family[0]).dim() >= 4 and known_eq(val(run.family[0]).shape[2], N)
                 for run in group)]
             if not reasons and not self._read_per_chunk(solve, N):
                 return False    # a solve over chunks that no loop reads chunk by chunk: not a WY program
@@ -746,7 +746,7 @@ class DeltaPass(Pass):
                         continue
                     seen.add(u)
                     if u.target is aten.select.int and u.args[1] == 2 and isinstance(val(u.args[0]), torch.Tensor) \
-                            and val(u.args[0]).dim() >= 4 and val(u.args[0]).shape[2] == N:
+                            and val(u.args[0]).dim() >= 4 and known_eq(val(u.args[0]).shape[2], N):
                         return True
                     nxt.append(u)
             frontier = nxt

@@ -158,18 +158,88 @@ def evaluate_shape_only(gm: torch.fx.GraphModule, node: torch.fx.Node, sizes: di
     return env[node]
 
 
+def guards_hold(env, sizes: dict) -> bool:
+    """Whether every guard and deferred runtime assert that Dynamo recorded on the shape environment
+    ``env`` holds with its symbols (by name) set to ``sizes`` (the others to their hints): the compiled
+    graph only ever runs at such sizes.  False when one cannot be evaluated (a division by zero)."""
+    hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
+    exprs = [g.expr for g in getattr(env, "guards", ())]
+    exprs += [r.expr for rs in getattr(env, "deferred_runtime_asserts", {}).values() for r in rs]
+    for expr in exprs:
+        subs = {sym: sizes.get(str(sym), hints.get(sym)) for sym in expr.free_symbols}
+        if any(v is None for v in subs.values()):
+            return False
+        try:
+            if not bool(expr.xreplace(subs)):
+                return False
+        except (ZeroDivisionError, TypeError, ValueError):
+            return False
+    return True
+
+
+#: the widest value range of a size's symbol that known_int enumerates against the guards
+PINNED_RANGE = 256
+
+
+def _tied_symbols(sym, exprs) -> set:
+    """``sym`` and the symbols guards make equal to it (Eq(s, r): the lengths of two inputs marked dynamic)."""
+    import sympy
+    tied, changed = {sym}, True
+    while changed:
+        changed = False
+        for e in exprs:
+            if isinstance(e, sympy.Eq) and all(isinstance(a, sympy.Symbol) for a in e.args) and \
+                    set(e.args) & tied and not set(e.args) <= tied:
+                tied |= set(e.args)
+                changed = True
+    return tied
+
+
 def known_int(x) -> int | None:
-    """``x`` as an int when it is one, or a symbolic size the program's guards pin to one value
-    (Dynamo specialized it, e.g. the chunk size read back from a reshape of a padded sequence);
-    None otherwise.  Adds no guard."""
+    """``x`` as an int when it is one, or a symbolic size the program's guards pin to one value (Dynamo
+    specialized it: the chunk size read back from a reshape of a padded sequence, the length a
+    recursion on sizes unrolled for); None otherwise.  Proven by the shape environment
+    (``statically_known_true(x == hint)``), else, for a size of one symbol whose proven value range
+    holds at most PINNED_RANGE values, by evaluating every guard at each of them: x must equal its
+    hint wherever they all hold.  Adds no guard."""
     if isinstance(x, int):
         return x
-    if isinstance(x, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-        hint = x.node.hint
-        if isinstance(hint, int) and statically_known_true(x == hint):
-            return hint
-    return None
+    if not isinstance(x, torch.SymInt):
+        return None
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    hint = x.node.hint
+    if not isinstance(hint, int):
+        return None
+    if statically_known_true(x == hint):
+        return hint
+    expr, env = x.node.expr, x.node.shape_env
+    if len(expr.free_symbols) != 1:
+        return None
+    # memo on the environment itself (an id would be reused by a later one), until it gains a guard
+    memo = env.__dict__.setdefault("_seqfuse_pinned", {})
+    key = (len(getattr(env, "guards", ())), sum(map(len, getattr(env, "deferred_runtime_asserts", {}).values())),
+           str(expr))
+    if key not in memo:
+        sym, = expr.free_symbols
+        vr = env.var_to_range.get(sym)
+        pinned = False
+        try:
+            lo, hi = int(vr.lower), int(vr.upper)
+        except (AttributeError, TypeError, ValueError, OverflowError):      # an unbounded range
+            lo = hi = None
+        exprs = [g.expr for g in getattr(env, "guards", ())]
+        exprs += [r.expr for rs in getattr(env, "deferred_runtime_asserts", {}).values() for r in rs]
+        tied = _tied_symbols(sym, exprs)
+        # a guard relating it to a symbol it is not equal to: the two may vary together, no pin
+        coupled = any(e.free_symbols & tied and not e.free_symbols <= tied for e in exprs)
+        if lo is not None and hi - lo < PINNED_RANGE and not coupled:
+            pinned = True
+            for v in range(lo, hi + 1):
+                if guards_hold(env, {str(t): v for t in tied}) and int(expr.xreplace({sym: v})) != hint:
+                    pinned = False
+                    break
+        memo[key] = pinned
+    return hint if memo[key] else None
 
 
 def concrete_sym(x, sizes: dict | None = None):

@@ -23,7 +23,10 @@ tree of plain ATen ops.  It becomes one op when it is proven to be the scan:
 Any difference is a near miss (kind "scan") and the graph is left as it is.  Only b's result is
 replaced; a's (the cumulative product of a) stays computed by its part of the tree if it is
 used.  A scan of length 1 has no tree (torch returns the leaves), so there is nothing to
-replace; a symbolic length is a near miss (the tree's shape depends on its value).
+replace.  A symbolic length (dynamic=True) is the length the program's guards pin it to, when they
+do (``pattern.known_int``: the tree's halvings and their parities hold at one value of the symbol's
+range; the sizes the tree computes from it match the reference's there), else a near miss (the
+tree's shape depends on its value).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.operator_schemas import normalize_function
 
 from seqfuse.ir.ops import Scan
-from seqfuse.passes.pattern import emit_before, val
+from seqfuse.passes.pattern import emit_before, known_int, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_forms import linear_combine
 
@@ -200,6 +203,8 @@ class _Matcher:
             return isinstance(u, (list, tuple)) and len(r) == len(u) and all(self.value(x, y) for x, y in zip(r, u))
         if isinstance(r, dict):
             return isinstance(u, dict) and r.keys() == u.keys() and all(self.value(r[k], u[k]) for k in r)
+        if isinstance(u, torch.fx.Node) and type(r) is int:
+            return known_int(val(u)) == r      # a size computed from a symbolic length the guards pin
         if isinstance(u, torch.fx.Node) or type(r) is not type(u):
             return False
         return r == u
@@ -261,7 +266,7 @@ class ScanTreePass(Pass):
         va, vb = val(a), val(b)
         if list(va.shape) != list(vb.shape) or va.dtype != vb.dtype or not (va.is_floating_point() or va.is_complex()):
             raise NoTree("the scanned a and b differ in shape or dtype")
-        if not isinstance(va.shape[0], int):
+        if known_int(va.shape[0]) is None:     # (a symbolic length the guards pin to one value is that value)
             raise NoTree("the scanned length is symbolic (the tree's shape depends on it)")
         ref = self._reference(combine, va, vb)
         ph = [n for n in ref.graph.nodes if n.op == "placeholder"]
@@ -289,7 +294,8 @@ class ScanTreePass(Pass):
             for u in n.users:
                 if u in reach or u.op != "call_function" or not (_pointwise(u) or u.target in _STRUCTURAL):
                     continue
-                if all(a in inside for a in _flat_nodes((u.args, u.kwargs))):
+                # (sizes computed from a symbolic length are arguments, not data: not required inside)
+                if all(a in inside or isinstance(val(a), torch.SymInt) for a in _flat_nodes((u.args, u.kwargs))):
                     reach.add(u)
                     inside.add(u)
                     stack.append(u)

@@ -33,7 +33,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.passes.pattern import CASTS, IDENTITIES, ancestors, arg, axis_view, concrete_sym, constant_value, \
-    is_op, is_scalar, rank, val
+    guards_hold, is_op, is_scalar, rank, val
 
 aten = torch.ops.aten
 UNIT = "."          # the letter of a size-1 (broadcast) axis
@@ -120,25 +120,6 @@ _RANDOM = (aten.rand, aten.randn, aten.randint, aten.bernoulli, aten.dropout, at
            aten.rand_like, aten.randn_like, aten.normal)
 
 
-def _guards_hold(env, sizes: dict) -> bool:
-    """Whether every guard and deferred runtime assert that Dynamo recorded on ``env`` holds with
-    its symbols set to ``sizes`` (the others to their hints): the compiled graph only ever runs
-    at such sizes.  False when one cannot be evaluated (a division by zero)."""
-    hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
-    exprs = [g.expr for g in getattr(env, "guards", ())]
-    exprs += [r.expr for rs in getattr(env, "deferred_runtime_asserts", {}).values() for r in rs]
-    for expr in exprs:
-        subs = {sym: sizes.get(str(sym), hints.get(sym)) for sym in expr.free_symbols}
-        if any(v is None for v in subs.values()):
-            return False
-        try:
-            if not bool(expr.xreplace(subs)):
-                return False
-        except (ZeroDivisionError, TypeError, ValueError):
-            return False
-    return True
-
-
 def size_variants(gm) -> list:
     """Size assignments to evaluate a shape-only subgraph at: the example sizes (None) and, for a
     graph with symbolic sizes, two more where every guard of the program holds.  The small
@@ -166,7 +147,7 @@ def size_variants(gm) -> list:
         candidates += [{k: v * 2 for k, v in example.items()}, {k: v * 3 for k, v in example.items()}]
     out = [None]
     for sizes in candidates:
-        if sizes != example and _guards_hold(env, sizes) and sizes not in out:
+        if sizes != example and guards_hold(env, sizes) and sizes not in out:
             out.append(sizes)
         if len(out) == len(base):
             return out

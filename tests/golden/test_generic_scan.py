@@ -202,8 +202,33 @@ def test_symbolic_batch_and_state_sizes():
     assert sum(seqfuse.counters()["scan"].values()) == 3, seqfuse.counters()
 
 
-def test_symbolic_length_is_a_near_miss():
-    a, b = gates_and_inputs((2, 8, 3))
+@pytest.mark.parametrize("t", [8, 13, 40])
+def test_symbolic_length_pinned_by_the_guards_is_one_scan(t):
+    # the length marked dynamic: the tree's recursion on it left guards (its halvings and their parities)
+    # that hold at one length of the symbol's proven range only (pattern.known_int); that length is the
+    # tree's.  Outputs and gradients equal eager; one scan
+    def fn(a, b):
+        return states(a, b, 1)
+    a, b = gates_and_inputs((2, t, 3))
+    ref_a, ref_b = (x.detach().clone().requires_grad_() for x in (a, b))
+    for x in (a, b):
+        torch._dynamo.mark_dynamic(x, 1)
+    seqfuse.reset_counters()
+    compiled = torch.compile(fn, backend="seqfuse", options={"downstream": "aot_eager"})
+    out, want = compiled(a, b), fn(ref_a, ref_b)
+    w = torch.randn_like(want)
+    got_g, want_g = torch.autograd.grad(out, (a, b), w), torch.autograd.grad(want, (ref_a, ref_b), w)
+    for o, r in zip((out, *got_g), (want, *want_g)):
+        assert rel_err(o, r) < BOUND[torch.float32], rel_err(o, r)
+    assert sum(seqfuse.counters()["scan"].values()) == 1, seqfuse.counters()
+
+
+@pytest.mark.parametrize("shape,why", [((1, 600, 2), "range too wide to enumerate (PINNED_RANGE)"),
+                                       ((2, 8, 3), "guards tie the length to the other symbolic sizes")])
+def test_symbolic_length_not_pinned_is_a_near_miss(shape, why):
+    # dynamic=True: the length stays symbolic when its range holds too many values to check, or when
+    # a guard ties it to another symbol (all sizes dynamic: strides s·t), which could vary with it
+    a, b = gates_and_inputs(shape)
     report = check_against_eager(lambda a, b: states(a, b, 1), a, b, dynamic=True)
     assert report.count("scan") == 0, str(report)
     assert [m.kind for m in report.near_misses] == ["scan"], str(report)

@@ -135,6 +135,22 @@ def test_mamba_associative_scan_matches_eager_with_one_scan_per_layer():
     assert not [m for m in report.near_misses if m.kind in ("scan", "graph")], str(report)
 
 
+@pytest.mark.parametrize("batch,length", [(1, 24), (1, 40)])
+def test_mamba_associative_scan_dynamic_length(batch, length):
+    # dynamic=True (Dynamo's automatic-dynamic recompile for a second length gives the same graph): the
+    # tree's recursion on the length left guards that pin it (pattern.known_int), so the tree is still
+    # one scan per layer; the model trains (every gradient equals eager)
+    model, _ = tiny_mamba(associative_scan=True)
+    tokens = torch.randint(0, model.lm.config.vocab_size, (batch, length))
+    report = check_against_eager(model.train(), tokens, dynamic=True, options={"downstream": "aot_eager"})
+    # (Dynamo hands this model's frame to the backend twice under dynamic=True, with or without seqfuse's
+    # rewrites, and runs the second: each graph is the whole model)
+    layers = model.lm.config.num_hidden_layers
+    assert all(sum(r.kind == "scan" for r in g.rewrites) == layers for g in report.graphs), str(report)
+    assert report.count("ssd") == 0 and runtime_calls(report, "scan") == layers, str(report)
+    assert not [m for m in report.near_misses if m.kind in ("scan", "graph")], str(report)
+
+
 @pytest.mark.parametrize("associative_scan", [False, True])
 def test_mamba_in_bf16_rounds_the_states_for_the_readout(associative_scan):
     # a bf16 model keeps fp32 states (A_log.float(), B.float(), x.float()) and reads them out as
