@@ -289,16 +289,15 @@ def stage_recurrence(suite: Suite) -> None:
     the time box lasts, each row printed again with their columns."""
     rows = _recurrence_rows(suite)
     done = []
-    for key, make, ours, _ in rows:
+    for key, make, ours, peers in rows:
         if suite.out_of_time():
             print("  [recurrence] cut: the time box ran out", flush=True)
             break
         args = make()
         row = {name: _try_ms(lambda f=fn: f(*args), suite, key["pass_"] == "fwd+bwd") for name, fn in ours.items()}
-        done.append((key, make, row, _ratio_row(suite, "recurrence", key, row)))
+        done.append((key, make, peers, row, _ratio_row(suite, "recurrence", key, row)))
         del args
-    for key, make, row, printed in done:
-        peers = next(p for k, _, _, p in rows if k is key)
+    for key, make, peers, row, printed in done:
         if not peers:
             continue
         if suite.out_of_time():

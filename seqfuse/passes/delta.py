@@ -701,8 +701,8 @@ class DeltaPass(Pass):
         graph's end).  Whether it was lifted."""
         why = "whose loop over chunks has too few steps to be re-rolled"
         N = val(system).shape[2]
-        if known_int(N) is not None:    # symbolic, but pinned by the program's guards (Dynamo unrolled its loop)
-            N = known_int(N)
+        pinned = known_int(N)           # symbolic, but pinned by the program's guards (Dynamo unrolled its loop)
+        N = N if pinned is None else pinned
         if not isinstance(N, int):
             why = "over a symbolic number of chunks (dynamic shapes), which the loop over chunks is not proven to cover"
         elif N >= 3:
@@ -1696,8 +1696,10 @@ class _ChunkRewrite(_Rewrite):
     def _detach_buffer(self, buf):
         """``zeros_like(NV)`` (the program's output buffer, shaped like the solve's result) as ``zeros(shape)``,
         so the triangular solves and everything before them die with the loop."""
-        shape = [known_int(d) for d in val(buf).shape] if is_op(buf, aten.zeros_like) else [None]
-        if None in shape:       # (sizes pinned by the guards under dynamic shapes count as ints)
+        if not is_op(buf, aten.zeros_like):
+            return
+        shape = [known_int(d) for d in val(buf).shape]   # (sizes pinned by the guards under dynamic shapes)
+        if None in shape:
             return
         v = val(buf)
         with self.graph.inserting_before(buf):
@@ -2320,7 +2322,8 @@ class _ChunkRewrite(_Rewrite):
         steps = (vec.count + extra) * plan.C
         # under dynamic shapes Dynamo unrolled the loop for the guarded chunk count, so the chunk size, and
         # the steps the loop covers, are pinned to one value even where the padded length stays symbolic
-        steps = known_int(steps) if known_int(steps) is not None else steps
+        pinned = known_int(steps)
+        steps = steps if pinned is None else pinned
         whole = known_eq(steps, val(plan.k).shape[2])
         if not whole and not isinstance(steps, int):
             raise NotDelta("the chunk loop covers a symbolic part of the chunks")

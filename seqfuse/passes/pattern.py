@@ -158,14 +158,19 @@ def evaluate_shape_only(gm: torch.fx.GraphModule, node: torch.fx.Node, sizes: di
     return env[node]
 
 
-def guards_hold(env, sizes: dict) -> bool:
-    """Whether every guard and deferred runtime assert that Dynamo recorded on the shape environment
-    ``env`` holds with its symbols (by name) set to ``sizes`` (the others to their hints): the compiled
-    graph only ever runs at such sizes.  False when one cannot be evaluated (a division by zero)."""
-    hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
+def guard_exprs(env) -> list:
+    """The expressions of every guard and deferred runtime assert Dynamo recorded on shape environment ``env``."""
     exprs = [g.expr for g in getattr(env, "guards", ())]
-    exprs += [r.expr for rs in getattr(env, "deferred_runtime_asserts", {}).values() for r in rs]
-    for expr in exprs:
+    return exprs + [r.expr for rs in getattr(env, "deferred_runtime_asserts", {}).values() for r in rs]
+
+
+def guards_hold(env, sizes: dict, exprs: list | None = None) -> bool:
+    """Whether every guard and deferred runtime assert that Dynamo recorded on the shape environment
+    ``env`` (``exprs``: ``guard_exprs(env)``, when the caller has them) holds with its symbols (by name)
+    set to ``sizes`` (the others to their hints): the compiled graph only ever runs at such sizes.
+    False when one cannot be evaluated (a division by zero)."""
+    hints = getattr(env, "backed_var_to_val", None) or env.var_to_val
+    for expr in (guard_exprs(env) if exprs is None else exprs):
         subs = {sym: sizes.get(str(sym), hints.get(sym)) for sym in expr.free_symbols}
         if any(v is None for v in subs.values()):
             return False
@@ -217,8 +222,8 @@ def known_int(x) -> int | None:
         return None
     # memo on the environment itself (an id would be reused by a later one), until it gains a guard
     memo = env.__dict__.setdefault("_seqfuse_pinned", {})
-    key = (len(getattr(env, "guards", ())), sum(map(len, getattr(env, "deferred_runtime_asserts", {}).values())),
-           str(expr))
+    exprs = guard_exprs(env)
+    key = (len(exprs), str(expr))
     if key not in memo:
         sym, = expr.free_symbols
         vr = env.var_to_range.get(sym)
@@ -227,15 +232,13 @@ def known_int(x) -> int | None:
             lo, hi = int(vr.lower), int(vr.upper)
         except (AttributeError, TypeError, ValueError, OverflowError):      # an unbounded range
             lo = hi = None
-        exprs = [g.expr for g in getattr(env, "guards", ())]
-        exprs += [r.expr for rs in getattr(env, "deferred_runtime_asserts", {}).values() for r in rs]
         tied = _tied_symbols(sym, exprs)
         # a guard relating it to a symbol it is not equal to: the two may vary together, no pin
         coupled = any(e.free_symbols & tied and not e.free_symbols <= tied for e in exprs)
         if lo is not None and hi - lo < PINNED_RANGE and not coupled:
             pinned = True
             for v in range(lo, hi + 1):
-                if guards_hold(env, {str(t): v for t in tied}) and int(expr.xreplace({sym: v})) != hint:
+                if guards_hold(env, {str(t): v for t in tied}, exprs) and int(expr.xreplace({sym: v})) != hint:
                     pinned = False
                     break
         memo[key] = pinned

@@ -500,6 +500,9 @@ def _key_sum(root):
 # --- roles -----------------------------------------------------------------------------
 
 class _Roles:
+    strict = False        # the mask is [j < i] (set by SSDFormsPass._check)
+    exclusive = False     # the decay is the exclusive segment sum G_{i-1} - G_j (set by SSDFormsPass._resolve)
+
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
@@ -1015,7 +1018,6 @@ class SSDFormsPass(Pass):
     def _check(self, gm, roles, masks, log, t_size, strict_ok: bool = False):
         """Prove M = [j <= i]·exp(E) (or, with ``strict_ok``, [j < i]·exp(E): then ``roles.strict``
         is set) at every size variant; returns the decay (None or (Coef, seq factor))."""
-        roles.strict = False
         try:
             return self._check_sizes(gm, roles, masks, log, t_size, strict_ok)
         except (NoMatch, _Silent):
@@ -1059,7 +1061,7 @@ class SSDFormsPass(Pass):
                         if not torch.equal(v.double(), torch.arange(v.numel(), dtype=torch.float64)):
                             raise NoMatch("a position index in the decay that is not arange(T)")
         roles.strict = kinds == {("causal", -1, 0)}
-        if getattr(roles, "exclusive", False) and not roles.strict:
+        if roles.exclusive and not roles.strict:
             raise NoMatch("the decay exponent is the exclusive segment sum G_{i-1} - G_j but the mask keeps the "
                           "diagonal (exp(-a_i) there: not a recurrence's decay)")
         return decay
@@ -1076,7 +1078,6 @@ class SSDFormsPass(Pass):
             else:
                 groups[key] = (atom, coef)
         terms = [(a, c) for a, c in groups.values() if c.const != 0]
-        roles.exclusive = False
         kinds = sorted(a[0] for a, _ in terms)
         if kinds == ["g", "g", "q"]:                  # G_i - a_i - G_j = G_{i-1} - G_j (RWKV-6)
             (qa, qc), = [(a, c) for a, c in terms if a[0] == "q"]
@@ -1280,8 +1281,8 @@ class SSDFormsPass(Pass):
                                (a, [-1, self._size(graph, root, roles, i, root), -1]), root)
             if coef.const != 1.0:
                 a = self._emit(graph, root, aten.mul.Tensor, (a, float(coef.const)), root)
-        if getattr(roles, "strict", False):
-            x, b, a = self._strictly_causal(graph, root, x, b, a, getattr(roles, "exclusive", False))
+        if roles.strict:
+            x, b, a = self._strictly_causal(graph, root, x, b, a, roles.exclusive)
         op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "scalar")
         ir = ctx.insert_ir(op, root, root)
         ir.meta["val"] = ssd_value(x, b, c)
