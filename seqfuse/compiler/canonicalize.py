@@ -17,6 +17,10 @@
 3. ``normalize_masks``: masked_fill and every ``where`` spelling with a constant
    fill become ``aten.where.ScalarOther(keep, scores, fill)`` (keep = True where
    the score survives).
+4. ``restore_layouts`` (run by the pipeline after the recognizers): a canonical einsum (or
+   out-of-place op) that no rewrite consumed, and whose result is laid out otherwise than the
+   user's op laid it out, is copied back to the user's (contiguous) layout, so the graph handed
+   downstream has the layouts of the program as written.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import string
 import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
+from torch._prims_common import make_contiguous_strides_for
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, make_fx, track_tensor_tree
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -300,6 +305,16 @@ def _baddbmm_bias(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node |
     return nodes[-1]
 
 
+#: meta key: the fake value of the user's op that a canonical node replaced (its layout is the one
+#: restore_layouts gives back to a canonical node no rewrite consumed)
+LAYOUT = "seqfuse_layout"
+
+
+def _remember_layout(new: torch.fx.Node, old: torch.fx.Node) -> None:
+    if isinstance(val(old), torch.Tensor):
+        new.meta[LAYOUT] = val(old)
+
+
 def normalize_contractions(gm: torch.fx.GraphModule) -> int:
     """Rewrite every contraction to ``aten.einsum`` on the operands' base tensors; returns the count."""
     graph, n = gm.graph, 0
@@ -340,6 +355,7 @@ def normalize_contractions(gm: torch.fx.GraphModule) -> int:
         with graph.inserting_before(node):
             new = graph.call_function(aten.einsum.default, (equation, list(ops)))
             copy_meta(new, node, with_val=True)
+            _remember_layout(new, node)
             if constant_value(alpha) != 1:
                 new = graph.call_function(aten.mul.Tensor, (new, alpha))
                 copy_meta(new, node, with_val=True)
@@ -468,8 +484,64 @@ def normalize_inplace(gm: torch.fx.GraphModule) -> int:
         with graph.inserting_before(node):
             new = graph.call_function(oop, tuple(node.args), dict(node.kwargs))
         copy_meta(new, node, with_val=True)
+        _remember_layout(new, node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
+# --- layouts -----------------------------------------------------------------
+
+def _fake_of(x):
+    if isinstance(x, torch.fx.Node):
+        return val(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fake_of(e) for e in x)
+    return x
+
+
+def _laid_out_alike(a: torch.Tensor, b_shape, b_stride) -> bool:
+    """Whether tensor ``a`` has strides ``b_stride`` along every axis whose size may exceed 1."""
+    return len(a.shape) == len(b_shape) and all(
+        statically_known_true(n <= 1) or statically_known_true(s == t)
+        for n, s, t in zip(a.shape, a.stride(), b_stride))
+
+
+def restore_layouts(gm: torch.fx.GraphModule) -> int:
+    """Give each canonical node that is still in the graph (no rewrite consumed it) the layout of
+    the user's op it replaced; returns how many copies were inserted.
+
+    ``einsum`` computes ``W @ x.transpose(1, 2)`` as one matrix product of folded axes and returns a
+    permuted view of it, where ``matmul`` returned contiguous memory.  The values are equal, but a
+    downstream compiler traces the graph again, and a layout the user's program never had can meet
+    an ATen kernel whose real output strides differ from its meta function's (aot_eager's backward
+    of HF Mamba under ``dynamic=True``: ``softplus_backward``, then a ``view`` that fails).  So a
+    canonical node whose result is laid out otherwise than the user's contiguous result is followed
+    by a contiguous copy (a non-contiguous original layout is left as the canonical op gives it).
+    """
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        want = node.meta.pop(LAYOUT, None)
+        if node.op != "call_function" or want is None:
+            continue
+        try:
+            got = node.target(*_fake_of(node.args), **_fake_of(dict(node.kwargs)))
+        except Exception:   # noqa: BLE001 - a node whose value cannot be recomputed keeps its layout
+            continue
+        if not isinstance(got, torch.Tensor) or _laid_out_alike(got, want.shape, want.stride()):
+            continue
+        contiguous = make_contiguous_strides_for(want.shape)
+        if not _laid_out_alike(want, want.shape, contiguous):
+            continue
+        node.meta["val"] = got
+        with graph.inserting_after(node):
+            copy = graph.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+        copy_meta(copy, node)
+        copy.meta["val"] = aten.clone.default(got, memory_format=torch.contiguous_format)
+        node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
         n += 1
     if n:
         gm.recompile()

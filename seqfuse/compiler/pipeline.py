@@ -9,7 +9,8 @@ import torch
 import torch.fx
 
 from seqfuse import log
-from seqfuse.compiler.canonicalize import normalize_contractions, normalize_inplace, normalize_masks, trace_pre_dispatch
+from seqfuse.compiler.canonicalize import (normalize_contractions, normalize_inplace, normalize_masks, restore_layouts,
+                                          trace_pre_dispatch)
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.report import GraphReport
 from seqfuse.ir import format_graph, format_op, ir_of, verify_graph
@@ -134,8 +135,10 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
             ir_lines.append(text)
     dump("ir", "\n".join(ir_lines) + "\n", dot=canon.graph)
     # 6. Lower last: IR nodes become calls of the seqfuse custom ops, with the
-    #    runtime path choice baked in as an argument.
+    #    runtime path choice baked in as an argument; canonical nodes no rewrite consumed
+    #    get the layouts of the user's ops back, so downstream sees the program's layouts.
     with _timed(report, "lower"):
+        restore_layouts(canon)
         lower_graph(canon, options.runtime)
         if options.sequence_parallel is not None:
             # the ssd / scan calls become their sequence-parallel forms (one collective each)

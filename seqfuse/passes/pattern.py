@@ -205,8 +205,9 @@ def known_int(x) -> int | None:
     specialized it: the chunk size read back from a reshape of a padded sequence, the length a
     recursion on sizes unrolled for); None otherwise.  Proven by the shape environment
     (``statically_known_true(x == hint)``), else, for a size of one symbol whose proven value range
-    holds at most PINNED_RANGE values, by evaluating every guard at each of them: x must equal its
-    hint wherever they all hold.  Adds no guard."""
+    holds at most PINNED_RANGE values, by evaluating at each of them every guard that reads no other
+    symbol (a guard coupling it to another symbol is left out: it could only rule out more values):
+    x must equal its hint wherever they all hold.  Adds no guard."""
     if isinstance(x, int):
         return x
     if not isinstance(x, torch.SymInt):
@@ -233,12 +234,14 @@ def known_int(x) -> int | None:
         except (AttributeError, TypeError, ValueError, OverflowError):      # an unbounded range
             lo = hi = None
         tied = _tied_symbols(sym, exprs)
-        # a guard relating it to a symbol it is not equal to: the two may vary together, no pin
-        coupled = any(e.free_symbols & tied and not e.free_symbols <= tied for e in exprs)
-        if lo is not None and hi - lo < PINNED_RANGE and not coupled:
+        # only the guards on the tied symbols alone: a guard that also reads another symbol (the batch
+        # in a stride) can only rule out more values, so leaving it out over-approximates the values
+        # the symbol may take (evaluating it at the other symbol's hint would not be sound)
+        own = [e for e in exprs if e.free_symbols <= tied]
+        if lo is not None and hi - lo < PINNED_RANGE:
             pinned = True
             for v in range(lo, hi + 1):
-                if guards_hold(env, {str(t): v for t in tied}, exprs) and int(expr.xreplace({sym: v})) != hint:
+                if guards_hold(env, {str(t): v for t in tied}, own) and int(expr.xreplace({sym: v})) != hint:
                     pinned = False
                     break
         memo[key] = pinned

@@ -223,16 +223,23 @@ def test_symbolic_length_pinned_by_the_guards_is_one_scan(t):
     assert sum(seqfuse.counters()["scan"].values()) == 1, seqfuse.counters()
 
 
-@pytest.mark.parametrize("shape,why", [((1, 600, 2), "range too wide to enumerate (PINNED_RANGE)"),
-                                       ((2, 8, 3), "guards tie the length to the other symbolic sizes")])
-def test_symbolic_length_not_pinned_is_a_near_miss(shape, why):
-    # dynamic=True: the length stays symbolic when its range holds too many values to check, or when
-    # a guard ties it to another symbol (all sizes dynamic: strides s·t), which could vary with it
-    a, b = gates_and_inputs(shape)
+def test_symbolic_length_too_wide_to_enumerate_is_a_near_miss():
+    # dynamic=True at T=2000: the guards leave the length a range wider than PINNED_RANGE, so it stays
+    # symbolic (known_int does not enumerate it) and the tree is a near miss saying so
+    a, b = gates_and_inputs((1, 2000, 2))
     report = check_against_eager(lambda a, b: states(a, b, 1), a, b, dynamic=True)
     assert report.count("scan") == 0, str(report)
     assert [m.kind for m in report.near_misses] == ["scan"], str(report)
     assert "symbolic" in report.near_misses[0].reason
+
+
+@pytest.mark.parametrize("shape", [(1, 600, 2), (2, 8, 3)], ids=["T600", "all_sizes_symbolic"])
+def test_symbolic_length_pinned_beside_other_symbolic_sizes_is_one_scan(shape):
+    # dynamic=True: every size is symbolic and guards on strides (s·t) tie the length to the others;
+    # those guards can only rule out more lengths, so the length's own guards, which pin it, decide
+    a, b = gates_and_inputs(shape)
+    report = check_against_eager(lambda a, b: states(a, b, 1), a, b, dynamic=True)
+    assert report.count("scan") == 1 and not report.near_misses, str(report)
 
 
 def test_pairwise_sum_of_step_2_slices_is_left_alone_silently():

@@ -315,3 +315,55 @@ def test_inplace_on_a_temporary_becomes_out_of_place(case):
     ref, got = (ref if isinstance(ref, tuple) else (ref,)), (got if isinstance(got, (tuple, list)) else (got,))
     for r, g in zip(ref, got):
         assert r.dtype == g.dtype and torch.equal(r, g)
+
+
+def _dt_proj(w, x, b, z):
+    # HF Mamba's time-step projection: W @ x.transpose(1, 2) is contiguous (B, D, T) memory, the
+    # einsum it becomes a permuted (D, B, T) product; softplus's backward then meets a layout its
+    # meta function and its kernel lay out differently
+    t = w @ x.transpose(1, 2)
+    return (torch.nn.functional.softplus(t + b[:, None]) * z).sum()
+
+
+def _dt_proj_inputs():
+    torch.manual_seed(0)
+    return (torch.randn(64, 2, requires_grad=True), torch.randn(2, 16, 2, requires_grad=True),
+            torch.randn(64, requires_grad=True), torch.randn(2, 64, 16))
+
+
+def test_an_unconsumed_einsum_gets_the_users_layout_back():
+    from seqfuse.compiler.canonicalize import restore_layouts
+    gm, inputs = capture(_dt_proj, *_dt_proj_inputs())
+    traced = canonicalize(gm, inputs)
+    einsum = [n for n in traced.graph.nodes if n.target is aten.einsum.default]
+    assert len(einsum) == 1
+    assert restore_layouts(traced) == 1
+    (copy,) = einsum[0].users
+    assert copy.target is aten.clone.default and copy.kwargs["memory_format"] is torch.contiguous_format
+    assert restore_layouts(traced) == 0        # the einsum's one user is the copy: nothing left to restore
+    torch.testing.assert_close(run(traced, inputs), run(gm, inputs))
+
+
+def test_a_contiguous_einsum_gets_no_copy():
+    from seqfuse.compiler.canonicalize import restore_layouts
+    gm, inputs = capture(lambda a, b: torch.softmax(a @ b.transpose(-1, -2), -1), q4, k4)
+    traced = canonicalize(gm, inputs)
+    assert aten.einsum.default in targets(traced)
+    assert restore_layouts(traced) == 0 and aten.clone.default not in targets(traced)
+
+
+@pytest.mark.parametrize("passes", [[], None], ids=["no_passes", "default_passes"])
+def test_aot_eager_backward_under_dynamic_shapes_with_the_canonical_layout(passes):
+    # before restore_layouts: "view size is not compatible with input tensor's size and stride" in
+    # aot_eager's backward (plain aot_eager, which sees the matmul, runs)
+    ref = _dt_proj_inputs()
+    _dt_proj(*ref).backward()
+    got = _dt_proj_inputs()
+    options = {"downstream": "aot_eager"} | ({} if passes is None else {"passes": passes})
+    torch._dynamo.reset()
+    compiled = torch.compile(_dt_proj, backend="seqfuse", dynamic=True, options=options)
+    out = compiled(*got)
+    out.backward()
+    torch.testing.assert_close(out, _dt_proj(*ref).detach())
+    for a, b in zip(got[:3], ref[:3]):
+        torch.testing.assert_close(a.grad, b.grad)

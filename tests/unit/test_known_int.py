@@ -1,6 +1,6 @@
 """pattern.known_int: a symbolic size counts as an int only where the shape environment's guards pin it
 to one value (proven by the environment, or by evaluating every guard over the symbol's whole proven
-range when that range is small and no guard ties the symbol to another one)."""
+range when that range is small, leaving out the guards that also read another symbol)."""
 import torch
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
@@ -38,9 +38,17 @@ def test_a_wide_range_is_not_enumerated():
     assert known_int(t) is None
 
 
-def test_a_guard_coupling_two_symbols_leaves_it_symbolic():
+def test_a_guard_coupling_two_symbols_does_not_unpin_it():
     env = ShapeEnv()
     t, b = sym(env, "t", 13), sym(env, "b", 3)
     assert bool(t >= 12) and bool(t < 16) and bool(t % 2 == 1) and bool(t // 2 % 2 == 0)
-    assert bool(t * b > 30)                      # t and b vary together
+    assert bool(t * b > 30)                      # t and b vary together: it can only rule out more t
+    assert known_int(t) == 13
+
+
+def test_a_pin_only_through_another_symbol_is_not_trusted():
+    env = ShapeEnv()
+    t, b = sym(env, "t", 13), sym(env, "b", 3)
+    assert bool(t >= 12) and bool(t < 16)
+    assert bool(t * b == 39)                     # only at b = 3 does this pin t; b may differ at run time
     assert known_int(t) is None
