@@ -170,6 +170,7 @@ class Loop:
     lo: int = 0
     hi: int = 0
     carried: list[int] = field(default_factory=list)               # template indices read by the next step
+    rebuilt: bool = False            # rebuild_dropped inserted nodes (dead code unless the loop is rewritten)
 
     def index(self, s: int) -> int:
         """The tensor index step s reads."""
@@ -188,13 +189,18 @@ class Loop:
         return min(a, b), abs(b - a) + 1
 
 
-def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool = True) -> Loop:
+def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool = True,
+           last_may_drop: bool = False) -> Loop:
     """Label, build the template at a middle step, match every step: the loop, or NoLoop.
 
     ``move_updates``: a chain of nodes whose users all belong to the next step starts that step
     (``S = γ·S + …`` with an invariant γ).  Without it, every node stays in the step of the
     seeds it reads (``S = S·exp(g_i[-1]) + k_iᵀ·v_i`` updates the state from step i's own
-    slices, after step i's readout: moving it would make step i+1 read step i's slices)."""
+    slices, after step i's readout: moving it would make step i+1 read step i's slices).
+
+    ``last_may_drop``: the last step may lack the nodes that only a next step would read (its state
+    update, dead code when the program drops the state after the loop); their ``inst`` entries are then
+    None, and the caller that takes the loop calls ``rebuild_dropped`` before reading them."""
     steps = {r.step for r in runs if r.step}
     if len(steps) != 1:
         raise NoLoop("the loop reads time both forward and reversed (a bidirectional loop body)")
@@ -288,10 +294,88 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
     hi = lo
     while hi + 1 < T and ctx.step(hi + 1, first=False):
         hi += 1
+    if last_may_drop and hi == T - 2 and m < T - 1:
+        # the last step may lack what only the next step would have read: the program drops the state
+        # after the loop (``S = None`` unless a final state is asked for), so Dynamo removed the last
+        # state update as dead code.  Match the rest of the step; rebuild_dropped makes it whole
+        dead = _feeds_next_step_only(loop.template, set(by_step.get(m + 1, ())))
+        if dead and ctx.step(T - 1, first=False, droppable=dead):
+            hi = T - 1
     if hi < m:
         raise NoLoop(f"step {hi + 1} of the loop body differs from the others")
     loop.lo, loop.hi = lo, hi
     return loop
+
+
+def _feeds_next_step_only(template: list, next_step: set) -> set:
+    """Indices of the template nodes whose every user is in the next step or is another such node:
+    the state update the next step reads, which a last step may lack."""
+    index = {n: j for j, n in enumerate(template)}
+    feeds: set = set()
+    for j in reversed(range(len(template))):
+        users = template[j].users
+        if users and all(u in next_step or index.get(u) in feeds for u in users):
+            feeds.add(j)
+    return feeds
+
+
+def rebuild_dropped(graph: torch.fx.Graph, loop: Loop, pos: dict) -> None:
+    """Insert the template nodes the last step lacks (its ``loop.inst`` entries left None by
+    ``last_may_drop``), each from its roles at that step (a seed as the slice at the step's index),
+    after every node of the step and its arguments; they are dead until the loop is rewritten (and
+    ``loop.rebuilt`` tells the caller to remove them if it is not).  ``pos`` is renumbered."""
+    t = loop.hi
+    nodes, prev = loop.inst[t], loop.inst.get(t - 1)
+    if all(n is not None for n in nodes):
+        return
+    loop.rebuilt = True
+
+    def resolve(r):
+        kind = r[0]
+        if kind == "T":
+            return r[1](resolve(e) for e in r[2])
+        if kind == "L":
+            return nodes[r[1]]
+        if kind == "P":
+            return prev[r[1]]
+        return r[1]     # "I": the invariant's node; "C": the constant
+
+    def fake(x):
+        if isinstance(x, torch.fx.Node):
+            return val(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(fake(e) for e in x)
+        return x
+
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = max((n for n in nodes if n is not None), key=order.__getitem__)
+    for j, tmpl in enumerate(loop.template):
+        if nodes[j] is not None:
+            continue
+        if loop.roles[j] is None:          # a seed: the same slice at this step's index
+            i = loop.index(t)
+            args = list(tmpl.args)
+            if tmpl.target is aten.slice.Tensor:
+                args[2:4] = [i, i + 1]
+            else:
+                args[2] = i
+            args, kwargs = tuple(args), dict(tmpl.kwargs)
+        else:
+            args_r, kwargs_r = loop.roles[j]
+            args, kwargs = resolve(args_r), {k: resolve(v) for k, v in kwargs_r.items()}
+        reads: list = []
+        torch.fx.node.map_arg((args, kwargs), reads.append)
+        anchor = max(reads + [anchor], key=order.__getitem__)
+        with graph.inserting_after(anchor):
+            new = graph.call_function(tmpl.target, args, kwargs)
+        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if k in tmpl.meta:
+                new.meta[k] = tmpl.meta[k]
+        new.meta["val"] = tmpl.target(*fake(args), **fake(kwargs))
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        nodes[j] = anchor = new
+    pos.clear()
+    pos.update(order)
 
 
 def _unmatched(node, label) -> str:
@@ -342,7 +426,9 @@ class _Match:
         self.loop, self.seeds, self.canon, self.label, self.members = loop, seeds, canon, label, members
         self.family: dict[int, tuple] = {}
 
-    def step(self, t: int, first: bool) -> bool:
+    def step(self, t: int, first: bool, droppable: frozenset | set = frozenset()) -> bool:
+        """Match step t against the template.  ``droppable``: template entries the step may lack (left
+        None), as may every entry reading a lacking one."""
         loop = self.loop
         self._t, self._first = t, first
         nodes: list = [None] * len(loop.template)
@@ -350,10 +436,18 @@ class _Match:
         init: dict[int, Any] = {}
         prev = None if first else loop.inst[t - 1]
         pending = list(range(len(loop.template)))
+        dropped: set = set()
         for attempt in range(3):  # a node reading only unbound carried roles waits for one pass
             waiting = []
             for j in pending:
+                if j in droppable and loop.roles[j] is not None and \
+                        any(r[0] == "L" and r[1] in dropped for r in _walk_roles(loop.roles[j])):
+                    dropped.add(j)
+                    continue
                 got = self._one(j, t, nodes, prev, init, claimed, attempt == 2)
+                if got is None and j in droppable:
+                    dropped.add(j)
+                    continue
                 if got is None:
                     self.unmatched = loop.template[j]     # for the near miss
                     return False
@@ -362,6 +456,11 @@ class _Match:
             pending = waiting
             if not pending:
                 break
+        if droppable:
+            dropped |= {j for j in pending if j in droppable}
+            pending = [j for j in pending if j not in droppable]
+            if not dropped:
+                return False
         for j in reversed(pending):   # found through a matched user (users before producers) (first step: reads only unbound carried values)
             cand = init.get(("L", j))
             if cand is None or self._among(j, t, [cand], nodes, prev, init, claimed) is None:

@@ -42,8 +42,8 @@ import torch.fx
 
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
-from seqfuse.passes.loop_reroll import (Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops, reroll,
-                                        share_slice_sources)
+from seqfuse.passes.loop_reroll import (Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops,
+                                        rebuild_dropped, reroll, share_slice_sources)
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, \
     readout_rounding, val
@@ -94,6 +94,8 @@ class LoopPass(Pass):
                 changed = True
             except NoLoop as e:
                 ctx.report.add_near_miss("scan", str(e), _where(loop))
+                if loop.rebuilt:    # the rebuilt last-step update is dead again: removed below
+                    changed = touched = True
         if changed:
             graph.eliminate_dead_code()
         if changed or touched:
@@ -153,18 +155,20 @@ def _reroll(graph, group, pos) -> Loop:
     belongs to the step of the slices it reads), the loop read with every node in the step of
     its seeds.  The first reading's reason is the near miss when neither matches."""
     try:
-        loop = reroll(graph, group, pos)
+        loop = reroll(graph, group, pos, last_may_drop=True)
         if not any(loop.roles[k] is None for k in loop.carried):
+            rebuild_dropped(graph, loop, pos)
             return loop
         first = NoLoop("a step reads the previous step's input slice (a lag, not a recurrence)")
     except NoLoop as e:
         first = e
     try:
-        loop = reroll(graph, group, pos, move_updates=False)
+        loop = reroll(graph, group, pos, move_updates=False, last_may_drop=True)
     except NoLoop:
         raise first from None
     if any(loop.roles[k] is None for k in loop.carried):
         raise first
+    rebuild_dropped(graph, loop, pos)
     return loop
 
 

@@ -34,7 +34,10 @@ import subprocess
 import sys
 import time
 
-from tests.corpus import delta
+from tests.corpus import cases, delta, recurrence
+
+#: the case families beside the attention models: name -> module (MODELS, FUNCTIONS, CASES, describe, run_case)
+FAMILIES = {"delta": delta, "recurrence": recurrence}
 
 BOUND = 1e-5
 
@@ -163,12 +166,12 @@ def child(name: str) -> dict:
             "seconds": seconds}
 
 
-def _run_delta(names, timeout) -> list[dict]:
-    """The delta cases ``names`` in one subprocess (its cases guarded one by one), results as they come;
-    a case the process did not report (it died or timed out) is a crash."""
+def _run_cases(family: str, names, timeout) -> list[dict]:
+    """The cases ``names`` of ``family`` in one subprocess (its cases guarded one by one), results as they
+    come; a case the process did not report (it died or timed out) is a crash."""
     import threading
-    proc = subprocess.Popen([sys.executable, "-m", "tests.corpus", "--child-delta", *names], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.corpus", "--child-cases", family, *names],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timed_out = []
     killer = threading.Timer(timeout, lambda: (timed_out.append(True), proc.kill()))
     killer.start()
@@ -181,7 +184,7 @@ def _run_delta(names, timeout) -> list[dict]:
             if ln.startswith("RESULT "):
                 res = json.loads(ln[len("RESULT "):])
                 got[res["case"]] = res
-                for row in delta.line(res):
+                for row in cases.line(res):
                     print(row, flush=True)
         proc.wait()
     finally:
@@ -192,7 +195,7 @@ def _run_delta(names, timeout) -> list[dict]:
     for name in names:
         if name not in got:
             got[name] = {"case": name, "error": why}
-            for row in delta.line(got[name]):
+            for row in cases.line(got[name]):
                 print(row, flush=True)
     return [got[n] for n in names]
 
@@ -200,32 +203,35 @@ def _run_delta(names, timeout) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
         "families: attention = the transformers LMs of CORPUS (one subprocess each); delta = delta-rule cases "
-        "(transformers linear-attention models and fla's reference functions, tests/corpus/delta.py): "
-        "per case delta ops found/expected, near misses, output and gradient errors, ok / MISS / WRONG / CRASH"))
-    p.add_argument("--only", nargs="+", choices=list(CORPUS) + delta.CASES, metavar="CASE",
-                   help="these cases only (see --list), of either family")
-    p.add_argument("--family", choices=["attention", "delta", "all"], default="all",
+        "(transformers linear-attention models and fla's reference functions, tests/corpus/delta.py); "
+        "recurrence = linear recurrences and long convolutions (tests/corpus/recurrence.py): "
+        "per case ops found/expected, near misses, output and gradient errors, ok / MISS / WRONG / CRASH"))
+    every = [n for fam in FAMILIES.values() for n in fam.CASES]
+    p.add_argument("--only", nargs="+", choices=list(CORPUS) + every, metavar="CASE",
+                   help="these cases only (see --list), of any family")
+    p.add_argument("--family", choices=["attention", *FAMILIES, "all"], default="all",
                    help="which family to run (default all; ignored with --only)")
     p.add_argument("--list", action="store_true", help="print the corpus and exit")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per model / per delta case")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per model / per case of the other families")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--child-delta", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--child-cases", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(args.child)), flush=True)
         return 0
-    if args.child_delta:
-        for res in delta.child(args.child_delta):
+    if args.child_cases:
+        family = FAMILIES[args.child_cases[0]]
+        for res in cases.child(args.child_cases[1:], family.run_case):
             print("RESULT " + json.dumps(res), flush=True)
         return 0
     attention = [n for n in CORPUS if args.family in ("attention", "all")]
-    deltas = [n for n in delta.CASES if args.family in ("delta", "all")]
+    chosen = {f: [n for n in fam.CASES if args.family in (f, "all")] for f, fam in FAMILIES.items()}
     if args.only:
         attention = [n for n in args.only if n in CORPUS]
-        deltas = [n for n in args.only if n in delta.CASES]
+        chosen = {f: [n for n in args.only if n in fam.CASES] for f, fam in FAMILIES.items()}
     if args.list:
         print("\n".join([f"{n}: transformers.{CORPUS[n][1]}" for n in attention]
-                        + [f"{n}: {delta.describe(n)}" for n in deltas]))
+                        + [f"{n}: {FAMILIES[f].describe(n)}" for f, names in chosen.items() for n in names]))
         return 0
     bad = 0
     rows = []
@@ -254,16 +260,18 @@ def main(argv=None) -> int:
             print(f"{'':14s}   near miss  {m}", flush=True)
     if attention:
         print(f"\n{len(rows)} models, {bad} wrong or crashed")
-    if deltas:
-        if attention:
-            print()
-        # the models in one process, the fla functions in another: one import of torch/seqfuse per group
+    for f, names in chosen.items():
+        if not names:
+            continue
+        print()
+        family = FAMILIES[f]
+        # the models in one process, the functions in another: one import of torch/seqfuse per group
         results = []
-        for group in ([n for n in deltas if n in delta.MODELS], [n for n in deltas if n not in delta.MODELS]):
+        for group in ([n for n in names if n in family.MODELS], [n for n in names if n not in family.MODELS]):
             if group:
-                results += _run_delta(group, args.timeout * len(group))
-        counts = {s: sum(delta.status(r) == s for r in results) for s in ("ok", "MISS", "WRONG", "CRASH")}
-        print(f"\n{len(results)} delta cases: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+                results += _run_cases(f, group, args.timeout * len(group))
+        counts = {s: sum(cases.status(r) == s for r in results) for s in ("ok", "MISS", "WRONG", "CRASH")}
+        print(f"\n{len(results)} {f} cases: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         bad += len(results) - counts["ok"]
     return 1 if bad else 0
 

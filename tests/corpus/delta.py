@@ -36,13 +36,7 @@ fla functions), each case guarded on its own; a process that dies reports its re
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import importlib
-import time
-from typing import Iterator
-
-BOUND = 1e-5
+from tests.corpus import cases
 
 GDN_KERNELIZED = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
                   "causal_conv1d_update")
@@ -132,14 +126,6 @@ def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layou
     return {n: x.requires_grad_() for n, x in xs.items() if x is not None}
 
 
-def _function(module, name):
-    """``module.name`` with its hub / fla kernel wrappers undone (transformers' torch path)."""
-    fn = getattr(importlib.import_module(module), name)
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
-
 _GDN = "fla.ops.gated_delta_rule.naive"
 _DR = "fla.ops.delta_rule.naive"
 _KDA = "fla.ops.kda.naive"
@@ -221,200 +207,12 @@ def describe(name: str) -> str:
     return f"{module}.{fn} ({', '.join(f'{k}={v}' for k, v in ops.items())})"
 
 
-class _Float64Torch:
-    """``torch`` as a library module sees it while the fp64 oracle runs: ``torch.float32`` / ``torch.float``
-    are float64."""
-
-    def __init__(self, torch):
-        self._torch = torch
-
-    def __getattr__(self, name):
-        return self._torch.float64 if name in ("float32", "float") else getattr(self._torch, name)
-
-
-@contextlib.contextmanager
-def _fp64(*module_names):
-    """Keep the casts to fp32 of the modules ``module_names`` (``.to(torch.float32)``, ``torch.float``,
-    ``.float()``) in fp64 while the oracle runs."""
-    import torch
-    mods = [importlib.import_module(m) for m in module_names]
-    saved = [m.torch for m in mods]
-    saved_float = torch.Tensor.float
-    for m in mods:
-        m.torch = _Float64Torch(torch)
-    torch.Tensor.float = lambda self, *a, **k: self if self.is_floating_point() else saved_float(self, *a, **k)
-    try:
-        yield
-    finally:
-        for m, t in zip(mods, saved):
-            m.torch = t
-        torch.Tensor.float = saved_float
-
-
-@contextlib.contextmanager
-def _torch_path(module, names):
-    """Point a transformers modeling module at its reference PyTorch functions ``names`` (the hub / fla
-    kernel wrappers undone) for the duration."""
-    previous = {}
-    for name in names:
-        fn = previous[name] = getattr(module, name)
-        while hasattr(fn, "__wrapped__"):
-            fn = fn.__wrapped__
-        setattr(module, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in previous.items():
-            setattr(module, name, fn)
-
-
-def _err(a, b):
-    """Relative RMS error of ``a`` against ``b`` (0 when both are None, inf when only one is)."""
-    if a is None or b is None:
-        return 0.0 if a is None and b is None else float("inf")
-    den = b.double().norm().item()
-    return (a.double() - b.double()).norm().item() / (den if den > 0 else 1.0)
-
-
-def _judge(outs, ref_outs, grads, ref_grads, oracle_grads, names):
-    """(worst output error, worst gradient error, name of the worst gradient) under the corpus's rule."""
-    out_err = max((_err(a, b) for a, b in zip(outs, ref_outs)), default=0.0)
-    scale = max((g.double().pow(2).mean().sqrt().item() for g in oracle_grads if g is not None), default=0.0)
-
-    def grad_err(g, r, o):
-        e = _err(g, r)
-        if e < BOUND or g is None or o is None:
-            return e
-        ours, theirs = (g.double() - o).norm().item(), (r.double() - o).norm().item()
-        floor = 256 * 2.0 ** -24 * scale * o.numel() ** 0.5
-        return 0.0 if ours <= 4 * theirs + floor else e
-
-    errs = {n: grad_err(g, r, o) for n, g, r, o in zip(names, grads, ref_grads, oracle_grads)}
-    worst = max(errs, key=errs.get) if errs else "-"
-    return out_err, errs.get(worst, 0.0), worst
-
-
-def _summary(report):
-    """(number of delta ops, rewrites by kind, sorted near-miss reasons) of a seqfuse report."""
-    kinds = [r.kind for r in report.rewrites]
-    misses = sorted({f"{m.kind}: {m.reason}" for m in report.near_misses})
-    return report.count("delta"), {k: kinds.count(k) for k in sorted(set(kinds))}, misses
-
-
-def _compiled(fn, run):
-    """Run ``run(compiled fn)`` under a fresh dynamo and a collecting seqfuse report: (result, report, s)."""
-    import torch
-
-    import seqfuse
-    from seqfuse.compiler.report import collecting
-    report = seqfuse.Report()
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="seqfuse", options={"downstream": "eager"})
-    start = time.perf_counter()
-    with collecting(report):
-        result = run(compiled)
-    return result, report, time.perf_counter() - start
-
-
-def run_model(name: str) -> dict:
-    """One transformers model: build, run eager / fp64 / seqfuse, compare; the result as a dict."""
-    import torch
-    import transformers as T
-    module_name, cfg_name, model_name, kernelized, overrides, (batch, seq_len) = MODELS[name]
-    modeling = f"transformers.models.{module_name}.modeling_{module_name}"
-    mod = importlib.import_module(modeling)
-    cfg = getattr(T, cfg_name)(**{**_TINY, **overrides})
-    cfg._attn_implementation = "eager"
-    cfg._experts_implementation = "eager"   # MoE experts as a loop of matmuls: grouped_mm has no fp64 (oracle)
-    torch.manual_seed(0)
-    model = getattr(T, model_name)(cfg).train()
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(3))
-    expected = overrides["layer_types"].count("linear_attention")
-
-    def run(m):
-        params = [p for p in m.parameters() if p.requires_grad]
-        m.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        logits = m(tokens, use_cache=False).logits
-        g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        logits.backward(g.to(logits.dtype))
-        return [logits.detach()], [None if p.grad is None else p.grad.clone() for p in params]
-
-    with _torch_path(mod, kernelized):
-        ref, ref_grads = run(model)
-        model64 = copy.deepcopy(model).double()
-        with _fp64(modeling):
-            _, oracle_grads = run(model64)
-        (out, grads), report, seconds = _compiled(model, run)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    out_err, grad_err, worst = _judge(out, ref, grads, ref_grads, oracle_grads, names)
-    n_delta, rewrites, misses = _summary(report)
-    return {"case": name, "expected": expected, "n_delta": n_delta, "rewrites": rewrites, "near_misses": misses,
-            "out_err": out_err, "grad_err": grad_err, "worst_grad": worst, "n_grads": len(names),
-            "seconds": seconds}
-
-
-def run_function(name: str) -> dict:
-    """One reference function: run eager / fp64 / seqfuse on held-out operands, compare; a dict."""
-    import torch
-    module, fn_name, kwargs, call, expected = FUNCTIONS[name]
-    fn = _function(module, fn_name)
-    ops = _operands(**kwargs)
-    names = list(ops)
-    gen = torch.Generator().manual_seed(5)
-
-    def run(f, xs=ops):
-        for x in xs.values():
-            x.grad = None
-        outs = [o for o in call(f, xs) if o is not None]
-        loss = sum((o * torch.randn(o.shape, generator=gen.manual_seed(5 + i), dtype=torch.float64).to(o.dtype)).sum()
-                   for i, o in enumerate(outs))
-        loss.backward()
-        return [o.detach() for o in outs], [xs[n].grad for n in names]
-
-    ref, ref_grads = run(fn)
-    ops64 = {n: x.detach().double().requires_grad_() for n, x in ops.items()}
-    with _fp64(module):
-        _, oracle_grads = run(fn, ops64)
-    (out, grads), report, seconds = _compiled(fn, lambda f: run(f))
-    out_err, grad_err, worst = _judge(out, ref, grads, ref_grads, oracle_grads, names)
-    n_delta, rewrites, misses = _summary(report)
-    return {"case": name, "expected": expected, "n_delta": n_delta, "rewrites": rewrites, "near_misses": misses,
-            "out_err": out_err, "grad_err": grad_err, "worst_grad": worst, "n_grads": len(names),
-            "seconds": seconds}
-
-
-def child(names) -> Iterator[dict]:
-    """Run the cases ``names`` in this process, each guarded on its own; yields one result dict per case
-    (``error`` set where it raised)."""
-    import traceback
-    for name in names:
-        try:
-            yield run_model(name) if name in MODELS else run_function(name)
-        except Exception as e:  # noqa: BLE001 - a case that raises is reported, the others still run
-            tb = traceback.format_exc().strip().splitlines()
-            yield {"case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
-                   "where": tb[-3][:200] if len(tb) >= 3 else ""}
-
-
-def status(res: dict) -> str:
-    """ok / MISS / WRONG / CRASH of one result."""
-    if "error" in res:
-        return "CRASH"
-    if not (res["out_err"] < BOUND and res["grad_err"] < BOUND):
-        return "WRONG"
-    return "ok" if res["n_delta"] == res["expected"] else "MISS"
-
-
-def line(res: dict) -> list[str]:
-    """The printed lines of one result: the case's row, then one line per near miss."""
-    name = res["case"]
-    st = status(res)
-    if st == "CRASH":
-        return [f"{name:24s} CRASH  {res['error']}" + (f"  [{res['where'].strip()}]" if res.get("where") else "")]
-    others = ", ".join(f"{k} x{n}" for k, n in res["rewrites"].items() if k != "delta")
-    rows = [f"{name:24s} {st:5s} delta {res['n_delta']}/{res['expected']}  out {res['out_err']:.1e}  "
-            f"grads {res['grad_err']:.1e} (worst {res['worst_grad']}, {res['n_grads']})  {res['seconds']:.1f} s"
-            + (f"  also: {others}" if others else "")]
-    rows += [f"{'':24s}   near miss  {m}" for m in res["near_misses"]]
-    return rows
+def run_case(name: str) -> dict:
+    """One case of this family, run and judged (tests.corpus.cases)."""
+    if name in MODELS:
+        module_name, cfg_name, model_name, kernelized, overrides, shape = MODELS[name]
+        expected = {"delta": overrides["layer_types"].count("linear_attention")}
+        return cases.model_case(name, module_name, cfg_name, model_name, kernelized, {**_TINY, **overrides}, shape,
+                                expected)
+    module, fn_name, kwargs, call, n = FUNCTIONS[name]
+    return cases.function_case(name, module, fn_name, _operands(**kwargs), call, {"delta": n})

@@ -39,6 +39,31 @@ def test_simple_gla_default_chunk_two_chunks():
     assert report.count("ssd") == 1 and not report.near_misses, str(report)
 
 
+def simple_gla_output_only(q, k, v, g):
+    """fla's chunked simple GLA as a model calls it: no initial state, no final state asked for."""
+    return naive.naive_chunk_simple_gla(q, k, v, g)[0]
+
+
+@pytest.mark.parametrize("t", [192, 320], ids=["three_chunks", "five_chunks"])
+def test_simple_gla_without_final_state_is_one_ssd(t):
+    # without output_final_state the function drops S after the loop, so Dynamo removed the last
+    # chunk's state update as dead code: the last step of the loop lacks it.  The loop pass matches the
+    # rest of that step and rebuilds the update (loop_reroll.rebuild_dropped), so all chunks are one ssd
+    q, k, v, g, _ = gla_inputs(t, b=2, h=3, d=8)
+    report = check_against_eager(simple_gla_output_only, q, k, v, g)
+    assert report.count("ssd") == 1 and not report.near_misses, str(report)
+    assert "decay=scalar" in report.rewrites[0].ir, report.rewrites[0].ir
+
+
+def test_simple_gla_without_final_state_two_chunks_is_a_near_miss():
+    # two chunks: the template step (the second) is the one lacking the update, so the loop is not
+    # re-rolled; the chunk's intra term stays a near miss that says so (not a silent rejection)
+    q, k, v, g, _ = gla_inputs(128)
+    report = check_against_eager(simple_gla_output_only, q, k, v, g)
+    assert report.count("ssd") == 0, str(report)
+    assert any("not re-rolled" in m.reason for m in report.near_misses), str(report)
+
+
 # --- a per-head decay rate (a buffer or a parameter) -------------------------------------------
 # MiniMax's lightning attention (transformers models/minimax/modeling_minimax.py) decays the
 # scores by exp(-slope_h·(i - j)) on the lower triangle, slope_h a per-head rate.  It precomputes
