@@ -283,6 +283,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
         for n, i in zip(r.nodes, r.indices):
             seeds.setdefault((r.family, i), []).append(n)
     ctx = _Match(loop, seeds, canon, label, members)
+    ctx.loop_seeds = step_of_seed
     lo = None
     for start in range(0, min(3, m)):
         if ctx.step(start, first=True):
@@ -291,6 +292,17 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
     if lo is None:
         raise NoLoop("no step of the loop body matches its middle step (the body differs between steps"
                      + _unmatched(getattr(ctx, "unmatched", None), label) + ")")
+    if last_may_drop and T == 2 and lo == 0:
+        # two steps, the second (the template) lacking the update the first computes for it: the
+        # template takes the first step's update, read with its initial values as carried ones
+        dropped = _take_first_step_update(loop, by_step[0], ctx, canon)
+        if dropped:
+            loop.inst = {}
+            if not ctx.step(0, first=True) or not ctx.step(1, first=False, droppable=dropped):
+                raise NoLoop("the two steps of the loop differ (the second lacks the first's state update "
+                             "and the rest does not match)")
+            loop.lo, loop.hi = 0, 1
+            return loop
     hi = lo
     while hi + 1 < T and ctx.step(hi + 1, first=False):
         hi += 1
@@ -317,6 +329,116 @@ def _feeds_next_step_only(template: list, next_step: set) -> set:
         if users and all(u in next_step or index.get(u) in feeds for u in users):
             feeds.add(j)
     return feeds
+
+
+def _take_first_step_update(loop: Loop, first: list, ctx: "_Match", canon: dict) -> set:
+    """For a loop of two steps whose second step (the template) lacks the state update only a third
+    step would read: append to the template the first step's nodes the second reads that have no
+    counterpart in it (and their producers of the first step), with roles in which the first step's
+    initial values are the carried values they stand for; renumber carried roles to template indices.
+    Returns the appended indices (empty when the template is whole); raises NoLoop when the first step
+    cannot be read this way."""
+    matched = {n: j for j, n in enumerate(loop.inst[0]) if n is not None}
+    here = set(first)
+    p_nodes = {first[r[1]] for roles in loop.roles if roles for r in _walk_roles(roles)
+               if r[0] == "P" and r[1] < len(first)}
+    if all(n in matched for n in p_nodes):
+        return set()
+    # a slice at the first step's index of a tensor the loop slices per step, read by the update alone:
+    # one member, so no run made it a seed (the second step's copy was dropped with the update)
+    families = {r.family for r in loop.runs}
+    first_index = loop.index(0)
+
+    def lone_seed(n):
+        key = _seed_key(n)
+        return key is not None and any(f[:2] == key[:2] for f in families) \
+            and key[3] == first_index
+
+    memo: dict = {}
+
+    def per_step(n):    # computed from such a slice (outside the steps: no run labeled it)
+        if n not in memo:
+            memo[n] = n.op == "call_function" and (lone_seed(n) or any(per_step(a) for a in n.all_input_nodes
+                                                                       if a not in matched and a not in here))
+        return memo[n]
+
+    extra, lone, stack = set(), [], [n for n in p_nodes if n not in matched]
+    while stack:
+        n = stack.pop()
+        if n in extra:
+            continue
+        extra.add(n)
+        if lone_seed(n):
+            same = [m for m in ctx.seeds.get((_seed_key(n)[:3], first_index), ()) if m in matched]
+            if same:    # the same view of the same tensor as a seed of the step: read that one
+                n.replace_all_uses_with(same[0])
+                extra.discard(n)
+                lone.append(n)
+            else:
+                ctx.seeds.setdefault((_seed_key(n)[:3], first_index), []).append(n)
+                ctx.loop_seeds[n] = 0
+            continue
+        stack.extend(a for a in n.all_input_nodes if a not in matched and (a in here or per_step(a)))
+    order = {n: i for i, n in enumerate(first[0].graph.nodes)}
+    extra_list, seen, gone = [], {}, lone[:]
+    for n in sorted(extra, key=order.__getitem__):
+        # the update's slices now read the step's own seeds: copies of one expression (decay[:, :, i, -1]
+        # written twice) become one, so that matching them is not ambiguous
+        try:
+            key = (n.target, _hashable(n.args), _hashable(n.kwargs))
+        except TypeError:
+            key = None
+        if key is not None and key in seen and n not in ctx.loop_seeds:
+            n.replace_all_uses_with(seen[key])
+            gone.append(n)
+            continue
+        if key is not None:
+            seen[key] = n
+        extra_list.append(n)
+    extra = set(extra_list)
+    for n in sorted(gone, key=order.__getitem__, reverse=True):   # dead now: no candidate to match
+        if not n.users:
+            n.graph.erase_node(n)
+    base = len(loop.template)
+    index = {**matched, **{n: base + i for i, n in enumerate(extra_list)}}
+
+    def carried(k):    # a P role of the template (a position in the first step) -> a template index
+        if k >= len(first) or first[k] not in index:
+            raise NoLoop("the second step reads a value of the first step that is neither matched nor its update")
+        return index[first[k]]
+
+    inits = {}    # initial value -> the carried template index it stands for
+    for k, v in loop.init.items():
+        if isinstance(v, torch.fx.Node):
+            inits.setdefault(v, carried(k))
+
+    def remap(r):
+        if r[0] == "T":
+            return ("T", r[1], tuple(remap(e) for e in r[2]))
+        return ("P", carried(r[1])) if r[0] == "P" else r
+
+    def role(a):
+        if isinstance(a, (list, tuple)):
+            return ("T", type(a), tuple(role(e) for e in a))
+        if isinstance(a, torch.fx.Node):
+            if a in extra:
+                return ("L", index[a])
+            if a in inits:
+                return ("P", inits[a])
+            if a in matched:
+                return ("L", matched[a])
+            if a in here:
+                raise NoLoop("the first step's update reads a value the second step does not compute")
+            return ("I", canon.get(a, a))
+        return ("C", a)
+
+    loop.roles = [None if roles is None else (remap(roles[0]), {k: remap(v) for k, v in roles[1].items()})
+                  for roles in loop.roles]
+    for n in extra_list:
+        loop.template.append(n)
+        loop.roles.append(None if n in ctx.loop_seeds else (role(tuple(n.args)), {k: role(v) for k, v in n.kwargs.items()}))
+    loop.carried = sorted({r[1] for roles in loop.roles if roles for r in _walk_roles(roles) if r[0] == "P"})
+    return set(range(base, len(loop.template)))
 
 
 def rebuild_dropped(graph: torch.fx.Graph, loop: Loop, pos: dict) -> None:

@@ -44,24 +44,25 @@ def simple_gla_output_only(q, k, v, g):
     return naive.naive_chunk_simple_gla(q, k, v, g)[0]
 
 
-@pytest.mark.parametrize("t", [192, 320], ids=["three_chunks", "five_chunks"])
+@pytest.mark.parametrize("t", [128, 192, 320], ids=["two_chunks", "three_chunks", "five_chunks"])
 def test_simple_gla_without_final_state_is_one_ssd(t):
     # without output_final_state the function drops S after the loop, so Dynamo removed the last
     # chunk's state update as dead code: the last step of the loop lacks it.  The loop pass matches the
-    # rest of that step and rebuilds the update (loop_reroll.rebuild_dropped), so all chunks are one ssd
+    # rest of that step and rebuilds the update (loop_reroll.rebuild_dropped); with two chunks the
+    # template step is the one lacking it, and takes the first chunk's update instead
     q, k, v, g, _ = gla_inputs(t, b=2, h=3, d=8)
     report = check_against_eager(simple_gla_output_only, q, k, v, g)
     assert report.count("ssd") == 1 and not report.near_misses, str(report)
     assert "decay=scalar" in report.rewrites[0].ir, report.rewrites[0].ir
 
 
-def test_simple_gla_without_final_state_two_chunks_is_a_near_miss():
-    # two chunks: the template step (the second) is the one lacking the update, so the loop is not
-    # re-rolled; the chunk's intra term stays a near miss that says so (not a silent rejection)
-    q, k, v, g, _ = gla_inputs(128)
-    report = check_against_eager(simple_gla_output_only, q, k, v, g)
-    assert report.count("ssd") == 0, str(report)
-    assert any("not re-rolled" in m.reason for m in report.near_misses), str(report)
+def test_simple_gla_two_chunks_with_initial_state_only():
+    # h0 given, no final state: the first chunk's update reads h0 as its carried value
+    q, k, v, g, h0 = gla_inputs(128, b=1, h=2, d=8, seed=3)
+    report = check_against_eager(lambda *a: naive.naive_chunk_simple_gla(*a[:4], initial_state=a[4])[0],
+                                 q, k, v, g, h0)
+    assert report.count("ssd") == 1 and not report.near_misses, str(report)
+    assert "h0=%" in report.rewrites[0].ir, report.rewrites[0].ir
 
 
 # --- a per-head decay rate (a buffer or a parameter) -------------------------------------------
