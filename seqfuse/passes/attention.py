@@ -1074,7 +1074,6 @@ class AttentionPass(Pass):
 
     # F.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, gqa) -> attention
     def _sdpa(self, ctx: PassContext, node: torch.fx.Node) -> None:
-        gm = ctx.gm
         q, k, v = node.args[:3]
         attn_mask = arg(node, 3, "attn_mask")
         dropout = constant_value(arg(node, 4, "dropout_p", 0.0))

@@ -1632,7 +1632,7 @@ class _ChunkRewrite(_Rewrite):
         return False
 
     def run(self):
-        loop, k = self.loop, self.k
+        loop = self.loop
         plan = self._chunk_plan()
         body = loop.body()
         self.body = set(body)

@@ -805,7 +805,7 @@ class SSDFormsPass(Pass):
         a plain multiple of s) of a contraction s = c·bᵀ; A read by root and at most one sum over
         the keys (a normalizer).  Raises _Silent when root is not such a form, NoMatch with the
         reason when it nearly is."""
-        gm, graph = ctx.gm, ctx.graph
+        gm = ctx.gm
         if len(root.args[1]) != 2:
             raise _Silent()
         parts, out = _einsum_parts(root)

@@ -535,7 +535,6 @@ def run_case(case: Case) -> Outcome:
                                                       for z in replaced)
             p, summ = _compare(f"output {i}", s, e, o, dict(ctx, what=("output", i), replaced=rep), rule)
             (problems.append(p) if p else summaries.append(summ))
-        leaves = _leaves(case.inputs)
         names = [i for i, x in enumerate(case.inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
         for j, (s, e) in enumerate(zip(s_grads, e_grads)):
             o = o_grads[j] if o_grads is not None else None
