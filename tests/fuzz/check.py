@@ -543,7 +543,6 @@ def run_case(case: Case) -> Outcome:
             p, summ = _compare(f"grad of input {names[j]}", s, e, o, dict(ctx, what=("grad", names[j]), replaced=rep),
                                rule)
             (problems.append(p) if p else summaries.append(summ))
-        del leaves
     notes.insert(0, "; ".join(s for s in summaries if s))
     if problems:
         return outcome("wrong", problems)
