@@ -136,9 +136,16 @@ FUNCTIONS = {
     "fla_hgrn_recurrent": ("fla.ops.hgrn.naive", "naive_recurrent_hgrn",
                            lambda: _operands(dict(x=(B, 50, 24)), g=(B, 50, 24)),
                            lambda f, o: f(o["x"], o["g"], output_final_state=True), {"scan": 1}),
+    # (naive_chunk_hgrn is not a case: its g.view(B, chunk_size, D) raises in eager unless T == chunk_size)
+    # chunked linear attention normalized by the running sum of the keys (a second ssd or a column of ones)
+    "fla_linear_attn_chunk_normalized": ("fla.ops.linear_attn.naive", "naive_chunk_linear_attn", _bthd(128),
+                                         lambda f, o: f(o["q"], o["k"], o["v"], normalize=True), {"ssd": 1}),
     # Based: the Taylor feature map as a polynomial kernel, parallel
     "fla_based_parallel": ("fla.ops.based.naive", "naive_parallel_based", _bhtd(60, K=8), lambda f, o: f(
         o["q"], o["k"], o["v"]), {"ssd": 1}),
+    # Based chunked (chunks of 16): cumulative sums of k and k⊗k beside the intra-chunk polynomial
+    "fla_based_chunk": ("fla.ops.based.naive", "naive_chunk_based", _bhtd(48, K=4), lambda f, o: f(
+        o["q"], o["k"], o["v"], chunk_size=16), {"ssd": 1}),
     # ABC with cumulative sums
     "fla_abc_cumsum": ("fla.ops.abc.naive", "naive_cumsum_abc",
                        lambda: _operands(dict(q=(B, H, 40, 8), k=(B, H, 40, 8), v=(B, H, 40, 12),
