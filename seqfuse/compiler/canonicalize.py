@@ -38,7 +38,8 @@ from torch.utils import _pytree as pytree
 
 from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
-from seqfuse.passes.pattern import arg, axis_view, constant_value, copy_meta, is_op, is_scalar, rank, val, written
+from seqfuse.passes.pattern import (arg, axis_view, constant_value, copy_meta, fake_of, is_op, is_scalar, rank, val,
+                                    written)
 
 aten = torch.ops.aten
 
@@ -495,14 +496,6 @@ def normalize_inplace(gm: torch.fx.GraphModule) -> int:
 
 # --- layouts -----------------------------------------------------------------
 
-def _fake_of(x):
-    if isinstance(x, torch.fx.Node):
-        return val(x)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_fake_of(e) for e in x)
-    return x
-
-
 def _laid_out_alike(a: torch.Tensor, b_shape, b_stride) -> bool:
     """Whether tensor ``a`` has strides ``b_stride`` along every axis whose size may exceed 1."""
     return len(a.shape) == len(b_shape) and all(
@@ -528,7 +521,7 @@ def restore_layouts(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_function" or want is None:
             continue
         try:
-            got = node.target(*_fake_of(node.args), **_fake_of(dict(node.kwargs)))
+            got = node.target(*fake_of(node.args), **fake_of(dict(node.kwargs)))
         except Exception:   # noqa: BLE001 - a node whose value cannot be recomputed keeps its layout
             continue
         if not isinstance(got, torch.Tensor) or _laid_out_alike(got, want.shape, want.stride()):

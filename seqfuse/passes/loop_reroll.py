@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from seqfuse.passes.pattern import is_op, val
+from seqfuse.passes.pattern import copy_meta, fake_of, is_op, val
 
 aten = torch.ops.aten
 
@@ -462,13 +462,6 @@ def rebuild_dropped(graph: torch.fx.Graph, loop: Loop, pos: dict) -> None:
             return prev[r[1]]
         return r[1]     # "I": the invariant's node; "C": the constant
 
-    def fake(x):
-        if isinstance(x, torch.fx.Node):
-            return val(x)
-        if isinstance(x, (list, tuple)):
-            return type(x)(fake(e) for e in x)
-        return x
-
     order = {n: i for i, n in enumerate(graph.nodes)}
     anchor = max((n for n in nodes if n is not None), key=order.__getitem__)
     for j, tmpl in enumerate(loop.template):
@@ -490,14 +483,13 @@ def rebuild_dropped(graph: torch.fx.Graph, loop: Loop, pos: dict) -> None:
         anchor = max(reads + [anchor], key=order.__getitem__)
         with graph.inserting_after(anchor):
             new = graph.call_function(tmpl.target, args, kwargs)
-        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if k in tmpl.meta:
-                new.meta[k] = tmpl.meta[k]
-        new.meta["val"] = tmpl.target(*fake(args), **fake(kwargs))
-        order = {n: i for i, n in enumerate(graph.nodes)}
+        copy_meta(new, tmpl)
+        new.meta["val"] = tmpl.target(*fake_of(args), **fake_of(kwargs))
+        # right after the anchor, before the node that followed it (the step's inserts stay below 1 apart)
+        order[new] = order[anchor] + 1 / (len(nodes) + 1)
         nodes[j] = anchor = new
     pos.clear()
-    pos.update(order)
+    pos.update({n: i for i, n in enumerate(graph.nodes)})
 
 
 def _unmatched(node, label) -> str:

@@ -395,20 +395,24 @@ def copy_meta(dst: torch.fx.Node, src: torch.fx.Node, with_val: bool = False) ->
     return dst
 
 
+def fake_of(x: Any) -> Any:
+    """``x`` with every node (inside lists, tuples and dicts too) replaced by its fake value."""
+    if isinstance(x, torch.fx.Node):
+        return val(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(fake_of(e) for e in x)
+    if isinstance(x, dict):
+        return {k: fake_of(v) for k, v in x.items()}
+    return x
+
+
 def emit_before(graph: torch.fx.Graph, before: torch.fx.Node, target, args: tuple,
                 like: torch.fx.Node) -> torch.fx.Node:
     """Insert ``target(*args)`` before ``before``, its fake value computed from the arguments'
     (nodes inside lists included), with ``like``'s source location."""
     with graph.inserting_before(before):
         node = graph.call_function(target, args)
-
-    def fake(x):
-        if isinstance(x, torch.fx.Node):
-            return val(x)
-        if isinstance(x, (list, tuple)):
-            return type(x)(fake(e) for e in x)
-        return x
-    node.meta["val"] = target(*fake(args))
+    node.meta["val"] = target(*fake_of(args))
     return copy_meta(node, like)
 
 

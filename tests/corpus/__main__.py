@@ -39,7 +39,7 @@ from tests.corpus import cases, delta, recurrence
 #: the case families beside the attention models: name -> module (MODELS, FUNCTIONS, CASES, describe, run_case)
 FAMILIES = {"delta": delta, "recurrence": recurrence}
 
-BOUND = 1e-5
+BOUND = cases.BOUND
 
 #: name -> (config class, model class, config overrides); sizes are filled in by _config
 CORPUS = {
@@ -135,33 +135,14 @@ def child(name: str) -> dict:
         out, grads = run(compiled)
     seconds = time.perf_counter() - start
 
-    def err(a, b):
-        if a is None or b is None:
-            return 0.0 if a is None and b is None else float("inf")
-        den = b.double().norm().item()
-        return (a.double() - b.double()).norm().item() / (den if den > 0 else 1.0)
-
     # a gradient the math makes (nearly) zero, e.g. of a key bias under softmax, is rounding noise in
-    # eager too: there seqfuse is held to the fuzzer's rule against the fp64 oracle instead (its
-    # distance to the oracle at most 4x eager's plus 256 fp32 roundings of the largest gradient)
-    scale = max((g.double().pow(2).mean().sqrt().item() for g in oracle_grads if g is not None), default=0.0)
-    no_oracle = all(g is None for g in oracle_grads)
-
-    def grad_err(g, r, o):
-        e = err(g, r)
-        if e < BOUND or g is None or o is None:
-            return e
-        ours, theirs = (g.double() - o).norm().item(), (r.double() - o).norm().item()
-        floor = 256 * 2.0 ** -24 * scale * o.numel() ** 0.5
-        return 0.0 if ours <= 4 * theirs + floor else e
-
+    # eager too: there seqfuse is held to the fuzzer's rule against the fp64 oracle (cases.judge)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    grad_errs = {n: grad_err(g, r, o) for n, g, r, o in zip(names, grads, ref_grads, oracle_grads)}
-    worst = max(grad_errs, key=grad_errs.get)
+    out_err, grad_err, worst = cases.judge([out], [ref], grads, ref_grads, oracle_grads, names)
     rewrites = [r.kind + (f"[{m.group(1)}]" if (m := re.search(r"mask=(\w+)", r.ir)) and r.kind == "attention"
                           else "") for r in report.rewrites]
-    return {"model": name, "out_err": err(out, ref), "grad_err": grad_errs[worst], "worst_grad": worst,
-            "n_params": len(params), "oracle": not no_oracle, "rewrites": rewrites, "near_misses": sorted({f"{m.kind}: {m.reason}"
+    return {"model": name, "out_err": out_err, "grad_err": grad_err, "worst_grad": worst,
+            "n_params": len(params), "oracle": any(g is not None for g in oracle_grads), "rewrites": rewrites, "near_misses": sorted({f"{m.kind}: {m.reason}"
                                                                                   for m in report.near_misses}),
             "seconds": seconds}
 

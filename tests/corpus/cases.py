@@ -81,7 +81,7 @@ def _err(a, b):
     return (a.double() - b.double()).norm().item() / (den if den > 0 else 1.0)
 
 
-def _judge(outs, ref_outs, grads, ref_grads, oracle_grads, names):
+def judge(outs, ref_outs, grads, ref_grads, oracle_grads, names):
     """(worst output error, worst gradient error, name of the worst gradient) under the corpus's rule: a
     gradient eager itself computes no better in fp32 is judged against the fp64 oracle instead (seqfuse's
     distance to it at most 4x eager's plus 256 fp32 roundings of the largest gradient)."""
@@ -159,7 +159,7 @@ def model_case(name: str, module_name: str, cfg_name: str, model_name: str, kern
             _, oracle_grads = run(model64)
         (out, grads), report, seconds = _compiled(model, run)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    judged = _judge(out, ref, grads, ref_grads, oracle_grads, names)
+    judged = judge(out, ref, grads, ref_grads, oracle_grads, names)
     return _result(name, expected, report, judged, len(names), seconds)
 
 
@@ -193,7 +193,7 @@ def function_case(name: str, module: str, fn_name: str, ops: dict, call: Callabl
     with fp64(module):
         _, oracle_grads = run(outputs, ops64)
     (out, grads), report, seconds = _compiled(outputs, lambda f: run(f))
-    judged = _judge(out, ref, grads, ref_grads, oracle_grads, names)
+    judged = judge(out, ref, grads, ref_grads, oracle_grads, names)
     return _result(name, expected, report, judged, len(names), seconds)
 
 
