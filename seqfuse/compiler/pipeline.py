@@ -89,6 +89,18 @@ def _timed(report: GraphReport, stage: str):
         log.pipeline.debug("%s took %.3f s", stage, seconds)
 
 
+def check_links(graph: torch.fx.Graph, where: str) -> None:
+    """Raise if the graph's node list read backward differs from it read forward.  A node inserted
+    before an erased one is reachable forward only; ``Graph.lint`` does not see it, and the
+    Interpreter that AOTAutograd runs (which frees values by a backward walk) then fails."""
+    forward = list(graph.nodes)
+    backward = list(reversed(graph.nodes))[::-1]
+    if forward != backward:
+        lost = sorted({n.name for n in forward} ^ {n.name for n in backward})
+        raise RuntimeError(f"seqfuse: pass {where!r} left the graph's node list broken (nodes {lost} "
+                           "are linked one way only): a node was inserted next to an erased one")
+
+
 def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
                  report: GraphReport) -> torch.fx.GraphModule:
     """Turn Dynamo's graph into an executable graph whose mixers are seqfuse custom ops."""
@@ -119,6 +131,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         with _timed(report, p.name):
             p.run(PassContext(canon, report, options))
             canon.graph.lint()
+            check_links(canon.graph, p.name)
         dump(p.name, canon.graph)
     # 4. Select after every recognizer: the cost model sees all IR ops and their shapes.
     with _timed(report, "select"):
@@ -151,6 +164,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
                     "this rank's slice alone: " + "; ".join(f"{m.kind} at {m.location}: {m.reason}" for m in missed))
             apply_sequence_parallel(canon, options.sequence_parallel, where=location_of)
         canon.graph.eliminate_dead_code()
+        check_links(canon.graph, "lower")
         canon.recompile()
     dump("lowered", canon.graph)
     return canon

@@ -136,6 +136,8 @@ class Vectorizer:
                 if whole is not None:
                     u.replace_all_uses_with(whole)
                     done.add(u)
+                    if u is self.anchor:    # what is emitted later goes before the node after it
+                        self.anchor = u.next
                     self.graph.erase_node(u)
                     continue
                 x = self.emit(aten.select.int, (self.vec(j), 0, loop.index(s) - self.start))

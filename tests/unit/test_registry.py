@@ -1,6 +1,7 @@
 """The pass registry: registration errors, user passes running after the built-ins, and their reports."""
 import inspect
 import math
+import operator
 
 import pytest
 import torch
@@ -176,3 +177,23 @@ def test_user_pass_can_rewrite_the_graph():
         assert report.count("tanh") == 1
     finally:
         seqfuse.unregister_pass("test_tanh_as_sigmoid")
+
+
+def test_a_pass_that_breaks_the_node_list_fails_the_pipeline_not_the_downstream_compile():
+    # a node inserted before an erased one is linked forward only: Graph.lint passes, but AOTAutograd's
+    # interpreter (which frees values by a backward walk) later fails with "referenced nonexistent value"
+    from seqfuse.compiler.pipeline import check_links
+
+    def f(x):
+        return (x.sin() + 1).cos()
+
+    gm = torch.fx.symbolic_trace(f)
+    check_links(gm.graph, "none")
+    add = next(n for n in gm.graph.nodes if n.target is operator.add)
+    add.replace_all_uses_with(add.args[0])
+    gm.graph.erase_node(add)
+    with gm.graph.inserting_before(add):      # the erased node as the insertion point
+        gm.graph.call_function(torch.neg, (next(iter(gm.graph.nodes)),))
+    gm.graph.lint()                           # lint does not see it
+    with pytest.raises(RuntimeError, match="pass 'broken' left the graph's node list broken"):
+        check_links(gm.graph, "broken")
