@@ -45,7 +45,8 @@ import torch.fx
 
 from seqfuse.ir.ops import Delta
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, leaves
-from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops, reroll
+from seqfuse.passes.loop_reroll import (Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops,
+                                        reads_shape_only, reroll)
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, known_int, op_name, val, written
 from seqfuse.passes.registry import Pass, PassContext
@@ -1008,7 +1009,7 @@ class _Rewrite:
         loop, uses = self.loop, {}
         for s in loop.steps:
             for j, n in enumerate(loop.inst[s]):
-                outs = [u for u in n.users if u not in self.body]
+                outs = [u for u in n.users if u not in self.body and not reads_shape_only(u, n)]
                 if not outs:
                     continue
                 if any(self.pos[u] <= self.last for u in outs):

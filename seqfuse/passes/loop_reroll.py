@@ -144,6 +144,26 @@ def same_value(a, b) -> bool:
         return a is b
 
 
+#: ops whose result reads only the shape, dtype and device of their first argument
+_SHAPE_ONLY = (aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+               aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default)
+
+
+def _shape_only(node: torch.fx.Node, label: dict) -> bool:
+    """Whether ``node`` is a fill of its first argument's shape (``zeros_like(x[:, 0])``) that reads no other
+    step value: its value is the same at every step, whichever step's slice gives it its shape."""
+    if node.target not in _SHAPE_ONLY or not node.args or not isinstance(val(node), torch.Tensor):
+        return False
+    return not any(label.get(a, -1) >= 0 for a in node.all_input_nodes if a is not node.args[0])
+
+
+def reads_shape_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether ``user`` is a fill of ``node``'s shape that reads nothing else of it (``zeros_like(x[:, 0])``
+    before a loop): a use of the node's metadata, not of its values."""
+    return user.target in _SHAPE_ONLY and bool(user.args) and user.args[0] is node and \
+        node not in list(user.args[1:]) + list(user.kwargs.values())
+
+
 def _pure(node: torch.fx.Node) -> bool:
     t = node.target
     if node.op != "call_function":
@@ -225,6 +245,8 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
     while node is not None and node.op != "output":
         if node in step_of_seed:
             s = step_of_seed[node]
+        elif _shape_only(node, label):
+            s = -1      # zeros_like(x[:, 0]): an invariant, however its argument is labeled
         else:
             s = max((label.get(a, -1) for a in node.all_input_nodes), default=-1)
         if s >= 0:
@@ -232,7 +254,11 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
             by_step.setdefault(s, []).append(node)
         elif _pure(node):
             try:
-                key = (node.target, _hashable(_canon_args(node.args, canon)),
+                args = node.args
+                if _shape_only(node, label):   # equal when the shape and dtype are (their argument's values unread)
+                    v = val(node)
+                    args = (("like", _hashable(tuple(v.shape)), v.dtype, str(v.device)), *args[1:])
+                key = (node.target, _hashable(_canon_args(args, canon)),
                        _hashable(_canon_args(node.kwargs, canon)))
                 canon[node] = table.setdefault(key, node)
                 members.setdefault(canon[node], []).append(node)
@@ -253,6 +279,13 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
     m = T // 2
     if m - 1 not in by_step or m not in by_step:
         raise NoLoop("the middle steps of the loop compute nothing")
+    if m == T - 1:
+        # two steps: the template is the last step, which also holds the code after the loop that
+        # gathers both steps' values (``torch.stack(outs)``); that code is no part of a step
+        after = _gathers(by_step[m], label, m)
+        by_step[m] = [n for n in by_step[m] if n not in after]
+        if not by_step[m]:
+            raise NoLoop("the middle steps of the loop compute nothing")
     # 3. the template: roles of the arguments of step m's nodes
     prev_index = {n: k for k, n in enumerate(by_step[m - 1])}
     here_index = {n: k for k, n in enumerate(by_step[m])}
@@ -317,6 +350,24 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
         raise NoLoop(f"step {hi + 1} of the loop body differs from the others")
     loop.lo, loop.hi = lo, hi
     return loop
+
+
+_GATHERS = (aten.stack.default, aten.cat.default)
+
+
+def _gathers(last: list, label: dict, s: int) -> set:
+    """The nodes of the last step ``s`` (in program order) that are code after the loop: a stack or
+    cat of values of step s and of an earlier step, and every node of step s that reads one."""
+    after: set = set()
+    for n in last:
+        if n.target in _GATHERS and n.args and isinstance(n.args[0], (list, tuple)):
+            steps = {label.get(a, -1) for a in n.args[0] if isinstance(a, torch.fx.Node)}
+            if s in steps and any(0 <= x < s for x in steps):
+                after.add(n)
+                continue
+        if any(a in after for a in n.all_input_nodes):
+            after.add(n)
+    return after
 
 
 def _feeds_next_step_only(template: list, next_step: set) -> set:

@@ -43,7 +43,7 @@ import torch.fx
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
 from seqfuse.passes.loop_reroll import (Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops,
-                                        rebuild_dropped, reroll, share_slice_sources)
+                                        reads_shape_only, rebuild_dropped, reroll, share_slice_sources)
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, \
     readout_rounding, val
@@ -72,13 +72,14 @@ class LoopPass(Pass):
                 ctx.gm.recompile()
             return
         pos = _positions(graph)
+        seeds = {n for r in runs for n in r.nodes}
         changed, touched = False, folded
         for group in group_loops(runs, pos):
             if changed:
                 pos = _positions(graph)
             if any(n not in pos for r in group for n in r.nodes):
                 continue
-            merged = _merge_duplicate_runs(graph, group)
+            merged = _merge_duplicate_runs(graph, group, pos, seeds)
             touched |= len(merged) < len(group)
             group = merged
             try:
@@ -172,11 +173,12 @@ def _reroll(graph, group, pos) -> Loop:
     return loop
 
 
-def _merge_duplicate_runs(graph: torch.fx.Graph, group: list) -> list:
+def _merge_duplicate_runs(graph: torch.fx.Graph, group: list, pos: dict, seeds: set) -> list:
     """One run per per-step slice of a loop: ``decay[:, :, i]`` read in three expressions of the body
     is three runs of ``select(decay, 2, i)`` with the same indices in the same loop; each later copy
     is the same view of the same tensor as the first, so its uses move to the first and the run goes.
-    Runs that are written through (the destinations of per-step buffer writes) are left alone."""
+    Runs that are written through (the destinations of per-step buffer writes) are left alone.  A copy of
+    one seed after it that is in no run (``seeds``: the nodes of every run) reads the seed too."""
     kept: dict = {}
     out = []
     for run in group:
@@ -190,6 +192,15 @@ def _merge_duplicate_runs(graph: torch.fx.Graph, group: list) -> list:
         for n, m in zip(run.nodes, keep.nodes):
             n.replace_all_uses_with(m)
             graph.erase_node(n)
+    for run in out:     # a lone copy of one seed (``x[:, 0]`` read for a shape and for a value) goes too
+        for i, n in enumerate(run.nodes):
+            copies = [u for u in n.args[0].users if u not in seeds and u.target is n.target
+                      and u.args == n.args and u.kwargs == n.kwargs and pos.get(u, -1) > pos[n]]
+            if not copies or any(_written(c) for c in copies + [n]):
+                continue
+            for c in copies:
+                c.replace_all_uses_with(n)
+                graph.erase_node(c)
     return out
 
 
@@ -305,7 +316,7 @@ class _Rewrite:
         loop, uses = self.loop, {}
         for s in loop.steps:
             for j, n in enumerate(loop.inst[s]):
-                outs = [u for u in n.users if u not in self.body]
+                outs = [u for u in n.users if u not in self.body and not reads_shape_only(u, n)]
                 if not outs:
                     continue
                 if any(self.pos[u] <= self.last for u in outs):

@@ -6,7 +6,7 @@ for every one of them, and each program equals eager (outputs and all gradients)
 Programs: ``einsum(...).tril() @ v`` at T = 2 (rewritten), cumsum linear attention at
 T = 64 (einsum and broadcast spellings, rewritten), the chunked SSD listing at T = 40 (5 chunks of 8,
 rewritten), a Python loop h = a·h + x (a scan), the strictly lower triangle and the exclusive cumulative
-sum (rewritten: the keys and values one step later), and masked products that are not a forward
+sum (rewritten: the keys and values one step later), that loop at T = 2 and 3 (rewritten), and masked products that are not a forward
 recurrence (an upper triangle, a band, relu or a cube of the scores, a reversed cumulative sum: near
 misses; some were silent before; a key or value dim of 1, silent before too)."""
 import pytest
@@ -84,9 +84,9 @@ def listing_inputs(t):
             torch.randn(1, t, 2, 3, generator=g).requires_grad_(), torch.randn(1, t, 2, 3, generator=g).requires_grad_()]
 
 
-def loop_inputs():
+def loop_inputs(t=8):
     g = torch.Generator().manual_seed(2)
-    return [torch.rand(2, 8, 3, generator=g).requires_grad_(), torch.randn(2, 8, 3, generator=g).requires_grad_()]
+    return [torch.rand(2, t, 3, generator=g).requires_grad_(), torch.randn(2, t, 3, generator=g).requires_grad_()]
 
 
 # (program, inputs, the rewrite it must become, or None and a phrase of its near miss)
@@ -96,6 +96,8 @@ PROGRAMS = {
     "cumsum_broadcast_T64": (cumsum_linear_attention_broadcast, lambda: qkv(64), "ssd", None),
     "ssd_listing_T40": (ssd_listing, lambda: listing_inputs(40), "ssd", None),
     "loop_T8": (loop, loop_inputs, "scan", None),
+    "loop_T2": (loop, lambda: loop_inputs(2), "scan", None),    # silent before (zeros_like(x[:, 0]) in step 0)
+    "loop_T3": (loop, lambda: loop_inputs(3), "scan", None),
     "strict_T3": (strict_scores, lambda: qkv(3), "ssd", None),         # y_t reads S_{t-1}: keys one step later
     "upper_T3": (upper_scores, lambda: qkv(3), None, "triu"),
     "band_T3": (band_scores, lambda: qkv(3), None, "triu"),

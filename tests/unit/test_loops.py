@@ -110,7 +110,7 @@ def _chunk_loop(fn, *args):
             moved = reroll(graph, group, pos)
         except NoLoop as e:
             moved = e
-        merged = _merge_duplicate_runs(graph, group)
+        merged = _merge_duplicate_runs(graph, group, pos, {n for r in group for n in r.nodes})
         found.append((moved, len(group) - len(merged), _reroll(graph, merged, {n: i for i, n in enumerate(graph.nodes)})))
         return gm.forward
 
