@@ -323,6 +323,8 @@ def rejected_masked_product(root) -> str | None:
                           if isinstance(val(a), torch.Tensor) and val(a).dim() >= 2)
         return memo[n]
 
+    if len(root.args[1]) >= 3 and any(_decay_mask(x) for x in root.args[1]) and _unit_axis(root, [root]):
+        return _UNIT_AXIS            # one contraction of c, b, the mask and x (``blhn,bshn,bhls,bshp->blhp``)
     for operand in root.args[1]:
         if not reaches(operand, 0):
             continue
@@ -339,7 +341,8 @@ def rejected_masked_product(root) -> str | None:
                 unread = None
                 break
             if name in ("tril", "triu", "where", "masked_fill", "masked_fill_", "cumsum") or \
-                    any(_packet(a) in ("tril", "triu") for a in n.all_input_nodes):    # × tril(ones)
+                    any(_packet(a) in ("tril", "triu") or _decay_mask(a) for a in n.all_input_nodes
+                        if not memo.get(a)):    # × tril(ones), × exp(segsum masked with -inf)
                 masked = True
             if name not in _READ_THROUGH and name not in unread:
                 unread.append(name)
@@ -348,9 +351,35 @@ def rejected_masked_product(root) -> str | None:
             return (f"a masked product of a contraction read through {', '.join(sorted(unread))}: not the "
                     f"quadratic form (c·bᵀ ∘ M)·x of a forward recurrence nor a cumulative sum of one")
         if masked and unread is not None and _unit_axis(root, seen):
-            return ("a masked product of a contraction with a size-1 feature axis (a key or value dim of 1 "
-                    "reads as a broadcast, so c, b and x are not told apart): not lifted")
+            return _UNIT_AXIS
     return None
+
+
+_UNIT_AXIS = ("a masked product of a contraction with a size-1 feature axis (a key or value dim of 1 reads as a "
+              "broadcast, so c, b and x are not told apart): not lifted")
+
+
+#: how far back from a side input of the scores' product a mask op makes it a decay mask
+_MASK_DEPTH = 4
+_MASK_OPS = ("tril", "triu", "where", "masked_fill", "masked_fill_", "ge", "gt", "le", "lt")
+
+
+def _decay_mask(node, depth: int = 0) -> bool:
+    """Whether ``node`` (a side input of a product on the scores' path) is computed through a triangular
+    or position mask within a few ops: ``exp(segsum(a).masked_fill(~tril, -inf))`` and its permutes."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or depth > _MASK_DEPTH:
+        return False
+    if _packet(node) in _MASK_OPS:
+        return True
+    return any(_decay_mask(a, depth + 1) for a in node.all_input_nodes)
+
+
+def _twice(shape) -> int:
+    """The largest size a mask's shape has twice (its time axes), 2 if a size is symbolic (no guard is
+    taken comparing symbols; such a length may exceed 1), 1 if none repeats."""
+    if any(not isinstance(d, int) for d in shape):
+        return 2
+    return max((d for d in shape if list(shape).count(d) >= 2), default=1)
 
 
 def _unit_axis(root, path) -> bool:
@@ -359,8 +388,12 @@ def _unit_axis(root, path) -> bool:
     (the key dim; the masks' time axis is longer), or ``root``'s last output axis (the value dim)."""
     masks = [m for n in path for m in [n, *n.all_input_nodes]
              if _packet(m) in ("tril", "triu", "cumsum", "where", "masked_fill", "masked_fill_")]
+    side = [m for n in path for m in n.all_input_nodes if m not in path and m not in masks and _decay_mask(m)]
     lengths = [val(m).shape[m.args[1] % val(m).dim()] if _packet(m) == "cumsum" else val(m).shape[-1]
                for m in masks if isinstance(val(m), torch.Tensor) and val(m).dim() >= 1]
+    # a side decay mask may be laid out with its two time axes anywhere (``exp(seg).permute(0, 2, 3, 1)``):
+    # its length is a size it has twice
+    lengths += [_twice(val(m).shape) for m in side if isinstance(val(m), torch.Tensor)]
     if not any(isinstance(t, int) and t > 1 for t in lengths):
         return False                                    # one step: not a recurrence at all
     if isinstance(val(root).shape[-1], int) and val(root).shape[-1] == 1:

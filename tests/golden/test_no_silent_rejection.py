@@ -148,6 +148,63 @@ def test_a_size_1_feature_axis_is_a_near_miss(fn, K, V):
     assert report.count("ssd") == 0 and len(misses) == 1 and "size-1 feature axis" in misses[0], str(report)
 
 
+def strict_segsum_scores(q, k, v, g):
+    t = q.shape[-2]
+    gc = g.cumsum(-1)
+    e = (gc[..., :, None] - gc[..., None, :]).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool), -1), -torch.inf)
+    return (q @ k.mT * torch.exp(e)) @ v
+
+
+def one_einsum_segsum(q, k, v, g):               # c, b, the mask and x in one contraction
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    t = g.shape[-1]
+    gc = g.cumsum(-1)
+    L = torch.exp((gc[..., :, None] - gc[..., None, :]).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), -torch.inf))
+    return torch.einsum("blhn,bshn,bhls,bshp->blhp", q, k, L, v)
+
+
+def permuted_segsum_mask(q, k, v, g):            # transformers' Mamba-2: the mask laid (b, l, s, h)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    t = g.shape[-1]
+    a = g[..., None].expand(*g.shape, t).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool), -1), 0)
+    seg = torch.cumsum(a, dim=-2).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), -torch.inf)
+    M = torch.einsum("blhn,bshn->blsh", q, k) * torch.exp(seg).permute(0, 2, 3, 1)
+    return torch.einsum("blsh,bshp->blhp", M, v)
+
+
+def compared_positions_pow(q, k, v, g):          # retention: γ^(i-j)·[i >= j] with the mask a comparison
+    t = q.shape[-2]
+    n = torch.arange(t, dtype=torch.float32)
+    decay = torch.pow(torch.full((q.shape[1], 1, 1), 0.9), n[:, None] - n[None, :]) * (n[:, None] >= n[None, :])
+    return (q @ k.mT * decay) @ v
+
+
+@pytest.mark.parametrize("K,V", [(1, 3), (3, 1)], ids=["key_dim_1", "value_dim_1"])
+@pytest.mark.parametrize("fn", [strict_segsum_scores, one_einsum_segsum, permuted_segsum_mask, compared_positions_pow])
+def test_a_size_1_feature_axis_beside_a_decay_mask_is_a_near_miss(fn, K, V):
+    # the mask is a side input of the scores' product (exp of a masked segment sum, a comparison of
+    # positions) or an operand of the one contraction: the fuzzer found these silent (seed 71)
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 10, K, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 10, V, generator=g).requires_grad_()
+    a = (-torch.rand(1, 2, 10, generator=g)).requires_grad_()
+    report = check_against_eager(fn, q, k, v, a)
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert report.count("ssd") == 0 and len(misses) == 1 and "size-1 feature axis" in misses[0], str(report)
+
+
+@pytest.mark.parametrize("shape", [dict(N=1, P=4), dict(N=4, P=1)], ids=["state_dim_1", "head_dim_1"])
+def test_chunked_listing_with_a_size_1_feature_axis_is_a_near_miss(shape):
+    g = torch.Generator().manual_seed(5)
+    b, t, h = 2, 16, 2
+    X = torch.randn(b, t, h, shape["P"], generator=g).requires_grad_()
+    A = (-torch.rand(b, t, h, generator=g)).requires_grad_()
+    Bm, C = (torch.randn(b, t, h, shape["N"], generator=g).requires_grad_() for _ in range(2))
+    report = check_against_eager(ssd_listing, X, A, Bm, C)
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert report.count("ssd") == 0 and misses and all("size-1 feature axis" in m for m in misses), str(report)
+
+
 def test_single_step_product_is_not_a_candidate():
     # T = 1: tril of a 1x1 score matrix keeps everything, the program is two matmuls (no recurrence,
     # no near-miss noise)
