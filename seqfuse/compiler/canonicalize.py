@@ -8,16 +8,19 @@
    ``torch.autograd.Function`` (Dynamo's ``autograd_function_apply``) stays one opaque
    node with its forward and backward bodies: make_fx would inline its forward and
    lose the backward the user wrote.
-2. ``normalize_contractions``: matmul / bmm / mm / baddbmm (its beta·input added back; a symbolic
+2. ``normalize_slices``: the pieces of ``unbind`` / ``split`` and ``narrow`` become ``select`` /
+   ``slice`` of the tensor (the same views), so a loop over ``x.unbind(1)`` has per-step slices.
+   ``normalize_inplace``: an in-place op on a temporary nothing else reads becomes out of place.
+3. ``normalize_contractions``: matmul / bmm / mm / baddbmm (its beta·input added back; a symbolic
    beta as ``where(beta != 0, beta·input, 0)``, which keeps beta = 0 ignoring the input) / einsum /
    broadcast-multiply + sum become ``aten.einsum`` with transposes, permutes,
    unsqueezes and broadcasts of the operands folded into the equation; a fold
    is kept only if every letter keeps its size (a sum over n broadcast copies
    must not become a sum over the one stored).
-3. ``normalize_masks``: masked_fill and every ``where`` spelling with a constant
+4. ``normalize_masks``: masked_fill and every ``where`` spelling with a constant
    fill become ``aten.where.ScalarOther(keep, scores, fill)`` (keep = True where
    the score survives).
-4. ``restore_layouts`` (run by the pipeline after the recognizers): a canonical einsum (or
+5. ``restore_layouts`` (run by the pipeline after the recognizers): a canonical einsum (or
    out-of-place op) that no rewrite consumed, and whose result is laid out otherwise than the
    user's op laid it out, is copied back to the user's (contiguous) layout, so the graph handed
    downstream has the layouts of the program as written.
@@ -25,6 +28,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import string
 
 import torch
@@ -38,8 +42,8 @@ from torch.utils import _pytree as pytree
 
 from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
-from seqfuse.passes.pattern import (arg, axis_view, constant_value, copy_meta, fake_of, is_op, is_scalar, rank, val,
-                                    written)
+from seqfuse.passes.pattern import (arg, axis_view, constant_value, copy_meta, fake_of, is_op, is_scalar, known_int,
+                                    rank, val, written)
 
 aten = torch.ops.aten
 
@@ -463,6 +467,84 @@ def _fresh(node: torch.fx.Node) -> bool:
     return all(r.alias_info is None for r in t._schema.returns)
 
 
+def _piece_bounds(node: torch.fx.Node) -> list | None:
+    """(dim, [(start, end) per output]) of an ``unbind`` / ``split`` / ``split_with_sizes`` with static
+    sizes, else None (``unbind``'s pieces as (i, None): a select)."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or not isinstance(val(x), torch.Tensor):
+        return None
+    shape = [known_int(z) for z in val(x).shape]     # a symbolic size the guards pin is known
+    t = node.target
+    if t is aten.unbind.int:
+        d = arg(node, 1, "dim", 0)
+        if not isinstance(d, int) or shape[d % len(shape)] is None:
+            return None
+        return [d % len(shape), [(i, None) for i in range(shape[d % len(shape)])]]
+    if t in (aten.split.Tensor, aten.split_with_sizes.default):
+        d = arg(node, 2, "dim", 0)
+        sizes = node.args[1]
+        if not isinstance(d, int) or not shape or shape[d % len(shape)] is None:
+            return None
+        n = shape[d % len(shape)]
+        if t is aten.split.Tensor:
+            if not isinstance(sizes, int) or sizes <= 0:
+                return None
+            sizes = [min(sizes, n - i) for i in range(0, n, sizes)]
+        if not all(isinstance(z, int) for z in sizes) or sum(sizes) != n:
+            return None
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [d % len(shape), [(a, a + z) for a, z in zip(starts, sizes)]]
+    return None
+
+
+def normalize_slices(gm: torch.fx.GraphModule) -> int:
+    """Rewrite the pieces of ``unbind`` / ``split`` (``for x_t in x.unbind(1)``, ``x.split(1, 1)``) into
+    ``select`` / ``slice`` of the tensor, and ``narrow(x, d, start, length)`` into ``slice``, with static
+    sizes; returns how many were rewritten.  Each piece is the same view of the same memory, so
+    nothing changes but the spelling: the loop finder reads per-step slices in one form (each placed
+    before its first use, as Dynamo places ``x[:, t]``)."""
+    graph, n = gm.graph, 0
+    order = {x: i for i, x in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.narrow.default:
+            x, d, start, length = (list(node.args) + [None] * 4)[:4]
+            if not (isinstance(x, torch.fx.Node) and isinstance(d, int) and isinstance(start, int)
+                    and isinstance(length, int) and start >= 0):
+                continue
+            d = d % val(x).dim()
+            with graph.inserting_before(node):
+                new = graph.call_function(aten.slice.Tensor, (x, d, start, start + length))
+            copy_meta(new, node, with_val=True)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            n += 1
+            continue
+        bounds = _piece_bounds(node)
+        if bounds is None:
+            continue
+        d, pieces = bounds
+        for u in list(node.users):
+            if u.target is not operator.getitem or not isinstance(u.args[1], int):
+                continue
+            a, b = pieces[u.args[1]]
+            # at its first use, as Dynamo places ``x[:, t]``: a loop's steps read their own slices
+            first = min(u.users, key=order.__getitem__, default=u)
+            with graph.inserting_before(first):
+                new = graph.call_function(aten.select.int, (node.args[0], d, a)) if b is None else \
+                    graph.call_function(aten.slice.Tensor, (node.args[0], d, a, b))
+            copy_meta(new, u, with_val=True)
+            u.replace_all_uses_with(new)
+            graph.erase_node(u)
+            n += 1
+        if not node.users:
+            graph.erase_node(node)
+    if n:
+        gm.recompile()
+    return n
+
+
 def normalize_inplace(gm: torch.fx.GraphModule) -> int:
     """Rewrite an in-place pointwise op (``S += x``, ``a.masked_fill_(m, 0)``) whose target is a
     temporary nothing else reads (fresh memory, its one user the op) into the out-of-place op, when
@@ -545,6 +627,7 @@ def canonicalize(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModu
     """Trace to pre-dispatch ATen, then make in-place ops on temporaries out of place and normalize
     contractions and masks (in that order: mask normalization reads scores that are already einsums)."""
     traced = trace_pre_dispatch(gm, example_inputs)
+    normalize_slices(traced)
     normalize_inplace(traced)
     normalize_contractions(traced)
     normalize_masks(traced)

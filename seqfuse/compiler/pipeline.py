@@ -9,8 +9,8 @@ import torch
 import torch.fx
 
 from seqfuse import log
-from seqfuse.compiler.canonicalize import (normalize_contractions, normalize_inplace, normalize_masks, restore_layouts,
-                                          trace_pre_dispatch)
+from seqfuse.compiler.canonicalize import (normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
+                                           restore_layouts, trace_pre_dispatch)
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.report import GraphReport
 from seqfuse.ir import format_graph, format_op, ir_of, verify_graph
@@ -117,6 +117,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     # 2. Contractions before masks: mask normalization and all recognizers read
     #    scores as einsums with views folded in.
     with _timed(report, "canonicalize"):
+        normalize_slices(canon)
         normalize_inplace(canon)
         normalize_contractions(canon)
         dump("contractions", canon.graph)

@@ -191,6 +191,7 @@ class Loop:
     hi: int = 0
     carried: list[int] = field(default_factory=list)               # template indices read by the next step
     rebuilt: bool = False            # rebuild_dropped inserted nodes (dead code unless the loop is rewritten)
+    mid: int = 0                     # the step the template was taken from
 
     def index(self, s: int) -> int:
         """The tensor index step s reads."""
@@ -303,7 +304,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
             return ("I", canon.get(a, a))
         return ("C", a)
 
-    loop.template = by_step[m]
+    loop.template, loop.mid = by_step[m], m
     for n in loop.template:
         if n in step_of_seed:
             loop.roles.append(None)
@@ -501,6 +502,16 @@ def rebuild_dropped(graph: torch.fx.Graph, loop: Loop, pos: dict) -> None:
     nodes, prev = loop.inst[t], loop.inst.get(t - 1)
     if all(n is not None for n in nodes):
         return
+    seed_index = {}     # (checked before the graph is touched)
+    for j, tmpl in enumerate(loop.template):
+        if nodes[j] is None and loop.roles[j] is None:
+            _, d, _, i = _seed_key(tmpl)
+            i += loop.index(t) - loop.index(loop.mid)
+            size = val(tmpl.args[0]).shape[d]
+            if i < 0 or not isinstance(size, int) or i >= size:
+                raise NoLoop(f"the last step's dropped update would read {tmpl.args[0].name}[{i}] along axis {d}, "
+                             "which the program does not have")
+            seed_index[j] = i
     loop.rebuilt = True
 
     def resolve(r):
@@ -518,8 +529,8 @@ def rebuild_dropped(graph: torch.fx.Graph, loop: Loop, pos: dict) -> None:
     for j, tmpl in enumerate(loop.template):
         if nodes[j] is not None:
             continue
-        if loop.roles[j] is None:          # a seed: the same slice at this step's index
-            i = loop.index(t)
+        if loop.roles[j] is None:          # a seed: its slice moved from the template's step to this one
+            i = seed_index[j]
             args = list(tmpl.args)
             if tmpl.target is aten.slice.Tensor:
                 args[2:4] = [i, i + 1]

@@ -614,3 +614,85 @@ def test_state_started_as_zeros_like_a_slice(steps):
     a, x = torch.rand(2, steps, 3, generator=g).requires_grad_(), torch.randn(2, steps, 3, generator=g).requires_grad_()
     report = check_against_eager(shaped_zeros_loop, a, x)
     only(report, "scan")
+
+
+def buffer_carried(a, x):
+    """h[:, t + 1] = a_t·h[:, t] + x_t: the state carried through a buffer, written one index ahead."""
+    h = torch.zeros(x.shape[0], x.shape[1] + 1, x.shape[2])
+    for t in range(x.shape[1]):
+        h[:, t + 1] = a[:, t] * h[:, t] + x[:, t]
+    return h[:, 1:]
+
+
+def test_buffer_carried_recurrence_is_a_near_miss_not_a_pipeline_failure():
+    # the last step's "dropped" update was rebuilt as a slice at the loop's index instead of the seed's
+    # own (x[:, 8] of a length-8 x): an IndexError that failed the pipeline (compiled unchanged with a
+    # warning; an error under SEQFUSE_STRICT).  Reading the recurrence through the buffer (each step's
+    # read is the previous step's write, one index ahead) is not done: a near miss
+    a, x = torch.rand(2, 8, 3), torch.randn(2, 8, 3)
+    report = check_against_eager(buffer_carried, a, x, grads=False)   # eager's in-place writes have no backward
+    assert report.count("scan") == 0 and not [m for m in report.near_misses if m.kind == "pipeline"], str(report)
+    assert [m for m in report.near_misses if m.kind == "scan"], str(report)
+
+
+# --- loops over unbind / split / narrow pieces ------------------------------------------
+
+def unbind_gla(q, k, v, g):
+    """for q_t, k_t, ... in zip(q.unbind(2), ...): the steps read unbind's pieces."""
+    S = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    outs = []
+    for qt, kt, vt, gt in zip(q.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2)):
+        S = S * gt.exp()[..., None, None] + kt[..., None] * vt[..., None, :]
+        outs.append((qt[..., None] * S).sum(-2))
+    return torch.stack(outs, 2), S
+
+
+def split_gla(q, k, v, g):
+    """The steps read x.split(1, 2)'s pieces of length 1 (time kept as an axis)."""
+    S = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    outs = []
+    for qt, kt, vt, gt in zip(q.split(1, 2), k.split(1, 2), v.split(1, 2), g.split(1, 2)):
+        S = S * gt.exp()[..., None] + kt.transpose(-1, -2) @ vt
+        outs.append(qt @ S)
+    return torch.cat(outs, 2)
+
+
+def narrow_scan(a, x):
+    h = torch.zeros_like(x[:, 0])
+    ys = []
+    for t in range(x.shape[1]):
+        h = a.narrow(1, t, 1)[:, 0] * h + x.narrow(1, t, 1)[:, 0]
+        ys.append(h)
+    return torch.stack(ys, 1)
+
+
+def gla_inputs(steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, 2, steps, 3, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, steps, 4, generator=g).requires_grad_()
+    return q, k, v, (-torch.rand(1, 2, steps, generator=g)).requires_grad_()
+
+
+@pytest.mark.parametrize("steps", [2, 7])
+def test_loop_over_unbind_pieces(steps):
+    # silent before: unbind's pieces were no per-step slices, so no loop was found
+    report = check_against_eager(unbind_gla, *gla_inputs(steps))
+    only(report, "ssd")
+
+
+def test_loop_over_unbind_pieces_dynamic():
+    # Dynamo pins the unbound length (the count of pieces is Python-level), so the pieces are read at it
+    report = check_against_eager(unbind_gla, *gla_inputs(6), dynamic=True)
+    only(report, "ssd")
+
+
+@pytest.mark.parametrize("steps", [3, 8])
+def test_loop_over_split_pieces(steps):
+    report = check_against_eager(split_gla, *gla_inputs(steps, seed=1))
+    assert report.count("ssd") + report.count("scan") == 1 and not report.near_misses, str(report)
+
+
+def test_loop_over_narrow_slices():
+    g = torch.Generator().manual_seed(2)
+    a, x = torch.rand(2, 9, 3, generator=g).requires_grad_(), torch.randn(2, 9, 3, generator=g).requires_grad_()
+    only(check_against_eager(narrow_scan, a, x), "scan")

@@ -367,3 +367,34 @@ def test_aot_eager_backward_under_dynamic_shapes_with_the_canonical_layout(passe
     torch.testing.assert_close(out, _dt_proj(*ref).detach())
     for a, b in zip(got[:3], ref[:3]):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# --- per-step pieces: unbind / split / narrow -----------------------------------------------
+
+def pieces_program(x):
+    a, b, c = x.unbind(1)                 # (select 0, 1, 2)
+    p, r = x.split(2, 2)                  # (slice 0:2, 2:3 on a length-3 axis)
+    n = x.narrow(2, 1, 1)
+    return a * 2 + b.exp() + c, p.sum(-1) + r[..., 0], n
+
+
+def test_unbind_split_and_narrow_pieces_become_selects_and_slices():
+    x = torch.randn(2, 3, 3)
+    gm, inputs = capture(pieces_program, x)
+    canon = canonicalize(gm, inputs)
+    ts = targets(canon)
+    assert aten.unbind.int not in ts and aten.split.Tensor not in ts and aten.narrow.default not in ts, ts
+    selects = [n.args[1:] for n in canon.graph.nodes if n.target is aten.select.int]
+    slices = [n.args[1:] for n in canon.graph.nodes if n.target is aten.slice.Tensor]
+    assert {(1, 0), (1, 1), (1, 2)} <= set(selects), selects
+    assert (2, 0, 2) in slices and (2, 2, 3) in slices and (2, 1, 2) in slices, slices
+    for got, want in zip(canon(*inputs), pieces_program(x)):
+        assert torch.equal(got, want)
+    # each piece sits right before its first use (so a loop's steps read their own slices)
+    order = {n: i for i, n in enumerate(canon.graph.nodes)}
+    pieces = [n for n in canon.graph.nodes if (n.target is aten.select.int and n.args[1] == 1)
+              or (n.target is aten.slice.Tensor and n.args[1:] in ((2, 0, 2), (2, 2, 3)))]
+    assert len(pieces) == 5
+    for n in pieces:
+        assert order[min(n.users, key=order.__getitem__)] == order[n] + 1, n
+
