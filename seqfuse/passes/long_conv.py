@@ -74,6 +74,11 @@ def _strip_scalars(node, gm, factors: list):
     return node
 
 
+def _sym(a):
+    """A size argument as a number or SymInt (a symbolic size is a node in the graph's arguments)."""
+    return val(a) if isinstance(a, torch.fx.Node) else a
+
+
 def _strip_casts(node):
     while is_op(node, *CASTS):
         node = node.args[0]
@@ -196,23 +201,31 @@ class LongConvPass(Pass):
         if rank(x) != 3 or rank(w) != 3 or isinstance(padding, str):
             return
         c, one, kk = val(w).shape
-        if not (isinstance(kk, int) and kk >= self.min_direct_kernel) or one != 1 or groups != val(x).shape[1] \
-                or list(stride) != [1] or list(dilation) != [1]:
+        groups = _sym(groups)
+        if not (isinstance(one, int) and one == 1) or not isinstance(groups, (int, torch.SymInt)) \
+                or not statically_known_true(val(x).shape[1] == groups) or list(stride) != [1] or list(dilation) != [1]:
             return  # not a depthwise causal-able conv: an ordinary convolution
-        pad = list(padding)[0]
+        if isinstance(kk, int) and kk < self.min_direct_kernel:
+            return  # a short kernel: an ordinary convolution
+        if not statically_known_true(kk >= self.min_direct_kernel):
+            raise NoMatch("a depthwise conv1d whose kernel length is symbolic and not provably 2 or more")
+        pad = _sym(list(padding)[0])
         y, u = conv, x
-        if pad == kk - 1:
+        if statically_known_true(pad == kk - 1):
             sl = only_user(conv)
             if not (sl is not None and sl.target is aten.slice.Tensor and sl.args[1] % 3 == 2 and
                     arg(sl, 2, "start", 0) in (0, None) and arg(sl, 4, "step", 1) == 1 and
                     statically_known_true(val(sl).shape[-1] == val(x).shape[-1])):
                 raise NoMatch("a depthwise conv1d padded on both sides and not sliced back to causal")
             y = sl
-        elif pad == 0 and is_op(x, aten.constant_pad_nd, aten.pad) and list(x.args[1]) == [kk - 1, 0] and \
+        elif statically_known_true(pad == 0) and is_op(x, aten.constant_pad_nd, aten.pad) and len(x.args[1]) == 2 \
+                and statically_known_true(_sym(x.args[1][0]) == kk - 1) and statically_known_true(_sym(x.args[1][1]) == 0) \
+                and \
                 constant_value(arg(x, 3 if is_op(x, aten.pad) else 2, "value", 0) or 0) == 0:
             u = x.args[0]
         else:
-            raise NoMatch("a depthwise conv1d whose padding is not causal")
+            raise NoMatch(f"a depthwise conv1d whose padding is not provably causal (the kernel has length {kk}; "
+                          f"causal needs {kk - 1} zeros on the left only, at every size)")
         graph = ctx.graph
         with graph.inserting_before(conv):
             k2 = graph.call_function(aten.squeeze.dim, (w, 1))

@@ -269,3 +269,32 @@ def test_cost_model_threshold():
     short = check_against_eager(fft_default_norm, u, torch.randn(2, DIRECT_MAX_KERNEL), grads=False)
     long = check_against_eager(fft_default_norm, u, torch.randn(2, DIRECT_MAX_KERNEL + 1), grads=False)
     assert "algo=direct" in short.rewrites[0].ir and "algo=fft" in long.rewrites[0].ir
+
+
+# --- a kernel as long as the signal, under dynamic shapes -----------------------------------
+
+def conv1d_full_length(u, k):
+    """Causal depthwise conv1d with a kernel as long as the signal: pad L - 1 on the left."""
+    return F.conv1d(F.pad(u, (u.shape[-1] - 1, 0)), k.flip(-1)[:, None, :], groups=u.shape[1])
+
+
+def test_conv1d_with_a_symbolic_kernel_length_is_lifted():
+    # dynamic=True: the kernel length is a symbol, and the padding is provably that symbol - 1 (silent
+    # before: a symbolic kernel length returned early, with no near miss)
+    u, k = inputs((B, H, 19), (H, 19))
+    with torch.no_grad():
+        k.mul_(0.2)
+    report = check_against_eager(conv1d_full_length, u, k, dynamic=True)
+    assert report.count("long_conv") == 1 and "causal=true" in report.rewrites[0].ir, str(report)
+
+
+def test_conv1d_whose_padding_is_not_provably_causal_is_a_near_miss():
+    # the padding is the signal's length - 1 and the kernel has a length of its own: causal only where
+    # they agree, which no guard says
+    u, k = inputs((B, H, 19), (H, 12))
+
+    def f(u, k):
+        return F.conv1d(F.pad(u, (u.shape[-1] - 1, 0)), k.flip(-1)[:, None, :], groups=u.shape[1])
+    report = check_against_eager(f, u, k, dynamic=True)
+    misses = [m.reason for m in report.near_misses if m.kind == "long_conv"]
+    assert report.count("long_conv") == 0 and len(misses) == 1 and "not provably causal" in misses[0], str(report)
