@@ -79,6 +79,16 @@ def _sym(a):
     return val(a) if isinstance(a, torch.fx.Node) else a
 
 
+def _padded_signal(x):
+    """(signal, FFT size) of a forward FFT's input without an explicit n: ``pad(u, (0, P))`` with zeros is
+    u transformed at size L + P; anything else is itself at its own length."""
+    if is_op(x, aten.constant_pad_nd, aten.pad) and len(x.args[1]) == 2 and statically_known_true(_sym(x.args[1][0]) == 0) \
+            and (not is_op(x, aten.pad) or arg(x, 2, "mode", "constant") == "constant") \
+            and constant_value(arg(x, 3 if is_op(x, aten.pad) else 2, "value", 0) or 0) == 0:
+        return x.args[0], val(x).shape[-1]
+    return x, val(x).shape[-1]
+
+
 def _strip_casts(node):
     while is_op(node, *CASTS):
         node = node.args[0]
@@ -134,16 +144,27 @@ class LongConvPass(Pass):
             if not _last_dim(arg(f, 2, "dim", -1), f):
                 raise NoMatch("a forward FFT is not over the last axis")
             ffts.append(f)
-        sizes = [arg(f, 1, "n") for f in ffts]
-        if any(s is None for s in sizes):
-            raise NoMatch("a forward FFT without an explicit size n")
+        sizes, signals = [], []
+        for f in ffts:      # rfft(pad(x, (0, P))) is rfft(x, n=L+P); rfft(x) is rfft(x, n=L)
+            x, size = (f.args[0], arg(f, 1, "n")) if arg(f, 1, "n") is not None else _padded_signal(f.args[0])
+            signals.append(x)
+            sizes.append(size)
         if n is None:
             n = sizes[0] if real_form else 2 * (val(spec).shape[-1] - 1)
+            if isinstance(n, torch.SymInt):     # the size the first forward FFT ran at, read off its input
+                if sympy.simplify(_expr(n) - _expr(sizes[0])) != 0:
+                    raise NoMatch("the forward and inverse FFT sizes differ")
+                if isinstance(sizes[0], torch.fx.Node):
+                    n = sizes[0]
+                else:
+                    with ctx.graph.inserting_before(inv):
+                        n = ctx.graph.call_function(aten.sym_size.int, (ffts[0].args[0], -1))
+                    n.meta["val"] = val(ffts[0].args[0]).shape[-1]
         n_expr = _expr(n)
         if any(sympy.simplify(_expr(s) - n_expr) != 0 for s in sizes):
             raise NoMatch("the forward and inverse FFT sizes differ")
         # which signal is u: the one whose leading axes are the output's (the kernel may broadcast)
-        (x0, x1) = (f.args[0] for f in ffts)
+        (x0, x1) = signals
         lead = lambda x: tuple(val(x).shape[:-1])  # noqa: E731
         try:
             out_lead = torch.broadcast_shapes(lead(x0), lead(x1))

@@ -298,3 +298,31 @@ def test_conv1d_whose_padding_is_not_provably_causal_is_a_near_miss():
     report = check_against_eager(f, u, k, dynamic=True)
     misses = [m.reason for m in report.near_misses if m.kind == "long_conv"]
     assert report.count("long_conv") == 0 and len(misses) == 1 and "not provably causal" in misses[0], str(report)
+
+
+def fft_conv_padded(u, k):
+    """The FFT size given by zero padding instead of n: rfft(pad(u, (0, L))) is rfft(u, n=2L)."""
+    L = u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(F.pad(u, (0, L))) * torch.fft.rfft(F.pad(k, (0, L))))[..., :L]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fft_size_given_by_zero_padding(dynamic):
+    # a near miss before ("a forward FFT without an explicit size n")
+    u, k = inputs((B, H, L), (H, L))
+    report = check_against_eager(fft_conv_padded, u, k, dynamic=dynamic)
+    assert report.count("long_conv") == 1 and "causal=true" in report.rewrites[0].ir, str(report)
+
+
+def test_fft_of_a_signal_padded_on_the_left_keeps_the_padded_signal():
+    # zeros before the signal shift it: not the signal at a larger FFT size, but a signal of length 2L of
+    # its own, convolved circularly (and equal to eager)
+    u, k = inputs((B, H, L), (H, L))
+
+    def f(u, k):
+        n = u.shape[-1]
+        return torch.fft.irfft(torch.fft.rfft(F.pad(u, (n, 0))) * torch.fft.rfft(k, n=2 * n))[..., :n]
+    report = check_against_eager(f, u, k)
+    assert report.count("long_conv") == 1, str(report)
+    ir = report.rewrites[0].ir
+    assert "long_conv(%pad" in ir and "causal=false" in ir and f"fft_size={2 * L}" in ir, ir
