@@ -19,7 +19,8 @@
    must not become a sum over the one stored).
 4. ``normalize_masks``: masked_fill and every ``where`` spelling with a constant
    fill become ``aten.where.ScalarOther(keep, scores, fill)`` (keep = True where
-   the score survives).
+   the score survives).  ``normalize_softmax``: a softmax written out with its row max
+   subtracted becomes ``softmax``.
 5. ``restore_layouts`` (run by the pipeline after the recognizers): a canonical einsum (or
    out-of-place op) that no rewrite consumed, and whose result is laid out otherwise than the
    user's op laid it out, is copied back to the user's (contiguous) layout, so the graph handed
@@ -448,6 +449,68 @@ def normalize_masks(gm: torch.fx.GraphModule) -> int:
     return n
 
 
+def _keepdim_axis(node: torch.fx.Node, x: torch.fx.Node) -> int | None:
+    """The one axis ``node`` (sum / amax / max.dim of ``x``) reduces with keepdim=True, else None."""
+    if not node.args or node.args[0] is not x or not isinstance(val(x), torch.Tensor):
+        return None
+    r = val(x).dim()
+    if node.target in (aten.sum.dim_IntList, aten.amax.default):
+        dims, keep = arg(node, 1, "dim", None), arg(node, 2, "keepdim", False)
+        if not keep or not isinstance(dims, (list, tuple)) or len(dims) != 1 or not isinstance(dims[0], int):
+            return None
+        return dims[0] % r
+    if node.target is aten.max.dim:
+        d, keep = arg(node, 1, "dim", None), arg(node, 2, "keepdim", False)
+        return d % r if keep and isinstance(d, int) else None
+    return None
+
+
+def _row_max(m: torch.fx.Node, s: torch.fx.Node, d: int) -> bool:
+    """Whether ``m`` is the max of ``s`` over axis d kept as an axis (``amax``, ``max(...).values``, either
+    detached)."""
+    while isinstance(m, torch.fx.Node) and m.target in (aten.detach.default, aten.alias.default):
+        m = m.args[0]
+    if not isinstance(m, torch.fx.Node):
+        return False
+    if m.target is operator.getitem and m.args[1] == 0 and isinstance(m.args[0], torch.fx.Node):
+        m = m.args[0]
+        return m.target is aten.max.dim and _keepdim_axis(m, s) == d
+    return m.target is aten.amax.default and _keepdim_axis(m, s) == d
+
+
+def normalize_softmax(gm: torch.fx.GraphModule) -> int:
+    """Rewrite a softmax written out, ``e = exp(s - max_d(s)); e / e.sum(d, keepdim=True)``, into
+    ``softmax(s, d)`` (the same computation: softmax subtracts the row max too); returns how many were
+    rewritten.  Without the max subtracted the program overflows where softmax does not: left alone."""
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.target is not aten.div.Tensor or not all(isinstance(a, torch.fx.Node) for a in node.args):
+            continue
+        e, z = node.args
+        d = _keepdim_axis(z, e) if z.target is aten.sum.dim_IntList else None
+        if d is None or e.target is not aten.exp.default:
+            continue
+        sub = e.args[0]
+        if not isinstance(sub, torch.fx.Node) or sub.target is not aten.sub.Tensor or arg(sub, 2, "alpha", 1) != 1:
+            continue
+        s, m = sub.args
+        if not isinstance(s, torch.fx.Node) or not _row_max(m, s, d):
+            continue
+        vs, vn = val(s), val(node)
+        if vs.dtype != vn.dtype or not _shape_matches(vn.shape, vs.shape):
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.softmax.int, (s, d))
+        copy_meta(new, node, with_val=True)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        n += 1
+    if n:
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return n
+
+
 #: in-place pointwise ops and the out-of-place op that computes the same value
 _OUT_OF_PLACE = {
     aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Scalar,
@@ -631,4 +694,5 @@ def canonicalize(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModu
     normalize_inplace(traced)
     normalize_contractions(traced)
     normalize_masks(traced)
+    normalize_softmax(traced)
     return traced

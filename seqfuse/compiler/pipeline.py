@@ -10,7 +10,7 @@ import torch.fx
 
 from seqfuse import log
 from seqfuse.compiler.canonicalize import (normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
-                                           restore_layouts, trace_pre_dispatch)
+                                           normalize_softmax, restore_layouts, trace_pre_dispatch)
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.report import GraphReport
 from seqfuse.ir import format_graph, format_op, ir_of, verify_graph
@@ -122,6 +122,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         normalize_contractions(canon)
         dump("contractions", canon.graph)
         normalize_masks(canon)
+        normalize_softmax(canon)
         # values the program computes but never uses would count as users in the
         # recognizers' single-use checks
         canon.graph.eliminate_dead_code()

@@ -333,6 +333,23 @@ def test_masks_become_one_where(spelling, tmp_path):
     """)
 
 
+def test_softmax_written_out_becomes_softmax(tmp_path):
+    def f(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.125
+        e = torch.exp(s - s.max(-1, keepdim=True).values)
+        return e / e.sum(-1, keepdim=True) @ v
+    # exp(s - max) / sum -> softmax(s): the max, exp, sum and division are gone
+    run_filecheck(dump(f, *qkv(), tmp_path=tmp_path, stage="masks"), """
+        CHECK-LABEL: graph(
+        CHECK: %[[S:[a-z_0-9]+]] = aten.mul.Tensor(%{{[a-z_0-9]+}}, 0.125)
+        CHECK-NOT: aten.max
+        CHECK-NOT: aten.exp
+        CHECK: %[[P:[a-z_0-9]+]] = aten.softmax.int(%[[S]], 3) : f32[2, 4, 16, 16]
+        CHECK-NOT: aten.div
+        CHECK: aten.einsum(abcd,abde->abce, [%[[P]], %l_v_])
+    """)
+
+
 # --- negatives: the region stays as it was -----------------------------------------------
 
 def test_probabilities_returned_are_not_fused(tmp_path):
