@@ -75,7 +75,7 @@ def hand_written(r, seed, triton):
     scale = D ** -0.5 if sign < 0.7 else (r.choice((-0.5, 0.0, 1.0, 2.0, 1e-3)))
     scale_on_q, div = r.random() < 0.2, r.random() < 0.3
     softcap = r.choice((None,) * 6 + (5.0, 30.0))
-    upcast = r.choice(("none", "none", "softmax_dtype", "float"))
+    upcast = r.choice(("none", "none", "softmax_dtype", "float", "written_out"))
     window = size(r, 1, max(1, Lq), (1, 2, 3))
     strided = r.random() < 0.15
     Dv = D if r.random() < 0.8 else size(r, 1, 16)
@@ -175,6 +175,9 @@ def hand_written(r, seed, triton):
             p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         elif upcast == "float":
             p = s.float().softmax(-1).to(q.dtype)
+        elif upcast == "written_out":   # exp(s - max) / sum, as some reference code writes softmax
+            e = torch.exp(s - s.amax(-1, keepdim=True))
+            p = e / e.sum(-1, keepdim=True)
         else:
             p = s.softmax(dim=-1)
         if spelling == "einsum":

@@ -25,7 +25,7 @@ def fft_conv(r, seed, triton):
     m = Maker(r, dt)
     u, k = m.randn(B, H, L), m.randn(*kshape, scale=1 / math.sqrt(max(Lk, 1)))
     style = r.choice(("default", "kernel_scale", "output_scale", "ortho", "complex", "next_pow2", "exact",
-                      "fixed_n", "circular"))
+                      "fixed_n", "circular", "zero_padded"))
     skip, gate = r.random() < 0.4, r.random() < 0.3
     extra = []
     if skip:
@@ -38,7 +38,7 @@ def fft_conv(r, seed, triton):
         length = u.shape[-1]
         upcast = u.dtype in (torch.bfloat16, torch.float16)   # fp64 copies (the oracle) stay fp64
         uu, kk = (u.float(), k.float()) if upcast else (u, k)
-        if style in ("default", "kernel_scale", "output_scale", "ortho", "complex"):
+        if style in ("default", "kernel_scale", "output_scale", "ortho", "complex", "zero_padded"):
             n = 2 * length
         elif style == "next_pow2":
             n = 1 << max(length + k.shape[-1] - 2, 0).bit_length()
@@ -57,6 +57,9 @@ def fft_conv(r, seed, triton):
                                 n=n, norm="ortho") * math.sqrt(n)
         elif style == "complex":
             y = torch.fft.ifft(torch.fft.fft(uu, n=n) * torch.fft.fft(kk, n=n)).real
+        elif style == "zero_padded":    # the FFT size given by padding with zeros instead of n
+            y = torch.fft.irfft(torch.fft.rfft(F.pad(uu, (0, n - length))) * torch.fft.rfft(F.pad(kk, (0, n - kk.shape[-1]))),
+                                n=n)
         else:
             y = torch.fft.irfft(torch.fft.rfft(uu, n=n) * torch.fft.rfft(kk, n=n), n=n)
         y = y[..., :length]
@@ -103,8 +106,9 @@ def conv1d(r, seed, triton):
         return y
 
     name = f"conv1d_{style}" + ("_bias" if use_bias else "") + ("_silu" if silu else "") + ("_gate" if gate else "")
-    return Case("long_conv", name + (f"+{tag}" if tag else ""), fn, tuple([x, w, *extra]), "long_conv",
-                ssd_options(r, triton, "long_conv"), seed)
+    # a kernel of one tap is a pointwise scaling, an ordinary convolution (LongConvPass.min_direct_kernel)
+    return Case("long_conv", name + (f"+{tag}" if tag else ""), fn, tuple([x, w, *extra]),
+                "long_conv" if K > 1 else None, ssd_options(r, triton, "long_conv"), seed)
 
 
 SPELLINGS = ((fft_conv, 3), (conv1d, 1))

@@ -39,6 +39,16 @@ def _sizes(r, triton, loop):
 
 # ======================================================================== ssd: loops
 
+class _StepReader:
+    """``x[:, :, t]`` as ``reader[t]`` (the same indexing the loops write inline)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __getitem__(self, t):
+        return self.x[:, :, t]
+
+
 def ssd_loop(r, seed, triton):
     """A matrix-state loop: S = decay ⊙ S + k ⊗ v, o_t = q_t · S, in one of several decay kinds,
     layouts and output styles (stack / preallocated buffer), forward or reversed, h0 or zeros."""
@@ -50,6 +60,7 @@ def ssd_loop(r, seed, triton):
     use_h0 = r.random() < 0.35
     buffer = r.random() < 0.4
     einsum = r.random() < 0.5
+    pieces = r.random() < 0.2      # for q_t, ... in zip(q.unbind(2), ...)-style per-step reads
     q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
     extra = []
     if decay in ("scalar", "mamba2"):
@@ -65,22 +76,28 @@ def ssd_loop(r, seed, triton):
         o = torch.zeros_like(v) if buffer else None
         outs = []
         steps = range(q.shape[2] - 1, -1, -1) if reverse else range(q.shape[2])
+        if pieces:
+            qs, ks, vs = q.unbind(2), k.unbind(2), v.unbind(2)
+            gs = g.unbind(2) if g is not None else None
+        else:
+            qs, ks, vs = (_StepReader(x) for x in (q, k, v))
+            gs = _StepReader(g) if g is not None else None
         for t in steps:
             if einsum:
-                kv = torch.einsum("bhk,bhv->bhkv", k[:, :, t], v[:, :, t])
+                kv = torch.einsum("bhk,bhv->bhkv", ks[t], vs[t])
             else:
-                kv = k[:, :, t, :, None] * v[:, :, t, None, :]
+                kv = ks[t][..., :, None] * vs[t][..., None, :]
             if decay == "none":
                 S = S + kv
             elif decay == "const":
                 S = 0.9 * S + kv
             elif decay == "scalar":
-                S = S * g[:, :, t].exp()[..., None, None] + kv
+                S = S * gs[t].exp()[..., None, None] + kv
             elif decay == "mamba2":
-                S = torch.exp(g[:, :, t])[:, :, None, None] * S + kv
+                S = torch.exp(gs[t])[:, :, None, None] * S + kv
             else:
-                S = S * g[:, :, t].exp()[..., None] + kv
-            ot = torch.einsum("bhk,bhkv->bhv", q[:, :, t], S) if einsum else (q[:, :, t, :, None] * S).sum(-2)
+                S = S * gs[t].exp()[..., None] + kv
+            ot = torch.einsum("bhk,bhkv->bhv", qs[t], S) if einsum else (qs[t][..., :, None] * S).sum(-2)
             if buffer:
                 o[:, :, t] = ot
             else:
@@ -89,7 +106,7 @@ def ssd_loop(r, seed, triton):
             o = torch.stack(outs[::-1] if reverse else outs, 2)
         return o, S
 
-    name = f"loop_{decay}" + ("_rev" if reverse else "") + ("_h0" if use_h0 else "")
+    name = f"loop_{decay}" + ("_rev" if reverse else "") + ("_h0" if use_h0 else "") + ("_unbind" if pieces else "")
     return _case("ssd", name, fn, [q, k, v, *extra] + ([h0] if use_h0 else []), r, seed, triton, tag=tag)
 
 
