@@ -82,7 +82,12 @@ def conv1d(r, seed, triton):
     B, C = size(r, 1, 3), size(r, 1, 5)
     L = size(r, 1, 24 if triton else 80, (1, 2, 3, 7, 33))
     K = size(r, 1, 16, (1, 2, 4))
-    m = Maker(r, r.choice(DTYPES))
+    dt = r.choice(DTYPES)
+    if dt is torch.float16:
+        # eager's own fp16 depthwise conv1d on CPU hangs (torch 2.13: groups 2, kernel 16, length 39 never
+        # returns; seqfuse's paths compute in fp32): the oracle run cannot be had
+        dt = torch.bfloat16
+    m = Maker(r, dt)
     x, w = m.randn(B, C, L), m.randn(C, 1, K, scale=1 / math.sqrt(K))
     style = r.choice(("pad_slice", "left_pad"))
     use_bias, silu, gate = r.random() < 0.5, r.random() < 0.5, r.random() < 0.3
