@@ -511,6 +511,23 @@ def normalize_softmax(gm: torch.fx.GraphModule) -> int:
     return n
 
 
+def unstable_softmaxes(gm: torch.fx.GraphModule) -> list:
+    """The divisions ``exp(s) / exp(s).sum(d, keepdim=True)`` (a softmax written out without its row max
+    subtracted) that feed a contraction: attention candidates that ``normalize_softmax`` does not read,
+    since they overflow where softmax does not.  The pipeline reports each as a near miss."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.target is not aten.div.Tensor or not all(isinstance(a, torch.fx.Node) for a in node.args):
+            continue
+        e, z = node.args
+        if e.target is aten.exp.default and z.target is aten.sum.dim_IntList and _keepdim_axis(z, e) is not None \
+                and not (is_op(e.args[0], aten.sub) and _row_max(e.args[0].args[1], e.args[0].args[0],
+                                                                 _keepdim_axis(z, e))) \
+                and any(is_op(u, aten.einsum) for u in node.users):
+            found.append(node)
+    return found
+
+
 #: in-place pointwise ops and the out-of-place op that computes the same value
 _OUT_OF_PLACE = {
     aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Scalar,

@@ -10,7 +10,8 @@ import torch.fx
 
 from seqfuse import log
 from seqfuse.compiler.canonicalize import (normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
-                                           normalize_softmax, restore_layouts, trace_pre_dispatch)
+                                           normalize_softmax, restore_layouts, trace_pre_dispatch,
+                                           unstable_softmaxes)
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.report import GraphReport
 from seqfuse.ir import format_graph, format_op, ir_of, verify_graph
@@ -123,6 +124,9 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         dump("contractions", canon.graph)
         normalize_masks(canon)
         normalize_softmax(canon)
+        for node in unstable_softmaxes(canon):
+            report.add_near_miss("attention", "a softmax written out without its row max subtracted (exp(s) / "
+                                 "exp(s).sum()): it overflows where softmax does not, so it is not read as softmax", node)
         # values the program computes but never uses would count as users in the
         # recognizers' single-use checks
         canon.graph.eliminate_dead_code()
