@@ -9,7 +9,8 @@
    node with its forward and backward bodies: make_fx would inline its forward and
    lose the backward the user wrote.
 2. ``normalize_slices``: the pieces of ``unbind`` / ``split`` and ``narrow`` become ``select`` /
-   ``slice`` of the tensor (the same views), so a loop over ``x.unbind(1)`` has per-step slices.
+   ``slice`` of the tensor (the same views; a piece of one step ``unsqueeze(select)``), so a loop
+   over ``x.unbind(1)`` or ``x.split(1, 1)`` has per-step slices.
    ``normalize_inplace``: an in-place op on a temporary nothing else reads becomes out of place.
 3. ``normalize_contractions``: matmul / bmm / mm / baddbmm (its beta·input added back; a symbolic
    beta as ``where(beta != 0, beta·input, 0)``, which keeps beta = 0 ignoring the input) / einsum /
@@ -577,11 +578,31 @@ def _piece_bounds(node: torch.fx.Node) -> list | None:
     return None
 
 
+def _piece(graph, before, x, d: int, a: int, b: int | None, like: torch.fx.Node) -> torch.fx.Node:
+    """``x``'s piece [a, b) along axis d before ``before``: ``select(x, d, a)`` when b is None, a piece of
+    one step as ``unsqueeze(select(x, d, a), d)`` (the per-step slice the loop finder reads, its size-1
+    axis one that contractions fold away), else ``slice(x, d, a, b)``."""
+    steps = [(aten.select.int, (x, d, a))] if b is None or b == a + 1 else [(aten.slice.Tensor, (x, d, a, b))]
+    if b is not None and b == a + 1:
+        steps.append((aten.unsqueeze.default, (None, d)))
+    node = None
+    for target, args in steps:
+        args = tuple(node if a_ is None else a_ for a_ in args)
+        with graph.inserting_before(before):
+            new = graph.call_function(target, args)
+        copy_meta(new, like)
+        with val(x).fake_mode:
+            new.meta["val"] = target(*fake_of(args))
+        node = new
+    return node
+
+
 def normalize_slices(gm: torch.fx.GraphModule) -> int:
     """Rewrite the pieces of ``unbind`` / ``split`` (``for x_t in x.unbind(1)``, ``x.split(1, 1)``) into
-    ``select`` / ``slice`` of the tensor, and ``narrow(x, d, start, length)`` into ``slice``, with static
-    sizes; returns how many were rewritten.  Each piece is the same view of the same memory, so
-    nothing changes but the spelling: the loop finder reads per-step slices in one form (each placed
+    ``select`` / ``slice`` of the tensor (a piece of one step as ``unsqueeze(select)``), and
+    ``narrow(x, d, start, length)`` likewise, with static sizes; returns how many were rewritten.  Each
+    piece is the same view of the same memory, so nothing changes but the spelling: the loop finder
+    reads per-step slices in one form (each placed
     before its first use, as Dynamo places ``x[:, t]``)."""
     graph, n = gm.graph, 0
     order = {x: i for i, x in enumerate(graph.nodes)}
@@ -594,9 +615,7 @@ def normalize_slices(gm: torch.fx.GraphModule) -> int:
                     and isinstance(length, int) and start >= 0):
                 continue
             d = d % val(x).dim()
-            with graph.inserting_before(node):
-                new = graph.call_function(aten.slice.Tensor, (x, d, start, start + length))
-            copy_meta(new, node, with_val=True)
+            new = _piece(graph, node, x, d, start, start + length, node)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             n += 1
@@ -611,10 +630,7 @@ def normalize_slices(gm: torch.fx.GraphModule) -> int:
             a, b = pieces[u.args[1]]
             # at its first use, as Dynamo places ``x[:, t]``: a loop's steps read their own slices
             first = min(u.users, key=order.__getitem__, default=u)
-            with graph.inserting_before(first):
-                new = graph.call_function(aten.select.int, (node.args[0], d, a)) if b is None else \
-                    graph.call_function(aten.slice.Tensor, (node.args[0], d, a, b))
-            copy_meta(new, u, with_val=True)
+            new = _piece(graph, first, node.args[0], d, a, b, u)
             u.replace_all_uses_with(new)
             graph.erase_node(u)
             n += 1

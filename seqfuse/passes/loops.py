@@ -550,7 +550,10 @@ class _Rewrite:
         if r < 2 or len(lin.terms) != 1 or len(set(sl)) != len(sl):
             return None
         contracted = [c for c in sl if c not in out]
-        if len(contracted) != 1 or contracted[0] not in sl[-2:] or any(c not in sl[:-2] + contracted[0] for c in cl):
+        # a letter of c's outside the state's is a size-1 axis the readout keeps (``q[:, :, t:t+1] @ S``): the
+        # output check below proves it has size 1, and Vectorizer.align sums it away
+        if len(contracted) != 1 or contracted[0] not in sl[-2:] or \
+                any(c not in sl[:-2] + contracted[0] and c not in out for c in cl):
             return None
         n_ax = sl.index(contracted[0])
         p_ax = 2 * r - 3 - n_ax          # the other of the last two axes

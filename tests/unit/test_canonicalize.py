@@ -386,14 +386,19 @@ def test_unbind_split_and_narrow_pieces_become_selects_and_slices():
     assert aten.unbind.int not in ts and aten.split.Tensor not in ts and aten.narrow.default not in ts, ts
     selects = [n.args[1:] for n in canon.graph.nodes if n.target is aten.select.int]
     slices = [n.args[1:] for n in canon.graph.nodes if n.target is aten.slice.Tensor]
-    assert {(1, 0), (1, 1), (1, 2)} <= set(selects), selects
-    assert (2, 0, 2) in slices and (2, 2, 3) in slices and (2, 1, 2) in slices, slices
+    # unbind's pieces: selects; split's piece of 2: a slice; pieces of one step (split's last, the narrow):
+    # unsqueeze(select), the per-step slice whose unit axis contractions fold away
+    assert {(1, 0), (1, 1), (1, 2), (2, 2), (2, 1)} <= set(selects), selects
+    assert slices == [(2, 0, 2)], slices
+    unit = [n for n in canon.graph.nodes if n.target is aten.unsqueeze.default and n.args[0].target is aten.select.int]
+    assert sorted(n.args[0].args[1:] for n in unit) == [(2, 1), (2, 2)], unit
     for got, want in zip(canon(*inputs), pieces_program(x)):
         assert torch.equal(got, want)
-    # each piece sits right before its first use (so a loop's steps read their own slices)
+    # each unbind / split piece sits right before its first use (so a loop's steps read their own slices)
     order = {n: i for i, n in enumerate(canon.graph.nodes)}
+    split_unit = [n for n in unit if n.args[0].args[1:] == (2, 2)]      # (the narrow stays where it was)
     pieces = [n for n in canon.graph.nodes if (n.target is aten.select.int and n.args[1] == 1)
-              or (n.target is aten.slice.Tensor and n.args[1:] in ((2, 0, 2), (2, 2, 3)))]
+              or (n.target is aten.slice.Tensor and n.args[1:] == (2, 0, 2)) or n in split_unit]
     assert len(pieces) == 5
     for n in pieces:
         assert order[min(n.users, key=order.__getitem__)] == order[n] + 1, n
