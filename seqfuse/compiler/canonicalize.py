@@ -602,8 +602,7 @@ def normalize_slices(gm: torch.fx.GraphModule) -> int:
     ``select`` / ``slice`` of the tensor (a piece of one step as ``unsqueeze(select)``), and
     ``narrow(x, d, start, length)`` likewise, with static sizes; returns how many were rewritten.  Each
     piece is the same view of the same memory, so nothing changes but the spelling: the loop finder
-    reads per-step slices in one form (each placed
-    before its first use, as Dynamo places ``x[:, t]``)."""
+    reads per-step slices in one form (each placed before its first use, as Dynamo places ``x[:, t]``)."""
     graph, n = gm.graph, 0
     order = {x: i for i, x in enumerate(graph.nodes)}
     for node in list(graph.nodes):
