@@ -120,6 +120,8 @@ def _verify_ssd(op: SSD) -> None:
     want = {"none": None, "scalar": 3, "vector": 4}[op.decay]
     got = None if op.a is None else _val(op.a).dim()
     _check(got == want, op, f"decay={op.decay} needs a of rank {want}, got {got}")
+    if op.a is not None:    # the algorithms sum log-decays in real arithmetic (a complex decay is a scan's)
+        _check(not _val(op.a).is_complex(), op, f"a holds real log-decays; got {_val(op.a).dtype}")
 
 
 def _verify_long_conv(op: LongConv) -> None:

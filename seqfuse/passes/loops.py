@@ -551,9 +551,10 @@ class _Rewrite:
             return None
         contracted = [c for c in sl if c not in out]
         # a letter of c's outside the state's is a size-1 axis the readout keeps (``q[:, :, t:t+1] @ S``): the
-        # output check below proves it has size 1, and Vectorizer.align sums it away
+        # output check below proves it has size 1, and Vectorizer.align sums it away.  Only for a state with
+        # batch axes before its (P, N) pair: a vector state's two axes are a batch axis and N
         if len(contracted) != 1 or contracted[0] not in sl[-2:] or \
-                any(c not in sl[:-2] + contracted[0] and c not in out for c in cl):
+                any(c not in sl[:-2] + contracted[0] and (c not in out or r < 3) for c in cl):
             return None
         n_ax = sl.index(contracted[0])
         p_ax = 2 * r - 3 - n_ax          # the other of the last two axes
@@ -580,6 +581,9 @@ class _Rewrite:
         logs = []
         vector = False
         for f, p in lin.coef:
+            fv = self._role_val(f)
+            if (isinstance(fv, torch.Tensor) and fv.is_complex()) or (f[0] == "C" and isinstance(f[1], complex)):
+                return None     # a complex decay (LRU): the ssd sums real log-decays; a scan takes it
             shp = self._factor_shape((f, p), r)
             if shp is None or not known_eq(shp[p_ax], 1):
                 return None

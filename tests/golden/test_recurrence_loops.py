@@ -132,6 +132,17 @@ def test_lru_complex_decay():
     only(report, "scan")
 
 
+def test_lru_with_one_sequence_and_one_input_channel_stays_a_scan():
+    # fuzz scan #74 (seed 101): with batch 1 and one input channel the vector state (1, N) and the readout
+    # h @ C (N, 1) read as an ssd whose value axis was the batch axis, with the complex decay's log summed
+    # in real arithmetic: output error 0.43.  A complex decay is a scan's (and the ssd verifier refuses
+    # one), and a kept unit axis of c's is read only for states with batch axes before (P, N)
+    n = 2
+    report = check_against_eager(lru, rand(1, T, 1), rand(n, scale=0.5), rand(n, scale=0.5), rand(n, 1), rand(n, 1),
+                                 rand(n, 1), rand(n, 1))
+    only(report, "scan")
+
+
 def s4d_recurrent(u, log_dt, A_re, A_im, B_re, B_im, C_re, C_im):
     """S4D in recurrent mode: ZOH-discretized complex diagonal A, constant over time."""
     dt = torch.exp(log_dt)[:, None]                       # (H, 1)

@@ -218,7 +218,7 @@ def test_operand_without_metadata_is_rejected():
 
 def test_other_ops_rules():
     g = G(a=(2, 16, 4), b=(2, 16, 4), a2=(2, 16), a3=(2, 15, 4), x=(2, 16, 3, 8), bn=(2, 16, 3, 4),
-          u=(2, 3, 32), kk=(3, 32), g3=(2, 16, 3))
+          u=(2, 3, 32), kk=(3, 32), g3=(2, 16, 3), gc=((2, 16, 3), torch.complex64))
     verify_op(Scan(a=g.a, b=g.b))
     verify_op(SSD(x=g.x, a=g.g3, b=g.bn, c=g.bn))
     verify_op(SSD(x=g.x, a=g.bn, b=g.bn, c=g.bn, decay="vector"))
@@ -229,6 +229,8 @@ def test_other_ops_rules():
                       (SSD(x=g.x, a=g.g3, b=g.bn, c=g.bn, chunk=0), "chunk must be a positive int"),
                       (SSD(x=g.x, a=g.g3, b=g.bn, c=g.bn, decay="vector"), "decay=vector needs a of rank 4"),
                       (SSD(x=g.x, a=g.g3, b=g.b, c=g.bn), "x, b, c must be (B, T, H, P|N)"),
+                      # the algorithms sum real log-decays: a complex decay would lose its phase
+                      (SSD(x=g.x, a=g.gc, b=g.bn, c=g.bn), "a holds real log-decays; got torch.complex64"),
                       (LongConv(u=g.u, k=g.a2, causal="yes"), "causal must be a bool")]:
         with pytest.raises(IRVerificationError) as info:
             verify_op(op)
