@@ -551,31 +551,31 @@ def _fresh(node: torch.fx.Node) -> bool:
 def _piece_bounds(node: torch.fx.Node) -> list | None:
     """(dim, [(start, end) per output]) of an ``unbind`` / ``split`` / ``split_with_sizes`` with static
     sizes, else None (``unbind``'s pieces as (i, None): a select)."""
-    x = node.args[0] if node.args else None
-    if not isinstance(x, torch.fx.Node) or not isinstance(val(x), torch.Tensor):
-        return None
-    shape = [known_int(z) for z in val(x).shape]     # a symbolic size the guards pin is known
     t = node.target
+    if t not in (aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default):
+        return None
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or not isinstance(val(x), torch.Tensor) or val(x).dim() == 0:
+        return None
+    shape = val(x).shape
+    d = arg(node, 1, "dim", 0) if t is aten.unbind.int else arg(node, 2, "dim", 0)
+    if not isinstance(d, int):
+        return None
+    d = d % len(shape)
+    n = known_int(shape[d])         # a symbolic length the guards pin is known
+    if n is None:
+        return None
     if t is aten.unbind.int:
-        d = arg(node, 1, "dim", 0)
-        if not isinstance(d, int) or shape[d % len(shape)] is None:
+        return [d, [(i, None) for i in range(n)]]
+    sizes = node.args[1]
+    if t is aten.split.Tensor:
+        if not isinstance(sizes, int) or sizes <= 0:
             return None
-        return [d % len(shape), [(i, None) for i in range(shape[d % len(shape)])]]
-    if t in (aten.split.Tensor, aten.split_with_sizes.default):
-        d = arg(node, 2, "dim", 0)
-        sizes = node.args[1]
-        if not isinstance(d, int) or not shape or shape[d % len(shape)] is None:
-            return None
-        n = shape[d % len(shape)]
-        if t is aten.split.Tensor:
-            if not isinstance(sizes, int) or sizes <= 0:
-                return None
-            sizes = [min(sizes, n - i) for i in range(0, n, sizes)]
-        if not all(isinstance(z, int) for z in sizes) or sum(sizes) != n:
-            return None
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [d % len(shape), [(a, a + z) for a, z in zip(starts, sizes)]]
-    return None
+        sizes = [min(sizes, n - i) for i in range(0, n, sizes)]
+    if not all(isinstance(z, int) for z in sizes) or sum(sizes) != n:
+        return None
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [d, [(a, a + z) for a, z in zip(starts, sizes)]]
 
 
 def _piece(graph, before, x, d: int, a: int, b: int | None, like: torch.fx.Node) -> torch.fx.Node:

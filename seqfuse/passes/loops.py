@@ -42,7 +42,7 @@ import torch.fx
 
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
-from seqfuse.passes.loop_reroll import (Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops,
+from seqfuse.passes.loop_reroll import (Loop, NoLoop, _hashable, _seed_key, check_buffer_reads, find_runs, group_loops,
                                         reads_shape_only, rebuild_dropped, reroll, share_slice_sources)
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
 from seqfuse.passes.pattern import CASTS, axis_view, constant_value, evaluate_shape_only, is_op, is_shape_only, \
@@ -192,10 +192,17 @@ def _merge_duplicate_runs(graph: torch.fx.Graph, group: list, pos: dict, seeds: 
         for n, m in zip(run.nodes, keep.nodes):
             n.replace_all_uses_with(m)
             graph.erase_node(n)
+    loose: dict = {}    # base -> {(target, args): slices of it that are in no run}, built once per base
     for run in out:     # a lone copy of one seed (``x[:, 0]`` read for a shape and for a value) goes too
-        for i, n in enumerate(run.nodes):
-            copies = [u for u in n.args[0].users if u not in seeds and u.target is n.target
-                      and u.args == n.args and u.kwargs == n.kwargs and pos.get(u, -1) > pos[n]]
+        for n in run.nodes:
+            base = n.args[0]
+            if base not in loose:
+                loose[base] = {}
+                for u in base.users:
+                    if u not in seeds and _seed_key(u) is not None and not u.kwargs:
+                        loose[base].setdefault((u.target, _hashable(u.args)), []).append(u)
+            copies = [u for u in loose[base].get((n.target, _hashable(n.args)), ())
+                      if not u.kwargs and not n.kwargs and pos.get(u, -1) > pos[n] and not getattr(u, "_erased", False)]
             if not copies or any(_written(c) for c in copies + [n]):
                 continue
             for c in copies:
