@@ -24,8 +24,8 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.ops import LongConv
-from seqfuse.passes.pattern import CASTS, arg, constant_value, copy_meta, depends_on, is_op, is_scalar, only_user, \
-    rank, val
+from seqfuse.passes.pattern import CASTS, arg, constant_value, copy_meta, depends_on, fake_of, is_op, is_scalar, \
+    only_user, rank, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -74,15 +74,10 @@ def _strip_scalars(node, gm, factors: list):
     return node
 
 
-def _sym(a):
-    """A size argument as a number or SymInt (a symbolic size is a node in the graph's arguments)."""
-    return val(a) if isinstance(a, torch.fx.Node) else a
-
-
 def _padded_signal(x):
     """(signal, FFT size) of a forward FFT's input without an explicit n: ``pad(u, (0, P))`` with zeros is
     u transformed at size L + P; anything else is itself at its own length."""
-    if is_op(x, aten.constant_pad_nd, aten.pad) and len(x.args[1]) == 2 and statically_known_true(_sym(x.args[1][0]) == 0) \
+    if is_op(x, aten.constant_pad_nd, aten.pad) and len(x.args[1]) == 2 and statically_known_true(fake_of(x.args[1][0]) == 0) \
             and (not is_op(x, aten.pad) or arg(x, 2, "mode", "constant") == "constant") \
             and constant_value(arg(x, 3 if is_op(x, aten.pad) else 2, "value", 0) or 0) == 0:
         return x.args[0], val(x).shape[-1]
@@ -222,7 +217,7 @@ class LongConvPass(Pass):
         if rank(x) != 3 or rank(w) != 3 or isinstance(padding, str):
             return
         c, one, kk = val(w).shape
-        groups = _sym(groups)
+        groups = fake_of(groups)
         if not (isinstance(one, int) and one == 1) or not isinstance(groups, (int, torch.SymInt)) \
                 or not statically_known_true(val(x).shape[1] == groups) or list(stride) != [1] or list(dilation) != [1]:
             return  # not a depthwise causal-able conv: an ordinary convolution
@@ -230,7 +225,7 @@ class LongConvPass(Pass):
             return  # a short kernel: an ordinary convolution
         if not statically_known_true(kk >= self.min_direct_kernel):
             raise NoMatch("a depthwise conv1d whose kernel length is symbolic and not provably 2 or more")
-        pad = _sym(list(padding)[0])
+        pad = fake_of(list(padding)[0])
         y, u = conv, x
         if statically_known_true(pad == kk - 1):
             sl = only_user(conv)
@@ -240,7 +235,7 @@ class LongConvPass(Pass):
                 raise NoMatch("a depthwise conv1d padded on both sides and not sliced back to causal")
             y = sl
         elif statically_known_true(pad == 0) and is_op(x, aten.constant_pad_nd, aten.pad) and len(x.args[1]) == 2 \
-                and statically_known_true(_sym(x.args[1][0]) == kk - 1) and statically_known_true(_sym(x.args[1][1]) == 0) \
+                and statically_known_true(fake_of(x.args[1][0]) == kk - 1) and statically_known_true(fake_of(x.args[1][1]) == 0) \
                 and \
                 constant_value(arg(x, 3 if is_op(x, aten.pad) else 2, "value", 0) or 0) == 0:
             u = x.args[0]
