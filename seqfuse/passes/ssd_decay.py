@@ -16,6 +16,8 @@ scores, and E is a linear form over three kinds of atoms:
   outer -inf mask makes the whole mask tril(0)).  It sums A over (j, i] directly, not as G_i - G_j:
   the op's algorithms recompute the segment sums their own way (tests compare both with fp64);
 - ``("pos", letter)``: the position index i or j (an arange), for γ^(i-j) decays;
+- ``("const", None, None)``: a constant term (the +1 of ``arange(T) + 1``), which must cancel
+  (``(i + 1) - (j + 1)``) where the terms are resolved;
 - ``("q", T, letters)`` / ``("k", T, letters)``: any other tensor read along the query (key) axis only,
   so that ``side_term_reason`` can name what the exponent holds (never lifted).
 
@@ -321,10 +323,15 @@ class Analyzer:
         t = node.target if isinstance(node, torch.fx.Node) else None
         if t in (aten.sub.Tensor, aten.add.Tensor) and arg(node, 2, "alpha", 1) == 1:
             x, y = node.args
+            sign = -1.0 if t is aten.sub.Tensor else 1.0
+            if isinstance(x, torch.fx.Node) and isinstance(y, (int, float)) and math.isfinite(y):
+                # E + c: a constant term, kept as an atom so that the c of (i + c) - (j + c) cancels;
+                # one that does not cancel is refused where the terms are resolved
+                return self.lin(x, letters).plus(Lin([(("const", None, None), Coef(sign * float(y)))]))
             if not (isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node)):
                 raise NoMatch("a constant offset in the decay exponent")
             lx, ly = self.lin(x, aligned(x, letters, node)), self.lin(y, aligned(y, letters, node))
-            return lx.plus(ly.scaled(-1.0 if t is aten.sub.Tensor else 1.0))
+            return lx.plus(ly.scaled(sign))
         if is_op(node, aten.neg):
             return self.lin(node.args[0], letters).scaled(-1.0)
         if is_op(node, aten.mul, aten.div):

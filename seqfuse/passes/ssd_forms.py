@@ -1111,6 +1111,8 @@ class SSDFormsPass(Pass):
             else:
                 groups[key] = (atom, coef)
         terms = [(a, c) for a, c in groups.values() if c.const != 0]
+        if any(a[0] == "const" for a, _ in terms):
+            raise NoMatch("a constant offset in the decay exponent (a constant factor exp(c) of the mask)")
         kinds = sorted(a[0] for a, _ in terms)
         if kinds == ["g", "g", "q"]:                  # G_i - a_i - G_j = G_{i-1} - G_j (RWKV-6)
             (qa, qc), = [(a, c) for a, c in terms if a[0] == "q"]

@@ -128,6 +128,38 @@ def test_retention_learned_log_decay():
     assert_one_ssd(report, "scalar")
 
 
+def retention_one_based_positions(q, k, v, log_gamma):
+    # MiniMax's decay_factors spelling: positions counted from 1, so each carries a constant +1
+    # that cancels in (i + 1) - (j + 1)
+    t = q.shape[2]
+    r = torch.arange(t) + 1
+    e = log_gamma.view(-1, 1, 1) * (r[:, None] - r[None, :])
+    return (q @ k.mT * torch.exp(e).tril()) @ v
+
+
+def retention_offset_exponent(q, k, v, log_gamma):
+    # exp(w·(i - j) + 0.5): a constant factor e^0.5 on the whole mask, not a decay
+    t = q.shape[2]
+    n = torch.arange(t, dtype=q.dtype)
+    e = log_gamma.view(-1, 1, 1) * (n[:, None] - n[None, :]) + 0.5
+    return (q @ k.mT * torch.exp(e).tril()) @ v
+
+
+def test_one_based_positions_are_a_power_decay():
+    q, k, v = inputs(*[(B, H, T, D)] * 3)
+    log_gamma = (-torch.rand(H)).requires_grad_()
+    report = check_against_eager(retention_one_based_positions, q, k, v, log_gamma)
+    assert_one_ssd(report, "scalar")
+
+
+def test_a_constant_offset_that_does_not_cancel_is_a_near_miss():
+    q, k, v = inputs(*[(B, H, T, D)] * 3)
+    log_gamma = (-torch.rand(H)).requires_grad_()
+    report = check_against_eager(retention_offset_exponent, q, k, v, log_gamma)
+    assert report.count("ssd") == 0, str(report)
+    assert any("constant offset" in m.reason for m in report.near_misses), str(report)
+
+
 # --- exp(segsum(a)): simple GLA, Mamba-2 attention form -> decay=scalar, a = per-step log decay
 
 def fla_simple_gla_o(q, k, v, g):
