@@ -234,6 +234,21 @@ def _letter_sizes(operands, letters) -> dict:
     return sizes
 
 
+def _factored_sum(operands, letters, out) -> bool:
+    """Whether a summed letter of ``sum(a * b)`` is broadcast in one operand (absent or of size 1
+    there, longer in the other): ``Σ_c a·b_c``, which ``torch.einsum`` computes as ``a·Σ_c b_c``.
+    That is not the program's arithmetic where a is ±inf (inf·b_1 + inf·b_2 is NaN when the b_c
+    differ in sign, inf·(b_1 + b_2) is not), so such a sum stays a mul and a sum."""
+    sizes = _letter_sizes(operands, letters)
+    for c, n in sizes.items():
+        if c in out or statically_known_true(n == 1):
+            continue
+        for op, lets in zip(operands, letters):
+            if c not in lets or statically_known_true(val(op).shape[lets.index(c)] == 1):
+                return True
+    return False
+
+
 def _shape_matches(expected, got) -> bool:
     return len(expected) == len(got) and all(statically_known_true(a == b) for a, b in zip(expected, got))
 
@@ -356,6 +371,8 @@ def normalize_contractions(gm: torch.fx.GraphModule) -> int:
                 best = (ops, lets)
                 break
         ops, lets = best
+        if is_op(node, aten.sum) and _factored_sum(ops, lets, out):
+            continue
         equation = _rename_letters(lets, out)
         if is_op(node, aten.einsum) and ops == list(node.args[1]) and equation == node.args[0]:
             continue

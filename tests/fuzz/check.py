@@ -411,6 +411,7 @@ def _replaced_runs(case: Case):
     runs, downcasts = [], set()
     for value, dmap in ((0.0, _wide), (1.0, _wide), (0.0, None)):
         inputs = tuple(_replace_nonfinite(x, value, dmap) for x in case.inputs)
+        torch._dynamo.reset()       # see run_case: torch's scan after a run under a dispatch mode
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             casts = _Dtypes()
@@ -500,7 +501,10 @@ def run_case(case: Case) -> Outcome:
     if s_exc is not None:
         return outcome("crash", [f"seqfuse raised {type(s_exc).__name__}: {str(s_exc)[:300]}\n{s_tb}"])
 
-    # the oracle: the same program on fp64 copies
+    # the oracle: the same program on fp64 copies.  Dynamo's caches are cleared first: torch's scan
+    # HOP compiles its eager body with torch.compile, and a call after one under a dispatch mode (the
+    # eager run's _Dtypes) fails in Dynamo ("torch.* op returned non-Tensor", torch 2.13)
+    torch._dynamo.reset()
     o_outs = o_grads = None
     o_in = tuple(_copy(x, _wide) for x in case.inputs)
     try:

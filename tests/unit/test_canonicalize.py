@@ -119,6 +119,29 @@ def test_vector_products_are_left_alone():
     assert normalize_contractions(traced) == 0
 
 
+def test_a_sum_over_an_axis_one_factor_broadcasts_stays_a_mul_and_a_sum():
+    """(x[:, None, :] * y).sum(1) = Σ_c x·y_c: torch.einsum would compute x·Σ_c y_c, which is ±inf
+    where x is inf and the program's inf·y_1 + inf·y_2 is NaN (found by the map fuzz family, seed
+    113, #44 and #84).  A sum over an axis both factors have is still a contraction."""
+    def factored(x, y):
+        return (x[:, None, :] * y).sum(1)
+
+    x, y = torch.randn(3, 4), torch.tensor([[1.0, -1.0, 2.0, 0.5]] * 3)[..., None].expand(3, 4, 4).contiguous()
+    x[1, 2] = float("inf")
+    gm, inputs = capture(factored, x, y)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_contractions(traced) == 0, format_graph(traced.graph)
+    want = factored(x, y)
+    assert want[1, 2].isnan()
+    assert torch.equal(run(traced, inputs).isnan(), want.isnan())
+    compiled = torch.compile(factored, backend="seqfuse", options={"downstream": "eager"})
+    assert torch.equal(compiled(x, y).isnan(), want.isnan())
+
+    gm, inputs = capture(lambda q, k: (q[:, :, None] * k[:, None]).sum(-1), q3, k3)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert normalize_contractions(traced) == 1
+
+
 @pytest.mark.parametrize("downstream", ["eager", "aot_eager", "inductor"])
 def test_mixed_dtype_broadcast_product_is_not_an_einsum(downstream):
     """mul promotes fp32 * fp16 to fp32; aten.einsum does not (it raises): the sum of the
