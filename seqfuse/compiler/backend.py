@@ -13,6 +13,7 @@ import torch.fx
 from seqfuse import log
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.canonicalize import Untraceable
+from seqfuse.compiler.constants import guarded, guards_of
 from seqfuse.compiler.pipeline import run_pipeline
 from seqfuse.compiler.report import GraphReport, publish
 from seqfuse.compiler.verify import verifying
@@ -157,11 +158,16 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         warnings.warn(f"seqfuse: pipeline failed on a graph ({type(exc).__name__}: {exc}); compiling it unchanged")
         report.add_near_miss("pipeline", f"{type(exc).__name__}: {exc}")
         rewritten = gm
+    guards = guards_of(rewritten) if rewritten is not gm else []
+    report.guards = [name for _, name, _ in guards]
     publish(report)
     prefetch_cpu_kernels(report, example_inputs, opts.runtime, rewritten)
     start = time.perf_counter()
     compiled = compile_downstream(rewritten, example_inputs, opts.downstream, mode)
     report.downstream_seconds = time.perf_counter() - start
+    if guards:
+        # module buffers read as constants: a call whose buffers changed runs the graph unrewritten
+        compiled = guarded(compiled, guards, lambda: compile_downstream(gm, example_inputs, opts.downstream, mode))
     log.pipeline.debug("graph: %d rewrite(s), %d near miss(es); seqfuse %.3f s, downstream %s %.3f s",
                        len(report.rewrites), len(report.near_misses), sum(report.seconds.values()),
                        opts.downstream, report.downstream_seconds)

@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from seqfuse import log
+from seqfuse.compiler.constants import attach as attach_constants, buffer_constants
 from seqfuse.compiler.canonicalize import (normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
                                            normalize_softmax, restore_layouts, trace_pre_dispatch,
                                            unstable_softmaxes)
@@ -111,6 +112,8 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     #    applied, so a replaced region keeps training through the custom op's backward.
     with _timed(report, "trace"):
         canon = trace_pre_dispatch(gm, example_inputs)
+        # small module buffers a recognizer may read by value, under a run-time value guard
+        attach_constants(canon, buffer_constants(gm, example_inputs))
     # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh
     canon.meta["seqfuse_training"] = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)

@@ -65,6 +65,9 @@ class GraphReport:
     #: seconds the downstream compiler (inductor, ...) took on the rewritten graph, as the backend
     #: saw it (inductor may defer part of its work, e.g. the backward, to a later call)
     downstream_seconds: float = 0.0
+    #: the inputs (module buffers) whose values the rewrites rest on: checked on every call, a changed
+    #: value runs the graph without the rewrites (seqfuse.compiler.constants)
+    guards: list[str] = field(default_factory=list)
 
     def add_rewrite(self, kind: str, ir: str, node: torch.fx.Node | None = None, algorithm: str = "-") -> None:
         """Record a rewrite of kind ``kind``, printed as ``ir``, at ``node``'s source location."""
@@ -136,6 +139,10 @@ class Report:
             lines.append("near misses:")
             lines += _table(["kind", "location", "reason"],
                             [[m.kind, m.location, m.reason] for m in self.near_misses])
+        guards = [name for g in self.graphs for name in g.guards]
+        if guards:
+            lines.append("value guards (module buffers read as constants; a changed value runs the graph "
+                         "unrewritten): " + ", ".join(guards))
         if self.runtime:
             from seqfuse.runtime.dispatch import PATHS
             lines.append("runtime calls:")

@@ -42,6 +42,7 @@ import torch.fx
 
 from seqfuse.ir.masks import classify_mask
 from seqfuse.ir.ops import Attention
+from seqfuse.passes.constants import commit, tentative_reads
 from seqfuse.passes.pattern import (CASTS, ancestors, arg, concrete_sym, constant_value, depends_on, emit_before,
                                     evaluate_shape_only, is_op, is_scalar, is_shape_only, only_user, rank, sym_product,
                                     val)
@@ -987,22 +988,26 @@ class AttentionPass(Pass):
         # masks: shape-only ones become the structural attribute, others stay tensors.
         # Additive 0/-inf masks stay biases: s + (-inf) is NaN where the score is NaN or +inf
         # (a NaN or inf in q or k), which a mask that replaces masked scores would hide.
-        shape_keeps = [m for m in sc.keeps if is_shape_only(m)]
-        tensor_keeps = [m for m in sc.keeps if not is_shape_only(m)]
+        # A keep read from a module buffer (nanoGPT's tril buffer) is shape-only under a value
+        # guard: its reads become guards only if the rewrite uses the structure it gives.
+        shape_keeps = [m for m in sc.keeps if is_shape_only(m, constants=True)]
+        tensor_keeps = [m for m in sc.keeps if m not in shape_keeps]
         inf_biases = []
         biases = list(sc.biases)
         # all of them together (a window from triu + tril), else the biases that classify alone
         structural = None
-        for joined in (inf_biases, [b_ for b_ in inf_biases if _structural(gm, [(b_.tensor, True)], layout)]):
-            structural = _structural(gm, [(m, False) for m in shape_keeps] + [(b_.tensor, True) for b_ in joined],
-                                     layout)
-            if structural is not None:
-                biases += [b_ for b_ in inf_biases if b_ not in joined]
-                break
+        with tentative_reads(gm) as constant_reads:
+            for joined in (inf_biases, [b_ for b_ in inf_biases if _structural(gm, [(b_.tensor, True)], layout)]):
+                structural = _structural(gm, [(m, False) for m in shape_keeps] +
+                                         [(b_.tensor, True) for b_ in joined], layout)
+                if structural is not None:
+                    biases += [b_ for b_ in inf_biases if b_ not in joined]
+                    break
         if structural is None:
             tensor_keeps += shape_keeps
             biases += inf_biases
             structural = ("none", 0, 0)
+            constant_reads = set()
         mask_kind, diag, window = structural
         bias_mask = sc.bias_mask and mask_kind != "none"
         if sc.bias_mask and not bias_mask:
@@ -1070,6 +1075,7 @@ class AttentionPass(Pass):
         if val(out).dtype != val(pv).dtype:
             out = _emit(graph, before, aten.to.dtype, (out, val(pv).dtype), sm)
         pv.replace_all_uses_with(out)
+        commit(gm, constant_reads)
         _erase_unused(graph, pv, set(sc.inplace))
 
     # F.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale, gqa) -> attention

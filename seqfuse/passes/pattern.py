@@ -13,6 +13,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
+from seqfuse.passes.constants import read_constant, snapshot_of
+
 aten = torch.ops.aten
 
 # Ops that only cast: the value is the same number in another dtype.
@@ -111,12 +113,18 @@ def depends_on(node: Any, targets: Iterable[torch.fx.Node]) -> bool:
     return node in targets or bool(ancestors(node) & targets)
 
 
-def is_shape_only(node: torch.fx.Node) -> bool:
+def is_shape_only(node: torch.fx.Node, constants: bool = False) -> bool:
     """Whether ``node``'s value follows from tensor sizes and constants alone
-    (no tensor input, parameter or buffer is read): masks built from arange/ones/triu."""
+    (no tensor input, parameter or buffer is read): masks built from arange/ones/triu.
+
+    ``constants=True`` also accepts the module buffers the compiler snapshotted
+    (:mod:`seqfuse.passes.constants`: nanoGPT's ``tril`` mask buffer); evaluating such a node
+    makes the buffers it reads value guards of the graph."""
     for n in [node, *ancestors(node)]:
         v = val(n)
         if n.op == "placeholder" and isinstance(v, torch.Tensor):
+            if constants and snapshot_of(n) is not None:
+                continue
             return False
         if n.op == "get_attr":
             return False
@@ -130,7 +138,8 @@ def evaluate_shape_only(gm: torch.fx.GraphModule, node: torch.fx.Node, sizes: di
     """Run the subgraph computing ``node`` (which must be shape-only) on real tensors.
 
     Symbolic sizes are replaced by ``sizes[symbol_name]`` when given, else by their
-    hints (the sizes of the example inputs); no shape guard is added.
+    hints (the sizes of the example inputs); no shape guard is added.  A guardable constant
+    (``is_shape_only(node, constants=True)``) is read from its snapshot and becomes a value guard.
     """
     needed = ancestors(node) | {node}
     env: dict[torch.fx.Node, Any] = {}
@@ -148,7 +157,7 @@ def evaluate_shape_only(gm: torch.fx.GraphModule, node: torch.fx.Node, sizes: di
         if n not in needed:
             continue
         if n.op == "placeholder":
-            env[n] = concrete(val(n))
+            env[n] = read_constant(n) if snapshot_of(n) is not None else concrete(val(n))
         elif n.op == "call_function":
             args = concrete(n.args)
             kwargs = {k: concrete(v) for k, v in n.kwargs.items()}

@@ -285,6 +285,29 @@ def test_inplace_scale_and_bias_on_the_scores(tmp_path):
     """)
 
 
+def test_a_tril_mask_buffer_becomes_the_causal_attribute(tmp_path):
+    # nanoGPT: the mask is a module buffer, a graph input; read as a constant under a value guard,
+    # it becomes mask=causal and the op has no keep operand (the buffer is left unused)
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("bias", torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32))
+
+        def forward(self, q, k, v):
+            t = q.shape[-2]
+            s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            s = s.masked_fill(self.bias[:, :, :t, :t] == 0, NEG_INF)
+            return torch.softmax(s, dim=-1) @ v
+    run_filecheck(dump(Attn(), *qkv(), tmp_path=tmp_path), """
+        CHECK-LABEL: graph(
+        CHECK-SAME: %l_self_buffers_bias_: f32[1, 1, 32, 32]
+        CHECK-NOT: l_self_buffers_bias_
+        CHECK: %[[O:[a-z_0-9]+]] = seqfuse.attention(%l_q_, %l_k_, %l_v_) {scale=0.35355339059327{{[0-9]*}}, mask=causal, diag=0, window=0,
+        CHECK-NOT: l_self_buffers_bias_
+        CHECK: return (%[[O]])
+    """)
+
+
 # --- canonical forms the recognizer reads ------------------------------------------------
 
 @pytest.mark.parametrize("spelling", ["matmul", "einsum", "broadcast_sum", "mT", "permute"])
