@@ -34,6 +34,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from seqfuse.passes.constants import snapshot_of
 from seqfuse.passes.pattern import CASTS, IDENTITIES, ancestors, arg, axis_view, concrete_sym, constant_value, \
     guards_hold, is_op, is_scalar, rank, val
 
@@ -287,13 +288,15 @@ class Analyzer:
             return Position(log=self.lin(e, aligned(e, letters, node)).scaled(1.0, ("log", base, bl)))
         if isinstance(node, torch.fx.Node) and node.op == "placeholder":
             # MiniMax's lightning attention: diagonal_decay, a buffer exp(-rate_h·(i-j)) built in
-            # __init__; Dynamo lifts it as an input, so its values are the caller's at every call
-            # (reading the rate buffer instead would rest on an invariant of __init__ that nothing
-            # checks when the buffer is written later: that needs a run-time check in the op)
-            raise NoMatch(f"the decay mask is a graph input ({node.name}: a module buffer or argument whose "
+            # __init__; Dynamo lifts it as an input.  A module buffer could be read by value under a
+            # value guard (seqfuse.passes.constants, as attention reads nanoGPT's mask buffer), but
+            # reading a decay matrix's numbers as exp(w·(i - j)) is not done
+            if snapshot_of(node) is not None:
+                raise NoMatch(f"the decay mask is a precomputed module buffer ({node.name}): its values are "
+                              f"not read as exp of a segment sum or a power γ^(i-j) on the lower triangle")
+            raise NoMatch(f"the decay mask is a graph input ({node.name}: an argument or parameter whose "
                           f"values are not known when compiling; nothing proves it is exp of a segment sum "
-                          f"or a power γ^(i-j) on the lower triangle, and the ssd op carries no run-time "
-                          f"check of a precomputed mask)")
+                          f"or a power γ^(i-j) on the lower triangle)")
         if is_op(node, aten.select):
             # L[:, :, i] of a mask over all chunks: one step of a loop over chunks left unrolled (the
             # loops pass re-rolls 2 steps or more: a single chunk read at a constant index)
