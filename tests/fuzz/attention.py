@@ -2,7 +2,8 @@
 docs/ir.md "attention"): ``q @ kᵀ``, ``matmul``, ``einsum``, ``bmm`` over reshaped heads,
 ``baddbmm``; scale on the scores or on q, by multiplication or division, of either sign;
 ``masked_fill`` / ``torch.where`` with ``tril`` / ``triu`` / ``arange`` masks, additive ``-inf`` and
-``finfo.min`` masks, key padding (bool and HF-style ``(1 - m) * min`` biases), sliding windows,
+``finfo.min`` masks, masks held as module buffers (nanoGPT's ``bias[:, :, :T, :T] == 0``), key padding
+(bool and HF-style ``(1 - m) * min`` biases), sliding windows,
 fully masked rows; ``F.softmax(dtype=)`` and ``.float()`` / ``.to(q.dtype)`` round trips; SDPA calls
 (masks, ``is_causal``, ``enable_gqa``, scale); GQA through ``repeat_interleave`` / ``expand``;
 soft-capping; sizes 1, odd, non-multiples of the kernels' tiles; fp64 / fp32 / bf16 / fp16;
@@ -23,7 +24,10 @@ from .common import DTYPES, Maker, poison, size
 SPELLINGS = ("matmul", "at", "einsum", "bmm", "baddbmm")
 MASKS = ("none", "causal_fill", "causal_where", "causal_additive", "causal_arange", "window", "padding_bool",
          "padding_bias", "causal_padding", "finite_fill", "empty_rows", "kv_cache", "fill_and_padding_bias",
-         "bias_tensor", "alibi_causal", "hf_causal", "hf_window", "hf_padding")
+         "bias_tensor", "alibi_causal", "hf_causal", "hf_window", "hf_padding", "buffer")
+#: the patterns of a mask held as a module buffer (read by value under a value guard) and how it is read
+BUFFER_PATTERNS = ("tril", "tril", "band", "random", "triu", "ones")
+BUFFER_READS = ("eq0", "bool_where", "additive")
 
 
 def _sizes(r, triton):
@@ -66,6 +70,8 @@ def hand_written(r, seed, triton):
     mask = r.choice(MASKS)
     if mask == "kv_cache":
         Lk = max(Lk, Lq)
+    elif mask == "buffer":
+        Lk = Lq                 # nanoGPT's bias[:, :, :T, :T]
     elif mask not in ("none", "padding_bool", "padding_bias", "hf_padding"):
         Lk = Lq if r.random() < 0.8 else Lk
     gqa = r.choice((1, 1, 1, 2)) if H % 2 == 0 else 1
@@ -102,6 +108,16 @@ def hand_written(r, seed, triton):
     elif mask == "alibi_causal":
         slopes = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
         extra = [(slopes[:, None, None] * (torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None])).to(dt)]
+    buffer = None
+    if mask == "buffer":    # a module buffer N >= L long, read as buf[:L, :L] (nanoGPT's causal mask)
+        pattern, how = r.choice(BUFFER_PATTERNS), r.choice(BUFFER_READS)
+        n = Lq + r.choice((0, 0, 1, 5))
+        ones = torch.ones(n, n)
+        allowed = {"tril": ones.tril(), "band": ones.tril() * ones.triu(-window + 1), "triu": ones.triu(),
+                   "ones": ones, "random": (torch.rand(n, n, generator=m.g) < 0.6).float()}[pattern]
+        allowed.fill_diagonal_(1.0)
+        buffer = {"eq0": allowed.view(1, 1, n, n), "bool_where": allowed.bool(),
+                  "additive": torch.zeros(n, n).masked_fill(allowed == 0, float("-inf"))}[how]
     fill_value = r.choice((-1e4, -1e9, torch.finfo(dt).min, -65504.0, -3e38)) \
         if mask in ("finite_fill", "fill_and_padding_bias") else None
     tag = poison(r, [q, k, v])
@@ -112,7 +128,7 @@ def hand_written(r, seed, triton):
         """A (B, Lk) key mask broadcast over the scores: (B, 1, 1, Lk), or (B·H, 1, Lk) for bmm."""
         return t.repeat_interleave(H, 0)[:, None, :] if three_d else t[:, None, None, :]
 
-    def fn(q, k, v, *rest):
+    def fn(q, k, v, *rest, buf=None):
         if strided:
             q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
         lq, lk = q.shape[-2], k.shape[-2]
@@ -171,6 +187,14 @@ def hand_written(r, seed, triton):
             bias = torch.where(allowed, torch.zeros((), dtype=s.dtype), torch.finfo(s.dtype).min)
             s = s + (bias if not three_d else bias.expand(q.shape[0], s.shape[0] // q.shape[0], lq, lk).reshape(
                 s.shape[0], lq, lk))
+        elif mask == "buffer":
+            if how == "eq0":
+                s = s.masked_fill(buf[:, :, :lq, :lk].reshape(-1, lq, lk) == 0 if three_d
+                                  else buf[:, :, :lq, :lk] == 0, float("-inf"))
+            elif how == "bool_where":
+                s = torch.where(buf[:lq, :lk], s, float("-inf"))
+            else:
+                s = s + buf[:lq, :lk].to(s.dtype)
         if upcast == "softmax_dtype":
             p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         elif upcast == "float":
@@ -188,6 +212,9 @@ def hand_written(r, seed, triton):
             o = p @ v
         return o.transpose(1, 2).reshape(o.shape[0], lq, -1) if tail == "blhd" else o
 
+    if buffer is not None:
+        mask = f"buffer_{pattern}_{how}"
+        fn = _WithBuffer(fn, buffer)
     name = f"{spelling}+{mask}" + (f"+gqa{gqa}" if gqa > 1 else "") + ("+softcap" if softcap else "") + \
         ("+strided" if strided else "") + (f"+scale{scale}" if scale <= 0 else "") + \
         (f"+{upcast}" if upcast != "none" else "") + ("+blhd_out" if tail == "blhd" else "")
@@ -199,6 +226,19 @@ def hand_written(r, seed, triton):
     inputs = [q, k, v, *extra]
     return Case("attention", name + (f"+{tag}" if tag else ""), fn, tuple(inputs), expect,
                 {"runtime": "triton"} if triton else _options(r), seed)
+
+
+class _WithBuffer(torch.nn.Module):
+    """A program whose mask is a module buffer: Dynamo lifts ``self.mask`` as a graph input from
+    ``_buffers['mask']``, the spelling seqfuse reads by value under a value guard."""
+
+    def __init__(self, fn, mask):
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("mask", mask)
+
+    def forward(self, *args):
+        return self.fn(*args, buf=self.mask)
 
 
 def sdpa(r, seed, triton):
