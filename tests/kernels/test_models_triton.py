@@ -45,7 +45,9 @@ def test_mamba2_ssd_runs_on_triton(algorithm):
 
 @pytest.mark.parametrize("algorithm", ["chunked", "recurrent"])
 def test_mamba_scan_runs_on_triton(algorithm, monkeypatch):
-    model, tokens = models.tiny_mamba(layers=1)     # the loop path
+    # the loop path; 32 channels and one sequence: the interpreter runs the backward kernel once per
+    # program, about a second each
+    model, tokens = models.tiny_mamba(layers=1, hidden=16, batch=1)
     model, tokens = model.to(DEVICE).eval(), tokens.to(DEVICE)
     if algorithm == "chunked":
         # the discretized scan's exp(Δ·A) and Δ·B·x are formed in the kernels, never materialized

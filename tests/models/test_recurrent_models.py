@@ -67,8 +67,8 @@ class Logits(torch.nn.Module):
         return self.lm(input_ids, use_cache=False).logits
 
 
-def tiny_mamba(layers=2, associative_scan=False):
-    """A random-weight MambaForCausalLM: hidden 32, state 8, expand 2 (128 channels), vocab 64.
+def tiny_mamba(layers=2, associative_scan=False, hidden=32, batch=2):
+    """A random-weight MambaForCausalLM: hidden 32, state 8, expand 2 (64 channels), vocab 64.
 
     On CPU, without the mamba_ssm / causal_conv1d kernels, each mixer runs the torch path:
     a depthwise conv1d + SiLU, then ``mamba_selective_scan``'s loop
@@ -77,11 +77,11 @@ def tiny_mamba(layers=2, associative_scan=False):
     """
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, state_size=8,
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, state_size=8,
                                    expand=2, conv_kernel=4, use_cache=False,
                                    use_associative_scan=associative_scan)
     model = transformers.MambaForCausalLM(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 16))
     return Logits(model), tokens
 
 
@@ -139,8 +139,9 @@ def test_mamba_associative_scan_matches_eager_with_one_scan_per_layer():
 def test_mamba_associative_scan_dynamic_length(batch, length):
     # dynamic=True (Dynamo's automatic-dynamic recompile for a second length gives the same graph): the
     # tree's recursion on the length left guards that pin it (pattern.known_int), so the tree is still
-    # one scan per layer; the model trains (every gradient equals eager)
-    model, _ = tiny_mamba(associative_scan=True)
+    # one scan per layer; the model trains (every gradient equals eager).  One layer: the tree's graph
+    # grows as T·log T per layer, and what two layers add is tested at a static length above
+    model, _ = tiny_mamba(layers=1, associative_scan=True)
     tokens = torch.randint(0, model.lm.config.vocab_size, (batch, length))
     report = check_against_eager(model.train(), tokens, dynamic=True, options={"downstream": "aot_eager"})
     # (Dynamo hands this model's frame to the backend twice under dynamic=True, with or without seqfuse's
