@@ -167,7 +167,7 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     report.downstream_seconds = time.perf_counter() - start
     if guards:
         # module buffers read as constants: a call whose buffers changed runs the graph unrewritten
-        compiled = guarded(compiled, guards, lambda: compile_downstream(gm, example_inputs, opts.downstream, mode))
+        compiled = guarded(compiled, guards, lambda args: compile_downstream(gm, args, opts.downstream, mode))
     log.pipeline.debug("graph: %d rewrite(s), %d near miss(es); seqfuse %.3f s, downstream %s %.3f s",
                        len(report.rewrites), len(report.near_misses), sum(report.seconds.values()),
                        opts.downstream, report.downstream_seconds)

@@ -88,8 +88,9 @@ def _version(x: torch.Tensor):
 def guarded(compiled, guards: list, fallback):
     """Wrap ``compiled`` so that it runs only while every guarded input equals its snapshot.
 
-    ``guards``: (input position, name, snapshot) from :func:`guards_of`; ``fallback()`` compiles
-    the graph without seqfuse's rewrites (called once, on the first call whose values differ).
+    ``guards``: (input position, name, snapshot) from :func:`guards_of`; ``fallback(args)`` compiles
+    the graph without seqfuse's rewrites for inputs like ``args`` (called once, on the first call
+    whose values differ, with that call's inputs: the compile-time inputs are not kept alive).
     The last input seen equal is remembered with its version counter and data pointer, so a
     buffer that comes back unchanged costs no comparison (and no device synchronization)."""
     from seqfuse.runtime.counters import count_fallback
@@ -121,7 +122,7 @@ def guarded(compiled, guards: list, fallback):
             warnings.warn(f"seqfuse: {reason}")
             log.runtime.info("%s", reason)
         if state["fallback"] is None:
-            state["fallback"] = fallback()
+            state["fallback"] = fallback(list(args))
         return state["fallback"](*args)
 
     return run

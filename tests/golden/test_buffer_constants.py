@@ -137,3 +137,26 @@ def test_a_mask_passed_as_an_argument_or_a_parameter_is_not_read_as_a_constant(r
     report = check_against_eager(f, q, k, v, mask)
     ir = _attention_ir(report)
     assert "mask=none" in ir and "keep=" in ir, ir
+
+
+def test_dynamic_lengths_read_the_buffer_once_and_fall_back_at_any_length():
+    # dynamic=True: one graph for every length, the buffer sliced to a symbolic T; the fallback
+    # graph is compiled for the inputs of the call that found the buffer changed
+    torch.manual_seed(0)
+    m = CausalSelfAttention()
+    ref = CausalSelfAttention()
+    ref.load_state_dict(m.state_dict())
+    report = seqfuse.explain(m, torch.randn(2, 12, 32), dynamic=True, options={"downstream": "aot_eager"})
+    assert "mask=causal" in _attention_ir(report) and [g.guards for g in report.graphs] == [["l_self_buffers_bias_"]]
+    compiled = torch.compile(m, backend="seqfuse", dynamic=True, options={"downstream": "aot_eager"})
+    for t in (12, 7):
+        x = torch.randn(2, t, 32)
+        assert rel_err(compiled(x), ref(x)) < 1e-5
+    with torch.no_grad():
+        m.bias.copy_(torch.ones(16, 16).triu().view(1, 1, 16, 16))
+        ref.bias.copy_(m.bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (9, 16):
+            x = torch.randn(2, t, 32)
+            assert rel_err(compiled(x), ref(x)) < 1e-5
