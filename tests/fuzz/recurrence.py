@@ -107,7 +107,7 @@ def ssd_loop(r, seed, triton):
         return o, S
 
     name = f"loop_{decay}" + ("_rev" if reverse else "") + ("_h0" if use_h0 else "") + ("_unbind" if pieces else "")
-    return _case("ssd", name, fn, [q, k, v, *extra] + ([h0] if use_h0 else []), r, seed, triton, tag=tag)
+    return _case("ssd", name, fn, [q, k, v, *extra] + ([h0] if use_h0 else []), r, seed, triton, tag=tag, expect="" if T == 1 else None)
 
 
 def ssd_loop_mamba2(r, seed, triton):
@@ -130,7 +130,7 @@ def ssd_loop_mamba2(r, seed, triton):
             ys.append(torch.einsum("bhpn,bn->bhp", h, C[:, t]))
         return torch.stack(ys, 1), h
 
-    return _case("ssd", "loop_mamba2", fn, [x, dt, A, Bm, C], r, seed, triton, tag=tag)
+    return _case("ssd", "loop_mamba2", fn, [x, dt, A, Bm, C], r, seed, triton, tag=tag, expect="" if T == 1 else None)
 
 
 # ======================================================================== ssd: loop-free
@@ -332,7 +332,7 @@ def scan_loop(r, seed, triton):
         return (o, h) if ret_h else o
 
     name = f"loop_{gate}" + ("_rev" if reverse else "") + ("_h0" if use_h0 else "")
-    return _case("scan", name, fn, [x, a] + ([h0] if use_h0 else []), r, seed, triton, tag=tag)
+    return _case("scan", name, fn, [x, a] + ([h0] if use_h0 else []), r, seed, triton, tag=tag, expect="" if T == 1 else None)
 
 
 def scan_loop_mamba(r, seed, triton):
@@ -368,7 +368,7 @@ def scan_loop_mamba(r, seed, triton):
         return y * F.silu(z), state
 
     return _case("scan", "loop_mamba" + ("_upcast" if upcast else ""), fn, [hidden, delta, A, Bm, C, Dk, z],
-                 r, seed, triton, tag=tag)
+                 r, seed, triton, tag=tag, expect="" if T == 1 else None)
 
 
 def scan_loop_complex(r, seed, triton):
@@ -392,7 +392,7 @@ def scan_loop_complex(r, seed, triton):
             ys.append((h @ Cc).real)
         return torch.stack(ys, 1)
 
-    return _case("scan", "loop_lru", fn, [u, nu, theta, Bre, Bim, Cre, Cim], r, seed, triton, tag=tag)
+    return _case("scan", "loop_lru", fn, [u, nu, theta, Bre, Bim, Cre, Cim], r, seed, triton, tag=tag, expect="" if T == 1 else None)
 
 
 def scan_bidirectional(r, seed, triton):
@@ -414,7 +414,7 @@ def scan_bidirectional(r, seed, triton):
             bw.append(hb)
         return torch.stack(fw, 1) + torch.stack(bw[::-1], 1)
 
-    return _case("scan", "loop_bidirectional", fn, [x, g], r, seed, triton, tag=tag)
+    return _case("scan", "loop_bidirectional", fn, [x, g], r, seed, triton, tag=tag, expect="" if T == 1 else None)
 
 
 def _linear(left, right):
