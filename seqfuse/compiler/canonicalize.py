@@ -688,6 +688,69 @@ def normalize_inplace(gm: torch.fx.GraphModule) -> int:
     return n
 
 
+def _mutates(node: torch.fx.Node) -> bool:
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
+
+
+def _slot(node: torch.fx.Node, buf: torch.fx.Node):
+    """(dim, index) when ``node`` is ``select(buf, dim, index)`` with constant non-negative ints, else None."""
+    if node.target is not aten.select.int or node.args[0] is not buf or len(node.args) < 3:
+        return None
+    d, i = node.args[1], node.args[2]
+    r = rank(buf)
+    if not isinstance(d, int) or not isinstance(i, int) or i < 0 or r is None:
+        return None
+    return d % r, i
+
+
+def forward_slot_reads(gm: torch.fx.GraphModule) -> int:
+    """A read of one slot of a fresh buffer, ``select(buf, d, i)``, that follows a write of that whole slot,
+    ``copy_(select(buf, d, i), v)`` (same dtype and shape: no cast, no broadcast), with no write to the
+    buffer in between but to other slots along the same axis, reads ``v``; returns how many reads.
+
+    A recurrence carried through a buffer, ``h[:, t + 1] = a[:, t] * h[:, t] + x[:, t]``, then carries
+    its state as a value from step to step (step t reads step t - 1's result, not the buffer), the
+    form the loops pass reads.  Only buffers whose every use is such a slot write, a slot read or a
+    reader that mutates nothing (and whose views mutate nothing) are followed: nothing else can
+    change a slot between its write and its read."""
+    graph, n = gm.graph, 0
+    pos = {node: k for k, node in enumerate(graph.nodes)}
+    for buf in list(graph.nodes):
+        if not _fresh(buf) or not isinstance(val(buf), torch.Tensor) or len(buf.users) < 2:
+            continue
+        events, ok = [], True
+        for u in buf.users:
+            slot = _slot(u, buf)
+            writes = [w for w in u.users if _mutates(w)]
+            if slot is not None and len(u.users) == 1 and writes and writes[0].target is aten.copy_.default \
+                    and writes[0].args[0] is u:
+                v = writes[0].args[1]
+                same = isinstance(v, torch.fx.Node) and isinstance(val(v), torch.Tensor) and \
+                    val(v).dtype == val(u).dtype and _shape_matches(val(u).shape, val(v).shape)
+                events.append((pos[writes[0]], "write", slot, v if same else None))
+            elif slot is not None and not writes:
+                events.append((pos[u], "read", slot, u))
+            elif _mutates(u) or any(_mutates(w) for w in u.users):
+                ok = False      # a write the slots cannot account for (buf.add_, a slice's copy_)
+                break
+        if not ok:
+            continue
+        known: dict = {}        # slot -> the value written there last (None: written, not forwardable)
+        for _, kind, (d, i), x in sorted(events, key=lambda e: e[0]):
+            if kind == "write":
+                if any(d2 != d for d2, _ in known):
+                    known.clear()   # a slot along another axis overlaps this one
+                known[(d, i)] = x
+            elif known.get((d, i)) is not None:
+                x.replace_all_uses_with(known[(d, i)])
+                graph.erase_node(x)
+                n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
 # --- layouts -----------------------------------------------------------------
 
 def _laid_out_alike(a: torch.Tensor, b_shape, b_stride) -> bool:

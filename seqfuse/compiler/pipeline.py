@@ -10,7 +10,7 @@ import torch.fx
 
 from seqfuse import log
 from seqfuse.compiler.constants import attach as attach_constants, buffer_constants
-from seqfuse.compiler.canonicalize import (normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
+from seqfuse.compiler.canonicalize import (forward_slot_reads, normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
                                            normalize_softmax, restore_layouts, trace_pre_dispatch,
                                            unstable_softmaxes)
 from seqfuse.compiler.options import Options
@@ -123,6 +123,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     with _timed(report, "canonicalize"):
         normalize_slices(canon)
         normalize_inplace(canon)
+        forward_slot_reads(canon)
         normalize_contractions(canon)
         dump("contractions", canon.graph)
         normalize_masks(canon)

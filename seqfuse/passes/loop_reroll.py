@@ -191,6 +191,9 @@ class Loop:
     hi: int = 0
     carried: list[int] = field(default_factory=list)               # template indices read by the next step
     rebuilt: bool = False            # rebuild_dropped inserted nodes (dead code unless the loop is rewritten)
+    #: family -> k for a run of write destinations one step ahead of (k = 1) or behind the reads: step t
+    #: writes index(t) + k (``h[:, t + 1] = f(h[:, t], x[:, t])``); the runs' indices are shifted by -k
+    offsets: dict = field(default_factory=dict)
     mid: int = 0                     # the step the template was taken from
 
     def index(self, s: int) -> int:
@@ -226,9 +229,16 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
     if len(steps) != 1:
         raise NoLoop("the loop reads time both forward and reversed (a bidirectional loop body)")
     reverse = steps.pop() < 0
+    # a run of write destinations that starts with a read of the slot before them is the recurrence's
+    # initial state h[:, 0] followed by its writes h[:, t + 1]: the read is no step's seed
+    runs = [Run(r.family, r.nodes[1:], r.indices[1:], r.step) if len(r.nodes) > MIN_STEPS and
+            not _writes_into(r.nodes[0]) and all(_writes_into(n) for n in r.nodes[1:]) else r for r in runs]
+    offsets = _write_offsets(runs)
+    if offsets:
+        runs = [Run(r.family, r.nodes, [i - offsets.get(r.family, 0) for i in r.indices], r.step) for r in runs]
     imin = min(min(r.indices) for r in runs)
     imax = max(max(r.indices) for r in runs)
-    loop = Loop(runs, reverse, imin, imax)
+    loop = Loop(runs, reverse, imin, imax, offsets=offsets)
     T = imax - imin + 1
     if T < MIN_STEPS:
         raise NoLoop("too few steps")
@@ -351,6 +361,35 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
         raise NoLoop(f"step {hi + 1} of the loop body differs from the others")
     loop.lo, loop.hi = lo, hi
     return loop
+
+
+def _writes_into(node: torch.fx.Node) -> bool:
+    """Whether seed ``node``'s one use is a ``copy_`` into it (a per-step buffer write's destination)."""
+    users = list(node.users)
+    return len(users) == 1 and users[0].target is aten.copy_.default and users[0].args[0] is node
+
+
+def _write_offsets(runs: list[Run]) -> dict:
+    """family -> k for each run of write destinations whose indices are those of the other runs shifted
+    by k = ±1 (``h[:, t + 1] = a[:, t] * h[:, t] + x[:, t]`` writes one index ahead of its reads): the
+    write of step t goes to index(t) + k.  Whether the shifted writes really belong to the steps is
+    what matching the steps proves (a misplaced write makes the steps differ)."""
+    writes = [r for r in runs if all(_writes_into(n) for n in r.nodes)]
+    others = [r for r in runs if r not in writes and not all(_writes_into(n) for n in r.nodes[1:])]
+    if not writes or not others:
+        return {}
+    lo, hi = min(min(r.indices) for r in others), max(max(r.indices) for r in others)
+    out = {}
+    for r in list(writes):
+        if r.step == 1 and r.indices[0] == lo and r.indices[-1] == hi + 1 and len(r.nodes) > MIN_STEPS:
+            # h[:, 0] = h0 before the loop, then h[:, t + 1] each step: the first write is the initial
+            # state, no step's (it is what the first step reads)
+            runs[runs.index(r)] = trimmed = Run(r.family, r.nodes[1:], r.indices[1:], r.step)
+            writes[writes.index(r)] = r = trimmed
+        k = min(r.indices) - lo
+        if k in (-1, 1) and max(r.indices) - k == hi:
+            out[r.family] = k
+    return out
 
 
 _GATHERS = (aten.stack.default, aten.cat.default)
@@ -814,11 +853,19 @@ def check_buffer_reads(loop: Loop, writes: list, body: set, pos: dict, first: in
     dests = {loop.inst[t][s] for _, s, _ in writes for t in loop.steps}
     copies = {loop.inst[t][j] for j, _, _ in writes for t in loop.steps}
     for _, s, _ in writes:
-        for a in aliases(loop.template[s].args[0]):
+        buf = loop.template[s].args[0]
+        key = _seed_key(loop.template[s])
+        written = {_seed_key(loop.inst[t][s])[3] for t in loop.steps}
+        for a in aliases(buf):
             if a in body and a not in dests:
                 raise NoLoop("the loop reads the buffer it writes its outputs into")
             for u in a.users:
                 if u in body and u not in copies and a in dests:
                     raise NoLoop("the loop reads the buffer it writes its outputs into")
+                other = _seed_key(u)
+                if a is buf and key[2] == "select" and other is not None and other[:3] == key[:3] and \
+                        other[3] not in written:
+                    continue    # a slot the loop does not write (the initial state h[:, 0] of a recurrence
+                    #             written one index ahead)
                 if u not in body and first < pos[u] < last:
                     raise NoLoop("the output buffer is used inside the loop by code outside the loop body")

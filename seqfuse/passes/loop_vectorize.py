@@ -16,7 +16,7 @@ import string
 import torch
 import torch.fx
 
-from seqfuse.passes.loop_reroll import Loop, NoLoop
+from seqfuse.passes.loop_reroll import Loop, NoLoop, _seed_key
 from seqfuse.passes.loop_linear import PASS_THROUGH
 from seqfuse.passes.pattern import copy_meta, is_op, op_name, val
 
@@ -148,7 +148,8 @@ class Vectorizer:
             value, is_vec = self.role(src)
             if not is_vec and not invariant_writes:
                 raise NoLoop("a buffer write of an invariant value")
-            dest = self.emit(aten.slice.Tensor, (buf, d, self.start, self.start + self.count))
+            k = loop.offsets.get(_seed_key(node)[:3], 0)     # a write one index ahead of the reads
+            dest = self.emit(aten.slice.Tensor, (buf, d, self.start + k, self.start + k + self.count))
             rank = val(buf).dim() if node.target is aten.slice.Tensor else val(buf).dim() - 1
             value = self.emit(aten.movedim.int, (self.pad(value, rank + 1), 0, d))
             if node.target is aten.slice.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import seqfuse
 from golden.test_no_silent_rejection import loop
-from helpers import check_against_eager
+from helpers import check_against_eager, rel_err
 
 T = 12
 
@@ -626,15 +626,95 @@ def buffer_carried(a, x):
     return h[:, 1:]
 
 
-def test_buffer_carried_recurrence_is_a_near_miss_not_a_pipeline_failure():
-    # the last step's "dropped" update was rebuilt as a slice at the loop's index instead of the seed's
-    # own (x[:, 8] of a length-8 x): an IndexError that failed the pipeline (compiled unchanged with a
-    # warning; an error under SEQFUSE_STRICT).  Reading the recurrence through the buffer (each step's
-    # read is the previous step's write, one index ahead) is not done: a near miss
+def buffer_carried_h0(a, x, h0):
+    """h[:, 0] = h0, then h[:, t + 1] = a_t·h[:, t] + x_t; every state returned, the initial one too."""
+    h = x.new_zeros(x.shape[0], x.shape[1] + 1, x.shape[2])
+    h[:, 0] = h0
+    for t in range(x.shape[1]):
+        h[:, t + 1] = a[:, t] * h[:, t] + x[:, t]
+    return h
+
+
+def buffer_carried_state(q, k, v, g):
+    """S[:, t + 1] = S[:, t]·g_t + k_t ⊗ v_t in a (B, T + 1, K, V) buffer, read out after the loop."""
+    S = torch.zeros(k.shape[0], k.shape[1] + 1, k.shape[2], v.shape[-1])
+    for t in range(k.shape[1]):
+        S[:, t + 1] = S[:, t] * g[:, t, :, None] + k[:, t, :, None] * v[:, t, None, :]
+    return torch.einsum("btk,btkv->btv", q, S[:, 1:])
+
+
+def buffer_written_behind(a, x):
+    """out[:, t - 1] = h_t for t >= 1: the writes one index behind the reads."""
+    h = torch.zeros(x.shape[0], x.shape[2])
+    out = torch.zeros(x.shape[0], x.shape[1] - 1, x.shape[2])
+    for t in range(1, x.shape[1]):
+        h = a[:, t] * h + x[:, t]
+        out[:, t - 1] = h
+    return out
+
+
+def buffer_second_order(a, x):
+    """h[:, t + 2] = a_t·h[:, t] + x_t: each step reads the state two steps back (not first order)."""
+    h = torch.zeros(x.shape[0], x.shape[1] + 2, x.shape[2])
+    for t in range(x.shape[1]):
+        h[:, t + 2] = a[:, t] * h[:, t] + x[:, t]
+    return h
+
+
+def test_buffer_carried_recurrence_is_one_scan():
+    # each step's read of h[:, t] is the previous step's write (canonicalize.forward_slot_reads), and
+    # the writes one index ahead of the reads are the op's outputs at index + 1 (loop_reroll's write
+    # offsets); h[:, 0], which no step writes, is the initial state.  Eager's own backward fails on
+    # this program (h[:, t], saved by the product, is overwritten through h), so the values are
+    # compared without gradients; the other tests below train
     a, x = torch.rand(2, 8, 3), torch.randn(2, 8, 3)
-    report = check_against_eager(buffer_carried, a, x, grads=False)   # eager's in-place writes have no backward
-    assert report.count("scan") == 0 and not [m for m in report.near_misses if m.kind == "pipeline"], str(report)
-    assert [m for m in report.near_misses if m.kind == "scan"], str(report)
+    report = check_against_eager(buffer_carried, a, x, grads=False)
+    (ir,) = only(report, "scan")
+    assert "h0=%select" in ir, ir
+
+
+def test_buffer_carried_recurrence_with_an_initial_state_written_first_trains():
+    # eager cannot differentiate the buffer program (see above); the compiled one can, and its
+    # gradients are those of the same recurrence written with a list
+    def listed(a, x, h0):
+        hs = [h0]
+        for t in range(x.shape[1]):
+            hs.append(a[:, t] * hs[-1] + x[:, t])
+        return torch.stack(hs, 1)
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(2, 8, 3, generator=g).requires_grad_()
+    x, h0 = torch.randn(2, 8, 3, generator=g).requires_grad_(), torch.randn(2, 3, generator=g).requires_grad_()
+    (ir,) = only(check_against_eager(buffer_carried_h0, a, x, h0, grads=False), "scan")
+    assert "h0=%l_h0_" in ir, ir
+    torch._dynamo.reset()
+    out = torch.compile(buffer_carried_h0, backend="seqfuse", options={"downstream": "aot_eager"})(a, x, h0)
+    want = listed(a, x, h0)
+    w = torch.randn(want.shape, generator=g)
+    got, exp = (torch.autograd.grad(o, (a, x, h0), w) for o in (out, want))
+    assert rel_err(out, want) < 1e-6
+    for name, p_, q_ in zip("a x h0".split(), got, exp):
+        assert rel_err(p_, q_) < 1e-6, name
+
+
+def test_buffer_carried_matrix_state_is_lifted():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 6, n, generator=g) for n in (4, 4, 5))
+    report = check_against_eager(buffer_carried_state, q, k, v, torch.rand(2, 6, 4, generator=g), grads=False)
+    assert report.count("scan") + report.count("ssd") == 1 and not report.near_misses, str(report)
+
+
+def test_writes_one_index_behind_the_reads_are_one_scan():
+    g = torch.Generator().manual_seed(7)
+    a, x = torch.rand(2, 8, 3, generator=g).requires_grad_(), torch.randn(2, 8, 3, generator=g).requires_grad_()
+    only(check_against_eager(buffer_written_behind, a, x), "scan")
+
+
+def test_a_second_order_recurrence_through_a_buffer_is_a_near_miss():
+    a, x = torch.rand(2, 8, 3), torch.randn(2, 8, 3)
+    report = check_against_eager(buffer_second_order, a, x, grads=False)
+    assert report.count("scan") == 0 and report.count("ssd") == 0, str(report)
+    assert any("two or more steps before" in m.reason for m in report.near_misses), str(report)
 
 
 # --- loops over unbind / split / narrow pieces ------------------------------------------
