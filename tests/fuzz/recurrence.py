@@ -469,7 +469,53 @@ def scan_hop(r, seed, triton):
                  r, seed, triton, tag=tag, expect="" if T == 1 else None)
 
 
-SCAN_SPELLINGS = ((scan_loop, 4), (scan_loop_mamba, 2), (scan_loop_complex, 1), (scan_bidirectional, 1),
+def scan_loop_buffer(r, seed, triton):
+    """h carried through a buffer written one index ahead of the reads (``h[:, t + 1] = a_t·h[:, t] +
+    x_t``), h[:, 0] zeros or a given h0; time axis 1 or last; forward or reversed (``h[:, t] = a_t·h[:,
+    t + 1] + x_t``); sometimes two indices ahead (second order: must stay a loop).  No input needs a
+    gradient: eager's backward of such a program fails (h[:, t], saved by the product, is overwritten
+    through h)."""
+    T, B, _, D, _ = _sizes(r, triton, loop=True)
+    m = Maker(r, r.choice(DTYPES))
+    reverse, use_h0, last_axis = r.random() < 0.25, r.random() < 0.4, r.random() < 0.3
+    gap = 2 if r.random() < 0.15 else 1
+    ret = r.choice(("states", "all", "last"))
+    x, a = m.randn(B, T, D, grad=False), m.gate(B, T, D, grad=False)
+    h0 = m.randn(B, D, grad=False) if use_h0 else None
+    tag = poison(r, [x, a] + ([h0] if use_h0 else []))
+
+    def fn(x, a, *rest):
+        n = x.shape[1]
+        shape = (x.shape[0], x.shape[2], n + gap) if last_axis else (x.shape[0], n + gap, x.shape[2])
+        h = x.new_zeros(shape)
+        at = (lambda t: h[..., t]) if last_axis else (lambda t: h[:, t])
+
+        def put(t, v):
+            if last_axis:
+                h[..., t] = v
+            else:
+                h[:, t] = v
+        first = n + gap - 1 if reverse else 0
+        if use_h0:
+            put(first, rest[0])
+        for t in (range(n - 1, -1, -1) if reverse else range(n)):
+            if reverse:
+                put(t, a[:, t] * at(t + gap) + x[:, t])
+            else:
+                put(t + gap, a[:, t] * at(t) + x[:, t])
+        if ret == "all":
+            return h
+        if ret == "last":
+            return at(0) if reverse else at(n + gap - 1)
+        return (h[..., :n] if reverse else h[..., gap:]) if last_axis else (h[:, :n] if reverse else h[:, gap:])
+
+    name = "loop_buffer_carried" + ("_rev" if reverse else "") + ("_h0" if use_h0 else "") + \
+        ("_last_axis" if last_axis else "") + (f"_gap{gap}" if gap > 1 else "") + f"_{ret}"
+    expect = "" if T == 1 or gap > 1 else None
+    return _case("scan", name, fn, [x, a] + ([h0] if use_h0 else []), r, seed, triton, tag=tag, expect=expect)
+
+
+SCAN_SPELLINGS = ((scan_loop, 4), (scan_loop_buffer, 1), (scan_loop_mamba, 2), (scan_loop_complex, 1), (scan_bidirectional, 1),
                   (scan_associative, 2), (scan_hop, 1))
 
 
