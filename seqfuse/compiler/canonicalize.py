@@ -693,6 +693,23 @@ def _mutates(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
 
 
+def _mutated_through(node: torch.fx.Node) -> bool:
+    """Whether ``node`` mutates an argument, or is a view (at any depth) of which some user does."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _mutates(n):
+            return True
+        t = n.target
+        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and \
+                any(r.alias_info is not None for r in t._schema.returns):
+            stack.extend(n.users)
+    return False
+
+
 def _slot(node: torch.fx.Node, buf: torch.fx.Node):
     """(dim, index) when ``node`` is ``select(buf, dim, index)`` with constant non-negative ints, else None."""
     if node.target is not aten.select.int or node.args[0] is not buf or len(node.args) < 3:
@@ -729,9 +746,9 @@ def forward_slot_reads(gm: torch.fx.GraphModule) -> int:
                 same = isinstance(v, torch.fx.Node) and isinstance(val(v), torch.Tensor) and \
                     val(v).dtype == val(u).dtype and _shape_matches(val(u).shape, val(v).shape)
                 events.append((pos[writes[0]], "write", slot, v if same else None))
-            elif slot is not None and not writes:
+            elif slot is not None and not any(_mutated_through(w) for w in u.users):
                 events.append((pos[u], "read", slot, u))
-            elif _mutates(u) or any(_mutates(w) for w in u.users):
+            elif _mutated_through(u):
                 ok = False      # a write the slots cannot account for (buf.add_, a slice's copy_)
                 break
         if not ok:

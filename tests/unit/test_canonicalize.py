@@ -142,6 +142,42 @@ def test_a_sum_over_an_axis_one_factor_broadcasts_stays_a_mul_and_a_sum():
     assert normalize_contractions(traced) == 1
 
 
+def test_a_slot_read_after_its_write_reads_the_written_value():
+    from seqfuse.compiler.canonicalize import forward_slot_reads
+
+    def carried(x):
+        h = torch.zeros(2, 4, 3)
+        h[:, 1] = x
+        return h[:, 1] * 2 + h[:, 2]       # slot 1 reads x; slot 2 was never written
+
+    x = torch.randn(2, 3)
+    gm, inputs = capture(carried, x)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert forward_slot_reads(traced) == 1, format_graph(traced.graph)
+    torch.testing.assert_close(run(traced, inputs), carried(x))
+
+
+def test_a_slot_written_again_through_a_view_is_read_from_the_buffer():
+    # between the write of slot 1 and its second read, a view of the whole buffer writes slot 1 again:
+    # only the first read may take the written value
+    from seqfuse.compiler.canonicalize import forward_slot_reads
+
+    def rewritten(x, y):
+        h = torch.zeros(2, 4, 3)
+        h[:, 1] = x
+        a = h[:, 1] * 2
+        h.view(2, 12)[:, 3:6] = y
+        return a + h[:, 1] * 3
+
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    gm, inputs = capture(rewritten, x, y)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert forward_slot_reads(traced) == 0, format_graph(traced.graph)
+    torch.testing.assert_close(run(traced, inputs), rewritten(x, y))
+    compiled = torch.compile(rewritten, backend="seqfuse", options={"downstream": "eager"})
+    torch.testing.assert_close(compiled(x, y), rewritten(x, y))
+
+
 @pytest.mark.parametrize("downstream", ["eager", "aot_eager", "inductor"])
 def test_mixed_dtype_broadcast_product_is_not_an_einsum(downstream):
     """mul promotes fp32 * fp16 to fp32; aten.einsum does not (it raises): the sum of the
