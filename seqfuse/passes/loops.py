@@ -9,8 +9,11 @@ in time linear in the graph size (see loop_reroll for how the steps are found):
 - ``S = g_t ⊙ S + k_t ⊗ v_t`` read out as ``q_t · S`` (g scalar per head or a vector
   along the contracted axis, written exp(·), sigmoid(·) or a positive constant)  -> seqfuse.ssd;
 - per-step outputs collected by ``stack`` / ``cat`` or written into a buffer with
-  ``copy_(select(buf, d, t), ·)`` become the op's stacked results; everything else the body
-  computes is vectorized over time on whole tensors (loop_vectorize).
+  ``copy_(select(buf, d, t), ·)`` (or one index ahead, ``t + 1``, or behind: loop_reroll's write
+  offsets) become the op's stacked results; everything else the body computes is vectorized over
+  time on whole tensors (loop_vectorize).  A state carried through the buffer itself,
+  ``h[:, t + 1] = a[:, t] * h[:, t] + x[:, t]``, arrives as a value carried from step to step
+  (canonicalize.forward_slot_reads) with ``h[:, 0]`` its initial state.
 
 A loop over chunks (``S = S·g_i + k_iᵀ·v_i`` from step i's own slices, after step i's readout;
 a slice read in several expressions of the body) is read with every node in the step of its
