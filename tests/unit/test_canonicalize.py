@@ -178,6 +178,48 @@ def test_a_slot_written_again_through_a_view_is_read_from_the_buffer():
     torch.testing.assert_close(compiled(x, y), rewritten(x, y))
 
 
+def _slot_program(r):
+    """A random sequence of whole-slot writes and reads of a (2, 4, 4) buffer along axis 1 or 2, and in
+    a third of the programs writes the forwarding must see through (a view's slice, +=, a 2-slot slice)."""
+    mixed = r.random() < 0.3
+    ops = [(r.choice(["write", "write", "read", "read", "read"] + (["view", "iadd", "pair"] if mixed else [])),
+            r.choice([1, 2]), r.randrange(4), r.random()) for _ in range(r.randint(3, 10))]
+
+    def fn(x):
+        h, acc = torch.zeros(2, 4, 4), torch.zeros(2, 4)
+        for n, (kind, d, i, c) in enumerate(ops):
+            v = x * (n + 1) + c
+            slot = (slice(None), i) if d == 1 else (slice(None), slice(None), i)
+            if kind == "write":
+                h[slot] = v
+            elif kind == "read":
+                acc = acc + h[slot] * (n + 2)
+            elif kind == "view":
+                h.view(2, 16)[:, 4 * i:4 * i + 4] = v
+            elif kind == "iadd":
+                h[slot] += v
+            else:
+                h[:, i:i + 2] = v[:, None]
+        return acc + h.sum(1)
+    return fn
+
+
+def test_slot_forwarding_keeps_random_programs_equal_to_eager(monkeypatch):
+    import random
+
+    import seqfuse.compiler.pipeline as pipeline
+    counts = []
+    forward = pipeline.forward_slot_reads
+    monkeypatch.setattr(pipeline, "forward_slot_reads", lambda gm: counts.append(forward(gm)) or counts[-1])
+    for seed in range(40):
+        fn = _slot_program(random.Random(seed))
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+        torch._dynamo.reset()
+        got = torch.compile(fn, backend="seqfuse", options={"downstream": "eager"})(x)
+        torch.testing.assert_close(got, fn(x), msg=f"program {seed}")
+    assert sum(1 for c in counts if c) >= 5, counts      # the forwarding did happen
+
+
 @pytest.mark.parametrize("downstream", ["eager", "aot_eager", "inductor"])
 def test_mixed_dtype_broadcast_product_is_not_an_einsum(downstream):
     """mul promotes fp32 * fp16 to fp32; aten.einsum does not (it raises): the sum of the
