@@ -710,6 +710,45 @@ def test_writes_one_index_behind_the_reads_are_one_scan():
     only(check_against_eager(buffer_written_behind, a, x), "scan")
 
 
+def buffer_read_behind(a, x):
+    """h[:, t] = a_t·h[:, t - 1] + x_t for t >= 1 after h[:, 0] = x_0: the common spelling of a scan
+    into a preallocated buffer (each step reads the slot the previous step wrote)."""
+    h = torch.zeros_like(x)
+    h[:, 0] = x[:, 0]
+    for t in range(1, x.shape[1]):
+        h[:, t] = a[:, t] * h[:, t - 1] + x[:, t]
+    return h
+
+
+def buffer_read_behind_last_axis(a, x):
+    """The same along the last axis, the first step reading zeros_like(x[..., 0])."""
+    h = torch.zeros_like(x)
+    for t in range(x.shape[-1]):
+        prev = h[..., t - 1] if t > 0 else torch.zeros_like(x[..., 0])
+        h[..., t] = a[..., t] * prev + x[..., t]
+    return h
+
+
+def buffer_read_ahead_reversed(a, x):
+    """The reversed scan: h[:, t] = a_t·h[:, t + 1] + x_t from the end."""
+    h = torch.zeros_like(x)
+    T = x.shape[1]
+    h[:, T - 1] = x[:, T - 1]
+    for t in range(T - 2, -1, -1):
+        h[:, t] = a[:, t] * h[:, t + 1] + x[:, t]
+    return h
+
+
+@pytest.mark.parametrize("fn,reverse", [(buffer_read_behind, False), (buffer_read_behind_last_axis, False),
+                                        (buffer_read_ahead_reversed, True)])
+def test_a_buffer_read_one_slot_behind_its_write_is_one_scan(fn, reverse):
+    # before forward_slot_reads: near misses ("a lag, not a recurrence"), or silent along the last axis
+    g = torch.Generator().manual_seed(8)
+    a, x = torch.rand(2, 8, 3, generator=g), torch.randn(2, 8, 3, generator=g)
+    (ir,) = only(check_against_eager(fn, a, x, grads=False), "scan")
+    assert f"reverse={'true' if reverse else 'false'}" in ir, ir
+
+
 def test_a_second_order_recurrence_through_a_buffer_is_a_near_miss():
     a, x = torch.rand(2, 8, 3), torch.randn(2, 8, 3)
     report = check_against_eager(buffer_second_order, a, x, grads=False)
