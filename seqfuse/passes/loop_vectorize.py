@@ -93,6 +93,8 @@ def can_vectorize(node: torch.fx.Node) -> bool:
         return True
     if node.target is aten.movedim.int:
         return True
+    if is_op(node, aten.tril, aten.triu):      # on the last two axes: a leading step axis changes nothing
+        return val(node.args[0]).dim() >= 2
     if is_op(node, *_DIM1, aten.squeeze, aten.permute, aten.transpose, aten.expand, aten.view, aten.reshape,
              aten._unsafe_view, aten.einsum, *_MULTI):
         return not (is_op(node, aten.squeeze) and node.target is aten.squeeze.default)
@@ -384,6 +386,8 @@ class Vectorizer:
                 return self.emit(node.target, tuple(args), kw)
             return self.emit(node.target, tuple(args), kw)
         x = args[0]
+        if is_op(node, aten.tril, aten.triu):
+            return self.emit(node.target, (x, *args[1:]), kw) if items[0][1] else None
         if is_op(node, aten.unsqueeze):
             return self.emit(node.target, (x, args[1] % out_val.dim() + 1))
         if is_op(node, aten.select, aten.slice, aten.narrow, aten.squeeze) and node.target is not aten.squeeze.dims:

@@ -41,7 +41,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.ops import SSD, Scan
-from seqfuse.passes.pattern import arg, is_op, rank, sym_product, val
+from seqfuse.passes.pattern import arg, constant_value, is_op, rank, sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters
 from seqfuse.passes.ssd_forms import SSDFormsPass, ssd_value, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
@@ -403,13 +403,11 @@ class ChunkedSSDPass(Pass):
         finals = []
         return {"h0": None, "final": finals, "final_letters": [x for x in letters if x != z]}
 
-    def _states_scan(self, ctx, ch, cat, letters) -> dict:
+    def _states_scan(self, ctx, ch, cat, letters) -> dict:  # noqa: C901 - one reading per decay kind
         """(c) a chunk loop re-rolled by the loops pass: H = cat([h0, Hs[:-1]]) along the chunk axis z,
         Hs the states of ``seqfuse.scan`` over the chunks, h_z = a_z·h_{z-1} + b_z from the scan's
         own h0, with a_z = exp(G[z, Q-1]) (one number per chunk and batch entry) and b_z = S[z]."""
         r = ch.roles
-        if ch.decay_seq is None:
-            raise NoMatch("a scan over chunks with an intra-chunk term without decay")
         if len(cat.args[0]) != 2:
             raise NoMatch("the state entering a chunk is a cat of more than two parts")
         dz = arg(cat, 1, "dim", 0) % rank(cat)
@@ -425,6 +423,8 @@ class ChunkedSSDPass(Pass):
         ys, yl = base_letters(rest.args[0], letters)
         scan = _scan_source(cat)
         op = scan.meta["seqfuse_ir"]
+        if ch.decay_seq is None and not _is_ones(op.a):
+            raise NoMatch("a scan over chunks with a decay but an intra-chunk term without one")
         if op.reverse or op.c is not None:
             raise NoMatch("the scan over chunks runs reversed or has a readout")
         if ys.args[1] != 0 or sorted(yl) != sorted(letters) or yl[-2] != z:
@@ -440,6 +440,10 @@ class ChunkedSSDPass(Pass):
             h0 = base_letters(op.h0, hl)
             if fb[0] is not h0[0] or list(fb[1]) != list(h0[1]):
                 raise NoMatch("the first chunk's entering state is not the scan's initial state")
+        if ch.decay_seq is None:        # decay none: h_z = h_{z-1} + S[z] (the scan's a a constant 1)
+            self._chunk_states(ctx, ch, op.b, aligned(op.b, yl, ys))
+            finals = [u for u in scan.users if u.target is operator.getitem and u.args[1] == 1]
+            return {"h0": h0, "final": finals, "final_letters": self._unit_batch(ch, hl)}
         # a_z = exp(G[z, Q-1]): the chunk's last cumulative decay, the same along the state axes
         a_node, a_l = base_letters(op.a, aligned(op.a, yl, ys))
         if not set(a_l) - {UNIT} <= set(r.batch) or z not in a_l:
@@ -547,6 +551,18 @@ class ChunkedSSDPass(Pass):
             if val(hn).dtype != val(f).dtype:
                 hn = emit(graph, before, aten.to.dtype, (hn, val(f).dtype), f)
             f.replace_all_uses_with(hn)
+
+
+def _is_ones(node) -> bool:
+    """Whether ``node`` is, through views, a constant tensor of ones (a scan's a when nothing decays)."""
+    if not isinstance(node, torch.fx.Node):
+        return isinstance(node, (int, float)) and node == 1
+    base, _ = base_letters(node, [UNIT] * (rank(node) or 0))
+    if is_op(base, aten.ones, aten.ones_like, aten.new_ones):
+        return True
+    if is_op(base, aten.full, aten.full_like, aten.new_full):
+        return constant_value(base.args[-1]) == 1
+    return False
 
 
 def _scan_source(cat):

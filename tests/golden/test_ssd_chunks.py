@@ -262,3 +262,52 @@ def test_chunk_loop_decaying_the_state_by_the_first_position_is_not_fused():
     misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
     assert any(CHUNKED in r and "another entry than the chunk's last" in r for r in misses), misses
     assert report.count("scan") == 1 and report.count("ssd") == 1, str(report)
+
+
+def chunk_loop_linear_attention(q, k, v, h0=None, Q=4):
+    """Causal linear attention by chunks in a Python loop, no decay: each chunk reads the state
+    entering it, its own masked scores ``(q_i·k_iᵀ).tril()·v_i``, then adds ``k_iᵀ·v_i`` to the state;
+    the outputs are concatenated along the sequence."""
+    b, h, t, dk = q.shape
+    qc, kc, vc = (z.reshape(b, h, t // Q, Q, z.shape[-1]) for z in (q, k, v))
+    S = q.new_zeros(b, h, dk, v.shape[-1]) if h0 is None else h0
+    outs = []
+    for i in range(t // Q):
+        qi, ki, vi = qc[:, :, i], kc[:, :, i], vc[:, :, i]
+        outs.append(qi @ S + (qi @ ki.mT).tril() @ vi)
+        S = S + ki.mT @ vi
+    return torch.cat(outs, 2), S
+
+
+@pytest.mark.parametrize("h0", [True, False], ids=["h0", "zero_h0"])
+def test_chunk_loop_without_decay_is_one_ssd(h0):
+    # the per-chunk tril(q_i·k_iᵀ) is vectorized over the chunks (loop_vectorize: tril / triu act on the
+    # last two axes), and the scan over chunks whose decay is the constant 1 fuses with it (ssd_chunks)
+    q, k, v, _, *rest = gla_inputs(t=16, h0=h0)
+    report = check_against_eager(chunk_loop_linear_attention, q, k, v, *rest)
+    ir = one_whole_sequence_ssd(report, "none", chunk_loop_linear_attention, "outs.append(")
+    assert report.count("scan") == 0 and ("h0=%" in ir) == h0, str(report)
+
+
+def test_chunk_loop_without_decay_but_a_decayed_state_is_not_fused():
+    # S·exp(g_i) + k_iᵀ·v_i: the state decays between chunks while the intra-chunk term does not: not
+    # one recurrence.  The loop is a scan over chunks (a = exp(g_i)) beside an undecayed intra-chunk
+    # ssd; a near miss says why they are not fused, and the program still equals eager
+    def fn(q, k, v, g):
+        b, h, t, dk = q.shape
+        qc, kc, vc = (z.reshape(b, h, t // 4, 4, z.shape[-1]) for z in (q, k, v))
+        S = q.new_zeros(b, h, dk, v.shape[-1])
+        outs = []
+        for i in range(t // 4):
+            qi, ki, vi = qc[:, :, i], kc[:, :, i], vc[:, :, i]
+            outs.append(qi @ S + (qi @ ki.mT).tril() @ vi)
+            S = S * g[:, :, i, None, None].exp() + ki.mT @ vi
+        return torch.cat(outs, 2)
+
+    q, k, v, _ = gla_inputs(t=16, h0=False)
+    g = (-torch.rand(2, 2, 4, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    report = check_against_eager(fn, q, k, v, g)
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert any("a scan over chunks with a decay but an intra-chunk term without one" in r for r in misses), \
+        str(report)
+    assert report.count("scan") == 1, str(report)
