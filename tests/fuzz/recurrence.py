@@ -296,8 +296,54 @@ def ssd_chunked_linear_attention(r, seed, triton):
     return _case("ssd", "chunked_linear_attention", fn, [q, k, v], r, seed, triton, tag=tag)
 
 
+def ssd_chunk_loop(r, seed, triton):
+    """Causal linear attention by chunks in a Python loop: the state entering each chunk read out, the
+    chunk's masked scores (tril / masked_fill / none: a full-chunk look-alike that must not be one
+    recurrence), the state updated after; no decay or a per-chunk one; outputs concatenated or
+    written into a buffer; h0 given or zeros."""
+    Q = r.choice((2, 3, 4))
+    nc = size(r, 1, 3 if triton else 5)
+    T = Q * nc
+    _, B, H, D, V = _sizes(r, triton, loop=True)
+    m = Maker(r, r.choice(DTYPES))
+    mask = r.choice(("tril", "tril", "masked_fill", "none"))
+    decay, use_h0, buffer = r.random() < 0.3, r.random() < 0.4, r.random() < 0.4
+    q, k, v = m.randn(B, H, T, D), m.randn(B, H, T, D), m.randn(B, H, T, V)
+    extra = [m.log_decay(B, H, nc)] if decay else []
+    h0 = m.randn(B, H, D, V) if use_h0 else None
+    tag = poison(r, [q, k, v])
+
+    def fn(q, k, v, *rest):
+        b, h, t, d = q.shape
+        qc, kc, vc = (z.reshape(b, h, t // Q, Q, z.shape[-1]) for z in (q, k, v))
+        g = rest[0] if decay else None
+        S = rest[-1] if use_h0 else q.new_zeros(b, h, d, v.shape[-1])
+        outs, o = [], torch.zeros_like(vc) if buffer else None
+        for i in range(t // Q):
+            qi, ki, vi = qc[:, :, i], kc[:, :, i], vc[:, :, i]
+            s = qi @ ki.mT
+            if mask == "tril":
+                s = s.tril()
+            elif mask == "masked_fill":
+                s = s.masked_fill(torch.triu(torch.ones(Q, Q, dtype=torch.bool), 1), 0)
+            y = qi @ S + s @ vi
+            if buffer:
+                o[:, :, i] = y
+            else:
+                outs.append(y)
+            S = (S * g[:, :, i, None, None].exp() if decay else S) + ki.mT @ vi
+        return (o.reshape(b, h, t, -1) if buffer else torch.cat(outs, 2)), S
+
+    name = "chunk_loop" + ("_decay" if decay else "") + ("_h0" if use_h0 else "") + f"_{mask}" + \
+        ("_buffer" if buffer else "")
+    # decay per chunk beside an undecayed intra-chunk term, or an unmasked chunk: not one recurrence
+    expect = "" if decay or mask == "none" or nc == 1 else None
+    return _case("ssd", name, fn, [q, k, v, *extra] + ([h0] if use_h0 else []), r, seed, triton, tag=tag,
+                 expect=expect)
+
+
 SSD_SPELLINGS = ((ssd_loop, 4), (ssd_loop_mamba2, 1), (ssd_quadratic, 4), (ssd_cumsum, 1),
-                 (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1))
+                 (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1), (ssd_chunk_loop, 1))
 
 
 # ======================================================================== scan
