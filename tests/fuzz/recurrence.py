@@ -413,8 +413,9 @@ def scan_loop_mamba(r, seed, triton):
         y = y + hidden * Dk[None, :, None]
         return y * F.silu(z), state
 
+    # one channel (D = 1): the state (B, 1, N) read out over N is as well an ssd with a value dim of 1
     return _case("scan", "loop_mamba" + ("_upcast" if upcast else ""), fn, [hidden, delta, A, Bm, C, Dk, z],
-                 r, seed, triton, tag=tag, expect="" if T == 1 else None)
+                 r, seed, triton, tag=tag, expect="" if T == 1 else "scan|ssd" if D == 1 else None)
 
 
 def scan_loop_complex(r, seed, triton):
