@@ -44,8 +44,9 @@ from torch.utils import _pytree as pytree
 
 from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
+from seqfuse.passes.loop_reroll import _seed_key, _writes_into
 from seqfuse.passes.pattern import (arg, axis_view, constant_value, copy_meta, fake_of, is_op, is_scalar, known_int,
-                                    rank, val, written)
+                                    rank, val, writes_through, written)
 
 aten = torch.ops.aten
 
@@ -688,39 +689,6 @@ def normalize_inplace(gm: torch.fx.GraphModule) -> int:
     return n
 
 
-def _mutates(node: torch.fx.Node) -> bool:
-    t = node.target
-    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
-
-
-def _mutated_through(node: torch.fx.Node) -> bool:
-    """Whether ``node`` mutates an argument, or is a view (at any depth) of which some user does."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if _mutates(n):
-            return True
-        t = n.target
-        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and \
-                any(r.alias_info is not None for r in t._schema.returns):
-            stack.extend(n.users)
-    return False
-
-
-def _slot(node: torch.fx.Node, buf: torch.fx.Node):
-    """(dim, index) when ``node`` is ``select(buf, dim, index)`` with constant non-negative ints, else None."""
-    if node.target is not aten.select.int or node.args[0] is not buf or len(node.args) < 3:
-        return None
-    d, i = node.args[1], node.args[2]
-    r = rank(buf)
-    if not isinstance(d, int) or not isinstance(i, int) or i < 0 or r is None:
-        return None
-    return d % r, i
-
-
 def forward_slot_reads(gm: torch.fx.GraphModule) -> int:
     """A read of one slot of a fresh buffer, ``select(buf, d, i)``, that follows a write of that whole slot,
     ``copy_(select(buf, d, i), v)`` (same dtype and shape: no cast, no broadcast), with no write to the
@@ -738,17 +706,17 @@ def forward_slot_reads(gm: torch.fx.GraphModule) -> int:
             continue
         events, ok = [], True
         for u in buf.users:
-            slot = _slot(u, buf)
-            writes = [w for w in u.users if _mutates(w)]
-            if slot is not None and len(u.users) == 1 and writes and writes[0].target is aten.copy_.default \
-                    and writes[0].args[0] is u:
-                v = writes[0].args[1]
+            key = _seed_key(u)      # (buf, dim, "select", index) of select(buf, dim, index)
+            slot = (key[1], key[3]) if key is not None and key[2] == "select" else None
+            if slot is not None and _writes_into(u):
+                (copy,) = u.users
+                v = copy.args[1]
                 same = isinstance(v, torch.fx.Node) and isinstance(val(v), torch.Tensor) and \
                     val(v).dtype == val(u).dtype and _shape_matches(val(u).shape, val(v).shape)
-                events.append((pos[writes[0]], "write", slot, v if same else None))
-            elif slot is not None and not any(_mutated_through(w) for w in u.users):
+                events.append((pos[copy], "write", slot, v if same else None))
+            elif slot is not None and not written(u):
                 events.append((pos[u], "read", slot, u))
-            elif _mutated_through(u):
+            elif writes_through(u, buf):
                 ok = False      # a write the slots cannot account for (buf.add_, a slice's copy_)
                 break
         if not ok:

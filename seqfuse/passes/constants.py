@@ -39,8 +39,7 @@ def read_constant(node: torch.fx.Node) -> torch.Tensor:
     if x is None:
         raise ValueError(f"{node.name} is not a guardable constant")
     meta = node.graph.owning_module.meta
-    scopes = meta.get(_SCOPES)
-    (scopes[-1] if scopes else meta.setdefault(GUARDS, set())).add(node)
+    _reads(meta).add(node)
     snapshots = meta.setdefault(SNAPSHOTS, {})
     if node not in snapshots:       # copied on the first read: the value the guard will compare with
         snapshots[node] = x.detach().clone()
@@ -62,5 +61,10 @@ def tentative_reads(gm: torch.fx.GraphModule):
 
 def commit(gm: torch.fx.GraphModule, reads) -> None:
     """Make constants read in a :func:`tentative_reads` block guards of the graph."""
-    scopes = gm.meta.get(_SCOPES)
-    (scopes[-1] if scopes else gm.meta.setdefault(GUARDS, set())).update(reads)
+    _reads(gm.meta).update(reads)
+
+
+def _reads(meta: dict) -> set:
+    """Where a read goes now: the innermost :func:`tentative_reads` scope, else the graph's guards."""
+    scopes = meta.get(_SCOPES)
+    return scopes[-1] if scopes else meta.setdefault(GUARDS, set())

@@ -229,10 +229,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
     if len(steps) != 1:
         raise NoLoop("the loop reads time both forward and reversed (a bidirectional loop body)")
     reverse = steps.pop() < 0
-    # a run of write destinations that starts with a read of the slot before them is the recurrence's
-    # initial state h[:, 0] followed by its writes h[:, t + 1]: the read is no step's seed
-    runs = [Run(r.family, r.nodes[1:], r.indices[1:], r.step) if len(r.nodes) > MIN_STEPS and
-            not _writes_into(r.nodes[0]) and all(_writes_into(n) for n in r.nodes[1:]) else r for r in runs]
+    runs = _initial_slot_dropped(runs)
     offsets = _write_offsets(runs)
     if offsets:
         runs = [Run(r.family, r.nodes, [i - offsets.get(r.family, 0) for i in r.indices], r.step) for r in runs]
@@ -369,23 +366,45 @@ def _writes_into(node: torch.fx.Node) -> bool:
     return len(users) == 1 and users[0].target is aten.copy_.default and users[0].args[0] is node
 
 
+def _writes_and_reads(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """(runs of write destinations, the runs that read), leaving out a read followed by writes."""
+    writes = [r for r in runs if all(_writes_into(n) for n in r.nodes)]
+    others = [r for r in runs if not any(r is w for w in writes) and not all(_writes_into(n) for n in r.nodes[1:])]
+    return writes, others
+
+
+def _span(runs: list[Run]) -> tuple[int, int]:
+    return min(min(r.indices) for r in runs), max(max(r.indices) for r in runs)
+
+
+def _initial_slot_dropped(runs: list[Run]) -> list[Run]:
+    """``runs`` without the slot of a recurrence's initial state in a run of write destinations:
+    a read of h[:, 0] followed by the writes h[:, t + 1], or the write h[:, 0] = h0 before the loop
+    followed by them (a forward run one index longer than the reads).  The first step reads that slot;
+    it is no step's seed."""
+    def tail(r):
+        return Run(r.family, r.nodes[1:], r.indices[1:], r.step)
+    runs = [tail(r) if len(r.nodes) > MIN_STEPS and not _writes_into(r.nodes[0]) and
+            all(_writes_into(n) for n in r.nodes[1:]) else r for r in runs]
+    writes, others = _writes_and_reads(runs)
+    if not writes or not others:
+        return runs
+    lo, hi = _span(others)
+    return [tail(r) if any(r is w for w in writes) and r.step == 1 and r.indices[0] == lo and
+            r.indices[-1] == hi + 1 and len(r.nodes) > MIN_STEPS else r for r in runs]
+
+
 def _write_offsets(runs: list[Run]) -> dict:
     """family -> k for each run of write destinations whose indices are those of the other runs shifted
     by k = ±1 (``h[:, t + 1] = a[:, t] * h[:, t] + x[:, t]`` writes one index ahead of its reads): the
     write of step t goes to index(t) + k.  Whether the shifted writes really belong to the steps is
     what matching the steps proves (a misplaced write makes the steps differ)."""
-    writes = [r for r in runs if all(_writes_into(n) for n in r.nodes)]
-    others = [r for r in runs if r not in writes and not all(_writes_into(n) for n in r.nodes[1:])]
+    writes, others = _writes_and_reads(runs)
     if not writes or not others:
         return {}
-    lo, hi = min(min(r.indices) for r in others), max(max(r.indices) for r in others)
+    lo, hi = _span(others)
     out = {}
-    for r in list(writes):
-        if r.step == 1 and r.indices[0] == lo and r.indices[-1] == hi + 1 and len(r.nodes) > MIN_STEPS:
-            # h[:, 0] = h0 before the loop, then h[:, t + 1] each step: the first write is the initial
-            # state, no step's (it is what the first step reads)
-            runs[runs.index(r)] = trimmed = Run(r.family, r.nodes[1:], r.indices[1:], r.step)
-            writes[writes.index(r)] = r = trimmed
+    for r in writes:
         k = min(r.indices) - lo
         if k in (-1, 1) and max(r.indices) - k == hi:
             out[r.family] = k

@@ -299,25 +299,21 @@ def mutates(u, n) -> bool:
 
 def written(node) -> bool:
     """Whether ``node`` or a view of it (through any chain of views) is written in place by any op."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for u in n.users:
-            info = _alias_arg(u, n)
-            if info is None:
-                if u.target is aten._unsafe_view.default:
-                    stack.append(u)     # a view whose schema does not say so
-                elif u.op == "call_function" and not isinstance(u.target, torch._ops.OpOverload) \
-                        and u.target is not operator.getitem:
-                    return True         # an op without a schema reads it: it may write or alias it
-                continue
-            if info.is_write:
-                return True
-            stack.append(u)         # a view (select, slice, unsqueeze, view, permute, …): its writes count
-    return False
+    return any(writes_through(u, node) for u in node.users)
+
+
+def writes_through(u, n) -> bool:
+    """Whether op node ``u``, a user of ``n``, writes ``n`` in place or is a view of it (at any depth)
+    that some op writes; an op without a schema (but ``getitem``) counts as writing it."""
+    info = _alias_arg(u, n)
+    if info is None:
+        if u.target is aten._unsafe_view.default:
+            return written(u)       # a view whose schema does not say so
+        # an op without a schema reads it: it may write or alias it
+        return u.op == "call_function" and not isinstance(u.target, torch._ops.OpOverload) \
+            and u.target is not operator.getitem
+    # a write, or a view (select, slice, unsqueeze, view, permute, …) whose writes count
+    return info.is_write or written(u)
 
 
 def _same(a, b) -> bool:

@@ -45,6 +45,14 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+def _model_and_copy():
+    """The attention module and an eager copy of it with the same weights and buffer."""
+    torch.manual_seed(0)
+    m, ref = CausalSelfAttention(), CausalSelfAttention()
+    ref.load_state_dict(m.state_dict())
+    return m, ref
+
+
 def _attention_ir(report) -> str:
     assert report.count("attention") == 1, str(report)
     return report.rewrites[0].ir
@@ -73,10 +81,7 @@ def test_a_buffer_that_is_not_a_structural_mask_stays_a_keep_operand_without_a_g
 
 
 def test_a_changed_buffer_runs_the_graph_unrewritten():
-    torch.manual_seed(0)
-    m = CausalSelfAttention()
-    ref = CausalSelfAttention()
-    ref.load_state_dict(m.state_dict())
+    m, ref = _model_and_copy()
     compiled = torch.compile(m, backend="seqfuse", options={"downstream": "aot_eager"})
     x = torch.randn(2, 12, 32)
     with counting() as tally:
@@ -102,10 +107,7 @@ def test_a_changed_buffer_runs_the_graph_unrewritten():
 
 
 def test_training_through_a_guarded_graph_gives_eager_gradients_before_and_after_the_buffer_changes():
-    torch.manual_seed(0)
-    m = CausalSelfAttention()
-    ref = CausalSelfAttention()
-    ref.load_state_dict(m.state_dict())
+    m, ref = _model_and_copy()
     compiled = torch.compile(m, backend="seqfuse", options={"downstream": "aot_eager"})
     x = torch.randn(2, 12, 32)
     for step in range(2):
@@ -142,10 +144,7 @@ def test_a_mask_passed_as_an_argument_or_a_parameter_is_not_read_as_a_constant(r
 def test_dynamic_lengths_read_the_buffer_once_and_fall_back_at_any_length():
     # dynamic=True: one graph for every length, the buffer sliced to a symbolic T; the fallback
     # graph is compiled for the inputs of the call that found the buffer changed
-    torch.manual_seed(0)
-    m = CausalSelfAttention()
-    ref = CausalSelfAttention()
-    ref.load_state_dict(m.state_dict())
+    m, ref = _model_and_copy()
     report = seqfuse.explain(m, torch.randn(2, 12, 32), dynamic=True, options={"downstream": "aot_eager"})
     assert "mask=causal" in _attention_ir(report) and [g.guards for g in report.graphs] == [["l_self_buffers_bias_"]]
     compiled = torch.compile(m, backend="seqfuse", dynamic=True, options={"downstream": "aot_eager"})
