@@ -275,11 +275,15 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
         node = node.next
     # a node whose users all belong to the next step starts that step (``S = γ·S + …`` computes
     # γ·S right after the previous step's last use of S): it moves there, so that the carried
-    # value is the state the step reads out
+    # value is the state the step reads out.  Only a function of the step's carried values moves:
+    # ``S' = S·γ + k_iᵀ·v_i`` written after step i's readout reads step i's own data, and stays in step
+    # i even where its only user is the next step (the first step's, whose S·γ is an invariant when
+    # S starts as zeros; the last's, when the update after it is dead code)
     labeled = [n for s in sorted(by_step) for n in by_step[s]]
+    movable = _state_functions(labeled, label, step_of_seed) if move_updates else set()
     for n in reversed(labeled if move_updates else []):
         s = label[n]
-        if n not in step_of_seed and n.users and all(_starts(u, s + 1, label) for u in n.users):
+        if n in movable and n.users and all(_starts(u, s + 1, label) for u in n.users):
             label[n] = s + 1
     by_step = {}
     for n in sorted(labeled, key=pos.__getitem__):
@@ -429,6 +433,28 @@ def _gathers(last: list, label: dict, s: int) -> set:
     return after
 
 
+def _state_functions(labeled: list, label: dict, seeds: dict) -> set:
+    """The labeled nodes that may start the next step: computed from invariants and from values of
+    their own step that are that step's state, i.e. values a next step reads (carried), values another
+    node of the step also reads (the state the step reads out), or such functions in turn; ``labeled``
+    is in graph order.  Seeds, and a value only the candidate reads that is made from the step's own
+    slices (``k_iᵀ·v_i`` added after step i's readout), are not state."""
+    out: set = set()
+
+    def state(a, n) -> bool:
+        if a not in label:
+            return True
+        if label[a] != label[n] or a in seeds:
+            return False
+        return a in out or any(label.get(u, -2) == label[a] + 1 or (u is not n and label.get(u) == label[a])
+                               for u in a.users)
+
+    for n in labeled:
+        if n not in seeds and all(state(a, n) for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
 def _feeds_next_step_only(template: list, next_step: set) -> set:
     """Indices of the template nodes whose every user is in the next step or is another such node:
     the state update the next step reads, which a last step may lack."""
@@ -472,6 +498,15 @@ def _take_first_step_update(loop: Loop, first: list, ctx: "_Match", canon: dict)
                                                                        if a not in matched and a not in here))
         return memo[n]
 
+    # an invariant the update computes from an initial value alone (``S·γ`` with S = zeros at the first
+    # step, the same at every step, so no step labeled it) is the update's own node too
+    init_nodes = {v for v in loop.init.values() if isinstance(v, torch.fx.Node)}
+
+    def from_init(n):
+        return n.op == "call_function" and n not in matched and n not in here and \
+            any(a in init_nodes for a in n.all_input_nodes) and \
+            all(a in init_nodes or a not in ctx.label for a in n.all_input_nodes)
+
     extra, lone, stack = set(), [], [n for n in p_nodes if n not in matched]
     while stack:
         n = stack.pop()
@@ -488,7 +523,7 @@ def _take_first_step_update(loop: Loop, first: list, ctx: "_Match", canon: dict)
                 ctx.seeds.setdefault((_seed_key(n)[:3], first_index), []).append(n)
                 ctx.loop_seeds[n] = 0
             continue
-        stack.extend(a for a in n.all_input_nodes if a not in matched and (a in here or per_step(a)))
+        stack.extend(a for a in n.all_input_nodes if a not in matched and (a in here or per_step(a) or from_init(a)))
     order = {n: i for i, n in enumerate(first[0].graph.nodes)}
     extra_list, seen, gone = [], {}, lone[:]
     for n in sorted(extra, key=order.__getitem__):

@@ -316,6 +316,28 @@ def writes_through(u, n) -> bool:
     return info.is_write or written(u)
 
 
+def same_expr(a: Any, b: Any, depth: int = 12) -> bool:
+    """Whether ``a`` and ``b`` compute the same value: the same node, equal constants, or the same
+    deterministic op applied to arguments that are the same expressions (``-s`` written twice in a
+    program is two nodes of one value).  Up to ``depth`` ops deep; anything deeper is not the same."""
+    if a is b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_expr(x, y, depth) for x, y in zip(a, b))
+    if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
+        return not isinstance(a, torch.fx.Node) and not isinstance(b, torch.fx.Node) and \
+            type(a) is type(b) and _same(a, b) is True
+    if depth == 0 or a.op != "call_function" or b.op != "call_function" or a.target is not b.target:
+        return False
+    t = a.target
+    if not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable or \
+            torch.Tag.nondeterministic_seeded in t.tags:
+        return False
+    return len(a.args) == len(b.args) and a.kwargs.keys() == b.kwargs.keys() and \
+        all(same_expr(x, y, depth - 1) for x, y in zip(a.args, b.args)) and \
+        all(same_expr(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs)
+
+
 def _same(a, b) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
     return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b

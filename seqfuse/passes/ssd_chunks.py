@@ -41,9 +41,9 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.ops import SSD, Scan
-from seqfuse.passes.pattern import arg, constant_value, is_op, rank, sym_product, val
+from seqfuse.passes.pattern import arg, constant_value, is_op, rank, same_expr, sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
-from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters
+from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters, evaluate
 from seqfuse.passes.ssd_forms import SSDFormsPass, ssd_value, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
 
 aten = torch.ops.aten
@@ -152,14 +152,27 @@ class _Chunked:
     def __init__(self, term, roles, decay):
         self.term, self.roles = term, roles
         self.decay_seq = None               # (A node, letters with i): a per-step log decay
+        self.rate = None                    # Coef: a constant log decay w per step (exp(w·(i - j)))
         if decay is not None:
             coef, seq = decay
-            if seq is None or coef.const != 1.0 or coef.factors:
+            if seq is None:
+                self.rate = coef
+            elif coef.const != 1.0 or coef.factors:
                 raise NoMatch("a chunked form whose decay is not exp of a segment sum of a per-step "
                               "log decay")
-            self.decay_seq = (seq[0], list(seq[1]))
+            else:
+                self.decay_seq = (seq[0], list(seq[1]))
         self.z = None
         self.add = None                     # the node Y_diag + Y_off
+
+    @property
+    def decays(self) -> bool:
+        return self.decay_seq is not None or self.rate is not None
+
+    def chunk_length(self):
+        """Q, the length of the position axis i (of c)."""
+        c, letters = self.roles.c
+        return val(c).shape[list(letters).index(self.roles.i)]
 
 
 class ChunkedSSDPass(Pass):
@@ -224,7 +237,7 @@ class ChunkedSSDPass(Pass):
     def _check_entry_decay(self, gm, ch, factors) -> None:
         """Y_off's position factors must be exp(cumsum_l a) (nothing for decay none)."""
         r = ch.roles
-        if ch.decay_seq is None:
+        if not ch.decays:
             if factors:
                 raise NoMatch("the inter-chunk term has a decay factor but the intra-chunk term none")
             return
@@ -233,6 +246,11 @@ class ChunkedSSDPass(Pass):
         node, letters = factors[0]
         if not _letters(factors[0]) <= set(r.batch) | {r.i}:
             raise NoMatch("the inter-chunk decay varies along other axes than the chunk position")
+        if ch.rate is not None:             # exp(w·(l + 1)) = exp(G_l) with G = cumsum of a constant w
+            if _rate_affine(gm, ch, node, letters, r.i, "the inter-chunk decay") != (1.0, 1.0):
+                raise NoMatch("the inter-chunk decay is not exp(w·(l + 1)) for the intra-chunk decay's "
+                              "exp(w·(i - j))")
+            return
         p = Analyzer(gm, r.i, "\0", r.batch).position(node, letters)
         if p.masks or p.log is None or len(p.log.terms) != 1 or p.log.valid or p.log.zero:
             raise NoMatch("the inter-chunk decay is not exp(cumsum a)")
@@ -278,7 +296,8 @@ class ChunkedSSDPass(Pass):
     def _states_quadratic(self, ctx, forms, ch, ns, letters, d) -> dict:
         gm, r, z = ctx.gm, ch.roles, ch.z
         if ch.decay_seq is None:
-            raise NoMatch("a chunk recursion with decays but an intra-chunk term without")
+            raise NoMatch("a chunk recursion with decays but an intra-chunk term without (or with a "
+                          "constant-rate decay exp(w·(i - j)), read only with a loop over chunks)")
         term, w = _summing_one_axis(gm, ns, letters, "the recursion over chunks", "one chunk axis")
         sts = [lf for lf in term.leaves if r.p in _letters(lf)]
         if len(sts) != 1:
@@ -353,13 +372,19 @@ class ChunkedSSDPass(Pass):
         if len(bs) != 1 or len(xs) != 1 or bs[0] is xs[0]:
             raise NoMatch("the chunk states are not built from the intra-chunk term's b and x")
         factors = [lf for lf in term.leaves if lf is not bs[0] and lf is not xs[0]]
-        if ch.decay_seq is None:
+        if not ch.decays:
             if factors:
                 raise NoMatch("decayed chunk states but an intra-chunk term without decay")
             return
         if len(factors) != 1:
             raise NoMatch("the chunk states' decay is not one factor exp(G_last - G)")
         node, letters = factors[0]
+        if ch.rate is not None:             # exp(w·(Q - 1 - s)) = exp(G_last - G_s)
+            if _rate_affine(gm, ch, node, letters, s, "the chunk states' decay") != \
+                    (-1.0, float(ch.chunk_length() - 1)):
+                raise NoMatch("the chunk states' decay is not exp(w·(Q - 1 - s)) for the intra-chunk decay's "
+                              "exp(w·(i - j))")
+            return
         if not is_op(node, aten.exp) or node.args[0].target is not aten.sub.Tensor:
             raise NoMatch("the chunk states' decay is not exp(G_last - G)")
         sub = node.args[0]
@@ -382,7 +407,7 @@ class ChunkedSSDPass(Pass):
 
     def _states_cumsum(self, ctx, ch, cat, letters) -> dict:
         """(b) decay none: H = cat([zeros, cumsum_z(S)[:-1]]) along the chunk axis z."""
-        if ch.decay_seq is not None:
+        if ch.decays:
             raise NoMatch("an exclusive cumulative sum of chunk states with a decaying intra-chunk term")
         if len(cat.args[0]) != 2:
             raise NoMatch("the state entering a chunk is a cat of more than two parts")
@@ -423,7 +448,7 @@ class ChunkedSSDPass(Pass):
         ys, yl = base_letters(rest.args[0], letters)
         scan = _scan_source(cat)
         op = scan.meta["seqfuse_ir"]
-        if ch.decay_seq is None and not _is_ones(op.a):
+        if not ch.decays and not _is_ones(op.a):
             raise NoMatch("a scan over chunks with a decay but an intra-chunk term without one")
         if op.reverse or op.c is not None:
             raise NoMatch("the scan over chunks runs reversed or has a readout")
@@ -440,12 +465,23 @@ class ChunkedSSDPass(Pass):
             h0 = base_letters(op.h0, hl)
             if fb[0] is not h0[0] or list(fb[1]) != list(h0[1]):
                 raise NoMatch("the first chunk's entering state is not the scan's initial state")
-        if ch.decay_seq is None:        # decay none: h_z = h_{z-1} + S[z] (the scan's a a constant 1)
+        if not ch.decays:               # decay none: h_z = h_{z-1} + S[z] (the scan's a a constant 1)
             self._chunk_states(ctx, ch, op.b, aligned(op.b, yl, ys))
             finals = [u for u in scan.users if u.target is operator.getitem and u.args[1] == 1]
             return {"h0": h0, "final": finals, "final_letters": self._unit_batch(ch, hl)}
         # a_z = exp(G[z, Q-1]): the chunk's last cumulative decay, the same along the state axes
         a_node, a_l = base_letters(op.a, aligned(op.a, yl, ys))
+        if ch.rate is not None:         # exp(w·Q), the same for every chunk
+            if not set(a_l) - {UNIT} <= set(r.batch) - {z}:
+                raise NoMatch("the scan's decay over chunks varies along the state or between chunks, "
+                              "where the intra-chunk decay is a constant rate exp(w·(i - j))")
+            if _rate_affine(ctx.gm, ch, a_node, a_l, None, "the scan's decay over chunks") != \
+                    (0.0, float(ch.chunk_length())):
+                raise NoMatch("the scan's decay over chunks is not exp(w·Q) for the intra-chunk decay's "
+                              "exp(w·(i - j))")
+            self._chunk_states(ctx, ch, op.b, aligned(op.b, yl, ys))
+            finals = [u for u in scan.users if u.target is operator.getitem and u.args[1] == 1]
+            return {"h0": h0, "final": finals, "final_letters": self._unit_batch(ch, hl)}
         if not set(a_l) - {UNIT} <= set(r.batch) or z not in a_l:
             raise NoMatch("the scan's decay over chunks varies along the state or is not per chunk")
         if not is_op(a_node, aten.exp):
@@ -462,6 +498,27 @@ class ChunkedSSDPass(Pass):
         self._chunk_states(ctx, ch, op.b, aligned(op.b, yl, ys))
         finals = [u for u in scan.users if u.target is operator.getitem and u.args[1] == 1]
         return {"h0": h0, "final": finals, "final_letters": self._unit_batch(ch, hl)}
+
+    @staticmethod
+    def _rate_a(graph, before, ch, full, x, add):
+        """a (B', T, H) = w at every step, for a constant-rate decay exp(w·(i - j))."""
+        emit, rate = _FORMS._emit, ch.rate
+        if any(ch.z in letters for _, _, letters in rate.factors):
+            raise NoMatch("the decay rate varies between chunks")
+        a = None
+        for kind, node, letters in rate.factors:
+            if kind == "log":
+                node = emit(graph, before, aten.log.default, (node,), add)
+            if not val(node).is_floating_point():
+                raise NoMatch("a decay factor that is not floating point")
+            f = _FORMS._layout(graph, before, full, node, list(letters), full.i, None, add)
+            a = f if a is None else emit(graph, before, aten.mul.Tensor, (a, f), add)
+        if a is None:
+            raise NoMatch("a constant decay without a per-head factor")
+        a = emit(graph, before, aten.expand.default, (a, [-1, val(x).shape[1], -1]), add)   # over t
+        if rate.const != 1.0:
+            a = emit(graph, before, aten.mul.Tensor, (a, float(rate.const)), add)
+        return a
 
     @staticmethod
     def _unit_batch(ch, hl):
@@ -518,6 +575,8 @@ class ChunkedSSDPass(Pass):
         c = forms._layout(graph, before, full, c, cl, t, r.n, add)
         if a is not None:
             a = forms._layout(graph, before, full, a, al, t, None, add)
+        elif ch.rate is not None:
+            a = self._rate_a(graph, before, ch, full, x, add)
         scale = _scalar_product(graph, ch.term, before)
         if scale is not None:
             c = emit(graph, before, aten.mul.Tensor, (c, scale), add)
@@ -551,6 +610,47 @@ class ChunkedSSDPass(Pass):
             if val(hn).dtype != val(f).dtype:
                 hn = emit(graph, before, aten.to.dtype, (hn, val(f).dtype), f)
             f.replace_all_uses_with(hn)
+
+
+def _same_factors(f1: tuple, f2: tuple) -> bool:
+    """Whether two Coef factor lists are the same product (same kinds, same values, same axes)."""
+    key = lambda f: (f[0], [e for e in f[2] if e != UNIT])  # noqa: E731
+    if len(f1) != len(f2):
+        return False
+    rest = list(f2)
+    for f in f1:
+        hit = next((g for g in rest if key(g) == key(f) and same_expr(g[1], f[1])), None)
+        if hit is None:
+            return False
+        rest.remove(hit)
+    return True
+
+
+def _rate_affine(gm, ch: _Chunked, node, letters, pos, what: str) -> tuple[float, float]:
+    """(α, β) with ``node`` (axes ``letters``) = exp(w·(α·l + β)), w the intra-chunk decay's constant
+    rate and l = arange along the axis named ``pos`` (None: no position axis); NoMatch otherwise."""
+    p = Analyzer(gm, pos if pos is not None else "\2", "\3", ch.roles.batch).position(node, letters)
+    if p.masks or p.log is None or p.log.valid or p.log.zero or p.log.req:
+        raise NoMatch(f"{what} is not one exponential exp(w·(α·l + β))")
+    alpha = beta = 0.0
+    for atom, coef in p.log.terms:
+        if coef.const == 0:
+            continue
+        if not _same_factors(coef.factors, ch.rate.factors):
+            raise NoMatch(f"{what} has another rate than the intra-chunk decay exp(w·(i - j))")
+        k = coef.const / ch.rate.const
+        if atom[0] == "pos" and atom[1] == pos:       # positions: v = α'·arange + β' exactly
+            v = evaluate(gm, atom[2], None).reshape(-1).double()
+            ar = torch.arange(v.numel(), dtype=torch.float64)
+            slope, offset = (float(v[1] - v[0]) if v.numel() > 1 else 1.0), float(v[0])
+            if not torch.equal(v, slope * ar + offset):
+                raise NoMatch(f"{what} reads positions that are not an affine function of the index")
+            alpha, beta = alpha + k * slope, beta + k * offset
+        elif atom[0] == "const":
+            beta += k
+        else:
+            raise NoMatch(f"{what} is not exp(w·(α·l + β)) for the intra-chunk decay's rate w")
+    return alpha, beta
 
 
 def _is_ones(node) -> bool:

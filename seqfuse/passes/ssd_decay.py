@@ -304,6 +304,28 @@ class Analyzer:
                           "(a loop over chunks that was not re-rolled)")
         raise NoMatch(f"{_op_name(node)} in the decay mask (not a mask, exp of a segment sum or a power γ^(i-j))")
 
+    def _scalar_factors(self, w):
+        """(c, w') with w = c·w' and c the constant scalings of w (-w, w·1.0, w / 2): one factor w' for
+        every spelling of a multiple of it."""
+        c = 1.0
+        while isinstance(w, torch.fx.Node):
+            if is_op(w, aten.neg):
+                w, c = w.args[0], -c
+                continue
+            if is_op(w, aten.mul, aten.div) and len(w.args) == 2:
+                x, y = w.args
+                if is_scalar(y, self.gm) and constant_value(y, self.gm) not in (None, 0) and \
+                        isinstance(x, torch.fx.Node):
+                    k = float(constant_value(y, self.gm))
+                    w, c = x, (c / k if is_op(w, aten.div) else c * k)
+                    continue
+                if is_op(w, aten.mul) and is_scalar(x, self.gm) and constant_value(x, self.gm) not in (None, 0) \
+                        and isinstance(y, torch.fx.Node):
+                    w, c = y, c * float(constant_value(x, self.gm))
+                    continue
+            break
+        return c, w
+
     def _prove_unit_interval(self, base) -> None:
         if evaluable(base):
             for sizes in size_variants(self.gm):
@@ -345,11 +367,12 @@ class Analyzer:
             if is_op(node, aten.mul) and is_scalar(x, self.gm) and constant_value(x, self.gm) is not None:
                 return self.lin(y, letters).scaled(float(constant_value(x, self.gm)))
             if node.target is aten.mul.Tensor and isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node):
-                # E·w with w a per-batch tensor (a per-head log γ)
+                # E·w with w a per-batch tensor (a per-head log γ); -w is -1·w, one factor w
                 for e, w in ((x, y), (y, x)):
                     wl = aligned(w, letters, node)
                     if not any(c in (i, j) for c in wl) and val(w).is_floating_point():
-                        return self.lin(e, aligned(e, letters, node)).scaled(1.0, ("t", w, wl))
+                        sign, w = self._scalar_factors(w)
+                        return self.lin(e, aligned(e, letters, node)).scaled(sign, ("t", w, wl))
             raise NoMatch("the decay exponent is multiplied by a tensor that varies with position")
         if node.target is aten.where.ScalarOther:
             keep, x, fill = node.args
@@ -389,6 +412,10 @@ class Analyzer:
         elif isinstance(node, torch.fx.Node) and isinstance(val(node), torch.Tensor) and \
                 val(node).is_floating_point():
             time = {c for c in letters if c != UNIT} & {i, j}
+            if not time:
+                # a per-batch tensor w alone: the constant term 1·w (exp(w·Q), a chunk's whole decay)
+                c, w = self._scalar_factors(node)
+                return Lin([(("const", None, None), Coef(c, (("t", w, tuple(letters)),)))])
             if len(time) == 1:
                 # a tensor read along one time axis only: a per-query ("q") or per-key ("k") term of the
                 # exponent; never lifted, the caller names it (side_term_reason)

@@ -311,3 +311,59 @@ def test_chunk_loop_without_decay_but_a_decayed_state_is_not_fused():
     assert any("a scan over chunks with a decay but an intra-chunk term without one" in r for r in misses), \
         str(report)
     assert report.count("scan") == 1, str(report)
+
+
+# --- lightning attention: a constant decay rate per head -------------------------------------------
+# Lightning Attention-2 / MiniMax write the decay of a chunk loop as powers of one rate w = -s per head:
+# the intra-chunk mask exp(w·(i - j)) on the lower triangle, the inter-chunk read q_i·exp(w·(l + 1)),
+# the chunk states k_s·exp(w·(Q - 1 - s)), the state decay between chunks exp(w·Q), updated after the
+# chunk's readout.  That is the recurrence with a_t = w at every step: one ssd over the sequence.
+
+def lightning_chunk_loop(q, k, v, s, *, entry=1, states=0, block=0, states_rate=1.0):
+    """q, k, v (b, h, t, d); s (h, 1, 1) > 0.  The keyword arguments break one decay each (negatives):
+    ``entry``/``states``/``block`` offset the exponent of Y_off / the chunk states / the state decay,
+    ``states_rate`` scales the chunk states' rate."""
+    b, h, t, d = q.shape
+    qc, kc, vc = (z.reshape(b, h, t // Q, Q, d) for z in (q, k, v))
+    pos = torch.arange(Q) + 1
+    q_decay = torch.exp(-s * (pos[:, None] + entry - 1))
+    k_decay = torch.exp(-s * states_rate * (Q - pos[:, None] + states))
+    diag = torch.exp(-s * (pos[:, None] - pos[None, :])).tril()
+    kv = torch.zeros(b, h, d, d)
+    outs = []
+    for i in range(t // Q):
+        qi, ki, vi = qc[:, :, i], kc[:, :, i], vc[:, :, i]
+        intra = ((qi @ ki.transpose(-1, -2)) * diag) @ vi
+        inter = (qi * q_decay) @ kv
+        outs.append(inter + intra)
+        kv = kv * torch.exp(-s * (Q + block)) + (ki * k_decay).transpose(-1, -2) @ vi
+    return torch.cat(outs, -2)
+
+
+def lightning_inputs(t=32):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, t, 4, generator=g).requires_grad_() for _ in range(3))
+    s = (0.05 + 0.4 * torch.rand(3, 1, 1, generator=g)).requires_grad_()
+    return q, k, v, s
+
+
+@pytest.mark.parametrize("t", [16, 32])
+def test_lightning_attention_chunk_loop_is_one_ssd(t):
+    # the state update after the readout stays in its chunk's step (the loops pass), the four decays are
+    # read as exp(w·(α·l + β)) of one rate w (ssd_chunks): one ssd with a = -s at every step
+    report = check_against_eager(lightning_chunk_loop, *lightning_inputs(t))
+    ir = one_whole_sequence_ssd(report, "scalar", lightning_chunk_loop, "outs.append(")
+    assert report.count("scan") == 0 and "h0=" not in ir, str(report)
+
+
+@pytest.mark.parametrize("broken,reason", [
+    (dict(entry=0), "the inter-chunk decay is not exp(w·(l + 1))"),
+    (dict(states=1), "the chunk states' decay is not exp(w·(Q - 1 - s))"),
+    (dict(block=-1), "the scan's decay over chunks is not exp(w·Q)"),
+    (dict(states_rate=2.0), "the chunk states' decay is not exp(w·(Q - 1 - s))"),
+], ids=["entry", "states", "block", "rate"])
+def test_lightning_attention_with_a_wrong_decay_is_not_fused(broken, reason):
+    report = check_against_eager(lambda *a: lightning_chunk_loop(*a, **broken), *lightning_inputs(16))
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert any(CHUNKED in r and reason in r for r in misses), misses
+    assert report.count("ssd") == 1 and report.count("scan") == 1, str(report)

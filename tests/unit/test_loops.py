@@ -120,11 +120,13 @@ def _chunk_loop(fn, *args):
 
 def test_chunk_loop_updating_from_its_own_slices():
     """A loop over chunks that updates the state from step i's own slices after step i's readout:
-    read with the update moved to the next step, step i+1 would read step i's slices (no match);
-    with every node kept in the step of its slices, each chunk is one step with one linear state."""
+    the update is made from step i's slices, so even the reading that moves updates to the step that
+    reads them keeps it in step i (moved, step i+1 would read step i's slices); each chunk is one step
+    with one linear state."""
     from golden.test_ssd_chunks import chunk_loop_gla, gla_inputs
     moved, merged, loop = _chunk_loop(chunk_loop_gla, *[z.detach() for z in gla_inputs(t=40)])
-    assert isinstance(moved, NoLoop) and merged == 0, moved
+    assert not isinstance(moved, NoLoop) and merged == 0, moved
+    assert [n.name for n in moved.template] == [n.name for n in loop.template]
     assert (loop.lo, loop.hi) == (0, 4) and len(loop.carried) == 1
     lin = Analysis(loop).update(loop.carried[0])
     assert len(lin.coef) == 1 and len(lin.terms) == 1
@@ -140,8 +142,10 @@ def test_fla_chunk_loop_duplicate_slices_are_merged():
 
     moved, merged, loop = _chunk_loop(fn, r(1, 32, 2, 4), r(1, 32, 2, 4), r(1, 32, 2, 3), -torch.rand(1, 32, 2),
                                       r(1, 2, 4, 3))
-    assert isinstance(moved, NoLoop) and merged == 3, (moved, merged)
+    assert merged == 3, (moved, merged)
     assert (loop.lo, loop.hi) == (0, 3) and len(loop.carried) == 1
+    # the update after the readout is made from step i's slices: no reading moves it to step i+1
+    assert not isinstance(moved, NoLoop) and (moved.lo, moved.hi) == (0, 3), moved
 
 
 def _symbols(*hints):
