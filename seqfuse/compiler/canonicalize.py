@@ -11,6 +11,9 @@
 2. ``normalize_slices``: the pieces of ``unbind`` / ``split`` and ``narrow`` become ``select`` /
    ``slice`` of the tensor (the same views; a piece of one step ``unsqueeze(select)``), so a loop
    over ``x.unbind(1)`` or ``x.split(1, 1)`` has per-step slices.
+   ``block_slices``: consecutive blocks ``x[:, 8i:8i+8]`` of one tensor (a Python loop over blocks of
+   the sequence, MiniMax's lightning attention) become ``select(reshape(x, (.., n, 8, ..)), d, i)``, the
+   per-step slices of a loop over chunks; a ragged last block stays a slice.
    ``normalize_inplace``: an in-place op on a temporary nothing else reads becomes out of place.
 3. ``normalize_contractions``: matmul / bmm / mm / baddbmm (its beta·input added back; a symbolic
    beta as ``where(beta != 0, beta·input, 0)``, which keeps beta = 0 ignoring the input) / einsum /
@@ -658,6 +661,69 @@ def normalize_slices(gm: torch.fx.GraphModule) -> int:
     return n
 
 
+def block_slices(gm: torch.fx.GraphModule) -> int:
+    """Rewrite n >= 2 slices ``x[.., kB:(k+1)B, ..]`` (k = 0 … n-1, B >= 2, static sizes) of one tensor
+    along one axis into ``select(xc, d, k)`` with ``xc = reshape(x[.., :nB, ..], (.., n, B, ..))``, the
+    spelling of a loop over chunks; returns how many slices were rewritten.  The same elements are read
+    either way.  Tensors or slices written in place are left alone; so are the other slices of x (a
+    ragged last block ``x[.., nB:T]``)."""
+    graph, done = gm.graph, 0
+    for x in list(graph.nodes):
+        v = val(x)
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or written(x):
+            continue
+        shape = [known_int(z) for z in v.shape]
+        if any(z is None for z in shape):
+            continue
+        by_axis: dict = {}
+        for u in x.users:
+            if u.target is not aten.slice.Tensor or u.args[0] is not x:
+                continue
+            d, a, b, step = (list(u.args[1:]) + [0, None, None, 1][len(u.args) - 1:])[:4]
+            if not all(isinstance(z, int) for z in (d, a, b, step)) or step != 1:
+                continue
+            d = d % v.dim()
+            b = min(b, shape[d])
+            if 0 <= a < b and not written(u):
+                by_axis.setdefault(d, {}).setdefault((a, b), []).append(u)
+        for d, pieces in by_axis.items():
+            firsts = [ab for ab in pieces if ab[0] == 0]
+            if len(firsts) != 1 or firsts[0][1] < 2:
+                continue
+            width = firsts[0][1]
+            n = 0
+            while (n * width, (n + 1) * width) in pieces:
+                n += 1
+            if n < 2:
+                continue
+            anchor = x if x.op != "placeholder" else [p for p in graph.nodes if p.op == "placeholder"][-1]
+            with graph.inserting_after(anchor):
+                base = x
+                if n * width < shape[d]:
+                    base = graph.call_function(aten.slice.Tensor, (x, d, 0, n * width))
+                    copy_meta(base, x)
+                    with v.fake_mode:
+                        base.meta["val"] = aten.slice.Tensor(fake_of(x), d, 0, n * width)
+            with graph.inserting_after(base):
+                chunked = graph.call_function(aten.reshape.default, (base, shape[:d] + [n, width] + shape[d + 1:]))
+            copy_meta(chunked, x)
+            with v.fake_mode:
+                chunked.meta["val"] = aten.reshape.default(fake_of(base), shape[:d] + [n, width] + shape[d + 1:])
+            for k in range(n):
+                for u in pieces[(k * width, (k + 1) * width)]:
+                    with graph.inserting_before(u):
+                        new = graph.call_function(aten.select.int, (chunked, d, k))
+                    copy_meta(new, u)
+                    with v.fake_mode:
+                        new.meta["val"] = aten.select.int(fake_of(chunked), d, k)
+                    u.replace_all_uses_with(new)
+                    graph.erase_node(u)
+                    done += 1
+    if done:
+        gm.recompile()
+    return done
+
+
 def normalize_inplace(gm: torch.fx.GraphModule) -> int:
     """Rewrite an in-place pointwise op (``S += x``, ``a.masked_fill_(m, 0)``) whose target is a
     temporary nothing else reads (fresh memory, its one user the op) into the out-of-place op, when
@@ -788,6 +854,7 @@ def canonicalize(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModu
     contractions and masks (in that order: mask normalization reads scores that are already einsums)."""
     traced = trace_pre_dispatch(gm, example_inputs)
     normalize_slices(traced)
+    block_slices(traced)
     normalize_inplace(traced)
     normalize_contractions(traced)
     normalize_masks(traced)

@@ -10,7 +10,8 @@ import torch.fx
 
 from seqfuse import log
 from seqfuse.compiler.constants import attach as attach_constants, buffer_constants
-from seqfuse.compiler.canonicalize import (forward_slot_reads, normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
+from seqfuse.compiler.decay_buffers import express_decay_buffers
+from seqfuse.compiler.canonicalize import (block_slices, forward_slot_reads, normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
                                            normalize_softmax, restore_layouts, trace_pre_dispatch,
                                            unstable_softmaxes)
 from seqfuse.compiler.options import Options
@@ -122,6 +123,8 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     #    scores as einsums with views folded in.
     with _timed(report, "canonicalize"):
         normalize_slices(canon)
+        block_slices(canon)
+        express_decay_buffers(canon)
         normalize_inplace(canon)
         forward_slot_reads(canon)
         normalize_contractions(canon)

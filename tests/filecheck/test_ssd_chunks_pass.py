@@ -96,3 +96,23 @@ def test_mamba2_listing_under_dynamic_shapes_is_one_ssd(tmp_path):
         CHECK: %[[H:[a-z_0-9]+]] = getitem(%ssd, 1)
         CHECK: return
     """)
+
+
+def test_minimax_lightning_attention_is_one_ssd_with_the_rate_as_its_decay(tmp_path):
+    # the decay buffers are read back as powers of slope_rate, so the ssd's a is -slope_rate at every
+    # step; nothing of the block loop (its einsums, decays, cat) is left
+    import pytest
+    pytest.importorskip("transformers.models.minimax.modeling_minimax")
+    from golden.test_lightning_minimax import Layer
+    text = after_pass(Layer(), torch.randn(2, 16, 32), tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %[[R:[a-z_0-9]+]] = aten.squeeze.dims(%l_self_modules_attn_buffers_slope_rate_, [1, 2]) : f32[4]
+        CHECK: %[[A:[a-z_0-9]+]] = aten.mul.Tensor(%{{[a-z_0-9]+}}, -1.0) : f32[2, 16, 4]
+        CHECK: %ssd = seqfuse.ssd(%{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, %{{[a-z_0-9]+}}, a=%[[A]]) {decay=scalar
+        CHECK-SAME: : (f32[2, 16, 4, 8], f32[2, 4, 8, 8])
+        CHECK-NOT: aten.einsum
+        CHECK-NOT: aten.exp
+        CHECK-NOT: aten.cat
+        CHECK: return
+    """)

@@ -504,3 +504,80 @@ def test_unbind_split_and_narrow_pieces_become_selects_and_slices():
     for n in pieces:
         assert order[min(n.users, key=order.__getitem__)] == order[n] + 1, n
 
+
+
+def test_block_slices_become_selects_of_chunks_and_a_ragged_block_stays_a_slice():
+    from seqfuse.compiler.canonicalize import block_slices
+
+    def blocks(x):
+        return x[:, 0:4] * 1 + x[:, 4:8] * 2, x[:, 8:10].sum(), x[:, 1:3]      # 2 blocks, a tail, another slice
+
+    x = torch.randn(2, 10, 3)
+    gm, inputs = capture(blocks, x)
+    traced = trace_pre_dispatch(gm, inputs)
+    assert block_slices(traced) == 2, format_graph(traced.graph)
+    text = format_graph(traced.graph)
+    assert "aten.reshape(%slice_tensor, [2, 2, 4, 3])" in text or "[2, 2, 4, 3]" in text, text
+    assert text.count("aten.select.int(") == 2, text
+    assert "aten.slice.Tensor(%l_x_, 1, 8, 10)" in text and "aten.slice.Tensor(%l_x_, 1, 1, 3)" in text, text
+    for got, want in zip(traced(*inputs), blocks(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_block_slices_leave_written_tensors_and_single_blocks_alone():
+    from seqfuse.compiler.canonicalize import block_slices
+
+    def written(x):
+        y = x.clone()
+        y[:, 0:4] += 1
+        return y[:, 0:4] + y[:, 4:8]
+
+    def one_block(x):
+        return x[:, 0:4] + x[:, 8:12]                   # [4, 8) missing: no run of blocks
+
+    x = torch.randn(2, 12, 3)
+    for fn in (written, one_block):
+        gm, inputs = capture(fn, x)
+        traced = trace_pre_dispatch(gm, inputs)
+        assert block_slices(traced) == 0, format_graph(traced.graph)
+
+
+class _Decays(torch.nn.Module):
+    """A rate per head and decay tables built from it, as MiniMax keeps them (buffers)."""
+
+    def __init__(self, perturb=False, table=None):
+        super().__init__()
+        rate = torch.tensor([0.5, 0.25, 0.125])[:, None, None]
+        pos = torch.arange(6) + 1
+        self.register_buffer("rate", rate)
+        q = torch.exp(-rate * pos[:, None])
+        d = rate * (pos[:, None] - pos[None, :])
+        d = torch.exp(torch.where(d >= 0, -d, float("-inf")))
+        if perturb:
+            q[1, 2, 0] = torch.nextafter(q[1, 2, 0], torch.tensor(1.0))     # one ulp off: not the expression
+        self.register_buffer("q_decay", q if table is None else table)
+        self.register_buffer("diag", d)
+
+    def forward(self, x):                                # x (3, 6, 6); the rate is read too, as MiniMax does
+        return x * self.q_decay + x * self.diag[:, :4, :4].sum() + x * torch.exp(-self.rate * 6)
+
+
+@pytest.mark.parametrize("perturb", [False, True], ids=["exact", "one_ulp_off"])
+def test_decay_buffers_are_read_back_as_their_expressions_bit_for_bit(perturb):
+    m = _Decays(perturb=perturb)
+    x = torch.randn(3, 6, 6)
+    report = seqfuse.explain(m, x, options={"downstream": "eager"})
+    torch.testing.assert_close(report.output, m(x), rtol=0, atol=0)
+    guards = sorted(g for graph in report.graphs for g in graph.guards)
+    # the sliced diagonal table is always a power of the rate; the query table only when it is exact
+    want = ["l_self_buffers_diag_", "l_self_buffers_rate_"] + ([] if perturb else ["l_self_buffers_q_decay_"])
+    assert guards == sorted(want), guards
+
+
+def test_a_positive_table_that_is_no_power_of_a_rate_is_left_alone():
+    m = _Decays(table=torch.rand(3, 6, 1) + 0.1)
+    m.diag = torch.rand(3, 6, 6)
+    x = torch.randn(3, 6, 6)
+    report = seqfuse.explain(m, x, options={"downstream": "eager"})
+    torch.testing.assert_close(report.output, m(x), rtol=0, atol=0)
+    assert not [g for graph in report.graphs for g in graph.guards], str(report)

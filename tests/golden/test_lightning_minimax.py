@@ -1,0 +1,93 @@
+"""MiniMax's lightning attention (transformers ``MiniMaxLightningAttention``, its own code): a Python loop
+over blocks of the sequence, ``x[:, :, 8i:8i+8]``, with decays kept as module buffers built from one rate
+per head (``slope_rate``, also a buffer).
+
+Three pieces make it one ssd: the block slices become a loop over chunks (canonicalize.block_slices), the
+decay buffers are read back as the expressions that built them, bit for bit, under a value guard
+(compiler/decay_buffers.py), and the chunk loop with a constant rate is fused (ssd_chunks).  Every case
+compares the outputs and the gradient of every parameter with eager."""
+import warnings
+
+import pytest
+import torch
+
+from helpers import check_against_eager, rel_err
+import seqfuse  # noqa: F401 - registers the backend
+from seqfuse.runtime.counters import counting
+
+minimax = pytest.importorskip("transformers.models.minimax.modeling_minimax")
+GUARDED = ["query_decay", "key_decay", "diagonal_decay", "slope_rate"]
+
+
+class Layer(torch.nn.Module):
+    """One lightning-attention layer (block 8, 4 heads of 8) as a module of its own."""
+
+    def __init__(self, layer_idx=0):
+        super().__init__()
+        from transformers import MiniMaxConfig
+        cfg = MiniMaxConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                            block_size=8, layer_types=["linear_attention", "full_attention"])
+        torch.manual_seed(layer_idx)
+        self.attn = minimax.MiniMaxLightningAttention(cfg, layer_idx)
+
+    def forward(self, x):
+        return self.attn(x, None, None)[0]
+
+
+def _x(t):
+    return torch.randn(2, t, 32, generator=torch.Generator().manual_seed(t), requires_grad=True)
+
+
+def _guards(report):
+    return sorted(g.split("_buffers_")[-1].rstrip("_") for graph in report.graphs for g in graph.guards)
+
+
+@pytest.mark.parametrize("t,layer", [(16, 0), (40, 1)], ids=["2_blocks", "5_blocks_layer1"])
+def test_whole_blocks_are_one_ssd(t, layer):
+    report = check_against_eager(Layer(layer), _x(t))
+    assert report.count("ssd") == 1 and report.count("scan") == 0, str(report)
+    assert not [m for m in report.near_misses if m.kind in ("ssd", "scan")], str(report)
+    assert "decay=scalar" in report.rewrites[0].ir and "h0=" not in report.rewrites[0].ir, str(report)
+    assert _guards(report) == sorted(GUARDED), str(report)
+
+
+def test_a_ragged_last_block_reads_the_final_state_of_the_whole_blocks():
+    # 44 = 5 blocks of 8 + 4: the whole blocks are one ssd whose final state the last block reads; that
+    # block's own masked term is an ssd of 4 steps, and its read of the entering state stays a product
+    # (a single chunk fed by another op's final state is not fused: a near miss says so)
+    report = check_against_eager(Layer(), _x(44))
+    assert report.count("ssd") == 2, str(report)
+    misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
+    assert len(misses) == 1 and "chunked form not fused" in misses[0], misses
+
+
+@pytest.mark.parametrize("t", [20, 24])
+def test_short_sequences_equal_eager_and_say_why_not_one_ssd(t):
+    # two whole blocks and a ragged one, or three blocks: the loop is not re-rolled (its middle step is the
+    # first after the zero initial state, or holds the last block's code); each block's masked term is an
+    # ssd and the near misses name the chunked form that was not fused
+    report = check_against_eager(Layer(), _x(t))
+    assert report.count("ssd") == 3, str(report)
+    assert [m for m in report.near_misses if m.kind == "ssd"], str(report)
+
+
+def test_decay_buffers_that_change_run_the_graph_unrewritten():
+    torch.manual_seed(0)
+    m, ref = Layer(), Layer()
+    ref.load_state_dict(m.state_dict())
+    compiled = torch.compile(m, backend="seqfuse", options={"downstream": "aot_eager"})
+    x = _x(16).detach()
+    with counting() as tally:
+        assert rel_err(compiled(x), ref(x)) < 1e-5
+        assert not tally.fallbacks().get("graph"), tally.fallbacks()
+        # a decay table no longer a power of the rate (the rate itself unchanged): the guard sees it
+        with torch.no_grad():
+            for mod in (m, ref):
+                mod.attn.diagonal_decay.mul_(0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = compiled(x)
+        assert rel_err(out, ref(x)) < 1e-5
+        assert any("value guard" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert sum(tally.fallbacks().get("graph", {}).values()) == 1, tally.fallbacks()
