@@ -293,8 +293,15 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
         raise NoLoop("the middle steps of the loop compute nothing")
     if m == T - 1:
         # two steps: the template is the last step, which also holds the code after the loop that
-        # gathers both steps' values (``torch.stack(outs)``); that code is no part of a step
-        after = _gathers(by_step[m], label, m)
+        # gathers both steps' values (``torch.stack(outs)``) or reads the last state with values no
+        # earlier step reads (a ragged last block of MiniMax's loop); that code is no part of a step
+        start = min(pos[n] for n in by_step[m])
+
+        def foreign(a):     # computed in the last step and unlike anything computed before it
+            return a not in label and a.op == "call_function" and pos.get(a, -1) > start and \
+                all(pos.get(x, -1) > start for x in members.get(canon.get(a, a), [a]))
+
+        after = _gathers(by_step[m], label, m, foreign)
         by_step[m] = [n for n in by_step[m] if n not in after]
         if not by_step[m]:
             raise NoLoop("the middle steps of the loop compute nothing")
@@ -329,6 +336,9 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
             seeds.setdefault((r.family, i), []).append(n)
     ctx = _Match(loop, seeds, canon, label, members)
     ctx.loop_seeds = step_of_seed
+    # two steps whose template lacks the update only a third step would read: _take_first_step_update
+    # reads the first step's layout itself, so carried roles are renumbered only where all have a node
+    _reindex_carried(loop, ctx, by_step[m - 1], m - 1, partial=m < T - 1)
     lo = None
     for start in range(0, min(3, m)):
         if ctx.step(start, first=True):
@@ -418,11 +428,15 @@ def _write_offsets(runs: list[Run]) -> dict:
 _GATHERS = (aten.stack.default, aten.cat.default)
 
 
-def _gathers(last: list, label: dict, s: int) -> set:
+def _gathers(last: list, label: dict, s: int, foreign=None) -> set:
     """The nodes of the last step ``s`` (in program order) that are code after the loop: a stack or
-    cat of values of step s and of an earlier step, and every node of step s that reads one."""
+    cat of values of step s and of an earlier step, a node that reads a value computed outside the
+    steps for which ``foreign`` holds, and every node of step s that reads one."""
     after: set = set()
     for n in last:
+        if foreign is not None and any(foreign(a) for a in n.all_input_nodes):
+            after.add(n)
+            continue
         if n.target in _GATHERS and n.args and isinstance(n.args[0], (list, tuple)):
             steps = {label.get(a, -1) for a in n.args[0] if isinstance(a, torch.fx.Node)}
             if s in steps and any(0 <= x < s for x in steps):
@@ -453,6 +467,34 @@ def _state_functions(labeled: list, label: dict, seeds: dict) -> set:
         if n not in seeds and all(state(a, n) for a in n.all_input_nodes):
             out.add(n)
     return out
+
+
+def _reindex_carried(loop: Loop, ctx: "_Match", prev_nodes: list, t: int, partial: bool = True) -> None:
+    """Carried roles ("P", k) index the nodes of step t = m - 1 in program order, which is the template's
+    order only where step t is laid out as the template is.  The first step may not be: its update from
+    a zero initial state (S·γ with S = 0) is an invariant, no node of the step.  Match step t on its own
+    (its carried values bound freely, as a first step's are) and renumber k to the template index of the
+    node it names; a node without one gets an index no step has (the match then fails as before), or,
+    without ``partial``, the roles stay as they are."""
+    if not ctx.step(t, first=True):
+        loop.inst.pop(t, None)
+        return
+    inst = loop.inst.pop(t)
+    loop.init = {}
+    where = {n: k for k, n in enumerate(inst) if n is not None}
+    size = len(loop.template)
+    remap = {k: where.get(n, size + k) for k, n in enumerate(prev_nodes)}
+    used = {k for r in loop.roles if r for k in (x[1] for x in _walk_roles(r) if x[0] == "P")}
+    if all(remap[k] == k for k in used) or (not partial and any(remap[k] >= size for k in used)):
+        return
+
+    def fix(r):
+        if r[0] == "T":
+            return ("T", r[1], tuple(fix(e) for e in r[2]))
+        return ("P", remap[r[1]]) if r[0] == "P" else r
+
+    loop.roles = [None if r is None else (fix(r[0]), {k: fix(v) for k, v in r[1].items()}) for r in loop.roles]
+    loop.carried = sorted({r[1] for roles in loop.roles if roles for r in _walk_roles(roles) if r[0] == "P"})
 
 
 def _feeds_next_step_only(template: list, next_step: set) -> set:
