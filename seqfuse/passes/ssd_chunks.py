@@ -290,6 +290,11 @@ class ChunkedSSDPass(Pass):
             return self._states_scan(ctx, ch, h_node, h_letters)
         if is_op(h_node, aten.cat):                     # (b) H = cat([0, cumsum(S)[:-1]])
             return self._states_cumsum(ctx, ch, h_node, h_letters)
+        if set(ch.roles.batch) <= set(h_letters) and ch.decays and not is_op(h_node, aten.slice):
+            # (d) one chunk entered with a state H (a state carried in from before: the ragged last block
+            # of a loop over blocks, a cache): Y_diag + exp(G_l)·c_l·H is the ssd with h0 = H along
+            # the positions, for every batch entry (chunks included, each with its own H)
+            return {"h0": (h_node, h_letters), "final": [], "final_letters": [], "single": True}
         raise NoMatch("the state entering a chunk is neither NS[:-1] of a recursion over chunks, "
                       "an exclusive cumulative sum of chunk states nor the states of a scan over chunks")
 
@@ -549,6 +554,8 @@ class ChunkedSSDPass(Pass):
         return node, letters[:k] + [t] + letters[k + 2:]
 
     def _build(self, ctx, add, ch: _Chunked, entry: dict) -> None:
+        if entry.get("single"):
+            return self._build_single(ctx, add, ch, entry)
         graph, r, z = ctx.graph, ch.roles, ch.z
         forms = _FORMS
         emit = forms._emit
@@ -610,6 +617,55 @@ class ChunkedSSDPass(Pass):
             if val(hn).dtype != val(f).dtype:
                 hn = emit(graph, before, aten.to.dtype, (hn, val(f).dtype), f)
             f.replace_all_uses_with(hn)
+
+
+def _build_single(self, ctx, add, ch: _Chunked, entry: dict) -> None:
+    """(d): the ssd over the chunk's own positions i with h0 = H, for every batch entry."""
+    graph, r = ctx.graph, ch.roles
+    forms, emit = _FORMS, _FORMS._emit
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    before = add
+    sources = [r.c[0], r.b[0], r.x[0], entry["h0"][0]] + ([ch.decay_seq[0]] if ch.decay_seq else [])
+    if any(order[s] > order[before] for s in sources if isinstance(s, torch.fx.Node)):
+        raise NoMatch("an operand is computed after the chunked form's result is used")
+    t = r.i
+    rename = lambda letters, frm: [t if e == frm else e for e in letters]  # noqa: E731
+    c, cl = r.c[0], rename(r.c[1], r.i)
+    b, bl = r.b[0], rename(r.b[1], r.j)
+    x, xl = r.x[0], rename(r.x[1], r.j)
+    full = _Roles(i=t, j=t, n=r.n, p=r.p, batch=list(r.batch), c=(c, cl), b=(b, bl), x=(x, xl), pos=[])
+    a = None
+    if ch.decay_seq is not None:
+        a, al = ch.decay_seq[0], rename(ch.decay_seq[1], r.i)
+        full.pos = [(a, al)]
+    x = forms._layout(graph, before, full, x, xl, t, r.p, add)
+    b = forms._layout(graph, before, full, b, bl, t, r.n, add)
+    c = forms._layout(graph, before, full, c, cl, t, r.n, add)
+    if a is not None:
+        a = forms._layout(graph, before, full, a, al, t, None, add)
+    elif ch.rate is not None:
+        a = self._rate_a(graph, before, ch, full, x, add)
+    scale = _scalar_product(graph, ch.term, before)
+    if scale is not None:
+        c = emit(graph, before, aten.mul.Tensor, (c, scale), add)
+    h0 = None
+    if not _is_zero(entry["h0"][0]):
+        h0 = _FORMS.to_layout(graph, before, full, *entry["h0"], [], [r.p, r.n], add)
+    op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="none" if a is None else "scalar")
+    ir = ctx.insert_ir(op, before, add)
+    ir.meta["val"] = ssd_value(x, b, c)
+    y = emit(graph, before, operator.getitem, (ir, 0), add)
+    y = _FORMS.from_layout(graph, before, full, y, 2, add)
+    ylet = r.batch[:-1] + [t] + r.batch[-1:] + [r.p]
+    perm = [ylet.index(e) for e in ch.term.out]
+    if perm != list(range(len(perm))):
+        y = emit(graph, before, aten.permute.default, (y, perm), add)
+    if val(y).dtype != val(add).dtype:
+        y = emit(graph, before, aten.to.dtype, (y, val(add).dtype), add)
+    add.replace_all_uses_with(y)
+
+
+ChunkedSSDPass._build_single = _build_single
 
 
 def _same_factors(f1: tuple, f2: tuple) -> bool:
