@@ -206,6 +206,8 @@ class ChunkedSSDPass(Pass):
                     ctx.report.add_near_miss("ssd", f"chunked form not fused into one ssd: {e}", node)
                     break
         ctx.graph.eliminate_dead_code()
+        _concatenate_consecutive(ctx)
+        ctx.graph.eliminate_dead_code()
         ctx.gm.recompile()
 
     # --- matching ---------------------------------------------------------------------
@@ -666,6 +668,75 @@ def _build_single(self, ctx, add, ch: _Chunked, entry: dict) -> None:
 
 
 ChunkedSSDPass._build_single = _build_single
+
+
+def _final_state_of(node):
+    """The ssd node whose final state ``node`` is (``getitem(ssd, 1)``), or None."""
+    if isinstance(node, torch.fx.Node) and node.target is operator.getitem and node.args[1] == 1 and \
+            isinstance(node.args[0], torch.fx.Node) and isinstance(node.args[0].meta.get("seqfuse_ir"), SSD):
+        return node.args[0]
+    return None
+
+
+def _concatenate_consecutive(ctx) -> None:
+    """ssd₂ entered with ssd₁'s final state, and nothing else reading that state: one ssd over the
+    concatenated steps (x, b, c, a along T), h0 = ssd₁'s, final state ssd₂'s; y₁ and y₂ are its
+    first T₁ and last T₂ steps.  (MiniMax's whole blocks and its ragged last block.)"""
+    graph = ctx.graph
+    for n2 in list(graph.nodes):
+        op2 = n2.meta.get("seqfuse_ir")
+        if n2.graph is not graph or not isinstance(op2, SSD) or op2.h0 is None:
+            continue
+        n1 = _final_state_of(op2.h0)
+        if n1 is None or n1.graph is not graph or len(op2.h0.users) != 1:
+            continue
+        op1 = n1.meta["seqfuse_ir"]
+        if op1.decay != op2.decay or op1.d is not None or op2.d is not None or \
+                (op1.a is None) != (op2.a is None):
+            continue
+        pairs = [(op1.x, op2.x), (op1.b, op2.b), (op1.c, op2.c)] + ([(op1.a, op2.a)] if op1.a is not None else [])
+        if any(val(u).dtype != val(w).dtype or val(u).dim() != val(w).dim() or
+               any(not _same_int(p, q) for k, (p, q) in enumerate(zip(val(u).shape, val(w).shape)) if k != 1)
+               for u, w in pairs):
+            continue
+        if not _hoist(graph, [w for _, w in pairs], n1):
+            continue                # ssd₂'s operands cannot be computed before ssd₁
+        emit = _FORMS._emit
+        cat = [emit(graph, n1, aten.cat.default, ([u, w], 1), n2) for u, w in pairs]
+        op = SSD(x=cat[0], b=cat[1], c=cat[2], a=cat[3] if len(cat) > 3 else None, h0=op1.h0, decay=op1.decay)
+        ir = ctx.insert_ir(op, n1, n2)
+        ir.meta["val"] = ssd_value(cat[0], cat[1], cat[2])
+        y = emit(graph, n1, operator.getitem, (ir, 0), n2)
+        t1 = val(op1.x).shape[1]
+        y1 = emit(graph, n1, aten.slice.Tensor, (y, 1, 0, t1), n1)
+        y2 = emit(graph, n1, aten.slice.Tensor, (y, 1, t1, val(y).shape[1]), n2)
+        h = emit(graph, n1, operator.getitem, (ir, 1), n2)
+        for g in list(n1.users):
+            if g.target is operator.getitem and g.args[1] == 0:
+                g.replace_all_uses_with(y1)
+        for g in list(n2.users):
+            if g.target is operator.getitem:
+                g.replace_all_uses_with(y2 if g.args[1] == 0 else h)
+
+
+def _hoist(graph, values: list, before: torch.fx.Node) -> bool:
+    """Move the nodes ``values`` need that come after ``before`` to just before it (in their order), if
+    none of them is ``before`` or reads it, writes memory or is a placeholder; returns whether it did."""
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    start = order[before]
+    need, todo = set(), [v for v in values if isinstance(v, torch.fx.Node)]
+    while todo:
+        n = todo.pop()
+        if n in need or order[n] < start:
+            continue
+        t = n.target
+        if n is before or n.op != "call_function" or (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable):
+            return False
+        need.add(n)
+        todo.extend(n.all_input_nodes)
+    for n in sorted(need, key=order.__getitem__):
+        before.prepend(n)
+    return True
 
 
 def _same_factors(f1: tuple, f2: tuple) -> bool:

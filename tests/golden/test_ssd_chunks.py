@@ -405,3 +405,20 @@ def test_one_chunk_entered_with_a_state_decayed_wrongly_is_not_fused():
     misses = [m.reason for m in report.near_misses if m.kind == "ssd"]
     assert any(CHUNKED in r for r in misses), str(report)
     assert report.count("ssd") == 1 and "h0=" not in report.rewrites[0].ir, str(report)
+
+
+@pytest.mark.parametrize("return_state", [False, True], ids=["state_dropped", "state_returned"])
+def test_a_chunk_loop_continued_by_one_chunk_is_one_ssd(return_state):
+    # a chunk loop (one ssd with a final state) and one more chunk entered with that state (an ssd with h0):
+    # one ssd over all the steps when nothing else reads the loop's final state; two when the program
+    # returns it too (the concatenated ssd has no state at that step)
+    def fn(q, k, v, g, q2, k2, v2, g2):
+        o, S = chunk_loop_gla(q, k, v, g)
+        o2 = one_chunk_with_state(q2, k2, v2, g2, S)
+        return (o, o2, S) if return_state else (o, o2)
+
+    q, k, v, g = gla_inputs(t=16, dk=4, dv=5, h=3, h0=False)
+    q2, k2, v2, g2, _ = state_inputs()
+    report = check_against_eager(fn, q, k, v, g, q2, k2, v2, g2)
+    assert report.count("scan") == 0 and not [m for m in report.near_misses if m.kind == "ssd"], str(report)
+    assert report.count("ssd") == (2 if return_state else 1), str(report)
