@@ -342,8 +342,52 @@ def ssd_chunk_loop(r, seed, triton):
                  expect=expect)
 
 
+def ssd_lightning_loop(r, seed, triton):
+    """Lightning attention (MiniMax's loop): blocks of B steps read as slices ``x[:, :, iB:iB+B]`` (the
+    last block ragged when T is not a multiple of B) or as chunks of a reshape; decays powers of one rate
+    s > 0 per head: exp(-s·(i - j)) on the lower triangle, the entry exp(-s·(l + 1)), the chunk states'
+    exp(-s·(B - 1 - l)) and the state's exp(-s·B) (the ragged block's own sizes), updated after the
+    readout.  ``broken`` offsets one decay by a step: then not one recurrence."""
+    Bk = r.choice((2, 3, 4))
+    nb = size(r, 1, 3 if triton else 5)
+    ragged = r.random() < 0.4
+    T = Bk * nb + (r.randint(1, Bk - 1) if ragged else 0)
+    _, B, H, D, V = _sizes(r, triton, loop=True)
+    m = Maker(r, r.choice(DTYPES))
+    style = "slices" if ragged or r.random() < 0.6 else "reshape"
+    broken = r.choice((None, None, None, "entry", "states", "block"))
+    q, k, v = m.randn(B, H, T, D), m.randn(B, H, T, D), m.randn(B, H, T, V)
+    s = (0.05 + torch.rand(H, 1, 1, generator=torch.Generator().manual_seed(seed))).to(q.dtype)
+    tag = poison(r, [q, k, v])
+
+    def fn(q, k, v, s):
+        b, h, t, d = q.shape
+        kv = q.new_zeros(b, h, d, v.shape[-1])
+        outs = []
+        if style == "reshape":
+            qc, kc, vc = (z.reshape(b, h, t // Bk, Bk, z.shape[-1]) for z in (q, k, v))
+        for i in range((t + Bk - 1) // Bk):
+            n = min(Bk, t - i * Bk)
+            if style == "reshape":
+                qi, ki, vi = qc[:, :, i], kc[:, :, i], vc[:, :, i]
+            else:
+                qi, ki, vi = (z[:, :, i * Bk:i * Bk + n] for z in (q, k, v))
+            pos = torch.arange(n) + 1
+            diag = torch.exp(-s * (pos[:, None] - pos[None, :])).tril()
+            q_decay = torch.exp(-s * (pos[:, None] - int(broken == "entry")))
+            k_decay = torch.exp(-s * (n - pos[:, None] + int(broken == "states")))
+            outs.append((qi * q_decay) @ kv + ((qi @ ki.transpose(-1, -2)) * diag) @ vi)
+            kv = kv * torch.exp(-s * (n - int(broken == "block"))) + (ki * k_decay).transpose(-1, -2) @ vi
+        return torch.cat(outs, 2)
+
+    name = f"lightning_{style}" + ("_ragged" if ragged else "") + (f"/broken:{broken}" if broken else "")
+    # a key or value dim of 1: the masked products are a near miss (c, b and x not told apart)
+    return _case("ssd", name, fn, [q, k, v, s], r, seed, triton, tag=tag, expect="" if min(D, V) == 1 else None)
+
+
 SSD_SPELLINGS = ((ssd_loop, 4), (ssd_loop_mamba2, 1), (ssd_quadratic, 4), (ssd_cumsum, 1),
-                 (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1), (ssd_chunk_loop, 1))
+                 (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1), (ssd_chunk_loop, 1),
+                 (ssd_lightning_loop, 1))
 
 
 # ======================================================================== scan
