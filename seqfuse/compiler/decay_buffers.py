@@ -21,6 +21,8 @@ alone; the guard makes the compiled graph fall back when a buffer or the rate ch
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.fx
 
@@ -58,9 +60,10 @@ def _value(view: torch.fx.Node, base: torch.fx.Node, snap: torch.Tensor) -> torc
 
 
 def _fit(w: torch.Tensor, r: torch.Tensor):
-    """(E, keep, position axes) with ``w == where(keep, exp(r·E), 0)`` bit for bit, E an integer affine
-    function of the position axes (those along which r has size 1 and w does not), keep None or a lower
-    triangle over the last two position axes (as (axis_i, axis_j, k): j <= i + k); else None."""
+    """(coef, keep, position axes) for ``w == where(keep, exp(r·E), 0)``: E = coef[0] + Σ coef[1 + k]·pos_k
+    an integer affine function of the position axes (those along which r has size 1 and w does not),
+    keep None or a lower triangle over the last two position axes (as (axis_i, axis_j, k): j <= i + k);
+    None when w is no such table.  The caller checks the bits (:func:`_same_bits`)."""
     if w.dim() < r.dim():
         return None
     rb = r.reshape((1,) * (w.dim() - r.dim()) + tuple(r.shape))
@@ -69,32 +72,45 @@ def _fit(w: torch.Tensor, r: torch.Tensor):
     pos = [d for d in range(w.dim()) if rb.shape[d] == 1 and w.shape[d] > 1]
     if not pos or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
         return None
-    wd, rd = w.double(), rb.double().expand(w.shape)
-    nz = wd > 0
-    e = torch.where(nz, torch.log(torch.where(nz, wd, 1.0)) / rd, 0.0)
-    idx = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in w.shape], indexing="ij")
-    # fit E = β + Σ α_d·pos_d on the nonzero entries (integers, checked exactly below)
-    cols = [torch.ones(int(nz.sum()), dtype=torch.float64)] + [idx[d][nz] for d in pos]
-    if cols[0].numel() < len(cols):
-        return None
-    sol = torch.linalg.lstsq(torch.stack(cols, 1), e[nz][:, None]).solution[:, 0]
-    coef = [round(float(c)) for c in sol]
-    if all(c == 0 for c in coef[1:]):
-        return None                                  # no position dependence: not a decay table
-    E = coef[0] + sum(c * idx[d] for c, d in zip(coef[1:], pos))
     keep = None
-    if not bool(nz.all()):
-        if len(pos) < 2:
-            return None
+    if len(pos) >= 2:
         a, b = pos[-2], pos[-1]
-        for k in range(-w.shape[b], w.shape[a] + 1):
-            tri = idx[b] <= idx[a] + k
-            if torch.equal(tri, nz):
-                keep = (a, b, k)
-                break
-        if keep is None:
-            return None
-    return [int(c) for c in coef], keep, pos, E
+        other = [d for d in range(w.dim()) if d not in (a, b)]
+        seen = (w != 0).permute(*other, a, b).reshape(-1, w.shape[a], w.shape[b]).any(0)   # (T_a, T_b)
+        ia, ib = torch.arange(w.shape[a])[:, None], torch.arange(w.shape[b])[None, :]
+        k = int((ib - ia)[seen].max()) if bool(seen.any()) else 0     # the lowest lower triangle holding them
+        if not bool((ib <= ia + k).all()):
+            keep = (a, b, k)
+    # a sample of entries: coefficients by a least-squares fit of log(w)/r weighted by how well the table's
+    # precision resolves each logarithm (normal values only; 1 - 1e-8·k is one float for several k), then
+    # the rounded coefficients and their neighbours tried on the sample's bits (_same_bits checks all)
+    flat = w.reshape(-1)
+    picks = torch.unique(torch.randint(0, flat.numel(), (4096,), generator=torch.Generator().manual_seed(0)))
+    at = torch.stack(torch.unravel_index(picks, w.shape), 1)                    # (n, rank)
+    rate = rb.expand(w.shape).reshape(-1)[picks]
+    if keep is not None:
+        inside = at[:, keep[1]] <= at[:, keep[0]] + keep[2]
+        picks, at, rate = picks[inside], at[inside], rate[inside]
+    v = flat[picks].double()
+    eps = torch.finfo(w.dtype).eps
+    good = (v >= torch.finfo(w.dtype).tiny) & (v <= 1 - 2 * eps)
+    if int(good.sum()) <= len(pos):
+        return None
+    e = torch.log(v[good]) / rate[good].double()
+    weight = torch.sqrt(torch.clamp((1 - v[good]) / eps, max=1e6))
+    cols = torch.stack([torch.ones(int(good.sum()), dtype=torch.float64)] + [at[good][:, d].double() for d in pos], 1)
+    sol = torch.linalg.lstsq(cols * weight[:, None], (e * weight)[:, None]).solution[:, 0]
+    base = [round(float(c)) for c in sol]
+    for delta in itertools.product((0, -1, 1), repeat=len(base)):
+        coef = [c + d for c, d in zip(base, delta)]
+        if all(c == 0 for c in coef[1:]):
+            continue                                 # no position dependence: not a decay table
+        E = coef[0] + sum(c * at[:, d] for c, d in zip(coef[1:], pos))
+        if torch.equal(torch.exp(rate * E), flat[picks]):
+            break
+    else:
+        return None
+    return [int(c) for c in coef], keep, pos
 
 
 def _emit(graph, before, target, args, like):
@@ -179,7 +195,7 @@ def express_decay_buffers(gm: torch.fx.GraphModule) -> int:
                 fit = _fit(w, snapshot_of(rate))
                 if fit is None:
                     continue
-                coef, keep, pos, _ = fit
+                coef, keep, pos = fit
                 if not _same_bits(coef, keep, pos, snapshot_of(rate), w):
                     continue
                 read_constant(buf)          # both values are what the expression rests on: guards
