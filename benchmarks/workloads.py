@@ -215,6 +215,31 @@ def hf_llama_workload(quick, device):
                                    f"heads={heads}/{kv} fp32")
 
 
+def minimax_lightning_workload(quick, device):
+    """transformers' MiniMax lightning attention (its own module): a Python loop over blocks of 256 steps
+    with decay tables kept as buffers (seqfuse: one ssd with a = -slope_rate, under a value guard)."""
+    import transformers
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    class Layer(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.attn = MiniMaxLightningAttention(cfg, 0)
+
+        def forward(self, x):
+            return self.attn(x, None, None)[0]
+
+    torch.manual_seed(0)
+    d, heads, hd, block = (64, 4, 16, 16) if quick else (512, 8, 64, 256)
+    cfg = transformers.MiniMaxConfig(hidden_size=d, num_attention_heads=heads, head_dim=hd, num_hidden_layers=2,
+                                     num_key_value_heads=heads, block_size=block, intermediate_size=d,
+                                     layer_types=["linear_attention", "full_attention"])
+    model = Layer(cfg).to(device).eval()
+    L = 64 if quick else 2048
+    x = torch.randn(2, L, d, device=device)
+    return Workload(model, (x,), f"MiniMax lightning attention B=2 L={L} d={d} heads={heads}x{hd} block={block} fp32")
+
+
 WORKLOADS = {
     "naive_causal_attention": attention_workload,  # the headline
     "gpt2": gpt2_workload,
@@ -228,6 +253,8 @@ WORKLOADS = {
     "gla_recurrent": gla_recurrent_workload,
     # a chunked (loop-free) SSD program
     "mamba2_chunked": mamba2_chunked_workload,
+    # a chunk loop with decay tables as module buffers (transformers' MiniMax)
+    "minimax_lightning": minimax_lightning_workload,
 }
 
 # the delta-rule workloads live in benchmarks/workloads_delta.py (it imports Workload and _example
