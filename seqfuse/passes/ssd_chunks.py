@@ -721,7 +721,8 @@ def _concatenate_consecutive(ctx) -> None:
 
 def _hoist(graph, values: list, before: torch.fx.Node) -> bool:
     """Move the nodes ``values`` need that come after ``before`` to just before it (in their order), if
-    none of them is ``before`` or reads it, writes memory or is a placeholder; returns whether it did."""
+    none of them is ``before`` or reads it, writes memory, draws random numbers (moved, it would draw
+    them in another order than eager) or is a placeholder; returns whether it did."""
     order = {n: k for k, n in enumerate(graph.nodes)}
     start = order[before]
     need, todo = set(), [v for v in values if isinstance(v, torch.fx.Node)]
@@ -730,8 +731,13 @@ def _hoist(graph, values: list, before: torch.fx.Node) -> bool:
         if n in need or order[n] < start:
             continue
         t = n.target
-        if n is before or n.op != "call_function" or (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable):
+        if n is before or n.op != "call_function":
             return False
+        if isinstance(t, torch._ops.OpOverload):
+            if t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags:
+                return False
+        elif t is not operator.getitem and "seqfuse_ir" not in n.meta:
+            return False        # a higher-order op or Python callable: what it does inside is not known
         need.add(n)
         todo.extend(n.all_input_nodes)
     for n in sorted(need, key=order.__getitem__):
