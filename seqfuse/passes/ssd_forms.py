@@ -328,13 +328,14 @@ def rejected_masked_product(root) -> str | None:
     for operand in root.args[1]:
         if not reaches(operand, 0):
             continue
-        masked, unread, stack, seen = False, [], [operand], set()
+        masked, unread, stack, seen, ends = False, [], [operand], set(), []
         while stack:
             n = stack.pop()
             if n in seen or not memo.get(n):
                 continue
             seen.add(n)
             if is_op(n, aten.einsum):
+                ends.append(n)
                 continue                      # the contraction itself: the path ends there
             name = _packet(n)
             if name in _ATTENTION_LIKE:
@@ -352,7 +353,25 @@ def rejected_masked_product(root) -> str | None:
                     f"quadratic form (c·bᵀ ∘ M)·x of a forward recurrence nor a cumulative sum of one")
         if masked and unread is not None and _unit_axis(root, seen):
             return _UNIT_AXIS
+        if masked and unread == [] and any(_channel_weighted(e) for e in ends):
+            return _CHANNEL_DECAY
     return None
+
+
+_CHANNEL_DECAY = ("a masked product of scores that sum over a feature axis a product whose factors all vary along "
+                  "it and both time axes (a decay per key channel inside q·k, as in GLA's or RWKV-6's chunked "
+                  "forms): the quadratic form reads a decay outside the feature sum only; not lifted")
+
+
+def _channel_weighted(node) -> bool:
+    """Whether einsum ``node`` sums one letter of operands that all have every letter (Σ_e f·g·… over
+    full tensors: scores weighted per channel), rather than a contraction of distinct operands."""
+    eq = node.args[0]
+    if not isinstance(eq, str) or "->" not in eq or "." in eq:
+        return False
+    ins, out = eq.replace(" ", "").split("->")
+    ins = ins.split(",")
+    return len(ins) >= 2 and len({frozenset(x) for x in ins}) == 1 and len(set(ins[0]) - set(out)) == 1
 
 
 _UNIT_AXIS = ("a masked product of a contraction with a size-1 feature axis (a key or value dim of 1 reads as a "

@@ -162,7 +162,8 @@ def test_mlstm_chunkwise_parallel_is_a_near_miss_naming_the_stabilizer():
 # The intra-chunk part is a Python loop over the chunk's positions i whose mask arange(C) < i is a
 # different constant at every step; each step writes o_intra[..., i] (a map loop).  loop_map reads the
 # constant as the loop index and vectorizes the loop: one value over every position, one write, no
-# per-step mask left.  No ssd is lifted yet (RWKV-6's decay exp(w_{s+1} + … + w_{t-1}) excludes the
+# per-step mask left.  No ssd is lifted yet (a near miss names the decay per key channel inside the
+# scores; RWKV-6's decay exp(w_{s+1} + … + w_{t-1}) excludes the
 # query's own step and adds a bonus u on the diagonal: o_t = q_t·S_{t-1} + (q_t ⊙ u ⊙ k_t)·v_t).
 # Eager's own backward fails on the program's in-place write into wkv_new, so only outputs are compared.
 
@@ -186,6 +187,8 @@ def test_chunk_rwkv6_intra_loop_is_vectorized(t, tmp_path):
     assert after.count("aten.lt.Scalar(") == 0 and after.count("aten.lt.Tensor(") == 1, after
     assert after.count("aten.arange.start(0, 8, dtype=i64") == 1, after
     assert not [m for m in report.near_misses if "map loop" in m.reason], str(report)
+    # the vectorized intra-chunk scores weigh q·k per key channel: not read, and said so
+    assert any("a decay per key channel inside q·k" in r for r in ssd_misses(report)), str(report)
 
 
 def test_parallel_based_dynamic_length():
