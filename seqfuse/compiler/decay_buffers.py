@@ -93,11 +93,12 @@ def _fit(w: torch.Tensor, r: torch.Tensor):
         picks, at, rate = picks[inside], at[inside], rate[inside]
     v = flat[picks].double()
     eps = torch.finfo(w.dtype).eps
-    good = (v >= torch.finfo(w.dtype).tiny) & (v <= 1 - 2 * eps)
+    resolved = torch.abs(1 - v) / (eps * torch.clamp(v, min=1.0))     # |log v| in units of its rounding
+    good = (v >= torch.finfo(w.dtype).tiny) & torch.isfinite(v) & (resolved > 2)
     if int(good.sum()) <= len(pos):
         return None
     e = torch.log(v[good]) / rate[good].double()
-    weight = torch.sqrt(torch.clamp((1 - v[good]) / eps, max=1e6))
+    weight = torch.sqrt(torch.clamp(resolved[good], max=1e6))
     cols = torch.stack([torch.ones(int(good.sum()), dtype=torch.float64)] + [at[good][:, d].double() for d in pos], 1)
     sol = torch.linalg.lstsq(cols * weight[:, None], (e * weight)[:, None]).solution[:, 0]
     base = [round(float(c)) for c in sol]
@@ -180,7 +181,7 @@ def express_decay_buffers(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     consts = [n for n in graph.nodes if n.op == "placeholder" and snapshot_of(n) is not None
               and snapshot_of(n).is_floating_point()]
-    rates = [n for n in consts if snapshot_of(n).numel() > 1 and not bool((snapshot_of(n) == 0).any())]
+    rates = [n for n in consts if not bool((snapshot_of(n) == 0).any())]
     done = 0
     for buf in consts:
         snap = snapshot_of(buf)

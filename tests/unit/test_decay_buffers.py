@@ -37,3 +37,58 @@ def test_a_table_one_ulp_off_or_not_a_power_is_refused():
     fit = _fit(off, rate)
     assert fit is None or not _same_bits(*fit, rate, off)
     assert _fit(torch.rand(2, 8, 1) + 0.1, rate) is None
+
+
+class _Tables(torch.nn.Module):
+    """A rate buffer and a table buffer built from it (or not quite), both read by forward."""
+
+    def __init__(self, rate, table):
+        super().__init__()
+        self.register_buffer("rate", rate)
+        self.register_buffer("table", table)
+
+    def forward(self, x):
+        return x * self.table + torch.exp(-self.rate * 2).sum()
+
+
+def _random_table(g):
+    """(rate (H, 1, 1), table (H, T, T) or (H, T, 1), exact?) with table = where(keep, exp(-rate·E), 0),
+    E = β + α_i·i + α_j·j, keep a lower triangle or all; one entry moved by an ulp when not exact."""
+    H, T = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(2, 12, (1,), generator=g))
+    rate = (0.01 + torch.rand(H, 1, 1, generator=g)) * (10.0 ** float(torch.randint(-3, 1, (1,), generator=g)))
+    a_i, a_j, beta = (int(v) for v in torch.randint(-2, 3, (3,), generator=g))
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    two_d = bool(torch.rand(1, generator=g) < 0.6)
+    E = beta + a_i * i + (a_j * j if two_d else 0)
+    table = torch.exp(-rate * E)
+    if two_d and bool(torch.rand(1, generator=g) < 0.5):
+        k = int(torch.randint(-1, 2, (1,), generator=g))
+        table = torch.where(j <= i + k, table, 0.0)
+    exact = bool(torch.rand(1, generator=g) < 0.6)
+    if not exact:
+        flat = table.reshape(-1)
+        nz = torch.nonzero(flat).reshape(-1)
+        at = nz[int(torch.randint(0, nz.numel(), (1,), generator=g))]
+        flat[at] = torch.nextafter(flat[at], torch.tensor(float("inf")))
+    return rate, table, exact, (a_i, a_j if two_d else 0)
+
+
+def test_random_tables_are_read_only_when_they_are_the_expression_bit_for_bit():
+    import seqfuse
+    g = torch.Generator().manual_seed(0)
+    read = 0
+    for case in range(40):
+        rate, table, exact, alphas = _random_table(g)
+        m = _Tables(rate, table)
+        x = torch.randn(table.shape, generator=g)
+        torch._dynamo.reset()           # a fresh compile per table (a graph of another case would be reused)
+        report = seqfuse.explain(m, x, options={"downstream": "eager"})
+        assert torch.equal(report.output, m(x)), case          # the same bits, read or not
+        guarded = [gd for graph in report.graphs for gd in graph.guards]
+        if not exact:
+            assert "l_self_buffers_table_" not in guarded, (case, guarded)
+        elif any(alphas) and float(rate.max()) > 1e-3:
+            # an exact table whose powers the fit can resolve is read (and so guarded)
+            assert "l_self_buffers_table_" in guarded, (case, alphas, guarded)
+            read += 1
+    assert read >= 10, read
