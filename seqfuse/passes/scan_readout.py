@@ -131,7 +131,10 @@ class ScanReadoutPass(Pass):
             try:
                 changed |= self._fold(ctx, node, op)
             except NotReadout:
-                pass
+                # the readout may sum a row axis of the elementwise state instead of its last axis
+                # (MiniMax's cached loop: q_t·S over S's key axis, the scan laid out with the value axis
+                # last): the same scan with those two axes swapped has the summed one last
+                changed |= self._fold_swapped(ctx, node, op)
             except NearReadout as e:
                 ctx.report.add_near_miss("scan", str(e), node)
         if changed:
@@ -140,7 +143,30 @@ class ScanReadoutPass(Pass):
 
     # --- analysis -----------------------------------------------------------------------
 
-    def _fold(self, ctx: PassContext, scan: torch.fx.Node, op: Scan) -> bool:
+    def _fold_swapped(self, ctx: PassContext, scan: torch.fx.Node, op: Scan) -> bool:
+        """``_fold`` with the scan's state axis N (y's last) and a row axis m swapped, for each row axis
+        m of size > 1 until one reads as a readout; False when none does (near misses are not reported:
+        the unswapped reading is the program's)."""
+        y = next((u for u in scan.users if u.target is operator.getitem and u.args[1] == 0), None)
+        if y is None or op.dt is not None or op.u is not None:
+            return False
+        r = val(y).dim()
+        if any(not isinstance(v, torch.fx.Node) or rank(v) != r for v in (op.a, op.b)):
+            return False
+        for m in range(r - 2):
+            if _one(val(y).shape[m]):
+                continue
+            perm = list(range(r))
+            perm[m], perm[r - 1] = r - 1, m
+            try:
+                return self._fold(ctx, scan, op, perm)
+            except (NotReadout, NearReadout):
+                continue
+        return False
+
+    def _fold(self, ctx: PassContext, scan: torch.fx.Node, op: Scan, perm: list | None = None) -> bool:
+        """``perm``: the scan read with y's axes permuted (a transposition of a row axis and N): axis k of
+        the read layout is y's axis perm[k]; the rewritten scan takes a, b, h0 in that layout."""
         ys, hs = [], []
         for u in scan.users:
             if u.target is not operator.getitem or u.args[1] not in (0, 1):
@@ -150,14 +176,16 @@ class ScanReadoutPass(Pass):
             return False
         y_val = val(ys[0])
         r = y_val.dim()
-        self.r, self.T, self.y_shape = r, y_val.shape[-2], y_val.shape
+        self.perm = perm if perm is not None else list(range(r))
+        self.r, self.T, self.y_shape = r, y_val.shape[-2], [y_val.shape[k] for k in self.perm]
         self.near = []
         self.reverse = bool(op.reverse)
         readouts, lasts = [], []
         views: dict = {}
         stack = []
         for y in ys:
-            views[y] = _View(y, list(range(r)), list(range(r)), False)
+            # y's axis k is axis perm[k] of the read layout (perm is its own inverse)
+            views[y] = _View(y, list(self.perm), list(self.perm), False)
             stack.append(y)
         while stack:
             x = stack.pop()
@@ -351,6 +379,13 @@ class ScanReadoutPass(Pass):
         c = self._layout(emit, first.c, list(first.c_axes), rank(first.c))
         if first.flipped and first.c_axes[r - 2] is not None and not _one(val(c).shape[r - 2]):
             c = emit(aten.flip.default, (c, [r - 2]))
+        swapped = self.perm != list(range(r))
+        hperm = [k if k < r - 2 else r - 2 for k in self.perm[:r - 2]] + [self.perm[r - 1] if self.perm[r - 1] < r - 2
+                                                                            else r - 2]
+        if swapped:     # a, b (*R, T, N) and h0 (*R, N) in the read layout
+            op = dataclasses.replace(op, a=emit(aten.permute.default, (op.a, self.perm)),
+                                     b=emit(aten.permute.default, (op.b, self.perm)),
+                                     h0=None if op.h0 is None else emit(aten.permute.default, (op.h0, hperm)))
         new_op = dataclasses.replace(op, c=c, readout_dtype=self.rounding)
         ir = ctx.insert_ir(new_op, scan, scan)
         va, vb, vc = val(op.a), val(op.b), val(c)
@@ -369,8 +404,9 @@ class ScanReadoutPass(Pass):
             for d in dtypes:   # the casts the program applied on the way to this read
                 last = emit(aten.to.dtype, (last, d), like=node)
             node.replace_all_uses_with(self._layout(emit, last, axes, r - 1, like=node))
+        h_program = emit(aten.permute.default, (h, hperm)) if swapped else h   # back to the program's layout
         for old in hs:
-            old.replace_all_uses_with(h)
+            old.replace_all_uses_with(h_program)
 
     @staticmethod
     def _layout(emit, src, axes: list, src_rank: int, like=None):

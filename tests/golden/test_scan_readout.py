@@ -141,12 +141,14 @@ def test_other_position_read():
     one_scan_ir(check_against_eager(fn, *mamba_inputs()), readout=False)
 
 
-def test_contraction_over_a_non_state_axis():
-    # Σ_d h·c over the channel axis d keeps n: not a readout of the state axis
+def test_contraction_over_a_row_axis_reads_the_scan_with_that_axis_last():
+    # Σ_d h·c over the channel axis d keeps n: the elementwise scan is the same with d and n swapped,
+    # and then this is its readout (a, b permuted; nothing else reads the states)
     a, b, _ = mamba_inputs()
     w = torch.randn(6, 10, requires_grad=True)
-    one_scan_ir(check_against_eager(lambda a, b, w: torch.einsum("bdtn,dt->btn", all_states(a, b), w), a, b, w),
-                readout=False)
+    ir = one_scan_ir(check_against_eager(lambda a, b, w: torch.einsum("bdtn,dt->btn", all_states(a, b), w), a, b, w),
+                     readout=True)
+    assert "permute" in ir, ir
 
 
 def test_contraction_over_state_and_time_is_a_near_miss():
@@ -246,3 +248,45 @@ def test_two_roundings_are_a_near_miss():
     assert report.count("scan") == 1 and "c=%" not in report.rewrites[0].ir, str(report)
     assert [m.kind for m in report.near_misses] == ["scan"], str(report)
     assert "not one rounding" in report.near_misses[0].reason
+
+
+# --- a readout over a row axis of the state ------------------------------------------------------
+# S_t = γ·S_{t-1} + k_tᵀ·v_t over (K, V), read as o_t = q_t·S_t (MiniMax's cached per-step loop over
+# x[:, :, t:t+1]): the loop is an elementwise scan laid out with V last, and the readout sums K.  The
+# same scan with K and V swapped (a, b, h0 permuted) takes q as its readout; the final state is
+# permuted back.
+
+def matrix_state_loop(q, k, v, s, h0, *, readout="rows"):
+    """q, k (b, h, t, K), v (b, h, t, V), s (h, 1, 1) > 0, h0 (b, h, K, V)."""
+    S, outs = h0, []
+    ratio = torch.exp(-s)
+    for t in range(q.shape[2]):
+        kv = torch.matmul(k[:, :, t:t + 1].transpose(-1, -2), v[:, :, t:t + 1])
+        S = ratio * S + kv
+        outs.append(torch.matmul(q[:, :, t:t + 1], S) if readout == "rows" else
+                    torch.matmul(S, v[:, :, t:t + 1].transpose(-1, -2)).transpose(-1, -2))
+    return torch.cat(outs, -2), S
+
+
+def matrix_inputs(K=4, V=5):
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 6, K, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 3, 6, V, generator=g).requires_grad_()
+    s = (0.1 + torch.rand(3, 1, 1, generator=g)).requires_grad_()
+    h0 = torch.randn(2, 3, K, V, generator=g).requires_grad_()
+    return q, k, v, s, h0
+
+
+@pytest.mark.parametrize("K,V", [(4, 5), (5, 5)])
+def test_a_readout_over_the_rows_of_a_matrix_state_swaps_the_scan_axes(K, V):
+    report = check_against_eager(matrix_state_loop, *matrix_inputs(K, V))
+    assert report.count("scan") + report.count("ssd") == 1 and not report.near_misses, str(report)
+    ir = report.rewrites[0].ir
+    assert report.count("ssd") == 1 or ("c=%" in ir and "h0=%" in ir), ir
+
+
+def test_a_readout_of_v_over_the_value_axis_is_not_the_states_readout():
+    # S·v_t sums the value axis, the scan's own last axis: the plain reading, no swap needed
+    fn = lambda *a: matrix_state_loop(*a, readout="values")  # noqa: E731
+    report = check_against_eager(fn, *matrix_inputs())
+    assert report.count("scan") + report.count("ssd") == 1, str(report)
