@@ -102,3 +102,35 @@ def test_decay_buffers_that_change_run_the_graph_unrewritten():
         assert rel_err(out, ref(x)) < 1e-5
         assert any("value guard" in str(w.message) for w in caught), [str(w.message) for w in caught]
         assert sum(tally.fallbacks().get("graph", {}).values()) == 1, tally.fallbacks()
+
+
+class _Cache:
+    """The two methods MiniMaxLightningAttention calls on its cache."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def get_linear_cache(self, layer_idx):
+        return self.state
+
+    def set_linear_cache(self, layer_idx, state):
+        self.state = state
+
+
+class CachedLayer(Layer):
+    """The layer continuing from a cached state: its per-step loop S = exp(-s)·S + k_tᵀ·v_t, o_t = q_t·S."""
+
+    def forward(self, x, state):
+        cache = _Cache(state)
+        out = self.attn(x, None, None, cache=cache)[0]
+        return out, cache.state
+
+
+def test_the_cached_path_is_one_scan_with_its_readout():
+    # the loop is an elementwise scan over (K, V) from the cache; its readout q_t·S sums K, so the scan
+    # is read with K last (scan_readout): c = q, h0 = the cache, the states never materialized
+    state = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    report = check_against_eager(CachedLayer(), _x(12), state)
+    assert report.count("scan") + report.count("ssd") == 1 and not report.near_misses, str(report)
+    ir = report.rewrites[0].ir
+    assert report.count("ssd") == 1 or ("c=%" in ir and "h0=%" in ir), ir
