@@ -105,6 +105,22 @@ def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
+def needed_after(values: Iterable[Any], before: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes among ``values`` and everything they transitively read that come after ``before`` in
+    its graph, in graph order (``before`` itself included when they read it): what must move to compute
+    ``values`` ahead of ``before``."""
+    order = {n: k for k, n in enumerate(before.graph.nodes)}
+    start = order[before]
+    need, todo = set(), [v for v in values if isinstance(v, torch.fx.Node)]
+    while todo:
+        n = todo.pop()
+        if n in need or order[n] < start:
+            continue
+        need.add(n)
+        todo.extend(n.all_input_nodes)
+    return sorted(need, key=order.__getitem__)
+
+
 def depends_on(node: Any, targets: Iterable[torch.fx.Node]) -> bool:
     """Whether ``node`` reads any of ``targets``."""
     if not isinstance(node, torch.fx.Node):

@@ -49,7 +49,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.ops import Scan, ir_of, scan_y_dtype
-from seqfuse.passes.pattern import CASTS, ancestors, arg, axis_view, emit_before, is_op, rank, readout_rounding, val
+from seqfuse.passes.pattern import CASTS, ancestors, arg, axis_view, emit_before, is_op, needed_after, rank, readout_rounding, val
 from seqfuse.passes.registry import Pass, PassContext
 
 aten = torch.ops.aten
@@ -227,7 +227,7 @@ class ScanReadoutPass(Pass):
             if readout_rounding(y_val.dtype, dtypes) is not None:
                 raise NotReadout("the last state is read rounded too")
         self.rounding = rounding
-        move = self._movable(ctx, scan, first.c)
+        move = self._movable(scan, first.c)
         self._rewrite(ctx, scan, op, ys, hs, readouts, lasts, move)
         return True
 
@@ -350,18 +350,14 @@ class ScanReadoutPass(Pass):
         return _Readout(u, c, tuple(c_axes), out_axes, v.flipped, v.dtypes)
 
     @staticmethod
-    def _movable(ctx: PassContext, scan, c) -> list:
-        """The nodes computing c that come after the scan (moved before it); each must be pure."""
-        needed = ancestors(c) | {c}
-        after, seen = [], False
-        for n in ctx.graph.nodes:
-            if n is scan:
-                seen = True
-            elif seen and n in needed:
-                if n.op not in ("call_function", "get_attr") or (n.op == "call_function" and
-                                                                (n.is_impure() or is_op(n, *_RANDOM))):
-                    raise NotReadout("c is computed after the scan by an impure op")
-                after.append(n)
+    def _movable(scan, c) -> list:
+        """The nodes computing c that come after the scan (moved before it); each must be pure (c does
+        not depend on the scan: checked before)."""
+        after = needed_after([c], scan)
+        for n in after:
+            if n.op not in ("call_function", "get_attr") or (n.op == "call_function" and
+                                                            (n.is_impure() or is_op(n, *_RANDOM))):
+                raise NotReadout("c is computed after the scan by an impure op")
         return after
 
     # --- rewrite ------------------------------------------------------------------------

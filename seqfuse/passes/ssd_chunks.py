@@ -41,7 +41,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.ops import SSD, Scan
-from seqfuse.passes.pattern import arg, constant_value, is_op, rank, same_expr, sym_product, val
+from seqfuse.passes.pattern import arg, constant_value, is_op, needed_after, rank, same_expr, sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters, evaluate
 from seqfuse.passes.ssd_forms import SSDFormsPass, ssd_value, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
@@ -296,7 +296,8 @@ class ChunkedSSDPass(Pass):
             # (d) one chunk entered with a state H (a state carried in from before: the ragged last block
             # of a loop over blocks, a cache): Y_diag + exp(G_l)·c_l·H is the ssd with h0 = H along
             # the positions, for every batch entry (chunks included, each with its own H)
-            return {"h0": (h_node, h_letters), "final": [], "final_letters": [], "single": True}
+            # (ch.z stays None: _build reads the chunk's own positions as the sequence)
+            return {"h0": None if _is_zero(h_node) else (h_node, h_letters), "final": [], "final_letters": []}
         raise NoMatch("the state entering a chunk is neither NS[:-1] of a recursion over chunks, "
                       "an exclusive cumulative sum of chunk states nor the states of a scan over chunks")
 
@@ -556,25 +557,31 @@ class ChunkedSSDPass(Pass):
         return node, letters[:k] + [t] + letters[k + 2:]
 
     def _build(self, ctx, add, ch: _Chunked, entry: dict) -> None:
-        if entry.get("single"):
-            return self._build_single(ctx, add, ch, entry)
+        """One ssd over the sequence t = z·Q + l; without a chunk axis (ch.z None: one chunk entered with
+        a state), over the chunk's own positions, for every batch entry."""
         graph, r, z = ctx.graph, ch.roles, ch.z
         forms = _FORMS
         emit = forms._emit
         finals = entry["final"]
         order = {n: k for k, n in enumerate(graph.nodes)}
         before = min([add, *[u for f in finals for u in f.users]], key=order.__getitem__)
-        t = "\1"
+        t = "\1" if z is not None else r.i
         sources = [r.c[0], r.b[0], r.x[0]] + ([ch.decay_seq[0]] if ch.decay_seq else []) + \
             ([entry["h0"][0]] if entry["h0"] is not None else [])
         if any(order[s] > order[before] for s in sources if isinstance(s, torch.fx.Node)):
             raise NoMatch("an operand is computed after the chunked form's result is used")
-        c, cl = self._unchunk(graph, before, *r.c, z, r.i, t, add)
-        b, bl = self._unchunk(graph, before, *r.b, z, r.j, t, add)
-        x, xl = self._unchunk(graph, before, *r.x, z, r.j, t, add)
+
+        def sequence(node, letters, pos):       # (node, letters) with the position axis named t
+            if z is None:
+                return node, [t if e == pos else e for e in letters]
+            return self._unchunk(graph, before, node, letters, z, pos, t, add)
+
+        c, cl = sequence(*r.c, r.i)
+        b, bl = sequence(*r.b, r.j)
+        x, xl = sequence(*r.x, r.j)
         a = None
         if ch.decay_seq is not None:
-            a, al = self._unchunk(graph, before, *ch.decay_seq, z, r.i, t, add)
+            a, al = sequence(*ch.decay_seq, r.i)
         batch = [e for e in r.batch if e != z]
         full = _Roles(i=t, j=t, n=r.n, p=r.p, batch=batch, c=(c, cl), b=(b, bl), x=(x, xl), pos=[])
         if a is not None:
@@ -599,10 +606,11 @@ class ChunkedSSDPass(Pass):
         lead, head = batch[:-1], batch[-1:]
         y = _FORMS.from_layout(graph, before, full, y, 2, add)
         ylet = lead + [t] + head + [r.p]
-        k = ylet.index(t)
-        sizes = [_FORMS._size(graph, before, r, z, add), _FORMS._size(graph, before, r, r.i, add)]
-        y = emit(graph, before, aten.unflatten.int, (y, k, sizes), add)
-        ylet = ylet[:k] + [z, r.i] + ylet[k + 1:]
+        if z is not None:
+            k = ylet.index(t)
+            sizes = [_FORMS._size(graph, before, r, z, add), _FORMS._size(graph, before, r, r.i, add)]
+            y = emit(graph, before, aten.unflatten.int, (y, k, sizes), add)
+            ylet = ylet[:k] + [z, r.i] + ylet[k + 1:]
         perm = [ylet.index(e) for e in ch.term.out]
         if perm != list(range(len(perm))):
             y = emit(graph, before, aten.permute.default, (y, perm), add)
@@ -619,55 +627,6 @@ class ChunkedSSDPass(Pass):
             if val(hn).dtype != val(f).dtype:
                 hn = emit(graph, before, aten.to.dtype, (hn, val(f).dtype), f)
             f.replace_all_uses_with(hn)
-
-
-def _build_single(self, ctx, add, ch: _Chunked, entry: dict) -> None:
-    """(d): the ssd over the chunk's own positions i with h0 = H, for every batch entry."""
-    graph, r = ctx.graph, ch.roles
-    forms, emit = _FORMS, _FORMS._emit
-    order = {n: k for k, n in enumerate(graph.nodes)}
-    before = add
-    sources = [r.c[0], r.b[0], r.x[0], entry["h0"][0]] + ([ch.decay_seq[0]] if ch.decay_seq else [])
-    if any(order[s] > order[before] for s in sources if isinstance(s, torch.fx.Node)):
-        raise NoMatch("an operand is computed after the chunked form's result is used")
-    t = r.i
-    rename = lambda letters, frm: [t if e == frm else e for e in letters]  # noqa: E731
-    c, cl = r.c[0], rename(r.c[1], r.i)
-    b, bl = r.b[0], rename(r.b[1], r.j)
-    x, xl = r.x[0], rename(r.x[1], r.j)
-    full = _Roles(i=t, j=t, n=r.n, p=r.p, batch=list(r.batch), c=(c, cl), b=(b, bl), x=(x, xl), pos=[])
-    a = None
-    if ch.decay_seq is not None:
-        a, al = ch.decay_seq[0], rename(ch.decay_seq[1], r.i)
-        full.pos = [(a, al)]
-    x = forms._layout(graph, before, full, x, xl, t, r.p, add)
-    b = forms._layout(graph, before, full, b, bl, t, r.n, add)
-    c = forms._layout(graph, before, full, c, cl, t, r.n, add)
-    if a is not None:
-        a = forms._layout(graph, before, full, a, al, t, None, add)
-    elif ch.rate is not None:
-        a = self._rate_a(graph, before, ch, full, x, add)
-    scale = _scalar_product(graph, ch.term, before)
-    if scale is not None:
-        c = emit(graph, before, aten.mul.Tensor, (c, scale), add)
-    h0 = None
-    if not _is_zero(entry["h0"][0]):
-        h0 = _FORMS.to_layout(graph, before, full, *entry["h0"], [], [r.p, r.n], add)
-    op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="none" if a is None else "scalar")
-    ir = ctx.insert_ir(op, before, add)
-    ir.meta["val"] = ssd_value(x, b, c)
-    y = emit(graph, before, operator.getitem, (ir, 0), add)
-    y = _FORMS.from_layout(graph, before, full, y, 2, add)
-    ylet = r.batch[:-1] + [t] + r.batch[-1:] + [r.p]
-    perm = [ylet.index(e) for e in ch.term.out]
-    if perm != list(range(len(perm))):
-        y = emit(graph, before, aten.permute.default, (y, perm), add)
-    if val(y).dtype != val(add).dtype:
-        y = emit(graph, before, aten.to.dtype, (y, val(add).dtype), add)
-    add.replace_all_uses_with(y)
-
-
-ChunkedSSDPass._build_single = _build_single
 
 
 def _final_state_of(node):
@@ -699,7 +658,7 @@ def _concatenate_consecutive(ctx) -> None:
                any(not _same_int(p, q) for k, (p, q) in enumerate(zip(val(u).shape, val(w).shape)) if k != 1)
                for u, w in pairs):
             continue
-        if not _hoist(graph, [w for _, w in pairs], n1):
+        if not _hoist([w for _, w in pairs], n1):
             continue                # ssd₂'s operands cannot be computed before ssd₁
         emit = _FORMS._emit
         cat = [emit(graph, n1, aten.cat.default, ([u, w], 1), n2) for u, w in pairs]
@@ -719,17 +678,12 @@ def _concatenate_consecutive(ctx) -> None:
                 g.replace_all_uses_with(y2 if g.args[1] == 0 else h)
 
 
-def _hoist(graph, values: list, before: torch.fx.Node) -> bool:
+def _hoist(values: list, before: torch.fx.Node) -> bool:
     """Move the nodes ``values`` need that come after ``before`` to just before it (in their order), if
     none of them is ``before`` or reads it, writes memory, draws random numbers (moved, it would draw
     them in another order than eager) or is a placeholder; returns whether it did."""
-    order = {n: k for k, n in enumerate(graph.nodes)}
-    start = order[before]
-    need, todo = set(), [v for v in values if isinstance(v, torch.fx.Node)]
-    while todo:
-        n = todo.pop()
-        if n in need or order[n] < start:
-            continue
+    need = needed_after(values, before)
+    for n in need:
         t = n.target
         if n is before or n.op != "call_function":
             return False
@@ -738,9 +692,7 @@ def _hoist(graph, values: list, before: torch.fx.Node) -> bool:
                 return False
         elif t is not operator.getitem and "seqfuse_ir" not in n.meta:
             return False        # a higher-order op or Python callable: what it does inside is not known
-        need.add(n)
-        todo.extend(n.all_input_nodes)
-    for n in sorted(need, key=order.__getitem__):
+    for n in need:
         before.prepend(n)
     return True
 
