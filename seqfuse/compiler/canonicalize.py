@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
 from seqfuse.passes.loop_reroll import _seed_key, _writes_into
-from seqfuse.passes.pattern import (arg, axis_view, constant_value, copy_meta, fake_of, is_op, is_scalar, known_int,
+from seqfuse.passes.pattern import (arg, axis_view, constant_value, copy_meta, emit_before, fake_of, is_op, is_scalar, known_int,
                                     rank, val, writes_through, written)
 
 aten = torch.ops.aten
@@ -696,26 +696,15 @@ def block_slices(gm: torch.fx.GraphModule) -> int:
                 n += 1
             if n < 2:
                 continue
-            anchor = x if x.op != "placeholder" else [p for p in graph.nodes if p.op == "placeholder"][-1]
-            with graph.inserting_after(anchor):
-                base = x
-                if n * width < shape[d]:
-                    base = graph.call_function(aten.slice.Tensor, (x, d, 0, n * width))
-                    copy_meta(base, x)
-                    with v.fake_mode:
-                        base.meta["val"] = aten.slice.Tensor(fake_of(x), d, 0, n * width)
-            with graph.inserting_after(base):
-                chunked = graph.call_function(aten.reshape.default, (base, shape[:d] + [n, width] + shape[d + 1:]))
-            copy_meta(chunked, x)
-            with v.fake_mode:
-                chunked.meta["val"] = aten.reshape.default(fake_of(base), shape[:d] + [n, width] + shape[d + 1:])
+            # right after x (after the last placeholder when x is one): before every slice of it
+            anchor = (x if x.op != "placeholder" else [p for p in graph.nodes if p.op == "placeholder"][-1]).next
+            base = x
+            if n * width < shape[d]:
+                base = emit_before(graph, anchor, aten.slice.Tensor, (x, d, 0, n * width), x)
+            chunked = emit_before(graph, anchor, aten.reshape.default, (base, shape[:d] + [n, width] + shape[d + 1:]), x)
             for k in range(n):
                 for u in pieces[(k * width, (k + 1) * width)]:
-                    with graph.inserting_before(u):
-                        new = graph.call_function(aten.select.int, (chunked, d, k))
-                    copy_meta(new, u)
-                    with v.fake_mode:
-                        new.meta["val"] = aten.select.int(fake_of(chunked), d, k)
+                    new = emit_before(graph, u, aten.select.int, (chunked, d, k), u)
                     u.replace_all_uses_with(new)
                     graph.erase_node(u)
                     done += 1

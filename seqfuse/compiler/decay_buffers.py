@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from seqfuse.passes.constants import read_constant, snapshot_of
-from seqfuse.passes.pattern import copy_meta, fake_of, val
+from seqfuse.passes.pattern import copy_meta, emit_before, val
 
 aten = torch.ops.aten
 
@@ -114,28 +114,19 @@ def _fit(w: torch.Tensor, r: torch.Tensor):
     return [int(c) for c in coef], keep, pos
 
 
-def _emit(graph, before, target, args, like):
-    with graph.inserting_before(before):
-        n = graph.call_function(target, args)
-    copy_meta(n, like)
-    fake = val(like)
-    with fake.fake_mode:
-        n.meta["val"] = target(*fake_of(args))
-    return n
-
-
 def _build(graph, before, view, rate, coef, keep, pos):
-    """where(keep, exp(rate · E), 0) with the shape of ``view``, before ``before``."""
+    """where(keep, exp(rate · E), 0) with the shape of ``view``, before ``before`` (under the graph's fake
+    mode)."""
     shape = list(val(view).shape)
     rank = len(shape)
     device = val(view).device
 
     def position(d):
-        ar = _emit(graph, before, aten.arange.default, (shape[d],), view)
-        ar.kwargs = {"dtype": torch.int64, "device": device}
-        with val(view).fake_mode:
-            ar.meta["val"] = aten.arange.default(shape[d], dtype=torch.int64, device=device)
-        return _emit(graph, before, aten.reshape.default, (ar, [shape[d] if k == d else 1 for k in range(rank)]),
+        with graph.inserting_before(before):
+            ar = graph.call_function(aten.arange.default, (shape[d],), {"dtype": torch.int64, "device": device})
+        copy_meta(ar, view)
+        ar.meta["val"] = aten.arange.default(shape[d], dtype=torch.int64, device=device)
+        return emit_before(graph, before, aten.reshape.default, (ar, [shape[d] if k == d else 1 for k in range(rank)]),
                      view)
 
     places = {d: position(d) for d in pos}
@@ -143,20 +134,20 @@ def _build(graph, before, view, rate, coef, keep, pos):
     for c, d in zip(coef[1:], pos):
         if c == 0:
             continue
-        term = places[d] if c == 1 else _emit(graph, before, aten.mul.Tensor, (places[d], c), view)
-        e = term if e is None else _emit(graph, before, aten.add.Tensor, (e, term), view)
+        term = places[d] if c == 1 else emit_before(graph, before, aten.mul.Tensor, (places[d], c), view)
+        e = term if e is None else emit_before(graph, before, aten.add.Tensor, (e, term), view)
     if coef[0] != 0:
-        e = _emit(graph, before, aten.add.Tensor, (e, coef[0]), view)
-    out = _emit(graph, before, aten.exp.default, (_emit(graph, before, aten.mul.Tensor, (rate, e), view),), view)
+        e = emit_before(graph, before, aten.add.Tensor, (e, coef[0]), view)
+    out = emit_before(graph, before, aten.exp.default, (emit_before(graph, before, aten.mul.Tensor, (rate, e), view),), view)
     if list(val(out).shape) != shape:
-        out = _emit(graph, before, aten.expand.default, (out, shape), view)
+        out = emit_before(graph, before, aten.expand.default, (out, shape), view)
     if keep is not None:
         a, b, k = keep
         ia, ib = places[a], places[b]
         if k:
-            ia = _emit(graph, before, aten.add.Tensor, (ia, k), view)
-        mask = _emit(graph, before, aten.le.Tensor, (ib, ia), view)
-        out = _emit(graph, before, aten.where.ScalarOther, (mask, out, 0.0), view)
+            ia = emit_before(graph, before, aten.add.Tensor, (ia, k), view)
+        mask = emit_before(graph, before, aten.le.Tensor, (ib, ia), view)
+        out = emit_before(graph, before, aten.where.ScalarOther, (mask, out, 0.0), view)
     return out
 
 
@@ -203,7 +194,8 @@ def express_decay_buffers(gm: torch.fx.GraphModule) -> int:
                 read_constant(rate)
                 order = {n: k for k, n in enumerate(graph.nodes)}
                 first = min(readers, key=order.__getitem__)
-                new = _build(graph, first, view, rate, coef, keep, pos)
+                with val(view).fake_mode:       # the values of the new nodes (scalar operands included)
+                    new = _build(graph, first, view, rate, coef, keep, pos)
                 for u in readers:
                     u.replace_input_with(view, new)
                 done += 1

@@ -328,7 +328,7 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
             loop.roles.append(None)
         else:
             loop.roles.append((role(tuple(n.args)), {k: role(v) for k, v in n.kwargs.items()}))
-    loop.carried = sorted({r[1] for n_roles in loop.roles if n_roles for r in _walk_roles(n_roles) if r[0] == "P"})
+    loop.carried = _carried(loop.roles)
     # 4. match steps from the first on; the loop is the longest run of matching steps
     seeds = {}
     for r in runs:
@@ -484,17 +484,12 @@ def _reindex_carried(loop: Loop, ctx: "_Match", prev_nodes: list, t: int, partia
     where = {n: k for k, n in enumerate(inst) if n is not None}
     size = len(loop.template)
     remap = {k: where.get(n, size + k) for k, n in enumerate(prev_nodes)}
-    used = {k for r in loop.roles if r for k in (x[1] for x in _walk_roles(r) if x[0] == "P")}
+    used = loop.carried
     if all(remap[k] == k for k in used) or (not partial and any(remap[k] >= size for k in used)):
         return
 
-    def fix(r):
-        if r[0] == "T":
-            return ("T", r[1], tuple(fix(e) for e in r[2]))
-        return ("P", remap[r[1]]) if r[0] == "P" else r
-
-    loop.roles = [None if r is None else (fix(r[0]), {k: fix(v) for k, v in r[1].items()}) for r in loop.roles]
-    loop.carried = sorted({r[1] for roles in loop.roles if roles for r in _walk_roles(roles) if r[0] == "P"})
+    loop.roles = _map_carried(loop.roles, remap.__getitem__)
+    loop.carried = _carried(loop.roles)
 
 
 def _feeds_next_step_only(template: list, next_step: set) -> set:
@@ -599,11 +594,6 @@ def _take_first_step_update(loop: Loop, first: list, ctx: "_Match", canon: dict)
         if isinstance(v, torch.fx.Node):
             inits.setdefault(v, carried(k))
 
-    def remap(r):
-        if r[0] == "T":
-            return ("T", r[1], tuple(remap(e) for e in r[2]))
-        return ("P", carried(r[1])) if r[0] == "P" else r
-
     def role(a):
         if isinstance(a, (list, tuple)):
             return ("T", type(a), tuple(role(e) for e in a))
@@ -619,12 +609,11 @@ def _take_first_step_update(loop: Loop, first: list, ctx: "_Match", canon: dict)
             return ("I", canon.get(a, a))
         return ("C", a)
 
-    loop.roles = [None if roles is None else (remap(roles[0]), {k: remap(v) for k, v in roles[1].items()})
-                  for roles in loop.roles]
+    loop.roles = _map_carried(loop.roles, carried)
     for n in extra_list:
         loop.template.append(n)
         loop.roles.append(None if n in ctx.loop_seeds else (role(tuple(n.args)), {k: role(v) for k, v in n.kwargs.items()}))
-    loop.carried = sorted({r[1] for roles in loop.roles if roles for r in _walk_roles(roles) if r[0] == "P"})
+    loop.carried = _carried(loop.roles)
     return set(range(base, len(loop.template)))
 
 
@@ -707,6 +696,21 @@ def _unmatched(node, label) -> str:
 def _starts(u, s, label) -> bool:
     """Whether ``u`` is computed in step s from steps s-1 and s only (not a collector of all steps)."""
     return label.get(u, -2) == s and all(label.get(a, s) >= s - 1 for a in u.all_input_nodes)
+
+
+def _map_carried(roles: list, f) -> list:
+    """``roles`` (the template's, None for seeds) with each carried role ("P", k) made ("P", f(k))."""
+    def fix(r):
+        if r[0] == "T":
+            return ("T", r[1], tuple(fix(e) for e in r[2]))
+        return ("P", f(r[1])) if r[0] == "P" else r
+
+    return [None if r is None else (fix(r[0]), {k: fix(v) for k, v in r[1].items()}) for r in roles]
+
+
+def _carried(roles: list) -> list:
+    """The template indices the carried roles ("P", k) of ``roles`` name, sorted."""
+    return sorted({r[1] for n_roles in roles if n_roles for r in _walk_roles(n_roles) if r[0] == "P"})
 
 
 def _walk_roles(r):
