@@ -1,6 +1,8 @@
 """Shared helpers for golden tests: compile with seqfuse, compare with eager (outputs and gradients)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import seqfuse
@@ -100,3 +102,13 @@ def assert_training_follows_eager(ref: torch.nn.Module, compiled, params, tokens
             opt.step()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), losses
+
+
+def call_past_a_changed_guard(compiled, *args):
+    """Call ``compiled`` once its graph's value guard no longer holds (a guarded buffer changed): assert
+    the call warned that it runs the graph unrewritten, and return its output."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(*args)
+    assert any("value guard" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    return out
