@@ -4,6 +4,7 @@ Built-in recognizers are registered here, in the order they run.
 """
 from seqfuse.passes.attention import AttentionPass
 from seqfuse.passes.delta import DeltaPass
+from seqfuse.passes.delta_blocks import DeltaBlocksPass
 from seqfuse.passes.long_conv import LongConvPass
 from seqfuse.passes.loop_map import MapLoopPass
 from seqfuse.passes.loops import LoopPass
@@ -26,6 +27,11 @@ register_pass(MapLoopPass())
 # read through a contraction with the key), which the loops pass would report as a near miss; this
 # pass claims exactly the loops whose update it proves to be the delta rule and leaves every other
 # loop (elementwise-linear or not delta-like) untouched for loops.
+# DeltaNet's blocked (parallel) form carries no state, so no loop of it is the delta rule: its chunk
+# pieces and its walk back over the earlier chunks are proven as a whole.  Before delta (which would
+# report its unrolled loops as near misses) and triangular (it reads the UT inverse's forward
+# substitution as the program writes it).
+register_pass(DeltaBlocksPass())
 register_pass(DeltaPass())
 # Right after delta: a forward substitution (the UT inverse of a chunked WY program) that delta did not
 # lift with its program becomes one triangular solve.
@@ -54,5 +60,5 @@ register_pass(ScanReadoutPass())
 register_pass(ScanDiscretizePass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "DeltaPass", "MapLoopPass", "LongConvPass", "ToeplitzPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
+           "AttentionPass", "DeltaPass", "DeltaBlocksPass", "MapLoopPass", "LongConvPass", "ToeplitzPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
            "ScanReadoutPass", "ScanDiscretizePass", "SelectPass", "TriangularPass"]

@@ -623,6 +623,25 @@ def _last_index(index, size) -> bool:
     return isinstance(index, int) and (index == -1 or (n is not None and index == n - 1))
 
 
+def erase_dead_inverse(graph, N, nodes) -> None:
+    """Erase a forward substitution (``nodes``: N's row writes, their reads and views, T = N + I) once
+    nothing else reads N: its in-place writes would keep it, and everything before it, alive through
+    dead-code elimination."""
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    if N not in pos:
+        return
+    closure, stack = set(), [N]
+    while stack:
+        for u in stack.pop().users:
+            if u not in closure:
+                closure.add(u)
+                stack.append(u)
+    if not closure <= nodes:
+        return
+    for n in sorted(closure, key=pos.__getitem__, reverse=True):
+        graph.erase_node(n)
+
+
 class DeltaPass(Pass):
     """Find unrolled time loops whose carried update is the delta rule; replace each by one seqfuse.delta."""
 
@@ -1674,25 +1693,7 @@ class _ChunkRewrite(_Rewrite):
         if self.cx.inverses:
             self.graph.eliminate_dead_code()
         for N, nodes in self.cx.inverses:
-            self._erase_dead_inverse(N, nodes)
-
-    def _erase_dead_inverse(self, N, nodes):
-        """Erase a forward substitution (``nodes``: N's row writes, their reads and views, T = N + I) once
-        nothing else reads N: its in-place writes would keep it, and everything before it, alive through
-        dead-code elimination."""
-        pos = {n: i for i, n in enumerate(self.graph.nodes)}
-        if N not in pos:
-            return
-        closure, stack = set(), [N]
-        while stack:
-            for u in stack.pop().users:
-                if u not in closure:
-                    closure.add(u)
-                    stack.append(u)
-        if not closure <= nodes:
-            return
-        for n in sorted(closure, key=pos.__getitem__, reverse=True):
-            self.graph.erase_node(n)
+            erase_dead_inverse(self.graph, N, nodes)
 
     def _detach_buffer(self, buf):
         """``zeros_like(NV)`` (the program's output buffer, shaped like the solve's result) as ``zeros(shape)``,
@@ -2291,7 +2292,8 @@ class _ChunkRewrite(_Rewrite):
             memo[key] = t
         return memo[key]
 
-    def _times_beta(self, node):
+    @staticmethod
+    def _times_beta(node):
         """(x, β) for node = x ⊙ β[..., None] (x (B, H, T, ·), β (B, H, T)), else (None, None)."""
         pair = _mul_pair(node)
         if pair is None:

@@ -381,8 +381,14 @@ class TriangularPass(Pass):
                                         {"upper": False, "unitriangular": True})
         copy_meta(solve, fs.final)
         with val(fs.lower).fake_mode:
-            solve.meta["val"] = aten.linalg_solve_triangular.default(val(fs.lower), val(eye), upper=False,
-                                                                     unitriangular=True)
+            if all(isinstance(d, int) for d in val(fs.lower).shape):
+                solve.meta["val"] = aten.linalg_solve_triangular.default(val(fs.lower), val(eye), upper=False,
+                                                                         unitriangular=True)
+            else:
+                # symbolic batch sizes: the meta function cannot broadcast the constant identity over them
+                # (torch 2.13 raises); the result laid as it lays it, column-major square matrices in a
+                # contiguous batch
+                solve.meta["val"] = val(fs.lower).new_empty(val(fs.lower).shape).mT
         fs.final.replace_all_uses_with(solve)
         pos = {n: i for i, n in enumerate(graph.nodes)}
         for n in sorted(fs.nodes, key=pos.__getitem__, reverse=True):

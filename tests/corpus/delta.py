@@ -172,6 +172,17 @@ FUNCTIONS = {
     # the parallel (intra-block / inter-block) form: the outputs only (its second result is the attention matrix)
     "fla_delta_parallel": (_DR, "delta_rule_parallel", dict(T=96, K=16, V=16, gate="none", layout="bhtd", h0=False),
                            lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], BM=48, BN=16)[:1], 1),
+    # the same at other block and chunk sizes (4 blocks of 2 chunks; one block over every row), and with the
+    # attention matrix returned too (the program keeps filling it)
+    "fla_delta_parallel_bm32": (_DR, "delta_rule_parallel", dict(T=128, K=16, V=12, gate="none", layout="bhtd",
+                                                                h0=False),
+                                lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], BM=32, BN=16)[:1], 1),
+    "fla_delta_parallel_one_block": (_DR, "delta_rule_parallel", dict(T=64, K=12, V=16, gate="none",
+                                                                     layout="bhtd", h0=False),
+                                     lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], BM=64, BN=8)[:1], 1),
+    "fla_delta_parallel_with_attn": (_DR, "delta_rule_parallel", dict(T=48, K=12, V=12, gate="none",
+                                                                     layout="bhtd", h0=False),
+                                     lambda f, o: f(o["q"], o["k"], o["v"], o["beta"], BM=24, BN=8), 1),
     # fla.ops.kda.naive (KDA, gate=vector)
     "fla_kda_recurrent_h0": (_KDA, "naive_recurrent_kda", dict(T=48, K=12, V=16, gate="vector"), lambda f, o: f(
         o["q"], o["k"], o["v"], o["g"], o["beta"], initial_state=o["h0"], output_final_state=True), 1),

@@ -29,6 +29,7 @@ FUNCTIONS = [
     ("fla_kda_chunk", "fla.ops.kda.naive", "naive_chunk_kda", "kda"),
     ("fla_delta_recurrence", "fla.ops.delta_rule.naive", "delta_rule_recurrence", "delta"),
     ("fla_delta_chunkwise", "fla.ops.delta_rule.naive", "delta_rule_chunkwise", "delta"),
+    ("fla_delta_parallel", "fla.ops.delta_rule.naive", "delta_rule_parallel", "delta"),
     ("hf_gdn_chunk", "transformers.models.qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule", "gdn"),
     ("hf_gdn_recurrent", "transformers.models.qwen3_next.modeling_qwen3_next", "torch_recurrent_gated_delta_rule",
      "gdn"),
@@ -40,6 +41,12 @@ BREAKS = [
     ("fla_kda_chunk", "A = A * beta[..., None]", "A = A * beta[..., None] * 2"),
     ("fla_gdn_chunk", "v = v * beta[..., None]", "v = v * beta[..., None] * beta[..., None]"),
     ("fla_gdn_recurrent", "h = h * torch.exp(g[:, :, i])", "h = h * torch.exp(g[:, :, i]) * torch.exp(g[:, :, i])"),
+    # the blocked form: a row mask off by one, the walk's query update with the wrong sign, the carried keys
+    # made with the scores' mask (the diagonal kept)
+    ("fla_delta_parallel", "torch.arange(i, i+BM) >= (j + BN)", "torch.arange(i, i+BM) >= (j + BN - 1)"),
+    ("fla_delta_parallel", "q_i = q_i - A_ij @ k_beta", "q_i = q_i + A_ij @ k_beta"),
+    ("fla_delta_parallel", "(k @ k.transpose(-1, -2)).masked_fill(mask, 0)",
+     "(k @ k.transpose(-1, -2)).masked_fill(mask2, 0)"),
 ]
 
 
@@ -96,9 +103,13 @@ def _program(r: random.Random, triton: bool):
     f = _broken(module, fname, broken[1], broken[2]) if broken else _load(module, fname)
     if f is None:
         return None
-    chunked = "chunk" in name
+    chunked = "chunk" in name or name == "fla_delta_parallel"
     C = r.choice((2, 4, 8)) if chunked else None
     T = C * r.choice((1, 1, 2, 3, 4)) if chunked else size(r, 1, 24, (1, 2, 3))
+    BM = None
+    if name == "fla_delta_parallel":        # blocks of BM rows, a whole number of them (fla needs both)
+        BM = C * r.choice((1, 2, 3))
+        T = BM * r.choice((1, 2, 3))
     if chunked and name.startswith("hf") and r.random() < 0.3:
         T = max(1, T - r.randint(1, C - 1))      # transformers pads the last chunk
     B, HK, G = size(r, 1, 2), size(r, 1, 3), r.choice((1, 1, 2))
@@ -106,7 +117,8 @@ def _program(r: random.Random, triton: bool):
         G = 1                                     # grouped value heads: KDA chunked and transformers only
     H, K, V = HK * G, size(r, 1, 8, (1, 2, 3)), size(r, 1, 8, (1, 2, 3))
     dtypes = (torch.float32, torch.float32, torch.float64, torch.bfloat16)
-    m = Maker(r, r.choice(dtypes[:3] if name == "fla_delta_chunkwise" else dtypes))   # (it raises on bf16)
+    no_bf16 = name in ("fla_delta_chunkwise", "fla_delta_parallel")      # (they raise on bf16)
+    m = Maker(r, r.choice(dtypes[:3] if no_bf16 else dtypes))
     head_first = kind == "delta"
     shape = (lambda h, d: (B, h, T, d)) if head_first else (lambda h, d: (B, T, h, d))
     q = m.randn(*shape(HK, K))
@@ -123,7 +135,8 @@ def _program(r: random.Random, triton: bool):
         g = m.log_decay(B, T, H, strength=strength)
     elif kind == "kda":
         g = m.log_decay(B, T, H, K, strength=strength)
-    h0 = m.randn(B, H, K, V) if r.random() < 0.5 and name != "fla_delta_chunkwise" else None
+    h0 = m.randn(B, H, K, V) if r.random() < 0.5 and name not in ("fla_delta_chunkwise", "fla_delta_parallel") \
+        else None
     final = r.random() < 0.5
     tag = poison(r, [x for x in (q, v, beta, g, h0) if x is not None], p=0.08)
 
@@ -137,6 +150,9 @@ def _program(r: random.Random, triton: bool):
             return (o, S) if final else o
         if name == "fla_delta_chunkwise":
             return f(q, k, v, beta, chunk_size=C)[0]
+        if name == "fla_delta_parallel":      # (o, the attention matrix) or o alone
+            out = f(q, k, v, beta, BM=BM, BN=C)
+            return out if final else out[0]
         kw = dict(initial_state=s, output_final_state=final)
         if chunked:
             kw["chunk_size"] = C
@@ -156,9 +172,11 @@ def _program(r: random.Random, triton: bool):
         opts["runtime"] = r.choice(("eager", "cpu"))
     if r.random() < 0.4:
         opts["algorithm"] = {"delta": r.choice(("recurrent", "chunked"))}
-    what = f"{name}{'/broken:' + broken[2][:24] if broken else ''}/C{C}" + (f"/G{G}" if G > 1 else "") \
+    what = f"{name}{'/broken:' + broken[2][:24] if broken else ''}/C{C}" + (f"/BM{BM}" if BM else "") \
+        + (f"/G{G}" if G > 1 else "") \
         + ("/h0" if h0 is not None else "") + ("/final" if final else "") + (f"+{tag}" if tag else "")
-    expect = None if (broken or T == 1) else "delta"
+    # (the blocked form over one chunk has no walk: delta reads it as one chunk, which it does not lift)
+    expect = None if (broken or T == 1 or (BM is not None and T == C)) else "delta"
     return what, fn, inputs, expect, opts
 
 
