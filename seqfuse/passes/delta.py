@@ -48,7 +48,7 @@ from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, leaves
 from seqfuse.passes.loop_reroll import (Loop, NoLoop, _seed_key, check_buffer_reads, find_runs, group_loops,
                                         reads_shape_only, reroll)
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, known_eq, same_shape
-from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, known_int, op_name, val, written
+from seqfuse.passes.pattern import CASTS, IDENTITIES, axis_view, is_op, known_int, mutates, op_name, val, written
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.triangular import NotForwardSubstitution, forward_whole_write, is_eye, mask_is, prove, whole_write
 
@@ -749,8 +749,36 @@ class DeltaPass(Pass):
                 why = f"over {N} chunk(s), read as a loop of one chunk: {e}"
             else:
                 return True
+        if self._softmax_after(solve):
+            why += "; its scores go through a softmax (PaTH attention's Householder transforms, not a linear " \
+                   "recurrence the delta op computes)"
         ctx.report.add_near_miss("delta", "chunked form not lifted: a WY program (a UT system over chunks) "
                                  + why, solve)
+        return False
+
+    @staticmethod
+    def _softmax_after(solve, depth=40) -> bool:
+        """Whether a softmax reads a value computed from ``solve`` (within ``depth`` ops; a value written
+        into a buffer in place flows on to the buffer's readers)."""
+        frontier, seen = [solve], {solve}
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                users = list(n.users)
+                if n.op == "call_function" and n.args and isinstance(n.args[0], torch.fx.Node) \
+                        and mutates(n, n.args[0]):
+                    base = n.args[0]
+                    while is_op(base, *_VIEWS, aten.slice, aten.select) and isinstance(base.args[0], torch.fx.Node):
+                        base = base.args[0]
+                    users.append(base)
+                for u in users:
+                    if u in seen:
+                        continue
+                    if is_op(u, aten._softmax, aten.softmax, aten._safe_softmax):
+                        return True
+                    seen.add(u)
+                    nxt.append(u)
+            frontier = nxt
         return False
 
     @staticmethod

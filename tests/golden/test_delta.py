@@ -362,12 +362,26 @@ def _ttt():
     return fn, tuple(x.requires_grad_() for x in (q, k, v, w, b, eta, h0, hb0))
 
 
+def _path_attention():
+    # PaTH attention: a UT system over chunks of Householder vectors w, but the transformed scores go through a
+    # softmax (fla's naive_path_attn): no linear recurrence
+    path = pytest.importorskip("fla.ops.path_attn.naive")
+    B, T, H, D = 1, 24, 2, 4
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    w, beta, g = F.normalize(torch.randn(B, T, H, D), dim=-1), torch.rand(B, T, H) * 2, -torch.rand(B, T, H)
+
+    def fn(q, k, v, w, beta, g):
+        return path.naive_path_attn(q, k, v, w, beta, g, scale=D ** -0.5, chunk_size=8)
+    return fn, tuple(x.requires_grad_() for x in (q, k, v, w, beta, g))
+
+
 @pytest.mark.parametrize("case,reason", [
     (_comba, "writes another key than the one it reads the state with"),
     (_dplr, "reads the state before or without its decay"),
     (_ttt, "the loop carries 2 values"),
+    (_path_attention, "its scores go through a softmax"),
 ])
-def test_comba_dplr_ttt_are_near_misses_naming_the_term(case, reason):
+def test_comba_dplr_ttt_path_are_near_misses_naming_the_term(case, reason):
     fn, args = case()
     report = check_against_eager(fn, *args)
     assert report.count("delta") == 0, str(report)
