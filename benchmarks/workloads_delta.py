@@ -11,6 +11,9 @@ K=V=64, chunks of 32).  Lifted to one seqfuse.delta (gate vector) since its colu
 (loop_map) and the per-channel WY form is proven on index forms; before that it measured loop_map and
 triangular alone.  Needs flash-linear-attention.
 
+``fla_delta_parallel``: flash-linear-attention's ``delta_rule_parallel`` (DeltaNet's blocked form, B=1,
+H=4, T=1024, K=V=64, blocks of 128 rows, chunks of 32), one seqfuse.delta.  Needs flash-linear-attention.
+
 To run it with benchmarks/run.py, merge the table into its workloads::
 
     from workloads_delta import WORKLOADS as DELTA_WORKLOADS
@@ -83,7 +86,34 @@ def fla_kda_chunk_workload(quick, device):
     return Workload(FlaChunkKDA(C), args, f"fla naive_chunk_kda B={B} T={T} H={H} K=V={K} chunk={C} fp32")
 
 
+class FlaDeltaParallel(torch.nn.Module):
+    """(q, k, v, β) -> o through flash-linear-attention's PyTorch reference ``delta_rule_parallel``: DeltaNet's
+    blocked form (a forward substitution per chunk, then each block of rows walks the earlier chunks
+    backwards).  seqfuse lifts it to one seqfuse.delta (the delta_blocks pass)."""
+
+    def __init__(self, block, chunk):
+        super().__init__()
+        self.block, self.chunk = block, chunk
+
+    def forward(self, q, k, v, beta):
+        from fla.ops.delta_rule.naive import delta_rule_parallel
+        return delta_rule_parallel(q, k, v, beta, BM=self.block, BN=self.chunk)[0]
+
+
+def fla_delta_parallel_workload(quick, device):
+    import torch.nn.functional as F
+    B, H, T, K, BM, BN = (1, 2, 64, 16, 32, 16) if quick else (1, 4, 1024, 64, 128, 32)
+    torch.manual_seed(0)
+    q, v = torch.randn(B, H, T, K, device=device), torch.randn(B, H, T, K, device=device)
+    k = F.normalize(torch.randn(B, H, T, K, device=device), dim=-1)
+    beta = torch.rand(B, H, T, device=device)
+    args = tuple(x.requires_grad_() for x in (q, k, v, beta))
+    return Workload(FlaDeltaParallel(BM, BN), args,
+                    f"fla delta_rule_parallel B={B} H={H} T={T} K=V={K} blocks of {BM}, chunks of {BN} fp32")
+
+
 WORKLOADS = {
     "qwen3_next_linear_attn": qwen3_next_linear_attn_workload,
     "fla_kda_chunk": fla_kda_chunk_workload,   # needs flash-linear-attention (its PyTorch reference)
+    "fla_delta_parallel": fla_delta_parallel_workload,   # the same (DeltaNet's blocked form)
 }

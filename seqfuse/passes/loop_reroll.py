@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from seqfuse.passes.pattern import copy_meta, fake_of, is_op, val
+from seqfuse.passes.pattern import copy_meta, fake_call, is_op, val
 
 aten = torch.ops.aten
 
@@ -670,7 +670,7 @@ def rebuild_dropped(graph: torch.fx.Graph, loop: Loop, pos: dict) -> None:
         with graph.inserting_after(anchor):
             new = graph.call_function(tmpl.target, args, kwargs)
         copy_meta(new, tmpl)
-        new.meta["val"] = tmpl.target(*fake_of(args), **fake_of(kwargs))
+        new.meta["val"] = fake_call(tmpl.target, args, kwargs)
         # right after the anchor, before the node that followed it (the step's inserts stay below 1 apart)
         order[new] = order[anchor] + 1 / (len(nodes) + 1)
         nodes[j] = anchor = new

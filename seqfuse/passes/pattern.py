@@ -449,13 +449,27 @@ def fake_of(x: Any) -> Any:
     return x
 
 
+def fake_call(target, args: tuple, kwargs: dict | None = None) -> Any:
+    """``target`` run on the fake values of ``args`` / ``kwargs`` (nodes replaced by their values), inside
+    their fake mode: an op whose decomposition makes a tensor of its own (``where.ScalarOther`` wraps its
+    scalar) would otherwise mix that real tensor with fake ones and raise."""
+    args, kwargs = fake_of(args), fake_of(dict(kwargs or {}))
+    found: list = []
+    torch.utils._pytree.tree_map(lambda x: found.append(x.fake_mode) if hasattr(x, "fake_mode") else None,
+                                 (args, kwargs))
+    if not found:
+        return target(*args, **kwargs)
+    with found[0]:
+        return target(*args, **kwargs)
+
+
 def emit_before(graph: torch.fx.Graph, before: torch.fx.Node, target, args: tuple,
                 like: torch.fx.Node) -> torch.fx.Node:
     """Insert ``target(*args)`` before ``before``, its fake value computed from the arguments'
     (nodes inside lists included), with ``like``'s source location."""
     with graph.inserting_before(before):
         node = graph.call_function(target, args)
-    node.meta["val"] = target(*fake_of(args))
+    node.meta["val"] = fake_call(target, args)
     return copy_meta(node, like)
 
 
