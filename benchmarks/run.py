@@ -198,8 +198,13 @@ def _run_child(name, backend, args, scratch, out_path):
     if not args.warm_caches:  # empty caches: a user's first compile
         env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor.{name}.{backend}.", dir=scratch)
         env["SEQFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"seqfuse.{name}.{backend}.", dir=scratch)
-    proc = subprocess.run(_child_command(name, backend, args, out_path), env=env, stdout=subprocess.PIPE,
-                          text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(_child_command(name, backend, args, out_path), env=env, stdout=subprocess.PIPE,
+                              text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        # (the row shows the other backends; the message says how long this one ran)
+        print(f"[{name}] {backend} timed out after {args.timeout:g} s (--timeout); no time for it", file=sys.stderr)
+        return None
     result = next((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
                    if line.startswith("RESULT ")), None)
     if proc.returncode != 0 or result is None:

@@ -43,18 +43,37 @@ def _out_shape(u, k, d, gate, bias=None):
     return shape
 
 
+def _laid_like_u(u, shape) -> bool:
+    """Whether the result is laid like ``u``: u (B, C, L) laid (B, L, C) in memory (a transposed projection,
+    as causal conv1d layers read it; the direct convolution reads it in place) and the result of u's shape.
+    Decided on sizes and strides alone, provably (symbolic ones included), so that the fake value and
+    the real one are laid alike; the program then reads the result back as (B, L, C) without a copy."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known
+    if u.dim() != 3 or len(shape) != 3:
+        return False
+    B, C, L = u.shape
+    return all(known(c) for c in (shape[0] == B, shape[1] == C, shape[2] == L, C > 1, L > 1, u.stride(1) == 1,
+                                  u.stride(2) == C)) and (known(B == 1) or known(u.stride(0) == C * L))
+
+
 @torch.library.custom_op("seqfuse::long_conv", mutates_args=())
 def long_conv(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor], bias: Optional[Tensor],
               causal: bool, fft_size: int, scale: float, activation: str, algorithm: str, runtime: str) -> Tensor:
     """Long convolution with bias, skip, activation and gate; see seqfuse.ir.ops.LongConv."""
     a = dict(causal=causal, fft_size=fft_size, scale=scale, activation=activation, algorithm=algorithm, bias=bias)
     y = run("long_conv", "forward", runtime, dict(u=u, k=k, d=d, gate=gate, bias=bias), a, u, k, d, gate, a)
-    return y.expand(_out_shape(u, k, d, gate, bias)).contiguous()
+    shape = _out_shape(u, k, d, gate, bias)
+    if _laid_like_u(u, shape):
+        if tuple(y.shape) == tuple(shape) and y.stride() == u.stride():
+            return y
+        return torch.empty_like(u, dtype=y.dtype).copy_(y.expand(shape))
+    return y.expand(shape).contiguous()
 
 
 @long_conv.register_fake
 def _(u, k, d, gate, bias, causal, fft_size, scale, activation, algorithm, runtime):
-    return u.new_empty(_out_shape(u, k, d, gate, bias), dtype=_out_dtype(u, k, d, gate, bias))
+    shape, dtype = _out_shape(u, k, d, gate, bias), _out_dtype(u, k, d, gate, bias)
+    return torch.empty_like(u, dtype=dtype) if _laid_like_u(u, shape) else u.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("seqfuse::long_conv_backward", mutates_args=())

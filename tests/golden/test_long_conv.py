@@ -326,3 +326,34 @@ def test_fft_of_a_signal_padded_on_the_left_keeps_the_padded_signal():
     assert report.count("long_conv") == 1, str(report)
     ir = report.rewrites[0].ir
     assert "long_conv(%pad" in ir and "causal=false" in ir and f"fft_size={2 * L}" in ir, ir
+
+
+class TransposedShortConv(torch.nn.Module):
+    """Qwen3-Next's / Mamba's layer layout: a projection (B, L, C) read transposed by the causal depthwise
+    conv1d, then transposed back."""
+
+    def __init__(self, channels=6, kernel=4):
+        super().__init__()
+        self.conv1d = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1, bias=False)
+
+    def forward(self, x):
+        y = F.silu(self.conv1d(x.transpose(1, 2))[..., :x.shape[1]])
+        return y.transpose(1, 2) * 2
+
+
+@pytest.mark.parametrize("downstream,dynamic", [("inductor", False), ("inductor", True), ("aot_eager", False)])
+def test_a_transposed_signal_gives_a_result_laid_like_it(downstream, dynamic):
+    # the direct convolution reads the (B, L, C) memory in place and its result is laid the same way, in the
+    # fake value too: inductor's generated code checks every extern result's strides (a mismatch raises)
+    (x,) = inputs((2, 24, 6))
+    m = TransposedShortConv()
+    report = check_against_eager(m, x, options={"downstream": downstream}, dynamic=dynamic)
+    assert report.count("long_conv") == 1, str(report)
+    from seqfuse.lowering.long_conv_op import _laid_like_u
+    u = x.detach().transpose(1, 2)
+    assert _laid_like_u(u, u.shape) and not _laid_like_u(u.contiguous(), u.shape)
+    y = torch.ops.seqfuse.long_conv(u, m.conv1d.weight.detach()[:, 0], None, None, None, True, 0, 1.0, "none",
+                                    "direct", "auto")
+    assert y.stride() == u.stride()
+    assert torch.allclose(y, torch.ops.seqfuse.long_conv(u.contiguous(), m.conv1d.weight.detach()[:, 0], None,
+                                                         None, None, True, 0, 1.0, "none", "direct", "auto"))

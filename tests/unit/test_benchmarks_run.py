@@ -61,6 +61,24 @@ def test_each_backend_compiles_in_a_fresh_process_with_empty_caches(run, monkeyp
         "SEQFUSE_CACHE_DIR") for _, env in calls)
 
 
+def test_a_backend_that_times_out_leaves_the_others_in_the_row(run, monkeypatch, tmp_path, capsys):
+    def fake_run(cmd, env, stdout, text, timeout):
+        backend = cmd[cmd.index("--child") + 2]
+        if backend == "inductor":
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        torch.save([torch.ones(2)], cmd[cmd.index("--child-out") + 1])
+        result = {"compile_s": None if backend == "eager" else 3.0, "ms": 1.5, "shape": "tiny",
+                  "dynamo_s": 0.5, "pipeline_s": 0.25, "paths": "delta:cpu"}
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(result) + "\n")
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    args = run.argparse.Namespace(backend=list(run.BACKENDS), quick=True, train=True, repeats=3, warmup=1,
+                                  device="cpu", seqfuse_options=None, warm_caches=False, timeout=7)
+    row = run.run_workload("fla_delta_parallel", args, str(tmp_path))
+    assert row["inductor_ms"] is None and row["eager_ms"] == row["seqfuse_ms"] == 1.5 and row["failed"]
+    assert "inductor timed out after 7 s" in capsys.readouterr().err
+
+
 def test_table_has_the_compile_split(run, capsys):
     run.print_table(ROWS)
     header = capsys.readouterr().out.splitlines()[0]

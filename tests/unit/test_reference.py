@@ -242,3 +242,27 @@ def test_long_conv_reference_kernel_longer_than_signal():
     for algorithm in ("fft", "direct"):
         got = long_conv_reference(u, k, algorithm=algorithm)
         assert (got - want).abs().max() < 1e-10, algorithm
+
+
+@pytest.mark.parametrize("B,kshape", [(1, (6, 4)), (3, (6, 4)), (2, (1, 6, 3))])
+def test_long_conv_direct_on_a_transposed_signal_reads_it_in_place(B, kshape):
+    """u (B, C, L) laid (B, L, C) in memory (a transposed projection): the direct convolution runs as a
+    channels-last conv2d over that memory; the same values and gradients as on a contiguous copy, and
+    the Toeplitz sum, whatever the layout."""
+    from seqfuse.lowering.reference.long_conv import _channels_last, long_conv_reference
+    x = torch.randn(B, 16, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(*kshape, dtype=torch.float64, requires_grad=True)
+    u = x.transpose(1, 2)
+    assert _channels_last(u, k, u.shape[:-1]) and not _channels_last(u.contiguous(), k, u.shape[:-1])
+    got = long_conv_reference(u, k, algorithm="direct")
+    want = long_conv_reference(u.contiguous(), k, algorithm="direct")
+    t = torch.arange(16)
+    lag = t[:, None] - t[None, :]
+    kk = k.reshape(6, -1)
+    kp = torch.cat([kk, kk.new_zeros(6, 16)], -1)
+    toeplitz = torch.where(lag >= 0, kp[:, lag.clamp(min=0)], torch.zeros((), dtype=k.dtype))
+    assert (got - torch.einsum("hts,bhs->bht", toeplitz, u)).abs().max() < 1e-10
+    assert (got - want).abs().max() < 1e-12
+    g = torch.randn_like(got)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(got, (x, k), g),
+                                                    torch.autograd.grad(want, (x, k), g)))
