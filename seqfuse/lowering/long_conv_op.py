@@ -21,7 +21,7 @@ from torch import Tensor
 
 from seqfuse.lowering.aten import long_conv as aten_long_conv
 from seqfuse.lowering.autograd import recompute_grads
-from seqfuse.lowering.reference.long_conv import long_conv_reference
+from seqfuse.lowering.reference.long_conv import laid_transposed, long_conv_reference
 from seqfuse.runtime import Impl, register_impl, run
 
 ATTR_NAMES = ("causal", "fft_size", "scale", "activation", "algorithm")
@@ -44,16 +44,12 @@ def _out_shape(u, k, d, gate, bias=None):
 
 
 def _laid_like_u(u, shape) -> bool:
-    """Whether the result is laid like ``u``: u (B, C, L) laid (B, L, C) in memory (a transposed projection,
-    as causal conv1d layers read it; the direct convolution reads it in place) and the result of u's shape.
-    Decided on sizes and strides alone, provably (symbolic ones included), so that the fake value and
-    the real one are laid alike; the program then reads the result back as (B, L, C) without a copy."""
+    """Whether the result is laid like ``u``: u (B, C, L) laid (B, L, C) in memory (``laid_transposed``: a
+    transposed projection, as causal conv1d layers read it; the direct convolution reads it in place) and
+    the result of u's shape.  Provable on sizes and strides alone, so the fake value and the real one are
+    laid alike; the program then reads the result back as (B, L, C) without a copy."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true as known
-    if u.dim() != 3 or len(shape) != 3:
-        return False
-    B, C, L = u.shape
-    return all(known(c) for c in (shape[0] == B, shape[1] == C, shape[2] == L, C > 1, L > 1, u.stride(1) == 1,
-                                  u.stride(2) == C)) and (known(B == 1) or known(u.stride(0) == C * L))
+    return len(shape) == 3 and laid_transposed(u) and all(known(a == b) for a, b in zip(shape, u.shape))
 
 
 @torch.library.custom_op("seqfuse::long_conv", mutates_args=())

@@ -623,6 +623,19 @@ def _last_index(index, size) -> bool:
     return isinstance(index, int) and (index == -1 or (n is not None and index == n - 1))
 
 
+def chunked_from(node):
+    """x when ``node`` is a reshape of x (B, H, T', ·) that splits its time axis into chunks (B, H, N, C, ·)
+    (or x (B, H, T') into (B, H, N, C)), else None."""
+    if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
+        return None
+    src = node.args[0]
+    s, o = val(src).shape, val(node).shape
+    if len(o) != len(s) + 1 or len(s) < 3 or not all(known_eq(a, b) for a, b in zip(s[:2], o[:2])) \
+            or not known_eq(s[2], o[2] * o[3]) or not all(known_eq(a, b) for a, b in zip(s[3:], o[4:])):
+        return None
+    return src
+
+
 def erase_dead_inverse(graph, N, nodes) -> None:
     """Erase a forward substitution (``nodes``: N's row writes, their reads and views, T = N + I) once
     nothing else reads N: its in-place writes would keep it, and everything before it, alive through
@@ -2298,10 +2311,8 @@ class _ChunkRewrite(_Rewrite):
             return self._created(aten.repeat_interleave.self_int, (inner, node.args[1], 1), node)
         if not is_op(node, aten.reshape, aten.view, aten._unsafe_view):
             raise NotDelta(f"the chunks of {what} are not a reshape of a sequence")
-        src = node.args[0]
-        s, o = val(src).shape, val(node).shape
-        if len(o) != len(s) + 1 or not all(known_eq(a, b) for a, b in zip(s[:2], o[:2])) \
-                or not known_eq(s[2], o[2] * o[3]) or not all(known_eq(a, b) for a, b in zip(s[3:], o[4:])):
+        src = chunked_from(node)
+        if src is None:
             raise NotDelta(f"the chunks of {what} are not its time axis split into (N, C)")
         return src
 

@@ -36,11 +36,13 @@ import torch
 import torch.fx
 
 from seqfuse.ir.ops import Delta
-from seqfuse.passes.delta import _MM, _MMT, NotDelta, _canon_eq, _Chunked, _ChunkRewrite, erase_dead_inverse
+from seqfuse.passes.delta import (_MM, _MMT, NotDelta, _canon_eq, _Chunked, _ChunkRewrite, chunked_from,
+                                  erase_dead_inverse)
 from seqfuse.passes.loop_vectorize import known_eq
-from seqfuse.passes.pattern import (CASTS, IDENTITIES, copy_meta, emit_before, evaluate_shape_only, is_op,
+from seqfuse.passes.pattern import (CASTS, IDENTITIES, emit_before, evaluate_shape_only, is_op,
                                     is_shape_only, known_int, mutates, val, written)
 from seqfuse.passes.registry import Pass, PassContext
+from seqfuse.passes.ssd_decay import is_full_slice
 from seqfuse.passes.triangular import is_eye, mask_is
 
 aten = torch.ops.aten
@@ -72,25 +74,12 @@ def _mm_eq(node) -> str | None:
     return _canon_eq(ins.split(","), out)
 
 
-def _full_slice(x) -> bool:
-    """Whether ``x`` is x[..., :, ...]: a slice over the whole of its axis (Dynamo writes one per leading
-    axis of an indexed write under dynamic shapes)."""
-    if x.op != "call_function" or x.target is not aten.slice.Tensor or x.kwargs:
-        return False
-    a = list(x.args) + [None] * (5 - len(x.args))
-    size = val(x.args[0]).shape[a[1] % val(x.args[0]).dim()]
-    return (a[2] or 0) == 0 and (a[4] or 1) == 1 and (a[3] is None or (isinstance(a[3], int) and a[3] >= 1 << 62)
-                                                      or known_eq(a[3], size))
-
-
 def _unchunk(node, what):
     """x when ``node`` is x (B, H, T, ·) reshaped to chunks (B, H, N, C, ·), else NotDelta."""
-    if is_op(node, aten.reshape, aten.view, aten._unsafe_view):
-        s, o = val(node.args[0]).shape, val(node).shape
-        if len(s) == 4 and len(o) == 5 and all(known_eq(a, b) for a, b in zip(s[:2], o[:2])) \
-                and known_eq(s[2], o[2] * o[3]) and known_eq(s[3], o[4]):
-            return node.args[0]
-    raise NotDelta(f"the chunks of {what} are not its time axis split into (N, C)")
+    src = chunked_from(node)
+    if src is None or val(src).dim() != 4:
+        raise NotDelta(f"the chunks of {what} are not its time axis split into (N, C)")
+    return src
 
 
 class _Sym:
@@ -242,7 +231,7 @@ class _Blocked:
                 raise NotDelta("a row block's output is not copied into a buffer")
             dest = cps[0].args[0]
             full, dests = (dest.args[0] if dest.target is aten.slice.Tensor else None), [dest]
-            while full is not None and _full_slice(full) and len(full.users) == 1:
+            while full is not None and is_full_slice(full) and len(full.users) == 1:
                 dests.append(full)
                 full = full.args[0]
             if is_op(dest, *_FRESH):       # one block over every row: copied into the whole buffer
@@ -294,7 +283,7 @@ class _Blocked:
         lead, tail = v.shape[:2], v.shape[-1]
         for x in reversed(chain):
             o = val(x)
-            if is_op(x, *IDENTITIES, *CASTS) or _full_slice(x):
+            if is_op(x, *IDENTITIES, *CASTS) or is_full_slice(x):
                 continue
             if not (known_eq(o.shape[0], lead[0]) and known_eq(o.shape[1], lead[1]) and known_eq(o.shape[-1], tail)):
                 return None
@@ -415,9 +404,10 @@ class _Blocked:
         if any(val(t).dtype != D for t in (x.q, x.k, x.v, x.beta)) or val(x.v).shape[-1] != val(buf).shape[-1] \
                 or not all(known_eq(a, b) for a, b in zip(val(x.v).shape, val(buf).shape)):
             raise NotDelta("the output buffer is not laid (B, H, T, V) in the inputs' dtype")
-        anchor = min(readers, key=list(g.nodes).index) if readers else None
-        if anchor is None:
+        if not readers:
             return
+        pos = {n: i for i, n in enumerate(g.nodes)}
+        anchor = min(readers, key=pos.__getitem__)
         ops = {n: emit_before(g, anchor, aten.transpose.int, (getattr(x, n), 1, 2), buf)
                for n in ("q", "k", "v", "beta")}
         op = Delta(q=ops["q"], k=ops["k"], v=ops["v"], beta=ops["beta"], g=None, h0=None, gate="none")
@@ -427,10 +417,7 @@ class _Blocked:
         ir.meta["val"] = fake
         y = emit_before(g, anchor, operator.getitem, (ir, 0), buf)
         y = emit_before(g, anchor, aten.transpose.int, (y, 1, 2), buf)
-        y = emit_before(g, anchor, aten.clone.default, (y,), buf)      # laid like the buffer (contiguous)
-        y.kwargs = {"memory_format": torch.contiguous_format}
-        y.meta["val"] = val(buf).new_empty(val(buf).shape)
-        copy_meta(y, buf)
+        y = emit_before(g, anchor, aten.contiguous.default, (y,), buf)     # laid like the buffer
         for u in readers:
             u.replace_input_with(buf, y)
             for _, _, _, cp, _ in blocks:

@@ -40,14 +40,23 @@ def _conv_direct(u, k):
     return y.reshape(*lead, length)
 
 
-def _channels_last(u, k, lead) -> bool:
-    """Whether u (B, C, L) is laid (B, L, C) in memory, C > 1, with one kernel per channel (k (C, Lk) or
-    (1, C, Lk)) shared by the batch."""
-    if u.dim() != 3 or tuple(lead) != tuple(u.shape[:-1]) or not all(isinstance(x, int) for x in (*u.shape, *u.stride())):
+def laid_transposed(u) -> bool:
+    """Whether u (B, C, L), C > 1, L > 1, is laid (B, L, C) in memory (a transposed projection).  Decided on
+    sizes and strides alone, provably where they are symbolic (no guard): the long_conv op lays its result
+    (and its fake value) like such a u."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known
+    if u.dim() != 3:
         return False
     B, C, L = u.shape
-    return C > 1 and L > 1 and u.stride(1) == 1 and u.stride(2) == C and (B == 1 or u.stride(0) == C * L) \
-        and (k.dim() == 2 or (k.dim() == 3 and k.shape[0] == 1)) and k.shape[-2] == C
+    return all(known(c) for c in (C > 1, L > 1, u.stride(1) == 1, u.stride(2) == C)) \
+        and (known(B == 1) or known(u.stride(0) == C * L))
+
+
+def _channels_last(u, k, lead) -> bool:
+    """Whether u is ``laid_transposed`` with one kernel per channel (k (C, Lk) or (1, C, Lk)) shared by the
+    batch."""
+    return u.dim() == 3 and tuple(lead) == tuple(u.shape[:-1]) and laid_transposed(u) \
+        and (k.dim() == 2 or (k.dim() == 3 and k.shape[0] == 1)) and k.shape[-2] == u.shape[1]
 
 
 def long_conv_reference(u, k, d=None, gate=None, *, bias=None, causal=True, fft_size=0, scale=1.0,
