@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from seqfuse.lowering.aten import long_conv as aten_long_conv
-from seqfuse.lowering.autograd import recompute_grads
+from seqfuse.lowering.autograd import as_result, recompute_grads
 from seqfuse.lowering.reference.long_conv import laid_transposed, long_conv_reference
 from seqfuse.runtime import Impl, register_impl, run
 
@@ -60,8 +60,11 @@ def long_conv(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor],
     y = run("long_conv", "forward", runtime, dict(u=u, k=k, d=d, gate=gate, bias=bias), a, u, k, d, gate, a)
     shape = _out_shape(u, k, d, gate, bias)
     if _laid_like_u(u, shape):
-        if tuple(y.shape) == tuple(shape) and y.stride() == u.stride():
-            return y
+        if tuple(y.shape) == tuple(shape) and y.stride()[1:] == u.stride()[1:] \
+                and (shape[0] == 1 or y.stride(0) == u.stride(0)):
+            # laid like u (one batch row: its stride is free) -- e.g. the first L columns of the direct
+            # convolution's padded result: u's strides over the same memory, no copy
+            return y.as_strided(u.shape, u.stride(), y.storage_offset())
         return torch.empty_like(u, dtype=y.dtype).copy_(y.expand(shape))
     return y.expand(shape).contiguous()
 
@@ -82,8 +85,9 @@ def long_conv_backward(grad: Tensor, u: Tensor, k: Tensor, d: Optional[Tensor], 
     grads = list(run("long_conv", "backward", runtime, dict(u=u, k=k, d=d, gate=gate, bias=bias), a,
                      grad, u, k, d, gate, a))
     grads += [None] * (5 - len(grads))  # implementations without a bias return four gradients
-    like = lambda x, g: torch.empty_like(x).copy_(g) if g is not None else u.new_empty(0)  # noqa: E731
-    return tuple(like(x, g) for x, g in zip((u, k, d, gate, bias), grads))
+    inputs = (grad, u, k, d, gate, bias)
+    return tuple(as_result(g, torch.empty_like(x), inputs) if g is not None else u.new_empty(0)
+                 for x, g in zip((u, k, d, gate, bias), grads))
 
 
 @long_conv_backward.register_fake
@@ -101,8 +105,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     u, k, d, gate, bias = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) and x is not None for i, x in enumerate((u, k, d, gate, bias))]
-    grads = torch.ops.seqfuse.long_conv_backward(grad.contiguous(), u, k, d, gate, bias, *ctx.attrs, ctx.runtime,
-                                                 needs)
+    # a gradient laid like a transposed u stays so (the implementations read strides; a copy would mix layouts)
+    grad = grad if grad.shape == u.shape and laid_transposed(u) and laid_transposed(grad) else grad.contiguous()
+    grads = torch.ops.seqfuse.long_conv_backward(grad, u, k, d, gate, bias, *ctx.attrs, ctx.runtime, needs)
     return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
 
 
@@ -120,7 +125,12 @@ def _reference_backward(grad, u, k, d, gate, a):
 
 
 register_impl("long_conv", Impl("eager", lambda t, a: None, _reference_forward, _reference_backward))
-register_impl("long_conv", Impl("aten", aten_long_conv.supports, aten_long_conv.forward, _reference_backward))
+def _aten_backward(grad, u, k, d, gate, a):
+    grads = aten_long_conv.backward(grad, u, k, d, gate, a)
+    return grads if grads is not None else _reference_backward(grad, u, k, d, gate, a)
+
+
+register_impl("long_conv", Impl("aten", aten_long_conv.supports, aten_long_conv.forward, _aten_backward))
 # the generated Triton kernels, tried first (its ``supports`` refuses when triton cannot run the call)
 from seqfuse.lowering.triton import long_conv as triton_long_conv  # noqa: E402
 

@@ -235,6 +235,28 @@ def test_c_kernel_forward_and_backward_equal_the_reference(gate, dtype, tol):
 
 
 @needs_cc
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (64, 128)])
+def test_c_kernel_specialized_head_sizes_equal_the_reference(K, V):
+    # K = V = 64 and 128 run bodies compiled for those sizes (64, 128 the generic one); T = 13: chunks of 4
+    torch.manual_seed(3)
+    B, T, H = 1, 13, 2
+    dtype = torch.float64
+    q, k, v = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, V, dtype=dtype)
+    ops = [q, F.normalize(k, dim=-1), v, torch.rand(B, T, H, dtype=dtype), -torch.rand(B, T, H, K, dtype=dtype),
+           torch.randn(B, H, K, V, dtype=dtype)]
+    y, h = cpu_delta.delta_forward(*ops, gate="vector", scale=K ** -0.5)
+    leaves = [x.clone().requires_grad_() for x in ops]
+    yr, hr = delta_recurrent(*leaves, gate="vector", scale=K ** -0.5)
+    gy, gh = torch.randn_like(yr), torch.randn_like(hr)
+    want = torch.autograd.grad((yr, hr), leaves, (gy, gh))
+    got = cpu_delta.delta_backward(gy, gh, *ops, gate="vector", scale=K ** -0.5)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, hr, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@needs_cc
 def test_c_kernel_long_sequence_checkpoints_and_missing_gradients():
     # T = 50: 8 checkpointed chunks of 7 steps; no h0, no final-state gradient, only dk and dg asked for
     ops = operands(B=1, T=50, H=2, gate="vector", h0=False)
