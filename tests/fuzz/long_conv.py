@@ -88,29 +88,37 @@ def conv1d(r, seed, triton):
         # returns; seqfuse's paths compute in fp32): the oracle run cannot be had
         dt = torch.bfloat16
     m = Maker(r, dt)
-    x, w = m.randn(B, C, L), m.randn(C, 1, K, scale=1 / math.sqrt(K))
+    # "transposed": Mamba's and Gated DeltaNet's layout, a (B, L, C) projection read as (B, C, L) and the result
+    # transposed back (the direct convolution and its backward then run in that memory order)
+    transposed = r.random() < 0.4
+    x, w = m.randn(*((B, L, C) if transposed else (B, C, L))), m.randn(C, 1, K, scale=1 / math.sqrt(K))
     style = r.choice(("pad_slice", "left_pad"))
     use_bias, silu, gate = r.random() < 0.5, r.random() < 0.5, r.random() < 0.3
     extra = []
     if use_bias:
         extra.append(m.randn(C))
     if gate:
-        extra.append(m.randn(B, C, L))
+        extra.append(m.randn(*((B, L, C) if transposed else (B, C, L))))
     tag = poison(r, [x, w, *extra])
 
     def fn(x, w, *rest):
         bias = rest[0] if use_bias else None
+        if transposed:
+            return conv(x.transpose(1, 2), w, bias, rest[-1].transpose(1, 2) if gate else None).transpose(1, 2)
+        return conv(x, w, bias, rest[-1] if gate else None)
+
+    def conv(x, w, bias, g):
         if style == "pad_slice":
             y = F.conv1d(x, w, bias, padding=w.shape[-1] - 1, groups=x.shape[1])[..., :x.shape[-1]]
         else:
             y = F.conv1d(F.pad(x, (w.shape[-1] - 1, 0)), w, bias, groups=x.shape[1])
         if silu:
             y = F.silu(y)
-        if gate:
-            y = y * rest[-1]
+        if g is not None:
+            y = y * g
         return y
 
-    name = f"conv1d_{style}" + ("_bias" if use_bias else "") + ("_silu" if silu else "") + ("_gate" if gate else "")
+    name = f"conv1d_{style}" + ("_transposed" if transposed else "") + ("_bias" if use_bias else "") + ("_silu" if silu else "") + ("_gate" if gate else "")
     # a kernel of one tap is a pointwise scaling, an ordinary convolution (LongConvPass.min_direct_kernel)
     return Case("long_conv", name + (f"+{tag}" if tag else ""), fn, tuple([x, w, *extra]),
                 "long_conv" if K > 1 else None, ssd_options(r, triton, "long_conv"), seed)
