@@ -542,6 +542,25 @@ def test_ssd_forward_backward_match_loop(decay, extras, dtype):
         assert rel(g, ref) < BOUND[dtype], (name, rel(g, ref))
 
 
+@pytest.mark.parametrize("N", [64, 128])
+@pytest.mark.parametrize("decay", ["scalar", "vector"])
+def test_ssd_specialized_state_sizes_match_loop(decay, N):
+    # N = 64 and 128 run bodies compiled for that size; T = 11: checkpointed chunks of 4, one ragged
+    gen = torch.Generator().manual_seed(N + len(decay))
+    B, T, H, P = 1, 11, 2, 3
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    x, b, c, h0, d = r(B, T, H, P), r(B, T, H, N), r(B, T, H, N), r(B, H, P, N), r(H)
+    a = -torch.rand(*((B, T, H) if decay == "scalar" else (B, T, H, N)), dtype=torch.float64, generator=gen)
+    y, h = cpu_ssd.ssd_forward(x, b, c, a, d, h0, decay=decay)
+    y_ref, h_ref = ssd_loop(x, b, c, a, d, h0, decay)
+    assert rel(y, y_ref) < 1e-12 and rel(h, h_ref) < 1e-12
+    gy, gh = r(B, T, H, P), r(B, H, P, N)
+    grads = cpu_ssd.ssd_backward(gy, gh, x, b, c, a, d, h0, decay=decay)
+    refs = loop_grads(lambda *o: ssd_loop(*o, decay), (x, b, c, a, d, h0), gy, gh)
+    for name, g, ref in zip("x b c a d h0".split(), grads, refs):
+        assert rel(g, ref) < 1e-12, (name, rel(g, ref))
+
+
 def test_ssd_multithreaded_heads():
     gen = torch.Generator().manual_seed(4)
     B, T, H, P, N = 2, 40, 4, 16, 16
