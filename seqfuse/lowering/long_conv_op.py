@@ -21,7 +21,8 @@ from torch import Tensor
 
 from seqfuse.lowering.aten import long_conv as aten_long_conv
 from seqfuse.lowering.autograd import as_result, recompute_grads
-from seqfuse.lowering.reference.long_conv import laid_transposed, long_conv_reference
+from seqfuse.lowering.reference.long_conv import channels_inner, laid_transposed, long_conv_reference, \
+    transposed_empty
 from seqfuse.runtime import Impl, register_impl, run
 
 ATTR_NAMES = ("causal", "fft_size", "scale", "activation", "algorithm")
@@ -44,12 +45,19 @@ def _out_shape(u, k, d, gate, bias=None):
 
 
 def _laid_like_u(u, shape) -> bool:
-    """Whether the result is laid like ``u``: u (B, C, L) laid (B, L, C) in memory (``laid_transposed``: a
-    transposed projection, as causal conv1d layers read it; the direct convolution reads it in place) and
-    the result of u's shape.  Provable on sizes and strides alone, so the fake value and the real one are
-    laid alike; the program then reads the result back as (B, L, C) without a copy."""
+    """Whether the result is laid (B, L, C) (``transposed_empty(u)``): u (B, C, L) keeps each step's channels
+    adjacent (``channels_inner``: a transposed projection, as causal conv1d layers read it, which the direct
+    convolution reads in place, or a column slice of one) and the result has u's shape.  Provable on sizes
+    and strides alone, so the fake value and the real one are laid alike; the program then reads the result
+    back as (B, L, C) without a copy."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true as known
-    return len(shape) == 3 and laid_transposed(u) and all(known(a == b) for a, b in zip(shape, u.shape))
+    return len(shape) == 3 and channels_inner(u) and all(known(a == b) for a, b in zip(shape, u.shape))
+
+
+def _grad_like(x, u):
+    """An empty gradient for operand ``x``: laid like the result (``transposed_empty``) for a channels-inner
+    signal ``u`` (the gradient of a column slice then lands in the projection's order), else like ``x``."""
+    return transposed_empty(u) if x is u and channels_inner(u) else torch.empty_like(x)
 
 
 @torch.library.custom_op("seqfuse::long_conv", mutates_args=())
@@ -60,19 +68,20 @@ def long_conv(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor],
     y = run("long_conv", "forward", runtime, dict(u=u, k=k, d=d, gate=gate, bias=bias), a, u, k, d, gate, a)
     shape = _out_shape(u, k, d, gate, bias)
     if _laid_like_u(u, shape):
-        if tuple(y.shape) == tuple(shape) and y.stride()[1:] == u.stride()[1:] \
-                and (shape[0] == 1 or y.stride(0) == u.stride(0)):
-            # laid like u (one batch row: its stride is free) -- e.g. the first L columns of the direct
-            # convolution's padded result: u's strides over the same memory, no copy
-            return y.as_strided(u.shape, u.stride(), y.storage_offset())
-        return torch.empty_like(u, dtype=y.dtype).copy_(y.expand(shape))
+        like = transposed_empty(u, y.dtype)
+        if tuple(y.shape) == tuple(shape) and y.stride()[1:] == like.stride()[1:] \
+                and (shape[0] == 1 or y.stride(0) == like.stride(0)):
+            # laid so already (one batch row: its stride is free) -- e.g. the first L columns of the direct
+            # convolution's padded result: the fake value's strides over the same memory, no copy
+            return y.as_strided(like.shape, like.stride(), y.storage_offset())
+        return like.copy_(y.expand(shape))
     return y.expand(shape).contiguous()
 
 
 @long_conv.register_fake
 def _(u, k, d, gate, bias, causal, fft_size, scale, activation, algorithm, runtime):
     shape, dtype = _out_shape(u, k, d, gate, bias), _out_dtype(u, k, d, gate, bias)
-    return torch.empty_like(u, dtype=dtype) if _laid_like_u(u, shape) else u.new_empty(shape, dtype=dtype)
+    return transposed_empty(u, dtype) if _laid_like_u(u, shape) else u.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("seqfuse::long_conv_backward", mutates_args=())
@@ -86,13 +95,13 @@ def long_conv_backward(grad: Tensor, u: Tensor, k: Tensor, d: Optional[Tensor], 
                      grad, u, k, d, gate, a))
     grads += [None] * (5 - len(grads))  # implementations without a bias return four gradients
     inputs = (grad, u, k, d, gate, bias)
-    return tuple(as_result(g, torch.empty_like(x), inputs) if g is not None else u.new_empty(0)
+    return tuple(as_result(g, _grad_like(x, u), inputs) if g is not None else u.new_empty(0)
                  for x, g in zip((u, k, d, gate, bias), grads))
 
 
 @long_conv_backward.register_fake
 def _(grad, u, k, d, gate, bias, causal, fft_size, scale, activation, algorithm, runtime, needs):
-    return tuple(torch.empty_like(x) if (n and x is not None) else u.new_empty(0)
+    return tuple(_grad_like(x, u) if (n and x is not None) else u.new_empty(0)
                  for x, n in zip((u, k, d, gate, bias), needs))
 
 
@@ -106,7 +115,7 @@ def _backward(ctx, grad):
     u, k, d, gate, bias = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) and x is not None for i, x in enumerate((u, k, d, gate, bias))]
     # a gradient laid like a transposed u stays so (the implementations read strides; a copy would mix layouts)
-    grad = grad if grad.shape == u.shape and laid_transposed(u) and laid_transposed(grad) else grad.contiguous()
+    grad = grad if grad.shape == u.shape and channels_inner(u) and laid_transposed(grad) else grad.contiguous()
     grads = torch.ops.seqfuse.long_conv_backward(grad, u, k, d, gate, bias, *ctx.attrs, ctx.runtime, needs)
     return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
 

@@ -89,9 +89,12 @@ def conv1d(r, seed, triton):
         dt = torch.bfloat16
     m = Maker(r, dt)
     # "transposed": Mamba's and Gated DeltaNet's layout, a (B, L, C) projection read as (B, C, L) and the result
-    # transposed back (the direct convolution and its backward then run in that memory order)
-    transposed = r.random() < 0.4
-    x, w = m.randn(*((B, L, C) if transposed else (B, C, L))), m.randn(C, 1, K, scale=1 / math.sqrt(K))
+    # transposed back (the direct convolution and its backward then run in that memory order); "sliced":
+    # Mamba-2's, the projection wider than C and its columns 1 .. C read
+    layout = r.choice(("plain", "plain", "transposed", "sliced"))
+    transposed = layout != "plain"
+    x = m.randn(*((B, L, C + 3) if layout == "sliced" else (B, L, C) if transposed else (B, C, L)))
+    w = m.randn(C, 1, K, scale=1 / math.sqrt(K))
     style = r.choice(("pad_slice", "left_pad"))
     use_bias, silu, gate = r.random() < 0.5, r.random() < 0.5, r.random() < 0.3
     extra = []
@@ -104,7 +107,8 @@ def conv1d(r, seed, triton):
     def fn(x, w, *rest):
         bias = rest[0] if use_bias else None
         if transposed:
-            return conv(x.transpose(1, 2), w, bias, rest[-1].transpose(1, 2) if gate else None).transpose(1, 2)
+            u = x[..., 1:1 + w.shape[0]] if layout == "sliced" else x
+            return conv(u.transpose(1, 2), w, bias, rest[-1].transpose(1, 2) if gate else None).transpose(1, 2)
         return conv(x, w, bias, rest[-1] if gate else None)
 
     def conv(x, w, bias, g):
@@ -118,7 +122,7 @@ def conv1d(r, seed, triton):
             y = y * g
         return y
 
-    name = f"conv1d_{style}" + ("_transposed" if transposed else "") + ("_bias" if use_bias else "") + ("_silu" if silu else "") + ("_gate" if gate else "")
+    name = f"conv1d_{style}" + ("" if layout == "plain" else f"_{layout}") + ("_bias" if use_bias else "") + ("_silu" if silu else "") + ("_gate" if gate else "")
     # a kernel of one tap is a pointwise scaling, an ordinary convolution (LongConvPass.min_direct_kernel)
     return Case("long_conv", name + (f"+{tag}" if tag else ""), fn, tuple([x, w, *extra]),
                 "long_conv" if K > 1 else None, ssd_options(r, triton, "long_conv"), seed)

@@ -357,3 +357,32 @@ def test_a_transposed_signal_gives_a_result_laid_like_it(downstream, dynamic):
     assert y.stride() == u.stride()
     assert torch.allclose(y, torch.ops.seqfuse.long_conv(u.contiguous(), m.conv1d.weight.detach()[:, 0], None,
                                                          None, None, True, 0, 1.0, "none", "direct", "auto"))
+
+
+class SplitShortConv(torch.nn.Module):
+    """Mamba-2's layout: one input projection (B, L, gate + C + dt) split, the middle columns read transposed by
+    the causal depthwise conv1d (with bias and SiLU), transposed back and gated by the first columns."""
+
+    def __init__(self, hidden=5, channels=6, kernel=4):
+        super().__init__()
+        self.channels = channels
+        self.in_proj = torch.nn.Linear(hidden, 2 * channels + 3)
+        self.conv1d = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1)
+
+    def forward(self, x):
+        gate, xbc, dt = self.in_proj(x).split([self.channels, self.channels, 3], dim=-1)
+        y = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
+        return y * gate + dt.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("downstream,dynamic", [("inductor", False), ("inductor", True), ("aot_eager", False)])
+def test_a_column_slice_of_a_projection_is_convolved_in_its_row_order(downstream, dynamic):
+    # the conv1d reads a split of the projection (stride 1 along channels, 2C + 3 along time): the direct
+    # convolution copies whole rows once and lays its result and du (B, L, C); the fake values alike
+    (x,) = inputs((2, 24, 5))
+    report = check_against_eager(SplitShortConv(), x, options={"downstream": downstream}, dynamic=dynamic)
+    assert report.count("long_conv") == 1, str(report)
+    assert "activation=silu" in report.rewrites[0].ir, report.rewrites[0].ir
+    from seqfuse.lowering.long_conv_op import _laid_like_u
+    u = torch.randn(2, 24, 15)[..., 6:12].transpose(1, 2)
+    assert _laid_like_u(u, u.shape) and not _laid_like_u(u.contiguous(), u.shape)

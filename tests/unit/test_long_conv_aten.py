@@ -108,3 +108,59 @@ def test_the_op_runs_the_written_out_backward_on_a_transposed_signal(B):
     want = torch.autograd.grad(long_conv_reference(u, k, activation="silu", algorithm="direct"), (x, k), grad)
     assert all((g - w).abs().max() < 1e-10 for g, w in zip(got, want))
     assert seqfuse.counters()["long_conv_backward"]["aten"] == 1
+
+
+def column_slice(B, width=C + 5, dtype=torch.float64):
+    """(B, C, L): channels 2 .. C+1 of a (B, L, width) projection, read transposed (Mamba-2's split)."""
+    return torch.randn(B, L, width, dtype=dtype)[..., 2:2 + C].transpose(1, 2)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("case", ["silu", "all"])
+def test_backward_of_a_column_slice_of_a_projection_equals_the_reference(B, case):
+    torch.manual_seed(2)
+    spec = CASES[case]
+    u, k = column_slice(B), torch.randn(C, 4, dtype=torch.float64)
+    assert not u.is_contiguous() and u.stride(2) == C + 5
+    d = torch.randn(C, 1, dtype=torch.float64) if spec.get("d") else None
+    gate = transposed(B) if spec.get("gate") else None
+    a = attrs(scale=spec.get("scale", 1.0), activation="silu",
+              bias=torch.randn(C, 1, dtype=torch.float64) if spec.get("bias") else None)
+    a["needs"] = [True, True, d is not None, gate is not None, a["bias"] is not None]
+    grad = transposed(B)
+    got = aten_long_conv.backward(grad, u, k, d, gate, a)
+    want = reference_grads(grad, u, k, d, gate, a)
+    for name, g, w in zip(("du", "dk", "dd", "dgate", "dbias"), got, want):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            assert (g - w).abs().max() <= 1e-10 * (1 + w.abs().max()), name
+    assert got[0].stride() == (L * C, 1, C)   # laid (B, L, C) densely
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_the_op_lays_the_result_and_du_of_a_column_slice_as_b_l_c(B):
+    """A column slice of a projection: the result and du laid (B, L, C) densely, in the op and in its fake
+    values alike (inductor checks every extern result's strides); values and gradients equal the reference's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    torch.manual_seed(3)
+    proj = torch.randn(B, L, C + 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(C, 4, dtype=torch.float64, requires_grad=True)
+    u = proj[..., 2:2 + C].transpose(1, 2)
+    y = torch.ops.seqfuse.long_conv(u, k, None, None, None, True, 0, 1.0, "silu", "direct", "aten")
+    assert y.stride() == (L * C, 1, C)
+    grad = torch.randn(B, L, C, dtype=torch.float64).transpose(1, 2)
+    grads = torch.ops.seqfuse.long_conv_backward(grad, u.detach(), k.detach(), None, None, None, True, 0, 1.0,
+                                                 "silu", "direct", "aten", [True, True, False, False, False])
+    assert grads[0].stride() == (L * C, 1, C)
+    mode = FakeTensorMode()
+    fu, fk, fg = (mode.from_tensor(x.detach()) for x in (u, k, grad))
+    with mode:
+        fy = torch.ops.seqfuse.long_conv(fu, fk, None, None, None, True, 0, 1.0, "silu", "direct", "aten")
+        fgrads = torch.ops.seqfuse.long_conv_backward(fg, fu, fk, None, None, None, True, 0, 1.0, "silu",
+                                                      "direct", "aten", [True, True, False, False, False])
+    assert fy.stride() == y.stride() and fgrads[0].stride() == grads[0].stride()
+    want = long_conv_reference(u, k, activation="silu", algorithm="direct")
+    assert (y - want).abs().max() < 1e-12
+    got = torch.autograd.grad(y, (proj, k), grad)
+    ref = torch.autograd.grad(want, (proj, k), grad)
+    assert all((g - r).abs().max() < 1e-10 for g, r in zip(got, ref))

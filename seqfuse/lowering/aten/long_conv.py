@@ -6,8 +6,8 @@ scale is folded into the kernel's spectrum (H rows instead of B·H), and the ski
 ``addcmul``.
 
 The backward is written out for the direct causal convolution of a transposed signal (u (B, C, L) laid
-(B, L, C): the short causal conv1d of Mamba and Gated DeltaNet layers), where every tensor stays in that
-memory order: differentiating the reference there runs SiLU's and the convolution's backward on
+(B, L, C), or a column slice of such a projection: the short causal conv1d of Mamba, Mamba-2 and Gated
+DeltaNet layers), where every tensor stays in that memory order: differentiating the reference there runs SiLU's and the convolution's backward on
 operands laid two ways (≈10x slower on CPU).  Other calls return None and the caller differentiates
 the reference.
 """
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from seqfuse.lowering.reference.long_conv import _channels_last, _conv_direct, fft_size_for
+from seqfuse.lowering.reference.long_conv import _conv_direct, _per_channel, channels_inner, fft_size_for, \
+    laid_transposed, transposed_empty
 
 
 def supports(t: dict, a: dict) -> str | None:
@@ -72,10 +73,11 @@ def _acc_dtype(u, k, d, gate, bias):
 
 
 def writes_backward(grad_shape, u, k, a) -> bool:
-    """Whether :func:`backward` computes this call's gradients: causal, direct, u laid transposed with one
-    kernel per channel, and the result of u's shape (the epilogue operands broadcast into it)."""
+    """Whether :func:`backward` computes this call's gradients: causal, direct, u (B, C, L) keeping each step's
+    channels adjacent (``channels_inner``) with one kernel per channel, and the result of u's shape (the
+    epilogue operands broadcast into it)."""
     return (a["causal"] and a["algorithm"] == "direct" and u.numel() > 0 and k.shape[-1] > 0
-            and _channels_last(u, k, u.shape[:-1]) and tuple(grad_shape) == tuple(u.shape))
+            and _per_channel(u, k, u.shape[:-1]) and channels_inner(u) and tuple(grad_shape) == tuple(u.shape))
 
 
 def backward(grad, u, k, d, gate, a):
@@ -88,12 +90,14 @@ def backward(grad, u, k, d, gate, a):
         return None
     needs = [bool(n) and x is not None for n, x in zip(a["needs"], (u, k, d, gate, bias))]
     acc = _acc_dtype(u, k, d, gate, bias)
-    uf, kf = u.to(acc), k.to(acc)
+    # u in acc, laid (B, L, C) densely: one copy (of whole rows) for a column slice, read by every step below
+    uf = u if u.dtype == acc and laid_transposed(u) else transposed_empty(u, acc).copy_(u)
+    kf = k.to(acc)
     C, length = u.shape[1], u.shape[-1]
     lk = k.shape[-1]
     g = grad.to(acc)
-    if g.stride()[1:] != uf.stride()[1:]:   # lay the gradient like u (one copy) rather than mix two orders
-        g = torch.empty_like(uf).copy_(g)
+    if not laid_transposed(g):   # lay the gradient (B, L, C) (one copy) rather than mix two orders
+        g = transposed_empty(uf).copy_(g)
     z = _conv_direct(uf, kf)
     if a["scale"] != 1.0:
         z.mul_(a["scale"])
@@ -116,7 +120,7 @@ def backward(grad, u, k, d, gate, a):
         w = kf.reshape(C, 1, 1, lk)
         corr = torch.nn.functional.conv2d(dc.unsqueeze(2), w, padding=(0, lk - 1), groups=C)
         corr = corr[..., lk - 1:].squeeze(2)    # du[t] = Σ_s k[s]·dc[t+s]
-        du = torch.empty_like(uf)
+        du = transposed_empty(uf)
         torch.addcmul(corr, dz, d.to(acc), out=du) if d is not None else du.copy_(corr)
         du = du.to(u.dtype)
     if needs[1]:

@@ -27,10 +27,14 @@ def _conv_direct(u, k):
         # an empty signal or kernel: no term to sum (conv1d cannot take 0-sized axes); the empty
         # sums keep the result differentiable (zero gradients)
         return u.new_zeros(*lead, length) + (u[..., :0].sum() + k[..., :0].sum())
-    if _channels_last(u, k, lead):
+    if _channels_last(u, k, lead) or (_per_channel(u, k, lead) and channels_inner(u)):
         # u (B, C, L) laid as (B, L, C) in memory (a transposed projection, as causal conv1d layers read it): a
         # depthwise conv2d over (B, C, 1, L) reads that memory in place as NHWC (no transposing copy, 20x
-        # faster on CPU at C = 1024, L = 2048); the same sums (their rounding may differ in the last bit)
+        # faster on CPU at C = 1024, L = 2048); the same sums (their rounding may differ in the last bit).
+        # A column slice of such a projection (Mamba-2 convolves a split of its input projection) is first
+        # copied to that dense layout: a copy of whole rows, not a transpose
+        if not laid_transposed(u):
+            u = transposed_empty(u).copy_(u)
         C = u.shape[1]
         w = k.reshape(C, lk).flip(-1).reshape(C, 1, 1, lk)
         return F.conv2d(u.unsqueeze(2), w, padding=(0, lk - 1), groups=C)[..., :length].squeeze(2)
@@ -52,11 +56,35 @@ def laid_transposed(u) -> bool:
         and (known(B == 1) or known(u.stride(0) == C * L))
 
 
-def _channels_last(u, k, lead) -> bool:
-    """Whether u is ``laid_transposed`` with one kernel per channel (k (C, Lk) or (1, C, Lk)) shared by the
-    batch."""
-    return u.dim() == 3 and tuple(lead) == tuple(u.shape[:-1]) and laid_transposed(u) \
+def channels_inner(u) -> bool:
+    """Whether u (B, C, L), C > 1, L > 1, keeps each step's C channels adjacent in memory (stride 1 along C, at
+    least C along L): ``laid_transposed``, or a column slice of a transposed projection (Mamba-2's conv1d reads
+    a split of its input projection).  Decided as ``laid_transposed`` is (provably, no guard)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known
+    if u.dim() != 3:
+        return False
+    _, C, L = u.shape
+    return all(known(c) for c in (C > 1, L > 1, u.stride(1) == 1, u.stride(2) >= C))
+
+
+def transposed_empty(u, dtype=None):
+    """An empty tensor of u's shape (B, C, L) laid (B, L, C) densely: ``empty_like(u)`` when u is
+    ``laid_transposed`` (its own strides), else a fresh (B, L, C) buffer transposed."""
+    if laid_transposed(u):
+        return torch.empty_like(u, dtype=dtype)
+    B, C, L = u.shape
+    return u.new_empty((B, L, C), dtype=dtype).transpose(1, 2)
+
+
+def _per_channel(u, k, lead) -> bool:
+    """Whether u is (B, C, L) with one kernel per channel (k (C, Lk) or (1, C, Lk)) shared by the batch."""
+    return u.dim() == 3 and tuple(lead) == tuple(u.shape[:-1]) \
         and (k.dim() == 2 or (k.dim() == 3 and k.shape[0] == 1)) and k.shape[-2] == u.shape[1]
+
+
+def _channels_last(u, k, lead) -> bool:
+    """Whether u is ``laid_transposed`` with one kernel per channel shared by the batch (``_per_channel``)."""
+    return _per_channel(u, k, lead) and laid_transposed(u)
 
 
 def long_conv_reference(u, k, d=None, gate=None, *, bias=None, causal=True, fft_size=0, scale=1.0,
