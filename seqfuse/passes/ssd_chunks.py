@@ -197,6 +197,11 @@ class ChunkedSSDPass(Pass):
                     continue
                 if term.divisors or roles.norm is not None:    # ssd_forms lifts the intra-chunk term alone
                     continue
+                if roles.vpos:
+                    ctx.report.add_near_miss("ssd", "chunked form not fused into one ssd: a decay per key channel "
+                                                    "(the chunk pieces are read for a scalar decay only); the "
+                                                    "intra-chunk term is lifted alone", node)
+                    break
                 try:
                     self._match(ctx, forms, node, _Chunked(term, roles, decay), yo)
                     break

@@ -20,6 +20,10 @@
    b'_s = b_{s-1}, x'_s = x_{s-1}·exp(a_s) (zero at s = 0).  With the strict mask the exponent
    may also be RWKV's exclusive segment sum G_i - a_i - G_j = a_{j+1} + … + a_{i-1}: then a is
    shifted too and x' takes no factor.  Windows and other diagonals are near misses.
+   A decay per key channel inside the sum over n (GLA's and RWKV-6's chunked intra-chunk scores,
+   Σ_n q[i, n]·k[j, n]·exp(G[i, n] - G[j, n]), the product q_i ⊙ k_j split into its factors) is the
+   same proof with n read as one more batch axis of the exponent:   -> ssd(decay=vector, a[t, n])
+   (strict: the factor exp(a_s) goes to b', which has the key dim).
 2. Cumulative-sum forms are the same term:   # cumsum_t(S)[t] = Σ_s [s ≤ t]·S[s]
    ``q_t · cumsum_t(k ⊗ v)`` flattens to Σ_{n,s} q[t,n]·k[s,n]·[s ≤ t]·v[s,p]; the exclusive
    ``cumsum_t(S) - S`` to the same with [s < t] (the strictly causal form above).
@@ -48,8 +52,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from seqfuse.ir.masks import classify_mask, position_mask
 from seqfuse.ir.ops import SSD, Scan
-from seqfuse.passes.pattern import arg, concrete_sym, constant_value, emit_before, is_op, is_scalar, rank, \
-    sym_product, val
+from seqfuse.passes.pattern import CASTS, IDENTITIES, arg, concrete_sym, constant_value, emit_before, is_op, \
+    is_scalar, rank, sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, Coef, NoMatch, aligned, base_letters, evaluable, evaluate, \
     side_term_reason, size_variants
@@ -554,6 +558,7 @@ def _key_sum(root):
 class _Roles:
     strict = False        # the mask is [j < i] (set by SSDFormsPass._check)
     exclusive = False     # the decay is the exclusive segment sum G_{i-1} - G_j (set by SSDFormsPass._resolve)
+    vpos: list = []       # position factors that vary with the key dim n too: a decay per key channel
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -575,7 +580,14 @@ def _classify(term: _Term) -> _Roles:
         with_n = [l for l in term.leaves if n in _letters_of(l)]
         cs = [l for l in with_n if j not in _letters_of(l)]
         bs = [l for l in with_n if j in _letters_of(l)]
-        if len(cs) != 1 or len(bs) != 1 or len(with_n) != 2:
+        vpos = []
+        if len(cs) == 1 and len(bs) == 2:
+            # a decay per key channel inside the sum over n (GLA's, RWKV-6's chunked forms): the factor whose
+            # letters hold the other one's and the query's letter too (checked once i is known)
+            big = [l for l in bs if _letters_of(l) > _letters_of(bs[1 - bs.index(l)])]
+            if len(big) == 1:
+                vpos, bs = big, [l for l in bs if l is not big[0]]
+        if len(cs) != 1 or len(bs) != 1 or len(with_n) != 2 + len(vpos):
             continue
         rest = [l for l in term.leaves if n not in _letters_of(l)]
         c, b = cs[0], bs[0]
@@ -598,9 +610,10 @@ def _classify(term: _Term) -> _Roles:
             i = cand_i[0]
             batch = [ch for ch in out if ch not in (i, p)]
             ok = (lc <= set(batch) | {i, n} and lb <= set(batch) | {j, n} and _letters_of(x) <= set(batch) | {j, p}
-                  and all(_letters_of(l) <= set(batch) | {i, j} for l in pos))
+                  and all(_letters_of(l) <= set(batch) | {i, j} for l in pos)
+                  and all(i in _letters_of(l) and _letters_of(l) <= set(batch) | {i, j, n} for l in vpos))
             if ok:
-                found.append(_Roles(i=i, j=j, n=n, p=p, batch=batch, c=c, b=b, x=x, pos=pos))
+                found.append(_Roles(i=i, j=j, n=n, p=p, batch=batch, c=c, b=b, x=x, pos=pos, vpos=vpos))
     # the term is symmetric under reading x·bᵀ·c backwards: take the reading whose masks are over (i, j)
     for r in found:
         if all({m[1], m[2]} == {r.i, r.j} for m in term.masks if m[0] == "tril"):
@@ -608,6 +621,42 @@ def _classify(term: _Term) -> _Roles:
     if found:
         return found[0]
     raise _Silent()
+
+
+def _value_of(node):
+    """``node`` past casts to its own dtype and identity copies (``x.float()`` of an fp32 x): the same values."""
+    while isinstance(node, torch.fx.Node) and is_op(node, *CASTS, *IDENTITIES) and \
+            isinstance(node.args[0], torch.fx.Node) and isinstance(val(node.args[0]), torch.Tensor) and \
+            val(node.args[0]).dtype == val(node).dtype and list(val(node.args[0]).shape) == list(val(node).shape):
+        node = node.args[0]
+    return node
+
+
+def _split_products(term: _Term) -> bool:
+    """Split leaves that are elementwise products of two tensors into their factors (q_i ⊙ k_j formed before
+    the sum over the key dim, as RWKV-6's chunked form writes its scores); whether any was split."""
+    out, todo, split = [], list(term.leaves), False
+    while todo:
+        node, letters = todo.pop()
+        if isinstance(node, torch.fx.Node) and node.target is aten.mul.Tensor and \
+                all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) and val(x).is_floating_point()
+                    for x in node.args):
+            todo.extend(base_letters(x, aligned(x, letters, node)) for x in node.args)
+            split = True
+            continue
+        out.append((node, letters))
+    term.leaves = out[::-1]
+    return split
+
+
+def _classify_split(term: _Term) -> _Roles:
+    """``_classify``, trying again with product leaves split into their factors when it fails."""
+    try:
+        return _classify(term)
+    except _Silent:
+        if not _split_products(term):
+            raise
+    return _classify(term)
 
 
 def _place_divisors(term: _Term, roles) -> dict:
@@ -988,13 +1037,13 @@ class SSDFormsPass(Pass):
         if not term.consumed and not term.blocked and len(root.args[1]) == 2:
             raise _Silent()                     # a single contraction: nothing masked in it
         try:
-            roles = _classify(term)
+            roles = _classify_split(term)
         except _Silent:
             if term.blocked:
                 loose = _Term(out, strict=False)
                 _flatten(gm, root, list(out), loose, root=True)
                 try:
-                    r = _classify(loose)
+                    r = _classify_split(loose)
                 except _Silent:
                     raise _Silent() from None
                 if loose.masks or r.pos:
@@ -1003,7 +1052,7 @@ class SSDFormsPass(Pass):
                     decay = self._decay_reason(gm, r)
                     raise NoMatch(reason + (f"; and {decay}" if decay else "")) from None
             raise
-        if not term.masks and not roles.pos:
+        if not term.masks and not roles.pos and not roles.vpos:
             raise _Silent()                     # (c·bᵀ)·x without a mask: two matmuls
         roles.divide = _place_divisors(term, roles)
         roles.norm = self._check_key_sum(root, term, roles, key_sum) if key_sum is not None else None
@@ -1020,12 +1069,21 @@ class SSDFormsPass(Pass):
             masks += p.masks
             if p.log is not None:
                 logs.append(p.log)
+        for leaf in roles.vpos:        # a decay per key channel: the key dim reads as one more batch axis
+            p = Analyzer(gm, roles.i, roles.j, [*roles.batch, roles.n]).position(*leaf)
+            if p.log is None:
+                raise NoMatch("a factor per key channel inside q·k that is not exp of a per-channel segment sum")
+            masks += p.masks        # (a mask that varies with the key dim is refused when it is evaluated)
+            logs.append(p.log)
         log = None
         for lg in logs:
             log = lg if log is None else log.plus(lg)
         if log is not None:
             masks += log.zero
         decay = self._check(gm, roles, masks, log, sizes_i, strict_ok)
+        if roles.vpos and (decay is None or decay[1] is None or roles.n not in decay[1][1] or decay[0].factors):
+            raise NoMatch("a decay per key channel inside q·k that is not the segment sum of a per-channel log "
+                          "decay a[t, n] (exp(G_i - G_j) with G = cumsum_t a, inclusive or exclusive)")
         _check_mask_precision(roles)
         return term, roles, decay
 
@@ -1136,8 +1194,8 @@ class SSDFormsPass(Pass):
         if kinds == ["g", "g", "q"]:                  # G_i - a_i - G_j = G_{i-1} - G_j (RWKV-6)
             (qa, qc), = [(a, c) for a, c in terms if a[0] == "q"]
             coef, seq = self._segment_sum([(a, c) for a, c in terms if a[0] == "g"], roles)
-            if qa[1] is seq[0] and list(qa[2]) == list(seq[1]) and qc.key() == coef.key() and \
-                    qc.const == -coef.const:
+            if _value_of(qa[1]) is _value_of(seq[0]) and list(qa[2]) == list(seq[1]) and qc.key() == coef.key() \
+                    and qc.const == -coef.const:
                 roles.exclusive = True          # Σ_{j<x<i} a_x: the query's own step left out
                 return coef, seq
             raise NoMatch("the decay exponent is G_i - G_j plus a per-query term that is not the step "
@@ -1237,7 +1295,7 @@ class SSDFormsPass(Pass):
             node = self._emit(graph, before, aten.unsqueeze.default, (node, 1 + len(mid)), like)
         return node
 
-    def _strictly_causal(self, graph, root, x, b, a, exclusive: bool):
+    def _strictly_causal(self, graph, root, x, b, a, exclusive: bool, vector: bool = False):
         """(x', b', a') of the strictly causal form y_t = Σ_{s<t} L[t, s]·(c_t·b_s)·x_s as an inclusive
         one: the keys and values one step later, b'_s = b_{s-1}, x'_s = x_{s-1} (zero at s = 0), so
         that y_t = Σ_{s<=t} L'[t, s]·(c_t·b'_s)·x'_s with L'[t, s] = L[t, s - 1]:
@@ -1246,7 +1304,8 @@ class SSDFormsPass(Pass):
           + … + a_t), so x'_s also takes the factor exp(a_s) and a' = a;
         - L[t, s] = exp(a_{s+1} + … + a_{t-1}) (``exclusive``, RWKV's): a' = a one step later too.
 
-        Layouts (B', T, H, F); a (B', T, H)."""
+        Layouts (B', T, H, F); a (B', T, H), or (B', T, H, N) with ``vector`` (a decay per key channel: the
+        factor exp(a_s) goes to b', which has the key dim)."""
         def later(u):           # u one step later along T: zero at t = 0, u_{t-1} after
             pad = [0, 0] * (rank(u) - 2) + [1, 0]
             u = self._emit(graph, root, aten.slice.Tensor, (u, 1, 0, -1), root)
@@ -1254,6 +1313,9 @@ class SSDFormsPass(Pass):
         x, b = later(x), later(b)
         if a is not None and exclusive:
             a = later(a)
+        elif a is not None and vector:
+            step = self._emit(graph, root, aten.exp.default, (a,), root)
+            b = self._emit(graph, root, aten.mul.Tensor, (b, step), root)
         elif a is not None:
             step = self._emit(graph, root, aten.exp.default, (a,), root)
             step = self._emit(graph, root, aten.unsqueeze.default, (step, -1), root)
@@ -1328,7 +1390,8 @@ class SSDFormsPass(Pass):
             for node, letters in factors:
                 if not val(node).is_floating_point():
                     raise NoMatch("a decay factor that is not floating point")
-                f = self._layout(graph, root, roles, node, [i if ch == j else ch for ch in letters], i, None, root)
+                f = self._layout(graph, root, roles, node, [i if ch == j else ch for ch in letters], i,
+                                 roles.n if roles.vpos else None, root)      # (B', T, H[, N])
                 a = f if a is None else self._emit(graph, root, aten.mul.Tensor, (a, f), root)
             if seq is None:   # constant in t: broadcast over the time axis
                 a = self._emit(graph, root, aten.expand.default,
@@ -1336,8 +1399,8 @@ class SSDFormsPass(Pass):
             if coef.const != 1.0:
                 a = self._emit(graph, root, aten.mul.Tensor, (a, float(coef.const)), root)
         if roles.strict:
-            x, b, a = self._strictly_causal(graph, root, x, b, a, roles.exclusive)
-        op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "scalar")
+            x, b, a = self._strictly_causal(graph, root, x, b, a, roles.exclusive, vector=bool(roles.vpos))
+        op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "vector" if roles.vpos else "scalar")
         ir = ctx.insert_ir(op, root, root)
         ir.meta["val"] = ssd_value(x, b, c)
         y = self._emit(graph, root, operator.getitem, (ir, 0), root)

@@ -240,3 +240,35 @@ def test_associative_scan_hop_becomes_scan(tmp_path):
         CHECK-SAME: (f32[2, 3, 8, 4], f32[2, 3, 4])
         CHECK-NOT: = associative_scan(
     """)
+
+
+def rwkv6_intra(q, k, v, w):
+    # RWKV-6's intra-chunk scores: a decay per key channel inside q·k, the exclusive exponent, [j < i]
+    g = w.cumsum(-2)
+    t = q.shape[-2]
+    e = g[..., :, None, :] - w[..., :, None, :] - g[..., None, :, :]
+    keep = torch.arange(t)[None, :] < torch.arange(t)[:, None]
+    return (q[..., :, None, :] * k[..., None, :, :] * e.exp()).sum(-1).masked_fill(~keep, 0) @ v
+
+
+def test_decay_per_key_channel_is_a_vector_ssd(tmp_path):
+    # a = w laid (B, T, H, N) and one step later (the exclusive exponent), as are the keys and values; the
+    # pairwise exponent, its exp and the mask are gone
+    args = (torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 5),
+            F.logsigmoid(torch.randn(1, 2, 8, 4)))
+    text = after_pass(rwkv6_intra, *args, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %[[W:[a-z_0-9]+]] = aten.squeeze.dims(%l_w_, [0]) : f32[2, 8, 4]
+        CHECK: %[[WP:[a-z_0-9]+]] = aten.permute(%[[W]], [1, 0, 2]) : f32[8, 2, 4]
+        CHECK: %[[WU:[a-z_0-9]+]] = aten.unsqueeze(%[[WP]], 0)
+        CHECK: %[[WE:[a-z_0-9]+]] = aten.expand(%[[WU]],
+        CHECK: %[[WS:[a-z_0-9]+]] = aten.slice.Tensor(%[[WE]], 1, 0, -1) : f32[1, 7, 2, 4]
+        CHECK: %[[A:[a-z_0-9]+]] = aten.constant_pad_nd(%[[WS]], [0, 0, 0, 0, 1, 0], 0.0) : f32[1, 8, 2, 4]
+        CHECK: %ssd = seqfuse.ssd(
+        CHECK-SAME: a=%[[A]]) {decay=vector
+        CHECK-SAME: chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 5, 4])
+        CHECK-NOT: aten.exp
+        CHECK-NOT: aten.lt
+        CHECK: return
+    """)

@@ -122,7 +122,8 @@ def conv1d(r, seed, triton):
             y = y * g
         return y
 
-    name = f"conv1d_{style}" + ("" if layout == "plain" else f"_{layout}") + ("_bias" if use_bias else "") + ("_silu" if silu else "") + ("_gate" if gate else "")
+    name = f"conv1d_{style}" + ("" if layout == "plain" else f"_{layout}") + ("_bias" if use_bias else "") \
+        + ("_silu" if silu else "") + ("_gate" if gate else "")
     # a kernel of one tap is a pointwise scaling, an ordinary convolution (LongConvPass.min_direct_kernel)
     return Case("long_conv", name + (f"+{tag}" if tag else ""), fn, tuple([x, w, *extra]),
                 "long_conv" if K > 1 else None, ssd_options(r, triton, "long_conv"), seed)

@@ -385,9 +385,51 @@ def ssd_lightning_loop(r, seed, triton):
     return _case("ssd", name, fn, [q, k, v, s], r, seed, triton, tag=tag, expect="" if min(D, V) == 1 else None)
 
 
+def ssd_channel_decay(r, seed, triton):
+    """Σ_n q[i, n]·k[j, n]·exp(G[i, n] - G[j, n]) masked, then ·v: a decay per key channel inside q·k (GLA's,
+    RWKV-6's chunked intra-chunk scores), inclusive, strict, or RWKV's exclusive exponent; the mask applied
+    after the sum (``tril``, ``masked_fill``) or to the exponent before exp (``-inf``, the stable spelling).
+    Look-alikes (BREAKS) must stay unrewritten: the keys' exponent of another cumulative sum, a per-key gate."""
+    T, B, H, K, V = _sizes(r, triton, loop=False)
+    dt = r.choice(DTYPES)
+    m = Maker(r, dt)
+    mode = r.choice(("inclusive", "strict", "exclusive"))
+    style = r.choice(("after", "stable", "einsum"))
+    brk = r.choice((None, None, None, None, "other_cumsum", "key_gate"))
+    q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+    # moderate decays unless the exponent is masked before exp: eager's own exp(G_i - G_j) above the
+    # diagonal must not overflow (its gradient there would be inf·0)
+    w = m.log_decay(B, H, T, K, strength=r.choice((0.05, 0.3, 3.0) if style == "stable" else (0.05, 0.3)))
+    tag = poison(r, [q, k, v, w])
+
+    def fn(q, k, v, w):
+        t = q.shape[-2]
+        g = w.cumsum(-2)
+        h = (2 * w).cumsum(-2) if brk == "other_cumsum" else g
+        e = g[..., :, None, :] - h[..., None, :, :]
+        if mode == "exclusive":
+            e = e - w[..., :, None, :]
+        if brk == "key_gate":
+            e = e + w[..., None, :, :]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool), -1 if mode != "inclusive" else 0)
+        if style == "stable":
+            e = e.masked_fill(~keep[..., None], -torch.inf)
+        if style == "einsum":
+            s = torch.einsum("bhin,bhjn,bhijn->bhij", q, k, e.exp())
+        else:
+            s = (q[..., :, None, :] * k[..., None, :, :] * e.exp()).sum(-1)
+        if style != "stable":
+            s = s.masked_fill(~keep, 0.0)
+        return s @ v
+
+    name = f"channel_decay_{mode}_{style}" + (f"_BREAK_{brk}" if brk else "")
+    expect = "" if brk or T == 1 or min(K, V) == 1 else None      # (a unit key or value dim: see ssd_forms)
+    return _case("ssd", name, fn, [q, k, v, w], r, seed, triton, tag=tag, expect=expect)
+
+
 SSD_SPELLINGS = ((ssd_loop, 4), (ssd_loop_mamba2, 1), (ssd_quadratic, 4), (ssd_cumsum, 1),
                  (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1), (ssd_chunk_loop, 1),
-                 (ssd_lightning_loop, 1))
+                 (ssd_lightning_loop, 1), (ssd_channel_decay, 2))
 
 
 # ======================================================================== scan

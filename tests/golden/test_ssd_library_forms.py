@@ -162,9 +162,12 @@ def test_mlstm_chunkwise_parallel_is_a_near_miss_naming_the_stabilizer():
 # The intra-chunk part is a Python loop over the chunk's positions i whose mask arange(C) < i is a
 # different constant at every step; each step writes o_intra[..., i] (a map loop).  loop_map reads the
 # constant as the loop index and vectorizes the loop: one value over every position, one write, no
-# per-step mask left.  No ssd is lifted yet (a near miss names the decay per key channel inside the
-# scores; RWKV-6's decay exp(w_{s+1} + … + w_{t-1}) excludes the
-# query's own step and adds a bonus u on the diagonal: o_t = q_t·S_{t-1} + (q_t ⊙ u ⊙ k_t)·v_t).
+# per-step mask left.  The vectorized scores Σ_n q[i, n]·k[j, n]·exp(G_i - w_i - G_j)[n] on [j < i] (a
+# decay per key channel, RWKV-6's exclusive exponent) are then one ssd with decay=vector over the
+# chunks (tests/golden/test_ssd_channel_decay.py); the bonus (q_t ⊙ u ⊙ k_t)·v_t stays as written, and
+# so does the inter-chunk recurrence (a scan over chunks when there are three or more, read by an einsum
+# that is not summed with the intra-chunk term directly, so ssd_chunks, which reads scalar decays only, does
+# not look at it).
 # Eager's own backward fails on the program's in-place write into wkv_new, so only outputs are compared.
 
 rwkv6 = pytest.importorskip("fla.ops.rwkv6.chunk_naive")
@@ -187,8 +190,10 @@ def test_chunk_rwkv6_intra_loop_is_vectorized(t, tmp_path):
     assert after.count("aten.lt.Scalar(") == 0 and after.count("aten.lt.Tensor(") == 1, after
     assert after.count("aten.arange.start(0, 8, dtype=i64") == 1, after
     assert not [m for m in report.near_misses if "map loop" in m.reason], str(report)
-    # the vectorized intra-chunk scores weigh q·k per key channel: not read, and said so
-    assert any("a decay per key channel inside q·k" in r for r in ssd_misses(report)), str(report)
+    # the vectorized intra-chunk scores weigh q·k per key channel: one ssd over the chunks, decay=vector
+    ssd, = [r.ir for r in report.rewrites if r.kind == "ssd"]
+    assert "decay=vector" in ssd and "a=" in ssd and not ssd_misses(report), str(report)
+    assert report.count("scan") == (1 if t // 8 >= 3 else 0), str(report)   # the chunk loop, re-rolled
 
 
 def test_parallel_based_dynamic_length():

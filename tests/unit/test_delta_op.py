@@ -241,7 +241,7 @@ def test_c_kernel_specialized_head_sizes_equal_the_reference(K, V):
     torch.manual_seed(3)
     B, T, H = 1, 13, 2
     dtype = torch.float64
-    q, k, v = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, V, dtype=dtype)
+    q, k, v = (torch.randn(B, T, H, d, dtype=dtype) for d in (K, K, V))
     ops = [q, F.normalize(k, dim=-1), v, torch.rand(B, T, H, dtype=dtype), -torch.rand(B, T, H, K, dtype=dtype),
            torch.randn(B, H, K, V, dtype=dtype)]
     y, h = cpu_delta.delta_forward(*ops, gate="vector", scale=K ** -0.5)

@@ -7,9 +7,9 @@ scale is folded into the kernel's spectrum (H rows instead of B·H), and the ski
 
 The backward is written out for the direct causal convolution of a transposed signal (u (B, C, L) laid
 (B, L, C), or a column slice of such a projection: the short causal conv1d of Mamba, Mamba-2 and Gated
-DeltaNet layers), where every tensor stays in that memory order: differentiating the reference there runs SiLU's and the convolution's backward on
-operands laid two ways (≈10x slower on CPU).  Other calls return None and the caller differentiates
-the reference.
+DeltaNet layers), where every tensor stays in that memory order: differentiating the reference there
+runs SiLU's and the convolution's backward on operands laid two ways (≈10x slower on CPU).  Other calls
+return None and the caller differentiates the reference.
 """
 from __future__ import annotations
 
