@@ -44,7 +44,7 @@ def _out_shape(u, k, d, gate, bias=None):
     return shape
 
 
-def _laid_like_u(u, shape) -> bool:
+def _result_transposed(u, shape) -> bool:
     """Whether the result is laid (B, L, C) (``transposed_empty(u)``): u (B, C, L) keeps each step's channels
     adjacent (``channels_inner``: a transposed projection, as causal conv1d layers read it, which the direct
     convolution reads in place, or a column slice of one) and the result has u's shape.  Provable on sizes
@@ -67,7 +67,7 @@ def long_conv(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor],
     a = dict(causal=causal, fft_size=fft_size, scale=scale, activation=activation, algorithm=algorithm, bias=bias)
     y = run("long_conv", "forward", runtime, dict(u=u, k=k, d=d, gate=gate, bias=bias), a, u, k, d, gate, a)
     shape = _out_shape(u, k, d, gate, bias)
-    if _laid_like_u(u, shape):
+    if _result_transposed(u, shape):
         like = transposed_empty(u, y.dtype)
         if tuple(y.shape) == tuple(shape) and y.stride()[1:] == like.stride()[1:] \
                 and (shape[0] == 1 or y.stride(0) == like.stride(0)):
@@ -81,7 +81,7 @@ def long_conv(u: Tensor, k: Tensor, d: Optional[Tensor], gate: Optional[Tensor],
 @long_conv.register_fake
 def _(u, k, d, gate, bias, causal, fft_size, scale, activation, algorithm, runtime):
     shape, dtype = _out_shape(u, k, d, gate, bias), _out_dtype(u, k, d, gate, bias)
-    return transposed_empty(u, dtype) if _laid_like_u(u, shape) else u.new_empty(shape, dtype=dtype)
+    return transposed_empty(u, dtype) if _result_transposed(u, shape) else u.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("seqfuse::long_conv_backward", mutates_args=())

@@ -349,9 +349,9 @@ def test_a_transposed_signal_gives_a_result_laid_like_it(downstream, dynamic):
     m = TransposedShortConv()
     report = check_against_eager(m, x, options={"downstream": downstream}, dynamic=dynamic)
     assert report.count("long_conv") == 1, str(report)
-    from seqfuse.lowering.long_conv_op import _laid_like_u
+    from seqfuse.lowering.long_conv_op import _result_transposed
     u = x.detach().transpose(1, 2)
-    assert _laid_like_u(u, u.shape) and not _laid_like_u(u.contiguous(), u.shape)
+    assert _result_transposed(u, u.shape) and not _result_transposed(u.contiguous(), u.shape)
     y = torch.ops.seqfuse.long_conv(u, m.conv1d.weight.detach()[:, 0], None, None, None, True, 0, 1.0, "none",
                                     "direct", "auto")
     assert y.stride() == u.stride()
@@ -383,6 +383,6 @@ def test_a_column_slice_of_a_projection_is_convolved_in_its_row_order(downstream
     report = check_against_eager(SplitShortConv(), x, options={"downstream": downstream}, dynamic=dynamic)
     assert report.count("long_conv") == 1, str(report)
     assert "activation=silu" in report.rewrites[0].ir, report.rewrites[0].ir
-    from seqfuse.lowering.long_conv_op import _laid_like_u
+    from seqfuse.lowering.long_conv_op import _result_transposed
     u = torch.randn(2, 24, 15)[..., 6:12].transpose(1, 2)
-    assert _laid_like_u(u, u.shape) and not _laid_like_u(u.contiguous(), u.shape)
+    assert _result_transposed(u, u.shape) and not _result_transposed(u.contiguous(), u.shape)
