@@ -44,7 +44,8 @@ from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.pattern import arg, constant_value, is_op, needed_after, rank, same_expr, sym_product, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import UNIT, Analyzer, NoMatch, aligned, base_letters, evaluate
-from seqfuse.passes.ssd_forms import SSDFormsPass, ssd_value, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, _Term
+from seqfuse.passes.ssd_forms import SSDFormsPass, ssd_value, _einsum_parts, _flatten, _is_zero, _Roles, _Silent, \
+    _split_products, _Term
 
 aten = torch.ops.aten
 #: ssd_forms' analysis and graph-building helpers (stateless), shared by every match
@@ -55,21 +56,6 @@ def _same_int(a, b) -> bool:
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
         return statically_known_true(a == b)
     return a == b
-
-
-def _expand_products(gm, term: _Term) -> None:
-    """Split leaves that are elementwise products of tensors into their factors (a product
-    of leaves is a product term either way)."""
-    out, todo = [], list(term.leaves)
-    while todo:
-        node, letters = todo.pop()
-        if isinstance(node, torch.fx.Node) and node.target is aten.mul.Tensor and \
-                all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) for x in node.args):
-            for x in node.args:
-                todo.append(base_letters(x, aligned(x, letters, node)))
-            continue
-        out.append((node, letters))
-    term.leaves = out[::-1]
 
 
 def _letters(leaf) -> set:
@@ -101,7 +87,7 @@ def _product_term(gm, node, letters: list) -> _Term:
         raise NoMatch("a mask inside a term of the chunked form")
     if term.divisors:
         raise NoMatch("a term of the chunked form divided by a tensor")
-    _expand_products(gm, term)
+    _split_products(term)
     return term
 
 

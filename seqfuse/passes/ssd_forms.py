@@ -632,15 +632,16 @@ def _value_of(node):
     return node
 
 
-def _split_products(term: _Term) -> bool:
-    """Split leaves that are elementwise products of two tensors into their factors (q_i ⊙ k_j formed before
-    the sum over the key dim, as RWKV-6's chunked form writes its scores); whether any was split."""
+def _split_products(term: _Term, floating_only: bool = False) -> bool:
+    """Split leaves that are elementwise products of two tensors into their factors (a product of leaves is a
+    product term either way; q_i ⊙ k_j formed before the sum over the key dim, as RWKV-6's chunked form writes
+    its scores); with ``floating_only`` only products of floating factors.  Whether any was split."""
     out, todo, split = [], list(term.leaves), False
     while todo:
         node, letters = todo.pop()
         if isinstance(node, torch.fx.Node) and node.target is aten.mul.Tensor and \
-                all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor) and val(x).is_floating_point()
-                    for x in node.args):
+                all(isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor)
+                    and (val(x).is_floating_point() or not floating_only) for x in node.args):
             todo.extend(base_letters(x, aligned(x, letters, node)) for x in node.args)
             split = True
             continue
@@ -654,7 +655,7 @@ def _classify_split(term: _Term) -> _Roles:
     try:
         return _classify(term)
     except _Silent:
-        if not _split_products(term):
+        if not _split_products(term, floating_only=True):
             raise
     return _classify(term)
 

@@ -249,11 +249,11 @@ def test_long_conv_direct_on_a_transposed_signal_reads_it_in_place(B, kshape):
     """u (B, C, L) laid (B, L, C) in memory (a transposed projection): the direct convolution runs as a
     channels-last conv2d over that memory; the same values and gradients as on a contiguous copy, and
     the Toeplitz sum, whatever the layout."""
-    from seqfuse.lowering.reference.long_conv import _channels_last, long_conv_reference
+    from seqfuse.lowering.reference.long_conv import _per_channel, laid_transposed, long_conv_reference
     x = torch.randn(B, 16, 6, dtype=torch.float64, requires_grad=True)
     k = torch.randn(*kshape, dtype=torch.float64, requires_grad=True)
     u = x.transpose(1, 2)
-    assert _channels_last(u, k, u.shape[:-1]) and not _channels_last(u.contiguous(), k, u.shape[:-1])
+    assert _per_channel(u, k, u.shape[:-1]) and laid_transposed(u) and not laid_transposed(u.contiguous())
     got = long_conv_reference(u, k, algorithm="direct")
     want = long_conv_reference(u.contiguous(), k, algorithm="direct")
     t = torch.arange(16)

@@ -26,13 +26,18 @@ def supports(t: dict, a: dict) -> str | None:
     return None
 
 
-def forward(u, k, d, gate, a):
-    """y = act(scale·(u ⊛ k)[..., :L] + bias + d·u) · gate."""
+def _dtypes(u, k, d, gate, bias):
+    """(the result's dtype: the operands' promoted, the accumulation dtype: that and fp32 promoted)."""
     dtype = torch.promote_types(u.dtype, k.dtype)
-    for x in (d, gate, a["bias"]):
+    for x in (d, gate, bias):
         if x is not None:
             dtype = torch.promote_types(dtype, x.dtype)
-    acc = torch.promote_types(dtype, torch.float32)
+    return dtype, torch.promote_types(dtype, torch.float32)
+
+
+def forward(u, k, d, gate, a):
+    """y = act(scale·(u ⊛ k)[..., :L] + bias + d·u) · gate."""
+    dtype, acc = _dtypes(u, k, d, gate, a["bias"])
     uf, kf, length = u.to(acc), k.to(acc), u.shape[-1]
     # 1. the convolution, the program's scale folded into the (smaller) kernel side
     if a["causal"] and a["algorithm"] == "direct":
@@ -64,14 +69,6 @@ def forward(u, k, d, gate, a):
     return y.to(dtype)
 
 
-def _acc_dtype(u, k, d, gate, bias):
-    dtype = torch.promote_types(u.dtype, k.dtype)
-    for x in (d, gate, bias):
-        if x is not None:
-            dtype = torch.promote_types(dtype, x.dtype)
-    return torch.promote_types(dtype, torch.float32)
-
-
 def writes_backward(grad_shape, u, k, a) -> bool:
     """Whether :func:`backward` computes this call's gradients: causal, direct, u (B, C, L) keeping each step's
     channels adjacent (``channels_inner``) with one kernel per channel, and the result of u's shape (the
@@ -89,7 +86,7 @@ def backward(grad, u, k, d, gate, a):
     if not writes_backward(grad.shape, u, k, a):
         return None
     needs = [bool(n) and x is not None for n, x in zip(a["needs"], (u, k, d, gate, bias))]
-    acc = _acc_dtype(u, k, d, gate, bias)
+    acc = _dtypes(u, k, d, gate, bias)[1]
     # u in acc, laid (B, L, C) densely: one copy (of whole rows) for a column slice, read by every step below
     uf = u if u.dtype == acc and laid_transposed(u) else transposed_empty(u, acc).copy_(u)
     kf = k.to(acc)

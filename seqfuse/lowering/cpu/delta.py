@@ -145,17 +145,10 @@ int delta_fwd_SUFFIX(const SCALAR *Q, const i64 *SQ, const SCALAR *Km, const i64
         for (i64 bh = 0; bh < NB * NH; ++bh) {
             if (!S) continue;
             const i64 ib = bh / NH, ih = bh % NH;
-            /* K = V = 64 and 128 specialized (trip counts known: the state rows' loops unrolled, r and
-               u in registers; 1.4x faster at 64), else generic */
-            if (K == 64 && V == 64)
-                fwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, Y, SY, HT, SHT, scale, T, S,
-                        ib, ih, 64, 64);
-            else if (K == 128 && V == 128)
-                fwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, Y, SY, HT, SHT, scale, T, S,
-                        ib, ih, 128, 128);
-            else
-                fwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, Y, SY, HT, SHT, scale, T, S,
-                        ib, ih, K, V);
+            #define HEAD(KS, VS) fwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, Y, SY, HT, SHT, \
+                                             scale, T, S, ib, ih, KS, VS)
+            FOR_KV_SIZES(HEAD);
+            #undef HEAD
         }
         free(S);
     }
@@ -309,20 +302,11 @@ int delta_bwd_SUFFIX(const SCALAR *Q, const i64 *SQ, const SCALAR *Km, const i64
         for (i64 bh = 0; bh < NB * NH; ++bh) {
             if (!A) continue;
             const i64 ib = bh / NH, ih = bh % NH;
-            /* K = V = 64 and 128 specialized (trip counts known: the state rows' loops unrolled, r and
-               u in registers; 1.4x faster at 64), else generic */
-            if (K == 64 && V == 64)
-                bwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, DY, SDY, DHT, SDHT, DQ, SDQ,
-                        DK, SDK, DV, SDV, DB, SDB, DG, SDG, DH0, SDH0, scale, T, CHUNK, A, ckpt,
-                        states, rs, NCHUNKS, ib, ih, 64, 64);
-            else if (K == 128 && V == 128)
-                bwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, DY, SDY, DHT, SDHT, DQ, SDQ,
-                        DK, SDK, DV, SDV, DB, SDB, DG, SDG, DH0, SDH0, scale, T, CHUNK, A, ckpt,
-                        states, rs, NCHUNKS, ib, ih, 128, 128);
-            else
-                bwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, DY, SDY, DHT, SDHT, DQ, SDQ,
-                        DK, SDK, DV, SDV, DB, SDB, DG, SDG, DH0, SDH0, scale, T, CHUNK, A, ckpt,
-                        states, rs, NCHUNKS, ib, ih, K, V);
+            #define HEAD(KS, VS) bwd_head_SUFFIX(Q, SQ, Km, SK, Vm, SV, Bt, SB, G, SG, gate, H0, SH0, DY, SDY, DHT, \
+                                             SDHT, DQ, SDQ, DK, SDK, DV, SDV, DB, SDB, DG, SDG, DH0, SDH0, scale, T, \
+                                             CHUNK, A, ckpt, states, rs, NCHUNKS, ib, ih, KS, VS)
+            FOR_KV_SIZES(HEAD);
+            #undef HEAD
         }
         free(A);
     }
@@ -337,6 +321,10 @@ _HEADER = r"""
 #include <stdlib.h>
 typedef int64_t i64;
 #define MAX_D %d
+/* HEAD(K, V) for the (b, h) pair, its body inlined for K = V = 64 and K = V = 128 (the trip counts known to the
+   compiler: the state rows' loops unrolled, r and u held in registers; 1.4x faster at 64), else for any K, V */
+#define FOR_KV_SIZES(HEAD) \
+    if (K == 64 && V == 64) HEAD(64, 64); else if (K == 128 && V == 128) HEAD(128, 128); else HEAD(K, V)
 """ % MAX_D
 
 SOURCE = _HEADER + "".join(

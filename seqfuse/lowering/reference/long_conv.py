@@ -27,7 +27,7 @@ def _conv_direct(u, k):
         # an empty signal or kernel: no term to sum (conv1d cannot take 0-sized axes); the empty
         # sums keep the result differentiable (zero gradients)
         return u.new_zeros(*lead, length) + (u[..., :0].sum() + k[..., :0].sum())
-    if _channels_last(u, k, lead) or (_per_channel(u, k, lead) and channels_inner(u)):
+    if _per_channel(u, k, lead) and channels_inner(u):
         # u (B, C, L) laid as (B, L, C) in memory (a transposed projection, as causal conv1d layers read it): a
         # depthwise conv2d over (B, C, 1, L) reads that memory in place as NHWC (no transposing copy, 20x
         # faster on CPU at C = 1024, L = 2048); the same sums (their rounding may differ in the last bit).
@@ -80,11 +80,6 @@ def _per_channel(u, k, lead) -> bool:
     """Whether u is (B, C, L) with one kernel per channel (k (C, Lk) or (1, C, Lk)) shared by the batch."""
     return u.dim() == 3 and tuple(lead) == tuple(u.shape[:-1]) \
         and (k.dim() == 2 or (k.dim() == 3 and k.shape[0] == 1)) and k.shape[-2] == u.shape[1]
-
-
-def _channels_last(u, k, lead) -> bool:
-    """Whether u is ``laid_transposed`` with one kernel per channel shared by the batch (``_per_channel``)."""
-    return _per_channel(u, k, lead) and laid_transposed(u)
 
 
 def long_conv_reference(u, k, d=None, gate=None, *, bias=None, causal=True, fft_size=0, scale=1.0,
