@@ -112,3 +112,43 @@ def call_past_a_changed_guard(compiled, *args):
         out = compiled(*args)
     assert any("value guard" in str(w.message) for w in caught), [str(w.message) for w in caught]
     return out
+
+
+def _grad_leaves(xs):
+    return [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+
+def _clones(xs):
+    return [x.detach().clone().requires_grad_(x.requires_grad) for x in xs]
+
+
+def assert_same(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """NaN and ±inf exactly where ``ref`` has them, the finite values within fp32 rounding."""
+    assert got is not None, f"{what}: no gradient"
+    assert torch.equal(got.isnan(), ref.isnan()), \
+        f"{what}: NaN at {got.isnan().sum().item()} elements, the program at {ref.isnan().sum().item()}"
+    assert torch.equal(got.isinf(), ref.isinf()) and torch.equal(got[got.isinf()], ref[ref.isinf()]), \
+        f"{what}: infinities differ"
+    finite = ref.isfinite()
+    if finite.any():
+        assert rel_err(got[finite], ref[finite]) < 1e-5, f"{what}: finite values differ"
+
+
+def check_nans_against_eager(fn, operands, options):
+    """Run ``fn`` eagerly and through ``seqfuse.explain`` (downstream aot_eager) on ``operands``, which may
+    hold NaN / inf: assert outputs and the gradients of every operand agree, NaN and inf positions
+    exactly (``assert_same``).  Returns the report and the warnings the compiled call raised."""
+    ref_in, cmp_in = _clones(operands), _clones(operands)
+    ref = _flat(fn(*ref_in))
+    grads_out = [torch.randn_like(r) for r in ref]
+    ref_grads = torch.autograd.grad(ref, _grad_leaves(ref_in), grads_out, allow_unused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = seqfuse.explain(fn, *cmp_in, options={"downstream": "aot_eager", **options})
+    got = _flat(report.output)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert_same(g, r, f"output {i}")
+    got_grads = torch.autograd.grad(got, _grad_leaves(cmp_in), grads_out, allow_unused=True)
+    for i, (g, r) in enumerate(zip(got_grads, ref_grads)):
+        assert_same(g, r, f"gradient of operand {i}")
+    return report, [str(w.message) for w in caught]

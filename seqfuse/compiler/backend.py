@@ -13,7 +13,7 @@ import torch.fx
 from seqfuse import log
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.canonicalize import Untraceable
-from seqfuse.compiler.constants import guarded, guards_of
+from seqfuse.compiler.constants import guarded, guards_of, mutates, refusing_ops, rerunning
 from seqfuse.compiler.pipeline import run_pipeline
 from seqfuse.compiler.report import GraphReport, publish
 from seqfuse.compiler.verify import verifying
@@ -129,6 +129,17 @@ def prefetch_cpu_kernels(report: GraphReport, example_inputs, runtime: str, gm: 
     return thread
 
 
+def _once(compile_fn):
+    """``compile_fn(args)``, called at most once; later calls return the first result."""
+    done: list = []
+
+    def get(args):
+        if not done:
+            done.append(compile_fn(args))
+        return done[0]
+    return get
+
+
 def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """Compile one Dynamo graph: find mixers, lift them to IR ops, lower them, compile the rest.
 
@@ -165,9 +176,14 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     start = time.perf_counter()
     compiled = compile_downstream(rewritten, example_inputs, opts.downstream, mode)
     report.downstream_seconds = time.perf_counter() - start
+    unrewritten = _once(lambda args: compile_downstream(gm, args, opts.downstream, mode))
+    refusing = refusing_ops(rewritten) if rewritten is not gm else []
+    if refusing:
+        # ops whose fast paths are not the program's for some values: such a call runs it as written
+        compiled = rerunning(compiled, refusing, not mutates(gm), unrewritten)
     if guards:
         # module buffers read as constants: a call whose buffers changed runs the graph unrewritten
-        compiled = guarded(compiled, guards, lambda args: compile_downstream(gm, args, opts.downstream, mode))
+        compiled = guarded(compiled, guards, unrewritten)
     log.pipeline.debug("graph: %d rewrite(s), %d near miss(es); seqfuse %.3f s, downstream %s %.3f s",
                        len(report.rewrites), len(report.near_misses), sum(report.seconds.values()),
                        opts.downstream, report.downstream_seconds)

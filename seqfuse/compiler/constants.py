@@ -126,3 +126,91 @@ def guarded(compiled, guards: list, fallback):
         return state["fallback"](*args)
 
     return run
+
+
+#: lowered op -> the position of its ``finite_only`` argument
+_FINITE_ONLY_ARG = {"ssd": 10, "delta": 11}
+
+
+def refusing_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the lowered op calls in ``gm`` that may refuse a call by raising
+    :class:`seqfuse.runtime.ProgramRequired` (an ``ssd`` or ``delta`` lowered with ``finite_only``)."""
+    targets = {getattr(torch.ops.seqfuse, k).default: i for k, i in _FINITE_ONLY_ARG.items()
+               if hasattr(torch.ops.seqfuse, k)}
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in targets
+            and len(n.args) > targets[n.target] and n.args[targets[n.target]] is True]
+
+
+#: Dynamo-graph calls whose result may share its input's storage (a write into it writes the input)
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "T", "mT", "unsqueeze", "squeeze",
+          "expand", "expand_as", "narrow", "select", "slice", "getitem", "as_strided", "unflatten", "flatten",
+          "split", "chunk", "unbind", "movedim", "swapaxes", "diagonal", "real", "imag", "detach", "contiguous",
+          "__getitem__", "type_as", "to", "float", "double", "half", "bfloat16", "view_as_real", "view_as_complex"}
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _writes(node: torch.fx.Node):
+    """The tensor ``node`` writes in place (its first argument), or None."""
+    import operator
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    schema = getattr(node.target, "_schema", None)
+    name = _name(node.target)
+    if node.target is operator.setitem or (schema is not None and schema.is_mutable) or \
+            (name.endswith("_") and not name.endswith("__") and not name.startswith("_")):
+        return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+    return None
+
+
+def mutates(gm: torch.fx.GraphModule) -> bool:
+    """Whether Dynamo's graph ``gm`` writes in place into one of its inputs (or a view of one:
+    ``buf.add_``, ``cache[:, i] = v``): such a graph cannot be run a second time after a partial run.
+    Writes into tensors the graph creates (a mask filled in place) do not count."""
+    for node in gm.graph.nodes:
+        x = _writes(node)
+        seen = set()
+        while isinstance(x, torch.fx.Node) and x not in seen:
+            seen.add(x)
+            if x.op == "placeholder" or x.op == "get_attr":
+                return True
+            if x.op in ("call_function", "call_method") and _name(x.target) in _VIEWS and x.args:
+                x = x.args[0]
+            else:
+                break
+    return False
+
+
+def rerunning(compiled, ops: list[str], can_rerun: bool, fallback):
+    """Wrap ``compiled`` so that a call one of its ops refuses (:class:`ProgramRequired`, raised
+    before that op did any work) runs the graph without seqfuse's rewrites: the program as written,
+    its own NaNs and gradients included.  ``ops`` names the ops that may refuse (for the report),
+    ``fallback(args)`` compiles the unrewritten graph (once, on first need).  A graph that mutates
+    its inputs (``can_rerun`` false) may have written them before the refusal: it raises instead,
+    naming the op and the cause, rather than run twice."""
+    from seqfuse.runtime import ProgramRequired
+    from seqfuse.runtime.counters import count_fallback
+    state: dict = {"fallback": None, "warned": False}
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except ProgramRequired as exc:
+            if not can_rerun:
+                raise RuntimeError(f"{exc}; the graph also writes its inputs in place, so seqfuse cannot run it "
+                                   f"again as written (ops that may refuse: {ops}). Keep the log-decays finite, or "
+                                   "disable the pass that found the op (seqfuse.explain names it; option "
+                                   "'passes')") from exc
+            reason = f"{exc}; ran the graph without seqfuse's rewrites"
+        count_fallback("graph", reason)
+        if not state["warned"]:
+            state["warned"] = True
+            warnings.warn(f"seqfuse: {reason}")
+            log.runtime.info("%s", reason)
+        if state["fallback"] is None:
+            state["fallback"] = fallback(list(args))
+        return state["fallback"](*args)
+
+    return run

@@ -142,6 +142,12 @@ class SSD(IROp):
 
     Attributes: ``decay`` (must agree with a's shape), ``chunk`` (chunk length of the chunked
     algorithm; set by passes/select).  Algorithms: "quadratic", "chunked", "recurrent".
+    ``finite_only`` (printed only when true): the op equals the program it replaced only while ``a``
+    is finite.  The program forms its decays as *differences* (``exp(G_i - G_j)`` of one cumulative
+    sum G, ``w·(i - j)`` with a tensor w: ``-inf - (-inf) = NaN`` after a -inf log-decay, where every
+    algorithm here resets the state exactly), or ``a`` is the log of a decay the program multiplies
+    by (NaN for a negative one).  A call whose ``a`` is not finite refuses (``ProgramRequired``) and
+    the compiled graph runs the program as written (docs/reliability.md, "NaN and inf").
     """
 
     kind: ClassVar[str] = "ssd"
@@ -154,6 +160,7 @@ class SSD(IROp):
     h0: torch.fx.Node | None = operand(optional=True)
     decay: str = attr("scalar")
     chunk: int = attr(64)
+    finite_only: bool = attr(False, omit_default=True)
 
 
 #: the dtypes a scan's states may be rounded to before its readout (Scan.readout_dtype)
@@ -258,6 +265,8 @@ class Delta(IROp):
 
     Attributes: ``gate`` (must agree with g's shape), ``scale`` (multiplies the readout), ``chunk``
     (chunk length of the chunked algorithm; set by passes/select).  Algorithms: "recurrent", "chunked".
+    ``finite_only`` (printed only when true): as SSD's; the program is a chunked form whose decays are
+    ``exp(γ_i - γ_j)`` of a cumulative sum, so a call whose g is not finite runs it as written.
     """
 
     kind: ClassVar[str] = "delta"
@@ -271,6 +280,7 @@ class Delta(IROp):
     gate: str = attr("scalar")
     scale: float = attr(1.0)
     chunk: int = attr(64)
+    finite_only: bool = attr(False, omit_default=True)
 
 
 OP_CLASSES: dict[str, type[IROp]] = {c.kind: c for c in (Attention, SSD, Scan, LongConv, Delta)}

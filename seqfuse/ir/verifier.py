@@ -114,6 +114,8 @@ def _verify_scan(op: Scan) -> None:
 def _verify_ssd(op: SSD) -> None:
     _check(op.decay in ("none", "scalar", "vector"), op, f"unknown decay kind {op.decay!r}")
     _check(isinstance(op.chunk, int) and op.chunk > 0, op, f"chunk must be a positive int, got {op.chunk!r}")
+    _check(isinstance(op.finite_only, bool) and (op.a is not None or not op.finite_only), op,
+           f"finite_only must be a bool, and true only with a log-decay a; got {op.finite_only!r}")
     x, b, c = _val(op.x), _val(op.b), _val(op.c)
     _check(x.dim() == 4 and b.dim() == 4 and c.dim() == 4, op,
            f"x, b, c must be (B, T, H, P|N), got ranks {x.dim()}, {b.dim()}, {c.dim()}")
@@ -141,6 +143,8 @@ def _verify_delta(op: Delta) -> None:
     _check(op.gate in ("none", "scalar", "vector"), op, f"gate must be none|scalar|vector, got {op.gate!r}")
     _check(isinstance(op.chunk, int) and op.chunk > 0, op, f"chunk must be a positive int, got {op.chunk!r}")
     _check(_is_number(op.scale) and math.isfinite(op.scale), op, f"scale must be a finite number, got {op.scale!r}")
+    _check(isinstance(op.finite_only, bool) and (op.g is not None or not op.finite_only), op,
+           f"finite_only must be a bool, and true only with a log-decay g; got {op.finite_only!r}")
     q, k, v, beta = _val(op.q), _val(op.k), _val(op.v), _val(op.beta)
     _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, op,
            f"q, k, v must be (B, T, H, K|V), got ranks {q.dim()}, {k.dim()}, {v.dim()}")

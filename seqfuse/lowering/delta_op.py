@@ -1,13 +1,16 @@
 """seqfuse::delta as a torch.library custom op: fake impl, autograd, runtime dispatch.
 
-    seqfuse::delta(q, k, v, beta, g?, h0?, gate, scale, chunk, algorithm, runtime) -> (y, h)
+    seqfuse::delta(q, k, v, beta, g?, h0?, gate, scale, chunk, algorithm, runtime, finite_only=False) -> (y, h)
     seqfuse::delta_backward(grad_y, grad_h, q, k, v, beta, g?, h0?, gate, scale, chunk, algorithm, runtime,
                             needs) -> (dq, dk, dv, dbeta, dg, dh0)
 
 q, k (B, T, H, K); v (B, T, H, V); beta (B, T, H); g (B, T, H) for gate "scalar", (B, T, H, K) for
 "vector", None for "none"; h0 (B, H, K, V).  Both results carry gradients: y (B, T, H, V) and the
 final state h (B, H, K, V), in the promoted dtype of the operands.  The algorithm ("recurrent",
-"chunked") is set by passes/select; "auto" is refused.
+"chunked") is set by passes/select; "auto" is refused.  With ``finite_only`` (the IR attribute: the
+replaced program forms its decays as differences of a cumulative sum: fla's and transformers' chunked
+forms), a call whose g is not finite raises ``seqfuse.runtime.ProgramRequired`` before any work, and
+the compiled graph runs the program as written (see seqfuse.lowering.ssd_op).
 
 Implementations register with the dispatcher (seqfuse.runtime) as
 ``Impl(path, supports, forward, backward)`` with
@@ -31,7 +34,7 @@ from torch import Tensor
 
 from seqfuse.lowering.autograd import as_result, recompute_grads
 from seqfuse.lowering.reference.delta import ALGORITHMS, check_delta_args, delta_reference, out_dtype
-from seqfuse.runtime import Impl, register_impl, run
+from seqfuse.runtime import Impl, refuse_nonfinite_decay, register_impl, run
 
 _OPERANDS = ("q", "k", "v", "beta", "g", "h0")
 #: up to this many steps the eager backward differentiates the step loop; beyond, the chunked form
@@ -60,9 +63,12 @@ def _empty_results(q, k, v, beta, g, h0):
 
 @torch.library.custom_op("seqfuse::delta", mutates_args=())
 def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Tensor], h0: Optional[Tensor], gate: str,
-          scale: float, chunk: int, algorithm: str, runtime: str) -> tuple[Tensor, Tensor]:
-    """The delta rule; see seqfuse.ir.ops.Delta.  Returns (y, final state)."""
+          scale: float, chunk: int, algorithm: str, runtime: str, finite_only: bool = False) -> tuple[Tensor, Tensor]:
+    """The delta rule; see seqfuse.ir.ops.Delta.  Returns (y, final state).  Raises ProgramRequired
+    when ``finite_only`` and ``g`` is not finite (see the module docstring)."""
     _check(q, k, v, beta, g, h0, gate, scale, chunk, algorithm)
+    if finite_only:
+        refuse_nonfinite_decay("delta", "g", g)
     attrs = _attrs(gate, scale, chunk, algorithm)
     ops = (q, k, v, beta, g, h0)
     y, h = run("delta", "forward", runtime, dict(zip(_OPERANDS, ops)), attrs, *ops, attrs)
@@ -71,7 +77,7 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Tensor], h0
 
 
 @delta.register_fake
-def _(q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runtime):
+def _(q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runtime, finite_only=False):
     _check(q, k, v, beta, g, h0, gate, scale, chunk, algorithm)
     return _empty_results(q, k, v, beta, g, h0)
 
@@ -98,8 +104,8 @@ def _(grad_y, grad_h, q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runti
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, g, h0, *attrs, runtime = inputs
-    ctx.attrs, ctx.runtime = attrs, runtime
+    q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runtime = inputs[:11]  # finite_only: the forward's
+    ctx.attrs, ctx.runtime, ctx.n_inputs = (gate, scale, chunk, algorithm), runtime, len(inputs)
     ctx.save_for_backward(q, k, v, beta, g, h0)
 
 
@@ -110,7 +116,7 @@ def _backward(ctx, grad_y, grad_h):
     grad_y = torch.zeros_like(y_like) if grad_y is None else grad_y.contiguous()
     grad_h = torch.zeros_like(h_like) if grad_h is None else grad_h.contiguous()
     grads = torch.ops.seqfuse.delta_backward(grad_y, grad_h, *ops, *ctx.attrs, ctx.runtime, needs)
-    return (*[gr if n else None for gr, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
+    return (*[gr if n else None for gr, n in zip(grads, needs)], *([None] * (ctx.n_inputs - 6)))
 
 
 delta.register_autograd(_backward, setup_context=_setup_context)

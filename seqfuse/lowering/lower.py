@@ -55,6 +55,8 @@ def _lower_pair(graph: torch.fx.Graph, node: torch.fx.Node, target, args) -> tor
 
 def _lower_ssd(graph: torch.fx.Graph, node: torch.fx.Node, op: SSD, runtime: str) -> torch.fx.Node:
     args = (op.x, op.b, op.c, op.a, op.d, op.h0, op.decay, int(op.chunk), _algorithm(op), runtime)
+    if op.finite_only:
+        args = (*args, True)
     return _lower_pair(graph, node, torch.ops.seqfuse.ssd.default, args)
 
 
@@ -67,6 +69,8 @@ def _lower_scan(graph: torch.fx.Graph, node: torch.fx.Node, op: Scan, runtime: s
 
 def _lower_delta(graph: torch.fx.Graph, node: torch.fx.Node, op: Delta, runtime: str) -> torch.fx.Node:
     args = (op.q, op.k, op.v, op.beta, op.g, op.h0, op.gate, float(op.scale), int(op.chunk), _algorithm(op), runtime)
+    if op.finite_only:
+        args = (*args, True)
     return _lower_pair(graph, node, torch.ops.seqfuse.delta.default, args)
 
 

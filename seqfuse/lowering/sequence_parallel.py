@@ -144,7 +144,7 @@ def _fold(h_all: Tensor, logA_all: Tensor, ranks) -> Tensor:
 
 def ssd_sequence_parallel(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], d: Optional[Tensor],
                           h0: Optional[Tensor], decay: str, chunk: int, algorithm: str, runtime: str,
-                          group_name: str = "") -> tuple[Tensor, Tensor]:
+                          finite_only: bool = False, group_name: str = "") -> tuple[Tensor, Tensor]:
     """``seqfuse.ssd`` on this rank's slice of a sequence split over the group (see the module doc).
 
     x (B, T_r, H, P); b, c (B, T_r, H, N); a (B, T_r, H) or (B, T_r, H, N) log-decays or None;
@@ -153,7 +153,7 @@ def ssd_sequence_parallel(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], 
     """
     rank, world = _rank_world(group_name)
     y_loc, h_loc = torch.ops.seqfuse.ssd(x, b, c, a, d, h0 if rank == 0 else None, decay, chunk, algorithm,
-                                         runtime)
+                                         runtime, finite_only)
     if world == 1:
         return y_loc, h_loc
     B, T, H, P = x.shape

@@ -1,11 +1,17 @@
 """seqfuse::ssd as a torch.library custom op: fake impl, autograd, runtime dispatch.
 
-    seqfuse::ssd(x, b, c, a?, d?, h0?, decay, chunk, algorithm, runtime) -> (y, h)
+    seqfuse::ssd(x, b, c, a?, d?, h0?, decay, chunk, algorithm, runtime, finite_only=False) -> (y, h)
     seqfuse::ssd_backward(grad_y, grad_h, x, b, c, a?, d?, h0?, decay, chunk, algorithm, runtime, needs)
         -> (dx, db, dc, da, dd, dh0)
 
 Both results carry gradients: y (B, T, H, P) and the final state h (B, H, P, N).  The
 algorithm ("recurrent", "quadratic", "chunked") is set by passes/select; "auto" is refused.
+With ``finite_only`` (the IR attribute: the op equals the replaced program only while a is finite,
+e.g. a program that forms its decays as differences of a cumulative sum), a call whose ``a`` is not
+finite raises ``seqfuse.runtime.ProgramRequired`` before any work (one ``isfinite`` reduction of a,
+a device synchronization on CUDA): every algorithm here resets the state exactly at a -inf
+log-decay where such a program computes -inf - (-inf) = NaN, so the compiled graph runs the
+program as written instead (seqfuse.compiler.constants.rerunning).
 
 Implementations register with the dispatcher (seqfuse.runtime) as
 ``Impl(path, supports, forward, backward)`` with
@@ -24,7 +30,7 @@ from torch import Tensor
 from seqfuse.lowering.autograd import as_result, recompute_grads
 from seqfuse.lowering.reference.ssd import ALGORITHMS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_reference, \
     ssd_shapes
-from seqfuse.runtime import Impl, register_impl, run
+from seqfuse.runtime import Impl, refuse_nonfinite_decay, register_impl, run
 
 
 def _check(x, b, c, a, d, h0, decay, chunk, algorithm):
@@ -48,9 +54,12 @@ def _empty_results(x, b, c, h0):
 
 @torch.library.custom_op("seqfuse::ssd", mutates_args=())
 def ssd(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], d: Optional[Tensor], h0: Optional[Tensor],
-        decay: str, chunk: int, algorithm: str, runtime: str) -> tuple[Tensor, Tensor]:
-    """A matrix-state linear recurrence; see seqfuse.ir.ops.SSD.  Returns (y, final state)."""
+        decay: str, chunk: int, algorithm: str, runtime: str, finite_only: bool = False) -> tuple[Tensor, Tensor]:
+    """A matrix-state linear recurrence; see seqfuse.ir.ops.SSD.  Returns (y, final state).
+    Raises ProgramRequired when ``finite_only`` and ``a`` is not finite (see the module docstring)."""
     _check(x, b, c, a, d, h0, decay, chunk, algorithm)
+    if finite_only:
+        refuse_nonfinite_decay("ssd", "a", a)
     attrs = _attrs(decay, chunk, algorithm)
     y, h = run("ssd", "forward", runtime, dict(x=x, b=b, c=c, a=a, d=d, h0=h0), attrs, x, b, c, a, d, h0, attrs)
     ey, eh = _empty_results(x, b, c, h0)
@@ -59,7 +68,7 @@ def ssd(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], d: Optional[Tensor
 
 
 @ssd.register_fake
-def _(x, b, c, a, d, h0, decay, chunk, algorithm, runtime):
+def _(x, b, c, a, d, h0, decay, chunk, algorithm, runtime, finite_only=False):
     _check(x, b, c, a, d, h0, decay, chunk, algorithm)
     return _empty_results(x, b, c, h0)
 
@@ -91,8 +100,8 @@ def _(grad_y, grad_h, x, b, c, a, d, h0, decay, chunk, algorithm, runtime, needs
 
 
 def _setup_context(ctx, inputs, output):
-    x, b, c, a, d, h0, *attrs, runtime = inputs
-    ctx.attrs, ctx.runtime = attrs, runtime
+    x, b, c, a, d, h0, decay, chunk, algorithm, runtime = inputs[:10]   # finite_only: checked by the forward
+    ctx.attrs, ctx.runtime, ctx.n_inputs = (decay, chunk, algorithm), runtime, len(inputs)
     ctx.save_for_backward(x, b, c, a, d, h0)
 
 
@@ -103,7 +112,7 @@ def _backward(ctx, grad_y, grad_h):
     grad_y = torch.zeros_like(y_like) if grad_y is None else grad_y.contiguous()
     grad_h = torch.zeros_like(h_like) if grad_h is None else grad_h.contiguous()
     grads = torch.ops.seqfuse.ssd_backward(grad_y, grad_h, x, b, c, a, d, h0, *ctx.attrs, ctx.runtime, needs)
-    return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (len(ctx.attrs) + 1)))
+    return (*[g if n else None for g, n in zip(grads, needs)], *([None] * (ctx.n_inputs - 6)))
 
 
 ssd.register_autograd(_backward, setup_context=_setup_context)

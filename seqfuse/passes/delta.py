@@ -2386,7 +2386,9 @@ class _ChunkRewrite(_Rewrite):
                 raise NotDelta("the initial state is not a (B, H, K, V) tensor")
             h0 = vec.cast(init, D)
         gate = plan.gate
-        op = Delta(q=ops["q"], k=ops["k"], v=ops["v"], beta=ops["beta"], g=ops["g"], h0=h0, gate=gate)
+        # the chunked forms decay by exp(γ_i - γ_j) and exp(γ_last - γ) of a cumulative sum γ: differences
+        op = Delta(q=ops["q"], k=ops["k"], v=ops["v"], beta=ops["beta"], g=ops["g"], h0=h0, gate=gate,
+                   finite_only=ops["g"] is not None)
         fake = torch.ops.seqfuse.delta.default(*(val(ops[n]) for n in ("q", "k", "v", "beta")),
                                                val(ops["g"]) if ops["g"] is not None else None,
                                                val(h0) if h0 is not None else None, gate, 1.0, 64,

@@ -590,7 +590,8 @@ class ChunkedSSDPass(Pass):
         h0 = None
         if entry["h0"] is not None:
             h0 = _FORMS.to_layout(graph, before, full, *entry["h0"], [], [r.p, r.n], add)   # (B', H, P, N)
-        op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="none" if a is None else "scalar")
+        # the chunk states' exp(G[Q-1] - G[s]) (and any decay read off the chunk pieces) is a difference
+        op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="none" if a is None else "scalar", finite_only=a is not None)
         ir = ctx.insert_ir(op, before, add)
         ir.meta["val"] = ssd_value(x, b, c)
         y = emit(graph, before, operator.getitem, (ir, 0), add)
@@ -653,7 +654,8 @@ def _concatenate_consecutive(ctx) -> None:
             continue                # ssd₂'s operands cannot be computed before ssd₁
         emit = _FORMS._emit
         cat = [emit(graph, n1, aten.cat.default, ([u, w], 1), n2) for u, w in pairs]
-        op = SSD(x=cat[0], b=cat[1], c=cat[2], a=cat[3] if len(cat) > 3 else None, h0=op1.h0, decay=op1.decay)
+        op = SSD(x=cat[0], b=cat[1], c=cat[2], a=cat[3] if len(cat) > 3 else None, h0=op1.h0, decay=op1.decay,
+                 finite_only=op1.finite_only or op2.finite_only)
         ir = ctx.insert_ir(op, n1, n2)
         ir.meta["val"] = ssd_value(cat[0], cat[1], cat[2])
         y = emit(graph, n1, operator.getitem, (ir, 0), n2)

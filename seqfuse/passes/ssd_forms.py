@@ -559,6 +559,7 @@ class _Roles:
     strict = False        # the mask is [j < i] (set by SSDFormsPass._check)
     exclusive = False     # the decay is the exclusive segment sum G_{i-1} - G_j (set by SSDFormsPass._resolve)
     vpos: list = []       # position factors that vary with the key dim n too: a decay per key channel
+    finite_only = False   # the program's exponent is a difference (G_i - G_j, w·(i - j)): SSD.finite_only
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -1197,7 +1198,7 @@ class SSDFormsPass(Pass):
             coef, seq = self._segment_sum([(a, c) for a, c in terms if a[0] == "g"], roles)
             if _value_of(qa[1]) is _value_of(seq[0]) and list(qa[2]) == list(seq[1]) and qc.key() == coef.key() \
                     and qc.const == -coef.const:
-                roles.exclusive = True          # Σ_{j<x<i} a_x: the query's own step left out
+                roles.exclusive = roles.finite_only = True     # Σ_{j<x<i} a_x: the query's own step left out
                 return coef, seq
             raise NoMatch("the decay exponent is G_i - G_j plus a per-query term that is not the step "
                           "-a_i of the same cumulative sum (the exclusive segment sum G_{i-1} - G_j)")
@@ -1208,10 +1209,13 @@ class SSDFormsPass(Pass):
             (atom, coef), = terms
             return coef, (atom[1], list(atom[2]))
         if kinds == ["g", "g"]:                       # G_i - G_j, G = cumsum(a)
+            roles.finite_only = True
             return self._segment_sum(terms, roles)
         if kinds == ["pos", "pos"]:                   # w·(i - j)
             (a1, k1), (a2, k2) = terms
             if {a1[1], a2[1]} == {i, j} and k1.key() == k2.key() and k1.const == -k2.const:
+                # a tensor w: -inf·0 = NaN on the diagonal, or a log of a γ <= 0 where γ**(i-j) is finite
+                roles.finite_only = bool(k1.factors)
                 return (k1 if a1[1] == i else k2), None
             raise NoMatch("the decay exponent is not w·(i - j)")
         raise NoMatch("the decay exponent is neither a segment sum G_i - G_j nor w·(i - j) (a power γ^(i-j))")
@@ -1313,7 +1317,12 @@ class SSDFormsPass(Pass):
             return self._emit(graph, root, aten.constant_pad_nd.default, (u, pad, 0.0), root)
         x, b = later(x), later(b)
         if a is not None and exclusive:
-            a = later(a)
+            # a one step later; its step 0 is 0·a_{T-1} instead of 0: the same 0 while a_{T-1} is finite,
+            # NaN when not, so that SSD.finite_only still sees the program's G_{T-1} - a_{T-1} (inf - inf)
+            last = self._emit(graph, root, aten.slice.Tensor, (a, 1, -1, None), root)
+            last = self._emit(graph, root, aten.mul.Tensor, (last, 0.0), root)
+            head = self._emit(graph, root, aten.slice.Tensor, (a, 1, 0, -1), root)
+            a = self._emit(graph, root, aten.cat.default, ([last, head], 1), root)
         elif a is not None and vector:
             step = self._emit(graph, root, aten.exp.default, (a,), root)
             b = self._emit(graph, root, aten.mul.Tensor, (b, step), root)
@@ -1401,7 +1410,8 @@ class SSDFormsPass(Pass):
                 a = self._emit(graph, root, aten.mul.Tensor, (a, float(coef.const)), root)
         if roles.strict:
             x, b, a = self._strictly_causal(graph, root, x, b, a, roles.exclusive, vector=bool(roles.vpos))
-        op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "vector" if roles.vpos else "scalar")
+        op = SSD(x=x, b=b, c=c, a=a, decay="none" if a is None else "vector" if roles.vpos else "scalar",
+                 finite_only=a is not None and roles.finite_only)
         ir = ctx.insert_ir(op, root, root)
         ir.meta["val"] = ssd_value(x, b, c)
         y = self._emit(graph, root, operator.getitem, (ir, 0), root)

@@ -22,6 +22,22 @@ PATHS = ("triton", "cpu", "aten", "eager")
 RUNTIME_CHOICES = ("auto", "triton", "cpu", "aten", "eager")
 
 
+class ProgramRequired(RuntimeError):
+    """An IR op refuses a call that no implementation computes the way the replaced program does
+    (a non-finite log-decay under an ``ssd`` with ``finite_only``).  The compiled graph catches it
+    and runs the program as written (``seqfuse.compiler.constants.rerunning``); raised outside a
+    compiled graph (an op called directly) it reaches the caller with the reason."""
+
+
+def refuse_nonfinite_decay(kind: str, name: str, decay) -> None:
+    """Raise :class:`ProgramRequired` when the log-decay tensor ``decay`` (operand ``name`` of op
+    ``kind``, lowered with ``finite_only``) holds a NaN or an infinity: one ``isfinite`` reduction
+    (a device synchronization on CUDA)."""
+    if decay is not None and not bool(decay.isfinite().all()):
+        raise ProgramRequired(f"seqfuse.{kind}: a non-finite log-decay {name} in a program that forms its decays "
+                              "as differences (inf - inf = NaN there; this op resets the state exactly)")
+
+
 @dataclass(frozen=True)
 class Impl:
     """One implementation of an IR op kind on one path."""

@@ -127,13 +127,19 @@ def rwkv_exclusive(q, k, v, w):
 
 
 def test_exclusive_segment_sum_shifts_the_decay_too(tmp_path):
-    # exp(w_{j+1} + … + w_{i-1}), j < i: x, b and a all one step later; no exp(a) factor on x
+    # exp(w_{j+1} + … + w_{i-1}), j < i: x, b and a all one step later; no exp(a) factor on x.  a's
+    # step 0 is 0·w_{T-1} (not 0): the op still sees a non-finite w_{T-1}, which the program's
+    # G_{T-1} - w_{T-1} reads; the exponent is a finite_only, so the op carries finite_only=true
     text = after_pass(rwkv_exclusive, *[torch.randn(2, 3, 8, 4) for _ in range(3)], -torch.rand(2, 3, 8),
                       tmp_path=tmp_path)
     run_filecheck(text, """
-        CHECK: %[[A:[a-z_0-9]+]] = aten.constant_pad_nd(%{{[a-z_0-9]+}}, [0, 0, 1, 0], 0.0) : f32[2, 8, 3]
+        CHECK: %[[W:[a-z_0-9]+]] = aten.permute(%l_w_, [0, 2, 1]) : f32[2, 8, 3]
+        CHECK: %[[LAST:[a-z_0-9]+]] = aten.slice.Tensor(%[[W]], 1, -1, none) : f32[2, 1, 3]
+        CHECK: %[[ZERO:[a-z_0-9]+]] = aten.mul.Tensor(%[[LAST]], 0.0)
+        CHECK: %[[HEAD:[a-z_0-9]+]] = aten.slice.Tensor(%[[W]], 1, 0, -1) : f32[2, 7, 3]
+        CHECK: %[[A:[a-z_0-9]+]] = aten.cat([%[[ZERO]], %[[HEAD]]], 1) : f32[2, 8, 3]
         CHECK-NOT: aten.exp
-        CHECK: seqfuse.ssd({{.*}}, a=%[[A]]) {decay=scalar,
+        CHECK: seqfuse.ssd({{.*}}, a=%[[A]]) {decay=scalar, chunk=64, finite_only=true,
     """)
 
 
@@ -252,8 +258,8 @@ def rwkv6_intra(q, k, v, w):
 
 
 def test_decay_per_key_channel_is_a_vector_ssd(tmp_path):
-    # a = w laid (B, T, H, N) and one step later (the exclusive exponent), as are the keys and values; the
-    # pairwise exponent, its exp and the mask are gone
+    # a = w laid (B, T, H, N) and one step later (the exclusive exponent; step 0 is 0·w_{T-1}), as are the
+    # keys and values; the pairwise exponent, its exp and the mask are gone; a difference spelling (finite_only)
     args = (torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 5),
             F.logsigmoid(torch.randn(1, 2, 8, 4)))
     text = after_pass(rwkv6_intra, *args, tmp_path=tmp_path)
@@ -263,11 +269,13 @@ def test_decay_per_key_channel_is_a_vector_ssd(tmp_path):
         CHECK: %[[WP:[a-z_0-9]+]] = aten.permute(%[[W]], [1, 0, 2]) : f32[8, 2, 4]
         CHECK: %[[WU:[a-z_0-9]+]] = aten.unsqueeze(%[[WP]], 0)
         CHECK: %[[WE:[a-z_0-9]+]] = aten.expand(%[[WU]],
+        CHECK: %[[WL:[a-z_0-9]+]] = aten.slice.Tensor(%[[WE]], 1, -1, none) : f32[1, 1, 2, 4]
+        CHECK: %[[WZ:[a-z_0-9]+]] = aten.mul.Tensor(%[[WL]], 0.0)
         CHECK: %[[WS:[a-z_0-9]+]] = aten.slice.Tensor(%[[WE]], 1, 0, -1) : f32[1, 7, 2, 4]
-        CHECK: %[[A:[a-z_0-9]+]] = aten.constant_pad_nd(%[[WS]], [0, 0, 0, 0, 1, 0], 0.0) : f32[1, 8, 2, 4]
+        CHECK: %[[A:[a-z_0-9]+]] = aten.cat([%[[WZ]], %[[WS]]], 1) : f32[1, 8, 2, 4]
         CHECK: %ssd = seqfuse.ssd(
         CHECK-SAME: a=%[[A]]) {decay=vector
-        CHECK-SAME: chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 5, 4])
+        CHECK-SAME: chunk=64, finite_only=true, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 5, 4])
         CHECK-NOT: aten.exp
         CHECK-NOT: aten.lt
         CHECK: return

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import check_against_eager
+from helpers import check_against_eager, check_nans_against_eager
 
 fla_gdn = pytest.importorskip("fla.ops.gated_delta_rule.naive")
 fla_kda = pytest.importorskip("fla.ops.kda.naive")
@@ -188,6 +188,29 @@ def test_transformers_torch_chunk_gated_delta_rule(T, h0, l2):
     report = check_against_eager(fn, *[x for x in ops if x is not None])
     ir = only_delta(report, "scalar")
     assert ("h0=%" in ir) == h0, ir
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_minus_inf_gate_runs_the_chunked_program_as_written(chunked):
+    # the chunked form decays by exp(γ_i - γ_j) of a cumulative sum: -inf - (-inf) = NaN after a -inf
+    # log-decay, where the op resets the state exactly; it carries finite_only=true and refuses such a
+    # call, and the graph runs as written (NaN positions, outputs and gradients the program's).  The
+    # recurrent form multiplies by exp(g_t) step by step: exact in the program too, no mark, no fallback
+    def fn(q, k, v, beta, g, h):
+        if chunked:
+            return torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4, initial_state=h,
+                                                output_final_state=True, use_qk_l2norm_in_kernel=True)
+        return torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h, output_final_state=True,
+                                                use_qk_l2norm_in_kernel=True)
+    ops = operands(T=12, H=2)
+    g = ops[4].detach().clone()
+    g[1, 6, 0] = -torch.inf
+    ops[4] = g.requires_grad_()
+    report, _ = check_nans_against_eager(fn, ops, {})
+    ir = only_delta(report, "scalar")
+    assert ("finite_only=true" in ir) == chunked, ir
+    assert sum(report.fallbacks.get("graph", {}).values()) == int(chunked), report.fallbacks
+    assert bool(report.output[0].isnan().any()) == chunked
 
 
 def chunk_variant(q, k, v, beta, g, variant):
