@@ -34,7 +34,7 @@ from torch import Tensor
 
 from seqfuse.lowering.autograd import as_result, recompute_grads
 from seqfuse.lowering.reference.delta import ALGORITHMS, check_delta_args, delta_reference, out_dtype
-from seqfuse.runtime import Impl, refuse_nonfinite_decay, register_impl, run
+from seqfuse.runtime import Impl, poisoned, refuse_nonfinite_decay, register_impl, run
 
 _OPERANDS = ("q", "k", "v", "beta", "g", "h0")
 #: up to this many steps the eager backward differentiates the step loop; beyond, the chunked form
@@ -67,11 +67,11 @@ def delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Tensor], h0
     """The delta rule; see seqfuse.ir.ops.Delta.  Returns (y, final state).  Raises ProgramRequired
     when ``finite_only`` and ``g`` is not finite (see the module docstring)."""
     _check(q, k, v, beta, g, h0, gate, scale, chunk, algorithm)
-    if finite_only:
-        refuse_nonfinite_decay("delta", "g", g)
+    poison = refuse_nonfinite_decay("delta", "g", g) if finite_only else None
     attrs = _attrs(gate, scale, chunk, algorithm)
     ops = (q, k, v, beta, g, h0)
     y, h = run("delta", "forward", runtime, dict(zip(_OPERANDS, ops)), attrs, *ops, attrs)
+    y, h = poisoned((y, h), poison)
     ey, eh = _empty_results(*ops)
     return as_result(y, ey, ops), as_result(h, eh, ops)
 

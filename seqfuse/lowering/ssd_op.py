@@ -9,7 +9,8 @@ algorithm ("recurrent", "quadratic", "chunked") is set by passes/select; "auto" 
 With ``finite_only`` (the IR attribute: the op equals the replaced program only while a is finite,
 e.g. a program that forms its decays as differences of a cumulative sum), a call whose ``a`` is not
 finite raises ``seqfuse.runtime.ProgramRequired`` before any work (one ``isfinite`` reduction of a,
-a device synchronization on CUDA): every algorithm here resets the state exactly at a -inf
+a device synchronization on CUDA; while a CUDA graph is captured, no sync: the results come out all
+NaN instead): every algorithm here resets the state exactly at a -inf
 log-decay where such a program computes -inf - (-inf) = NaN, so the compiled graph runs the
 program as written instead (seqfuse.compiler.constants.rerunning).
 
@@ -30,7 +31,7 @@ from torch import Tensor
 from seqfuse.lowering.autograd import as_result, recompute_grads
 from seqfuse.lowering.reference.ssd import ALGORITHMS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_reference, \
     ssd_shapes
-from seqfuse.runtime import Impl, refuse_nonfinite_decay, register_impl, run
+from seqfuse.runtime import Impl, poisoned, refuse_nonfinite_decay, register_impl, run
 
 
 def _check(x, b, c, a, d, h0, decay, chunk, algorithm):
@@ -58,10 +59,10 @@ def ssd(x: Tensor, b: Tensor, c: Tensor, a: Optional[Tensor], d: Optional[Tensor
     """A matrix-state linear recurrence; see seqfuse.ir.ops.SSD.  Returns (y, final state).
     Raises ProgramRequired when ``finite_only`` and ``a`` is not finite (see the module docstring)."""
     _check(x, b, c, a, d, h0, decay, chunk, algorithm)
-    if finite_only:
-        refuse_nonfinite_decay("ssd", "a", a)
+    poison = refuse_nonfinite_decay("ssd", "a", a) if finite_only else None
     attrs = _attrs(decay, chunk, algorithm)
     y, h = run("ssd", "forward", runtime, dict(x=x, b=b, c=c, a=a, d=d, h0=h0), attrs, x, b, c, a, d, h0, attrs)
+    y, h = poisoned((y, h), poison)
     ey, eh = _empty_results(x, b, c, h0)
     y = as_result(y, ey, (x, b, c, a, d, h0))
     return y, as_result(h, eh, (x, b, c, a, d, h0, y))  # outputs may not alias each other either

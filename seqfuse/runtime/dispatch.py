@@ -11,9 +11,12 @@ retried silently.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
 
 from seqfuse import log
 from seqfuse.runtime.counters import count_call, count_fallback
@@ -29,13 +32,34 @@ class ProgramRequired(RuntimeError):
     compiled graph (an op called directly) it reaches the caller with the reason."""
 
 
-def refuse_nonfinite_decay(kind: str, name: str, decay) -> None:
+def _capturing(t) -> bool:
+    """Whether ``t``'s device is capturing a CUDA graph (reading a value would fail there)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_nonfinite_decay(kind: str, name: str, decay):
     """Raise :class:`ProgramRequired` when the log-decay tensor ``decay`` (operand ``name`` of op
     ``kind``, lowered with ``finite_only``) holds a NaN or an infinity: one ``isfinite`` reduction
-    (a device synchronization on CUDA)."""
-    if decay is not None and not bool(decay.isfinite().all()):
+    (a device synchronization on CUDA).  Returns None, or, while a CUDA graph is being captured
+    (no value can be read then), a 0-dim *poison*: 0 when every value is finite, NaN otherwise,
+    for the op to multiply its results by ``1 + poison`` (every result NaN: loud, never the reset
+    the program does not compute)."""
+    if decay is None:
+        return None
+    finite = decay.isfinite().all()
+    if _capturing(decay):
+        return torch.where(finite, 0.0, math.nan).to(torch.float32)
+    if not bool(finite):
         raise ProgramRequired(f"seqfuse.{kind}: a non-finite log-decay {name} in a program that forms its decays "
                               "as differences (inf - inf = NaN there; this op resets the state exactly)")
+    return None
+
+
+def poisoned(results, poison):
+    """``results`` (tensors) times ``1 + poison`` (see :func:`refuse_nonfinite_decay`), or as they are."""
+    if poison is None:
+        return results
+    return tuple(r * (1 + poison) for r in results)
 
 
 @dataclass(frozen=True)

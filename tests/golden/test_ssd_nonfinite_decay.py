@@ -145,3 +145,21 @@ def test_the_op_called_directly_names_the_refusal():
     assert bool(torch.isfinite(y).all())          # the op alone resets exactly
     with pytest.raises(seqfuse.runtime.ProgramRequired, match="non-finite log-decay a"):
         torch.ops.seqfuse.ssd(x, b, c, a, None, None, "scalar", 4, "recurrent", "eager", True)
+
+
+def test_while_a_cuda_graph_is_captured_the_results_are_nan_instead(monkeypatch):
+    # no value can be read during a capture: the op multiplies its results by 1 + (0 or NaN) instead of
+    # raising (every result NaN: loud); with finite log-decays the results are the op's own, bit for bit
+    import seqfuse.runtime.dispatch as dispatch
+    x, b, c = torch.randn(1, 6, 2, 3), torch.randn(1, 6, 2, 4), torch.randn(1, 6, 2, 4)
+    a = -torch.rand(1, 6, 2)
+    plain = torch.ops.seqfuse.ssd(x, b, c, a, None, None, "scalar", 4, "recurrent", "eager")
+    monkeypatch.setattr(dispatch, "_capturing", lambda t: True)
+    same = torch.ops.seqfuse.ssd(x, b, c, a, None, None, "scalar", 4, "recurrent", "eager", True)
+    assert all(torch.equal(p, s) for p, s in zip(plain, same))
+    a[0, 3, 1] = -torch.inf
+    y, h = torch.ops.seqfuse.ssd(x, b, c, a, None, None, "scalar", 4, "recurrent", "eager", True)
+    assert bool(y.isnan().all()) and bool(h.isnan().all())
+    q, k, v, beta = torch.randn(1, 6, 2, 4), torch.randn(1, 6, 2, 4), torch.randn(1, 6, 2, 3), torch.rand(1, 6, 2)
+    y, h = torch.ops.seqfuse.delta(q, k, v, beta, a, None, "scalar", 1.0, 4, "recurrent", "eager", True)
+    assert bool(y.isnan().all()) and bool(h.isnan().all())
