@@ -180,7 +180,9 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     refusing = refusing_ops(rewritten) if rewritten is not gm else []
     if refusing:
         # ops whose fast paths are not the program's for some values: such a call runs it as written
-        compiled = rerunning(compiled, refusing, not mutates(gm), unrewritten)
+        cannot = ("the graph runs on this rank's slice of a sequence" if opts.sequence_parallel is not None else
+                  "the graph also writes its inputs in place" if mutates(gm) else None)
+        compiled = rerunning(compiled, refusing, cannot, unrewritten)
     if guards:
         # module buffers read as constants: a call whose buffers changed runs the graph unrewritten
         compiled = guarded(compiled, guards, unrewritten)

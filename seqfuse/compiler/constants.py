@@ -135,8 +135,10 @@ _FINITE_ONLY_ARG = {"ssd": 10, "delta": 11}
 def refusing_ops(gm: torch.fx.GraphModule) -> list[str]:
     """Names of the lowered op calls in ``gm`` that may refuse a call by raising
     :class:`seqfuse.runtime.ProgramRequired` (an ``ssd`` or ``delta`` lowered with ``finite_only``)."""
+    from seqfuse.lowering.sequence_parallel import ssd_sequence_parallel
     targets = {getattr(torch.ops.seqfuse, k).default: i for k, i in _FINITE_ONLY_ARG.items()
                if hasattr(torch.ops.seqfuse, k)}
+    targets[ssd_sequence_parallel] = _FINITE_ONLY_ARG["ssd"]      # the same arguments, sequence-parallel
     return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in targets
             and len(n.args) > targets[n.target] and n.args[targets[n.target]] is True]
 
@@ -183,13 +185,14 @@ def mutates(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
-def rerunning(compiled, ops: list[str], can_rerun: bool, fallback):
+def rerunning(compiled, ops: list[str], cannot_rerun: str | None, fallback):
     """Wrap ``compiled`` so that a call one of its ops refuses (:class:`ProgramRequired`, raised
     before that op did any work) runs the graph without seqfuse's rewrites: the program as written,
     its own NaNs and gradients included.  ``ops`` names the ops that may refuse (for the report),
-    ``fallback(args)`` compiles the unrewritten graph (once, on first need).  A graph that mutates
-    its inputs (``can_rerun`` false) may have written them before the refusal: it raises instead,
-    naming the op and the cause, rather than run twice."""
+    ``fallback(args)`` compiles the unrewritten graph (once, on first need).  When the graph cannot
+    be run again as written, ``cannot_rerun`` says why (it writes its inputs in place, which it may
+    have done before the refusal; it runs on one rank's slice of a sequence): such a call raises a
+    RuntimeError naming the op and the cause instead."""
     from seqfuse.runtime import ProgramRequired
     from seqfuse.runtime.counters import count_fallback
     state: dict = {"fallback": None, "warned": False}
@@ -198,11 +201,10 @@ def rerunning(compiled, ops: list[str], can_rerun: bool, fallback):
         try:
             return compiled(*args)
         except ProgramRequired as exc:
-            if not can_rerun:
-                raise RuntimeError(f"{exc}; the graph also writes its inputs in place, so seqfuse cannot run it "
-                                   f"again as written (ops that may refuse: {ops}). Keep the log-decays finite, or "
-                                   "disable the pass that found the op (seqfuse.explain names it; option "
-                                   "'passes')") from exc
+            if cannot_rerun:
+                raise RuntimeError(f"{exc}; {cannot_rerun}, so seqfuse cannot run it as written instead (ops that "
+                                   f"may refuse: {ops}). Keep the log-decays finite, or disable the pass that found "
+                                   "the op (seqfuse.explain names it; option 'passes')") from exc
             reason = f"{exc}; ran the graph without seqfuse's rewrites"
         count_fallback("graph", reason)
         if not state["warned"]:

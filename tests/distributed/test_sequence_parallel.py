@@ -261,3 +261,33 @@ def test_option_errors_name_the_problem():
     with pytest.raises(ValueError, match="'sequence_parallel' must be None or a dict"):
         Options.from_dict({"sequence_parallel": True})
     assert Options.from_dict({}).sequence_parallel is None
+
+
+def nonfinite_decay_rank(rank, world):
+    """A quadratic ssd form whose decay is a difference of one cumulative sum, compiled with
+    sequence_parallel, called with a -inf log-decay: the op refuses the call and the graph, which
+    runs on one rank's slice, cannot be run as written instead."""
+    import seqfuse
+
+    def fn(X, A, B, C):
+        t = A.shape[1]
+        cs = A.permute(0, 2, 1).cumsum(-1)
+        seg = (cs[..., :, None] - cs[..., None, :]).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), -torch.inf)
+        return torch.einsum("blhn,bshn,bhls,bshp->blhp", C, B, seg.exp(), X)
+    g = torch.Generator().manual_seed(rank)
+    X, B, C = (torch.randn(1, 8, 2, k, generator=g) for k in (3, 4, 4))
+    A = -torch.rand(1, 8, 2, generator=g)
+    A[0, 5, 1] = -torch.inf
+    compiled = torch.compile(fn, backend="seqfuse", options={"downstream": "aot_eager",
+                                                             "sequence_parallel": {"group": None}})
+    try:
+        compiled(X, A, B, C)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ran"
+
+
+def test_a_refused_call_under_sequence_parallel_raises_clearly():
+    for message in spawn(nonfinite_decay_rank, 2):
+        assert message.startswith("RuntimeError") and "rank's slice" in message and "non-finite log-decay" in message, \
+            message
