@@ -85,6 +85,27 @@ def _version(x: torch.Tensor):
         return None
 
 
+def _unrewritten(fallback):
+    """``run(args, reason)``: the graph compiled without seqfuse's rewrites (``fallback(args)``, called
+    once, on the first call that needs it, with that call's inputs: the compile-time inputs are not
+    kept alive), run on ``args``; each run is counted in the report's "paths not taken" under
+    ``graph``, and the first one warns."""
+    from seqfuse.runtime.counters import count_fallback
+    state: dict = {"fallback": None, "warned": False}
+
+    def run(args, reason: str):
+        count_fallback("graph", reason)
+        if not state["warned"]:
+            state["warned"] = True
+            warnings.warn(f"seqfuse: {reason}")
+            log.runtime.info("%s", reason)
+        if state["fallback"] is None:
+            state["fallback"] = fallback(list(args))
+        return state["fallback"](*args)
+
+    return run
+
+
 def guarded(compiled, guards: list, fallback):
     """Wrap ``compiled`` so that it runs only while every guarded input equals its snapshot.
 
@@ -93,9 +114,8 @@ def guarded(compiled, guards: list, fallback):
     whose values differ, with that call's inputs: the compile-time inputs are not kept alive).
     The last input seen equal is remembered with its version counter and data pointer, so a
     buffer that comes back unchanged costs no comparison (and no device synchronization)."""
-    from seqfuse.runtime.counters import count_fallback
     seen: dict[int, tuple] = {}
-    state: dict = {"fallback": None, "warned": False}
+    unrewritten = _unrewritten(fallback)
 
     def still_equal(args) -> str | None:
         for index, name, snapshot in guards:
@@ -114,16 +134,8 @@ def guarded(compiled, guards: list, fallback):
         changed = still_equal(args)
         if changed is None:
             return compiled(*args)
-        reason = (f"value guard: input {changed} (a module buffer read as a constant) differs from its value "
-                  "at compile time; ran the graph without seqfuse's rewrites")
-        count_fallback("graph", reason)
-        if not state["warned"]:
-            state["warned"] = True
-            warnings.warn(f"seqfuse: {reason}")
-            log.runtime.info("%s", reason)
-        if state["fallback"] is None:
-            state["fallback"] = fallback(list(args))
-        return state["fallback"](*args)
+        return unrewritten(args, f"value guard: input {changed} (a module buffer read as a constant) differs from "
+                                 "its value at compile time; ran the graph without seqfuse's rewrites")
 
     return run
 
@@ -154,15 +166,20 @@ def _name(target) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
+#: Python's in-place operators and their dunders (``x += y`` on a tensor writes x)
+_INPLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand",
+                      "ior", "ixor", "ilshift", "irshift"}
+
+
 def _writes(node: torch.fx.Node):
     """The tensor ``node`` writes in place (its first argument), or None."""
-    import operator
     if node.op not in ("call_function", "call_method") or not node.args:
         return None
     schema = getattr(node.target, "_schema", None)
     name = _name(node.target)
-    if node.target is operator.setitem or (schema is not None and schema.is_mutable) or \
-            (name.endswith("_") and not name.endswith("__") and not name.startswith("_")):
+    dunder = name[2:-2] if name.startswith("__") and name.endswith("__") else None
+    if (schema is not None and schema.is_mutable) or name in _INPLACE_OPERATORS or dunder in _INPLACE_OPERATORS or \
+            (name.endswith("_") and dunder is None and not name.startswith("_")):
         return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
     return None
 
@@ -194,8 +211,7 @@ def rerunning(compiled, ops: list[str], cannot_rerun: str | None, fallback):
     have done before the refusal; it runs on one rank's slice of a sequence): such a call raises a
     RuntimeError naming the op and the cause instead."""
     from seqfuse.runtime import ProgramRequired
-    from seqfuse.runtime.counters import count_fallback
-    state: dict = {"fallback": None, "warned": False}
+    unrewritten = _unrewritten(fallback)
 
     def run(*args):
         try:
@@ -206,13 +222,6 @@ def rerunning(compiled, ops: list[str], cannot_rerun: str | None, fallback):
                                    f"may refuse: {ops}). Keep the log-decays finite, or disable the pass that found "
                                    "the op (seqfuse.explain names it; option 'passes')") from exc
             reason = f"{exc}; ran the graph without seqfuse's rewrites"
-        count_fallback("graph", reason)
-        if not state["warned"]:
-            state["warned"] = True
-            warnings.warn(f"seqfuse: {reason}")
-            log.runtime.info("%s", reason)
-        if state["fallback"] is None:
-            state["fallback"] = fallback(list(args))
-        return state["fallback"](*args)
+        return unrewritten(args, reason)
 
     return run
