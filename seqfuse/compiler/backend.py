@@ -13,7 +13,7 @@ import torch.fx
 from seqfuse import log
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.canonicalize import Untraceable
-from seqfuse.compiler.constants import guarded, guards_of, mutates, refusing_ops, rerunning
+from seqfuse.compiler.constants import guarded, guards_of, mutates, rerunning
 from seqfuse.compiler.pipeline import run_pipeline
 from seqfuse.compiler.report import GraphReport, publish
 from seqfuse.compiler.verify import verifying
@@ -177,12 +177,12 @@ def seqfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     compiled = compile_downstream(rewritten, example_inputs, opts.downstream, mode)
     report.downstream_seconds = time.perf_counter() - start
     unrewritten = _once(lambda args: compile_downstream(gm, args, opts.downstream, mode))
-    refusing = refusing_ops(rewritten) if rewritten is not gm else []
-    if refusing:
-        # ops whose fast paths are not the program's for some values: such a call runs it as written
+    if rewritten is not gm:
+        # an op whose fast paths are not the program's for some values refuses such a call
+        # (ProgramRequired, e.g. ssd's finite_only): the call runs the program as written
         cannot = ("the graph runs on this rank's slice of a sequence" if opts.sequence_parallel is not None else
                   "the graph also writes its inputs in place" if mutates(gm) else None)
-        compiled = rerunning(compiled, refusing, cannot, unrewritten)
+        compiled = rerunning(compiled, cannot, unrewritten)
     if guards:
         # module buffers read as constants: a call whose buffers changed runs the graph unrewritten
         compiled = guarded(compiled, guards, unrewritten)

@@ -140,21 +140,6 @@ def guarded(compiled, guards: list, fallback):
     return run
 
 
-#: lowered op -> the position of its ``finite_only`` argument
-_FINITE_ONLY_ARG = {"ssd": 10, "delta": 11}
-
-
-def refusing_ops(gm: torch.fx.GraphModule) -> list[str]:
-    """Names of the lowered op calls in ``gm`` that may refuse a call by raising
-    :class:`seqfuse.runtime.ProgramRequired` (an ``ssd`` or ``delta`` lowered with ``finite_only``)."""
-    from seqfuse.lowering.sequence_parallel import ssd_sequence_parallel
-    targets = {getattr(torch.ops.seqfuse, k).default: i for k, i in _FINITE_ONLY_ARG.items()
-               if hasattr(torch.ops.seqfuse, k)}
-    targets[ssd_sequence_parallel] = _FINITE_ONLY_ARG["ssd"]      # the same arguments, sequence-parallel
-    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in targets
-            and len(n.args) > targets[n.target] and n.args[targets[n.target]] is True]
-
-
 #: Dynamo-graph calls whose result may share its input's storage (a write into it writes the input)
 _VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "T", "mT", "unsqueeze", "squeeze",
           "expand", "expand_as", "narrow", "select", "slice", "getitem", "as_strided", "unflatten", "flatten",
@@ -202,11 +187,11 @@ def mutates(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
-def rerunning(compiled, ops: list[str], cannot_rerun: str | None, fallback):
+def rerunning(compiled, cannot_rerun: str | None, fallback):
     """Wrap ``compiled`` so that a call one of its ops refuses (:class:`ProgramRequired`, raised
-    before that op did any work) runs the graph without seqfuse's rewrites: the program as written,
-    its own NaNs and gradients included.  ``ops`` names the ops that may refuse (for the report),
-    ``fallback(args)`` compiles the unrewritten graph (once, on first need).  When the graph cannot
+    before that op did any work: an ``ssd`` or ``delta`` lowered with ``finite_only``, or a user's op)
+    runs the graph without seqfuse's rewrites: the program as written, its own NaNs and gradients
+    included.  ``fallback(args)`` compiles the unrewritten graph (once, on first need).  When the graph cannot
     be run again as written, ``cannot_rerun`` says why (it writes its inputs in place, which it may
     have done before the refusal; it runs on one rank's slice of a sequence): such a call raises a
     RuntimeError naming the op and the cause instead."""
@@ -218,9 +203,9 @@ def rerunning(compiled, ops: list[str], cannot_rerun: str | None, fallback):
             return compiled(*args)
         except ProgramRequired as exc:
             if cannot_rerun:
-                raise RuntimeError(f"{exc}; {cannot_rerun}, so seqfuse cannot run it as written instead (ops that "
-                                   f"may refuse: {ops}). Keep the log-decays finite, or disable the pass that found "
-                                   "the op (seqfuse.explain names it; option 'passes')") from exc
+                raise RuntimeError(f"{exc}; {cannot_rerun}, so seqfuse cannot run it as written instead. Keep "
+                                   "the log-decays finite, or disable the pass that found the op (seqfuse.explain "
+                                   "names it; option 'passes')") from exc
             reason = f"{exc}; ran the graph without seqfuse's rewrites"
         return unrewritten(args, reason)
 
