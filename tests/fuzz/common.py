@@ -71,6 +71,26 @@ def poison(r: random.Random, tensors: list, p: float = 0.12) -> str | None:
     return "nan" if math.isnan(value) else "inf"
 
 
+def reset(r: random.Random, decays: list, p: float = 0.12) -> str | None:
+    """With probability ``p``, put a -inf (a hard reset: exp(-inf) = 0, a document boundary of a packed
+    sequence) into one element of one of the log-decay tensors ``decays`` (in place, before
+    requires_grad is used).  Programs that form their decays as differences of a cumulative sum
+    compute -inf - (-inf) = NaN after it; the others reset exactly.  Returns a tag or None."""
+    cands = [t for t in decays if isinstance(t, torch.Tensor) and t.numel() > 0 and t.is_floating_point()]
+    if not cands or r.random() >= p:
+        return None
+    t = r.choice(cands)
+    idx = r.randrange(t.numel())
+    with torch.no_grad():
+        t.view(-1)[idx] = -math.inf
+    return "reset"
+
+
+def tags(*names) -> str | None:
+    """The case-name tags that are set, joined with '+', or None."""
+    return "+".join(n for n in names if n) or None
+
+
 def ssd_options(r: random.Random, triton: bool, kind: str) -> dict:
     """Random seqfuse options for an ssd / scan case: forced algorithms, forced runtimes."""
     opts: dict = {}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .check import Case
-from .common import Maker, poison, size
+from .common import Maker, poison, reset, size, tags
 
 #: (name, module, function, kind): kind "gdn" (scalar gate g (B, T, H)), "kda" (g (B, T, H, K)), "delta"
 #: (no gate, fla's head-first (B, H, T, ·) layout); chunked ones take a chunk size
@@ -138,7 +138,7 @@ def _program(r: random.Random, triton: bool):
     h0 = m.randn(B, H, K, V) if r.random() < 0.5 and name not in ("fla_delta_chunkwise", "fla_delta_parallel") \
         else None
     final = r.random() < 0.5
-    tag = poison(r, [x for x in (q, v, beta, g, h0) if x is not None], p=0.08)
+    tag = tags(poison(r, [x for x in (q, v, beta, g, h0) if x is not None], p=0.08), reset(r, [g]))
 
     def fn(*xs):
         q, k, v, beta = xs[:4]

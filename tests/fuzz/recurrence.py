@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .check import Case
-from .common import DTYPES, Maker, poison, size, ssd_options
+from .common import DTYPES, Maker, poison, reset, size, ssd_options, tags
 
 
 def _case(family, name, fn, inputs, r, seed, triton, expect=None, tag=None, options=None):
@@ -68,7 +68,7 @@ def ssd_loop(r, seed, triton):
     elif decay == "vector":
         extra.append(m.log_decay(B, H, T, K))
     h0 = m.randn(B, H, K, V) if use_h0 else None
-    tag = poison(r, [q, k, v, *extra] + ([h0] if use_h0 else []))
+    tag = tags(poison(r, [q, k, v, *extra] + ([h0] if use_h0 else [])), reset(r, extra))
 
     def fn(q, k, v, *rest):
         g = rest[0] if decay in ("scalar", "vector", "mamba2") else None
@@ -163,7 +163,7 @@ def ssd_quadratic(r, seed, triton):
         q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
         if style == "log_gamma":
             extra.append(m.uniform(-1.0, -0.01, H))
-    tag = poison(r, [q, k, v, *extra])
+    tag = tags(poison(r, [q, k, v, *extra]), reset(r, extra))
 
     def fn(q, k, v, *rest):
         if style == "tril_ones":
@@ -255,7 +255,7 @@ def ssd_chunked_listing(r, seed, triton):
     Bm, C = m.randn(B, T, H, N), m.randn(B, T, H, N)
     use_h0 = r.random() < 0.5
     h0 = m.randn(B, H, P, N) if use_h0 else None
-    tag = poison(r, [X, A, Bm, C] + ([h0] if use_h0 else []))
+    tag = tags(poison(r, [X, A, Bm, C] + ([h0] if use_h0 else [])), reset(r, [A]))
 
     def fn(X, A, Bm, C, *rest):
         b, t = X.shape[:2]
@@ -400,7 +400,7 @@ def ssd_channel_decay(r, seed, triton):
     # moderate decays unless the exponent is masked before exp: eager's own exp(G_i - G_j) above the
     # diagonal must not overflow (its gradient there would be inf·0)
     w = m.log_decay(B, H, T, K, strength=r.choice((0.05, 0.3, 3.0) if style == "stable" else (0.05, 0.3)))
-    tag = poison(r, [q, k, v, w])
+    tag = tags(poison(r, [q, k, v, w]), reset(r, [w]))
 
     def fn(q, k, v, w):
         t = q.shape[-2]

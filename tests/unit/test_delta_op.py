@@ -72,6 +72,30 @@ def test_chunked_is_exact_with_strong_decay_and_long_chunks():
     torch.testing.assert_close(h, hr, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("T", [9, 40])      # 40: the eager backward differentiates the chunked form
+def test_chunked_keeps_a_reset_exact(gate, T):
+    # a log-decay of -inf (exp(-inf) = 0: the state is reset) in the middle of a chunk: every exponent
+    # γ_i - γ_j across it is -inf, not -inf - (-inf) = NaN; outputs and gradients equal the oracle's
+    ops = operands(T=T, gate=gate, grad=False)
+    g = ops[4].clone()
+    g[1, 5, 2] = -torch.inf
+    g[0, T - 2, 0] = -torch.inf
+    ops[4] = g
+    ops = [x.requires_grad_() if x is not None else None for x in ops]
+    y, h = torch.ops.seqfuse.delta(*ops, gate, 0.5, 4, "chunked", "eager")
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    got = torch.autograd.grad((y, h), ops, (gy, gh))
+    ref = [x.detach().clone().requires_grad_() for x in ops]
+    yr, hr = oracle(*ref, gate, 0.5)
+    want = torch.autograd.grad((yr, hr), ref, (gy, gh))
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, hr, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
 def test_custom_op_outputs_and_gradients_equal_the_oracle(gate, algorithm):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from seqfuse.lowering.reference.ssd import CumLogDecay
+
 ALGORITHMS = ("recurrent", "chunked")
 GATES = ("none", "scalar", "vector")
 
@@ -118,11 +120,9 @@ def delta_chunked(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, c
         return x.reshape(B, H, N, C, *x.shape[3:])
 
     qc, kc, vc, bc = chunks(q * scale), chunks(k), chunks(v), chunks(beta)
-    # 1. cumulative log-decays inside each chunk: γ (B, H, N, C) or (B, H, N, C, K)
-    if gate == "none":
-        gam = q.new_zeros(B, H, N, C)
-    else:
-        gam = chunks(g).cumsum(3)
+    # 1. cumulative log-decays inside each chunk: γ (B, H, N, C) or (B, H, N, C, K); a log-decay of -inf
+    #    (a reset) kept exact: every difference γ_i − γ_j is -inf when a reset lies in (j, i], never NaN
+    cum = CumLogDecay(chunks(g) if gate != "none" else q.new_zeros(B, H, N, C), 3)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()     # j <= i
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)   # j < i
     # 2. the intra-chunk matrices: A (strict) and the readout scores QK (j <= i), decays included
@@ -130,23 +130,25 @@ def delta_chunked(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, c
         A = q.new_empty(B, H, N, C, C)
         QK = q.new_empty(B, H, N, C, C)
         for n in range(N):   # (C, C, K) exponent tile per chunk: bounded memory
-            diff = gam[:, :, n, :, None, :] - gam[:, :, n, None, :, :]          # (B, H, i, j, K)
-            E = torch.where(causal[:, :, None], diff, float("-inf")).exp()
+            diff = cum.map(lambda t: t[:, :, n, :, None, :]).minus(cum.map(lambda t: t[:, :, n, None, :, :]))
+            E = torch.where(causal[:, :, None], diff, float("-inf")).exp()   # (B, H, i, j, K)
             A[:, :, n] = torch.einsum("bhik,bhjk,bhijk->bhij", kc[:, :, n], kc[:, :, n], E)
             QK[:, :, n] = torch.einsum("bhik,bhjk,bhijk->bhij", qc[:, :, n], kc[:, :, n], E)
         A = A * strict
     else:
-        L = torch.where(causal, gam[..., :, None] - gam[..., None, :], float("-inf")).exp()  # (B, H, N, i, j)
+        diff = cum.map(lambda t: t[..., :, None]).minus(cum.map(lambda t: t[..., None, :]))
+        L = torch.where(causal, diff, float("-inf")).exp()  # (B, H, N, i, j)
         A = torch.einsum("bhnik,bhnjk->bhnij", kc, kc) * L * strict
         QK = torch.einsum("bhnik,bhnjk->bhnij", qc, kc) * L
     A = A * bc[..., :, None]
     eye = torch.eye(C, dtype=A.dtype, device=A.device)
     # 3. the UT transform: U0 = (I + A)⁻¹ β V,  W = (I + A)⁻¹ (β e^γ ⊙ K)
-    last = gam[:, :, :, -1:]                                       # γ_C: (B, H, N, 1[, K])
+    last = cum.map(lambda t: t[:, :, :, -1:])                      # γ_C: (B, H, N, 1[, K])
+    gam, rest, last = cum.total(), last.minus(cum), last.total()
     if gate == "vector":
-        eg, eg_rest, carry = gam.exp(), (last - gam).exp(), last.exp().transpose(-1, -2)  # carry (B, H, N, K, 1)
+        eg, eg_rest, carry = gam.exp(), rest.exp(), last.exp().transpose(-1, -2)  # carry (B, H, N, K, 1)
     else:
-        eg, eg_rest, carry = gam.exp()[..., None], (last - gam).exp()[..., None], last.exp()[..., None]  # (.., 1, 1)
+        eg, eg_rest, carry = gam.exp()[..., None], rest.exp()[..., None], last.exp()[..., None]  # (.., 1, 1)
     U0 = torch.linalg.solve_triangular(eye + A, bc[..., None] * vc, upper=False, unitriangular=True)
     W = torch.linalg.solve_triangular(eye + A, bc[..., None] * eg * kc, upper=False, unitriangular=True)
     # 4. what the state entering a chunk contributes: read by e^γ ⊙ q, carried by e^{γ_C}, e^{γ_C − γ} ⊙ k

@@ -104,7 +104,7 @@ def _masked_exp(seg, causal):
     return torch.exp(torch.where(causal, seg, torch.full_like(seg, -torch.inf)))
 
 
-class _Cum:
+class CumLogDecay:
     """Cumulative log-decays that keep a log-decay of -inf (exp(-inf) = 0: the state is reset, as a
     program's loop computes it) exact: the sum of the finite ones and the count of the -inf ones,
     so that a segment sum is -inf when a reset lies inside it instead of -inf - (-inf) = NaN."""
@@ -115,7 +115,7 @@ class _Cum:
         self.cnt = neg.to(torch.int32).cumsum(dim)
 
     def map(self, f):
-        out = _Cum.__new__(_Cum)
+        out = CumLogDecay.__new__(CumLogDecay)
         out.fin, out.cnt = f(self.fin), f(self.cnt)
         return out
 
@@ -146,8 +146,8 @@ def ssd_quadratic(x, b, c, a=None, d=None, h0=None, *, decay="scalar", chunk=64)
     T = x.shape[2]
     # 1. inclusive cumulative log-decay cum_t = a_0 + … + a_t, summed in fp64 so that the difference
     #    of two large sums keeps its digits (cast to the working dtype after step 2)
-    #    (a log-decay of -inf, a reset, kept exact by _Cum)
-    cum = _Cum(a.double(), 2)
+    #    (a log-decay of -inf, a reset, kept exact by CumLogDecay)
+    cum = CumLogDecay(a.double(), 2)
     # 2. segment sums seg[t, s] = cum_t - cum_s = a_{s+1} + … + a_t; the mask (s <= t) on the exponent,
     #    then L = exp(seg): (B, H, T, S), or (B, H, T, S, N) for vector decay
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -186,15 +186,15 @@ def _chunk_decays(As, vector):
     of two of them) is taken there too, then cast to the working dtype before exp: with strong
     decays |cum| grows to hundreds inside a chunk and an fp32 difference cum_l - cum_s would lose
     the digits of a short segment (the program's stable segsum sums (s, l] directly).  A log-decay of
-    -inf (a reset) is kept exact by _Cum.  Returns (cum, last, L, w, E, chunk_decay)::
+    -inf (a reset) is kept exact by CumLogDecay.  Returns (cum, last, L, w, E, chunk_decay)::
 
-        cum[k, l] = a_{kQ} + … + a_{kQ+l} (a _Cum, fp64)    last[k] = cum[k, Q-1]
+        cum[k, l] = a_{kQ} + … + a_{kQ+l} (a CumLogDecay, fp64)    last[k] = cum[k, Q-1]
         L[k, l, s] = exp(cum_l - cum_s) for s <= l, else 0   (B, H, K, L, S[, N])
         w[k, s] = exp(last - cum_s)   E[k, l] = exp(cum_l)   chunk_decay[k] = exp(last)  (B, H, K, 1[, N])
     """
     dtype = As.dtype
     Q = As.shape[3]
-    cum = _Cum(As.double(), 3)                 # (B, H, K, Q[, N])
+    cum = CumLogDecay(As.double(), 3)                 # (B, H, K, Q[, N])
     last = cum.map(lambda t: t[:, :, :, -1:])  # (B, H, K, 1[, N])
     causal = torch.ones(Q, Q, dtype=torch.bool, device=As.device).tril()
     if vector:
