@@ -110,7 +110,7 @@ def test_chunked_wy_program_becomes_one_op_over_the_sequence(tmp_path):
         CHECK-LABEL: graph(
         CHECK-NOT: aten.linalg_solve_triangular
         CHECK-NOT: aten.cumsum
-        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 6, 2, 5], f32[1, 2, 4, 5])
+        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, finite_only=true, algo=auto} : (f32[1, 6, 2, 5], f32[1, 2, 4, 5])
         CHECK-NOT: aten.linalg_solve_triangular
         CHECK-NOT: aten.einsum
         CHECK: aten.reshape({{.*}}, [1, 2, 3, 2, 5])
@@ -135,7 +135,7 @@ def test_chunked_program_without_its_final_state_is_one_op_over_every_chunk(tmp_
     run_filecheck(text, """
         CHECK-LABEL: graph(
         CHECK-NOT: aten.linalg_solve_triangular
-        CHECK: %delta = seqfuse.delta({{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
+        CHECK: %delta = seqfuse.delta({{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, finite_only=true, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
         CHECK-NOT: aten.linalg_solve_triangular
         CHECK: aten.copy_(
         CHECK: aten.copy_(
@@ -161,7 +161,7 @@ def test_fla_chunked_program_with_a_forward_substitution_is_one_op_over_every_ch
         CHECK-LABEL: graph(
         CHECK-NOT: aten.copy_
         CHECK-NOT: aten.masked_fill_
-        CHECK: %delta = seqfuse.delta({{.*}}, g=%{{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
+        CHECK: %delta = seqfuse.delta({{.*}}, g=%{{.*}}, h0=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, finite_only=true, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
         CHECK-NOT: aten.einsum
         CHECK-NOT: aten.masked_fill_
         CHECK: aten.copy_(
@@ -191,7 +191,7 @@ def test_kimi_chunked_kda_without_its_final_state_is_one_vector_gated_op_over_ev
     run_filecheck(text, """
         CHECK-LABEL: graph(
         CHECK-NOT: aten.copy_
-        CHECK: %delta = seqfuse.delta({{.*}}, g=%{{.*}}) {gate=vector, scale=1.0, chunk=64, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
+        CHECK: %delta = seqfuse.delta({{.*}}, g=%{{.*}}) {gate=vector, scale=1.0, chunk=64, finite_only=true, algo=auto} : (f32[1, 8, 2, 5], f32[1, 2, 4, 5])
         CHECK-NOT: aten.einsum
         CHECK: aten.copy_(
         CHECK: aten.copy_(
