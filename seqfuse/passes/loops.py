@@ -20,8 +20,8 @@ a slice read in several expressions of the body) is read with every node in the 
 slices: its state is a scan over the chunks, which ssd_chunks fuses with the rest of the chunked
 program into one ssd.
 
-Coupled or nonlinear updates (LSTM, GRU, tanh of the state, h·h) are near misses and stay as
-they are.  Not re-rolled yet (near misses): a body that reads time both forward and reversed,
+Coupled or nonlinear updates (LSTM, GRU, tanh of the state, h·h, a running maximum such as RWKV-4's
+stabilizer) are near misses and stay as they are.  Not re-rolled yet (near misses): a body that reads time both forward and reversed,
 second-order recurrences (h_{t-2}).
 
 With dynamic=True the number of steps is still a Python int (Dynamo unrolls the loop), while
