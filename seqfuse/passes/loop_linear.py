@@ -150,10 +150,10 @@ class Analysis:
         if is_op(node, aten.einsum, aten.matmul, aten.mm, aten.bmm):
             raise NoLoop(f"the carried update contracts the state with {op_name(node)} (not elementwise)")
         if is_op(node, aten.maximum, aten.max, aten.amax, aten.clamp_min):
-            # RWKV-4's WKV, xLSTM's mLSTM: num·e^m and den·e^m are linear, the stabilizer m is not
+            # xLSTM's mLSTM, a changed RWKV-4 WKV: num·e^m and den·e^m are linear, the stabilizer m is not
             raise NoLoop(f"the carried update applies {op_name(node)} to the state (not linear): a running "
-                         "maximum, as the stabilizer of a log-space recurrence (RWKV-4's max_state, xLSTM's m), "
-                         "is not lifted")
+                         "maximum, the stabilizer of a log-space recurrence (xLSTM's m), is not lifted unless the "
+                         "loop is RWKV-4's WKV step for step (loop_stabilized)")
         raise NoLoop(f"the carried update applies {op_name(node)} to the state (not linear)")
 
 

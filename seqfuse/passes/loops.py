@@ -45,6 +45,7 @@ import torch.fx
 
 from seqfuse.ir.ops import SSD, Scan
 from seqfuse.passes.loop_linear import PASS_THROUGH, Analysis, Lin, leaves
+from seqfuse.passes.loop_stabilized import unstabilize
 from seqfuse.passes.loop_reroll import (Loop, NoLoop, _hashable, _seed_key, check_buffer_reads, find_runs, group_loops,
                                         reads_shape_only, rebuild_dropped, reroll, share_slice_sources)
 from seqfuse.passes.loop_vectorize import Vectorizer, broadcasts_to, can_vectorize, known_eq, same_shape
@@ -67,6 +68,7 @@ class LoopPass(Pass):
 
     def run(self, ctx: PassContext) -> None:
         graph = ctx.graph
+        unstabilize(ctx)        # RWKV-4's stabilized WKV steps in their linear form (loop_stabilized)
         folded = _fold_full_slices(graph)
         folded |= share_slice_sources(graph)
         runs = find_runs(graph)

@@ -74,10 +74,10 @@ MODELS = {
         hidden_size=32, num_hidden_layers=2, num_blocks=2, num_heads=2, chunk_size=8,
         chunkwise_kernel="chunkwise--native_autograd", autocast_kernel_dtype="float32", mode="train"),
         (2, 16), {"ssd": 2}),
-    # RWKV-4: the WKV recurrence as a loop with a running-max stabilizer
+    # RWKV-4: the WKV recurrence as a loop with a running-max stabilizer (loop_stabilized: two scans a layer)
     "rwkv": ("rwkv", "RwkvConfig", "RwkvForCausalLM", (), dict(
         hidden_size=32, attention_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        context_length=64), (2, 16), {"scan": 2}),
+        context_length=64), (2, 16), {"scan": 4}),     # per layer: the numerator and denominator scans
 }
 
 

@@ -219,3 +219,28 @@ def test_dynamic_hf_mamba_readout_reshape_uses_sym_size(tmp_path):
         CHECK-NOT: aten.einsum
         CHECK: return
     """)
+
+
+def test_rwkv4_stabilized_wkv_becomes_two_scans_read_through_guards(tmp_path):
+    # the running maximum is gone: the keys, time_first and the values are read through seqfuse.within,
+    # and the numerator and denominator are two scans with the decay e^{-exp(time_decay)}
+    rwkv = __import__("pytest").importorskip("transformers.models.rwkv.modeling_rwkv")
+
+    def wkv(decay, first, k, v):
+        return rwkv.rwkv_linear_attention_cpu(decay, first, k, v)[0]
+    text = after_pass(wkv, torch.randn(5), torch.randn(5), torch.randn(2, T, 5), torch.randn(2, T, 5),
+                      tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK: %[[W:[a-z_0-9]+]] = aten.neg(
+        CHECK: %[[WG:[a-z_0-9]+]] = seqfuse.within(%[[W]], -inf, 0.0) : f32[5]
+        CHECK: aten.exp(%[[WG]]) : f32[5]
+        CHECK: seqfuse.within(%l_k_, -30.0, 30.0) : f32[2, 6, 5]
+        CHECK: seqfuse.within(%l_first_, -30.0, 30.0) : f32[5]
+        CHECK: seqfuse.within(%l_v_, -1000000.0, 1000000.0) : f32[2, 6, 5]
+        CHECK: %scan = seqfuse.scan(
+        CHECK: %scan_1 = seqfuse.scan(
+        CHECK-NOT: aten.maximum
+        CHECK: aten.div.Tensor
+        CHECK: return
+    """)

@@ -820,19 +820,3 @@ def test_loop_over_narrow_slices():
     g = torch.Generator().manual_seed(2)
     a, x = torch.rand(2, 9, 3, generator=g).requires_grad_(), torch.randn(2, 9, 3, generator=g).requires_grad_()
     only(check_against_eager(narrow_scan, a, x), "scan")
-
-
-def test_rwkv4_stabilized_loop_is_a_near_miss_naming_its_running_maximum():
-    # transformers' RWKV-4 WKV on CPU: three carried values, one a running maximum (the stabilizer); the
-    # ratio num/den is linear in e^k, the carried values are not; left as written, equal to eager
-    rwkv = pytest.importorskip("transformers.models.rwkv.modeling_rwkv")
-    g = torch.Generator().manual_seed(4)
-    k, v = torch.randn(2, 6, 5, generator=g).requires_grad_(), torch.randn(2, 6, 5, generator=g).requires_grad_()
-    decay, first = torch.randn(5, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()
-
-    def wkv(decay, first, k, v):
-        return rwkv.rwkv_linear_attention_cpu(decay, first, k, v)[0]
-    report = check_against_eager(wkv, decay, first, k, v)
-    assert report.count("scan") == report.count("ssd") == 0, str(report)
-    reasons = [m.reason for m in report.near_misses]
-    assert any("aten.maximum" in r and "running maximum" in r for r in reasons), reasons

@@ -1,0 +1,255 @@
+"""RWKV-4's stabilized WKV loop -> the linear recurrence it computes, for ``loops`` to lift.
+
+transformers' ``rwkv_linear_attention_cpu`` carries (num, den, M) through its time loop, with
+w' = -exp(time_decay), u = time_first and keys k_t, values v_t::
+
+    mo = max(M, k + u);  out_t = (e^{M-mo}·num + e^{k+u-mo}·v) / (e^{M-mo}·den + e^{k+u-mo})
+    ms = max(M + w', k); num, den, M = e^{M+w'-ms}·num + e^{k-ms}·v, e^{M+w'-ms}·den + e^{k-ms}, ms
+
+M is a running maximum (not linear), but with N = num·e^M and D = den·e^M every e^{-max} cancels::
+
+    out_t = (N + e^{u+k_t}·v_t) / (D + e^{u+k_t}),    N' = e^{w'}·N + e^{k_t}·v_t,   D' = e^{w'}·D + e^{k_t}
+
+from N = D = 0 (num = den = 0, M a finite constant).  ``unstabilize`` matches every step of that
+dataflow exactly (subexpressions written twice included) and rebuilds the steps in N and D; the
+loops pass then lifts them to two scans.  The unstabilized form exponentiates k and u on their
+own, so it reads them (and v) through ``seqfuse::within``: a call whose |k| or |u| exceeds
+``LOG_BOUND`` or |v| exceeds ``VALUE_BOUND`` (or holds a NaN) runs the program as written (there
+e^{±(k+u)} or the sums could overflow or underflow where the program's do not).  Anything else —
+a given initial state, a final state read after the loop, another order of operations — is left
+alone, with a near miss once the first step matched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+
+from seqfuse.passes.pattern import emit_before, is_op, same_expr, val
+
+aten = torch.ops.aten
+#: |k|, |u| at most this: e^{±2·30} stays inside fp32 with a margin of e^{28} for the sums
+LOG_BOUND = 30.0
+#: |v| at most this: T·|v|·e^{60} stays below fp32's largest value for T up to ~2.5e5
+VALUE_BOUND = 1e6
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _users(node, target, pos=None):
+    return [u for u in node.users if is_op(u, target) and (pos is None or (len(u.args) > pos and u.args[pos] is node))]
+
+
+def _one(nodes, what):
+    if len(nodes) != 1:
+        raise _NoMatch(what)
+    return nodes[0]
+
+
+def _operands(node, target):
+    """(a, b) of a binary ``target`` node (raises when it is not one)."""
+    if not is_op(node, target) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        raise _NoMatch(f"{node.name} is not {target}")
+    return node.args
+
+
+def _weighted(e_state, e_in, state, value):
+    """The node e_state·state + e_in·value (value None: + e_in) among the users of e_state·state."""
+    m = _one([u for u in _users(e_state, aten.mul) if state in u.args and e_state in u.args], "no e·state")
+    out = _one(_users(m, aten.add), "no sum")
+    a, b = _operands(out, aten.add)
+    other = b if a is m else a
+    if value is None:
+        if other is not e_in:
+            raise _NoMatch("the denominator is not e·den + e")
+    else:
+        x, y = _operands(other, aten.mul)
+        if not ({x, y} == {e_in, value} or (x is e_in and same_expr(y, value)) or (y is e_in and same_expr(x, value))):
+            raise _NoMatch("the numerator is not e·num + e·v")
+    return out
+
+
+def _step(M, num, den):
+    """Match one step reading (M, num, den); returns its nodes and (num', den', M') or raises."""
+    cands = [u for u in _users(M, aten.maximum, 0) if is_op(u.args[1], aten.add)]
+    for mo in cands:
+        try:
+            kpu = mo.args[1]
+            k, u = _operands(kpu, aten.add)
+            e1 = _one([x for x in _users(mo, aten.sub, 1) if x.args[0] is M], "no M - mo")
+            e1 = _one(_users(e1, aten.exp), "no exp(M - mo)")
+            e2 = _one([x for x in _users(mo, aten.sub, 1) if x.args[0] is not M and same_expr(x.args[0], kpu)],
+                      "no k + u - mo")
+            e2 = _one(_users(e2, aten.exp), "no exp(k + u - mo)")
+            v = None
+            for m in _users(e2, aten.mul):
+                v = m.args[1] if m.args[0] is e2 else m.args[0]
+            if v is None:
+                raise _NoMatch("no e·v")
+            numer = _weighted(e1, e2, num, v)
+            denom = _weighted(e1, e2, den, None)
+            out = _one([x for x in _users(numer, aten.div, 0) if x.args[1] is denom and x.target is aten.div.Tensor
+                        and not x.kwargs], "no numerator / denominator")
+            # the update: ms = max(M + w', k)
+            ms = None
+            for add in _users(M, aten.add, 0):
+                for x in _users(add, aten.maximum, 0):
+                    if x.args[1] is k and len(add.args) == 2 and add.kwargs.get("alpha", 1) == 1:
+                        ms, w = x, add.args[1]
+            if ms is None:              # the last step: its update, dead code, was dropped
+                return dict(k=k, u=u, v=v, w=None, out=out), (None, None, None)
+            f1 = [x for x in _users(ms, aten.sub, 1) if is_op(x.args[0], aten.add) and x.args[0].args[0] is M
+                  and len(x.args[0].args) == 2 and x.args[0].kwargs.get("alpha", 1) == 1
+                  and same_expr(x.args[0].args[1], w)]
+            f1 = _one(_users(_one(f1, "no M + w - ms"), aten.exp), "no exp(M + w - ms)")
+            f2 = _one(_users(_one([x for x in _users(ms, aten.sub, 1) if x.args[0] is k], "no k - ms"), aten.exp),
+                      "no exp(k - ms)")
+            num2 = _weighted(f1, f2, num, v) if any(num in x.args for x in _users(f1, aten.mul)) else None
+            den2 = _weighted(f1, f2, den, None) if any(den in x.args for x in _users(f1, aten.mul)) else None
+            return dict(k=k, u=u, v=v, w=w, out=out), (num2, den2, ms)
+        except _NoMatch:
+            continue
+    raise _NoMatch("no step")
+
+
+_FILLS = {aten.zeros_like: 0.0, aten.zeros: 0.0, aten.new_zeros: 0.0, aten.ones_like: 1.0, aten.ones: 1.0,
+          aten.new_ones: 1.0}
+
+
+def _constant(node):
+    """The one number every element of ``node`` holds, when its value follows from a fill and
+    scalar arithmetic alone (``zeros_like(x) - 1e38``: x's size only), else None."""
+    if not isinstance(node, torch.fx.Node):
+        return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+    for target, value in _FILLS.items():
+        if is_op(node, target):
+            return value
+    if is_op(node, aten.full, aten.full_like, aten.new_full):
+        return _constant(node.args[1])
+    if is_op(node, aten.add, aten.sub, aten.mul) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+        a, b = _constant(node.args[0]), _constant(node.args[1])
+        if a is None or b is None:
+            return None
+        return a + b if is_op(node, aten.add) else a - b if is_op(node, aten.sub) else a * b
+    return None
+
+
+def _zero(gm, node) -> bool:
+    return _constant(node) == 0.0
+
+
+def _chain_base(node):
+    """(base, [ops from base to node]) through select / to / unsqueeze chains on the first argument."""
+    chain = []
+    while is_op(node, aten.select, aten.to, aten._to_copy, aten.unsqueeze, aten.view, aten.reshape):
+        chain.append(node)
+        node = node.args[0]
+    return node, list(reversed(chain))
+
+
+def _replay(graph, before, chain, base):
+    """The ops of ``chain`` applied to ``base`` instead of their own base."""
+    x = base
+    for n in chain:
+        x = emit_before(graph, before, n.target, (x, *n.args[1:]), n)
+    return x
+
+
+def _guarded(graph, before, node, lo, hi, cache):
+    """``node`` read through seqfuse::within(·, lo, hi): once per base tensor of a select / cast chain."""
+    base, chain = _chain_base(node)
+    if any(n.kwargs for n in chain):
+        base, chain = node, []
+    if base not in cache:
+        cache[base] = emit_before(graph, before, torch.ops.seqfuse.within.default, (base, lo, hi), node)
+    return _replay(graph, before, chain, cache[base]) if chain else cache[base]
+
+
+def _rewrite(graph, steps, n0, d0) -> None:
+    """Each step's output from (N, D), carried from (n0, d0) = 0 (see the module doc)."""
+    guards: dict = {}
+    decays: dict = {}           # w' -> e^{w'} (one per distinct node; a loop-invariant w' is one)
+    N, D = n0, d0
+    for s in steps:
+        out = s["out"]
+
+        def emit(target, *args):
+            return emit_before(graph, out, target, args, out)
+        if s["w"] is not None and s["w"] not in decays:
+            # w' = -exp(time_decay) <= 0 in the program; a positive or NaN w' would grow N, D where the
+            # stabilized loop does not: read through the guard too
+            decays[s["w"]] = emit(aten.exp.default, _guarded(graph, out, s["w"], -math.inf, 0.0, guards))
+        ew = decays.get(s["w"])
+        k = _guarded(graph, out, s["k"], -LOG_BOUND, LOG_BOUND, guards)
+        u = _guarded(graph, out, s["u"], -LOG_BOUND, LOG_BOUND, guards)
+        v = _guarded(graph, out, s["v"], -VALUE_BOUND, VALUE_BOUND, guards)
+        ek = emit(aten.exp.default, k)
+        eku = emit(aten.exp.default, emit(aten.add.Tensor, k, u))
+        y = emit(aten.div.Tensor, emit(aten.add.Tensor, N, emit(aten.mul.Tensor, eku, v)),
+                 emit(aten.add.Tensor, D, eku))
+        out.replace_all_uses_with(y)
+        if ew is None:
+            break                       # the last step: no update
+        N = emit(aten.add.Tensor, emit(aten.mul.Tensor, ew, N), emit(aten.mul.Tensor, ek, v))
+        D = emit(aten.add.Tensor, emit(aten.mul.Tensor, ew, D), ek)
+
+
+def _first_step(gm, m0):
+    """(num0, den0) of a loop starting at the constant M = ``m0``, or None."""
+    mo = _one([u for u in _users(m0, aten.maximum, 0) if is_op(u.args[1], aten.add)], "no first step")
+    e1 = _one(_users(_one([x for x in _users(mo, aten.sub, 1) if x.args[0] is m0], "no M - mo"), aten.exp), "no exp")
+    states = [x.args[1] if x.args[0] is e1 else x.args[0] for x in _users(e1, aten.mul)]
+    zeros = [s for s in states if _zero(gm, s)]
+    if len(zeros) != 2:
+        return None
+    for num, den in (zeros, zeros[::-1]):
+        try:
+            _step(m0, num, den)
+            return num, den
+        except _NoMatch:
+            continue
+    return None
+
+
+def unstabilize(ctx) -> int:
+    """Rewrite the outputs of every stabilized WKV loop of ``ctx.graph`` (see the module doc) in the
+    linear form; returns how many loops.  Only the outputs' uses change: a state also read elsewhere
+    keeps its own (stabilized) computation."""
+    gm, graph = ctx.gm, ctx.graph
+    done = 0
+    for m0 in list(graph.nodes):
+        if m0.graph is not graph or m0.op != "call_function" or not _users(m0, aten.maximum, 0):
+            continue
+        c = _constant(m0)
+        if c is None or not math.isfinite(c) or not val(m0).is_floating_point():
+            continue
+        steps = []
+        try:
+            start = _first_step(gm, m0)
+            if start is None:
+                continue
+            M, (num, den) = m0, start
+            while True:
+                nodes, (num2, den2, ms) = _step(M, num, den)
+                steps.append(nodes)
+                if num2 is None or den2 is None or not _users(ms, aten.maximum, 0):
+                    break
+                M, num, den = ms, num2, den2
+        except _NoMatch:
+            if not steps:
+                continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        steps = steps[:next((i for i, s in enumerate(steps) if s["w"] is not None and (
+            not isinstance(s["w"], torch.fx.Node) or order[s["w"]] > order[s["out"]])), len(steps))]
+        # (a w' that is a number, or is computed inside the step, ends the rewritten steps there)
+        if len(steps) < 2:
+            continue
+        _rewrite(graph, steps, *start)
+        done += 1
+    if done:
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return done

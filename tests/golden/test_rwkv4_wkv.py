@@ -1,0 +1,99 @@
+"""RWKV-4's WKV (transformers' ``rwkv_linear_attention_cpu``, the loop with a running-maximum
+stabilizer) is lifted to two scans, the numerator and the denominator of the ratio the stabilized
+loop computes (seqfuse/passes/loop_stabilized.py).  The unstabilized form exponentiates the keys
+and time_first on their own, so they (and the values) are read through ``seqfuse::within``: a call
+outside the bounds runs the program as written.  Outputs and every gradient equal eager (the whole
+model included); a changed copy of the loop is a near miss naming its running maximum."""
+import pytest
+import torch
+
+from helpers import check_against_eager, check_nans_against_eager
+
+rwkv = pytest.importorskip("transformers.models.rwkv.modeling_rwkv")
+
+
+def wkv(decay, first, k, v):
+    return rwkv.rwkv_linear_attention_cpu(decay, first, k, v)[0]
+
+
+def operands(T=16, C=5, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(2, T, C, generator=g), torch.randn(2, T, C, generator=g)
+    decay, first = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    return [x.requires_grad_() for x in (decay, first, k, v)]
+
+
+def scans(report):
+    return [r.ir for r in report.rewrites if r.kind == "scan"]
+
+
+@pytest.mark.parametrize("T", [6, 16])
+def test_wkv_is_two_scans(T):
+    report = check_against_eager(wkv, *operands(T))
+    assert len(scans(report)) == 2 and report.count("scan") == 2, str(report)
+    assert not report.near_misses, str(report)
+    assert sum(report.fallbacks.get("graph", {}).values()) == 0
+
+
+def test_wkv_dynamic_batch_and_channels():
+    report = check_against_eager(wkv, *operands(12, C=6), dynamic=True)
+    assert report.count("scan") == 2, str(report)
+
+
+@pytest.mark.parametrize("where,value", [("k", 50.0), ("k", -45.0), ("first", 40.0), ("k", float("nan")),
+                                         ("v", 1e7), ("decay", float("nan"))])
+def test_values_beyond_the_bounds_run_the_program(where, value):
+    # e^{k + u} of a key of 50 overflows nothing in the program (it subtracts the running maximum
+    # first); the unstabilized form would: the guard refuses the call and the graph runs as written
+    ops = operands(16)
+    i = {"decay": 0, "first": 1, "k": 2, "v": 3}[where]
+    x = ops[i].detach().clone()
+    x.view(-1)[3] = value
+    ops[i] = x.requires_grad_()
+    report, caught = check_nans_against_eager(wkv, ops, {})
+    assert report.count("scan") == 2, str(report)
+    assert sum(report.fallbacks["graph"].values()) == 1, report.fallbacks
+    assert any("seqfuse.within" in m for m in caught), caught
+
+
+def changed_wkv(time_decay, time_first, key, value):
+    """rwkv_linear_attention_cpu with one piece changed: the output's key term leaves time_first out."""
+    num = torch.zeros_like(key[:, 0])
+    den = torch.zeros_like(key[:, 0])
+    mx = torch.zeros_like(key[:, 0]) - 1e38
+    time_decay = -torch.exp(time_decay)
+    out = torch.zeros_like(key)
+    for t in range(key.shape[1]):
+        k, v = key[:, t], value[:, t]
+        mo = torch.maximum(mx, k + time_first)
+        e1, e2 = torch.exp(mx - mo), torch.exp(k - mo)          # changed: k, not k + time_first
+        out[:, t] = (e1 * num + e2 * v) / (e1 * den + e2)
+        ms = torch.maximum(mx + time_decay, k)
+        e1, e2 = torch.exp(mx + time_decay - ms), torch.exp(k - ms)
+        num, den, mx = e1 * num + e2 * v, e1 * den + e2, ms
+    return out
+
+
+def test_a_changed_copy_is_a_near_miss_naming_its_running_maximum():
+    report = check_against_eager(changed_wkv, *operands(8))
+    assert report.count("scan") == report.count("ssd") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses]
+    assert any("aten.maximum" in r and "running maximum" in r for r in reasons), reasons
+
+
+def test_rwkv_model_logits_and_every_gradient_equal_eager():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.RwkvConfig(vocab_size=64, hidden_size=32, attention_hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, context_length=64)
+    model = transformers.RwkvForCausalLM(cfg)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids):
+            return self.m(ids, use_cache=False).logits
+    report = check_against_eager(Logits(), torch.randint(0, 64, (2, 16)))
+    assert report.count("scan") == 4, str(report)      # two a layer
