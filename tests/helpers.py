@@ -118,10 +118,6 @@ def _grad_leaves(xs):
     return [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
 
 
-def _clones(xs):
-    return [x.detach().clone().requires_grad_(x.requires_grad) for x in xs]
-
-
 def assert_same(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """NaN and ±inf exactly where ``ref`` has them, the finite values within fp32 rounding."""
     assert got is not None, f"{what}: no gradient"
@@ -138,7 +134,7 @@ def check_nans_against_eager(fn, operands, options):
     """Run ``fn`` eagerly and through ``seqfuse.explain`` (downstream aot_eager) on ``operands``, which may
     hold NaN / inf: assert outputs and the gradients of every operand agree, NaN and inf positions
     exactly (``assert_same``).  Returns the report and the warnings the compiled call raised."""
-    ref_in, cmp_in = _clones(operands), _clones(operands)
+    ref_in, cmp_in = [_clone(x) for x in operands], [_clone(x) for x in operands]
     ref = _flat(fn(*ref_in))
     grads_out = [torch.randn_like(r) for r in ref]
     ref_grads = torch.autograd.grad(ref, _grad_leaves(ref_in), grads_out, allow_unused=True)

@@ -137,10 +137,6 @@ def _constant(node):
     return None
 
 
-def _zero(gm, node) -> bool:
-    return _constant(node) == 0.0
-
-
 def _chain_base(node):
     """(base, [ops from base to node]) through select / to / unsqueeze chains on the first argument."""
     chain = []
@@ -159,13 +155,15 @@ def _replay(graph, before, chain, base):
 
 
 def _guarded(graph, before, node, lo, hi, cache):
-    """``node`` read through seqfuse::within(·, lo, hi): once per base tensor of a select / cast chain."""
+    """``node`` read through seqfuse::within(·, lo, hi): once per base tensor of a select / cast chain and
+    bound (two operands sliced from one tensor with different bounds get a guard each)."""
     base, chain = _chain_base(node)
     if any(n.kwargs for n in chain):
         base, chain = node, []
-    if base not in cache:
-        cache[base] = emit_before(graph, before, torch.ops.seqfuse.within.default, (base, lo, hi), node)
-    return _replay(graph, before, chain, cache[base]) if chain else cache[base]
+    if (base, lo, hi) not in cache:
+        cache[base, lo, hi] = emit_before(graph, before, torch.ops.seqfuse.within.default, (base, lo, hi), node)
+    guard = cache[base, lo, hi]
+    return _replay(graph, before, chain, guard) if chain else guard
 
 
 def _rewrite(graph, steps, n0, d0) -> None:
@@ -197,12 +195,12 @@ def _rewrite(graph, steps, n0, d0) -> None:
         D = emit(aten.add.Tensor, emit(aten.mul.Tensor, ew, D), ek)
 
 
-def _first_step(gm, m0):
+def _first_step(m0):
     """(num0, den0) of a loop starting at the constant M = ``m0``, or None."""
     mo = _one([u for u in _users(m0, aten.maximum, 0) if is_op(u.args[1], aten.add)], "no first step")
     e1 = _one(_users(_one([x for x in _users(mo, aten.sub, 1) if x.args[0] is m0], "no M - mo"), aten.exp), "no exp")
     states = [x.args[1] if x.args[0] is e1 else x.args[0] for x in _users(e1, aten.mul)]
-    zeros = [s for s in states if _zero(gm, s)]
+    zeros = [s for s in states if _constant(s) == 0.0]
     if len(zeros) != 2:
         return None
     for num, den in (zeros, zeros[::-1]):
@@ -228,7 +226,7 @@ def unstabilize(ctx) -> int:
             continue
         steps = []
         try:
-            start = _first_step(gm, m0)
+            start = _first_step(m0)
             if start is None:
                 continue
             M, (num, den) = m0, start
