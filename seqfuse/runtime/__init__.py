@@ -1,7 +1,7 @@
 """Runtime: per-call dispatch of IR ops to triton / aten / eager implementations, and counters."""
 from seqfuse.runtime.counters import counters, fallbacks, reset_counters
 from seqfuse.runtime.dispatch import PATHS, RUNTIME_CHOICES, Impl, ProgramRequired, choose, poisoned, \
-    refuse_nonfinite_decay, register_impl, run
+    refuse_nonfinite_decay, refuse_or_poison, register_impl, run
 
 __all__ = ["counters", "fallbacks", "reset_counters", "PATHS", "RUNTIME_CHOICES", "Impl", "ProgramRequired", "choose",
-           "poisoned", "refuse_nonfinite_decay", "register_impl", "run"]
+           "poisoned", "refuse_nonfinite_decay", "refuse_or_poison", "register_impl", "run"]

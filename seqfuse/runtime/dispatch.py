@@ -26,10 +26,12 @@ RUNTIME_CHOICES = ("auto", "triton", "cpu", "aten", "eager")
 
 
 class ProgramRequired(RuntimeError):
-    """An IR op refuses a call that no implementation computes the way the replaced program does
-    (a non-finite log-decay under an ``ssd`` with ``finite_only``).  The compiled graph catches it
-    and runs the program as written (``seqfuse.compiler.constants.rerunning``); raised outside a
-    compiled graph (an op called directly) it reaches the caller with the reason."""
+    """An op refuses a call that no implementation computes the way the replaced program does: an
+    ``ssd`` or ``delta`` lowered with ``finite_only`` given a non-finite log-decay, a
+    ``seqfuse::within`` guard given a value outside its range, or a user's op (see
+    docs/writing_a_pass.md).  The compiled graph catches it and runs the program as written
+    (``seqfuse.compiler.constants.rerunning``); raised outside a compiled graph (an op called
+    directly) it reaches the caller with the reason."""
 
 
 def _capturing(t) -> bool:
@@ -37,26 +39,33 @@ def _capturing(t) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def refuse_nonfinite_decay(kind: str, name: str, decay):
-    """Raise :class:`ProgramRequired` when the log-decay tensor ``decay`` (operand ``name`` of op
-    ``kind``, lowered with ``finite_only``) holds a NaN or an infinity: one ``isfinite`` reduction
-    (a device synchronization on CUDA).  Returns None, or, while a CUDA graph is being captured
-    (no value can be read then), a 0-dim *poison*: 0 when every value is finite, NaN otherwise,
-    for the op to multiply its results by ``1 + poison`` (every result NaN: loud, never the reset
-    the program does not compute)."""
-    if decay is None:
-        return None
-    finite = decay.isfinite().all()
-    if _capturing(decay):
-        return torch.where(finite, 0.0, math.nan).to(torch.float32)
-    if not bool(finite):
-        raise ProgramRequired(f"seqfuse.{kind}: a non-finite log-decay {name} in a program that forms its decays "
-                              "as differences (inf - inf = NaN there; this op resets the state exactly)")
+def refuse_or_poison(ok, message: str):
+    """The one way an op refuses a call by its values.  ``ok`` is a 0-dim bool tensor computed from
+    the call's operands.  Returns None when ``ok`` holds; raises :class:`ProgramRequired` with
+    ``message`` when it does not.  While a CUDA graph is being captured no value can be read (the
+    read would end the capture), so it returns a 0-dim float32 *poison* instead: 0 when ``ok``
+    holds, NaN otherwise, for the op to multiply its results by ``1 + poison`` (:func:`poisoned`;
+    every result NaN when refused: loud, never a silently different answer)."""
+    if _capturing(ok):
+        return torch.where(ok, 0.0, math.nan).to(torch.float32)
+    if not bool(ok):
+        raise ProgramRequired(message)
     return None
 
 
+def refuse_nonfinite_decay(kind: str, name: str, decay):
+    """:func:`refuse_or_poison` for the log-decay tensor ``decay`` (operand ``name`` of op ``kind``,
+    lowered with ``finite_only``): refused when it holds a NaN or an infinity.  One ``isfinite``
+    reduction (a device synchronization on CUDA)."""
+    if decay is None:
+        return None
+    return refuse_or_poison(decay.isfinite().all(),
+                            f"seqfuse.{kind}: a non-finite log-decay {name} in a program that forms its decays "
+                            "as differences (inf - inf = NaN there; this op resets the state exactly)")
+
+
 def poisoned(results, poison):
-    """``results`` (tensors) times ``1 + poison`` (see :func:`refuse_nonfinite_decay`), or as they are."""
+    """``results`` (tensors) times ``1 + poison`` (see :func:`refuse_or_poison`), or as they are."""
     if poison is None:
         return results
     return tuple(r * (1 + poison) for r in results)

@@ -7,7 +7,10 @@ model included); a changed copy of the loop is a near miss naming its running ma
 import pytest
 import torch
 
+import seqfuse.runtime.dispatch as dispatch
 from helpers import check_against_eager, check_nans_against_eager
+from seqfuse.lowering.guards import within
+from seqfuse.runtime import ProgramRequired
 
 rwkv = pytest.importorskip("transformers.models.rwkv.modeling_rwkv")
 
@@ -97,3 +100,25 @@ def test_rwkv_model_logits_and_every_gradient_equal_eager():
             return self.m(ids, use_cache=False).logits
     report = check_against_eager(Logits(), torch.randint(0, 64, (2, 16)))
     assert report.count("scan") == 4, str(report)      # two a layer
+
+
+def test_the_guard_called_directly_names_its_range():
+    x = torch.tensor([0.5, -2.0, 3.0])
+    assert torch.equal(within(x, -3.0, 3.0), x)
+    with pytest.raises(ProgramRequired, match=r"outside \[-1, 1\]"):
+        within(x, -1.0, 1.0)
+    with pytest.raises(ProgramRequired):
+        within(torch.tensor([float("nan")]), -1.0, 1.0)
+
+
+def test_while_a_cuda_graph_is_captured_the_guard_poisons_instead_of_reading(monkeypatch):
+    # reading the range check would end a CUDA graph capture: the guard multiplies its copy by
+    # 1 + (0 or NaN) instead (the same mechanism as an ssd's finite_only check): in range the copy is
+    # bit for bit the input, out of range every value is NaN (loud), and nothing is raised
+    monkeypatch.setattr(dispatch, "_capturing", lambda t: True)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.tensor([0.5, -2.0, 3.0, -float("inf")], dtype=dtype)
+        same = within(x, -float("inf"), 3.0)
+        assert same.dtype == dtype and torch.equal(same, x)
+        out = within(x, -1.0, 1.0)
+        assert out.dtype == dtype and bool(out.isnan().all())
