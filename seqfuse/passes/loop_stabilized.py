@@ -10,14 +10,15 @@ M is a running maximum (not linear), but with N = num·e^M and D = den·e^M ever
 
     out_t = (N + e^{u+k_t}·v_t) / (D + e^{u+k_t}),    N' = e^{w'}·N + e^{k_t}·v_t,   D' = e^{w'}·D + e^{k_t}
 
-from N = D = 0 (num = den = 0, M a finite constant).  ``unstabilize`` matches every step of that
-dataflow exactly (subexpressions written twice included) and rebuilds the steps in N and D; the
-loops pass then lifts them to two scans.  The unstabilized form exponentiates k and u on their
-own, so it reads them (and v) through ``seqfuse::within``: a call whose |k| or |u| exceeds
-``LOG_BOUND`` or |v| exceeds ``VALUE_BOUND`` (or holds a NaN) runs the program as written (there
-e^{±(k+u)} or the sums could overflow or underflow where the program's do not).  Anything else —
-a given initial state, a final state read after the loop, another order of operations — is left
-alone, with a near miss once the first step matched.
+from N = D = 0 (num = den = 0, M a constant below every k + u: transformers' -1e38).
+``unstabilize`` matches every step of that dataflow exactly (subexpressions written twice
+included) and rebuilds the steps in N and D, in fp32 at least; the loops pass then lifts them to
+two scans.  The unstabilized form exponentiates k and u on their own, so it reads them (and v)
+through ``seqfuse::within``: a call whose |k| or |u| exceeds ``LOG_BOUND`` or |v| exceeds
+``VALUE_BOUND`` (or holds a NaN) runs the program as written (there e^{±(k+u)} or the sums could
+overflow or underflow where the program's do not).  Anything else — a given initial state, a
+larger start of the maximum, a final state read after the loop, another order of operations — is
+left alone, with a near miss once the first step matched.
 """
 from __future__ import annotations
 
@@ -167,9 +168,17 @@ def _guarded(graph, before, node, lo, hi, cache):
 
 
 def _rewrite(graph, steps, n0, d0) -> None:
-    """Each step's output from (N, D), carried from (n0, d0) = 0 (see the module doc)."""
+    """Each step's output from (N, D), carried from (n0, d0) = 0 (see the module doc), computed in
+    fp32 at least: the bounds hold e^{±2·LOG_BOUND} inside fp32's range, not fp16's (an fp16
+    program's stabilized arithmetic never exponentiates a key on its own); each output is cast
+    back to the program's dtype."""
     guards: dict = {}
     decays: dict = {}           # w' -> e^{w'} (one per distinct node; a loop-invariant w' is one)
+
+    def wide(x, before):
+        if not val(x).is_floating_point() or val(x).dtype in (torch.float32, torch.float64):
+            return x
+        return emit_before(graph, before, aten.to.dtype, (x, torch.float32), before)
     N, D = n0, d0
     for s in steps:
         out = s["out"]
@@ -179,20 +188,31 @@ def _rewrite(graph, steps, n0, d0) -> None:
         if s["w"] is not None and s["w"] not in decays:
             # w' = -exp(time_decay) <= 0 in the program; a positive or NaN w' would grow N, D where the
             # stabilized loop does not: read through the guard too
-            decays[s["w"]] = emit(aten.exp.default, _guarded(graph, out, s["w"], -math.inf, 0.0, guards))
+            decays[s["w"]] = emit(aten.exp.default, wide(_guarded(graph, out, s["w"], -math.inf, 0.0, guards), out))
         ew = decays.get(s["w"])
-        k = _guarded(graph, out, s["k"], -LOG_BOUND, LOG_BOUND, guards)
-        u = _guarded(graph, out, s["u"], -LOG_BOUND, LOG_BOUND, guards)
-        v = _guarded(graph, out, s["v"], -VALUE_BOUND, VALUE_BOUND, guards)
+        k = wide(_guarded(graph, out, s["k"], -LOG_BOUND, LOG_BOUND, guards), out)
+        u = wide(_guarded(graph, out, s["u"], -LOG_BOUND, LOG_BOUND, guards), out)
+        v = wide(_guarded(graph, out, s["v"], -VALUE_BOUND, VALUE_BOUND, guards), out)
         ek = emit(aten.exp.default, k)
         eku = emit(aten.exp.default, emit(aten.add.Tensor, k, u))
         y = emit(aten.div.Tensor, emit(aten.add.Tensor, N, emit(aten.mul.Tensor, eku, v)),
                  emit(aten.add.Tensor, D, eku))
+        if val(y).dtype != val(out).dtype:
+            y = emit(aten.to.dtype, y, val(out).dtype)
         out.replace_all_uses_with(y)
         if ew is None:
             break                       # the last step: no update
         N = emit(aten.add.Tensor, emit(aten.mul.Tensor, ew, N), emit(aten.mul.Tensor, ek, v))
         D = emit(aten.add.Tensor, emit(aten.mul.Tensor, ew, D), ek)
+
+
+def _starts_below_every_step(c: float, dtype) -> bool:
+    """Whether a running maximum starting at ``c`` (rounded to ``dtype``: -1e38 is -inf in fp16) lies
+    below every k + u and k + w' the guards let through, so the first step takes its maximum from
+    the key and its e^{k-max} is exactly 1.  From a larger start the program's first e^{k+u-M}
+    can underflow (0 / 0: NaN) where the linear form's N = D = 0 gives v."""
+    c = torch.tensor(c, dtype=dtype).item()
+    return not math.isnan(c) and c <= -2 * LOG_BOUND
 
 
 def _first_step(m0):
@@ -222,7 +242,7 @@ def unstabilize(ctx) -> int:
         if m0.graph is not graph or m0.op != "call_function" or not _users(m0, aten.maximum, 0):
             continue
         c = _constant(m0)
-        if c is None or not math.isfinite(c) or not val(m0).is_floating_point():
+        if c is None or not val(m0).is_floating_point() or not _starts_below_every_step(c, val(m0).dtype):
             continue
         steps = []
         try:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import seqfuse.runtime.dispatch as dispatch
-from helpers import check_against_eager, check_nans_against_eager
+import seqfuse
+from helpers import BOUND, check_against_eager, check_nans_against_eager, rel_err
 from seqfuse.lowering.guards import within
 from seqfuse.runtime import ProgramRequired
 
@@ -122,3 +123,71 @@ def test_while_a_cuda_graph_is_captured_the_guard_poisons_instead_of_reading(mon
         assert same.dtype == dtype and torch.equal(same, x)
         out = within(x, -1.0, 1.0)
         assert out.dtype == dtype and bool(out.isnan().all())
+
+
+def plain_wkv(time_decay, time_first, key, value):
+    """rwkv_linear_attention_cpu without its casts to fp32: the stabilized loop in the inputs' own dtype
+    (its running maximum starts at -1e38, which fp16 rounds to -inf)."""
+    num, den = torch.zeros_like(key[:, 0]), torch.zeros_like(key[:, 0])
+    mx = torch.zeros_like(key[:, 0]) - 1e38
+    w = -torch.exp(time_decay)
+    out = torch.zeros_like(key)
+    for t in range(key.shape[1]):
+        k, v = key[:, t], value[:, t]
+        mo = torch.maximum(mx, k + time_first)
+        e1, e2 = torch.exp(mx - mo), torch.exp(k + time_first - mo)
+        out[:, t] = (e1 * num + e2 * v) / (e1 * den + e2)
+        ms = torch.maximum(mx + w, k)
+        e1, e2 = torch.exp(mx + w - ms), torch.exp(k - ms)
+        num, den, mx = e1 * num + e2 * v, e1 * den + e2, ms
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_keys_that_fp16_cannot_exponentiate(dtype):
+    # keys of 8 to 14: e^k overflows fp16 (e^11.1 > 65504) though the program never forms it, so the
+    # linear form runs in fp32 and casts its outputs back; judged against the fp64 program (eager's
+    # 16-bit rounding is the larger error), outputs and every gradient, all finite
+    g = torch.Generator().manual_seed(7)
+    k = torch.rand(2, 12, 5, generator=g, dtype=torch.float64) * 6 + 8
+    v, decay, first = torch.randn(2, 12, 5, generator=g, dtype=torch.float64), \
+        torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    low = [x.to(dtype).requires_grad_() for x in (decay, first, k, v)]
+    wide = [x.detach().double().requires_grad_() for x in low]
+    report = seqfuse.explain(plain_wkv, *low, options={"downstream": "aot_eager"})
+    assert report.count("scan") == 2, str(report)
+    assert sum(report.fallbacks.get("graph", {}).values()) == 0, report.fallbacks
+    out, ref = report.output, plain_wkv(*wide)
+    assert out.dtype == dtype and bool(out.isfinite().all())
+    bound = 4 * BOUND[dtype]
+    assert rel_err(out, ref) < bound, rel_err(out, ref)
+    dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, low, dy.to(dtype))
+    want = torch.autograd.grad(ref, wide, dy)
+    for name, a, b in zip(("decay", "first", "k", "v"), got, want):
+        assert bool(a.isfinite().all()) and rel_err(a, b) < bound, (name, rel_err(a, b))
+
+
+def test_a_maximum_starting_above_the_keys_is_left_alone():
+    # from M = 0 the program's first e^{k+u-M} underflows for keys far below 0 (0 / 0 = NaN) where the
+    # linear form would give v: the loop stays as written, with its near miss
+    def from_zero(time_decay, time_first, key, value):
+        num, den, mx = (torch.zeros_like(key[:, 0]) for _ in range(3))
+        w = -torch.exp(time_decay)
+        out = torch.zeros_like(key)
+        for t in range(key.shape[1]):
+            k, v = key[:, t], value[:, t]
+            mo = torch.maximum(mx, k + time_first)
+            e1, e2 = torch.exp(mx - mo), torch.exp(k + time_first - mo)
+            out[:, t] = (e1 * num + e2 * v) / (e1 * den + e2)
+            ms = torch.maximum(mx + w, k)
+            e1, e2 = torch.exp(mx + w - ms), torch.exp(k - ms)
+            num, den, mx = e1 * num + e2 * v, e1 * den + e2, ms
+        return out
+    ops = operands(8)
+    with torch.no_grad():
+        ops[2][0, 0, 1] = -29.0
+        ops[1][1] = -29.0              # e^{-58} at the first step: fine in fp32, but not rewritten
+    report = check_against_eager(from_zero, *ops)
+    assert report.count("scan") == 0, str(report)
+    assert any("running maximum" in m.reason for m in report.near_misses), str(report)
