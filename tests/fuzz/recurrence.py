@@ -8,6 +8,7 @@ inputs; initial states; reversed loops.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Iterator
 
@@ -648,8 +649,70 @@ def scan_loop_buffer(r, seed, triton):
     return _case("scan", name, fn, [x, a] + ([h0] if use_h0 else []), r, seed, triton, tag=tag, expect=expect)
 
 
+def scan_loop_rwkv4(r, seed, triton):
+    """RWKV-4's stabilized WKV loop (transformers' ``rwkv_linear_attention_cpu``, a running maximum M
+    carried beside num / den), lifted to two scans in its linear form under value guards.  Varied:
+    the keys' cast to fp32 or none (fp16 keys of 8-14 overflow e^k in fp16), keys beyond the guards'
+    bounds, the decay given as raw (``-exp(d)``) or as w' (positive ones refused), a -inf w' (a
+    reset), M's start (-1e38, -inf, or 0, which is left alone), outputs written into a buffer or
+    stacked, the final state returned; and broken copies (one piece changed) that must stay loops."""
+    T, B, _, C, _ = _sizes(r, triton, loop=True)
+    T = min(T, 16)
+    dtype = r.choice(DTYPES)
+    m = Maker(r, dtype)
+    keys = r.choice(("normal", "normal", "large", "high"))
+    k = m.randn(B, T, C, scale=12.0) if keys == "large" else m.uniform(8.0, 14.0, B, T, C) if keys == "high" \
+        else m.randn(B, T, C)
+    v, first = m.randn(B, T, C), m.randn(C)
+    raw = r.random() < 0.7
+    d = m.randn(C) if raw else m.uniform(-3.0, 0.2 if r.random() < 0.2 else 0.0, C)
+    upcast, buffer, ret_state = r.random() < 0.5, r.random() < 0.6, r.random() < 0.15
+    start = r.choice((-1e38, -1e38, -1e38, -math.inf, 0.0))
+    broken = r.choice((None,) * 6 + ("no_first", "mo_from_k", "update_from_mo"))
+    tag = tags(poison(r, [k, v, first, d]), None)
+    if r.random() < 0.12:                   # a reset: w' = -inf (raw: time_decay = +inf)
+        with torch.no_grad():
+            d.view(-1)[r.randrange(C)] = math.inf if raw else -math.inf
+        tag = tags(tag, "reset")
+
+    def fn(time_decay, time_first, key, value):
+        wide = torch.promote_types(key.dtype, torch.float32)
+        num = torch.zeros_like(key[:, 0], dtype=wide if upcast else None)
+        den = torch.zeros_like(num)
+        mx = torch.zeros_like(num) + start
+        w = -torch.exp(time_decay) if raw else time_decay
+        out = torch.zeros_like(key)
+        outs = []
+        for t in range(key.shape[1]):
+            kt = key[:, t].to(wide) if upcast else key[:, t]
+            vt = value[:, t]
+            mo = torch.maximum(mx, kt if broken == "mo_from_k" else kt + time_first)
+            e1 = torch.exp(mx - mo)
+            e2 = torch.exp((kt if broken == "no_first" else kt + time_first) - mo)
+            y = ((e1 * num + e2 * vt) / (e1 * den + e2)).to(out.dtype)
+            if buffer:
+                out[:, t] = y
+            else:
+                outs.append(y)
+            ms = torch.maximum(mx + w, kt)
+            ref = mo if broken == "update_from_mo" else ms
+            e1, e2 = torch.exp(mx + w - ref), torch.exp(kt - ref)
+            num, den, mx = e1 * num + e2 * vt, e1 * den + e2, ms
+        if not buffer:
+            out = torch.stack(outs, 1)
+        return (out, num, den, mx) if ret_state else out
+
+    name = "loop_rwkv4" + ("_upcast" if upcast else "") + ("" if raw else "_w") + f"_{keys}" + \
+        ("_stack" if not buffer else "") + ("_state" if ret_state else "") + \
+        ("" if start == -1e38 else "_start_inf" if start == -math.inf else "_start0") + \
+        (f"_broken_{broken}" if broken else "")
+    # (a final state read after the loop leaves the loop as written: docs/ir.md)
+    expect = "scan" if T >= 6 and not broken and not ret_state and start != 0.0 else ""
+    return _case("scan", name, fn, [d, first, k, v], r, seed, triton, tag=tag, expect=expect)
+
+
 SCAN_SPELLINGS = ((scan_loop, 4), (scan_loop_buffer, 1), (scan_loop_mamba, 2), (scan_loop_complex, 1), (scan_bidirectional, 1),
-                  (scan_associative, 2), (scan_hop, 1))
+                  (scan_associative, 2), (scan_hop, 1), (scan_loop_rwkv4, 2))
 
 
 # ======================================================================== generators
