@@ -17,8 +17,9 @@ two scans.  The unstabilized form exponentiates k and u on their own, so it read
 through ``seqfuse::within``: a call whose |k| or |u| exceeds ``LOG_BOUND`` or |v| exceeds
 ``VALUE_BOUND`` (or holds a NaN) runs the program as written (there e^{±(k+u)} or the sums could
 overflow or underflow where the program's do not).  Anything else — a given initial state, a
-larger start of the maximum, a final state read after the loop, another order of operations — is
-left alone, with a near miss once the first step matched.
+larger start of the maximum, a state read outside the outputs (a final state returned: the
+stabilized loop would run beside the linear form), another order of operations — is left alone,
+with a near miss once the first step matched.
 """
 from __future__ import annotations
 
@@ -232,6 +233,21 @@ def _first_step(m0):
     return None
 
 
+def _still_read(graph, replaced: set, states: list) -> bool:
+    """Whether one of the stabilized loop's ``states`` (num, den and the maximum after each step)
+    stays live once every node of ``replaced`` has lost its uses: is reached from an output or a
+    side effect without passing through ``replaced``.  Then the stabilized loop would still run
+    beside the linear form."""
+    live, stack = set(), [n for n in graph.nodes if n.op == "output" or (n.op == "call_function" and n.is_impure())]
+    while stack:
+        n = stack.pop()
+        if n in live or n in replaced:
+            continue
+        live.add(n)
+        stack.extend(n.all_input_nodes)
+    return any(x in live for x in states)
+
+
 def unstabilize(ctx) -> int:
     """Rewrite the outputs of every stabilized WKV loop of ``ctx.graph`` (see the module doc) in the
     linear form; returns how many loops.  Only the outputs' uses change: a state also read elsewhere
@@ -252,7 +268,7 @@ def unstabilize(ctx) -> int:
             M, (num, den) = m0, start
             while True:
                 nodes, (num2, den2, ms) = _step(M, num, den)
-                steps.append(nodes)
+                steps.append(dict(nodes, states=(num2, den2, ms)))
                 if num2 is None or den2 is None or not _users(ms, aten.maximum, 0):
                     break
                 M, num, den = ms, num2, den2
@@ -264,6 +280,11 @@ def unstabilize(ctx) -> int:
             not isinstance(s["w"], torch.fx.Node) or order[s["w"]] > order[s["out"]])), len(steps))]
         # (a w' that is a number, or is computed inside the step, ends the rewritten steps there)
         if len(steps) < 2:
+            continue
+        if _still_read(graph, {s["out"] for s in steps}, [x for s in steps for x in s["states"] if x is not None]):
+            ctx.report.add_near_miss("scan", "RWKV-4's stabilized WKV loop: its state (num, den, max) is read "
+                                     "outside the loop's outputs (a final state returned): the stabilized loop "
+                                     "would run beside its linear form, so it is left as written", steps[0]["out"])
             continue
         _rewrite(graph, steps, *start)
         done += 1

@@ -191,3 +191,16 @@ def test_a_maximum_starting_above_the_keys_is_left_alone():
     report = check_against_eager(from_zero, *ops)
     assert report.count("scan") == 0, str(report)
     assert any("running maximum" in m.reason for m in report.near_misses), str(report)
+
+
+def test_a_returned_final_state_leaves_the_loop_as_written(tmp_path):
+    # transformers returns (num, den, max) with use_cache=True: the stabilized loop must run anyway, and
+    # the linear form beside it would only add work; the loop stays as written, with a near miss
+    def with_state(decay, first, k, v):
+        out, state = rwkv.rwkv_linear_attention_cpu(decay, first, k, v, return_state=True)
+        return (out, *state)
+    report = check_against_eager(with_state, *operands(12), options={"dump_dir": str(tmp_path)})
+    assert report.count("scan") == 0, str(report)
+    assert any("read outside the loop's outputs" in m.reason for m in report.near_misses), str(report)
+    lowered = [p for p in report.dumps if p.endswith("_lowered.txt")]
+    assert lowered and "within" not in open(lowered[-1]).read(), "a guard (the linear form) was left beside the loop"
