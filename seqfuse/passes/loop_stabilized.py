@@ -250,8 +250,9 @@ def _still_read(graph, replaced: set, states: list) -> bool:
 
 def unstabilize(ctx) -> int:
     """Rewrite the outputs of every stabilized WKV loop of ``ctx.graph`` (see the module doc) in the
-    linear form; returns how many loops.  Only the outputs' uses change: a state also read elsewhere
-    keeps its own (stabilized) computation."""
+    linear form; returns how many loops.  A loop whose state (num, den or the maximum, after any
+    step) is read outside its outputs keeps its stabilized form, with a near miss: that state
+    would need the stabilized loop anyway (``_still_read``)."""
     gm, graph = ctx.gm, ctx.graph
     done = 0
     for m0 in list(graph.nodes):
