@@ -7,8 +7,8 @@ model included); a changed copy of the loop is a near miss naming its running ma
 import pytest
 import torch
 
-import seqfuse.runtime.dispatch as dispatch
 import seqfuse
+import seqfuse.runtime.dispatch as dispatch
 from helpers import BOUND, check_against_eager, check_nans_against_eager, rel_err
 from seqfuse.lowering.guards import within
 from seqfuse.runtime import ProgramRequired
@@ -125,11 +125,11 @@ def test_while_a_cuda_graph_is_captured_the_guard_poisons_instead_of_reading(mon
         assert out.dtype == dtype and bool(out.isnan().all())
 
 
-def plain_wkv(time_decay, time_first, key, value):
-    """rwkv_linear_attention_cpu without its casts to fp32: the stabilized loop in the inputs' own dtype
-    (its running maximum starts at -1e38, which fp16 rounds to -inf)."""
+def plain_wkv(time_decay, time_first, key, value, start=-1e38):
+    """rwkv_linear_attention_cpu without its casts to fp32: the stabilized loop in the inputs' own dtype,
+    its running maximum starting at ``start`` (-1e38, which fp16 rounds to -inf)."""
     num, den = torch.zeros_like(key[:, 0]), torch.zeros_like(key[:, 0])
-    mx = torch.zeros_like(key[:, 0]) - 1e38
+    mx = torch.zeros_like(key[:, 0]) + start
     w = -torch.exp(time_decay)
     out = torch.zeros_like(key)
     for t in range(key.shape[1]):
@@ -172,18 +172,7 @@ def test_a_maximum_starting_above_the_keys_is_left_alone():
     # from M = 0 the program's first e^{k+u-M} underflows for keys far below 0 (0 / 0 = NaN) where the
     # linear form would give v: the loop stays as written, with its near miss
     def from_zero(time_decay, time_first, key, value):
-        num, den, mx = (torch.zeros_like(key[:, 0]) for _ in range(3))
-        w = -torch.exp(time_decay)
-        out = torch.zeros_like(key)
-        for t in range(key.shape[1]):
-            k, v = key[:, t], value[:, t]
-            mo = torch.maximum(mx, k + time_first)
-            e1, e2 = torch.exp(mx - mo), torch.exp(k + time_first - mo)
-            out[:, t] = (e1 * num + e2 * v) / (e1 * den + e2)
-            ms = torch.maximum(mx + w, k)
-            e1, e2 = torch.exp(mx + w - ms), torch.exp(k - ms)
-            num, den, mx = e1 * num + e2 * v, e1 * den + e2, ms
-        return out
+        return plain_wkv(time_decay, time_first, key, value, start=0.0)
     ops = operands(8)
     with torch.no_grad():
         ops[2][0, 0, 1] = -29.0
