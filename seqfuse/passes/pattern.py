@@ -225,6 +225,30 @@ def _tied_symbols(sym, exprs) -> set:
     return tied
 
 
+def _allowed_values(env, sym, exprs) -> list | None:
+    """The values of size symbol ``sym`` within its proven range at which every guard in ``exprs`` that
+    reads only ``sym`` and the symbols tied to it holds (None: the range is unbounded or holds
+    PINNED_RANGE values or more).  A guard that also reads another symbol (the batch in a stride) is
+    left out: it could only rule out more values, so leaving it out over-approximates the values the
+    symbol may take (evaluating it at the other symbol's hint would not be sound).  Memoized on ``env``
+    per symbol and guard count: every size of one symbol shares the enumeration."""
+    memo = env.__dict__.setdefault("_seqfuse_allowed", {})
+    key = (len(exprs), sym)
+    if key not in memo:
+        vr = env.var_to_range.get(sym)
+        try:
+            lo, hi = int(vr.lower), int(vr.upper)
+        except (AttributeError, TypeError, ValueError, OverflowError):      # an unbounded range
+            lo = hi = None
+        values = None
+        if lo is not None and hi - lo < PINNED_RANGE:
+            tied = _tied_symbols(sym, exprs)
+            own = [e for e in exprs if e.free_symbols <= tied]
+            values = [v for v in range(lo, hi + 1) if guards_hold(env, {str(t): v for t in tied}, own)]
+        memo[key] = values
+    return memo[key]
+
+
 def known_int(x) -> int | None:
     """``x`` as an int when it is one, or a symbolic size the program's guards pin to one value (Dynamo
     specialized it: the chunk size read back from a reshape of a padded sequence, the length a
@@ -252,24 +276,8 @@ def known_int(x) -> int | None:
     key = (len(exprs), str(expr))
     if key not in memo:
         sym, = expr.free_symbols
-        vr = env.var_to_range.get(sym)
-        pinned = False
-        try:
-            lo, hi = int(vr.lower), int(vr.upper)
-        except (AttributeError, TypeError, ValueError, OverflowError):      # an unbounded range
-            lo = hi = None
-        tied = _tied_symbols(sym, exprs)
-        # only the guards on the tied symbols alone: a guard that also reads another symbol (the batch
-        # in a stride) can only rule out more values, so leaving it out over-approximates the values
-        # the symbol may take (evaluating it at the other symbol's hint would not be sound)
-        own = [e for e in exprs if e.free_symbols <= tied]
-        if lo is not None and hi - lo < PINNED_RANGE:
-            pinned = True
-            for v in range(lo, hi + 1):
-                if guards_hold(env, {str(t): v for t in tied}, own) and int(expr.xreplace({sym: v})) != hint:
-                    pinned = False
-                    break
-        memo[key] = pinned
+        values = _allowed_values(env, sym, exprs)
+        memo[key] = values is not None and all(int(expr.xreplace({sym: v})) == hint for v in values)
     return hint if memo[key] else None
 
 
