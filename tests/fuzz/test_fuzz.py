@@ -152,3 +152,47 @@ def test_attention_seed61_case904_fp16_backward_precision():
     outcome = run_case(case)
     assert outcome.status == "ok", outcome.detail
     assert "16-bit flash backward" in outcome.detail, outcome.detail
+
+
+def _dot_with_offset(terms, offset):
+    """sum(w · terms) with ``offset`` added to the compiled run only (an injected error)."""
+    def fn(w):
+        return (w * terms).sum() + (offset if torch.compiler.is_compiling() else 0.0)
+    return fn
+
+
+def test_an_error_within_the_values_conditioning_is_ill_conditioned_not_wrong():
+    """A sum whose terms cancel 40000-fold (1e4 - 1e4 + 0.5): rounding its inputs at fp32's unit
+    roundoff moves it by ~u·2e4 ≈ 1e-3, so a compiled result 6e-4 off (0.12% of the value, far above
+    the floor) is within what its conditioning explains: status ill_conditioned, not wrong.  The same
+    error on a well-conditioned sum (1 + 1 + 0.5), or 100x that error on the cancelling one, is wrong.
+    Eager's fp32 sum of these exact terms is exact, so FACTOR x eager's error forgives nothing."""
+    from .check import FAILING, SENSITIVITY_FACTOR, UNIT_ROUNDOFF
+    u = UNIT_ROUNDOFF[torch.float32]
+    offset = u * 1e4
+    cancelling = torch.tensor([1e4, -1e4, 0.5])
+    w = torch.ones(3, requires_grad=True)
+    o = run_case(Case("map", "cancelling_dot", _dot_with_offset(cancelling, offset), (w,), None, {}, 0))
+    assert o.status == "ill_conditioned" and o.status not in FAILING, o.detail
+    assert "output 0" in o.detail and f"within {SENSITIVITY_FACTOR:g}x" in o.detail, o.detail
+    o = run_case(Case("map", "cancelling_dot_far_off", _dot_with_offset(cancelling, 100 * offset), (w,), None, {}, 0))
+    assert o.status == "wrong", o.detail
+    o = run_case(Case("map", "plain_dot", _dot_with_offset(torch.tensor([1.0, 1.0, 0.5]), offset), (w,), None, {}, 0))
+    assert o.status == "wrong", o.detail
+
+
+def test_sensitivity_moves_only_differentiable_inputs():
+    """The perturbed reruns round only inputs that require grad: a float position tensor compared
+    with itself (i >= j) would flip its mask under a perturbation and fake a huge sensitivity."""
+    from .check import sensitivities, _copy, _run, _wide
+    pos = torch.arange(6.0)
+    x = torch.randn(6, requires_grad=True)
+    def fn(x, pos):
+        return torch.where(pos[:, None] >= pos[None, :], x[None, :], 0.0).sum(-1)
+    case = Case("map", "positions", fn, (x, pos), None, {}, 0)
+    o_outs, o_grads, _ = _run(fn, tuple(_copy(t, _wide) for t in case.inputs), 0)
+    (s_out,), (s_grad,) = sensitivities(case, o_outs, o_grads)
+    u = 2.0 ** -24
+    # each output sums at most 6 values of |x| < 5: its move is a few u·Σ|x|, never a flipped mask's O(1)
+    assert float(s_out.max()) <= 6 * u * float(x.detach().abs().sum()) and float(s_out.max()) > 0
+    assert float(s_grad.max()) == 0.0      # the gradient of a sum of selected x does not depend on x
