@@ -87,25 +87,65 @@ class LoopPass(Pass):
             merged = _merge_duplicate_runs(graph, group, pos, seeds)
             touched |= len(merged) < len(group)
             group = merged
-            try:
-                loop = _reroll(graph, group, pos)
-            except NoLoop as e:
-                if max(len(r.nodes) for r in group) >= REPORT_MIN_STEPS:
-                    ctx.report.add_near_miss("scan", f"unrolled loop not re-rolled: {e}", group[0].nodes[0])
-                continue
-            if not loop.carried:
-                continue  # independent steps: no recurrence
-            try:
-                _Rewrite(ctx, loop, pos).run()
+            outcome, miss = self._lift(ctx, group, pos)
+            if outcome in ("failed", "rebuilt") and len(_by_length(group, pos)) > 1:
+                # runs of other lengths overlapped this loop's and were grouped with it (an outer loop
+                # over layers reading one state buffer per layer): each loop of one length on its own
+                pos = _positions(graph)
+                tries = []
+                for sub in _by_length(group, pos):
+                    tries.append(self._lift(ctx, sub, pos))
+                    if tries[-1][0] != "failed":
+                        pos = _positions(graph)
+                if any(o == "lifted" for o, _ in tries):
+                    outcome, miss = "lifted", None
+                    for o, m in tries:
+                        if o in ("failed", "rebuilt") and m is not None:
+                            ctx.report.add_near_miss(*m)
+                touched |= outcome == "rebuilt" or any(o == "rebuilt" for o, _ in tries)
+            if outcome == "lifted":
                 changed = True
-            except NoLoop as e:
-                ctx.report.add_near_miss("scan", str(e), _where(loop))
-                if loop.rebuilt:    # the rebuilt last-step update is dead again: removed below
-                    changed = touched = True
+            elif outcome == "rebuilt":      # the rebuilt last-step update is dead again: removed below
+                changed = touched = True
+            if miss is not None and outcome != "lifted":
+                ctx.report.add_near_miss(*miss)
         if changed:
             graph.eliminate_dead_code()
         if changed or touched:
             ctx.gm.recompile()
+
+
+    def _lift(self, ctx, group, pos):
+        """Re-roll ``group`` and lift the loop: ("lifted" | "failed" | "rebuilt" | "none", near miss
+        args or None).  "rebuilt": the rewrite failed after rebuild_dropped inserted nodes (dead code
+        to remove); "none": independent steps, no recurrence."""
+        try:
+            loop = _reroll(ctx.graph, group, pos)
+        except NoLoop as e:
+            if max(len(r.nodes) for r in group) >= REPORT_MIN_STEPS:
+                return "failed", ("scan", f"unrolled loop not re-rolled: {e}", group[0].nodes[0])
+            return "failed", None
+        if not loop.carried:
+            return "none", None
+        try:
+            _Rewrite(ctx, loop, pos).run()
+            return "lifted", None
+        except NoLoop as e:
+            return ("rebuilt" if loop.rebuilt else "failed"), ("scan", str(e), _where(loop))
+
+
+def _by_length(group: list, pos: dict) -> list:
+    """``group``'s runs clustered by step count (sorted counts more than 1 apart start a new cluster:
+    a loop's runs have its length, or one less when a slot is read ahead or behind), each cluster
+    regrouped by overlapping spans; the groups of the longest runs first."""
+    runs = sorted(group, key=lambda r: -len(r.nodes))
+    clusters: list = []
+    for r in runs:
+        if clusters and len(clusters[-1][-1].nodes) - len(r.nodes) <= 1:
+            clusters[-1].append(r)
+        else:
+            clusters.append([r])
+    return [g for c in clusters for g in group_loops(c, pos)]
 
 
 def _full_slice(node) -> bool:
