@@ -654,8 +654,9 @@ def scan_loop_rwkv4(r, seed, triton):
     carried beside num / den), lifted to two scans in its linear form under value guards.  Varied:
     the keys' cast to fp32 or none (fp16 keys of 8-14 overflow e^k in fp16), keys beyond the guards'
     bounds, the decay given as raw (``-exp(d)``) or as w' (positive ones refused), a -inf w' (a
-    reset), M's start (-1e38, -inf, or 0, which is left alone), outputs written into a buffer or
-    stacked, the final state returned; and broken copies (one piece changed) that must stay loops."""
+    reset), M's start (-1e38, -inf, or 0, which is left alone) or a given fp32 state (its maximum
+    fresh at -1e30, moderate, or 40: beyond the guard), outputs written into a buffer or stacked, the
+    final state returned; and broken copies (one piece changed) that must stay loops."""
     T, B, _, C, _ = _sizes(r, triton, loop=True)
     T = min(T, 16)
     dtype = r.choice(DTYPES)
@@ -666,8 +667,16 @@ def scan_loop_rwkv4(r, seed, triton):
     v, first = m.randn(B, T, C), m.randn(C)
     raw = r.random() < 0.7
     d = m.randn(C) if raw else m.uniform(-3.0, 0.2 if r.random() < 0.2 else 0.0, C)
-    upcast, buffer, ret_state = r.random() < 0.5, r.random() < 0.6, r.random() < 0.15
+    upcast, buffer, ret_state = r.random() < 0.5, r.random() < 0.6, r.random() < 0.3
     start = r.choice((-1e38, -1e38, -1e38, -math.inf, 0.0))
+    # a given state (use_cache=True): fp32 (num, den, max), the max fresh (-1e30), moderate, or beyond
+    # the guard's bound of 30 (the call then runs the program)
+    given = r.random() < 0.3
+    g32 = Maker(r, torch.float32)
+    m_given = r.choice(("fresh", "moderate", "moderate", "high"))
+    state0 = [g32.randn(B, C), g32.uniform(0.5, 2.0, B, C),
+              torch.full((B, C), -1e30) if m_given == "fresh" else
+              torch.full((B, C), 40.0) if m_given == "high" else g32.randn(B, C, scale=3.0)] if given else []
     broken = r.choice((None,) * 6 + ("no_first", "mo_from_k", "update_from_mo"))
     tag = tags(poison(r, [k, v, first, d]), None)
     if r.random() < 0.12:                   # a reset: w' = -inf (raw: time_decay = +inf)
@@ -675,11 +684,14 @@ def scan_loop_rwkv4(r, seed, triton):
             d.view(-1)[r.randrange(C)] = math.inf if raw else -math.inf
         tag = tags(tag, "reset")
 
-    def fn(time_decay, time_first, key, value):
+    def fn(time_decay, time_first, key, value, *state):
         wide = torch.promote_types(key.dtype, torch.float32)
-        num = torch.zeros_like(key[:, 0], dtype=wide if upcast else None)
-        den = torch.zeros_like(num)
-        mx = torch.zeros_like(num) + start
+        if state:
+            num, den, mx = state
+        else:
+            num = torch.zeros_like(key[:, 0], dtype=wide if upcast else None)
+            den = torch.zeros_like(num)
+            mx = torch.zeros_like(num) + start
         w = -torch.exp(time_decay) if raw else time_decay
         out = torch.zeros_like(key)
         outs = []
@@ -704,11 +716,10 @@ def scan_loop_rwkv4(r, seed, triton):
 
     name = "loop_rwkv4" + ("_upcast" if upcast else "") + ("" if raw else "_w") + f"_{keys}" + \
         ("_stack" if not buffer else "") + ("_state" if ret_state else "") + \
-        ("" if start == -1e38 else "_start_inf" if start == -math.inf else "_start0") + \
-        (f"_broken_{broken}" if broken else "")
-    # (a final state read after the loop leaves the loop as written: docs/ir.md)
-    expect = "scan" if T >= 6 and not broken and not ret_state and start != 0.0 else ""
-    return _case("scan", name, fn, [d, first, k, v], r, seed, triton, tag=tag, expect=expect)
+        (f"_given_{m_given}" if given else "" if start == -1e38 else "_start_inf" if start == -math.inf
+         else "_start0") + (f"_broken_{broken}" if broken else "")
+    expect = "scan" if T >= 6 and not broken and (given or start != 0.0) else ""
+    return _case("scan", name, fn, [d, first, k, v, *state0], r, seed, triton, tag=tag, expect=expect)
 
 
 SCAN_SPELLINGS = ((scan_loop, 4), (scan_loop_buffer, 1), (scan_loop_mamba, 2), (scan_loop_complex, 1), (scan_bidirectional, 1),
