@@ -223,7 +223,7 @@ def test_dynamic_hf_mamba_readout_reshape_uses_sym_size(tmp_path):
 
 def test_rwkv4_stabilized_wkv_becomes_two_scans_read_through_guards(tmp_path):
     # the running maximum is gone: the keys, time_first and the values are read through seqfuse.within,
-    # and the numerator and denominator are two scans with the decay e^{-exp(time_decay)}
+    # and the numerator and denominator are two scans with the decay e^{-exp(time_decay)}, in fp64
     rwkv = __import__("pytest").importorskip("transformers.models.rwkv.modeling_rwkv")
 
     def wkv(decay, first, k, v):
@@ -234,7 +234,8 @@ def test_rwkv4_stabilized_wkv_becomes_two_scans_read_through_guards(tmp_path):
         CHECK-LABEL: graph(
         CHECK: %[[W:[a-z_0-9]+]] = aten.neg(
         CHECK: %[[WG:[a-z_0-9]+]] = seqfuse.within(%[[W]], -inf, 0.0) : f32[5]
-        CHECK: aten.exp(%[[WG]]) : f32[5]
+        CHECK: %[[WD:[a-z_0-9]+]] = aten.to.dtype(%[[WG]], f64) : f64[5]
+        CHECK: aten.exp(%[[WD]]) : f64[5]
         CHECK: seqfuse.within(%l_k_, -30.0, 30.0) : f32[2, 6, 5]
         CHECK: seqfuse.within(%l_first_, -30.0, 30.0) : f32[5]
         CHECK: seqfuse.within(%l_v_, -1000000.0, 1000000.0) : f32[2, 6, 5]
