@@ -239,7 +239,8 @@ def _rewrite(graph, steps, n0, d0, m0, given: bool, final=None) -> None:
         D = emit(aten.add.Tensor, emit(aten.mul.Tensor, ew, D), ek)
     if final is not None:
         num, den, ms, keys = final
-        after = max((x for x in (num, den, ms) if x is not None), key=lambda x: _position(graph, x)).next
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        after = max((num, den, ms), key=order.__getitem__).next
         m_end = _closed_max(graph, after, m0, steps[0]["w"], keys, ms)
         inv = emit_before(graph, after, aten.exp.default,
                           (emit_before(graph, after, aten.neg.default, (wide(m_end, after),), ms),), ms)
@@ -249,13 +250,13 @@ def _rewrite(graph, steps, n0, d0, m0, given: bool, final=None) -> None:
                 x = emit_before(graph, after, aten.to.dtype, (x, val(old).dtype), old)
             old.replace_all_uses_with(x)
         # (the last step's own uses of M', before m_end, die with its num' and den')
-        order = {n: i for i, n in enumerate(graph.nodes)}
+        order = {n: i for i, n in enumerate(graph.nodes)}      # (renumbered: nodes were inserted)
         ms.replace_all_uses_with(m_end, delete_user_cb=lambda u: order[u] > order[m_end])
 
 
 def _stacked_keys(steps):
     """(base, dim, first index, ops after the select) when step j's key is ``select(base, dim, i0 + j)``
-    followed by the same casts / reshapes in every step; else None."""
+    followed by the same casts in every step; else None."""
     found = []
     for s in steps:
         base, chain = _chain_base(s["k"])
@@ -306,8 +307,6 @@ def _closed_max(graph, before, m0, w, keys, like):
     latest = emit(aten.amax.default, decayed, [d])
     start = emit(aten.add.Tensor, m0, emit(aten.mul.Tensor, w, float(T)))
     return emit(aten.maximum.default, start, latest)
-def _position(graph, node) -> int:
-    return next(i for i, n in enumerate(graph.nodes) if n is node)
 
 
 def _starts_below_every_step(c: float, dtype) -> bool:
@@ -402,8 +401,6 @@ def unstabilize(ctx) -> int:
         # (a w' that is a number, or is computed inside the step, ends the rewritten steps there)
         if len(steps) < MIN_STEPS:
             continue
-        # the last step's state may be read after the loop (a returned state): its num and den are
-        # rebuilt from the linear form; the chain of maxima stays (it is the program's M_T)
         # the last step's state may be read after the loop (a returned state): it is rebuilt from the
         # linear form; any earlier state read outside the loop leaves the loop as written
         outs = {s["out"] for s in steps}
