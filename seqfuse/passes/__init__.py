@@ -16,10 +16,14 @@ from seqfuse.passes.scan_tree import ScanTreePass
 from seqfuse.passes.select import SelectPass
 from seqfuse.passes.ssd_chunks import ChunkedSSDPass
 from seqfuse.passes.ssd_forms import SSDFormsPass
+from seqfuse.passes.ssd_stabilized import StabilizedChunksPass
 from seqfuse.passes.toeplitz import ToeplitzPass
 from seqfuse.passes.triangular import TriangularPass
 
-# Map loops first (a buffer written slice by slice, nothing carried: fla builds its chunk matrices column
+# First: xLSTM's chunkwise mLSTM is proven as a whole program (its chunk loop, the buffers it fills, the
+# intra-chunk form that reads them); the loop passes would otherwise report its stabilized loop as a near miss.
+register_pass(StabilizedChunksPass())
+# Map loops next (a buffer written slice by slice, nothing carried: fla builds its chunk matrices column
 # by column): vectorized, an inner loop no longer splits the steps of the loop around it, which
 # delta and loops then re-roll, and delta reads the matrices as whole-tensor expressions.
 register_pass(MapLoopPass())
@@ -60,5 +64,6 @@ register_pass(ScanReadoutPass())
 register_pass(ScanDiscretizePass())
 
 __all__ = ["Pass", "PassContext", "register_pass", "unregister_pass", "registered_passes", "enabled_passes",
-           "AttentionPass", "DeltaPass", "DeltaBlocksPass", "MapLoopPass", "LongConvPass", "ToeplitzPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass", "ScanTreePass",
+           "AttentionPass", "DeltaPass", "DeltaBlocksPass", "MapLoopPass", "LongConvPass", "ToeplitzPass", "LoopPass", "ChunkedSSDPass", "SSDFormsPass",
+           "StabilizedChunksPass", "ScanTreePass",
            "ScanReadoutPass", "ScanDiscretizePass", "SelectPass", "TriangularPass"]

@@ -40,7 +40,7 @@ import math
 import torch
 import torch.fx
 
-from seqfuse.passes.pattern import copy_meta, emit_before, is_op, same_expr, val
+from seqfuse.passes.pattern import copy_meta, emit_before, fill_constant, is_op, same_expr, val
 
 aten = torch.ops.aten
 #: |k|, |u| at most this: e^{±2·30} stays inside fp32 with a margin of e^{28} for the sums
@@ -134,28 +134,6 @@ def _step(M, num, den):
         except _NoMatch:
             continue
     raise _NoMatch("no step")
-
-
-_FILLS = {aten.zeros_like: 0.0, aten.zeros: 0.0, aten.new_zeros: 0.0, aten.ones_like: 1.0, aten.ones: 1.0,
-          aten.new_ones: 1.0}
-
-
-def _constant(node):
-    """The one number every element of ``node`` holds, when its value follows from a fill and
-    scalar arithmetic alone (``zeros_like(x) - 1e38``: x's size only), else None."""
-    if not isinstance(node, torch.fx.Node):
-        return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
-    for target, value in _FILLS.items():
-        if is_op(node, target):
-            return value
-    if is_op(node, aten.full, aten.full_like, aten.new_full):
-        return _constant(node.args[1])
-    if is_op(node, aten.add, aten.sub, aten.mul) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
-        a, b = _constant(node.args[0]), _constant(node.args[1])
-        if a is None or b is None:
-            return None
-        return a + b if is_op(node, aten.add) else a - b if is_op(node, aten.sub) else a * b
-    return None
 
 
 def _chain_base(node):
@@ -328,7 +306,7 @@ def _first_step(m0, given: bool = False):
         pairs = [(a, b) for a in states for b in states if a is not b and isinstance(a, torch.fx.Node)
                  and isinstance(b, torch.fx.Node)]
     else:
-        zeros = [s for s in states if _constant(s) == 0.0]
+        zeros = [s for s in states if fill_constant(s) == 0.0]
         pairs = [tuple(zeros), tuple(zeros[::-1])] if len(zeros) == 2 else []
     for num, den in pairs:
         try:
@@ -374,7 +352,7 @@ def unstabilize(ctx) -> int:
         if m0.graph is not graph or m0.op not in ("call_function", "placeholder") or \
                 not _users(m0, aten.maximum, 0):
             continue
-        c = _constant(m0)
+        c = fill_constant(m0)
         given = c is None
         if given and not _given_start(m0):
             continue

@@ -94,6 +94,28 @@ def is_scalar(x: Any, gm: torch.fx.GraphModule | None = None) -> bool:
     return constant_value(x, gm) is not None
 
 
+_FILLS = {aten.zeros_like: 0.0, aten.zeros: 0.0, aten.new_zeros: 0.0, aten.ones_like: 1.0, aten.ones: 1.0,
+          aten.new_ones: 1.0}
+
+
+def fill_constant(node):
+    """The one number every element of ``node`` holds, when its value follows from a fill and
+    scalar arithmetic alone (``zeros_like(x) - 1e38``: x's size only), else None."""
+    if not isinstance(node, torch.fx.Node):
+        return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+    for target, value in _FILLS.items():
+        if is_op(node, target):
+            return value
+    if is_op(node, aten.full, aten.full_like, aten.new_full):
+        return fill_constant(node.args[1])
+    if is_op(node, aten.add, aten.sub, aten.mul) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+        a, b = fill_constant(node.args[0]), fill_constant(node.args[1])
+        if a is None or b is None:
+            return None
+        return a + b if is_op(node, aten.add) else a - b if is_op(node, aten.sub) else a * b
+    return None
+
+
 def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     """Every node ``node`` transitively reads (itself excluded)."""
     seen, stack = set(), list(node.all_input_nodes)

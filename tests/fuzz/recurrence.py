@@ -428,7 +428,108 @@ def ssd_channel_decay(r, seed, triton):
     return _case("ssd", name, fn, [q, k, v, w], r, seed, triton, tag=tag, expect=expect)
 
 
-SSD_SPELLINGS = ((ssd_loop, 4), (ssd_loop_mamba2, 1), (ssd_quadratic, 4), (ssd_cumsum, 1),
+def mlstm_chunkwise(query, key, value, ig, fg, *state, chunk, broken=None, extra=False, eps=1e-6):
+    """xLSTM's chunkwise mLSTM as transformers' ``mlstm_chunkwise_native_autograd`` writes it
+    (``mlstm_chunkwise_recurrent_fw_C`` then ``mlstm_chunkwise_parallel_fw_H``, transformers 5.24
+    ``models/xlstm/modeling_xlstm.py``, itself the NX-AI mlstm_kernels native kernel), op for op;
+    ``state`` a given (C, n, m); ``extra`` also returns the normalizer and the stabilizer (as
+    ``mlstm_chunkwise_parallel_fw_H`` does); ``broken`` changes one piece: "strict_mask" (the
+    intra-chunk mask excludes the diagonal), "m_start" (the maximum starts at 1), "gate_sign"
+    (A = B[chunk-1] + B + I), "no_state_decay" (the states do not decay), "inter_scale" (the gated
+    queries scaled twice)."""
+    bs, nh, t, dk = query.shape
+    n = t // chunk
+    vec_i, vec_f = ig.view(bs, nh, n, chunk), fg.view(bs, nh, n, chunk)
+    vec_b = F.logsigmoid(vec_f).cumsum(-1)
+    scale = dk ** -0.5
+    # the chunk loop (mlstm_chunkwise_recurrent_fw_C)
+    c_states = torch.zeros((bs, nh, (n + 1) * dk, value.shape[-1]), dtype=query.dtype)
+    n_states = torch.zeros((bs, nh, (n + 1) * dk), dtype=query.dtype)
+    m_states = torch.zeros((bs, nh, n + 1), dtype=query.dtype)
+    c_k = state[0] if state else torch.zeros((bs, nh, dk, value.shape[-1]), dtype=query.dtype)
+    n_k = state[1] if state else torch.zeros((bs, nh, dk), dtype=query.dtype)
+    m_k = state[2] if state else torch.zeros((bs, nh, 1), dtype=query.dtype)
+    if broken == "m_start":
+        m_k = m_k + 1.0
+    vec_a = (vec_b[..., -1, None] + vec_b if broken == "gate_sign" else vec_b[..., -1, None] - vec_b) + vec_i
+    vec_g = vec_b[..., -1]
+    a_max = vec_a.max(-1).values
+    m_k = m_k.squeeze(-1)
+    for z in range(n):
+        c_states[:, :, z * dk:(z + 1) * dk, :] = c_k
+        n_states[:, :, z * dk:(z + 1) * dk] = n_k
+        m_states[:, :, z] = m_k
+        m_next = torch.max(vec_g[:, :, z] + m_k, a_max[:, :, z])
+        k_z = key[:, :, z * chunk:(z + 1) * chunk, :]
+        v_z = value[:, :, z * chunk:(z + 1) * chunk, :]
+        k_gated = k_z * torch.exp(vec_a[:, :, z, :] - m_next[..., None])[:, :, :, None]
+        g_bar = torch.exp(vec_g[:, :, z] + m_k - m_next)[:, :, None]
+        if broken == "no_state_decay":
+            g_bar = torch.ones_like(g_bar)
+        c_k = g_bar[..., None] * c_k + k_gated.transpose(-2, -1) @ v_z
+        n_k = g_bar * n_k + k_gated.transpose(-2, -1).sum(-1)
+        m_k = m_next
+    c_states[:, :, -dk:, :] = c_k
+    n_states[:, :, -dk:] = n_k
+    m_states[:, :, -1] = m_k
+    # the intra-chunk form (mlstm_chunkwise_parallel_fw_H)
+    c_read = c_states[:, :, :-dk, :].view(bs, nh, n, dk, -1)
+    n_read = n_states[:, :, :-dk].view(bs, nh, n, dk)
+    m_read = m_states[:, :, :-1]
+    q5, k5, v5 = (x.view(bs, nh, n, chunk, x.shape[-1]) for x in (query, key, value))
+    ltr = torch.tril(torch.ones((chunk, chunk), dtype=torch.bool), -1 if broken == "strict_mask" else 0)
+    log_d = torch.where(ltr, vec_b[:, :, :, :, None] - vec_b[:, :, :, None, :], -float("inf")) + \
+        vec_i[:, :, :, None, :]
+    m_intra = torch.max(log_d, dim=-1, keepdim=False).values
+    b_inter = vec_b + m_read[:, :, :, None]
+    m_comb = torch.maximum(b_inter, m_intra)[:, :, :, :, None]
+    b_inter = b_inter[:, :, :, :, None]
+    scores = (q5 @ k5.transpose(-2, -1)) * scale * torch.exp(log_d - m_comb)
+    q_gated = q5 * torch.exp(b_inter - m_comb) * (scale * (2.0 if broken == "inter_scale" else 1.0))
+    num = q_gated @ c_read + scores @ v5
+    den = q_gated @ n_read.unsqueeze(-1) + scores.sum(dim=-1, keepdim=True)
+    den = torch.maximum(torch.abs(den), torch.exp(-m_comb))
+    h = (num / (den + eps)).view(bs, nh, t, -1)
+    return (h, den.reshape(bs, nh, t), m_comb.reshape(bs, nh, t)) if extra else h
+
+
+def ssd_mlstm(r, seed, triton):
+    """xLSTM's chunkwise mLSTM, written as transformers' ``mlstm_chunkwise_native_autograd`` writes it
+    (``mlstm_chunkwise_recurrent_fw_C`` + ``mlstm_chunkwise_parallel_fw_H``, from the NX-AI mlstm_kernels
+    native kernel): a stabilized loop over chunks filling zero-filled state buffers slice by slice, and the
+    intra-chunk form that reads them (ssd_stabilized).  Varied: chunk size and count (one chunk: a near
+    miss), dtype (fp16 / bf16: left alone), the input gates' scale (beyond the guard's 20: the call runs
+    the program), the forget gates' offset, a given initial state (left alone), the normalizer and the
+    stabilizer returned too, and broken copies (one piece changed) that must stay as written."""
+    Q = r.choice((2, 3, 4, 8))
+    nc = size(r, 1, 3 if triton else 4)
+    T = Q * nc
+    _, B, H, K, V = _sizes(r, triton, loop=False)
+    dtype = r.choice(DTYPES)
+    m = Maker(r, dtype)
+    q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+    i_scale = r.choice((1.0, 4.0, 8.0, 12.0))
+    igate = m.randn(B, H, T, scale=i_scale)
+    fgate = m.randn(B, H, T, scale=2.0) + r.choice((0.0, 2.0, -2.0))
+    given = r.random() < 0.15
+    state0 = [m.randn(B, H, K, V), m.randn(B, H, K), m.randn(B, H, 1)] if given else []
+    extra = r.random() < 0.2
+    broken = r.choice((None,) * 8 + ("strict_mask", "m_start", "gate_sign", "no_state_decay", "inter_scale"))
+    tag = tags(poison(r, [q, k, v, igate, fgate]), reset(r, [fgate]))
+    eps = 1e-6
+
+    def fn(*a):
+        return mlstm_chunkwise(*a, chunk=Q, broken=broken, extra=extra, eps=eps)
+
+    name = "mlstm" + (f"_Q{Q}_nc{nc}") + ("_given" if given else "") + ("_extra" if extra else "") + \
+        (f"_i{i_scale:g}" if i_scale > 4 else "") + (f"_broken_{broken}" if broken else "")
+    # (one chunk, or a key dim of 1: the contractions fold unit axes, a near miss)
+    lifted = dtype in (torch.float32, torch.float64) and nc >= 2 and K >= 2 and not given and not broken
+    return _case("ssd", name, fn, [q, k, v, igate, fgate, *state0], r, seed, triton, tag=tag,
+                 expect="ssd" if lifted else "")
+
+
+SSD_SPELLINGS = ((ssd_loop, 4), (ssd_mlstm, 2), (ssd_loop_mamba2, 1), (ssd_quadratic, 4), (ssd_cumsum, 1),
                  (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1), (ssd_chunk_loop, 1),
                  (ssd_lightning_loop, 1), (ssd_channel_decay, 2))
 
