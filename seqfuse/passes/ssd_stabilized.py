@@ -33,8 +33,12 @@ decay would make e^{G_t - G_j} overflow where the stabilized program does not.  
 The pass proves every piece of that dataflow (the buffers' writes and reads, each chunk step of the
 loop against its chunk's slices, the intra-chunk form, the shared scale) and leaves the program as
 written, with a near miss naming the first piece that differs, once the output's form
-``num / (max(|den|, exp(-m)) + eps)`` is found.  Not lifted: a given initial state (``c_initial``:
-the inference path with a cache), a returned final state, a start of the maximum other than 0.
+``num / (max(|den|, exp(-m)) + eps)`` is found.  A final state read after the loop
+(``return_last_states=True``, the inference path) is the ssd's final state S_T = [C̃ᵀ; ñ] scaled by
+e^{-m_T}, with m_T = m at the last step (the program's chain of maxima ends there too).  A given
+initial state (C0, n0, m0) (``c_initial``, ...: a cache carried across calls) enters the ssd as
+h0 = e^{m0}·[C0ᵀ; n0] and the maximum's closed form as max(m0, ·), read through the guards
+(|m0| <= ``LOG_BOUND``, |C0|, |n0| <= ``STATE_BOUND``).  Not lifted: a constant start other than zeros.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ from seqfuse.passes.ssd_forms import ssd_value
 aten = torch.ops.aten
 #: |I| at most this: e^{20} ~ 4.9e8
 LOG_BOUND = 20.0
+#: |C0|, |n0| of a given state at most this (a state the program produced holds |C| <= Σ_j |k_j||v_j|)
+STATE_BOUND = 1e12
 #: |q|, |k|, |v| at most this: T·d·|q||k||v|·e^{LOG_BOUND} <= 1e6·128·1e18·4.9e8 ~ 6e34 < fp32's 3.4e38
 VALUE_BOUND = 1e6
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
@@ -154,6 +160,27 @@ def _select(node, dim: int, what: str):
     return node.args[0], node.args[2] % val(node.args[0]).shape[dim]
 
 
+def _span(node, rank: int, size: int):
+    """[lo, hi) of axis 2 that ``node`` (a select or unit-step slice of a buffer of ``size`` entries along
+    axis 2) reads, or None."""
+    if node.target is aten.select.int and _dim(node, 1, rank) == 2:
+        lo = node.args[2] % size
+        return lo, lo + 1
+    if is_op(node, aten.slice) and _dim(node, 1, rank) == 2 and (len(node.args) < 5 or node.args[4] == 1):
+        lo = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        hi = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+        lo, hi = max(lo + size, 0) if lo < 0 else min(lo, size), max(hi + size, 0) if hi < 0 else min(hi, size)
+        return lo, hi
+    return None
+
+
+def _scalar(x) -> bool:
+    """A number, or a node holding a symbolic one (a float input under dynamic=True)."""
+    if isinstance(x, torch.fx.Node):
+        return isinstance(val(x), (torch.SymFloat, torch.SymInt, float, int))
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _rowmax(node):
     """The tensor whose maximum over the last axis ``node`` is, else None."""
     if node.target is operator.getitem and node.args[1] == 0 and is_op(node.args[0], aten.max) and \
@@ -194,13 +221,11 @@ class _Program:
     def __init__(self, gm, div):
         self.gm, self.div = gm, div
         num, den = div.args
-        eps, mx = _either(den, aten.add, lambda x: isinstance(x, _Program.NUMBER), "the denominator")
-        self.eps = float(eps)
+        eps, mx = _either(den, aten.add, _scalar, "the denominator")
+        self.eps = eps
         ab, en = _max_operands(mx, lambda x: is_op(x, aten.abs), "the denominator's maximum")
         self.num, self.dn, m5 = num, ab.args[0], en.args[0].args[0]
         self.m5 = m5
-
-    NUMBER = (int, float)
 
     @staticmethod
     def candidate(div) -> bool:
@@ -210,8 +235,8 @@ class _Program:
         den = div.args[1]
         if not is_op(den, aten.add) or len(den.args) != 2 or den.kwargs:
             return False
-        mx = next((a for a in den.args if isinstance(a, torch.fx.Node)), None)
-        if mx is None or not any(isinstance(a, (int, float)) for a in den.args) or not _is_max(mx):
+        mx = next((a for a in den.args if isinstance(a, torch.fx.Node) and not _scalar(a)), None)
+        if mx is None or not any(_scalar(a) for a in den.args) or not _is_max(mx):
             return False
         a, b = mx.args
         for x, y in ((a, b), (b, a)):
@@ -226,6 +251,9 @@ class _Program:
         if val(self.div).dtype not in (torch.float32, torch.float64):
             raise NoMatch(f"the output is {val(self.div).dtype}: the unstabilized sums are lifted in fp32 and "
                           "fp64 only")
+        if free_symbols(val(self.div)) or not isinstance(self.eps, (int, float)):
+            raise NoMatch("symbolic sizes or eps (dynamic=True): the chunk loop is unrolled for one length, "
+                          "and the lifted form is built for it")
         if val(self.div).dim() == 5 and val(self.div).shape[2] == 1:
             raise NoMatch("one chunk (the sequence is as long as a chunk): the contractions are folded onto the "
                           "unchunked inputs, which this pass does not read")
@@ -301,6 +329,11 @@ class _Program:
             raise NoMatch("the normalizer's intra-chunk term is not the scores summed over the keys")
         self._shapes()
         self._states(cview, nu.args[0])
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        first = min([self.div, *(x for us in self.finals.values() for u in us for x in u.users)],
+                    key=order.__getitem__)
+        if any(order[x] > order[first] for x in (self.q5, self.k5, self.v5, self.i_gate, self.loga)):
+            raise NoMatch("the final state is read before the inputs of the output are computed")
         return self
 
     def _shapes(self):
@@ -323,14 +356,21 @@ class _Program:
         cb = self._buffer(cview, 2, dk, (bs, h, (nc + 1) * dk, dv), "C")
         nb = self._buffer(nview, 2, dk, (bs, h, (nc + 1) * dk), "n")
         mb = self._buffer(self.mprev, 2, 1, (bs, h, nc + 1), "m", view=False)
+        self.finals = {}
         cs, ns, ms = (self._writes(buf, width, nc, name) for buf, width, name in
                       ((cb, dk, "C"), (nb, dk, "n"), (mb, 1, "m")))
+        # the state entering the first chunk: zeros (a fresh state), or given (a cache carried over)
+        self.initial = {}
         for x, name in ((cs[0], "C"), (ns[0], "n"), (ms[0], "m")):
             src = x
             while is_op(src, aten.squeeze, aten.unsqueeze, *_VIEWS, aten.expand):
                 src = src.args[0]
-            if fill_constant(src) != 0.0:
-                raise NoMatch(f"the initial state {name} is not zero (a given state is not lifted)")
+            c = fill_constant(src)
+            if c is not None and c != 0.0:
+                raise NoMatch(f"the initial state {name} is the constant {c:g}, not zero or a given state")
+            if c is None and val(x).dtype not in (torch.float32, torch.float64):
+                raise NoMatch(f"the given initial state {name} is {val(x).dtype}, not fp32 or fp64")
+            self.initial[name] = None if c == 0.0 else x
         self.a_tensor = None
         for z in range(nc):
             self._step(z, cs[z], ns[z], ms[z], cs[z + 1], ns[z + 1], ms[z + 1])
@@ -356,35 +396,37 @@ class _Program:
         return buf
 
     def _writes(self, buf, width, nc, name):
-        """The values written into ``buf``'s nc + 1 slots, in slot order (each by one copy_)."""
+        """The values written into ``buf``'s nc + 1 slots, in slot order (each by one copy_); a read of the
+        last slot alone after every write (a returned final state) is kept in ``self.finals[name]``."""
         order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         size = (nc + 1) * width
         slots: dict = {}
+        finals = []
         for u in buf.users:
             if u in self.reads:
                 continue
-            copies = list(u.users)
-            if len(copies) != 1 or copies[0].target is not aten.copy_.default or copies[0].args[0] is not u \
-                    or copies[0].users:
+            span = _span(u, val(buf).dim(), size)
+            if span is None:
                 raise NoMatch(f"the {name} states' buffer is read or written other than slot by slot")
-            if u.target is aten.select.int and width == 1 and _dim(u, 1, val(buf).dim()) == 2:
-                lo = u.args[2] % size
-            elif is_op(u, aten.slice) and _dim(u, 1, val(buf).dim()) == 2 and (len(u.args) < 5 or u.args[4] == 1):
-                lo = u.args[2] if len(u.args) > 2 and u.args[2] is not None else 0
-                hi = u.args[3] if len(u.args) > 3 and u.args[3] is not None else size
-                lo, hi = lo % size if lo < 0 else lo, min(hi % size if hi < 0 else hi, size)
-                if hi - lo != width:
-                    raise NoMatch(f"a write into the {name} states' buffer is not one chunk's slot")
-            else:
-                raise NoMatch(f"the {name} states' buffer is written other than slot by slot")
+            lo, hi = span
+            copies = list(u.users)
+            if not (len(copies) == 1 and copies[0].target is aten.copy_.default and copies[0].args[0] is u
+                    and not copies[0].users):
+                if any(c.target is aten.copy_.default for c in copies) or (lo, hi) != (size - width, size):
+                    raise NoMatch(f"the {name} states' buffer is read or written other than slot by slot")
+                finals.append(u)            # the final state, read after the loop
+                continue
+            if hi - lo != width:
+                raise NoMatch(f"a write into the {name} states' buffer is not one chunk's slot")
             if lo % width or lo // width in slots:
                 raise NoMatch(f"the {name} states' buffer is written twice or off a slot")
             slots[lo // width] = copies[0]
         if sorted(slots) != list(range(nc + 1)):
             raise NoMatch(f"not every slot of the {name} states' buffer is written")
-        first_read = min(order[r] for r in self.reads if r.args[0] is buf)
+        first_read = min(order[r] for r in self.reads + finals if r.args[0] is buf)
         if any(order[c] > first_read for c in slots.values()):
             raise NoMatch(f"the {name} states are read before the loop wrote them")
+        self.finals[name] = finals
         return [slots[k].args[1] for k in range(nc + 1)]
 
     def _step(self, z, c0, n0, m0, c1, n1, m1):
@@ -476,12 +518,16 @@ class StabilizedChunksPass(Pass):
 
 
 def _rewrite(ctx, p: _Program) -> None:
+    """Replace the program's output (and its returned final states) by the lifted form (module doc)."""
     graph, div = ctx.graph, p.div
     bs, h, nc, q_len, dk, dv = p.sizes
     t = nc * q_len
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    finals = [(name, u) for name, us in p.finals.items() for u in us]
+    before = min([div, *(x for _, u in finals for x in u.users)], key=order.__getitem__)
 
     def emit(target, *args):
-        return emit_before(graph, div, target, args, div)
+        return emit_before(graph, before, target, args, div)
 
     def guarded(x, lo, hi):
         x = emit(torch.ops.seqfuse.within.default, x, lo, hi)
@@ -504,7 +550,22 @@ def _rewrite(ctx, p: _Program) -> None:
     b = emit(aten.permute.default, k, [0, 2, 1, 3])
     c = emit(aten.permute.default, emit(aten.mul.Tensor, q, float(p.scale)), [0, 2, 1, 3])
     a = emit(aten.permute.default, loga, [0, 2, 1])
-    op = SSD(x=x, b=b, c=c, a=a, decay="scalar", finite_only=True)
+    # a given state (C0, n0, m0) enters as h0 = e^{m0}·[C0ᵀ; n0] (B, H, V + 1, K), read through the guards
+    h0, m0 = None, p.initial["m"]
+    if m0 is not None:
+        m0 = guarded(m0, -LOG_BOUND, LOG_BOUND)                                         # (B, H)
+    if p.initial["C"] is not None or p.initial["n"] is not None:
+        rows = []
+        for name, shape in (("C", [bs, h, dk, dv]), ("n", [bs, h, dk])):
+            s0 = p.initial[name]
+            s0 = emit(aten.new_zeros.default, q, shape) if s0 is None else \
+                guarded(s0, -STATE_BOUND, STATE_BOUND)
+            rows.append(emit(aten.transpose.int, s0, -2, -1) if name == "C" else emit(aten.unsqueeze.default, s0, -2))
+        h0 = emit(aten.cat.default, rows, -2)
+        if m0 is not None:
+            h0 = emit(aten.mul.Tensor, h0, emit(aten.unsqueeze.default, emit(aten.unsqueeze.default,
+                                                                                emit(aten.exp.default, m0), -1), -1))
+    op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="scalar", finite_only=True)
     ir = ctx.insert_ir(op, div, div)
     ir.meta["val"] = ssd_value(x, b, c)
     y = emit(aten.permute.default, emit(operator.getitem, ir, 0), [0, 2, 1, 3])      # (B, H, T, V + 1)
@@ -512,8 +573,10 @@ def _rewrite(ctx, p: _Program) -> None:
     den = emit(aten.slice.Tensor, y, 3, dv, dv + 1)
     # m_t = G_t + max(0, max_{j<=t} (I_j - G_j))
     g = emit(aten.cumsum.default, loga, -1)
-    run = emit(operator.getitem, emit(aten.cummax.default, emit(aten.clamp_min.default,
-                                                                  emit(aten.sub.Tensor, i_gate, g), 0.0), -1), 0)
+    lead = emit(aten.sub.Tensor, i_gate, g)
+    lead = emit(aten.clamp_min.default, lead, 0.0) if m0 is None else \
+        emit(aten.maximum.default, lead, emit(aten.unsqueeze.default, m0, -1))
+    run = emit(operator.getitem, emit(aten.cummax.default, lead, -1), 0)
     m = emit(aten.unsqueeze.default, emit(aten.add.Tensor, g, run), -1)
     den = emit(aten.add.Tensor, emit(aten.clamp_min.default, emit(aten.abs.default, den), 1.0),
                emit(aten.mul.Tensor, emit(aten.exp.default, m), p.eps))
@@ -521,6 +584,21 @@ def _rewrite(ctx, p: _Program) -> None:
     if val(out).dtype != val(div).dtype:
         out = emit(aten.to.dtype, out, val(div).dtype)
     div.replace_all_uses_with(out)
+    if finals:
+        # the final state: S_T = [C̃ᵀ; ñ] (the ssd's, unstabilized) scaled by e^{-m_T}, and m_T itself
+        m_t = emit(aten.select.int, emit(aten.squeeze.dim, m, -1), -1, -1)                  # (B, H)
+        scale = emit(aten.exp.default, emit(aten.neg.default, m_t))
+        state = emit(aten.mul.Tensor, emit(operator.getitem, ir, 1),
+                     emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, scale, -1), -1))
+        values = {"C": emit(aten.transpose.int, emit(aten.slice.Tensor, state, 2, 0, dv), -2, -1),
+                  "n": emit(aten.select.int, state, 2, dv), "m": m_t}
+        for name, u in finals:
+            x = values[name]
+            if tuple(val(x).shape) != tuple(val(u).shape):          # m read as a slice: (B, H, 1)
+                x = emit(aten.reshape.default, x, list(val(u).shape))
+            if val(x).dtype != val(u).dtype:
+                x = emit(aten.to.dtype, x, val(u).dtype)
+            u.replace_all_uses_with(x)
     graph.eliminate_dead_code()
     _drop_dead_writes(graph, p.buffers)
 

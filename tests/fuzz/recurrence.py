@@ -428,12 +428,14 @@ def ssd_channel_decay(r, seed, triton):
     return _case("ssd", name, fn, [q, k, v, w], r, seed, triton, tag=tag, expect=expect)
 
 
-def mlstm_chunkwise(query, key, value, ig, fg, *state, chunk, broken=None, extra=False, eps=1e-6):
+def mlstm_chunkwise(query, key, value, ig, fg, *state, chunk, broken=None, extra=False, ret_state=False,
+                    eps=1e-6):
     """xLSTM's chunkwise mLSTM as transformers' ``mlstm_chunkwise_native_autograd`` writes it
     (``mlstm_chunkwise_recurrent_fw_C`` then ``mlstm_chunkwise_parallel_fw_H``, transformers 5.24
     ``models/xlstm/modeling_xlstm.py``, itself the NX-AI mlstm_kernels native kernel), op for op;
     ``state`` a given (C, n, m); ``extra`` also returns the normalizer and the stabilizer (as
-    ``mlstm_chunkwise_parallel_fw_H`` does); ``broken`` changes one piece: "strict_mask" (the
+    ``mlstm_chunkwise_parallel_fw_H`` does), ``ret_state`` the final (C, n, m) (as
+    ``return_last_states=True`` does); ``broken`` changes one piece: "strict_mask" (the
     intra-chunk mask excludes the diagonal), "m_start" (the maximum starts at 1), "gate_sign"
     (A = B[chunk-1] + B + I), "no_state_decay" (the states do not decay), "inter_scale" (the gated
     queries scaled twice)."""
@@ -490,7 +492,10 @@ def mlstm_chunkwise(query, key, value, ig, fg, *state, chunk, broken=None, extra
     den = q_gated @ n_read.unsqueeze(-1) + scores.sum(dim=-1, keepdim=True)
     den = torch.maximum(torch.abs(den), torch.exp(-m_comb))
     h = (num / (den + eps)).view(bs, nh, t, -1)
-    return (h, den.reshape(bs, nh, t), m_comb.reshape(bs, nh, t)) if extra else h
+    outs = (h, den.reshape(bs, nh, t), m_comb.reshape(bs, nh, t)) if extra else (h,)
+    if ret_state:
+        outs += (c_states[:, :, -dk:, :], n_states[:, :, -dk:], m_states[:, :, -1:])
+    return outs if len(outs) > 1 else h
 
 
 def ssd_mlstm(r, seed, triton):
@@ -499,8 +504,9 @@ def ssd_mlstm(r, seed, triton):
     native kernel): a stabilized loop over chunks filling zero-filled state buffers slice by slice, and the
     intra-chunk form that reads them (ssd_stabilized).  Varied: chunk size and count (one chunk: a near
     miss), dtype (fp16 / bf16: left alone), the input gates' scale (beyond the guard's 20: the call runs
-    the program), the forget gates' offset, a given initial state (left alone), the normalizer and the
-    stabilizer returned too, and broken copies (one piece changed) that must stay as written."""
+    the program), the forget gates' offset, a given initial state (its maximum beyond the guard in some),
+    the final state returned, the normalizer and the stabilizer returned too, and broken copies (one
+    piece changed) that must stay as written."""
     Q = r.choice((2, 3, 4, 8))
     nc = size(r, 1, 3 if triton else 4)
     T = Q * nc
@@ -511,20 +517,24 @@ def ssd_mlstm(r, seed, triton):
     i_scale = r.choice((1.0, 4.0, 8.0, 12.0))
     igate = m.randn(B, H, T, scale=i_scale)
     fgate = m.randn(B, H, T, scale=2.0) + r.choice((0.0, 2.0, -2.0))
-    given = r.random() < 0.15
-    state0 = [m.randn(B, H, K, V), m.randn(B, H, K), m.randn(B, H, 1)] if given else []
-    extra = r.random() < 0.2
+    given = r.random() < 0.25
+    m_given = r.choice(("moderate", "moderate", "high"))      # high: beyond the guard's 20, runs the program
+    state0 = [m.randn(B, H, K, V), m.randn(B, H, K),
+              torch.full((B, H, 1), 30.0, dtype=dtype) if m_given == "high" else m.randn(B, H, 1, scale=3.0)] \
+        if given else []
+    extra, ret_state = r.random() < 0.2, r.random() < 0.3
     broken = r.choice((None,) * 8 + ("strict_mask", "m_start", "gate_sign", "no_state_decay", "inter_scale"))
     tag = tags(poison(r, [q, k, v, igate, fgate]), reset(r, [fgate]))
     eps = 1e-6
 
     def fn(*a):
-        return mlstm_chunkwise(*a, chunk=Q, broken=broken, extra=extra, eps=eps)
+        return mlstm_chunkwise(*a, chunk=Q, broken=broken, extra=extra, ret_state=ret_state, eps=eps)
 
-    name = "mlstm" + (f"_Q{Q}_nc{nc}") + ("_given" if given else "") + ("_extra" if extra else "") + \
+    name = "mlstm" + (f"_Q{Q}_nc{nc}") + (f"_given_{m_given}" if given else "") + ("_extra" if extra else "") + \
+        ("_state" if ret_state else "") + \
         (f"_i{i_scale:g}" if i_scale > 4 else "") + (f"_broken_{broken}" if broken else "")
     # (one chunk, or a key dim of 1: the contractions fold unit axes, a near miss)
-    lifted = dtype in (torch.float32, torch.float64) and nc >= 2 and K >= 2 and not given and not broken
+    lifted = dtype in (torch.float32, torch.float64) and nc >= 2 and K >= 2 and not broken
     return _case("ssd", name, fn, [q, k, v, igate, fgate, *state0], r, seed, triton, tag=tag,
                  expect="ssd" if lifted else "")
 

@@ -1,9 +1,10 @@
 """xLSTM's chunkwise mLSTM (transformers' ``mlstm_chunkwise_native_autograd``: a stabilized loop over
 chunks filling state buffers, then the intra-chunk form reading them) is lifted to one ssd over the
 sequence with x = e^I·[v, 1] and the closed form of its stabilizer (seqfuse/passes/ssd_stabilized.py).
-Outputs and every gradient equal eager; the unstabilized sums read I (and q, k, v) through
-``seqfuse::within``, so a call beyond the bounds runs the program as written; one changed piece of the
-program, a given initial state, one chunk or a 16-bit dtype leave it as written with a near miss."""
+Outputs and every gradient equal eager, a given initial state and the returned final state included;
+the unstabilized sums read I (and q, k, v, a given state) through ``seqfuse::within``, so a call beyond
+the bounds runs the program as written; one changed piece of the program, one chunk or a 16-bit dtype
+leave it as written with a near miss."""
 import pytest
 import torch
 
@@ -103,7 +104,7 @@ def test_a_reset_forget_gate_runs_the_program():
 
 @pytest.mark.parametrize("broken,why", [
     ("strict_mask", "causal (lower triangular)"),
-    ("m_start", "initial state m is not zero"),
+    ("m_start", "initial state m is the constant 1"),
     ("gate_sign", "A is not B[Q-1] - B + I"),
     ("no_state_decay", "the state's decay"),
     ("inter_scale", "the scores' scale"),
@@ -115,18 +116,56 @@ def test_a_changed_piece_is_a_near_miss_naming_it(broken, why):
     assert len(found) == 1 and why in found[0], misses(report)
 
 
-def test_a_given_initial_state_is_a_near_miss():
-    ops = operands()
-    g = torch.Generator().manual_seed(5)
-    state = [torch.randn(2, 2, 4, 5, generator=g), torch.randn(2, 2, 4, generator=g), torch.randn(2, 2, 1, generator=g)]
-    report = check_against_eager(lambda *a: xlstm.mlstm_chunkwise_native_autograd(
-        *a[:5], c_initial=a[5], n_initial=a[6], m_initial=a[7], chunk_size=4), *ops, *state)
-    assert report.count("ssd") == 0, str(report)
-    assert any("given state is not lifted" in m for m in misses(report)), misses(report)
+def states(m0=None, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    c0, n0 = torch.randn(2, 2, 4, 5, generator=g), torch.randn(2, 2, 4, generator=g)
+    m0 = torch.randn(2, 2, 1, generator=g) * 3 if m0 is None else torch.full((2, 2, 1), m0)
+    return [x.requires_grad_() for x in (c0, n0, m0)]
 
 
-def test_one_chunk_and_sixteen_bit_programs_are_near_misses():
+def with_states(*a):
+    """The kernel from a given state (C0, n0, m0), returning its final state (return_last_states=True)."""
+    h, (c, n, m) = xlstm.mlstm_chunkwise_native_autograd(*a[:5], c_initial=a[5], n_initial=a[6], m_initial=a[7],
+                                                         chunk_size=4, return_last_states=True)
+    return h, c, n, m
+
+
+def test_returned_final_state_is_the_ssds_scaled_by_the_last_maximum():
+    # return_last_states=True from zeros (xLSTM's inference path passes zero states it allocates)
+    def fn(*a):
+        z = [torch.zeros(2, 2, 4, 5), torch.zeros(2, 2, 4), torch.zeros(2, 2, 1)]
+        return with_states(*a, *z)
+    report = check_against_eager(fn, *operands())
+    assert report.count("ssd") == 1 and not misses(report), str(report)
+    ssd, = [r.ir for r in report.rewrites if r.kind == "ssd"]
+    assert "h0=" not in ssd, ssd
+
+
+def test_given_state_enters_as_h0():
+    report = check_against_eager(with_states, *operands(), *states())
+    ssd, = [r.ir for r in report.rewrites if r.kind == "ssd"]
+    assert "h0=" in ssd and not misses(report), str(report)
+    assert sum(report.fallbacks.get("graph", {}).values()) == 0, report.fallbacks
+
+
+def test_given_maximum_beyond_the_bound_runs_the_program():
+    report, caught = check_nans_against_eager(with_states, [*operands(), *states(m0=30.0)], {})
+    assert report.count("ssd") == 1 and sum(report.fallbacks["graph"].values()) == 1, report.fallbacks
+    assert any("seqfuse.within" in m for m in caught), caught
+
+
+def test_one_chunk_is_a_near_miss():
     report = check_against_eager(kernel(4), *operands(nc=1))
     assert report.count("ssd") == 0 and any("one chunk" in m for m in misses(report)), misses(report)
+
+
+def test_sixteen_bit_program_is_a_near_miss():
     report = check_against_eager(kernel(4), *operands(dtype=torch.bfloat16), grads=False, bound=5e-2)
     assert report.count("ssd") == 0 and any("torch.bfloat16" in m for m in misses(report)), misses(report)
+
+
+def test_dynamic_sizes_are_a_near_miss():
+    # under dynamic=True the chunk loop is still unrolled for one chunk count, with symbolic sizes (and
+    # eps a float input): named, not silently skipped
+    report = check_against_eager(kernel(4), *operands(), dynamic=True)
+    assert report.count("ssd") == 0 and any("dynamic=True" in m for m in misses(report)), misses(report)
