@@ -208,9 +208,14 @@ def _max_operands(node, test, what: str):
     raise NoMatch(f"{what}: neither operand of {node.name} has the expected form")
 
 
+def _is_sub(node) -> bool:
+    """Whether ``node`` is a - b (no alpha)."""
+    return is_op(node, aten.sub) and len(node.args) == 2 and not node.kwargs
+
+
 def _scalar_sub(node, plus, minus, what: str):
     """Require ``node`` = exp(``plus`` - ``minus``) (nodes or the same expressions)."""
-    if not is_op(node, aten.exp) or not is_op(node.args[0], aten.sub) or node.args[0].kwargs or \
+    if not is_op(node, aten.exp) or not _is_sub(node.args[0]) or \
             not _same(node.args[0].args[0], plus) or not _same(node.args[0].args[1], minus):
         raise NoMatch(f"{what} is not exp of the expected difference")
 
@@ -280,7 +285,7 @@ class _Program:
             raise NoMatch("the input gate I_j is not broadcast along the queries")
         self.i_gate = iu.args[0]
         mask, diff, fill = w.args if len(w.args) == 3 else (None, None, None)
-        if not (w.target is aten.where.ScalarOther and fill == -math.inf and is_op(diff, aten.sub)):
+        if not (w.target is aten.where.ScalarOther and fill == -math.inf and _is_sub(diff)):
             raise NoMatch("LogD is not where(causal, B_i - B_j, -inf) + I_j")
         _unsqueezed(diff.args[0], b, 4, "B_i")
         _unsqueezed(diff.args[1], b, 3, "B_j")
@@ -314,7 +319,7 @@ class _Program:
         eg = next((f for f in rest if is_op(f, aten.exp)), None)
         if eg is None or not _same(next(f for f in rest if f is not eg), q5):
             raise NoMatch("the gated queries do not read the scores' q")
-        if not is_op(eg.args[0], aten.sub) or not _same(eg.args[0].args[1], m5):
+        if not _is_sub(eg.args[0]) or not _same(eg.args[0].args[1], m5):
             raise NoMatch("the queries' gate is not exp(B + m_z - m)")
         _unsqueezed(eg.args[0].args[0], binter, 4, "the queries' gate B + m_z")
         self.scale, self.q5, self.k5, self.v5 = scale, q5, k5, v5
@@ -370,6 +375,9 @@ class _Program:
                 raise NoMatch(f"the initial state {name} is the constant {c:g}, not zero or a given state")
             if c is None and val(x).dtype not in (torch.float32, torch.float64):
                 raise NoMatch(f"the given initial state {name} is {val(x).dtype}, not fp32 or fp64")
+            want = {"C": (bs, h, dk, dv), "n": (bs, h, dk), "m": (bs, h)}[name]
+            if c is None and tuple(val(x).shape) != want:
+                raise NoMatch(f"the given initial state {name} has shape {tuple(val(x).shape)}, not {want}")
             self.initial[name] = None if c == 0.0 else x
         self.a_tensor = None
         for z in range(nc):
@@ -381,8 +389,9 @@ class _Program:
         sl = read
         if view:
             sl, _ = _split(read)
-            if sl is read:
-                raise NoMatch(f"the {name} states are not a view of a buffer")
+            bs, h, nc = shape[0], shape[1], shape[2] // width - 1
+            if sl is read or tuple(val(read).shape) != (bs, h, nc, width, *shape[3:]):
+                raise NoMatch(f"the {name} states are not a per-chunk view of a buffer")
         if not is_op(sl, aten.slice) or _dim(sl, 1, val(sl.args[0]).dim()) != dim:
             raise NoMatch(f"the {name} states are not a slice of a buffer")
         buf = sl.args[0]
@@ -445,7 +454,7 @@ class _Program:
             raise NoMatch(f"{what}: max_j A is not the chunk's maximum of A")
         if self.a_tensor is None:
             try:
-                lin, iv = _either(a_tensor, aten.add, lambda x: is_op(x, aten.sub), f"{what}: A")
+                lin, iv = _either(a_tensor, aten.add, _is_sub, f"{what}: A")
                 if not _same(iv, self.i_gate) or not _same(lin.args[1], self.b):
                     raise NoMatch("A")
                 _unsqueezed(lin.args[0], blast, 3, f"{what}: B[Q-1] in A")
@@ -470,7 +479,7 @@ class _Program:
         kk = next(f for f in ks if f is not eks[0])
         ek = eks[0].args[0]
         _trailing_units(eks[0], ek, f"{what}: the keys' gate")
-        if not is_op(ek, aten.exp) or not is_op(ek.args[0], aten.sub):
+        if not is_op(ek, aten.exp) or not _is_sub(ek.args[0]):
             raise NoMatch(f"{what}: the keys' gate is not exp(A - m')")
         a_z, az2 = _select(ek.args[0].args[0], 2, f"{what}: A_z")
         if not _same(a_z, self.a_tensor) or az2 != z:
