@@ -240,6 +240,26 @@ def minimax_lightning_workload(quick, device):
     return Workload(model, (x,), f"MiniMax lightning attention B=2 L={L} d={d} heads={heads}x{hd} block={block} fp32")
 
 
+def xlstm_mlstm_workload(quick, device):
+    """transformers' chunkwise mLSTM kernel (``mlstm_chunkwise_native_autograd``, xLSTM's training path): a
+    stabilized loop over chunks filling state buffers, then the intra-chunk form (seqfuse: one fp64 ssd
+    under value guards, ssd_stabilized)."""
+    from transformers.models.xlstm.modeling_xlstm import mlstm_chunkwise_native_autograd
+
+    B, H, T, D, Q = (1, 2, 32, 8, 8) if quick else (1, 4, 1024, 64, 64)
+
+    class Kernel(torch.nn.Module):
+        def forward(self, q, k, v, i_gate, f_gate):
+            return mlstm_chunkwise_native_autograd(q, k, v, i_gate, f_gate, chunk_size=Q)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device) for _ in range(3))
+    i_gate, f_gate = torch.randn(B, H, T, generator=g).to(device), (torch.randn(B, H, T, generator=g) + 3).to(device)
+    # the kernel has no parameters: --train differentiates with respect to its inputs
+    return Workload(Kernel(), tuple(x.requires_grad_() for x in (q, k, v, i_gate, f_gate)),
+                    f"xLSTM chunkwise mLSTM B={B} H={H} T={T} K=V={D} chunk={Q} fp32")
+
+
 WORKLOADS = {
     "naive_causal_attention": attention_workload,  # the headline
     "gpt2": gpt2_workload,
@@ -255,6 +275,8 @@ WORKLOADS = {
     "mamba2_chunked": mamba2_chunked_workload,
     # a chunk loop with decay tables as module buffers (transformers' MiniMax)
     "minimax_lightning": minimax_lightning_workload,
+    # a stabilized chunk loop writing state buffers (transformers' xLSTM)
+    "xlstm_mlstm": xlstm_mlstm_workload,
 }
 
 # the delta-rule workloads live in benchmarks/workloads_delta.py (it imports Workload and _example

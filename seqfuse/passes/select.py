@@ -93,6 +93,13 @@ def _static(x) -> int | None:
 # vector decay and for states of P·N <= 4096; the rules above otherwise.  (Without a C compiler the
 # recurrent call runs the eager loop, 2-5x slower than chunked at T >= 256: force
 # {"ssd": "chunked"} there.)
+# In fp64 the chunked form's matmuls run at half fp32's speed while the C loop barely slows, and the
+# loop wins at every state size measured (2 threads, best of 3, fwd / fwd+bwd ms, session 36):
+#   (1, 2048, 8, 64, 128) fp64: C recurrent 23 / 107   chunked 43 / 153   (fp32: 12 / 54, 19 / 77)
+#   (2, 1024, 4, 32, 32)  fp64: C recurrent  2 / 10    chunked  8 / 27
+#   xLSTM's lifted mLSTM (fp64 ssd, P = V + 1, N = K; B = 1, H = 4, T = 1024), fwd+bwd through the
+#   compiled kernel: K = 32: 8.7 vs 31.7; 64: 15.9 vs 40.6; 128: 47.7 vs 88.5
+# So fp64 takes the C kernel at any state it supports (N <= 256).
 SSD_ALGORITHMS = ("recurrent", "quadratic", "chunked")
 SSD_RECURRENT_MAX_T = 1
 SSD_QUADRATIC_MAX_T = {"none": 64, "scalar": 64, "vector": 16}
@@ -134,7 +141,7 @@ def _cpu_recurrent(op: SSD) -> bool:
     P, N = _static(x.shape[-1]), _static(val(op.b).shape[-1])
     if P is None or N is None or N > CPU_KERNEL_MAX_N:
         return False
-    return op.decay == "vector" or P * N <= CPU_RECURRENT_MAX_STATE
+    return op.decay == "vector" or P * N <= CPU_RECURRENT_MAX_STATE or x.dtype == torch.float64
 
 
 def choose_ssd(op: SSD, options=None) -> str:

@@ -24,6 +24,14 @@ if not torch.cuda.is_available():
         import triton.language  # noqa: F401
     except ImportError:
         pass
+    try:
+        # gluon wraps triton.language's standard library as it finds it (jitted for the interpreter
+        # here) and asserts the mode matches when first imported; flash-linear-attention imports it,
+        # so a test module importing fla after this conftest failed at collection unless another
+        # module had imported fla first
+        import triton.experimental.gluon  # noqa: F401
+    except Exception:
+        pass
     finally:
         if _saved is None:
             del os.environ["TRITON_INTERPRET"]

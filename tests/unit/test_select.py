@@ -93,11 +93,13 @@ def test_choose_ssd_by_sequence_length_and_decay():
 
 
 def test_choose_ssd_on_cpu_runs_the_c_kernel_for_states_it_is_fastest_on():
-    def cpu(T, P, N, decay="scalar"):
-        _, op = ssd_op(T, decay, x=torch.empty(2, T, 4, P), P=P, N=N)
+    def cpu(T, P, N, decay="scalar", dtype=torch.float32):
+        _, op = ssd_op(T, decay, x=torch.empty(2, T, 4, P, dtype=dtype), P=P, N=N)
         return choose_ssd(op)
     assert cpu(4096, 32, 32) == "recurrent" and cpu(64, 64, 64) == "recurrent"
     assert cpu(4096, 64, 128) == "chunked"                     # Mamba-2's heads: the matmuls win
+    assert cpu(4096, 64, 128, dtype=torch.float64) == "recurrent"   # fp64 matmuls at half speed: the loop
+    assert cpu(4096, 8, 512, dtype=torch.float64) == "chunked"      # N beyond the C kernel's local state
     assert cpu(4096, 64, 128, "vector") == "recurrent"         # the (Q, Q, N) tiles lose to the loop
     assert cpu(4096, 8, 512, "vector") == "chunked"            # N beyond the C kernel's local state
 
