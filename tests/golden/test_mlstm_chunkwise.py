@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not hasattr(xlstm, "mlstm_chunkwise_native_autog
                                 reason="transformers' native chunkwise mLSTM kernel")
 
 
-def operands(nc=3, chunk=4, d=4, dv=5, seed=0, i_scale=3.0, dtype=torch.float32):
+def operands(nc=2, chunk=4, d=4, dv=5, seed=0, i_scale=3.0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     t = nc * chunk
     q, k = (torch.randn(2, 2, t, d, generator=g, dtype=dtype) for _ in range(2))
@@ -167,5 +167,7 @@ def test_sixteen_bit_program_is_a_near_miss():
 def test_dynamic_sizes_are_a_near_miss():
     # under dynamic=True the chunk loop is still unrolled for one chunk count, with symbolic sizes (and
     # eps a float input): named, not silently skipped
-    report = check_against_eager(kernel(4), *operands(), dynamic=True)
+    # (inference, two chunks: compiling the unrewritten dynamic program for training took 30 s)
+    report = check_against_eager(kernel(2), *(x.detach() for x in operands(nc=2, chunk=2)), dynamic=True,
+                                 grads=False)
     assert report.count("ssd") == 0 and any("dynamic=True" in m for m in misses(report)), misses(report)
