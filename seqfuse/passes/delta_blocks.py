@@ -39,7 +39,7 @@ from seqfuse.ir.ops import Delta
 from seqfuse.passes.delta import (_MM, _MMT, NotDelta, _canon_eq, _Chunked, _ChunkRewrite, chunked_from,
                                   erase_dead_inverse)
 from seqfuse.passes.loop_vectorize import known_eq
-from seqfuse.passes.pattern import (CASTS, IDENTITIES, emit_before, evaluate_shape_only, is_op,
+from seqfuse.passes.pattern import (CASTS, IDENTITIES, emit_before, erase_write_only, evaluate_shape_only, is_op,
                                     is_shape_only, known_int, mutates, val, written)
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_decay import is_full_slice
@@ -434,40 +434,11 @@ class _Blocked:
         for n in sorted(self.mutable - {self.Oi}, key=pos.__getitem__, reverse=True):
             if not n.users:
                 g.erase_node(n)
-        _erase_write_only(g)
+        erase_write_only(g)
         g.eliminate_dead_code()
         for N, nodes in self.cx.inverses:
             erase_dead_inverse(g, N, nodes)
         g.eliminate_dead_code()
-
-
-def _erase_write_only(graph) -> None:
-    """Erase fresh buffers that are only written (their views and in-place writes read by nothing, the
-    buffer not returned): the attention matrix delta_rule_parallel also fills, once the op replaced its
-    output.  Its in-place writes would keep it, and what they read, alive through dead-code elimination."""
-    for node in list(graph.nodes):
-        if getattr(node, "_erased", False) or not is_op(node, *_FRESH):
-            continue
-        closure, stack, ok = [], [node], True
-        while stack and ok:
-            n = stack.pop()
-            for u in n.users:
-                if u in closure:
-                    continue
-                if is_op(u, *_VIEWS, aten.unsqueeze) and u.args[0] is n:
-                    closure.append(u)
-                    stack.append(u)
-                elif u.op == "call_function" and mutates(u, n) and not u.users:
-                    closure.append(u)
-                else:
-                    ok = False
-                    break
-        if ok and closure:
-            pos = {n: i for i, n in enumerate(graph.nodes)}
-            for n in sorted(closure, key=pos.__getitem__, reverse=True):
-                graph.erase_node(n)
-            if not node.users:
-                graph.erase_node(node)
 
 
 class DeltaBlocksPass(Pass):

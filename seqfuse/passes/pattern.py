@@ -362,6 +362,41 @@ def writes_through(u, n) -> bool:
     return info.is_write or written(u)
 
 
+#: fresh buffers a program fills in place, and the views through which it writes them
+_FRESH_BUFFERS = (aten.empty, aten.empty_like, aten.new_empty, aten.zeros, aten.zeros_like, aten.new_zeros)
+_BUFFER_VIEWS = (aten.reshape, aten.view, aten._unsafe_view, aten.slice, aten.select, aten.alias, aten.unsqueeze)
+
+
+def erase_write_only(graph: torch.fx.Graph) -> None:
+    """Erase fresh buffers that are only written (their views and in-place writes read by nothing, the
+    buffer not returned): the attention matrix delta_rule_parallel also fills, or the state buffers of
+    mLSTM's chunk loop, once an op replaced what read them.  Their in-place writes would keep them, and
+    what they read, alive through dead-code elimination."""
+    for node in list(graph.nodes):
+        if getattr(node, "_erased", False) or not is_op(node, *_FRESH_BUFFERS):
+            continue
+        closure, stack, ok = [], [node], True
+        while stack and ok:
+            n = stack.pop()
+            for u in n.users:
+                if u in closure:
+                    continue
+                if is_op(u, *_BUFFER_VIEWS) and u.args[0] is n:
+                    closure.append(u)
+                    stack.append(u)
+                elif u.op == "call_function" and mutates(u, n) and not u.users:
+                    closure.append(u)
+                else:
+                    ok = False
+                    break
+        if ok and closure:
+            pos = {n: i for i, n in enumerate(graph.nodes)}
+            for n in sorted(closure, key=pos.__getitem__, reverse=True):
+                graph.erase_node(n)
+            if not node.users:
+                graph.erase_node(node)
+
+
 def same_expr(a: Any, b: Any, depth: int = 12) -> bool:
     """Whether ``a`` and ``b`` compute the same value: the same node, equal constants, or the same
     deterministic op applied to arguments that are the same expressions (``-s`` written twice in a

@@ -50,8 +50,8 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from seqfuse.ir.ops import SSD
-from seqfuse.passes.pattern import emit_before, evaluate_shape_only, fill_constant, is_op, is_shape_only, \
-    same_expr, val
+from seqfuse.passes.pattern import emit_before, erase_write_only, evaluate_shape_only, fill_constant, is_op, \
+    is_shape_only, same_expr, val
 from seqfuse.passes.registry import Pass, PassContext
 from seqfuse.passes.ssd_forms import ssd_value
 
@@ -225,6 +225,8 @@ class _Program:
 
     def __init__(self, gm, div):
         self.gm, self.div = gm, div
+        self.reads = []         # the buffers' slices the intra-chunk form reads
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         num, den = div.args
         eps, mx = _either(den, aten.add, _scalar, "the denominator")
         self.eps = eps
@@ -334,7 +336,7 @@ class _Program:
             raise NoMatch("the normalizer's intra-chunk term is not the scores summed over the keys")
         self._shapes()
         self._states(cview, nu.args[0])
-        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        order = self.order
         first = min([self.div, *(x for us in self.finals.values() for u in us for x in u.users)],
                     key=order.__getitem__)
         if any(order[x] > order[first] for x in (self.q5, self.k5, self.v5, self.i_gate, self.loga)):
@@ -382,7 +384,6 @@ class _Program:
         self.a_tensor = None
         for z in range(nc):
             self._step(z, cs[z], ns[z], ms[z], cs[z + 1], ns[z + 1], ms[z + 1])
-        self.buffers = (cb, nb, mb)
 
     def _buffer(self, read, dim, width, shape, name, view=True):
         """The zero-filled buffer that ``read`` (its first nc chunks, viewed per chunk) reads."""
@@ -401,13 +402,13 @@ class _Program:
             raise NoMatch(f"the {name} states read are not every chunk's but the last")
         if not is_op(buf, aten.zeros) or tuple(val(buf).shape) != shape:
             raise NoMatch(f"the {name} states' buffer is not a zero-filled tensor of one slot per chunk boundary")
-        self.reads = getattr(self, "reads", []) + [sl]
+        self.reads.append(sl)
         return buf
 
     def _writes(self, buf, width, nc, name):
         """The values written into ``buf``'s nc + 1 slots, in slot order (each by one copy_); a read of the
         last slot alone after every write (a returned final state) is kept in ``self.finals[name]``."""
-        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        order = self.order
         size = (nc + 1) * width
         slots: dict = {}
         finals = []
@@ -531,7 +532,7 @@ def _rewrite(ctx, p: _Program) -> None:
     graph, div = ctx.graph, p.div
     bs, h, nc, q_len, dk, dv = p.sizes
     t = nc * q_len
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = p.order             # (nothing was inserted since the match)
     finals = [(name, u) for name, us in p.finals.items() for u in us]
     before = min([div, *(x for _, u in finals for x in u.users)], key=order.__getitem__)
 
@@ -609,17 +610,4 @@ def _rewrite(ctx, p: _Program) -> None:
                 x = emit(aten.to.dtype, x, val(u).dtype)
             u.replace_all_uses_with(x)
     graph.eliminate_dead_code()
-    _drop_dead_writes(graph, p.buffers)
-
-
-def _drop_dead_writes(graph, buffers) -> None:
-    """Erase the loop's slot writes into ``buffers`` once nothing reads the buffers any more."""
-    for buf in buffers:
-        slots = list(buf.users)
-        if any(not (len(s.users) == 1 and next(iter(s.users)).target is aten.copy_.default
-                    and not next(iter(s.users)).users) for s in slots):
-            continue                    # still read (a returned state): the loop stays
-        for s in slots:
-            graph.erase_node(next(iter(s.users)))
-            graph.erase_node(s)
-        graph.erase_node(buf)
+    erase_write_only(graph)             # the loop's slot writes into the buffers nothing reads now
