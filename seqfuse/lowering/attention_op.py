@@ -31,7 +31,7 @@ from seqfuse.ir.masks import fill_dominates
 from seqfuse.lowering.aten import attention as aten_attention
 from seqfuse.lowering.autograd import as_result, autograd_inside_op
 from seqfuse.lowering.reference.attention import attention_reference
-from seqfuse.runtime import Impl, register_impl, run
+from seqfuse.runtime import Impl, all_finite, below_pos_inf, register_impl, run
 from seqfuse.runtime.counters import count_fallback
 
 ATTR_NAMES = ("scale", "mask", "diag", "window", "fill", "bias_after_mask", "gqa_groups", "softcap", "dropout",
@@ -214,8 +214,10 @@ def _is_sdpa_call(q, k, v, bias, keep, scale=None, mask="none", diag=0, window=0
 
 
 def _nonfinite(q, k, v, bias) -> bool:
-    bad = lambda x: not bool(torch.isfinite(x).all())  # noqa: E731
-    return bad(q) or bad(k) or bad(v) or (bias is not None and bool((bias.isnan() | (bias == math.inf)).any()))
+    ok = all_finite(q, k, v)
+    if bias is not None:  # a -inf bias is a mask
+        ok = ok & below_pos_inf(bias).to(ok.device)
+    return not bool(ok)
 
 
 def eager_attention(q, k, v, bias=None, keep=None, sink=None, **attrs):

@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqfuse.runtime import poisoned, refuse_or_poison
+from seqfuse.runtime import all_within, poisoned, refuse_or_poison
 
 
 @torch.library.custom_op("seqfuse::within", mutates_args=())
 def within(x: Tensor, lo: float, hi: float) -> Tensor:
     """A copy of ``x``; raises ProgramRequired when an element is outside [lo, hi] or NaN (under
     CUDA graph capture: the copy is all NaN then, see the module docstring)."""
-    poison = refuse_or_poison(((x >= lo) & (x <= hi)).all(),
+    poison = refuse_or_poison(all_within(x, lo, hi),
                               f"seqfuse.within: a value outside [{lo:g}, {hi:g}] (or NaN) where the rewritten "
                               "form equals the program only inside that range")
     return poisoned((x.clone(),), poison)[0]

@@ -31,7 +31,7 @@ from torch import Tensor
 from seqfuse.lowering.autograd import as_result, recompute_grads
 from seqfuse.lowering.reference.ssd import ALGORITHMS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_reference, \
     ssd_shapes
-from seqfuse.runtime import Impl, poisoned, refuse_nonfinite_decay, register_impl, run
+from seqfuse.runtime import Impl, all_finite, poisoned, refuse_nonfinite_decay, register_impl, run
 
 
 def _check(x, b, c, a, d, h0, decay, chunk, algorithm):
@@ -124,7 +124,7 @@ def _reference_forward(x, b, c, a, d, h0, attrs):
 
 
 def _reference_backward(grad_y, grad_h, x, b, c, a, d, h0, attrs):
-    finite = all(t is None or bool(torch.isfinite(t).all()) for t in (grad_y, grad_h, x, b, c, a, d, h0))
+    finite = bool(all_finite(grad_y, grad_h, x, b, c, a, d, h0))
     if attrs["algorithm"] == "chunked" and finite:  # the chunked algorithm's own adjoint, written out
         return ssd_chunked_backward(grad_y, grad_h, x, b, c, a, d, h0, decay=attrs["decay"], chunk=attrs["chunk"],
                                     needs=attrs["needs"])

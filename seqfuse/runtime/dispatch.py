@@ -20,6 +20,7 @@ import torch
 
 from seqfuse import log
 from seqfuse.runtime.counters import count_call, count_fallback
+from seqfuse.runtime.values import all_finite
 
 PATHS = ("triton", "cpu", "aten", "eager")
 RUNTIME_CHOICES = ("auto", "triton", "cpu", "aten", "eager")
@@ -55,11 +56,11 @@ def refuse_or_poison(ok, message: str):
 
 def refuse_nonfinite_decay(kind: str, name: str, decay):
     """:func:`refuse_or_poison` for the log-decay tensor ``decay`` (operand ``name`` of op ``kind``,
-    lowered with ``finite_only``): refused when it holds a NaN or an infinity.  One ``isfinite``
+    lowered with ``finite_only``): refused when it holds a NaN or an infinity.  One ``aminmax``
     reduction (a device synchronization on CUDA)."""
     if decay is None:
         return None
-    return refuse_or_poison(decay.isfinite().all(),
+    return refuse_or_poison(all_finite(decay),
                             f"seqfuse.{kind}: a non-finite log-decay {name} in a program that forms its decays "
                             "as differences (inf - inf = NaN there; this op resets the state exactly)")
 

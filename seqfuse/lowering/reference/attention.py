@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seqfuse.ir.masks import position_mask
+from seqfuse.runtime.values import all_finite
 
 
 def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none", diag=0, window=0,
@@ -35,7 +36,7 @@ def attention_reference(q, k, v, bias=None, keep=None, *, scale=None, mask="none
     # CPU GEMMs for bf16/fp16 spread a NaN row to the rows packed with it (forward and backward),
     # and the program's NaN positions are the contract
     as_program = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype and \
-        not bool(torch.isfinite(q).all() and torch.isfinite(k).all() and torch.isfinite(v).all())
+        not bool(all_finite(q, k, v))
     if as_program:
         s = torch.matmul(q, k.transpose(-2, -1)).to(acc) * scale
     else:

@@ -26,7 +26,7 @@ import torch
 
 from seqfuse.lowering.aten.attention import call_reason, scale_of
 from seqfuse.lowering.triton.common import availability
-from seqfuse.runtime import Impl, register_impl
+from seqfuse.runtime import Impl, all_finite, register_impl
 from seqfuse.runtime.cache import ConfigCache, autotune, make_key, time_cuda
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -261,7 +261,7 @@ def supports(t: dict, a: dict) -> str | None:
             return f"sink of dtype {sink.dtype} on {sink.device}"
         if sink.dim() > len(rows) or any(s not in (1, e) for s, e in zip(reversed(sink.shape), reversed(rows))):
             return f"sink {tuple(sink.shape)} does not broadcast to the rows {rows}"
-        if not bool(torch.isfinite(sink).all()):
+        if not bool(all_finite(sink)):
             return "a NaN or inf sink logit"
     if keep is not None and keep.dtype != torch.bool:
         return f"keep dtype {keep.dtype}"

@@ -29,7 +29,7 @@ import torch
 
 from seqfuse.lowering.reference.delta import check_delta_args, out_dtype
 from seqfuse.lowering.triton.common import availability
-from seqfuse.runtime import Impl, register_impl
+from seqfuse.runtime import Impl, all_finite, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the (BLOCK_K, BLOCK_V) state block and the (BLOCK_T, BLOCK_K) chunk tiles live in registers
@@ -81,7 +81,7 @@ def supports(t: dict, a: dict) -> str | None:
         return f"shapes: {exc}"
     if q.shape[-1] > MAX_DIM or t["v"].shape[-1] > MAX_DIM:
         return f"head dims K={q.shape[-1]}, V={t['v'].shape[-1]} above {MAX_DIM} (the state block lives in registers)"
-    if not all(x is None or bool(torch.isfinite(x).all()) for _, x in named):
+    if not bool(all_finite(*(x for _, x in named))):
         return "a NaN or inf operand (the chunked form mixes every step of a chunk)"
     return None
 

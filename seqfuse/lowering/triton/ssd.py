@@ -37,7 +37,7 @@ import torch
 
 from seqfuse.lowering.reference.ssd import DECAYS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_shapes
 from seqfuse.lowering.triton.common import availability
-from seqfuse.runtime import Impl, register_impl
+from seqfuse.runtime import Impl, all_finite, below_pos_inf, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the state block (BLOCK_P, N) of a program lives in registers
@@ -100,15 +100,10 @@ def operand_reason(t: dict, decay) -> tuple[str | None, tuple | None]:
 def _nonfinite_operand(t: dict) -> bool:
     """A NaN or ±inf in any operand but the log-decay, or a NaN or +inf in the log-decay (-inf, a
     reset of the state, is exact)."""
-    for name, v in t.items():
-        if v is None:
-            continue
-        if name == "a":
-            if bool((v.isnan() | (v == float("inf"))).any()):
-                return True
-        elif not bool(torch.isfinite(v).all()):
-            return True
-    return False
+    ok = all_finite(*(v for name, v in t.items() if name != "a"))
+    if t.get("a") is not None:
+        ok = ok & below_pos_inf(t["a"]).to(ok.device)
+    return not bool(ok)
 
 
 def supports(t: dict, a: dict) -> str | None:
