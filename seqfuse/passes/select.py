@@ -89,8 +89,8 @@ def _static(x) -> int | None:
 #   vector (2, 1024, 4, 32, 32):                    C recurrent 18          chunked 64
 #          (2, 4096, 4, 64, 64):                    C recurrent 317 / 1317  chunked 788 / 3622
 # The loop does P·N work per step and head with no matmul; the chunked form's matmuls catch up
-# once the state is large (P·N = 8192 for Mamba-2's 64 × 128 heads).  So on CPU: recurrent for
-# vector decay and for states of P·N <= 4096; the rules above otherwise.  (Without a C compiler the
+# once the state is large.  So on CPU: recurrent for vector decay and for states up to
+# CPU_RECURRENT_MAX_STATE; the rules above otherwise.  (Without a C compiler the
 # recurrent call runs the eager loop, 2-5x slower than chunked at T >= 256: force
 # {"ssd": "chunked"} there.)
 # In fp64 the chunked form's matmuls run at half fp32's speed while the C loop barely slows, and the
@@ -100,13 +100,26 @@ def _static(x) -> int | None:
 #   xLSTM's lifted mLSTM (fp64 ssd, P = V + 1, N = K; B = 1, H = 4, T = 1024), fwd+bwd through the
 #   compiled kernel: K = 32: 8.7 vs 31.7; 64: 15.9 vs 40.6; 128: 47.7 vs 88.5
 # So fp64 takes the C kernel at any state it supports (N <= 256).
+# The fp32 bound was P·N <= 4096 from the two rows at P·N = 8192 above.  Measured again (session 37,
+# quiet machine, the op with runtime "auto", scalar decay, b and c per head, best of 4, fwd / fwd+bwd
+# ms, 1 thread | 2 threads), the loop wins up to P·N = 16384 and the matmuls only at 32768:
+#   (1, 2048, 8, 64, 128)   8192:  C recurrent 17.6 / 94.7   chunked 55.6 / 115.6  |  10.3 / 56.2   19.1 / 67.6
+#   (1, 4096, 8, 64, 128)   8192:              38.9 / 181.1          65.0 / 218.8  |  21.1 / 105.9  39.4 / 142.4
+#   (4, 256, 8, 64, 128)    8192:               8.0 / 36.5           15.0 / 53.0   |   4.2 / 22.2    8.8 / 31.9
+#   (1, 1024, 8, 128, 128) 16384:              14.4 / 71.8           23.7 / 82.2   |   9.2 / 46.6   14.1 / 52.3
+#   (1, 2048, 4, 64, 256)  16384:              19.2 / 87.7           24.6 / 99.6   |  11.9 / 52.0   14.8 / 53.4
+#   (1, 2048, 4, 256, 64)  16384:              16.0 / 79.6           26.6 / 98.8   |   8.9 / 45.9   15.9 / 65.3
+#   (1, 2048, 4, 128, 256) 32768:              35.2 / 162.4          36.6 / 135.2  |  24.3 / 88.6   23.3 / 82.6
+# (b and c shared by the heads, Mamba-2's one group, favour the loop more: (1, 2048, 8, 64, 128)
+# 17.7 / 84.4 vs 31.0 / 134.7 on 1 thread.)  The earlier rows were taken under load and before the C
+# kernel's N = 64 / 128 specializations.
 SSD_ALGORITHMS = ("recurrent", "quadratic", "chunked")
 SSD_RECURRENT_MAX_T = 1
 SSD_QUADRATIC_MAX_T = {"none": 64, "scalar": 64, "vector": 16}
 SSD_CHUNK = {"none": 64, "scalar": 64, "vector": 8}
 #: the C kernel's largest state dim (seqfuse/lowering/cpu MAX_N), and the largest P·N it is chosen for
 CPU_KERNEL_MAX_N = 256
-CPU_RECURRENT_MAX_STATE = 4096
+CPU_RECURRENT_MAX_STATE = 16384
 
 
 # --- the recurrent (decode) form on CUDA ----------------------------------------------------

@@ -97,7 +97,9 @@ def test_choose_ssd_on_cpu_runs_the_c_kernel_for_states_it_is_fastest_on():
         _, op = ssd_op(T, decay, x=torch.empty(2, T, 4, P, dtype=dtype), P=P, N=N)
         return choose_ssd(op)
     assert cpu(4096, 32, 32) == "recurrent" and cpu(64, 64, 64) == "recurrent"
-    assert cpu(4096, 64, 128) == "chunked"                     # Mamba-2's heads: the matmuls win
+    assert cpu(4096, 64, 128) == "recurrent"                   # Mamba-2's heads (P·N = 8192): the loop
+    assert cpu(4096, 64, 256) == "recurrent" and cpu(4096, 256, 64) == "recurrent"   # P·N = 16384
+    assert cpu(4096, 128, 256) == "chunked"                    # P·N = 32768: the matmuls catch up
     assert cpu(4096, 64, 128, dtype=torch.float64) == "recurrent"   # fp64 matmuls at half speed: the loop
     assert cpu(4096, 8, 512, dtype=torch.float64) == "chunked"      # N beyond the C kernel's local state
     assert cpu(4096, 64, 128, "vector") == "recurrent"         # the (Q, Q, N) tiles lose to the loop
