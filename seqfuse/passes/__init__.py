@@ -8,6 +8,7 @@ from seqfuse.passes.delta_blocks import DeltaBlocksPass
 from seqfuse.passes.long_conv import LongConvPass
 from seqfuse.passes.loop_map import MapLoopPass
 from seqfuse.passes.loops import LoopPass
+from seqfuse.passes.mlstm_loop import MLSTMLoopPass
 from seqfuse.passes.registry import (Pass, PassContext, enabled_passes, register_pass, registered_passes,
                                      unregister_pass)
 from seqfuse.passes.scan_discretize import ScanDiscretizePass
@@ -23,6 +24,9 @@ from seqfuse.passes.triangular import TriangularPass
 # First: xLSTM's chunkwise mLSTM is proven as a whole program (its chunk loop, the buffers it fills, the
 # intra-chunk form that reads them); the loop passes would otherwise report its stabilized loop as a near miss.
 register_pass(StabilizedChunksPass())
+# Its recurrent form (transformers' mLSTM step, unrolled over time) next, before the loop passes, which
+# would report its stabilizer, a running maximum, as a near miss.
+register_pass(MLSTMLoopPass())
 # Map loops next (a buffer written slice by slice, nothing carried: fla builds its chunk matrices column
 # by column): vectorized, an inner loop no longer splits the steps of the loop around it, which
 # delta and loops then re-roll, and delta reads the matrices as whole-tensor expressions.

@@ -153,7 +153,7 @@ class Analysis:
             # xLSTM's mLSTM, a changed RWKV-4 WKV: num·e^m and den·e^m are linear, the stabilizer m is not
             raise NoLoop(f"the carried update applies {op_name(node)} to the state (not linear): a running "
                          "maximum, the stabilizer of a log-space recurrence (xLSTM's m), is not lifted unless the "
-                         "loop is RWKV-4's WKV step for step (loop_stabilized)")
+                         "loop is RWKV-4's WKV (loop_stabilized) or xLSTM's mLSTM step (mlstm_loop) step for step")
         raise NoLoop(f"the carried update applies {op_name(node)} to the state (not linear)")
 
 

@@ -236,8 +236,10 @@ class _Program:
 
     @staticmethod
     def candidate(div) -> bool:
-        """Whether ``div`` is num / (max(|den|, exp(-m)) + eps): the anchor of the form."""
-        if div.target is not aten.div.Tensor or div.kwargs or not isinstance(div.args[1], torch.fx.Node):
+        """Whether ``div`` is num / (max(|den|, exp(-m)) + eps) over (batch, head, chunk, position, value):
+        the anchor of the form (a step of the recurrent form, 3-D, is mlstm_loop's)."""
+        if div.target is not aten.div.Tensor or div.kwargs or not isinstance(div.args[1], torch.fx.Node) or \
+                val(div).dim() != 5:
             return False
         den = div.args[1]
         if not is_op(den, aten.add) or len(den.args) != 2 or den.kwargs:
@@ -531,52 +533,89 @@ def _rewrite(ctx, p: _Program) -> None:
     """Replace the program's output (and its returned final states) by the lifted form (module doc)."""
     graph, div = ctx.graph, p.div
     bs, h, nc, q_len, dk, dv = p.sizes
-    t = nc * q_len
     order = p.order             # (nothing was inserted since the match)
     finals = [(name, u) for name, us in p.finals.items() for u in us]
     before = min([div, *(x for _, u in finals for x in u.users)], key=order.__getitem__)
+    out, values = emit_lifted(ctx, before, div, q=p.q5, k=p.k5, v=p.v5, i_gate=p.i_gate, loga=p.loga,
+                              scale=p.scale, eps=p.eps, initial=p.initial, sizes=(bs, h, nc * q_len, dk, dv),
+                              finals=bool(finals))
+    replace_with(graph, before, div, out)
+    for name, u in finals:
+        replace_with(graph, before, u, values[name])
+    graph.eliminate_dead_code()
+    erase_write_only(graph)             # the loop's slot writes into the buffers nothing reads now
+
+
+def replace_with(graph, before, node, x) -> None:
+    """Replace ``node``'s uses by ``x`` reshaped to its shape and cast to its dtype (inserted before
+    ``before``)."""
+    if tuple(val(x).shape) != tuple(val(node).shape):
+        x = emit_before(graph, before, aten.reshape.default, (x, list(val(node).shape)), node)
+    if val(x).dtype != val(node).dtype:
+        x = emit_before(graph, before, aten.to.dtype, (x, val(node).dtype), node)
+    node.replace_all_uses_with(x)
+
+
+def emit_lifted(ctx, before, like, *, q, k, v, i_gate, loga, scale: float, eps: float, initial: dict, sizes,
+                finals: bool, forget=None):
+    """Emit, before ``before`` (source location of ``like``), the mLSTM's lifted form (module doc):
+    h (B, H, T, V) in fp64 and, when ``finals``, the final states {"C": (B, H, K, V), "n": (B, H, K),
+    "m": (B, H)} in fp64.  The operands are the program's tensors, any shapes holding, in order,
+    (B, H, T, K) for ``q`` and ``k``, (B, H, T, V) for ``v``, (B, H, T) for ``i_gate`` and the
+    log-decay ``loga`` (a ``log_sigmoid`` node is taken in fp64 from its argument; another decay is
+    read through ``within(·, -inf, 0)``; with ``forget`` given, ``loga`` is ignored and the log-decay
+    is ``log_sigmoid(forget)``), and the given state ``initial`` {"C", "n", "m"} (None:
+    zeros); ``sizes`` = (B, H, T, K, V).  Every value that the unstabilized sums exponentiate or
+    multiply is read through ``seqfuse::within`` (the bounds of this module)."""
+    graph = ctx.graph
+    bs, h, t, dk, dv = sizes
 
     def emit(target, *args):
-        return emit_before(graph, before, target, args, div)
+        return emit_before(graph, before, target, args, like)
+
+    def fit(x, shape):
+        return x if list(val(x).shape) == shape else emit(aten.reshape.default, x, shape)
+
+    def wide(x):
+        return emit(aten.to.dtype, x, torch.float64) if val(x).dtype != torch.float64 else x
 
     def guarded(x, lo, hi):
-        x = emit(torch.ops.seqfuse.within.default, x, lo, hi)
-        return emit(aten.to.dtype, x, torch.float64) if val(x).dtype != torch.float64 else x
-    q = emit(aten.reshape.default, guarded(p.q5, -VALUE_BOUND, VALUE_BOUND), [bs, h, t, dk])
-    k = emit(aten.reshape.default, guarded(p.k5, -VALUE_BOUND, VALUE_BOUND), [bs, h, t, dk])
-    v = emit(aten.reshape.default, guarded(p.v5, -VALUE_BOUND, VALUE_BOUND), [bs, h, t, dv])
-    i_gate = emit(aten.reshape.default, guarded(p.i_gate, -LOG_BOUND, LOG_BOUND), [bs, h, t])
-    if is_op(p.loga, aten.log_sigmoid):       # <= 0 by construction; taken in fp64 as well
-        f = p.loga.args[0]
-        loga = emit(aten.log_sigmoid.default, emit(aten.to.dtype, f, torch.float64) if val(f).dtype !=
-                    torch.float64 else f)
+        return wide(emit(torch.ops.seqfuse.within.default, x, lo, hi))
+    q = fit(guarded(q, -VALUE_BOUND, VALUE_BOUND), [bs, h, t, dk])
+    k = fit(guarded(k, -VALUE_BOUND, VALUE_BOUND), [bs, h, t, dk])
+    v = fit(guarded(v, -VALUE_BOUND, VALUE_BOUND), [bs, h, t, dv])
+    i_gate = fit(guarded(i_gate, -LOG_BOUND, LOG_BOUND), [bs, h, t])
+    if forget is None and is_op(loga, aten.log_sigmoid):
+        forget = loga.args[0]
+    if forget is not None:                  # <= 0 by construction; taken in fp64 as well
+        loga = emit(aten.log_sigmoid.default, wide(forget))
     else:
-        loga = guarded(p.loga, -math.inf, 0.0)
-    loga = emit(aten.reshape.default, loga, [bs, h, t])
+        loga = guarded(loga, -math.inf, 0.0)
+    loga = fit(loga, [bs, h, t])
     # x = e^I·[v, 1]
     x = emit(aten.mul.Tensor, emit(aten.constant_pad_nd.default, v, [0, 1], 1.0),
              emit(aten.unsqueeze.default, emit(aten.exp.default, i_gate), -1))
     x = emit(aten.permute.default, x, [0, 2, 1, 3])
     b = emit(aten.permute.default, k, [0, 2, 1, 3])
-    c = emit(aten.permute.default, emit(aten.mul.Tensor, q, float(p.scale)), [0, 2, 1, 3])
+    c = emit(aten.permute.default, emit(aten.mul.Tensor, q, float(scale)), [0, 2, 1, 3])
     a = emit(aten.permute.default, loga, [0, 2, 1])
     # a given state (C0, n0, m0) enters as h0 = e^{m0}·[C0ᵀ; n0] (B, H, V + 1, K), read through the guards
-    h0, m0 = None, p.initial["m"]
+    h0, m0 = None, initial["m"]
     if m0 is not None:
-        m0 = guarded(m0, -LOG_BOUND, LOG_BOUND)                                         # (B, H)
-    if p.initial["C"] is not None or p.initial["n"] is not None:
+        m0 = fit(guarded(m0, -LOG_BOUND, LOG_BOUND), [bs, h])
+    if initial["C"] is not None or initial["n"] is not None:
         rows = []
         for name, shape in (("C", [bs, h, dk, dv]), ("n", [bs, h, dk])):
-            s0 = p.initial[name]
+            s0 = initial[name]
             s0 = emit(aten.new_zeros.default, q, shape) if s0 is None else \
-                guarded(s0, -STATE_BOUND, STATE_BOUND)
+                fit(guarded(s0, -STATE_BOUND, STATE_BOUND), shape)
             rows.append(emit(aten.transpose.int, s0, -2, -1) if name == "C" else emit(aten.unsqueeze.default, s0, -2))
         h0 = emit(aten.cat.default, rows, -2)
         if m0 is not None:
             h0 = emit(aten.mul.Tensor, h0, emit(aten.unsqueeze.default, emit(aten.unsqueeze.default,
                                                                                 emit(aten.exp.default, m0), -1), -1))
     op = SSD(x=x, b=b, c=c, a=a, h0=h0, decay="scalar", finite_only=True)
-    ir = ctx.insert_ir(op, div, div)
+    ir = ctx.insert_ir(op, before, like)
     ir.meta["val"] = ssd_value(x, b, c)
     y = emit(aten.permute.default, emit(operator.getitem, ir, 0), [0, 2, 1, 3])      # (B, H, T, V + 1)
     num = emit(aten.slice.Tensor, y, 3, 0, dv)
@@ -589,25 +628,14 @@ def _rewrite(ctx, p: _Program) -> None:
     run = emit(operator.getitem, emit(aten.cummax.default, lead, -1), 0)
     m = emit(aten.unsqueeze.default, emit(aten.add.Tensor, g, run), -1)
     den = emit(aten.add.Tensor, emit(aten.clamp_min.default, emit(aten.abs.default, den), 1.0),
-               emit(aten.mul.Tensor, emit(aten.exp.default, m), p.eps))
-    out = emit(aten.reshape.default, emit(aten.div.Tensor, num, den), list(val(div).shape))
-    if val(out).dtype != val(div).dtype:
-        out = emit(aten.to.dtype, out, val(div).dtype)
-    div.replace_all_uses_with(out)
-    if finals:
-        # the final state: S_T = [C̃ᵀ; ñ] (the ssd's, unstabilized) scaled by e^{-m_T}, and m_T itself
-        m_t = emit(aten.select.int, emit(aten.squeeze.dim, m, -1), -1, -1)                  # (B, H)
-        scale = emit(aten.exp.default, emit(aten.neg.default, m_t))
-        state = emit(aten.mul.Tensor, emit(operator.getitem, ir, 1),
-                     emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, scale, -1), -1))
-        values = {"C": emit(aten.transpose.int, emit(aten.slice.Tensor, state, 2, 0, dv), -2, -1),
-                  "n": emit(aten.select.int, state, 2, dv), "m": m_t}
-        for name, u in finals:
-            x = values[name]
-            if tuple(val(x).shape) != tuple(val(u).shape):          # m read as a slice: (B, H, 1)
-                x = emit(aten.reshape.default, x, list(val(u).shape))
-            if val(x).dtype != val(u).dtype:
-                x = emit(aten.to.dtype, x, val(u).dtype)
-            u.replace_all_uses_with(x)
-    graph.eliminate_dead_code()
-    erase_write_only(graph)             # the loop's slot writes into the buffers nothing reads now
+               emit(aten.mul.Tensor, emit(aten.exp.default, m), eps))
+    out = emit(aten.div.Tensor, num, den)
+    if not finals:
+        return out, None
+    # the final state: S_T = [C̃ᵀ; ñ] (the ssd's, unstabilized) scaled by e^{-m_T}, and m_T itself
+    m_t = emit(aten.select.int, emit(aten.squeeze.dim, m, -1), -1, -1)                  # (B, H)
+    scale_t = emit(aten.exp.default, emit(aten.neg.default, m_t))
+    state = emit(aten.mul.Tensor, emit(operator.getitem, ir, 1),
+                 emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, scale_t, -1), -1))
+    return out, {"C": emit(aten.transpose.int, emit(aten.slice.Tensor, state, 2, 0, dv), -2, -1),
+                 "n": emit(aten.select.int, state, 2, dv), "m": m_t}

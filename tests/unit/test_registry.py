@@ -65,8 +65,8 @@ def qkv():
 
 def test_builtins_are_registered_first():
     names = [p.name for p in registered_passes()]
-    assert names[:14] == ["ssd_stabilized", "loop_map", "delta_blocks", "delta", "triangular", "loops", "attention", "long_conv", "toeplitz",
-                          "ssd_chunks", "ssd_forms", "scan_tree", "scan_readout", "scan_discretize"]
+    assert names[:15] == ["ssd_stabilized", "mlstm_loop", "loop_map", "delta_blocks", "delta", "triangular", "loops",
+                          "attention", "long_conv", "toeplitz", "ssd_chunks", "ssd_forms", "scan_tree", "scan_readout", "scan_discretize"]
     assert all(isinstance(p, seqfuse.Pass) for p in registered_passes())
 
 
