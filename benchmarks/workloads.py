@@ -260,6 +260,24 @@ def xlstm_mlstm_workload(quick, device):
                     f"xLSTM chunkwise mLSTM B={B} H={H} T={T} K=V={D} chunk={Q} fp32")
 
 
+def xlstm_mlstm_loop_workload(quick, device):
+    """transformers' recurrent mLSTM (``mlstm_recurrent_sequence_native``, xLSTM's sequence kernel): a Python
+    loop over time steps that Dynamo unrolls (seqfuse: one fp64 ssd under value guards, mlstm_loop)."""
+    from transformers.models.xlstm.modeling_xlstm import mlstm_recurrent_sequence_native
+
+    B, H, T, D = (1, 2, 16, 8) if quick else (1, 4, 256, 64)
+
+    class Kernel(torch.nn.Module):
+        def forward(self, q, k, v, i_gate, f_gate):
+            return mlstm_recurrent_sequence_native(q, k, v, i_gate, f_gate)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device) for _ in range(3))
+    i_gate, f_gate = torch.randn(B, H, T, generator=g).to(device), (torch.randn(B, H, T, generator=g) + 3).to(device)
+    return Workload(Kernel(), tuple(x.requires_grad_() for x in (q, k, v, i_gate, f_gate)),
+                    f"xLSTM recurrent mLSTM loop B={B} H={H} T={T} K=V={D} fp32")
+
+
 WORKLOADS = {
     "naive_causal_attention": attention_workload,  # the headline
     "gpt2": gpt2_workload,
@@ -277,6 +295,8 @@ WORKLOADS = {
     "minimax_lightning": minimax_lightning_workload,
     # a stabilized chunk loop writing state buffers (transformers' xLSTM)
     "xlstm_mlstm": xlstm_mlstm_workload,
+    # the same mixer as a Python loop over time steps (transformers' xLSTM sequence kernel)
+    "xlstm_mlstm_loop": xlstm_mlstm_loop_workload,
 }
 
 # the delta-rule workloads live in benchmarks/workloads_delta.py (it imports Workload and _example

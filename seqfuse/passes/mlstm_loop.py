@@ -163,6 +163,9 @@ class _Step:
             raise NoMatch(f"{what}: the query's scale is not a number")
         self.q = _plain(q)
         # m' = max(logsigmoid(f) + m, I)
+        if not _is_max(self.m):
+            raise NoMatch(f"{what}: the denominator's exp(-m) does not read this step's stabilizer (a maximum "
+                          "of the decayed previous one and the input gate)")
         lead, iu = _max_operands(self.m, lambda x: is_op(_plain(x), aten.add), f"{what}: the stabilizer's update")
         self.iu, lead = _plain(iu), _plain(lead)
         ls, self.m_old = _either(lead, aten.add, lambda x: is_op(_plain(x), aten.log_sigmoid),

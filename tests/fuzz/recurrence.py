@@ -539,8 +539,150 @@ def ssd_mlstm(r, seed, triton):
                  expect="ssd" if lifted else "")
 
 
-SSD_SPELLINGS = ((ssd_loop, 4), (ssd_mlstm, 2), (ssd_loop_mamba2, 1), (ssd_quadratic, 4), (ssd_cumsum, 1),
-                 (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1), (ssd_chunk_loop, 1),
+
+def _mlstm_step(query, key, value, igate, fgate, cstate, nstate, mstate, eps, dtype_state, broken):
+    """One step of xLSTM's recurrent mLSTM as transformers' ``mlstm_recurrent_step_native`` writes it
+    (op for op, its shape checks left out); ``broken`` as :func:`mlstm_recurrent`'s."""
+    dtype_qkv = query.dtype
+    matC_old = cstate.to(dtype=dtype_state)
+    vecN_old = nstate.to(dtype=dtype_state)
+    scaM_old = mstate.to(dtype=dtype_state)
+
+    batch_size, nh, dhqk = query.shape
+
+    # gates
+    scaF_log = torch.nn.functional.logsigmoid(fgate)
+
+    # update rule
+    if broken == "m_min":
+        scaM_state_new = torch.min(scaF_log + scaM_old, igate)
+    else:
+        scaM_state_new = torch.max(scaF_log + scaM_old, igate)
+
+    scaF_act = torch.exp(scaF_log + scaM_old - scaM_state_new)
+    scaI_act = torch.exp(igate - scaM_state_new)
+
+    vecQ_scaled = query * (dhqk ** (-0.5))
+    matC_state_new = scaF_act[:, :, :, None] * matC_old.clone() + scaI_act[:, :, :, None] * (
+        key[:, :, :, None] @ value[:, :, None, :]
+    )
+    if broken == "n_no_igate":
+        vecN_state_new = scaF_act * vecN_old.clone() + key
+    else:
+        vecN_state_new = scaF_act * vecN_old.clone() + scaI_act * key
+    vecQ_num = query * 0.3 if broken == "num_scale" else vecQ_scaled
+    h_num = vecQ_num[:, :, None, :] @ matC_state_new.to(dtype=dtype_qkv)
+    h_num = h_num.squeeze(2).to(dtype=dtype_state)
+
+    qn_dotproduct = vecQ_scaled[:, :, None, :] @ vecN_state_new[:, :, :, None].to(dtype=dtype_qkv)
+    qn_dotproduct = qn_dotproduct.squeeze(2)
+    max_val = torch.exp(-(scaM_old if broken == "max_old_m" else scaM_state_new))
+    if broken == "max_val_scale":
+        max_val = max_val * 2
+    if broken == "eps_inside":
+        h_denom = torch.maximum((qn_dotproduct + eps).abs(), max_val).to(dtype=dtype_state)
+    else:
+        h_denom = (torch.maximum(qn_dotproduct.abs(), max_val) + eps).to(dtype=dtype_state)
+    h = h_num / h_denom
+
+    h = h.to(dtype=dtype_qkv)
+    matC_state_new = matC_state_new.to(dtype=dtype_state)
+    vecN_state_new = vecN_state_new.to(dtype=dtype_state)
+    scaM_state_new = scaM_state_new.to(dtype=dtype_state)
+    return h, (matC_state_new, vecN_state_new, scaM_state_new)
+
+
+def mlstm_recurrent(q, k, v, i_gate, f_gate, c0=None, n0=None, m0=None, return_last_states=False, eps=1e-6,
+                    broken=None):
+    """xLSTM's recurrent mLSTM as transformers' ``mlstm_recurrent_sequence_native`` (a Python loop over
+    time calling ``mlstm_recurrent_step_native``, transformers 5.x ``models/xlstm/modeling_xlstm.py``,
+    itself the NX-AI mlstm_kernels native kernel) writes it, op for op, with ``dtype_state`` the
+    operands' dtype; (c0, n0, m0) a given state, ``return_last_states`` returns the final one as
+    ``(h, (C, n, m))``.  ``broken`` changes one piece of the step: "max_val_scale" (e^{-m}·2 in the
+    denominator), "eps_inside" (``max(|qn + eps|, e^{-m})``), "m_min" (the stabilizer updated with a
+    minimum), "num_scale" (the numerator's queries scaled by 0.3, the normalizer's by dhqk^-0.5),
+    "n_no_igate" (the normalizer adds k without its input gate), "max_old_m" (the denominator's e^{-m} of
+    the step's previous maximum)."""
+    batch_size, nh, sequence_length, dhqk = q.shape
+    dhv = v.shape[-1]
+    device = q.device
+    dtype_state = q.dtype
+
+    if c0 is not None:
+        if n0 is None or m0 is None:
+            raise ValueError("Initial states must be provided together.")
+        matC_state, vecN_state, vecM_state = (
+            c0.to(dtype=dtype_state),
+            n0.to(dtype=dtype_state),
+            m0.to(dtype=dtype_state),
+        )
+    else:
+        matC_state = torch.zeros((batch_size, nh, dhqk, dhv), dtype=dtype_state, device=device)
+        vecN_state = torch.zeros((batch_size, nh, dhqk), dtype=dtype_state, device=device)
+        vecM_state = torch.zeros((batch_size, nh, 1), dtype=dtype_state, device=device)
+
+    vecH_list = []
+    for t in range(sequence_length):
+        vecF_t, vecI_t = f_gate[:, :, t, None], i_gate[:, :, t, None]
+        vecQ_t, vecK_t, vecV_t = q[:, :, t, :], k[:, :, t, :], v[:, :, t, :]
+        vecH, (matC_state, vecN_state, vecM_state) = _mlstm_step(
+            vecQ_t, vecK_t, vecV_t, vecI_t, vecF_t, matC_state, vecN_state, vecM_state, eps, dtype_state, broken)
+        vecH_list.append(vecH)
+
+    matH = torch.stack(vecH_list, dim=-2)
+
+    if return_last_states:
+        return matH, (matC_state, vecN_state, vecM_state)
+    return matH
+
+
+MLSTM_LOOP_BREAKS = ("max_val_scale", "eps_inside", "m_min", "num_scale", "n_no_igate", "max_old_m")
+
+
+def ssd_mlstm_loop(r, seed, triton):
+    """xLSTM's recurrent mLSTM, written as transformers' ``mlstm_recurrent_sequence_native`` writes it (the
+    stabilized step ``mlstm_recurrent_step_native`` in a Python loop over time, unrolled by Dynamo), lifted
+    to one ssd and the closed form of its running maximum (mlstm_loop).  Varied: the length (one step: left
+    alone), the sizes, the dtype (fp16 / bf16: a near miss), the input gates' scale (beyond the guard's 20:
+    the call runs the program), the forget gates' offset, eps, a given initial state (its maximum beyond
+    the guard in some), the final state returned, NaN / inf / reset inputs, and broken copies (one piece of
+    the step changed) that must stay as written."""
+    T = 1 if r.random() < 0.05 else size(r, 2, 12, (2, 3, 12))
+    _, B, H, _, _ = _sizes(r, triton, loop=True)
+    K, V = size(r, 2, 8, (2, 8)), size(r, 2, 8, (2, 8))
+    dtype = r.choice((torch.float64, torch.float64, torch.float32, torch.float32, torch.float32,
+                      torch.bfloat16, torch.float16))
+    m = Maker(r, dtype)
+    q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+    i_scale = r.choice((1.0, 4.0, 8.0, 12.0))
+    igate = m.randn(B, H, T, scale=i_scale)
+    fgate = m.randn(B, H, T, scale=2.0) + r.choice((0.0, 2.0, -2.0))
+    given = r.random() < 0.3
+    m_given = r.choice(("moderate", "moderate", "high"))      # high: beyond the guard's 20, runs the program
+    state0 = [m.randn(B, H, K, V), m.randn(B, H, K),
+              torch.full((B, H, 1), 30.0, dtype=dtype) if m_given == "high" else m.randn(B, H, 1, scale=3.0)] \
+        if given else []
+    if given and r.random() < 0.5:
+        state0[2].requires_grad_(True)
+    ret_state = r.random() < 0.4
+    eps = r.choice((1e-6, 1e-6, 1e-6, 1e-4))
+    broken = r.choice((None,) * 8 + MLSTM_LOOP_BREAKS)
+    tag = tags(poison(r, [q, k, v, igate, fgate, *state0]), reset(r, [fgate]))
+
+    def fn(*a):
+        return mlstm_recurrent(*a, return_last_states=ret_state, eps=eps, broken=broken)
+
+    name = f"mlstm_loop_T{T}" + (f"_given_{m_given}" if given else "") + ("_state" if ret_state else "") + \
+        (f"_i{i_scale:g}" if i_scale > 4 else "") + (f"_eps{eps:g}" if eps != 1e-6 else "") + \
+        (f"_broken_{broken}" if broken else "")
+    # (a value beyond a guard, a NaN or a reset still compiles the rewrite: the call runs the program)
+    lifted = dtype in (torch.float32, torch.float64) and T >= 2 and not broken
+    return _case("ssd", name, fn, [q, k, v, igate, fgate, *state0], r, seed, triton, tag=tag,
+                 expect="ssd" if lifted else "")
+
+
+SSD_SPELLINGS = ((ssd_loop, 4), (ssd_mlstm, 2), (ssd_mlstm_loop, 2), (ssd_loop_mamba2, 1), (ssd_quadratic, 4),
+                 (ssd_cumsum, 1), (ssd_chunked_listing, 1), (ssd_chunked_linear_attention, 1), (ssd_chunk_loop, 1),
                  (ssd_lightning_loop, 1), (ssd_channel_decay, 2))
 
 
