@@ -11,7 +11,8 @@ operand against eager, bound 1e-5, an fp64 oracle for gradients eager computes n
 - transformers causal LMs with recurrent layers that no test, example or benchmark of this repository
   builds, with tiny random configs on their torch paths (no mamba_ssm / causal_conv1d here): Mamba-1
   layers (Jamba, Zamba), Mamba-2 layers (Nemotron-H, Falcon-H1, GraniteMoeHybrid), LFM2's short
-  convolutions, MiniMax's lightning attention, xLSTM's chunkwise mLSTM and RWKV-4's WKV loop.
+  convolutions, MiniMax's lightning attention, xLSTM's chunkwise mLSTM (training, and the inference
+  wrapper's chunks + recurrent remainder) and RWKV-4's WKV loop.
 - flash-linear-attention 0.6.0's PyTorch reference functions (``fla.ops.*.naive``) at sizes, chunk
   sizes and lengths other than those of tests/golden: simple GLA (chunked at its default chunk of 64,
   parallel and recurrent), retention, chunked linear attention, GLA, HGRN, Based, ABC and RWKV-6.
@@ -74,6 +75,12 @@ MODELS = {
         hidden_size=32, num_hidden_layers=2, num_blocks=2, num_heads=2, chunk_size=8,
         chunkwise_kernel="chunkwise--native_autograd", autocast_kernel_dtype="float32", mode="train"),
         (2, 16), {"ssd": 2}),
+    # xLSTM for inference: its wrapper runs the chunkwise kernel over the whole chunks (with zero states
+    # it allocates) and the recurrent step loop over the remainder (mlstm_loop): 2 chunks + 4 steps
+    "xlstm_inference": ("xlstm", "xLSTMConfig", "xLSTMForCausalLM", (), dict(
+        hidden_size=32, num_hidden_layers=2, num_blocks=2, num_heads=2, chunk_size=8,
+        chunkwise_kernel="chunkwise--native_autograd", autocast_kernel_dtype="float32", mode="inference"),
+        (2, 20), {"ssd": 4}),
     # RWKV-4: the WKV recurrence as a loop with a running-max stabilizer (loop_stabilized: two scans a layer)
     "rwkv": ("rwkv", "RwkvConfig", "RwkvForCausalLM", (), dict(
         hidden_size=32, attention_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
