@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from seqfuse.passes.pattern import fill_constant, is_op, val
 from seqfuse.passes.registry import Pass, PassContext
@@ -235,6 +236,9 @@ class _Loop:
         if any(_plain(x) is not _cast(x) for x in outs):
             raise NoMatch("a cast that changes the dtype (a 16-bit program, or a state dtype other than the "
                           "operands'): lifted only when every value of the step is in one dtype")
+        if free_symbols(val(stack)):
+            raise NoMatch("symbolic sizes (dynamic=True): the loop is unrolled for one length, and the lifted form "
+                          "is built for it")
         if val(stack).dim() != 4 or dim % 4 != 2:
             raise NoMatch("the outputs are not stacked along axis 2 of (batch, head, time, value)")
         steps = [_Step(_plain(x), t) for t, x in enumerate(outs)]

@@ -226,3 +226,12 @@ def test_arbitrary_length_wrapper_lifts_chunks_and_remainder():
     report = check_against_eager(arbitrary_length, *operands(t=10))
     assert report.count("ssd") == 2 and not misses(report), str(report)
     assert sum(report.fallbacks.get("graph", {}).values()) == 0, report.fallbacks
+
+
+def test_dynamic_sizes_are_a_near_miss():
+    # under dynamic=True the loop is still unrolled for one length, with symbolic sizes (and eps a float
+    # input): named, not silently skipped (inference: the unrewritten dynamic program compiles faster)
+    report = check_against_eager(xlstm.mlstm_recurrent_sequence_native, *(x.detach() for x in operands(t=4)),
+                                 dynamic=True, grads=False)
+    assert report.count("ssd") == 0 and any(m.startswith(PREFIX) and "dynamic=True" in m for m in misses(report)), \
+        misses(report)
