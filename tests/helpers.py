@@ -88,6 +88,22 @@ class Logits(torch.nn.Module):
         return self.lm(input_ids, use_cache=False).logits
 
 
+def assert_as_accurate_as_eager(fn, operands, grad_out: torch.Tensor, options=None) -> None:
+    """``fn`` compiled with seqfuse (``options``; default downstream aot_eager), called on fp32 copies of
+    ``operands``, is at least as close to ``fn`` run in fp64 as eager's fp32 call, for the output and
+    every operand's gradient (the output's cotangent ``grad_out``), within 1e-7 relative at least."""
+    compiled = torch.compile(fn, backend="seqfuse", options=options or {"downstream": "aot_eager"})
+    results = {}
+    for name, f, dtype in (("eager", fn, torch.float32), ("seqfuse", compiled, torch.float32),
+                           ("oracle", fn, torch.float64)):
+        xs = [x.detach().to(dtype).requires_grad_() for x in operands]
+        y = f(*xs)
+        results[name] = [y, *torch.autograd.grad(y, xs, grad_out.to(dtype))]
+    for j, (got, ref, exact) in enumerate(zip(results["seqfuse"], results["eager"], results["oracle"])):
+        e_ours, e_eager = rel_err(got.double(), exact), rel_err(ref.double(), exact)
+        assert e_ours <= max(e_eager, 1e-7), f"result {j}: {e_ours:.2g} vs eager's {e_eager:.2g}"
+
+
 def assert_training_follows_eager(ref: torch.nn.Module, compiled, params, tokens, steps: int = 3, lr: float = 0.1):
     """``steps`` SGD steps of next-token cross-entropy on ``ref`` (eager) and ``compiled`` (whose
     parameters are ``params``, starting equal to ref's) give the same losses (rel. 1e-5)."""

@@ -3,22 +3,18 @@
 step is gone; one ssd over the sequence reads q·s, k, e^I·[v, 1] and logsigmoid(f), all in fp64
 behind the value guards; the output is N / (max(|D|, 1) + eps·e^m) with m a cumulative maximum,
 and the returned final state is the ssd's scaled by e^{-m_T}."""
-import pathlib
 
 import pytest
 import torch
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from helpers import check_against_eager
 
 xlstm = pytest.importorskip("transformers.models.xlstm.modeling_xlstm")
 
 
-def after_pass(fn, *args, tmp_path, stage="mlstm_loop"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text(), report
+def after_pass(fn, *args, tmp_path):
+    return graph_after(fn, *args, tmp_path=tmp_path, stage="mlstm_loop")
 
 
 @pytest.mark.skipif(not hasattr(xlstm, "mlstm_recurrent_sequence_native"), reason="the native recurrent kernel")

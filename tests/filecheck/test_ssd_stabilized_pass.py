@@ -2,21 +2,17 @@
 (``mlstm_chunkwise_native_autograd``): the chunk loop, its state buffers and the intra-chunk form
 are gone; one ssd over the sequence reads q·s, k, e^I·[v, 1] and logsigmoid(f), all in fp64 behind
 the value guards, and the output is N / (max(|D|, 1) + eps·e^m) with m a cumulative maximum."""
-import pathlib
 
 import pytest
 import torch
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 
 xlstm = pytest.importorskip("transformers.models.xlstm.modeling_xlstm")
 
 
-def after_pass(fn, *args, tmp_path, stage="ssd_stabilized"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+def after_pass(fn, *args, tmp_path):
+    return graph_after(fn, *args, tmp_path=tmp_path, stage="ssd_stabilized")[0]
 
 
 @pytest.mark.skipif(not hasattr(xlstm, "mlstm_chunkwise_native_autograd"), reason="the native chunkwise kernel")

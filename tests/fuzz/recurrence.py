@@ -498,6 +498,25 @@ def mlstm_chunkwise(query, key, value, ig, fg, *state, chunk, broken=None, extra
     return outs if len(outs) > 1 else h
 
 
+def _mlstm_operands(r, dtype, B, H, T, K, V, p_given):
+    """The mLSTM spellings' operands, drawn from ``r`` in one order: q, k (B, H, T, K), v (B, H, T, V), input
+    gates (scale ×1 to ×12: beyond the guard's 20 in some), forget gates (offset 0 / ±2), and with
+    probability ``p_given`` a given state (C0, n0, m0), its maximum "moderate" or "high" (30: beyond the
+    guard, the call runs the program).  Returns (q, k, v, igate, fgate, state0 (a list, empty when none),
+    i_scale, m_given)."""
+    m = Maker(r, dtype)
+    q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
+    i_scale = r.choice((1.0, 4.0, 8.0, 12.0))
+    igate = m.randn(B, H, T, scale=i_scale)
+    fgate = m.randn(B, H, T, scale=2.0) + r.choice((0.0, 2.0, -2.0))
+    given = r.random() < p_given
+    m_given = r.choice(("moderate", "moderate", "high"))
+    state0 = [m.randn(B, H, K, V), m.randn(B, H, K),
+              torch.full((B, H, 1), 30.0, dtype=dtype) if m_given == "high" else m.randn(B, H, 1, scale=3.0)] \
+        if given else []
+    return q, k, v, igate, fgate, state0, i_scale, m_given
+
+
 def ssd_mlstm(r, seed, triton):
     """xLSTM's chunkwise mLSTM, written as transformers' ``mlstm_chunkwise_native_autograd`` writes it
     (``mlstm_chunkwise_recurrent_fw_C`` + ``mlstm_chunkwise_parallel_fw_H``, from the NX-AI mlstm_kernels
@@ -512,16 +531,8 @@ def ssd_mlstm(r, seed, triton):
     T = Q * nc
     _, B, H, K, V = _sizes(r, triton, loop=False)
     dtype = r.choice(DTYPES)
-    m = Maker(r, dtype)
-    q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
-    i_scale = r.choice((1.0, 4.0, 8.0, 12.0))
-    igate = m.randn(B, H, T, scale=i_scale)
-    fgate = m.randn(B, H, T, scale=2.0) + r.choice((0.0, 2.0, -2.0))
-    given = r.random() < 0.25
-    m_given = r.choice(("moderate", "moderate", "high"))      # high: beyond the guard's 20, runs the program
-    state0 = [m.randn(B, H, K, V), m.randn(B, H, K),
-              torch.full((B, H, 1), 30.0, dtype=dtype) if m_given == "high" else m.randn(B, H, 1, scale=3.0)] \
-        if given else []
+    q, k, v, igate, fgate, state0, i_scale, m_given = _mlstm_operands(r, dtype, B, H, T, K, V, p_given=0.25)
+    given = bool(state0)
     extra, ret_state = r.random() < 0.2, r.random() < 0.3
     broken = r.choice((None,) * 8 + ("strict_mask", "m_start", "gate_sign", "no_state_decay", "inter_scale"))
     tag = tags(poison(r, [q, k, v, igate, fgate]), reset(r, [fgate]))
@@ -652,16 +663,8 @@ def ssd_mlstm_loop(r, seed, triton):
     K, V = size(r, 2, 8, (2, 8)), size(r, 2, 8, (2, 8))
     dtype = r.choice((torch.float64, torch.float64, torch.float32, torch.float32, torch.float32,
                       torch.bfloat16, torch.float16))
-    m = Maker(r, dtype)
-    q, k, v = m.randn(B, H, T, K), m.randn(B, H, T, K), m.randn(B, H, T, V)
-    i_scale = r.choice((1.0, 4.0, 8.0, 12.0))
-    igate = m.randn(B, H, T, scale=i_scale)
-    fgate = m.randn(B, H, T, scale=2.0) + r.choice((0.0, 2.0, -2.0))
-    given = r.random() < 0.3
-    m_given = r.choice(("moderate", "moderate", "high"))      # high: beyond the guard's 20, runs the program
-    state0 = [m.randn(B, H, K, V), m.randn(B, H, K),
-              torch.full((B, H, 1), 30.0, dtype=dtype) if m_given == "high" else m.randn(B, H, 1, scale=3.0)] \
-        if given else []
+    q, k, v, igate, fgate, state0, i_scale, m_given = _mlstm_operands(r, dtype, B, H, T, K, V, p_given=0.3)
+    given = bool(state0)
     if given and r.random() < 0.5:
         state0[2].requires_grad_(True)
     ret_state = r.random() < 0.4

@@ -12,7 +12,7 @@ import torch
 
 import seqfuse
 from fuzz.recurrence import MLSTM_LOOP_BREAKS, mlstm_recurrent
-from helpers import check_against_eager, check_nans_against_eager, rel_err
+from helpers import assert_as_accurate_as_eager, check_against_eager, check_nans_against_eager
 
 xlstm = pytest.importorskip("transformers.models.xlstm.modeling_xlstm")
 pytestmark = pytest.mark.skipif(not hasattr(xlstm, "mlstm_recurrent_sequence_native"),
@@ -117,17 +117,7 @@ def test_large_input_gates_keep_every_gradient_as_accurate_as_eager():
     with torch.no_grad():
         ops[3].clamp_(-19.0, 19.0)
     assert ops[3].abs().max() > 15
-    compiled = torch.compile(sequence, backend="seqfuse", options={"downstream": "aot_eager"})
-    gy = torch.randn(2, 2, 16, 5, generator=torch.Generator().manual_seed(9))
-    results = {}
-    for name, f, dtype in (("eager", sequence, torch.float32), ("seqfuse", compiled, torch.float32),
-                           ("oracle", sequence, torch.float64)):
-        xs = [x.detach().to(dtype).requires_grad_() for x in ops]
-        y = f(*xs)
-        results[name] = [y, *torch.autograd.grad(y, xs, gy.to(dtype))]
-    for j, (got, ref, exact) in enumerate(zip(results["seqfuse"], results["eager"], results["oracle"])):
-        e_ours, e_eager = rel_err(got.double(), exact), rel_err(ref.double(), exact)
-        assert e_ours <= max(e_eager, 1e-7), f"result {j}: {e_ours:.2g} vs eager's {e_eager:.2g}"
+    assert_as_accurate_as_eager(sequence, ops, torch.randn(2, 2, 16, 5, generator=torch.Generator().manual_seed(9)))
     report = seqfuse.explain(sequence, *ops, options={"downstream": "aot_eager"})
     lifted(report)
 
