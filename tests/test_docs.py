@@ -105,6 +105,7 @@ def test_every_python_block_of_a_page_runs(page, tmp_path, monkeypatch, quick_do
 def test_getting_started_shows_what_it_says(tmp_path, monkeypatch, quick_downstream, capsys):
     namespace, _ = run_page(ROOT / "docs" / "getting_started.md", tmp_path, monkeypatch)
     assert namespace["report"].count("attention") == 1
+    assert [r.kind for r in namespace["checkpointed"].rewrites] == ["attention"]  # inside a checkpoint
     assert set(namespace["report"].compile_seconds) == {"first_call", "dynamo", "seqfuse", "downstream"}
     out = capsys.readouterr().out
     assert "the probabilities are used 2 times" in out  # the near miss the page shows

@@ -17,6 +17,7 @@ from seqfuse.compiler.constants import guarded, guards_of, mutates, rerunning
 from seqfuse.compiler.pipeline import run_pipeline
 from seqfuse.compiler.report import GraphReport, publish
 from seqfuse.compiler.verify import verifying
+from seqfuse.compiler.checkpoint import signature as region_signature
 from seqfuse.lowering.sequence_parallel import SequenceParallelUnsupported
 from seqfuse.passes import enabled_passes
 
@@ -52,18 +53,22 @@ _OP_MODULES = ("seqfuse.lowering.attention_op", "seqfuse.lowering.long_conv_op",
                "seqfuse.lowering.scan_op", "seqfuse.lowering.delta_op", "seqfuse.lowering.autograd")
 
 
-def _inductor_patches(mode: str | None) -> dict:
+def _inductor_patches(mode: str | None, regions: str = "") -> dict:
+    """Inductor's config patches for one graph; ``regions`` is the graph's checkpoint-region signature
+    (``seqfuse.compiler.checkpoint.signature``), which goes into the cache key with the op schemas."""
     from torch._inductor import config, list_mode_options
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class SeqfuseCacheKey(CustomGraphPass):
-        """A no-op post-grad pass whose uuid puts seqfuse's op schemas into inductor's cache key."""
+        """A no-op post-grad pass whose uuid puts seqfuse's op schemas into inductor's cache key, and
+        the graph's recompute tags: inductor keys a graph by its code, and the partitioner reads the
+        tags, so a graph cached without them would be reused for the same code with them."""
 
         def __call__(self, graph) -> None:
             return None
 
         def uuid(self) -> str:
-            return _cache_key()
+            return _cache_key() + regions
 
     patches = dict(list_mode_options(mode)) if mode else {}
     if config.post_grad_custom_pre_pass is None:
@@ -79,7 +84,7 @@ def compile_downstream(gm: torch.fx.GraphModule, example_inputs, downstream: str
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode))
+    return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, region_signature(gm.graph)))
 
 
 #: IR op kind -> (module of its generated C kernels, the algorithms that run them)

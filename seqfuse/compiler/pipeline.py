@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from seqfuse import log
+from seqfuse.compiler.checkpoint import has_checkpoints, inline_checkpoints, mark_regions, retag
 from seqfuse.compiler.constants import attach as attach_constants, buffer_constants
 from seqfuse.compiler.decay_buffers import express_decay_buffers
 from seqfuse.compiler.canonicalize import (block_slices, forward_slot_reads, normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
@@ -112,7 +113,14 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     # 1. Pre-dispatch ATen: canonical op names, symbolic shapes kept, autograd not yet
     #    applied, so a replaced region keeps training through the custom op's backward.
     with _timed(report, "trace"):
+        if has_checkpoints(gm):
+            # checkpointed regions read as the rest of the graph, their ops tagged for recompute
+            gm, opaque = inline_checkpoints(gm)
+            for node, reason in opaque:
+                report.add_near_miss("graph", f"an activation-checkpointed region is left whole: {reason}", node)
+            dump("checkpoints_inlined", gm.print_readable(print_output=False))
         canon = trace_pre_dispatch(gm, example_inputs)
+        regions = mark_regions(canon.graph)
         # small module buffers a recognizer may read by value, under a run-time value guard
         attach_constants(canon, buffer_constants(gm, example_inputs))
     # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh
@@ -177,6 +185,8 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
                     "this rank's slice alone: " + "; ".join(f"{m.kind} at {m.location}: {m.reason}" for m in missed))
             apply_sequence_parallel(canon, options.sequence_parallel, where=location_of)
         canon.graph.eliminate_dead_code()
+        if regions:
+            retag(canon.graph)
         check_links(canon.graph, "lower")
         canon.recompile()
     dump("lowered", canon.graph)

@@ -38,7 +38,7 @@ MIN_NODES = 600
 #: ... and so are graphs where more than this fraction of the calls are distinct
 MAX_DISTINCT = 0.25
 #: Dynamo node metadata carried over to the ATen nodes it becomes (as preserve_node_meta does)
-_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack")
+_META_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack", "recompute", "ac_graph_id")
 
 
 class Unsupported(Exception):

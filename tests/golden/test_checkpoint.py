@@ -1,0 +1,235 @@
+"""Activation checkpointing: mixers inside ``torch.utils.checkpoint`` regions are found, and the regions
+are still recomputed in the backward (seqfuse/compiler/checkpoint.py).
+
+Before, Dynamo's ``tag_activation_checkpoint`` call made the pre-dispatch re-trace fail, and seqfuse
+compiled the whole graph unchanged: a model trained with ``gradient_checkpointing_enable()`` got no
+rewrite at all.  Each test checks the rewrite (report), the numbers (output and every gradient against
+eager) and, where it is the point, the memory the compiled forward saves for the backward.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import seqfuse
+from seqfuse.compiler.report import collecting
+from helpers import check_against_eager, rel_err
+
+D, H = 32, 4
+
+
+class Block(torch.nn.Module):
+    """Pre-norm causal attention (written out: matmul, masked_fill, softmax, matmul) and an MLP."""
+
+    def __init__(self, p_attn: float = 0.0, p_mlp: float = 0.0):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(D)
+        self.qkv = torch.nn.Linear(D, 3 * D)
+        self.o = torch.nn.Linear(D, D)
+        self.up = torch.nn.Linear(D, 4 * D)
+        self.down = torch.nn.Linear(4 * D, D)
+        self.p_attn, self.p_mlp = p_attn, p_mlp
+
+    def attend(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) / math.sqrt(D // H)
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+        p = F.dropout(s.softmax(-1), self.p_attn, self.training)
+        return self.o((p @ v).transpose(1, 2).reshape(b, n, D))
+
+    def forward(self, x):
+        x = x + self.attend(x)
+        return x + self.down(F.dropout(torch.relu(self.up(x)), self.p_mlp, self.training))
+
+
+class Stack(torch.nn.Module):
+    """Blocks, each run through ``checkpoint`` when ``ckpt``; ``context_fn`` makes it selective."""
+
+    def __init__(self, ckpt: bool, n: int = 2, context_fn=None, **p):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block(**p) for _ in range(n)])
+        self.ckpt, self.context_fn = ckpt, context_fn
+
+    def forward(self, x):
+        for b in self.blocks:
+            if not self.ckpt:
+                x = b(x)
+            elif self.context_fn is None:
+                x = checkpoint(b, x, use_reentrant=False)
+            else:
+                x = checkpoint(b, x, use_reentrant=False, context_fn=self.context_fn)
+        return x
+
+
+def _saved_bytes(fn, params, *xs) -> int:
+    """Bytes the call ``fn(*xs)`` saves for its backward (after a first, compiling call), but for the
+    parameters ``params`` (a compiled graph saves the weights it reads; they are held anyway)."""
+    fn(*xs).sum().backward()
+    total = [0]
+    weights = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*xs)
+    y.sum().backward()
+    return total[0]
+
+
+def _twin(model_cls, ckpt: bool, like: torch.nn.Module, **kw):
+    m = model_cls(ckpt, **kw)
+    m.load_state_dict(like.state_dict())
+    return m
+
+
+def test_attention_in_checkpointed_blocks_is_fused_and_exact():
+    torch.manual_seed(0)
+    model = Stack(ckpt=True)
+    x = torch.randn(2, 24, D, requires_grad=True)
+    report = check_against_eager(model, x)
+    assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    assert not report.near_misses, report
+
+
+@pytest.mark.parametrize("downstream", ["aot_eager", "inductor"])
+def test_checkpointed_regions_are_still_recomputed(downstream):
+    """The compiled forward of the checkpointed model saves what the region inputs take, not the
+    activations inside: far less than the same model without checkpointing.  With inductor the
+    model without checkpointing is compiled first: inductor keys a graph by its code, which the
+    recompute tags do not change, so without the tags in the key the second compile reused the
+    first one's partition (and saved everything)."""
+    torch.manual_seed(0)
+    plain = Stack(ckpt=False)
+    x = torch.randn(2, 64, D)
+    saved = {}
+    for ckpt in (False, True):
+        torch._dynamo.reset()
+        model = _twin(Stack, ckpt, plain)
+        compiled = torch.compile(model, backend="seqfuse", options={"downstream": downstream})
+        report = seqfuse.Report()
+        with collecting(report):
+            saved[ckpt] = _saved_bytes(compiled, list(model.parameters()), x)
+        assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    # eager's own checkpointing saves the block inputs alone
+    eager = _twin(Stack, True, plain)
+    eager_ckpt = _saved_bytes(eager, list(eager.parameters()), x)
+    assert saved[True] < saved[False] / 4, saved
+    assert saved[True] <= 2 * eager_ckpt, (saved, eager_ckpt)
+
+
+def test_gradients_equal_with_and_without_checkpointing_under_dropout():
+    """Dropout inside the region (aten's in the MLP, the fused attention's own): the recomputed backward
+    must use the forward's draws.  The same seed gives the same output and gradients with and without
+    checkpointing (a recompute that drew again would give other gradients)."""
+    torch.manual_seed(0)
+    plain = Stack(ckpt=False, p_attn=0.3, p_mlp=0.3)
+    x = torch.randn(2, 16, D)
+    results = []
+    for ckpt in (False, True):
+        torch._dynamo.reset()
+        model = _twin(Stack, ckpt, plain, p_attn=0.3, p_mlp=0.3)
+        compiled = torch.compile(model, backend="seqfuse", options={"downstream": "aot_eager"})
+        report = seqfuse.Report()
+        with collecting(report):
+            compiled(x)  # compile first: the draws below start from one seed in both runs
+        torch.manual_seed(7)
+        y = compiled(x)
+        y.square().sum().backward()
+        assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+        results.append([y.detach()] + [p.grad.clone() for p in model.parameters()])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert rel_err(a, b) < 1e-6, f"result {i}: {rel_err(a, b):.3g}"
+
+
+def test_transformers_gradient_checkpointing():
+    """GPT-2 (transformers) with ``gradient_checkpointing_enable()``: both layers' attention is found
+    and every parameter's gradient equals eager's."""
+    transformers = pytest.importorskip("transformers")
+    from helpers import Logits
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(cfg).train()
+    lm.gradient_checkpointing_enable()
+    tokens = torch.randint(0, 64, (2, 16))
+    report = check_against_eager(Logits(lm), tokens)
+    assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    assert not report.near_misses, report
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_selective_checkpointing_is_left_whole_and_named():
+    """A region with a policy (``context_fn``) is left as one op: its attention is not rewritten, a near
+    miss says why, and the numbers are eager's."""
+    torch.manual_seed(0)
+    model = Stack(ckpt=True, context_fn=functools.partial(create_selective_checkpoint_contexts, _save_matmuls))
+    x = torch.randn(2, 16, D, requires_grad=True)
+    report = check_against_eager(model, x)
+    assert not report.rewrites, report
+    reasons = [m.reason for m in report.near_misses]
+    assert len(reasons) == 2 and all("selective activation checkpoint" in r for r in reasons), reasons
+
+
+def test_nested_regions():
+    """A checkpoint inside a checkpointed function: both bodies are inlined, the attention in the inner
+    one is found, and the numbers are eager's."""
+    torch.manual_seed(0)
+    block = Block()
+
+    def inner(x):
+        return x + block.attend(x)
+
+    def outer(x):
+        y = checkpoint(inner, x, use_reentrant=False)
+        return y + block.down(torch.relu(block.up(y)))
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return checkpoint(outer, x, use_reentrant=False)
+
+    x = torch.randn(2, 16, D, requires_grad=True)
+    report = check_against_eager(Outer(), x)
+    assert [r.kind for r in report.rewrites] == ["attention"], report
+    assert not report.near_misses, report
+
+
+def test_linear_attention_in_a_checkpointed_layer():
+    """The recurrent families too: a chunk-free causal linear attention (a masked quadratic product)
+    inside a checkpointed layer becomes an ssd op, with eager's gradients."""
+    torch.manual_seed(0)
+
+    class LinearAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(D, 3 * D)
+
+        def mix(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.proj(x).view(b, n, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+            scores = (q @ k.transpose(-1, -2)).masked_fill(
+                ~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(), 0.0)
+            return (scores @ v).transpose(1, 2).reshape(b, n, D)
+
+        def forward(self, x):
+            return x + checkpoint(self.mix, x, use_reentrant=False)
+
+    x = torch.randn(2, 20, D, requires_grad=True)
+    report = check_against_eager(LinearAttention(), x)
+    assert [r.kind for r in report.rewrites] == ["ssd"], report

@@ -1,0 +1,134 @@
+"""seqfuse.compiler.checkpoint: inlining Dynamo's checkpoint calls, and tagging what the rewrites emit."""
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from seqfuse.compiler import checkpoint as ck
+
+RECOMPUTE = CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _dynamo_graph(fn, *xs) -> torch.fx.GraphModule:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend)(*xs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def _two_regions(x, w):
+    def f(y):
+        return torch.tanh(y @ w).sin()
+    a = checkpoint(f, x, use_reentrant=False)
+    b = checkpoint(f, a, use_reentrant=False)
+    return (a + b).cos()
+
+
+def test_inlined_regions_are_tagged_per_region_and_the_original_is_kept():
+    x, w = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    gm = _dynamo_graph(_two_regions, x, w)
+    new, opaque = ck.inline_checkpoints(gm)
+    assert not opaque
+    assert not ck.has_checkpoints(new)
+    assert ck.has_checkpoints(gm), "the caller's graph (compiled unchanged on failure) was changed"
+    calls = [n for n in new.graph.nodes if n.op in ("call_function", "call_method")]
+    ids = [n.meta.get("ac_graph_id") for n in calls if n.meta.get("recompute") == RECOMPUTE]
+    # matmul, tanh, sin in each region; the add and cos after them are outside
+    assert len(ids) == 6 and len(set(ids)) == 2 and ids[:3] == [ids[0]] * 3, ids
+    assert all("recompute" not in n.meta for n in calls[-2:])
+    torch.testing.assert_close(new(x, w)[0], _two_regions(x, w))
+
+
+def test_selective_region_is_left_whole_with_its_reason():
+    policy = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.MUST_SAVE)
+
+    def fn(x):
+        return checkpoint(torch.sin, x, use_reentrant=False, context_fn=policy) + 1
+
+    gm = _dynamo_graph(fn, torch.randn(3, requires_grad=True))
+    new, opaque = ck.inline_checkpoints(gm)
+    assert ck.has_checkpoints(new)
+    assert len(opaque) == 1 and "selective activation checkpoint" in opaque[0][1]
+
+
+def _graph(region_of: dict):
+    """x -> a -> b -> c -> out, with the regions ``region_of`` (name -> region or None) as marked."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.sin, (x,), name="a")
+    b = g.call_function(torch.cos, (a,), name="b")
+    c = g.call_function(torch.tanh, (b,), name="c")
+    g.output(c)
+    for n in (a, b, c):
+        if region_of.get(n.name) is not None:
+            n.meta["recompute"], n.meta["ac_graph_id"] = RECOMPUTE, region_of[n.name]
+    return g, a, b, c
+
+
+def _emit_after(g, node, name, target=torch.exp):
+    with g.inserting_after(node):
+        new = g.call_function(target, (node,), name=name)
+    return new
+
+
+def test_retag_between_nodes_of_one_region():
+    g, a, b, c = _graph({"a": 1, "b": 1, "c": 1})
+    assert ck.mark_regions(g)
+    new = _emit_after(g, a, "new")
+    b.replace_input_with(a, new)
+    assert ck.retag(g) == 1
+    assert (new.meta["recompute"], new.meta["ac_graph_id"]) == (RECOMPUTE, 1)
+    assert all(ck._REGION not in n.meta for n in g.nodes)
+
+
+def test_retag_leaves_a_run_across_a_region_boundary_untagged():
+    g, a, b, c = _graph({"a": 1, "c": None, "b": None})
+    ck.mark_regions(g)
+    new = _emit_after(g, a, "new")
+    b.replace_input_with(a, new)
+    assert ck.retag(g) == 0 and "recompute" not in new.meta
+
+
+def test_retag_by_inputs_and_readers_when_the_neighbours_differ():
+    """A run whose inputs and readers all lie in one region is in it, though the original node just
+    before it is outside (here ``b``: the run sits between b and c)."""
+    g, a, b, c = _graph({"a": 2, "b": None, "c": 2})
+    ck.mark_regions(g)
+    with g.inserting_after(b):
+        new = g.call_function(torch.exp, (a,), name="new")
+    c.replace_input_with(b, new)
+    assert ck.retag(g) == 1 and new.meta["ac_graph_id"] == 2
+
+
+def test_random_seqfuse_calls_are_never_tagged():
+    g, a, b, c = _graph({"a": 1, "b": 1, "c": 1})
+    ck.mark_regions(g)
+    op = torch.ops.seqfuse.attention.default
+    args = [a, a, a, None, None, None, "causal", 0, 0, float("-inf"), False, 1, None, 0.1, "nan", 0, "auto"]
+    with g.inserting_after(a):
+        attn = g.call_function(op, tuple(args), name="attn")
+    with g.inserting_after(attn):
+        out = g.call_function(operator.getitem, (attn, 0), name="out")
+    b.replace_input_with(a, out)
+    assert ck.draws_random(attn)
+    ck.retag(g)
+    assert "recompute" not in attn.meta and out.meta["ac_graph_id"] == 1
+    args[13] = 0.0
+    attn.args = tuple(args)
+    assert not ck.draws_random(attn)
+
+
+def test_signature_follows_the_tags_not_the_region_ids():
+    assert ck.signature(_graph({})[0]) == ""
+    one = ck.signature(_graph({"a": 5, "b": 5})[0])
+    assert one and one == ck.signature(_graph({"a": 9, "b": 9})[0])
+    assert one != ck.signature(_graph({"a": 5, "b": 6})[0])
+    assert one != ck.signature(_graph({"a": 5})[0])
