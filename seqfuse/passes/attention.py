@@ -107,6 +107,12 @@ def _match_values(softmax: torch.fx.Node):
     while True:
         user = only_user(cur)
         if user is None:
+            if any(u.op == "output" for u in cur.users):
+                # eager_attention_forward returns its attn_weights; where the caller drops them in the
+                # same graph they are dead code, but a graph break after the call makes them an output
+                raise NoMatch(f"the probabilities are used {len(cur.users)} times: also as an output of the "
+                              "graph (returned, e.g. as attn_weights; if the caller drops them, a graph break "
+                              "before it does makes them an output anyway: see torch._dynamo.explain)")
             raise NoMatch(f"the probabilities are used {len(cur.users)} times (returned or reused), "
                           "not only by the contraction with the values")
         if is_op(user, *CASTS):

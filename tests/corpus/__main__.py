@@ -1,7 +1,7 @@
 """A held-out corpus of real models: what seqfuse finds in code the project was not written against.
 
     python -m tests.corpus                      # every case of the corpus (both families)
-    python -m tests.corpus --family attention   # the attention family only (the 25 LMs below)
+    python -m tests.corpus --family attention   # the attention family only (the 26 LMs below)
     python -m tests.corpus --family delta       # the delta-rule family only (tests/corpus/delta.py)
     python -m tests.corpus --only qwen3 opt qwen3_next fla_kda_chunk_h0   # some cases, of either family
     python -m tests.corpus --list
@@ -74,6 +74,12 @@ CORPUS = {
                                                       "num_key_value_heads": 4}),
     "bamba": ("BambaConfig", "BambaForCausalLM", {"mamba_d_state": 4, "mamba_d_head": 8, "mamba_n_heads": 8,
                                                    "attn_layer_indices": [1], "mamba_chunk_size": 4}),
+    # MiniMax-M3: a lightning indexer picks, per query and key-value head, the top key blocks; eager
+    # attention then runs with that selection as a per-head additive mask (build_block_mask)
+    "minimax_m3": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", {
+        "layer_types": ["minimax_m3_sparse", "full_attention"], "mlp_layer_types": ["dense", "dense"],
+        "dense_intermediate_size": 64, "rotary_dim": 4, "index_n_heads": 2, "index_head_dim": 8,
+        "index_block_size": 4, "index_topk_blocks": 2, "index_local_blocks": 1}),
 }
 
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -147,7 +147,8 @@ def model_case(name: str, module_name: str, cfg_name: str, model_name: str, kern
         params = [p for p in m.parameters() if p.requires_grad]
         m.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        logits = m(tokens, use_cache=False).logits
+        out = m(tokens, use_cache=False)
+        logits = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
         logits.backward(g.to(logits.dtype))
         return [logits.detach()], [None if p.grad is None else p.grad.clone() for p in params]

@@ -14,7 +14,11 @@ itself, a ``view`` of a non-contiguous gradient, with or without seqfuse):
   with eager; one ``seqfuse.delta`` is expected per linear-attention layer.  Qwen3-Next, OLMo hybrid and
   Kimi Linear are also built by tests/models (here with other head counts, head sizes, lengths, batch
   and layer orders); Qwen3.5, Qwen3.5-MoE, Lara mini, Bailing hybrid and Qwen4-exp are built nowhere else.
-  (Glm5Next, also KDA, has no causal-LM class.)
+  GLM-5-Next (KDA beside DSA-indexed MLA) has no causal-LM class: its text model runs, its last hidden
+  state standing for the logits.  Its MLA attention is a near miss there: the DSA indexer's ``nonzero``
+  breaks the graph, so ``eager_attention_forward`` is compiled on its own and returns its
+  probabilities (with ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` the model is
+  one graph and the attention is fused too).
 - PyTorch reference functions at sizes and chunk sizes other than those of tests/golden/test_delta.py
   (T = 48 / 90 / 96, H = 3 or 6 value heads over 3 key heads, K = 12 / 16, V = 12 / 16, chunks 16 / 32,
   ragged lengths, with and without an initial state): flash-linear-attention 0.6.0's own
@@ -102,6 +106,14 @@ MODELS = {
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
         indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=32, indexer_compress_ratio=8,
         layer_types=["linear_attention", "full_attention"]), (1, 140)),
+    # GLM-5-Next (text model; the multimodal model is the only one with a head): KDA beside DSA-indexed MLA,
+    # two hyper-connection residual streams; its last hidden state stands in for the logits
+    "glm5_next": ("glm5_next", "Glm5NextTextConfig", "Glm5NextTextModel", KDA_KERNELIZED, dict(
+        hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=3, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=0,
+        qk_nope_head_dim=8, v_head_dim=8, index_topk=32, index_kpool=8, index_head_dim=8, index_n_heads=2,
+        n_routed_experts=4, num_experts_per_tok=2, hc_mult=2, linear_head_dim=12, linear_num_heads=3,
+        layer_types=["linear_attention", "indexed_attention"], mlp_layer_types=["dense", "dense"]), (1, 130)),
 }
 
 

@@ -38,6 +38,12 @@ def probabilities_returned(q, k, v):
     return p @ v, p
 
 
+# The probabilities feed a second op inside the graph (an entropy term of the output).
+def probabilities_reused(q, k, v):
+    p = torch.softmax(q @ k.transpose(-2, -1) * 0.125, -1)
+    return p @ v + (p * p).sum(-1, keepdim=True)
+
+
 # Softmax over the query axis (dim=-2) normalizes columns: Σ_i p[i, j] = 1, not attention's rows.
 def softmax_over_queries(q, k, v):
     return torch.softmax(q @ k.transpose(-2, -1) * 0.125, dim=-2) @ v
@@ -130,7 +136,8 @@ def padding_keep():
 
 
 CASES = [
-    (probabilities_returned, (), "the probabilities are used 2 times"),
+    (probabilities_returned, (), "the probabilities are used 2 times: also as an output of the graph"),
+    (probabilities_reused, (), "the probabilities are used 2 times (returned or reused)"),
     (softmax_over_queries, (), "the value contraction does not sum over the softmax axis"),
     (softmax_over_heads, (), "the softmax axis is shared by both operands"),
     (mask_from_scores, (), "the mask depends on the attention scores"),
