@@ -92,7 +92,11 @@ def inline_checkpoints(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, 
             _make_traceable(gm, node)
             continue
         work.extend(_inline(gm, node))
-    gm.graph.eliminate_dead_code()
+    # the bodies inlined are read by nothing now; no other node is removed (FX's dead-code pass would
+    # also drop a Dynamo graph's in-place calls, ``x.scatter_(...)``, which have no users)
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users and isinstance(getattr(gm, n.target, None), torch.fx.GraphModule):
+            gm.graph.erase_node(n)
     gm.recompile()
     return gm, opaque
 

@@ -5,6 +5,7 @@
     python -m tests.corpus --family delta       # the delta-rule family only (tests/corpus/delta.py)
     python -m tests.corpus --only qwen3 opt qwen3_next fla_kda_chunk_h0   # some cases, of either family
     python -m tests.corpus --list
+    python -m tests.corpus --checkpointing      # the models trained with gradient_checkpointing_enable()
 
 The corpus is transformers 5 causal LMs that no test, example or benchmark of this repository
 builds (tests/models, tests/golden, benchmarks/workloads.py and examples/ use others), with tiny
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -110,6 +112,7 @@ def child(name: str) -> dict:
     cfg_name, model_name, overrides = CORPUS[name]
     torch.manual_seed(0)
     model = getattr(T, model_name)(_config(getattr(T, cfg_name), overrides)).train()
+    cases.maybe_checkpoint(model)
     tokens = torch.randint(0, 64, (2, 12))
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -200,9 +203,14 @@ def main(argv=None) -> int:
                    help="which family to run (default all; ignored with --only)")
     p.add_argument("--list", action="store_true", help="print the corpus and exit")
     p.add_argument("--timeout", type=float, default=600, help="seconds per model / per case of the other families")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="train the transformers models with gradient_checkpointing_enable() (every layer an "
+                        "activation-checkpoint region)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-cases", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.checkpointing:
+        os.environ[cases.CHECKPOINTING] = "1"   # read by the child processes
     if args.child:
         print("RESULT " + json.dumps(child(args.child)), flush=True)
         return 0

@@ -16,6 +16,15 @@ import time
 from typing import Callable, Iterator
 
 BOUND = 1e-5
+#: environment variable (set by ``--checkpointing``): train the models with gradient checkpointing
+CHECKPOINTING = "SEQFUSE_CORPUS_CHECKPOINTING"
+
+
+def maybe_checkpoint(model) -> None:
+    """``model.gradient_checkpointing_enable()`` when the run asked for it (``--checkpointing``)."""
+    import os
+    if os.environ.get(CHECKPOINTING) == "1" and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable()
 
 
 class _Float64Torch:
@@ -140,6 +149,7 @@ def model_case(name: str, module_name: str, cfg_name: str, model_name: str, kern
     cfg._experts_implementation = "eager"   # MoE experts as a loop of matmuls: grouped_mm has no fp64 (oracle)
     torch.manual_seed(0)
     model = getattr(T, model_name)(cfg).train()
+    maybe_checkpoint(model)
     batch, seq_len = shape
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(3))
 

@@ -47,6 +47,20 @@ def test_inlined_regions_are_tagged_per_region_and_the_original_is_kept():
     torch.testing.assert_close(new(x, w)[0], _two_regions(x, w))
 
 
+def test_in_place_calls_without_users_are_kept():
+    def fn(x):
+        def f(y):
+            z = y * 2
+            z.add_(1)
+            return z
+        return checkpoint(f, x, use_reentrant=False)
+
+    x = torch.randn(3, requires_grad=True)
+    new, _ = ck.inline_checkpoints(_dynamo_graph(fn, x))
+    assert any(n.target == "add_" for n in new.graph.nodes), new.graph
+    torch.testing.assert_close(new(x)[0], x * 2 + 1)
+
+
 def test_selective_region_is_left_whole_with_its_reason():
     policy = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.MUST_SAVE)
 
