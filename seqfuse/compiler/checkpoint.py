@@ -189,6 +189,16 @@ def mark_regions(graph: torch.fx.Graph) -> bool:
     return True
 
 
+def drop_regions(graph: torch.fx.Graph) -> bool:
+    """Remove every node's recompute tags (a graph with no backward: nothing is recomputed, and
+    AOTAutograd's inference path refuses random ops, SDPA included, inside a tagged region); returns
+    False, so that :func:`retag` is not run."""
+    for n in graph.nodes:
+        for k in TAGS:
+            n.meta.pop(k, None)
+    return False
+
+
 def retag(graph: torch.fx.Graph) -> int:
     """Tag the nodes the rewrites emitted, after :func:`mark_regions`: a new node takes the region of the
     nodes it replaced where that is clear, else of its neighbours.  Where the source it was given

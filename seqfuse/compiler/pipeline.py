@@ -9,7 +9,7 @@ import torch
 import torch.fx
 
 from seqfuse import log
-from seqfuse.compiler.checkpoint import has_checkpoints, inline_checkpoints, mark_regions, retag
+from seqfuse.compiler.checkpoint import drop_regions, has_checkpoints, inline_checkpoints, mark_regions, retag
 from seqfuse.compiler.constants import attach as attach_constants, buffer_constants
 from seqfuse.compiler.decay_buffers import express_decay_buffers
 from seqfuse.compiler.canonicalize import (block_slices, forward_slot_reads, normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
@@ -120,12 +120,14 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
                 report.add_near_miss("graph", f"an activation-checkpointed region is left whole: {reason}", node)
             dump("checkpoints_inlined", gm.print_readable(print_output=False))
         canon = trace_pre_dispatch(gm, example_inputs)
-        regions = mark_regions(canon.graph)
         # small module buffers a recognizer may read by value, under a run-time value guard
         attach_constants(canon, buffer_constants(gm, example_inputs))
     # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh
     canon.meta["seqfuse_training"] = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    # checkpointed regions: tags kept (and given to the rewrites' nodes) where there is a backward to
+    # recompute them for, dropped otherwise (AOTAutograd's inference path refuses random ops in them)
+    regions = mark_regions(canon.graph) if canon.meta["seqfuse_training"] else drop_regions(canon.graph)
     dump("pre_dispatch", canon.graph)
     # 2. Contractions before masks: mask normalization and all recognizers read
     #    scores as einsums with views folded in.

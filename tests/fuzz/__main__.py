@@ -13,6 +13,7 @@ ran where the program raises.
 
     python -m tests.fuzz --only ssd:17 --seed 0           # re-run case 17 of ssd, with detail
     python -m tests.fuzz --only scan:3:triton --seed 0    # case 3 of the triton scan cases
+    python -m tests.fuzz --n 40 --checkpoint               # each program inside torch.utils.checkpoint
 """
 from __future__ import annotations
 
@@ -55,15 +56,25 @@ def family_rng(seed: int, family: str, triton: bool) -> random.Random:
     return random.Random(f"{seed}:{family}:{'triton' if triton else 'default'}")
 
 
+#: environment variable (set by ``--checkpoint``, inherited by the workers): every program runs inside
+#: ``torch.utils.checkpoint.checkpoint`` (check.checkpointed)
+CHECKPOINT = "SEQFUSE_FUZZ_CHECKPOINT"
+
+
 def iter_cases(family: str, seed: int, n: int, triton: bool):
     gen = generator(family)
     if gen is None:
         return iter(())
-    return gen(family_rng(seed, family, triton), n, triton)
+    cases = gen(family_rng(seed, family, triton), n, triton)
+    if os.environ.get(CHECKPOINT) == "1":
+        from .check import checkpointed
+        return (checkpointed(c) for c in cases)
+    return cases
 
 
 def repro(family: str, index: int, seed: int, triton: bool) -> str:
-    return f"python -m tests.fuzz --only {family}:{index}{':triton' if triton else ''} --seed {seed}"
+    flag = " --checkpoint" if os.environ.get(CHECKPOINT) == "1" else ""
+    return f"python -m tests.fuzz --only {family}:{index}{':triton' if triton else ''} --seed {seed}{flag}"
 
 
 # --------------------------------------------------------------------------- worker
@@ -168,11 +179,15 @@ def main(argv=None) -> int:
     ap.add_argument("--failures", default="fuzz-failures.txt", help="where to write the failing cases")
     ap.add_argument("--only", help="FAMILY:INDEX[:triton] — run one case in this process and print it in full")
     ap.add_argument("--verbose", action="store_true", help="print every case")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="run every program inside torch.utils.checkpoint (activation checkpointing)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--stop", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--triton-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.checkpoint:
+        os.environ[CHECKPOINT] = "1"
 
     if args.worker:
         worker(args.worker, args.seed, args.n, args.triton_worker, args.start, args.stop)

@@ -23,7 +23,7 @@ import contextlib
 import os
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -65,6 +65,18 @@ class Case:
     expect: str | None     # IR op kind that should be found (e.g. "attention"; "ssd|scan": either), None if not required
     options: dict          # seqfuse options, e.g. {"runtime": "triton"} or {}; downstream defaults to aot_eager
     seed: int
+
+
+def checkpointed(case: Case) -> Case:
+    """``case`` with its program run inside ``torch.utils.checkpoint.checkpoint`` (eager and compiled
+    alike): seqfuse must find the mixer inside the region and keep the program's numbers, while the
+    backward recomputes the region."""
+    from torch.utils.checkpoint import checkpoint
+
+    def fn(*inputs):
+        return checkpoint(case.fn, *inputs, use_reentrant=False)
+    spelling, plus, tags = case.name.partition("+")   # the summary groups by the spelling before the tags
+    return replace(case, name=f"{spelling}/checkpoint{plus}{tags}", fn=fn)
 
 
 @dataclass

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from .check import FAILING, Case, containment_nan_rule, describe, exact_nan_rule, run_case
-from .__main__ import FAMILIES, generator, iter_cases
+from .__main__ import CHECKPOINT, FAMILIES, generator, iter_cases
 
 #: programs per family on the default runtime / with runtime="triton" (interpreted: slow)
 N_DEFAULT = {"attention": 16, "ssd": 24, "scan": 24, "long_conv": 30, "map": 16, "triangular": 12, "delta": 10}
 N_TRITON = {"attention": 3, "ssd": 4, "scan": 4, "long_conv": 4}     # (map, triangular: no IR op, no kernel)
 SEED = 2026
+#: programs per family run inside torch.utils.checkpoint
+N_CHECKPOINT = 5
 
 
 def _run_family(family, n, triton):
@@ -41,6 +43,16 @@ def test_family(family, monkeypatch):
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f in N_TRITON])
 def test_family_triton(family, triton_interpreter):
     _run_family(family, N_TRITON[family], triton=True)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_checkpointed(family, monkeypatch):
+    """Each program inside torch.utils.checkpoint (``--checkpoint``): the regions are inlined and
+    recomputed, and no program may come out wrong."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(CHECKPOINT, "1")
+    statuses = _run_family(family, N_CHECKPOINT, triton=False)
+    assert statuses.get("ok", 0) >= N_CHECKPOINT // 2, statuses   # most are still found inside the region
 
 
 # --- the checker itself ---------------------------------------------------------------------

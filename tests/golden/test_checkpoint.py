@@ -261,3 +261,21 @@ def test_in_place_ops_inside_a_region_are_kept():
     x = torch.randn(2, 16, D, requires_grad=True)
     report = check_against_eager(Model(), x)
     assert [r.kind for r in report.rewrites] == ["attention"], report
+
+
+def test_inference_through_a_checkpointed_sdpa_call():
+    """No gradient: nothing is recomputed, so the region's tags are dropped.  AOTAutograd's inference
+    path refuses a tagged region that holds a random op, and SDPA counts as one: torch.compile of
+    this program with aot_eager alone raises (torch 2.13).  The first SDPA call (is_causal with
+    query and key lengths that differ) is not rewritten and stays an SDPA call in the region."""
+    def attend(q, k, v):
+        return (F.scaled_dot_product_attention(q, k[..., :12, :], v[..., :12, :], is_causal=True)
+                + F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def fn(q, k, v):
+        return checkpoint(attend, q, k, v, use_reentrant=False)
+
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    report = check_against_eager(fn, q, k, v, grads=False)
+    assert [r.kind for r in report.rewrites] == ["attention"], report
+    assert [m.kind for m in report.near_misses] == ["attention"], report
