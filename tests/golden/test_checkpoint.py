@@ -166,6 +166,19 @@ def test_transformers_gradient_checkpointing():
     assert not report.near_misses, report
 
 
+def test_apply_activation_checkpointing_wrappers():
+    """torch.distributed's ``apply_activation_checkpointing`` (as FSDP users wrap their blocks): the same
+    regions, found and exact."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    torch.manual_seed(0)
+    model = Stack(ckpt=False)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    x = torch.randn(2, 16, D, requires_grad=True)
+    report = check_against_eager(model, x)
+    assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    assert not report.near_misses, report
+
+
 def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
 
