@@ -200,13 +200,13 @@ def drop_regions(graph: torch.fx.Graph) -> bool:
 
 
 def retag(graph: torch.fx.Graph) -> int:
-    """Tag the nodes the rewrites emitted, after :func:`mark_regions`: a new node takes the region of the
-    nodes it replaced where that is clear, else of its neighbours.  Where the source it was given
-    (``copy_meta``) already carried tags it keeps them.  Otherwise a run of new nodes between two
-    surviving nodes of one region, or that only reads values of one region and is only read inside
-    it, is in that region; any other run is left untagged (its values are saved, not recomputed: the
-    answer is the same, the memory is what the program without the region would use).  Returns the
-    number of nodes tagged; removes :func:`mark_regions`'s records."""
+    """Tag the nodes the rewrites emitted (those :func:`mark_regions` did not see): a run of new nodes
+    between two surviving nodes of one region, or whose inputs from outside the run all come from one
+    region and whose readers outside it all lie in it, is in that region.  Any other run is left
+    untagged: its values are saved, not recomputed (the answer is the same; the memory is what the
+    program without the region would use).  A new node that already carries tags keeps them, and a
+    seqfuse call that draws random numbers is never tagged (:func:`draws_random`).  Returns the number
+    of nodes tagged; removes :func:`mark_regions`'s records."""
     tagged = 0
     run: list = []
     prev = None

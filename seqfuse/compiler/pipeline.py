@@ -116,6 +116,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         if has_checkpoints(gm):
             # checkpointed regions read as the rest of the graph, their ops tagged for recompute
             gm, opaque = inline_checkpoints(gm)
+            report.checkpoint_regions = len({n.meta["ac_graph_id"] for n in gm.graph.nodes if "ac_graph_id" in n.meta})
             for node, reason in opaque:
                 report.add_near_miss("graph", f"an activation-checkpointed region is left whole: {reason}", node)
             dump("checkpoints_inlined", gm.print_readable(print_output=False))

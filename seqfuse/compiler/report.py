@@ -68,6 +68,9 @@ class GraphReport:
     #: the inputs (module buffers) whose values the rewrites rest on: checked on every call, a changed
     #: value runs the graph without the rewrites (seqfuse.compiler.constants)
     guards: list[str] = field(default_factory=list)
+    #: activation-checkpointed regions read through (seqfuse.compiler.checkpoint): their ops, the
+    #: rewrites' included, are recomputed in the backward
+    checkpoint_regions: int = 0
 
     def add_rewrite(self, kind: str, ir: str, node: torch.fx.Node | None = None, algorithm: str = "-") -> None:
         """Record a rewrite of kind ``kind``, printed as ``ir``, at ``node``'s source location."""
@@ -143,6 +146,10 @@ class Report:
         if guards:
             lines.append("value guards (module buffers read as constants; a changed value runs the graph "
                          "unrewritten): " + ", ".join(guards))
+        regions = sum(g.checkpoint_regions for g in self.graphs)
+        if regions:
+            lines.append(f"activation checkpointing: {regions} region(s) read through; their ops, rewrites "
+                         "included, are recomputed in the backward")
         if self.runtime:
             from seqfuse.runtime.dispatch import PATHS
             lines.append("runtime calls:")

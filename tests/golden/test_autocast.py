@@ -36,12 +36,7 @@ class Attention(torch.nn.Module):
         return x + self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, D))
 
 
-class LinearAttention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(D, 3 * D)
-        self.o = torch.nn.Linear(D, D)
-
+class LinearAttention(Attention):
     def forward(self, x):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, H, D // H).permute(2, 0, 3, 1, 4)

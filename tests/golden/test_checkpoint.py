@@ -67,6 +67,17 @@ class Stack(torch.nn.Module):
         return x
 
 
+class Checkpointed(torch.nn.Module):
+    """``checkpoint(fn, x)``, as a module owning ``block`` (whose parameters ``fn`` reads)."""
+
+    def __init__(self, fn, block: torch.nn.Module):
+        super().__init__()
+        self.fn, self.block = fn, block
+
+    def forward(self, x):
+        return checkpoint(self.fn, x, use_reentrant=False)
+
+
 def _saved_bytes(fn, params, *xs) -> int:
     """Bytes the call ``fn(*xs)`` saves for its backward (after a first, compiling call), but for the
     parameters ``params`` (a compiled graph saves the weights it reads; they are held anyway)."""
@@ -97,6 +108,7 @@ def test_attention_in_checkpointed_blocks_is_fused_and_exact():
     report = check_against_eager(model, x)
     assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
     assert not report.near_misses, report
+    assert "activation checkpointing: 2 region(s) read through" in str(report), report
 
 
 @pytest.mark.parametrize("downstream", ["aot_eager", "inductor"])
@@ -193,6 +205,7 @@ def test_selective_checkpointing_is_left_whole_and_named():
     assert not report.rewrites, report
     reasons = [m.reason for m in report.near_misses]
     assert len(reasons) == 2 and all("selective activation checkpoint" in r for r in reasons), reasons
+    assert "activation checkpointing:" not in str(report)   # no region was read through
 
 
 def test_nested_regions():
@@ -208,16 +221,8 @@ def test_nested_regions():
         y = checkpoint(inner, x, use_reentrant=False)
         return y + block.down(torch.relu(block.up(y)))
 
-    class Outer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = block
-
-        def forward(self, x):
-            return checkpoint(outer, x, use_reentrant=False)
-
     x = torch.randn(2, 16, D, requires_grad=True)
-    report = check_against_eager(Outer(), x)
+    report = check_against_eager(Checkpointed(outer, block), x)
     assert [r.kind for r in report.rewrites] == ["attention"], report
     assert not report.near_misses, report
 
@@ -263,16 +268,8 @@ def test_in_place_ops_inside_a_region_are_kept():
         keep.scatter_(-1, torch.arange(x.shape[1]).remainder(D).view(1, -1, 1).expand(x.shape[0], -1, 1), 1.0)
         return block.attend(y) + keep
 
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = block
-
-        def forward(self, x):
-            return checkpoint(region, x, use_reentrant=False)
-
     x = torch.randn(2, 16, D, requires_grad=True)
-    report = check_against_eager(Model(), x)
+    report = check_against_eager(Checkpointed(region, block), x)
     assert [r.kind for r in report.rewrites] == ["attention"], report
 
 
