@@ -2,24 +2,20 @@
 (parallel) DeltaNet becomes one seqfuse.delta on q (scaled), k, v, β, and nothing of the program is left
 (no UT system, no block, no attention-matrix write); a look-alike is left as written.  Outputs and
 gradients vs eager."""
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import seqfuse
 from delta_spellings import blocked
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from helpers import check_against_eager
 
 fla_delta = pytest.importorskip("fla.ops.delta_rule.naive")
 
 
 def after_pass(fn, *args, tmp_path):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith("_delta_blocks.txt"))
-    return pathlib.Path(path).read_text(), report
+    return graph_after(fn, *args, tmp_path=tmp_path, stage="delta_blocks")
 
 
 def operands(T=48):

@@ -1,14 +1,12 @@
 """FileCheck on the graph right after the delta pass (dump stage "delta"): a delta-rule loop becomes one
 seqfuse.delta, its per-step outputs one buffer copy, and no per-step node is left; a loop whose update
 is not the delta rule is left as it was."""
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 
 fla_gdn = pytest.importorskip("fla.ops.gated_delta_rule.naive")
 fla_kda = pytest.importorskip("fla.ops.kda.naive")
@@ -17,9 +15,7 @@ T = 6
 
 
 def after_pass(fn, *args, tmp_path, stage="delta"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text(), report
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage)
 
 
 def operands(gate="scalar", B=1, H=2, K=4, V=5):

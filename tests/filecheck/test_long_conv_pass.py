@@ -1,17 +1,13 @@
 """FileCheck on the graph right after the long_conv pass (dump stage "long_conv")."""
-import pathlib
 
 import torch
 import torch.nn.functional as F
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 
 
 def after_pass(fn, *args, tmp_path, stage="long_conv"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage)[0]
 
 
 def gated_fft_conv(u, k, D, v):

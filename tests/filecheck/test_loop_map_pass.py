@@ -3,20 +3,17 @@ independent value per step into a buffer becomes one vectorized value and one co
 all steps (a fresh buffer written over all of it is then read as that value); loops that read their
 buffer, or whose steps differ, stay as they are.  Every case also
 compares outputs and gradients with eager."""
-import pathlib
 
 import pytest
 import torch
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from helpers import check_against_eager
 
 
 def after_pass(fn, *args, tmp_path, stage="loop_map"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return report, pathlib.Path(path).read_text()
+    text, report = graph_after(fn, *args, tmp_path=tmp_path, stage=stage)
+    return report, text
 
 
 def columns(k, g):

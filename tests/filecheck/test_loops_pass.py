@@ -1,20 +1,16 @@
 """FileCheck on the graph right after the loops pass (dump stage "loops"): an unrolled loop
 becomes one seqfuse.scan / seqfuse.ssd and no per-step node is left."""
-import pathlib
 
 import torch
 import torch.nn.functional as F
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 
 T = 6
 
 
 def after_pass(fn, *args, tmp_path, stage="loops", dynamic=None):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)}, dynamic=dynamic)
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage, dynamic=dynamic)[0]
 
 
 def hgrn(x, g):

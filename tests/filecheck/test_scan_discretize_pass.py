@@ -1,18 +1,14 @@
 """FileCheck on the graph right after the scan_discretize pass (dump stage "scan_discretize"): a scan
 whose decays are exp(Δ·A) and whose inputs are Δ·B·x takes the factors as operands (a = A, b = B,
 dt = Δ, u = x as broadcastable views), and no (B, D, T, N) product is left in the graph."""
-import pathlib
 
 import torch
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 
 
 def after_pass(fn, *args, tmp_path, stage="scan_discretize"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage)[0]
 
 
 def discretized(x, dt, A, Bm):

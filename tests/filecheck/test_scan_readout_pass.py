@@ -2,13 +2,11 @@
 states are only contracted with c (and whose last state is read) takes c as its readout, and no
 einsum of the (*R, T, N) states is left; other uses leave the scan without a readout."""
 import operator
-import pathlib
 
 import torch
 from torch._higher_order_ops.associative_scan import associative_scan
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from seqfuse.compiler.report import GraphReport
 from seqfuse.ir import format_graph
 from seqfuse.ir.ops import Scan
@@ -22,9 +20,7 @@ aten = torch.ops.aten
 
 
 def after_pass(fn, *args, tmp_path, stage="scan_readout"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage)[0]
 
 
 def linear(left, right):

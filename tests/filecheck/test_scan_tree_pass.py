@@ -1,12 +1,10 @@
 """FileCheck on the graph right after the scan_tree pass (dump stage "scan_tree"): torch's generic
 associative_scan tree of the linear combine becomes one seqfuse.scan; anything else stays."""
-import pathlib
 
 import torch
 from torch._higher_order_ops.associative_scan import associative_scan
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from seqfuse.compiler.canonicalize import trace_pre_dispatch
 from seqfuse.compiler.report import GraphReport
 from seqfuse.ir import format_graph
@@ -17,9 +15,7 @@ aten = torch.ops.aten
 
 
 def after_pass(fn, *args, tmp_path, stage="scan_tree"):
-    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage)[0]
 
 
 def linear(left, right):

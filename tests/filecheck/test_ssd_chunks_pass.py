@@ -1,19 +1,14 @@
 """FileCheck on the graph right after the ssd_chunks pass (dump stage "ssd_chunks"): a whole
 chunked SSD program is one seqfuse.ssd over the sequence, nothing of the chunked algorithm left."""
-import pathlib
 
 import torch
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from golden.test_ssd_chunks import chunked_linear_attention, ssd_inputs, ssd_listing
 
 
 def after_pass(fn, *args, tmp_path, stage="ssd_chunks", dynamic=None):
-    report = seqfuse.explain(fn, *args, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)},
-                             dynamic=dynamic)
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage, dynamic=dynamic)[0]
 
 
 def test_ssd_listing_is_one_ssd_with_initial_and_final_state(tmp_path):

@@ -1,5 +1,4 @@
 """FileCheck on the graph right after the ssd_forms pass (dump stage "ssd_forms")."""
-import pathlib
 
 import torch
 import torch.nn.functional as F
@@ -7,16 +6,13 @@ from torch._higher_order_ops.associative_scan import associative_scan_op
 from torch._higher_order_ops.scan import scan
 
 import pytest
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 
 fla_retention = pytest.importorskip("fla.ops.retention.naive")
 
 
 def after_pass(fn, *args, tmp_path, stage="ssd_forms", dynamic=None):
-    report = seqfuse.explain(fn, *args, dynamic=dynamic, options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *args, tmp_path=tmp_path, stage=stage, dynamic=dynamic)[0]
 
 
 def causal_linear_attention(q, k, v):

@@ -1,13 +1,10 @@
 """FileCheck on the graph right after the ssd_forms / ssd_chunks passes for the Mamba-2 listing's
 stable segment sum (mamba_ssm/modules/ssd_minimal.py): repeat, strict-lower mask, cumsum over the
 rows, -inf above the diagonal is proven a segment sum of a; nothing of it is left."""
-import pathlib
 
 import pytest
-import torch
 
-import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from golden.test_ssd_stable_segsum import SEGSUMS, inputs, listing, make_segsum, ssd_quadratic
 
 
@@ -18,10 +15,7 @@ def quadratic(segsum_):
 
 
 def after_pass(fn, *args, tmp_path, stage):
-    report = seqfuse.explain(fn, *[a.detach() for a in args],
-                             options={"downstream": "aot_eager", "dump_dir": str(tmp_path)})
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return pathlib.Path(path).read_text()
+    return graph_after(fn, *[a.detach() for a in args], tmp_path=tmp_path, stage=stage)[0]
 
 
 @pytest.mark.parametrize("spelling", ["einops", "expand", "repeat"])

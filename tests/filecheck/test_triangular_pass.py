@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import seqfuse
-from fc import run_filecheck
+from fc import graph_after, run_filecheck
 from helpers import check_against_eager
 
 
 def after_pass(fn, *args, tmp_path, stage="triangular", dynamic=None):
-    report = seqfuse.explain(fn, *args, options={"downstream": "eager", "dump_dir": str(tmp_path)}, dynamic=dynamic)
-    path = next(p for p in report.dumps if p.endswith(f"_{stage}.txt"))
-    return report, pathlib.Path(path).read_text()
+    text, report = graph_after(fn, *args, tmp_path=tmp_path, stage=stage, dynamic=dynamic)
+    return report, text
 
 
 def inverse(M, spelling="fla", mask="masked_fill", bad=None):
