@@ -35,8 +35,6 @@ _HOP = torch.ops.higher_order.tag_activation_checkpoint
 #: the node metadata AOTAutograd's partitioner reads to recompute a value in the backward
 TAGS = ("recompute", "ac_graph_id")
 _CONTEXT_FN = "_checkpoint_context_fn"
-#: meta key of :func:`mark_regions`: the region (tags) of a node present before the rewrites, or None
-_REGION = "seqfuse_ac_region"
 #: region ids (from the same counter as torch's own, so they never collide with a region it tags)
 try:
     from torch._higher_order_ops.wrap import uid as _UID
@@ -179,34 +177,33 @@ def _region(node: torch.fx.Node):
     return None if rec is None else (rec, node.meta.get("ac_graph_id"))
 
 
-def mark_regions(graph: torch.fx.Graph) -> bool:
-    """Record the region of every node (before the rewrites); False (nothing recorded) if no node has
-    one, in which case :func:`retag` has nothing to do."""
+def mark_regions(graph: torch.fx.Graph) -> set | None:
+    """The nodes of ``graph`` before the rewrites (:func:`retag` tags the others), or None if no node
+    carries tags (then there is nothing to retag).  A node's region is its tags, which the rewrites
+    leave as they are, so the set is all :func:`retag` needs."""
     if not any(_region(n) is not None for n in graph.nodes):
-        return False
-    for n in graph.nodes:
-        n.meta[_REGION] = _region(n)
-    return True
+        return None
+    return set(graph.nodes)
 
 
-def drop_regions(graph: torch.fx.Graph) -> bool:
+def drop_regions(graph: torch.fx.Graph) -> None:
     """Remove every node's recompute tags (a graph with no backward: nothing is recomputed, and
     AOTAutograd's inference path refuses random ops, SDPA included, inside a tagged region); returns
-    False, so that :func:`retag` is not run."""
+    None, like :func:`mark_regions` for a graph with no region: there is nothing to retag."""
     for n in graph.nodes:
         for k in TAGS:
             n.meta.pop(k, None)
-    return False
+    return None
 
 
-def retag(graph: torch.fx.Graph) -> int:
-    """Tag the nodes the rewrites emitted (those :func:`mark_regions` did not see): a run of new nodes
-    between two surviving nodes of one region, or whose inputs from outside the run all come from one
-    region and whose readers outside it all lie in it, is in that region.  Any other run is left
-    untagged: its values are saved, not recomputed (the answer is the same; the memory is what the
-    program without the region would use).  A new node that already carries tags keeps them, and a
-    seqfuse call that draws random numbers is never tagged (:func:`draws_random`).  Returns the number
-    of nodes tagged; removes :func:`mark_regions`'s records."""
+def retag(graph: torch.fx.Graph, originals: set) -> int:
+    """Tag the nodes the rewrites emitted (those not in ``originals``, :func:`mark_regions`' set): a run
+    of new nodes between two original nodes of one region, or whose inputs from outside the run all
+    come from one region and whose readers outside it all lie in it, is in that region.  Any other run
+    is left untagged: its values are saved, not recomputed (the answer is the same; the memory is what
+    the program without the region would use).  A new node that already carries tags keeps them, and
+    a seqfuse call that draws random numbers is never tagged (:func:`draws_random`).  Returns the
+    number of nodes tagged."""
     tagged = 0
     run: list = []
     prev = None
@@ -224,14 +221,12 @@ def retag(graph: torch.fx.Graph) -> int:
     for n in graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
-        if _REGION in n.meta:
-            close(n.meta[_REGION])
-            prev = n.meta.pop(_REGION)
+        if n in originals:
+            close(_region(n))
+            prev = _region(n)
         else:
             run.append(n)
     close(None)
-    for n in graph.nodes:
-        n.meta.pop(_REGION, None)
     return tagged
 
 
@@ -260,10 +255,10 @@ def _only_region(run: list):
     for n in run:
         for x in n.all_input_nodes:
             if x not in inside and x.op not in ("placeholder", "get_attr"):
-                seen.add(x.meta.get(_REGION, _region(x)))
+                seen.add(_region(x))
         for u in n.users:
             if u not in inside and u.op != "output":
-                seen.add(u.meta.get(_REGION, _region(u)))
+                seen.add(_region(u))
     return next(iter(seen)) if len(seen) == 1 else None
 
 

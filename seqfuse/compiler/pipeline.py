@@ -128,7 +128,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     # checkpointed regions: tags kept (and given to the rewrites' nodes) where there is a backward to
     # recompute them for, dropped otherwise (AOTAutograd's inference path refuses random ops in them)
-    regions = mark_regions(canon.graph) if canon.meta["seqfuse_training"] else drop_regions(canon.graph)
+    originals = mark_regions(canon.graph) if canon.meta["seqfuse_training"] else drop_regions(canon.graph)
     dump("pre_dispatch", canon.graph)
     # 2. Contractions before masks: mask normalization and all recognizers read
     #    scores as einsums with views folded in.
@@ -188,8 +188,8 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
                     "this rank's slice alone: " + "; ".join(f"{m.kind} at {m.location}: {m.reason}" for m in missed))
             apply_sequence_parallel(canon, options.sequence_parallel, where=location_of)
         canon.graph.eliminate_dead_code()
-        if regions:
-            retag(canon.graph)
+        if originals:
+            retag(canon.graph, originals)
         check_links(canon.graph, "lower")
         canon.recompile()
     dump("lowered", canon.graph)

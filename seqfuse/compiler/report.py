@@ -68,8 +68,8 @@ class GraphReport:
     #: the inputs (module buffers) whose values the rewrites rest on: checked on every call, a changed
     #: value runs the graph without the rewrites (seqfuse.compiler.constants)
     guards: list[str] = field(default_factory=list)
-    #: activation-checkpointed regions read through (seqfuse.compiler.checkpoint): their ops, the
-    #: rewrites' included, are recomputed in the backward
+    #: activation-checkpointed regions read through (seqfuse.compiler.checkpoint): in a graph with a
+    #: backward their ops, the rewrites' included, are recomputed there
     checkpoint_regions: int = 0
 
     def add_rewrite(self, kind: str, ir: str, node: torch.fx.Node | None = None, algorithm: str = "-") -> None:
@@ -148,8 +148,8 @@ class Report:
                          "unrewritten): " + ", ".join(guards))
         regions = sum(g.checkpoint_regions for g in self.graphs)
         if regions:
-            lines.append(f"activation checkpointing: {regions} region(s) read through; their ops, rewrites "
-                         "included, are recomputed in the backward")
+            lines.append(f"activation checkpointing: {regions} region(s) read through; in a graph with a backward "
+                         "their ops, rewrites included, are recomputed there")
         if self.runtime:
             from seqfuse.runtime.dispatch import PATHS
             lines.append("runtime calls:")
