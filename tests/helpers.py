@@ -11,6 +11,21 @@ import seqfuse
 BOUND = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+def save_matmuls(ctx, op, *args, **kwargs):
+    """A selective activation checkpointing policy of torchtitan's kind: save what the matmuls
+    compute, recompute every other op (seqfuse's fused ops included) in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    aten = torch.ops.aten
+    matmuls = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+    return CheckpointPolicy.MUST_SAVE if op in matmuls else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpointing():
+    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint``: the :func:`save_matmuls` policy."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(save_matmuls)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS error ‖out - ref‖ / ‖ref‖ in fp64 (complex128 for complex tensors)."""
     wide = torch.complex128 if (out.is_complex() or ref.is_complex()) else torch.float64

@@ -114,13 +114,10 @@ class _Retrace(torch.fx.Interpreter):
         return track_tensor_tree(out, proxy, constant=None, tracer=tracer)
 
 
-def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | None = None) -> torch.fx.GraphModule:
-    """Re-trace ``gm`` to pre-dispatch ATen, keeping symbolic shapes and source locations.
-
-    Large repetitive graphs (unrolled time loops) are traced by replay
-    (:mod:`seqfuse.compiler.replay`: each distinct call traced once); ``replay`` forces
-    (True) or forbids (False) that path, None decides by :func:`replay.eligible`.
-    """
+def _without_transforms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with its no-op vmap levels removed (a copy when there are any), in its own graph and in
+    the bodies of the checkpoint calls it keeps (which the re-trace traces too); raises Untraceable
+    for any other torch.func transform."""
     if _vmap.has_vmap(gm):
         # e.g. associative_scan(combine_mode="generic"): Dynamo inlines each combine call as a
         # vmap level; an elementwise combine's levels are no-ops and are removed (a copy of gm)
@@ -136,6 +133,26 @@ def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | 
         # inlines as vmapped odd/even steps): refuse rather than build a graph that can't run
         raise Untraceable(f"the graph uses torch.func transforms ({bad.target.__name__}, e.g. vmap or "
                           "associative_scan with combine_mode='generic'); seqfuse leaves it to the downstream compiler", bad)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint and \
+                isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
+            body = getattr(gm, node.args[0].target)
+            if isinstance(body, torch.fx.GraphModule):
+                clean = _without_transforms(body)
+                if clean is not body:
+                    clean.meta.update(body.meta)
+                    setattr(gm, node.args[0].target, clean)
+    return gm
+
+
+def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | None = None) -> torch.fx.GraphModule:
+    """Re-trace ``gm`` to pre-dispatch ATen, keeping symbolic shapes and source locations.
+
+    Large repetitive graphs (unrolled time loops) are traced by replay
+    (:mod:`seqfuse.compiler.replay`: each distinct call traced once); ``replay`` forces
+    (True) or forbids (False) that path, None decides by :func:`replay.eligible`.
+    """
+    gm = _without_transforms(gm)
     values, mode = fake_inputs(gm, example_inputs)
     traced = None
     if replay if replay is not None else _replay.eligible(gm):

@@ -17,10 +17,13 @@ with the region.  The ops a rewrite emits inherit a region's tags where they rep
 ops (:func:`retag`), so a fused attention inside a checkpointed layer is recomputed in the backward
 as the ops it replaced would have been.
 
-Left as they are (the region stays one opaque op, which the recognizers do not look into; a near miss
-says so): a region whose body carries a policy (``context_fn``: selective checkpointing, whose
-per-op save / recompute choices are made while AOTAutograd traces the body), and a call whose results
-are read other than by indexing.
+A region whose body carries a policy (``context_fn``: selective checkpointing, whose per-op save /
+recompute choices are made while AOTAutograd traces the body) stays a call, and its body, re-traced
+with the rest, is rewritten in place as a graph of its own (:func:`selective_bodies`): the policy then
+sees each rewrite as one ``torch.ops.seqfuse.*`` op.  Its ``context_fn`` is wrapped
+(:class:`SavingRandom`) so that a seqfuse op drawing random numbers is always saved, never recomputed.
+A plain region whose results are read other than by indexing stays a call the same way, with the
+always-recompute policy AOTAutograd itself gives a plain region.
 """
 from __future__ import annotations
 
@@ -55,17 +58,19 @@ def _body(gm: torch.fx.GraphModule, node: torch.fx.Node):
 
 
 def opaque_reason(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
-    """Why the checkpoint call ``node`` is not inlined (None: it is)."""
+    """Why the checkpoint call ``node`` is left alone, its body not looked into (None: it is read)."""
     body = _body(gm, node)
     if not isinstance(body, torch.fx.GraphModule):
         return "its body is not a graph"
-    if _CONTEXT_FN in body.meta:
-        return ("a selective activation checkpoint (context_fn=...): its save / recompute policy is applied "
-                "while AOTAutograd traces the region, so seqfuse leaves the region whole and does not look into it")
-    if any(u.op != "call_function" or u.target is not operator.getitem or not isinstance(u.args[1], int)
-           for u in node.users):
-        return "its results are read other than by index"
     return None
+
+
+def _kept_whole(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether the checkpoint call ``node`` stays a call (its body rewritten in place): a selective
+    region, or a call whose results are read other than by index."""
+    return _CONTEXT_FN in _body(gm, node).meta or any(
+        u.op != "call_function" or u.target is not operator.getitem or not isinstance(u.args[1], int)
+        for u in node.users)
 
 
 def has_checkpoints(gm: torch.fx.GraphModule) -> bool:
@@ -87,9 +92,10 @@ def inline_checkpoints(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, 
         reason = opaque_reason(gm, node)
         if reason is not None:
             opaque.append((node, reason))
-            _make_traceable(gm, node)
-            continue
-        work.extend(_inline(gm, node))
+        elif _kept_whole(gm, node):
+            _keep_call(gm, node)
+        else:
+            work.extend(_inline(gm, node))
     # the bodies inlined are read by nothing now; no other node is removed (FX's dead-code pass would
     # also drop a Dynamo graph's in-place calls, ``x.scatter_(...)``, which have no users)
     for n in list(gm.graph.nodes):
@@ -99,19 +105,102 @@ def inline_checkpoints(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, 
     return gm, opaque
 
 
-def _make_traceable(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
-    """Give a plain region left whole the (vanilla, always-recompute) policy AOTAutograd would use, so
-    that a pre-dispatch re-trace of the call (which reads the policy key unconditionally) succeeds."""
+def _keep_call(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Prepare the checkpoint call ``node``, kept a call, for the pre-dispatch re-trace and for the
+    rewriting of its body: a copy of the body (the caller's graph, compiled unchanged if the pipeline
+    fails, keeps its own) with a policy, the always-recompute one AOTAutograd gives a plain region if
+    it has none (the re-trace reads the policy key unconditionally), wrapped in :class:`SavingRandom`;
+    the checkpoint calls nested in it are kept calls too."""
     body = _body(gm, node)
-    if isinstance(body, torch.fx.GraphModule) and _CONTEXT_FN not in body.meta:
+    copy = torch.fx.GraphModule(body, body.graph.__deepcopy__(), class_name=type(body).__name__)
+    copy.meta.update(body.meta)
+    context_fn = copy.meta.get(_CONTEXT_FN)
+    if context_fn is None:
         import functools
 
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
-        # a copy: the caller's graph (compiled unchanged if the pipeline fails) keeps its own body
-        copy = torch.fx.GraphModule(body, body.graph, class_name=type(body).__name__)
-        copy.meta.update(body.meta)
-        copy.meta[_CONTEXT_FN] = functools.partial(create_selective_checkpoint_contexts, _recompute)
-        setattr(gm, node.args[0].target, copy)
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _recompute)
+    if not isinstance(context_fn, SavingRandom):
+        context_fn = SavingRandom(context_fn)
+    copy.meta[_CONTEXT_FN] = context_fn
+    setattr(gm, node.args[0].target, copy)
+    for inner in [n for n in copy.graph.nodes if is_checkpoint(n)]:
+        if opaque_reason(copy, inner) is None:
+            _keep_call(copy, inner)
+    copy.recompile()
+
+
+def sink_shape_only_inputs(parent: torch.fx.GraphModule, node: torch.fx.Node, body: torch.fx.GraphModule) -> int:
+    """Move into ``body`` the computation of each input of the checkpoint call ``node`` that follows
+    from shapes and constants alone (a causal mask built from ``arange``, as transformers builds it
+    once per model, outside its layers), and drop that input from the call; returns how many.  The
+    body's recognizers then see how the mask is made (causal, a window) instead of an opaque tensor
+    they could only read as a bias.  A computation is moved only when everything it reads besides
+    shape-only ops is already an input of the body; the caller keeps its own copy for other users."""
+    from seqfuse.passes.pattern import ancestors, is_shape_only, val
+
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    passed = {a: ph for ph, a in zip(placeholders, node.args[1:]) if isinstance(a, torch.fx.Node)}
+    order = {n: i for i, n in enumerate(parent.graph.nodes)}
+    drop = []
+    for i, (ph, a) in enumerate(zip(placeholders, node.args[1:])):
+        if not (isinstance(a, torch.fx.Node) and a.op == "call_function" and isinstance(val(a), torch.Tensor)
+                and ph.users and is_shape_only(a, constants=True)):
+            continue
+        inner = sorted((n for n in ancestors(a) | {a} if n not in passed or n is a), key=order.__getitem__)
+        if any(n.op in ("placeholder", "get_attr") for n in inner):
+            continue   # it reads a value the body is not given (a size or a buffer of the caller)
+        env = dict(passed)
+        anchor = placeholders[-1]
+        for n in inner:
+            with body.graph.inserting_after(anchor):
+                env[n] = anchor = body.graph.node_copy(n, lambda x: env[x])
+        ph.replace_all_uses_with(env[a])
+        drop.append(i)
+    for i in reversed(drop):
+        body.graph.erase_node(placeholders[i])
+        args = list(node.args)
+        del args[1 + i]
+        node.args = tuple(args)
+    if drop:
+        body.recompile()
+    return len(drop)
+
+
+class SavingRandom:
+    """A selective checkpoint's ``context_fn`` whose policy saves every seqfuse call that draws random
+    numbers (:func:`draws_random`) and asks the wrapped policy about every other op.  A seqfuse op's
+    random draws are its own (the partitioner replays aten's, not a custom op's), so recomputing one in
+    the backward would draw another dropout mask than its forward output used."""
+
+    def __init__(self, context_fn):
+        self.context_fn = context_fn
+
+    def __call__(self):
+        forward, recompute = self.context_fn()
+        policy = getattr(forward, "policy_fn", None)
+        if policy is not None:   # torch's SAC context; any other context tags nothing for recompute
+            forward.policy_fn = _saving_random(policy)
+        return forward, recompute
+
+
+def _saving_random(policy):
+    def wrapped(ctx, func, *args, **kwargs):
+        if _random_call(func, args, kwargs):
+            return CheckpointPolicy.MUST_SAVE
+        return policy(ctx, func, *args, **kwargs)
+    return wrapped
+
+
+def selective_bodies(gm: torch.fx.GraphModule) -> list:
+    """(call, body) of each checkpoint call of ``gm``'s graph kept a call (with a policy) whose body is
+    a graph: the bodies the pipeline rewrites in place."""
+    out = []
+    for n in gm.graph.nodes:
+        body = _body(gm, n) if is_checkpoint(n) else None
+        if isinstance(body, torch.fx.GraphModule) and _CONTEXT_FN in body.meta:
+            out.append((n, body))
+    return out
 
 
 def _recompute(*args, **kwargs):
@@ -235,14 +324,16 @@ def draws_random(node: torch.fx.Node) -> bool:
     a call is never tagged for recompute: a second call in the backward would draw another dropout
     mask than the forward's output used (the partitioner makes aten's random ops replay their draws,
     but it knows nothing of a custom op's)."""
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    if target.namespace != "seqfuse":
+    return node.op == "call_function" and _random_call(node.target, node.args, node.kwargs)
+
+
+def _random_call(target, args, kwargs) -> bool:
+    """Whether calling ``target`` with ``args`` and ``kwargs`` is a seqfuse op drawing random numbers."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "seqfuse":
         return False
     for i, a in enumerate(target._schema.arguments):
         if a.name == "dropout":
-            p = node.kwargs.get("dropout", node.args[i] if i < len(node.args) else a.default_value)
+            p = kwargs.get("dropout", args[i] if i < len(args) else a.default_value)
             return not isinstance(p, (int, float)) or p > 0.0
     return False
 

@@ -65,6 +65,27 @@ def attach(gm: torch.fx.GraphModule, snapshots: dict[int, torch.Tensor]) -> None
     gm.meta[SNAPSHOTS] = {}
 
 
+def inherit_constants(body: torch.fx.GraphModule, args, parent: torch.fx.GraphModule) -> None:
+    """Give the placeholders of ``body`` (a subgraph ``parent`` calls with ``args``, in placeholder order)
+    the constants of the ``parent`` placeholders passed to them."""
+    consts = parent.meta.get(CONSTANTS) or {}
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    body.meta[CONSTANTS] = {ph: consts[a] for ph, a in zip(placeholders, args) if a in consts}
+    body.meta[GUARDS] = set()
+    body.meta[SNAPSHOTS] = {}
+
+
+def lift_guards(body: torch.fx.GraphModule, args, parent: torch.fx.GraphModule) -> None:
+    """Make the constants the rewrites of ``body`` read (see :func:`inherit_constants`) guards of
+    ``parent``, with the snapshots they were read from."""
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    snapshots = body.meta.get(SNAPSHOTS) or {}
+    for ph, a in zip(placeholders, args):
+        if ph in (body.meta.get(GUARDS) or ()):
+            parent.meta.setdefault(GUARDS, set()).add(a)
+            parent.meta.setdefault(SNAPSHOTS, {}).setdefault(a, snapshots[ph])
+
+
 def guards_of(gm: torch.fx.GraphModule) -> list[tuple[int, str, torch.Tensor]]:
     """(input position, name, snapshot) of each constant the rewrites of ``gm`` rest on."""
     used = gm.meta.get(GUARDS) or set()

@@ -9,8 +9,9 @@ import torch
 import torch.fx
 
 from seqfuse import log
-from seqfuse.compiler.checkpoint import drop_regions, has_checkpoints, inline_checkpoints, mark_regions, retag
-from seqfuse.compiler.constants import attach as attach_constants, buffer_constants
+from seqfuse.compiler.checkpoint import (drop_regions, has_checkpoints, inline_checkpoints, mark_regions, retag,
+                                         selective_bodies, sink_shape_only_inputs)
+from seqfuse.compiler.constants import attach as attach_constants, buffer_constants, inherit_constants, lift_guards
 from seqfuse.compiler.decay_buffers import express_decay_buffers
 from seqfuse.compiler.canonicalize import (block_slices, forward_slot_reads, normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
                                            normalize_softmax, restore_layouts, trace_pre_dispatch,
@@ -51,6 +52,23 @@ class _Dumper:
                 f.write(graph_to_dot(dot, name=f"{self.prefix}_{stage}"))
             self.report.dumps.append(dot_path)
         self.step += 1
+
+    def within(self, scope: str) -> "_Scoped":
+        """This dumper with its stage names prefixed by ``scope`` (a subgraph's name)."""
+        return _Scoped(self, scope)
+
+
+class _Scoped:
+    """A :class:`_Dumper` for a subgraph: the same files and numbering, stages named ``scope.stage``."""
+
+    def __init__(self, parent: _Dumper, scope: str):
+        self.parent, self.scope = parent, scope
+
+    def __call__(self, stage: str, text: str | torch.fx.Graph, dot: torch.fx.Graph | None = None) -> None:
+        self.parent(f"{self.scope}.{stage}", text, dot)
+
+    def within(self, scope: str) -> "_Scoped":
+        return _Scoped(self.parent, f"{self.scope}.{scope}")
 
 
 def _dot_quote(text: str) -> str:
@@ -129,6 +147,39 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     # checkpointed regions: tags kept (and given to the rewrites' nodes) where there is a backward to
     # recompute them for, dropped otherwise (AOTAutograd's inference path refuses random ops in them)
     originals = mark_regions(canon.graph) if canon.meta["seqfuse_training"] else drop_regions(canon.graph)
+    rewrite_graph(canon, options, report, dump)
+    if originals:
+        retag(canon.graph, originals)
+        canon.recompile()
+    # selective checkpoint regions stay calls (their policy is applied when AOTAutograd traces them):
+    # their bodies are rewritten in place, each as a graph of its own
+    _rewrite_selective(canon, options, report, dump)
+    dump("lowered", canon.graph)
+    return canon
+
+
+def _rewrite_selective(parent: torch.fx.GraphModule, options: Options, report: GraphReport, dump) -> None:
+    """Rewrite the body of each selective checkpoint call of ``parent`` (and of the calls nested in
+    them), the constants ``parent`` may read by value passed in and the reads passed back as guards."""
+    sunk = 0
+    for node, body in selective_bodies(parent):
+        sunk += sink_shape_only_inputs(parent, node, body)
+        inherit_constants(body, node.args[1:], parent)
+        body.meta["seqfuse_training"] = parent.meta["seqfuse_training"]
+        report.selective_regions += 1
+        inner = dump.within(node.args[0].target)
+        rewrite_graph(body, options, report, inner)
+        _rewrite_selective(body, options, report, inner)
+        inner("lowered", body.graph)
+        lift_guards(body, node.args[1:], parent)
+    if sunk:   # what the bodies now build themselves, the caller may no longer need
+        parent.graph.eliminate_dead_code()
+        parent.recompile()
+
+
+def rewrite_graph(canon: torch.fx.GraphModule, options: Options, report: GraphReport, dump) -> None:
+    """Stages 2 to 6 on the pre-dispatch graph ``canon``, in place: canonicalize, recognize, select,
+    verify, lower."""
     dump("pre_dispatch", canon.graph)
     # 2. Contractions before masks: mask normalization and all recognizers read
     #    scores as einsums with views folded in.
@@ -188,9 +239,5 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
                     "this rank's slice alone: " + "; ".join(f"{m.kind} at {m.location}: {m.reason}" for m in missed))
             apply_sequence_parallel(canon, options.sequence_parallel, where=location_of)
         canon.graph.eliminate_dead_code()
-        if originals:
-            retag(canon.graph, originals)
         check_links(canon.graph, "lower")
         canon.recompile()
-    dump("lowered", canon.graph)
-    return canon

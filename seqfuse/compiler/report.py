@@ -71,6 +71,8 @@ class GraphReport:
     #: activation-checkpointed regions read through (seqfuse.compiler.checkpoint): in a graph with a
     #: backward their ops, the rewrites' included, are recomputed there
     checkpoint_regions: int = 0
+    #: selective checkpoint regions (a policy, ``context_fn``) whose bodies were rewritten in place
+    selective_regions: int = 0
 
     def add_rewrite(self, kind: str, ir: str, node: torch.fx.Node | None = None, algorithm: str = "-") -> None:
         """Record a rewrite of kind ``kind``, printed as ``ir``, at ``node``'s source location."""
@@ -150,6 +152,10 @@ class Report:
         if regions:
             lines.append(f"activation checkpointing: {regions} region(s) read through; in a graph with a backward "
                          "their ops, rewrites included, are recomputed there")
+        selective = sum(g.selective_regions for g in self.graphs)
+        if selective:
+            lines.append(f"selective activation checkpointing: {selective} region(s) rewritten in place; their policy "
+                         "sees each rewrite as one op (torch.ops.seqfuse.*, recomputed unless the policy saves it)")
         if self.runtime:
             from seqfuse.runtime.dispatch import PATHS
             lines.append("runtime calls:")

@@ -78,6 +78,17 @@ class Checkpointed(torch.nn.Module):
         return checkpoint(self.fn, x, use_reentrant=False)
 
 
+class Calling(torch.nn.Module):
+    """``fn(x)``, as a module owning ``owner`` (whose parameters and buffers ``fn`` reads)."""
+
+    def __init__(self, fn, owner: torch.nn.Module):
+        super().__init__()
+        self.fn, self.owner = fn, owner
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def _saved_bytes(fn, params, *xs) -> int:
     """Bytes the call ``fn(*xs)`` saves for its backward (after a first, compiling call), but for the
     parameters ``params`` (a compiled graph saves the weights it reads; they are held anyway)."""
@@ -161,21 +172,25 @@ def test_gradients_equal_with_and_without_checkpointing_under_dropout():
         assert rel_err(a, b) < 1e-6, f"result {i}: {rel_err(a, b):.3g}"
 
 
-def test_transformers_gradient_checkpointing():
-    """GPT-2 (transformers) with ``gradient_checkpointing_enable()``: both layers' attention is found
-    and every parameter's gradient equals eager's."""
+@pytest.mark.parametrize("selective", [False, True])
+def test_transformers_gradient_checkpointing(selective):
+    """GPT-2 (transformers) with ``gradient_checkpointing_enable()``, plain or with a policy (torchtitan's
+    kind, passed as ``gradient_checkpointing_kwargs``): both layers' attention is found and every
+    parameter's gradient equals eager's."""
     transformers = pytest.importorskip("transformers")
-    from helpers import Logits
+    from helpers import Logits, selective_checkpointing
     cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
                                   attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     lm = transformers.GPT2LMHeadModel(cfg).train()
-    lm.gradient_checkpointing_enable()
+    kwargs = {"use_reentrant": False, "context_fn": selective_checkpointing} if selective else None
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     tokens = torch.randint(0, 64, (2, 16))
     report = check_against_eager(Logits(lm), tokens)
     assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
     assert not report.near_misses, report
+    assert report.graphs[0].selective_regions == (2 if selective else 0), report
 
 
 def test_apply_activation_checkpointing_wrappers():
@@ -195,17 +210,211 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def test_selective_checkpointing_is_left_whole_and_named():
-    """A region with a policy (``context_fn``) is left as one op: its attention is not rewritten, a near
-    miss says why, and the numbers are eager's."""
+def _recompute_all(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective(policy):
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def test_selective_checkpointing_bodies_are_rewritten():
+    """A region with a policy (``context_fn``) stays a call, its body rewritten in place: both
+    attentions fused, the report says so, and outputs and every gradient are eager's."""
     torch.manual_seed(0)
-    model = Stack(ckpt=True, context_fn=functools.partial(create_selective_checkpoint_contexts, _save_matmuls))
+    model = Stack(ckpt=True, context_fn=_selective(_save_matmuls))
     x = torch.randn(2, 16, D, requires_grad=True)
     report = check_against_eager(model, x)
-    assert not report.rewrites, report
-    reasons = [m.reason for m in report.near_misses]
-    assert len(reasons) == 2 and all("selective activation checkpoint" in r for r in reasons), reasons
-    assert "activation checkpointing:" not in str(report)   # no region was read through
+    assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    assert not report.near_misses, report
+    assert "selective activation checkpointing: 2 region(s) rewritten in place" in str(report), report
+    assert "activation checkpointing: 2 region(s) read through" not in str(report)   # none inlined
+
+
+@pytest.mark.parametrize("downstream", ["aot_eager", "inductor"])
+def test_selective_policy_sees_the_fused_op(downstream):
+    """The policy is asked about ``seqfuse.attention`` as about any op: recomputing everything saves
+    what eager's checkpointing saves (the block inputs), and saving the fused attention saves its
+    outputs on top; without checkpointing far more is saved."""
+    torch.manual_seed(0)
+    plain = Stack(ckpt=False)
+    x = torch.randn(2, 64, D)
+    seen = set()
+
+    def save_fused(ctx, op, *args, **kwargs):
+        seen.add(str(op))
+        return CheckpointPolicy.MUST_SAVE if op is torch.ops.seqfuse.attention.default else \
+            CheckpointPolicy.PREFER_RECOMPUTE
+
+    saved = {}
+    for name, context_fn in (("none", None), ("recompute", _selective(_recompute_all)),
+                             ("save_fused", _selective(save_fused))):
+        torch._dynamo.reset()
+        model = _twin(Stack, context_fn is not None, plain, context_fn=context_fn)
+        compiled = torch.compile(model, backend="seqfuse", options={"downstream": downstream})
+        report = seqfuse.Report()
+        with collecting(report):
+            saved[name] = _saved_bytes(compiled, list(model.parameters()), x)
+        assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    eager = _twin(Stack, True, plain, context_fn=_selective(_recompute_all))
+    assert "seqfuse.attention.default" in seen, sorted(seen)
+    assert saved["recompute"] == _saved_bytes(eager, list(eager.parameters()), x), saved
+    # two attentions, each saving at least its (2, 4, 64, 8) fp32 output
+    assert saved["save_fused"] >= saved["recompute"] + 2 * 2 * 64 * D * 4, saved
+    assert saved["none"] > 4 * saved["save_fused"], saved
+
+
+def test_selective_checkpointing_saves_the_fused_attention_dropout():
+    """A policy that recomputes everything would recompute the fused attention's dropout with new
+    draws (its random numbers are its own, which the partitioner does not replay): seqfuse wraps the
+    policy so that such a call is saved.  The same seed gives the same output and gradients with and
+    without checkpointing (0.98 apart without the wrap)."""
+    torch.manual_seed(0)
+    plain = Stack(ckpt=False, p_attn=0.3, p_mlp=0.3)
+    x = torch.randn(2, 16, D)
+    results = []
+    for ckpt in (False, True):
+        torch._dynamo.reset()
+        model = _twin(Stack, ckpt, plain, p_attn=0.3, p_mlp=0.3, context_fn=_selective(_recompute_all))
+        compiled = torch.compile(model, backend="seqfuse", options={"downstream": "aot_eager"})
+        report = seqfuse.Report()
+        with collecting(report):
+            compiled(x)  # compile first: the draws below start from one seed in both runs
+        torch.manual_seed(7)
+        y = compiled(x)
+        y.square().sum().backward()
+        assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+        results.append([y.detach()] + [p.grad.clone() for p in model.parameters()])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert rel_err(a, b) < 1e-6, f"result {i}: {rel_err(a, b):.3g}"
+
+
+def test_associative_scan_in_a_selective_region():
+    """``associative_scan(combine_mode="generic")`` inside a selective region: Dynamo writes its combine
+    steps as vmap levels, which the re-trace of the kept body would bake into constants (AOTAutograd
+    then failed: "expected FakeTensor").  The body's no-op levels are removed as the outer graph's are,
+    the scan is found, and the numbers are eager's."""
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+
+    def scan(a, b):
+        return associative_scan(combine, (a, b), dim=1, combine_mode="generic")[1]
+
+    def fn(a, b):
+        return checkpoint(scan, a, b, use_reentrant=False, context_fn=_selective(_save_matmuls))
+    torch.manual_seed(0)
+    a = torch.rand(2, 8, 3).requires_grad_()
+    b = torch.randn(2, 8, 3, requires_grad=True)
+    report = check_against_eager(fn, a, b)
+    assert [r.kind for r in report.rewrites] == ["scan"], report
+    assert report.graphs[0].selective_regions == 1, report
+
+
+class MaskedBlock(Block):
+    """Block whose attention takes its boolean mask (True: attend) as an argument."""
+
+    def forward(self, x, keep):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2) / math.sqrt(D // H)).masked_fill(~keep, float("-inf"))
+        x = x + self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, D))
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class MaskOutside(torch.nn.Module):
+    """transformers' layout: the mask is built once, outside the checkpointed layers (from ``arange``,
+    or with ``padded``, also from a padding mask the caller passes), and each layer is given it."""
+
+    def __init__(self, padded: bool):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([MaskedBlock() for _ in range(2)])
+        self.padded = padded
+
+    def forward(self, x, pad):
+        i = torch.arange(x.shape[1], device=x.device)
+        keep = i[:, None] >= i[None, :]
+        if self.padded:
+            keep = keep & pad[:, None, None, :]
+        for b in self.blocks:
+            x = checkpoint(b, x, keep, use_reentrant=False, context_fn=_selective(_save_matmuls))
+        return x
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_selective_region_sees_how_its_mask_is_made(padded):
+    """A causal mask built outside the selective regions is built again inside each body (it follows
+    from shapes alone), so the attention is read as causal, not as an opaque bias; a mask that also
+    reads the caller's padding mask stays an input, read as a bias.  Both are exact."""
+    torch.manual_seed(0)
+    model = MaskOutside(padded)
+    x = torch.randn(2, 16, D, requires_grad=True)
+    pad = torch.ones(2, 16, dtype=torch.bool)
+    pad[1, 12:] = False
+    report = check_against_eager(model, x, pad)
+    assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    masks = {"mask=causal" in r.ir for r in report.rewrites}
+    assert masks == {not padded}, report
+
+
+class BufferMaskBlock(Block):
+    """Block whose causal mask is a module buffer (GPT-2's ``bias``), read by value under a guard."""
+
+    def __init__(self):
+        super().__init__()
+        mask = torch.ones(64, 64, dtype=torch.bool).tril().view(1, 1, 64, 64)
+        self.register_buffer("causal", mask, persistent=False)
+
+    def attend(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2) / math.sqrt(D // H)).masked_fill(~self.causal[:, :, :n, :n], float("-inf"))
+        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, D))
+
+
+def test_selective_region_reading_a_buffer_mask_is_guarded():
+    """A mask buffer read by value inside a selective region guards the whole graph: the rewrite is
+    exact while the buffer holds the causal mask, and a call after the buffer changed runs the program
+    as written (eager's numbers, not the causal attention's)."""
+    torch.manual_seed(0)
+    block = BufferMaskBlock()
+    model = Calling(lambda x: checkpoint(block, x, use_reentrant=False, context_fn=_selective(_save_matmuls)), block)
+    x = torch.randn(2, 16, D, requires_grad=True)
+    report = check_against_eager(model, x)
+    assert [r.kind for r in report.rewrites] == ["attention"], report
+    guards = report.graphs[0].guards
+    assert len(guards) == 1 and guards[0].endswith("_buffers_causal_"), report
+    compiled = torch.compile(model, backend="seqfuse", options={"downstream": "aot_eager"})
+    compiled(x)
+    block.causal.fill_(True)
+    with pytest.warns(UserWarning, match="differs from its value at compile time"):
+        y = compiled(x)
+    assert rel_err(y, model(x)) < 1e-6
+
+
+@pytest.mark.parametrize("outer", ["selective", "plain"])
+def test_regions_nested_in_selective_regions(outer):
+    """A plain region inside a selective one stays a call (with the always-recompute policy torch gives
+    it) and a selective region inside an inlined plain one stays a call: each attention is found, and
+    the numbers are eager's."""
+    torch.manual_seed(0)
+    first, second = Block(), Block()
+    policy = _selective(_save_matmuls)
+    if outer == "selective":
+        def fn(x):
+            return checkpoint(lambda y: checkpoint(second, first(y), use_reentrant=False), x,
+                              use_reentrant=False, context_fn=policy)
+    else:
+        def fn(x):
+            return checkpoint(lambda y: checkpoint(second, first(y), use_reentrant=False, context_fn=policy), x,
+                              use_reentrant=False)
+    model = Calling(fn, torch.nn.ModuleList([first, second]))
+    x = torch.randn(2, 16, D, requires_grad=True)
+    report = check_against_eager(model, x)
+    assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
+    graph = report.graphs[0]
+    assert (graph.selective_regions, graph.checkpoint_regions) == ((2, 0) if outer == "selective" else (1, 1))
 
 
 def test_nested_regions():

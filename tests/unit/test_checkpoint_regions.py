@@ -61,16 +61,34 @@ def test_in_place_calls_without_users_are_kept():
     torch.testing.assert_close(new(x)[0], x * 2 + 1)
 
 
-def test_selective_region_is_left_whole_with_its_reason():
-    policy = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.MUST_SAVE)
+def test_selective_region_stays_a_call_with_a_policy_that_saves_random_calls():
+    """A selective region is not inlined: it stays a call whose body is a copy carrying the user's
+    policy wrapped in SavingRandom (the caller's body keeps the bare one)."""
+    policy = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
 
     def fn(x):
         return checkpoint(torch.sin, x, use_reentrant=False, context_fn=policy) + 1
 
     gm = _dynamo_graph(fn, torch.randn(3, requires_grad=True))
     new, opaque = ck.inline_checkpoints(gm)
-    assert ck.has_checkpoints(new)
-    assert len(opaque) == 1 and "selective activation checkpoint" in opaque[0][1]
+    assert not opaque and ck.has_checkpoints(new)
+    (call,) = [n for n in new.graph.nodes if ck.is_checkpoint(n)]
+    body = getattr(new, call.args[0].target)
+    wrapped = body.meta["_checkpoint_context_fn"]
+    original = getattr(gm, call.args[0].target).meta["_checkpoint_context_fn"]   # Dynamo's copy of policy
+    assert not isinstance(original, ck.SavingRandom) and original.args == policy.args
+    assert isinstance(wrapped, ck.SavingRandom) and wrapped.context_fn is original
+    assert all("recompute" not in n.meta for n in new.graph.nodes)   # nothing inlined, nothing tagged
+    # the wrapped policy: a seqfuse call with dropout is saved; the rest is the user's answer
+    forward, _ = wrapped()
+    attention = torch.ops.seqfuse.attention.default
+    dropout = [a.name for a in attention._schema.arguments].index("dropout")
+
+    def ask(p):   # the policy reads the dropout argument alone
+        return forward.policy_fn(None, attention, *([None] * dropout), p)
+    assert ask(0.25) == CheckpointPolicy.MUST_SAVE
+    assert ask(0.0) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert forward.policy_fn(None, torch.ops.aten.sin.default, torch.ones(1)) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _graph(region_of: dict):
@@ -147,3 +165,40 @@ def test_signature_follows_the_tags_not_the_region_ids():
     assert one and one == ck.signature(_graph({"a": 9, "b": 9})[0])
     assert one != ck.signature(_graph({"a": 5, "b": 6})[0])
     assert one != ck.signature(_graph({"a": 5})[0])
+
+
+def test_shape_only_inputs_are_built_inside_the_body():
+    """sink_shape_only_inputs: a mask built from arange alone is rebuilt in the body and dropped from
+    the call; an input that reads a tensor of the caller stays one."""
+    aten = torch.ops.aten
+    body_graph = torch.fx.Graph()
+    bx, bkeep, bpad = (body_graph.placeholder(n) for n in ("x", "keep", "pad"))
+    body_graph.output((body_graph.call_function(aten.where.self, (bkeep, bx, bpad)),))
+    body = torch.fx.GraphModule(torch.nn.Module(), body_graph)
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.randn(4, 4)
+    i = g.call_function(aten.arange.default, (4,))
+    i.meta["val"] = torch.arange(4)
+    col = g.call_function(aten.unsqueeze.default, (i, 1))
+    col.meta["val"] = torch.arange(4)[:, None]
+    keep = g.call_function(aten.ge.Tensor, (col, i))
+    keep.meta["val"] = col.meta["val"] >= i.meta["val"]
+    pad = g.call_function(aten.mul.Tensor, (x, 0.5))   # reads x: not shape-only
+    pad.meta["val"] = x.meta["val"] * 0.5
+    root = torch.nn.Module()
+    root.body = body
+    attr = g.get_attr("body")
+    call = g.call_function(torch.ops.higher_order.tag_activation_checkpoint, (attr, x, keep, pad))
+    g.output((call,))
+    parent = torch.fx.GraphModule(root, g)
+    call = next(n for n in parent.graph.nodes if n.target is torch.ops.higher_order.tag_activation_checkpoint)
+
+    xs = torch.randn(4, 4)
+    expected = body(xs, torch.arange(4)[:, None] >= torch.arange(4), xs * 0.5)
+    assert ck.sink_shape_only_inputs(parent, call, body) == 1
+    assert call.args[1:] == (x, pad)
+    assert [n.name for n in body.graph.nodes if n.op == "placeholder"] == ["x", "pad"]
+    assert any(n.target is aten.arange.default for n in body.graph.nodes)
+    torch.testing.assert_close(body(xs, xs * 0.5), expected)

@@ -910,11 +910,19 @@ def _scan_with_readout(a, b, c):  # h_t = a_t·h_{t-1} + b_t, y_t = Σ_n c_t·h_
     return torch.stack(ys, 1)
 
 
+def _selective_scan_with_readout(a, b, c):
+    from torch.utils.checkpoint import checkpoint
+    from helpers import selective_checkpointing
+    return checkpoint(_scan_with_readout, a, b, c, use_reentrant=False, context_fn=selective_checkpointing)
+
+
 @pytest.mark.parametrize("grad", [False, True])
-def test_compile_prefetches_exactly_the_graphs_variants(fresh_cache, grad):
+@pytest.mark.parametrize("region", [False, True])
+def test_compile_prefetches_exactly_the_graphs_variants(fresh_cache, grad, region):
     """The backend builds, while the rest of the graph compiles, only the variants the lowered graph's
     ops call (fp32, plain form, readout, unit layout; the backward too where an operand requires
-    grad) -- and the call then compiles nothing more."""
+    grad) -- and the call then compiles nothing more.  ``region``: the scan sits in a selective
+    checkpoint region's body, a subgraph of the lowered graph."""
     import seqfuse
     from seqfuse.compiler import backend
     from seqfuse.lowering.cpu import graph_variants
@@ -932,7 +940,8 @@ def test_compile_prefetches_exactly_the_graphs_variants(fresh_cache, grad):
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backend, "prefetch_cpu_kernels", prefetch)
-        report = seqfuse.explain(_scan_with_readout, a, b, c, options={"downstream": "eager"})
+        report = seqfuse.explain(_selective_scan_with_readout if region else _scan_with_readout, a, b, c,
+                                 options={"downstream": "eager"})
     assert report.count("scan") == 1, str(report)
     fwd = cpu_scan.Variant(torch.float32, False, "plain", 0)
     want = [fwd, dataclasses.replace(fwd, backward=True)] if grad else [fwd]

@@ -28,7 +28,8 @@ def _value(arg):
 
 def graph_variants(gm: torch.fx.GraphModule, example_inputs=()) -> dict[str, list]:
     """Kernel module name ("scan", "ssd") -> the kernel variants (each module's ``Variant``, in
-    graph order, without repeats) that the seqfuse ops of the lowered graph ``gm`` will call on the
+    graph order, without repeats) that the seqfuse ops of the lowered graph ``gm`` (and of the
+    subgraphs it calls) will call on the
     "cpu" path: the forward of each op whose runtime allows the C kernels (``auto`` or ``cpu``)
     and whose algorithm is the recurrent one, and its backward too where the graph will be
     differentiated (grad mode on and one of ``example_inputs`` requires grad: the graph's own
@@ -38,7 +39,9 @@ def graph_variants(gm: torch.fx.GraphModule, example_inputs=()) -> dict[str, lis
     backward = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
                                                for x in example_inputs)
     out: dict[str, list] = {name: [] for name in _OPS}
-    for node in gm.graph.nodes:
+    # the graph's own nodes, then those of the subgraphs it calls (selective checkpoint bodies)
+    nodes = [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+    for node in nodes:
         if node.op != "call_function" or getattr(node.target, "namespace", None) != "seqfuse":
             continue
         name = node.target.overloadpacket.__name__  # "scan" for torch.ops.seqfuse.scan.default
