@@ -6,6 +6,7 @@
     python -m tests.corpus --only qwen3 opt qwen3_next fla_kda_chunk_h0   # some cases, of either family
     python -m tests.corpus --list
     python -m tests.corpus --checkpointing      # the models trained with gradient_checkpointing_enable()
+    python -m tests.corpus --checkpointing selective   # ... with a selective checkpointing policy
 
 The corpus is transformers 5 causal LMs that no test, example or benchmark of this repository
 builds (tests/models, tests/golden, benchmarks/workloads.py and examples/ use others), with tiny
@@ -203,14 +204,14 @@ def main(argv=None) -> int:
                    help="which family to run (default all; ignored with --only)")
     p.add_argument("--list", action="store_true", help="print the corpus and exit")
     p.add_argument("--timeout", type=float, default=600, help="seconds per model / per case of the other families")
-    p.add_argument("--checkpointing", action="store_true",
+    p.add_argument("--checkpointing", nargs="?", const="plain", choices=["plain", "selective"],
                    help="train the transformers models with gradient_checkpointing_enable() (every layer an "
-                        "activation-checkpoint region)")
+                        "activation-checkpoint region); 'selective': with a policy (context_fn) saving the matmuls")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-cases", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.checkpointing:
-        os.environ[cases.CHECKPOINTING] = "1"   # read by the child processes
+        os.environ[cases.CHECKPOINTING] = "1" if args.checkpointing == "plain" else "selective"  # read by the children
     if args.child:
         print("RESULT " + json.dumps(child(args.child)), flush=True)
         return 0

@@ -16,14 +16,23 @@ import time
 from typing import Callable, Iterator
 
 BOUND = 1e-5
-#: environment variable (set by ``--checkpointing``): train the models with gradient checkpointing
+#: environment variable (set by ``--checkpointing``): train the models with gradient checkpointing,
+#: "1" plain, "selective" with a policy (tests.helpers.save_matmuls)
 CHECKPOINTING = "SEQFUSE_CORPUS_CHECKPOINTING"
 
 
 def maybe_checkpoint(model) -> None:
-    """``model.gradient_checkpointing_enable()`` when the run asked for it (``--checkpointing``)."""
+    """``model.gradient_checkpointing_enable()`` when the run asked for it (``--checkpointing``), with
+    the selective policy for ``--checkpointing selective``."""
     import os
-    if os.environ.get(CHECKPOINTING) == "1" and getattr(model, "supports_gradient_checkpointing", False):
+    mode = os.environ.get(CHECKPOINTING)
+    if mode not in ("1", "selective") or not getattr(model, "supports_gradient_checkpointing", False):
+        return
+    if mode == "selective":
+        from tests.helpers import selective_checkpointing
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": selective_checkpointing})
+    else:
         model.gradient_checkpointing_enable()
 
 

@@ -14,6 +14,7 @@ ran where the program raises.
     python -m tests.fuzz --only ssd:17 --seed 0           # re-run case 17 of ssd, with detail
     python -m tests.fuzz --only scan:3:triton --seed 0    # case 3 of the triton scan cases
     python -m tests.fuzz --n 40 --checkpoint               # each program inside torch.utils.checkpoint
+    python -m tests.fuzz --n 40 --checkpoint selective     # ... with a policy (selective checkpointing)
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def family_rng(seed: int, family: str, triton: bool) -> random.Random:
 
 
 #: environment variable (set by ``--checkpoint``, inherited by the workers): every program runs inside
-#: ``torch.utils.checkpoint.checkpoint`` (check.checkpointed)
+#: ``torch.utils.checkpoint.checkpoint`` (check.checkpointed): "1" plain, "selective" with a policy
 CHECKPOINT = "SEQFUSE_FUZZ_CHECKPOINT"
 
 
@@ -66,14 +67,15 @@ def iter_cases(family: str, seed: int, n: int, triton: bool):
     if gen is None:
         return iter(())
     cases = gen(family_rng(seed, family, triton), n, triton)
-    if os.environ.get(CHECKPOINT) == "1":
+    mode = os.environ.get(CHECKPOINT)
+    if mode in ("1", "selective"):
         from .check import checkpointed
-        return (checkpointed(c) for c in cases)
+        return (checkpointed(c, selective=mode == "selective") for c in cases)
     return cases
 
 
 def repro(family: str, index: int, seed: int, triton: bool) -> str:
-    flag = " --checkpoint" if os.environ.get(CHECKPOINT) == "1" else ""
+    flag = {"1": " --checkpoint", "selective": " --checkpoint selective"}.get(os.environ.get(CHECKPOINT), "")
     return f"python -m tests.fuzz --only {family}:{index}{':triton' if triton else ''} --seed {seed}{flag}"
 
 
@@ -179,15 +181,16 @@ def main(argv=None) -> int:
     ap.add_argument("--failures", default="fuzz-failures.txt", help="where to write the failing cases")
     ap.add_argument("--only", help="FAMILY:INDEX[:triton] — run one case in this process and print it in full")
     ap.add_argument("--verbose", action="store_true", help="print every case")
-    ap.add_argument("--checkpoint", action="store_true",
-                    help="run every program inside torch.utils.checkpoint (activation checkpointing)")
+    ap.add_argument("--checkpoint", nargs="?", const="plain", choices=["plain", "selective"],
+                    help="run every program inside torch.utils.checkpoint (activation checkpointing); "
+                         "'selective': with a policy (context_fn) saving the matmuls")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--stop", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--triton-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.checkpoint:
-        os.environ[CHECKPOINT] = "1"
+        os.environ[CHECKPOINT] = "1" if args.checkpoint == "plain" else "selective"
 
     if args.worker:
         worker(args.worker, args.seed, args.n, args.triton_worker, args.start, args.stop)

@@ -67,16 +67,22 @@ class Case:
     seed: int
 
 
-def checkpointed(case: Case) -> Case:
+def checkpointed(case: Case, selective: bool = False) -> Case:
     """``case`` with its program run inside ``torch.utils.checkpoint.checkpoint`` (eager and compiled
     alike): seqfuse must find the mixer inside the region and keep the program's numbers, while the
-    backward recomputes the region."""
+    backward recomputes the region.  ``selective``: with a policy (tests.helpers.save_matmuls), so the
+    region stays a call whose body seqfuse rewrites in place."""
     from torch.utils.checkpoint import checkpoint
+    context = {}
+    if selective:
+        from tests.helpers import selective_checkpointing
+        context = {"context_fn": selective_checkpointing}
 
     def fn(*inputs):
-        return checkpoint(case.fn, *inputs, use_reentrant=False)
+        return checkpoint(case.fn, *inputs, use_reentrant=False, **context)
     spelling, plus, tags = case.name.partition("+")   # the summary groups by the spelling before the tags
-    return replace(case, name=f"{spelling}/checkpoint{plus}{tags}", fn=fn)
+    kind = "selective" if selective else "checkpoint"
+    return replace(case, name=f"{spelling}/{kind}{plus}{tags}", fn=fn)
 
 
 @dataclass

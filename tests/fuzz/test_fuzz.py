@@ -18,6 +18,8 @@ N_TRITON = {"attention": 3, "ssd": 4, "scan": 4, "long_conv": 4}     # (map, tri
 SEED = 2026
 #: programs per family run inside torch.utils.checkpoint
 N_CHECKPOINT = 5
+#: ... and inside a selective checkpoint (a policy)
+N_SELECTIVE = 3
 
 
 def _run_family(family, n, triton):
@@ -46,13 +48,16 @@ def test_family_triton(family, triton_interpreter):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_checkpointed(family, monkeypatch):
-    """Each program inside torch.utils.checkpoint (``--checkpoint``): the regions are inlined and
-    recomputed, and no program may come out wrong."""
+@pytest.mark.parametrize("mode", ["1", "selective"])
+def test_family_checkpointed(family, mode, monkeypatch):
+    """Each program inside torch.utils.checkpoint (``--checkpoint``; ``--checkpoint selective``: with a
+    policy): plain regions are inlined and recomputed, selective ones rewritten in place, and no
+    program may come out wrong."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv(CHECKPOINT, "1")
-    statuses = _run_family(family, N_CHECKPOINT, triton=False)
-    assert statuses.get("ok", 0) >= N_CHECKPOINT // 2, statuses   # most are still found inside the region
+    monkeypatch.setenv(CHECKPOINT, mode)
+    n = N_CHECKPOINT if mode == "1" else N_SELECTIVE
+    statuses = _run_family(family, n, triton=False)
+    assert statuses.get("ok", 0) >= n // 2, statuses   # most are still found inside the region
 
 
 # --- the checker itself ---------------------------------------------------------------------
