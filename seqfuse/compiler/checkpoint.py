@@ -78,10 +78,12 @@ def has_checkpoints(gm: torch.fx.GraphModule) -> bool:
     return any(is_checkpoint(n) for n in gm.graph.nodes)
 
 
-def inline_checkpoints(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list]:
+def inline_checkpoints(gm: torch.fx.GraphModule, backward: bool = True) -> tuple[torch.fx.GraphModule, list]:
     """A copy of ``gm`` with every plain checkpoint region's ops in place of its call, tagged as
     AOTAutograd tags them; also the calls left whole, as (node of the copy, reason).  A region
-    nested in an inlined one is inlined too and keeps its own tags (the inner region's)."""
+    nested in an inlined one is inlined too and keeps its own tags (the inner region's).  Without a
+    ``backward`` (nothing is recomputed, so no policy has anything to choose) selective regions are
+    inlined too: AOTAutograd's inference path refuses a random op (SDPA counts as one) in a region."""
     original = gm
     gm = torch.fx.GraphModule(original, original.graph.__deepcopy__(), class_name=type(original).__name__)
     gm.meta.update(original.meta)
@@ -92,7 +94,7 @@ def inline_checkpoints(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, 
         reason = opaque_reason(gm, node)
         if reason is not None:
             opaque.append((node, reason))
-        elif _kept_whole(gm, node):
+        elif backward and _kept_whole(gm, node):
             _keep_call(gm, node)
         else:
             work.extend(_inline(gm, node))

@@ -130,10 +130,12 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     dump("dynamo", gm.print_readable(print_output=False))
     # 1. Pre-dispatch ATen: canonical op names, symbolic shapes kept, autograd not yet
     #    applied, so a replaced region keeps training through the custom op's backward.
+    # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh
+    training = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     with _timed(report, "trace"):
         if has_checkpoints(gm):
             # checkpointed regions read as the rest of the graph, their ops tagged for recompute
-            gm, opaque = inline_checkpoints(gm)
+            gm, opaque = inline_checkpoints(gm, backward=training)
             report.checkpoint_regions = len({n.meta["ac_graph_id"] for n in gm.graph.nodes if "ac_graph_id" in n.meta})
             for node, reason in opaque:
                 report.add_near_miss("graph", f"an activation-checkpointed region is left whole: {reason}", node)
@@ -141,9 +143,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
         canon = trace_pre_dispatch(gm, example_inputs)
         # small module buffers a recognizer may read by value, under a run-time value guard
         attach_constants(canon, buffer_constants(gm, example_inputs))
-    # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh
-    canon.meta["seqfuse_training"] = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    canon.meta["seqfuse_training"] = training
     # checkpointed regions: tags kept (and given to the rewrites' nodes) where there is a backward to
     # recompute them for, dropped otherwise (AOTAutograd's inference path refuses random ops in them)
     originals = mark_regions(canon.graph) if canon.meta["seqfuse_training"] else drop_regions(canon.graph)

@@ -482,17 +482,21 @@ def test_in_place_ops_inside_a_region_are_kept():
     assert [r.kind for r in report.rewrites] == ["attention"], report
 
 
-def test_inference_through_a_checkpointed_sdpa_call():
-    """No gradient: nothing is recomputed, so the region's tags are dropped.  AOTAutograd's inference
-    path refuses a tagged region that holds a random op, and SDPA counts as one: torch.compile of
-    this program with aot_eager alone raises (torch 2.13).  The first SDPA call (is_causal with
-    query and key lengths that differ) is not rewritten and stays an SDPA call in the region."""
+@pytest.mark.parametrize("selective", [False, True])
+def test_inference_through_a_checkpointed_sdpa_call(selective):
+    """No gradient: nothing is recomputed, so the region's tags are dropped (a selective region is
+    inlined like a plain one: no policy has anything to choose).  AOTAutograd's inference path
+    refuses a tagged region that holds a random op, and SDPA counts as one: torch.compile of this
+    program with aot_eager alone raises (torch 2.13).  The first SDPA call (is_causal with query and
+    key lengths that differ) is not rewritten and stays an SDPA call in the region."""
     def attend(q, k, v):
         return (F.scaled_dot_product_attention(q, k[..., :12, :], v[..., :12, :], is_causal=True)
                 + F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
+    context = {"context_fn": _selective(_save_matmuls)} if selective else {}
+
     def fn(q, k, v):
-        return checkpoint(attend, q, k, v, use_reentrant=False)
+        return checkpoint(attend, q, k, v, use_reentrant=False, **context)
 
     q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
     report = check_against_eager(fn, q, k, v, grads=False)
