@@ -139,34 +139,46 @@ def sink_shape_only_inputs(parent: torch.fx.GraphModule, node: torch.fx.Node, bo
     body's recognizers then see how the mask is made (causal, a window) instead of an opaque tensor
     they could only read as a bias.  A computation is moved only when everything it reads besides
     shape-only ops is already an input of the body; the caller keeps its own copy for other users."""
-    from seqfuse.passes.pattern import ancestors, is_shape_only, val
+    from seqfuse.passes.pattern import is_shape_only, val
 
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-    passed = {a: ph for ph, a in zip(placeholders, node.args[1:]) if isinstance(a, torch.fx.Node)}
+    pairs = list(zip(placeholders, node.args[1:]))
+    passed = {a: ph for ph, a in pairs if isinstance(a, torch.fx.Node)}   # caller's node -> body's value
     order = {n: i for i, n in enumerate(parent.graph.nodes)}
-    drop = []
-    for i, (ph, a) in enumerate(zip(placeholders, node.args[1:])):
-        if not (isinstance(a, torch.fx.Node) and a.op == "call_function" and isinstance(val(a), torch.Tensor)
-                and ph.users and is_shape_only(a, constants=True)):
+    anchor, drop = placeholders[-1], set()
+    # in the caller's order, each copy after the last: an input built from another one reads its copy
+    for ph, a in sorted((p for p in pairs if isinstance(p[1], torch.fx.Node)), key=lambda p: order[p[1]]):
+        if not (a.op == "call_function" and isinstance(val(a), torch.Tensor) and ph.users
+                and is_shape_only(a, constants=True)):
             continue
-        inner = sorted((n for n in ancestors(a) | {a} if n not in passed or n is a), key=order.__getitem__)
+        inner = sorted(_reads_up_to(a, passed), key=order.__getitem__)
         if any(n.op in ("placeholder", "get_attr") for n in inner):
             continue   # it reads a value the body is not given (a size or a buffer of the caller)
         env = dict(passed)
-        anchor = placeholders[-1]
         for n in inner:
             with body.graph.inserting_after(anchor):
                 env[n] = anchor = body.graph.node_copy(n, lambda x: env[x])
         ph.replace_all_uses_with(env[a])
-        drop.append(i)
-    for i in reversed(drop):
-        body.graph.erase_node(placeholders[i])
-        args = list(node.args)
-        del args[1 + i]
-        node.args = tuple(args)
+        passed[a] = env[a]
+        drop.add(ph)
+    keep = [(ph, a) for ph, a in pairs if ph not in drop]
+    for ph in drop:
+        body.graph.erase_node(ph)
     if drop:
+        node.args = (node.args[0], *(a for _, a in keep))
         body.recompile()
     return len(drop)
+
+
+def _reads_up_to(node: torch.fx.Node, stops) -> set:
+    """``node`` and every node it transitively reads, not reading past the nodes in ``stops``."""
+    seen, stack = {node}, list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen and n not in stops:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 class SavingRandom:

@@ -169,11 +169,13 @@ def test_signature_follows_the_tags_not_the_region_ids():
 
 def test_shape_only_inputs_are_built_inside_the_body():
     """sink_shape_only_inputs: a mask built from arange alone is rebuilt in the body and dropped from
-    the call; an input that reads a tensor of the caller stays one."""
+    the call, and so is one built from it (``flip``, which then reads the first one's copy); an input
+    that reads a tensor of the caller stays one."""
     aten = torch.ops.aten
     body_graph = torch.fx.Graph()
-    bx, bkeep, bpad = (body_graph.placeholder(n) for n in ("x", "keep", "pad"))
-    body_graph.output((body_graph.call_function(aten.where.self, (bkeep, bx, bpad)),))
+    bx, bkeep, bpad, bflip = (body_graph.placeholder(n) for n in ("x", "keep", "pad", "flip"))
+    body_graph.output((body_graph.call_function(aten.where.self, (bkeep, bx, bpad)),
+                       body_graph.call_function(aten.where.self, (bflip, bx, bpad))))
     body = torch.fx.GraphModule(torch.nn.Module(), body_graph)
 
     g = torch.fx.Graph()
@@ -185,20 +187,24 @@ def test_shape_only_inputs_are_built_inside_the_body():
     col.meta["val"] = torch.arange(4)[:, None]
     keep = g.call_function(aten.ge.Tensor, (col, i))
     keep.meta["val"] = col.meta["val"] >= i.meta["val"]
+    flip = g.call_function(aten.bitwise_not.default, (keep,))
+    flip.meta["val"] = ~keep.meta["val"]
     pad = g.call_function(aten.mul.Tensor, (x, 0.5))   # reads x: not shape-only
     pad.meta["val"] = x.meta["val"] * 0.5
     root = torch.nn.Module()
     root.body = body
     attr = g.get_attr("body")
-    call = g.call_function(torch.ops.higher_order.tag_activation_checkpoint, (attr, x, keep, pad))
+    call = g.call_function(torch.ops.higher_order.tag_activation_checkpoint, (attr, x, keep, pad, flip))
     g.output((call,))
     parent = torch.fx.GraphModule(root, g)
     call = next(n for n in parent.graph.nodes if n.target is torch.ops.higher_order.tag_activation_checkpoint)
 
     xs = torch.randn(4, 4)
-    expected = body(xs, torch.arange(4)[:, None] >= torch.arange(4), xs * 0.5)
-    assert ck.sink_shape_only_inputs(parent, call, body) == 1
+    mask = torch.arange(4)[:, None] >= torch.arange(4)
+    expected = body(xs, mask, xs * 0.5, ~mask)
+    assert ck.sink_shape_only_inputs(parent, call, body) == 2
     assert call.args[1:] == (x, pad)
     assert [n.name for n in body.graph.nodes if n.op == "placeholder"] == ["x", "pad"]
-    assert any(n.target is aten.arange.default for n in body.graph.nodes)
+    assert sum(n.target is aten.arange.default for n in body.graph.nodes) == 1   # flip reads keep's copy
+    body.graph.lint()
     torch.testing.assert_close(body(xs, xs * 0.5), expected)
