@@ -21,7 +21,8 @@ A region whose body carries a policy (``context_fn``: selective checkpointing, w
 recompute choices are made while AOTAutograd traces the body) stays a call, and its body, re-traced
 with the rest, is rewritten in place as a graph of its own (:func:`selective_bodies`): the policy then
 sees each rewrite as one ``torch.ops.seqfuse.*`` op.  Its ``context_fn`` is wrapped
-(:class:`SavingRandom`) so that a seqfuse op drawing random numbers is always saved, never recomputed.
+(:class:`RewriteAwarePolicy`): a seqfuse op drawing random numbers is always saved, never recomputed,
+and a fused attention is saved where the policy saves ATen's attention kernels.
 A plain region whose results are read other than by indexing stays a call the same way, with the
 always-recompute policy AOTAutograd itself gives a plain region.
 """
@@ -111,7 +112,7 @@ def _keep_call(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     """Prepare the checkpoint call ``node``, kept a call, for the pre-dispatch re-trace and for the
     rewriting of its body: a copy of the body (the caller's graph, compiled unchanged if the pipeline
     fails, keeps its own) with a policy, the always-recompute one AOTAutograd gives a plain region if
-    it has none (the re-trace reads the policy key unconditionally), wrapped in :class:`SavingRandom`;
+    it has none (the re-trace reads the policy key unconditionally), wrapped in :class:`RewriteAwarePolicy`;
     the checkpoint calls nested in it are kept calls too."""
     body = _body(gm, node)
     copy = torch.fx.GraphModule(body, body.graph.__deepcopy__(), class_name=type(body).__name__)
@@ -122,8 +123,8 @@ def _keep_call(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
 
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
         context_fn = functools.partial(create_selective_checkpoint_contexts, _recompute)
-    if not isinstance(context_fn, SavingRandom):
-        context_fn = SavingRandom(context_fn)
+    if not isinstance(context_fn, RewriteAwarePolicy):
+        context_fn = RewriteAwarePolicy(context_fn)
     copy.meta[_CONTEXT_FN] = context_fn
     setattr(gm, node.args[0].target, copy)
     for inner in [n for n in copy.graph.nodes if is_checkpoint(n)]:
@@ -181,11 +182,15 @@ def _reads_up_to(node: torch.fx.Node, stops) -> set:
     return seen
 
 
-class SavingRandom:
-    """A selective checkpoint's ``context_fn`` whose policy saves every seqfuse call that draws random
-    numbers (:func:`draws_random`) and asks the wrapped policy about every other op.  A seqfuse op's
-    random draws are its own (the partitioner replays aten's, not a custom op's), so recomputing one in
-    the backward would draw another dropout mask than its forward output used."""
+class RewriteAwarePolicy:
+    """A selective checkpoint's ``context_fn`` whose policy knows seqfuse's rewrites.  Every op is put to
+    the wrapped policy, with two exceptions.  A seqfuse call that draws random numbers
+    (:func:`draws_random`) is always saved: its draws are its own (the partitioner replays aten's, not
+    a custom op's), so recomputing it in the backward would draw another dropout mask than its forward
+    output used.  And a fused attention the policy would recompute by default is saved if the policy
+    saves one of ATen's attention kernels (``_scaled_dot_product_flash_attention`` and the others it
+    stands for, asked with its arguments): a policy written for SDPA, as torchtitan's is, keeps
+    meaning what it says."""
 
     def __init__(self, context_fn):
         self.context_fn = context_fn
@@ -194,15 +199,36 @@ class SavingRandom:
         forward, recompute = self.context_fn()
         policy = getattr(forward, "policy_fn", None)
         if policy is not None:   # torch's SAC context; any other context tags nothing for recompute
-            forward.policy_fn = _saving_random(policy)
+            forward.policy_fn = _aware_of_rewrites(policy)
         return forward, recompute
 
 
-def _saving_random(policy):
+#: the ATen attention kernels a fused attention stands for (those this torch has)
+_SDPA_KERNELS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(torch.ops.aten, name))
+
+
+def _by_default(answer) -> bool:
+    """Whether a policy's answer is its default, recompute (not a choice to save, nor MUST_RECOMPUTE)."""
+    return answer is False or answer == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _aware_of_rewrites(policy):
     def wrapped(ctx, func, *args, **kwargs):
         if _random_call(func, args, kwargs):
             return CheckpointPolicy.MUST_SAVE
-        return policy(ctx, func, *args, **kwargs)
+        answer = policy(ctx, func, *args, **kwargs)
+        if _by_default(answer) and func is torch.ops.seqfuse.attention.default:
+            for kernel in _SDPA_KERNELS:
+                try:
+                    stands_for = policy(ctx, kernel, *args, **kwargs)
+                except Exception:  # noqa: BLE001 - a policy that reads SDPA's own arguments: its default
+                    continue
+                if not _by_default(stands_for):
+                    return stands_for
+        return answer
     return wrapped
 
 

@@ -235,7 +235,8 @@ def test_selective_checkpointing_bodies_are_rewritten():
 def test_selective_policy_sees_the_fused_op(downstream):
     """The policy is asked about ``seqfuse.attention`` as about any op: recomputing everything saves
     what eager's checkpointing saves (the block inputs), and saving the fused attention saves its
-    outputs on top; without checkpointing far more is saved."""
+    outputs on top, as does a policy that saves SDPA's kernel instead (the fused attention stands for
+    it); without checkpointing far more is saved."""
     torch.manual_seed(0)
     plain = Stack(ckpt=False)
     x = torch.randn(2, 64, D)
@@ -246,9 +247,13 @@ def test_selective_policy_sees_the_fused_op(downstream):
         return CheckpointPolicy.MUST_SAVE if op is torch.ops.seqfuse.attention.default else \
             CheckpointPolicy.PREFER_RECOMPUTE
 
+    def save_sdpa(ctx, op, *args, **kwargs):   # a policy written for SDPA, as torchtitan's is
+        return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default \
+            else CheckpointPolicy.PREFER_RECOMPUTE
+
     saved = {}
     for name, context_fn in (("none", None), ("recompute", _selective(_recompute_all)),
-                             ("save_fused", _selective(save_fused))):
+                             ("save_fused", _selective(save_fused)), ("save_sdpa", _selective(save_sdpa))):
         torch._dynamo.reset()
         model = _twin(Stack, context_fn is not None, plain, context_fn=context_fn)
         compiled = torch.compile(model, backend="seqfuse", options={"downstream": downstream})
@@ -261,6 +266,7 @@ def test_selective_policy_sees_the_fused_op(downstream):
     assert saved["recompute"] == _saved_bytes(eager, list(eager.parameters()), x), saved
     # two attentions, each saving at least its (2, 4, 64, 8) fp32 output
     assert saved["save_fused"] >= saved["recompute"] + 2 * 2 * 64 * D * 4, saved
+    assert saved["save_sdpa"] == saved["save_fused"], saved
     assert saved["none"] > 4 * saved["save_fused"], saved
 
 

@@ -63,7 +63,7 @@ def test_in_place_calls_without_users_are_kept():
 
 def test_selective_region_stays_a_call_with_a_policy_that_saves_random_calls():
     """A selective region is not inlined: it stays a call whose body is a copy carrying the user's
-    policy wrapped in SavingRandom (the caller's body keeps the bare one)."""
+    policy wrapped in RewriteAwarePolicy (the caller's body keeps the bare one)."""
     policy = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
 
     def fn(x):
@@ -76,8 +76,8 @@ def test_selective_region_stays_a_call_with_a_policy_that_saves_random_calls():
     body = getattr(new, call.args[0].target)
     wrapped = body.meta["_checkpoint_context_fn"]
     original = getattr(gm, call.args[0].target).meta["_checkpoint_context_fn"]   # Dynamo's copy of policy
-    assert not isinstance(original, ck.SavingRandom) and original.args == policy.args
-    assert isinstance(wrapped, ck.SavingRandom) and wrapped.context_fn is original
+    assert not isinstance(original, ck.RewriteAwarePolicy) and original.args == policy.args
+    assert isinstance(wrapped, ck.RewriteAwarePolicy) and wrapped.context_fn is original
     assert all("recompute" not in n.meta for n in new.graph.nodes)   # nothing inlined, nothing tagged
     # the wrapped policy: a seqfuse call with dropout is saved; the rest is the user's answer
     forward, _ = wrapped()
@@ -89,6 +89,34 @@ def test_selective_region_stays_a_call_with_a_policy_that_saves_random_calls():
     assert ask(0.25) == CheckpointPolicy.MUST_SAVE
     assert ask(0.0) == CheckpointPolicy.PREFER_RECOMPUTE
     assert forward.policy_fn(None, torch.ops.aten.sin.default, torch.ones(1)) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_a_policy_saving_sdpa_saves_the_fused_attention():
+    """RewriteAwarePolicy: a fused attention the policy would recompute by default is asked about as
+    ATen's attention kernels; a policy naming one of them saves it.  An explicit answer about the fused
+    op itself (MUST_RECOMPUTE) stands, and other ops are not asked about twice."""
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    attention, mm = torch.ops.seqfuse.attention.default, torch.ops.aten.mm.default
+    asked = []
+
+    def policy(ctx, op, *args, **kwargs):
+        asked.append(op)
+        if op is sdpa:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.MUST_RECOMPUTE if op is mm else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def forbids(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_RECOMPUTE if op is attention else CheckpointPolicy.MUST_SAVE
+
+    def answer(p, op):
+        forward, _ = ck.RewriteAwarePolicy(functools.partial(create_selective_checkpoint_contexts, p))()
+        return forward.policy_fn(None, op, torch.ones(1), dropout=0.0)
+    assert answer(policy, attention) == CheckpointPolicy.MUST_SAVE
+    assert sdpa in asked
+    asked.clear()
+    assert answer(policy, mm) == CheckpointPolicy.MUST_RECOMPUTE and asked == [mm]
+    assert answer(forbids, attention) == CheckpointPolicy.MUST_RECOMPUTE
+    assert answer(lambda *a, **k: CheckpointPolicy.PREFER_RECOMPUTE, attention) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _graph(region_of: dict):
