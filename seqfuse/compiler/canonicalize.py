@@ -45,6 +45,7 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
+from seqfuse.compiler.checkpoint import selective_bodies
 from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
 from seqfuse.passes.loop_reroll import _seed_key, _writes_into
@@ -133,15 +134,11 @@ def _without_transforms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         # inlines as vmapped odd/even steps): refuse rather than build a graph that can't run
         raise Untraceable(f"the graph uses torch.func transforms ({bad.target.__name__}, e.g. vmap or "
                           "associative_scan with combine_mode='generic'); seqfuse leaves it to the downstream compiler", bad)
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint and \
-                isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
-            body = getattr(gm, node.args[0].target)
-            if isinstance(body, torch.fx.GraphModule):
-                clean = _without_transforms(body)
-                if clean is not body:
-                    clean.meta.update(body.meta)
-                    setattr(gm, node.args[0].target, clean)
+    for node, body in selective_bodies(gm):
+        clean = _without_transforms(body)
+        if clean is not body:
+            clean.meta.update(body.meta)
+            setattr(gm, node.args[0].target, clean)
     return gm
 
 

@@ -128,10 +128,11 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     """Turn Dynamo's graph into an executable graph whose mixers are seqfuse custom ops."""
     dump = _Dumper(options.dump_dir, report)
     dump("dynamo", gm.print_readable(print_output=False))
+    # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh, and
+    # what decides whether checkpointed regions are recomputed at all
+    training = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     # 1. Pre-dispatch ATen: canonical op names, symbolic shapes kept, autograd not yet
     #    applied, so a replaced region keeps training through the custom op's backward.
-    # whether this graph will be differentiated (AOTAutograd's test): a cost the passes may weigh
-    training = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     with _timed(report, "trace"):
         if has_checkpoints(gm):
             # checkpointed regions read as the rest of the graph, their ops tagged for recompute
