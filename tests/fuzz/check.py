@@ -73,6 +73,11 @@ def checkpointed(case: Case, selective: bool = False) -> Case:
     backward recomputes the region.  ``selective``: with a policy (tests.helpers.save_matmuls), so the
     region stays a call whose body seqfuse rewrites in place."""
     from torch.utils.checkpoint import checkpoint
+    spelling, plus, tags = case.name.partition("+")   # the summary groups by the spelling before the tags
+    if selective and spelling.startswith("hop_scan"):
+        # eager has no oracle there: torch's scan op has no rule for the selective checkpoint's
+        # dispatch mode ("no rule registered for HigherOrderOperator scan"), so the program runs as is
+        return case
     context = {}
     if selective:
         from tests.helpers import selective_checkpointing
@@ -80,7 +85,6 @@ def checkpointed(case: Case, selective: bool = False) -> Case:
 
     def fn(*inputs):
         return checkpoint(case.fn, *inputs, use_reentrant=False, **context)
-    spelling, plus, tags = case.name.partition("+")   # the summary groups by the spelling before the tags
     kind = "selective" if selective else "checkpoint"
     return replace(case, name=f"{spelling}/{kind}{plus}{tags}", fn=fn)
 
