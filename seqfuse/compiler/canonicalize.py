@@ -92,6 +92,14 @@ class _Retrace(torch.fx.Interpreter):
     one ``autograd_function_apply`` node (forward and backward bodies kept as submodules)
     instead of being traced through, so the user's backward survives the re-trace."""
 
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        if target.startswith(_vmap.FOLDED) and get_proxy_mode() is not None:
+            # a folded vmap level's value (vmap.fold_shape_only_vmaps): a tensor literal, as
+            # torch.tensor(...) makes one (the fake mode refuses a real tensor in an op)
+            return torch.ops.aten.lift_fresh_copy.default(value)
+        return value
+
     def call_function(self, target, args, kwargs):
         if target is not _AUTOGRAD_FUNCTION_APPLY:
             return super().call_function(target, args, kwargs)
@@ -119,6 +127,9 @@ def _without_transforms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` with its no-op vmap levels removed (a copy when there are any), in its own graph and in
     the bodies of the checkpoint calls it keeps (which the re-trace traces too); raises Untraceable
     for any other torch.func transform."""
+    if _vmap.has_vmap(gm):
+        # levels computed from sizes alone (FlexAttention's block masks) become constants
+        gm, _ = _vmap.fold_shape_only_vmaps(gm)
     if _vmap.has_vmap(gm):
         # e.g. associative_scan(combine_mode="generic"): Dynamo inlines each combine call as a
         # vmap level; an elementwise combine's levels are no-ops and are removed (a copy of gm)

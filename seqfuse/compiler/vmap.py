@@ -193,3 +193,115 @@ def remove_noop_vmaps(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if n.op == "call_function" and n.target is _LAZY and not n.users:
             graph.erase_node(n)
     return torch.fx.GraphModule(gm, graph)
+
+
+#: the largest value a folded level may produce (elements): FlexAttention's block indices are far smaller
+MAX_FOLDED = 1 << 22
+#: the name prefix of the constants a folded level leaves (read by the re-trace as tensor literals)
+FOLDED = "_seqfuse_folded_"
+
+
+def fold_shape_only_vmaps(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
+    """(a copy of Dynamo graph ``gm`` in which every outermost vmap level that reads none of the graph's
+    inputs is computed now and its results used outside it become constants, the number of levels
+    folded); ``gm`` itself is returned, unchanged, when there is none.
+
+    FlexAttention builds its block mask this way, from sizes alone (``create_block_mask`` vmaps the
+    mask function over rows and heads, and even a call without a block mask makes an empty one).  Such
+    a level's value follows from the shapes Dynamo compiled the graph for, which it guards on, so
+    computing it once at compile time is exact; the rest of the graph can then be re-traced.  A level
+    is left alone if it, or anything it reads, reads an input of the graph (a size included: dynamic
+    shapes), draws random numbers, or writes a tensor made outside it."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    nodes = list(graph.nodes)
+    spans, depth, start = [], 0, 0
+    for k, n in enumerate(nodes):
+        if n.op == "call_function" and n.target is _INCREMENT:
+            start = k if depth == 0 else start
+            depth += 1
+        elif n.op == "call_function" and n.target is _DECREMENT:
+            depth -= 1
+            if depth < 0:
+                return gm, 0
+            if depth == 0:
+                spans.append((start, k))
+    root = torch.fx.GraphModule(gm, graph)
+    folded = 0
+    for i, j in spans:
+        region = nodes[i:j + 1]
+        values = _fold(root, region, {n: k for k, n in enumerate(graph.nodes)})
+        if values is None:
+            continue
+        inside = set(region)
+        for node, value in values.items():
+            name = f"{FOLDED}{folded}_{node.name}"
+            root.register_buffer(name, value, persistent=False)
+            with graph.inserting_before(nodes[i]):
+                const = graph.get_attr(name)
+            const.meta.update(node.meta)
+            for user in [u for u in node.users if u not in inside]:
+                user.replace_input_with(node, const)
+        for n in reversed(region):
+            graph.erase_node(n)
+        folded += 1
+    if not folded:
+        return gm, 0
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is _LAZY and not n.users:
+            graph.erase_node(n)
+    root.recompile()
+    return root, folded
+
+
+def _fold(root: torch.fx.GraphModule, region: list, order: dict) -> dict | None:
+    """The values of the nodes of ``region`` (one outermost vmap level) read outside it, computed now,
+    or None if the level may not be folded (see :func:`fold_shape_only_vmaps`)."""
+    inside = set(region)
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    reads: set = set()
+    stack = [a for n in region for a in n.all_input_nodes if a not in inside]
+    while stack:
+        a = stack.pop()
+        if a not in reads:
+            reads.add(a)
+            stack.extend(a.all_input_nodes)
+    for n in [*reads, *region]:
+        if n.op in ("placeholder", "output") or (n.op == "call_function" and _random(n)):
+            return None
+        written = _written(n)
+        if written is not None and written not in inside:
+            return None
+    if not outputs:
+        return None
+    sub = torch.fx.Graph()
+    env: dict = {}
+    for n in sorted(reads, key=order.__getitem__) + region:
+        env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(tuple(env[o] for o in outputs))
+    try:
+        with torch.no_grad():
+            results = torch.fx.GraphModule(root, sub)()
+    except Exception:  # noqa: BLE001 - then the level stays, and the graph is refused as before
+        return None
+    if not all(isinstance(r, torch.Tensor) and r.numel() <= MAX_FOLDED for r in results):
+        return None
+    return dict(zip(outputs, results))
+
+
+_RANDOM = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.bernoulli, torch.normal,
+           torch.rand_like, torch.randn_like, torch.randint_like, torch.multinomial, torch.nn.functional.dropout}
+
+
+def _random(node: torch.fx.Node) -> bool:
+    return node.target in _RANDOM
+
+
+def _written(node: torch.fx.Node):
+    """The tensor ``node`` writes in place (``x[i] = v``, ``x.add_(y)``, ``out=``), or None."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return node.args[0]
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__") and node.args:
+        return node.args[0]
+    out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
+    return out if isinstance(out, torch.fx.Node) else None
