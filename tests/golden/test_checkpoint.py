@@ -193,17 +193,24 @@ def test_transformers_gradient_checkpointing(selective):
     assert report.graphs[0].selective_regions == (2 if selective else 0), report
 
 
-def test_apply_activation_checkpointing_wrappers():
-    """torch.distributed's ``apply_activation_checkpointing`` (as FSDP users wrap their blocks): the same
-    regions, found and exact."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+@pytest.mark.parametrize("selective", [False, True])
+def test_apply_activation_checkpointing_wrappers(selective):
+    """torch.distributed's ``apply_activation_checkpointing`` (as FSDP users wrap their blocks; with a
+    policy and ``preserve_rng_state=False``, as torchtitan wraps them): the same regions, found and
+    exact."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+    from helpers import selective_checkpointing
     torch.manual_seed(0)
     model = Stack(ckpt=False)
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    wrapper = functools.partial(checkpoint_wrapper, context_fn=selective_checkpointing, preserve_rng_state=False) \
+        if selective else checkpoint_wrapper
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, Block))
     x = torch.randn(2, 16, D, requires_grad=True)
     report = check_against_eager(model, x)
     assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
     assert not report.near_misses, report
+    assert report.graphs[0].selective_regions == (2 if selective else 0), report
 
 
 def _save_matmuls(ctx, op, *args, **kwargs):
