@@ -112,6 +112,18 @@ def _twin(model_cls, ckpt: bool, like: torch.nn.Module, **kw):
     return m
 
 
+def _save_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_all(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective(policy):
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
 def test_attention_in_checkpointed_blocks_is_fused_and_exact():
     torch.manual_seed(0)
     model = Stack(ckpt=True)
@@ -148,17 +160,22 @@ def test_checkpointed_regions_are_still_recomputed(downstream):
     assert saved[True] <= 2 * eager_ckpt, (saved, eager_ckpt)
 
 
-def test_gradients_equal_with_and_without_checkpointing_under_dropout():
+@pytest.mark.parametrize("selective", [False, True])
+def test_gradients_equal_with_and_without_checkpointing_under_dropout(selective):
     """Dropout inside the region (aten's in the MLP, the fused attention's own): the recomputed backward
     must use the forward's draws.  The same seed gives the same output and gradients with and without
-    checkpointing (a recompute that drew again would give other gradients)."""
+    checkpointing (a recompute that drew again would give other gradients).  ``selective``: a policy
+    that recomputes everything would recompute the fused attention's dropout with new draws (its random
+    numbers are its own, which the partitioner does not replay): seqfuse wraps the policy so that such
+    a call is saved (0.98 apart without the wrap)."""
     torch.manual_seed(0)
     plain = Stack(ckpt=False, p_attn=0.3, p_mlp=0.3)
     x = torch.randn(2, 16, D)
+    context_fn = _selective(_recompute_all) if selective else None
     results = []
     for ckpt in (False, True):
         torch._dynamo.reset()
-        model = _twin(Stack, ckpt, plain, p_attn=0.3, p_mlp=0.3)
+        model = _twin(Stack, ckpt, plain, p_attn=0.3, p_mlp=0.3, context_fn=context_fn)
         compiled = torch.compile(model, backend="seqfuse", options={"downstream": "aot_eager"})
         report = seqfuse.Report()
         with collecting(report):
@@ -213,18 +230,6 @@ def test_apply_activation_checkpointing_wrappers(selective):
     assert report.graphs[0].selective_regions == (2 if selective else 0), report
 
 
-def _save_matmuls(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _recompute_all(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _selective(policy):
-    return functools.partial(create_selective_checkpoint_contexts, policy)
-
-
 def test_selective_checkpointing_bodies_are_rewritten():
     """A region with a policy (``context_fn``) stays a call, its body rewritten in place: both
     attentions fused, the report says so, and outputs and every gradient are eager's."""
@@ -275,31 +280,6 @@ def test_selective_policy_sees_the_fused_op(downstream):
     assert saved["save_fused"] >= saved["recompute"] + 2 * 2 * 64 * D * 4, saved
     assert saved["save_sdpa"] == saved["save_fused"], saved
     assert saved["none"] > 4 * saved["save_fused"], saved
-
-
-def test_selective_checkpointing_saves_the_fused_attention_dropout():
-    """A policy that recomputes everything would recompute the fused attention's dropout with new
-    draws (its random numbers are its own, which the partitioner does not replay): seqfuse wraps the
-    policy so that such a call is saved.  The same seed gives the same output and gradients with and
-    without checkpointing (0.98 apart without the wrap)."""
-    torch.manual_seed(0)
-    plain = Stack(ckpt=False, p_attn=0.3, p_mlp=0.3)
-    x = torch.randn(2, 16, D)
-    results = []
-    for ckpt in (False, True):
-        torch._dynamo.reset()
-        model = _twin(Stack, ckpt, plain, p_attn=0.3, p_mlp=0.3, context_fn=_selective(_recompute_all))
-        compiled = torch.compile(model, backend="seqfuse", options={"downstream": "aot_eager"})
-        report = seqfuse.Report()
-        with collecting(report):
-            compiled(x)  # compile first: the draws below start from one seed in both runs
-        torch.manual_seed(7)
-        y = compiled(x)
-        y.square().sum().backward()
-        assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
-        results.append([y.detach()] + [p.grad.clone() for p in model.parameters()])
-    for i, (a, b) in enumerate(zip(*results)):
-        assert rel_err(a, b) < 1e-6, f"result {i}: {rel_err(a, b):.3g}"
 
 
 def test_associative_scan_in_a_selective_region():
