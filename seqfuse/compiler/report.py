@@ -154,8 +154,9 @@ class Report:
                          "their ops, rewrites included, are recomputed there")
         selective = sum(g.selective_regions for g in self.graphs)
         if selective:
-            lines.append(f"selective activation checkpointing: {selective} region(s) rewritten in place; their policy "
-                         "sees each rewrite as one op (torch.ops.seqfuse.*, recomputed unless the policy saves it)")
+            lines.append(f"selective activation checkpointing: {selective} region(s) kept as calls, their bodies read "
+                         "in place; their policy sees each rewrite as one op (torch.ops.seqfuse.*, recomputed unless "
+                         "the policy saves it)")
         if self.runtime:
             from seqfuse.runtime.dispatch import PATHS
             lines.append("runtime calls:")
