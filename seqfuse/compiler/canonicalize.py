@@ -160,6 +160,11 @@ def trace_pre_dispatch(gm: torch.fx.GraphModule, example_inputs, replay: bool | 
     (:mod:`seqfuse.compiler.replay`: each distinct call traced once); ``replay`` forces
     (True) or forbids (False) that path, None decides by :func:`replay.eligible`.
     """
+    if any(isinstance(x, (list, tuple)) for x in example_inputs):
+        # compiled autograd's backward graph takes its tensors boxed in one list, which it expects the
+        # compiled graph to clear as it reads them (``steal_arg``); a re-trace would flatten it
+        raise Untraceable("a graph that takes its inputs boxed in a list (compiled autograd's backward "
+                          "graph) is left to the downstream compiler as it is")
     gm = _without_transforms(gm)
     values, mode = fake_inputs(gm, example_inputs)
     traced = None
