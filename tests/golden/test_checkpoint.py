@@ -18,7 +18,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import seqfuse
 from seqfuse.compiler.report import collecting
-from helpers import check_against_eager, rel_err
+from helpers import check_against_eager, rel_err, selective_checkpointing
 
 D, H = 32, 4
 
@@ -112,10 +112,6 @@ def _twin(model_cls, ckpt: bool, like: torch.nn.Module, **kw):
     return m
 
 
-def _save_matmuls(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def _recompute_all(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -195,7 +191,7 @@ def test_transformers_gradient_checkpointing(selective):
     kind, passed as ``gradient_checkpointing_kwargs``): both layers' attention is found and every
     parameter's gradient equals eager's."""
     transformers = pytest.importorskip("transformers")
-    from helpers import Logits, selective_checkpointing
+    from helpers import Logits
     cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
                                   attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     cfg._attn_implementation = "eager"
@@ -217,7 +213,6 @@ def test_apply_activation_checkpointing_wrappers(selective):
     exact."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
                                                                              checkpoint_wrapper)
-    from helpers import selective_checkpointing
     torch.manual_seed(0)
     model = Stack(ckpt=False)
     wrapper = functools.partial(checkpoint_wrapper, context_fn=selective_checkpointing, preserve_rng_state=False) \
@@ -234,7 +229,7 @@ def test_selective_checkpointing_bodies_are_rewritten():
     """A region with a policy (``context_fn``) stays a call, its body rewritten in place: both
     attentions fused, the report says so, and outputs and every gradient are eager's."""
     torch.manual_seed(0)
-    model = Stack(ckpt=True, context_fn=_selective(_save_matmuls))
+    model = Stack(ckpt=True, context_fn=selective_checkpointing)
     x = torch.randn(2, 16, D, requires_grad=True)
     report = check_against_eager(model, x)
     assert [r.kind for r in report.rewrites] == ["attention", "attention"], report
@@ -296,7 +291,7 @@ def test_associative_scan_in_a_selective_region():
         return associative_scan(combine, (a, b), dim=1, combine_mode="generic")[1]
 
     def fn(a, b):
-        return checkpoint(scan, a, b, use_reentrant=False, context_fn=_selective(_save_matmuls))
+        return checkpoint(scan, a, b, use_reentrant=False, context_fn=selective_checkpointing)
     torch.manual_seed(0)
     a = torch.rand(2, 8, 3).requires_grad_()
     b = torch.randn(2, 8, 3, requires_grad=True)
@@ -331,7 +326,7 @@ class MaskOutside(torch.nn.Module):
         if self.padded:
             keep = keep & pad[:, None, None, :]
         for b in self.blocks:
-            x = checkpoint(b, x, keep, use_reentrant=False, context_fn=_selective(_save_matmuls))
+            x = checkpoint(b, x, keep, use_reentrant=False, context_fn=selective_checkpointing)
         return x
 
 
@@ -372,7 +367,7 @@ def test_selective_region_reading_a_buffer_mask_is_guarded():
     as written (eager's numbers, not the causal attention's)."""
     torch.manual_seed(0)
     block = BufferMaskBlock()
-    model = Calling(lambda x: checkpoint(block, x, use_reentrant=False, context_fn=_selective(_save_matmuls)), block)
+    model = Calling(lambda x: checkpoint(block, x, use_reentrant=False, context_fn=selective_checkpointing), block)
     x = torch.randn(2, 16, D, requires_grad=True)
     report = check_against_eager(model, x)
     assert [r.kind for r in report.rewrites] == ["attention"], report
@@ -393,7 +388,7 @@ def test_regions_nested_in_selective_regions(outer):
     the numbers are eager's."""
     torch.manual_seed(0)
     first, second = Block(), Block()
-    policy = _selective(_save_matmuls)
+    policy = selective_checkpointing
     if outer == "selective":
         def fn(x):
             return checkpoint(lambda y: checkpoint(second, first(y), use_reentrant=False), x,
@@ -486,7 +481,7 @@ def test_inference_through_a_checkpointed_sdpa_call(selective):
         return (F.scaled_dot_product_attention(q, k[..., :12, :], v[..., :12, :], is_causal=True)
                 + F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    context = {"context_fn": _selective(_save_matmuls)} if selective else {}
+    context = {"context_fn": selective_checkpointing} if selective else {}
 
     def fn(q, k, v):
         return checkpoint(attend, q, k, v, use_reentrant=False, **context)
