@@ -27,7 +27,7 @@ class Attention(torch.nn.Module):
         return self.o(F.gelu((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)))
 
 
-def test_backward_graph_through_seqfuse_gives_eager_gradients(monkeypatch):
+def test_backward_graph_through_seqfuse_gives_eager_gradients():
     torch.manual_seed(0)
     model = Attention()
     x = torch.randn(2, 16, 32, requires_grad=True)
@@ -36,23 +36,25 @@ def test_backward_graph_through_seqfuse_gives_eager_gradients(monkeypatch):
     model.zero_grad(set_to_none=True)
     x.grad = None
 
-    monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
     torch._dynamo.reset()
 
-    @torch.compile(backend="seqfuse", options={"downstream": "aot_eager"})
     def step(x):
         y = model(x)
         y.square().sum().backward()
         return y
 
     report = seqfuse.Report()
-    with collecting(report):
-        y = step(x)
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the key from torch's config module,
+    # and every later compile in the process then fails ("compiled_autograd does not exist"); and
+    # around torch.compile too, which keeps the config it was called under
+    with torch._dynamo.config.patch(compiled_autograd=True), collecting(report):
+        y = torch.compile(step, backend="seqfuse", options={"downstream": "aot_eager"})(x)
     torch._dynamo.reset()
     assert len(report.graphs) == 2, report     # the forward and the compiled backward
     assert [r.kind for r in report.rewrites] == ["attention"], report
     assert [m.kind for m in report.near_misses] == ["graph"], report
     assert "compiled autograd" in report.near_misses[0].reason
+    assert torch._dynamo.config.compiled_autograd is False
     assert rel_err(y, model(x)) < 1e-6
     got = [p.grad for p in model.parameters()] + [x.grad]
     for g, e in zip(got, expected):
