@@ -49,8 +49,9 @@ def test_flex_attention_with_a_score_mod_compiles_through():
 
 def test_transformers_hybrid_with_flex_attention():
     """Nemotron-H (Mamba-2 layers beside attention) with ``attn_implementation="flex_attention"``: the
-    model builds its block mask in the graph, which made seqfuse leave the whole model alone; now its
-    Mamba-2 layers are found (ssd, and the short convolution as long_conv) and the logits are eager's.
+    model runs as several graphs, and the one that builds the block mask was left whole (a near miss
+    naming torch.func); now no graph is, the Mamba-2 layers are found (ssd, and the short convolution
+    as long_conv) and the logits are eager's.
     Inference only (FlexAttention has no CPU backward); downstream aot_eager (inductor's CPU lowering
     of this FlexAttention call fails on its own, seqfuse or not: torch 2.13)."""
     transformers = pytest.importorskip("transformers")
