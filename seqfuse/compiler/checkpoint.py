@@ -140,7 +140,7 @@ def sink_shape_only_inputs(parent: torch.fx.GraphModule, node: torch.fx.Node, bo
     body's recognizers then see how the mask is made (causal, a window) instead of an opaque tensor
     they could only read as a bias.  A computation is moved only when everything it reads besides
     shape-only ops is already an input of the body; the caller keeps its own copy for other users."""
-    from seqfuse.passes.pattern import is_shape_only, val
+    from seqfuse.passes.pattern import ancestors, is_shape_only, val
 
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     pairs = list(zip(placeholders, node.args[1:]))
@@ -152,7 +152,7 @@ def sink_shape_only_inputs(parent: torch.fx.GraphModule, node: torch.fx.Node, bo
         if not (a.op == "call_function" and isinstance(val(a), torch.Tensor) and ph.users
                 and is_shape_only(a, constants=True)):
             continue
-        inner = sorted(_reads_up_to(a, passed), key=order.__getitem__)
+        inner = sorted(ancestors(a, stop=passed) | {a}, key=order.__getitem__)
         if any(n.op in ("placeholder", "get_attr") for n in inner):
             continue   # it reads a value the body is not given (a size or a buffer of the caller)
         env = dict(passed)
@@ -169,17 +169,6 @@ def sink_shape_only_inputs(parent: torch.fx.GraphModule, node: torch.fx.Node, bo
         node.args = (node.args[0], *(a for _, a in keep))
         body.recompile()
     return len(drop)
-
-
-def _reads_up_to(node: torch.fx.Node, stops) -> set:
-    """``node`` and every node it transitively reads, not reading past the nodes in ``stops``."""
-    seen, stack = {node}, list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen and n not in stops:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 class RewriteAwarePolicy:

@@ -147,7 +147,7 @@ def run_pipeline(gm: torch.fx.GraphModule, example_inputs, options: Options,
     canon.meta["seqfuse_training"] = training
     # checkpointed regions: tags kept (and given to the rewrites' nodes) where there is a backward to
     # recompute them for, dropped otherwise (AOTAutograd's inference path refuses random ops in them)
-    originals = mark_regions(canon.graph) if canon.meta["seqfuse_training"] else drop_regions(canon.graph)
+    originals = mark_regions(canon.graph) if training else drop_regions(canon.graph)
     rewrite_graph(canon, options, report, dump)
     if originals:
         retag(canon.graph, originals)

@@ -33,6 +33,8 @@ import torch.fx
 from torch._functorch import predispatch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from seqfuse.passes.pattern import ancestors
+
 _INCREMENT = predispatch._vmap_increment_nesting
 _DECREMENT = predispatch._vmap_decrement_nesting
 _ADD = predispatch._add_batch_dim
@@ -259,13 +261,7 @@ def _fold(root: torch.fx.GraphModule, region: list, order: dict) -> dict | None:
     or None if the level may not be folded (see :func:`fold_shape_only_vmaps`)."""
     inside = set(region)
     outputs = [n for n in region if any(u not in inside for u in n.users)]
-    reads: set = set()
-    stack = [a for n in region for a in n.all_input_nodes if a not in inside]
-    while stack:
-        a = stack.pop()
-        if a not in reads:
-            reads.add(a)
-            stack.extend(a.all_input_nodes)
+    reads = set().union(*(ancestors(n, stop=inside) for n in region))   # what it reads from outside it
     for n in [*reads, *region]:
         if n.op in ("placeholder", "output") or (n.op == "call_function" and _random(n)):
             return None

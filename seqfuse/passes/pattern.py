@@ -116,12 +116,13 @@ def fill_constant(node):
     return None
 
 
-def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    """Every node ``node`` transitively reads (itself excluded)."""
+def ancestors(node: torch.fx.Node, stop=()) -> set[torch.fx.Node]:
+    """Every node ``node`` transitively reads (itself excluded), not reading past, nor counting, the
+    nodes in ``stop``."""
     seen, stack = set(), list(node.all_input_nodes)
     while stack:
         n = stack.pop()
-        if n not in seen:
+        if n not in seen and n not in stop:
             seen.add(n)
             stack.extend(n.all_input_nodes)
     return seen
