@@ -249,7 +249,8 @@ class LongConv(IROp):
 @dataclass
 class Delta(IROp):
     """The delta rule: a linear recurrence with a matrix state whose update is a rank-1 correction
-    (DeltaNet, Gated DeltaNet in Qwen3-Next / OLMo hybrids, KDA in Kimi Linear).
+    (DeltaNet, Gated DeltaNet in Qwen3-Next / OLMo hybrids, KDA in Kimi Linear; Comba and GDN-2 with a
+    read key p).
 
     Per batch b and head h, with the state S_t a (K, V) matrix::
 
@@ -257,9 +258,14 @@ class Delta(IROp):
         S_t = S_t + k_t ⊗ β_t (v_t − S_tᵀ k_t)           = (I − β_t k_t k_tᵀ)·diag(α_t)·S_{t-1} + β_t k_t ⊗ v_t
         y_t = scale · S_tᵀ q_t                            (S_{-1} = h0, or 0)
 
+    With a read key ``p`` the correction reads the state with p instead of k (Comba's ``p``, GDN-2's
+    erase key ``b ⊙ k``)::
+
+        S_t = S_t + k_t ⊗ β_t (v_t − S_tᵀ p_t)           = (I − β_t k_t p_tᵀ)·diag(α_t)·S_{t-1} + β_t k_t ⊗ v_t
+
     Operands (printed in this order): q, k (B, T, H, K); v (B, T, H, V); beta (B, T, H); g the log-decay:
     (B, T, H) for ``gate="scalar"`` (Gated DeltaNet), (B, T, H, K) for ``gate="vector"`` (KDA), None for
-    ``gate="none"`` (DeltaNet); optional h0 (B, H, K, V).
+    ``gate="none"`` (DeltaNet); optional h0 (B, H, K, V); optional p (B, T, H, K), None meaning k.
     Results (the IR node's value is the pair): y (B, T, H, V) and the final state (B, H, K, V), both in
     the promoted dtype of the operands.
 
@@ -277,6 +283,7 @@ class Delta(IROp):
     beta: torch.fx.Node = operand()
     g: torch.fx.Node | None = operand(optional=True)
     h0: torch.fx.Node | None = operand(optional=True)
+    p: torch.fx.Node | None = operand(optional=True)
     gate: str = attr("scalar")
     scale: float = attr(1.0)
     chunk: int = attr(64)

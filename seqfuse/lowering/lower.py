@@ -69,8 +69,10 @@ def _lower_scan(graph: torch.fx.Graph, node: torch.fx.Node, op: Scan, runtime: s
 
 def _lower_delta(graph: torch.fx.Graph, node: torch.fx.Node, op: Delta, runtime: str) -> torch.fx.Node:
     args = (op.q, op.k, op.v, op.beta, op.g, op.h0, op.gate, float(op.scale), int(op.chunk), _algorithm(op), runtime)
-    if op.finite_only:
-        args = (*args, True)
+    if op.finite_only or op.p is not None:
+        args = (*args, bool(op.finite_only))
+    if op.p is not None:
+        args = (*args, op.p)
     return _lower_pair(graph, node, torch.ops.seqfuse.delta.default, args)
 
 

@@ -19,15 +19,15 @@ K is the axis the state is contracted over).  Broadcasting, views, products, sum
 contraction keep that form; anything else is a near miss naming the operation.  The update is
 the delta rule iff it is exactly
 
-    D·S  −  n·β·kc·D_nonK·R(kc·D_K)  +  n·β·kc·v
+    D·S  −  n·β·kc·D_nonK·R(pc·D_K)  +  n·β·kc·v
 
 with one decay D (exp(·) factors and positive numbers along batch and K only, split into the
-part D_K along K, which stays inside the contraction, and D_nonK), one key product kc (the same
-factors in the correction's contraction and in both outer products), one write strength n·β
-(batch axes only) shared by the correction and the input, and values v (no K axis).  The readout
-is an einsum of the new state with a constant q over K.  Any other form (a second correction,
-a key that differs between the read and the write, a gate along V, a β that differs between the
-terms) is a near miss naming the term.
+part D_K along K, which stays inside the contraction, and D_nonK), one written key kc (the same
+factors in both outer products), a read key pc in the correction's contraction (kc itself, or the
+op's read key p: Comba, GDN-2), one write strength n·β (batch axes only) shared by the correction
+and the input, and values v (no K axis).  The readout is an einsum of the new state with a constant
+q over K.  Any other form (a second correction, an input written along another key than the
+correction, a gate along V, a β that differs between the terms) is a near miss naming the term.
 
 Per-step outputs collected with ``stack`` / ``cat`` or written into a buffer slice by slice and
 the final state are replaced by the op's results; loop-constant values used after the loop are
@@ -446,7 +446,7 @@ class _Form:
 class _Plan:
     kax: int
     vax: int
-    k: list            # K-spanning factors of the key (both in the read and the write)
+    k: list            # K-spanning factors of the key the state is written with
     v: list            # the values' factors
     v_num: float
     beta: list         # write strength factors
@@ -457,6 +457,7 @@ class _Plan:
     readout: int       # template index of the readout einsum
     q: list            # the readout's constant factors
     q_num: float
+    p: list | None = None   # the factors of the key the correction reads the state with, when not k's
 
 
 def _is_zero(x) -> bool:
@@ -928,13 +929,19 @@ class _Rewrite:
         rest = _minus(inner, gate_k)
         if rest is None:
             raise NotDelta("the correction reads the state before or without its decay (the delta rule reads α ⊙ S)")
-        kc = rest
-        if any(vax in f.support for f in kc):
+        if any(vax in f.support for f in rest):
             raise NotDelta("the key the correction reads the state with spans the value axis")
         cor_k = [f for f in cor.factors if kax in f.support]
         cor_o = [f for f in cor.factors if kax not in f.support]
-        if _bag(cor_k) != _bag(kc):
-            raise NotDelta("the correction's outer product writes another key than the one it reads the state with")
+        kc, p = cor_k, None
+        if _bag(cor_k) != _bag(rest):
+            # a read key p other than the written key (Comba's p, GDN-2's b ⊙ k): the op's optional p
+            if not any(kax in f.support for f in rest) or not cor_k:
+                raise NotDelta("the correction's outer product writes another key than the one it reads the "
+                               "state with, and one of them does not span the key axis")
+            if any(vax in f.support for f in cor_k):
+                raise NotDelta("the key the correction writes spans the value axis")
+            p = rest
         beta = _minus(cor_o, gate_o)
         if beta is None:
             raise NotDelta("the correction is not decayed like the state (it reads S before the decay)")
@@ -957,7 +964,7 @@ class _Rewrite:
             if self._log_role(f) is None:
                 raise NotDelta("the state's decay is not exp(·), sigmoid(·) or a positive constant")
         ro = self._readout(form, kax)
-        return _Plan(kax, vax, kc, vfs, 1.0, beta, inn.num, gate, dec.num, gate_kind, *ro)
+        return _Plan(kax, vax, kc, vfs, 1.0, beta, inn.num, gate, dec.num, gate_kind, *ro, p=p)
 
     def _readout(self, form: _Form, kax):
         """(template index, q factors, q number) of the einsum reading the new state out with a constant q
@@ -1185,6 +1192,9 @@ class _Rewrite:
         bv = self._frame(vec, plan.beta, plan.beta_num, D)
         bv = vec.cast(sel(sel(bv, r - 1), r - 2), D)                               # (T', *batch')
         kv, qv, vv = self._layout(vec, kv, [K]), self._layout(vec, qv, [K]), self._layout(vec, vv, [V])
+        pv = None
+        if plan.p is not None:   # the read key, laid out like k
+            pv = self._layout(vec, vec.cast(sel(self._frame(vec, plan.p, 1.0, D), vax), D), [K])
         bv = self._layout(vec, bv, [])
         g = None
         if plan.gate_kind != "none":
@@ -1231,10 +1241,11 @@ class _Rewrite:
         if loop.reverse:   # the op runs forward: flip time in and out
             kv, qv, vv, bv = (vec.emit(aten.flip.default, (t, [1])) for t in (kv, qv, vv, bv))
             g = vec.emit(aten.flip.default, (g, [1])) if g is not None else None
-        op = Delta(q=qv, k=kv, v=vv, beta=bv, g=g, h0=h0, gate=plan.gate_kind)
+            pv = vec.emit(aten.flip.default, (pv, [1])) if pv is not None else None
+        op = Delta(q=qv, k=kv, v=vv, beta=bv, g=g, h0=h0, p=pv, gate=plan.gate_kind)
         fake = torch.ops.seqfuse.delta.default(val(qv), val(kv), val(vv), val(bv), val(g) if g is not None else None,
                                                val(h0) if h0 is not None else None, plan.gate_kind, 1.0, 64,
-                                               "recurrent", "auto")
+                                               "recurrent", "auto", False, val(pv) if pv is not None else None)
         ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][self.k])
         ir.meta["val"] = fake
         y = vec.emit(operator.getitem, (ir, 0))                                    # (B, T', H, V)

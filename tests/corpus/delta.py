@@ -22,7 +22,8 @@ itself, a ``view`` of a non-contiguous gradient, with or without seqfuse):
 - PyTorch reference functions at sizes and chunk sizes other than those of tests/golden/test_delta.py
   (T = 48 / 90 / 96, H = 3 or 6 value heads over 3 key heads, K = 12 / 16, V = 12 / 16, chunks 16 / 32,
   ragged lengths, with and without an initial state): flash-linear-attention 0.6.0's own
-  (``fla.ops.{gated_delta_rule,delta_rule,kda}.naive``, not the Triton kernels; ``fla_*``), and
+  (``fla.ops.{gated_delta_rule,delta_rule,kda,comba,gdn2}.naive``, not the Triton kernels; ``fla_*``;
+  Comba and GDN-2 read the state with another key than they write, the op's read key ``p``), and
   transformers' torch functions called directly (``hf_*``).  The outputs (and the final state where the
   function returns one) and the gradient of every input are compared with eager; one ``seqfuse.delta``
   is expected per call.
@@ -117,11 +118,13 @@ MODELS = {
 }
 
 
-def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layout="bthd", seed=0):
+def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layout="bthd", seed=0, extra=()):
     """Delta-rule operands as the fla reference functions take them: q, k (B, T, HK, K) (k L2-normalized),
     v (B, T, H, V), beta (B, T, H) in (0, 1), g log-decays (B, T, H) or (B, T, H, K) for ``gate="vector"``
     (logsigmoid of a normal: decays in (0, 1), a few of them strong), h0 (B, H, K, V) or None; ``layout
-    "bhtd"`` transposes T and H (fla.ops.delta_rule's head-first layout)."""
+    "bhtd"`` transposes T and H (fla.ops.delta_rule's head-first layout).  ``extra`` names more operands:
+    "p" a read key like k (Comba), "b" a gate in (0, 1) on the key axis and "w" one on the value axis
+    (GDN-2)."""
     import torch
     import torch.nn.functional as F
     gen = torch.Generator().manual_seed(seed)
@@ -135,6 +138,10 @@ def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layou
     if layout == "bhtd":
         q, k, v, beta = (x.transpose(1, 2).contiguous() for x in (q, k, v, beta))
     xs = {"q": q, "k": k, "v": v, "beta": beta, "g": g, "h0": s}
+    shapes = {"p": (B, T, HK, K), "b": (B, T, H, K), "w": (B, T, H, V)}
+    for name in extra:
+        x = torch.randn(*shapes[name], generator=gen)
+        xs[name] = F.normalize(x, dim=-1) if name == "p" else torch.sigmoid(x)
     return {n: x.requires_grad_() for n, x in xs.items() if x is not None}
 
 
@@ -215,6 +222,15 @@ FUNCTIONS = {
                         lambda f, o: _hf(f, o, chunk_size=16), 1),
     "hf_kda_chunk_c32_ragged": (_BH, "chunk_kimi_delta_attention", dict(T=90, K=16, V=12, gate="vector", h0=False),
                                 lambda f, o: _hf(f, o, chunk_size=32), 1),
+    # a read key other than the written key (the op's p): fla.ops.comba.naive (Comba: S' = α S − β k ⊗ (Sᵀ p)
+    # + β k ⊗ v) and fla.ops.gdn2.naive (GDN-2: the read key b ⊙ k, the values w ⊙ v, a decay per key channel)
+    "fla_comba_recurrent_h0": ("fla.ops.comba.naive", "naive_recurrent_comba", dict(T=48, K=12, V=16, extra=("p",)),
+                               lambda f, o: f(o["q"], o["k"], o["v"], o["p"], o["beta"], o["g"],
+                                              initial_state=o["h0"], output_final_state=True), 1),
+    "fla_gdn2_recurrent": ("fla.ops.gdn2.naive", "naive_recurrent_gdn2", dict(T=90, K=16, V=12, gate="vector",
+                                                                           h0=False, extra=("b", "w")),
+                           lambda f, o: f(o["q"], o["k"], o["v"], o["g"], o["b"], o["w"], output_final_state=True),
+                           1),
 }
 
 CASES = list(MODELS) + list(FUNCTIONS)

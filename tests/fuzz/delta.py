@@ -1,5 +1,6 @@
 """Random delta-rule programs as the libraries write them (the delta pass): flash-linear-attention's
-PyTorch references (recurrent and chunked Gated DeltaNet, KDA and DeltaNet) and transformers' Qwen3-Next
+PyTorch references (recurrent and chunked Gated DeltaNet, KDA and DeltaNet; recurrent Comba and GDN-2,
+which read the state with another key than they write) and transformers' Qwen3-Next
 torch path, called with random sizes (chunk sizes, one to several chunks, grouped value heads), dtypes,
 initial states, with or without the final state, weak or strong decays, β above 1, an optional NaN /
 inf, and forced algorithms and runtimes; and broken copies of a reference (one piece of its source
@@ -21,7 +22,9 @@ from .check import Case
 from .common import Maker, poison, reset, size, tags
 
 #: (name, module, function, kind): kind "gdn" (scalar gate g (B, T, H)), "kda" (g (B, T, H, K)), "delta"
-#: (no gate, fla's head-first (B, H, T, ·) layout); chunked ones take a chunk size
+#: (no gate, fla's head-first (B, H, T, ·) layout), "comba" (a scalar gate and a read key p (B, T, H, K)),
+#: "gdn2" (g (B, T, H, K), an erase gate b (B, T, H, K) and a write gate w (B, T, H, V)); chunked ones take a
+#: chunk size
 FUNCTIONS = [
     ("fla_gdn_recurrent", "fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", "gdn"),
     ("fla_gdn_chunk", "fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule", "gdn"),
@@ -33,6 +36,8 @@ FUNCTIONS = [
     ("hf_gdn_chunk", "transformers.models.qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule", "gdn"),
     ("hf_gdn_recurrent", "transformers.models.qwen3_next.modeling_qwen3_next", "torch_recurrent_gated_delta_rule",
      "gdn"),
+    ("fla_comba_recurrent", "fla.ops.comba.naive", "naive_recurrent_comba", "comba"),
+    ("fla_gdn2_recurrent", "fla.ops.gdn2.naive", "naive_recurrent_gdn2", "gdn2"),
 ]
 
 #: broken copies: (function name, source text, replacement) — each changes the recurrence's meaning
@@ -41,6 +46,11 @@ BREAKS = [
     ("fla_kda_chunk", "A = A * beta[..., None]", "A = A * beta[..., None] * 2"),
     ("fla_gdn_chunk", "v = v * beta[..., None]", "v = v * beta[..., None] * beta[..., None]"),
     ("fla_gdn_recurrent", "h = h * torch.exp(g[:, :, i])", "h = h * torch.exp(g[:, :, i]) * torch.exp(g[:, :, i])"),
+    # Comba with its decay dropped (a delta rule still, of another meaning); GDN-2 writing along its read key
+    ("fla_comba_recurrent", "h = h.clone() * g[:, :, i].exp()[..., None, None]\n        b_beta",
+     "b_beta"),
+    ("fla_gdn2_recurrent", "h = h + b_k.unsqueeze(-1) * b_v_new.unsqueeze(-2)",
+     "h = h + (b_b * b_k).unsqueeze(-1) * b_v_new.unsqueeze(-2)"),
     # the blocked form: a row mask off by one, the walk's query update with the wrong sign, the carried keys
     # made with the scores' mask (the diagonal kept)
     ("fla_delta_parallel", "torch.arange(i, i+BM) >= (j + BN)", "torch.arange(i, i+BM) >= (j + BN - 1)"),
@@ -113,7 +123,7 @@ def _program(r: random.Random, triton: bool):
     if chunked and name.startswith("hf") and r.random() < 0.3:
         T = max(1, T - r.randint(1, C - 1))      # transformers pads the last chunk
     B, HK, G = size(r, 1, 2), size(r, 1, 3), r.choice((1, 1, 2))
-    if kind == "delta" or name.startswith("fla_gdn") or name == "fla_kda_recurrent":
+    if kind in ("delta", "comba", "gdn2") or name.startswith("fla_gdn") or name == "fla_kda_recurrent":
         G = 1                                     # grouped value heads: KDA chunked and transformers only
     H, K, V = HK * G, size(r, 1, 8, (1, 2, 3)), size(r, 1, 8, (1, 2, 3))
     dtypes = (torch.float32, torch.float32, torch.float64, torch.bfloat16)
@@ -131,10 +141,18 @@ def _program(r: random.Random, triton: bool):
     beta = m.uniform(0.0, r.choice((1.0, 1.0, 1.8)), *(shape(H, 1)[:-1]))
     strength = r.choice((0.1, 1.0, 4.0))
     g = None
-    if kind == "gdn":
+    if kind in ("gdn", "comba"):
         g = m.log_decay(B, T, H, strength=strength)
-    elif kind == "kda":
+    elif kind in ("kda", "gdn2"):
         g = m.log_decay(B, T, H, K, strength=strength)
+    extra = []                                    # Comba's read key p; GDN-2's gates b (key axis), w (value axis)
+    if kind == "comba":
+        p = m.randn(*shape(H, K), grad=False)
+        with torch.no_grad():
+            p = F.normalize(p.double(), dim=-1).to(p.dtype)
+        extra = [p.requires_grad_(r.random() < 0.7)]
+    elif kind == "gdn2":
+        extra = [m.uniform(0.0, 1.0, *shape(H, K)), m.uniform(0.0, 1.0, *shape(H, V))]
     h0 = m.randn(B, H, K, V) if r.random() < 0.5 and name not in ("fla_delta_chunkwise", "fla_delta_parallel") \
         else None
     final = r.random() < 0.5
@@ -145,6 +163,12 @@ def _program(r: random.Random, triton: bool):
         rest = list(xs[4:])
         g = rest.pop(0) if kind != "delta" else None
         s = rest.pop(0) if h0 is not None else None
+        if kind == "comba":
+            o, S = f(q, k, v, rest[0], beta, g, initial_state=s, output_final_state=final)
+            return (o, S) if final else o
+        if kind == "gdn2":                        # (no β: the gates b and w take its place)
+            o, S = f(q, k, v, g, rest[0], rest[1], initial_state=s, output_final_state=final)
+            return (o, S) if final else o
         if name == "fla_delta_recurrence":
             o, S = f(q, k, v, beta, initial_state=s)
             return (o, S) if final else o
@@ -164,7 +188,7 @@ def _program(r: random.Random, triton: bool):
             o, S = f(q, k, v, g, beta, **kw)
         return (o, S) if final else o
 
-    inputs = tuple(x for x in (q, k, v, beta, g, h0) if x is not None)
+    inputs = tuple(x for x in (q, k, v, beta, g, h0, *extra) if x is not None)
     opts: dict = {}
     if triton:
         opts["runtime"] = "triton"

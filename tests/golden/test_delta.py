@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import seqfuse
+
 from helpers import check_against_eager, check_nans_against_eager
 
 fla_gdn = pytest.importorskip("fla.ops.gated_delta_rule.naive")
@@ -149,8 +151,11 @@ def delta_variant(q, k, v, beta, g, variant):
             u = v[:, t] * b_t - kv * b_t * 0.5
         else:
             u = (v[:, t] - kv) * b_t
-        write = q_t if variant == "other_key" else k_t   # writes along another key than it reads with
-        S = S + write[..., None] * u[..., None, :]
+        if variant == "input_other_key":   # the correction erases along k, the input writes along q
+            S = S + k_t[..., None] * (-kv * b_t)[..., None, :] + q_t[..., None] * (v[:, t] * b_t)[..., None, :]
+        else:
+            write = q_t if variant == "read_key" else k_t   # reads with k, writes along q: k is the read key
+            S = S + write[..., None] * u[..., None, :]
         if variant == "value_gate":    # a decay along the value axis
             S = S * g[:, t].exp()[..., None, None] * torch.linspace(0.5, 1.0, S.shape[-1])
         o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q_t)
@@ -160,7 +165,7 @@ def delta_variant(q, k, v, beta, g, variant):
 @pytest.mark.parametrize("variant,reason", [
     ("tanh", "applies aten.tanh"),
     ("two_betas", "different write strengths"),
-    ("other_key", "another key"),
+    ("input_other_key", "the input's outer product writes another key than the correction"),
     ("value_gate", "value axis"),
 ])
 def test_near_misses_name_the_term(variant, reason):
@@ -347,10 +352,10 @@ def test_forward_substitution_with_a_wrong_sign_is_a_near_miss():
 
 # --- fla's neighbours of the delta rule: near misses naming the term, run unchanged --------------------------
 
-def _comba():
+def _comba(T=7):
     # Comba reads the state with p and writes with k: S' = α S − β k ⊗ (Sᵀ p) + β k ⊗ v
     comba = pytest.importorskip("fla.ops.comba.naive")
-    q, k, v, beta, g, h0 = operands()
+    q, k, v, beta, g, h0 = operands(T=T)
     p = F.normalize(torch.randn_like(k), dim=-1).requires_grad_()
 
     def fn(q, k, v, p, beta, g, h0):
@@ -398,18 +403,77 @@ def _path_attention():
     return fn, tuple(x.requires_grad_() for x in (q, k, v, w, beta, g))
 
 
+def _iplr():
+    # IPLR: S' = S + β ⊗ (Sᵀ α) + k ⊗ v, the low-rank term erasing along β, not along the written key k
+    iplr = pytest.importorskip("fla.ops.generalized_delta_rule.iplr.naive")
+    B, H, T, K, V = 2, 3, 6, 4, 5
+    q, k = torch.randn(B, H, T, K), F.normalize(torch.randn(B, H, T, K), dim=-1)
+    a = F.normalize(torch.randn(B, H, T, K), dim=-1)
+    v, h0 = torch.randn(B, H, T, V), torch.randn(B, H, K, V)
+    b = (a * torch.rand(B, H, T, 1)).detach()
+
+    def fn(q, k, v, a, b, h0):
+        return iplr.iplr_recurrence(q, k, v, -a, b, initial_state=h0)
+    return fn, tuple(x.requires_grad_() for x in (q, k, v, a, b, h0))
+
+
 @pytest.mark.parametrize("case,reason", [
-    (_comba, "writes another key than the one it reads the state with"),
+    (_iplr, "the input's outer product writes another key than the correction"),
     (_dplr, "reads the state before or without its decay"),
     (_ttt, "the loop carries 2 values"),
     (_path_attention, "its scores go through a softmax"),
 ])
-def test_comba_dplr_ttt_path_are_near_misses_naming_the_term(case, reason):
+def test_iplr_dplr_ttt_path_are_near_misses_naming_the_term(case, reason):
     fn, args = case()
     report = check_against_eager(fn, *args)
     assert report.count("delta") == 0, str(report)
     reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
     assert len(reasons) == 1 and reason in reasons[0], str(report)
+
+
+# --- a read key: the correction reads the state with p, the writes use k (the op's optional p) ---------------
+
+def _gdn2():
+    # GDN-2: S' = (I − k (b ⊙ k)ᵀ) diag(e^g) S + k ⊗ (w ⊙ v): a vector decay, an erase gate b on the key axis and
+    # a write gate w on the value axis; the read key is b ⊙ k, the values w ⊙ v, β = 1
+    gdn2 = pytest.importorskip("fla.ops.gdn2.naive")
+    q, k, v, _, g, h0 = operands(gate="vector")
+    b, w = torch.rand_like(k).requires_grad_(), torch.rand_like(v).requires_grad_()
+
+    def fn(q, k, v, g, b, w, h0):
+        return gdn2.naive_recurrent_gdn2(q, k, v, g, b, w, initial_state=h0, output_final_state=True)
+    return fn, (q, k, v, g, b, w, h0), "vector"
+
+
+def _read_key_loop():
+    # the hand-written delta rule reading the state with k and writing along q
+    q, k, v, beta, g, _ = operands()
+    return (lambda *a: delta_variant(*a, "read_key")), (q, k, v, beta, g), "scalar"
+
+
+def _comba_case():
+    fn, args = _comba()
+    return fn, args, "scalar"
+
+
+@pytest.mark.parametrize("case", [_comba_case, _gdn2, _read_key_loop], ids=["fla_comba", "fla_gdn2", "loop"])
+def test_a_read_key_other_than_the_written_key(case):
+    fn, args, gate = case()
+    report = check_against_eager(fn, *args)
+    ir = only_delta(report, gate)
+    assert "p=%" in ir, ir
+
+
+def test_a_read_key_runs_the_chunked_reference_on_cpu():
+    # the C kernel and the Triton kernels read the state with k: a call with p runs the eager reference, and
+    # select gives it the chunked algorithm on CPU (the recurrent one would be the eager step loop)
+    fn, args = _comba(T=40)
+    seqfuse.reset_counters()
+    report = check_against_eager(fn, *args)
+    ir = only_delta(report, "scalar")
+    assert "algo=chunked" in ir and "p=%" in ir, ir
+    counts = seqfuse.counters()
+    assert counts["delta"]["eager"] >= 1 and counts["delta"]["cpu"] == 0, counts
 
 
 @pytest.mark.parametrize("T,final", [(14, True), (3, False)])   # padded to 4 chunks / 1 chunk

@@ -12,9 +12,9 @@ from seqfuse.lowering.reference.delta import delta_chunked, delta_recurrent
 from seqfuse.passes.select import choose_delta
 
 
-def oracle(q, k, v, beta, g, h0, gate, scale):
+def oracle(q, k, v, beta, g, h0, gate, scale, p=None):
     """The delta rule one (batch, head, step) at a time, as the papers write it:
-    S ← diag(α)·S, S ← S + k ⊗ β(v − Sᵀk), y = scale·Sᵀq."""
+    S ← diag(α)·S, S ← S + k ⊗ β(v − Sᵀk), y = scale·Sᵀq (with a read key p: S ← S + k ⊗ β(v − Sᵀp))."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     S = [[(h0[b, h].clone() if h0 is not None else torch.zeros(K, V, dtype=q.dtype)) for h in range(H)]
@@ -29,7 +29,8 @@ def oracle(q, k, v, beta, g, h0, gate, scale):
                 elif gate == "vector":
                     s = s * g[b, t, h].exp()[:, None]
                 kk = k[b, t, h]
-                s = s + torch.outer(kk, beta[b, t, h] * (v[b, t, h] - s.T @ kk))
+                pp = kk if p is None else p[b, t, h]
+                s = s + torch.outer(kk, beta[b, t, h] * (v[b, t, h] - s.T @ pp))
                 S[b][h] = s
                 y[b, t, h] = scale * (s.T @ q[b, t, h])
     return y, torch.stack([torch.stack(row) for row in S])
@@ -165,6 +166,78 @@ def test_bad_arguments_raise_naming_them():
         torch.ops.seqfuse.delta(q, k, v, beta, g, h0, "scalar", 1.0, 4, "auto", "eager")
     with pytest.raises(ValueError, match="h0 must be"):
         torch.ops.seqfuse.delta(q, k, v, beta, g, h0[:, :, :1], "scalar", 1.0, 4, "chunked", "eager")
+
+
+# --- a read key p: the correction reads the state with p, the writes use k (Comba, GDN-2) --------------
+
+def read_key(B=2, T=7, H=3, K=4, dtype=torch.float64, grad=False):
+    return F.normalize(torch.randn(B, T, H, K, dtype=dtype), dim=-1).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("fn,chunk", [(delta_recurrent, 64), (delta_chunked, 3), (delta_chunked, 64)])
+def test_read_key_references_equal_the_oracle(gate, fn, chunk):
+    ops, p = operands(gate=gate), read_key()
+    want = oracle(*ops, gate, 0.5, p=p)
+    got = fn(*ops, gate=gate, scale=0.5, chunk=chunk, p=p)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # and it is another function than the delta rule reading with k
+    assert not torch.allclose(got[0], oracle(*ops, gate, 0.5)[0])
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("algorithm,T", [("recurrent", 9), ("chunked", 9), ("chunked", 40)])
+def test_read_key_custom_op_outputs_and_gradients_equal_the_oracle(gate, algorithm, T):
+    # T = 40: the eager backward differentiates the chunked form; dp is the seventh gradient
+    ops, p = operands(T=T, gate=gate, grad=True), read_key(T=T, grad=True)
+    y, h = torch.ops.seqfuse.delta(*ops, gate, 0.5, 4, algorithm, "eager", False, p)
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    leaves = [x for x in ops if x is not None] + [p]
+    got = torch.autograd.grad((y, h), leaves, (gy, gh))
+    ref = [x.detach().clone().requires_grad_() if x is not None else None for x in ops]
+    pr = p.detach().clone().requires_grad_()
+    yr, hr = oracle(*ref, gate, 0.5, p=pr)
+    want = torch.autograd.grad((yr, hr), [x for x in ref if x is not None] + [pr], (gy, gh))
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, hr, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+def test_read_key_gradcheck_and_opcheck(algorithm):
+    ops = operands(B=1, T=4, H=1, K=2, V=3, gate="vector", grad=True)
+    p = read_key(B=1, T=4, H=1, K=2, grad=True)
+
+    def fn(*xs):
+        return torch.ops.seqfuse.delta(*xs[:6], "vector", 0.7, 2, algorithm, "eager", False, xs[6])
+    assert torch.autograd.gradcheck(fn, [*ops, p])
+    f32 = [x.detach().float().requires_grad_() for x in (*ops, p)]
+    torch.library.opcheck(torch.ops.seqfuse.delta.default, (*f32[:6], "vector", 1.0, 2, algorithm, "eager", False,
+                                                             f32[6]))
+
+
+def test_read_key_of_another_shape_raises_naming_it():
+    ops = operands()
+    with pytest.raises(ValueError, match="read key p must have k's shape"):
+        torch.ops.seqfuse.delta(*ops, "scalar", 1.0, 4, "chunked", "eager", False, read_key(K=3))
+    n = _nodes(q=(2, 8, 3, 4), k=(2, 8, 3, 4), v=(2, 8, 3, 5), beta=(2, 8, 3), p=(2, 8, 3, 2))
+    with pytest.raises(IRVerificationError, match="p must have k's shape"):
+        verify_op(Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], p=n["p"], gate="none"))
+
+
+def test_read_key_is_printed_and_select_gives_it_the_chunked_form_on_cpu():
+    # only the eager reference takes p: on CPU a long sequence gets the chunked form, not the step loop
+    n = _nodes(q=(1, 512, 2, 4), k=(1, 512, 2, 4), v=(1, 512, 2, 5), beta=(1, 512, 2), g=(1, 512, 2),
+               p=(1, 512, 2, 4))
+    op = Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], g=n["g"], p=n["p"], gate="scalar")
+    verify_op(op)
+    assert format_op(op, "d") == "%d = seqfuse.delta(%q, %k, %v, %beta, g=%g, p=%p) {gate=scalar, scale=1.0, " \
+                                 "chunk=64, algo=auto}"
+    assert choose_delta(op) == "chunked" and op.chunk == 64
+    op.p = None
+    assert choose_delta(op) == "recurrent"
 
 
 # --- the IR op ---------------------------------------------------------------------------
@@ -317,6 +390,7 @@ def test_c_kernel_supports_refuses_what_it_does_not_compute():
     q, k, v, beta, g, h0 = operands(dtype=torch.float32)
     t = dict(q=q, k=k, v=v, beta=beta, g=g, h0=h0)
     ok = dict(gate="scalar", scale=1.0, chunk=64, algorithm="recurrent")
+    assert "read key" in cpu_delta.supports({**t, "p": k}, ok)
     assert "algorithm 'chunked'" in cpu_delta.supports(t, {**ok, "algorithm": "chunked"})
     assert "complex" in cpu_delta.supports({**t, "v": v.to(torch.complex64)}, ok)
     assert "gate 'vector' with g" not in (cpu_delta.supports(t, ok) or "")

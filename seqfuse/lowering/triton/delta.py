@@ -63,6 +63,8 @@ def supports(t: dict, a: dict) -> str | None:
         return reason
     if a.get("algorithm") != "chunked":
         return f"algorithm {a.get('algorithm')!r} (the triton kernel is the chunked one)"
+    if t.get("p") is not None:
+        return "a read key p (the kernels read the state with k)"
     if a.get("gate") not in ("none", "scalar", "vector"):
         return f"gate={a.get('gate')!r} (the triton kernel takes none, scalar and vector)"
     named = [(n, t.get(n)) for n in ("q", "k", "v", "beta", "g", "h0")]
@@ -152,6 +154,16 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
                  for x, gr, n in zip((q, k, v, beta, g, h0), grads, needs))
 
 
+def _impl_forward(q, k, v, beta, g, h0, p, a):
+    assert p is None, "supports() refuses a read key"
+    return forward(q, k, v, beta, g, h0, a)
+
+
+def _impl_backward(grad_y, grad_h, q, k, v, beta, g, h0, p, a):
+    assert p is None, "supports() refuses a read key"
+    return (*backward(grad_y, grad_h, q, k, v, beta, g, h0, a), None)
+
+
 def register() -> None:
     """Register the kernels as the "triton" implementation of seqfuse.delta (forward and backward)."""
-    register_impl("delta", Impl("triton", supports, forward, backward))
+    register_impl("delta", Impl("triton", supports, _impl_forward, _impl_backward))
