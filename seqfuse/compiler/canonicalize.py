@@ -24,7 +24,9 @@
 4. ``normalize_masks``: masked_fill and every ``where`` spelling with a constant
    fill become ``aten.where.ScalarOther(keep, scores, fill)`` (keep = True where
    the score survives).  ``normalize_softmax``: a softmax written out with its row max
-   subtracted becomes ``softmax``.
+   subtracted becomes ``softmax``.  ``normalize_postnormalized``: attention normalized after the
+   value contraction, ``exp(s - max) @ v / Σ exp(s - max)`` (with a sink: the max and the sum taking
+   one more logit), becomes ``softmax(s) @ v`` (with a sink: the gpt-oss ``softmax(cat)[..., :-1]``).
 5. ``restore_layouts`` (run by the pipeline after the recognizers): a canonical einsum (or
    out-of-place op) that no rewrite consumed, and whose result is laid out otherwise than the
    user's op laid it out, is copied back to the user's (contiguous) layout, so the graph handed
@@ -50,7 +52,7 @@ from seqfuse.compiler import replay as _replay
 from seqfuse.compiler import vmap as _vmap
 from seqfuse.passes.loop_reroll import _seed_key, _writes_into
 from seqfuse.passes.pattern import (arg, axis_view, constant_value, copy_meta, emit_before, fake_of, is_op, is_scalar, known_int,
-                                    rank, val, writes_through, written)
+                                    op_name, rank, same_expr, val, writes_through, written)
 
 aten = torch.ops.aten
 
@@ -580,6 +582,268 @@ def unstable_softmaxes(gm: torch.fx.GraphModule) -> list:
     return found
 
 
+# --- softmax normalized after the value contraction --------------------------------------
+
+def _undetached(x):
+    """``x`` with its ``detach`` / ``alias`` steps removed (the same values)."""
+    while isinstance(x, torch.fx.Node) and x.target in (aten.detach.default, aten.alias.default):
+        x = x.args[0]
+    return x
+
+
+def _last_axis_max(m, s: torch.fx.Node) -> bool:
+    """Whether ``m`` is the max of ``s`` over its last axis alone (``amax`` or ``max(...).values``, the
+    axis kept or not, either detached)."""
+    m = _undetached(m)
+    if not isinstance(m, torch.fx.Node):
+        return False
+    if m.target is operator.getitem and m.args[1] == 0 and is_op(m.args[0], aten.max) and \
+            m.args[0].target is aten.max.dim:
+        node, dims = m.args[0], [arg(m.args[0], 1, "dim")]
+    elif m.target is aten.amax.default:
+        node, dims = m, arg(m, 1, "dim", [])
+    else:
+        return False
+    r = rank(s)
+    return node.args[0] is s and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % r == r - 1
+
+
+def _row_layout(x, s: torch.fx.Node) -> bool | None:
+    """How ``x`` holds one value per row of ``s`` (every axis but the last): True with the last axis kept
+    as size 1 (``keepdim``), False without it, None when ``x`` has neither shape."""
+    rows, shape = list(val(s).shape[:-1]), val(x).shape
+    if _shape_matches(rows + [1], shape):
+        return True
+    return False if _shape_matches(rows, shape) else None
+
+
+def _same_rows(x, base: torch.fx.Node, s: torch.fx.Node) -> bool:
+    """Whether ``x`` is ``base`` (one value per row of ``s``) laid out row for row: through detach and views
+    that leave every row axis where it is (an ``unsqueeze(-1)`` that puts the key axis back)."""
+    if _row_layout(x, s) is None or _row_layout(base, s) is None:
+        return False
+    b, axes = axis_view(_undetached(x))
+    r = rank(s) - 1
+    return _undetached(b) is base and axes[:r] == list(range(r))
+
+
+class _PostNormalized:
+    """A match of ``einsum(eq, exp(s - m), v) / z'``: the contraction ``o``, the operand index ``k`` of the
+    exponentials in it, the scores ``s``, and for a sink its logits ``sink`` (as the denominator reads
+    them) and whether they keep the key axis (``keep``)."""
+
+    def __init__(self, o, k, s, sink=None, keep=False):
+        self.o, self.k, self.s, self.sink, self.keep = o, k, s, sink, keep
+
+
+#: ops that reshape, move or cast a tensor's entries without computing new ones
+_REGROUPS = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze, aten.squeeze,
+             aten.permute, aten.transpose, aten.swapaxes, aten.t, aten.mT, aten.movedim, aten.expand, aten.clone,
+             aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy)
+
+
+def _regrouped_from(x):
+    """The tensor ``x`` is a reshape, view, copy or cast of (``x`` itself when it is none of those)."""
+    while is_op(x, *_REGROUPS) and isinstance(x.args[0], torch.fx.Node):
+        x = x.args[0]
+    return x
+
+
+def _exp_sum(x, exps: list) -> torch.fx.Node | None:
+    """``x`` when it is ``sum`` of one of ``exps`` (an exponential the contraction reads), else None."""
+    if is_op(x, aten.sum) and x.target is aten.sum.dim_IntList and x.args[0] in exps:
+        return x
+    return None
+
+
+def _mutated_before(div: torch.fx.Node, reads: list) -> torch.fx.Node | None:
+    """An op between the first of ``reads`` and ``div`` that writes a tensor in place (``detach_``, a flag
+    and not values, aside), else None: the rewrite reads the scores, the values and the sink at ``div``."""
+    pending, n = set(reads), div.prev
+    while pending and n.op != "root":
+        pending.discard(n)
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if pending and schema is not None and schema.is_mutable and not is_op(n, aten.detach_):
+            return n
+        n = n.prev
+    return None
+
+
+def _postnormalized(div: torch.fx.Node):
+    """Read ``div`` as attention normalized after the value contraction: a :class:`_PostNormalized`, a
+    reason (str) when it has that form but a check fails, None when it is something else.
+
+    The form: ``o = einsum(eq, e, v)`` (any contraction: normalize_contractions made it one), ``e =
+    exp(s - m)`` with ``m`` the max of ``s`` over its last axis, ``z = e.sum(-1)`` (keepdim or not), and
+    ``div = o / z'`` with ``z'`` a view of ``z`` (unsqueeze / permute / view / reshape / expand).  With a
+    sink: ``m = maximum(max(s), c)`` and ``z = e.sum(-1) + exp(c - m)``.  Exact because ``o`` sums over
+    e's last axis alone, so dividing each of its entries by its own row's ``z`` divides each term of the
+    sum: ``Σ_j e[r, j]·v[.., j] / z[r] = Σ_j softmax(s)[r, j]·v[.., j]`` once ``z'`` puts ``z[r]`` on the
+    output entries of row ``r`` (checked axis by axis through the einsum's letters and the views).
+    ``m`` is the max the softmax subtracts too (with the sink's logit: the max of the concatenated row),
+    so nothing overflows that did not; its gradient is zero in the math (a shift), detached or not."""
+    if div.target is not aten.div.Tensor or not all(isinstance(a, torch.fx.Node) for a in div.args):
+        return None
+    o, zv = div.args
+    if not is_op(o, aten.einsum) or len(o.args[1]) != 2:
+        return None
+    ops = list(o.args[1])
+    exps = [_regrouped_from(x) for x in ops if is_op(_regrouped_from(x), aten.exp)]
+    z = _regrouped_from(zv)
+    total, extra = _exp_sum(z, exps), None
+    if total is None and z.target is aten.add.Tensor and arg(z, 2, "alpha", 1) == 1 and \
+            all(isinstance(a, torch.fx.Node) for a in z.args[:2]):
+        a, b = z.args[:2]
+        total, extra = (a, b) if _exp_sum(a, exps) is not None else (_exp_sum(b, exps), a)
+    if total is None:
+        return None
+    e = total.args[0]
+    if [_regrouped_from(x) for x in ops].count(e) != 1:
+        return None
+    # from here on the program is a softmax normalized after the contraction: a failed check is a near miss
+    if e not in ops:
+        return (f"the exponentials reach the contraction with the values through "
+                f"{op_name(next(x for x in ops if _regrouped_from(x) is e))}, which is not followed")
+    base, z_axes = axis_view(zv)
+    if base is not z:
+        return (f"the denominator reaches the division through {op_name(base)} (not a view that only moves or adds "
+                "axes): its rows cannot be aligned with the output's")
+    k = ops.index(e)
+    v = ops[1 - k]
+    r = rank(e)
+    dims, keep = arg(total, 1, "dim", None), bool(arg(total, 2, "keepdim", False))
+    if arg(total, 3, "dtype") is not None or not isinstance(dims, (list, tuple)) or len(dims) != 1 or \
+            not isinstance(dims[0], int) or dims[0] % r != r - 1:
+        return (f"the denominator sums the exponentials over axes {list(dims) if dims else 'all'}, not over their "
+                "last axis alone (the key axis the values are contracted over)")
+    sub = e.args[0]
+    if not is_op(sub, aten.sub) or sub.target is not aten.sub.Tensor or arg(sub, 2, "alpha", 1) != 1 or \
+            not all(isinstance(a, torch.fx.Node) for a in sub.args[:2]):
+        return ("a softmax normalized after the value contraction, without its row max subtracted (exp(s) @ v / "
+                "exp(s).sum()): it overflows where softmax does not, so it is not read as softmax")
+    s, m_e = sub.args[:2]
+    if rank(s) != r:
+        return "the row max is subtracted with a broadcast that changes the scores' shape"
+    # m_e: the row max (with the sink's logit) m, laid back onto the rows with the key axis as size 1
+    b, _ = axis_view(_undetached(m_e))
+    m = _undetached(b)
+    c = None
+    if is_op(m, aten.maximum) and all(isinstance(a, torch.fx.Node) for a in m.args[:2]):
+        x, y = m.args[:2]
+        c, rowmax = (y, x) if _last_axis_max(x, s) else (x, y)
+        if not _last_axis_max(rowmax, s) or not _shape_matches(val(m).shape, val(rowmax).shape):
+            return ("the scores are shifted by the maximum of their row max and a tensor that varies along the key "
+                    "axis, not by a per-row (sink) logit")
+    elif not _last_axis_max(m, s):
+        return ("a softmax normalized after the value contraction, without its row max subtracted (the term "
+                "subtracted from the scores is not their max over the key axis): it overflows or underflows "
+                "where softmax does not, so it is not read as softmax")
+    if _row_layout(m_e, s) is not True or not _same_rows(m_e, m, s):
+        return "the row max is not laid back onto the scores' rows as it was taken"
+    if (c is None) != (extra is None):
+        return ("the denominator adds a term that the subtracted max does not include" if c is None else
+                "the subtracted max includes a tensor (a sink logit) whose exponential the denominator lacks")
+    if c is not None:
+        sink_sub = extra.args[0] if is_op(extra, aten.exp) else None
+        if not is_op(sink_sub, aten.sub) or sink_sub.target is not aten.sub.Tensor or \
+                arg(sink_sub, 2, "alpha", 1) != 1 or not same_expr(_undetached(sink_sub.args[0]), _undetached(c)) or \
+                not _same_rows(sink_sub.args[1], m, s) or _row_layout(m, s) is not keep or \
+                not _shape_matches(val(extra).shape, val(total).shape):
+            return ("the term added to the denominator is not exp(c - m) with c the logit in the max m, in the "
+                    "sum's layout (an attention sink)")
+        c = sink_sub.args[0]
+    nodes = [s, e, v, o, total, z, zv, div] + ([c, extra] if c is not None else [])
+    dtypes = {val(x).dtype for x in nodes}
+    if len(dtypes) != 1:
+        return f"the softmax normalized after the value contraction mixes dtypes ({sorted(map(str, dtypes))})"
+    if dtypes == {torch.float16}:
+        return ("in float16 the unnormalized contraction exp(s - max) @ v can overflow where softmax(s) @ v does "
+                "not: a softmax normalized after the value contraction is not read as softmax")
+    # the contraction: e's last (key) axis summed against v, every other axis of e an output axis, nothing
+    # of v summed alone
+    lets, out = _parse_equation(o.args[0]) or ([None, None], None)
+    p_l, v_l = lets[k], lets[1 - k]
+    if out is None or any(len(set(x)) != len(x) for x in (p_l, v_l, out)):
+        return "the contraction with the values repeats an axis letter"
+    key = p_l[-1]
+    if key in out or key not in v_l or any(c_ not in out for c_ in p_l[:-1]) or \
+            any(c_ not in out and c_ != key for c_ in v_l):
+        return ("the contraction with the values does not sum the exponentials' last (key) axis against the "
+                "values and nothing else")
+    # z' on the output: an axis of a row letter reads that row axis of z, any other axis is constant (size 1
+    # or created by the views); z's row axis a is e's axis a, kept or not
+    if not _shape_matches(val(div).shape, val(o).shape) or len(z_axes) > len(out):
+        return "the division by the denominator broadcasts the contraction's output"
+    lead = len(out) - len(z_axes)
+    for t, letter in enumerate(out):
+        a = t - lead
+        za = z_axes[a] if a >= 0 else None
+        constant = za is None or statically_known_true(val(zv).shape[a] == 1)
+        if letter in p_l:
+            row = p_l.index(letter)
+            ok = za == row or (constant and statically_known_true(val(e).shape[row] == 1))
+        else:
+            ok = constant
+        if not ok:
+            return (f"the denominator is not laid onto the output's rows: output axis {t} ({letter!r} of "
+                    f"{o.args[0]!r}) reads the denominator's axis {za} through the views")
+    reads = [sub, o] + ([extra.args[0]] if c is not None else [])
+    if any(written(x) for x in nodes) or _mutated_before(div, reads) is not None:
+        return "a tensor of the softmax normalized after the value contraction is written in place"
+    return _PostNormalized(o, k, s, c, keep)
+
+
+def normalize_postnormalized(gm: torch.fx.GraphModule) -> int:
+    """Rewrite attention normalized after the value contraction (flash-attention's "lazy" normalization,
+    fla's ``naive_parallel_attn`` with a sink), ``einsum(eq, exp(s - max(s)), v) / z'``, into
+    ``einsum(eq, softmax(s, -1), v)``; with a sink logit ``c`` (``max(s)`` taken with ``c``, ``exp(c - m)``
+    added to ``z``) into ``einsum(eq, softmax(cat([s, c], -1), -1)[..., :-1], v)``, the gpt-oss form the
+    attention pass reads (c broadcast to one column).  Returns how many were rewritten; see
+    :func:`_postnormalized` for why each is exact.  The new nodes are placed at the division (nothing
+    writes the tensors they read in between, checked), the exponentials, the sum and the unnormalized
+    contraction stay for any other reader.  The forms that fail a check: :func:`postnormalized_near_misses`."""
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        found = _postnormalized(node)
+        if not isinstance(found, _PostNormalized):
+            continue
+        s = found.s
+
+        def emit(target, args):
+            return emit_before(graph, node, target, args, node)
+        if found.sink is None:
+            p = emit(aten.softmax.int, (s, rank(s) - 1))
+        else:
+            col = found.sink if found.keep else emit(aten.unsqueeze.default, (found.sink, -1))
+            sizes = [x if isinstance(x, int) else emit(aten.sym_size.int, (s, d))
+                     for d, x in enumerate(val(s).shape[:-1])]
+            col = emit(aten.expand.default, (col, sizes + [1]))
+            sm = emit(aten.softmax.int, (emit(aten.cat.default, ([s, col], -1)), -1))
+            p = emit(aten.slice.Tensor, (sm, -1, 0, -1))
+        operands = list(found.o.args[1])
+        operands[found.k] = p
+        new = emit(aten.einsum.default, (found.o.args[0], operands))
+        _remember_layout(new, node)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        n += 1
+    if n:
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return n
+
+
+def postnormalized_near_misses(gm: torch.fx.GraphModule) -> list:
+    """(division, reason) for each softmax normalized after the value contraction that
+    :func:`normalize_postnormalized` left alone (run after it): the pipeline reports each as a near miss."""
+    found = []
+    for node in gm.graph.nodes:
+        reason = _postnormalized(node)
+        if isinstance(reason, str):
+            found.append((node, reason))
+    return found
+
+
 #: in-place pointwise ops and the out-of-place op that computes the same value
 _OUT_OF_PLACE = {
     aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Scalar,
@@ -878,4 +1142,5 @@ def canonicalize(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModu
     normalize_contractions(traced)
     normalize_masks(traced)
     normalize_softmax(traced)
+    normalize_postnormalized(traced)
     return traced

@@ -14,8 +14,8 @@ from seqfuse.compiler.checkpoint import (drop_regions, has_checkpoints, inline_c
 from seqfuse.compiler.constants import attach as attach_constants, buffer_constants, inherit_constants, lift_guards
 from seqfuse.compiler.decay_buffers import express_decay_buffers
 from seqfuse.compiler.canonicalize import (block_slices, forward_slot_reads, normalize_contractions, normalize_inplace, normalize_masks, normalize_slices,
-                                           normalize_softmax, restore_layouts, trace_pre_dispatch,
-                                           unstable_softmaxes)
+                                           normalize_postnormalized, normalize_softmax, postnormalized_near_misses,
+                                           restore_layouts, trace_pre_dispatch, unstable_softmaxes)
 from seqfuse.compiler.options import Options
 from seqfuse.compiler.report import GraphReport
 from seqfuse.ir import format_graph, format_op, ir_of, verify_graph
@@ -194,6 +194,9 @@ def rewrite_graph(canon: torch.fx.GraphModule, options: Options, report: GraphRe
         dump("contractions", canon.graph)
         normalize_masks(canon)
         normalize_softmax(canon)
+        normalize_postnormalized(canon)
+        for node, reason in postnormalized_near_misses(canon):
+            report.add_near_miss("attention", reason, node)
         for node in unstable_softmaxes(canon):
             report.add_near_miss("attention", "a softmax written out without its row max subtracted (exp(s) / "
                                  "exp(s).sum()): it overflows where softmax does not, so it is not read as softmax", node)
