@@ -250,7 +250,7 @@ class LongConv(IROp):
 class Delta(IROp):
     """The delta rule: a linear recurrence with a matrix state whose update is a rank-1 correction
     (DeltaNet, Gated DeltaNet in Qwen3-Next / OLMo hybrids, KDA in Kimi Linear; Comba and GDN-2 with a
-    read key p).
+    read key p; IPLR, DPLR and RWKV-7 with an erase key e).
 
     Per batch b and head h, with the state S_t a (K, V) matrix::
 
@@ -263,9 +263,14 @@ class Delta(IROp):
 
         S_t = S_t + k_t ⊗ β_t (v_t − S_tᵀ p_t)           = (I − β_t k_t p_tᵀ)·diag(α_t)·S_{t-1} + β_t k_t ⊗ v_t
 
+    With an erase key ``e`` the correction writes along e instead of k (IPLR, DPLR, RWKV-7), and with
+    ``read="previous"`` it reads the state before this step's decay (DPLR, RWKV-7)::
+
+        S_t = α_t ⊙ S_{t-1} + β_t k_t ⊗ v_t − β_t e_t ⊗ (R_tᵀ p_t)     R_t = α_t ⊙ S_{t-1} | S_{t-1}
+
     Operands (printed in this order): q, k (B, T, H, K); v (B, T, H, V); beta (B, T, H); g the log-decay:
     (B, T, H) for ``gate="scalar"`` (Gated DeltaNet), (B, T, H, K) for ``gate="vector"`` (KDA), None for
-    ``gate="none"`` (DeltaNet); optional h0 (B, H, K, V); optional p (B, T, H, K), None meaning k.
+    ``gate="none"`` (DeltaNet); optional h0 (B, H, K, V); optional p and e (B, T, H, K), None meaning k.
     Results (the IR node's value is the pair): y (B, T, H, V) and the final state (B, H, K, V), both in
     the promoted dtype of the operands.
 
@@ -284,10 +289,12 @@ class Delta(IROp):
     g: torch.fx.Node | None = operand(optional=True)
     h0: torch.fx.Node | None = operand(optional=True)
     p: torch.fx.Node | None = operand(optional=True)
+    e: torch.fx.Node | None = operand(optional=True)
     gate: str = attr("scalar")
     scale: float = attr(1.0)
     chunk: int = attr(64)
     finite_only: bool = attr(False, omit_default=True)
+    read: str = attr("decayed", omit_default=True)
 
 
 OP_CLASSES: dict[str, type[IROp]] = {c.kind: c for c in (Attention, SSD, Scan, LongConv, Delta)}

@@ -159,10 +159,12 @@ def _verify_delta(op: Delta) -> None:
     _check(got == want, op, f"gate={op.gate} needs g of rank {want}, got {got}")
     if op.h0 is not None:
         _check(_val(op.h0).dim() == 4, op, f"h0 must be (B, H, K, V), got rank {_val(op.h0).dim()}")
-    if op.p is not None:
-        p = _val(op.p)
-        _check(p.dim() == 4 and all(_same(a, b) for a, b in zip(p.shape, k.shape)), op,
-               f"p must have k's shape (B, T, H, K), got {tuple(p.shape)} and {tuple(k.shape)}")
+    for name, node in (("p", op.p), ("e", op.e)):
+        if node is not None:
+            x = _val(node)
+            _check(x.dim() == 4 and all(_same(a, b) for a, b in zip(x.shape, k.shape)), op,
+                   f"{name} must have k's shape (B, T, H, K), got {tuple(x.shape)} and {tuple(k.shape)}")
+    _check(op.read in ("decayed", "previous"), op, f"read must be decayed|previous, got {op.read!r}")
     for name, node in op.operands():
         if node is not None:
             _check(_val(node).is_floating_point(), op, f"{name} must be real floating point, got {_val(node).dtype}")

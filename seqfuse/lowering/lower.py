@@ -69,11 +69,10 @@ def _lower_scan(graph: torch.fx.Graph, node: torch.fx.Node, op: Scan, runtime: s
 
 def _lower_delta(graph: torch.fx.Graph, node: torch.fx.Node, op: Delta, runtime: str) -> torch.fx.Node:
     args = (op.q, op.k, op.v, op.beta, op.g, op.h0, op.gate, float(op.scale), int(op.chunk), _algorithm(op), runtime)
-    if op.finite_only or op.p is not None:
-        args = (*args, bool(op.finite_only))
-    if op.p is not None:
-        args = (*args, op.p)
-    return _lower_pair(graph, node, torch.ops.seqfuse.delta.default, args)
+    tail = [bool(op.finite_only), op.p, op.e, op.read]   # optional arguments: trailing defaults omitted
+    while tail and tail[-1] in (None, False, "decayed"):
+        tail.pop()
+    return _lower_pair(graph, node, torch.ops.seqfuse.delta.default, (*args, *tail))
 
 
 _LOWERINGS = {Attention: _lower_attention, LongConv: _lower_long_conv, SSD: _lower_ssd, Scan: _lower_scan,

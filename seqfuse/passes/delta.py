@@ -458,6 +458,9 @@ class _Plan:
     q: list            # the readout's constant factors
     q_num: float
     p: list | None = None   # the factors of the key the correction reads the state with, when not k's
+    e: list | None = None   # the factors of the key the correction erases along, when not k (times e_num)
+    e_num: float = 1.0
+    read: str = "decayed"   # the state the correction reads: α ⊙ S, or S before the decay ("previous")
 
 
 def _is_zero(x) -> bool:
@@ -926,35 +929,40 @@ class _Rewrite:
         gate_k = [f for f in gate if kax in f.support]
         gate_o = [f for f in gate if kax not in f.support]
         inner = list(cor.atom[1])
-        rest = _minus(inner, gate_k)
-        if rest is None:
-            raise NotDelta("the correction reads the state before or without its decay (the delta rule reads α ⊙ S)")
-        if any(vax in f.support for f in rest):
-            raise NotDelta("the key the correction reads the state with spans the value axis")
         cor_k = [f for f in cor.factors if kax in f.support]
         cor_o = [f for f in cor.factors if kax not in f.support]
-        kc, p = cor_k, None
-        if _bag(cor_k) != _bag(rest):
-            # a read key p other than the written key (Comba's p, GDN-2's b ⊙ k): the op's optional p
-            if not any(kax in f.support for f in rest) or not cor_k:
-                raise NotDelta("the correction's outer product writes another key than the one it reads the "
-                               "state with, and one of them does not span the key axis")
-            if any(vax in f.support for f in cor_k):
-                raise NotDelta("the key the correction writes spans the value axis")
-            p = rest
-        beta = _minus(cor_o, gate_o)
-        if beta is None:
-            raise NotDelta("the correction is not decayed like the state (it reads S before the decay)")
+        # which state the correction reads: α ⊙ S (the decay's factors inside its contraction and on it), or
+        # S before the decay (none of them there: DPLR, RWKV-7); a part of the decay is a near miss
+        rest, beta, read, e_num = _minus(inner, gate_k), _minus(cor_o, gate_o), "decayed", -cor.num / dec.num
+        if rest is None or beta is None:
+            keys = {f.key for f in gate}
+            if any(f.key in keys for f in inner + list(cor.factors)):
+                raise NotDelta("the correction reads the state with a part of its decay (the delta rule reads "
+                               "α ⊙ S, DPLR S)")
+            rest, beta, read, e_num = inner, cor_o, "previous", -cor.num
+        if any(vax in f.support for f in rest):
+            raise NotDelta("the key the correction reads the state with spans the value axis")
+        if not cor_k:
+            raise NotDelta("the correction writes along no key of its own (a key matrix contracted with the state, "
+                           "as in S @ (x ⊗ y), is not split into its read and erase vectors)")
+        if any(vax in f.support for f in cor_k):
+            raise NotDelta("the key the correction writes along spans the value axis")
         if any(vax in f.support for f in beta):
             raise NotDelta("the correction's write strength β varies along the value axis")
         inp_k = [f for f in inn.factors if kax in f.support]
         inp_o = [f for f in inn.factors if kax not in f.support]
-        if _bag(inp_k) != _bag(kc):
-            raise NotDelta("the input's outer product writes another key than the correction")
+        if not inp_k or any(vax in f.support for f in inp_k):
+            raise NotDelta("the input's outer product writes along no key, or along one that spans the value axis")
+        kc = inp_k
         vfs = _minus(inp_o, beta)
-        if vfs is None or not math.isclose(inn.num * dec.num, -cor.num, rel_tol=1e-9):
+        if vfs is None:
             raise NotDelta("the input and the correction have different write strengths β "
                            "(the delta rule writes β(v − Sᵀk))")
+        # the op writes β k ⊗ v and erases β e ⊗ (Rᵀ p): p the read key, e the erase key (k when they are
+        # the written key: the delta rule)
+        p = None if _bag(rest) == _bag(kc) else rest
+        e_num /= inn.num
+        e = None if _bag(cor_k) == _bag(kc) and math.isclose(e_num, 1.0, rel_tol=1e-9) else cor_k
         if not any(vax in f.support for f in vfs):
             raise NotDelta("the input of the update does not vary along the value axis")
         if dec.num <= 0:
@@ -964,7 +972,8 @@ class _Rewrite:
             if self._log_role(f) is None:
                 raise NotDelta("the state's decay is not exp(·), sigmoid(·) or a positive constant")
         ro = self._readout(form, kax)
-        return _Plan(kax, vax, kc, vfs, 1.0, beta, inn.num, gate, dec.num, gate_kind, *ro, p=p)
+        return _Plan(kax, vax, kc, vfs, 1.0, beta, inn.num, gate, dec.num, gate_kind, *ro, p=p, e=e, e_num=e_num,
+                     read=read)
 
     def _readout(self, form: _Form, kax):
         """(template index, q factors, q number) of the einsum reading the new state out with a constant q
@@ -1192,9 +1201,11 @@ class _Rewrite:
         bv = self._frame(vec, plan.beta, plan.beta_num, D)
         bv = vec.cast(sel(sel(bv, r - 1), r - 2), D)                               # (T', *batch')
         kv, qv, vv = self._layout(vec, kv, [K]), self._layout(vec, qv, [K]), self._layout(vec, vv, [V])
-        pv = None
+        pv = ev = None
         if plan.p is not None:   # the read key, laid out like k
             pv = self._layout(vec, vec.cast(sel(self._frame(vec, plan.p, 1.0, D), vax), D), [K])
+        if plan.e is not None:   # the erase key, laid out like k
+            ev = self._layout(vec, vec.cast(sel(self._frame(vec, plan.e, plan.e_num, D), vax), D), [K])
         bv = self._layout(vec, bv, [])
         g = None
         if plan.gate_kind != "none":
@@ -1242,10 +1253,11 @@ class _Rewrite:
             kv, qv, vv, bv = (vec.emit(aten.flip.default, (t, [1])) for t in (kv, qv, vv, bv))
             g = vec.emit(aten.flip.default, (g, [1])) if g is not None else None
             pv = vec.emit(aten.flip.default, (pv, [1])) if pv is not None else None
-        op = Delta(q=qv, k=kv, v=vv, beta=bv, g=g, h0=h0, p=pv, gate=plan.gate_kind)
-        fake = torch.ops.seqfuse.delta.default(val(qv), val(kv), val(vv), val(bv), val(g) if g is not None else None,
-                                               val(h0) if h0 is not None else None, plan.gate_kind, 1.0, 64,
-                                               "recurrent", "auto", False, val(pv) if pv is not None else None)
+            ev = vec.emit(aten.flip.default, (ev, [1])) if ev is not None else None
+        op = Delta(q=qv, k=kv, v=vv, beta=bv, g=g, h0=h0, p=pv, e=ev, gate=plan.gate_kind, read=plan.read)
+        fake = torch.ops.seqfuse.delta.default(*(val(x) if x is not None else None for x in (qv, kv, vv, bv, g, h0)),
+                                               plan.gate_kind, 1.0, 64, "recurrent", "auto", False,
+                                               *(val(x) if x is not None else None for x in (pv, ev)), plan.read)
         ir = self.ctx.insert_ir(op, self.anchor, loop.inst[loop.hi][self.k])
         ir.meta["val"] = fake
         y = vec.emit(operator.getitem, (ir, 0))                                    # (B, T', H, V)

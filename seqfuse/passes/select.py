@@ -227,8 +227,8 @@ def choose_scan(op: Scan, options=None) -> str:
 #   T=2048 K=V=64  scalar:  17 / 102  vs  37 / 284;        vector: 13 / 125  vs  129 / 1688
 #   T=1024 K=V=32  scalar:  1.8 / 18  vs  15 / 65;         vector: 2.2 / 19  vs  41 / 317
 # So on CPU: recurrent whenever the C kernel takes the shapes (without a C compiler the recurrent call
-# runs the eager step loop: force {"delta": "chunked"} there; a read key p, which only the eager
-# reference takes, too); elsewhere recurrent for a few steps
+# runs the eager step loop: force {"delta": "chunked"} there; a read key p, an erase key e or a read of
+# the state before its decay, which only the eager reference takes, too); elsewhere recurrent for a few steps
 # (decoding, the state carried through h0), chunked otherwise and for a dynamic T.
 DELTA_ALGORITHMS = ("recurrent", "chunked")
 DELTA_RECURRENT_MAX_T = 16
@@ -238,9 +238,10 @@ CPU_DELTA_MAX_D = 256
 
 
 def _cpu_delta_recurrent(op: Delta) -> bool:
-    """Whether ``op`` runs on CPU in shapes the C kernel takes (it has no read key p)."""
+    """Whether ``op`` runs on CPU in shapes the C kernel takes (no read key p, no erase key e, the decayed
+    state read)."""
     k = val(op.k)
-    if k.device.type != "cpu" or k.is_complex() or op.p is not None:
+    if k.device.type != "cpu" or k.is_complex() or op.p is not None or op.e is not None or op.read != "decayed":
         return False
     K, V = _static(k.shape[-1]), _static(val(op.v).shape[-1])
     return K is not None and V is not None and K <= CPU_DELTA_MAX_D and V <= CPU_DELTA_MAX_D

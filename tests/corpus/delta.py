@@ -22,8 +22,10 @@ itself, a ``view`` of a non-contiguous gradient, with or without seqfuse):
 - PyTorch reference functions at sizes and chunk sizes other than those of tests/golden/test_delta.py
   (T = 48 / 90 / 96, H = 3 or 6 value heads over 3 key heads, K = 12 / 16, V = 12 / 16, chunks 16 / 32,
   ragged lengths, with and without an initial state): flash-linear-attention 0.6.0's own
-  (``fla.ops.{gated_delta_rule,delta_rule,kda,comba,gdn2}.naive``, not the Triton kernels; ``fla_*``;
-  Comba and GDN-2 read the state with another key than they write, the op's read key ``p``), and
+  (``fla.ops.{gated_delta_rule,delta_rule,kda,comba,gdn2,generalized_delta_rule}.naive``, not the Triton
+  kernels; ``fla_*``; Comba and GDN-2 read the state with another key than they write, the op's read key
+  ``p``; IPLR and DPLR also erase along another key, the op's ``e``, DPLR reading the state before its
+  decay), and
   transformers' torch functions called directly (``hf_*``).  The outputs (and the final state where the
   function returns one) and the gradient of every input are compared with eager; one ``seqfuse.delta``
   is expected per call.
@@ -231,7 +233,22 @@ FUNCTIONS = {
                                                                            h0=False, extra=("b", "w")),
                            lambda f, o: f(o["q"], o["k"], o["v"], o["g"], o["b"], o["w"], output_final_state=True),
                            1),
+    # an erase key other than the written key (the op's e): fla.ops.generalized_delta_rule's IPLR
+    # (S' = S + β ⊗ (Sᵀ α) + k ⊗ v, here α = −p, β = b ⊙ p) and DPLR (the same with a decay per key channel,
+    # its correction reading the state before the decay: read=previous), head-first (B, H, T, ·)
+    "fla_iplr_recurrent_h0": ("fla.ops.generalized_delta_rule.iplr.naive", "iplr_recurrence",
+                              dict(T=48, K=12, V=16, gate="none", extra=("p", "b")),
+                              lambda f, o: f(*_heads(o, "q", "k", "v"), -_heads(o, "p")[0],
+                                             *_heads(o, "pb"), initial_state=o["h0"]), 1),
+    "fla_dplr_recurrent": ("fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence",
+                           dict(T=90, K=16, V=12, gate="vector", h0=False, extra=("p", "b")),
+                           lambda f, o: f(*_heads(o, "q", "k", "v"), -_heads(o, "p")[0], *_heads(o, "pb", "g")), 1),
 }
+
+
+def _heads(o, *names):
+    """The operands ``names`` in the head-first layout (B, H, T, ·); "pb" is p ⊙ b."""
+    return [(o["p"] * o["b"] if n == "pb" else o[n]).transpose(1, 2) for n in names]
 
 CASES = list(MODELS) + list(FUNCTIONS)
 

@@ -1,6 +1,7 @@
 """Random delta-rule programs as the libraries write them (the delta pass): flash-linear-attention's
 PyTorch references (recurrent and chunked Gated DeltaNet, KDA and DeltaNet; recurrent Comba and GDN-2,
-which read the state with another key than they write) and transformers' Qwen3-Next
+which read the state with another key than they write, and IPLR / DPLR, which also erase along another
+one) and transformers' Qwen3-Next
 torch path, called with random sizes (chunk sizes, one to several chunks, grouped value heads), dtypes,
 initial states, with or without the final state, weak or strong decays, β above 1, an optional NaN /
 inf, and forced algorithms and runtimes; and broken copies of a reference (one piece of its source
@@ -23,8 +24,9 @@ from .common import Maker, poison, reset, size, tags
 
 #: (name, module, function, kind): kind "gdn" (scalar gate g (B, T, H)), "kda" (g (B, T, H, K)), "delta"
 #: (no gate, fla's head-first (B, H, T, ·) layout), "comba" (a scalar gate and a read key p (B, T, H, K)),
-#: "gdn2" (g (B, T, H, K), an erase gate b (B, T, H, K) and a write gate w (B, T, H, V)); chunked ones take a
-#: chunk size
+#: "gdn2" (g (B, T, H, K), an erase gate b (B, T, H, K) and a write gate w (B, T, H, V)), "iplr" / "dplr"
+#: (head-first, a read vector α and an erase vector β; dplr with a decay per key channel read after the
+#: correction); chunked ones take a chunk size
 FUNCTIONS = [
     ("fla_gdn_recurrent", "fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", "gdn"),
     ("fla_gdn_chunk", "fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule", "gdn"),
@@ -38,6 +40,8 @@ FUNCTIONS = [
      "gdn"),
     ("fla_comba_recurrent", "fla.ops.comba.naive", "naive_recurrent_comba", "comba"),
     ("fla_gdn2_recurrent", "fla.ops.gdn2.naive", "naive_recurrent_gdn2", "gdn2"),
+    ("fla_iplr_recurrence", "fla.ops.generalized_delta_rule.iplr.naive", "iplr_recurrence", "iplr"),
+    ("fla_dplr_recurrence", "fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence", "dplr"),
 ]
 
 #: broken copies: (function name, source text, replacement) — each changes the recurrence's meaning
@@ -123,13 +127,14 @@ def _program(r: random.Random, triton: bool):
     if chunked and name.startswith("hf") and r.random() < 0.3:
         T = max(1, T - r.randint(1, C - 1))      # transformers pads the last chunk
     B, HK, G = size(r, 1, 2), size(r, 1, 3), r.choice((1, 1, 2))
-    if kind in ("delta", "comba", "gdn2") or name.startswith("fla_gdn") or name == "fla_kda_recurrent":
+    if kind in ("delta", "comba", "gdn2", "iplr", "dplr") or name.startswith("fla_gdn") or \
+            name == "fla_kda_recurrent":
         G = 1                                     # grouped value heads: KDA chunked and transformers only
     H, K, V = HK * G, size(r, 1, 8, (1, 2, 3)), size(r, 1, 8, (1, 2, 3))
     dtypes = (torch.float32, torch.float32, torch.float64, torch.bfloat16)
     no_bf16 = name in ("fla_delta_chunkwise", "fla_delta_parallel")      # (they raise on bf16)
     m = Maker(r, r.choice(dtypes[:3] if no_bf16 else dtypes))
-    head_first = kind == "delta"
+    head_first = kind in ("delta", "iplr", "dplr")
     shape = (lambda h, d: (B, h, T, d)) if head_first else (lambda h, d: (B, T, h, d))
     q = m.randn(*shape(HK, K))
     k = m.randn(*shape(HK, K), grad=False)
@@ -145,6 +150,8 @@ def _program(r: random.Random, triton: bool):
         g = m.log_decay(B, T, H, strength=strength)
     elif kind in ("kda", "gdn2"):
         g = m.log_decay(B, T, H, K, strength=strength)
+    elif kind == "dplr":
+        g = m.log_decay(B, H, T, K, strength=strength)
     extra = []                                    # Comba's read key p; GDN-2's gates b (key axis), w (value axis)
     if kind == "comba":
         p = m.randn(*shape(H, K), grad=False)
@@ -153,6 +160,11 @@ def _program(r: random.Random, triton: bool):
         extra = [p.requires_grad_(r.random() < 0.7)]
     elif kind == "gdn2":
         extra = [m.uniform(0.0, 1.0, *shape(H, K)), m.uniform(0.0, 1.0, *shape(H, V))]
+    elif kind in ("iplr", "dplr"):               # α = −a, β = a ⊙ b: the transition I − (a ⊙ b) aᵀ
+        a = m.randn(*shape(H, K), grad=False)
+        with torch.no_grad():
+            a = F.normalize(a.double(), dim=-1).to(a.dtype)
+        extra = [a.requires_grad_(r.random() < 0.7), m.uniform(0.0, 1.0, *shape(H, K))]
     h0 = m.randn(B, H, K, V) if r.random() < 0.5 and name not in ("fla_delta_chunkwise", "fla_delta_parallel") \
         else None
     final = r.random() < 0.5
@@ -161,8 +173,13 @@ def _program(r: random.Random, triton: bool):
     def fn(*xs):
         q, k, v, beta = xs[:4]
         rest = list(xs[4:])
-        g = rest.pop(0) if kind != "delta" else None
+        g = rest.pop(0) if kind not in ("delta", "iplr") else None
         s = rest.pop(0) if h0 is not None else None
+        if kind in ("iplr", "dplr"):
+            a, b = rest
+            o, S = f(q, k, v, -a, a * b, *([g] if kind == "dplr" else []), initial_state=s,
+                     output_final_state=final)
+            return (o, S) if final else o
         if kind == "comba":
             o, S = f(q, k, v, rest[0], beta, g, initial_state=s, output_final_state=final)
             return (o, S) if final else o

@@ -143,16 +143,21 @@ def delta_variant(q, k, v, beta, g, variant):
     o = torch.zeros_like(v)
     for t in range(T):
         k_t, q_t, b_t = k[:, t], q[:, t], beta[:, t, :, None]
+        prev = S
         S = S * g[:, t].exp()[..., None, None]
         kv = torch.einsum("bhkv,bhk->bhv", S, k_t)
         if variant == "tanh":          # a nonlinear correction
             u = torch.tanh(v[:, t] - kv) * b_t
-        elif variant == "two_betas":   # the input and the correction with different strengths
+        elif variant == "half_erase":  # the correction at half the input's strength: an erase key 0.5·k
             u = v[:, t] * b_t - kv * b_t * 0.5
+        elif variant == "beta_squared":   # the correction with β², the input with β: no shared β
+            u = v[:, t] * b_t - kv * b_t * b_t
         else:
             u = (v[:, t] - kv) * b_t
-        if variant == "input_other_key":   # the correction erases along k, the input writes along q
+        if variant == "input_other_key":   # the correction erases along k, the input writes along q: e = k
             S = S + k_t[..., None] * (-kv * b_t)[..., None, :] + q_t[..., None] * (v[:, t] * b_t)[..., None, :]
+        elif variant == "before_decay":    # the correction reads the state before the step's decay
+            S = S + k_t[..., None] * (-torch.einsum("bhkv,bhk->bhv", prev, k_t) * b_t + v[:, t] * b_t)[..., None, :]
         else:
             write = q_t if variant == "read_key" else k_t   # reads with k, writes along q: k is the read key
             S = S + write[..., None] * u[..., None, :]
@@ -164,8 +169,7 @@ def delta_variant(q, k, v, beta, g, variant):
 
 @pytest.mark.parametrize("variant,reason", [
     ("tanh", "applies aten.tanh"),
-    ("two_betas", "different write strengths"),
-    ("input_other_key", "the input's outer product writes another key than the correction"),
+    ("beta_squared", "different write strengths"),
     ("value_gate", "value axis"),
 ])
 def test_near_misses_name_the_term(variant, reason):
@@ -418,12 +422,10 @@ def _iplr():
 
 
 @pytest.mark.parametrize("case,reason", [
-    (_iplr, "the input's outer product writes another key than the correction"),
-    (_dplr, "reads the state before or without its decay"),
     (_ttt, "the loop carries 2 values"),
     (_path_attention, "its scores go through a softmax"),
 ])
-def test_iplr_dplr_ttt_path_are_near_misses_naming_the_term(case, reason):
+def test_ttt_path_are_near_misses_naming_the_term(case, reason):
     fn, args = case()
     report = check_against_eager(fn, *args)
     assert report.count("delta") == 0, str(report)
@@ -445,10 +447,12 @@ def _gdn2():
     return fn, (q, k, v, g, b, w, h0), "vector"
 
 
-def _read_key_loop():
-    # the hand-written delta rule reading the state with k and writing along q
-    q, k, v, beta, g, _ = operands()
-    return (lambda *a: delta_variant(*a, "read_key")), (q, k, v, beta, g), "scalar"
+def _loop(variant):
+    # the hand-written delta rule with one term changed (delta_variant)
+    def case():
+        q, k, v, beta, g, _ = operands()
+        return (lambda *a: delta_variant(*a, variant)), (q, k, v, beta, g), "scalar"
+    return case
 
 
 def _comba_case():
@@ -456,12 +460,35 @@ def _comba_case():
     return fn, args, "scalar"
 
 
-@pytest.mark.parametrize("case", [_comba_case, _gdn2, _read_key_loop], ids=["fla_comba", "fla_gdn2", "loop"])
-def test_a_read_key_other_than_the_written_key(case):
+def _iplr_case():
+    fn, args = _iplr()
+    return fn, args, "none"
+
+
+def _dplr_case():
+    fn, args = _dplr()
+    return fn, args, "vector"
+
+
+@pytest.mark.parametrize("case,operands_,read", [
+    (_comba_case, "p=%", None),                     # reads with p, erases and writes along k
+    (_gdn2, "p=%", None),                           # reads with b ⊙ k
+    (_loop("read_key"), "p=%", None),               # reads with k, erases and writes along q
+    (_loop("input_other_key"), "e=%", None),        # reads and erases with k, writes along q
+    (_loop("half_erase"), "e=%", None),             # erases along 0.5·k
+    (_loop("before_decay"), None, "read=previous"),  # reads the state before the step's decay
+    (_iplr_case, "e=%", None),                      # reads with α, erases along β, writes along k
+    (_dplr_case, "e=%", "read=previous"),           # IPLR with a decay per key channel, read before it
+], ids=["fla_comba", "fla_gdn2", "loop_read_key", "loop_input_key", "loop_half_erase", "loop_before_decay",
+        "fla_iplr", "fla_dplr"])
+def test_a_generalized_correction_is_one_delta_op(case, operands_, read):
+    # the op's read key p, erase key e and read="previous": every output and gradient equals eager's
     fn, args, gate = case()
     report = check_against_eager(fn, *args)
     ir = only_delta(report, gate)
-    assert "p=%" in ir, ir
+    if operands_:
+        assert operands_ in ir, ir
+    assert ("read=previous" in ir) == (read is not None), ir
 
 
 def test_a_read_key_runs_the_chunked_reference_on_cpu():

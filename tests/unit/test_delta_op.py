@@ -12,9 +12,10 @@ from seqfuse.lowering.reference.delta import delta_chunked, delta_recurrent
 from seqfuse.passes.select import choose_delta
 
 
-def oracle(q, k, v, beta, g, h0, gate, scale, p=None):
+def oracle(q, k, v, beta, g, h0, gate, scale, p=None, e=None, read="decayed"):
     """The delta rule one (batch, head, step) at a time, as the papers write it:
-    S ← diag(α)·S, S ← S + k ⊗ β(v − Sᵀk), y = scale·Sᵀq (with a read key p: S ← S + k ⊗ β(v − Sᵀp))."""
+    S ← diag(α)·S, S ← S + k ⊗ β(v − Sᵀk), y = scale·Sᵀq (with a read key p: S ← S + k ⊗ β(v − Sᵀp); with
+    an erase key e: S ← S + β k ⊗ v − β e ⊗ Rᵀp, R the decayed state or, read="previous", the one before)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     S = [[(h0[b, h].clone() if h0 is not None else torch.zeros(K, V, dtype=q.dtype)) for h in range(H)]
@@ -23,14 +24,16 @@ def oracle(q, k, v, beta, g, h0, gate, scale, p=None):
     for t in range(T):
         for b in range(B):
             for h in range(H):
-                s = S[b][h]
+                s = prev = S[b][h]
                 if gate == "scalar":
                     s = s * g[b, t, h].exp()
                 elif gate == "vector":
                     s = s * g[b, t, h].exp()[:, None]
                 kk = k[b, t, h]
                 pp = kk if p is None else p[b, t, h]
-                s = s + torch.outer(kk, beta[b, t, h] * (v[b, t, h] - s.T @ pp))
+                ee = kk if e is None else e[b, t, h]
+                c = (s if read == "decayed" else prev).T @ pp
+                s = s + beta[b, t, h] * (torch.outer(kk, v[b, t, h]) - torch.outer(ee, c))
                 S[b][h] = s
                 y[b, t, h] = scale * (s.T @ q[b, t, h])
     return y, torch.stack([torch.stack(row) for row in S])
@@ -240,6 +243,80 @@ def test_read_key_is_printed_and_select_gives_it_the_chunked_form_on_cpu():
     assert choose_delta(op) == "recurrent"
 
 
+# --- an erase key e and a read of the state before its decay (IPLR, DPLR, RWKV-7) -------------------------
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("read", ["decayed", "previous"])
+@pytest.mark.parametrize("fn,chunk", [(delta_recurrent, 64), (delta_chunked, 3), (delta_chunked, 64)])
+def test_erase_key_and_previous_read_references_equal_the_oracle(gate, read, fn, chunk):
+    ops, p, e = operands(gate=gate), read_key(), read_key() * 0.8
+    for keys in (dict(e=e), dict(p=p, e=e), dict(p=p)):
+        want = oracle(*ops, gate, 0.5, read=read, **keys)
+        got = fn(*ops, gate=gate, scale=0.5, chunk=chunk, read=read, **keys)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if gate != "none":   # reading before the decay is another function (without a decay it is the same)
+        assert not torch.allclose(oracle(*ops, gate, 0.5, e=e, read="previous")[0], oracle(*ops, gate, 0.5, e=e)[0])
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_previous_read_chunked_keeps_a_reset_exact(gate):
+    # a log-decay of -inf read before the decay: e^{γ_{i-1} − γ_j} is a shifted row of the exact e^{γ_i − γ_j}
+    ops, e = operands(T=20, gate=gate), read_key(T=20)
+    ops[4][1, 5, 2] = -torch.inf
+    ops[4][0, 7, 0] = -torch.inf
+    want = oracle(*ops, gate, 0.5, e=e, read="previous")
+    got = delta_chunked(*ops, gate=gate, scale=0.5, chunk=4, e=e, read="previous")
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("algorithm,T", [("recurrent", 9), ("chunked", 40)])
+def test_erase_key_custom_op_gradients_equal_the_oracle(algorithm, T):
+    ops = operands(T=T, gate="vector", grad=True)
+    p, e = read_key(T=T, grad=True), (read_key(T=T) * 0.8).requires_grad_()
+    y, h = torch.ops.seqfuse.delta(*ops, "vector", 0.5, 4, algorithm, "eager", False, p, e, "previous")
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    got = torch.autograd.grad((y, h), [*ops, p, e], (gy, gh))
+    ref = [x.detach().clone().requires_grad_() for x in (*ops, p, e)]
+    yr, hr = oracle(*ref[:6], "vector", 0.5, p=ref[6], e=ref[7], read="previous")
+    want = torch.autograd.grad((yr, hr), ref, (gy, gh))
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, hr, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+def test_erase_key_gradcheck_and_opcheck(algorithm):
+    ops = operands(B=1, T=4, H=1, K=2, V=3, gate="scalar", grad=True)
+    e = read_key(B=1, T=4, H=1, K=2, grad=True)
+
+    def fn(*xs):
+        return torch.ops.seqfuse.delta(*xs[:6], "scalar", 0.7, 2, algorithm, "eager", False, None, xs[6], "previous")
+    assert torch.autograd.gradcheck(fn, [*ops, e])
+    f32 = [x.detach().float().requires_grad_() for x in (*ops, e)]
+    torch.library.opcheck(torch.ops.seqfuse.delta.default, (*f32[:6], "scalar", 1.0, 2, algorithm, "eager", False,
+                                                             None, f32[6], "previous"))
+
+
+def test_erase_key_and_read_arguments_raise_naming_them():
+    ops = operands()
+    with pytest.raises(ValueError, match="erase key e must have k's shape"):
+        torch.ops.seqfuse.delta(*ops, "scalar", 1.0, 4, "chunked", "eager", False, None, read_key(K=3))
+    with pytest.raises(ValueError, match="read must be one of"):
+        torch.ops.seqfuse.delta(*ops, "scalar", 1.0, 4, "chunked", "eager", False, None, None, "before")
+    n = _nodes(q=(2, 8, 3, 4), k=(2, 8, 3, 4), v=(2, 8, 3, 5), beta=(2, 8, 3), e=(2, 8, 3, 4))
+    op = Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], e=n["e"], gate="none", read="previous")
+    verify_op(op)
+    assert format_op(op, "d") == "%d = seqfuse.delta(%q, %k, %v, %beta, e=%e) {gate=none, scale=1.0, chunk=64, " \
+                                 "read=previous, algo=auto}"
+    assert choose_delta(op) == "recurrent"     # meta-free CPU sizes: T = 8 is short; the C kernel is not asked
+    with pytest.raises(IRVerificationError, match="read must be"):
+        verify_op(Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], gate="none", read="later"))
+
+
 # --- the IR op ---------------------------------------------------------------------------
 
 def _nodes(**shapes):
@@ -391,6 +468,8 @@ def test_c_kernel_supports_refuses_what_it_does_not_compute():
     t = dict(q=q, k=k, v=v, beta=beta, g=g, h0=h0)
     ok = dict(gate="scalar", scale=1.0, chunk=64, algorithm="recurrent")
     assert "read key" in cpu_delta.supports({**t, "p": k}, ok)
+    assert "erase key" in cpu_delta.supports({**t, "e": k}, ok)
+    assert "previous" in cpu_delta.supports(t, {**ok, "read": "previous"})
     assert "algorithm 'chunked'" in cpu_delta.supports(t, {**ok, "algorithm": "chunked"})
     assert "complex" in cpu_delta.supports({**t, "v": v.to(torch.complex64)}, ok)
     assert "gate 'vector' with g" not in (cpu_delta.supports(t, ok) or "")

@@ -446,8 +446,10 @@ def supports(tensors: dict, attrs: dict) -> str | None:
         return reason
     if attrs.get("algorithm") != "recurrent":
         return f"algorithm {attrs.get('algorithm')!r} (the C kernel runs the recurrent algorithm)"
-    if tensors.get("p") is not None:
-        return "a read key p (the C kernel reads the state with k)"
+    if tensors.get("p") is not None or tensors.get("e") is not None:
+        return "a read key p or an erase key e (the C kernel reads and erases with k)"
+    if attrs.get("read", "decayed") != "decayed":
+        return "read='previous' (the C kernel reads the decayed state)"
     gate = attrs.get("gate")
     if gate not in GATE_CODES:
         return f"gate {gate!r}"
@@ -464,15 +466,15 @@ def supports(tensors: dict, attrs: dict) -> str | None:
     return available()
 
 
-def _impl_forward(q, k, v, beta, g, h0, p, attrs):
-    assert p is None, "supports() refuses a read key"
+def _impl_forward(q, k, v, beta, g, h0, p, e, attrs):
+    assert p is None and e is None, "supports() refuses a read or erase key"
     return delta_forward(q, k, v, beta, g, h0, gate=attrs["gate"], scale=attrs["scale"])
 
 
-def _impl_backward(grad_y, grad_h, q, k, v, beta, g, h0, p, attrs):
-    assert p is None, "supports() refuses a read key"
+def _impl_backward(grad_y, grad_h, q, k, v, beta, g, h0, p, e, attrs):
+    assert p is None and e is None, "supports() refuses a read or erase key"
     return (*delta_backward(grad_y, grad_h, q, k, v, beta, g, h0, gate=attrs["gate"], scale=attrs["scale"],
-                            needs=attrs["needs"][:6]), None)
+                            needs=attrs["needs"][:6]), None, None)
 
 
 IMPL = Impl("cpu", supports, _impl_forward, _impl_backward)

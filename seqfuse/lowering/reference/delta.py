@@ -9,11 +9,15 @@ The delta rule (DeltaNet, Gated DeltaNet, KDA), per batch b and head h, with the
     y_t = scale · S_tᵀ q_t                                 S_{-1} = h0, or 0
 
 With a read key p (Comba, GDN-2) the correction reads the state with p: u_t = β_t (v_t − S_tᵀ p_t), and
-S_t = (I − β_t k_t p_tᵀ) · diag(α_t) · S_{t-1} + β_t k_t ⊗ v_t; p = None reads with k.
+S_t = (I − β_t k_t p_tᵀ) · diag(α_t) · S_{t-1} + β_t k_t ⊗ v_t; p = None reads with k.  With an erase key e
+(IPLR, DPLR, RWKV-7) the correction writes along e instead of k, and with read="previous" it reads the
+state before this step's decay (DPLR, RWKV-7); R_t is α_t ⊙ S_{t-1} ("decayed") or S_{t-1} ("previous")::
+
+    S_t = α_t ⊙ S_{t-1} + β_t k_t ⊗ v_t − β_t e_t ⊗ (R_tᵀ p_t)      = (diag(α_t) − β_t e_t p_tᵀ [diag(α_t)]) S_{t-1} + …
 
 Shapes: q, k (B, T, H, K); v (B, T, H, V); beta (B, T, H); g (B, T, H) for gate="scalar",
 (B, T, H, K) for gate="vector" (a log-decay per key dim, multiplying the rows of S), None for
-gate="none"; h0 (B, H, K, V); p (B, T, H, K).  Every algorithm returns (y (B, T, H, V), h (B, H, K, V)) in the
+gate="none"; h0 (B, H, K, V); p, e (B, T, H, K).  Every algorithm returns (y (B, T, H, V), h (B, H, K, V)) in the
 promoted dtype of the operands, accumulating in fp32 (fp64 stays fp64).
 
 Einsum dims: b batch, h head, c / i / j position (in a chunk), n chunk, k key dim, v value dim.
@@ -26,9 +30,10 @@ from seqfuse.lowering.reference.ssd import CumLogDecay
 
 ALGORITHMS = ("recurrent", "chunked")
 GATES = ("none", "scalar", "vector")
+READS = ("decayed", "previous")
 
 
-def check_delta_args(q, k, v, beta, g, h0, gate: str, p=None) -> None:
+def check_delta_args(q, k, v, beta, g, h0, gate: str, p=None, e=None, read="decayed") -> None:
     """Raise ValueError naming the argument whose shape or dtype does not fit the delta contract."""
     if gate not in GATES:
         raise ValueError(f"seqfuse.delta: gate must be one of {GATES}, got {gate!r}")
@@ -51,56 +56,68 @@ def check_delta_args(q, k, v, beta, g, h0, gate: str, p=None) -> None:
     if h0 is not None and tuple(h0.shape) != (B, H, K, v.shape[3]):
         raise ValueError(f"seqfuse.delta: h0 must be (B, H, K, V) = {(B, H, K, v.shape[3])}, "
                          f"got {tuple(h0.shape)}")
-    if p is not None and tuple(p.shape) != tuple(k.shape):
-        raise ValueError(f"seqfuse.delta: the read key p must have k's shape (B, T, H, K) = {tuple(k.shape)}, "
-                         f"got {tuple(p.shape)}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", g), ("h0", h0), ("p", p)):
+    for name, t in (("read key p", p), ("erase key e", e)):
+        if t is not None and tuple(t.shape) != tuple(k.shape):
+            raise ValueError(f"seqfuse.delta: the {name} must have k's shape (B, T, H, K) = {tuple(k.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if read not in READS:
+        raise ValueError(f"seqfuse.delta: read must be one of {READS}, got {read!r}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", g), ("h0", h0), ("p", p), ("e", e)):
         if t is not None and not t.is_floating_point():
             raise ValueError(f"seqfuse.delta: {name} must be real floating point, got {t.dtype}")
 
 
-def out_dtype(q, k, v, beta, g=None, h0=None, p=None) -> torch.dtype:
+def out_dtype(q, k, v, beta, g=None, h0=None, p=None, e=None) -> torch.dtype:
     """The dtype of y and h: the promoted dtype of every given operand."""
     dtype = q.dtype
-    for t in (k, v, beta, g, h0, p):
+    for t in (k, v, beta, g, h0, p, e):
         if t is not None:
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
-def _prepare(q, k, v, beta, g, h0, gate, p):
-    check_delta_args(q, k, v, beta, g, h0, gate, p)
-    dtype = out_dtype(q, k, v, beta, g, h0, p)
+def _prepare(q, k, v, beta, g, h0, gate, p, e=None, read="decayed"):
+    check_delta_args(q, k, v, beta, g, h0, gate, p, e, read)
+    dtype = out_dtype(q, k, v, beta, g, h0, p, e)
     acc = torch.promote_types(dtype, torch.float32)   # fp32 accumulation, fp64 stays fp64
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
-    return cast(q), cast(k), cast(v), cast(beta), cast(g), cast(h0), cast(p if p is not None else k), dtype
+    return cast(q), cast(k), cast(v), cast(beta), cast(g), cast(h0), cast(p if p is not None else k), cast(e), dtype
 
 
-def delta_recurrent(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, chunk=64, p=None):
+def delta_recurrent(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, chunk=64, p=None, e=None,
+                    read="decayed"):
     """The recurrence step by step: the oracle, and the algorithm of short sequences."""
-    q, k, v, beta, g, h0, p, dtype = _prepare(q, k, v, beta, g, h0, gate, p)
+    q, k, v, beta, g, h0, p, e, dtype = _prepare(q, k, v, beta, g, h0, gate, p, e, read)
     B, T, H, K = k.shape
     V = v.shape[-1]
     S = h0.clone() if h0 is not None else q.new_zeros(B, H, K, V)
     ys = []
     for t in range(T):
+        prev = S
         # 1. decay: α_t = exp(g_t), one factor per head or one per key dim (a row of S)
         if gate == "scalar":
             S = S * g[:, t].exp()[:, :, None, None]
         elif gate == "vector":
             S = S * g[:, t].exp()[:, :, :, None]
-        # 2. the delta-rule correction: u_t = β_t (v_t − S_tᵀ p_t)   (p = k without a read key)
+        # 2. the correction read: c_t = R_tᵀ p_t, R_t the decayed state (or the previous one)
         k_t = k[:, t]
-        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, p[:, t]))
-        # 3. the write: S_t += k_t ⊗ u_t
-        S = S + k_t[:, :, :, None] * u[:, :, None, :]
+        c = torch.einsum("bhkv,bhk->bhv", S if read == "decayed" else prev, p[:, t])
+        if e is None:
+            # 3. the delta rule's write: S_t += k_t ⊗ β_t (v_t − c_t)   (p = k without a read key)
+            u = beta[:, t, :, None] * (v[:, t] - c)
+            S = S + k_t[:, :, :, None] * u[:, :, None, :]
+        else:
+            # 3. the input along k_t, the correction along the erase key e_t
+            b = beta[:, t, :, None, None]
+            S = S + b * (k_t[:, :, :, None] * v[:, t, :, None, :] - e[:, t, :, :, None] * c[:, :, None, :])
         # 4. the readout: y_t = scale · S_tᵀ q_t
         ys.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]) * scale)
     y = torch.stack(ys, dim=1) if ys else v.new_zeros(B, 0, H, V)
     return y.to(dtype), S.to(dtype)
 
 
-def delta_chunked(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, chunk=64, p=None):
+def delta_chunked(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, chunk=64, p=None, e=None,
+                  read="decayed"):
     """The chunked WY / UT algorithm (DeltaNet, Gated DeltaNet papers): within a chunk of C steps the
     C corrections u_i solve one unit lower-triangular system, the rest is batched matmuls; one pass over
     the chunks carries the state.  With γ_i = g_0 + … + g_i inside a chunk (per key dim for a vector gate)
@@ -111,8 +128,11 @@ def delta_chunked(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, c
         S_C = e^{γ_C} ⊙ S0 + Σ_j (e^{γ_C − γ_j} ⊙ k_j) ⊗ u_j
 
     Every exponent is a difference γ_i − γ_j with j ≤ i (masked to -inf above the diagonal before exp),
-    or relative to the chunk start, so strong decays never overflow.  P is the read key (K without one)."""
-    q, k, v, beta, g, h0, p, dtype = _prepare(q, k, v, beta, g, h0, gate, p)
+    or relative to the chunk start, so strong decays never overflow.  P is the read key (K without one).
+    With an erase key or read="previous": :func:`_chunked_general`."""
+    if e is not None or read != "decayed":
+        return _chunked_general(q, k, v, beta, g, h0, gate=gate, scale=scale, chunk=chunk, p=p, e=e, read=read)
+    q, k, v, beta, g, h0, p, _, dtype = _prepare(q, k, v, beta, g, h0, gate, p)
     B, T, H, K = k.shape
     V = v.shape[-1]
     C = max(1, min(int(chunk), T)) if T else 1
@@ -171,10 +191,74 @@ def delta_chunked(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, c
     return y.to(dtype), S.to(dtype)
 
 
+def _chunked_general(q, k, v, beta, g, h0, *, gate, scale, chunk, p, e, read):
+    """The chunked form with an erase key e (k without one) and / or a read of the state before the step's
+    decay.  The corrections c_i = R_iᵀ p_i of a chunk (R_i = e^{g_i} ⊙ S_{i-1}, or S_{i-1}) solve
+
+        (I + A_e) C = A_k (β ⊙ V) + (e^{ρ} ⊙ P) S0      A_x[i, j] = β_j^{[x=e]} Σ_k p_i x_j e^{ρ_i − γ_j}  (j < i)
+
+    with γ_i = g_0 + … + g_i and ρ_i = γ_i ("decayed") or γ_{i-1} ("previous", γ_{-1} = 0); then
+    y_i = S0ᵀ(e^{γ_i} ⊙ q_i) + Σ_{j≤i} (q_i·(e^{γ_i−γ_j} ⊙ k_j)) β_j v_j − (q_i·(e^{γ_i−γ_j} ⊙ e_j)) β_j c_j and
+    S_C = e^{γ_C} ⊙ S0 + Σ_j (e^{γ_C−γ_j} ⊙ k_j) ⊗ β_j v_j − (e^{γ_C−γ_j} ⊙ e_j) ⊗ β_j c_j.  e^{ρ_i − γ_j} for
+    "previous" is the row i − 1 of e^{γ_i − γ_j} (the same exact differences, shifted: no -inf − -inf)."""
+    q, k, v, beta, g, h0, p, e, dtype = _prepare(q, k, v, beta, g, h0, gate, p, e, read)
+    e = k if e is None else e
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    C = max(1, min(int(chunk), T)) if T else 1
+    pad = (-T) % C
+    N = (T + pad) // C
+
+    def chunks(x):  # (B, T, H, *) -> (B, H, N, C, *), zero-padded: a padded step leaves the state alone
+        x = x.transpose(1, 2)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    qc, kc, vc, bc, pc, ec = chunks(q * scale), chunks(k), chunks(v), chunks(beta), chunks(p), chunks(e)
+    gk = chunks(g) if gate != "none" else q.new_zeros(B, H, N, C)
+    if gate != "vector":
+        gk = gk[..., None].expand(B, H, N, C, K)       # one exponent per key dim: the same code for every gate
+    cum = CumLogDecay(gk, 3)                                                # γ (B, H, N, C, K)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()    # j <= i
+    diff = cum.map(lambda t: t[:, :, :, :, None, :]).minus(cum.map(lambda t: t[:, :, :, None, :, :]))
+    E = torch.where(causal[:, :, None], diff, float("-inf")).exp()        # e^{γ_i − γ_j} (B, H, N, i, j, K)
+    gam = cum.total()
+    eg = gam.exp()                                                          # e^{γ_i}
+    if read == "previous":   # e^{ρ_i − γ_j} = e^{γ_{i-1} − γ_j}: row i − 1; e^{ρ_i} = e^{γ_{i-1}}, 1 at i = 0
+        Er = torch.cat([torch.zeros_like(E[:, :, :, :1]), E[:, :, :, :-1]], dim=3)
+        er = torch.cat([torch.ones_like(eg[:, :, :, :1]), eg[:, :, :, :-1]], dim=3)
+    else:
+        Er, er = E, eg
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    Ae = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", pc, ec * bc[..., None], Er) * strict
+    Ak = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", pc, kc, Er) * strict
+    QK = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", qc, kc, E)             # j <= i (E is masked)
+    QE = torch.einsum("bhnik,bhnjk,bhnijk->bhnij", qc, ec, E)
+    eye = torch.eye(C, dtype=Ae.dtype, device=Ae.device)
+    bv = bc[..., None] * vc
+    C0 = torch.linalg.solve_triangular(eye + Ae, Ak @ bv, upper=False, unitriangular=True)
+    Wc = torch.linalg.solve_triangular(eye + Ae, er * pc, upper=False, unitriangular=True)
+    last = cum.map(lambda t: t[:, :, :, -1:])
+    rest = last.minus(cum).exp()                                            # e^{γ_C − γ_j} (B, H, N, C, K)
+    carry = last.total().exp().transpose(-1, -2)                           # e^{γ_C} (B, H, N, K, 1)
+    q_dec, k_dec, e_dec = qc * eg, kc * rest, ec * rest
+    S = h0 if h0 is not None else q.new_zeros(B, H, K, V)
+    ys = []
+    for n in range(N):
+        Cn = C0[:, :, n] + Wc[:, :, n] @ S                                  # the corrections (B, H, C, V)
+        bcn = bc[:, :, n, :, None] * Cn
+        ys.append(q_dec[:, :, n] @ S + QK[:, :, n] @ bv[:, :, n] - QE[:, :, n] @ bcn)
+        S = S * carry[:, :, n] + k_dec[:, :, n].transpose(-1, -2) @ bv[:, :, n] - e_dec[:, :, n].transpose(-1, -2) @ bcn
+    y = torch.stack(ys, dim=2).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2) if N else v.new_zeros(B, 0, H, V)
+    return y.to(dtype), S.to(dtype)
+
+
 def delta_reference(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, chunk=64, algorithm="chunked",
-                    p=None):
-    """(y, h) of seqfuse.delta with the named algorithm ("recurrent" or "chunked"); p: the read key."""
+                    p=None, e=None, read="decayed"):
+    """(y, h) of seqfuse.delta with the named algorithm ("recurrent" or "chunked"); p: the read key, e: the
+    erase key, read: which state the correction reads."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"seqfuse.delta: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     fn = delta_recurrent if algorithm == "recurrent" else delta_chunked
-    return fn(q, k, v, beta, g, h0, gate=gate, scale=scale, chunk=chunk, p=p)
+    return fn(q, k, v, beta, g, h0, gate=gate, scale=scale, chunk=chunk, p=p, e=e, read=read)

@@ -63,8 +63,10 @@ def supports(t: dict, a: dict) -> str | None:
         return reason
     if a.get("algorithm") != "chunked":
         return f"algorithm {a.get('algorithm')!r} (the triton kernel is the chunked one)"
-    if t.get("p") is not None:
-        return "a read key p (the kernels read the state with k)"
+    if t.get("p") is not None or t.get("e") is not None:
+        return "a read key p or an erase key e (the kernels read and erase with k)"
+    if a.get("read", "decayed") != "decayed":
+        return "read='previous' (the kernels read the decayed state)"
     if a.get("gate") not in ("none", "scalar", "vector"):
         return f"gate={a.get('gate')!r} (the triton kernel takes none, scalar and vector)"
     named = [(n, t.get(n)) for n in ("q", "k", "v", "beta", "g", "h0")]
@@ -154,14 +156,14 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
                  for x, gr, n in zip((q, k, v, beta, g, h0), grads, needs))
 
 
-def _impl_forward(q, k, v, beta, g, h0, p, a):
-    assert p is None, "supports() refuses a read key"
+def _impl_forward(q, k, v, beta, g, h0, p, e, a):
+    assert p is None and e is None, "supports() refuses a read or erase key"
     return forward(q, k, v, beta, g, h0, a)
 
 
-def _impl_backward(grad_y, grad_h, q, k, v, beta, g, h0, p, a):
-    assert p is None, "supports() refuses a read key"
-    return (*backward(grad_y, grad_h, q, k, v, beta, g, h0, a), None)
+def _impl_backward(grad_y, grad_h, q, k, v, beta, g, h0, p, e, a):
+    assert p is None and e is None, "supports() refuses a read or erase key"
+    return (*backward(grad_y, grad_h, q, k, v, beta, g, h0, a), None, None)
 
 
 def register() -> None:
