@@ -153,6 +153,9 @@ class _Form:
             if node.target is aten.neg.default:
                 n0, f0 = self.factors(args[0], fmap)
                 return -n0, f0
+            outer = self._outer_product(node, args, fmap)
+            if outer is not None:
+                return outer
             if is_op(node, *_VIEWS, aten.clone, aten.contiguous, aten.alias):
                 base, axes = axis_view(node)
                 if base is not node and isinstance(val(base), torch.Tensor):
@@ -179,6 +182,30 @@ class _Form:
                 return 1.0, [Factor(("I", base), ("I", base), 1, self._unit_none(base, tuple(bmap)))]
             return 1.0, [Factor(("I", node), role, 1, fmap)]
         raise NotDelta("a coefficient of the update is a list")
+
+    def _outer_product(self, node, args, fmap):
+        """(number, factors) of an einsum of two constants that sums no axis of size other than 1 (an outer
+        product, as ``v.view(.., N, 1) @ k.view(.., 1, N)`` writes one): the factors of each operand, each
+        on the frame axes of its letters; None for any other node."""
+        # args: the einsum's (equation, operand list) roles; a list's role is ("T", ·, (roles of its items))
+        if not is_op(node, aten.einsum) or len(args) < 2 or not isinstance(args[1], tuple) or args[1][0] != "T" \
+                or len(args[1][2]) != 2:
+            return None
+        eq = node.args[0].replace(" ", "")
+        if "." in eq or "->" not in eq:
+            return None
+        ins, out = eq.split("->")
+        ins = ins.split(",")
+        if len(out) != len(fmap) or any(len(set(x)) != len(x) for x in ins):
+            return None
+        num, fs = 1.0, []
+        for letters, x, role in zip(ins, node.args[1], args[1][2]):
+            shape = val(x).shape
+            if len(letters) != len(shape) or any(c not in out and not known_eq(d, 1) for c, d in zip(letters, shape)):
+                return None
+            n, f = self.factors(role, tuple(fmap[out.index(c)] if c in out else None for c in letters))
+            num, fs = num * n, fs + f
+        return num, fs
 
     @staticmethod
     def _unit_none(node, fmap) -> tuple:
@@ -1122,8 +1149,8 @@ class _Rewrite:
             while r[0] == "L" and r[1] != self.k and loop.roles[r[1]] is not None:
                 allowed.add(r[1])
                 r = loop.roles[r[1]][0][2][0]
-        for j, _, src in writes:
-            if an.deps[j] and src != ("L", plan.readout):
+        for j, _, src in writes:   # the readout, or a view of it (RWKV-7's (state @ r).view(B, H, N))
+            if an.deps[j] and src != ("L", plan.readout) and not (src[0] == "L" and src[1] in self.post):
                 raise NotDelta("the loop writes a value computed from the state that is not its readout")
         for j in range(len(loop.template)):
             if an.deps[j] and j not in allowed:

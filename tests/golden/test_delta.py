@@ -491,6 +491,54 @@ def test_a_generalized_correction_is_one_delta_op(case, operands_, read):
     assert ("read=previous" in ir) == (read is not None), ir
 
 
+def rwkv7_loop(r, w, k, v, a, b, key_matrix=False):
+    """RWKV-7's time mixing as the RWKV-LM v7 demo's CPU fallback spells it: a (B, H, V, K) state decayed along
+    its key axis by w = exp(−exp(·)), the low-rank term read from the state before the decay with a and
+    erased along b, (state @ a) @ b, the input v ⊗ k as a matmul of views, the readout state @ r viewed
+    back; ``key_matrix`` forms a ⊗ b first and contracts the state with it (state @ ab)."""
+    B, T, H, N = r.shape
+    w = torch.exp(-torch.exp(w.float()))
+    state = torch.zeros(B, H, N, N)
+    out = torch.zeros(B, T, H, N)
+    for t in range(T):
+        kk, rr = k[:, t].view(B, H, 1, N), r[:, t].view(B, H, N, 1)
+        vv, aa, bb = v[:, t].view(B, H, N, 1), a[:, t].view(B, H, N, 1), b[:, t].view(B, H, 1, N)
+        low_rank = state @ (aa @ bb) if key_matrix else state @ aa @ bb
+        state = state * w[:, t, :, None, :] + low_rank + vv @ kk
+        out[:, t] = (state @ rr).view(B, H, N)
+    return out, state
+
+
+def _rwkv7_operands(T):
+    B, H, N = 2, 3, 6
+    r, w, k, v = (torch.randn(B, T, H, N) for _ in range(4))
+    kk = F.normalize(torch.randn(B, T, H, N), dim=-1)
+    a = torch.sigmoid(torch.randn(B, T, H, N))
+    return [x.requires_grad_() for x in (r, w, k, v)], kk, a
+
+
+@pytest.mark.parametrize("T,algo", [(12, "recurrent"), (40, "chunked")])
+def test_rwkv7_reference_loop_is_one_delta_op(T, algo):
+    # the RWKV-7 transition diag(w) − κ̂ (κ̂ ⊙ a)ᵀ read before the decay: p = −κ̂, e = κ̂ ⊙ a, read=previous
+    (r, w, k, v), kk, a = _rwkv7_operands(T)
+    kk.requires_grad_()
+
+    def fn(r, w, k, v, kk):
+        return rwkv7_loop(r, w, k, v, -kk, kk * a)
+    report = check_against_eager(fn, r, w, k, v, kk)
+    ir = only_delta(report, "vector")
+    assert "read=previous" in ir and "p=%" in ir and "e=%" in ir and f"algo={algo}" in ir, ir
+
+
+def test_rwkv7_with_the_key_matrix_formed_first_is_a_near_miss():
+    # state @ (a ⊗ b): one (K, K) factor the frame cannot split into the read and the erase vectors
+    (r, w, k, v), kk, a = _rwkv7_operands(8)
+    report = check_against_eager(lambda *x: rwkv7_loop(*x, -kk, kk * a, key_matrix=True), r, w, k, v)
+    assert report.count("delta") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+    assert len(reasons) == 1 and "key matrix" in reasons[0], str(report)
+
+
 def test_a_read_key_runs_the_chunked_reference_on_cpu():
     # the C kernel and the Triton kernels read the state with k: a call with p runs the eager reference, and
     # select gives it the chunked algorithm on CPU (the recurrent one would be the eager step loop)
