@@ -766,8 +766,9 @@ def _postnormalized(div: torch.fx.Node):
     if out is None or any(len(set(x)) != len(x) for x in (p_l, v_l, out)):
         return "the contraction with the values repeats an axis letter"
     key = p_l[-1]
+    unit = {c_ for c_, d in zip(v_l, val(v).shape) if statically_known_true(d == 1)}   # summed alone: no sum
     if key in out or key not in v_l or any(c_ not in out for c_ in p_l[:-1]) or \
-            any(c_ not in out and c_ != key for c_ in v_l):
+            any(c_ not in out and c_ != key and c_ not in unit for c_ in v_l):
         return ("the contraction with the values does not sum the exponentials' last (key) axis against the "
                 "values and nothing else")
     # z' on the output: an axis of a row letter reads that row axis of z, any other axis is constant (size 1

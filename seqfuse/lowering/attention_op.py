@@ -6,7 +6,7 @@
 
 ``nonce`` differs between the dropout calls of one graph, so common-subexpression
 elimination (which knows ATen's random ops, not ours) cannot merge two of them into
-one dropout mask.  ``lse`` (*B, Lq, fp32) is the log-sum-exp of each row of final scores, kept for
+one dropout mask.  ``lse`` (*B, Lq, fp32; fp64 for fp64 inputs) is the log-sum-exp of each row of final scores, kept for
 the backward.  ``rng_state`` is the generator state captured before dropout
 (empty when dropout is 0), so the backward regenerates the same dropout mask.
 dbias is an empty tensor unless requested.  ``sink`` (per-row logits, broadcastable to (*B, Lq)) is
@@ -69,7 +69,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], keep: Opt
     t = dict(q=q, k=k, v=v, bias=bias, keep=keep, sink=sink)
     out, lse = run("attention", "forward", runtime, t, a, q, k, v, bias, keep, a)
     # the layouts the fake implementation promises
-    return as_result(out.to(v.dtype), empty_out(q, v, out_transposed), (q, k, v)), lse.float().contiguous(), rng
+    return as_result(out.to(v.dtype), empty_out(q, v, out_transposed), (q, k, v)), \
+        lse.to(lse_dtype(q)).contiguous(), rng
+
+
+def lse_dtype(q: Tensor) -> torch.dtype:
+    """The dtype of the log-sum-exp the op keeps for its backward: fp32, fp64 for fp64 inputs (an fp32 lse
+    would round exp(s - lse) and the sink's gradient to fp32 in an fp64 program)."""
+    return torch.promote_types(q.dtype, torch.float32)
 
 
 def empty_out(q: Tensor, v: Tensor, transposed: bool = False) -> Tensor:
@@ -90,7 +97,7 @@ def _(q, k, v, bias, keep, scale, mask, diag, window, fill, bias_after_mask, gqa
       empty_rows, nonce, runtime, sink=None, bias_mask=False, out_transposed=False):
     n = _rng_numel(q.device) if dropout > 0.0 else 0
     out = empty_out(q, v, out_transposed)
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    lse = q.new_empty(q.shape[:-1], dtype=lse_dtype(q))
     return out, lse, torch.empty(n, dtype=torch.uint8)
 
 

@@ -4,7 +4,9 @@ docs/ir.md "attention"): ``q @ kᵀ``, ``matmul``, ``einsum``, ``bmm`` over resh
 ``masked_fill`` / ``torch.where`` with ``tril`` / ``triu`` / ``arange`` masks, additive ``-inf`` and
 ``finfo.min`` masks, masks held as module buffers (nanoGPT's ``bias[:, :, :T, :T] == 0``), key padding
 (bool and HF-style ``(1 - m) * min`` biases), sliding windows,
-fully masked rows; ``F.softmax(dtype=)`` and ``.float()`` / ``.to(q.dtype)`` round trips; SDPA calls
+fully masked rows; ``F.softmax(dtype=)`` and ``.float()`` / ``.to(q.dtype)`` round trips; a softmax
+normalized after the value contraction (``exp(s - max) @ v / Σ``, with or without a per-head sink logit in
+the max and the sum, as fla's ``naive_parallel_attn(sink_bias=)``); SDPA calls
 (masks, ``is_causal``, ``enable_gqa``, scale); GQA through ``repeat_interleave`` / ``expand``;
 soft-capping; sizes 1, odd, non-multiples of the kernels' tiles; fp64 / fp32 / bf16 / fp16;
 strided views; random requires_grad subsets; NaN / inf inputs.
@@ -81,7 +83,10 @@ def hand_written(r, seed, triton):
     scale = D ** -0.5 if sign < 0.7 else (r.choice((-0.5, 0.0, 1.0, 2.0, 1e-3)))
     scale_on_q, div = r.random() < 0.2, r.random() < 0.3
     softcap = r.choice((None,) * 6 + (5.0, 30.0))
-    upcast = r.choice(("none", "none", "softmax_dtype", "float", "written_out"))
+    upcast = r.choice(("none", "none", "softmax_dtype", "float", "written_out", "post_normalized",
+                       "post_normalized_sink"))
+    if upcast == "post_normalized_sink" and spelling in ("bmm", "baddbmm"):
+        upcast = "post_normalized"
     window = size(r, 1, max(1, Lq), (1, 2, 3))
     strided = r.random() < 0.15
     Dv = D if r.random() < 0.8 else size(r, 1, 16)
@@ -202,14 +207,25 @@ def hand_written(r, seed, triton):
         elif upcast == "written_out":   # exp(s - max) / sum, as some reference code writes softmax
             e = torch.exp(s - s.amax(-1, keepdim=True))
             p = e / e.sum(-1, keepdim=True)
+        elif upcast == "post_normalized":   # normalized after the contraction: z divides the output
+            p = torch.exp(s - s.amax(-1, keepdim=True))
+            z = p.sum(-1, keepdim=True)
+        elif upcast == "post_normalized_sink":   # fla's sink form: the sink logit in the max and the sum
+            c = rest[-1][:, None]                             # (H, 1): one logit per head, over the rows
+            mx = torch.maximum(s.max(dim=-1).values, c)
+            p = torch.exp(s - mx[..., None])
+            z = (p.sum(-1) + torch.exp(c - mx))[..., None]
         else:
             p = s.softmax(dim=-1)
         if spelling == "einsum":
             o = torch.einsum("bhij,bhjd->bhid", p, v)
         elif three_d:  # (B·H, Lq, Lk) probabilities, values reshaped the same way, heads split after
-            o = torch.bmm(p, v.reshape(-1, v.shape[-2], v.shape[-1])).reshape(q.shape[0], -1, lq, v.shape[-1])
+            o = torch.bmm(p, v.reshape(-1, v.shape[-2], v.shape[-1]))
+            o = (o / z if upcast == "post_normalized" else o).reshape(q.shape[0], -1, lq, v.shape[-1])
         else:
             o = p @ v
+        if upcast.startswith("post_normalized") and not three_d:
+            o = o / z
         return o.transpose(1, 2).reshape(o.shape[0], lq, -1) if tail == "blhd" else o
 
     if buffer is not None:
@@ -219,11 +235,15 @@ def hand_written(r, seed, triton):
         ("+strided" if strided else "") + (f"+scale{scale}" if scale <= 0 else "") + \
         (f"+{upcast}" if upcast != "none" else "") + ("+blhd_out" if tail == "blhd" else "")
     expect = "attention"
-    if upcast != "none" and dt == torch.float64:
+    if upcast.startswith("post_normalized") and dt == torch.float16:
+        expect = None  # the unnormalized product can overflow in fp16 where softmax's does not: left alone
+    elif upcast not in ("none", "post_normalized", "post_normalized_sink") and dt == torch.float64:
         expect = None  # a narrowing cast of the scores: a near miss
     if fill_value is not None and not math.isfinite(float(torch.tensor(fill_value, dtype=torch.float64).to(dt))):
         expect = None  # masked_fill raises
     inputs = [q, k, v, *extra]
+    if upcast == "post_normalized_sink":   # one logit per head, after the mask's operand
+        inputs.append(m.randn(H, grad=r.random() < 0.6))
     return Case("attention", name + (f"+{tag}" if tag else ""), fn, tuple(inputs), expect,
                 {"runtime": "triton"} if triton else _options(r), seed)
 

@@ -107,12 +107,26 @@ def lazy_einsum_causal_keepdim(q, k, v):
     return torch.einsum("bhqk,bhkd->bhqd", e, v) / torch.sum(e, -1, keepdim=True)
 
 
+def lazy_bmm_heads_merged(q, k, v):
+    # (B·H, L, ·) by reshapes, bmm: with B = 1 the value contraction also sums a size-1 batch letter (no sum)
+    b, h, t, d = q.shape
+    s = torch.bmm(q.reshape(-1, t, d), k.reshape(-1, t, d).transpose(1, 2)) * 0.3
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return (torch.bmm(e, v.reshape(-1, t, v.shape[-1])) / e.sum(-1, keepdim=True)).reshape(b, h, t, -1)
+
+
 @pytest.mark.parametrize("fn,mask", [(lazy_matmul_keepdim, "mask=none"), (lazy_matmul_flat, "mask=none"),
                                      (lazy_einsum_flat_bqhd, "mask=none"), (lazy_einsum_causal_keepdim, "mask=causal")],
                          ids=lambda x: getattr(x, "__name__", str(x)))
 def test_lazy_normalization_spellings(fn, mask):
     report = check_against_eager(fn, *_qkv(), options=AOT)
     assert_rewritten(report, sink=False, extra=mask)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_lazy_normalization_over_merged_heads(b):
+    report = check_against_eager(lazy_bmm_heads_merged, *_qkv(b=b), options=AOT)
+    assert_rewritten(report, sink=False, extra="mask=none")
 
 
 def test_exponentials_also_returned_keep_their_values():

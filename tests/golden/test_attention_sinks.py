@@ -114,6 +114,18 @@ def _sink_kept(q, k, v, sink):
     return c.softmax(-1)[..., 1:] @ v
 
 
+def test_fp64_sink_gradient_keeps_fp64():
+    # found by the attention fuzzer (seed 4005, #142): the op kept its log-sum-exp in fp32, so the sink's
+    # gradient exp(sink − lse)·Δ of an fp64 program was 5e-8 off eager's; the lse is fp64 for fp64 now
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 8, dtype=torch.float64) for _ in range(3))
+    sink = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    (want,) = torch.autograd.grad(_sink_plain(q, k, v, sink), sink, grad)
+    (got,) = torch.autograd.grad(torch.compile(_sink_plain, backend="seqfuse")(q, k, v, sink), sink, grad)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("fn", [_sink_first, _sink_kept])
 def test_other_concatenations_are_left_as_written(fn):
     torch.manual_seed(2)
