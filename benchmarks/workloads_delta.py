@@ -11,6 +11,9 @@ K=V=64, chunks of 32).  Lifted to one seqfuse.delta (gate vector) since its colu
 (loop_map) and the per-channel WY form is proven on index forms; before that it measured loop_map and
 triangular alone.  Needs flash-linear-attention.
 
+``rwkv7_loop``: RWKV-7's time-mixing recurrence as RWKV-LM's v7 CPU fallback writes it (a Python loop over
+T = 256 steps, B=1, H=4, N=64), one seqfuse.delta with a read key, an erase key and read=previous.
+
 ``fla_delta_parallel``: flash-linear-attention's ``delta_rule_parallel`` (DeltaNet's blocked form, B=1,
 H=4, T=1024, K=V=64, blocks of 128 rows, chunks of 32), one seqfuse.delta.  Needs flash-linear-attention.
 
@@ -112,7 +115,37 @@ def fla_delta_parallel_workload(quick, device):
                     f"fla delta_rule_parallel B={B} H={H} T={T} K=V={K} blocks of {BM}, chunks of {BN} fp32")
 
 
+class Rwkv7TimeMix(torch.nn.Module):
+    """RWKV-7's state recurrence as RWKV-LM's v7 CPU fallback spells it: a step loop over a (B, H, N, N)
+    state, state = state·w + (state @ a) @ b + v @ k, the readout (state @ r) viewed back; a = −κ̂,
+    b = κ̂ ⊙ σ(·) (the transition diag(w) − κ̂ (κ̂ ⊙ a)ᵀ read before the decay).  seqfuse lifts the loop to
+    one seqfuse.delta with a read key, an erase key and read=previous (the eager chunked reference)."""
+
+    def forward(self, r, w, k, v, kk, a):
+        import torch.nn.functional as F
+        B, T, H, N = r.shape
+        w = torch.exp(-torch.exp(w))
+        kk = F.normalize(kk, dim=-1)
+        a, b = -kk, kk * torch.sigmoid(a)
+        state = torch.zeros(B, H, N, N, device=r.device)
+        out = torch.zeros(B, T, H, N, device=r.device)
+        for t in range(T):
+            kt, rt = k[:, t].view(B, H, 1, N), r[:, t].view(B, H, N, 1)
+            vt, at, bt = v[:, t].view(B, H, N, 1), a[:, t].view(B, H, N, 1), b[:, t].view(B, H, 1, N)
+            state = state * w[:, t, :, None, :] + state @ at @ bt + vt @ kt
+            out[:, t] = (state @ rt).view(B, H, N)
+        return out
+
+
+def rwkv7_loop_workload(quick, device):
+    B, T, H, N = (1, 32, 2, 16) if quick else (1, 256, 4, 64)
+    torch.manual_seed(0)
+    xs = tuple(torch.randn(B, T, H, N, device=device) for _ in range(6))
+    return Workload(Rwkv7TimeMix().to(device), xs, f"B={B} T={T} H={H} N={N} fp32 (a Python loop over T)")
+
+
 WORKLOADS = {
+    "rwkv7_loop": rwkv7_loop_workload,   # RWKV-LM's v7 reference loop (diagonal plus low rank)
     "qwen3_next_linear_attn": qwen3_next_linear_attn_workload,
     "fla_kda_chunk": fla_kda_chunk_workload,   # needs flash-linear-attention (its PyTorch reference)
     "fla_delta_parallel": fla_delta_parallel_workload,   # the same (DeltaNet's blocked form)

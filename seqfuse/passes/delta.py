@@ -19,15 +19,18 @@ K is the axis the state is contracted over).  Broadcasting, views, products, sum
 contraction keep that form; anything else is a near miss naming the operation.  The update is
 the delta rule iff it is exactly
 
-    D·S  −  n·β·kc·D_nonK·R(pc·D_K)  +  n·β·kc·v
+    D·S  −  n·β·ec·D_nonK·R(pc·D_K)  +  n·β·kc·v        (the correction reads α ⊙ S)
+    D·S  −  n·β·ec·R(pc)             +  n·β·kc·v        (it reads S before the decay: read="previous")
 
 with one decay D (exp(·) factors and positive numbers along batch and K only, split into the
-part D_K along K, which stays inside the contraction, and D_nonK), one written key kc (the same
-factors in both outer products), a read key pc in the correction's contraction (kc itself, or the
-op's read key p: Comba, GDN-2), one write strength n·β (batch axes only) shared by the correction
-and the input, and values v (no K axis).  The readout is an einsum of the new state with a constant
-q over K.  Any other form (a second correction, an input written along another key than the
-correction, a gate along V, a β that differs between the terms) is a near miss naming the term.
+part D_K along K, which stays inside the contraction, and D_nonK), the written key kc of the input,
+a read key pc in the correction's contraction and an erase key ec (with its own number) in the
+correction's outer product — each kc itself (the delta rule) or the op's p / e (Comba, GDN-2: a read
+key; IPLR, DPLR, RWKV-7: an erase key too) — one write strength n·β (batch axes only) shared by the
+correction and the input, and values v (no K axis).  An outer product of two constants (``v @ kᵀ`` of
+views) is its two factors.  The readout is an einsum of the new state with a constant q over K.  Any
+other form (a second correction, a part of the decay in the correction, a key matrix contracted with
+the state, a gate along V, a β that differs between the terms) is a near miss naming the term.
 
 Per-step outputs collected with ``stack`` / ``cat`` or written into a buffer slice by slice and
 the final state are replaced by the op's results; loop-constant values used after the loop are

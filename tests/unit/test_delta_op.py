@@ -312,7 +312,7 @@ def test_erase_key_and_read_arguments_raise_naming_them():
     verify_op(op)
     assert format_op(op, "d") == "%d = seqfuse.delta(%q, %k, %v, %beta, e=%e) {gate=none, scale=1.0, chunk=64, " \
                                  "read=previous, algo=auto}"
-    assert choose_delta(op) == "recurrent"     # meta-free CPU sizes: T = 8 is short; the C kernel is not asked
+    assert choose_delta(op) == "recurrent"     # T = 8 steps: the step loop (the eager one: the C kernel refuses e)
     with pytest.raises(IRVerificationError, match="read must be"):
         verify_op(Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], gate="none", read="later"))
 

@@ -84,6 +84,22 @@ def _prepare(q, k, v, beta, g, h0, gate, p, e=None, read="decayed"):
     return cast(q), cast(k), cast(v), cast(beta), cast(g), cast(h0), cast(p if p is not None else k), cast(e), dtype
 
 
+def _chunking(k, chunk):
+    """(C, N, chunks) for chunks of ``chunk`` steps (at most T) over k's (B, T, H, K) sequence: ``chunks(x)``
+    lays a (B, T, H, *) operand out as (B, H, N, C, *), zero-padded (a padded step leaves the state alone)."""
+    B, T, H, _ = k.shape
+    C = max(1, min(int(chunk), T)) if T else 1
+    pad = (-T) % C
+    N = (T + pad) // C
+
+    def chunks(x):
+        x = x.transpose(1, 2)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+    return C, N, chunks
+
+
 def delta_recurrent(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, chunk=64, p=None, e=None,
                     read="decayed"):
     """The recurrence step by step: the oracle, and the algorithm of short sequences."""
@@ -135,15 +151,7 @@ def delta_chunked(q, k, v, beta, g=None, h0=None, *, gate="scalar", scale=1.0, c
     q, k, v, beta, g, h0, p, _, dtype = _prepare(q, k, v, beta, g, h0, gate, p)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    C = max(1, min(int(chunk), T)) if T else 1
-    pad = (-T) % C
-    N = (T + pad) // C
-
-    def chunks(x):  # (B, T, H, *) -> (B, H, N, C, *), zero-padded: a padded step leaves the state alone
-        x = x.transpose(1, 2)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
+    C, N, chunks = _chunking(k, chunk)
 
     qc, kc, vc, bc = chunks(q * scale), chunks(k), chunks(v), chunks(beta)
     pc = kc if p is k else chunks(p)
@@ -205,15 +213,7 @@ def _chunked_general(q, k, v, beta, g, h0, *, gate, scale, chunk, p, e, read):
     e = k if e is None else e
     B, T, H, K = k.shape
     V = v.shape[-1]
-    C = max(1, min(int(chunk), T)) if T else 1
-    pad = (-T) % C
-    N = (T + pad) // C
-
-    def chunks(x):  # (B, T, H, *) -> (B, H, N, C, *), zero-padded: a padded step leaves the state alone
-        x = x.transpose(1, 2)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
+    C, N, chunks = _chunking(k, chunk)
 
     qc, kc, vc, bc, pc, ec = chunks(q * scale), chunks(k), chunks(v), chunks(beta), chunks(p), chunks(e)
     gk = chunks(g) if gate != "none" else q.new_zeros(B, H, N, C)
