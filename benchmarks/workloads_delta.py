@@ -140,7 +140,8 @@ class Rwkv7TimeMix(torch.nn.Module):
 def rwkv7_loop_workload(quick, device):
     B, T, H, N = (1, 32, 2, 16) if quick else (1, 256, 4, 64)
     torch.manual_seed(0)
-    xs = tuple(torch.randn(B, T, H, N, device=device) for _ in range(6))
+    # inputs that require grad: --train differentiates the recurrence (the module has no parameters)
+    xs = tuple(torch.randn(B, T, H, N, device=device, requires_grad=True) for _ in range(6))
     return Workload(Rwkv7TimeMix().to(device), xs, f"B={B} T={T} H={H} N={N} fp32 (a Python loop over T)")
 
 
