@@ -114,15 +114,15 @@ def _(grad_y, grad_h, q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runti
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runtime = inputs[:11]  # finite_only: the forward's
-    p, e, read = (list(inputs[12:15]) + [None, None, "decayed"][len(inputs[12:15]):])
+    # every argument of the schema, defaults filled in; finite_only concerns the forward only
+    q, k, v, beta, g, h0, gate, scale, chunk, algorithm, runtime, _finite_only, p, e, read = inputs
     ctx.attrs, ctx.runtime, ctx.read = (gate, scale, chunk, algorithm), runtime, read
     ctx.save_for_backward(q, k, v, beta, g, h0, p, e)
 
 
 def _backward(ctx, grad_y, grad_h):
     ops = ctx.saved_tensors
-    given = len(ctx.needs_input_grad)   # p and e count only when the caller passed them
+    given = len(ctx.needs_input_grad)   # the arguments the caller passed: p and e count only when given
     needs = [i < given and bool(ctx.needs_input_grad[i]) and t is not None for i, t in zip(_INPUT_INDEX, ops)]
     y_like, h_like = _empty_results(*ops)
     grad_y = torch.zeros_like(y_like) if grad_y is None else grad_y.contiguous()
