@@ -473,3 +473,44 @@ def test_reshape_that_mixes_the_query_axis_is_not_attention(tmp_path):
         CHECK-NEXT: aten.softmax.int(%[[S]], -1)
         CHECK-NOT: seqfuse.attention
     """)
+
+
+# --- a softmax normalized after the value contraction (canonicalize's normalize_postnormalized) ---------
+
+def test_lazily_normalized_softmax_is_attention(tmp_path):
+    # exp(s − max) @ v / Σ exp(s − max): the exponentials, their sum and the division are gone
+    def f(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.5
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        return (e @ v) / e.sum(-1, keepdim=True)
+    run_filecheck(dump(f, *qkv(), tmp_path=tmp_path), """
+        CHECK-NOT: aten.exp
+        CHECK: seqfuse.attention(%l_q_, %l_k_, %l_v_) {scale=0.5, mask=none
+        CHECK-NOT: aten.div
+        CHECK-NOT: aten.exp
+    """)
+
+
+def test_sink_in_the_max_and_the_sum_is_the_sink_operand(tmp_path):
+    # fla's naive_parallel_attn with sink_bias: m = maximum(rowmax, c), Σ + exp(c − m) → one attention with sink
+    naive = pytest.importorskip("fla.ops.attn.naive").naive_parallel_attn
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    sink = torch.randn(H)
+    run_filecheck(dump(lambda q, k, v, s: naive(q, k, v, sink_bias=s)[0], q, k, v, sink, tmp_path=tmp_path), """
+        CHECK: seqfuse.attention({{.*}}sink=%{{.*}}mask=causal
+        CHECK-NOT: aten.exp
+        CHECK-NOT: aten.div.Tensor
+    """)
+
+
+def test_lazy_normalization_without_the_max_is_not_attention(tmp_path):
+    # exp(s) @ v / Σ exp(s) overflows where softmax does not: left as written (exp and the division stay)
+    def f(q, k, v):
+        e = torch.exp(q @ k.transpose(-2, -1) * 0.5)
+        return (e @ v) / e.sum(-1, keepdim=True)
+    run_filecheck(dump(f, *qkv(), tmp_path=tmp_path), """
+        CHECK-NOT: seqfuse.attention
+        CHECK: aten.exp
+        CHECK: aten.div.Tensor
+        CHECK-NOT: seqfuse.attention
+    """)

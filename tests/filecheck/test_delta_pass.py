@@ -195,3 +195,69 @@ def test_kimi_chunked_kda_without_its_final_state_is_one_vector_gated_op_over_ev
         CHECK-NOT: aten.einsum
         CHECK: return
     """)
+
+
+# --- the generalized correction: a read key, an erase key, a read before the decay ---------------------------
+
+def comba(q, k, v, p, beta, g):
+    return pytest.importorskip("fla.ops.comba.naive").naive_recurrent_comba(q, k, v, p, beta, g,
+                                                                             output_final_state=True)
+
+
+def dplr(q, k, v, a, b, gk):
+    return pytest.importorskip("fla.ops.generalized_delta_rule.dplr.naive").dplr_recurrence(
+        *(x.transpose(1, 2) for x in (q, k, v, a, b, gk)))
+
+
+def test_comba_reads_with_its_own_key(tmp_path):
+    # Comba's correction reads the state with p and writes along k: one op with p (no erase key, decayed read)
+    q, k, v, beta, g, _ = operands()
+    p = F.normalize(torch.randn_like(k), dim=-1)
+    text, _ = after_pass(comba, q, k, v, p, beta, g, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.einsum
+        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, p=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto} : (f32[1, 6, 2, 5], f32[1, 2, 4, 5])
+        CHECK-NOT: aten.einsum
+        CHECK: return
+    """)
+
+
+def test_dplr_erases_along_its_own_key_and_reads_before_the_decay(tmp_path):
+    # DPLR: S' = S ⊙ e^g + b ⊗ (Sᵀ a) + k ⊗ v reads the undecayed state with a and erases along b
+    q, k, v, _, g, _ = operands("vector")
+    a = F.normalize(torch.randn_like(k), dim=-1)
+    text, _ = after_pass(dplr, q, k, v, -a, a * 0.5, g, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.einsum
+        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, p=%{{.*}}, e=%{{.*}}) {gate=vector, scale=1.0, chunk=64, read=previous, algo=auto}
+        CHECK-NOT: aten.einsum
+        CHECK: return
+    """)
+
+
+def test_a_correction_with_part_of_the_decay_is_left_as_written(tmp_path):
+    # the decay is a factor per head times one per key dim; the correction reads the state with the per-key
+    # part only: neither the decayed nor the previous state, so the loop stays (its step einsums are still
+    # there) with a near miss naming it
+    q, k, v, beta, gh, _ = operands()
+    gk = -torch.rand(*k.shape)
+
+    def loop(q, k, v, beta, gh, gk):
+        S = torch.zeros(1, 2, 4, 5)
+        ys = []
+        for t in range(T):
+            per_key = gk[:, t].exp()[..., None]
+            c = torch.einsum("bhkv,bhk->bhv", S * per_key, k[:, t])
+            S = S * gh[:, t].exp()[..., None, None] * per_key + \
+                k[:, t, ..., None] * (beta[:, t, :, None] * (v[:, t] - c))[..., None, :]
+            ys.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+        return torch.stack(ys, 1)
+    text, report = after_pass(loop, q, k, v, beta, gh, gk, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: seqfuse.delta
+        CHECK: aten.einsum
+    """)
+    assert any("part of its decay" in m.reason for m in report.near_misses if m.kind == "delta"), str(report)
