@@ -226,9 +226,12 @@ def choose_scan(op: Scan, options=None) -> str:
 #                  vector:  C recurrent 67 / 450    chunked (C=16)       251 / 3748
 #   T=2048 K=V=64  scalar:  17 / 102  vs  37 / 284;        vector: 13 / 125  vs  129 / 1688
 #   T=1024 K=V=32  scalar:  1.8 / 18  vs  15 / 65;         vector: 2.2 / 19  vs  41 / 317
+# The generalized step (a read key p, an erase key e, read="previous": Comba, DPLR, RWKV-7) on the kernel's
+# second library against the general chunked form (eager), K = V = 64, an erase key, read="previous":
+#   T=256   vector:  C recurrent 1.0 / 5.5     chunked (C=16) 15 / 76      scalar: 1.3 / 6.5  vs  120 / 316 (C=64)
+#   T=2048  vector:  11 / 52                   328 / 1387                  scalar: 8.5 / 47   vs  1226 / 4642
 # So on CPU: recurrent whenever the C kernel takes the shapes (without a C compiler the recurrent call
-# runs the eager step loop: force {"delta": "chunked"} there; a read key p, an erase key e or a read of
-# the state before its decay, which only the eager reference takes, too); elsewhere recurrent for a few steps
+# runs the eager step loop: force {"delta": "chunked"} there); elsewhere recurrent for a few steps
 # (decoding, the state carried through h0), chunked otherwise and for a dynamic T.
 DELTA_ALGORITHMS = ("recurrent", "chunked")
 DELTA_RECURRENT_MAX_T = 16
@@ -238,10 +241,9 @@ CPU_DELTA_MAX_D = 256
 
 
 def _cpu_delta_recurrent(op: Delta) -> bool:
-    """Whether ``op`` runs on CPU in shapes the C kernel takes (no read key p, no erase key e, the decayed
-    state read)."""
+    """Whether ``op`` runs on CPU in shapes the C kernel takes (K, V ≤ its MAX_D, known)."""
     k = val(op.k)
-    if k.device.type != "cpu" or k.is_complex() or op.p is not None or op.e is not None or op.read != "decayed":
+    if k.device.type != "cpu" or k.is_complex():
         return False
     K, V = _static(k.shape[-1]), _static(val(op.v).shape[-1])
     return K is not None and V is not None and K <= CPU_DELTA_MAX_D and V <= CPU_DELTA_MAX_D

@@ -517,17 +517,22 @@ def _rwkv7_operands(T):
     return [x.requires_grad_() for x in (r, w, k, v)], kk, a
 
 
-@pytest.mark.parametrize("T,algo", [(12, "recurrent"), (40, "chunked")])
+@pytest.mark.parametrize("T,algo", [(12, None), (40, None), (40, "chunked")])
 def test_rwkv7_reference_loop_is_one_delta_op(T, algo):
-    # the RWKV-7 transition diag(w) − κ̂ (κ̂ ⊙ a)ᵀ read before the decay: p = −κ̂, e = κ̂ ⊙ a, read=previous
+    # the RWKV-7 transition diag(w) − κ̂ (κ̂ ⊙ a)ᵀ read before the decay: p = −κ̂, e = κ̂ ⊙ a, read=previous; on
+    # CPU the C kernel's step loop (select's choice) or, forced, the chunked form (the eager reference)
     (r, w, k, v), kk, a = _rwkv7_operands(T)
     kk.requires_grad_()
 
     def fn(r, w, k, v, kk):
         return rwkv7_loop(r, w, k, v, -kk, kk * a)
-    report = check_against_eager(fn, r, w, k, v, kk)
+    seqfuse.reset_counters()
+    report = check_against_eager(fn, r, w, k, v, kk, options={"algorithm": {"delta": algo}} if algo else None)
     ir = only_delta(report, "vector")
-    assert "read=previous" in ir and "p=%" in ir and "e=%" in ir and f"algo={algo}" in ir, ir
+    assert "read=previous" in ir and "p=%" in ir and "e=%" in ir and f"algo={algo or 'recurrent'}" in ir, ir
+    counts = seqfuse.counters()
+    path = "eager" if algo else "cpu"
+    assert counts["delta"][path] >= 1 and counts["delta_backward"][path] >= 1, counts
 
 
 def test_rwkv7_with_the_key_matrix_formed_first_is_a_near_miss():
@@ -539,16 +544,16 @@ def test_rwkv7_with_the_key_matrix_formed_first_is_a_near_miss():
     assert len(reasons) == 1 and "key matrix" in reasons[0], str(report)
 
 
-def test_a_read_key_runs_the_chunked_reference_on_cpu():
-    # the C kernel and the Triton kernels read the state with k: a call with p runs the eager reference, and
-    # select gives it the chunked algorithm on CPU (the recurrent one would be the eager step loop)
+def test_a_read_key_runs_the_c_kernel_on_cpu():
+    # the C kernel's generalized step reads the state with p: select gives a long sequence the step loop on CPU
     fn, args = _comba(T=40)
     seqfuse.reset_counters()
     report = check_against_eager(fn, *args)
     ir = only_delta(report, "scalar")
-    assert "algo=chunked" in ir and "p=%" in ir, ir
+    assert "algo=recurrent" in ir and "p=%" in ir, ir
     counts = seqfuse.counters()
-    assert counts["delta"]["eager"] >= 1 and counts["delta"]["cpu"] == 0, counts
+    assert counts["delta"]["cpu"] >= 1 and counts["delta"]["eager"] == 0, counts
+    assert counts["delta_backward"]["cpu"] >= 1 and counts["delta_backward"]["eager"] == 0, counts
 
 
 @pytest.mark.parametrize("T,final", [(14, True), (3, False)])   # padded to 4 chunks / 1 chunk

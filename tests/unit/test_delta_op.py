@@ -230,17 +230,18 @@ def test_read_key_of_another_shape_raises_naming_it():
         verify_op(Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], p=n["p"], gate="none"))
 
 
-def test_read_key_is_printed_and_select_gives_it_the_chunked_form_on_cpu():
-    # only the eager reference takes p: on CPU a long sequence gets the chunked form, not the step loop
+def test_read_key_is_printed_and_select_gives_it_the_c_kernel_on_cpu():
+    # the C kernel takes p: on CPU a long sequence gets the step loop; without the kernel (meta), the chunked form
     n = _nodes(q=(1, 512, 2, 4), k=(1, 512, 2, 4), v=(1, 512, 2, 5), beta=(1, 512, 2), g=(1, 512, 2),
                p=(1, 512, 2, 4))
     op = Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], g=n["g"], p=n["p"], gate="scalar")
     verify_op(op)
     assert format_op(op, "d") == "%d = seqfuse.delta(%q, %k, %v, %beta, g=%g, p=%p) {gate=scalar, scale=1.0, " \
                                  "chunk=64, algo=auto}"
-    assert choose_delta(op) == "chunked" and op.chunk == 64
-    op.p = None
     assert choose_delta(op) == "recurrent"
+    for node in n.values():
+        node.meta["val"] = node.meta["val"].to("meta")
+    assert choose_delta(op) == "chunked" and op.chunk == 64
 
 
 # --- an erase key e and a read of the state before its decay (IPLR, DPLR, RWKV-7) -------------------------
@@ -312,7 +313,7 @@ def test_erase_key_and_read_arguments_raise_naming_them():
     verify_op(op)
     assert format_op(op, "d") == "%d = seqfuse.delta(%q, %k, %v, %beta, e=%e) {gate=none, scale=1.0, chunk=64, " \
                                  "read=previous, algo=auto}"
-    assert choose_delta(op) == "recurrent"     # T = 8 steps: the step loop (the eager one: the C kernel refuses e)
+    assert choose_delta(op) == "recurrent"     # on CPU: the C kernel's step loop
     with pytest.raises(IRVerificationError, match="read must be"):
         verify_op(Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], gate="none", read="later"))
 
@@ -467,9 +468,8 @@ def test_c_kernel_supports_refuses_what_it_does_not_compute():
     q, k, v, beta, g, h0 = operands(dtype=torch.float32)
     t = dict(q=q, k=k, v=v, beta=beta, g=g, h0=h0)
     ok = dict(gate="scalar", scale=1.0, chunk=64, algorithm="recurrent")
-    assert "read key" in cpu_delta.supports({**t, "p": k}, ok)
-    assert "erase key" in cpu_delta.supports({**t, "e": k}, ok)
-    assert "previous" in cpu_delta.supports(t, {**ok, "read": "previous"})
+    assert cpu_delta.supports({**t, "p": k, "e": k}, {**ok, "read": "previous"}) is None   # the generalized step
+    assert "read 'later'" in cpu_delta.supports(t, {**ok, "read": "later"})
     assert "algorithm 'chunked'" in cpu_delta.supports(t, {**ok, "algorithm": "chunked"})
     assert "complex" in cpu_delta.supports({**t, "v": v.to(torch.complex64)}, ok)
     assert "gate 'vector' with g" not in (cpu_delta.supports(t, ok) or "")
@@ -477,3 +477,142 @@ def test_c_kernel_supports_refuses_what_it_does_not_compute():
     assert "MAX_D" not in (cpu_delta.supports(t, ok) or "") and "> 256" in cpu_delta.supports(big, ok)
     assert "gate 'none' with g given" in cpu_delta.supports(t, {**ok, "gate": "none"})
     assert "not finite" in cpu_delta.supports(t, {**ok, "scale": float("inf")})
+
+
+# --- the C kernel's generalized step: a read key p, an erase key e, read="previous" ----------------
+
+@needs_cc
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("read", ["decayed", "previous"])
+@pytest.mark.parametrize("keys", ["p", "e", "pe", ""])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_c_kernel_generalized_step_equals_the_oracle(gate, read, keys, dtype, tol):
+    # strided views (operands transposed from (B, H, T, ·)), h0 given, T = 11: checkpointed chunks of 4
+    torch.manual_seed(5)
+    B, T, H, K, V = 2, 11, 3, 4, 5
+
+    def key():
+        return F.normalize(torch.randn(B, H, T, K, dtype=dtype), dim=-1).transpose(1, 2)
+    ops = [x.transpose(1, 2) if x is not None else None for x in (
+        torch.randn(B, H, T, K, dtype=dtype), F.normalize(torch.randn(B, H, T, K, dtype=dtype), dim=-1),
+        torch.randn(B, H, T, V, dtype=dtype), torch.rand(B, H, T, dtype=dtype),
+        {"none": None, "scalar": -torch.rand(B, H, T, dtype=dtype),
+         "vector": -torch.rand(B, H, T, K, dtype=dtype)}[gate])] + [torch.randn(B, H, V, K, dtype=dtype).mT]
+    p = key() if "p" in keys else None
+    e = 0.8 * key() if "e" in keys else None
+    y, h = cpu_delta.delta_forward(*ops, gate=gate, scale=0.7, p=p, e=e, read=read)
+    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (*ops, p, e)]
+    yr, hr = oracle(*leaves[:6], gate, 0.7, p=leaves[6], e=leaves[7], read=read)
+    gy, gh = torch.randn_like(yr), torch.randn_like(hr)
+    given = [x for x in leaves if x is not None]
+    want = torch.autograd.grad((yr, hr), given, (gy, gh))
+    got = [x for x in cpu_delta.delta_backward(gy.to(dtype), gh.to(dtype), *ops, gate=gate, scale=0.7, p=p, e=e,
+                                               read=read) if x is not None]
+    torch.testing.assert_close(y, yr.to(dtype), rtol=tol, atol=tol)
+    torch.testing.assert_close(h, hr.to(dtype), rtol=tol, atol=tol)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b.to(dtype), rtol=tol, atol=tol)
+
+
+@needs_cc
+def test_c_kernel_generalized_step_at_the_specialized_size_with_a_reset():
+    # K = V = 64 runs a body compiled for that size; a -inf log-decay (a reset) read before and after the decay
+    torch.manual_seed(6)
+    B, T, H, K = 1, 10, 2, 64
+    ops = operands(B=B, T=T, H=H, K=K, V=K, gate="vector")
+    ops[4][0, 3, 1, :7] = -torch.inf
+    p, e = read_key(B=B, T=T, H=H, K=K), read_key(B=B, T=T, H=H, K=K) * 0.8
+    for read in ("decayed", "previous"):
+        y, h = cpu_delta.delta_forward(*ops, gate="vector", scale=K ** -0.5, p=p, e=e, read=read)
+        leaves = [x.clone().requires_grad_() for x in (*ops, p, e)]
+        yr, hr = oracle(*leaves[:6], "vector", K ** -0.5, p=leaves[6], e=leaves[7], read=read)
+        gy, gh = torch.randn_like(yr), torch.randn_like(hr)
+        want = torch.autograd.grad((yr, hr), leaves, (gy, gh))
+        got = cpu_delta.delta_backward(gy, gh, *ops, gate="vector", scale=K ** -0.5, p=p, e=e, read=read)
+        assert torch.isfinite(y).all() and torch.isfinite(h).all()
+        torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h, hr, rtol=1e-12, atol=1e-12)
+        for name, a, b in zip("q k v beta g h0 p e".split(), got, want):
+            # the reset's own log-decay gradient is 0 · -inf-ish in eager too: compare where eager is finite
+            fin = torch.isfinite(b)
+            assert torch.equal(fin, torch.isfinite(a)), name
+            torch.testing.assert_close(a[fin], b[fin], rtol=1e-11, atol=1e-11, msg=name)
+
+
+@needs_cc
+def test_c_kernel_generalized_step_gives_only_the_gradients_asked_for():
+    # T = 20 (chunks of 5), no h0, no final-state gradient; only dk and de asked for (e's own, not added to k's)
+    ops = operands(B=1, T=20, H=2, gate="scalar", h0=False)
+    e = read_key(B=1, T=20, H=2) * 0.8
+    gy = torch.randn(1, 20, 2, 5, dtype=torch.float64)
+    got = cpu_delta.delta_backward(gy, None, *ops, gate="scalar", e=e, read="previous",
+                                   needs=(False, True, False, False, False, False, False, True))
+    assert [x is None for x in got] == [True, False, True, True, True, True, True, False]
+    leaves = [x.clone().requires_grad_() if x is not None else None for x in ops]
+    e_leaf = e.clone().requires_grad_()
+    yr, _ = oracle(*leaves[:6], "scalar", 1.0, e=e_leaf, read="previous")
+    dk, de = torch.autograd.grad(yr, [leaves[1], e_leaf], gy)
+    torch.testing.assert_close(got[1], dk, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(got[7], de, rtol=1e-11, atol=1e-11)
+
+
+@needs_cc
+def test_custom_op_runs_the_generalized_step_on_the_c_kernel():
+    import seqfuse
+    ops = operands(B=1, T=9, H=2, gate="vector", grad=True)
+    p, e = read_key(B=1, T=9, H=2, grad=True), (read_key(B=1, T=9, H=2) * 0.8).requires_grad_()
+    y, h = torch.ops.seqfuse.delta(*ops, "vector", 0.5, 64, "recurrent", "auto", False, p, e, "previous")
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    got = torch.autograd.grad((y, h), [*ops, p, e], (gy, gh))
+    counts = seqfuse.counters()
+    assert counts["delta"]["cpu"] == 1 and counts["delta_backward"]["cpu"] == 1, counts
+    ref = [x.detach().clone().requires_grad_() for x in (*ops, p, e)]
+    yr, hr = oracle(*ref[:6], "vector", 0.5, p=ref[6], e=ref[7], read="previous")
+    want = torch.autograd.grad((yr, hr), ref, (gy, gh))
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    f32 = [x.detach().float().requires_grad_() for x in (*ops, p, e)]
+    torch.library.opcheck(torch.ops.seqfuse.delta.default, (*f32[:6], "vector", 0.5, 64, "recurrent", "cpu", False,
+                                                             f32[6], f32[7], "previous"))
+
+
+@needs_cc
+@pytest.mark.parametrize("poison", ["beta", "k", "p", "e", "v", "g"])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_c_kernel_generalized_step_keeps_the_references_non_finite_values(poison, bad):
+    # the forward writes in the reference's order (k ⊗ β(v − r) without an erase key, β(k ⊗ v − e ⊗ r) with
+    # one): its NaN, +inf and -inf are exactly eager's; the backward's non-finite elements are eager's (NaN or
+    # inf: docs/reliability.md, "NaN and inf") and every finite one is eager's value
+    torch.manual_seed(11)
+    for read in ("decayed", "previous"):
+        for keys in ("p", "e", "pe"):
+            if poison in "pe" and poison not in keys:
+                continue
+            ops = dict(zip(("q", "k", "v", "beta", "g", "h0"), operands(B=1, T=6, H=2, K=3, V=2, gate="vector")))
+            ops["p"] = read_key(B=1, T=6, H=2, K=3) if "p" in keys else None
+            ops["e"] = read_key(B=1, T=6, H=2, K=3) if "e" in keys else None
+            t = ops[poison]
+            t.view(-1)[t.numel() // 3] = bad
+            names = [n for n in ops if ops[n] is not None]
+            y, h = cpu_delta.delta_forward(*(ops[n] for n in ("q", "k", "v", "beta", "g", "h0")), gate="vector",
+                                           scale=0.5, p=ops["p"], e=ops["e"], read=read)
+            leaves = {n: ops[n].clone().requires_grad_() for n in names}
+            yr, hr = delta_recurrent(*(leaves.get(n) for n in ("q", "k", "v", "beta", "g", "h0")), gate="vector",
+                                     scale=0.5, p=leaves.get("p"), e=leaves.get("e"), read=read)
+            for a, b in ((y, yr), (h, hr)):
+                for cls in (torch.isnan, torch.isposinf, torch.isneginf):
+                    assert torch.equal(cls(a), cls(b)), (read, keys, cls.__name__)
+                fin = torch.isfinite(b)
+                torch.testing.assert_close(a[fin], b[fin].detach(), rtol=1e-10, atol=1e-10)
+            gy, gh = torch.randn_like(yr), torch.randn_like(hr)
+            want = torch.autograd.grad((yr, hr), [leaves[n] for n in names], (gy, gh))
+            got = dict(zip(("q", "k", "v", "beta", "g", "h0", "p", "e"), cpu_delta.delta_backward(
+                gy, gh, *(ops[n] for n in ("q", "k", "v", "beta", "g", "h0")), gate="vector", scale=0.5, p=ops["p"],
+                e=ops["e"], read=read)))
+            for n, b in zip(names, want):
+                a, fin = got[n], torch.isfinite(b)
+                assert torch.equal(torch.isfinite(a), fin), (read, keys, n)
+                torch.testing.assert_close(a[fin], b[fin], rtol=1e-9, atol=1e-9, msg=f"d{n} ({read}, {keys})")
