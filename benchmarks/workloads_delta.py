@@ -11,8 +11,10 @@ K=V=64, chunks of 32).  Lifted to one seqfuse.delta (gate vector) since its colu
 (loop_map) and the per-channel WY form is proven on index forms; before that it measured loop_map and
 triangular alone.  Needs flash-linear-attention.
 
-``rwkv7_loop``: RWKV-7's time-mixing recurrence as RWKV-LM's v7 CPU fallback writes it (a Python loop over
-T = 256 steps, B=1, H=4, N=64), one seqfuse.delta with a read key, an erase key and read=previous.
+``rwkv7_loop``: RWKV-7's time-mixing recurrence as the RWKV-LM v7 demo's CUDA-free sequence mode writes it
+(a Python loop over T = 256 steps, the key matrix formed per step and contracted with the state, H=4, N=64,
+with a batch axis B=1), one seqfuse.delta with a read key, an erase key and read=previous (the C kernel on
+CPU).
 
 ``fla_delta_parallel``: flash-linear-attention's ``delta_rule_parallel`` (DeltaNet's blocked form, B=1,
 H=4, T=1024, K=V=64, blocks of 128 rows, chunks of 32), one seqfuse.delta.  Needs flash-linear-attention.
@@ -116,10 +118,11 @@ def fla_delta_parallel_workload(quick, device):
 
 
 class Rwkv7TimeMix(torch.nn.Module):
-    """RWKV-7's state recurrence as RWKV-LM's v7 CPU fallback spells it: a step loop over a (B, H, N, N)
-    state, state = state·w + (state @ a) @ b + v @ k, the readout (state @ r) viewed back; a = −κ̂,
-    b = κ̂ ⊙ σ(·) (the transition diag(w) − κ̂ (κ̂ ⊙ a)ᵀ read before the decay).  seqfuse lifts the loop to
-    one seqfuse.delta with a read key, an erase key and read=previous (the eager chunked reference)."""
+    """RWKV-7's state recurrence as the RWKV-LM v7 demo's CUDA-free sequence mode spells it, with a batch axis:
+    a step loop over a (B, H, N, N) state, ab = a ⊗ b formed per step, state = state·w + state @ ab + v ⊗ k,
+    the readout (state @ r) viewed back; a = −κ̂, b = κ̂ ⊙ σ(·) (the transition diag(w) − κ̂ (κ̂ ⊙ a)ᵀ read
+    before the decay).  seqfuse lifts the loop to one seqfuse.delta with a read key, an erase key and
+    read=previous (the C kernel's generalized step on CPU)."""
 
     def forward(self, r, w, k, v, kk, a):
         import torch.nn.functional as F
@@ -132,7 +135,8 @@ class Rwkv7TimeMix(torch.nn.Module):
         for t in range(T):
             kt, rt = k[:, t].view(B, H, 1, N), r[:, t].view(B, H, N, 1)
             vt, at, bt = v[:, t].view(B, H, N, 1), a[:, t].view(B, H, N, 1), b[:, t].view(B, H, 1, N)
-            state = state * w[:, t, :, None, :] + state @ at @ bt + vt @ kt
+            ab = at @ bt
+            state = state * w[:, t, :, None, :] + state @ ab.float() + (vt @ kt).float()
             out[:, t] = (state @ rt).view(B, H, N)
         return out
 

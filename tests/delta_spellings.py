@@ -43,3 +43,40 @@ def blocked(q, k, v, beta, BM, BN, bug=None):
             o_i = o_i + A_ij @ v[:, :, j:j + BN]
         o[:, :, i:i + BM] = o_i
     return o
+
+
+def rwkv7_loop(r, w, k, v, a, b, key_matrix=False):
+    """RWKV-7's time mixing as a step loop over a batch of (H, V, K) states (the RWKV-LM v7 demo's recurrence
+    with a batch axis): decayed along the key axis by w = exp(−exp(·)), the low-rank term read from the
+    state before the decay with a and erased along b, (state @ a) @ b, the input v ⊗ k as a matmul of views,
+    the readout state @ r viewed back; ``key_matrix`` forms a ⊗ b first and contracts the state with it
+    (state @ ab, as the demo does)."""
+    B, T, H, N = r.shape
+    w = torch.exp(-torch.exp(w.float()))
+    state = r.new_zeros(B, H, N, N)
+    out = r.new_zeros(B, T, H, N)
+    for t in range(T):
+        kk, rr = k[:, t].view(B, H, 1, N), r[:, t].view(B, H, N, 1)
+        vv, aa, bb = v[:, t].view(B, H, N, 1), a[:, t].view(B, H, N, 1), b[:, t].view(B, H, 1, N)
+        low_rank = state @ (aa @ bb) if key_matrix else state @ aa @ bb
+        state = state * w[:, t, :, None, :] + low_rank + vv @ kk
+        out[:, t] = (state @ rr).view(B, H, N)
+    return out, state
+
+
+def rwkv7_demo_seq(r, w, k, v, kk, a, state):
+    """RWKV-7's time mixing as the RWKV-LM v7 demo's CUDA-free sequence mode writes it: one sequence of rows
+    (T, H·N), a (H, N, N) state, w = exp(−e^{−1/2}·σ(·)), the key matrix ab = (−κ̂) ⊗ (κ̂ ⊙ a) formed per step
+    and cast with ``.float()``, the input v ⊗ k likewise, the readout of the state cast to the rows' dtype
+    written row by row into a buffer."""
+    T = r.shape[0]
+    H, N, _ = state.shape
+    out = torch.zeros_like(r)
+    w = torch.exp(-0.606531 * torch.sigmoid(w.float()))
+    for t in range(T):
+        r_t, w_t, k_t, v_t, kk_t, a_t = r[t], w[t], k[t], v[t], kk[t], a[t]
+        vk = v_t.view(H, N, 1) @ k_t.view(H, 1, N)
+        ab = (-kk_t).view(H, N, 1) @ (kk_t * a_t).view(H, 1, N)
+        state = state * w_t.view(H, 1, N) + state @ ab.float() + vk.float()
+        out[t] = (state.to(dtype=r.dtype) @ r_t.view(H, N, 1)).view(H * N)
+    return out, state

@@ -28,9 +28,12 @@ a read key pc in the correction's contraction and an erase key ec (with its own 
 correction's outer product — each kc itself (the delta rule) or the op's p / e (Comba, GDN-2: a read
 key; IPLR, DPLR, RWKV-7: an erase key too) — one write strength n·β (batch axes only) shared by the
 correction and the input, and values v (no K axis).  An outer product of two constants (``v @ kᵀ`` of
-views) is its two factors.  The readout is an einsum of the new state with a constant q over K.  Any
-other form (a second correction, a part of the decay in the correction, a key matrix contracted with
-the state, a gate along V, a β that differs between the terms) is a near miss naming the term.
+views) is its two factors, and so is a key matrix contracted with the state when it is one (RWKV-7's
+``state @ (a ⊗ b)``: a's factors read inside the contraction, b's written along the key axis again); a cast
+to the dtype a constant has is the constant.  The readout is an einsum of the new state with a constant q
+over K.  Any other form (a second correction, a part of the decay in the correction, a key matrix that is
+not an outer product or was rounded before a cast, a gate along V, a β that differs between the terms) is
+a near miss naming the term.
 
 Per-step outputs collected with ``stack`` / ``cat`` or written into a buffer slice by slice and
 the final state are replaced by the op's results; loop-constant values used after the loop are
@@ -66,6 +69,11 @@ _VIEWS = (aten.unsqueeze, aten.squeeze, aten.transpose, aten.permute, aten.expan
 _NO_UPDATE = -1
 #: the write key and decay of such a chunk: not in the program, not checked (the readout does not read them)
 _DEAD = ("dead",)
+
+
+#: the frame label, while its factors are read, of a key matrix's axis that the contraction writes along the
+#: state's key axis (``state @ (a ⊗ b)``: b's axis); see _Form._einsum
+_KEY_OUT = "key_out"
 
 
 class NotDelta(Exception):
@@ -156,6 +164,9 @@ class _Form:
             if node.target is aten.neg.default:
                 n0, f0 = self.factors(args[0], fmap)
                 return -n0, f0
+            if is_op(node, *CASTS) and isinstance(node.args[0], torch.fx.Node) \
+                    and val(node.args[0]).dtype == val(node).dtype:
+                return self.factors(args[0], fmap)   # a cast to the dtype it has (``.float()`` of an fp32 value)
             outer = self._outer_product(node, args, fmap)
             if outer is not None:
                 return outer
@@ -440,16 +451,34 @@ class _Form:
             if oaxes[p] is None:
                 oaxes[p] = self._infer(oaxes[:p] + oaxes[p + 1:], p)
                 frame[c] = oaxes[p]
-        cmap = tuple(None if known_eq(s, 1) else frame.get(c) for c, s in zip(lc, cs))
+        # a letter of the constant alone that lands on the summed axis (``state @ (a ⊗ b)``, a key matrix
+        # contracted with the state): its factors are laid on _KEY_OUT, kept apart from those inside the sum
+        summed_axes = {frame[c] for c in summed}
+        cmap = tuple(None if known_eq(s, 1) else
+                     (_KEY_OUT if c in out and c not in lx and frame.get(c) in summed_axes else frame.get(c))
+                     for c, s in zip(lc, cs))
         if any(a is None and not known_eq(s, 1) for a, s in zip(cmap, cs)):
             raise NotDelta("the update's einsum lays a constant on axes that are not the state's")
         num, cfs = self.factors(crole, cmap)
         if not summed:    # an elementwise product
             return LinVal(tuple(oaxes), [Term(t.num * num, t.factors + tuple(cfs), t.atom) for t in x.terms])
-        axes_summed = {frame[c] for c in summed}
-        if len(axes_summed) != 1:
+        if len(summed_axes) != 1:
             raise NotDelta("the update contracts the state over more than one axis")
-        ax = axes_summed.pop()
+        ax = summed_axes.pop()
+        # the key matrix's factors along its output letter: outside the contraction, on the key axis again
+        written = []
+        for f in cfs:
+            if _KEY_OUT in f.support:
+                if ax in f.support:
+                    node = self.loop.template[f.role[1]] if f.role[0] == "L" else f.role[1]
+                    if is_op(node, *CASTS) and isinstance(node.args[0], torch.fx.Node):
+                        raise NotDelta(f"the update contracts the state with a key matrix cast to {val(node).dtype} "
+                                       f"after it was formed in {val(node.args[0]).dtype} (seqfuse would form it "
+                                       f"without that rounding)")
+                    raise NotDelta("the update contracts the state with a key matrix that is not an outer product "
+                                   "of two keys (a ⊗ b: one read along the state's key axis, one written along it)")
+                written.append(Factor(f.key, f.role, f.power, tuple(ax if a == _KEY_OUT else a for a in f.fmap)))
+        cfs = [f for f in cfs if _KEY_OUT not in f.support]
         if self.kax is None:
             if ax not in (self.r - 2, self.r - 1):
                 raise NotDelta("the update contracts the state over a batch axis")
@@ -465,7 +494,7 @@ class _Form:
                                "(a correction or an input read again through the key)")
             every = list(t.factors) + list(cfs)
             inner = tuple(f for f in every if ax in f.support)
-            outer = tuple(f for f in every if ax not in f.support)
+            outer = tuple(f for f in every if ax not in f.support) + tuple(written)
             terms.append(Term(t.num * num, outer, ("R", inner)))
         return LinVal(tuple(oaxes), terms)
 

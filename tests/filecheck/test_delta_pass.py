@@ -261,3 +261,32 @@ def test_a_correction_with_part_of_the_decay_is_left_as_written(tmp_path):
         CHECK: aten.einsum
     """)
     assert any("part of its decay" in m.reason for m in report.near_misses if m.kind == "delta"), str(report)
+
+
+def rwkv7_key_matrix(r, w, k, v, kk, a, state):
+    # RWKV-7 as the RWKV-LM demo's CUDA-free sequence mode writes it: the key matrix (−κ̂) ⊗ (κ̂ ⊙ a) formed per
+    # step and contracted with the (H, N, N) state, the decay along the state's last (key) axis
+    H, N, _ = state.shape
+    out = torch.zeros_like(r)
+    w = torch.exp(-torch.exp(w))
+    for t in range(r.shape[0]):
+        ab = (-kk[t]).view(H, N, 1) @ (kk[t] * a[t]).view(H, 1, N)
+        state = state * w[t].view(H, 1, N) + state @ ab.float() + (v[t].view(H, N, 1) @ k[t].view(H, 1, N)).float()
+        out[t] = (state @ r[t].view(H, N, 1)).view(H * N)
+    return out, state
+
+
+def test_rwkv7_key_matrix_reads_along_one_factor_and_erases_along_the_other(tmp_path):
+    H, N = 2, 4
+    r, k, v = (torch.randn(T, H * N) for _ in range(3))
+    w = torch.randn(T, H * N)
+    kk = F.normalize(torch.randn(T, H, N), dim=-1).view(T, H * N)
+    text, _ = after_pass(rwkv7_key_matrix, r, w, k, v, kk, torch.rand(T, H * N), torch.randn(H, N, N),
+                         tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-NOT: aten.einsum
+        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, h0=%{{.*}}, p=%{{.*}}, e=%{{.*}}) {gate=vector, scale=1.0, chunk=64, read=previous, algo=auto} : (f32[2, 6, 1, 4], f32[2, 1, 4, 4])
+        CHECK-NOT: aten.einsum
+        CHECK: return
+    """)

@@ -42,6 +42,10 @@ FUNCTIONS = [
     ("fla_gdn2_recurrent", "fla.ops.gdn2.naive", "naive_recurrent_gdn2", "gdn2"),
     ("fla_iplr_recurrence", "fla.ops.generalized_delta_rule.iplr.naive", "iplr_recurrence", "iplr"),
     ("fla_dplr_recurrence", "fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence", "dplr"),
+    # RWKV-7's step loop as written out in tests/delta_spellings.py: batched, (state @ a) @ b or the key matrix
+    # state @ (a ⊗ b); and the RWKV-LM v7 demo's unbatched sequence mode (rows (T, H·N), a given state)
+    ("rwkv7_loop", "tests.delta_spellings", "rwkv7_loop", "rwkv7"),
+    ("rwkv7_demo_seq", "tests.delta_spellings", "rwkv7_demo_seq", "rwkv7_demo"),
 ]
 
 #: broken copies: (function name, source text, replacement) — each changes the recurrence's meaning
@@ -61,6 +65,14 @@ BREAKS = [
     ("fla_delta_parallel", "q_i = q_i - A_ij @ k_beta", "q_i = q_i + A_ij @ k_beta"),
     ("fla_delta_parallel", "(k @ k.transpose(-1, -2)).masked_fill(mask, 0)",
      "(k @ k.transpose(-1, -2)).masked_fill(mask2, 0)"),
+    # RWKV-7: the key matrix's factors swapped (read along b, erase along a), the correction reading the
+    # decayed state, the decay along the value axis (not the delta rule)
+    ("rwkv7_demo_seq", "ab = (-kk_t).view(H, N, 1) @ (kk_t * a_t).view(H, 1, N)",
+     "ab = (kk_t * a_t).view(H, N, 1) @ (-kk_t).view(H, 1, N)"),
+    ("rwkv7_demo_seq", "state = state * w_t.view(H, 1, N) + state @ ab.float()",
+     "state = state * w_t.view(H, 1, N) + (state * w_t.view(H, 1, N)) @ ab.float()"),
+    ("rwkv7_demo_seq", "state = state * w_t.view(H, 1, N) + state @ ab.float()",
+     "state = state * w_t.view(H, N, 1) + state @ ab.float()"),
 ]
 
 
@@ -131,6 +143,8 @@ def _program(r: random.Random, triton: bool):
             name == "fla_kda_recurrent":
         G = 1                                     # grouped value heads: KDA chunked and transformers only
     H, K, V = HK * G, size(r, 1, 8, (1, 2, 3)), size(r, 1, 8, (1, 2, 3))
+    if kind in ("rwkv7", "rwkv7_demo"):
+        return _rwkv7_program(r, name, kind, f, broken, B, H, size(r, 2, 8, (2, 3)), triton)
     dtypes = (torch.float32, torch.float32, torch.float64, torch.bfloat16)
     no_bf16 = name in ("fla_delta_chunkwise", "fla_delta_parallel")      # (they raise on bf16)
     m = Maker(r, r.choice(dtypes[:3] if no_bf16 else dtypes))
@@ -218,6 +232,45 @@ def _program(r: random.Random, triton: bool):
         + ("/h0" if h0 is not None else "") + ("/final" if final else "") + (f"+{tag}" if tag else "")
     # (the blocked form over one chunk has no walk: delta reads it as one chunk, which it does not lift)
     expect = None if (broken or T == 1 or (BM is not None and T == C)) else "delta"
+    return what, fn, inputs, expect, opts
+
+
+def _rwkv7_program(r: random.Random, name, kind, f, broken, B, H, N, triton):
+    """RWKV-7's recurrence, T steps of a (H, N, N) state: r, w, k, v rows, κ̂ (normalized) and a ∈ (0, 1)."""
+    T = size(r, 1, 24, (1, 2, 3))
+    # (the batched loop's state takes w's fp32 after one step: bf16 rows would not multiply with it)
+    dtypes = (torch.float32, torch.float32, torch.float64) + ((torch.bfloat16,) if kind == "rwkv7_demo" else ())
+    m = Maker(r, r.choice(dtypes))
+    shape = (B, T, H, N) if kind == "rwkv7" else (T, H * N)
+    rr, w, k, v = m.randn(*shape), m.randn(*shape), m.randn(*shape), m.randn(*shape)
+    kk = m.randn(*shape[:-1], *((H, N) if kind == "rwkv7_demo" else (N,)), grad=False)
+    with torch.no_grad():
+        kk = F.normalize(kk.double(), dim=-1).to(kk.dtype).reshape(shape)
+    kk.requires_grad_(r.random() < 0.7)
+    a = m.uniform(0.0, 1.0, *shape)
+    state = m.randn(H, N, N, scale=0.3, dtype=torch.float32, grad=r.random() < 0.5) if kind == "rwkv7_demo" else None
+    tag = tags(poison(r, [rr, v, k], p=0.08))
+    key_matrix = r.random() < 0.5
+
+    def fn(*xs):
+        rr, w, k, v, kk, a = xs[:6]
+        if kind == "rwkv7_demo":
+            return f(rr, w, k, v, kk, a, xs[6])
+        return f(rr, w, k, v, -kk, kk * a, key_matrix=key_matrix)
+
+    inputs = (rr, w, k, v, kk, a) + ((state,) if state is not None else ())
+    opts: dict = {}
+    if triton:
+        opts["runtime"] = "triton"
+    elif r.random() < 0.4:
+        opts["runtime"] = r.choice(("eager", "cpu"))
+    if r.random() < 0.3:
+        opts["algorithm"] = {"delta": r.choice(("recurrent", "chunked"))}
+    what = f"{name}{'/broken:' + broken[2][:24] if broken else ''}" + ("/key_matrix" if key_matrix and kind == "rwkv7"
+                                                                       else "") + (f"+{tag}" if tag else "")
+    # the demo's rows in bf16 / fp64: its .float() casts round the key matrix (a near miss); T = 1: no loop
+    lifts = kind == "rwkv7" or m.dtype == torch.float32
+    expect = "delta" if (not broken and T > 1 and lifts) else None
     return what, fn, inputs, expect, opts
 
 

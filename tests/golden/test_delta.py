@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import seqfuse
 
+from delta_spellings import rwkv7_demo_seq, rwkv7_loop
 from helpers import check_against_eager, check_nans_against_eager
 
 fla_gdn = pytest.importorskip("fla.ops.gated_delta_rule.naive")
@@ -491,24 +492,6 @@ def test_a_generalized_correction_is_one_delta_op(case, operands_, read):
     assert ("read=previous" in ir) == (read is not None), ir
 
 
-def rwkv7_loop(r, w, k, v, a, b, key_matrix=False):
-    """RWKV-7's time mixing as the RWKV-LM v7 demo's CPU fallback spells it: a (B, H, V, K) state decayed along
-    its key axis by w = exp(−exp(·)), the low-rank term read from the state before the decay with a and
-    erased along b, (state @ a) @ b, the input v ⊗ k as a matmul of views, the readout state @ r viewed
-    back; ``key_matrix`` forms a ⊗ b first and contracts the state with it (state @ ab)."""
-    B, T, H, N = r.shape
-    w = torch.exp(-torch.exp(w.float()))
-    state = torch.zeros(B, H, N, N)
-    out = torch.zeros(B, T, H, N)
-    for t in range(T):
-        kk, rr = k[:, t].view(B, H, 1, N), r[:, t].view(B, H, N, 1)
-        vv, aa, bb = v[:, t].view(B, H, N, 1), a[:, t].view(B, H, N, 1), b[:, t].view(B, H, 1, N)
-        low_rank = state @ (aa @ bb) if key_matrix else state @ aa @ bb
-        state = state * w[:, t, :, None, :] + low_rank + vv @ kk
-        out[:, t] = (state @ rr).view(B, H, N)
-    return out, state
-
-
 def _rwkv7_operands(T):
     B, H, N = 2, 3, 6
     r, w, k, v = (torch.randn(B, T, H, N) for _ in range(4))
@@ -535,13 +518,60 @@ def test_rwkv7_reference_loop_is_one_delta_op(T, algo):
     assert counts["delta"][path] >= 1 and counts["delta_backward"][path] >= 1, counts
 
 
-def test_rwkv7_with_the_key_matrix_formed_first_is_a_near_miss():
-    # state @ (a ⊗ b): one (K, K) factor the frame cannot split into the read and the erase vectors
-    (r, w, k, v), kk, a = _rwkv7_operands(8)
-    report = check_against_eager(lambda *x: rwkv7_loop(*x, -kk, kk * a, key_matrix=True), r, w, k, v)
+@pytest.mark.parametrize("T", [9, 30])
+def test_rwkv7_with_the_key_matrix_formed_first_is_one_delta_op(T):
+    # state @ (a ⊗ b): the key matrix is an outer product, a read inside the contraction, b written along the
+    # key axis again: the same op as (state @ a) @ b
+    (r, w, k, v), kk, a = _rwkv7_operands(T)
+    kk.requires_grad_()
+    report = check_against_eager(lambda r, w, k, v, kk: rwkv7_loop(r, w, k, v, -kk, kk * a, key_matrix=True),
+                                 r, w, k, v, kk)
+    ir = only_delta(report, "vector")
+    assert "read=previous" in ir and "p=%" in ir and "e=%" in ir, ir
+
+
+def _rwkv7_demo_operands(T, dtype):
+    H, N = 2, 8
+    r, w, k, v = (torch.randn(T, H * N, dtype=dtype) for _ in range(4))
+    kk = F.normalize(torch.randn(T, H, N), dim=-1).view(T, H * N).to(dtype)
+    a = torch.sigmoid(torch.randn(T, H * N)).to(dtype)
+    return [x.requires_grad_() for x in (r, w, k, v, kk, a, 0.1 * torch.randn(H, N, N))]
+
+
+def test_rwkv7_demo_sequence_mode_in_fp32_is_one_delta_op():
+    # the demo's spelling with every row fp32 (the CPU fp32 strategy): its .float() casts are the values
+    report = check_against_eager(rwkv7_demo_seq, *_rwkv7_demo_operands(12, torch.float32))
+    ir = only_delta(report, "vector")
+    assert "read=previous" in ir and "p=%" in ir and "e=%" in ir and "h0=%" in ir, ir
+
+
+def test_rwkv7_demo_sequence_mode_in_bf16_is_a_near_miss_naming_the_cast():
+    # bf16 rows: the key matrix is rounded to bf16 entry by entry, then cast to fp32; the op would form it
+    # without that rounding, so the loop stays as written
+    report = check_against_eager(rwkv7_demo_seq, *_rwkv7_demo_operands(8, torch.bfloat16))
     assert report.count("delta") == 0, str(report)
     reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
-    assert len(reasons) == 1 and "key matrix" in reasons[0], str(report)
+    assert len(reasons) == 1 and "key matrix cast to torch.float32 after it was formed in torch.bfloat16" in reasons[0]
+
+
+def test_a_key_matrix_that_is_not_an_outer_product_is_a_near_miss():
+    # state @ M_t with M_t a full (N, N) matrix per step: no read key and erase key to split it into
+    (r, w, k, v), kk, a = _rwkv7_operands(8)
+    B, T, H, N = r.shape
+    M = (0.1 * torch.randn(B, T, H, N, N)).requires_grad_()
+
+    def fn(r, w, k, v, M):
+        w = torch.exp(-torch.exp(w))
+        state = torch.zeros(B, H, N, N)
+        out = []
+        for t in range(T):
+            state = state * w[:, t, :, None, :] + state @ M[:, t] + v[:, t, :, :, None] @ k[:, t, :, None, :]
+            out.append((state @ r[:, t, :, :, None])[..., 0])
+        return torch.stack(out, 1), state
+    report = check_against_eager(fn, r, w, k, v, M)
+    assert report.count("delta") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "delta"]
+    assert len(reasons) == 1 and "key matrix that is not an outer product" in reasons[0], str(report)
 
 
 def test_a_read_key_runs_the_c_kernel_on_cpu():
