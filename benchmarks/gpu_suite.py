@@ -23,7 +23,10 @@ interrupted by an alarm at the end of its stage's box):
               inductor; low-precision inputs are upcast for torch.fft, as a user must
               (cuFFT has no bf16)
   models      whole models (HF Llama, Mamba, Mamba-2; the Hyena example): eager vs inductor vs
-              seqfuse, forward and forward+backward ms, and first-call (compile) seconds
+              seqfuse, forward and forward+backward ms, and first-call (compile) seconds, with the
+              paths seqfuse's ops ran (``seqfuse.counters()``); last, the Llama trained with
+              ``gradient_checkpointing_enable()`` (forward+backward only: the mixers inside
+              activation-checkpointed layers)
   resources   registers and spills of every seqfuse Triton kernel the run compiled (sm_90 spills)
 
 Every row is printed the moment it is measured, and a markdown table of all rows is
@@ -49,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # stage -> seconds of its time box on a GPU (sum: 480 s, the 8-minute target)
 BUDGETS = {"kernels": 110, "attention": 130, "recurrence": 90, "long_conv": 40, "models": 100, "resources": 10}
-SMOKE_BUDGETS = {"kernels": 60, "attention": 40, "recurrence": 40, "long_conv": 30, "models": 90, "resources": 10}
+SMOKE_BUDGETS = {"kernels": 60, "attention": 40, "recurrence": 40, "long_conv": 30, "models": 120, "resources": 10}
 
 
 class StageTimeout(Exception):
@@ -487,12 +490,18 @@ def _models(suite: Suite):
         num_heads=24 if not smoke else 4, head_dim=64 if not smoke else 16, state_size=128 if not smoke else 16,
         n_groups=1, chunk_size=256 if not smoke else 16))), (1, L))
 
+    def llama_ckpt():
+        model, shape = models["llama"]()
+        model.lm.gradient_checkpointing_enable()
+        return model, shape
+
     def hyena():
         from workloads import _example
         mod = _example("hyena")
         op, x = mod.build(batch=4 if not smoke else 1, seq_len=L, d_model=768 if not smoke else 32)
         return op, x
     models["hyena"] = hyena
+    models["llama_ckpt"] = llama_ckpt
     for name, make in models.items():
         built = make()
         if name == "hyena":
@@ -506,20 +515,21 @@ def _models(suite: Suite):
 def stage_models(suite: Suite) -> None:
     import torch
 
-    import seqfuse  # noqa: F401  (registers backend="seqfuse" where the package is not installed)
+    import seqfuse  # (also registers backend="seqfuse" where the package is not installed)
     if suite.smoke:
         # interpreted Triton kernels at model size take minutes: the smoke run checks the script on
         # the CPU paths (the kernels stage and the other stages run the interpreter)
         os.environ.pop("TRITON_INTERPRET", None)
     for name, model, args in _models(suite):
-        for backward in (False, True):
+        for backward in ((True,) if name.endswith("_ckpt") else (False, True)):
             if suite.out_of_time():
                 print("  [models] cut: the time box ran out", flush=True)
                 return
             model.train(backward)
-            row, compile_s = {}, {}
+            row, compile_s, paths = {}, {}, ""
             for backend in ("eager", "inductor", "seqfuse"):
                 torch._dynamo.reset()
+                seqfuse.reset_counters()
                 fn = model if backend == "eager" else torch.compile(model, backend=backend)
                 if backend == "inductor" and suite.device != "cuda":
                     fn = torch.compile(model, backend="aot_eager")  # --smoke: keep the CPU run short
@@ -536,12 +546,15 @@ def stage_models(suite: Suite) -> None:
                         raise
                     except Exception as exc:
                         row[backend] = f"{type(exc).__name__}: {str(exc)[:100]}"
+                if backend == "seqfuse":   # which op ran where, e.g. attention:triton,delta:cpu
+                    paths = ",".join(f"{op}:{p}" for op, by in seqfuse.counters().items() for p, n in by.items() if n)
                 model.zero_grad(set_to_none=True)
             ratios = {f"{n}/seqfuse": row[n] / row["seqfuse"] for n in ("eager", "inductor")
                       if isinstance(row.get(n), float) and isinstance(row.get("seqfuse"), float)}
             suite.add("models", model=name, pass_="fwd+bwd" if backward else "fwd",
                       **{f"{n}_ms": v for n, v in row.items()},
-                      **{f"{n}_first_call_s": v for n, v in compile_s.items()}, **ratios)
+                      **{f"{n}_first_call_s": v for n, v in compile_s.items()}, **ratios,
+                      seqfuse_paths=paths or "none")
 
 
 def resources(suite: Suite) -> None:
