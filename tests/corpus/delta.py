@@ -126,7 +126,7 @@ def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layou
     (logsigmoid of a normal: decays in (0, 1), a few of them strong), h0 (B, H, K, V) or None; ``layout
     "bhtd"`` transposes T and H (fla.ops.delta_rule's head-first layout).  ``extra`` names more operands:
     "p" a read key like k (Comba), "b" a gate in (0, 1) on the key axis and "w" one on the value axis
-    (GDN-2)."""
+    (GDN-2), "ga" a second log-decay and "ba" a second strength in (0, 1), both (B, T, H)."""
     import torch
     import torch.nn.functional as F
     gen = torch.Generator().manual_seed(seed)
@@ -140,10 +140,10 @@ def _operands(B=2, T=48, H=3, K=12, V=16, gate="scalar", h0=True, HK=None, layou
     if layout == "bhtd":
         q, k, v, beta = (x.transpose(1, 2).contiguous() for x in (q, k, v, beta))
     xs = {"q": q, "k": k, "v": v, "beta": beta, "g": g, "h0": s}
-    shapes = {"p": (B, T, HK, K), "b": (B, T, H, K), "w": (B, T, H, V)}
+    shapes = {"p": (B, T, HK, K), "b": (B, T, H, K), "w": (B, T, H, V), "ga": (B, T, H), "ba": (B, T, H)}
     for name in extra:
         x = torch.randn(*shapes[name], generator=gen)
-        xs[name] = F.normalize(x, dim=-1) if name == "p" else torch.sigmoid(x)
+        xs[name] = F.normalize(x, dim=-1) if name == "p" else F.logsigmoid(x + 2) if name == "ga" else torch.sigmoid(x)
     return {n: x.requires_grad_() for n, x in xs.items() if x is not None}
 
 
@@ -243,6 +243,22 @@ FUNCTIONS = {
     "fla_dplr_recurrent": ("fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence",
                            dict(T=90, K=16, V=12, gate="vector", h0=False, extra=("p", "b")),
                            lambda f, o: f(*_heads(o, "q", "k", "v"), -_heads(o, "p")[0], *_heads(o, "pb", "g")), 1),
+    # held out and not lifted (0 ops expected: each must equal eager as written, near misses named):
+    # fla's chunked Comba, which reads the state before the decay (its recurrent reference reads it after:
+    # the two differ, session 41), the preconditioned gated delta rule (a second carried state, the ATK
+    # preconditioner scan, scales the written key) and the momentum delta rule (two coupled matrix states)
+    "fla_comba_chunk": ("fla.ops.comba.naive", "naive_chunk_comba", dict(T=40, K=12, V=16, extra=("p",)),
+                        lambda f, o: f(o["q"], o["k"], o["v"], o["p"], o["g"], o["beta"], chunk_size=16,
+                                       initial_state=o["h0"], output_final_state=True), 0),
+    "fla_precond_gdn_recurrent": ("fla.ops.precond_gated_delta_rule.naive",
+                                  "naive_recurrent_precond_gated_delta_rule",
+                                  dict(T=24, K=12, V=16, h0=False, extra=("ga", "ba")),
+                                  lambda f, o: f(o["q"], o["k"], o["v"], o["ga"], o["g"], o["ba"], o["beta"],
+                                                 output_final_state=True), 0),
+    "fla_momentum_delta_recurrent": ("fla.ops.momentum_delta_rule.naive", "recurrent_momentum_delta_rule_ref",
+                                     dict(T=24, K=12, V=16, h0=False, extra=("p", "ga", "ba")),
+                                     lambda f, o: f(o["q"], o["k"], o["v"], o["g"], o["ga"], o["p"], o["beta"],
+                                                    o["ba"], output_final_state=True), 0),
 }
 
 
