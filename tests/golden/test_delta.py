@@ -574,6 +574,26 @@ def test_a_key_matrix_that_is_not_an_outer_product_is_a_near_miss():
     assert len(reasons) == 1 and "key matrix that is not an outer product" in reasons[0], str(report)
 
 
+def test_comba_as_fla_kernels_define_it_reads_before_the_decay():
+    # fla's fused_recurrent Comba kernel reads the state with p before the step's decay (its naive recurrent
+    # reference reads after it; the two differ): one op with p and read=previous, run by the C kernel
+    q, k, v, beta, g, h0 = operands(T=20)
+    p = F.normalize(torch.randn_like(k), dim=-1).requires_grad_()
+
+    def fn(q, k, v, p, beta, g, h0):
+        S, ys = h0, []
+        for t in range(q.shape[1]):
+            u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, p[:, t]))
+            S = S * g[:, t].exp()[..., None, None] + k[:, t, :, :, None] * u[:, :, None, :]
+            ys.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+        return torch.stack(ys, 1), S
+    seqfuse.reset_counters()
+    report = check_against_eager(fn, q, k, v, p, beta, g, h0)
+    ir = only_delta(report, "scalar")
+    assert "p=%" in ir and "e=%" not in ir and "read=previous" in ir and "algo=recurrent" in ir, ir
+    assert seqfuse.counters()["delta_backward"]["cpu"] >= 1
+
+
 def test_a_read_key_runs_the_c_kernel_on_cpu():
     # the C kernel's generalized step reads the state with p: select gives a long sequence the step loop on CPU
     fn, args = _comba(T=40)
