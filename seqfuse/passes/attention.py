@@ -175,12 +175,36 @@ def _without_row_max(x: torch.fx.Node) -> torch.fx.Node:
     return x
 
 
-def _sink_split(sm: torch.fx.Node) -> _Sink | None:
-    """The attention-sink form of a softmax over the last axis (gpt-oss), or None."""
+def _peel_casts(x, narrowing: list | None = None):
+    """``x`` without the float casts that cannot change a value (``.float()`` of the logits, a no-op in
+    fp32 or a widening from bf16).  With a list ``narrowing``, narrowing casts are peeled too and each is
+    appended to it as (from dtype, to dtype); without, the first one stops the walk."""
+    while is_op(x, *CASTS) and isinstance(x.args[0], torch.fx.Node) and val(x).is_floating_point() and \
+            val(x.args[0]).is_floating_point():
+        if _narrows(val(x.args[0]).dtype, val(x).dtype):
+            if narrowing is None:
+                break
+            narrowing.append((val(x.args[0]).dtype, val(x).dtype))
+        x = x.args[0]
+    return x
+
+
+def _sink_cat(sm: torch.fx.Node, narrowing: list | None = None) -> torch.fx.Node | None:
+    """The cat([scores, column], -1) a softmax over the last axis reads (through casts that keep its
+    values and a row-max shift; narrowing ones too when ``narrowing`` collects them), or None."""
     if not _last_axis(sm, sm.args[1]):
         return None
-    c = _without_row_max(sm.args[0])
+    c = _peel_casts(_without_row_max(_peel_casts(sm.args[0], narrowing)), narrowing)
     if not is_op(c, aten.cat) or not _last_axis(c, arg(c, 1, "dim", 0)) or len(c.args[0]) != 2:
+        return None
+    return c
+
+
+def _sink_split(sm: torch.fx.Node) -> _Sink | None:
+    """The attention-sink form of a softmax over the last axis (gpt-oss; inkling2 casts the logits with
+    ``.float()`` and its per-query sinks come from the hidden states), or None."""
+    c = _sink_cat(sm)
+    if c is None:
         return None
     scores, column = c.args[0]
     drop = only_user(sm)
@@ -863,6 +887,14 @@ class AttentionPass(Pass):
         if values is None and scores is None:
             if scores_exc.certain:  # q·kᵀ scores but for a reshape that mixes the query or key axis
                 ctx.report.add_near_miss("attention", scores_err, sm)
+            elif sink is None and (cat := _sink_cat(sm, narrowed := [])) is not None and \
+                    any(_match_scores_quietly(gm, x) for x in cat.args[0]):
+                # q·kᵀ scores with a column beside them, but not the form above: never silent
+                why = (f"cast from {narrowed[0][0]} to {narrowed[0][1]} before the softmax (the op computes them "
+                       "at the inputs' precision)" if narrowed else
+                       f"not then dropped by a slice [..., :-1] alone: {values_err}")
+                ctx.report.add_near_miss("attention", "a softmax over q·kᵀ scores concatenated with a column (an "
+                                         f"attention sink), {why}", sm)
             return  # else a softmax that is not attention (a router, a classifier head...)
         if values is None or scores is None:
             ctx.report.add_near_miss("attention", values_err if values is None else scores_err, sm)

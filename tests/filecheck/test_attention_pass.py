@@ -514,3 +514,20 @@ def test_lazy_normalization_without_the_max_is_not_attention(tmp_path):
         CHECK: aten.div.Tensor
         CHECK-NOT: seqfuse.attention
     """)
+
+
+def test_per_query_sinks_behind_float_casts_are_the_sink_operand(tmp_path):
+    # inkling2's spelling: cat([scores + bias, sinks (B, H, L, 1)]).float(), softmax, [..., :-1].to(dtype)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    bias, sinks = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 1)
+
+    def attn(q, k, v, bias, sinks):
+        s = q @ k.transpose(2, 3) * 0.3 + bias
+        p = F.softmax(torch.cat([s, sinks], dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
+        return p @ v
+    run_filecheck(dump(attn, q, k, v, bias, sinks, tmp_path=tmp_path), """
+        CHECK: seqfuse.attention({{.*}}bias=%{{.*}}sink=%{{.*}}mask=none
+        CHECK-NOT: aten.cat
+        CHECK-NOT: aten._softmax
+        CHECK: return
+    """)

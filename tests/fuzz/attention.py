@@ -6,7 +6,8 @@ docs/ir.md "attention"): ``q @ kᵀ``, ``matmul``, ``einsum``, ``bmm`` over resh
 (bool and HF-style ``(1 - m) * min`` biases), sliding windows,
 fully masked rows; ``F.softmax(dtype=)`` and ``.float()`` / ``.to(q.dtype)`` round trips; a softmax
 normalized after the value contraction (``exp(s - max) @ v / Σ``, with or without a per-head sink logit in
-the max and the sum, as fla's ``naive_parallel_attn(sink_bias=)``); SDPA calls
+the max and the sum, as fla's ``naive_parallel_attn(sink_bias=)``); a sink column concatenated to the
+scores and dropped after the softmax (gpt-oss; per query and behind ``.float()`` as inkling2); SDPA calls
 (masks, ``is_causal``, ``enable_gqa``, scale); GQA through ``repeat_interleave`` / ``expand``;
 soft-capping; sizes 1, odd, non-multiples of the kernels' tiles; fp64 / fp32 / bf16 / fp16;
 strided views; random requires_grad subsets; NaN / inf inputs.
@@ -84,9 +85,12 @@ def hand_written(r, seed, triton):
     scale_on_q, div = r.random() < 0.2, r.random() < 0.3
     softcap = r.choice((None,) * 6 + (5.0, 30.0))
     upcast = r.choice(("none", "none", "softmax_dtype", "float", "written_out", "post_normalized",
-                       "post_normalized_sink"))
-    if upcast == "post_normalized_sink" and spelling in ("bmm", "baddbmm"):
+                       "post_normalized_sink", "cat_sink"))
+    if upcast in ("post_normalized_sink", "cat_sink") and spelling in ("bmm", "baddbmm"):
         upcast = "post_normalized"
+    # gpt-oss / inkling2's sink column: one logit per head expanded over the rows, or one per query (inkling2's
+    # sink_proj of the hidden states); the logits cast with .float() before the softmax or not
+    sink_per_query, sink_cast = (r.random() < 0.5, r.random() < 0.5) if upcast == "cat_sink" else (False, False)
     window = size(r, 1, max(1, Lq), (1, 2, 3))
     strided = r.random() < 0.15
     Dv = D if r.random() < 0.8 else size(r, 1, 16)
@@ -215,6 +219,12 @@ def hand_written(r, seed, triton):
             mx = torch.maximum(s.max(dim=-1).values, c)
             p = torch.exp(s - mx[..., None])
             z = (p.sum(-1) + torch.exp(c - mx))[..., None]
+        elif upcast == "cat_sink":   # cat([s, column], -1), softmax, the column's probability dropped
+            col = rest[-1]
+            if col.dim() == 1:
+                col = col[None, :, None, None].expand(s.shape[0], -1, s.shape[2], 1)
+            c = torch.cat([s, col], dim=-1)
+            p = F.softmax(c.float() if sink_cast else c, dim=-1)[..., :-1].to(q.dtype)
         else:
             p = s.softmax(dim=-1)
         if spelling == "einsum":
@@ -233,17 +243,22 @@ def hand_written(r, seed, triton):
         fn = _WithBuffer(fn, buffer)
     name = f"{spelling}+{mask}" + (f"+gqa{gqa}" if gqa > 1 else "") + ("+softcap" if softcap else "") + \
         ("+strided" if strided else "") + (f"+scale{scale}" if scale <= 0 else "") + \
-        (f"+{upcast}" if upcast != "none" else "") + ("+blhd_out" if tail == "blhd" else "")
+        (f"+{upcast}" if upcast != "none" else "") + ("+blhd_out" if tail == "blhd" else "") + \
+        ((("/per_query" if sink_per_query else "") + ("/float" if sink_cast else "")) if upcast == "cat_sink" else "")
     expect = "attention"
     if upcast.startswith("post_normalized") and dt == torch.float16:
         expect = None  # the unnormalized product can overflow in fp16 where softmax's does not: left alone
-    elif upcast not in ("none", "post_normalized", "post_normalized_sink") and dt == torch.float64:
+    elif upcast not in ("none", "post_normalized", "post_normalized_sink", "cat_sink") and dt == torch.float64:
         expect = None  # a narrowing cast of the scores: a near miss
+    elif upcast == "cat_sink" and sink_cast and dt == torch.float64:
+        expect = None
     if fill_value is not None and not math.isfinite(float(torch.tensor(fill_value, dtype=torch.float64).to(dt))):
         expect = None  # masked_fill raises
     inputs = [q, k, v, *extra]
     if upcast == "post_normalized_sink":   # one logit per head, after the mask's operand
         inputs.append(m.randn(H, grad=r.random() < 0.6))
+    elif upcast == "cat_sink":
+        inputs.append(m.randn(*((B, H, Lq, 1) if sink_per_query else (H,)), grad=r.random() < 0.6))
     return Case("attention", name + (f"+{tag}" if tag else ""), fn, tuple(inputs), expect,
                 {"runtime": "triton"} if triton else _options(r), seed)
 

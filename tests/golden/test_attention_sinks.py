@@ -133,6 +133,50 @@ def test_other_concatenations_are_left_as_written(fn):
     sink = torch.randn(2, requires_grad=True)
     report = check_against_eager(fn, q, k, v, sink)
     assert report.count("attention") == 0, str(report)
+    # never silent: q·kᵀ scores beside a column are reported
+    reasons = [m.reason for m in report.near_misses if m.kind == "attention"]
+    assert len(reasons) == 1 and "concatenated with a column (an attention sink)" in reasons[0], str(report)
+
+
+class _Inkling2Module(torch.nn.Module):
+    """What inkling2's eager_attention_forward reads off its module: the GQA group count."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.training = True
+
+    def forward(self, q, k, v, mask, position_bias, sinks):
+        inkling2 = pytest.importorskip("transformers.models.inkling2.modeling_inkling2")
+        return inkling2.eager_attention_forward(self, q, k, v, mask, scaling=0.3, position_bias=position_bias,
+                                                sinks=sinks)[0]
+
+
+def _inkling2_inputs(dtype, b=2, h=4, hk=2, lq=7, d=8):
+    torch.manual_seed(3)
+    q, k, v, mask = _inputs(b, h, hk, lq, d)
+    bias = torch.randn(b, h, lq, lq)
+    sinks = torch.randn(b, h, lq, 1)       # per query: sink_proj(hidden_states) in the model
+    return [x.detach().to(dtype).requires_grad_(x is not mask) for x in (q, k, v, mask, bias, sinks)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inkling2_per_query_sinks_through_float_casts(dtype):
+    # transformers' inkling2: cat([scores + position bias + mask, sinks (B, H, L, 1)]).float(), softmax,
+    # [..., :-1].to(q.dtype): the casts keep every value (fp32: no-ops; bf16: widening), so one attention
+    # with a per-query sink; outputs and every gradient (the sinks' and the bias's) equal eager's
+    report = check_against_eager(_Inkling2Module(2), *_inkling2_inputs(dtype))
+    assert report.count("attention") == 1, str(report)
+    assert "sink=" in report.rewrites[0].ir and "bias=" in report.rewrites[0].ir, report.rewrites[0].ir
+
+
+def test_inkling2_sinks_in_fp64_narrowed_by_float_is_a_near_miss():
+    # fp64 logits cast to fp32 before the softmax: the op would compute them in fp64, so the program stays
+    report = check_against_eager(_Inkling2Module(2), *_inkling2_inputs(torch.float64))
+    assert report.count("attention") == 0, str(report)
+    reasons = [m.reason for m in report.near_misses if m.kind == "attention"]
+    assert len(reasons) == 1 and "cast from torch.float64 to torch.float32 before the softmax" in reasons[0], \
+        str(report)
 
 
 def test_gpt_oss_model_trains_like_eager():
