@@ -1,7 +1,7 @@
 """A held-out corpus of real models: what seqfuse finds in code the project was not written against.
 
     python -m tests.corpus                      # every case of the corpus (both families)
-    python -m tests.corpus --family attention   # the attention family only (the 26 LMs below)
+    python -m tests.corpus --family attention   # the attention family only (the 37 LMs below)
     python -m tests.corpus --family delta       # the delta-rule family only (tests/corpus/delta.py)
     python -m tests.corpus --only qwen3 opt qwen3_next fla_kda_chunk_h0   # some cases, of either family
     python -m tests.corpus --list
@@ -83,6 +83,86 @@ CORPUS = {
         "layer_types": ["minimax_m3_sparse", "full_attention"], "mlp_layer_types": ["dense", "dense"],
         "dense_intermediate_size": 64, "rotary_dim": 4, "index_n_heads": 2, "index_head_dim": 8,
         "index_block_size": 4, "index_topk_blocks": 2, "index_local_blocks": 1}),
+    # Inkling: a learned, hidden-state-conditioned relative position bias (gathered per distance) is added
+    # to the scores; keys and values go through causal short convolutions; q/k RMS-normed with scale 1/d;
+    # sliding-window layers with their own head counts, and log-scaled queries in the full layers
+    "inkling": ("InklingTextConfig", "InklingForCausalLM", {
+        "layer_types": ["hybrid_sliding", "hybrid"], "mlp_layer_types": ["dense", "sparse"],
+        "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8, "sliding_window_size": 4,
+        "d_rel": 4, "rel_extent": 8, "log_scaling_n_floor": 4, "moe_intermediate_size": 16, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "n_shared_experts": 1}),
+    # Inkling 2: per-token, data-dependent attention sinks (sink_proj of the hidden state); a relative position
+    # bias; q/k/relative states L2-clipped; static (sliding) / input-dependent (full) short convolutions on k
+    # and v; and block attention residuals: a learned query attends, per token, over the earlier blocks' outputs
+    "inkling2": ("Inkling2TextConfig", "Inkling2ForCausalLM", {
+        "layer_types": ["hybrid_sliding", "hybrid"], "unpadded_vocab_size": 64, "swa_num_attention_heads": 4,
+        "swa_num_key_value_heads": 2, "swa_head_dim": 8, "sliding_window_size": 4, "d_rel": 4, "rel_extent": 8,
+        "log_scaling_n_floor": 4, "moe_intermediate_size": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_layers_per_attn_res_block": 1, "eos_token_id": 2}),
+    # ZAYA: compressed convolutional attention (CCA): q and k are mixed by two stacked causal convolutions
+    # (depthwise, then grouped per head) plus residual paths that average q with its GQA key; half of each
+    # value head is the previous token's projection (a one-step delay); hybrid / sliding-window layers
+    "zaya": ("ZayaConfig", "ZayaForCausalLM", {
+        "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4, "num_experts": 4,
+        "num_experts_per_tok": 1, "moe_intermediate_size": 16, "router_hidden_size": 16, "eos_token_id": 2}),
+    # HY-V4: MLA with a DeepSeek sparse-attention indexer (top-k keys per query, scattered into the additive
+    # mask; the second layer reuses the first layer's selection), learned per-head sinks concatenated to the
+    # scores with a max-subtracted softmax, a sigmoid output gate, and hyper-connection residual streams
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM", {
+        "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+        "index_topk": 4, "index_head_dim": 8, "index_n_heads": 2, "indexer_types": ["full", "shared"],
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "hc_mult": 2,
+        "learnable_sink_init": 0.5, "bos_token_id": 1, "eos_token_id": 2}),
+    # Laguna: per-layer head counts, a softplus per-head output gate, sliding / full layers with different
+    # RoPE (partial rotary in the full layers)
+    "laguna": ("LagunaConfig", "LagunaForCausalLM", {
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4,
+        "num_attention_heads_per_layer": [4, 2], "mlp_layer_types": ["dense", "sparse"], "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16}),
+    # DeepSeek-V4: shared-KV MQA (one head read as both key and value, RoPE undone on the output), per-head
+    # learned sinks, sliding windows; compressed layers append pooled KV blocks to the keys (CSA: picked by
+    # an indexer; HCA: heavily compressed) with a block causality bias; hyper-connection residual streams
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", {
+        "num_hidden_layers": 3, "num_key_value_heads": 1,
+        "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+        "mlp_layer_types": ["hash_moe", "moe", "moe"], "sliding_window": 4,
+        "compress_rates": {"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+        "q_lora_rank": 16, "o_groups": 2, "o_lora_rank": 8, "index_n_heads": 2, "index_head_dim": 8,
+        "index_topk": 2, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+        "hc_mult": 2, "hc_sinkhorn_iters": 3, "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 0}),
+    # LFM3: gated short-convolution layers (B*x, causal depthwise conv, *C) beside sliding-window and full
+    # attention layers with q/k norms, a sigmoid per-head output gate, and "proportional" partial RoPE
+    "lfm3": ("Lfm3Config", "Lfm3ForCausalLM", {
+        "num_hidden_layers": 3, "layer_types": ["conv", "sliding_attention", "full_attention"],
+        "sliding_window": 4, "conv_L_cache": 3, "bos_token_id": 1, "eos_token_id": 2}),
+    # Step-3.7 (text path of the VL model; no ForCausalLM): sliding / full layers with their own head counts
+    # (per_layer_config), q/k norms and a sigmoid per-head output gate
+    "step3p7": ("Step3p7Config", "Step3p7ForConditionalGeneration", {
+        "text_config": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                        "max_position_embeddings": 64, "pad_token_id": 0, "layer_types": ["sliding_attention",
+                        "full_attention"], "sliding_window": 4, "num_sliding_attention_heads": 2,
+                        "mlp_layer_types": ["dense", "sparse"], "n_routed_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 16, "share_expert_dim": 16},
+        "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                          "max_position_embeddings": 4}}),
+    # DiffLlama: differential attention, softmax(Q1 K1^T) - lambda * softmax(Q2 K2^T) as two attention calls
+    # on the halves of the heads, with value heads chunked and repeated, a learned lambda and a group RMSNorm
+    "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", {}),
+    # Llama 4: chunked attention (blocks of attention_chunk_size keys) in the RoPE layers with L2-normed q/k;
+    # NoPE full-attention layers whose queries are scaled by a position-dependent temperature (log1p(floor))
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", {
+        "no_rope_layers": [1, 0], "attention_chunk_size": 4, "floor_scale": 4, "attn_scale": 0.5,
+        "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size": 16, "intermediate_size_mlp": 64,
+        "moe_layers": [1]}),
+    # DeepSeek-V3.2: MLA (low-rank q and kv, a shared RoPE key slice, qk and v head dims differ) with the
+    # DeepSeek sparse-attention indexer: a no-grad top-k over ReLU'd index scores, scattered into the mask
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", {
+        "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+        "index_topk": 4, "index_head_dim": 8, "index_n_heads": 2, "first_k_dense_replace": 1,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_group": 1,
+        "topk_group": 1, "num_key_value_heads": 4, "bos_token_id": 1, "eos_token_id": 2}),
 }
 
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -129,14 +209,21 @@ def child(name: str) -> dict:
     import copy
     oracle_model = copy.deepcopy(model).double()
     oracle_params = [p for p in oracle_model.parameters() if p.requires_grad]
-    oracle_model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)
-    try:
-        logits64 = oracle_model(tokens, use_cache=False).logits
-        logits64.backward(torch.randn(logits64.shape, generator=torch.Generator().manual_seed(2)).double())
-        oracle_grads = [None if p.grad is None else p.grad for p in oracle_params]
-    except RuntimeError:  # a kernel without fp64 (grouped_mm of the MoE models): no oracle
-        oracle_grads = [None] * len(oracle_params)
+    oracle_grads = [None] * len(oracle_params)   # no oracle where no fp64 run is possible
+    for experts in (None, "eager"):
+        # the MoE models' grouped_mm has no fp64 kernel: the fp64 copy then runs the experts one by one
+        # (transformers' "eager" experts implementation, the same function)
+        try:
+            if experts is not None:
+                oracle_model.set_experts_implementation(experts)
+            oracle_model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            logits64 = oracle_model(tokens, use_cache=False).logits
+            logits64.backward(torch.randn(logits64.shape, generator=torch.Generator().manual_seed(2)).double())
+            oracle_grads = [None if p.grad is None else p.grad for p in oracle_params]
+            break
+        except (RuntimeError, ValueError, AttributeError):
+            continue
     report = seqfuse.Report()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="seqfuse", options={"downstream": "aot_eager"})
