@@ -242,6 +242,24 @@ int delta_fwd_SUFFIX(const SCALAR *Q, const i64 *SQ, const SCALAR *Km, const i64
 }
 
 
+/* One row i of the decayed read's adjoint (r = S'ᵀ p, S' = α ⊙ S_{t-1}, ``a`` the row of ∂L/∂S', ``sv`` the row of
+   S_{t-1}): a += p_i dr; *acc_p = Σ_v S'_i dr (∂L/∂p_i), *acc_g = Σ_v a ⊙ S'_i (∂L/∂g_i); then a = α_i a. */
+static inline __attribute__((always_inline)) void read_adjoint_row_SUFFIX(
+        SCALAR *restrict a, const SCALAR *restrict sv, SCALAR ai, SCALAR pi, const SCALAR *restrict dr, i64 V,
+        SCALAR *acc_p, SCALAR *acc_g) {
+    SCALAR accp = 0, accg = 0;
+    #pragma omp simd reduction(+:accp, accg)
+    for (i64 j = 0; j < V; ++j) {
+        const SCALAR sp = ai * sv[j];
+        accp += sp * dr[j];
+        const SCALAR x = a[j] + pi * dr[j];
+        accg += x * sp;
+        a[j] = ai * x;
+    }
+    *acc_p = accp;
+    *acc_g = accg;
+}
+
 /* The adjoint of one generalized step (see step_gen): A holds ∂L/∂S_t in and ∂L/∂S_{t-1} out; r is the step's
    read Rᵀ p, s_t and s_prev the states after and before it.  Fills dq, dk, dv, dp, de, dg (per key dim) and
    returns dβ.  With G = A + scale q ⊗ dy (∂L/∂S_t):
@@ -291,14 +309,7 @@ static inline __attribute__((always_inline)) SCALAR adjoint_gen_SUFFIX(
                 a[j] = ai * a[j] + pi * ge[j];
             }
         } else {
-            #pragma omp simd reduction(+:accp, accg)
-            for (i64 j = 0; j < V; ++j) {
-                const SCALAR sp = ai * sv[j];
-                accp += sp * ge[j];
-                const SCALAR x = a[j] + pi * ge[j];
-                accg += x * sp;
-                a[j] = ai * x;
-            }
+            read_adjoint_row_SUFFIX(a, sv, ai, pi, ge, V, &accp, &accg);
         }
         dp[i] = accp;
         dg[i] = accg;
@@ -416,16 +427,8 @@ static inline __attribute__((always_inline)) void bwd_head_SUFFIX(
                 for (i64 i = 0; i < K; ++i) {
                     const SCALAR *sv = s_prev + i * V;
                     SCALAR *restrict a = A + i * V;
-                    const SCALAR ki = kl[i], ai = al[i];
-                    SCALAR acck = 0, accg = 0;
-                    #pragma omp simd reduction(+:acck, accg)
-                    for (i64 j = 0; j < V; ++j) {
-                        const SCALAR sp = ai * sv[j];
-                        acck += sp * du[j];
-                        const SCALAR x = a[j] + ki * du[j];
-                        accg += x * sp;
-                        a[j] = ai * x;
-                    }
+                    SCALAR acck, accg;
+                    read_adjoint_row_SUFFIX(a, sv, al[i], kl[i], du, V, &acck, &accg);
                     dk[i] += acck;
                     dg[i] = accg;
                 }
