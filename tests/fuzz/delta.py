@@ -115,6 +115,19 @@ def _broken(module: str, name: str, old: str, new: str):
     return namespace[name]
 
 
+def _options(r: random.Random, triton: bool, forced: float) -> dict:
+    """The compile options of a case: the Triton runtime when ``triton``, else sometimes the eager or C one;
+    with probability ``forced`` an algorithm forced."""
+    opts: dict = {}
+    if triton:
+        opts["runtime"] = "triton"
+    elif r.random() < 0.4:
+        opts["runtime"] = r.choice(("eager", "cpu"))
+    if r.random() < forced:
+        opts["algorithm"] = {"delta": r.choice(("recurrent", "chunked"))}
+    return opts
+
+
 def _program(r: random.Random, triton: bool):
     """(name, fn, inputs, expect, options) of one random delta-rule case, or None when no library is there."""
     entries = [e for e in FUNCTIONS if _load(e[1], e[2]) is not None]
@@ -220,13 +233,7 @@ def _program(r: random.Random, triton: bool):
         return (o, S) if final else o
 
     inputs = tuple(x for x in (q, k, v, beta, g, h0, *extra) if x is not None)
-    opts: dict = {}
-    if triton:
-        opts["runtime"] = "triton"
-    elif r.random() < 0.4:
-        opts["runtime"] = r.choice(("eager", "cpu"))
-    if r.random() < 0.4:
-        opts["algorithm"] = {"delta": r.choice(("recurrent", "chunked"))}
+    opts = _options(r, triton, 0.4)
     what = f"{name}{'/broken:' + broken[2][:24] if broken else ''}/C{C}" + (f"/BM{BM}" if BM else "") \
         + (f"/G{G}" if G > 1 else "") \
         + ("/h0" if h0 is not None else "") + ("/final" if final else "") + (f"+{tag}" if tag else "")
@@ -259,13 +266,7 @@ def _rwkv7_program(r: random.Random, name, kind, f, broken, B, H, N, triton):
         return f(rr, w, k, v, -kk, kk * a, key_matrix=key_matrix)
 
     inputs = (rr, w, k, v, kk, a) + ((state,) if state is not None else ())
-    opts: dict = {}
-    if triton:
-        opts["runtime"] = "triton"
-    elif r.random() < 0.4:
-        opts["runtime"] = r.choice(("eager", "cpu"))
-    if r.random() < 0.3:
-        opts["algorithm"] = {"delta": r.choice(("recurrent", "chunked"))}
+    opts = _options(r, triton, 0.3)
     what = f"{name}{'/broken:' + broken[2][:24] if broken else ''}" + ("/key_matrix" if key_matrix and kind == "rwkv7"
                                                                        else "") + (f"+{tag}" if tag else "")
     # the demo's rows in bf16 / fp64: its .float() casts round the key matrix (a near miss); T = 1: no loop

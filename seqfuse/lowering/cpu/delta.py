@@ -242,6 +242,14 @@ int delta_fwd_SUFFIX(const SCALAR *Q, const i64 *SQ, const SCALAR *Km, const i64
 }
 
 
+/* Write x (n entries) as step t of (ib, ih) of a (B, T, H, n) output with element strides SX (NULL X: nothing). */
+static inline void store_step_SUFFIX(SCALAR *X, const i64 *SX, i64 ib, i64 ih, i64 t, const SCALAR *restrict x,
+                                     i64 n) {
+    if (!X) return;
+    SCALAR *x_t = X + ib * SX[0] + t * SX[1] + ih * SX[2];
+    for (i64 i = 0; i < n; ++i) x_t[i * SX[3]] = x[i];
+}
+
 /* One row i of the decayed read's adjoint (r = S'ᵀ p, S' = α ⊙ S_{t-1}, ``a`` the row of ∂L/∂S', ``sv`` the row of
    S_{t-1}): a += p_i dr; *acc_p = Σ_v S'_i dr (∂L/∂p_i), *acc_g = Σ_v a ⊙ S'_i (∂L/∂g_i); then a = α_i a. */
 static inline __attribute__((always_inline)) void read_adjoint_row_SUFFIX(
@@ -380,21 +388,12 @@ static inline __attribute__((always_inline)) void bwd_head_SUFFIX(
                 stage_keys_SUFFIX(ib, ih, t, K, kl, P, SP, E, SE, pl, el);
                 dbeta = adjoint_gen_SUFFIX(A, s_t, s_prev, kl, ql, vl, al, pl, el, prev, beta, scale,
                                            rs + (t - t0) * V, dy, dq, dk, du, dp, de, dg, K, V);
-                if (DV) {
-                    SCALAR *dv_t = DV + ib * SDV[0] + t * SDV[1] + ih * SDV[2];
-                    for (i64 j = 0; j < V; ++j) dv_t[j * SDV[3]] = du[j];
-                }
+                store_step_SUFFIX(DV, SDV, ib, ih, t, du, V);
                 /* a key that is k (P or E NULL) adds its gradient to k's */
                 if (!P) for (i64 i = 0; i < K; ++i) dk[i] += dp[i];
                 if (!E) for (i64 i = 0; i < K; ++i) dk[i] += de[i];
-                if (P && DP) {
-                    SCALAR *dp_t = DP + ib * SDP[0] + t * SDP[1] + ih * SDP[2];
-                    for (i64 i = 0; i < K; ++i) dp_t[i * SDP[3]] = dp[i];
-                }
-                if (E && DE) {
-                    SCALAR *de_t = DE + ib * SDE[0] + t * SDE[1] + ih * SDE[2];
-                    for (i64 i = 0; i < K; ++i) de_t[i * SDE[3]] = de[i];
-                }
+                if (P) store_step_SUFFIX(DP, SDP, ib, ih, t, dp, K);
+                if (E) store_step_SUFFIX(DE, SDE, ib, ih, t, de, K);
             } else {
                 /* r = S'ᵀ k (kept by phase 2a; S' = α ⊙ S_{t-1} is formed again below), u = β (v − r) */
                 for (i64 j = 0; j < V; ++j) { r[j] = rs[(t - t0) * V + j]; u[j] = beta * (vl[j] - r[j]); du[j] = 0; }
@@ -418,11 +417,9 @@ static inline __attribute__((always_inline)) void bwd_head_SUFFIX(
                 /* u = β (v − r): dβ, dv = β du, dr = −β du (kept in du) */
                 dbeta = 0;
                 for (i64 j = 0; j < V; ++j) { dbeta += du[j] * (vl[j] - r[j]); }
-                if (DV) {
-                    SCALAR *dv_t = DV + ib * SDV[0] + t * SDV[1] + ih * SDV[2];
-                    for (i64 j = 0; j < V; ++j) dv_t[j * SDV[3]] = beta * du[j];
-                }
-                for (i64 j = 0; j < V; ++j) du[j] = -beta * du[j];
+                for (i64 j = 0; j < V; ++j) du[j] = beta * du[j];      /* dv = β du */
+                store_step_SUFFIX(DV, SDV, ib, ih, t, du, V);
+                for (i64 j = 0; j < V; ++j) du[j] = -du[j];            /* dr = −β du */
                 /* r = S'ᵀ k: A += k ⊗ dr, dk += S' dr; then dg = Σ_v A ⊙ S' and A = α ⊙ A */
                 for (i64 i = 0; i < K; ++i) {
                     const SCALAR *sv = s_prev + i * V;
@@ -434,14 +431,8 @@ static inline __attribute__((always_inline)) void bwd_head_SUFFIX(
                 }
             }
             /* write the step's gradients */
-            if (DQ) {
-                SCALAR *dq_t = DQ + ib * SDQ[0] + t * SDQ[1] + ih * SDQ[2];
-                for (i64 i = 0; i < K; ++i) dq_t[i * SDQ[3]] = dq[i];
-            }
-            if (DK) {
-                SCALAR *dk_t = DK + ib * SDK[0] + t * SDK[1] + ih * SDK[2];
-                for (i64 i = 0; i < K; ++i) dk_t[i * SDK[3]] = dk[i];
-            }
+            store_step_SUFFIX(DQ, SDQ, ib, ih, t, dq, K);
+            store_step_SUFFIX(DK, SDK, ib, ih, t, dk, K);
             if (DB) DB[ib * SDB[0] + t * SDB[1] + ih * SDB[2]] = dbeta;
             if (DG && gate != 0) {
                 SCALAR *dg_t = DG + ib * SDG[0] + t * SDG[1] + ih * SDG[2];
