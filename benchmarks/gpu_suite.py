@@ -383,6 +383,23 @@ def _recurrence_rows(suite: Suite) -> list:
                 peers["fla"] = lambda q, k, v, beta, g: peer["fla_delta"](q, k, v, g, beta, scale=K ** -0.5)
             rows.append((dict(op="delta/scalar", T=T, B=Bd, H=Hd, K=K, V=V, pass_="fwd+bwd" if backward else "fwd"),
                          make, ours, peers))
+        # RWKV-7-like generalized step (1.5B: 32 heads of 64; a vector gate, read key, erase key, read of the
+        # state before its decay): the triton step loop against the general chunked form in torch ops
+        Br, Hr, Nr = (1, 32, 64) if not smoke else (1, 2, 8)
+        for backward in (False, True):
+            def make(T=T, backward=backward):
+                unit = lambda: torch.nn.functional.normalize(torch.randn(Br, T, Hr, Nr, device=dev), dim=-1)  # noqa: E731
+                kk, a = unit(), torch.sigmoid(torch.randn(Br, T, Hr, Nr, device=dev))
+                q, k, v = (torch.randn(Br, T, Hr, Nr, device=dev, dtype=dtype) for _ in range(3))
+                g = -torch.exp(torch.randn(Br, T, Hr, Nr, device=dev) - 1)
+                ops = (q, k, v, torch.ones(Br, T, Hr, device=dev, dtype=dtype), g, (-kk).to(dtype), (kk * a).to(dtype))
+                return tuple(x.requires_grad_(backward) for x in ops)
+            ours = {"seqfuse": lambda q, k, v, beta, g, p, e: torch.ops.seqfuse.delta(
+                        q, k, v, beta, g, None, "vector", 1.0, 16, "recurrent", "triton", False, p, e, "previous")[0],
+                    "eager": lambda q, k, v, beta, g, p, e: delta_chunked(q, k, v, beta, g, gate="vector", chunk=16,
+                                                                          p=p, e=e, read="previous")[0]}
+            rows.append((dict(op="delta/rwkv7", T=T, B=Br, H=Hr, K=Nr, V=Nr, pass_="fwd+bwd" if backward else "fwd"),
+                         make, ours, {}))
         # Mamba-1 selective scan, discretized in the kernel: D = 2·d_model channels, N = 16
         Bs, D, Ns = (1, 5120, 16) if not smoke else (1, 8, 4)
         for backward in (False, True):

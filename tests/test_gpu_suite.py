@@ -30,7 +30,7 @@ def test_gpu_suite_smoke_reports_every_stage(tmp_path):
         assert isinstance(r["seqfuse_tflops"], float) and isinstance(r["flash_tflops"], float), r
         assert "inductor_tflops" in r and "flex_tflops" in r, r
     ops = {r["op"] for r in by_stage["recurrence"]}
-    assert ops == {"ssd/none", "ssd/scalar", "ssd/vector", "delta/scalar", "scan/selective"}, ops
+    assert ops == {"ssd/none", "ssd/scalar", "ssd/vector", "delta/scalar", "delta/rwkv7", "scan/selective"}, ops
     for r in by_stage["recurrence"] + by_stage["long_conv"]:
         assert isinstance(r["seqfuse_ms"], float) and isinstance(r["eager_ms"], float), r
     models = {(r["model"], r["pass_"]) for r in by_stage["models"]}

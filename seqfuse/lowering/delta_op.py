@@ -18,9 +18,9 @@ Implementations register with the dispatcher (seqfuse.runtime) as
 ``Impl(path, supports, forward, backward)`` with
 ``forward(q, k, v, beta, g, h0, p, e, attrs) -> (y, h)`` and
 ``backward(grad_y, grad_h, q, k, v, beta, g, h0, p, e, attrs) -> (dq, dk, dv, dbeta, dg, dh0, dp, de)``,
-attrs = {"gate", "scale", "chunk", "algorithm", "read"} (+ "needs": eight bools, for the backward).  Only
-the eager reference takes a read key p, an erase key e or read="previous" today; the C and Triton paths
-refuse such a call.
+attrs = {"gate", "scale", "chunk", "algorithm", "read"} (+ "needs": eight bools, for the backward).  A read
+key p, an erase key e or read="previous" runs on the eager reference, the C kernel (recurrent, CPU) and
+the Triton step-loop kernels (recurrent); the Triton chunked kernels refuse such a call.
 Gradients the caller does not need may be None; the op returns them as empty tensors.
 
 The eager backward differentiates the chunked reference again (inside the op, under
@@ -159,8 +159,8 @@ from seqfuse.lowering.cpu import delta as _cpu_delta  # noqa: E402
 
 _cpu_delta.register()
 
-# the Triton chunked forward and backward (CUDA, or CPU under TRITON_INTERPRET=1).  Its ``supports``
-# refuses the recurrent algorithm, gate="vector" in the backward, NaN / inf operands, ...
+# the Triton chunked and step-loop forward and backward (CUDA, or CPU under TRITON_INTERPRET=1).  Its
+# ``supports`` refuses p / e / read="previous" for the chunked algorithm, NaN / inf operands, ...
 from seqfuse.lowering.triton import delta as _triton_delta  # noqa: E402
 
 _triton_delta.register()

@@ -232,7 +232,10 @@ def choose_scan(op: Scan, options=None) -> str:
 #   T=2048  vector:  11 / 52                   328 / 1387                  scalar: 8.5 / 47   vs  1226 / 4642
 # So on CPU: recurrent whenever the C kernel takes the shapes (without a C compiler the recurrent call
 # runs the eager step loop: force {"delta": "chunked"} there); elsewhere recurrent for a few steps
-# (decoding, the state carried through h0), chunked otherwise and for a dynamic T.
+# (decoding, the state carried through h0), chunked otherwise and for a dynamic T.  On CUDA the
+# generalized step is recurrent at every length: its triton kernels are the step loop
+# (seqfuse/lowering/triton/delta_recurrent.py), the chunked triton kernels take the plain rule only, and
+# the general chunked form in torch ops is a few dozen small kernels per chunk (not measured: no GPU here).
 DELTA_ALGORITHMS = ("recurrent", "chunked")
 DELTA_RECURRENT_MAX_T = 16
 DELTA_CHUNK = {"none": 64, "scalar": 64, "vector": 16}
@@ -249,6 +252,12 @@ def _cpu_delta_recurrent(op: Delta) -> bool:
     return K is not None and V is not None and K <= CPU_DELTA_MAX_D and V <= CPU_DELTA_MAX_D
 
 
+def _cuda_generalized_delta(op: Delta) -> bool:
+    """Whether ``op`` is the generalized step (a read key, an erase key or read="previous") on CUDA."""
+    general = op.p is not None or op.e is not None or op.read != "decayed"
+    return general and val(op.k).device.type == "cuda"
+
+
 def choose_delta(op: Delta, options=None) -> str:
     """The delta algorithm for ``op``'s shapes and device (the user's ``options.algorithm["delta"]`` wins);
     sets ``op.chunk`` whenever the result is "chunked"."""
@@ -256,7 +265,7 @@ def choose_delta(op: Delta, options=None) -> str:
     T = _static(val(op.k).shape[1])
     if forced is not None:
         algorithm = forced
-    elif _cpu_delta_recurrent(op) or (T is not None and T <= DELTA_RECURRENT_MAX_T):
+    elif _cpu_delta_recurrent(op) or _cuda_generalized_delta(op) or (T is not None and T <= DELTA_RECURRENT_MAX_T):
         algorithm = "recurrent"
     else:
         algorithm = "chunked"

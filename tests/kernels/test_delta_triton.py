@@ -132,10 +132,11 @@ def test_refusals_name_the_reason():
     ops = _operands(1, 8, 1, 8, 8, torch.float32, "scalar")
     t = dict(zip(("q", "k", "v", "beta", "g", "h0"), ops))
     a = dict(gate="scalar", scale=1.0, chunk=64, algorithm="chunked")
-    assert "recurrent" in tdelta.supports(t, dict(a, algorithm="recurrent"))
-    assert "read key" in tdelta.supports(dict(t, p=t["k"]), a)          # only the eager reference reads with p,
-    assert "erase key" in tdelta.supports(dict(t, e=t["k"]), a)         # erases along e
-    assert "previous" in tdelta.supports(t, dict(a, read="previous"))   # and reads the state before its decay
+    assert tdelta.supports(t, dict(a, algorithm="recurrent")) is None   # the step-loop kernels (own tests)
+    assert "auto" in tdelta.supports(t, dict(a, algorithm="auto"))
+    assert "read key" in tdelta.supports(dict(t, p=t["k"]), a)          # the chunked kernels do not read with p,
+    assert "erase key" in tdelta.supports(dict(t, e=t["k"]), a)         # erase along e
+    assert "previous" in tdelta.supports(t, dict(a, read="previous"))   # or read the state before its decay
     vec = dict(t, g=torch.zeros(1, 8, 1, 8))
     assert tdelta.supports(vec, dict(a, gate="vector")) is None
     assert "shapes" in tdelta.supports(t, dict(a, gate="vector"))       # a per-head g for gate="vector"

@@ -62,3 +62,23 @@ def test_mamba_scan_runs_on_triton(algorithm, monkeypatch):
     on_triton("scan", report, 1)
     (ir,) = [r.ir for r in report.rewrites if r.kind == "scan"]
     assert "dt=%" in ir and "u=%" in ir and "c=%" in ir, ir
+
+
+def test_rwkv7_loop_runs_on_the_recurrent_triton_kernels():
+    # RWKV-7's step loop (tests/delta_spellings.py): one delta op with a read key, an erase key and
+    # read="previous", forward and backward on the recurrent kernels, every gradient equal to eager's
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from delta_spellings import rwkv7_loop
+    B, T, H, N = 1, 9, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    r, w, k, v = (torch.randn(B, T, H, N, generator=gen).to(DEVICE).requires_grad_() for _ in range(4))
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=gen), dim=-1).to(DEVICE).requires_grad_()
+    a = torch.sigmoid(torch.randn(B, T, H, N, generator=gen)).to(DEVICE)
+    seqfuse.reset_counters()
+    report = check_against_eager(lambda r, w, k, v, kk: rwkv7_loop(r, w, k, v, -kk, kk * a), r, w, k, v, kk,
+                                 options={"runtime": "triton", "algorithm": {"delta": "recurrent"}})
+    on_triton("delta", report, 1)
+    (ir,) = [x.ir for x in report.rewrites if x.kind == "delta"]
+    assert "read=previous" in ir and "p=%" in ir and "e=%" in ir and "algo=recurrent" in ir, ir
+    backward = seqfuse.counters()["delta_backward"]
+    assert backward["triton"] == 1 and sum(backward.values()) == 1, backward

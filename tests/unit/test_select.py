@@ -227,3 +227,30 @@ def test_choose_scan_reads_the_length_of_the_discretization_factors():
 
     assert choose_scan(op(DECODE_MAX_T)) == "recurrent"
     assert choose_scan(op(512)) == "chunked"
+
+
+def fake_delta_op(T, gate="scalar", keys=(), read="decayed", dynamic=False):
+    """A delta op on fake CUDA tensors; ``keys`` names the extra keys it carries ("p", "e")."""
+    from seqfuse.ir.ops import Delta
+    kw = dict(dynamic_dim=1) if dynamic else {}
+    shapes = dict(q=fake_cuda(2, T, 4, 16, **kw), k=fake_cuda(2, T, 4, 16, **kw), v=fake_cuda(2, T, 4, 16, **kw),
+                  beta=fake_cuda(2, T, 4, **kw), g=fake_cuda(2, T, 4, **kw))
+    shapes.update({name: fake_cuda(2, T, 4, 16, **kw) for name in keys})
+    return ir_graph(lambda n: Delta(q=n["q"], k=n["k"], v=n["v"], beta=n["beta"], g=n["g"], p=n.get("p"),
+                                    e=n.get("e"), gate=gate, read=read), **shapes)[1]
+
+
+def test_choose_delta_on_cuda_runs_the_generalized_step_recurrent_at_every_length():
+    from seqfuse.passes.select import DELTA_RECURRENT_MAX_T, choose_delta
+    # the plain rule: the chunked triton kernels past the decode lengths
+    assert choose_delta(fake_delta_op(1)) == "recurrent"
+    assert choose_delta(fake_delta_op(DELTA_RECURRENT_MAX_T)) == "recurrent"
+    assert choose_delta(fake_delta_op(4096)) == "chunked"
+    assert choose_delta(fake_delta_op(4, dynamic=True)) == "chunked"
+    # a read key, an erase key, a read of the previous state: the recurrent triton kernels only
+    for keys, read in ((("p",), "decayed"), (("e",), "previous"), ((), "previous"), (("p", "e"), "previous")):
+        assert choose_delta(fake_delta_op(4096, keys=keys, read=read)) == "recurrent", (keys, read)
+        assert choose_delta(fake_delta_op(4, keys=keys, read=read, dynamic=True)) == "recurrent", (keys, read)
+    # forcing still wins
+    op = fake_delta_op(4096, keys=("p",))
+    assert choose_delta(op, Options.from_dict({"algorithm": {"delta": "chunked"}})) == "chunked"

@@ -18,8 +18,12 @@ Backward: the forward kernel, run again with STORE_STATES, keeps the state enter
 (gate="vector": the terms through A and the scores row by row, like the forward); dv and dh0 are
 per value block, dq / dk / dbeta / dg are summed over the value blocks' shares on the host.
 
-Refused (the next path runs the call): no triton / not allowed on this device (common.py), the
-"recurrent" algorithm (decode and short sequences run elsewhere), dtypes other than fp32 / fp16 /
+A call whose algorithm is "recurrent" (decoding, and every call of the generalized step: a read key
+p, an erase key e, read="previous") runs the step-loop kernels of
+:mod:`seqfuse.lowering.triton.delta_recurrent` instead.
+
+Refused (the next path runs the call): no triton / not allowed on this device (common.py), for the
+chunked algorithm a read key, an erase key or read="previous", dtypes other than fp32 / fp16 /
 bf16, head dims above MAX_DIM, tensors of 2**31 elements or more, NaN / inf operands.
 (grad_y / grad_h are not seen by supports: a non-finite gradient is mixed over a chunk.)
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from seqfuse.lowering.reference.delta import check_delta_args, out_dtype
+from seqfuse.lowering.triton import delta_recurrent
 from seqfuse.lowering.triton.common import availability
 from seqfuse.runtime import Impl, all_finite, register_impl
 
@@ -57,12 +62,14 @@ def _pow2(n: int) -> int:
 
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernel computes exactly this call, else the reason it does not."""
+    if a.get("algorithm") == "recurrent":
+        return delta_recurrent.supports(t, a)
     q = t["q"]
     reason = availability(q.device, _kernels_module)
     if reason:
         return reason
     if a.get("algorithm") != "chunked":
-        return f"algorithm {a.get('algorithm')!r} (the triton kernel is the chunked one)"
+        return f"algorithm {a.get('algorithm')!r} (the triton kernels are the chunked and the recurrent ones)"
     if t.get("p") is not None or t.get("e") is not None:
         return "a read key p or an erase key e (the kernels read and erase with k)"
     if a.get("read", "decayed") != "decayed":
@@ -157,15 +164,20 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
 
 
 def _impl_forward(q, k, v, beta, g, h0, p, e, a):
-    assert p is None and e is None, "supports() refuses a read or erase key"
+    if a.get("algorithm") == "recurrent":
+        return delta_recurrent.forward(q, k, v, beta, g, h0, p, e, a)
+    assert p is None and e is None, "supports() refuses a read or erase key for the chunked kernels"
     return forward(q, k, v, beta, g, h0, a)
 
 
 def _impl_backward(grad_y, grad_h, q, k, v, beta, g, h0, p, e, a):
-    assert p is None and e is None, "supports() refuses a read or erase key"
+    if a.get("algorithm") == "recurrent":
+        return delta_recurrent.backward(grad_y, grad_h, q, k, v, beta, g, h0, p, e, a)
+    assert p is None and e is None, "supports() refuses a read or erase key for the chunked kernels"
     return (*backward(grad_y, grad_h, q, k, v, beta, g, h0, a), None, None)
 
 
 def register() -> None:
-    """Register the kernels as the "triton" implementation of seqfuse.delta (forward and backward)."""
+    """Register the kernels (chunked and recurrent) as the "triton" implementation of seqfuse.delta
+    (forward and backward)."""
     register_impl("delta", Impl("triton", supports, _impl_forward, _impl_backward))
