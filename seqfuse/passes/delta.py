@@ -743,14 +743,18 @@ class DeltaPass(Pass):
             if loop is None:
                 self._unrolled.append((group, why[0] if why else "its steps differ"))
                 continue   # the loops pass reports loops that do not re-roll
+            kept = frozenset()
             if len(loop.carried) != 1:
-                self._coupled_near_miss(ctx, loop)
-                continue
-            k = loop.carried[0]
-            if loop.roles[k] is None or not isinstance(val(loop.template[k]), torch.Tensor) \
-                    or val(loop.template[k]).dim() < 2:
-                continue
-            an = Analysis(loop)
+                split = _split_independent(loop)
+                if split is None:
+                    self._coupled_near_miss(ctx, loop)
+                    continue
+                k, an, kept = split
+            else:
+                k = loop.carried[0]
+                if not _matrix_state(loop, k):
+                    continue
+                an = Analysis(loop)
             try:
                 an.update(k)
                 continue       # an elementwise-linear update: the loops pass lifts it
@@ -758,8 +762,9 @@ class DeltaPass(Pass):
                 pass
             if not self._reads_state_through_contraction(loop, an, k):
                 continue       # not delta-like (tanh(h), h·h, ...): the loops pass reports it
-            rewrite = _ChunkRewrite if _ChunkRewrite.applies(loop) else _Rewrite
+            rewrite = _ChunkRewrite if not kept and _ChunkRewrite.applies(loop) else _Rewrite
             r = rewrite(ctx, loop, an, k, pos)
+            r.kept = kept
             try:
                 r.run()
                 changed = True
@@ -931,6 +936,31 @@ class DeltaPass(Pass):
                    _Form.mul_sum(loop, an, j) is not None for j in cone)
 
 
+def _matrix_state(loop, k) -> bool:
+    """Whether carried value k is a state the delta rule could carry (a tensor of rank 2 or more)."""
+    return loop.roles[k] is not None and isinstance(val(loop.template[k]), torch.Tensor) \
+        and val(loop.template[k]).dim() >= 2
+
+
+def _split_independent(loop):
+    """(k, analysis, kept) for a loop carrying several values of which one, k, is a matrix state read
+    through a contraction and no other carried value's update reads k (the preconditioned gated delta
+    rule's ATK scan A_t = α_t A_{t-1} + β_t k_t², which scales the written key by a function of A_t):
+    the others are then values of each step for k's update.  ``analysis`` counts them as loop constants;
+    ``kept`` are the template entries computed from them, which stay in the graph (their steps are
+    stacked where the op reads them).  None when no carried value is such a state."""
+    an = Analysis(loop)
+    for k in loop.carried:
+        others = frozenset(c for c in loop.carried if c != k)
+        if not _matrix_state(loop, k) or any(k in an.deps[c] for c in others):
+            continue
+        split = Analysis(loop)
+        split.deps = [d - others for d in an.deps]
+        if DeltaPass._reads_state_through_contraction(loop, split, k):
+            return k, split, frozenset(j for j, d in enumerate(an.deps) if d & others and k not in d)
+    return None
+
+
 class _Rewrite:
     """Prove the delta form of one loop and replace it (nothing is touched before every check passed)."""
 
@@ -938,6 +968,9 @@ class _Rewrite:
         self.ctx, self.loop, self.an, self.k, self.pos = ctx, loop, an, k, pos
         self.graph = ctx.graph
         self.post: set = set()     # template entries that only re-lay the readout (see _post_readout)
+        #: template entries computed from the loop's other carried values (see _split_independent): they stay
+        #: in the graph as they are, the op reads their steps stacked
+        self.kept: frozenset = frozenset()
 
     # 1. checks ----------------------------------------------------------------------
     def run(self):
@@ -957,6 +990,7 @@ class _Rewrite:
         self._only_update_reads_state(plan, writes)
         # 2. the rewrite
         vec = self.vec = Vectorizer(self.graph, loop, self.anchor, self.an.deps)
+        vec.kept = self.kept
         final = self._emit(vec, plan)
         vec.replace_outside_uses(uses, writes, {self.k: final}, invariant_writes=False)
         for n in sorted(body, key=self.pos.__getitem__, reverse=True):
@@ -1145,7 +1179,7 @@ class _Rewrite:
         for s in loop.steps:
             for j, n in enumerate(loop.inst[s]):
                 outs = [u for u in n.users if u not in self.body and not reads_shape_only(u, n)]
-                if not outs:
+                if not outs or j in self.kept:      # a kept entry's nodes stay: their readers need nothing
                     continue
                 if any(self.pos[u] <= self.last for u in outs):
                     raise NoLoop("a value of the loop body is used inside the loop by code outside the body")

@@ -118,6 +118,9 @@ class Vectorizer:
         self.sizes: dict | None = None     # symbolic expression -> a sym_size node that holds it
         #: refuse (NoLoop) instead of stacking a value from its per-step nodes (a map loop gains nothing then)
         self.strict = False
+        #: template entries computed from carried values the caller leaves in the graph (another state of the
+        #: loop that the rewritten one does not feed): vectorized by stacking their per-step nodes, always
+        self.kept: frozenset = frozenset()
 
     # --- the loop's values outside it -------------------------------------------------
     def replace_outside_uses(self, uses: dict, writes: list, finals: dict, invariant_writes: bool = True) -> None:
@@ -320,6 +323,8 @@ class Vectorizer:
         node = loop.template[j]
         if j in self.states:
             out = self.states[j]
+        elif j in self.kept:
+            out = self._stack_steps(j)
         elif loop.roles[j] is None:
             out = self._seed(node)
         else:
@@ -348,9 +353,13 @@ class Vectorizer:
         return out
 
     def _stacked(self, j):
-        loop = self.loop
         if self.strict:
-            raise NoLoop(f"no vectorization rule for {op_name(loop.template[j])} in the loop body")
+            raise NoLoop(f"no vectorization rule for {op_name(self.loop.template[j])} in the loop body")
+        return self._stack_steps(j)
+
+    def _stack_steps(self, j):
+        """Entry j's per-step nodes stacked along a new leading time axis, in index order."""
+        loop = self.loop
         nodes = [loop.inst[s][j] for s in loop.steps]
         if loop.reverse:
             nodes.reverse()

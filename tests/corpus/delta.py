@@ -243,18 +243,23 @@ FUNCTIONS = {
     "fla_dplr_recurrent": ("fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence",
                            dict(T=90, K=16, V=12, gate="vector", h0=False, extra=("p", "b")),
                            lambda f, o: f(*_heads(o, "q", "k", "v"), -_heads(o, "p")[0], *_heads(o, "pb", "g")), 1),
-    # held out and not lifted (0 ops expected: each must equal eager as written, near misses named):
-    # fla's chunked Comba, which reads the state before the decay (its recurrent reference reads it after:
-    # the two differ, session 41), the preconditioned gated delta rule (a second carried state, the ATK
-    # preconditioner scan, scales the written key) and the momentum delta rule (two coupled matrix states)
-    "fla_comba_chunk": ("fla.ops.comba.naive", "naive_chunk_comba", dict(T=40, K=12, V=16, extra=("p",)),
-                        lambda f, o: f(o["q"], o["k"], o["v"], o["p"], o["g"], o["beta"], chunk_size=16,
-                                       initial_state=o["h0"], output_final_state=True), 0),
+    # the preconditioned gated delta rule and KDA: a second carried state, the ATK preconditioner scan (which
+    # does not read the delta state), scales the written key by a squash of its value; one delta op beside it
     "fla_precond_gdn_recurrent": ("fla.ops.precond_gated_delta_rule.naive",
                                   "naive_recurrent_precond_gated_delta_rule",
                                   dict(T=24, K=12, V=16, h0=False, extra=("ga", "ba")),
                                   lambda f, o: f(o["q"], o["k"], o["v"], o["ga"], o["g"], o["ba"], o["beta"],
-                                                 output_final_state=True), 0),
+                                                 output_final_state=True), 1),
+    "fla_precond_kda_recurrent": ("fla.ops.precond_kda.naive", "naive_recurrent_precond_kda",
+                                  dict(T=40, K=12, V=16, gate="vector", extra=("ga", "ba")),
+                                  lambda f, o: f(o["q"], o["k"], o["v"], o["g"], o["ga"], o["ba"], o["beta"],
+                                                 initial_state=o["h0"], output_final_state=True), 1),
+    # held out and not lifted (0 ops expected: each must equal eager as written, near misses named):
+    # fla's chunked Comba, which reads the state before the decay (its recurrent reference reads it after:
+    # the two differ, session 41), and the momentum delta rule (two coupled matrix states)
+    "fla_comba_chunk": ("fla.ops.comba.naive", "naive_chunk_comba", dict(T=40, K=12, V=16, extra=("p",)),
+                        lambda f, o: f(o["q"], o["k"], o["v"], o["p"], o["g"], o["beta"], chunk_size=16,
+                                       initial_state=o["h0"], output_final_state=True), 0),
     "fla_momentum_delta_recurrent": ("fla.ops.momentum_delta_rule.naive", "recurrent_momentum_delta_rule_ref",
                                      dict(T=24, K=12, V=16, h0=False, extra=("p", "ga", "ba")),
                                      lambda f, o: f(o["q"], o["k"], o["v"], o["g"], o["ga"], o["p"], o["beta"],

@@ -290,3 +290,28 @@ def test_rwkv7_key_matrix_reads_along_one_factor_and_erases_along_the_other(tmp_
         CHECK-NOT: aten.einsum
         CHECK: return
     """)
+
+
+def test_preconditioned_delta_rule_reads_the_preconditioner_scans_steps_stacked(tmp_path):
+    # fla's preconditioned gated delta rule: the ATK scan A_t (a second carried state the delta state does not
+    # feed) stays as written; its squash M(A_t), one factor of the written key, is stacked over the steps
+    # for the op; the delta state's contractions are gone; the final A is the scan's own last step
+    precond = pytest.importorskip("fla.ops.precond_gated_delta_rule.naive")
+    B, H, K, V = 1, 2, 4, 5
+
+    def fn(q, k, v, ga, g, ba, beta):
+        return precond.naive_recurrent_precond_gated_delta_rule(q, k, v, ga, g, ba, beta, output_final_state=True)
+    args = (torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V), -torch.rand(B, T, H),
+            -torch.rand(B, T, H), torch.rand(B, T, H), torch.rand(B, T, H))
+    text, _ = after_pass(fn, *args, tmp_path=tmp_path)
+    run_filecheck(text, """
+        CHECK-LABEL: graph(
+        CHECK-COUNT-6: aten.exp(%mul
+        CHECK-NOT: aten.einsum
+        CHECK: aten.stack([%exp_{{[0-9]+}}, %exp_{{[0-9]+}}, %exp_{{[0-9]+}}, %exp_{{[0-9]+}}, %exp_{{[0-9]+}}, %exp_{{[0-9]+}}], 0) : f32[6, 1, 2, 4]
+        CHECK-NOT: aten.einsum
+        CHECK: %delta = seqfuse.delta(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, g=%{{.*}}, p=%{{.*}}) {gate=scalar, scale=1.0, chunk=64, algo=auto}
+        CHECK-NOT: aten.einsum
+        CHECK: %[[H:[a-z_0-9]+]] = getitem(%delta, 1)
+        CHECK: return ({{.*}}, %[[H]], %add_{{[0-9]+}})
+    """)

@@ -26,7 +26,8 @@ from .common import Maker, poison, reset, size, tags
 #: (no gate, fla's head-first (B, H, T, ·) layout), "comba" (a scalar gate and a read key p (B, T, H, K)),
 #: "gdn2" (g (B, T, H, K), an erase gate b (B, T, H, K) and a write gate w (B, T, H, V)), "iplr" / "dplr"
 #: (head-first, a read vector α and an erase vector β; dplr with a decay per key channel read after the
-#: correction); chunked ones take a chunk size
+#: correction); "precond" (a scalar gate, the ATK scan's gate and strength (B, T, HK), grouped value heads);
+#: chunked ones take a chunk size
 FUNCTIONS = [
     ("fla_gdn_recurrent", "fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", "gdn"),
     ("fla_gdn_chunk", "fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule", "gdn"),
@@ -42,6 +43,9 @@ FUNCTIONS = [
     ("fla_gdn2_recurrent", "fla.ops.gdn2.naive", "naive_recurrent_gdn2", "gdn2"),
     ("fla_iplr_recurrence", "fla.ops.generalized_delta_rule.iplr.naive", "iplr_recurrence", "iplr"),
     ("fla_dplr_recurrence", "fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence", "dplr"),
+    # the preconditioned gated delta rule: a second carried state (the ATK scan, per key head) scales the key
+    ("fla_precond_gdn_recurrent", "fla.ops.precond_gated_delta_rule.naive",
+     "naive_recurrent_precond_gated_delta_rule", "precond"),
     # RWKV-7's step loop as written out in tests/delta_spellings.py: batched, (state @ a) @ b or the key matrix
     # state @ (a ⊗ b); and the RWKV-LM v7 demo's unbatched sequence mode (rows (T, H·N), a given state)
     ("rwkv7_loop", "tests.delta_spellings", "rwkv7_loop", "rwkv7"),
@@ -63,6 +67,10 @@ BREAKS = [
     # made with the scores' mask (the diagonal kept)
     ("fla_delta_parallel", "torch.arange(i, i+BM) >= (j + BN)", "torch.arange(i, i+BM) >= (j + BN - 1)"),
     ("fla_delta_parallel", "q_i = q_i - A_ij @ k_beta", "q_i = q_i + A_ij @ k_beta"),
+    # the preconditioner reading the delta state (two coupled states); the preconditioned key read as well
+    ("fla_precond_gdn_recurrent", "* (b_k ** 2)", "* (b_k ** 2) + 0.01 * S.sum(-1)"),
+    ("fla_precond_gdn_recurrent", "(S.clone() * b_k[..., None]).sum(-2)",
+     "(S.clone() * b_k_precond[..., None]).sum(-2)"),
     ("fla_delta_parallel", "(k @ k.transpose(-1, -2)).masked_fill(mask, 0)",
      "(k @ k.transpose(-1, -2)).masked_fill(mask2, 0)"),
     # RWKV-7: the key matrix's factors swapped (read along b, erase along a), the correction reading the
@@ -173,7 +181,7 @@ def _program(r: random.Random, triton: bool):
     beta = m.uniform(0.0, r.choice((1.0, 1.0, 1.8)), *(shape(H, 1)[:-1]))
     strength = r.choice((0.1, 1.0, 4.0))
     g = None
-    if kind in ("gdn", "comba"):
+    if kind in ("gdn", "comba", "precond"):
         g = m.log_decay(B, T, H, strength=strength)
     elif kind in ("kda", "gdn2"):
         g = m.log_decay(B, T, H, K, strength=strength)
@@ -192,8 +200,12 @@ def _program(r: random.Random, triton: bool):
         with torch.no_grad():
             a = F.normalize(a.double(), dim=-1).to(a.dtype)
         extra = [a.requires_grad_(r.random() < 0.7), m.uniform(0.0, 1.0, *shape(H, K))]
+    elif kind == "precond":                      # the ATK scan's log-gate and strength, per key head
+        extra = [m.log_decay(B, T, HK, strength=r.choice((0.1, 1.0))), m.uniform(0.0, 1.0, B, T, HK)]
     h0 = m.randn(B, H, K, V) if r.random() < 0.5 and name not in ("fla_delta_chunkwise", "fla_delta_parallel") \
         else None
+    if kind == "precond" and h0 is not None:    # and the scan's (positive: a sum of squares) initial state
+        extra.append(m.uniform(0.0, 1.0, B, HK, K))
     final = r.random() < 0.5
     tag = tags(poison(r, [x for x in (q, v, beta, g, h0) if x is not None], p=0.08), reset(r, [g]))
 
@@ -207,6 +219,10 @@ def _program(r: random.Random, triton: bool):
             o, S = f(q, k, v, -a, a * b, *([g] if kind == "dplr" else []), initial_state=s,
                      output_final_state=final)
             return (o, S) if final else o
+        if kind == "precond":
+            out = f(q, k, v, rest[0], g, rest[1], beta, initial_state=s,
+                    initial_A_state=rest[2] if len(rest) > 2 else None, output_final_state=final)
+            return out if final else out[0]
         if kind == "comba":
             o, S = f(q, k, v, rest[0], beta, g, initial_state=s, output_final_state=final)
             return (o, S) if final else o

@@ -45,6 +45,7 @@ import math
 import torch
 
 from seqfuse.lowering.cpu import build
+from seqfuse.lowering.reference.delta import check_delta_args
 from seqfuse.lowering.cpu.common import KERNEL_DTYPES, I64, cast, check_status, check_tensors, i64_array, pointer, \
     threads_for
 from seqfuse.runtime.dispatch import Impl, register_impl
@@ -575,16 +576,9 @@ def _gate_view(g, gate, shape, dtype):
     return g.unsqueeze(-1).expand(shape) if gate == "scalar" else g
 
 
-def _check(q, k, v, beta, g, gate, p=None, e=None, read="decayed"):
-    if read not in READ_CODES:
-        raise ValueError(f"seqfuse.delta (cpu): read must be one of {tuple(READ_CODES)}, got {read!r}")
-    for name, t in (("p", p), ("e", e)):
-        if t is not None and tuple(t.shape) != tuple(k.shape):
-            raise ValueError(f"seqfuse.delta (cpu): {name} must have k's shape {tuple(k.shape)}, got {tuple(t.shape)}")
-    if gate not in GATE_CODES:
-        raise ValueError(f"seqfuse.delta (cpu): gate must be one of {tuple(GATE_CODES)}, got {gate!r}")
-    if (g is None) != (gate == "none"):
-        raise ValueError(f"seqfuse.delta (cpu): gate={gate!r} with g {'missing' if g is None else 'given'}")
+def _check(q, k, v, beta, g, h0, gate, p=None, e=None, read="decayed"):
+    """The op's contract (shapes, gate, read: ValueError naming the argument), then this kernel's limit."""
+    check_delta_args(q, k, v, beta, g, h0, gate, p, e, read)
     K, V = k.shape[-1], v.shape[-1]
     if K > MAX_D or V > MAX_D:
         raise ValueError(f"seqfuse.delta (cpu): K={K}, V={V} exceed MAX_D={MAX_D}")
@@ -598,7 +592,7 @@ def delta_forward(q, k, v, beta, g=None, h0=None, gate="scalar", scale=1.0, p=No
     read "decayed" or "previous" (the state the correction reads: see seqfuse.ir.ops.Delta).  K, V ≤ MAX_D.
     Returns y (B, T, H, V) and the final state h (B, H, K, V) in the promoted dtype of the operands (computed
     in fp32 at least)."""
-    _check(q, k, v, beta, g, gate, p, e, read)
+    _check(q, k, v, beta, g, h0, gate, p, e, read)
     B, T, H, K = k.shape
     V = v.shape[-1]
     cdtype, odtype = _dtypes(q, k, v, beta, g, h0, p, e)
@@ -620,7 +614,7 @@ def delta_backward(grad_y, grad_h, q, k, v, beta, g=None, h0=None, gate="scalar"
     """Gradients (dq, dk, dv, dbeta, dg, dh0, dp, de) of :func:`delta_forward`, each in its operand's dtype (None
     where ``needs`` is False or the operand is None; ``needs`` may stop after dh0).  The states are recomputed
     (checkpoints every ≈√T steps)."""
-    _check(q, k, v, beta, g, gate, p, e, read)
+    _check(q, k, v, beta, g, h0, gate, p, e, read)
     B, T, H, K = k.shape
     V = v.shape[-1]
     cdtype, _ = _dtypes(q, k, v, beta, g, h0, p, e)
