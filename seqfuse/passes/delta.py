@@ -35,6 +35,11 @@ over K.  Any other form (a second correction, a part of the decay in the correct
 not an outer product or was rounded before a cast, a gate along V, a β that differs between the terms) is
 a near miss naming the term.
 
+A loop carrying other values beside the state is lifted when none of their updates reads the state
+(_split_independent: fla's preconditioned gated delta rule, whose ATK scan scales the written key): their
+values are values of each step for the state's update, the op reads them stacked over the steps, and
+their loop stays in the graph for the loops pass.
+
 Per-step outputs collected with ``stack`` / ``cat`` or written into a buffer slice by slice and
 the final state are replaced by the op's results; loop-constant values used after the loop are
 vectorized over time (loop_vectorize).
