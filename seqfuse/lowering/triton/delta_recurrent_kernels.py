@@ -41,9 +41,37 @@ _SUM = tl.standard._sum_combine
 
 
 @triton.jit
-def _key_row(X, base, stride_t, stride_k, t, offs_k, k_ok, t_ok):
-    """Row t of a (T, K) operand of this (batch, head) as fp32 (zeros past T)."""
-    return tl.load(X + base + t * stride_t + offs_k * stride_k, mask=k_ok & t_ok, other=0.0).to(tl.float32)
+def _key_row(X, stride_t, stride_k, t, offs_k, mask):
+    """Row t of a (T, K) operand, X at this (batch, head), as fp32 (zeros off ``mask``)."""
+    return tl.load(X + t * stride_t + offs_k * stride_k, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_step(Qb, Kb, Vb, Bb, Gb, Pb, Eb, stride_qt, stride_qk, stride_kt, stride_kk, stride_vt, stride_vv,
+               stride_bt, stride_gt, stride_gk, stride_pt, stride_pk, stride_et, stride_ek,
+               t, T, offs_k, offs_v, k_ok, v_ok,
+               GATE: tl.constexpr, HAS_P: tl.constexpr, HAS_E: tl.constexpr):
+    """Step t's operands in fp32 from pointers already at this (batch, head): (q, k, v, β, α, p, e), p and e
+    being k without a read / erase key, α = e^g (unused for gate none).  Past T: zeros (α = 1)."""
+    t_ok = t < T
+    kmask = k_ok & t_ok
+    q = _key_row(Qb, stride_qt, stride_qk, t, offs_k, kmask)
+    k = _key_row(Kb, stride_kt, stride_kk, t, offs_k, kmask)
+    p = k
+    if HAS_P:
+        p = _key_row(Pb, stride_pt, stride_pk, t, offs_k, kmask)
+    e = k
+    if HAS_E:
+        e = _key_row(Eb, stride_et, stride_ek, t, offs_k, kmask)
+    v = tl.load(Vb + t * stride_vt + offs_v * stride_vv, mask=v_ok & t_ok, other=0.0).to(tl.float32)
+    beta = tl.load(Bb + t * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
+    if GATE == 2:
+        alpha = tl.exp(_key_row(Gb, stride_gt, stride_gk, t, offs_k, kmask))
+    elif GATE == 1:
+        alpha = tl.exp(tl.load(Gb + t * stride_gt, mask=t_ok, other=0.0).to(tl.float32))
+    else:
+        alpha = beta
+    return q, k, v, beta, alpha, p, e
 
 
 @triton.jit
@@ -94,11 +122,9 @@ def delta_recurrent_fwd(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     k_ok = offs_k < KD
     v_ok = offs_v < VD
-    q_base = b * stride_qb + h * stride_qh
-    k_base = b * stride_kb + h * stride_kh
-    p_base = b * stride_pb + h * stride_ph
-    e_base = b * stride_eb + h * stride_eh
-    g_base = b * stride_gb + h * stride_gh
+    Qb, Kb, Vb = Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
+    Bb, Gb = BETA + b * stride_bb + h * stride_bh, G + b * stride_gb + h * stride_gh
+    Pb, Eb = P + b * stride_pb + h * stride_ph, E + b * stride_eb + h * stride_eh
 
     # -- phase 1: the state entering the first step
     if HAS_H0:
@@ -117,23 +143,10 @@ def delta_recurrent_fwd(
         for i in range(0, CHUNK):
             t = c * CHUNK + i
             t_ok = t < T
-            k = _key_row(K, k_base, stride_kt, stride_kk, t, offs_k, k_ok, t_ok)
-            q = _key_row(Q, q_base, stride_qt, stride_qk, t, offs_k, k_ok, t_ok)
-            p = k
-            if HAS_P:
-                p = _key_row(P, p_base, stride_pt, stride_pk, t, offs_k, k_ok, t_ok)
-            e = k
-            if HAS_E:
-                e = _key_row(E, e_base, stride_et, stride_ek, t, offs_k, k_ok, t_ok)
-            v = tl.load(V + b * stride_vb + h * stride_vh + t * stride_vt + offs_v * stride_vv,
-                        mask=v_ok & t_ok, other=0.0).to(tl.float32)
-            beta = tl.load(BETA + b * stride_bb + h * stride_bh + t * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
-            if GATE == 2:
-                alpha = tl.exp(_key_row(G, g_base, stride_gt, stride_gk, t, offs_k, k_ok, t_ok))
-            elif GATE == 1:
-                alpha = tl.exp(tl.load(G + g_base + t * stride_gt, mask=t_ok, other=0.0).to(tl.float32))
-            else:
-                alpha = 1.0
+            q, k, v, beta, alpha, p, e = _load_step(
+                Qb, Kb, Vb, Bb, Gb, Pb, Eb, stride_qt, stride_qk, stride_kt, stride_kk, stride_vt, stride_vv,
+                stride_bt, stride_gt, stride_gk, stride_pt, stride_pk, stride_et, stride_ek,
+                t, T, offs_k, offs_v, k_ok, v_ok, GATE, HAS_P, HAS_E)
             _, _, S = _step(S, k, v, beta, alpha, p, e, GATE, HAS_E, PREVIOUS)
             y = tl.reduce(S * q[:, None], 0, _SUM) * scale
             tl.store(Y + b * stride_yb + h * stride_yh + t * stride_yt + offs_v * stride_yv,
@@ -186,11 +199,9 @@ def delta_recurrent_bwd(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     k_ok = offs_k < KD
     v_ok = offs_v < VD
-    q_base = b * stride_qb + h * stride_qh
-    k_base = b * stride_kb + h * stride_kh
-    p_base = b * stride_pb + h * stride_ph
-    e_base = b * stride_eb + h * stride_eh
-    g_base = b * stride_gb + h * stride_gh
+    Qb, Kb, Vb = Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
+    Bb, Gb = BETA + b * stride_bb + h * stride_bh, G + b * stride_gb + h * stride_gh
+    Pb, Eb = P + b * stride_pb + h * stride_ph, E + b * stride_eb + h * stride_eh
     NC = (T + CHUNK - 1) // CHUNK
     blk = offs_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
     prog = pid_bh * tl.num_programs(0) + pid_v
@@ -208,24 +219,11 @@ def delta_recurrent_bwd(
         S = tl.load(ck_base + tl.cast(c, tl.int64) * (BLOCK_K * BLOCK_V) + blk)
         for i in range(0, CHUNK):
             t = c * CHUNK + i
-            t_ok = t < T
             tl.store(scr_base + tl.cast(i, tl.int64) * (BLOCK_K * BLOCK_V) + blk, S)
-            k = _key_row(K, k_base, stride_kt, stride_kk, t, offs_k, k_ok, t_ok)
-            p = k
-            if HAS_P:
-                p = _key_row(P, p_base, stride_pt, stride_pk, t, offs_k, k_ok, t_ok)
-            e = k
-            if HAS_E:
-                e = _key_row(E, e_base, stride_et, stride_ek, t, offs_k, k_ok, t_ok)
-            v = tl.load(V + b * stride_vb + h * stride_vh + t * stride_vt + offs_v * stride_vv,
-                        mask=v_ok & t_ok, other=0.0).to(tl.float32)
-            beta = tl.load(BETA + b * stride_bb + h * stride_bh + t * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
-            if GATE == 2:
-                alpha = tl.exp(_key_row(G, g_base, stride_gt, stride_gk, t, offs_k, k_ok, t_ok))
-            elif GATE == 1:
-                alpha = tl.exp(tl.load(G + g_base + t * stride_gt, mask=t_ok, other=0.0).to(tl.float32))
-            else:
-                alpha = 1.0
+            _, k, v, beta, alpha, p, e = _load_step(
+                Qb, Kb, Vb, Bb, Gb, Pb, Eb, stride_qt, stride_qk, stride_kt, stride_kk, stride_vt, stride_vv,
+                stride_bt, stride_gt, stride_gk, stride_pt, stride_pk, stride_et, stride_ek,
+                t, T, offs_k, offs_v, k_ok, v_ok, GATE, HAS_P, HAS_E)
             _, _, S = _step(S, k, v, beta, alpha, p, e, GATE, HAS_E, PREVIOUS)
         tl.debug_barrier()   # the scratch is read back below by whichever threads hold those elements
         # 2b. the chunk's steps from the last to the first
@@ -234,25 +232,12 @@ def delta_recurrent_bwd(
             t = c * CHUNK + i
             t_ok = t < T
             Sp = tl.load(scr_base + tl.cast(i, tl.int64) * (BLOCK_K * BLOCK_V) + blk)
-            k = _key_row(K, k_base, stride_kt, stride_kk, t, offs_k, k_ok, t_ok)
-            q = _key_row(Q, q_base, stride_qt, stride_qk, t, offs_k, k_ok, t_ok)
-            p = k
-            if HAS_P:
-                p = _key_row(P, p_base, stride_pt, stride_pk, t, offs_k, k_ok, t_ok)
-            e = k
-            if HAS_E:
-                e = _key_row(E, e_base, stride_et, stride_ek, t, offs_k, k_ok, t_ok)
-            v = tl.load(V + b * stride_vb + h * stride_vh + t * stride_vt + offs_v * stride_vv,
-                        mask=v_ok & t_ok, other=0.0).to(tl.float32)
+            q, k, v, beta, alpha, p, e = _load_step(
+                Qb, Kb, Vb, Bb, Gb, Pb, Eb, stride_qt, stride_qk, stride_kt, stride_kk, stride_vt, stride_vv,
+                stride_bt, stride_gt, stride_gk, stride_pt, stride_pk, stride_et, stride_ek,
+                t, T, offs_k, offs_v, k_ok, v_ok, GATE, HAS_P, HAS_E)
             dy = tl.load(DY + b * stride_yb + h * stride_yh + t * stride_yt + offs_v * stride_yv,
                          mask=v_ok & t_ok, other=0.0).to(tl.float32)
-            beta = tl.load(BETA + b * stride_bb + h * stride_bh + t * stride_bt, mask=t_ok, other=0.0).to(tl.float32)
-            if GATE == 2:
-                alpha = tl.exp(_key_row(G, g_base, stride_gt, stride_gk, t, offs_k, k_ok, t_ok))
-            elif GATE == 1:
-                alpha = tl.exp(tl.load(G + g_base + t * stride_gt, mask=t_ok, other=0.0).to(tl.float32))
-            else:
-                alpha = 1.0
             D, r, St = _step(Sp, k, v, beta, alpha, p, e, GATE, HAS_E, PREVIOUS)
             # through y = scale·S_tᵀq
             dq = tl.reduce(St * dy[None, :], 1, _SUM) * scale
