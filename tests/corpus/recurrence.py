@@ -109,6 +109,18 @@ def _bthd(T, K=12, V=16, g=None):
                              **({} if g is None else {"g": (B, T, H, *g)}))
 
 
+def _mesa_operands(T, K=12):
+    """MesaNet's operands (its reference takes V = K): unit keys, a regularizer λ (H, K) ≥ 0.5 (the system
+    it solves stays well posed) and strengths β in (0, 1)."""
+    import torch
+    xs = _operands(dict(q=(B, T, H, K), k=(B, T, H, K), v=(B, T, H, K), lamb=(H, K), beta=(B, T, H)), g=(B, T, H))
+    with torch.no_grad():
+        xs["k"] = torch.nn.functional.normalize(xs["k"], dim=-1).requires_grad_()
+        xs["lamb"] = (xs["lamb"].sigmoid() + 0.5).requires_grad_()
+        xs["beta"] = xs["beta"].sigmoid().requires_grad_()
+    return xs
+
+
 def _bhtd(T, K=12, V=16):
     return lambda: _operands(dict(q=(B, H, T, K), k=(B, H, T, K), v=(B, H, T, V)))
 
@@ -165,6 +177,26 @@ FUNCTIONS = {
                             **_operands(dict(q=(B, H, 64, 12), k=(B, H, 64, 12), v=(B, H, 64, 16)), w=(B, H, 64, 12)),
                             **_operands(dict(u=(H, 12)), seed=1)}.items()},
                         lambda f, o: f(o["q"], o["k"], o["v"], o["w"], o["u"], chunk_size=16), {"ssd": 1}),
+    # held out until session 42 (probed, lifted as they are): gated slot attention, two recurrences with a
+    # softmax between (its slot-keyed scan, then an ssd from the slots to the values), with a given decay or
+    # one it derives by logcumsumexp; MesaNet's exact form, two scans whose states a solve reads (the solve
+    # and the readout stay as written); forgetting attention, causal and windowed
+    "fla_gsa_recurrent": ("fla.ops.gsa.naive", "naive_recurrent_gsa",
+                          lambda: _operands(dict(q=(B, 40, H, 12), k=(B, 40, H, 12), v=(B, 40, H, 16),
+                                                 s=(B, 40, H, 8)), g=(B, 40, H, 8)),
+                          lambda f, o: f(o["q"], o["k"], o["v"], o["s"], o["g"])[:1], {"scan": 1, "ssd": 1}),
+    "fla_gsa_recurrent_derived_decay": ("fla.ops.gsa.naive", "naive_recurrent_gsa",
+                                        lambda: _operands(dict(q=(B, 40, H, 12), k=(B, 40, H, 12),
+                                                               v=(B, 40, H, 16), s=(B, 40, H, 8))),
+                                        lambda f, o: f(o["q"], o["k"], o["v"], o["s"])[:1], {"scan": 1, "ssd": 1}),
+    "fla_mesa_net_exact": ("fla.ops.mesa_net.naive", "naive_mesa_net_exact",
+                           lambda: _mesa_operands(40), lambda f, o: f(o["q"], o["k"], o["v"], o["g"], o["lamb"],
+                                                                      o["beta"]), {"scan": 2}),
+    "fla_forgetting_attn": ("fla.ops.forgetting_attn.naive", "naive_forgetting_attn", _bthd(64, K=16, V=16, g=()),
+                            lambda f, o: f(o["q"], o["k"], o["v"], o["g"]), {"attention": 1}),
+    "fla_forgetting_attn_window": ("fla.ops.forgetting_attn.naive", "naive_forgetting_attn",
+                                   _bthd(64, K=16, V=16, g=()),
+                                   lambda f, o: f(o["q"], o["k"], o["v"], o["g"], window_size=16), {"attention": 1}),
 }
 
 CASES = list(MODELS) + list(FUNCTIONS)
