@@ -117,10 +117,10 @@ def _forward(q, k, v, beta, g, h0, a, store_states):
     gg = g if g is not None else beta
     g_strides = (*gg.stride()[:3], gg.stride(3) if gate == 2 else 0)
     s0 = h0 if h0 is not None else h
-    grid = (-(-V // block_v), B * H)
+    grid = (B * H, -(-V // block_v))   # B·H first: the grid's other axes stop at 65535
     block_k = _pow2(K)
     if store_states:
-        states = torch.empty((B * H, grid[0], -(-T // block_t), block_k, block_v), dtype=torch.float32,
+        states = torch.empty((B * H, grid[1], -(-T // block_t), block_k, block_v), dtype=torch.float32,
                              device=q.device)
     else:
         states = y
@@ -152,7 +152,7 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
     dv = torch.empty((B, T, H, V), **f32)
     dh0 = torch.empty((B, H, K, V), **f32)
     gg = g if g is not None else beta
-    kern.delta_chunked_bwd[(nv, B * H)](
+    kern.delta_chunked_bwd[(B * H, nv)](
         q, k, v, beta, gg, states, grad_y, grad_h, dq, dk, dv, db, dg, dh0,
         *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gg.stride()[:3],
         gg.stride(3) if a["gate"] == "vector" else 0, *grad_y.stride(), *grad_h.stride(),

@@ -61,8 +61,8 @@ def delta_chunked_fwd(
     STORE_STATES, also the state entering every chunk into ST (B·H, NV, NT, BLOCK_K, BLOCK_V) fp32,
     for the backward kernel."""
     # -- phase 0: which program; offsets
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)     # (B·H on the grid's first axis: up to 2**31 - 1)
+    pid_v = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_t = tl.arange(0, BLOCK_T)
@@ -85,7 +85,7 @@ def delta_chunked_fwd(
     # -- phase 2: the chunks in order
     NT = (T + BLOCK_T - 1) // BLOCK_T
     st_offs = offs_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    st_base = ST + (pid_bh * tl.num_programs(0) + pid_v) * NT * (BLOCK_K * BLOCK_V)
+    st_base = ST + (pid_bh * tl.num_programs(1) + pid_v) * NT * (BLOCK_K * BLOCK_V)
     for t0 in range(0, T, BLOCK_T):
         ts = t0 + offs_t
         t_ok = ts < T
@@ -202,8 +202,8 @@ def delta_chunked_bwd(
     forward.
     """
     # -- phase 0: which program; offsets
-    pid_v = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_t = tl.arange(0, BLOCK_T)
@@ -217,7 +217,7 @@ def delta_chunked_bwd(
     causal = cols <= rows            # j <= i
     NT = (T + BLOCK_T - 1) // BLOCK_T
     st_offs = offs_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    st_base = ST + (pid_bh * tl.num_programs(0) + pid_v) * NT * (BLOCK_K * BLOCK_V)
+    st_base = ST + (pid_bh * tl.num_programs(1) + pid_v) * NT * (BLOCK_K * BLOCK_V)
 
     # -- phase 1: dS leaving the last chunk is grad_h
     dS = tl.load(DHT + b * stride_ob + h * stride_oh + offs_k[:, None] * stride_ok + offs_v[None, :] * stride_ov,

@@ -126,9 +126,9 @@ def _forward(q, k, v, beta, g, h0, p, e, a, store_states):
     block_k, block_v, chunk, warps = _layout(K, V, T)
     gg, g_strides = _gate_strides(g, beta, a["gate"])
     s0 = h0 if h0 is not None else h
-    grid = (-(-V // block_v), B * H)
+    grid = (B * H, -(-V // block_v))   # B·H first: the grid's other axes stop at 65535
     if store_states:
-        ck = torch.empty((B * H, grid[0], max(1, -(-T // chunk)), block_k, block_v), dtype=torch.float32,
+        ck = torch.empty((B * H, grid[1], max(1, -(-T // chunk)), block_k, block_v), dtype=torch.float32,
                          device=q.device)
     else:
         ck = y
@@ -163,7 +163,7 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, p, e, a):
     dh0 = torch.empty((B, H, K, V), **f32)
     scratch = torch.empty((B * H * nv, chunk, block_k, block_v), **f32)
     gg, g_strides = _gate_strides(g, beta, a["gate"])
-    kern.delta_recurrent_bwd[(nv, B * H)](
+    kern.delta_recurrent_bwd[(B * H, nv)](
         q, k, v, beta, gg, p if p is not None else k, e if e is not None else k, ck, scratch, grad_y, grad_h,
         dq, dk, dv, db, dg, dp, de, dh0,
         *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *g_strides, *_key_strides(p, k),

@@ -114,8 +114,8 @@ def delta_recurrent_fwd(
     STORE_STATES, also the state entering every CHUNK-th step into CK (B·H, NV, NC, BLOCK_K, BLOCK_V)
     fp32, for the backward kernel."""
     # -- phase 0: which program; offsets
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)     # (B·H on the grid's first axis: up to 2**31 - 1)
+    pid_v = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_k = tl.arange(0, BLOCK_K)
@@ -136,7 +136,7 @@ def delta_recurrent_fwd(
     # -- phase 2: the steps in order, chunk by chunk (a checkpoint entering each chunk)
     NC = (T + CHUNK - 1) // CHUNK
     ck_offs = offs_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    ck_base = CK + (pid_bh * tl.num_programs(0) + pid_v) * NC * (BLOCK_K * BLOCK_V)
+    ck_base = CK + (pid_bh * tl.num_programs(1) + pid_v) * NC * (BLOCK_K * BLOCK_V)
     for c in range(0, NC):
         if STORE_STATES:
             tl.store(ck_base + tl.cast(c, tl.int64) * (BLOCK_K * BLOCK_V) + ck_offs, S)
@@ -191,8 +191,8 @@ def delta_recurrent_bwd(
     contiguous.  SCR is a per-program scratch of CHUNK states (B·H·NV, CHUNK, BLOCK_K, BLOCK_V).
     """
     # -- phase 0: which program; offsets
-    pid_v = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_k = tl.arange(0, BLOCK_K)
@@ -204,7 +204,7 @@ def delta_recurrent_bwd(
     Pb, Eb = P + b * stride_pb + h * stride_ph, E + b * stride_eb + h * stride_eh
     NC = (T + CHUNK - 1) // CHUNK
     blk = offs_k[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
-    prog = pid_bh * tl.num_programs(0) + pid_v
+    prog = pid_bh * tl.num_programs(1) + pid_v
     ck_base = CK + prog * NC * (BLOCK_K * BLOCK_V)
     scr_base = SCR + prog * CHUNK * (BLOCK_K * BLOCK_V)
 
