@@ -768,8 +768,7 @@ class DeltaPass(Pass):
             if not self._reads_state_through_contraction(loop, an, k):
                 continue       # not delta-like (tanh(h), h·h, ...): the loops pass reports it
             rewrite = _ChunkRewrite if not kept and _ChunkRewrite.applies(loop) else _Rewrite
-            r = rewrite(ctx, loop, an, k, pos)
-            r.kept = kept
+            r = rewrite(ctx, loop, an, k, pos, kept)
             try:
                 r.run()
                 changed = True
@@ -969,13 +968,13 @@ def _split_independent(loop):
 class _Rewrite:
     """Prove the delta form of one loop and replace it (nothing is touched before every check passed)."""
 
-    def __init__(self, ctx, loop: Loop, an: Analysis, k: int, pos):
+    def __init__(self, ctx, loop: Loop, an: Analysis, k: int, pos, kept: frozenset = frozenset()):
         self.ctx, self.loop, self.an, self.k, self.pos = ctx, loop, an, k, pos
         self.graph = ctx.graph
         self.post: set = set()     # template entries that only re-lay the readout (see _post_readout)
         #: template entries computed from the loop's other carried values (see _split_independent): they stay
         #: in the graph as they are, the op reads their steps stacked
-        self.kept: frozenset = frozenset()
+        self.kept = kept
 
     # 1. checks ----------------------------------------------------------------------
     def run(self):

@@ -18,10 +18,6 @@ import os
 import random
 import sys
 
-#: tests/kernels/kernel_checks.py's per-dtype bounds
-BOUND_NAMES = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
-
-
 def _operand(rng, gen, shape, kind, low):
     import torch
     if kind == "beta":
@@ -42,6 +38,7 @@ def one_case(rng: random.Random):
     """(description, {result: relative error}, bound) of one random call."""
     import torch
     from seqfuse.lowering.reference.delta import delta_recurrent
+    from tests.kernels.kernel_checks import BOUND
     from seqfuse.lowering.triton import delta_recurrent as R
     B, T, H, K, V = rng.randint(1, 2), rng.randint(1, 30), rng.randint(1, 3), rng.randint(1, 20), rng.randint(1, 40)
     gate = rng.choice(["none", "scalar", "vector"])
@@ -84,7 +81,7 @@ def one_case(rng: random.Random):
             continue
         assert gr.shape == x.shape and gr.dtype == x.dtype, f"{desc}: d{name} {gr.shape} {gr.dtype}"
         errs["d" + name] = rel(gr, ref[name])
-    return desc, errs, max(BOUND_NAMES[d] for d in dtypes)
+    return desc, errs, max(BOUND[getattr(torch, d)] for d in dtypes)
 
 
 def main(argv=None) -> int:

@@ -35,10 +35,28 @@ def assert_close(name, out, ref, bound):
     return e
 
 
+#: defined for every ``compile_offline`` script: ``spill_stores(kernel)``, the bytes of spill stores ptxas
+#: (bundled with triton) reports for a compiled kernel on sm_90a, or None where this triton has no ptxas
+_SPILL_STORES = r"""
+def spill_stores(kernel):
+    import os, re, subprocess, tempfile
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                         text=True).stderr
+    return int(re.search(r"(\d+) bytes spill stores", out).group(1))
+"""
+
+
 def compile_offline(script: str, tmp_path) -> str:
     """Run ``script`` (it compiles kernels for sm_90 with triton's compiler and prints "compiled") in a
-    fresh interpreter without TRITON_INTERPRET, caching into ``tmp_path``; returns its stdout.  Skips
-    where a GPU runs the compiled kernels anyway, or where this triton has no NVIDIA backend."""
+    fresh interpreter without TRITON_INTERPRET, caching into ``tmp_path``; returns its stdout.  The script
+    may call ``spill_stores(kernel)`` (ptxas's count).  Skips where a GPU runs the compiled kernels
+    anyway, or where this triton has no NVIDIA backend."""
     import os
     import subprocess
     import sys
@@ -49,6 +67,6 @@ def compile_offline(script: str, tmp_path) -> str:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _SPILL_STORES + script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
     return proc.stdout

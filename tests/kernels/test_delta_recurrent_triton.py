@@ -146,28 +146,23 @@ def test_refusals_name_the_reason():
 
 
 _OFFLINE_COMPILE = r"""
-import os, re, subprocess, tempfile
+import os
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from seqfuse.lowering.triton import delta_recurrent as R, delta_recurrent_kernels as K
 assert not K.INTERPRETED
 F32 = {"G", "H0", "CK", "SCR", "DQ", "DK", "DV", "DB", "DG", "DP", "DE", "DH0"}
 PTR = {"Q", "K", "V", "BETA", "P", "E", "Y", "HT", "DY", "DHT"} | F32
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 def build(fn, consts, warps):
     sig = {n: "constexpr" if n in consts else "*fp32" if n in F32 else "*bf16" if n in PTR else
            "fp32" if n == "scale" else "i32" for n in fn.arg_names}
     kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                      options=dict(num_warps=warps))
     assert ".entry " + fn.__name__ in kernel.asm["ptx"]
-    if os.path.exists(ptxas):
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(kernel.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                             text=True).stderr
-        print(fn.__name__, consts, "spill stores", re.search(r"(\d+) bytes spill stores", out).group(1))
+    n = spill_stores(kernel)
+    if n is not None:
+        print(fn.__name__, consts, "spill stores", n)
 for K_, gate, p, e, prev in ((64, 1, False, False, False), (128, 2, True, True, True), (64, 2, False, True, True),
                              (256, 1, True, False, False)):
     block_k, block_v, _, warps = R._layout(K_, 128, 4096)

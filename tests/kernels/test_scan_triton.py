@@ -474,28 +474,23 @@ def test_scan_rounded_readout_custom_op_runs_triton_path():
 
 
 _OFFLINE_COMPILE = r"""
-import os, re, subprocess, tempfile
+import os
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from seqfuse.lowering.triton import scan as S, scan_kernels as K
 assert not K.INTERPRETED
 F32 = {"CKPT", "DA", "DB", "DC", "DH0", "DDT", "DU"}
 PTR = {"A", "B", "C", "H0", "DT", "U", "Y", "HT", "DY", "DHT"} | F32
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 def build(fn, consts, warps):
     sig = {n: "constexpr" if n in consts else "*fp32" if n in F32 else "*bf16" if n in PTR else "i32"
            for n in fn.arg_names}
     kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                      options=dict(num_warps=warps))
     assert ".entry " + fn.__name__ in kernel.asm["ptx"]
-    if os.path.exists(ptxas):
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(kernel.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                             text=True).stderr
-        print(fn.__name__, consts, "spill stores", re.search(r"(\d+) bytes spill stores", out).group(1))
+    n = spill_stores(kernel)
+    if n is not None:
+        print(fn.__name__, consts, "spill stores", n)
 flags = dict(HAS_C=True, HAS_H0=True, REVERSE=True)
 for has in (False, True):
     disc = dict(HAS_DT=has, HAS_U=has)

@@ -65,6 +65,11 @@ def availability(device: torch.device, kernels_module) -> str | None:
     return None
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two at least ``n`` (1 for n <= 1): a block size that covers n."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 class Rows:
     """The batch dims ``lead`` of a call, coalesced to at most three (S0, S1, S2).
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from seqfuse.lowering.reference import scan as scan_ref
-from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.common import availability, next_pow2 as _next_pow2
 from seqfuse.lowering.triton.ssd import forward_launch, operand_reason
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,10 +56,6 @@ def _kernels():
 
 def _config() -> dict:
     return INTERPRETER_CONFIG if _kernels().INTERPRETED else GPU_CONFIG
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # --- ssd ---------------------------------------------------------------------------------

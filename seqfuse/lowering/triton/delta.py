@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from seqfuse.lowering.reference.delta import check_delta_args, out_dtype
+from seqfuse.lowering.reference.delta import out_dtype
 from seqfuse.lowering.triton import delta_recurrent
+from seqfuse.lowering.triton.delta_recurrent import block_size, gate_strides, operand_reason
 from seqfuse.lowering.triton.common import availability
 from seqfuse.runtime import Impl, all_finite, register_impl
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the (BLOCK_K, BLOCK_V) state block and the (BLOCK_T, BLOCK_K) chunk tiles live in registers
 MAX_DIM = 128
 #: (BLOCK_T, BLOCK_V, num_warps): on a GPU (not tuned: no GPU measured it yet), and under the
@@ -56,10 +56,6 @@ def _kernels():
     return _kernels_module
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << max(0, (int(n) - 1).bit_length()))
-
-
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernel computes exactly this call, else the reason it does not."""
     if a.get("algorithm") == "recurrent":
@@ -74,25 +70,12 @@ def supports(t: dict, a: dict) -> str | None:
         return "a read key p or an erase key e (the kernels read and erase with k)"
     if a.get("read", "decayed") != "decayed":
         return "read='previous' (the kernels read the decayed state)"
-    if a.get("gate") not in ("none", "scalar", "vector"):
-        return f"gate={a.get('gate')!r} (the triton kernel takes none, scalar and vector)"
-    named = [(n, t.get(n)) for n in ("q", "k", "v", "beta", "g", "h0")]
-    for name, x in named:
-        if x is None:
-            continue
-        if x.dtype not in _DTYPES:
-            return f"{name} dtype {x.dtype} (the kernel takes float32, float16, bfloat16)"
-        if x.device != q.device:
-            return "inputs on different devices"
-        if x.numel() >= 2 ** 31:
-            return f"{name} has 2**31 elements or more"
-    try:
-        check_delta_args(*(x for _, x in named), a["gate"])
-    except ValueError as exc:
-        return f"shapes: {exc}"
+    reason = operand_reason(t, a)
+    if reason:
+        return reason
     if q.shape[-1] > MAX_DIM or t["v"].shape[-1] > MAX_DIM:
         return f"head dims K={q.shape[-1]}, V={t['v'].shape[-1]} above {MAX_DIM} (the state block lives in registers)"
-    if not bool(all_finite(*(x for _, x in named))):
+    if not bool(all_finite(*(t.get(n) for n in ("q", "k", "v", "beta", "g", "h0")))):
         return "a NaN or inf operand (the chunked form mixes every step of a chunk)"
     return None
 
@@ -112,13 +95,12 @@ def _forward(q, k, v, beta, g, h0, a, store_states):
     y = torch.empty((B, T, H, V), dtype=dtype, device=q.device)
     h = torch.empty((B, H, K, V), dtype=dtype, device=q.device)
     block_t, block_v, warps = INTERPRETER_CONFIG if kern.INTERPRETED else GPU_CONFIG
-    block_v = min(block_v, _pow2(V))
+    block_v = min(block_v, block_size(V))
     gate = {"none": 0, "scalar": 1, "vector": 2}[a["gate"]]
-    gg = g if g is not None else beta
-    g_strides = (*gg.stride()[:3], gg.stride(3) if gate == 2 else 0)
+    gg, g_strides = gate_strides(g, beta, a["gate"])
     s0 = h0 if h0 is not None else h
     grid = (B * H, -(-V // block_v))   # B·H first: the grid's other axes stop at 65535
-    block_k = _pow2(K)
+    block_k = block_size(K)
     if store_states:
         states = torch.empty((B * H, grid[1], -(-T // block_t), block_k, block_v), dtype=torch.float32,
                              device=q.device)
@@ -151,11 +133,10 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, a):
     dg = torch.empty((nv, B, T, H, K) if a["gate"] == "vector" else (nv, B, T, H), **f32)
     dv = torch.empty((B, T, H, V), **f32)
     dh0 = torch.empty((B, H, K, V), **f32)
-    gg = g if g is not None else beta
+    gg, g_strides = gate_strides(g, beta, a["gate"])
     kern.delta_chunked_bwd[(B * H, nv)](
         q, k, v, beta, gg, states, grad_y, grad_h, dq, dk, dv, db, dg, dh0,
-        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gg.stride()[:3],
-        gg.stride(3) if a["gate"] == "vector" else 0, *grad_y.stride(), *grad_h.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *g_strides, *grad_y.stride(), *grad_h.stride(),
         B, T, H, K, V, float(a["scale"]), GATE={"none": 0, "scalar": 1, "vector": 2}[a["gate"]], BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_V=block_v,
         DOT_PRECISION="ieee" if kern.INTERPRETED else "tf32x3", num_warps=warps)
     grads = (dq.sum(0), dk.sum(0), dv, db.sum(0), dg.sum(0) if g is not None else None, dh0)

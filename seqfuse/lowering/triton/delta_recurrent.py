@@ -28,7 +28,7 @@ import math
 import torch
 
 from seqfuse.lowering.reference.delta import check_delta_args, out_dtype
-from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.common import availability, next_pow2
 from seqfuse.runtime import all_finite
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,16 +55,14 @@ def _kernels():
     return _kernels_module
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << max(0, (int(n) - 1).bit_length()))
+def block_size(n: int) -> int:
+    """A power of two of at least 16 covering ``n`` (the delta kernels' key and value blocks)."""
+    return max(16, next_pow2(n))
 
 
-def supports(t: dict, a: dict) -> str | None:
-    """None when the recurrent kernels compute exactly this call, else the reason they do not."""
-    q = t["q"]
-    reason = availability(q.device, _kernels_module)
-    if reason:
-        return reason
+def operand_reason(t: dict, a: dict) -> str | None:
+    """Why a delta call's operands are not for the triton delta kernels (gate kind, dtype, device, int32
+    offsets, shapes), or None.  Shared by the chunked kernels' ``supports``."""
     if a.get("gate") not in ("none", "scalar", "vector"):
         return f"gate={a.get('gate')!r} (the triton kernels take none, scalar and vector)"
     named = [(n, t.get(n)) for n in _OPERANDS]
@@ -73,7 +71,7 @@ def supports(t: dict, a: dict) -> str | None:
             continue
         if x.dtype not in _DTYPES:
             return f"{name} dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
-        if x.device != q.device:
+        if x.device != t["q"].device:
             return "inputs on different devices"
         if x.numel() >= 2 ** 31:
             return f"{name} has 2**31 elements or more"
@@ -81,9 +79,18 @@ def supports(t: dict, a: dict) -> str | None:
         check_delta_args(*(x for _, x in named[:6]), a["gate"], t.get("p"), t.get("e"), a.get("read", "decayed"))
     except ValueError as exc:
         return f"shapes: {exc}"
+    return None
+
+
+def supports(t: dict, a: dict) -> str | None:
+    """None when the recurrent kernels compute exactly this call, else the reason they do not."""
+    q = t["q"]
+    reason = availability(q.device, _kernels_module) or operand_reason(t, a)
+    if reason:
+        return reason
     if q.shape[-1] > MAX_K:
         return f"key size K={q.shape[-1]} above {MAX_K} (a state block holds the whole key axis)"
-    if not bool(all_finite(*(x for _, x in named))):
+    if not bool(all_finite(*(t.get(n) for n in _OPERANDS))):
         return "a NaN or inf operand (the eager reference decides each element's non-finite class)"
     return None
 
@@ -91,11 +98,11 @@ def supports(t: dict, a: dict) -> str | None:
 def _layout(K: int, V: int, T: int):
     """(BLOCK_K, BLOCK_V, CHUNK, warps) for a call."""
     kern = _kernels()
-    block_k = _pow2(K)
+    block_k = block_size(K)
     if kern.INTERPRETED:
-        block_v = min(INTERPRETER_BLOCK_V, _pow2(V))
+        block_v = min(INTERPRETER_BLOCK_V, block_size(V))
     else:
-        block_v = min(max(8, GPU_TILE // block_k), 64, _pow2(V))
+        block_v = min(max(8, GPU_TILE // block_k), 64, block_size(V))
     return block_k, block_v, max(1, math.isqrt(max(T, 1))), GPU_WARPS
 
 
@@ -104,7 +111,9 @@ def _key_strides(x, like):
     return (x if x is not None else like).stride()
 
 
-def _gate_strides(g, beta, gate):
+def gate_strides(g, beta, gate):
+    """(the log-decay operand to pass, its four strides): beta stands in for an absent g (never read), a
+    per-head g has stride 0 along the key axis."""
     gg = g if g is not None else beta
     return gg, (*gg.stride()[:3], gg.stride(3) if gate == "vector" else 0)
 
@@ -124,7 +133,7 @@ def _forward(q, k, v, beta, g, h0, p, e, a, store_states):
     y = torch.empty((B, T, H, V), dtype=dtype, device=q.device)
     h = torch.empty((B, H, K, V), dtype=dtype, device=q.device)
     block_k, block_v, chunk, warps = _layout(K, V, T)
-    gg, g_strides = _gate_strides(g, beta, a["gate"])
+    gg, g_strides = gate_strides(g, beta, a["gate"])
     s0 = h0 if h0 is not None else h
     grid = (B * H, -(-V // block_v))   # B·H first: the grid's other axes stop at 65535
     if store_states:
@@ -162,7 +171,7 @@ def backward(grad_y, grad_h, q, k, v, beta, g, h0, p, e, a):
     dv = torch.empty((B, T, H, V), **f32)
     dh0 = torch.empty((B, H, K, V), **f32)
     scratch = torch.empty((B * H * nv, chunk, block_k, block_v), **f32)
-    gg, g_strides = _gate_strides(g, beta, a["gate"])
+    gg, g_strides = gate_strides(g, beta, a["gate"])
     kern.delta_recurrent_bwd[(B * H, nv)](
         q, k, v, beta, gg, p if p is not None else k, e if e is not None else k, ck, scratch, grad_y, grad_h,
         dq, dk, dv, db, dg, dp, de, dh0,

@@ -43,7 +43,7 @@ import torch
 
 from seqfuse.lowering.reference.scan import discretize, out_dtype, scan_shape, y_dtype
 from seqfuse.lowering.triton import decode
-from seqfuse.lowering.triton.common import Rows as _Rows, availability
+from seqfuse.lowering.triton.common import Rows as _Rows, availability, next_pow2
 from seqfuse.runtime import Impl, register_impl
 
 _OPERANDS = ("a", "b", "c", "h0", "dt", "u")
@@ -77,7 +77,7 @@ def _kernels():
 def _launch(N: int, readout: bool, discretized_backward: bool = False) -> dict:
     """BLOCK_T, BLOCK_N and num_warps for a state of size N (the whole N in one program with a readout)."""
     cfg = INTERPRETER_CONFIG if _kernels().INTERPRETED else GPU_CONFIG
-    block_n = max(2, triton_next_pow2(N))
+    block_n = max(2, next_pow2(N))
     if not readout:
         block_n = min(cfg["BLOCK_N"], block_n)
     block_t = max(cfg["MIN_BLOCK_T"], min(cfg["BLOCK_T"], cfg["TILE"] // block_n))
@@ -249,10 +249,6 @@ def backward(grad_y, grad_h, a, b, c, h0, dt, u, attrs):
         SUM_A=summed[0], SUM_B=summed[1], SUM_C=summed[2], SUM_DT=summed[4], SUM_U=summed[5],
         **cfg)
     return tuple(_reduce(g, x, R, s) if n else None for g, x, n, s in zip(grads, ops, needs, summed))
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def register() -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from seqfuse.lowering.reference.ssd import DECAYS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_shapes
-from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.common import availability, next_pow2 as _next_pow2
 from seqfuse.runtime import Impl, all_finite, below_pos_inf, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -67,10 +67,6 @@ def _kernels():
         from seqfuse.lowering.triton import ssd_kernels
         _kernels_module = ssd_kernels
     return _kernels_module
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def operand_reason(t: dict, decay) -> tuple[str | None, tuple | None]:
