@@ -239,6 +239,41 @@ def test_gqa_mqa(hk):
     check(q, k, v, gqa_groups=4 // hk, mask="causal", diag=7)
 
 
+@pytest.mark.parametrize("limit", [5, 3, 1])
+def test_batches_beyond_one_launch_grid(monkeypatch, limit):
+    """batch · heads past the grid's second axis (65535 on CUDA; lowered here) is split into launches
+    over ranges of batches: every slice's tensors, the last range ragged, dK/dV (kv heads) cut apart from
+    dQ (query heads)."""
+    monkeypatch.setattr(ta, "_MAX_GRID_Y", 4 * limit)
+    launches = []
+    kernels = ta._kernels()
+    for name in ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, _Counted(kernel, name, launches))
+    q = make((5, 4, 21, 16), torch.float32)
+    k, v = make((5, 2, 21, 16), torch.float32), make((5, 2, 21, 16), torch.float32)
+    bias = torch.randn(5, 1, 21, 21, device=DEVICE)
+    keep = torch.rand(5, 4, 1, 21, device=DEVICE) > 0.2
+    keep[..., 0] = True
+    sink = torch.randn(4, 1, device=DEVICE)
+    check(q, k, v, bias=bias, keep=keep, gqa_groups=2, mask="causal", diag=3, sink=sink)
+    parts = -(-5 // limit)
+    assert launches.count("attention_fwd") == parts and launches.count("attention_bwd_dq") == parts
+    assert launches.count("attention_bwd_dkdv") == -(-5 // (2 * limit))
+
+
+class _Counted:
+    """A kernel that records each launch's name, then launches."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        assert grid[1] <= ta._MAX_GRID_Y, grid
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
 def test_gqa_with_bias_and_keep():
     q = make((2, 4, 33, 16), torch.float32)
     k, v = make((2, 2, 33, 16), torch.float32), make((2, 2, 33, 16), torch.float32)
@@ -363,6 +398,9 @@ def test_supports_accepts_a_plain_call():
     (dict(bias=torch.zeros(1, 2, 8, 8, dtype=torch.int32)), "bias dtype"),
     (dict(bias=torch.zeros(3, 8, 8)), "does not broadcast"),
     (dict(mask="banded"), "mask kind"),
+    # rank 3: every row of the first axis is a head of one batch entry, and one launch's grid takes 65535
+    (dict(q=torch.randn(1, 8, 16).expand(65536, 8, 16), k=torch.randn(1, 8, 16).expand(65536, 8, 16),
+          v=torch.randn(1, 8, 16).expand(65536, 8, 16)), "65536 heads in one batch entry"),
 ])
 def test_supports_refusals(case, expected):
     kw = {n: case.pop(n) for n in list(case) if n not in ("q", "k", "v", "bias", "keep")}

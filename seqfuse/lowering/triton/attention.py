@@ -33,6 +33,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_CODES = {"none": 0, "causal": 1, "window": 2}
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 2 ** 30  # |diag|, window and lengths stay far from int32 overflow in index arithmetic
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the kernels put batch · heads
 
 #: tiles used under the interpreter (TRITON_INTERPRET=1), per kernel: small and unequal, so that
 #: tests at L=33 cross tile edges on both axes (the interpreter's cost is per tile, not per element)
@@ -246,6 +247,8 @@ def supports(t: dict, a: dict) -> str | None:
         return reason
     if max(lq, lk, abs(a["diag"]), abs(a["window"])) >= _MAX_POSITION:
         return "lengths or mask offsets beyond 2**30"
+    if _as4d(q).shape[1] > _MAX_GRID_Y:
+        return f"{_as4d(q).shape[1]} heads in one batch entry (a launch's grid takes {_MAX_GRID_Y})"
     target = (*q.shape[:-1], lk)
     for name, x in (("bias", bias), ("keep", keep)):
         if x is None:
@@ -346,13 +349,14 @@ def forward(q, k, v, bias, keep, a):
     lse = torch.empty((z, h, lq), dtype=torch.float32, device=q.device)
     scale, fill, softcap, diag, window = _runtime_args(q, a)
 
+    tensors = (q4, k4, v4, b4 if b4 is not None else q4, c4 if c4 is not None else q4, out, lse,
+               s3 if s3 is not None else lse)
+
     def launch(config):
-        grid = (_cdiv(lq, config["BLOCK_M"]), z * h)
-        kern.attention_fwd[grid](
-            q4, k4, v4, b4 if b4 is not None else q4, c4 if c4 is not None else q4, out, lse,
-            s3 if s3 is not None else lse,
-            *q4.stride(), *k4.stride(), *v4.stride(), *_strides(b4), *_strides(c4), *out.stride(), *_strides3(s3),
-            h, lq, lk, scale, fill, softcap, diag, window, **spec.constexprs("fwd"), **_launch_opts(config))
+        for part, zs in _batch_parts(tensors, z, h):
+            kern.attention_fwd[(_cdiv(lq, config["BLOCK_M"]), zs * h)](
+                *part, *q4.stride(), *k4.stride(), *v4.stride(), *_strides(b4), *_strides(c4), *out.stride(), *_strides3(s3),
+                h, lq, lk, scale, fill, softcap, diag, window, **spec.constexprs("fwd"), **_launch_opts(config))
 
     launch(_config("fwd", spec, q.device, lk, launch))
     return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
@@ -400,17 +404,20 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
     common = (*q4.stride(), *k4.stride(), *v4.stride(), *_strides(b4), *_strides(c4), *do4.stride())
     scalars = (lq, lk, scale, fill, softcap, diag, window)
 
+    dq_tensors = (q4, k4, v4, bptr, cptr, do4, lse3, delta, stats, dq, dbias, s3 if s3 is not None else lse3)
+    dkdv_tensors = (q4, k4, v4, bptr, cptr, do4, lse3, delta, stats, dk, dv)
+
     def launch_dq(config):
-        grid = (_cdiv(lq, config["BLOCK_M"]), z * h)
-        kern.attention_bwd_dq[grid](
-            q4, k4, v4, bptr, cptr, do4, lse3, delta, stats, dq, dbias, s3 if s3 is not None else lse3,
-            *common, *dq.stride(), *_strides3(s3), h, *scalars, **spec.constexprs("dq"), NEED_DBIAS=need_dbias, **_launch_opts(config))
+        for part, zs in _batch_parts(dq_tensors, z, h):
+            kern.attention_bwd_dq[(_cdiv(lq, config["BLOCK_M"]), zs * h)](
+                *part, *common, *dq.stride(), *_strides3(s3), h, *scalars, **spec.constexprs("dq"),
+                NEED_DBIAS=need_dbias, **_launch_opts(config))
 
     def launch_dkdv(config):
-        grid = (_cdiv(lk, config["BLOCK_N"]), z * hk)
-        kern.attention_bwd_dkdv[grid](
-            q4, k4, v4, bptr, cptr, do4, lse3, delta, stats, dk, dv, *common, *dk.stride(), *dv.stride(),
-            h, hk, *scalars, **spec.constexprs("dkdv"), **_launch_opts(config))
+        for part, zs in _batch_parts(dkdv_tensors, z, hk):
+            kern.attention_bwd_dkdv[(_cdiv(lk, config["BLOCK_N"]), zs * hk)](
+                *part, *common, *dk.stride(), *dv.stride(), h, hk, *scalars, **spec.constexprs("dkdv"),
+                **_launch_opts(config))
 
     # dQ first: with EXACT_STATS / EXACT_DELTA it writes the row statistics / Δ the dK/dV kernel reads
     launch_dq(_config("dq" + ("_dbias" if need_dbias else ""), spec, q.device, lk, launch_dq))
@@ -438,6 +445,19 @@ def backward(grad_out, q, k, v, bias, keep, out, lse, rng_state, a):
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _batch_parts(tensors: tuple, z: int, per_batch: int):
+    """(the launch's tensors, its batch count) for each launch of a kernel whose grid's second axis is
+    batch · ``per_batch``: one launch of the tensors themselves where that fits CUDA's limit, else one per
+    range of batches, every tensor (each (Z, ...)) sliced to it, so 4096 decode rows of 32 heads still
+    run here rather than failing at launch."""
+    if z * per_batch <= _MAX_GRID_Y:
+        yield tensors, z
+        return
+    step = _MAX_GRID_Y // per_batch  # >= 1: supports refuses more heads than the limit
+    for z0 in range(0, z, step):
+        yield tuple(t[z0:z0 + step] for t in tensors), min(step, z - z0)
 
 
 # --- registration --------------------------------------------------------------
