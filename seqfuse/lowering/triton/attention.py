@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from seqfuse.lowering.aten.attention import call_reason, scale_of
-from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.common import KernelModule
 from seqfuse.runtime import Impl, all_finite, register_impl
 from seqfuse.runtime.cache import ConfigCache, autotune, make_key, time_cuda
 
@@ -50,22 +50,9 @@ _CACHE = ConfigCache("attention-configs")
 _EXACT_STATS_LSE = 256.0
 
 
-# --- availability ------------------------------------------------------------
+# --- the kernels (imported on first use) -----------------------------------------
 
-_kernels_module = None
-
-
-def _kernels():
-    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from seqfuse.lowering.triton import attention_kernels
-        _kernels_module = attention_kernels
-    return _kernels_module
-
-
-def _availability(device: torch.device) -> str | None:
-    return availability(device, _kernels_module)
+_kernels = KernelModule("attention_kernels")
 
 
 # --- the generator: attributes -> compile-time specialization ----------------------
@@ -214,7 +201,7 @@ def _strides(x: torch.Tensor | None) -> tuple:
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
     q, k, v, bias, keep = t["q"], t["k"], t["v"], t["bias"], t["keep"]
-    reason = _availability(q.device)
+    reason = _kernels.availability(q.device)
     if reason:
         return reason
     if a["dropout"] > 0.0:

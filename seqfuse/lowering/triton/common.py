@@ -4,6 +4,7 @@ and were the kernels built for the mode in force now."""
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -63,6 +64,25 @@ def availability(device: torch.device, kernels_module) -> str | None:
         built = "the interpreter" if kernels_module.INTERPRETED else "compilation"
         return f"the triton kernels were built for {built} before TRITON_INTERPRET changed"
     return None
+
+
+class KernelModule:
+    """A lowering's kernel module (``KernelModule("scan_kernels")()``), imported on the first call:
+    ``@triton.jit`` fixes the interpreter/compiled mode when the module is imported, so importing it with
+    seqfuse would fix it before a user sets TRITON_INTERPRET."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.module = None      # the module once imported
+
+    def __call__(self):
+        if self.module is None:
+            self.module = importlib.import_module(f"seqfuse.lowering.triton.{self.name}")
+        return self.module
+
+    def availability(self, device: torch.device) -> str | None:
+        """:func:`availability` for these kernels: None when they may run on ``device`` now, else why not."""
+        return availability(device, self.module)
 
 
 def next_pow2(n: int) -> int:

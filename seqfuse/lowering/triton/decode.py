@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from seqfuse.lowering.reference import scan as scan_ref
-from seqfuse.lowering.triton.common import availability, next_pow2 as _next_pow2
+from seqfuse.lowering.triton.common import KernelModule, next_pow2 as _next_pow2
 from seqfuse.lowering.triton.ssd import forward_launch, operand_reason
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,16 +42,7 @@ MAX_N = 256
 GPU_CONFIG = {"TILE": 1024, "SCAN_BLOCK_N": 64, "num_warps": 4}
 INTERPRETER_CONFIG = {"TILE": 16, "SCAN_BLOCK_N": 4, "num_warps": 1}
 
-_kernels_module = None
-
-
-def _kernels():
-    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from seqfuse.lowering.triton import decode_kernels
-        _kernels_module = decode_kernels
-    return _kernels_module
+_kernels = KernelModule("decode_kernels")
 
 
 def _config() -> dict:
@@ -63,7 +54,7 @@ def _config() -> dict:
 def ssd_supports(t: dict, a: dict) -> str | None:
     """None when the decode kernel computes this ssd call, else the reason it does not."""
     x = t["x"]
-    reason = availability(x.device, _kernels_module)
+    reason = _kernels.availability(x.device)
     if reason:
         return reason
     reason, shapes = operand_reason(t, a.get("decay"))

@@ -34,7 +34,7 @@ import torch
 from seqfuse.lowering.reference.delta import out_dtype
 from seqfuse.lowering.triton import delta_recurrent
 from seqfuse.lowering.triton.delta_recurrent import block_size, gate_strides, operand_reason
-from seqfuse.lowering.triton.common import availability
+from seqfuse.lowering.triton.common import KernelModule
 from seqfuse.runtime import Impl, all_finite, register_impl
 
 #: the (BLOCK_K, BLOCK_V) state block and the (BLOCK_T, BLOCK_K) chunk tiles live in registers
@@ -44,16 +44,7 @@ MAX_DIM = 128
 GPU_CONFIG = (32, 64, 4)
 INTERPRETER_CONFIG = (16, 16, 4)
 
-_kernels_module = None
-
-
-def _kernels():
-    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from seqfuse.lowering.triton import delta_kernels
-        _kernels_module = delta_kernels
-    return _kernels_module
+_kernels = KernelModule("delta_kernels")
 
 
 def supports(t: dict, a: dict) -> str | None:
@@ -61,7 +52,7 @@ def supports(t: dict, a: dict) -> str | None:
     if a.get("algorithm") == "recurrent":
         return delta_recurrent.supports(t, a)
     q = t["q"]
-    reason = availability(q.device, _kernels_module)
+    reason = _kernels.availability(q.device)
     if reason:
         return reason
     if a.get("algorithm") != "chunked":

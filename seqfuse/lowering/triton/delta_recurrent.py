@@ -28,7 +28,7 @@ import math
 import torch
 
 from seqfuse.lowering.reference.delta import check_delta_args, out_dtype
-from seqfuse.lowering.triton.common import availability, next_pow2
+from seqfuse.lowering.triton.common import KernelModule, next_pow2
 from seqfuse.runtime import all_finite
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,16 +43,7 @@ MAX_K = 256
 GPU_TILE, GPU_WARPS = 1024, 8
 INTERPRETER_BLOCK_V = 16
 
-_kernels_module = None
-
-
-def _kernels():
-    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from seqfuse.lowering.triton import delta_recurrent_kernels
-        _kernels_module = delta_recurrent_kernels
-    return _kernels_module
+_kernels = KernelModule("delta_recurrent_kernels")
 
 
 def block_size(n: int) -> int:
@@ -85,7 +76,7 @@ def operand_reason(t: dict, a: dict) -> str | None:
 def supports(t: dict, a: dict) -> str | None:
     """None when the recurrent kernels compute exactly this call, else the reason they do not."""
     q = t["q"]
-    reason = availability(q.device, _kernels_module) or operand_reason(t, a)
+    reason = _kernels.availability(q.device) or operand_reason(t, a)
     if reason:
         return reason
     if q.shape[-1] > MAX_K:

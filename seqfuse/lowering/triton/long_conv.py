@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqfuse.lowering.triton.common import Rows as _Rows, availability
+from seqfuse.lowering.triton.common import Rows as _Rows, KernelModule
 from seqfuse.runtime import Impl, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,22 +66,9 @@ INTERPRETER_CONFIG = {"direct": {"BLOCK_A": 16, "M": 16, "num_warps": 4},
                       "fft": {"BLOCK": 16, "num_warps": 4}}
 
 
-# --- availability ------------------------------------------------------------
+# --- the kernels (imported on first use) -----------------------------------------
 
-_kernels_module = None
-
-
-def _kernels():
-    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from seqfuse.lowering.triton import long_conv_kernels
-        _kernels_module = long_conv_kernels
-    return _kernels_module
-
-
-def _availability(device: torch.device) -> str | None:
-    return availability(device, _kernels_module)
+_kernels = KernelModule("long_conv_kernels")
 
 
 def fft_size(length: int, kernel_length: int) -> int:
@@ -100,7 +87,7 @@ def _uses_fft(a: dict) -> bool:
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
     u, k, d, gate = t["u"], t["k"], t.get("d"), t.get("gate")
-    reason = _availability(u.device)
+    reason = _kernels.availability(u.device)
     if reason:
         return reason
     if t.get("bias") is not None:

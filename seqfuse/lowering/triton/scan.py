@@ -43,7 +43,7 @@ import torch
 
 from seqfuse.lowering.reference.scan import discretize, out_dtype, scan_shape, y_dtype
 from seqfuse.lowering.triton import decode
-from seqfuse.lowering.triton.common import Rows as _Rows, availability, next_pow2
+from seqfuse.lowering.triton.common import Rows as _Rows, KernelModule, next_pow2
 from seqfuse.runtime import Impl, register_impl
 
 _OPERANDS = ("a", "b", "c", "h0", "dt", "u")
@@ -62,16 +62,7 @@ GPU_CONFIG = {"BLOCK_T": 64, "MIN_BLOCK_T": 16, "BLOCK_N": 32, "TILE": 1024, "TI
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "MIN_BLOCK_T": 8, "BLOCK_N": 8, "TILE": 1 << 30, "TILE_WARPS8": 1 << 30,
                       "TILE_WARPS8_DISCRETIZED_BWD": 1 << 30}
 
-_kernels_module = None
-
-
-def _kernels():
-    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from seqfuse.lowering.triton import scan_kernels
-        _kernels_module = scan_kernels
-    return _kernels_module
+_kernels = KernelModule("scan_kernels")
 
 
 def _launch(N: int, readout: bool, discretized_backward: bool = False) -> dict:
@@ -95,9 +86,9 @@ def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
     ops = [(n, t.get(n)) for n in _OPERANDS]
     first = t["a"]
-    reason = availability(first.device, _kernels_module)
+    reason = _kernels.availability(first.device)
     if not reason and a.get("algorithm") == "recurrent":   # the forward runs decode.py's kernel
-        reason = availability(first.device, decode._kernels_module)
+        reason = decode._kernels.availability(first.device)
     if reason:
         return reason
     for name, x in ops:

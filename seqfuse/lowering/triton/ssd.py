@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from seqfuse.lowering.reference.ssd import DECAYS, check_ssd_args, out_dtype, ssd_chunked_backward, ssd_shapes
-from seqfuse.lowering.triton.common import availability, next_pow2 as _next_pow2
+from seqfuse.lowering.triton.common import KernelModule, next_pow2 as _next_pow2
 from seqfuse.runtime import Impl, all_finite, below_pos_inf, register_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,16 +57,7 @@ GPU_CONFIG = {"none": [(64, 32, 32, 8), (128, 16, 16, 4)],
 INTERPRETER_CONFIG = {"none": [(MAX_N, 8, 8, 4)], "scalar": [(MAX_N, 8, 8, 4)], "vector": [(MAX_N, 8, 8, 4)]}
 _DECAY_CODE = {"none": 0, "scalar": 1, "vector": 2}
 
-_kernels_module = None
-
-
-def _kernels():
-    """The kernel module, imported on first use (``@triton.jit`` reads TRITON_INTERPRET when it runs)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from seqfuse.lowering.triton import ssd_kernels
-        _kernels_module = ssd_kernels
-    return _kernels_module
+_kernels = KernelModule("ssd_kernels")
 
 
 def operand_reason(t: dict, decay) -> tuple[str | None, tuple | None]:
@@ -105,7 +96,7 @@ def _nonfinite_operand(t: dict) -> bool:
 def supports(t: dict, a: dict) -> str | None:
     """None when the triton kernels compute exactly this call, else the reason they do not."""
     x = t["x"]
-    reason = availability(x.device, _kernels_module)
+    reason = _kernels.availability(x.device)
     if reason:
         return reason
     if "needs" in a and _nonfinite_operand(t):
