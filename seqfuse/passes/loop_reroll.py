@@ -215,6 +215,19 @@ class Loop:
 
 def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool = True,
            last_may_drop: bool = False) -> Loop:
+    """Label, build the template at a middle step, match every step: the loop, or NoLoop (see _reroll).
+    A loop that reads some inputs several times per step of others fails with that as its reason."""
+    try:
+        return _reroll(graph, runs, pos, move_updates, last_may_drop)
+    except NoLoop as e:
+        why = _substeps(runs, pos)
+        if why is None:
+            raise
+        raise NoLoop(why) from e
+
+
+def _reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool = True,
+            last_may_drop: bool = False) -> Loop:
     """Label, build the template at a middle step, match every step: the loop, or NoLoop.
 
     ``move_updates``: a chain of nodes whose users all belong to the next step starts that step
@@ -372,6 +385,26 @@ def reroll(graph: torch.fx.Graph, runs: list[Run], pos: dict, move_updates: bool
         raise NoLoop(f"step {hi + 1} of the loop body differs from the others")
     loop.lo, loop.hi = lo, hi
     return loop
+
+
+def _substeps(runs: list[Run], pos: dict) -> str | None:
+    """Why a loop whose inputs are read at different rates does not re-roll: a family sliced n >= 2 times
+    between each two slices of another (Gated DeltaProduct reads n keys per query, k[:, n·t + j]), so the
+    finder's steps (one index of each family) would be sub-steps of the program's; None otherwise."""
+    lengths = {len(r.indices) for r in runs}
+    short, long = min(lengths), max(lengths)
+    if short < MIN_STEPS or long % short or long // short < 2:
+        return None
+    n = long // short
+    dense = next(r for r in runs if len(r.indices) == long)
+    sparse = next(r for r in runs if len(r.indices) == short)
+    at = sorted(pos[x] for x in sparse.nodes)
+    dense_at = [pos[x] for x in dense.nodes]
+    if any(sum(a < d < b for d in dense_at) != n for a, b in zip(at, at[1:])):
+        return None     # not interleaved n to 1 (a buffer's initial slots written before the loop, ...)
+    name = lambda r: getattr(r.family[0], "name", r.family[0])  # noqa: E731
+    return (f"the loop reads {n} slices of {name(dense)} per slice of {name(sparse)} (sub-steps, as Gated "
+            f"DeltaProduct's {n} Householder steps per token): a re-rolled step reads one slice of each input")
 
 
 def _writes_into(node: torch.fx.Node) -> bool:

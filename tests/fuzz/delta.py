@@ -27,6 +27,8 @@ from .common import Maker, poison, reset, size, tags
 #: "gdn2" (g (B, T, H, K), an erase gate b (B, T, H, K) and a write gate w (B, T, H, V)), "iplr" / "dplr"
 #: (head-first, a read vector α and an erase vector β; dplr with a decay per key channel read after the
 #: correction); "precond" (a scalar gate, the ATK scan's gate and strength (B, T, HK), grouped value heads);
+#: "product" (Gated DeltaProduct: n Householder steps per token, k / v / β over T·n steps, an optional scalar
+#: gate; n = 1 is the gated delta rule and lifted, n > 1 is not re-rolled and must run as written);
 #: chunked ones take a chunk size
 FUNCTIONS = [
     ("fla_gdn_recurrent", "fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule", "gdn"),
@@ -49,6 +51,8 @@ FUNCTIONS = [
     # RWKV-7's step loop as written out in tests/delta_spellings.py: batched, (state @ a) @ b or the key matrix
     # state @ (a ⊗ b); and the RWKV-LM v7 demo's unbatched sequence mode (rows (T, H·N), a given state)
     ("rwkv7_loop", "tests.delta_spellings", "rwkv7_loop", "rwkv7"),
+    ("fla_gated_delta_product", "fla.ops.gated_delta_product.naive", "naive_recurrent_gated_delta_product",
+     "product"),
     ("rwkv7_demo_seq", "tests.delta_spellings", "rwkv7_demo_seq", "rwkv7_demo"),
 ]
 
@@ -71,6 +75,8 @@ BREAKS = [
     ("fla_precond_gdn_recurrent", "* (b_k ** 2)", "* (b_k ** 2) + 0.01 * S.sum(-1)"),
     ("fla_precond_gdn_recurrent", "(S.clone() * b_k[..., None]).sum(-2)",
      "(S.clone() * b_k_precond[..., None]).sum(-2)"),
+    # Gated DeltaProduct with a squared write strength (a delta rule of another meaning when n = 1)
+    ("fla_gated_delta_product", "* beta_ij[..., None, None]", "* beta_ij[..., None, None] ** 2"),
     ("fla_delta_parallel", "(k @ k.transpose(-1, -2)).masked_fill(mask, 0)",
      "(k @ k.transpose(-1, -2)).masked_fill(mask2, 0)"),
     # RWKV-7: the key matrix's factors swapped (read along b, erase along a), the correction reading the
@@ -160,7 +166,7 @@ def _program(r: random.Random, triton: bool):
     if chunked and name.startswith("hf") and r.random() < 0.3:
         T = max(1, T - r.randint(1, C - 1))      # transformers pads the last chunk
     B, HK, G = size(r, 1, 2), size(r, 1, 3), r.choice((1, 1, 2))
-    if kind in ("delta", "comba", "gdn2", "iplr", "dplr") or name.startswith("fla_gdn") or \
+    if kind in ("delta", "comba", "gdn2", "iplr", "dplr", "product") or name.startswith("fla_gdn") or \
             name == "fla_kda_recurrent":
         G = 1                                     # grouped value heads: KDA chunked and transformers only
     H, K, V = HK * G, size(r, 1, 8, (1, 2, 3)), size(r, 1, 8, (1, 2, 3))
@@ -170,18 +176,19 @@ def _program(r: random.Random, triton: bool):
     no_bf16 = name in ("fla_delta_chunkwise", "fla_delta_parallel")      # (they raise on bf16)
     m = Maker(r, r.choice(dtypes[:3] if no_bf16 else dtypes))
     head_first = kind in ("delta", "iplr", "dplr")
-    shape = (lambda h, d: (B, h, T, d)) if head_first else (lambda h, d: (B, T, h, d))
+    shape = (lambda h, d, t=T: (B, h, t, d)) if head_first else (lambda h, d, t=T: (B, t, h, d))
+    n = r.choice((1, 1, 2, 3)) if kind == "product" else 1   # Householder steps per token
     q = m.randn(*shape(HK, K))
-    k = m.randn(*shape(HK, K), grad=False)
+    k = m.randn(*shape(HK, K, T * n), grad=False)
     with torch.no_grad():
         k = F.normalize(k.double(), dim=-1).to(k.dtype)
     if r.random() < 0.7:
         k.requires_grad_(True)
-    v = m.randn(*shape(H, V))
-    beta = m.uniform(0.0, r.choice((1.0, 1.0, 1.8)), *(shape(H, 1)[:-1]))
+    v = m.randn(*shape(H, V, T * n))
+    beta = m.uniform(0.0, r.choice((1.0, 1.0, 1.8)), *(shape(H, 1, T * n)[:-1]))
     strength = r.choice((0.1, 1.0, 4.0))
     g = None
-    if kind in ("gdn", "comba", "precond"):
+    if kind in ("gdn", "comba", "precond") or kind == "product" and r.random() < 0.7:
         g = m.log_decay(B, T, H, strength=strength)
     elif kind in ("kda", "gdn2"):
         g = m.log_decay(B, T, H, K, strength=strength)
@@ -207,12 +214,13 @@ def _program(r: random.Random, triton: bool):
     if kind == "precond" and h0 is not None:    # and the scan's (positive: a sum of squares) initial state
         extra.append(m.uniform(0.0, 1.0, B, HK, K))
     final = r.random() < 0.5
+    has_gate = g is not None
     tag = tags(poison(r, [x for x in (q, v, beta, g, h0) if x is not None], p=0.08), reset(r, [g]))
 
     def fn(*xs):
         q, k, v, beta = xs[:4]
         rest = list(xs[4:])
-        g = rest.pop(0) if kind not in ("delta", "iplr") else None
+        g = rest.pop(0) if kind not in ("delta", "iplr") and (kind != "product" or has_gate) else None
         s = rest.pop(0) if h0 is not None else None
         if kind in ("iplr", "dplr"):
             a, b = rest
@@ -223,6 +231,9 @@ def _program(r: random.Random, triton: bool):
             out = f(q, k, v, rest[0], g, rest[1], beta, initial_state=s,
                     initial_A_state=rest[2] if len(rest) > 2 else None, output_final_state=final)
             return out if final else out[0]
+        if kind == "product":
+            o, S = f(q, k, v, g, beta, K ** -0.5, initial_state=s, output_final_state=final, num_householder=n)
+            return (o, S) if final else o
         if kind == "comba":
             o, S = f(q, k, v, rest[0], beta, g, initial_state=s, output_final_state=final)
             return (o, S) if final else o
@@ -251,10 +262,11 @@ def _program(r: random.Random, triton: bool):
     inputs = tuple(x for x in (q, k, v, beta, g, h0, *extra) if x is not None)
     opts = _options(r, triton, 0.4)
     what = f"{name}{'/broken:' + broken[2][:24] if broken else ''}/C{C}" + (f"/BM{BM}" if BM else "") \
-        + (f"/G{G}" if G > 1 else "") \
+        + (f"/G{G}" if G > 1 else "") + (f"/n{n}" if kind == "product" else "") \
         + ("/h0" if h0 is not None else "") + ("/final" if final else "") + (f"+{tag}" if tag else "")
     # (the blocked form over one chunk has no walk: delta reads it as one chunk, which it does not lift)
-    expect = None if (broken or T == 1 or (BM is not None and T == C)) else "delta"
+    # (Gated DeltaProduct with n > 1: its n Householder steps per token are not re-rolled, a near miss)
+    expect = None if (broken or T == 1 or (BM is not None and T == C) or n > 1) else "delta"
     return what, fn, inputs, expect, opts
 
 
