@@ -19,6 +19,7 @@ All of it runs in time linear in the graph size:
 """
 from __future__ import annotations
 
+import bisect
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -399,8 +400,8 @@ def _substeps(runs: list[Run], pos: dict) -> str | None:
     dense = next(r for r in runs if len(r.indices) == long)
     sparse = next(r for r in runs if len(r.indices) == short)
     at = sorted(pos[x] for x in sparse.nodes)
-    dense_at = [pos[x] for x in dense.nodes]
-    if any(sum(a < d < b for d in dense_at) != n for a, b in zip(at, at[1:])):
+    dense_at = sorted(pos[x] for x in dense.nodes)
+    if any(bisect.bisect_left(dense_at, b) - bisect.bisect_right(dense_at, a) != n for a, b in zip(at, at[1:])):
         return None     # not interleaved n to 1 (a buffer's initial slots written before the loop, ...)
     name = lambda r: getattr(r.family[0], "name", r.family[0])  # noqa: E731
     return (f"the loop reads {n} slices of {name(dense)} per slice of {name(sparse)} (sub-steps, as Gated "
