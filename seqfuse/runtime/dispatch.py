@@ -110,12 +110,23 @@ def choose(kind: str, runtime: str, tensors: dict, attrs: dict) -> Impl:
                               "is available; running the eager reference")
             continue
         reason = impl.supports(tensors, attrs)
+        if reason is None and path == "triton" and runtime == "auto" and _on_cpu(tensors):
+            # Triton's interpreter (TRITON_INTERPRET=1, which flash-linear-attention's import also wants on a
+            # CPU machine) is orders of magnitude slower than any other path: "auto" takes the fastest, so only
+            # an explicit runtime="triton" (the kernel tests) runs the kernels on CPU tensors
+            reason = "CPU tensors run the kernels interpreted, which only runtime='triton' asks for"
         if reason is None:
             return impl
         count_fallback(kind, f"{path}: {reason}")
         if runtime == path:
             warnings.warn(f"seqfuse.{kind}: runtime={runtime!r} requested but {reason}; running the eager reference")
     return impls["eager"]
+
+
+def _on_cpu(tensors: dict) -> bool:
+    """Whether the call's first tensor operand lives on the CPU."""
+    first = next((t for t in tensors.values() if isinstance(t, torch.Tensor)), None)
+    return first is not None and first.device.type == "cpu"
 
 
 def run(kind: str, which: str, runtime: str, tensors: dict, attrs: dict, *args):

@@ -1,10 +1,11 @@
 """Kernel tests: without CUDA, every test here runs the Triton kernels through the interpreter.
 
 TRITON_INTERPRET=1 is set per test (not for the whole process): pytest imports
-every test module before running any, and a process-wide TRITON_INTERPRET would
-send the CPU calls of all the other test directories to the (slow) interpreted
-kernels, since the "auto" runtime tries triton first.  seqfuse's kernel modules
-are imported on first use, so they are jitted for the interpreter inside a test.
+every test module before running any, and the kernel modules are jitted for the
+mode in force when first imported.  (The "auto" runtime never takes the
+interpreted kernels; the tests here ask for them with runtime="triton" or call
+them directly.)  seqfuse's kernel modules are imported on first use, so they
+are jitted for the interpreter inside a test.
 
 Triton's own standard library (tl.zeros, tl.max, ...) is jitted once, when
 triton.language is first imported, for the mode TRITON_INTERPRET names at that
